@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:  make demo   and   make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.medfuse-installed
+
+.PHONY: setup demo test xvfb samples bench clean
+
+setup: $(STAMP)
+
+# torch is pinned here (a CPU wheel); the pyproject range stays loose for users.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[all,dev]"
+	touch $(STAMP)
+
+# napari tests need a real X server (offscreen Qt has no OpenGL context).
+xvfb:
+	@command -v xvfb-run >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libgl1 libegl1 libxkbcommon-x11-0 libdbus-1-3 >/dev/null; }
+
+demo: setup
+	$(VENV)/bin/medfuse demo --out demo_output
+
+test: setup xvfb
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+samples: setup
+	$(PY) -m medfuse.phantom --write sample_volumes --overwrite
+
+bench: setup
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,125 @@
+"""One exception hierarchy for medfuse.
+
+Every error raised on bad input is a :class:`MedfuseError`. Messages say what is
+wrong, name the file where there is one, and say how to fix it. They never carry
+patient identifiers (name, ID, birth date): build them from geometry, tags'
+*names* and file paths only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+__all__ = [
+    "MedfuseError",
+    "InvalidInputError",
+    "UnreadableFileError",
+    "UnsupportedDataError",
+    "MultipleSeriesError",
+    "GeometryError",
+    "SUVError",
+    "OutputExistsError",
+    "RegistrationError",
+    "FusionError",
+    "WeightsError",
+    "CancelledError",
+    "MissingDependencyError",
+    "MedfuseWarning",
+]
+
+
+class MedfuseError(Exception):
+    """Base class of every error medfuse raises on purpose.
+
+    Args:
+        problem: what is wrong, in one sentence.
+        fix: how the user can fix it (optional but strongly encouraged).
+        path: the file or folder concerned, if any.
+    """
+
+    def __init__(self, problem: str, *, fix: Optional[str] = None, path: Optional[os.PathLike | str] = None):
+        self.problem = problem
+        self.fix = fix
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(self._compose())
+
+    def _compose(self) -> str:
+        parts = []
+        if self.path:
+            parts.append(f"{self.path}: ")
+        parts.append(self.problem.rstrip("."))
+        parts.append(".")
+        if self.fix:
+            parts.append(f" Fix: {self.fix.rstrip('.')}.")
+        return "".join(parts)
+
+    def one_line(self) -> str:
+        """The message on one line, for CLIs and notifications."""
+        return " ".join(str(self).split())
+
+
+class InvalidInputError(MedfuseError, ValueError):
+    """An argument or array has the wrong shape, type, values or is empty/NaN."""
+
+
+class UnreadableFileError(MedfuseError, OSError):
+    """A file is missing, empty, truncated, or in a format medfuse does not read."""
+
+
+class UnsupportedDataError(MedfuseError):
+    """A readable file that holds no image medfuse can use (RT, SEG, SR, ...)."""
+
+
+class MultipleSeriesError(MedfuseError):
+    """A folder holds several series (or a series several volumes) and none was chosen."""
+
+    def __init__(self, problem: str, *, choices=(), fix: Optional[str] = None, path=None):
+        self.choices = list(choices)
+        super().__init__(problem, fix=fix, path=path)
+
+
+class GeometryError(MedfuseError, ValueError):
+    """Geometry is invalid (singular/sheared affine, missing slices) or two grids differ."""
+
+
+class SUVError(MedfuseError):
+    """A PET header does not allow SUV to be computed."""
+
+
+class OutputExistsError(MedfuseError, FileExistsError):
+    """An output file exists and overwriting was not asked for."""
+
+
+class RegistrationError(MedfuseError):
+    """Registration cannot run on these inputs (no overlap, constant image, ...)."""
+
+
+class FusionError(MedfuseError):
+    """Fusion cannot run on these inputs."""
+
+
+class WeightsError(MedfuseError):
+    """Model weights are missing, corrupt or do not match the model."""
+
+
+class CancelledError(MedfuseError):
+    """A long operation was cancelled through its cancel token."""
+
+    def __init__(self, problem: str = "the operation was cancelled", **kw):
+        super().__init__(problem, **kw)
+
+
+class MissingDependencyError(MedfuseError, ImportError):
+    """An optional dependency is needed for this feature and is not installed."""
+
+    @classmethod
+    def for_package(cls, package: str, feature: str, extra: str) -> "MissingDependencyError":
+        return cls(
+            f"{feature} needs the optional package '{package}', which is not installed",
+            fix=f"pip install 'medfuse[{extra}]'",
+        )
+
+
+class MedfuseWarning(UserWarning):
+    """Data was loaded or processed, but not in the way the user may assume (e.g. PET left in Bq/mL)."""

@@ -1,0 +1,92 @@
+"""Readers and writers. ``load`` dispatches on what the path is.
+
+* ``.nii``/``.nii.gz``/``.mha``/``.mhd``/``.nrrd``/``.nhdr`` files -> :mod:`medfuse.io.nifti`
+* a folder, or any other single file -> DICOM (:mod:`medfuse.io.dicom`)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Union
+
+from ..errors import UnreadableFileError
+from ..volume import Volume
+
+PathLike = Union[str, os.PathLike]
+
+#: File name endings read by the NIfTI/ITK-image reader.
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".hdr")
+
+
+def is_image_file(path: PathLike) -> bool:
+    name = os.fspath(path).lower()
+    return name.endswith(IMAGE_SUFFIXES)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
+
+
+def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
+         modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "bw") -> Volume:
+    """Load one 3-D volume from a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
+
+    Args:
+        path: file or folder.
+        series_uid: which DICOM series to read when a folder holds several (see :func:`scan`).
+        volume_index: which volume of a 4-D series to return (0-based).
+        modality: override the modality (NIfTI carries none; default ``unknown`` or guessed).
+        unit: override the unit.
+        suv: PET only: ``"bw"`` (default), ``"lbm"``, ``"bsa"`` or ``"none"`` for Bq/mL.
+
+    Raises:
+        UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
+    """
+    p = Path(path)
+    _check_exists(p)
+    if p.is_file() and is_image_file(p):
+        from .nifti import load_image
+
+        return load_image(p, modality=modality, unit=unit)
+    from .dicom import load_dicom
+
+    vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv)
+    if modality is not None or unit is not None:
+        vol = vol.with_array(vol.array, **{k: v for k, v in (("modality", modality), ("unit", unit)) if v is not None})
+    return vol
+
+
+def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "bw") -> List[Volume]:
+    """Load every volume of a (possibly 4-D) series as a list of 3-D volumes."""
+    p = Path(path)
+    _check_exists(p)
+    if p.is_file() and is_image_file(p):
+        from .nifti import load_image_volumes
+
+        return load_image_volumes(p)
+    from .dicom import load_dicom_volumes
+
+    return load_dicom_volumes(p, series_uid=series_uid, suv=suv)
+
+
+def scan(folder: PathLike):
+    """List the DICOM series in a folder (recursively) without reading pixels.
+
+    Returns a list of :class:`medfuse.io.dicom.SeriesInfo`.
+    """
+    p = Path(folder)
+    _check_exists(p)
+    from .dicom import scan as _scan
+
+    return _scan(p)
+
+
+def save(volume: Volume, path: PathLike, *, overwrite: bool = False, **kwargs) -> Path:
+    """Write a volume: NIfTI (``.nii``/``.nii.gz``), MetaImage (``.mha``/``.mhd``), NRRD, or a
+    DICOM series (a path without one of those endings, or ``format="dicom"``). Atomic; refuses to
+    overwrite unless ``overwrite=True``."""
+    from .writers import save as _save
+
+    return _save(volume, path, overwrite=overwrite, **kwargs)

@@ -1,0 +1,51 @@
+"""Progress reporting and cancellation shared by every long operation.
+
+Long operations accept ``progress`` (a callable ``progress(fraction, message)``,
+fraction in 0..1) and ``cancel`` (a :class:`CancelToken`). The CLI turns them into
+a tqdm bar, the napari widget into a ``thread_worker`` progress bar with Cancel.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from .errors import CancelledError
+
+ProgressFn = Callable[[float, str], None]
+
+
+class CancelToken:
+    """A thread-safe flag that a UI sets and a worker polls."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self, what: str = "the operation") -> None:
+        if self._event.is_set():
+            raise CancelledError(f"{what} was cancelled")
+
+
+def report(progress: Optional[ProgressFn], fraction: float, message: str = "") -> None:
+    """Call ``progress`` if given; never let a UI callback's failure kill the computation."""
+    if progress is None:
+        return
+    try:
+        progress(float(min(1.0, max(0.0, fraction))), message)
+    except CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - a broken progress bar must not lose a result
+        pass
+
+
+def check(cancel: Optional[CancelToken], what: str = "the operation") -> None:
+    """Raise :class:`CancelledError` if ``cancel`` was set."""
+    if cancel is not None:
+        cancel.raise_if_cancelled(what)

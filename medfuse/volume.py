@@ -1,0 +1,342 @@
+"""The :class:`Volume`: one 3-D image with its world geometry, modality and unit.
+
+Conventions (stated once, used everywhere):
+
+* ``Volume.array`` is indexed ``array[i, j, k]``, the same order as nibabel
+  (i is the fastest-varying index in the file; for an axial DICOM series i runs
+  along the columns, j along the rows and k through the slices).
+* ``Volume.affine`` maps ``(i, j, k, 1)`` to world coordinates in millimetres in
+  **LPS** (+x = patient Left, +y = Posterior, +z = Superior), the convention of
+  DICOM, ITK and SimpleITK. ``Volume.affine_ras`` gives the NIfTI/nibabel/MONAI
+  RAS form; the two differ by ``diag(-1, -1, 1, 1)``.
+* SimpleITK's ``GetArrayFromImage`` returns ``[k, j, i]``; the bridges below
+  transpose so that geometry is never lost or recomputed by hand elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import GeometryError, InvalidInputError, MissingDependencyError
+
+__all__ = ["Volume", "LPS_TO_RAS", "MODALITIES", "UNITS", "normalise_modality", "affine_from_geometry"]
+
+#: Flip between LPS and RAS world coordinates (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Modalities medfuse knows. DICOM's PT is PET, NM covers SPECT.
+MODALITIES = ("MR", "CT", "PT", "NM", "unknown")
+
+#: Physical units medfuse records. ``arbitrary`` for MR and anything unscaled.
+UNITS = ("HU", "SUVbw", "SUVlbm", "SUVbsa", "Bq/mL", "counts", "arbitrary")
+
+_MODALITY_ALIASES = {
+    "MRI": "MR", "MR": "MR", "T1": "MR", "T2": "MR", "FLAIR": "MR", "PD": "MR",
+    "CT": "CT",
+    "PT": "PT", "PET": "PT",
+    "NM": "NM", "SPECT": "NM", "ST": "NM",
+    "": "unknown", "UNKNOWN": "unknown", "OT": "unknown",
+}
+
+# Provenance keys that may be stored. Anything else is dropped, so that a
+# careless caller cannot smuggle a patient identifier into outputs or logs.
+_PROVENANCE_KEYS = {
+    "series_uid", "study_uid", "frame_of_reference_uid", "source", "reader", "series_description",
+    "volume_index", "n_volumes", "warnings", "suv", "history", "transfer_syntax", "manufacturer",
+    "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
+    "registration", "scaling",
+}
+
+
+def normalise_modality(modality: Optional[str]) -> str:
+    """Map a modality name (``"PET"``, ``"SPECT"``, ``"MRI"``, DICOM codes) to medfuse's code."""
+    if modality is None:
+        return "unknown"
+    key = str(modality).strip().upper()
+    if key in _MODALITY_ALIASES:
+        return _MODALITY_ALIASES[key]
+    raise InvalidInputError(
+        f"unknown modality {modality!r}",
+        fix=f"use one of {', '.join(MODALITIES)} (PET and SPECT are accepted as aliases of PT and NM)",
+    )
+
+
+def affine_from_geometry(spacing: Sequence[float], origin: Sequence[float], direction: Any) -> np.ndarray:
+    """Build a 4×4 LPS affine from ITK-style spacing, origin and a 3×3 direction matrix."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    aff = np.eye(4)
+    aff[:3, :3] = d * np.asarray(spacing, dtype=float)[None, :]
+    aff[:3, 3] = np.asarray(origin, dtype=float)
+    return aff
+
+
+def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise GeometryError("the affine must be a finite 4x4 matrix", fix="pass a valid voxel-to-world affine")
+    if not np.allclose(affine[3], [0, 0, 0, 1]):
+        raise GeometryError("the affine's last row must be [0, 0, 0, 1]", fix="pass a homogeneous 4x4 affine")
+    m = affine[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    if np.any(spacing <= 0) or abs(np.linalg.det(m)) < 1e-12:
+        raise GeometryError(
+            "the affine is singular (a voxel axis has zero length)",
+            fix="repair the image header (pixdim/sform/qform) so that every axis has a non-zero spacing",
+        )
+    d = m / spacing
+    if not np.allclose(d.T @ d, np.eye(3), atol=tol):
+        raise GeometryError(
+            "the affine is sheared (voxel axes are not perpendicular); medfuse keeps orthogonal grids only",
+            fix="resample the image onto an orthogonal grid first (for example with a tool that applies the shear)",
+        )
+
+
+@dataclass(eq=False)
+class Volume:
+    """A 3-D image: voxels, LPS affine, modality, physical unit and provenance.
+
+    Args:
+        array: the voxels, shape ``(I, J, K)``.
+        affine: 4×4 voxel-to-world matrix in LPS millimetres.
+        modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
+        unit: physical unit, one of :data:`UNITS`.
+        provenance: non-identifying facts about where the data came from.
+
+    Example:
+        >>> import numpy as np
+        >>> v = Volume(np.zeros((4, 5, 6)), np.diag([2.0, 2.0, 3.0, 1.0]), modality="CT", unit="HU")
+        >>> v.spacing
+        (2.0, 2.0, 3.0)
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str = "unknown"
+    unit: str = "arbitrary"
+    provenance: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.array)
+        if arr.ndim != 3:
+            raise InvalidInputError(
+                f"a Volume is 3-D but the array has {arr.ndim} dimension(s) with shape {arr.shape}",
+                fix="pass a 3-D array; split 4-D data into volumes (medfuse.load_volumes) and add a slice axis to 2-D data",
+            )
+        if arr.size == 0:
+            raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}", fix="convert the array to a numeric dtype")
+        self.array = arr
+        aff = np.asarray(self.affine, dtype=float)
+        _check_affine(aff)
+        self.affine = aff.copy()
+        self.modality = normalise_modality(self.modality)
+        if self.unit not in UNITS:
+            raise InvalidInputError(f"unknown unit {self.unit!r}", fix=f"use one of {', '.join(UNITS)}")
+        self.provenance = {k: v for k, v in dict(self.provenance or {}).items() if k in _PROVENANCE_KEYS}
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        """Voxel size in mm along i, j, k."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def origin(self) -> Tuple[float, float, float]:
+        """World (LPS) position of voxel (0, 0, 0)'s centre."""
+        return tuple(float(x) for x in self.affine[:3, 3])  # type: ignore[return-value]
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3×3 matrix whose columns are the unit LPS directions of i, j, k."""
+        return self.affine[:3, :3] / np.asarray(self.spacing)[None, :]
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        """The same affine in RAS (NIfTI/nibabel/MONAI convention)."""
+        return LPS_TO_RAS @ self.affine
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter LPS axis code of the nearest axes, ITK style (e.g. ``"LPS"`` or ``"RAI"``)."""
+        letters = (("L", "R"), ("P", "A"), ("S", "I"))
+        code = []
+        for col in self.direction.T:
+            ax = int(np.argmax(np.abs(col)))
+            code.append(letters[ax][0] if col[ax] > 0 else letters[ax][1])
+        return "".join(code)
+
+    @property
+    def is_oblique(self) -> bool:
+        """True when a voxel axis is not parallel to a world axis (beyond 1e-4)."""
+        d = np.abs(self.direction)
+        return bool(np.any((d > 1e-4) & (d < 1 - 1e-4)))
+
+    def index_to_world(self, ijk: Any) -> np.ndarray:
+        """Map voxel indices (..., 3) to LPS mm."""
+        p = np.asarray(ijk, dtype=float)
+        return p @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_index(self, xyz: Any) -> np.ndarray:
+        """Map LPS mm (..., 3) to (fractional) voxel indices."""
+        p = np.asarray(xyz, dtype=float)
+        inv = np.linalg.inv(self.affine)
+        return p @ inv[:3, :3].T + inv[:3, 3]
+
+    @property
+    def center(self) -> np.ndarray:
+        """World (LPS) position of the grid's centre."""
+        return self.index_to_world((np.asarray(self.shape) - 1) / 2.0)
+
+    def bounds(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned world (LPS) bounding box of the voxel centres: (min, max)."""
+        corners = np.array([[i, j, k] for i in (0, self.shape[0] - 1) for j in (0, self.shape[1] - 1) for k in (0, self.shape[2] - 1)])
+        w = self.index_to_world(corners)
+        return w.min(axis=0), w.max(axis=0)
+
+    def same_grid(self, other: "Volume", *, atol: float = 1e-3) -> bool:
+        """True when ``other`` has the same shape and an affine equal within ``atol`` mm."""
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
+
+    # ------------------------------------------------------------------ copies
+    def with_array(self, array: np.ndarray, **changes: Any) -> "Volume":
+        """A new Volume on the same grid with other voxels (and optionally other modality/unit)."""
+        arr = np.asarray(array)
+        if arr.shape != self.array.shape:
+            raise InvalidInputError(
+                f"the new array has shape {arr.shape} but the volume's grid is {self.array.shape}",
+                fix="resample the data onto this grid first (medfuse.resample)",
+            )
+        kw = dict(modality=self.modality, unit=self.unit, provenance=copy.deepcopy(self.provenance))
+        kw.update(changes)
+        return Volume(arr, self.affine.copy(), **kw)
+
+    def copy(self) -> "Volume":
+        return Volume(self.array.copy(), self.affine.copy(), self.modality, self.unit, copy.deepcopy(self.provenance))
+
+    def add_history(self, step: str, **params: Any) -> "Volume":
+        """Append a processing step to the provenance history (in place; returns self)."""
+        self.provenance.setdefault("history", []).append({"step": step, **params})
+        return self
+
+    def __repr__(self) -> str:
+        sp = "x".join(f"{s:.3g}" for s in self.spacing)
+        org = ", ".join(f"{o:.1f}" for o in self.origin)
+        return (
+            f"Volume(shape={self.shape}, spacing={sp} mm, origin=({org}) LPS, orientation={self.orientation}, "
+            f"modality={self.modality}, unit={self.unit}, dtype={self.array.dtype})"
+        )
+
+    # ------------------------------------------------------------------ SimpleITK
+    def to_sitk(self):
+        """Convert to a ``SimpleITK.Image`` (geometry exact; array copied)."""
+        import SimpleITK as sitk
+
+        arr = np.ascontiguousarray(np.transpose(self.array, (2, 1, 0)))
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8)
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(tuple(float(x) for x in self.direction.ravel()))
+        return img
+
+    @classmethod
+    def from_sitk(cls, image, *, modality: str = "unknown", unit: str = "arbitrary", provenance: Optional[dict] = None) -> "Volume":
+        """Build a Volume from a 3-D ``SimpleITK.Image`` (geometry exact)."""
+        import SimpleITK as sitk
+
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise InvalidInputError(
+                f"expected a 3-D scalar SimpleITK image, got {image.GetDimension()}-D with "
+                f"{image.GetNumberOfComponentsPerPixel()} component(s)",
+                fix="extract a single 3-D scalar volume first",
+            )
+        arr = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+        aff = affine_from_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        return cls(arr, aff, modality=modality, unit=unit, provenance=provenance or {})
+
+    # ------------------------------------------------------------------ nibabel
+    def to_nibabel(self):
+        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine)."""
+        import nibabel as nib
+
+        arr = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
+        img = nib.Nifti1Image(arr, self.affine_ras)
+        img.set_sform(self.affine_ras, code=1)  # scanner
+        img.set_qform(self.affine_ras, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+
+    @classmethod
+    def from_nibabel(cls, image, *, modality: str = "unknown", unit: str = "arbitrary", provenance: Optional[dict] = None) -> "Volume":
+        """Build a Volume from a nibabel spatial image (3-D, or 4-D with one volume)."""
+        arr = np.asanyarray(image.dataobj)
+        if arr.ndim == 4 and arr.shape[3] == 1:
+            arr = arr[..., 0]
+        aff = LPS_TO_RAS @ np.asarray(image.affine, dtype=float)
+        return cls(arr, aff, modality=modality, unit=unit, provenance=provenance or {})
+
+    # ------------------------------------------------------------------ MONAI
+    def to_metatensor(self):
+        """Convert to a channel-first MONAI ``MetaTensor`` (shape ``(1, I, J, K)``, RAS affine in meta)."""
+        try:
+            import torch
+            from monai.data import MetaTensor
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise MissingDependencyError.for_package("monai", "MetaTensor conversion", "ml") from e
+
+        arr = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
+        affine = torch.as_tensor(self.affine_ras, dtype=torch.float64)
+        meta = {
+            "original_affine": torch.as_tensor(self.affine_ras, dtype=torch.float64),
+            "space": "RAS",
+            "modality": self.modality,
+            "unit": self.unit,
+            "spatial_shape": np.asarray(self.shape),
+        }
+        return MetaTensor(torch.as_tensor(np.ascontiguousarray(arr))[None], affine=affine, meta=meta)
+
+    @classmethod
+    def from_metatensor(cls, tensor, *, modality: Optional[str] = None, unit: Optional[str] = None, provenance: Optional[dict] = None) -> "Volume":
+        """Build a Volume from a MONAI ``MetaTensor`` of shape ``(1, I, J, K)`` or ``(I, J, K)``."""
+        arr = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        if arr.ndim == 4:
+            if arr.shape[0] != 1:
+                raise InvalidInputError(
+                    f"expected one channel, got {arr.shape[0]}", fix="select a single channel before converting"
+                )
+            arr = arr[0]
+        meta = getattr(tensor, "meta", {}) or {}
+        aff = np.asarray(getattr(tensor, "affine", meta.get("affine")), dtype=float)
+        space = str(meta.get("space", "RAS")).upper()
+        aff_lps = LPS_TO_RAS @ aff if space == "RAS" else aff
+        return cls(
+            arr, aff_lps,
+            modality=modality or meta.get("modality", "unknown"),
+            unit=unit or meta.get("unit", "arbitrary"),
+            provenance=provenance or {},
+        )
+
+
+def spacing_from_affine(affine: np.ndarray) -> Tuple[float, float, float]:
+    """Voxel sizes of a 4×4 affine (either convention)."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def rotation_angle_deg(direction: np.ndarray) -> float:
+    """Angle of a 3×3 rotation in degrees (used for tilt and transform reports)."""
+    c = (np.trace(direction) - 1.0) / 2.0
+    return math.degrees(math.acos(max(-1.0, min(1.0, c))))
