@@ -1,0 +1,580 @@
+"""DICOM reader: single files, folders (recursive), multi-frame, mosaics, 4-D series, PET SUV.
+
+Geometry is taken from ImagePositionPatient / ImageOrientationPatient (or the enhanced
+functional groups), never from file names. The voxel array keeps the DICOM order
+(i = columns, j = rows, k = slices sorted along the slice normal) with an LPS affine.
+See ``docs/dicom.md`` for the conventions (Philips scaling, gaps, gantry tilt).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, MultipleSeriesError,
+                      UnreadableFileError, UnsupportedDataError)
+from ..volume import Volume, normalise_modality
+
+__all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
+
+PathLike = Union[str, os.PathLike]
+
+#: Modalities that carry no image medfuse can use.
+_NON_IMAGE = {"RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SEG", "SR", "KO", "PR", "REG", "DOC", "RWV"}
+#: Relative deviation of slice spacing tolerated before resampling.
+_SPACING_TOL = 0.01
+#: Largest gap (in slice spacings) that is interpolated; larger gaps are refused.
+_MAX_GAP = 3.0
+#: Gantry tilt below this (degrees) is ignored as rounding noise.
+_TILT_TOL_DEG = 0.05
+
+
+@dataclass
+class SeriesInfo:
+    """One series found by :func:`scan` (no patient data)."""
+
+    series_uid: str
+    modality: str
+    description: str
+    shape: Tuple[int, int, int]
+    n_volumes: int
+    n_files: int
+    folder: str
+
+
+@dataclass
+class _Frame:
+    file: Path
+    index: Optional[int]  # frame number in a multi-frame file, None for single-frame
+    pos: np.ndarray
+    iop: np.ndarray
+    spacing: Tuple[float, float]
+    slope: float
+    intercept: float
+    time_key: Tuple
+    tile: Optional[Tuple[int, int, int, int]] = None  # mosaic tile (row0, col0, rows, cols)
+    thickness: float = 1.0  # slice spacing used when a volume has a single slice
+
+
+# ---------------------------------------------------------------------------- headers
+def _pydicom():
+    import pydicom
+
+    return pydicom
+
+
+def _read_header(path: Path, *, strict: bool):
+    """Header without pixels; None for non-DICOM files when not strict."""
+    pydicom = _pydicom()
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableFileError("the file is empty", fix="re-export or re-copy the file", path=path)
+        return pydicom.dcmread(os.fspath(path), stop_before_pixels=True)
+    except UnreadableFileError:
+        if strict:
+            raise
+        return None
+    except Exception as e:  # pydicom raises many kinds (InvalidDicomError, EOFError, ValueError...)
+        if strict:
+            raise UnreadableFileError(f"not a readable DICOM file ({type(e).__name__})",
+                                      fix="check that the file is a complete DICOM file (not truncated)",
+                                      path=path) from None
+        return None
+
+
+def _files(path: Path) -> List[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _headers(path: Path) -> Dict[str, List[Tuple[Path, Any]]]:
+    """Series UID -> [(file, header)] for every image DICOM under path."""
+    single = path.is_file()
+    series: Dict[str, List[Tuple[Path, Any]]] = {}
+    n_non_image = 0
+    for f in _files(path):
+        ds = _read_header(f, strict=single)
+        if ds is None:
+            continue
+        modality = str(ds.get("Modality", "")).upper()
+        if modality in _NON_IMAGE or "Rows" not in ds or "Columns" not in ds:
+            if single:
+                raise UnsupportedDataError(
+                    f"this DICOM object ({modality or 'no modality'}) holds no image medfuse can load",
+                    fix="load the image series it refers to instead", path=f)
+            n_non_image += 1
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
+    if not series:
+        if n_non_image:
+            raise UnsupportedDataError("the folder holds DICOM objects but no image series (RT, SEG, SR...)",
+                                       fix="point to a folder with an image series", path=path)
+        raise UnreadableFileError("no readable DICOM image files were found",
+                                  fix="check the folder; medfuse reads DICOM, NIfTI, MetaImage and NRRD", path=path)
+    return series
+
+
+# ---------------------------------------------------------------------------- frames
+def _f(v, default=None):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _time_key(ds, fg=None) -> Tuple:
+    tp = None
+    if fg is not None:
+        fc = fg.get("FrameContentSequence")
+        if fc:
+            tp = _f(fc[0].get("TemporalPositionIndex"))
+            if tp is None:
+                tp = _f(str(fc[0].get("FrameAcquisitionDateTime", "")).replace(".", "")[:20] or None)
+    if tp is None:
+        tp = _f(ds.get("TemporalPositionIdentifier"))
+    acq = _f(str(ds.get("AcquisitionTime", "")) or None, 0.0)
+    return (tp if tp is not None else 0.0, acq, _f(ds.get("InstanceNumber"), 0.0))
+
+
+def _scaling(ds, fg=None, shared=None) -> Tuple[float, float]:
+    slope, inter = _f(ds.get("RescaleSlope"), 1.0), _f(ds.get("RescaleIntercept"), 0.0)
+    for g in (shared, fg):
+        if g is not None and g.get("PixelValueTransformationSequence"):
+            t = g.PixelValueTransformationSequence[0]
+            slope, inter = _f(t.get("RescaleSlope"), slope), _f(t.get("RescaleIntercept"), inter)
+    # Philips floating-point scaling (dcm2niix's "float not display" convention):
+    # FP = (SV * RS + RI) / (RS * SS).
+    ss_el = None
+    for src in (fg, ds):
+        pm = src.get((0x2005, 0x140F)) if src is not None else None
+        if pm is not None and pm.VR == "SQ" and len(pm.value) and (0x2005, 0x100E) in pm.value[0]:
+            ss_el = pm.value[0][(0x2005, 0x100E)]
+            break
+    if ss_el is None:
+        ss_el = ds.get((0x2005, 0x100E))
+    if "PHILIPS" in str(ds.get("Manufacturer", "")).upper() and ss_el is not None:
+        ss = _f(ss_el.value)
+        if ss and slope:
+            slope, inter = 1.0 / ss, inter / (slope * ss)
+    return slope, inter
+
+
+def _frames_of(f: Path, ds) -> List[_Frame]:
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    modality = str(ds.get("Modality", "")).upper()
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+        out = []
+        for idx, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            def pick(seq, kw):
+                for g in (fg, shared):
+                    if g is not None and g.get(seq):
+                        v = g.get(seq)[0].get(kw)
+                        if v is not None:
+                            return v
+                return None
+            pos, iop, ps = pick("PlanePositionSequence", "ImagePositionPatient"), \
+                pick("PlaneOrientationSequence", "ImageOrientationPatient"), pick("PixelMeasuresSequence", "PixelSpacing")
+            if pos is None or iop is None or ps is None:
+                raise GeometryError("an enhanced multi-frame frame lacks its plane position/orientation/pixel spacing",
+                                    fix="re-export the series with geometry", path=f)
+            s, i = _scaling(ds, fg, shared)
+            out.append(_Frame(f, idx, np.array(pos, float), np.array(iop, float), (float(ps[0]), float(ps[1])), s, i,
+                              _time_key(ds, fg)))
+        return out
+    if modality == "NM" and n > 1:
+        det = ds.get("DetectorInformationSequence")
+        d0 = det[0] if det else ds
+        iop = d0.get("ImageOrientationPatient") or ds.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0]
+        pos = d0.get("ImagePositionPatient") or ds.get("ImagePositionPatient") or [0, 0, 0]
+        ps = ds.get("PixelSpacing") or [1, 1]
+        iop = np.array(iop, float)
+        normal = np.cross(iop[:3], iop[3:])
+        dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
+        s, i = _scaling(ds)
+        return [_Frame(f, k, np.array(pos, float) + k * dz * normal, iop, (float(ps[0]), float(ps[1])), s, i, (0, 0, 0))
+                for k in range(n)]
+    iop, pos, ps = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"), ds.get("PixelSpacing")
+    if iop is None or pos is None:
+        raise GeometryError("the image has no ImagePositionPatient/ImageOrientationPatient",
+                            fix="medfuse needs patient geometry; re-export the series with it", path=f)
+    ps = ps or ds.get("ImagerPixelSpacing") or [1, 1]
+    iop, pos = np.array(iop, float), np.array(pos, float)
+    s, i = _scaling(ds)
+    key = _time_key(ds)
+    itype = [str(x).upper() for x in (ds.get("ImageType") or [])]
+    ntiles = ds.get((0x0019, 0x100A))
+    if "MOSAIC" in itype and ntiles is not None:
+        return _mosaic_frames(f, ds, int(_f(ntiles.value, 1)), iop, pos, ps, s, i, key)
+    dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
+    return [_Frame(f, None if n == 1 else k, pos, iop, (float(ps[0]), float(ps[1])), s, i, key, thickness=abs(dz))
+            for k in range(n)]
+
+
+def _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key) -> List[_Frame]:
+    # Siemens mosaic: IPP refers to the corner of the whole mosaic; shift it to the first
+    # tile's corner as dcm2niix does, then step along the normal.
+    m = int(math.ceil(math.sqrt(ntiles)))
+    rows, cols = int(ds.Rows) // m, int(ds.Columns) // m
+    r, c = iop[:3], iop[3:]
+    row_sp, col_sp = float(ps[0]), float(ps[1])
+    first = pos + r * col_sp * (int(ds.Columns) - cols) / 2.0 + c * row_sp * (int(ds.Rows) - rows) / 2.0
+    dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
+    normal = np.cross(r, c)
+    return [_Frame(f, None, first + t * dz * normal, iop, (row_sp, col_sp), s, i, key,
+                   ((t // m) * rows, (t % m) * cols, rows, cols)) for t in range(ntiles)]
+
+
+# ---------------------------------------------------------------------------- grouping
+def _series_frames(files: Sequence[Tuple[Path, Any]]) -> List[_Frame]:
+    frames: List[_Frame] = []
+    for f, ds in files:
+        try:
+            frames.extend(_frames_of(f, ds))
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
+            raise GeometryError(f"the geometry tags are malformed ({type(e).__name__})",
+                                fix="check ImagePositionPatient, ImageOrientationPatient and PixelSpacing",
+                                path=f) from None
+    return frames
+
+
+def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]], np.ndarray]:
+    """Group frames into volumes of slices sorted along the normal; returns (volumes, normal)."""
+    iop = frames[0].iop
+    if any(not np.allclose(fr.iop, iop, atol=1e-3) for fr in frames):
+        raise GeometryError("the series mixes slice orientations (e.g. a localizer)",
+                            fix="load one orientation at a time (pick the series with series_uid=)", path=path)
+    normal = np.cross(iop[:3], iop[3:])
+    proj = np.array([float(fr.pos @ normal) for fr in frames])
+    keys = np.round(proj, 2)
+    uniq = np.unique(keys)
+    per_pos: Dict[float, List[_Frame]] = {}
+    for k, fr in zip(keys, frames):
+        per_pos.setdefault(float(k), []).append(fr)
+    counts = {len(v) for v in per_pos.values()}
+    if len(counts) != 1:
+        raise GeometryError("slice positions are repeated an uneven number of times (incomplete 4-D series?)",
+                            fix="check that every volume of the series is complete", path=path)
+    nvol = counts.pop()
+    for v in per_pos.values():
+        v.sort(key=lambda fr: fr.time_key)
+    vols = [[per_pos[float(k)][t] for k in uniq] for t in range(nvol)]
+    return vols, normal
+
+
+# ---------------------------------------------------------------------------- pixels
+def _decode_file(f: Path) -> np.ndarray:
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(os.fspath(f))
+        arr = ds.pixel_array
+    except Exception as e:
+        ts = ""
+        try:
+            ts = f" (transfer syntax {ds.file_meta.TransferSyntaxUID.name})"  # type: ignore[name-defined]
+        except Exception:
+            pass
+        raise UnreadableFileError(f"the pixel data cannot be decoded{ts}: {type(e).__name__}",
+                                  fix="the file may be truncated, or compressed with a codec not installed "
+                                      "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)", path=f) from None
+    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) > 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        raise UnsupportedDataError("colour (RGB) images are not supported", fix="load a greyscale series", path=f)
+    return arr
+
+
+_LE_UNCOMPRESSED = {"1.2.840.10008.1.2": 8, "1.2.840.10008.1.2.1": 12}  # -> PixelData element header size
+
+
+def _fast_raw(f: Path, ds) -> Optional[np.ndarray]:
+    """Uncompressed little-endian single-frame greyscale: read the trailing PixelData bytes directly.
+
+    Only used when the bytes just before them are the PixelData tag with the expected length, and
+    the stored bits need no masking or sign extension; anything else goes through pydicom.
+    """
+    try:
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        hdr = _LE_UNCOMPRESSED.get(ts)
+        bits, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+        if hdr is None or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1 \
+                or bits not in (8, 16, 32) or (signed and stored != bits):
+            return None
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        nbytes = rows * cols * bits // 8
+        size = f.stat().st_size
+        off = size - nbytes
+        with open(f, "rb") as fh:
+            fh.seek(off - hdr)
+            head = fh.read(hdr)
+            data = fh.read(nbytes)
+        length = int.from_bytes(head[-4:], "little")
+        if head[:4] != b"\xe0\x7f\x10\x00" or length != nbytes or len(data) != nbytes:
+            return None
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        return np.frombuffer(data, dtype=dtype).reshape(rows, cols)
+    except Exception:
+        return None
+
+
+def _decode(item: Tuple[Path, Any]) -> np.ndarray:
+    f, ds = item
+    arr = _fast_raw(f, ds)
+    return _decode_file(f) if arr is None else arr
+
+
+def _pixels(frames_by_vol: List[List[_Frame]], headers: Dict[Path, Any]) -> Dict[Path, np.ndarray]:
+    files = sorted({fr.file for v in frames_by_vol for fr in v})
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) + 2)) as ex:
+        arrs = list(ex.map(_decode, [(f, headers[f]) for f in files]))
+    return dict(zip(files, arrs))
+
+
+def _out_dtype(raw: np.dtype, slopes: np.ndarray, inters: np.ndarray, bits_stored: int) -> np.dtype:
+    if np.all(slopes == 1) and np.all(inters == 0):
+        return raw
+    if np.all(slopes == 1) and np.all(np.mod(inters, 1) == 0) and raw.kind in "iu" and raw.itemsize <= 2:
+        hi = (2 ** min(bits_stored, raw.itemsize * 8)) - 1 if raw.kind == "u" else np.iinfo(raw).max
+        lo = 0 if raw.kind == "u" else np.iinfo(raw).min
+        if hi + inters.max() <= 32767 and lo + inters.min() >= -32768:
+            return np.dtype(np.int16)
+        return np.dtype(np.int32)
+    return np.dtype(np.float64 if raw.itemsize > 2 else np.float32)
+
+
+def _assemble(slices: List[np.ndarray], slopes: np.ndarray, inters: np.ndarray, *, bits_stored: int) -> np.ndarray:
+    """Stack rescaled slices into one (i=columns, j=rows, k) array.
+
+    The buffer is filled slice by slice in (k, rows, columns) order, which is contiguous for each
+    write, and returned as a transposed (Fortran-ordered) view: no extra copy.
+    """
+    dtype = _out_dtype(slices[0].dtype, slopes, inters, bits_stored)
+    buf = np.empty((len(slices),) + slices[0].shape, dtype=dtype)
+    integer = dtype.kind in "iu"
+    for k, sl in enumerate(slices):
+        if slopes[k] == 1 and inters[k] == 0:
+            buf[k] = sl
+        elif integer:
+            buf[k] = sl  # range checked in _out_dtype, so the cast is exact
+            buf[k] += dtype.type(inters[k])
+        else:
+            np.multiply(sl, dtype.type(slopes[k]), out=buf[k], casting="unsafe")
+            buf[k] += dtype.type(inters[k])
+    return buf.transpose(2, 1, 0)
+
+
+def _slice(fr: _Frame, pix: Dict[Path, np.ndarray]) -> np.ndarray:
+    a = pix[fr.file]
+    if fr.index is not None:
+        a = a[fr.index]
+    if fr.tile is not None:
+        r0, c0, nr, nc = fr.tile
+        a = a[r0:r0 + nr, c0:c0 + nc]
+    return a
+
+
+# ---------------------------------------------------------------------------- geometry fixes
+def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path: Path,
+                notes: List[str], prov: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """Return (array, affine) on a uniform orthogonal grid, correcting tilt and gaps."""
+    fr0 = frames[0]
+    r, c = fr0.iop[:3], fr0.iop[3:]
+    row_sp, col_sp = fr0.spacing
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1], aff[:3, 3] = r * col_sp, c * row_sp, fr0.pos
+    n = len(frames)
+    if n == 1:
+        aff[:3, 2] = normal * fr0.thickness
+        return arr, aff
+    pos = np.array([fr.pos for fr in frames])
+    proj = (pos - pos[0]) @ normal
+    inplane = (pos - pos[0]) - np.outer(proj, normal)
+    step = pos[-1] - pos[0]
+    tilt = math.degrees(math.acos(min(1.0, abs(float(step @ normal)) / float(np.linalg.norm(step)))))
+    if tilt > _TILT_TOL_DEG:
+        from scipy import ndimage
+
+        msg = (f"gantry tilt of {tilt:.2f} degrees detected; slices were shifted in-plane onto an orthogonal grid "
+               "(linear interpolation)")
+        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+        notes.append(msg)
+        shifted = np.empty(arr.shape, dtype=np.float32)
+        for k in range(n):
+            a, b = inplane[k] @ r / col_sp, inplane[k] @ c / row_sp
+            shifted[:, :, k] = ndimage.shift(arr[:, :, k].astype(np.float32), (a, b), order=1, mode="constant")
+        arr = shifted
+        prov["gantry_tilt_deg"], prov["tilt_corrected"] = round(tilt, 3), True
+    d = np.diff(proj)
+    dz = float(np.median(d))
+    if dz <= 0:
+        raise GeometryError("two slices share one position", fix="remove duplicate files", path=path)
+    if np.max(np.abs(d - dz)) > _SPACING_TOL * dz:
+        dz = float(np.min(d))
+        if np.max(d) > _MAX_GAP * dz:
+            raise GeometryError(f"slice spacing is uneven with a gap of {np.max(d):.2f} mm "
+                                f"(> {_MAX_GAP:g} x {dz:.2f} mm): slices are missing",
+                                fix="re-export the complete series", path=path)
+        nk = int(round(proj[-1] / dz)) + 1
+        target = np.arange(nk) * dz
+        hi = np.clip(np.searchsorted(proj, target, side="left"), 1, n - 1)
+        lo = hi - 1
+        w = ((target - proj[lo]) / (proj[hi] - proj[lo])).astype(np.float32)
+        a32 = arr.astype(np.float32)
+        arr = a32[:, :, lo] * (1 - w) + a32[:, :, hi] * w
+        msg = (f"uneven slice spacing (missing slice?): {n} slices resampled linearly onto {nk} slices of "
+               f"{dz:.3f} mm")
+        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+        notes.append(msg)
+        prov["resampled"] = True
+    aff[:3, 2] = normal * dz
+    return arr, aff
+
+
+# ---------------------------------------------------------------------------- public
+def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> Tuple[str, list]:
+    if series_uid is not None:
+        if series_uid not in series:
+            raise InvalidInputError(f"series {series_uid} is not in this folder",
+                                    fix="list the series with medfuse.scan(folder)", path=path)
+        return series_uid, series[series_uid]
+    if len(series) > 1:
+        lines = [f"{uid} ({str(fs[0][1].get('Modality', '?'))}, "
+                 f"'{str(fs[0][1].get('SeriesDescription', ''))}', {len(fs)} files)" for uid, fs in series.items()]
+        raise MultipleSeriesError(f"the folder holds {len(series)} series: " + "; ".join(lines),
+                                  choices=list(series), fix="pass series_uid= (see medfuse.scan(folder))", path=path)
+    uid = next(iter(series))
+    return uid, series[uid]
+
+
+def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
+    if modality == "CT":
+        return "HU", None
+    if modality == "NM":
+        return "counts", None
+    if modality != "PT":
+        return "arbitrary", None
+    if suv not in ("bw", "lbm", "bsa", "none"):
+        raise InvalidInputError(f"unknown suv kind {suv!r}", fix="use 'bw', 'lbm', 'bsa' or 'none'")
+    if suv == "none":
+        return "Bq/mL", None
+    try:
+        from . import suv as _suv
+    except ImportError:
+        why = "the SUV module (medfuse.io.suv) is not available"
+    else:
+        from ..errors import SUVError
+
+        try:
+            headers = [_suv.header_from_dataset(ds) for _, ds in files]
+            factors = _suv.series_suv_factors(headers, kind=suv)
+            return f"SUV{suv}", {f: fac for (f, _), fac in zip(files, factors)}
+        except SUVError as e:
+            why = e.problem
+    msg = f"PET loaded in Bq/mL, not SUV: {why}"
+    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+    notes.append(msg)
+    return "Bq/mL", None
+
+
+def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "bw") -> List[Volume]:
+    """Load every volume of one DICOM series (a 3-D series gives a list of one).
+
+    Args:
+        path: a DICOM file or a folder searched recursively (non-DICOM files are ignored).
+        series_uid: which series to load when the folder holds several (see :func:`scan`).
+        suv: PET only: ``"bw"``, ``"lbm"``, ``"bsa"`` or ``"none"`` (Bq/mL).
+
+    Raises:
+        UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
+    series = _headers(path)
+    uid, files = _choose(series, series_uid, path)
+    ds0 = files[0][1]
+    modality = normalise_modality(str(ds0.get("Modality", "")) or None) if str(ds0.get("Modality", "")).upper() in (
+        "MR", "CT", "PT", "NM") else "unknown"
+    frames = _series_frames(files)
+    vols, normal = _split_volumes(frames, path)
+    notes: List[str] = []
+    unit, factors = _unit_and_suv(modality, files, suv, notes, path)
+    pix = _pixels(vols, dict(files))
+    ts = str(getattr(getattr(ds0, "file_meta", None), "TransferSyntaxUID", "") or "")
+    out = []
+    for vi, vframes in enumerate(vols):
+        slices = [_slice(fr, pix) for fr in vframes]
+        slopes = np.array([fr.slope for fr in vframes])
+        inters = np.array([fr.intercept for fr in vframes])
+        if factors is not None:
+            fac = np.array([factors[fr.file] for fr in vframes])
+            slopes, inters = slopes * fac, inters * fac
+        arr = _assemble(slices, slopes, inters, bits_stored=int(ds0.get("BitsStored", 16) or 16))
+        prov: Dict[str, Any] = {}
+        vnotes = list(notes)
+        arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov)
+        prov.update(series_uid=uid, source=os.fspath(path), reader="medfuse.dicom",
+                    series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
+                    n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),
+                    warnings=vnotes)
+        prov.setdefault("gantry_tilt_deg", 0.0)
+        prov.setdefault("tilt_corrected", False)
+        if factors is not None:
+            prov["suv"] = suv
+        out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
+    return out
+
+
+def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
+               suv: str = "bw") -> Volume:
+    """Load one 3-D volume from a DICOM file or folder.
+
+    Args:
+        path: a DICOM file or a folder searched recursively.
+        series_uid: which series to load when the folder holds several.
+        volume_index: which volume of a 4-D series (0-based); required when there are several.
+        suv: PET only: ``"bw"``, ``"lbm"``, ``"bsa"`` or ``"none"``.
+
+    Raises:
+        MultipleSeriesError: several series, or a 4-D series without ``volume_index``.
+    """
+    vols = load_dicom_volumes(path, series_uid=series_uid, suv=suv)
+    if volume_index is None:
+        if len(vols) > 1:
+            raise MultipleSeriesError(f"the series holds {len(vols)} volumes (4-D)",
+                                      choices=list(range(len(vols))),
+                                      fix=f"pass volume_index=0..{len(vols) - 1}, or use medfuse.load_volumes",
+                                      path=path)
+        return vols[0]
+    if not -len(vols) <= volume_index < len(vols):
+        raise InvalidInputError(f"volume_index {volume_index} is out of range (the series has {len(vols)})",
+                                fix=f"pass volume_index=0..{len(vols) - 1}", path=path)
+    return vols[volume_index]
+
+
+def scan(folder: PathLike) -> List[SeriesInfo]:
+    """List the image series under a folder (recursive) without decoding pixels."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UnreadableFileError("no such file or folder", fix="check the path", path=folder)
+    out = []
+    for uid, files in _headers(folder).items():
+        ds0 = files[0][1]
+        try:
+            vols, _ = _split_volumes(_series_frames(files), folder)
+            shape = (int(ds0.Columns), int(ds0.Rows), len(vols[0]))
+            if vols[0][0].tile is not None:
+                shape = (vols[0][0].tile[3], vols[0][0].tile[2], len(vols[0]))
+            nvol = len(vols)
+        except GeometryError:
+            shape, nvol = (int(ds0.Columns), int(ds0.Rows), 0), 0
+        dirs = {os.fspath(f.parent) for f, _ in files}
+        out.append(SeriesInfo(uid, str(ds0.get("Modality", "")), str(ds0.get("SeriesDescription", "")), shape, nvol,
+                              len(files), dirs.pop() if len(dirs) == 1 else os.fspath(folder)))
+    return out

@@ -1,0 +1,266 @@
+"""Write a Volume as a derived DICOM series: one file per slice, written atomically.
+
+Choices (see docs/io.md):
+
+* New SeriesInstanceUID and SOPInstanceUIDs; ImageType ``DERIVED\\SECONDARY``.
+* Geometry per slice: ImagePositionPatient = affine·(0, 0, k), ImageOrientationPatient from the
+  i (row) and j (column) directions, PixelSpacing ``[Δj, Δi]``, SliceThickness and
+  SpacingBetweenSlices ``Δk``. Slices are written in k order; a DICOM reader sorts them along
+  row × column, so a left-handed volume comes back with k reversed (same world geometry).
+* Voxels are stored 16-bit. Integer data that fits int16/uint16 (CT in HU, counts) is stored
+  exactly with RescaleSlope 1, RescaleIntercept 0. Anything else (SUV, float MR) is quantised
+  per slice: RescaleSlope = max|slice| / 32767 (signed) or / 65535 (non-negative), so the error
+  is at most slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's
+  largest absolute value.
+* PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
+  and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
+  ``ADMIN``. PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
+  weight and times are copied from the template when there is one, so SUV still comes out.
+* Study context (StudyInstanceUID, study date/time/description, FrameOfReferenceUID, patient
+  module unless de-identifying) is taken from ``template``. With ``deidentify=True`` (the default)
+  patient name, ID, birth date and other identifiers are removed and PatientIdentityRemoved is
+  YES; without a template a new StudyInstanceUID is made.
+* SOP classes: CT, MR and PET Image Storage; NM and unknown use Secondary Capture (the NM IOD
+  is multi-frame only), still with the geometry attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import MedfuseWarning, UnreadableFileError
+from ..volume import Volume
+from ._atomic import atomic_dir
+
+__all__ = ["write_dicom_series", "quantise_slice", "PHI_KEYWORDS"]
+
+PathLike = Union[str, os.PathLike]
+
+#: Identifying attributes removed when de-identifying (weight, size, sex are kept: SUV needs them).
+PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs", "OtherPatientNames",
+    "OtherPatientIDsSequence", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+    "MedicalRecordLocator", "PatientComments", "IssuerOfPatientID", "ReferringPhysicianName", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "PerformingPhysicianName", "OperatorsName",
+    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician", "AccessionNumber",
+    "StationName", "DeviceSerialNumber", "MilitaryRank", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
+    "PatientBirthName", "CountryOfResidence", "RegionOfResidence", "StudyID",
+)
+_STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID", "AccessionNumber",
+                   "ReferringPhysicianName", "FrameOfReferenceUID", "PositionReferenceIndicator")
+_PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
+                     "PatientWeight")
+_PET_KEYWORDS = ("RadiopharmaceuticalInformationSequence", "DecayCorrection", "CorrectedImage", "Units",
+                 "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "PatientWeight")
+_SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128"}
+_SC = "1.2.840.10008.5.1.4.1.1.7"
+_DICOM_MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "unknown": "OT"}
+
+
+def _read_template(template: Any):
+    import pydicom
+
+    if template is None or isinstance(template, pydicom.Dataset):
+        return template
+    p = Path(template)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception:  # not DICOM: try the next file
+            continue
+        if "StudyInstanceUID" in ds:
+            return ds
+    raise UnreadableFileError("the DICOM template holds no readable DICOM file",
+                              fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
+
+
+def _ds_number(x: float) -> float:
+    """The float a DICOM DS (16 characters) will carry back."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return float(format_number_as_ds(float(x)))
+
+
+def quantise_slice(plane: np.ndarray, *, exact_int: bool):
+    """Return (stored uint16/int16 array, slope, intercept) for one slice.
+
+    Integer data in int16/uint16 range is stored exactly. Otherwise the slope is chosen from the
+    slice's largest absolute value so that the quantisation error is at most slope/2.
+    """
+    if exact_int:
+        lo, hi = int(plane.min()), int(plane.max())
+        if lo >= -32768 and hi <= 32767:
+            return plane.astype(np.int16), 1.0, 0.0
+        if lo >= 0 and hi <= 65535:
+            return plane.astype(np.uint16), 1.0, 0.0
+    f = np.nan_to_num(plane.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    signed = bool(f.min() < 0)
+    top = 32767 if signed else 65535
+    peak = float(np.abs(f).max())
+    slope = _ds_number(peak / top) if peak > 0 else 1.0
+    if slope * top < peak:  # DS rounding made the slope slightly too small
+        slope = _ds_number(slope * (1 + 1e-9) + np.spacing(slope) * 4)
+    q = np.clip(np.rint(f / slope), -32768 if signed else 0, top)
+    return q.astype(np.int16 if signed else np.uint16), slope, 0.0
+
+
+def _fmt(x: float) -> str:
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(x))
+
+
+def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = False, deidentify: bool = True,
+                       series_description: Optional[str] = None, template: Any = None) -> Path:
+    """Write ``volume`` as a derived DICOM series into the new folder ``folder`` (atomic).
+
+    Returns the folder. See the module docstring for the encoding and de-identification rules.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    folder = Path(folder)
+    tpl = _read_template(template)
+    arr = volume.array
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    exact_int = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and volume.unit in ("HU", "counts")
+        and np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr)))
+    if exact_int:
+        arr = np.rint(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        warnings.warn(f"{folder}: NaN/infinite voxels are stored as 0 (DICOM pixels are integers)",
+                      MedfuseWarning, stacklevel=3)
+    modality = volume.modality
+    sop_class = _SOP.get(modality, _SC)
+    now = _dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    series_uid = generate_uid()
+    prov = volume.provenance
+    if tpl is not None and "StudyInstanceUID" in tpl:
+        study_uid = str(tpl.StudyInstanceUID)
+    elif prov.get("study_uid") and not deidentify:
+        study_uid = str(prov["study_uid"])
+    else:
+        study_uid = generate_uid()
+    for_uid = (str(tpl.FrameOfReferenceUID) if tpl is not None and "FrameOfReferenceUID" in tpl
+               else (str(prov["frame_of_reference_uid"]) if prov.get("frame_of_reference_uid") else generate_uid()))
+    d = volume.direction
+    sp = volume.spacing
+    iop = [float(x) for x in np.concatenate([d[:, 0], d[:, 1]])]
+    normal = np.cross(d[:, 0], d[:, 1])
+
+    base = pydicom.Dataset()
+    if tpl is not None:
+        keep = _STUDY_KEYWORDS + (() if deidentify else _PATIENT_KEYWORDS) + (
+            _PET_KEYWORDS if modality == "PT" and volume.unit == "Bq/mL" else ())
+        for kw in keep:
+            if kw in tpl:
+                setattr(base, kw, tpl.data_element(kw).value)
+        if deidentify:
+            for kw in ("PatientSex", "PatientAge", "PatientSize", "PatientWeight"):
+                if kw in tpl and kw not in base:
+                    setattr(base, kw, tpl.data_element(kw).value)
+    if deidentify:
+        for kw in PHI_KEYWORDS:
+            if kw in base:
+                delattr(base, kw)
+        base.PatientName = ""
+        base.PatientID = ""
+        base.PatientBirthDate = ""
+        base.PatientIdentityRemoved = "YES"
+        base.DeidentificationMethod = "medfuse: name, ID, birth date, other identifiers removed"
+    else:
+        for kw in ("PatientName", "PatientID", "PatientBirthDate"):
+            if kw not in base:
+                setattr(base, kw, "")
+    base.PatientSex = base.get("PatientSex", "")
+    base.StudyInstanceUID = study_uid
+    base.StudyDate = base.get("StudyDate", date)
+    base.StudyTime = base.get("StudyTime", time)
+    base.ReferringPhysicianName = base.get("ReferringPhysicianName", "")
+    base.StudyID = base.get("StudyID", "")
+    base.AccessionNumber = base.get("AccessionNumber", "")
+    base.SeriesInstanceUID = series_uid
+    base.SeriesNumber = 1000 + int(now.strftime("%S"))
+    base.SeriesDate = base.get("SeriesDate", date) if modality == "PT" else date
+    base.SeriesTime = base.get("SeriesTime", time) if modality == "PT" else time
+    base.SeriesDescription = (series_description or f"medfuse derived {modality} ({volume.unit})")[:64]
+    base.Modality = _DICOM_MODALITY.get(modality, "OT")
+    base.FrameOfReferenceUID = for_uid
+    base.PositionReferenceIndicator = base.get("PositionReferenceIndicator", "")
+    base.Manufacturer = "medfuse"
+    base.ImageType = ["DERIVED", "SECONDARY"]
+    base.SOPClassUID = sop_class
+    base.ContentDate, base.ContentTime = date, time
+    base.AcquisitionDate = base.get("AcquisitionDate", date)
+    base.AcquisitionTime = base.get("AcquisitionTime", time)
+    base.SamplesPerPixel = 1
+    base.PhotometricInterpretation = "MONOCHROME2"
+    base.Rows, base.Columns = int(arr.shape[1]), int(arr.shape[0])
+    base.PixelSpacing = [_fmt(sp[1]), _fmt(sp[0])]
+    base.SliceThickness = _fmt(sp[2])
+    base.SpacingBetweenSlices = _fmt(sp[2])
+    base.ImageOrientationPatient = [_fmt(x) for x in iop]
+    base.BitsAllocated, base.BitsStored, base.HighBit = 16, 16, 15
+    base.BurnedInAnnotation = "NO"
+    if modality == "CT":
+        base.KVP = base.get("KVP", "")
+        base.RescaleType = "HU"
+    if modality == "PT":
+        if volume.unit.startswith("SUV"):
+            base.Units = "GML"
+            base.SUVType = {"SUVbw": "BW", "SUVlbm": "LBM", "SUVbsa": "BSA"}[volume.unit]
+            base.DecayCorrection = "ADMIN"
+            base.CorrectedImage = ["ATTN", "DECY"]
+        elif volume.unit == "Bq/mL":
+            base.Units = "BQML"
+            base.CorrectedImage = base.get("CorrectedImage", ["ATTN", "DECY"])
+            base.DecayCorrection = base.get("DecayCorrection", "START")
+        else:
+            base.Units = "CNTS" if volume.unit == "counts" else "NONE"
+        base.SeriesType = ["STATIC", "IMAGE"]
+        base.CountsSource = "EMISSION"
+        base.CollimatorType = "NONE"
+        base.NumberOfSlices = int(arr.shape[2])
+        base.FrameReferenceTime = "0"
+        base.ActualFrameDuration = 0
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    base.WindowCenter = _fmt((lo + hi) / 2)
+    base.WindowWidth = _fmt(max(hi - lo, 1e-6))
+
+    with atomic_dir(folder, overwrite=overwrite, inputs=[prov.get("source")] + ([template] if isinstance(template, (str, os.PathLike)) else [])) as tmp:
+        for k in range(arr.shape[2]):
+            stored, slope, intercept = quantise_slice(np.asarray(arr[:, :, k]).T, exact_int=bool(exact_int))
+            ds = copy.deepcopy(base)
+            uid = generate_uid()
+            ds.SOPInstanceUID = uid
+            ds.InstanceNumber = k + 1
+            ipp = volume.index_to_world([0.0, 0.0, float(k)])
+            ds.ImagePositionPatient = [_fmt(x) for x in ipp]
+            ds.SliceLocation = _fmt(float(ipp @ normal))
+            ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+            ds.RescaleSlope = _fmt(slope)
+            ds.RescaleIntercept = _fmt(intercept)
+            if modality == "PT":
+                ds.ImageIndex = k + 1
+            ds.PixelData = np.ascontiguousarray(stored).tobytes()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = sop_class
+            meta.MediaStorageSOPInstanceUID = uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            ds.file_meta = meta
+            ds.save_as(str(tmp / f"IM{k + 1:05d}.dcm"), enforce_file_format=True)
+    return folder

@@ -1,0 +1,385 @@
+"""PET standardised uptake value (SUV) scaling factors.
+
+The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
+
+* ``Units`` ``GML`` is already SUVbw (factor 1); ``BQML`` is activity concentration;
+  ``CNTS`` is Philips counts, scaled by the private SUV scale factor (7053,1000)
+  or, failing that, the activity concentration scale factor (7053,1009).
+* ``DecayCorrection`` ``ADMIN``: pixels are decay-corrected to injection, so the
+  injected dose is used as is. ``START``: pixels are corrected to the scan start,
+  so the dose is decayed from injection to the scan time.
+* Scan time: the series date/time when it is not after the earliest acquisition
+  date/time of the series; otherwise the GE private post-injection time when present,
+  else the earliest acquisition date/time.
+
+Weight, size and sex are needed for SUV but are never put in messages, logs or
+provenance: errors name the *tag*, never its value.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from ..errors import SUVError
+
+__all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "SUV_KINDS", "KIND_UNITS"]
+
+#: Accepted ``kind`` values and their medfuse unit.
+KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUVbsa"}
+SUV_KINDS = tuple(KIND_UNITS)
+
+_FIX_TAGS = "the scanner export is incomplete; re-export the PET series with its full header, or load it with suv='none' to keep Bq/mL"
+
+# Values that must be equal in every instance of one series.
+_SERIES_KEYS = (
+    "Units", "DecayCorrection", "RadionuclideHalfLife", "RadionuclideTotalDose",
+    "RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime", "PatientWeight",
+    "PatientSize", "PatientSex", "SeriesDate", "SeriesTime", "CorrectedImage",
+)
+
+
+# --------------------------------------------------------------------------- header extraction
+def _value(ds: Any, keyword: str) -> Any:
+    v = getattr(ds, keyword, None) if ds is not None else None
+    if v is None or v == "":
+        return None
+    return v
+
+
+def _private(ds: Any, group: int, creator: str, offset: int) -> Any:
+    """A private element by creator (block-independent), or by its usual fixed tag."""
+    try:
+        block = ds.private_block(group, creator)
+        if offset in block:
+            return block[offset].value
+    except (KeyError, ValueError, AttributeError):
+        pass
+    try:
+        elem = ds.get((group, 0x1000 | offset))
+        return None if elem is None else elem.value
+    except Exception:  # malformed private element: treat as absent
+        return None
+
+
+def _as_float(v: Any) -> Optional[float]:
+    if v is None:
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode("ascii", "ignore").strip("\x00 ")
+    try:
+        if isinstance(v, (list, tuple)) or (hasattr(v, "__len__") and not isinstance(v, str)):
+            v = list(v)[0]
+        return float(v)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def header_from_dataset(ds: Any) -> Dict[str, Any]:
+    """Extract the SUV-relevant header values of one PET instance from a pydicom Dataset.
+
+    Keys are named as in ``pet-suv-expected.json`` (``Units``, ``DecayCorrection``,
+    ``RadionuclideHalfLife``, ``PatientWeight``, ``PhilipsSUVScaleFactor``, ...).
+    Absent values are left out.
+    """
+    h: Dict[str, Any] = {}
+    for key in ("Units", "DecayCorrection", "PatientSex", "SeriesDate", "SeriesTime",
+                "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime"):
+        v = _value(ds, key)
+        if v is not None:
+            h[key] = str(v).strip()
+    ci = _value(ds, "CorrectedImage")
+    if ci is not None:
+        h["CorrectedImage"] = [str(x).strip() for x in (ci if not isinstance(ci, str) else ci.split("\\"))]
+    for key in ("PatientWeight", "PatientSize", "FrameReferenceTime", "ActualFrameDuration"):
+        f = _as_float(_value(ds, key))
+        if f is not None:
+            h[key] = f
+    seq = _value(ds, "RadiopharmaceuticalInformationSequence")
+    if seq:
+        item = seq[0]
+        for key in ("RadionuclideHalfLife", "RadionuclideTotalDose"):
+            f = _as_float(_value(item, key))
+            if f is not None:
+                h[key] = f
+        for key in ("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime"):
+            v = _value(item, key)
+            if v is not None:
+                h[key] = str(v).strip()
+    sf = _as_float(_private(ds, 0x7053, "Philips PET Private Group", 0x00))
+    if sf is not None:
+        h["PhilipsSUVScaleFactor"] = sf
+    acf = _as_float(_private(ds, 0x7053, "Philips PET Private Group", 0x09))
+    if acf is not None:
+        h["PhilipsActivityConcentrationScaleFactor"] = acf
+    ge = _private(ds, 0x0009, "GEMS_PETD_01", 0x0D)  # post-injection (scan) date/time
+    if ge is not None:
+        h["GEPrivatePostInjectionDateTime"] = (ge.decode("ascii", "ignore") if isinstance(ge, bytes) else str(ge)).strip("\x00 ")
+    return h
+
+
+# --------------------------------------------------------------------------- date/time parsing
+def _parse_time(t: str) -> timedelta:
+    t = str(t).strip()
+    main, _, frac = t.partition(".")
+    main = main.replace(":", "")
+    if not main.isdigit() or len(main) < 2:
+        raise ValueError(t)
+    hh = int(main[0:2])
+    mm = int(main[2:4]) if len(main) >= 4 else 0
+    ss = int(main[4:6]) if len(main) >= 6 else 0
+    us = float("0." + frac) if frac.strip().isdigit() else 0.0
+    return timedelta(hours=hh, minutes=mm, seconds=ss + us)
+
+
+def _parse_date(d: str) -> datetime:
+    d = str(d).strip().replace("-", "").replace(".", "")
+    return datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]))
+
+
+def _parse_dt(dt: str) -> datetime:
+    s = str(dt).strip()
+    # Drop a UTC offset (+hhmm/-hhmm) after the time part: all times of one series share it.
+    for sign in ("+", "-"):
+        pos = s.rfind(sign)
+        if pos >= 8:
+            s = s[:pos]
+    return _parse_date(s[:8]) + (_parse_time(s[8:]) if len(s) > 8 else timedelta())
+
+
+def _datetime(h: Dict[str, Any], date_key: str, time_key: str, tag_for_error: str) -> datetime:
+    try:
+        return _parse_date(h[date_key]) + _parse_time(h[time_key])
+    except KeyError as e:
+        raise SUVError(f"the PET header lacks {e.args[0]}, needed for {tag_for_error}", fix=_FIX_TAGS) from None
+    except (ValueError, IndexError):
+        raise SUVError(f"the PET header's {date_key}/{time_key} is not a valid DICOM date/time", fix=_FIX_TAGS) from None
+
+
+def _injection_datetime(h: Dict[str, Any]) -> datetime:
+    dt = h.get("RadiopharmaceuticalStartDateTime")
+    if dt:
+        try:
+            return _parse_dt(dt)
+        except (ValueError, IndexError):
+            raise SUVError("RadiopharmaceuticalStartDateTime is not a valid DICOM date-time", fix=_FIX_TAGS) from None
+    t = h.get("RadiopharmaceuticalStartTime")
+    if not t:
+        raise SUVError(
+            "the PET header lacks RadiopharmaceuticalStartDateTime and RadiopharmaceuticalStartTime "
+            "(in RadiopharmaceuticalInformationSequence), so the injection time is unknown", fix=_FIX_TAGS)
+    # Time only: the reference calculator takes the series date (injection on the scan day).
+    return _datetime({**h, "RadiopharmaceuticalStartTime": t}, "SeriesDate", "RadiopharmaceuticalStartTime",
+                     "the injection date")
+
+
+def _scan_datetime(headers: Sequence[Dict[str, Any]]) -> datetime:
+    h0 = headers[0]
+    series = _datetime(h0, "SeriesDate", "SeriesTime", "the scan time")
+    acq: List[datetime] = []
+    for h in headers:
+        if h.get("AcquisitionDateTime"):
+            try:
+                acq.append(_parse_dt(h["AcquisitionDateTime"]))
+                continue
+            except (ValueError, IndexError):
+                pass
+        if h.get("AcquisitionDate") and h.get("AcquisitionTime"):
+            acq.append(_datetime(h, "AcquisitionDate", "AcquisitionTime", "the scan time"))
+    if not acq:
+        return series
+    earliest = min(acq)
+    if series <= earliest:
+        return series
+    # Series time after the acquisition: the series was re-created (e.g. post-processing).
+    ge = h0.get("GEPrivatePostInjectionDateTime")
+    if ge:
+        try:
+            return _parse_dt(ge)
+        except (ValueError, IndexError):
+            pass
+    return earliest
+
+
+# --------------------------------------------------------------------------- checks and factors
+def _number(h: Dict[str, Any], key: str) -> Optional[float]:
+    v = h.get(key)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _philips(h: Dict[str, Any], name: str) -> Optional[float]:
+    v = _number(h, "Philips" + name)
+    if v is None:
+        v = _as_float((h.get("PhilipsPETPrivateGroup") or {}).get(name))
+    return v
+
+
+def check_header(header: Dict[str, Any]) -> None:
+    """Raise :class:`SUVError` naming the first missing or invalid tag; return None when SUV can be computed."""
+    ci = header.get("CorrectedImage")
+    flags = [str(x).strip().upper() for x in (ci.split("\\") if isinstance(ci, str) else (ci or []))]
+    missing = [f for f in ("ATTN", "DECY") if f not in flags]
+    if missing:
+        raise SUVError(
+            f"CorrectedImage lacks {' and '.join(missing)}: the PET was not "
+            + ("attenuation" if missing == ["ATTN"] else "decay" if missing == ["DECY"] else "attenuation- or decay")
+            + "-corrected, so SUV would be meaningless",
+            fix="use the attenuation- and decay-corrected PET series (CorrectedImage must contain ATTN and DECY), "
+                "or load it with suv='none'",
+        )
+    units = str(header.get("Units") or "").strip().upper()
+    if units not in ("BQML", "CNTS", "GML"):
+        raise SUVError(
+            f"Units is {units or 'missing'}; SUV needs BQML, CNTS (Philips) or GML",
+            fix="use a quantitative PET reconstruction, or load it with suv='none'",
+        )
+    if units == "GML":
+        return
+    w = _number(header, "PatientWeight")
+    if w is None or not math.isfinite(w) or w <= 0:
+        raise SUVError("PatientWeight is missing or zero, so SUV cannot be computed",
+                       fix="enter the patient's weight in the PET header (PatientWeight, kg), or load with suv='none'")
+    if units == "CNTS":
+        sf = _philips(header, "SUVScaleFactor")
+        acf = _philips(header, "ActivityConcentrationScaleFactor")
+        if not ((sf and sf > 0) or (acf and acf > 0)):
+            raise SUVError(
+                "Units is CNTS but neither the Philips SUV scale factor (7053,1000) nor the activity "
+                "concentration scale factor (7053,1009) is valid",
+                fix="export the series with Philips' private PET group, or as BQML; or load with suv='none'")
+        if sf and sf > 0:
+            return
+    dc = str(header.get("DecayCorrection") or "").strip().upper()
+    if dc not in ("ADMIN", "START"):
+        raise SUVError(f"DecayCorrection is {dc or 'missing'}; SUV needs ADMIN or START",
+                       fix="use a decay-corrected PET series, or load with suv='none'")
+    for key in ("RadionuclideTotalDose", "RadionuclideHalfLife"):
+        v = _number(header, key)
+        if v is None or not math.isfinite(v) or v <= 0:
+            raise SUVError(f"{key} (RadiopharmaceuticalInformationSequence) is missing or not positive",
+                           fix=_FIX_TAGS)
+
+
+def _body_ratio(h: Dict[str, Any], kind: str) -> float:
+    """The SUV normaliser in grams (bw, lbm) or cm² (bsa) for this patient."""
+    w = float(h["PatientWeight"])
+    if kind == "bw":
+        return w * 1000.0
+    size = _number(h, "PatientSize")
+    if size is None or not math.isfinite(size) or size <= 0:
+        raise SUVError(f"PatientSize is missing or zero, needed for SUV{kind}",
+                       fix="enter the patient's height (PatientSize, m), or use SUVbw")
+    if size > 3.0:  # some exports store centimetres
+        size /= 100.0
+    if kind == "bsa":  # Du Bois, m² -> cm²
+        return 0.007184 * w ** 0.425 * (size * 100.0) ** 0.725 * 1e4
+    sex = str(h.get("PatientSex") or "").strip().upper()
+    if sex not in ("M", "F"):
+        raise SUVError(f"PatientSex is missing or not M/F, needed for SUV{kind}",
+                       fix="enter the patient's sex (PatientSex), or use SUVbw")
+    if kind == "lbm":  # James, as in the reference calculator
+        hcm = size * 100.0
+        lbm = 1.10 * w - 120.0 * (w / hcm) ** 2 if sex == "M" else 1.07 * w - 148.0 * (w / hcm) ** 2
+    else:  # lbm_janma: Janmahasatian
+        bmi = w / size ** 2
+        lbm = 9270.0 * w / (6680.0 + 216.0 * bmi) if sex == "M" else 9270.0 * w / (8780.0 + 244.0 * bmi)
+    return lbm * 1000.0
+
+
+def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
+    if kind not in KIND_UNITS:
+        raise SUVError(f"unknown SUV kind {kind!r}", fix=f"use one of {', '.join(SUV_KINDS)}")
+    check_header(h)
+    units = str(h["Units"]).strip().upper()
+    if units == "GML":
+        if kind == "bw":
+            return 1.0
+        if _number(h, "PatientWeight") is None or float(h["PatientWeight"]) <= 0:
+            raise SUVError(f"PatientWeight is missing or zero, needed to turn GML into SUV{kind}",
+                           fix="enter PatientWeight, or use SUVbw")
+        return _body_ratio(h, kind) / _body_ratio(h, "bw")
+    if units == "CNTS":
+        sf = _philips(h, "SUVScaleFactor")
+        if sf and sf > 0:
+            return sf if kind == "bw" else sf * _body_ratio(h, kind) / _body_ratio(h, "bw")
+        acf = _philips(h, "ActivityConcentrationScaleFactor")
+    else:
+        acf = 1.0
+    dose = float(h["RadionuclideTotalDose"])
+    if str(h["DecayCorrection"]).strip().upper() == "START":
+        inj = _injection_datetime(h)
+        t = scan if scan is not None else _scan_datetime([h])
+        dt = (t - inj).total_seconds()
+        if dt < 0:
+            raise SUVError("the scan time is before the injection time (negative decay time)",
+                           fix="check SeriesTime/AcquisitionTime and RadiopharmaceuticalStartDateTime in the header")
+        dose = dose * math.exp(-math.log(2.0) * dt / float(h["RadionuclideHalfLife"]))
+    return float(acf) * _body_ratio(h, kind) / dose
+
+
+def suv_factor(header: Dict[str, Any], kind: str = "bw") -> float:
+    """SUV scaling factor of one PET instance: stored (rescaled) pixel × factor = SUV.
+
+    Args:
+        header: values as returned by :func:`header_from_dataset` (weight kg, size m, dose Bq, half-life s).
+        kind: ``"bw"`` (body weight), ``"lbm"`` (James), ``"lbm_janma"`` (Janmahasatian) or ``"bsa"`` (Du Bois).
+
+    Raises:
+        SUVError: naming the missing or invalid tag, with a fix.
+    """
+    return _factor(header, kind, None)
+
+
+def series_suv_factors(headers: Iterable[Dict[str, Any]], kind: str = "bw") -> List[float]:
+    """SUV factors of every instance of one series, after checking series-level consistency.
+
+    The scan time is one for the whole series (see the module docstring).
+
+    Raises:
+        SUVError: when series-level values differ between instances, or a tag is missing/invalid.
+    """
+    hs = list(headers)
+    if not hs:
+        raise SUVError("no PET instances were given", fix="pass the headers of every instance of the series")
+    for key in _SERIES_KEYS:
+        vals = {repr(_norm(h.get(key))) for h in hs}
+        if len(vals) > 1:
+            raise SUVError(f"{key} differs between instances of one series",
+                           fix="load the instances of one series only; a mixed series cannot be scaled to SUV")
+    for h in hs:
+        check_header(h)
+    scan = None
+    units = str(hs[0].get("Units", "")).strip().upper()
+    needs_time = units == "BQML" or (units == "CNTS" and not (_philips(hs[0], "SUVScaleFactor") or 0) > 0)
+    if needs_time and str(hs[0].get("DecayCorrection", "")).strip().upper() == "START":
+        scan = _scan_datetime(hs)
+    return [_factor(h, kind, scan) for h in hs]
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.strip()
+    if isinstance(v, (list, tuple)):
+        return tuple(str(x).strip() for x in v)
+    if isinstance(v, (int, float)):
+        return round(float(v), 9)
+    return v
+
+
+def suv_problem(headers: Any, kind: str = "bw") -> Optional[str]:
+    """Why SUV cannot be computed for these header(s), as one sentence naming the tag; None when it can.
+
+    For readers that fall back to Bq/mL with a warning instead of raising.
+    """
+    hs = [headers] if isinstance(headers, dict) else list(headers)
+    try:
+        series_suv_factors(hs, kind)
+    except SUVError as e:
+        return e.problem
+    return None

@@ -1,0 +1,196 @@
+"""ITK-convention spatial transforms: fixed-space physical point -> moving-space point (LPS mm).
+
+A :class:`Transform` wraps a ``SimpleITK.Transform``. It is saved and loaded in ITK formats
+(``.tfm``/``.txt``/``.h5``) that 3D Slicer, ANTs and SimpleITK read, composes with others,
+and is applied to volumes (resampling) and to points.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import InvalidInputError, OutputExistsError, RegistrationError, UnreadableFileError
+
+__all__ = ["Transform", "load_transform", "TRANSFORM_SUFFIXES"]
+
+#: File endings SimpleITK reads and writes as transforms.
+TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat")
+
+
+def _suffix_ok(path: Path) -> bool:
+    return path.name.lower().endswith(TRANSFORM_SUFFIXES)
+
+
+class Transform:
+    """A spatial transform in the ITK convention: it maps **fixed** physical points to **moving** ones.
+
+    Args:
+        sitk_transform: a ``SimpleITK.Transform`` (any kind; it is copied).
+
+    Build one from a 4x4 LPS matrix with :meth:`from_matrix`, or get one from ``register``.
+    """
+
+    def __init__(self, sitk_transform: Any):
+        import SimpleITK as sitk
+
+        if isinstance(sitk_transform, Transform):
+            sitk_transform = sitk_transform.sitk
+        if not isinstance(sitk_transform, sitk.Transform):
+            raise InvalidInputError(
+                f"expected a SimpleITK.Transform, got {type(sitk_transform).__name__}",
+                fix="use Transform.from_matrix(4x4) or medfuse.load_transform(path)")
+        if sitk_transform.GetDimension() != 3:
+            raise InvalidInputError("only 3-D transforms are supported", fix="pass a 3-D transform")
+        try:  # copy, so that later edits of the caller's object cannot move ours
+            self._t = sitk_transform.__class__(sitk_transform)
+        except (TypeError, RuntimeError, NotImplementedError):
+            self._t = sitk_transform
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def identity(cls) -> "Transform":
+        import SimpleITK as sitk
+
+        return cls(sitk.AffineTransform(3))
+
+    @classmethod
+    def from_matrix(cls, matrix: Any) -> "Transform":
+        """A linear transform from a 4x4 LPS matrix (fixed point -> moving point)."""
+        import SimpleITK as sitk
+
+        m = np.asarray(matrix, dtype=float)
+        if m.shape != (4, 4) or not np.all(np.isfinite(m)) or not np.allclose(m[3], [0, 0, 0, 1]):
+            raise InvalidInputError("expected a finite homogeneous 4x4 matrix", fix="pass a 4x4 LPS matrix")
+        t = sitk.AffineTransform(3)
+        t.SetMatrix(tuple(float(x) for x in m[:3, :3].ravel()))
+        t.SetTranslation(tuple(float(x) for x in m[:3, 3]))
+        return cls(t)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def sitk(self):
+        """The wrapped ``SimpleITK.Transform`` (do not mutate)."""
+        return self._t
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the transform is a single matrix + translation."""
+        return bool(self._t.IsLinear())
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """4x4 LPS matrix (fixed point -> moving point); linear transforms only."""
+        if not self.is_linear:
+            raise RegistrationError("a deformable transform has no 4x4 matrix",
+                                    fix="use transform_points() or apply() instead")
+        # Probe the transform: exact for any linear transform, whatever its parameterisation.
+        pts = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+        out = self.transform_points(pts)
+        m = np.eye(4)
+        m[:3, 3] = out[0]
+        m[:3, :3] = (out[1:] - out[0]).T
+        return m
+
+    def __repr__(self) -> str:
+        return f"Transform({self._t.GetName()}, linear={self.is_linear})"
+
+    # ---------------------------------------------------------------- algebra
+    def compose(self, other: "Transform") -> "Transform":
+        """``self.compose(other)`` maps ``p -> self(other(p))``: ``other`` is applied first."""
+        import SimpleITK as sitk
+
+        if not isinstance(other, Transform):
+            other = Transform(other)
+        c = sitk.CompositeTransform(3)
+        # CompositeTransform applies the last added first.
+        c.AddTransform(self._t)
+        c.AddTransform(other._t)
+        return Transform(c)
+
+    def inverse(self) -> "Transform":
+        """The inverse transform (moving -> fixed). Deformable transforms are inverted on a displacement grid."""
+        import SimpleITK as sitk
+
+        if self.is_linear:
+            return Transform.from_matrix(np.linalg.inv(self.matrix))
+        try:
+            t = self._t.GetInverse()
+            return Transform(t)
+        except RuntimeError:
+            raise RegistrationError(
+                "this deformable transform has no closed-form inverse",
+                fix="register in the other direction, or invert its displacement field with "
+                    "SimpleITK.InvertDisplacementField") from None
+
+    def transform_points(self, points: Any) -> np.ndarray:
+        """Map (N, 3) or (3,) LPS mm fixed-space points to moving space."""
+        p = np.asarray(points, dtype=float)
+        if p.shape[-1] != 3:
+            raise InvalidInputError(f"points must have shape (N, 3), got {p.shape}", fix="pass LPS x, y, z in mm")
+        flat = p.reshape(-1, 3)
+        out = np.array([self._t.TransformPoint(tuple(map(float, q))) for q in flat], dtype=float)
+        return out.reshape(p.shape)
+
+    def apply(self, volume, *, reference=None, interpolation: str = "linear", default: Optional[float] = None):
+        """Resample ``volume`` (in moving space) onto ``reference``'s grid (fixed space; default: its own grid)."""
+        from .resample import resample
+
+        return resample(volume, volume if reference is None else reference, transform=self,
+                        interpolation=interpolation, default=default)
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
+        """Write in an ITK format chosen by suffix (``.tfm``, ``.txt``, ``.h5``); atomic."""
+        import SimpleITK as sitk
+
+        p = Path(path)
+        if not _suffix_ok(p):
+            raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
+                                    fix="use .tfm, .txt or .h5", path=p)
+        if p.exists() and not overwrite:
+            raise OutputExistsError("the transform file exists", fix="pass overwrite=True or choose another name", path=p)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(p.suffixes[-1:])
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
+        os.close(fd)
+        try:
+            sitk.WriteTransform(self._t, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return p
+
+
+def load_transform(path: Union[str, os.PathLike]) -> Transform:
+    """Read an ITK transform file (``.tfm``/``.txt``/``.h5``) written by medfuse, Slicer, ANTs or SimpleITK."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.is_file():
+        raise UnreadableFileError("no such transform file", fix="check the path", path=p)
+    try:
+        t = sitk.ReadTransform(str(p))
+    except RuntimeError:
+        raise UnreadableFileError("this is not an ITK transform file SimpleITK can read",
+                                  fix="export the transform as .tfm/.txt/.h5 from Slicer, ANTs or SimpleITK",
+                                  path=p) from None
+    # A file holding one transform comes back as a composite of one; unwrap for a usable matrix.
+    if t.GetName() == "CompositeTransform":
+        c = sitk.CompositeTransform(t)
+        if c.GetNumberOfTransforms() == 1:
+            t = c.GetNthTransform(0)
+    t = _downcast(t)
+    return Transform(t)
+
+
+def _downcast(t):
+    try:
+        return t.Downcast()
+    except Exception:  # noqa: BLE001 - older SimpleITK: keep the generic transform
+        return t

@@ -1,0 +1,362 @@
+"""DICOM reader: real dcm2niix-referenced data in ../shared and synthetic series written with pydicom."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from nibabel import orientations as nio
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medfuse.errors import (GeometryError, MedfuseWarning, MultipleSeriesError, UnreadableFileError,
+                            UnsupportedDataError)
+from medfuse.io.dicom import load_dicom, load_dicom_volumes, scan
+
+FAKE_NAME = "Zzyzx^Quentavious"
+FAKE_ID = "PID-8675309"
+
+
+# ---------------------------------------------------------------------------- helpers
+def _aligned(vol, ref):
+    """Our volume's voxels and RAS affine, flipped/permuted to the reference's axis order."""
+    ras = vol.affine_ras
+    t = nio.ornt_transform(nio.io_orientation(ras), nio.io_orientation(ref.affine))
+    return nio.apply_orientation(vol.array, t), ras @ nio.inv_ornt_aff(t, vol.array.shape)
+
+
+def _check_against_ref(vols, ref_path, *, scale=1.0, rtol=0.0):
+    ref = nib.load(str(ref_path))
+    r = np.asanyarray(ref.dataobj).astype(float) * scale
+    nvol = 1 if r.ndim == 3 else r.shape[3]
+    assert len(vols) == nvol
+    for vi, v in enumerate(vols):
+        rr = r if r.ndim == 3 else r[..., vi]
+        a, aff = _aligned(v, ref)
+        assert a.shape == rr.shape
+        np.testing.assert_allclose(aff, ref.affine, atol=1e-3)
+        if rtol:
+            assert np.abs(a - rr).max() <= rtol * np.abs(rr).max()
+        else:
+            np.testing.assert_array_equal(a.astype(float), rr)
+
+
+def _sidecar(ref_nii: Path) -> dict:
+    return json.loads(ref_nii.with_suffix(".json").read_text())
+
+
+def _write_slice(path, *, arr, pos, iop=(1, 0, 0, 0, 1, 0), series_uid, modality="CT", number=1,
+                 spacing=(0.5, 0.5), slope=1.0, intercept=-1024.0, description="synthetic", extra=None):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = FAKE_NAME, FAKE_ID, "19010101"
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, "1.2.3.4"
+    ds.SeriesDescription, ds.InstanceNumber = description, number
+    ds.ImagePositionPatient = [float(x) for x in pos]
+    ds.ImageOrientationPatient = [float(x) for x in iop]
+    ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
+    ds.SliceThickness = 1.0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def _series(folder: Path, *, n=6, z=None, shuffle=True, uid=None, rows=8, cols=10, iop=(1, 0, 0, 0, 1, 0),
+            xshift=0.0, **kw):
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = uid or generate_uid()
+    z = list(range(n)) if z is None else z
+    data = np.arange(rows * cols * len(z)).reshape(len(z), rows, cols) % 2000 + 1000
+    names = [f"f{i:03d}.dcm" for i in range(len(z))]
+    if shuffle:
+        random.Random(1).shuffle(names)
+    for i, zz in enumerate(z):
+        _write_slice(folder / names[i], arr=data[i], pos=(10.0 + xshift * zz, 20.0, 2.5 * zz), iop=iop,
+                     series_uid=uid, number=i + 1, **kw)
+    return uid, data
+
+
+def _no_phi(text: str):
+    assert FAKE_NAME not in text and "Zzyzx" not in text and FAKE_ID not in text and "19010101" not in text
+
+
+# ---------------------------------------------------------------------------- real data
+@pytest.mark.parametrize("n", range(1, 10))
+def test_transfer_syntaxes_match_dcm2niix(shared, n):
+    base = shared("data", "dicom", "qa-transfer-syntaxes")
+    f = base / "In" / f"{n}.dcm"
+    vol = load_dicom(f)
+    assert vol.provenance["transfer_syntax"] == str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    _check_against_ref([vol], base / "Ref" / f"{n}.nii")
+
+
+def test_transfer_syntaxes_cover_compressed_and_uncompressed(shared):
+    """The 9 files use 7 transfer syntax UIDs (5/6 and 7/8 share JPEG Lossless and JPEG-LS UIDs)."""
+    base = shared("data", "dicom", "qa-transfer-syntaxes", "In")
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in base.glob("*.dcm")}
+    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.5",
+            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"} <= uids
+
+
+@pytest.mark.parametrize("n", [4, 5, 6, 7])
+def test_ge_4d_split_into_10_volumes(shared, n):
+    base = shared("data", "dicom", "qa-ge-siemens-epi")
+    folder = base / "In" / "20180918GE" / f"mr_000{n}"
+    ref = base / "Ref" / f"DCM2NIIX_regression_test_{n}.nii"
+    ds = pydicom.dcmread(next(p for p in sorted(folder.iterdir()) if p.suffix == ".dcm"), stop_before_pixels=True)
+    assert _sidecar(ref)["SeriesNumber"] == int(ds.SeriesNumber)
+    vols = load_dicom_volumes(folder)
+    assert len(vols) == 10 and all(v.shape[2] == 15 for v in vols)
+    assert [v.provenance["volume_index"] for v in vols] == list(range(10))
+    _check_against_ref(vols, ref)
+    with pytest.raises(MultipleSeriesError, match="10 volumes"):
+        load_dicom(folder)
+    assert load_dicom(folder, volume_index=3).provenance["volume_index"] == 3
+
+
+@pytest.mark.parametrize("n,pe", [(3, "AP"), (4, "PA"), (5, "RL"), (6, "LR")])
+def test_siemens_mosaic(shared, n, pe):
+    base = shared("data", "dicom", "qa-ge-siemens-epi")
+    vols = load_dicom_volumes(base / "In" / "20180918Si" / f"mr_000{n}")
+    _check_against_ref(vols, base / "Ref" / f"EPI_PE={pe}_{n}.nii")
+
+
+def test_philips_private_scaling(shared):
+    """dcm2niix's float scaling FP = (SV*RS + RI) / (RS*SS): Ref stores SV with scl_slope = 1/SS."""
+    base = shared("data", "dicom", "qa-philips-scaling")
+    ref = base / "Ref" / "EPI_asc_CLEAR_201.nii"
+    side = _sidecar(ref)
+    assert side["UsePhilipsFloatNotDisplayScaling"] == 1 and side["PhilipsRescaleIntercept"] == 0
+    vols = load_dicom_volumes(base / "In" / "Magdeburg_2014" / "fmri")
+    assert vols[0].provenance["manufacturer"].upper().startswith("PHILIPS")
+    assert nib.load(str(ref)).dataobj.slope == pytest.approx(1.0 / side["PhilipsScaleSlope"], rel=1e-5)
+    _check_against_ref(vols, ref, rtol=1e-6)
+    # display scaling (RS only) would be ~180x smaller: make sure it was not used
+    assert vols[0].array.max() > 100 * 2 ** 12
+
+
+def test_enhanced_siemens_xa10(shared):
+    base = shared("data", "dicom", "qa-enhanced-multiframe")
+    vols = load_dicom_volumes(base / "In" / "Siemens" / "XA10")
+    _check_against_ref(vols, base / "Ref" / "Siemens_REST1_w_SMS_PF7-8_6.nii")
+
+
+def test_enhanced_philips_two_images(shared):
+    base = shared("data", "dicom", "qa-enhanced-multiframe")
+    vols = load_dicom_volumes(base / "In" / "Philips" / "IM_0027_fMAP.dcm")
+    assert len(vols) == 2
+    _check_against_ref([vols[0]], base / "Ref" / "Philips_WIP_B0_NS_801_e1.nii", rtol=1e-4)
+    _check_against_ref([vols[1]], base / "Ref" / "Philips_WIP_B0_NS_801_e2_fieldmaphz.nii", rtol=1e-4)
+
+
+def test_scan_real_folder(shared):
+    base = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE")
+    infos = scan(base)
+    assert len(infos) == 4
+    assert all(i.shape == (64, 64, 15) and i.n_volumes == 10 and i.modality == "MR" for i in infos)
+    with pytest.raises(MultipleSeriesError) as e:
+        load_dicom(base)
+    assert all(i.series_uid in str(e.value) for i in infos)
+
+
+# ---------------------------------------------------------------------------- synthetic
+def test_shuffled_names_sort_by_position_ct_hu(tmp_path):
+    uid, data = _series(tmp_path / "s", n=6)
+    vol = load_dicom(tmp_path / "s")
+    assert vol.modality == "CT" and vol.unit == "HU"
+    assert vol.shape == (10, 8, 6)
+    np.testing.assert_array_equal(vol.array, np.transpose(data, (2, 1, 0)).astype(int) - 1024)
+    np.testing.assert_allclose(vol.affine, [[0.5, 0, 0, 10], [0, 0.5, 0, 20], [0, 0, 2.5, 0], [0, 0, 0, 1]])
+    assert vol.provenance["series_uid"] == uid and vol.provenance["reader"] == "medfuse.dicom"
+
+
+def test_sagittal_series_sorted_along_normal(tmp_path):
+    """Sagittal IOP: normal = row x col = -x; files list positions in a shuffled order."""
+    uid, iop = generate_uid(), (0, 1, 0, 0, 0, -1)
+    data = np.arange(4 * 8 * 10).reshape(4, 8, 10)
+    order = [2, 0, 3, 1]
+    for n, k in enumerate(order):
+        _write_slice(tmp_path / f"{n}.dcm", arr=data[k], pos=(-3.0 * k, 5.0, 7.0), iop=iop, series_uid=uid,
+                     number=n + 1)
+    vol = load_dicom(tmp_path)
+    np.testing.assert_allclose(vol.affine[:3, :3], [[0, 0, -3], [0.5, 0, 0], [0, -0.5, 0]], atol=1e-9)
+    np.testing.assert_allclose(vol.affine[:3, 3], [0, 5, 7])
+    np.testing.assert_array_equal(vol.array, np.transpose(data, (2, 1, 0)).astype(int) - 1024)
+
+
+def test_two_series_error_lists_both(tmp_path):
+    u1, _ = _series(tmp_path / "a", n=3, description="alpha")
+    u2, _ = _series(tmp_path / "b", n=3, description="beta", modality="MR")
+    with pytest.raises(MultipleSeriesError) as e:
+        load_dicom(tmp_path)
+    msg = str(e.value)
+    assert u1 in msg and u2 in msg and "alpha" in msg and "beta" in msg and "3 files" in msg
+    assert set(e.value.choices) == {u1, u2}
+    _no_phi(msg)
+    assert load_dicom(tmp_path, series_uid=u2).modality == "MR"
+    infos = {i.series_uid: i for i in scan(tmp_path)}
+    assert infos[u1].shape == (10, 8, 3) and infos[u1].n_files == 3 and infos[u2].modality == "MR"
+
+
+def test_missing_slice_warns_and_keeps_geometry(tmp_path):
+    _series(tmp_path / "s", z=[0, 1, 2, 4, 5])
+    with pytest.warns(MedfuseWarning, match="uneven slice spacing") as rec:
+        vol = load_dicom(tmp_path / "s")
+    assert vol.shape[2] == 6
+    np.testing.assert_allclose(vol.affine[:3, 2], [0, 0, 2.5])
+    np.testing.assert_allclose(vol.affine[:3, 3], [10, 20, 0])
+    assert vol.provenance["resampled"] is True
+    for w in rec:
+        _no_phi(str(w.message))
+
+
+def test_large_gap_refused(tmp_path):
+    _series(tmp_path / "s", z=[0, 1, 2, 9])
+    with pytest.raises(GeometryError, match="missing"):
+        load_dicom(tmp_path / "s")
+
+
+def test_gantry_tilt_detected_and_corrected(tmp_path):
+    _series(tmp_path / "s", n=5, xshift=0.5)  # 0.5 mm in x per 2.5 mm in z -> 11.3 degrees
+    with pytest.warns(MedfuseWarning, match="gantry tilt"):
+        vol = load_dicom(tmp_path / "s")
+    assert vol.provenance["tilt_corrected"] is True
+    assert vol.provenance["gantry_tilt_deg"] == pytest.approx(np.degrees(np.arctan(0.5 / 2.5)), abs=0.01)
+    np.testing.assert_allclose(vol.affine[:3, 2], [0, 0, 2.5])
+
+
+def test_gantry_tilt_correction_puts_voxels_in_place(tmp_path):
+    """A bright column fixed in the world (x = 13 mm) must land on one i index in every corrected slice."""
+    uid = generate_uid()
+    for k in range(5):
+        arr = np.zeros((8, 12), np.uint16)
+        arr[:, 6 - k] = 2000  # slice k starts at x = 10 + 0.5 k, pixel 0.5 mm -> world x = 13 mm
+        _write_slice(tmp_path / f"{k}.dcm", arr=arr, pos=(10.0 + 0.5 * k, 20.0, 2.5 * k), series_uid=uid,
+                     number=k + 1)
+    with pytest.warns(MedfuseWarning, match="gantry tilt"):
+        vol = load_dicom(tmp_path)
+    assert (np.argmax(vol.array[:, 4, :], axis=0) == 6).all()
+    i, _, _, _ = np.linalg.solve(vol.affine, [13.0, 22.0, 5.0, 1.0])
+    assert i == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("modality", ["RTSTRUCT", "SEG", "SR"])
+def test_non_image_object_unsupported(tmp_path, modality):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "rt.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName, ds.SeriesInstanceUID = modality, FAKE_NAME, generate_uid()
+    ds.save_as(str(tmp_path / "rt.dcm"), enforce_file_format=True)
+    with pytest.raises(UnsupportedDataError) as e:
+        load_dicom(tmp_path / "rt.dcm")
+    _no_phi(str(e.value))
+    with pytest.raises(UnsupportedDataError):
+        load_dicom(tmp_path)
+
+
+def test_truncated_and_empty_files(tmp_path):
+    _series(tmp_path / "s", n=2, rows=64, cols=64)
+    src = sorted((tmp_path / "s").iterdir())[0]
+    data = src.read_bytes()
+    trunc = tmp_path / "t" / "trunc.dcm"
+    trunc.parent.mkdir()
+    trunc.write_bytes(data[: len(data) - 3000])
+    with pytest.raises(UnreadableFileError) as e:
+        load_dicom(trunc)
+    assert "trunc.dcm" in str(e.value)
+    _no_phi(str(e.value))
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(UnreadableFileError, match="empty"):
+        load_dicom(empty)
+
+
+def test_folder_of_non_medical_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    with pytest.raises(UnreadableFileError) as e:
+        load_dicom(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_non_dicom_files_in_folder_ignored(tmp_path):
+    _series(tmp_path, n=3)
+    (tmp_path / "README.txt").write_text("not dicom")
+    assert load_dicom(tmp_path).shape == (10, 8, 3)
+
+
+def test_no_patient_data_anywhere(tmp_path):
+    _series(tmp_path / "s", z=[0, 1, 3, 4])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        vol = load_dicom(tmp_path / "s")
+    _no_phi(repr(vol) + str(vol.provenance) + "".join(str(w.message) for w in rec))
+    _no_phi(repr(scan(tmp_path)))
+
+
+def test_pet_without_suv_tags_loads_in_bqml(tmp_path):
+    _series(tmp_path / "p", n=3, modality="PT", intercept=0.0, slope=2.0)
+    with pytest.warns(MedfuseWarning, match="Bq/mL"):
+        vol = load_dicom(tmp_path / "p")
+    assert vol.unit == "Bq/mL" and vol.modality == "PT"
+    vol2 = load_dicom(tmp_path / "p", suv="none")
+    assert vol2.unit == "Bq/mL"
+    np.testing.assert_allclose(vol.array, vol2.array)
+
+
+def test_pet_suv_bw_applied_per_instance(tmp_path):
+    """Decay-corrected (START) BQML PET: SUVbw = Bq/mL * weight_g / (dose * 2^(-dt/T))."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.RadionuclideHalfLife, item.RadionuclideTotalDose = "6586.2", "370000000"
+    item.RadiopharmaceuticalStartTime = "090000"
+    extra = dict(Units="BQML", DecayCorrection="START", PatientWeight="70", SeriesDate="20200101",
+                 SeriesTime="100000", AcquisitionDate="20200101", AcquisitionTime="100000",
+                 CorrectedImage=["ATTN", "DECY"], RadiopharmaceuticalInformationSequence=[item], PatientSex="F")
+    _, data = _series(tmp_path / "p", n=3, modality="PT", intercept=0.0, slope=0.5, extra=extra)
+    vol = load_dicom(tmp_path / "p")
+    assert vol.unit == "SUVbw" and vol.provenance["suv"] == "bw"
+    dose = 370e6 * 2 ** (-3600 / 6586.2)
+    expected = np.transpose(data, (2, 1, 0)) * 0.5 * 70000 / dose
+    np.testing.assert_allclose(vol.array, expected, rtol=1e-5)
+    assert load_dicom(tmp_path / "p", suv="none").unit == "Bq/mL"
+
+
+def test_nm_multiframe_counts(tmp_path):
+    from pydicom.dataset import Dataset
+
+    det = Dataset()
+    det.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # coronal: normal = +y (posterior)
+    det.ImagePositionPatient = [-30.0, -40.0, 50.0]
+    frames = (np.arange(4 * 6 * 5).reshape(4, 6, 5) * 3).astype(np.uint16)
+    _write_slice(tmp_path / "nm.dcm", arr=frames[0], pos=(0, 0, 0), series_uid=generate_uid(), modality="NM",
+                 slope=1.0, intercept=0.0, spacing=(4.0, 4.0),
+                 extra=dict(NumberOfFrames=4, SpacingBetweenSlices=4.5, DetectorInformationSequence=[det]))
+    ds = pydicom.dcmread(tmp_path / "nm.dcm")
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    ds.PixelData = frames.tobytes()
+    ds.save_as(tmp_path / "nm.dcm")
+    vol = load_dicom(tmp_path / "nm.dcm")
+    assert vol.modality == "NM" and vol.unit == "counts" and vol.shape == (5, 6, 4)
+    np.testing.assert_array_equal(vol.array, np.transpose(frames, (2, 1, 0)))
+    np.testing.assert_allclose(vol.affine, [[4, 0, 0, -30], [0, 0, 4.5, -40], [0, -4, 0, 50], [0, 0, 0, 1]])

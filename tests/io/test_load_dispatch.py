@@ -1,0 +1,77 @@
+"""medfuse.load dispatch: a DICOM file, a DICOM folder and a NIfTI file reach the right reader."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations as nio
+from pydicom.uid import generate_uid
+
+import medfuse
+from medfuse.errors import MultipleSeriesError, UnreadableFileError
+
+import importlib.util
+from pathlib import Path
+
+# pytest runs with --import-mode=importlib: load the sibling module's DICOM writer by path.
+_spec = importlib.util.spec_from_file_location("_medfuse_test_dicom", Path(__file__).with_name("test_dicom.py"))
+_td = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_td)
+_write_slice = _td._write_slice
+
+
+def _series(folder, n=4):
+    folder.mkdir()
+    uid = generate_uid()
+    data = (np.arange(n * 6 * 5).reshape(n, 6, 5) * 7) % 3000
+    for k in range(n):
+        _write_slice(folder / f"im{k}.dcm", arr=data[k], pos=(-20.0, 30.0, 4.0 * k), series_uid=uid, number=k + 1,
+                     spacing=(0.8, 0.7))
+    return data
+
+
+def test_dicom_folder_file_and_nifti(tmp_path):
+    data = _series(tmp_path / "ct")
+    folder_vol = medfuse.load(tmp_path / "ct")
+    assert folder_vol.provenance["reader"] == "medfuse.dicom" and folder_vol.unit == "HU"
+    assert folder_vol.shape == (5, 6, 4)
+    one = medfuse.load(tmp_path / "ct" / "im2.dcm")
+    assert one.shape == (5, 6, 1)
+    np.testing.assert_array_equal(one.array[:, :, 0], folder_vol.array[:, :, 2])
+    np.testing.assert_allclose(one.affine[:3, 3], folder_vol.affine[:3, :] @ [0, 0, 2, 1])
+    np.testing.assert_allclose(one.affine[:3, :2], folder_vol.affine[:3, :2])
+    np.testing.assert_allclose(one.affine[:3, 2], [0, 0, 1.0])  # SliceThickness of a lone slice
+
+    nii = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(folder_vol.array.astype(np.int16), folder_vol.affine_ras), str(nii))
+    from_nii = medfuse.load(nii, modality="CT", unit="HU")
+    assert from_nii.provenance.get("reader") != "medfuse.dicom"
+    np.testing.assert_array_equal(from_nii.array, folder_vol.array)
+    np.testing.assert_allclose(from_nii.affine, folder_vol.affine, atol=1e-4)
+    assert np.array_equal(folder_vol.array, np.transpose(data, (2, 1, 0)) - 1024)
+
+
+def test_dicom_file_vs_reference_nifti(shared):
+    base = shared("data", "dicom", "qa-transfer-syntaxes")
+    d = medfuse.load(base / "In" / "1.dcm")
+    n = medfuse.load(base / "Ref" / "1.nii")
+    t = nio.ornt_transform(nio.io_orientation(d.affine), nio.io_orientation(n.affine))
+    np.testing.assert_array_equal(nio.apply_orientation(d.array, t), n.array)
+    np.testing.assert_allclose(d.affine @ nio.inv_ornt_aff(t, d.shape), n.affine, atol=1e-3)
+
+
+def test_load_volumes_and_scan_dispatch(shared):
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0005")
+    with pytest.raises(MultipleSeriesError, match="volume_index"):
+        medfuse.load(folder)
+    vols = medfuse.load_volumes(folder)
+    assert len(vols) == 10
+    np.testing.assert_array_equal(medfuse.load(folder, volume_index=9).array, vols[9].array)
+    [info] = medfuse.scan(folder)
+    assert info.n_volumes == 10 and info.shape == (64, 64, 15)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UnreadableFileError, match="no such"):
+        medfuse.load(tmp_path / "nope")

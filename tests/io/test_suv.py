@@ -1,0 +1,150 @@
+"""SUV factors against the reference calculator's cases and real vendor headers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from medfuse.errors import SUVError
+from medfuse.io.suv import header_from_dataset, series_suv_factors, suv_factor, suv_problem
+
+KIND = {"suvbw": "bw", "suvbsa": "bsa", "suvlbm": "lbm", "suvlbmJanma": "lbm_janma"}
+PHI_VALUES = ("75", "1.85", "100")
+
+
+def _expected(shared):
+    return json.loads(shared("reference", "pet-suv-expected.json").read_text())
+
+
+def test_reference_cases_exact(shared):
+    cases = _expected(shared)["cases"]
+    assert len(cases) == 4
+    n = 0
+    for case in cases:
+        for key, value in case["expected"].items():
+            got = suv_factor(case["header"], KIND[key])
+            assert got == pytest.approx(value, rel=1e-6), (case["name"], key)
+            assert series_suv_factors([case["header"]] * 3, KIND[key]) == pytest.approx([value] * 3, rel=1e-6)
+            n += 1
+    assert n == 7
+
+
+def _base(shared):
+    return copy.deepcopy(_expected(shared)["cases"][3]["header"])
+
+
+def _refusals(shared):
+    """One header per entry of errors_expected_for, in order."""
+    b = _base(shared)
+    no_attn = {**b, "CorrectedImage": ["DECY"]}
+    bad_units = {**b, "Units": "PROPCPS"}
+    negative = {**b, "DecayCorrection": "START", "RadiopharmaceuticalStartDateTime": "20201023105417"}
+    no_weight = {k: v for k, v in b.items() if k != "PatientWeight"}
+    cnts = {**_expected(shared)["cases"][1]["header"], "PhilipsSUVScaleFactor": 0,
+            "PhilipsActivityConcentrationScaleFactor": 0}
+    return [no_attn, bad_units, negative, no_weight, cnts]
+
+
+@pytest.mark.parametrize("index,words", [
+    (0, "CorrectedImage"), (1, "Units"), (2, "negative decay time"), (3, "PatientWeight"), (4, "7053,1000"),
+])
+def test_refusals(shared, index, words):
+    assert len(_expected(shared)["errors_expected_for"]) == 6
+    header = _refusals(shared)[index]
+    with pytest.raises(SUVError) as e:
+        suv_factor(header)
+    msg = str(e.value)
+    assert words in msg and "Fix:" in msg
+    # weight/size/dose values never appear in the message
+    assert not any(f" {v} " in f" {msg} " for v in PHI_VALUES)
+
+
+def test_zero_weight_and_inconsistent_series(shared):
+    b = _base(shared)
+    with pytest.raises(SUVError, match="PatientWeight"):
+        suv_factor({**b, "PatientWeight": 0})
+    with pytest.raises(SUVError, match="RadionuclideTotalDose differs"):
+        series_suv_factors([b, {**b, "RadionuclideTotalDose": 200}])
+
+
+def test_start_decay_correction_decays_dose(shared):
+    b = {**_base(shared), "DecayCorrection": "START", "RadionuclideHalfLife": 6586.2,
+         "RadiopharmaceuticalStartDateTime": "20201023085417"}  # one hour before the scan
+    expected = 75 * 1000 / (100 * math.exp(-math.log(2) * 3600 / 6586.2))
+    assert suv_factor(b) == pytest.approx(expected, rel=1e-9)
+
+
+REAL = ["BQML_AC_DT_lessThan_S_DT_SIEMENS", "CPS_AND_BQML_AC_DT_-_S_DT", "GE_MEDICAL_AND_BQML", "PHILIPS_BQML",
+        "PHILIPS_CNTS_AND_BQML_SUV", "PHILIPS_CNTS_AND_SUV", "RADIOPHARM_DATETIME_UNDEFINED", "SIEMENS"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_headers_plausible(shared, name):
+    headers = json.loads(shared("data", "pet-suv-headers", f"{name}-instances.json").read_text())
+    factors = series_suv_factors(headers)
+    assert len(factors) == len(headers)
+    for f in factors:
+        assert math.isfinite(f) and 1e-5 < f < 1e-2
+    # ~5 kBq/mL of FDG in tissue must give an SUV between 0.5 and 20
+    assert 0.5 < 5000 * factors[0] < 20
+    if headers[0]["Units"] == "CNTS" and headers[0]["PhilipsPETPrivateGroup"].get("SUVScaleFactor"):
+        assert factors[0] == pytest.approx(float(headers[0]["PhilipsPETPrivateGroup"]["SUVScaleFactor"]))
+
+
+def test_series_after_acquisition_uses_earliest_acquisition(shared):
+    headers = json.loads(shared("data", "pet-suv-headers", "CPS_AND_BQML_AC_DT_-_S_DT-instances.json").read_text())
+    h = headers[0]
+    # series 13:49:18 is after acquisition 13:03:48: decay must run to the earliest acquisition time
+    earliest = min(x["AcquisitionTime"] for x in headers)
+    hh, mm, ss = int(earliest[:2]), int(earliest[2:4]), float(earliest[4:])
+    dt = (hh * 3600 + mm * 60 + ss) - (12 * 3600 + 0 * 60 + 37)
+    expected = h["PatientWeight"] * 1000 / (h["RadionuclideTotalDose"] * math.exp(-math.log(2) * dt / h["RadionuclideHalfLife"]))
+    assert series_suv_factors(headers)[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_gml_real_like_gives_one(shared):
+    h = {**_base(shared), "Units": "GML"}
+    assert suv_factor(h) == 1.0
+
+
+def test_header_from_dataset_reads_tags_and_private_groups():
+    ds = Dataset()
+    ds.Units = "CNTS"
+    ds.DecayCorrection = "START"
+    ds.CorrectedImage = ["ATTN", "DECY"]
+    ds.PatientWeight = "70"
+    ds.PatientSize = "1.7"
+    ds.PatientSex = "F"
+    ds.SeriesDate, ds.SeriesTime = "20201217", "101500"
+    ds.AcquisitionDate, ds.AcquisitionTime = "20201217", "101501"
+    item = Dataset()
+    item.RadionuclideHalfLife = "6586.2"
+    item.RadionuclideTotalDose = "3.5e8"
+    item.RadiopharmaceuticalStartTime = "091500"
+    ds.RadiopharmaceuticalInformationSequence = pydicom.Sequence([item])
+    block = ds.private_block(0x7053, "Philips PET Private Group", create=True)
+    block.add_new(0x00, "DS", "0.000551")
+    block.add_new(0x09, "DS", "1.602563")
+    h = header_from_dataset(ds)
+    assert h["Units"] == "CNTS" and h["CorrectedImage"] == ["ATTN", "DECY"]
+    assert h["RadionuclideTotalDose"] == 3.5e8 and h["RadiopharmaceuticalStartTime"] == "091500"
+    assert h["PhilipsSUVScaleFactor"] == pytest.approx(0.000551)
+    assert h["PhilipsActivityConcentrationScaleFactor"] == pytest.approx(1.602563)
+    assert suv_factor(h) == pytest.approx(0.000551)
+    del ds.RadiopharmaceuticalInformationSequence
+    ds.Units = "BQML"
+    with pytest.raises(SUVError, match="RadionuclideTotalDose"):
+        suv_factor(header_from_dataset(ds))
+
+
+def test_suv_problem_names_the_tag(shared):
+    b = _base(shared)
+    assert suv_problem(b) is None
+    msg = suv_problem({k: v for k, v in b.items() if k != "RadionuclideTotalDose"})
+    assert "RadionuclideTotalDose" in msg
+    assert "PatientSize" in suv_problem({k: v for k, v in b.items() if k != "PatientSize"}, "bsa")

@@ -1,0 +1,261 @@
+"""Writers: NIfTI/MetaImage/NRRD/DICOM round trips, atomicity, overwrite refusal, de-identification."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+import medfuse.io._atomic as atomic
+from medfuse.errors import OutputExistsError, SUVError
+from medfuse.io.nifti import load_image
+from medfuse.io.suv import header_from_dataset, series_suv_factors
+from medfuse.io.writers import save
+from medfuse.volume import Volume
+
+
+def _oblique_affine():
+    aff = np.eye(4)
+    aff[:3, :3] = Rotation.from_euler("xyz", [10, -20, 30], degrees=True).as_matrix() * [0.9, 1.1, 2.5]
+    aff[:3, 3] = [-100.0, 20.0, 35.0]
+    return aff
+
+
+@pytest.fixture
+def ct():
+    rng = np.random.default_rng(0)
+    return Volume(rng.integers(-1024, 3000, (20, 24, 7)).astype(np.int16), _oblique_affine(), modality="CT", unit="HU")
+
+
+@pytest.fixture
+def pet():
+    rng = np.random.default_rng(1)
+    return Volume((rng.random((20, 24, 7)) * 12).astype(np.float32), _oblique_affine(), modality="PT", unit="SUVbw")
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii", "v.mha", "v.mhd", "v.nrrd", "v.nhdr"])
+def test_image_round_trip_exact(tmp_path, ct, pet, name):
+    for vol in (ct, pet):
+        out = save(vol, tmp_path / f"{vol.modality}_{name}")
+        back = load_image(out)
+        assert back.array.dtype == vol.array.dtype and np.array_equal(back.array, vol.array)
+        assert np.allclose(back.affine, vol.affine, atol=1e-4) and back.is_oblique
+        assert (back.modality, back.unit) == (vol.modality, vol.unit)
+
+
+def test_nifti_qform_sform_codes_and_nifti2(tmp_path, pet):
+    import nibabel as nib
+
+    out = save(pet, tmp_path / "p.nii.gz")
+    hdr = nib.load(str(out)).header
+    assert int(hdr["sform_code"]) == 1 and int(hdr["qform_code"]) == 1
+    assert np.allclose(hdr.get_sform(), pet.affine_ras, atol=1e-5)
+    assert np.allclose(hdr.get_qform(), pet.affine_ras, atol=1e-4)
+    out2 = save(pet, tmp_path / "p2.nii", format="nifti2")
+    assert isinstance(nib.load(str(out2)), nib.Nifti2Image)
+    back = load_image(out2)
+    assert np.array_equal(back.array, pet.array) and back.unit == "SUVbw"
+
+
+def test_real_nifti_round_trip_input_untouched(shared, tmp_path):
+    src = shared("data", "spm12-templates", "SPECT.nii")
+    before = _sha(src)
+    v = load_image(src, modality="SPECT")
+    back = load_image(save(v, tmp_path / "spect.nii.gz"))
+    assert np.array_equal(back.array, v.array) and np.allclose(back.affine, v.affine, atol=1e-4)
+    assert back.modality == "NM"
+    with pytest.raises(OutputExistsError, match="source"):
+        save(v, src, overwrite=True)
+    assert _sha(src) == before
+
+
+def test_overwrite_refusal(tmp_path, ct):
+    out = save(ct, tmp_path / "a.nii.gz")
+    with pytest.raises(OutputExistsError) as e:
+        save(ct, out)
+    assert str(out) in str(e.value) and "overwrite=True" in str(e.value)
+    save(ct.with_array(ct.array + 1), out, overwrite=True)
+    assert np.array_equal(load_image(out).array, ct.array + 1)
+    folder = save(ct, tmp_path / "dcm")
+    with pytest.raises(OutputExistsError):
+        save(ct, folder)
+    save(ct, folder, overwrite=True)
+    assert len(os.listdir(folder)) == ct.shape[2]
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, ct, monkeypatch):
+    import nibabel as nib
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(nib, "save", boom)
+    with pytest.raises(RuntimeError):
+        save(ct, tmp_path / "x.nii.gz")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    # DICOM: fail on the fourth slice
+    calls = {"n": 0}
+    real = pydicom.Dataset.save_as
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("disk full")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", flaky)
+    with pytest.raises(OSError):
+        save(ct, tmp_path / "series")
+    assert os.listdir(tmp_path) == []
+
+
+def _read_series(folder):
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames(r.GetGDCMSeriesFileNames(str(folder)))
+    return Volume.from_sitk(r.Execute())
+
+
+def test_dicom_ct_exact_and_oblique_geometry(tmp_path, ct):
+    folder = save(ct, tmp_path / "ct")
+    back = _read_series(folder)  # an independent reader (GDCM)
+    assert np.array_equal(back.array, ct.array)
+    assert np.allclose(back.affine, ct.affine, atol=1e-4)
+    files = sorted(folder.iterdir())
+    ds = [pydicom.dcmread(str(f)) for f in files]
+    assert {d.SeriesInstanceUID for d in ds} == {ds[0].SeriesInstanceUID}
+    assert len({d.SOPInstanceUID for d in ds}) == len(ds)
+    assert list(ds[0].ImageType) == ["DERIVED", "SECONDARY"] and ds[0].Modality == "CT"
+    assert ds[0].pixel_array.dtype == np.int16 and float(ds[0].RescaleSlope) == 1.0
+    assert float(ds[0].SpacingBetweenSlices) == pytest.approx(2.5)
+
+
+def test_dicom_float_within_documented_bound(tmp_path, pet):
+    folder = save(pet, tmp_path / "pet")
+    back = _read_series(folder)
+    assert np.allclose(back.affine, pet.affine, atol=1e-4)
+    for k in range(pet.shape[2]):
+        peak = float(np.abs(pet.array[:, :, k]).max())
+        assert np.abs(back.array[:, :, k] - pet.array[:, :, k]).max() <= peak / 131070 * 1.0001
+    ds = pydicom.dcmread(str(sorted(folder.iterdir())[0]))
+    assert ds.Units == "GML" and ds.Modality == "PT"
+    assert series_suv_factors([header_from_dataset(ds)]) == [1.0]
+
+
+def test_dicom_template_deidentified(tmp_path, ct):
+    tpl = pydicom.Dataset()
+    tpl.PatientName = "Doe^Jane"
+    tpl.PatientID = "MRN123456"
+    tpl.PatientBirthDate = "19600101"
+    tpl.PatientSex = "F"
+    tpl.InstitutionName = "General Hospital"
+    tpl.StudyInstanceUID = pydicom.uid.generate_uid()
+    tpl.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    tpl.StudyDescription = "HEAD"
+    tpl.SeriesInstanceUID = pydicom.uid.generate_uid()
+    folder = save(ct, tmp_path / "anon", template=tpl, series_description="fused")
+    for f in folder.iterdir():
+        raw = f.read_bytes()
+        assert b"Doe" not in raw and b"MRN123456" not in raw and b"19600101" not in raw and b"General" not in raw
+        ds = pydicom.dcmread(str(f))
+        assert ds.StudyInstanceUID == tpl.StudyInstanceUID and ds.FrameOfReferenceUID == tpl.FrameOfReferenceUID
+        assert ds.SeriesInstanceUID != tpl.SeriesInstanceUID and ds.PatientIdentityRemoved == "YES"
+        assert ds.SeriesDescription == "fused" and ds.StudyDescription == "HEAD"
+    kept = save(ct, tmp_path / "kept", template=tpl, deidentify=False)
+    ds = pydicom.dcmread(str(next(kept.iterdir())))
+    assert ds.PatientID == "MRN123456"
+    # without a template, de-identified output gets a fresh study
+    a = pydicom.dcmread(str(next(save(ct, tmp_path / "n1").iterdir())))
+    b = pydicom.dcmread(str(next(save(ct, tmp_path / "n2").iterdir())))
+    assert a.StudyInstanceUID != b.StudyInstanceUID
+
+
+def test_dicom_pet_bqml_keeps_suv_tags_from_template(tmp_path):
+    tpl = pydicom.Dataset()
+    tpl.StudyInstanceUID = pydicom.uid.generate_uid()
+    tpl.PatientWeight = "70"
+    tpl.Units, tpl.DecayCorrection, tpl.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
+    tpl.SeriesDate, tpl.SeriesTime = "20240101", "100000"
+    tpl.AcquisitionDate, tpl.AcquisitionTime = "20240101", "100000"
+    item = pydicom.Dataset()
+    item.RadionuclideHalfLife, item.RadionuclideTotalDose = "6586.2", "3.5e8"
+    item.RadiopharmaceuticalStartDateTime = "20240101090000"
+    tpl.RadiopharmaceuticalInformationSequence = pydicom.Sequence([item])
+    vol = Volume(np.full((8, 8, 3), 5000.0, np.float32), np.eye(4), modality="PT", unit="Bq/mL")
+    folder = save(vol, tmp_path / "bq", template=tpl)
+    hs = [header_from_dataset(pydicom.dcmread(str(f))) for f in sorted(folder.iterdir())]
+    assert hs[0]["Units"] == "BQML"
+    expected = series_suv_factors([header_from_dataset(tpl)])[0]
+    assert series_suv_factors(hs) == pytest.approx([expected] * 3)
+    no_tags = save(vol, tmp_path / "bare")
+    with pytest.raises(SUVError, match="RadionuclideTotalDose|PatientWeight"):
+        series_suv_factors([header_from_dataset(pydicom.dcmread(str(next(no_tags.iterdir()))))])
+
+
+def test_dicom_round_trip_with_medfuse_load(tmp_path, ct, pet):
+    pytest.importorskip("medfuse.io.dicom", reason="the DICOM reader is not in this checkout yet")
+    import medfuse
+
+    for vol in (ct, pet):
+        back = medfuse.load(save(vol, tmp_path / vol.modality))
+        assert np.allclose(back.affine, vol.affine, atol=1e-4)
+        assert (back.modality, back.unit) == (vol.modality, vol.unit)
+        peak = float(np.abs(vol.array).max())
+        # documented bound, plus float32 rounding of the reader's decoded values
+        tol = 0 if vol.unit == "HU" else peak / 131070 + 2 * peak * float(np.finfo(np.float32).eps)
+        assert np.abs(back.array.astype(float) - vol.array).max() <= tol
+
+
+def test_atomic_helpers_refuse_source_folder(tmp_path):
+    src = tmp_path / "series"
+    src.mkdir()
+    with pytest.raises(OutputExistsError, match="source"):
+        atomic.check_output(src / "out", overwrite=True, inputs=[src])
+    out = atomic.atomic_write_text(tmp_path / "a.txt", "x")
+    with pytest.raises(OutputExistsError):
+        atomic.atomic_write_text(out, "y")
+    assert out.read_text() == "x"
+
+
+def _philips_first_volume(shared):
+    """The first dynamic of the real Philips EPI, read with SimpleITK (an independent reader)."""
+    folder = shared("data", "dicom", "qa-philips-scaling", "In", "Magdeburg_2014", "fmri")
+    files = sorted(folder.glob("*_0001_*.dcm"))
+    dss = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    normal = np.cross(*np.reshape([float(x) for x in dss[0].ImageOrientationPatient], (2, 3)))
+    order = np.argsort([normal @ [float(x) for x in d.ImagePositionPatient] for d in dss])
+    files = [files[i] for i in order]
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames([str(f) for f in files])
+    return files, dss[0], Volume.from_sitk(r.Execute(), modality="MR", provenance={"source": str(folder)})
+
+
+def test_real_dicom_derived_series_round_trip(shared, tmp_path):
+    files, tpl, vol = _philips_first_volume(shared)
+    assert vol.is_oblique and vol.shape == (64, 64, 9)
+    hashes = [_sha(f) for f in files]
+    folder = save(vol, tmp_path / "derived", template=files[0])
+    back = _read_series(folder)
+    assert np.allclose(back.affine, vol.affine, atol=1e-4)
+    for k in range(vol.shape[2]):
+        peak = float(np.abs(vol.array[:, :, k]).max())
+        assert np.abs(back.array[:, :, k] - vol.array[:, :, k]).max() <= peak / 131070 * 1.0001
+    phi = [str(tpl.get(k, "")).encode() for k in ("PatientName", "PatientID", "PatientBirthDate")]
+    for f in folder.iterdir():
+        raw = f.read_bytes()
+        assert not any(p and p in raw for p in phi)
+        ds = pydicom.dcmread(str(f))
+        assert ds.StudyInstanceUID == tpl.StudyInstanceUID and ds.SeriesInstanceUID != tpl.SeriesInstanceUID
+        assert ds.FrameOfReferenceUID == tpl.FrameOfReferenceUID and ds.Modality == "MR"
+    assert [_sha(f) for f in files] == hashes
+    with pytest.raises(OutputExistsError, match="source"):
+        save(vol, files[0].parent / "out", overwrite=True)

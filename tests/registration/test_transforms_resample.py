@@ -1,0 +1,108 @@
+"""Transforms (ITK files, composition, points) and resampling (geometry, modality, labels, common grid)."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medfuse.errors import InvalidInputError, OutputExistsError, UnreadableFileError
+from medfuse.phantom import rigid_matrix
+from medfuse.registration import Transform, common_grid, load_transform, resample, resample_to_common_grid
+from medfuse.volume import Volume
+
+
+def _vol(shape=(20, 24, 16), spacing=(2.0, 1.5, 3.0), origin=(-10.0, 5.0, 30.0), modality="PT", unit="SUVbw"):
+    rng = np.random.default_rng(0)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = origin
+    return Volume(rng.random(shape).astype(np.float32), aff, modality=modality, unit=unit)
+
+
+@pytest.mark.parametrize("suffix", [".tfm", ".txt", ".h5"])
+def test_save_load_roundtrip_is_exact_and_readable_by_sitk(tmp_path, suffix):
+    M = rigid_matrix((10, -5, 20), (3, -4, 12), center=(5, 6, 7))
+    t = Transform.from_matrix(M)
+    p = t.save(tmp_path / f"t{suffix}")
+    back = load_transform(p)
+    np.testing.assert_allclose(back.matrix, M, atol=1e-9)
+    raw = sitk.ReadTransform(str(p))  # what Slicer/ANTs/SimpleITK would do
+    np.testing.assert_allclose(raw.TransformPoint((1.0, 2.0, 3.0)), M[:3, :3] @ [1, 2, 3] + M[:3, 3], atol=1e-9)
+    with pytest.raises(OutputExistsError):
+        t.save(p)
+    t.save(p, overwrite=True)
+
+
+def test_bad_transform_files(tmp_path):
+    with pytest.raises(UnreadableFileError):
+        load_transform(tmp_path / "missing.tfm")
+    bad = tmp_path / "bad.tfm"
+    bad.write_text("not a transform")
+    with pytest.raises(UnreadableFileError):
+        load_transform(bad)
+    with pytest.raises(InvalidInputError):
+        Transform.identity().save(tmp_path / "t.json")
+
+
+def test_compose_inverse_points():
+    A = rigid_matrix((0, 0, 30), (10, 0, 0))
+    B = rigid_matrix((15, 0, 0), (0, -5, 2))
+    a, b = Transform.from_matrix(A), Transform.from_matrix(B)
+    np.testing.assert_allclose(a.compose(b).matrix, A @ B, atol=1e-9)  # b first, then a
+    np.testing.assert_allclose(a.inverse().matrix, np.linalg.inv(A), atol=1e-9)
+    pts = np.array([[0.0, 0, 0], [10, 20, 30]])
+    np.testing.assert_allclose(a.transform_points(pts), pts @ A[:3, :3].T + A[:3, 3], atol=1e-9)
+    np.testing.assert_allclose(a.transform_points(pts[1]), A[:3, :3] @ pts[1] + A[:3, 3], atol=1e-9)
+
+
+def test_resample_preserves_reference_geometry_and_moving_modality_unit():
+    mov = _vol()
+    ref = _vol(shape=(10, 12, 9), spacing=(3.0, 3.0, 3.0), origin=(-5.0, 8.0, 33.0), modality="MR", unit="arbitrary")
+    out = resample(mov, ref)
+    assert out.same_grid(ref)
+    np.testing.assert_allclose(out.affine, ref.affine)
+    assert (out.modality, out.unit) == ("PT", "SUVbw")
+    # identity resampling at voxel centres that coincide reproduces the values
+    same = resample(mov, mov)
+    np.testing.assert_allclose(same.array, mov.array, atol=1e-6)
+
+
+def test_translation_moves_content_by_the_right_amount():
+    arr = np.zeros((30, 30, 30), np.float32)
+    arr[10, 12, 14] = 1
+    v = Volume(arr, np.eye(4))
+    # fixed point p samples the moving image at p + (2, 0, -3)
+    out = Transform.from_matrix(np.array([[1, 0, 0, 2], [0, 1, 0, 0], [0, 0, 1, -3], [0, 0, 0, 1.0]])).apply(v)
+    assert tuple(np.argwhere(out.array == 1)[0]) == (8, 12, 17)
+
+
+def test_label_maps_use_nearest_neighbour():
+    lab = np.zeros((20, 20, 20), np.int16)
+    lab[5:15, 5:15, 5:15] = 7
+    v = Volume(lab, np.eye(4), modality="MR")
+    ref = Volume(np.zeros((13, 13, 13)), np.diag([1.5, 1.5, 1.5, 1.0]) + np.diag([0, 0, 0, 0]))
+    out = resample(v, ref, interpolation="nearest")
+    assert set(np.unique(out.array)) <= {0, 7}
+    mask = Volume(lab > 0, np.eye(4))
+    out_b = resample(mask, ref)  # boolean: nearest automatically
+    assert out_b.array.dtype == bool and out_b.array.any()
+    with pytest.raises(InvalidInputError):
+        resample(v, ref, interpolation="cubic")
+
+
+def test_ct_default_is_air():
+    ct = _vol(modality="CT", unit="HU")
+    far = _vol(origin=(500.0, 500.0, 500.0))
+    assert np.all(resample(ct, far).array == -1024)
+
+
+def test_common_grid_finest_spacing_covering_fixed_fov():
+    fixed = _vol(shape=(20, 24, 16), spacing=(2.0, 2.0, 3.0))
+    fine = _vol(shape=(10, 10, 10), spacing=(1.0, 1.0, 1.0), origin=(0.0, 10.0, 40.0))
+    grid = common_grid([fixed, fine])
+    assert grid.spacing == (1.0, 1.0, 1.0)
+    e0 = fixed.index_to_world([-0.5, -0.5, -0.5]), fixed.index_to_world(np.asarray(fixed.shape) - 0.5)
+    e1 = grid.index_to_world([-0.5, -0.5, -0.5]), grid.index_to_world(np.asarray(grid.shape) - 0.5)
+    np.testing.assert_allclose(e1[0], e0[0], atol=1e-9)
+    np.testing.assert_allclose(e1[1], e0[1], atol=1e-9)
+    outs = resample_to_common_grid([fixed, fine])
+    assert all(o.same_grid(grid) for o in outs)
+    assert [o.modality for o in outs] == ["PT", "PT"]
