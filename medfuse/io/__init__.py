@@ -30,7 +30,7 @@ def _check_exists(path: Path) -> None:
 
 
 def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
-         modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "bw") -> Volume:
+         modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto") -> Volume:
     """Load one 3-D volume from a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
 
     Args:
@@ -39,7 +39,8 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         volume_index: which volume of a 4-D series to return (0-based).
         modality: override the modality (NIfTI carries none; default ``unknown`` or guessed).
         unit: override the unit.
-        suv: PET only: ``"bw"`` (default), ``"lbm"``, ``"bsa"`` or ``"none"`` for Bq/mL.
+        suv: PET only: ``"auto"`` (default: SUVbw, or the SUV kind a GML series already holds),
+            ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, or ``"none"`` for the stored unit (Bq/mL).
 
     Raises:
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
@@ -58,7 +59,7 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
     return vol
 
 
-def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "bw") -> List[Volume]:
+def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto") -> List[Volume]:
     """Load every volume of a (possibly 4-D) series as a list of 3-D volumes."""
     p = Path(path)
     _check_exists(p)

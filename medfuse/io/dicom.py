@@ -459,10 +459,27 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         return "counts", None
     if modality != "PT":
         return "arbitrary", None
-    if suv not in ("bw", "lbm", "bsa", "none"):
-        raise InvalidInputError(f"unknown suv kind {suv!r}", fix="use 'bw', 'lbm', 'bsa' or 'none'")
+    from . import suv as _suv
+    from ..errors import SUVError
+
+    if suv not in (*_suv.SUV_KINDS, "none", "auto"):
+        raise InvalidInputError(f"unknown suv kind {suv!r}",
+                                fix=f"use 'auto', one of {', '.join(_suv.SUV_KINDS)}, or 'none' (values as stored)")
+    headers = [_suv.header_from_dataset(ds) for _, ds in files]
+    stored = _suv.stored_unit(headers[0]) if headers else "arbitrary"
     if suv == "none":
-        return "Bq/mL", None
+        return stored, None
+    if suv == "auto":  # keep an SUV series in the kind it was stored in; otherwise SUVbw
+        suv = {v: k for k, v in _suv.KIND_UNITS.items() if k != "lbm_janma"}.get(stored, "bw")
+    try:
+        factors = _suv.series_suv_factors(headers, kind=suv)
+        return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}
+    except SUVError as e:
+        why = e.problem
+    msg = f"PET loaded in {stored}, not SUV: {why}"
+    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+    notes.append(msg)
+    return stored, None
     try:
         from . import suv as _suv
     except ImportError:
@@ -482,13 +499,15 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     return "Bq/mL", None
 
 
-def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "bw") -> List[Volume]:
+def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto") -> List[Volume]:
     """Load every volume of one DICOM series (a 3-D series gives a list of one).
 
     Args:
         path: a DICOM file or a folder searched recursively (non-DICOM files are ignored).
         series_uid: which series to load when the folder holds several (see :func:`scan`).
-        suv: PET only: ``"bw"``, ``"lbm"``, ``"bsa"`` or ``"none"`` (Bq/mL).
+        suv: PET only: ``"auto"`` (SUVbw, or the SUV kind a GML series holds), ``"bw"``,
+            ``"lbm"`` (James), ``"lbm_janma"``, ``"bsa"``, or ``"none"`` to keep the
+            stored unit (Bq/mL for BQML).
 
     Raises:
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
@@ -526,20 +545,20 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)
         if factors is not None:
-            prov["suv"] = suv
+            prov["suv"] = unit[3:].lower()  # the kind applied ("auto" resolved)
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
     return out
 
 
 def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
-               suv: str = "bw") -> Volume:
+               suv: str = "auto") -> Volume:
     """Load one 3-D volume from a DICOM file or folder.
 
     Args:
         path: a DICOM file or a folder searched recursively.
         series_uid: which series to load when the folder holds several.
         volume_index: which volume of a 4-D series (0-based); required when there are several.
-        suv: PET only: ``"bw"``, ``"lbm"``, ``"bsa"`` or ``"none"``.
+        suv: PET only: ``"auto"``, ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"`` or ``"none"``.
 
     Raises:
         MultipleSeriesError: several series, or a 4-D series without ``volume_index``.

@@ -24,11 +24,22 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from ..errors import SUVError
 
-__all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "SUV_KINDS", "KIND_UNITS"]
+__all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "SUV_KINDS", "KIND_UNITS", "stored_unit"]
 
 #: Accepted ``kind`` values and their medfuse unit.
 KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUVbsa"}
 SUV_KINDS = tuple(KIND_UNITS)
+# DICOM SUVType (0054,1006) -> the kind GML pixels already hold.
+_STORED_KIND = {"BW": "bw", "LBM": "lbm", "BSA": "bsa"}
+
+
+def stored_unit(header: Dict[str, Any]) -> str:
+    """The unit of the stored pixels (after rescale) as the header declares it."""
+    units = str(header.get("Units") or "").strip().upper()
+    if units == "GML":
+        return KIND_UNITS.get(_STORED_KIND.get(str(header.get("SUVType") or "BW").strip().upper(), ""), "SUVbw")
+    # Units is mandatory for PET; when an export drops it, Bq/mL is what scanners store.
+    return {"BQML": "Bq/mL", "": "Bq/mL", "CNTS": "counts"}.get(units, "arbitrary")
 
 _FIX_TAGS = "the scanner export is incomplete; re-export the PET series with its full header, or load it with suv='none' to keep Bq/mL"
 
@@ -84,7 +95,7 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
     Absent values are left out.
     """
     h: Dict[str, Any] = {}
-    for key in ("Units", "DecayCorrection", "PatientSex", "SeriesDate", "SeriesTime",
+    for key in ("Units", "SUVType", "DecayCorrection", "PatientSex", "SeriesDate", "SeriesTime",
                 "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime"):
         v = _value(ds, key)
         if v is not None:
@@ -298,12 +309,17 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
     check_header(h)
     units = str(h["Units"]).strip().upper()
     if units == "GML":
-        if kind == "bw":
+        # GML pixels are already SUV, of the kind SUVType names (BW when absent).
+        stored = _STORED_KIND.get(str(h.get("SUVType") or "BW").strip().upper())
+        if stored is None:
+            raise SUVError(f"SUVType is {h.get('SUVType')!r}, which medfuse cannot convert",
+                           fix="load it with suv='none' to keep the stored values")
+        if kind == stored:
             return 1.0
         if _number(h, "PatientWeight") is None or float(h["PatientWeight"]) <= 0:
             raise SUVError(f"PatientWeight is missing or zero, needed to turn GML into SUV{kind}",
-                           fix="enter PatientWeight, or use SUVbw")
-        return _body_ratio(h, kind) / _body_ratio(h, "bw")
+                           fix="enter PatientWeight, or load it as stored with suv='none'")
+        return _body_ratio(h, kind) / _body_ratio(h, stored)
     if units == "CNTS":
         sf = _philips(h, "SUVScaleFactor")
         if sf and sf > 0:

@@ -259,3 +259,19 @@ def test_real_dicom_derived_series_round_trip(shared, tmp_path):
     assert [_sha(f) for f in files] == hashes
     with pytest.raises(OutputExistsError, match="source"):
         save(vol, files[0].parent / "out", overwrite=True)
+
+
+@pytest.mark.parametrize("unit", ["SUVlbm", "SUVbsa"])
+def test_dicom_round_trip_keeps_stored_suv_kind(tmp_path, pet, unit):
+    """A GML series declares its SUV kind in SUVType; loading it must not relabel it as SUVbw."""
+    import medfuse
+
+    vol = Volume(pet.array, pet.affine, modality="PT", unit=unit)
+    folder = save(vol, tmp_path / "pet")
+    ds = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
+    assert (ds.Units, ds.SUVType) == ("GML", unit[3:].upper())
+    back = medfuse.load(folder)
+    assert back.unit == unit
+    assert np.allclose(back.array, vol.array, atol=float(vol.array.max()) / 1000)
+    # the stored values are returned unchanged when asked for them as stored
+    assert medfuse.load(folder, suv="none").unit == unit
