@@ -1,0 +1,444 @@
+"""Score fusion methods over a folder of Harvard-layout pairs or a list of volume pairs.
+
+Runs each method (classical or ``network``) on every pair, writes the fused
+outputs (PNG for 2-D pairs, NIfTI for volumes), ``metrics.csv`` and
+``metrics.json`` (every metric per image, and means per method and pair type),
+and prints a summary table. A pair that cannot be read or fused is reported and
+skipped; the run goes on and its result says it failed (exit code 1).
+
+    medfuse evaluate ../shared/data/harvard-pairs --methods mean,max,gff --out eval/ --split val
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import (CancelledError, InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError,
+                     WeightsError)
+from .progress import CancelToken, ProgressFn, check, report
+
+__all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
+
+DEFAULT_METHODS = ("mean", "max", "laplacian", "wavelet", "gff")
+#: Columns of the printed summary (all metrics go into the files).
+SUMMARY_METRICS = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR")
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` returns.
+
+    Attributes:
+        out_dir: the folder written.
+        rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output`` and the metrics.
+        means: ``{method: {pair_type | "all": {metric: mean}}}``.
+        failures: one dict per skipped item: ``method``, ``item``, ``path``, ``error``.
+        mode: ``"2d"`` for images, ``"slicewise"``/``"native"`` for volumes.
+    """
+
+    out_dir: Path
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    means: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+    failures: List[Dict[str, Any]] = field(default_factory=list)
+    mode: str = "2d"
+
+    @property
+    def ok(self) -> bool:
+        """True when every item of every method was scored."""
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def table(self) -> str:
+        return format_table(self.means)
+
+
+# ---------------------------------------------------------------------- items
+@dataclass
+class _Item:
+    name: str  # unique within a method: "<pair_type>/<stem>" or the volume pair's name
+    pair_type: str
+    load: Any  # () -> tuple of sources (arrays or Volumes)
+    path: Optional[str] = None  # shown when it fails
+
+
+def _harvard_items(pairs) -> List[_Item]:
+    from .harvard import load_pair
+
+    return [_Item(p.key, p.pair_type, (lambda p=p: load_pair(p)), str(p.other.parent.parent)) for p in pairs]
+
+
+def _volume_items(pairs: Sequence) -> List[_Item]:
+    items = []
+    for i, entry in enumerate(pairs):
+        name = None
+        if isinstance(entry, dict):
+            name, entry = entry.get("name"), entry.get("inputs")
+        if not isinstance(entry, (list, tuple)) or not 2 <= len(entry) <= 3:
+            raise InvalidInputError(
+                f"volume pair {i + 1} must be 2 or 3 Volumes or paths, got {type(entry).__name__}",
+                fix="pass source=[(fixed, moving), ...] with Volumes or image paths",
+            )
+        paths = [str(x) for x in entry if isinstance(x, (str, os.PathLike))]
+        if name is None:
+            name = "_".join(_stem(p) for p in paths) if len(paths) == len(entry) else f"pair{i + 1:03d}"
+        items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)), paths[-1] if paths else None))
+    return items
+
+
+def _stem(p: str) -> str:
+    n = Path(p).name
+    for suf in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+        if n.lower().endswith(suf):
+            return n[: -len(suf)]
+    return n
+
+
+def _load_volumes(entry) -> Tuple:
+    from .volume import Volume
+
+    out = []
+    for x in entry:
+        if isinstance(x, Volume):
+            out.append(x)
+        else:
+            from .io import load
+
+            out.append(load(x))
+    return tuple(out)
+
+
+def _items(source, *, pair_types=None) -> Tuple[List[_Item], bool]:
+    """(items, is_2d) from a folder, a list of HarvardPair, or a list of volume pairs."""
+    from .harvard import HarvardPair, list_pairs
+
+    if isinstance(source, (str, os.PathLike)):
+        return _harvard_items(list_pairs(source, pair_types=pair_types)), True
+    seq = list(source)
+    if not seq:
+        raise InvalidInputError("nothing to evaluate: the list of pairs is empty", fix="pass a folder or some pairs")
+    if all(isinstance(p, HarvardPair) for p in seq):
+        return _harvard_items(seq), True
+    return _volume_items(seq), False
+
+
+# ---------------------------------------------------------------------- one item
+def _fuse_2d(sources, method: str, device: str, options: dict) -> Tuple[np.ndarray, np.ndarray, List[np.ndarray]]:
+    """(image to save (uint8 grey or RGB), grey F for scoring, grey sources)."""
+    from .fusion import fuse
+    from .fusion.color import is_rgb, rgb_to_gray
+
+    fused = fuse(*sources, method=method, device=device, **options)
+    out = np.clip(np.round(fused), 0, 255).astype(np.uint8)
+    greys = [rgb_to_gray(s) if is_rgb(s) else np.asarray(s, dtype=np.float64) for s in sources]
+    grey_f = rgb_to_gray(out) if is_rgb(out) else out.astype(np.float64)
+    return out, grey_f, greys
+
+
+def _save_png(img: np.ndarray, path: Path, overwrite: bool) -> None:
+    from PIL import Image
+
+    from .io._atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def _score_volumes(vols, method: str, device: str, options: dict, mode: str, metrics):
+    from . import metrics as M
+    from .fusion import _normalise_volumes, fuse
+
+    fused = fuse(*vols, method=method, device=device, **options)
+    # Score on the 8-bit 0..255 scale of the published definitions (as the 2-D images are
+    # scored as saved), sources as the fusion saw them. Rounding also keeps MI meaningful:
+    # on raw floats it counts distinct values.
+    scaled, _ = _normalise_volumes(vols, options.get("normalise", "auto"))
+    srcs = [np.round(np.clip(s, 0.0, 1.0) * 255.0) for s in scaled]
+    f = np.round(np.clip(np.asarray(fused.array, dtype=np.float64), 0.0, 1.0) * 255.0)
+    return fused, M.score(f, *srcs, mode=mode, metrics=metrics)
+
+
+# ---------------------------------------------------------------------- main API
+def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union[str, os.PathLike],
+             progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+             metrics: Optional[Sequence[str]] = None, pair_types: Optional[Sequence[str]] = None,
+             mode: str = "slicewise", device: str = "cpu", overwrite: bool = False,
+             save_outputs: bool = True, **options: Any) -> EvaluationResult:
+    """Fuse every pair with every method, score the results and write the tables.
+
+    Args:
+        source: a Harvard-layout folder (``<root>/<PAIR>/{MRI,CT|PET|SPECT}/*.png``, or one
+            ``<PAIR>`` folder), a list of :class:`medfuse.harvard.HarvardPair` (e.g. a validation
+            split), or a list of volume pairs ``[(a, b), (a, b, c), {"name": ..., "inputs": (a, b)}]``
+            whose members are Volumes or image paths (on one grid).
+        methods: fusion methods (``medfuse.fusion.available_methods()``).
+        out_dir: output folder (created); fused images go to ``<out_dir>/<method>/...``.
+        progress, cancel: as everywhere in medfuse.
+        metrics: metric names (default: all).
+        pair_types: folder sources only: restrict to these pair types (``"CT-MRI"`` or ``"CT"``).
+        mode: volumes only: ``"slicewise"`` or ``"native"`` (see :func:`medfuse.metrics.score`).
+        device: for the network.
+        overwrite: replace existing outputs and tables.
+        save_outputs: write the fused images (tables are always written).
+        **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
+
+    Returns:
+        An :class:`EvaluationResult`; ``result.ok`` is False when any item was skipped.
+
+    Raises:
+        InvalidInputError: unknown method/metric/mode, nothing to evaluate.
+        UnreadableFileError: the folder holds no pairs.
+        OutputExistsError: tables exist and ``overwrite`` is False.
+        CancelledError: ``cancel`` was set.
+    """
+    from .fusion import available_methods
+    from .io._atomic import atomic_write_text
+    from .metrics import METRICS, score
+
+    methods = [str(m).lower() for m in ([methods] if isinstance(methods, str) else methods)]
+    bad = [m for m in methods if m not in available_methods()]
+    if not methods or bad:
+        raise InvalidInputError(f"unknown fusion method(s) {bad or '(none given)'}",
+                                fix=f"choose from {', '.join(available_methods())}")
+    if mode not in ("slicewise", "native"):
+        raise InvalidInputError(f"unknown volume scoring mode {mode!r}", fix="use 'slicewise' or 'native'")
+    if metrics is not None:
+        from .metrics import _names
+
+        metrics = _names(metrics, METRICS)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.csv", "metrics.json"):
+        if (out / name).exists() and not overwrite:
+            raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite",
+                                    path=out / name)
+    items, is_2d = _items(source, pair_types=pair_types)
+    result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
+    total = len(items) * len(methods)
+    done = 0
+    cache: Dict[str, Any] = {}  # loaded sources, reused by every method (or the exception)
+    for method in methods:
+        dead: Optional[str] = None  # set when the method itself cannot run here
+        for item in items:
+            check(cancel, "the evaluation")
+            report(progress, done / max(total, 1), f"{method}: {item.name}")
+            done += 1
+            if dead is not None:
+                result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
+                continue
+            try:
+                if item.name not in cache:
+                    try:
+                        cache[item.name] = item.load()
+                    except MedfuseError as e:
+                        cache[item.name] = e
+                srcs = cache[item.name]
+                if isinstance(srcs, MedfuseError):
+                    raise srcs
+                row: Dict[str, Any] = {"method": method, "pair_type": item.pair_type, "name": item.name}
+                if is_2d:
+                    img, f, greys = _fuse_2d(srcs, method, device, options)
+                    scores = score(f, *greys, metrics=metrics)
+                    target = out / method / f"{item.name}.png"
+                    if save_outputs:
+                        _save_png(img, target, overwrite)
+                else:
+                    fused, scores = _score_volumes(srcs, method, device, options, mode, metrics)
+                    target = out / method / f"{item.name}.nii.gz"
+                    if save_outputs:
+                        from .io import save
+
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        save(fused, target, overwrite=overwrite)
+                row["output"] = str(target.relative_to(out)) if save_outputs else None
+                row.update({k: v for k, v in scores.items() if k in METRICS})
+                result.rows.append(row)
+            except (CancelledError, OutputExistsError):
+                raise
+            except (MissingDependencyError, WeightsError) as e:
+                dead = e.one_line()
+                result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
+            except MedfuseError as e:
+                result.failures.append({"method": method, "item": item.name, "path": e.path or item.path,
+                                        "error": e.one_line()})
+    result.means = _means(result.rows)
+    atomic_write_text(out / "metrics.csv", _csv(result), overwrite=overwrite)
+    atomic_write_text(out / "metrics.json", json.dumps(_json(result, source, methods, options), indent=1,
+                                                       allow_nan=False), overwrite=overwrite)
+    report(progress, 1.0, "evaluation done")
+    return result
+
+
+# ---------------------------------------------------------------------- tables
+def _metric_names(rows) -> List[str]:
+    from .metrics import METRICS
+
+    return [m for m in METRICS if any(m in r for r in rows)]
+
+
+def _means(rows) -> Dict[str, Dict[str, Dict[str, float]]]:
+    names = _metric_names(rows)
+    means: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mrows = [r for r in rows if r["method"] == method]
+        groups = {t: [r for r in mrows if r["pair_type"] == t] for t in dict.fromkeys(r["pair_type"] for r in mrows)}
+        if len(groups) > 1:
+            groups["all"] = mrows
+        means[method] = {t: {**{m: _mean([r.get(m) for r in g]) for m in names}, "n": len(g)} for t, g in groups.items()}
+    return means
+
+
+def _mean(values) -> float:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _csv(result: EvaluationResult) -> str:
+    names = _metric_names(result.rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "method", "pair_type", "name", "output", *names])
+    for r in result.rows:
+        w.writerow(["image", r["method"], r["pair_type"], r["name"], r.get("output") or "",
+                    *[_fmt(r.get(m)) for m in names]])
+    for method, groups in result.means.items():
+        for ptype, vals in groups.items():
+            w.writerow(["mean", method, ptype, f"n={vals['n']}", "", *[_fmt(vals.get(m)) for m in names]])
+    for f in result.failures:
+        w.writerow(["failed", f["method"], "", f["item"], "", *[""] * len(names)])
+    return buf.getvalue()
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return ""
+    return repr(float(x)) if isinstance(x, (float, int, np.floating)) else str(x)
+
+
+def _json(result: EvaluationResult, source, methods, options) -> Dict[str, Any]:
+    return {
+        "source": str(source) if isinstance(source, (str, os.PathLike)) else "list of pairs",
+        "methods": list(methods),
+        "mode": result.mode,
+        "options": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in options.items()},
+        "metric_definitions": "docs/fusion.md (as ../shared/README.md, reference section)",
+        "ok": result.ok,
+        "images": [{k: _finite(v) for k, v in r.items()} for r in result.rows],
+        "means": {m: {t: {k: _finite(v) for k, v in vals.items()} for t, vals in g.items()} for m, g in result.means.items()},
+        "failures": result.failures,
+    }
+
+
+def format_table(means: Dict[str, Dict[str, Dict[str, float]]], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """A Markdown table of the means: one row per method and pair type."""
+    cols = [m for m in metrics if any(m in v for g in means.values() for v in g.values())]
+    lines = ["| Method | Pair | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for method, groups in means.items():
+        for ptype, vals in groups.items():
+            cells = [("" if vals.get(c) is None or not math.isfinite(vals[c]) else f"{vals[c]:.3f}") for c in cols]
+            lines.append(f"| {method} | {ptype} | {vals.get('n', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``medfuse evaluate``'s options to ``parser`` (the CLI calls this)."""
+    parser.add_argument("source", nargs="?", default=None,
+                        help="Harvard-layout folder (<root>/<PAIR>/{MRI,CT|PET|SPECT}/*.png) or one <PAIR> folder")
+    parser.add_argument("--pair", nargs="+", action="append", metavar="IMAGE", default=None,
+                        help="a volume pair (2 or 3 images on one grid, NIfTI/DICOM folder); repeat for more pairs")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated fusion methods (default: %(default)s; 'network' for the model)")
+    parser.add_argument("--out", "-o", required=True, help="output folder (fused images, metrics.csv, metrics.json)")
+    parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
+    parser.add_argument("--pair-types", default=None, help="folder only: e.g. CT-MRI,PET-MRI (default: all)")
+    parser.add_argument("--split", choices=("all", "train", "val"), default="all",
+                        help="folder only: score the by-case train or validation split (default: all)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the split (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="folder only: at most N pairs per pair type")
+    parser.add_argument("--mode", choices=("slicewise", "native"), default="slicewise",
+                        help="volumes: score slice-wise over the three planes or natively in 3-D (default slicewise)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the network")
+    parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _csv_list(s: Optional[str]) -> Optional[List[str]]:
+    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``medfuse evaluate`` from parsed arguments; return the exit code (0 ok, 1 items skipped).
+
+    Bad input raises :class:`~medfuse.errors.MedfuseError` (the CLI prints it and exits 2).
+    """
+    from .harvard import list_pairs, split_by_case
+
+    if (args.source is None) == (not args.pair):
+        raise InvalidInputError("give either a folder of image pairs or --pair images (not both)",
+                                fix="medfuse evaluate FOLDER --out DIR, or medfuse evaluate --pair A B --out DIR")
+    if args.source is not None:
+        source: Any = list_pairs(args.source, pair_types=_csv_list(args.pair_types))
+        if args.split != "all":
+            train, val = split_by_case(source, val_fraction=args.val_fraction, seed=args.seed)
+            source = val if args.split == "val" else train
+        if args.limit is not None:
+            kept, seen = [], {}
+            for p in source:
+                seen[p.pair_type] = seen.get(p.pair_type, 0) + 1
+                if seen[p.pair_type] <= args.limit:
+                    kept.append(p)
+            source = kept
+    else:
+        source = [tuple(p) for p in args.pair]
+    bar = None
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1000, desc="evaluate", file=sys.stderr, leave=False, disable=None,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+        def progress(fraction: float, message: str = "") -> None:
+            bar.n = int(round(1000 * fraction))
+            bar.set_postfix_str(message[:40], refresh=False)
+            bar.refresh()
+
+    try:
+        result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
+                          metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
+                          overwrite=args.overwrite, save_outputs=not args.no_save)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(result.table())
+    print(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
+          f"({len(result.rows)} images scored)")
+    if result.failures:
+        print(f"\n{len(result.failures)} item(s) failed and were skipped:", file=sys.stderr)
+        for f in result.failures:
+            print(f"  {f['method']}: {f['item']}: {f['error']}", file=sys.stderr)
+    return result.exit_code

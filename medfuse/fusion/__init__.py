@@ -1,0 +1,240 @@
+"""Fusion of two or three co-registered images or volumes: one entry point, :func:`fuse`.
+
+``method="network"`` runs the trained fusion network (:mod:`medfuse.fusion.infer`,
+needs torch); the classical rules (:mod:`medfuse.fusion.classical`) need only
+NumPy/SciPy/PyWavelets and serve as baselines and fallback. Nothing here
+imports torch unless the network is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import GeometryError, InvalidInputError, MissingDependencyError
+from ..progress import CancelToken, ProgressFn, check, report
+from ..volume import Volume
+from .classical import METHODS as CLASSICAL_METHODS
+
+__all__ = ["fuse", "available_methods", "CLASSICAL_METHODS"]
+
+
+def available_methods() -> List[str]:
+    """``["network", "mean", "max", "laplacian", "wavelet", "gff"]`` (the network listed even if torch is absent)."""
+    return ["network", *CLASSICAL_METHODS]
+
+
+def _network(arrays01: Sequence[np.ndarray], *, device: str, **options: Any) -> np.ndarray:
+    try:
+        from . import infer
+    except ImportError as e:
+        missing = getattr(e, "name", "") or ""
+        if missing.split(".")[0] == "torch":
+            raise MissingDependencyError.for_package("torch", "the fusion network", "ml") from None
+        # An ImportError subclass, so that callers with a classical fallback (the pipeline) use it.
+        raise MissingDependencyError(
+            f"the fusion network (medfuse.fusion.infer) cannot be imported ({type(e).__name__}: {e})",
+            fix=f"use a classical method ({', '.join(CLASSICAL_METHODS)}) or reinstall medfuse with pip install 'medfuse[ml]'",
+        ) from None
+    return np.asarray(infer.fuse_arrays(list(arrays01), device=device, **options), dtype=np.float64)
+
+
+def _weights_hash() -> Any:
+    try:
+        from .infer import weights_sha256
+
+        return weights_sha256()
+    except Exception:  # noqa: BLE001 - a missing hash is recorded as null, never fatal
+        return None
+
+
+def _run(method: str, arrays01: Sequence[np.ndarray], *, device: str, options: Dict[str, Any]) -> np.ndarray:
+    if method == "network":
+        return _network(arrays01, device=device, **options)
+    from .classical import fuse_arrays
+
+    options = dict(options)
+    progress, cancel = options.pop("progress", None), options.pop("cancel", None)
+    check(cancel, "fusion")
+    report(progress, 0.0, f"fusing ({method})")
+    out = fuse_arrays(list(arrays01), method=method, **options)
+    report(progress, 1.0, "fused")
+    return out
+
+
+def _check_method(method: str) -> str:
+    m = str(method).lower()
+    if m not in available_methods():
+        raise InvalidInputError(f"unknown fusion method {method!r}", fix=f"use one of {', '.join(available_methods())}")
+    return m
+
+
+def _within(x: np.ndarray, lo: float, hi: float) -> bool:
+    return float(x.min()) >= lo and float(x.max()) <= hi
+
+
+def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
+    """Scale arrays to 0..1; the first record maps the result back to the output scale."""
+    from .normalise import normalise as norm
+
+    if isinstance(normalise, (list, tuple)):
+        if len(normalise) != len(arrays):
+            raise InvalidInputError(
+                f"normalise has {len(normalise)} entries for {len(arrays)} inputs", fix="give one dict of options per input"
+            )
+        pairs = [norm(a, **dict(spec or {})) for a, spec in zip(arrays, normalise)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    if normalise != "auto":
+        # One method for every input (e.g. "none", "percentile", "minmax").
+        pairs = [norm(a, method=str(normalise)) for a in arrays]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    # auto: keep a shared scale when the inputs already share one, so the output is on it.
+    if all(_within(a, 0.0, 1.0) for a in arrays):
+        pairs = [norm(a, method="range", low=0.0, high=1.0) for a in arrays]
+    elif all(_within(a, 0.0, 255.0) for a in arrays):
+        pairs = [norm(a, method="range", low=0.0, high=255.0) for a in arrays]
+    else:
+        pairs = [norm(a, method="minmax") for a in arrays]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
+    from .normalise import normalise as norm
+
+    if isinstance(normalise, (list, tuple)):
+        if len(normalise) != len(vols):
+            raise InvalidInputError(
+                f"normalise has {len(normalise)} entries for {len(vols)} inputs", fix="give one dict of options per input"
+            )
+        specs = [dict(s or {}) for s in normalise]
+    else:
+        specs = [{"method": str(normalise)} for _ in vols]
+    out, recs = [], []
+    for v, spec in zip(vols, specs):
+        a = np.asarray(v.array, dtype=np.float64)
+        if spec.get("method", "auto") == "auto" and _within(a, 0.0, 1.0):
+            spec = {"method": "range", "low": 0.0, "high": 1.0}  # already normalised upstream
+        y, rec = norm(a, modality=v.modality, unit=v.unit, **spec)
+        out.append(y)
+        recs.append(rec)
+    return out, recs
+
+
+def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str, options: Dict[str, Any]) -> np.ndarray:
+    from .color import fuse_rgb
+
+    rgb = arrays[rgb_index]
+    greys = [a for i, a in enumerate(arrays) if i != rgb_index]
+    if len(greys) != 1:
+        raise InvalidInputError("colour fusion takes one grey image and one RGB image", fix="fuse two images at a time")
+    gray = greys[0]
+    peak = 255.0 if (np.asarray(rgb).dtype == np.uint8 or float(np.max(rgb)) > 1.0 or float(np.max(gray)) > 1.0) else 1.0
+
+    def _luma(pair):
+        scaled = [np.clip(np.asarray(p, dtype=np.float64) / peak, 0.0, 1.0) for p in pair]
+        return _run(method, scaled, device=device, options=options) * peak
+
+    return fuse_rgb(gray, rgb, fuse_fn=_luma, peak=peak)
+
+
+def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: Any = "auto",
+         progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None, **options: Any):
+    """Fuse two or three co-registered images or volumes.
+
+    Args:
+        a, b, *more: 2-D/3-D NumPy arrays of one shape, or :class:`~medfuse.Volume`s on one
+            grid. One 2-D input may be an ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT):
+            it is fused through YCbCr and the result is RGB.
+        method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
+        device: ``"cpu"`` or ``"cuda"`` (network only).
+        normalise: ``"auto"``, ``"none"``, a :mod:`~medfuse.fusion.normalise` method name for every
+            input, or a list of option dicts (one per input, e.g. ``{"method": "window", "level": 40}``).
+            ``auto`` for arrays keeps a shared 0..1 or 0..255 scale, else scales each by min/max;
+            for Volumes it picks by modality (CT window, PET SUV range, MR percentiles) and leaves
+            volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are.
+        progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
+            rule at its start and end).
+        **options: passed to the rule (see :func:`medfuse.fusion.classical.fuse_arrays`) or to
+            :func:`medfuse.fusion.infer.fuse_arrays`.
+
+    Returns:
+        Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1).
+        Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
+        ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``.
+
+    Raises:
+        InvalidInputError: wrong count, shapes, NaN, unknown method or normalisation.
+        GeometryError: Volumes on different grids.
+        MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
+            errors raised by the network itself (WeightsError, FusionError) pass through.
+    """
+    if progress is not None:
+        options["progress"] = progress
+    if cancel is not None:
+        options["cancel"] = cancel
+    inputs = [a, b, *more]
+    if len(inputs) > 3:
+        raise InvalidInputError(f"fusion takes two or three inputs, got {len(inputs)}", fix="fuse at most three images")
+    method = _check_method(method)
+    n_vol = sum(isinstance(x, Volume) for x in inputs)
+    if n_vol not in (0, len(inputs)):
+        raise InvalidInputError(
+            "inputs mix Volumes and plain arrays", fix="pass all Volumes (geometry is checked) or all arrays"
+        )
+    if n_vol:
+        return _fuse_volumes(inputs, method=method, device=device, normalise=normalise, options=options)
+
+    arrays = []
+    for i, x in enumerate(inputs):
+        arr = np.asarray(x)
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InvalidInputError(f"input {i + 1} must be numeric, got dtype {arr.dtype}", fix="pass numeric arrays")
+        if not np.all(np.isfinite(arr)):
+            raise InvalidInputError(f"input {i + 1} contains NaN or infinite values", fix="replace them before fusing")
+        arrays.append(arr)
+    shapes = [x.shape for x in arrays]
+    rgb = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 3 and any(t == s[:2] for t in shapes if len(t) == 2)]
+    if rgb:
+        return _fuse_rgb(arrays, rgb[0], method, device, options)
+    if len(set(shapes)) != 1:
+        raise InvalidInputError(
+            f"the inputs have different shapes {shapes}",
+            fix="resample them onto one grid first (medfuse.register / medfuse.resample)",
+        )
+    if arrays[0].ndim not in (2, 3):
+        raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {shapes[0]}", fix="pass 2-D or 3-D arrays")
+    scaled, recs = _normalise_arrays([x.astype(np.float64) for x in arrays], normalise)
+    fused01 = _run(method, scaled, device=device, options=options)
+    from .normalise import denormalise
+
+    return denormalise(fused01, recs[0])
+
+
+def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: Any, options: Dict[str, Any]) -> Volume:
+    ref = vols[0]
+    for i, v in enumerate(vols[1:], start=2):
+        if not ref.same_grid(v):
+            raise GeometryError(
+                f"volume {i} is on a different grid (shape {v.shape}, spacing "
+                f"{tuple(round(s, 3) for s in v.spacing)}) than volume 1 (shape {ref.shape}, spacing "
+                f"{tuple(round(s, 3) for s in ref.spacing)})",
+                fix="register and resample it onto volume 1's grid first: medfuse.register(fixed, moving).resampled "
+                "or medfuse.resample(moving, fixed)",
+            )
+    scaled, recs = _normalise_volumes(vols, normalise)
+    fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
+    prov: Dict[str, Any] = {"method": method, "normalisation": recs}
+    if method == "network":
+        prov["weights_sha256"] = _weights_hash()
+    out = Volume(fused.astype(np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary", provenance=prov)
+    out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")})
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)

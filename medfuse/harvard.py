@@ -1,0 +1,175 @@
+"""Harvard-atlas pair folders: listing, loading and a by-case split.
+
+Layout: ``<root>/<PAIR>/{MRI, CT|PET|SPECT}/<name>.png`` where both images of a
+pair share a file name (``<root>`` may also be a single ``<PAIR>`` folder). The
+file name's leading digits name the case and its last three the slice:
+``28010.png`` is case 28, slice 010.
+
+Slices of one case are nearly identical neighbours, so training and validation
+must be split **by case** (:func:`split_by_case`), or validation is optimistic.
+The same case number can appear under several pair types with the same MRI
+(CT–MRI and SPECT–MRI share some), so the split keys on the case number alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError
+
+__all__ = ["HarvardPair", "case_id", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case", "FUNCTIONAL"]
+
+#: Sub-folder names of the non-MRI image.
+FUNCTIONAL = ("CT", "PET", "SPECT")
+
+_NAME = re.compile(r"^(\d+?)(\d{3})\.png$", re.IGNORECASE)
+
+
+def case_id(filename: str | os.PathLike) -> int:
+    """Case number from a Harvard file name: ``28010.png`` -> 28, ``2013.png`` -> 2."""
+    m = _NAME.match(Path(filename).name)
+    if m is None:
+        raise InvalidInputError(
+            f"{Path(filename).name!r} is not a Harvard slice name (case digits then a 3-digit slice, .png)",
+            fix="name files like 28010.png (case 28, slice 010)",
+        )
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class HarvardPair:
+    """One aligned pair: the MRI and the CT/PET/SPECT image of the same slice."""
+
+    pair_type: str  # folder name, e.g. "CT-MRI"
+    modality: str  # "CT", "PET" or "SPECT"
+    name: str  # file name shared by both images
+    mri: Path
+    other: Path
+
+    @property
+    def case(self) -> int:
+        return case_id(self.name)
+
+    @property
+    def key(self) -> str:
+        """``"<pair_type>/<stem>"``: unique within a Harvard root."""
+        return f"{self.pair_type}/{Path(self.name).stem}"
+
+
+def _pairs_in(folder: Path) -> List[HarvardPair]:
+    mri = folder / "MRI"
+    others = [folder / m for m in FUNCTIONAL if (folder / m).is_dir()]
+    if not mri.is_dir() or len(others) != 1:
+        return []
+    other = others[0]
+    a, b = {p.name for p in mri.glob("*.png")}, {p.name for p in other.glob("*.png")}
+    if a ^ b:
+        warnings.warn(f"{folder.name}: {len(a ^ b)} image(s) without a partner of the same name were ignored "
+                      f"(e.g. {sorted(a ^ b)[0]})", MedfuseWarning, stacklevel=3)
+    names = sorted(a & b, key=lambda n: (len(n), n))
+    return [HarvardPair(folder.name, other.name, n, mri / n, other / n) for n in names]
+
+
+def list_pairs(root: str | os.PathLike, *, pair_types: Optional[Iterable[str]] = None) -> List[HarvardPair]:
+    """All pairs under a Harvard root (or one pair-type folder), sorted by pair type then name.
+
+    Raises:
+        UnreadableFileError: ``root`` is not a folder or holds no pairs.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UnreadableFileError("not a folder", fix="pass a folder laid out as <PAIR>/{MRI,CT|PET|SPECT}/*.png", path=root)
+    pairs = _pairs_in(root)
+    if not pairs:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            pairs.extend(_pairs_in(sub))
+    if pair_types is not None:
+        wanted = {t.upper() for t in pair_types}
+        pairs = [p for p in pairs if p.pair_type.upper() in wanted or p.modality.upper() in wanted]
+    if not pairs:
+        raise UnreadableFileError(
+            "no image pairs found", fix="lay the folder out as <PAIR>/{MRI,CT|PET|SPECT}/<name>.png with matching names",
+            path=root,
+        )
+    return pairs
+
+
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG as ``uint8``: ``(H, W)`` for grey files, ``(H, W, 3)`` for colour ones."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # Via RGB for every mode: a palette image may be grey or colour.
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise UnreadableFileError(
+            f"cannot read the image ({type(e).__name__})", fix="replace the file with a valid PNG", path=path
+        ) from None
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return np.ascontiguousarray(rgb[..., 0])
+    return rgb
+
+
+def load_gray(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG as grey float64 in 0–255 (colour through OpenCV's BGR→GRAY formula, rounded)."""
+    from .fusion.color import rgb_to_gray
+
+    img = load_png(path)
+    return rgb_to_gray(img) if img.ndim == 3 else img.astype(np.float64)
+
+
+def load_pair(pair: HarvardPair) -> Tuple[np.ndarray, np.ndarray]:
+    """``(mri, other)`` as read by :func:`load_png` (``other`` may be RGB ``uint8``)."""
+    mri, other = load_png(pair.mri), load_png(pair.other)
+    if mri.shape[:2] != other.shape[:2]:
+        raise InvalidInputError(
+            f"the MRI is {mri.shape[:2]} but the {pair.modality} image is {other.shape[:2]}",
+            fix="both images of a pair must have the same size", path=pair.other,
+        )
+    return mri, other
+
+
+def split_by_case(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, seed: int = 0
+                  ) -> Tuple[List[HarvardPair], List[HarvardPair]]:
+    """Deterministic train/validation split that never puts one case on both sides.
+
+    Case numbers are visited in a seeded random order; a case goes to validation
+    while some pair type it occurs in has fewer than ``val_fraction`` of its pairs
+    there (at least one case per pair type when possible).
+
+    Returns:
+        ``(train, validation)``, each in the input order.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}", fix="use e.g. 0.2")
+    pairs = list(pairs)
+    cases = sorted({p.case for p in pairs})
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    totals: dict = {}
+    for p in pairs:
+        totals[p.pair_type] = totals.get(p.pair_type, 0) + 1
+    target = {t: max(1.0, val_fraction * n) for t, n in totals.items()}
+    have = {t: 0 for t in totals}
+    val_cases = set()
+    for c in order:
+        members = [p for p in pairs if p.case == c]
+        types = {p.pair_type for p in members}
+        # A case must not leave its pair types with no training data either.
+        if any(have[t] < target[t] for t in types) and all(
+            have[t] + sum(p.pair_type == t for p in members) < totals[t] for t in types
+        ):
+            val_cases.add(c)
+            for p in members:
+                have[p.pair_type] += 1
+    train = [p for p in pairs if p.case not in val_cases]
+    val = [p for p in pairs if p.case in val_cases]
+    return train, val

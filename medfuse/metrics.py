@@ -1,0 +1,494 @@
+"""Fusion-quality metrics, as the image-fusion literature defines them.
+
+Every metric takes the fused image ``F`` and two or more source images (``A``,
+``B`` and optionally ``C``) as plain NumPy arrays on the **0–255 scale** of the
+published tables (8-bit images as float64). The definitions follow the
+evaluation code most fusion papers use (see ``../shared/README.md`` and
+``docs/fusion.md``), so that numbers are directly comparable with them:
+
+* ``EN`` entropy (bits) of the 256-bin histogram of ``uint8(round(F))``.
+* ``SD`` population standard deviation of ``F``.
+* ``SF`` spatial frequency, one-pixel forward differences.
+* ``AG`` average gradient, central differences, one-sided at the borders.
+* ``MI`` sum over sources of scikit-learn's ``mutual_info_score`` (nats) on the raw values.
+* ``SCD`` sum of the correlations of differences.
+* ``VIF`` pixel-domain VIF (4 scales, noise variance 2), summed over sources.
+* ``Qabf`` Xydeas–Petrović edge preservation with Sobel gradients.
+* ``SSIM`` sum over sources of scikit-image's SSIM (defaults, ``data_range=255``).
+* ``PSNR`` ``10 log10(max(F)^2 / mean_i MSE(S_i, F))``.
+* ``CC`` mean over sources of Pearson's correlation with ``F``.
+* ``FMI`` feature mutual information (Haghighat 2011, global form) on Sobel gradient
+  magnitudes, 256 bins: ``(2/n) * sum_i I(F;S_i) / (H(F) + H(S_i))``, in 0..1.
+* ``MS-SSIM`` multi-scale SSIM (Wang 2003: 11x11 Gaussian, sigma 1.5, 5 scales,
+  fewer on small images), summed over sources like ``SSIM``.
+
+With three sources the sums and means run over all three; ``SCD`` correlates
+each source ``S_i`` with ``F - sum_{j != i} S_j``. A correlation with a constant
+image (undefined, NaN in the reference code) counts as 0.
+
+:func:`score` returns all of them in a dict. 3-D volumes are scored either
+natively (the metrics whose definition does not depend on dimension, plus 3-D
+SSIM) or slice-wise over the three planes, averaged over slices that carry
+content; the choice is recorded under ``"mode"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+__all__ = [
+    "METRICS", "NATIVE_3D_METRICS", "score",
+    "en", "sd", "sf", "ag", "mi", "scd", "vif", "qabf", "ssim", "psnr", "cc", "fmi", "ms_ssim",
+]
+
+#: Metric names, in the order of published tables (then the two additions).
+METRICS: Tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "CC", "FMI", "MS-SSIM")
+
+#: Metrics that ``mode="native"`` computes on a whole 3-D volume.
+NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "CC")
+
+_MIN_SIDE = 7  # scikit-image's default SSIM window; smaller images cannot be scored
+
+
+# ---------------------------------------------------------------------- checks
+def _as_float(x, name: str) -> np.ndarray:
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # noqa: BLE001 - anything that is not array-like
+        raise InvalidInputError(f"{name} is not an array ({type(x).__name__})", fix="pass a NumPy array") from e
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise InvalidInputError(f"{name} must be numeric, got dtype {a.dtype}", fix="pass a numeric NumPy array")
+    if np.iscomplexobj(a):
+        raise InvalidInputError(f"{name} is complex", fix="pass a real-valued image (e.g. its magnitude)")
+    a = a.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(a)):
+        raise InvalidInputError(
+            f"{name} contains NaN or infinite values", fix="replace them (for example with np.nan_to_num) before scoring"
+        )
+    return a
+
+
+def _check(fused, sources: Sequence, *, ndim: Optional[int] = 2, min_side: int = _MIN_SIDE):
+    """Validate and convert ``F`` and the sources; return float64 arrays."""
+    if len(sources) < 2:
+        raise InvalidInputError(
+            f"fusion metrics need at least two source images, got {len(sources)}",
+            fix="pass the fused image followed by every source image: score(F, A, B)",
+        )
+    f = _as_float(fused, "the fused image")
+    srcs = [_as_float(s, f"source {i + 1}") for i, s in enumerate(sources)]
+    for i, s in enumerate(srcs):
+        if s.shape != f.shape:
+            raise InvalidInputError(
+                f"source {i + 1} has shape {s.shape} but the fused image has shape {f.shape}",
+                fix="resample the images onto one grid first (medfuse.resample / medfuse.register)",
+            )
+    if ndim is not None and f.ndim != ndim:
+        hint = (
+            "convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with mode='native' or 'slicewise'"
+            if f.ndim == 3 else f"pass {ndim}-D arrays"
+        )
+        raise InvalidInputError(f"expected {ndim}-D images, got shape {f.shape}", fix=hint)
+    if f.ndim not in (2, 3):
+        raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {f.shape}", fix="pass 2-D or 3-D arrays")
+    if min(f.shape) < min_side:
+        raise InvalidInputError(
+            f"the images are too small to score ({'x'.join(map(str, f.shape))}); every side needs at least {min_side} pixels",
+            fix="score whole images, not single pixels or thin strips",
+        )
+    return f, srcs
+
+
+# ---------------------------------------------------------------------- helpers
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant (no linear relation can be measured)."""
+    dx = x - x.mean()
+    dy = y - y.mean()
+    den = math.sqrt(float(np.sum(dx * dx)) * float(np.sum(dy * dy)))
+    return float(np.sum(dx * dy) / den) if den > 0 else 0.0
+
+
+def _nanmean(values) -> float:
+    v = np.asarray(list(values), dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _labels(x: np.ndarray) -> np.ndarray:
+    """Integer labels (one per distinct value, not necessarily contiguous) of ``x``, flattened."""
+    v = x.ravel()
+    if np.issubdtype(v.dtype, np.integer) or np.array_equal(v, np.round(v)):
+        lo, hi = v.min(), v.max()
+        if hi - lo < 1 << 16:  # integers in a small range: the offset is a label (gaps do not matter)
+            return (v - lo).astype(np.int64)
+    return np.unique(v, return_inverse=True)[1].ravel().astype(np.int64)
+
+
+def _mutual_info(x: np.ndarray, y: np.ndarray) -> float:
+    """Mutual information (nats) of two label arrays, as scikit-learn's ``mutual_info_score``."""
+    xi, yi = _labels(x), _labels(y)
+    ny = int(yi.max()) + 1
+    nx = int(xi.max()) + 1
+    if nx * ny <= 1 << 22:  # small label sets (8-bit images): one bincount, no sort
+        counts = np.bincount(xi * ny + yi, minlength=nx * ny)
+        codes = np.flatnonzero(counts)
+        counts = counts[codes]
+    else:
+        codes, counts = np.unique(xi * ny + yi, return_counts=True)
+    n = float(xi.size)
+    px = np.bincount(xi).astype(np.float64)
+    py = np.bincount(yi).astype(np.float64)
+    pxy = counts / n
+    outer = px[codes // ny] * py[codes % ny]
+    terms = pxy * (np.log(counts) - np.log(n)) + pxy * (np.log(n) + np.log(n) - np.log(outer))
+    terms = np.where(np.abs(terms) < np.finfo(np.float64).eps, 0.0, terms)
+    return float(max(terms.sum(), 0.0))
+
+
+def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Separable 'valid' correlation of a 2-D image with ``outer(g, g)`` (symmetric g)."""
+    from scipy.ndimage import correlate1d
+
+    r = len(g) // 2
+    y = correlate1d(x, g, axis=0, mode="constant")
+    y = correlate1d(y, g, axis=1, mode="constant")
+    return y[r:x.shape[0] - r, r:x.shape[1] - r]
+
+
+def _gauss1d(n: int, sd: float) -> np.ndarray:
+    m = (n - 1) / 2.0
+    t = np.arange(-m, m + 1)
+    g = np.exp(-(t * t) / (2.0 * sd * sd))
+    return g / g.sum()
+
+
+def _sobel(img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sobel responses (x, y) with zero padding, as MATLAB's ``conv2(..., 'same')``."""
+    from scipy.ndimage import convolve
+
+    hy = np.array([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])
+    hx = np.array([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+    return convolve(img, hx, mode="constant"), convolve(img, hy, mode="constant")
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-np.sum(p * np.log2(p))) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+# ---------------------------------------------------------------------- single-image metrics
+def en(fused) -> float:
+    """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(F))`` (values clipped to 0..255)."""
+    f = _as_float(fused, "the fused image")
+    q = np.clip(np.round(f), 0, 255).astype(np.uint8).ravel()
+    return _entropy_bits(np.bincount(q, minlength=256).astype(np.float64))
+
+
+def sd(fused) -> float:
+    """Population standard deviation of ``F``."""
+    return float(np.std(_as_float(fused, "the fused image")))
+
+
+def sf(fused) -> float:
+    """Spatial frequency: ``sqrt(mean(dx^2) + mean(dy^2))`` with one-pixel forward differences (2-D)."""
+    f = _as_float(fused, "the fused image")
+    return float(np.sqrt(np.mean(np.diff(f, axis=1) ** 2) + np.mean(np.diff(f, axis=0) ** 2)))
+
+
+def ag(fused) -> float:
+    """Average gradient: mean of ``sqrt((Gx^2 + Gy^2) / 2)`` (2-D)."""
+    f = _as_float(fused, "the fused image")
+    # np.gradient: central differences inside, one-sided at the borders -- the definition.
+    gy, gx = np.gradient(f)
+    return float(np.mean(np.sqrt((gx * gx + gy * gy) / 2.0)))
+
+
+# ---------------------------------------------------------------------- reference metrics
+def mi(fused, *sources) -> float:
+    """Sum over sources of the mutual information (nats) between raw pixel values."""
+    f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    return float(sum(_mutual_info(f, s) for s in srcs))
+
+
+def scd(fused, *sources) -> float:
+    """Sum of the correlations of differences: ``sum_i corr(S_i, F - sum_{j != i} S_j)``."""
+    f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    total = sum(srcs)
+    return float(sum(_corr(s, f - (total - s)) for s in srcs))
+
+
+def cc(fused, *sources) -> float:
+    """Mean over sources of the correlation coefficient with ``F``."""
+    f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    return float(np.mean([_corr(s, f) for s in srcs]))
+
+
+def psnr(fused, *sources) -> float:
+    """``10 log10(max(F)^2 / mean_i MSE(S_i, F))`` (inf when F equals every source)."""
+    f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    mse = float(np.mean([np.mean((s - f) ** 2) for s in srcs]))
+    peak = float(np.max(f)) ** 2
+    if mse == 0:
+        return float("inf")
+    if peak == 0:
+        return float("-inf")
+    return float(10.0 * np.log10(peak / mse))
+
+
+def _ssim_pair(f: np.ndarray, s: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(f, s, data_range=255))
+
+
+def ssim(fused, *sources) -> float:
+    """Sum over sources of SSIM (scikit-image defaults, ``data_range=255``); 2-D or 3-D."""
+    f, srcs = _check(fused, sources, ndim=None)
+    return float(sum(_ssim_pair(f, s) for s in srcs))
+
+
+def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
+    sigma_nsq = 2.0
+    eps = 1e-10
+    num = den = 0.0
+    for scale in range(1, 5):
+        n = 2 ** (5 - scale) + 1
+        g = _gauss1d(n, n / 5.0)
+        if scale > 1:
+            if min(ref.shape) < n:
+                break  # too small for this scale: the coarser scales add nothing
+            ref = _filter_valid(ref, g)[::2, ::2]
+            dist = _filter_valid(dist, g)[::2, ::2]
+        if min(ref.shape) < n:
+            break
+        mu1 = _filter_valid(ref, g)
+        mu2 = _filter_valid(dist, g)
+        s1 = _filter_valid(ref * ref, g) - mu1 * mu1
+        s2 = _filter_valid(dist * dist, g) - mu2 * mu2
+        s12 = _filter_valid(ref * dist, g) - mu1 * mu2
+        s1[s1 < 0] = 0
+        s2[s2 < 0] = 0
+        gain = s12 / (s1 + eps)
+        sv = s2 - gain * s12
+        low1 = s1 < eps
+        gain[low1] = 0
+        sv[low1] = s2[low1]
+        s1[low1] = 0
+        low2 = s2 < eps
+        gain[low2] = 0
+        sv[low2] = 0
+        neg = gain < 0
+        sv[neg] = s2[neg]
+        gain[neg] = 0
+        sv[sv <= eps] = eps
+        num += float(np.sum(np.log10(1.0 + gain * gain * s1 / (sv + sigma_nsq))))
+        den += float(np.sum(np.log10(1.0 + s1 / sigma_nsq)))
+    if den == 0:
+        return 1.0  # the reference implementation's convention for a featureless reference
+    return num / den
+
+
+def vif(fused, *sources) -> float:
+    """Pixel-domain VIF (4 scales, sigma_n^2 = 2) of ``F`` against each source, summed (2-D)."""
+    f, srcs = _check(fused, sources)
+    return float(sum(_vifp_pair(s, f) for s in srcs))
+
+
+def _qabf_edges(img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    gx, gy = _sobel(img)
+    strength = np.sqrt(gx * gx + gy * gy)
+    angle = np.full(img.shape, math.pi / 2)
+    nz = gx != 0
+    angle[nz] = np.arctan(gy[nz] / gx[nz])
+    return strength, angle
+
+
+def _qabf_preservation(ga, aa, gf, af) -> np.ndarray:
+    tg, kg, dg = 0.9994, -15.0, 0.5
+    ta, ka, da = 0.9879, -22.0, 0.8
+    # Relative strength: smaller over larger; where equal the reference code keeps gF itself.
+    rel = np.where(ga > gf, gf / np.where(ga > gf, ga, 1.0), np.where(ga < gf, ga / np.where(ga < gf, gf, 1.0), gf))
+    rel_angle = 1.0 - np.abs(aa - af) / (math.pi / 2)
+    return tg / (1.0 + np.exp(kg * (rel - dg))) * ta / (1.0 + np.exp(ka * (rel_angle - da)))
+
+
+def qabf(fused, *sources) -> float:
+    """Xydeas–Petrović edge-information preservation ``Q^{AB/F}`` (Sobel gradients; 2-D)."""
+    f, srcs = _check(fused, sources)
+    gf, af = _qabf_edges(f)
+    num = den = 0.0
+    for s in srcs:
+        gs, as_ = _qabf_edges(s)
+        num += float(np.sum(_qabf_preservation(gs, as_, gf, af) * gs))
+        den += float(np.sum(gs))
+    return num / den if den > 0 else float("nan")
+
+
+def _quantise(x: np.ndarray, bins: int = 256) -> np.ndarray:
+    top = float(x.max())
+    if top <= 0:
+        return np.zeros(x.shape, dtype=np.int64)
+    return np.minimum((x / top * bins).astype(np.int64), bins - 1)
+
+
+def fmi(fused, *sources) -> float:
+    """Feature mutual information on Sobel gradient magnitudes (global form), in 0..1 (2-D)."""
+    f, srcs = _check(fused, sources)
+    ff = _quantise(np.hypot(*_sobel(f)))
+    hf = _entropy_bits(np.bincount(ff.ravel()).astype(np.float64))
+    total = 0.0
+    for s in srcs:
+        fs = _quantise(np.hypot(*_sobel(s)))
+        hs = _entropy_bits(np.bincount(fs.ravel()).astype(np.float64))
+        denom = hf + hs
+        # _mutual_info is in nats; the entropies are in bits.
+        total += (_mutual_info(ff, fs) / math.log(2) / denom) if denom > 0 else 1.0 / 2
+    return float(2.0 * total / len(srcs))
+
+
+_MS_WEIGHTS = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])
+
+
+def _ms_ssim_pair(x: np.ndarray, y: np.ndarray) -> float:
+    c1 = (0.01 * 255) ** 2
+    c2 = (0.03 * 255) ** 2
+    # Images under 11 pixels a side get the largest odd window that fits.
+    side = min(x.shape)
+    g = _gauss1d(11 if side >= 11 else side - (1 - side % 2), 1.5)
+    levels = 1
+    while levels < 5 and min(x.shape) // 2 ** levels >= 11:
+        levels += 1
+    weights = _MS_WEIGHTS[:levels] / _MS_WEIGHTS[:levels].sum()
+    vals = []
+    for lev in range(levels):
+        mx, my = _filter_valid(x, g), _filter_valid(y, g)
+        sxx = _filter_valid(x * x, g) - mx * mx
+        syy = _filter_valid(y * y, g) - my * my
+        sxy = _filter_valid(x * y, g) - mx * my
+        cs = (2 * sxy + c2) / (sxx + syy + c2)
+        if lev == levels - 1:
+            vals.append(float(np.mean((2 * mx * my + c1) / (mx * mx + my * my + c1) * cs)))
+        else:
+            vals.append(float(np.mean(cs)))
+            # 2x2 average then decimate, as in Wang's reference code.
+            h, w = (x.shape[0] // 2) * 2, (x.shape[1] // 2) * 2
+            x = x[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+            y = y[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    v = np.clip(np.asarray(vals), 0.0, None)  # negative contrast terms would make the product meaningless
+    return float(np.prod(v ** weights))
+
+
+def ms_ssim(fused, *sources) -> float:
+    """Multi-scale SSIM of ``F`` against each source, summed (2-D)."""
+    f, srcs = _check(fused, sources)
+    return float(sum(_ms_ssim_pair(f, s) for s in srcs))
+
+
+# ---------------------------------------------------------------------- score
+_SINGLE = {"EN": en, "SD": sd, "SF": sf, "AG": ag}
+_MULTI = {"MI": mi, "SCD": scd, "VIF": vif, "Qabf": qabf, "SSIM": ssim, "PSNR": psnr, "CC": cc, "FMI": fmi,
+          "MS-SSIM": ms_ssim}
+
+
+def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
+    if metrics is None:
+        return list(allowed)
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    lookup = {m.upper(): m for m in METRICS}
+    out = []
+    for m in names:
+        key = lookup.get(str(m).upper())
+        if key is None:
+            raise InvalidInputError(f"unknown metric {m!r}", fix=f"choose from {', '.join(METRICS)}")
+        if key not in allowed:
+            raise InvalidInputError(
+                f"metric {key} is not defined for this mode", fix=f"choose from {', '.join(allowed)} or another mode"
+            )
+        out.append(key)
+    return out
+
+
+def _score2d(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str]) -> Dict[str, float]:
+    out = {}
+    for name in names:
+        out[name] = _SINGLE[name](f) if name in _SINGLE else _MULTI[name](f, *srcs)
+    return out
+
+
+def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = None,
+          axes: Sequence[int] = (0, 1, 2), min_content: float = 0.01) -> Dict[str, object]:
+    """Score a fused image against its sources with every metric (or the ones named).
+
+    Args:
+        fused: the fused image ``F`` (2-D image or 3-D volume), on the 0–255 scale.
+        *sources: the source images ``A, B`` (and optionally ``C``), same shape as ``F``.
+        mode: ``"2d"`` for images; for volumes ``"native"`` (whole-volume metrics:
+            EN, SD, MI, 3-D SSIM, SCD, PSNR, CC) or ``"slicewise"`` (every 2-D metric on
+            every slice of the planes in ``axes``, averaged over slices that carry content,
+            then over planes).
+        metrics: metric names to compute (default: all that the mode defines).
+        axes: slicewise only: the axes across which slices are taken.
+        min_content: slicewise only: a slice carries content when at least this fraction
+            of its pixels is above the volume's minimum in some source.
+
+    Returns:
+        ``{name: value}``; for volumes also ``"mode"``, and for slicewise ``"per_axis"``
+        (``{axis: {name: value}}``), ``"axes"`` and ``"n_slices"`` (per axis).
+
+    Raises:
+        InvalidInputError: fewer than two sources, shapes that differ, NaN/inf, images too
+            small, unknown metric or mode.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.tile(np.arange(16.0), (16, 1)) * 10; b = a.T.copy()
+        >>> round(score(a, a, b, metrics=["CC"])["CC"], 3)
+        0.5
+    """
+    if mode == "2d":
+        f, srcs = _check(fused, sources, ndim=2)
+        return _score2d(f, srcs, _names(metrics, METRICS))
+    if mode not in ("native", "slicewise"):
+        raise InvalidInputError(f"unknown mode {mode!r}", fix="use mode='2d', 'native' or 'slicewise'")
+    f, srcs = _check(fused, sources, ndim=3)
+    if mode == "native":
+        out: Dict[str, object] = {}
+        for name in _names(metrics, NATIVE_3D_METRICS):
+            out[name] = _SINGLE[name](f) if name in _SINGLE else _MULTI[name](f, *srcs)
+        out["mode"] = "native"
+        return out
+    names = _names(metrics, METRICS)
+    axes = tuple(int(a) for a in axes)
+    if not axes or any(a not in (0, 1, 2) for a in axes):
+        raise InvalidInputError(f"axes must be a non-empty subset of (0, 1, 2), got {axes}", fix="pass e.g. axes=(0, 1, 2)")
+    floors = [float(s.min()) for s in srcs]
+    per_axis: Dict[int, Dict[str, float]] = {}
+    counts: Dict[int, int] = {}
+    above = np.zeros(f.shape, dtype=bool)
+    for s, lo in zip(srcs, floors):
+        above |= s > lo
+    for ax in axes:
+        other = tuple(a for a in range(3) if a != ax)
+        content = above.mean(axis=other) >= min_content
+        rows = []
+        for k in np.flatnonzero(content):
+            sl = [slice(None)] * 3
+            sl[ax] = int(k)
+            fs = f[tuple(sl)]
+            ss = [s[tuple(sl)] for s in srcs]
+            if min(fs.shape) < _MIN_SIDE:
+                raise InvalidInputError(
+                    f"slices across axis {ax} are {fs.shape[0]}x{fs.shape[1]} pixels, too small to score",
+                    fix=f"use axes without axis {ax}, or mode='native'",
+                )
+            rows.append(_score2d(fs, ss, names))
+        counts[ax] = len(rows)
+        per_axis[ax] = {n: _nanmean(r[n] for r in rows) for n in names}
+    out = {n: _nanmean(per_axis[a][n] for a in axes) for n in names}
+    out.update(mode="slicewise", axes=list(axes), per_axis=per_axis, n_slices=counts, min_content=min_content)
+    return out

@@ -1,0 +1,266 @@
+"""Classical fusion rules, the fuse() dispatcher, colour (YCbCr) and normalisation."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from medfuse import Volume
+from medfuse.errors import GeometryError, InvalidInputError, MissingDependencyError
+from medfuse.fusion import CLASSICAL_METHODS, available_methods, fuse
+from medfuse.fusion import classical as C
+from medfuse.fusion import color, normalise as N
+
+
+def _images(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n]
+    a = np.clip(120 + 80 * np.sin(xx / 4.0) + rng.normal(0, 5, (n, n)), 0, 255)
+    b = np.where((xx - n / 2) ** 2 + (yy - n / 2) ** 2 < (n / 4) ** 2, 220.0, 20.0) + rng.normal(0, 5, (n, n))
+    return a, np.clip(b, 0, 255)
+
+
+def test_available_methods():
+    assert available_methods() == ["network", "mean", "max", "laplacian", "wavelet", "gff"]
+    assert CLASSICAL_METHODS == ("mean", "max", "laplacian", "wavelet", "gff")
+
+
+@pytest.mark.parametrize("method", CLASSICAL_METHODS)
+@pytest.mark.parametrize("shape", [(48, 48), (20, 24, 18)])
+def test_rules_are_deterministic_keep_shape_and_range(method, shape):
+    rng = np.random.default_rng(1)
+    a, b = rng.random(shape) * 100, rng.random(shape) * 100
+    f1 = C.fuse_arrays([a, b], method=method)
+    f2 = C.fuse_arrays([a.copy(), b.copy()], method=method)
+    assert f1.shape == shape and f1.dtype == np.float64
+    assert np.array_equal(f1, f2)
+    assert f1.min() >= min(a.min(), b.min()) - 1e-9 and f1.max() <= max(a.max(), b.max()) + 1e-9
+
+
+@pytest.mark.parametrize("method", CLASSICAL_METHODS)
+def test_fusing_an_image_with_itself_returns_it(method):
+    a, _ = _images()
+    np.testing.assert_allclose(C.fuse_arrays([a, a], method=method), a, atol=1e-6 if method != "gff" else 1e-3)
+
+
+def test_mean_and_max_are_exact_and_three_inputs_work():
+    a, b = _images()
+    c = np.full_like(a, 50.0)
+    np.testing.assert_allclose(C.fuse_arrays([a, b], method="mean"), (a + b) / 2)
+    np.testing.assert_allclose(C.fuse_arrays([a, b], method="mean", weights=[3, 1]), 0.75 * a + 0.25 * b)
+    np.testing.assert_array_equal(C.fuse_arrays([a, b, c], method="max"), np.maximum(np.maximum(a, b), c))
+    for m in CLASSICAL_METHODS:
+        assert C.fuse_arrays([a, b, c], method=m).shape == a.shape
+
+
+def test_detail_rules_keep_more_edges_than_the_mean():
+    from medfuse.metrics import qabf
+
+    a, b = _images()
+    q_mean = qabf(C.fuse_arrays([a, b], method="mean"), a, b)
+    for m in ("laplacian", "wavelet", "gff"):
+        assert qabf(C.fuse_arrays([a, b], method=m), a, b) > q_mean, m
+
+
+def test_guided_filter_smooths_flat_regions_and_keeps_edges():
+    img = np.zeros((40, 40))
+    img[:, 20:] = 1.0
+    noisy = img + np.random.default_rng(0).normal(0, 0.1, img.shape)
+    out = C.guided_filter(noisy, noisy, radius=4, eps=0.1)
+    assert out[5:35, 2:16].std() < 0.5 * noisy[5:35, 2:16].std()
+    assert out[20, 25] - out[20, 14] > 0.8
+
+
+@pytest.mark.parametrize(
+    "arrays, kw, match",
+    [
+        (lambda a, b: [a], {}, "at least two"),
+        (lambda a, b: [a, b[:-1]], {}, "shape"),
+        (lambda a, b: [a, np.where(b > 200, np.nan, b)], {}, "NaN"),
+        (lambda a, b: [a[None, None], b[None, None]], {}, "2-D images or 3-D"),
+        (lambda a, b: [np.ones((1, 1)), np.ones((1, 1))], {}, "too small"),
+        (lambda a, b: [a, b], {"method": "median"}, "unknown classical"),
+        (lambda a, b: [a, b], {"method": "max", "levels": 3}, "not understood"),
+        (lambda a, b: [a, b], {"method": "mean", "weights": [1]}, "weights"),
+        (lambda a, b: [a, b], {"method": "wavelet", "wavelet": "nope"}, "unknown wavelet"),
+    ],
+)
+def test_classical_bad_input(arrays, kw, match):
+    a, b = _images()
+    with pytest.raises(InvalidInputError, match=match) as ei:
+        C.fuse_arrays(arrays(a, b), **kw)
+    assert "Fix:" in str(ei.value)
+
+
+# ---------------------------------------------------------------------- fuse() dispatcher
+def test_fuse_arrays_stay_on_the_input_scale():
+    a, b = _images()
+    f255 = fuse(a, b, method="mean")
+    np.testing.assert_allclose(f255, (a + b) / 2, atol=1e-9)
+    f01 = fuse(a / 255, b / 255, method="mean")
+    np.testing.assert_allclose(f01, (a + b) / 2 / 255, atol=1e-12)
+    assert 0 <= f01.min() and f01.max() <= 1
+    # Different scales: each is min-max normalised; the output is on the first input's scale.
+    hu = a * 8 - 1000
+    out = fuse(hu, b / 255, method="max")
+    assert hu.min() - 1e-6 <= out.min() and out.max() <= hu.max() + 1e-6
+
+
+def test_fuse_does_not_import_torch_for_classical_methods():
+    a, b = _images()
+    before = "torch" in sys.modules
+    for m in CLASSICAL_METHODS:
+        fuse(a, b, method=m)
+    assert ("torch" in sys.modules) == before
+
+
+def _vol(arr, spacing=(1.0, 1.0, 2.0), origin=(10.0, -5.0, 3.0), **kw):
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = origin
+    return Volume(arr, aff, **kw)
+
+
+@pytest.mark.parametrize("method", CLASSICAL_METHODS)
+def test_volumes_keep_shape_and_geometry_and_record_provenance(method):
+    rng = np.random.default_rng(2)
+    ct = _vol(rng.random((16, 18, 14)) * 1500 - 500, modality="CT", unit="HU")
+    pet = _vol(rng.random((16, 18, 14)) * 8, modality="PT", unit="SUVbw")
+    out = fuse(ct, pet, method=method)
+    assert isinstance(out, Volume)
+    assert out.shape == ct.shape and np.allclose(out.affine, ct.affine)
+    assert out.modality == "unknown" and out.unit == "arbitrary"
+    assert 0.0 <= out.array.min() and out.array.max() <= 1.0
+    prov = out.provenance
+    assert prov["method"] == method
+    assert [r["method"] for r in prov["normalisation"]] == ["window", "suv"]
+    assert prov["normalisation"][0]["low"] == -160.0 and prov["normalisation"][1]["high"] == 10.0
+    assert np.array_equal(fuse(ct, pet, method=method).array, out.array)
+
+
+def test_fuse_reports_progress_and_honours_cancel():
+    from medfuse.errors import CancelledError
+    from medfuse.progress import CancelToken
+
+    a, b = _images()
+    seen = []
+    fuse(a, b, method="gff", progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(CancelledError):
+        fuse(a, b, method="gff", cancel=token)
+    v = _vol(np.ones((8, 8, 8)))
+    out = fuse(v, v, method="mean", progress=lambda f, m: None)
+    assert "progress" not in out.provenance["history"][-1]["options"]
+
+
+def test_volumes_on_different_grids_point_to_registration():
+    a = _vol(np.ones((8, 8, 8)))
+    b = _vol(np.ones((8, 8, 8)), origin=(0.0, 0.0, 0.0))
+    with pytest.raises(GeometryError, match="different grid") as ei:
+        fuse(a, b, method="mean")
+    assert "medfuse.register" in str(ei.value) and "medfuse.resample" in str(ei.value)
+    with pytest.raises(GeometryError):
+        fuse(a, _vol(np.ones((8, 8, 9))), method="mean")
+
+
+def test_fuse_bad_input():
+    a, b = _images()
+    with pytest.raises(InvalidInputError, match="different shapes"):
+        fuse(a, b[:, :-1], method="mean")
+    with pytest.raises(InvalidInputError, match="NaN"):
+        fuse(a, np.full_like(b, np.nan), method="mean")
+    with pytest.raises(InvalidInputError, match="unknown fusion method"):
+        fuse(a, b, method="magic")
+    with pytest.raises(InvalidInputError, match="two or three"):
+        fuse(a, b, a, b, method="mean")
+    with pytest.raises(InvalidInputError, match="mix Volumes"):
+        fuse(_vol(np.ones((8, 8, 8))), np.ones((8, 8, 8)), method="mean")
+
+
+def test_network_without_infer_module_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake(name, globals=None, locals=None, fromlist=(), level=0):
+        if (level == 1 and fromlist and "infer" in fromlist) or name.endswith("fusion.infer"):
+            raise ImportError("No module named 'medfuse.fusion.infer'", name="medfuse.fusion.infer")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    monkeypatch.delitem(sys.modules, "medfuse.fusion.infer", raising=False)
+    a, b = _images()
+    with pytest.raises(MissingDependencyError, match="fusion network") as ei:
+        fuse(a / 255, b / 255, method="network")
+    assert "classical" in str(ei.value)
+
+
+# ---------------------------------------------------------------------- colour
+def test_ycbcr_round_trip_and_grey_formula():
+    rgb = np.random.default_rng(3).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    ycc = color.rgb_to_ycbcr(rgb)
+    np.testing.assert_allclose(color.ycbcr_to_rgb(ycc), rgb, atol=1e-9)
+    np.testing.assert_allclose(ycc[..., 0], 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
+    grey = np.stack([rgb[..., 0]] * 3, -1)
+    np.testing.assert_allclose(color.rgb_to_ycbcr(grey)[..., 1:], 128.0, atol=1e-9)  # no chroma in grey
+    assert np.array_equal(color.rgb_to_gray(grey), rgb[..., 0].astype(float))
+
+
+def test_fuse_rgb_keeps_chroma_and_fuses_luma():
+    rng = np.random.default_rng(4)
+    mri = rng.integers(0, 256, (32, 32)).astype(np.uint8)
+    pet = np.zeros((32, 32, 3), np.uint8)
+    pet[..., 0] = 200  # a red hot spot everywhere
+    pet[8:24, 8:24, 1] = 120
+    out = fuse(mri, pet, method="mean")
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    y_out = color.rgb_to_ycbcr(out)[..., 0]
+    y_want = (mri + color.rgb_to_ycbcr(pet)[..., 0]) / 2
+    inside = (np.abs(color.ycbcr_to_rgb(np.dstack([y_want, color.rgb_to_ycbcr(pet)[..., 1:]])) - 127.5) < 127).all(-1)
+    np.testing.assert_allclose(y_out[inside], y_want[inside], atol=1.0)
+    # Chroma comes from the PET where the result was not clipped.
+    np.testing.assert_allclose(color.rgb_to_ycbcr(out)[..., 1:][inside], color.rgb_to_ycbcr(pet)[..., 1:][inside], atol=1.5)
+    assert np.array_equal(out, fuse(mri, pet, method="mean"))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("ptype", ["PET-MRI", "SPECT-MRI"])
+def test_harvard_colour_pairs_fuse_through_ycbcr(shared, ptype):
+    from medfuse.harvard import list_pairs, load_pair
+
+    pair = list_pairs(shared("data", "harvard-pairs", ptype))[0]
+    mri, func = load_pair(pair)
+    assert mri.ndim == 2 and func.shape == mri.shape + (3,)
+    for m in CLASSICAL_METHODS:
+        out = fuse(mri, func, method=m)
+        assert out.shape == func.shape and out.dtype == np.uint8
+        # Where the MRI is black, luma fusion cannot add colour that the PET/SPECT lacked.
+        dark = (mri == 0) & (func.max(-1) == 0)
+        assert out[dark].max() <= 60, m
+
+
+# ---------------------------------------------------------------------- normalisation
+def test_normalise_per_modality_records_and_inverts():
+    hu = np.linspace(-1000, 1000, 201)
+    y, rec = N.normalise(hu, modality="CT", unit="HU")
+    assert rec["method"] == "window" and (rec["low"], rec["high"]) == (-160.0, 240.0)
+    assert y.min() == 0 and y.max() == 1 and 0 < rec["clipped_fraction"] < 1
+    inside = (hu >= -160) & (hu <= 240)
+    np.testing.assert_allclose(N.denormalise(y, rec)[inside], hu[inside])
+    suv = np.linspace(0, 20, 50)
+    y, rec = N.normalise(suv, modality="PT", unit="SUVbw", suv_max=8)
+    assert rec["method"] == "suv" and rec["high"] == 8 and y.max() == 1
+    mr = np.random.default_rng(0).random(1000) * 700
+    y, rec = N.normalise(mr, modality="MR")
+    assert rec["method"] == "percentile" and rec["percentiles"] == [0.5, 99.5]
+    assert N.normalise(np.ones(10), method="minmax")[0].max() == 0
+    import json
+
+    json.dumps(rec)
+    with pytest.raises(InvalidInputError, match="unknown normalisation"):
+        N.normalise(mr, method="zscore")
+    with pytest.raises(InvalidInputError, match="NaN"):
+        N.normalise(np.array([1.0, np.nan]))
