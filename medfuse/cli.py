@@ -1,0 +1,597 @@
+"""The ``medfuse`` command line: info, register, fuse, evaluate, train, batch, demo.
+
+Every failure on bad input prints one line (file, problem, fix) and exits with 2; ``--debug``
+shows the traceback. Exit codes are listed in ``medfuse --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
+
+from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURES", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_CANCELLED"]
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_CANCELLED = 130
+
+_METHODS = ("network", "mean", "max", "laplacian", "wavelet", "gff")
+_KINDS = ("none", "rigid", "affine", "deformable")
+
+_DESCRIPTION = """\
+Multimodal fusion of 3-D medical volumes (CT, MR, PET, SPECT).
+
+Start here:
+  medfuse demo                                   fuse the bundled sample MR + PET, write NIfTI + PNG
+  medfuse info scan_folder/                      what is in a file or DICOM folder
+  medfuse fuse mr.nii.gz pet_dicom/ -o fused.nii.gz --register rigid
+  medfuse batch subjects.csv --workers 4         many subjects in parallel (Dask)
+
+Inputs are NIfTI/MetaImage/NRRD files or DICOM folders. The first image (FIXED) is the
+reference: outputs are on its grid. Every output gets a provenance sidecar (x.nii.gz -> x.json):
+versions, input and output SHA-256, registration report, steps and timings; never patient
+identifiers. Outputs are never written over an existing file unless --overwrite is given.
+"""
+
+_EPILOG = """\
+exit codes:
+  0    success
+  1    some subjects failed (batch) or an evaluation did not pass (evaluate)
+  2    bad usage or bad input (missing file, unreadable image, output exists, ...)
+  3    internal error (a bug: please report it, with the output of --debug)
+  130  cancelled (Ctrl-C)
+
+Run 'medfuse COMMAND --help' for a command's options. Add --debug to any command to see
+the full traceback of an error.
+"""
+
+
+# ----------------------------------------------------------------------------- helpers
+class _Bar:
+    """A tqdm progress bar fed by medfuse's ``progress(fraction, message)`` callbacks."""
+
+    def __init__(self, desc: str, *, enabled: Optional[bool] = None):
+        from tqdm import tqdm
+
+        # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI).
+        self.bar = tqdm(total=100, desc=desc, unit="%", file=sys.stderr, leave=False,
+                        disable=None if enabled is None else not enabled,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        self.bar.n = round(100 * float(fraction), 1)
+        if message:
+            self.bar.set_postfix_str(message[:48], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _CancelOnSigint:
+    """First Ctrl-C sets a CancelToken (the operation stops cleanly at its next check); a second one
+    raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        from .progress import CancelToken
+
+        self.token = CancelToken()
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.token.cancelled:
+            raise KeyboardInterrupt
+        self.token.cancel()
+        print("\nmedfuse: cancelling... (press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (e.g. called from a test runner thread)
+            self._old = None
+        return self.token
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _say(args: argparse.Namespace, *parts: Any) -> None:
+    if not getattr(args, "quiet", False):
+        print(*parts)
+
+
+def _kind(value: Optional[str]) -> Optional[str]:
+    return None if value in (None, "none") else value
+
+
+def _show_warnings(caught: List[warnings.WarningMessage]) -> None:
+    for w in caught:
+        if issubclass(w.category, MedfuseWarning):
+            print(f"medfuse: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- info
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io import load
+
+    p = Path(args.path)
+    if not p.exists():
+        raise InvalidInputError("no such file or folder", fix="check the path", path=p)
+    series = []
+    if p.is_dir():
+        from .io import scan
+
+        series = scan(p)
+        if len(series) > 1:
+            rows = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
+                     "shape": list(s.shape) if s.shape else None, "n_volumes": s.n_volumes, "n_files": s.n_files,
+                     "folder": os.fspath(s.folder)} for s in series]
+            if args.json:
+                print(json.dumps({"path": os.fspath(p), "series": rows}, indent=2))
+                return EXIT_OK
+            print(f"{p}: {len(series)} DICOM series (choose one with --series UID)")
+            for r in rows:
+                shape = "x".join(str(x) for x in r["shape"]) if r["shape"] else "?"
+                print(f"  {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  {r['n_files']:>5} files  "
+                      f"{r['description'] or '-'}  uid={r['series_uid']}")
+            if not args.series:
+                return EXIT_OK
+    vol = load(p, series_uid=args.series)
+    import numpy as np
+
+    arr = vol.array
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    facts = {
+        "path": os.fspath(p),
+        "modality": vol.modality,
+        "unit": vol.unit,
+        "shape": list(vol.shape),
+        "spacing_mm": [round(s, 4) for s in vol.spacing],
+        "origin_lps_mm": [round(o, 3) for o in vol.origin],
+        "orientation": vol.orientation,
+        "oblique": vol.is_oblique,
+        "dtype": str(arr.dtype),
+        "min": float(finite.min()) if finite.size else None,
+        "max": float(finite.max()) if finite.size else None,
+        "series_uid": vol.provenance.get("series_uid"),
+        "series_description": vol.provenance.get("series_description"),
+        "n_series_in_folder": len(series) or None,
+        "warnings": vol.provenance.get("warnings") or [],
+    }
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return EXIT_OK
+    extent = [s * n for s, n in zip(vol.spacing, vol.shape)]
+    print(f"{p}")
+    print(f"  modality     {vol.modality}   unit {vol.unit}")
+    print(f"  shape        {' x '.join(str(s) for s in vol.shape)} voxels ({arr.dtype})")
+    print(f"  spacing      {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm   "
+          f"extent {' x '.join(f'{e:.0f}' for e in extent)} mm")
+    print(f"  origin       ({', '.join(f'{o:.2f}' for o in vol.origin)}) mm LPS   orientation {vol.orientation}"
+          f"{'  (oblique)' if vol.is_oblique else ''}")
+    print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}")
+    if facts["series_description"]:
+        print(f"  series       {facts['series_description']}")
+    for w in facts["warnings"]:
+        print(f"  warning      {w}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- register
+def _cmd_register(args: argparse.Namespace) -> int:
+    from . import provenance as prov
+    from .io import load, save
+    from .io._atomic import check_output
+
+    out = Path(args.output)
+    tfm = Path(args.transform) if args.transform else prov.sidecar_path(out).with_suffix(".tfm")
+    for target in (out, tfm):
+        check_output(target, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+    fixed, moving = load(args.fixed), load(args.moving)
+    import time
+
+    from .registration import register
+
+    t0 = time.perf_counter()
+    with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar:
+        res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token)
+    seconds = time.perf_counter() - t0
+    save(res.resampled, out, overwrite=args.overwrite)
+    res.transform.save(tfm, overwrite=args.overwrite)
+    rep = res.report.to_dict()
+    inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
+              {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
+    record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
+                        steps=[{"name": "register", "params": {"kind": args.kind, "metric": args.metric},
+                                "seconds": round(seconds, 3)}],
+                        parameters={"kind": args.kind, "metric": args.metric}, registration=[rep],
+                        extra={"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}})
+    side = prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
+    _say(args, f"registered ({args.kind}): metric {rep['metric_before']:.4f} -> {rep['metric_after']:.4f}"
+               f" (lower is better), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
+               f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
+    if rep.get("suspect"):
+        print(f"medfuse: warning: the registration looks suspect: {'; '.join(rep['suspect_reasons'])}",
+              file=sys.stderr)
+    _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
+               f"\nwrote {side} (provenance)")
+    return EXIT_OK
+
+
+def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
+    return False if getattr(args, "quiet", False) or getattr(args, "no_progress", False) else None
+
+
+# ----------------------------------------------------------------------------- fuse
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from .pipeline import fuse_files
+
+    with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedfuseWarning)
+        res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register), method=args.method,
+                         device=args.device, overwrite=args.overwrite, fallback=args.fallback,
+                         threads=args.threads, progress=bar, cancel=token)
+    _show_warnings(caught)
+    used = res.provenance.get("method_used", args.method)
+    _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
+    for i, rep in enumerate(res.registrations):
+        if rep:
+            _say(args, f"  registration {i + 1}: metric {rep['metric_before']:.4f} -> {rep['metric_after']:.4f}, "
+                       f"{'SUSPECT: ' + '; '.join(rep['suspect_reasons']) if rep.get('suspect') else 'ok'}")
+    _say(args, f"wrote {res.output}\nwrote {res.sidecar} (provenance)")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- evaluate / train
+def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace], int]:
+    """Run ``module.add_arguments`` / ``module.run`` on the remaining arguments, imported only when used
+    (so that ``medfuse --help`` never loads torch)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            raise MedfuseError(f"'medfuse {what}' is not available: {module} could not be imported "
+                               f"(missing: {missing})",
+                               fix="install the full set of extras: pip install 'medfuse[all]'") from None
+        parser = argparse.ArgumentParser(prog=prog, description=(mod.__doc__ or "").strip().splitlines()[0]
+                                         if mod.__doc__ else None)
+        mod.add_arguments(parser)
+        try:
+            sub = parser.parse_args(args.rest)
+        except SystemExit as e:
+            return EXIT_OK if e.code in (0, None) else EXIT_USAGE
+        sub.debug = args.debug
+        return int(mod.run(sub) or 0)
+
+    return handler
+
+
+# ----------------------------------------------------------------------------- batch
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    with _CancelOnSigint() as token:
+        summary = run_batch(args.manifest, workers=args.workers, scheduler=args.scheduler,
+                            threads_per_worker=args.threads_per_worker, register=_kind(args.register),
+                            method=args.method, device=args.device, fallback=args.fallback,
+                            overwrite=args.overwrite, report=args.report, progress=not args.no_progress and not args.quiet,
+                            cancel=token)
+    if not args.quiet:
+        print(summary.table())
+        if summary.report_path is not None:
+            print(f"report: {summary.report_path}")
+    if summary.cancelled:
+        return EXIT_CANCELLED
+    return EXIT_FAILURES if summary.n_failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    with _CancelOnSigint() as token, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedfuseWarning)
+        result = run_demo(args.out, method=args.method, device=args.device, samples=args.samples,
+                          anatomy=args.anatomy, progress_enabled=_bar_enabled(args), cancel=token)
+    _show_warnings(caught)
+    for line in result["lines"]:
+        _say(args, line)
+    return EXIT_OK
+
+
+def snapshot_png(volume, path, *, center_world=None, overwrite: bool = False, mm_per_pixel: float = 0.5) -> Path:
+    """Write a PNG of three orthogonal slices (axial, coronal, sagittal) through ``center_world``.
+
+    Radiological display: patient left on the image's right, anterior up (axial), superior up.
+    Pixels are resampled to square millimetres so that anisotropic grids are not distorted.
+
+    Args:
+        volume: the Volume to show.
+        path: the PNG to write (atomically).
+        center_world: LPS mm point the slices pass through (default: the brightest voxel).
+        overwrite: replace an existing PNG.
+        mm_per_pixel: output resolution.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from .io._atomic import atomic_path
+
+    arr = np.asarray(volume.array, dtype=np.float32)
+    if center_world is None:
+        idx = np.array(np.unravel_index(int(np.nanargmax(arr)), arr.shape))
+    else:
+        idx = np.rint(volume.world_to_index(np.asarray(center_world, dtype=float))).astype(int)
+    idx = np.clip(idx, 0, np.asarray(arr.shape) - 1)
+    lo, hi = (float(x) for x in np.nanpercentile(arr, [0.5, 99.5]))
+    hi = hi if hi > lo else lo + 1.0
+    sp = volume.spacing
+    i, j, k = (int(x) for x in idx)
+    # (2-D plane, spacing of its rows, spacing of its columns)
+    panels = [
+        (arr[:, :, k].T, sp[1], sp[0]),              # axial: rows j (A->P), cols i (R->L)
+        (arr[:, j, :].T[::-1], sp[2], sp[0]),        # coronal: rows k (S->I), cols i
+        (arr[i, :, :].T[::-1], sp[2], sp[1]),        # sagittal: rows k (S->I), cols j (A->P)
+    ]
+    images = []
+    for plane, s_row, s_col in panels:
+        g = (np.clip((plane - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+        w = max(1, int(round(g.shape[1] * s_col / mm_per_pixel)))
+        h = max(1, int(round(g.shape[0] * s_row / mm_per_pixel)))
+        images.append(Image.fromarray(g, mode="L").resize((w, h), Image.BILINEAR))
+    gap = 8
+    height = max(im.height for im in images)
+    canvas = Image.new("L", (sum(im.width for im in images) + gap * (len(images) - 1), height), 0)
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, (height - im.height) // 2))
+        x += im.width + gap
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)
+
+
+def run_demo(out: Any, *, method: str = "network", device: str = "cpu", samples: Any = None, anatomy: str = "mr",
+             progress_enabled: Optional[bool] = None, cancel: Any = None) -> dict:
+    """The ``medfuse demo`` work: sample MR T1 (or CT) + FDG PET -> rigid registration -> fusion -> files.
+
+    Returns:
+        ``{"result": PipelineResult, "files": {name: Path}, "lesion_center": array or None, "lines": [...]}``.
+    """
+    from .phantom import default_samples_folder, load_ground_truth, write_samples
+    from .pipeline import fuse_files
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = Path(samples) if samples else default_samples_folder()
+    lines = []
+    if folder is None or not (folder / "ground_truth.json").is_file():
+        if samples:
+            raise InvalidInputError("the folder holds no sample volumes (ground_truth.json is missing)",
+                                    fix="regenerate them: python -m medfuse.phantom --write DIR", path=folder)
+        folder = out / "sample_volumes"
+        if not (folder / "ground_truth.json").is_file():
+            folder.mkdir(exist_ok=True)
+            write_samples(folder, overwrite=True)
+            lines.append(f"generated the sample volumes in {folder}")
+    if anatomy not in ("mr", "ct"):
+        raise InvalidInputError(f"unknown anatomy {anatomy!r}", fix="use mr or ct")
+    mr = folder / ("mr_t1.nii.gz" if anatomy == "mr" else "ct")
+    pet = folder / "pet"
+    files = {"fused": out / "fused.nii.gz", "png": out / "fused.png", "transform": out / f"pet_to_{anatomy}.tfm"}
+    with _Bar("demo", enabled=progress_enabled) as bar:
+        res = fuse_files(mr, pet, files["fused"], register="rigid", method=method, device=device,
+                         fallback="laplacian" if method == "network" else None, overwrite=True,
+                         progress=bar, cancel=cancel)
+    files["provenance"] = res.sidecar
+    res.transforms[0].save(files["transform"], overwrite=True)
+    gt = load_ground_truth(folder)
+    center = gt["lesion"]["center_lps_mm"] if gt.get("lesion") else None
+    snapshot_png(res.fused, files["png"], center_world=center, overwrite=True)
+    rep = res.registrations[0] or {}
+    used = res.provenance.get("method_used", method)
+    lines += [
+        f"medfuse demo: fused {'MR T1' if anatomy == 'mr' else 'CT'} ({mr.name}) + FDG PET ({pet.name}/, SUVbw)"
+        f" from {folder}",
+        f"  registration (rigid, PET onto {anatomy.upper()}): metric {rep.get('metric_before', float('nan')):.3f} -> "
+        f"{rep.get('metric_after', float('nan')):.3f}, rotation {rep.get('rotation_deg') or 0:.1f} deg, "
+        f"translation {rep.get('translation_mm') or 0:.1f} mm{'  SUSPECT' if rep.get('suspect') else ''}",
+        f"  fusion method: {used}" + (f" (network unavailable, fell back; see {files['provenance'].name})"
+                                      if used != method else ""),
+        f"  total {res.seconds:.1f} s",
+        f"wrote {files['fused']}  (fused volume, NIfTI)",
+        f"wrote {files['png']}  (axial, coronal, sagittal slices through the lesion)",
+        f"wrote {files['provenance']}  (provenance: versions, hashes, registration report, timings)",
+        f"wrote {files['transform']}  (PET -> {anatomy.upper()} rigid transform, ITK .tfm)",
+    ]
+    return {"result": res, "files": files, "lesion_center": center, "lines": lines}
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print only errors")
+
+    parser = argparse.ArgumentParser(prog="medfuse", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medfuse {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    def add(name: str, help_: str, description: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=description, parents=[common], epilog=_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    p = add("info", "show what a file or DICOM folder holds",
+            "Show series, geometry (shape, spacing, origin, orientation), modality and unit of an image file\n"
+            "or DICOM folder. A folder with several series lists them; pick one with --series.\n\n"
+            "example:\n  medfuse info sample_volumes/pet")
+    p.add_argument("path", metavar="PATH", help="image file (.nii, .nii.gz, .mha, .nrrd) or DICOM file/folder")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to show when a folder holds several")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_info)
+
+    p = add("register", "align MOVING onto FIXED and write it on FIXED's grid",
+            "Register MOVING onto FIXED and write the resampled MOVING (on FIXED's grid), the ITK transform\n"
+            "(.tfm, maps FIXED points to MOVING points; readable by 3D Slicer, ANTs, SimpleITK) and a\n"
+            "provenance sidecar with the registration report.\n\n"
+            "example:\n  medfuse register sample_volumes/mr_t1.nii.gz sample_volumes/pet -o pet_on_mr.nii.gz")
+    p.add_argument("fixed", metavar="FIXED", help="reference image (file or DICOM folder)")
+    p.add_argument("moving", metavar="MOVING", help="image to align (file or DICOM folder)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output image (.nii.gz, .mha, .nrrd)")
+    p.add_argument("--kind", choices=_KINDS[1:], default="rigid", help="transform model (default: rigid)")
+    p.add_argument("--metric", choices=("mattes", "correlation"), default="mattes",
+                   help="mattes = mutual information, any modalities (default); correlation = same modality")
+    p.add_argument("--transform", metavar="TFM", help="where to write the transform (default: OUT with .tfm)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_register)
+
+    p = add("fuse", "fuse FIXED with one or more MOVING images",
+            "Load FIXED and MOVING, optionally register MOVING onto FIXED, resample onto FIXED's grid,\n"
+            "normalise each to 0..1, fuse, and write OUT plus its provenance sidecar (fused.nii.gz -> fused.json).\n\n"
+            "examples:\n"
+            "  medfuse fuse mr.nii.gz pet/ -o fused.nii.gz --register rigid\n"
+            "  medfuse fuse ct/ mr.nii.gz -o fused.nii.gz --register rigid --method laplacian\n"
+            "  medfuse fuse mr.nii.gz pet/ -o fused.nii.gz --device cuda")
+    p.add_argument("fixed", metavar="FIXED", help="reference image; the output is on its grid")
+    p.add_argument("moving", metavar="MOVING", nargs="+", help="image(s) to fuse with FIXED")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
+    p.add_argument("--register", choices=_KINDS, default="none",
+                   help="register MOVING onto FIXED first (default: none = already aligned)")
+    p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
+    p.add_argument("--fallback", choices=_METHODS[1:], default=None,
+                   help="classical method to use if the network cannot run (default: fail)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="ITK threads for registration (fix it for bit-identical re-runs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fuse)
+
+    for name, module, help_ in (("evaluate", "medfuse.evaluate", "score fusion methods (metrics, references)"),
+                                ("train", "medfuse.fusion.train", "train the fusion network")):
+        p = sub.add_parser(name, help=help_, add_help=False, prefix_chars="\0",
+                           description=f"{help_}; run 'medfuse {name} --help' for its options")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module, name, f"medfuse {name}"))
+
+    p = add("batch", "fuse many subjects in parallel from a CSV/YAML manifest (Dask)",
+            "Run the fuse pipeline over every subject of a manifest, in parallel on a Dask cluster: a local\n"
+            "cluster of --workers processes by default, or an existing one with --scheduler tcp://host:8786.\n"
+            "Re-runs skip subjects whose output and sidecar hashes still match; a failing subject is\n"
+            "reported and never stops the others. Ends with a summary table and a report file; exit code 1\n"
+            "when any subject failed.\n\n"
+            "manifest (CSV with a header, or YAML list / {defaults:, subjects:}):\n"
+            "  subject,fixed,moving,output\n"
+            "  s01,s01/mr.nii.gz,s01/pet,out/s01_fused.nii.gz\n"
+            "  s02,s02/mr.nii.gz,s02/pet;s02/spect.nii.gz,out/s02_fused.nii.gz\n"
+            "Optional columns: register, method. Several moving images: separate with ';' (CSV) or a list\n"
+            "(YAML). Relative paths are relative to the manifest's folder. See docs/pipeline.md.")
+    p.add_argument("manifest", metavar="MANIFEST", help="subjects.csv or subjects.yaml")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="local worker processes (default 2; ignored with --scheduler)")
+    p.add_argument("--scheduler", default="local", metavar="ADDR",
+                   help="'local' (default), 'tcp://host:port' of a running Dask scheduler, or 'synchronous' "
+                        "(in this process, no Dask; for debugging)")
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
+                   help="ITK/torch/BLAS threads per worker (default 1: no oversubscription)")
+    p.add_argument("--register", choices=_KINDS, default="none",
+                   help="default registration for rows without a 'register' column (default: none)")
+    p.add_argument("--method", choices=_METHODS, default="network", help="default fusion method (default: network)")
+    p.add_argument("--fallback", choices=_METHODS[1:], default=None,
+                   help="classical method to use if the network cannot run (default: fail the subject)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs")
+    p.add_argument("--report", metavar="PATH", default=None,
+                   help="report file (.csv or .json; default: <manifest name>-report.csv beside the manifest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo subjects whose outputs exist but are not verified by their sidecar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_batch)
+
+    p = add("demo", "fuse the bundled sample MR + PET end to end",
+            "Load the sample volumes (MR T1 NIfTI or CT DICOM, FDG PET DICOM with SUV), register the PET\n"
+            "onto the MR/CT (rigid), fuse, and write into DIR: fused.nii.gz, fused.json (provenance),\n"
+            "fused.png (three orthogonal slices through the lesion) and pet_to_mr.tfm (pet_to_ct.tfm).\n"
+            "The demo rewrites its own files.\n"
+            "If the fusion network's weights are absent it falls back to the Laplacian pyramid and says so.\n\n"
+            "example:\n  medfuse demo --out demo_output")
+    p.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: demo_output)")
+    p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs")
+    p.add_argument("--anatomy", choices=("mr", "ct"), default="mr",
+                   help="the anatomical image to fuse the PET with: the MR T1 (default) or the CT DICOM series")
+    p.add_argument("--samples", metavar="DIR", default=None,
+                   help="sample volumes folder (default: the bundled sample_volumes, generated if absent)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``medfuse`` command. Returns the exit code (see ``medfuse --help``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and the error (or the help)
+        return EXIT_OK if e.code in (0, None) else EXIT_USAGE
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    args.debug = bool(getattr(args, "debug", False))
+    args.quiet = bool(getattr(args, "quiet", False))
+    try:
+        return int(args.func(args))
+    except (CancelledError, KeyboardInterrupt):
+        print("medfuse: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except MedfuseError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"medfuse {args.command}: error: {e.one_line()}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"medfuse {args.command}: internal error: {e.__class__.__name__}: {' '.join(str(e).split())[:300]}. "
+              f"Fix: rerun with --debug and report the traceback.", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

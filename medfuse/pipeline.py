@@ -1,0 +1,620 @@
+"""The one-call API and the composable fusion pipeline.
+
+``fuse_files(fixed, moving, out)`` runs load -> register -> resample onto a common grid ->
+normalise -> fuse -> save, and writes a provenance sidecar beside the output. The same
+chain is a :class:`Pipeline` of named steps; any step can be replaced by any callable
+``step(state) -> state`` (give it a ``params`` dict to have its settings recorded).
+
+    >>> import medfuse
+    >>> r = medfuse.fuse_files("sample_volumes/mr_t1.nii.gz", "sample_volumes/pet", "fused.nii.gz",
+    ...                        register="rigid", method="laplacian")        # doctest: +SKIP
+    >>> r.output, r.sidecar                                                  # doctest: +SKIP
+    >>> p = medfuse.Pipeline(register="rigid").replace("normalise", my_step)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
+                     MissingDependencyError)
+from .progress import CancelToken, ProgressFn, check, report
+from .volume import Volume
+
+__all__ = [
+    "PipelineState", "PipelineResult", "Pipeline", "fuse_files", "pipeline_parameters",
+    "LoadStep", "RegisterStep", "ResampleStep", "NormaliseStep", "FuseStep", "SaveStep",
+    "STEP_NAMES", "REGISTER_KINDS",
+]
+
+PathLike = Union[str, os.PathLike]
+Step = Callable[["PipelineState"], "PipelineState"]
+
+STEP_NAMES = ("load", "register", "resample", "normalise", "fuse", "save")
+REGISTER_KINDS = (None, "rigid", "affine", "deformable")
+_GRIDS = ("fixed", "finest")
+_NORMALISE = ("auto", "percentile", "minmax", "none")
+
+
+@dataclass
+class PipelineState:
+    """What flows from step to step. Index 0 is the fixed (reference) image; the rest are moving.
+
+    Attributes:
+        inputs: the paths (or in-memory Volumes) given to :meth:`Pipeline.run`.
+        volumes: the current volumes (after each step, replaced by that step's result).
+        originals: the volumes as loaded (registration and resampling start from these).
+        transforms: per moving volume, the Transform onto the fixed image (``None`` = same frame).
+        registrations: per moving volume, the registration report dict (or ``None``).
+        fused: the fused Volume once the fuse step ran.
+        output: the output path (``None`` = keep in memory).
+        overwrite: whether ``output`` may be replaced.
+        progress, cancel: as everywhere in medfuse.
+        notes: warnings and facts that steps want in the provenance (JSON-safe).
+        weights_sha256: set by the fuse step when the network ran.
+        output_sha256, sidecar: set by the save step.
+    """
+
+    inputs: List[Any]
+    volumes: List[Volume] = field(default_factory=list)
+    originals: List[Volume] = field(default_factory=list)
+    transforms: List[Any] = field(default_factory=list)
+    registrations: List[Optional[Dict[str, Any]]] = field(default_factory=list)
+    fused: Optional[Volume] = None
+    output: Optional[Path] = None
+    overwrite: bool = False
+    progress: Optional[ProgressFn] = None
+    cancel: Optional[CancelToken] = None
+    notes: Dict[str, Any] = field(default_factory=dict)
+    weights_sha256: Optional[str] = None
+    output_sha256: Optional[str] = None
+    sidecar: Optional[Path] = None
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`fuse_files` and :meth:`Pipeline.run` return.
+
+    Attributes:
+        fused: the fused Volume.
+        output: the written file (``None`` when not saved).
+        sidecar: the provenance JSON beside it (``None`` when not saved).
+        provenance: the provenance record (also when not saved).
+        registrations: registration report dicts, one per moving image (``None`` when not registered).
+        transforms: the Transforms (moving onto fixed), ``None`` where not registered.
+        steps: ``{"name", "params", "seconds"}`` per step.
+    """
+
+    fused: Volume
+    output: Optional[Path]
+    sidecar: Optional[Path]
+    provenance: Dict[str, Any]
+    registrations: List[Optional[Dict[str, Any]]]
+    transforms: List[Any]
+    steps: List[Dict[str, Any]]
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(s.get("seconds", 0.0) for s in self.steps))
+
+
+# ----------------------------------------------------------------------------- steps
+class LoadStep:
+    """Load every input with :func:`medfuse.load` (Volumes given in memory pass through).
+
+    Args:
+        modalities: optional modality override per input (e.g. ``["MR", "PT"]`` for NIfTI files).
+        suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``).
+    """
+
+    name = "load"
+
+    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "bw"):
+        self.modalities = list(modalities) if modalities else None
+        self.params = {"modalities": self.modalities, "suv": suv}
+        self.suv = suv
+
+    def __call__(self, state: PipelineState) -> PipelineState:
+        from .io import load
+
+        vols = []
+        n = len(state.inputs)
+        for i, item in enumerate(state.inputs):
+            check(state.cancel, "loading")
+            mod = self.modalities[i] if self.modalities and i < len(self.modalities) else None
+            if isinstance(item, Volume):
+                vols.append(item)
+            else:
+                vols.append(load(item, modality=mod, suv=self.suv))
+            report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
+        state.volumes = vols
+        state.originals = list(vols)
+        state.transforms = [None] * (len(vols) - 1)
+        state.registrations = [None] * (len(vols) - 1)
+        return state
+
+
+class RegisterStep:
+    """Register each moving image onto the fixed one with :func:`medfuse.register` (or do nothing).
+
+    The transforms are kept; resampling happens once, in the resample step, from the originals.
+
+    Args:
+        kind: ``None`` (inputs already share a frame), ``"rigid"``, ``"affine"`` or ``"deformable"``.
+        threads: ITK threads during registration. Results are bit-identical only for equal thread counts,
+            so batch runs fix it (``None`` = leave SimpleITK's default).
+        **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
+    """
+
+    name = "register"
+
+    def __init__(self, kind: Optional[str] = None, *, threads: Optional[int] = None, **options: Any):
+        if kind not in REGISTER_KINDS:
+            raise InvalidInputError(f"unknown registration kind {kind!r}",
+                                    fix="use none, rigid, affine or deformable")
+        self.kind = kind
+        self.threads = threads
+        self.options = options
+        self.params = {"kind": kind, "threads": threads, **options}
+
+    def __call__(self, state: PipelineState) -> PipelineState:
+        if self.kind is None or len(state.volumes) < 2:
+            return state
+        from .registration import register
+
+        fixed = state.originals[0]
+        n = len(state.originals) - 1
+        with _itk_threads(self.threads):
+            for i, moving in enumerate(state.originals[1:]):
+                check(state.cancel, "registration")
+
+                def sub(f: float, msg: str, i=i) -> None:
+                    report(state.progress, (i + f) / n, f"registering {i + 1}/{n}: {msg}")
+
+                res = register(fixed, moving, kind=self.kind, progress=sub, cancel=state.cancel, **self.options)
+                state.transforms[i] = res.transform
+                rep = res.report.to_dict()
+                state.registrations[i] = rep
+                if rep.get("suspect"):
+                    msg = (f"registration of input {i + 2} onto input 1 looks suspect: "
+                           f"{'; '.join(rep.get('suspect_reasons') or [])}; check the fused result")
+                    warnings.warn(msg, MedfuseWarning, stacklevel=2)
+                    state.notes.setdefault("warnings", []).append(msg)
+        return state
+
+
+class ResampleStep:
+    """Put every volume on one grid (each moving image resampled once, through its transform).
+
+    Args:
+        grid: ``"fixed"`` (the fixed image's grid, default) or ``"finest"`` (finest spacing of all inputs over
+            the fixed image's field of view).
+        interpolation: ``"linear"`` or ``"bspline"``.
+    """
+
+    name = "resample"
+
+    def __init__(self, *, grid: str = "fixed", interpolation: str = "linear"):
+        if grid not in _GRIDS:
+            raise InvalidInputError(f"unknown grid {grid!r}", fix=f"use one of {', '.join(_GRIDS)}")
+        self.grid, self.interpolation = grid, interpolation
+        self.params = {"grid": grid, "interpolation": interpolation}
+
+    def __call__(self, state: PipelineState) -> PipelineState:
+        from .registration import common_grid, resample
+
+        vols = state.originals or state.volumes
+        ref = vols[0] if self.grid == "fixed" else common_grid(vols, reference_index=0)
+        out = []
+        for i, v in enumerate(vols):
+            check(state.cancel, "resampling")
+            t = None if i == 0 else (state.transforms[i - 1] if state.transforms else None)
+            if t is None and v.same_grid(ref):
+                out.append(v)
+            else:
+                out.append(resample(v, ref, transform=t, interpolation=self.interpolation))
+        state.volumes = out
+        return state
+
+
+class NormaliseStep:
+    """Scale each volume to 0..1 so that modalities in HU, SUV and arbitrary units mix fairly.
+
+    Uses :func:`medfuse.fusion.normalise.normalise`, the same rules the fusion network was trained with.
+
+    Args:
+        method: ``"auto"`` (by modality: CT soft-tissue window, PET SUV 0..10, MR/SPECT percentiles),
+            ``"percentile"``, ``"minmax"`` or ``"none"``.
+        low, high: percentiles for ``"percentile"``.
+    """
+
+    name = "normalise"
+
+    def __init__(self, *, method: str = "auto", low: float = 0.5, high: float = 99.5):
+        if method not in _NORMALISE:
+            raise InvalidInputError(f"unknown normalisation {method!r}", fix=f"use one of {', '.join(_NORMALISE)}")
+        if not 0 <= low < high <= 100:
+            raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}",
+                                    fix="e.g. low=0.5, high=99.5")
+        self.method, self.low, self.high = method, float(low), float(high)
+        self.params = {"method": method, "low": self.low, "high": self.high} if method == "percentile" else {"method": method}
+
+    def __call__(self, state: PipelineState) -> PipelineState:
+        if self.method == "none":
+            return state
+        from .fusion.normalise import normalise
+
+        out, records = [], []
+        for v in state.volumes:
+            check(state.cancel, "normalisation")
+            kw = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
+            scaled, rec = normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, **kw)
+            nv = v.with_array(scaled.astype(np.float32), unit="arbitrary")
+            nv.provenance["normalisation"] = rec
+            out.append(nv)
+            records.append(rec)
+        state.volumes = out
+        state.notes["normalisation"] = records
+        return state
+
+
+def _fusion_unavailable(e: BaseException) -> bool:
+    """True when a failure of the network may be cured by a classical method (weights, torch or the
+    inference module absent, or a network-specific failure). Cancellation never falls back."""
+    if isinstance(e, CancelledError):
+        return False
+    return isinstance(e, (MedfuseError, ImportError))
+
+
+class FuseStep:
+    """Fuse the (registered, resampled, normalised) volumes with :func:`medfuse.fuse`.
+
+    Args:
+        method: ``"network"`` (default) or a classical rule (``"mean"``, ``"max"``, ``"laplacian"``,
+            ``"wavelet"``, ``"gff"``).
+        device: ``"cpu"`` or ``"cuda"`` (network only).
+        fallback: a classical method to use, with a warning recorded in the provenance, when the network
+            cannot run (weights or torch missing). ``None`` (default): fail instead.
+        **options: passed to :func:`medfuse.fuse`.
+    """
+
+    name = "fuse"
+
+    def __init__(self, method: str = "network", *, device: str = "cpu", fallback: Optional[str] = None, **options: Any):
+        self.method, self.device, self.fallback, self.options = method, device, fallback, options
+        self.params = {"method": method, "device": device, "fallback": fallback, **options}
+
+    def __call__(self, state: PipelineState) -> PipelineState:
+        check(state.cancel, "fusion")
+        if len(state.volumes) < 2:
+            raise InvalidInputError(f"fusion needs at least two volumes, got {len(state.volumes)}",
+                                    fix="give a fixed and at least one moving image")
+        method = self.method
+        report(state.progress, 0.0, f"fusing ({method})")
+        try:
+            fused = _fuse(state.volumes, method=method, device=self.device, **self.options)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless the documented fallback applies
+            if not (method == "network" and self.fallback and _fusion_unavailable(e)):
+                raise
+            reason = e.one_line() if isinstance(e, MedfuseError) else f"{e.__class__.__name__}: {e}"
+            msg = f"the fusion network is not available ({reason}); fell back to method '{self.fallback}'"
+            warnings.warn(msg, MedfuseWarning, stacklevel=2)
+            state.notes["fallback"] = {"requested": "network", "used": self.fallback, "reason": reason}
+            state.notes.setdefault("warnings", []).append(msg)
+            method = self.fallback
+            fused = _fuse(state.volumes, method=method, device=self.device, **self.options)
+        if method == "network":
+            state.weights_sha256 = _weights_sha256()
+        state.notes["method_used"] = method
+        fused = _as_fused_volume(fused, state.volumes[0])
+        fused.provenance["method"] = method
+        if state.weights_sha256:
+            fused.provenance["weights_sha256"] = state.weights_sha256
+        state.fused = fused
+        report(state.progress, 1.0, "fused")
+        return state
+
+
+def _fuse(volumes: Sequence[Volume], *, method: str, device: str, **options: Any):
+    try:
+        from .fusion import fuse
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the fusion module could not be imported ({e.__class__.__name__}: {e})",
+            fix="reinstall medfuse (pip install -e '.[all]')") from None
+    return fuse(*volumes, method=method, device=device, **options)
+
+
+def _weights_sha256() -> Optional[str]:
+    try:
+        from .fusion.infer import weights_sha256
+
+        return weights_sha256()
+    except Exception:  # noqa: BLE001 - a missing hash is recorded as null, never fatal
+        return None
+
+
+def _as_fused_volume(fused: Any, ref: Volume) -> Volume:
+    if isinstance(fused, Volume):
+        return fused
+    arr = np.asarray(fused)
+    if arr.shape != ref.shape:
+        raise FusionError(f"fusion returned shape {arr.shape}, expected {ref.shape}",
+                          fix="report this as a bug in the fusion method")
+    return ref.with_array(arr.astype(np.float32), modality="unknown", unit="arbitrary")
+
+
+class SaveStep:
+    """Write the fused volume atomically, then its provenance sidecar; skipped when there is no output.
+
+    The output is written to a temporary name, hashed, the sidecar written, and only then renamed into
+    place: a run killed at any moment leaves either nothing, or an output with a matching sidecar.
+    """
+
+    name = "save"
+    params: Dict[str, Any] = {}
+
+    def __call__(self, state: PipelineState) -> PipelineState:
+        if state.output is None or state.fused is None:
+            return state
+        from . import provenance as prov
+        from .io import save
+        from .io._atomic import atomic_dir, atomic_path
+
+        out = Path(state.output)
+        inputs = [p for p in state.inputs if not isinstance(p, Volume)]
+        name = out.name.lower()
+        check(state.cancel, "saving")
+        if name.endswith((".mhd", ".nhdr")):
+            # Header + data file pairs name each other: let the writer place both atomically, then add
+            # the sidecar (an output without a sidecar is simply redone by batch runs).
+            save(state.fused, out, overwrite=state.overwrite)
+            state.output_sha256 = prov.hash_path(out)
+            state.sidecar = prov.sidecar_path(out)
+            record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
+            prov.write_sidecar(out, record, input_paths=inputs)
+            state.notes["provenance"] = record
+            return state
+        ctx = atomic_path if name.endswith(prov._IMAGE_SUFFIXES) else atomic_dir
+        with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
+            save(state.fused, tmp, overwrite=True)
+            state.output_sha256 = prov.hash_path(tmp)
+            state.sidecar = prov.sidecar_path(out)
+            record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
+            prov.write_sidecar(out, record, input_paths=inputs)
+        state.notes["provenance"] = record
+        return state
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _input_facts(state: PipelineState) -> List[Dict[str, Any]]:
+    from .provenance import hash_path
+
+    facts = []
+    hashes = state.notes.setdefault("_input_sha256", {})  # hash each input once per run
+    for i, item in enumerate(state.inputs):
+        v = state.originals[i] if i < len(state.originals) else None
+        f: Dict[str, Any] = {"role": "fixed" if i == 0 else "moving"}
+        if isinstance(item, Volume):
+            f.update(path=None, sha256=None)
+        else:
+            key = os.fspath(item)
+            if key not in hashes:
+                hashes[key] = hash_path(item)
+            f.update(path=key, sha256=hashes[key])
+        if v is not None:
+            f.update(modality=v.modality, unit=v.unit, shape=list(v.shape),
+                     spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
+        facts.append(f)
+    return facts
+
+
+def _provenance(state: PipelineState, *, extra_step: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from .provenance import build
+
+    steps = list(state.steps) + ([extra_step] if extra_step else [])
+    regs = state.registrations if any(r is not None for r in state.registrations) else None
+    extra = {k: v for k, v in state.notes.items() if k in ("warnings", "fallback", "method_used",
+                                                             "normalisation")}
+    return build(
+        inputs=_input_facts(state), output=state.output, output_sha256=state.output_sha256, steps=steps,
+        parameters=state.notes.get("parameters"), registration=regs, weights_sha256=state.weights_sha256,
+        extra=extra,
+    )
+
+
+class Pipeline:
+    """load -> register -> resample -> normalise -> fuse -> save, every step replaceable.
+
+    Args:
+        register: registration kind (``None``, ``"rigid"``, ``"affine"``, ``"deformable"``) for the default
+            register step.
+        method: fusion method for the default fuse step.
+        device: ``"cpu"`` or ``"cuda"``.
+        fallback: classical method used when the network cannot run (``None``: fail).
+        threads: ITK threads for registration (``None``: SimpleITK's default). Fix it for bit-identical
+            re-runs.
+        grid: ``"fixed"`` or ``"finest"`` (see :class:`ResampleStep`).
+        normalise: ``"auto"`` (by modality), ``"percentile"``, ``"minmax"`` or ``"none"``.
+        modalities: modality override per input (NIfTI files carry none).
+        steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
+            ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
+    """
+
+    def __init__(self, *, register: Optional[str] = None, method: str = "network", device: str = "cpu",
+                 fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
+                 normalise: str = "auto", modalities: Optional[Sequence[Optional[str]]] = None,
+                 steps: Optional[Dict[str, Step]] = None):
+        self._steps: List[Tuple[str, Step]] = [
+            ("load", LoadStep(modalities=modalities)),
+            ("register", RegisterStep(register, threads=threads)),
+            ("resample", ResampleStep(grid=grid)),
+            ("normalise", NormaliseStep(method=normalise)),
+            ("fuse", FuseStep(method, device=device, fallback=fallback)),
+            ("save", SaveStep()),
+        ]
+        for name, step in (steps or {}).items():
+            self._set(name, step)
+
+    def _set(self, name: str, step: Step) -> None:
+        names = [n for n, _ in self._steps]
+        if name not in names:
+            raise InvalidInputError(f"unknown pipeline step {name!r}", fix=f"use one of {', '.join(names)}")
+        if not callable(step):
+            raise InvalidInputError(f"the {name} step must be callable: step(state) -> state",
+                                    fix="pass a function or an object with __call__")
+        self._steps[names.index(name)] = (name, step)
+
+    def replace(self, name: str, step: Step) -> "Pipeline":
+        """A copy of this pipeline with step ``name`` replaced by ``step``."""
+        new = Pipeline.__new__(Pipeline)
+        new._steps = list(self._steps)
+        new._set(name, step)
+        return new
+
+    @property
+    def steps(self) -> List[Tuple[str, Step]]:
+        """``[(name, step), ...]`` in order."""
+        return list(self._steps)
+
+    def step(self, name: str) -> Step:
+        return dict(self._steps)[name]
+
+    def parameters(self) -> Dict[str, Any]:
+        """Every step's recorded parameters (what decides the result; used for idempotent re-runs)."""
+        return {name: _params_of(step) for name, step in self._steps if name != "save"}
+
+    def run(self, inputs: Sequence[Union[PathLike, Volume]], out: Optional[PathLike] = None, *,
+            overwrite: bool = False, progress: Optional[ProgressFn] = None,
+            cancel: Optional[CancelToken] = None) -> PipelineResult:
+        """Run the steps on ``inputs`` (fixed first) and write ``out`` with its sidecar when given.
+
+        Raises:
+            MedfuseError: any documented failure of a step (bad input, registration, fusion, output exists).
+            CancelledError: ``cancel`` was set.
+        """
+        if len(inputs) < 2:
+            raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {len(inputs)}",
+                                    fix="pass [fixed, moving, ...]")
+        if out is not None:
+            from .io._atomic import check_output
+
+            # Fail before hours of work, not after.
+            check_output(out, overwrite=overwrite, inputs=[p for p in inputs if not isinstance(p, Volume)])
+        state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
+                              progress=None, cancel=cancel)
+        state.notes["parameters"] = self.parameters()
+        weights = _STEP_WEIGHTS
+        total = sum(weights.get(n, 0.05) for n, _ in self._steps)
+        done = 0.0
+        for name, step in self._steps:
+            w = weights.get(name, 0.05) / total
+            state.progress = _scaled(progress, done, w, name)
+            check(cancel, f"the {name} step")
+            t0 = time.perf_counter()
+            result = step(state)
+            state = result if isinstance(result, PipelineState) else state
+            state.steps.append({"name": name, "params": _params_of(step),
+                                "seconds": round(time.perf_counter() - t0, 4)})
+            done += w
+            report(progress, done, f"{name} done")
+        if state.fused is None:
+            raise FusionError("the pipeline finished without a fused volume",
+                              fix="a replaced fuse step must set state.fused")
+        record = _provenance(state)
+        if state.output is not None and state.sidecar is not None:
+            # Refresh the sidecar with the save step's own timing (the output itself is untouched).
+            from .provenance import write_sidecar
+
+            write_sidecar(state.output, record, input_paths=[p for p in inputs if not isinstance(p, Volume)])
+        return PipelineResult(fused=state.fused, output=state.output if state.sidecar else None,
+                              sidecar=state.sidecar, provenance=record, registrations=state.registrations,
+                              transforms=state.transforms, steps=state.steps)
+
+
+_STEP_WEIGHTS = {"load": 0.05, "register": 0.6, "resample": 0.1, "normalise": 0.05, "fuse": 0.15, "save": 0.05}
+
+
+def _scaled(progress: Optional[ProgressFn], start: float, width: float, name: str) -> Optional[ProgressFn]:
+    if progress is None:
+        return None
+
+    def sub(f: float, msg: str = "") -> None:
+        report(progress, start + width * min(1.0, max(0.0, f)), f"{name}: {msg}" if msg else name)
+
+    return sub
+
+
+def _params_of(step: Any) -> Dict[str, Any]:
+    params = getattr(step, "params", None)
+    if isinstance(params, dict):
+        return dict(params)
+    return {"callable": getattr(step, "__qualname__", type(step).__qualname__)}
+
+
+class _itk_threads:
+    """Temporarily set SimpleITK's global default thread count (no-op for None)."""
+
+    def __init__(self, n: Optional[int]):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            import SimpleITK as sitk
+
+            self.old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(self.n))
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            import SimpleITK as sitk
+
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self.old)
+        return False
+
+
+def pipeline_parameters(*, register: Optional[str] = None, method: str = "network", device: str = "cpu",
+                        fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
+                        normalise: str = "auto") -> Dict[str, Any]:
+    """The parameters :func:`fuse_files` records for these options (batch uses it to decide re-runs)."""
+    return Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
+                    grid=grid, normalise=normalise).parameters()
+
+
+def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, Sequence[Union[PathLike, Volume]]],
+               out: Optional[PathLike], *, register: Optional[str] = None, method: str = "network",
+               device: str = "cpu", overwrite: bool = False, fallback: Optional[str] = None,
+               threads: Optional[int] = None, grid: str = "fixed", normalise: str = "auto",
+               progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> PipelineResult:
+    """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
+
+    Args:
+        fixed: the reference image (file, DICOM folder or Volume); the output is on its grid.
+        moving: one moving image or a list of them.
+        out: output path (``.nii.gz``, ``.mha``, ``.nrrd``, or a folder name for DICOM); ``None`` keeps the
+            result in memory.
+        register: ``None`` (inputs already aligned), ``"rigid"``, ``"affine"`` or ``"deformable"``.
+        method: ``"network"`` (default) or ``"mean"``, ``"max"``, ``"laplacian"``, ``"wavelet"``, ``"gff"``.
+        device: ``"cpu"`` or ``"cuda"`` for the network.
+        overwrite: replace an existing output (never an input).
+        fallback: classical method to use if the network cannot run (``None``: fail).
+        threads: ITK threads for registration; fix it for bit-identical re-runs.
+        grid, normalise: see :class:`Pipeline`.
+        progress, cancel: progress callback and cancel token.
+
+    Returns:
+        :class:`PipelineResult` (fused Volume, output and sidecar paths, provenance, registration reports).
+    """
+    movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
+    pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
+                    grid=grid, normalise=normalise)
+    return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

@@ -1,0 +1,253 @@
+"""MONAI transforms: load, align and fuse a subject's modalities inside a MONAI ``Compose``.
+
+Dictionary transforms (for ``monai.data.Dataset`` items such as ``{"mr": path, "pet": path, "label": 1}``):
+
+* :class:`LoadVolumed`: paths -> :class:`medfuse.Volume` (DICOM folders, SUV for PET, exact geometry);
+* :class:`RegisterToReferenced`: register images onto a reference image and resample them onto its grid;
+* :class:`FuseModalitiesd`: fuse the aligned images into one channel-first ``MetaTensor`` for a network.
+
+Array twins: :class:`LoadVolume`, :class:`RegisterToReference`, :class:`FuseModalities`.
+
+    from monai.transforms import Compose, Resized, SelectItemsd
+    from medfuse.transforms import LoadVolumed, RegisterToReferenced, FuseModalitiesd
+
+    pre = Compose([
+        LoadVolumed(keys=["mr", "pet"]),
+        RegisterToReferenced(keys=["pet"], reference_key="mr", kind="rigid"),
+        FuseModalitiesd(keys=["mr", "pet"], output_key="image", method="laplacian"),
+        Resized(keys=["image"], spatial_size=(64, 64, 64)),
+        SelectItemsd(keys=["image", "label"]),
+    ])
+
+Values may be medfuse Volumes or MONAI ``MetaTensor`` s (e.g. from ``LoadImaged``): MetaTensors are
+converted with :meth:`medfuse.Volume.from_metatensor` and registered results are returned in the
+type they came in. This module needs MONAI (``pip install 'medfuse[ml]'``); ``import medfuse``
+never imports it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
+
+from .errors import InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
+from .volume import Volume
+
+try:
+    from monai.config import KeysCollection
+    from monai.transforms import MapTransform, Transform
+except ImportError:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError.for_package("monai", "medfuse.transforms", "ml") from None
+
+__all__ = [
+    "LoadVolume", "LoadVolumed", "RegisterToReference", "RegisterToReferenced",
+    "FuseModalities", "FuseModalitiesd", "as_volume",
+]
+
+
+def as_volume(x: Any, *, name: str = "image") -> Volume:
+    """A medfuse Volume from a Volume or a MONAI MetaTensor (channel-first, one channel)."""
+    if isinstance(x, Volume):
+        return x
+    if hasattr(x, "affine") and hasattr(x, "meta"):
+        return Volume.from_metatensor(x)
+    raise InvalidInputError(
+        f"{name} is a {type(x).__name__}, not a medfuse Volume or MONAI MetaTensor (geometry is needed)",
+        fix="load it with LoadVolumed or MONAI's LoadImaged(image_only=True) first")
+
+
+def _like(result: Volume, template: Any) -> Any:
+    """Return ``result`` in the type ``template`` came in (Volume or MetaTensor)."""
+    return result if isinstance(template, Volume) else result.to_metatensor()
+
+
+# ----------------------------------------------------------------------------- load
+class LoadVolume(Transform):
+    """Load an image file or DICOM folder with :func:`medfuse.load`.
+
+    Args:
+        modality: override the modality (NIfTI files carry none).
+        suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``).
+        as_tensor: return a MONAI MetaTensor instead of a Volume.
+    """
+
+    def __init__(self, *, modality: Optional[str] = None, suv: str = "bw", as_tensor: bool = False):
+        self.modality, self.suv, self.as_tensor = modality, suv, as_tensor
+
+    def __call__(self, path: Any) -> Any:
+        from .io import load
+
+        if isinstance(path, Volume):
+            vol = path
+        else:
+            vol = load(path, modality=self.modality, suv=self.suv)
+        return vol.to_metatensor() if self.as_tensor else vol
+
+
+class LoadVolumed(MapTransform):
+    """Dictionary version of :class:`LoadVolume`.
+
+    Args:
+        keys: items holding paths.
+        modality: one modality for all keys, or a ``{key: modality}`` mapping.
+        suv, as_tensor: see :class:`LoadVolume`.
+        allow_missing_keys: skip absent keys instead of failing.
+    """
+
+    def __init__(self, keys: KeysCollection, *, modality: Union[None, str, Mapping[str, str]] = None,
+                 suv: str = "bw", as_tensor: bool = False, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.modality, self.suv, self.as_tensor = modality, suv, as_tensor
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mod = self.modality.get(key) if isinstance(self.modality, Mapping) else self.modality
+            d[key] = LoadVolume(modality=mod, suv=self.suv, as_tensor=self.as_tensor)(d[key])
+        return d
+
+
+# ----------------------------------------------------------------------------- register
+class RegisterToReference(Transform):
+    """Register ``moving`` onto ``reference`` and return it resampled on the reference grid.
+
+    Args:
+        kind: ``"rigid"``, ``"affine"`` or ``"deformable"``; ``None`` only resamples (same frame assumed).
+        threads: ITK threads (fix for bit-identical results; ``None`` = SimpleITK default).
+        **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
+
+    The last registration report is kept in :attr:`last_report`.
+    """
+
+    def __init__(self, *, kind: Optional[str] = "rigid", threads: Optional[int] = None, **options: Any):
+        self.kind, self.threads, self.options = kind, threads, options
+        self.last_report: Optional[Dict[str, Any]] = None
+
+    def __call__(self, moving: Any, reference: Any) -> Any:
+        from .pipeline import _itk_threads
+        from .registration import register, resample
+
+        mv, ref = as_volume(moving, name="moving"), as_volume(reference, name="reference")
+        if self.kind is None:
+            self.last_report = None
+            return _like(mv if mv.same_grid(ref) else resample(mv, ref), moving)
+        with _itk_threads(self.threads):
+            res = register(ref, mv, kind=self.kind, **self.options)
+        self.last_report = res.report.to_dict()
+        if self.last_report.get("suspect"):
+            warnings.warn(f"registration looks suspect: {'; '.join(self.last_report.get('suspect_reasons') or [])}",
+                          MedfuseWarning, stacklevel=2)
+        return _like(res.resampled, moving)
+
+
+class RegisterToReferenced(MapTransform):
+    """Register each of ``keys`` onto ``data[reference_key]`` and put it on the reference grid.
+
+    The registration report (a dict: metric before/after, suspect, ...) is stored under
+    ``f"{key}{report_postfix}"`` unless ``report_postfix`` is ``None``.
+
+    Args:
+        keys: the moving images.
+        reference_key: the fixed image.
+        kind, threads, **options: see :class:`RegisterToReference`.
+        report_postfix: suffix of the report's key (default ``"_registration"``).
+        allow_missing_keys: skip absent keys instead of failing.
+    """
+
+    def __init__(self, keys: KeysCollection, reference_key: str, *, kind: Optional[str] = "rigid",
+                 threads: Optional[int] = None, report_postfix: Optional[str] = "_registration",
+                 allow_missing_keys: bool = False, **options: Any):
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self.report_postfix = report_postfix
+        self.register = RegisterToReference(kind=kind, threads=threads, **options)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        if self.reference_key not in d:
+            raise InvalidInputError(f"the reference key {self.reference_key!r} is not in the data "
+                                    f"(keys: {', '.join(map(str, d))})", fix="load the reference image first")
+        for key in self.key_iterator(d):
+            if key == self.reference_key:
+                continue
+            d[key] = self.register(d[key], d[self.reference_key])
+            if self.report_postfix is not None:
+                d[f"{key}{self.report_postfix}"] = self.register.last_report
+        return d
+
+
+# ----------------------------------------------------------------------------- fuse
+class FuseModalities(Transform):
+    """Fuse two or three aligned images (Volumes or MetaTensors on one grid) with :func:`medfuse.fuse`.
+
+    Args:
+        method: ``"network"`` or a classical rule (``"mean"``, ``"max"``, ``"laplacian"``, ``"wavelet"``,
+            ``"gff"``).
+        device: ``"cpu"`` or ``"cuda"`` for the network.
+        normalise: passed to :func:`medfuse.fuse` (``"auto"``: CT window, PET SUV range, MR percentiles).
+        fallback: classical method used, with a warning, when the network cannot run.
+        resample: put every image on the first image's grid first (no registration).
+        as_tensor: return a channel-first float32 MetaTensor (default) instead of a Volume.
+    """
+
+    def __init__(self, *, method: str = "network", device: str = "cpu", normalise: Any = "auto",
+                 fallback: Optional[str] = None, resample: bool = False, as_tensor: bool = True):
+        self.method, self.device, self.normalise = method, device, normalise
+        self.fallback, self.resample, self.as_tensor = fallback, resample, as_tensor
+
+    def __call__(self, images: Sequence[Any]) -> Any:
+        from .pipeline import _fuse, _fusion_unavailable
+
+        vols = [as_volume(x, name=f"image {i + 1}") for i, x in enumerate(images)]
+        if self.resample:
+            from .registration import resample
+
+            vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
+        try:
+            fused = _fuse(vols, method=self.method, device=self.device, normalise=self.normalise)
+        except Exception as e:  # noqa: BLE001 - only the documented fallback is swallowed
+            if not (self.method == "network" and self.fallback and _fusion_unavailable(e)):
+                raise
+            reason = e.one_line() if isinstance(e, MedfuseError) else f"{e.__class__.__name__}: {e}"
+            warnings.warn(f"the fusion network is not available ({reason}); using '{self.fallback}'",
+                          MedfuseWarning, stacklevel=2)
+            fused = _fuse(vols, method=self.fallback, device=self.device, normalise=self.normalise)
+        if not isinstance(fused, Volume):
+            fused = vols[0].with_array(fused, modality="unknown", unit="arbitrary")
+        if not self.as_tensor:
+            return fused
+        import numpy as np
+
+        return fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor()
+
+
+class FuseModalitiesd(MapTransform):
+    """Fuse ``data[k] for k in keys`` (in that order; the first is the reference grid) into ``output_key``.
+
+    Args:
+        keys: two or three aligned images (see :class:`RegisterToReferenced`).
+        output_key: where the fused image goes (default ``"fused"``).
+        delete_keys: drop the input images afterwards (saves memory in cached datasets).
+        method, device, normalise, fallback, resample, as_tensor: see :class:`FuseModalities`.
+    """
+
+    def __init__(self, keys: KeysCollection, *, output_key: str = "fused", method: str = "network",
+                 device: str = "cpu", normalise: Any = "auto", fallback: Optional[str] = None,
+                 resample: bool = False, as_tensor: bool = True, delete_keys: bool = False):
+        super().__init__(keys, allow_missing_keys=False)
+        self.output_key, self.delete_keys = output_key, delete_keys
+        self.fuse = FuseModalities(method=method, device=device, normalise=normalise, fallback=fallback,
+                                   resample=resample, as_tensor=as_tensor)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if len(keys) < 2:
+            raise InvalidInputError(f"fusion needs two or three images, got keys {keys}",
+                                    fix="list the image keys to fuse, reference first")
+        d[self.output_key] = self.fuse([d[k] for k in keys])
+        if self.delete_keys:
+            for k in keys:
+                if k != self.output_key:
+                    d.pop(k, None)
+        return d

@@ -1,0 +1,154 @@
+"""medfuse batch: manifests, a 2-worker local Dask cluster, failures, kill + resume, reproducibility."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse import provenance as prov
+from medfuse.batch import Subject, read_manifest, run_batch, write_phantom_subjects
+from medfuse.errors import InvalidInputError, UnreadableFileError
+
+pytest.importorskip("distributed")
+
+CORRUPT = "sub-04"
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    """Six 2 mm phantom subjects, the fourth one's MR file deliberately corrupt; method fixed to laplacian."""
+    root = tmp_path_factory.mktemp("batch")
+    manifest = write_phantom_subjects(root, 6, first_seed=1, method="laplacian")
+    mr = root / CORRUPT / "mr_t1.nii.gz"
+    mr.write_bytes(mr.read_bytes()[:300])  # truncated gzip: unreadable
+    return manifest
+
+
+def _outputs(root: Path):
+    return sorted(p for p in (root / "out").glob("*.nii.gz") if not p.name.startswith("."))
+
+
+@pytest.mark.slow
+def test_kill_mid_run_then_resume_on_two_workers(six):
+    root = six.parent
+    cmd = [sys.executable, "-c", "import sys; from medfuse.cli import main; sys.exit(main(sys.argv[1:]))",
+           "batch", str(six), "--workers", "2", "--no-progress"]
+    # 1. start a run and kill it (SIGKILL, scheduler and workers alike) as soon as the first subject is out
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not _outputs(root) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the batch finished before it could be killed: " + proc.stderr.read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    first = {p: p.stat().st_mtime_ns for p in _outputs(root)}
+    assert 1 <= len(first) < 5
+    subjects = {s.subject: s for s in read_manifest(six)}
+    # whatever was finished is complete and verified by its sidecar (atomic writes: no half-written output)
+    for p in first:
+        s = next(s for s in subjects.values() if Path(s.output) == p)
+        assert prov.is_up_to_date(p, input_paths=[s.fixed, *s.moving])
+
+    # 2. re-run through the CLI: completes the rest, skips the finished ones, reports the corrupt one, exit 1
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    outs = _outputs(root)
+    assert len(outs) == 5 and not any(CORRUPT in p.name for p in outs)
+    for p, mtime in first.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p.name} was redone"
+    report = list(csv.DictReader(open(root / "manifest-report.csv")))
+    status = {r["subject"]: r["status"] for r in report}
+    assert status[CORRUPT] == "failed"
+    assert sum(v == "skipped" for v in status.values()) == len(first)
+    assert sum(v == "done" for v in status.values()) == 5 - len(first)
+    err = next(r["error"] for r in report if r["subject"] == CORRUPT)
+    assert "mr_t1.nii.gz" in err and "Fix:" in err and "Traceback" not in err
+    assert "FAILED" in done.stdout and CORRUPT in done.stdout  # summary table
+    assert "Traceback" not in done.stderr
+
+    # 3. a subject's output equals running that subject alone (same thread count)
+    s = subjects["sub-02"]
+    alone = medfuse.fuse_files(s.fixed, s.moving, root / "alone.nii.gz", register="rigid", method="laplacian",
+                               threads=1)
+    assert np.array_equal(medfuse.load(s.output).array, medfuse.load(alone.output).array)
+    assert json.loads(prov.sidecar_path(s.output).read_text())["parameters"] == alone.provenance["parameters"]
+
+
+def test_run_batch_synchronous_isolates_failures_and_is_idempotent(tmp_path):
+    manifest = write_phantom_subjects(tmp_path, 1, first_seed=7, method="mean", register=None)
+    bad = Subject(subject="bad", fixed=str(tmp_path / "nope.nii.gz"), moving=[str(tmp_path / "nope2.nii.gz")],
+                  output=str(tmp_path / "out" / "bad.nii.gz"), method="mean")
+    subjects = read_manifest(manifest) + [bad]
+    s1 = run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.json")
+    assert [r.status for r in s1.results] == ["done", "failed"]
+    assert "nope.nii.gz" in s1.results[1].error
+    assert json.loads((tmp_path / "r.json").read_text())[1]["status"] == "failed"
+    out = Path(subjects[0].output)
+    mtime = out.stat().st_mtime_ns
+    s2 = run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.json")
+    assert [r.status for r in s2.results] == ["skipped", "failed"] and out.stat().st_mtime_ns == mtime
+    # different parameters: the output is stale and is not silently replaced
+    s3 = run_batch(subjects[:1], scheduler="synchronous", method="max", report=tmp_path / "r.csv")
+    assert s3.results[0].status == "skipped"  # the row's own method (mean) wins over the default
+    subjects[0].method = "max"
+    s4 = run_batch(subjects[:1], scheduler="synchronous", report=tmp_path / "r.csv")
+    assert s4.results[0].status == "failed" and "--overwrite" in s4.results[0].error
+    s5 = run_batch(subjects[:1], scheduler="synchronous", overwrite=True, report=tmp_path / "r.csv")
+    assert s5.results[0].status == "done"
+    assert "1 done" in s5.table()
+
+
+def test_manifest_csv_and_yaml(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        "subject,fixed,moving,output,register\n"
+        "a,a/mr.nii.gz,a/pet;a/spect.nii.gz,out/a.nii.gz,rigid\n"
+        "b,/abs/mr.nii.gz,b/pet,out/b.nii.gz,\n")
+    a, b = read_manifest(tmp_path / "m.csv")
+    assert a.moving == [str(tmp_path / "a/pet"), str(tmp_path / "a/spect.nii.gz")] and a.register == "rigid"
+    assert b.fixed == "/abs/mr.nii.gz" and b.register is None
+    (tmp_path / "m.yaml").write_text(
+        "defaults: {register: affine, method: mean}\n"
+        "subjects:\n"
+        "  - {subject: a, fixed: a/mr.nii.gz, moving: [a/pet, a/spect.nii.gz], output: out/a.nii.gz}\n"
+        "  - {subject: b, fixed: b/mr.nii.gz, moving: b/pet, output: out/b.nii.gz, register: none}\n")
+    a, b = read_manifest(tmp_path / "m.yaml")
+    assert len(a.moving) == 2 and a.register == "affine" and a.method == "mean" and b.register is None
+    (tmp_path / "dup.csv").write_text("subject,fixed,moving,output\na,x,y,o.nii.gz\nb,x,y,o.nii.gz\n")
+    with pytest.raises(InvalidInputError, match="appears twice"):
+        read_manifest(tmp_path / "dup.csv")
+    (tmp_path / "bad.csv").write_text("name,fixed,moving\na,x,y\n")
+    with pytest.raises(InvalidInputError, match="subject, output"):
+        read_manifest(tmp_path / "bad.csv")
+    (tmp_path / "row.csv").write_text("subject,fixed,moving,output\na,x,,o.nii.gz\n")
+    with pytest.raises(InvalidInputError, match="row 2"):
+        read_manifest(tmp_path / "row.csv")
+    (tmp_path / "bad.yaml").write_text("subjects: [a, b\n")
+    with pytest.raises(UnreadableFileError, match="YAML"):
+        read_manifest(tmp_path / "bad.yaml")
+    with pytest.raises(UnreadableFileError):
+        read_manifest(tmp_path / "missing.csv")
+
+
+def test_existing_scheduler_address(tmp_path):
+    """--scheduler tcp://... uses a running cluster (here a one-process local one) and leaves it running."""
+    from dask.distributed import LocalCluster
+
+    manifest = write_phantom_subjects(tmp_path, 1, first_seed=8, method="mean", register=None)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        summary = run_batch(manifest, scheduler=cluster.scheduler_address)
+        assert [r.status for r in summary.results] == ["done"] and summary.workers == 1
+        assert len(cluster.scheduler_info["workers"]) == 1  # still up: not ours to close
+    with pytest.raises(InvalidInputError, match="unknown scheduler"):
+        run_batch(manifest, scheduler="bogus")

@@ -1,0 +1,173 @@
+"""fuse_files / Pipeline / provenance on small phantom inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse import provenance as prov
+from medfuse.errors import CancelledError, InvalidInputError, OutputExistsError, WeightsError
+from medfuse.pipeline import Pipeline, fuse_files
+from medfuse.progress import CancelToken
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "sample_volumes"
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    """One 2 mm phantom subject (MR T1 + misaligned PET NIfTI)."""
+    from medfuse.batch import read_manifest, write_phantom_subjects
+
+    folder = tmp_path_factory.mktemp("subject")
+    s = read_manifest(write_phantom_subjects(folder, 1, first_seed=5))[0]
+    return s
+
+
+def test_fuse_files_writes_output_and_complete_sidecar(subject, tmp_path):
+    out = tmp_path / "fused.nii.gz"
+    seen = []
+    res = fuse_files(subject.fixed, subject.moving[0], out, register="rigid", method="mean",
+                     progress=lambda f, m: seen.append(f))
+    assert res.output == out and out.is_file()
+    assert res.sidecar == tmp_path / "fused.json" and res.sidecar.is_file()
+    fixed = medfuse.load(subject.fixed)
+    fused = medfuse.load(out)
+    assert fused.same_grid(fixed)  # on the fixed image's grid
+    assert 0.0 <= float(fused.array.min()) and float(fused.array.max()) <= 1.0
+    rec = json.loads(res.sidecar.read_text())
+    assert rec["output"]["sha256"] == prov.hash_path(out)
+    assert [i["sha256"] for i in rec["inputs"]] == [prov.hash_path(subject.fixed), prov.hash_path(subject.moving[0])]
+    assert [i["role"] for i in rec["inputs"]] == ["fixed", "moving"]
+    assert rec["versions"]["medfuse"] == medfuse.__version__ and rec["versions"]["SimpleITK"]
+    assert [s["name"] for s in rec["steps"]] == ["load", "register", "resample", "normalise", "fuse", "save"]
+    assert all(isinstance(s["seconds"], float) for s in rec["steps"])
+    assert rec["parameters"]["register"]["kind"] == "rigid" and rec["parameters"]["fuse"]["method"] == "mean"
+    reg = rec["registration"][0]
+    assert reg["metric_after"] < reg["metric_before"] and not reg["suspect"]
+    # the registration found the phantom's misalignment (about 10 degrees, 14 mm)
+    assert reg["rotation_deg"] > 5 and reg["translation_mm"] > 8
+    assert seen and max(seen) == pytest.approx(1.0) and seen == sorted(seen)
+    assert prov.is_up_to_date(out, input_paths=[subject.fixed, subject.moving[0]])
+
+
+def test_registration_aligns_the_moving_image(subject, tmp_path):
+    """Fused with registration, the PET lesion sits where the MR's lesion is; without, it does not."""
+    from medfuse.phantom import make_phantom
+
+    ph = make_phantom(seed=5)
+    c = ph.lesion_center
+    aligned = fuse_files(subject.fixed, subject.moving, None, register="rigid", method="max")
+    raw = fuse_files(subject.fixed, subject.moving, None, register=None, method="max")
+    ijk = tuple(np.rint(aligned.fused.world_to_index(c)).astype(int))
+    assert aligned.fused.array[ijk] > raw.fused.array[ijk] + 0.1
+    assert aligned.output is None and aligned.sidecar is None and aligned.provenance["output"] is None
+
+
+def test_steps_are_replaceable_and_recorded(subject, tmp_path):
+    calls = []
+
+    def invert(state):
+        calls.append(len(state.volumes))
+        state.volumes = [v.with_array(1.0 - v.array) for v in state.volumes]
+        return state
+
+    invert.params = {"what": "1 - x"}
+    pipe = Pipeline(register=None, method="mean").replace("normalise", invert)
+    res = pipe.run([subject.fixed, subject.moving[0]], tmp_path / "inv.nii.gz")
+    assert calls == [2]
+    rec = json.loads(res.sidecar.read_text())
+    assert rec["parameters"]["normalise"] == {"what": "1 - x"}
+    assert dict(Pipeline().steps)["normalise"] is not invert  # replace() returned a copy
+    with pytest.raises(InvalidInputError, match="unknown pipeline step"):
+        Pipeline().replace("denoise", invert)
+    # a plain function without params is recorded by name
+    res2 = Pipeline(method="mean", steps={"normalise": lambda s: s}).run([subject.fixed, subject.moving[0]])
+    assert "callable" in res2.provenance["parameters"]["normalise"]
+
+
+def test_refuses_existing_output_and_inputs_before_working(subject, tmp_path):
+    out = tmp_path / "exists.nii.gz"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError):
+        fuse_files(subject.fixed, subject.moving[0], out, method="mean")
+    assert out.read_bytes() == b"keep me"
+    with pytest.raises(OutputExistsError):
+        fuse_files(subject.fixed, subject.moving[0], subject.fixed, method="mean", overwrite=True)
+    with pytest.raises(InvalidInputError):
+        fuse_files(subject.fixed, [], None, method="mean")
+
+
+def test_cancel_stops_the_pipeline(subject, tmp_path):
+    token = CancelToken()
+
+    def cancel_on_register(f, msg):
+        if msg.startswith("register"):
+            token.cancel()
+
+    with pytest.raises(CancelledError):
+        fuse_files(subject.fixed, subject.moving[0], tmp_path / "c.nii.gz", register="rigid", method="mean",
+                   progress=cancel_on_register, cancel=token)
+    assert not (tmp_path / "c.nii.gz").exists()
+    assert not any(p.name.startswith(".medfuse-tmp-") for p in tmp_path.iterdir())
+
+
+def test_network_fallback_is_recorded(subject, tmp_path, monkeypatch):
+    import medfuse.pipeline as pl
+
+    real = pl._fuse
+
+    def no_weights(vols, *, method, device, **kw):
+        if method == "network":
+            raise WeightsError("the fusion network's weights file is missing", fix="train it")
+        return real(vols, method=method, device=device, **kw)
+
+    monkeypatch.setattr(pl, "_fuse", no_weights)
+    with pytest.raises(WeightsError):
+        fuse_files(subject.fixed, subject.moving[0], None, method="network")
+    with pytest.warns(medfuse.MedfuseWarning, match="fell back"):
+        res = fuse_files(subject.fixed, subject.moving[0], tmp_path / "fb.nii.gz", method="network", fallback="mean")
+    rec = json.loads(res.sidecar.read_text())
+    assert rec["method_used"] == "mean"
+    assert rec["fallback"]["requested"] == "network" and "weights" in rec["fallback"]["reason"]
+    assert rec["weights_sha256"] is None
+
+
+def test_sidecar_never_holds_patient_identifiers(tmp_path):
+    """A DICOM input whose header (and folder name) carries the patient's name and ID."""
+    pydicom = pytest.importorskip("pydicom")
+    src = tmp_path / "Doe_Jane_PID778899"
+    shutil.copytree(SAMPLES / "pet", src)
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "Doe^Jane"
+        ds.PatientID = "PID778899"
+        ds.PatientBirthDate = "19610203"
+        ds.save_as(f)
+    out = tmp_path / "fused.nii.gz"
+    res = fuse_files(SAMPLES / "mr_t1.nii.gz", src, out, method="mean")
+    text = res.sidecar.read_text()
+    for ident in ("Doe", "Jane", "PID778899", "19610203"):
+        assert ident.lower() not in text.lower(), ident
+    rec = json.loads(text)
+    assert rec["inputs"][1]["sha256"] == prov.hash_path(src)  # still traceable by hash
+    assert "[removed]" in rec["inputs"][1]["path"]
+
+
+def test_sidecar_path_and_hashing(tmp_path):
+    assert prov.sidecar_path("a/b/fused.nii.gz") == Path("a/b/fused.json")
+    assert prov.sidecar_path("a/fused.mha") == Path("a/fused.json")
+    assert prov.sidecar_path("a/dicom_out") == Path("a/dicom_out.json")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "x").write_bytes(b"1")
+    h1 = prov.hash_path(d)
+    (d / "x").write_bytes(b"2")
+    assert prov.hash_path(d) != h1
+    with pytest.raises(medfuse.UnreadableFileError):
+        prov.hash_path(tmp_path / "missing")

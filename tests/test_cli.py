@@ -1,0 +1,139 @@
+"""The medfuse command line: help, info, register, fuse, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medfuse import provenance as prov
+from medfuse.cli import EXIT_CANCELLED, EXIT_USAGE, _delegate, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_volumes"
+
+
+def test_help_lists_commands_and_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("info", "register", "fuse", "evaluate", "train", "batch", "demo", "exit codes", "130"):
+        assert word in out
+    for cmd in ("info", "register", "fuse", "batch", "demo"):
+        assert main([cmd, "--help"]) == 0
+        assert f"medfuse {cmd}" in capsys.readouterr().out
+    assert main([]) == EXIT_USAGE
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from medfuse.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'SimpleITK' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_info_on_a_dicom_pet_folder(capsys):
+    assert main(["info", str(SAMPLES / "pet")]) == 0
+    out = capsys.readouterr().out
+    assert "PT" in out and "SUVbw" in out and "64 x 76 x 64" in out and "LPS" in out
+    assert main(["info", "--json", str(SAMPLES / "mr_t1.nii.gz")]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["modality"] == "MR" and facts["shape"] == [160, 192, 160] and facts["spacing_mm"] == [1.0, 1.0, 1.0]
+
+
+def test_errors_are_one_line_with_fix_and_no_traceback(tmp_path, capsys):
+    missing = tmp_path / "nope.nii.gz"
+    assert main(["info", str(missing)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "Fix:" in err and "Traceback" not in err
+    assert main(["--debug", "info", str(missing)]) == EXIT_USAGE
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["info", str(missing), "--debug"]) == EXIT_USAGE  # --debug after the command works too
+    assert "Traceback" in capsys.readouterr().err
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(bad), str(SAMPLES / "pet"), "-o", str(out), "--method", "mean"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.nii.gz" in err and "Traceback" not in err
+    assert not out.exists()
+    # usage errors (argparse) exit 2 as well
+    assert main(["fuse", str(bad)]) == EXIT_USAGE
+    assert main(["fuse", str(bad), str(bad), "-o", str(out), "--method", "magic"]) == EXIT_USAGE
+
+
+def test_output_exists_is_refused(tmp_path, capsys):
+    out = tmp_path / "f.nii.gz"
+    out.write_bytes(b"x")
+    rc = main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out), "--method", "mean"])
+    assert rc == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "exists" in err and "overwrite" in err.lower()
+    assert out.read_bytes() == b"x"
+
+
+def test_register_writes_volume_transform_and_sidecar(tmp_path, capsys):
+    out = tmp_path / "pet_on_mr.nii.gz"
+    assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rotation" in text and str(out) in text
+    import medfuse
+    from medfuse.phantom import load_ground_truth
+
+    moved = medfuse.load(out)
+    assert moved.same_grid(medfuse.load(SAMPLES / "mr_t1.nii.gz"))
+    t = medfuse.load_transform(tmp_path / "pet_on_mr.tfm")
+    gt = load_ground_truth(SAMPLES)["mr_to_pet"]
+    lesion = load_ground_truth(SAMPLES)["lesion"]["center_lps_mm"]
+    err = t.transform_points(lesion[None]) - (gt[:3, :3] @ lesion + gt[:3, 3])
+    assert float(abs(err).max()) < 2.0  # mm, at the lesion
+    rec = json.loads((tmp_path / "pet_on_mr.json").read_text())
+    assert rec["registration"][0]["kind"] == "rigid" and rec["output"]["sha256"] == prov.hash_path(out)
+
+
+def test_fuse_command(tmp_path, capsys):
+    out = tmp_path / "fused.nii.gz"
+    rc = main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(out),
+               "--method", "mean", "--register", "rigid"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "method mean" in text and "fused.json" in text
+    rec = json.loads((tmp_path / "fused.json").read_text())
+    assert rec["parameters"]["register"]["kind"] == "rigid"
+
+
+def test_delegated_commands_fail_cleanly_when_missing(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "--help"])
+    args.debug = False
+    handler = _delegate("medfuse.no_such_module", "evaluate", "medfuse evaluate")
+    from medfuse.errors import MedfuseError
+
+    with pytest.raises(MedfuseError, match="not available"):
+        handler(args)
+    assert args.rest == ["--help"]  # options after the command go to the delegated parser
+
+
+def test_cancel_maps_to_130(monkeypatch, capsys):
+    import medfuse.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    assert main(["info", "x"]) == EXIT_CANCELLED
+    assert "cancelled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd,module", [("evaluate", "medfuse.evaluate"), ("train", "medfuse.fusion.train")])
+def test_delegated_commands_show_their_options(cmd, module, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not part of this checkout yet")
+    assert main([cmd, "--help"]) == 0
+    assert f"medfuse {cmd}" in capsys.readouterr().out
+    assert main([cmd, "--no-such-option"]) == EXIT_USAGE
