@@ -1,4 +1,7 @@
-"""napari plugin for medfuse: readers and sample data (thin layer over ``medfuse``)."""
+"""napari plugin for medfuse: reader, sample data and the "medfuse" dock widget (a thin layer over ``medfuse``).
+
+The widget module imports Qt, so it is only loaded when napari asks for it (``medfuse_napari._widget``).
+"""
 
 __all__ = ["napari_get_reader", "load_phantom"]
 

@@ -1,26 +1,191 @@
-"""Convert a medfuse Volume into napari layer data (axis-aligned scans only)."""
+"""Volume <-> napari layer geometry (GUI-free, NumPy + medfuse only).
+
+napari world coordinates in this plugin are LPS millimetres in the order ``(S, P, L)`` (napari's
+``(z, y, x)``), so the default 2-D view is axial in radiological convention (anterior up, patient left on
+the right of the screen) and every layer from every reader shares one world. napari cannot display a
+rotated scale/translate grid reliably, so each volume is put on an axis-aligned grid first:
+
+* axis-permuted or flipped scans are **reordered** (transpose + flip, voxels untouched);
+* oblique scans are **resampled** onto an axis-aligned grid covering the same box.
+
+The scanner's true affine is always kept in ``layer.metadata["medfuse"]["affine"]``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from medfuse.display import display_settings
+from medfuse.volume import Volume
+
+#: Row permutation LPS <-> napari world (S, P, L); it is its own inverse.
+R4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+
+FUNCTIONAL = ("PT", "NM")
 
 
-def volume_to_layer(volume: Any, *, name: str, overlay: bool = False) -> Tuple[np.ndarray, dict, str]:
-    """Return napari ``(data, kwargs, "image")`` in array order (i, j, k).
+def display_grid(volume: Volume) -> Tuple[np.ndarray, Tuple[float, ...], Tuple[float, ...], str]:
+    """Put ``volume`` on an axis-aligned grid in napari axis order ``(S, P, L)``.
 
-    Oblique/permuted scans are not reordered yet: the true affine is always kept in
-    ``metadata["medfuse"]`` so nothing is lost.
+    Returns:
+        ``(array, scale, translate, how)`` where ``how`` is ``"native"``, ``"reordered"`` or ``"resampled"``.
     """
+    if volume.is_oblique:
+        volume = _axis_aligned(volume)
+        how = "resampled"
+    else:
+        how = "native"
+    d = volume.direction
+    axis_of_world = {int(np.argmax(np.abs(d[:, c]))): c for c in range(3)}  # world axis -> voxel axis
+    order = [axis_of_world[w] for w in (2, 1, 0)]  # voxel axes for S, P, L
+    arr = np.transpose(volume.array, order)
+    flips = [n for n, c in enumerate(order) if d[2 - n, c] < 0]
+    if flips:
+        arr = np.flip(arr, axis=flips)
+    if order != [0, 1, 2] or flips:
+        how = "reordered" if how == "native" else how
+        arr = np.ascontiguousarray(arr)
+    spacing = np.asarray(volume.spacing)
+    scale = tuple(float(spacing[c]) for c in order)
+    # World position of the new voxel (0, 0, 0): the old index with flipped axes at their far end.
+    first = np.zeros(3)
+    for n in flips:
+        first[order[n]] = volume.shape[order[n]] - 1
+    origin_lps = volume.index_to_world(first)
+    translate = tuple(float(origin_lps[w]) for w in (2, 1, 0))
+    return arr, scale, translate, how
+
+
+def _axis_aligned(volume: Volume) -> Volume:
+    """Resample an oblique volume onto an axis-aligned LPS grid with the same box and similar spacing."""
+    from medfuse.registration import resample
+
+    lo, hi = volume.bounds()
+    d = np.abs(volume.direction)
+    # Spacing along each world axis: that of the voxel axis closest to it.
+    spacing = np.array([volume.spacing[int(np.argmax(d[w]))] for w in range(3)])
+    shape = tuple(int(np.floor((hi[w] - lo[w]) / spacing[w] + 1e-6)) + 1 for w in range(3))
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag(spacing)
+    aff[:3, 3] = lo
+    ref = Volume(np.zeros(shape, dtype=np.uint8), aff)
+    return resample(volume, ref)
+
+
+def layer_matrix(scale, translate, affine=None) -> np.ndarray:
+    """napari data -> world 4x4 of a 3-D layer: ``affine @ (translate + scale)``."""
+    m = np.eye(4)
+    m[:3, :3] = np.diag(np.asarray(scale, dtype=float)[-3:])
+    m[:3, 3] = np.asarray(translate, dtype=float)[-3:]
+    if affine is not None:
+        m = np.asarray(affine, dtype=float)[-4:, -4:] @ m
+    return m
+
+
+def lps_to_world(matrix: Any) -> np.ndarray:
+    """Express an LPS 4x4 (point -> point) in napari world axes (and back: the map is an involution)."""
+    return R4 @ np.asarray(matrix, dtype=float) @ R4
+
+
+def volume_to_layer(volume: Volume, *, name: str, overlay: bool = False) -> Tuple[np.ndarray, dict, str]:
+    """Return napari ``(data, kwargs, "image")`` for a volume, with modality-aware display defaults."""
     settings = display_settings(volume, overlay=overlay)
-    kwargs = dict(settings.as_kwargs()) if hasattr(settings, "as_kwargs") else {
-        "colormap": settings.colormap, "contrast_limits": list(settings.contrast_limits),
-        "blending": settings.blending, "opacity": settings.opacity}
-    kwargs.update(name=name, scale=tuple(volume.spacing), translate=tuple(volume.origin),
-                  metadata={"medfuse": {"affine": np.asarray(volume.affine).tolist(),
+    data, scale, translate, how = display_grid(volume)
+    kwargs: Dict[str, Any] = dict(settings.as_kwargs())
+    kwargs.update(name=name, scale=scale, translate=translate,
+                  metadata={"medfuse": {"affine": np.asarray(volume.affine).tolist(), "display_grid": how,
                                         "modality": volume.modality, "unit": volume.unit,
                                         "provenance": dict(volume.provenance or {})}})
-    return np.asarray(volume.array), kwargs, "image"
+    return data, kwargs, "image"
+
+
+def meta(layer: Any) -> Dict[str, Any]:
+    """The medfuse metadata of a layer (empty for layers from other plugins)."""
+    return dict(getattr(layer, "metadata", {}).get("medfuse", {}))
+
+
+def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:
+    """A Volume (LPS) from a napari image layer: its data grid placed where napari shows it.
+
+    Args:
+        layer: a 3-D napari Image layer.
+        registered: include the layer's ``affine`` (a registration applied to it); False gives the grid as
+            read from the file.
+    """
+    from medfuse.errors import InvalidInputError
+
+    data = np.asarray(layer.data)
+    if data.ndim != 3 or getattr(layer, "rgb", False):
+        raise InvalidInputError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {data.shape})",
+                                fix="pick a 3-D image layer")
+    affine = layer.affine.affine_matrix if registered else None
+    m = R4 @ layer_matrix(layer.scale, layer.translate, affine)
+    md = meta(layer)
+    return Volume(data, m, modality=md.get("modality", "unknown"), unit=md.get("unit", "arbitrary"))
+
+
+def world_matrix(layer: Any) -> np.ndarray:
+    """The layer's registration as an LPS 4x4: its physical space -> viewer world (identity when unregistered)."""
+    return lps_to_world(layer.affine.affine_matrix)
+
+
+def resample_onto(layer: Any, base: Any) -> Volume:
+    """``layer`` resampled onto ``base``'s data grid as napari shows them, registrations included.
+
+    Works for any affine registration (scaling and shear too): grids stay the layers' own orthogonal
+    ones and the registrations go into the resampling transform (base physical -> world -> layer physical).
+    """
+    return resample_between(layer_to_volume(layer, registered=False), world_matrix(layer),
+                            layer_to_volume(base, registered=False), world_matrix(base))
+
+
+def resample_between(volume: Volume, world: np.ndarray, ref: Volume, ref_world: np.ndarray) -> Volume:
+    """``volume`` (placed in the world by ``world``) resampled onto ``ref``'s grid (placed by ``ref_world``)."""
+    from medfuse.registration import Transform, resample
+
+    m = np.linalg.inv(world) @ ref_world  # ref physical -> world -> volume physical
+    if np.allclose(m, np.eye(4), atol=1e-9):
+        return volume if volume.same_grid(ref) else resample(volume, ref)
+    return resample(volume, ref, transform=Transform.from_matrix(m))
+
+
+def native_volume(layer: Any) -> Volume:
+    """The volume as the file holds it (voxel order and true affine), ignoring any registration affine.
+
+    Why: registration samples voxels at random, so the voxel order changes the result slightly; working on
+    the file's own grid gives exactly what ``medfuse.register`` and the CLI give on the same files. Falls back
+    to the display grid for resampled (oblique) scans and for layers from other plugins.
+    """
+    md = meta(layer)
+    if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:
+        return layer_to_volume(layer, registered=False)
+    true_affine = np.asarray(md["affine"], dtype=float)
+    display_to_native = np.linalg.inv(true_affine) @ R4 @ layer_matrix(layer.scale, layer.translate)
+    lin = np.round(display_to_native[:3, :3])
+    if not np.allclose(display_to_native[:3, :3], lin, atol=1e-3) or not np.all(np.abs(lin).sum(1) == 1):
+        return layer_to_volume(layer, registered=False)
+    order = [int(np.argmax(np.abs(lin[a]))) for a in range(3)]  # native axis a <- display axis order[a]
+    arr = np.transpose(np.asarray(layer.data), order)
+    flips = [a for a in range(3) if lin[a, order[a]] < 0]
+    if flips:
+        arr = np.flip(arr, axis=flips)
+    return Volume(np.ascontiguousarray(arr), true_affine, modality=md.get("modality", "unknown"),
+                  unit=md.get("unit", "arbitrary"), provenance=md.get("provenance") or {})
+
+
+def checker3d(shape: Tuple[int, int, int], tiles: Tuple[int, int, int]) -> np.ndarray:
+    """3-D checkerboard: True where the sum of tile indices is even, so every slice orientation alternates."""
+    idx = [(np.arange(n) // max(1, int(t))) for n, t in zip(shape, tiles)]
+    return ((idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :]) % 2) == 0
+
+
+def curtain3d(shape: Tuple[int, int, int], *, axis: int, position: float) -> np.ndarray:
+    """True before ``position`` (0-1) along ``axis`` (the screen's horizontal axis), for swipe/curtain mode."""
+    from medfuse.display import curtain_mask
+
+    line = curtain_mask((int(shape[axis]),), position=position)
+    view = [1, 1, 1]
+    view[axis] = int(shape[axis])
+    return np.broadcast_to(line.reshape(view), tuple(shape))

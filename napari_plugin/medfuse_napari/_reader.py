@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._layers import volume_to_layer
+from ._layers import FUNCTIONAL, volume_to_layer
 
 _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
+_PEEK_FILES = 20  # files inspected to decide whether a folder is DICOM
 
 
 def napari_get_reader(path):
@@ -16,9 +17,35 @@ def napari_get_reader(path):
             return None
         path = path[0]
     p = Path(str(path))
-    if p.is_dir() or str(p).lower().endswith(_SUFFIXES):
+    if p.is_dir():
+        return _read if _looks_like_dicom_folder(p) else None
+    if str(p).lower().endswith(_SUFFIXES):
         return _read
     return None
+
+
+def _looks_like_dicom_folder(folder: Path) -> bool:
+    """True when one of the first files is DICOM (``DICM`` at byte 128, or a ``.dcm`` name).
+
+    Why: accepting every folder would steal zarr stores and image stacks from other readers.
+    """
+    if folder.name.lower().endswith((".zarr", ".n5")):
+        return False
+    try:
+        files = [f for f in sorted(folder.iterdir())[: 4 * _PEEK_FILES] if f.is_file()][:_PEEK_FILES]
+    except OSError:
+        return False
+    for f in files:
+        if f.name.lower().endswith(".dcm"):
+            return True
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(132)
+        except OSError:
+            continue
+        if head[128:132] == b"DICM":
+            return True
+    return False
 
 
 def _read(path):
@@ -30,7 +57,9 @@ def _read(path):
         path = path[0]
     try:
         volume = medfuse.load(path)
+        layer = volume_to_layer(volume, name=Path(str(path)).name.split(".")[0] or "volume",
+                                overlay=volume.modality in FUNCTIONAL)
     except MedfuseError as exc:  # a notification, never a traceback dialog
         show_error(exc.one_line())
-        return [(None,)]
-    return [volume_to_layer(volume, name=Path(str(path)).name)]
+        return [(None,)]  # napari's sentinel for "read, nothing to add"
+    return [layer]

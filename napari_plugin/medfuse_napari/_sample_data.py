@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._layers import volume_to_layer
+from ._layers import FUNCTIONAL, volume_to_layer
 
 
 def load_phantom():
@@ -11,5 +11,5 @@ def load_phantom():
 
     layers = []
     for name, volume in load_samples().items():
-        layers.append(volume_to_layer(volume, name=name, overlay=volume.modality in ("PT", "PET", "NM", "SPECT")))
+        layers.append(volume_to_layer(volume, name=name, overlay=volume.modality in FUNCTIONAL))
     return layers

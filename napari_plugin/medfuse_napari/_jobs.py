@@ -1,0 +1,69 @@
+"""Background jobs for the dock widget: run medfuse in a napari ``thread_worker`` without freezing Qt.
+
+Jobs never raise: they return an :class:`Outcome`, so napari's own error relay (a traceback notification)
+never fires and the widget shows the clean ``MedfuseError.one_line()`` instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from qtpy.QtCore import QObject, Signal
+
+
+@dataclass
+class Outcome:
+    """What a job produced: ``value`` or ``error`` (the exception), never both."""
+
+    value: Any = None
+    error: Optional[BaseException] = None
+
+
+def error_message(exc: BaseException, what: str) -> str:
+    """One-line, identifier-free message for a notification."""
+    from medfuse.errors import MedfuseError
+
+    if isinstance(exc, MedfuseError):
+        return exc.one_line()
+    return f"{what} failed unexpectedly ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+
+
+class ProgressRelay(QObject):
+    """Carries ``progress(fraction, message)`` calls from the worker thread to the GUI thread.
+
+    Qt queues a signal emitted from another thread, so the slots run in the GUI thread. Calls are
+    throttled (a registration reports every iteration) except when the message's stage/level changes.
+    """
+
+    progressed = Signal(float, str)
+
+    def __init__(self, *, min_interval_s: float = 0.05):
+        super().__init__()
+        self._min = float(min_interval_s)
+        self._last_t = 0.0
+        self._last_head = None
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        head = message.split(",")[0]
+        now = time.monotonic()
+        if head != self._last_head or now - self._last_t >= self._min or fraction >= 1.0:
+            self._last_t, self._last_head = now, head
+            self.progressed.emit(float(fraction), str(message))
+
+
+def start(job: Callable[[], Any], on_done: Callable[[Outcome], None]):
+    """Run ``job()`` in a napari thread worker and call ``on_done(Outcome)`` in the GUI thread."""
+    from napari.qt.threading import create_worker
+
+    def _safe():
+        try:
+            return Outcome(value=job())
+        except BaseException as exc:  # noqa: BLE001 - reported as a notification by on_done
+            return Outcome(error=exc)
+
+    worker = create_worker(_safe, _start_thread=False, _ignore_errors=True)
+    worker.returned.connect(on_done)
+    worker.start()
+    return worker

@@ -1,0 +1,396 @@
+"""Overlay controls for the active pair (base + overlay): blend, colour maps, W/L, SUV, compare modes, views."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QSlider,
+                            QVBoxLayout, QWidget)
+
+from ._combo import LayerCombo
+from ._layers import FUNCTIONAL, checker3d, curtain3d, meta, resample_onto
+
+COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "turbo", "red", "green", "blue", "cyan",
+             "magenta", "yellow", "gray_r")
+BLENDINGS = ("additive", "translucent", "opaque", "minimum")
+COMPARE = ("overlay", "checkerboard", "curtain")
+VIEWS = {"axial": ((0, 1, 2), ("down", "right")), "coronal": ((1, 0, 2), ("up", "right")),
+         "sagittal": ((2, 0, 1), ("up", "right"))}
+WINDOW_LABELS = {"brain": "brain", "subdural": "subdural", "soft_tissue": "soft tissue", "lung": "lung",
+                 "bone": "bone"}
+_COMPARE_TAG = "compare"
+
+
+def _is_compare(layer: Any) -> bool:
+    return bool(meta(layer).get(_COMPARE_TAG))
+
+
+def _spin(lo: float, hi: float, value: float, step: float = 1.0, decimals: int = 1) -> QDoubleSpinBox:
+    s = QDoubleSpinBox()
+    s.setRange(lo, hi)
+    s.setDecimals(decimals)
+    s.setSingleStep(step)
+    s.setValue(value)
+    return s
+
+
+def unit_label(unit: Optional[str]) -> str:
+    """How a unit is written after a value (``arbitrary`` -> ``a.u.``)."""
+    return {"arbitrary": "a.u.", None: ""}.get(unit, unit or "")
+
+
+def voxel_value(layer: Any, world_position: Any) -> Optional[float]:
+    """Nearest-voxel value of a 3-D layer at a world position, through its full transform (None outside).
+
+    Why not ``layer.get_value``: with a registration affine it reads the currently displayed slice only.
+    """
+    try:
+        idx = np.round(np.asarray(layer.world_to_data(tuple(world_position)), dtype=float)[-3:]).astype(int)
+    except (ValueError, TypeError, IndexError):
+        return None
+    shape = np.asarray(layer.data.shape[-3:])
+    if np.any(idx < 0) or np.any(idx >= shape):
+        return None
+    return float(np.asarray(layer.data[tuple(idx)]))
+
+
+class OverlayPanel(QWidget):
+    """Display controls; every control acts on napari layer properties only (no voxel changes)."""
+
+    def __init__(self, viewer: Any):
+        super().__init__()
+        self.viewer = viewer
+        self.base = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
+        self.overlay = LayerCombo(viewer, prefer=FUNCTIONAL, skip=_is_compare)
+        self.base_cmap, self.overlay_cmap = QComboBox(), QComboBox()
+        for c in (self.base_cmap, self.overlay_cmap):
+            c.addItems(COLORMAPS)
+        self.opacity = QSlider(Qt.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.blending = QComboBox()
+        self.blending.addItems(BLENDINGS)
+        # Window / level (base layer, CT presets in HU).
+        self.window_preset = QComboBox()
+        self.window_preset.addItems(["custom", *WINDOW_LABELS.values()])
+        self.ww, self.wl = _spin(1, 10000, 80), _spin(-5000, 5000, 40)
+        self.wwwl_readout = QLabel("")
+        # PET SUV range and threshold (overlay layer).
+        self.suv_max = _spin(0.1, 1e6, 6.0, 0.5, 2)
+        self.suv_threshold = _spin(0.0, 1e6, 0.0, 0.5, 2)
+        # Compare modes.
+        self.compare = QComboBox()
+        self.compare.addItems(COMPARE)
+        self.tile_mm = _spin(2, 200, 16, 2, 0)
+        self.curtain = QSlider(Qt.Horizontal)
+        self.curtain.setRange(0, 100)
+        self.curtain.setValue(50)
+        self.flicker = QCheckBox("flicker overlay")
+        self._flicker_timer = QTimer(self)
+        self._flicker_timer.setInterval(500)
+        # Views.
+        self.view = QComboBox()
+        self.view.addItems(list(VIEWS))
+        self.grid = QCheckBox("grid (one tile per layer)")
+        self.mip = QCheckBox("3-D MIP")
+        self.cursor_value = QLabel("")
+        self.cursor_value.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        pair = QFormLayout()
+        pair.addRow("base", self.base)
+        pair.addRow("base colour map", self.base_cmap)
+        pair.addRow("overlay", self.overlay)
+        pair.addRow("overlay colour map", self.overlay_cmap)
+        pair.addRow("overlay opacity", self.opacity)
+        pair.addRow("blending", self.blending)
+        wl = QFormLayout()
+        wl.addRow("CT preset", self.window_preset)
+        wl.addRow("width (WW)", self.ww)
+        wl.addRow("level (WL)", self.wl)
+        wl.addRow(self.wwwl_readout)
+        suv = QFormLayout()
+        suv.addRow("max", self.suv_max)
+        suv.addRow("threshold (floor)", self.suv_threshold)
+        cmp_ = QFormLayout()
+        cmp_.addRow("mode", self.compare)
+        cmp_.addRow("tile (mm)", self.tile_mm)
+        cmp_.addRow("curtain", self.curtain)
+        cmp_.addRow(self.flicker)
+        views = QFormLayout()
+        views.addRow("orientation", self.view)
+        views.addRow(self.grid)
+        views.addRow(self.mip)
+        lay = QVBoxLayout(self)
+        for title, sub in (("Active pair", pair), ("Window / level (base)", wl), ("Overlay range (SUV)", suv),
+                           ("Compare", cmp_), ("Views", views)):
+            box = QGroupBox(title)
+            box.setLayout(sub)
+            lay.addWidget(box)
+        lay.addWidget(QLabel("value under cursor:"))
+        lay.addWidget(self.cursor_value)
+        lay.addStretch(1)
+
+        self._hidden: Dict[str, bool] = {}
+        self._renderings: Dict[str, str] = {}
+        self._resampled_cache: Dict[Any, np.ndarray] = {}
+        self._watched = []
+        self.base.currentTextChanged.connect(self._pair_changed)
+        self.overlay.currentTextChanged.connect(self._pair_changed)
+        self.base_cmap.currentTextChanged.connect(lambda n: self._set(self.base.layer(), colormap=n))
+        self.overlay_cmap.currentTextChanged.connect(lambda n: self._set(self.overlay.layer(), colormap=n))
+        self.opacity.valueChanged.connect(lambda v: self._set(self.overlay.layer(), opacity=v / 100.0))
+        self.blending.currentTextChanged.connect(lambda b: self._set(self.overlay.layer(), blending=b))
+        self.window_preset.currentTextChanged.connect(self._preset_chosen)
+        self.ww.valueChanged.connect(self._window_edited)
+        self.wl.valueChanged.connect(self._window_edited)
+        self.suv_max.valueChanged.connect(self._suv_edited)
+        self.suv_threshold.valueChanged.connect(self._suv_edited)
+        self.compare.currentTextChanged.connect(self.set_compare)
+        self.tile_mm.valueChanged.connect(lambda *_: self._recompute_compare())
+        self.curtain.valueChanged.connect(lambda *_: self._recompute_compare())
+        self.flicker.toggled.connect(self.set_flicker)
+        self._flicker_timer.timeout.connect(self._flick)
+        self.view.currentTextChanged.connect(self.set_view)
+        self.grid.toggled.connect(lambda on: setattr(self.viewer.grid, "enabled", bool(on)))
+        self.mip.toggled.connect(self.set_mip)
+        self.viewer.cursor.events.position.connect(self._cursor_moved)
+        self._pair_changed()
+
+    # -------------------------------------------------------------------- pair
+    @staticmethod
+    def _set(layer: Any, **props: Any) -> None:
+        if layer is None:
+            return
+        for k, v in props.items():
+            setattr(layer, k, v)
+
+    def _pair_changed(self, *_: Any) -> None:
+        for layer in self._watched:
+            try:
+                layer.events.contrast_limits.disconnect(self._limits_changed)
+            except (TypeError, RuntimeError, ValueError):
+                pass
+        self._watched = []
+        base, ov = self.base.layer(), self.overlay.layer()
+        for box, layer in ((self.base_cmap, base), (self.overlay_cmap, ov)):
+            if layer is not None:
+                box.blockSignals(True)
+                if box.findText(layer.colormap.name) < 0:
+                    box.addItem(layer.colormap.name)
+                box.setCurrentText(layer.colormap.name)
+                box.blockSignals(False)
+        if ov is not None:
+            self.opacity.blockSignals(True)
+            self.opacity.setValue(int(round(ov.opacity * 100)))
+            self.opacity.blockSignals(False)
+            self.blending.blockSignals(True)
+            self.blending.setCurrentText(str(ov.blending))
+            self.blending.blockSignals(False)
+            lo, hi = ov.contrast_limits
+            self._quiet(self.suv_threshold, max(0.0, lo))
+            self._quiet(self.suv_max, hi)
+        for layer in (base, ov):
+            if layer is not None:
+                layer.events.contrast_limits.connect(self._limits_changed)
+                self._watched.append(layer)
+        self._limits_changed()
+
+    @staticmethod
+    def _quiet(spin: QDoubleSpinBox, value: float) -> None:
+        spin.blockSignals(True)
+        spin.setValue(float(value))
+        spin.blockSignals(False)
+
+    # -------------------------------------------------------------------- window / level
+    def set_window(self, name: str) -> None:
+        """Apply a CT window preset (``brain``, ``soft_tissue``, ``lung``, ``bone``, ``subdural``) to the base."""
+        from medfuse.display import CT_WINDOWS
+
+        width, level = CT_WINDOWS[name]
+        self.set_window_level(width, level)
+
+    def set_window_level(self, width: float, level: float) -> None:
+        from medfuse.display import window_to_limits
+
+        base = self.base.layer()
+        if base is not None:
+            base.contrast_limits = window_to_limits(width, level)
+
+    def _preset_chosen(self, label: str) -> None:
+        key = {v: k for k, v in WINDOW_LABELS.items()}.get(label)
+        if key:
+            self.set_window(key)
+
+    def _window_edited(self, *_: Any) -> None:
+        self.set_window_level(self.ww.value(), self.wl.value())
+
+    def _limits_changed(self, *_: Any) -> None:
+        from medfuse.display import CT_WINDOWS, limits_to_window
+
+        base = self.base.layer()
+        if base is None:
+            self.wwwl_readout.setText("")
+            return
+        width, level = limits_to_window(*base.contrast_limits)
+        self._quiet(self.ww, width)
+        self._quiet(self.wl, level)
+        name = next((WINDOW_LABELS[k] for k, (w, l) in CT_WINDOWS.items()
+                     if abs(w - width) < 0.5 and abs(l - level) < 0.5), "custom")
+        self.window_preset.blockSignals(True)
+        self.window_preset.setCurrentText(name)
+        self.window_preset.blockSignals(False)
+        unit = unit_label(meta(base).get("unit"))
+        self.wwwl_readout.setText(f"WW {width:.0f} / WL {level:.0f} {unit}".strip())
+
+    # -------------------------------------------------------------------- SUV
+    def set_suv_range(self, maximum: float, threshold: float = 0.0) -> None:
+        """Overlay contrast limits ``(threshold, maximum)``; below the threshold nothing is added."""
+        ov = self.overlay.layer()
+        if ov is not None and maximum > threshold:
+            ov.contrast_limits = (max(0.0, float(threshold)), float(maximum))  # the floor stays at >= 0
+
+    def _suv_edited(self, *_: Any) -> None:
+        self.set_suv_range(self.suv_max.value(), self.suv_threshold.value())
+
+    # -------------------------------------------------------------------- compare modes
+    def set_compare(self, mode: str) -> None:
+        """``overlay`` (normal), ``checkerboard`` or ``curtain``: tiles/halves of base and overlay side by side."""
+        from medfuse.errors import MedfuseError
+        from napari.utils.notifications import show_error
+
+        if self.compare.currentText() != mode:
+            self.compare.setCurrentText(mode)  # re-enters through the signal
+            return
+        self._clear_compare()
+        if mode == "overlay":
+            return
+        base, ov = self.base.layer(), self.overlay.layer()
+        if base is None or ov is None or base is ov:
+            show_error("Compare modes need a base and a different overlay layer. Fix: pick both above.")
+            self._reset_mode()
+            return
+        try:
+            self._build_compare(base, ov, mode)
+        except MedfuseError as exc:
+            show_error(exc.one_line())
+            self._reset_mode()
+
+    def _reset_mode(self) -> None:
+        self.compare.blockSignals(True)
+        self.compare.setCurrentText("overlay")
+        self.compare.blockSignals(False)
+
+    def _overlay_on_base(self, base: Any, ov: Any) -> np.ndarray:
+        key = (id(base), id(ov), base.affine.affine_matrix.tobytes(), ov.affine.affine_matrix.tobytes(),
+               tuple(base.scale), tuple(ov.scale), tuple(base.translate), tuple(ov.translate))
+        if key not in self._resampled_cache:
+            self._resampled_cache = {key: resample_onto(ov, base).array}
+        return self._resampled_cache[key]
+
+    def _mask(self, base: Any, mode: str) -> np.ndarray:
+        shape = tuple(base.data.shape)
+        if mode == "checkerboard":
+            tiles = tuple(max(1, int(round(self.tile_mm.value() / s))) for s in np.asarray(base.scale)[-3:])
+            return checker3d(shape, tiles)
+        horizontal = int(self.viewer.dims.order[-1])
+        return curtain3d(shape, axis=horizontal, position=self.curtain.value() / 100.0)
+
+    def _build_compare(self, base: Any, ov: Any, mode: str) -> None:
+        ov_data = self._overlay_on_base(base, ov)
+        mask = self._mask(base, mode)
+        b_data = np.where(mask, np.asarray(base.data), base.contrast_limits[0])
+        o_data = np.where(mask, ov.contrast_limits[0], ov_data)
+        self._hidden = {l.name: l.visible for l in self.viewer.layers}
+        for l in self.viewer.layers:
+            l.visible = False
+        geo = dict(scale=base.scale, translate=base.translate, affine=base.affine.affine_matrix)
+        # Additive over black: each tile shows exactly one of the two images, in its own colours.
+        for name, data, src in (("compare: base", b_data, base), ("compare: overlay", o_data, ov)):
+            md = dict(meta(src))
+            md[_COMPARE_TAG] = mode
+            self.viewer.add_image(data, name=name, colormap=src.colormap, contrast_limits=src.contrast_limits,
+                                  blending="additive", opacity=1.0, metadata={"medfuse": md}, **geo)
+
+    def _recompute_compare(self) -> None:
+        mode = self.compare.currentText()
+        if mode != "overlay":
+            self.set_compare(mode)
+
+    def _clear_compare(self) -> None:
+        for l in [l for l in self.viewer.layers if _is_compare(l)]:
+            self.viewer.layers.remove(l)
+        for name, visible in self._hidden.items():
+            if name in self.viewer.layers:
+                self.viewer.layers[name].visible = visible
+        self._hidden = {}
+
+    def set_flicker(self, on: bool) -> None:
+        """Toggle the overlay (or the compare overlay) on and off twice a second."""
+        if on:
+            self._flicker_timer.start()
+        else:
+            self._flicker_timer.stop()
+            target = self._flicker_target()
+            if target is not None:
+                target.visible = True
+
+    def _flicker_target(self):
+        compare = [l for l in self.viewer.layers if _is_compare(l) and l.name == "compare: overlay"]
+        return compare[0] if compare else self.overlay.layer()
+
+    def _flick(self) -> None:
+        target = self._flicker_target()
+        if target is not None:
+            target.visible = not target.visible
+
+    # -------------------------------------------------------------------- views
+    def set_view(self, name: str) -> None:
+        """Axial, coronal or sagittal slicing (radiological orientation; superior up)."""
+        order, orientation = VIEWS[name]
+        if self.viewer.dims.ndim >= 3:
+            lead = tuple(range(self.viewer.dims.ndim - 3))
+            self.viewer.dims.order = lead + tuple(len(lead) + o for o in order)
+            try:
+                self.viewer.camera.orientation2d = orientation
+            except (AttributeError, ValueError):
+                pass
+        if self.compare.currentText() == "curtain":
+            self._recompute_compare()
+
+    def set_mip(self, on: bool) -> None:
+        """3-D maximum-intensity projection of the image layers (back to 2-D slices when off)."""
+        from napari.layers import Image
+
+        if on:
+            for l in self.viewer.layers:
+                if isinstance(l, Image):
+                    self._renderings[l.name] = l.rendering
+                    l.rendering = "mip"
+            self.viewer.dims.ndisplay = 3
+        else:
+            self.viewer.dims.ndisplay = 2
+            for name, rendering in self._renderings.items():
+                if name in self.viewer.layers:
+                    self.viewer.layers[name].rendering = rendering
+            self._renderings = {}
+
+    # -------------------------------------------------------------------- cursor
+    def cursor_text(self, position=None) -> str:
+        """Values of the base and overlay layers at a world position (default: the cursor), with units."""
+        pos = self.viewer.cursor.position if position is None else position
+        parts = []
+        for layer in (self.base.layer(), self.overlay.layer()):
+            if layer is None:
+                continue
+            value = voxel_value(layer, pos)
+            if value is None:
+                continue
+            parts.append(f"{layer.name}: {float(value):.4g} {unit_label(meta(layer).get('unit'))}".strip())
+        return "   ".join(parts)
+
+    def _cursor_moved(self, *_: Any) -> None:
+        try:
+            self.cursor_value.setText(self.cursor_text())
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            self.viewer.cursor.events.position.disconnect(self._cursor_moved)

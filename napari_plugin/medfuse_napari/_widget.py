@@ -1,0 +1,383 @@
+"""The "medfuse" dock widget: Register, Fuse and Overlay panels (a thin layer over ``medfuse``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPlainTextEdit,
+                            QProgressBar, QPushButton, QTabWidget, QVBoxLayout, QWidget)
+
+from . import _jobs
+from ._combo import LayerCombo
+from ._layers import FUNCTIONAL, layer_to_volume, lps_to_world, meta, native_volume, resample_between, world_matrix
+from ._overlay import OverlayPanel
+
+KINDS = ("rigid", "affine", "deformable")
+PAIRS = ("auto", "MR-PT", "MR-CT", "MR-NM", "CT-PT", "CT-NM", "MR-MR", "default")
+CLASSICAL = ("mean", "max", "laplacian", "wavelet", "gff")
+_LEVEL = re.compile(r"^(\w+): level (\d+)/(\d+)(?:, iteration (\d+))?")
+
+
+def _notify_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def _notify_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+class MedfuseWidget(QWidget):
+    """Dock widget with three tabs. napari passes the viewer as ``napari_viewer``."""
+
+    def __init__(self, napari_viewer: Any):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.register_panel = RegisterPanel(napari_viewer)
+        self.fuse_panel = FusePanel(napari_viewer)
+        self.overlay_panel = OverlayPanel(napari_viewer)
+        tabs = QTabWidget()
+        tabs.addTab(self.register_panel, "Register")
+        tabs.addTab(self.fuse_panel, "Fuse")
+        tabs.addTab(self.overlay_panel, "Overlay")
+        self.tabs = tabs
+        lay = QVBoxLayout(self)
+        lay.addWidget(tabs)
+
+
+# ----------------------------------------------------------------------------------------------- register
+class RegisterPanel(QWidget):
+    """Pick fixed/moving layers and a preset; run ``medfuse.register`` in a worker with progress and Cancel."""
+
+    def __init__(self, viewer: Any):
+        super().__init__()
+        self.viewer = viewer
+        self.fixed = LayerCombo(viewer, prefer=("MR", "CT"))
+        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL)
+        self.kind = QComboBox()
+        self.kind.addItems(KINDS)
+        self.pair = QComboBox()
+        self.pair.addItems(PAIRS)
+        self.resample_box = QCheckBox("also resample onto the fixed grid (new layer)")
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.save_button = QPushButton("Save transform…")
+        self.save_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.level_progress = QProgressBar()
+        self.level_progress.setFormat("level: %v / %m iterations")
+        self.level_label = QLabel("")
+        self.report_view = QPlainTextEdit()
+        self.report_view.setReadOnly(True)
+        self.report_view.setMaximumHeight(160)
+        self.suspect_label = QLabel("")
+
+        form = QFormLayout()
+        form.addRow("fixed", self.fixed)
+        form.addRow("moving", self.moving)
+        form.addRow("kind", self.kind)
+        form.addRow("modality pair", self.pair)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.resample_box)
+        lay.addLayout(buttons)
+        lay.addWidget(QLabel("overall"))
+        lay.addWidget(self.progress)
+        lay.addWidget(self.level_label)
+        lay.addWidget(self.level_progress)
+        lay.addWidget(self.suspect_label)
+        lay.addWidget(self.report_view)
+        lay.addWidget(self.save_button)
+        lay.addStretch(1)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.save_button.clicked.connect(self._save_dialog)
+        self.worker = None
+        self.token = None
+        self.result = None
+        self._iterations: Dict[str, List[int]] = {}
+
+    # -------------------------------------------------------------------- actions
+    def run(self) -> None:
+        """Start a registration of the moving layer onto the fixed one (returns at once)."""
+        from medfuse.errors import MedfuseError
+        from medfuse.progress import CancelToken
+
+        fixed_layer, moving_layer = self.fixed.layer(), self.moving.layer()
+        if fixed_layer is None or moving_layer is None or fixed_layer is moving_layer:
+            _notify_error("Registration needs two different image layers. Fix: pick a fixed and a moving layer.")
+            return
+        try:
+            # The files' own grids: the same result as medfuse.register on the files (and the CLI).
+            fixed = native_volume(fixed_layer)
+            moving = native_volume(moving_layer)
+            fixed_display = layer_to_volume(fixed_layer, registered=False)  # the fixed layer's data grid
+            kind = self.kind.currentText()
+            preset = None if self.pair.currentText() == "auto" else self.pair.currentText()
+            self._iterations = self._stage_iterations(preset, fixed.modality, moving.modality)
+        except MedfuseError as exc:
+            _notify_error(exc.one_line())
+            return
+        self.token = CancelToken()
+        relay = _jobs.ProgressRelay()
+        relay.progressed.connect(self._on_progress)
+        self._relay = relay  # keep it alive while the worker runs
+        token = self.token
+        want_resampled = self.resample_box.isChecked() or kind == "deformable"
+        # A registered fixed layer: its physical space is not the viewer's world; remember the map.
+        self._fixed_world = world_matrix(fixed_layer)
+
+        def job():
+            import medfuse
+
+            result = medfuse.register(fixed, moving, kind=kind, preset=preset, progress=relay, cancel=token)
+            # On the fixed layer's own (display) grid, so the new layer shares its scale/translate/affine.
+            on_fixed = medfuse.resample(moving, fixed_display, transform=result.transform) if want_resampled else None
+            return result, on_fixed
+
+        self._moving_name, self._fixed_name = moving_layer.name, fixed_layer.name
+        self.progress.setValue(0)
+        self.level_progress.setValue(0)
+        self.report_view.setPlainText("")
+        self.suspect_label.setText("")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.worker = _jobs.start(job, self._on_done)
+
+    def cancel(self) -> None:
+        """Ask the running registration to stop (it raises CancelledError at its next check)."""
+        if self.token is not None:
+            self.token.cancel()
+            self.level_label.setText("cancelling…")
+
+    def save_transform(self, path: str) -> Optional[str]:
+        """Save the last transform (ITK .tfm/.txt/.h5/.mat); returns the path or None after a notification."""
+        from medfuse.errors import MedfuseError
+
+        if self.result is None:
+            _notify_error("There is no registration result to save. Fix: run a registration first.")
+            return None
+        try:
+            return str(self.result.transform.save(path, overwrite=True))  # the dialog asked about overwriting
+        except MedfuseError as exc:
+            _notify_error(exc.one_line())
+            return None
+
+    def _save_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save transform", "transform.tfm",
+                                              "ITK transform (*.tfm *.txt *.h5 *.mat)")
+        if path:
+            self.save_transform(path)
+
+    # -------------------------------------------------------------------- worker callbacks
+    @staticmethod
+    def _stage_iterations(preset, fixed_modality, moving_modality) -> Dict[str, List[int]]:
+        """Iteration budget per level of each stage, for the per-level bars (empty if the preset lacks it)."""
+        from medfuse.registration.presets import get_preset
+
+        p = get_preset(preset, fixed_modality, moving_modality)
+        its = list(p.get("iterations", ()))
+        out = {"rigid": its, "affine": its[-2:], "deformable": list(p.get("bspline_iterations", ()))}
+        return {k: v for k, v in out.items() if v}
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        self.progress.setValue(int(round(fraction * 1000)))
+        m = _LEVEL.match(message)
+        if not m:
+            self.level_label.setText(message)
+            return
+        stage, level, n, it = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)
+        its = self._iterations.get(stage, [100])
+        self.level_label.setText(f"{stage}: resolution level {level} of {n}")
+        self.level_progress.setMaximum(int(its[min(level, len(its)) - 1]))
+        self.level_progress.setValue(min(it, self.level_progress.maximum()))
+
+    def _on_done(self, outcome: "_jobs.Outcome") -> None:
+        from medfuse.errors import CancelledError
+
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.worker = None
+        if outcome.error is not None:
+            if isinstance(outcome.error, CancelledError):
+                self.level_label.setText("cancelled")
+                _notify_info("Registration cancelled.")
+            else:
+                self.level_label.setText("failed")
+                _notify_error(_jobs.error_message(outcome.error, "registration"))
+            return
+        self.result, on_fixed = outcome.value
+        try:
+            self._apply(self.result, on_fixed)
+        except Exception as exc:  # noqa: BLE001 - e.g. the layer was deleted meanwhile
+            _notify_error(_jobs.error_message(exc, "applying the registration"))
+        self.save_button.setEnabled(True)
+
+    def _apply(self, result, on_fixed) -> None:
+        rep = result.report
+        lines = [f"kind: {rep.kind}   preset: {rep.preset}   time: {rep.seconds:.1f} s",
+                 f"metric (lower is better): before {_fmt(rep.metric_before)}, after {_fmt(rep.metric_after)}",
+                 f"iterations per level: {rep.iterations_per_level}",
+                 f"stop reason: {rep.stop_reason}"]
+        if rep.rotation_deg is not None:
+            lines.append(f"rotation {rep.rotation_deg:.2f}°, translation {rep.translation_mm:.2f} mm")
+        lines += [f"suspect: {r}" for r in rep.suspect_reasons]
+        self.report_view.setPlainText("\n".join(lines))
+        self.suspect_label.setText("⚠ SUSPECT result: check before use" if rep.suspect else "result not suspect")
+        self.suspect_label.setStyleSheet("color: #e0533d; font-weight: bold" if rep.suspect else "")
+        if rep.suspect:
+            from napari.utils.notifications import show_warning
+
+            show_warning("Registration result is suspect: " + "; ".join(rep.suspect_reasons))
+        self.progress.setValue(1000)
+
+        layers = self.viewer.layers
+        moving = layers[self._moving_name] if self._moving_name in layers else None
+        fixed = layers[self._fixed_name] if self._fixed_name in layers else None
+        if moving is None or fixed is None:
+            raise RuntimeError("a layer was removed while registering")
+        linear = result.transform if result.transform.is_linear else result.linear_transform
+        # transform: fixed point -> moving point; the layer needs moving physical -> world, and the world is
+        # the fixed layer's physical space moved by its own registration (identity when it has none).
+        moving.affine = lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix))
+        moving.metadata.setdefault("medfuse", {})["registration"] = {
+            "to": fixed.name, "fixed_to_moving_lps": np.asarray(linear.matrix).tolist(), **rep.to_dict()}
+        if on_fixed is not None:
+            # A deformable field is not an affine: it is shown resampled (the layer above keeps the linear part).
+            self._add_resampled(on_fixed, moving, fixed)
+
+    def _add_resampled(self, volume, moving, fixed) -> None:
+        md = dict(meta(moving))
+        md.pop("registration", None)
+        md["provenance"] = dict(volume.provenance)
+        self.viewer.add_image(
+            volume.array, name=f"{moving.name} on {fixed.name}", scale=fixed.scale,
+            translate=fixed.translate, affine=fixed.affine.affine_matrix, colormap=moving.colormap.name,
+            contrast_limits=moving.contrast_limits, blending=moving.blending, opacity=moving.opacity,
+            metadata={"medfuse": md})
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------- fuse
+def available_methods() -> List[str]:
+    """Fusion methods medfuse offers here: ``medfuse.fusion.available_methods()`` or the classical ones."""
+    try:
+        from medfuse.fusion import available_methods as _available
+    except ImportError:
+        return list(CLASSICAL)
+    try:
+        return list(_available())
+    except Exception:  # noqa: BLE001 - a broken optional backend must not break the widget
+        return list(CLASSICAL)
+
+
+class FusePanel(QWidget):
+    """Fuse 2-3 layers with ``medfuse.fuse`` on the first layer's grid, in a worker."""
+
+    def __init__(self, viewer: Any):
+        super().__init__()
+        self.viewer = viewer
+        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT")), LayerCombo(viewer, prefer=FUNCTIONAL),
+                       LayerCombo(viewer, allow_none=True)]
+        self.inputs[2].setCurrentText(LayerCombo.NONE)
+        self.method = QComboBox()
+        methods = available_methods()
+        self.method.addItems(methods)
+        if "network" not in methods:
+            self.method.setToolTip("The fusion network is not available here (install medfuse[ml]); "
+                                   "classical methods are offered.")
+        self.run_button = QPushButton("Fuse")
+        self.busy = QProgressBar()
+        self.busy.setRange(0, 1)
+        self.status = QLabel("")
+        form = QFormLayout()
+        form.addRow("base (grid)", self.inputs[0])
+        form.addRow("second", self.inputs[1])
+        form.addRow("third (optional)", self.inputs[2])
+        form.addRow("method", self.method)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.run_button)
+        lay.addWidget(self.busy)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        self.run_button.clicked.connect(self.run)
+        self.worker = None
+
+    def run(self) -> None:
+        """Start fusing the chosen layers (returns at once; the fused layer is added when done)."""
+        chosen = [c.layer() for c in self.inputs]
+        chosen = [l for l in chosen if l is not None]
+        if len(chosen) < 2 or len({id(l) for l in chosen}) != len(chosen):
+            _notify_error("Fusion needs 2 or 3 different image layers. Fix: pick them in the Fuse panel.")
+            return
+        from medfuse.errors import MedfuseError
+
+        method = self.method.currentText()
+        names = [l.name for l in chosen]
+        base = chosen[0]
+        self._base = dict(name=base.name, scale=tuple(base.scale), translate=tuple(base.translate),
+                          affine=base.affine.affine_matrix.copy())
+        try:  # snapshot the layers in the GUI thread; the worker only computes
+            placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
+        except MedfuseError as exc:
+            _notify_error(exc.one_line())
+            return
+
+        def job():
+            import medfuse
+
+            # Layers are fused where napari shows them (registrations included), on the first layer's grid.
+            ref, ref_world = placed[0]
+            others = [resample_between(vol, world, ref, ref_world) for vol, world in placed[1:]]
+            return medfuse.fuse(ref, *others, method=method), names, method
+
+        self.run_button.setEnabled(False)
+        self.busy.setRange(0, 0)  # busy indicator; the event loop keeps animating it
+        self.status.setText(f"fusing {', '.join(names)} ({method})…")
+        self.worker = _jobs.start(job, self._on_done)
+
+    def _on_done(self, outcome: "_jobs.Outcome") -> None:
+        from medfuse.display import percentile_limits
+
+        self.run_button.setEnabled(True)
+        self.busy.setRange(0, 1)
+        self.worker = None
+        if outcome.error is not None:
+            self.status.setText("failed")
+            _notify_error(_jobs.error_message(outcome.error, "fusion"))
+            return
+        fused, names, method = outcome.value
+        arr = fused.array if hasattr(fused, "array") else np.asarray(fused)
+        prov = dict(getattr(fused, "provenance", {}) or {})
+        prov["fusion"] = {**dict(prov.get("fusion", {}) or {}), "method": method, "inputs": names,
+                          "grid": self._base["name"]}
+        unit = getattr(fused, "unit", "arbitrary")
+        self.viewer.add_image(
+            arr, name=f"fused ({method})", scale=self._base["scale"], translate=self._base["translate"],
+            affine=self._base["affine"], colormap="gray", contrast_limits=percentile_limits(arr),
+            metadata={"medfuse": {"modality": getattr(fused, "modality", "unknown"), "unit": unit,
+                                  "provenance": prov}})
+        self.status.setText(f"added 'fused ({method})'")
+
+
+def make_widget(napari_viewer: Any) -> MedfuseWidget:
+    """npe2 widget command."""
+    return MedfuseWidget(napari_viewer)
+
+
+__all__ = ["MedfuseWidget", "RegisterPanel", "FusePanel", "OverlayPanel", "available_methods", "make_widget"]

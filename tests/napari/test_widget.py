@@ -1,0 +1,413 @@
+"""Dock-widget tests (headless under Xvfb): registration, fusion, overlay controls, screenshots, cancel."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from medfuse.phantom import load_ground_truth  # noqa: E402
+from medfuse_napari._layers import R4, layer_matrix, layer_to_volume, lps_to_world  # noqa: E402
+from medfuse_napari._sample_data import load_phantom  # noqa: E402
+from medfuse_napari._widget import MedfuseWidget  # noqa: E402
+
+pytestmark = pytest.mark.napari
+
+
+@functools.lru_cache(maxsize=1)
+def _phantom_layers():
+    return load_phantom()  # read the sample files once for the whole module
+
+
+@pytest.fixture
+def workstation(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)  # screenshots need a shown canvas (Xvfb in CI)
+    for data, kwargs, _ in _phantom_layers():
+        viewer.add_image(data, **{**kwargs, "metadata": {"medfuse": dict(kwargs["metadata"]["medfuse"])}})
+    widget = MedfuseWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="medfuse")
+    yield viewer, widget
+    panel = widget.register_panel
+    if panel.token is not None:
+        panel.token.cancel()
+
+
+def _pet_world_error_mm(viewer) -> float:
+    """Mean distance (mm) over the MR head between where napari shows PET and where the ground truth puts it.
+
+    Same measure as the core registration test (mean target registration error over t1 > 60th percentile).
+    """
+    pet, t1 = viewer.layers["pet"], layer_to_volume(viewer.layers["t1"])
+    gt = load_ground_truth()["mr_to_pet"]
+    shown = R4 @ layer_matrix(pet.scale, pet.translate, pet.affine.affine_matrix)  # PET voxel -> LPS world
+    native = R4 @ layer_matrix(pet.scale, pet.translate)  # PET voxel -> PET scanner LPS
+    world_to_pet = native @ np.linalg.inv(shown)  # what the layer's transform says
+    head = t1.array > np.percentile(t1.array, 60)
+    pts = np.c_[t1.index_to_world(np.argwhere(head)[::53]), np.ones(int(np.ceil(head.sum() / 53)))]
+    return float(np.linalg.norm((pts @ world_to_pet.T - pts @ gt.T)[:, :3], axis=1).mean())
+
+
+def _run_registration(qtbot, widget, *, kind="rigid", timeout_ms=120_000):
+    from qtpy.QtCore import QTimer
+
+    panel = widget.register_panel
+    panel.fixed.set_layer("t1")
+    panel.moving.set_layer("pet")
+    panel.kind.setCurrentText(kind)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    t0 = time.perf_counter()
+    panel.run()
+    assert panel.worker is not None  # returned at once: the work is in a thread
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=timeout_ms)
+    timer.stop()
+    return ticks, t0, time.perf_counter()
+
+
+def test_register_pet_to_mr_through_widget(qtbot, workstation, tmp_path):
+    viewer, widget = workstation
+    before = _pet_world_error_mm(viewer)
+    ticks, t0, t1 = _run_registration(qtbot, widget)
+    panel = widget.register_panel
+    assert panel.result is not None, panel.level_label.text()
+    # The Qt event loop kept ticking: no gap between timer ticks longer than 0.5 s while registering.
+    gaps = np.diff([t0, *ticks, t1])
+    assert len(ticks) > (t1 - t0) / 0.2 and gaps.max() < 0.5, (len(ticks), t1 - t0, gaps.max())
+    print(f"registration {t1 - t0:.2f} s, {len(ticks)} ticks of 20 ms, longest gap {gaps.max() * 1000:.0f} ms")
+    # Applied as the layer's affine (no resampling): the PET data are untouched, the layer moved.
+    pet = viewer.layers["pet"]
+    assert pet.data.shape == _phantom_layers()[3][0].shape
+    assert before > 5.0
+    err = _pet_world_error_mm(viewer)
+    print(f"mean error over the head: {before:.2f} mm before, {err:.3f} mm after")
+    assert err < 1.0
+    # Report shown, progress complete, transform saved.
+    assert "stop reason" in panel.report_view.toPlainText()
+    assert "suspect" in panel.suspect_label.text().lower()
+    assert panel.progress.value() == 1000
+    assert pet.metadata["medfuse"]["registration"]["to"] == "t1"
+    saved = panel.save_transform(str(tmp_path / "pet_to_mr.tfm"))
+    import medfuse
+
+    np.testing.assert_allclose(medfuse.load_transform(saved).matrix, panel.result.transform.matrix, atol=1e-6)
+
+
+def test_resample_on_request_adds_layer_on_fixed_grid(qtbot, workstation):
+    viewer, widget = workstation
+    widget.register_panel.resample_box.setChecked(True)
+    _run_registration(qtbot, widget)
+    layer = viewer.layers["pet on t1"]
+    assert layer.data.shape == viewer.layers["t1"].data.shape
+    np.testing.assert_allclose(layer.scale, viewer.layers["t1"].scale)
+    np.testing.assert_allclose(layer.translate, viewer.layers["t1"].translate)
+    # Voxel for voxel what the ground truth gives on the MR's display grid.
+    truth = _pet_resampled_with_truth(viewer, load_ground_truth()).array
+    assert np.corrcoef(layer.data.ravel(), truth.ravel())[0, 1] > 0.98
+    assert np.abs(layer.data - truth).mean() < 0.05 * truth.max()
+
+
+def test_registration_onto_a_registered_fixed_layer_composes(qtbot, workstation):
+    viewer, widget = workstation
+    # Move the MR by a known rigid transform (as if registered to something else): PET must follow it.
+    shift = np.eye(4)
+    shift[:3, 3] = [12.0, -8.0, 5.0]  # LPS mm: MR physical -> world
+    viewer.layers["t1"].affine = lps_to_world(shift)
+    _run_registration(qtbot, widget)
+    pet = viewer.layers["pet"]
+    gt = load_ground_truth()["mr_to_pet"]
+    native = R4 @ layer_matrix(pet.scale, pet.translate)
+    shown = R4 @ layer_matrix(pet.scale, pet.translate, pet.affine.affine_matrix)
+    expected = shift @ np.linalg.inv(gt) @ native
+    centre = np.r_[np.asarray(pet.data.shape) / 2, 1]
+    assert np.linalg.norm((shown - expected) @ centre) < 1.5
+
+
+@pytest.mark.parametrize("when", ["initialising", "level"])
+def test_cancel_stops_registration_within_2s(qtbot, workstation, when):
+    viewer, widget = workstation
+    panel = widget.register_panel
+    panel.fixed.set_layer("t1")
+    panel.moving.set_layer("pet")
+    panel.kind.setCurrentText("deformable")
+    panel.run()
+    qtbot.waitUntil(lambda: when in panel.level_label.text(), timeout=60_000)
+    t0 = time.perf_counter()
+    panel.cancel_button.click()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=10_000)
+    latency = time.perf_counter() - t0
+    print(f"cancel during {when!r}: stopped after {latency:.3f} s")
+    assert latency < 2.0
+    assert panel.level_label.text() == "cancelled" and panel.result is None
+    np.testing.assert_allclose(viewer.layers["pet"].affine.affine_matrix, np.eye(4))  # nothing applied
+    assert panel.run_button.isEnabled()
+
+
+def _apply_ground_truth(viewer):
+    gt = load_ground_truth()
+    viewer.layers["pet"].affine = lps_to_world(np.linalg.inv(gt["mr_to_pet"]))
+    return gt
+
+
+def test_fuse_adds_layer_with_base_geometry_and_provenance(qtbot, workstation):
+    fusion = pytest.importorskip("medfuse.fusion", reason="medfuse.fusion has not landed yet")
+    if not hasattr(fusion, "fuse"):
+        pytest.skip("medfuse.fusion.fuse has not landed yet")
+    viewer, widget = workstation
+    _apply_ground_truth(viewer)
+    panel = widget.fuse_panel
+    panel.inputs[0].set_layer("t1")
+    panel.inputs[1].set_layer("pet")
+    panel.method.setCurrentText("laplacian")  # ~2 s on the phantom: long enough to watch the event loop
+    n = len(viewer.layers)
+    from qtpy.QtCore import QTimer
+
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    t0 = time.perf_counter()
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=120_000)
+    t1 = time.perf_counter()
+    timer.stop()
+    gaps = np.diff([t0, *ticks, t1])
+    print(f"fusion {t1 - t0:.2f} s, longest event-loop gap {gaps.max() * 1000:.0f} ms")
+    # The UI never froze: it ticked throughout (scipy calls that hold the GIL give single gaps of 0.3-0.8 s).
+    assert gaps.max() < 2.0 and len(ticks) > (t1 - t0) / 0.25, (len(ticks), t1 - t0, gaps.max())
+    assert len(viewer.layers) == n + 1, panel.status.text()
+    fused = viewer.layers[-1]
+    t1 = viewer.layers["t1"]
+    assert fused.data.shape == t1.data.shape
+    np.testing.assert_allclose(fused.scale, t1.scale)
+    np.testing.assert_allclose(fused.translate, t1.translate)
+    prov = fused.metadata["medfuse"]["provenance"]["fusion"]
+    assert prov["method"] == "laplacian" and prov["inputs"] == ["t1", "pet"]
+
+
+def test_fuse_with_one_layer_is_a_notification(workstation, monkeypatch):
+    viewer, widget = workstation
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    panel = widget.fuse_panel
+    panel.inputs[0].set_layer("t1")
+    panel.inputs[1].set_layer("t1")
+    n = len(viewer.layers)
+    panel.run()
+    assert panel.worker is None and len(viewer.layers) == n
+    assert shown and "Fix:" in shown[0]
+
+
+def test_window_level_presets_and_readout(workstation):
+    viewer, widget = workstation
+    ov = widget.overlay_panel
+    ov.base.set_layer("ct")
+    ov.set_window("lung")
+    assert tuple(viewer.layers["ct"].contrast_limits) == (-1350.0, 150.0)
+    assert ov.wwwl_readout.text() == "WW 1500 / WL -600 HU"
+    ov.window_preset.setCurrentText("bone")
+    assert tuple(viewer.layers["ct"].contrast_limits) == (-700.0, 1300.0)
+    viewer.layers["ct"].contrast_limits = (0, 80)  # e.g. napari's own slider: the readout follows
+    assert ov.window_preset.currentText() == "brain" and ov.ww.value() == 80 and ov.wl.value() == 40
+
+
+def test_suv_range_threshold_opacity_colormap(workstation):
+    viewer, widget = workstation
+    ov = widget.overlay_panel
+    ov.overlay.set_layer("pet")
+    pet = viewer.layers["pet"]
+    assert tuple(pet.contrast_limits) == (0.0, 6.0) and pet.blending == "additive"
+    ov.suv_max.setValue(10.0)
+    ov.suv_threshold.setValue(2.5)
+    assert tuple(pet.contrast_limits) == (2.5, 10.0)
+    ov.opacity.setValue(30)
+    assert pet.opacity == pytest.approx(0.3)
+    ov.overlay_cmap.setCurrentText("hot")
+    assert pet.colormap.name == "hot"
+
+
+def test_value_under_cursor_in_layer_units(workstation):
+    viewer, widget = workstation
+    gt = _apply_ground_truth(viewer)
+    ov = widget.overlay_panel
+    ov.base.set_layer("ct")
+    ov.overlay.set_layer("pet")
+    lesion = gt["lesion"]["center_lps_mm"][::-1]  # LPS -> napari (S, P, L)
+    text = ov.cursor_text(lesion)
+    assert "HU" in text and "SUVbw" in text
+    suv = float(text.split("pet:")[1].split()[0])
+    assert suv > 10  # the lesion is the hottest structure of the phantom (SUV 16-20 before blurring)
+
+
+def _pet_resampled_with_truth(viewer, gt):
+    import medfuse
+
+    pet, t1 = viewer.layers["pet"], viewer.layers["t1"]
+    return medfuse.resample(layer_to_volume(pet, registered=False), layer_to_volume(t1, registered=False),
+                            transform=medfuse.Transform.from_matrix(gt["mr_to_pet"]))
+
+
+def _add_pet_resampled_on_mr(viewer, gt):
+    """PET resampled onto the MR grid with the true transform: exact slices (napari ignores out-of-plane
+    rotation when it slices a layer with a rotated affine)."""
+    pet, t1 = viewer.layers["pet"], viewer.layers["t1"]
+    res = _pet_resampled_with_truth(viewer, gt)
+    return viewer.add_image(res.array, name="pet on t1", scale=t1.scale, translate=t1.translate,
+                            colormap=pet.colormap, contrast_limits=pet.contrast_limits, blending=pet.blending,
+                            opacity=pet.opacity, metadata={"medfuse": dict(pet.metadata["medfuse"])})
+
+
+def _focus_lesion(viewer, gt, visible=("ct", "pet on t1")):
+    for layer in viewer.layers:
+        layer.visible = layer.name in visible
+    centre = gt["lesion"]["center_lps_mm"][::-1]
+    viewer.reset_view()
+    viewer.dims.set_point(0, float(centre[0]))
+    viewer.camera.center = tuple(float(c) for c in centre)
+    viewer.camera.zoom = viewer.camera.zoom * 1.5
+    return centre
+
+
+def _shot(viewer):
+    return np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+
+
+def test_screenshot_hot_colormap_over_lesion(workstation):
+    viewer, widget = workstation
+    gt = load_ground_truth()
+    _add_pet_resampled_on_mr(viewer, gt)
+    widget.overlay_panel.overlay.set_layer("pet on t1")
+    widget.overlay_panel.set_suv_range(20.0)  # a lesion-reading range: grey matter (SUV 8) is not saturated
+    _focus_lesion(viewer, gt)
+    with_pet = _shot(viewer)
+    viewer.layers["pet on t1"].visible = False
+    base_only = _shot(viewer)
+    h, w = with_pet.shape[:2]
+    zoom = viewer.camera.zoom * h / viewer.window._qt_viewer.canvas.size[1]  # screen px per mm in the image
+    r = max(2, int(0.4 * gt["lesion"]["radius_mm"] * zoom))
+    # The lesion sits at the canvas centre; its mirror image across the midline is at x = -27 mm.
+    mirror = w // 2 - int(round(2 * gt["lesion"]["center_lps_mm"][0] * zoom))
+
+    def patch(img, x):
+        return img[h // 2 - r:h // 2 + r, x - r:x + r].reshape(-1, 3).mean(0)
+
+    lesion, plain = patch(with_pet, w // 2), patch(base_only, w // 2)
+    assert abs(plain[0] - plain[2]) < 5  # the CT alone is grey
+    # The PET adds a hot (red-dominant) colour over the lesion, much more than over its mirror image.
+    gain, mirror_gain = lesion - plain, patch(with_pet, mirror) - patch(base_only, mirror)
+    assert gain[0] > 60 and gain[0] > gain[1] + 30 and gain[0] > gain[2] + 25, gain
+    assert gain[0] > mirror_gain[0] + 30, (gain, mirror_gain)
+    print(f"PET adds RGB {np.round(gain).tolist()} over the lesion, {np.round(mirror_gain).tolist()} over its mirror")
+    assert with_pet[:10, :10].max() < 10  # outside the head PET adds nothing (floor at SUV 0)
+
+
+def test_screenshot_checkerboard_alternates_tiles(workstation):
+    viewer, widget = workstation
+    gt = _apply_ground_truth(viewer)
+    _focus_lesion(viewer, gt, visible=("t1", "pet"))
+    ov = widget.overlay_panel
+    ov.base.set_layer("t1")
+    ov.overlay.set_layer("pet")
+    ov.compare.setCurrentText("checkerboard")
+    assert [l.name for l in viewer.layers if l.visible] == ["compare: base", "compare: overlay"]
+    img = _shot(viewer)
+    row = img[img.shape[0] // 2]
+    chroma = row.max(1) - row.min(1)
+    bright = row.max(1) > 25
+    cls = np.where(~bright, 0, np.where(chroma > 30, 2, np.where(chroma < 8, 1, 0)))  # 1 grey MR, 2 coloured PET
+    runs = []  # (class, length) of the non-background runs across the head
+    for c in cls:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    tile_px = 16 * viewer.camera.zoom * img.shape[0] / viewer.window._qt_viewer.canvas.size[1]  # 16 mm tiles
+    long_runs = [(c, n) for c, n in runs if c and n > 0.3 * tile_px]
+    classes = [c for c, _ in long_runs]
+    switches = sum(a != b for a, b in zip(classes, classes[1:]))
+    assert classes.count(1) >= 2 and classes.count(2) >= 2 and switches >= 4, (long_runs, tile_px)
+    assert max(n for _, n in long_runs) <= 1.3 * tile_px
+    print(f"checkerboard row: {len(long_runs)} tiles, {switches} grey/colour switches, tile {tile_px:.0f} px")
+    ov.compare.setCurrentText("overlay")  # back: originals visible again, compare layers gone
+    assert not [l for l in viewer.layers if l.name.startswith("compare")]
+    assert viewer.layers["pet"].visible and viewer.layers["t1"].visible
+
+
+def test_curtain_flicker_views_and_mip(qtbot, workstation):
+    viewer, widget = workstation
+    _apply_ground_truth(viewer)
+    ov = widget.overlay_panel
+    ov.base.set_layer("t1")
+    ov.overlay.set_layer("pet")
+    ov.curtain.setValue(30)
+    ov.compare.setCurrentText("curtain")
+    base_c = viewer.layers["compare: base"]
+    cut = int(round(0.3 * base_c.data.shape[2]))
+    assert np.all(base_c.data[:, :, cut:] == base_c.contrast_limits[0])  # right of the curtain: overlay only
+    assert np.any(base_c.data[:, :, :cut] != base_c.contrast_limits[0])
+    ov.compare.setCurrentText("overlay")
+    pet = viewer.layers["pet"]
+    ov.flicker.setChecked(True)
+    seen = set()
+    qtbot.waitUntil(lambda: seen.add(pet.visible) or len(seen) == 2, timeout=3000)
+    ov.flicker.setChecked(False)
+    assert pet.visible
+    ov.view.setCurrentText("coronal")
+    assert tuple(viewer.dims.order) == (1, 0, 2)
+    ov.view.setCurrentText("axial")
+    ov.grid.setChecked(True)
+    assert viewer.grid.enabled
+    ov.grid.setChecked(False)
+    pet.rendering = "attenuated_mip"
+    ov.mip.setChecked(True)
+    assert viewer.dims.ndisplay == 3 and pet.rendering == "mip"
+    ov.mip.setChecked(False)
+    assert viewer.dims.ndisplay == 2 and pet.rendering == "attenuated_mip"
+
+
+def test_manifest_contributes_widget_and_sample(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("medfuse", "phantom")
+    assert {"ct", "t1", "pet"} <= {l.name for l in viewer.layers}
+    _, widget = viewer.window.add_plugin_dock_widget("medfuse", "medfuse")
+    assert isinstance(widget, MedfuseWidget)
+    assert widget.register_panel.moving.currentText() == "pet"  # functional layer pre-selected as moving
+    assert widget.register_panel.fixed.currentText() in ("t1", "t2", "ct")
+
+
+def test_fuse_accepts_an_affine_registered_layer(qtbot, workstation):
+    # An affine registration with scaling/shear cannot be a Volume affine: fusion must still work.
+    viewer, widget = workstation
+    m = np.array([[1.1, 0.05, 0, 3], [0, 0.95, 0.02, -2], [0, 0, 1.05, 1], [0, 0, 0, 1]])
+    viewer.layers["spect"].affine = lps_to_world(m)
+    panel = widget.fuse_panel
+    panel.inputs[0].set_layer("t1")
+    panel.inputs[1].set_layer("spect")
+    panel.inputs[2].set_layer("ct")
+    panel.method.setCurrentText("mean")
+    n = len(viewer.layers)
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert len(viewer.layers) == n + 1, panel.status.text()
+    assert viewer.layers[-1].metadata["medfuse"]["provenance"]["fusion"]["inputs"] == ["t1", "spect", "ct"]
+
+
+def test_closing_the_widget_leaves_the_viewer_working(workstation):
+    viewer, widget = workstation
+    viewer.window.remove_dock_widget(widget)
+    widget.deleteLater()
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    with pytest.raises(RuntimeError):  # the C++ side is gone
+        widget.overlay_panel.cursor_value.text()
+    viewer.layers.remove("spect")  # layer events and cursor moves must not reach the deleted widget
+    viewer.cursor.position = (0.0, 0.0, 0.0)
+    assert "spect" not in viewer.layers
