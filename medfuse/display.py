@@ -116,7 +116,7 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
     """Default display for a volume by modality and unit.
 
     * CT in HU: ``gray`` with the ``window`` preset (default ``brain``); CT without HU: percentiles.
-    * PET in SUV: ``inferno`` with 0..10 SUV; in Bq/mL or counts: percentiles.
+    * PET in SUV: ``inferno`` with 0..6 SUV (SUV_LIMITS); in Bq/mL or counts: percentiles.
     * NM/SPECT: ``hot`` with percentiles.
     * MR and unknown: ``gray`` with percentiles.
 

@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
@@ -484,47 +483,23 @@ def default_samples_folder() -> Optional[Path]:
     return here if (here / "ground_truth.json").is_file() else None
 
 
-def _public_mode(tmp: str) -> None:
-    """mkstemp makes 0600 files; give the result the usual umask-based permissions."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-
-
 def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError("the file exists", fix="pass overwrite=True (CLI: --overwrite) to replace it", path=path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .io._atomic import atomic_write_text
+
+    atomic_write_text(path, text, overwrite=overwrite)
 
 
 def _write_tfm(matrix: np.ndarray, path: Path, *, overwrite: bool) -> None:
     """Write a rigid 4×4 (MR point -> image point) as an ITK Euler3DTransform ``.tfm``, atomically."""
     import SimpleITK as sitk
 
-    if path.exists() and not overwrite:
-        raise OutputExistsError("the file exists", fix="pass overwrite=True (CLI: --overwrite) to replace it", path=path)
+    from .io._atomic import atomic_path
+
     t = sitk.Euler3DTransform()
     t.SetMatrix(tuple(float(v) for v in matrix[:3, :3].ravel()))
     t.SetTranslation(tuple(float(v) for v in matrix[:3, 3]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem, suffix=".tfm")
-    os.close(fd)
-    try:
-        sitk.WriteTransform(t, tmp)
-        _public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        sitk.WriteTransform(t, str(tmp))
 
 
 def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, seed: int = 0) -> Dict[str, Path]:
