@@ -1,14 +1,14 @@
 """Rigid, affine and deformable multimodal registration with SimpleITK.
 
-Pipeline: validate inputs -> working images (smoothed, resampled to the finest pyramid spacing) ->
-initialise (geometry centre, moments, coarse multi-start over rotations) -> multi-resolution
-optimisation (Mattes MI or correlation, sparse random sampling with a fixed seed) -> optional B-spline
-stage -> honest report (metric before/after, iterations, stop reason, suspect reasons).
+Pipeline: validate inputs -> working images (block-averaged/resampled to the finest pyramid spacing) ->
+initialise on an 8 mm copy (world, geometry centre and moments starts, 27-rotation multi-start around each,
+polish of the best three) -> multi-resolution optimisation (Mattes MI or correlation, sparse random sampling
+with a fixed seed) -> native-resolution level for fine images -> optional B-spline stage -> honest report
+(metric before/after, iterations, stop reason, suspect reasons). See docs/registration.md.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -135,11 +135,27 @@ def _edges(v: Volume):
 # --------------------------------------------------------------------------- working images
 def _working(vol: Volume, spacing_mm: float):
     """Float32 SimpleITK image, anti-alias smoothed and resampled to ``spacing_mm`` if coarser than native."""
+    return _coarsen(_sitk_float(vol), spacing_mm)
+
+
+def _sitk_float(vol: Volume):
     import SimpleITK as sitk
 
-    img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+    return sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+
+
+def _coarsen(img, spacing_mm: float):
+    """``img`` at ``spacing_mm`` (never finer than native): integer block averages first (one cheap pass, and
+    the averaging is the anti-aliasing), then a Gaussian + linear resample for any non-integer remainder."""
+    import SimpleITK as sitk
+
     sp = np.asarray(img.GetSpacing())
     target = np.maximum(sp, spacing_mm)
+    f = np.maximum(1, np.floor(target / sp * 1.001)).astype(int)
+    f = np.minimum(f, np.maximum(1, np.asarray(img.GetSize()) // 4))
+    if np.any(f > 1):
+        img = sitk.BinShrink(img, [int(x) for x in f])  # keeps the physical extent and centre
+        sp = np.asarray(img.GetSpacing())
     if np.allclose(target, sp, rtol=0.05):
         return img
     sigma = np.sqrt(np.maximum(target ** 2 - sp ** 2, 0)) / 2.355  # FWHM of the target voxel
@@ -168,7 +184,7 @@ def _working_mask(mask: Optional[Volume], ref_img):
 
 # --------------------------------------------------------------------------- helpers
 class _Monitor:
-    """Counts iterations per level, reports progress, stops on cancel."""
+    """Counts iterations per level, reports progress, stops the optimiser on cancel (checked every iteration)."""
 
     def __init__(self, reg, n_levels: int, iterations, progress, cancel, lo: float, hi: float, stage: str):
         self.reg, self.n, self.its = reg, n_levels, iterations
@@ -176,52 +192,78 @@ class _Monitor:
         self.per_level: List[int] = []
         self.cancelled = False
 
+    def _report(self, frac: float, msg: str) -> None:
+        try:
+            report(self.progress, frac, msg)
+        except CancelledError:  # a UI may cancel by raising from its progress callback
+            self._stop()
+
+    def _stop(self) -> None:
+        self.cancelled = True
+        self.reg.StopRegistration()
+
     def level(self):
         self.per_level.append(0)
         lvl = len(self.per_level)
-        report(self.progress, self.lo + (self.hi - self.lo) * (lvl - 1) / self.n, f"{self.stage}: level {lvl}/{self.n}")
+        self._report(self.lo + (self.hi - self.lo) * (lvl - 1) / self.n, f"{self.stage}: level {lvl}/{self.n}")
 
     def iteration(self):
         if not self.per_level:
             self.per_level.append(0)
-        self.per_level[-1] += 1
+        # The optimiser's own count: some optimisers (LBFGSB) fire several events per iteration.
+        try:
+            n = int(self.reg.GetOptimizerIteration()) + 1
+        except RuntimeError:
+            n = self.per_level[-1] + 1
+        self.per_level[-1] = max(self.per_level[-1], n)
         lvl = len(self.per_level)
         frac = min(1.0, self.per_level[-1] / max(1, self.its[min(lvl, len(self.its)) - 1]))
-        report(self.progress, self.lo + (self.hi - self.lo) * (lvl - 1 + frac) / self.n,
-               f"{self.stage}: level {lvl}/{self.n}, iteration {self.per_level[-1]}")
+        self._report(self.lo + (self.hi - self.lo) * (lvl - 1 + frac) / self.n,
+                     f"{self.stage}: level {lvl}/{self.n}, iteration {self.per_level[-1]}")
         if self.cancel is not None and self.cancel.cancelled:
-            self.cancelled = True
-            self.reg.StopRegistration()
+            self._stop()
 
 
-def _set_metric(reg, metric: str, bins: int, samples: int, n_voxels: int, seed: int):
+def _method(metric: str, bins: int, fractions, seed: int, *, fmask=None, mmask=None):
+    """An ImageRegistrationMethod with the metric, per-level sampling fractions and masks set.
+
+    Both image-gradient filters are switched off: with sparse sampling, central differences at the
+    sampled points cost far less than filtering the whole moving image at every level (measured ~3x
+    on the SPM12 pair, see benchmarks/registration.py).
+    """
     import SimpleITK as sitk
 
+    reg = sitk.ImageRegistrationMethod()
     if metric == "mattes":
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
     else:
         reg.SetMetricAsCorrelation()
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(min(1.0, samples / max(1, n_voxels))), int(seed) + 1)
+    fr = [float(min(1.0, max(f, 1e-6))) for f in fractions]
+    if all(f >= 1.0 for f in fr):
+        reg.SetMetricSamplingStrategy(reg.NONE)
+    else:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentagePerLevel(fr, int(seed) + 1)
     reg.SetInterpolator(sitk.sitkLinear)
-
-
-def _evaluate(fixed, moving, tx, *, metric, bins, seed, fmask=None, mmask=None) -> Optional[float]:
-    """Metric of ``tx`` on the given images with a fixed sample set (comparable between transforms)."""
-    import SimpleITK as sitk
-
-    reg = sitk.ImageRegistrationMethod()
-    n = int(np.prod(fixed.GetSize()))
-    _set_metric(reg, metric, bins, 60000, n, seed)
+    reg.MetricUseFixedImageGradientFilterOff()
+    reg.MetricUseMovingImageGradientFilterOff()
     if fmask is not None:
         reg.SetMetricFixedMask(fmask)
     if mmask is not None:
         reg.SetMetricMovingMask(mmask)
+    return reg
+
+
+def _evaluate(fixed, moving, tx, *, metric, bins, seed, fmask=None, mmask=None, samples=60000) -> Optional[float]:
+    """Metric of ``tx`` on the given images with a fixed sample set (comparable between transforms)."""
+    n = int(np.prod(fixed.GetSize()))
+    reg = _method(metric, bins, [samples / max(1, n)], seed, fmask=fmask, mmask=mmask)
     reg.SetInitialTransform(tx, inPlace=False)
     try:
-        return float(reg.MetricEvaluate(fixed, moving))
+        v = float(reg.MetricEvaluate(fixed, moving))
     except RuntimeError:
         return None  # too few samples inside the moving image
+    return v if math.isfinite(v) and abs(v) < 1e30 else None
 
 
 def _rigid_matrix_stats(m: np.ndarray):
@@ -233,24 +275,33 @@ def _rigid_matrix_stats(m: np.ndarray):
 
 
 def _working_from_sitk(img, spacing_mm: float):
-    v = Volume.from_sitk(img)
-    return _working(v, spacing_mm)
+    return _coarsen(img, spacing_mm)
+
+
+def _raise_sitk_failure(e: RuntimeError) -> None:
+    msg = str(e)
+    if "samples" in msg.lower() or "outside" in msg.lower() or "valid points" in msg.lower():
+        raise RegistrationError(
+            "too few samples of the fixed image land inside the moving image during optimisation",
+            fix="check that both images show the same anatomy; try initialise='geometry' or masks") from None
+    raise RegistrationError(f"SimpleITK registration failed ({msg.strip().splitlines()[-1][:200]})",
+                            fix="check the inputs' geometry and content") from None
 
 
 # --------------------------------------------------------------------------- stages
-def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, cancel):
-    """Centre/moments initialiser then a coarse multi-start over rotations; returns (Euler3DTransform, label)."""
+def _starts(fixed, moving, mode):
+    """Candidate starting transforms (Euler3D, centred on the fixed image) for an initialisation mode."""
     import SimpleITK as sitk
 
     geo = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    world = sitk.Euler3DTransform()
+    world.SetCenter(geo.GetCenter())
     if mode == "none":
-        t = sitk.Euler3DTransform()
-        t.SetCenter(geo.GetCenter())
-        return t, "none"
+        return [("none", world)]
     if mode == "geometry":
-        return sitk.Euler3DTransform(geo), "geometry"
-    cands = [("geometry", sitk.Euler3DTransform(geo))]
+        return [("geometry", sitk.Euler3DTransform(geo))]
+    cands = []
     try:
         mom = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -258,51 +309,125 @@ def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, canc
     except RuntimeError:
         pass
     if mode == "moments":
-        return cands[-1][1], cands[-1][0]
-    # Multi-start on a coarse copy: catches a 30 degree tilt that gradient descent alone would miss.
-    coarse_mm = max(preset["levels_mm"][0], 6.0)
+        return cands or [("geometry", sitk.Euler3DTransform(geo))]
+    # auto: the scanners' own coordinates (right for PET/CT or PET/MR from one frame of reference, whatever the
+    # fields of view), the geometry centres and the intensity moments.
+    return [("world", world), ("geometry", sitk.Euler3DTransform(geo))] + cands
+
+
+def _exhaustive(fc, mc, base, *, step_rad, metric, bins, fmc, mmc, cancel):
+    """Metric at the 27 rotations {-step, 0, +step}^3 around ``base`` in one optimiser run: [(value, params)]."""
+    import SimpleITK as sitk
+
+    reg = _method(metric, bins, [1.0], 0, fmask=fmc, mmask=mmc)
+    reg.SetOptimizerAsExhaustive([1, 1, 1, 0, 0, 0], stepLength=float(step_rad))
+    reg.SetOptimizerScales([1.0] * 6)
+    tx = sitk.Euler3DTransform(base)
+    reg.SetInitialTransform(tx, inPlace=True)
+    out = []
+
+    def record():
+        v = reg.GetMetricValue()
+        if math.isfinite(v) and abs(v) < 1e30:
+            out.append((float(v), tuple(reg.GetOptimizerPosition())))
+        if cancel is not None and cancel.cancelled:
+            reg.StopRegistration()
+
+    reg.AddCommand(sitk.sitkIterationEvent, record)
+    try:
+        reg.Execute(fc, mc)
+    except RuntimeError:
+        pass  # some rotations leave too little overlap; the others were recorded
+    return out
+
+
+def _polish(fc, mc, tx, *, preset, metric, fmc, mmc, iterations, cancel):
+    """Short rigid refinement on the coarse images (full sampling); returns (metric value or None, iterations)."""
+    import SimpleITK as sitk
+
+    reg = _method(metric, preset["histogram_bins"], [1.0], 0, fmask=fmc, mmask=mmc)
+    step = float(preset["multistart_mm"])
+    # The coarse copy is tiny (full sampling costs ~1 ms), so walk until the step is 1/80 of a voxel.
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=step / 2, minStep=step / 80,
+                                                 numberOfIterations=int(iterations), relaxationFactor=0.8,
+                                                 gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(tx, inPlace=True)
+    n = [0]
+
+    def tick():
+        n[0] += 1
+        if cancel is not None and cancel.cancelled:
+            reg.StopRegistration()
+
+    reg.AddCommand(sitk.sitkIterationEvent, tick)
+    try:
+        reg.Execute(fc, mc)
+    except RuntimeError:
+        return None, n[0]
+    if cancel is not None:
+        cancel.raise_if_cancelled("registration")
+    return _evaluate(fc, mc, tx, metric=metric, bins=preset["histogram_bins"], seed=0, fmask=fmc, mmask=mmc), n[0]
+
+
+def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, cancel):
+    """Starts (world, geometry centre, moments), a 27-rotation multi-start around each ("auto"), and a short
+    polish of the best few on a coarse copy. Returns (Euler3DTransform, label, coarse iterations)."""
+    import SimpleITK as sitk
+
+    coarse_mm = float(preset["multistart_mm"])
     fc, mc = _working_from_sitk(fixed, coarse_mm), _working_from_sitk(moving, coarse_mm)
     fmc = _working_mask_img(fmask, fc)
-    mmc = _working_mask_img(mmask, mc)
-    a = math.radians(preset["multistart_deg"])
-    angles = (-a, 0.0, a)
+    # No moving mask here: on a coarse copy it lets a wrong start "win" by discarding the samples that disagree.
+    # It is used by the optimisation that follows.
+    mmc = None
+    bins = preset["histogram_bins"]
+    starts: list = []
+    for name, base in _starts(fixed, moving, mode):
+        if not any(_same_mapping(base, b) for _, b in starts):
+            starts.append((name, base))
     scored = []
-    for name, base in cands:
-        for rx, ry, rz in itertools.product(angles, angles, angles):
-            if cancel is not None and cancel.cancelled:
-                raise CancelledError("registration was cancelled")
-            t = sitk.Euler3DTransform(base)
-            t.SetRotation(rx, ry, rz)
-            v = _evaluate(fc, mc, t, metric=metric, bins=preset["histogram_bins"], seed=seed, fmask=fmc, mmask=mmc)
-            if v is not None:
-                scored.append((v, name, t))
-    if not scored:
-        return cands[-1][1], cands[-1][0]
+    for name, base in starts:
+        if mode == "auto" and preset["multistart_deg"] > 0:
+            # Catches a 30 degree tilt that gradient descent alone would miss (the grid includes the base).
+            base_rot = np.asarray(base.GetParameters()[:3])
+            for val, params in _exhaustive(fc, mc, base, step_rad=math.radians(preset["multistart_deg"]),
+                                           metric=metric, bins=bins, fmc=fmc, mmc=mmc, cancel=cancel):
+                t = sitk.Euler3DTransform(base)
+                t.SetParameters(params)
+                rotated = not np.allclose(params[:3], base_rot, atol=1e-6)
+                scored.append((val, name + ("+multistart" if rotated else ""), t))
+        else:
+            v = _evaluate(fc, mc, base, metric=metric, bins=bins, seed=seed, fmask=fmc, mmask=mmc)
+            scored.append((math.inf if v is None else v, name, base))
+        if cancel is not None:
+            cancel.raise_if_cancelled("registration")
     scored.sort(key=lambda s: s[0])
-    # Polish the best few briefly at the coarse level; gradient descent picks the true basin.
+    # Polish the best few distinct starts (world and geometry coincide when the image centres do).
+    keep: list = []
+    for item in scored:
+        if not any(_same_mapping(item[2], k[2]) for k in keep):
+            keep.append(item)
+        if len(keep) >= int(preset["multistart_keep"]):
+            break
     best = None
-    for v0, name, t in scored[:4]:
-        reg = sitk.ImageRegistrationMethod()
-        _set_metric(reg, metric, preset["histogram_bins"], preset["samples"], int(np.prod(fc.GetSize())), seed)
-        if fmc is not None:
-            reg.SetMetricFixedMask(fmc)
-        if mmc is not None:
-            reg.SetMetricMovingMask(mmc)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=4.0, minStep=0.1, numberOfIterations=40,
-                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
-        reg.SetOptimizerScalesFromPhysicalShift()
+    for v0, name, t in keep:
         tt = sitk.Euler3DTransform(t)
-        reg.SetInitialTransform(tt, inPlace=True)
-        try:
-            reg.Execute(fc, mc)
-        except RuntimeError:
-            continue
-        v = _evaluate(fc, mc, tt, metric=metric, bins=preset["histogram_bins"], seed=seed, fmask=fmc, mmask=mmc)
+        v, its = _polish(fc, mc, tt, preset=preset, metric=metric, fmc=fmc, mmc=mmc,
+                         iterations=preset["multistart_iterations"], cancel=cancel)
         if v is not None and (best is None or v < best[0]):
-            best = (v, name, tt)
+            best = (v, name, tt, its)
     if best is None:
-        return scored[0][2], scored[0][1] + "+multistart"
-    return best[2], best[1] + "+multistart"
+        return scored[0][2], scored[0][1], 0
+    return best[2], best[1], best[3]
+
+
+def _same_mapping(a, b, tol_mm: float = 0.5) -> bool:
+    """True when two transforms move probe points (100 mm apart around a's centre) by less than ``tol_mm``."""
+    c = np.asarray(a.GetCenter())
+    probes = [c] + [c + 50.0 * e for e in np.eye(3)] + [c - 50.0 * e for e in np.eye(3)]
+    return all(np.linalg.norm(np.subtract(a.TransformPoint(tuple(map(float, p))),
+                                          b.TransformPoint(tuple(map(float, p))))) < tol_mm for p in probes)
 
 
 def _working_mask_img(mask_img, ref_img):
@@ -318,22 +443,16 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
               moving_initial=None):
     import SimpleITK as sitk
 
-    reg = sitk.ImageRegistrationMethod()
     w = float(min(fixed.GetSpacing()))
     levels = preset["bspline_levels_mm"] if bspline else preset["levels_mm"]
     its = preset["bspline_iterations"] if bspline else preset["iterations"]
-    shrink = [max(1, int(round(l / w))) for l in levels]
+    shrink = [max(1, int(round(lv / w))) for lv in levels]
     sigmas = list(preset["smoothing_vox"][-len(levels):]) if not bspline else [0.5, 0.0][-len(levels):]
     n_fine = int(np.prod(fixed.GetSize()))
     samples = preset["bspline_samples"] if bspline else preset["samples"]
-    _set_metric(reg, metric, preset["histogram_bins"], samples, n_fine // (shrink[-1] ** 3), seed)
-    # Same number of samples at every level (percentage scaled by the shrink).
-    reg.SetMetricSamplingPercentagePerLevel(
-        [float(min(1.0, samples * f ** 3 / max(1, n_fine))) for f in shrink], int(seed) + 1)
-    if fmask is not None:
-        reg.SetMetricFixedMask(fmask)
-    if mmask is not None:
-        reg.SetMetricMovingMask(mmask)
+    # Same number of samples at every level (fraction scaled by the shrink).
+    reg = _method(metric, preset["histogram_bins"], [samples * f ** 3 / max(1, n_fine) for f in shrink], seed,
+                  fmask=fmask, mmask=mmask)
     reg.SetShrinkFactorsPerLevel(shrink)
     reg.SetSmoothingSigmasPerLevel(sigmas)
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
@@ -351,22 +470,14 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
         reg.SetMovingInitialTransform(moving_initial)
     reg.SetInitialTransform(initial, inPlace=True)
     mon = _Monitor(reg, len(shrink), its, *monitor_args)
-    import SimpleITK as _s
-
-    reg.AddCommand(_s.sitkMultiResolutionIterationEvent, mon.level)
-    reg.AddCommand(_s.sitkIterationEvent, mon.iteration)
+    reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, mon.level)
+    reg.AddCommand(sitk.sitkIterationEvent, mon.iteration)
     try:
         reg.Execute(fixed, moving)
     except RuntimeError as e:
         if mon.cancelled:
             raise CancelledError("registration was cancelled") from None
-        msg = str(e)
-        if "samples" in msg.lower() or "outside" in msg.lower():
-            raise RegistrationError(
-                "too few samples of the fixed image land inside the moving image during optimisation",
-                fix="check that both images show the same anatomy; try initialise='geometry' or masks") from None
-        raise RegistrationError(f"SimpleITK registration failed ({msg.strip().splitlines()[-1][:200]})",
-                                fix="check the inputs' geometry and content") from None
+        _raise_sitk_failure(e)
     if mon.cancelled:
         raise CancelledError("registration was cancelled")
     return reg.GetOptimizerStopConditionDescription(), mon.per_level, its
@@ -391,8 +502,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         progress: ``progress(fraction, message)``, called per level and per iteration.
         cancel: a :class:`~medfuse.progress.CancelToken`; registration stops promptly and raises CancelledError.
         seed: seed of the random metric sampling (equal seeds give equal results).
-        initialise: ``"auto"`` (geometry centre, moments, then a multi-start over +-30 degree rotations),
-            ``"geometry"``, ``"moments"`` or ``"none"`` (start from the scanners' world coordinates).
+        initialise: ``"auto"`` (the scanners' world coordinates, the geometry centres and the intensity moments,
+            each with a multi-start over +-30 degree rotations; the best after a short coarse polish wins),
+            ``"geometry"``, ``"moments"`` or ``"none"`` (start from the scanners' world coordinates only).
             ``"geometry"`` also allows images whose world boxes do not overlap (centre-aligns them).
         bspline_grid_mm: B-spline control-point spacing (regularisation: larger is smoother).
         **preset_overrides: any preset key (see :mod:`medfuse.registration.presets`).
@@ -443,11 +555,14 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                               fmask=fmask, mmask=mmask)
 
     report(progress, 0.05, "initialising")
-    init, init_label = _initialise(fimg, mimg, mode=initialise, preset=p, metric=metric, seed=seed,
-                                   fmask=fmask, mmask=mmask, cancel=cancel)
+    init, init_label, coarse_its = _initialise(fimg, mimg, mode=initialise, preset=p, metric=metric, seed=seed,
+                                               fmask=fmask, mmask=mmask, cancel=cancel)
     lin_hi = 0.6 if kind == "deformable" else 0.95
     stop, per_level, its = _optimise(fimg, mimg, init, preset=p, metric=metric, seed=seed, fmask=fmask, mmask=mmask,
                                      monitor_args=(progress, cancel, 0.2, lin_hi if kind == "rigid" else 0.4, "rigid"))
+    # The coarse polish of the initialisation is the first pyramid level.
+    per_level = [coarse_its] + list(per_level)
+    its = [int(p["multistart_iterations"])] + list(its)
     linear = init
     if kind in ("affine", "deformable"):
         aff = sitk.AffineTransform(3)
@@ -462,6 +577,18 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         stop, its = stop2, list(its) + list(its2[-2:])
         per_level = per_level + per2
         linear = aff
+    # Final level at native resolution when both images are finer than the pyramid's finest level
+    # (1 mm MR-MR, CT): the 2 mm working copies cap the precision at ~0.4-0.9 mm there.
+    native = max(max(fixed.spacing), max(moving.spacing), float(p["final_mm"] or 0))
+    if p["final_mm"] and native < 0.95 * finest:
+        fin = {**p, "levels_mm": (native,), "smoothing_vox": (0.0,), "iterations": (int(p["final_iterations"]),),
+               "learning_rate_mm": float(p["final_learning_rate_mm"]), "samples": int(p["final_samples"])}
+        f_hi, m_hi = _working(fixed, native), _working(moving, native)
+        stop, per4, its4 = _optimise(f_hi, m_hi, linear, preset=fin, metric=metric, seed=seed,
+                                     fmask=_working_mask(fmask_v, f_hi), mmask=_working_mask(mmask_v, m_hi),
+                                     monitor_args=(progress, cancel, lin_hi - 0.05, lin_hi, "native"))
+        per_level = per_level + per4
+        its = list(its) + list(its4)
     transform = Transform(linear)
     jac_min = jac_frac = None
     if kind == "deformable":
@@ -488,7 +615,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     reasons: List[str] = []
     hit_max = bool(per_level) and per_level[-1] >= int(its[-1]) or "Maximum number of iterations" in stop
     converged = not hit_max and "cancel" not in stop.lower()
-    if not converged:
+    # A B-spline stage is run for a fixed budget (as elastix does): its limit is reported through
+    # ``converged`` and ``stop_reason``; the fold and similarity checks below guard the result.
+    if not converged and kind != "deformable":
         reasons.append("the optimiser stopped at its iteration limit at the finest level without converging")
     if metric_after is None:
         reasons.append("too few overlapping samples after registration to evaluate the metric")

@@ -8,13 +8,12 @@ and is applied to volumes (resampling) and to points.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..errors import InvalidInputError, OutputExistsError, RegistrationError, UnreadableFileError
+from ..errors import InvalidInputError, RegistrationError, UnreadableFileError
 
 __all__ = ["Transform", "load_transform", "TRANSFORM_SUFFIXES"]
 
@@ -148,22 +147,15 @@ class Transform:
         """Write in an ITK format chosen by suffix (``.tfm``, ``.txt``, ``.h5``); atomic."""
         import SimpleITK as sitk
 
+        from ..io._atomic import atomic_path
+
         p = Path(path)
         if not _suffix_ok(p):
             raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
                                     fix="use .tfm, .txt or .h5", path=p)
-        if p.exists() and not overwrite:
-            raise OutputExistsError("the transform file exists", fix="pass overwrite=True or choose another name", path=p)
         p.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(p.suffixes[-1:])
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
-        os.close(fd)
-        try:
-            sitk.WriteTransform(self._t, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(p, overwrite=overwrite) as tmp:
+            sitk.WriteTransform(self._t, str(tmp))
         return p
 
 
