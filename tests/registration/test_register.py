@@ -226,15 +226,14 @@ def test_deformable_brats_recovers_known_smooth_field(brats):
 
 @pytest.mark.slow
 def test_sample_volumes_recovered():
-    """PET (3 mm voxels) within 1 mm of the stored truth whatever the sample set. SPECT (4.5 mm voxels): its MI
-    optimum is broad, and the result depends on the random sample set (0.26, 1.44, 1.93, 0.57 mm for seeds 0-3):
-    the 1 mm target is NOT met robustly, so the bound asserted is the honest one, 2 mm (docs/registration.md)."""
+    """The bundled PET (3 mm voxels) and SPECT (4.5 mm) within 1 mm of the stored truth, whatever the random
+    sample set (measured: PET 0.11-0.46 mm, SPECT 0.36-0.83 mm over seeds 0-4)."""
     ph = pytest.importorskip("medfuse.phantom")
     vols = ph.load_samples()
     gt = ph.load_ground_truth()
     t1 = vols["t1"]
     head = t1.array > np.percentile(t1.array, 60)
-    for name, seeds, bound in (("pet", (0, 1), 1.0), ("spect", (0, 1, 2), 2.0)):
+    for name, seeds, bound in (("pet", (0, 1), 1.0), ("spect", (0, 1, 2), 1.0)):
         for seed in seeds:
             r = register(t1, vols[name], kind="rigid", seed=seed)
             err = _tre(r.transform, t1, head, gt[f"mr_to_{name}"], step=53)
