@@ -1,0 +1,280 @@
+"""Inference with the shipped fusion network: 2-D images and tri-plane 3-D volumes, on arrays scaled to 0..1.
+
+``medfuse.fusion.fuse(..., method="network")`` scales its inputs to 0..1 and calls :func:`fuse_arrays`.
+Weights are read from safetensors only (never pickle). 3-D volumes are streamed in slabs along the first
+axis, so memory stays bounded whatever the volume's length; the result does not depend on the slab size
+(each slab carries a halo wider than the network's full-resolution support).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import FusionError, InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
+from ..progress import CancelToken, ProgressFn, check, report
+
+__all__ = ["fuse_arrays", "fuse_2d", "fuse_3d", "load_model", "weights_sha256", "default_weights_path",
+           "MIN_SIZE_3D"]
+
+PathLike = Union[str, os.PathLike]
+#: The smallest extent along any axis that the tri-plane path accepts.
+MIN_SIZE_3D = 8
+_LOCK = threading.Lock()
+_CACHE: dict = {}
+
+
+def default_weights_path() -> Path:
+    """The weights shipped inside the package."""
+    return Path(__file__).resolve().parent / "weights" / "medfuse_fusion.safetensors"
+
+
+def _resolve(weights: Optional[PathLike]) -> Path:
+    return default_weights_path() if weights is None else Path(weights)
+
+
+def weights_sha256(weights: Optional[PathLike] = None) -> str:
+    """SHA-256 (hex) of the weights file: recorded in provenance so a fused image names its exact model."""
+    p = _resolve(weights)
+    try:
+        st = p.stat()
+        key = ("sha", str(p), st.st_mtime_ns, st.st_size)
+        if key not in _CACHE:
+            _CACHE[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return _CACHE[key]
+    except OSError:
+        raise WeightsError("the fusion network's weights file is missing or unreadable", path=p,
+                           fix="reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors") from None
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - depends on the install
+        raise MissingDependencyError.for_package("torch", "the fusion network", "ml") from None
+    return torch
+
+
+def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
+    """Load (and cache) the network from a safetensors file.
+
+    Raises:
+        WeightsError: the file is missing, not a safetensors file, truncated, or does not fit the model.
+    """
+    torch = _torch()
+    from .network import FusionNet
+
+    p = _resolve(weights)
+    try:
+        st = p.stat()
+    except OSError:
+        raise WeightsError("the fusion network's weights file is missing", path=p,
+                           fix="reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors") from None
+    key = ("model", str(p), st.st_mtime_ns, st.st_size, str(device))
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        try:
+            from safetensors import safe_open
+        except ImportError:  # pragma: no cover
+            raise MissingDependencyError.for_package("safetensors", "the fusion network", "ml") from None
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            config = {k: float(v) if k.startswith("gain") else int(v) for k, v in json.loads(meta["config"]).items()}
+            model = FusionNet(**config)
+            model.load_state_dict(tensors, strict=True)
+        except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
+            raise WeightsError(f"the fusion network's weights file is corrupt or does not fit the model "
+                               f"({type(exc).__name__})", path=p,
+                               fix="reinstall medfuse to restore the shipped weights, or retrain with "
+                                   "'medfuse train'") from None
+        for t in model.state_dict().values():
+            if not torch.isfinite(t).all():
+                raise WeightsError("the fusion network's weights contain NaN or infinite values", path=p,
+                                   fix="reinstall medfuse, or retrain with 'medfuse train'")
+        model = model.to(device).eval()
+        _CACHE[key] = model
+        return model
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarray:
+    if isinstance(arrays, np.ndarray):
+        arrays = list(arrays)
+    if not isinstance(arrays, (list, tuple)) or not 2 <= len(arrays) <= 3:
+        raise InvalidInputError(f"the fusion network takes 2 or 3 images, got {len(arrays) if hasattr(arrays, '__len__') else arrays!r}",
+                                fix="pass a list of 2 or 3 co-registered arrays")
+    arrs = [np.asarray(a) for a in arrays]
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1:
+        raise InvalidInputError(f"the inputs have different shapes {sorted(shapes)}",
+                                fix="put them on one grid first with medfuse.register or medfuse.resample")
+    shape = arrs[0].shape
+    if ndim is not None and len(shape) != ndim:
+        other = "fuse_3d (the tri-plane 3-D path)" if len(shape) == 3 else "fuse_2d (the 2-D path)"
+        raise InvalidInputError(f"the {ndim}-D path was given {len(shape)}-D arrays of shape {shape}",
+                                fix=f"use {other}, or fuse_arrays, which picks the path from the arrays")
+    if len(shape) not in (2, 3):
+        raise InvalidInputError(f"the fusion network takes 2-D or 3-D arrays, got shape {shape}",
+                                fix="squeeze singleton axes, or fuse each 3-D volume of a 4-D series separately")
+    if min(shape) < (MIN_SIZE_3D if len(shape) == 3 else 4):
+        raise InvalidInputError(f"the arrays are too small for the network: shape {shape}",
+                                fix=("fuse thin volumes slice by slice with the 2-D path" if len(shape) == 3
+                                     else "use a classical rule for tiny images"))
+    for a in arrs:
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
+            raise InvalidInputError(f"the inputs must be real numbers, got dtype {a.dtype}", fix="pass float arrays")
+    x = np.stack([a.astype(np.float32, copy=False) for a in arrs])
+    if not np.isfinite(x).all():
+        raise InvalidInputError("an input contains NaN or infinite values",
+                                fix="replace them (e.g. numpy.nan_to_num) before fusing")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        warnings.warn(f"network fusion expects inputs scaled to 0..1 (got {lo:.3g}..{hi:.3g}); clipping",
+                      MedfuseWarning, stacklevel=3)
+    return np.clip(x, 0.0, 1.0)
+
+
+def _pad_to(x, factor: int, axes: Sequence[int]):
+    """Replicate-pad the given axes of a torch tensor at their ends to a multiple of ``factor``."""
+    torch = _torch()
+    for ax in axes:
+        r = (-x.shape[ax]) % factor
+        if r:
+            tail = x.narrow(ax, x.shape[ax] - 1, 1)
+            x = torch.cat([x] + [tail] * r, dim=ax)
+    return x
+
+
+# ----------------------------------------------------------------------------- 2-D
+def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
+            progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Fuse 2-3 co-registered 2-D images in 0..1 -> float32 image in 0..1 (same shape)."""
+    x = _check_arrays(arrays, 2)
+    torch = _torch()
+    check(cancel, "network fusion")
+    model = load_model(weights, device=device)
+    h, w = x.shape[1:]
+    with torch.inference_mode():
+        t = _pad_to(torch.from_numpy(x)[None].to(device), model.factor, (2, 3))
+        out = model(t)[0, :h, :w].float().cpu().numpy()
+    report(progress, 1.0, "network fusion done")
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- 3-D (tri-plane)
+def _slabs(n: int, size: int):
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+def _slab_input(vol, s: int, e: int, halo: int) -> Tuple[object, int]:
+    """(N, e-s+2·halo', H, W) piece of ``vol`` with up to ``halo`` real neighbours each side; returns offset."""
+    lo, hi = max(0, s - halo), min(vol.shape[1], e + halo)
+    return vol[:, lo:hi], s - lo
+
+
+def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
+            batch_size: int = 32, progress: Optional[ProgressFn] = None,
+            cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Tri-plane fusion of 2-3 co-registered 3-D volumes in 0..1 -> float32 volume in 0..1 (same shape).
+
+    Args:
+        arrays: the volumes (same shape, every axis at least :data:`MIN_SIZE_3D`).
+        device: torch device ("cpu", "cuda").
+        weights: a safetensors file (default: the shipped weights).
+        batch_size: slices per slab along the first axis (rounded to the network's factor); bounds memory.
+        progress, cancel: see :mod:`medfuse.progress`.
+    """
+    x = _check_arrays(arrays, 3)
+    torch = _torch()
+    from .network import HALO, _pool, _up, decompose
+
+    model = load_model(weights, device=device)
+    f = model.factor
+    halo = -(-HALO // f) * f  # a multiple of the factor, so slabs stay aligned with the low-res grid
+    size = max(f, (int(batch_size) // f) * f)
+    shape = x.shape[1:]
+    with torch.inference_mode():
+        vol = _pad_to(torch.from_numpy(x), f, (1, 2, 3))
+        n_slabs = -(-vol.shape[1] // size)
+        total = 2 * n_slabs + 1
+        # Pass 1: low-resolution features, slab by slab.
+        feats = []
+        for i, (s, e) in enumerate(_slabs(vol.shape[1], size)):
+            check(cancel, "network fusion")
+            piece, off = _slab_input(vol, s, e, halo)
+            piece = piece[None].to(device)
+            base, details = decompose(piece, model.levels)
+            core = [t[:, :, off:off + e - s] for t in [piece] + [d.abs() for d in details]]
+            feats.append(torch.stack([_pool(t, f) for t in core], dim=2)[0])
+            del base, details, piece
+            report(progress, (i + 1) / total, "network fusion: features")
+        feats3 = torch.cat(feats, dim=2)  # (N, C, d, h, w)
+        del feats
+        # Pass 2: the 2-D network on the three planes of the low-res volume, merged in 3-D.
+        check(cancel, "network fusion")
+        logits = model.planes_logits(feats3)  # (K, d, h, w)
+        report(progress, (n_slabs + 1) / total, "network fusion: tri-plane")
+        # Pass 3: full-resolution combination, slab by slab.
+        out = np.empty(tuple(vol.shape[1:]), dtype=np.float32)
+        lr = logits[None]
+        for i, (s, e) in enumerate(_slabs(vol.shape[1], size)):
+            check(cancel, "network fusion")
+            piece, off = _slab_input(vol, s, e, halo)
+            piece = piece[None].to(device)
+            base, details = decompose(piece, model.levels)
+            sl = slice(off, off + e - s)
+            a0, a1 = max(0, s // f - 1), min(lr.shape[2], e // f + 1)
+            up = _up(lr[:, :, a0:a1], f)
+            u0 = s - a0 * f
+            up = up[:, :, u0:u0 + e - s]
+            fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up)
+            out[s:e] = fused[0].float().cpu().numpy()
+            del base, details, piece, up, fused
+            report(progress, (n_slabs + 2 + i) / total, "network fusion: combining")
+    report(progress, 1.0, "network fusion done")
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
+                batch_size: int = 32, mode: str = "auto", progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Fuse 2-3 co-registered arrays scaled to 0..1; 2-D arrays take the 2-D path, 3-D the tri-plane path.
+
+    Args:
+        arrays: 2 or 3 arrays of one shape, 2-D or 3-D, values in 0..1 (others are clipped, with a warning).
+        device: torch device.
+        weights: safetensors weights (default: shipped).
+        batch_size: 3-D slab thickness (slices); bounds memory.
+        mode: ``"auto"``, ``"2d"`` or ``"3d"``; a mismatch with the arrays' dimension is an error.
+        progress, cancel: see :mod:`medfuse.progress`.
+
+    Returns:
+        float32 array of the inputs' shape, in 0..1.
+    """
+    if mode not in ("auto", "2d", "3d"):
+        raise InvalidInputError(f"mode must be 'auto', '2d' or '3d', got {mode!r}", fix="use mode='auto'")
+    ndim = {"auto": None, "2d": 2, "3d": 3}[mode]
+    if ndim is None:
+        try:
+            ndim = np.ndim(arrays[0])
+        except (TypeError, IndexError, KeyError):
+            raise InvalidInputError("the fusion network takes a list of 2 or 3 arrays",
+                                    fix="pass [array_a, array_b]") from None
+    if ndim == 2:
+        return fuse_2d(arrays, device=device, weights=weights, progress=progress, cancel=cancel)
+    if ndim == 3:
+        return fuse_3d(arrays, device=device, weights=weights, batch_size=batch_size, progress=progress,
+                       cancel=cancel)
+    raise InvalidInputError(f"the fusion network takes 2-D or 3-D arrays, got {ndim}-D",
+                            fix="squeeze singleton axes, or fuse each 3-D volume of a 4-D series separately")

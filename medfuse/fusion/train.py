@@ -1,0 +1,630 @@
+"""``medfuse train``: train the fusion network and export the shipped safetensors weights.
+
+Run ``python -m medfuse.fusion.train --help`` (or ``medfuse train``). The recipe:
+
+* Data (a MONAI ``Dataset`` + ``Compose`` pipeline, fixed seed): the Harvard pairs (PET/SPECT pseudo-colour
+  through YCbCr: the network fuses the MRI with the luma ``Y``), split **by case** into training and validation;
+  2-D slices of ``brats-gli-00001`` (MR-MR, also 3-input batches) and ``spm12-templates`` (T1 with PET/SPECT/T2);
+  3-D patches of the same volumes and of the synthetic phantom for the tri-plane aggregation stage.
+* Loss: the fusion metrics themselves, made differentiable (:class:`MetricLoss`): ``-(Qabf + a·VIF/n) +
+  b·(1 - SSIM/n)`` with the reference definitions (Sobel Xydeas-Petrović Qabf, 4-scale pixel VIF with
+  sigma_n² = 2, skimage-default SSIM), on the 0..255 scale the published tables use.
+* Each epoch: a validation metric table per pair type beside the max rule, a checkpoint (resume with
+  ``--resume``), and a tqdm progress bar. CUDA with mixed precision when present, the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InvalidInputError, MedfuseError, UnreadableFileError
+
+__all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
+           "torch_metrics", "PAIR_TYPES", "DEFAULT_SHARED"]
+
+PAIR_TYPES = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
+DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+# ============================================================================ data
+def case_of(name: str) -> str:
+    """Harvard file names are ``<case><3-digit slice>.png``: ``28010.png`` is case 28."""
+    stem = Path(name).stem
+    return stem[:-3] or stem
+
+
+def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
+    """{pair type: [(mri path, other path), ...]} sorted by name."""
+    out = {}
+    for ptype, other in PAIR_TYPES.items():
+        d = Path(root) / ptype
+        if not (d / "MRI").is_dir():
+            raise UnreadableFileError("the Harvard pairs folder has no MRI sub-folder", path=d,
+                                      fix="pass --data pointing at ../shared/data")
+        names = sorted(p.name for p in (d / "MRI").glob("*.png"))
+        out[ptype] = [(d / "MRI" / n, d / other / n) for n in names if (d / other / n).exists()]
+    return out
+
+
+def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
+                val_fraction: float = 0.2) -> Tuple[Dict[str, list], Dict[str, list]]:
+    """Split each pair type by case (never by slice) with a fixed seed; at least one validation case."""
+    train, val = {}, {}
+    for ptype, items in pairs.items():
+        cases = sorted({case_of(a.name) for a, _ in items}, key=lambda c: int(c) if c.isdigit() else c)
+        rng = random.Random(f"{seed}-{ptype}")
+        rng.shuffle(cases)
+        n_val = max(1, int(round(val_fraction * len(cases))))
+        vset = set(cases[:n_val])
+        val[ptype] = [p for p in items if case_of(p[0].name) in vset]
+        train[ptype] = [p for p in items if case_of(p[0].name) not in vset]
+    return train, val
+
+
+def to_luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma (the Y of YCbCr, equal to OpenCV's BGR->GRAY weights) of an RGB or grey image."""
+    if rgb.ndim == 2:
+        return rgb.astype(np.float32)
+    rgb = rgb[..., :3].astype(np.float32)
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def load_pair(a: Path, b: Path) -> np.ndarray:
+    """(2, H, W) float32 in 0..1: the MRI and the luma of the other image (rounded, as the metrics do)."""
+    from PIL import Image
+
+    try:
+        ia = np.asarray(Image.open(a))
+        ib = np.asarray(Image.open(b))
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types
+        raise UnreadableFileError(f"cannot read a Harvard pair image ({type(exc).__name__})", path=a) from None
+    return np.stack([np.round(to_luma(ia)), np.round(to_luma(ib))]).astype(np.float32) / 255.0
+
+
+def _norm01(v: np.ndarray) -> np.ndarray:
+    v = np.nan_to_num(v.astype(np.float32))
+    lo, hi = np.percentile(v, 0.5), np.percentile(v, 99.5)
+    if hi <= lo:
+        return np.zeros_like(v)
+    return np.clip((v - lo) / (hi - lo), 0, 1)
+
+
+def _load_nifti(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return _norm01(np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32))
+
+
+def volume_sets(shared: Path) -> List[np.ndarray]:
+    """Co-registered 3-D sets (N, D, H, W) in 0..1: BraTS contrasts, SPM12 templates, the phantom."""
+    import scipy.ndimage as ndi
+
+    sets = []
+    br = shared / "data" / "brats-gli-00001"
+    if br.is_dir():
+        t1n, t1c, t2w, t2f = (_load_nifti(br / f"{n}.nii.gz") for n in ("t1n", "t1c", "t2w", "t2f"))
+        sets += [np.stack([t1c, t2f]), np.stack([t1n, t2w]), np.stack([t1c, t2w, t2f])]
+    sp = shared / "data" / "spm12-templates"
+    if sp.is_dir():
+        t1 = _load_nifti(sp / "T1.nii")
+        # The templates are 2 mm; bring them to about 1 mm so their structures match the other data's scale.
+        def up(v):
+            return np.clip(ndi.zoom(v, 2, order=1), 0, 1).astype(np.float32)
+        for other in ("PET", "T2"):
+            sets.append(np.stack([up(t1), up(_load_nifti(sp / f"{other}.nii"))]))
+        spect = _load_nifti(sp / "SPECT.nii")
+        if spect.shape == t1.shape:
+            sets.append(np.stack([up(t1), up(spect[::-1])]))  # SPECT is RAS voxel order, the others LAS
+    try:
+        from ..phantom import make_phantom
+
+        ph = make_phantom(seed=1, misalign={"pet": None, "spect": None})
+        sets.append(np.stack([_norm01(ph.t1.array), _norm01(ph.t2.array)]))
+    except Exception:  # noqa: BLE001 - the phantom is optional extra data
+        pass
+    return sets
+
+
+class _Sampler:
+    """Random training batches through a MONAI Dataset/Compose pipeline (crop, flips, 90° rotations)."""
+
+    def __init__(self, train_pairs: Dict[str, list], vols: List[np.ndarray], *, crop: int, seed: int,
+                 extra_fraction: float, type_weights: Optional[Dict[str, float]] = None):
+        from monai.data import Dataset
+        from monai.transforms import Compose, RandFlip, RandRotate90, RandSpatialCrop, SpatialPad
+
+        self.rng = np.random.default_rng(seed)
+        self.harvard = {k: [load_pair(a, b) for a, b in v] for k, v in train_pairs.items()}
+        w = np.array([(type_weights or {}).get(k, 1.0) for k in self.harvard], dtype=float)
+        self.type_p = w / w.sum()
+        self.vols = vols
+        self.extra_fraction = extra_fraction if vols else 0.0
+        self.crop = crop
+        self.tf = Compose([SpatialPad((crop, crop)), RandSpatialCrop((crop, crop), random_size=False),
+                           RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1),
+                           RandRotate90(prob=0.5)])
+        self.tf.set_random_state(seed=seed)
+        self.Dataset = Dataset
+
+    def _slice(self, vol: np.ndarray) -> np.ndarray:
+        """A 2-D slice with content along a random axis."""
+        for _ in range(20):
+            axis = int(self.rng.integers(3))
+            idx = int(self.rng.integers(vol.shape[1 + axis]))
+            s = np.take(vol, idx, axis=1 + axis)
+            if (s > 0.05).mean() > 0.15:
+                return s
+        return s
+
+    def batch(self, size: int) -> np.ndarray:
+        if self.rng.random() < self.extra_fraction:
+            vol = self.vols[int(self.rng.integers(len(self.vols)))]
+            n = vol.shape[0]
+            items = [self._slice(vol) for _ in range(size)]
+            items = [it if it.shape[0] == n else it for it in items]
+        else:
+            ptype = list(self.harvard)[int(self.rng.choice(len(self.harvard), p=self.type_p))]
+            pool = self.harvard[ptype]
+            items = [pool[int(self.rng.integers(len(pool)))] for _ in range(size)]
+        ds = self.Dataset(items, transform=self.tf)
+        out = np.stack([np.asarray(ds[i]) for i in range(len(items))]).astype(np.float32)
+        if self.rng.random() < 0.5:  # the model is symmetric by design; swapping keeps it honest
+            out = out[:, ::-1].copy()
+        return out
+
+
+# ============================================================================ differentiable metrics
+def _gauss(n: int, sigma: float, device, dtype):
+    import torch
+
+    ax = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+    g = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g.to(device=device, dtype=dtype)
+
+
+def _sep_valid(x, g):
+    """'valid' separable filtering of (B, 1, H, W) with the 1-D kernel g along both axes."""
+    import torch.nn.functional as F
+
+    n = g.numel()
+    x = F.conv2d(x, g.view(1, 1, n, 1))
+    return F.conv2d(x, g.view(1, 1, 1, n))
+
+
+def _vifp(ref, dist):
+    """Pixel-domain VIF (4 scales, sigma_n² = 2) of (B, 1, H, W) tensors on 0..255 -> (B,)."""
+    import torch
+
+    sigma_nsq = 2.0
+    eps = 1e-10
+    num = torch.zeros(ref.shape[0], device=ref.device, dtype=ref.dtype)
+    den = torch.zeros_like(num)
+    for scale in range(1, 5):
+        n = 2 ** (4 - scale + 1) + 1
+        g = _gauss(n, n / 5.0, ref.device, ref.dtype)
+        if scale > 1:
+            ref = _sep_valid(ref, g)[:, :, ::2, ::2]
+            dist = _sep_valid(dist, g)[:, :, ::2, ::2]
+        mu1, mu2 = _sep_valid(ref, g), _sep_valid(dist, g)
+        s1 = (_sep_valid(ref * ref, g) - mu1 * mu1).clamp_min(0)
+        s2 = (_sep_valid(dist * dist, g) - mu2 * mu2).clamp_min(0)
+        s12 = _sep_valid(ref * dist, g) - mu1 * mu2
+        gg = s12 / (s1 + eps)
+        sv = s2 - gg * s12
+        low1 = s1 < eps
+        gg = torch.where(low1, torch.zeros_like(gg), gg)
+        sv = torch.where(low1, s2, sv)
+        s1 = torch.where(low1, torch.zeros_like(s1), s1)
+        low2 = s2 < eps
+        gg = torch.where(low2, torch.zeros_like(gg), gg)
+        sv = torch.where(low2, torch.zeros_like(sv), sv)
+        neg = gg < 0
+        sv = torch.where(neg, s2, sv)
+        gg = torch.where(neg, torch.zeros_like(gg), gg)
+        sv = sv.clamp_min(eps)
+        num = num + torch.log10(1 + gg * gg * s1 / (sv + sigma_nsq)).flatten(1).sum(1)
+        den = den + torch.log10(1 + s1 / sigma_nsq).flatten(1).sum(1)
+    return num / den.clamp_min(eps)
+
+
+def _sobel(x):
+    """Sobel responses as in the reference Qabf (scipy convolve2d 'same', zero padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=x.dtype, device=x.device)
+    ky = torch.tensor([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]], dtype=x.dtype, device=x.device)
+    w = torch.stack([kx, ky]).unsqueeze(1)
+    r = F.conv2d(F.pad(x, (1, 1, 1, 1)), w)
+    return r[:, 0:1], r[:, 1:2]
+
+
+def _grad_angle(x):
+    import torch
+
+    gx, gy = _sobel(x)
+    g = torch.sqrt(gx * gx + gy * gy + 1e-12)
+    # atan(gy/gx) in (-pi/2, pi/2]; written with atan2 so its gradient stays finite.
+    a = torch.atan2(gy * torch.sign(gx + 1e-20), gx.abs() + 1e-12)
+    return g, a
+
+
+def _qabf(sources, fused):
+    """Xydeas-Petrović Qabf of (B, 1, H, W) tensors on 0..255 for any number of sources -> (B,)."""
+    import torch
+
+    gf, af = _grad_angle(fused)
+    num, den = 0.0, 0.0
+    for s in sources:
+        gs, as_ = _grad_angle(s)
+        ratio = torch.minimum(gs, gf) / torch.maximum(gs, gf).clamp_min(1e-6)
+        aaf = 1 - (as_ - af).abs() / (math.pi / 2)
+        q = 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5))) * 0.9879 / (1 + torch.exp(-22 * (aaf - 0.8)))
+        num = num + (q * gs).flatten(1).sum(1)
+        den = den + gs.flatten(1).sum(1)
+    return num / den.clamp_min(1e-6)
+
+
+def _ssim(x, y, *, data_range: float = 255.0):
+    """skimage-default SSIM (7×7 uniform window, sample covariance) of (B, 1, H, W) -> (B,)."""
+    import torch.nn.functional as F
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    cov = 49.0 / 48.0
+    ux, uy = F.avg_pool2d(x, 7, 1), F.avg_pool2d(y, 7, 1)
+    vx = cov * (F.avg_pool2d(x * x, 7, 1) - ux * ux)
+    vy = cov * (F.avg_pool2d(y * y, 7, 1) - uy * uy)
+    vxy = cov * (F.avg_pool2d(x * y, 7, 1) - ux * uy)
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def torch_metrics(fused, sources) -> Dict[str, "object"]:
+    """Qabf, VIF (summed over sources), SSIM (summed, range 255 and range 2). Tensors (B, H, W) in 0..1."""
+    f = fused.unsqueeze(1) * 255.0
+    srcs = [s.unsqueeze(1) * 255.0 for s in sources]
+    return {
+        "Qabf": _qabf(srcs, f),
+        "VIF": sum(_vifp(s, f) for s in srcs),
+        "SSIM": sum(_ssim(f, s) for s in srcs),
+        "SSIM_r2": sum(_ssim(f, s, data_range=2.0) for s in srcs),
+    }
+
+
+class MetricLoss:
+    """``-(Qabf + vif_weight·VIF/n) + ssim_weight·(1 - SSIM/n)`` on the reference metric definitions."""
+
+    def __init__(self, *, vif_weight: float = 1.0, ssim_weight: float = 0.5):
+        self.vif_weight, self.ssim_weight = vif_weight, ssim_weight
+
+    def __call__(self, fused, x):
+        n = x.shape[1]
+        f = fused.float().unsqueeze(1) * 255.0
+        srcs = [x[:, i:i + 1].float() * 255.0 for i in range(n)]
+        q = _qabf(srcs, f)
+        v = sum(_vifp(s, f) for s in srcs) / n
+        s = sum(_ssim(f, s_) for s_ in srcs) / n
+        loss = -(q + self.vif_weight * v) + self.ssim_weight * (1 - s)
+        return loss.mean(), {"Qabf": float(q.detach().mean()), "VIF": float(v.detach().mean() * n),
+                             "SSIM": float(s.detach().mean() * n)}
+
+
+# ============================================================================ validation
+def _mi(f: np.ndarray, a: np.ndarray) -> float:
+    from sklearn.metrics import mutual_info_score
+
+    return float(mutual_info_score(a.ravel(), f.ravel()))
+
+
+def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional[int] = None,
+             rules: Sequence[str] = ("max",)) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Mean metrics per pair type for the model and simple rules: {ptype: {method: {metric: value}}}."""
+    import torch
+
+    table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    model.eval()
+    for ptype, items in val_pairs.items():
+        items = items if limit is None else items[:: max(1, len(items) // limit)][:limit]
+        acc: Dict[str, Dict[str, List[float]]] = {}
+        for a, b in items:
+            x = load_pair(a, b)
+            with torch.inference_mode():
+                xt = torch.from_numpy(x)[None].to(device)
+                fused = {"network": model(xt).float().cpu()[0]}
+            for r in rules:
+                fused[r] = torch.from_numpy(x.max(0) if r == "max" else x.mean(0))
+            for meth, f in fused.items():
+                f8 = np.round(f.numpy() * 255.0)
+                ft = torch.from_numpy(f8 / 255.0).float()[None]
+                m = torch_metrics(ft, [torch.from_numpy(x[i])[None] for i in range(2)])
+                d = acc.setdefault(meth, {})
+                for k, v in m.items():
+                    d.setdefault(k, []).append(float(v[0]))
+                d.setdefault("MI", []).append(_mi(f8, x[0] * 255) + _mi(f8, x[1] * 255))
+        table[ptype] = {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in acc.items()}
+    model.train()
+    return table
+
+
+def format_table(table) -> str:
+    lines = [f"{'pair':10s} {'method':8s} {'Qabf':>6s} {'VIF':>6s} {'SSIM':>6s} {'SSIMr2':>6s} {'MI':>6s}"]
+    for ptype, rows in table.items():
+        for meth, m in rows.items():
+            lines.append(f"{ptype:10s} {meth:8s} {m['Qabf']:6.3f} {m['VIF']:6.3f} {m['SSIM']:6.3f} "
+                         f"{m['SSIM_r2']:6.3f} {m['MI']:6.3f}")
+    return "\n".join(lines)
+
+
+# ============================================================================ checkpoint / export
+def save_checkpoint(path: Path, model, opt, state: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, opt) -> dict:
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no arbitrary unpickling
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableFileError(f"cannot read the training checkpoint ({type(exc).__name__})", path=path,
+                                  fix="delete it to start from scratch") from None
+    model.load_state_dict(ck["model"])
+    if opt is not None:
+        opt.load_state_dict(ck["opt"])
+    return ck["state"]
+
+
+def export_weights(model, out_dir: Path, meta: dict) -> Path:
+    """Write ``medfuse_fusion.safetensors`` (+ ``medfuse_fusion.json``) atomically."""
+    from safetensors.torch import save_file
+
+    from ..io._atomic import atomic_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "medfuse_fusion.safetensors"
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = {k: str(v) for k, v in model.config().items()}
+    with atomic_path(target, overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "medfuse-fusion-v1", "config": json.dumps(config)})
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    meta = {**meta, "config": model.config(), "sha256": digest}
+    with atomic_path(out_dir / "medfuse_fusion.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+    return target
+
+
+# ============================================================================ 3-D stage
+def _train_3d(model, vols, *, steps, device, loss_fn, seed, log):
+    """Fine-tune the tri-plane aggregation (and only it) on 3-D patches: slice losses along all three axes."""
+    import torch
+
+    from .network import _pool, _up  # noqa: PLC2701 - same package
+
+    if not vols or steps <= 0:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.agg.weight.requires_grad_(True)
+    model.agg.bias.requires_grad_(True)
+    opt = torch.optim.Adam(model.agg.parameters(), lr=3e-3)
+    rng = np.random.default_rng(seed + 3)
+    ps = 64
+    for step in range(steps):
+        vol = vols[int(rng.integers(len(vols)))]
+        starts = [int(rng.integers(0, max(1, s - ps + 1))) for s in vol.shape[1:]]
+        patch = vol[:, starts[0]:starts[0] + ps, starts[1]:starts[1] + ps, starts[2]:starts[2] + ps]
+        if min(patch.shape[1:]) < ps or patch.mean() < 0.05:
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(patch)).to(device)
+        fused = forward_3d_train(model, x)
+        loss = 0.0
+        for axis in range(3):
+            idx = torch.tensor([8, 24, 40, 56], device=device)
+            f2 = fused.index_select(axis, idx).movedim(axis, 0)
+            x2 = x.index_select(1 + axis, idx).movedim(1 + axis, 0)
+            l, _ = loss_fn(f2, x2)
+            loss = loss + l / 3
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            log(f"3-D stage step {step}: loss {float(loss):.4f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def forward_3d_train(model, x):
+    """Differentiable tri-plane forward of one small volume x (N, D, H, W) -> (D, H, W)."""
+    from .network import _pool, _up, decompose
+
+    xb = x[None]
+    base, details = decompose(xb, model.levels)
+    feats = [_pool(xb, model.factor)] + [_pool(d.abs(), model.factor) for d in details]
+    feats3 = torch_stack(feats)[0]  # (N, C, d, h, w)
+    logits = model.planes_logits(feats3)
+    return model.combine(xb, base, details, _up(logits[None], model.factor))[0]
+
+
+def torch_stack(feats):
+    import torch
+
+    return torch.stack(feats, dim=2)
+
+
+# ============================================================================ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``medfuse train`` (the CLI helper wires them under the ``train`` sub-command)."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_SHARED / "data",
+                        help="folder holding harvard-pairs/, brats-gli-00001/, spm12-templates/ (default ../shared/data)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the safetensors weights go")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/fusion"), help="checkpoints and logs")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--steps-per-epoch", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--crop", type=int, default=160)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vif-weight", type=float, default=1.0)
+    parser.add_argument("--ssim-weight", type=float, default=0.5)
+    parser.add_argument("--extra-fraction", type=float, default=0.15,
+                        help="share of batches drawn from BraTS/SPM12/phantom slices instead of Harvard pairs")
+    parser.add_argument("--ct-weight", type=float, default=1.0,
+                        help="how much more often CT-MRI batches are drawn than PET/SPECT-MRI ones")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (a .ckpt of an earlier run, or a .safetensors file)")
+    parser.add_argument("--width", type=int, default=16, help="channels of the low-resolution encoder")
+    parser.add_argument("--per-input-gain", action="store_true", help="a detail gain per input (else shared)")
+    parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
+    parser.add_argument("--val-limit", type=int, default=12, help="validation pairs per type each epoch")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, validate each epoch, export the weights. Returns a process exit code."""
+    try:
+        import torch
+        from tqdm import tqdm
+    except ImportError as exc:  # pragma: no cover
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError.for_package(exc.name or "torch", "medfuse train", "ml") from None
+
+    from .network import FusionNet
+
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(max(1, args.threads))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    amp = device == "cuda"
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
+
+    def log(msg: str) -> None:
+        tqdm.write(msg)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    hv = Path(args.data) / "harvard-pairs"
+    pairs = harvard_pairs(hv)
+    train_pairs, val_pairs = split_cases(pairs, seed=args.seed)
+    log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
+        f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
+    vols = volume_sets(Path(args.data).parent)
+    sampler = _Sampler(train_pairs, vols, crop=args.crop, seed=args.seed, extra_fraction=args.extra_fraction,
+                       type_weights={"CT-MRI": args.ct_weight})
+
+    model = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight)
+    state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
+    if args.init is not None:
+        if str(args.init).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(args.init)))
+        else:
+            load_checkpoint(Path(args.init), model, None)
+        log(f"initialised from {args.init}")
+    ckpt = args.run_dir / "last.ckpt"
+    if args.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, model, opt)
+        sampler.rng = np.random.default_rng(args.seed + 1000 * state["epoch"])
+        log(f"resumed from {ckpt} at epoch {state['epoch']}")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    total_steps = args.epochs * args.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+    for _ in range(state["epoch"] * args.steps_per_epoch):
+        sched.step()
+    base_elapsed = state.get("elapsed_s", 0.0)
+    stop = False
+    for epoch in range(state["epoch"], args.epochs):
+        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        run_loss = []
+        for _ in bar:
+            x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+                fused = model(x)
+            loss, parts = loss_fn(fused, x)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # metric losses have sharp spots
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            run_loss.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.4f}", q=f"{parts['Qabf']:.3f}", v=f"{parts['VIF']:.3f}")
+            if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
+                stop = True
+                break
+        table = validate(model, val_pairs, device=device, limit=args.val_limit)
+        elapsed = base_elapsed + time.time() - t0
+        log(f"epoch {epoch + 1}: train loss {np.mean(run_loss):.4f}, {elapsed / 60:.1f} min\n" + format_table(table))
+        state = {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch + 1, "table": table}],
+                 "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch")}
+        save_checkpoint(ckpt, model, opt, state)
+        # Keep the best epoch by the mean over pair types of Qabf + (VIF + SSIM) / 2 (what the goals measure).
+        val_score = float(np.mean([r["network"]["Qabf"] + 0.5 * (r["network"]["VIF"] + r["network"]["SSIM"])
+                                   for r in table.values()]))
+        if val_score > state.get("best_score", -1e9) or not (args.run_dir / "best.ckpt").exists():
+            state["best_score"], state["best_epoch"] = val_score, epoch + 1
+            save_checkpoint(args.run_dir / "best.ckpt", model, opt, state)
+            save_checkpoint(ckpt, model, opt, state)
+            log(f"new best epoch {epoch + 1}: mean Qabf+(VIF+SSIM)/2 {val_score:.4f}")
+        if stop:
+            log("stopping the 2-D stage: --max-minutes reached")
+            break
+    best = load_checkpoint(args.run_dir / "best.ckpt", model, None)
+    log(f"exporting the best epoch ({best.get('best_epoch')})")
+    _train_3d(model, vols, steps=args.steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log)
+    final = validate(model, val_pairs, device=device, limit=3 * args.val_limit, rules=("max", "mean"))
+    log("final validation (all validation pairs):\n" + format_table(final))
+    meta = {
+        "trained_by": "python -m medfuse.fusion.train " + " ".join(sys.argv[1:]),
+        "seed": args.seed, "epochs_done": state["epoch"], "best_epoch": best.get("best_epoch"), "wall_time_min": round((base_elapsed + time.time() - t0) / 60, 1),
+        "val_cases": {k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()},
+        "validation": final, "device": device, "torch": torch.__version__,
+    }
+    path = export_weights(model.cpu(), Path(args.out), meta)
+    log(f"weights written to {path}")
+    logf.close()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="medfuse train", description=__doc__.split("\n")[0]))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except MedfuseError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
