@@ -633,7 +633,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         m = Transform(linear).matrix
         rot, trans, s = _rigid_matrix_stats(m)
         scale = [float(x) for x in s]
-        if kind == "affine" and (np.any(s < 0.67) or np.any(s > 1.5)):
+        if kind in ("affine", "deformable") and (np.any(s < 0.67) or np.any(s > 1.5)):
             reasons.append(f"implausible affine scaling {np.round(s, 3).tolist()} (outside 0.67-1.5)")
         if np.linalg.det(m[:3, :3]) <= 0:
             reasons.append("the linear transform flips the image (negative determinant)")
