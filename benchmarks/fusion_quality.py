@@ -6,7 +6,10 @@ The split is the one the shipped network was trained with (by case; the validati
 rounded to 8 bits, plus ``SSIM_r2``, the SSIM with ``data_range=2`` that CDDFuse's published values used.
 The last lines print, per pair type, the network's ratio to the best classical rule and to the issue's anchors.
 
-    python benchmarks/fusion_quality.py [--limit N] [--data ../shared/data]
+    python benchmarks/fusion_quality.py [--limit N] [--data ../shared/data] [--weights candidate.safetensors]
+
+``--weights`` scores candidate weights (their ``medfuse_fusion.json`` beside them names the validation
+cases) on the same split, without touching the shipped file.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--limit", type=int, default=None, help="at most this many validation pairs per type")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", type=Path, default=None, help="score these weights instead of the shipped ones")
     p.add_argument("--json", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
 
@@ -49,9 +53,10 @@ def main(argv=None) -> int:
     from medfuse.metrics import score
 
     torch.set_num_threads(args.threads)
-    meta = json.loads((default_weights_path().parent / "medfuse_fusion.json").read_text())
+    wpath = args.weights or default_weights_path()
+    meta = json.loads((wpath.parent / "medfuse_fusion.json").read_text())
     pairs = harvard_pairs(args.data / "harvard-pairs")
-    print(f"weights sha256 {weights_sha256()[:16]}…; validation cases {meta['val_cases']}")
+    print(f"weights sha256 {weights_sha256(wpath)[:16]}…; validation cases {meta['val_cases']}")
     table = {}
     t0 = time.time()
     for ptype, items in pairs.items():
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
         acc: dict = {}
         for a_path, b_path in val:
             x = load_pair(a_path, b_path)
-            fused = {"network": fuse_2d([x[0], x[1]])}
+            fused = {"network": fuse_2d([x[0], x[1]], weights=wpath)}
             for m in METHODS:
                 fused[m] = np.clip(classical([x[0], x[1]], method=m), 0, 1)
             srcs = (x[0] * 255.0, x[1] * 255.0)

@@ -118,6 +118,43 @@ def test_3d_forward_keeps_shape_deterministic_and_slab_independent():
     np.testing.assert_allclose(o1, o3, atol=1e-5)
 
 
+def test_per_input_gain_variant():
+    """``--per-input-gain`` models take the shipped tensors and reduce to the shared-gain model when the
+    gain head ignores the features (then every input gets the same gain)."""
+    from medfuse.fusion.network import FusionNet
+
+    shared = infer.load_model()
+    per = FusionNet(**shared.config(), per_input_gain=1)
+    per.load_state_dict(shared.state_dict(), strict=True)
+    assert per.config()["per_input_gain"] == 1
+    x = torch.from_numpy(np.stack([_blobs((64, 64), 0), _blobs((64, 64), 1)]))[None]
+    with torch.no_grad():
+        # Order equivariance holds for the per-input gains too.
+        torch.testing.assert_close(per(x), per(x.flip(1)), atol=1e-5, rtol=0)
+        # With a feature-blind gain head (copies, the cached shipped model is left alone) both agree.
+        per.gain.weight.zero_()
+        flat = FusionNet(**shared.config())
+        flat.load_state_dict(per.state_dict())
+        torch.testing.assert_close(per(x), flat(x), atol=1e-6, rtol=0)
+        # With the trained head the per-input gains differ from the shared ones, so the option matters.
+        per.load_state_dict(shared.state_dict())
+        assert (per(x) - shared(x)).abs().max() > 1e-4
+
+
+def test_metric_loss_weights():
+    """The Qabf weight (and its per-batch override for CT-MRI batches) scales only the Qabf term."""
+    from medfuse.fusion.train import MetricLoss
+
+    x = torch.from_numpy(np.stack([_blobs((48, 48), 2), _blobs((48, 48), 3)]))[None]
+    f = x.max(dim=1).values
+    l1, parts = MetricLoss(vif_weight=0.8, ssim_weight=1.0)(f, x)
+    l2, _ = MetricLoss(vif_weight=0.8, ssim_weight=1.0, qabf_weight=2.5)(f, x)
+    l3, _ = MetricLoss(vif_weight=0.8, ssim_weight=1.0)(f, x, qabf_weight=2.5)
+    assert 0.3 < parts["Qabf"] <= 1.0
+    assert abs(float(l1 - l2) - 1.5 * parts["Qabf"]) < 1e-5
+    assert abs(float(l3 - l2)) < 1e-6
+
+
 def test_progress_and_cancel():
     from medfuse.errors import CancelledError
     from medfuse.progress import CancelToken
