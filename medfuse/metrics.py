@@ -35,11 +35,12 @@ content; the choice is recorded under ``"mode"``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, MedfuseWarning
 
 __all__ = [
     "METRICS", "NATIVE_3D_METRICS", "score",
@@ -101,7 +102,19 @@ def _check(fused, sources: Sequence, *, ndim: Optional[int] = 2, min_side: int =
             f"the images are too small to score ({'x'.join(map(str, f.shape))}); every side needs at least {min_side} pixels",
             fix="score whole images, not single pixels or thin strips",
         )
+    _warn_on_scale_mismatch(f, srcs)
     return f, srcs
+
+
+def _warn_on_scale_mismatch(f: np.ndarray, srcs: Sequence[np.ndarray]) -> None:
+    """PSNR, Qabf, VIF and MI compare raw intensities: F in 0..1 against sources in HU gives numbers, not meaning."""
+    spans = [float(np.ptp(x)) for x in (f, *srcs)]
+    ratio = max(spans[1:]) / spans[0] if spans[0] > 0 else 1.0
+    if ratio > 50 or 0 < ratio < 1 / 50:
+        warnings.warn(
+            f"the fused image and the sources are on very different intensity scales (ranges "
+            f"{', '.join(f'{s:.3g}' for s in spans)}); the metrics assume one scale. Rescale all of them to "
+            "0-255 first (as published tables do)", MedfuseWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -175,3 +175,19 @@ def test_unknown_mode_and_too_thin_slicewise_axis():
     thin = np.stack([a] * 3, axis=2)
     with pytest.raises(InvalidInputError, match="too small"):
         M.score(thin, thin, thin, mode="slicewise")
+
+
+def test_scale_mismatch_warns_instead_of_silent_garbage():
+    """F in 0..1 scored against sources in raw scanner units must not pass silently."""
+    from medfuse.errors import MedfuseWarning
+
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 32)) * 700.0
+    b = rng.random((32, 32)) * 700.0
+    with pytest.warns(MedfuseWarning, match="intensity scales"):
+        M.score((a + b) / 1400.0, a, b, metrics=["PSNR"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        M.score((a + b) / 2, a, b, metrics=["PSNR"])  # one scale: no warning
