@@ -83,10 +83,23 @@ def _read_header(path: Path, *, strict: bool):
         return None
     except Exception as e:  # pydicom raises many kinds (InvalidDicomError, EOFError, ValueError...)
         if strict:
+            if not _has_dicom_preamble(path):
+                raise UnreadableFileError(
+                    "not a medical image: neither DICOM nor a NIfTI/MetaImage/NRRD file",
+                    fix="pass a .nii/.nii.gz, .mha/.mhd, .nrrd/.nhdr file, a DICOM file or a DICOM folder",
+                    path=path) from None
             raise UnreadableFileError(f"not a readable DICOM file ({type(e).__name__})",
                                       fix="check that the file is a complete DICOM file (not truncated)",
                                       path=path) from None
         return None
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _files(path: Path) -> List[Path]:

@@ -360,3 +360,14 @@ def test_nm_multiframe_counts(tmp_path):
     assert vol.modality == "NM" and vol.unit == "counts" and vol.shape == (5, 6, 4)
     np.testing.assert_array_equal(vol.array, np.transpose(frames, (2, 1, 0)))
     np.testing.assert_allclose(vol.affine, [[4, 0, 0, -30], [0, 0, 4.5, -40], [0, -4, 0, 50], [0, 0, 0, 1]])
+
+
+def test_single_non_medical_file_says_so(tmp_path):
+    """A text file is not called a 'truncated DICOM': the message names the formats medfuse reads."""
+    import medfuse
+
+    f = tmp_path / "notes.txt"
+    f.write_text("not an image")
+    with pytest.raises(UnreadableFileError, match="not a medical image") as e:
+        medfuse.load(f)
+    assert ".nii" in e.value.fix
