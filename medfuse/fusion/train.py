@@ -141,7 +141,8 @@ class _Sampler:
     """Random training batches through a MONAI Dataset/Compose pipeline (crop, flips, 90° rotations)."""
 
     def __init__(self, train_pairs: Dict[str, list], vols: List[np.ndarray], *, crop: int, seed: int,
-                 extra_fraction: float, type_weights: Optional[Dict[str, float]] = None):
+                 extra_fraction: float, type_weights: Optional[Dict[str, float]] = None,
+                 three_input_fraction: float = 0.0):
         from monai.data import Dataset
         from monai.transforms import Compose, RandFlip, RandRotate90, RandSpatialCrop, SpatialPad
 
@@ -151,6 +152,7 @@ class _Sampler:
         self.type_p = w / w.sum()
         self.vols = vols
         self.extra_fraction = extra_fraction if vols else 0.0
+        self.three_input_fraction = three_input_fraction
         self.crop = crop
         self.tf = Compose([SpatialPad((crop, crop)), RandSpatialCrop((crop, crop), random_size=False),
                            RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1),
@@ -182,9 +184,32 @@ class _Sampler:
             items = [pool[int(self.rng.integers(len(pool)))] for _ in range(size)]
         ds = self.Dataset(items, transform=self.tf)
         out = np.stack([np.asarray(ds[i]) for i in range(len(items))]).astype(np.float32)
+        if self.three_input_fraction > 0 and self.last_type != "extra" \
+                and self.rng.random() < self.three_input_fraction:
+            out = self._split_three(out)
         if self.rng.random() < 0.5:  # the model is symmetric by design; swapping keeps it honest
             out = out[:, ::-1].copy()
         return out
+
+    def _split_three(self, out: np.ndarray) -> np.ndarray:
+        """(B, 2, H, W) -> (B, 3, H, W): one input split into two parts with (nearly) disjoint supports.
+
+        Why: fine-tuning on 2-input pairs alone lets the 3-input behaviour drift (a part that only one of three
+        inputs carries gets dropped). The two parts sum to the original input, so a fusion that keeps every
+        part keeps it. The split is a smooth random mask (a steep sigmoid of upsampled noise), so it adds no
+        hard step edges that the other inputs could not explain.
+        """
+        from scipy import ndimage as ndi
+
+        b, _, h, w = out.shape
+        which = int(self.rng.integers(2))
+        res = []
+        for i in range(b):
+            field = ndi.zoom(self.rng.standard_normal((4, 4)), (h / 4, w / 4), order=3)[:h, :w]
+            m = 1.0 / (1.0 + np.exp(-6.0 * field / (field.std() + 1e-6)))
+            src = out[i, which]
+            res.append(np.stack([src * m, src * (1 - m), out[i, 1 - which]]))
+        return np.stack(res).astype(np.float32)
 
 
 # ============================================================================ differentiable metrics
@@ -415,8 +440,27 @@ def export_weights(model, out_dir: Path, meta: dict) -> Path:
 
 
 # ============================================================================ 3-D stage
-def _train_3d(model, vols, *, steps, device, loss_fn, seed, log):
-    """Fine-tune the tri-plane aggregation (and only it) on 3-D patches: slice losses along all three axes."""
+def _anisotropy_t(vol, sources):
+    """Per axis: roughness (mean |2nd difference|) relative to the sources', over that of the other two axes.
+
+    A fusion that treats the axes alike keeps the sources' anisotropy; slice-wise behaviour raises one axis.
+    """
+    import torch
+
+    def rough(v, ax):
+        return torch.diff(v, n=2, dim=ax).abs().mean()
+
+    r = torch.stack([rough(vol, ax) / torch.stack([rough(s, ax) for s in sources]).max().clamp_min(1e-6)
+                     for ax in range(3)])
+    return torch.stack([r[i] / (r.sum() - r[i]).mul(0.5).clamp_min(1e-6) for i in range(3)])
+
+
+def _train_3d(model, vols, *, steps, device, loss_fn, seed, log, plane_weight: float = 0.0):
+    """Fine-tune the tri-plane aggregation (and only it) on 3-D patches: slice losses along all three axes.
+
+    ``plane_weight`` adds a through-plane consistency term: the squared gap, per axis, between the fused
+    patch's anisotropy and that of the plain mean of the inputs (which involves no slicing at all).
+    """
     import torch
 
     from .network import _pool, _up  # noqa: PLC2701 - same package
@@ -429,29 +473,55 @@ def _train_3d(model, vols, *, steps, device, loss_fn, seed, log):
     model.agg.bias.requires_grad_(True)
     opt = torch.optim.Adam(model.agg.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed + 3)
-    ps = 64
     for step in range(steps):
-        vol = vols[int(rng.integers(len(vols)))]
-        starts = [int(rng.integers(0, max(1, s - ps + 1))) for s in vol.shape[1:]]
-        patch = vol[:, starts[0]:starts[0] + ps, starts[1]:starts[1] + ps, starts[2]:starts[2] + ps]
-        if min(patch.shape[1:]) < ps or patch.mean() < 0.05:
+        x = _patch_3d(vols, rng, device)
+        if x is None:
             continue
-        x = torch.from_numpy(np.ascontiguousarray(patch)).to(device)
-        fused = forward_3d_train(model, x)
-        loss = 0.0
-        for axis in range(3):
-            idx = torch.tensor([8, 24, 40, 56], device=device)
-            f2 = fused.index_select(axis, idx).movedim(axis, 0)
-            x2 = x.index_select(1 + axis, idx).movedim(1 + axis, 0)
-            l, _ = loss_fn(f2, x2)
-            loss = loss + l / 3
+        loss, _ = loss_3d(model, x, loss_fn, plane_weight=plane_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 10 == 0:
-            log(f"3-D stage step {step}: loss {float(loss):.4f}")
+            log(f"3-D stage step {step}: loss {float(loss.detach()):.4f}")
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def _patch_3d(vols, rng, device, *, size: int = 64):
+    """A random (N, size, size, size) patch of one volume set as a tensor, or None if it is mostly empty."""
+    import torch
+
+    vol = vols[int(rng.integers(len(vols)))]
+    starts = [int(rng.integers(0, max(1, s - size + 1))) for s in vol.shape[1:]]
+    patch = vol[:, starts[0]:starts[0] + size, starts[1]:starts[1] + size, starts[2]:starts[2] + size]
+    if min(patch.shape[1:]) < size or patch.mean() < 0.05:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(patch)).to(device)
+
+
+def loss_3d(model, x, loss_fn, *, plane_weight: float = 0.0, slices: bool = True):
+    """Tri-plane loss of one patch x (N, D, H, W): slice losses along all three axes (+ the plane term).
+
+    ``slices=False`` leaves only the plane term (the 2-D stage's own loss already covers the slices).
+
+    Returns (loss, gap) where gap is the worst per-axis anisotropy gap to the mean rule (a float).
+    """
+    import torch
+
+    fused = forward_3d_train(model, x)
+    loss = 0.0
+    ps = x.shape[1]
+    idx = torch.tensor([ps // 8, 3 * ps // 8, 5 * ps // 8, 7 * ps // 8], device=x.device)
+    for axis in range(3 if slices else 0):
+        f2 = fused.index_select(axis, idx).movedim(axis, 0)
+        x2 = x.index_select(1 + axis, idx).movedim(1 + axis, 0)
+        l, _ = loss_fn(f2, x2)
+        loss = loss + l / 3
+    srcs = list(x)
+    gap = _anisotropy_t(fused, srcs) - _anisotropy_t(x.mean(0), srcs).detach()
+    if plane_weight > 0:
+        loss = loss + plane_weight * (gap ** 2).sum()
+    return loss, float(gap.detach().abs().max())
 
 
 def forward_3d_train(model, x):
@@ -470,6 +540,52 @@ def torch_stack(feats):
     import torch
 
     return torch.stack(feats, dim=2)
+
+
+# ============================================================================ selection probes
+def parts_probe(model, *, size: int = 128, device="cpu") -> float:
+    """Correlation of the fused image with the sum of three inputs with disjoint supports (worst of 2 and 3).
+
+    The inputs are a bright square frame (like bone), a textured disc and a ramp between them: any sensible
+    fusion keeps every part, so a model that follows one input everywhere scores low.
+    """
+    import torch
+    from scipy import ndimage as ndi
+
+    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
+    cheb, rad = np.maximum(np.abs(yy), np.abs(xx)), np.hypot(yy, xx)
+    tex = ndi.gaussian_filter(np.random.default_rng(7).random((size, size)), 3.0)
+    tex = 0.4 + 0.5 * (tex - tex.min()) / (tex.max() - tex.min())
+    frame = ((cheb > 0.8) & (cheb < 0.92)) * 0.85
+    disc = (rad < 0.55) * tex
+    ramp = ((rad >= 0.55) & (cheb <= 0.8)) * (0.25 + 0.5 * (yy + 1) / 2)
+    parts = [frame, disc, ramp]
+    worst = 1.0
+    for group in (parts, parts[:2], [parts[1], parts[2]]):
+        x = torch.from_numpy(np.stack(group).astype(np.float32))[None].to(device)
+        with torch.no_grad():
+            out = model(x)[0].cpu().numpy()
+        worst = min(worst, float(np.corrcoef(out.ravel(), sum(group).ravel())[0, 1]))
+    return worst
+
+
+def plane_probe(model, *, device="cpu", size: int = 96) -> float:
+    """Worst per-axis anisotropy gap to the mean rule on the centre of a noise-free phantom (T1 + T2).
+
+    Noise-free, because image noise dominates the roughness and would hide a slice-wise artefact.
+    """
+    import torch
+
+    from ..phantom import make_phantom
+
+    ph = make_phantom(seed=1, noise=False, misalign={"pet": None, "spect": None})
+    v = np.stack([_norm01(ph.t1.array), _norm01(ph.t2.array)])
+    sl = tuple(slice(max(0, s // 2 - size // 2), max(0, s // 2 - size // 2) + size) for s in v.shape[1:])
+    x = torch.from_numpy(np.ascontiguousarray(v[(slice(None),) + sl])).to(device)
+    with torch.no_grad():
+        fused = forward_3d_train(model, x)
+        gap = _anisotropy_t(fused, list(x)) - _anisotropy_t(x.mean(0), list(x))
+    return float(gap.abs().max())
 
 
 # ============================================================================ CLI
@@ -496,6 +612,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="extra weight of the CT-MRI SSIM in the score that picks the exported epoch")
     parser.add_argument("--extra-fraction", type=float, default=0.15,
                         help="share of batches drawn from BraTS/SPM12/phantom slices instead of Harvard pairs")
+    parser.add_argument("--three-input-fraction", type=float, default=0.0,
+                        help="fraction of Harvard batches turned into 3 inputs (one input split in two parts)")
     parser.add_argument("--ct-weight", type=float, default=1.0,
                         help="how much more often CT-MRI batches are drawn than PET/SPECT-MRI ones")
     parser.add_argument("--init", type=Path, default=None,
@@ -503,6 +621,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=16, help="channels of the low-resolution encoder")
     parser.add_argument("--per-input-gain", action="store_true", help="a detail gain per input (else shared)")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
+    parser.add_argument("--plane-weight", type=float, default=0.0,
+                        help="weight of the through-plane consistency term of the 3-D stage")
+    parser.add_argument("--joint-3d-every", type=int, default=0,
+                        help="add a 3-D patch loss (all parameters) every K steps of the 2-D stage (0: never)")
+    parser.add_argument("--select-min-ct-mi", type=float, default=None,
+                        help="an epoch can only be exported if its CT-MRI MI (validation subset) is at least this")
+    parser.add_argument("--select-min-parts", type=float, default=None,
+                        help="an epoch can only be exported if its disjoint-parts probe is at least this")
+    parser.add_argument("--select-max-plane-gap", type=float, default=None,
+                        help="an epoch can only be exported if its through-plane probe gap is at most this")
+    parser.add_argument("--joint-3d-plane-only", action="store_true",
+                        help="the joint 3-D patch loss is the through-plane term alone (no slice metric losses)")
     parser.add_argument("--val-limit", type=int, default=12, help="validation pairs per type each epoch")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
     parser.add_argument("--threads", type=int, default=2)
@@ -545,7 +675,7 @@ def run(args: argparse.Namespace) -> int:
         f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
     vols = volume_sets(Path(args.data).parent)
     sampler = _Sampler(train_pairs, vols, crop=args.crop, seed=args.seed, extra_fraction=args.extra_fraction,
-                       type_weights={"CT-MRI": args.ct_weight})
+                       type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction)
 
     model = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -571,6 +701,7 @@ def run(args: argparse.Namespace) -> int:
     for _ in range(state["epoch"] * args.steps_per_epoch):
         sched.step()
     base_elapsed = state.get("elapsed_s", 0.0)
+    rng3 = np.random.default_rng(args.seed + 5 + 1000 * state["epoch"])
 
     def score_of(table) -> float:
         # The mean over pair types of Qabf + (VIF + SSIM) / 2 (what the goals measure), plus an optional
@@ -578,7 +709,22 @@ def run(args: argparse.Namespace) -> int:
         s = float(np.mean([r["network"]["Qabf"] + 0.5 * (r["network"]["VIF"] + r["network"]["SSIM"])
                            for r in table.values()]))
         ct = table.get("CT-MRI", {}).get("network", {})
-        return s + args.select_ct_qabf * ct.get("Qabf", 0.0) + args.select_ct_ssim * ct.get("SSIM", 0.0)
+        s = s + args.select_ct_qabf * ct.get("Qabf", 0.0) + args.select_ct_ssim * ct.get("SSIM", 0.0)
+        return s - 100.0 * (not gates_ok(ct))  # an epoch that misses a required probe never wins
+
+    def gates_ok(ct) -> bool:
+        ok = True
+        if args.select_min_ct_mi is not None:
+            ok &= ct.get("MI", 0.0) >= args.select_min_ct_mi
+        if args.select_min_parts is not None:
+            p = parts_probe(model, device=device)
+            log(f"parts probe {p:.3f} (need >= {args.select_min_parts})")
+            ok &= p >= args.select_min_parts
+        if args.select_max_plane_gap is not None:
+            g = plane_probe(model, device=device)
+            log(f"through-plane probe {g:.3f} (need <= {args.select_max_plane_gap})")
+            ok &= g <= args.select_max_plane_gap
+        return ok
 
     if args.init is not None and state["epoch"] == 0:
         # Fine-tuning: the starting weights compete as "epoch 0", so the export is never worse by the score.
@@ -590,12 +736,20 @@ def run(args: argparse.Namespace) -> int:
     for epoch in range(state["epoch"], args.epochs):
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         run_loss = []
-        for _ in bar:
+        for step_i in bar:
             x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
                 fused = model(x)
             qw = args.ct_qabf_weight if sampler.last_type == "CT-MRI" else None
             loss, parts = loss_fn(fused, x, qabf_weight=qw)
+            if args.joint_3d_every and vols and step_i % args.joint_3d_every == 0:
+                # Why: 2-D-only fine-tuning lets the tri-plane output grow rough across slices; a 3-D patch
+                # loss (with the through-plane term) now and then keeps the planes consistent.
+                x3 = _patch_3d(vols, rng3, device)
+                if x3 is not None:
+                    l3, _ = loss_3d(model, x3, loss_fn, plane_weight=args.plane_weight,
+                                    slices=not args.joint_3d_plane_only)
+                    loss = loss + l3
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -625,7 +779,10 @@ def run(args: argparse.Namespace) -> int:
             break
     best = load_checkpoint(args.run_dir / "best.ckpt", model, None)
     log(f"exporting the best epoch ({best.get('best_epoch')})")
-    _train_3d(model, vols, steps=args.steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log)
+    if best.get("best_score", 0.0) < -50.0:  # the gate penalty: no epoch met every --select-min/max requirement
+        log("WARNING: no epoch met the --select-min-*/--select-max-* requirements; the export misses them")
+    _train_3d(model, vols, steps=args.steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log,
+              plane_weight=args.plane_weight)
     final = validate(model, val_pairs, device=device, limit=3 * args.val_limit, rules=("max", "mean"))
     log("final validation (all validation pairs):\n" + format_table(final))
     meta = {

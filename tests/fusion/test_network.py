@@ -155,6 +155,46 @@ def test_metric_loss_weights():
     assert abs(float(l3 - l2)) < 1e-6
 
 
+def test_three_input_split_batches_sum_to_the_split_input():
+    """``--three-input-fraction``: one input is split in two parts that add up to it; the other is kept."""
+    from medfuse.fusion.train import _Sampler
+
+    sampler = _Sampler({"CT-MRI": []}, [], crop=8, seed=0, extra_fraction=0.0)
+    x = np.stack([np.stack([_blobs((64, 64), 2 * i), _blobs((64, 64), 2 * i + 1)]) for i in range(2)])
+    y = sampler._split_three(x)
+    assert y.shape == (2, 3, 64, 64) and y.dtype == np.float32 and (y >= 0).all()
+    whole = y[:, 0] + y[:, 1]
+    which = 0 if np.allclose(whole, x[:, 0], atol=1e-5) else 1
+    np.testing.assert_allclose(whole, x[:, which], atol=1e-5)
+    np.testing.assert_array_equal(y[:, 2], x[:, 1 - which])
+    # The parts are mostly disjoint: each carries a real share of the input, not a constant fraction.
+    share = y[:, 0].sum(axis=(1, 2)) / whole.sum(axis=(1, 2))
+    assert ((share > 0.05) & (share < 0.95)).all()
+    assert np.corrcoef(y[0, 0].ravel(), y[0, 1].ravel())[0, 1] < 0.5
+
+
+def test_through_plane_term_flags_slice_stacking():
+    """The 3-D stage's through-plane term is ~0 for the mean rule and large when one axis gets slice jitter."""
+    from medfuse.fusion.train import _anisotropy_t
+
+    a, b = (torch.from_numpy(_blobs((40, 40, 40), s)) for s in (8, 9))
+    mean = (a + b) / 2
+    ref = _anisotropy_t(mean, [a, b])
+    assert float((_anisotropy_t(mean, [a, b]) - ref).abs().max()) < 1e-6
+    jitter = torch.from_numpy(np.random.default_rng(0).normal(0, 0.03, 40).astype(np.float32))
+    stacked = mean * (1 + jitter)[None, None, :]  # every slice along the last axis scaled on its own
+    gap = _anisotropy_t(stacked, [a, b]) - ref
+    assert float(gap[2]) > 0.1 and float(gap[:2].abs().max()) < float(gap[2])
+
+
+def test_parts_probe_separates_keeping_from_following_one_input():
+    """The training-time selection probe scores a fusion that keeps every part high, one that follows an input low."""
+    from medfuse.fusion.train import parts_probe
+
+    assert parts_probe(lambda x: x.max(dim=1).values) > 0.99
+    assert parts_probe(lambda x: x[:, 0]) < 0.6
+
+
 def test_progress_and_cancel():
     from medfuse.errors import CancelledError
     from medfuse.progress import CancelToken
