@@ -48,7 +48,8 @@ def _cluster(n: int):
     from medfuse.batch import THREAD_ENV_VARS
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+    # As medfuse.batch does: no dashboard (its updates steal CPU from the workers).
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR, env={v: "1" for v in THREAD_ENV_VARS})
     client = Client(cluster)
     client.run(_warm)
