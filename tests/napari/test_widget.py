@@ -53,12 +53,17 @@ def _pet_world_error_mm(viewer) -> float:
 
 
 def _run_registration(qtbot, widget, *, kind="rigid", timeout_ms=120_000):
-    from qtpy.QtCore import QTimer
-
     panel = widget.register_panel
     panel.fixed.set_layer("t1")
     panel.moving.set_layer("pet")
     panel.kind.setCurrentText(kind)
+    return _run_counting_ticks(qtbot, panel, timeout_ms=timeout_ms)
+
+
+def _run_counting_ticks(qtbot, panel, *, timeout_ms=120_000):
+    """Start a panel's job and wait for it, counting 20 ms Qt timer ticks: (ticks, t_start, t_end)."""
+    from qtpy.QtCore import QTimer
+
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
@@ -166,17 +171,7 @@ def test_fuse_adds_layer_with_base_geometry_and_provenance(qtbot, workstation):
     panel.inputs[1].set_layer("pet")
     panel.method.setCurrentText("laplacian")  # ~2 s on the phantom: long enough to watch the event loop
     n = len(viewer.layers)
-    from qtpy.QtCore import QTimer
-
-    ticks = []
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start(20)
-    t0 = time.perf_counter()
-    panel.run()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=120_000)
-    t1 = time.perf_counter()
-    timer.stop()
+    ticks, t0, t1 = _run_counting_ticks(qtbot, panel)
     gaps = np.diff([t0, *ticks, t1])
     print(f"fusion {t1 - t0:.2f} s, longest event-loop gap {gaps.max() * 1000:.0f} ms")
     # The UI never froze: it ticked throughout (scipy calls that hold the GIL give single gaps of 0.3-0.8 s).
