@@ -153,6 +153,27 @@ def test_metric_loss_weights():
     assert 0.3 < parts["Qabf"] <= 1.0
     assert abs(float(l1 - l2) - 1.5 * parts["Qabf"]) < 1e-5
     assert abs(float(l3 - l2)) < 1e-6
+    # The VIF and SSIM overrides (--ct-vif-weight, --ct-ssim-weight) scale only their own terms.
+    l4, _ = MetricLoss(vif_weight=0.8, ssim_weight=1.0)(f, x, vif_weight=0.3)
+    assert abs(float(l4 - l1) - 0.5 * parts["VIF"] / 2) < 1e-5
+    l5, _ = MetricLoss(vif_weight=0.8, ssim_weight=1.0)(f, x, ssim_weight=3.0)
+    assert abs(float(l5 - l1) - 2.0 * (1 - parts["SSIM"] / 2)) < 1e-5
+
+
+def test_rule_margin_is_the_worst_metric_against_the_best_rule():
+    """``--select-by-margin``: per pair type the worst of Qabf/VIF/SSIM relative to that metric's best rule."""
+    from medfuse.fusion.train import rule_margin, rule_margins
+
+    table = {
+        "A": {"network": {"Qabf": 0.66, "VIF": 1.0, "SSIM": 1.5},
+              "max": {"Qabf": 0.60, "VIF": 0.8, "SSIM": 1.4}, "gff": {"Qabf": 0.62, "VIF": 0.9, "SSIM": 1.45}},
+        "B": {"network": {"Qabf": 0.80, "VIF": 1.0, "SSIM": 1.40},
+              "max": {"Qabf": 0.70, "VIF": 0.9, "SSIM": 1.47}},
+    }
+    m = rule_margins(table)
+    assert m["A"] == pytest.approx(min(0.04 / 0.62, 0.1 / 0.9, 0.05 / 1.45))  # beats every rule on everything
+    assert m["B"] == pytest.approx(-0.07 / 1.47)  # SSIM loses to max: that is the worst
+    assert rule_margin(table) == pytest.approx((m["A"] + m["B"]) / 2)
 
 
 def test_three_input_split_batches_sum_to_the_split_input():

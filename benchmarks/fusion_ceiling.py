@@ -1,0 +1,111 @@
+"""How high can Qabf (or all three goal metrics at once) go on a Harvard split? A per-image ceiling study.
+
+The fusion goals compare us with anchors measured on another split (CDDFuse's test slices, which are not in
+``../shared``). This script asks what the *images of our split* allow: for each validation pair it
+optimises the fused image's pixels directly (Adam on the differentiable metrics of ``medfuse.fusion.train``,
+starting from the network's output) and scores the result with the reference metrics of
+:mod:`medfuse.metrics`, after rounding to 8 bits like every other table.
+
+* ``qabf`` objective: the highest Qabf the optimiser finds for that very image pair. No network can do
+  better on that pair than a free choice of every pixel, so the mean is a practical upper bound (a local
+  optimum, so an estimate, not a proof).
+* ``dominate`` objective: a soft minimum of Qabf, VIF and SSIM, each divided by the best classical rule's
+  value on that pair: how far *any* image can get above every rule on all three metrics at once.
+
+    python benchmarks/fusion_ceiling.py [--types CT-MRI] [--every 3] [--iters 400] [--objective qabf|dominate]
+
+Measured numbers are in docs/network.md ("How far the goals are from what the images allow").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ANCHOR_QABF = {"CT-MRI": 0.68, "PET-MRI": 0.714, "SPECT-MRI": 0.78}  # issue 5, CDDFuse's split
+
+
+def _reference_scores(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from medfuse.metrics import qabf, ssim, vif
+
+    f8 = np.round(np.clip(f, 0, 1) * 255.0)
+    return np.array([qabf(f8, a * 255.0, b * 255.0), vif(f8, a * 255.0, b * 255.0), ssim(f8, a * 255.0, b * 255.0)])
+
+
+def optimise(start: np.ndarray, a: np.ndarray, b: np.ndarray, *, objective: str, best_rules: np.ndarray,
+             iters: int, lr: float = 0.05) -> np.ndarray:
+    """Free-pixel optimisation of a fused image in 0..1 (sigmoid-parametrised) for one pair."""
+    import torch
+
+    from medfuse.fusion.train import torch_metrics
+
+    z = torch.logit(torch.from_numpy(np.clip(start, 1e-3, 1 - 1e-3)).float()).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    srcs = [torch.from_numpy(a).float()[None], torch.from_numpy(b).float()[None]]
+    ref = torch.tensor(best_rules, dtype=torch.float32)
+    for _ in range(iters):
+        m = torch_metrics(torch.sigmoid(z)[None], srcs)
+        if objective == "qabf":
+            loss = -m["Qabf"][0]
+        else:
+            ratios = torch.stack([m["Qabf"][0], m["VIF"][0], m["SSIM"][0]]) / ref
+            loss = torch.logsumexp(-50.0 * ratios, 0) / 50.0  # minus a soft minimum of the three ratios
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(z).detach().numpy()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--types", nargs="+", default=["CT-MRI", "PET-MRI", "SPECT-MRI"])
+    p.add_argument("--every", type=int, default=3, help="take every k-th validation pair")
+    p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--objective", choices=("qabf", "dominate"), default="qabf")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from medfuse.fusion.classical import fuse_arrays as classical
+    from medfuse.fusion.infer import default_weights_path, fuse_arrays
+    from medfuse.fusion.train import case_of, harvard_pairs, load_pair
+
+    torch.set_num_threads(args.threads)
+    meta = json.loads((default_weights_path().parent / "medfuse_fusion.json").read_text())
+    pairs = harvard_pairs(args.data / "harvard-pairs")
+    print(f"objective {args.objective}, {args.iters} Adam steps per pair, every {args.every}th validation pair")
+    print(f"{'pair':10s} {'n':>3s} | {'rules (best per metric)':>23s} | {'network':>19s} | {'optimised image':>19s}"
+          f" | anchor Qabf")
+    for ptype in args.types:
+        val = [p for p in pairs[ptype] if case_of(p[0].name) in set(meta["val_cases"][ptype])][:: args.every]
+        rules, net, best = [], [], []
+        t0 = time.perf_counter()
+        for a_path, b_path in val:
+            x = load_pair(a_path, b_path)
+            a, b = x[0], x[1]
+            per_rule = np.array([_reference_scores(np.clip(classical([a, b], method=m), 0, 1), a, b)
+                                 for m in ("max", "mean", "laplacian", "wavelet", "gff")])
+            rules.append(per_rule.max(0))
+            f_net = fuse_arrays([a, b])
+            net.append(_reference_scores(f_net, a, b))
+            f_opt = optimise(f_net, a, b, objective=args.objective, best_rules=rules[-1], iters=args.iters)
+            best.append(_reference_scores(f_opt, a, b))
+        r, n, o = (np.mean(v, 0) for v in (rules, net, best))
+        fmt = "{:.3f}/{:.3f}/{:.3f}"
+        print(f"{ptype:10s} {len(val):3d} | {fmt.format(*r):>23s} | {fmt.format(*n):>19s} | {fmt.format(*o):>19s}"
+              f" | {ANCHOR_QABF[ptype]:.3f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print("columns: Qabf/VIF/SSIM means; 'rules' takes each metric's best classical rule per pair")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
