@@ -399,6 +399,17 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
 MARGIN_RULES = ("max", "mean", "laplacian", "wavelet", "gff")
 
 
+def gff_targets(x):
+    """The guided-filter rule's fusion of every item of a (B, N, H, W) batch, as a tensor like ``x[:, 0]``."""
+    import torch
+
+    from .classical import fuse_arrays as classical
+
+    xs = x.detach().float().cpu().numpy()
+    out = np.stack([np.clip(classical(list(item), method="gff"), 0, 1) for item in xs]).astype(np.float32)
+    return torch.from_numpy(out).to(x.device)
+
+
 def rule_margins(table, metrics: Sequence[str] = ("Qabf", "VIF", "SSIM")) -> Dict[str, float]:
     """Per pair type, the network's worst relative margin over the best rule of ``table`` on ``metrics``."""
     out = {}
@@ -638,6 +649,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vif-weight", type=float, default=1.0)
     parser.add_argument("--ssim-weight", type=float, default=0.5)
     parser.add_argument("--qabf-weight", type=float, default=1.0, help="weight of the Qabf term of the loss")
+    parser.add_argument("--ct-gff-weight", type=float, default=0.0,
+                        help="weight of an L1 pull towards the guided-filter rule's output on CT-MRI batches")
     parser.add_argument("--ct-vif-weight", type=float, default=None,
                         help="VIF weight on CT-MRI batches only (default: --vif-weight)")
     parser.add_argument("--ct-ssim-weight", type=float, default=None,
@@ -797,6 +810,10 @@ def run(args: argparse.Namespace) -> int:
                     l3, _ = loss_3d(model, x3, loss_fn, plane_weight=args.plane_weight,
                                     slices=not args.joint_3d_plane_only)
                     loss = loss + l3
+            if is_ct and args.ct_gff_weight:
+                # Why: metric losses keep the network in its max-like basin; pulling CT-MRI outputs towards the
+                # guided-filter rule starts them where per-pixel optimisation finds both anchors passed.
+                loss = loss + args.ct_gff_weight * (fused.float() - gff_targets(x)).abs().mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
