@@ -377,21 +377,23 @@ class SaveStep:
             # Header + data file pairs name each other: let the writer place both atomically, then add
             # the sidecar (an output without a sidecar is simply redone by batch runs).
             save(state.fused, out, overwrite=state.overwrite)
-            state.output_sha256 = prov.hash_path(out)
-            state.sidecar = prov.sidecar_path(out)
-            record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
-            prov.write_sidecar(out, record, input_paths=inputs)
-            state.notes["provenance"] = record
+            state.notes["provenance"] = self._sidecar(state, out, out, inputs)
             return state
         ctx = atomic_path if name.endswith(prov._IMAGE_SUFFIXES) else atomic_dir
         with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
             save(state.fused, tmp, overwrite=True)
-            state.output_sha256 = prov.hash_path(tmp)
-            state.sidecar = prov.sidecar_path(out)
-            record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
-            prov.write_sidecar(out, record, input_paths=inputs)
-        state.notes["provenance"] = record
+            state.notes["provenance"] = self._sidecar(state, tmp, out, inputs)
         return state
+
+    def _sidecar(self, state, written, out, inputs) -> dict:
+        """Hash what was written and put the provenance sidecar beside ``out``; returns the record."""
+        from . import provenance as prov
+
+        state.output_sha256 = prov.hash_path(written)
+        state.sidecar = prov.sidecar_path(out)
+        record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
+        prov.write_sidecar(out, record, input_paths=inputs)
+        return record
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -362,36 +362,43 @@ def _mi(f: np.ndarray, a: np.ndarray) -> float:
 
 
 def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional[int] = None,
-             rules: Sequence[str] = ("max",)) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Mean metrics per pair type for the model and simple rules: {ptype: {method: {metric: value}}}."""
+             rules: Sequence[str] = ("max",), rule_cache: Optional[dict] = None
+             ) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Mean metrics per pair type for the model and simple rules: {ptype: {method: {metric: value}}}.
+
+    ``rule_cache`` (a dict the caller keeps between epochs) holds the rules' rows, which do not change from
+    one epoch to the next, so each rule is fused and scored once per run rather than once per epoch.
+    """
     import torch
 
+    from .classical import fuse_arrays as classical
+
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    cache = {} if rule_cache is None else rule_cache
     model.eval()
     for ptype, items in val_pairs.items():
         items = items if limit is None else items[:: max(1, len(items) // limit)][:limit]
+        todo = [r for r in rules if (ptype, r, len(items)) not in cache]
         acc: Dict[str, Dict[str, List[float]]] = {}
         for a, b in items:
             x = load_pair(a, b)
             with torch.inference_mode():
                 xt = torch.from_numpy(x)[None].to(device)
-                fused = {"network": model(xt).float().cpu()[0]}
-            for r in rules:
-                if r in ("max", "mean"):
-                    fused[r] = torch.from_numpy(x.max(0) if r == "max" else x.mean(0))
-                else:
-                    from .classical import fuse_arrays as classical
-
-                    fused[r] = torch.from_numpy(np.clip(classical([x[0], x[1]], method=r), 0, 1).astype(np.float32))
+                fused = {"network": model(xt).float().cpu()[0].numpy()}
+            for r in todo:
+                fused[r] = np.clip(classical([x[0], x[1]], method=r), 0, 1).astype(np.float32)
             for meth, f in fused.items():
-                f8 = np.round(f.numpy() * 255.0)
+                f8 = np.round(f * 255.0)
                 ft = torch.from_numpy(f8 / 255.0).float()[None]
                 m = torch_metrics(ft, [torch.from_numpy(x[i])[None] for i in range(2)])
                 d = acc.setdefault(meth, {})
                 for k, v in m.items():
                     d.setdefault(k, []).append(float(v[0]))
                 d.setdefault("MI", []).append(_mi(f8, x[0] * 255) + _mi(f8, x[1] * 255))
-        table[ptype] = {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in acc.items()}
+        rows = {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in acc.items()}
+        for r in todo:
+            cache[(ptype, r, len(items))] = rows[r]
+        table[ptype] = {"network": rows["network"], **{r: cache[(ptype, r, len(items))] for r in rules}}
     model.train()
     return table
 
@@ -758,6 +765,7 @@ def run(args: argparse.Namespace) -> int:
     rng3 = np.random.default_rng(args.seed + 5 + 1000 * state["epoch"])
 
     val_rules = MARGIN_RULES if args.select_by_margin else ("max",)
+    rule_cache: dict = {}  # the rules' validation rows are the same every epoch
 
     def score_of(table) -> float:
         ct = table.get("CT-MRI", {}).get("network", {})
@@ -786,7 +794,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.init is not None and state["epoch"] == 0:
         # Fine-tuning: the starting weights compete as "epoch 0", so the export is never worse by the score.
-        table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules)
+        table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules,
+                         rule_cache=rule_cache)
         state.update(best_score=score_of(table), best_epoch=0)
         save_checkpoint(args.run_dir / "best.ckpt", model, opt, state)
         log("epoch 0 (the --init weights)\n" + format_table(table) + f"\nscore {state['best_score']:.4f}")
@@ -826,7 +835,8 @@ def run(args: argparse.Namespace) -> int:
             if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
                 stop = True
                 break
-        table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules)
+        table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules,
+                         rule_cache=rule_cache)
         elapsed = base_elapsed + time.time() - t0
         log(f"epoch {epoch + 1}: train loss {np.mean(run_loss):.4f}, {elapsed / 60:.1f} min\n" + format_table(table))
         state = {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch + 1, "table": table}],

@@ -176,6 +176,25 @@ def test_rule_margin_is_the_worst_metric_against_the_best_rule():
     assert rule_margin(table) == pytest.approx((m["A"] + m["B"]) / 2)
 
 
+def test_validation_scores_the_rules_once_per_run(shared, monkeypatch):
+    """The epoch-by-epoch validation reuses the rules' rows (they cannot change) and gives the same table."""
+    from medfuse.fusion import classical
+    from medfuse.fusion.train import case_of, harvard_pairs, validate
+
+    pairs = harvard_pairs(shared("data", "harvard-pairs"))
+    val = {"CT-MRI": [p for p in pairs["CT-MRI"] if case_of(p[0].name) == "20"][:2]}
+    model = infer.load_model()
+    first = validate(model, val, rules=("max", "gff"))
+    cache: dict = {}
+    assert validate(model, val, rules=("max", "gff"), rule_cache=cache) == first
+    calls = []
+    real = classical.fuse_arrays
+    monkeypatch.setattr(classical, "fuse_arrays", lambda *a, **k: calls.append(k) or real(*a, **k))
+    assert validate(model, val, rules=("max", "gff"), rule_cache=cache) == first
+    assert calls == []  # nothing re-fused on the second epoch
+    assert first["CT-MRI"]["gff"]["Qabf"] != first["CT-MRI"]["max"]["Qabf"]
+
+
 def test_gff_targets_are_the_guided_filter_rule_per_item():
     """``--ct-gff-weight`` pulls towards these targets: the gff rule applied to each item of the batch."""
     from medfuse.fusion.classical import fuse_arrays as classical
