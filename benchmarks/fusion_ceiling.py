@@ -2,7 +2,7 @@
 
 The fusion goals compare us with anchors measured on another split (CDDFuse's test slices, which are not in
 ``../shared``). This script asks what the *images of our split* allow: for each validation pair it
-optimises the fused image's pixels directly (Adam on the differentiable metrics of ``medfuse.fusion.train``,
+optimises the fused image's pixels directly (:func:`medfuse.fusion.targets.optimise_pixels`,
 from a chosen start image) and scores the result with the reference metrics of :mod:`medfuse.metrics`, after
 rounding to 8 bits like every other table. The optimum is local and depends on the start image, so a result
 shows what is reachable, never what is not.
@@ -15,6 +15,11 @@ shows what is reachable, never what is not.
 
     python benchmarks/fusion_ceiling.py [--types CT-MRI] [--every 3] [--iters 400]
                                         [--objective qabf|anchor|dominate] [--start network|max|gff|mean]
+                                        [--family pixels|mixing]
+
+``--family mixing`` optimises the shipped network's low-resolution selection and gain maps instead of the
+pixels: what the network's *architecture* can produce for that pair, before asking whether its encoder can
+predict it.
 
 Measured numbers are in docs/network.md ("What the images allow").
 """
@@ -31,41 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ANCHORS = {"CT-MRI": (0.68, 0.708), "PET-MRI": (0.714, 0.920), "SPECT-MRI": (0.78, 0.97)}  # issue 5: Qabf, VIF
-
 
 def _reference_scores(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     from medfuse.metrics import qabf, ssim, vif
 
     f8 = np.round(np.clip(f, 0, 1) * 255.0)
     return np.array([qabf(f8, a * 255.0, b * 255.0), vif(f8, a * 255.0, b * 255.0), ssim(f8, a * 255.0, b * 255.0)])
-
-
-def optimise(start: np.ndarray, a: np.ndarray, b: np.ndarray, *, objective: str, reference: np.ndarray,
-             iters: int, lr: float = 0.05) -> np.ndarray:
-    """Free-pixel optimisation of a fused image in 0..1 (sigmoid-parametrised) for one pair."""
-    import torch
-
-    from medfuse.fusion.train import torch_metrics
-
-    z = torch.logit(torch.from_numpy(np.clip(start, 1e-3, 1 - 1e-3)).float()).requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
-    srcs = [torch.from_numpy(a).float()[None], torch.from_numpy(b).float()[None]]
-    ref = torch.tensor(reference, dtype=torch.float32)
-    for _ in range(iters):
-        m = torch_metrics(torch.sigmoid(z)[None], srcs)
-        if objective == "qabf":
-            loss = -m["Qabf"][0]
-        elif objective == "anchor":
-            ratios = torch.stack([m["Qabf"][0], m["VIF"][0]]) / ref[:2]
-            loss = torch.logsumexp(-50.0 * ratios, 0) / 50.0
-        else:
-            ratios = torch.stack([m["Qabf"][0], m["VIF"][0], m["SSIM"][0]]) / ref
-            loss = torch.logsumexp(-50.0 * ratios, 0) / 50.0  # minus a soft minimum of the three ratios
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.sigmoid(z).detach().numpy()
 
 
 def main(argv=None) -> int:
@@ -77,19 +53,24 @@ def main(argv=None) -> int:
     p.add_argument("--objective", choices=("qabf", "dominate", "anchor"), default="qabf")
     p.add_argument("--start", choices=("network", "max", "gff", "mean"), default="network",
                    help="the image the optimisation starts from (a local optimum depends on it)")
+    p.add_argument("--family", choices=("pixels", "mixing"), default="pixels",
+                   help="optimise free pixels, or the shipped network's low-resolution selection/gain maps "
+                        "(images its architecture can produce; starts from its own maps, so --start is ignored)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
     import torch
 
     from medfuse.fusion.classical import fuse_arrays as classical
-    from medfuse.fusion.infer import default_weights_path, fuse_arrays
+    from medfuse.fusion.infer import default_weights_path, fuse_arrays, load_model
+    from medfuse.fusion.targets import ANCHORS, optimise_mixing, optimise_pixels
     from medfuse.fusion.train import case_of, harvard_pairs, load_pair
 
     torch.set_num_threads(args.threads)
     meta = json.loads((default_weights_path().parent / "medfuse_fusion.json").read_text())
     pairs = harvard_pairs(args.data / "harvard-pairs")
-    print(f"objective {args.objective}, {args.iters} Adam steps per pair from the {args.start} image, "
+    origin = "the network's own maps" if args.family == "mixing" else f"the {args.start} image"
+    print(f"objective {args.objective}, {args.iters} Adam steps per pair on {args.family} from {origin}, "
           f"every {args.every}th validation pair")
     print(f"{'pair':10s} {'n':>3s} | {'rules (best per metric)':>23s} | {'network':>19s} | {'optimised image':>19s}"
           f" | anchor Qabf")
@@ -107,7 +88,11 @@ def main(argv=None) -> int:
             net.append(_reference_scores(f_net, a, b))
             start = f_net if args.start == "network" else np.clip(classical([a, b], method=args.start), 0, 1)
             ref = np.array(ANCHORS[ptype] + (1.0,)) if args.objective == "anchor" else rules[-1]
-            f_opt = optimise(start, a, b, objective=args.objective, reference=ref, iters=args.iters)
+            if args.family == "mixing":
+                f_opt = optimise_mixing(load_model(), [a, b], objective=args.objective, reference=ref,
+                                        iters=args.iters)
+            else:
+                f_opt = optimise_pixels(start, [a, b], objective=args.objective, reference=ref, iters=args.iters)
             best.append(_reference_scores(f_opt, a, b))
         r, n, o = (np.mean(v, 0) for v in (rules, net, best))
         fmt = "{:.3f}/{:.3f}/{:.3f}"

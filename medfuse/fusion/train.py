@@ -142,12 +142,16 @@ class _Sampler:
 
     def __init__(self, train_pairs: Dict[str, list], vols: List[np.ndarray], *, crop: int, seed: int,
                  extra_fraction: float, type_weights: Optional[Dict[str, float]] = None,
-                 three_input_fraction: float = 0.0):
+                 three_input_fraction: float = 0.0, targets: Optional[Dict[str, List[np.ndarray]]] = None):
         from monai.data import Dataset
         from monai.transforms import Compose, RandFlip, RandRotate90, RandSpatialCrop, SpatialPad
 
         self.rng = np.random.default_rng(seed)
         self.harvard = {k: [load_pair(a, b) for a, b in v] for k, v in train_pairs.items()}
+        # Teacher images per pair type, aligned with the pairs; they ride along as an extra channel so the
+        # crop, flips and rotations stay the same as the inputs'. ``last_target`` is (B, H, W) or None.
+        self.targets = targets or {}
+        self.last_target: Optional[np.ndarray] = None
         w = np.array([(type_weights or {}).get(k, 1.0) for k in self.harvard], dtype=float)
         self.type_p = w / w.sum()
         self.vols = vols
@@ -181,9 +185,14 @@ class _Sampler:
             ptype = list(self.harvard)[int(self.rng.choice(len(self.harvard), p=self.type_p))]
             pool = self.harvard[ptype]
             self.last_type = ptype
-            items = [pool[int(self.rng.integers(len(pool)))] for _ in range(size)]
+            idx = [int(self.rng.integers(len(pool))) for _ in range(size)]
+            teach = self.targets.get(ptype)
+            items = [pool[i] if teach is None else np.concatenate([pool[i], teach[i][None]]) for i in idx]
         ds = self.Dataset(items, transform=self.tf)
         out = np.stack([np.asarray(ds[i]) for i in range(len(items))]).astype(np.float32)
+        self.last_target = None
+        if self.last_type in self.targets:
+            out, self.last_target = out[:, :-1], out[:, -1]
         if self.three_input_fraction > 0 and self.last_type != "extra" \
                 and self.rng.random() < self.three_input_fraction:
             out = self._split_three(out)
@@ -658,6 +667,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--qabf-weight", type=float, default=1.0, help="weight of the Qabf term of the loss")
     parser.add_argument("--ct-gff-weight", type=float, default=0.0,
                         help="weight of an L1 pull towards the guided-filter rule's output on CT-MRI batches")
+    parser.add_argument("--ct-target-weight", type=float, default=0.0,
+                        help="weight of an L1 pull towards per-image optimised teacher images on CT-MRI batches "
+                             "(made once per run, cached in RUN_DIR; see medfuse.fusion.targets)")
+    parser.add_argument("--ct-target-iters", type=int, default=150,
+                        help="Adam steps per training pair when making the CT-MRI teacher images")
+    parser.add_argument("--ct-target-kind", choices=("mixing", "pixels"), default="mixing",
+                        help="teacher images searched in the network's own output family from its starting "
+                             "weights (mixing), or free pixels from the guided-filter rule's output (pixels)")
     parser.add_argument("--ct-vif-weight", type=float, default=None,
                         help="VIF weight on CT-MRI batches only (default: --vif-weight)")
     parser.add_argument("--ct-ssim-weight", type=float, default=None,
@@ -702,6 +719,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _load_init(model, path: Optional[Path]) -> None:
+    """Load ``--init`` weights (a safetensors export or a training checkpoint) into ``model``; None: leave it."""
+    if path is None:
+        return
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(path)))
+    else:
+        load_checkpoint(Path(path), model, None)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, validate each epoch, export the weights. Returns a process exit code."""
     try:
@@ -735,20 +764,26 @@ def run(args: argparse.Namespace) -> int:
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
     vols = volume_sets(Path(args.data).parent)
+    targets = None
+    if args.ct_target_weight:
+        from .targets import anchor_targets
+
+        teacher = None
+        if args.ct_target_kind == "mixing":
+            teacher = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain))
+            _load_init(teacher, args.init)
+        targets = {"CT-MRI": anchor_targets(train_pairs["CT-MRI"], ptype="CT-MRI", iters=args.ct_target_iters,
+                                            model=teacher, cache=args.run_dir / "ct_targets.npz", log=log)}
     sampler = _Sampler(train_pairs, vols, crop=args.crop, seed=args.seed, extra_fraction=args.extra_fraction,
-                       type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction)
+                       type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction,
+                       targets=targets)
 
     model = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight)
     state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
     if args.init is not None:
-        if str(args.init).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(args.init)))
-        else:
-            load_checkpoint(Path(args.init), model, None)
+        _load_init(model, args.init)
         log(f"initialised from {args.init}")
     ckpt = args.run_dir / "last.ckpt"
     if args.resume and ckpt.exists():
@@ -819,6 +854,11 @@ def run(args: argparse.Namespace) -> int:
                     l3, _ = loss_3d(model, x3, loss_fn, plane_weight=args.plane_weight,
                                     slices=not args.joint_3d_plane_only)
                     loss = loss + l3
+            if sampler.last_target is not None:
+                # Why: per-image optimised teachers pass both CT-MRI anchors; the network can only follow
+                # their selection (it mixes its inputs), so this moves the selection maps, not the pixels.
+                t = torch.from_numpy(sampler.last_target).to(device)
+                loss = loss + args.ct_target_weight * (fused.float() - t).abs().mean()
             if is_ct and args.ct_gff_weight:
                 # Why: metric losses keep the network in its max-like basin; pulling CT-MRI outputs towards the
                 # guided-filter rule starts them where per-pixel optimisation finds both anchors passed.

@@ -452,3 +452,100 @@ def test_network_beats_every_classical_rule(subset_scores):
                 continue
             for k in ("Qabf", "VIF", "SSIM"):
                 assert rows["network"][k] > rows[m][k], (ptype, m, k, rows["network"][k], rows[m][k])
+
+
+def test_teacher_targets_follow_the_inputs_through_crop_flip_rotation():
+    """``--ct-target-weight``: each teacher image gets the same crop, flips and rotation as its pair."""
+    from medfuse.fusion.train import _Sampler
+
+    pool = [np.stack([_blobs((48, 40), 2 * i), _blobs((48, 40), 2 * i + 1)]) for i in range(3)]
+    teach = [(0.3 * p[0] + 0.7 * p[1]).astype(np.float32) for p in pool]  # asymmetric: misalignment shows
+    sampler = _Sampler({"CT-MRI": []}, [], crop=24, seed=0, extra_fraction=0.0, targets={"CT-MRI": teach})
+    sampler.harvard = {"CT-MRI": pool}
+    sampler.type_p = np.array([1.0])
+    for _ in range(6):
+        x = sampler.batch(4)
+        t = sampler.last_target
+        assert x.shape == (4, 2, 24, 24) and t.shape == (4, 24, 24)
+        # The batch may have its inputs swapped (the model is order-free); the teacher never is.
+        ok = [np.allclose(t, 0.3 * x[:, i] + 0.7 * x[:, 1 - i], atol=1e-5) for i in (0, 1)]
+        assert any(ok)
+    sampler.targets = {}
+    sampler.batch(2)
+    assert sampler.last_target is None
+
+
+def test_pixel_optimisation_lifts_its_objective_and_targets_are_cached(tmp_path, monkeypatch):
+    """The teacher images: the anchor objective rises from the start image; a second run reads the cache."""
+    from PIL import Image
+
+    from medfuse.fusion import targets as tg
+    from medfuse.fusion.train import torch_metrics
+
+    a, b = _parts((64, 64), 2)
+    ref = tg.ANCHORS["CT-MRI"]
+
+    def worst_ratio(f):
+        m = torch_metrics(torch.from_numpy(f)[None], [torch.from_numpy(s)[None] for s in (a, b)])
+        return min(float(m["Qabf"][0]) / ref[0], float(m["VIF"][0]) / ref[1])
+
+    start = (a + b) / 2
+    out = tg.optimise_pixels(start, [a, b], objective="anchor", reference=ref, iters=30)
+    assert out.shape == start.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    assert worst_ratio(out) > worst_ratio(start) + 0.02
+    with pytest.raises(ValueError, match="objective"):
+        tg.optimise_pixels(start, [a, b], objective="psnr", reference=ref, iters=1)
+
+    paths = []
+    for name, img in (("1.png", a), ("2.png", b)):
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    cache = tmp_path / "targets.npz"
+    first = tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=3, cache=cache)
+    assert cache.exists() and first[0].shape == (64, 64)
+    monkeypatch.setattr(tg, "optimise_pixels", lambda *a_, **k: pytest.fail("the cache was not used"))
+    again = tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=3, cache=cache)
+    np.testing.assert_array_equal(again[0], first[0])
+    # Other settings are not served from the stale cache.
+    with pytest.raises(pytest.fail.Exception, match="cache"):
+        tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=4, cache=cache)
+
+
+def test_mixing_teacher_stays_in_the_model_family_and_lifts_the_objective(shared, tmp_path):
+    """``--ct-target-kind mixing``: on a real CT-MRI training pair, free selection maps of the shipped model
+    score higher than its own maps; its weights are left alone; a cache made with other weights is not reused."""
+    from PIL import Image
+
+    from medfuse.fusion import targets as tg
+    from medfuse.fusion.train import case_of, harvard_pairs, load_pair, torch_metrics
+
+    pairs = harvard_pairs(shared("data", "harvard-pairs"))["CT-MRI"]
+    x = load_pair(*next(p for p in pairs if case_of(p[0].name) == "16"))  # a training case, not validation
+    model = infer.load_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = tg.ANCHORS["CT-MRI"]
+
+    def worst_ratio(f):
+        m = torch_metrics(torch.from_numpy(f)[None], [torch.from_numpy(s)[None] for s in x])
+        return min(float(m["Qabf"][0]) / ref[0], float(m["VIF"][0]) / ref[1])
+
+    with torch.no_grad():
+        own = model(torch.from_numpy(x)[None])[0].numpy()
+    out = tg.optimise_mixing(model, list(x), objective="anchor", reference=ref, iters=30)
+    assert out.shape == own.shape and 0 <= out.min() and out.max() <= 1
+    assert worst_ratio(out) > worst_ratio(own) + 0.02
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+    a, b = _blobs((64, 64), 1), _blobs((64, 64), 2)
+    paths = []
+    for name, img in (("1.png", a), ("2.png", b)):
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    cache = tmp_path / "t.npz"
+    tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache)
+    key = str(np.load(cache)["key"])
+    with torch.no_grad():
+        model.log_k_base.add_(0.5)  # other weights: another teacher
+    tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache)
+    assert str(np.load(cache)["key"]) != key
