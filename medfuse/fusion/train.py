@@ -673,7 +673,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ct-target-iters", type=int, default=150,
                         help="Adam steps per training pair when making the CT-MRI teacher images")
     parser.add_argument("--ct-target-kind", choices=("mixing", "pixels"), default="mixing",
-                        help="teacher images searched in the network's own output family from its starting "
+                        help="teacher images searched in the network's own output family from its --init "
                              "weights (mixing), or free pixels from the guided-filter rule's output (pixels)")
     parser.add_argument("--ct-vif-weight", type=float, default=None,
                         help="VIF weight on CT-MRI batches only (default: --vif-weight)")
@@ -743,6 +743,11 @@ def run(args: argparse.Namespace) -> int:
 
     from .network import FusionNet
 
+    if args.ct_target_weight and args.ct_target_kind == "mixing" and args.init is None:
+        raise InvalidInputError("--ct-target-kind mixing looks for teachers among the outputs of the starting "
+                                "weights, and no --init was given",
+                                fix="pass --init WEIGHTS (for example the shipped "
+                                    "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
     t0 = time.time()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

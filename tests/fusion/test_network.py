@@ -549,3 +549,14 @@ def test_mixing_teacher_stays_in_the_model_family_and_lifts_the_objective(shared
         model.log_k_base.add_(0.5)  # other weights: another teacher
     tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache)
     assert str(np.load(cache)["key"]) != key
+
+
+def test_mixing_teachers_without_starting_weights_are_a_clear_error(tmp_path, capsys):
+    """Teachers in the output family of random weights would teach nothing: refuse before any work is done."""
+    from medfuse.fusion.train import main
+
+    rc = main(["--ct-target-weight", "1", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "--ct-target-kind pixels" in err
+    assert not (tmp_path / "run").exists()
