@@ -74,6 +74,7 @@ def main(argv=None) -> int:
           f"every {args.every}th validation pair")
     print(f"{'pair':10s} {'n':>3s} | {'rules (best per metric)':>23s} | {'network':>19s} | {'optimised image':>19s}"
           f" | anchor Qabf")
+    model = load_model()
     for ptype in args.types:
         val = [p for p in pairs[ptype] if case_of(p[0].name) in set(meta["val_cases"][ptype])][:: args.every]
         rules, net, best = [], [], []
@@ -89,8 +90,7 @@ def main(argv=None) -> int:
             start = f_net if args.start == "network" else np.clip(classical([a, b], method=args.start), 0, 1)
             ref = np.array(ANCHORS[ptype] + (1.0,)) if args.objective == "anchor" else rules[-1]
             if args.family == "mixing":
-                f_opt = optimise_mixing(load_model(), [a, b], objective=args.objective, reference=ref,
-                                        iters=args.iters)
+                f_opt = optimise_mixing(model, [a, b], objective=args.objective, reference=ref, iters=args.iters)
             else:
                 f_opt = optimise_pixels(start, [a, b], objective=args.objective, reference=ref, iters=args.iters)
             best.append(_reference_scores(f_opt, a, b))

@@ -475,31 +475,40 @@ def test_teacher_targets_follow_the_inputs_through_crop_flip_rotation():
     assert sampler.last_target is None
 
 
-def test_pixel_optimisation_lifts_its_objective_and_targets_are_cached(tmp_path, monkeypatch):
-    """The teacher images: the anchor objective rises from the start image; a second run reads the cache."""
+def _worst_anchor_ratio(f, sources) -> float:
+    """min(Qabf / anchor, VIF / anchor) of ``f`` for CT-MRI: what the teachers' ``anchor`` objective raises."""
+    from medfuse.fusion.targets import ANCHORS
+    from medfuse.fusion.train import torch_metrics
+
+    ref = ANCHORS["CT-MRI"]
+    m = torch_metrics(torch.from_numpy(f)[None], [torch.from_numpy(np.asarray(s))[None] for s in sources])
+    return min(float(m["Qabf"][0]) / ref[0], float(m["VIF"][0]) / ref[1])
+
+
+def _png_pair(folder: Path, a, b):
+    """Write two 0..1 images as 8-bit PNGs (what the Harvard pairs are) and return their paths."""
     from PIL import Image
 
+    paths = (folder / "1.png", folder / "2.png")
+    for path, img in zip(paths, (a, b)):
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
+    return paths
+
+
+def test_pixel_optimisation_lifts_its_objective_and_targets_are_cached(tmp_path, monkeypatch):
+    """The teacher images: the anchor objective rises from the start image; a second run reads the cache."""
     from medfuse.fusion import targets as tg
-    from medfuse.fusion.train import torch_metrics
 
     a, b = _parts((64, 64), 2)
     ref = tg.ANCHORS["CT-MRI"]
-
-    def worst_ratio(f):
-        m = torch_metrics(torch.from_numpy(f)[None], [torch.from_numpy(s)[None] for s in (a, b)])
-        return min(float(m["Qabf"][0]) / ref[0], float(m["VIF"][0]) / ref[1])
-
     start = (a + b) / 2
     out = tg.optimise_pixels(start, [a, b], objective="anchor", reference=ref, iters=30)
     assert out.shape == start.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
-    assert worst_ratio(out) > worst_ratio(start) + 0.02
+    assert _worst_anchor_ratio(out, (a, b)) > _worst_anchor_ratio(start, (a, b)) + 0.02
     with pytest.raises(ValueError, match="objective"):
         tg.optimise_pixels(start, [a, b], objective="psnr", reference=ref, iters=1)
 
-    paths = []
-    for name, img in (("1.png", a), ("2.png", b)):
-        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(tmp_path / name)
-        paths.append(tmp_path / name)
+    paths = _png_pair(tmp_path, a, b)
     cache = tmp_path / "targets.npz"
     first = tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=3, cache=cache)
     assert cache.exists() and first[0].shape == (64, 64)
@@ -514,34 +523,22 @@ def test_pixel_optimisation_lifts_its_objective_and_targets_are_cached(tmp_path,
 def test_mixing_teacher_stays_in_the_model_family_and_lifts_the_objective(shared, tmp_path):
     """``--ct-target-kind mixing``: on a real CT-MRI training pair, free selection maps of the shipped model
     score higher than its own maps; its weights are left alone; a cache made with other weights is not reused."""
-    from PIL import Image
-
     from medfuse.fusion import targets as tg
-    from medfuse.fusion.train import case_of, harvard_pairs, load_pair, torch_metrics
+    from medfuse.fusion.train import case_of, harvard_pairs, load_pair
 
     pairs = harvard_pairs(shared("data", "harvard-pairs"))["CT-MRI"]
     x = load_pair(*next(p for p in pairs if case_of(p[0].name) == "16"))  # a training case, not validation
     model = infer.load_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = tg.ANCHORS["CT-MRI"]
-
-    def worst_ratio(f):
-        m = torch_metrics(torch.from_numpy(f)[None], [torch.from_numpy(s)[None] for s in x])
-        return min(float(m["Qabf"][0]) / ref[0], float(m["VIF"][0]) / ref[1])
-
     with torch.no_grad():
         own = model(torch.from_numpy(x)[None])[0].numpy()
-    out = tg.optimise_mixing(model, list(x), objective="anchor", reference=ref, iters=30)
+    out = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=30)
     assert out.shape == own.shape and 0 <= out.min() and out.max() <= 1
-    assert worst_ratio(out) > worst_ratio(own) + 0.02
+    assert _worst_anchor_ratio(out, x) > _worst_anchor_ratio(own, x) + 0.02
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
 
-    a, b = _blobs((64, 64), 1), _blobs((64, 64), 2)
-    paths = []
-    for name, img in (("1.png", a), ("2.png", b)):
-        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(tmp_path / name)
-        paths.append(tmp_path / name)
+    paths = _png_pair(tmp_path, _blobs((64, 64), 1), _blobs((64, 64), 2))
     cache = tmp_path / "t.npz"
     tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache)
     key = str(np.load(cache)["key"])
