@@ -15,13 +15,14 @@ shows what is reachable, never what is not.
 
     python benchmarks/fusion_ceiling.py [--types CT-MRI] [--every 3] [--iters 400]
                                         [--objective qabf|anchor|dominate] [--start network|max|gff|mean]
-                                        [--family pixels|mixing]
+                                        [--family pixels|mixing] [--smooth K]
 
 ``--family mixing`` optimises the shipped network's low-resolution selection and gain maps instead of the
 pixels: what the network's *architecture* can produce for that pair, before asking whether its encoder can
-predict it.
+predict it. ``--smooth K`` (mixing only) restricts the change of those maps to a K×K box average at their
+resolution: what a smooth per-image change of the maps can reach.
 
-Measured numbers are in docs/network.md ("What the images allow").
+Measured numbers are in docs/network.md ("What the images allow", "Fourth round", "Fifth round").
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--family", choices=("pixels", "mixing"), default="pixels",
                    help="optimise free pixels, or the shipped network's low-resolution selection/gain maps "
                         "(images its architecture can produce; starts from its own maps, so --start is ignored)")
+    p.add_argument("--smooth", type=int, default=0,
+                   help="mixing family: the maps' change is a K×K box average of free parameters (0: free)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
     meta = json.loads((default_weights_path().parent / "medfuse_fusion.json").read_text())
     pairs = harvard_pairs(args.data / "harvard-pairs")
     origin = "the network's own maps" if args.family == "mixing" else f"the {args.start} image"
+    if args.family == "mixing" and args.smooth > 1:
+        origin += f", changed smoothly ({args.smooth}×{args.smooth} box)"
     print(f"objective {args.objective}, {args.iters} Adam steps per pair on {args.family} from {origin}, "
           f"every {args.every}th validation pair")
     print(f"{'pair':10s} {'n':>3s} | {'rules (best per metric)':>23s} | {'network':>19s} | {'optimised image':>19s}"
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
             start = f_net if args.start == "network" else np.clip(classical([a, b], method=args.start), 0, 1)
             ref = np.array(ANCHORS[ptype] + (1.0,)) if args.objective == "anchor" else rules[-1]
             if args.family == "mixing":
-                f_opt = optimise_mixing(model, [a, b], objective=args.objective, reference=ref, iters=args.iters)
+                f_opt = optimise_mixing(model, [a, b], objective=args.objective, reference=ref, iters=args.iters,
+                                        smooth=args.smooth)
             else:
                 f_opt = optimise_pixels(start, [a, b], objective=args.objective, reference=ref, iters=args.iters)
             best.append(_reference_scores(f_opt, a, b))

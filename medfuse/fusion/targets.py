@@ -84,7 +84,7 @@ def optimise_pixels(start: np.ndarray, sources: Sequence[np.ndarray], *, objecti
 
 
 def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, reference: Sequence[float],
-                    iters: int, lr: float = 0.1) -> np.ndarray:
+                    iters: int, lr: float = 0.1, smooth: int = 0) -> np.ndarray:
     """Optimise, for one set of 2-D sources, the low-resolution selection/gain maps of ``model``'s combination.
 
     The maps start from the model's own prediction and are then free per pixel (at the model's 1/``factor``
@@ -95,6 +95,9 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
         model: a :class:`medfuse.fusion.network.FusionNet` (its weights are not changed).
         sources: the 2-D inputs in 0..1, same shape, each side a multiple of ``model.factor``.
         objective, reference, iters, lr: as for :func:`optimise_pixels` (``lr`` on the logits).
+        smooth: if > 1, the change to the maps is a ``smooth`` × ``smooth`` box average (at the maps'
+            resolution) of the free parameters, so the teacher differs from the model by a smooth map change,
+            which a network predicting maps from local features can follow more easily.
 
     Returns:
         The optimised image, float32 in 0..1.
@@ -111,15 +114,20 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    def render(delta):
+        if smooth > 1:
+            delta = torch.nn.functional.avg_pool2d(delta, smooth, 1, smooth // 2, count_include_pad=False)
+        return model.combine(x, base, details, _up(logits + delta, model.factor))
+
     try:
-        return _adam_on_objective(logits, lambda z: model.combine(x, base, details, _up(z, model.factor)), srcs,
-                                  objective=objective, reference=reference, iters=iters, lr=lr)
+        return _adam_on_objective(torch.zeros_like(logits), render, srcs, objective=objective, reference=reference,
+                                  iters=iters, lr=lr)
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
 
 
-def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int, model=None,
+def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int, model=None, smooth: int = 0,
                    cache: Optional[Path] = None, log: Callable[[str], None] = lambda _m: None) -> List[np.ndarray]:
     """Per-pair teacher images that aim at both of the pair type's anchors (the ``anchor`` objective).
 
@@ -137,6 +145,7 @@ def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int
         ptype: the pair type, which picks the anchors.
         iters: Adam steps per pair (100 take about 5 s for a 256² pair on 2 CPU threads).
         model: the network whose output family the teacher is searched in, or None for free pixels.
+        smooth: for ``model`` teachers, the box size of :func:`optimise_mixing`'s smooth map change (0: free).
         cache: an ``.npz`` file; targets made with the same pairs, settings and model weights are read from it,
             and new ones are written to it (atomically), so a resumed or later run does not recompute them.
         log: progress messages.
@@ -147,7 +156,7 @@ def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int
     from .classical import fuse_arrays as classical
     from .train import load_pair
 
-    h = hashlib.sha256(("|".join(f"{a.name}+{b.name}" for a, b in pairs) + f"|{ptype}|{iters}").encode())
+    h = hashlib.sha256(("|".join(f"{a.name}+{b.name}" for a, b in pairs) + f"|{ptype}|{iters}" + (f"|s{smooth}" if smooth > 1 else "")).encode())
     if model is not None:
         for name, t in sorted(model.state_dict().items()):
             h.update(name.encode())
@@ -165,7 +174,8 @@ def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int
             start = np.clip(classical([x[0], x[1]], method="gff"), 0, 1)
             t = optimise_pixels(start, [x[0], x[1]], objective="anchor", reference=ANCHORS[ptype], iters=iters)
         else:
-            t = optimise_mixing(model, [x[0], x[1]], objective="anchor", reference=ANCHORS[ptype], iters=iters)
+            t = optimise_mixing(model, [x[0], x[1]], objective="anchor", reference=ANCHORS[ptype], iters=iters,
+                                smooth=smooth)
         out.append(t)
         if (i + 1) % 10 == 0 or i + 1 == len(pairs):
             log(f"{ptype} teacher targets: {i + 1}/{len(pairs)}")

@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -467,6 +468,42 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _random_streams(sampler, rng3) -> list:
+    """Every random generator the 2-D stage draws from: the sampler's, MONAI's transforms', the 3-D patches'."""
+    from monai.transforms import Randomizable
+
+    monai = [t for t in [sampler.tf, *sampler.tf.transforms] if isinstance(t, Randomizable)]
+    return [sampler.rng, rng3, *monai]
+
+
+def rng_state(sampler, rng3) -> list:
+    """The states of :func:`_random_streams` (and torch's), in types a ``weights_only`` checkpoint can hold, so
+    that a resumed run draws exactly the batches the interrupted one would have drawn next."""
+    import torch
+
+    out: list = [torch.get_rng_state()]
+    for g in _random_streams(sampler, rng3):
+        if isinstance(g, np.random.Generator):
+            out.append(g.bit_generator.state)
+        else:  # a MONAI transform: its legacy np.random.RandomState
+            name, key, pos, has_gauss, cached = g.R.get_state()
+            out.append([name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)])
+    return out
+
+
+def set_rng_state(sampler, rng3, states: list) -> None:
+    """Restore what :func:`rng_state` saved."""
+    import torch
+
+    torch.set_rng_state(states[0])
+    for g, st in zip(_random_streams(sampler, rng3), states[1:], strict=True):
+        if isinstance(g, np.random.Generator):
+            g.bit_generator.state = st
+        else:
+            name, key, pos, has_gauss, cached = st
+            g.R.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
 def load_checkpoint(path: Path, model, opt) -> dict:
     import torch
 
@@ -523,8 +560,6 @@ def _train_3d(model, vols, *, steps, device, loss_fn, seed, log, plane_weight: f
     patch's anisotropy and that of the plain mean of the inputs (which involves no slicing at all).
     """
     import torch
-
-    from .network import _pool, _up  # noqa: PLC2701 - same package
 
     if not vols or steps <= 0:
         return
@@ -675,6 +710,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ct-target-kind", choices=("mixing", "pixels"), default="mixing",
                         help="teacher images searched in the network's own output family from its --init "
                              "weights (mixing), or free pixels from the guided-filter rule's output (pixels)")
+    parser.add_argument("--ct-target-smooth", type=int, default=0,
+                        help="mixing teachers: the change to the network's maps is a K×K box average at 1/4 "
+                             "resolution (0: free per pixel)")
     parser.add_argument("--ct-vif-weight", type=float, default=None,
                         help="VIF weight on CT-MRI batches only (default: --vif-weight)")
     parser.add_argument("--ct-ssim-weight", type=float, default=None,
@@ -778,7 +816,8 @@ def run(args: argparse.Namespace) -> int:
             teacher = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain))
             _load_init(teacher, args.init)
         targets = {"CT-MRI": anchor_targets(train_pairs["CT-MRI"], ptype="CT-MRI", iters=args.ct_target_iters,
-                                            model=teacher, cache=args.run_dir / "ct_targets.npz", log=log)}
+                                            model=teacher, smooth=args.ct_target_smooth,
+                                            cache=args.run_dir / "ct_targets.npz", log=log)}
     sampler = _Sampler(train_pairs, vols, crop=args.crop, seed=args.seed, extra_fraction=args.extra_fraction,
                        type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction,
                        targets=targets)
@@ -791,18 +830,24 @@ def run(args: argparse.Namespace) -> int:
         _load_init(model, args.init)
         log(f"initialised from {args.init}")
     ckpt = args.run_dir / "last.ckpt"
+    rng3 = np.random.default_rng(args.seed + 5)
     if args.resume and ckpt.exists():
         state = load_checkpoint(ckpt, model, opt)
-        sampler.rng = np.random.default_rng(args.seed + 1000 * state["epoch"])
+        if "rng" in state:
+            set_rng_state(sampler, rng3, state["rng"])
+        else:  # a checkpoint from before the random states were saved: a fresh, still deterministic stream
+            sampler.rng = np.random.default_rng(args.seed + 1000 * state["epoch"])
+            rng3 = np.random.default_rng(args.seed + 5 + 1000 * state["epoch"])
         log(f"resumed from {ckpt} at epoch {state['epoch']}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     total_steps = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
-    for _ in range(state["epoch"] * args.steps_per_epoch):
-        sched.step()
+    with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state["epoch"] * args.steps_per_epoch):
+            sched.step()
     base_elapsed = state.get("elapsed_s", 0.0)
-    rng3 = np.random.default_rng(args.seed + 5 + 1000 * state["epoch"])
 
     val_rules = MARGIN_RULES if args.select_by_margin else ("max",)
     rule_cache: dict = {}  # the rules' validation rows are the same every epoch
@@ -885,7 +930,8 @@ def run(args: argparse.Namespace) -> int:
         elapsed = base_elapsed + time.time() - t0
         log(f"epoch {epoch + 1}: train loss {np.mean(run_loss):.4f}, {elapsed / 60:.1f} min\n" + format_table(table))
         state = {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch + 1, "table": table}],
-                 "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch")}
+                 "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
+                 "rng": rng_state(sampler, rng3)}
         save_checkpoint(ckpt, model, opt, state)
         val_score = score_of(table)
         if args.select_by_margin:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 from pathlib import Path
@@ -522,7 +523,8 @@ def test_pixel_optimisation_lifts_its_objective_and_targets_are_cached(tmp_path,
 
 def test_mixing_teacher_stays_in_the_model_family_and_lifts_the_objective(shared, tmp_path):
     """``--ct-target-kind mixing``: on a real CT-MRI training pair, free selection maps of the shipped model
-    score higher than its own maps; its weights are left alone; a cache made with other weights is not reused."""
+    score higher than its own maps (free or smoothly changed); its weights are left alone; a cache made with
+    other weights or settings is not reused."""
     from medfuse.fusion import targets as tg
     from medfuse.fusion.train import case_of, harvard_pairs, load_pair
 
@@ -535,17 +537,26 @@ def test_mixing_teacher_stays_in_the_model_family_and_lifts_the_objective(shared
     out = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=30)
     assert out.shape == own.shape and 0 <= out.min() and out.max() <= 1
     assert _worst_anchor_ratio(out, x) > _worst_anchor_ratio(own, x) + 0.02
+    # --ct-target-smooth: a smooth change of the maps also lifts it, and is another teacher.
+    smooth = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=30,
+                                smooth=5)
+    assert _worst_anchor_ratio(smooth, x) > _worst_anchor_ratio(own, x) + 0.01  # measured +0.018 (free: more)
+    assert np.abs(smooth - out).mean() > 1e-3
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
 
     paths = _png_pair(tmp_path, _blobs((64, 64), 1), _blobs((64, 64), 2))
     cache = tmp_path / "t.npz"
-    tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache)
-    key = str(np.load(cache)["key"])
+    keys = []
+    for kwargs in ({}, {"smooth": 5}):
+        tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache, **kwargs)
+        keys.append(str(np.load(cache)["key"]))
+    other = copy.deepcopy(model)  # never alter the cached shipped model: later tests fuse with it
     with torch.no_grad():
-        model.log_k_base.add_(0.5)  # other weights: another teacher
-    tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=model, cache=cache)
-    assert str(np.load(cache)["key"]) != key
+        other.log_k_base.add_(0.5)  # other weights: another teacher
+    tg.anchor_targets([tuple(paths)], ptype="CT-MRI", iters=2, model=other, cache=cache)
+    keys.append(str(np.load(cache)["key"]))
+    assert len(set(keys)) == 3, "a cache made with other settings or weights must not be reused"
 
 
 def test_mixing_teachers_without_starting_weights_are_a_clear_error(tmp_path, capsys):

@@ -1,0 +1,78 @@
+"""``medfuse train`` end to end on the real Harvard pairs: a fixed seed, exact resume, loadable export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+pytest.importorskip("monai")
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_and_exports_them(shared, tmp_path, monkeypatch):
+    """Kill a 2-epoch run after its first epoch, resume it, and get bit-identical weights to an uninterrupted
+    run: the checkpoint carries the optimiser, the schedule position and every random stream (the sampler's,
+    MONAI's transforms', the 3-D patches')."""
+    import medfuse.fusion.train as tr
+    from medfuse.fusion import infer
+
+    data = shared("data")
+    common = ["--data", str(data), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "64",
+              "--val-limit", "1", "--steps-3d", "0", "--extra-fraction", "0.4", "--three-input-fraction", "0.3",
+              "--joint-3d-every", "2"]
+
+    def run(name, *extra):
+        return tr.main(common + ["--run-dir", str(tmp_path / name), "--out", str(tmp_path / f"{name}_out"), *extra])
+
+    assert run("straight") == 0
+
+    real_validate, calls = tr.validate, []
+
+    def killed_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the end of epoch 2, before its checkpoint
+            raise KeyboardInterrupt
+        return real_validate(*a, **k)
+
+    monkeypatch.setattr(tr, "validate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    monkeypatch.setattr(tr, "validate", real_validate)
+    ck = torch.load(tmp_path / "resumed" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ck["state"]["epoch"] == 1 and not (tmp_path / "resumed_out").exists()
+    steps = [int(st["step"]) for st in ck["opt"]["state"].values()]
+    assert max(steps) == 2 and min(steps) >= 1  # epoch 1's two steps (the tri-plane merge only on 3-D steps)
+
+    assert run("resumed", "--resume") == 0
+    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+
+    # The end states (not the exports: those are the best epoch, which may be epoch 1 in both).
+    a, b = (torch.load(tmp_path / n / "last.ckpt", map_location="cpu", weights_only=True)["model"]
+            for n in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end where an uninterrupted one does"
+    first = ck["model"]
+    assert any(not torch.equal(a[k], first[k]) for k in a), "epoch 2 must have changed the weights"
+
+    # The export: safetensors with its JSON card; it loads as the inference model and its hash is recorded.
+    weights = tmp_path / "resumed_out" / "medfuse_fusion.safetensors"
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["epochs_done"] == 2 and meta["seed"] == 0
+    assert meta["sha256"] == infer.weights_sha256(weights)
+    model = infer.load_model(weights)
+    x = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    out = infer.fuse_arrays(list(x), weights=weights)
+    assert out.shape == (32, 32) and np.isfinite(out).all()
+    exported = _tensors(weights)
+    best = torch.load(tmp_path / "resumed" / "best.ckpt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(exported[k], best[k].float()) for k in exported)
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in exported.values())
