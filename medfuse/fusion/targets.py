@@ -106,6 +106,8 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
 
     from .network import _up
 
+    if smooth > 1 and smooth % 2 == 0:
+        raise ValueError(f"smooth must be odd (a centred box), got {smooth}")
     x = torch.from_numpy(np.stack([np.asarray(s, dtype=np.float32) for s in sources]))[None]
     with torch.no_grad():
         base, details, feats = model._features(x)
@@ -114,6 +116,7 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+
     def render(delta):
         if smooth > 1:
             delta = torch.nn.functional.avg_pool2d(delta, smooth, 1, smooth // 2, count_include_pad=False)
@@ -156,7 +159,8 @@ def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int
     from .classical import fuse_arrays as classical
     from .train import load_pair
 
-    h = hashlib.sha256(("|".join(f"{a.name}+{b.name}" for a, b in pairs) + f"|{ptype}|{iters}" + (f"|s{smooth}" if smooth > 1 else "")).encode())
+    settings = f"|{ptype}|{iters}" + (f"|s{smooth}" if smooth > 1 else "")  # smooth 0 keeps the older keys
+    h = hashlib.sha256(("|".join(f"{a.name}+{b.name}" for a, b in pairs) + settings).encode())
     if model is not None:
         for name, t in sorted(model.state_dict().items()):
             h.update(name.encode())

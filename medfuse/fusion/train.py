@@ -786,6 +786,9 @@ def run(args: argparse.Namespace) -> int:
                                 "weights, and no --init was given",
                                 fix="pass --init WEIGHTS (for example the shipped "
                                     "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
+    if args.ct_target_smooth > 1 and args.ct_target_smooth % 2 == 0:
+        raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",
+                                fix="use 3, 5 or 7 (or 0 for free teachers)")
     t0 = time.time()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

@@ -568,3 +568,6 @@ def test_mixing_teachers_without_starting_weights_are_a_clear_error(tmp_path, ca
     err = capsys.readouterr().err
     assert "--init" in err and "--ct-target-kind pixels" in err
     assert not (tmp_path / "run").exists()
+    rc = main(["--ct-target-weight", "1", "--init", str(WEIGHTS), "--ct-target-smooth", "4", "--data",
+               str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
+    assert rc == 2 and "odd" in capsys.readouterr().err and not (tmp_path / "run").exists()
