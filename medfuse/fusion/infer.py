@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import FusionError, InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
+from ..errors import InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
 from ..progress import CancelToken, ProgressFn, check, report
 
 __all__ = ["fuse_arrays", "fuse_2d", "fuse_3d", "load_model", "weights_sha256", "default_weights_path",

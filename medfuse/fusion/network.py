@@ -25,7 +25,7 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn

@@ -923,7 +923,7 @@ def run(args: argparse.Namespace) -> int:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            run_loss.append(float(loss))
+            run_loss.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.4f}", q=f"{parts['Qabf']:.3f}", v=f"{parts['VIF']:.3f}")
             if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
                 stop = True
