@@ -184,8 +184,9 @@ def anchor_targets(pairs: Sequence[Tuple[Path, Path]], *, ptype: str, iters: int
         if (i + 1) % 10 == 0 or i + 1 == len(pairs):
             log(f"{ptype} teacher targets: {i + 1}/{len(pairs)}")
     if cache is not None:
+        from ..io._atomic import atomic_path
+
         arrays: Dict[str, np.ndarray] = {f"t{i}": t for i, t in enumerate(out)}
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez_compressed(tmp, key=np.array(key), **arrays)
-        tmp.replace(cache)
+        with atomic_path(cache, overwrite=True) as tmp:  # keeps the .npz suffix, so numpy adds none
+            np.savez_compressed(tmp, key=np.array(key), **arrays)
     return out

@@ -789,6 +789,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ct_target_smooth > 1 and args.ct_target_smooth % 2 == 0:
         raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",
                                 fix="use 3, 5 or 7 (or 0 for free teachers)")
+
+    def new_model():  # the trained model and a mixing teacher must be the same architecture
+        return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain))
+
     t0 = time.time()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -816,7 +820,7 @@ def run(args: argparse.Namespace) -> int:
 
         teacher = None
         if args.ct_target_kind == "mixing":
-            teacher = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain))
+            teacher = new_model()
             _load_init(teacher, args.init)
         targets = {"CT-MRI": anchor_targets(train_pairs["CT-MRI"], ptype="CT-MRI", iters=args.ct_target_iters,
                                             model=teacher, smooth=args.ct_target_smooth,
@@ -825,7 +829,7 @@ def run(args: argparse.Namespace) -> int:
                        type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction,
                        targets=targets)
 
-    model = FusionNet(width=args.width, per_input_gain=int(args.per_input_gain)).to(device)
+    model = new_model().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight)
     state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
