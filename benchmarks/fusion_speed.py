@@ -5,6 +5,7 @@ network and of ``classical.fuse_arrays(method="laplacian")``, their ratio, and e
 memory (every 3-D measurement runs in a fresh subprocess so the peaks do not mix).
 
     python benchmarks/fusion_speed.py [--threads 2] [--repeats 5] [--device cpu|cuda] [--shape 256 256 180]
+                                      [--weights other.safetensors]
 
 Goals (issue 5): 256² pair ≤ 30 ms and 256×256×180 ≤ 20 s with peak ≤ 3 GB on 2 CPU threads.
 """
@@ -50,9 +51,9 @@ def _child(args) -> None:
     if args.child == "network":
         from medfuse.fusion.infer import fuse_3d, load_model
 
-        load_model(device=args.device)
+        load_model(args.weights, device=args.device)
         t = time.perf_counter()
-        fuse_3d(xs, device=args.device, batch_size=args.batch_size)
+        fuse_3d(xs, device=args.device, batch_size=args.batch_size, weights=args.weights)
         if args.device == "cuda":
             torch.cuda.synchronize()
     else:
@@ -66,6 +67,8 @@ def _child(args) -> None:
 def _run_child(args, which: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--threads", str(args.threads), "--device", args.device,
            "--batch-size", str(args.batch_size), "--shape", *map(str, args.shape)]
+    if args.weights is not None:
+        cmd += ["--weights", str(args.weights)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)
 
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="3-D slab thickness")
     p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 180])
     p.add_argument("--skip-3d", action="store_true")
+    p.add_argument("--weights", type=Path, default=None, help="time these weights instead of the shipped ones")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -90,17 +94,17 @@ def main(argv=None) -> int:
     from medfuse.fusion.infer import fuse_2d, load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(device=args.device)
+    model = load_model(args.weights, device=args.device)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
           f"{sum(p.numel() for p in model.parameters())} parameters")
     a, b = _inputs((256, 256))
     for _ in range(3):
-        fuse_2d([a, b], device=args.device)
+        fuse_2d([a, b], device=args.device, weights=args.weights)
         fuse_arrays([a, b], method="laplacian")
     t_net, t_lap = [], []
     for _ in range(max(3, args.repeats * 4)):
         t = time.perf_counter()
-        fuse_2d([a, b], device=args.device)
+        fuse_2d([a, b], device=args.device, weights=args.weights)
         t_net.append(time.perf_counter() - t)
         t = time.perf_counter()
         fuse_arrays([a, b], method="laplacian")

@@ -422,10 +422,12 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(total=1000, desc="evaluate", file=sys.stderr, leave=False, disable=None,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
-        def progress(fraction: float, message: str = "") -> None:
+        def _show(fraction: float, message: str = "") -> None:
             bar.n = int(round(1000 * fraction))
             bar.set_postfix_str(message[:40], refresh=False)
             bar.refresh()
+
+        progress = _show
 
     try:
         result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,

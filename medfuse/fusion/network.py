@@ -20,6 +20,8 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
   volume; the three planes' logit volumes are merged by a learned 3×3×3 convolution (shared over maps, 82
   parameters) and trilinearly upsampled; the full-resolution combination is done with 3-D blurs. Nothing is
   stacked slice by slice at full resolution, so there is no slice-periodic artefact.
+* Optional global context (``scan=N``, off in the shipped weights): a four-direction selective scan after the
+  mixing (:class:`SelectiveScan2d`). Measured in docs/network.md ("Sixth round"): 6x the 2-D time, no gain.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FusionNet", "DEFAULT_CONFIG", "decompose", "HALO"]
+__all__ = ["FusionNet", "SelectiveScan2d", "DEFAULT_CONFIG", "decompose", "HALO"]
 
 DEFAULT_CONFIG: Dict[str, int | float] = {"width": 16, "levels": 3, "factor": 4, "gain_min": 0.5, "gain_max": 2.0}
 
@@ -109,6 +111,103 @@ def _conv(cin: int, cout: int, *, dilation: int = 1, act: bool = True) -> nn.Mod
     return nn.Sequential(*layers)
 
 
+def _ssd_scan(x: torch.Tensor, log_a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Causal selective scan ``h_t = a_t h_(t-1) + B_t x_t``, ``y_t = C_t · h_t``, computed chunk-parallel.
+
+    Pure PyTorch (Mamba's CUDA kernels do not run on a CPU): inside a chunk of ``chunk`` steps the output is
+    a masked ``chunk × chunk`` product (the state-space dual form), and the chunks' end states are carried
+    by a second, chunk-level product. Cost grows linearly with the sequence length.
+
+    Args:
+        x: (G, H, P, T) inputs, H heads of P channels.
+        log_a: (G, H, T) log decays (≤ 0), one per head and step.
+        b, c: (G, N, T) input and output projections of the N-dimensional state, shared by the heads.
+        chunk: steps per chunk; T is padded up to a multiple of it at the end (causal, so harmless).
+
+    Returns:
+        (G, H, P, T).
+    """
+    g, h, p, t = x.shape
+    n = b.shape[1]
+    pad = (-t) % chunk
+    if pad:
+        x, log_a, b, c = (F.pad(v, (0, pad)) for v in (x, log_a, b, c))
+    k = (t + pad) // chunk
+    x = x.reshape(g, h, p, k, chunk)
+    b = b.reshape(g, n, k, chunk)
+    c = c.reshape(g, n, k, chunk)
+    cum = log_a.reshape(g, h, k, chunk).cumsum(-1)  # (G, H, K, L)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (G,H,K,L,L)
+    scores = torch.einsum("gnki,gnkj->gkij", c, b)[:, None] * decay  # (G, H, K, L, L)
+    y = torch.einsum("ghkij,ghpkj->ghpki", scores, x)
+    # State at the end of each chunk from that chunk's own inputs, then carried across chunks.
+    to_end = (cum[..., -1:] - cum).exp()  # (G, H, K, L)
+    states = torch.einsum("gnkj,ghpkj->ghkpn", b, x * to_end[:, :, None])  # (G, H, K, P, N)
+    chunk_cum = cum[..., -1].cumsum(-1)  # (G, H, K)
+    causal_k = torch.ones(k, k, dtype=torch.bool, device=x.device).tril()
+    carry = (chunk_cum[..., :, None] - chunk_cum[..., None, :]).masked_fill(~causal_k, float("-inf")).exp()
+    ends = torch.einsum("ghkm,ghmpn->ghkpn", carry, states)  # state after chunk k
+    entering = torch.cat([torch.zeros_like(ends[:, :, :1]), ends[:, :, :-1]], dim=2)
+    y = y + torch.einsum("gnki,ghkpn,ghki->ghpki", c, entering, cum.exp())
+    return y.reshape(g, h, p, k * chunk)[..., :t]
+
+
+class SelectiveScan2d(nn.Module):
+    """A four-direction selective scan over a 2-D feature map: global context in linear time.
+
+    The map is read as a sequence row by row and column by column, each forwards and backwards (the
+    ClinicalFMamba / VMamba scan order); every direction has its own input-dependent step size and state
+    projections (S6-style selectivity) and heads with scalar decays (Mamba-2 style). The four outputs are
+    summed, gated, and projected by a zero-initialised 1×1 convolution, so the block starts as the identity
+    when added as a residual.
+
+    Args:
+        channels: feature channels (a multiple of ``heads``).
+        state: state size N.
+        heads: heads sharing a decay.
+        chunk: chunk length of the chunk-parallel scan.
+    """
+
+    def __init__(self, channels: int, *, state: int = 8, heads: int = 4, chunk: int = 16):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be a multiple of heads ({heads})")
+        self.channels, self.state, self.heads, self.chunk = channels, state, heads, chunk
+        self.per_dir = channels + heads + 2 * state
+        self.proj = nn.Conv2d(channels, 4 * self.per_dir, 1)
+        self.gate = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        # Decay rates 1..16 per head and step sizes 0.001..0.1 (log-spread), as Mamba initialises them.
+        self.log_neg_a = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, heads)).repeat(4, 1))
+        dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), heads)).repeat(4, 1)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+
+    def _direction_pair(self, q: torch.Tensor, dirs: slice) -> torch.Tensor:
+        """q: (B, 2, per_dir, a, b) for a forward and a backward scan along the flattened (a, b) order."""
+        bsz, _, _, ha, wb = q.shape
+        seq = q.flatten(-2)
+        seq = torch.stack([seq[:, 0], seq[:, 1].flip(-1)], dim=1).flatten(0, 1)  # (B*2, per_dir, T)
+        d, hd, n = self.channels, self.heads, self.state
+        x, dt, b, c = seq.split([d, hd, n, n], dim=1)
+        dt = F.softplus(dt + self.dt_bias[dirs].repeat(bsz, 1)[..., None])
+        log_a = -self.log_neg_a[dirs].exp().repeat(bsz, 1)[..., None] * dt
+        x = (x * dt.repeat_interleave(d // hd, dim=1)).reshape(bsz * 2, hd, d // hd, -1)
+        y = _ssd_scan(x, log_a, b, c, self.chunk).reshape(bsz, 2, d, -1)
+        y = y[:, 0] + y[:, 1].flip(-1)
+        return y.reshape(bsz, d, ha, wb)
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        bsz, _, hh, ww = m.shape
+        p = self.proj(m).reshape(bsz, 4, self.per_dir, hh, ww)
+        rows = self._direction_pair(p[:, 0:2], slice(0, 2))
+        cols = self._direction_pair(p[:, 2:4].transpose(-1, -2), slice(2, 4)).transpose(-1, -2)
+        return self.out((rows + cols) * F.silu(self.gate(m)))
+
+
 class FusionNet(nn.Module):
     """Fuses 2-3 co-registered images (2-D) or volumes (3-D, tri-plane), all scaled to 0..1.
 
@@ -122,8 +221,9 @@ class FusionNet(nn.Module):
     """
 
     def __init__(self, *, width: int = 16, levels: int = 3, factor: int = 4, gain_min: float = 0.5,
-                 gain_max: float = 2.0, per_input_gain: int = 0):
+                 gain_max: float = 2.0, per_input_gain: int = 0, scan: int = 0):
         super().__init__()
+        self.scan_state = int(scan)
         self.per_input_gain = int(per_input_gain)
         self.width, self.levels, self.factor = int(width), int(levels), int(factor)
         self.gain_min, self.gain_max = float(gain_min), float(gain_max)
@@ -131,6 +231,8 @@ class FusionNet(nn.Module):
         w = self.width
         self.encoder = nn.Sequential(_conv(cin, w), _conv(w, w, dilation=2), _conv(w, w, dilation=4))
         self.mix = nn.Sequential(_conv(3 * w, w), _conv(w, w, dilation=2))
+        # Optional global context after the cross-input mixing (0: none, the shipped weights' architecture).
+        self.scan = SelectiveScan2d(w, state=self.scan_state) if self.scan_state else None
         self.select = nn.Conv2d(w, self.levels + 1, 1)
         self.gain = nn.Conv2d(w, self.levels, 1)
         # Full-resolution sharpness of the base (brighter wins) and detail (stronger wins) choices.
@@ -153,6 +255,8 @@ class FusionNet(nn.Module):
                                         "gain_min": self.gain_min, "gain_max": self.gain_max}
         if self.per_input_gain:
             cfg["per_input_gain"] = 1
+        if self.scan_state:
+            cfg["scan"] = self.scan_state
         return cfg
 
     # ------------------------------------------------------------------ low resolution (2-D slices)
@@ -170,6 +274,8 @@ class FusionNet(nn.Module):
         fmax = f.max(dim=1, keepdim=True).values.expand_as(f)
         fmean = f.mean(dim=1, keepdim=True).expand_as(f)
         m = self.mix(torch.cat([f, fmax, fmean], dim=2).reshape(b * n, 3 * self.width, h, w))
+        if self.scan is not None:
+            m = m + self.scan(m)
         sel = self.select(m).reshape(b, n * (self.levels + 1), h, w)
         if self.per_input_gain:
             gain = self.gain(m).reshape(b, n * self.levels, h, w)

@@ -529,9 +529,11 @@ def export_weights(model, out_dir: Path, meta: dict) -> Path:
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {k: str(v) for k, v in model.config().items()}
     with atomic_path(target, overwrite=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "medfuse-fusion-v1", "config": json.dumps(config)})
+        # One metadata entry only: safetensors writes several in a random order, so the same tensors
+        # would give files with different SHA-256 sums from one export to the next.
+        save_file(tensors, str(tmp), metadata={"config": json.dumps(config, sort_keys=True)})
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    meta = {**meta, "config": model.config(), "sha256": digest}
+    meta = {"format": "medfuse-fusion-v1", **meta, "config": model.config(), "sha256": digest}
     with atomic_path(out_dir / "medfuse_fusion.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(meta, indent=1, default=str))
     return target
@@ -735,6 +737,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these weights (a .ckpt of an earlier run, or a .safetensors file)")
     parser.add_argument("--width", type=int, default=16, help="channels of the low-resolution encoder")
+    parser.add_argument("--scan", type=int, default=0,
+                        help="state size of a four-direction selective scan after the mixing (0: none)")
+    parser.add_argument("--scan-lr", type=float, default=None,
+                        help="learning rate of the scan's parameters (default: --lr); a scan added to trained "
+                             "weights starts from zero and needs a larger one")
     parser.add_argument("--per-input-gain", action="store_true", help="a detail gain per input (else shared)")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
     parser.add_argument("--plane-weight", type=float, default=0.0,
@@ -757,16 +764,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _init_state(path: Path) -> dict:
+    """The tensors of ``--init`` weights: a safetensors export or a training checkpoint."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]  # weights_only: no unpickling
+    except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
+        raise UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
+                                  fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt") from None
+
+
 def _load_init(model, path: Optional[Path]) -> None:
-    """Load ``--init`` weights (a safetensors export or a training checkpoint) into ``model``; None: leave it."""
+    """Load ``--init`` weights into ``model``; None: leave it.
+
+    Weights without a selective scan may start a model with one: the scan keeps its zero-initialised output,
+    so the model starts as exactly the given weights.
+    """
     if path is None:
         return
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path)))
-    else:
-        load_checkpoint(Path(path), model, None)
+    fix = "pass the same --width/--per-input-gain/--scan the weights were trained with"
+    try:
+        missing, unexpected = model.load_state_dict(_init_state(path), strict=False)
+    except RuntimeError as exc:  # tensor shapes differ
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or ["tensor shapes differ"]
+        raise InvalidInputError(f"the --init weights do not fit this architecture ({lines[0]})",
+                                fix=fix) from None
+    if unexpected or any(not k.startswith("scan.") for k in missing):
+        raise InvalidInputError(f"the --init weights do not fit this architecture (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})", fix=fix)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -790,8 +820,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",
                                 fix="use 3, 5 or 7 (or 0 for free teachers)")
 
-    def new_model():  # the trained model and a mixing teacher must be the same architecture
-        return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain))
+    def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
+        return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain), scan=scan)
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -820,7 +850,9 @@ def run(args: argparse.Namespace) -> int:
 
         teacher = None
         if args.ct_target_kind == "mixing":
-            teacher = new_model()
+            # The teacher frees the starting weights' own maps, so it is their architecture.
+            has_scan = any(k.startswith("scan.") for k in _init_state(args.init))
+            teacher = new_model(scan=args.scan if has_scan else 0)
             _load_init(teacher, args.init)
         targets = {"CT-MRI": anchor_targets(train_pairs["CT-MRI"], ptype="CT-MRI", iters=args.ct_target_iters,
                                             model=teacher, smooth=args.ct_target_smooth,
@@ -830,7 +862,10 @@ def run(args: argparse.Namespace) -> int:
                        targets=targets)
 
     model = new_model().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scan_params = [p for n, p in model.named_parameters() if n.startswith("scan.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("scan.")]
+    groups = [{"params": rest}] + ([{"params": scan_params, "lr": args.scan_lr or args.lr}] if scan_params else [])
+    opt = torch.optim.Adam(groups, lr=args.lr)
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight)
     state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
     if args.init is not None:

@@ -112,9 +112,11 @@ class Transform:
         return Transform(c)
 
     def inverse(self) -> "Transform":
-        """The inverse transform (moving -> fixed). Deformable transforms are inverted on a displacement grid."""
-        import SimpleITK as sitk
+        """The inverse transform (moving -> fixed).
 
+        Linear transforms are inverted exactly; others only where SimpleITK has an inverse for them (a
+        :class:`RegistrationError` says what to do otherwise).
+        """
         if self.is_linear:
             return Transform.from_matrix(np.linalg.inv(self.matrix))
         try:

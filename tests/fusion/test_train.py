@@ -76,3 +76,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_exports_them(shared,
     best = torch.load(tmp_path / "resumed" / "best.ckpt", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(exported[k], best[k].float()) for k in exported)
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in exported.values())
+    # Same tensors, same file: the two runs' exports are byte-identical, so their recorded SHA-256 agree.
+    assert (tmp_path / "straight_out" / "medfuse_fusion.safetensors").read_bytes() == weights.read_bytes()
+
+
+def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
+    """safetensors orders several metadata entries at random, which gave one set of tensors several file
+    hashes; an export must be a function of the weights alone (8 exports: 1 in 128 to pass by luck before)."""
+    from medfuse.fusion import infer
+    from medfuse.fusion.train import export_weights
+
+    model = infer.load_model()
+    files = [export_weights(model, tmp_path / str(i), {"note": "same"}) for i in range(8)]
+    assert len({f.read_bytes() for f in files}) == 1
+    meta = json.loads(files[0].with_suffix(".json").read_text())
+    assert meta["format"] == "medfuse-fusion-v1" and meta["sha256"] == infer.weights_sha256(files[0])
+    assert infer.load_model(files[0]).config() == model.config()
