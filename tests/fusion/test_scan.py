@@ -34,7 +34,7 @@ def test_chunked_scan_equals_the_recurrence(length, chunk):
     torch.testing.assert_close(_ssd_scan(x, log_a, b, c, chunk), _sequential(x, log_a, b, c), rtol=1e-9, atol=1e-9)
 
 
-def test_scan_sees_the_whole_map_in_all_four_directions():
+def test_every_output_of_the_scan_sees_the_whole_map():
     torch.manual_seed(0)
     block = SelectiveScan2d(8, state=4, heads=2).double()
     with torch.no_grad():
