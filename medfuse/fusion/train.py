@@ -779,8 +779,8 @@ def _init_state(path: Path) -> dict:
                                   fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt") from None
 
 
-def _load_init(model, path: Optional[Path]) -> None:
-    """Load ``--init`` weights into ``model``; None: leave it.
+def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> None:
+    """Load ``--init`` weights into ``model``; None: leave it. ``tensors``: :func:`_init_state` already read.
 
     Weights without a selective scan may start a model with one: the scan keeps its zero-initialised output,
     so the model starts as exactly the given weights.
@@ -789,7 +789,7 @@ def _load_init(model, path: Optional[Path]) -> None:
         return
     fix = "pass the same --width/--per-input-gain/--scan the weights were trained with"
     try:
-        missing, unexpected = model.load_state_dict(_init_state(path), strict=False)
+        missing, unexpected = model.load_state_dict(_init_state(path) if tensors is None else tensors, strict=False)
     except RuntimeError as exc:  # tensor shapes differ
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or ["tensor shapes differ"]
         raise InvalidInputError(f"the --init weights do not fit this architecture ({lines[0]})",
@@ -844,6 +844,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
     vols = volume_sets(Path(args.data).parent)
+    init_tensors = None if args.init is None else _init_state(args.init)  # read once: teacher and model
     targets = None
     if args.ct_target_weight:
         from .targets import anchor_targets
@@ -851,9 +852,9 @@ def run(args: argparse.Namespace) -> int:
         teacher = None
         if args.ct_target_kind == "mixing":
             # The teacher frees the starting weights' own maps, so it is their architecture.
-            has_scan = any(k.startswith("scan.") for k in _init_state(args.init))
+            has_scan = any(k.startswith("scan.") for k in init_tensors)
             teacher = new_model(scan=args.scan if has_scan else 0)
-            _load_init(teacher, args.init)
+            _load_init(teacher, args.init, init_tensors)
         targets = {"CT-MRI": anchor_targets(train_pairs["CT-MRI"], ptype="CT-MRI", iters=args.ct_target_iters,
                                             model=teacher, smooth=args.ct_target_smooth,
                                             cache=args.run_dir / "ct_targets.npz", log=log)}
@@ -869,7 +870,7 @@ def run(args: argparse.Namespace) -> int:
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight)
     state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
     if args.init is not None:
-        _load_init(model, args.init)
+        _load_init(model, args.init, init_tensors)
         log(f"initialised from {args.init}")
     ckpt = args.run_dir / "last.ckpt"
     rng3 = np.random.default_rng(args.seed + 5)
