@@ -197,11 +197,11 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     """
     x = _check_arrays(arrays, 3)
     torch = _torch()
-    from .network import HALO, _pool, _up, decompose
+    from .network import _pool, _up, decompose
 
     model = load_model(weights, device=device)
     f = model.factor
-    halo = -(-HALO // f) * f  # a multiple of the factor, so slabs stay aligned with the low-res grid
+    halo = -(-model.halo // f) * f  # a multiple of the factor, so slabs stay aligned with the low-res grid
     size = max(f, (int(batch_size) // f) * f)
     shape = x.shape[1:]
     with torch.inference_mode():
@@ -238,7 +238,8 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
             up = _up(lr[:, :, a0:a1], f)
             u0 = s - a0 * f
             up = up[:, :, u0:u0 + e - s]
-            fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up)
+            empty = model.empty_mask(piece)[:, :, sl] if model.empty_guard else None
+            fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up, empty=empty)
             out[s:e] = fused[0].float().cpu().numpy()
             del base, details, piece, up, fused
             report(progress, (n_slabs + 2 + i) / total, "network fusion: combining")

@@ -743,6 +743,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="learning rate of the scan's parameters (default: --lr); a scan added to trained "
                              "weights starts from zero and needs a larger one")
     parser.add_argument("--per-input-gain", action="store_true", help="a detail gain per input (else shared)")
+    parser.add_argument("--empty-guard", type=int, default=None,
+                        help="odd K: an input that is exactly 0 over a K×K neighbourhood where another input is "
+                             "not gets no weight there (0: off); stored with the weights. Default: the value "
+                             "of the --init safetensors export (the shipped weights: 3), else 0")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
     parser.add_argument("--plane-weight", type=float, default=0.0,
                         help="weight of the through-plane consistency term of the 3-D stage")
@@ -777,6 +781,21 @@ def _init_state(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
         raise UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
                                   fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt") from None
+
+
+def _init_guard(path: Optional[Path]) -> int:
+    """The empty-input guard stored in ``--init`` weights (a safetensors export's config); 0 otherwise."""
+    if path is None or not str(path).endswith(".safetensors"):
+        return 0
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            config = json.loads((fh.metadata() or {}).get("config", "{}"))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
+                                  fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt") from None
+    return int(config.get("empty_guard", 0))
 
 
 def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> None:
@@ -816,12 +835,18 @@ def run(args: argparse.Namespace) -> int:
                                 "weights, and no --init was given",
                                 fix="pass --init WEIGHTS (for example the shipped "
                                     "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
+    if args.empty_guard is None:  # a fine-tune keeps its starting weights' guard unless told otherwise
+        args.empty_guard = _init_guard(args.init)
+    if args.empty_guard < 0 or (args.empty_guard and args.empty_guard % 2 == 0):
+        raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size, got {args.empty_guard}",
+                                fix="use 3 (the shipped weights' value), 5, 7, or 0 to turn the guard off")
     if args.ct_target_smooth > 1 and args.ct_target_smooth % 2 == 0:
         raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",
                                 fix="use 3, 5 or 7 (or 0 for free teachers)")
 
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
-        return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain), scan=scan)
+        return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain), scan=scan,
+                         empty_guard=args.empty_guard)
 
     t0 = time.time()
     torch.manual_seed(args.seed)

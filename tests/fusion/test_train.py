@@ -92,3 +92,23 @@ def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
     meta = json.loads(files[0].with_suffix(".json").read_text())
     assert meta["format"] == "medfuse-fusion-v1" and meta["sha256"] == infer.weights_sha256(files[0])
     assert infer.load_model(files[0]).config() == model.config()
+
+
+def test_empty_guard_option_is_checked_and_kept_in_the_export(tmp_path, capsys):
+    """``--empty-guard`` takes an odd neighbourhood (a clear error otherwise, before anything is written), and
+    the shipped weights carry the guard in their config, so loading them restores it."""
+    from medfuse.fusion import infer
+    from medfuse.fusion.train import main
+
+    from medfuse.errors import UnreadableFileError
+    from medfuse.fusion.train import _init_guard
+
+    rc = main(["--empty-guard", "2", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
+    assert rc == 2 and "odd" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert infer.load_model().config()["empty_guard"] == 3
+    # Without --empty-guard a fine-tune keeps its starting weights' guard (from scratch: none).
+    assert _init_guard(infer.default_weights_path()) == 3 and _init_guard(None) == 0
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UnreadableFileError, match="--init"):
+        _init_guard(bad)
