@@ -343,6 +343,59 @@ def test_through_plane_consistency_on_phantom():
     assert _anisotropy(stacked, (a, b))[2] - reference[2] > 0.06
 
 
+def _lesion_contrast(fused: np.ndarray, affine: np.ndarray, centre, radius: float) -> float:
+    """Mean of the lesion's core minus the mean of a shell around it (positive: the hot spot shows)."""
+    idx = np.indices(fused.shape).reshape(3, -1).T
+    d = np.linalg.norm(idx @ affine[:3, :3].T + affine[:3, 3] - np.asarray(centre, float), axis=1)
+    d = d.reshape(fused.shape)
+    core, shell = d < 0.6 * radius, (d > 1.5 * radius) & (d < 2.5 * radius)
+    return float(fused[core].mean() - fused[shell].mean())
+
+
+@pytest.fixture(scope="module")
+def pet_mr_phantom():
+    """The phantom's T1 and its aligned PET on the T1 grid; the PET lesion (SUV ~12 against ~4) sits where the T1
+    is darker than its surroundings, so a fusion that follows the MR there hides the hot spot."""
+    import medfuse
+    from medfuse.phantom import make_phantom
+    from medfuse.registration.resample import resample
+
+    ph = make_phantom(seed=0, misalign={"pet": None})
+    pet = resample(ph.pet, ph.t1)
+    return medfuse, ph, pet
+
+
+def test_pet_hot_spot_stays_visible_in_3d(pet_mr_phantom):
+    medfuse, ph, pet = pet_mr_phantom
+    fused = medfuse.fuse(ph.t1, pet)
+    contrast = _lesion_contrast(np.asarray(fused.array, float), np.asarray(fused.affine), ph.lesion_center,
+                                ph.lesion_radius_mm)
+    mean_rule = medfuse.fuse(ph.t1, pet, method="mean")
+    reference = _lesion_contrast(np.asarray(mean_rule.array, float), np.asarray(mean_rule.affine),
+                                 ph.lesion_center, ph.lesion_radius_mm)
+    assert reference > 0.15 and contrast > 0.5 * reference, (contrast, reference)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: on a 2-D slice the network follows the MR's dark lesion core "
+                   "and hides the PET hot spot (contrast -0.20 against the mean rule's +0.21; docs/network.md, "
+                   "'Seventh round')")
+def test_pet_hot_spot_stays_visible_in_2d(pet_mr_phantom):
+    from medfuse.fusion.normalise import normalise
+
+    medfuse, ph, pet = pet_mr_phantom
+    a, _ = normalise(np.asarray(ph.t1.array), modality="MR")
+    b, _ = normalise(np.asarray(pet.array), modality="PT", unit=pet.unit)
+    affine = np.asarray(ph.t1.affine)
+    k = int(round(np.linalg.solve(affine, np.r_[np.asarray(ph.lesion_center, float), 1.0])[0]))
+    slab = np.stack([infer.fuse_2d([a[i], b[i]]) for i in (k - 1, k, k + 1)])  # the lesion's own slices
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, 3] + affine[:3, 0] * (k - 1)
+    mean_slab = (a[k - 1:k + 2] + b[k - 1:k + 2]) / 2
+    reference = _lesion_contrast(mean_slab, shifted, ph.lesion_center, ph.lesion_radius_mm)
+    contrast = _lesion_contrast(slab, shifted, ph.lesion_center, ph.lesion_radius_mm)
+    assert reference > 0.15 and contrast > 0.5 * reference, (contrast, reference)
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_all_zero_input_gives_the_other():
     a = _blobs((64, 64), 6)
