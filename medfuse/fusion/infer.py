@@ -238,7 +238,11 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
             up = _up(lr[:, :, a0:a1], f)
             u0 = s - a0 * f
             up = up[:, :, u0:u0 + e - s]
-            empty = model.empty_mask(piece)[:, :, sl] if model.empty_guard else None
+            empty = None
+            if model.empty_guard:  # the guard needs only its own radius of the halo, not all of it
+                r = model.empty_guard // 2
+                lo = max(0, off - r)
+                empty = model.empty_mask(piece[:, :, lo:off + e - s + r])[:, :, off - lo:off - lo + e - s]
             fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up, empty=empty)
             out[s:e] = fused[0].float().cpu().numpy()
             del base, details, piece, up, fused

@@ -779,8 +779,12 @@ def _init_state(path: Path) -> dict:
 
         return torch.load(path, map_location="cpu", weights_only=True)["model"]  # weights_only: no unpickling
     except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
-        raise UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
-                                  fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt") from None
+        raise _unreadable_init(path, exc) from None
+
+
+def _unreadable_init(path: Path, exc: Exception) -> UnreadableFileError:
+    return UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
+                               fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt")
 
 
 def _init_guard(path: Optional[Path]) -> int:
@@ -793,8 +797,7 @@ def _init_guard(path: Optional[Path]) -> int:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             config = json.loads((fh.metadata() or {}).get("config", "{}"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
-                                  fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt") from None
+        raise _unreadable_init(path, exc) from None
     return int(config.get("empty_guard", 0))
 
 
