@@ -69,7 +69,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         WeightsError: the file is missing, not a safetensors file, truncated, or does not fit the model.
     """
     torch = _torch()
-    from .network import FusionNet
+    from .network import FusionNet, config_from_metadata
 
     p = _resolve(weights)
     try:
@@ -89,8 +89,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
             with safe_open(str(p), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            config = {k: float(v) if k.startswith("gain") else int(v) for k, v in json.loads(meta["config"]).items()}
-            model = FusionNet(**config)
+            model = FusionNet(**config_from_metadata(json.loads(meta["config"])))
             model.load_state_dict(tensors, strict=True)
         except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
             raise WeightsError(f"the fusion network's weights file is corrupt or does not fit the model "

@@ -20,8 +20,8 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
   neighbourhood while another input is not gets no weight there, so what only one input shows is never
   traded for another input's empty background.
 * 3-D (tri-plane): the same 2-D encoder/heads run on the axial, coronal and sagittal slices of the 4×-pooled
-  volume; the three planes' logit volumes are merged by a learned 3×3×3 convolution (shared over maps, 82
-  parameters) and trilinearly upsampled; the full-resolution combination is done with 3-D blurs. Nothing is
+  volume; the three planes' logit volumes are merged by a learned 3×3×3 convex kernel (a soft-max over its
+  81 taps, shared over maps: a local weighted average, never a high-pass) and trilinearly upsampled; the full-resolution combination is done with 3-D blurs. Nothing is
   stacked slice by slice at full resolution, so there is no slice-periodic artefact.
 * Optional global context (``scan=N``, off in the shipped weights): a four-direction selective scan after the
   mixing (:class:`SelectiveScan2d`). Measured in docs/network.md ("Sixth round"): 6x the 2-D time, no gain.
@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FusionNet", "SelectiveScan2d", "DEFAULT_CONFIG", "decompose", "HALO"]
+__all__ = ["FusionNet", "ConvexMerge3d", "SelectiveScan2d", "DEFAULT_CONFIG", "decompose", "HALO",
+           "config_from_metadata"]
 
 DEFAULT_CONFIG: Dict[str, int | float] = {"width": 16, "levels": 3, "factor": 4, "gain_min": 0.5, "gain_max": 2.0}
 
@@ -217,6 +218,41 @@ class SelectiveScan2d(nn.Module):
         return self.out((rows + cols) * F.silu(self.gate(m)))
 
 
+def config_from_metadata(config: Dict[str, object]) -> Dict[str, object]:
+    """FusionNet keyword arguments from a weights file's stored config (values may be strings).
+
+    A file without a ``merge`` key predates the convex merge and was trained with the "conv" one.
+    """
+    out: Dict[str, object] = {"merge": "conv"}
+    for k, v in config.items():
+        out[k] = str(v) if k == "merge" else float(v) if k.startswith("gain") else int(v)
+    return out
+
+
+class ConvexMerge3d(nn.Module):
+    """Learned tri-plane merge: a 3×3×3 kernel over the three planes' logit volumes that is a soft-max.
+
+    Its weights are non-negative and sum to one, so it is a local weighted average: it cannot become a
+    high-pass. The unconstrained convolution it replaces (``merge="conv"``, the weights shipped before) was
+    trained into one (centre ≈ 0.32, neighbours ≈ -0.0125, overall gain -0.05). That cancelled the learned
+    selection in 3-D and amplified each plane's slice-to-slice jitter into stripes (docs/network.md,
+    "Seventh round"). Starts as the plain mean of the three planes (centre taps ≈ 1/3 each).
+    """
+
+    def __init__(self):
+        super().__init__()
+        logits = torch.zeros(1, 3, 3, 3, 3)
+        logits[0, :, 1, 1, 1] = math.log(300.0)  # centre weight 300 / (3·300 + 78) ≈ 0.307 per plane
+        self.logits = nn.Parameter(logits)
+
+    def kernel(self) -> torch.Tensor:
+        return torch.softmax(self.logits.flatten(), 0).view_as(self.logits)
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        """(K, 3, d, h, w) -> (K, 1, d, h, w)."""
+        return F.conv3d(F.pad(stacked, (1, 1, 1, 1, 1, 1), mode="replicate"), self.kernel())
+
+
 class FusionNet(nn.Module):
     """Fuses 2-3 co-registered images (2-D) or volumes (3-D, tri-plane), all scaled to 0..1.
 
@@ -227,11 +263,17 @@ class FusionNet(nn.Module):
         per_input_gain: 1 for a detail gain per input and level, 0 for one gain per level shared by the inputs.
         gain_min, gain_max: the range of the detail gain the network can apply (bounded, so that a
             metric-driven loss cannot run the gain away).
+        merge: the tri-plane merge, "convex" (:class:`ConvexMerge3d`) or "conv" (an unconstrained 3×3×3
+            convolution; weights files without a ``merge`` key were trained with it).
     """
 
     def __init__(self, *, width: int = 16, levels: int = 3, factor: int = 4, gain_min: float = 0.5,
-                 gain_max: float = 2.0, per_input_gain: int = 0, scan: int = 0, empty_guard: int = 0):
+                 gain_max: float = 2.0, per_input_gain: int = 0, scan: int = 0, empty_guard: int = 0,
+                 merge: str = "convex"):
         super().__init__()
+        if merge not in ("convex", "conv"):
+            raise ValueError(f'merge must be "convex" or "conv", got {merge!r}')
+        self.merge = merge
         if empty_guard < 0 or (empty_guard and empty_guard % 2 == 0):
             raise ValueError(f"empty_guard must be 0 (off) or an odd neighbourhood size, got {empty_guard}")
         self.empty_guard = int(empty_guard)
@@ -251,11 +293,13 @@ class FusionNet(nn.Module):
         self.log_k_base = nn.Parameter(torch.tensor(math.log(8.0)))
         self.log_k_detail = nn.Parameter(torch.full((self.levels,), math.log(30.0)))
         # Tri-plane aggregation: 3 planes -> 1, 3×3×3, shared over every logit map.
-        self.agg = nn.Conv3d(3, 1, 3, padding=1, padding_mode="replicate")
+        self.agg: nn.Module = ConvexMerge3d() if merge == "convex" else \
+            nn.Conv3d(3, 1, 3, padding=1, padding_mode="replicate")
         with torch.no_grad():
-            self.agg.weight.zero_()
-            self.agg.weight[0, :, 1, 1, 1] = 1.0 / 3.0
-            self.agg.bias.zero_()
+            if merge == "conv":
+                self.agg.weight.zero_()
+                self.agg.weight[0, :, 1, 1, 1] = 1.0 / 3.0
+                self.agg.bias.zero_()
             self.select.weight.mul_(0.1)
             self.select.bias.zero_()
             self.gain.weight.mul_(0.1)
@@ -271,6 +315,7 @@ class FusionNet(nn.Module):
             cfg["scan"] = self.scan_state
         if self.empty_guard:
             cfg["empty_guard"] = self.empty_guard
+        cfg["merge"] = self.merge
         return cfg
 
     @property

@@ -35,6 +35,7 @@ __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load
            "torch_metrics", "PAIR_TYPES", "DEFAULT_SHARED"]
 
 PAIR_TYPES = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
+FUNCTIONAL_TYPES = ("PET-MRI", "SPECT-MRI")  # pair types whose second image is functional (uptake)
 DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -143,7 +144,8 @@ class _Sampler:
 
     def __init__(self, train_pairs: Dict[str, list], vols: List[np.ndarray], *, crop: int, seed: int,
                  extra_fraction: float, type_weights: Optional[Dict[str, float]] = None,
-                 three_input_fraction: float = 0.0, targets: Optional[Dict[str, List[np.ndarray]]] = None):
+                 three_input_fraction: float = 0.0, targets: Optional[Dict[str, List[np.ndarray]]] = None,
+                 hot_spot_fraction: float = 0.0):
         from monai.data import Dataset
         from monai.transforms import Compose, RandFlip, RandRotate90, RandSpatialCrop, SpatialPad
 
@@ -158,6 +160,9 @@ class _Sampler:
         self.vols = vols
         self.extra_fraction = extra_fraction if vols else 0.0
         self.three_input_fraction = three_input_fraction
+        # Synthetic PET/SPECT hot spots (hotspots.py); ``last_spots`` is (B, H, W) or None.
+        self.hot_spot_fraction = hot_spot_fraction
+        self.last_spots: Optional[np.ndarray] = None
         self.crop = crop
         self.tf = Compose([SpatialPad((crop, crop)), RandSpatialCrop((crop, crop), random_size=False),
                            RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1),
@@ -194,6 +199,12 @@ class _Sampler:
         self.last_target = None
         if self.last_type in self.targets:
             out, self.last_target = out[:, :-1], out[:, -1]
+        self.last_spots = None
+        if self.hot_spot_fraction > 0 and self.last_type in FUNCTIONAL_TYPES:
+            from .hotspots import add_hot_spots
+
+            out, spots = add_hot_spots(out, self.rng, fraction=self.hot_spot_fraction, functional=1)
+            self.last_spots = spots if spots.any() else None
         if self.three_input_fraction > 0 and self.last_type != "extra" \
                 and self.rng.random() < self.three_input_fraction:
             out = self._split_three(out)
@@ -413,6 +424,16 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
     return table
 
 
+def logit_excess(sel, n: int, cap: float):
+    """Mean squared excess of selection logits (B*n, K, h, w) over ``cap`` from their mean over the n inputs.
+
+    Why: the trained selection saturates (logit gaps of 15-120 on the Harvard pairs), which leaves the
+    full-resolution "brighter/stronger wins" terms and any new loss without a gradient.
+    """
+    s = sel.float().reshape(-1, n, *sel.shape[1:])
+    return ((s - s.mean(dim=1, keepdim=True)).abs() - cap).clamp_min(0.0).pow(2).mean()
+
+
 MARGIN_RULES = ("max", "mean", "laplacian", "wavelet", "gff")
 
 
@@ -567,8 +588,8 @@ def _train_3d(model, vols, *, steps, device, loss_fn, seed, log, plane_weight: f
         return
     for p in model.parameters():
         p.requires_grad_(False)
-    model.agg.weight.requires_grad_(True)
-    model.agg.bias.requires_grad_(True)
+    for p in model.agg.parameters():
+        p.requires_grad_(True)
     opt = torch.optim.Adam(model.agg.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed + 3)
     for step in range(steps):
@@ -747,6 +768,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="odd K: an input that is exactly 0 over a K×K neighbourhood where another input is "
                              "not gets no weight there (0: off); stored with the weights. Default: the value "
                              "of the --init safetensors export (the shipped weights: 3), else 0")
+    parser.add_argument("--merge", choices=("convex", "conv"), default="convex",
+                        help="tri-plane merge: a learned convex 3x3x3 kernel, or the unconstrained convolution "
+                             "the stage 1-4 weights were trained with")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
     parser.add_argument("--plane-weight", type=float, default=0.0,
                         help="weight of the through-plane consistency term of the 3-D stage")
@@ -760,6 +784,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="an epoch can only be exported if its through-plane probe gap is at most this")
     parser.add_argument("--joint-3d-plane-only", action="store_true",
                         help="the joint 3-D patch loss is the through-plane term alone (no slice metric losses)")
+    parser.add_argument("--hot-spot-fraction", type=float, default=0.0,
+                        help="share of PET/SPECT-MRI training items given a synthetic hot spot (hotspots.py)")
+    parser.add_argument("--hot-spot-weight", type=float, default=0.0,
+                        help="weight of the loss that keeps those hot spots at least as visible as the mean rule")
+    parser.add_argument("--logit-cap", type=float, default=None,
+                        help="penalise selection logits further than this from the inputs' mean (unsaturates "
+                             "the soft-max so the pixel terms and the hot-spot loss can act)")
+    parser.add_argument("--logit-penalty", type=float, default=1e-4, help="weight of the --logit-cap penalty")
     parser.add_argument("--val-limit", type=int, default=12, help="validation pairs per type each epoch")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
     parser.add_argument("--threads", type=int, default=2)
@@ -805,7 +837,8 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
     """Load ``--init`` weights into ``model``; None: leave it. ``tensors``: :func:`_init_state` already read.
 
     Weights without a selective scan may start a model with one: the scan keeps its zero-initialised output,
-    so the model starts as exactly the given weights.
+    so the model starts as exactly the given weights. Weights with the other tri-plane merge ("conv" vs
+    "convex") may start this one: the merge alone then starts from its initial value, the plain mean.
     """
     if path is None:
         return
@@ -816,6 +849,10 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or ["tensor shapes differ"]
         raise InvalidInputError(f"the --init weights do not fit this architecture ({lines[0]})",
                                 fix=fix) from None
+    merge_keys = {k for k in model.state_dict() if k.startswith("agg.")}
+    if merge_keys and merge_keys <= set(missing) and all(k.startswith("agg.") for k in unexpected):
+        unexpected = []  # the other merge's tensors: this model's merge keeps its initial value
+        missing = [k for k in missing if not k.startswith("agg.")]
     if unexpected or any(not k.startswith("scan.") for k in missing):
         raise InvalidInputError(f"the --init weights do not fit this architecture (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})", fix=fix)
@@ -849,7 +886,7 @@ def run(args: argparse.Namespace) -> int:
 
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
         return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain), scan=scan,
-                         empty_guard=args.empty_guard)
+                         empty_guard=args.empty_guard, merge=args.merge)
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -888,9 +925,12 @@ def run(args: argparse.Namespace) -> int:
                                             cache=args.run_dir / "ct_targets.npz", log=log)}
     sampler = _Sampler(train_pairs, vols, crop=args.crop, seed=args.seed, extra_fraction=args.extra_fraction,
                        type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction,
-                       targets=targets)
+                       targets=targets, hot_spot_fraction=args.hot_spot_fraction)
 
     model = new_model().to(device)
+    captured: list = []  # selection-head outputs of the current step, for the --logit-cap penalty
+    if args.logit_cap is not None:
+        model.select.register_forward_hook(lambda _m, _i, out: captured.append(out))
     scan_params = [p for n, p in model.named_parameters() if n.startswith("scan.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("scan.")]
     groups = [{"params": rest}] + ([{"params": scan_params, "lr": args.scan_lr or args.lr}] if scan_params else [])
@@ -961,6 +1001,7 @@ def run(args: argparse.Namespace) -> int:
         run_loss = []
         for step_i in bar:
             x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
+            captured.clear()
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
                 fused = model(x)
             is_ct = sampler.last_type == "CT-MRI"
@@ -984,6 +1025,13 @@ def run(args: argparse.Namespace) -> int:
                 # Why: metric losses keep the network in its max-like basin; pulling CT-MRI outputs towards the
                 # guided-filter rule starts them where per-pixel optimisation finds both anchors passed.
                 loss = loss + args.ct_gff_weight * (fused.float() - gff_targets(x)).abs().mean()
+            if sampler.last_spots is not None and args.hot_spot_weight:
+                from .hotspots import hot_spot_loss
+
+                loss = loss + args.hot_spot_weight * hot_spot_loss(fused, x, torch.from_numpy(sampler.last_spots)
+                                                                   .to(device))
+            if captured:
+                loss = loss + args.logit_penalty * logit_excess(captured[0], x.shape[1], args.logit_cap)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

@@ -376,6 +376,106 @@ def test_pet_hot_spot_stays_visible_in_3d(pet_mr_phantom):
     assert reference > 0.15 and contrast > 0.5 * reference, (contrast, reference)
 
 
+def _per_slice_scores(fused, a, b, *, step: int = 8) -> np.ndarray:
+    """Mean Qabf and VIF over every ``step``-th slice along each of the three axes (slices mostly inside the head)."""
+    from medfuse.metrics import qabf, vif
+
+    out = []
+    for ax in range(3):
+        f3, a3, b3 = (np.moveaxis(v, ax, 0) for v in (fused, a, b))
+        for i in range(0, f3.shape[0], step):
+            if (a3[i] > 0).mean() > 0.2:
+                f8, a8, b8 = np.round(np.clip(f3[i], 0, 1) * 255), a3[i] * 255, b3[i] * 255
+                out.append([qabf(f8, a8, b8), vif(f8, a8, b8)])
+    return np.mean(out, axis=0)
+
+
+def _volume_quality(pet_mr_phantom, weights=None):
+    """(per-slice Qabf/VIF of the network, of the max rule, anisotropy gap to the mean rule) on the phantom's MR + PET."""
+    from medfuse.fusion.normalise import normalise
+
+    _, ph, pet = pet_mr_phantom
+    a, _ = normalise(np.asarray(ph.t1.array), modality="MR")
+    b, _ = normalise(np.asarray(pet.array), modality="PT", unit=pet.unit)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    fused = infer.fuse_3d([a, b], batch_size=32, weights=weights)
+    gap = np.abs(_anisotropy(fused, (a, b)) - _anisotropy((a + b) / 2, (a, b))).max()
+    return _per_slice_scores(fused, a, b), _per_slice_scores(np.maximum(a, b), a, b), gap
+
+
+@pytest.mark.xfail(strict=True, reason="known limit of the shipped weights: their unconstrained tri-plane merge is a "
+                   "high-pass that draws stripes and boxes (anisotropy gap 0.050) and scores Qabf/VIF 0.51/0.54 "
+                   "slice by slice against the max rule's 0.80/0.97; the convex merge fixes both but hides the "
+                   "PET hot spot (docs/network.md, 'Eighth round')")
+def test_3d_fusion_beats_the_max_rule_slice_by_slice_and_adds_no_stripes(pet_mr_phantom):
+    """The tri-plane output of the phantom's MR + PET, scored on slices along all three axes, beats the max
+    rule on Qabf and VIF, and is no rougher across slices than the mean rule (no stripes or boxes)."""
+    net, mx, gap = _volume_quality(pet_mr_phantom)
+    assert (net > mx).all() and gap < 0.02, (net, mx, gap)
+
+
+def test_convex_merge_on_the_shipped_tensors_removes_the_stripes(pet_mr_phantom, tmp_path):
+    """The same check, passing, for the shipped 2-D tensors with the convex merge (``--merge convex``) in place
+    of the unconstrained one: what the eighth round measured (Qabf/VIF 0.82/1.14, gap 0.003)."""
+    from safetensors.torch import load_file
+
+    from medfuse.fusion.network import FusionNet, config_from_metadata
+    from medfuse.fusion.train import _load_init, export_weights
+
+    cfg = config_from_metadata(json.loads(WEIGHTS.with_suffix(".json").read_text())["config"])
+    model = FusionNet(**{**cfg, "merge": "convex"})
+    _load_init(model, WEIGHTS, load_file(str(WEIGHTS)))
+    path = export_weights(model, tmp_path, {"note": "convex merge"})
+    net, mx, gap = _volume_quality(pet_mr_phantom, weights=path)
+    assert (net > mx).all() and gap < 0.02, (net, mx, gap)
+
+
+def test_tri_plane_merge_is_a_local_average():
+    """The convex merge's kernel is non-negative and sums to 1 over its 3 planes x 27 taps whatever its
+    parameters, so it can only smooth the planes' logits, never sharpen them; it starts as the planes' mean."""
+    from medfuse.fusion.network import ConvexMerge3d, FusionNet
+
+    assert FusionNet().config()["merge"] == "convex"  # new models; the shipped weights keep theirs ("conv")
+    assert infer.load_model().config()["merge"] == "conv"
+    fresh = ConvexMerge3d().kernel().detach()
+    assert torch.allclose(fresh[0, :, 1, 1, 1], torch.full((3,), 300 / 978))
+    merge = ConvexMerge3d()
+    with torch.no_grad():
+        merge.logits.normal_(0.0, 5.0)  # any trained state
+    k = merge.kernel().detach()
+    assert k.min() >= 0 and abs(float(k.sum()) - 1.0) < 1e-6
+    x = torch.rand(2, 3, 6, 7, 8)
+    out = merge(x)
+    assert out.shape == (2, 1, 6, 7, 8)
+    assert (out >= x.min(1, keepdim=True).values.amin((2, 3, 4), keepdim=True) - 1e-6).all()
+    assert (out <= x.max(1, keepdim=True).values.amax((2, 3, 4), keepdim=True) + 1e-6).all()
+
+
+def test_weights_without_a_merge_key_load_the_old_merge_and_can_start_a_convex_one(tmp_path):
+    """Files exported before the convex merge (no ``merge`` in their config) still load, with the merge they were
+    trained with, and ``medfuse train --init`` may start a convex-merge model from them."""
+    from safetensors.torch import load_file, save_file
+
+    from medfuse.fusion.network import FusionNet, config_from_metadata
+    from medfuse.fusion.train import _load_init
+
+    assert config_from_metadata({"width": "16", "gain_min": "0.5"}) == {"merge": "conv", "width": 16,
+                                                                          "gain_min": 0.5}
+    old = FusionNet(empty_guard=3, merge="conv")
+    tensors = {k: v.contiguous() for k, v in old.state_dict().items()}
+    cfg = {k: str(v) for k, v in old.config().items() if k != "merge"}
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={"config": json.dumps(cfg)})
+    loaded = infer.load_model(path)
+    assert loaded.merge == "conv" and isinstance(loaded.agg, torch.nn.Conv3d)
+    new = FusionNet(empty_guard=3)
+    _load_init(new, path, load_file(str(path)))
+    assert torch.equal(new.encoder[0][0].weight, old.encoder[0][0].weight)
+    assert torch.equal(new.agg.logits, FusionNet(empty_guard=3).agg.logits)  # the merge starts afresh
+    with pytest.raises(ValueError, match="merge"):
+        FusionNet(merge="max")
+
+
 @pytest.mark.xfail(strict=True, reason="known limit: on a 2-D slice the network follows the MR's dark lesion core "
                    "and hides the PET hot spot (contrast -0.20 against the mean rule's +0.21; docs/network.md, "
                    "'Seventh round')")
