@@ -930,7 +930,8 @@ def run(args: argparse.Namespace) -> int:
     model = new_model().to(device)
     captured: list = []  # selection-head outputs of the current step, for the --logit-cap penalty
     if args.logit_cap is not None:
-        model.select.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        # Training passes only: validation runs in eval mode and would otherwise pile up its logits here.
+        model.select.register_forward_hook(lambda m, _i, out: captured.append(out) if m.training else None)
     scan_params = [p for n, p in model.named_parameters() if n.startswith("scan.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("scan.")]
     groups = [{"params": rest}] + ([{"params": scan_params, "lr": args.scan_lr or args.lr}] if scan_params else [])
