@@ -21,8 +21,11 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
   traded for another input's empty background.
 * 3-D (tri-plane): the same 2-D encoder/heads run on the axial, coronal and sagittal slices of the 4×-pooled
   volume; the three planes' logit volumes are merged by a learned 3×3×3 convex kernel (a soft-max over its
-  81 taps, shared over maps: a local weighted average, never a high-pass) and trilinearly upsampled; the full-resolution combination is done with 3-D blurs. Nothing is
-  stacked slice by slice at full resolution, so there is no slice-periodic artefact.
+  81 taps, shared over maps: a local weighted average, never a high-pass) and trilinearly upsampled; the
+  full-resolution combination is done with 3-D blurs. Nothing is stacked slice by slice at full resolution, so
+  there is no slice-periodic artefact. With ``coarse_pixel_rule_3d=L`` (2 in the shipped weights) the L
+  coarsest detail levels are chosen in 3-D by the "stronger detail" term alone: it keeps a PET hot spot over a
+  dark MR core, which the learned choice hides.
 * Optional global context (``scan=N``, off in the shipped weights): a four-direction selective scan after the
   mixing (:class:`SelectiveScan2d`). Measured in docs/network.md ("Sixth round"): 6x the 2-D time, no gain.
 """
@@ -265,15 +268,22 @@ class FusionNet(nn.Module):
             metric-driven loss cannot run the gain away).
         merge: the tri-plane merge, "convex" (:class:`ConvexMerge3d`) or "conv" (an unconstrained 3×3×3
             convolution; weights files without a ``merge`` key were trained with it).
+        coarse_pixel_rule_3d: in the 3-D path only, how many of the coarsest detail levels are chosen by the
+            full-resolution pixel rule alone (the stronger detail wins, the classic multi-scale rule) instead
+            of the learned selection. 0: none. The shipped weights use 2 (d2 and d3), so that focal uptake
+            in a PET/SPECT volume stays visible where the MR is dark (docs/network.md, "Ninth round").
     """
 
     def __init__(self, *, width: int = 16, levels: int = 3, factor: int = 4, gain_min: float = 0.5,
                  gain_max: float = 2.0, per_input_gain: int = 0, scan: int = 0, empty_guard: int = 0,
-                 merge: str = "convex"):
+                 merge: str = "convex", coarse_pixel_rule_3d: int = 0):
         super().__init__()
         if merge not in ("convex", "conv"):
             raise ValueError(f'merge must be "convex" or "conv", got {merge!r}')
+        if not 0 <= coarse_pixel_rule_3d <= levels:
+            raise ValueError(f"coarse_pixel_rule_3d must be 0..{levels} (detail levels), got {coarse_pixel_rule_3d}")
         self.merge = merge
+        self.coarse_pixel_rule_3d = int(coarse_pixel_rule_3d)
         if empty_guard < 0 or (empty_guard and empty_guard % 2 == 0):
             raise ValueError(f"empty_guard must be 0 (off) or an odd neighbourhood size, got {empty_guard}")
         self.empty_guard = int(empty_guard)
@@ -316,6 +326,8 @@ class FusionNet(nn.Module):
         if self.empty_guard:
             cfg["empty_guard"] = self.empty_guard
         cfg["merge"] = self.merge
+        if self.coarse_pixel_rule_3d:
+            cfg["coarse_pixel_rule_3d"] = self.coarse_pixel_rule_3d
         return cfg
 
     @property
@@ -402,7 +414,8 @@ class FusionNet(nn.Module):
         """Tri-plane low-resolution logits. feats3: (N, C, d, h, w) pooled volume features -> (K, d, h, w).
 
         The 2-D encoder/heads run on the slices of each of the three planes (``batch`` slices at a time,
-        which bounds memory); the three logit volumes are merged by the learned 3-D aggregation.
+        which bounds memory); the three logit volumes are merged by the learned 3-D aggregation. The
+        selection maps of the ``coarse_pixel_rule_3d`` coarsest detail levels are then set to 0.
         """
         n, c = feats3.shape[:2]
         per_plane = []
@@ -412,4 +425,12 @@ class FusionNet(nn.Module):
             outs = [self.lowres_logits(v[i:i + batch]) for i in range(0, v.shape[0], batch)]
             per_plane.append(torch.cat(outs, 0).movedim(0, 1 + axis))  # (K, d, h, w)
         stacked = torch.stack(per_plane, dim=1)  # (K, 3, d, h, w)
-        return self.agg(stacked)[:, 0]
+        merged = self.agg(stacked)[:, 0]
+        if self.coarse_pixel_rule_3d:
+            # A zero learned logit leaves the choice to the "stronger detail wins" term of :meth:`combine`.
+            lv1, first = self.levels + 1, self.levels + 1 - self.coarse_pixel_rule_3d
+            keep = torch.ones(lv1, dtype=merged.dtype, device=merged.device)
+            keep[first:] = 0.0
+            sel = merged[: n * lv1].unflatten(0, (n, lv1)) * keep.view(1, lv1, *[1] * (merged.dim() - 1))
+            merged = torch.cat([sel.flatten(0, 1), merged[n * lv1:]], dim=0)
+        return merged

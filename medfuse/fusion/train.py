@@ -771,6 +771,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--merge", choices=("convex", "conv"), default="convex",
                         help="tri-plane merge: a learned convex 3x3x3 kernel, or the unconstrained convolution "
                              "the stage 1-4 weights were trained with")
+    parser.add_argument("--coarse-pixel-rule-3d", type=int, default=None,
+                        help="in 3-D only, the number of coarsest detail levels chosen by the pixel rule (stronger "
+                             "detail wins) instead of the learned selection; stored with the weights. Default: "
+                             "the --init safetensors export's value (the shipped weights: 2), else 0")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
     parser.add_argument("--plane-weight", type=float, default=0.0,
                         help="weight of the through-plane consistency term of the 3-D stage")
@@ -819,18 +823,22 @@ def _unreadable_init(path: Path, exc: Exception) -> UnreadableFileError:
                                fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt")
 
 
-def _init_guard(path: Optional[Path]) -> int:
-    """The empty-input guard stored in ``--init`` weights (a safetensors export's config); 0 otherwise."""
+def _init_config(path: Optional[Path]) -> dict:
+    """The architecture config stored in ``--init`` weights (a safetensors export's; values as strings), else {}."""
     if path is None or not str(path).endswith(".safetensors"):
-        return 0
+        return {}
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as fh:
-            config = json.loads((fh.metadata() or {}).get("config", "{}"))
+            return json.loads((fh.metadata() or {}).get("config", "{}"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise _unreadable_init(path, exc) from None
-    return int(config.get("empty_guard", 0))
+
+
+def _init_guard(path: Optional[Path]) -> int:
+    """The empty-input guard stored in ``--init`` weights (a safetensors export's config); 0 otherwise."""
+    return int(_init_config(path).get("empty_guard", 0))
 
 
 def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> None:
@@ -877,6 +885,12 @@ def run(args: argparse.Namespace) -> int:
                                     "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
     if args.empty_guard is None:  # a fine-tune keeps its starting weights' guard unless told otherwise
         args.empty_guard = _init_guard(args.init)
+    if args.coarse_pixel_rule_3d is None:  # likewise the 3-D path's coarse pixel rule
+        args.coarse_pixel_rule_3d = int(_init_config(args.init).get("coarse_pixel_rule_3d", 0))
+    if not 0 <= args.coarse_pixel_rule_3d <= 3:
+        raise InvalidInputError("--coarse-pixel-rule-3d must be 0..3 (detail levels), "
+                                f"got {args.coarse_pixel_rule_3d}",
+                                fix="use 2 (the shipped weights' value: d2 and d3), or 0 for the learned choice")
     if args.empty_guard < 0 or (args.empty_guard and args.empty_guard % 2 == 0):
         raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size, got {args.empty_guard}",
                                 fix="use 3 (the shipped weights' value), 5, 7, or 0 to turn the guard off")
@@ -886,7 +900,8 @@ def run(args: argparse.Namespace) -> int:
 
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
         return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain), scan=scan,
-                         empty_guard=args.empty_guard, merge=args.merge)
+                         empty_guard=args.empty_guard, merge=args.merge,
+                         coarse_pixel_rule_3d=args.coarse_pixel_rule_3d)
 
     t0 = time.time()
     torch.manual_seed(args.seed)
