@@ -473,7 +473,7 @@ def test_tri_plane_merge_is_a_local_average():
     parameters, so it can only smooth the planes' logits, never sharpen them; it starts as the planes' mean."""
     from medfuse.fusion.network import ConvexMerge3d, FusionNet
 
-    assert FusionNet().config()["merge"] == "convex"  # new models; the shipped weights keep theirs ("conv")
+    assert FusionNet().config()["merge"] == "convex"  # new models, and the shipped weights since stage 5
     assert infer.load_model().config()["merge"] == "convex"
     fresh = ConvexMerge3d().kernel().detach()
     assert torch.allclose(fresh[0, :, 1, 1, 1], torch.full((3,), 300 / 978))
