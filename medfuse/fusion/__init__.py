@@ -156,7 +156,9 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
             rule at its start and end).
         **options: passed to the rule (see :func:`medfuse.fusion.classical.fuse_arrays`) or to
-            :func:`medfuse.fusion.infer.fuse_arrays`.
+            :func:`medfuse.fusion.infer.fuse_arrays`. For the network on Volumes, ``functional`` (whether
+            an input shows uptake) defaults to their modalities: True with a PT or NM input, False when
+            every input is MR or CT, None (treated as True) when one is ``unknown``.
 
     Returns:
         Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1).
@@ -222,6 +224,11 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                 fix="register and resample it onto volume 1's grid first: medfuse.register(fixed, moving).resampled "
                 "or medfuse.resample(moving, fixed)",
             )
+    if method == "network" and "functional" not in options:
+        # Why: the 3-D path's coarse pixel rule keeps PET/SPECT uptake visible and costs quality on
+        # anatomical pairs (docs/network.md, "Ninth round"); the modalities say which case this is.
+        modalities = {v.modality for v in vols}
+        options = {**options, "functional": None if "unknown" in modalities else bool(modalities & {"PT", "NM"})}
     scaled, recs = _normalise_volumes(vols, normalise)
     fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}

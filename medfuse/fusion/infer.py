@@ -183,7 +183,7 @@ def _slab_input(vol, s: int, e: int, halo: int) -> Tuple[object, int]:
 
 
 def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
-            batch_size: int = 32, progress: Optional[ProgressFn] = None,
+            batch_size: int = 32, functional: Optional[bool] = None, progress: Optional[ProgressFn] = None,
             cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Tri-plane fusion of 2-3 co-registered 3-D volumes in 0..1 -> float32 volume in 0..1 (same shape).
 
@@ -192,6 +192,10 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         device: torch device ("cpu", "cuda").
         weights: a safetensors file (default: the shipped weights).
         batch_size: slices per slab along the first axis (rounded to the network's factor); bounds memory.
+        functional: whether an input is a functional image (PET/SPECT uptake). False (anatomical inputs
+            only) uses the learned selection at every detail level; True or None (not known) leaves the
+            weights' ``coarse_pixel_rule_3d`` coarsest levels to the pixel rule, which keeps focal uptake
+            visible over a dark MR core (docs/network.md, "Ninth round").
         progress, cancel: see :mod:`medfuse.progress`.
     """
     x = _check_arrays(arrays, 3)
@@ -222,7 +226,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         del feats
         # Pass 2: the 2-D network on the three planes of the low-res volume, merged in 3-D.
         check(cancel, "network fusion")
-        logits = model.planes_logits(feats3)  # (K, d, h, w)
+        logits = model.planes_logits(feats3, coarse_pixel_rule=0 if functional is False else None)  # (K, d, h, w)
         report(progress, (n_slabs + 1) / total, "network fusion: tri-plane")
         # Pass 3: full-resolution combination, slab by slab.
         out = np.empty(tuple(vol.shape[1:]), dtype=np.float32)
@@ -251,8 +255,8 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
 
 
 def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
-                batch_size: int = 32, mode: str = "auto", progress: Optional[ProgressFn] = None,
-                cancel: Optional[CancelToken] = None) -> np.ndarray:
+                batch_size: int = 32, mode: str = "auto", functional: Optional[bool] = None,
+                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Fuse 2-3 co-registered arrays scaled to 0..1; 2-D arrays take the 2-D path, 3-D the tri-plane path.
 
     Args:
@@ -261,6 +265,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         weights: safetensors weights (default: shipped).
         batch_size: 3-D slab thickness (slices); bounds memory.
         mode: ``"auto"``, ``"2d"`` or ``"3d"``; a mismatch with the arrays' dimension is an error.
+        functional: 3-D only, see :func:`fuse_3d`.
         progress, cancel: see :mod:`medfuse.progress`.
 
     Returns:
@@ -278,7 +283,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
     if ndim == 2:
         return fuse_2d(arrays, device=device, weights=weights, progress=progress, cancel=cancel)
     if ndim == 3:
-        return fuse_3d(arrays, device=device, weights=weights, batch_size=batch_size, progress=progress,
-                       cancel=cancel)
+        return fuse_3d(arrays, device=device, weights=weights, batch_size=batch_size, functional=functional,
+                       progress=progress, cancel=cancel)
     raise InvalidInputError(f"the fusion network takes 2-D or 3-D arrays, got {ndim}-D",
                             fix="squeeze singleton axes, or fuse each 3-D volume of a 4-D series separately")

@@ -33,7 +33,7 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -410,13 +410,16 @@ class FusionNet(nn.Module):
         logits = _up(self.lowres_logits(feats), self.factor)
         return self.combine(x, base, details, logits)
 
-    def planes_logits(self, feats3: torch.Tensor, *, batch: int = 64) -> torch.Tensor:
+    def planes_logits(self, feats3: torch.Tensor, *, batch: int = 64,
+                      coarse_pixel_rule: Optional[int] = None) -> torch.Tensor:
         """Tri-plane low-resolution logits. feats3: (N, C, d, h, w) pooled volume features -> (K, d, h, w).
 
         The 2-D encoder/heads run on the slices of each of the three planes (``batch`` slices at a time,
         which bounds memory); the three logit volumes are merged by the learned 3-D aggregation. The
-        selection maps of the ``coarse_pixel_rule_3d`` coarsest detail levels are then set to 0.
+        selection maps of the ``coarse_pixel_rule`` coarsest detail levels (default: the model's
+        ``coarse_pixel_rule_3d``) are then set to 0.
         """
+        rule = self.coarse_pixel_rule_3d if coarse_pixel_rule is None else int(coarse_pixel_rule)
         n, c = feats3.shape[:2]
         per_plane = []
         for axis in range(3):
@@ -426,9 +429,9 @@ class FusionNet(nn.Module):
             per_plane.append(torch.cat(outs, 0).movedim(0, 1 + axis))  # (K, d, h, w)
         stacked = torch.stack(per_plane, dim=1)  # (K, 3, d, h, w)
         merged = self.agg(stacked)[:, 0]
-        if self.coarse_pixel_rule_3d:
+        if rule:
             # A zero learned logit leaves the choice to the "stronger detail wins" term of :meth:`combine`.
-            lv1, first = self.levels + 1, self.levels + 1 - self.coarse_pixel_rule_3d
+            lv1, first = self.levels + 1, self.levels + 1 - rule
             keep = torch.ones(lv1, dtype=merged.dtype, device=merged.device)
             keep[first:] = 0.0
             sel = merged[: n * lv1].unflatten(0, (n, lv1)) * keep.view(1, lv1, *[1] * (merged.dim() - 1))

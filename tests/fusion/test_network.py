@@ -468,6 +468,29 @@ def test_the_coarse_pixel_rule_changes_only_the_3d_selection_of_its_levels(tmp_p
             FusionNet(coarse_pixel_rule_3d=bad)
 
 
+def test_anatomical_inputs_use_the_learned_choice_at_every_level(pet_mr_phantom, tmp_path):
+    """The coarse pixel rule is there for uptake. ``functional=False`` gives exactly the rule-free model's
+    output; True and None (not known) the shipped rule. Volumes set it from their modalities, and the fused
+    Volume's history records it."""
+    from medfuse import Volume
+
+    medfuse, ph, pet = pet_mr_phantom
+    sl = tuple(slice(s // 2 - 24, s // 2 + 24) for s in ph.t1.shape)
+    a, b = (np.clip(v.array[sl] / np.percentile(v.array, 99.5), 0, 1).astype(np.float32) for v in (ph.t1, ph.t2))
+    anatomical = infer.fuse_3d([a, b], functional=False, batch_size=16)
+    assert np.array_equal(anatomical, infer.fuse_3d([a, b], weights=_with_coarse_rule(tmp_path, 0), batch_size=16))
+    ruled = infer.fuse_3d([a, b], batch_size=16)
+    assert np.array_equal(ruled, infer.fuse_3d([a, b], functional=True, batch_size=16))
+    assert np.abs(ruled - anatomical).max() > 0.01
+
+    def used(*vols):
+        return medfuse.fuse(*vols).provenance["history"][-1]["options"]["functional"]
+
+    assert used(ph.t1, ph.t2) is False and used(ph.t1, pet) is True
+    assert used(ph.t1, Volume(ph.t2.array, ph.t2.affine)) is None  # modality unknown: the rule stays on
+    assert medfuse.fuse(ph.t1, ph.t2, functional=True).provenance["history"][-1]["options"]["functional"] is True
+
+
 def test_tri_plane_merge_is_a_local_average():
     """The convex merge's kernel is non-negative and sums to 1 over its 3 planes x 27 taps whatever its
     parameters, so it can only smooth the planes' logits, never sharpen them; it starts as the planes' mean."""
