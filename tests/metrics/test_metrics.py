@@ -191,3 +191,43 @@ def test_scale_mismatch_warns_instead_of_silent_garbage():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         M.score((a + b) / 2, a, b, metrics=["PSNR"])  # one scale: no warning
+
+
+def _smooth_volumes(n=40):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    return [ndi.gaussian_filter(rng.random((n, n, n)), 2.0) for _ in range(2)], rng
+
+
+def test_anisotropy_flags_slice_to_slice_jumps_along_their_axis():
+    """The mean of two isotropic volumes keeps their anisotropy (about 1 per axis); an offset that jumps from
+    slice to slice along axis 0 (what slice-by-slice fusion or stripes add) raises axis 0 and lowers the others."""
+    (a, b), rng = _smooth_volumes()
+    ref = M.anisotropy((a + b) / 2, (a, b))
+    assert ref.shape == (3,) and np.abs(ref - 1).max() < 0.2
+    striped = (a + b) / 2 + 0.01 * rng.standard_normal((a.shape[0], 1, 1))
+    got = M.anisotropy(striped, (a, b))
+    assert got[0] - ref[0] > 0.3 and (got[1:] < ref[1:]).all(), (got, ref)
+    with pytest.raises(InvalidInputError, match="3-D"):
+        M.anisotropy(a[0], (a[0], b[0]))
+
+
+def test_sampled_slice_scores_average_every_step_th_slice_on_all_three_axes():
+    """Every ``step``-th slice of each axis, scored at 8 bits (fused rounded), slices without enough of the first
+    source skipped: the same numbers as the 2-D metrics on those slices, by hand."""
+    (a, b), _ = _smooth_volumes(24)
+    a[:, :, 12:] = 0.0  # axis-2 slices 12.. carry no first source and must be skipped
+    f = np.maximum(a, b)
+    by_hand = []
+    for ax in range(3):
+        for i in range(0, 24, 8):
+            fs, as_, bs = (np.take(v, i, axis=ax) for v in (f, a, b))
+            if (as_ > 0).mean() > 0.2:
+                by_hand.append([M.qabf(np.round(fs * 255), as_ * 255, bs * 255),
+                                M.ssim(np.round(fs * 255), as_ * 255, bs * 255)])
+    assert len(by_hand) == 3 + 3 + 2
+    got = M.sampled_slice_scores(f, a, b, step=8, metrics=("Qabf", "SSIM"))
+    assert np.allclose(got, np.mean(by_hand, axis=0))
+    with pytest.raises(InvalidInputError, match="no slice"):
+        M.sampled_slice_scores(f, np.zeros_like(a), b)
