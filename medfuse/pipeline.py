@@ -313,6 +313,9 @@ class FuseStep:
             fused = _fuse(state.volumes, method=method, device=self.device, **self.options)
         if method == "network":
             state.weights_sha256 = _weights_sha256()
+            # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
+            history = (getattr(fused, "provenance", None) or {}).get("history") or [{}]
+            state.notes["network_functional"] = history[-1].get("options", {}).get("functional")
         state.notes["method_used"] = method
         fused = _as_fused_volume(fused, state.volumes[0])
         fused.provenance["method"] = method
@@ -425,7 +428,7 @@ def _provenance(state: PipelineState, *, extra_step: Optional[Dict[str, Any]] = 
     steps = list(state.steps) + ([extra_step] if extra_step else [])
     regs = state.registrations if any(r is not None for r in state.registrations) else None
     extra = {k: v for k, v in state.notes.items() if k in ("warnings", "fallback", "method_used",
-                                                             "normalisation")}
+                                                             "network_functional", "normalisation")}
     return build(
         inputs=_input_facts(state), output=state.output, output_sha256=state.output_sha256, steps=steps,
         parameters=state.notes.get("parameters"), registration=regs, weights_sha256=state.weights_sha256,

@@ -47,6 +47,7 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert rec["fallback"]["requested"] == "network"  # the fallback is recorded, not silent
     else:
         assert rec["weights_sha256"]
+        assert rec["network_functional"] is True  # MR + PET: the 3-D path keeps PET uptake (coarse pixel rule)
 
     # The lesion: a hot spot on the PET, but its core is darker than white matter on the MR T1.
     # In the fused volume the lesion core must be brighter than the same point in the other
