@@ -245,12 +245,16 @@ def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
 
+    n_inputs = 1 + len(args.moving)
+    if args.modalities is not None and len(args.modalities) != n_inputs:
+        raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
+                                fix="give one per input, FIXED first, e.g. --modalities MR PT")
     with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register), method=args.method,
                          device=args.device, overwrite=args.overwrite, fallback=args.fallback,
-                         threads=args.threads, progress=bar, cancel=token)
+                         threads=args.threads, modalities=args.modalities, progress=bar, cancel=token)
     _show_warnings(caught)
     used = res.provenance.get("method_used", args.method)
     _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
@@ -488,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", choices=_KINDS, default="none",
                    help="register MOVING onto FIXED first (default: none = already aligned)")
     p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
+    p.add_argument("--modalities", nargs="+", metavar="M", default=None,
+                   help="the modality of each input, FIXED first: MR, CT, PT or NM (PET, SPECT accepted). "
+                        "NIfTI/MetaImage/NRRD files carry none; it picks each input's normalisation and whether "
+                        "the network's 3-D path keeps PET/SPECT uptake (default: from DICOM headers, else unknown)")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (default: cpu)")

@@ -599,6 +599,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                out: Optional[PathLike], *, register: Optional[str] = None, method: str = "network",
                device: str = "cpu", overwrite: bool = False, fallback: Optional[str] = None,
                threads: Optional[int] = None, grid: str = "fixed", normalise: str = "auto",
+               modalities: Optional[Sequence[Optional[str]]] = None,
                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
@@ -613,7 +614,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         overwrite: replace an existing output (never an input).
         fallback: classical method to use if the network cannot run (``None``: fail).
         threads: ITK threads for registration; fix it for bit-identical re-runs.
-        grid, normalise: see :class:`Pipeline`.
+        grid, normalise, modalities: see :class:`Pipeline` (``modalities``: one per input, fixed first, for
+            files that carry none, e.g. ``["MR", "PT"]``).
         progress, cancel: progress callback and cancel token.
 
     Returns:
@@ -621,5 +623,5 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
     """
     movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise)
+                    grid=grid, normalise=normalise, modalities=modalities)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

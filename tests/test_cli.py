@@ -137,3 +137,30 @@ def test_delegated_commands_show_their_options(cmd, module, capsys):
     assert main([cmd, "--help"]) == 0
     assert f"medfuse {cmd}" in capsys.readouterr().out
     assert main([cmd, "--no-such-option"]) == EXIT_USAGE
+
+
+def test_fuse_modalities_pick_the_network_3d_path(tmp_path, capsys):
+    """NIfTI files carry no modality: ``--modalities`` gives it (one per input, FIXED first). Two MR inputs
+    use the network's learned choice at every level (``network_functional`` false in the sidecar); without
+    the option the modality is unknown and the 3-D path keeps its coarse pixel rule (null)."""
+    pytest.importorskip("torch")
+    import nibabel as nib
+
+    plain = []
+    for name in ("mr_t1.nii.gz", "mr_t2.nii.gz"):  # copies without medfuse's modality note in the header
+        img = nib.load(str(SAMPLES / name))
+        img.header["descrip"] = b""
+        nib.save(img, str(tmp_path / name))
+        plain.append(str(tmp_path / name))
+    mr1, mr2 = plain
+    rc = main(["fuse", mr1, mr2, "-o", str(tmp_path / "a.nii.gz"), "--modalities", "MR", "mri", "--no-progress"])
+    assert rc == 0
+    rec = json.loads((tmp_path / "a.json").read_text())
+    assert rec["network_functional"] is False and [i["modality"] for i in rec["inputs"]] == ["MR", "MR"]
+    assert main(["fuse", mr1, mr2, "-o", str(tmp_path / "b.nii.gz"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["network_functional"] is None
+    capsys.readouterr()
+    assert main(["fuse", mr1, mr2, "-o", str(tmp_path / "c.nii.gz"), "--modalities", "MR"]) == EXIT_USAGE
+    assert "one per input" in capsys.readouterr().err and not (tmp_path / "c.nii.gz").exists()
+    assert main(["fuse", mr1, mr2, "-o", str(tmp_path / "c.nii.gz"), "--modalities", "MR", "XR"]) == EXIT_USAGE
+    assert "modality" in capsys.readouterr().err
