@@ -41,16 +41,6 @@ def phantom_pet():
     return ph, pet, a.astype(np.float32), b.astype(np.float32)
 
 
-def lesion_contrast(vol, ph) -> float:
-    """Mean of the phantom lesion's core (< 0.6 r) minus a shell (1.5 r .. 2.5 r) around it."""
-    arr, aff = np.asarray(vol.array, float), np.asarray(vol.affine)
-    idx = np.indices(arr.shape).reshape(3, -1).T
-    d = np.linalg.norm(idx @ aff[:3, :3].T + aff[:3, 3] - np.asarray(ph.lesion_center, float), axis=1)
-    d = d.reshape(arr.shape)
-    r = ph.lesion_radius_mm
-    return float(arr[d < 0.6 * r].mean() - arr[(d > 1.5 * r) & (d < 2.5 * r)].mean())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -67,6 +57,7 @@ def main(argv=None) -> int:
     from medfuse.fusion.classical import fuse_arrays as rule
     from medfuse.fusion.train import volume_sets
     from medfuse.metrics import anisotropy, sampled_slice_scores
+    from medfuse.phantom import lesion_contrast
 
     torch.set_num_threads(args.threads)
     pairs = []
@@ -106,7 +97,9 @@ def main(argv=None) -> int:
     runs = (("network (Volumes: MR + PT, rule)", opts), ("network (learned)", {**opts, "functional": False}),
             ("max", {"method": "max"}), ("mean", {"method": "mean"}))
     for label, kw in runs:
-        print(f"  {label:34s} {lesion_contrast(medfuse.fuse(ph.t1, pet, **kw), ph):+.3f}")
+        fused = medfuse.fuse(ph.t1, pet, **kw)
+        c = lesion_contrast(fused.array, fused.affine, ph.lesion_center, ph.lesion_radius_mm)
+        print(f"  {label:34s} {c:+.3f}")
     print(f"\n{time.time() - t0:.0f} s")
     return 0
 

@@ -37,7 +37,7 @@ from .errors import InvalidInputError, MedfuseError, OutputExistsError, Unreadab
 from .volume import Volume
 
 __all__ = [
-    "Phantom", "make_phantom", "write_samples", "load_samples", "load_ground_truth",
+    "Phantom", "make_phantom", "lesion_contrast", "write_samples", "load_samples", "load_ground_truth",
     "default_samples_folder", "rigid_matrix", "LABELS", "PET_PATIENT", "main",
 ]
 
@@ -201,6 +201,26 @@ class Phantom:
 
 def _named(table: np.ndarray) -> Dict[str, float]:
     return {name: float(table[code]) for name, code in LABELS.items()}
+
+
+def lesion_contrast(array: np.ndarray, affine: np.ndarray, centre, radius_mm: float) -> float:
+    """How well a volume shows the phantom lesion: mean over its core minus mean over a shell around it.
+
+    Core: within 0.6 radius of ``centre``; shell: 1.5 to 2.5 radii. Positive means the lesion is brighter
+    than its surroundings (a PET hot spot that shows); the grid is any, through ``affine`` (LPS mm).
+
+    Args:
+        array: the volume's voxels (a slab of a few slices works, with its own affine).
+        affine: 4×4 index-to-LPS matrix of ``array``.
+        centre: lesion centre, LPS mm (``Phantom.lesion_center``).
+        radius_mm: lesion radius (``Phantom.lesion_radius_mm``).
+    """
+    arr = np.asarray(array, dtype=float)
+    aff = np.asarray(affine, dtype=float)
+    idx = np.indices(arr.shape).reshape(3, -1).T
+    d = np.linalg.norm(idx @ aff[:3, :3].T + aff[:3, 3] - np.asarray(centre, float), axis=1).reshape(arr.shape)
+    core, shell = d < 0.6 * radius_mm, (d > 1.5 * radius_mm) & (d < 2.5 * radius_mm)
+    return float(arr[core].mean() - arr[shell].mean())
 
 
 def make_phantom(*, seed: int = 0, lesion: bool = True, misalign: Optional[Mapping[str, Any]] = None,

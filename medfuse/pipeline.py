@@ -314,8 +314,7 @@ class FuseStep:
         if method == "network":
             state.weights_sha256 = _weights_sha256()
             # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
-            history = (getattr(fused, "provenance", None) or {}).get("history") or [{}]
-            state.notes["network_functional"] = history[-1].get("options", {}).get("functional")
+            state.notes["network_functional"] = (getattr(fused, "provenance", None) or {}).get("network_functional")
         state.notes["method_used"] = method
         fused = _as_fused_volume(fused, state.volumes[0])
         fused.provenance["method"] = method

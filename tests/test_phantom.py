@@ -296,3 +296,14 @@ def test_write_samples_roundtrip_and_refuse_overwrite(tmp_path, ph):
         phantom.write_samples(out)
     assert phantom.main(["--write", str(out)]) == 2
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}  # nothing touched
+
+
+def test_lesion_contrast_sees_the_hot_spot_on_pet_and_the_dark_core_on_t1():
+    """``lesion_contrast``: core minus shell around the ground-truth lesion, on any grid via the affine."""
+    from medfuse.phantom import lesion_contrast, make_phantom
+
+    ph = make_phantom(seed=0, misalign={"pet": None})  # the PET in MR space, on its own 3 mm grid
+    c, r = ph.lesion_center, ph.lesion_radius_mm
+    assert lesion_contrast(ph.pet.array, ph.pet.affine, c, r) > 0  # uptake
+    assert lesion_contrast(ph.t1.array, ph.t1.affine, c, r) < 0  # the MR's darker core
+    assert lesion_contrast(np.ones(ph.t1.shape), ph.t1.affine, c, r) == 0.0

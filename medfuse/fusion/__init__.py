@@ -163,7 +163,8 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
     Returns:
         Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
-        ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``.
+        ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``
+        and ``network_functional``.
 
     Raises:
         InvalidInputError: wrong count, shapes, NaN, unknown method or normalisation.
@@ -234,6 +235,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
     if method == "network":
         prov["weights_sha256"] = _weights_hash()
+        prov["network_functional"] = options.get("functional")
     out = Volume(fused.astype(np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary", provenance=prov)
     out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")})
     return out

@@ -331,11 +331,9 @@ def test_through_plane_consistency_on_phantom():
 
 def _lesion_contrast(fused: np.ndarray, affine: np.ndarray, centre, radius: float) -> float:
     """Mean of the lesion's core minus the mean of a shell around it (positive: the hot spot shows)."""
-    idx = np.indices(fused.shape).reshape(3, -1).T
-    d = np.linalg.norm(idx @ affine[:3, :3].T + affine[:3, 3] - np.asarray(centre, float), axis=1)
-    d = d.reshape(fused.shape)
-    core, shell = d < 0.6 * radius, (d > 1.5 * radius) & (d < 2.5 * radius)
-    return float(fused[core].mean() - fused[shell].mean())
+    from medfuse.phantom import lesion_contrast
+
+    return lesion_contrast(fused, affine, centre, radius)
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +454,9 @@ def test_anatomical_inputs_use_the_learned_choice_at_every_level(pet_mr_phantom,
     assert np.abs(ruled - anatomical).max() > 0.01
 
     def used(*vols):
-        return medfuse.fuse(*vols).provenance["history"][-1]["options"]["functional"]
+        prov = medfuse.fuse(*vols).provenance
+        assert prov["network_functional"] == prov["history"][-1]["options"]["functional"]
+        return prov["network_functional"]
 
     assert used(ph.t1, ph.t2) is False and used(ph.t1, pet) is True
     assert used(ph.t1, Volume(ph.t2.array, ph.t2.affine)) is None  # modality unknown: the rule stays on
