@@ -300,24 +300,42 @@ def _sobel(x):
     return r[:, 0:1], r[:, 1:2]
 
 
-def _grad_angle(x):
+#: Sobel magnitude (0..255 scale, about one grey level's step) below which the orientation's gradient is damped.
+ANGLE_GRAD_SOFTNESS = 4.0
+
+
+def _grad_angle(x, softness: float = ANGLE_GRAD_SOFTNESS):
+    """Sobel magnitude and orientation atan(gy/gx) in (-pi/2, pi/2], as the reference Qabf defines them.
+
+    The values are exact. The orientation's gradient is scaled by g²/(g² + δ²) (δ = ``softness``; 0 leaves it
+    exact): the exact one grows as 1/g where the image is flat, and Qabf weights those pixels by the source's
+    gradient, so a few near-flat fused pixels beside a source edge dominated every batch's gradient. Undamped,
+    Adam on the metric loss lowered Qabf even on the batch it was fitted to (docs/network.md, "Tenth round").
+    """
     import torch
 
     gx, gy = _sobel(x)
-    g = torch.sqrt(gx * gx + gy * gy + 1e-12)
-    # atan(gy/gx) in (-pi/2, pi/2]; written with atan2 so its gradient stays finite.
+    g2 = gx * gx + gy * gy
+    g = torch.sqrt(g2 + 1e-12)
+    # Written with atan2 so its gradient stays finite at gx = 0.
     a = torch.atan2(gy * torch.sign(gx + 1e-20), gx.abs() + 1e-12)
+    if softness > 0 and a.requires_grad:
+        damp = (g2 / (g2 + softness ** 2)).detach()
+        a = a.detach() + damp * (a - a.detach())
     return g, a
 
 
-def _qabf(sources, fused):
-    """Xydeas-Petrović Qabf of (B, 1, H, W) tensors on 0..255 for any number of sources -> (B,)."""
+def _qabf(sources, fused, *, softness: float = ANGLE_GRAD_SOFTNESS):
+    """Xydeas-Petrović Qabf of (B, 1, H, W) tensors on 0..255 for any number of sources -> (B,).
+
+    ``softness``: see :func:`_grad_angle` (the gradient only; the value is exact).
+    """
     import torch
 
-    gf, af = _grad_angle(fused)
+    gf, af = _grad_angle(fused, softness)
     num, den = 0.0, 0.0
     for s in sources:
-        gs, as_ = _grad_angle(s)
+        gs, as_ = _grad_angle(s, softness)
         ratio = torch.minimum(gs, gf) / torch.maximum(gs, gf).clamp_min(1e-6)
         aaf = 1 - (as_ - af).abs() / (math.pi / 2)
         q = 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5))) * 0.9879 / (1 + torch.exp(-22 * (aaf - 0.8)))
@@ -355,8 +373,10 @@ def torch_metrics(fused, sources) -> Dict[str, "object"]:
 class MetricLoss:
     """``-(qabf_weight·Qabf + vif_weight·VIF/n) + ssim_weight·(1 - SSIM/n)`` on the reference metric definitions."""
 
-    def __init__(self, *, vif_weight: float = 1.0, ssim_weight: float = 0.5, qabf_weight: float = 1.0):
+    def __init__(self, *, vif_weight: float = 1.0, ssim_weight: float = 0.5, qabf_weight: float = 1.0,
+                 angle_grad_softness: float = ANGLE_GRAD_SOFTNESS):
         self.vif_weight, self.ssim_weight, self.qabf_weight = vif_weight, ssim_weight, qabf_weight
+        self.angle_grad_softness = angle_grad_softness
 
     def __call__(self, fused, x, *, qabf_weight: Optional[float] = None, vif_weight: Optional[float] = None,
                  ssim_weight: Optional[float] = None):
@@ -367,7 +387,7 @@ class MetricLoss:
         sw = self.ssim_weight if ssim_weight is None else ssim_weight
         f = fused.float().unsqueeze(1) * 255.0
         srcs = [x[:, i:i + 1].float() * 255.0 for i in range(n)]
-        q = _qabf(srcs, f)
+        q = _qabf(srcs, f, softness=self.angle_grad_softness)
         v = sum(_vifp(s, f) for s in srcs) / n
         s = sum(_ssim(f, s_) for s_ in srcs) / n
         loss = -(qw * q + vw * v) + sw * (1 - s)
@@ -723,6 +743,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vif-weight", type=float, default=1.0)
     parser.add_argument("--ssim-weight", type=float, default=0.5)
     parser.add_argument("--qabf-weight", type=float, default=1.0, help="weight of the Qabf term of the loss")
+    parser.add_argument("--qabf-grad-softness", type=float, default=ANGLE_GRAD_SOFTNESS,
+                        help="damp the gradient of the Qabf loss's orientation term where the fused image is flatter "
+                             "than this Sobel magnitude (0..255 scale); 0 gives the exact gradient, with which "
+                             "stages 1-5 of the shipped weights were trained")
     parser.add_argument("--ct-gff-weight", type=float, default=0.0,
                         help="weight of an L1 pull towards the guided-filter rule's output on CT-MRI batches")
     parser.add_argument("--ct-target-weight", type=float, default=0.0,
@@ -758,6 +782,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these weights (a .ckpt of an earlier run, or a .safetensors file)")
     parser.add_argument("--width", type=int, default=16, help="channels of the low-resolution encoder")
+    parser.add_argument("--factor", type=int, default=None,
+                        help="downsampling factor of the learned part (1, 2, 4 or 8); stored with the weights. Default: "
+                             "the --init safetensors export's value, else 4")
     parser.add_argument("--scan", type=int, default=0,
                         help="state size of a four-direction selective scan after the mixing (0: none)")
     parser.add_argument("--scan-lr", type=float, default=None,
@@ -885,6 +912,14 @@ def run(args: argparse.Namespace) -> int:
                                     "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
     if args.empty_guard is None:  # a fine-tune keeps its starting weights' guard unless told otherwise
         args.empty_guard = _init_guard(args.init)
+    if args.factor is None:  # and the resolution of the learned part
+        args.factor = int(_init_config(args.init).get("factor", 4))
+    if args.factor not in (1, 2, 4, 8):
+        raise InvalidInputError(f"--factor must be 1, 2, 4 or 8, got {args.factor}",
+                                fix="use 4 (the learned maps at 1/4 resolution) or 2 (finer maps, about 2x slower)")
+    if not args.qabf_grad_softness >= 0:  # also catches NaN
+        raise InvalidInputError(f"--qabf-grad-softness must be 0 or more, got {args.qabf_grad_softness}",
+                                fix=f"use {ANGLE_GRAD_SOFTNESS:g} (the default), or 0 for the exact gradient")
     if args.coarse_pixel_rule_3d is None:  # likewise the 3-D path's coarse pixel rule
         args.coarse_pixel_rule_3d = int(_init_config(args.init).get("coarse_pixel_rule_3d", 0))
     if not 0 <= args.coarse_pixel_rule_3d <= 3:
@@ -899,7 +934,7 @@ def run(args: argparse.Namespace) -> int:
                                 fix="use 3, 5 or 7 (or 0 for free teachers)")
 
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
-        return FusionNet(width=args.width, per_input_gain=int(args.per_input_gain), scan=scan,
+        return FusionNet(width=args.width, factor=args.factor, per_input_gain=int(args.per_input_gain), scan=scan,
                          empty_guard=args.empty_guard, merge=args.merge,
                          coarse_pixel_rule_3d=args.coarse_pixel_rule_3d)
 
@@ -951,7 +986,8 @@ def run(args: argparse.Namespace) -> int:
     rest = [p for n, p in model.named_parameters() if not n.startswith("scan.")]
     groups = [{"params": rest}] + ([{"params": scan_params, "lr": args.scan_lr or args.lr}] if scan_params else [])
     opt = torch.optim.Adam(groups, lr=args.lr)
-    loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight)
+    loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight,
+                         angle_grad_softness=args.qabf_grad_softness)
     state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
     if args.init is not None:
         _load_init(model, args.init, init_tensors)

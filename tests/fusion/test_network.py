@@ -374,9 +374,9 @@ def _volume_quality(pet_mr_phantom, weights=None):
 
 
 @pytest.mark.xfail(strict=True, reason="known limit: the shipped 3-D path (convex merge, d2/d3 by the pixel rule) has "
-                   "no stripes (anisotropy gap 0.007) but scores Qabf/VIF 0.798/0.963 slice by slice against the max "
+                   "no stripes (anisotropy gap 0.008) but scores Qabf/VIF 0.796/0.950 slice by slice against the max "
                    "rule's 0.801/0.966; the learned choice at every level beats the max rule but hides the PET hot "
-                   "spot (docs/network.md, 'Ninth round')")
+                   "spot (docs/network.md, 'Ninth round', 'Tenth round')")
 def test_3d_fusion_beats_the_max_rule_slice_by_slice_and_adds_no_stripes(pet_mr_phantom):
     """The tri-plane output of the phantom's MR + PET, scored on slices along all three axes, beats the max
     rule on Qabf and VIF, and is no rougher across slices than the mean rule (no stripes or boxes)."""
@@ -397,7 +397,7 @@ def _with_coarse_rule(tmp_path, levels: int) -> Path:
 
 def test_the_coarse_pixel_rule_is_what_keeps_the_hot_spot_in_3d(pet_mr_phantom, tmp_path):
     """The shipped 3-D path without its coarse pixel rule (the learned choice at every level): no stripes, and
-    above the max rule slice by slice (0.82/1.14 against 0.80/0.97), but the PET lesion is hidden. With the rule
+    above the max rule slice by slice (0.82/1.13 against 0.80/0.97), but the PET lesion is hidden. With the rule
     (the shipped weights), the lesion shows. This is the trade-off behind ``coarse_pixel_rule_3d: 2``."""
     medfuse, ph, pet = pet_mr_phantom
     learned = _with_coarse_rule(tmp_path, 0)
@@ -653,8 +653,9 @@ def subset_scores(shared):
 
 
 # What the shipped network achieves on the subset (measured; see docs/network.md). VIF and Qabf beat every
-# classical rule on every pair type (CT-MRI Qabf 0.634 against gff 0.603, max 0.576); SSIM is within 2 % of
-# the best rule (SPECT-MRI 1.4025 against 0.98 x the mean rule's 1.4311 = 1.4023: the thinnest margin).
+# classical rule on every pair type (CT-MRI Qabf 0.657 against gff 0.603, max 0.576); SSIM is within 2 % of
+# the best rule (SPECT-MRI 1.4024 against 0.98 x the mean rule's 1.4309 = 1.4023: the thinnest margin; CT-MRI
+# 1.4463 against 0.98 x the max rule's 1.4733 = 1.4439).
 _MUST_BEAT = {
     ("CT-MRI", "VIF"): ("mean", "max", "laplacian", "wavelet", "gff"),
     ("PET-MRI", "VIF"): ("mean", "max", "laplacian", "wavelet", "gff"),
@@ -677,7 +678,7 @@ def test_network_beats_the_classical_rules_where_measured(subset_scores):
 
 
 @pytest.mark.xfail(strict=True, reason="issue-5 goal not met yet: on this subset SSIM is up to 2.0 % below the "
-                   "best rule (SPECT-MRI 1.402 vs mean 1.431, CT-MRI 1.451 vs max 1.473; docs/network.md)")
+                   "best rule (SPECT-MRI 1.402 vs mean 1.431, CT-MRI 1.446 vs max 1.473; docs/network.md)")
 def test_network_beats_every_classical_rule(subset_scores):
     for ptype, rows in subset_scores.items():
         for m in rows:
@@ -766,13 +767,15 @@ def test_mixing_teacher_stays_in_the_model_family_and_lifts_the_objective(shared
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         own = model(torch.from_numpy(x)[None])[0].numpy()
-    out = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=30)
+    # 80 steps: the stage-6 weights start closer to this pair's optimum (ratio 1.051) than stage 5's (1.048),
+    # so 30 steps lifted it by only +0.018 (free) and +0.010 (smooth).
+    out = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=80)
     assert out.shape == own.shape and 0 <= out.min() and out.max() <= 1
-    assert _worst_anchor_ratio(out, x) > _worst_anchor_ratio(own, x) + 0.02
+    assert _worst_anchor_ratio(out, x) > _worst_anchor_ratio(own, x) + 0.02  # measured +0.024
     # --ct-target-smooth: a smooth change of the maps also lifts it, and is another teacher.
-    smooth = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=30,
+    smooth = tg.optimise_mixing(model, list(x), objective="anchor", reference=tg.ANCHORS["CT-MRI"], iters=80,
                                 smooth=5)
-    assert _worst_anchor_ratio(smooth, x) > _worst_anchor_ratio(own, x) + 0.01  # measured +0.018 (free: more)
+    assert _worst_anchor_ratio(smooth, x) > _worst_anchor_ratio(own, x) + 0.01  # measured +0.013
     assert np.abs(smooth - out).mean() > 1e-3
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
