@@ -185,7 +185,8 @@ def test_adam_on_the_qabf_loss_raises_qabf_on_the_batch_it_fits(shared):
 
 def test_factor_and_qabf_grad_softness_are_checked_before_anything_is_written(tmp_path, capsys):
     """``--factor`` takes 1, 2, 4 or 8 and ``--qabf-grad-softness`` 0 or more; a bad value is exit 2 with the
-    fix, and no run folder appears. Without ``--factor`` a fine-tune keeps its ``--init`` weights' factor."""
+    fix, and no run folder appears. The shipped weights store the factor that a fine-tune without ``--factor``
+    reads from them."""
     import medfuse.fusion.train as tr
     from medfuse.fusion import infer
 
