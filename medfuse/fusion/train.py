@@ -910,10 +910,11 @@ def run(args: argparse.Namespace) -> int:
                                 "weights, and no --init was given",
                                 fix="pass --init WEIGHTS (for example the shipped "
                                     "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
-    if args.empty_guard is None:  # a fine-tune keeps its starting weights' guard unless told otherwise
-        args.empty_guard = _init_guard(args.init)
-    if args.factor is None:  # and the resolution of the learned part
-        args.factor = int(_init_config(args.init).get("factor", 4))
+    init_cfg = _init_config(args.init)  # read once: a fine-tune keeps what it does not override
+    if args.empty_guard is None:  # its starting weights' guard
+        args.empty_guard = int(init_cfg.get("empty_guard", 0))
+    if args.factor is None:  # the resolution of the learned part
+        args.factor = int(init_cfg.get("factor", 4))
     if args.factor not in (1, 2, 4, 8):
         raise InvalidInputError(f"--factor must be 1, 2, 4 or 8, got {args.factor}",
                                 fix="use 4 (the learned maps at 1/4 resolution) or 2 (finer maps, about 2x slower)")
@@ -921,7 +922,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--qabf-grad-softness must be 0 or more, got {args.qabf_grad_softness}",
                                 fix=f"use {ANGLE_GRAD_SOFTNESS:g} (the default), or 0 for the exact gradient")
     if args.coarse_pixel_rule_3d is None:  # likewise the 3-D path's coarse pixel rule
-        args.coarse_pixel_rule_3d = int(_init_config(args.init).get("coarse_pixel_rule_3d", 0))
+        args.coarse_pixel_rule_3d = int(init_cfg.get("coarse_pixel_rule_3d", 0))
     if not 0 <= args.coarse_pixel_rule_3d <= 3:
         raise InvalidInputError("--coarse-pixel-rule-3d must be 0..3 (detail levels), "
                                 f"got {args.coarse_pixel_rule_3d}",
