@@ -88,7 +88,8 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
     """Optimise, for one set of 2-D sources, the low-resolution selection/gain maps of ``model``'s combination.
 
     The maps start from the model's own prediction and are then free per pixel (at the model's 1/``factor``
-    resolution); the fixed full-resolution combination renders them. The result is an image the model's
+    resolution); the model's full-resolution part (its refinement head, if any, and the combination) renders
+    them, so the start is exactly the model's output. The result is an image the model's
     architecture can produce exactly, so it is a teacher the network can in principle match.
 
     Args:
@@ -120,7 +121,10 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
     def render(delta):
         if smooth > 1:
             delta = torch.nn.functional.avg_pool2d(delta, smooth, 1, smooth // 2, count_include_pad=False)
-        return model.combine(x, base, details, _up(logits + delta, model.factor))
+        up = _up(logits + delta, model.factor)
+        if model.refine is not None:  # the refinement head reads the changed maps, as the model's forward does
+            up = model.refined(x, base, details, up)
+        return model.combine(x, base, details, up)
 
     try:
         return _adam_on_objective(torch.zeros_like(logits), render, srcs, objective=objective, reference=reference,

@@ -791,6 +791,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="learning rate of the scan's parameters (default: --lr); a scan added to trained "
                              "weights starts from zero and needs a larger one")
     parser.add_argument("--per-input-gain", action="store_true", help="a detail gain per input (else shared)")
+    parser.add_argument("--refine-head", type=int, default=None,
+                        help="width of a full-resolution head that corrects the 2-D selection logits (0: none); "
+                             "stored with the weights. Weights without one start it at zero, so the model starts "
+                             "as exactly those weights. Default: the --init safetensors export's value, else 0")
+    parser.add_argument("--train-only-refine", action="store_true",
+                        help="train only the refinement head; every other parameter stays as --init gave it")
     parser.add_argument("--empty-guard", type=int, default=None,
                         help="odd K: an input that is exactly 0 over a K×K neighbourhood where another input is "
                              "not gets no weight there (0: off); stored with the weights. Default: the value "
@@ -871,8 +877,8 @@ def _init_guard(path: Optional[Path]) -> int:
 def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> None:
     """Load ``--init`` weights into ``model``; None: leave it. ``tensors``: :func:`_init_state` already read.
 
-    Weights without a selective scan may start a model with one: the scan keeps its zero-initialised output,
-    so the model starts as exactly the given weights. Weights with the other tri-plane merge ("conv" vs
+    Weights without a selective scan or a refinement head may start a model with one: it keeps its
+    zero-initialised output, so the model starts as exactly the given weights. Weights with the other tri-plane merge ("conv" vs
     "convex") may start this one: the merge alone then starts from its initial value, the plain mean.
     """
     if path is None:
@@ -888,7 +894,7 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
     if merge_keys and merge_keys <= set(missing) and all(k.startswith("agg.") for k in unexpected):
         unexpected = []  # the other merge's tensors: this model's merge keeps its initial value
         missing = [k for k in missing if not k.startswith("agg.")]
-    if unexpected or any(not k.startswith("scan.") for k in missing):
+    if unexpected or any(not k.startswith(("scan.", "refine.")) for k in missing):
         raise InvalidInputError(f"the --init weights do not fit this architecture (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})", fix=fix)
 
@@ -921,6 +927,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.qabf_grad_softness >= 0:  # also catches NaN
         raise InvalidInputError(f"--qabf-grad-softness must be 0 or more, got {args.qabf_grad_softness}",
                                 fix=f"use {ANGLE_GRAD_SOFTNESS:g} (the default), or 0 for the exact gradient")
+    if args.refine_head is None:  # and the 2-D path's full-resolution refinement head
+        args.refine_head = int(init_cfg.get("refine", 0))
+    if args.refine_head < 0:
+        raise InvalidInputError(f"--refine-head must be 0 or more, got {args.refine_head}",
+                                fix="use 8 (the shipped weights' value) or 0 for no refinement head")
+    if args.train_only_refine and not (args.refine_head and args.init is not None):
+        raise InvalidInputError("--train-only-refine trains the refinement head on top of given weights, and "
+                                "there is no head or no --init",
+                                fix="pass --init WEIGHTS and --refine-head 8")
     if args.coarse_pixel_rule_3d is None:  # likewise the 3-D path's coarse pixel rule
         args.coarse_pixel_rule_3d = int(init_cfg.get("coarse_pixel_rule_3d", 0))
     if not 0 <= args.coarse_pixel_rule_3d <= 3:
@@ -937,7 +952,7 @@ def run(args: argparse.Namespace) -> int:
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
         return FusionNet(width=args.width, factor=args.factor, per_input_gain=int(args.per_input_gain), scan=scan,
                          empty_guard=args.empty_guard, merge=args.merge,
-                         coarse_pixel_rule_3d=args.coarse_pixel_rule_3d)
+                         coarse_pixel_rule_3d=args.coarse_pixel_rule_3d, refine=args.refine_head)
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -983,8 +998,11 @@ def run(args: argparse.Namespace) -> int:
     if args.logit_cap is not None:
         # Training passes only: validation runs in eval mode and would otherwise pile up its logits here.
         model.select.register_forward_hook(lambda m, _i, out: captured.append(out) if m.training else None)
-    scan_params = [p for n, p in model.named_parameters() if n.startswith("scan.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("scan.")]
+    if args.train_only_refine:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("refine."))
+    scan_params = [p for n, p in model.named_parameters() if n.startswith("scan.") and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("scan.") and p.requires_grad]
     groups = [{"params": rest}] + ([{"params": scan_params, "lr": args.scan_lr or args.lr}] if scan_params else [])
     opt = torch.optim.Adam(groups, lr=args.lr)
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight,

@@ -1,0 +1,84 @@
+"""The 2-D path's full-resolution refinement head (``FusionNet(refine=W)``, ``medfuse train --refine-head``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from medfuse.fusion import infer  # noqa: E402
+from medfuse.fusion.network import FusionNet  # noqa: E402
+
+
+def _blobs(shape, seed):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    return np.clip(ndi.gaussian_filter(rng.random(shape), 2.0) * 4.0 - 1.5, 0, 1).astype(np.float32)
+
+
+def _models(width=8, seed=0):
+    """The shipped low-resolution part without a head, and the same with a head whose output is not zero."""
+    cfg = {k: v for k, v in infer.load_model().config().items() if k != "refine"}
+    tensors = {k: v for k, v in infer.load_model().state_dict().items() if not k.startswith("refine.")}
+    plain = FusionNet(**cfg).eval()
+    plain.load_state_dict(tensors, strict=True)
+    headed = FusionNet(**cfg, refine=width).eval()
+    missing, unexpected = headed.load_state_dict(tensors, strict=False)
+    assert not unexpected and missing and all(k.startswith("refine.") for k in missing)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in headed.refine.parameters():
+            p.copy_(torch.randn_like(p))
+    return plain, headed
+
+
+def _x(n, shape=(64, 64)):
+    return torch.from_numpy(np.stack([_blobs(shape, i) for i in range(n)]))[None]
+
+
+def test_a_new_head_starts_as_exactly_the_weights_it_is_added_to():
+    plain, headed = _models()
+    with torch.no_grad():
+        for p in headed.refine.parameters():
+            p.zero_()  # a fresh head's output layer is zero, whatever the rest
+    fresh = FusionNet(**{k: v for k, v in plain.config().items()}, refine=8)
+    assert not fresh.refine.out.weight.detach().any() and not fresh.refine.out.bias.detach().any()
+    with torch.inference_mode():
+        for n in (2, 3):
+            assert torch.equal(plain(_x(n)), headed(_x(n)))
+
+
+def test_the_head_acts_in_2d_and_is_free_of_input_order():
+    plain, headed = _models()
+    with torch.inference_mode():
+        for n in (2, 3):
+            x = _x(n)
+            out = headed(x)
+            assert out.shape == (1, 64, 64) and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+            assert (out - plain(x)).abs().max() > 1e-2  # it changes the selection
+            np.testing.assert_allclose(out.numpy(), headed(x.flip(1)).numpy(), atol=1e-4)  # float sums only
+
+
+def test_the_tri_plane_path_does_not_use_the_head_and_exports_keep_it(tmp_path):
+    """3-D fusion with and without a head is the same; the export stores the head's width and tensors."""
+    from medfuse.fusion.train import export_weights
+
+    plain, headed = _models()
+    p_plain = export_weights(plain, tmp_path / "plain", {})
+    p_head = export_weights(headed, tmp_path / "head", {})
+    loaded = infer.load_model(p_head)
+    assert loaded.config()["refine"] == 8 and "refine" not in infer.load_model(p_plain).config()
+    for k, v in headed.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    a, b = _blobs((24, 28, 20), 5), _blobs((24, 28, 20), 6)
+    np.testing.assert_array_equal(infer.fuse_3d([a, b], weights=p_head), infer.fuse_3d([a, b], weights=p_plain))
+    a2, b2 = a[12], b[12]
+    assert np.abs(infer.fuse_2d([a2, b2], weights=p_head) - infer.fuse_2d([a2, b2], weights=p_plain)).max() > 1e-4  # the 2-D path uses it
+
+
+def test_a_negative_width_is_refused():
+    with pytest.raises(ValueError, match="refine"):
+        FusionNet(refine=-1)
