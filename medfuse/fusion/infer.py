@@ -100,7 +100,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
             if not torch.isfinite(t).all():
                 raise WeightsError("the fusion network's weights contain NaN or infinite values", path=p,
                                    fix="reinstall medfuse, or retrain with 'medfuse train'")
-        model = model.to(device).eval()
+        model = model.to(device).eval().channels_last_()
         _CACHE[key] = model
         return model
 

@@ -878,8 +878,9 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
     """Load ``--init`` weights into ``model``; None: leave it. ``tensors``: :func:`_init_state` already read.
 
     Weights without a selective scan or a refinement head may start a model with one: it keeps its
-    zero-initialised output, so the model starts as exactly the given weights. Weights with the other tri-plane merge ("conv" vs
-    "convex") may start this one: the merge alone then starts from its initial value, the plain mean.
+    zero-initialised output, so the model starts as exactly the given weights. Weights with the other
+    tri-plane merge ("conv" vs "convex") may start this one: the merge alone then starts from its initial
+    value, the plain mean.
     """
     if path is None:
         return
