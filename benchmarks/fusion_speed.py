@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="3-D slab thickness")
     p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 180])
     p.add_argument("--skip-3d", action="store_true")
+    p.add_argument("--no-refine", action="store_true",
+                   help="2-D: skip the weights' full-resolution refinement head (fuse(..., refine=False))")
     p.add_argument("--weights", type=Path, default=None, help="time these weights instead of the shipped ones")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -99,12 +101,12 @@ def main(argv=None) -> int:
           f"{sum(p.numel() for p in model.parameters())} parameters")
     a, b = _inputs((256, 256))
     for _ in range(3):
-        fuse_2d([a, b], device=args.device, weights=args.weights)
+        fuse_2d([a, b], device=args.device, weights=args.weights, refine=not args.no_refine)
         fuse_arrays([a, b], method="laplacian")
     t_net, t_lap = [], []
     for _ in range(max(3, args.repeats * 4)):
         t = time.perf_counter()
-        fuse_2d([a, b], device=args.device, weights=args.weights)
+        fuse_2d([a, b], device=args.device, weights=args.weights, refine=not args.no_refine)
         t_net.append(time.perf_counter() - t)
         t = time.perf_counter()
         fuse_arrays([a, b], method="laplacian")

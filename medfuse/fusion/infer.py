@@ -156,8 +156,13 @@ def _pad_to(x, factor: int, axes: Sequence[int]):
 
 # ----------------------------------------------------------------------------- 2-D
 def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
-            progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> np.ndarray:
-    """Fuse 2-3 co-registered 2-D images in 0..1 -> float32 image in 0..1 (same shape)."""
+            refine: bool = True, progress: Optional[ProgressFn] = None,
+            cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """Fuse 2-3 co-registered 2-D images in 0..1 -> float32 image in 0..1 (same shape).
+
+    ``refine=False`` skips the weights' full-resolution refinement head, if they have one: about half the
+    time on a CPU, at stage 6's quality (docs/network.md, "Twelfth round").
+    """
     x = _check_arrays(arrays, 2)
     torch = _torch()
     check(cancel, "network fusion")
@@ -165,7 +170,7 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     h, w = x.shape[1:]
     with torch.inference_mode():
         t = _pad_to(torch.from_numpy(x)[None].to(device), model.factor, (2, 3))
-        out = model(t)[0, :h, :w].float().cpu().numpy()
+        out = model(t, refine=refine)[0, :h, :w].float().cpu().numpy()
     report(progress, 1.0, "network fusion done")
     return out.astype(np.float32)
 
@@ -256,7 +261,8 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
 
 def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
                 batch_size: int = 32, mode: str = "auto", functional: Optional[bool] = None,
-                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> np.ndarray:
+                refine: bool = True, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Fuse 2-3 co-registered arrays scaled to 0..1; 2-D arrays take the 2-D path, 3-D the tri-plane path.
 
     Args:
@@ -266,6 +272,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         batch_size: 3-D slab thickness (slices); bounds memory.
         mode: ``"auto"``, ``"2d"`` or ``"3d"``; a mismatch with the arrays' dimension is an error.
         functional: 3-D only, see :func:`fuse_3d`.
+        refine: 2-D only, see :func:`fuse_2d` (the tri-plane path never runs the refinement head).
         progress, cancel: see :mod:`medfuse.progress`.
 
     Returns:
@@ -281,7 +288,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
             raise InvalidInputError("the fusion network takes a list of 2 or 3 arrays",
                                     fix="pass [array_a, array_b]") from None
     if ndim == 2:
-        return fuse_2d(arrays, device=device, weights=weights, progress=progress, cancel=cancel)
+        return fuse_2d(arrays, device=device, weights=weights, refine=refine, progress=progress, cancel=cancel)
     if ndim == 3:
         return fuse_3d(arrays, device=device, weights=weights, batch_size=batch_size, functional=functional,
                        progress=progress, cancel=cancel)

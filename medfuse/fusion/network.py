@@ -504,11 +504,14 @@ class FusionNet(nn.Module):
         return out.clamp(0.0, 1.0) * support
 
     # ------------------------------------------------------------------ public forward passes
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """2-D: x (B, N, H, W) in 0..1, H and W multiples of ``factor`` -> (B, H, W)."""
+    def forward(self, x: torch.Tensor, *, refine: bool = True) -> torch.Tensor:
+        """2-D: x (B, N, H, W) in 0..1, H and W multiples of ``factor`` -> (B, H, W).
+
+        ``refine=False`` skips the refinement head (if the model has one): the low-resolution choice alone.
+        """
         base, details, feats = self._features(x)
         logits = _up(self.lowres_logits(feats), self.factor)
-        if self.refine is not None:
+        if refine and self.refine is not None:
             logits = self.refined(x, base, details, logits)
         return self.combine(x, base, details, logits)
 

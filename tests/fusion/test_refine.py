@@ -84,3 +84,22 @@ def test_the_tri_plane_path_does_not_use_the_head_and_exports_keep_it(tmp_path):
 def test_a_negative_width_is_refused():
     with pytest.raises(ValueError, match="refine"):
         FusionNet(refine=-1)
+
+
+def test_refine_false_gives_the_low_resolution_choice_alone():
+    """``medfuse.fuse(..., refine=False)`` on 2-D arrays skips the shipped head: the output is that of the same
+    weights without it; volumes never run it, so the option changes nothing there."""
+    import medfuse
+
+    shipped = infer.load_model()
+    assert shipped.refine is not None, "the shipped weights have a refinement head"
+    plain, _ = _models()
+    plain.channels_last_()  # as load_model keeps the low-resolution weights
+    a, b = _blobs((64, 64), 7), _blobs((64, 64), 8)
+    fast = medfuse.fuse(a, b, refine=False)
+    with torch.inference_mode():
+        want = plain(torch.from_numpy(np.stack([a, b]))[None])[0].numpy()
+    np.testing.assert_allclose(fast, want, atol=1e-6)
+    assert np.abs(medfuse.fuse(a, b) - fast).max() > 1e-3  # the default runs the head
+    v1, v2 = _blobs((20, 24, 16), 9), _blobs((20, 24, 16), 10)
+    np.testing.assert_array_equal(medfuse.fuse(v1, v2, refine=False), medfuse.fuse(v1, v2))
