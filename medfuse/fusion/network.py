@@ -510,7 +510,16 @@ class FusionNet(nn.Module):
         ``refine=False`` skips the refinement head (if the model has one): the low-resolution choice alone.
         """
         base, details, feats = self._features(x)
-        logits = _up(self.lowres_logits(feats), self.factor)
+        return self.render(x, base, details, self.lowres_logits(feats), refine=refine)
+
+    def render(self, x: torch.Tensor, base: torch.Tensor, details: List[torch.Tensor], lowres: torch.Tensor, *,
+               refine: bool = True) -> torch.Tensor:
+        """2-D full-resolution part: low-resolution logits (B, K, h, w) -> fused (B, H, W).
+
+        Upsamples the logits, lets the refinement head (if any, and ``refine``) correct the selection, and
+        combines the inputs' layers. :func:`medfuse.fusion.targets.optimise_mixing` renders its maps with it.
+        """
+        logits = _up(lowres, self.factor)
         if refine and self.refine is not None:
             logits = self.refined(x, base, details, logits)
         return self.combine(x, base, details, logits)
@@ -523,13 +532,8 @@ class FusionNet(nn.Module):
         sel = logits_up[:, : n * lv1]
         sel5 = sel.unflatten(1, (n, lv1))
         delta = self.refine(x, base, details, sel5[:, :, 0])
-        if torch.is_grad_enabled() and (delta.requires_grad or logits_up.requires_grad):
-            return torch.cat([sel + delta.flatten(1, 2), logits_up[:, n * lv1:]], dim=1)
-        # Inference: written in place of a cat (``delta`` is a strided view; this reads it once).
-        out = torch.empty_like(logits_up)
-        torch.add(sel5, delta, out=out[:, : n * lv1].unflatten(1, (n, lv1)))
-        out[:, n * lv1:] = logits_up[:, n * lv1:]
-        return out
+        # Added in the (B, N, levels+1, H, W) shape: ``delta`` is a strided view, read once, never copied.
+        return torch.cat([(sel5 + delta).flatten(1, 2), logits_up[:, n * lv1:]], dim=1)
 
     def planes_logits(self, feats3: torch.Tensor, *, batch: int = 64,
                       coarse_pixel_rule: Optional[int] = None) -> torch.Tensor:

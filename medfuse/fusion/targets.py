@@ -105,8 +105,6 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
     """
     import torch
 
-    from .network import _up
-
     if smooth > 1 and smooth % 2 == 0:
         raise ValueError(f"smooth must be odd (a centred box), got {smooth}")
     x = torch.from_numpy(np.stack([np.asarray(s, dtype=np.float32) for s in sources]))[None]
@@ -121,10 +119,7 @@ def optimise_mixing(model, sources: Sequence[np.ndarray], *, objective: str, ref
     def render(delta):
         if smooth > 1:
             delta = torch.nn.functional.avg_pool2d(delta, smooth, 1, smooth // 2, count_include_pad=False)
-        up = _up(logits + delta, model.factor)
-        if model.refine is not None:  # the refinement head reads the changed maps, as the model's forward does
-            up = model.refined(x, base, details, up)
-        return model.combine(x, base, details, up)
+        return model.render(x, base, details, logits + delta)  # as the model's forward renders its own maps
 
     try:
         return _adam_on_objective(torch.zeros_like(logits), render, srcs, objective=objective, reference=reference,
