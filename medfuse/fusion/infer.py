@@ -69,8 +69,10 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         WeightsError: the file is missing, not a safetensors file, truncated, or does not fit the model.
     """
     torch = _torch()
+    from ._allocator import keep_freed_memory
     from .network import FusionNet, config_from_metadata
 
+    keep_freed_memory()  # no page faults for the intermediates of every call (see _allocator)
     p = _resolve(weights)
     try:
         st = p.stat()
