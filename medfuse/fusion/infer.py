@@ -65,6 +65,10 @@ def _torch():
 def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     """Load (and cache) the network from a safetensors file.
 
+    The first call in a process also raises glibc's malloc thresholds, so that repeated fusions reuse their
+    freed buffers instead of page-faulting them anew (:mod:`medfuse.fusion._allocator`; set
+    ``MEDFUSE_MALLOC_TUNING=0`` to leave the allocator alone).
+
     Raises:
         WeightsError: the file is missing, not a safetensors file, truncated, or does not fit the model.
     """
