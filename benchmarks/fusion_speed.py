@@ -95,10 +95,14 @@ def main(argv=None) -> int:
     from medfuse.fusion.classical import fuse_arrays
     from medfuse.fusion.infer import fuse_2d, load_model
 
+    from medfuse.fusion._allocator import ENV, keep_freed_memory
+
     torch.set_num_threads(args.threads)
     model = load_model(args.weights, device=args.device)
+    # The 2-D figure depends on it: without, each call page-faults its buffers anew (docs/network.md).
+    tuned = "on" if keep_freed_memory() else f"off (not glibc, or {ENV}=0)"
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
-          f"{sum(p.numel() for p in model.parameters())} parameters")
+          f"{sum(p.numel() for p in model.parameters())} parameters, allocator tuning {tuned}")
     a, b = _inputs((256, 256))
     for _ in range(3):
         fuse_2d([a, b], device=args.device, weights=args.weights, refine=not args.no_refine)
