@@ -92,10 +92,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    from medfuse.fusion._allocator import ENV, keep_freed_memory
     from medfuse.fusion.classical import fuse_arrays
     from medfuse.fusion.infer import fuse_2d, load_model
-
-    from medfuse.fusion._allocator import ENV, keep_freed_memory
 
     torch.set_num_threads(args.threads)
     model = load_model(args.weights, device=args.device)

@@ -4,7 +4,7 @@ Why: a 2-D network fusion of a 256² pair allocates about 20 MB of short-lived i
 raises its mmap threshold (and with it the trim threshold, twice as large) only as far as the largest block
 it has freed so far; for these few-MB tensors the trim threshold stays near 10 MB, so at the end of every
 call the top of the heap is handed back to the kernel, and the next call touches fresh zeroed pages. That
-was about 4,400 minor page faults per call, 12-20 ms of a 25-38 ms call on the 2-core test machine
+was about 4,400 minor page faults per call, 8-18 ms of a 25-38 ms call on the 2-core test machine
 (docs/network.md, "Thirteenth round"). PyTorch's CPU tuning guide recommends a caching allocator (jemalloc,
 tcmalloc) for the same reason; this module gets the same effect without a preload.
 
