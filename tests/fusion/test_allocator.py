@@ -51,9 +51,18 @@ def test_loading_the_network_stops_per_call_page_faults():
     assert tuned["faults"] < 1000, tuned
 
 
+def _thp_always() -> bool:
+    """Transparent huge pages for every mapping: then even a trimmed heap costs few (2 MiB) page faults."""
+    try:
+        return "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+
+
 @glibc
 def test_the_tuning_can_be_switched_off():
     off = _probe("0")
     assert off["tuned"] is False
-    # What the tuning removes: with glibc's defaults the intermediates are page-faulted again every call.
-    assert off["faults"] > 2000, off
+    if not _thp_always():
+        # What the tuning removes: with glibc's defaults the intermediates are page-faulted again every call.
+        assert off["faults"] > 2000, off
