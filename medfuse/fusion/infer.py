@@ -76,7 +76,6 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     from ._allocator import keep_freed_memory
     from .network import FusionNet, config_from_metadata
 
-    keep_freed_memory()  # no page faults for the intermediates of every call (see _allocator)
     p = _resolve(weights)
     try:
         st = p.stat()
@@ -87,6 +86,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
+        keep_freed_memory()  # once per process: no page faults for every call's intermediates (see _allocator)
         try:
             from safetensors import safe_open
         except ImportError:  # pragma: no cover
