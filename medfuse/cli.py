@@ -242,9 +242,22 @@ def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
 
 
 # ----------------------------------------------------------------------------- fuse
+def _add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
+                   help="where the network runs (default: cpu; auto: a CUDA GPU when there is one)")
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """A GPU this machine lacks is a usage error, found before anything is loaded or registered."""
+    from .fusion.device import check_network_device
+
+    check_network_device(args.method, args.device)
+
+
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
 
+    _check_device(args)
     n_inputs = 1 + len(args.moving)
     if args.modalities is not None and len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
@@ -298,6 +311,7 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
 def _cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
+    _check_device(args)
     with _CancelOnSigint() as token:
         summary = run_batch(args.manifest, workers=args.workers, scheduler=args.scheduler,
                             threads_per_worker=args.threads_per_worker, register=_kind(args.register),
@@ -315,6 +329,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _check_device(args)
     with _CancelOnSigint() as token, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         result = run_demo(args.out, method=args.method, device=args.device, samples=args.samples,
@@ -498,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the network's 3-D path keeps PET/SPECT uptake (default: from DICOM headers, else unknown)")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs (default: cpu)")
+    _add_device_option(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="ITK threads for registration (fix it for bit-identical re-runs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
@@ -537,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=_METHODS, default="network", help="default fusion method (default: network)")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail the subject)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs")
+    _add_device_option(p)
     p.add_argument("--report", metavar="PATH", default=None,
                    help="report file (.csv or .json; default: <manifest name>-report.csv beside the manifest)")
     p.add_argument("--overwrite", action="store_true",
@@ -554,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
             "example:\n  medfuse demo --out demo_output")
     p.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: demo_output)")
     p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the network runs")
+    _add_device_option(p)
     p.add_argument("--anatomy", choices=("mr", "ct"), default="mr",
                    help="the anatomical image to fuse the PET with: the MR T1 (default) or the CT DICOM series")
     p.add_argument("--samples", metavar="DIR", default=None,

@@ -280,7 +280,8 @@ class FuseStep:
     Args:
         method: ``"network"`` (default) or a classical rule (``"mean"``, ``"max"``, ``"laplacian"``,
             ``"wavelet"``, ``"gff"``).
-        device: ``"cpu"`` or ``"cuda"`` (network only).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (network only). A GPU this machine lacks
+            raises :class:`~medfuse.errors.InvalidInputError` here, whatever ``fallback`` says.
         fallback: a classical method to use, with a warning recorded in the provenance, when the network
             cannot run (weights or torch missing). ``None`` (default): fail instead.
         **options: passed to :func:`medfuse.fuse`.
@@ -289,6 +290,10 @@ class FuseStep:
     name = "fuse"
 
     def __init__(self, method: str = "network", *, device: str = "cpu", fallback: Optional[str] = None, **options: Any):
+        from .fusion.device import check_network_device
+
+        # A wrong device is the caller's mistake, not "the network cannot run": no fallback hides it.
+        check_network_device(method, device)
         self.method, self.device, self.fallback, self.options = method, device, fallback, options
         self.params = {"method": method, "device": device, "fallback": fallback, **options}
 

@@ -136,7 +136,8 @@ class Volume:
         self.affine = aff.copy()
         self.modality = normalise_modality(self.modality)
         if self.unit not in UNITS:
-            raise InvalidInputError(f"unknown unit {self.unit!r}", fix=f"use one of {', '.join(UNITS)}")
+            hint = " (a plain 'SUV' is body-weight SUV: 'SUVbw')" if str(self.unit).upper() == "SUV" else ""
+            raise InvalidInputError(f"unknown unit {self.unit!r}", fix=f"use one of {', '.join(UNITS)}{hint}")
         self.provenance = {k: v for k, v in dict(self.provenance or {}).items() if k in _PROVENANCE_KEYS}
 
     # ------------------------------------------------------------------ geometry

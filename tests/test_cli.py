@@ -35,6 +35,23 @@ def test_help_does_not_import_torch():
     assert out.strip().splitlines()[-1] == "False False"
 
 
+def test_a_gpu_this_machine_lacks_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "f.nii.gz"
+    code = main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "mr_t2.nii.gz"), "-o", str(out), "--device",
+                 "cuda", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE and "internal error" not in err, err
+    assert len(err.splitlines()) == 1 and "'cuda' was asked for" in err and "Fix:" in err
+    assert not out.exists()
+    # demo and batch check it before any subject is loaded
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cuda", "-q"]) == EXIT_USAGE
+    assert "'cuda' was asked for" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+    assert main(["batch", str(tmp_path / "none.csv"), "--device", "cuda:0", "-q"]) == EXIT_USAGE
+    assert "'cuda:0' was asked for" in capsys.readouterr().err
+
+
 def test_info_on_a_dicom_pet_folder(capsys):
     assert main(["info", str(SAMPLES / "pet")]) == 0
     out = capsys.readouterr().out

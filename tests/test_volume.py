@@ -93,6 +93,8 @@ def test_bad_affines_and_labels():
         Volume(np.zeros((2, 2, 2)), np.eye(4), modality="XRAY")
     with pytest.raises(InvalidInputError, match="unit"):
         Volume(np.zeros((2, 2, 2)), np.eye(4), unit="mCi")
+    with pytest.raises(InvalidInputError, match="'SUVbw'"):
+        Volume(np.zeros((2, 2, 2)), np.eye(4), modality="PT", unit="SUV")
     # NaN voxels are accepted by Volume itself (the readers refuse all-NaN files)
     assert Volume(np.full((2, 2, 2), np.nan), np.eye(4)).shape == (2, 2, 2)
 

@@ -147,7 +147,8 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
             grid. One 2-D input may be an ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT):
             it is fused through YCbCr and the result is RGB.
         method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
-        device: ``"cpu"`` or ``"cuda"`` (network only).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` (network only; checked by
+            :func:`medfuse.fusion.device.resolve_device`).
         normalise: ``"auto"``, ``"none"``, a :mod:`~medfuse.fusion.normalise` method name for every
             input, or a list of option dicts (one per input, e.g. ``{"method": "window", "level": 40}``).
             ``auto`` for arrays keeps a shared 0..1 or 0..255 scale, else scales each by min/max;
@@ -161,13 +162,15 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
             every input is MR or CT, None (treated as True) when one is ``unknown``.
 
     Returns:
-        Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1).
+        Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1), of the inputs'
+        floating dtype (float32 inputs give float32), float64 for integer or boolean inputs.
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
         ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``
         and ``network_functional``.
 
     Raises:
-        InvalidInputError: wrong count, shapes, NaN, unknown method or normalisation.
+        InvalidInputError: wrong count, shapes, NaN, complex values, unknown method, normalisation or
+            device, or a GPU this machine lacks.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
@@ -193,6 +196,9 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         arr = np.asarray(x)
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise InvalidInputError(f"input {i + 1} must be numeric, got dtype {arr.dtype}", fix="pass numeric arrays")
+        if np.iscomplexobj(arr):
+            raise InvalidInputError(f"input {i + 1} is complex ({arr.dtype})",
+                                    fix="pass its magnitude (np.abs) or its real part")
         if not np.all(np.isfinite(arr)):
             raise InvalidInputError(f"input {i + 1} contains NaN or infinite values", fix="replace them before fusing")
         arrays.append(arr)
@@ -211,7 +217,10 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
     fused01 = _run(method, scaled, device=device, options=options)
     from .normalise import denormalise
 
-    return denormalise(fused01, recs[0])
+    # Float inputs get their own precision back (a float32 volume stays float32, at half the memory).
+    common = np.result_type(*arrays)
+    return denormalise(fused01, recs[0]).astype(common if np.issubdtype(common, np.floating) else np.float64,
+                                                 copy=False)
 
 
 def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: Any, options: Dict[str, Any]) -> Volume:

@@ -71,11 +71,14 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
 
     Raises:
         WeightsError: the file is missing, not a safetensors file, truncated, or does not fit the model.
+        InvalidInputError: ``device`` is unknown, or a GPU this machine or torch build does not have.
     """
     torch = _torch()
     from ._allocator import keep_freed_memory
+    from .device import resolve_device
     from .network import FusionNet, config_from_metadata
 
+    device = resolve_device(device)
     p = _resolve(weights)
     try:
         st = p.stat()
@@ -133,7 +136,9 @@ def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarr
                                 fix="squeeze singleton axes, or fuse each 3-D volume of a 4-D series separately")
     if min(shape) < (MIN_SIZE_3D if len(shape) == 3 else 4):
         raise InvalidInputError(f"the arrays are too small for the network: shape {shape}",
-                                fix=("fuse thin volumes slice by slice with the 2-D path" if len(shape) == 3
+                                fix=("colour images fuse only with a grey one (medfuse.fuse(grey, rgb)); convert "
+                                     "the others to grey first" if len(shape) == 3 and shape[2] in (3, 4)
+                                     else "fuse thin volumes slice by slice with the 2-D path" if len(shape) == 3
                                      else "use a classical rule for tiny images"))
     for a in arrs:
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
@@ -173,6 +178,7 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     torch = _torch()
     check(cancel, "network fusion")
     model = load_model(weights, device=device)
+    device = next(model.parameters()).device  # "auto" resolved by load_model
     h, w = x.shape[1:]
     with torch.inference_mode():
         t = _pad_to(torch.from_numpy(x)[None].to(device), model.factor, (2, 3))
@@ -200,7 +206,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
 
     Args:
         arrays: the volumes (same shape, every axis at least :data:`MIN_SIZE_3D`).
-        device: torch device ("cpu", "cuda").
+        device: torch device ("cpu", "cuda", "cuda:N", "mps", or "auto": CUDA when present).
         weights: a safetensors file (default: the shipped weights).
         batch_size: slices per slab along the first axis (rounded to the network's factor); bounds memory.
         functional: whether an input is a functional image (PET/SPECT uptake). False (anatomical inputs
@@ -214,6 +220,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     from .network import _pool, _up, decompose
 
     model = load_model(weights, device=device)
+    device = next(model.parameters()).device  # "auto" resolved by load_model
     f = model.factor
     halo = -(-model.halo // f) * f  # a multiple of the factor, so slabs stay aligned with the low-res grid
     size = max(f, (int(batch_size) // f) * f)

@@ -960,7 +960,9 @@ def run(args: argparse.Namespace) -> int:
     np.random.seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from .device import resolve_device
+
+    device = resolve_device(args.device)
     amp = device == "cuda"
     args.run_dir.mkdir(parents=True, exist_ok=True)
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")

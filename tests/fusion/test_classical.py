@@ -264,3 +264,23 @@ def test_normalise_per_modality_records_and_inverts():
         N.normalise(mr, method="zscore")
     with pytest.raises(InvalidInputError, match="NaN"):
         N.normalise(np.array([1.0, np.nan]))
+
+
+def test_fuse_returns_the_inputs_float_precision():
+    a, b = _images()
+    assert fuse(a.astype(np.float32), b.astype(np.float32), method="mean").dtype == np.float32
+    assert fuse(a.astype(np.float32), b, method="mean").dtype == np.float64  # the wider of the two
+    assert fuse(a, b, method="max").dtype == np.float64
+    assert fuse(a.astype(np.uint8), b.astype(np.int16), method="mean").dtype == np.float64  # no integer rounding
+    np.testing.assert_allclose(fuse(a.astype(np.float32), b.astype(np.float32), method="mean"), (a + b) / 2,
+                               rtol=1e-6)
+
+
+def test_complex_and_two_colour_inputs_are_clear_errors():
+    a, b = _images()
+    with pytest.raises(InvalidInputError, match="complex.*np.abs"):
+        fuse(a.astype(np.complex64), b, method="mean")
+    rgb = np.stack([a, b, a], axis=-1) / 255
+    pytest.importorskip("torch")
+    with pytest.raises(InvalidInputError, match="colour images fuse only with a grey one"):
+        fuse(rgb, rgb[::-1])
