@@ -7,9 +7,12 @@ rounded to 8 bits, plus ``SSIM_r2``, the SSIM with ``data_range=2`` that CDDFuse
 The last lines print, per pair type, the network's ratio to the best classical rule and to the issue's anchors.
 
     python benchmarks/fusion_quality.py [--limit N] [--data ../shared/data] [--weights candidate.safetensors]
+                                        [--functional]
 
 ``--weights`` scores candidate weights (their ``medfuse_fusion.json`` beside them names the validation
-cases) on the same split, without touching the shipped file.
+cases) on the same split, without touching the shipped file. ``--functional`` adds a row ``net-functional``
+for PET/SPECT–MRI: the network with ``functional=True`` (coarse details by the pixel rule, which keeps hot
+spots visible), to show what that safety costs on these metrics.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", type=Path, default=None, help="score these weights instead of the shipped ones")
     p.add_argument("--json", type=Path, default=None, help="also write the table here")
+    p.add_argument("--functional", action="store_true",
+                   help="also score the network with functional=True on PET/SPECT-MRI (row net-functional)")
     args = p.parse_args(argv)
 
     import torch
@@ -67,6 +72,8 @@ def main(argv=None) -> int:
         for a_path, b_path in val:
             x = load_pair(a_path, b_path)
             fused = {"network": fuse_2d([x[0], x[1]], weights=wpath)}
+            if args.functional and ptype != "CT-MRI":
+                fused["net-functional"] = fuse_2d([x[0], x[1]], weights=wpath, functional=True)
             for m in METHODS:
                 fused[m] = np.clip(classical([x[0], x[1]], method=m), 0, 1)
             srcs = (x[0] * 255.0, x[1] * 255.0)
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
         net = rows["network"]
         parts = []
         for k in ("Qabf", "VIF", "SSIM", "MI"):
-            best_m = max((m for m in rows if m != "network"), key=lambda m: rows[m][k])
+            best_m = max((m for m in rows if not m.startswith("net")), key=lambda m: rows[m][k])
             parts.append(f"{k} {net[k] / rows[best_m][k]:.3f}x {best_m}")
         q, v, s2 = ANCHORS[ptype]
         parts.append(f"| anchors: Qabf {net['Qabf'] / q:.3f}x, VIF {net['VIF'] / v:.3f}x, SSIM_r2 {net['SSIM_r2'] / s2:.3f}x,"

@@ -167,12 +167,18 @@ def _pad_to(x, factor: int, axes: Sequence[int]):
 
 # ----------------------------------------------------------------------------- 2-D
 def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
-            refine: bool = True, progress: Optional[ProgressFn] = None,
+            refine: bool = True, functional: Optional[bool] = None, progress: Optional[ProgressFn] = None,
             cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Fuse 2-3 co-registered 2-D images in 0..1 -> float32 image in 0..1 (same shape).
 
     ``refine=False`` skips the weights' full-resolution refinement head, if they have one: about half the
     time on a CPU, at stage 6's quality (docs/network.md, "Twelfth round").
+
+    ``functional=True`` (an input shows PET/SPECT uptake) leaves the weights' ``coarse_pixel_rule_3d``
+    coarsest detail levels to the pixel rule, as the 3-D path does: a hot spot over a dark MR core stays
+    visible, at a cost in Qabf/VIF (docs/network.md, "Fourteenth round"). False or None (not known, the
+    default here, unlike the 3-D path) keeps the learned choice, which scores best on the Harvard pairs
+    but can hide such a spot.
     """
     x = _check_arrays(arrays, 2)
     torch = _torch()
@@ -182,7 +188,8 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     h, w = x.shape[1:]
     with torch.inference_mode():
         t = _pad_to(torch.from_numpy(x)[None].to(device), model.factor, (2, 3))
-        out = model(t, refine=refine)[0, :h, :w].float().cpu().numpy()
+        rule = model.coarse_pixel_rule_3d if functional else 0
+        out = model(t, refine=refine, coarse_pixel_rule=rule)[0, :h, :w].float().cpu().numpy()
     report(progress, 1.0, "network fusion done")
     return out.astype(np.float32)
 
@@ -284,7 +291,8 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         weights: safetensors weights (default: shipped).
         batch_size: 3-D slab thickness (slices); bounds memory.
         mode: ``"auto"``, ``"2d"`` or ``"3d"``; a mismatch with the arrays' dimension is an error.
-        functional: 3-D only, see :func:`fuse_3d`.
+        functional: whether an input shows uptake (PET/SPECT); see :func:`fuse_2d` and :func:`fuse_3d`
+            (None means the learned choice in 2-D and the pixel rule in 3-D).
         refine: 2-D only, see :func:`fuse_2d` (the tri-plane path never runs the refinement head).
         progress, cancel: see :mod:`medfuse.progress`.
 
@@ -301,7 +309,8 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
             raise InvalidInputError("the fusion network takes a list of 2 or 3 arrays",
                                     fix="pass [array_a, array_b]") from None
     if ndim == 2:
-        return fuse_2d(arrays, device=device, weights=weights, refine=refine, progress=progress, cancel=cancel)
+        return fuse_2d(arrays, device=device, weights=weights, refine=refine, functional=functional,
+                       progress=progress, cancel=cancel)
     if ndim == 3:
         return fuse_3d(arrays, device=device, weights=weights, batch_size=batch_size, functional=functional,
                        progress=progress, cancel=cancel)

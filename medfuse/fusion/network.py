@@ -25,7 +25,8 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
   full-resolution combination is done with 3-D blurs. Nothing is stacked slice by slice at full resolution, so
   there is no slice-periodic artefact. With ``coarse_pixel_rule_3d=L`` (2 in the shipped weights) the L
   coarsest detail levels are chosen in 3-D by the "stronger detail" term alone: it keeps a PET hot spot over a
-  dark MR core, which the learned choice hides.
+  dark MR core, which the learned choice hides. The 2-D path applies the same rule on request
+  (``forward(coarse_pixel_rule=L)``; ``functional=True`` in :mod:`medfuse.fusion.infer`).
 * 2-D refinement head (``refine=W``, 8 in the shipped weights): a small full-resolution network reads each
   pixel's neighbourhood (image, base, details, Sobel responses, base logit; own and maximum over the inputs)
   and corrects the upsampled selection logits before the combination. Qabf compares Sobel gradients pixel by
@@ -504,25 +505,47 @@ class FusionNet(nn.Module):
         return out.clamp(0.0, 1.0) * support
 
     # ------------------------------------------------------------------ public forward passes
-    def forward(self, x: torch.Tensor, *, refine: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, refine: bool = True, coarse_pixel_rule: int = 0) -> torch.Tensor:
         """2-D: x (B, N, H, W) in 0..1, H and W multiples of ``factor`` -> (B, H, W).
 
         ``refine=False`` skips the refinement head (if the model has one): the low-resolution choice alone.
+        ``coarse_pixel_rule=L`` leaves the L coarsest detail levels to the "stronger detail" term, as the 3-D
+        path does for functional inputs (0, the default: the learned choice everywhere).
         """
         base, details, feats = self._features(x)
-        return self.render(x, base, details, self.lowres_logits(feats), refine=refine)
+        return self.render(x, base, details, self.lowres_logits(feats), refine=refine,
+                           coarse_pixel_rule=coarse_pixel_rule)
 
     def render(self, x: torch.Tensor, base: torch.Tensor, details: List[torch.Tensor], lowres: torch.Tensor, *,
-               refine: bool = True) -> torch.Tensor:
+               refine: bool = True, coarse_pixel_rule: int = 0) -> torch.Tensor:
         """2-D full-resolution part: low-resolution logits (B, K, h, w) -> fused (B, H, W).
 
-        Upsamples the logits, lets the refinement head (if any, and ``refine``) correct the selection, and
-        combines the inputs' layers. :func:`medfuse.fusion.targets.optimise_mixing` renders its maps with it.
+        Upsamples the logits, lets the refinement head (if any, and ``refine``) correct the selection, leaves
+        the ``coarse_pixel_rule`` coarsest detail levels to the pixel rule (after the head, so that it cannot
+        undo it), and combines the inputs' layers. :func:`medfuse.fusion.targets.optimise_mixing` renders its
+        maps with it.
         """
         logits = _up(lowres, self.factor)
         if refine and self.refine is not None:
             logits = self.refined(x, base, details, logits)
+        if coarse_pixel_rule:
+            logits = self._leave_to_pixel_rule(logits, x.shape[1], coarse_pixel_rule, dim=1)
         return self.combine(x, base, details, logits)
+
+    def _leave_to_pixel_rule(self, logits: torch.Tensor, n: int, rule: int, *, dim: int) -> torch.Tensor:
+        """``logits`` with the learned selection of the ``rule`` coarsest detail levels set to 0; the maps
+        (selection then gain) lie along ``dim``. A zero logit leaves the choice to the "stronger detail wins"
+        term of :meth:`combine`."""
+        if not 0 <= rule <= self.levels:
+            raise ValueError(f"coarse_pixel_rule must be 0..{self.levels} (detail levels), got {rule}")
+        lv1 = self.levels + 1
+        keep = torch.ones(lv1, dtype=logits.dtype, device=logits.device)
+        keep[lv1 - rule:] = 0.0
+        shape = [1] * (logits.dim() + 1)
+        shape[dim + 1] = lv1
+        sel = logits.narrow(dim, 0, n * lv1).unflatten(dim, (n, lv1)) * keep.view(shape)
+        rest = logits.narrow(dim, n * lv1, logits.shape[dim] - n * lv1)
+        return torch.cat([sel.flatten(dim, dim + 1), rest], dim=dim)
 
     def refined(self, x: torch.Tensor, base: torch.Tensor, details: List[torch.Tensor],
                 logits_up: torch.Tensor) -> torch.Tensor:
@@ -555,10 +578,5 @@ class FusionNet(nn.Module):
         stacked = torch.stack(per_plane, dim=1)  # (K, 3, d, h, w)
         merged = self.agg(stacked)[:, 0]
         if rule:
-            # A zero learned logit leaves the choice to the "stronger detail wins" term of :meth:`combine`.
-            lv1, first = self.levels + 1, self.levels + 1 - rule
-            keep = torch.ones(lv1, dtype=merged.dtype, device=merged.device)
-            keep[first:] = 0.0
-            sel = merged[: n * lv1].unflatten(0, (n, lv1)) * keep.view(1, lv1, *[1] * (merged.dim() - 1))
-            merged = torch.cat([sel.flatten(0, 1), merged[n * lv1:]], dim=0)
+            merged = self._leave_to_pixel_rule(merged, n, rule, dim=0)
         return merged
