@@ -248,7 +248,9 @@ def _add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def _check_device(args: argparse.Namespace) -> None:
-    """A GPU this machine lacks is a usage error, found before anything is loaded or registered."""
+    """A GPU this machine lacks is a usage error, found before anything is written or any subject starts.
+
+    (``fuse`` needs no call: its pipeline's FuseStep checks the device when it is built, before loading.)"""
     from .fusion.device import check_network_device
 
     check_network_device(args.method, args.device)
@@ -257,7 +259,6 @@ def _check_device(args: argparse.Namespace) -> None:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
 
-    _check_device(args)
     n_inputs = 1 + len(args.moving)
     if args.modalities is not None and len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
