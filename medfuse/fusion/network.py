@@ -24,8 +24,9 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
   81 taps, shared over maps: a local weighted average, never a high-pass) and trilinearly upsampled; the
   full-resolution combination is done with 3-D blurs. Nothing is stacked slice by slice at full resolution, so
   there is no slice-periodic artefact. With ``coarse_pixel_rule_3d=L`` (2 in the shipped weights) the L
-  coarsest detail levels are chosen in 3-D by the "stronger detail" term alone: it keeps a PET hot spot over a
-  dark MR core, which the learned choice hides. The 2-D path applies the same rule on request
+  coarsest detail levels are chosen in 3-D by the "stronger detail" term, with the learned logits scaled down
+  to ``coarse_rule_learned`` (0.005 in the shipped weights) beside it: it keeps a PET hot spot over a dark MR
+  core, which the full learned choice hides. The 2-D path applies the same rule on request
   (``forward(coarse_pixel_rule=L)``; ``functional=True`` in :mod:`medfuse.fusion.infer`).
 * 2-D refinement head (``refine=W``, 8 in the shipped weights): a small full-resolution network reads each
   pixel's neighbourhood (image, base, details, Sobel responses, base logit; own and maximum over the inputs)
@@ -233,7 +234,7 @@ def config_from_metadata(config: Dict[str, object]) -> Dict[str, object]:
     """
     out: Dict[str, object] = {"merge": "conv"}
     for k, v in config.items():
-        out[k] = str(v) if k == "merge" else float(v) if k.startswith("gain") else int(v)
+        out[k] = str(v) if k == "merge" else float(v) if k.startswith("gain") or k == "coarse_rule_learned" else int(v)
     return out
 
 
@@ -350,16 +351,22 @@ class FusionNet(nn.Module):
         merge: the tri-plane merge, "convex" (:class:`ConvexMerge3d`) or "conv" (an unconstrained 3×3×3
             convolution; weights files without a ``merge`` key were trained with it).
         coarse_pixel_rule_3d: in the 3-D path only, how many of the coarsest detail levels are chosen by the
-            full-resolution pixel rule alone (the stronger detail wins, the classic multi-scale rule) instead
-            of the learned selection. 0: none. The shipped weights use 2 (d2 and d3), so that focal uptake
+            full-resolution pixel rule (the stronger detail wins, the classic multi-scale rule) instead of the
+            learned selection (of which ``coarse_rule_learned`` stays). 0: none. The shipped weights use 2 (d2 and d3), so that focal uptake
             in a PET/SPECT volume stays visible where the MR is dark (docs/network.md, "Ninth round").
+        coarse_rule_learned: at the levels ``coarse_pixel_rule_3d`` leaves to the pixel rule, the factor (0..1) on
+            the learned selection logits that stay beside the rule's term. 0: the pixel rule alone. The learned
+            logits are saturated (hundreds), so a small factor turns them into a nudge of the size of the
+            rule's own term; the shipped 0.005 lifts the 3-D phantom MR + PET past the max rule and keeps the
+            hot spot (docs/network.md, "Fifteenth round").
         refine: width of the full-resolution refinement head (:class:`RefineHead`) of the 2-D path; 0: none.
             The tri-plane 3-D path does not use it (docs/network.md, "Twelfth round").
     """
 
     def __init__(self, *, width: int = 16, levels: int = 3, factor: int = 4, gain_min: float = 0.5,
                  gain_max: float = 2.0, per_input_gain: int = 0, scan: int = 0, empty_guard: int = 0,
-                 merge: str = "convex", coarse_pixel_rule_3d: int = 0, refine: int = 0):
+                 merge: str = "convex", coarse_pixel_rule_3d: int = 0, coarse_rule_learned: float = 0.0,
+                 refine: int = 0):
         super().__init__()
         if refine < 0:
             raise ValueError(f"refine must be 0 (off) or the refinement head's width, got {refine}")
@@ -369,6 +376,9 @@ class FusionNet(nn.Module):
             raise ValueError(f"coarse_pixel_rule_3d must be 0..{levels} (detail levels), got {coarse_pixel_rule_3d}")
         self.merge = merge
         self.coarse_pixel_rule_3d = int(coarse_pixel_rule_3d)
+        if not 0.0 <= coarse_rule_learned <= 1.0:
+            raise ValueError(f"coarse_rule_learned must be in 0..1, got {coarse_rule_learned}")
+        self.coarse_rule_learned = float(coarse_rule_learned)
         if empty_guard < 0 or (empty_guard and empty_guard % 2 == 0):
             raise ValueError(f"empty_guard must be 0 (off) or an odd neighbourhood size, got {empty_guard}")
         self.empty_guard = int(empty_guard)
@@ -427,6 +437,8 @@ class FusionNet(nn.Module):
         cfg["merge"] = self.merge
         if self.coarse_pixel_rule_3d:
             cfg["coarse_pixel_rule_3d"] = self.coarse_pixel_rule_3d
+        if self.coarse_rule_learned:
+            cfg["coarse_rule_learned"] = self.coarse_rule_learned
         if self.refine_width:
             cfg["refine"] = self.refine_width
         return cfg
@@ -533,14 +545,14 @@ class FusionNet(nn.Module):
         return self.combine(x, base, details, logits)
 
     def _leave_to_pixel_rule(self, logits: torch.Tensor, n: int, rule: int, *, dim: int) -> torch.Tensor:
-        """``logits`` with the learned selection of the ``rule`` coarsest detail levels set to 0; the maps
-        (selection then gain) lie along ``dim``. A zero logit leaves the choice to the "stronger detail wins"
-        term of :meth:`combine`."""
+        """``logits`` with the learned selection of the ``rule`` coarsest detail levels scaled by
+        ``coarse_rule_learned`` (0: set to 0); the maps (selection then gain) lie along ``dim``. A zero or small
+        logit leaves the choice to the "stronger detail wins" term of :meth:`combine`."""
         if not 0 <= rule <= self.levels:
             raise ValueError(f"coarse_pixel_rule must be 0..{self.levels} (detail levels), got {rule}")
         lv1 = self.levels + 1
         keep = torch.ones(lv1, dtype=logits.dtype, device=logits.device)
-        keep[lv1 - rule:] = 0.0
+        keep[lv1 - rule:] = self.coarse_rule_learned
         shape = [1] * (logits.dim() + 1)
         shape[dim + 1] = lv1
         sel = logits.narrow(dim, 0, n * lv1).unflatten(dim, (n, lv1)) * keep.view(shape)
@@ -565,7 +577,7 @@ class FusionNet(nn.Module):
         The 2-D encoder/heads run on the slices of each of the three planes (``batch`` slices at a time,
         which bounds memory); the three logit volumes are merged by the learned 3-D aggregation. The
         selection maps of the ``coarse_pixel_rule`` coarsest detail levels (default: the model's
-        ``coarse_pixel_rule_3d``) are then set to 0.
+        ``coarse_pixel_rule_3d``) are then scaled by ``coarse_rule_learned`` (0: set to 0).
         """
         rule = self.coarse_pixel_rule_3d if coarse_pixel_rule is None else int(coarse_pixel_rule)
         n, c = feats3.shape[:2]

@@ -808,6 +808,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="in 3-D only, the number of coarsest detail levels chosen by the pixel rule (stronger "
                              "detail wins) instead of the learned selection; stored with the weights. Default: "
                              "the --init safetensors export's value (the shipped weights: 2), else 0")
+    parser.add_argument("--coarse-rule-learned", type=float, default=None,
+                        help="at the levels --coarse-pixel-rule-3d leaves to the pixel rule, the weight (0..1) of the "
+                             "learned selection logits kept beside it (0: the pixel rule alone); stored with the "
+                             "weights. Default: the --init safetensors export's value (the shipped weights: "
+                             "0.005), else 0")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
     parser.add_argument("--plane-weight", type=float, default=0.0,
                         help="weight of the through-plane consistency term of the 3-D stage")
@@ -943,6 +948,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--coarse-pixel-rule-3d must be 0..3 (detail levels), "
                                 f"got {args.coarse_pixel_rule_3d}",
                                 fix="use 2 (the shipped weights' value: d2 and d3), or 0 for the learned choice")
+    if args.coarse_rule_learned is None:
+        args.coarse_rule_learned = float(init_cfg.get("coarse_rule_learned", 0.0))
+    if not 0.0 <= args.coarse_rule_learned <= 1.0:  # also catches NaN
+        raise InvalidInputError(f"--coarse-rule-learned must be in 0..1, got {args.coarse_rule_learned}",
+                                fix="use 0.005 (the shipped weights' value), or 0 for the pixel rule alone")
     if args.empty_guard < 0 or (args.empty_guard and args.empty_guard % 2 == 0):
         raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size, got {args.empty_guard}",
                                 fix="use 3 (the shipped weights' value), 5, 7, or 0 to turn the guard off")
@@ -953,7 +963,8 @@ def run(args: argparse.Namespace) -> int:
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
         return FusionNet(width=args.width, factor=args.factor, per_input_gain=int(args.per_input_gain), scan=scan,
                          empty_guard=args.empty_guard, merge=args.merge,
-                         coarse_pixel_rule_3d=args.coarse_pixel_rule_3d, refine=args.refine_head)
+                         coarse_pixel_rule_3d=args.coarse_pixel_rule_3d,
+                         coarse_rule_learned=args.coarse_rule_learned, refine=args.refine_head)
 
     t0 = time.time()
     torch.manual_seed(args.seed)

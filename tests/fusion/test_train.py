@@ -137,13 +137,17 @@ def test_hot_spot_and_logit_cap_options_train_and_export(shared, tmp_path):
 
 
 def test_coarse_pixel_rule_is_checked_and_a_fine_tune_keeps_its_starting_weights_value(shared, tmp_path, capsys):
-    """``--coarse-pixel-rule-3d`` takes 0..3 (a clear error otherwise, before anything is written). Without it a
-    fine-tune keeps the value of its ``--init`` weights (the shipped ones: 2), and the export stores it."""
+    """``--coarse-pixel-rule-3d`` takes 0..3 and ``--coarse-rule-learned`` 0..1 (a clear error otherwise, before
+    anything is written). Without them a fine-tune keeps the values of its ``--init`` weights (the shipped ones:
+    2 and 0.005), and the export stores them."""
     import medfuse.fusion.train as tr
     from medfuse.fusion import infer
 
     rc = tr.main(["--coarse-pixel-rule-3d", "4", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
     assert rc == 2 and "0..3" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    rc = tr.main(["--coarse-rule-learned", "1.5", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
+    assert rc == 2 and "0..1" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert float(tr._init_config(infer.default_weights_path())["coarse_rule_learned"]) == 0.005
     assert int(tr._init_config(infer.default_weights_path())["coarse_pixel_rule_3d"]) == 2
     assert tr._init_config(None) == {}
     assert tr.main(["--data", str(shared("data")), "--init", str(infer.default_weights_path()), "--epochs", "0",
