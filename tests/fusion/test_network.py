@@ -743,8 +743,8 @@ def test_network_beats_the_classical_rules_where_measured(subset_scores):
 @pytest.mark.xfail(strict=True, reason="issue-5 goal not met yet: on this subset SSIM is up to 2.5 % below the "
                    "best rule (CT-MRI 1.437 vs max 1.473, SPECT-MRI 1.402 vs mean 1.431). The network's output "
                    "family can beat every rule here (its maps optimised on the subset's means); this network, "
-                   "trained on a metric loss, does not even when fitted to these very images (docs/network.md, 'Fourteenth round', "
-                   "'Fifteenth round')")
+                   "trained on a metric loss, does not even when fitted to these very images (docs/network.md, "
+                   "'Fourteenth round', 'Fifteenth round')")
 def test_network_beats_every_classical_rule(subset_scores):
     for ptype, rows in subset_scores.items():
         for m in rows:
