@@ -352,8 +352,9 @@ class FusionNet(nn.Module):
             convolution; weights files without a ``merge`` key were trained with it).
         coarse_pixel_rule_3d: in the 3-D path only, how many of the coarsest detail levels are chosen by the
             full-resolution pixel rule (the stronger detail wins, the classic multi-scale rule) instead of the
-            learned selection (of which ``coarse_rule_learned`` stays). 0: none. The shipped weights use 2 (d2 and d3), so that focal uptake
-            in a PET/SPECT volume stays visible where the MR is dark (docs/network.md, "Ninth round").
+            learned selection (of which ``coarse_rule_learned`` stays). 0: none. The shipped weights use 2 (d2
+            and d3), so that focal uptake in a PET/SPECT volume stays visible where the MR is dark
+            (docs/network.md, "Ninth round").
         coarse_rule_learned: at the levels ``coarse_pixel_rule_3d`` leaves to the pixel rule, the factor (0..1) on
             the learned selection logits that stay beside the rule's term. 0: the pixel rule alone. The learned
             logits are saturated (hundreds), so a small factor turns them into a nudge of the size of the
