@@ -227,6 +227,10 @@ class SelectiveScan2d(nn.Module):
         return self.out((rows + cols) * F.silu(self.gate(m)))
 
 
+#: Config keys whose values are floats (the rest are ints, and ``merge`` a string).
+_FLOAT_CONFIG = ("gain_min", "gain_max", "coarse_rule_learned")
+
+
 def config_from_metadata(config: Dict[str, object]) -> Dict[str, object]:
     """FusionNet keyword arguments from a weights file's stored config (values may be strings).
 
@@ -234,7 +238,7 @@ def config_from_metadata(config: Dict[str, object]) -> Dict[str, object]:
     """
     out: Dict[str, object] = {"merge": "conv"}
     for k, v in config.items():
-        out[k] = str(v) if k == "merge" else float(v) if k.startswith("gain") or k == "coarse_rule_learned" else int(v)
+        out[k] = str(v) if k == "merge" else float(v) if k in _FLOAT_CONFIG else int(v)
     return out
 
 
