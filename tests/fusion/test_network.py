@@ -360,6 +360,59 @@ def test_pet_hot_spot_stays_visible_in_3d(pet_mr_phantom):
     assert reference > 0.15 and contrast > 0.5 * reference, (contrast, reference)
 
 
+# Phantom subjects other than seed 0 (whose lesion chose ``coarse_rule_learned``): the lesion sits elsewhere, the
+# anatomy around it differs, and the MR around the lesion is brighter (white matter at 0.85-0.95 of the range).
+HELD_OUT_SEEDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def held_out_lesions():
+    """{seed: (lesion contrast in 3-D of the network, of the max rule, of the mean rule; that of the 2-D path
+    with ``functional=True`` on the lesion's own slices, of the mean rule there)} for the held-out phantoms."""
+    import medfuse
+    from medfuse.phantom import make_phantom
+    from medfuse.registration.resample import resample
+
+    out = {}
+    for seed in HELD_OUT_SEEDS:
+        ph = make_phantom(seed=seed, misalign={"pet": None})
+        pet = resample(ph.pet, ph.t1)
+        c3 = []
+        for kw in ({}, {"method": "max"}, {"method": "mean"}):
+            fused = medfuse.fuse(ph.t1, pet, **kw)
+            c3.append(_lesion_contrast(np.asarray(fused.array, float), np.asarray(fused.affine), ph.lesion_center,
+                                       ph.lesion_radius_mm))
+        c2, r2, _ = _hot_spot_2d((medfuse, ph, pet), functional=True)
+        out[seed] = (*c3, c2, r2)
+    return out
+
+
+def test_3d_hot_spot_on_held_out_phantoms_is_kept_about_as_well_as_by_the_max_rule(held_out_lesions):
+    """On phantoms the rule's nudge was not tuned on, the 3-D path (MR + PT Volumes) shows the lesion at 0.83-1.00
+    of the max rule's contrast (seeds 1-4; seed 0: 0.78). The learned choice at every level hides it (seed 0:
+    -0.13), which this bound catches."""
+    for seed, (net, mx, mean, _, _) in held_out_lesions.items():
+        assert mean > 0.15 and mx > 0.03, (seed, mx, mean)
+        assert net > 0.75 * mx, (seed, net, mx)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: on held-out phantoms the 3-D path shows the lesion at 0.24-0.45 "
+                   "of the mean rule's contrast (seed 0, the tuned one: 0.52), as the max rule does (0.24-0.67); "
+                   "even the pixel rule at every level stays under half on 4 of 8 seeds. The MR around these "
+                   "lesions is as bright as the PET core, so only dimming the MR (the mean rule) shows them "
+                   "(docs/network.md, 'Sixteenth round')")
+def test_3d_hot_spot_on_held_out_phantoms_reaches_half_the_mean_rule(held_out_lesions):
+    for seed, (net, _, mean, _, _) in held_out_lesions.items():
+        assert net > 0.5 * mean, (seed, net, mean)
+
+
+def test_functional_2d_keeps_the_hot_spot_on_held_out_phantoms(held_out_lesions):
+    """``functional=True`` on the lesion's own slices: 0.80-1.13 of the mean rule's contrast (seeds 1-4; seeds
+    0-7: 0.57-1.19). The refinement head is what keeps it: without it 0.20-0.76."""
+    for seed, (_, _, _, c2, r2) in held_out_lesions.items():
+        assert r2 > 0.15 and c2 > 0.5 * r2, (seed, c2, r2)
+
+
 def _volume_quality(pet_mr_phantom, weights=None):
     """(per-slice Qabf/VIF of the network, of the max rule, anisotropy gap to the mean rule) on the phantom's MR + PET."""
     from medfuse.fusion.normalise import normalise
@@ -742,9 +795,9 @@ def test_network_beats_the_classical_rules_where_measured(subset_scores):
 
 @pytest.mark.xfail(strict=True, reason="issue-5 goal not met yet: on this subset SSIM is up to 2.5 % below the "
                    "best rule (CT-MRI 1.437 vs max 1.473, SPECT-MRI 1.402 vs mean 1.431). The network's output "
-                   "family can beat every rule here (its maps optimised on the subset's means); this network, "
-                   "trained on a metric loss, does not even when fitted to these very images (docs/network.md, "
-                   "'Fourteenth round', 'Fifteenth round')")
+                   "family can beat every rule here only with maps optimised per image (on SPECT-MRI by 0.03 %); "
+                   "this predictor, trained on a metric loss, does not even when fitted to these very images, "
+                   "from its weights or from scratch (docs/network.md, 'Fourteenth' to 'Sixteenth round')")
 def test_network_beats_every_classical_rule(subset_scores):
     for ptype, rows in subset_scores.items():
         for m in rows:
