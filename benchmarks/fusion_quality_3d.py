@@ -4,9 +4,9 @@ For each co-registered volume pair (the 3-D training sets of ``medfuse train``: 
 SPM12 templates at about 1 mm, the phantom's T1 + T2; and the phantom's MR + PET, which no training used)
 it prints the mean Qabf / VIF / SSIM over every ``--step``-th slice along each of the three axes (slices
 with more than 20 % of the first input non-zero), and the worst per-axis anisotropy gap to the mean rule (a
-slice-stacking artefact or stripes raise it). The network runs twice: with the coarse pixel rule of the
-3-D path (``functional=None``, what PET/SPECT inputs get) and without it (``functional=False``, what
-MR/CT-only Volumes get). The last block is the phantom PET lesion's core-minus-shell contrast in 3-D.
+slice-stacking artefact or stripes raise it). The network runs three times: with the "brighter wins" choice
+(``functional=True``, what PT/NM Volumes get), with the stronger-detail coarse pixel rule (``functional=None``,
+what arrays of unknown modality get) and without a rule (``functional=False``, what MR/CT-only Volumes get). The last block is the phantom PET lesion's core-minus-shell contrast in 3-D.
 
     python benchmarks/fusion_quality_3d.py [--data ../shared/data] [--weights W.safetensors] [--step 8]
 
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     ph, pet, a, b = phantom_pet()
     pairs.append(("phantom MR+PET (unseen)", a, b))
 
-    methods = ("network (rule)", "network (learned)", "max", "mean")
+    methods = ("network (functional)", "network (rule)", "network (learned)", "max", "mean")
+    functional = {"network (functional)": True, "network (rule)": None, "network (learned)": False}
     print(f"per-slice Qabf / VIF / SSIM, every {args.step}th slice on 3 axes; "
           "g: worst anisotropy gap to the mean rule")
     print(f"{'volume pair':24s} " + " ".join(f"{m:>28s}" for m in methods))
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         cells = []
         for m in methods:
             if m.startswith("network"):
-                f = infer.fuse_3d([x, y], weights=args.weights, functional=None if "rule" in m else False)
+                f = infer.fuse_3d([x, y], weights=args.weights, functional=functional[m])
             else:
                 f = np.clip(rule([x, y], method=m), 0, 1)
             q = sampled_slice_scores(f, x, y, step=args.step, metrics=("Qabf", "VIF", "SSIM"))
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
 
     print("\nphantom PET lesion, core minus shell in 3-D (the hot-spot test needs over half the mean rule's):")
     opts = {"weights": args.weights} if args.weights else {}
-    runs = (("network (Volumes: MR + PT, rule)", opts), ("network (learned)", {**opts, "functional": False}),
+    runs = (("network (Volumes: MR + PT)", opts), ("network (rule, functional=None)", {**opts, "functional": None}),
+            ("network (learned)", {**opts, "functional": False}),
             ("max", {"method": "max"}), ("mean", {"method": "mean"}))
     for label, kw in runs:
         fused = medfuse.fuse(ph.t1, pet, **kw)

@@ -159,9 +159,11 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         **options: passed to the rule (see :func:`medfuse.fusion.classical.fuse_arrays`) or to
             :func:`medfuse.fusion.infer.fuse_arrays`. For the network on Volumes, ``functional`` (whether
             an input shows uptake) defaults to their modalities: True with a PT or NM input, False when
-            every input is MR or CT, None (treated as True) when one is ``unknown``. Arrays carry no
-            modality: pass ``functional=True`` with a PET/SPECT array so that a hot spot over a dark MR
-            core stays visible (without it, 2-D images get the learned choice, which can hide one).
+            every input is MR or CT, None when one is ``unknown``. In 3-D, True and None both keep the
+            coarse pixel rule; True (with the shipped weights) makes it "the brighter input at that scale
+            wins", None the stronger detail. Arrays carry no modality: pass ``functional=True`` with a
+            PET/SPECT array so that a hot spot over a dark MR core stays visible (without it, 2-D images get
+            the learned choice, which can hide one).
 
     Returns:
         Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1), of the inputs'

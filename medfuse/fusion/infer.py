@@ -219,7 +219,10 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         functional: whether an input is a functional image (PET/SPECT uptake). False (anatomical inputs
             only) uses the learned selection at every detail level; True or None (not known) leaves the
             weights' ``coarse_pixel_rule_3d`` coarsest levels to the pixel rule, which keeps focal uptake
-            visible over a dark MR core (docs/network.md, "Ninth round").
+            visible over a dark MR core (docs/network.md, "Ninth round"). With True, weights that set
+            ``functional_k`` choose the base and those levels by "the brighter input at that scale wins"
+            (docs/network.md, "Sixteenth round"); None keeps the stronger-detail rule, which suits two MR
+            volumes better.
         progress, cancel: see :mod:`medfuse.progress`.
     """
     x = _check_arrays(arrays, 3)
@@ -251,7 +254,10 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         del feats
         # Pass 2: the 2-D network on the three planes of the low-res volume, merged in 3-D.
         check(cancel, "network fusion")
-        logits = model.planes_logits(feats3, coarse_pixel_rule=0 if functional is False else None)  # (K, d, h, w)
+        # A known functional input (True) gets the weights' "brighter wins" choice, if they have one.
+        brighter = functional is True and model.functional_k > 0 and model.coarse_pixel_rule_3d > 0
+        logits = model.planes_logits(feats3, coarse_pixel_rule=0 if functional is False else None,
+                                     brighter=brighter)  # (K, d, h, w)
         report(progress, (n_slabs + 1) / total, "network fusion: tri-plane")
         # Pass 3: full-resolution combination, slab by slab.
         out = np.empty(tuple(vol.shape[1:]), dtype=np.float32)
@@ -271,7 +277,8 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
                 r = model.empty_guard // 2
                 lo = max(0, off - r)
                 empty = model.empty_mask(piece[:, :, lo:off + e - s + r])[:, :, off - lo:off - lo + e - s]
-            fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up, empty=empty)
+            fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up, empty=empty,
+                                  brighter=brighter)
             out[s:e] = fused[0].float().cpu().numpy()
             del base, details, piece, up, fused
             report(progress, (n_slabs + 2 + i) / total, "network fusion: combining")

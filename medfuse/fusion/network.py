@@ -228,7 +228,8 @@ class SelectiveScan2d(nn.Module):
 
 
 #: Config keys whose values are floats (the rest are ints, and ``merge`` a string).
-_FLOAT_CONFIG = ("gain_min", "gain_max", "coarse_rule_learned")
+_FLOAT_CONFIG = ("gain_min", "gain_max", "coarse_rule_learned", "functional_k", "functional_base_learned",
+                 "functional_coarse_learned")
 
 
 def config_from_metadata(config: Dict[str, object]) -> Dict[str, object]:
@@ -366,12 +367,21 @@ class FusionNet(nn.Module):
             hot spot (docs/network.md, "Fifteenth round").
         refine: width of the full-resolution refinement head (:class:`RefineHead`) of the 2-D path; 0: none.
             The tri-plane 3-D path does not use it (docs/network.md, "Twelfth round").
+        functional_k: for volumes known to hold a functional (PET/SPECT) input, the sharpness of a "brighter
+            wins" choice of the base and of the ``coarse_pixel_rule_3d`` coarsest detail levels: each input's
+            weight there follows ``functional_k`` times its image blurred to that level, the same choice at
+            every coarse scale, where the plain pixel rule picks the stronger detail level by level. 0: off (the
+            plain pixel rule). Why: the coherent choice is the max rule's across scales, which keeps uptake as
+            the max rule does and scores closer to it on Qabf (docs/network.md, "Sixteenth round").
+        functional_base_learned, functional_coarse_learned: with ``functional_k``, the factors (0..1) on the
+            learned selection logits of the base and of those coarse levels that stay beside it as a nudge.
     """
 
     def __init__(self, *, width: int = 16, levels: int = 3, factor: int = 4, gain_min: float = 0.5,
                  gain_max: float = 2.0, per_input_gain: int = 0, scan: int = 0, empty_guard: int = 0,
                  merge: str = "convex", coarse_pixel_rule_3d: int = 0, coarse_rule_learned: float = 0.0,
-                 refine: int = 0):
+                 refine: int = 0, functional_k: float = 0.0, functional_base_learned: float = 0.1,
+                 functional_coarse_learned: float = 0.0075):
         super().__init__()
         if refine < 0:
             raise ValueError(f"refine must be 0 (off) or the refinement head's width, got {refine}")
@@ -384,6 +394,15 @@ class FusionNet(nn.Module):
         if not 0.0 <= coarse_rule_learned <= 1.0:
             raise ValueError(f"coarse_rule_learned must be in 0..1, got {coarse_rule_learned}")
         self.coarse_rule_learned = float(coarse_rule_learned)
+        if not 0.0 <= functional_k < math.inf:  # also refuses NaN
+            raise ValueError(f"functional_k must be a finite value >= 0, got {functional_k}")
+        for name, v in (("functional_base_learned", functional_base_learned),
+                        ("functional_coarse_learned", functional_coarse_learned)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in 0..1, got {v}")
+        self.functional_k = float(functional_k)
+        self.functional_base_learned = float(functional_base_learned)
+        self.functional_coarse_learned = float(functional_coarse_learned)
         if empty_guard < 0 or (empty_guard and empty_guard % 2 == 0):
             raise ValueError(f"empty_guard must be 0 (off) or an odd neighbourhood size, got {empty_guard}")
         self.empty_guard = int(empty_guard)
@@ -446,6 +465,10 @@ class FusionNet(nn.Module):
             cfg["coarse_rule_learned"] = self.coarse_rule_learned
         if self.refine_width:
             cfg["refine"] = self.refine_width
+        if self.functional_k:
+            cfg["functional_k"] = self.functional_k
+            cfg["functional_base_learned"] = self.functional_base_learned
+            cfg["functional_coarse_learned"] = self.functional_coarse_learned
         return cfg
 
     @property
@@ -491,11 +514,14 @@ class FusionNet(nn.Module):
 
     # ------------------------------------------------------------------ full resolution
     def combine(self, x: torch.Tensor, base: torch.Tensor, details: List[torch.Tensor],
-                logits_up: torch.Tensor, *, empty: torch.Tensor | None = None) -> torch.Tensor:
+                logits_up: torch.Tensor, *, empty: torch.Tensor | None = None,
+                brighter: bool = False) -> torch.Tensor:
         """Full-resolution weighted base/detail sum. Shapes: x (B, N, *S); logits_up (B, K, *S).
 
         ``empty`` is :meth:`empty_mask` of ``x``; pass it when ``x`` is a crop of a larger input (a slab), so
         that the guard sees the crop's neighbours. It is computed from ``x`` when not given.
+        ``brighter`` (with ``functional_k``): the base and the ``coarse_pixel_rule_3d`` coarsest levels go to
+        the input that is brighter at that scale, instead of the brighter base and the stronger detail.
         """
         n, lv = x.shape[1], self.levels
         sel = logits_up[:, : n * (lv + 1)].reshape(x.shape[0], n, lv + 1, *x.shape[2:])
@@ -505,11 +531,19 @@ class FusionNet(nn.Module):
             # A large finite logit, not -inf: at least one input is never masked, and bf16 stays finite.
             sel = sel.masked_fill(empty[:, :, None], -1e4)
         gain = logits_up[:, n * (lv + 1):]
-        wb = torch.softmax(sel[:, :, 0] + self.log_k_base.exp() * base, dim=1)
+        brighter = brighter and self.functional_k > 0 and self.coarse_pixel_rule_3d > 0
+        wb = torch.softmax(sel[:, :, 0] + (self.functional_k if brighter else self.log_k_base.exp()) * base, dim=1)
         out = (wb * base).sum(dim=1)
         kd = self.log_k_detail.exp()
+        term: List[Optional[torch.Tensor]] = [None] * lv
+        if brighter:
+            coarse = base
+            for lev in range(lv - 1, lv - 1 - self.coarse_pixel_rule_3d, -1):
+                coarse = coarse + details[lev]  # the image blurred to this level: base + this and coarser levels
+                term[lev] = self.functional_k * coarse
         for lev, d in enumerate(details):
-            wd = torch.softmax(sel[:, :, lev + 1] + kd[lev] * d.abs(), dim=1)
+            score = kd[lev] * d.abs() if term[lev] is None else term[lev]
+            wd = torch.softmax(sel[:, :, lev + 1] + score, dim=1)
             if self.per_input_gain:
                 g = self.gain_min + (self.gain_max - self.gain_min) * torch.sigmoid(gain[:, lev::lv])  # (B, N, *S)
                 out = out + (g * wd * d).sum(dim=1)
@@ -549,15 +583,22 @@ class FusionNet(nn.Module):
             logits = self._leave_to_pixel_rule(logits, x.shape[1], coarse_pixel_rule, dim=1)
         return self.combine(x, base, details, logits)
 
-    def _leave_to_pixel_rule(self, logits: torch.Tensor, n: int, rule: int, *, dim: int) -> torch.Tensor:
+    def _leave_to_pixel_rule(self, logits: torch.Tensor, n: int, rule: int, *, dim: int,
+                             brighter: bool = False) -> torch.Tensor:
         """``logits`` with the learned selection of the ``rule`` coarsest detail levels scaled by
         ``coarse_rule_learned`` (0: set to 0); the maps (selection then gain) lie along ``dim``. A zero or small
-        logit leaves the choice to the "stronger detail wins" term of :meth:`combine`."""
+        logit leaves the choice to the "stronger detail wins" term of :meth:`combine`. ``brighter`` (with
+        ``functional_k``): those levels are scaled by ``functional_coarse_learned`` and the base by
+        ``functional_base_learned`` instead, for :meth:`combine`'s "brighter wins" choice."""
         if not 0 <= rule <= self.levels:
             raise ValueError(f"coarse_pixel_rule must be 0..{self.levels} (detail levels), got {rule}")
         lv1 = self.levels + 1
         keep = torch.ones(lv1, dtype=logits.dtype, device=logits.device)
-        keep[lv1 - rule:] = self.coarse_rule_learned
+        if brighter and self.functional_k > 0:
+            keep[0] = self.functional_base_learned
+            keep[lv1 - rule:] = self.functional_coarse_learned
+        else:
+            keep[lv1 - rule:] = self.coarse_rule_learned
         shape = [1] * (logits.dim() + 1)
         shape[dim + 1] = lv1
         sel = logits.narrow(dim, 0, n * lv1).unflatten(dim, (n, lv1)) * keep.view(shape)
@@ -576,13 +617,14 @@ class FusionNet(nn.Module):
         return torch.cat([(sel5 + delta).flatten(1, 2), logits_up[:, n * lv1:]], dim=1)
 
     def planes_logits(self, feats3: torch.Tensor, *, batch: int = 64,
-                      coarse_pixel_rule: Optional[int] = None) -> torch.Tensor:
+                      coarse_pixel_rule: Optional[int] = None, brighter: bool = False) -> torch.Tensor:
         """Tri-plane low-resolution logits. feats3: (N, C, d, h, w) pooled volume features -> (K, d, h, w).
 
         The 2-D encoder/heads run on the slices of each of the three planes (``batch`` slices at a time,
         which bounds memory); the three logit volumes are merged by the learned 3-D aggregation. The
         selection maps of the ``coarse_pixel_rule`` coarsest detail levels (default: the model's
-        ``coarse_pixel_rule_3d``) are then scaled by ``coarse_rule_learned`` (0: set to 0).
+        ``coarse_pixel_rule_3d``) are then scaled by ``coarse_rule_learned`` (0: set to 0); with ``brighter``
+        (a functional input, and ``functional_k`` set) as :meth:`_leave_to_pixel_rule` says.
         """
         rule = self.coarse_pixel_rule_3d if coarse_pixel_rule is None else int(coarse_pixel_rule)
         n, c = feats3.shape[:2]
@@ -595,5 +637,5 @@ class FusionNet(nn.Module):
         stacked = torch.stack(per_plane, dim=1)  # (K, 3, d, h, w)
         merged = self.agg(stacked)[:, 0]
         if rule:
-            merged = self._leave_to_pixel_rule(merged, n, rule, dim=0)
+            merged = self._leave_to_pixel_rule(merged, n, rule, dim=0, brighter=brighter)
         return merged

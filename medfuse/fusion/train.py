@@ -813,6 +813,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "learned selection logits kept beside it (0: the pixel rule alone); stored with the "
                              "weights. Default: the --init safetensors export's value (the shipped weights: "
                              "0.005), else 0")
+    parser.add_argument("--functional-k", type=float, default=None,
+                        help="for volumes with a known PET/SPECT input, the sharpness of the 'brighter input at that "
+                             "scale wins' choice of the base and the --coarse-pixel-rule-3d levels (0: off, the "
+                             "stronger-detail rule); stored with the weights. Default: the --init safetensors "
+                             "export's value (the shipped weights: 30), else 0")
+    parser.add_argument("--functional-base-learned", type=float, default=None,
+                        help="with --functional-k, the weight (0..1) of the learned base selection kept beside it "
+                             "(default: the --init export's value, the shipped weights' 0.1)")
+    parser.add_argument("--functional-coarse-learned", type=float, default=None,
+                        help="with --functional-k, the weight (0..1) of the learned selection of those coarse levels "
+                             "kept beside it (default: the --init export's value, the shipped weights' 0.0075)")
     parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
     parser.add_argument("--plane-weight", type=float, default=0.0,
                         help="weight of the through-plane consistency term of the 3-D stage")
@@ -953,6 +964,17 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.coarse_rule_learned <= 1.0:  # also catches NaN
         raise InvalidInputError(f"--coarse-rule-learned must be in 0..1, got {args.coarse_rule_learned}",
                                 fix="use 0.005 (the shipped weights' value), or 0 for the pixel rule alone")
+    # The functional-volume choice: absent from the --init file means off (and FusionNet's default factors).
+    for name, default, finite, fix in (
+            ("functional_k", 0.0, math.inf, "use 30 (the shipped weights' value), or 0 to turn it off"),
+            ("functional_base_learned", 0.1, 1.0, "use 0.1 (the shipped weights' value)"),
+            ("functional_coarse_learned", 0.0075, 1.0, "use 0.0075 (the shipped weights' value)")):
+        if getattr(args, name) is None:
+            setattr(args, name, float(init_cfg.get(name, default)))
+        value = getattr(args, name)
+        if not 0.0 <= value <= finite or value == math.inf:  # also catches NaN
+            bound = "0..1" if finite == 1.0 else "a finite value >= 0"
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be {bound}, got {value}", fix=fix)
     if args.empty_guard < 0 or (args.empty_guard and args.empty_guard % 2 == 0):
         raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size, got {args.empty_guard}",
                                 fix="use 3 (the shipped weights' value), 5, 7, or 0 to turn the guard off")
@@ -964,7 +986,9 @@ def run(args: argparse.Namespace) -> int:
         return FusionNet(width=args.width, factor=args.factor, per_input_gain=int(args.per_input_gain), scan=scan,
                          empty_guard=args.empty_guard, merge=args.merge,
                          coarse_pixel_rule_3d=args.coarse_pixel_rule_3d,
-                         coarse_rule_learned=args.coarse_rule_learned, refine=args.refine_head)
+                         coarse_rule_learned=args.coarse_rule_learned, refine=args.refine_head,
+                         functional_k=args.functional_k, functional_base_learned=args.functional_base_learned,
+                         functional_coarse_learned=args.functional_coarse_learned)
 
     t0 = time.time()
     torch.manual_seed(args.seed)

@@ -137,9 +137,10 @@ def test_hot_spot_and_logit_cap_options_train_and_export(shared, tmp_path):
 
 
 def test_coarse_pixel_rule_is_checked_and_a_fine_tune_keeps_its_starting_weights_value(shared, tmp_path, capsys):
-    """``--coarse-pixel-rule-3d`` takes 0..3 and ``--coarse-rule-learned`` 0..1 (a clear error otherwise, before
-    anything is written). Without them a fine-tune keeps the values of its ``--init`` weights (the shipped ones:
-    2 and 0.005), and the export stores them."""
+    """``--coarse-pixel-rule-3d`` takes 0..3, ``--coarse-rule-learned`` 0..1, ``--functional-k`` a finite value
+    >= 0 and its two factors 0..1 (a clear error otherwise, before anything is written). Without them a fine-tune
+    keeps the values of its ``--init`` weights (the shipped ones: 2, 0.005, 30, 0.1, 0.0075), and the export
+    stores them."""
     import medfuse.fusion.train as tr
     from medfuse.fusion import infer
 
@@ -147,7 +148,12 @@ def test_coarse_pixel_rule_is_checked_and_a_fine_tune_keeps_its_starting_weights
     assert rc == 2 and "0..3" in capsys.readouterr().err and not (tmp_path / "r").exists()
     rc = tr.main(["--coarse-rule-learned", "1.5", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
     assert rc == 2 and "0..1" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    for flag, bad in (("--functional-k", "nan"), ("--functional-k", "inf"), ("--functional-base-learned", "2"),
+                      ("--functional-coarse-learned", "-0.1")):
+        rc = tr.main([flag, bad, "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
+        assert rc == 2 and flag in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert float(tr._init_config(infer.default_weights_path())["coarse_rule_learned"]) == 0.005
+    assert float(tr._init_config(infer.default_weights_path())["functional_k"]) == 30.0
     assert int(tr._init_config(infer.default_weights_path())["coarse_pixel_rule_3d"]) == 2
     assert tr._init_config(None) == {}
     assert tr.main(["--data", str(shared("data")), "--init", str(infer.default_weights_path()), "--epochs", "0",
