@@ -255,7 +255,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         # Pass 2: the 2-D network on the three planes of the low-res volume, merged in 3-D.
         check(cancel, "network fusion")
         # A known functional input (True) gets the weights' "brighter wins" choice, if they have one.
-        brighter = functional is True and model.functional_k > 0 and model.coarse_pixel_rule_3d > 0
+        brighter = functional is True and model.has_brighter_rule
         logits = model.planes_logits(feats3, coarse_pixel_rule=0 if functional is False else None,
                                      brighter=brighter)  # (K, d, h, w)
         report(progress, (n_slabs + 1) / total, "network fusion: tri-plane")

@@ -472,6 +472,11 @@ class FusionNet(nn.Module):
         return cfg
 
     @property
+    def has_brighter_rule(self) -> bool:
+        """Whether these weights give volumes with a known functional input the "brighter wins" choice."""
+        return self.functional_k > 0 and self.coarse_pixel_rule_3d > 0
+
+    @property
     def halo(self) -> int:
         """Full-resolution voxels one output voxel depends on, each side (blurs plus the empty-input guard)."""
         return HALO + self.empty_guard // 2
@@ -531,7 +536,7 @@ class FusionNet(nn.Module):
             # A large finite logit, not -inf: at least one input is never masked, and bf16 stays finite.
             sel = sel.masked_fill(empty[:, :, None], -1e4)
         gain = logits_up[:, n * (lv + 1):]
-        brighter = brighter and self.functional_k > 0 and self.coarse_pixel_rule_3d > 0
+        brighter = brighter and self.has_brighter_rule
         wb = torch.softmax(sel[:, :, 0] + (self.functional_k if brighter else self.log_k_base.exp()) * base, dim=1)
         out = (wb * base).sum(dim=1)
         kd = self.log_k_detail.exp()
@@ -594,7 +599,7 @@ class FusionNet(nn.Module):
             raise ValueError(f"coarse_pixel_rule must be 0..{self.levels} (detail levels), got {rule}")
         lv1 = self.levels + 1
         keep = torch.ones(lv1, dtype=logits.dtype, device=logits.device)
-        if brighter and self.functional_k > 0:
+        if brighter and self.has_brighter_rule:
             keep[0] = self.functional_base_learned
             keep[lv1 - rule:] = self.functional_coarse_learned
         else:

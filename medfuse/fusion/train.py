@@ -959,13 +959,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--coarse-pixel-rule-3d must be 0..3 (detail levels), "
                                 f"got {args.coarse_pixel_rule_3d}",
                                 fix="use 2 (the shipped weights' value: d2 and d3), or 0 for the learned choice")
-    if args.coarse_rule_learned is None:
-        args.coarse_rule_learned = float(init_cfg.get("coarse_rule_learned", 0.0))
-    if not 0.0 <= args.coarse_rule_learned <= 1.0:  # also catches NaN
-        raise InvalidInputError(f"--coarse-rule-learned must be in 0..1, got {args.coarse_rule_learned}",
-                                fix="use 0.005 (the shipped weights' value), or 0 for the pixel rule alone")
-    # The functional-volume choice: absent from the --init file means off (and FusionNet's default factors).
+    # The float config values: absent from the --init file means FusionNet's default (the rule's nudge and the
+    # functional-volume choice off).
     for name, default, finite, fix in (
+            ("coarse_rule_learned", 0.0, 1.0, "use 0.005 (the shipped weights' value), or 0 for the pixel rule alone"),
             ("functional_k", 0.0, math.inf, "use 30 (the shipped weights' value), or 0 to turn it off"),
             ("functional_base_learned", 0.1, 1.0, "use 0.1 (the shipped weights' value)"),
             ("functional_coarse_learned", 0.0075, 1.0, "use 0.0075 (the shipped weights' value)")):
