@@ -26,7 +26,7 @@ import numpy as np
 from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, report
-from .volume import Volume
+from .volume import Volume, require_finite
 
 __all__ = [
     "PipelineState", "PipelineResult", "Pipeline", "fuse_files", "pipeline_parameters",
@@ -253,8 +253,9 @@ class NormaliseStep:
         from .fusion.normalise import normalise
 
         out, records = [], []
-        for v in state.volumes:
+        for i, v in enumerate(state.volumes, start=1):
             check(state.cancel, "normalisation")
+            require_finite(v.array, f"input {i}", before="fusing")
             kw = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             scaled, rec = normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, **kw)
             nv = v.with_array(scaled.astype(np.float32), unit="arbitrary")

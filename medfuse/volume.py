@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import GeometryError, InvalidInputError, MissingDependencyError
 
-__all__ = ["Volume", "LPS_TO_RAS", "MODALITIES", "UNITS", "normalise_modality", "affine_from_geometry"]
+__all__ = ["Volume", "LPS_TO_RAS", "MODALITIES", "UNITS", "normalise_modality", "affine_from_geometry", "require_finite"]
 
 #: Flip between LPS and RAS world coordinates (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -329,6 +329,21 @@ class Volume:
             modality=modality or meta.get("modality", "unknown"),
             unit=unit or meta.get("unit", "arbitrary"),
             provenance=provenance or {},
+        )
+
+
+def require_finite(array: Any, what: str, *, before: str) -> None:
+    """Refuse an image with NaN or infinite voxels, naming it (never its path) and how much of it is bad."""
+    arr = np.asarray(array)
+    if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
+        return
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        # Why the hint: NaN usually marks voxels outside a resampled field of view or a mask.
+        raise InvalidInputError(
+            f"{what} has {bad} NaN or infinite values ({100.0 * bad / arr.size:.2g} % of it)",
+            fix=f"replace them before {before}: numpy.nan_to_num(array, nan=0.0), for a Volume "
+            "v.with_array(numpy.nan_to_num(v.array, nan=0.0)); or save the file with them set to 0",
         )
 
 

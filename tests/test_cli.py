@@ -82,6 +82,25 @@ def test_errors_are_one_line_with_fix_and_no_traceback(tmp_path, capsys):
     assert main(["fuse", str(bad), str(bad), "-o", str(out), "--method", "magic"]) == EXIT_USAGE
 
 
+def test_nan_voxels_name_the_input_and_leave_no_output(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    data = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    holes = data.copy()
+    holes[:4] = np.nan  # outside a field of view, as resampled or masked files often have
+    paths = [tmp_path / "patient_doe_a.nii.gz", tmp_path / "patient_doe_b.nii.gz"]
+    for path, arr in zip(paths, (data, holes)):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+    before = paths[1].read_bytes()
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", *map(str, paths), "-o", str(out), "--method", "max"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "input 2 has 1024 NaN" in err and "25 %" in err and "Fix:" in err
+    assert "doe" not in err  # a file name may carry a patient's name: the input is named by position
+    assert not out.exists() and paths[1].read_bytes() == before
+
+
 def test_output_exists_is_refused(tmp_path, capsys):
     out = tmp_path / "f.nii.gz"
     out.write_bytes(b"x")

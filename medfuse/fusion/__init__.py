@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import GeometryError, InvalidInputError, MissingDependencyError
 from ..progress import CancelToken, ProgressFn, check, report
-from ..volume import Volume
+from ..volume import Volume, require_finite
 from .classical import METHODS as CLASSICAL_METHODS
 
 __all__ = ["fuse", "available_methods", "CLASSICAL_METHODS"]
@@ -111,8 +111,9 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.
     else:
         specs = [{"method": str(normalise)} for _ in vols]
     out, recs = [], []
-    for v, spec in zip(vols, specs):
+    for i, (v, spec) in enumerate(zip(vols, specs), start=1):
         a = np.asarray(v.array, dtype=np.float64)
+        require_finite(a, f"volume {i}", before="fusing")
         if spec.get("method", "auto") == "auto" and _within(a, 0.0, 1.0):
             spec = {"method": "range", "low": 0.0, "high": 1.0}  # already normalised upstream
         y, rec = norm(a, modality=v.modality, unit=v.unit, **spec)
@@ -203,13 +204,18 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         if np.iscomplexobj(arr):
             raise InvalidInputError(f"input {i + 1} is complex ({arr.dtype})",
                                     fix="pass its magnitude (np.abs) or its real part")
-        if not np.all(np.isfinite(arr)):
-            raise InvalidInputError(f"input {i + 1} contains NaN or infinite values", fix="replace them before fusing")
+        if arr.size == 0:
+            raise InvalidInputError(f"input {i + 1} is empty (shape {arr.shape})", fix="pass an image with pixels in it")
+        require_finite(arr, f"input {i + 1}", before="fusing")
         arrays.append(arr)
     shapes = [x.shape for x in arrays]
     rgb = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 3 and any(t == s[:2] for t in shapes if len(t) == 2)]
     if rgb:
         return _fuse_rgb(arrays, rgb[0], method, device, options)
+    rgba = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 4 and any(t == s[:2] for t in shapes if len(t) == 2)]
+    if rgba:
+        raise InvalidInputError(f"input {rgba[0] + 1} has 4 channels (RGBA); colour fusion takes RGB",
+                                fix="drop the alpha channel first: image[..., :3]")
     if len(set(shapes)) != 1:
         raise InvalidInputError(
             f"the inputs have different shapes {shapes}",

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import CancelledError, InvalidInputError, RegistrationError
 from ..progress import CancelToken, ProgressFn, report
-from ..volume import Volume
+from ..volume import Volume, require_finite
 from .presets import get_preset
 from .resample import resample
 from .transforms import Transform
@@ -89,9 +89,7 @@ def _as_volume(v: Any, name: str) -> Volume:
             f"{name} is effectively 2-D (shape {vol.shape}); 3-D registration needs at least 4 voxels along every axis",
             fix="register 3-D volumes; a single slice cannot be registered in 3-D")
     arr = vol.array
-    if not np.all(np.isfinite(arr)) if np.issubdtype(arr.dtype, np.floating) else False:
-        raise InvalidInputError(f"{name} contains NaN or infinite voxels",
-                                fix="replace them (e.g. numpy.nan_to_num) before registering")
+    require_finite(arr, name, before="registering")
     lo, hi = float(np.min(arr)), float(np.max(arr))
     if hi - lo <= 0:
         raise RegistrationError(f"{name} is constant (every voxel is {lo:g}); there is nothing to align",

@@ -166,6 +166,17 @@ def test_volumes_on_different_grids_point_to_registration():
         fuse(a, _vol(np.ones((8, 8, 9))), method="mean")
 
 
+def test_volume_with_nan_voxels_is_named_with_the_fix():
+    a = _vol(np.ones((8, 8, 8)))
+    holes = np.ones((8, 8, 8))
+    holes[:2] = np.nan  # what a resampling outside the field of view often leaves
+    with pytest.raises(InvalidInputError, match=r"volume 2 has 128 NaN.*25 %.*nan_to_num") as ei:
+        fuse(a, a.with_array(holes), method="mean")
+    assert "with_array" in str(ei.value)
+    filled = a.with_array(np.nan_to_num(holes, nan=0.0))
+    assert np.all(np.isfinite(fuse(a, filled, method="mean").array))
+
+
 def test_fuse_bad_input():
     a, b = _images()
     with pytest.raises(InvalidInputError, match="different shapes"):
@@ -280,7 +291,13 @@ def test_complex_and_two_colour_inputs_are_clear_errors():
     a, b = _images()
     with pytest.raises(InvalidInputError, match="complex.*np.abs"):
         fuse(a.astype(np.complex64), b, method="mean")
+    with pytest.raises(InvalidInputError, match="input 2 is empty"):
+        fuse(a, np.zeros((0, 4)), method="max")
     rgb = np.stack([a, b, a], axis=-1) / 255
     pytest.importorskip("torch")
     with pytest.raises(InvalidInputError, match="colour images fuse only with a grey one"):
         fuse(rgb, rgb[::-1])
+    rgba = np.concatenate([rgb, np.ones_like(rgb[..., :1])], axis=-1)  # a PNG read with its alpha channel
+    with pytest.raises(InvalidInputError, match=r"input 2 has 4 channels \(RGBA\).*\[\.\.\., :3\]"):
+        fuse(a / 255, rgba)
+    assert fuse(a / 255, rgba[..., :3]).shape == rgb.shape
