@@ -33,12 +33,6 @@ ANCHORS = {  # issue 5: (Qabf, VIF, SSIM_r2) to beat
 SHOW = ("Qabf", "VIF", "SSIM", "SSIM_r2", "MI", "EN", "SD", "SF", "AG", "SCD", "CC", "PSNR", "FMI", "MS-SSIM")
 
 
-def _ssim_r2(f, srcs) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(sum(structural_similarity(f, s, data_range=2) for s in srcs))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -80,7 +74,6 @@ def main(argv=None) -> int:
             for m, f in fused.items():
                 f8 = np.round(f * 255.0)
                 s = score(f8, *srcs)
-                s["SSIM_r2"] = _ssim_r2(f8, srcs)
                 for k, v in s.items():
                     acc.setdefault(m, {}).setdefault(k, []).append(float(v))
         table[ptype] = {"n_pairs": len(val),

@@ -32,7 +32,7 @@ __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table
 
 DEFAULT_METHODS = ("mean", "max", "laplacian", "wavelet", "gff")
 #: Columns of the printed summary (all metrics go into the files).
-SUMMARY_METRICS = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR")
+SUMMARY_METRICS = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "SSIM_r2", "CC", "PSNR")
 
 
 @dataclass

@@ -21,6 +21,9 @@ evaluation code most fusion papers use (see ``../shared/README.md`` and
   magnitudes, 256 bins: ``(2/n) * sum_i I(F;S_i) / (H(F) + H(S_i))``, in 0..1.
 * ``MS-SSIM`` multi-scale SSIM (Wang 2003: 11x11 Gaussian, sigma 1.5, 5 scales,
   fewer on small images), summed over sources like ``SSIM``.
+* ``SSIM_r2`` ``SSIM`` with ``data_range=2``: the convention behind CDDFuse's published
+  SSIM (scikit-image 0.19 took ``data_range=2`` for float input). Lower than ``SSIM`` on
+  the same images; use it only to compare with those tables.
 
 With three sources the sums and means run over all three; ``SCD`` correlates
 each source ``S_i`` with ``F - sum_{j != i} S_j``. A correlation with a constant
@@ -44,14 +47,15 @@ from .errors import InvalidInputError, MedfuseWarning
 
 __all__ = [
     "METRICS", "NATIVE_3D_METRICS", "score", "anisotropy", "sampled_slice_scores",
-    "en", "sd", "sf", "ag", "mi", "scd", "vif", "qabf", "ssim", "psnr", "cc", "fmi", "ms_ssim",
+    "en", "sd", "sf", "ag", "mi", "scd", "vif", "qabf", "ssim", "psnr", "cc", "fmi", "ms_ssim", "ssim_r2",
 ]
 
-#: Metric names, in the order of published tables (then the two additions).
-METRICS: Tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "CC", "FMI", "MS-SSIM")
+#: Metric names, in the order of published tables (then the additions).
+METRICS: Tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "CC", "FMI", "MS-SSIM",
+                            "SSIM_r2")
 
 #: Metrics that ``mode="native"`` computes on a whole 3-D volume.
-NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "CC")
+NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "CC", "SSIM_r2")
 
 _MIN_SIDE = 7  # scikit-image's default SSIM window; smaller images cannot be scored
 
@@ -253,16 +257,26 @@ def psnr(fused, *sources) -> float:
     return float(10.0 * np.log10(peak / mse))
 
 
-def _ssim_pair(f: np.ndarray, s: np.ndarray) -> float:
+def _ssim_pair(f: np.ndarray, s: np.ndarray, data_range: float = 255.0) -> float:
     from skimage.metrics import structural_similarity
 
-    return float(structural_similarity(f, s, data_range=255))
+    return float(structural_similarity(f, s, data_range=data_range))
 
 
 def ssim(fused, *sources) -> float:
     """Sum over sources of SSIM (scikit-image defaults, ``data_range=255``); 2-D or 3-D."""
     f, srcs = _check(fused, sources, ndim=None)
     return float(sum(_ssim_pair(f, s) for s in srcs))
+
+
+def ssim_r2(fused, *sources) -> float:
+    """:func:`ssim` with ``data_range=2``, as CDDFuse's published tables computed it; 2-D or 3-D.
+
+    Only for comparing with those tables: on 0..255 images its stabilising constants are almost 0, so it
+    is lower than :func:`ssim` and dominated by flat, noisy regions.
+    """
+    f, srcs = _check(fused, sources, ndim=None)
+    return float(sum(_ssim_pair(f, s, data_range=2.0) for s in srcs))
 
 
 def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
@@ -405,7 +419,7 @@ def ms_ssim(fused, *sources) -> float:
 # ---------------------------------------------------------------------- score
 _SINGLE = {"EN": en, "SD": sd, "SF": sf, "AG": ag}
 _MULTI = {"MI": mi, "SCD": scd, "VIF": vif, "Qabf": qabf, "SSIM": ssim, "PSNR": psnr, "CC": cc, "FMI": fmi,
-          "MS-SSIM": ms_ssim}
+          "MS-SSIM": ms_ssim, "SSIM_r2": ssim_r2}
 
 
 def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
@@ -441,7 +455,7 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
         fused: the fused image ``F`` (2-D image or 3-D volume), on the 0–255 scale.
         *sources: the source images ``A, B`` (and optionally ``C``), same shape as ``F``.
         mode: ``"2d"`` for images; for volumes ``"native"`` (whole-volume metrics:
-            EN, SD, MI, 3-D SSIM, SCD, PSNR, CC) or ``"slicewise"`` (every 2-D metric on
+            EN, SD, MI, 3-D SSIM, SCD, PSNR, CC, 3-D SSIM_r2) or ``"slicewise"`` (every 2-D metric on
             every slice of the planes in ``axes``, averaged over slices that carry content,
             then over planes).
         metrics: metric names to compute (default: all that the mode defines).

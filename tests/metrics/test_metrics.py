@@ -231,3 +231,17 @@ def test_sampled_slice_scores_average_every_step_th_slice_on_all_three_axes():
     assert np.allclose(got, np.mean(by_hand, axis=0))
     with pytest.raises(InvalidInputError, match="no slice"):
         M.sampled_slice_scores(f, np.zeros_like(a), b)
+
+
+def test_ssim_r2_is_cddfuses_convention_and_lower_than_ssim():
+    """``SSIM_r2``: scikit-image's SSIM with ``data_range=2`` (what CDDFuse's published SSIM used)."""
+    from skimage.metrics import structural_similarity
+
+    a, b = _pair(4)
+    f = np.round((a + b) / 2)
+    want = sum(structural_similarity(f, s, data_range=2) for s in (a, b))
+    assert M.ssim_r2(f, a, b) == pytest.approx(want, abs=1e-12)
+    s = M.score(f, a, b, metrics=["ssim", "ssim_r2"])
+    assert s["SSIM_r2"] == pytest.approx(want, abs=1e-12) and s["SSIM_r2"] < s["SSIM"]
+    vol = lambda x: np.stack([x] * 8, axis=2)  # noqa: E731
+    assert "SSIM_r2" in M.score(vol(f), vol(a), vol(b), mode="native")
