@@ -37,14 +37,22 @@ def _network(arrays01: Sequence[np.ndarray], *, device: str, **options: Any) -> 
             f"the fusion network (medfuse.fusion.infer) cannot be imported ({type(e).__name__}: {e})",
             fix=f"use a classical method ({', '.join(CLASSICAL_METHODS)}) or reinstall medfuse with pip install 'medfuse[ml]'",
         ) from None
+    import inspect
+
+    allowed = set(inspect.signature(infer.fuse_arrays).parameters) - {"arrays", "device"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for the network",
+                                fix=f"use only {', '.join(sorted(allowed))}")
     return np.asarray(infer.fuse_arrays(list(arrays01), device=device, **options), dtype=np.float64)
 
 
-def _weights_hash() -> Any:
+def _weights_hash(weights: Any = None) -> Any:
+    """The sha256 of the weights that ran (the shipped file unless ``weights=`` named others)."""
     try:
         from .infer import weights_sha256
 
-        return weights_sha256()
+        return weights_sha256(weights)
     except Exception:  # noqa: BLE001 - a missing hash is recorded as null, never fatal
         return None
 
@@ -74,69 +82,140 @@ def _within(x: np.ndarray, lo: float, hi: float) -> bool:
     return float(x.min()) >= lo and float(x.max()) <= hi
 
 
-def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
-    """Scale arrays to 0..1; the first record maps the result back to the output scale."""
+#: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
+_SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percentiles", "low", "high")
+
+#: Float inputs share a 0..1 or 0..255 scale only when their maxima are within this factor of each other.
+_SHARED_SCALE_RATIO = 4.0
+
+
+def _specs(normalise: Any, n: int) -> Optional[List[Dict[str, Any]]]:
+    """One option dict per input from a list/tuple ``normalise``; None when it is a single setting."""
+    if not isinstance(normalise, (list, tuple)):
+        if not isinstance(normalise, str):
+            raise InvalidInputError(f"normalise must be a method name or a list of per-input dicts, got "
+                                    f"{type(normalise).__name__}", fix="pass e.g. 'auto', 'minmax' or [{...}, {...}]")
+        return None
+    if len(normalise) != n:
+        raise InvalidInputError(f"normalise has {len(normalise)} entries for {n} inputs",
+                                fix="give one dict of options (or one method name, or None) per input")
+    out = []
+    for i, spec in enumerate(normalise, start=1):
+        if spec is None or isinstance(spec, str):
+            spec = {} if spec is None else {"method": spec}
+        if not isinstance(spec, dict):
+            raise InvalidInputError(f"normalise entry {i} is a {type(spec).__name__}",
+                                    fix="give a dict such as {'method': 'window', 'level': 40}, a method name or None")
+        unknown = sorted(set(spec) - set(_SPEC_KEYS))
+        if unknown:
+            raise InvalidInputError(f"normalise entry {i} has unknown keys {unknown}",
+                                    fix=f"use only {', '.join(_SPEC_KEYS)}")
+        out.append(dict(spec))
+    return out
+
+
+def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]:
+    """The 0..1 or 0..255 scale the inputs already share, or None (then each is scaled by min/max).
+
+    8-bit-style integer images share 0..255 by convention. Float images in one band share it only when
+    they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would otherwise leave the PET at 5 % of the
+    scale, too dim to count in the fusion.
+    """
+    peaks = [float(a.max()) for a in arrays if float(a.max()) > float(a.min())]  # constant inputs don't count
+    alike = not peaks or min(peaks) * _SHARED_SCALE_RATIO >= max(peaks)
+    integer = all(np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in arrays)
+    if all(_within(a, 0.0, 1.0) for a in arrays) and (alike or integer):
+        return 0.0, 1.0
+    if all(_within(a, 0.0, 255.0) for a in arrays) and (alike or integer):
+        return 0.0, 255.0
+    return None
+
+
+def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
+                      originals: Optional[Sequence[np.ndarray]] = None) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
+    """Scale arrays to 0..1; the first record maps the result back to the output scale.
+
+    ``originals`` (the inputs before the float64 cast) tell integer images from float ones.
+    """
     from .normalise import normalise as norm
 
-    if isinstance(normalise, (list, tuple)):
-        if len(normalise) != len(arrays):
-            raise InvalidInputError(
-                f"normalise has {len(normalise)} entries for {len(arrays)} inputs", fix="give one dict of options per input"
-            )
-        pairs = [norm(a, **dict(spec or {})) for a, spec in zip(arrays, normalise)]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    if normalise != "auto":
+    specs = _specs(normalise, len(arrays))
+    if specs is not None:
+        pairs = [norm(a, **spec) for a, spec in zip(arrays, specs)]
+    elif normalise != "auto":
         # One method for every input (e.g. "none", "percentile", "minmax").
         pairs = [norm(a, method=str(normalise)) for a in arrays]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    # auto: keep a shared scale when the inputs already share one, so the output is on it.
-    if all(_within(a, 0.0, 1.0) for a in arrays):
-        pairs = [norm(a, method="range", low=0.0, high=1.0) for a in arrays]
-    elif all(_within(a, 0.0, 255.0) for a in arrays):
-        pairs = [norm(a, method="range", low=0.0, high=255.0) for a in arrays]
     else:
-        pairs = [norm(a, method="minmax") for a in arrays]
+        shared = _shared_scale(originals if originals is not None else arrays)
+        if shared is not None:
+            pairs = [norm(a, method="range", low=shared[0], high=shared[1]) for a in arrays]
+        else:
+            pairs = [norm(a, method="minmax") for a in arrays]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
     from .normalise import normalise as norm
 
-    if isinstance(normalise, (list, tuple)):
-        if len(normalise) != len(vols):
-            raise InvalidInputError(
-                f"normalise has {len(normalise)} entries for {len(vols)} inputs", fix="give one dict of options per input"
-            )
-        specs = [dict(s or {}) for s in normalise]
-    else:
-        specs = [{"method": str(normalise)} for _ in vols]
+    specs = _specs(normalise, len(vols)) or [{"method": str(normalise)} for _ in vols]
     out, recs = [], []
     for i, (v, spec) in enumerate(zip(vols, specs), start=1):
+        if np.iscomplexobj(v.array):
+            raise InvalidInputError(f"volume {i} is complex ({v.array.dtype})",
+                                    fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
         a = np.asarray(v.array, dtype=np.float64)
         require_finite(a, f"volume {i}", before="fusing")
         if spec.get("method", "auto") == "auto" and _within(a, 0.0, 1.0):
             spec = {"method": "range", "low": 0.0, "high": 1.0}  # already normalised upstream
-        y, rec = norm(a, modality=v.modality, unit=v.unit, **spec)
+        y, rec = norm(a, **{"modality": v.modality, "unit": v.unit, **spec})
         out.append(y)
         recs.append(rec)
     return out, recs
 
 
-def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str, options: Dict[str, Any]) -> np.ndarray:
+def _colour_peak(rgb: np.ndarray) -> float:
+    """The value of full intensity in a colour image: 255 for 8-bit data, the dtype's top for 16-bit, else 1."""
+    top = float(rgb.max())
+    if np.issubdtype(rgb.dtype, np.integer):
+        return 255.0 if top <= 255 else float(np.iinfo(rgb.dtype).max)
+    if top > 255.0:
+        raise InvalidInputError(f"the colour image's values reach {top:.4g}; a float colour image is read as 0..1 "
+                                "or 0..255", fix="scale it to 0..1 (or pass it as uint8/uint16)")
+    return 255.0 if top > 1.0 else 1.0
+
+
+def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str, normalise: Any,
+              options: Dict[str, Any]) -> np.ndarray:
+    """A grey image with a pseudo-colour one: the luma is fused, the colour kept; RGB out on the colour's scale.
+
+    The grey image is scaled on its own (``normalise`` applies to it), so a 0..1 MRI beside an 8-bit PET
+    counts fully; the colour image keeps its own scale, which its colours are rebuilt on.
+    """
     from .color import fuse_rgb
 
-    rgb = arrays[rgb_index]
-    greys = [a for i, a in enumerate(arrays) if i != rgb_index]
-    if len(greys) != 1:
+    if len(arrays) != 2:
         raise InvalidInputError("colour fusion takes one grey image and one RGB image", fix="fuse two images at a time")
-    gray = greys[0]
-    peak = 255.0 if (np.asarray(rgb).dtype == np.uint8 or float(np.max(rgb)) > 1.0 or float(np.max(gray)) > 1.0) else 1.0
+    rgb, gray = arrays[rgb_index], arrays[1 - rgb_index]
+    peak = _colour_peak(rgb)
+    specs = _specs(normalise, 2)
+    if specs is not None and specs[rgb_index]:
+        raise InvalidInputError("a colour image's scale is set by its colours, not by normalise",
+                                fix=f"give None for input {rgb_index + 1} and options only for the grey image")
+    if specs is not None or normalise != "auto":
+        mode = [specs[1 - rgb_index]] if specs is not None else normalise
+        gray01 = _normalise_arrays([gray.astype(np.float64)], mode)[0][0]
+    else:
+        # The grey image shares the colour image's scale only when both use it alike (8-bit pairs).
+        shared = _shared_scale([gray, rgb])
+        gray01 = _normalise_arrays([gray.astype(np.float64)], "minmax")[0][0] if shared is None else \
+            np.clip(gray.astype(np.float64) / shared[1], 0.0, 1.0)
 
     def _luma(pair):
         scaled = [np.clip(np.asarray(p, dtype=np.float64) / peak, 0.0, 1.0) for p in pair]
         return _run(method, scaled, device=device, options=options) * peak
 
-    return fuse_rgb(gray, rgb, fuse_fn=_luma, peak=peak)
+    out = fuse_rgb(gray01 * peak, rgb, fuse_fn=_luma, peak=peak)
+    return out.astype(rgb.dtype, copy=False) if np.issubdtype(rgb.dtype, np.floating) else out
 
 
 def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: Any = "auto",
@@ -145,14 +224,17 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
 
     Args:
         a, b, *more: 2-D/3-D NumPy arrays of one shape, or :class:`~medfuse.Volume`s on one
-            grid. One 2-D input may be an ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT):
-            it is fused through YCbCr and the result is RGB.
+            grid. One 2-D input may be an ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT) beside one
+            grey image: its luma is fused through YCbCr and the result is RGB on its scale (0..1,
+            0..255 or 16-bit; ``normalise`` then applies to the grey image only).
         method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` (network only; checked by
             :func:`medfuse.fusion.device.resolve_device`).
         normalise: ``"auto"``, ``"none"``, a :mod:`~medfuse.fusion.normalise` method name for every
             input, or a list of option dicts (one per input, e.g. ``{"method": "window", "level": 40}``).
-            ``auto`` for arrays keeps a shared 0..1 or 0..255 scale, else scales each by min/max;
+            ``auto`` for arrays keeps a shared 0..1 or 0..255 scale when the inputs use it alike
+            (integer images always; float images when their maxima are within a factor of 4), else
+            scales each by min/max, so that an MR in 0..150 beside a PET in SUV 0..8 both count;
             for Volumes it picks by modality (CT window, PET SUV range, MR percentiles) and leaves
             volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are.
         progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
@@ -168,14 +250,15 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
 
     Returns:
         Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1), of the inputs'
-        floating dtype (float32 inputs give float32), float64 for integer or boolean inputs.
+        floating dtype (float32 inputs give float32), float64 for integer or boolean inputs. With an RGB
+        input: RGB on that image's scale and of its dtype (``uint8`` stays ``uint8``).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
         ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``
         and ``network_functional``.
 
     Raises:
-        InvalidInputError: wrong count, shapes, NaN, complex values, unknown method, normalisation or
-            device, or a GPU this machine lacks.
+        InvalidInputError: wrong count, shapes, NaN, complex values, unknown method, normalisation,
+            option or device, or a GPU this machine lacks.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
@@ -211,7 +294,7 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
     shapes = [x.shape for x in arrays]
     rgb = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 3 and any(t == s[:2] for t in shapes if len(t) == 2)]
     if rgb:
-        return _fuse_rgb(arrays, rgb[0], method, device, options)
+        return _fuse_rgb(arrays, rgb[0], method, device, normalise, options)
     rgba = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 4 and any(t == s[:2] for t in shapes if len(t) == 2)]
     if rgba:
         raise InvalidInputError(f"input {rgba[0] + 1} has 4 channels (RGBA); colour fusion takes RGB",
@@ -223,7 +306,7 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         )
     if arrays[0].ndim not in (2, 3):
         raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {shapes[0]}", fix="pass 2-D or 3-D arrays")
-    scaled, recs = _normalise_arrays([x.astype(np.float64) for x in arrays], normalise)
+    scaled, recs = _normalise_arrays([x.astype(np.float64) for x in arrays], normalise, originals=arrays)
     fused01 = _run(method, scaled, device=device, options=options)
     from .normalise import denormalise
 
@@ -253,7 +336,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
     if method == "network":
-        prov["weights_sha256"] = _weights_hash()
+        prov["weights_sha256"] = _weights_hash(options.get("weights"))
         prov["network_functional"] = options.get("functional")
     out = Volume(fused.astype(np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary", provenance=prov)
     out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")})

@@ -89,8 +89,8 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
         **options: passed to the classical rule.
 
     Returns:
-        The fused RGB image, clipped to 0..``peak``; ``uint8`` when ``rgb`` is ``uint8``,
-        float64 otherwise.
+        The fused RGB image, clipped to 0..``peak``; of ``rgb``'s integer dtype when it has one
+        (``uint8`` stays ``uint8``), float64 otherwise.
     """
     g = np.asarray(gray)
     if g.ndim != 2:
@@ -109,6 +109,6 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
         y = np.asarray(fuse_fn([g.astype(np.float64), ycc[..., 0]]), dtype=np.float64)
     ycc[..., 0] = y
     out = np.clip(ycbcr_to_rgb(ycc, peak=peak), 0.0, peak)
-    if np.asarray(rgb).dtype == np.uint8:
-        return np.round(out).astype(np.uint8)
+    if np.issubdtype(np.asarray(rgb).dtype, np.integer):
+        return np.round(out).astype(np.asarray(rgb).dtype)
     return out

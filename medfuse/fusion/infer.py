@@ -14,7 +14,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -143,10 +143,13 @@ def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarr
     for a in arrs:
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
             raise InvalidInputError(f"the inputs must be real numbers, got dtype {a.dtype}", fix="pass float arrays")
-    x = np.stack([a.astype(np.float32, copy=False) for a in arrs])
-    if not np.isfinite(x).all():
+    if not all(np.isfinite(a).all() for a in arrs):
         raise InvalidInputError("an input contains NaN or infinite values",
                                 fix="replace them (e.g. numpy.nan_to_num) before fusing")
+    x = np.stack([a.astype(np.float32, copy=False) for a in arrs])
+    if not np.isfinite(x).all():
+        raise InvalidInputError("an input has values beyond float32's range; the network takes inputs in 0..1",
+                                fix="scale the inputs to 0..1 first (medfuse.fuse does it for you)")
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         warnings.warn(f"network fusion expects inputs scaled to 0..1 (got {lo:.3g}..{hi:.3g}); clipping",
@@ -165,6 +168,16 @@ def _pad_to(x, factor: int, axes: Sequence[int]):
     return x
 
 
+def _tri_state(functional: Any) -> Optional[bool]:
+    """``functional`` as None, True or False; 1/0 and NumPy booleans count as True/False."""
+    if functional is None:
+        return None
+    if isinstance(functional, (bool, np.bool_)) or (isinstance(functional, (int, np.integer)) and functional in (0, 1)):
+        return bool(functional)
+    raise InvalidInputError(f"functional must be True, False or None, got {functional!r}",
+                            fix="pass functional=True for a PET/SPECT input, False for anatomy only, None if unknown")
+
+
 # ----------------------------------------------------------------------------- 2-D
 def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
             refine: bool = True, functional: Optional[bool] = None, progress: Optional[ProgressFn] = None,
@@ -181,6 +194,7 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     but can hide such a spot.
     """
     x = _check_arrays(arrays, 2)
+    functional = _tri_state(functional)
     torch = _torch()
     check(cancel, "network fusion")
     model = load_model(weights, device=device)
@@ -226,6 +240,10 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         progress, cancel: see :mod:`medfuse.progress`.
     """
     x = _check_arrays(arrays, 3)
+    functional = _tri_state(functional)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a whole number of slices >= 1, got {batch_size!r}",
+                                fix="pass e.g. batch_size=32 (smaller uses less memory)")
     torch = _torch()
     from .network import _pool, _up, decompose
 

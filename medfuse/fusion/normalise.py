@@ -42,6 +42,28 @@ def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
     return "percentile"
 
 
+def _number(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"normalisation {name} must be a number, got {value!r}", fix=f"pass e.g. {name}=40") from None
+    if not np.isfinite(out):
+        raise InvalidInputError(f"normalisation {name} must be finite, got {value!r}", fix="pass a finite number")
+    return out
+
+
+def _percentiles(value: Any) -> Tuple[float, float]:
+    try:
+        pl, ph = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"percentiles must be two numbers (low, high), got {value!r}",
+                                fix="pass e.g. percentiles=(0.5, 99.5)") from None
+    if not 0.0 <= pl < ph <= 100.0:
+        raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {value!r}",
+                                fix="pass e.g. percentiles=(0.5, 99.5)")
+    return pl, ph
+
+
 def normalise(array, *, method: str = "auto", modality: Optional[str] = None, unit: Optional[str] = None,
               level: Optional[float] = None, width: Optional[float] = None, suv_max: Optional[float] = None,
               percentiles: Optional[Tuple[float, float]] = None, low: Optional[float] = None,
@@ -79,14 +101,15 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
     if chosen == "none":
         lo, hi = 0.0, 1.0
     elif chosen == "window":
-        lv, wd = (DEFAULT_CT_WINDOW[0] if level is None else float(level)), (DEFAULT_CT_WINDOW[1] if width is None else float(width))
+        lv = DEFAULT_CT_WINDOW[0] if level is None else _number("level", level)
+        wd = DEFAULT_CT_WINDOW[1] if width is None else _number("width", width)
         lo, hi = lv - wd / 2.0, lv + wd / 2.0
         rec.update(level=lv, width=wd)
     elif chosen == "suv":
-        lo, hi = 0.0, DEFAULT_SUV_MAX if suv_max is None else float(suv_max)
+        lo, hi = 0.0, DEFAULT_SUV_MAX if suv_max is None else _number("suv_max", suv_max)
         rec.update(suv_max=hi)
     elif chosen == "percentile":
-        pl, ph = DEFAULT_PERCENTILES if percentiles is None else (float(percentiles[0]), float(percentiles[1]))
+        pl, ph = DEFAULT_PERCENTILES if percentiles is None else _percentiles(percentiles)
         lo, hi = (float(v) for v in np.percentile(x, [pl, ph]))
         rec.update(percentiles=[pl, ph])
         if hi <= lo:  # sparse images (a few bright voxels): fall back to the full range
@@ -96,7 +119,7 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
     else:  # range
         if low is None or high is None:
             raise InvalidInputError("normalisation 'range' needs low= and high=", fix="pass e.g. low=0, high=255")
-        lo, hi = float(low), float(high)
+        lo, hi = _number("low", low), _number("high", high)
     if hi <= lo:
         if chosen in ("minmax", "percentile"):
             hi = lo + 1.0  # a constant image: map it to 0 rather than fail

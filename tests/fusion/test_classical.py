@@ -301,3 +301,73 @@ def test_complex_and_two_colour_inputs_are_clear_errors():
     with pytest.raises(InvalidInputError, match=r"input 2 has 4 channels \(RGBA\).*\[\.\.\., :3\]"):
         fuse(a / 255, rgba)
     assert fuse(a / 255, rgba[..., :3]).shape == rgb.shape
+
+
+def test_float_inputs_on_unlike_scales_are_each_scaled_to_their_own_range():
+    """An MR in 0..150 beside a PET in SUV 0..8 (both floats "within 0..255") must both count; 8-bit pairs
+    keep their shared 0..255 scale."""
+    a, b = _images()
+    mr = a / 255 * 150  # 0..150
+    pet = b / 255 * 8  # SUV 0..8, bright in the disc where the MR is mid-grey
+    fused = fuse(mr, pet, method="max")
+    disc = b > 150
+    # Each scaled by min/max: in the disc the PET's top reaches the MR's top, on the MR's scale.
+    assert np.median(fused[disc]) > 0.9 * mr.max()
+    np.testing.assert_allclose(fuse(mr, pet, method="max", normalise="minmax"), fused)
+    # Inputs that use one scale alike keep it (output = the plain max, on that scale).
+    np.testing.assert_allclose(fuse(a / 255, b / 255 * 0.6, method="max"), np.maximum(a / 255, b / 255 * 0.6))
+    a8, b8 = np.round(a).astype(np.uint8), np.round(b * 0.2).astype(np.uint8)  # a dim 8-bit image stays dim
+    np.testing.assert_allclose(fuse(a8, b8, method="max"), np.maximum(a8, b8).astype(float))
+
+
+def test_per_input_normalisation_options_are_checked():
+    a, b = _images()
+    same = fuse(a, b, method="mean", normalise=["minmax", None])
+    np.testing.assert_allclose(same, fuse(a, b, method="mean", normalise=[{"method": "minmax"}, {}]))
+    with pytest.raises(InvalidInputError, match=r"entry 1 has unknown keys \['lvl'\]"):
+        fuse(a, b, method="mean", normalise=[{"method": "window", "lvl": 40}, {}])
+    with pytest.raises(InvalidInputError, match="level must be a number"):
+        fuse(a, b, method="mean", normalise=[{"method": "window", "level": "abc"}, {}])
+    with pytest.raises(InvalidInputError, match="percentiles must be two numbers"):
+        fuse(a, b, method="mean", normalise=[{"method": "percentile", "percentiles": 5}, {}])
+    with pytest.raises(InvalidInputError, match="0 <= low < high <= 100"):
+        fuse(a, b, method="mean", normalise=[{"method": "percentile", "percentiles": (0, 150)}, {}])
+    with pytest.raises(InvalidInputError, match="entry 2 is a int"):
+        fuse(a, b, method="mean", normalise=[{}, 3])
+    with pytest.raises(InvalidInputError, match="method name or a list"):
+        fuse(a, b, method="mean", normalise=7)
+    # Volumes: a spec may override the modality that "auto" reads.
+    v = _vol(np.stack([a] * 8, axis=2), modality="MR", unit="arbitrary")
+    ct = fuse(v, v, method="mean", normalise=[{"method": "auto", "modality": "CT"}, {}])
+    assert ct.provenance["normalisation"][0]["method"] == "window"
+
+
+def test_complex_volume_is_refused():
+    v = _vol(np.ones((8, 8, 8)))
+    with pytest.raises(InvalidInputError, match=r"volume 1 is complex.*numpy.abs"):
+        fuse(v.with_array(np.ones((8, 8, 8), np.complex64)), v, method="mean")
+
+
+def test_colour_fusion_scales_the_grey_image_on_its_own():
+    """A 0..1 or 16-bit grey image beside an 8-bit pseudo-colour one counts as fully as an 8-bit one."""
+    a, b = _images()
+    gray8 = np.round(a).astype(np.uint8)
+    gray8[0, 0], gray8[0, 1] = 0, 255  # full range, so min/max scaling equals /255
+    rgb8 = np.stack([np.round(b), np.round(b * 0.5), np.round(255 - b)], axis=-1).astype(np.uint8)
+    ref = fuse(gray8, rgb8, method="max")
+    assert ref.dtype == np.uint8 and ref.shape == rgb8.shape
+    for gray in (gray8 / 255.0, gray8.astype(np.uint16) * 257):
+        out = fuse(gray, rgb8, method="max")
+        assert out.dtype == np.uint8 and np.abs(out.astype(int) - ref).max() <= 1
+    both16 = fuse(gray8.astype(np.uint16) * 257, rgb8.astype(np.uint16) * 257, method="max")
+    assert both16.dtype == np.uint16 and np.abs(both16.astype(int) - ref.astype(int) * 257).max() <= 257
+    rgb01 = (rgb8 / 255.0).astype(np.float32)
+    out = fuse(gray8 / 255.0, rgb01, method="max")
+    assert out.dtype == np.float32 and np.abs(out * 255 - ref).max() <= 1
+    # normalise applies to the grey image only.
+    dimmer = fuse(gray8, rgb8, method="max", normalise=[{"method": "range", "low": 0, "high": 510}, None])
+    assert dimmer.astype(int).sum() < ref.astype(int).sum()
+    with pytest.raises(InvalidInputError, match="colour image's scale is set by its colours"):
+        fuse(gray8, rgb8, method="max", normalise=[None, "minmax"])
+    with pytest.raises(InvalidInputError, match="float colour image"):
+        fuse(gray8, rgb8 * 300.0, method="max")

@@ -1003,3 +1003,52 @@ def test_mixing_teachers_without_starting_weights_are_a_clear_error(tmp_path, ca
     rc = main(["--ct-target-weight", "1", "--init", str(WEIGHTS), "--ct-target-smooth", "4", "--data",
                str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
     assert rc == 2 and "odd" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_functional_accepts_numpy_and_integer_booleans_alike():
+    """``functional=np.True_`` or ``1`` is True (the brighter rule in 3-D), ``0`` is False; nothing else passes."""
+    a, b = _blobs((16, 24, 20), 1), _blobs((16, 24, 20), 2)
+    want = {v: infer.fuse_3d([a, b], functional=v) for v in (True, False, None)}
+    assert not np.array_equal(want[True], want[None]) and not np.array_equal(want[False], want[None])
+    for given, means in ((np.True_, True), (1, True), (np.False_, False), (0, False)):
+        np.testing.assert_array_equal(infer.fuse_3d([a, b], functional=given), want[means])
+    np.testing.assert_array_equal(infer.fuse_2d([a[0], b[0]], functional=np.True_),
+                                  infer.fuse_2d([a[0], b[0]], functional=True))
+    with pytest.raises(InvalidInputError, match="functional must be True, False or None"):
+        infer.fuse_3d([a, b], functional="yes")
+    for bad in ("x", 0, 2.5):
+        with pytest.raises(InvalidInputError, match="batch_size"):
+            infer.fuse_3d([a, b], batch_size=bad)
+
+
+def test_provenance_names_the_weights_that_ran(tmp_path):
+    """``weights=`` a retrained file: the fused Volume records that file's hash, not the shipped one's."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import medfuse
+
+    with safe_open(str(WEIGHTS), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.001  # another (still valid) set of weights
+    other = tmp_path / "retrained.safetensors"
+    save_file(tensors, str(other), metadata=meta)
+    want = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert want != infer.weights_sha256()
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    vols = [medfuse.Volume(_blobs((16, 16, 16), s), aff, modality="MR") for s in (1, 2)]
+    assert medfuse.fuse(*vols, weights=other).provenance["weights_sha256"] == want
+    assert medfuse.fuse(*vols).provenance["weights_sha256"] == infer.weights_sha256()
+
+
+def test_unknown_network_options_and_float32_overflow_are_clear_errors():
+    import medfuse
+
+    a, b = _blobs((32, 32), 1), _blobs((32, 32), 2)
+    with pytest.raises(InvalidInputError, match="unknown option foo for the network.*functional"):
+        medfuse.fuse(a, b, foo=1)
+    with pytest.raises(InvalidInputError, match="beyond float32's range"):
+        infer.fuse_arrays([a.astype(np.float64) * 1e40, b])
