@@ -243,6 +243,14 @@ def _one_line(e: BaseException) -> str:
     return f"internal error {e.__class__.__name__}: {' '.join(str(e).split())[:300]}"
 
 
+def _scrubbed(text: str, inputs: Sequence[Any]) -> str:
+    """``text`` with the subject's patient identifiers (from its readable DICOM inputs) blanked: an error
+    may quote a path whose folder is named after the patient."""
+    from .provenance import patient_identifiers, scrub
+
+    return scrub(text, patient_identifiers([p for p in inputs if p and Path(p).exists()]))
+
+
 def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str, Any]) -> Dict[str, Any]:
     """Fuse one subject (runs on a Dask worker, or in-process). Never raises: failures are returned.
 
@@ -260,7 +268,7 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
         threads = int(options.get("threads") or 1)
         if options.get("cap_process_threads", True):
             cap_threads(threads)  # a worker process: bound every pool, not just registration's
-        from .pipeline import fuse_files, pipeline_parameters
+        from .pipeline import _weights_sha256, fuse_files, pipeline_parameters
         from .provenance import is_up_to_date
 
         register = s.register if s.register is not None else options.get("register")
@@ -268,7 +276,10 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
         kw = dict(register=register, method=method, device=options.get("device", "cpu"),
                   fallback=options.get("fallback"), threads=threads)
         inputs = [s.fixed, *s.moving]
-        if Path(s.output).exists() and is_up_to_date(s.output, input_paths=inputs, parameters=pipeline_parameters(**kw)):
+        # What the output must have been made with: a fallback's output, or other weights', is redone.
+        expect = {"method_used": method, **({"weights_sha256": _weights_sha256()} if method == "network" else {})}
+        if Path(s.output).exists() and is_up_to_date(s.output, input_paths=inputs, parameters=pipeline_parameters(**kw),
+                                                     expect=expect):
             res.status = "skipped"
             return asdict(res)
         Path(s.output).parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +294,8 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     except Exception as e:  # noqa: BLE001 - isolate the subject; the batch goes on
         res.error = _one_line(e)
     finally:
+        if res.error:
+            res.error = _scrubbed(res.error, [s.fixed, *s.moving])
         res.seconds = round(time.perf_counter() - t0, 3)
     return asdict(res)
 

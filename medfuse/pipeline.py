@@ -517,8 +517,11 @@ class Pipeline:
         if out is not None:
             from .io._atomic import check_output
 
+            from .provenance import check_sidecar
+
             # Fail before hours of work, not after.
             check_output(out, overwrite=overwrite, inputs=[p for p in inputs if not isinstance(p, Volume)])
+            check_sidecar(out, overwrite=overwrite)
         state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
                               progress=None, cancel=cancel)
         state.notes["parameters"] = self.parameters()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,3 +153,34 @@ def test_existing_scheduler_address(tmp_path):
         assert len(cluster.scheduler_info["workers"]) == 1  # still up: not ours to close
     with pytest.raises(InvalidInputError, match="unknown scheduler"):
         run_batch(manifest, scheduler="bogus")
+
+
+def test_outputs_made_with_other_weights_are_not_skipped(tmp_path, monkeypatch):
+    """A re-run after the weights changed must not report the old network output as up to date."""
+    pytest.importorskip("torch")
+    import medfuse.pipeline as pl
+
+    subjects = read_manifest(write_phantom_subjects(tmp_path, 1, first_seed=3, method="network", register=None))
+    assert run_batch(subjects, scheduler="synchronous").results[0].status == "done"
+    assert run_batch(subjects, scheduler="synchronous").results[0].status == "skipped"
+    monkeypatch.setattr(pl, "_weights_sha256", lambda: "0" * 64)  # as after a retrain
+    again = run_batch(subjects, scheduler="synchronous").results[0]
+    assert again.status == "failed" and "--overwrite" in again.error  # stale, and never replaced silently
+
+
+def test_batch_errors_do_not_quote_patient_identifiers(tmp_path):
+    """A missing input next to a DICOM folder named after the patient: the error names neither."""
+    pydicom = pytest.importorskip("pydicom")
+    src = tmp_path / "DOE_JOHN_PID778899" / "pet"
+    shutil.copytree(Path(medfuse.__file__).resolve().parents[1] / "sample_volumes" / "pet", src)
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID = "DOE^JOHN", "PID778899"
+        ds.save_as(f)
+    gone = tmp_path / "DOE_JOHN_PID778899" / "mr_missing.nii.gz"
+    bad = Subject(subject="s1", fixed=str(src), moving=[str(gone)], output=str(tmp_path / "out" / "s1.nii.gz"),
+                  method="mean")
+    res = run_batch([bad], scheduler="synchronous", report=tmp_path / "r.csv").results[0]
+    assert res.status == "failed" and "mr_missing" in res.error
+    for ident in ("DOE", "JOHN", "PID778899"):
+        assert ident not in res.error and ident not in (tmp_path / "r.csv").read_text()

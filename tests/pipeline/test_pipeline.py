@@ -138,8 +138,10 @@ def test_network_fallback_is_recorded(subject, tmp_path, monkeypatch):
     assert rec["weights_sha256"] is None
 
 
-def test_sidecar_never_holds_patient_identifiers(tmp_path):
-    """A DICOM input whose header (and folder name) carries the patient's name and ID."""
+@pytest.mark.parametrize("stray", [None, ".DS_Store", "0_notes.txt"])
+def test_sidecar_never_holds_patient_identifiers(tmp_path, stray):
+    """A DICOM input whose header (and folder name) carries the patient's name and ID, with or without a stray
+    non-DICOM file that sorts before the slices."""
     pydicom = pytest.importorskip("pydicom")
     src = tmp_path / "Doe_Jane_PID778899"
     shutil.copytree(SAMPLES / "pet", src)
@@ -149,6 +151,8 @@ def test_sidecar_never_holds_patient_identifiers(tmp_path):
         ds.PatientID = "PID778899"
         ds.PatientBirthDate = "19610203"
         ds.save_as(f)
+    if stray:
+        (src / stray).write_bytes(b"\x00\x00\x00\x01Bud1 not a dicom file")
     out = tmp_path / "fused.nii.gz"
     res = fuse_files(SAMPLES / "mr_t1.nii.gz", src, out, method="mean")
     text = res.sidecar.read_text()
@@ -157,6 +161,27 @@ def test_sidecar_never_holds_patient_identifiers(tmp_path):
     rec = json.loads(text)
     assert rec["inputs"][1]["sha256"] == prov.hash_path(src)  # still traceable by hash
     assert "[removed]" in rec["inputs"][1]["path"]
+
+
+def test_a_file_at_the_sidecar_path_is_never_replaced_silently(tmp_path):
+    """``fused.json`` may be the user's own file: refused before any work; a stale medfuse sidecar whose
+    output is gone is replaced."""
+    out = tmp_path / "fused.nii.gz"
+    mine = tmp_path / "fused.json"
+    mine.write_text('{"my": "notes"}')
+    with pytest.raises(medfuse.OutputExistsError, match="sidecar") as ei:
+        fuse_files(SAMPLES / "mr_t1.nii.gz", SAMPLES / "spect.nii.gz", out, method="mean")
+    assert "fused.json" in str(ei.value) and "--overwrite" in str(ei.value)
+    assert mine.read_text() == '{"my": "notes"}' and not out.exists()
+    res = fuse_files(SAMPLES / "mr_t1.nii.gz", SAMPLES / "spect.nii.gz", out, method="mean", overwrite=True)
+    assert json.loads(res.sidecar.read_text())["method_used"] == "mean"
+    out.unlink()  # a stale sidecar of ours: redone without asking
+    again = fuse_files(SAMPLES / "mr_t1.nii.gz", SAMPLES / "spect.nii.gz", out, method="mean")
+    assert out.exists() and prov.is_up_to_date(out, input_paths=[SAMPLES / "mr_t1.nii.gz", SAMPLES / "spect.nii.gz"],
+                                              expect={"method_used": "mean"})
+    assert not prov.is_up_to_date(out, input_paths=[SAMPLES / "mr_t1.nii.gz", SAMPLES / "spect.nii.gz"],
+                                  expect={"method_used": "network"})
+    assert again.sidecar == mine
 
 
 def test_sidecar_path_and_hashing(tmp_path):
