@@ -161,10 +161,11 @@ def test_outputs_made_with_other_weights_are_not_skipped(tmp_path, monkeypatch):
     import medfuse.pipeline as pl
 
     subjects = read_manifest(write_phantom_subjects(tmp_path, 1, first_seed=3, method="network", register=None))
-    assert run_batch(subjects, scheduler="synchronous").results[0].status == "done"
-    assert run_batch(subjects, scheduler="synchronous").results[0].status == "skipped"
+    report = tmp_path / "r.csv"
+    assert run_batch(subjects, scheduler="synchronous", report=report).results[0].status == "done"
+    assert run_batch(subjects, scheduler="synchronous", report=report).results[0].status == "skipped"
     monkeypatch.setattr(pl, "_weights_sha256", lambda: "0" * 64)  # as after a retrain
-    again = run_batch(subjects, scheduler="synchronous").results[0]
+    again = run_batch(subjects, scheduler="synchronous", report=report).results[0]
     assert again.status == "failed" and "--overwrite" in again.error  # stale, and never replaced silently
 
 
