@@ -206,6 +206,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     tfm = Path(args.transform) if args.transform else prov.sidecar_path(out).with_suffix(".tfm")
     for target in (out, tfm):
         check_output(target, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+    prov.check_sidecar(out, overwrite=args.overwrite)
     fixed, moving = load(args.fixed), load(args.moving)
     import time
 
@@ -288,6 +289,7 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
+        rest = _take_common_flags(args)
         try:
             mod = importlib.import_module(module)
         except ImportError as e:
@@ -299,13 +301,30 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
                                          if mod.__doc__ else None)
         mod.add_arguments(parser)
         try:
-            sub = parser.parse_args(args.rest)
+            sub = parser.parse_args(rest)
         except SystemExit as e:
             return EXIT_OK if e.code in (0, None) else EXIT_USAGE
-        sub.debug = args.debug
+        sub.debug, sub.quiet = args.debug, args.quiet
+        sub.argv = rest  # the command's own options, e.g. for the ``trained_by`` record of ``medfuse train``
+        if args.quiet and hasattr(sub, "no_progress"):
+            sub.no_progress = True  # "print only errors": no progress bar either
         return int(mod.run(sub) or 0)
 
     return handler
+
+
+def _take_common_flags(args: argparse.Namespace) -> List[str]:
+    """``args.rest`` without ``--debug``/``-q``/``--quiet``, which set ``args.debug``/``args.quiet`` instead.
+
+    Why: the help promises them after any command, and the delegated parsers do not know them. Anything after a
+    bare ``--`` is left alone.
+    """
+    rest = list(args.rest)
+    end = rest.index("--") if "--" in rest else len(rest)
+    head, tail = rest[:end], rest[end:]
+    args.debug = bool(getattr(args, "debug", False)) or "--debug" in head
+    args.quiet = bool(getattr(args, "quiet", False)) or "-q" in head or "--quiet" in head
+    return [a for a in head if a not in ("--debug", "-q", "--quiet")] + tail
 
 
 # ----------------------------------------------------------------------------- batch

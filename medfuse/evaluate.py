@@ -4,7 +4,8 @@ Runs each method (classical or ``network``) on every pair, writes the fused
 outputs (PNG for 2-D pairs, NIfTI for volumes), ``metrics.csv`` and
 ``metrics.json`` (every metric per image, and means per method and pair type),
 and prints a summary table. A pair that cannot be read or fused is reported and
-skipped; the run goes on and its result says it failed (exit code 1).
+skipped; the run goes on and its result says it failed (exit code 1). Bad arguments,
+a device this machine lacks and outputs that exist are refused before anything is written.
 
     medfuse evaluate ../shared/data/harvard-pairs --methods mean,max,gff --out eval/ --split val
 """
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -42,7 +44,8 @@ class EvaluationResult:
     Attributes:
         out_dir: the folder written.
         rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output`` and the metrics.
-        means: ``{method: {pair_type | "all": {metric: mean}}}``.
+        means: ``{method: {pair_type | "all": {metric: mean, "n": images, "counts": {metric: k}}}}``:
+            each mean is over the ``k`` images whose value is finite (see :func:`_means`).
         failures: one dict per skipped item: ``method``, ``item``, ``path``, ``error``.
         mode: ``"2d"`` for images, ``"slicewise"``/``"native"`` for volumes.
     """
@@ -95,6 +98,10 @@ def _volume_items(pairs: Sequence) -> List[_Item]:
         paths = [str(x) for x in entry if isinstance(x, (str, os.PathLike))]
         if name is None:
             name = "_".join(_stem(p) for p in paths) if len(paths) == len(entry) else f"pair{i + 1:03d}"
+        elif not str(name).strip() or Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
+            # The name becomes <out>/<method>/<name>.nii.gz: it must stay inside the output folder.
+            raise InvalidInputError(f"volume pair {i + 1} has the name {name!r}, which is not a relative file name",
+                                    fix="name it like 'subject01'")
         items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)), paths[-1] if paths else None))
     return items
 
@@ -121,18 +128,43 @@ def _load_volumes(entry) -> Tuple:
     return tuple(out)
 
 
+def _unique_names(items: List[_Item]) -> List[_Item]:
+    """Prefix colliding names with the item's 1-based position: ``s1/mr.nii.gz s1/pet.nii.gz`` and
+    ``s2/mr.nii.gz s2/pet.nii.gz`` become ``001_mr_pet`` and ``002_mr_pet``.
+
+    Names are row labels and output file names, so two items with one name would share a file (and,
+    before this, a row's scores). Names that are already unique are left alone.
+
+    Raises:
+        InvalidInputError: a numbered name still collides (with a name given explicitly).
+    """
+    counts = Counter(it.name for it in items)
+    for i, it in enumerate(items):
+        if counts[it.name] > 1:
+            head, sep, tail = it.name.rpartition("/")  # keep a Harvard item's <PAIR>/ folder
+            it.name = f"{head}{sep}{i + 1:03d}_{tail}"
+    dup = [n for n, c in Counter(it.name for it in items).items() if c > 1]
+    if dup:
+        raise InvalidInputError(f"more than one pair is named {dup[0]!r}", fix="give each pair a unique name")
+    return items
+
+
 def _items(source, *, pair_types=None) -> Tuple[List[_Item], bool]:
-    """(items, is_2d) from a folder, a list of HarvardPair, or a list of volume pairs."""
+    """(items with unique names, is_2d) from a folder, a list of HarvardPair, or a list of volume pairs."""
     from .harvard import HarvardPair, list_pairs
 
     if isinstance(source, (str, os.PathLike)):
-        return _harvard_items(list_pairs(source, pair_types=pair_types)), True
+        return _unique_names(_harvard_items(list_pairs(source, pair_types=pair_types))), True
     seq = list(source)
     if not seq:
         raise InvalidInputError("nothing to evaluate: the list of pairs is empty", fix="pass a folder or some pairs")
     if all(isinstance(p, HarvardPair) for p in seq):
-        return _harvard_items(seq), True
-    return _volume_items(seq), False
+        return _unique_names(_harvard_items(seq)), True
+    return _unique_names(_volume_items(seq)), False
+
+
+def _target(out: Path, method: str, item: _Item, is_2d: bool) -> Path:
+    return out / method / f"{item.name}{'.png' if is_2d else '.nii.gz'}"
 
 
 # ---------------------------------------------------------------------- one item
@@ -191,7 +223,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         metrics: metric names (default: all).
         pair_types: folder sources only: restrict to these pair types (``"CT-MRI"`` or ``"CT"``).
         mode: volumes only: ``"slicewise"`` or ``"native"`` (see :func:`medfuse.metrics.score`).
-        device: for the network.
+        device: for the network; checked before anything is written.
         overwrite: replace existing outputs and tables.
         save_outputs: write the fused images (tables are always written).
         **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
@@ -200,10 +232,13 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         An :class:`EvaluationResult`; ``result.ok`` is False when any item was skipped.
 
     Raises:
-        InvalidInputError: unknown method/metric/mode, nothing to evaluate.
+        InvalidInputError: unknown method/metric/mode, nothing to evaluate, two pairs given the same
+            explicit name, or ``device`` is a GPU this machine lacks (with ``"network"``).
         UnreadableFileError: the folder holds no pairs.
-        OutputExistsError: tables exist and ``overwrite`` is False.
+        OutputExistsError: tables or fused outputs exist and ``overwrite`` is False.
         CancelledError: ``cancel`` was set.
+
+    All of these except ``CancelledError`` are raised before anything is written.
     """
     from .fusion import available_methods
     from .io._atomic import atomic_write_text
@@ -220,20 +255,33 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         from .metrics import _names
 
         metrics = _names(metrics, METRICS)
+    if "network" in methods:
+        from .fusion.device import check_network_device
+
+        # As `medfuse fuse`: a GPU this machine lacks is bad input (exit 2), not one failure per item.
+        check_network_device("network", device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.csv", "metrics.json"):
         if (out / name).exists() and not overwrite:
             raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite",
                                     path=out / name)
     items, is_2d = _items(source, pair_types=pair_types)
+    if save_outputs and not overwrite:
+        # Refuse before the first write, not halfway through with no tables.
+        for method in methods:
+            for item in items:
+                if _target(out, method, item, is_2d).exists():
+                    raise OutputExistsError("a fused output of an earlier evaluation exists",
+                                            fix="choose another --out, or pass overwrite",
+                                            path=_target(out, method, item, is_2d))
+    out.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
     total = len(items) * len(methods)
     done = 0
-    cache: Dict[str, Any] = {}  # loaded sources, reused by every method (or the exception)
+    cache: Dict[int, Any] = {}  # by item index: loaded sources, reused by every method (or the exception)
     for method in methods:
         dead: Optional[str] = None  # set when the method itself cannot run here
-        for item in items:
+        for index, item in enumerate(items):
             check(cancel, "the evaluation")
             report(progress, done / max(total, 1), f"{method}: {item.name}")
             done += 1
@@ -241,24 +289,24 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
                 continue
             try:
-                if item.name not in cache:
+                if index not in cache:
                     try:
-                        cache[item.name] = item.load()
+                        cache[index] = item.load()
                     except MedfuseError as e:
-                        cache[item.name] = e
-                srcs = cache[item.name]
+                        cache[index] = e
+                srcs = cache[index]
                 if isinstance(srcs, MedfuseError):
                     raise srcs
                 row: Dict[str, Any] = {"method": method, "pair_type": item.pair_type, "name": item.name}
                 if is_2d:
                     img, f, greys = _fuse_2d(srcs, method, device, options)
                     scores = score(f, *greys, metrics=metrics)
-                    target = out / method / f"{item.name}.png"
+                    target = _target(out, method, item, True)
                     if save_outputs:
                         _save_png(img, target, overwrite)
                 else:
                     fused, scores = _score_volumes(srcs, method, device, options, mode, metrics)
-                    target = out / method / f"{item.name}.nii.gz"
+                    target = _target(out, method, item, False)
                     if save_outputs:
                         from .io import save
 
@@ -276,7 +324,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 result.failures.append({"method": method, "item": item.name, "path": e.path or item.path,
                                         "error": e.one_line()})
     result.means = _means(result.rows)
-    atomic_write_text(out / "metrics.csv", _csv(result), overwrite=overwrite)
+    # Nothing scored (every item failed): the header still names the metrics asked for.
+    names = _metric_names(result.rows) or [m for m in METRICS if metrics is None or m in metrics]
+    atomic_write_text(out / "metrics.csv", _csv(result, names), overwrite=overwrite)
     atomic_write_text(out / "metrics.json", json.dumps(_json(result, source, methods, options), indent=1,
                                                        allow_nan=False), overwrite=overwrite)
     report(progress, 1.0, "evaluation done")
@@ -290,21 +340,31 @@ def _metric_names(rows) -> List[str]:
     return [m for m in METRICS if any(m in r for r in rows)]
 
 
-def _means(rows) -> Dict[str, Dict[str, Dict[str, float]]]:
+def _means(rows) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Per method and pair type (and "all"): each metric's mean over the images where it is finite,
+    ``n`` (images in the group) and ``counts`` (per metric, the images the mean is over).
+
+    A non-finite value has no place in a mean a table can compare (PSNR is +inf for a fused image
+    equal to every source, Qabf NaN for images without edges); leaving it out silently would label a
+    mean over 2 images n=3, so ``counts`` says how many, and the table marks a mean over fewer than n.
+    """
     names = _metric_names(rows)
-    means: Dict[str, Dict[str, Dict[str, float]]] = {}
+    means: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mrows = [r for r in rows if r["method"] == method]
         groups = {t: [r for r in mrows if r["pair_type"] == t] for t in dict.fromkeys(r["pair_type"] for r in mrows)}
         if len(groups) > 1:
             groups["all"] = mrows
-        means[method] = {t: {**{m: _mean([r.get(m) for r in g]) for m in names}, "n": len(g)} for t, g in groups.items()}
+        means[method] = {}
+        for t, g in groups.items():
+            finite = {m: _finite_values([r.get(m) for r in g]) for m in names}
+            means[method][t] = {**{m: float(np.mean(v)) if v else float("nan") for m, v in finite.items()},
+                                "n": len(g), "counts": {m: len(v) for m, v in finite.items()}}
     return means
 
 
-def _mean(values) -> float:
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    return float(np.mean(v)) if v else float("nan")
+def _finite_values(values) -> List[float]:
+    return [float(x) for x in values if x is not None and math.isfinite(float(x))]
 
 
 def _finite(x):
@@ -313,8 +373,8 @@ def _finite(x):
     return x
 
 
-def _csv(result: EvaluationResult) -> str:
-    names = _metric_names(result.rows)
+def _csv(result: EvaluationResult, names: Optional[List[str]] = None) -> str:
+    names = names if names is not None else _metric_names(result.rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["kind", "method", "pair_type", "name", "output", *names])
@@ -324,6 +384,9 @@ def _csv(result: EvaluationResult) -> str:
     for method, groups in result.means.items():
         for ptype, vals in groups.items():
             w.writerow(["mean", method, ptype, f"n={vals['n']}", "", *[_fmt(vals.get(m)) for m in names]])
+            # How many images each mean above is over (fewer than n where values were not finite).
+            w.writerow(["count", method, ptype, f"n={vals['n']}", "",
+                        *[str(vals["counts"][m]) if m in vals.get("counts", {}) else "" for m in names]])
     for f in result.failures:
         w.writerow(["failed", f["method"], "", f["item"], "", *[""] * len(names)])
     return buf.getvalue()
@@ -349,13 +412,22 @@ def _json(result: EvaluationResult, source, methods, options) -> Dict[str, Any]:
     }
 
 
-def format_table(means: Dict[str, Dict[str, Dict[str, float]]], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
-    """A Markdown table of the means: one row per method and pair type."""
+def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """A Markdown table of the means: one row per method and pair type.
+
+    A mean over fewer images than the row's n (values that were not finite) shows its count: ``30.125 (n=2)``.
+    """
     cols = [m for m in metrics if any(m in v for g in means.values() for v in g.values())]
     lines = ["| Method | Pair | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for method, groups in means.items():
         for ptype, vals in groups.items():
-            cells = [("" if vals.get(c) is None or not math.isfinite(vals[c]) else f"{vals[c]:.3f}") for c in cols]
+            cells = []
+            for c in cols:
+                v, k = vals.get(c), vals.get("counts", {}).get(c)
+                cell = "" if v is None or not math.isfinite(v) else f"{v:.3f}"
+                if k is not None and k < vals.get("n", k):
+                    cell = f"{cell} (n={k})".strip()
+                cells.append(cell)
             lines.append(f"| {method} | {ptype} | {vals.get('n', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -373,7 +445,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     parser.add_argument("--pair-types", default=None, help="folder only: e.g. CT-MRI,PET-MRI (default: all)")
     parser.add_argument("--split", choices=("all", "train", "val"), default="all",
-                        help="folder only: score the by-case train or validation split (default: all)")
+                        help="folder only: score the network's training or held-out validation cases (the split "
+                             "'medfuse train' uses: by case, per pair type; default: all)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the split (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="folder only: at most N pairs per pair type")
@@ -383,6 +456,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (no bar, no table)")
     return parser
 
 
@@ -390,12 +464,15 @@ def _csv_list(s: Optional[str]) -> Optional[List[str]]:
     return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     """Run ``medfuse evaluate`` from parsed arguments; return the exit code (0 ok, 1 items skipped).
 
+    ``quiet`` (or ``args.quiet``, ``-q``) prints only errors: the skipped items, on stderr.
     Bad input raises :class:`~medfuse.errors.MedfuseError` (the CLI prints it and exits 2).
     """
-    from .harvard import list_pairs, split_by_case
+    from .harvard import list_pairs, training_split
+
+    quiet = quiet or bool(getattr(args, "quiet", False))
 
     if (args.source is None) == (not args.pair):
         raise InvalidInputError("give either a folder of image pairs or --pair images (not both)",
@@ -403,7 +480,8 @@ def run(args: argparse.Namespace) -> int:
     if args.source is not None:
         source: Any = list_pairs(args.source, pair_types=_csv_list(args.pair_types))
         if args.split != "all":
-            train, val = split_by_case(source, val_fraction=args.val_fraction, seed=args.seed)
+            # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's held-out cases.
+            train, val = training_split(source, val_fraction=args.val_fraction, seed=args.seed)
             source = val if args.split == "val" else train
         if args.limit is not None:
             kept, seen = [], {}
@@ -416,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         source = [tuple(p) for p in args.pair]
     bar = None
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and not quiet:
         from tqdm import tqdm
 
         bar = tqdm(total=1000, desc="evaluate", file=sys.stderr, leave=False, disable=None,
@@ -436,9 +514,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(result.table())
-    print(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
-          f"({len(result.rows)} images scored)")
+    if not quiet:
+        print(result.table())
+        print(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
+              f"({len(result.rows)} images scored)")
     if result.failures:
         print(f"\n{len(result.failures)} item(s) failed and were skipped:", file=sys.stderr)
         for f in result.failures:

@@ -6,25 +6,32 @@ file name's leading digits name the case and its last three the slice:
 ``28010.png`` is case 28, slice 010.
 
 Slices of one case are nearly identical neighbours, so training and validation
-must be split **by case** (:func:`split_by_case`), or validation is optimistic.
-The same case number can appear under several pair types with the same MRI
-(CT–MRI and SPECT–MRI share some), so the split keys on the case number alone.
+must be split **by case**, or validation is optimistic. Two splits live here:
+
+* :func:`split_cases` / :func:`training_split`: the split ``medfuse train`` uses (each pair
+  type on its own, seeded by ``f"{seed}-{pair_type}"``); the shipped network's validation
+  cases are this split's, so ``medfuse evaluate --split val`` uses it too.
+* :func:`split_by_case`: keys on the case number across pair types (CT–MRI and SPECT–MRI
+  share some MRI slices); the published baseline tables (``benchmarks/fusion_baselines.py``)
+  were computed on it. It is *not* the network's held-out set.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError
 
-__all__ = ["HarvardPair", "case_id", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case", "FUNCTIONAL"]
+__all__ = ["HarvardPair", "case_id", "case_of", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case",
+           "split_cases", "training_split", "FUNCTIONAL"]
 
 #: Sub-folder names of the non-MRI image.
 FUNCTIONAL = ("CT", "PET", "SPECT")
@@ -172,4 +179,64 @@ def split_by_case(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, se
                 have[p.pair_type] += 1
     train = [p for p in pairs if p.case not in val_cases]
     val = [p for p in pairs if p.case in val_cases]
+    return train, val
+
+
+# ---------------------------------------------------------------------- the training split
+def case_of(name: str | os.PathLike) -> str:
+    """Case of a Harvard file name as ``medfuse train`` keys it: ``28010.png`` -> ``"28"``.
+
+    Unlike :func:`case_id` it accepts any name (a name of three characters or fewer is its own case).
+    """
+    stem = Path(name).stem
+    return stem[:-3] or stem
+
+
+def _val_cases(names: Iterable[str], pair_type: str, *, seed: int, val_fraction: float) -> set:
+    """The validation cases of one pair type: a seeded shuffle of its cases, the first ``val_fraction``."""
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}", fix="use e.g. 0.2")
+    # Digit cases sort as numbers (the order the shipped weights were split in); others after them.
+    cases = sorted({case_of(n) for n in names}, key=lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c))
+    rng = random.Random(f"{seed}-{pair_type}")  # per pair type: adding a pair type never moves another's cases
+    rng.shuffle(cases)
+    n_val = max(1, int(round(val_fraction * len(cases))))
+    return set(cases[:n_val])
+
+
+def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
+                val_fraction: float = 0.2) -> Tuple[Dict[str, list], Dict[str, list]]:
+    """Split each pair type by case (never by slice) with a fixed seed; at least one validation case.
+
+    The split ``medfuse train`` uses (the shipped weights record its validation cases).
+
+    Args:
+        pairs: ``{pair type: [(mri path, other path), ...]}``.
+
+    Returns:
+        ``(train, validation)``, each ``{pair type: [(mri, other), ...]}`` in the input order.
+    """
+    train, val = {}, {}
+    for ptype, items in pairs.items():
+        vset = _val_cases((a.name for a, _ in items), ptype, seed=seed, val_fraction=val_fraction)
+        val[ptype] = [p for p in items if case_of(p[0].name) in vset]
+        train[ptype] = [p for p in items if case_of(p[0].name) not in vset]
+    return train, val
+
+
+def training_split(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, seed: int = 0
+                   ) -> Tuple[List[HarvardPair], List[HarvardPair]]:
+    """:func:`split_cases` for a list of :class:`HarvardPair`: the network's train/validation split.
+
+    Each pair type is split over all of its pairs in ``pairs``; pass every pair of a type (as
+    :func:`list_pairs` gives them) to get the cases the network was trained and validated on.
+
+    Returns:
+        ``(train, validation)``, each in the input order.
+    """
+    pairs = list(pairs)
+    vsets = {t: _val_cases((p.name for p in pairs if p.pair_type == t), t, seed=seed, val_fraction=val_fraction)
+             for t in dict.fromkeys(p.pair_type for p in pairs)}
+    train = [p for p in pairs if case_of(p.name) not in vsets[p.pair_type]]
+    val = [p for p in pairs if case_of(p.name) in vsets[p.pair_type]]
     return train, val

@@ -113,6 +113,11 @@ def test_output_exists_is_refused(tmp_path, capsys):
 
 def test_register_writes_volume_transform_and_sidecar(tmp_path, capsys):
     out = tmp_path / "pet_on_mr.nii.gz"
+    mine = tmp_path / "pet_on_mr.json"
+    mine.write_text("my notes")  # a file of the user's at the sidecar path: refused before any work
+    assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == EXIT_USAGE
+    assert "sidecar" in capsys.readouterr().err and mine.read_text() == "my notes" and not out.exists()
+    mine.unlink()
     assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "rotation" in text and str(out) in text
@@ -200,3 +205,40 @@ def test_fuse_modalities_pick_the_network_3d_path(tmp_path, capsys):
     assert "one per input" in capsys.readouterr().err and not (tmp_path / "c.nii.gz").exists()
     assert main(["fuse", mr1, mr2, "-o", str(tmp_path / "c.nii.gz"), "--modalities", "MR", "XR"]) == EXIT_USAGE
     assert "modality" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd,module,opts", [("evaluate", "medfuse.evaluate", ["pairs", "--out", "o"]),
+                                             ("train", "medfuse.fusion.train", ["--epochs", "1"])])
+def test_debug_and_quiet_reach_delegated_commands(cmd, module, opts, monkeypatch):
+    """``--debug`` and ``-q`` work after ``evaluate``/``train`` as after any command (they were 'unrecognized
+    arguments'), and before them they are passed on (``-q`` was dropped). The command's own options stay."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not part of this checkout yet")
+    mod = importlib.import_module(module)
+    seen = []
+    monkeypatch.setattr(mod, "run", lambda a: seen.append(a) or 0)
+    assert main([cmd, *opts, "--debug", "-q"]) == 0
+    assert seen[-1].debug and seen[-1].quiet and seen[-1].argv == opts
+    assert main(["-q", cmd, *opts]) == 0
+    assert seen[-1].quiet and not seen[-1].debug and seen[-1].argv == opts
+    if cmd == "evaluate":
+        assert seen[-1].no_progress  # "print only errors": no progress bar
+    assert main([cmd, *opts, "--quiet"]) == 0 and seen[-1].quiet
+
+
+def test_train_errors_are_usage_errors_with_a_traceback_under_debug(tmp_path, capsys):
+    """A bad ``medfuse train`` value is exit 2 with one line and the fix (``--val-limit 0`` was an internal
+    error, exit 3); ``--debug`` after ``train`` adds the traceback."""
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    args = ["train", "--val-limit", "0", "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--val-limit must be 1 or more" in err and "Fix:" in err, err
+    assert main([*args, "--debug"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "--val-limit must be 1 or more" in err and "unrecognized" not in err, err
+    assert not (tmp_path / "r").exists()

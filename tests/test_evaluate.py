@@ -177,3 +177,161 @@ def test_cli_run_with_volume_pair_files(tmp_path, capsys):
     assert (tmp_path / "o" / "max" / "mr_t2.nii.gz").exists()
     with pytest.raises(InvalidInputError, match="either a folder"):
         E.run(parser.parse_args(["--out", str(tmp_path / "x")]))
+
+
+# ---------------------------------------------------------------------- the network's split
+def _write_three_types(root, cases=(2, 3, 5, 8, 13, 21, 34), slices=(1, 2)):
+    """Tiny grey pairs under all three pair types (the layout ``medfuse train`` reads)."""
+    rng = np.random.default_rng(3)
+    for ptype, other in (("CT-MRI", "CT"), ("PET-MRI", "PET"), ("SPECT-MRI", "SPECT")):
+        for sub in ("MRI", other):
+            (root / ptype / sub).mkdir(parents=True)
+        for case in cases:
+            for sl in slices:
+                for sub in ("MRI", other):
+                    img = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+                    Image.fromarray(img).save(root / ptype / sub / f"{case}{sl:03d}.png")
+    return root
+
+
+def _cases_by_type(csv_path):
+    out = {}
+    for r in csv.DictReader(open(csv_path)):
+        if r["kind"] == "image":
+            out.setdefault(r["pair_type"], set()).add(r["name"].split("/")[-1][:-3])
+    return out
+
+
+def test_split_val_is_the_split_training_uses_and_needs_no_torch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from medfuse.fusion.train import harvard_pairs, split_cases
+
+    root = _write_three_types(tmp_path / "h")
+    parser = E.add_arguments(argparse.ArgumentParser())
+    for split, seed in (("val", 0), ("train", 0), ("val", 4)):
+        out = tmp_path / f"{split}{seed}"
+        assert E.run(parser.parse_args([str(root), "--split", split, "--seed", str(seed), "--methods", "mean",
+                                        "--metrics", "EN", "--no-save", "--no-progress", "--out", str(out)])) == 0
+        tr, va = split_cases(harvard_pairs(root), seed=seed)
+        want = {t: {Path(a).name[:-7] for a, _ in v} for t, v in (va if split == "val" else tr).items()}
+        assert _cases_by_type(out / "metrics.csv") == want, (split, seed)
+    # The split is pure Python: `medfuse evaluate --split val` does not load torch.
+    code = ("import sys, medfuse.evaluate as E, argparse; p = E.add_arguments(argparse.ArgumentParser()); "
+            f"E.run(p.parse_args([{str(root)!r}, '--split', 'val', '--methods', 'mean', '--metrics', 'EN', "
+            f"'--no-save', '-q', '--out', {str(tmp_path / 'nt')!r}])); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_split_val_gives_the_shipped_weights_validation_cases(shared, tmp_path):
+    from pathlib import Path
+
+    root = shared("data", "harvard-pairs")
+    meta = json.loads((Path(E.__file__).parent / "fusion" / "weights" / "medfuse_fusion.json").read_text())
+    parser = E.add_arguments(argparse.ArgumentParser())
+    assert E.run(parser.parse_args([str(root), "--split", "val", "--methods", "mean", "--metrics", "EN",
+                                    "--no-save", "--no-progress", "--out", str(tmp_path / "o")])) == 0
+    # Exactly the cases the shipped network was validated on (and so never trained on), every pair type.
+    assert _cases_by_type(tmp_path / "o" / "metrics.csv") == {t: set(c) for t, c in meta["val_cases"].items()}
+
+
+# ---------------------------------------------------------------------- names, outputs, device, means
+def _two_subjects(tmp_path):
+    """s1/ and s2/ with the same file names, different contents."""
+    from medfuse.io import save
+
+    for i, s in enumerate(("s1", "s2")):
+        base = np.zeros((12, 12, 10))
+        base[2 + i:10, 2:10 - i, 2:8] = 1.0
+        (tmp_path / s).mkdir()
+        save(_vol(base * (500 + 200 * i) + 10, modality="MR"), tmp_path / s / "mr.nii.gz")
+        save(_vol(base[::-1] * (300 - 100 * i) + 5, modality="MR"), tmp_path / s / "pet.nii.gz")
+    return [(tmp_path / s / "mr.nii.gz", tmp_path / s / "pet.nii.gz") for s in ("s1", "s2")]
+
+
+def test_pairs_with_the_same_file_names_get_their_own_rows_and_outputs(tmp_path, capsys):
+    pairs = _two_subjects(tmp_path)
+    parser = E.add_arguments(argparse.ArgumentParser())
+    argv = [a for p in pairs for a in ("--pair", str(p[0]), str(p[1]))] + ["--methods", "max", "--mode", "native",
+                                                                           "--no-progress"]
+    assert E.run(parser.parse_args(argv + ["--out", str(tmp_path / "o")])) == 0
+    rows = [r for r in csv.DictReader((tmp_path / "o" / "metrics.csv").open()) if r["kind"] == "image"]
+    assert [r["name"] for r in rows] == ["001_mr_pet", "002_mr_pet"]
+    assert [r["output"] for r in rows] == ["max/001_mr_pet.nii.gz", "max/002_mr_pet.nii.gz"]
+    assert all((tmp_path / "o" / r["output"]).exists() for r in rows)
+    # Each row holds its own pair's scores.
+    for p, r in zip(pairs, rows):
+        alone = E.evaluate([p], methods=["max"], mode="native", out_dir=tmp_path / f"alone{r['name']}",
+                           save_outputs=False)
+        assert float(r["SSIM"]) == pytest.approx(alone.rows[0]["SSIM"]) and alone.rows[0]["name"] == "mr_pet"
+    assert rows[0]["SSIM"] != rows[1]["SSIM"]
+    no_save = E.evaluate(pairs, methods=["max"], mode="native", out_dir=tmp_path / "ns", save_outputs=False)
+    assert [r["SSIM"] for r in no_save.rows] == [float(r["SSIM"]) for r in rows]
+    # Explicit names are numbered the same way when they collide; a name must stay inside the output folder.
+    named = E.evaluate([{"name": "a", "inputs": pairs[0]}, {"name": "a", "inputs": pairs[1]}], methods=["max"],
+                       mode="native", out_dir=tmp_path / "named", save_outputs=False)
+    assert [r["name"] for r in named.rows] == ["001_a", "002_a"]
+    with pytest.raises(InvalidInputError, match="relative file name"):
+        E.evaluate([{"name": "../escape", "inputs": pairs[0]}], methods=["max"], out_dir=tmp_path / "esc")
+
+
+def test_an_existing_fused_output_is_refused_before_anything_is_written(tmp_path):
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    out = tmp_path / "out"
+    (out / "mean" / "PET-MRI").mkdir(parents=True)
+    (out / "mean" / "PET-MRI" / "6002.png").write_bytes(b"an earlier run's output")
+    with pytest.raises(OutputExistsError, match="6002.png"):
+        E.evaluate(src, methods=["mean"], out_dir=out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["mean/PET-MRI/6002.png"]
+    assert E.evaluate(src, methods=["mean"], out_dir=out, overwrite=True).ok
+
+
+def test_a_gpu_this_machine_lacks_is_bad_input_before_anything_is_written(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    with pytest.raises(InvalidInputError, match="device 'cuda'"):
+        E.evaluate(src, methods=["mean", "network"], device="cuda", out_dir=tmp_path / "o")
+    parser = E.add_arguments(argparse.ArgumentParser())
+    with pytest.raises(InvalidInputError, match="device 'cuda'"):  # the CLI prints it and exits 2
+        E.run(parser.parse_args([str(src), "--methods", "network", "--device", "cuda", "--no-progress",
+                                 "--out", str(tmp_path / "o")]))
+    assert not (tmp_path / "o").exists()
+
+
+def test_means_say_how_many_images_they_are_over(tmp_path, capsys):
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    same = np.asarray(Image.open(src / "CT-MRI" / "MRI" / "5001.png"))
+    Image.fromarray(same).save(src / "CT-MRI" / "CT" / "5001.png")  # max(A, A) == A: PSNR is +inf
+    parser = E.add_arguments(argparse.ArgumentParser())
+    assert E.run(parser.parse_args([str(src), "--pair-types", "CT-MRI", "--methods", "max", "--metrics", "PSNR,CC",
+                                    "--no-save", "--no-progress", "--out", str(tmp_path / "o")])) == 0
+    table = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "o" / "metrics.csv").open()))
+    images = [r for r in rows if r["kind"] == "image"]
+    assert [r["PSNR"] for r in images][0] == "inf" and np.isfinite(float(images[1]["PSNR"]))
+    mean = next(r for r in rows if r["kind"] == "mean")
+    count = next(r for r in rows if r["kind"] == "count")
+    assert mean["name"] == "n=2" and float(mean["PSNR"]) == pytest.approx(float(images[1]["PSNR"]))
+    assert count["PSNR"] == "1" and count["CC"] == "2"  # the PSNR mean is over 1 image, not 2
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["means"]["max"]["CT-MRI"]["counts"] == {"PSNR": 1, "CC": 2}
+    assert doc["means"]["max"]["CT-MRI"]["n"] == 2
+    assert f"{float(mean['PSNR']):.3f} (n=1)" in table and f"{float(mean['CC']):.3f} |" in table
+
+
+def test_nothing_scored_keeps_the_metric_header_and_quiet_prints_only_errors(tmp_path, capsys):
+    src = _write_folder(tmp_path / "pairs")  # CT-MRI 6002 is corrupt
+    (src / "CT-MRI" / "CT" / "5001.png").write_bytes(b"not a png either")
+    parser = E.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(src), "--pair-types", "CT-MRI", "--methods", "mean", "--metrics", "SSIM,Qabf",
+                              "--out", str(tmp_path / "o")])
+    assert E.run(args, quiet=True) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "CT-MRI/5001" in err and "CT-MRI/6002" in err
+    assert (tmp_path / "o" / "metrics.csv").read_text().splitlines()[0].split(",")[5:] == ["Qabf", "SSIM"]
+    args = parser.parse_args([str(src), "--pair-types", "PET-MRI", "--methods", "mean", "-q",
+                              "--out", str(tmp_path / "o2")])
+    assert E.run(args) == 0 and capsys.readouterr() == ("", "")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -29,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InvalidInputError, MedfuseError, UnreadableFileError
+from ..errors import InvalidInputError, MedfuseError, OutputExistsError, UnreadableFileError
+from ..harvard import case_of, split_cases  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
            "torch_metrics", "PAIR_TYPES", "DEFAULT_SHARED"]
@@ -41,12 +43,6 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 # ============================================================================ data
-def case_of(name: str) -> str:
-    """Harvard file names are ``<case><3-digit slice>.png``: ``28010.png`` is case 28."""
-    stem = Path(name).stem
-    return stem[:-3] or stem
-
-
 def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
     """{pair type: [(mri path, other path), ...]} sorted by name."""
     out = {}
@@ -58,21 +54,6 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
         names = sorted(p.name for p in (d / "MRI").glob("*.png"))
         out[ptype] = [(d / "MRI" / n, d / other / n) for n in names if (d / other / n).exists()]
     return out
-
-
-def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
-                val_fraction: float = 0.2) -> Tuple[Dict[str, list], Dict[str, list]]:
-    """Split each pair type by case (never by slice) with a fixed seed; at least one validation case."""
-    train, val = {}, {}
-    for ptype, items in pairs.items():
-        cases = sorted({case_of(a.name) for a, _ in items}, key=lambda c: int(c) if c.isdigit() else c)
-        rng = random.Random(f"{seed}-{ptype}")
-        rng.shuffle(cases)
-        n_val = max(1, int(round(val_fraction * len(cases))))
-        vset = set(cases[:n_val])
-        val[ptype] = [p for p in items if case_of(p[0].name) in vset]
-        train[ptype] = [p for p in items if case_of(p[0].name) not in vset]
-    return train, val
 
 
 def to_luma(rgb: np.ndarray) -> np.ndarray:
@@ -110,15 +91,21 @@ def _load_nifti(path: Path) -> np.ndarray:
 
 
 def volume_sets(shared: Path) -> List[np.ndarray]:
-    """Co-registered 3-D sets (N, D, H, W) in 0..1: BraTS contrasts, SPM12 templates, the phantom."""
+    """The 3-D sets of ``shared/data`` (the team's ``../shared`` layout); see :func:`volumes_in`."""
+    return volumes_in(Path(shared) / "data")
+
+
+def volumes_in(data: Path) -> List[np.ndarray]:
+    """Co-registered 3-D sets (N, D, H, W) in 0..1 from ``data`` (the ``--data`` folder, which holds
+    ``brats-gli-00001/`` and ``spm12-templates/``): BraTS contrasts, SPM12 templates, the phantom."""
     import scipy.ndimage as ndi
 
     sets = []
-    br = shared / "data" / "brats-gli-00001"
+    br = Path(data) / "brats-gli-00001"
     if br.is_dir():
         t1n, t1c, t2w, t2f = (_load_nifti(br / f"{n}.nii.gz") for n in ("t1n", "t1c", "t2w", "t2f"))
         sets += [np.stack([t1c, t2f]), np.stack([t1n, t2w]), np.stack([t1c, t2w, t2f])]
-    sp = shared / "data" / "spm12-templates"
+    sp = Path(data) / "spm12-templates"
     if sp.is_dir():
         t1 = _load_nifti(sp / "T1.nii")
         # The templates are 2 mm; bring them to about 1 mm so their structures match the other data's scale.
@@ -402,6 +389,11 @@ def _mi(f: np.ndarray, a: np.ndarray) -> float:
     return float(mutual_info_score(a.ravel(), f.ravel()))
 
 
+def _subset(items: list, limit: Optional[int]) -> list:
+    """At most ``limit`` items spread evenly over ``items`` (all of them when ``limit`` is None)."""
+    return items if limit is None else items[:: max(1, len(items) // limit)][:limit]
+
+
 def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional[int] = None,
              rules: Sequence[str] = ("max",), rule_cache: Optional[dict] = None
              ) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -418,7 +410,7 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
     cache = {} if rule_cache is None else rule_cache
     model.eval()
     for ptype, items in val_pairs.items():
-        items = items if limit is None else items[:: max(1, len(items) // limit)][:limit]
+        items = _subset(items, limit)
         todo = [r for r in rules if (ptype, r, len(items)) not in cache]
         acc: Dict[str, Dict[str, List[float]]] = {}
         for a, b in items:
@@ -548,19 +540,36 @@ def set_rng_state(sampler, rng3, states: list) -> None:
 def load_checkpoint(path: Path, model, opt) -> dict:
     import torch
 
+    if not Path(path).exists():
+        raise UnreadableFileError("the training checkpoint is missing", path=path,
+                                  fix="resume with --resume and more --epochs than the run has done, or start a "
+                                      "new run with --overwrite or another --run-dir")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no arbitrary unpickling
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"cannot read the training checkpoint ({type(exc).__name__})", path=path,
-                                  fix="delete it to start from scratch") from None
-    model.load_state_dict(ck["model"])
-    if opt is not None:
-        opt.load_state_dict(ck["opt"])
+                                  fix="start a new run with --overwrite or another --run-dir") from None
+    try:
+        model.load_state_dict(ck["model"])
+        if opt is not None:
+            opt.load_state_dict(ck["opt"])
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes, tensor names or optimiser groups differ
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0])
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise InvalidInputError(f"the checkpoint does not fit this model ({detail})", path=path,
+                                fix="pass the architecture options (--width, --factor, --scan, --refine-head, "
+                                    "--per-input-gain, --merge, --train-only-refine, ...) of the run that wrote it, "
+                                    "or start a new run with --overwrite or another --run-dir") from None
     return ck["state"]
 
 
-def export_weights(model, out_dir: Path, meta: dict) -> Path:
-    """Write ``medfuse_fusion.safetensors`` (+ ``medfuse_fusion.json``) atomically."""
+def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) -> Path:
+    """Write ``medfuse_fusion.safetensors`` (+ ``medfuse_fusion.json``) atomically.
+
+    ``overwrite=False`` refuses existing files (:class:`~medfuse.errors.OutputExistsError`).
+    """
     from safetensors.torch import save_file
 
     from ..io._atomic import atomic_path
@@ -569,6 +578,8 @@ def export_weights(model, out_dir: Path, meta: dict) -> Path:
     target = out_dir / "medfuse_fusion.safetensors"
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {k: str(v) for k, v in model.config().items()}
+    if not overwrite:
+        _check_export(out_dir, overwrite=False)
     with atomic_path(target, overwrite=True) as tmp:
         # One metadata entry only: safetensors writes several in a random order, so the same tensors
         # would give files with different SHA-256 sums from one export to the next.
@@ -578,6 +589,17 @@ def export_weights(model, out_dir: Path, meta: dict) -> Path:
     with atomic_path(out_dir / "medfuse_fusion.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(meta, indent=1, default=str))
     return target
+
+
+EXPORT_FILES = ("medfuse_fusion.safetensors", "medfuse_fusion.json")
+
+
+def _check_export(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing export (the shipped weights, say) unless ``overwrite``."""
+    for name in EXPORT_FILES:
+        if (Path(out_dir) / name).exists() and not overwrite:
+            raise OutputExistsError("the weights file exists", path=Path(out_dir) / name,
+                                    fix="pass --overwrite to replace it, or another --out folder")
 
 
 # ============================================================================ 3-D stage
@@ -732,8 +754,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``medfuse train`` (the CLI helper wires them under the ``train`` sub-command)."""
     parser.add_argument("--data", type=Path, default=DEFAULT_SHARED / "data",
                         help="folder holding harvard-pairs/, brats-gli-00001/, spm12-templates/ (default ../shared/data)")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the safetensors weights go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder the safetensors weights (+ JSON card) go to (default RUN_DIR/export); to "
+                             "replace the shipped weights pass --out medfuse/fusion/weights --overwrite")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/fusion"), help="checkpoints and logs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing weights in --out, and start a new run in a --run-dir that holds an "
+                             "earlier run's checkpoints (without --resume)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=6)
@@ -845,11 +872,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="penalise selection logits further than this from the inputs' mean (unsaturates "
                              "the soft-max so the pixel terms and the hot-spot loss can act)")
     parser.add_argument("--logit-penalty", type=float, default=1e-4, help="weight of the --logit-cap penalty")
-    parser.add_argument("--val-limit", type=int, default=12, help="validation pairs per type each epoch")
+    parser.add_argument("--val-limit", type=int, default=12,
+                        help="validation pairs per type each epoch (the final validation: 3x as many)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.ckpt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/last.ckpt (with the same architecture options)")
     return parser
 
 
@@ -916,6 +945,77 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
                                 f"unexpected {unexpected[:3]})", fix=fix)
 
 
+#: Smallest training crop: the loss's 4-scale VIF filters ('valid' 17, 9, 5, 3 taps with two halvings) need 41.
+MIN_CROP = 41
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Numeric options out of range are usage errors before anything is read or written (they failed deep in
+    torch or numpy before, as internal errors: a zero division, Adam's own check, a size mismatch)."""
+    inf = math.inf
+    for name, ok, bound, fix in (
+            ("epochs", args.epochs >= 0, "0 or more", "use 12 (the default), or 0 with --init to re-export weights"),
+            ("steps_per_epoch", args.steps_per_epoch >= 1, "1 or more", "use 100 (the default)"),
+            ("batch_size", args.batch_size >= 1, "1 or more", "use 6 (the default)"),
+            ("val_limit", args.val_limit >= 1, "1 or more", "use 12 (the default)"),
+            ("lr", 0 < args.lr < inf, "a finite value > 0", "use 1e-3 (the default)"),
+            ("scan_lr", args.scan_lr is None or 0 < args.scan_lr < inf, "a finite value > 0",
+             "leave it out (it is then --lr)"),
+            ("width", args.width >= 1, "1 or more", "use 16 (the default)"),
+            ("scan", args.scan >= 0, "0 or more", "use 0 (no scan) or 8"),
+            ("steps_3d", args.steps_3d >= 0, "0 or more", "use 60 (the default), or 0 to skip the 3-D stage"),
+            ("joint_3d_every", args.joint_3d_every >= 0, "0 or more", "use 5, or 0 for never"),
+            ("extra_fraction", 0 <= args.extra_fraction <= 1, "0..1", "use 0.15 (the default)"),
+            ("three_input_fraction", 0 <= args.three_input_fraction <= 1, "0..1", "use 0.15, or 0 for none"),
+            ("hot_spot_fraction", 0 <= args.hot_spot_fraction <= 1, "0..1", "use 0 (the default) .. 1"),
+            ("ct_weight", 0 <= args.ct_weight < inf, "a finite value >= 0", "use 1 (the default) or 2"),
+            ("max_minutes", args.max_minutes is None or args.max_minutes > 0, "more than 0",
+             "leave it out for no time limit")):
+        if not ok:  # comparisons with NaN are False, so NaN lands here too
+            raise InvalidInputError(f"--{name.replace('_', '-')} must be {bound}, got {getattr(args, name)}", fix=fix)
+    if args.crop < MIN_CROP or args.crop % args.factor:  # the network's learned part works on factor-sized blocks
+        raise InvalidInputError(f"--crop must be at least {MIN_CROP} (the loss's VIF filters) and a multiple of "
+                                f"--factor {args.factor}, got {args.crop}",
+                                fix="use 160 (the default) or 64 for short test runs")
+
+
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """Refuse what would silently lose or mix up a run: an earlier run's checkpoints replaced (or, with
+    ``--epochs 0``, exported as this run's), a ``--resume`` that has nothing to resume, existing weights replaced."""
+    last, best = args.run_dir / "last.ckpt", args.run_dir / "best.ckpt"
+    if args.resume and not last.exists():
+        raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none",
+                                path=args.run_dir,
+                                fix="drop --resume to start a new run there, or pass the --run-dir of the run to "
+                                    "continue")
+    if not args.resume and not args.overwrite and (last.exists() or best.exists()):
+        raise OutputExistsError("the run folder holds an earlier run's checkpoints", path=args.run_dir,
+                                fix="pass --resume to continue that run, --overwrite to start a new one in its "
+                                    "place, or another --run-dir")
+    if args.epochs == 0 and args.init is None and not args.resume:
+        raise InvalidInputError("--epochs 0 trains nothing, and there are no weights to export (no --init, no "
+                                "--resume)",
+                                fix="pass --init WEIGHTS to re-export given weights, --resume to export the run in "
+                                    "--run-dir, or --epochs 1 or more")
+    _check_export(args.out, overwrite=args.overwrite)
+
+
+def _command_of(args: argparse.Namespace) -> str:
+    """The ``medfuse train ...`` command that re-runs this training (recorded as ``trained_by``)."""
+    argv = getattr(args, "argv", None)  # set by main() and by the ``medfuse train`` CLI
+    if argv is None:  # run() called from Python: the options that differ from their defaults
+        argv = []
+        for act in add_arguments(argparse.ArgumentParser(add_help=False))._actions:
+            value = getattr(args, act.dest, act.default)
+            if value == act.default:
+                continue
+            if isinstance(act, argparse._StoreTrueAction):
+                argv.append(act.option_strings[-1])
+            else:
+                argv += [act.option_strings[-1], str(value)]
+    return "medfuse train " + shlex.join(str(a) for a in argv)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, validate each epoch, export the weights. Returns a process exit code."""
     try:
@@ -928,6 +1028,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .network import FusionNet
 
+    trained_by = _command_of(args)  # before the defaults below are filled in from --init
+    quiet = bool(getattr(args, "quiet", False))  # ``medfuse -q train``: the log file only
+    if args.out is None:  # never the shipped weights by default: the run's own folder
+        args.out = args.run_dir / "export"
     if args.ct_target_weight and args.ct_target_kind == "mixing" and args.init is None:
         raise InvalidInputError("--ct-target-kind mixing looks for teachers among the outputs of the starting "
                                 "weights, and no --init was given",
@@ -978,6 +1082,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ct_target_smooth > 1 and args.ct_target_smooth % 2 == 0:
         raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",
                                 fix="use 3, 5 or 7 (or 0 for free teachers)")
+    _check_ranges(args)
+    _check_run_folder(args)
 
     def new_model(scan: int = args.scan):  # the trained model and a mixing teacher share the architecture
         return FusionNet(width=args.width, factor=args.factor, per_input_gain=int(args.per_input_gain), scan=scan,
@@ -1000,7 +1106,8 @@ def run(args: argparse.Namespace) -> int:
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
 
     def log(msg: str) -> None:
-        tqdm.write(msg)
+        if not quiet:
+            tqdm.write(msg)
         logf.write(msg + "\n")
         logf.flush()
 
@@ -1009,7 +1116,10 @@ def run(args: argparse.Namespace) -> int:
     train_pairs, val_pairs = split_cases(pairs, seed=args.seed)
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
-    vols = volume_sets(Path(args.data).parent)
+    vols = volumes_in(Path(args.data))
+    found = [n for n in ("brats-gli-00001", "spm12-templates") if (Path(args.data) / n).is_dir()]
+    log(f"3-D volume sets: {len(vols)} (from {', '.join(found) or 'no volume folder'} in {args.data}, "
+        f"and the phantom)")
     init_tensors = None if args.init is None else _init_state(args.init)  # read once: teacher and model
     targets = None
     if args.ct_target_weight:
@@ -1047,8 +1157,14 @@ def run(args: argparse.Namespace) -> int:
         _load_init(model, args.init, init_tensors)
         log(f"initialised from {args.init}")
     ckpt = args.run_dir / "last.ckpt"
+    if args.overwrite and not args.resume:
+        # Why: a stale last.ckpt would be resumed later as this run's, a stale best.ckpt exported as its best.
+        for old in (ckpt, args.run_dir / "best.ckpt"):
+            if old.exists():
+                old.unlink()
+                log(f"--overwrite: removed the earlier run's {old}")
     rng3 = np.random.default_rng(args.seed + 5)
-    if args.resume and ckpt.exists():
+    if args.resume:  # _check_run_folder made sure there is a last.ckpt
         state = load_checkpoint(ckpt, model, opt)
         if "rng" in state:
             set_rng_state(sampler, rng3, state["rng"])
@@ -1103,7 +1219,8 @@ def run(args: argparse.Namespace) -> int:
         log("epoch 0 (the --init weights)\n" + format_table(table) + f"\nscore {state['best_score']:.4f}")
     stop = False
     for epoch in range(state["epoch"], args.epochs):
-        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=quiet)
         run_loss = []
         for step_i in bar:
             x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
@@ -1176,15 +1293,19 @@ def run(args: argparse.Namespace) -> int:
         log("WARNING: no epoch met the --select-min-*/--select-max-* requirements; the export misses them")
     _train_3d(model, vols, steps=args.steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log,
               plane_weight=args.plane_weight)
-    final = validate(model, val_pairs, device=device, limit=3 * args.val_limit, rules=("max", "mean"))
-    log("final validation (all validation pairs):\n" + format_table(final))
+    # A larger subset than each epoch's, not every pair: the full split would add minutes to every run.
+    final_limit = 3 * args.val_limit
+    scored = {k: len(_subset(v, final_limit)) for k, v in val_pairs.items()}
+    final = validate(model, val_pairs, device=device, limit=final_limit, rules=("max", "mean"))
+    log(f"final validation (up to 3 x --val-limit = {final_limit} pairs per type: "
+        + ", ".join(f"{k} {n} of {len(val_pairs[k])}" for k, n in scored.items()) + "):\n" + format_table(final))
     meta = {
-        "trained_by": "python -m medfuse.fusion.train " + " ".join(sys.argv[1:]),
+        "trained_by": trained_by,
         "seed": args.seed, "epochs_done": state["epoch"], "best_epoch": best.get("best_epoch"), "wall_time_min": round((base_elapsed + time.time() - t0) / 60, 1),
         "val_cases": {k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()},
-        "validation": final, "device": device, "torch": torch.__version__,
+        "validation": final, "validation_pairs": scored, "device": device, "torch": torch.__version__,
     }
-    path = export_weights(model.cpu(), Path(args.out), meta)
+    path = export_weights(model.cpu(), Path(args.out), meta, overwrite=args.overwrite)
     log(f"weights written to {path}")
     logf.close()
     return 0
@@ -1193,6 +1314,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="medfuse train", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the recorded ``trained_by`` command
     try:
         return run(args)
     except MedfuseError as exc:

@@ -232,3 +232,114 @@ def test_train_only_refine_trains_the_head_alone_and_exports_it(shared, tmp_path
         if not k.startswith("refine."):
             assert torch.equal(v, start[k]), k
     assert infer.load_model(tmp_path / "out" / "medfuse_fusion.safetensors").config()["refine"] == 8
+
+
+@pytest.mark.parametrize("option,bad,says", [
+    ("--val-limit", "0", "--val-limit must be 1 or more"),
+    ("--batch-size", "0", "--batch-size must be 1 or more"),
+    ("--lr", "-1", "--lr must be a finite value > 0"),
+    ("--lr", "nan", "--lr must be a finite value > 0"),
+    ("--crop", "32", "--crop must be at least 41"),
+    ("--crop", "66", "a multiple of --factor 4"),
+    ("--epochs", "-1", "--epochs must be 0 or more"),
+    ("--steps-per-epoch", "0", "--steps-per-epoch must be 1 or more"),
+    ("--extra-fraction", "1.5", "--extra-fraction must be 0..1"),
+])
+def test_bad_option_values_are_usage_errors_before_anything_is_written(tmp_path, capsys, option, bad, says):
+    """Out-of-range values failed deep inside training as internal errors (a zero division for --val-limit 0,
+    Adam's own check for --lr -1, a convolution too small for the VIF filters for --crop 32); now each is exit 2
+    with what is wrong and the fix, before the data is read or the run folder made."""
+    import medfuse.fusion.train as tr
+
+    rc = tr.main([option, bad, "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Fix:" in err and not (tmp_path / "r").exists(), err
+
+
+def test_run_folder_and_weights_are_never_replaced_without_asking(tmp_path, capsys):
+    """An existing export (the shipped weights, say) is replaced only with --overwrite; a run folder holding an
+    earlier run's checkpoints only with --resume (continue it) or --overwrite (start over); --resume with nothing
+    to resume and --epochs 0 with nothing to export are errors with the fix. All before the data is read."""
+    import argparse
+
+    import medfuse.fusion.train as tr
+
+    none = ["--data", str(tmp_path / "none")]
+    shipped = tr.WEIGHTS_DIR / "medfuse_fusion.safetensors"
+    before = shipped.read_bytes()
+    rc = tr.main(none + ["--out", str(tr.WEIGHTS_DIR), "--run-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exists" in err and "--overwrite" in err and not (tmp_path / "a").exists(), err
+    assert shipped.read_bytes() == before
+    assert tr.add_arguments(argparse.ArgumentParser()).parse_args([]).out is None  # RUN_DIR/export
+
+    rc = tr.main(none + ["--resume", "--run-dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--resume" in err and "there is none" in err and not (tmp_path / "b").exists(), err
+    rc = tr.main(none + ["--epochs", "0", "--run-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--epochs 0 trains nothing" in err and "--init" in err and "delete" not in err, err
+    old = tmp_path / "d"
+    old.mkdir()
+    (old / "best.ckpt").write_bytes(b"an earlier run")
+    for extra in ([], ["--epochs", "0"]):
+        rc = tr.main(none + ["--run-dir", str(old), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "earlier run" in err and "--resume" in err and "--overwrite" in err, err
+    assert (old / "best.ckpt").read_bytes() == b"an earlier run"
+
+
+def test_a_run_exports_into_its_folder_reads_volumes_from_data_and_records_a_runnable_command(
+        shared, tmp_path, capsys, monkeypatch):
+    """A run without --out exports into RUN_DIR/export (never the shipped weights); a --data folder with another
+    name still gives the 3-D volume sets (they were looked for in <parent>/data); the JSON's ``trained_by`` is
+    the ``medfuse train`` command that ran and its final validation says how many pairs it scored. Then the same
+    folder: a new run is refused, a resume with other architecture options is a usage error, ``--resume
+    --epochs 0`` exports that run, and ``--overwrite`` starts over (the old checkpoints gone)."""
+    import shlex
+
+    import medfuse.fusion.train as tr
+    from medfuse.cli import main as cli
+    from medfuse.fusion import infer
+
+    monkeypatch.setattr(tr, "WEIGHTS_DIR", tmp_path / "shipped")  # where the old default --out pointed
+    data = tmp_path / "mydata"
+    data.mkdir()
+    for name in ("harvard-pairs", "brats-gli-00001", "spm12-templates"):
+        (data / name).symlink_to(shared("data", name))
+    seen = []
+    real_sampler = tr._Sampler
+
+    def sampler(train_pairs, vols, **kw):
+        seen.append(len(vols))
+        return real_sampler(train_pairs, vols, **kw)
+
+    monkeypatch.setattr(tr, "_Sampler", sampler)
+    run = tmp_path / "run"
+    opts = ["--data", str(data), "--run-dir", str(run), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size",
+            "1", "--crop", "64", "--val-limit", "1", "--steps-3d", "0", "--extra-fraction", "0"]
+    assert cli(["-q", "train", *opts]) == 0
+    assert capsys.readouterr().out == ""  # -q: the log file only
+    assert seen == [len(tr.volume_sets(shared("data").parent))] and seen[0] > 1  # BraTS and SPM12, not the phantom only
+    assert not (tmp_path / "shipped").exists()
+    meta = json.loads((run / "export" / "medfuse_fusion.json").read_text())
+    assert meta["trained_by"] == "medfuse train " + shlex.join(opts) and meta["epochs_done"] == 1
+    assert meta["validation_pairs"] == {"CT-MRI": 3, "PET-MRI": 3, "SPECT-MRI": 3}
+    log = (run / "train.log").read_text()
+    assert "all validation pairs" not in log and "up to 3 x --val-limit = 3 pairs per type: CT-MRI 3 of" in log
+
+    last = (run / "last.ckpt").read_bytes()
+    assert cli(["train", *opts]) == 2
+    assert "earlier run's checkpoints" in capsys.readouterr().err and (run / "last.ckpt").read_bytes() == last
+    assert cli(["train", *opts, "--resume", "--width", "8", "--epochs", "2", "--out", str(tmp_path / "w8")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--width" in err and "internal error" not in err, err
+    assert cli(["-q", "train", *opts, "--resume", "--epochs", "0", "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "medfuse_fusion.json").read_text())["epochs_done"] == 1
+
+    init = infer.default_weights_path()
+    assert cli(["-q", "train", *opts, "--epochs", "0", "--init", str(init), "--overwrite"]) == 0
+    meta = json.loads((run / "export" / "medfuse_fusion.json").read_text())
+    assert meta["epochs_done"] == 0 and meta["best_epoch"] == 0 and not (run / "last.ckpt").exists()
+    exported, start = _tensors(run / "export" / "medfuse_fusion.safetensors"), _tensors(init)
+    assert exported.keys() == start.keys() and all(torch.equal(exported[k], start[k]) for k in start)
