@@ -130,6 +130,9 @@ class Volume:
             raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}", fix="convert the array to a numeric dtype")
+        if not arr.dtype.isnative:
+            # Why: big-endian data (DICOM Explicit VR Big Endian, old Analyze files) is refused by ITK and torch.
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         self.array = arr
         aff = np.asarray(self.affine, dtype=float)
         _check_affine(aff)

@@ -165,8 +165,10 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.
                                     fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
         a = np.asarray(v.array, dtype=np.float64)
         require_finite(a, f"volume {i}", before="fusing")
-        if spec.get("method", "auto") == "auto" and _within(a, 0.0, 1.0):
-            spec = {"method": "range", "low": 0.0, "high": 1.0}  # already normalised upstream
+        if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, 0.0, 1.0):
+            # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
+            # SUV) keeps its own rule even when its values happen to lie in 0..1.
+            spec = {"method": "range", "low": 0.0, "high": 1.0}
         y, rec = norm(a, **{"modality": v.modality, "unit": v.unit, **spec})
         out.append(y)
         recs.append(rec)
@@ -333,7 +335,13 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
         modalities = {v.modality for v in vols}
         options = {**options, "functional": None if "unknown" in modalities else bool(modalities & {"PT", "NM"})}
     scaled, recs = _normalise_volumes(vols, normalise)
-    fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
+    flat = [ax for ax, n in enumerate(ref.shape) if n == 1]
+    if len(flat) == 1:
+        # A single slice (2-D files load as (X, Y, 1)): the 2-D path, then the slice axis back.
+        fused2d = _run(method, [np.take(x, 0, axis=flat[0]) for x in scaled], device=device, options=options)
+        fused = np.clip(np.expand_dims(fused2d, flat[0]), 0.0, 1.0)
+    else:
+        fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
     if method == "network":
         prov["weights_sha256"] = _weights_hash(options.get("weights"))

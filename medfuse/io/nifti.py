@@ -65,7 +65,16 @@ def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optiona
         raise UnreadableFileError(f"the voxel data cannot be read; the file looks truncated ({type(e).__name__})",
                                   fix="copy or export the file again", path=p) from None
     hdr = img.header
-    aff = hdr.get_best_affine() if hasattr(hdr, "get_best_affine") else img.affine
+    aff = np.asarray(hdr.get_best_affine() if hasattr(hdr, "get_best_affine") else img.affine, dtype=float)
+    if "sform_code" in hdr and int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+        warnings.warn("a NIfTI file has neither a qform nor an sform (both codes 0): its orientation and origin are "
+                      "a guess from the voxel sizes alone; check them before registering or fusing", MedfuseWarning,
+                      stacklevel=3)
+    # World coordinates in mm, whatever the file's spatial unit (medfuse and ITK work in mm).
+    xyz_unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "unknown"
+    to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)
+    if to_mm != 1.0:
+        aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
     mod, unit = parse_tag(descrip)
     return np.asarray(arr), LPS_TO_RAS @ np.asarray(aff, dtype=float), mod, unit

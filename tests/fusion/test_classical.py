@@ -371,3 +371,36 @@ def test_colour_fusion_scales_the_grey_image_on_its_own():
         fuse(gray8, rgb8, method="max", normalise=[None, "minmax"])
     with pytest.raises(InvalidInputError, match="float colour image"):
         fuse(gray8, rgb8 * 300.0, method="max")
+
+
+def test_pet_in_suv_keeps_the_suv_rule_when_its_values_lie_in_0_to_1():
+    """Only data normalised upstream (unit "arbitrary") skips the modality's rule; SUV 0..0.99 is SUV."""
+    mr = _vol(np.random.default_rng(0).random((8, 8, 8)) * 300, modality="MR")
+    for peak in (0.99, 1.01):
+        pet = _vol(np.linspace(0, peak, 512).reshape(8, 8, 8), modality="PT", unit="SUVbw")
+        rec = fuse(mr, pet, method="mean").provenance["normalisation"][1]
+        assert rec["method"] == "suv" and rec["high"] == 10.0, peak
+    already = _vol(np.linspace(0, 0.99, 512).reshape(8, 8, 8), modality="PT", unit="arbitrary")
+    assert fuse(mr, already, method="mean").provenance["normalisation"][1]["method"] == "range"
+
+
+def test_big_endian_volume_is_stored_native():
+    v = _vol(np.arange(512, dtype=">u2").reshape(8, 8, 8))
+    assert v.array.dtype.isnative and v.array.dtype == np.uint16 and int(v.array[1, 2, 3]) == 64 + 16 + 3
+    assert v.to_sitk().GetSize() == (8, 8, 8)
+
+
+@pytest.mark.parametrize("method", ["max", "network"])
+def test_single_slice_volumes_fuse_on_the_2d_path(method):
+    """2-D files load as (X, Y, 1) Volumes: they fuse like the same pixels as arrays, on the same grid."""
+    if method == "network":
+        pytest.importorskip("torch")
+    a, b = _images(48)
+    va = _vol(a[:, :, None], modality="MR")
+    vb = _vol(b[:, :, None], modality="MR")
+    out = fuse(va, vb, method=method)
+    assert out.shape == (48, 48, 1) and np.allclose(out.affine, va.affine)
+    # What the 2-D path gives the same pixels, normalised as the Volumes are.
+    scaled = [N.normalise(x, modality="MR")[0] for x in (a, b)]
+    want = fuse(*scaled, method=method, normalise="none")
+    np.testing.assert_allclose(out.array[:, :, 0], want, atol=1e-5)

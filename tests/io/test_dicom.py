@@ -104,6 +104,11 @@ def test_transfer_syntaxes_match_dcm2niix(shared, n):
     vol = load_dicom(f)
     assert vol.provenance["transfer_syntax"] == str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     _check_against_ref([vol], base / "Ref" / f"{n}.nii")
+    # Big-endian files (3.dcm) come out in native byte order, so ITK can resample and save them.
+    assert vol.array.dtype.isnative
+    from medfuse.registration.resample import resample
+
+    assert resample(vol, vol).same_grid(vol)
 
 
 def test_transfer_syntaxes_cover_compressed_and_uncompressed(shared):

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medfuse.errors import GeometryError, InvalidInputError, MultipleSeriesError, UnreadableFileError
+from medfuse.errors import GeometryError, InvalidInputError, MedfuseWarning, MultipleSeriesError, UnreadableFileError
 from medfuse.io.nifti import load_image, load_image_volumes
 
 TEMPLATES = ["EPI", "PD", "PET", "SPECT", "T1", "T2", "Transm", "avg152PD", "avg152T1", "avg152T2", "avg305T1",
@@ -169,3 +169,27 @@ def test_4d_metaimage_and_dispatch(tmp_path):
     vols = medfuse.load_volumes(p)
     assert [int(v.array.max()) for v in vols] == [0, 1] and vols[0].shape == (2, 3, 4)
     assert vols[0].provenance["reader"] == "SimpleITK"
+
+
+@pytest.mark.parametrize("unit, to_mm", [("meter", 1000.0), ("micron", 0.001), ("mm", 1.0)])
+def test_spatial_units_become_mm(tmp_path, unit, to_mm):
+    """A file in metres or microns loads in mm, as ITK reads it (the writer then labels it mm)."""
+    aff = np.diag([0.002, 0.002, 0.004, 1.0]) if unit == "meter" else np.diag([2.0, 2.0, 4.0, 1.0])
+    aff[:3, 3] = [0.01, -0.02, 0.03]
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), aff)
+    img.header.set_xyzt_units(unit, "sec")
+    nib.save(img, str(tmp_path / "u.nii"))
+    v = load_image(tmp_path / "u.nii")
+    assert np.allclose(v.affine_ras, np.diag([to_mm] * 3 + [1.0]) @ aff)
+    import SimpleITK as sitk
+
+    assert np.allclose(v.spacing, sitk.ReadImage(str(tmp_path / "u.nii")).GetSpacing())
+
+
+def test_nifti_without_qform_or_sform_warns(tmp_path):
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.eye(4))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "bare.nii"))
+    with pytest.warns(MedfuseWarning, match="neither a qform nor an sform"):
+        load_image(tmp_path / "bare.nii")
