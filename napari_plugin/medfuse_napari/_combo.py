@@ -1,8 +1,8 @@
-"""A combo box of the viewer's 3-D image layers that follows layer additions, removals and renames."""
+"""A combo box of the viewer's image layers that follows layer additions, removals, moves and renames."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from qtpy.QtWidgets import QComboBox
 
@@ -14,50 +14,99 @@ class LayerCombo(QComboBox):
 
     Args:
         viewer: the napari viewer.
-        prefer: modality codes to pre-select when the box is first filled (e.g. ``("PT", "NM")``).
+        prefer: modality codes to pre-select (e.g. ``("PT", "NM")``) until the user picks an item.
         allow_none: add a "(none)" entry (optional third fusion input).
+        skip: layers to leave out.
+        allow_2d: also offer 2-D layers, grey or RGB (fusion of 2-D images); 3-D greyscale layers only otherwise.
+        default_index: the image layer to pre-select when none has a preferred modality (1 for a second input,
+            so that two layers of unknown modality do not both default to the first one).
     """
 
     NONE = "(none)"
 
     def __init__(self, viewer: Any, *, prefer: Sequence[str] = (), allow_none: bool = False,
-                 skip: Optional[Callable[[Any], bool]] = None):
+                 skip: Optional[Callable[[Any], bool]] = None, allow_2d: bool = False, default_index: int = 0):
         super().__init__()
         self._viewer, self._prefer, self._allow_none = viewer, tuple(prefer), allow_none
         self._skip = skip or (lambda layer: False)
-        self._chosen_once = False
+        self._allow_2d = allow_2d
+        self._default_index = int(default_index)
+        self._chosen_once = False  # True once the user (or set_layer) picked an item: the preference stops
+        self._items: List[Any] = []  # the layer behind each item (None for "(none)"), to follow renames
+        self._watched: List[Any] = []  # layers whose name events we listen to
+        # Why `activated`: it fires on user choices only, never on programmatic changes (refresh, clear).
+        self.activated.connect(self._on_activated)
         ev = viewer.layers.events
         ev.inserted.connect(self.refresh)
         ev.removed.connect(self.refresh)
+        ev.moved.connect(self.refresh)
         self.refresh()
 
-    def _images(self):
+    def _on_activated(self, *_: Any) -> None:
+        self._chosen_once = True
+
+    def _accepts(self, layer: Any) -> bool:
         from napari.layers import Image
 
-        return [l for l in self._viewer.layers
-                if isinstance(l, Image) and l.ndim == 3 and not l.rgb and not self._skip(l)]
+        if not isinstance(layer, Image) or self._skip(layer):
+            return False
+        if layer.ndim == 3 and not layer.rgb:
+            return True
+        return self._allow_2d and layer.ndim == 2  # 2-D grey or 2-D RGB(A)
+
+    def _images(self):
+        return [l for l in self._viewer.layers if self._accepts(l)]
 
     def refresh(self, *_: Any) -> None:
         try:
+            self._watch_names()
             self._refresh()
         except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
-            ev = self._viewer.layers.events
-            ev.inserted.disconnect(self.refresh)
-            ev.removed.disconnect(self.refresh)
+            self._disconnect()
+
+    def _watch_names(self) -> None:
+        """Listen to the name of every layer in the viewer (and stop listening to removed ones)."""
+        layers = list(self._viewer.layers)
+        for l in self._watched:
+            if not any(l is m for m in layers):
+                l.events.name.disconnect(self.refresh)
+        for l in layers:
+            if not any(l is w for w in self._watched):
+                l.events.name.connect(self.refresh)
+        self._watched = layers
+
+    def _disconnect(self) -> None:
+        ev = self._viewer.layers.events
+        for emitter in (ev.inserted, ev.removed, ev.moved):
+            emitter.disconnect(self.refresh)
+        for l in self._watched:
+            l.events.name.disconnect(self.refresh)
+        self._watched = []
 
     def _refresh(self) -> None:
         current = self.currentText()
-        names = ([self.NONE] if self._allow_none else []) + [l.name for l in self._images()]
+        idx = self.currentIndex()
+        previous = self._items[idx] if 0 <= idx < len(self._items) else None
+        images = self._images()
+        items = ([None] if self._allow_none else []) + images
+        names = [self.NONE if l is None else l.name for l in items]
         self.blockSignals(True)
         self.clear()
         self.addItems(names)
-        if current in names:
+        self._items = items
+        # The same layer stays selected, by identity: a rename keeps the choice.
+        kept = [n for n, l in enumerate(items) if l is not None and l is previous]
+        if not self._chosen_once and self._prefer:
+            # Until the user picks, re-apply the preference: the box may have been filled before that layer came.
+            preferred = [n for n, l in enumerate(items) if l is not None and meta(l).get("modality") in self._prefer]
+            if preferred and not (kept and kept[0] in preferred):
+                kept = preferred[:1]
+            elif not preferred and images:
+                kept = [len(items) - len(images) + min(self._default_index, len(images) - 1)]
+        if kept:
+            self.setCurrentIndex(kept[0])
+        elif current in names:
             self.setCurrentText(current)
-        elif not self._chosen_once and self._prefer:
-            for l in self._images():
-                if meta(l).get("modality") in self._prefer:
-                    self.setCurrentText(l.name)
-                    break
         self.blockSignals(False)
         if current != self.currentText():
             self.currentTextChanged.emit(self.currentText())

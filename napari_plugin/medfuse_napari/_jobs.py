@@ -53,8 +53,18 @@ class ProgressRelay(QObject):
             self.progressed.emit(float(fraction), str(message))
 
 
-def start(job: Callable[[], Any], on_done: Callable[[Outcome], None]):
-    """Run ``job()`` in a napari thread worker and call ``on_done(Outcome)`` in the GUI thread."""
+#: Cancel tokens of the jobs still running (all widgets), cancelled when the application quits.
+_RUNNING: "set[Any]" = set()
+_QUIT_HOOKED = False
+QUIT_WAIT_MS = 10_000  # how long quitting waits for cancelled jobs to reach their next check
+
+
+def start(job: Callable[[], Any], on_done: Callable[[Outcome], None], *, cancel: Any = None):
+    """Run ``job()`` in a napari thread worker and call ``on_done(Outcome)`` in the GUI thread.
+
+    ``cancel`` (a :class:`medfuse.progress.CancelToken` the job polls) is cancelled if the application quits
+    while the job runs.
+    """
     from napari.qt.threading import create_worker
 
     def _safe():
@@ -63,7 +73,50 @@ def start(job: Callable[[], Any], on_done: Callable[[Outcome], None]):
         except BaseException as exc:  # noqa: BLE001 - reported as a notification by on_done
             return Outcome(error=exc)
 
+    def _done(outcome: Outcome) -> None:
+        _RUNNING.discard(cancel)
+        try:
+            on_done(outcome)
+        except RuntimeError as exc:  # the widget was closed meanwhile: nothing left to update
+            if "deleted" not in str(exc):
+                raise
+
+    _hook_quit()
+    if cancel is not None:
+        _RUNNING.add(cancel)
     worker = create_worker(_safe, _start_thread=False, _ignore_errors=True)
-    worker.returned.connect(on_done)
+    worker.returned.connect(_done)
     worker.start()
     return worker
+
+
+def cancel_jobs(tokens: Any = None) -> None:
+    """Cancel the given tokens (default: every running job); jobs stop at their next check."""
+    for token in list(_RUNNING if tokens is None else tokens):
+        if token is not None:
+            token.cancel()
+
+
+def _on_quit() -> None:
+    """Cancel every job and wait for the threads: Qt must not delete their signals under a running job."""
+    from qtpy.QtCore import QThreadPool
+
+    if not _RUNNING:
+        return
+    cancel_jobs()
+    QThreadPool.globalInstance().waitForDone(QUIT_WAIT_MS)
+
+
+def _hook_quit() -> None:
+    global _QUIT_HOOKED
+    if _QUIT_HOOKED:
+        return
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is not None:
+        import atexit
+
+        app.aboutToQuit.connect(_on_quit)
+        atexit.register(_on_quit)  # a script that ends without the Qt event loop never emits aboutToQuit
+        _QUIT_HOOKED = True

@@ -74,14 +74,45 @@ def _axis_aligned(volume: Volume) -> Volume:
     return resample(volume, ref)
 
 
-def layer_matrix(scale, translate, affine=None) -> np.ndarray:
-    """napari data -> world 4x4 of a 3-D layer: ``affine @ (translate + scale)``."""
+def layer_matrix(scale, translate, affine=None, *, rotate=None, shear=None) -> np.ndarray:
+    """napari data -> world 4x4 of a 3-D layer: ``affine @ (rotate @ shear @ scale + translate)``.
+
+    Why this order: it is napari's own (``Layer._data_to_world``: affine * (rotate * shear * scale + translate)).
+    """
+    lin = np.diag(np.asarray(scale, dtype=float)[-3:])
+    if shear is not None:
+        lin = _shear_matrix(shear) @ lin
+    if rotate is not None:
+        lin = np.asarray(rotate, dtype=float)[-3:, -3:] @ lin
     m = np.eye(4)
-    m[:3, :3] = np.diag(np.asarray(scale, dtype=float)[-3:])
+    m[:3, :3] = lin
     m[:3, 3] = np.asarray(translate, dtype=float)[-3:]
     if affine is not None:
         m = np.asarray(affine, dtype=float)[-4:, -4:] @ m
     return m
+
+
+def _shear_matrix(shear) -> np.ndarray:
+    """napari's shear (3 upper-triangular values or a 3x3 triangular matrix) as a 3x3 matrix."""
+    sh = np.asarray(shear, dtype=float)
+    if sh.ndim == 2:
+        return sh[-3:, -3:]
+    m = np.eye(3)
+    if sh.size:
+        m[np.triu_indices(3, k=1)] = sh[-3:]
+    return m
+
+
+def data_to_world(layer: Any) -> np.ndarray:
+    """The layer's full napari data -> world 4x4 (scale, rotate, shear, translate and affine)."""
+    return layer_matrix(layer.scale, layer.translate, layer.affine.affine_matrix,
+                        rotate=layer.rotate, shear=layer.shear)
+
+
+def layer_geometry(layer: Any) -> Dict[str, Any]:
+    """napari keyword arguments that put a new layer on ``layer``'s data grid exactly as napari shows it."""
+    return dict(scale=tuple(layer.scale), translate=tuple(layer.translate), rotate=np.array(layer.rotate),
+                shear=np.array(layer.shear), affine=layer.affine.affine_matrix.copy())
 
 
 def lps_to_world(matrix: Any) -> np.ndarray:
@@ -106,29 +137,42 @@ def meta(layer: Any) -> Dict[str, Any]:
     return dict(getattr(layer, "metadata", {}).get("medfuse", {}))
 
 
+def layer_array(layer: Any) -> np.ndarray:
+    """The layer's pixels at full resolution.
+
+    Why: ``np.asarray`` of a multiscale layer gives its coarsest level, which napari draws with level 0's scale.
+    """
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.asarray(data)
+
+
 def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:
     """A Volume (LPS) from a napari image layer: its data grid placed where napari shows it.
 
     Args:
         layer: a 3-D napari Image layer.
-        registered: include the layer's ``affine`` (a registration applied to it); False gives the grid as
-            read from the file.
+        registered: include the layer's ``rotate``, ``shear`` and ``affine`` (a registration applied to it);
+            False gives the grid as read from the file (``scale`` and ``translate`` only).
     """
     from medfuse.errors import InvalidInputError
 
-    data = np.asarray(layer.data)
+    data = layer_array(layer)
     if data.ndim != 3 or getattr(layer, "rgb", False):
         raise InvalidInputError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {data.shape})",
                                 fix="pick a 3-D image layer")
-    affine = layer.affine.affine_matrix if registered else None
-    m = R4 @ layer_matrix(layer.scale, layer.translate, affine)
+    m = R4 @ (data_to_world(layer) if registered else layer_matrix(layer.scale, layer.translate))
     md = meta(layer)
     return Volume(data, m, modality=md.get("modality", "unknown"), unit=md.get("unit", "arbitrary"))
 
 
 def world_matrix(layer: Any) -> np.ndarray:
-    """The layer's registration as an LPS 4x4: its physical space -> viewer world (identity when unregistered)."""
-    return lps_to_world(layer.affine.affine_matrix)
+    """The layer's placement as an LPS 4x4: its physical space -> viewer world (identity when unplaced).
+
+    Physical space is the orthogonal grid of ``scale`` and ``translate``; everything else napari applies
+    (``rotate``, ``shear`` and the ``affine`` holding a registration) is the placement.
+    """
+    grid = layer_matrix(layer.scale, layer.translate)
+    return lps_to_world(data_to_world(layer) @ np.linalg.inv(grid))
 
 
 def resample_onto(layer: Any, base: Any) -> Volume:
@@ -167,7 +211,7 @@ def native_volume(layer: Any) -> Volume:
     if not np.allclose(display_to_native[:3, :3], lin, atol=1e-3) or not np.all(np.abs(lin).sum(1) == 1):
         return layer_to_volume(layer, registered=False)
     order = [int(np.argmax(np.abs(lin[a]))) for a in range(3)]  # native axis a <- display axis order[a]
-    arr = np.transpose(np.asarray(layer.data), order)
+    arr = np.transpose(layer_array(layer), order)
     flips = [a for a in range(3) if lin[a, order[a]] < 0]
     if flips:
         arr = np.flip(arr, axis=flips)

@@ -10,7 +10,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QVBoxLayout, QWidget)
 
 from ._combo import LayerCombo
-from ._layers import FUNCTIONAL, checker3d, curtain3d, meta, resample_onto
+from ._layers import (FUNCTIONAL, checker3d, curtain3d, data_to_world, layer_array, layer_geometry, meta,
+                      resample_onto)
 
 COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "turbo", "red", "green", "blue", "cyan",
              "magenta", "yellow", "gray_r")
@@ -50,10 +51,11 @@ def voxel_value(layer: Any, world_position: Any) -> Optional[float]:
         idx = np.round(np.asarray(layer.world_to_data(tuple(world_position)), dtype=float)[-3:]).astype(int)
     except (ValueError, TypeError, IndexError):
         return None
-    shape = np.asarray(layer.data.shape[-3:])
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data  # full resolution
+    shape = np.asarray(data.shape[-3:])
     if np.any(idx < 0) or np.any(idx >= shape):
         return None
-    return float(np.asarray(layer.data[tuple(idx)]))
+    return float(np.asarray(data[tuple(idx)]))
 
 
 class OverlayPanel(QWidget):
@@ -63,7 +65,7 @@ class OverlayPanel(QWidget):
         super().__init__()
         self.viewer = viewer
         self.base = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
-        self.overlay = LayerCombo(viewer, prefer=FUNCTIONAL, skip=_is_compare)
+        self.overlay = LayerCombo(viewer, prefer=FUNCTIONAL, skip=_is_compare, default_index=1)
         self.base_cmap, self.overlay_cmap = QComboBox(), QComboBox()
         for c in (self.base_cmap, self.overlay_cmap):
             c.addItems(COLORMAPS)
@@ -282,14 +284,13 @@ class OverlayPanel(QWidget):
         self.compare.blockSignals(False)
 
     def _overlay_on_base(self, base: Any, ov: Any) -> np.ndarray:
-        key = (id(base), id(ov), base.affine.affine_matrix.tobytes(), ov.affine.affine_matrix.tobytes(),
-               tuple(base.scale), tuple(ov.scale), tuple(base.translate), tuple(ov.translate))
+        key = (id(base), id(ov), data_to_world(base).tobytes(), data_to_world(ov).tobytes())
         if key not in self._resampled_cache:
             self._resampled_cache = {key: resample_onto(ov, base).array}
         return self._resampled_cache[key]
 
     def _mask(self, base: Any, mode: str) -> np.ndarray:
-        shape = tuple(base.data.shape)
+        shape = tuple(layer_array(base).shape)
         if mode == "checkerboard":
             tiles = tuple(max(1, int(round(self.tile_mm.value() / s))) for s in np.asarray(base.scale)[-3:])
             return checker3d(shape, tiles)
@@ -299,12 +300,12 @@ class OverlayPanel(QWidget):
     def _build_compare(self, base: Any, ov: Any, mode: str) -> None:
         ov_data = self._overlay_on_base(base, ov)
         mask = self._mask(base, mode)
-        b_data = np.where(mask, np.asarray(base.data), base.contrast_limits[0])
+        b_data = np.where(mask, layer_array(base), base.contrast_limits[0])
         o_data = np.where(mask, ov.contrast_limits[0], ov_data)
         self._hidden = {l.name: l.visible for l in self.viewer.layers}
         for l in self.viewer.layers:
             l.visible = False
-        geo = dict(scale=base.scale, translate=base.translate, affine=base.affine.affine_matrix)
+        geo = layer_geometry(base)
         # Additive over black: each tile shows exactly one of the two images, in its own colours.
         for name, data, src in (("compare: base", b_data, base), ("compare: overlay", o_data, ov)):
             md = dict(meta(src))

@@ -48,6 +48,21 @@ def _looks_like_dicom_folder(folder: Path) -> bool:
     return False
 
 
+def layer_name(path) -> str:
+    """The layer name for a file or folder: its name without a known image suffix.
+
+    Why not ``split(".")[0]``: DICOM folders are often named by UID (``1.3.12...``) and ``pet.ac.nii.gz`` and
+    ``pet.nac.nii.gz`` must stay apart; folders keep their whole name.
+    """
+    p = Path(str(path).rstrip("/\\"))
+    name = p.name
+    if not p.is_dir():
+        for suffix in sorted(_SUFFIXES, key=len, reverse=True):  # .nii.gz before .nii
+            if name.lower().endswith(suffix) and len(name) > len(suffix):
+                return name[: -len(suffix)]
+    return name or "volume"
+
+
 def _read(path):
     import medfuse
     from medfuse.errors import MedfuseError
@@ -57,8 +72,7 @@ def _read(path):
         path = path[0]
     try:
         volume = medfuse.load(path)
-        layer = volume_to_layer(volume, name=Path(str(path)).name.split(".")[0] or "volume",
-                                overlay=volume.modality in FUNCTIONAL)
+        layer = volume_to_layer(volume, name=layer_name(path), overlay=volume.modality in FUNCTIONAL)
     except MedfuseError as exc:  # a notification, never a traceback dialog
         show_error(exc.one_line())
         return [(None,)]  # napari's sentinel for "read, nothing to add"

@@ -11,7 +11,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
 
 from . import _jobs
 from ._combo import LayerCombo
-from ._layers import FUNCTIONAL, layer_to_volume, lps_to_world, meta, native_volume, resample_between, world_matrix
+from ._layers import (FUNCTIONAL, layer_array, layer_geometry, layer_matrix, layer_to_volume, lps_to_world, meta,
+                      native_volume, resample_between, world_matrix)
 from ._overlay import OverlayPanel
 
 KINDS = ("rigid", "affine", "deformable")
@@ -48,6 +49,10 @@ class MedfuseWidget(QWidget):
         self.tabs = tabs
         lay = QVBoxLayout(self)
         lay.addWidget(tabs)
+        # Closing the widget or the viewer must not leave a registration/fusion running in the background.
+        # A lambda over plain Python objects: the panels' C++ side is already gone when `destroyed` fires.
+        panels = (self.register_panel, self.fuse_panel)
+        self.destroyed.connect(lambda *_: _jobs.cancel_jobs([p.token for p in panels]))
 
 
 # ----------------------------------------------------------------------------------------------- register
@@ -58,7 +63,7 @@ class RegisterPanel(QWidget):
         super().__init__()
         self.viewer = viewer
         self.fixed = LayerCombo(viewer, prefer=("MR", "CT"))
-        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL)
+        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1)
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
         self.pair = QComboBox()
@@ -153,7 +158,7 @@ class RegisterPanel(QWidget):
         self.suspect_label.setText("")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.worker = _jobs.start(job, self._on_done)
+        self.worker = _jobs.start(job, self._on_done, cancel=token)
 
     def cancel(self) -> None:
         """Ask the running registration to stop (it raises CancelledError at its next check)."""
@@ -250,7 +255,10 @@ class RegisterPanel(QWidget):
         linear = result.transform if result.transform.is_linear else result.linear_transform
         # transform: fixed point -> moving point; the layer needs moving physical -> world, and the world is
         # the fixed layer's physical space moved by its own registration (identity when it has none).
-        moving.affine = lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix))
+        # napari applies the layer's own rotate/shear before its affine: undo them so the layer lands there.
+        grid = layer_matrix(moving.scale, moving.translate)
+        placed = layer_matrix(moving.scale, moving.translate, rotate=moving.rotate, shear=moving.shear)
+        moving.affine = lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix)) @ grid @ np.linalg.inv(placed)
         moving.metadata.setdefault("medfuse", {})["registration"] = {
             "to": fixed.name, "fixed_to_moving_lps": np.asarray(linear.matrix).tolist(), **rep.to_dict()}
         if on_fixed is not None:
@@ -262,8 +270,7 @@ class RegisterPanel(QWidget):
         md.pop("registration", None)
         md["provenance"] = dict(volume.provenance)
         self.viewer.add_image(
-            volume.array, name=f"{moving.name} on {fixed.name}", scale=fixed.scale,
-            translate=fixed.translate, affine=fixed.affine.affine_matrix, colormap=moving.colormap.name,
+            volume.array, name=f"{moving.name} on {fixed.name}", **layer_geometry(fixed), colormap=moving.colormap.name,
             contrast_limits=moving.contrast_limits, blending=moving.blending, opacity=moving.opacity,
             metadata={"medfuse": md})
 
@@ -286,13 +293,18 @@ def available_methods() -> List[str]:
 
 
 class FusePanel(QWidget):
-    """Fuse 2-3 layers with ``medfuse.fuse`` on the first layer's grid, in a worker."""
+    """Fuse 2-3 layers with ``medfuse.fuse`` on the first layer's grid, in a worker with progress and Cancel.
+
+    3-D greyscale layers are resampled onto the base grid where napari shows them; 2-D layers (grey, or one
+    RGB beside grey ones) are fused pixel by pixel and must have the same size.
+    """
 
     def __init__(self, viewer: Any):
         super().__init__()
         self.viewer = viewer
-        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT")), LayerCombo(viewer, prefer=FUNCTIONAL),
-                       LayerCombo(viewer, allow_none=True)]
+        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT"), allow_2d=True),
+                       LayerCombo(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1),
+                       LayerCombo(viewer, allow_none=True, allow_2d=True)]
         self.inputs[2].setCurrentText(LayerCombo.NONE)
         self.method = QComboBox()
         methods = available_methods()
@@ -301,65 +313,116 @@ class FusePanel(QWidget):
             self.method.setToolTip("The fusion network is not available here (install medfuse[ml]); "
                                    "classical methods are offered.")
         self.run_button = QPushButton("Fuse")
-        self.busy = QProgressBar()
-        self.busy.setRange(0, 1)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.busy = self.progress  # older name
         self.status = QLabel("")
         form = QFormLayout()
         form.addRow("base (grid)", self.inputs[0])
         form.addRow("second", self.inputs[1])
         form.addRow("third (optional)", self.inputs[2])
         form.addRow("method", self.method)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
-        lay.addWidget(self.run_button)
-        lay.addWidget(self.busy)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
         lay.addWidget(self.status)
         lay.addStretch(1)
         self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
         self.worker = None
+        self.token = None
 
     def run(self) -> None:
         """Start fusing the chosen layers (returns at once; the fused layer is added when done)."""
+        from medfuse.errors import MedfuseError
+        from medfuse.progress import CancelToken
+
         chosen = [c.layer() for c in self.inputs]
         chosen = [l for l in chosen if l is not None]
         if len(chosen) < 2 or len({id(l) for l in chosen}) != len(chosen):
             _notify_error("Fusion needs 2 or 3 different image layers. Fix: pick them in the Fuse panel.")
             return
-        from medfuse.errors import MedfuseError
-
         method = self.method.currentText()
         names = [l.name for l in chosen]
         base = chosen[0]
-        self._base = dict(name=base.name, scale=tuple(base.scale), translate=tuple(base.translate),
-                          affine=base.affine.affine_matrix.copy())
+        self._base = dict(name=base.name, **layer_geometry(base))
+        flat = [l.ndim == 2 for l in chosen]
+        if any(flat) and not all(flat):
+            _notify_error("Fusion cannot mix 2-D images and 3-D volumes. Fix: pick only 2-D or only 3-D layers.")
+            return
         try:  # snapshot the layers in the GUI thread; the worker only computes
-            placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
+            if all(flat):
+                # 2-D: medfuse.fuse on arrays (one RGB beside grey gives RGB); alpha is not an intensity.
+                placed = [layer_array(l)[..., :3] if l.rgb else layer_array(l) for l in chosen]
+            else:
+                placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
         except MedfuseError as exc:
             _notify_error(exc.one_line())
             return
+        self.token = CancelToken()
+        token = self.token
+        relay = _jobs.ProgressRelay()
+        relay.progressed.connect(self._on_progress)
+        self._relay = relay  # keep it alive while the worker runs
+        flat2d = all(flat)
 
         def job():
             import medfuse
+            from medfuse.progress import check, report
 
+            if flat2d:
+                return medfuse.fuse(*placed, method=method, progress=relay, cancel=token), names, method
             # Layers are fused where napari shows them (registrations included), on the first layer's grid.
             ref, ref_world = placed[0]
-            others = [resample_between(vol, world, ref, ref_world) for vol, world in placed[1:]]
-            return medfuse.fuse(ref, *others, method=method), names, method
+            others = []
+            for n, (vol, world) in enumerate(placed[1:], start=1):
+                report(relay, 0.2 * (n - 1) / (len(placed) - 1), f"resampling {names[n]} onto {names[0]}")
+                check(token, "fusion")
+                others.append(resample_between(vol, world, ref, ref_world))
+            check(token, "fusion")
+
+            def fusing(fraction: float, message: str = "") -> None:  # fusion is the last 80 %
+                relay(0.2 + 0.8 * fraction, message or "fusing")
+
+            return medfuse.fuse(ref, *others, method=method, progress=fusing, cancel=token), names, method
 
         self.run_button.setEnabled(False)
-        self.busy.setRange(0, 0)  # busy indicator; the event loop keeps animating it
+        self.cancel_button.setEnabled(True)
+        self.progress.setValue(0)
         self.status.setText(f"fusing {', '.join(names)} ({method})…")
-        self.worker = _jobs.start(job, self._on_done)
+        self.worker = _jobs.start(job, self._on_done, cancel=token)
+
+    def cancel(self) -> None:
+        """Ask the running fusion to stop (it raises CancelledError at its next check)."""
+        if self.token is not None:
+            self.token.cancel()
+            self.status.setText("cancelling…")
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        self.progress.setValue(int(round(fraction * 1000)))
+        if message:
+            self.status.setText(message)
 
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
         from medfuse.display import percentile_limits
+        from medfuse.errors import CancelledError
 
         self.run_button.setEnabled(True)
-        self.busy.setRange(0, 1)
+        self.cancel_button.setEnabled(False)
         self.worker = None
         if outcome.error is not None:
-            self.status.setText("failed")
-            _notify_error(_jobs.error_message(outcome.error, "fusion"))
+            if isinstance(outcome.error, CancelledError):
+                self.status.setText("cancelled")
+                _notify_info("Fusion cancelled.")
+            else:
+                self.status.setText("failed")
+                _notify_error(_jobs.error_message(outcome.error, "fusion"))
             return
         fused, names, method = outcome.value
         arr = fused.array if hasattr(fused, "array") else np.asarray(fused)
@@ -367,11 +430,14 @@ class FusePanel(QWidget):
         prov["fusion"] = {**dict(prov.get("fusion", {}) or {}), "method": method, "inputs": names,
                           "grid": self._base["name"]}
         unit = getattr(fused, "unit", "arbitrary")
+        geometry = {k: v for k, v in self._base.items() if k != "name"}
+        rgb = arr.ndim == 3 and arr.shape[-1] == 3 and len(geometry["scale"]) == 2
+        display = {"rgb": True} if rgb else {"colormap": "gray", "contrast_limits": percentile_limits(arr)}
         self.viewer.add_image(
-            arr, name=f"fused ({method})", scale=self._base["scale"], translate=self._base["translate"],
-            affine=self._base["affine"], colormap="gray", contrast_limits=percentile_limits(arr),
+            arr, name=f"fused ({method})", **geometry, **display,
             metadata={"medfuse": {"modality": getattr(fused, "modality", "unknown"), "unit": unit,
                                   "provenance": prov}})
+        self.progress.setValue(1000)
         self.status.setText(f"added 'fused ({method})'")
 
 

@@ -116,3 +116,23 @@ def test_reader_dicom_folders_get_modality_defaults(samples_dir):
     assert ct["colormap"] == "gray" and list(ct["contrast_limits"]) == [0.0, 80.0]  # brain window 80/40
     _, spect, _ = napari_get_reader(str(samples_dir / "spect.nii.gz"))(str(samples_dir / "spect.nii.gz"))[0]
     assert spect["colormap"] not in ("gray", pet["colormap"])  # SPECT has its own colour map
+
+
+def test_layer_names_keep_dots_that_are_not_image_suffixes(tmp_path, samples_dir):
+    # A DICOM folder named by UID must not become "1"; pet.ac / pet.nac must stay apart.
+    import shutil
+
+    import nibabel as nib
+
+    uid = tmp_path / "1.3.12.2.1107.5.1.4.11090.30000023"
+    shutil.copytree(samples_dir / "pet", uid)
+    arr = np.zeros((4, 5, 6), dtype=np.float32)
+    for name in ("pet.ac.nii.gz", "pet.nac.nii.gz", "mr.T1.nii", "ct.mha"):
+        if name.endswith(".mha"):
+            medfuse.save(medfuse.Volume(arr, np.eye(4)), tmp_path / name)
+        else:
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / name))
+    names = {p: napari_get_reader(str(tmp_path / p))(str(tmp_path / p))[0][1]["name"]
+             for p in (uid.name, "pet.ac.nii.gz", "pet.nac.nii.gz", "mr.T1.nii", "ct.mha")}
+    assert names == {uid.name: uid.name, "pet.ac.nii.gz": "pet.ac", "pet.nac.nii.gz": "pet.nac",
+                     "mr.T1.nii": "mr.T1", "ct.mha": "ct"}

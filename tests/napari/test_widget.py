@@ -406,3 +406,167 @@ def test_closing_the_widget_leaves_the_viewer_working(workstation):
     viewer.layers.remove("spect")  # layer events and cursor moves must not reach the deleted widget
     viewer.cursor.position = (0.0, 0.0, 0.0)
     assert "spect" not in viewer.layers
+
+
+# ----------------------------------------------------------------------------------------------- review fixes
+def _md(modality):
+    return {"medfuse": {"modality": modality, "unit": "arbitrary"}}
+
+
+def _run_fuse(qtbot, panel, *names, method="max", timeout_ms=60_000):
+    for combo, name in zip(panel.inputs, names):
+        combo.set_layer(name)
+    panel.method.setCurrentText(method)
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=timeout_ms)
+
+
+def test_data_to_world_matches_napari_full_chain(make_napari_viewer):
+    from medfuse_napari._layers import data_to_world
+
+    viewer = make_napari_viewer()
+    aff = np.eye(4)
+    aff[:3, :3] = [[1.0, 0.1, 0.0], [0.0, 0.9, 0.05], [0.02, 0.0, 1.1]]
+    aff[:3, 3] = [3.0, -2.0, 1.0]
+    layer = viewer.add_image(np.zeros((4, 5, 6), np.float32), scale=(2.0, 1.5, 0.5), translate=(1, 2, 3),
+                             rotate=(30, 10, -20), shear=(0.1, 0.2, -0.3), affine=aff)
+    pts = np.array([[0, 0, 0], [3, 4, 5], [1.5, -2.0, 7.0]])
+    mine = np.c_[pts, np.ones(3)] @ data_to_world(layer).T
+    np.testing.assert_allclose(mine[:, :3], [layer.data_to_world(p) for p in pts], atol=1e-9)
+
+
+def test_fuse_follows_rotate_and_places_result_on_rotated_base(qtbot, make_napari_viewer):
+    from scipy.spatial.transform import Rotation
+
+    viewer = make_napari_viewer()
+    base = np.random.default_rng(0).uniform(0, 10, (40, 40, 40)).astype(np.float32)
+    hot = np.zeros((40, 40, 40), np.float32)
+    hot[8:12, 8:12, 28:32] = 100.0
+    rot = Rotation.from_euler("z", 90, degrees=True).as_matrix()
+    c = np.array([39.0, 39.0, 39.0])
+    viewer.add_image(base, name="base", scale=(2, 2, 2), metadata=_md("MR"))
+    viewer.add_image(hot, name="hot", scale=(2, 2, 2), rotate=rot, translate=c - rot @ c, metadata=_md("PT"))
+    widget = MedfuseWidget(viewer)
+    _run_fuse(qtbot, widget.fuse_panel, "base", "hot")
+    fused = viewer.layers[-1]
+    world = viewer.layers["hot"].data_to_world([9.5, 9.5, 29.5])  # where napari shows the hot cube
+    idx = tuple(np.round(fused.world_to_data(world)).astype(int))
+    assert fused.data[idx] > 0.99 * fused.data.max()
+
+    # A rotated base: the fused layer sits on the base grid exactly as napari shows it.
+    viewer.layers["hot"].rotate = np.eye(3)
+    viewer.layers["hot"].translate = (0, 0, 0)
+    viewer.layers["base"].rotate = rot
+    _run_fuse(qtbot, widget.fuse_panel, "base", "hot")
+    fused = viewer.layers[-1]
+    for p in ([39, 0, 0], [0, 39, 20]):
+        np.testing.assert_allclose(fused.data_to_world(p), viewer.layers["base"].data_to_world(p), atol=1e-9)
+
+
+def test_layer_pickers_follow_renames_and_moves(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="mr", metadata=_md("MR"))
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="pet", metadata=_md("PT"))
+    widget = MedfuseWidget(viewer)
+    viewer.layers["pet"].name = "PET FDG"
+    for combo in (widget.fuse_panel.inputs[1], widget.register_panel.moving, widget.overlay_panel.overlay):
+        assert combo.currentText() == "PET FDG" and combo.layer() is viewer.layers["PET FDG"]
+    assert [widget.fuse_panel.inputs[0].itemText(i) for i in range(2)] == ["mr", "PET FDG"]
+    viewer.layers.move(1, 0)
+    assert [widget.fuse_panel.inputs[0].itemText(i) for i in range(2)] == ["PET FDG", "mr"]
+    assert widget.fuse_panel.inputs[0].currentText() == "mr"
+
+
+def test_modality_preference_applies_when_widget_opened_before_files(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = MedfuseWidget(viewer)  # `napari -w medfuse`, then File > Open: PET first
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="pet", metadata=_md("PT"))
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="mr", metadata=_md("MR"))
+    rp, fp = widget.register_panel, widget.fuse_panel
+    assert (rp.fixed.currentText(), rp.moving.currentText()) == ("mr", "pet")
+    assert [c.currentText() for c in fp.inputs] == ["mr", "pet", "(none)"]
+    # A user's choice (the `activated` signal) is kept when more layers arrive.
+    rp.fixed.setCurrentIndex(rp.fixed.findText("pet"))
+    rp.fixed.activated.emit(rp.fixed.currentIndex())
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="ct", metadata=_md("CT"))
+    assert rp.fixed.currentText() == "pet"
+
+
+def test_fuse_shows_progress_and_cancels(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(1)
+    viewer.add_image(rng.random((40, 40, 40), np.float32), name="a", metadata=_md("MR"))
+    viewer.add_image(rng.random((40, 40, 40), np.float32), name="b", metadata=_md("PT"))
+    widget = MedfuseWidget(viewer)
+    panel = widget.fuse_panel
+    seen = []
+    panel.progress.valueChanged.connect(seen.append)
+    _run_fuse(qtbot, panel, "a", "b", method="laplacian")
+    assert panel.progress.maximum() == 1000 and seen[-1] == 1000
+    assert any(0 < v < 1000 for v in seen), seen  # determinate: it moved through intermediate values
+    n = len(viewer.layers)
+    panel.run()
+    assert panel.cancel_button.isEnabled()
+    panel.cancel_button.click()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    assert panel.status.text() == "cancelled" and len(viewer.layers) == n
+    assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
+
+
+def test_destroying_the_widget_or_quitting_cancels_jobs(qtbot, make_napari_viewer):
+    from qtpy.QtCore import QEvent, QThreadPool
+    from qtpy.QtWidgets import QApplication
+
+    from medfuse_napari import _jobs
+
+    viewer = make_napari_viewer()
+    for data, kwargs, _ in _phantom_layers():
+        viewer.add_image(data, **{**kwargs, "metadata": {"medfuse": dict(kwargs["metadata"]["medfuse"])}})
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    panel.fixed.set_layer("t1")
+    panel.moving.set_layer("pet")
+    panel.kind.setCurrentText("deformable")
+    panel.run()
+    token = panel.token
+    widget.deleteLater()
+    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    assert token.cancelled
+    assert QThreadPool.globalInstance().waitForDone(30_000)
+    # Quitting napari: every running job is cancelled and waited for.
+    widget2 = MedfuseWidget(viewer)
+    widget2.register_panel.fixed.set_layer("t1")
+    widget2.register_panel.moving.set_layer("pet")
+    widget2.register_panel.run()
+    t0 = time.perf_counter()
+    _jobs._on_quit()
+    assert widget2.register_panel.token.cancelled and time.perf_counter() - t0 < 10
+    qtbot.waitUntil(lambda: widget2.register_panel.worker is None, timeout=10_000)
+
+
+def test_fuse_2d_grey_and_rgb_layers(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    yy, xx = np.mgrid[:64, :64]
+    viewer.add_image((xx * 4).astype(np.uint8), name="mri")
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[20:40, 20:40] = (255, 128, 0)
+    viewer.add_image(rgb, name="pet", rgb=True)
+    widget = MedfuseWidget(viewer)
+    panel = widget.fuse_panel
+    assert [panel.inputs[0].itemText(i) for i in range(panel.inputs[0].count())] == ["mri", "pet"]
+    assert widget.register_panel.fixed.count() == 0  # registration stays 3-D
+    _run_fuse(qtbot, panel, "mri", "pet", method="mean")
+    fused = viewer.layers[-1]
+    assert fused.name == "fused (mean)" and fused.rgb and fused.data.shape == (64, 64, 3), panel.status.text()
+
+
+def test_fuse_multiscale_layer_at_full_resolution(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    a = np.random.default_rng(2).random((32, 32, 32)).astype(np.float32)
+    viewer.add_image([a, a[::2, ::2, ::2]], name="ms", multiscale=True)
+    viewer.add_image(a, name="plain")
+    widget = MedfuseWidget(viewer)
+    _run_fuse(qtbot, widget.fuse_panel, "ms", "plain", method="mean")
+    fused = viewer.layers[-1]
+    assert fused.data.shape == (32, 32, 32), widget.fuse_panel.status.text()
+    np.testing.assert_allclose(fused.extent.world, viewer.layers["ms"].extent.world)
