@@ -33,6 +33,21 @@ def _notify_info(message: str) -> None:
     show_info(message)
 
 
+def _job_failed(outcome, label, what: str) -> bool:
+    """Show a cancelled or failed job in ``label`` and a notification; True when there is no result to use."""
+    from medfuse.errors import CancelledError
+
+    if outcome.error is None:
+        return False
+    if isinstance(outcome.error, CancelledError):
+        label.setText("cancelled")
+        _notify_info(f"{what.capitalize()} cancelled.")
+    else:
+        label.setText("failed")
+        _notify_error(_jobs.error_message(outcome.error, what))
+    return True
+
+
 class MedfuseWidget(QWidget):
     """Dock widget with three tabs. napari passes the viewer as ``napari_viewer``."""
 
@@ -209,18 +224,11 @@ class RegisterPanel(QWidget):
         self.level_progress.setValue(min(it, self.level_progress.maximum()))
 
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
-        from medfuse.errors import CancelledError
 
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if outcome.error is not None:
-            if isinstance(outcome.error, CancelledError):
-                self.level_label.setText("cancelled")
-                _notify_info("Registration cancelled.")
-            else:
-                self.level_label.setText("failed")
-                _notify_error(_jobs.error_message(outcome.error, "registration"))
+        if _job_failed(outcome, self.level_label, "registration"):
             return
         self.result, on_fixed = outcome.value
         try:
@@ -411,18 +419,11 @@ class FusePanel(QWidget):
 
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
         from medfuse.display import percentile_limits
-        from medfuse.errors import CancelledError
 
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if outcome.error is not None:
-            if isinstance(outcome.error, CancelledError):
-                self.status.setText("cancelled")
-                _notify_info("Fusion cancelled.")
-            else:
-                self.status.setText("failed")
-                _notify_error(_jobs.error_message(outcome.error, "fusion"))
+        if _job_failed(outcome, self.status, "fusion"):
             return
         fused, names, method = outcome.value
         arr = fused.array if hasattr(fused, "array") else np.asarray(fused)
