@@ -452,7 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="folder only: at most N pairs per pair type")
     parser.add_argument("--mode", choices=("slicewise", "native"), default="slicewise",
                         help="volumes: score slice-wise over the three planes or natively in 3-D (default slicewise)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the network")
+    parser.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
+                        help="where the network runs (default: cpu; auto: a CUDA GPU when there is one); checked "
+                             "before anything is written")
     parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -298,7 +298,16 @@ def test_a_gpu_this_machine_lacks_is_bad_input_before_anything_is_written(tmp_pa
     with pytest.raises(InvalidInputError, match="device 'cuda'"):  # the CLI prints it and exits 2
         E.run(parser.parse_args([str(src), "--methods", "network", "--device", "cuda", "--no-progress",
                                  "--out", str(tmp_path / "o")]))
+    with pytest.raises(InvalidInputError, match="device 'cuda:1'"):  # the CLI takes the same names as `fuse`
+        E.run(parser.parse_args([str(src), "--methods", "network", "--device", "cuda:1", "--no-progress",
+                                 "--out", str(tmp_path / "o")]))
+    with pytest.raises(InvalidInputError, match="unknown device 'gpu'"):
+        E.run(parser.parse_args([str(src), "--methods", "network", "--device", "gpu", "--no-progress",
+                                 "--out", str(tmp_path / "o")]))
     assert not (tmp_path / "o").exists()
+    auto = E.run(parser.parse_args([str(src), "--pair-types", "PET-MRI", "--methods", "network", "--device", "auto",
+                                    "--no-save", "--no-progress", "--out", str(tmp_path / "a")]))
+    assert auto == 0 and (tmp_path / "a" / "metrics.csv").exists()  # auto: the CPU here
 
 
 def test_means_say_how_many_images_they_are_over(tmp_path, capsys):
