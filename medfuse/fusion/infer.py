@@ -139,7 +139,8 @@ def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarr
                                 fix=("colour images fuse only with a grey one (medfuse.fuse(grey, rgb)); convert "
                                      "the others to grey first" if len(shape) == 3 and shape[2] in (3, 4)
                                      else "fuse thin volumes slice by slice with the 2-D path" if len(shape) == 3
-                                     else "use a classical rule for tiny images"))
+                                     else "use a classical rule for tiny images" if min(shape) >= 2
+                                     else "an image needs at least 2 pixels a side (4 for the network)"))
     for a in arrs:
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
             raise InvalidInputError(f"the inputs must be real numbers, got dtype {a.dtype}", fix="pass float arrays")

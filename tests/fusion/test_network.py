@@ -1052,3 +1052,14 @@ def test_unknown_network_options_and_float32_overflow_are_clear_errors():
         medfuse.fuse(a, b, foo=1)
     with pytest.raises(InvalidInputError, match="beyond float32's range"):
         infer.fuse_arrays([a.astype(np.float64) * 1e40, b])
+
+
+def test_tiny_images_get_a_fix_that_works():
+    """3x3 can use a classical rule; 1xN cannot use any method, and the message says what every method needs."""
+    import medfuse
+
+    with pytest.raises(InvalidInputError, match="use a classical rule"):
+        infer.fuse_2d([np.zeros((3, 3)), np.zeros((3, 3))])
+    assert medfuse.fuse(np.ones((3, 3)), np.zeros((3, 3)), method="max").shape == (3, 3)
+    with pytest.raises(InvalidInputError, match="at least 2 pixels a side"):
+        infer.fuse_2d([np.zeros((1, 64)), np.zeros((1, 64))])
