@@ -33,6 +33,13 @@ def _notify_info(message: str) -> None:
     show_info(message)
 
 
+def _same_placement(layer: Any, other: Any) -> bool:
+    """Whether napari shows two layers' pixels at the same world positions (every part of the transform)."""
+    parts = ("scale", "translate", "rotate", "shear")
+    return all(np.allclose(np.asarray(getattr(layer, k), float), np.asarray(getattr(other, k), float))
+               for k in parts) and np.allclose(layer.affine.affine_matrix, other.affine.affine_matrix)
+
+
 def _job_failed(outcome, label, what: str) -> bool:
     """Show a cancelled or failed job in ``label`` and a notification; True when there is no result to use."""
     from medfuse.errors import CancelledError
@@ -363,6 +370,13 @@ class FusePanel(QWidget):
         flat = [l.ndim == 2 for l in chosen]
         if any(flat) and not all(flat):
             _notify_error("Fusion cannot mix 2-D images and 3-D volumes. Fix: pick only 2-D or only 3-D layers.")
+            return
+        moved = [l.name for l in chosen[1:] if all(flat) and not _same_placement(l, base)]
+        if moved:
+            # 2-D layers are fused pixel by pixel, with no resampling: they must sit where the base sits.
+            _notify_error(f"2-D layer '{moved[0]}' is placed differently from '{base.name}' in napari (scale, "
+                          f"translate, rotate, shear or affine), and 2-D layers are fused pixel by pixel. Fix: give "
+                          f"it the base layer's placement, or fuse 3-D volumes, which are resampled.")
             return
         try:  # snapshot the layers in the GUI thread; the worker only computes
             if all(flat):

@@ -14,6 +14,7 @@ pytest.importorskip("pytestqt")
 from medfuse.phantom import load_ground_truth  # noqa: E402
 from medfuse_napari._layers import R4, layer_matrix, layer_to_volume, lps_to_world  # noqa: E402
 from medfuse_napari._sample_data import load_phantom  # noqa: E402
+from medfuse_napari import _widget  # noqa: E402
 from medfuse_napari._widget import MedfuseWidget  # noqa: E402
 
 pytestmark = pytest.mark.napari
@@ -544,7 +545,7 @@ def test_destroying_the_widget_or_quitting_cancels_jobs(qtbot, make_napari_viewe
     qtbot.waitUntil(lambda: widget2.register_panel.worker is None, timeout=10_000)
 
 
-def test_fuse_2d_grey_and_rgb_layers(qtbot, make_napari_viewer):
+def test_fuse_2d_grey_and_rgb_layers(qtbot, make_napari_viewer, monkeypatch):
     viewer = make_napari_viewer()
     yy, xx = np.mgrid[:64, :64]
     viewer.add_image((xx * 4).astype(np.uint8), name="mri")
@@ -558,6 +559,12 @@ def test_fuse_2d_grey_and_rgb_layers(qtbot, make_napari_viewer):
     _run_fuse(qtbot, panel, "mri", "pet", method="mean")
     fused = viewer.layers[-1]
     assert fused.name == "fused (mean)" and fused.rgb and fused.data.shape == (64, 64, 3), panel.status.text()
+    n_layers = len(viewer.layers)
+    viewer.layers["pet"].translate = (5, 0)  # moved in napari: pixel-by-pixel fusion would misplace it
+    errors = []
+    monkeypatch.setattr(_widget, "_notify_error", errors.append)
+    _run_fuse(qtbot, panel, "mri", "pet", method="mean")
+    assert errors and "placed differently" in errors[0] and len(viewer.layers) == n_layers
 
 
 def test_fuse_multiscale_layer_at_full_resolution(qtbot, make_napari_viewer):
