@@ -342,12 +342,10 @@ def _fuse(volumes: Sequence[Volume], *, method: str, device: str, **options: Any
 
 
 def _weights_sha256() -> Optional[str]:
-    try:
-        from .fusion.infer import weights_sha256
+    """The shipped weights' hash, or None when it cannot be read (one rule with ``medfuse.fuse``'s provenance)."""
+    from .fusion import _weights_hash
 
-        return weights_sha256()
-    except Exception:  # noqa: BLE001 - a missing hash is recorded as null, never fatal
-        return None
+    return _weights_hash()
 
 
 def _as_fused_volume(fused: Any, ref: Volume) -> Volume:

@@ -118,8 +118,8 @@ def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]
     """The 0..1 or 0..255 scale the inputs already share, or None (then each is scaled by min/max).
 
     8-bit-style integer images share 0..255 by convention. Float images in one band share it only when
-    they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would otherwise leave the PET at 5 % of the
-    scale, too dim to count in the fusion.
+    they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would otherwise leave the PET at about 3 % of
+    the scale, too dim to count in the fusion.
     """
     peaks = [float(a.max()) for a in arrays if float(a.max()) > float(a.min())]  # constant inputs don't count
     alike = not peaks or min(peaks) * _SHARED_SCALE_RATIO >= max(peaks)
