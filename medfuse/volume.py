@@ -49,7 +49,7 @@ _PROVENANCE_KEYS = {
     "series_uid", "study_uid", "frame_of_reference_uid", "source", "reader", "series_description",
     "volume_index", "n_volumes", "warnings", "suv", "history", "transfer_syntax", "manufacturer",
     "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
-    "registration", "scaling", "network_functional",
+    "registration", "scaling", "network_functional", "nifti_space",
 }
 
 
@@ -214,6 +214,33 @@ class Volume:
         """True when ``other`` has the same shape and an affine equal within ``atol`` mm."""
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
+    def grid_difference(self, other: "Volume", *, atol: float = 1e-3) -> str:
+        """How ``other``'s grid differs from this one, in words (``""`` when it is the same grid).
+
+        Error messages use it: two grids of one shape and spacing can still differ by a flipped axis or a
+        shifted origin, and "a different grid" alone does not say which.
+        """
+        parts = []
+        if self.shape != other.shape:
+            parts.append(f"shape {other.shape} against {self.shape}")
+        sp_a, sp_b = np.asarray(self.spacing), np.asarray(other.spacing)
+        if not np.allclose(sp_a, sp_b, atol=atol):
+            parts.append(f"spacing {tuple(round(float(s), 3) for s in sp_b)} mm against "
+                         f"{tuple(round(float(s), 3) for s in sp_a)} mm")
+        if not np.allclose(self.direction, other.direction, atol=1e-4):
+            if other.orientation != self.orientation:
+                parts.append(f"orientation {other.orientation} against {self.orientation} (an axis is flipped "
+                             "or permuted)")
+            else:
+                deg = rotation_angle_deg(self.direction.T @ other.direction)
+                parts.append(f"axes rotated by {deg:.2g} degrees")
+        shift = float(np.linalg.norm(self.affine[:3, 3] - other.affine[:3, 3]))
+        if shift > atol:
+            parts.append(f"origin {shift:.3g} mm away")
+        if not parts and not self.same_grid(other, atol=atol):
+            parts.append("voxel-to-world matrices that differ beyond tolerance")
+        return "; ".join(parts)
+
     # ------------------------------------------------------------------ copies
     def with_array(self, array: np.ndarray, **changes: Any) -> "Volume":
         """A new Volume on the same grid with other voxels (and optionally other modality/unit)."""
@@ -274,24 +301,40 @@ class Volume:
 
     # ------------------------------------------------------------------ nibabel
     def to_nibabel(self):
-        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine)."""
+        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine).
+
+        Both codes are the recorded ``provenance["nifti_space"]`` (an MNI template stays "mni"), else 1 (scanner).
+        """
         import nibabel as nib
 
+        from .io.nifti import nifti_space_code
+
+        code = nifti_space_code(self)
         arr = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
         img = nib.Nifti1Image(arr, self.affine_ras)
-        img.set_sform(self.affine_ras, code=1)  # scanner
-        img.set_qform(self.affine_ras, code=1)
+        img.set_sform(self.affine_ras, code=code)
+        img.set_qform(self.affine_ras, code=code)
         img.header.set_xyzt_units("mm", "sec")
         return img
 
     @classmethod
     def from_nibabel(cls, image, *, modality: str = "unknown", unit: str = "arbitrary", provenance: Optional[dict] = None) -> "Volume":
-        """Build a Volume from a nibabel spatial image (3-D, or 4-D with one volume)."""
+        """Build a Volume from a nibabel spatial image (3-D, or 4-D with one volume).
+
+        A NIfTI image's space (sform code, else qform code) is recorded as ``provenance["nifti_space"]`` unless
+        ``provenance`` names one.
+        """
+        from .io.nifti import _space_name
+
         arr = np.asanyarray(image.dataobj)
         if arr.ndim == 4 and arr.shape[3] == 1:
             arr = arr[..., 0]
         aff = LPS_TO_RAS @ np.asarray(image.affine, dtype=float)
-        return cls(arr, aff, modality=modality, unit=unit, provenance=provenance or {})
+        prov = dict(provenance or {})
+        space = _space_name(image.header)
+        if space is not None:
+            prov.setdefault("nifti_space", space)
+        return cls(arr, aff, modality=modality, unit=unit, provenance=prov)
 
     # ------------------------------------------------------------------ MONAI
     def to_metatensor(self):
@@ -311,6 +354,8 @@ class Volume:
             "unit": self.unit,
             "spatial_shape": np.asarray(self.shape),
         }
+        if "nifti_space" in self.provenance:  # so that a template space survives MONAI transforms
+            meta["nifti_space"] = self.provenance["nifti_space"]
         return MetaTensor(torch.as_tensor(np.ascontiguousarray(arr))[None], affine=affine, meta=meta)
 
     @classmethod
@@ -327,11 +372,14 @@ class Volume:
         aff = np.asarray(getattr(tensor, "affine", meta.get("affine")), dtype=float)
         space = str(meta.get("space", "RAS")).upper()
         aff_lps = LPS_TO_RAS @ aff if space == "RAS" else aff
+        prov = dict(provenance or {})
+        if isinstance(meta.get("nifti_space"), str):  # written by to_metatensor
+            prov.setdefault("nifti_space", meta["nifti_space"])
         return cls(
             arr, aff_lps,
             modality=modality or meta.get("modality", "unknown"),
             unit=unit or meta.get("unit", "arbitrary"),
-            provenance=provenance or {},
+            provenance=prov,
         )
 
 

@@ -104,3 +104,21 @@ def test_with_array_keeps_grid(vol):
     assert w.unit == "Bq/mL" and w.modality == "PT" and w.same_grid(vol)
     with pytest.raises(InvalidInputError, match="grid"):
         vol.with_array(np.zeros((1, 1, 1)))
+
+
+def test_grid_difference_says_what_differs():
+    """Same shape and spacing but a flipped axis (the SPM12 SPECT template's case) is named as such."""
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = (-90.0, -126.0, -72.0)
+    a = Volume(np.zeros((91, 109, 91)), aff)
+    assert a.grid_difference(a.copy()) == ""
+    flip = aff.copy()
+    flip[0, 0] = -2.0
+    flip[0, 3] = 90.0  # the same box, stored from the other side
+    msg = a.grid_difference(Volume(np.zeros((91, 109, 91)), flip))
+    assert "orientation RPS against LPS" in msg and "flipped" in msg and "180 mm away" in msg
+    rot = aff.copy()
+    rot[:3, :3] = Rotation.from_euler("z", 10, degrees=True).as_matrix() * 2.0
+    assert "rotated by 10 degrees" in a.grid_difference(Volume(np.zeros((91, 109, 91)), rot))
+    msg = a.grid_difference(Volume(np.zeros((91, 109, 90)), np.diag([2.0, 2.0, 2.5, 1.0])))
+    assert "shape (91, 109, 90) against (91, 109, 91)" in msg and "spacing (2.0, 2.0, 2.5) mm" in msg

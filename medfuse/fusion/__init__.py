@@ -323,9 +323,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     for i, v in enumerate(vols[1:], start=2):
         if not ref.same_grid(v):
             raise GeometryError(
-                f"volume {i} is on a different grid (shape {v.shape}, spacing "
-                f"{tuple(round(s, 3) for s in v.spacing)}) than volume 1 (shape {ref.shape}, spacing "
-                f"{tuple(round(s, 3) for s in ref.spacing)})",
+                f"volume {i} is on a different grid than volume 1: {ref.grid_difference(v)}",
                 fix="register and resample it onto volume 1's grid first: medfuse.register(fixed, moving).resampled "
                 "or medfuse.resample(moving, fixed)",
             )
@@ -343,6 +341,8 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     else:
         fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
+    if "nifti_space" in ref.provenance:  # the fused image lies on ref's grid, in ref's (e.g. MNI) space
+        prov["nifti_space"] = ref.provenance["nifti_space"]
     if method == "network":
         prov["weights_sha256"] = _weights_hash(options.get("weights"))
         prov["network_functional"] = options.get("functional")

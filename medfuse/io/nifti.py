@@ -4,6 +4,10 @@
   is > 0, else the qform (nibabel's ``get_best_affine``); ``scl_slope``/``scl_inter`` are applied
   (integer data without scaling stays integer, so voxels are exact). Big-endian data is
   converted to native byte order.
+* The NIfTI space of the transform used (its xform code: sform code if > 0, else qform code) is recorded as
+  ``provenance["nifti_space"]`` (``"scanner"``, ``"aligned"``, ``"talairach"``, ``"mni"`` or ``"template"``;
+  nothing for code 0), so that a template-space image is written back with its code
+  (:func:`nifti_space_code`).
 * ``.mha``/``.mhd``/``.nrrd``/``.nhdr`` via SimpleITK.
 * Modality and unit: the ``modality``/``unit`` arguments win; otherwise what medfuse's writer
   stored is read back (NIfTI ``descrip`` ``"medfuse modality=PT unit=SUVbw"``; MetaImage/NRRD
@@ -24,12 +28,16 @@ from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, MultipleS
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, affine_from_geometry
 
-__all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
+__all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "nifti_space_code", "NIFTI_SPACES",
+           "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
 
 PathLike = Union[str, os.PathLike]
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 _TAG_RE = re.compile(r"medfuse\s+modality=(\S+)\s+unit=(\S+)")
+
+#: NIfTI xform codes 1..5 by nibabel's names (``nibabel.nifti1.xform_codes``); code 0 ("unknown") is not a space.
+NIFTI_SPACES = ("scanner", "aligned", "talairach", "mni", "template")
 
 
 def format_tag(modality: str, unit: str) -> str:
@@ -43,13 +51,39 @@ def parse_tag(text: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
+def _space_name(hdr) -> Optional[str]:
+    """Name of the space of the transform ``get_best_affine`` used, or ``None`` (code 0, Analyze, odd codes)."""
+    if "sform_code" not in hdr:  # Analyze 7.5 has no xforms
+        return None
+    code = int(hdr["sform_code"]) or int(hdr["qform_code"])
+    return NIFTI_SPACES[code - 1] if 1 <= code <= len(NIFTI_SPACES) else None
+
+
+def nifti_space_code(volume: Volume) -> int:
+    """The NIfTI xform code to write for ``volume``: its recorded ``provenance["nifti_space"]``, else 1 (scanner).
+
+    Code 1 is also right for a volume read from a file with code 0: medfuse used (and warned about) an affine
+    guessed from the voxel sizes, and code 1 makes other tools use that same affine rather than guess their own.
+
+    Raises:
+        InvalidInputError: the recorded space is not one of :data:`NIFTI_SPACES`.
+    """
+    space = volume.provenance.get("nifti_space")
+    if space is None:
+        return 1
+    if space not in NIFTI_SPACES:
+        raise InvalidInputError(f"the volume's provenance['nifti_space'] is {space!r}, not a NIfTI space name",
+                                fix=f"set it to one of {', '.join(NIFTI_SPACES)}, or delete it to write 'scanner'")
+    return NIFTI_SPACES.index(space) + 1
+
+
 def _native(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.byteorder not in ("=", "|") and arr.dtype.byteorder != ("<" if np.little_endian else ">"):
         return arr.astype(arr.dtype.newbyteorder("="))
     return arr
 
 
-def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str]]:
+def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str], Optional[str]]:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -77,7 +111,7 @@ def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optiona
         aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
     mod, unit = parse_tag(descrip)
-    return np.asarray(arr), LPS_TO_RAS @ np.asarray(aff, dtype=float), mod, unit
+    return np.asarray(arr), LPS_TO_RAS @ np.asarray(aff, dtype=float), mod, unit, _space_name(hdr)
 
 
 def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str]]:
@@ -109,17 +143,19 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     return arr, aff, get("medfuse_modality"), get("medfuse_unit")
 
 
-def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], str, Path]:
+def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path]:
     p = Path(path)
     if not p.is_file():
         raise UnreadableFileError("no such file", fix="check the path", path=p)
     name = p.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
-        arr, aff, mod, unit = _read_nifti(p)
-        reader = "nibabel"
+        arr, aff, mod, unit, space = _read_nifti(p)
+        facts = {"reader": "nibabel"}
+        if space is not None:
+            facts["nifti_space"] = space
     elif name.endswith(ITK_SUFFIXES):
         arr, aff, mod, unit = _read_itk(p)
-        reader = "SimpleITK"
+        facts = {"reader": "SimpleITK"}
     else:
         raise UnreadableFileError("unknown image file ending",
                                   fix=f"use one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}, or a DICOM file/folder", path=p)
@@ -136,10 +172,10 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
     else:
         raise InvalidInputError(f"the image has {arr.ndim} dimensions (shape {arr.shape})",
                                 fix="medfuse reads 3-D images or 4-D series of them", path=p)
-    return vols, aff, mod, unit, reader, p
+    return vols, aff, mod, unit, facts, p
 
 
-def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, reader, index, n) -> Volume:
+def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, index, n) -> Volume:
     if np.issubdtype(arr.dtype, np.floating):
         finite = np.isfinite(arr)
         if not finite.any():
@@ -147,7 +183,7 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, reader, 
         if not finite.all():
             warnings.warn(f"{p}: {int((~finite).sum())} voxel(s) are NaN or infinite; they were kept as they are",
                           MedfuseWarning, stacklevel=3)
-    prov = {"source": str(p), "reader": reader}
+    prov = {"source": str(p), **facts}
     if n > 1:
         prov.update(volume_index=index, n_volumes=n)
     try:
@@ -175,17 +211,17 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
         GeometryError: sheared or singular affine.
         InvalidInputError: zero size, all-NaN voxels, vector/colour data.
     """
-    vols, aff, mod, u, reader, p = _read(path)
+    vols, aff, mod, u, facts, p = _read(path)
     if len(vols) > 1:
         raise MultipleSeriesError(
             f"the file holds {len(vols)} volumes (4-D)", choices=list(range(len(vols))),
             fix="use medfuse.load_volumes(path) to get all of them", path=p)
     m, un = _labels(mod, u, modality, unit)
-    return _make(vols[0], aff, p, modality=m, unit=un, reader=reader, index=0, n=1)
+    return _make(vols[0], aff, p, modality=m, unit=un, facts=facts, index=0, n=1)
 
 
 def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None) -> List[Volume]:
     """Load every volume of a 3-D or 4-D NIfTI/MetaImage/NRRD file as a list of 3-D volumes."""
-    vols, aff, mod, u, reader, p = _read(path)
+    vols, aff, mod, u, facts, p = _read(path)
     m, un = _labels(mod, u, modality, unit)
-    return [_make(a, aff, p, modality=m, unit=un, reader=reader, index=i, n=len(vols)) for i, a in enumerate(vols)]
+    return [_make(a, aff, p, modality=m, unit=un, facts=facts, index=i, n=len(vols)) for i, a in enumerate(vols)]

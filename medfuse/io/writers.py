@@ -1,7 +1,8 @@
 """``save``: NIfTI, MetaImage, NRRD or a DICOM series, atomically.
 
 * NIfTI (``.nii``/``.nii.gz``; ``format="nifti2"`` for NIfTI-2): RAS affine in both sform and
-  qform (code 1, scanner), units mm; modality and unit in ``descrip``
+  qform, with the code of the volume's recorded NIfTI space (``provenance["nifti_space"]``, e.g. 4 for
+  an MNI template) or 1 (scanner) when none is recorded; units mm; modality and unit in ``descrip``
   (``"medfuse modality=PT unit=SUVbw"``), read back by :func:`medfuse.io.nifti.load_image`.
 * MetaImage (``.mha``/``.mhd``) and NRRD (``.nrrd``/``.nhdr``) via SimpleITK, with metadata keys
   ``medfuse_modality``/``medfuse_unit``.
@@ -24,7 +25,7 @@ import numpy as np
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
 from ._atomic import atomic_path, check_output
-from .nifti import format_tag
+from .nifti import format_tag, nifti_space_code
 
 __all__ = ["save", "FORMATS"]
 
@@ -66,11 +67,13 @@ def _storable(arr: np.ndarray) -> np.ndarray:
 def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: bool) -> Path:
     import nibabel as nib
 
+    code = nifti_space_code(volume)  # before any work: a bad recorded space is refused early
     arr = _storable(volume.array)
     cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     img = cls(arr, volume.affine_ras)
-    img.set_sform(volume.affine_ras, code=1)  # scanner-based
-    img.set_qform(volume.affine_ras, code=1)
+    # Why the recorded code: FSL, ANTs and Slicer treat template (MNI/aligned) and scanner spaces differently.
+    img.set_sform(volume.affine_ras, code=code)
+    img.set_qform(volume.affine_ras, code=code)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_data_dtype(arr.dtype)
     img.header["descrip"] = format_tag(volume.modality, volume.unit).encode("ascii")[:79]

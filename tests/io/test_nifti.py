@@ -193,3 +193,117 @@ def test_nifti_without_qform_or_sform_warns(tmp_path):
     nib.save(img, str(tmp_path / "bare.nii"))
     with pytest.warns(MedfuseWarning, match="neither a qform nor an sform"):
         load_image(tmp_path / "bare.nii")
+
+
+# ----------------------------------------------------------------------------- NIfTI space (xform code)
+def _codes(path):
+    hdr = nib.load(str(path)).header
+    return int(hdr["sform_code"]), int(hdr["qform_code"])
+
+
+def test_nifti_space_names_match_nibabel():
+    from medfuse.io.nifti import NIFTI_SPACES
+
+    assert [nib.nifti1.xform_codes.label[c] for c in range(1, 6)] == list(NIFTI_SPACES)
+
+
+@pytest.mark.parametrize("name, space, code", [("T1", "mni", 4), ("single_subj_T1", "aligned", 2)])
+def test_template_space_survives_load_and_save(shared, tmp_path, name, space, code):
+    from medfuse.io.writers import save
+
+    src = shared("data", "spm12-templates", f"{name}.nii")
+    assert _codes(src) == (code, code)  # the real SPM12 files: MNI templates and an "aligned" single subject
+    before = src.read_bytes()
+    v = load_image(src)
+    assert v.provenance["nifti_space"] == space
+    # copies and new voxels on the same grid keep the space
+    assert v.copy().provenance["nifti_space"] == space
+    assert v.with_array(v.array.astype(np.float32)).provenance["nifti_space"] == space
+    for out in (save(v, tmp_path / "v.nii.gz"), save(v, tmp_path / "v2.nii", format="nifti2")):
+        assert _codes(out) == (code, code)
+        back = load_image(out)
+        assert back.provenance["nifti_space"] == space
+        assert np.allclose(back.affine, v.affine, atol=1e-4) and np.array_equal(back.array, v.array)
+    assert src.read_bytes() == before  # the input is never touched
+
+
+def test_fused_templates_keep_the_reference_space(shared, tmp_path):
+    from medfuse.fusion import fuse
+    from medfuse.io.writers import save
+
+    d = shared("data", "spm12-templates")
+    t1, pet, single = load_image(d / "T1.nii"), load_image(d / "PET.nii"), load_image(d / "single_subj_T1.nii")
+    fused = fuse(t1, pet, method="mean")
+    assert fused.provenance["nifti_space"] == "mni" and fused.same_grid(t1)
+    assert _codes(save(fused, tmp_path / "f.nii.gz")) == (4, 4)
+    # The fused image lies on the first volume's grid, so it takes that volume's space.
+    fused2 = fuse(single, t1, method="mean")
+    assert _codes(save(fused2, tmp_path / "f2.nii.gz")) == (2, 2)
+
+
+def test_pipeline_keeps_template_space(shared, tmp_path):
+    from medfuse.pipeline import fuse_files
+
+    d = shared("data", "spm12-templates")
+    for grid in ("fixed", "finest"):  # "finest" resamples every input onto a new common grid
+        r = fuse_files(d / "single_subj_T1.nii", d / "PET.nii", tmp_path / f"{grid}.nii.gz", method="mean", grid=grid)
+        assert _codes(r.output) == (2, 2), grid
+
+
+def test_scanner_and_qform_only_spaces(tmp_path):
+    from medfuse.io.writers import save
+
+    aff = np.diag([-1.5, 2.0, 3.0, 1.0])
+    aff[:3, 3] = [10, -20, 30]
+    img = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(aff, code=1)
+    nib.save(img, str(tmp_path / "scanner.nii"))
+    v = load_image(tmp_path / "scanner.nii")
+    assert v.provenance["nifti_space"] == "scanner"
+    assert _codes(save(v, tmp_path / "scanner_out.nii")) == (1, 1)
+    # sform code 0: the qform is the transform used, so its code (3, Talairach) is the space.
+    img.set_sform(None, code=0)
+    img.set_qform(aff, code=3)
+    nib.save(img, str(tmp_path / "tal.nii"))
+    v = load_image(tmp_path / "tal.nii")
+    assert v.provenance["nifti_space"] == "talairach" and np.allclose(v.affine_ras, aff)
+    assert _codes(save(v, tmp_path / "tal_out.nii")) == (3, 3)
+
+
+def test_unknown_space_code_0_is_written_as_scanner(tmp_path):
+    """Code 0 means "no transform": medfuse used nibabel's guess, and writes it with code 1 so that other
+    tools use that same affine instead of guessing their own (code 1 claims no template alignment)."""
+    from medfuse.io.writers import save
+
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.eye(4))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, str(tmp_path / "bare.nii"))
+    with pytest.warns(MedfuseWarning, match="neither a qform nor an sform"):
+        v = load_image(tmp_path / "bare.nii")
+    assert "nifti_space" not in v.provenance
+    out = save(v, tmp_path / "bare_out.nii")
+    assert _codes(out) == (1, 1)
+    assert np.allclose(nib.load(str(out)).affine, nib.load(str(tmp_path / "bare.nii")).affine)
+
+
+def test_nibabel_conversions_keep_the_space(shared):
+    from medfuse.volume import Volume
+
+    t1 = load_image(shared("data", "spm12-templates", "T1.nii"))
+    img = t1.to_nibabel()
+    assert (int(img.header["sform_code"]), int(img.header["qform_code"])) == (4, 4)
+    assert Volume.from_nibabel(img).provenance["nifti_space"] == "mni"
+    assert Volume.from_nibabel(nib.load(str(shared("data", "spm12-templates", "single_subj_T1.nii")))
+                               ).provenance["nifti_space"] == "aligned"
+
+
+def test_metatensor_round_trip_keeps_the_space(shared):
+    pytest.importorskip("monai")
+    from medfuse.volume import Volume
+
+    t1 = load_image(shared("data", "spm12-templates", "T1.nii"))
+    mt = t1.to_metatensor()
+    assert mt.meta["nifti_space"] == "mni"
+    assert Volume.from_metatensor(mt).provenance["nifti_space"] == "mni"

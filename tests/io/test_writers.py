@@ -275,3 +275,25 @@ def test_dicom_round_trip_keeps_stored_suv_kind(tmp_path, pet, unit):
     assert np.allclose(back.array, vol.array, atol=float(vol.array.max()) / 1000)
     # the stored values are returned unchanged when asked for them as stored
     assert medfuse.load(folder, suv="none").unit == unit
+
+
+def test_nifti_codes_follow_the_recorded_space(tmp_path, pet):
+    import nibabel as nib
+
+    from medfuse.errors import InvalidInputError
+
+    for space, code in (("scanner", 1), ("aligned", 2), ("talairach", 3), ("mni", 4), ("template", 5)):
+        v = pet.copy()
+        v.provenance["nifti_space"] = space
+        hdr = nib.load(str(save(v, tmp_path / f"{space}.nii.gz"))).header
+        assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (code, code), space
+        assert np.allclose(hdr.get_sform(), pet.affine_ras, atol=1e-5)
+    # MetaImage/NRRD have no such code: the space is simply not stored there, and writing still works.
+    v = pet.copy()
+    v.provenance["nifti_space"] = "mni"
+    assert np.array_equal(load_image(save(v, tmp_path / "m.nrrd")).array, pet.array)
+    # A space name that is not NIfTI's is refused before anything is written.
+    v.provenance["nifti_space"] = "MNI152NLin2009cAsym"
+    with pytest.raises(InvalidInputError, match="nifti_space") as e:
+        save(v, tmp_path / "bad.nii.gz")
+    assert "mni" in e.value.fix and not (tmp_path / "bad.nii.gz").exists()
