@@ -197,13 +197,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- register
+# Output endings that are surely not meant as a DICOM series folder name (2-D pictures, sidecars, transforms).
+_NOT_VOLUME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".json", ".tfm", ".txt", ".h5",
+                        ".hdf5", ".mat", ".csv")
+
+
+def _fmt_metric(value: Optional[float]) -> str:
+    # None when too few samples overlapped to evaluate it (e.g. the images barely overlap as the scanners placed them).
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from . import provenance as prov
     from .io import load, save
     from .io._atomic import check_output
+    from .registration.transforms import TRANSFORM_SUFFIXES
 
     out = Path(args.output)
     tfm = Path(args.transform) if args.transform else prov.sidecar_path(out).with_suffix(".tfm")
+    # Everything that can be refused is refused here, before minutes of work and before any file is written.
+    if out.name.lower().endswith(_NOT_VOLUME_SUFFIXES):
+        raise InvalidInputError(f"the output name ends in {out.suffix!r}, which is not a 3-D image format "
+                                "(a name without a known image ending writes a DICOM series folder)",
+                                fix="end OUT in .nii.gz, .nii, .mha or .nrrd; use no suffix for a DICOM series",
+                                path=out)
+    if not tfm.name.lower().endswith(TRANSFORM_SUFFIXES):
+        raise InvalidInputError(f"unknown transform file ending {tfm.suffix!r}", fix="use .tfm, .txt or .h5",
+                                path=tfm)
+    if tfm.name.lower().endswith(".mat") and args.kind == "deformable":
+        raise InvalidInputError("a deformable transform cannot be stored in a .mat file (it holds one matrix)",
+                                fix="use .h5 or .tfm", path=tfm)
+    if tfm.resolve() in (out.resolve(), prov.sidecar_path(out).resolve()):
+        raise InvalidInputError("the transform would be written onto the output image or its sidecar",
+                                fix="give --transform another path", path=tfm)
     for target in (out, tfm):
         check_output(target, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
     prov.check_sidecar(out, overwrite=args.overwrite)
@@ -227,7 +253,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                         parameters={"kind": args.kind, "metric": args.metric}, registration=[rep],
                         extra={"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}})
     side = prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
-    _say(args, f"registered ({args.kind}): metric {rep['metric_before']:.4f} -> {rep['metric_after']:.4f}"
+    _say(args, f"registered ({args.kind}): metric {_fmt_metric(rep['metric_before'])} -> "
+               f"{_fmt_metric(rep['metric_after'])}"
                f" (lower is better), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
                f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
     if rep.get("suspect"):

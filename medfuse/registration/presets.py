@@ -7,6 +7,7 @@ Each preset is a plain dict of settings (all in physical units where possible) t
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Optional
 
 from ..errors import InvalidInputError
@@ -86,6 +87,9 @@ def get_preset(name: Optional[str], fixed_modality: str = "unknown", moving_moda
         name = preset_for(fixed_modality, moving_modality)
     key = str(name).upper().replace("PET", "PT").replace("SPECT", "NM").replace("MRI", "MR")
     key = "default" if key == "DEFAULT" else key
+    if key not in PRESETS and "-" in key:  # a pair is a pair in either order: "CT-MR" is "MR-CT"
+        a, _, b = key.partition("-")
+        key = f"{b}-{a}" if f"{b}-{a}" in PRESETS else key
     if key not in PRESETS:
         raise InvalidInputError(f"unknown registration preset {name!r}", fix=f"use one of {', '.join(PRESETS)}")
     p = dict(PRESETS[key])
@@ -93,5 +97,73 @@ def get_preset(name: Optional[str], fixed_modality: str = "unknown", moving_moda
     if unknown:
         raise InvalidInputError(f"unknown preset setting(s) {sorted(unknown)}", fix=f"use keys of {sorted(p)}")
     p.update(overrides)
+    # Per-level lists follow the pyramid (SimpleITK refuses lists of different lengths): longer ones keep their
+    # last (finest) values, as the affine stage does; when levels_mm itself is overridden, shorter preset lists
+    # are padded with their first value. levels_mm=(4, 2) on a three-level preset just works.
+    for levels, per_level in (("levels_mm", ("smoothing_vox", "iterations")), ("bspline_levels_mm", ("bspline_iterations",))):
+        if _is_seq(p[levels]) and len(p[levels]):
+            n = len(p[levels])
+            for k in per_level:
+                if _is_seq(p[k]) and len(p[k]) > n:
+                    p[k] = tuple(p[k])[-n:]
+                elif levels in overrides and k not in overrides and _is_seq(p[k]) and 0 < len(p[k]) < n:
+                    p[k] = (p[k][0],) * (n - len(p[k])) + tuple(p[k])
+    _validate(p)
     p["name"] = key
     return p
+
+
+def _is_seq(v: Any) -> bool:
+    return isinstance(v, (list, tuple))
+
+
+def _validate(p: Dict[str, Any]) -> None:
+    """Refuse settings that SimpleITK would reject deep inside (or, worse, accept and ignore), saying which."""
+    import math
+
+    def bad(k: str, want: str) -> InvalidInputError:
+        return InvalidInputError(f"registration setting {k}={p[k]!r} is invalid: it must be {want}",
+                                 fix=f"pass {k} as {want}, or leave it out to use the preset's {PRESETS['default'][k]!r}")
+
+    def number(k: str, lo: float, *, lo_open: bool = True, hi: float = math.inf, integer: bool = False):
+        v = p[k]
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and v <= hi and (not integer or float(v) == int(v))
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            raise bad(k, f"{kind} {'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else ""))
+
+    def levels(k: str):
+        v = p[k]
+        if not (_is_seq(v) and len(v) >= 1 and all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                                                   and math.isfinite(x) and x > 0 for x in v)
+                and all(a >= b for a, b in zip(v, v[1:]))):
+            raise bad(k, "a non-empty list of spacings in mm > 0, coarse to fine")
+
+    def per_level(k: str, of: str, *, integer: bool, lo: float):
+        v = p[k]
+        if not (_is_seq(v) and len(v) == len(p[of]) and all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x >= lo
+                and (not integer or float(x) == int(x)) for x in v)):
+            raise bad(k, f"a list of {len(p[of])} {'integers' if integer else 'numbers'} >= {lo:g} (one per level of "
+                         f"{of}={tuple(p[of])!r})")
+
+    if p.get("metric") not in ("mattes", "correlation"):
+        raise bad("metric", "'mattes' or 'correlation'")
+    number("histogram_bins", 4, lo_open=False, hi=1024, integer=True)
+    levels("levels_mm")
+    per_level("smoothing_vox", "levels_mm", integer=False, lo=0)
+    per_level("iterations", "levels_mm", integer=True, lo=1)
+    for k in ("samples", "final_samples", "bspline_samples"):
+        number(k, 100, lo_open=False, integer=True)
+    for k in ("learning_rate_mm", "min_step_mm", "final_learning_rate_mm", "multistart_mm", "bspline_grid_mm",
+              "bspline_max_displacement_mm"):
+        number(k, 0)
+    number("relaxation", 0, hi=0.999)
+    number("multistart_deg", 0, lo_open=False, hi=90)
+    for k in ("multistart_keep", "multistart_iterations", "final_iterations"):
+        number(k, 1, lo_open=False, integer=True)
+    if p["final_mm"] is not None:
+        number("final_mm", 0)
+    levels("bspline_levels_mm")
+    per_level("bspline_iterations", "bspline_levels_mm", integer=True, lo=1)

@@ -37,6 +37,40 @@ def _is_label_map(v: Volume) -> bool:
     return v.array.dtype == bool
 
 
+def _source_image(volume: Volume, interpolation: str, default: float):
+    """``volume`` as a SimpleITK image of a pixel type that holds both its values and ``default``.
+
+    float16 (which SimpleITK refuses) becomes float32; linear/bspline interpolation works in float32 (or float64);
+    nearest neighbour keeps the dtype unless ``default`` does not fit it (``-1024`` HU in an unsigned CT, a
+    fractional default in an integer image), which would otherwise wrap around (``-1024`` -> ``64512``) or be
+    truncated silently: the type is then widened (uint16 -> int32, uint8 -> int16, ...).
+    """
+    import SimpleITK as sitk
+
+    arr = volume.array
+    if arr.dtype == np.float16:
+        volume = volume.with_array(arr.astype(np.float32))
+    src = volume.to_sitk()
+    if interpolation != "nearest":
+        if src.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+            src = sitk.Cast(src, sitk.sitkFloat32)
+        return src
+    dt = np.dtype(np.uint8 if arr.dtype == bool else volume.array.dtype)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        if not np.isfinite(default) or float(default) != round(default):  # NaN marks outside in floats only
+            wide = np.dtype(np.float64 if dt.itemsize >= 4 else np.float32)
+        elif not info.min <= default <= info.max:
+            wide = np.promote_types(dt, np.min_scalar_type(int(default)))
+        else:
+            wide = dt
+        if wide != dt:
+            pid = {np.dtype(np.int16): sitk.sitkInt16, np.dtype(np.int32): sitk.sitkInt32,
+                   np.dtype(np.int64): sitk.sitkInt64, np.dtype(np.float32): sitk.sitkFloat32}
+            src = sitk.Cast(src, pid.get(wide, sitk.sitkFloat64))
+    return src
+
+
 def resample(volume: Volume, reference: Volume, *, transform=None, interpolation: str = "linear",
              default: Optional[float] = None) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid.
@@ -48,7 +82,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
             ``volume`` (moving) points; identity when ``None``.
         interpolation: ``"linear"`` (default), ``"nearest"`` (label maps, masks), or ``"bspline"``.
             Boolean volumes always use nearest neighbour.
-        default: value outside ``volume``; default: -1024 for CT in HU, else 0.
+        default: value outside ``volume``; default: -1024 for CT in HU, else 0 (False for boolean volumes).
+            An integer volume resampled with nearest neighbour is widened when its type cannot hold it
+            (``-1024`` in a uint16 CT comes back as int32, not as a wrapped-around 64512).
 
     Returns:
         A Volume on the reference grid with ``volume``'s modality, unit, dtype (floats for linear/bspline of
@@ -65,11 +101,12 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     if _is_label_map(volume):
         interpolation = "nearest"
     interp = _interpolator(interpolation)
-    if default is None:
-        default = -1024.0 if (volume.modality == "CT" and volume.unit == "HU") else 0.0
-    src = volume.to_sitk()
-    if interpolation != "nearest" and src.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-        src = sitk.Cast(src, sitk.sitkFloat32)
+    is_ct_hu = volume.modality == "CT" and volume.unit == "HU" and volume.array.dtype != bool
+    if default is None:  # a mask or label map is False outside, whatever modality and unit it carries
+        default = -1024.0 if is_ct_hu else 0.0
+    if volume.array.dtype == bool:
+        default = float(bool(default))
+    src = _source_image(volume, interpolation, float(default))
     ref = sitk.Image(list(reference.shape), sitk.sitkUInt8)
     ref.SetSpacing(reference.spacing)
     ref.SetOrigin(reference.origin)
@@ -79,8 +116,12 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     arr = np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
     if volume.array.dtype == bool:
         arr = arr.astype(bool)
-    res = Volume(arr, reference.affine.copy(), modality=volume.modality, unit=volume.unit,
-                 provenance=dict(volume.provenance))
+    prov = dict(volume.provenance)
+    # The output's world coordinates are the reference's, so its NIfTI space is the reference's too.
+    prov.pop("nifti_space", None)
+    if "nifti_space" in reference.provenance:
+        prov["nifti_space"] = reference.provenance["nifti_space"]
+    res = Volume(arr, reference.affine.copy(), modality=volume.modality, unit=volume.unit, provenance=prov)
     res.provenance["history"] = list(volume.provenance.get("history", []))
     res.add_history("resample", interpolation=interpolation, transform=None if transform is None else transform.sitk.GetName(),
                     shape=list(reference.shape), spacing=[round(s, 6) for s in reference.spacing])
@@ -109,7 +150,9 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
     start_edge = ref.index_to_world([-0.5, -0.5, -0.5])
     origin = start_edge + ref.direction @ (spacing / 2.0)
     aff = affine_from_geometry(spacing, origin, ref.direction)
-    return Volume(np.zeros(tuple(int(s) for s in shape), dtype=np.uint8), aff)
+    # The grid lies in the reference's world, so it carries the reference's NIfTI space (resample passes it on).
+    space = {"nifti_space": ref.provenance["nifti_space"]} if "nifti_space" in ref.provenance else {}
+    return Volume(np.zeros(tuple(int(s) for s in shape), dtype=np.uint8), aff, provenance=space)
 
 
 def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int = 0,

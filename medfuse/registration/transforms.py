@@ -146,7 +146,7 @@ class Transform:
 
     # ---------------------------------------------------------------- files
     def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
-        """Write in an ITK format chosen by suffix (``.tfm``, ``.txt``, ``.h5``); atomic."""
+        """Write in an ITK format chosen by suffix (``.tfm``, ``.txt``, ``.h5``; ``.mat`` for linear ones); atomic."""
         import SimpleITK as sitk
 
         from ..io._atomic import atomic_path
@@ -155,9 +155,18 @@ class Transform:
         if not _suffix_ok(p):
             raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
                                     fix="use .tfm, .txt or .h5", path=p)
+        t = self._t
+        if p.name.lower().endswith(".mat"):
+            # ITK's .mat (MATLAB, as ANTs writes it) holds one matrix transform: SimpleITK writes a composite or a
+            # B-spline there without complaint, and nothing (SimpleITK included) can read the file back.
+            if not self.is_linear:
+                raise InvalidInputError("a deformable transform cannot be stored in a .mat file (it holds one matrix)",
+                                        fix="save it as .h5 or .tfm", path=p)
+            if t.GetName() == "CompositeTransform":
+                t = Transform.from_matrix(self.matrix).sitk
         p.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(p, overwrite=overwrite) as tmp:
-            sitk.WriteTransform(self._t, str(tmp))
+            sitk.WriteTransform(t, str(tmp))
         return p
 
 

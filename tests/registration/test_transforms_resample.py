@@ -106,3 +106,80 @@ def test_common_grid_finest_spacing_covering_fixed_fov():
     outs = resample_to_common_grid([fixed, fine])
     assert all(o.same_grid(grid) for o in outs)
     assert [o.modality for o in outs] == ["PT", "PT"]
+
+
+def test_mat_files_hold_only_what_can_be_read_back(tmp_path):
+    # A composite of matrices (what compose() returns) used to be written to .mat as a file that SimpleITK, ANTs
+    # and medfuse itself could not read; a B-spline too. Composites of matrices are now flattened, and deformable
+    # transforms refused before anything is written.
+    A = rigid_matrix((0, 0, 30), (10, 0, 0), center=(5, 6, 7))
+    B = rigid_matrix((15, -5, 0), (0, -5, 2))
+    p = Transform.from_matrix(A).compose(Transform.from_matrix(B)).save(tmp_path / "ab.mat")
+    np.testing.assert_allclose(load_transform(p).matrix, A @ B, atol=1e-9)
+    raw = sitk.ReadTransform(str(p))  # what ANTs/SimpleITK would do
+    np.testing.assert_allclose(raw.TransformPoint((1.0, 2.0, 3.0)), (A @ B)[:3, :3] @ [1, 2, 3] + (A @ B)[:3, 3],
+                               atol=1e-9)
+    ref = sitk.Image([10, 10, 10], sitk.sitkFloat32)
+    bs = sitk.BSplineTransformInitializer(ref, [2, 2, 2], order=3)
+    bs.SetParameters(tuple(np.linspace(-1, 1, len(bs.GetParameters()))))
+    dfm = Transform.from_matrix(A).compose(Transform(bs))
+    with pytest.raises(InvalidInputError, match=r"\.mat"):
+        dfm.save(tmp_path / "dfm.mat")
+    assert not (tmp_path / "dfm.mat").exists()
+    pts = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    np.testing.assert_allclose(load_transform(dfm.save(tmp_path / "dfm.h5")).transform_points(pts),
+                               dfm.transform_points(pts), atol=1e-9)
+
+
+def test_outside_value_is_not_wrapped_around_in_integer_volumes(shared):
+    # -1024 HU written into an unsigned CT used to wrap around to 64512 (uint16) or turn into 0 (uint8).
+    ct16 = _vol(modality="CT", unit="HU").with_array(np.full((20, 24, 16), 40, np.uint16))
+    far = _vol(origin=(500.0, 500.0, 500.0))
+    out = resample(ct16, far, interpolation="nearest")
+    assert out.array.dtype == np.int32 and np.all(out.array == -1024)
+    out8 = resample(ct16.with_array(np.full((20, 24, 16), 40, np.uint8)), far, interpolation="nearest")
+    assert out8.array.dtype == np.int16 and np.all(out8.array == -1024)
+    # A user-chosen outside marker on unsigned uptake counts, and the inside values kept exactly.
+    spect_like = _vol(modality="NM", unit="arbitrary").with_array(np.arange(20 * 24 * 16, dtype=np.uint16).reshape(20, 24, 16))
+    half = _vol(origin=(-10.0 + 20.0, 5.0, 30.0))  # shifted by 10 voxels: half inside, half outside
+    o = resample(spect_like, half, interpolation="nearest", default=-1)
+    assert np.all(o.array[10:] == -1) and np.array_equal(o.array[:10], spect_like.array[10:])
+    # Masks stay boolean and False outside even when they carry CT's modality and unit; dtypes SimpleITK
+    # refuses (float16, e.g. a half-precision network output) are resampled as float32.
+    mask = ct16.with_array(np.ones((20, 24, 16), bool))
+    assert resample(mask, far).array.dtype == bool and not resample(mask, far).array.any()
+    h = _vol().with_array(np.ones((20, 24, 16), np.float16))
+    assert np.allclose(resample(h, h).array, 1.0)
+    # The real big-endian int16 SPECT template keeps its values with nearest neighbour.
+    from medfuse.io import load
+
+    d = shared("data", "spm12-templates")
+    spect, t1 = load(d / "SPECT.nii", modality="NM"), load(d / "T1.nii", modality="MR")
+    o = resample(spect, t1, interpolation="nearest", default=-1)
+    assert o.array.dtype == np.int16 and o.array.min() >= 0  # the grids coincide: nothing falls outside
+    np.testing.assert_array_equal(o.array, spect.array[::-1])  # RAS stored -> LAS grid: x is flipped
+
+
+def test_resampled_image_takes_the_reference_nifti_space(shared, tmp_path):
+    """The output lies on the reference grid, in the reference's world: its NIfTI space is the reference's."""
+    import nibabel as nib
+
+    from medfuse.io import load, save
+
+    d = shared("data", "spm12-templates")
+    mni, aligned = load(d / "T1.nii"), load(d / "single_subj_T1.nii")  # sform codes 4 and 2
+    assert (mni.provenance["nifti_space"], aligned.provenance["nifti_space"]) == ("mni", "aligned")
+    shift = Transform.from_matrix(rigid_matrix((0, 0, 5), (2, 0, 0)))
+    assert resample(aligned, mni, transform=shift).provenance["nifti_space"] == "mni"
+    out = save(resample(mni, aligned, transform=shift), tmp_path / "on_aligned.nii.gz")
+    hdr = nib.load(str(out)).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (2, 2)
+    # A reference with no recorded space (scanner space, e.g. DICOM or a bare grid): no template label survives.
+    grid = _vol(shape=(30, 30, 30), spacing=(3.0, 3.0, 3.0), origin=(-45.0, -60.0, -30.0))
+    onto_scanner = resample(mni, grid)
+    assert "nifti_space" not in onto_scanner.provenance
+    hdr = nib.load(str(save(onto_scanner, tmp_path / "scanner.nii.gz"))).header
+    assert int(hdr["sform_code"]) == 1
+    # A common grid lies in its reference's world and passes the space on.
+    assert common_grid([mni, _vol()]).provenance["nifti_space"] == "mni"
+    assert {v.provenance.get("nifti_space") for v in resample_to_common_grid([mni, grid])} == {"mni"}
