@@ -32,6 +32,8 @@ _NON_IMAGE = {"RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SEG", "SR", "KO", "PR
 _SPACING_TOL = 0.01
 #: Largest gap (in slice spacings) that is interpolated; larger gaps are refused.
 _MAX_GAP = 3.0
+#: Slice positions (mm along the normal) closer than this are one position.
+_POS_TOL = 0.01
 #: Gantry tilt below this (degrees) is ignored as rounding noise.
 _TILT_TOL_DEG = 0.05
 
@@ -76,7 +78,17 @@ def _read_header(path: Path, *, strict: bool):
     try:
         if path.stat().st_size == 0:
             raise UnreadableFileError("the file is empty", fix="re-export or re-copy the file", path=path)
-        return pydicom.dcmread(os.fspath(path), stop_before_pixels=True)
+        try:
+            return pydicom.dcmread(os.fspath(path), stop_before_pixels=True)
+        except pydicom.errors.InvalidDicomError:
+            if not _looks_like_raw_dataset(path):
+                raise
+            # A DICOM data set without the 128-byte preamble and "DICM" prefix (old PACS and
+            # ACR-NEMA-style exports): dcm2niix reads these, so do we.
+            ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, force=True)
+            if "SOPClassUID" not in ds and "Modality" not in ds:
+                raise
+            return ds
     except UnreadableFileError:
         if strict:
             raise
@@ -92,6 +104,38 @@ def _read_header(path: Path, *, strict: bool):
                                       fix="check that the file is a complete DICOM file (not truncated)",
                                       path=path) from None
         return None
+
+
+def _looks_like_raw_dataset(path: Path) -> bool:
+    """True when the file starts like a DICOM data set written without preamble: the first element
+    is in group 0002 (file meta) or 0008 (identification), little-endian, with a small element number."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group, elem = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    return group in (0x0002, 0x0008) and elem < 0x0100
+
+
+def _read_full(path: Path):
+    """Whole data set with pixels; files without preamble are read with force and given a transfer syntax."""
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(os.fspath(path))
+    except pydicom.errors.InvalidDicomError:
+        if not _looks_like_raw_dataset(path):
+            raise
+    ds = pydicom.dcmread(os.fspath(path), force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -135,6 +179,35 @@ def _headers(path: Path) -> Dict[str, List[Tuple[Path, Any]]]:
     return series
 
 
+def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]] = None) -> List[Tuple[Path, Any]]:
+    """Drop second copies of one instance (same SOPInstanceUID, position and instance number).
+
+    A folder holding a series twice (an export and its backup, a copied file) would otherwise look
+    like a 4-D series with identical volumes, or like an incomplete one.
+    """
+    seen: Dict[Tuple, Path] = {}
+    out = []
+    for f, ds in files:
+        uid = ds.get("SOPInstanceUID")
+        if uid is None:
+            out.append((f, ds))
+            continue
+        key = (str(uid), str(ds.get("ImagePositionPatient", "")), str(ds.get("InstanceNumber", "")),
+               str(ds.get("NumberOfFrames", "")), str(ds.get("Rows", "")), str(ds.get("Columns", "")))
+        if key in seen:
+            continue
+        seen[key] = f
+        out.append((f, ds))
+    n = len(files) - len(out)
+    if n:
+        msg = (f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
+               f"{'were' if n > 1 else 'was'} ignored")
+        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+        if notes is not None:
+            notes.append(msg)
+    return out
+
+
 # ---------------------------------------------------------------------------- frames
 def _f(v, default=None):
     try:
@@ -153,8 +226,10 @@ def _time_key(ds, fg=None) -> Tuple:
                 tp = _f(str(fc[0].get("FrameAcquisitionDateTime", "")).replace(".", "")[:20] or None)
     if tp is None:
         tp = _f(ds.get("TemporalPositionIdentifier"))
-    acq = _f(str(ds.get("AcquisitionTime", "")) or None, 0.0)
-    return (tp if tp is not None else 0.0, acq, _f(ds.get("InstanceNumber"), 0.0))
+    # The date first: a dynamic series that runs past midnight restarts AcquisitionTime at 000000.
+    day = _f(str(ds.get("AcquisitionDate", "")).replace(".", "") or None, 0.0)
+    acq = _f(str(ds.get("AcquisitionTime", "")).replace(":", "") or None, 0.0)
+    return (tp if tp is not None else 0.0, day, acq, _f(ds.get("InstanceNumber"), 0.0))
 
 
 def _scaling(ds, fg=None, shared=None) -> Tuple[float, float]:
@@ -204,32 +279,114 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
                               _time_key(ds, fg)))
         return out
     if modality == "NM" and n > 1:
-        det = ds.get("DetectorInformationSequence")
-        d0 = det[0] if det else ds
-        iop = d0.get("ImageOrientationPatient") or ds.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0]
-        pos = d0.get("ImagePositionPatient") or ds.get("ImagePositionPatient") or [0, 0, 0]
-        ps = ds.get("PixelSpacing") or [1, 1]
-        iop = np.array(iop, float)
-        normal = np.cross(iop[:3], iop[3:])
-        dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
-        s, i = _scaling(ds)
-        return [_Frame(f, k, np.array(pos, float) + k * dz * normal, iop, (float(ps[0]), float(ps[1])), s, i, (0, 0, 0))
-                for k in range(n)]
+        return _nm_frames(f, ds, n)
     iop, pos, ps = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"), ds.get("PixelSpacing")
     if iop is None or pos is None:
         raise GeometryError("the image has no ImagePositionPatient/ImageOrientationPatient",
                             fix="medfuse needs patient geometry; re-export the series with it", path=f)
-    ps = ps or ds.get("ImagerPixelSpacing") or [1, 1]
+    ps = ps or ds.get("ImagerPixelSpacing")
+    if not ps:
+        raise GeometryError("the image has no PixelSpacing, so its voxel size is unknown",
+                            fix="medfuse does not guess a voxel size; re-export the series with PixelSpacing", path=f)
     iop, pos = np.array(iop, float), np.array(pos, float)
     s, i = _scaling(ds)
     key = _time_key(ds)
     itype = [str(x).upper() for x in (ds.get("ImageType") or [])]
-    ntiles = ds.get((0x0019, 0x100A))
-    if "MOSAIC" in itype and ntiles is not None:
-        return _mosaic_frames(f, ds, int(_f(ntiles.value, 1)), iop, pos, ps, s, i, key)
+    if "MOSAIC" in itype:
+        ntiles = _mosaic_count(ds)
+        if ntiles is None:
+            raise UnsupportedDataError(
+                "this Siemens mosaic lacks NumberOfImagesInMosaic (0019,100A), so its tiles cannot be split into "
+                "slices (the private tags were probably removed by an anonymiser)",
+                fix="use the series as exported by the scanner, or an anonymiser that keeps the Siemens private "
+                    "groups 0019 and 0029", path=f)
+        return _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key)
     dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
     return [_Frame(f, None if n == 1 else k, pos, iop, (float(ps[0]), float(ps[1])), s, i, key, thickness=abs(dz))
             for k in range(n)]
+
+
+#: NM frame-increment vectors (PS3.3 C.8.4.9/C.8.4.10).
+_NM_SLICE_VECTOR = 0x00540080
+_NM_VECTORS = {0x00540010: "EnergyWindowVector", 0x00540020: "DetectorVector", 0x00540030: "PhaseVector",
+               0x00540050: "RotationVector", 0x00540060: "RRIntervalVector", 0x00540070: "TimeSlotVector",
+               0x00540080: "SliceVector", 0x00540090: "AngularViewVector", 0x00540100: "TimeSliceVector"}
+#: NM image types (ImageType value 3) whose frames are not reconstructed slices.
+_NM_PLANAR = {"STATIC", "DYNAMIC", "GATED", "WHOLE BODY", "TOMO", "GATED TOMO"}
+
+
+def _nm_frames(f: Path, ds, n: int) -> List[_Frame]:
+    """NM multi-frame: only reconstructed tomography (SPECT) is a volume.
+
+    Frames are placed with SliceVector when the frame increment pointer has one (other vectors,
+    such as gated time slots, make 4-D volumes); planar, dynamic, whole-body and projection
+    (TOMO) frames are refused instead of being stacked as if they were slices.
+    """
+    from pydicom.multival import MultiValue
+
+    itype = [str(x).strip().upper() for x in (ds.get("ImageType") or [])]
+    kind = itype[2] if len(itype) > 2 else ""
+    fip = ds.get("FrameIncrementPointer")
+    fip = [] if fip is None else [int(t) for t in (fip if isinstance(fip, (list, tuple, MultiValue)) else [fip])]
+    has_slices = _NM_SLICE_VECTOR in fip
+    if kind in _NM_PLANAR or (fip and not has_slices):
+        what = {"TOMO": "projection (TOMO, not reconstructed)", "GATED TOMO": "gated projection (not reconstructed)",
+                "WHOLE BODY": "whole-body planar"}.get(kind, kind.lower() if kind else "planar")
+        vecs = ", ".join(_NM_VECTORS.get(t, f"({t >> 16:04X},{t & 0xFFFF:04X})") for t in fip) or "none"
+        raise UnsupportedDataError(
+            f"this NM image holds {n} {what} frames (frame increment: {vecs}), not reconstructed slices, "
+            "so it is not a 3-D volume",
+            fix="load the reconstructed SPECT series (ImageType RECON TOMO) instead", path=f)
+    det = ds.get("DetectorInformationSequence")
+    d0 = det[0] if det else None
+    iop = (d0.get("ImageOrientationPatient") if d0 is not None else None) or ds.get("ImageOrientationPatient")
+    pos = (d0.get("ImagePositionPatient") if d0 is not None else None) or ds.get("ImagePositionPatient")
+    ps = ds.get("PixelSpacing")
+    if iop is None or pos is None or ps is None:
+        missing = [name for name, v in (("ImageOrientationPatient", iop), ("ImagePositionPatient", pos),
+                                        ("PixelSpacing", ps)) if v is None]
+        raise GeometryError(f"the NM image lacks {' and '.join(missing)} (DetectorInformationSequence), so its "
+                            "position in the patient is unknown",
+                            fix="re-export the reconstructed SPECT with patient geometry", path=f)
+    dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness"))
+    if not dz:
+        raise GeometryError("the NM image has neither SpacingBetweenSlices nor SliceThickness, so the distance "
+                            "between its slices is unknown", fix="re-export the reconstructed SPECT with them", path=f)
+    iop = np.array(iop, float)
+    normal = np.cross(iop[:3], iop[3:])
+    s, i = _scaling(ds)
+    vectors = {t: list(ds[t].value) if t in ds and ds[t].VM > 1 else [ds[t].value] if t in ds else None for t in fip}
+    slice_no = vectors.get(_NM_SLICE_VECTOR)
+    if has_slices and (slice_no is None or len(slice_no) != n):
+        raise GeometryError("the NM SliceVector does not list one slice per frame",
+                            fix="re-export the reconstructed SPECT", path=f)
+    out = []
+    for k in range(n):
+        z = (int(slice_no[k]) - 1) if has_slices else k
+        others = tuple(float(v[k]) for t, v in vectors.items() if t != _NM_SLICE_VECTOR and v and len(v) == n)
+        out.append(_Frame(f, k, np.array(pos, float) + z * dz * normal, iop, (float(ps[0]), float(ps[1])), s, i,
+                          others or (0.0,)))
+    return out
+
+
+def _mosaic_count(ds) -> Optional[int]:
+    """NumberOfImagesInMosaic (Siemens private (0019,xx0A)), also when read with VR UN; None when absent."""
+    el = None
+    try:
+        block = ds.private_block(0x0019, "SIEMENS MR HEADER")
+        if 0x0A in block:
+            el = block[0x0A]
+    except (KeyError, ValueError):
+        pass
+    if el is None:
+        el = ds.get((0x0019, 0x100A))
+    if el is None:
+        return None
+    v = el.value
+    if isinstance(v, (bytes, bytearray)):
+        v = int.from_bytes(bytes(v[:2]), "little")  # US read as UN (mosaics are little-endian in practice)
+    n = int(_f(v, 0) or 0)
+    return n if n > 0 else None
 
 
 def _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key) -> List[_Frame]:
@@ -247,15 +404,30 @@ def _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key) -> List[_Frame]:
 
 
 # ---------------------------------------------------------------------------- grouping
-def _series_frames(files: Sequence[Tuple[Path, Any]]) -> List[_Frame]:
+def _series_frames(files: Sequence[Tuple[Path, Any]], path: Path) -> List[_Frame]:
     frames: List[_Frame] = []
     for f, ds in files:
         try:
             frames.extend(_frames_of(f, ds))
+        except (GeometryError, UnsupportedDataError):
+            raise
         except (ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
             raise GeometryError(f"the geometry tags are malformed ({type(e).__name__})",
                                 fix="check ImagePositionPatient, ImageOrientationPatient and PixelSpacing",
                                 path=f) from None
+    dims = {}
+    for f, ds in files:
+        dims.setdefault((int(ds.Rows), int(ds.Columns)), f)
+    if len(dims) > 1:
+        shown = ", ".join(f"{r}x{c}" for r, c in sorted(dims))
+        raise GeometryError(f"the series mixes image sizes (rows x columns: {shown}), so its slices do not "
+                            "form one volume", fix="load the images of one size at a time, or re-export the series",
+                            path=path)
+    sp = np.array([fr.spacing for fr in frames])
+    if len(sp) and np.max(np.abs(sp - sp[0])) > 1e-3 * max(float(np.max(sp[0])), 1e-6):
+        shown = ", ".join(f"{a:g}x{b:g}" for a, b in sorted({(round(a, 4), round(b, 4)) for a, b in sp}))
+        raise GeometryError(f"the series mixes pixel spacings ({shown} mm), so its slices do not form one volume",
+                            fix="load the images of one reconstruction at a time, or re-export the series", path=path)
     return frames
 
 
@@ -267,7 +439,16 @@ def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]]
                             fix="load one orientation at a time (pick the series with series_uid=)", path=path)
     normal = np.cross(iop[:3], iop[3:])
     proj = np.array([float(fr.pos @ normal) for fr in frames])
-    keys = np.round(proj, 2)
+    # One slice position per cluster of projections closer than _POS_TOL: positions written by
+    # scanners jitter by micrometres between the volumes of a 4-D series, and rounding them
+    # would split a position in two when the jitter straddles a rounding boundary.
+    order = np.argsort(proj, kind="stable")
+    keys = np.empty(len(proj))
+    start = 0
+    for n, idx in enumerate(order):
+        if n and proj[idx] - proj[order[n - 1]] > _POS_TOL:
+            start = n
+        keys[idx] = proj[order[start]]
     uniq = np.unique(keys)
     per_pos: Dict[float, List[_Frame]] = {}
     for k, fr in zip(keys, frames):
@@ -284,22 +465,44 @@ def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]]
 
 
 # ---------------------------------------------------------------------------- pixels
-def _decode_file(f: Path) -> np.ndarray:
-    pydicom = _pydicom()
+def _missing_decoder(ts_uid: str) -> Optional[str]:
+    """The pip command that installs a decoder for this transfer syntax, when none is installed."""
     try:
-        ds = pydicom.dcmread(os.fspath(f))
+        from pydicom.pixels import get_decoder
+
+        dec = get_decoder(ts_uid)
+        if dec.is_available:
+            return None
+        deps = " ".join(dec.missing_dependencies)
+    except Exception:  # not a pixel transfer syntax pydicom knows: no advice
+        return None
+    pkgs = [p for p in ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle") if f"{p}>=" in deps]
+    return "pip install " + " ".join(pkgs) if pkgs else "install one of: " + deps
+
+
+def _decode_file(f: Path) -> np.ndarray:
+    ds = None
+    try:
+        ds = _read_full(f)
+        if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+            raise UnsupportedDataError("colour (RGB) images are not supported", fix="load a greyscale series", path=f)
         arr = ds.pixel_array
+    except UnsupportedDataError:
+        raise
     except Exception as e:
-        ts = ""
+        uid = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        name = ""
         try:
-            ts = f" (transfer syntax {ds.file_meta.TransferSyntaxUID.name})"  # type: ignore[name-defined]
+            name = ds.file_meta.TransferSyntaxUID.name  # type: ignore[union-attr]
         except Exception:
             pass
+        ts = f" (transfer syntax {name})" if name else ""
+        install = _missing_decoder(uid) if uid else None
+        if install:
+            raise UnreadableFileError(f"no decoder for {name or uid} is installed, so the pixel data cannot be read",
+                                      fix=f"{install}, then load the series again", path=f) from None
         raise UnreadableFileError(f"the pixel data cannot be decoded{ts}: {type(e).__name__}",
-                                  fix="the file may be truncated, or compressed with a codec not installed "
-                                      "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)", path=f) from None
-    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) > 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1:
-        raise UnsupportedDataError("colour (RGB) images are not supported", fix="load a greyscale series", path=f)
+                                  fix="the file may be truncated or corrupt; re-export or re-copy it", path=f) from None
     return arr
 
 
@@ -310,7 +513,8 @@ def _fast_raw(f: Path, ds) -> Optional[np.ndarray]:
     """Uncompressed little-endian single-frame greyscale: read the trailing PixelData bytes directly.
 
     Only used when the bytes just before them are the PixelData tag with the expected length, and
-    the stored bits need no masking or sign extension; anything else goes through pydicom.
+    the stored bits need no sign extension; bits above BitsStored are cleared as pydicom does.
+    Anything else goes through pydicom.
     """
     try:
         ts = str(ds.file_meta.TransferSyntaxUID)
@@ -331,7 +535,10 @@ def _fast_raw(f: Path, ds) -> Optional[np.ndarray]:
         if head[:4] != b"\xe0\x7f\x10\x00" or length != nbytes or len(data) != nbytes:
             return None
         dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-        return np.frombuffer(data, dtype=dtype).reshape(rows, cols)
+        arr = np.frombuffer(data, dtype=dtype).reshape(rows, cols)
+        if stored < bits:  # bits above BitsStored (old overlays) are not part of the value
+            arr = arr & dtype.type((1 << stored) - 1)
+        return arr
     except Exception:
         return None
 
@@ -349,12 +556,15 @@ def _pixels(frames_by_vol: List[List[_Frame]], headers: Dict[Path, Any]) -> Dict
     return dict(zip(files, arrs))
 
 
-def _out_dtype(raw: np.dtype, slopes: np.ndarray, inters: np.ndarray, bits_stored: int) -> np.dtype:
+def _out_dtype(raws: Sequence[np.dtype], slopes: np.ndarray, inters: np.ndarray, bits_stored: int) -> np.dtype:
+    """Output dtype for slices of these stored dtypes (they differ when PixelRepresentation varies per slice)."""
+    raws = list(dict.fromkeys(np.dtype(r) for r in raws))
+    raw = np.result_type(*raws)  # int16 + uint16 -> int32: no stored value wraps
     if np.all(slopes == 1) and np.all(inters == 0):
         return raw
-    if np.all(slopes == 1) and np.all(np.mod(inters, 1) == 0) and raw.kind in "iu" and raw.itemsize <= 2:
-        hi = (2 ** min(bits_stored, raw.itemsize * 8)) - 1 if raw.kind == "u" else np.iinfo(raw).max
-        lo = 0 if raw.kind == "u" else np.iinfo(raw).min
+    if np.all(slopes == 1) and np.all(np.mod(inters, 1) == 0) and all(r.kind in "iu" and r.itemsize <= 2 for r in raws):
+        hi = max((2 ** min(bits_stored, r.itemsize * 8)) - 1 if r.kind == "u" else int(np.iinfo(r).max) for r in raws)
+        lo = min(0 if r.kind == "u" else int(np.iinfo(r).min) for r in raws)
         if hi + inters.max() <= 32767 and lo + inters.min() >= -32768:
             return np.dtype(np.int16)
         return np.dtype(np.int32)
@@ -367,7 +577,7 @@ def _assemble(slices: List[np.ndarray], slopes: np.ndarray, inters: np.ndarray, 
     The buffer is filled slice by slice in (k, rows, columns) order, which is contiguous for each
     write, and returned as a transposed (Fortran-ordered) view: no extra copy.
     """
-    dtype = _out_dtype(slices[0].dtype, slopes, inters, bits_stored)
+    dtype = _out_dtype([sl.dtype for sl in slices], slopes, inters, bits_stored)
     buf = np.empty((len(slices),) + slices[0].shape, dtype=dtype)
     integer = dtype.kind in "iu"
     for k, sl in enumerate(slices):
@@ -530,12 +740,13 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
     series = _headers(path)
     uid, files = _choose(series, series_uid, path)
+    notes: List[str] = []
+    files = _dedupe(files, path, notes)
     ds0 = files[0][1]
     modality = normalise_modality(str(ds0.get("Modality", "")) or None) if str(ds0.get("Modality", "")).upper() in (
         "MR", "CT", "PT", "NM") else "unknown"
-    frames = _series_frames(files)
+    frames = _series_frames(files, path)
     vols, normal = _split_volumes(frames, path)
-    notes: List[str] = []
     unit, factors = _unit_and_suv(modality, files, suv, notes, path)
     pix = _pixels(vols, dict(files))
     ts = str(getattr(getattr(ds0, "file_meta", None), "TransferSyntaxUID", "") or "")
@@ -597,14 +808,17 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
         raise UnreadableFileError("no such file or folder", fix="check the path", path=folder)
     out = []
     for uid, files in _headers(folder).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MedfuseWarning)
+            files = _dedupe(files, folder)
         ds0 = files[0][1]
         try:
-            vols, _ = _split_volumes(_series_frames(files), folder)
+            vols, _ = _split_volumes(_series_frames(files, folder), folder)
             shape = (int(ds0.Columns), int(ds0.Rows), len(vols[0]))
             if vols[0][0].tile is not None:
                 shape = (vols[0][0].tile[3], vols[0][0].tile[2], len(vols[0]))
             nvol = len(vols)
-        except GeometryError:
+        except (GeometryError, UnsupportedDataError):  # listed, with no volume: load says why
             shape, nvol = (int(ds0.Columns), int(ds0.Rows), 0), 0
         dirs = {os.fspath(f.parent) for f, _ in files}
         out.append(SeriesInfo(uid, str(ds0.get("Modality", "")), str(ds0.get("SeriesDescription", "")), shape, nvol,

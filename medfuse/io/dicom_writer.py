@@ -7,11 +7,12 @@ Choices (see docs/io.md):
   i (row) and j (column) directions, PixelSpacing ``[Δj, Δi]``, SliceThickness and
   SpacingBetweenSlices ``Δk``. Slices are written in k order; a DICOM reader sorts them along
   row × column, so a left-handed volume comes back with k reversed (same world geometry).
-* Voxels are stored 16-bit. Integer data that fits int16/uint16 (CT in HU, counts) is stored
-  exactly with RescaleSlope 1, RescaleIntercept 0. Anything else (SUV, float MR) is quantised
-  per slice: RescaleSlope = max|slice| / 32767 (signed) or / 65535 (non-negative), so the error
-  is at most slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's
-  largest absolute value.
+* Voxels are stored 16-bit, with one PixelRepresentation for the whole series (readers such as
+  SimpleITK/GDCM decode every slice with the first one's type). Integer data whose whole range
+  fits int16 or uint16 (CT in HU, counts) is stored exactly with RescaleSlope 1, RescaleIntercept 0.
+  Anything else (SUV, float MR) is quantised per slice: RescaleSlope = max|slice| / 32767 (signed:
+  the volume has a negative voxel) or / 65535 (non-negative volume), so the error is at most
+  slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's largest absolute value.
 * PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
   and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
   ``ADMIN``. PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
@@ -31,7 +32,7 @@ import datetime as _dt
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
@@ -89,20 +90,26 @@ def _ds_number(x: float) -> float:
     return float(format_number_as_ds(float(x)))
 
 
-def quantise_slice(plane: np.ndarray, *, exact_int: bool):
+def quantise_slice(plane: np.ndarray, *, exact_int: bool, signed: Optional[bool] = None,
+                   value_range: Optional[Tuple[int, int]] = None):
     """Return (stored uint16/int16 array, slope, intercept) for one slice.
 
     Integer data in int16/uint16 range is stored exactly. Otherwise the slope is chosen from the
     slice's largest absolute value so that the quantisation error is at most slope/2.
+
+    ``signed`` (int16 vs uint16) and ``value_range`` (the (min, max) that picks the exact integer
+    type, e.g. the whole volume's) let a writer make the same choice for every slice of a series: one series must
+    not mix PixelRepresentation 0 and 1, which readers (SimpleITK/GDCM among them) decode with
+    the first slice's type, wrapping the others. By default both come from this slice alone.
     """
     if exact_int:
-        lo, hi = int(plane.min()), int(plane.max())
-        if lo >= -32768 and hi <= 32767:
+        lo, hi = (int(plane.min()), int(plane.max())) if value_range is None else value_range
+        if lo >= -32768 and hi <= 32767 and signed is not False:
             return plane.astype(np.int16), 1.0, 0.0
-        if lo >= 0 and hi <= 65535:
+        if lo >= 0 and hi <= 65535 and signed is not True:
             return plane.astype(np.uint16), 1.0, 0.0
     f = np.nan_to_num(plane.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    signed = bool(f.min() < 0)
+    signed = bool(f.min() < 0) if signed is None else bool(signed)
     top = 32767 if signed else 65535
     peak = float(np.abs(f).max())
     slope = _ds_number(peak / top) if peak > 0 else 1.0
@@ -240,9 +247,29 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.WindowCenter = _fmt((lo + hi) / 2)
     base.WindowWidth = _fmt(max(hi - lo, 1e-6))
 
+    # One PixelRepresentation for the whole series (see quantise_slice): exact integers keep the
+    # type their whole range fits; quantised data is signed when any voxel is negative.
+    if exact_int:
+        vlo, vhi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if -32768 <= vlo and vhi <= 32767:
+            series_signed = True
+        elif vlo >= 0 and vhi <= 65535:
+            series_signed = False
+        else:  # fits neither 16-bit type: quantised
+            series_signed = vlo < 0
+    else:  # slice by slice, so that no float64 copy of the whole volume is made
+        series_signed = False
+        for k in range(arr.shape[2]):
+            plane = np.asarray(arr[:, :, k])
+            if np.any((plane < 0) & np.isfinite(plane)):
+                series_signed = True
+                break
+
     with atomic_dir(folder, overwrite=overwrite, inputs=[prov.get("source")] + ([template] if isinstance(template, (str, os.PathLike)) else [])) as tmp:
         for k in range(arr.shape[2]):
-            stored, slope, intercept = quantise_slice(np.asarray(arr[:, :, k]).T, exact_int=bool(exact_int))
+            stored, slope, intercept = quantise_slice(np.asarray(arr[:, :, k]).T, exact_int=bool(exact_int),
+                                                      signed=series_signed,
+                                                      value_range=(vlo, vhi) if exact_int else None)
             ds = copy.deepcopy(base)
             uid = generate_uid()
             ds.SOPInstanceUID = uid

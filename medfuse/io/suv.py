@@ -8,6 +8,11 @@ The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
 * ``DecayCorrection`` ``ADMIN``: pixels are decay-corrected to injection, so the
   injected dose is used as is. ``START``: pixels are corrected to the scan start,
   so the dose is decayed from injection to the scan time.
+* Injection time: RadiopharmaceuticalStartDateTime; when only RadiopharmaceuticalStartTime is
+  given, on the day of the scan time, or on the day before when that time is after the scan
+  time (injection before midnight, scan after it).
+* Date-times with a UTC offset (e.g. RadiopharmaceuticalStartDateTime ``...+0000``) are moved
+  into the series' TimezoneOffsetFromUTC when the header gives one; otherwise the offset is dropped.
 * Scan time: the series date/time when it is not after the earliest acquisition
   date/time of the series; otherwise the GE private post-injection time when present,
   else the earliest acquisition date/time.
@@ -96,7 +101,7 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
     """
     h: Dict[str, Any] = {}
     for key in ("Units", "SUVType", "DecayCorrection", "PatientSex", "SeriesDate", "SeriesTime",
-                "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime"):
+                "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "TimezoneOffsetFromUTC"):
         v = _value(ds, key)
         if v is not None:
             h[key] = str(v).strip()
@@ -149,14 +154,35 @@ def _parse_date(d: str) -> datetime:
     return datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]))
 
 
-def _parse_dt(dt: str) -> datetime:
+def _offset(text: Any) -> Optional[timedelta]:
+    """A DICOM UTC offset ``+hhmm``/``-hhmm`` as a timedelta; None when absent or malformed."""
+    t = str(text or "").strip()
+    if len(t) != 5 or t[0] not in "+-" or not t[1:].isdigit():
+        return None
+    d = timedelta(hours=int(t[1:3]), minutes=int(t[3:5]))
+    return d if t[0] == "+" else -d
+
+
+def _parse_dt(dt: str, local_offset: Any = None) -> datetime:
+    """A DICOM DT as a naive datetime in the series' local time.
+
+    A UTC offset (+hhmm/-hhmm) after the time part is dropped when the header gives no
+    TimezoneOffsetFromUTC (all times of one series are then taken to share it); when it does, a
+    DT written in another offset is moved into the series' offset (times such as SeriesTime
+    carry no offset and are in TimezoneOffsetFromUTC).
+    """
     s = str(dt).strip()
-    # Drop a UTC offset (+hhmm/-hhmm) after the time part: all times of one series share it.
+    own = None
     for sign in ("+", "-"):
         pos = s.rfind(sign)
         if pos >= 8:
+            own = _offset(s[pos:])
             s = s[:pos]
-    return _parse_date(s[:8]) + (_parse_time(s[8:]) if len(s) > 8 else timedelta())
+    value = _parse_date(s[:8]) + (_parse_time(s[8:]) if len(s) > 8 else timedelta())
+    local = _offset(local_offset)
+    if own is not None and local is not None:
+        value += local - own
+    return value
 
 
 def _datetime(h: Dict[str, Any], date_key: str, time_key: str, tag_for_error: str) -> datetime:
@@ -168,11 +194,11 @@ def _datetime(h: Dict[str, Any], date_key: str, time_key: str, tag_for_error: st
         raise SUVError(f"the PET header's {date_key}/{time_key} is not a valid DICOM date/time", fix=_FIX_TAGS) from None
 
 
-def _injection_datetime(h: Dict[str, Any]) -> datetime:
+def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> datetime:
     dt = h.get("RadiopharmaceuticalStartDateTime")
     if dt:
         try:
-            return _parse_dt(dt)
+            return _parse_dt(dt, h.get("TimezoneOffsetFromUTC"))
         except (ValueError, IndexError):
             raise SUVError("RadiopharmaceuticalStartDateTime is not a valid DICOM date-time", fix=_FIX_TAGS) from None
     t = h.get("RadiopharmaceuticalStartTime")
@@ -180,9 +206,22 @@ def _injection_datetime(h: Dict[str, Any]) -> datetime:
         raise SUVError(
             "the PET header lacks RadiopharmaceuticalStartDateTime and RadiopharmaceuticalStartTime "
             "(in RadiopharmaceuticalInformationSequence), so the injection time is unknown", fix=_FIX_TAGS)
-    # Time only: the reference calculator takes the series date (injection on the scan day).
-    return _datetime({**h, "RadiopharmaceuticalStartTime": t}, "SeriesDate", "RadiopharmaceuticalStartTime",
-                     "the injection date")
+    # Time only: the reference calculator takes the series date (injection on the scan day). We
+    # take the date of the scan time itself, which is the series date unless the series was
+    # re-created later (then the scan time is the earliest acquisition).
+    if scan is not None:
+        try:
+            inj = datetime(scan.year, scan.month, scan.day) + _parse_time(t)
+        except (ValueError, IndexError):
+            raise SUVError("RadiopharmaceuticalStartTime is not a valid DICOM time", fix=_FIX_TAGS) from None
+    else:
+        inj = _datetime({**h, "RadiopharmaceuticalStartTime": t}, "SeriesDate", "RadiopharmaceuticalStartTime",
+                        "the injection date")
+    if scan is not None and inj > scan:
+        # Injected before midnight, scanned after it: with no injection date, the injection
+        # was on the day before the scan (uptake times are far shorter than a day).
+        inj -= timedelta(days=1)
+    return inj
 
 
 def _scan_datetime(headers: Sequence[Dict[str, Any]]) -> datetime:
@@ -192,7 +231,7 @@ def _scan_datetime(headers: Sequence[Dict[str, Any]]) -> datetime:
     for h in headers:
         if h.get("AcquisitionDateTime"):
             try:
-                acq.append(_parse_dt(h["AcquisitionDateTime"]))
+                acq.append(_parse_dt(h["AcquisitionDateTime"], h.get("TimezoneOffsetFromUTC")))
                 continue
             except (ValueError, IndexError):
                 pass
@@ -207,7 +246,7 @@ def _scan_datetime(headers: Sequence[Dict[str, Any]]) -> datetime:
     ge = h0.get("GEPrivatePostInjectionDateTime")
     if ge:
         try:
-            return _parse_dt(ge)
+            return _parse_dt(ge, h0.get("TimezoneOffsetFromUTC"))
         except (ValueError, IndexError):
             pass
     return earliest
@@ -329,8 +368,8 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
         acf = 1.0
     dose = float(h["RadionuclideTotalDose"])
     if str(h["DecayCorrection"]).strip().upper() == "START":
-        inj = _injection_datetime(h)
         t = scan if scan is not None else _scan_datetime([h])
+        inj = _injection_datetime(h, t)
         dt = (t - inj).total_seconds()
         if dt < 0:
             raise SUVError("the scan time is before the injection time (negative decay time)",

@@ -376,3 +376,272 @@ def test_single_non_medical_file_says_so(tmp_path):
     with pytest.raises(UnreadableFileError, match="not a medical image") as e:
         medfuse.load(f)
     assert ".nii" in e.value.fix
+
+
+# ---------------------------------------------------------------------------- review fixes
+def _copy_tree(src: Path, dst: Path):
+    # into tmp_path only (the shared data is never copied into the repository), as writable copies
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+
+
+def test_duplicated_instances_are_not_a_4d_series(shared, tmp_path):
+    """A mosaic series stored twice (export + copy) is still its 2 volumes, equal to dcm2niix's."""
+    base = shared("data", "dicom", "qa-ge-siemens-epi")
+    _copy_tree(base / "In" / "20180918Si" / "mr_0003", tmp_path / "study" / "a")
+    _copy_tree(base / "In" / "20180918Si" / "mr_0003", tmp_path / "study" / "backup")
+    with pytest.warns(MedfuseWarning, match="2 duplicate files") as rec:
+        vols = load_dicom_volumes(tmp_path / "study")
+    _check_against_ref(vols, base / "Ref" / "EPI_PE=AP_3.nii")
+    assert "2 duplicate files (the same instance stored twice) were ignored" in vols[0].provenance["warnings"]
+    for w in rec:
+        _no_phi(str(w.message))
+    assert scan(tmp_path / "study")[0].n_volumes == 2
+
+
+def test_one_duplicated_slice_file_ignored(tmp_path):
+    import shutil
+
+    _, data = _series(tmp_path / "s", n=4, shuffle=False)
+    shutil.copy(tmp_path / "s" / "f001.dcm", tmp_path / "s" / "f001 (copy).dcm")
+    with pytest.warns(MedfuseWarning, match="1 duplicate file"):
+        vol = load_dicom(tmp_path / "s")
+    np.testing.assert_array_equal(vol.array, np.transpose(data, (2, 1, 0)).astype(int) - 1024)
+
+
+def test_mixed_image_sizes_refused(tmp_path):
+    uid = generate_uid()
+    for k in range(3):
+        _write_slice(tmp_path / f"{k}.dcm", arr=np.ones((8, 10) if k < 2 else (16, 20)), pos=(0, 0, 2.5 * k),
+                     series_uid=uid, number=k + 1)
+    with pytest.raises(GeometryError, match="mixes image sizes .*8x10, 16x20") as e:
+        load_dicom(tmp_path)
+    assert e.value.fix
+
+
+def test_mixed_pixel_spacing_refused(tmp_path):
+    uid = generate_uid()
+    for k in range(3):
+        _write_slice(tmp_path / f"{k}.dcm", arr=np.ones((8, 10)), pos=(0, 0, 2.5 * k), series_uid=uid, number=k + 1,
+                     spacing=(0.9, 0.9) if k == 0 else (0.5, 0.5))
+    with pytest.raises(GeometryError, match="mixes pixel spacings"):
+        load_dicom(tmp_path)
+
+
+def test_4d_positions_jittering_across_rounding_boundary(tmp_path):
+    """Positions 1.005 mm +- 2 micrometres are one slice position, not two."""
+    uid, n = generate_uid(), 0
+    for vol in range(2):
+        for k in range(3):
+            z = 1.005 + 2.5 * k + (2e-6 if vol else -2e-6)
+            _write_slice(tmp_path / f"{n}.dcm", arr=np.full((8, 10), vol), pos=(0, 0, z), series_uid=uid,
+                         number=n + 1, extra=dict(TemporalPositionIdentifier=vol + 1))
+            n += 1
+    vols = load_dicom_volumes(tmp_path)
+    assert len(vols) == 2 and all(v.shape == (10, 8, 3) for v in vols)
+    assert [int(v.array.max()) for v in vols] == [-1024, -1023]
+    np.testing.assert_allclose(vols[0].affine[:3, 2], [0, 0, 2.5], atol=1e-5)
+
+
+def test_4d_volumes_ordered_across_midnight(tmp_path):
+    """Without TemporalPositionIdentifier, the volume acquired at 00:00:10 comes after the one at 23:59:50."""
+    uid, n = generate_uid(), 0
+    for vol, (d, t) in enumerate([("20240101", "235950"), ("20240102", "000010")]):
+        for k in range(3):
+            n += 1
+            _write_slice(tmp_path / f"{n}.dcm", arr=np.full((8, 10), vol), pos=(0, 0, 2.5 * k), series_uid=uid,
+                         number=n, extra=dict(AcquisitionDate=d, AcquisitionTime=t))
+    vols = load_dicom_volumes(tmp_path)
+    assert [int(v.array.max()) + 1024 for v in vols] == [0, 1]
+
+
+def test_bits_above_bits_stored_are_cleared(tmp_path):
+    """12-bit CT in 16-bit words with stray high bits (old overlays): values as pydicom reads them, not wrapped."""
+    uid = generate_uid()
+    raw = np.full((3, 8, 10), 1000, np.uint16)
+    raw[:, 1, 2] = 0xF000 | 100
+    for k in range(3):
+        _write_slice(tmp_path / f"{k}.dcm", arr=raw[k], pos=(0, 0, 2.5 * k), series_uid=uid, number=k + 1,
+                     extra=dict(BitsStored=12, HighBit=11))
+    assert pydicom.dcmread(tmp_path / "0.dcm").pixel_array[1, 2] == 100
+    vol = load_dicom(tmp_path)
+    assert vol.array[2, 1, 0] == 100 - 1024
+    assert vol.array.min() == 100 - 1024 and vol.array.max() == 1000 - 1024
+
+
+def _without_preamble(src: Path, dst: Path, *, keep_meta: bool):
+    """Rewrite src as dst without the 128-byte preamble and 'DICM' (and, optionally, without file meta)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = pydicom.dcmread(src)
+    fp = DicomBytesIO()
+    if keep_meta:
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=False)
+    ts = ds.file_meta.TransferSyntaxUID
+    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
+    write_dataset(fp, ds)
+    dst.write_bytes(fp.getvalue())
+    assert dst.read_bytes()[128:132] != b"DICM"
+
+
+@pytest.mark.parametrize("n,keep_meta", [(1, False), (2, True), (2, False)])
+def test_dicom_without_preamble_matches_dcm2niix(shared, tmp_path, n, keep_meta):
+    """Files lacking the preamble/DICM prefix (old PACS exports) are read, with dcm2niix's voxels and geometry."""
+    base = shared("data", "dicom", "qa-transfer-syntaxes")
+    f = tmp_path / "nopreamble.dcm"
+    _without_preamble(base / "In" / f"{n}.dcm", f, keep_meta=keep_meta)
+    _check_against_ref([load_dicom(f)], base / "Ref" / f"{n}.nii")
+    _check_against_ref(load_dicom_volumes(tmp_path), base / "Ref" / f"{n}.nii")
+
+
+def test_text_file_is_not_forced_as_dicom(tmp_path):
+    f = tmp_path / "x.dcm"
+    f.write_bytes(b"\x08\x00\x05\x00" + b"garbage that is not a data set" * 3)
+    with pytest.raises(UnreadableFileError):
+        load_dicom(f)
+
+
+def test_missing_decoder_names_the_plugin(shared):
+    """JPEG 2000 without pylibjpeg-openjpeg (hidden in a subprocess): the error names what to install."""
+    import subprocess
+    import sys
+
+    f = shared("data", "dicom", "qa-transfer-syntaxes", "In", "9.dcm")
+    code = ("import sys\n"
+            "for m in ('libjpeg', 'openjpeg', 'pylibjpeg', 'rle', 'jpeg_ls', 'gdcm', 'PIL'): sys.modules[m] = None\n"
+            "from medfuse.io.dicom import load_dicom\n"
+            "from medfuse.errors import UnreadableFileError\n"
+            f"try:\n    load_dicom({str(f)!r})\nexcept UnreadableFileError as e:\n    print('ERR', e.one_line())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "ERR" in out and "no decoder for JPEG 2000" in out
+    assert "pip install pylibjpeg pylibjpeg-openjpeg" in out and "truncated" not in out
+
+
+def _nm(path: Path, *, itype, fip, extra, geometry=True, frames=None):
+    from pydicom.dataset import Dataset
+
+    frames = (np.arange(4 * 6 * 5).reshape(4, 6, 5) * 3).astype(np.uint16) if frames is None else frames
+    _write_slice(path, arr=frames[0], pos=(0, 0, 0), series_uid=generate_uid(), modality="NM", slope=1.0,
+                 intercept=0.0, spacing=(4.0, 4.0), extra=dict(NumberOfFrames=len(frames), **extra))
+    ds = pydicom.dcmread(path)
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    ds.ImageType = ["ORIGINAL", "PRIMARY", itype, "EMISSION"]
+    ds.FrameIncrementPointer = fip
+    det = Dataset()
+    if geometry:
+        det.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+        det.ImagePositionPatient = [-30.0, -40.0, 50.0]
+    ds.DetectorInformationSequence = [det]
+    ds.PixelData = frames.tobytes()
+    ds.save_as(path)
+    return frames
+
+
+@pytest.mark.parametrize("itype,fip,extra,words", [
+    ("DYNAMIC", [0x00540070, 0x00540100], dict(TimeSlotVector=[1] * 4, TimeSliceVector=[1, 2, 3, 4]), "dynamic"),
+    ("TOMO", [0x00540020, 0x00540050], dict(DetectorVector=[1, 1, 2, 2], RotationVector=[1] * 4), "projection"),
+    ("STATIC", [0x00540010, 0x00540020], dict(EnergyWindowVector=[1] * 4, DetectorVector=[1, 2, 1, 2]), "static"),
+])
+def test_nm_planar_and_projection_frames_refused(tmp_path, itype, fip, extra, words):
+    """Planar/dynamic/projection NM frames are not slices: refused, never stacked into a fake volume."""
+    _nm(tmp_path / "nm.dcm", itype=itype, fip=fip, extra=extra)
+    with pytest.raises(UnsupportedDataError, match=words) as e:
+        load_dicom(tmp_path / "nm.dcm")
+    assert "RECON TOMO" in e.value.fix
+    _series(tmp_path / "ct", n=3)  # a study folder with the planar NM beside a CT: still listed by scan
+    infos = sorted(scan(tmp_path), key=lambda i: i.modality)
+    assert [(i.modality, i.n_volumes) for i in infos] == [("CT", 1), ("NM", 0)]
+
+
+def test_nm_recon_without_geometry_refused(tmp_path):
+    _nm(tmp_path / "nm.dcm", itype="RECON TOMO", fip=[0x00540080], geometry=False,
+        extra=dict(SliceVector=[1, 2, 3, 4], SpacingBetweenSlices=4.5))
+    with pytest.raises(GeometryError, match="ImageOrientationPatient and ImagePositionPatient"):
+        load_dicom(tmp_path / "nm.dcm")
+
+
+def test_nm_recon_slice_vector_and_gated_time_slots(tmp_path):
+    """Frames are placed by SliceVector; a gated reconstruction (TimeSlotVector) gives one volume per slot."""
+    frames = _nm(tmp_path / "a" / "nm.dcm" if (tmp_path / "a").mkdir() is None else None, itype="RECON TOMO",
+                 fip=[0x00540080], extra=dict(SliceVector=[3, 1, 4, 2], SpacingBetweenSlices=4.5))
+    vol = load_dicom(tmp_path / "a" / "nm.dcm")
+    np.testing.assert_array_equal(vol.array, np.transpose(frames[[1, 3, 0, 2]], (2, 1, 0)))
+    np.testing.assert_allclose(vol.affine, [[4, 0, 0, -30], [0, 0, 4.5, -40], [0, -4, 0, 50], [0, 0, 0, 1]])
+    (tmp_path / "g").mkdir()
+    g = (np.arange(6 * 6 * 5).reshape(6, 6, 5)).astype(np.uint16)
+    _nm(tmp_path / "g" / "nm.dcm", itype="RECON GATED TOMO", fip=[0x00540070, 0x00540080], frames=g,
+        extra=dict(TimeSlotVector=[1, 1, 1, 2, 2, 2], SliceVector=[1, 2, 3, 1, 2, 3], SpacingBetweenSlices=4.5))
+    vols = load_dicom_volumes(tmp_path / "g" / "nm.dcm")
+    assert len(vols) == 2
+    np.testing.assert_array_equal(vols[1].array, np.transpose(g[3:], (2, 1, 0)))
+
+
+def test_missing_pixel_spacing_refused_not_guessed(tmp_path):
+    _series(tmp_path, n=3, spacing=(0.4, 0.4))
+    for f in tmp_path.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.PixelSpacing
+        ds.save_as(f)
+    with pytest.raises(GeometryError, match="no PixelSpacing") as e:
+        load_dicom(tmp_path)
+    _no_phi(str(e.value))
+
+
+def test_mosaic_without_private_tags_refused(shared, tmp_path):
+    """An anonymised mosaic (private tags removed) is refused, not loaded as one 216x216 slice."""
+    src = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918Si", "mr_0003")
+    for f in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.remove_private_tags()
+        ds.save_as(tmp_path / f.name)
+    with pytest.raises(UnsupportedDataError, match=r"NumberOfImagesInMosaic \(0019,100A\)") as e:
+        load_dicom_volumes(tmp_path)
+    assert "anonymiser" in e.value.fix
+
+
+def test_series_mixing_pixel_representation_is_not_wrapped(tmp_path):
+    """Slices stored signed (PixelRepresentation 1) and unsigned (0) in one series: 40000 stays 40000."""
+    uid = generate_uid()
+    vals = [np.full((8, 10), -5, np.int16), np.full((8, 10), 40000, np.uint16), np.full((8, 10), 7, np.int16)]
+    for k, a in enumerate(vals):
+        _write_slice(tmp_path / f"{k}.dcm", arr=a.view(np.uint16) if a.dtype == np.int16 else a, pos=(0, 0, 2.5 * k),
+                     series_uid=uid, number=k + 1, modality="NM", slope=1.0, intercept=0.0,
+                     extra=dict(PixelRepresentation=1 if a.dtype == np.int16 else 0))
+    vol = load_dicom(tmp_path)
+    assert list(vol.array[0, 0, :]) == [-5, 40000, 7]
+    for k, (s, i) in enumerate([(1.0, -1024.0), (1.0, -1024.0), (1.0, -1024.0)]):  # CT with an intercept too
+        ds = pydicom.dcmread(tmp_path / f"{k}.dcm")
+        ds.RescaleIntercept = i
+        ds.save_as(tmp_path / f"{k}.dcm")
+    assert list(load_dicom(tmp_path).array[0, 0, :]) == [-5 - 1024, 40000 - 1024, 7 - 1024]
+
+
+@pytest.mark.parametrize("hot,signed", [(40000, 0), (-40000, 1)])
+def test_writer_uses_one_pixel_representation_per_series(tmp_path, hot, signed):
+    """Counts with one slice beyond int16: every file gets the same PixelRepresentation, and medfuse and
+    SimpleITK read the written series back with the values and geometry written."""
+    import SimpleITK as sitk
+
+    from medfuse.io.dicom_writer import write_dicom_series
+    from medfuse.volume import Volume
+
+    arr = np.full((6, 5, 4), 100, np.int32)
+    arr[2, 2, 3] = hot
+    aff = np.array([[0, 0, -4.5, -30], [4, 0, 0, -40], [0, -4, 0, 50], [0, 0, 0, 1.0]])  # right-handed, oblique-free
+    v = Volume(arr, aff, modality="NM", unit="counts")
+    write_dicom_series(v, tmp_path / "out")
+    files = sorted((tmp_path / "out").iterdir())
+    assert {int(pydicom.dcmread(f, stop_before_pixels=True).PixelRepresentation) for f in files} == {signed}
+    back = load_dicom(tmp_path / "out")
+    assert back.same_grid(v)
+    if hot > 0:  # fits uint16: stored exactly
+        np.testing.assert_array_equal(back.array, arr)
+    else:  # fits neither 16-bit type: quantised within the documented bound
+        assert np.abs(back.array - arr).max() <= 40000 / 65534
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames(r.GetGDCMSeriesFileNames(str(tmp_path / "out")))
+    img = Volume.from_sitk(r.Execute())
+    assert img.same_grid(v)
+    assert abs(float(img.array[2, 2, 3]) - hot) <= 40000 / 65534

@@ -148,3 +148,41 @@ def test_suv_problem_names_the_tag(shared):
     msg = suv_problem({k: v for k, v in b.items() if k != "RadionuclideTotalDose"})
     assert "RadionuclideTotalDose" in msg
     assert "PatientSize" in suv_problem({k: v for k, v in b.items() if k != "PatientSize"}, "bsa")
+
+
+def test_time_only_injection_before_midnight_scan_after(shared):
+    """Injection 23:30 (time only), scan 00:30 the next day: 1 h of decay, not a refusal."""
+    headers = json.loads(shared("data", "pet-suv-headers", "BQML_AC_DT_lessThan_S_DT_SIEMENS-instances.json").read_text())
+    assert all("RadiopharmaceuticalStartDateTime" not in h for h in headers)  # a real time-only header
+    moved = [{**h, "RadiopharmaceuticalStartTime": "233000.000000", "SeriesDate": "20201218", "SeriesTime": "003000",
+              "AcquisitionDate": "20201218", "AcquisitionTime": "003000"} for h in headers]
+    h = headers[0]
+    expected = h["PatientWeight"] * 1000 / (h["RadionuclideTotalDose"] * math.exp(-math.log(2) * 3600 / h["RadionuclideHalfLife"]))
+    assert series_suv_factors(moved) == pytest.approx([expected] * len(moved), rel=1e-9)
+    assert suv_factor(moved[0]) == pytest.approx(expected, rel=1e-9)
+    # an explicit injection date-time after the scan is still refused
+    with pytest.raises(SUVError, match="negative decay time"):
+        suv_factor({**moved[0], "RadiopharmaceuticalStartDateTime": "20201218013000"})
+
+
+def test_time_only_injection_dated_by_the_scan_not_a_recreated_series(shared):
+    """Series re-created days later (series time after acquisition): the injection is on the acquisition day."""
+    headers = json.loads(shared("data", "pet-suv-headers", "CPS_AND_BQML_AC_DT_-_S_DT-instances.json").read_text())
+    expected = series_suv_factors(headers)
+    later = [{**h, "SeriesDate": "20201220"} for h in headers]
+    assert series_suv_factors(later) == pytest.approx(expected, rel=1e-12)
+
+
+def test_injection_datetime_in_utc_moved_into_series_timezone(shared):
+    """Injection written as 09:00 UTC, series in local time UTC+01:00 at 11:00: 1 h of uptake, not 2 h."""
+    b = {**_base(shared), "DecayCorrection": "START", "RadionuclideHalfLife": 6586.2,
+         "SeriesTime": "105417", "AcquisitionTime": "105417", "TimezoneOffsetFromUTC": "+0100",
+         "RadiopharmaceuticalStartDateTime": "20201023085417+0000"}
+    expected = 75 * 1000 / (100 * math.exp(-math.log(2) * 3600 / 6586.2))
+    assert suv_factor(b) == pytest.approx(expected, rel=1e-9)
+    # the same instant written in the local offset, or with no offset at all: the same factor
+    assert suv_factor({**b, "RadiopharmaceuticalStartDateTime": "20201023095417+0100"}) == pytest.approx(expected, rel=1e-9)
+    assert suv_factor({**b, "RadiopharmaceuticalStartDateTime": "20201023095417"}) == pytest.approx(expected, rel=1e-9)
+    ds = Dataset()
+    ds.TimezoneOffsetFromUTC = "+0100"
+    assert header_from_dataset(ds)["TimezoneOffsetFromUTC"] == "+0100"
