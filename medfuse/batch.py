@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from .errors import InvalidInputError, MedfuseError, MissingDependencyError, UnreadableFileError
+from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
 from .progress import CancelToken
 
 __all__ = ["Subject", "SubjectResult", "BatchSummary", "read_manifest", "run_batch", "run_subject", "write_phantom_subjects",
@@ -301,6 +301,29 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
 
 
 # ----------------------------------------------------------------------------- driver
+def _is_batch_report(path: Path) -> bool:
+    """True when ``path`` holds a report an earlier run wrote (its header or keys are ours)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix.lower() == ".json":
+        return head.lstrip().startswith("[") and ('"subject"' in head or head.strip() == "[]")
+    return head.split("\n", 1)[0].startswith("subject,status")
+
+
+def _check_report_path(path: Path) -> None:
+    """Refuse, before any work, a report path that holds someone else's file (a re-run's own is replaced)."""
+    if path.is_dir():
+        raise InvalidInputError(f"the report path {path} is a folder",
+                                fix="pass report= (--report) a file path ending .csv or .json")
+    if path.exists() and not _is_batch_report(path):
+        raise OutputExistsError(
+            f"{path} exists and is not a medfuse batch report; it would be replaced",
+            fix="move that file, or pass report= (--report) another path")
+
+
 def _write_report(path: Path, results: Sequence[SubjectResult]) -> Path:
     from .io._atomic import atomic_write_text
 
@@ -350,6 +373,27 @@ def _client(scheduler: str, workers: int, threads: int):
                                "or drop --scheduler to use a local cluster") from None
 
 
+def _report_beside_outputs(subjects: Sequence[Subject]) -> Path:
+    """``batch-report.csv`` in the common parent folder of the subjects' outputs (the default for a list).
+
+    Raises:
+        InvalidInputError: no subjects, or their outputs share no folder but the filesystem root (or none at all).
+    """
+    fix = "pass report= with the report's path (.csv or .json)"
+    if not subjects:
+        raise InvalidInputError("no subjects, so no outputs' folder to put the batch report in", fix=fix)
+    # Relative outputs are relative to the working folder, as run_subject writes them.
+    folders = [os.path.dirname(os.path.abspath(os.fspath(s.output))) for s in subjects]
+    try:
+        common = Path(os.path.commonpath(folders))
+    except ValueError:  # different drives (Windows)
+        common = None
+    if common is None or common == Path(common.anchor):
+        shown = " and ".join(sorted(set(folders))[:2])
+        raise InvalidInputError(f"the subjects' outputs share no folder to put the batch report in ({shown})", fix=fix)
+    return common / "batch-report.csv"
+
+
 def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2, scheduler: str = "local",
               threads_per_worker: int = 1, register: Optional[str] = None, method: str = "network",
               device: str = "cpu", fallback: Optional[str] = None, overwrite: bool = False,
@@ -365,12 +409,18 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         register, method, device, fallback: defaults for rows that do not set them.
         overwrite: redo subjects whose output exists but is not verified by its sidecar.
         report: report path (``.csv`` or ``.json``); default ``<manifest stem>-report.csv`` beside the
-            manifest (or ``batch-report.csv`` in the working folder for a list).
+            manifest, or for a list ``batch-report.csv`` in the folder holding the subjects' outputs (the
+            common parent of their folders; relative outputs count from the working folder). Never the
+            working folder just because it is one.
         progress: show a tqdm bar of finished subjects.
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
 
     Returns:
         :class:`BatchSummary`. Failures are in it, not raised.
+
+    Raises:
+        InvalidInputError: a list without ``report`` whose outputs share no folder but the filesystem
+            root (or a different drive), or an empty list without ``report``; checked before any work.
     """
     if isinstance(manifest, (str, os.PathLike)):
         subjects = read_manifest(manifest)
@@ -378,10 +428,11 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         default_report = mpath.with_name(mpath.stem + "-report.csv")
     else:
         subjects = [s if isinstance(s, Subject) else Subject(**dict(s)) for s in manifest]
-        default_report = Path("batch-report.csv")
+        default_report = None if report else _report_beside_outputs(subjects)
     if register not in _KINDS:
         raise InvalidInputError(f"unknown registration kind {register!r}", fix="use none, rigid, affine or deformable")
     report_path = Path(report) if report else default_report
+    _check_report_path(report_path)
     options = dict(register=register, method=method, device=device, fallback=fallback,
                    threads=max(1, int(threads_per_worker)), overwrite=overwrite)
     results: Dict[str, SubjectResult] = {}
@@ -444,6 +495,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
                for s in subjects]
     wall = time.perf_counter() - t0
     try:
+        if not report and not isinstance(manifest, (str, os.PathLike)):
+            report_path.parent.mkdir(parents=True, exist_ok=True)  # the outputs' folder; absent if none got that far
         written: Optional[Path] = _write_report(report_path, ordered)
     except (OSError, MedfuseError) as e:  # the work is done; do not lose the summary over the report file
         import warnings
@@ -451,7 +504,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         from .errors import MedfuseWarning
 
         warnings.warn(f"could not write the batch report {report_path} ({e.__class__.__name__}); "
-                      f"pass --report to choose another place", MedfuseWarning, stacklevel=2)
+                      f"pass report= (--report) to choose another place", MedfuseWarning, stacklevel=2)
         written = None
     return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
                         workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled)

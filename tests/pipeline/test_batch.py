@@ -185,3 +185,60 @@ def test_batch_errors_do_not_quote_patient_identifiers(tmp_path):
     assert res.status == "failed" and "mr_missing" in res.error
     for ident in ("DOE", "JOHN", "PID778899"):
         assert ident not in res.error and ident not in (tmp_path / "r.csv").read_text()
+
+
+def test_list_report_defaults_to_the_outputs_folder_never_the_cwd(tmp_path, monkeypatch):
+    """run_batch(list) without report= writes beside the outputs, not into the working folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    data = tmp_path / "data"
+    good = read_manifest(write_phantom_subjects(data, 1, first_seed=5, method="mean", register=None))[0]
+    (data / "manifest.csv").unlink()  # only the list is used; keep the folder to what the run writes
+    bad = Subject(subject="bad", fixed=str(data / "nope.nii.gz"), moving=[str(data / "nope2.nii.gz")],
+                  output=str(data / "other" / "bad.nii.gz"), method="mean")
+    summary = run_batch([good, bad], scheduler="synchronous")
+    assert [r.status for r in summary.results] == ["done", "failed"]
+    # the common parent of data/out/ and data/other/
+    assert summary.report_path == data / "batch-report.csv"
+    rows = list(csv.DictReader(open(data / "batch-report.csv")))
+    assert [r["status"] for r in rows] == ["done", "failed"]
+    assert list(cwd.iterdir()) == []
+
+    # outputs with no common folder but the filesystem root: refused before any work, nothing written
+    elsewhere = Subject(subject="far", fixed=good.fixed, moving=good.moving, output="/medfuse-no-such-root/far.nii.gz",
+                        method="mean")
+    fresh = Subject(subject="new", fixed=good.fixed, moving=good.moving, output=str(data / "new" / "new.nii.gz"),
+                    method="mean")
+    with pytest.raises(InvalidInputError, match="share no folder") as e:
+        run_batch([fresh, elsewhere], scheduler="synchronous")
+    assert "report=" in str(e.value.fix)
+    assert not (data / "new").exists() and not Path("/medfuse-no-such-root").exists()
+    with pytest.raises(InvalidInputError, match="report="):
+        run_batch([], scheduler="synchronous")
+    # an explicit report= still goes where it is told
+    assert run_batch([fresh, elsewhere][:1], scheduler="synchronous", report=tmp_path / "r.json").report_path == \
+        tmp_path / "r.json"
+    assert list(cwd.iterdir()) == []
+
+
+def test_report_path_holding_someone_elses_file_is_refused_before_work(tmp_path):
+    """A re-run replaces its own report; a user's file at that path is never overwritten."""
+    from medfuse.errors import OutputExistsError
+
+    data = tmp_path / "data"
+    subject = read_manifest(write_phantom_subjects(data, 1, first_seed=6, method="mean", register=None))[0]
+    mine = tmp_path / "notes.csv"
+    mine.write_text("patient,comment\n1,keep me\n")
+    with pytest.raises(OutputExistsError, match="not a medfuse batch report") as e:
+        run_batch([subject], scheduler="synchronous", report=mine)
+    assert "another path" in str(e.value.fix)
+    assert mine.read_text() == "patient,comment\n1,keep me\n" and not Path(subject.output).exists()
+    with pytest.raises(InvalidInputError, match="is a folder"):
+        run_batch([subject], scheduler="synchronous", report=tmp_path)
+    # its own report, from an earlier run, is replaced (CSV and JSON)
+    for name in ("r.csv", "r.json"):
+        first = run_batch([subject], scheduler="synchronous", report=tmp_path / name)
+        again = run_batch([subject], scheduler="synchronous", report=tmp_path / name)
+        assert first.report_path == again.report_path == tmp_path / name
+    assert '"status": "skipped"' in (tmp_path / "r.json").read_text()
