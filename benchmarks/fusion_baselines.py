@@ -1,16 +1,20 @@
 """Fusion baselines on the Harvard pairs, and the speed of medfuse.metrics.score.
 
-1. Fuses the by-case validation split (``split_by_case(val_fraction=0.2, seed=0)``) of every
-   pair type in ``../shared/data/harvard-pairs`` with mean, max, Laplacian, wavelet and GFF
-   (PET/SPECT through YCbCr), scores each result with medfuse.metrics.score as saved 8-bit
-   images, and prints the mean table (Markdown). ``SSIM(dr=2)`` is scikit-image SSIM with
-   ``data_range=2``, the convention behind CDDFuse's published SSIM.
+1. Fuses the network's validation split of every pair type in ``../shared/data/harvard-pairs``
+   (``medfuse.harvard.training_split(val_fraction=0.2, seed=0)``: the split ``medfuse train``
+   uses, whose validation cases are the shipped weights' ``val_cases``, also used by
+   ``benchmarks/fusion_quality.py`` and ``medfuse evaluate --split val``) with mean, max, Laplacian,
+   wavelet and GFF (PET/SPECT through YCbCr), scores each result with medfuse.metrics.score as
+   saved 8-bit images, and prints the mean table (Markdown). ``SSIM(dr=2)`` is scikit-image SSIM
+   with ``data_range=2``, the convention behind CDDFuse's published SSIM. ``--split val-by-case``
+   uses the older joint split ``split_by_case(val_fraction=0.2, seed=0)`` instead (the tables
+   published before 2026-12-04; not the network's held-out pairs), ``--split all`` every pair.
 2. Times ``score()`` (all 13 metrics) on a 256x256 pair against two named peers measured in
    the same run: scikit-image's ``structural_similarity`` alone (two calls, F-A and F-B) and the
    reference formulation of VIF + MI (``scipy.signal.convolve2d`` with the full 2-D Gaussian
    windows, ``sklearn.metrics.mutual_info_score``), and prints the ratios.
 
-    .venv/bin/python benchmarks/fusion_baselines.py [--limit N] [--split val|all]
+    .venv/bin/python benchmarks/fusion_baselines.py [--limit N] [--split val|val-by-case|all]
 """
 
 from __future__ import annotations
@@ -25,18 +29,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDFUSE_SHARED", ROOT.parent / "shared"))
 PAIRS = SHARED / "data" / "harvard-pairs"
+WEIGHTS_JSON = ROOT / "medfuse" / "fusion" / "weights" / "medfuse_fusion.json"
+SPLITS = ("val", "val-by-case", "all")
 TABLE = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "SSIM(dr=2)", "PSNR", "CC", "FMI", "MS-SSIM")
 
 
 def baselines(limit=None, split="val"):
     from medfuse.fusion import CLASSICAL_METHODS, fuse
     from medfuse.fusion.color import is_rgb, rgb_to_gray
-    from medfuse.harvard import list_pairs, load_pair, split_by_case
+    from medfuse.harvard import case_of, list_pairs, load_pair, split_by_case, training_split
     from medfuse.metrics import score
 
     pairs = list_pairs(PAIRS)
     if split == "val":
+        # The network's held-out pairs: split every pair type over all of its pairs, as `medfuse train` did.
+        pairs = training_split(pairs, val_fraction=0.2, seed=0)[1]
+        found: dict = {}
+        for p in pairs:
+            found.setdefault(p.pair_type, set()).add(case_of(p.name))
+        _check_val_cases(found)
+    elif split == "val-by-case":
         pairs = split_by_case(pairs, val_fraction=0.2, seed=0)[1]
+    elif split != "all":
+        raise SystemExit(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit:
         seen = {}
         pairs = [p for p in pairs if seen.setdefault(p.pair_type, []).append(p) or len(seen[p.pair_type]) <= limit]
@@ -57,7 +72,7 @@ def baselines(limit=None, split="val"):
     for p in pairs:
         counts[p.pair_type] = counts.get(p.pair_type, 0) + 1
     cases = {t: sorted({p.case for p in pairs if p.pair_type == t}) for t in counts}
-    print(f"\npairs scored: {counts}; cases: {cases}\n")
+    print(f"\nsplit {split}: pairs scored {counts}; cases: {cases}\n")
     print("| Pair | Method | " + " | ".join(TABLE) + " |")
     print("|---|---|" + "---|" * len(TABLE))
     for ptype in sorted(counts):
@@ -65,6 +80,20 @@ def baselines(limit=None, split="val"):
             rows = results[(method, ptype)]
             cells = [f"{np.mean([r[k] for r in rows]):.3f}" for k in TABLE]
             print(f"| {ptype} | {method} | " + " | ".join(cells) + " |")
+
+
+def _check_val_cases(found):
+    """Stop if the split's validation cases are not the shipped weights' recorded ones (the network's tables')."""
+    import json
+
+    if not WEIGHTS_JSON.is_file():
+        print(f"  (no {WEIGHTS_JSON.name}: validation cases not checked against the shipped weights)")
+        return
+    recorded = {t: set(c) for t, c in json.loads(WEIGHTS_JSON.read_text())["val_cases"].items()}
+    if {t: found.get(t, set()) for t in recorded} != recorded:
+        raise SystemExit(f"the validation cases {found} are not the shipped weights' {recorded}")
+    shown = {t: sorted(c) for t, c in sorted(recorded.items())}
+    print(f"  validation cases = the shipped weights' val_cases: {shown}")
 
 
 # ---------------------------------------------------------------------- peer: reference formulation
@@ -129,7 +158,9 @@ def timing(repeats=5):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="at most N pairs per pair type")
-    ap.add_argument("--split", choices=("val", "all"), default="val")
+    ap.add_argument("--split", choices=SPLITS, default="val",
+                    help="val: the network's validation pairs (training_split, the default); val-by-case: the "
+                         "older joint split_by_case split; all: every pair")
     ap.add_argument("--skip-table", action="store_true")
     args = ap.parse_args()
     if not PAIRS.is_dir():

@@ -10,10 +10,12 @@ must be split **by case**, or validation is optimistic. Two splits live here:
 
 * :func:`split_cases` / :func:`training_split`: the split ``medfuse train`` uses (each pair
   type on its own, seeded by ``f"{seed}-{pair_type}"``); the shipped network's validation
-  cases are this split's, so ``medfuse evaluate --split val`` uses it too.
+  cases are this split's, so ``medfuse evaluate --split val`` and the benchmarks' tables
+  (``benchmarks/fusion_quality.py``, ``benchmarks/fusion_baselines.py``) use it too.
 * :func:`split_by_case`: keys on the case number across pair types (CT–MRI and SPECT–MRI
-  share some MRI slices); the published baseline tables (``benchmarks/fusion_baselines.py``)
-  were computed on it. It is *not* the network's held-out set.
+  share some pixel-identical MRI slices, which the per-type split can put on both sides).
+  It is *not* the network's held-out set; the baseline tables before 2026-12-04 used it
+  (``benchmarks/fusion_baselines.py --split val-by-case``).
 """
 
 from __future__ import annotations
