@@ -200,7 +200,8 @@ def native_volume(layer: Any) -> Volume:
 
     Why: registration samples voxels at random, so the voxel order changes the result slightly; working on
     the file's own grid gives exactly what ``medfuse.register`` and the CLI give on the same files. Falls back
-    to the display grid for resampled (oblique) scans and for layers from other plugins.
+    to the display grid (``layer_to_volume(layer, registered=False)``) for resampled (oblique) scans, for layers
+    from other plugins and for layers whose ``scale`` or ``translate`` no longer match the file (moved in napari).
     """
     md = meta(layer)
     if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:
@@ -211,8 +212,18 @@ def native_volume(layer: Any) -> Volume:
     if not np.allclose(display_to_native[:3, :3], lin, atol=1e-3) or not np.all(np.abs(lin).sum(1) == 1):
         return layer_to_volume(layer, registered=False)
     order = [int(np.argmax(np.abs(lin[a]))) for a in range(3)]  # native axis a <- display axis order[a]
-    arr = np.transpose(layer_array(layer), order)
+    data = layer_array(layer)
     flips = [a for a in range(3) if lin[a, order[a]] < 0]
+    # The layer's grid must be the file's grid voxel for voxel, origin included: a translate set in napari
+    # (or a layer resampled onto another grid that kept stale metadata) places the voxels elsewhere.
+    expected = np.zeros((4, 4))
+    expected[3, 3] = 1.0
+    for a in range(3):
+        expected[a, order[a]] = -1.0 if a in flips else 1.0
+        expected[a, 3] = data.shape[order[a]] - 1 if a in flips else 0.0
+    if not np.allclose(display_to_native, expected, atol=1e-3):
+        return layer_to_volume(layer, registered=False)
+    arr = np.transpose(data, order)
     if flips:
         arr = np.flip(arr, axis=flips)
     return Volume(np.ascontiguousarray(arr), true_affine, modality=md.get("modality", "unknown"),

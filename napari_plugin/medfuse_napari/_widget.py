@@ -143,7 +143,8 @@ class RegisterPanel(QWidget):
 
         fixed_layer, moving_layer = self.fixed.layer(), self.moving.layer()
         if fixed_layer is None or moving_layer is None or fixed_layer is moving_layer:
-            _notify_error("Registration needs two different image layers. Fix: pick a fixed and a moving layer.")
+            _notify_error("Registration needs two different 3-D greyscale image layers (2-D and RGB layers are not "
+                          "offered). Fix: open two volumes and pick a fixed and a moving layer.")
             return
         try:
             # The files' own grids: the same result as medfuse.register on the files (and the CLI).
@@ -162,18 +163,30 @@ class RegisterPanel(QWidget):
         self._relay = relay  # keep it alive while the worker runs
         token = self.token
         want_resampled = self.resample_box.isChecked() or kind == "deformable"
-        # A registered fixed layer: its physical space is not the viewer's world; remember the map.
+        # Snapshot in the GUI thread: the layers themselves (they may be renamed meanwhile, or removed and their
+        # names reused), the moving grid the transform refers to, and where the fixed layer is shown (a
+        # registered fixed layer: its physical space is not the viewer's world).
+        self._job_layers = (fixed_layer, moving_layer)
+        self._moving_grid = layer_matrix(moving_layer.scale, moving_layer.translate)
         self._fixed_world = world_matrix(fixed_layer)
+        self._fixed_geometry = layer_geometry(fixed_layer)
+        share = 0.9 if want_resampled else 1.0  # registration's part of the overall bar
+
+        def registering(fraction: float, message: str = "") -> None:
+            relay(share * fraction, message)
 
         def job():
             import medfuse
+            from medfuse.progress import check, report
 
-            result = medfuse.register(fixed, moving, kind=kind, preset=preset, progress=relay, cancel=token)
+            result = medfuse.register(fixed, moving, kind=kind, preset=preset, progress=registering, cancel=token)
+            if not want_resampled:
+                return result, None
+            report(relay, share, "resampling the moving layer onto the fixed grid")
+            check(token, "registration")
             # On the fixed layer's own (display) grid, so the new layer shares its scale/translate/affine.
-            on_fixed = medfuse.resample(moving, fixed_display, transform=result.transform) if want_resampled else None
-            return result, on_fixed
+            return result, medfuse.resample(moving, fixed_display, transform=result.transform)
 
-        self._moving_name, self._fixed_name = moving_layer.name, fixed_layer.name
         self.progress.setValue(0)
         self.level_progress.setValue(0)
         self.report_view.setPlainText("")
@@ -262,16 +275,22 @@ class RegisterPanel(QWidget):
             show_warning("Registration result is suspect: " + "; ".join(rep.suspect_reasons))
         self.progress.setValue(1000)
 
-        layers = self.viewer.layers
-        moving = layers[self._moving_name] if self._moving_name in layers else None
-        fixed = layers[self._fixed_name] if self._fixed_name in layers else None
-        if moving is None or fixed is None:
-            raise RuntimeError("a layer was removed while registering")
+        # The layers by identity: a rename keeps them, and a new layer under a removed layer's name is not them.
+        from medfuse.errors import InvalidInputError
+
+        fixed, moving = self._job_layers
+        present = list(self.viewer.layers)
+        for role, layer in (("fixed", fixed), ("moving", moving)):
+            if not any(layer is other for other in present):
+                raise InvalidInputError(f"the {role} layer was removed while registering, so the result was not "
+                                        f"applied",
+                                        fix="keep both layers open until the registration ends and run it again "
+                                            "(the transform can still be saved with 'Save transform…')")
         linear = result.transform if result.transform.is_linear else result.linear_transform
         # transform: fixed point -> moving point; the layer needs moving physical -> world, and the world is
         # the fixed layer's physical space moved by its own registration (identity when it has none).
         # napari applies the layer's own rotate/shear before its affine: undo them so the layer lands there.
-        grid = layer_matrix(moving.scale, moving.translate)
+        grid = self._moving_grid  # the moving grid as registered
         placed = layer_matrix(moving.scale, moving.translate, rotate=moving.rotate, shear=moving.shear)
         moving.affine = lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix)) @ grid @ np.linalg.inv(placed)
         moving.metadata.setdefault("medfuse", {})["registration"] = {
@@ -284,8 +303,11 @@ class RegisterPanel(QWidget):
         md = dict(meta(moving))
         md.pop("registration", None)
         md["provenance"] = dict(volume.provenance)
+        # The voxels are on the fixed layer's grid now: the moving file's affine no longer describes them.
+        md["affine"] = np.asarray(volume.affine).tolist()
+        md["display_grid"] = "native"
         self.viewer.add_image(
-            volume.array, name=f"{moving.name} on {fixed.name}", **layer_geometry(fixed), colormap=moving.colormap.name,
+            volume.array, name=f"{moving.name} on {fixed.name}", **self._fixed_geometry, colormap=moving.colormap,
             contrast_limits=moving.contrast_limits, blending=moving.blending, opacity=moving.opacity,
             metadata={"medfuse": md})
 

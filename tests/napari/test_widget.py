@@ -577,3 +577,238 @@ def test_fuse_multiscale_layer_at_full_resolution(qtbot, make_napari_viewer):
     fused = viewer.layers[-1]
     assert fused.data.shape == (32, 32, 32), widget.fuse_panel.status.text()
     np.testing.assert_allclose(fused.extent.world, viewer.layers["ms"].extent.world)
+
+
+# ----------------------------------------------------------------------------------------------- register geometry
+@functools.lru_cache(maxsize=1)
+def _register_pair():
+    """A 40^3 MR-like volume (2 mm voxels) and the same volume moved by a known rigid transform ``T0``.
+
+    Returns ``(fixed_array, moving_array, T0)``; ``T0`` maps fixed physical points to moving ones (LPS mm), so
+    ``medfuse.register`` should return it and resampling the moving array with it gives back the fixed one.
+    """
+    import medfuse
+    from scipy.ndimage import gaussian_filter
+
+    a = np.zeros((40, 40, 40), np.float32)
+    a[8:30, 10:32, 6:34] = 50
+    a[12:20, 14:22, 10:18] = 120
+    a[22:28, 24:30, 20:30] = 200
+    a = gaussian_filter(a, 1.5) + np.random.default_rng(0).normal(0, 1, a.shape).astype(np.float32)
+    grid = medfuse.Volume(a, R4 @ np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR")  # a layer with scale 2
+    t0 = np.eye(4)
+    t0[:3, :3] = _rotation([8, -5, 6])
+    c = grid.center
+    t0[:3, 3] = np.array([4.0, -3.0, 2.0]) + c - t0[:3, :3] @ c
+    moved = medfuse.resample(grid, grid, transform=medfuse.Transform.from_matrix(np.linalg.inv(t0)))
+    return a, moved.array.astype(np.float32), t0
+
+
+def _rotation(deg):
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("xyz", deg, degrees=True).as_matrix()
+
+
+def _register_layers(viewer, fixed_kw=None, moving_kw=None):
+    a, b, t0 = _register_pair()
+    viewer.add_image(a, name="fixed", scale=(2, 2, 2), metadata=_md("MR"), **(fixed_kw or {}))
+    moving_kw = dict(moving_kw or {})
+    if moving_kw.get("multiscale"):
+        b = [b, b[::2, ::2, ::2]]  # registered at full resolution (napari shows the coarse level zoomed out)
+    viewer.add_image(b, name="moving", scale=(2, 2, 2), metadata=_md("MR"), **moving_kw)
+    return t0
+
+
+def _run_register(qtbot, panel, *, resample=True, fixed="fixed", moving="moving", kind="rigid"):
+    panel.fixed.set_layer(fixed)
+    panel.moving.set_layer(moving)
+    panel.kind.setCurrentText(kind)
+    panel.resample_box.setChecked(resample)
+    panel.run()
+    assert panel.worker is not None
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+
+
+def _assert_moving_on_fixed(viewer, t0, moving="moving", fixed="fixed", tol_mm=1.0):
+    """Where napari shows the moving voxels = where the fixed layer shows the anatomy they hold (per T0)."""
+    mov, fix = viewer.layers[moving], viewer.layers[fixed]
+    s = layer_matrix((2, 2, 2), (0, 0, 0))  # T0 relates the voxels of the arrays as built (2 mm, no shift)
+    fixed_from_moving = np.linalg.inv(s) @ lps_to_world(np.linalg.inv(t0)) @ s  # moving voxel -> fixed voxel
+    for v in ([5, 5, 5], [20, 20, 20], [35, 10, 30], [0, 39, 39]):
+        u = (fixed_from_moving @ np.r_[v, 1])[:3]
+        shown = np.asarray(mov.data_to_world(v))  # napari's own transforms, not the plugin's formula
+        expected = np.asarray(fix.data_to_world(u))
+        assert np.linalg.norm(shown - expected) < tol_mm, (v, shown, expected)
+
+
+def _assert_resampled_on_fixed(viewer, name="moving on fixed", fixed="fixed"):
+    a, _, _ = _register_pair()
+    res, fix = viewer.layers[name], viewer.layers[fixed]
+    assert res.data.shape == fix.data.shape
+    for p in ([0, 0, 0], [39, 0, 0], [0, 39, 20], [39, 39, 39]):  # the same world grid as the fixed layer
+        np.testing.assert_allclose(res.data_to_world(p), fix.data_to_world(p), atol=1e-6)
+    inner = (slice(6, 34),) * 3  # the moved volume lost its rim: compare inside
+    assert np.corrcoef(res.data[inner].ravel(), a[inner].ravel())[0, 1] > 0.97
+    assert np.abs(res.data[inner] - a[inner]).mean() < 4.0
+
+
+def test_register_rotated_fixed_and_moving_land_on_fixed_world(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    centre = np.array([39.0, 39.0, 39.0])
+    rf, rm = _rotation([0, 0, 35]), _rotation([20, 0, -10])
+    t0 = _register_layers(viewer, dict(rotate=rf, translate=centre - rf @ centre + [5, -7, 3]),
+                          dict(rotate=rm, translate=(-4, 6, 2)))
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    seen = []
+    panel.level_label.setText = lambda text: seen.append((panel.progress.value(), text))
+    _run_register(qtbot, panel)
+    assert panel.result is not None, seen[-3:]
+    _assert_moving_on_fixed(viewer, t0)
+    _assert_resampled_on_fixed(viewer)
+    assert viewer.layers["moving on fixed"].metadata["medfuse"]["modality"] == "MR"
+    # The resampling after the registration is a reported step of the overall bar, not a silent tail.
+    step = [value for value, text in seen if text.startswith("resampling the moving layer onto")]
+    assert step and 0 < step[0] < 1000 and panel.progress.value() == 1000, seen[-3:]
+
+
+def test_register_sheared_and_affine_layers_land_on_fixed_world(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    aff = np.eye(4)
+    aff[:3, :3] = [[1.05, 0.1, 0.0], [0.0, 0.95, 0.08], [0.03, 0.0, 1.1]]
+    aff[:3, 3] = [6.0, -4.0, 9.0]
+    t0 = _register_layers(viewer, dict(affine=aff, shear=(0.05, 0.0, -0.1)),
+                          dict(shear=(0.2, -0.1, 0.15), rotate=_rotation([0, 15, 0]), multiscale=True))
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    _run_register(qtbot, panel)
+    assert panel.result is not None, panel.level_label.text()
+    _assert_moving_on_fixed(viewer, t0)
+    _assert_resampled_on_fixed(viewer)
+
+
+def test_register_follows_layers_renamed_during_the_job(qtbot, make_napari_viewer, monkeypatch):
+    viewer = make_napari_viewer()
+    t0 = _register_layers(viewer)
+    errors = []
+    monkeypatch.setattr(_widget, "_notify_error", errors.append)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    panel.fixed.set_layer("fixed")
+    panel.moving.set_layer("moving")
+    panel.resample_box.setChecked(True)
+    panel.run()
+    viewer.layers["moving"].name = "moving renamed"  # while the worker registers
+    viewer.layers["fixed"].name = "fixed renamed"
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert not errors, errors
+    _assert_moving_on_fixed(viewer, t0, moving="moving renamed", fixed="fixed renamed")
+    _assert_resampled_on_fixed(viewer, name="moving renamed on fixed renamed", fixed="fixed renamed")
+    assert viewer.layers["moving renamed"].metadata["medfuse"]["registration"]["to"] == "fixed renamed"
+
+
+def test_register_never_moves_a_new_layer_that_took_a_removed_layers_name(qtbot, make_napari_viewer, monkeypatch):
+    viewer = make_napari_viewer()
+    _register_layers(viewer)
+    errors = []
+    monkeypatch.setattr(_widget, "_notify_error", errors.append)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    panel.fixed.set_layer("fixed")
+    panel.moving.set_layer("moving")
+    panel.resample_box.setChecked(True)
+    panel.run()
+    viewer.layers.remove("moving")  # while the worker registers: another image is opened under the same name
+    newcomer = viewer.add_image(np.zeros((8, 8, 8), np.float32), name="moving")
+    n = len(viewer.layers)
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    np.testing.assert_allclose(newcomer.affine.affine_matrix, np.eye(4))  # not given the other layer's transform
+    assert "registration" not in newcomer.metadata.get("medfuse", {})
+    assert len(viewer.layers) == n  # and no resampled layer named after it
+    assert len(errors) == 1 and "removed while registering" in errors[0] and "Fix:" in errors[0], errors
+    assert panel.result is not None and panel.save_button.isEnabled()  # the transform can still be saved
+
+
+def test_register_reader_layers_moved_with_translate(qtbot, make_napari_viewer):
+    # Layers from the medfuse reader keep the file's affine in their metadata; a translate set in napari moves
+    # the layer, and the registration must align the layers where napari shows them, not where the files were.
+    import medfuse
+    from medfuse_napari._layers import volume_to_layer
+
+    viewer = make_napari_viewer()
+    a, b, t0 = _register_pair()
+    for arr, name in ((a, "fixed"), (b, "moving")):
+        data, kwargs, _ = volume_to_layer(medfuse.Volume(arr, R4 @ np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR"),
+                                          name=name)
+        assert kwargs["metadata"]["medfuse"]["display_grid"] == "native"
+        viewer.add_image(data, **kwargs)
+    viewer.layers["fixed"].translate = (10.0, -6.0, 4.0)
+    viewer.layers["moving"].translate = (-8.0, 0.0, 12.0)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    _run_register(qtbot, panel)
+    assert panel.result is not None, panel.level_label.text()
+    _assert_moving_on_fixed(viewer, t0)
+    _assert_resampled_on_fixed(viewer)
+
+
+def test_register_resampled_layer_metadata_describes_its_own_grid(qtbot, make_napari_viewer):
+    import medfuse
+    from medfuse_napari._layers import native_volume, volume_to_layer
+
+    viewer = make_napari_viewer()
+    a, b, t0 = _register_pair()
+    origin = {"fixed": [0.0, 0.0, 0.0], "moving": [20.0, -10.0, 6.0]}
+    for arr, name in ((a[:, :, :36], "fixed"), (b, "moving")):  # same spacing, other box and shape
+        aff = R4 @ np.diag([2.0, 2.0, 2.0, 1.0])
+        aff[:3, 3] = origin[name]
+        data, kwargs, _ = volume_to_layer(medfuse.Volume(np.ascontiguousarray(arr), aff, modality="MR"), name=name)
+        viewer.add_image(data, **kwargs)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    _run_register(qtbot, panel)
+    res = viewer.layers["moving on fixed"]
+    md = res.metadata["medfuse"]
+    on_grid = R4 @ layer_matrix(res.scale, res.translate)  # the resampled voxels' own LPS affine
+    np.testing.assert_allclose(md["affine"], on_grid, atol=1e-9)
+    vol = native_volume(res)  # what registering or fusing this layer again would start from
+    assert vol.shape == res.data.shape
+    np.testing.assert_allclose(vol.affine, on_grid, atol=1e-9)
+
+
+def test_register_without_two_3d_grey_volumes_says_what_it_needs(make_napari_viewer, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.float32), name="slice")
+    viewer.add_image(np.zeros((4, 16, 16, 3), np.uint8), name="colour", rgb=True)
+    viewer.add_image(np.zeros((4, 16, 16), np.float32), name="volume")
+    errors = []
+    monkeypatch.setattr(_widget, "_notify_error", errors.append)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    assert [panel.fixed.itemText(i) for i in range(panel.fixed.count())] == ["volume"]  # 2-D and RGB not offered
+    panel.run()
+    assert panel.worker is None
+    assert len(errors) == 1 and "3-D greyscale" in errors[0] and "Fix:" in errors[0], errors
+
+
+def test_register_cancel_after_the_registration_stops_before_resampling(qtbot, make_napari_viewer, monkeypatch):
+    import medfuse
+
+    viewer = make_napari_viewer()
+    _register_layers(viewer)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    real = medfuse.register
+
+    def register_then_cancel(*args, **kwargs):  # Cancel pressed as the registration ends
+        result = real(*args, **kwargs)
+        panel.token.cancel()
+        return result
+
+    monkeypatch.setattr(medfuse, "register", register_then_cancel)
+    n = len(viewer.layers)
+    _run_register(qtbot, panel)
+    assert panel.level_label.text() == "cancelled" and panel.result is None
+    assert len(viewer.layers) == n  # no resampled layer
+    np.testing.assert_allclose(viewer.layers["moving"].affine.affine_matrix, np.eye(4))  # nothing applied
