@@ -166,7 +166,12 @@ def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int =
     out = []
     for v in volumes:
         if v.same_grid(grid):
-            out.append(v.copy())
+            c = v.copy()
+            # Not resampled, but now read in the reference's world all the same: the same space label.
+            c.provenance.pop("nifti_space", None)
+            if "nifti_space" in grid.provenance:
+                c.provenance["nifti_space"] = grid.provenance["nifti_space"]
+            out.append(c)
         else:
             out.append(resample(v, grid, interpolation="nearest" if v.array.dtype == bool else interpolation))
     return out

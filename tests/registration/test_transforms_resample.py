@@ -183,3 +183,17 @@ def test_resampled_image_takes_the_reference_nifti_space(shared, tmp_path):
     # A common grid lies in its reference's world and passes the space on.
     assert common_grid([mni, _vol()]).provenance["nifti_space"] == "mni"
     assert {v.provenance.get("nifti_space") for v in resample_to_common_grid([mni, grid])} == {"mni"}
+
+
+def test_volume_already_on_the_common_grid_takes_the_reference_space(shared):
+    # The volume on the grid is copied, not resampled; it used to keep its own label ("aligned" beside an MNI
+    # reference), so the two outputs of one call claimed different worlds for the same coordinates.
+    from medfuse.io import load
+
+    d = shared("data", "spm12-templates")
+    mni = load(d / "T1.nii")
+    same_grid_other_label = Volume(mni.array.copy(), mni.affine.copy(), modality="MR",
+                                   provenance={"nifti_space": "aligned"})
+    out = resample_to_common_grid([mni, same_grid_other_label])
+    assert out[1].same_grid(mni)
+    assert [v.provenance.get("nifti_space") for v in out] == ["mni", "mni"]
