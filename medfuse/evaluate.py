@@ -76,12 +76,14 @@ class _Item:
     pair_type: str
     load: Any  # () -> tuple of sources (arrays or Volumes)
     path: Optional[str] = None  # shown when it fails
+    inputs: Tuple[str, ...] = ()  # the input files (or folders), never to be written over
 
 
 def _harvard_items(pairs) -> List[_Item]:
     from .harvard import load_pair
 
-    return [_Item(p.key, p.pair_type, (lambda p=p: load_pair(p)), str(p.other.parent.parent)) for p in pairs]
+    return [_Item(p.key, p.pair_type, (lambda p=p: load_pair(p)), str(p.other.parent.parent),
+                  (str(p.mri), str(p.other))) for p in pairs]
 
 
 def _volume_items(pairs: Sequence) -> List[_Item]:
@@ -102,7 +104,8 @@ def _volume_items(pairs: Sequence) -> List[_Item]:
             # The name becomes <out>/<method>/<name>.nii.gz: it must stay inside the output folder.
             raise InvalidInputError(f"volume pair {i + 1} has the name {name!r}, which is not a relative file name",
                                     fix="name it like 'subject01'")
-        items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)), paths[-1] if paths else None))
+        items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)),
+                           paths[-1] if paths else None, tuple(paths)))
     return items
 
 
@@ -167,6 +170,44 @@ def _target(out: Path, method: str, item: _Item, is_2d: bool) -> Path:
     return out / method / f"{item.name}{'.png' if is_2d else '.nii.gz'}"
 
 
+def _file_id(p: Path) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _refuse_writing_over_inputs(out: Path, targets: Sequence[Path], items: Sequence[_Item]) -> None:
+    """An output (fused image or table) that is an input file, or lies inside an input folder, is refused even
+    with ``overwrite``: ``--overwrite`` replaces earlier outputs, never the data being evaluated.
+
+    Compared by device and inode, so another spelling of the same file (a symlink, ``..``, a hard link) is
+    caught too. Only existing paths can be inputs, so a few ``stat`` calls per output.
+    """
+    ids = {}
+    for item in items:
+        for src in item.inputs:
+            fid = _file_id(Path(src))
+            if fid is not None:
+                ids.setdefault(fid, src)
+    if not ids:
+        return
+    seen = set()
+    for target in targets:
+        for q in (target, *target.parents):
+            if q in seen:
+                break  # its parents were checked with an earlier target
+            seen.add(q)
+            src = ids.get(_file_id(q)) if q.exists() else None
+            if src is not None:
+                raise InvalidInputError(
+                    f"this output would write over the input {src}" if q == target else
+                    f"this output would be written inside the input folder {src}",
+                    fix="choose an --out folder apart from the inputs (--overwrite never replaces an input)",
+                    path=target)
+
+
 # ---------------------------------------------------------------------- one item
 def _fuse_2d(sources, method: str, device: str, options: dict) -> Tuple[np.ndarray, np.ndarray, List[np.ndarray]]:
     """(image to save (uint8 grey or RGB), grey F for scoring, grey sources)."""
@@ -224,7 +265,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         pair_types: folder sources only: restrict to these pair types (``"CT-MRI"`` or ``"CT"``).
         mode: volumes only: ``"slicewise"`` or ``"native"`` (see :func:`medfuse.metrics.score`).
         device: for the network; checked before anything is written.
-        overwrite: replace existing outputs and tables.
+        overwrite: replace existing outputs and tables (never an input).
         save_outputs: write the fused images (tables are always written).
         **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
 
@@ -232,8 +273,10 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         An :class:`EvaluationResult`; ``result.ok`` is False when any item was skipped.
 
     Raises:
-        InvalidInputError: unknown method/metric/mode, nothing to evaluate, two pairs given the same
-            explicit name, or ``device`` is a GPU this machine lacks (with ``"network"``).
+        InvalidInputError: unknown method/metric/mode, no metric named (an empty list), a metric
+            ``mode="native"`` lacks (volumes), nothing to evaluate, two pairs given the same explicit name,
+            ``device`` is a GPU this machine lacks (with ``"network"``), ``out_dir`` is a file, or an output
+            would write over an input file (refused even with ``overwrite``).
         UnreadableFileError: the folder holds no pairs.
         OutputExistsError: tables or fused outputs exist and ``overwrite`` is False.
         CancelledError: ``cancel`` was set.
@@ -261,11 +304,25 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         # As `medfuse fuse`: a GPU this machine lacks is bad input (exit 2), not one failure per item.
         check_network_device("network", device)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError("the output folder is a file", fix="choose another --out (a folder)", path=out)
     for name in ("metrics.csv", "metrics.json"):
         if (out / name).exists() and not overwrite:
             raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite",
                                     path=out / name)
     items, is_2d = _items(source, pair_types=pair_types)
+    if not is_2d and mode == "native" and metrics is not None:
+        from .metrics import NATIVE_3D_METRICS, _names
+
+        _names(metrics, NATIVE_3D_METRICS)  # a 2-D-only metric is bad input now, not one failure per volume
+    targets = [out / "metrics.csv", out / "metrics.json"]
+    if save_outputs:
+        targets += [_target(out, method, item, is_2d) for method in methods for item in items]
+    _refuse_writing_over_inputs(out, targets, items)
+    for method in methods:
+        if (out / method).exists() and not (out / method).is_dir():
+            raise InvalidInputError("the method's output folder is a file", fix="choose another --out",
+                                    path=out / method)
     if save_outputs and not overwrite:
         # Refuse before the first write, not halfway through with no tables.
         for method in methods:
@@ -326,9 +383,11 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     result.means = _means(result.rows)
     # Nothing scored (every item failed): the header still names the metrics asked for.
     names = _metric_names(result.rows) or [m for m in METRICS if metrics is None or m in metrics]
-    atomic_write_text(out / "metrics.csv", _csv(result, names), overwrite=overwrite)
-    atomic_write_text(out / "metrics.json", json.dumps(_json(result, source, methods, options), indent=1,
-                                                       allow_nan=False), overwrite=overwrite)
+    # Both texts before either file: a table that cannot be written leaves neither, not a CSV without its JSON.
+    csv_text = _csv(result, names)
+    json_text = json.dumps(_json(result, source, methods, options), indent=1, allow_nan=False)
+    atomic_write_text(out / "metrics.csv", csv_text, overwrite=overwrite)
+    atomic_write_text(out / "metrics.json", json_text, overwrite=overwrite)
     report(progress, 1.0, "evaluation done")
     return result
 
@@ -392,6 +451,16 @@ def _csv(result: EvaluationResult, names: Optional[List[str]] = None) -> str:
     return buf.getvalue()
 
 
+def _json_option(v):
+    """An option as JSON can hold it: numbers, strings, booleans and None as they are (a NaN or infinite number
+    as its text, which strict JSON has no number for), anything else as its text."""
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else repr(v)
+    return str(v)
+
+
 def _fmt(x) -> str:
     if x is None:
         return ""
@@ -403,7 +472,7 @@ def _json(result: EvaluationResult, source, methods, options) -> Dict[str, Any]:
         "source": str(source) if isinstance(source, (str, os.PathLike)) else "list of pairs",
         "methods": list(methods),
         "mode": result.mode,
-        "options": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in options.items()},
+        "options": {k: _json_option(v) for k, v in options.items()},
         "metric_definitions": "docs/fusion.md (as ../shared/README.md, reference section)",
         "ok": result.ok,
         "images": [{k: _finite(v) for k, v in r.items()} for r in result.rows],
@@ -456,7 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="where the network runs (default: cpu; auto: a CUDA GPU when there is one); checked "
                              "before anything is written")
     parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (no bar, no table)")
     return parser

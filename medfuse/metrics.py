@@ -10,9 +10,9 @@ evaluation code most fusion papers use (see ``../shared/README.md`` and
 * ``SD`` population standard deviation of ``F``.
 * ``SF`` spatial frequency, one-pixel forward differences.
 * ``AG`` average gradient, central differences, one-sided at the borders.
-* ``MI`` sum over sources of scikit-learn's ``mutual_info_score`` (nats) on the raw values.
+* ``MI`` sum over sources of scikit-learn's ``mutual_info_score`` (nats) on the raw values (whole numbers).
 * ``SCD`` sum of the correlations of differences.
-* ``VIF`` pixel-domain VIF (4 scales, noise variance 2), summed over sources.
+* ``VIF`` pixel-domain VIF (4 scales, noise variance 2), summed over sources; NaN under 17 pixels a side.
 * ``Qabf`` Xydeas–Petrović edge preservation with Sobel gradients.
 * ``SSIM`` sum over sources of scikit-image's SSIM (defaults, ``data_range=255``).
 * ``PSNR`` ``10 log10(max(F)^2 / mean_i MSE(S_i, F))``.
@@ -29,6 +29,9 @@ With three sources the sums and means run over all three; ``SCD`` correlates
 each source ``S_i`` with ``F - sum_{j != i} S_j``. A correlation with a constant
 image (undefined, NaN in the reference code) counts as 0.
 
+Inputs off that scale (0..1 floats, 16-bit, HU) or F on a scale far from the sources' get a
+``MedfuseWarning`` (once per :func:`score` call): the numbers would not compare with any table.
+
 :func:`score` returns all of them in a dict. 3-D volumes are scored either
 natively (the metrics whose definition does not depend on dimension, plus 3-D
 SSIM) or slice-wise over the three planes, averaged over slices that carry
@@ -37,6 +40,8 @@ content; the choice is recorded under ``"mode"``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -58,6 +63,20 @@ METRICS: Tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", 
 NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "CC", "SSIM_r2")
 
 _MIN_SIDE = 7  # scikit-image's default SSIM window; smaller images cannot be scored
+_VIF_MIN_SIDE = 17  # VIF's finest Gaussian window: below it VIF is undefined (NaN)
+
+# Set while score() or sampled_slice_scores() run the metrics on inputs whose scale they have already checked:
+# the scale warnings then come once per call, not once per metric and slice.
+_SCALE_CHECKED: contextvars.ContextVar = contextvars.ContextVar("medfuse_metrics_scale_checked", default=False)
+
+
+@contextlib.contextmanager
+def _scale_checked():
+    token = _SCALE_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _SCALE_CHECKED.reset(token)
 
 
 # ---------------------------------------------------------------------- checks
@@ -70,6 +89,8 @@ def _as_float(x, name: str) -> np.ndarray:
         raise InvalidInputError(f"{name} must be numeric, got dtype {a.dtype}", fix="pass a numeric NumPy array")
     if np.iscomplexobj(a):
         raise InvalidInputError(f"{name} is complex", fix="pass a real-valued image (e.g. its magnitude)")
+    if a.size == 0:
+        raise InvalidInputError(f"{name} is empty (shape {a.shape})", fix="pass the image itself, not an empty array")
     a = a.astype(np.float64, copy=False)
     if not np.all(np.isfinite(a)):
         raise InvalidInputError(
@@ -89,36 +110,69 @@ def _check(fused, sources: Sequence, *, ndim: Optional[int] = 2, min_side: int =
     srcs = [_as_float(s, f"source {i + 1}") for i, s in enumerate(sources)]
     for i, s in enumerate(srcs):
         if s.shape != f.shape:
+            big, small = (s.shape, f.shape) if s.ndim > f.ndim else (f.shape, s.shape)
+            rgb = len(big) == 3 and len(small) == 2 and big[:2] == small and big[2] in (3, 4)
             raise InvalidInputError(
                 f"source {i + 1} has shape {s.shape} but the fused image has shape {f.shape}",
-                fix="resample the images onto one grid first (medfuse.resample / medfuse.register)",
+                fix=("one of them is RGB: convert colour images to grey first (medfuse.fusion.color.rgb_to_gray), "
+                     "as published tables do" if rgb else
+                     "resample the images onto one grid first (medfuse.resample / medfuse.register)"),
             )
     if ndim is not None and f.ndim != ndim:
-        hint = (
-            "convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with mode='native' or 'slicewise'"
-            if f.ndim == 3 else f"pass {ndim}-D arrays"
-        )
+        if f.ndim == 3:
+            hint = ("convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with mode='native' "
+                    "or 'slicewise'")
+        elif f.ndim == 2 and ndim == 3:
+            hint = "score 2-D images with mode='2d' (the default)"
+        else:
+            hint = f"pass {ndim}-D arrays"
         raise InvalidInputError(f"expected {ndim}-D images, got shape {f.shape}", fix=hint)
     if f.ndim not in (2, 3):
         raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {f.shape}", fix="pass 2-D or 3-D arrays")
     if min(f.shape) < min_side:
+        rgb = f.ndim == 3 and f.shape[-1] in (3, 4) and min(f.shape[:2]) >= min_side
         raise InvalidInputError(
             f"the images are too small to score ({'x'.join(map(str, f.shape))}); every side needs at least {min_side} pixels",
-            fix="score whole images, not single pixels or thin strips",
+            fix=("these look like RGB images: convert them to grey first (medfuse.fusion.color.rgb_to_gray)" if rgb
+                 else "score whole images, not single pixels or thin strips"),
         )
-    _warn_on_scale_mismatch(f, srcs)
+    if not _SCALE_CHECKED.get():
+        _warn_on_scale(f, srcs, stacklevel=4)
     return f, srcs
 
 
-def _warn_on_scale_mismatch(f: np.ndarray, srcs: Sequence[np.ndarray]) -> None:
-    """PSNR, Qabf, VIF and MI compare raw intensities: F in 0..1 against sources in HU gives numbers, not meaning."""
+def _warn_on_scale(f: np.ndarray, srcs: Sequence[np.ndarray], *, stacklevel: int = 4) -> None:
+    """Warn when the images are not on one 0-255 scale: the definitions assume it.
+
+    PSNR, Qabf, VIF and MI compare raw intensities (F in 0..1 against sources in HU gives numbers, not meaning),
+    and EN (256 bins of 0..255), SSIM and MS-SSIM (``data_range=255``) and VIF (noise variance 2) assume
+    the 8-bit scale itself: images in 0..1, 16 bits or HU give numbers no table can be compared with.
+    """
     spans = [float(np.ptp(x)) for x in (f, *srcs)]
     ratio = max(spans[1:]) / spans[0] if spans[0] > 0 else 1.0
     if ratio > 50 or 0 < ratio < 1 / 50:
         warnings.warn(
             f"the fused image and the sources are on very different intensity scales (ranges "
             f"{', '.join(f'{s:.3g}' for s in spans)}); the metrics assume one scale. Rescale all of them to "
-            "0-255 first (as published tables do)", MedfuseWarning, stacklevel=3)
+            "0-255 first (as published tables do)", MedfuseWarning, stacklevel=stacklevel)
+        return
+    _warn_unless_0_255([f, *srcs], stacklevel=stacklevel + 1)
+
+
+def _warn_unless_0_255(images: Sequence[np.ndarray], *, stacklevel: int) -> None:
+    lo = min(float(x.min()) for x in images)
+    hi = max(float(x.max()) for x in images)
+    if hi > 1.1 * 255 or lo < -0.1 * 255:
+        warnings.warn(
+            f"the images hold values from {lo:.6g} to {hi:.6g}, outside the 0-255 scale the metrics are defined on "
+            "(EN bins 0..255, SSIM uses data_range=255); the scores are not comparable with published tables. "
+            "Rescale to 0-255 first (16-bit: divide by 257; scanner units: window or min-max scale)",
+            MedfuseWarning, stacklevel=stacklevel)
+    elif hi <= 1.0 and lo >= -1.0 and hi > lo:
+        warnings.warn(
+            f"the images hold values from {lo:.6g} to {hi:.6g}: they look like the 0-1 scale, but the metrics are "
+            "defined on 0-255 (EN bins 0..255, SSIM uses data_range=255). Multiply every image by 255 first",
+            MedfuseWarning, stacklevel=stacklevel)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -199,9 +253,24 @@ def _entropy_bits(counts: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------- single-image metrics
+def _as_image2d(fused) -> np.ndarray:
+    """The fused image for SF and AG: 2-D, at least 2 pixels a side (they take differences along both axes)."""
+    f = _as_float(fused, "the fused image")
+    if f.ndim != 2:
+        hint = ("convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with "
+                "score(..., mode='slicewise')" if f.ndim == 3 else "pass a 2-D image")
+        raise InvalidInputError(f"SF and AG are defined on 2-D images, got shape {f.shape}", fix=hint)
+    if min(f.shape) < 2:
+        raise InvalidInputError(f"the image is too small for SF and AG ({f.shape[0]}x{f.shape[1]}); they need "
+                                "at least 2 pixels a side", fix="score whole images, not single rows or columns")
+    return f
+
+
 def en(fused) -> float:
     """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(F))`` (values clipped to 0..255)."""
     f = _as_float(fused, "the fused image")
+    if not _SCALE_CHECKED.get():
+        _warn_unless_0_255([f], stacklevel=3)  # 0..1 or 16-bit input would land in one or two bins
     q = np.clip(np.round(f), 0, 255).astype(np.uint8).ravel()
     return _entropy_bits(np.bincount(q, minlength=256).astype(np.float64))
 
@@ -213,22 +282,39 @@ def sd(fused) -> float:
 
 def sf(fused) -> float:
     """Spatial frequency: ``sqrt(mean(dx^2) + mean(dy^2))`` with one-pixel forward differences (2-D)."""
-    f = _as_float(fused, "the fused image")
+    f = _as_image2d(fused)
     return float(np.sqrt(np.mean(np.diff(f, axis=1) ** 2) + np.mean(np.diff(f, axis=0) ** 2)))
 
 
 def ag(fused) -> float:
     """Average gradient: mean of ``sqrt((Gx^2 + Gy^2) / 2)`` (2-D)."""
-    f = _as_float(fused, "the fused image")
+    f = _as_image2d(fused)
     # np.gradient: central differences inside, one-sided at the borders -- the definition.
     gy, gx = np.gradient(f)
     return float(np.mean(np.sqrt((gx * gx + gy * gy) / 2.0)))
 
 
 # ---------------------------------------------------------------------- reference metrics
+def _warn_if_mi_on_continuous_values(images: Sequence[np.ndarray], *, stacklevel: int) -> None:
+    """MI counts distinct values: on a continuous F (a network's float output) it measures the number of
+    distinct values, not information (the same fusion scored 3.9 rounded, 10.5 with 0.01 of noise)."""
+    for x in images:
+        if np.abs(x - np.round(x)).max() > 1e-6:  # not float noise such as (a / 255) * 255
+            warnings.warn(
+                "MI is computed on the raw values, and these images are not whole numbers: MI then counts distinct "
+                "values and comes out far too high. Score the images as saved, rounded to 8 bits (np.round(F))",
+                MedfuseWarning, stacklevel=stacklevel)
+            return
+
+
 def mi(fused, *sources) -> float:
-    """Sum over sources of the mutual information (nats) between raw pixel values."""
+    """Sum over sources of the mutual information (nats) between raw pixel values.
+
+    Meant for whole-number images (8-bit, as saved); warns on continuous values, where MI counts distinct values.
+    """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    if not _SCALE_CHECKED.get():
+        _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
     return float(sum(_mutual_info(f, s) for s in srcs))
 
 
@@ -321,8 +407,15 @@ def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
 
 
 def vif(fused, *sources) -> float:
-    """Pixel-domain VIF (4 scales, sigma_n^2 = 2) of ``F`` against each source, summed (2-D)."""
+    """Pixel-domain VIF (4 scales, sigma_n^2 = 2) of ``F`` against each source, summed (2-D).
+
+    NaN for images under 17 pixels a side: VIF's finest window (17x17) does not fit, so there is nothing to
+    measure (the reference code's featureless-image convention, 1 per source, would pass for a perfect score).
+    Images under 41 pixels a side are scored on the scales that fit.
+    """
     f, srcs = _check(fused, sources)
+    if min(f.shape) < _VIF_MIN_SIDE:
+        return float("nan")
     return float(sum(_vifp_pair(s, f) for s in srcs))
 
 
@@ -426,6 +519,9 @@ def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
     if metrics is None:
         return list(allowed)
     names = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not names:
+        raise InvalidInputError("no metric was named (an empty list)",
+                                fix=f"name at least one of {', '.join(allowed)}, or pass metrics=None for all")
     lookup = {m.upper(): m for m in METRICS}
     out = []
     for m in names:
@@ -477,22 +573,35 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
         >>> round(score(a, a, b, metrics=["CC"])["CC"], 3)
         0.5
     """
-    if mode == "2d":
-        f, srcs = _check(fused, sources, ndim=2)
-        return _score2d(f, srcs, _names(metrics, METRICS))
-    if mode not in ("native", "slicewise"):
+    if mode not in ("2d", "native", "slicewise"):
         raise InvalidInputError(f"unknown mode {mode!r}", fix="use mode='2d', 'native' or 'slicewise'")
-    f, srcs = _check(fused, sources, ndim=3)
-    if mode == "native":
-        out: Dict[str, object] = {}
-        for name in _names(metrics, NATIVE_3D_METRICS):
-            out[name] = _SINGLE[name](f) if name in _SINGLE else _MULTI[name](f, *srcs)
-        out["mode"] = "native"
-        return out
-    names = _names(metrics, METRICS)
-    axes = tuple(int(a) for a in axes)
+    # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
+    names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
+    f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3)
+    if "MI" in names:
+        _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
+    with _scale_checked():
+        if mode == "2d":
+            return _score2d(f, srcs, names)
+        if mode == "native":
+            out: Dict[str, object] = {}
+            for name in names:
+                out[name] = _SINGLE[name](f) if name in _SINGLE else _MULTI[name](f, *srcs)
+            out["mode"] = "native"
+            return out
+        return _score_slicewise(f, srcs, names, axes, min_content)
+
+
+def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], axes, min_content: float
+                     ) -> Dict[str, object]:
+    given = axes
+    try:  # one axis or several; each plane once
+        axes = (int(axes),) if np.ndim(axes) == 0 else tuple(dict.fromkeys(int(a) for a in axes))
+    except (TypeError, ValueError):
+        axes = (None,)
     if not axes or any(a not in (0, 1, 2) for a in axes):
-        raise InvalidInputError(f"axes must be a non-empty subset of (0, 1, 2), got {axes}", fix="pass e.g. axes=(0, 1, 2)")
+        raise InvalidInputError(f"axes must be a non-empty subset of (0, 1, 2), got {given!r}",
+                                fix="pass e.g. axes=(0, 1, 2)")
     floors = [float(s.min()) for s in srcs]
     per_axis: Dict[int, Dict[str, float]] = {}
     counts: Dict[int, int] = {}
@@ -516,6 +625,11 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
             rows.append(_score2d(fs, ss, names))
         counts[ax] = len(rows)
         per_axis[ax] = {n: _nanmean(r[n] for r in rows) for n in names}
+    if not sum(counts.values()):
+        raise InvalidInputError(
+            f"no slice carries content: fewer than {min_content:.3g} of the pixels of every slice are above the "
+            "sources' minimum (constant or empty sources)",
+            fix="check that the sources are not empty, or lower min_content")
     out = {n: _nanmean(per_axis[a][n] for a in axes) for n in names}
     out.update(mode="slicewise", axes=list(axes), per_axis=per_axis, n_slices=counts, min_content=min_content)
     return out
@@ -535,15 +649,19 @@ def anisotropy(fused, sources: Sequence) -> np.ndarray:
         sources: the source volumes (same shape).
 
     Returns:
-        A (3,) array, one value per axis.
+        A (3,) array, one value per axis (NaN for an axis when the fused volume has no roughness along the other
+        two, e.g. a constant volume).
     """
-    f, srcs = _check(fused, sources, ndim=3)
+    with _scale_checked():  # ratios of roughness: any scale will do
+        f, srcs = _check(fused, sources, ndim=3)
 
     def rough(v: np.ndarray, axis: int) -> float:
         return float(np.abs(np.diff(v, n=2, axis=axis)).mean())
 
     r = np.array([rough(f, ax) / max(max(rough(s, ax) for s in srcs), 1e-12) for ax in range(3)])
-    return np.array([r[i] / np.mean(np.delete(r, i)) for i in range(3)])
+    others = np.array([np.mean(np.delete(r, i)) for i in range(3)])
+    # A fused volume flat along the other two axes (constant, say) has no anisotropy to speak of: NaN.
+    return np.array([r[i] / others[i] if others[i] > 0 else float("nan") for i in range(3)])
 
 
 def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0.2,
@@ -558,15 +676,27 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
         The mean of each named metric, in the order given.
     """
     names = _names(metrics, METRICS)
-    f, srcs = _check(fused, sources, ndim=3)
-    rows = []
-    for ax in range(3):
-        f3, s3 = np.moveaxis(f, ax, 0), [np.moveaxis(s, ax, 0) for s in srcs]
-        for i in range(0, f3.shape[0], int(step)):
-            if (s3[0][i] > 0).mean() > min_fraction:
-                f8, ss8 = np.round(np.clip(f3[i], 0, 1) * 255), [s[i] * 255 for s in s3]
-                rows.append([_MULTI[n](f8, *ss8) for n in names])
+    try:
+        whole = not isinstance(step, bool) and float(step).is_integer() and step >= 1
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise InvalidInputError(f"step must be a positive whole number of slices, got {step!r}", fix="pass e.g. step=8")
+    bad = [n for n in names if n not in _MULTI]
+    if bad:
+        raise InvalidInputError(f"sampled_slice_scores takes metrics that compare with the sources, not {bad[0]}",
+                                fix=f"choose from {', '.join(_MULTI)}")
+    with _scale_checked():  # 0..1 by definition here; each slice is scored on 0..255
+        f, srcs = _check(fused, sources, ndim=3)
+        rows = []
+        for ax in range(3):
+            f3, s3 = np.moveaxis(f, ax, 0), [np.moveaxis(s, ax, 0) for s in srcs]
+            for i in range(0, f3.shape[0], int(step)):
+                if (s3[0][i] > 0).mean() > min_fraction:
+                    f8, ss8 = np.round(np.clip(f3[i], 0, 1) * 255), [s[i] * 255 for s in s3]
+                    rows.append([_MULTI[n](f8, *ss8) for n in names])
     if not rows:
         raise InvalidInputError("no slice has enough content to score",
                                 fix="lower min_fraction or step, or check that the first source is not empty")
-    return np.mean(rows, axis=0)
+    # Over the slices where each metric is defined (VIF is NaN on slices under 17 pixels a side).
+    return np.array([_nanmean(col) for col in zip(*rows)])

@@ -344,3 +344,102 @@ def test_nothing_scored_keeps_the_metric_header_and_quiet_prints_only_errors(tmp
     args = parser.parse_args([str(src), "--pair-types", "PET-MRI", "--methods", "mean", "-q",
                               "--out", str(tmp_path / "o2")])
     assert E.run(args) == 0 and capsys.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------------- review fixes (2026-12-04)
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path):
+    """``--overwrite`` replaces earlier outputs, never the data: a pair named like its own input (or an input
+    kept under <out>/<method>/) used to have that input replaced by the fused volume, silently."""
+    from medfuse.io import save
+
+    base = np.zeros((12, 12, 10))
+    base[2:10, 2:10, 2:8] = 1.0
+    out = tmp_path / "out"
+    (out / "max").mkdir(parents=True)
+    save(_vol(base * 500 + 10, modality="MR"), out / "max" / "mr.nii.gz")
+    save(_vol(base[::-1] * 300 + 5, modality="MR"), tmp_path / "t2.nii.gz")
+    before = (out / "max" / "mr.nii.gz").read_bytes()
+    for spelled in (out / "max" / "mr.nii.gz", tmp_path / "out" / "max" / ".." / "max" / "mr.nii.gz"):
+        with pytest.raises(InvalidInputError, match="write over the input") as ei:
+            E.evaluate([{"name": "mr", "inputs": (str(spelled), str(tmp_path / "t2.nii.gz"))}], methods=["max"],
+                       out_dir=out, mode="native", overwrite=True)
+        assert "Fix:" in str(ei.value)
+    assert (out / "max" / "mr.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in out.rglob("*")) == ["max", "mr.nii.gz"]  # nothing else written
+    # Without the collision the same call runs.
+    assert E.evaluate([{"name": "fused", "inputs": (str(out / "max" / "mr.nii.gz"), str(tmp_path / "t2.nii.gz"))}],
+                      methods=["max"], out_dir=out, mode="native", overwrite=True).ok
+
+
+def test_an_out_that_is_a_file_is_bad_input_not_a_raw_oserror(tmp_path):
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(InvalidInputError, match="output folder is a file"):
+        E.evaluate(src, methods=["mean"], out_dir=tmp_path / "afile")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mean").write_text("a file where the method's folder goes")
+    with pytest.raises(InvalidInputError, match="folder is a file"):
+        E.evaluate(src, methods=["mean"], out_dir=tmp_path / "o", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["mean"]
+
+
+def test_metrics_the_volume_mode_lacks_or_none_at_all_are_bad_input_up_front(tmp_path):
+    """``--mode native --metrics Qabf`` failed every volume one by one (exit 1, empty tables) and
+    ``--metrics ''`` wrote tables without a metric (exit 0); both are bad arguments (exit 2), refused first."""
+    from medfuse.io import save
+
+    base = np.zeros((12, 12, 10))
+    base[2:10, 2:10, 2:8] = 1.0
+    save(_vol(base * 500 + 10, modality="MR"), tmp_path / "mr.nii.gz")
+    save(_vol(base[::-1] * 300 + 5, modality="MR"), tmp_path / "t2.nii.gz")
+    parser = E.add_arguments(argparse.ArgumentParser())
+    pair = ["--pair", str(tmp_path / "mr.nii.gz"), str(tmp_path / "t2.nii.gz"), "--methods", "max", "--no-progress"]
+    with pytest.raises(InvalidInputError, match="Qabf is not defined for this mode"):
+        E.run(parser.parse_args(pair + ["--mode", "native", "--metrics", "SSIM,Qabf", "--out", str(tmp_path / "o")]))
+    with pytest.raises(InvalidInputError, match="no metric was named"):
+        E.run(parser.parse_args(pair + ["--metrics", "", "--out", str(tmp_path / "o")]))
+    assert not (tmp_path / "o").exists()
+    # The same metric in slice-wise mode is fine.
+    assert E.run(parser.parse_args(pair + ["--metrics", "SSIM,Qabf", "--out", str(tmp_path / "o"), "-q"])) == 0
+
+
+def test_images_too_small_for_vif_count_as_missing_not_perfect(tmp_path, capsys):
+    """A 12x12 pair scored VIF 2.0 (the maximum of two perfect sources) whatever the fusion; now NaN, left out
+    of the means and counted, like Qabf on an image without edges."""
+    rng = np.random.default_rng(0)
+    for ptype, other in (("CT-MRI", "CT"),):
+        for sub in ("MRI", other):
+            (tmp_path / "p" / ptype / sub).mkdir(parents=True)
+        for name, n in (("1001.png", 32), ("2001.png", 12)):
+            for sub in ("MRI", other):
+                Image.fromarray(rng.integers(0, 255, (n, n), dtype=np.uint8)).save(tmp_path / "p" / ptype / sub / name)
+    res = E.evaluate(tmp_path / "p", methods=["mean"], metrics=["VIF", "SSIM"], out_dir=tmp_path / "o")
+    assert res.ok
+    vifs = {r["name"]: r["VIF"] for r in res.rows}
+    assert np.isfinite(vifs["CT-MRI/1001"]) and np.isnan(vifs["CT-MRI/2001"])
+    mean = res.means["mean"]["CT-MRI"]
+    assert mean["counts"] == {"VIF": 1, "SSIM": 2} and mean["VIF"] == pytest.approx(vifs["CT-MRI/1001"])
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert [i["VIF"] for i in doc["images"] if i["name"] == "CT-MRI/2001"] == [None]
+    assert "(n=1)" in res.table()
+
+
+def test_volumes_without_content_are_reported_not_scored_nan(tmp_path):
+    flat = _vol(np.full((12, 12, 10), 5.0), modality="MR")
+    res = E.evaluate([(flat, flat)], methods=["mean"], out_dir=tmp_path / "o", save_outputs=False)
+    assert not res.ok and not res.rows and "no slice carries content" in res.failures[0]["error"]
+
+
+def test_a_non_finite_option_is_recorded_not_a_crash_after_the_csv(tmp_path, monkeypatch):
+    """An option such as eps1=nan went into metrics.json as a bare NaN: json.dumps(allow_nan=False) raised a
+    ValueError after every pair was scored, with metrics.csv written and metrics.json missing."""
+    import medfuse.fusion as fusion
+
+    real = fusion.fuse
+    monkeypatch.setattr(fusion, "fuse", lambda *s, method, device="cpu", **opts: real(*s, method="mean"))
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    res = E.evaluate(src, methods=["gff"], pair_types=["CT-MRI"], out_dir=tmp_path / "o", eps1=float("nan"),
+                     sigma=np.float64(5.0), r1=np.int64(45))
+    assert res.ok
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["options"] == {"eps1": "nan", "sigma": 5.0, "r1": "45"}
