@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError
+from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError, UnsupportedDataError
 
 __all__ = ["HarvardPair", "case_id", "case_of", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case",
            "split_cases", "training_split", "FUNCTIONAL"]
@@ -111,13 +111,23 @@ def list_pairs(root: str | os.PathLike, *, pair_types: Optional[Iterable[str]] =
 
 
 def load_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG as ``uint8``: ``(H, W)`` for grey files, ``(H, W, 3)`` for colour ones."""
+    """Read a PNG as ``uint8``: ``(H, W)`` for grey files, ``(H, W, 3)`` for colour ones.
+
+    16-bit grey files are brought to 8 bits by their type's range (65535 -> 255, as image tools convert
+    them), not clipped at 255: the fusion metrics and their published tables are on the 0..255 scale.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            # Via RGB for every mode: a palette image may be grey or colour.
+            if im.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" in older Pillow): convert() would clip
+                wide = np.asarray(im).astype(np.float64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise UnsupportedDataError(f"the image holds values outside 0..65535 (mode {im.mode})",
+                                               fix="save it as an 8- or 16-bit PNG", path=path)
+                return np.rint(wide / 257.0).astype(np.uint8)
+            # Via RGB for every other mode: a palette image may be grey or colour.
             rgb = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise UnreadableFileError(

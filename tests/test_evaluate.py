@@ -443,3 +443,16 @@ def test_a_non_finite_option_is_recorded_not_a_crash_after_the_csv(tmp_path, mon
     assert res.ok
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert doc["options"] == {"eps1": "nan", "sigma": 5.0, "r1": "45"}
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped(shared, tmp_path):
+    # Pillow's convert("RGB") clips a 16-bit grey PNG at 255: a real MRI slice stored at 16 bits (x257, how tools
+    # widen 8-bit data) read as a nearly white image, and scored EN 0.14.
+    from medfuse.harvard import load_png
+
+    src = sorted(shared("data", "harvard-pairs", "CT-MRI", "MRI").glob("*.png"))[0]
+    eight = load_png(src)
+    assert eight.dtype == np.uint8 and eight.ndim == 2 and eight.max() > 100
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode.startswith("I")  # really stored at 16 bits
+    np.testing.assert_array_equal(load_png(tmp_path / "wide.png"), eight)

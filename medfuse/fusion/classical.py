@@ -16,6 +16,7 @@ multi-scale rules clipped to the inputs' joint range):
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -141,7 +142,11 @@ def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None) -> np.n
     lmax = pywt.dwtn_max_level(xs[0].shape, wav)
     levels = max(1, min(int(levels), lmax)) if lmax > 0 else 1
     w = _weights(weights, len(xs))
-    decs = [pywt.wavedecn(x, wav, mode="symmetric", level=levels) for x in xs]
+    with warnings.catch_warnings():
+        # An image shorter than the filter gets one level, with PyWavelets' "level too high" warning; the
+        # symmetric extension still reconstructs it exactly, so the warning says nothing the caller can act on.
+        warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
+        decs = [pywt.wavedecn(x, wav, mode="symmetric", level=levels) for x in xs]
     fused = [sum(wi * d[0] for wi, d in zip(w, decs))]
     for k in range(1, levels + 1):
         fused.append({key: _select_max_abs([d[k][key] for d in decs]) for key in decs[0][k]})
@@ -247,6 +252,7 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", **options) -> np.ndar
             f"option(s) {', '.join(unknown)} not understood by method {key!r}",
             fix=f"{key} takes {', '.join(sorted(_OPTIONS[key])) or 'no options'}",
         )
+    _check_options(key, options)
     out = np.asarray(rule(**options), dtype=np.float64)
     if key in ("laplacian", "wavelet", "gff"):
         # Multi-scale rules overshoot at strong edges (detail from one input on the
@@ -262,3 +268,23 @@ _OPTIONS = {
     "wavelet": {"wavelet", "levels", "weights"},
     "gff": {"base_radius", "r1", "eps1", "r2", "eps2", "sigma"},
 }
+
+#: Numeric options: (integer?, smallest allowed value, is that value allowed?).
+_NUMERIC = {"levels": (True, 1, True), "base_radius": (True, 1, True), "r1": (True, 1, True), "r2": (True, 1, True),
+            "eps1": (False, 0.0, False), "eps2": (False, 0.0, False), "sigma": (False, 0.0, False)}
+
+
+def _check_options(key: str, options: dict) -> None:
+    """Refuse option values the rules would misread: NaN eps (a NaN image), 0 levels (silently 1), text."""
+    import numbers
+
+    for name, value in options.items():
+        if name not in _NUMERIC:
+            continue
+        integer, lo, closed = _NUMERIC[name]
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(float(value))
+        ok = ok and (not integer or float(value) == int(value)) and (value >= lo if closed else value > lo)
+        if not ok:
+            want = f"{'a whole number' if integer else 'a number'} {'>=' if closed else '>'} {lo:g}"
+            raise InvalidInputError(f"option {name}={value!r} of method {key!r} is invalid: it must be {want}",
+                                    fix=f"pass {name} as {want}, or leave it out for the default")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -405,3 +406,23 @@ def test_single_slice_volumes_fuse_on_the_2d_path(method):
     scaled = [N.normalise(x, modality="MR")[0] for x in (a, b)]
     want = fuse(*scaled, method=method, normalise="none")
     np.testing.assert_allclose(out.array[:, :, 0], want, atol=1e-5)
+
+
+def test_rule_options_are_checked_not_misread():
+    # eps1=nan gave an all-NaN image, levels=0 quietly ran one level, levels="2" raised int()'s error from deep
+    # inside, and a 12x12 image leaked PyWavelets' "level too high" warning through every wavelet fusion.
+    rng = np.random.default_rng(0)
+    a, b = rng.random((40, 40)), rng.random((40, 40))
+    for method, bad in (("gff", dict(eps1=float("nan"))), ("gff", dict(r1=0)), ("gff", dict(sigma=-1.0)),
+                        ("laplacian", dict(levels=0)), ("laplacian", dict(levels="2")),
+                        ("wavelet", dict(levels=2.5)), ("gff", dict(eps2=True))):
+        with pytest.raises(InvalidInputError, match=f"option {next(iter(bad))}=") as ei:
+            C.fuse_arrays([a, b], method=method, **bad)
+        assert "Fix:" in str(ei.value)
+    assert np.isfinite(C.fuse_arrays([a, b], method="gff", eps1=0.1, r1=5)).all()
+    small = [rng.random((12, 12)), rng.random((12, 12))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = C.fuse_arrays(small, method="wavelet")
+    np.testing.assert_allclose(C.fuse_arrays([small[0], small[0]], method="wavelet"), small[0], atol=1e-9)
+    assert out.shape == (12, 12) and np.isfinite(out).all()
