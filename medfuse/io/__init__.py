@@ -29,6 +29,15 @@ def _check_exists(path: Path) -> None:
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
 
 
+def _absolute_source(vol: Volume) -> Volume:
+    """Record the source as an absolute path: ``save`` refuses to write onto it, and a relative one would
+    name another file once the working folder changes (``os.chdir``, a notebook's ``%cd``)."""
+    src = vol.provenance.get("source")
+    if isinstance(src, (str, os.PathLike)) and not os.path.isabs(src):
+        vol.provenance["source"] = os.path.abspath(src)
+    return vol
+
+
 def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
          modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto") -> Volume:
     """Load one 3-D volume from a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
@@ -50,13 +59,13 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
     if p.is_file() and is_image_file(p):
         from .nifti import load_image
 
-        return load_image(p, modality=modality, unit=unit)
+        return _absolute_source(load_image(p, modality=modality, unit=unit))
     from .dicom import load_dicom
 
     vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv)
     if modality is not None or unit is not None:
         vol = vol.with_array(vol.array, **{k: v for k, v in (("modality", modality), ("unit", unit)) if v is not None})
-    return vol
+    return _absolute_source(vol)
 
 
 def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto") -> List[Volume]:
@@ -66,10 +75,10 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
     if p.is_file() and is_image_file(p):
         from .nifti import load_image_volumes
 
-        return load_image_volumes(p)
+        return [_absolute_source(v) for v in load_image_volumes(p)]
     from .dicom import load_dicom_volumes
 
-    return load_dicom_volumes(p, series_uid=series_uid, suv=suv)
+    return [_absolute_source(v) for v in load_dicom_volumes(p, series_uid=series_uid, suv=suv)]
 
 
 def scan(folder: PathLike):

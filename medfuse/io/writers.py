@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
-from ._atomic import atomic_path, check_output
+from ..provenance import _detached_data_file
+from ._atomic import _public_mode, _temp_suffix, _typed_os_error, atomic_path, check_output, same_file
 from .nifti import format_tag, nifti_space_code
 
 __all__ = ["save", "FORMATS"]
@@ -33,6 +34,8 @@ PathLike = Union[str, os.PathLike]
 FORMATS = ("nifti", "nifti2", "metaimage", "nrrd", "dicom")
 _BY_SUFFIX = ((".nii.gz", "nifti"), (".nii", "nifti"), (".mha", "metaimage"), (".mhd", "metaimage"),
               (".nrrd", "nrrd"), (".nhdr", "nrrd"))
+#: Endings the reader knows but no writer makes (a NIfTI/Analyze .hdr/.img pair).
+_READ_ONLY_SUFFIXES = (".img", ".hdr", ".img.gz", ".hdr.gz")
 
 
 def _format_of(path: Path, fmt: Optional[str]) -> str:
@@ -46,29 +49,70 @@ def _format_of(path: Path, fmt: Optional[str]) -> str:
     for suffix, f in _BY_SUFFIX:
         if name.endswith(suffix):
             return f
+    if name.endswith(_READ_ONLY_SUFFIXES):
+        # Without this, "scan.img" would silently become a DICOM series folder of that name.
+        raise InvalidInputError(f"medfuse reads Analyze/NIfTI pairs ({path.suffix}) but does not write them",
+                                fix="name the output .nii.gz or .nii (or give no suffix for a DICOM series)",
+                                path=path)
     return "dicom"
 
 
-def _storable(arr: np.ndarray) -> np.ndarray:
-    """Dtypes every format and reader handles: bool -> uint8, 64-bit ints narrowed when lossless."""
+#: Integers above this magnitude are not exact in float64 (2**53).
+_EXACT_FLOAT64_INT = 2 ** 53
+
+
+def _storable(arr: np.ndarray, fmt: str = "nifti", path: Optional[Path] = None) -> np.ndarray:
+    """Dtypes every format and reader handles, converted without losing a value, or refused.
+
+    bool -> uint8; float16 -> float32; long double (float128) -> float64; 64-bit integers -> int16/int32
+    when their range fits, else float64 when every value is exact there (|v| <= 2**53), else refused.
+    Complex data is kept for NIfTI and NRRD and refused for MetaImage and DICOM (which would store two
+    components medfuse cannot read back, or drop the imaginary part).
+
+    Raises:
+        InvalidInputError: the values cannot be stored exactly in the format.
+    """
     if arr.dtype == bool:
         return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        if fmt in ("metaimage", "dicom") or arr.dtype.itemsize > 16:
+            raise InvalidInputError(f"{arr.dtype} voxels cannot be stored in {fmt} in a form medfuse reads back "
+                                    "(DICOM pixels are real; MetaImage keeps two components)",
+                                    fix="save np.abs(...) or .real of the array, or write .nii.gz/.nrrd (complex64/"
+                                        "complex128 are kept there)", path=path)
+        return arr
     if arr.dtype in (np.int64, np.uint64):
+        if arr.size == 0:
+            return arr.astype(np.int16)
         lo, hi = (int(arr.min()), int(arr.max()))
         for t in (np.int16, np.int32):
             if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
                 return arr.astype(t)
-        return arr.astype(np.float64)
+        if -_EXACT_FLOAT64_INT <= lo and hi <= _EXACT_FLOAT64_INT:
+            return arr.astype(np.float64)
+        raise InvalidInputError(f"{arr.dtype} voxels up to {max(abs(lo), abs(hi)):.3g} cannot be stored exactly "
+                                "(medfuse writes 64-bit integers as int32 or, beyond that, float64, exact only up to "
+                                "2**53)", fix="rescale the values, or convert the array to float64 yourself if the "
+                                              "rounding is acceptable", path=path)
     if arr.dtype == np.float16:
         return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.floating) and arr.dtype.itemsize > 8:
+        return arr.astype(np.float64)
     return arr
+
+
+def _written(tmp: Path, path: Path) -> None:
+    """A writer that did not understand the name may leave the temporary file empty: never install that."""
+    if tmp.stat().st_size == 0:
+        raise InvalidInputError("the image writer produced an empty file (nothing was written)",
+                                fix="use a lower-case .nii.gz, .nii, .mha, .mhd, .nrrd or .nhdr name", path=path)
 
 
 def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: bool) -> Path:
     import nibabel as nib
 
     code = nifti_space_code(volume)  # before any work: a bad recorded space is refused early
-    arr = _storable(volume.array)
+    arr = _storable(volume.array, "nifti", path)
     cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     img = cls(arr, volume.affine_ras)
     # Why the recorded code: FSL, ANTs and Slicer treat template (MNI/aligned) and scanner spaces differently.
@@ -79,34 +123,67 @@ def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: 
     img.header["descrip"] = format_tag(volume.modality, volume.unit).encode("ascii")[:79]
     with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
         nib.save(img, str(tmp))
+        _written(tmp, path)
     return path
 
 
-def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs) -> Path:
+def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) -> Path:
     import SimpleITK as sitk
 
-    img = volume.with_array(_storable(volume.array)).to_sitk()
+    img = volume.with_array(_storable(volume.array, fmt, path)).to_sitk()
     img.SetMetaData("medfuse_modality", volume.modality)
     img.SetMetaData("medfuse_unit", volume.unit)
     name = path.name.lower()
     if name.endswith((".mha", ".nrrd")):
         with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
             sitk.WriteImage(img, str(tmp), True)
+            _written(tmp, path)
         return path
-    # Header + data file pair (.mhd/.raw, .nhdr/.raw.gz): write both in a temp folder beside the
-    # target, then move the data file(s) first and the header last.
-    check_output(path, overwrite=overwrite, inputs=inputs)
-    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".medfuse-tmp-"))
+    # Header + data file pair (.mhd/.raw, .nhdr/.raw): write both in a temp folder beside the target
+    # (the header under a lower-case suffix, which ITK needs), then move the data file(s) first and the
+    # header last. Files they replace (with overwrite) are kept aside until the end and put back on failure,
+    # so the old header never ends up beside a new data file.
+    check_output(path, overwrite=overwrite, inputs=inputs, kind="file")
+    low_suffix = _temp_suffix(path.name)
+    header = path.name[: len(path.name) - len(low_suffix)] + low_suffix
     try:
-        sitk.WriteImage(img, str(tmpdir / path.name), False)
-        others = [f for f in tmpdir.iterdir() if f.name != path.name]
+        tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".medfuse-tmp-"))
+    except OSError as e:
+        raise (_typed_os_error(e, path) or e) from e
+    placed = []  # (target, where the file it replaced is kept aside, or None)
+    try:
+        sitk.WriteImage(img, str(tmpdir / header), False)
+        others = sorted(f for f in tmpdir.iterdir() if f.name != header)
+        own = _detached_data_file(path) if path.is_file() else None  # the data file of the header replaced
         for f in others:
-            dst = path.parent / f.name
-            if dst.exists() and not overwrite:
-                raise OutputExistsError("the output's data file exists", fix="pass overwrite=True", path=dst)
-        for f in others:
-            os.replace(f, path.parent / f.name)
-        os.replace(tmpdir / path.name, path)
+            # The data file is an output too: never an input (another .mhd's data file), never a folder.
+            dst = check_output(path.parent / f.name, overwrite=overwrite, inputs=inputs, kind="file")
+            if os.path.lexists(dst) and not (own is not None and same_file(dst, own)):
+                # e.g. a.nhdr written over a.raw, the data of an existing a.mhd: overwrite names a.nhdr, not a.mhd
+                raise OutputExistsError("the output's data file exists and belongs to another image (its header "
+                                        "is not the one being replaced)",
+                                        fix="choose another output name, or delete that file first", path=dst)
+        aside = tmpdir / ".replaced"
+        aside.mkdir()
+        for i, (src, dst) in enumerate([(f, path.parent / f.name) for f in others] + [(tmpdir / header, path)]):
+            kept = None
+            if os.path.lexists(dst):
+                _public_mode(src, replacing=dst)  # a private (chmod 600) output stays private
+                kept = aside / str(i)
+                os.replace(dst, kept)
+            placed.append((dst, kept))
+            os.replace(src, dst)
+        placed = []  # done: what was replaced goes with the temp folder
+    except BaseException as e:
+        for dst, kept in reversed(placed):  # put every replaced file back
+            if kept is not None:
+                os.replace(kept, dst)
+            elif os.path.lexists(dst):
+                os.unlink(dst)
+        typed = _typed_os_error(e, path)
+        if typed is None:
+            raise
+        raise typed from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
@@ -140,6 +217,9 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     if fmt == "dicom":
         from .dicom_writer import write_dicom_series
 
+        if np.iscomplexobj(volume.array):
+            _storable(volume.array, "dicom", p)  # refused: DICOM pixels are real
+
         return write_dicom_series(volume, p, overwrite=overwrite, deidentify=deidentify,
                                   series_description=series_description, template=template)
     if fmt in ("nifti", "nifti2"):
@@ -149,4 +229,4 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     want = (".mha", ".mhd") if fmt == "metaimage" else (".nrrd", ".nhdr")
     if not p.name.lower().endswith(want):
         raise InvalidInputError(f"a {fmt} output needs a {' or '.join(want)} name", fix="rename the output", path=p)
-    return _save_itk(volume, p, overwrite=overwrite, inputs=inputs)
+    return _save_itk(volume, p, overwrite=overwrite, inputs=inputs, fmt=fmt)

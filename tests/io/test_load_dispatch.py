@@ -75,3 +75,22 @@ def test_load_volumes_and_scan_dispatch(shared):
 def test_missing_path(tmp_path):
     with pytest.raises(UnreadableFileError, match="no such"):
         medfuse.load(tmp_path / "nope")
+
+
+def test_relative_source_is_recorded_absolute(tmp_path, monkeypatch):
+    """``save`` refuses to write onto a volume's source; a relative source named another file after a chdir,
+    and the input was overwritten."""
+    from medfuse.errors import OutputExistsError
+
+    (tmp_path / "a").mkdir()
+    src = medfuse.save(medfuse.Volume(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4)),
+                       tmp_path / "a" / "in.nii.gz")
+    monkeypatch.chdir(tmp_path / "a")
+    vol = medfuse.load("in.nii.gz")
+    [vol4] = medfuse.load_volumes("in.nii.gz")
+    assert vol.provenance["source"] == str(src) == vol4.provenance["source"]
+    monkeypatch.chdir(tmp_path)
+    mtime = src.stat().st_mtime_ns
+    with pytest.raises(OutputExistsError, match="source"):
+        medfuse.save(vol.with_array(vol.array + 1), src, overwrite=True)
+    assert src.stat().st_mtime_ns == mtime and np.array_equal(medfuse.load(src).array, vol.array)

@@ -297,3 +297,212 @@ def test_nifti_codes_follow_the_recorded_space(tmp_path, pet):
     with pytest.raises(InvalidInputError, match="nifti_space") as e:
         save(v, tmp_path / "bad.nii.gz")
     assert "mni" in e.value.fix and not (tmp_path / "bad.nii.gz").exists()
+
+
+# ----------------------------------------------------------------------------- inputs never touched, outputs kept
+def _leftovers(folder):
+    return [p.name for p in folder.rglob(".medfuse-*")]
+
+
+def test_hard_link_to_the_source_is_refused(tmp_path, ct):
+    """Another spelling of the source (a hard link here; ``A.NII.GZ`` on a case-insensitive disk) is the source."""
+    src = save(ct, tmp_path / "in.nii.gz")
+    v = load_image(src)
+    before = _sha(src)
+    link = tmp_path / "link.nii.gz"
+    os.link(src, link)
+    with pytest.raises(OutputExistsError, match="source"):
+        save(v.with_array(v.array + 1), link, overwrite=True)
+    assert _sha(src) == before and os.path.samefile(src, link)
+
+
+def test_mhd_input_data_file_is_never_written_over(tmp_path, ct):
+    header = save(ct, tmp_path / "m.mhd")
+    v = load_image(header)
+    raw_sha = _sha(tmp_path / "m.raw")
+    # a DICOM series folder named like the input's data file
+    with pytest.raises(OutputExistsError, match="source"):
+        save(v, tmp_path / "m.raw", overwrite=True)
+    # a header whose data file is the input's (the input header was renamed, so its .raw has another stem)
+    os.replace(header, tmp_path / "renamed.mhd")
+    v2 = load_image(tmp_path / "renamed.mhd")
+    with pytest.raises(OutputExistsError, match="source"):
+        save(v2.with_array(v2.array * 0), tmp_path / "m.mhd", overwrite=True)
+    assert _sha(tmp_path / "m.raw") == raw_sha
+    assert sorted(os.listdir(tmp_path)) == ["m.raw", "renamed.mhd"]
+
+
+@pytest.mark.parametrize("name", ["U.MHA", "u.Nii.Gz", "U.MHD", "U.NHDR", "U.NRRD", "U.NII"])
+def test_upper_case_suffix_writes_the_real_image(tmp_path, ct, name):
+    """ITK and nibabel pick the format from the (lower-case) name: the temp name is lower case, the final keeps
+    the user's case. Before, ``U.MHA`` was installed as an empty file beside stray ``.mhd``/``.zraw`` temps."""
+    out = save(ct, tmp_path / name)
+    assert out.name == name and out.stat().st_size > 0 and _leftovers(tmp_path) == []
+    low = tmp_path / "low"
+    low.mkdir()
+    for f in tmp_path.iterdir():  # medfuse's reader (SimpleITK) needs a lower-case ending too; data file names stay
+        if f.is_file():
+            (low / (f.name.lower() if f == out else f.name)).write_bytes(f.read_bytes())
+    assert np.array_equal(load_image(low / name.lower()).array, ct.array)
+
+
+def test_a_folder_in_the_way_of_a_file_is_kept(tmp_path, ct):
+    folder = tmp_path / "f.nii.gz"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("user data")
+    for name in ("f.nii.gz",):
+        with pytest.raises(OutputExistsError, match="folder is in the way"):
+            save(ct, tmp_path / name, overwrite=True)
+    assert (folder / "keep.txt").read_text() == "user data" and _leftovers(tmp_path) == []
+
+
+def test_dicom_overwrite_replaces_only_a_dicom_series(tmp_path, ct):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "thesis.docx").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="not a DICOM series"):
+        save(ct, docs, overwrite=True)
+    assert (docs / "thesis.docx").read_text() == "years of work" and (docs / "sub").is_dir()
+    notes = tmp_path / "notes"
+    notes.write_text("a file, not a series")
+    with pytest.raises(OutputExistsError, match="file is in the way"):
+        save(ct, notes, overwrite=True)
+    assert notes.read_text() == "a file, not a series" and _leftovers(tmp_path) == []
+    series = save(ct, tmp_path / "series")  # an earlier series is replaced
+    save(ct.with_array(ct.array + 1), series, overwrite=True)
+    assert len(os.listdir(series)) == ct.shape[2] and _leftovers(tmp_path) == []
+
+
+def test_dicom_overwrite_interrupted_at_the_swap_keeps_the_old_series(tmp_path, ct, monkeypatch):
+    series = save(ct, tmp_path / "series")
+    before = {f.name: _sha(f) for f in series.iterdir()}
+    real, calls = os.replace, {"n": 0}
+
+    def interrupted(a, b):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the old series is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(ct.with_array(ct.array + 1), series, overwrite=True)
+    monkeypatch.undo()
+    assert {f.name: _sha(f) for f in series.iterdir()} == before and _leftovers(tmp_path) == []
+
+
+def test_mhd_overwrite_failing_at_the_header_keeps_the_old_pair(tmp_path, ct, monkeypatch):
+    import errno
+
+    header = save(ct, tmp_path / "h.mhd")
+    before = {f.name: _sha(f) for f in tmp_path.iterdir()}
+    real, calls = os.replace, {"n": 0}
+
+    def disk_full_at_header(a, b):
+        calls["n"] += 1
+        if calls["n"] == 4:  # old .raw aside, new .raw placed, old header aside: the new header fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", disk_full_at_header)
+    with pytest.raises(OutputExistsError, match="disk is full") as e:
+        save(ct.with_array(ct.array + 1), header, overwrite=True)
+    monkeypatch.undo()
+    assert e.value.fix and {f.name: _sha(f) for f in tmp_path.iterdir()} == before
+    assert np.array_equal(load_image(header).array, ct.array)
+
+
+@pytest.mark.parametrize("name", ["x.nii.gz", "x.mha", "x.mhd", "series"])
+def test_permission_denied_is_a_typed_error(tmp_path, ct, monkeypatch, name):
+    """Root ignores folder permissions, so the refusal is simulated where the file system would give it."""
+    import errno
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    with pytest.raises(OutputExistsError, match="permission denied") as e:
+        save(ct, tmp_path / name)
+    assert e.value.fix and e.value.path == str(tmp_path / name) and os.listdir(tmp_path) == []
+
+
+def test_disk_full_is_typed_keeps_the_old_file_and_cleans_up(tmp_path, ct, monkeypatch):
+    import errno
+
+    import nibabel as nib
+
+    out = save(ct, tmp_path / "a.nii.gz")
+    before = _sha(out)
+
+    def full(img, filename, *a, **k):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full)
+    with pytest.raises(OutputExistsError, match="disk is full") as e:
+        save(ct.with_array(ct.array + 1), out, overwrite=True)
+    assert e.value.fix and _sha(out) == before and os.listdir(tmp_path) == ["a.nii.gz"]
+
+
+# ----------------------------------------------------------------------------- dtypes a format cannot hold
+def test_dtypes_are_converted_exactly_or_refused(tmp_path):
+    from medfuse.errors import InvalidInputError
+
+    aff = np.eye(4)
+    big = Volume(np.full((4, 4, 3), 2 ** 60 + 1, np.int64), aff)
+    for name in ("big.nii.gz", "big.mha", "big.nrrd"):
+        with pytest.raises(InvalidInputError, match="exactly"):  # was float64: 2**60 + 1 came back as 2**60
+            save(big, tmp_path / name)
+    fits = Volume(np.full((4, 4, 3), 2 ** 40, np.int64), aff)  # exact in float64
+    assert load_image(save(fits, tmp_path / "fits.nii.gz")).array.max() == 2 ** 40
+    cplx = Volume((np.arange(48).reshape(4, 4, 3) * (1 + 2j)).astype(np.complex64), aff)
+    for name in ("c.mha", "c.mhd", "c_dicom"):  # two components medfuse cannot read back / imaginary part dropped
+        with pytest.raises(InvalidInputError, match="complex64"):
+            save(cplx, tmp_path / name)
+    assert np.array_equal(load_image(save(cplx, tmp_path / "c.nii.gz")).array, cplx.array)
+    if hasattr(np, "float128") and np.dtype(np.longdouble).itemsize > 8:
+        ld = Volume(np.arange(48, dtype=np.longdouble).reshape(4, 4, 3), aff)
+        for name in ("ld.nii.gz", "ld.mha"):  # was a raw TypeError/HeaderDataError
+            back = load_image(save(ld, tmp_path / name))
+            assert back.array.dtype == np.float64 and np.array_equal(back.array, ld.array)
+    mask = Volume(np.arange(48).reshape(4, 4, 3) % 2 == 0, aff)
+    back = load_image(save(mask, tmp_path / "mask.nii.gz"))
+    assert back.array.dtype == np.uint8 and np.array_equal(back.array, mask.array)
+    assert _leftovers(tmp_path) == [] and not any(p.name.startswith(("big", "c.m", "c_")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["scan.img", "scan.hdr", "SCAN.IMG"])
+def test_analyze_names_are_refused_not_made_a_dicom_folder(tmp_path, ct, name):
+    from medfuse.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="does not write"):
+        save(ct, tmp_path / name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_never_takes_another_images_data_file(tmp_path, ct):
+    """``a.nhdr`` and ``a.mhd`` both keep their voxels in ``a.raw``: overwrite=True names a.nhdr, not a.mhd."""
+    save(ct, tmp_path / "a.mhd")
+    raw = _sha(tmp_path / "a.raw")
+    with pytest.raises(OutputExistsError, match="another image"):
+        save(ct.with_array(ct.array + 1), tmp_path / "a.nhdr", overwrite=True)
+    assert _sha(tmp_path / "a.raw") == raw and sorted(os.listdir(tmp_path)) == ["a.mhd", "a.raw"]
+    save(ct.with_array(ct.array + 1), tmp_path / "a.mhd", overwrite=True)  # its own pair is replaced
+    assert np.array_equal(load_image(tmp_path / "a.mhd").array, ct.array + 1)
+
+
+@pytest.mark.parametrize("name", ["a.nii.gz", "a.mhd", "series"])
+def test_overwrite_keeps_a_private_outputs_permissions(tmp_path, ct, name):
+    """An output made private (it holds patient data) must not become world-readable when it is replaced."""
+    import stat
+
+    out = save(ct, tmp_path / name)
+    files = [out] + ([tmp_path / "a.raw"] if name == "a.mhd" else [])
+    for f in files:
+        os.chmod(f, 0o700 if f.is_dir() else 0o600)
+    save(ct.with_array(ct.array + 1), out, overwrite=True)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == (0o700 if f.is_dir() else 0o600), f
