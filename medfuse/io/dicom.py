@@ -762,7 +762,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov: Dict[str, Any] = {}
         vnotes = list(notes)
         arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov)
-        prov.update(series_uid=uid, source=os.fspath(path), reader="medfuse.dicom",
+        prov.update(series_uid=uid, source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),
                     warnings=vnotes)

@@ -83,12 +83,38 @@ def _native(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _nib_load(p: Path):
+    """nibabel's image for a NIfTI file, whatever the case of its ending.
+
+    nibabel rebuilds the file name from a lower-cased ending ("b.Nii.Gz" -> "b.nii.Gz", which does not exist), so
+    a single-file NIfTI whose ending is not in lower case is read from its bytes instead.
+    """
+    import gzip
+
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    name = p.name
+    ending = ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii" if name.lower().endswith(".nii") else None
+    if ending is None or name.endswith(ending):
+        return nib.load(str(p))
+    with (gzip.open if ending == ".nii.gz" else open)(p, "rb") as fh:
+        data = fh.read()
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            return cls.from_bytes(data)
+        except (HeaderDataError, ImageFileError, ValueError):
+            continue
+    raise ImageFileError("neither a NIfTI-1 nor a NIfTI-2 header")
+
+
 def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str], Optional[str]]:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = nib.load(str(p))
+        img = _nib_load(p)
     except (ImageFileError, EOFError, OSError, ValueError) as e:
         kind = "empty" if p.stat().st_size == 0 else "not a valid NIfTI file (or truncated)"
         raise UnreadableFileError(f"the file is {kind} ({type(e).__name__})",
@@ -120,7 +146,9 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     if p.stat().st_size == 0:
         raise UnreadableFileError("the file is empty", fix="copy or export the file again", path=p)
     try:
-        img = sitk.ReadImage(str(p))
+        # The reader named by the lower-cased ending: ITK picks one by a case-sensitive ending, and "X.MHA" has none.
+        io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
+        img = sitk.ReadImage(str(p), imageIO=io)
     except RuntimeError:
         raise UnreadableFileError("the file cannot be read as MetaImage/NRRD (corrupt or truncated)",
                                   fix="copy or export the file again", path=p) from None
@@ -183,7 +211,7 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
         if not finite.all():
             warnings.warn(f"{p}: {int((~finite).sum())} voxel(s) are NaN or infinite; they were kept as they are",
                           MedfuseWarning, stacklevel=3)
-    prov = {"source": str(p), **facts}
+    prov = {"source": os.path.abspath(p), **facts}  # absolute: save() protects it after a chdir too
     if n > 1:
         prov.update(volume_index=index, n_volumes=n)
     try:

@@ -307,3 +307,34 @@ def test_metatensor_round_trip_keeps_the_space(shared):
     mt = t1.to_metatensor()
     assert mt.meta["nifti_space"] == "mni"
     assert Volume.from_metatensor(mt).provenance["nifti_space"] == "mni"
+
+
+
+@pytest.mark.parametrize("name", ["A.NII.GZ", "b.Nii.Gz", "c.NII", "D.MHA", "e.Mhd", "F.NRRD"])
+def test_endings_in_any_case_load_the_same_image(shared, tmp_path, name):
+    # medfuse writes these names (the suffix is matched case-blind) but read none of them back: ITK chose no
+    # reader for "D.MHA" and nibabel looked for "b.nii.Gz". (A .mhd's data file keeps the name its header gives.)
+    import SimpleITK as sitk
+
+    src = shared("data", "brats-gli-00001", "t1n.nii.gz")
+    ref = load_image(src)
+    low = tmp_path / ("x" + name[name.index("."):].lower())
+    sitk.WriteImage(sitk.ReadImage(str(src)), str(low))
+    low.rename(tmp_path / name)
+    v = load_image(tmp_path / name)
+    np.testing.assert_array_equal(v.array, ref.array)
+    np.testing.assert_allclose(v.affine, ref.affine, atol=1e-4)
+
+
+def test_readers_record_an_absolute_source(shared, tmp_path, monkeypatch):
+    # save() refuses to write over a volume's own source; a relative source stopped protecting it after a chdir.
+    import shutil
+
+    from medfuse.io.dicom import load_dicom
+
+    shutil.copy(shared("data", "brats-gli-00001", "t1n.nii.gz"), tmp_path / "t1.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    assert load_image("t1.nii.gz").provenance["source"] == str(tmp_path / "t1.nii.gz")
+    dcm = shared("data", "dicom", "qa-transfer-syntaxes", "In", "1.dcm")
+    shutil.copy(dcm, tmp_path / "one.dcm")
+    assert load_dicom("one.dcm").provenance["source"] == str(tmp_path / "one.dcm")
