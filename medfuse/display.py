@@ -19,7 +19,8 @@ from .volume import Volume, normalise_modality
 
 __all__ = [
     "CT_WINDOWS", "SUV_LIMITS", "DisplaySettings", "window_to_limits", "limits_to_window",
-    "percentile_limits", "display_settings", "checkerboard_mask", "curtain_mask",
+    "check_ct_window", "window_precision", "slider_range", "percentile_limits", "display_settings",
+    "checkerboard_mask", "curtain_mask",
 ]
 
 #: CT window presets, ``name -> (width, level)`` in HU.
@@ -78,6 +79,57 @@ def limits_to_window(low: float, high: float) -> Tuple[float, float]:
     return (float(high) - float(low), (float(high) + float(low)) / 2.0)
 
 
+def check_ct_window(modality: Optional[str], unit: Optional[str]) -> None:
+    """Raise unless a CT window preset (in HU) makes sense for an image of this modality and unit.
+
+    Allowed: any image in HU, and CT or unlabelled images whose unit is unknown (a CT NIfTI carries no unit).
+    Refused: PET/SPECT/MR and images in another physical unit (SUV, Bq/mL, counts), where an HU window such as
+    bone (-700..1300) would hide the whole image.
+    """
+    if unit == "HU":
+        return
+    try:
+        mod = normalise_modality(modality) if modality else "unknown"
+    except InvalidInputError:  # a label from another tool: judge by the unit alone
+        mod = "unknown"
+    if mod in ("CT", "unknown") and unit in (None, "", "arbitrary"):
+        return
+    raise InvalidInputError(f"CT window presets are in HU; this image is {mod} in {unit or 'unknown units'}",
+                            fix="set the width and level by hand, or pick a CT image as the base")
+
+
+def window_precision(width: float) -> Tuple[float, int]:
+    """``(step, decimals)`` for editing a window of this width: about 3 significant digits.
+
+    Example: a CT window (80 HU) gives ``(1.0, 1)``; an MR scaled 0..1 (width 0.7) gives ``(0.01, 3)``.
+    """
+    w = abs(float(width))
+    if not np.isfinite(w) or w == 0:
+        return (1.0, 1)
+    mag = int(np.floor(np.log10(w)))
+    return (float(10.0 ** (mag - 1)), max(0, 2 - mag))
+
+
+def slider_range(array: Any, limits: Tuple[float, float], *, max_samples: int = 2_000_000) -> Tuple[float, float]:
+    """The range a contrast slider should offer: the image's finite values and the current ``limits`` together.
+
+    Why: napari makes the slider range of a layer equal to the contrast limits it was opened with, so a CT opened
+    in the brain window (0..80 HU) could not be dragged to bone or lung. Larger arrays are subsampled with a fixed
+    stride (the extremes of a slider need not be exact).
+    """
+    if isinstance(array, Volume):
+        array = array.array
+    lo, hi = float(limits[0]), float(limits[1])
+    flat = np.asarray(array).ravel()
+    if flat.size > max_samples:
+        flat = flat[:: int(np.ceil(flat.size / max_samples))]
+    if np.issubdtype(flat.dtype, np.floating) or np.issubdtype(flat.dtype, np.complexfloating):
+        flat = flat[np.isfinite(flat)]
+    if flat.size and np.issubdtype(flat.dtype, np.number):
+        lo, hi = min(lo, float(flat.min())), max(hi, float(flat.max()))
+    return (lo, hi)
+
+
 def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignore_zeros: bool = True,
                       max_samples: int = 2_000_000) -> Tuple[float, float]:
     """Robust contrast limits from percentiles of the finite voxels.
@@ -89,7 +141,7 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
         max_samples: subsample larger arrays with a fixed stride (deterministic, fast on big volumes).
 
     Returns:
-        ``(low, high)`` with ``high > low`` (widened by 1 for a constant image).
+        ``(low, high)`` with ``high > low`` (widened by 1 for a constant image, by 1 ppm for one beyond 10^6).
     """
     if isinstance(array, Volume):
         array = array.array
@@ -107,8 +159,8 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
     if flat.size == 0:
         raise InvalidInputError("the image has no finite voxels", fix="check the data (all NaN/inf?)")
     lo, hi = (float(v) for v in np.percentile(flat.astype(np.float64), [low, high]))
-    if hi <= lo:
-        hi = lo + 1.0
+    if hi <= lo:  # constant image: widen by 1, or by a relative step where 1 is below float resolution (1e20)
+        hi = lo + max(1.0, abs(lo) * 1e-6)
     return (lo, hi)
 
 

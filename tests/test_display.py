@@ -77,3 +77,38 @@ def test_curtain_mask_splits_at_position():
     assert mask[..., :3].all() and not mask[..., 3:].any()
     with pytest.raises(Exception, match="curtain"):
         curtain_mask((4, 4), position=1.5)
+
+
+@pytest.mark.parametrize("modality,unit", [("CT", "HU"), ("CT", "arbitrary"), ("unknown", "arbitrary"), (None, None),
+                                           ("MR", "HU")])
+def test_ct_window_allowed(modality, unit):
+    display.check_ct_window(modality, unit)
+
+
+@pytest.mark.parametrize("modality,unit", [("PT", "SUVbw"), ("PT", "Bq/mL"), ("NM", "counts"), ("MR", "arbitrary"),
+                                           ("unknown", "SUVbw"), (None, "counts")])
+def test_ct_window_refused_outside_hu(modality, unit):
+    with pytest.raises(InvalidInputError, match="HU"):
+        display.check_ct_window(modality, unit)
+
+
+@pytest.mark.parametrize("width,step,decimals", [(80, 1.0, 1), (1500, 100.0, 0), (0.73, 0.01, 3), (50000, 1000.0, 0),
+                                                 (0.0, 1.0, 1), (float("nan"), 1.0, 1)])
+def test_window_precision_keeps_three_digits(width, step, decimals):
+    assert display.window_precision(width) == (pytest.approx(step), decimals)
+    if np.isfinite(width) and width > 0:
+        assert round(width, decimals) == pytest.approx(width, rel=0.01)  # the box shows the window it sets
+
+
+def test_slider_range_covers_data_and_window():
+    a = np.array([[-1000.0, 40.0], [np.nan, 2500.0]])
+    assert display.slider_range(a, (0, 80)) == (-1000.0, 2500.0)
+    assert display.slider_range(np.full((2, 2), 7, np.int16), (0, 80)) == (0.0, 80.0)  # the window stays inside
+    assert display.slider_range(np.full((2, 2), np.nan), (0, 6)) == (0.0, 6.0)
+
+
+@pytest.mark.parametrize("value", [7.0, 0.0, -3.0, 1e20, -1e20, 3e38])
+def test_percentile_limits_of_constant_images_increase(value):
+    # napari refuses contrast limits with high == low; 1e20 + 1 == 1e20 in floating point.
+    lo, hi = display.percentile_limits(np.full((3, 3, 3), value))
+    assert lo == value and hi > lo and np.isfinite(hi)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
@@ -58,6 +58,31 @@ def voxel_value(layer: Any, world_position: Any) -> Optional[float]:
     return float(np.asarray(data[tuple(idx)]))
 
 
+def widen_contrast_range(layer: Any) -> None:
+    """Let napari's contrast slider of a medfuse layer cover the whole image, not just the window it opened with.
+
+    Why: napari sets a layer's slider range to the contrast limits passed when it is added (a CT opened in the
+    brain window could only be dragged within 0..80 HU). Layers from other plugins are left alone.
+    """
+    from medfuse.display import slider_range
+    from napari.layers import Image
+
+    if not isinstance(layer, Image) or layer.rgb or not meta(layer):
+        return
+    data = layer.data[0] if layer.multiscale else layer.data
+    if not isinstance(data, np.ndarray):  # dask/zarr: reading it all for a slider is not worth it
+        return
+    lo, hi = slider_range(data, layer.contrast_limits)
+    r_lo, r_hi = layer.contrast_limits_range
+    wanted = (min(lo, r_lo), max(hi, r_hi))
+    if wanted[1] > wanted[0] and list(wanted) != list(layer.contrast_limits_range):
+        layer.contrast_limits_range = wanted
+
+
+def _widen_inserted(event: Any) -> None:
+    widen_contrast_range(event.value)
+
+
 class OverlayPanel(QWidget):
     """Display controls; every control acts on napari layer properties only (no voxel changes)."""
 
@@ -76,11 +101,13 @@ class OverlayPanel(QWidget):
         # Window / level (base layer, CT presets in HU).
         self.window_preset = QComboBox()
         self.window_preset.addItems(["custom", *WINDOW_LABELS.values()])
-        self.ww, self.wl = _spin(1, 10000, 80), _spin(-5000, 5000, 40)
+        # Wide ranges, precision following the base image (see _limits_changed): an MR scaled 0..1 or a PET in
+        # Bq/mL (levels of 10^4) must not be clamped or rounded by the boxes.
+        self.ww, self.wl = _spin(1e-9, 1e12, 80), _spin(-1e12, 1e12, 40)
         self.wwwl_readout = QLabel("")
         # PET SUV range and threshold (overlay layer).
-        self.suv_max = _spin(0.1, 1e6, 6.0, 0.5, 2)
-        self.suv_threshold = _spin(0.0, 1e6, 0.0, 0.5, 2)
+        self.suv_max = _spin(1e-9, 1e12, 6.0, 0.5, 2)
+        self.suv_threshold = _spin(0.0, 1e12, 0.0, 0.5, 2)
         # Compare modes.
         self.compare = QComboBox()
         self.compare.addItems(COMPARE)
@@ -133,8 +160,9 @@ class OverlayPanel(QWidget):
         lay.addWidget(self.cursor_value)
         lay.addStretch(1)
 
-        self._hidden: Dict[str, bool] = {}
-        self._renderings: Dict[str, str] = {}
+        # Saved by layer identity, not name: a layer renamed meanwhile must still get its state back.
+        self._hidden: Dict[int, Tuple[Any, bool]] = {}
+        self._renderings: Dict[int, Tuple[Any, str]] = {}
         self._resampled_cache: Dict[Any, np.ndarray] = {}
         self._watched = []
         self.base.currentTextChanged.connect(self._pair_changed)
@@ -157,6 +185,10 @@ class OverlayPanel(QWidget):
         self.grid.toggled.connect(lambda on: setattr(self.viewer.grid, "enabled", bool(on)))
         self.mip.toggled.connect(self.set_mip)
         self.viewer.cursor.events.position.connect(self._cursor_moved)
+        # A plain function, not a method: it holds nothing of the panel, so closing the widget leaves no dead slot.
+        self.viewer.layers.events.inserted.connect(_widen_inserted)
+        for layer in self.viewer.layers:
+            widen_contrast_range(layer)
         self._pair_changed()
 
     # -------------------------------------------------------------------- pair
@@ -189,27 +221,33 @@ class OverlayPanel(QWidget):
             self.blending.blockSignals(True)
             self.blending.setCurrentText(str(ov.blending))
             self.blending.blockSignals(False)
-            lo, hi = ov.contrast_limits
-            self._quiet(self.suv_threshold, max(0.0, lo))
-            self._quiet(self.suv_max, hi)
         for layer in (base, ov):
             if layer is not None:
                 layer.events.contrast_limits.connect(self._limits_changed)
                 self._watched.append(layer)
         self._limits_changed()
 
-    @staticmethod
-    def _quiet(spin: QDoubleSpinBox, value: float) -> None:
-        spin.blockSignals(True)
-        spin.setValue(float(value))
-        spin.blockSignals(False)
-
     # -------------------------------------------------------------------- window / level
     def set_window(self, name: str) -> None:
-        """Apply a CT window preset (``brain``, ``soft_tissue``, ``lung``, ``bone``, ``subdural``) to the base."""
-        from medfuse.display import CT_WINDOWS
+        """Apply a CT window preset (``brain``, ``soft_tissue``, ``lung``, ``bone``, ``subdural``) to the base.
+
+        Refused (a notification) when the base is not a CT in HU, e.g. a PET left as the only layer.
+        """
+        from medfuse.display import CT_WINDOWS, check_ct_window
+        from medfuse.errors import MedfuseError
+        from napari.utils.notifications import show_error
 
         width, level = CT_WINDOWS[name]
+        base = self.base.layer()
+        if base is None:
+            return
+        md = meta(base)
+        try:
+            check_ct_window(md.get("modality"), md.get("unit"))
+        except MedfuseError as exc:
+            show_error(f"{base.name}: {exc.one_line()}")
+            self._limits_changed()  # the preset box goes back to what the base shows
+            return
         self.set_window_level(width, level)
 
     def set_window_level(self, width: float, level: float) -> None:
@@ -228,22 +266,56 @@ class OverlayPanel(QWidget):
         self.set_window_level(self.ww.value(), self.wl.value())
 
     def _limits_changed(self, *_: Any) -> None:
-        from medfuse.display import CT_WINDOWS, limits_to_window
+        """Keep the W/L boxes (base) and the range boxes (overlay) on the layers' limits, however they changed.
+
+        Why: napari's own contrast slider changes them too, and a box left stale would put its old value back
+        the next time the other box of its pair is edited.
+        """
+        self._sync_window()
+        self._sync_range()
+
+    def _sync_range(self) -> None:
+        from medfuse.display import window_precision
+
+        ov = self.overlay.layer()
+        if ov is None:
+            return
+        lo, hi = (float(v) for v in ov.contrast_limits)
+        step, decimals = window_precision(hi - lo)
+        for spin, value in ((self.suv_threshold, max(0.0, lo)), (self.suv_max, hi)):
+            spin.blockSignals(True)
+            spin.setDecimals(decimals)
+            spin.setSingleStep(step)
+            if spin is self.suv_max:
+                spin.setMinimum(10.0 ** -decimals)
+            spin.setValue(value)
+            spin.blockSignals(False)
+
+    def _sync_window(self) -> None:
+        from medfuse.display import CT_WINDOWS, limits_to_window, window_precision
 
         base = self.base.layer()
         if base is None:
             self.wwwl_readout.setText("")
             return
         width, level = limits_to_window(*base.contrast_limits)
-        self._quiet(self.ww, width)
-        self._quiet(self.wl, level)
+        step, decimals = window_precision(width)
+        for spin, value in ((self.ww, width), (self.wl, level)):
+            spin.blockSignals(True)
+            spin.setDecimals(decimals)
+            spin.setSingleStep(step)
+            if spin is self.ww:
+                spin.setMinimum(10.0 ** -decimals)
+            spin.setValue(float(value))
+            spin.blockSignals(False)
         name = next((WINDOW_LABELS[k] for k, (w, l) in CT_WINDOWS.items()
                      if abs(w - width) < 0.5 and abs(l - level) < 0.5), "custom")
         self.window_preset.blockSignals(True)
         self.window_preset.setCurrentText(name)
         self.window_preset.blockSignals(False)
         unit = unit_label(meta(base).get("unit"))
-        self.wwwl_readout.setText(f"WW {width:.0f} / WL {level:.0f} {unit}".strip())
+        shown = max(0, decimals - 1)
+        self.wwwl_readout.setText(f"WW {width:.{shown}f} / WL {level:.{shown}f} {unit}".strip())
 
     # -------------------------------------------------------------------- SUV
     def set_suv_range(self, maximum: float, threshold: float = 0.0) -> None:
@@ -302,7 +374,7 @@ class OverlayPanel(QWidget):
         mask = self._mask(base, mode)
         b_data = np.where(mask, layer_array(base), base.contrast_limits[0])
         o_data = np.where(mask, ov.contrast_limits[0], ov_data)
-        self._hidden = {l.name: l.visible for l in self.viewer.layers}
+        self._hidden = {id(l): (l, l.visible) for l in self.viewer.layers}
         for l in self.viewer.layers:
             l.visible = False
         geo = layer_geometry(base)
@@ -321,9 +393,9 @@ class OverlayPanel(QWidget):
     def _clear_compare(self) -> None:
         for l in [l for l in self.viewer.layers if _is_compare(l)]:
             self.viewer.layers.remove(l)
-        for name, visible in self._hidden.items():
-            if name in self.viewer.layers:
-                self.viewer.layers[name].visible = visible
+        for layer, visible in self._hidden.values():
+            if any(layer is l for l in self.viewer.layers):
+                layer.visible = visible
         self._hidden = {}
 
     def set_flicker(self, on: bool) -> None:
@@ -366,14 +438,14 @@ class OverlayPanel(QWidget):
         if on:
             for l in self.viewer.layers:
                 if isinstance(l, Image):
-                    self._renderings[l.name] = l.rendering
+                    self._renderings.setdefault(id(l), (l, l.rendering))  # a second "on" keeps the first
                     l.rendering = "mip"
             self.viewer.dims.ndisplay = 3
         else:
             self.viewer.dims.ndisplay = 2
-            for name, rendering in self._renderings.items():
-                if name in self.viewer.layers:
-                    self.viewer.layers[name].rendering = rendering
+            for layer, rendering in self._renderings.values():
+                if any(layer is l for l in self.viewer.layers):
+                    layer.rendering = rendering
             self._renderings = {}
 
     # -------------------------------------------------------------------- cursor

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Tuple
 
-from ._layers import FUNCTIONAL, volume_to_layer
+import numpy as np
+
+from ._layers import FUNCTIONAL, display_grid, volume_to_layer
 
 _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
-_PEEK_FILES = 20  # files inspected to decide whether a folder is DICOM
+_PEEK_FILES = 20  # files inspected per folder to decide whether a folder is DICOM
+_PEEK_DEPTH = 2  # sub-folder levels looked into (study/series/files)
+_PEEK_DIRS = 20  # folders looked into at most
 
 
 def napari_get_reader(path):
@@ -25,26 +30,40 @@ def napari_get_reader(path):
 
 
 def _looks_like_dicom_folder(folder: Path) -> bool:
-    """True when one of the first files is DICOM (``DICM`` at byte 128, or a ``.dcm`` name).
+    """True when a file near the top is DICOM (``DICM`` at byte 128, or a ``.dcm`` name).
 
-    Why: accepting every folder would steal zarr stores and image stacks from other readers.
+    Looks at the first files of the folder, then of its first sub-folders, down to ``_PEEK_DEPTH`` levels: a
+    study exported from a PACS nests its series (``study/series/IM0001``), and medfuse reads folders recursively.
+    Why not accept every folder: that would steal zarr stores and image stacks from other readers.
     """
-    if folder.name.lower().endswith((".zarr", ".n5")):
-        return False
-    try:
-        files = [f for f in sorted(folder.iterdir())[: 4 * _PEEK_FILES] if f.is_file()][:_PEEK_FILES]
-    except OSError:
-        return False
-    for f in files:
-        if f.name.lower().endswith(".dcm"):
-            return True
+    todo = [(folder, 0)]
+    visited = 0
+    while todo and visited < _PEEK_DIRS:
+        current, depth = todo.pop(0)
+        visited += 1
+        if current.name.lower().endswith((".zarr", ".n5")):
+            continue
         try:
-            with open(f, "rb") as fh:
-                head = fh.read(132)
+            entries = sorted(current.iterdir())[: 4 * _PEEK_FILES]
         except OSError:
             continue
-        if head[128:132] == b"DICM":
-            return True
+        try:
+            files = [f for f in entries if f.is_file()][:_PEEK_FILES]
+            subdirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+        except OSError:
+            continue
+        for f in files:
+            if f.name.lower().endswith(".dcm"):
+                return True
+            try:
+                with open(f, "rb") as fh:
+                    head = fh.read(132)
+            except OSError:
+                continue
+            if head[128:132] == b"DICM":
+                return True
+        if depth < _PEEK_DEPTH:
+            todo.extend((d, depth + 1) for d in subdirs)
     return False
 
 
@@ -64,16 +83,74 @@ def layer_name(path) -> str:
 
 
 def _read(path):
-    import medfuse
     from medfuse.errors import MedfuseError
-    from napari.utils.notifications import show_error
+    from napari.utils.notifications import show_error, show_warning
 
     if isinstance(path, (list, tuple)):
         path = path[0]
     try:
-        volume = medfuse.load(path)
-        layer = volume_to_layer(volume, name=layer_name(path), overlay=volume.modality in FUNCTIONAL)
+        layers, problems = _layers_for(path)
     except MedfuseError as exc:  # a notification, never a traceback dialog
         show_error(exc.one_line())
         return [(None,)]  # napari's sentinel for "read, nothing to add"
-    return [layer]
+    for problem in problems:  # a series that could not be read, beside others that could
+        show_warning(problem)
+    return layers
+
+
+def _layers_for(path) -> Tuple[List[tuple], List[str]]:
+    """Layer data for every series under ``path`` (each 4-D series as one layer), and the series' problems.
+
+    Why not ``medfuse.load``: in napari a 4-D series or a study folder of several series is opened whole
+    (the API asks the caller to choose with ``volume_index`` or ``series_uid``, which napari cannot pass).
+    """
+    import medfuse
+    from medfuse.errors import MedfuseError, MultipleSeriesError
+
+    name = layer_name(path)
+    try:
+        return _series_layers(medfuse.load_volumes(path), name), []
+    except MultipleSeriesError:
+        if not Path(str(path)).is_dir():
+            raise
+    layers: List[tuple] = []
+    problems: List[str] = []
+    series = medfuse.scan(path)
+    for s in series:
+        label = " ".join(part for part in (name, s.modality, s.description) if part)
+        try:
+            # A series alone in its sub-folder (study/series/files) is read from there: one header pass, not all.
+            layers.extend(_series_layers(medfuse.load_volumes(s.folder or path, series_uid=s.series_uid), label))
+        except MedfuseError as exc:
+            problems.append(f"{label}: {exc.one_line()}")
+    if not layers:
+        from medfuse.errors import UnsupportedDataError
+
+        raise UnsupportedDataError(f"none of the {len(series)} series could be read ({'; '.join(problems)})",
+                                   fix="re-export the study, or open one series folder at a time", path=path)
+    return layers, problems
+
+
+def _series_layers(volumes, name: str) -> List[tuple]:
+    """One layer for a 3-D series; one 4-D layer (volume, S, P, L) for a 4-D series on one grid.
+
+    A 4-D series whose volumes lie on different grids gives one 3-D layer per volume.
+    """
+    overlay = volumes[0].modality in FUNCTIONAL
+    first = volume_to_layer(volumes[0], name=name, overlay=overlay)
+    if len(volumes) == 1:
+        return [first]
+    # Display defaults from the first volume; the others only need their grid (no percentiles per volume).
+    grids = [display_grid(v) for v in volumes[1:]]
+    same_grid = all(a.shape == first[0].shape and np.allclose(scale, first[1]["scale"])
+                    and np.allclose(translate, first[1]["translate"]) for a, scale, translate, _ in grids)
+    if not same_grid:
+        width = len(str(len(volumes)))
+        return [volume_to_layer(v, name=f"{name} [{n:0{width}d}]", overlay=overlay) for n, v in enumerate(volumes)]
+    kwargs = dict(first[1])
+    kwargs["scale"] = (1.0, *kwargs["scale"])
+    kwargs["translate"] = (0.0, *kwargs["translate"])
+    md = dict(kwargs["metadata"]["medfuse"])
+    md["n_volumes"] = len(volumes)
+    kwargs["metadata"] = {"medfuse": md}
+    return [(np.stack([first[0], *(a for a, _, _, _ in grids)]), kwargs, "image")]

@@ -6,10 +6,20 @@ from ._layers import FUNCTIONAL, volume_to_layer
 
 
 def load_phantom():
-    """Return the medfuse phantom volumes as napari layer data tuples."""
-    from medfuse.phantom import load_samples
+    """Return the medfuse phantom volumes as napari layer data tuples.
 
-    layers = []
-    for name, volume in load_samples().items():
-        layers.append(volume_to_layer(volume, name=name, overlay=volume.modality in FUNCTIONAL))
-    return layers
+    A broken sample folder (``$MEDFUSE_SAMPLES`` pointing at the wrong place, a partial copy) is a warning and
+    the phantom is built in memory instead: File > Open Sample always opens the sample, never a traceback.
+    """
+    from medfuse.errors import MedfuseError
+    from medfuse.phantom import load_samples, make_phantom
+
+    try:
+        volumes = load_samples()
+    except MedfuseError as exc:
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"{exc.one_line()} The phantom was built in memory instead.")
+        volumes = make_phantom().volumes
+    return [volume_to_layer(volume, name=name, overlay=volume.modality in FUNCTIONAL)
+            for name, volume in volumes.items()]

@@ -136,3 +136,205 @@ def test_layer_names_keep_dots_that_are_not_image_suffixes(tmp_path, samples_dir
              for p in (uid.name, "pet.ac.nii.gz", "pet.nac.nii.gz", "mr.T1.nii", "ct.mha")}
     assert names == {uid.name: uid.name, "pet.ac.nii.gz": "pet.ac", "pet.nac.nii.gz": "pet.nac",
                      "mr.T1.nii": "mr.T1", "ct.mha": "ct"}
+
+
+def _layer_voxel(data, kwargs, world_sp_l):
+    """Nearest display voxel of a reader layer (3-D, or the last three axes of a 4-D one) at a world position."""
+    from medfuse_napari._layers import layer_matrix
+
+    m = layer_matrix(kwargs["scale"][-3:], kwargs["translate"][-3:])
+    idx = np.linalg.solve(m, np.r_[world_sp_l, 1.0])[:3]
+    return tuple(int(i) for i in np.round(idx))
+
+
+def test_reader_opens_4d_nifti_as_one_layer_with_a_volume_slider(tmp_path):
+    import nibabel as nib
+
+    arr = np.random.default_rng(0).random((6, 5, 4, 3)).astype(np.float32)
+    path = tmp_path / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 3.0, 1.0])), str(path))
+    layers = napari_get_reader(str(path))(str(path))
+    assert len(layers) == 1
+    data, kwargs, kind = layers[0]
+    assert kind == "image" and data.shape == (3, 4, 5, 6) and len(kwargs["scale"]) == 4
+    assert kwargs["metadata"]["medfuse"]["n_volumes"] == 3
+    for t in range(3):
+        volume = medfuse.load_volumes(path)[t]
+        lps = volume.index_to_world([1, 2, 3])
+        idx = _layer_voxel(data, kwargs, (lps[2], lps[1], lps[0]))
+        assert data[(t, *idx)] == volume.array[1, 2, 3] == arr[1, 2, 3, t]
+
+
+def test_reader_opens_4d_dicom_series(shared):
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0005")
+    volumes = medfuse.load_volumes(folder)
+    layers = napari_get_reader(str(folder))(str(folder))
+    assert len(layers) == 1
+    data, kwargs, _ = layers[0]
+    assert data.shape[0] == len(volumes) == 10
+    for t in (0, 9):
+        lps = volumes[t].index_to_world([10, 20, 5])
+        assert data[(t, *_layer_voxel(data, kwargs, (lps[2], lps[1], lps[0])))] == volumes[t].array[10, 20, 5]
+
+
+def _study(tmp_path, samples_dir, *, nested):
+    import shutil
+
+    study = tmp_path / "study"
+    study.mkdir()
+    for series in ("ct", "pet"):
+        if nested:  # PACS export: study/series/files
+            shutil.copytree(samples_dir / series, study / series)
+        else:  # every file of both series in one folder
+            for f in (samples_dir / series).iterdir():
+                shutil.copy(f, study / f"{series}_{f.name}")
+    return study
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_reader_opens_every_series_of_a_study_folder(tmp_path, samples_dir, nested):
+    study = _study(tmp_path, samples_dir, nested=nested)
+    reader = napari_get_reader(str(study))
+    assert reader is not None
+    layers = reader(str(study))
+    by_modality = {k["metadata"]["medfuse"]["modality"]: (d, k) for d, k, _ in layers}
+    assert set(by_modality) == {"CT", "PT"} and len(layers) == 2
+    for folder, modality in (("ct", "CT"), ("pet", "PT")):
+        data, kwargs = by_modality[modality]
+        direct, expected, _ = napari_get_reader(str(samples_dir / folder))(str(samples_dir / folder))[0]
+        np.testing.assert_array_equal(data, direct)
+        for key in ("scale", "translate", "contrast_limits", "colormap", "blending"):
+            assert list(np.atleast_1d(kwargs[key])) == list(np.atleast_1d(expected[key]))
+        assert kwargs["name"].startswith("study " + modality)
+
+
+def test_reader_still_declines_nested_non_dicom_folders(tmp_path):
+    (tmp_path / "scans" / "a").mkdir(parents=True)
+    (tmp_path / "scans" / "a" / "slice.png").write_bytes(b"\x89PNG" + b"\0" * 200)
+    (tmp_path / "scans" / "store.zarr").mkdir()
+    (tmp_path / "scans" / "store.zarr" / "x.dcm").write_bytes(b"")
+    assert napari_get_reader(str(tmp_path / "scans")) is None
+
+
+def test_reader_big_endian_nifti(shared):
+    import nibabel as nib
+
+    path = shared("data", "spm12-templates", "SPECT.nii")
+    img = nib.load(str(path))
+    assert img.header.endianness == ">"
+    data, kwargs, _ = napari_get_reader(str(path))(str(path))[0]
+    assert data.dtype.isnative
+    volume = medfuse.load(path)
+    ijk = (45, 60, 40)
+    lps = volume.index_to_world(ijk)
+    assert data[_layer_voxel(data, kwargs, (lps[2], lps[1], lps[0]))] == np.asanyarray(img.dataobj)[ijk] != 0
+    lo, hi = kwargs["contrast_limits"]
+    assert 0 < lo < hi <= float(volume.array.max())
+
+
+def test_reader_2d_image_is_a_single_slice(tmp_path):
+    import nibabel as nib
+
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(30, 40).astype(np.float32), np.eye(4)), str(path))
+    data, kwargs, _ = napari_get_reader(str(path))(str(path))[0]
+    assert data.shape == (1, 40, 30) and kwargs["contrast_limits"][1] > kwargs["contrast_limits"][0]
+
+
+@pytest.mark.parametrize("name,content", [("garbage.nii", b"\x01" * 400), ("garbage.nii.gz", b"nope"),
+                                          ("empty.dcm", b""), ("bad.nrrd", b"NRRD0004\nfoo\n")])
+def test_unreadable_files_are_one_notification(tmp_path, name, content, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert napari_get_reader(str(path))(str(path)) == [(None,)]
+    assert len(shown) == 1 and name in shown[0] and "Fix:" in shown[0]
+
+
+def test_manifest_is_valid_and_names_existing_commands():
+    import importlib
+    from pathlib import Path
+
+    from npe2 import PluginManifest
+
+    import medfuse_napari
+    from medfuse_napari._reader import _SUFFIXES
+
+    manifest = PluginManifest.from_file(Path(medfuse_napari.__file__).parent / "napari.yaml")
+    for command in manifest.contributions.commands:
+        module, _, attr = command.python_name.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), command.id
+    ids = {c.id for c in manifest.contributions.commands}
+    used = [r.command for r in manifest.contributions.readers] + [s.command for s in manifest.contributions.sample_data] \
+        + [w.command for w in manifest.contributions.widgets]
+    assert set(used) <= ids
+    (reader,) = manifest.contributions.readers
+    assert reader.accepts_directories and set(reader.filename_patterns) == {"*" + s for s in _SUFFIXES}
+
+
+def test_sample_data_command_in_napari(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("medfuse", "phantom")
+    assert [l.name for l in viewer.layers] == ["ct", "t1", "t2", "pet", "spect"]
+    pet, ct = viewer.layers["pet"], viewer.layers["ct"]
+    assert pet.colormap.name == "inferno" and tuple(pet.contrast_limits) == (0.0, 6.0) and pet.blending == "additive"
+    assert ct.colormap.name == "gray" and tuple(ct.contrast_limits) == (0.0, 80.0)
+    assert viewer.layers["spect"].colormap.name == "hot"
+
+
+def test_reader_declines_folders_it_cannot_list(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    (tmp_path / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert napari_get_reader(str(tmp_path)) is None
+
+
+def test_sample_data_with_a_broken_samples_folder_builds_the_phantom(tmp_path, monkeypatch):
+    warned = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", warned.append)
+    monkeypatch.setenv("MEDFUSE_SAMPLES", str(tmp_path / "nowhere"))
+    layers = load_phantom()
+    assert [k["name"] for _, k, _ in layers] == ["ct", "t1", "t2", "pet", "spect"]
+    assert len(warned) == 1 and "nowhere" in warned[0] and "Fix:" in warned[0]
+
+
+def test_study_folder_with_one_unreadable_series_opens_the_others(tmp_path, samples_dir, monkeypatch):
+    import shutil
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    warned, errors = [], []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", warned.append)
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    study = tmp_path / "study"
+    shutil.copytree(samples_dir / "ct", study / "ct")
+    (study / "bad").mkdir()
+    series_uid = generate_uid()
+    for i, f in enumerate(sorted((samples_dir / "pet").iterdir())[:6]):
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        if i == 3:  # one tilted slice: medfuse refuses the series
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
+        ds.save_as(str(study / "bad" / f"{i}.dcm"))
+    layers = napari_get_reader(str(study))(str(study))
+    assert [k["metadata"]["medfuse"]["modality"] for _, k, _ in layers] == ["CT"]
+    assert not errors and len(warned) == 1 and "PT" in warned[0] and "orientation" in warned[0]
+
+
+def test_4d_series_on_different_grids_gives_one_layer_per_volume():
+    from medfuse_napari._reader import _series_layers
+
+    arr = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    shifted = np.eye(4)
+    shifted[:3, 3] = [0, 0, 10]
+    layers = _series_layers([medfuse.Volume(arr, np.eye(4)), medfuse.Volume(arr, shifted)], "dyn")
+    assert [k["name"] for _, k, _ in layers] == ["dyn [0]", "dyn [1]"]
+    assert all(d.ndim == 3 for d, _, _ in layers)
+    assert layers[1][1]["translate"][0] == layers[0][1]["translate"][0] + 10  # S is napari's first axis
