@@ -72,8 +72,13 @@ def _pydicom():
     return pydicom
 
 
+#: What _read_header returns (when not strict) for a file that is DICOM but cannot be read.
+_BROKEN = object()
+
+
 def _read_header(path: Path, *, strict: bool):
-    """Header without pixels; None for non-DICOM files when not strict."""
+    """Header without pixels; when not strict, None for non-DICOM files and ``_BROKEN`` for damaged DICOM ones
+    (the preamble is there but the rest cannot be read, or the file cannot be opened at all)."""
     pydicom = _pydicom()
     try:
         if path.stat().st_size == 0:
@@ -103,7 +108,7 @@ def _read_header(path: Path, *, strict: bool):
             raise UnreadableFileError(f"not a readable DICOM file ({type(e).__name__})",
                                       fix="check that the file is a complete DICOM file (not truncated)",
                                       path=path) from None
-        return None
+        return _BROKEN if isinstance(e, PermissionError) or _has_dicom_preamble(path) else None
 
 
 def _looks_like_raw_dataset(path: Path) -> bool:
@@ -152,16 +157,37 @@ def _files(path: Path) -> List[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _headers(path: Path) -> Dict[str, List[Tuple[Path, Any]]]:
-    """Series UID -> [(file, header)] for every image DICOM under path."""
+def _cut_short(ds) -> bool:
+    """True for a truncated file that pydicom read without complaint: nothing after the file meta, or an image
+    storage object (by its SOP class) without Rows/Columns. pydicom returns what it read before the file ended."""
+    if len(ds) == 0:
+        return True
+    sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    name = str(getattr(sop, "name", "")) if sop else ""
+    return "Image Storage" in name and ("Rows" not in ds or "Columns" not in ds)
+
+
+def _headers(path: Path, broken: Optional[List[Path]] = None) -> Dict[str, List[Tuple[Path, Any]]]:
+    """Series UID -> [(file, header)] for every image DICOM under path; damaged DICOM files go to ``broken``."""
     single = path.is_file()
     series: Dict[str, List[Tuple[Path, Any]]] = {}
     n_non_image = 0
     for f in _files(path):
         ds = _read_header(f, strict=single)
+        if ds is _BROKEN:
+            if broken is not None:
+                broken.append(f)
+            continue
         if ds is None:
             continue
         modality = str(ds.get("Modality", "")).upper()
+        if modality not in _NON_IMAGE and _cut_short(ds):
+            if single:
+                raise UnreadableFileError("the file is cut short: its header ends before the image is described",
+                                          fix="copy or export the file again", path=f)
+            if broken is not None:
+                broken.append(f)
+            continue
         if modality in _NON_IMAGE or "Rows" not in ds or "Columns" not in ds:
             if single:
                 raise UnsupportedDataError(
@@ -604,8 +630,12 @@ def _slice(fr: _Frame, pix: Dict[Path, np.ndarray]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- geometry fixes
 def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path: Path,
-                notes: List[str], prov: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
-    """Return (array, affine) on a uniform orthogonal grid, correcting tilt and gaps."""
+                notes: List[str], prov: Dict[str, Any], broken: Sequence[Path] = ()) -> Tuple[np.ndarray, np.ndarray]:
+    """Return (array, affine) on a uniform orthogonal grid, correcting tilt and gaps.
+
+    A gap is interpolated only when no damaged DICOM file lies beside the series: the missing slice is then most
+    likely in that file, and an interpolated slice must never stand in for a real one that failed to read.
+    """
     fr0 = frames[0]
     r, c = fr0.iop[:3], fr0.iop[3:]
     row_sp, col_sp = fr0.spacing
@@ -643,6 +673,12 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
             raise GeometryError(f"slice spacing is uneven with a gap of {np.max(d):.2f} mm "
                                 f"(> {_MAX_GAP:g} x {dz:.2f} mm): slices are missing",
                                 fix="re-export the complete series", path=path)
+        if broken:
+            raise UnreadableFileError(
+                f"slices are missing from the series, and {len(broken)} DICOM file(s) here could not be read "
+                f"(damaged, truncated or not readable, e.g. {broken[0].name}): the missing slices are probably "
+                "in them", fix="copy or export the series again (or remove the damaged files to accept "
+                "interpolated slices in their place)", path=path)
         nk = int(round(proj[-1] / dz)) + 1
         target = np.arange(nk) * dz
         hi = np.clip(np.searchsorted(proj, target, side="left"), 1, n - 1)
@@ -738,7 +774,8 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     path = Path(path)
     if not path.exists():
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
-    series = _headers(path)
+    broken: List[Path] = []
+    series = _headers(path, broken)
     uid, files = _choose(series, series_uid, path)
     notes: List[str] = []
     files = _dedupe(files, path, notes)
@@ -761,7 +798,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         arr = _assemble(slices, slopes, inters, bits_stored=int(ds0.get("BitsStored", 16) or 16))
         prov: Dict[str, Any] = {}
         vnotes = list(notes)
-        arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov)
+        arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov, broken)
         prov.update(series_uid=uid, source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),
@@ -771,6 +808,12 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         if factors is not None:
             prov["suv"] = unit[3:].lower()  # the kind applied ("auto" resolved)
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
+    if broken:  # the series itself is complete (a gap would have been refused above)
+        msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated or not "
+               "readable) and were left out; the series has no missing slice")
+        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=2)
+        for v in out:
+            v.provenance["warnings"].append(msg)
     return out
 
 

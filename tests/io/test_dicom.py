@@ -231,6 +231,34 @@ def test_missing_slice_warns_and_keeps_geometry(tmp_path):
         _no_phi(str(w.message))
 
 
+@pytest.mark.parametrize("cut", ["in the file meta", "before Rows"])
+def test_damaged_slice_file_is_never_replaced_by_an_interpolated_slice(tmp_path, cut):
+    # pydicom returns what it read before a truncated file ended, without an error: the slice was skipped as "no
+    # image", and the gap it left was filled by interpolation with only the generic "missing slice?" warning, so
+    # a made-up slice stood in for a real one that failed to read.
+    uid, data = _series(tmp_path / "s", n=6, shuffle=False)
+    f = tmp_path / "s" / "f003.dcm"
+    raw = f.read_bytes()
+    f.write_bytes(raw[:200] if cut == "in the file meta" else raw[:raw.index(b"\x28\x00\x10\x00")])
+    assert "Rows" not in pydicom.dcmread(f, stop_before_pixels=True)  # read "fine", as far as pydicom goes
+    with pytest.raises(UnreadableFileError, match="cut short"):
+        load_dicom(f)
+    with pytest.raises(UnreadableFileError, match="1 DICOM file.*could not be read.*f003.dcm") as e:
+        load_dicom(tmp_path / "s")
+    assert e.value.fix and "remove the damaged files" in e.value.fix
+    # Removed by the user, the gap is interpolated as before, with the usual warning.
+    f.unlink()
+    with pytest.warns(MedfuseWarning, match="uneven slice spacing"):
+        assert load_dicom(tmp_path / "s").shape[2] == 6
+    # A damaged file that leaves no gap (a copy of a slice, say) is left out with a warning of its own.
+    _series(tmp_path / "t", n=4, shuffle=False, uid=uid)
+    (tmp_path / "t" / "junk.dcm").write_bytes((tmp_path / "t" / "f000.dcm").read_bytes()[:200])
+    with pytest.warns(MedfuseWarning, match="1 DICOM file.*could not be read.*no missing slice"):
+        vol = load_dicom(tmp_path / "t")
+    np.testing.assert_array_equal(vol.array, np.transpose(data[:4], (2, 1, 0)).astype(int) - 1024)
+    assert any("could not be read" in w for w in vol.provenance["warnings"])
+
+
 def test_large_gap_refused(tmp_path):
     _series(tmp_path / "s", z=[0, 1, 2, 9])
     with pytest.raises(GeometryError, match="missing"):
