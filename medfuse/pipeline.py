@@ -15,6 +15,7 @@ chain is a :class:`Pipeline` of named steps; any step can be replaced by any cal
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -111,7 +112,8 @@ class LoadStep:
     """Load every input with :func:`medfuse.load` (Volumes given in memory pass through).
 
     Args:
-        modalities: optional modality override per input (e.g. ``["MR", "PT"]`` for NIfTI files).
+        modalities: optional modality override per input (e.g. ``["MR", "PT"]`` for NIfTI files, or for
+            Volumes and MONAI MetaTensors given in memory); ``None`` for an input keeps its own.
         suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``).
     """
 
@@ -131,7 +133,8 @@ class LoadStep:
             check(state.cancel, "loading")
             mod = self.modalities[i] if self.modalities and i < len(self.modalities) else None
             if isinstance(item, Volume):
-                vols.append(item)
+                # The override applies as medfuse.load applies it to a file (a MetaTensor arrives without one).
+                vols.append(item if mod is None else item.with_array(item.array, modality=mod))
             else:
                 vols.append(load(item, modality=mod, suv=self.suv))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
@@ -500,18 +503,22 @@ class Pipeline:
         """Every step's recorded parameters (what decides the result; used for idempotent re-runs)."""
         return {name: _params_of(step) for name, step in self._steps if name != "save"}
 
-    def run(self, inputs: Sequence[Union[PathLike, Volume]], out: Optional[PathLike] = None, *,
+    def run(self, inputs: Sequence[Union[PathLike, Volume, Any]], out: Optional[PathLike] = None, *,
             overwrite: bool = False, progress: Optional[ProgressFn] = None,
             cancel: Optional[CancelToken] = None) -> PipelineResult:
         """Run the steps on ``inputs`` (fixed first) and write ``out`` with its sidecar when given.
+
+        Inputs are paths, Volumes, or MONAI MetaTensors (converted with :meth:`Volume.from_metatensor`).
 
         Raises:
             MedfuseError: any documented failure of a step (bad input, registration, fusion, output exists).
             CancelledError: ``cancel`` was set.
         """
-        if len(inputs) < 2:
-            raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {len(inputs)}",
+        if isinstance(inputs, (str, os.PathLike, Volume)) or len(inputs) < 2:
+            n = 1 if isinstance(inputs, (str, os.PathLike, Volume)) else len(inputs)
+            raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {n}",
                                     fix="pass [fixed, moving, ...]")
+        inputs = [_as_input(x, i) for i, x in enumerate(inputs)]
         if out is not None:
             from .io._atomic import check_output
 
@@ -551,6 +558,17 @@ class Pipeline:
                               transforms=state.transforms, steps=state.steps)
 
 
+def _as_input(item: Any, index: int) -> Union[PathLike, Volume]:
+    """A path or Volume for the pipeline; a MONAI MetaTensor becomes a Volume (its geometry kept exactly)."""
+    if isinstance(item, (str, os.PathLike, Volume)):
+        return item
+    if hasattr(item, "affine") and hasattr(item, "meta"):
+        return Volume.from_metatensor(item)
+    raise InvalidInputError(
+        f"input {index + 1} is a {type(item).__name__}, not a path, medfuse Volume or MONAI MetaTensor",
+        fix="pass a file or DICOM folder path, or wrap the array with its geometry: medfuse.Volume(array, affine)")
+
+
 _STEP_WEIGHTS = {"load": 0.05, "register": 0.6, "resample": 0.1, "normalise": 0.05, "fuse": 0.15, "save": 0.05}
 
 
@@ -572,24 +590,41 @@ def _params_of(step: Any) -> Dict[str, Any]:
 
 
 class _itk_threads:
-    """Temporarily set SimpleITK's global default thread count (no-op for None)."""
+    """Temporarily set SimpleITK's global default thread count (no-op for None).
+
+    The setting is process-wide, and MONAI runs transforms in threads (``CacheDataset(num_workers=...)``): the
+    first context to enter saves the user's value and the last to leave restores it, whatever the order.
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: Optional[int] = None
 
     def __init__(self, n: Optional[int]):
-        self.n, self.old = n, None
+        self.n = n
 
     def __enter__(self):
         if self.n is not None:
             import SimpleITK as sitk
 
-            self.old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(self.n))
+            n, cls = int(self.n), type(self)
+            with cls._lock:
+                if cls._depth == 0:
+                    cls._saved = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+                cls._depth += 1
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
         return self
 
     def __exit__(self, *exc):
-        if self.old is not None:
+        if self.n is not None:
             import SimpleITK as sitk
 
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self.old)
+            cls = type(self)
+            with cls._lock:
+                cls._depth -= 1
+                if cls._depth == 0 and cls._saved is not None:
+                    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cls._saved)
+                    cls._saved = None
         return False
 
 
@@ -610,7 +645,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
     Args:
-        fixed: the reference image (file, DICOM folder or Volume); the output is on its grid.
+        fixed: the reference image (file, DICOM folder, Volume or MONAI MetaTensor); the output is on its grid.
         moving: one moving image or a list of them.
         out: output path (``.nii.gz``, ``.mha``, ``.nrrd``, or a folder name for DICOM); ``None`` keeps the
             result in memory.
@@ -621,7 +656,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         fallback: classical method to use if the network cannot run (``None``: fail).
         threads: ITK threads for registration; fix it for bit-identical re-runs.
         grid, normalise, modalities: see :class:`Pipeline` (``modalities``: one per input, fixed first, for
-            files that carry none, e.g. ``["MR", "PT"]``).
+            files and in-memory images that carry none, e.g. ``["MR", "PT"]``; ``None`` keeps an input's own).
         progress, cancel: progress callback and cancel token.
 
     Returns:

@@ -20,13 +20,15 @@ Array twins: :class:`LoadVolume`, :class:`RegisterToReference`, :class:`FuseModa
     ])
 
 Values may be medfuse Volumes or MONAI ``MetaTensor`` s (e.g. from ``LoadImaged``): MetaTensors are
-converted with :meth:`medfuse.Volume.from_metatensor` and registered results are returned in the
-type they came in. This module needs MONAI (``pip install 'medfuse[ml]'``); ``import medfuse``
-never imports it.
+converted with :meth:`medfuse.Volume.from_metatensor` (RAS to LPS, NIfTI space from ``sform_code``) and
+registered results are returned in the type and channel layout they came in. Bad input raises
+:class:`medfuse.errors.InvalidInputError` with a fix. This module needs MONAI (``pip install 'medfuse[ml]'``);
+``import medfuse`` never imports it.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
@@ -36,6 +38,7 @@ from .volume import Volume
 try:
     from monai.config import KeysCollection
     from monai.transforms import MapTransform, Transform
+    from monai.transforms.traits import ThreadUnsafe
 except ImportError:  # pragma: no cover - depends on the environment
     raise MissingDependencyError.for_package("monai", "medfuse.transforms", "ml") from None
 
@@ -49,16 +52,34 @@ def as_volume(x: Any, *, name: str = "image") -> Volume:
     """A medfuse Volume from a Volume or a MONAI MetaTensor (channel-first, one channel)."""
     if isinstance(x, Volume):
         return x
-    if hasattr(x, "affine") and hasattr(x, "meta"):
+    if _is_metatensor(x):
         return Volume.from_metatensor(x)
     raise InvalidInputError(
         f"{name} is a {type(x).__name__}, not a medfuse Volume or MONAI MetaTensor (geometry is needed)",
         fix="load it with LoadVolumed or MONAI's LoadImaged(image_only=True) first")
 
 
+def _is_metatensor(x: Any) -> bool:
+    return not isinstance(x, Volume) and hasattr(x, "affine") and hasattr(x, "meta")
+
+
 def _like(result: Volume, template: Any) -> Any:
-    """Return ``result`` in the type ``template`` came in (Volume or MetaTensor)."""
-    return result if isinstance(template, Volume) else result.to_metatensor()
+    """Return ``result`` in the form ``template`` came in.
+
+    A Volume stays a Volume. A MetaTensor comes back as a MetaTensor with ``template``'s channel layout
+    (``(I, J, K)`` stays 3-D, ``(1, I, J, K)`` stays channel-first) and its ``filename_or_obj`` (which MONAI's
+    ``SaveImage`` names outputs after); geometry, modality, unit and space are the result's.
+    """
+    if not _is_metatensor(template):
+        return result
+    out = result.to_metatensor()
+    meta = template.meta if isinstance(getattr(template, "meta", None), dict) else {}
+    if "filename_or_obj" in meta:
+        out.meta["filename_or_obj"] = meta["filename_or_obj"]
+    if len(template.shape) == 3:
+        out = out[0]
+        out.meta["original_channel_dim"] = meta.get("original_channel_dim", float("nan"))
+    return out
 
 
 # ----------------------------------------------------------------------------- load
@@ -67,11 +88,14 @@ class LoadVolume(Transform):
 
     Args:
         modality: override the modality (NIfTI files carry none).
-        suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``).
+        suv: PET SUV kind, as :func:`medfuse.load` takes it: ``"auto"`` (default: SUVbw, or the kind an SUV
+            series is stored in), ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, ``"none"``.
         as_tensor: return a MONAI MetaTensor instead of a Volume.
+
+    A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume.
     """
 
-    def __init__(self, *, modality: Optional[str] = None, suv: str = "bw", as_tensor: bool = False):
+    def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False):
         self.modality, self.suv, self.as_tensor = modality, suv, as_tensor
 
     def __call__(self, path: Any) -> Any:
@@ -79,6 +103,13 @@ class LoadVolume(Transform):
 
         if isinstance(path, Volume):
             vol = path
+        elif _is_metatensor(path):  # already loaded (e.g. by MONAI's LoadImage): only converted
+            vol = Volume.from_metatensor(path, modality=self.modality)
+        elif not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(
+                f"LoadVolume needs a file or DICOM folder path, got a {type(path).__name__}",
+                fix="put paths in the data (e.g. {'mr': 'mr.nii.gz'}); a bare array has no geometry: wrap it as "
+                "medfuse.Volume(array, affine)")
         else:
             vol = load(path, modality=self.modality, suv=self.suv)
         return vol.to_metatensor() if self.as_tensor else vol
@@ -95,7 +126,7 @@ class LoadVolumed(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, *, modality: Union[None, str, Mapping[str, str]] = None,
-                 suv: str = "bw", as_tensor: bool = False, allow_missing_keys: bool = False):
+                 suv: str = "auto", as_tensor: bool = False, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.modality, self.suv, self.as_tensor = modality, suv, as_tensor
 
@@ -108,7 +139,7 @@ class LoadVolumed(MapTransform):
 
 
 # ----------------------------------------------------------------------------- register
-class RegisterToReference(Transform):
+class RegisterToReference(Transform, ThreadUnsafe):
     """Register ``moving`` onto ``reference`` and return it resampled on the reference grid.
 
     Args:
@@ -116,7 +147,8 @@ class RegisterToReference(Transform):
         threads: ITK threads (fix for bit-identical results; ``None`` = SimpleITK default).
         **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
 
-    The last registration report is kept in :attr:`last_report`.
+    The last registration report is kept in :attr:`last_report` (so the transform is marked ``ThreadUnsafe``:
+    MONAI's threaded ``CacheDataset`` gives each thread its own copy).
     """
 
     def __init__(self, *, kind: Optional[str] = "rigid", threads: Optional[int] = None, **options: Any):
@@ -124,20 +156,24 @@ class RegisterToReference(Transform):
         self.last_report: Optional[Dict[str, Any]] = None
 
     def __call__(self, moving: Any, reference: Any) -> Any:
+        out, self.last_report = self._register(moving, reference)
+        return out
+
+    def _register(self, moving: Any, reference: Any):
+        """``(registered image, report)``, without touching ``self`` (the dictionary version runs it in threads)."""
         from .pipeline import _itk_threads
         from .registration import register, resample
 
         mv, ref = as_volume(moving, name="moving"), as_volume(reference, name="reference")
         if self.kind is None:
-            self.last_report = None
-            return _like(mv if mv.same_grid(ref) else resample(mv, ref), moving)
+            return _like(mv if mv.same_grid(ref) else resample(mv, ref), moving), None
         with _itk_threads(self.threads):
             res = register(ref, mv, kind=self.kind, **self.options)
-        self.last_report = res.report.to_dict()
-        if self.last_report.get("suspect"):
-            warnings.warn(f"registration looks suspect: {'; '.join(self.last_report.get('suspect_reasons') or [])}",
-                          MedfuseWarning, stacklevel=2)
-        return _like(res.resampled, moving)
+        report = res.report.to_dict()
+        if report.get("suspect"):
+            warnings.warn(f"registration looks suspect: {'; '.join(report.get('suspect_reasons') or [])}",
+                          MedfuseWarning, stacklevel=3)
+        return _like(res.resampled, moving), report
 
 
 class RegisterToReferenced(MapTransform):
@@ -170,9 +206,9 @@ class RegisterToReferenced(MapTransform):
         for key in self.key_iterator(d):
             if key == self.reference_key:
                 continue
-            d[key] = self.register(d[key], d[self.reference_key])
+            d[key], report = self.register._register(d[key], d[self.reference_key])
             if self.report_postfix is not None:
-                d[f"{key}{self.report_postfix}"] = self.register.last_report
+                d[f"{key}{self.report_postfix}"] = report
         return d
 
 
@@ -198,6 +234,10 @@ class FuseModalities(Transform):
     def __call__(self, images: Sequence[Any]) -> Any:
         from .pipeline import _fuse, _fusion_unavailable
 
+        if isinstance(images, (Volume, str)) or _is_metatensor(images) or not 2 <= len(images) <= 3:
+            what = f"{len(images)} image(s)" if isinstance(images, (list, tuple)) else f"a {type(images).__name__}"
+            raise InvalidInputError(f"fusion needs a list of two or three images, got {what}",
+                                    fix="pass [reference, other] or [reference, other, third], on one grid")
         vols = [as_volume(x, name=f"image {i + 1}") for i, x in enumerate(images)]
         if self.resample:
             from .registration import resample

@@ -338,7 +338,17 @@ class Volume:
 
     # ------------------------------------------------------------------ MONAI
     def to_metatensor(self):
-        """Convert to a channel-first MONAI ``MetaTensor`` (shape ``(1, I, J, K)``, RAS affine in meta)."""
+        """Convert to a channel-first MONAI ``MetaTensor`` (shape ``(1, I, J, K)``, RAS affine in meta; voxels copied).
+
+        The meta holds what MONAI's own NIfTI reader puts there and medfuse needs back: ``affine`` and
+        ``original_affine`` (RAS), ``space`` (``"RAS"``), ``spatial_shape``, ``original_channel_dim`` (0: the
+        tensor is channel-first, so ``EnsureChannelFirst`` leaves it alone), medfuse's ``modality`` and
+        ``unit``, ``filename_or_obj`` (the recorded source, which ``SaveImage`` names its output after) and,
+        for a volume with a recorded ``provenance["nifti_space"]``, that name plus the NIfTI
+        ``sform_code``/``qform_code`` MONAI's nibabel reader gives (e.g. 4 for an MNI template). MONAI's
+        writers ignore these codes and always write 1; :func:`medfuse.save` of :meth:`from_metatensor`'s
+        Volume keeps them.
+        """
         try:
             import torch
             from monai.data import MetaTensor
@@ -353,34 +363,97 @@ class Volume:
             "modality": self.modality,
             "unit": self.unit,
             "spatial_shape": np.asarray(self.shape),
+            "original_channel_dim": 0,
         }
+        if isinstance(self.provenance.get("source"), str):  # MONAI's SaveImage names its output after it
+            meta["filename_or_obj"] = self.provenance["source"]
         if "nifti_space" in self.provenance:  # so that a template space survives MONAI transforms
-            meta["nifti_space"] = self.provenance["nifti_space"]
-        return MetaTensor(torch.as_tensor(np.ascontiguousarray(arr))[None], affine=affine, meta=meta)
+            from .io.nifti import nifti_space_code
+
+            code = np.asarray(nifti_space_code(self), dtype=np.int16)  # the form MONAI's NibabelReader gives
+            meta.update(nifti_space=self.provenance["nifti_space"], sform_code=code, qform_code=code.copy())
+        # A copy: an in-place edit of the tensor (t[t < 0] = 0, t.clamp_()) must not change this Volume.
+        return MetaTensor(torch.from_numpy(np.array(arr, order="C", copy=True))[None], affine=affine, meta=meta)
 
     @classmethod
     def from_metatensor(cls, tensor, *, modality: Optional[str] = None, unit: Optional[str] = None, provenance: Optional[dict] = None) -> "Volume":
-        """Build a Volume from a MONAI ``MetaTensor`` of shape ``(1, I, J, K)`` or ``(I, J, K)``."""
-        arr = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        """Build a Volume from a MONAI ``MetaTensor`` of shape ``(1, I, J, K)`` or ``(I, J, K)`` (voxels copied).
+
+        The affine is the tensor's, in the meta's ``space`` (MONAI's default RAS, or LPS). The NIfTI space
+        (``provenance["nifti_space"]``) is taken from the meta's ``nifti_space`` (written by
+        :meth:`to_metatensor`), else from the ``sform_code`` (else ``qform_code``) MONAI's nibabel reader
+        copies from the file header.
+
+        Raises:
+            InvalidInputError: not a MetaTensor (no affine), a batch, several channels, or channel-last data.
+        """
+        meta = getattr(tensor, "meta", None)
+        meta = meta if isinstance(meta, dict) else {}
+        raw_aff = getattr(tensor, "affine", None)
+        if raw_aff is None:
+            raw_aff = meta.get("affine")
+        if raw_aff is None or not hasattr(tensor, "shape"):
+            raise InvalidInputError(
+                f"a {type(tensor).__name__} carries no affine: a Volume needs the image's geometry",
+                fix="pass a MONAI MetaTensor (e.g. from LoadImage(image_only=True)), or build "
+                "Volume(array, affine_lps) from the array and its voxel-to-world matrix")
+        if getattr(tensor, "is_batch", False) or np.ndim(_to_numpy(raw_aff)) == 3 or len(tensor.shape) == 5:
+            n = int(tensor.shape[0])
+            raise InvalidInputError(
+                f"the MetaTensor is a batch of {n} image(s) (shape {tuple(tensor.shape)}), not one image",
+                fix="convert one item: monai.data.decollate_batch(batch)[i] or batch[i]")
+        arr = _to_numpy(tensor)
         if arr.ndim == 4:
             if arr.shape[0] != 1:
+                channel_last = arr.shape[-1] == 1 or meta.get("original_channel_dim") in (-1, 3)
+                hint = (" It looks channel-last (MONAI's LoadImage without a channel-first step)"
+                        if channel_last else "")
                 raise InvalidInputError(
-                    f"expected one channel, got {arr.shape[0]}", fix="select a single channel before converting"
-                )
+                    f"expected one channel first, shape (1, I, J, K), got shape {arr.shape}.{hint}",
+                    fix="add EnsureChannelFirst (or LoadImage(ensure_channel_first=True)) and select a single "
+                    "channel, e.g. tensor[0:1], before converting")
             arr = arr[0]
-        meta = getattr(tensor, "meta", {}) or {}
-        aff = np.asarray(getattr(tensor, "affine", meta.get("affine")), dtype=float)
+        arr = np.array(arr, copy=True)  # not a view of the tensor: in-place edits of either stay apart
+        aff = _to_numpy(raw_aff).astype(float)
         space = str(meta.get("space", "RAS")).upper()
         aff_lps = LPS_TO_RAS @ aff if space == "RAS" else aff
         prov = dict(provenance or {})
-        if isinstance(meta.get("nifti_space"), str):  # written by to_metatensor
-            prov.setdefault("nifti_space", meta["nifti_space"])
+        space_name = _metatensor_space(meta)
+        if space_name is not None:
+            prov.setdefault("nifti_space", space_name)
         return cls(
             arr, aff_lps,
             modality=modality or meta.get("modality", "unknown"),
             unit=unit or meta.get("unit", "arbitrary"),
             provenance=prov,
         )
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A NumPy array from a torch tensor (any device, grad, bfloat16) or an array-like."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            x = x.float()
+        return np.asarray(x.numpy())
+    return np.asarray(x)
+
+
+def _metatensor_space(meta: Dict[str, Any]) -> Optional[str]:
+    """The NIfTI space name in a MetaTensor's meta: ``nifti_space``, else ``sform_code`` or ``qform_code``."""
+    from .io.nifti import NIFTI_SPACES
+
+    name = meta.get("nifti_space")
+    if isinstance(name, str) and name in NIFTI_SPACES:
+        return name
+    codes = []
+    for key in ("sform_code", "qform_code"):  # like nibabel's get_best_affine: sform first
+        try:
+            codes.append(int(np.asarray(_to_numpy(meta[key])).reshape(-1)[0]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            codes.append(0)
+    code = codes[0] or codes[1]
+    return NIFTI_SPACES[code - 1] if 1 <= code <= len(NIFTI_SPACES) else None
 
 
 def require_finite(array: Any, what: str, *, before: str) -> None:

@@ -122,3 +122,121 @@ def test_grid_difference_says_what_differs():
     assert "rotated by 10 degrees" in a.grid_difference(Volume(np.zeros((91, 109, 91)), rot))
     msg = a.grid_difference(Volume(np.zeros((91, 109, 90)), np.diag([2.0, 2.0, 2.5, 1.0])))
     assert "shape (91, 109, 90) against (91, 109, 91)" in msg and "spacing (2.0, 2.0, 2.5) mm" in msg
+
+
+# ----------------------------------------------------------------------------- MONAI MetaTensors
+def test_from_metatensor_keeps_the_space_monai_read_from_the_header(shared):
+    """MONAI's LoadImage (nibabel) puts sform_code/qform_code in the meta; an MNI template keeps "mni"."""
+    pytest.importorskip("monai")
+    from monai.transforms import LoadImage
+
+    mt = LoadImage(image_only=True, ensure_channel_first=True)(str(shared("data", "spm12-templates", "T1.nii")))
+    assert int(mt.meta["sform_code"]) == 4 and "nifti_space" not in mt.meta
+    assert Volume.from_metatensor(mt).provenance["nifti_space"] == "mni"
+    brats = LoadImage(image_only=True)(str(shared("data", "brats-gli-00001", "t1c.nii.gz")))
+    assert Volume.from_metatensor(brats).provenance["nifti_space"] == "scanner"
+    # sform code 0: the qform's code decides (nibabel's get_best_affine order); an explicit provenance wins
+    mt.meta["sform_code"], mt.meta["qform_code"] = np.asarray(0, np.int16), np.asarray(2, np.int16)
+    assert Volume.from_metatensor(mt).provenance["nifti_space"] == "aligned"
+    assert Volume.from_metatensor(mt, provenance={"nifti_space": "mni"}).provenance["nifti_space"] == "mni"
+    mt.meta["qform_code"] = np.asarray(0, np.int16)
+    assert "nifti_space" not in Volume.from_metatensor(mt).provenance
+
+
+def test_monai_and_medfuse_agree_on_world_coordinates(shared):
+    """The same file read by MONAI (RAS) and medfuse (LPS) puts each voxel at one world point, also after
+    MONAI's Orientation and Spacing; the flipped-voxel-order, big-endian SPECT template included."""
+    pytest.importorskip("monai")
+    from monai.transforms import LoadImage, Orientation, Spacing
+
+    import medfuse
+
+    for name in ("T1.nii", "SPECT.nii"):
+        path = str(shared("data", "spm12-templates", name))
+        mt = LoadImage(image_only=True, ensure_channel_first=True)(path)
+        v = medfuse.load(path)
+        ijk = np.array([3.0, 7.0, 11.0])
+        ras = (np.asarray(mt.affine) @ np.r_[ijk, 1.0])[:3]
+        assert np.allclose(ras * [-1, -1, 1], v.index_to_world(ijk))
+        back = Volume.from_metatensor(mt)
+        assert back.same_grid(v) and np.allclose(back.array, v.array, atol=1e-6)
+        for axcodes in ("LPS", "PLI"):
+            w = Volume.from_metatensor(Orientation(axcodes=axcodes)(mt))
+            assert w.orientation == axcodes
+            src = np.rint(v.world_to_index(w.index_to_world([5, 6, 7]))).astype(int)
+            assert w.array[5, 6, 7] == pytest.approx(float(v.array[tuple(src)]), abs=1e-6)
+        w = Volume.from_metatensor(Spacing(pixdim=(4.0, 4.0, 4.0))(mt))
+        assert w.spacing == (4.0, 4.0, 4.0) and np.allclose(w.origin, v.origin)
+        assert w.provenance["nifti_space"] == "mni"
+
+
+def test_to_metatensor_meta_works_with_monai(tmp_path, shared):
+    pytest.importorskip("monai")
+    import nibabel as nib
+    from monai.transforms import EnsureChannelFirst, SaveImage
+
+    import medfuse
+
+    t1 = medfuse.load(shared("data", "spm12-templates", "T1.nii"), modality="MR")
+    mt = t1.to_metatensor()
+    # written as MONAI's nibabel reader writes them, and read back
+    assert int(mt.meta["sform_code"]) == 4 and int(mt.meta["qform_code"]) == 4
+    mt.meta.pop("nifti_space")
+    assert Volume.from_metatensor(mt).provenance["nifti_space"] == "mni"
+    # already channel-first: EnsureChannelFirst (kept from a LoadImaged pipeline) leaves it alone
+    assert tuple(EnsureChannelFirst()(mt).shape) == (1, *t1.shape)
+    # SaveImage names the output after the source and keeps the geometry (its code is always 1)
+    SaveImage(output_dir=tmp_path, separate_folder=False, output_postfix="out", print_log=False)(mt)
+    written = tmp_path / "T1_out.nii.gz"
+    assert written.is_file() and medfuse.load(written).same_grid(t1)
+    assert int(nib.load(str(written)).header["sform_code"]) == 1
+    # a volume without a recorded space writes no codes, and none comes back
+    plain = Volume(np.zeros((3, 4, 5), np.float32), np.eye(4)).to_metatensor()
+    assert "sform_code" not in plain.meta and "nifti_space" not in Volume.from_metatensor(plain).provenance
+
+
+def test_from_metatensor_lps_space_and_low_precision():
+    pytest.importorskip("monai")
+    import torch
+    from monai.data import MetaTensor
+    from monai.utils import SpaceKeys
+
+    aff = _oblique()  # ITKReader/PydicomReader(affine_lps_to_ras=False) give an LPS affine and say so
+    lps = MetaTensor(torch.ones(1, 3, 4, 5), affine=torch.as_tensor(aff), meta={"space": SpaceKeys.LPS})
+    assert np.allclose(Volume.from_metatensor(lps).affine, aff)
+    half = Volume(np.ones((3, 4, 5), np.float32), aff).to_metatensor().to(torch.bfloat16)  # AMP outputs
+    back = Volume.from_metatensor(half)
+    assert back.dtype == np.float32 and np.allclose(back.affine, aff, atol=1e-6)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("tensor", "no affine"), ("ndarray", "no affine"), ("batch", "batch of 2"), ("batch1", "decollate_batch"),
+    ("channels", "one channel"), ("channel_last", "channel-last"),
+])
+def test_from_metatensor_refuses_what_is_not_one_image(case, words):
+    pytest.importorskip("monai")
+    import torch
+    from monai.data import list_data_collate
+
+    one = Volume(np.ones((3, 4, 5), np.float32), np.eye(4)).to_metatensor()
+    x = {
+        "tensor": torch.zeros(1, 3, 4, 5), "ndarray": np.zeros((3, 4, 5)),
+        "batch": list_data_collate([{"i": one}, {"i": one.clone()}])["i"],
+        "batch1": list_data_collate([{"i": one}])["i"],
+        "channels": torch.cat([one, one]), "channel_last": one[0][..., None],
+    }[case]
+    with pytest.raises(InvalidInputError, match=words):
+        Volume.from_metatensor(x)
+
+
+def test_metatensor_conversions_copy_the_voxels():
+    """``t[t < 0] = 0`` or ``t.clamp_()`` on the tensor must not change the Volume it came from (nor back)."""
+    pytest.importorskip("monai")
+    v = Volume(np.arange(60, dtype=np.float32).reshape(3, 4, 5) - 30, np.eye(4), modality="CT", unit="HU")
+    before = v.array.copy()
+    t = v.to_metatensor()
+    t[t < 0] = 0
+    assert np.array_equal(v.array, before)
+    w = Volume.from_metatensor(t)
+    t.clamp_(max=1)
+    assert float(w.array.max()) == 29.0

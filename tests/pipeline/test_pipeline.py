@@ -196,3 +196,56 @@ def test_sidecar_path_and_hashing(tmp_path):
     assert prov.hash_path(d) != h1
     with pytest.raises(medfuse.UnreadableFileError):
         prov.hash_path(tmp_path / "missing")
+
+
+def test_in_memory_inputs_monai_tensors_and_the_modality_override(subject, tmp_path):
+    """A MONAI MetaTensor is an input like a Volume; ``modalities`` applies to in-memory inputs as to files."""
+    pytest.importorskip("monai")
+    fixed, moving = medfuse.load(subject.fixed), medfuse.load(subject.moving[0])
+    bare = [v.with_array(v.array, modality="unknown") for v in (fixed, moving)]
+    res = fuse_files(bare[0].to_metatensor(), bare[1], tmp_path / "f.nii.gz", method="mean",
+                     modalities=[fixed.modality, moving.modality])
+    assert res.fused.same_grid(fixed) and res.output.is_file()
+    assert [f["modality"] for f in res.provenance["inputs"]] == [fixed.modality, moving.modality]
+    assert [f["path"] for f in res.provenance["inputs"]] == [None, None]
+    # None keeps an input's own modality
+    res = fuse_files(fixed, moving, None, method="mean", modalities=[None, "NM"])
+    assert [f["modality"] for f in res.provenance["inputs"]] == [fixed.modality, "NM"]
+    with pytest.raises(InvalidInputError, match="input 2 is a ndarray"):
+        fuse_files(fixed, moving.array, None, method="mean")
+
+
+def test_itk_thread_setting_is_restored_when_threads_overlap():
+    """Two registrations in threads (MONAI's CacheDataset workers) that enter A, B and leave A, B must leave
+    SimpleITK's process-wide thread count as the user had it."""
+    import threading
+
+    import SimpleITK as sitk
+
+    from medfuse.pipeline import _itk_threads
+
+    user = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)  # not 1, whatever this machine's default
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with _itk_threads(1):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with _itk_threads(1):
+            b_in.set()
+            a_out.wait(5)
+
+    workers = [threading.Thread(target=f) for f in (first, second)]
+    for w in workers:
+        w.start()
+    try:
+        for w in workers:
+            w.join()
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(user)
