@@ -341,6 +341,11 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     else:
         fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
+    # The files the inputs came from: medfuse.save never writes over them, even with overwrite=True.
+    sources = [s for v in vols for s in [v.provenance.get("source"), *v.provenance.get("sources", [])]
+               if isinstance(s, str)]
+    if sources:
+        prov["sources"] = list(dict.fromkeys(sources))
     if "nifti_space" in ref.provenance:  # the fused image lies on ref's grid, in ref's (e.g. MNI) space
         prov["nifti_space"] = ref.provenance["nifti_space"]
     if method == "network":

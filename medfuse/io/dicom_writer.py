@@ -265,7 +265,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                 series_signed = True
                 break
 
-    with atomic_dir(folder, overwrite=overwrite, inputs=[prov.get("source")] + ([template] if isinstance(template, (str, os.PathLike)) else [])) as tmp:
+    with atomic_dir(folder, overwrite=overwrite, inputs=[prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike)) else [])) as tmp:
         for k in range(arr.shape[2]):
             stored, slope, intercept = quantise_slice(np.asarray(arr[:, :, k]).T, exact_int=bool(exact_int),
                                                       signed=series_signed,

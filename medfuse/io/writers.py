@@ -213,7 +213,8 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
                                 fix="load or build a Volume first (medfuse.load or medfuse.Volume)")
     p = Path(path)
     fmt = _format_of(p, format)
-    inputs = [volume.provenance.get("source")]
+    # The volume's own file and, for a derived volume (fused), the files it was made from.
+    inputs = [volume.provenance.get("source"), *volume.provenance.get("sources", [])]
     if fmt == "dicom":
         from .dicom_writer import write_dicom_series
 

@@ -506,3 +506,27 @@ def test_overwrite_keeps_a_private_outputs_permissions(tmp_path, ct, name):
     save(ct.with_array(ct.array + 1), out, overwrite=True)
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == (0o700 if f.is_dir() else 0o600), f
+
+
+def test_fused_volume_is_never_saved_over_the_files_it_was_made_from(tmp_path):
+    # A fused Volume carried no source, so save(fused, "mr.nii.gz", overwrite=True) replaced the MR it came from.
+    import hashlib
+
+    import medfuse
+
+    mr_path, pet_path = tmp_path / "mr.nii.gz", tmp_path / "pet.nii.gz"
+    rng = np.random.default_rng(0)
+    aff = np.diag([1.5, 1.5, 2.0, 1.0])
+    medfuse.save(Volume(rng.random((24, 24, 16)).astype(np.float32) * 500, aff, modality="MR"), mr_path)
+    medfuse.save(Volume(rng.random((24, 24, 16)).astype(np.float32) * 6, aff, modality="PT", unit="SUVbw"), pet_path)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (mr_path, pet_path)}
+    fused = medfuse.fuse(medfuse.load(mr_path), medfuse.load(pet_path), method="max")
+    assert set(fused.provenance["sources"]) == {str(mr_path), str(pet_path)}
+    for target in (mr_path, pet_path):
+        with pytest.raises(OutputExistsError):
+            medfuse.save(fused, target, overwrite=True)
+    # ... nor over them through a copy (a derived volume keeps the list).
+    with pytest.raises(OutputExistsError):
+        medfuse.save(fused.copy(), pet_path, overwrite=True)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (mr_path, pet_path)} == before
+    medfuse.save(fused, tmp_path / "fused.nii.gz")  # anywhere else is fine
