@@ -230,9 +230,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if tfm.resolve() in (out.resolve(), prov.sidecar_path(out).resolve()):
         raise InvalidInputError("the transform would be written onto the output image or its sidecar",
                                 fix="give --transform another path", path=tfm)
-    for target in (out, tfm):
-        check_output(target, overwrite=args.overwrite, inputs=[args.fixed, args.moving])
+    init_path = args.initial_transform
+    for target in (out, tfm):  # the initial transform is an input too: never written over
+        check_output(target, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])
     prov.check_sidecar(out, overwrite=args.overwrite)
+    from .registration.register import _as_initial
+
+    # Read and checked (missing, unreadable, deformable) before the images are loaded.
+    initial = _as_initial(init_path) if init_path else None
     fixed, moving = load(args.fixed), load(args.moving)
     import time
 
@@ -240,22 +245,27 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar:
-        res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token)
+        res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
+                       initial_transform=initial)
     seconds = time.perf_counter() - t0
     save(res.resampled, out, overwrite=args.overwrite)
     res.transform.save(tfm, overwrite=args.overwrite)
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
+    params = {"kind": args.kind, "metric": args.metric}
+    extra = {"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}}
+    if init_path:
+        params["initial_transform"] = os.fspath(init_path)
+        extra["initial_transform"] = {"path": os.fspath(init_path), "sha256": prov.hash_path(init_path)}
     record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
-                        steps=[{"name": "register", "params": {"kind": args.kind, "metric": args.metric},
-                                "seconds": round(seconds, 3)}],
-                        parameters={"kind": args.kind, "metric": args.metric}, registration=[rep],
-                        extra={"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}})
+                        steps=[{"name": "register", "params": params, "seconds": round(seconds, 3)}],
+                        parameters=params, registration=[rep], extra=extra)
     side = prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
+    note = _initial_note(rep) if init_path else ""
     _say(args, f"registered ({args.kind}): metric {_fmt_metric(rep['metric_before'])} -> "
                f"{_fmt_metric(rep['metric_after'])}"
-               f" (lower is better), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
+               f" (lower is better{note}), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
                f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
     if rep.get("suspect"):
         print(f"medfuse: warning: the registration looks suspect: {'; '.join(rep['suspect_reasons'])}",
@@ -263,6 +273,13 @@ def _cmd_register(args: argparse.Namespace) -> int:
     _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
                f"\nwrote {side} (provenance)")
     return EXIT_OK
+
+
+def _initial_note(rep: dict) -> str:
+    """The metric at --initial-transform and whether a start derived from it won (the report's initialisation)."""
+    won = str(rep.get("initialisation", "")).startswith("initial")
+    return (f"; {_fmt_metric(rep.get('metric_initial'))} at the initial transform, "
+            f"{'started from it' if won else 'not used: a start without it scored better'}")
 
 
 def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
@@ -536,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("mattes", "correlation"), default="mattes",
                    help="mattes = mutual information, any modalities (default); correlation = same modality")
     p.add_argument("--transform", metavar="TFM", help="where to write the transform (default: OUT with .tfm)")
+    p.add_argument("--initial-transform", metavar="FILE", default=None,
+                   help="start from this rigid/affine ITK transform (.tfm/.txt/.h5/.mat, FIXED -> MOVING points, as "
+                        "medfuse, Slicer, ANTs write them); the written transform includes it")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_register)

@@ -13,7 +13,7 @@ The scanner's true affine is always kept in ``layer.metadata["medfuse"]["affine"
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -173,6 +173,22 @@ def world_matrix(layer: Any) -> np.ndarray:
     """
     grid = layer_matrix(layer.scale, layer.translate)
     return lps_to_world(data_to_world(layer) @ np.linalg.inv(grid))
+
+
+def viewer_alignment(fixed: Any, moving: Any, *, atol: float = 1e-6) -> Optional[np.ndarray]:
+    """How napari shows ``moving`` against ``fixed``, as an initial transform for ``medfuse.register``; or None.
+
+    Returns the LPS 4x4 fixed physical point -> moving physical point (ITK convention) that puts the two layers
+    where the viewer shows them, when the moving layer has a placement of its own (``rotate``, ``shear`` or
+    ``affine``: dragged or rotated by hand, or an earlier registration); None when it has none, so that the
+    registration starts from the scanners' coordinates as before. Physical space is each layer's ``scale`` and
+    ``translate`` grid, which is where :func:`native_volume` puts the volume (a ``translate`` set in napari is
+    already part of it).
+    """
+    placed = world_matrix(moving)
+    if np.allclose(placed, np.eye(4), atol=atol):
+        return None
+    return np.linalg.inv(placed) @ world_matrix(fixed)
 
 
 def resample_onto(layer: Any, base: Any) -> Volume:

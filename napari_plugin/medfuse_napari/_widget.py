@@ -12,7 +12,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
 from . import _jobs
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, layer_array, layer_geometry, layer_matrix, layer_to_volume, lps_to_world, meta,
-                      native_volume, resample_between, world_matrix)
+                      native_volume, resample_between, viewer_alignment, world_matrix)
 from ._overlay import OverlayPanel
 
 KINDS = ("rigid", "affine", "deformable")
@@ -91,6 +91,9 @@ class RegisterPanel(QWidget):
         self.pair = QComboBox()
         self.pair.addItems(PAIRS)
         self.resample_box = QCheckBox("also resample onto the fixed grid (new layer)")
+        # A moving layer rotated/dragged by hand (or registered before) starts from where the viewer shows it.
+        self.start_box = QCheckBox("start from the moving layer's placement in the viewer")
+        self.start_box.setChecked(True)
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -117,6 +120,7 @@ class RegisterPanel(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.resample_box)
+        lay.addWidget(self.start_box)
         lay.addLayout(buttons)
         lay.addWidget(QLabel("overall"))
         lay.addWidget(self.progress)
@@ -134,6 +138,7 @@ class RegisterPanel(QWidget):
         self.token = None
         self.result = None
         self._iterations: Dict[str, List[int]] = {}
+        self._from_viewer = False  # whether the last run started from the moving layer's placement
 
     # -------------------------------------------------------------------- actions
     def run(self) -> None:
@@ -151,6 +156,8 @@ class RegisterPanel(QWidget):
             fixed = native_volume(fixed_layer)
             moving = native_volume(moving_layer)
             fixed_display = layer_to_volume(fixed_layer, registered=False)  # the fixed layer's data grid
+            # None when the moving layer has no placement of its own: then the scanners' coordinates, as before.
+            initial = viewer_alignment(fixed_layer, moving_layer) if self.start_box.isChecked() else None
             kind = self.kind.currentText()
             preset = None if self.pair.currentText() == "auto" else self.pair.currentText()
             self._iterations = self._stage_iterations(preset, fixed.modality, moving.modality)
@@ -170,6 +177,7 @@ class RegisterPanel(QWidget):
         self._moving_grid = layer_matrix(moving_layer.scale, moving_layer.translate)
         self._fixed_world = world_matrix(fixed_layer)
         self._fixed_geometry = layer_geometry(fixed_layer)
+        self._from_viewer = initial is not None
         share = 0.9 if want_resampled else 1.0  # registration's part of the overall bar
 
         def registering(fraction: float, message: str = "") -> None:
@@ -179,7 +187,8 @@ class RegisterPanel(QWidget):
             import medfuse
             from medfuse.progress import check, report
 
-            result = medfuse.register(fixed, moving, kind=kind, preset=preset, progress=registering, cancel=token)
+            result = medfuse.register(fixed, moving, kind=kind, preset=preset, progress=registering, cancel=token,
+                                      initial_transform=initial)
             if not want_resampled:
                 return result, None
             report(relay, share, "resampling the moving layer onto the fixed grid")
@@ -263,6 +272,10 @@ class RegisterPanel(QWidget):
                  f"metric (lower is better): before {_fmt(rep.metric_before)}, after {_fmt(rep.metric_after)}",
                  f"iterations per level: {rep.iterations_per_level}",
                  f"stop reason: {rep.stop_reason}"]
+        if self._from_viewer:
+            won = rep.initialisation.startswith("initial")
+            lines.append(f"start: the moving layer's placement in the viewer (metric there {_fmt(rep.metric_initial)})"
+                         + ("" if won else "; not used, a start from the files' coordinates scored better"))
         if rep.rotation_deg is not None:
             lines.append(f"rotation {rep.rotation_deg:.2f}°, translation {rep.translation_mm:.2f} mm")
         lines += [f"suspect: {r}" for r in rep.suspect_reasons]

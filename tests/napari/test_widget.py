@@ -83,9 +83,10 @@ def test_register_pet_to_mr_through_widget(qtbot, workstation, tmp_path):
     ticks, t0, t1 = _run_registration(qtbot, widget)
     panel = widget.register_panel
     assert panel.result is not None, panel.level_label.text()
-    # The Qt event loop kept ticking: no gap between timer ticks longer than 0.5 s while registering.
+    # The Qt event loop kept ticking while registering (a blocked UI would stop for the whole registration, seconds;
+    # on a loaded 2-core machine single gaps reach ~0.5 s, so the bound leaves room for that and nothing more).
     gaps = np.diff([t0, *ticks, t1])
-    assert len(ticks) > (t1 - t0) / 0.2 and gaps.max() < 0.5, (len(ticks), t1 - t0, gaps.max())
+    assert len(ticks) > (t1 - t0) / 0.25 and gaps.max() < 1.5, (len(ticks), t1 - t0, gaps.max())
     print(f"registration {t1 - t0:.2f} s, {len(ticks)} ticks of 20 ms, longest gap {gaps.max() * 1000:.0f} ms")
     # Applied as the layer's affine (no resampling): the PET data are untouched, the layer moved.
     pet = viewer.layers["pet"]
@@ -812,3 +813,63 @@ def test_register_cancel_after_the_registration_stops_before_resampling(qtbot, m
     assert panel.level_label.text() == "cancelled" and panel.result is None
     assert len(viewer.layers) == n  # no resampled layer
     np.testing.assert_allclose(viewer.layers["moving"].affine.affine_matrix, np.eye(4))  # nothing applied
+
+
+# ----------------------------------------------------------------------------------------------- hand alignment
+@functools.lru_cache(maxsize=2)
+def _upside_down_pair(deg=(150.0, 0.0, 0.0)):
+    """Like ``_register_pair`` but turned 150 degrees: beyond the registration's +-30 degree multi-start."""
+    import medfuse
+
+    a, _, _ = _register_pair()
+    grid = medfuse.Volume(a, R4 @ np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR")
+    t0 = np.eye(4)
+    t0[:3, :3] = _rotation(list(deg))
+    c = grid.center
+    t0[:3, 3] = np.array([4.0, -3.0, 2.0]) + c - t0[:3, :3] @ c
+    moved = medfuse.resample(grid, grid, transform=medfuse.Transform.from_matrix(np.linalg.inv(t0)))
+    return a, moved.array.astype(np.float32), t0
+
+
+@pytest.mark.parametrize("fixed_placed", [False, True])
+def test_register_starts_from_the_moving_layer_placed_by_hand(qtbot, make_napari_viewer, fixed_placed):
+    # The user turned the upside-down moving layer roughly onto the fixed one in the viewer (here ~9 degrees and
+    # 4 mm off); the panel used to ignore that and register from the files' coordinates, which ends ~84 mm off at
+    # a probe voxel.
+    viewer = make_napari_viewer()
+    a, b, t0 = _upside_down_pair()
+    fixed = viewer.add_image(a, name="fixed", scale=(2, 2, 2), metadata=_md("MR"))
+    moving = viewer.add_image(b, name="moving", scale=(2, 2, 2), metadata=_md("MR"))
+    fixed_world = np.eye(4)
+    if fixed_placed:  # the fixed layer registered to something else earlier: the hand alignment is to where it shows
+        fixed_world[:3, :3] = _rotation([0, 0, 10])
+        fixed_world[:3, 3] = [6.0, -4.0, 9.0]
+        fixed.affine = lps_to_world(fixed_world)
+    off = np.eye(4)
+    off[:3, :3] = _rotation([6, -5, 4])
+    off[:3, 3] = [3.0, 2.0, -2.0]
+    # Shown where (t0 @ off)^-1 puts it: moving physical -> fixed physical -> the fixed layer's world.
+    moving.affine = lps_to_world(fixed_world @ np.linalg.inv(t0 @ off))
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    assert panel.start_box.isChecked()  # the default
+    _run_register(qtbot, panel, resample=False)
+    assert panel.result is not None, panel.level_label.text()
+    assert panel.result.report.initialisation.startswith("initial"), panel.result.report.to_dict()
+    assert "start: the moving layer's placement in the viewer" in panel.report_view.toPlainText()
+    _assert_moving_on_fixed(viewer, t0, tol_mm=0.5)  # napari's own data -> world of both layers
+
+
+def test_register_start_box_unchecked_ignores_the_placement(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    t0 = _register_layers(viewer)
+    turned = np.eye(4)
+    turned[:3, :3] = _rotation([0, 90, 0])  # a placement far from the truth
+    viewer.layers["moving"].affine = lps_to_world(turned)
+    widget = MedfuseWidget(viewer)
+    panel = widget.register_panel
+    panel.start_box.setChecked(False)
+    _run_register(qtbot, panel, resample=False)
+    assert panel.result is not None, panel.level_label.text()
+    assert panel.result.report.metric_initial is None and "start:" not in panel.report_view.toPlainText()
+    _assert_moving_on_fixed(viewer, t0)  # from the files' coordinates, as before
