@@ -211,6 +211,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from . import provenance as prov
     from .io import load, save
     from .io._atomic import check_output
+    from .io.writers import check_save_target
     from .registration.transforms import TRANSFORM_SUFFIXES
 
     out = Path(args.output)
@@ -231,8 +232,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
         raise InvalidInputError("the transform would be written onto the output image or its sidecar",
                                 fix="give --transform another path", path=tfm)
     init_path = args.initial_transform
-    for target in (out, tfm):  # the initial transform is an input too: never written over
-        check_output(target, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])
+    # The initial transform is an input too: never written over. The image output gets every check save() makes
+    # (a folder holding more than a DICOM series is refused now, not after the registration).
+    check_save_target(out, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])
+    check_output(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path], kind="file")
     prov.check_sidecar(out, overwrite=args.overwrite)
     from .registration.register import _as_initial
 

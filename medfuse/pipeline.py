@@ -520,12 +520,12 @@ class Pipeline:
                                     fix="pass [fixed, moving, ...]")
         inputs = [_as_input(x, i) for i, x in enumerate(inputs)]
         if out is not None:
-            from .io._atomic import check_output
-
+            from .io.writers import check_save_target
             from .provenance import check_sidecar
 
-            # Fail before hours of work, not after.
-            check_output(out, overwrite=overwrite, inputs=[p for p in inputs if not isinstance(p, Volume)])
+            # Fail before hours of work, not after (every check save() makes at the end).
+            check_save_target(out, overwrite=overwrite,
+                              inputs=[p.provenance.get("source") if isinstance(p, Volume) else p for p in inputs])
             check_sidecar(out, overwrite=overwrite)
         state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
                               progress=None, cancel=cancel)

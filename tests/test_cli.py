@@ -242,3 +242,29 @@ def test_train_errors_are_usage_errors_with_a_traceback_under_debug(tmp_path, ca
     err = capsys.readouterr().err
     assert "Traceback" in err and "--val-limit must be 1 or more" in err and "unrecognized" not in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("cmd", ["register", "fuse"])
+def test_a_folder_that_save_would_refuse_is_refused_before_any_work(tmp_path, capsys, monkeypatch, cmd):
+    # A DICOM-series output (no image ending) onto a folder of the user's own files: save() refuses it (overwrite
+    # replaces only a DICOM series), but the commands found out only after registering/fusing.
+    import importlib
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "notes.docx").write_bytes(b"mine")
+    ran = []
+
+    def no_work(*a, **k):
+        ran.append(1)
+        raise AssertionError("registration ran before the output was checked")
+
+    for name in ("medfuse.registration", "medfuse.registration.register"):
+        monkeypatch.setattr(importlib.import_module(name), "register", no_work)
+    args = [cmd, str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out), "--overwrite", "--no-progress"]
+    if cmd == "fuse":
+        args += ["--method", "mean", "--register", "rigid"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "not a DICOM series" in err and "Traceback" not in err
+    assert not ran and sorted(p.name for p in out.iterdir()) == ["notes.docx"]

@@ -25,10 +25,10 @@ import numpy as np
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
-from ._atomic import _public_mode, _temp_suffix, _typed_os_error, atomic_path, check_output, same_file
+from ._atomic import _public_mode, _replaceable_folder, _temp_suffix, _typed_os_error, atomic_path, check_output, same_file
 from .nifti import format_tag, nifti_space_code
 
-__all__ = ["save", "FORMATS"]
+__all__ = ["save", "check_save_target", "FORMATS"]
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("nifti", "nifti2", "metaimage", "nrrd", "dicom")
@@ -187,6 +187,26 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), format: Optional[str] = None) -> Path:
+    """Refuse, before any work, every output path :func:`save` would refuse at the end (same rules).
+
+    For commands that register or fuse for minutes before saving: an existing output without ``overwrite``, an
+    input, a folder in the way of a file, a file in the way of a DICOM series folder, or a folder that holds
+    more than a DICOM series (``overwrite`` never deletes such a folder).
+
+    Raises:
+        OutputExistsError, InvalidInputError: as :func:`save` would.
+    """
+    p = Path(path)
+    fmt = _format_of(p, format)
+    check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
+    if fmt == "dicom" and p.is_dir() and not _replaceable_folder(p):
+        raise OutputExistsError("the output folder holds files that are not a DICOM series (overwrite replaces only "
+                                "a DICOM series folder)", fix="choose another output name, or empty the folder",
+                                path=p)
+    return p
 
 
 def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Optional[str] = None,
