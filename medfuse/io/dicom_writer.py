@@ -6,19 +6,26 @@ Choices (see docs/io.md):
 * Geometry per slice: ImagePositionPatient = affine·(0, 0, k), ImageOrientationPatient from the
   i (row) and j (column) directions, PixelSpacing ``[Δj, Δi]``, SliceThickness and
   SpacingBetweenSlices ``Δk``. Slices are written in k order; a DICOM reader sorts them along
-  row × column, so a left-handed volume comes back with k reversed (same world geometry).
+  row × column, so a left-handed volume comes back with k reversed (same world geometry). An
+  I×1×K volume is written as one slice with its rows along k (ITK stacks one-row images wrongly).
 * Voxels are stored 16-bit, with one PixelRepresentation for the whole series (readers such as
   SimpleITK/GDCM decode every slice with the first one's type). Integer data whose whole range
   fits int16 or uint16 (CT in HU, counts) is stored exactly with RescaleSlope 1, RescaleIntercept 0.
   Anything else (SUV, float MR) is quantised per slice: RescaleSlope = max|slice| / 32767 (signed:
   the volume has a negative voxel) or / 65535 (non-negative volume), so the error is at most
-  slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's largest absolute value.
+  slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's largest absolute value
+  (plus at most one part in 1e9: a quantised slice never has a whole-number slope, which would make
+  GDCM/ITK decode the series as integers when that slice is read first).
+* Text: SpecificCharacterSet ``ISO_IR 192`` (UTF-8) when any text is not ASCII; none otherwise.
 * PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
   and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
   ``ADMIN``. PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
-  weight and times are copied from the template when there is one, so SUV still comes out.
+  weight and times are copied from the template when there is one, so SUV still comes out. An SUV
+  series keeps the template's radiopharmaceutical sequence (the tracer); without one it is empty.
 * Study context (StudyInstanceUID, study date/time/description, FrameOfReferenceUID, patient
-  module unless de-identifying) is taken from ``template``. With ``deidentify=True`` (the default)
+  module unless de-identifying) is taken from ``template``. The FrameOfReferenceUID comes from the template
+  only (the series whose patient space the voxels are in: the fixed image for a registered result), never
+  from provenance; without one a new frame of reference is made. With ``deidentify=True`` (the default)
   patient name, ID, birth date and other identifiers are removed and PatientIdentityRemoved is
   YES; without a template a new StudyInstanceUID is made.
 * SOP classes: CT, MR and PET Image Storage; NM and unknown use Secondary Capture (the NM IOD
@@ -72,15 +79,49 @@ def _read_template(template: Any):
         return template
     p = Path(template)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    from .dicom import _BROKEN, _read_header
+
     for f in files:
-        try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except Exception:  # not DICOM: try the next file
+        # The reader's header function: it also reads files written without the preamble (old PACS exports), so
+        # every folder medfuse loads can be its own template. None / _BROKEN: not DICOM or damaged, try the next.
+        ds = _read_header(f, strict=False)
+        if ds is None or ds is _BROKEN:
             continue
         if "StudyInstanceUID" in ds:
             return ds
     raise UnreadableFileError("the DICOM template holds no readable DICOM file",
                               fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
+
+
+def _earliest_acquisition(template: Any, tpl) -> Optional[Tuple[str, str]]:
+    """(AcquisitionDate, AcquisitionTime) of the earliest instance of the template's series, when the template
+    is a folder holding it; None otherwise.
+
+    SUV from BQML decays the dose to the series time, or to the earliest acquisition of the series when the
+    series time is later (a re-created series). One template file's acquisition time is not the series' earliest
+    when the beds of a whole-body PET were acquired one after another, so it is looked up over the series.
+    """
+    import pydicom
+
+    from .dicom import _BROKEN, _read_header
+    from .suv import _parse_date, _parse_time
+
+    if template is None or isinstance(template, pydicom.Dataset) or not Path(template).is_dir():
+        return None
+    uid = str(tpl.get("SeriesInstanceUID", ""))
+    best = None
+    for f in sorted(x for x in Path(template).rglob("*") if x.is_file()):
+        ds = _read_header(f, strict=False)
+        if ds is None or ds is _BROKEN or str(ds.get("SeriesInstanceUID", "")) != uid:
+            continue
+        d, t = str(ds.get("AcquisitionDate", "") or "").strip(), str(ds.get("AcquisitionTime", "") or "").strip()
+        try:
+            when = _parse_date(d) + _parse_time(t)
+        except (ValueError, IndexError):
+            continue
+        if best is None or when < best[0]:
+            best = (when, d, t)
+    return None if best is None else (best[1], best[2])
 
 
 def _ds_number(x: float) -> float:
@@ -115,8 +156,35 @@ def quantise_slice(plane: np.ndarray, *, exact_int: bool, signed: Optional[bool]
     slope = _ds_number(peak / top) if peak > 0 else 1.0
     if slope * top < peak:  # DS rounding made the slope slightly too small
         slope = _ds_number(slope * (1 + 1e-9) + np.spacing(slope) * 4)
+    # A whole-number slope (1 for an all-zero slice, 2 for a peak of 2 x 65535...) makes GDCM/ITK decode
+    # the series into an integer type when that slice is the one it reads first, truncating the fractions of
+    # every other slice. One part in 1e9 more keeps the series fractional (and the bound, to that part).
+    step = 1e-9
+    while float(slope).is_integer() and slope < 2.0 ** 52 and step < 1e-3:
+        slope = _ds_number(slope * (1 + step))
+        step *= 10
     q = np.clip(np.rint(f / slope), -32768 if signed else 0, top)
     return q.astype(np.int16 if signed else np.uint16), slope, 0.0
+
+
+#: Text value representations, whose bytes SpecificCharacterSet governs.
+_TEXT_VRS = ("SH", "LO", "ST", "LT", "UT", "PN", "UC")
+
+
+def _text_is_ascii(ds) -> bool:
+    """True when every text value of ``ds`` (sequences included) is plain ASCII, the default repertoire."""
+    for el in ds.iterall():
+        if el.VR in _TEXT_VRS and el.value is not None:
+            values = [el.value] if isinstance(el.value, (str, bytes)) or el.VM == 1 else list(el.value)
+            if not all(str(v).isascii() for v in values):
+                return False
+    return True
+
+
+def _lo_text(text: str) -> str:
+    """``text`` as one LO value: no backslash (the value separator) or control characters, 64 characters."""
+    text = "".join(c if c.isprintable() else " " for c in str(text)).replace("\\", "/")
+    return text.strip()[:64]
 
 
 def _fmt(x: float) -> str:
@@ -137,6 +205,12 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
 
     folder = Path(folder)
     tpl = _read_template(template)
+    if volume.shape[1] == 1 and volume.shape[2] > 1:
+        # Images one row high are stacked along their row axis by ITK/GDCM (SimpleITK, Slicer...), which puts
+        # every slice in the wrong place; the same voxels written as one slice whose rows run along k are read
+        # right by all. World geometry is unchanged (a reader returns the j and k axes swapped).
+        volume = Volume(np.swapaxes(volume.array, 1, 2), volume.affine[:, [0, 2, 1, 3]], modality=volume.modality,
+                        unit=volume.unit, provenance=volume.provenance)
     arr = volume.array
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -160,8 +234,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         study_uid = str(prov["study_uid"])
     else:
         study_uid = generate_uid()
+    # Only the template says which patient space the voxels are in (a registered volume keeps the provenance of
+    # the moving image it was made from): without one, a new frame of reference claims no spatial relationship.
     for_uid = (str(tpl.FrameOfReferenceUID) if tpl is not None and "FrameOfReferenceUID" in tpl
-               else (str(prov["frame_of_reference_uid"]) if prov.get("frame_of_reference_uid") else generate_uid()))
+               else generate_uid())
     d = volume.direction
     sp = volume.spacing
     iop = [float(x) for x in np.concatenate([d[:, 0], d[:, 1]])]
@@ -170,10 +246,15 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base = pydicom.Dataset()
     if tpl is not None:
         keep = _STUDY_KEYWORDS + (() if deidentify else _PATIENT_KEYWORDS) + (
-            _PET_KEYWORDS if modality == "PT" and volume.unit == "Bq/mL" else ())
+            _PET_KEYWORDS if modality == "PT" and volume.unit == "Bq/mL" else
+            ("RadiopharmaceuticalInformationSequence",) if modality == "PT" else ())
         for kw in keep:
             if kw in tpl:
                 setattr(base, kw, tpl.data_element(kw).value)
+        if modality == "PT" and volume.unit == "Bq/mL":
+            earliest = _earliest_acquisition(template, tpl)
+            if earliest is not None:
+                base.AcquisitionDate, base.AcquisitionTime = earliest
         if deidentify:
             for kw in ("PatientSex", "PatientAge", "PatientSize", "PatientWeight"):
                 if kw in tpl and kw not in base:
@@ -202,13 +283,15 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.SeriesNumber = 1000 + int(now.strftime("%S"))
     base.SeriesDate = base.get("SeriesDate", date) if modality == "PT" else date
     base.SeriesTime = base.get("SeriesTime", time) if modality == "PT" else time
-    base.SeriesDescription = (series_description or f"medfuse derived {modality} ({volume.unit})")[:64]
+    base.SeriesDescription = _lo_text(series_description or f"medfuse derived {modality} ({volume.unit})")
     base.Modality = _DICOM_MODALITY.get(modality, "OT")
     base.FrameOfReferenceUID = for_uid
     base.PositionReferenceIndicator = base.get("PositionReferenceIndicator", "")
     base.Manufacturer = "medfuse"
     base.ImageType = ["DERIVED", "SECONDARY"]
     base.SOPClassUID = sop_class
+    if sop_class == _SC:
+        base.ConversionType = "WSD"  # SC Equipment module, type 1: made on a workstation
     base.ContentDate, base.ContentTime = date, time
     base.AcquisitionDate = base.get("AcquisitionDate", date)
     base.AcquisitionTime = base.get("AcquisitionTime", time)
@@ -223,7 +306,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.BurnedInAnnotation = "NO"
     if modality == "CT":
         base.KVP = base.get("KVP", "")
-        base.RescaleType = "HU"
+        # CT Image module: RescaleType is required when the values are not Hounsfield units (a normalised CT).
+        base.RescaleType = "HU" if volume.unit == "HU" else "US"
     if modality == "PT":
         if volume.unit.startswith("SUV"):
             base.Units = "GML"
@@ -236,16 +320,24 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             base.DecayCorrection = base.get("DecayCorrection", "START")
         else:
             base.Units = "CNTS" if volume.unit == "counts" else "NONE"
+        if "RadiopharmaceuticalInformationSequence" not in base:  # PET Isotope module, type 2: present, empty
+            base.RadiopharmaceuticalInformationSequence = pydicom.Sequence()
         base.SeriesType = ["STATIC", "IMAGE"]
         base.CountsSource = "EMISSION"
         base.CollimatorType = "NONE"
         base.NumberOfSlices = int(arr.shape[2])
         base.FrameReferenceTime = "0"
         base.ActualFrameDuration = 0
+    # Text outside ASCII (a template's names or descriptions, a SeriesDescription such as "Fusión") is written
+    # in UTF-8 and declared so; all-ASCII series keep the default repertoire, which every PACS reads.
+    if not _text_is_ascii(base):
+        base.SpecificCharacterSet = "ISO_IR 192"
     finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     base.WindowCenter = _fmt((lo + hi) / 2)
     base.WindowWidth = _fmt(max(hi - lo, 1e-6))
+    if float(base.WindowWidth) < 1:  # LINEAR windows must be >= 1 wide (PS3.3 C.11.2.1.2); SUV or 0..1 data
+        base.VOILUTFunction = "LINEAR_EXACT"
 
     # One PixelRepresentation for the whole series (see quantise_slice): exact integers keep the
     # type their whole range fits; quantised data is signed when any voxel is negative.

@@ -1,0 +1,358 @@
+"""DICOM writer: what comes back through three readers (medfuse, SimpleITK/GDCM, pydicom) from real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import medfuse
+from medfuse.io.writers import save
+from medfuse.volume import Volume
+
+
+def _gdcm_series(folder) -> Volume:
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames(r.GetGDCMSeriesFileNames(str(folder)))
+    return Volume.from_sitk(r.Execute())
+
+
+def _gdcm_tag(path, tag: str) -> str:
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    r.ReadImageInformation()
+    return r.GetMetaData(tag)
+
+
+def _same_world(written: Volume, back: Volume, tol: float):
+    """Every voxel of ``written`` is found in ``back`` at the same world position (< 1e-3 mm), holding its value
+    within ``tol`` (a scalar or one bound per slice k of ``written``); a reader may reverse k."""
+    rng = np.random.default_rng(0)
+    ijk = np.stack([rng.integers(0, s, 400) for s in written.shape], 1)
+    ijk = np.vstack([ijk, [0, 0, 0], np.array(written.shape) - 1])
+    world = written.index_to_world(ijk)
+    idx = back.world_to_index(world)
+    near = np.rint(idx)
+    assert np.abs(idx - near).max() < 1e-3 / min(back.spacing)
+    assert np.all((near >= 0) & (near < np.array(back.shape)))
+    assert np.abs(back.index_to_world(near) - world).max() < 1e-3
+    got = back.array[tuple(near.astype(int).T)].astype(float)
+    want = written.array[tuple(ijk.T)].astype(float)
+    bound = np.broadcast_to(np.asarray(tol, float), (written.shape[2],))[ijk[:, 2]]
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def _slice_bounds(vol: Volume) -> np.ndarray:
+    """The documented quantisation bound per slice (signed: max/65534; non-negative: max/131070), plus the
+    float32 rounding of a reader's decoded value."""
+    a = vol.array.astype(float)
+    peak = np.abs(a).max(axis=(0, 1))
+    return peak / (65534 if a.min() < 0 else 131070) * (1 + 1e-6) + peak * 2 * float(np.finfo(np.float32).eps)
+
+
+# ------------------------------------------------------------------------------------------------ values
+def test_quantised_series_with_empty_slices_keeps_fractions_in_gdcm(shared, tmp_path):
+    """SPM's single_subj_T1 (LAS, flipped axis) has all-zero first and last slices. Such a slice used to get
+    RescaleSlope 1, and GDCM/ITK, which pick the output pixel type from the first file, then decoded the whole
+    series as uint16: every voxel lost its fraction (errors up to 0.79 on a 0..1 image)."""
+    vol = medfuse.load(shared("data", "spm12-templates", "single_subj_T1.nii"))
+    assert vol.orientation == "LAS" and not np.any(vol.array[:, :, 0]) and not np.any(vol.array[:, :, -1])
+    folder = save(vol, tmp_path / "t1")
+    bounds = _slice_bounds(vol)
+    gdcm = _gdcm_series(folder)
+    assert gdcm.array.dtype.kind == "f"
+    _same_world(vol, gdcm, bounds)
+    _same_world(vol, medfuse.load(folder), bounds)
+
+
+def test_first_slice_with_whole_number_slope_keeps_fractions_in_gdcm(shared, tmp_path):
+    """A slice whose peak is 2 x 65535 quantises with slope 2: GDCM then decoded the series as integers."""
+    vol = medfuse.load(shared("data", "spm12-templates", "T1.nii"))
+    arr = vol.array.astype(np.float32) * 1000
+    for k in (0, -1):  # whichever end GDCM reads first (the template is left-handed: k runs against the normal)
+        arr[:, :, k] = 0
+        arr[10, 10, k] = 2 * 65535
+    vol = vol.with_array(arr)
+    folder = save(vol, tmp_path / "t1")
+    gdcm = _gdcm_series(folder)
+    assert gdcm.array.dtype.kind == "f"
+    _same_world(vol, gdcm, _slice_bounds(vol))
+
+
+def test_ct_hu_exact_through_three_readers(shared, tmp_path):
+    """Real GE EPI (int16) turned into CT-like HU with values below -1024 and a uint16 source: exact everywhere."""
+    src = medfuse.load_volumes(shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004"))[0]
+    hu = src.array.astype(np.int32) - 2048  # down to -2048 HU
+    for arr in (hu.astype(np.int16), (hu + 2048).astype(np.uint16)):
+        vol = Volume(arr, src.affine, modality="CT", unit="HU")
+        folder = save(vol, tmp_path / f"ct_{arr.dtype}")
+        for back in (medfuse.load(folder), _gdcm_series(folder)):
+            _same_world(vol, back, 0)
+        ds = pydicom.dcmread(next(folder.iterdir()))
+        assert (float(ds.RescaleSlope), float(ds.RescaleIntercept), ds.RescaleType) == (1.0, 0.0, "HU")
+
+
+# ------------------------------------------------------------------------------------------------ text
+def test_non_ascii_text_is_written_as_declared_utf8(tmp_path):
+    """A template in Latin-1 (ISO_IR 100) and a SeriesDescription with characters Latin-1 lacks: without a
+    SpecificCharacterSet the text was written in Latin-1 bytes (invalid in the default repertoire) and '–' as '?'."""
+    tpl = pydicom.Dataset()
+    tpl.SpecificCharacterSet = "ISO_IR 100"
+    tpl.PatientName = "Müller^Jürgen"
+    tpl.PatientID = "ID1"
+    tpl.StudyInstanceUID = pydicom.uid.generate_uid()
+    tpl.StudyDescription = "Schädel nativ"
+    tpl.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    tpl.SOPInstanceUID = pydicom.uid.generate_uid()
+    tpl.file_meta = pydicom.dataset.FileMetaDataset()
+    tpl.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    tpl.save_as(tmp_path / "tpl.dcm", enforce_file_format=True)
+    vol = Volume(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.diag([1.0, 1.0, 2.0, 1.0]),
+                 modality="CT", unit="HU")
+    desc = "Fusión PET/TC – medfuse"
+    folder = save(vol, tmp_path / "out", template=tmp_path / "tpl.dcm", deidentify=False, series_description=desc)
+    f = sorted(folder.iterdir())[0]
+    ds = pydicom.dcmread(f)
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert (ds.SeriesDescription, ds.StudyDescription) == (desc, "Schädel nativ")
+    assert str(ds.PatientName) == "Müller^Jürgen"
+    raw = f.read_bytes()
+    assert "Müller".encode() in raw and "Müller".encode("latin-1") not in raw
+    assert _gdcm_tag(f, "0008|103e").strip() == desc
+    # all-ASCII output keeps the default repertoire
+    plain = pydicom.dcmread(next(save(vol, tmp_path / "plain").iterdir()))
+    assert "SpecificCharacterSet" not in plain
+
+
+def test_series_description_is_one_value(tmp_path):
+    """A backslash is DICOM's value separator: 'PET\\CT' became two SeriesDescription values (VM 2)."""
+    vol = Volume(np.zeros((3, 4, 2), np.int16), np.eye(4), modality="CT", unit="HU")
+    f = next(save(vol, tmp_path / "out", series_description="PET\\CT fused\n").iterdir())
+    ds = pydicom.dcmread(f)
+    assert ds["SeriesDescription"].VM == 1 and ds.SeriesDescription == "PET/CT fused"
+    assert "\\" not in _gdcm_tag(f, "0008|103e")
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def _crop(vol: Volume, i: slice, j: slice, k: slice) -> Volume:
+    aff = vol.affine.copy()
+    aff[:3, 3] = vol.index_to_world([i.start or 0, j.start or 0, k.start or 0])
+    return Volume(np.ascontiguousarray(vol.array[i, j, k]), aff, modality=vol.modality, unit=vol.unit)
+
+
+def test_one_voxel_thick_plane_lands_in_place_in_gdcm(shared, tmp_path):
+    """A coronal plane of BraTS (I, 1, K): one-row images were stacked by ITK/GDCM along the row axis, so
+    SimpleITK put all but one slice of the plane at wrong world positions."""
+    brats = medfuse.load(shared("data", "brats-gli-00001", "t1c.nii.gz"))
+    plane = _crop(brats, slice(40, 200), slice(120, 121), slice(20, 140))
+    assert plane.shape == (160, 1, 120) and np.ptp(plane.array) > 0
+    folder = save(plane, tmp_path / "coronal")
+    for back in (_gdcm_series(folder), medfuse.load(folder)):
+        _same_world(plane, back, 0)
+
+
+# ------------------------------------------------------------------------------------------------ PET
+def _pet_template(shared) -> pydicom.Dataset:
+    """The first instance of the real Siemens PET headers as a pydicom data set, with identifiers added."""
+    import json
+
+    from pydicom.valuerep import format_number_as_ds as ds_
+
+    h = json.loads(shared("data", "pet-suv-headers", "SIEMENS-instances.json").read_text())[0]
+    tpl = pydicom.Dataset()
+    tpl.PatientName, tpl.PatientID, tpl.PatientBirthDate = "Doe^John", "MRN778899", "19510203"
+    tpl.InstitutionName = "Sample Hospital"
+    tpl.StudyInstanceUID, tpl.FrameOfReferenceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    tpl.Modality = "PT"
+    for key in ("SeriesDate", "SeriesTime", "PatientSex", "AcquisitionDate", "AcquisitionTime", "DecayCorrection",
+                "Units"):
+        setattr(tpl, key, str(h[key]).strip())
+    tpl.PatientWeight = ds_(float(h["PatientWeight"]))
+    tpl.CorrectedImage = h["CorrectedImage"]
+    item = pydicom.Dataset()
+    item.Radiopharmaceutical = "Fluorodeoxyglucose"
+    item.RadionuclideTotalDose = ds_(float(h["RadionuclideTotalDose"]))
+    item.RadionuclideHalfLife = ds_(float(h["RadionuclideHalfLife"]))
+    item.RadiopharmaceuticalStartDateTime = h["RadiopharmaceuticalStartDateTime"].strip()
+    tpl.RadiopharmaceuticalInformationSequence = pydicom.Sequence([item])
+    return tpl
+
+
+def test_pet_suv_keeps_the_tracer_and_bqml_stays_bqml(shared, tmp_path):
+    """SPM's PET template as Bq/mL and as SUVbw with real Siemens headers as template. The SUV series used to
+    lose the radiopharmaceutical sequence (which tracer the SUV is of), and a PET without template lacked it
+    although the PET Isotope module requires it (type 2)."""
+    from medfuse.io.suv import header_from_dataset, series_suv_factors
+
+    tpl = _pet_template(shared)
+    factor = series_suv_factors([header_from_dataset(tpl)])[0]
+    pet = medfuse.load(shared("data", "spm12-templates", "PET.nii"))
+    bq = Volume(pet.array.astype(np.float32) * 20000, pet.affine, modality="PT", unit="Bq/mL")
+    suv = bq.with_array(bq.array * np.float32(factor), unit="SUVbw")
+    for vol, name in ((bq, "bq"), (suv, "suv")):
+        folder = save(vol, tmp_path / name, template=tpl)
+        files = sorted(folder.iterdir())
+        for f in files[:3]:
+            raw = f.read_bytes()
+            assert b"Doe" not in raw and b"MRN778899" not in raw and b"Sample Hospital" not in raw
+            ds = pydicom.dcmread(f)
+            assert ds.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical == "Fluorodeoxyglucose"
+            assert ds.Units == ("BQML" if vol is bq else "GML")
+        bounds = _slice_bounds(vol)
+        as_stored = medfuse.load(folder, suv="none")
+        assert as_stored.unit == vol.unit
+        _same_world(vol, as_stored, bounds)
+        _same_world(vol, _gdcm_series(folder), bounds)
+        back = medfuse.load(folder)  # SUVbw from both
+        assert back.unit == "SUVbw"
+        _same_world(suv, back, _slice_bounds(suv) * (1 + 1e-6))
+    bare = pydicom.dcmread(next(save(suv, tmp_path / "bare").iterdir()))
+    assert "RadiopharmaceuticalInformationSequence" in bare and len(bare.RadiopharmaceuticalInformationSequence) == 0
+
+
+def test_secondary_capture_states_its_conversion_type(shared, tmp_path):
+    """NM and unknown modalities are written as Secondary Capture, whose SC Equipment module requires
+    ConversionType (type 1); it was missing. The SPECT template comes back in place through all readers."""
+    spect = medfuse.load(shared("data", "spm12-templates", "SPECT.nii"))
+    for vol in (Volume(np.rint(spect.array * 100).astype(np.int32), spect.affine, modality="NM", unit="counts"),
+                spect):
+        folder = save(vol, tmp_path / vol.modality)
+        ds = pydicom.dcmread(next(folder.iterdir()))
+        assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.ConversionType == "WSD"
+        bounds = 0 if vol.modality == "NM" else _slice_bounds(vol)
+        for back in (medfuse.load(folder), _gdcm_series(folder)):
+            _same_world(vol, back, bounds)
+
+
+def test_narrow_window_uses_linear_exact(shared, tmp_path):
+    """SPM's T1 template holds 0..1: its window is under 1 wide, which the default LINEAR VOI function forbids
+    (width >= 1); LINEAR_EXACT allows any positive width. CT windows stay LINEAR."""
+    t1 = medfuse.load(shared("data", "spm12-templates", "T1.nii"))
+    ds = pydicom.dcmread(next(save(t1, tmp_path / "t1").iterdir()))
+    lo, hi = float(t1.array.min()), float(t1.array.max())
+    assert 0 < float(ds.WindowWidth) < 1 and float(ds.WindowWidth) == pytest.approx(hi - lo, rel=1e-6)
+    assert float(ds.WindowCenter) == pytest.approx((hi + lo) / 2, rel=1e-6)
+    assert ds.VOILUTFunction == "LINEAR_EXACT"
+    ct = Volume(np.rint(t1.array * 2000 - 1000).astype(np.int16), t1.affine, modality="CT", unit="HU")
+    ds = pydicom.dcmread(next(save(ct, tmp_path / "ct").iterdir()))
+    assert float(ds.WindowWidth) >= 1 and ds.get("VOILUTFunction", "LINEAR") == "LINEAR"
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def test_frame_of_reference_only_from_the_template(shared, tmp_path):
+    """A resampled (registered) volume keeps the moving image's provenance, so a FrameOfReferenceUID taken from
+    provenance would claim the moving scan's patient space for voxels that are in the fixed one's. Only the
+    template sets it; otherwise a new one is made. UIDs valid, one series, one SOP instance per file, file meta
+    matching the data set."""
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004")
+    src = medfuse.load_volumes(folder)[0]
+    first = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0], stop_before_pixels=True)
+    moved = src.with_array(src.array)
+    moved.provenance["frame_of_reference_uid"] = str(first.FrameOfReferenceUID)
+    bare = [pydicom.dcmread(f) for f in sorted(save(moved, tmp_path / "bare").iterdir())]
+    assert {d.FrameOfReferenceUID for d in bare} != {first.FrameOfReferenceUID}
+    with_tpl = [pydicom.dcmread(f) for f in sorted(save(moved, tmp_path / "tpl", template=folder).iterdir())]
+    for series in (bare, with_tpl):
+        uids = [d.SOPInstanceUID for d in series]
+        assert len(set(uids)) == len(series) == src.shape[2]
+        assert len({d.SeriesInstanceUID for d in series}) == 1
+        assert series[0].SeriesInstanceUID != first.SeriesInstanceUID
+        assert len({d.FrameOfReferenceUID for d in series}) == 1
+        for d in series:
+            assert all(pydicom.uid.UID(u).is_valid for u in (d.SOPInstanceUID, d.SeriesInstanceUID,
+                                                             d.StudyInstanceUID, d.FrameOfReferenceUID))
+            assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
+            assert d.file_meta.MediaStorageSOPClassUID == d.SOPClassUID == pydicom.uid.MRImageStorage
+            assert d.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+            assert list(d.ImageType[:2]) == ["DERIVED", "SECONDARY"] and "medfuse" in d.SeriesDescription
+        pos = [float(np.cross(*np.reshape(d.ImageOrientationPatient, (2, 3))) @ np.array(d.ImagePositionPatient, float))
+               for d in sorted(series, key=lambda d: int(d.InstanceNumber))]
+        assert np.all(np.diff(pos) > 0) or np.all(np.diff(pos) < 0)
+    assert {d.FrameOfReferenceUID for d in with_tpl} == {first.FrameOfReferenceUID}
+    assert with_tpl[0].StudyInstanceUID == first.StudyInstanceUID
+    _same_world(src, medfuse.load(tmp_path / "tpl"), 0)
+
+
+def test_template_folder_without_preamble(shared, tmp_path):
+    """A real GE slice rewritten without the 128-byte preamble and file meta (as old PACS export): medfuse loads
+    the folder, but as a template it was refused ('holds no readable DICOM file')."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    src = sorted(shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(src)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, ds.file_meta.TransferSyntaxUID.is_implicit_VR
+    write_dataset(buf, ds)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "IMG1").write_bytes(buf.getvalue())
+    vol = medfuse.load(tmp_path / "old")
+    out = save(vol.with_array(vol.array), tmp_path / "derived", template=tmp_path / "old")
+    back = pydicom.dcmread(next(out.iterdir()))
+    assert (back.StudyInstanceUID, back.FrameOfReferenceUID) == (ds.StudyInstanceUID, ds.FrameOfReferenceUID)
+    _same_world(vol, medfuse.load(out), 0)
+    _same_world(vol, _gdcm_series(out), 0)
+
+
+def test_ct_not_in_hu_does_not_claim_hu(shared, tmp_path):
+    """A CT volume normalised to 0..1 (unit 'arbitrary') was written with RescaleType HU; the CT Image module
+    requires RescaleType when the values are not Hounsfield units ('US': unspecified)."""
+    src = medfuse.load_volumes(shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004"))[0]
+    a = src.array.astype(np.float32)
+    norm = Volume((a - a.min()) / np.ptp(a), src.affine, modality="CT", unit="arbitrary")
+    folder = save(norm, tmp_path / "norm")
+    f = next(folder.iterdir())
+    assert pydicom.dcmread(f).RescaleType == "US" and _gdcm_tag(f, "0028|1054").strip() == "US"
+    _same_world(norm, _gdcm_series(folder), _slice_bounds(norm))
+
+
+def test_bqml_template_folder_keeps_the_series_scan_time(shared, tmp_path):
+    """The real re-created Siemens series (SeriesTime 13:49 after its acquisition 13:03: SUV decays to the earliest
+    acquisition) as three beds acquired one after another, the first file holding the last bed. The written Bq/mL
+    series took that one file's AcquisitionTime for every slice: SUV came back 7 % high."""
+    import json
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.valuerep import format_number_as_ds as ds_
+
+    h = json.loads(shared("data", "pet-suv-headers", "CPS_AND_BQML_AC_DT_-_S_DT-instances.json").read_text())[0]
+    pet = medfuse.load(shared("data", "spm12-templates", "PET.nii"))
+    src = tmp_path / "pet"
+    src.mkdir()
+    uids = [pydicom.uid.generate_uid() for _ in range(3)]
+    for n, (k, acq) in enumerate(zip((40, 45, 50), ("131500.000000", "131000.000000", "130348.234000"))):
+        plane = np.ascontiguousarray(pet.array[:, :, k].T * 20000)
+        ds = pydicom.Dataset()
+        ds.SOPClassUID = pydicom.uid.PositronEmissionTomographyImageStorage
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+        ds.Modality, ds.PatientName, ds.PatientID = "PT", "Doe^John", "MRN778899"
+        ds.SeriesDate, ds.SeriesTime, ds.AcquisitionDate = h["SeriesDate"], h["SeriesTime"], h["AcquisitionDate"]
+        ds.AcquisitionTime, ds.Units, ds.DecayCorrection = acq, h["Units"], h["DecayCorrection"]
+        ds.CorrectedImage, ds.PatientWeight = h["CorrectedImage"], ds_(float(h["PatientWeight"]))
+        item = pydicom.Dataset()
+        item.RadionuclideTotalDose, item.RadionuclideHalfLife = (ds_(float(h[k_])) for k_ in (
+            "RadionuclideTotalDose", "RadionuclideHalfLife"))
+        item.RadiopharmaceuticalStartTime = h["RadiopharmaceuticalStartTime"]
+        ds.RadiopharmaceuticalInformationSequence = pydicom.Sequence([item])
+        ds.ImagePositionPatient = [float(x) for x in pet.index_to_world([0, 0, k])]
+        ds.ImageOrientationPatient = [float(x) for x in np.concatenate([pet.direction[:, 0], pet.direction[:, 1]])]
+        ds.PixelSpacing, ds.SliceThickness = [pet.spacing[1], pet.spacing[0]], pet.spacing[2] * 5
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        slope = float(plane.max()) / 65535
+        ds.RescaleSlope, ds.RescaleIntercept = ds_(slope), "0"
+        ds.PixelData = np.rint(plane / float(ds.RescaleSlope)).astype(np.uint16).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.save_as(src / f"{n}.dcm", enforce_file_format=True)
+    original = medfuse.load(src)
+    assert original.unit == "SUVbw"
+    bq = medfuse.load(src, suv="none")
+    folder = save(bq, tmp_path / "derived", template=src)
+    back = medfuse.load(folder)
+    assert back.unit == "SUVbw"
+    _same_world(original, back, _slice_bounds(original) * (1 + 1e-6))
