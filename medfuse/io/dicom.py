@@ -713,6 +713,14 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
 
 def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     if modality == "CT":
+        # RescaleType is required only when the rescaled values are not HU (PS3.3 C.8.2.1): absent means HU.
+        kinds = {str(ds.get("RescaleType", "HU") or "HU").strip().upper() for _, ds in files}
+        if kinds - {"HU"}:
+            msg = (f"the CT's RescaleType is {'/'.join(sorted(kinds))}, not HU: values are loaded as stored "
+                   "(unit 'arbitrary'), and no HU window applies")
+            warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+            notes.append(msg)
+            return "arbitrary", None
         return "HU", None
     if modality == "NM":
         return "counts", None

@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 import medfuse
+from medfuse.errors import MedfuseWarning
 from medfuse.io.writers import save
 from medfuse.volume import Volume
 
@@ -306,6 +307,11 @@ def test_ct_not_in_hu_does_not_claim_hu(shared, tmp_path):
     f = next(folder.iterdir())
     assert pydicom.dcmread(f).RescaleType == "US" and _gdcm_tag(f, "0028|1054").strip() == "US"
     _same_world(norm, _gdcm_series(folder), _slice_bounds(norm))
+    # And medfuse's reader does not take it back as HU (it did: every CT loaded as HU, whatever RescaleType said).
+    with pytest.warns(MedfuseWarning, match="RescaleType is US, not HU"):
+        back = medfuse.load(folder)
+    assert (back.modality, back.unit) == ("CT", "arbitrary")
+    assert medfuse.load(save(Volume(src.array, src.affine, modality="CT", unit="HU"), tmp_path / "hu")).unit == "HU"
 
 
 def test_bqml_template_folder_keeps_the_series_scan_time(shared, tmp_path):
