@@ -7,8 +7,11 @@ shows the traceback. Exit codes are listed in ``medfuse --help``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
+import shlex
 import signal
 import sys
 import traceback
@@ -34,20 +37,21 @@ Multimodal fusion of 3-D medical volumes (CT, MR, PET, SPECT).
 
 Start here:
   medfuse demo                                   fuse the bundled sample MR + PET, write NIfTI + PNG
-  medfuse info scan_folder/                      what is in a file or DICOM folder
+  medfuse info scan_folder/                      what is in a file or folder (series, files, SUV)
   medfuse fuse mr.nii.gz pet_dicom/ -o fused.nii.gz --register rigid
   medfuse batch subjects.csv --workers 4         many subjects in parallel (Dask)
 
 Inputs are NIfTI/MetaImage/NRRD files or DICOM folders. The first image (FIXED) is the
 reference: outputs are on its grid. Every output gets a provenance sidecar (x.nii.gz -> x.json):
 versions, input and output SHA-256, registration report, steps and timings; never patient
-identifiers. Outputs are never written over an existing file unless --overwrite is given.
+identifiers. Outputs are never written over an existing file unless --overwrite is given
+(medfuse demo rewrites its own files in its own folder).
 """
 
 _EPILOG = """\
 exit codes:
   0    success
-  1    some subjects failed (batch) or an evaluation did not pass (evaluate)
+  1    some subjects (batch) or pairs (evaluate) failed and were skipped; the others are written
   2    bad usage or bad input (missing file, unreadable image, output exists, ...)
   3    internal error (a bug: please report it, with the output of --debug)
   130  cancelled (Ctrl-C)
@@ -58,6 +62,42 @@ the full traceback of an error.
 
 
 # ----------------------------------------------------------------------------- helpers
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the nearest choice on a typo (``--method lapacian``: did you mean 'laplacian'?)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m and "did you mean" not in message and "maybe you meant" not in message:
+            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+            word = m.group(1)
+            near = [c for c in choices if c.lower() == word.lower()] or \
+                difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
+            if near:
+                message = f"{message}; did you mean '{near[0]}'?"
+        super().error(message)
+
+
+def _cli_error(e: MedfuseError) -> MedfuseError:
+    """The same error with a fix that names command-line options, not Python arguments
+    (``overwrite=True`` -> ``--overwrite``; ``series_uid=``/``volume_index=`` -> what the command line can do)."""
+    from .errors import MultipleSeriesError
+
+    fix = e.fix
+    if isinstance(e, MultipleSeriesError):
+        if "4-D" in e.problem:
+            fix = ("the command line reads one 3-D volume per input: save the one you want as its own file "
+                   "first, e.g. python -c \"import medfuse; "
+                   "medfuse.save(medfuse.load('PATH', volume_index=0), 'vol0.nii.gz')\"")
+        else:
+            fix = "give the folder of one series ('medfuse info FOLDER' lists the series and their folders)"
+    elif fix and "overwrite=True" in fix and "--overwrite" not in fix:
+        fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
+    if fix != e.fix:
+        e.fix = fix
+        e.args = (e._compose(),)
+    return e
+
+
 class _Bar:
     """A tqdm progress bar fed by medfuse's ``progress(fraction, message)`` callbacks."""
 
@@ -130,32 +170,121 @@ def _show_warnings(caught: List[warnings.WarningMessage]) -> None:
 
 
 # ----------------------------------------------------------------------------- info
+def _image_files(folder: Path) -> List[dict]:
+    """The NIfTI/MetaImage/NRRD files under ``folder`` (recursive), with their size read from the header only."""
+    from .io import is_image_file
+
+    rows = []
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or not is_image_file(f):
+            continue
+        low = f.name.lower()
+        if low.endswith(".img") and f.with_suffix(".hdr").exists():  # an Analyze pair: list the .hdr only
+            continue
+        shape = None
+        try:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(os.fspath(f))
+            reader.ReadImageInformation()
+            shape = list(reader.GetSize())
+        except Exception:  # noqa: BLE001 - listed without a size; 'medfuse info FILE' says what is wrong
+            pass
+        rows.append({"file": os.fspath(f), "shape": shape})
+    return rows
+
+
+def _suv_source(vol) -> Optional[str]:
+    """Where a DICOM PET's SUV factor came from (header tags' names only, never their values), or None."""
+    if vol.modality != "PT" or not str(vol.unit).startswith("SUV"):
+        return None
+    try:
+        from .io import dicom as _dicom
+        from .io import suv as _suv
+
+        src = Path(vol.provenance["source"])
+        files = _dicom._headers(src).get(vol.provenance.get("series_uid"))
+        h = _suv.header_from_dataset(files[0][1])
+    except Exception:  # noqa: BLE001 - a fact to show, never a reason to fail
+        return None
+    units = str(h.get("Units") or "").strip().upper()
+    kind = vol.unit[3:]
+    if units == "GML":
+        stored = str(h.get("SUVType") or "BW").strip().upper()
+        return (f"stored as SUV{stored.lower()} by the scanner (Units GML, SUVType {stored})"
+                + ("" if stored.lower() == kind else f", converted to SUV{kind} with the patient's body size"))
+    body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass"}.get(kind, kind)
+    if units == "CNTS":
+        if (_suv._philips(h, "SUVScaleFactor") or 0) > 0:
+            return "Philips private SUV scale factor (7053,1000) (Units CNTS)"
+        return (f"Philips activity concentration scale factor (7053,1009) x {body} / injected dose "
+                f"(Units CNTS, DecayCorrection {h.get('DecayCorrection')})")
+    dc = str(h.get("DecayCorrection") or "").strip().upper()
+    dose = "injected dose (the pixels are decay-corrected to the injection)" if dc == "ADMIN" else \
+        "injected dose decayed to the scan start"
+    return f"{body} / {dose} (Units {units or 'BQML'}, DecayCorrection {dc})"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .io import load
+    from .errors import MultipleSeriesError
+    from .io import is_image_file, load_volumes
 
     p = Path(args.path)
     if not p.exists():
         raise InvalidInputError("no such file or folder", fix="check the path", path=p)
-    series = []
+    if args.series and p.is_file() and is_image_file(p):
+        raise InvalidInputError("--series picks a series of a DICOM folder; this file holds one image",
+                                fix="leave out --series", path=p)
+    series, files = [], []
     if p.is_dir():
+        from .errors import UnreadableFileError, UnsupportedDataError
         from .io import scan
 
-        series = scan(p)
-        if len(series) > 1:
+        files = _image_files(p)
+        try:
+            series = scan(p)
+        except (UnreadableFileError, UnsupportedDataError) as e:
+            if not files:
+                if isinstance(e, UnreadableFileError):
+                    raise UnreadableFileError("the folder holds no DICOM image series and no NIfTI/MetaImage/NRRD "
+                                              "file", fix="give the file or folder that holds the images",
+                                              path=p) from None
+                raise
+        uids = [s.series_uid for s in series]
+        if args.series and args.series not in uids:
+            raise InvalidInputError(f"series {args.series} is not in this folder",
+                                    fix=f"list its series with: medfuse info {shlex.quote(os.fspath(p))}", path=p)
+        if len(series) + len(files) > 1 or (files and not series):
             rows = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
                      "shape": list(s.shape) if s.shape else None, "n_volumes": s.n_volumes, "n_files": s.n_files,
                      "folder": os.fspath(s.folder)} for s in series]
-            if args.json:
-                print(json.dumps({"path": os.fspath(p), "series": rows}, indent=2))
+            if len(files) == 1 and not series:  # one image file in the folder: describe it
+                p = Path(files[0]["file"])
+            elif not args.series:
+                if args.json:
+                    print(json.dumps({"path": os.fspath(p), "series": rows, "files": files}, indent=2))
+                    return EXIT_OK
+                what = [f"{len(series)} DICOM series"] if series else []
+                what += [f"{len(files)} image file{'s' if len(files) != 1 else ''}"] if files else []
+                print(f"{p}: {' and '.join(what)}")
+                for r in rows:
+                    shape = "x".join(str(x) for x in r["shape"]) if r["shape"] else "?"
+                    folder = os.path.relpath(r["folder"], p) if r["folder"] else "."
+                    print(f"  {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  {r['n_files']:>5} files  "
+                          f"{r['description'] or '-'}  folder={folder}  uid={r['series_uid']}")
+                for f in files:
+                    shape = "x".join(str(x) for x in f["shape"]) if f["shape"] else "?"
+                    print(f"  {'file':<4} {shape:<14} {os.path.relpath(f['file'], p)}")
+                hints = [f"medfuse info {shlex.quote(os.fspath(p))} --series UID"] if series else []
+                hints += ["medfuse info FILE"] if files else []
+                print(f"for details: {', or '.join(hints)}")
                 return EXIT_OK
-            print(f"{p}: {len(series)} DICOM series (choose one with --series UID)")
-            for r in rows:
-                shape = "x".join(str(x) for x in r["shape"]) if r["shape"] else "?"
-                print(f"  {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  {r['n_files']:>5} files  "
-                      f"{r['description'] or '-'}  uid={r['series_uid']}")
-            if not args.series:
-                return EXIT_OK
-    vol = load(p, series_uid=args.series)
+    try:
+        vols = load_volumes(p, series_uid=args.series)
+    except MultipleSeriesError as e:
+        raise _cli_error(e) from None
+    vol = vols[0]
     import numpy as np
 
     arr = vol.array
@@ -164,7 +293,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "path": os.fspath(p),
         "modality": vol.modality,
         "unit": vol.unit,
+        "suv_factor_source": _suv_source(vol),
         "shape": list(vol.shape),
+        "n_volumes": len(vols),
         "spacing_mm": [round(s, 4) for s in vol.spacing],
         "origin_lps_mm": [round(o, 3) for o in vol.origin],
         "orientation": vol.orientation,
@@ -183,12 +314,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     extent = [s * n for s, n in zip(vol.spacing, vol.shape)]
     print(f"{p}")
     print(f"  modality     {vol.modality}   unit {vol.unit}")
+    if facts["suv_factor_source"]:
+        print(f"  SUV factor   {facts['suv_factor_source']}")
     print(f"  shape        {' x '.join(str(s) for s in vol.shape)} voxels ({arr.dtype})")
+    if len(vols) > 1:
+        print(f"  volumes      {len(vols)} (4-D: the geometry and values shown are of volume 1; "
+              "fuse and register read 3-D volumes)")
     print(f"  spacing      {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm   "
           f"extent {' x '.join(f'{e:.0f}' for e in extent)} mm")
     print(f"  origin       ({', '.join(f'{o:.2f}' for o in vol.origin)}) mm LPS   orientation {vol.orientation}"
           f"{'  (oblique)' if vol.is_oblique else ''}")
-    print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}")
+    if facts["min"] is not None:
+        print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}")
+    else:
+        print("  values       none finite")
     if facts["series_description"]:
         print(f"  series       {facts['series_description']}")
     for w in facts["warnings"]:
@@ -304,19 +443,38 @@ def _check_device(args: argparse.Namespace) -> None:
     check_network_device(args.method, args.device)
 
 
+def _check_device_name(device: str) -> None:
+    """A misspelt --device is a usage error with every method (the classical rules, which run on the CPU,
+    ignored it: ``--device gpu --method mean`` ran, ``--device gpu`` failed)."""
+    if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", str(device).strip().lower()):
+        raise InvalidInputError(f"unknown device {device!r}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+
+
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
 
+    _check_device_name(args.device)
+
     n_inputs = 1 + len(args.moving)
+    out = Path(args.output)
+    if out.name.lower().endswith(_NOT_VOLUME_SUFFIXES):  # it would become a DICOM series folder named so
+        raise InvalidInputError(f"the output name ends in {out.suffix!r}, which is not a 3-D image format "
+                                "(a name without a known image ending writes a DICOM series folder)",
+                                fix="end OUT in .nii.gz, .nii, .mha or .nrrd; use no suffix for a DICOM series",
+                                path=out)
     if args.modalities is not None and len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
                                 fix="give one per input, FIXED first, e.g. --modalities MR PT")
     with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
-        res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register), method=args.method,
-                         device=args.device, overwrite=args.overwrite, fallback=args.fallback,
-                         threads=args.threads, modalities=args.modalities, progress=bar, cancel=token)
+        try:
+            res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register),
+                             method=args.method, device=args.device, overwrite=args.overwrite,
+                             fallback=args.fallback, threads=args.threads, modalities=args.modalities,
+                             progress=bar, cancel=token)
+        except MedfuseError as e:
+            raise _cli_error(e) from None
     _show_warnings(caught)
     used = res.provenance.get("method_used", args.method)
     _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
@@ -396,6 +554,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _check_device_name(args.device)
     _check_device(args)
     with _CancelOnSigint() as token, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
@@ -459,6 +618,45 @@ def snapshot_png(volume, path, *, center_world=None, overwrite: bool = False, mm
     return Path(path)
 
 
+_DEMO_MARK = ".medfuse-demo"
+
+
+def _claim_demo_folder(out: Path, names: Sequence[str]) -> None:
+    """Make ``out`` the demo's folder, where it rewrites its own files on every run (``make demo`` twice), and
+    refuse, before any work, a folder where files of those names were not written by the demo (a user's own
+    ``fused.nii.gz``). The demo's folder carries a marker file; folders of demos run before it existed are
+    recognised by their ``fused.json``."""
+    from .errors import OutputExistsError
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError("a file is in the way of the demo's output folder", fix="choose another --out",
+                                path=out)
+    if (out / _DEMO_MARK).is_file() or _earlier_demo(out):
+        taken = []
+    else:
+        taken = [n for n in names if os.path.lexists(out / n)]
+    if taken:
+        raise OutputExistsError(f"the folder holds {', '.join(taken)}, not written by medfuse demo (the demo "
+                                "rewrites only its own files)", fix="choose another --out, or move those files "
+                                "away", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    mark = out / _DEMO_MARK
+    if not mark.is_file():
+        mark.write_text("This folder is medfuse demo's output: 'medfuse demo' rewrites its files here on every run.\n")
+
+
+def _earlier_demo(out: Path) -> bool:
+    """Whether ``out/fused.json`` is the sidecar of a demo run (the sample MR or CT + PET, fused into
+    ``out/fused.nii.gz``) made before the demo marked its folder."""
+    try:
+        rec = json.loads((out / "fused.json").read_text())
+        names = [Path(i["path"]).name for i in rec["inputs"]]
+        return (rec.get("medfuse_provenance") is not None and Path(rec["output"]["path"]).name == "fused.nii.gz"
+                and len(names) == 2 and names[0] in ("mr_t1.nii.gz", "ct") and names[1] == "pet")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def run_demo(out: Any, *, method: str = "network", device: str = "cpu", samples: Any = None, anatomy: str = "mr",
              progress_enabled: Optional[bool] = None, cancel: Any = None) -> dict:
     """The ``medfuse demo`` work: sample MR T1 (or CT) + FDG PET -> rigid registration -> fusion -> files.
@@ -466,24 +664,39 @@ def run_demo(out: Any, *, method: str = "network", device: str = "cpu", samples:
     Returns:
         ``{"result": PipelineResult, "files": {name: Path}, "lesion_center": array or None, "lines": [...]}``.
     """
-    from .phantom import default_samples_folder, load_ground_truth, write_samples
-    from .pipeline import fuse_files
+    from .phantom import default_samples_folder
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if anatomy not in ("mr", "ct"):
+        raise InvalidInputError(f"unknown anatomy {anatomy!r}", fix="use mr or ct")
     folder = Path(samples) if samples else default_samples_folder()
+    if samples and not (folder / "ground_truth.json").is_file():
+        raise InvalidInputError("the folder holds no sample volumes (ground_truth.json is missing)",
+                                fix="regenerate them: python -m medfuse.phantom --write DIR", path=folder)
+    created = not os.path.lexists(out)
+    _claim_demo_folder(out, ["fused.nii.gz", "fused.json", "fused.png", f"pet_to_{anatomy}.tfm"])
+    try:
+        return _demo_work(out, folder, method=method, device=device, anatomy=anatomy,
+                          progress_enabled=progress_enabled, cancel=cancel)
+    except BaseException:  # cancelled or failed: a folder this run made is not left behind empty
+        if created and [p.name for p in out.iterdir()] == [_DEMO_MARK]:
+            (out / _DEMO_MARK).unlink()
+            out.rmdir()
+        raise
+
+
+def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, anatomy: str,
+               progress_enabled: Optional[bool], cancel: Any) -> dict:
+    from .phantom import load_ground_truth, write_samples
+    from .pipeline import fuse_files
+
     lines = []
     if folder is None or not (folder / "ground_truth.json").is_file():
-        if samples:
-            raise InvalidInputError("the folder holds no sample volumes (ground_truth.json is missing)",
-                                    fix="regenerate them: python -m medfuse.phantom --write DIR", path=folder)
         folder = out / "sample_volumes"
         if not (folder / "ground_truth.json").is_file():
             folder.mkdir(exist_ok=True)
             write_samples(folder, overwrite=True)
             lines.append(f"generated the sample volumes in {folder}")
-    if anatomy not in ("mr", "ct"):
-        raise InvalidInputError(f"unknown anatomy {anatomy!r}", fix="use mr or ct")
     mr = folder / ("mr_t1.nii.gz" if anatomy == "mr" else "ct")
     pet = folder / "pet"
     files = {"fused": out / "fused.nii.gz", "png": out / "fused.png", "transform": out / f"pet_to_{anatomy}.tfm"}
@@ -524,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="print only errors")
 
-    parser = argparse.ArgumentParser(prog="medfuse", description=_DESCRIPTION, epilog=_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="medfuse", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"medfuse {_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -537,8 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("info", "show what a file or DICOM folder holds",
             "Show series, geometry (shape, spacing, origin, orientation), modality and unit of an image file\n"
-            "or DICOM folder. A folder with several series lists them; pick one with --series.\n\n"
-            "example:\n  medfuse info sample_volumes/pet")
+            "or DICOM folder (a 4-D series: its number of volumes; a PET: where its SUV factor came from).\n"
+            "A folder holding several DICOM series or image files lists them, each series with its folder;\n"
+            "pick a series with --series. Never shows patient identifiers.\n\n"
+            "examples:\n  medfuse info sample_volumes/pet\n  medfuse info sample_volumes")
     p.add_argument("path", metavar="PATH", help="image file (.nii, .nii.gz, .mha, .nrrd) or DICOM file/folder")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to show when a folder holds several")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -634,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Load the sample volumes (MR T1 NIfTI or CT DICOM, FDG PET DICOM with SUV), register the PET\n"
             "onto the MR/CT (rigid), fuse, and write into DIR: fused.nii.gz, fused.json (provenance),\n"
             "fused.png (three orthogonal slices through the lesion) and pet_to_mr.tfm (pet_to_ct.tfm).\n"
-            "The demo rewrites its own files.\n"
+            "Run again, it rewrites its own files in DIR; it refuses a folder where files of those names\n"
+            "were not written by the demo.\n"
             "If the fusion network's weights are absent it falls back to the Laplacian pyramid and says so.\n\n"
             "example:\n  medfuse demo --out demo_output")
     p.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: demo_output)")

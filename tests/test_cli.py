@@ -268,3 +268,185 @@ def test_a_folder_that_save_would_refuse_is_refused_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert "not a DICOM series" in err and "Traceback" not in err
     assert not ran and sorted(p.name for p in out.iterdir()) == ["notes.docx"]
+
+
+# ----------------------------------------------------------------------------- the command line as a new user meets it
+def test_a_mistyped_choice_or_command_gets_a_suggestion(tmp_path, capsys):
+    out = str(tmp_path / "f.nii.gz")
+    assert main(["fuse", "a", "b", "-o", out, "--method", "lapacian"]) == EXIT_USAGE
+    assert "did you mean 'laplacian'?" in capsys.readouterr().err
+    assert main(["fuse", "a", "b", "-o", out, "--register", "Rigid"]) == EXIT_USAGE
+    assert "did you mean 'rigid'?" in capsys.readouterr().err
+    assert main(["fuze", "a"]) == EXIT_USAGE
+    assert "did you mean 'fuse'?" in capsys.readouterr().err
+    assert main(["fuse", "a", "b", "-o", out, "--method", "zzz"]) == EXIT_USAGE
+    assert "did you mean" not in capsys.readouterr().err  # nothing near: no guess
+
+
+def test_info_on_a_folder_lists_its_series_and_image_files(tmp_path, capsys):
+    # sample_volumes holds two DICOM series (ct/, pet/) and three NIfTI files: all are listed (the NIfTI files
+    # were left out), each series with the folder to give to 'fuse'.
+    assert main(["info", str(SAMPLES)]) == 0
+    out = capsys.readouterr().out
+    assert "2 DICOM series and 3 image files" in out and "folder=pet" in out and "folder=ct" in out
+    assert "mr_t1.nii.gz" in out and "spect.nii.gz" in out and "44x52x44" in out
+    assert main(["info", "--json", str(SAMPLES)]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert len(listing["series"]) == 2 and len(listing["files"]) == 3
+    # a folder of NIfTI files only was "no readable DICOM image files were found"
+    only = tmp_path / "my scans"
+    only.mkdir()
+    (only / "t1.nii.gz").write_bytes((SAMPLES / "mr_t1.nii.gz").read_bytes())
+    assert main(["info", str(only)]) == 0  # one file: its details
+    assert "160 x 192 x 160" in capsys.readouterr().out
+    (only / "t2.nii.gz").write_bytes((SAMPLES / "mr_t2.nii.gz").read_bytes())
+    assert main(["info", str(only)]) == 0
+    out = capsys.readouterr().out
+    assert "2 image files" in out and "t2.nii.gz" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["info", str(empty)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no DICOM image series and no NIfTI" in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_series_errors_name_the_command_line_not_the_python_api(capsys):
+    assert main(["info", str(SAMPLES), "--series", "1.2.3"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "not in this folder" in err and "medfuse info" in err and "medfuse.scan" not in err
+    assert main(["info", str(SAMPLES / "mr_t1.nii.gz"), "--series", "1.2.3"]) == EXIT_USAGE  # was ignored
+    assert "--series" in capsys.readouterr().err
+    uid = medfuse_scan_uid("PT")
+    assert main(["info", str(SAMPLES), "--series", uid]) == 0
+    assert "SUVbw" in capsys.readouterr().out
+
+
+def medfuse_scan_uid(modality):
+    import medfuse
+
+    return next(s.series_uid for s in medfuse.scan(SAMPLES) if s.modality == modality)
+
+
+def test_info_on_a_pet_shows_where_the_suv_factor_came_from(capsys):
+    assert main(["info", str(SAMPLES / "pet")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "SUV factor" in x)
+    assert "body weight / injected dose" in line and "Units BQML" in line and "DecayCorrection START" in line
+    assert main(["info", "--json", str(SAMPLES / "pet")]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["unit"] == "SUVbw" and "DecayCorrection START" in facts["suv_factor_source"]
+    assert facts["n_volumes"] == 1
+    assert main(["info", "--json", str(SAMPLES / "mr_t1.nii.gz")]) == 0
+    assert json.loads(capsys.readouterr().out)["suv_factor_source"] is None
+
+
+def test_info_on_a_4d_series_describes_it(shared, tmp_path, capsys):
+    # was: "the series holds 3 volumes (4-D). Fix: pass volume_index=0..2" (a Python argument), exit 2
+    folder = shared("data", "dicom", "qa-philips-scaling", "In")
+    assert main(["info", str(folder)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "volumes      3 (4-D" in out and "64 x 64 x 9" in out
+    # fuse cannot read it: the fix says what to do from the command line
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(folder), "-o", str(tmp_path / "u.nii.gz"),
+                 "--method", "mean", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "4-D" in err and "volume_index=0" in err and "pass volume_index" not in err
+    assert not (tmp_path / "u.nii.gz").exists()
+
+
+def test_fuse_refuses_a_picture_name_as_output_before_any_work(tmp_path, capsys):
+    # '-o fused.png' wrote a DICOM series *folder* named fused.png (register refused it, fuse did not)
+    out = tmp_path / "fused.png"
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(out),
+                 "--method", "mean", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "not a 3-D image format" in err and "Fix:" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fuse_errors_give_command_line_fixes(tmp_path, capsys):
+    out = tmp_path / "f.nii.gz"
+    out.write_bytes(b"x")
+    args = ["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(out), "--method",
+            "mean", "-q"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err, err
+    # a folder of several series: the fix said "pass series_uid= (see medfuse.scan(folder))"
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES), "-o", str(tmp_path / "g.nii.gz"),
+                 "--method", "mean", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "2 series" in err and "medfuse info" in err and "series_uid=" not in err, err
+    assert not (tmp_path / "g.nii.gz").exists()
+
+
+def test_a_misspelt_device_is_refused_whatever_the_method(tmp_path, capsys):
+    # '--device gpu' failed with the network but was silently ignored with a classical rule
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(out),
+                 "--method", "mean", "--device", "gpu", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown device 'gpu'" in err and "Fix:" in err and not out.exists()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--method", "mean", "--device", "gpu", "-q"]) == EXIT_USAGE
+    assert "unknown device 'gpu'" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_an_internal_error_is_exit_3_on_one_line(monkeypatch, capsys):
+    import medfuse.cli as cli
+
+    def bug(args):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(cli, "_cmd_info", bug)
+    assert main(["info", "x"]) == cli.EXIT_INTERNAL == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error: RuntimeError: something broke" in err and "--debug" in err
+    assert main(["info", "x", "--debug"]) == 3 and "Traceback" in capsys.readouterr().err
+
+
+def test_info_never_shows_patient_identifiers(tmp_path, capsys):
+    import pydicom
+
+    folder = tmp_path / "Doe_Jane_pet"
+    folder.mkdir()
+    for f in sorted((SAMPLES / "pet").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Roe^Janet", "MRN4455667", "19510203"
+        ds.save_as(folder / f.name)
+    for extra in ([], ["--json"]):
+        assert main(["info", str(folder), *extra]) == 0
+        out = capsys.readouterr().out
+        assert "SUVbw" in out and "SUV" in out
+        for ident in ("Roe", "Janet", "MRN4455667", "19510203", "70.0"):  # 70.0: the PatientWeight (kg)
+            assert ident not in out, ident
+
+
+@pytest.mark.parametrize("tags,expect", [({"Units": "GML"}, "stored as SUVbw by the scanner (Units GML"),
+                                         ({"DecayCorrection": "ADMIN"}, "decay-corrected to the injection")])
+def test_info_names_the_suv_factor_source_of_other_pet_headers(tmp_path, capsys, tags, expect):
+    import pydicom
+
+    folder = tmp_path / "pet"
+    folder.mkdir()
+    for f in sorted((SAMPLES / "pet").iterdir()):
+        ds = pydicom.dcmread(f)
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(folder / f.name)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "unit SUVbw" in out and expect in out, out
+
+
+def test_info_on_a_4d_nifti_describes_it(tmp_path, capsys):
+    # was: "the file holds 3 volumes (4-D). Fix: use medfuse.load_volumes(path)", exit 2
+    import nibabel as nib
+    import numpy as np
+
+    path = tmp_path / "bold.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 9, 10, 3), np.float32), np.eye(4)), str(path))
+    assert main(["info", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "volumes      3 (4-D" in out and "8 x 9 x 10" in out
+    assert main(["info", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_volumes"] == 3

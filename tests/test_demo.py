@@ -72,3 +72,34 @@ def test_demo_end_to_end(tmp_path, capsys):
     # running it again rewrites its own files (make demo twice)
     assert main(["demo", "--out", str(out), "--no-progress", "--method", "mean"]) == 0
     assert json.loads((out / "fused.json").read_text())["method_used"] == "mean"
+
+
+def test_demo_refuses_a_folder_with_files_it_did_not_write(tmp_path, capsys):
+    # The demo rewrites its own files (make demo twice), but wrote over a user's files of the same names too.
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "fused.nii.gz").write_bytes(b"my own fused volume")
+    assert main(["demo", "--out", str(mine), "--method", "mean", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "fused.nii.gz" in err and "not written by medfuse demo" in err and "Fix:" in err
+    assert (mine / "fused.nii.gz").read_bytes() == b"my own fused volume"
+    assert sorted(p.name for p in mine.iterdir()) == ["fused.nii.gz"]
+
+
+def test_a_cancelled_demo_leaves_no_folder_and_its_own_folder_is_rewritten(tmp_path, capsys, monkeypatch):
+    import medfuse.pipeline as pipeline
+    from medfuse.errors import CancelledError
+
+    def cancelled(*a, **k):
+        raise CancelledError()
+
+    monkeypatch.setattr(pipeline, "fuse_files", cancelled)
+    out = tmp_path / "demo_output"
+    assert main(["demo", "--out", str(out), "--method", "mean", "-q"]) == 130
+    assert not out.exists()  # a folder this run made is not left behind (empty but for the demo's mark)
+    # the demo's own folder (marked by an earlier run): its files are rewritten, not refused
+    out.mkdir()
+    (out / ".medfuse-demo").write_text("x")
+    (out / "fused.png").write_bytes(b"an earlier demo's picture")
+    assert main(["demo", "--out", str(out), "--method", "mean", "-q"]) == 130  # got past the check
+    assert "not written by medfuse demo" not in capsys.readouterr().err
