@@ -892,6 +892,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MedfuseError as e:
         if args.debug:
             traceback.print_exc()
+        e = _cli_error(e)  # every command's fixes in command-line words (register, evaluate, batch too)
         print(f"medfuse {args.command}: error: {e.one_line()}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug

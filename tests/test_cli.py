@@ -450,3 +450,12 @@ def test_info_on_a_4d_nifti_describes_it(tmp_path, capsys):
     assert "volumes      3 (4-D" in out and "8 x 9 x 10" in out
     assert main(["info", "--json", str(path)]) == 0
     assert json.loads(capsys.readouterr().out)["n_volumes"] == 3
+
+
+def test_register_errors_give_command_line_fixes(tmp_path, capsys):
+    # register said "pass overwrite=True" (a Python argument) to a command-line user.
+    out = tmp_path / "pet_on_mr.nii.gz"
+    out.write_bytes(b"mine")
+    assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err and out.read_bytes() == b"mine"
