@@ -536,6 +536,7 @@ def _take_common_flags(args: argparse.Namespace) -> List[str]:
 def _cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
+    _check_device_name(args.device)  # --device gpu with a classical method ran every subject silently
     _check_device(args)
     with _CancelOnSigint() as token:
         summary = run_batch(args.manifest, workers=args.workers, scheduler=args.scheduler,

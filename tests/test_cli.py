@@ -389,6 +389,12 @@ def test_a_misspelt_device_is_refused_whatever_the_method(tmp_path, capsys):
     assert "unknown device 'gpu'" in err and "Fix:" in err and not out.exists()
     assert main(["demo", "--out", str(tmp_path / "d"), "--method", "mean", "--device", "gpu", "-q"]) == EXIT_USAGE
     assert "unknown device 'gpu'" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    # batch too: it ran every subject with the classical rule and said nothing
+    manifest = tmp_path / "subjects.csv"
+    manifest.write_text(f"subject,fixed,moving,output\ns1,{SAMPLES / 'mr_t1.nii.gz'},{SAMPLES / 'spect.nii.gz'},"
+                        f"{tmp_path / 'b' / 's1.nii.gz'}\n")
+    assert main(["batch", str(manifest), "--method", "mean", "--device", "gpu", "-q"]) == EXIT_USAGE
+    assert "unknown device 'gpu'" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def test_an_internal_error_is_exit_3_on_one_line(monkeypatch, capsys):
