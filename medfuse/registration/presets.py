@@ -34,6 +34,9 @@ _BASE: Dict[str, Any] = {
     "multistart_mm": 8.0,
     "multistart_keep": 3,
     "multistart_iterations": 100,
+    # initialise="auto" also scores the 23 other axis-aligned orientations (90-degree turns) on the same copy; the
+    # best wide_keep of them get the whole multi-start above (one polish each).
+    "wide_keep": 2,
     # Final level at native resolution (never finer than final_mm) when both images are finer than the last
     # level of levels_mm; None switches it off.
     "final_mm": 1.0,
@@ -161,7 +164,7 @@ def _validate(p: Dict[str, Any]) -> None:
         number(k, 0)
     number("relaxation", 0, hi=0.999)
     number("multistart_deg", 0, lo_open=False, hi=90)
-    for k in ("multistart_keep", "multistart_iterations", "final_iterations"):
+    for k in ("multistart_keep", "multistart_iterations", "final_iterations", "wide_keep"):
         number(k, 1, lo_open=False, integer=True)
     if p["final_mm"] is not None:
         number("final_mm", 0)

@@ -453,7 +453,7 @@ def test_initial_transform_recovers_a_rotation_registration_alone_misses(spm, tm
     t1, pet = spm["T1"], spm["PET"]
     head = t1.array > 0.2 * t1.array.max()
     moving, M = _misalign(pet, (150, 0, 0), (5, -8, 4))  # upside down: beyond the +-30 degree multi-start
-    alone = register(t1, moving)
+    alone = register(t1, moving, initialise="local")  # no orientation search (initialise="auto" has one)
     assert _tre(alone.transform, t1, head, M) > 20, alone.report.to_dict()  # the test is meaningful
     start = Transform.from_matrix(_near(M, t1.center))
     assert _tre(start, t1, head, M) > 10
@@ -591,3 +591,39 @@ def test_cli_register_initial_transform_files(spm, tmp_path, capsys):
                  "--initial-transform", str(init), "--overwrite", "--no-progress"]) == 2
     assert "source file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------- gross misorientation
+# A wrong header, prone vs supine, head-first vs feet-first: the moving image arrives turned by ~90-180 degrees,
+# beyond the +-30 degree multi-start. initialise="auto" also scores the 23 other axis-aligned orientations; the
+# SPM12 templates share one space, so the misalignment written into the affine is the whole truth.
+@pytest.mark.parametrize("rot,tr", [((150, 0, 0), (5, -8, 4)),    # upside down
+                                    ((0, 180, 0), (3, -5, 2))])   # head-first vs feet-first
+def test_auto_initialisation_recovers_gross_misorientation(spm, rot, tr):
+    t1 = spm["T1"]
+    head = t1.array > 0.2 * t1.array.max()
+    moving, M = _misalign(spm["PET"], rot, tr)
+    r = register(t1, moving)
+    # Same data-limited bound as test_rigid_spm_templates (the templates' MI optimum is ~2.8 mm off the identity);
+    # the +-30 degree multi-start alone ends 114-126 mm off here.
+    assert _tre(r.transform, t1, head, M) <= 3.3, r.report.to_dict()
+    assert r.report.initialisation.startswith("turned 180"), r.report.initialisation
+    assert not r.report.suspect, r.report.suspect_reasons
+    assert abs(r.report.rotation_deg - abs(max(rot, key=abs))) < 2.0, r.report.rotation_deg
+    assert np.linalg.det(r.transform.matrix[:3, :3]) > 0  # turned, never mirrored
+
+
+def test_a_run_without_orientation_search_that_ends_misoriented_is_flagged_suspect(spm):
+    t1 = spm["T1"]
+    head = t1.array > 0.2 * t1.array.max()
+    moving, M = _misalign(spm["PET"], (0, 0, 120), (-6, 4, 10))
+    bad = register(t1, moving, initialise="local")  # the +-30 degree multi-start only: ends ~119 mm off
+    assert _tre(bad.transform, t1, head, M) > 20, bad.report.to_dict()
+    assert bad.report.suspect and any("matches clearly better turned" in s and "initialise='auto'" in s
+                                      for s in bad.report.suspect_reasons), bad.report.suspect_reasons
+    # A correct result of the same run kind is not flagged (the check compares with a turned candidate only when
+    # that lies > 20 mm away and beats the result by > 2 % of |metric|).
+    moving, M = _misalign(spm["PET"], (15, -10, 12), (12, -20, 15))
+    good = register(t1, moving, initialise="local")
+    assert _tre(good.transform, t1, head, M) <= 3.3
+    assert not good.report.suspect, good.report.suspect_reasons
