@@ -92,6 +92,10 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
             fix = "give the folder of one series ('medfuse info FOLDER' lists the series and their folders)"
     elif fix and "overwrite=True" in fix and "--overwrite" not in fix:
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
+    if fix and "initialise='" in fix:  # registration advice: the options of `medfuse register`
+        fix = re.sub(r"(?:pass |try )?initialise='(\w+)'", r"medfuse register --initialise \1", fix)
+        fix = fix.replace("initial_transform= a known rough alignment",
+                          "--initial-transform FILE (a known rough alignment)")
     if fix != e.fix:
         e.fix = fix
         e.args = (e._compose(),)
@@ -388,14 +392,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar:
         res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
-                       initial_transform=initial)
+                       initialise=args.initialise, initial_transform=initial)
     seconds = time.perf_counter() - t0
     save(res.resampled, out, overwrite=args.overwrite)
     res.transform.save(tfm, overwrite=args.overwrite)
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
-    params = {"kind": args.kind, "metric": args.metric}
+    params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise}
     extra = {"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}}
     if init_path:
         params["initial_transform"] = os.fspath(init_path)
@@ -772,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("mattes", "correlation"), default="mattes",
                    help="mattes = mutual information, any modalities (default); correlation = same modality")
     p.add_argument("--transform", metavar="TFM", help="where to write the transform (default: OUT with .tfm)")
+    p.add_argument("--initialise", choices=("auto", "local", "geometry", "moments", "none"), default="auto",
+                   help="starting search: auto (the scanners' placement, geometry centres and moments, each turned "
+                        "through the 24 axis-aligned orientations and +-30 degrees; default), local (no turned "
+                        "orientations), geometry (centre-align: for unrelated scanner coordinates), moments, none")
     p.add_argument("--initial-transform", metavar="FILE", default=None,
                    help="start from this rigid/affine ITK transform (.tfm/.txt/.h5/.mat, FIXED -> MOVING points, as "
                         "medfuse, Slicer, ANTs write them); the written transform includes it")

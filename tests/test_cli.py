@@ -465,3 +465,29 @@ def test_register_errors_give_command_line_fixes(tmp_path, capsys):
     assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--overwrite" in err and "overwrite=True" not in err and out.read_bytes() == b"mine"
+
+
+def test_register_initialise_option_and_its_advice(tmp_path, capsys):
+    # The advice for disjoint fields of view said "pass initialise='geometry'", which the command line could not do.
+    import numpy as np
+
+    import medfuse
+    from medfuse import Volume
+
+    rng = np.random.default_rng(0)
+    box = np.zeros((30, 30, 30), np.float32)
+    box[8:22, 10:20, 6:24] = 100 + rng.normal(0, 5, (14, 10, 18))
+    medfuse.save(Volume(box, np.eye(4), modality="MR"), tmp_path / "a.nii.gz")
+    far = np.eye(4)
+    far[:3, 3] = (500.0, 0.0, 0.0)  # the same object, 500 mm away: unrelated scanner coordinates
+    medfuse.save(Volume(box, far, modality="MR"), tmp_path / "b.nii.gz")
+    args = ["register", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "-o", str(tmp_path / "o.nii.gz"),
+            "--no-progress"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "medfuse register --initialise geometry" in err and "initialise='" not in err
+    assert main(args + ["--initialise", "geometry"]) == 0, capsys.readouterr().err
+    rec = json.loads((tmp_path / "o.json").read_text())
+    assert rec["steps"][0]["params"]["initialise"] == "geometry"
+    t = medfuse.load_transform(tmp_path / "o.tfm")
+    assert np.allclose(t.transform_points(np.array([[15.0, 15.0, 15.0]])), [[515.0, 15.0, 15.0]], atol=1.0)
