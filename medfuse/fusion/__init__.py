@@ -163,7 +163,7 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.
         if np.iscomplexobj(v.array):
             raise InvalidInputError(f"volume {i} is complex ({v.array.dtype})",
                                     fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
-        a = np.asarray(v.array, dtype=np.float64)
+        a = np.asarray(v.array)  # normalise() makes the float64 copy; a second one here only cost memory
         require_finite(a, f"volume {i}", before="fusing")
         if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, 0.0, 1.0):
             # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
@@ -173,6 +173,18 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.
         out.append(y)
         recs.append(rec)
     return out, recs
+
+
+def _as_network_precision(method: str, scaled: List[np.ndarray]) -> None:
+    """Replace the 0..1 float64 inputs by float32 ones, in place, when the network runs.
+
+    The network computes in float32 (:func:`medfuse.fusion.infer.fuse_arrays` casts to it), so the result is
+    the same to the bit; holding the float64 copies through the fusion only cost memory (8 bytes a voxel
+    and input: 0.8 GiB for a 512×512×200 pair).
+    """
+    if method == "network":
+        for i, s in enumerate(scaled):
+            scaled[i] = s.astype(np.float32)
 
 
 def _colour_peak(rgb: np.ndarray) -> float:
@@ -256,7 +268,9 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         input: RGB on that image's scale and of its dtype (``uint8`` stays ``uint8``).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
         ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``
-        and ``network_functional``.
+        and ``network_functional``. The network fuses Volumes thinner than 8 voxels along one axis (a
+        single slice, or a few thick slices) slice by slice with the 2-D path; thin along two axes is an
+        error (a classical rule handles it).
 
     Raises:
         InvalidInputError: wrong count, shapes, NaN, complex values, unknown method, normalisation,
@@ -308,8 +322,11 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         )
     if arrays[0].ndim not in (2, 3):
         raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {shapes[0]}", fix="pass 2-D or 3-D arrays")
-    scaled, recs = _normalise_arrays([x.astype(np.float64) for x in arrays], normalise, originals=arrays)
+    # normalise() makes its own float64 copy of each input: no second one here (peak memory on volumes).
+    scaled, recs = _normalise_arrays(arrays, normalise, originals=arrays)
+    _as_network_precision(method, scaled)
     fused01 = _run(method, scaled, device=device, options=options)
+    del scaled  # not needed any more: its memory goes back before the output is rescaled
     from .normalise import denormalise
 
     # Float inputs get their own precision back (a float32 volume stays float32, at half the memory).
@@ -332,14 +349,22 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
         # anatomical pairs (docs/network.md, "Ninth round"); the modalities say which case this is.
         modalities = {v.modality for v in vols}
         options = {**options, "functional": None if "unknown" in modalities else bool(modalities & {"PT", "NM"})}
-    scaled, recs = _normalise_volumes(vols, normalise)
+    # A single slice (2-D files load as (X, Y, 1)) takes the 2-D path; so, for the network, does each slice
+    # of a volume too thin along one axis for the tri-plane path (a few thick CT or SPECT slices).
     flat = [ax for ax, n in enumerate(ref.shape) if n == 1]
-    if len(flat) == 1:
-        # A single slice (2-D files load as (X, Y, 1)): the 2-D path, then the slice axis back.
-        fused2d = _run(method, [np.take(x, 0, axis=flat[0]) for x in scaled], device=device, options=options)
-        fused = np.clip(np.expand_dims(fused2d, flat[0]), 0.0, 1.0)
+    thin = [ax for ax, n in enumerate(ref.shape) if n < _MIN_SIZE_3D] if method == "network" else flat
+    axis = flat[0] if len(flat) == 1 else thin[0] if len(thin) == 1 else None
+    if axis is None and method == "network" and thin:
+        raise InvalidInputError(f"the volumes (shape {ref.shape}) are too thin along {len(thin)} axes for the "
+                                f"fusion network, which needs {_MIN_SIZE_3D} voxels along all axes but one",
+                                fix="use a classical method (e.g. method='laplacian') for such small volumes")
+    scaled, recs = _normalise_volumes(vols, normalise)
+    _as_network_precision(method, scaled)
+    if axis is not None:
+        fused = np.clip(_slice_by_slice(method, scaled, axis, device=device, options=options), 0.0, 1.0)
     else:
         fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
+    del scaled
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
     # The files the inputs came from: medfuse.save never writes over them, even with overwrite=True.
     sources = [s for v in vols for s in [v.provenance.get("source"), *v.provenance.get("sources", [])]
@@ -354,6 +379,25 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     out = Volume(fused.astype(np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary", provenance=prov)
     out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")})
     return out
+
+
+#: The tri-plane path's smallest extent along an axis (:data:`medfuse.fusion.infer.MIN_SIZE_3D`; kept here so
+#: that this module does not import torch).
+_MIN_SIZE_3D = 8
+
+
+def _slice_by_slice(method: str, scaled: Sequence[np.ndarray], axis: int, *, device: str,
+                    options: Dict[str, Any]) -> np.ndarray:
+    """Fuse the 2-D slices of ``scaled`` along ``axis`` one at a time; progress and cancel per slice."""
+    progress, cancel = options.get("progress"), options.get("cancel")
+    inner = {k: v for k, v in options.items() if k not in ("progress", "cancel")}
+    n = scaled[0].shape[axis]
+    out = []
+    for i in range(n):
+        check(cancel, "fusion")
+        out.append(_run(method, [np.take(x, i, axis=axis) for x in scaled], device=device, options=inner))
+        report(progress, (i + 1) / n, f"fused slice {i + 1} of {n}")
+    return np.stack(out, axis=axis)
 
 
 def _jsonable(v: Any) -> Any:

@@ -137,8 +137,11 @@ def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarr
     if min(shape) < (MIN_SIZE_3D if len(shape) == 3 else 4):
         raise InvalidInputError(f"the arrays are too small for the network: shape {shape}",
                                 fix=("colour images fuse only with a grey one (medfuse.fuse(grey, rgb)); convert "
-                                     "the others to grey first" if len(shape) == 3 and shape[2] in (3, 4)
-                                     else "fuse thin volumes slice by slice with the 2-D path" if len(shape) == 3
+                                     "the others to grey first. Volumes this thin: fuse them slice by slice with "
+                                     "the 2-D path (medfuse.fuse does so for Volumes)"
+                                     if len(shape) == 3 and shape[2] in (3, 4)
+                                     else "fuse thin volumes slice by slice with the 2-D path (medfuse.fuse does so "
+                                          "for Volumes thin along one axis)" if len(shape) == 3
                                      else "use a classical rule for tiny images" if min(shape) >= 2
                                      else "an image needs at least 2 pixels a side (4 for the network)"))
     for a in arrs:
@@ -155,7 +158,8 @@ def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarr
     if lo < -1e-3 or hi > 1 + 1e-3:
         warnings.warn(f"network fusion expects inputs scaled to 0..1 (got {lo:.3g}..{hi:.3g}); clipping",
                       MedfuseWarning, stacklevel=3)
-    return np.clip(x, 0.0, 1.0)
+    # In place: x is a fresh stack, and a second copy of every input would only raise the peak memory.
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
 def _pad_to(x, factor: int, axes: Sequence[int]):
