@@ -321,7 +321,7 @@ class FuseStep:
             method = self.fallback
             fused = _fuse(state.volumes, method=method, device=self.device, **self.options)
         if method == "network":
-            state.weights_sha256 = _weights_sha256()
+            state.weights_sha256 = _weights_sha256(self.options.get("weights"))
             # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
             state.notes["network_functional"] = (getattr(fused, "provenance", None) or {}).get("network_functional")
         state.notes["method_used"] = method
@@ -344,11 +344,12 @@ def _fuse(volumes: Sequence[Volume], *, method: str, device: str, **options: Any
     return fuse(*volumes, method=method, device=device, **options)
 
 
-def _weights_sha256() -> Optional[str]:
-    """The shipped weights' hash, or None when it cannot be read (one rule with ``medfuse.fuse``'s provenance)."""
+def _weights_sha256(weights: Any = None) -> Optional[str]:
+    """The hash of the weights that ran (the shipped file unless ``weights=`` named others), or None when it
+    cannot be read (one rule with ``medfuse.fuse``'s provenance)."""
     from .fusion import _weights_hash
 
-    return _weights_hash()
+    return _weights_hash(weights)
 
 
 def _as_fused_volume(fused: Any, ref: Volume) -> Volume:

@@ -1042,6 +1042,11 @@ def test_provenance_names_the_weights_that_ran(tmp_path):
     vols = [medfuse.Volume(_blobs((16, 16, 16), s), aff, modality="MR") for s in (1, 2)]
     assert medfuse.fuse(*vols, weights=other).provenance["weights_sha256"] == want
     assert medfuse.fuse(*vols).provenance["weights_sha256"] == infer.weights_sha256()
+    # The pipeline too (it wrote the shipped file's hash over the one fuse() had recorded).
+    from medfuse.pipeline import FuseStep, PipelineState
+
+    state = FuseStep("network", weights=other)(PipelineState(inputs=[], volumes=list(vols)))
+    assert state.weights_sha256 == want and state.fused.provenance["weights_sha256"] == want
 
 
 def test_unknown_network_options_and_float32_overflow_are_clear_errors():
