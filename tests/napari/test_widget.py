@@ -507,10 +507,32 @@ def test_fuse_shows_progress_and_cancels(qtbot, make_napari_viewer):
     assert panel.progress.maximum() == 1000 and seen[-1] == 1000
     assert any(0 < v < 1000 for v in seen), seen  # determinate: it moved through intermediate values
     n = len(viewer.layers)
-    panel.run()
-    assert panel.cancel_button.isEnabled()
-    panel.cancel_button.click()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    # The second run is held at its start until Cancel is clicked (a 40^3 Laplacian fusion takes milliseconds and
+    # could finish before the click: that race once failed this test on a loaded machine); fuse() itself must
+    # then see the token and stop.
+    import threading
+
+    import medfuse
+
+    real_fuse, started = medfuse.fuse, threading.Event()
+
+    def held_fuse(*a, cancel=None, **k):
+        started.set()
+        for _ in range(3000):
+            if cancel is not None and cancel.cancelled:
+                break
+            time.sleep(0.01)
+        return real_fuse(*a, cancel=cancel, **k)
+
+    medfuse.fuse = held_fuse
+    try:
+        panel.run()
+        assert panel.cancel_button.isEnabled()
+        qtbot.waitUntil(started.is_set, timeout=30_000)
+        panel.cancel_button.click()
+        qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    finally:
+        medfuse.fuse = real_fuse
     assert panel.status.text() == "cancelled" and len(viewer.layers) == n
     assert panel.run_button.isEnabled() and not panel.cancel_button.isEnabled()
 
