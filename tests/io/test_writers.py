@@ -373,18 +373,24 @@ def test_dicom_overwrite_replaces_only_a_dicom_series(tmp_path, ct):
     assert len(os.listdir(series)) == ct.shape[2] and _leftovers(tmp_path) == []
 
 
+def _fail_at_replace(monkeypatch, n: int, error: BaseException) -> None:
+    """Make the n-th os.replace of the write raise ``error`` (a crash, Ctrl-C or a full disk at that moment)."""
+    real, calls = os.replace, [0]
+
+    def replace(a, b):
+        calls[0] += 1
+        if calls[0] == n:
+            raise error
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
 def test_dicom_overwrite_interrupted_at_the_swap_keeps_the_old_series(tmp_path, ct, monkeypatch):
     series = save(ct, tmp_path / "series")
     before = {f.name: _sha(f) for f in series.iterdir()}
-    real, calls = os.replace, {"n": 0}
-
-    def interrupted(a, b):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the old series is aside, the new one not yet in place
-            raise KeyboardInterrupt
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", interrupted)
+    # The old series is aside, the new one not yet in place.
+    _fail_at_replace(monkeypatch, 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         save(ct.with_array(ct.array + 1), series, overwrite=True)
     monkeypatch.undo()
@@ -396,15 +402,8 @@ def test_mhd_overwrite_failing_at_the_header_keeps_the_old_pair(tmp_path, ct, mo
 
     header = save(ct, tmp_path / "h.mhd")
     before = {f.name: _sha(f) for f in tmp_path.iterdir()}
-    real, calls = os.replace, {"n": 0}
-
-    def disk_full_at_header(a, b):
-        calls["n"] += 1
-        if calls["n"] == 4:  # old .raw aside, new .raw placed, old header aside: the new header fails
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", disk_full_at_header)
+    # Old .raw aside, new .raw placed, old header aside: the new header fails.
+    _fail_at_replace(monkeypatch, 4, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(OutputExistsError, match="disk is full") as e:
         save(ct.with_array(ct.array + 1), header, overwrite=True)
     monkeypatch.undo()

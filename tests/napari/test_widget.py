@@ -703,6 +703,11 @@ def test_register_sheared_and_affine_layers_land_on_fixed_world(qtbot, make_napa
     aff[:3, 3] = [6.0, -4.0, 9.0]
     t0 = _register_layers(viewer, dict(affine=aff, shear=(0.05, 0.0, -0.1)),
                           dict(shear=(0.2, -0.1, 0.15), rotate=_rotation([0, 15, 0]), multiscale=True))
+    _register_and_check_placement(qtbot, viewer, t0)
+
+
+def _register_and_check_placement(qtbot, viewer, t0):
+    """Register "moving" onto "fixed" through the panel; both the moved and the resampled layer must sit right."""
     widget = MedfuseWidget(viewer)
     panel = widget.register_panel
     _run_register(qtbot, panel)
@@ -711,9 +716,8 @@ def test_register_sheared_and_affine_layers_land_on_fixed_world(qtbot, make_napa
     _assert_resampled_on_fixed(viewer)
 
 
-def test_register_follows_layers_renamed_during_the_job(qtbot, make_napari_viewer, monkeypatch):
-    viewer = make_napari_viewer()
-    t0 = _register_layers(viewer)
+def _start_register_collecting_errors(viewer, monkeypatch):
+    """Start registering "moving" onto "fixed" (with resampling); the panel's error notices go to a list."""
     errors = []
     monkeypatch.setattr(_widget, "_notify_error", errors.append)
     widget = MedfuseWidget(viewer)
@@ -722,6 +726,13 @@ def test_register_follows_layers_renamed_during_the_job(qtbot, make_napari_viewe
     panel.moving.set_layer("moving")
     panel.resample_box.setChecked(True)
     panel.run()
+    return widget, panel, errors  # the widget too: the panel lives only as long as it does
+
+
+def test_register_follows_layers_renamed_during_the_job(qtbot, make_napari_viewer, monkeypatch):
+    viewer = make_napari_viewer()
+    t0 = _register_layers(viewer)
+    widget, panel, errors = _start_register_collecting_errors(viewer, monkeypatch)
     viewer.layers["moving"].name = "moving renamed"  # while the worker registers
     viewer.layers["fixed"].name = "fixed renamed"
     qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
@@ -734,14 +745,7 @@ def test_register_follows_layers_renamed_during_the_job(qtbot, make_napari_viewe
 def test_register_never_moves_a_new_layer_that_took_a_removed_layers_name(qtbot, make_napari_viewer, monkeypatch):
     viewer = make_napari_viewer()
     _register_layers(viewer)
-    errors = []
-    monkeypatch.setattr(_widget, "_notify_error", errors.append)
-    widget = MedfuseWidget(viewer)
-    panel = widget.register_panel
-    panel.fixed.set_layer("fixed")
-    panel.moving.set_layer("moving")
-    panel.resample_box.setChecked(True)
-    panel.run()
+    widget, panel, errors = _start_register_collecting_errors(viewer, monkeypatch)
     viewer.layers.remove("moving")  # while the worker registers: another image is opened under the same name
     newcomer = viewer.add_image(np.zeros((8, 8, 8), np.float32), name="moving")
     n = len(viewer.layers)
@@ -768,12 +772,7 @@ def test_register_reader_layers_moved_with_translate(qtbot, make_napari_viewer):
         viewer.add_image(data, **kwargs)
     viewer.layers["fixed"].translate = (10.0, -6.0, 4.0)
     viewer.layers["moving"].translate = (-8.0, 0.0, 12.0)
-    widget = MedfuseWidget(viewer)
-    panel = widget.register_panel
-    _run_register(qtbot, panel)
-    assert panel.result is not None, panel.level_label.text()
-    _assert_moving_on_fixed(viewer, t0)
-    _assert_resampled_on_fixed(viewer)
+    _register_and_check_placement(qtbot, viewer, t0)
 
 
 def test_register_resampled_layer_metadata_describes_its_own_grid(qtbot, make_napari_viewer):
