@@ -340,11 +340,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- register
-# Output endings that are surely not meant as a DICOM series folder name (2-D pictures, sidecars, transforms).
-_NOT_VOLUME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".json", ".tfm", ".txt", ".h5",
-                        ".hdf5", ".mat", ".csv")
-
-
 def _fmt_metric(value: Optional[float]) -> str:
     # None when too few samples overlapped to evaluate it (e.g. the images barely overlap as the scanners placed them).
     return "n/a" if value is None else f"{value:.4f}"
@@ -360,11 +355,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     out = Path(args.output)
     tfm = Path(args.transform) if args.transform else prov.sidecar_path(out).with_suffix(".tfm")
     # Everything that can be refused is refused here, before minutes of work and before any file is written.
-    if out.name.lower().endswith(_NOT_VOLUME_SUFFIXES):
-        raise InvalidInputError(f"the output name ends in {out.suffix!r}, which is not a 3-D image format "
-                                "(a name without a known image ending writes a DICOM series folder)",
-                                fix="end OUT in .nii.gz, .nii, .mha or .nrrd; use no suffix for a DICOM series",
-                                path=out)
+    check_save_target(out, overwrite=args.overwrite, inputs=[args.fixed, args.moving, args.initial_transform])
     if not tfm.name.lower().endswith(TRANSFORM_SUFFIXES):
         raise InvalidInputError(f"unknown transform file ending {tfm.suffix!r}", fix="use .tfm, .txt or .h5",
                                 path=tfm)
@@ -375,9 +366,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         raise InvalidInputError("the transform would be written onto the output image or its sidecar",
                                 fix="give --transform another path", path=tfm)
     init_path = args.initial_transform
-    # The initial transform is an input too: never written over. The image output gets every check save() makes
-    # (a folder holding more than a DICOM series is refused now, not after the registration).
-    check_save_target(out, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])
+    # The initial transform is an input too: never written over (the image output was checked above).
     check_output(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path], kind="file")
     prov.check_sidecar(out, overwrite=args.overwrite)
     from .registration.register import _as_initial
@@ -450,8 +439,9 @@ def _check_device(args: argparse.Namespace) -> None:
 def _check_device_name(device: str) -> None:
     """A misspelt --device is a usage error with every method (the classical rules, which run on the CPU,
     ignored it: ``--device gpu --method mean`` ran, ``--device gpu`` failed)."""
-    if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", str(device).strip().lower()):
-        raise InvalidInputError(f"unknown device {device!r}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+    from .fusion.device import check_device_name
+
+    check_device_name(device)
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
@@ -460,12 +450,6 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     _check_device_name(args.device)
 
     n_inputs = 1 + len(args.moving)
-    out = Path(args.output)
-    if out.name.lower().endswith(_NOT_VOLUME_SUFFIXES):  # it would become a DICOM series folder named so
-        raise InvalidInputError(f"the output name ends in {out.suffix!r}, which is not a 3-D image format "
-                                "(a name without a known image ending writes a DICOM series folder)",
-                                fix="end OUT in .nii.gz, .nii, .mha or .nrrd; use no suffix for a DICOM series",
-                                path=out)
     if args.modalities is not None and len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
                                 fix="give one per input, FIXED first, e.g. --modalities MR PT")

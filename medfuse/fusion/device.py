@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from ..errors import InvalidInputError
 
-__all__ = ["resolve_device", "check_network_device"]
+__all__ = ["resolve_device", "check_network_device", "check_device_name"]
+
+
+def check_device_name(device) -> str:
+    """The device name, lower-cased, if it is one medfuse knows (no torch needed); else InvalidInputError.
+
+    Used on its own where no network runs (classical rules still refuse a misspelt ``--device``).
+    """
+    name = str(device).strip().lower()
+    kind, sep, index = name.partition(":")
+    if name in ("auto", "cpu", "mps") or (kind == "cuda" and (not sep or index.isdigit())):
+        return name
+    raise InvalidInputError(f"unknown device {device!r}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
 
 
 def resolve_device(device) -> str:
@@ -27,13 +39,13 @@ def resolve_device(device) -> str:
     """
     import torch
 
-    name = str(device).strip().lower()
+    name = check_device_name(device)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     kind, _, index = name.partition(":")
-    if kind == "cpu" and not index:
+    if kind == "cpu":
         return "cpu"
-    if kind == "cuda" and (not index or index.isdigit()):
+    if kind == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
             raise InvalidInputError(f"device {device!r} was asked for, but {why}",
@@ -43,13 +55,11 @@ def resolve_device(device) -> str:
             raise InvalidInputError(f"device {device!r} was asked for, but this machine has {count} CUDA GPU(s)",
                                     fix=f"use 'cuda:0' .. 'cuda:{count - 1}', or 'cuda' for the current one")
         return name
-    if kind == "mps" and not index:
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise InvalidInputError(f"device {device!r} was asked for, but Apple's MPS backend is not available here",
-                                    fix="use device 'cpu'")
-        return "mps"
-    raise InvalidInputError(f"unknown device {device!r}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+    mps = getattr(torch.backends, "mps", None)  # the only name left
+    if mps is None or not mps.is_available():
+        raise InvalidInputError(f"device {device!r} was asked for, but Apple's MPS backend is not available here",
+                                fix="use device 'cpu'")
+    return "mps"
 
 
 def check_network_device(method: str, device) -> None:

@@ -194,6 +194,14 @@ def _is_dicom_file(f: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
+def refuse_foreign_folder(p: Path) -> None:
+    """OutputExistsError when ``p`` is a folder ``overwrite`` may not replace (it holds more than a DICOM series)."""
+    if p.is_dir() and not _replaceable_folder(p):
+        raise OutputExistsError("the output folder holds files that are not a DICOM series (overwrite replaces only "
+                                "a DICOM series folder)", fix="choose another output name, or empty the folder",
+                                path=p)
+
+
 def _replaceable_folder(p: Path) -> bool:
     """A folder ``overwrite`` may replace: empty, or only DICOM files (a series, such as medfuse writes).
 
@@ -223,10 +231,7 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
     is refused (:class:`OutputExistsError`) and left alone.
     """
     p = check_output(path, overwrite=overwrite, inputs=inputs, kind="folder")
-    if p.is_dir() and not _replaceable_folder(p):
-        raise OutputExistsError("the output folder holds files that are not a DICOM series (overwrite replaces only "
-                                "a DICOM series folder)", fix="choose another output name, or empty the folder",
-                                path=p)
+    refuse_foreign_folder(p)
     tmp: Optional[Path] = None
     old: Optional[Path] = None
     try:

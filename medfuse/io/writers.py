@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
-from ._atomic import _public_mode, _replaceable_folder, _temp_suffix, _typed_os_error, atomic_path, check_output, same_file
+from ._atomic import (_public_mode, _temp_suffix, _typed_os_error, atomic_path, check_output, refuse_foreign_folder,
+                      same_file)
 from .nifti import format_tag, nifti_space_code
 
 __all__ = ["save", "check_save_target", "FORMATS"]
@@ -36,6 +37,9 @@ _BY_SUFFIX = ((".nii.gz", "nifti"), (".nii", "nifti"), (".mha", "metaimage"), ("
               (".nrrd", "nrrd"), (".nhdr", "nrrd"))
 #: Endings the reader knows but no writer makes (a NIfTI/Analyze .hdr/.img pair).
 _READ_ONLY_SUFFIXES = (".img", ".hdr", ".img.gz", ".hdr.gz")
+#: Endings surely not meant as a DICOM series folder's name (2-D pictures, sidecars, transforms, tables).
+_NOT_VOLUME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".json", ".tfm", ".txt", ".h5",
+                        ".hdf5", ".mat", ".csv")
 
 
 def _format_of(path: Path, fmt: Optional[str]) -> str:
@@ -53,6 +57,12 @@ def _format_of(path: Path, fmt: Optional[str]) -> str:
         # Without this, "scan.img" would silently become a DICOM series folder of that name.
         raise InvalidInputError(f"medfuse reads Analyze/NIfTI pairs ({path.suffix}) but does not write them",
                                 fix="name the output .nii.gz or .nii (or give no suffix for a DICOM series)",
+                                path=path)
+    if name.endswith(_NOT_VOLUME_SUFFIXES):
+        # A name without an image ending is a DICOM series folder: "fused.png" became a folder of DICOM files.
+        raise InvalidInputError(f"the output name ends in {path.suffix!r}, which is not a 3-D image format "
+                                "(a name without a known image ending writes a DICOM series folder)",
+                                fix="end the name in .nii.gz, .nii, .mha or .nrrd; use no suffix for a DICOM series",
                                 path=path)
     return "dicom"
 
@@ -202,10 +212,8 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     p = Path(path)
     fmt = _format_of(p, format)
     check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
-    if fmt == "dicom" and p.is_dir() and not _replaceable_folder(p):
-        raise OutputExistsError("the output folder holds files that are not a DICOM series (overwrite replaces only "
-                                "a DICOM series folder)", fix="choose another output name, or empty the folder",
-                                path=p)
+    if fmt == "dicom":
+        refuse_foreign_folder(p)
     return p
 
 

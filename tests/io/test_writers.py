@@ -529,3 +529,14 @@ def test_fused_volume_is_never_saved_over_the_files_it_was_made_from(tmp_path):
         medfuse.save(fused.copy(), pet_path, overwrite=True)
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (mr_path, pet_path)} == before
     medfuse.save(fused, tmp_path / "fused.nii.gz")  # anywhere else is fine
+
+
+def test_picture_and_sidecar_names_are_refused_not_made_a_dicom_folder(tmp_path):
+    # save(vol, "fused.png") wrote a DICOM series folder named fused.png (only the CLI refused such names).
+    from medfuse.errors import InvalidInputError
+
+    vol = Volume(np.zeros((4, 4, 3), np.float32), np.eye(4))
+    for name in ("fused.png", "x.JSON", "t.tfm"):
+        with pytest.raises(InvalidInputError, match="not a 3-D image format"):
+            save(vol, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
