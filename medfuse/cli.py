@@ -199,37 +199,6 @@ def _image_files(folder: Path) -> List[dict]:
     return rows
 
 
-def _suv_source(vol) -> Optional[str]:
-    """Where a DICOM PET's SUV factor came from (header tags' names only, never their values), or None."""
-    if vol.modality != "PT" or not str(vol.unit).startswith("SUV"):
-        return None
-    try:
-        from .io import dicom as _dicom
-        from .io import suv as _suv
-
-        src = Path(vol.provenance["source"])
-        files = _dicom._headers(src).get(vol.provenance.get("series_uid"))
-        h = _suv.header_from_dataset(files[0][1])
-    except Exception:  # noqa: BLE001 - a fact to show, never a reason to fail
-        return None
-    units = str(h.get("Units") or "").strip().upper()
-    kind = vol.unit[3:]
-    if units == "GML":
-        stored = str(h.get("SUVType") or "BW").strip().upper()
-        return (f"stored as SUV{stored.lower()} by the scanner (Units GML, SUVType {stored})"
-                + ("" if stored.lower() == kind else f", converted to SUV{kind} with the patient's body size"))
-    body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass"}.get(kind, kind)
-    if units == "CNTS":
-        if (_suv._philips(h, "SUVScaleFactor") or 0) > 0:
-            return "Philips private SUV scale factor (7053,1000) (Units CNTS)"
-        return (f"Philips activity concentration scale factor (7053,1009) x {body} / injected dose "
-                f"(Units CNTS, DecayCorrection {h.get('DecayCorrection')})")
-    dc = str(h.get("DecayCorrection") or "").strip().upper()
-    dose = "injected dose (the pixels are decay-corrected to the injection)" if dc == "ADMIN" else \
-        "injected dose decayed to the scan start"
-    return f"{body} / {dose} (Units {units or 'BQML'}, DecayCorrection {dc})"
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     from .errors import MultipleSeriesError
     from .io import is_image_file, load_volumes
@@ -297,7 +266,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "path": os.fspath(p),
         "modality": vol.modality,
         "unit": vol.unit,
-        "suv_factor_source": _suv_source(vol),
+        "suv_factor_source": vol.provenance.get("suv_source"),
         "shape": list(vol.shape),
         "n_volumes": len(vols),
         "spacing_mm": [round(s, 4) for s in vol.spacing],

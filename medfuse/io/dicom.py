@@ -793,6 +793,11 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     frames = _series_frames(files, path)
     vols, normal = _split_volumes(frames, path)
     unit, factors = _unit_and_suv(modality, files, suv, notes, path)
+    suv_source = None
+    if factors is not None:  # how the factor was made, in words (tags' names, never values), for `medfuse info`
+        from . import suv as _suv
+
+        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), unit[3:])
     pix = _pixels(vols, dict(files))
     ts = str(getattr(getattr(ds0, "file_meta", None), "TransferSyntaxUID", "") or "")
     out = []
@@ -815,6 +820,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov.setdefault("tilt_corrected", False)
         if factors is not None:
             prov["suv"] = unit[3:].lower()  # the kind applied ("auto" resolved)
+            prov["suv_source"] = suv_source
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
     if broken:  # the series itself is complete (a gap would have been refused above)
         msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated or not "

@@ -29,7 +29,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from ..errors import SUVError
 
-__all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "SUV_KINDS", "KIND_UNITS", "stored_unit"]
+__all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "factor_source",
+           "SUV_KINDS", "KIND_UNITS", "stored_unit"]
 
 #: Accepted ``kind`` values and their medfuse unit.
 KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUVbsa"}
@@ -438,3 +439,28 @@ def suv_problem(headers: Any, kind: str = "bw") -> Optional[str]:
     except SUVError as e:
         return e.problem
     return None
+
+
+def factor_source(header: Dict[str, Any], kind: str = "bw") -> str:
+    """Where a series' SUV factor comes from, in words: the tags' names and the rule, never their values.
+
+    Args:
+        header: one instance's header (:func:`header_from_dataset`).
+        kind: the SUV kind applied (``"bw"``, ``"lbm"``, ``"bsa"``).
+    """
+    units = str(header.get("Units") or "").strip().upper()
+    kind = str(kind).lower()
+    if units == "GML":
+        stored = str(header.get("SUVType") or "BW").strip().upper()
+        return (f"stored as SUV{stored.lower()} by the scanner (Units GML, SUVType {stored})"
+                + ("" if stored.lower() == kind else f", converted to SUV{kind} with the patient's body size"))
+    body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass"}.get(kind, kind)
+    dc = str(header.get("DecayCorrection") or "").strip().upper()
+    if units == "CNTS":
+        if (_philips(header, "SUVScaleFactor") or 0) > 0:
+            return "Philips private SUV scale factor (7053,1000) (Units CNTS)"
+        return (f"Philips activity concentration scale factor (7053,1009) x {body} / injected dose "
+                f"(Units CNTS, DecayCorrection {dc})")
+    dose = ("injected dose (the pixels are decay-corrected to the injection)" if dc == "ADMIN"
+            else "injected dose decayed to the scan start")
+    return f"{body} / {dose} (Units {units or 'BQML'}, DecayCorrection {dc})"
