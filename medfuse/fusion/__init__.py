@@ -122,7 +122,9 @@ def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]
     they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would otherwise leave the PET at about 3 % of
     the scale, too dim to count in the fusion.
     """
-    peaks = [float(a.max()) for a in arrays if float(a.max()) > float(a.min())]  # constant inputs don't count
+    # An all-zero input fits any scale, so it has no say; a constant non-zero one does, by its level: a
+    # uniform 200 beside a 0..1 image is not on "their" 0..255 scale (that left the image at 0.4 % of it).
+    peaks = [float(a.max()) for a in arrays if float(a.max()) > 0.0]
     alike = not peaks or min(peaks) * _SHARED_SCALE_RATIO >= max(peaks)
     integer = all(np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in arrays)
     if all(_within(a, 0.0, 1.0) for a in arrays) and (alike or integer):
@@ -130,6 +132,15 @@ def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]
     if all(_within(a, 0.0, 255.0) for a in arrays) and (alike or integer):
         return 0.0, 255.0
     return None
+
+
+def _output_scale_index(arrays: Sequence[np.ndarray]) -> int:
+    """Which input's scale the fused array is returned on: the first one that is not constant.
+
+    A constant input has no intensity scale to return to (min/max maps it to ``[c, c + 1]``): a uniform
+    5000 first would have put the fusion of a 0..1 image in 5000..5001.
+    """
+    return next((i for i, a in enumerate(arrays) if float(a.max()) > float(a.min())), 0)
 
 
 def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
@@ -248,7 +259,8 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         normalise: ``"auto"``, ``"none"``, a :mod:`~medfuse.fusion.normalise` method name for every
             input, or a list of option dicts (one per input, e.g. ``{"method": "window", "level": 40}``).
             ``auto`` for arrays keeps a shared 0..1 or 0..255 scale when the inputs use it alike
-            (integer images always; float images when their maxima are within a factor of 4), else
+            (integer images always; float images when their maxima are within a factor of 4, a
+            constant input counting by its level and an all-zero one not at all), else
             scales each by min/max, so that an MR in 0..150 beside a PET in SUV 0..8 both count;
             for Volumes it picks by modality (CT window, PET SUV range, MR percentiles) and leaves
             volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are.
@@ -264,7 +276,8 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
             the learned choice, which can hide one).
 
     Returns:
-        Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1), of the inputs'
+        Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1; the first input
+            that is not constant, when the first is), of the inputs'
         floating dtype (float32 inputs give float32), float64 for integer or boolean inputs. With an RGB
         input: RGB on that image's scale and of its dtype (``uint8`` stays ``uint8``).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
@@ -332,7 +345,7 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
 
     # Float inputs get their own precision back (a float32 volume stays float32, at half the memory).
     common = np.result_type(*arrays)
-    return denormalise(fused01, recs[0]).astype(common if np.issubdtype(common, np.floating) else np.float64,
+    return denormalise(fused01, recs[_output_scale_index(arrays)]).astype(common if np.issubdtype(common, np.floating) else np.float64,
                                                  copy=False)
 
 

@@ -426,3 +426,20 @@ def test_rule_options_are_checked_not_misread():
         out = C.fuse_arrays(small, method="wavelet")
     np.testing.assert_allclose(C.fuse_arrays([small[0], small[0]], method="wavelet"), small[0], atol=1e-9)
     assert out.shape == (12, 12) and np.isfinite(out).all()
+
+
+def test_a_constant_input_neither_squashes_the_other_nor_sets_the_output_scale():
+    """A uniform float input is no reason to put a 0..1 image on a 0..255 scale (where it sank to 0.4 % and the
+    max rule returned the constant everywhere), and it has no scale of its own to return the fusion on."""
+    a, _ = _images()
+    img = a / 255  # 0..1
+    for level in (200.0, 5000.0):
+        flat = np.full_like(img, level)
+        for first, second in ((flat, img), (img, flat)):
+            fused = fuse(first, second, method="max")
+            # The constant carries no information: the max rule gives the image back, on the image's scale.
+            np.testing.assert_allclose(fused, img, atol=1e-12)
+    # A constant on the image's own scale is an image like any other (a uniform mid-grey): kept as it is.
+    np.testing.assert_allclose(fuse(np.full_like(img, 0.5), img, method="max"), np.maximum(img, 0.5))
+    # All zeros never had a say, first or second.
+    np.testing.assert_allclose(fuse(np.zeros_like(img), img, method="max"), img, atol=1e-12)
