@@ -28,6 +28,15 @@ def _is_compare(layer: Any) -> bool:
     return bool(meta(layer).get(_COMPARE_TAG))
 
 
+def _show_choice(box: QComboBox, text: str) -> None:
+    """Select ``text`` in a combo box without emitting; a choice made elsewhere (napari's controls) is added."""
+    box.blockSignals(True)
+    if box.findText(text) < 0:
+        box.addItem(text)
+    box.setCurrentText(text)
+    box.blockSignals(False)
+
+
 def _spin(lo: float, hi: float, value: float, step: float = 1.0, decimals: int = 1) -> QDoubleSpinBox:
     s = QDoubleSpinBox()
     s.setRange(lo, hi)
@@ -199,33 +208,46 @@ class OverlayPanel(QWidget):
         for k, v in props.items():
             setattr(layer, k, v)
 
-    def _pair_changed(self, *_: Any) -> None:
-        for layer in self._watched:
+    def _watch(self, layer: Any, connect: bool) -> None:
+        """(Dis)connect the layer events that the panel's controls follow.
+
+        Why: napari's own layer controls change colour map, opacity and blending too; a control left stale
+        shows the wrong state and puts its old value back the next time it is touched.
+        """
+        for name, slot in (("contrast_limits", self._limits_changed), ("colormap", self._display_changed),
+                           ("opacity", self._display_changed), ("blending", self._display_changed)):
+            emitter = getattr(layer.events, name)
+            if connect:
+                emitter.connect(slot)
+                continue
             try:
-                layer.events.contrast_limits.disconnect(self._limits_changed)
+                emitter.disconnect(slot)
             except (TypeError, RuntimeError, ValueError):
                 pass
+
+    def _pair_changed(self, *_: Any) -> None:
+        for layer in self._watched:
+            self._watch(layer, connect=False)
         self._watched = []
+        base, ov = self.base.layer(), self.overlay.layer()
+        for layer in (base, ov):
+            if layer is not None and layer not in self._watched:
+                self._watch(layer, connect=True)
+                self._watched.append(layer)
+        self._display_changed()
+        self._limits_changed()
+
+    def _display_changed(self, *_: Any) -> None:
+        """Show the pair's colour maps, the overlay's opacity and its blending as the layers have them now."""
         base, ov = self.base.layer(), self.overlay.layer()
         for box, layer in ((self.base_cmap, base), (self.overlay_cmap, ov)):
             if layer is not None:
-                box.blockSignals(True)
-                if box.findText(layer.colormap.name) < 0:
-                    box.addItem(layer.colormap.name)
-                box.setCurrentText(layer.colormap.name)
-                box.blockSignals(False)
+                _show_choice(box, layer.colormap.name)
         if ov is not None:
             self.opacity.blockSignals(True)
             self.opacity.setValue(int(round(ov.opacity * 100)))
             self.opacity.blockSignals(False)
-            self.blending.blockSignals(True)
-            self.blending.setCurrentText(str(ov.blending))
-            self.blending.blockSignals(False)
-        for layer in (base, ov):
-            if layer is not None:
-                layer.events.contrast_limits.connect(self._limits_changed)
-                self._watched.append(layer)
-        self._limits_changed()
+            _show_choice(self.blending, str(ov.blending))
 
     # -------------------------------------------------------------------- window / level
     def set_window(self, name: str) -> None:

@@ -164,6 +164,24 @@ def test_range_boxes_follow_napari_contrast_slider(ct_pet):
     assert (panel.ww.value(), panel.wl.value()) == (400, 100)
 
 
+def test_display_controls_follow_napari_layer_controls(ct_pet):
+    """Colour map, opacity and blending changed in napari's own layer controls show in the panel, and the
+    panel's next edit of one control leaves the others as napari set them (a stale box put its value back)."""
+    viewer, ct, pet, panel = ct_pet
+    pet.opacity, pet.colormap, pet.blending = 0.25, "viridis", "translucent_no_depth"
+    ct.colormap = "bone"
+    assert panel.opacity.value() == 25 and panel.overlay_cmap.currentText() == "viridis"
+    assert panel.blending.currentText() == "translucent_no_depth" and panel.base_cmap.currentText() == "bone"
+    panel.opacity.setValue(60)
+    assert pet.opacity == pytest.approx(0.6) and pet.colormap.name == "viridis" and pet.blending == "translucent_no_depth"
+    # A layer that left the pair is no longer followed.
+    viewer.layers.remove(pet)
+    ct2 = viewer.add_image(np.zeros((4, 4, 4)), name="other")
+    panel.overlay.setCurrentText("other")
+    pet.opacity = 0.9
+    assert panel.opacity.value() == int(round(ct2.opacity * 100))
+
+
 def test_range_boxes_keep_small_overlay_ranges(make_napari_viewer):
     # A probability map 0..0.04 as overlay: the max box (minimum 0.1 before) clamped it to 0.1.
     viewer = make_napari_viewer()
