@@ -39,8 +39,12 @@ def _absolute_source(vol: Volume) -> Volume:
 
 
 def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
-         modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto") -> Volume:
+         modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto",
+         whole_series: bool = False) -> Volume:
     """Load one 3-D volume from a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
+
+    A DICOM file is read on its own (one slice of a classic series gives a one-slice volume) unless
+    ``whole_series=True``.
 
     Args:
         path: file or folder.
@@ -50,6 +54,10 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         unit: override the unit.
         suv: PET only: ``"auto"`` (default: SUVbw, or the SUV kind a GML series already holds),
             ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, or ``"none"`` for the stored unit (Bq/mL).
+        whole_series: DICOM only: when ``path`` is one slice of a single-frame series, load the whole series it
+            belongs to: the files in the same folder (not its sub-folders) with the same SeriesInstanceUID; other
+            series there are ignored. Folders and multi-frame files are whole already. The volume's recorded
+            source is then the folder.
 
     Raises:
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
@@ -62,14 +70,15 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         return _absolute_source(load_image(p, modality=modality, unit=unit))
     from .dicom import load_dicom
 
-    vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv)
+    vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series)
     if modality is not None or unit is not None:
         vol = vol.with_array(vol.array, **{k: v for k, v in (("modality", modality), ("unit", unit)) if v is not None})
     return _absolute_source(vol)
 
 
-def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto") -> List[Volume]:
-    """Load every volume of a (possibly 4-D) series as a list of 3-D volumes."""
+def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto",
+                 whole_series: bool = False) -> List[Volume]:
+    """Load every volume of a (possibly 4-D) series as a list of 3-D volumes (``whole_series``: see :func:`load`)."""
     p = Path(path)
     _check_exists(p)
     if p.is_file() and is_image_file(p):
@@ -78,7 +87,8 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
         return [_absolute_source(v) for v in load_image_volumes(p)]
     from .dicom import load_dicom_volumes
 
-    return [_absolute_source(v) for v in load_dicom_volumes(p, series_uid=series_uid, suv=suv)]
+    return [_absolute_source(v) for v in load_dicom_volumes(p, series_uid=series_uid, suv=suv,
+                                                            whole_series=whole_series)]
 
 
 def scan(folder: PathLike):

@@ -167,12 +167,14 @@ def _cut_short(ds) -> bool:
     return "Image Storage" in name and ("Rows" not in ds or "Columns" not in ds)
 
 
-def _headers(path: Path, broken: Optional[List[Path]] = None) -> Dict[str, List[Tuple[Path, Any]]]:
-    """Series UID -> [(file, header)] for every image DICOM under path; damaged DICOM files go to ``broken``."""
-    single = path.is_file()
+def _headers(path: Path, broken: Optional[List[Path]] = None,
+             files: Optional[Sequence[Path]] = None) -> Dict[str, List[Tuple[Path, Any]]]:
+    """Series UID -> [(file, header)] for every image DICOM under path (or among ``files``, read as a folder's);
+    damaged DICOM files go to ``broken``."""
+    single = files is None and path.is_file()
     series: Dict[str, List[Tuple[Path, Any]]] = {}
     n_non_image = 0
-    for f in _files(path):
+    for f in (_files(path) if files is None else files):
         ds = _read_header(f, strict=single)
         if ds is _BROKEN:
             if broken is not None:
@@ -766,7 +768,29 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     return "Bq/mL", None
 
 
-def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto") -> List[Volume]:
+def _series_of_file(path: Path, broken: List[Path]) -> Tuple[Path, Dict[str, List[Tuple[Path, Any]]], str]:
+    """(where the data comes from, series found, the series to load) for one file read as its whole series.
+
+    The file is read strictly first (a bad file is reported as such). A multi-frame file is a whole series by
+    itself; a single-frame slice brings the files of the same SeriesInstanceUID beside it in its folder (not in
+    sub-folders: a slice saved in a home or study folder must not start a search of everything below it).
+    """
+    own = _headers(path)
+    uid = next(iter(own))
+    if int(own[uid][0][1].get("NumberOfFrames", 1) or 1) > 1:
+        return path, own, uid
+    try:
+        siblings = sorted(f for f in path.parent.iterdir() if f.is_file() and not f.name.startswith("."))
+    except OSError as e:
+        raise UnreadableFileError(f"the folder of the file cannot be listed ({type(e).__name__})",
+                                  fix="check its permissions, or load the file without whole_series",
+                                  path=path.parent) from None
+    series = _headers(path.parent, broken, files=siblings)
+    return path.parent, series, uid
+
+
+def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto",
+                       whole_series: bool = False) -> List[Volume]:
     """Load every volume of one DICOM series (a 3-D series gives a list of one).
 
     Args:
@@ -775,6 +799,9 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         suv: PET only: ``"auto"`` (SUVbw, or the SUV kind a GML series holds), ``"bw"``,
             ``"lbm"`` (James), ``"lbm_janma"``, ``"bsa"``, or ``"none"`` to keep the
             stored unit (Bq/mL for BQML).
+        whole_series: when ``path`` is one slice of a single-frame series, load the whole series it belongs to
+            (the files of its folder with the same SeriesInstanceUID; other series there are ignored) instead of
+            that one slice. No effect on folders and multi-frame files.
 
     Raises:
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
@@ -783,7 +810,15 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     if not path.exists():
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
     broken: List[Path] = []
-    series = _headers(path, broken)
+    if whole_series and path.is_file():
+        path, series, own_uid = _series_of_file(path, broken)
+        if series_uid is not None and series_uid != own_uid:
+            raise InvalidInputError("series_uid names another series than the one the file belongs to",
+                                    fix="leave out series_uid, or pass the folder instead of one of its files",
+                                    path=path)
+        series_uid = own_uid
+    else:
+        series = _headers(path, broken)
     uid, files = _choose(series, series_uid, path)
     notes: List[str] = []
     files = _dedupe(files, path, notes)
@@ -812,6 +847,9 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov: Dict[str, Any] = {}
         vnotes = list(notes)
         arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov, broken)
+        # Study and frame of reference: which volumes share a patient space (never logged: UIDs identify).
+        prov.update(study_uid=_uid_of(ds0, "StudyInstanceUID"),
+                    frame_of_reference_uid=_uid_of(ds0, "FrameOfReferenceUID"))
         prov.update(series_uid=uid, source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),
@@ -831,8 +869,13 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     return out
 
 
+def _uid_of(ds, keyword: str) -> Optional[str]:
+    """A top-level UID of the header (enhanced images too keep these at the top level); None when absent."""
+    return str(ds.get(keyword, "") or "").strip() or None
+
+
 def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
-               suv: str = "auto") -> Volume:
+               suv: str = "auto", whole_series: bool = False) -> Volume:
     """Load one 3-D volume from a DICOM file or folder.
 
     Args:
@@ -840,11 +883,12 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
         series_uid: which series to load when the folder holds several.
         volume_index: which volume of a 4-D series (0-based); required when there are several.
         suv: PET only: ``"auto"``, ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"`` or ``"none"``.
+        whole_series: a single-frame slice loads the whole series it belongs to (see :func:`load_dicom_volumes`).
 
     Raises:
         MultipleSeriesError: several series, or a 4-D series without ``volume_index``.
     """
-    vols = load_dicom_volumes(path, series_uid=series_uid, suv=suv)
+    vols = load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series)
     if volume_index is None:
         if len(vols) > 1:
             raise MultipleSeriesError(f"the series holds {len(vols)} volumes (4-D)",

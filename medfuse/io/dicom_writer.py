@@ -1,6 +1,6 @@
 """Write a Volume as a derived DICOM series: one file per slice, written atomically.
 
-Choices (see docs/io.md):
+Choices (see docs/io.md and docs/dicom.md):
 
 * New SeriesInstanceUID and SOPInstanceUIDs; ImageType ``DERIVED\\SECONDARY``.
 * Geometry per slice: ImagePositionPatient = affine·(0, 0, k), ImageOrientationPatient from the
@@ -25,9 +25,25 @@ Choices (see docs/io.md):
 * Study context (StudyInstanceUID, study date/time/description, FrameOfReferenceUID, patient
   module unless de-identifying) is taken from ``template``. The FrameOfReferenceUID comes from the template
   only (the series whose patient space the voxels are in: the fixed image for a registered result), never
-  from provenance; without one a new frame of reference is made. With ``deidentify=True`` (the default)
-  patient name, ID, birth date and other identifiers are removed and PatientIdentityRemoved is
-  YES; without a template a new StudyInstanceUID is made.
+  from provenance; without one a new frame of reference is made. Without a template a new StudyInstanceUID
+  is made.
+* ``deidentify=True`` (the default) follows the DICOM PS3.15 Basic Application Level Confidentiality Profile
+  with the *Retain Longitudinal Temporal Information Full Dates* and *Retain Patient Characteristics* options
+  (dates and times, sex, age, size and weight are kept: SUV needs them): names, IDs, birth date, accession
+  number, study ID, referring physician and study description are removed or emptied (at any depth), private
+  elements are dropped, and every UID copied from the template (Study, FrameOfReference, any in a sequence) is
+  replaced by a pseudonym. The pseudonym is a hash of the original UID with a key made once per process: the
+  series written by one run from one template share their new study and frame of reference (so they still
+  overlay), and no one can recompute them from the original UIDs. PatientIdentityRemoved ``YES``,
+  DeidentificationMethod and DeidentificationMethodCodeSequence (CID 7050) say so.
+* SeriesNumber: ``1HHMMSS`` from the clock, raised when needed so that every series this process writes gets a
+  larger number than the one before, and never the template's own number.
+* IOD modules: CT Image (ImageType ``DERIVED\\SECONDARY\\AXIAL``, KVP and AcquisitionNumber), MR Image
+  (ScanningSequence, SequenceVariant, ScanOptions, MRAcquisitionType, EchoTime, EchoTrainLength,
+  RepetitionTime/InversionTime when their condition holds) and PET Series/Image (DecayCorrection, DecayFactor,
+  CorrectedImage, Units, ...) are complete: values are copied from a template of the same modality; without one
+  Type 1 attributes get generic values for a derived image (ScanningSequence ``RM``, SequenceVariant ``NONE``,
+  DecayCorrection ``NONE`` for counts, DecayFactor 1) and Type 2 ones are present but empty.
 * SOP classes: CT, MR and PET Image Storage; NM and unknown use Secondary Capture (the NM IOD
   is multi-frame only), still with the geometry attributes.
 """
@@ -37,6 +53,8 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
+import secrets
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
@@ -61,8 +79,28 @@ PHI_KEYWORDS = (
     "StationName", "DeviceSerialNumber", "MilitaryRank", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
     "PatientBirthName", "CountryOfResidence", "RegionOfResidence", "StudyID",
 )
+#: Removed when de-identifying although not patient identifiers: the Basic Profile removes free-text
+#: descriptions (X) unless the Clean Descriptors option is applied, which medfuse does not do.
+_DEID_REMOVE = ("StudyDescription",)
 _STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID", "AccessionNumber",
                    "ReferringPhysicianName", "FrameOfReferenceUID", "PositionReferenceIndicator")
+#: Acquisition attributes of the CT Image and MR Image modules copied from a template of the same modality.
+_MODALITY_KEYWORDS = {
+    "CT": ("KVP", "AcquisitionNumber", "PatientPosition"),
+    "MR": ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
+           "EchoTime", "EchoTrainLength", "InversionTime", "TriggerTime", "PatientPosition"),
+    "PT": ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"),
+}
+#: PS3.16 CID 7050 codes of what the de-identification did (the profile and the options applied).
+_DEID_CODES = (("113100", "Basic Application Confidentiality Profile"),
+               ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+               ("113108", "Retain Patient Characteristics Option"))
+#: UIDs naming a coding scheme (e.g. SNOMED's OID) in a code item: not instances, so not replaced.
+_CODING_UIDS = ("CodingSchemeUID", "MappingResourceUID", "ContextGroupExtensionCreatorUID")
+#: Key of the UID pseudonyms, made once per process (see the module docstring).
+_UID_KEY = secrets.token_hex(32)
+_SERIES_LOCK = threading.Lock()
+_last_series_number = 0
 _PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
                      "PatientWeight")
 _PET_KEYWORDS = ("RadiopharmaceuticalInformationSequence", "DecayCorrection", "CorrectedImage", "Units",
@@ -187,6 +225,110 @@ def _lo_text(text: str) -> str:
     return text.strip()[:64]
 
 
+def _is_standard_uid(uid: str) -> bool:
+    """True for UIDs the DICOM standard defines (SOP classes, transfer syntaxes, context groups): not identifying."""
+    return str(uid).startswith("1.2.840.10008.")
+
+
+def pseudonym_uid(uid: str) -> str:
+    """The UID that de-identified output uses instead of ``uid``: the same one for the whole process, a
+    different one in another process, and not computable from ``uid`` without the process's key."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[_UID_KEY, str(uid)])
+
+
+def _uid_values(el) -> list:
+    if el.value is None or el.value == "":
+        return []
+    return [str(v) for v in (el.value if el.VM > 1 else [el.value])]
+
+
+def _deidentify(base) -> None:
+    """Apply the Basic Profile to ``base``, which holds what was copied from the template (in place; see the
+    module docstring)."""
+    base.remove_private_tags()  # recursive: private elements inside copied sequences too
+    drop = set(PHI_KEYWORDS) | set(_DEID_REMOVE)
+
+    def clean(ds, el):
+        if el.keyword in drop:
+            del ds[el.tag]
+        elif el.VR == "UI" and el.value and el.keyword not in _CODING_UIDS:
+            new = [v if _is_standard_uid(v) else pseudonym_uid(v) for v in _uid_values(el)]
+            el.value = new if el.VM > 1 else new[0]
+
+    base.walk(clean)
+    base.PatientName = ""
+    base.PatientID = ""
+    base.PatientBirthDate = ""
+    base.PatientIdentityRemoved = "YES"
+    base.DeidentificationMethod = "medfuse: PS3.15 Basic Profile, full dates, characteristics kept"  # LO: 64
+    base.LongitudinalTemporalInformationModified = "UNMODIFIED"
+    items = []
+    for value, meaning in _DEID_CODES:
+        item = type(base)()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        items.append(item)
+    from pydicom.sequence import Sequence
+
+    base.DeidentificationMethodCodeSequence = Sequence(items)
+
+
+def _series_number(now: _dt.datetime, tpl) -> int:
+    """``1HHMMSS``, or one more than the last number this process gave, skipping the template's number."""
+    global _last_series_number
+    try:
+        avoid = int(str(tpl.get("SeriesNumber", "")).strip()) if tpl is not None else None
+    except ValueError:
+        avoid = None
+    with _SERIES_LOCK:
+        n = max(1_000_000 + int(now.strftime("%H%M%S")), _last_series_number + 1)
+        if n == avoid:
+            n += 1
+        _last_series_number = n
+    return n
+
+
+def _modality_attributes(base, tpl, modality: str) -> None:
+    """Acquisition attributes of the CT/MR Image and NM/PET Patient Orientation modules (PS3.3 C.8.2.1,
+    C.8.3.1, C.8.4.6): copied from a template of the same modality, else generic values for a derived image
+    (Type 1) or present and empty (Type 2; Type 2C when its condition holds)."""
+    import pydicom
+
+    same = tpl is not None and _DICOM_MODALITY.get(modality) == str(tpl.get("Modality", "")).strip().upper()
+    for kw in _MODALITY_KEYWORDS.get(modality, ()):
+        if same and kw in tpl:
+            setattr(base, kw, copy.deepcopy(tpl.data_element(kw).value))
+    if modality == "CT":
+        base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]  # CT Image module: value 3 AXIAL (not a LOCALIZER)
+        for kw in ("KVP", "AcquisitionNumber"):
+            base.setdefault(kw, None)
+    elif modality == "MR":
+        # Type 1: RM (research mode) and NONE are the defined terms for a sequence the image does not come from.
+        if not str(base.get("ScanningSequence", "") or "").strip():
+            base.ScanningSequence = "RM"
+        if not str(base.get("SequenceVariant", "") or "").strip():
+            base.SequenceVariant = "NONE"
+        for kw in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
+            base.setdefault(kw, None)
+        seq = {str(v).upper() for v in _as_list(base.ScanningSequence)}
+        var = {str(v).upper() for v in _as_list(base.SequenceVariant)}
+        if not ("EP" in seq and "SK" not in var):  # RepetitionTime: 2C, not required for EPI without SK
+            base.setdefault("RepetitionTime", None)
+        if "IR" in seq:  # InversionTime: 2C, required for inversion recovery
+            base.setdefault("InversionTime", None)
+    if modality in ("CT", "MR"):
+        base.setdefault("PatientPosition", None)  # 2C: CT and MR images without PatientOrientationCodeSequence
+    if modality == "PT":
+        for kw in ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"):
+            if kw not in base:
+                setattr(base, kw, pydicom.Sequence())
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def _fmt(x: float) -> str:
     from pydicom.valuerep import format_number_as_ds
 
@@ -229,7 +371,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     series_uid = generate_uid()
     prov = volume.provenance
     if tpl is not None and "StudyInstanceUID" in tpl:
-        study_uid = str(tpl.StudyInstanceUID)
+        study_uid = str(tpl.StudyInstanceUID)  # replaced by its pseudonym when de-identifying
     elif prov.get("study_uid") and not deidentify:
         study_uid = str(prov["study_uid"])
     else:
@@ -249,8 +391,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             _PET_KEYWORDS if modality == "PT" and volume.unit == "Bq/mL" else
             ("RadiopharmaceuticalInformationSequence",) if modality == "PT" else ())
         for kw in keep:
-            if kw in tpl:
-                setattr(base, kw, tpl.data_element(kw).value)
+            if kw in tpl:  # a copy: de-identification edits it, and the caller's template stays as it was
+                setattr(base, kw, copy.deepcopy(tpl.data_element(kw).value))
         if modality == "PT" and volume.unit == "Bq/mL":
             earliest = _earliest_acquisition(template, tpl)
             if earliest is not None:
@@ -259,36 +401,30 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             for kw in ("PatientSex", "PatientAge", "PatientSize", "PatientWeight"):
                 if kw in tpl and kw not in base:
                     setattr(base, kw, tpl.data_element(kw).value)
+    base.ImageType = ["DERIVED", "SECONDARY"]
+    _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
+    base.StudyInstanceUID = study_uid
+    base.FrameOfReferenceUID = for_uid
     if deidentify:
-        for kw in PHI_KEYWORDS:
-            if kw in base:
-                delattr(base, kw)
-        base.PatientName = ""
-        base.PatientID = ""
-        base.PatientBirthDate = ""
-        base.PatientIdentityRemoved = "YES"
-        base.DeidentificationMethod = "medfuse: name, ID, birth date, other identifiers removed"
+        _deidentify(base)
     else:
         for kw in ("PatientName", "PatientID", "PatientBirthDate"):
             if kw not in base:
                 setattr(base, kw, "")
     base.PatientSex = base.get("PatientSex", "")
-    base.StudyInstanceUID = study_uid
     base.StudyDate = base.get("StudyDate", date)
     base.StudyTime = base.get("StudyTime", time)
     base.ReferringPhysicianName = base.get("ReferringPhysicianName", "")
     base.StudyID = base.get("StudyID", "")
     base.AccessionNumber = base.get("AccessionNumber", "")
     base.SeriesInstanceUID = series_uid
-    base.SeriesNumber = 1000 + int(now.strftime("%S"))
+    base.SeriesNumber = _series_number(now, tpl)
     base.SeriesDate = base.get("SeriesDate", date) if modality == "PT" else date
     base.SeriesTime = base.get("SeriesTime", time) if modality == "PT" else time
     base.SeriesDescription = _lo_text(series_description or f"medfuse derived {modality} ({volume.unit})")
     base.Modality = _DICOM_MODALITY.get(modality, "OT")
-    base.FrameOfReferenceUID = for_uid
     base.PositionReferenceIndicator = base.get("PositionReferenceIndicator", "")
     base.Manufacturer = "medfuse"
-    base.ImageType = ["DERIVED", "SECONDARY"]
     base.SOPClassUID = sop_class
     if sop_class == _SC:
         base.ConversionType = "WSD"  # SC Equipment module, type 1: made on a workstation
@@ -305,7 +441,6 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.BitsAllocated, base.BitsStored, base.HighBit = 16, 16, 15
     base.BurnedInAnnotation = "NO"
     if modality == "CT":
-        base.KVP = base.get("KVP", "")
         # CT Image module: RescaleType is required when the values are not Hounsfield units (a normalised CT).
         base.RescaleType = "HU" if volume.unit == "HU" else "US"
     if modality == "PT":
@@ -320,6 +455,16 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             base.DecayCorrection = base.get("DecayCorrection", "START")
         else:
             base.Units = "CNTS" if volume.unit == "counts" else "NONE"
+            # PET Series module: DecayCorrection is type 1, CorrectedImage type 2 (as the template says, if any).
+            for kw, default in (("DecayCorrection", "NONE"), ("CorrectedImage", None)):
+                if tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT" and kw in tpl:
+                    setattr(base, kw, copy.deepcopy(tpl.data_element(kw).value))
+                else:
+                    base.setdefault(kw, default)
+        if str(base.DecayCorrection).strip().upper() != "NONE":
+            # PET Image module, 1C: medfuse scales by no decay of its own; the values are corrected as
+            # DecayCorrection says (one template file's factor would be wrong for the other beds' slices).
+            base.DecayFactor = "1"
         if "RadiopharmaceuticalInformationSequence" not in base:  # PET Isotope module, type 2: present, empty
             base.RadiopharmaceuticalInformationSequence = pydicom.Sequence()
         base.SeriesType = ["STATIC", "IMAGE"]

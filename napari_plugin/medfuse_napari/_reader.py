@@ -108,6 +108,8 @@ def _layers_for(path) -> Tuple[List[tuple], List[str]]:
     from medfuse.errors import MedfuseError, MultipleSeriesError
 
     name = layer_name(path)
+    if _is_dicom_file(path):
+        return _slice_file_layers(path)
     try:
         return _series_layers(medfuse.load_volumes(path), name), []
     except MultipleSeriesError:
@@ -129,6 +131,32 @@ def _layers_for(path) -> Tuple[List[tuple], List[str]]:
         raise UnsupportedDataError(f"none of the {len(series)} series could be read ({'; '.join(problems)})",
                                    fix="re-export the study, or open one series folder at a time", path=path)
     return layers, problems
+
+
+def _is_dicom_file(path) -> bool:
+    """A file the DICOM reader takes (not a NIfTI/MetaImage/NRRD image)."""
+    from medfuse.io import is_image_file
+
+    return Path(str(path)).is_file() and not is_image_file(path)
+
+
+def _slice_file_layers(path) -> Tuple[List[tuple], List[str]]:
+    """A DICOM file opens its whole series: a user who drops one slice of a classic series wants the volume.
+
+    The layer is named after the folder the series was read from. When the series cannot be read (a gap, a
+    damaged neighbour), the file alone is shown, with the reason as a warning.
+    """
+    import medfuse
+    from medfuse.errors import MedfuseError
+
+    try:
+        volumes = medfuse.load_volumes(path, whole_series=True)
+    except MedfuseError as exc:
+        volumes = medfuse.load_volumes(path)  # errors about the file itself are raised here
+        return _series_layers(volumes, layer_name(path)), [
+            f"{layer_name(path)}: only this file is shown; its series could not be read: {exc.one_line()}"]
+    source = Path(str(volumes[0].provenance.get("source", path)))
+    return _series_layers(volumes, layer_name(source if source.is_dir() else path)), []
 
 
 def _series_layers(volumes, name: str) -> List[tuple]:

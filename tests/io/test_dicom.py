@@ -673,3 +673,21 @@ def test_writer_uses_one_pixel_representation_per_series(tmp_path, hot, signed):
     img = Volume.from_sitk(r.Execute())
     assert img.same_grid(v)
     assert abs(float(img.array[2, 2, 3]) - hot) <= 40000 / 65534
+
+
+def test_study_and_frame_of_reference_are_recorded_not_shown(tmp_path, shared):
+    """The reader recorded the series UID only: which study a volume belongs to, and whether two volumes share a
+    patient space (FrameOfReferenceUID), were lost. Both are now in provenance (classic and enhanced), and in
+    no message or repr."""
+    for_uid = generate_uid()
+    _series(tmp_path / "ct", n=4, z=[0, 1, 2, 4], extra={"FrameOfReferenceUID": for_uid})  # a gap: a warning
+    with pytest.warns(MedfuseWarning) as caught:
+        vol = load_dicom(tmp_path / "ct")
+    assert (vol.provenance["study_uid"], vol.provenance["frame_of_reference_uid"]) == ("1.2.3.4", for_uid)
+    shown = " ".join([repr(vol), *vol.provenance["warnings"], *(str(w.message) for w in caught)])
+    assert for_uid not in shown and "1.2.3.4" not in shown
+    enhanced = shared("data", "dicom", "qa-enhanced-multiframe", "In", "Philips", "IM_0027_fMAP.dcm")
+    ds = pydicom.dcmread(enhanced, stop_before_pixels=True)
+    for v in load_dicom_volumes(enhanced):
+        assert v.provenance["study_uid"] == ds.StudyInstanceUID
+        assert v.provenance["frame_of_reference_uid"] == ds.FrameOfReferenceUID

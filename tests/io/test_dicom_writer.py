@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pydicom
 import pytest
@@ -9,6 +11,7 @@ import SimpleITK as sitk
 
 import medfuse
 from medfuse.errors import MedfuseWarning
+from medfuse.io.dicom_writer import pseudonym_uid
 from medfuse.io.writers import save
 from medfuse.volume import Volume
 
@@ -254,7 +257,8 @@ def test_frame_of_reference_only_from_the_template(shared, tmp_path):
     moved.provenance["frame_of_reference_uid"] = str(first.FrameOfReferenceUID)
     bare = [pydicom.dcmread(f) for f in sorted(save(moved, tmp_path / "bare").iterdir())]
     assert {d.FrameOfReferenceUID for d in bare} != {first.FrameOfReferenceUID}
-    with_tpl = [pydicom.dcmread(f) for f in sorted(save(moved, tmp_path / "tpl", template=folder).iterdir())]
+    with_tpl = [pydicom.dcmread(f) for f in sorted(save(moved, tmp_path / "tpl", template=folder,
+                                                        deidentify=False).iterdir())]
     for series in (bare, with_tpl):
         uids = [d.SOPInstanceUID for d in series]
         assert len(set(uids)) == len(series) == src.shape[2]
@@ -273,6 +277,9 @@ def test_frame_of_reference_only_from_the_template(shared, tmp_path):
         assert np.all(np.diff(pos) > 0) or np.all(np.diff(pos) < 0)
     assert {d.FrameOfReferenceUID for d in with_tpl} == {first.FrameOfReferenceUID}
     assert with_tpl[0].StudyInstanceUID == first.StudyInstanceUID
+    # De-identified (the default): the template's frame of reference, under its pseudonym.
+    deid = pydicom.dcmread(next(save(moved, tmp_path / "deid", template=folder).iterdir()))
+    assert deid.FrameOfReferenceUID == pseudonym_uid(first.FrameOfReferenceUID) != first.FrameOfReferenceUID
     _same_world(src, medfuse.load(tmp_path / "tpl"), 0)
 
 
@@ -290,7 +297,7 @@ def test_template_folder_without_preamble(shared, tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "IMG1").write_bytes(buf.getvalue())
     vol = medfuse.load(tmp_path / "old")
-    out = save(vol.with_array(vol.array), tmp_path / "derived", template=tmp_path / "old")
+    out = save(vol.with_array(vol.array), tmp_path / "derived", template=tmp_path / "old", deidentify=False)
     back = pydicom.dcmread(next(out.iterdir()))
     assert (back.StudyInstanceUID, back.FrameOfReferenceUID) == (ds.StudyInstanceUID, ds.FrameOfReferenceUID)
     _same_world(vol, medfuse.load(out), 0)
@@ -362,3 +369,188 @@ def test_bqml_template_folder_keeps_the_series_scan_time(shared, tmp_path):
     back = medfuse.load(folder)
     assert back.unit == "SUVbw"
     _same_world(original, back, _slice_bounds(original) * (1 + 1e-6))
+
+
+# ------------------------------------------------------------------------------------------------ de-identification
+def _own_uids(ds) -> set:
+    """Every UID value of a data set (sequences included) that the DICOM standard does not define."""
+    out = set()
+    for el in ds.iterall():
+        if el.VR == "UI" and el.value:
+            for v in (el.value if el.VM > 1 else [el.value]):
+                if not str(v).startswith("1.2.840.10008."):
+                    out.add(str(v))
+    return out
+
+
+def test_deidentified_series_keeps_no_template_uid(shared, tmp_path):
+    """With deidentify=True (the default) the template's StudyInstanceUID (and any UID it copied, here one inside
+    the radiopharmaceutical sequence) survived, linking the output back to the patient's study. Now every UID is
+    replaced: consistently within a series and across the series one run writes from one template (they still
+    overlay), with geometry and SUV intact; private and identifying elements inside sequences are gone, and the
+    caller's template is left as it was."""
+    tpl = _pet_template(shared)
+    tpl.SeriesInstanceUID, tpl.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    tpl.StudyDescription, tpl.AccessionNumber = "PET-CT Dr Who oncology", "ACC99887766"
+    item = tpl.RadiopharmaceuticalInformationSequence[0]
+    item.ReferencedSOPInstanceUID = pydicom.uid.generate_uid()  # a UID nested in a copied sequence
+    item.OperatorsName = "Operator^Olga"
+    item.add_new(0x00090010, "LO", "ACME")  # private creator + private value in a copied sequence
+    item.add_new(0x00091001, "LO", "PRIVATE-SECRET")
+    secrets_ = _own_uids(tpl)
+    assert len(secrets_) == 5
+    code = pydicom.Dataset()  # a coding scheme's UID (SNOMED's OID) names no instance: it stays
+    code.CodeValue, code.CodingSchemeDesignator, code.CodingSchemeUID = "35321007", "SCT", "2.16.840.1.113883.6.96"
+    item.RadiopharmaceuticalCodeSequence = pydicom.Sequence([code])
+    before = copy.deepcopy(tpl)
+    from medfuse.io.suv import header_from_dataset, series_suv_factors
+
+    pet = medfuse.load(shared("data", "spm12-templates", "PET.nii"))
+    bq = Volume(pet.array.astype(np.float32) * 20000, pet.affine, modality="PT", unit="Bq/mL")
+    suv = bq.with_array(bq.array * np.float32(series_suv_factors([header_from_dataset(tpl)])[0]), unit="SUVbw")
+    studies, frames = set(), set()
+    for vol, name in ((bq, "bq"), (suv, "suv")):
+        folder = save(vol, tmp_path / name, template=tpl)
+        series = [pydicom.dcmread(f) for f in sorted(folder.iterdir())]
+        for f in folder.iterdir():
+            raw = f.read_bytes()
+            for text in (*secrets_, "Dr Who", "ACC99887766", "Olga", "PRIVATE-SECRET", "Doe", "MRN778899"):
+                assert text.encode() not in raw, text
+        studies |= {d.StudyInstanceUID for d in series}
+        frames |= {d.FrameOfReferenceUID for d in series}
+        d = series[0]
+        assert d.PatientIdentityRemoved == "YES" and d.DeidentificationMethod
+        assert [c.CodeValue for c in d.DeidentificationMethodCodeSequence] == ["113100", "113106", "113108"]
+        assert d.LongitudinalTemporalInformationModified == "UNMODIFIED"
+        if vol is bq:  # full dates option: SUV from Bq/mL needs them
+            assert (d.SeriesDate, d.SeriesTime, d.AcquisitionDate) == (tpl.SeriesDate, tpl.SeriesTime,
+                                                                       tpl.AcquisitionDate)
+        assert d.PatientWeight == tpl.PatientWeight and "StudyDescription" not in d and d.AccessionNumber == ""
+        assert d.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical == "Fluorodeoxyglucose"
+        assert d.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalCodeSequence[0] == code
+        bounds = _slice_bounds(vol)
+        _same_world(vol, medfuse.load(folder, suv="none"), bounds)
+        _same_world(vol, _gdcm_series(folder), bounds)
+        _same_world(suv, medfuse.load(folder), _slice_bounds(suv) * (1 + 1e-6))
+    assert len(studies) == 1 and len(frames) == 1 and not (studies | frames) & secrets_
+    assert tpl == before  # the caller's template is untouched (its sequence items too)
+    assert tpl.RadiopharmaceuticalInformationSequence[0] == before.RadiopharmaceuticalInformationSequence[0]
+    # Not de-identifying keeps the study and the frame of reference (the output belongs to the template's study).
+    kept = pydicom.dcmread(next(save(bq, tmp_path / "kept", template=tpl, deidentify=False).iterdir()))
+    assert (kept.StudyInstanceUID, kept.FrameOfReferenceUID) == (tpl.StudyInstanceUID, tpl.FrameOfReferenceUID)
+
+
+def test_deidentified_series_from_a_real_template_folder(shared, tmp_path):
+    """The GE EPI folder as template: no UID of any of its files is in the output, and the output is in place."""
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004")
+    src = medfuse.load_volumes(folder)[0]
+    template_uids = set().union(*(_own_uids(pydicom.dcmread(f, stop_before_pixels=True))
+                                  for f in sorted(folder.glob("*.dcm"))[:15]))
+    out = save(src.with_array(src.array), tmp_path / "derived", template=folder)
+    for f in out.iterdir():
+        assert not _own_uids(pydicom.dcmread(f)) & template_uids
+    back = medfuse.load(out)
+    _same_world(src, back, 0)
+    _same_world(src, _gdcm_series(out), 0)
+
+
+def test_series_numbers_are_new_and_distinct(tmp_path, monkeypatch):
+    """SeriesNumber was 1000 + the clock's seconds: two outputs written in the same second (or 60 s apart) from one
+    template got the same number. Under a stopped clock, three series get three numbers, none the template's."""
+    import datetime as dt
+    import types
+
+    import medfuse.io.dicom_writer as dw
+
+    class Stopped(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(dw, "_dt", types.SimpleNamespace(datetime=Stopped))
+    monkeypatch.setattr(dw, "_last_series_number", 0)
+    tpl = pydicom.Dataset()
+    tpl.StudyInstanceUID = pydicom.uid.generate_uid()
+    tpl.SeriesNumber = 1_030_405  # what the clock rule gives first
+    vol = Volume(np.zeros((3, 4, 2), np.int16), np.eye(4), modality="CT", unit="HU")
+    numbers = [int(pydicom.dcmread(next(save(vol, tmp_path / f"s{n}", template=tpl).iterdir())).SeriesNumber)
+               for n in range(3)]
+    assert len(set(numbers)) == 3 and int(tpl.SeriesNumber) not in numbers
+    assert all(0 < n < 2 ** 31 for n in numbers)  # IS range
+
+
+# ------------------------------------------------------------------------------------------------ IOD modules
+#: Type 1 (present, with a value) and Type 2 (present) attributes of the modules medfuse writes (PS3.3: Patient
+#: C.7.1.1, General Study C.7.2.1, General Series C.7.3.1, Frame of Reference C.7.4.1, General Equipment C.7.5.1,
+#: General Image C.7.6.1, Image Plane C.7.6.2, Image Pixel C.7.6.3, SOP Common C.12.1, and per IOD below).
+_COMMON = ({"StudyInstanceUID", "Modality", "SeriesInstanceUID", "FrameOfReferenceUID", "PixelSpacing",
+            "ImageOrientationPatient", "ImagePositionPatient", "SamplesPerPixel", "PhotometricInterpretation",
+            "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData",
+            "SOPClassUID", "SOPInstanceUID"},
+           {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+            "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "PositionReferenceIndicator",
+            "Manufacturer", "InstanceNumber", "SliceThickness"})
+_IOD = {
+    "CT": ({"ImageType", "RescaleIntercept", "RescaleSlope", "RescaleType"},  # CT Image C.8.2.1
+           {"KVP", "AcquisitionNumber", "PatientPosition"}),
+    "MR": ({"ImageType", "ScanningSequence", "SequenceVariant"},  # MR Image C.8.3.1
+           {"ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength", "PatientPosition"}),
+    "PT": ({"SeriesDate", "SeriesTime", "Units", "CountsSource", "SeriesType", "NumberOfSlices", "DecayCorrection",
+            "ImageType", "RescaleIntercept", "RescaleSlope", "FrameReferenceTime", "ImageIndex",
+            "ActualFrameDuration"},  # PET Series C.8.9.1, PET Image C.8.9.4
+           {"CorrectedImage", "CollimatorType", "RadiopharmaceuticalInformationSequence", "AcquisitionDate",
+            "AcquisitionTime", "PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"}),
+}
+
+
+def _check_modules(ds, modality: str) -> None:
+    one, two = _COMMON[0] | _IOD[modality][0], _COMMON[1] | _IOD[modality][1]
+    missing = sorted(kw for kw in one | two if kw not in ds)
+    empty = sorted(kw for kw in one if kw in ds and (ds[kw].value is None or ds[kw].value == ""))
+    assert not missing and not empty, (modality, missing, empty)
+    if modality == "MR":  # 2C
+        seq, var = set(ds.ScanningSequence if ds["ScanningSequence"].VM > 1 else [ds.ScanningSequence]), \
+            set(ds.SequenceVariant if ds["SequenceVariant"].VM > 1 else [ds.SequenceVariant])
+        assert ("RepetitionTime" in ds) or ("EP" in seq and "SK" not in var)
+        assert "InversionTime" in ds or "IR" not in seq
+    if modality == "CT":
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    if modality == "PT":  # 1C: a decay correction other than NONE states its factor
+        assert ("DecayFactor" in ds and float(ds.DecayFactor) > 0) == (ds.DecayCorrection != "NONE")
+
+
+def test_iod_modules_are_complete(shared, tmp_path):
+    """MR lacked ScanningSequence/SequenceVariant (type 1), ScanOptions/MRAcquisitionType/EchoTime... (type 2);
+    CT lacked AcquisitionNumber and ImageType value 3 and never copied KVP; PET in counts lacked DecayCorrection
+    (type 1) and CorrectedImage, no PET had DecayFactor (1C) or the NM/PET Patient Orientation module. Checked
+    against the module tables, with and without a template of the same modality, and read back by GDCM and
+    medfuse in place."""
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004")
+    src = medfuse.load_volumes(folder)[0]
+    first = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0], stop_before_pixels=True)
+    ct_tpl = pydicom.Dataset()
+    ct_tpl.StudyInstanceUID, ct_tpl.Modality, ct_tpl.KVP, ct_tpl.AcquisitionNumber = first.StudyInstanceUID, "CT", \
+        "120", "3"
+    arr = src.array.astype(np.int16)
+    cases = [("MR", "arbitrary", folder), ("MR", "arbitrary", None), ("CT", "HU", ct_tpl), ("CT", "HU", None),
+             ("PT", "SUVbw", None), ("PT", "Bq/mL", None), ("PT", "counts", None), ("PT", "arbitrary", None)]
+    for n, (modality, unit, tpl) in enumerate(cases):
+        vol = Volume(arr, src.affine, modality=modality, unit=unit)
+        out = save(vol, tmp_path / f"{n}", template=tpl)
+        files = sorted(out.iterdir())
+        ds = pydicom.dcmread(files[0])
+        _check_modules(ds, modality)
+        if modality == "MR":
+            want = (list(first.ScanningSequence), first.SequenceVariant) if tpl is not None else ("RM", "NONE")
+            got = (list(ds.ScanningSequence) if ds["ScanningSequence"].VM > 1 else ds.ScanningSequence,
+                   ds.SequenceVariant)
+            assert got == want
+            assert _gdcm_tag(files[0], "0018|0020").strip() == ("EP\\GR" if tpl is not None else "RM")
+            if tpl is not None:
+                assert (float(ds.RepetitionTime), float(ds.EchoTime)) == (float(first.RepetitionTime),
+                                                                          float(first.EchoTime))
+        if modality == "CT":
+            assert (ds.KVP, ds.AcquisitionNumber) == (("120", 3) if tpl is not None else (None, None))
+        _same_world(vol, _gdcm_series(out), 0)
+        if modality != "PT":  # PET in SUV/Bq/mL comes back scaled; its values are checked above
+            _same_world(vol, medfuse.load(out), 0)

@@ -9,7 +9,7 @@ from nibabel import orientations as nio
 from pydicom.uid import generate_uid
 
 import medfuse
-from medfuse.errors import MultipleSeriesError, UnreadableFileError
+from medfuse.errors import InvalidInputError, MultipleSeriesError, UnreadableFileError
 
 import importlib.util
 from pathlib import Path
@@ -94,3 +94,64 @@ def test_relative_source_is_recorded_absolute(tmp_path, monkeypatch):
     with pytest.raises(OutputExistsError, match="source"):
         medfuse.save(vol.with_array(vol.array + 1), src, overwrite=True)
     assert src.stat().st_mtime_ns == mtime and np.array_equal(medfuse.load(src).array, vol.array)
+
+
+
+# ------------------------------------------------------------------------------------------------ whole series
+def _two_series(folder):
+    """Series A (5 slices, names not in slice order) and series B (3 slices) in one folder, a text file, and two
+    more slices of A in a sub-folder. Returns (uid A, uid B, A's stored slices in z order)."""
+    folder.mkdir()
+    a, b = generate_uid(), generate_uid()
+    data = (np.arange(5 * 6 * 5).reshape(5, 6, 5) * 7) % 3000
+    for n, k in enumerate((3, 0, 4, 1, 2)):
+        _write_slice(folder / f"a{n}.dcm", arr=data[k], pos=(-20.0, 30.0, 4.0 * k), series_uid=a, number=k + 1,
+                     spacing=(0.8, 0.7))
+    for k in range(3):
+        _write_slice(folder / f"b{k}.dcm", arr=data[k] + 1, pos=(-20.0, 30.0, 4.0 * k), series_uid=b, number=k + 1,
+                     spacing=(0.8, 0.7))
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "sub").mkdir()
+    for k in (5, 6):  # same series UID, other positions: a file of the sub-folder would make 7 slices
+        _write_slice(folder / "sub" / f"a{k}.dcm", arr=data[0], pos=(-20.0, 30.0, 4.0 * k), series_uid=a,
+                     number=k + 1, spacing=(0.8, 0.7))
+    return a, b, data
+
+
+def test_one_slice_file_loads_its_whole_series_on_request(tmp_path):
+    """A slice of a classic series gave a one-slice volume, whatever the caller wanted. ``whole_series=True``
+    loads the series the file belongs to from its folder: same SeriesInstanceUID only (another series, a text
+    file and a sub-folder beside it are left alone); the one-file meaning stays the default."""
+    folder = tmp_path / "study"
+    a, b, data = _two_series(folder)
+    assert medfuse.load(folder / "a0.dcm").shape == (5, 6, 1)  # the default: the file alone
+    whole = medfuse.load(folder / "a0.dcm", whole_series=True)
+    assert whole.shape == (5, 6, 5)
+    assert np.array_equal(whole.array, np.transpose(data, (2, 1, 0)) - 1024)
+    assert whole.provenance["series_uid"] == a and whole.provenance["source"] == str(folder)
+    np.testing.assert_allclose(whole.affine[:3, 3], [-20.0, 30.0, 0.0])
+    vols = medfuse.load_volumes(folder / "b2.dcm", whole_series=True)
+    assert len(vols) == 1 and vols[0].shape == (5, 6, 3) and vols[0].provenance["series_uid"] == b
+    with pytest.raises(InvalidInputError, match="another series"):
+        medfuse.load(folder / "a0.dcm", whole_series=True, series_uid=b)
+    with pytest.raises(TypeError):  # keyword-only
+        medfuse.load(folder / "a0.dcm", None, None, None, None, "auto", True)
+
+
+def test_one_file_of_a_real_series_loads_the_series(shared):
+    """One file of the GE 4-D EPI opens as the whole 10 x 15-slice series, equal to loading its folder; a
+    multi-frame file is already whole and loads as itself."""
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004")
+    f = sorted(folder.glob("*.dcm"))[37]
+    assert medfuse.load(f).shape[2] == 1
+    from_file = medfuse.load_volumes(f, whole_series=True)
+    from_folder = medfuse.load_volumes(folder)
+    assert len(from_file) == len(from_folder) == 10
+    for x, y in zip(from_file, from_folder):
+        assert x.shape == (64, 64, 15) and np.array_equal(x.array, y.array)
+        np.testing.assert_allclose(x.affine, y.affine)
+    enhanced = shared("data", "dicom", "qa-enhanced-multiframe", "In", "Philips", "IM_0027_fMAP.dcm")
+    alone, whole = medfuse.load_volumes(enhanced), medfuse.load_volumes(enhanced, whole_series=True)
+    assert len(whole) == len(alone) == 2
+    for x, y in zip(whole, alone):
+        assert x.shape[2] > 1 and np.array_equal(x.array, y.array) and x.provenance["source"] == str(enhanced)

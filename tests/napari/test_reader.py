@@ -338,3 +338,48 @@ def test_4d_series_on_different_grids_gives_one_layer_per_volume():
     assert [k["name"] for _, k, _ in layers] == ["dyn [0]", "dyn [1]"]
     assert all(d.ndim == 3 for d, _, _ in layers)
     assert layers[1][1]["translate"][0] == layers[0][1]["translate"][0] + 10  # S is napari's first axis
+
+
+def _slice_writer():
+    """The synthetic DICOM slice writer of tests/io/test_dicom.py (loaded by path: pytest uses importlib mode)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "io" / "test_dicom.py"
+    spec = importlib.util.spec_from_file_location("_medfuse_test_dicom_napari", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._write_slice
+
+
+def test_opening_one_dicom_slice_opens_its_series(tmp_path, monkeypatch):
+    """Dropping one .dcm slice of a classic series on napari showed a one-slice layer. It now opens the series the
+    slice belongs to (not the other series in the folder), named after the folder; when that series cannot be
+    read (here: slices missing), the slice alone is shown with a warning saying why."""
+    from pydicom.uid import generate_uid
+
+    write = _slice_writer()
+    folder = tmp_path / "ct_head"
+    folder.mkdir()
+    uid, other = generate_uid(), generate_uid()
+    data = (np.arange(6 * 8 * 10).reshape(6, 8, 10) * 5) % 2000
+    for k in range(6):
+        write(folder / f"IM{k:03d}.dcm", arr=data[k], pos=(0.0, 0.0, 2.0 * k), series_uid=uid, number=k + 1)
+    write(folder / "localizer.dcm", arr=data[0], pos=(0.0, 0.0, 0.0), series_uid=other)
+    path = str(folder / "IM003.dcm")
+    layers = napari_get_reader(path)(path)
+    assert len(layers) == 1
+    arr, kwargs, kind = layers[0]
+    assert kind == "image" and arr.shape == (6, 8, 10) and kwargs["name"] == "ct_head"
+    assert np.array_equal(np.sort(arr.ravel()), np.sort((data - 1024).ravel()))
+
+    gappy = tmp_path / "gappy"
+    gappy.mkdir()
+    for k in (0, 1, 9):  # a gap of 8 slices is refused for the series
+        write(gappy / f"IM{k:03d}.dcm", arr=data[k % 6], pos=(0.0, 0.0, 2.0 * k), series_uid=uid, number=k + 1)
+    warned = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", warned.append)
+    path = str(gappy / "IM001.dcm")
+    layers = napari_get_reader(path)(path)
+    assert len(layers) == 1 and layers[0][0].shape[0] == 1 and layers[0][1]["name"] == "IM001"
+    assert len(warned) == 1 and "only this file" in warned[0] and "missing" in warned[0]
