@@ -749,23 +749,6 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
     notes.append(msg)
     return stored, None
-    try:
-        from . import suv as _suv
-    except ImportError:
-        why = "the SUV module (medfuse.io.suv) is not available"
-    else:
-        from ..errors import SUVError
-
-        try:
-            headers = [_suv.header_from_dataset(ds) for _, ds in files]
-            factors = _suv.series_suv_factors(headers, kind=suv)
-            return f"SUV{suv}", {f: fac for (f, _), fac in zip(files, factors)}
-        except SUVError as e:
-            why = e.problem
-    msg = f"PET loaded in Bq/mL, not SUV: {why}"
-    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
-    notes.append(msg)
-    return "Bq/mL", None
 
 
 def _series_of_file(path: Path, broken: List[Path]) -> Tuple[Path, Dict[str, List[Tuple[Path, Any]]], str]:
