@@ -61,6 +61,10 @@ class RegistrationReport:
     overlap_fraction_moving: Optional[float] = None
     #: metric at the given ``initial_transform`` (None without one); ``metric_before`` stays the scanners' placement.
     metric_initial: Optional[float] = None
+    #: True when both images are DICOM series of one frame of reference (one session, e.g. a PET/CT: the scanner
+    #: placed them, and registering them only corrects patient motion), False for two different frames, None
+    #: when a frame is not known (NIfTI, MetaImage, NRRD).
+    same_frame_of_reference: Optional[bool] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict."""
@@ -1055,9 +1059,14 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         converged=converged, suspect=bool(reasons), suspect_reasons=reasons, initialisation=init_label,
         rotation_deg=rot, translation_mm=trans, scale=scale, jacobian_min=jac_min,
         jacobian_fraction_nonpositive=jac_frac, overlap_fraction=overlap, overlap_fraction_moving=overlap_m,
-        metric_initial=metric_initial)
+        metric_initial=metric_initial, same_frame_of_reference=_same_frame(fixed, original))
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
+
+
+def _same_frame(fixed: Volume, moving: Volume) -> Optional[bool]:
+    frames = [v.provenance.get("frame_of_reference_uid") for v in (fixed, moving)]
+    return None if not all(frames) else frames[0] == frames[1]
 
 
 def _worse_tolerance(metric_before: float) -> float:

@@ -5,11 +5,12 @@ Modality, unit and provenance survive; label maps use nearest neighbour.
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MedfuseWarning
 from ..volume import Volume, affine_from_geometry
 
 __all__ = ["resample", "resample_to_common_grid", "common_grid"]
@@ -71,6 +72,22 @@ def _source_image(volume: Volume, interpolation: str, default: float):
     return src
 
 
+def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
+    """A warning when ``volume`` is put on ``reference``'s grid as it lies, yet the two DICOM series were
+    acquired in different frames of reference (another session or scanner): their world coordinates are then
+    unrelated, and the overlay is misaligned unless a transform says how they match.
+
+    Only when both frames are known (DICOM); never with the UIDs in it (they identify the study).
+    """
+    mine = volume.provenance.get("frame_of_reference_uid")
+    theirs = reference.provenance.get("frame_of_reference_uid")
+    if not mine or not theirs or mine == theirs:
+        return None
+    return ("the two images come from different DICOM frames of reference (another session or scanner), and "
+            "were resampled without a transform: scanner coordinates do not match across frames, so they are "
+            "likely misaligned; register them first (medfuse.register, or --register rigid on the command line)")
+
+
 def resample(volume: Volume, reference: Volume, *, transform=None, interpolation: str = "linear",
              default: Optional[float] = None) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid.
@@ -88,7 +105,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
 
     Returns:
         A Volume on the reference grid with ``volume``'s modality, unit, dtype (floats for linear/bspline of
-        integers) and provenance, plus a ``resampled`` history entry.
+        integers) and provenance, plus a ``resampled`` history entry. With a transform it takes the reference's
+        frame of reference (it now lies in that patient space); without one it keeps its own, and a
+        ``MedfuseWarning`` says so when the two DICOM frames of reference differ.
     """
     import SimpleITK as sitk
 
@@ -121,6 +140,15 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     prov.pop("nifti_space", None)
     if "nifti_space" in reference.provenance:
         prov["nifti_space"] = reference.provenance["nifti_space"]
+    if transform is not None:  # registered into the reference's patient space
+        prov.pop("frame_of_reference_uid", None)
+        if reference.provenance.get("frame_of_reference_uid"):
+            prov["frame_of_reference_uid"] = reference.provenance["frame_of_reference_uid"]
+    else:
+        note = _other_frame_note(volume, reference)
+        if note is not None:
+            warnings.warn(note, MedfuseWarning, stacklevel=2)
+            prov["warnings"] = [*prov.get("warnings", []), note]
     res = Volume(arr, reference.affine.copy(), modality=volume.modality, unit=volume.unit, provenance=prov)
     res.provenance["history"] = list(volume.provenance.get("history", []))
     res.add_history("resample", interpolation=interpolation, transform=None if transform is None else transform.sitk.GetName(),
@@ -151,7 +179,8 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
     origin = start_edge + ref.direction @ (spacing / 2.0)
     aff = affine_from_geometry(spacing, origin, ref.direction)
     # The grid lies in the reference's world, so it carries the reference's NIfTI space (resample passes it on).
-    space = {"nifti_space": ref.provenance["nifti_space"]} if "nifti_space" in ref.provenance else {}
+    # ... and in its frame of reference: volumes from another frame are warned about when resampled onto it.
+    space = {k: ref.provenance[k] for k in ("nifti_space", "frame_of_reference_uid") if ref.provenance.get(k)}
     return Volume(np.zeros(tuple(int(s) for s in shape), dtype=np.uint8), aff, provenance=space)
 
 

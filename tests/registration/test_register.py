@@ -627,3 +627,18 @@ def test_a_run_without_orientation_search_that_ends_misoriented_is_flagged_suspe
     good = register(t1, moving, initialise="local")
     assert _tre(good.transform, t1, head, M) <= 3.3
     assert not good.report.suspect, good.report.suspect_reasons
+
+
+def test_report_says_whether_the_images_share_a_frame_of_reference():
+    """A PET/CT of one session shares a DICOM frame of reference (the scanner placed both); the report says so,
+    and the registered image is then in the fixed image's frame. NIfTI-like volumes have no frame: None."""
+    a = _blob()
+    b = Volume(np.roll(a.array, 2, axis=0), a.affine.copy(), modality="PT")
+    with_frame = lambda v, uid: Volume(v.array, v.affine, modality=v.modality,  # noqa: E731
+                                       provenance={"frame_of_reference_uid": uid})
+    assert register(a, b, initialise="local").report.same_frame_of_reference is None
+    one = register(with_frame(a, "1.2.3"), with_frame(b, "1.2.3"), initialise="local")
+    assert one.report.same_frame_of_reference is True and one.report.to_dict()["same_frame_of_reference"] is True
+    two = register(with_frame(a, "1.2.3"), with_frame(b, "1.2.4"), initialise="local")
+    assert two.report.same_frame_of_reference is False
+    assert two.resampled.provenance["frame_of_reference_uid"] == "1.2.3"

@@ -197,3 +197,34 @@ def test_volume_already_on_the_common_grid_takes_the_reference_space(shared):
     out = resample_to_common_grid([mni, same_grid_other_label])
     assert out[1].same_grid(mni)
     assert [v.provenance.get("nifti_space") for v in out] == ["mni", "mni"]
+
+
+def test_resampling_across_dicom_frames_of_reference_without_a_transform_is_warned(samples_dir):
+    """The sample PET was acquired in another frame of reference than the CT (it is misplaced against it, as
+    ground_truth.json says): put on the CT grid as it lies, it is misaligned, and the user must hear so. A
+    transform (registration) takes the PET into the CT's frame; volumes of one frame, and NIfTI files (which
+    carry no frame), resample without a word. The UIDs never appear in the message."""
+    import warnings
+
+    import medfuse
+    from medfuse.errors import MedfuseWarning
+
+    ct, pet = medfuse.load(samples_dir / "ct"), medfuse.load(samples_dir / "pet")
+    ct_frame, pet_frame = ct.provenance["frame_of_reference_uid"], pet.provenance["frame_of_reference_uid"]
+    assert ct_frame and pet_frame and ct_frame != pet_frame
+    with pytest.warns(MedfuseWarning, match="different DICOM frames of reference.*register them first") as rec:
+        out = resample(pet, ct)
+    assert all(uid not in str(w.message) for w in rec for uid in (ct_frame, pet_frame))
+    assert out.provenance["frame_of_reference_uid"] == pet_frame  # not moved into the CT's patient space
+    assert any("frames of reference" in w for w in out.provenance["warnings"])
+    with pytest.warns(MedfuseWarning, match="frames of reference"):
+        resample_to_common_grid([ct, pet])  # the common grid lies in the CT's frame
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        moved = resample(pet, ct, transform=Transform.from_matrix(np.eye(4)))
+        assert moved.provenance["frame_of_reference_uid"] == ct_frame
+        resample(ct, common_grid([ct, pet]))  # one frame
+        mr = medfuse.load(samples_dir / "mr_t1.nii.gz")
+        resample(mr, ct)  # a NIfTI file has no frame of reference to compare
+        resample(pet, mr)
