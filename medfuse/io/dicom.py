@@ -698,17 +698,30 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
 
 
 # ---------------------------------------------------------------------------- public
+def _shown_folder(folder: Path, root: Path) -> str:
+    """``folder`` relative to the folder the user gave ("." for that folder itself)."""
+    try:
+        return os.fspath(folder.relative_to(root)) if root.is_dir() else "."
+    except ValueError:
+        return os.fspath(folder)
+
+
 def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> Tuple[str, list]:
+    # UIDs stay out of these messages (they end up in logs and batch reports, and can be traced back to the
+    # study); the series are named by modality, description, size and folder, and error.choices holds the UIDs.
     if series_uid is not None:
         if series_uid not in series:
-            raise InvalidInputError(f"series {series_uid} is not in this folder",
+            raise InvalidInputError(f"the series_uid given is not one of the {len(series)} series in this folder",
                                     fix="list the series with medfuse.scan(folder)", path=path)
         return series_uid, series[series_uid]
     if len(series) > 1:
-        lines = [f"{uid} ({str(fs[0][1].get('Modality', '?'))}, "
-                 f"'{str(fs[0][1].get('SeriesDescription', ''))}', {len(fs)} files)" for uid, fs in series.items()]
-        raise MultipleSeriesError(f"the folder holds {len(series)} series: " + "; ".join(lines),
-                                  choices=list(series), fix="pass series_uid= (see medfuse.scan(folder))", path=path)
+        lines = [f"{i}: {str(fs[0][1].get('Modality', '?'))} '{str(fs[0][1].get('SeriesDescription', ''))}', "
+                 f"{len(fs)} files in {_shown_folder(fs[0][0].parent, path)}"
+                 for i, fs in enumerate(series.values(), start=1)]
+        raise MultipleSeriesError(f"the folder holds {len(series)} series ({'; '.join(lines)})",
+                                  choices=list(series), path=path,
+                                  fix="load the folder of one series, or pass series_uid= (medfuse.scan(folder) "
+                                  "lists the UIDs in this order; so does the error's .choices)")
     uid = next(iter(series))
     return uid, series[uid]
 

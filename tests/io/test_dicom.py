@@ -15,7 +15,7 @@ from nibabel import orientations as nio
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medfuse.errors import (GeometryError, MedfuseWarning, MultipleSeriesError, UnreadableFileError,
+from medfuse.errors import (GeometryError, InvalidInputError, MedfuseWarning, MultipleSeriesError, UnreadableFileError,
                             UnsupportedDataError)
 from medfuse.io.dicom import load_dicom, load_dicom_volumes, scan
 
@@ -177,7 +177,9 @@ def test_scan_real_folder(shared):
     assert all(i.shape == (64, 64, 15) and i.n_volumes == 10 and i.modality == "MR" for i in infos)
     with pytest.raises(MultipleSeriesError) as e:
         load_dicom(base)
-    assert all(i.series_uid in str(e.value) for i in infos)
+    # Named without their UIDs (messages reach logs and batch reports); the error and scan() give them, in order.
+    assert e.value.choices == [i.series_uid for i in infos]
+    assert not any(i.series_uid in str(e.value) for i in infos) and "1: MR" in str(e.value)
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -211,9 +213,12 @@ def test_two_series_error_lists_both(tmp_path):
     with pytest.raises(MultipleSeriesError) as e:
         load_dicom(tmp_path)
     msg = str(e.value)
-    assert u1 in msg and u2 in msg and "alpha" in msg and "beta" in msg and "3 files" in msg
-    assert set(e.value.choices) == {u1, u2}
+    assert "alpha" in msg and "beta" in msg and "3 files in a" in msg and "3 files in b" in msg
+    assert u1 not in msg and u2 not in msg and set(e.value.choices) == {u1, u2}
     _no_phi(msg)
+    with pytest.raises(InvalidInputError, match="not one of the 2 series") as e:
+        load_dicom(tmp_path, series_uid=u1 + "9")
+    assert u1 not in str(e.value)
     assert load_dicom(tmp_path, series_uid=u2).modality == "MR"
     infos = {i.series_uid: i for i in scan(tmp_path)}
     assert infos[u1].shape == (10, 8, 3) and infos[u1].n_files == 3 and infos[u2].modality == "MR"
