@@ -407,8 +407,11 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
         fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     del scaled
     prov: Dict[str, Any] = {"method": method, "normalisation": recs}
-    if notes:
-        prov["warnings"] = notes
+    # What was said about the inputs (repairs at loading, a resampling across frames of reference) stays with
+    # the result, so that its sidecar tells the reader who signs off.
+    inherited = [f"input {i}: {w}" for i, v in enumerate(vols, start=1) for w in v.provenance.get("warnings", [])]
+    if inherited or notes:
+        prov["warnings"] = [*inherited, *notes]
     # The files the inputs came from: medfuse.save never writes over them, even with overwrite=True.
     sources = [s for v in vols for s in [v.provenance.get("source"), *v.provenance.get("sources", [])]
                if isinstance(s, str)]

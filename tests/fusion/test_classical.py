@@ -443,3 +443,15 @@ def test_a_constant_input_neither_squashes_the_other_nor_sets_the_output_scale()
     np.testing.assert_allclose(fuse(np.full_like(img, 0.5), img, method="max"), np.maximum(img, 0.5))
     # All zeros never had a say, first or second.
     np.testing.assert_allclose(fuse(np.zeros_like(img), img, method="max"), img, atol=1e-12)
+
+
+def test_fused_volume_keeps_what_was_said_about_its_inputs():
+    """A repair at loading or a resampling across frames of reference is recorded on the input; the fused Volume
+    carries it on (numbered by input), so that its provenance still tells the reader who signs off."""
+    a, b = _images()
+    va = _vol(np.stack([a] * 8, axis=2), modality="MR", unit="arbitrary")
+    vb = _vol(np.stack([b] * 8, axis=2), modality="PT", unit="SUVbw")
+    vb.provenance["warnings"] = ["resampled across frames of reference"]
+    fused = fuse(va, vb, method="mean")
+    assert fused.provenance["warnings"] == ["input 2: resampled across frames of reference"]
+    assert "warnings" not in fuse(va, va, method="mean").provenance
