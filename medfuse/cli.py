@@ -1,13 +1,15 @@
 """The ``medfuse`` command line: info, register, fuse, evaluate, train, batch, demo.
 
-Every failure on bad input prints one line (file, problem, fix) and exits with 2; ``--debug``
-shows the traceback. Exit codes are listed in ``medfuse --help``.
+Every failure on bad input prints one line (file, problem, fix) and exits with 2, also a file-system error
+(permission denied, read-only, disk full, missing path) that a step did not type; ``--debug`` shows the
+traceback. Ctrl-C exits with 130 and says which outputs were kept. Exit codes are listed in ``medfuse --help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import re
@@ -54,7 +56,8 @@ exit codes:
   1    some subjects (batch) or pairs (evaluate) failed and were skipped; the others are written
   2    bad usage or bad input (missing file, unreadable image, output exists, ...)
   3    internal error (a bug: please report it, with the output of --debug)
-  130  cancelled (Ctrl-C)
+  130  cancelled (Ctrl-C), whenever it came; the message names the outputs this run had completed
+       (kept: every write is atomic) and those it did not write
 
 Run 'medfuse COMMAND --help' for a command's options. Add --debug to any command to see
 the full traceback of an error.
@@ -108,10 +111,12 @@ class _Bar:
     def __init__(self, desc: str, *, enabled: Optional[bool] = None):
         from tqdm import tqdm
 
+        from .progress import TEXT_BAR_FORMAT
+
         # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI).
         self.bar = tqdm(total=100, desc=desc, unit="%", file=sys.stderr, leave=False,
                         disable=None if enabled is None else not enabled,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+                        bar_format=TEXT_BAR_FORMAT)
 
     def __call__(self, fraction: float, message: str = "") -> None:
         self.bar.n = round(100 * float(fraction), 1)
@@ -131,13 +136,19 @@ class _Bar:
 
 class _CancelOnSigint:
     """First Ctrl-C sets a CancelToken (the operation stops cleanly at its next check); a second one
-    raises KeyboardInterrupt at once."""
+    raises KeyboardInterrupt at once.
 
-    def __init__(self):
+    A Ctrl-C that came after the operation's last check (during its final save, say) did not stop it; leaving the
+    block then raises :class:`CancelledError` anyway (``raise_on_exit``), so that the command exits with 130,
+    not 0, and says what it kept.
+    """
+
+    def __init__(self, *, raise_on_exit: bool = True):
         from .progress import CancelToken
 
         self.token = CancelToken()
         self._old = None
+        self._raise_on_exit = raise_on_exit
 
     def _handler(self, signum, frame):
         if self.token.cancelled:
@@ -152,10 +163,90 @@ class _CancelOnSigint:
             self._old = None
         return self.token
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+        if exc_type is None and self._raise_on_exit and self.token.cancelled:
+            raise CancelledError("cancelled (Ctrl-C) after the work had finished")
         return False
+
+
+def _identity(p: Path) -> Optional[tuple]:
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class _Outputs:
+    """A command's output paths, to say after Ctrl-C which of them this run wrote (each write is atomic, so a
+    written file is complete) and which it did not (left as they were)."""
+
+    def __init__(self, *paths: Any):
+        self.before = {Path(p): _identity(Path(p)) for p in paths}
+
+    def written(self) -> List[Path]:
+        return [p for p, was in self.before.items() if _identity(p) not in (None, was)]
+
+    def note(self) -> str:
+        """What a cancelled run kept, in one sentence."""
+        done = self.written()
+        if not done:
+            return "nothing was written (files that were there before are unchanged)"
+        rest = [p for p in self.before if p not in done]
+        return (f"kept what was complete before the cancel: {', '.join(map(str, done))}"
+                + (f"; not written: {', '.join(map(str, rest))}" if rest else ""))
+
+
+def _cancelled_message(args: argparse.Namespace) -> str:
+    outputs = getattr(args, "outputs", None)
+    return f"medfuse {args.command}: cancelled" + (f"; {outputs.note()}" if outputs is not None else "")
+
+
+def _check_readable(*paths: Any) -> None:
+    """Refuse an input this user may not read (a file without read permission, a folder without read or enter
+    permission) with what is wrong, before the readers turn it into "not a valid NIfTI" or "no images found".
+
+    Missing paths are left to the readers, which say so with their own fix.
+
+    Raises:
+        UnreadableFileError: permission denied.
+    """
+    from .errors import UnreadableFileError
+
+    for path in paths:
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.exists():
+            continue
+        folder = p.is_dir()
+        if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
+            raise UnreadableFileError(f"permission denied: this user may not read the {'folder' if folder else 'file'}",
+                                      fix="change its permissions (chmod u+r" + (", u+x" if folder else "")
+                                          + ") or run medfuse as a user who may read it", path=p)
+
+
+#: What a user-fixable OSError that reached the command line means, and its fix (by errno).
+_OS_ERRORS = {
+    errno.EACCES: ("permission denied", "check the permissions (ls -l) or choose a path you may use"),
+    errno.EPERM: ("operation not permitted", "check the permissions (ls -l) or choose a path you may use"),
+    errno.EROFS: ("the file system is read-only", "write to a folder on a writable disk"),
+    errno.ENOSPC: ("the disk is full", "free some space, or write to another disk"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("a folder was given where a file was expected", "give the file"),
+}
+
+
+def _os_error_message(e: OSError) -> Optional[str]:
+    """One line for an OSError the user can fix (permission, read-only, disk full, missing path), else None."""
+    known = _OS_ERRORS.get(e.errno)
+    if known is None:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{known[0]}. Fix: {known[1]}."
 
 
 def _say(args: argparse.Namespace, *parts: Any) -> None:
@@ -205,7 +296,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     p = Path(args.path)
     if not p.exists():
+        from .io._atomic import leftovers
+
+        kept = leftovers(p)
+        if kept:  # an overwrite killed mid-swap: the earlier output is aside, maybe its only copy
+            raise InvalidInputError(f"no such file or folder, but an interrupted medfuse overwrite left its previous "
+                                    f"version in {kept[0].name}", fix="rerun the command that writes it (medfuse "
+                                    "puts it back first), or move it back by hand", path=p)
         raise InvalidInputError("no such file or folder", fix="check the path", path=p)
+    _check_readable(p)
     if args.series and p.is_file() and is_image_file(p):
         raise InvalidInputError("--series picks a series of a DICOM folder; this file holds one image",
                                 fix="leave out --series", path=p)
@@ -323,6 +422,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     tfm = Path(args.transform) if args.transform else prov.sidecar_path(out).with_suffix(".tfm")
+    args.outputs = _Outputs(out, tfm, prov.sidecar_path(out))
+    _check_readable(args.fixed, args.moving, args.initial_transform)
     # Everything that can be refused is refused here, before minutes of work and before any file is written.
     check_save_target(out, overwrite=args.overwrite, inputs=[args.fixed, args.moving, args.initial_transform])
     if not tfm.name.lower().endswith(TRANSFORM_SUFFIXES):
@@ -415,9 +516,11 @@ def _check_device_name(device: str) -> None:
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
+    from .provenance import sidecar_path
 
     _check_device_name(args.device)
-
+    args.outputs = _Outputs(args.output, sidecar_path(args.output))
+    _check_readable(args.fixed, *args.moving)
     n_inputs = 1 + len(args.moving)
     if args.modalities is not None and len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
@@ -495,7 +598,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     _check_device_name(args.device)  # --device gpu with a classical method ran every subject silently
     _check_device(args)
-    with _CancelOnSigint() as token:
+    with _CancelOnSigint(raise_on_exit=False) as token:  # a cancelled batch still prints its summary
         summary = run_batch(args.manifest, workers=args.workers, scheduler=args.scheduler,
                             threads_per_worker=args.threads_per_worker, register=_kind(args.register),
                             method=args.method, device=args.device, fallback=args.fallback,
@@ -505,7 +608,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(summary.table())
         if summary.report_path is not None:
             print(f"report: {summary.report_path}")
-    if summary.cancelled:
+    if summary.cancelled or token.cancelled:
+        print("medfuse batch: cancelled; the subjects marked done or skipped are complete, the others were not "
+              "written (rerun the same command to finish them)", file=sys.stderr)
         return EXIT_CANCELLED
     return EXIT_FAILURES if summary.n_failed else EXIT_OK
 
@@ -514,6 +619,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     _check_device_name(args.device)
     _check_device(args)
+    out = Path(args.out)
+    args.outputs = _Outputs(*(out / n for n in ("fused.nii.gz", "fused.json", "fused.png",
+                                                f"pet_to_{args.anatomy}.tfm")))
     with _CancelOnSigint() as token, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         result = run_demo(args.out, method=args.method, device=args.device, samples=args.samples,
@@ -628,6 +736,9 @@ def run_demo(out: Any, *, method: str = "network", device: str = "cpu", samples:
     if anatomy not in ("mr", "ct"):
         raise InvalidInputError(f"unknown anatomy {anatomy!r}", fix="use mr or ct")
     folder = Path(samples) if samples else default_samples_folder()
+    if samples and not folder.is_dir():
+        raise InvalidInputError("no such folder", fix="check the --samples path, or leave it out to use the bundled "
+                                                      "sample volumes", path=folder)
     if samples and not (folder / "ground_truth.json").is_file():
         raise InvalidInputError("the folder holds no sample volumes (ground_truth.json is missing)",
                                 fix="regenerate them: python -m medfuse.phantom --write DIR", path=folder)
@@ -849,7 +960,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args))
     except (CancelledError, KeyboardInterrupt):
-        print("medfuse: cancelled", file=sys.stderr)
+        print(_cancelled_message(args), file=sys.stderr)
         return EXIT_CANCELLED
     except MedfuseError as e:
         if args.debug:
@@ -857,12 +968,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         e = _cli_error(e)  # every command's fixes in command-line words (register, evaluate, batch too)
         print(f"medfuse {args.command}: error: {e.one_line()}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
+    except OSError as e:  # from a step that did not type it: permission, disk full... is not a bug
+        message = _os_error_message(e)
+        if message is None:
+            return _internal_error(args, e)
         if args.debug:
             traceback.print_exc()
-        print(f"medfuse {args.command}: internal error: {e.__class__.__name__}: {' '.join(str(e).split())[:300]}. "
-              f"Fix: rerun with --debug and report the traceback.", file=sys.stderr)
-        return EXIT_INTERNAL
+        print(f"medfuse {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
+        return _internal_error(args, e)
+
+
+def _internal_error(args: argparse.Namespace, e: BaseException) -> int:
+    """A bug: one line (the full traceback with --debug) and exit 3. Called while handling ``e``."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"medfuse {args.command}: internal error: {e.__class__.__name__}: {' '.join(str(e).split())[:300]}. "
+          f"Fix: rerun with --debug and report the traceback.", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -569,7 +569,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=1000, desc="evaluate", file=sys.stderr, leave=False, disable=None,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
         def _show(fraction: float, message: str = "") -> None:
             bar.n = int(round(1000 * fraction))

@@ -14,6 +14,11 @@ from .errors import CancelledError
 
 ProgressFn = Callable[[float, str], None]
 
+#: tqdm ``bar_format`` of the command line's text bars: ``fuse:  40%|####      | 00:12, register: level 2``.
+#: tqdm puts ", " before a non-empty ``{postfix}`` itself (and nothing before an empty one), so the field must
+#: follow ``{elapsed}`` directly: with a space before it the bar read ``00:12 , register`` (and ended in a space).
+TEXT_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}"
+
 
 class CancelToken:
     """A thread-safe flag that a UI sets and a worker polls."""

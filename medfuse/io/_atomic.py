@@ -1,7 +1,15 @@
-"""Atomic-write helpers: write beside the target, then ``os.replace``.
+"""Atomic-write helpers: write beside the target, then move it into place in one step.
 
 A crash or exception mid-write leaves either the old file (or nothing) or the
 complete new file, never a partial one, and no temporary file behind. Other modules may import these.
+
+Without ``overwrite`` the move never replaces anything, even a file that appears at the target after the last
+check (another process's output): files are hard-linked into place (``os.link`` fails when the name exists),
+folders are renamed onto a folder this process has just created empty (``os.mkdir`` fails when the name exists).
+
+An overwrite that is killed (SIGKILL, power loss) mid-swap can leave the earlier output aside, in a
+``.medfuse-old-<key>-*`` folder beside the target; the next write to that target puts it back or, when the swap
+had finished, removes it (see :func:`recover_leftovers`).
 
 Errors from the file system that the user can fix (permission denied, read-only file system, disk
 full or over quota) become :class:`~medfuse.errors.OutputExistsError` naming the output, with a fix.
@@ -11,21 +19,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Union
 
-from ..errors import MedfuseError, OutputExistsError
+from ..errors import MedfuseError, MedfuseWarning, OutputExistsError
 
 __all__ = ["check_output", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "same_file",
-           "input_files"]
+           "input_files", "leftovers", "recover_leftovers"]
 
 PathLike = Union[str, os.PathLike]
 
 _TMP_PREFIX = ".medfuse-tmp-"
+_OLD_PREFIX = ".medfuse-old-"
+#: What ``os.link`` says on a file system without hard links (FAT, exFAT, some network shares).
+_NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOSYS, getattr(errno, "ENOTSUP", -1),
+                  getattr(errno, "EOPNOTSUPP", -1)}
 
 
 def _stat(p: Path) -> Optional[os.stat_result]:
@@ -87,17 +101,25 @@ def input_files(inputs: Iterable[Optional[PathLike]]) -> List[Path]:
 
 
 def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = (),
-                 kind: Optional[str] = None) -> Path:
+                 kind: Optional[str] = None, recover: bool = True) -> Path:
     """Refuse to write over an input, or over an existing path unless ``overwrite``; return the Path.
 
     ``kind`` (``"file"`` or ``"folder"``) also refuses, even with ``overwrite``, to replace a folder by a
     file or a file by a folder: that would delete something that is not an earlier output.
+
+    With ``recover`` (the default) what an interrupted earlier overwrite of ``path`` left beside it is
+    resolved first (:func:`recover_leftovers`), so the checks see the earlier output back in place.
 
     Raises:
         OutputExistsError: the target exists (and ``overwrite`` is False), is one of ``inputs`` (or the
             data file of a ``.mhd``/``.nhdr`` input), or is of the other kind.
     """
     p = Path(path)
+    if os.path.lexists(p.parent) and not p.parent.is_dir():
+        raise OutputExistsError("the output's folder is a file", fix="choose an output path inside a folder",
+                                path=p.parent)
+    if recover:
+        recover_leftovers(p, overwrite=overwrite)
     for src in input_files(inputs):
         if same_file(p, src):
             raise OutputExistsError(
@@ -115,6 +137,173 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     if not p.parent.is_dir():
         raise OutputExistsError("the output's folder does not exist", fix="create the folder first", path=p.parent)
     return p
+
+
+# ----------------------------------------------------------------------------- what a killed overwrite left
+def _aside_prefix(target: Path) -> str:
+    """Name prefix of the folders holding ``target``'s earlier copy during an overwrite.
+
+    A short hash of the name ties a leftover to its target (the target's own name may be near the length limit);
+    inside, each file or folder keeps its own name, so a person can still see what it is.
+    """
+    key = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:12]
+    return f"{_OLD_PREFIX}{key}-"
+
+
+def _make_aside(target: Path) -> Path:
+    """A new, empty folder beside ``target`` for the files an overwrite replaces."""
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=_aside_prefix(target)))
+
+
+def leftovers(path: PathLike) -> List[Path]:
+    """The folders an interrupted overwrite of ``path`` left beside it, oldest first (usually none)."""
+    p = Path(path)
+    prefix = _aside_prefix(p)
+    try:
+        found = [Path(e.path) for e in os.scandir(p.parent)
+                 if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    return sorted(found, key=lambda f: (_stat(f).st_mtime_ns if _stat(f) else 0, f.name))
+
+
+def _empty_dir(p: Path) -> bool:
+    if p.is_symlink() or not p.is_dir():
+        return False
+    try:
+        return not any(os.scandir(p))
+    except OSError:
+        return False
+
+
+def _swap_finished(target: Path, aside: Path) -> bool:
+    """Whether the new output had been put in place when the overwrite stopped.
+
+    The target is moved aside last (after a ``.mhd``/``.nhdr`` pair's data file), so the swap finished when its
+    earlier copy is aside and a new one is in place; an empty folder at the target is the name reserved for a new
+    DICOM series that never arrived.
+    """
+    return os.path.lexists(aside / target.name) and os.path.lexists(target) and not _empty_dir(target)
+
+
+def _restore(target: Path, aside: Path) -> List[str]:
+    """Put everything in ``aside`` back beside ``target`` (replacing the unfinished new files); the names restored."""
+    restored = []
+    for entry in sorted(os.scandir(aside), key=lambda e: e.name == target.name):  # the target last, as written
+        dst = target.parent / entry.name
+        if _empty_dir(dst):
+            os.rmdir(dst)
+        if entry.is_dir(follow_symlinks=False) and os.path.lexists(dst):
+            raise OutputExistsError(f"an interrupted earlier write left the earlier {entry.name} in {aside.name}, "
+                                    "and something else is now in its place; nothing was changed",
+                                    fix=f"compare the two and keep the one you want, then delete {aside.name}",
+                                    path=dst)
+        os.replace(entry.path, dst)
+        restored.append(entry.name)
+    os.rmdir(aside)
+    return restored
+
+
+def recover_leftovers(path: PathLike, *, overwrite: bool = False) -> None:
+    """Resolve what an overwrite of ``path`` that was killed mid-swap (SIGKILL, power loss) left beside it.
+
+    * Swap unfinished (the target missing, or its earlier copy still in place beside a new data file): the
+      earlier output is put back, with a :class:`MedfuseWarning`. It may be the only copy of it.
+    * Swap finished (the new output in place): the copy aside is older than the output. With ``overwrite`` (the
+      output is being replaced anyway) it is deleted; without, it is left alone with a warning saying where it is.
+
+    Raises:
+        OutputExistsError: the earlier output cannot be put back (something else took its place, or the file
+            system refused); nothing is deleted then.
+    """
+    p = Path(path)
+    for aside in leftovers(p):
+        if _swap_finished(p, aside):
+            if overwrite:
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                warnings.warn(f"{aside}: an interrupted earlier overwrite of {p.name} left its previous version "
+                              f"here; {p.name} itself is complete. Delete the folder when you no longer need it",
+                              MedfuseWarning, stacklevel=3)
+            continue
+        try:
+            names = _restore(p, aside)
+        except OSError as e:
+            if isinstance(e, MedfuseError):
+                raise
+            raise OutputExistsError(f"an interrupted earlier write left the earlier output in {aside.name} and it "
+                                    f"could not be put back ({e.strerror or e.__class__.__name__}); nothing was "
+                                    "deleted", fix=f"move the contents of {aside.name} back by hand", path=p) from e
+        if names:
+            warnings.warn(f"{p}: an earlier medfuse write to it was interrupted mid-swap; its previous version "
+                          f"({', '.join(names)}) was put back in place", MedfuseWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- moving into place
+def _appeared(p: Path) -> OutputExistsError:
+    return OutputExistsError("the output appeared while medfuse was writing (another program wrote it?); it was "
+                             "kept and the new output discarded", fix="choose another path, or pass overwrite=True "
+                             "to replace it", path=p)
+
+
+def _link_into_place(src: Path, dst: Path) -> None:
+    """Move the file ``src`` to ``dst`` unless something is at ``dst``, in one step (no-clobber).
+
+    A hard link fails when the name exists, however late it appeared; without hard links (FAT, exFAT, some
+    shares) the name is taken by an exclusive create and then replaced by the file.
+
+    Raises:
+        OutputExistsError: something is at ``dst``; it is left untouched.
+    """
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise _appeared(dst) from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        try:
+            os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise _appeared(dst) from None
+        try:
+            os.replace(src, dst)  # onto the empty file this process just made
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+            raise
+        return
+    os.unlink(src)
+
+
+def _rename_dir_into_place(src: Path, dst: Path) -> None:
+    """Move the folder ``src`` to ``dst`` unless something is at ``dst``, in one step (no-clobber).
+
+    POSIX ``rename`` replaces an empty folder (and refuses a non-empty one), so the name is first taken with
+    ``os.mkdir``, which fails when anything is there; the rename then replaces only that empty folder of ours.
+    Windows' ``os.rename`` never replaces.
+
+    Raises:
+        OutputExistsError: something is (or was put) at ``dst``; it is left untouched.
+    """
+    if os.name == "nt":  # pragma: no cover - Windows
+        try:
+            os.rename(src, dst)
+        except FileExistsError:
+            raise _appeared(dst) from None
+        return
+    try:
+        os.mkdir(dst, 0o700)
+    except FileExistsError:
+        raise _appeared(dst) from None
+    try:
+        os.replace(src, dst)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)  # ours and empty; not removed if another program has put files in it
+        if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise _appeared(dst) from None
+        raise
 
 
 def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:
@@ -173,8 +362,13 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
         os.close(fd)
         yield Path(tmp)
         _public_mode(tmp, replacing=p)
-        check_output(p, overwrite=overwrite, inputs=inputs, kind="file")  # appeared (or changed) while writing
-        os.replace(tmp, p)
+        # Appeared (or changed) while writing. Without overwrite the move itself refuses too: a file that
+        # appears after this check is still never replaced.
+        check_output(p, overwrite=overwrite, inputs=inputs, kind="file", recover=False)
+        if overwrite:
+            os.replace(tmp, p)  # one step: the target is never missing
+        else:
+            _link_into_place(Path(tmp), p)
     except OSError as e:
         typed = _typed_os_error(e, p)
         if typed is None:
@@ -225,30 +419,34 @@ def _replaceable_folder(p: Path) -> bool:
 def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it is renamed to ``path``.
 
-    With ``overwrite`` an existing folder is moved aside first and removed only after the
-    new one is in place; if anything fails (or Ctrl-C) in between, it is put back. Only a folder
-    holding nothing but DICOM files (a series) is replaced; a file, or a folder with other content,
-    is refused (:class:`OutputExistsError`) and left alone.
+    With ``overwrite`` an existing folder is moved aside first (``.medfuse-old-<key>-*/<name>``) and removed
+    only after the new one is in place; if anything fails (or Ctrl-C) in between, it is put back, and if the
+    process is killed in between, the next write to ``path`` puts it back (:func:`recover_leftovers`). Only a
+    folder holding nothing but DICOM files (a series) is replaced; a file, or a folder with other content, is
+    refused (:class:`OutputExistsError`) and left alone. Whatever appears at ``path`` while writing (even an empty
+    folder) is never replaced.
     """
     p = check_output(path, overwrite=overwrite, inputs=inputs, kind="folder")
     refuse_foreign_folder(p)
     tmp: Optional[Path] = None
-    old: Optional[Path] = None
+    aside: Optional[Path] = None
+    placed = False
     try:
         tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=_TMP_PREFIX))
         yield tmp
         _public_mode(tmp, folder=True, replacing=p)
-        check_output(p, overwrite=overwrite, inputs=inputs, kind="folder")  # appeared while writing
-        if p.exists() or p.is_symlink():
+        check_output(p, overwrite=overwrite, inputs=inputs, kind="folder", recover=False)  # appeared while writing
+        if overwrite and (p.exists() or p.is_symlink()):  # without overwrite nothing is ever moved aside
             if p.is_dir() and not _replaceable_folder(p):
                 raise OutputExistsError("the output folder changed while writing and now holds other files",
                                         fix="choose another output name", path=p)
-            old = Path(tempfile.mkdtemp(dir=p.parent, prefix=".medfuse-old-")) / "x"
-            os.replace(p, old)
-        os.replace(tmp, p)
+            aside = _make_aside(p)
+            os.replace(p, aside / p.name)
+        _rename_dir_into_place(tmp, p)
+        placed = True
     except BaseException as e:
-        if old is not None and os.path.lexists(old) and not os.path.lexists(p):
-            os.replace(old, p)  # the swap did not finish: the earlier output goes back in place
+        if aside is not None and os.path.lexists(aside / p.name) and not os.path.lexists(p):
+            os.replace(aside / p.name, p)  # the swap did not finish: the earlier output goes back in place
         typed = _typed_os_error(e, p)
         if typed is None:
             raise
@@ -256,8 +454,12 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
+        if aside is not None:
+            if placed:
+                shutil.rmtree(aside, ignore_errors=True)
+            else:  # the earlier output went back in place, or (something else took its place) stays aside
+                with contextlib.suppress(OSError):
+                    os.rmdir(aside)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = False,

@@ -8,12 +8,14 @@
   ``medfuse_modality``/``medfuse_unit``.
 * DICOM: a folder, one file per slice (:mod:`medfuse.io.dicom_writer`).
 
-Every write goes to a temporary name in the destination folder, then ``os.replace``; an
-existing target is refused unless ``overwrite=True``, and the volume's own source never.
+Every write goes to a temporary name in the destination folder, then moves into place in one step; an
+existing target is refused unless ``overwrite=True`` (also one that appears during the write), and the volume's
+own source never.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -25,8 +27,8 @@ import numpy as np
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
-from ._atomic import (_public_mode, _temp_suffix, _typed_os_error, atomic_path, check_output, refuse_foreign_folder,
-                      same_file)
+from ._atomic import (_link_into_place, _make_aside, _public_mode, _temp_suffix, _typed_os_error, atomic_path,
+                      check_output, refuse_foreign_folder, same_file)
 from .nifti import format_tag, nifti_space_code
 
 __all__ = ["save", "check_save_target", "FORMATS"]
@@ -151,8 +153,9 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
         return path
     # Header + data file pair (.mhd/.raw, .nhdr/.raw): write both in a temp folder beside the target
     # (the header under a lower-case suffix, which ITK needs), then move the data file(s) first and the
-    # header last. Files they replace (with overwrite) are kept aside until the end and put back on failure,
-    # so the old header never ends up beside a new data file.
+    # header last. Files they replace (with overwrite) are kept aside (.medfuse-old-<key>-*, the key from the
+    # header's name) until the end and put back on failure, so the old header never ends up beside a new data
+    # file; after a kill, the next write to the header puts them back (_atomic.recover_leftovers).
     check_output(path, overwrite=overwrite, inputs=inputs, kind="file")
     low_suffix = _temp_suffix(path.name)
     header = path.name[: len(path.name) - len(low_suffix)] + low_suffix
@@ -160,7 +163,8 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
         tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".medfuse-tmp-"))
     except OSError as e:
         raise (_typed_os_error(e, path) or e) from e
-    placed = []  # (target, where the file it replaced is kept aside, or None)
+    aside: Optional[Path] = None
+    placed = []  # (target, where the file it replaced is kept aside, or None), once the new file is in place
     try:
         sitk.WriteImage(img, str(tmpdir / header), False)
         others = sorted(f for f in tmpdir.iterdir() if f.name != header)
@@ -173,23 +177,32 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
                 raise OutputExistsError("the output's data file exists and belongs to another image (its header "
                                         "is not the one being replaced)",
                                         fix="choose another output name, or delete that file first", path=dst)
-        aside = tmpdir / ".replaced"
-        aside.mkdir()
-        for i, (src, dst) in enumerate([(f, path.parent / f.name) for f in others] + [(tmpdir / header, path)]):
+        check_output(path, overwrite=overwrite, inputs=inputs, kind="file", recover=False)  # appeared meanwhile
+        aside = _make_aside(path)
+        for src, dst in [(f, path.parent / f.name) for f in others] + [(tmpdir / header, path)]:
             kept = None
             if os.path.lexists(dst):
                 _public_mode(src, replacing=dst)  # a private (chmod 600) output stays private
-                kept = aside / str(i)
+                kept = aside / dst.name
                 os.replace(dst, kept)
+            try:
+                _link_into_place(src, dst)  # its earlier version is aside: whatever is there now is not ours
+            except BaseException:
+                if kept is not None and not os.path.lexists(dst):
+                    os.replace(kept, dst)
+                raise
             placed.append((dst, kept))
-            os.replace(src, dst)
-        placed = []  # done: what was replaced goes with the temp folder
+        placed = []  # done: what was replaced goes with the aside folder
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException as e:
         for dst, kept in reversed(placed):  # put every replaced file back
             if kept is not None:
                 os.replace(kept, dst)
             elif os.path.lexists(dst):
                 os.unlink(dst)
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(aside)  # only when empty: never a file it still holds
         typed = _typed_os_error(e, path)
         if typed is None:
             raise
@@ -203,8 +216,9 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     """Refuse, before any work, every output path :func:`save` would refuse at the end (same rules).
 
     For commands that register or fuse for minutes before saving: an existing output without ``overwrite``, an
-    input, a folder in the way of a file, a file in the way of a DICOM series folder, or a folder that holds
-    more than a DICOM series (``overwrite`` never deletes such a folder).
+    input, a folder in the way of a file, a file in the way of a DICOM series folder, a folder that holds
+    more than a DICOM series (``overwrite`` never deletes such a folder), or a folder this process cannot write
+    in (tried with a temporary file).
 
     Raises:
         OutputExistsError, InvalidInputError: as :func:`save` would.
@@ -214,7 +228,24 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
     if fmt == "dicom":
         refuse_foreign_folder(p)
+    _probe_writable(p)
     return p
+
+
+def _probe_writable(p: Path) -> None:
+    """Create and remove a temporary file beside ``p``: a read-only or forbidden folder (or a full disk) is found
+    before minutes of work, not at the end. A real write, since permission bits do not tell (root, ACLs,
+    read-only mounts, network shares).
+
+    Raises:
+        OutputExistsError: permission denied, read-only file system, disk full (with a fix).
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".medfuse-tmp-")
+    except OSError as e:
+        raise (_typed_os_error(e, p) or e) from e
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Optional[str] = None,

@@ -134,7 +134,8 @@ def test_dicom_ct_exact_and_oblique_geometry(tmp_path, ct):
     ds = [pydicom.dcmread(str(f)) for f in files]
     assert {d.SeriesInstanceUID for d in ds} == {ds[0].SeriesInstanceUID}
     assert len({d.SOPInstanceUID for d in ds}) == len(ds)
-    assert list(ds[0].ImageType) == ["DERIVED", "SECONDARY"] and ds[0].Modality == "CT"
+    # CT Image module: value 3 AXIAL (not a localizer), docs/dicom.md
+    assert list(ds[0].ImageType) == ["DERIVED", "SECONDARY", "AXIAL"] and ds[0].Modality == "CT"
     assert ds[0].pixel_array.dtype == np.int16 and float(ds[0].RescaleSlope) == 1.0
     assert float(ds[0].SpacingBetweenSlices) == pytest.approx(2.5)
 
@@ -167,12 +168,14 @@ def test_dicom_template_deidentified(tmp_path, ct):
         raw = f.read_bytes()
         assert b"Doe" not in raw and b"MRN123456" not in raw and b"19600101" not in raw and b"General" not in raw
         ds = pydicom.dcmread(str(f))
-        assert ds.StudyInstanceUID == tpl.StudyInstanceUID and ds.FrameOfReferenceUID == tpl.FrameOfReferenceUID
+        # PS3.15 Basic Profile (docs/dicom.md): study and frame-of-reference UIDs replaced, StudyDescription removed
+        assert ds.StudyInstanceUID != tpl.StudyInstanceUID and ds.FrameOfReferenceUID != tpl.FrameOfReferenceUID
         assert ds.SeriesInstanceUID != tpl.SeriesInstanceUID and ds.PatientIdentityRemoved == "YES"
-        assert ds.SeriesDescription == "fused" and ds.StudyDescription == "HEAD"
+        assert ds.SeriesDescription == "fused" and "StudyDescription" not in ds
     kept = save(ct, tmp_path / "kept", template=tpl, deidentify=False)
     ds = pydicom.dcmread(str(next(kept.iterdir())))
-    assert ds.PatientID == "MRN123456"
+    assert ds.PatientID == "MRN123456" and ds.StudyInstanceUID == tpl.StudyInstanceUID
+    assert ds.FrameOfReferenceUID == tpl.FrameOfReferenceUID
     # without a template, de-identified output gets a fresh study
     a = pydicom.dcmread(str(next(save(ct, tmp_path / "n1").iterdir())))
     b = pydicom.dcmread(str(next(save(ct, tmp_path / "n2").iterdir())))
@@ -254,8 +257,8 @@ def test_real_dicom_derived_series_round_trip(shared, tmp_path):
         raw = f.read_bytes()
         assert not any(p and p in raw for p in phi)
         ds = pydicom.dcmread(str(f))
-        assert ds.StudyInstanceUID == tpl.StudyInstanceUID and ds.SeriesInstanceUID != tpl.SeriesInstanceUID
-        assert ds.FrameOfReferenceUID == tpl.FrameOfReferenceUID and ds.Modality == "MR"
+        assert ds.StudyInstanceUID != tpl.StudyInstanceUID and ds.SeriesInstanceUID != tpl.SeriesInstanceUID
+        assert ds.FrameOfReferenceUID != tpl.FrameOfReferenceUID and ds.Modality == "MR"  # replaced: de-identified
     assert [_sha(f) for f in files] == hashes
     with pytest.raises(OutputExistsError, match="source"):
         save(vol, files[0].parent / "out", overwrite=True)
@@ -373,17 +376,17 @@ def test_dicom_overwrite_replaces_only_a_dicom_series(tmp_path, ct):
     assert len(os.listdir(series)) == ct.shape[2] and _leftovers(tmp_path) == []
 
 
-def _fail_at_replace(monkeypatch, n: int, error: BaseException) -> None:
-    """Make the n-th os.replace of the write raise ``error`` (a crash, Ctrl-C or a full disk at that moment)."""
-    real, calls = os.replace, [0]
+def _fail_at_replace(monkeypatch, n: int, error: BaseException, name: str = "replace") -> None:
+    """Make the n-th ``os.<name>`` call of the write raise ``error`` (a crash, Ctrl-C or a full disk then)."""
+    real, calls = getattr(os, name), [0]
 
-    def replace(a, b):
+    def fail_once(a, b, *args, **kw):
         calls[0] += 1
         if calls[0] == n:
             raise error
-        return real(a, b)
+        return real(a, b, *args, **kw)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, name, fail_once)
 
 
 def test_dicom_overwrite_interrupted_at_the_swap_keeps_the_old_series(tmp_path, ct, monkeypatch):
@@ -402,8 +405,8 @@ def test_mhd_overwrite_failing_at_the_header_keeps_the_old_pair(tmp_path, ct, mo
 
     header = save(ct, tmp_path / "h.mhd")
     before = {f.name: _sha(f) for f in tmp_path.iterdir()}
-    # Old .raw aside, new .raw placed, old header aside: the new header fails.
-    _fail_at_replace(monkeypatch, 4, OSError(errno.ENOSPC, "No space left on device"))
+    # Old .raw aside, new .raw placed, old header aside: placing the new header (a hard link) fails.
+    _fail_at_replace(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"), name="link")
     with pytest.raises(OutputExistsError, match="disk is full") as e:
         save(ct.with_array(ct.array + 1), header, overwrite=True)
     monkeypatch.undo()

@@ -1,0 +1,132 @@
+"""Ctrl-C on the command line: exit 130 whenever it came, saying which outputs were kept; and the progress bar text."""
+
+from __future__ import annotations
+
+import io
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medfuse.cli as cli
+import medfuse.io.writers as writers
+from medfuse.cli import EXIT_CANCELLED, main
+from medfuse.errors import CancelledError
+
+
+def _pair(folder: Path):
+    """Two small aligned NIfTI volumes (a blob and its square), quick to fuse and register."""
+    import nibabel as nib
+
+    grid = np.indices((24, 24, 24)).astype(np.float32) - 11.5
+    blob = np.exp(-((grid[0] / 6) ** 2 + (grid[1] / 5) ** 2 + (grid[2] / 4) ** 2)).astype(np.float32)
+    paths = [folder / "a.nii.gz", folder / "b.nii.gz"]
+    for p, arr in zip(paths, (blob, blob ** 2)):
+        nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), str(p))
+    return paths
+
+
+def _ctrl_c_during_nifti_write(monkeypatch, *, hard: bool) -> None:
+    """A Ctrl-C while the output is being written: a real SIGINT (the first Ctrl-C, caught by the command's
+    handler), or KeyboardInterrupt (a second Ctrl-C) from inside the write."""
+    real = writers._save_nifti
+
+    def save(*a, **k):
+        if hard:
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(writers, "_save_nifti", save)
+
+
+def _others(folder: Path, *inputs: Path):
+    return sorted(p.name for p in folder.iterdir() if p not in inputs)
+
+
+def test_fuse_ctrl_c_during_the_final_save_exits_130_and_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    """Before: the first Ctrl-C only set the cancel token, which nothing checks after the save began: exit 0."""
+    a, b = _pair(tmp_path)
+    out = tmp_path / "f.nii.gz"
+    _ctrl_c_during_nifti_write(monkeypatch, hard=False)
+    assert main(["fuse", str(a), str(b), "-o", str(out), "--method", "max", "-q"]) == EXIT_CANCELLED
+    err = capsys.readouterr().err
+    assert f"kept what was complete before the cancel: {out}, {tmp_path / 'f.json'}" in err
+    assert _others(tmp_path, a, b) == ["f.json", "f.nii.gz"]  # complete files, nothing half-written
+
+
+def test_fuse_second_ctrl_c_inside_the_write_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    a, b = _pair(tmp_path)
+    out = tmp_path / "f.nii.gz"
+    _ctrl_c_during_nifti_write(monkeypatch, hard=True)
+    assert main(["fuse", str(a), str(b), "-o", str(out), "--method", "max", "-q"]) == EXIT_CANCELLED
+    err = capsys.readouterr().err.strip()
+    assert err == "medfuse fuse: cancelled; nothing was written (files that were there before are unchanged)"
+    assert _others(tmp_path, a, b) == []
+
+
+def test_register_ctrl_c_after_the_last_check_exits_130_before_writing(tmp_path, monkeypatch, capsys):
+    import medfuse.registration as registration
+
+    real = registration.register
+
+    def register(*a, **k):  # Ctrl-C as the registration returns: after its last cancel check
+        res = real(*a, **k)
+        signal.raise_signal(signal.SIGINT)
+        return res
+
+    monkeypatch.setattr(registration, "register", register)
+    a, b = _pair(tmp_path)
+    out = tmp_path / "r.nii.gz"
+    assert main(["register", str(a), str(b), "-o", str(out), "-q", "--initialise", "none"]) == EXIT_CANCELLED
+    assert "nothing was written" in capsys.readouterr().err and _others(tmp_path, a, b) == []
+
+
+def test_register_ctrl_c_while_writing_the_transform_names_the_image_kept(tmp_path, monkeypatch, capsys):
+    from medfuse.registration.transforms import Transform
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Transform, "save", interrupted)
+    a, b = _pair(tmp_path)
+    out = tmp_path / "r.nii.gz"
+    assert main(["register", str(a), str(b), "-o", str(out), "-q", "--initialise", "none"]) == EXIT_CANCELLED
+    err = capsys.readouterr().err
+    assert f"kept what was complete before the cancel: {out}; not written: {tmp_path / 'r.tfm'}, " \
+           f"{tmp_path / 'r.json'}" in err
+    assert _others(tmp_path, a, b) == ["r.nii.gz"]
+
+
+def test_the_sigint_handler_turns_a_late_ctrl_c_into_a_cancel(monkeypatch):
+    """The handler every long command (register, fuse, demo, batch) runs under."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(CancelledError):
+        with cli._CancelOnSigint() as token:
+            signal.raise_signal(signal.SIGINT)
+            assert token.cancelled
+    assert signal.getsignal(signal.SIGINT) is before
+    with cli._CancelOnSigint(raise_on_exit=False) as token:  # batch: reports its own summary, then 130
+        signal.raise_signal(signal.SIGINT)
+    assert token.cancelled
+    with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C stops at once
+        with cli._CancelOnSigint():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+
+# ----------------------------------------------------------------------------- progress text
+def test_progress_bar_text_has_no_stray_separator(monkeypatch):
+    """Before: ``| 00:00 , register: level 2`` with a message, ``| 00:00 `` (trailing space) without."""
+    monkeypatch.setattr(cli.sys, "stderr", io.StringIO())
+    with cli._Bar("fuse", enabled=True) as bar:
+        bar.bar._time = lambda: bar.bar.start_t  # elapsed 00:00 whatever the machine's speed
+        states = [str(bar.bar)]
+        bar(0.5, "register: level 2")
+        states.append(str(bar.bar))
+        bar(1.0)
+        states.append(str(bar.bar))
+    assert [s.split("|")[0] for s in states] == ["fuse:   0%", "fuse:  50%", "fuse: 100%"]
+    assert [s.split("|")[-1] for s in states] == [" 00:00", " 00:00, register: level 2",
+                                                 " 00:00, register: level 2"]
