@@ -205,27 +205,13 @@ def _cancelled_message(args: argparse.Namespace) -> str:
 
 
 def _check_readable(*paths: Any) -> None:
-    """Refuse an input this user may not read (a file without read permission, a folder without read or enter
-    permission) with what is wrong, before the readers turn it into "not a valid NIfTI" or "no images found".
-
-    Missing paths are left to the readers, which say so with their own fix.
-
-    Raises:
-        UnreadableFileError: permission denied.
-    """
-    from .errors import UnreadableFileError
+    """Refuse, before any work, an input this user may not read (:func:`medfuse.io.check_readable`); missing
+    paths are left to the readers, which say so with their own fix."""
+    from .io import check_readable
 
     for path in paths:
-        if path is None:
-            continue
-        p = Path(path)
-        if not p.exists():
-            continue
-        folder = p.is_dir()
-        if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
-            raise UnreadableFileError(f"permission denied: this user may not read the {'folder' if folder else 'file'}",
-                                      fix="change its permissions (chmod u+r" + (", u+x" if folder else "")
-                                          + ") or run medfuse as a user who may read it", path=p)
+        if path is not None and Path(path).exists():
+            check_readable(path)
 
 
 #: What a user-fixable OSError that reached the command line means, and its fix (by errno).

@@ -24,9 +24,27 @@ def is_image_file(path: PathLike) -> bool:
     return name.endswith(IMAGE_SUFFIXES)
 
 
+def check_readable(path: PathLike) -> None:
+    """Refuse a file or folder this user may not read (a folder: list and enter), saying so.
+
+    Why here: the readers would otherwise report it as a damaged file ("not a valid NIfTI", advising a re-export)
+    or as a folder with no images.
+
+    Raises:
+        UnreadableFileError: permission denied.
+    """
+    p = Path(path)
+    folder = p.is_dir()
+    if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
+        raise UnreadableFileError(f"permission denied: this user may not read the {'folder' if folder else 'file'}",
+                                  fix="change its permissions (chmod u+r" + (", u+x" if folder else "")
+                                  + ") or run medfuse as a user who may read it", path=p)
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
+    check_readable(path)
 
 
 def _absolute_source(vol: Volume) -> Volume:

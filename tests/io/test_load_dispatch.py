@@ -155,3 +155,23 @@ def test_one_file_of_a_real_series_loads_the_series(shared):
     assert len(whole) == len(alone) == 2
     for x, y in zip(whole, alone):
         assert x.shape[2] > 1 and np.array_equal(x.array, y.array) and x.provenance["source"] == str(enhanced)
+
+
+def test_a_file_or_folder_this_user_may_not_read_is_named_as_such(tmp_path, monkeypatch):
+    """The readers said "not a valid NIfTI file (or truncated)" (advising a re-export) or "no images found";
+    medfuse.load, load_volumes and therefore batch subjects now say what is wrong. (Tests run as root, who may
+    read anything: the permission is simulated.)"""
+    import os
+
+    nii = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(nii))
+    _series(tmp_path / "dcm")
+    locked = {nii, tmp_path / "dcm"}
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) not in locked and real(p, mode, **k))
+    for path, what in ((nii, "file"), (tmp_path / "dcm", "folder")):
+        for load in (medfuse.load, medfuse.load_volumes):
+            with pytest.raises(UnreadableFileError, match=f"permission denied: this user may not read the {what}"):
+                load(path)
+    locked.clear()
+    assert medfuse.load(nii).shape == (4, 4, 4) and medfuse.load(tmp_path / "dcm").shape == (5, 6, 4)
