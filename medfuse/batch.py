@@ -1,5 +1,7 @@
 """Batch fusion over many subjects on Dask: ``medfuse batch MANIFEST``.
 
+* ``run_batch`` takes a manifest, or a dataset folder holding one folder per subject whose images
+  are found by :func:`discover_subject` (names, DICOM Modality); unpaired or ambiguous subjects fail alone.
 * The manifest is a CSV (header ``subject,fixed,moving,output`` plus optional ``register`` and
   ``method``; several moving images separated by ``;`` or in extra ``moving*`` columns) or a YAML
   list of such mappings (or ``{defaults: {...}, subjects: [...]}``). Relative paths are relative
@@ -7,7 +9,9 @@
 * Subjects run in parallel on a local Dask cluster of worker *processes* by default, or on an
   existing cluster (``scheduler="tcp://host:8786"``).
 * Re-runs are idempotent: a subject is skipped when its output's hash, its inputs' hashes and
-  the pipeline parameters all match its provenance sidecar.
+  the pipeline parameters all match its provenance sidecar; a medfuse output the sidecar shows stale
+  is redone, anything else at an output path is left alone unless ``overwrite``.
+* The report is rewritten atomically after every subject; an earlier report's other rows are kept.
 * A failing subject is caught in its worker and reported; it never stops the others.
 * Outputs are written atomically (temporary file, sidecar, rename), so an interrupted run leaves
   no half-written output.
@@ -23,15 +27,15 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
 from .progress import CancelToken
 
 __all__ = ["Subject", "SubjectResult", "BatchSummary", "read_manifest", "run_batch", "run_subject", "write_phantom_subjects",
-           "cap_threads", "THREAD_ENV_VARS"]
+           "cap_threads", "THREAD_ENV_VARS", "discover", "discover_subject", "write_manifest"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,7 +47,14 @@ _KINDS = (None, "rigid", "affine", "deformable")
 
 @dataclass
 class Subject:
-    """One manifest row, with absolute paths."""
+    """One manifest row (or one subject folder of a dataset), with absolute paths.
+
+    Attributes:
+        folder: a dataset's subject folder whose images are found on the worker (:func:`discover_subject`)
+            when ``fixed`` is empty.
+        problem: why this subject cannot run (an unpaired manifest row); it is reported as failed and the
+            others go on.
+    """
 
     subject: str
     fixed: str
@@ -51,11 +62,18 @@ class Subject:
     output: str
     register: Optional[str] = None
     method: Optional[str] = None
+    folder: Optional[str] = None
+    problem: Optional[str] = None
 
 
 @dataclass
 class SubjectResult:
-    """What happened to one subject. ``status``: ``done``, ``skipped`` (up to date), ``failed`` or ``cancelled``."""
+    """What happened to one subject (one report row; new fields go at the end to keep the column order).
+
+    ``status``: ``done``, ``skipped`` (up to date), ``failed``, ``cancelled`` or ``pending`` (in a report
+    written while the run goes on). ``finished_utc``: when the output was made (for a skipped subject, by
+    the earlier run); ``medfuse_version``: the version that made it; ``note``: why a subject was redone.
+    """
 
     subject: str
     status: str
@@ -65,6 +83,10 @@ class SubjectResult:
     method_used: Optional[str] = None
     registration_suspect: Optional[bool] = None
     worker: Optional[str] = None
+    inputs: Optional[str] = None
+    finished_utc: Optional[str] = None
+    medfuse_version: Optional[str] = None
+    note: Optional[str] = None
 
 
 @dataclass
@@ -105,6 +127,8 @@ class BatchSummary:
             detail = r.error if r.error else (r.output or "")
             if r.registration_suspect:
                 detail += "  (registration suspect: check it)"
+            if r.note:  # why an existing output was redone
+                detail += f"  ({r.note})"
             lines.append(f"{r.subject:<{w}}  {status:<9} {r.seconds:>8.1f}  {detail}")
         lines.append(f"{len(self.results)} subjects: {self.n_done} done, {self.n_skipped} skipped (up to date), "
                      f"{self.count('failed')} failed" + (f", {self.count('cancelled')} cancelled"
@@ -121,7 +145,7 @@ def _row_error(path: Path, row: int, problem: str, fix: str) -> InvalidInputErro
 def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
                   defaults: Mapping[str, Any]) -> Subject:
     d = {**defaults, **{str(k).strip().lower(): v for k, v in raw.items() if k is not None}}
-    for key in ("subject", "fixed", "output"):
+    for key in ("subject", "output"):  # without these the row is no subject at all
         if not d.get(key) or not str(d[key]).strip():
             raise _row_error(path, row, f"'{key}' is missing or empty",
                              "give every row subject, fixed, moving and output")
@@ -134,8 +158,14 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
             moving += [str(x).strip() for x in v if str(x).strip()]
         else:
             moving += [x.strip() for x in str(v).split(";") if x.strip()]
-    if not moving:
-        raise _row_error(path, row, "'moving' is missing or empty", "give at least one moving image")
+    # An unpaired subject (no PET found, say) fails alone when the batch runs; the others go on.
+    problem = None
+    if not d.get("fixed") or not str(d["fixed"]).strip():
+        problem = f"manifest row {row}: unpaired: 'fixed' is empty. Fix: name the subject's reference image, " \
+                  "or drop the row."
+    elif not moving:
+        problem = f"manifest row {row}: unpaired: 'moving' is empty. Fix: name at least one moving image, " \
+                  "or drop the row."
 
     def absolute(p: str) -> str:
         q = Path(os.path.expanduser(str(p).strip()))
@@ -147,8 +177,9 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         raise _row_error(path, row, f"unknown register value {reg!r}", "use none, rigid, affine or deformable")
     method = d.get("method")
     method = None if method in (None, "") else str(method).strip().lower()
-    return Subject(subject=str(d["subject"]).strip(), fixed=absolute(d["fixed"]), moving=[absolute(m) for m in moving],
-                   output=absolute(d["output"]), register=reg, method=method)
+    fixed = absolute(d["fixed"]) if d.get("fixed") and str(d["fixed"]).strip() else ""
+    return Subject(subject=str(d["subject"]).strip(), fixed=fixed, moving=[absolute(m) for m in moving],
+                   output=absolute(d["output"]), register=reg, method=method, problem=problem)
 
 
 def read_manifest(path: PathLike) -> List[Subject]:
@@ -213,6 +244,207 @@ def read_manifest(path: PathLike) -> List[Subject]:
     return subjects
 
 
+# ----------------------------------------------------------------------------- dataset folders
+#: Image files discovery takes, by their ending (any case). Analyze ``.img`` and MetaImage ``.raw`` are the
+#: data halves of a ``.hdr``/``.mhd`` and are not counted twice.
+_DISCOVER_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr")
+#: Files that are neither an image nor DICOM (notes, BIDS sidecars, snapshots, data halves).
+_NOT_DICOM = (".json", ".txt", ".csv", ".tsv", ".md", ".pdf", ".xml", ".log", ".png", ".jpg", ".jpeg", ".bval",
+              ".bvec", ".img", ".raw", ".zip", ".py", ".html", ".doc", ".docx", ".xls", ".xlsx", ".yaml", ".yml")
+_JUNK = ("__macosx", "thumbs.db", "desktop.ini")
+#: Folders of a dataset that hold no subject (BIDS: derivatives, sourcedata, code).
+_NOT_SUBJECTS = ("derivatives", "sourcedata", "code")
+#: Words in a file name that tell its modality (BIDS suffixes included: ``_T1w``, ``_pet``).
+_NAME_WORDS = {"MR": ("mr", "mri", "t1", "t1w", "t2", "t2w", "flair", "mprage"), "CT": ("ct",),
+               "PT": ("pet", "pt", "fdg"), "NM": ("spect", "nm")}
+_KIND_NAMES = {"MR": "MR", "CT": "CT", "PT": "PET", "NM": "SPECT"}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _JUNK
+
+
+def _modality_from_name(name: str) -> Optional[str]:
+    """``MR``, ``CT``, ``PT`` or ``NM`` from the words of a file name; None when none or several match."""
+    import re
+
+    low = name.lower()
+    for suf in _DISCOVER_SUFFIXES:
+        if low.endswith(suf):
+            low = low[: -len(suf)]
+            break
+    parts = low.split("_")
+    if len(parts) > 1 and all(re.fullmatch(r"[a-z]+-[a-z0-9]+", p) for p in parts[:-1]):
+        words = {parts[-1]}  # BIDS: only the suffix tells the modality (ses-t1 is a time point, not a T1)
+    else:
+        words = set(re.split(r"[^a-z0-9]+", low))
+    kinds = [k for k, ws in _NAME_WORDS.items() if words & set(ws)]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def _walk(folder: Path) -> Tuple[List[Path], bool]:
+    """Image files under ``folder`` (symlinks followed, each real folder once, hidden entries skipped) and
+    whether any other file might be DICOM."""
+    images: List[Path] = []
+    maybe_dicom = False
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or the same series linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for f in sorted(files):
+            low = f.lower()
+            if _hidden(f) or not os.path.isfile(os.path.join(root, f)):  # a broken link
+                continue
+            if low.endswith(_DISCOVER_SUFFIXES):
+                images.append(Path(root, f))
+            elif not low.endswith(_NOT_DICOM):
+                maybe_dicom = True
+    return images, maybe_dicom
+
+
+def _ambiguous(folder: Path, problem: str, fix: str) -> InvalidInputError:
+    return InvalidInputError(problem, fix=fix, path=folder)
+
+
+_MANIFEST_FIX = ("list this subject in a manifest that names its fixed and moving images "
+                 "(medfuse.batch.write_manifest(DATASET) writes one to edit)")
+
+
+def discover_subject(folder: PathLike) -> Tuple[str, List[str]]:
+    """Find a subject's reference (fixed) and moving images in its folder.
+
+    NIfTI/MetaImage/NRRD files are told apart by the words in their names (``mr``, ``t1``, ``T1w``, ``ct``,
+    ``pet``, ``fdg``, ``spect``, any case); DICOM series, in any nested folder, by their Modality. Hidden
+    files (``.DS_Store``), notes and BIDS ``.json`` sidecars are ignored; symlinks are followed. The fixed image
+    is the MR (else the CT); the moving images are the PET and/or SPECT. A CT beside an MR (the CT of a
+    PET/CT) is not used.
+
+    Returns:
+        ``(fixed, [moving, ...])`` as absolute paths (files, or DICOM series folders).
+
+    Raises:
+        InvalidInputError: unpaired (no MR/CT, or no PET/SPECT), or ambiguous (two PET series, two MRs,
+            several series in one folder); the message names the candidates and how to choose.
+    """
+    root = Path(folder)
+    images, maybe_dicom = _walk(root)
+    found: Dict[str, List[Path]] = {k: [] for k in _NAME_WORDS}
+    unknown: List[Path] = []
+    for f in images:
+        kind = _modality_from_name(f.name)
+        (found[kind] if kind else unknown).append(f)
+    shared: Dict[str, List[str]] = {}
+    if maybe_dicom:
+        from .io import scan
+
+        try:
+            series = scan(root)
+        except MedfuseError:  # no DICOM image after all (a stray file without a suffix)
+            series = []
+        for info in series:
+            kind = info.modality.upper()
+            path = Path(info.folder)
+            shared.setdefault(os.fspath(path), []).append(_KIND_NAMES.get(kind, kind or "?"))
+            if kind in found:
+                found[kind].append(path)
+
+    def rel(p: Path) -> str:
+        return os.fspath(p.relative_to(root)) if p != root and root in p.parents else (p.name or os.fspath(p))
+
+    def listing() -> str:
+        parts = [f"{_KIND_NAMES[k]} {', '.join(rel(p) for p in v)}" for k, v in found.items() if v]
+        if unknown:
+            parts.append(f"unknown modality {', '.join(rel(p) for p in unknown)}")
+        return "; ".join(parts) or "no image files or DICOM series"
+
+    anatomy = "MR" if found["MR"] else "CT"
+    functional = [k for k in ("PT", "NM") if found[k]]
+    if not found[anatomy] or not functional:
+        missing = "MR or CT" if not found[anatomy] else "PET or SPECT"
+        hint = (" (name image files with their modality: mr, t1, ct, pet, spect)" if unknown else "")
+        raise _ambiguous(root, f"unpaired: no {missing} found (found: {listing()})",
+                         f"add the missing image{hint}, or leave the subject out")
+    chosen = [anatomy] + functional
+    for kind in chosen:
+        if len(found[kind]) > 1:
+            raise _ambiguous(root, f"ambiguous: {len(found[kind])} {_KIND_NAMES[kind]} candidates "
+                                   f"({', '.join(rel(p) for p in found[kind])})",
+                             f"move the ones not to fuse out of the subject's folder, or {_MANIFEST_FIX}")
+    for kind in chosen:
+        kinds = shared.get(os.fspath(found[kind][0]), [])
+        if len(kinds) > 1:
+            raise _ambiguous(root, f"the folder {rel(found[kind][0])} holds {len(kinds)} DICOM series "
+                                   f"({', '.join(kinds)})", "put each series in a folder of its own")
+    return os.fspath(found[anatomy][0]), [os.fspath(found[k][0]) for k in functional]
+
+
+def _dataset_out_dir(dataset: Path, out_dir: Optional[PathLike]) -> Path:
+    return Path(out_dir).absolute() if out_dir else dataset / "derivatives" / "medfuse"
+
+
+def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[Subject]:
+    """One :class:`Subject` per sub-folder of ``dataset`` (sorted; hidden ones, ``derivatives``,
+    ``sourcedata``, ``code`` and ``out_dir`` left out). Their images are found when each subject runs
+    (:func:`discover_subject`), so an unpaired or ambiguous subject fails alone.
+
+    Args:
+        dataset: the folder holding one folder per subject (named as you like: ``sub-01``, ``P001``).
+        out_dir: where outputs go (``<subject>_fused.nii.gz``); default ``DATASET/derivatives/medfuse``.
+
+    Raises:
+        InvalidInputError: the folder holds no subject folders.
+    """
+    root = Path(dataset).absolute()
+    out = _dataset_out_dir(root, out_dir)
+    subjects = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        path = Path(entry.path)
+        if _hidden(entry.name) or entry.name.lower() in _NOT_SUBJECTS or not path.is_dir():
+            continue
+        real, real_out = os.path.realpath(path), os.path.realpath(out)
+        if real_out == real or real_out.startswith(real + os.sep):  # the outputs' folder is no subject
+            continue
+        output = os.fspath(out / f"{entry.name}_fused.nii.gz")
+        subjects.append(Subject(subject=entry.name, fixed="", moving=[], output=output, folder=os.fspath(path)))
+    if not subjects:
+        raise InvalidInputError("no subject folders found (batch takes a manifest, or a dataset folder holding "
+                                "one folder per subject)", fix="point to the dataset's top folder, or write a "
+                                "manifest (see docs/pipeline.md)", path=root)
+    return subjects
+
+
+def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_dir: Optional[PathLike] = None) -> Path:
+    """Discover a dataset's subjects now and write them as a CSV manifest to review or edit.
+
+    An unpaired or ambiguous subject gets a row with the cells discovery could not fill left empty (it
+    fails alone until they are filled). Writes no patient data: paths and modalities only.
+
+    Returns:
+        The manifest's path (default ``DATASET/derivatives/medfuse/manifest.csv``); never replaces a file.
+    """
+    import io
+
+    from .io._atomic import atomic_write_text
+
+    root = Path(dataset).absolute()
+    target = Path(path) if path else _dataset_out_dir(root, out_dir) / "manifest.csv"
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["subject", "fixed", "moving", "output"])
+    for s in discover(root, out_dir=out_dir):
+        try:
+            fixed, moving = discover_subject(s.folder)
+        except InvalidInputError:
+            fixed, moving = "", []
+        w.writerow([s.subject, fixed, ";".join(moving), s.output])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(target, buf.getvalue())
+
+
 # ----------------------------------------------------------------------------- worker side
 def cap_threads(n: int) -> None:
     """Bound this process's ITK, torch and OpenMP/BLAS thread pools to ``n`` threads.
@@ -251,12 +483,63 @@ def _scrubbed(text: str, inputs: Sequence[Any]) -> str:
     return scrub(text, patient_identifiers([p for p in inputs if p and Path(p).exists()]))
 
 
-def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str, Any]) -> Dict[str, Any]:
+def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequence[str],
+                  parameters: Mapping[str, Any], expect: Mapping[str, Any]) -> Optional[str]:
+    """Why a medfuse output that its sidecar verifies is out of date (None: it is current).
+
+    Raises:
+        OutputExistsError: the output is not verified by a medfuse sidecar (someone's own file, an edited
+            output): only ``overwrite`` may replace it.
+    """
+    from .provenance import _jsonable, hash_path
+
+    verified = (isinstance(rec, Mapping) and "medfuse_provenance" in rec and isinstance(rec.get("output"), Mapping)
+                and rec["output"].get("sha256") == hash_path(output))
+    if not verified:
+        raise OutputExistsError("the output exists and is not verified by its provenance sidecar (not made by "
+                                "medfuse, or changed since)", fix="rerun with --overwrite (overwrite=True) to redo "
+                                "it, or move it away", path=output)
+    try:
+        current = [hash_path(p) for p in inputs]
+    except MedfuseError:
+        current = None  # an input is gone: the run says which
+    if [i.get("sha256") for i in rec.get("inputs", [])] != current:
+        return "inputs changed"
+    if rec.get("parameters") != _jsonable(dict(parameters)):
+        changed = sorted(k for k in set(rec.get("parameters") or {}) | set(parameters)
+                         if (rec.get("parameters") or {}).get(k) != _jsonable(dict(parameters)).get(k))
+        return f"parameters changed ({', '.join(changed)})"
+    if rec.get("method_used") != expect.get("method_used"):
+        return f"made by {rec.get('method_used')}, not {expect.get('method_used')} (a fallback)"
+    if "weights_sha256" in expect and rec.get("weights_sha256") != expect["weights_sha256"]:
+        return "network weights changed"
+    return None
+
+
+def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
+    """Fill a result's columns from the output's provenance (what the run that made it recorded)."""
+    if not isinstance(rec, Mapping):
+        return
+    res.method_used = rec.get("method_used")
+    regs = rec.get("registration") or []
+    res.registration_suspect = any(bool(r and r.get("suspect")) for r in regs) or None
+    res.finished_utc = rec.get("created_utc")
+    res.medfuse_version = (rec.get("versions") or {}).get("medfuse")
+
+
+def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str, Any],
+                cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
     """Fuse one subject (runs on a Dask worker, or in-process). Never raises: failures are returned.
+
+    An existing output is skipped when its sidecar shows it current; redone when the sidecar verifies it
+    as medfuse's but stale (inputs, parameters, method or weights changed: the new output replaces it
+    atomically, and ``note`` says why); and left alone, as a failure, when no sidecar verifies it (unless
+    ``overwrite``).
 
     Args:
         subject: a :class:`Subject` (or its dict).
         options: ``register``, ``method``, ``device``, ``fallback``, ``threads``, ``overwrite`` defaults.
+        cancel: stops the subject at the pipeline's next check (in-process runs).
 
     Returns:
         A :class:`SubjectResult` as a dict.
@@ -264,38 +547,56 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     s = subject if isinstance(subject, Subject) else Subject(**dict(subject))
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
+    inputs = [s.fixed, *s.moving]
     try:
+        if s.problem:
+            res.error = s.problem
+            return asdict(res)
+        if s.folder and not s.fixed:
+            fixed, moving = discover_subject(s.folder)
+            inputs = [fixed, *moving]
+        res.inputs = ";".join(inputs)
         threads = int(options.get("threads") or 1)
         if options.get("cap_process_threads", True):
             cap_threads(threads)  # a worker process: bound every pool, not just registration's
         from .pipeline import _weights_sha256, fuse_files, pipeline_parameters
-        from .provenance import is_up_to_date
+        from .provenance import is_up_to_date, read_sidecar
 
         register = s.register if s.register is not None else options.get("register")
         method = s.method or options.get("method") or "network"
         kw = dict(register=register, method=method, device=options.get("device", "cpu"),
                   fallback=options.get("fallback"), threads=threads)
-        inputs = [s.fixed, *s.moving]
         # What the output must have been made with: a fallback's output, or other weights', is redone.
         expect = {"method_used": method, **({"weights_sha256": _weights_sha256()} if method == "network" else {})}
-        if Path(s.output).exists() and is_up_to_date(s.output, input_paths=inputs, parameters=pipeline_parameters(**kw),
-                                                     expect=expect):
-            res.status = "skipped"
-            return asdict(res)
-        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
-        out = fuse_files(s.fixed, s.moving, s.output, overwrite=bool(options.get("overwrite")), **kw)
+        params = pipeline_parameters(**kw)
+        overwrite = bool(options.get("overwrite"))
+        out = Path(s.output)
+        if out.exists():
+            rec = read_sidecar(out)
+            if is_up_to_date(out, input_paths=inputs, parameters=params, expect=expect):
+                res.status = "skipped"
+                _from_sidecar(res, rec)
+                return asdict(res)
+            if not overwrite:
+                # Our own stale output is redone; anything else only with overwrite.
+                res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
+                overwrite = True
+        out.parent.mkdir(parents=True, exist_ok=True)
+        made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, **kw)
         res.status = "done"
-        res.method_used = out.provenance.get("method_used")
-        res.registration_suspect = any(bool(r and r.get("suspect")) for r in out.registrations) or None
+        _from_sidecar(res, made.provenance)
     except MedfuseError as e:
         res.error = e.one_line()
-        if e.__class__.__name__ == "OutputExistsError":
-            res.error += " (the output is not verified by its sidecar; rerun with --overwrite to redo it)"
+        if e.__class__.__name__ == "CancelledError":
+            res.status = "cancelled"
     except Exception as e:  # noqa: BLE001 - isolate the subject; the batch goes on
         res.error = _one_line(e)
     finally:
-        if res.error:
-            res.error = _scrubbed(res.error, [s.fixed, *s.moving])
+        # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
+        # the subject's folder too: discovery's messages quote paths in it.
+        for attr in ("error", "inputs"):
+            if getattr(res, attr):
+                setattr(res, attr, _scrubbed(getattr(res, attr), [*inputs, s.folder]))
         res.seconds = round(time.perf_counter() - t0, 3)
     return asdict(res)
 
@@ -324,20 +625,38 @@ def _check_report_path(path: Path) -> None:
             fix="move that file, or pass report= (--report) another path")
 
 
-def _write_report(path: Path, results: Sequence[SubjectResult]) -> Path:
+_COLUMNS = [f.name for f in fields(SubjectResult)]
+
+
+def _read_report(path: Path) -> List[Dict[str, Any]]:
+    """The rows of an earlier run's report at ``path`` (none when there is none or it is unreadable)."""
+    if not path.is_file() or not _is_batch_report(path):
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = json.loads(text) if path.suffix.lower() == ".json" else list(csv.DictReader(text.splitlines()))
+    except (OSError, ValueError, csv.Error):
+        return []
+    return [dict(r) for r in rows if isinstance(r, Mapping) and r.get("subject")]
+
+
+def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """Write the report atomically: this run's rows, then the earlier report's rows of subjects not in this
+    run (a run over some subjects keeps the others' rows). Columns in :class:`SubjectResult` order."""
     from .io._atomic import atomic_write_text
 
+    ours = {r.subject for r in results}
+    rows = [asdict(r) for r in results] + [{c: r.get(c) for c in _COLUMNS} for r in earlier
+                                           if r.get("subject") not in ours]
     if path.suffix.lower() == ".json":
-        text = json.dumps([asdict(r) for r in results], indent=2) + "\n"
+        text = json.dumps(rows, indent=2) + "\n"
     else:
         import io
 
         buf = io.StringIO()
-        cols = list(asdict(results[0]).keys()) if results else ["subject", "status"]
-        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=_COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
-        for r in results:
-            w.writerow(asdict(r))
+        w.writerows(rows)
         text = buf.getvalue()
     return atomic_write_text(path, text, overwrite=True)
 
@@ -394,58 +713,111 @@ def _report_beside_outputs(subjects: Sequence[Subject]) -> Path:
     return common / "batch-report.csv"
 
 
+def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: Optional[PathLike],
+                         out_dir: Optional[PathLike]) -> Tuple[List[Subject], Path]:
+    """The subjects of a manifest file, a dataset folder or a list, and the report's default path."""
+    if isinstance(manifest, (str, os.PathLike)) and Path(manifest).is_dir():
+        root = Path(manifest).absolute()
+        subjects = discover(root, out_dir=out_dir)
+        out = _dataset_out_dir(root, out_dir)
+        try:  # before any work: a read-only dataset needs out_dir (--out)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputExistsError(f"cannot create the outputs' folder ({e.__class__.__name__})",
+                                    fix="pass out_dir= (--out) a folder you can write to", path=out) from None
+        return subjects, Path(report) if report else out / "batch-report.csv"
+    if out_dir is not None:
+        raise InvalidInputError("out_dir applies to a dataset folder; a manifest names each output",
+                                fix="drop out_dir, or point to the dataset folder")
+    if isinstance(manifest, (str, os.PathLike)):
+        mpath = Path(manifest)
+        return read_manifest(mpath), Path(report) if report else mpath.with_name(mpath.stem + "-report.csv")
+    subjects = [s if isinstance(s, Subject) else Subject(**dict(s)) for s in manifest]
+    return subjects, Path(report) if report else _report_beside_outputs(subjects)
+
+
+def _warn_oversubscribed(scheduler: str, workers: int, threads: int) -> None:
+    """Warn when local workers x threads exceed the cores: they would slow each other down."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if scheduler == "local" and workers * threads > cores:
+        import warnings
+
+        from .errors import MedfuseWarning
+
+        warnings.warn(f"{workers} workers x {threads} threads exceed this machine's {cores} cores; subjects will "
+                      f"run slower, not faster (use --workers {max(1, cores // threads)})", MedfuseWarning,
+                      stacklevel=3)
+
+
 def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2, scheduler: str = "local",
               threads_per_worker: int = 1, register: Optional[str] = None, method: str = "network",
               device: str = "cpu", fallback: Optional[str] = None, overwrite: bool = False,
               report: Optional[PathLike] = None, progress: bool = False,
-              cancel: Optional[CancelToken] = None) -> BatchSummary:
-    """Fuse every subject of a manifest in parallel and write a report.
+              cancel: Optional[CancelToken] = None, out_dir: Optional[PathLike] = None) -> BatchSummary:
+    """Fuse every subject of a manifest (or of a dataset folder) in parallel and write a report.
 
     Args:
-        manifest: CSV/YAML path, or a list of :class:`Subject`.
+        manifest: CSV/YAML path, a dataset folder holding one folder per subject (see :func:`discover`),
+            or a list of :class:`Subject`.
         workers: local worker processes (``scheduler="local"``).
         scheduler: ``"local"``, ``"synchronous"`` (this process, no Dask) or a scheduler address.
         threads_per_worker: threads each worker's ITK/torch/BLAS may use.
         register, method, device, fallback: defaults for rows that do not set them.
-        overwrite: redo subjects whose output exists but is not verified by its sidecar.
+        overwrite: redo subjects whose output exists but is not verified by its sidecar (outputs that
+            their sidecar shows stale are redone anyway).
         report: report path (``.csv`` or ``.json``); default ``<manifest stem>-report.csv`` beside the
-            manifest, or for a list ``batch-report.csv`` in the folder holding the subjects' outputs (the
-            common parent of their folders; relative outputs count from the working folder). Never the
-            working folder just because it is one.
+            manifest; for a dataset folder ``batch-report.csv`` in ``out_dir``; for a list
+            ``batch-report.csv`` in the folder holding the subjects' outputs (the common parent of their
+            folders; relative outputs count from the working folder). Never the working folder just
+            because it is one. Rewritten after every subject; rows of subjects not in this run are kept.
         progress: show a tqdm bar of finished subjects.
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
+        out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
 
     Returns:
         :class:`BatchSummary`. Failures are in it, not raised.
 
     Raises:
         InvalidInputError: a list without ``report`` whose outputs share no folder but the filesystem
-            root (or a different drive), or an empty list without ``report``; checked before any work.
+            root (or a different drive), an empty list without ``report``, or a dataset folder without
+            subject folders; checked before any work.
     """
-    if isinstance(manifest, (str, os.PathLike)):
-        subjects = read_manifest(manifest)
-        mpath = Path(manifest)
-        default_report = mpath.with_name(mpath.stem + "-report.csv")
-    else:
-        subjects = [s if isinstance(s, Subject) else Subject(**dict(s)) for s in manifest]
-        default_report = None if report else _report_beside_outputs(subjects)
+    subjects, report_path = _subjects_and_report(manifest, report, out_dir)
     if register not in _KINDS:
         raise InvalidInputError(f"unknown registration kind {register!r}", fix="use none, rigid, affine or deformable")
-    report_path = Path(report) if report else default_report
     _check_report_path(report_path)
-    options = dict(register=register, method=method, device=device, fallback=fallback,
-                   threads=max(1, int(threads_per_worker)), overwrite=overwrite)
+    earlier = _read_report(report_path)
+    threads = max(1, int(threads_per_worker))
+    _warn_oversubscribed(scheduler, workers, threads)
+    options = dict(register=register, method=method, device=device, fallback=fallback, threads=threads,
+                   overwrite=overwrite)
     results: Dict[str, SubjectResult] = {}
+    report_errors: List[BaseException] = []
     cancelled = False
     t0 = time.perf_counter()
+    started = time.time()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr, disable=None)
 
+    def rows(unfinished: str, why: str) -> List[SubjectResult]:
+        return [results.get(s.subject) or SubjectResult(subject=s.subject, status=unfinished, output=s.output,
+                                                        error=why) for s in subjects]
+
+    def save_report(ordered: List[SubjectResult]) -> Optional[Path]:
+        try:
+            report_path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
+            return _write_report(report_path, ordered, earlier)
+        except (OSError, MedfuseError) as e:  # the work goes on; the summary is not lost over the report file
+            report_errors.append(e)
+            return None
+
     def finished(d: Dict[str, Any]) -> None:
         results[d["subject"]] = SubjectResult(**d)
+        # After every subject: a run killed overnight leaves a report of what it finished.
+        save_report(rows("pending", None))
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{d['subject']}: {d['status']}", refresh=True)
@@ -459,55 +831,88 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
                     break
                 # In the caller's own process: registration still uses `threads` (the pipeline sets it
                 # per call), but the process-wide pools are left alone.
-                finished(run_subject(s, {**options, "cap_process_threads": False}))
+                finished(run_subject(s, {**options, "cap_process_threads": False}, cancel=cancel))
+                cancelled = cancelled or results[s.subject].status == "cancelled"
         else:
-            client, cluster = _client(scheduler, workers, options["threads"])
-            try:
-                from dask.distributed import as_completed
-
-                n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-                tag = uuid.uuid4().hex[:8]
-                futures = {client.submit(run_subject, asdict(s), options, key=f"medfuse-{tag}-{i}",
-                                         pure=False): s for i, s in enumerate(subjects)}
-                pending = as_completed(list(futures))
-                for fut in pending:
-                    s = futures[fut]
-                    try:
-                        finished(fut.result())
-                    except Exception as e:  # noqa: BLE001 - a worker died (segfault, OOM): isolate it
-                        finished(asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
-                                                      error=f"the worker running it died ({_one_line(e)})")))
-                    if cancel is not None and cancel.cancelled:
-                        cancelled = True
-                        client.cancel([f for f in futures if not f.done()])
-                        break
-            finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+            n_workers, cancelled = _run_on_dask(subjects, options, scheduler, workers, finished, cancel)
     except KeyboardInterrupt:
         cancelled = True
     finally:
         if bar is not None:
             bar.close()
-    ordered = [results.get(s.subject) or SubjectResult(subject=s.subject, status="cancelled", output=s.output,
-                                                        error="not run: the batch was cancelled")
-               for s in subjects]
+    for s in subjects:
+        if s.subject not in results:
+            late = _finished_meanwhile(s, started)
+            if late is not None:
+                results[s.subject] = late
+    ordered = rows("cancelled", "not run: the batch was cancelled")
     wall = time.perf_counter() - t0
-    try:
-        if not report and not isinstance(manifest, (str, os.PathLike)):
-            report_path.parent.mkdir(parents=True, exist_ok=True)  # the outputs' folder; absent if none got that far
-        written: Optional[Path] = _write_report(report_path, ordered)
-    except (OSError, MedfuseError) as e:  # the work is done; do not lose the summary over the report file
+    written = save_report(ordered)
+    if report_errors:
         import warnings
 
         from .errors import MedfuseWarning
 
-        warnings.warn(f"could not write the batch report {report_path} ({e.__class__.__name__}); "
+        warnings.warn(f"could not write the batch report {report_path} ({report_errors[-1].__class__.__name__}); "
                       f"pass report= (--report) to choose another place", MedfuseWarning, stacklevel=2)
-        written = None
     return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
                         workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled)
+
+
+def _finished_meanwhile(s: Subject, since: float) -> Optional[SubjectResult]:
+    """The result of a subject a worker finished while the run was being cancelled (its result never came
+    back): an output written since ``since`` that its sidecar verifies; else None."""
+    from .provenance import hash_path, read_sidecar
+
+    out = Path(s.output)
+    try:
+        if not out.exists() or out.stat().st_mtime < since:
+            return None
+        rec = read_sidecar(out)
+        if not isinstance(rec, Mapping) or (rec.get("output") or {}).get("sha256") != hash_path(out):
+            return None
+    except (OSError, MedfuseError):
+        return None
+    res = SubjectResult(subject=s.subject, status="done", output=s.output, note="finished while cancelling")
+    _from_sidecar(res, rec)
+    return res
+
+
+def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], scheduler: str, workers: int,
+                 finished, cancel: Optional[CancelToken]) -> Tuple[int, bool]:
+    """Run the subjects on a Dask cluster, calling ``finished(result_dict)`` as each ends; returns
+    (number of workers, cancelled). ``cancel`` is polled while waiting, so Ctrl-C is answered at once
+    rather than when the next subject ends; unfinished subjects are dropped with the local cluster."""
+    client, cluster = _client(scheduler, workers, options["threads"])
+    cancelled = False
+    try:
+        from dask.distributed import as_completed
+
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        tag = uuid.uuid4().hex[:8]
+        futures = {client.submit(run_subject, asdict(s), options, key=f"medfuse-{tag}-{i}",
+                                 pure=False): s for i, s in enumerate(subjects)}
+        pending = as_completed(list(futures))
+        while not pending.is_empty():
+            if cancel is not None and cancel.cancelled:
+                cancelled = True
+                client.cancel([f for f in futures if not f.done()])
+                break
+            if not pending.has_ready():
+                time.sleep(0.2)
+                continue
+            for fut in pending.next_batch(block=False):
+                s = futures[fut]
+                try:
+                    finished(fut.result())
+                except Exception as e:  # noqa: BLE001 - a worker died (segfault, OOM): isolate it
+                    finished(asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
+                                                  error=f"the worker running it died ({_one_line(e)})")))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return n_workers, cancelled
 
 
 # ----------------------------------------------------------------------------- phantom subjects

@@ -580,16 +580,35 @@ def _take_common_flags(args: argparse.Namespace) -> List[str]:
 
 # ----------------------------------------------------------------------------- batch
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import run_batch
+    from .batch import run_batch, write_manifest
 
+    dataset = Path(args.manifest).is_dir()
+    if not dataset and (args.out is not None or args.write_manifest is not None):
+        raise InvalidInputError(f"--{'out' if args.out is not None else 'write-manifest'} is for a dataset folder; "
+                                "a manifest names each output itself", fix="leave it out", path=args.manifest)
+    if dataset and args.write_manifest is not None:
+        written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out)
+        _say(args, f"wrote {written} (review it, then: medfuse batch {shlex.quote(os.fspath(written))} "
+                  "--register rigid|none)")
+        return EXIT_OK
+    if dataset and args.register is None:
+        # Discovery pairs files by name: whether they are aligned (one session) or not is the user's to say;
+        # fusing images from two sessions unregistered gives a misaligned overlay.
+        raise InvalidInputError("a dataset folder needs --register: medfuse cannot tell whether each subject's "
+                                "images are already aligned", fix="add --register rigid (images from different "
+                                "sessions or scanners) or --register none (already aligned, e.g. one PET/CT)",
+                                path=args.manifest)
     _check_device_name(args.device)  # --device gpu with a classical method ran every subject silently
     _check_device(args)
-    with _CancelOnSigint(raise_on_exit=False) as token:  # a cancelled batch still prints its summary
+    with _CancelOnSigint(raise_on_exit=False) as token, \
+            warnings.catch_warnings(record=True) as caught:  # a cancelled batch still prints its summary
+        warnings.simplefilter("always", MedfuseWarning)
         summary = run_batch(args.manifest, workers=args.workers, scheduler=args.scheduler,
                             threads_per_worker=args.threads_per_worker, register=_kind(args.register),
                             method=args.method, device=args.device, fallback=args.fallback,
                             overwrite=args.overwrite, report=args.report, progress=not args.no_progress and not args.quiet,
-                            cancel=token)
+                            cancel=token, out_dir=args.out)
+    _show_warnings(caught)
     if not args.quiet:
         print(summary.table())
         if summary.report_path is not None:
@@ -871,19 +890,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_delegate(module, name, f"medfuse {name}"))
 
-    p = add("batch", "fuse many subjects in parallel from a CSV/YAML manifest (Dask)",
+    p = add("batch", "fuse many subjects in parallel from a CSV/YAML manifest or a dataset folder (Dask)",
             "Run the fuse pipeline over every subject of a manifest, in parallel on a Dask cluster: a local\n"
             "cluster of --workers processes by default, or an existing one with --scheduler tcp://host:8786.\n"
-            "Re-runs skip subjects whose output and sidecar hashes still match; a failing subject is\n"
-            "reported and never stops the others. Ends with a summary table and a report file; exit code 1\n"
-            "when any subject failed.\n\n"
+            "Re-runs skip up-to-date subjects and redo medfuse outputs made with other inputs, parameters or\n"
+            "weights; a failing subject is reported and never stops the others. Ends with a summary table and\n"
+            "a report file; exit code 1 when any subject failed.\n\n"
+            "A dataset folder (one folder per subject) is read without a manifest: each subject's MR (else CT)\n"
+            "is the fixed image and its PET/SPECT the moving ones, found by file names (mr, t1, T1w, ct, pet,\n"
+            "fdg, spect) and DICOM Modality; an unpaired or ambiguous subject fails alone. It needs an explicit\n"
+            "--register (rigid for images from different sessions, none when they are already aligned).\n"
+            "--write-manifest writes what discovery found as a manifest to review and edit.\n\n"
             "manifest (CSV with a header, or YAML list / {defaults:, subjects:}):\n"
             "  subject,fixed,moving,output\n"
             "  s01,s01/mr.nii.gz,s01/pet,out/s01_fused.nii.gz\n"
             "  s02,s02/mr.nii.gz,s02/pet;s02/spect.nii.gz,out/s02_fused.nii.gz\n"
             "Optional columns: register, method. Several moving images: separate with ';' (CSV) or a list\n"
             "(YAML). Relative paths are relative to the manifest's folder. See docs/pipeline.md.")
-    p.add_argument("manifest", metavar="MANIFEST", help="subjects.csv or subjects.yaml")
+    p.add_argument("manifest", metavar="MANIFEST_OR_DATASET",
+                   help="subjects.csv, subjects.yaml, or a dataset folder with one folder per subject")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="outputs' folder for a dataset folder (default DATASET/derivatives/medfuse)")
+    p.add_argument("--write-manifest", metavar="PATH", nargs="?", const="", default=None,
+                   help="dataset folder only: write the manifest discovery makes (default PATH: "
+                        "DIR/manifest.csv, DIR from --out) and exit without fusing")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="local worker processes (default 2; ignored with --scheduler)")
     p.add_argument("--scheduler", default="local", metavar="ADDR",
@@ -891,14 +921,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(in this process, no Dask; for debugging)")
     p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
                    help="ITK/torch/BLAS threads per worker (default 1: no oversubscription)")
-    p.add_argument("--register", choices=_KINDS, default="none",
-                   help="default registration for rows without a 'register' column (default: none)")
+    p.add_argument("--register", choices=_KINDS, default=None,
+                   help="default registration for rows without a 'register' column (default: none for a "
+                        "manifest; a dataset folder needs it said)")
     p.add_argument("--method", choices=_METHODS, default="network", help="default fusion method (default: network)")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail the subject)")
     _add_device_option(p)
     p.add_argument("--report", metavar="PATH", default=None,
-                   help="report file (.csv or .json; default: <manifest name>-report.csv beside the manifest)")
+                   help="report file (.csv or .json; default: <manifest name>-report.csv beside the manifest; "
+                        "dataset folder: batch-report.csv in --out)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo subjects whose outputs exist but are not verified by their sidecar")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

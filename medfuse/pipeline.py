@@ -222,8 +222,14 @@ class ResampleStep:
             t = None if i == 0 else (state.transforms[i - 1] if state.transforms else None)
             if t is None and v.same_grid(ref):
                 out.append(v)
-            else:
-                out.append(resample(v, ref, transform=t, interpolation=self.interpolation))
+                continue
+            r = resample(v, ref, transform=t, interpolation=self.interpolation)
+            # What resampling warned about (a pair from two frames of reference, unregistered) goes into the
+            # sidecar too, not only to the terminal.
+            said = r.provenance.get("warnings", [])[len(v.provenance.get("warnings", [])):]
+            if said:
+                state.notes.setdefault("warnings", []).extend(f"input {i + 1}: {w}" for w in said)
+            out.append(r)
         state.volumes = out
         return state
 

@@ -491,3 +491,47 @@ def test_register_initialise_option_and_its_advice(tmp_path, capsys):
     assert rec["steps"][0]["params"]["initialise"] == "geometry"
     t = medfuse.load_transform(tmp_path / "o.tfm")
     assert np.allclose(t.transform_points(np.array([[15.0, 15.0, 15.0]])), [[515.0, 15.0, 15.0]], atol=1.0)
+
+
+def test_batch_on_a_dataset_folder_needs_register_said_and_can_write_its_manifest(tmp_path, capsys):
+    """A dataset folder (one folder per subject) runs without a manifest, but only once the user says whether
+    the images are aligned: discovery pairs files by name and cannot know, and an unregistered pair from two
+    sessions fuses misaligned. --write-manifest shows what discovery found; --out is for datasets only."""
+    from medfuse.batch import write_phantom_subjects
+
+    write_phantom_subjects(tmp_path / "ds", 2)
+    ds = tmp_path / "ds"
+    assert main(["batch", str(ds), "--method", "max", "--scheduler", "synchronous", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "needs --register" in err and "--register rigid" in err and "--register none" in err
+    assert not (ds / "derivatives").exists()
+
+    assert main(["batch", str(ds), "--write-manifest", str(tmp_path / "m.csv")]) == 0
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert rows[0] == "subject,fixed,moving,output" and len(rows) == 3 and "mr_t1.nii.gz" in rows[1]
+    assert not (ds / "derivatives" / "medfuse").exists() or not list((ds / "derivatives" / "medfuse").glob("*.nii.gz"))
+
+    out = tmp_path / "out"
+    assert main(["batch", str(ds), "--register", "none", "--method", "max", "--scheduler", "synchronous",
+                 "--out", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.glob("*_fused.nii.gz")) == ["sub-01_fused.nii.gz", "sub-02_fused.nii.gz"]
+    assert (out / "batch-report.csv").is_file()
+
+    capsys.readouterr()
+    assert main(["batch", str(tmp_path / "m.csv"), "--out", str(out), "-q"]) == EXIT_USAGE
+    assert "--out is for a dataset folder" in capsys.readouterr().err
+
+
+def test_fuse_without_registration_across_frames_of_reference_warns_and_records_it(samples_dir, tmp_path, capsys):
+    """The sample PET lies in another DICOM frame of reference than the CT (misplaced on purpose): fused with the
+    default --register none it is misaligned. The terminal and the sidecar both say so; registered, neither."""
+    out = tmp_path / "f.nii.gz"
+    args = ["fuse", str(samples_dir / "ct"), str(samples_dir / "pet"), "--method", "max", "--no-progress"]
+    assert main([*args, "-o", str(out)]) == 0
+    assert "different DICOM frames of reference" in capsys.readouterr().err
+    said = json.loads(prov.sidecar_path(out).read_text())["warnings"]
+    assert any(w.startswith("input 2: the two images come from different DICOM frames") for w in said)
+    reg = tmp_path / "r.nii.gz"
+    assert main([*args, "-o", str(reg), "--register", "rigid"]) == 0
+    assert "frames of reference" not in capsys.readouterr().err
+    assert not any("frames of reference" in w for w in json.loads(prov.sidecar_path(reg).read_text()).get("warnings", []))

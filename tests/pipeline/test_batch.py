@@ -100,15 +100,21 @@ def test_run_batch_synchronous_isolates_failures_and_is_idempotent(tmp_path):
     mtime = out.stat().st_mtime_ns
     s2 = run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.json")
     assert [r.status for r in s2.results] == ["skipped", "failed"] and out.stat().st_mtime_ns == mtime
-    # different parameters: the output is stale and is not silently replaced
     s3 = run_batch(subjects[:1], scheduler="synchronous", method="max", report=tmp_path / "r.csv")
     assert s3.results[0].status == "skipped"  # the row's own method (mean) wins over the default
+    # different parameters: medfuse's own output, verified by its sidecar, is stale and redone
     subjects[0].method = "max"
     s4 = run_batch(subjects[:1], scheduler="synchronous", report=tmp_path / "r.csv")
-    assert s4.results[0].status == "failed" and "--overwrite" in s4.results[0].error
-    s5 = run_batch(subjects[:1], scheduler="synchronous", overwrite=True, report=tmp_path / "r.csv")
-    assert s5.results[0].status == "done"
-    assert "1 done" in s5.table()
+    assert s4.results[0].status == "done" and "parameters changed (fuse)" in s4.results[0].note
+    assert json.loads(prov.sidecar_path(out).read_text())["parameters"]["fuse"]["method"] == "max"
+    assert "1 done" in s4.table() and "(redone: parameters changed (fuse))" in s4.table()
+    # an output no sidecar verifies (edited, or someone's own file) is redone only with overwrite
+    out.write_bytes(b"my own file")
+    s5 = run_batch(subjects[:1], scheduler="synchronous", report=tmp_path / "r.csv")
+    assert s5.results[0].status == "failed" and "--overwrite" in s5.results[0].error
+    assert out.read_bytes() == b"my own file"
+    s6 = run_batch(subjects[:1], scheduler="synchronous", overwrite=True, report=tmp_path / "r.csv")
+    assert s6.results[0].status == "done"
 
 
 def test_manifest_csv_and_yaml(tmp_path):
@@ -132,8 +138,8 @@ def test_manifest_csv_and_yaml(tmp_path):
     (tmp_path / "bad.csv").write_text("name,fixed,moving\na,x,y\n")
     with pytest.raises(InvalidInputError, match="subject, output"):
         read_manifest(tmp_path / "bad.csv")
-    (tmp_path / "row.csv").write_text("subject,fixed,moving,output\na,x,,o.nii.gz\n")
-    with pytest.raises(InvalidInputError, match="row 2"):
+    (tmp_path / "row.csv").write_text("subject,fixed,moving,output\na,x,,o.nii.gz\nb,,y,p.nii.gz\n,x,y,q.nii.gz\n")
+    with pytest.raises(InvalidInputError, match="row 4"):  # a row without a subject is no subject at all
         read_manifest(tmp_path / "row.csv")
     (tmp_path / "bad.yaml").write_text("subjects: [a, b\n")
     with pytest.raises(UnreadableFileError, match="YAML"):
@@ -164,9 +170,9 @@ def test_outputs_made_with_other_weights_are_not_skipped(tmp_path, monkeypatch):
     report = tmp_path / "r.csv"
     assert run_batch(subjects, scheduler="synchronous", report=report).results[0].status == "done"
     assert run_batch(subjects, scheduler="synchronous", report=report).results[0].status == "skipped"
-    monkeypatch.setattr(pl, "_weights_sha256", lambda: "0" * 64)  # as after a retrain
+    monkeypatch.setattr(pl, "_weights_sha256", lambda *a: "0" * 64)  # as after a retrain
     again = run_batch(subjects, scheduler="synchronous", report=report).results[0]
-    assert again.status == "failed" and "--overwrite" in again.error  # stale, and never replaced silently
+    assert again.status == "done" and again.note == "redone: network weights changed"
 
 
 def test_batch_errors_do_not_quote_patient_identifiers(tmp_path):

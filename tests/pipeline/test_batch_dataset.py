@@ -1,0 +1,225 @@
+"""medfuse batch over a dataset folder: discovery, isolation, the report kept across runs, cancelling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import medfuse.batch as batch
+from medfuse import provenance as prov
+from medfuse.batch import Subject, SubjectResult, discover_subject, run_batch, write_phantom_subjects
+from medfuse.errors import InvalidInputError, MedfuseWarning, OutputExistsError
+from medfuse.progress import CancelToken
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_volumes"
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """One 2 mm phantom subject folder (MR T1 + PET NIfTI); tests copy it (making phantoms takes seconds)."""
+    root = tmp_path_factory.mktemp("phantom")
+    write_phantom_subjects(root, 1, first_seed=11)
+    return root / "sub-01"
+
+
+def _subjects(phantom: Path, folder: Path, n: int, **kw) -> list:
+    """``n`` copies of the phantom subject under ``folder``, as Subjects writing to ``folder/out``."""
+    out = []
+    for i in range(1, n + 1):
+        sid = f"sub-{i:02d}"
+        shutil.copytree(phantom, folder / sid)
+        out.append(Subject(subject=sid, fixed=os.fspath(folder / sid / "mr_t1.nii.gz"),
+                           moving=[os.fspath(folder / sid / "pet.nii.gz")],
+                           output=os.fspath(folder / "out" / f"{sid}_fused.nii.gz"), **kw))
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path, phantom):
+    """Five phantom subjects as a dataset folder (one folder per subject), each a different case."""
+    root = tmp_path / "study"
+    _subjects(phantom, root, 5)
+    (root / ".DS_Store").write_bytes(b"\0\1junk")
+    (root / ".cache").mkdir()
+    (root / "sub-01" / ".DS_Store").write_bytes(b"\0\1junk")
+    (root / "sub-01" / "notes.txt").write_text("scanned twice\n")
+    # sub-02: a second PET (attenuation-corrected and not): ambiguous
+    shutil.copy(root / "sub-02" / "pet.nii.gz", root / "sub-02" / "pet_nac.nii.gz")
+    # sub-03: unpaired (no PET)
+    (root / "sub-03" / "pet.nii.gz").unlink()
+    # sub-04: corrupt MR
+    mr = root / "sub-04" / "mr_t1.nii.gz"
+    mr.write_bytes(mr.read_bytes()[:300])
+    # sub-05: a symlinked subject folder, nested images, upper-case endings and BIDS-like names
+    real = tmp_path / "elsewhere" / "P005"
+    (real / "anat").mkdir(parents=True)
+    (real / "pet").mkdir()
+    shutil.move(root / "sub-05" / "mr_t1.nii.gz", real / "anat" / "sub-05_T1w.NII.GZ")
+    shutil.move(root / "sub-05" / "pet.nii.gz", real / "pet" / "sub-05_ses-t1_trc-FDG_PET.nii.gz")
+    shutil.rmtree(root / "sub-05")
+    os.symlink(real, root / "sub-05")
+    return root
+
+
+def test_dataset_folder_runs_each_subject_and_isolates_failures(dataset):
+    summary = run_batch(dataset, scheduler="synchronous", method="mean")
+    status = {r.subject: r for r in summary.results}
+    assert list(status) == ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"]  # hidden folders are no subjects
+    assert status["sub-01"].status == status["sub-05"].status == "done"
+    assert status["sub-05"].inputs.endswith("sub-05_T1w.NII.GZ;" + os.fspath(dataset / "sub-05" / "pet" /
+                                                                               "sub-05_ses-t1_trc-FDG_PET.nii.gz"))
+    two = status["sub-02"]
+    assert two.status == "failed" and "2 PET candidates (pet.nii.gz, pet_nac.nii.gz)" in two.error
+    assert "manifest" in two.error and "Fix:" in two.error
+    assert status["sub-03"].status == "failed"
+    assert "unpaired: no PET or SPECT found (found: MR mr_t1.nii.gz)" in status["sub-03"].error
+    assert status["sub-04"].status == "failed" and "mr_t1.nii.gz" in status["sub-04"].error
+    assert "Traceback" not in status["sub-04"].error
+    assert summary.n_failed == 3  # what makes the command's exit status 1
+    out = dataset / "derivatives" / "medfuse"
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["sub-01_fused.nii.gz", "sub-05_fused.nii.gz"]
+    rows = list(csv.DictReader(open(out / "batch-report.csv")))
+    assert [r["status"] for r in rows] == ["done", "failed", "failed", "failed", "done"]
+    # a re-run does not take the outputs' folder for a subject, and skips what is finished
+    again = run_batch(dataset, scheduler="synchronous", method="mean")
+    assert [r.status for r in again.results] == ["skipped", "failed", "failed", "failed", "skipped"]
+
+
+def _discover_msg(folder: Path) -> str:
+    with pytest.raises(InvalidInputError) as e:
+        discover_subject(folder)
+    return e.value.one_line()
+
+
+def test_discover_subject_dicom_series_nested_and_mixed(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    sub = tmp_path / "P001"
+    shutil.copytree(SAMPLES / "pet", sub / "visit1" / "PET_AC")
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", sub / "T1.nii.gz")
+    (sub / "visit1" / "PET_AC" / ".DS_Store").write_bytes(b"\0junk")
+    (sub / "visit1" / "PET_AC" / "DICOMDIR.txt").write_text("index\n")
+    fixed, moving = discover_subject(sub)
+    assert fixed == os.fspath(sub / "T1.nii.gz") and moving == [os.fspath(sub / "visit1" / "PET_AC")]
+    # a second PET series in its own folder: ambiguous, both named
+    shutil.copytree(SAMPLES / "pet", sub / "visit2" / "PET_NAC")
+    uid = pydicom.uid.generate_uid()
+    for f in sorted((sub / "visit2" / "PET_NAC").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.save_as(f)
+    msg = _discover_msg(sub)
+    assert "2 PET candidates (visit1/PET_AC, visit2/PET_NAC)" in msg
+    shutil.rmtree(sub / "visit2")
+    # the CT of a PET/CT exported into the PET's folder: one folder, two series
+    for f in sorted((SAMPLES / "ct").iterdir()):
+        shutil.copy(f, sub / "visit1" / "PET_AC" / ("ct_" + f.name))
+    msg = _discover_msg(sub)
+    assert "visit1/PET_AC holds 2 DICOM series" in msg and "folder of its own" in msg
+    # a name that tells no modality, when pairing needs it
+    lone = tmp_path / "P002"
+    lone.mkdir()
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", lone / "scan1.nii.gz")
+    assert "unknown modality scan1.nii.gz" in _discover_msg(lone)
+
+
+def test_unpaired_manifest_row_fails_alone(tmp_path, phantom):
+    _subjects(phantom, tmp_path, 1)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject,fixed,moving,output,method\n"
+                        "sub-01,sub-01/mr_t1.nii.gz,sub-01/pet.nii.gz,out/sub-01.nii.gz,mean\n"
+                        "lonely,sub-01/mr_t1.nii.gz,,out/lonely.nii.gz,mean\n")
+    summary = run_batch(manifest, scheduler="synchronous")
+    assert [r.status for r in summary.results] == ["done", "failed"]
+    assert "row 3: unpaired: 'moving' is empty" in summary.results[1].error
+
+
+def test_report_keeps_other_subjects_rows_and_skipped_rows_keep_their_facts(tmp_path, phantom):
+    subjects = _subjects(phantom, tmp_path, 2, method="mean")
+    report = tmp_path / "r.csv"
+    first = run_batch(subjects, scheduler="synchronous", report=report)
+    assert [r.status for r in first.results] == ["done", "done"]
+    run_batch(subjects[:1], scheduler="synchronous", report=report)  # a run over one subject only
+    with open(report) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == [f.name for f in batch.fields(SubjectResult)]  # stable column order
+    assert [(r["subject"], r["status"]) for r in rows] == [("sub-01", "skipped"), ("sub-02", "done")]
+    rec = json.loads(prov.sidecar_path(subjects[0].output).read_text())
+    skipped = rows[0]
+    assert skipped["method_used"] == "mean" and skipped["finished_utc"] == rec["created_utc"]
+    assert skipped["medfuse_version"] == rec["versions"]["medfuse"]
+    assert rows[1]["seconds"] == str(first.results[1].seconds)  # the earlier row, as it was
+
+
+def test_report_is_written_after_every_subject(tmp_path, monkeypatch, phantom):
+    """A driver killed overnight leaves a report of what finished (the rest 'pending')."""
+    subjects = _subjects(phantom, tmp_path, 2, method="mean")
+    report = tmp_path / "r.json"
+    seen = []
+    real = batch.run_subject
+
+    def spy(s, options, cancel=None):
+        if s.subject == "sub-02":
+            seen.append(json.loads(report.read_text()))
+        return real(s, options, cancel=cancel)
+
+    monkeypatch.setattr(batch, "run_subject", spy)
+    run_batch(subjects, scheduler="synchronous", report=report)
+    assert [(r["subject"], r["status"]) for r in seen[0]] == [("sub-01", "done"), ("sub-02", "pending")]
+
+
+def test_oversubscription_is_warned():
+    with pytest.warns(MedfuseWarning, match="exceed this machine's"):
+        batch._warn_oversubscribed("local", 64, 2)
+
+
+@pytest.mark.slow
+def test_cancel_is_answered_without_waiting_for_a_subject(tmp_path, phantom):
+    """Ctrl-C (the token) stops a Dask run at once: nothing more is started, all reported cancelled."""
+    pytest.importorskip("distributed")
+    subjects = _subjects(phantom, tmp_path, 2, method="mean", register="rigid")
+    token = CancelToken()
+    token.cancel()
+    summary = run_batch(subjects, workers=1, report=tmp_path / "r.csv", cancel=token)
+    assert summary.cancelled
+    # a subject a worker had already begun may still be finished while the cluster goes down: then it is
+    # complete, verified, and reported as such; the others were not run
+    for s, r in zip(subjects, summary.results):
+        if Path(s.output).exists():
+            assert prov.is_up_to_date(s.output, input_paths=[s.fixed, *s.moving])
+            assert (r.status, r.note) == ("done", "finished while cancelling")
+        else:
+            assert r.status == "cancelled"
+
+
+def test_a_subject_finished_while_cancelling_is_reported_done(tmp_path, phantom, monkeypatch):
+    """Workers may finish a running subject as the cluster goes down; its result never comes back."""
+    subjects = _subjects(phantom, tmp_path, 2, method="mean")
+
+    def lost_result(subs, options, scheduler, workers, finished, cancel):
+        batch.run_subject(subs[0], {**options, "cap_process_threads": False})  # written, never reported
+        return 1, True
+
+    monkeypatch.setattr(batch, "_run_on_dask", lost_result)
+    summary = run_batch(subjects, workers=1, report=tmp_path / "r.csv")
+    assert [(r.status, r.note) for r in summary.results] == [("done", "finished while cancelling"),
+                                                             ("cancelled", None)]
+    assert summary.results[0].method_used == "mean"
+
+
+def test_write_manifest_lists_what_discovery_found_to_edit(dataset):
+    from medfuse.batch import read_manifest, write_manifest
+
+    path = write_manifest(dataset)
+    assert path == dataset / "derivatives" / "medfuse" / "manifest.csv"
+    rows = {s.subject: s for s in read_manifest(path)}
+    assert list(rows) == ["sub-01", "sub-02", "sub-03", "sub-04", "sub-05"]
+    assert rows["sub-01"].fixed == os.fspath(dataset / "sub-01" / "mr_t1.nii.gz") and not rows["sub-01"].problem
+    assert rows["sub-02"].problem and rows["sub-02"].fixed == ""  # ambiguous: left for the user to fill
+    with pytest.raises(OutputExistsError, match="exists"):
+        write_manifest(dataset)  # never replaces a file (an edited manifest)
