@@ -96,3 +96,18 @@ def test_birth_date_and_name_spellings_in_values(tmp_path):
     paths = ["/d/1960-01-02/ct", "/d/02.01.1960/ct", "/d/19600102/ct", "/d/Wu_Li/ct", "/d/li wu/ct"]
     assert scrub(paths, ids) == ["/d/[removed]/ct"] * 5
     assert scrub("/d/Li/ct", ids) == "/d/Li/ct"  # a two-letter part alone is not blanked (too much innocent text)
+
+
+def test_folder_hash_ignores_hidden_files_like_the_reader(tmp_path):
+    """Finder's .DS_Store (or a temp file) in a DICOM folder made its input hash change, so batch redid the
+    subject; a change to a file the reader reads still changes it."""
+    d = tmp_path / "series"
+    d.mkdir()
+    (d / "IM1.dcm").write_bytes(b"slice one")
+    (d / "IM2.dcm").write_bytes(b"slice two")
+    before = hash_path(d)
+    (d / ".DS_Store").write_bytes(b"finder")
+    (d / ".medfuse-tmp-x").write_bytes(b"partial")
+    assert hash_path(d) == before
+    (d / "IM2.dcm").write_bytes(b"slice 2")
+    assert hash_path(d) != before
