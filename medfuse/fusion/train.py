@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InvalidInputError, MedfuseError, OutputExistsError, UnreadableFileError
+from ..errors import InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError
 from ..harvard import case_of, split_cases  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
@@ -44,7 +44,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # ============================================================================ data
 def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
-    """{pair type: [(mri path, other path), ...]} sorted by name."""
+    """{pair type: [(mri path, other path), ...]} sorted by name.
+
+    An image without a partner of the same name is left out with a :class:`~medfuse.errors.MedfuseWarning`
+    (it was dropped silently before, so a half-copied folder trained on less data than the user thought).
+    """
+    if not Path(root).is_dir():
+        raise UnreadableFileError("the Harvard pairs folder is missing", path=root,
+                                  fix="pass --data pointing at a folder that holds harvard-pairs/ (../shared/data)")
     out = {}
     for ptype, other in PAIR_TYPES.items():
         d = Path(root) / ptype
@@ -52,8 +59,31 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
             raise UnreadableFileError("the Harvard pairs folder has no MRI sub-folder", path=d,
                                       fix="pass --data pointing at ../shared/data")
         names = sorted(p.name for p in (d / "MRI").glob("*.png"))
-        out[ptype] = [(d / "MRI" / n, d / other / n) for n in names if (d / other / n).exists()]
+        others = {p.name for p in (d / other).glob("*.png")}
+        lone = sorted(set(names) ^ others)
+        if lone:
+            warnings.warn(f"{d}: {len(lone)} image(s) without a partner of the same name in MRI/ and {other}/ "
+                          f"were left out (e.g. {lone[0]})", MedfuseWarning, stacklevel=2)
+        out[ptype] = [(d / "MRI" / n, d / other / n) for n in names if n in others]
     return out
+
+
+def _check_split(train_pairs: Dict[str, list], val_pairs: Dict[str, list], root: Path) -> None:
+    """Every pair type needs training and validation pairs; else the sampler fails later with an internal error."""
+    for ptype in PAIR_TYPES:
+        n_train, n_val = len(train_pairs.get(ptype, [])), len(val_pairs.get(ptype, []))
+        if n_train == 0 or n_val == 0:
+            raise InvalidInputError(f"{ptype} has {n_train} training and {n_val} validation pairs; training needs "
+                                    "both, split by case (so at least two cases of aligned MRI/other PNG pairs)",
+                                    path=Path(root) / ptype,
+                                    fix="pass --data pointing at a folder whose harvard-pairs/ holds the Harvard "
+                                        "pairs (../shared/data)")
+
+
+def read_pairs(pairs: Dict[str, list]) -> Dict[str, List[np.ndarray]]:
+    """Every pair read (:func:`load_pair`): run before the run folder is made, so that a broken PNG stops the run
+    before anything is written or trained (validation pairs were first read at the end of epoch 1)."""
+    return {k: [load_pair(a, b) for a, b in v] for k, v in pairs.items()}
 
 
 def to_luma(rgb: np.ndarray) -> np.ndarray:
@@ -65,14 +95,18 @@ def to_luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def load_pair(a: Path, b: Path) -> np.ndarray:
-    """(2, H, W) float32 in 0..1: the MRI and the luma of the other image (rounded, as the metrics do)."""
-    from PIL import Image
+    """(2, H, W) float32 in 0..1: the MRI and the luma of the other image (rounded, as the metrics do).
 
-    try:
-        ia = np.asarray(Image.open(a))
-        ib = np.asarray(Image.open(b))
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise UnreadableFileError(f"cannot read a Harvard pair image ({type(exc).__name__})", path=a) from None
+    Raises:
+        UnreadableFileError: an image cannot be read (the message names that file).
+        InvalidInputError: the two images differ in size.
+    """
+    from ..harvard import load_png  # palette, 16-bit and grey+alpha PNGs too; typed errors naming the file
+
+    ia, ib = load_png(a), load_png(b)
+    if ia.shape[:2] != ib.shape[:2]:
+        raise InvalidInputError(f"the MRI is {ia.shape[:2]} pixels but its partner is {ib.shape[:2]}", path=b,
+                                fix="both images of a pair must have the same size; remove or replace the pair")
     return np.stack([np.round(to_luma(ia)), np.round(to_luma(ib))]).astype(np.float32) / 255.0
 
 
@@ -132,12 +166,13 @@ class _Sampler:
     def __init__(self, train_pairs: Dict[str, list], vols: List[np.ndarray], *, crop: int, seed: int,
                  extra_fraction: float, type_weights: Optional[Dict[str, float]] = None,
                  three_input_fraction: float = 0.0, targets: Optional[Dict[str, List[np.ndarray]]] = None,
-                 hot_spot_fraction: float = 0.0):
+                 hot_spot_fraction: float = 0.0, loaded: Optional[Dict[str, List[np.ndarray]]] = None):
+        """``loaded``: the training pairs already read (:func:`read_pairs`); else they are read here."""
         from monai.data import Dataset
         from monai.transforms import Compose, RandFlip, RandRotate90, RandSpatialCrop, SpatialPad
 
         self.rng = np.random.default_rng(seed)
-        self.harvard = {k: [load_pair(a, b) for a, b in v] for k, v in train_pairs.items()}
+        self.harvard = read_pairs(train_pairs) if loaded is None else loaded
         # Teacher images per pair type, aligned with the pairs; they ride along as an extra channel so the
         # crop, flips and rotations stay the same as the inputs'. ``last_target`` is (B, H, W) or None.
         self.targets = targets or {}
@@ -493,12 +528,14 @@ def format_table(table) -> str:
 
 # ============================================================================ checkpoint / export
 def save_checkpoint(path: Path, model, opt, state: dict) -> None:
+    """Write a training checkpoint atomically: a kill mid-write leaves the previous one intact and no partial file."""
     import torch
 
+    from ..io._atomic import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
 
 
 def _random_streams(sampler, rng3) -> list:
@@ -537,7 +574,8 @@ def set_rng_state(sampler, rng3, states: list) -> None:
             g.R.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def load_checkpoint(path: Path, model, opt) -> dict:
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict, read without executing code (``weights_only``); typed errors naming the file."""
     import torch
 
     if not Path(path).exists():
@@ -549,6 +587,24 @@ def load_checkpoint(path: Path, model, opt) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"cannot read the training checkpoint ({type(exc).__name__})", path=path,
                                   fix="start a new run with --overwrite or another --run-dir") from None
+    # A readable torch file of another kind (a bare state dict, a tensor) failed later with a KeyError.
+    if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("opt"), dict)
+            and isinstance(ck.get("state"), dict) and isinstance(ck["state"].get("epoch"), int)):
+        raise UnreadableFileError("the file is not a medfuse training checkpoint (it lacks the model, optimiser or "
+                                  "run state)", path=path,
+                                  fix="pass the last.ckpt/best.ckpt of a medfuse train run, or start a new run with "
+                                      "--overwrite or another --run-dir")
+    return ck
+
+
+def load_checkpoint(path: Path, model, opt) -> dict:
+    """Load a checkpoint into ``model`` (and ``opt`` unless None); returns its run state.
+
+    Raises:
+        UnreadableFileError: missing, unreadable or not a training checkpoint.
+        InvalidInputError: its tensors or optimiser groups do not fit this model.
+    """
+    ck = _read_checkpoint(path)
     try:
         model.load_state_dict(ck["model"])
         if opt is not None:
@@ -563,6 +619,48 @@ def load_checkpoint(path: Path, model, opt) -> dict:
                                     "--per-input-gain, --merge, --train-only-refine, ...) of the run that wrote it, "
                                     "or start a new run with --overwrite or another --run-dir") from None
     return ck["state"]
+
+
+#: Options that may differ when a run is resumed: where files are, how fast it runs, and how long (``--epochs``,
+#: which is warned about). Every other option changes what the run computes, and a changed one was ignored
+#: (``--lr``: the optimiser state brought the old one back) or silently mixed two recipes (``--seed``: another
+#: validation split).
+RESUME_FREE = frozenset({"data", "out", "overwrite", "resume", "run_dir", "max_minutes", "threads", "device", "epochs"})
+
+
+def run_options(args: argparse.Namespace) -> Dict[str, str]:
+    """The options that define a run (not :data:`RESUME_FREE`), as strings, for its checkpoints."""
+    dests = [a.dest for a in add_arguments(argparse.ArgumentParser(add_help=False))._actions if a.dest != "help"]
+    return {d: str(getattr(args, d, None)) for d in dests if d not in RESUME_FREE}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_resume_options(args: argparse.Namespace, path: Path) -> List[str]:
+    """Refuse ``--resume`` with options other than the checkpoint's run used; returns warnings to log.
+
+    Raises:
+        InvalidInputError: an option that :data:`RESUME_FREE` does not list differs (all of them are named).
+    """
+    state = _read_checkpoint(path)["state"]
+    saved = state.get("options")
+    if saved is None:  # written before the options were recorded
+        return [f"{path} does not record its run's options; they could not be checked against this command's"]
+    now = run_options(args)
+    diff = [f"{_flag(k)} {saved[k]} (this command: {now.get(k)})" for k in sorted(saved) if saved[k] != now.get(k)]
+    if diff:
+        raise InvalidInputError("--resume continues a run that used other options: " + "; ".join(diff), path=path,
+                                fix="resume with the options of the run that wrote the checkpoint (its train.log and "
+                                    "trained_by record them), or start a new run with --overwrite or another --run-dir")
+    notes = []
+    done, planned = state["epoch"], state.get("epochs")
+    if planned is not None and args.epochs > done and args.epochs != planned:
+        notes.append(f"--epochs {args.epochs} differs from the run's {planned}: the cosine learning-rate schedule is "
+                     f"stretched to {args.epochs} epochs from epoch {done + 1} on, so the result differs from an "
+                     f"uninterrupted run of either length")
+    return notes
 
 
 def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) -> Path:
@@ -979,9 +1077,32 @@ def _check_ranges(args: argparse.Namespace) -> None:
                                 fix="use 160 (the default) or 64 for short test runs")
 
 
+#: What a run writes into its --run-dir (an export there too when --out is the run folder, as stage 1's is).
+RUN_FILES = ("train.log", "last.ckpt", "best.ckpt", "last.tmp", "best.tmp", "ct_targets.npz", "export") + EXPORT_FILES
+
+
+def _foreign_files(run_dir: Path) -> List[str]:
+    """Names in an existing ``run_dir`` that no training run writes (temporary files of atomic writes aside)."""
+    if not run_dir.is_dir():
+        return []
+    # Hidden names aside: the atomic writes' temporaries, a desktop's .DS_Store.
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+
+
 def _check_run_folder(args: argparse.Namespace) -> None:
     """Refuse what would silently lose or mix up a run: an earlier run's checkpoints replaced (or, with
     ``--epochs 0``, exported as this run's), a ``--resume`` that has nothing to resume, existing weights replaced."""
+    for flag, folder in (("--run-dir", args.run_dir), ("--out", args.out)):
+        if folder.exists() and not folder.is_dir():  # mkdir failed with a bare FileExistsError, --out after training
+            raise OutputExistsError(f"{flag} names an existing file, and a folder goes there", path=folder,
+                                    fix=f"pass a new or existing folder as {flag}")
+    foreign = _foreign_files(args.run_dir)
+    if foreign and not args.overwrite:
+        raise OutputExistsError(f"--run-dir is a folder that holds other files than a training run's (e.g. "
+                                f"{foreign[0]}), which it would mix with this run's checkpoints and log",
+                                path=args.run_dir,
+                                fix="pass a new or empty --run-dir, or --overwrite to write the run there anyway "
+                                    "(other files are never deleted)")
     last, best = args.run_dir / "last.ckpt", args.run_dir / "best.ckpt"
     if args.resume and not last.exists():
         raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none",
@@ -1014,6 +1135,19 @@ def _command_of(args: argparse.Namespace) -> str:
             else:
                 argv += [act.option_strings[-1], str(value)]
     return "medfuse train " + shlex.join(str(a) for a in argv)
+
+
+def amp_settings(device: str):
+    """(autocast on, its dtype, loss scaling on) for a resolved ``device``.
+
+    Mixed precision on every CUDA device (``"cuda:1"`` too: it was compared with ``"cuda"`` alone and ran in
+    fp32). bf16 has fp32's exponent range, so its gradients do not underflow and need no loss scaling; the
+    scaler's state was not checkpointed either, so with it a resumed GPU run restarted the scale at 2**16.
+    """
+    import torch
+
+    amp = str(device).startswith("cuda")
+    return amp, torch.bfloat16, False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1093,15 +1227,25 @@ def run(args: argparse.Namespace) -> int:
                          functional_k=args.functional_k, functional_base_learned=args.functional_base_learned,
                          functional_coarse_learned=args.functional_coarse_learned)
 
+    resume_notes = check_resume_options(args, args.run_dir / "last.ckpt") if args.resume else []
+    from .device import resolve_device
+
+    device = resolve_device(args.device)
+    amp, amp_dtype, scale_loss = amp_settings(device)
+    # The data is listed, split and read before the run folder is made: a missing folder or a broken PNG leaves
+    # nothing behind.
+    hv = Path(args.data) / "harvard-pairs"
+    pairs = harvard_pairs(hv)
+    train_pairs, val_pairs = split_cases(pairs, seed=args.seed)
+    _check_split(train_pairs, val_pairs, hv)
+    read_pairs(val_pairs)  # validate() reads them again each epoch; here only to fail early
+    train_arrays = read_pairs(train_pairs)
+
     t0 = time.time()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
-    from .device import resolve_device
-
-    device = resolve_device(args.device)
-    amp = device == "cuda"
     args.run_dir.mkdir(parents=True, exist_ok=True)
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
 
@@ -1111,9 +1255,9 @@ def run(args: argparse.Namespace) -> int:
         logf.write(msg + "\n")
         logf.flush()
 
-    hv = Path(args.data) / "harvard-pairs"
-    pairs = harvard_pairs(hv)
-    train_pairs, val_pairs = split_cases(pairs, seed=args.seed)
+    for note in resume_notes:
+        warnings.warn(note, MedfuseWarning, stacklevel=2)
+        log("WARNING: " + note)
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
     vols = volumes_in(Path(args.data))
@@ -1136,7 +1280,7 @@ def run(args: argparse.Namespace) -> int:
                                             cache=args.run_dir / "ct_targets.npz", log=log)}
     sampler = _Sampler(train_pairs, vols, crop=args.crop, seed=args.seed, extra_fraction=args.extra_fraction,
                        type_weights={"CT-MRI": args.ct_weight}, three_input_fraction=args.three_input_fraction,
-                       targets=targets, hot_spot_fraction=args.hot_spot_fraction)
+                       targets=targets, hot_spot_fraction=args.hot_spot_fraction, loaded=train_arrays)
 
     model = new_model().to(device)
     captured: list = []  # selection-head outputs of the current step, for the --logit-cap penalty
@@ -1152,7 +1296,8 @@ def run(args: argparse.Namespace) -> int:
     opt = torch.optim.Adam(groups, lr=args.lr)
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight,
                          angle_grad_softness=args.qabf_grad_softness)
-    state = {"epoch": 0, "history": [], "elapsed_s": 0.0}
+    options = run_options(args)  # in every checkpoint: a --resume with other options is refused
+    state = {"epoch": 0, "history": [], "elapsed_s": 0.0, "options": options, "epochs": args.epochs}
     if args.init is not None:
         _load_init(model, args.init, init_tensors)
         log(f"initialised from {args.init}")
@@ -1167,18 +1312,29 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:  # _check_run_folder made sure there is a last.ckpt
         state = load_checkpoint(ckpt, model, opt)
         if "rng" in state:
-            set_rng_state(sampler, rng3, state["rng"])
+            try:
+                set_rng_state(sampler, rng3, state["rng"])
+            except (ValueError, TypeError, RuntimeError, IndexError, KeyError):  # saved by another medfuse/MONAI
+                raise InvalidInputError("the checkpoint's random-number states do not fit this version's data "
+                                        "pipeline", path=ckpt,
+                                        fix="start a new run with --overwrite or another --run-dir") from None
         else:  # a checkpoint from before the random states were saved: a fresh, still deterministic stream
             sampler.rng = np.random.default_rng(args.seed + 1000 * state["epoch"])
             rng3 = np.random.default_rng(args.seed + 5 + 1000 * state["epoch"])
         log(f"resumed from {ckpt} at epoch {state['epoch']}")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        short = state["epoch"] * args.steps_per_epoch - state.get("steps_done", state["epoch"] * args.steps_per_epoch)
+        if short > 0:
+            log(f"note: the run stopped {short} step(s) short of its epoch {state['epoch']} (--max-minutes); it "
+                f"goes on with epoch {state['epoch'] + 1} and the learning rate of the steps it did take")
+    scaler = torch.amp.GradScaler("cuda", enabled=scale_loss)
     total_steps = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
     with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended here
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(state["epoch"] * args.steps_per_epoch):
+        # The steps taken, not epochs x steps: an epoch cut short by --max-minutes took fewer, and resuming
+        # after it skipped the schedule ahead by the steps it never took.
+        for _ in range(state.get("steps_done", state["epoch"] * args.steps_per_epoch)):
             sched.step()
     base_elapsed = state.get("elapsed_s", 0.0)
 
@@ -1225,7 +1381,7 @@ def run(args: argparse.Namespace) -> int:
         for step_i in bar:
             x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
             captured.clear()
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=amp):
                 fused = model(x)
             is_ct = sampler.last_type == "CT-MRI"
             loss, parts = loss_fn(fused, x, qabf_weight=args.ct_qabf_weight if is_ct else None,
@@ -1273,7 +1429,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"epoch {epoch + 1}: train loss {np.mean(run_loss):.4f}, {elapsed / 60:.1f} min\n" + format_table(table))
         state = {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch + 1, "table": table}],
                  "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
-                 "rng": rng_state(sampler, rng3)}
+                 "rng": rng_state(sampler, rng3), "options": options, "epochs": args.epochs,
+                 "steps_done": state.get("steps_done", epoch * args.steps_per_epoch) + len(run_loss)}
         save_checkpoint(ckpt, model, opt, state)
         val_score = score_of(table)
         if args.select_by_margin:

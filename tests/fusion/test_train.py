@@ -294,7 +294,7 @@ def test_a_run_exports_into_its_folder_reads_volumes_from_data_and_records_a_run
     """A run without --out exports into RUN_DIR/export (never the shipped weights); a --data folder with another
     name still gives the 3-D volume sets (they were looked for in <parent>/data); the JSON's ``trained_by`` is
     the ``medfuse train`` command that ran and its final validation says how many pairs it scored. Then the same
-    folder: a new run is refused, a resume with other architecture options is a usage error, ``--resume
+    folder: a new run is refused, a resume with other options (here the architecture's) is a usage error, ``--resume
     --epochs 0`` exports that run, and ``--overwrite`` starts over (the old checkpoints gone)."""
     import shlex
 
@@ -333,7 +333,7 @@ def test_a_run_exports_into_its_folder_reads_volumes_from_data_and_records_a_run
     assert "earlier run's checkpoints" in capsys.readouterr().err and (run / "last.ckpt").read_bytes() == last
     assert cli(["train", *opts, "--resume", "--width", "8", "--epochs", "2", "--out", str(tmp_path / "w8")]) == 2
     err = capsys.readouterr().err
-    assert "does not fit" in err and "--width" in err and "internal error" not in err, err
+    assert "other options" in err and "--width 16 (this command: 8)" in err and "internal error" not in err, err
     assert cli(["-q", "train", *opts, "--resume", "--epochs", "0", "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "medfuse_fusion.json").read_text())["epochs_done"] == 1
 
