@@ -282,9 +282,17 @@ def _modality_from_name(name: str) -> Optional[str]:
     return kinds[0] if len(kinds) == 1 else None
 
 
+def _is_medfuse_output(image: Path) -> bool:
+    """Whether ``image`` was written by medfuse (its sidecar says so): an earlier run's output, never an input."""
+    from .provenance import read_sidecar
+
+    rec = read_sidecar(image)
+    return isinstance(rec, dict) and "medfuse_provenance" in rec
+
+
 def _walk(folder: Path) -> Tuple[List[Path], bool]:
-    """Image files under ``folder`` (symlinks followed, each real folder once, hidden entries skipped) and
-    whether any other file might be DICOM."""
+    """Image files under ``folder`` (symlinks followed, each real folder once, hidden entries and medfuse's own
+    outputs skipped) and whether any other file might be DICOM."""
     images: List[Path] = []
     maybe_dicom = False
     seen = set()
@@ -300,7 +308,8 @@ def _walk(folder: Path) -> Tuple[List[Path], bool]:
             if _hidden(f) or not os.path.isfile(os.path.join(root, f)):  # a broken link
                 continue
             if low.endswith(_DISCOVER_SUFFIXES):
-                images.append(Path(root, f))
+                if not _is_medfuse_output(Path(root, f)):
+                    images.append(Path(root, f))
             elif not low.endswith(_NOT_DICOM):
                 maybe_dicom = True
     return images, maybe_dicom
@@ -386,9 +395,18 @@ def _dataset_out_dir(dataset: Path, out_dir: Optional[PathLike]) -> Path:
     return Path(out_dir).absolute() if out_dir else dataset / "derivatives" / "medfuse"
 
 
+def _only_outputs(folder: Path) -> bool:
+    """A folder with medfuse outputs in it and nothing else an input could be (no other image, no DICOM)."""
+    images, maybe_dicom = _walk(folder)
+    if images or maybe_dicom:
+        return False
+    return any(_is_medfuse_output(Path(root, f)) for root, _, files in os.walk(folder)
+               for f in files if f.lower().endswith(_DISCOVER_SUFFIXES))
+
+
 def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[Subject]:
     """One :class:`Subject` per sub-folder of ``dataset`` (sorted; hidden ones, ``derivatives``,
-    ``sourcedata``, ``code`` and ``out_dir`` left out). Their images are found when each subject runs
+    ``sourcedata``, ``code``, ``out_dir`` and folders holding only medfuse outputs left out). Their images are found when each subject runs
     (:func:`discover_subject`), so an unpaired or ambiguous subject fails alone.
 
     Args:
@@ -407,6 +425,8 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
             continue
         real, real_out = os.path.realpath(path), os.path.realpath(out)
         if real_out == real or real_out.startswith(real + os.sep):  # the outputs' folder is no subject
+            continue
+        if _only_outputs(path):  # an earlier run's outputs (a manifest's out/ folder) are no subject either
             continue
         output = os.fspath(out / f"{entry.name}_fused.nii.gz")
         subjects.append(Subject(subject=entry.name, fixed="", moving=[], output=output, folder=os.fspath(path)))

@@ -223,3 +223,22 @@ def test_write_manifest_lists_what_discovery_found_to_edit(dataset):
     assert rows["sub-02"].problem and rows["sub-02"].fixed == ""  # ambiguous: left for the user to fill
     with pytest.raises(OutputExistsError, match="exists"):
         write_manifest(dataset)  # never replaces a file (an edited manifest)
+
+
+def test_an_earlier_runs_outputs_are_neither_subjects_nor_inputs(tmp_path, phantom):
+    """The README's order (a manifest run writing into DATASET/out, then the dataset folder itself): the out/
+    folder of fused images became a failed subject "unpaired", and a fused image left in a subject's folder
+    counted as a candidate input. Images with a medfuse sidecar are outputs, never inputs."""
+    root = tmp_path / "study"
+    subjects = _subjects(phantom, root, 2)
+    first = run_batch(subjects, scheduler="synchronous", method="max", report=root / "manifest-report.csv")
+    assert first.n_done == 2 and (root / "out" / "sub-01_fused.nii.gz").is_file()
+    shutil.copy(root / "out" / "sub-01_fused.nii.gz", root / "sub-01" / "pet_fused.nii.gz")  # named like a PET
+    shutil.copy(root / "out" / "sub-01_fused.json", root / "sub-01" / "pet_fused.json")
+    assert batch.discover_subject(root / "sub-01")[1] == [os.fspath(root / "sub-01" / "pet.nii.gz")]
+    again = run_batch(root, scheduler="synchronous", method="max")
+    assert sorted(r.subject for r in again.results) == ["sub-01", "sub-02"] and again.n_done == 2
+    # Without its sidecar a file is the user's own: a candidate like any other (here: a second PET, ambiguous).
+    (root / "sub-01" / "pet_fused.json").unlink()
+    with pytest.raises(InvalidInputError, match="PET"):
+        batch.discover_subject(root / "sub-01")
