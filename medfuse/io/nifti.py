@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, MultipleSeriesError,
+from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MultipleSeriesError,
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, affine_from_geometry
 
@@ -125,8 +125,14 @@ def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optiona
         raise UnreadableFileError(f"the voxel data cannot be read; the file looks truncated ({type(e).__name__})",
                                   fix="copy or export the file again", path=p) from None
     hdr = img.header
+    _refuse_colour(arr, p)
     aff = np.asarray(hdr.get_best_affine() if hasattr(hdr, "get_best_affine") else img.affine, dtype=float)
-    if "sform_code" in hdr and int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+    if "sform_code" not in hdr:
+        warnings.warn(f"{p}: an Analyze 7.5 file (no NIfTI header) stores no orientation: medfuse uses nibabel's "
+                      "guess (radiological LAS voxel order, origin from the header's origin field or the grid centre), "
+                      "which other tools (ITK, Slicer) do not share; check left/right before registering or fusing",
+                      MedfuseWarning, stacklevel=3)
+    elif int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
         warnings.warn("a NIfTI file has neither a qform nor an sform (both codes 0): its orientation and origin are "
                       "a guess from the voxel sizes alone; check them before registering or fusing", MedfuseWarning,
                       stacklevel=3)
@@ -135,9 +141,148 @@ def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optiona
     to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)
     if to_mm != 1.0:
         aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
+    _refuse_non_finite(hdr, aff, p)
+    aff_lps = LPS_TO_RAS @ np.asarray(aff, dtype=float)
+    if "sform_code" in hdr and (int(hdr["sform_code"]) or int(hdr["qform_code"])):
+        _warn_ambiguous_geometry(img, aff_lps, to_mm, p)
     descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
     mod, unit = parse_tag(descrip)
-    return np.asarray(arr), LPS_TO_RAS @ np.asarray(aff, dtype=float), mod, unit, _space_name(hdr)
+    return np.asarray(arr), aff_lps, mod, unit, _space_name(hdr)
+
+
+#: Two readings of one header are the same geometry when every grid corner lies within this distance (mm). Real
+#: files (dcm2niix, SPM, BraTS) differ by at most 2e-4 mm (float32 rounding); 0.01 mm is far below any voxel.
+GEOMETRY_TOL_MM = 0.01
+
+
+def _corner_distance(a: np.ndarray, b: np.ndarray, shape) -> float:
+    """Largest distance (mm) between where two 4x4 affines put the corners of a grid of ``shape``."""
+    size = (list(shape[:3]) + [1, 1, 1])[:3]
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    return float(np.linalg.norm(((a - b) @ corners.T)[:3], axis=0).max())
+
+
+def _transform_used(hdr) -> str:
+    """Which header transform nibabel's ``get_best_affine`` uses: ``"sform"``, ``"qform"`` or ``"pixdim"``."""
+    if "sform_code" not in hdr:
+        return "pixdim"
+    return "sform" if int(hdr["sform_code"]) > 0 else "qform" if int(hdr["qform_code"]) > 0 else "pixdim"
+
+
+def _refuse_non_finite(hdr, aff: np.ndarray, p: Path) -> None:
+    """A NaN or infinite transform is refused naming the header fields it came from (not just "the affine").
+
+    Raises:
+        GeometryError: the transform used holds NaN or infinite values.
+    """
+    if np.all(np.isfinite(aff)):
+        return
+    fields = {"sform": "sform (srow_x, srow_y, srow_z)",
+              "qform": "qform (quatern_b/c/d, qoffset_x/y/z, pixdim)",
+              "pixdim": "voxel sizes (pixdim)"}[_transform_used(hdr)]
+    raise GeometryError(f"the header's {fields} holds NaN or infinite values, so the image has no position",
+                        fix="repair the header (write a valid sform/qform, e.g. with nibabel's set_sform/set_qform) "
+                            "or export the image again", path=p)
+
+
+def _refuse_colour(arr: np.ndarray, p: Path) -> None:
+    """RGB24/RGBA32 NIfTI voxels (a structured dtype) are refused in words, not as "not numeric".
+
+    Raises:
+        InvalidInputError: the voxels are colour (several channels per voxel).
+    """
+    if arr.dtype.names:
+        raise InvalidInputError(f"the voxels are colour ({'/'.join(arr.dtype.names)} channels, NIfTI RGB), not scalar",
+                                fix="convert the image to grey (or keep one channel) before loading it into medfuse",
+                                path=p)
+
+
+def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
+    """The LPS affine SimpleITK reads from the file's header (no voxels are read), or ``None`` when it reads none.
+
+    ITK drops the third axis of a 2-D file (its slice position), so a 2-D file gives ``None`` too.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("NiftiImageIO")
+    reader.SetFileName(str(p))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own notes on stderr; medfuse warns in words instead
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    n = reader.GetDimension()
+    if n < 3:
+        return None
+    d = np.asarray(reader.GetDirection(), dtype=float).reshape(n, n)[:3, :3]
+    return affine_from_geometry(reader.GetSpacing()[:3], reader.GetOrigin()[:3], d)
+
+
+def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) -> None:
+    """One :class:`MedfuseWarning` when the header gives other tools another geometry than the one medfuse uses.
+
+    Three ways a valid-looking header is read differently: an sform and a qform (both codes > 0) that place the
+    grid apart (nibabel and FSL use the sform; ITK may use the qform), voxel sizes (pixdim) that differ from the
+    sform's (ITK takes spacing from pixdim), and zero or negative pixdim under a qform (nibabel takes
+    ``|pixdim|`` and 1 for 0; the NIfTI standard requires them positive). The distance SimpleITK's reading is
+    from medfuse's is measured, not guessed.
+    """
+    hdr = img.header
+    shape = img.shape
+    used = _transform_used(hdr)
+    notes = []
+    if int(hdr["sform_code"]) > 0 and int(hdr["qform_code"]) > 0:
+        gap = to_mm * _corner_distance(hdr.get_sform(), hdr.get_qform(), shape)
+        if gap > GEOMETRY_TOL_MM:
+            notes.append(f"its sform (code {int(hdr['sform_code'])}) and qform (code {int(hdr['qform_code'])}) "
+                         f"place the grid up to {gap:.3g} mm apart")
+    n = max(1, min(3, int(hdr["dim"][0])))
+    pixdim = _raw_pixdim(img)
+    pixdim = None if pixdim is None else pixdim[1:1 + n]
+    if used == "qform" and pixdim is not None and np.any(pixdim <= 0):
+        notes.append(f"its voxel sizes (pixdim {', '.join(f'{x:g}' for x in pixdim)}) are not all positive, as the "
+                     "qform needs; medfuse (as nibabel) uses their absolute values, 1 mm for 0")
+    if not isinstance(hdr, _nifti2_header()):  # ITK 5.4's reader takes NIfTI-1 only
+        itk = _itk_nifti_affine(p)
+        if itk is not None:
+            gap = _corner_distance(itk, aff_lps, shape)
+            if gap > GEOMETRY_TOL_MM:
+                notes.append(f"SimpleITK (and ITK-based tools: ANTs, Slicer, ITK-SNAP) places the grid up to "
+                             f"{gap:.3g} mm away from medfuse (ITK takes voxel sizes from pixdim and may use the "
+                             "qform)")
+    if notes:
+        warnings.warn(f"{p}: the NIfTI header's geometry is ambiguous: {'; '.join(notes)}. medfuse uses the {used} "
+                      "(the NIfTI rule nibabel follows: sform when sform_code > 0, else qform); check the image's "
+                      "position, and re-save it with medfuse.save so that every tool reads one geometry",
+                      MedfuseWarning, stacklevel=4)
+
+
+def _raw_pixdim(img) -> Optional[np.ndarray]:
+    """``pixdim`` as the file stores it, or ``None`` when it cannot be re-read.
+
+    nibabel repairs a zero or negative voxel size while it reads the header (it only logs that), so the image's
+    own header no longer shows it.
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        name = img.file_map["header" if "header" in img.file_map else "image"].filename  # a pair, or one .nii
+        if name is None:
+            return None
+        with ImageOpener(name) as fh:
+            return np.asarray(type(img.header).from_fileobj(fh, check=False)["pixdim"], dtype=float)
+    except Exception:  # a header nibabel just read; if it cannot be re-read, only this note is lost
+        return None
+
+
+def _nifti2_header():
+    import nibabel as nib
+
+    return nib.Nifti2Header
 
 
 def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str]]:
@@ -149,9 +294,13 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
         # The reader named by the lower-cased ending: ITK picks one by a case-sensitive ending, and "X.MHA" has none.
         io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
         img = sitk.ReadImage(str(p), imageIO=io)
-    except RuntimeError:
-        raise UnreadableFileError("the file cannot be read as MetaImage/NRRD (corrupt or truncated)",
-                                  fix="copy or export the file again", path=p) from None
+    except RuntimeError as e:
+        reason = _itk_reason(str(e), p)
+        raise UnreadableFileError("the file cannot be read as MetaImage/NRRD (corrupt or truncated"
+                                  + (f"; ITK says: {reason}" if reason else "") + ")",
+                                  fix="check the header's sizes, spacing and space fields (or copy or export the "
+                                      "file again)", path=p) from None
+    _warn_non_anatomical_space(img, p)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InvalidInputError(f"the image has {img.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector)",
                                 fix="convert it to a scalar image first", path=p)
@@ -169,6 +318,42 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     aff = affine_from_geometry(sp, org, d)
     get = lambda k: img.GetMetaData(k).strip() if img.HasMetaDataKey(k) else None  # noqa: E731
     return arr, aff, get("medfuse_modality"), get("medfuse_unit")
+
+
+def _itk_reason(message: str, p: Path) -> str:
+    """ITK's own words for why it refused a file (its last line), without source paths, addresses or the file name.
+
+    E.g. a zero ``ElementSpacing`` or a 2-D NRRD whose orientation is 3-D: "corrupt" alone sends the user to copy
+    a file that is complete.
+    """
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    last = lines[-1].replace(str(p), "the file")
+    last = re.sub(r"^(sitk::)?ERROR:\s*", "", re.sub(r"^ITK ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", last))
+    return last[:200]
+
+
+#: NRRD spaces that name patient directions (ITK turns all of them into LPS); others are only axes.
+_ANATOMICAL_NRRD_SPACES = ("right-anterior-superior", "left-anterior-superior", "left-posterior-superior",
+                           "right-anterior-superior-time", "left-anterior-superior-time",
+                           "left-posterior-superior-time", "scanner-xyz-time")
+
+
+def _warn_non_anatomical_space(img, p: Path) -> None:
+    """Warn when an NRRD states no patient orientation (``space: scanner-xyz``, ``3D-right-handed``, or none).
+
+    ITK then takes the axes as LPS, which may put left on the right: say so instead of using a guess silently.
+    """
+    if not p.name.lower().endswith((".nrrd", ".nhdr")):
+        return
+    space = img.GetMetaData("NRRD_space").strip() if img.HasMetaDataKey("NRRD_space") else None
+    if space in _ANATOMICAL_NRRD_SPACES[:6]:
+        return
+    what = f"'space: {space}'" if space else "no 'space' field"
+    warnings.warn(f"{p}: the NRRD header has {what}, which names no patient orientation: medfuse (as ITK) takes its "
+                  "axes as LPS (x towards the patient's left); check left/right and the origin before registering "
+                  "or fusing", MedfuseWarning, stacklevel=4)
 
 
 def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path]:
@@ -225,27 +410,39 @@ def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], un
             unit_override if unit_override is not None else (unit or "arbitrary"))
 
 
-def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None) -> Volume:
+def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None,
+               volume_index: Optional[int] = None) -> Volume:
     """Load one 3-D volume from a NIfTI, MetaImage or NRRD file.
 
     Args:
         path: the file.
         modality: override the stored modality (``MR``, ``CT``, ``PT``/``PET``, ``NM``/``SPECT``).
         unit: override the stored unit.
+        volume_index: which volume of a 4-D file (0-based, negative from the end); required when there are
+            several, as for a DICOM series.
 
     Raises:
         UnreadableFileError: empty, truncated or unreadable file.
-        MultipleSeriesError: a 4-D file with more than one volume (use :func:`load_image_volumes`).
-        GeometryError: sheared or singular affine.
-        InvalidInputError: zero size, all-NaN voxels, vector/colour data.
+        MultipleSeriesError: a 4-D file with more than one volume and no ``volume_index``.
+        GeometryError: sheared, singular or non-finite affine.
+        InvalidInputError: zero size, all-NaN voxels, vector/colour data, ``volume_index`` out of range.
     """
     vols, aff, mod, u, facts, p = _read(path)
-    if len(vols) > 1:
-        raise MultipleSeriesError(
-            f"the file holds {len(vols)} volumes (4-D)", choices=list(range(len(vols))),
-            fix="use medfuse.load_volumes(path) to get all of them", path=p)
+    n = len(vols)
+    if volume_index is None:
+        if n > 1:
+            raise MultipleSeriesError(
+                f"the file holds {n} volumes (4-D)", choices=list(range(n)),
+                fix=f"pass volume_index=0..{n - 1} for one, or use medfuse.load_volumes(path) to get all of them",
+                path=p)
+        index = 0
+    else:
+        if not -n <= volume_index < n:
+            raise InvalidInputError(f"volume_index {volume_index} is out of range (the file holds {n})",
+                                    fix=f"pass volume_index=0..{n - 1}", path=p)
+        index = volume_index % n
     m, un = _labels(mod, u, modality, unit)
-    return _make(vols[0], aff, p, modality=m, unit=un, facts=facts, index=0, n=1)
+    return _make(vols[index], aff, p, modality=m, unit=un, facts=facts, index=index, n=n)
 
 
 def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None) -> List[Volume]:
