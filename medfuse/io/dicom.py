@@ -8,6 +8,7 @@ See ``docs/dicom.md`` for the conventions (Philips scaling, gaps, gantry tilt).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -74,6 +75,23 @@ def _pydicom():
 
 #: What _read_header returns (when not strict) for a file that is DICOM but cannot be read.
 _BROKEN = object()
+
+
+@contextlib.contextmanager
+def without_value_checks():
+    """pydicom's checks of header values off while medfuse reads: they print the offending value word for word
+    (``Invalid value for VR UI: '1.2.04...'``), in warnings and in the ``pydicom`` log, and such a value may be a
+    UID or a name; a user who set pydicom to raise would see it in an error. Restored afterwards. Usable as a
+    decorator."""
+    import pydicom
+
+    settings = pydicom.config.settings
+    old = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = old
 
 
 def _read_header(path: Path, *, strict: bool):
@@ -707,21 +725,22 @@ def _shown_folder(folder: Path, root: Path) -> str:
 
 
 def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> Tuple[str, list]:
-    # UIDs stay out of these messages (they end up in logs and batch reports, and can be traced back to the
-    # study); the series are named by modality, description, size and folder, and error.choices holds the UIDs.
+    # UIDs and descriptions stay out of these messages (they end up in logs and batch reports; UIDs trace back to
+    # the study, and a description is free text that may name the patient or a physician): the series are named
+    # by modality, size, file count and folder, and error.choices holds the UIDs.
     if series_uid is not None:
         if series_uid not in series:
             raise InvalidInputError(f"the series_uid given is not one of the {len(series)} series in this folder",
                                     fix="list the series with medfuse.scan(folder)", path=path)
         return series_uid, series[series_uid]
     if len(series) > 1:
-        lines = [f"{i}: {str(fs[0][1].get('Modality', '?'))} '{str(fs[0][1].get('SeriesDescription', ''))}', "
-                 f"{len(fs)} files in {_shown_folder(fs[0][0].parent, path)}"
+        lines = [f"{i}: {str(fs[0][1].get('Modality', '?'))} {fs[0][1].get('Columns', '?')}x"
+                 f"{fs[0][1].get('Rows', '?')}, {len(fs)} files in {_shown_folder(fs[0][0].parent, path)}"
                  for i, fs in enumerate(series.values(), start=1)]
         raise MultipleSeriesError(f"the folder holds {len(series)} series ({'; '.join(lines)})",
                                   choices=list(series), path=path,
                                   fix="load the folder of one series, or pass series_uid= (medfuse.scan(folder) "
-                                  "lists the UIDs in this order; so does the error's .choices)")
+                                  "lists the UIDs and descriptions in this order; the error's .choices has the UIDs)")
     uid = next(iter(series))
     return uid, series[uid]
 
@@ -785,6 +804,7 @@ def _series_of_file(path: Path, broken: List[Path]) -> Tuple[Path, Dict[str, Lis
     return path.parent, series, uid
 
 
+@without_value_checks()
 def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto",
                        whole_series: bool = False) -> List[Volume]:
     """Load every volume of one DICOM series (a 3-D series gives a list of one).
@@ -898,6 +918,7 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
     return vols[volume_index]
 
 
+@without_value_checks()
 def scan(folder: PathLike) -> List[SeriesInfo]:
     """List the image series under a folder (recursive) without decoding pixels."""
     folder = Path(folder)

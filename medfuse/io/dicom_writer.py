@@ -64,6 +64,7 @@ import numpy as np
 from ..errors import MedfuseWarning, UnreadableFileError
 from ..volume import Volume
 from ._atomic import atomic_dir
+from .dicom import without_value_checks as _without_value_checks
 
 __all__ = ["write_dicom_series", "quantise_slice", "PHI_KEYWORDS"]
 
@@ -335,6 +336,7 @@ def _fmt(x: float) -> str:
     return format_number_as_ds(float(x))
 
 
+@_without_value_checks()
 def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = False, deidentify: bool = True,
                        series_description: Optional[str] = None, template: Any = None) -> Path:
     """Write ``volume`` as a derived DICOM series into the new folder ``folder`` (atomic).

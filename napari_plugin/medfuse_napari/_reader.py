@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import List, Tuple
 
@@ -118,8 +120,10 @@ def _layers_for(path) -> Tuple[List[tuple], List[str]]:
     layers: List[tuple] = []
     problems: List[str] = []
     series = medfuse.scan(path)
-    for s in series:
-        label = " ".join(part for part in (name, s.modality, s.description) if part)
+    for i, s in enumerate(series, start=1):
+        # Named by modality and sub-folder, not by SeriesDescription: free text, which may name the patient.
+        rel = os.path.relpath(s.folder, path) if s.folder else "."
+        label = " ".join(part for part in (name, s.modality, rel if rel != "." else f"#{i}") if part)
         try:
             # A series alone in its sub-folder (study/series/files) is read from there: one header pass, not all.
             layers.extend(_series_layers(medfuse.load_volumes(s.folder or path, series_uid=s.series_uid), label))
