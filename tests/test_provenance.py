@@ -111,3 +111,12 @@ def test_folder_hash_ignores_hidden_files_like_the_reader(tmp_path):
     assert hash_path(d) == before
     (d / "IM2.dcm").write_bytes(b"slice 2")
     assert hash_path(d) != before
+
+
+def test_scrub_blanks_identifiers_as_whole_words():
+    """A family name "Doe" turned the batch error's "so does" into "so [removed]s"; a name part or an ID is
+    blanked where it stands alone or joined by punctuation or digits, not inside a longer word or number."""
+    from medfuse.provenance import scrub
+
+    text = "so does Doe_Jane/doe1960/ID 12345 in 9123456, P12345"
+    assert scrub(text, ["Doe", "12345"]) == "so does [removed]_Jane/[removed]1960/ID [removed] in 9123456, P[removed]"
