@@ -85,7 +85,7 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
     if p.is_file() and is_image_file(p):
         from .nifti import load_image
 
-        return _absolute_source(load_image(p, modality=modality, unit=unit))
+        return _absolute_source(load_image(p, modality=modality, unit=unit, volume_index=volume_index))
     from .dicom import load_dicom
 
     vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series)

@@ -4,11 +4,17 @@
   is > 0, else the qform (nibabel's ``get_best_affine``); ``scl_slope``/``scl_inter`` are applied
   (integer data without scaling stays integer, so voxels are exact). Big-endian data is
   converted to native byte order.
+* Geometry that tools read differently is not used silently: a ``MedfuseWarning`` when the sform and qform
+  disagree, when SimpleITK (ITK: pixdim spacing, sometimes the qform) places the grid elsewhere (measured, over
+  :data:`GEOMETRY_TOL_MM`), for zero/negative pixdim under a qform, for codes 0 and for Analyze 7.5 (no
+  orientation). NaN/inf transforms, shear and colour (RGB) voxels are refused with typed errors.
 * The NIfTI space of the transform used (its xform code: sform code if > 0, else qform code) is recorded as
   ``provenance["nifti_space"]`` (``"scanner"``, ``"aligned"``, ``"talairach"``, ``"mni"`` or ``"template"``;
   nothing for code 0), so that a template-space image is written back with its code
   (:func:`nifti_space_code`).
-* ``.mha``/``.mhd``/``.nrrd``/``.nhdr`` via SimpleITK.
+* ``.mha``/``.mhd``/``.nrrd``/``.nhdr`` via SimpleITK, geometry as ITK reads it (MetaImage: ``TransformMatrix``
+  and ``Offset``; ``AnatomicalOrientation`` is a label ITK ignores). An NRRD whose ``space`` names no patient
+  orientation (``scanner-xyz``, ``3D-right-handed``, none) is read as LPS with a ``MedfuseWarning``.
 * Modality and unit: the ``modality``/``unit`` arguments win; otherwise what medfuse's writer
   stored is read back (NIfTI ``descrip`` ``"medfuse modality=PT unit=SUVbw"``; MetaImage/NRRD
   metadata keys ``medfuse_modality``/``medfuse_unit``); otherwise ``unknown``/``arbitrary``.
@@ -26,7 +32,7 @@ import numpy as np
 
 from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MultipleSeriesError,
                       UnreadableFileError)
-from ..volume import LPS_TO_RAS, Volume, affine_from_geometry
+from ..volume import LPS_TO_RAS, Volume, _check_affine, affine_from_geometry
 
 __all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "nifti_space_code", "NIFTI_SPACES",
            "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
@@ -143,7 +149,7 @@ def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optiona
         aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     _refuse_non_finite(hdr, aff, p)
     aff_lps = LPS_TO_RAS @ np.asarray(aff, dtype=float)
-    if "sform_code" in hdr and (int(hdr["sform_code"]) or int(hdr["qform_code"])):
+    if "sform_code" in hdr and (int(hdr["sform_code"]) or int(hdr["qform_code"])) and _valid(aff_lps):
         _warn_ambiguous_geometry(img, aff_lps, to_mm, p)
     descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
     mod, unit = parse_tag(descrip)
@@ -160,6 +166,15 @@ def _corner_distance(a: np.ndarray, b: np.ndarray, shape) -> float:
     size = (list(shape[:3]) + [1, 1, 1])[:3]
     corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
     return float(np.linalg.norm(((a - b) @ corners.T)[:3], axis=0).max())
+
+
+def _valid(aff: np.ndarray) -> bool:
+    """True for an affine a Volume accepts (a sheared or singular one is refused later: no warning before that)."""
+    try:
+        _check_affine(aff)
+    except GeometryError:
+        return False
+    return True
 
 
 def _transform_used(hdr) -> str:
@@ -231,6 +246,8 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
     ``|pixdim|`` and 1 for 0; the NIfTI standard requires them positive). The distance SimpleITK's reading is
     from medfuse's is measured, not guessed.
     """
+    import nibabel as nib
+
     hdr = img.header
     shape = img.shape
     used = _transform_used(hdr)
@@ -246,7 +263,7 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
     if used == "qform" and pixdim is not None and np.any(pixdim <= 0):
         notes.append(f"its voxel sizes (pixdim {', '.join(f'{x:g}' for x in pixdim)}) are not all positive, as the "
                      "qform needs; medfuse (as nibabel) uses their absolute values, 1 mm for 0")
-    if not isinstance(hdr, _nifti2_header()):  # ITK 5.4's reader takes NIfTI-1 only
+    if not isinstance(hdr, nib.Nifti2Header):  # ITK 5.4's reader takes NIfTI-1 only
         itk = _itk_nifti_affine(p)
         if itk is not None:
             gap = _corner_distance(itk, aff_lps, shape)
@@ -258,7 +275,7 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
         warnings.warn(f"{p}: the NIfTI header's geometry is ambiguous: {'; '.join(notes)}. medfuse uses the {used} "
                       "(the NIfTI rule nibabel follows: sform when sform_code > 0, else qform); check the image's "
                       "position, and re-save it with medfuse.save so that every tool reads one geometry",
-                      MedfuseWarning, stacklevel=4)
+                      MedfuseWarning, stacklevel=5)
 
 
 def _raw_pixdim(img) -> Optional[np.ndarray]:
@@ -279,12 +296,6 @@ def _raw_pixdim(img) -> Optional[np.ndarray]:
         return None
 
 
-def _nifti2_header():
-    import nibabel as nib
-
-    return nib.Nifti2Header
-
-
 def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str]]:
     import SimpleITK as sitk
 
@@ -296,8 +307,8 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
         img = sitk.ReadImage(str(p), imageIO=io)
     except RuntimeError as e:
         reason = _itk_reason(str(e), p)
-        raise UnreadableFileError("the file cannot be read as MetaImage/NRRD (corrupt or truncated"
-                                  + (f"; ITK says: {reason}" if reason else "") + ")",
+        raise UnreadableFileError("the file cannot be read as MetaImage/NRRD"
+                                  + (f"; ITK says: {reason}" if reason else " (corrupt or truncated)"),
                                   fix="check the header's sizes, spacing and space fields (or copy or export the "
                                       "file again)", path=p) from None
     _warn_non_anatomical_space(img, p)
@@ -334,10 +345,11 @@ def _itk_reason(message: str, p: Path) -> str:
     return last[:200]
 
 
-#: NRRD spaces that name patient directions (ITK turns all of them into LPS); others are only axes.
+#: NRRD spaces that name patient directions (ITK turns each into LPS); the others (scanner-xyz, 3D-right-handed,
+#: ...) are only axes.
 _ANATOMICAL_NRRD_SPACES = ("right-anterior-superior", "left-anterior-superior", "left-posterior-superior",
                            "right-anterior-superior-time", "left-anterior-superior-time",
-                           "left-posterior-superior-time", "scanner-xyz-time")
+                           "left-posterior-superior-time")
 
 
 def _warn_non_anatomical_space(img, p: Path) -> None:
@@ -348,12 +360,12 @@ def _warn_non_anatomical_space(img, p: Path) -> None:
     if not p.name.lower().endswith((".nrrd", ".nhdr")):
         return
     space = img.GetMetaData("NRRD_space").strip() if img.HasMetaDataKey("NRRD_space") else None
-    if space in _ANATOMICAL_NRRD_SPACES[:6]:
+    if space in _ANATOMICAL_NRRD_SPACES:
         return
     what = f"'space: {space}'" if space else "no 'space' field"
     warnings.warn(f"{p}: the NRRD header has {what}, which names no patient orientation: medfuse (as ITK) takes its "
                   "axes as LPS (x towards the patient's left); check left/right and the origin before registering "
-                  "or fusing", MedfuseWarning, stacklevel=4)
+                  "or fusing", MedfuseWarning, stacklevel=5)
 
 
 def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path]:

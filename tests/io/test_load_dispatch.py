@@ -175,3 +175,14 @@ def test_a_file_or_folder_this_user_may_not_read_is_named_as_such(tmp_path, monk
                 load(path)
     locked.clear()
     assert medfuse.load(nii).shape == (4, 4, 4) and medfuse.load(tmp_path / "dcm").shape == (5, 6, 4)
+
+
+def test_volume_index_picks_one_volume_of_a_4d_image_file(tmp_path):
+    """medfuse.load documents volume_index; for NIfTI it was ignored and the 4-D file refused."""
+    data = np.random.default_rng(0).random((4, 5, 6, 3)).astype(np.float32)
+    path = tmp_path / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), str(path))
+    with pytest.raises(MultipleSeriesError, match="3 volumes"):
+        medfuse.load(path)
+    np.testing.assert_array_equal(medfuse.load(path, volume_index=1).array, data[..., 1])
+    np.testing.assert_array_equal(medfuse.load(path, volume_index=-1).array, data[..., 2])
