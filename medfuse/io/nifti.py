@@ -313,8 +313,10 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
                                       "file again)", path=p) from None
     _warn_non_anatomical_space(img, p)
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise InvalidInputError(f"the image has {img.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector)",
-                                fix="convert it to a scalar image first", path=p)
+        # An NRRD time series whose first axis is a "list" (not "time") reads as components too.
+        raise InvalidInputError(f"the image has {img.GetNumberOfComponentsPerPixel()} components per voxel (colour, a "
+                                "vector field, or a series stored along a 'list' axis)",
+                                fix="save each volume (or channel) as its own scalar 3-D file", path=p)
     dim = img.GetDimension()
     if dim not in (2, 3, 4):
         raise InvalidInputError(f"the image is {dim}-D", fix="medfuse reads 3-D images (or 4-D series of them)", path=p)

@@ -362,3 +362,15 @@ def test_saved_geometry_reads_the_same_in_nibabel_and_simpleitk(tmp_path, suffix
         assert hdr.get_xyzt_units()[0] == "mm"
     if fmt != "nifti2":  # this SimpleITK (ITK 5.4) does not read NIfTI-2
         np.testing.assert_allclose(_sitk_lps(out), aff, atol=tol)
+
+
+def test_nrrd_series_along_a_list_axis_is_named_as_such(tmp_path):
+    """A 4-D NRRD whose first axis is a 'list' reads as vector components; the error said only colour/vector."""
+    from medfuse.errors import InvalidInputError
+
+    data = np.arange(3 * 4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4, 3)  # NumPy order: z, y, x, list
+    img = sitk.GetImageFromArray(data, isVector=True)
+    path = tmp_path / "series.nrrd"
+    sitk.WriteImage(img, str(path))
+    with pytest.raises(InvalidInputError, match=r"3 components per voxel .*'list' axis.*its own scalar 3-D file"):
+        medfuse.load(path)
