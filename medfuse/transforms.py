@@ -79,7 +79,61 @@ def _like(result: Volume, template: Any) -> Any:
     if len(template.shape) == 3:
         out = out[0]
         out.meta["original_channel_dim"] = meta.get("original_channel_dim", float("nan"))
-    return out
+    return _cache_safe(out)
+
+
+def _cache_safe(t: Any) -> Any:
+    """``t`` with the NumPy arrays of its meta (``spatial_shape``, ``sform_code``...) turned into tensors.
+
+    MONAI's ``PersistentDataset`` reloads its cache with ``torch.load(weights_only=True)``, which refuses NumPy
+    arrays inside a MetaTensor's meta: the cache file is then taken for corrupt, deleted and recomputed on every
+    read. Tensors load; MONAI's transforms and medfuse read either form.
+    """
+    import numpy as np
+    import torch
+
+    for key, value in list(t.meta.items()):
+        if isinstance(value, np.ndarray):
+            t.meta[key] = torch.as_tensor(value)
+    return t
+
+
+def _source(x: Any) -> Optional[str]:
+    """The file an image was loaded from (MetaTensor ``filename_or_obj`` or Volume ``provenance["source"]``)."""
+    if isinstance(x, Volume):
+        src = x.provenance.get("source")
+    else:
+        meta = getattr(x, "meta", None)
+        src = meta.get("filename_or_obj") if isinstance(meta, dict) else None
+    return src if isinstance(src, (str, os.PathLike)) and str(src) else None
+
+
+def _name_file(e: BaseException, image: Any) -> None:
+    """Add the image's file to a :class:`MedfuseError` that names none, so that a failure inside a DataLoader
+    worker says which subject file it was (MONAI and torch wrap it in their own RuntimeErrors)."""
+    src = _source(image)
+    if isinstance(e, MedfuseError) and not e.path and src is not None:
+        e.path = os.fspath(src)
+        e.args = (e._compose(),)
+
+
+def _threads(threads: Optional[int]) -> Optional[int]:
+    """ITK threads: the caller's, else one inside a torch DataLoader worker process.
+
+    torch limits its own threads to one per worker for the same reason: N workers each running ITK on every
+    core oversubscribe the CPU (4 phantom subjects, 2 workers on 2 cores: 5.2 s with 2 ITK threads, 4.8 s with 1).
+    """
+    if threads is not None:
+        return int(threads)
+    from torch.utils.data import get_worker_info
+
+    return 1 if get_worker_info() is not None else None
+
+
+def _repr(obj: Any, **params: Any) -> str:
+    """``Name(param=value, ...)``: MONAI's "applying transform ..." errors and logs then say what ran."""
+    shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+    return f"{type(obj).__name__}({shown})"
 
 
 # ----------------------------------------------------------------------------- load
@@ -112,7 +166,10 @@ class LoadVolume(Transform):
                 "medfuse.Volume(array, affine)")
         else:
             vol = load(path, modality=self.modality, suv=self.suv)
-        return vol.to_metatensor() if self.as_tensor else vol
+        return _cache_safe(vol.to_metatensor()) if self.as_tensor else vol
+
+    def __repr__(self) -> str:
+        return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor)
 
 
 class LoadVolumed(MapTransform):
@@ -137,6 +194,9 @@ class LoadVolumed(MapTransform):
             d[key] = LoadVolume(modality=mod, suv=self.suv, as_tensor=self.as_tensor)(d[key])
         return d
 
+    def __repr__(self) -> str:
+        return _repr(self, keys=self.keys, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor)
+
 
 # ----------------------------------------------------------------------------- register
 class RegisterToReference(Transform, ThreadUnsafe):
@@ -144,7 +204,8 @@ class RegisterToReference(Transform, ThreadUnsafe):
 
     Args:
         kind: ``"rigid"``, ``"affine"`` or ``"deformable"``; ``None`` only resamples (same frame assumed).
-        threads: ITK threads (fix for bit-identical results; ``None`` = SimpleITK default).
+        threads: ITK threads (fix for bit-identical results). ``None``: one inside a torch ``DataLoader``
+            worker process (as torch does for its own threads), else SimpleITK's default.
         **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
 
     The last registration report is kept in :attr:`last_report` (so the transform is marked ``ThreadUnsafe``:
@@ -165,15 +226,23 @@ class RegisterToReference(Transform, ThreadUnsafe):
         from .registration import register, resample
 
         mv, ref = as_volume(moving, name="moving"), as_volume(reference, name="reference")
+        threads = _threads(self.threads)
         if self.kind is None:
-            return _like(mv if mv.same_grid(ref) else resample(mv, ref), moving), None
-        with _itk_threads(self.threads):
+            if mv.same_grid(ref):
+                return _like(mv, moving), None
+            with _itk_threads(threads):
+                return _like(resample(mv, ref), moving), None
+        with _itk_threads(threads):
             res = register(ref, mv, kind=self.kind, **self.options)
         report = res.report.to_dict()
+        report["itk_threads"] = threads  # None: SimpleITK's default (results may vary with the core count)
         if report.get("suspect"):
             warnings.warn(f"registration looks suspect: {'; '.join(report.get('suspect_reasons') or [])}",
                           MedfuseWarning, stacklevel=3)
         return _like(res.resampled, moving), report
+
+    def __repr__(self) -> str:
+        return _repr(self, kind=self.kind, threads=self.threads, **self.options)
 
 
 class RegisterToReferenced(MapTransform):
@@ -206,10 +275,19 @@ class RegisterToReferenced(MapTransform):
         for key in self.key_iterator(d):
             if key == self.reference_key:
                 continue
-            d[key], report = self.register._register(d[key], d[self.reference_key])
+            try:
+                d[key], report = self.register._register(d[key], d[self.reference_key])
+            except MedfuseError as e:
+                _name_file(e, d[key])
+                raise
             if self.report_postfix is not None:
                 d[f"{key}{self.report_postfix}"] = report
         return d
+
+    def __repr__(self) -> str:
+        r = self.register
+        return _repr(self, keys=self.keys, reference_key=self.reference_key, kind=r.kind, threads=r.threads,
+                     **r.options)
 
 
 # ----------------------------------------------------------------------------- fuse
@@ -232,7 +310,7 @@ class FuseModalities(Transform):
         self.fallback, self.resample, self.as_tensor = fallback, resample, as_tensor
 
     def __call__(self, images: Sequence[Any]) -> Any:
-        from .pipeline import _fuse, _fusion_unavailable
+        from .pipeline import _fuse, _fusion_unavailable, _itk_threads
 
         if isinstance(images, (Volume, str)) or _is_metatensor(images) or not 2 <= len(images) <= 3:
             what = f"{len(images)} image(s)" if isinstance(images, (list, tuple)) else f"a {type(images).__name__}"
@@ -242,7 +320,8 @@ class FuseModalities(Transform):
         if self.resample:
             from .registration import resample
 
-            vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
+            with _itk_threads(_threads(None)):
+                vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
         try:
             fused = _fuse(vols, method=self.method, device=self.device, normalise=self.normalise)
         except Exception as e:  # noqa: BLE001 - only the documented fallback is swallowed
@@ -258,7 +337,15 @@ class FuseModalities(Transform):
             return fused
         import numpy as np
 
-        return fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor()
+        out = fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor()
+        src = _source(images[0])
+        if src is not None:  # on the reference's grid: named after it, as MONAI's loaders and SaveImage do
+            out.meta["filename_or_obj"] = os.fspath(src)
+        return _cache_safe(out)
+
+    def __repr__(self) -> str:
+        return _repr(self, method=self.method, device=self.device, normalise=self.normalise,
+                     fallback=self.fallback, resample=self.resample, as_tensor=self.as_tensor)
 
 
 class FuseModalitiesd(MapTransform):
@@ -285,9 +372,19 @@ class FuseModalitiesd(MapTransform):
         if len(keys) < 2:
             raise InvalidInputError(f"fusion needs two or three images, got keys {keys}",
                                     fix="list the image keys to fuse, reference first")
-        d[self.output_key] = self.fuse([d[k] for k in keys])
+        try:
+            d[self.output_key] = self.fuse([d[k] for k in keys])
+        except MedfuseError as e:
+            _name_file(e, d[keys[0]])
+            raise
         if self.delete_keys:
             for k in keys:
                 if k != self.output_key:
                     d.pop(k, None)
         return d
+
+    def __repr__(self) -> str:
+        f = self.fuse
+        return _repr(self, keys=self.keys, output_key=self.output_key, method=f.method, device=f.device,
+                     normalise=f.normalise, fallback=f.fallback, resample=f.resample, as_tensor=f.as_tensor,
+                     delete_keys=self.delete_keys)
