@@ -650,40 +650,14 @@ def snapshot_png(volume, path, *, center_world=None, overwrite: bool = False, mm
         overwrite: replace an existing PNG.
         mm_per_pixel: output resolution.
     """
-    import numpy as np
     from PIL import Image
 
+    from .display import orthogonal_snapshot
     from .io._atomic import atomic_path
 
-    arr = np.asarray(volume.array, dtype=np.float32)
-    if center_world is None:
-        idx = np.array(np.unravel_index(int(np.nanargmax(arr)), arr.shape))
-    else:
-        idx = np.rint(volume.world_to_index(np.asarray(center_world, dtype=float))).astype(int)
-    idx = np.clip(idx, 0, np.asarray(arr.shape) - 1)
-    lo, hi = (float(x) for x in np.nanpercentile(arr, [0.5, 99.5]))
-    hi = hi if hi > lo else lo + 1.0
-    sp = volume.spacing
-    i, j, k = (int(x) for x in idx)
-    # (2-D plane, spacing of its rows, spacing of its columns)
-    panels = [
-        (arr[:, :, k].T, sp[1], sp[0]),              # axial: rows j (A->P), cols i (R->L)
-        (arr[:, j, :].T[::-1], sp[2], sp[0]),        # coronal: rows k (S->I), cols i
-        (arr[i, :, :].T[::-1], sp[2], sp[1]),        # sagittal: rows k (S->I), cols j (A->P)
-    ]
-    images = []
-    for plane, s_row, s_col in panels:
-        g = (np.clip((plane - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-        w = max(1, int(round(g.shape[1] * s_col / mm_per_pixel)))
-        h = max(1, int(round(g.shape[0] * s_row / mm_per_pixel)))
-        images.append(Image.fromarray(g, mode="L").resize((w, h), Image.BILINEAR))
-    gap = 8
-    height = max(im.height for im in images)
-    canvas = Image.new("L", (sum(im.width for im in images) + gap * (len(images) - 1), height), 0)
-    x = 0
-    for im in images:
-        canvas.paste(im, (x, (height - im.height) // 2))
-        x += im.width + gap
+    # Planes resampled through the point in patient orientation (radiological, labelled), whatever the voxel
+    # order: slicing the array drew LAS/RAS-stored volumes mirrored or upside down.
+    canvas = Image.fromarray(orthogonal_snapshot(volume, center_world, mm_per_pixel=mm_per_pixel))
     with atomic_path(path, overwrite=overwrite) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)

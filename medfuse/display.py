@@ -1,16 +1,26 @@
-"""Display defaults shared by the CLI's snapshots and the napari widget (GUI-free, NumPy only).
+"""Display defaults shared by the CLI's snapshots and the napari widget (GUI-free: NumPy at import; SimpleITK
+and Pillow only inside the slice functions).
 
 * CT window presets as ``(width, level)`` in HU and :func:`window_to_limits`;
 * per-modality defaults (colormap name, contrast limits, blending) via :func:`display_settings`;
-* :func:`percentile_limits` for images without a physical scale (MR, SPECT counts).
+* :func:`percentile_limits` for images without a physical scale (MR, SPECT counts);
+* :func:`orthogonal_slices` and :func:`orthogonal_snapshot`: axial, coronal and sagittal planes through a world
+  point, resampled onto square-millimetre pixels in a fixed patient orientation (the demo's PNG).
+
+Orientation of the planes (radiological convention, whatever the volume's voxel order, flips or obliquity):
+
+* axial: anterior up, patient left on the image's right (seen from the feet);
+* coronal: superior up, patient left on the image's right (seen from the front);
+* sagittal: superior up, anterior on the image's left (seen from the patient's left).
 
 Colormap names are napari/matplotlib names (``gray``, ``inferno``, ``hot``...), so both faces can use them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,7 +30,7 @@ from .volume import Volume, normalise_modality
 __all__ = [
     "CT_WINDOWS", "SUV_LIMITS", "DisplaySettings", "window_to_limits", "limits_to_window",
     "check_ct_window", "window_precision", "slider_range", "percentile_limits", "display_settings",
-    "checkerboard_mask", "curtain_mask",
+    "checkerboard_mask", "curtain_mask", "PLANES", "SlicePanel", "orthogonal_slices", "orthogonal_snapshot",
 ]
 
 #: CT window presets, ``name -> (width, level)`` in HU.
@@ -209,3 +219,204 @@ def curtain_mask(shape: Tuple[int, ...], *, position: float = 0.5) -> np.ndarray
         raise InvalidInputError(f"curtain position {position} is outside 0-1", fix="pass a fraction between 0 and 1")
     cols = np.arange(shape[-1]) < round(position * shape[-1])
     return np.broadcast_to(cols, tuple(shape)).copy()
+
+
+# ----------------------------------------------------------------------------- orthogonal slices
+#: Each plane as LPS unit vectors: (direction of increasing column, of increasing row, the plane's normal),
+#: and the patient sides at its (left, right, top, bottom) edges. See the module docstring for the convention.
+PLANES: Dict[str, Tuple[Tuple[int, int, int], Tuple[int, int, int], Tuple[int, int, int], str]] = {
+    "axial": ((1, 0, 0), (0, 1, 0), (0, 0, 1), "RLAP"),        # columns R->L, rows A->P
+    "coronal": ((1, 0, 0), (0, 0, -1), (0, 1, 0), "RLSI"),     # columns R->L, rows S->I
+    "sagittal": ((0, 1, 0), (0, 0, -1), (1, 0, 0), "APSI"),    # columns A->P, rows S->I
+}
+
+#: Largest side of a panel in pixels (a fine grid over a large field of view is shown coarser).
+_MAX_PANEL_PIXELS = 2048
+
+
+@dataclass(frozen=True)
+class SlicePanel:
+    """One plane through a volume, resampled onto square pixels in a fixed patient orientation.
+
+    Attributes:
+        name: ``axial``, ``coronal`` or ``sagittal``.
+        image: 2-D float32 array ``(rows, columns)``; NaN where the plane lies outside the volume.
+        origin: LPS mm position of pixel ``(0, 0)``'s centre.
+        column_direction, row_direction: LPS unit vectors along increasing column and row.
+        mm_per_pixel: pixel size in mm (the same along rows and columns).
+        labels: patient side at the image's ``left``, ``right``, ``top`` and ``bottom`` edges (``R``, ``A``...).
+    """
+
+    name: str
+    image: np.ndarray
+    origin: np.ndarray
+    column_direction: np.ndarray
+    row_direction: np.ndarray
+    mm_per_pixel: float
+    labels: Dict[str, str]
+
+    def world_to_pixel(self, point: Sequence[float]) -> Tuple[float, float]:
+        """``(row, column)`` (fractional) of an LPS mm point projected onto the plane."""
+        d = np.asarray(point, dtype=float) - self.origin
+        return (float(d @ self.row_direction) / self.mm_per_pixel, float(d @ self.column_direction) / self.mm_per_pixel)
+
+
+def _plane_axis(centre: float, lo: float, hi: float, sign: int, step: float) -> Tuple[float, int]:
+    """Start (the first pixel centre) and pixel count along one in-plane world axis.
+
+    Pixel centres lie on ``centre + n * step`` so that the requested point falls on a pixel centre, and cover
+    the volume's extent ``[lo, hi]`` walked from the ``sign`` side.
+    """
+    edge = lo if sign > 0 else hi
+    before = max(0, int(math.floor(sign * (centre - edge) / step)))  # whole pixels from the start edge to centre
+    after = max(0, int(math.floor(sign * ((hi if sign > 0 else lo) - centre) / step)))
+    return centre - sign * before * step, before + after + 1
+
+
+def _default_step(volume: Volume) -> float:
+    """Finest spacing of the volume, coarsened so that no panel exceeds :data:`_MAX_PANEL_PIXELS`."""
+    lo, hi = volume.bounds(edges=True)
+    return max(min(volume.spacing), float(np.max(hi - lo)) / _MAX_PANEL_PIXELS)
+
+
+def _centre(volume: Volume, center_world: Optional[Sequence[float]]) -> np.ndarray:
+    """The LPS point the planes go through: the given one (checked), or the brightest voxel's centre."""
+    if center_world is None:
+        arr = volume.array
+        try:
+            flat = int(np.nanargmax(arr)) if arr.dtype.kind == "f" else int(np.argmax(arr))
+        except ValueError as e:  # every voxel NaN
+            raise InvalidInputError("the volume has no voxel value to show (all NaN)",
+                                    fix="check the data, or pass center_world") from e
+        return volume.index_to_world(np.asarray(np.unravel_index(flat, arr.shape), dtype=float))
+    c = np.asarray(center_world, dtype=float).reshape(-1)
+    if c.shape != (3,) or not np.all(np.isfinite(c)):
+        raise InvalidInputError(f"the slice point must be 3 finite LPS mm coordinates, got {center_world!r}",
+                                fix="pass (x, y, z) in LPS mm, e.g. volume.center")
+    lo, hi = volume.bounds(edges=True)
+    if np.any(c < lo - 1e-6) or np.any(c > hi + 1e-6):
+        raise InvalidInputError(
+            f"the point {tuple(round(float(x), 1) for x in c)} (LPS mm) lies outside the volume, which spans "
+            f"{tuple(round(float(x), 1) for x in lo)} to {tuple(round(float(x), 1) for x in hi)}",
+            fix="pass a point inside the volume (LPS mm; a RAS point from NIfTI tools has x and y negated)")
+    return c
+
+
+def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = None, *,
+                      mm_per_pixel: Optional[float] = None, interpolation: str = "linear") -> Dict[str, SlicePanel]:
+    """Axial, coronal and sagittal planes through an LPS point, as arrays in the module's fixed orientation.
+
+    The planes are resampled (SimpleITK) from the volume's own grid, so they pass exactly through the point and
+    keep patient orientation for any voxel order, flipped, permuted or oblique axes, and their pixels are
+    square in millimetres (a 1x1x4 mm CT is not squashed).
+
+    Args:
+        volume: the volume to show.
+        center_world: LPS mm point the three planes pass through (it falls on a pixel centre of each);
+            default: the centre of the brightest voxel.
+        mm_per_pixel: pixel size; default the volume's finest spacing (coarser for very large fields of view).
+        interpolation: ``linear`` or ``nearest``.
+
+    Returns:
+        ``{"axial": SlicePanel, "coronal": ..., "sagittal": ...}``, each covering the volume's extent.
+
+    Raises:
+        InvalidInputError: a point outside the volume, a bad pixel size or interpolation, complex voxels.
+    """
+    import SimpleITK as sitk
+
+    kinds = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+    if interpolation not in kinds:
+        raise InvalidInputError(f"unknown interpolation {interpolation!r}", fix="use 'linear' or 'nearest'")
+    if not isinstance(volume, Volume):
+        raise InvalidInputError("orthogonal_slices needs a medfuse Volume",
+                                fix="wrap the array: medfuse.Volume(array, affine)")
+    if np.iscomplexobj(volume.array):
+        raise InvalidInputError(f"complex voxels ({volume.dtype}) cannot be shown",
+                                fix="show the magnitude: volume.with_array(numpy.abs(volume.array))")
+    step = _default_step(volume) if mm_per_pixel is None else float(mm_per_pixel)
+    if not (np.isfinite(step) and step > 0):
+        raise InvalidInputError(f"mm_per_pixel must be a positive number, got {mm_per_pixel!r}", fix="e.g. 0.5")
+    centre = _centre(volume, center_world)
+    lo, hi = volume.bounds(edges=True)
+    source = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    return {name: _panel(source, name, centre, lo, hi, step, kinds[interpolation]) for name in PLANES}
+
+
+def _panel(source, name: str, centre: np.ndarray, lo: np.ndarray, hi: np.ndarray, step: float,
+           interpolator: int) -> SlicePanel:
+    """Resample one plane of :data:`PLANES` from a SimpleITK image (a one-pixel-thick 3-D grid)."""
+    import SimpleITK as sitk
+
+    cols, rows, normal = (np.asarray(v, dtype=float) for v in PLANES[name][:3])
+    sides = PLANES[name][3]
+    origin = centre.copy()
+    sizes = []
+    for direction in (cols, rows):
+        axis = int(np.argmax(np.abs(direction)))
+        start, n = _plane_axis(centre[axis], lo[axis], hi[axis], int(direction[axis]), step)
+        origin[axis] = start
+        sizes.append(n)
+    grid = sitk.Image(sizes[0], sizes[1], 1, sitk.sitkFloat32)
+    grid.SetSpacing((step, step, step))
+    grid.SetOrigin(tuple(float(x) for x in origin))
+    grid.SetDirection(tuple(float(x) for x in np.column_stack([cols, rows, normal]).ravel()))
+    plane = sitk.Resample(source, grid, sitk.Transform(), interpolator, float("nan"), sitk.sitkFloat32)
+    image = sitk.GetArrayFromImage(plane)[0]  # [k, j, i] -> (rows, columns)
+    labels = dict(zip(("left", "right", "top", "bottom"), sides))
+    return SlicePanel(name, image, origin, cols, rows, step, labels)
+
+
+def orthogonal_snapshot(volume: Volume, center_world: Optional[Sequence[float]] = None, *,
+                        mm_per_pixel: Optional[float] = None, limits: Optional[Tuple[float, float]] = None,
+                        gap: int = 8, labels: bool = True) -> np.ndarray:
+    """The three :func:`orthogonal_slices` side by side as one 8-bit grey image (what the demo's PNG shows).
+
+    Args:
+        volume, center_world, mm_per_pixel: as for :func:`orthogonal_slices`.
+        limits: ``(low, high)`` grey window in the volume's unit; default :func:`percentile_limits` 0.5..99.5.
+        gap: black pixels between panels.
+        labels: write the patient side letters (R/L, A/P, S/I) at each panel's edges.
+
+    Returns:
+        ``uint8`` array ``(height, width)``: axial, coronal, sagittal from left to right, vertically centred.
+        Outside the volume is black. Save it with ``PIL.Image.fromarray(a).save("x.png")``.
+    """
+    panels = orthogonal_slices(volume, center_world, mm_per_pixel=mm_per_pixel)
+    lo, hi = limits if limits is not None else percentile_limits(volume.array, low=0.5, high=99.5)
+    if not hi > lo:
+        raise InvalidInputError(f"grey limits must have high > low, got ({lo}, {hi})", fix="swap or widen them")
+    grey = [_to_uint8(p.image, lo, hi) for p in panels.values()]
+    if labels:
+        grey = [_draw_labels(g, p.labels) for g, p in zip(grey, panels.values())]
+    height = max(g.shape[0] for g in grey)
+    canvas = np.zeros((height, sum(g.shape[1] for g in grey) + gap * (len(grey) - 1)), np.uint8)
+    x = 0
+    for g in grey:
+        top = (height - g.shape[0]) // 2
+        canvas[top:top + g.shape[0], x:x + g.shape[1]] = g
+        x += g.shape[1] + gap
+    return canvas
+
+
+def _to_uint8(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Window a float plane to 0..255 (NaN, outside the volume, to 0)."""
+    scaled = np.clip((np.nan_to_num(image, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+    return np.rint(scaled * 255.0).astype(np.uint8)
+
+
+def _draw_labels(grey: np.ndarray, labels: Dict[str, str]) -> np.ndarray:
+    """Write the side letters at the middle of each edge (white, PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(grey)
+    draw = ImageDraw.Draw(img)
+    h, w = grey.shape
+    for side, letter in labels.items():
+        # Placed from the letter's measured box: bitmap fonts (older Pillow) take no anchor argument.
+        x0, y0, x1, y1 = draw.textbbox((0, 0), letter)
+        tw, th = x1 - x0, y1 - y0
+        x = {"left": 2, "right": w - 2 - tw}.get(side, (w - tw) // 2)
+        y = {"top": 2, "bottom": h - 2 - th}.get(side, (h - th) // 2)
+        draw.text((x - x0, y - y0), letter, fill=255)
+    return np.asarray(img)

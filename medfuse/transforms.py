@@ -79,23 +79,7 @@ def _like(result: Volume, template: Any) -> Any:
     if len(template.shape) == 3:
         out = out[0]
         out.meta["original_channel_dim"] = meta.get("original_channel_dim", float("nan"))
-    return _cache_safe(out)
-
-
-def _cache_safe(t: Any) -> Any:
-    """``t`` with the NumPy arrays of its meta (``spatial_shape``, ``sform_code``...) turned into tensors.
-
-    MONAI's ``PersistentDataset`` reloads its cache with ``torch.load(weights_only=True)``, which refuses NumPy
-    arrays inside a MetaTensor's meta: the cache file is then taken for corrupt, deleted and recomputed on every
-    read. Tensors load; MONAI's transforms and medfuse read either form.
-    """
-    import numpy as np
-    import torch
-
-    for key, value in list(t.meta.items()):
-        if isinstance(value, np.ndarray):
-            t.meta[key] = torch.as_tensor(value)
-    return t
+    return out
 
 
 def _source(x: Any) -> Optional[str]:
@@ -166,7 +150,7 @@ class LoadVolume(Transform):
                 "medfuse.Volume(array, affine)")
         else:
             vol = load(path, modality=self.modality, suv=self.suv)
-        return _cache_safe(vol.to_metatensor()) if self.as_tensor else vol
+        return vol.to_metatensor() if self.as_tensor else vol
 
     def __repr__(self) -> str:
         return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor)
@@ -341,7 +325,7 @@ class FuseModalities(Transform):
         src = _source(images[0])
         if src is not None:  # on the reference's grid: named after it, as MONAI's loaders and SaveImage do
             out.meta["filename_or_obj"] = os.fspath(src)
-        return _cache_safe(out)
+        return out
 
     def __repr__(self) -> str:
         return _repr(self, method=self.method, device=self.device, normalise=self.normalise,

@@ -75,14 +75,30 @@ def affine_from_geometry(spacing: Sequence[float], origin: Sequence[float], dire
     return aff
 
 
+def _as_affine(affine: Any) -> np.ndarray:
+    """``affine`` as a float64 array, or a :class:`GeometryError` saying what it is instead."""
+    try:
+        return np.array(affine, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise GeometryError(f"the affine is not a numeric matrix ({type(affine).__name__})",
+                            fix="pass a 4x4 NumPy array (voxel-to-world, LPS mm), e.g. "
+                                "medfuse.volume.affine_from_geometry(spacing, origin, direction)") from e
+
+
 def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise GeometryError("the affine must be a finite 4x4 matrix", fix="pass a valid voxel-to-world affine")
+    if affine.shape != (4, 4):
+        raise GeometryError(f"the affine must be a 4x4 matrix, got shape {affine.shape}",
+                            fix="pass a homogeneous 4x4 voxel-to-world matrix (a 3x3 one lacks the origin)")
+    if not np.all(np.isfinite(affine)):
+        raise GeometryError("the affine holds NaN or infinite values",
+                            fix="repair the image header (pixdim/sform/qform, or DICOM spacing, position and "
+                                "orientation) so that the geometry is finite")
     if not np.allclose(affine[3], [0, 0, 0, 1]):
         raise GeometryError("the affine's last row must be [0, 0, 0, 1]", fix="pass a homogeneous 4x4 affine")
     m = affine[:3, :3]
     spacing = np.linalg.norm(m, axis=0)
-    if np.any(spacing <= 0) or abs(np.linalg.det(m)) < 1e-12:
+    # Why the direction's determinant: the matrix's own one is tiny for fine (sub-mm) but valid grids.
+    if np.any(spacing <= 0) or abs(np.linalg.det(m / np.where(spacing > 0, spacing, 1.0))) < 1e-6:
         raise GeometryError(
             "the affine is singular (a voxel axis has zero length)",
             fix="repair the image header (pixdim/sform/qform) so that every axis has a non-zero spacing",
@@ -105,6 +121,10 @@ class Volume:
         modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
         unit: physical unit, one of :data:`UNITS`.
         provenance: non-identifying facts about where the data came from.
+
+    The array is kept by reference, not copied: a read-only or memory-mapped array stays so, and an edit of
+    the caller's array shows in the Volume. Only a big-endian array is copied (to native byte order, which ITK
+    and torch need). Use :meth:`copy` for an independent volume. The affine is always copied.
 
     Example:
         >>> import numpy as np
@@ -129,12 +149,13 @@ class Volume:
         if arr.size == 0:
             raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}", fix="convert the array to a numeric dtype")
+            raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}",
+                                    fix="convert the array to a numeric dtype, e.g. array.astype(numpy.float32)")
         if not arr.dtype.isnative:
             # Why: big-endian data (DICOM Explicit VR Big Endian, old Analyze files) is refused by ITK and torch.
             arr = arr.astype(arr.dtype.newbyteorder("="))
         self.array = arr
-        aff = np.asarray(self.affine, dtype=float)
+        aff = _as_affine(self.affine)
         _check_affine(aff)
         self.affine = aff.copy()
         self.modality = normalise_modality(self.modality)
@@ -174,12 +195,22 @@ class Volume:
 
     @property
     def orientation(self) -> str:
-        """Three-letter LPS axis code of the nearest axes, ITK style (e.g. ``"LPS"`` or ``"RAI"``)."""
+        """Three-letter code of the world directions i, j, k point to (e.g. ``"LPS"`` or ``"RAI"``).
+
+        The letters say where each axis goes *to*, as ITK's ``DICOMOrientImageFilter`` and nibabel's
+        ``aff2axcodes`` name them (an identity LPS affine is ``"LPS"``). An oblique axis takes the nearest world
+        axis; each world axis is used once (the largest cosine is matched first), so a strongly oblique grid
+        never gets a code such as ``"LLS"``.
+        """
         letters = (("L", "R"), ("P", "A"), ("S", "I"))
-        code = []
-        for col in self.direction.T:
-            ax = int(np.argmax(np.abs(col)))
-            code.append(letters[ax][0] if col[ax] > 0 else letters[ax][1])
+        d = self.direction
+        free = np.abs(d)
+        code = [""] * 3
+        for _ in range(3):
+            world, axis = np.unravel_index(int(np.argmax(free)), free.shape)
+            code[axis] = letters[world][0] if d[world, axis] > 0 else letters[world][1]
+            free[world, :] = -1.0
+            free[:, axis] = -1.0
         return "".join(code)
 
     @property
@@ -204,15 +235,39 @@ class Volume:
         """World (LPS) position of the grid's centre."""
         return self.index_to_world((np.asarray(self.shape) - 1) / 2.0)
 
-    def bounds(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Axis-aligned world (LPS) bounding box of the voxel centres: (min, max)."""
-        corners = np.array([[i, j, k] for i in (0, self.shape[0] - 1) for j in (0, self.shape[1] - 1) for k in (0, self.shape[2] - 1)])
-        w = self.index_to_world(corners)
+    def _corners(self, *, edges: bool = False) -> np.ndarray:
+        """The 8 corner indices (8, 3) of the grid: voxel centres, or the voxels' outer edges."""
+        lo = -0.5 if edges else 0.0
+        hi = np.asarray(self.shape, dtype=float) - (0.5 if edges else 1.0)
+        return np.array([[a, b, c] for a in (lo, hi[0]) for b in (lo, hi[1]) for c in (lo, hi[2])])
+
+    def bounds(self, *, edges: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned world (LPS mm) bounding box ``(min, max)`` of the grid.
+
+        Args:
+            edges: False (default) for the box of the voxel *centres*; True for the box of the voxels' outer
+                edges (half a voxel further out: the extent an image covers, e.g. for a display field of view).
+        """
+        w = self.index_to_world(self._corners(edges=edges))
         return w.min(axis=0), w.max(axis=0)
 
+    def max_voxel_distance(self, other: "Volume") -> float:
+        """Largest distance in mm between the world positions the two affines give one voxel index.
+
+        Taken over the grid's corners (an affine map's largest difference lies there), so that a tiny
+        rotation, which moves far voxels most, counts as much as a shift of the origin.
+        """
+        c = self._corners()
+        return float(np.max(np.linalg.norm(self.index_to_world(c) - other.index_to_world(c), axis=1)))
+
     def same_grid(self, other: "Volume", *, atol: float = 1e-3) -> bool:
-        """True when ``other`` has the same shape and an affine equal within ``atol`` mm."""
-        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
+        """True when ``other`` has the same shape and every voxel centre is within ``atol`` mm of this grid's.
+
+        The default (1 µm) takes in float32 round-off of a NIfTI header (origins of 1000 mm included) and
+        refuses a shift of a tenth of a voxel (voxels of 0.01 mm and more) or a rotation that moves the far
+        corner that much. ``atol`` is in mm.
+        """
+        return self.shape == other.shape and self.max_voxel_distance(other) <= atol
 
     def grid_difference(self, other: "Volume", *, atol: float = 1e-3) -> str:
         """How ``other``'s grid differs from this one, in words (``""`` when it is the same grid).
@@ -233,12 +288,15 @@ class Volume:
                              "or permuted)")
             else:
                 deg = rotation_angle_deg(self.direction.T @ other.direction)
-                parts.append(f"axes rotated by {deg:.2g} degrees")
+                far = ""
+                if self.shape == other.shape:  # what the rotation does where it matters most
+                    far = f", voxel centres up to {self.max_voxel_distance(other):.3g} mm apart"
+                parts.append(f"axes rotated by {deg:.2g} degrees{far}")
         shift = float(np.linalg.norm(self.affine[:3, 3] - other.affine[:3, 3]))
         if shift > atol:
             parts.append(f"origin {shift:.3g} mm away")
         if not parts and not self.same_grid(other, atol=atol):
-            parts.append("voxel-to-world matrices that differ beyond tolerance")
+            parts.append(f"voxel centres up to {self.max_voxel_distance(other):.3g} mm apart (tolerance {atol:g} mm)")
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ copies
@@ -272,13 +330,14 @@ class Volume:
 
     # ------------------------------------------------------------------ SimpleITK
     def to_sitk(self):
-        """Convert to a ``SimpleITK.Image`` (geometry exact; array copied)."""
+        """Convert to a ``SimpleITK.Image`` (geometry exact; voxels copied, never shared with this Volume).
+
+        ITK has no bool, float16 or long double pixels: they become uint8, float32 (exact) and float64.
+        """
         import SimpleITK as sitk
 
-        arr = np.ascontiguousarray(np.transpose(self.array, (2, 1, 0)))
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8)
-        img = sitk.GetImageFromArray(arr)
+        arr = _bridge_dtype(np.transpose(self.array, (2, 1, 0)))
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr))  # GetImageFromArray copies
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
         img.SetDirection(tuple(float(x) for x in self.direction.ravel()))
@@ -301,19 +360,23 @@ class Volume:
 
     # ------------------------------------------------------------------ nibabel
     def to_nibabel(self):
-        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine).
+        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine; voxels copied).
 
         Both codes are the recorded ``provenance["nifti_space"]`` (an MNI template stays "mni"), else 1 (scanner).
+        ``image.affine`` is this Volume's exact float64 affine (the header keeps float32, as a file does).
+        NIfTI has no bool, float16 or long double voxels: they become uint8, float32 (exact) and float64.
         """
         import nibabel as nib
 
         from .io.nifti import nifti_space_code
 
         code = nifti_space_code(self)
-        arr = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
-        img = nib.Nifti1Image(arr, self.affine_ras)
-        img.set_sform(self.affine_ras, code=code)
-        img.set_qform(self.affine_ras, code=code)
+        # A copy: an edit of the image's data (img.get_fdata()[...] = 0) must not change this Volume.
+        arr = np.array(_bridge_dtype(self.array), copy=True)
+        img = nib.Nifti1Image(arr, self.affine_ras, dtype=arr.dtype)  # dtype: nibabel refuses int64 otherwise
+        # On the header, not the image: Nifti1Image.set_sform would round image.affine to float32.
+        img.header.set_sform(self.affine_ras, code=code)
+        img.header.set_qform(self.affine_ras, code=code)
         img.header.set_xyzt_units("mm", "sec")
         return img
 
@@ -321,12 +384,18 @@ class Volume:
     def from_nibabel(cls, image, *, modality: str = "unknown", unit: str = "arbitrary", provenance: Optional[dict] = None) -> "Volume":
         """Build a Volume from a nibabel spatial image (3-D, or 4-D with one volume).
 
+        Voxels of an image held in memory are copied; a file-backed image's are read (memory-mapped where
+        nibabel maps them, copy-on-write, so that the file is never changed).
+
         A NIfTI image's space (sform code, else qform code) is recorded as ``provenance["nifti_space"]`` unless
         ``provenance`` names one.
         """
         from .io.nifti import _space_name
 
+        in_memory = isinstance(image.dataobj, np.ndarray)
         arr = np.asanyarray(image.dataobj)
+        if in_memory:  # the image's own array: copied, so that the two do not change each other
+            arr = np.array(arr, copy=True)
         if arr.ndim == 4 and arr.shape[3] == 1:
             arr = arr[..., 0]
         aff = LPS_TO_RAS @ np.asarray(image.affine, dtype=float)
@@ -339,6 +408,8 @@ class Volume:
     # ------------------------------------------------------------------ MONAI
     def to_metatensor(self):
         """Convert to a channel-first MONAI ``MetaTensor`` (shape ``(1, I, J, K)``, RAS affine in meta; voxels copied).
+
+        bool voxels become uint8 and long double float64 (torch has none); other dtypes are kept.
 
         The meta holds what MONAI's own NIfTI reader puts there and medfuse needs back: ``affine`` and
         ``original_affine`` (RAS), ``space`` (``"RAS"``), ``spatial_shape``, ``original_channel_dim`` (0: the
@@ -356,13 +427,16 @@ class Volume:
             raise MissingDependencyError.for_package("monai", "MetaTensor conversion", "ml") from e
 
         arr = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
+        arr = _double(arr)  # torch has no long double
         affine = torch.as_tensor(self.affine_ras, dtype=torch.float64)
         meta = {
             "original_affine": torch.as_tensor(self.affine_ras, dtype=torch.float64),
             "space": "RAS",
             "modality": self.modality,
             "unit": self.unit,
-            "spatial_shape": np.asarray(self.shape),
+            # Tensors, not NumPy arrays, in the meta: MONAI's PersistentDataset reloads its cache with
+            # torch.load(weights_only=True), which refuses NumPy arrays (the cache was recomputed on every read).
+            "spatial_shape": torch.as_tensor(np.asarray(self.shape)),
             "original_channel_dim": 0,
         }
         if isinstance(self.provenance.get("source"), str):  # MONAI's SaveImage names its output after it
@@ -370,8 +444,9 @@ class Volume:
         if "nifti_space" in self.provenance:  # so that a template space survives MONAI transforms
             from .io.nifti import nifti_space_code
 
-            code = np.asarray(nifti_space_code(self), dtype=np.int16)  # the form MONAI's NibabelReader gives
-            meta.update(nifti_space=self.provenance["nifti_space"], sform_code=code, qform_code=code.copy())
+            code = nifti_space_code(self)  # int16, as MONAI's NibabelReader gives it (but a tensor: see above)
+            meta.update(nifti_space=self.provenance["nifti_space"], sform_code=torch.tensor(code, dtype=torch.int16),
+                        qform_code=torch.tensor(code, dtype=torch.int16))
         # A copy: an in-place edit of the tensor (t[t < 0] = 0, t.clamp_()) must not change this Volume.
         return MetaTensor(torch.from_numpy(np.array(arr, order="C", copy=True))[None], affine=affine, meta=meta)
 
@@ -427,6 +502,25 @@ class Volume:
             unit=unit or meta.get("unit", "arbitrary"),
             provenance=prov,
         )
+
+
+def _bridge_dtype(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in a dtype ITK and NIfTI store: bool -> uint8, float16 -> float32 (exact), long double -> float64
+    (and complex long double -> complex128); any other dtype is returned as it is."""
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype == np.float16:
+        return arr.astype(np.float32)
+    return _double(arr)
+
+
+def _double(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with long double (float128, complex256) narrowed to float64/complex128, which libraries store."""
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        return arr.astype(np.float64)
+    if arr.dtype.kind == "c" and arr.dtype.itemsize > 16:
+        return arr.astype(np.complex128)
+    return arr
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -1,12 +1,15 @@
-"""Tests of the GUI-free display defaults (window presets, per-modality settings, percentile limits)."""
+"""Tests of the GUI-free display defaults (window presets, per-modality settings, percentile limits) and of the
+orthogonal slices (patient orientation, slice point, square-mm pixels) for several voxel orders."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from medfuse import Volume, display
 from medfuse.errors import InvalidInputError
+from medfuse.volume import affine_from_geometry
 
 
 @pytest.mark.parametrize("name,limits", [
@@ -112,3 +115,127 @@ def test_percentile_limits_of_constant_images_increase(value):
     # napari refuses contrast limits with high == low; 1e20 + 1 == 1e20 in floating point.
     lo, hi = display.percentile_limits(np.full((3, 3, 3), value))
     assert lo == value and hi > lo and np.isfinite(hi)
+
+
+# ----------------------------------------------------------------------------- orthogonal slices
+#: The slice point and three markers 25 mm to the patient's left, anterior and superior of it (LPS mm).
+_CENTRE = np.array([13.3, -22.1, 31.7])
+_MARKERS = {"centre": (0.0, 0.0, 0.0), "left": (25.0, 0.0, 0.0), "anterior": (0.0, -25.0, 0.0),
+            "superior": (0.0, 0.0, 25.0)}
+_TILT = Rotation.from_euler("xyz", [12, -8, 20], degrees=True).as_matrix()
+
+#: Voxel orders: name -> (direction, spacing). All hold the same anatomy.
+_ORDERS = {
+    "LPS": (np.eye(3), (2.0, 2.0, 2.0)),
+    "RAS-stored": (np.diag([-1.0, -1.0, 1.0]), (2.0, 2.0, 2.0)),  # as nibabel's default NIfTI voxel order
+    "sagittal-permuted": (np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]), (2.0, 2.0, 2.0)),
+    "oblique": (_TILT, (2.0, 2.0, 2.0)),
+    "CT-1x1x4": (np.eye(3), (1.0, 1.0, 4.0)),
+}
+
+
+def _phantom(order: str, marker: str) -> Volume:
+    """A Gaussian blob (sigma 4 mm, peak 100) at ``_CENTRE + _MARKERS[marker]`` in a 100 mm box of the given
+    voxel order. Smooth, so that its centroid survives sampling on 4 mm slices."""
+    direction, spacing = _ORDERS[order]
+    shape = tuple(int(round(100 / s)) for s in spacing)
+    half = (np.asarray(shape) - 1) / 2.0
+    origin = _CENTRE + np.array([4.0, -3.0, 2.0]) - direction @ (half * spacing)  # box centre near, not on, the point
+    vol = Volume(np.zeros(shape, np.float32), affine_from_geometry(spacing, origin, direction))
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    dist = np.linalg.norm(vol.index_to_world(ijk) - (_CENTRE + _MARKERS[marker]), axis=-1)
+    return vol.with_array((100 * np.exp(-0.5 * (dist / 4.0) ** 2)).astype(np.float32))
+
+
+def _centroid(image: np.ndarray):
+    """``(row, column)`` of the image's mass centre, or None for an (almost) empty plane."""
+    w = np.nan_to_num(image)
+    if w.sum() < 100:
+        return None
+    rows, cols = np.indices(w.shape)
+    return np.array([(rows * w).sum(), (cols * w).sum()]) / w.sum()
+
+
+#: Where each marker must land relative to the centre, in (rows, columns) per 25 mm, or None when the plane
+#: misses it. Radiological: axial anterior up and patient left on the right; coronal superior up, left on the
+#: right; sagittal superior up, anterior on the left.
+_EXPECTED = {
+    "axial": {"left": (0, 1), "anterior": (-1, 0), "superior": None},
+    "coronal": {"left": (0, 1), "anterior": None, "superior": (-1, 0)},
+    "sagittal": {"left": None, "anterior": (0, -1), "superior": (-1, 0)},
+}
+
+
+@pytest.mark.parametrize("order", list(_ORDERS))
+def test_orthogonal_slices_put_markers_where_the_patient_has_them(order):
+    """For every voxel order the rendered arrays show each marker on the right side, at 25 mm from the slice
+    point (square millimetre pixels: a 1x1x4 mm CT is not squashed), and the planes pass through the point."""
+    step = 1.0
+    seen = {m: display.orthogonal_slices(_phantom(order, m), _CENTRE, mm_per_pixel=step) for m in _MARKERS}
+    for plane, expected in _EXPECTED.items():
+        centre = _centroid(seen["centre"][plane].image)
+        assert centre is not None, f"{plane}: the plane misses the point"
+        assert np.allclose(centre, seen["centre"][plane].world_to_pixel(_CENTRE), atol=0.5)
+        assert np.nanmax(seen["centre"][plane].image) > 85  # through the point: 4 mm off it would give < 61
+        for marker, offset in expected.items():
+            found = _centroid(seen[marker][plane].image)
+            if offset is None:
+                assert found is None, f"{plane} shows the {marker} marker, which is off its plane"
+            else:
+                assert found is not None, f"{plane} misses the {marker} marker"
+                assert np.allclose(found - centre, np.asarray(offset) * 25.0 / step, atol=0.75), (plane, marker)
+
+
+def test_orthogonal_slices_labels_and_default_point():
+    vol = _phantom("RAS-stored", "left")
+    panels = display.orthogonal_slices(vol)  # default: through the brightest voxel, inside the marker
+    assert set(panels) == {"axial", "coronal", "sagittal"}
+    assert panels["axial"].labels == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+    assert panels["coronal"].labels == {"left": "R", "right": "L", "top": "S", "bottom": "I"}
+    assert panels["sagittal"].labels == {"left": "A", "right": "P", "top": "S", "bottom": "I"}
+    centre = _centroid(panels["axial"].image)
+    assert np.allclose(centre, panels["axial"].world_to_pixel(_CENTRE + _MARKERS["left"]), atol=1.5)
+
+
+def test_orthogonal_slices_refuse_bad_requests():
+    vol = _phantom("LPS", "centre")
+    with pytest.raises(InvalidInputError, match="outside the volume"):
+        display.orthogonal_slices(vol, _CENTRE + [0, 0, 200])
+    with pytest.raises(InvalidInputError, match="interpolation"):
+        display.orthogonal_slices(vol, _CENTRE, interpolation="cubic")
+    with pytest.raises(InvalidInputError, match="mm_per_pixel"):
+        display.orthogonal_slices(vol, _CENTRE, mm_per_pixel=0)
+    with pytest.raises(InvalidInputError, match="complex"):
+        display.orthogonal_slices(vol.with_array(vol.array.astype(np.complex64)), _CENTRE)
+
+
+def test_orthogonal_snapshot_lays_out_the_three_panels():
+    vol = _phantom("CT-1x1x4", "left")
+    panels = display.orthogonal_slices(vol, _CENTRE, mm_per_pixel=1.0)
+    snap = display.orthogonal_snapshot(vol, _CENTRE, mm_per_pixel=1.0, limits=(0, 100), labels=False, gap=5)
+    widths = [p.image.shape[1] for p in panels.values()]
+    assert snap.dtype == np.uint8 and snap.shape == (max(p.image.shape[0] for p in panels.values()),
+                                                     sum(widths) + 10)
+    axial = snap[:panels["axial"].image.shape[0], :widths[0]]
+    row, col = (int(round(x)) for x in panels["axial"].world_to_pixel(_CENTRE + _MARKERS["left"]))
+    assert axial[row, col] > 200 and axial[row, widths[0] - 1 - col] == 0  # the marker on the right, mirrored dark
+    labelled = display.orthogonal_snapshot(vol, _CENTRE, mm_per_pixel=1.0, limits=(0, 100), gap=5)
+    changed = np.argwhere(labelled[:, :widths[0]] != snap[:, :widths[0]])
+    assert changed.size and changed[:, 1].min() < 12 and changed[:, 1].max() > widths[0] - 12  # R and L letters
+
+
+@pytest.mark.parametrize("flip", [(1, 1, 1), (-1, -1, 1), (1, -1, -1)], ids=["LPS", "RAS", "LAI"])
+def test_nearest_panels_are_the_voxel_slices_in_radiological_order(flip):
+    """Through a voxel centre at the in-plane spacing, 'nearest' gives back the voxels themselves: for an LPS
+    volume the axial panel is arr[:, :, k].T (rows A->P, columns R->L) and the coronal one arr[:, j, ::-1].T
+    (rows S->I); other voxel orders are flipped into the same picture."""
+    arr = np.random.default_rng(5).normal(size=(6, 7, 5)).astype(np.float32)
+    aff = affine_from_geometry((1.5, 1.5, 1.5), (4.0, -6.0, 8.0), np.diag(np.asarray(flip, dtype=float)))
+    vol = Volume(arr, aff)
+    ijk = (2, 3, 1)
+    panels = display.orthogonal_slices(vol, vol.index_to_world(ijk), mm_per_pixel=1.5, interpolation="nearest")
+    lps = arr[:: flip[0], :: flip[1], :: flip[2]]  # the same voxels stored in LPS order
+    i, j, k = (n if f > 0 else s - 1 - n for n, f, s in zip(ijk, flip, arr.shape))
+    assert np.array_equal(panels["axial"].image, lps[:, :, k].T)
+    assert np.array_equal(panels["coronal"].image, lps[:, j, ::-1].T)
+    assert np.array_equal(panels["sagittal"].image, lps[i, :, ::-1].T)
