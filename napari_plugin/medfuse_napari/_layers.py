@@ -162,7 +162,9 @@ def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:
                                 fix="pick a 3-D image layer")
     m = R4 @ (data_to_world(layer) if registered else layer_matrix(layer.scale, layer.translate))
     md = meta(layer)
-    return Volume(data, m, modality=md.get("modality", "unknown"), unit=md.get("unit", "arbitrary"))
+    # The file's provenance goes along (its frame of reference: resampling across frames unregistered is warned).
+    return Volume(data, m, modality=md.get("modality", "unknown"), unit=md.get("unit", "arbitrary"),
+                  provenance=md.get("provenance") or {})
 
 
 def world_matrix(layer: Any) -> np.ndarray:

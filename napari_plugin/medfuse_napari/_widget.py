@@ -27,6 +27,12 @@ def _notify_error(message: str) -> None:
     show_error(message)
 
 
+def _notify_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
+
+
 def _notify_info(message: str) -> None:
     from napari.utils.notifications import show_info
 
@@ -489,6 +495,10 @@ class FusePanel(QWidget):
                                   "provenance": prov}})
         self.progress.setValue(1000)
         self.status.setText(f"added 'fused ({method})'")
+        # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a
+        # registration, anisotropic voxels): in the GUI, not only in a log the radiologist never sees.
+        for note in prov.get("warnings", []) or []:
+            _notify_warning(f"fused ({method}): {note}")
 
 
 def make_widget(napari_viewer: Any) -> MedfuseWidget:

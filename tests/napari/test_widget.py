@@ -894,3 +894,25 @@ def test_register_start_box_unchecked_ignores_the_placement(qtbot, make_napari_v
     assert panel.result is not None, panel.level_label.text()
     assert panel.result.report.metric_initial is None and "start:" not in panel.report_view.toPlainText()
     _assert_moving_on_fixed(viewer, t0)  # from the files' coordinates, as before
+
+
+def test_fusing_a_pet_from_another_frame_of_reference_unregistered_is_warned(qtbot, workstation, monkeypatch):
+    """The phantom's PET is misplaced against the CT and lies in another DICOM frame of reference: fused where
+    napari shows it without a registration, it is misaligned, and the radiologist is told so in the GUI. After
+    the ground-truth placement (a registration) it is not."""
+    viewer, widget = workstation
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", shown.append)
+    panel = widget.fuse_panel
+    panel.inputs[0].set_layer("ct")
+    panel.inputs[1].set_layer("pet")
+    panel.method.setCurrentText("max")
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert any("frames of reference" in m and "register" in m for m in shown), shown
+    assert "frames of reference" in " ".join(viewer.layers[-1].metadata["medfuse"]["provenance"]["warnings"])
+    shown.clear()
+    _apply_ground_truth(viewer)
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert not any("frames of reference" in m for m in shown), shown
