@@ -22,7 +22,7 @@ from ..errors import CancelledError, InvalidInputError, RegistrationError
 from ..progress import CancelToken, ProgressFn, report
 from ..volume import Volume, require_finite
 from .presets import get_preset
-from .resample import resample
+from .resample import resample, same_frame_of_reference
 from .transforms import Transform
 
 __all__ = ["register", "RegistrationResult", "RegistrationReport"]
@@ -1059,14 +1059,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         converged=converged, suspect=bool(reasons), suspect_reasons=reasons, initialisation=init_label,
         rotation_deg=rot, translation_mm=trans, scale=scale, jacobian_min=jac_min,
         jacobian_fraction_nonpositive=jac_frac, overlap_fraction=overlap, overlap_fraction_moving=overlap_m,
-        metric_initial=metric_initial, same_frame_of_reference=_same_frame(fixed, original))
+        metric_initial=metric_initial, same_frame_of_reference=same_frame_of_reference(fixed, original))
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
-
-
-def _same_frame(fixed: Volume, moving: Volume) -> Optional[bool]:
-    frames = [v.provenance.get("frame_of_reference_uid") for v in (fixed, moving)]
-    return None if not all(frames) else frames[0] == frames[1]
 
 
 def _worse_tolerance(metric_before: float) -> float:

@@ -72,6 +72,13 @@ def _source_image(volume: Volume, interpolation: str, default: float):
     return src
 
 
+def same_frame_of_reference(a: Volume, b: Volume) -> Optional[bool]:
+    """Whether two volumes lie in one DICOM frame of reference (one patient space, as one PET/CT session); None
+    when either has none recorded (NIfTI, MetaImage, NRRD, or made in memory)."""
+    frames = [v.provenance.get("frame_of_reference_uid") for v in (a, b)]
+    return None if not all(frames) else frames[0] == frames[1]
+
+
 def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
     """A warning when ``volume`` is put on ``reference``'s grid as it lies, yet the two DICOM series were
     acquired in different frames of reference (another session or scanner): their world coordinates are then
@@ -79,9 +86,7 @@ def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
 
     Only when both frames are known (DICOM); never with the UIDs in it (they identify the study).
     """
-    mine = volume.provenance.get("frame_of_reference_uid")
-    theirs = reference.provenance.get("frame_of_reference_uid")
-    if not mine or not theirs or mine == theirs:
+    if same_frame_of_reference(volume, reference) is not False:
         return None
     return ("the two images come from different DICOM frames of reference (another session or scanner), and "
             "were resampled without a transform: scanner coordinates do not match across frames, so they are "
