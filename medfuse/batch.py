@@ -284,10 +284,9 @@ def _modality_from_name(name: str) -> Optional[str]:
 
 def _is_medfuse_output(image: Path) -> bool:
     """Whether ``image`` was written by medfuse (its sidecar says so): an earlier run's output, never an input."""
-    from .provenance import read_sidecar
+    from .provenance import is_medfuse_record, read_sidecar
 
-    rec = read_sidecar(image)
-    return isinstance(rec, dict) and "medfuse_provenance" in rec
+    return is_medfuse_record(read_sidecar(image))
 
 
 def _walk(folder: Path) -> Tuple[List[Path], bool]:
@@ -511,9 +510,9 @@ def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequen
         OutputExistsError: the output is not verified by a medfuse sidecar (someone's own file, an edited
             output): only ``overwrite`` may replace it.
     """
-    from .provenance import _jsonable, hash_path
+    from .provenance import _jsonable, hash_path, is_medfuse_record
 
-    verified = (isinstance(rec, Mapping) and "medfuse_provenance" in rec and isinstance(rec.get("output"), Mapping)
+    verified = (is_medfuse_record(rec) and isinstance(rec.get("output"), Mapping)
                 and rec["output"].get("sha256") == hash_path(output))
     if not verified:
         raise OutputExistsError("the output exists and is not verified by its provenance sidecar (not made by "

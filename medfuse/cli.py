@@ -693,10 +693,12 @@ def _claim_demo_folder(out: Path, names: Sequence[str]) -> None:
 def _earlier_demo(out: Path) -> bool:
     """Whether ``out/fused.json`` is the sidecar of a demo run (the sample MR or CT + PET, fused into
     ``out/fused.nii.gz``) made before the demo marked its folder."""
+    from . import provenance as prov
+
     try:
         rec = json.loads((out / "fused.json").read_text())
         names = [Path(i["path"]).name for i in rec["inputs"]]
-        return (rec.get("medfuse_provenance") is not None and Path(rec["output"]["path"]).name == "fused.nii.gz"
+        return (prov.is_medfuse_record(rec) and Path(rec["output"]["path"]).name == "fused.nii.gz"
                 and len(names) == 2 and names[0] in ("mr_t1.nii.gz", "ct") and names[1] == "pet")
     except (OSError, ValueError, KeyError, TypeError):
         return False
