@@ -72,10 +72,11 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         unit: override the unit.
         suv: PET only: ``"auto"`` (default: SUVbw, or the SUV kind a GML series already holds),
             ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, or ``"none"`` for the stored unit (Bq/mL).
-        whole_series: DICOM only: when ``path`` is one slice of a single-frame series, load the whole series it
-            belongs to: the files in the same folder (not its sub-folders) with the same SeriesInstanceUID; other
-            series there are ignored. Folders and multi-frame files are whole already. The volume's recorded
-            source is then the folder.
+        whole_series: DICOM only: when ``path`` is one file of a series, load the whole series it belongs to:
+            the files in the same folder (not its sub-folders) with the same SeriesInstanceUID (the other slices
+            of a classic series; the other volumes of a multi-frame series stored one file per volume); other
+            series there are ignored. Folders are whole already. The volume's recorded source is then the
+            folder. Without it, a file that is one of several of its series loads alone, with a warning.
 
     Raises:
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
