@@ -88,9 +88,10 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
     fix = e.fix
     if isinstance(e, MultipleSeriesError):
         if "4-D" in e.problem:
+            where = repr(os.fspath(e.path)) if e.path else "'PATH'"
             fix = ("the command line reads one 3-D volume per input: save the one you want as its own file "
                    "first, e.g. python -c \"import medfuse; "
-                   "medfuse.save(medfuse.load('PATH', volume_index=0), 'vol0.nii.gz')\"")
+                   f"medfuse.save(medfuse.load({where}, volume_index=0), 'vol0.nii.gz')\"")
         else:
             fix = "give the folder of one series ('medfuse info FOLDER' lists the series and their folders)"
     elif fix and "overwrite=True" in fix and "--overwrite" not in fix:

@@ -351,6 +351,7 @@ def test_info_on_a_4d_series_describes_it(shared, tmp_path, capsys):
                  "--method", "mean", "-q"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "4-D" in err and "volume_index=0" in err and "pass volume_index" not in err
+    assert f"medfuse.load({str(folder)!r}, volume_index=0)" in err  # the path itself, not a placeholder
     assert not (tmp_path / "u.nii.gz").exists()
 
 
