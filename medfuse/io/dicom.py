@@ -865,7 +865,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         series = _headers(path, broken)
     uid, files = _choose(series, series_uid, path)
     notes: List[str] = []
-    if path.is_file():
+    if path.is_file() and not whole_series:  # whole_series has read the folder already: the file is all of it
         n = _series_files_beside(path, uid)
         if n > 1:  # one slice fused or registered on its own, without a word, is never what was meant
             msg = (f"this file is one of {n} files of its series in its folder, and was loaded alone; for the "

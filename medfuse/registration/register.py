@@ -930,7 +930,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # only patient motion is left to correct. "auto" then starts from that placement, as "none" does; its wide
     # searches scored a 14 mm slab (Siemens XA10, 64x64x6) on 2-slice coarse copies and turned it 179.5 degrees.
     same_frame = same_frame_of_reference(fixed, original)
-    if initialise == "auto" and same_frame and initial is None:
+    one_frame_start = initialise == "auto" and bool(same_frame) and initial is None
+    if one_frame_start:
         initialise = "none"
     if initialise == "auto":
         Qw, init, init_label, coarse_its = _initialise_wide(fimg, mimg, preset=p, metric=metric, seed=seed,
@@ -949,6 +950,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         mode = "auto" if initialise == "local" else initialise  # _initialise's "auto" is the local search
         init, init_label, coarse_its, _ = _initialise(fimg, mimg, mode=mode, preset=p, metric=metric, seed=seed,
                                                       fmask=fmask, mmask=mmask, cancel=cancel, undo=undo)
+    if one_frame_start:  # the report says why "auto" did not search
+        init_label = f"{init_label} (one frame of reference: the scanner's placement)"
     lin_hi = 0.6 if kind == "deformable" else 0.95
     stop, per_level, its = _optimise(fimg, mimg, init, preset=p, metric=metric, seed=seed, fmask=fmask, mmask=mmask,
                                      monitor_args=(progress, cancel, 0.2, lin_hi if kind == "rigid" else 0.4, "rigid"))

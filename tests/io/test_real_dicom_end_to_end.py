@@ -171,6 +171,8 @@ def test_thin_slab_volumes_of_one_series_register_near_identity(shared, initiali
     rep = _slab_report(shared, initialise, pair)
     assert rep.rotation_deg < 1.0 and rep.translation_mm < 1.0
     assert not rep.suspect, rep.suspect_reasons
+    if initialise == "auto":
+        assert "one frame of reference" in rep.initialisation
 
 
 @pytest.mark.xfail(strict=True, reason="an explicit initialise='local' on the thin slab: its +-30 degree multi-start, "
