@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,21 +78,36 @@ def _pydicom():
 _BROKEN = object()
 
 
+# Nesting count of without_value_checks across threads: the pydicom setting is process-wide, so the first
+# reader in saves it and the last one out restores it (a per-call save/restore let one thread's exit switch
+# the checks back on under another, and the last exit leave them off for good).
+_checks_lock = threading.Lock()
+_checks_depth = 0
+_checks_saved = None
+
+
 @contextlib.contextmanager
 def without_value_checks():
     """pydicom's checks of header values off while medfuse reads: they print the offending value word for word
     (``Invalid value for VR UI: '1.2.04...'``), in warnings and in the ``pydicom`` log, and such a value may be a
-    UID or a name; a user who set pydicom to raise would see it in an error. Restored afterwards. Usable as a
-    decorator."""
+    UID or a name; a user who set pydicom to raise would see it in an error. Restored when the last medfuse
+    read in any thread ends. Usable as a decorator."""
+    global _checks_depth, _checks_saved
     import pydicom
 
     settings = pydicom.config.settings
-    old = settings.reading_validation_mode
-    settings.reading_validation_mode = pydicom.config.IGNORE
+    with _checks_lock:
+        if _checks_depth == 0:
+            _checks_saved = settings.reading_validation_mode
+            settings.reading_validation_mode = pydicom.config.IGNORE
+        _checks_depth += 1
     try:
         yield
     finally:
-        settings.reading_validation_mode = old
+        with _checks_lock:
+            _checks_depth -= 1
+            if _checks_depth == 0:
+                settings.reading_validation_mode = _checks_saved
 
 
 def _read_header(path: Path, *, strict: bool):
