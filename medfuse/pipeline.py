@@ -114,12 +114,13 @@ class LoadStep:
     Args:
         modalities: optional modality override per input (e.g. ``["MR", "PT"]`` for NIfTI files, or for
             Volumes and MONAI MetaTensors given in memory); ``None`` for an input keeps its own.
-        suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``).
+        suv: PET SUV kind, as :func:`medfuse.load` takes it: ``"auto"`` (SUVbw, or the kind a series stored as
+            SUV by the scanner already holds), ``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``.
     """
 
     name = "load"
 
-    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "bw"):
+    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "auto"):
         self.modalities = list(modalities) if modalities else None
         self.params = {"modalities": self.modalities, "suv": suv}
         self.suv = suv

@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+
+import medfuse
 from nibabel import orientations as nio
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -697,3 +699,59 @@ def test_study_and_frame_of_reference_are_recorded_not_shown(tmp_path, shared):
     for v in load_dicom_volumes(enhanced):
         assert v.provenance["study_uid"] == ds.StudyInstanceUID
         assert v.provenance["frame_of_reference_uid"] == ds.FrameOfReferenceUID
+
+
+def test_value_checks_switch_is_restored_only_when_the_last_reader_in_any_thread_ends():
+    """pydicom's validation mode is process-wide. Two overlapping reads in two threads: the first to finish
+    must not switch the checks back on under the other (their warnings quote header values), and the last
+    one out must give the user's own setting back (a per-call save/restore left it off for good)."""
+    import threading
+
+    from medfuse.io.dicom import without_value_checks
+
+    settings = pydicom.config.settings
+    user = settings.reading_validation_mode
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with without_value_checks():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with without_value_checks():
+            b_in.set()
+            a_out.wait(5)
+            seen["while the other ended"] = settings.reading_validation_mode
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["while the other ended"] == pydicom.config.IGNORE
+    assert settings.reading_validation_mode == user
+
+
+def test_fuse_files_reads_pet_suv_as_load_does(tmp_path):
+    """A PET series the scanner stored as SUVlbm (Units GML, SUVType LBM) without a PatientWeight: load keeps
+    it as SUVlbm ("auto"), quietly; the pipeline behind `medfuse fuse` and batch asked for SUVbw, so every
+    fusion of it warned that the weight needed for SUVbw was missing."""
+    from medfuse.pipeline import fuse_files
+
+    pet_dir, ct_dir = tmp_path / "pet", tmp_path / "ct"
+    _series(pet_dir, modality="PT", slope=0.001, intercept=0.0,
+            extra={"Units": "GML", "SUVType": "LBM", "CorrectedImage": ["ATTN", "DECY"], "DecayCorrection": "START"})
+    _series(ct_dir)
+    alone = medfuse.load(pet_dir)
+    assert alone.unit == "SUVlbm"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fuse_files(ct_dir, pet_dir, tmp_path / "fused.nii.gz", method="max", register=None)
+    assert not [w for w in caught if "PatientWeight" in str(w.message)]
+    assert result.output is not None and result.output.exists()
+    assert result.provenance["parameters"]["load"]["suv"] == "auto"
+    assert [i["unit"] for i in result.provenance["inputs"]] == ["HU", "SUVlbm"]
