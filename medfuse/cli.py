@@ -93,7 +93,9 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
                    "first, e.g. python -c \"import medfuse; "
                    f"medfuse.save(medfuse.load({where}, volume_index=0), 'vol0.nii.gz')\"")
         else:
-            fix = "give the folder of one series ('medfuse info FOLDER' lists the series and their folders)"
+            fix = ("pick one with --series: its number as listed or its modality (fuse and register: one per "
+                   "input, FIXED first, '-' for an input that needs none, e.g. --series CT PT), or give the folder "
+                   "of one series ('medfuse info FOLDER' lists the series and their folders)")
     elif fix and "overwrite=True" in fix and "--overwrite" not in fix:
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
     if fix and "initialise='" in fix:  # registration advice: the options of `medfuse register`
@@ -310,10 +312,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
                                               "file", fix="give the file or folder that holds the images",
                                               path=p) from None
                 raise
-        uids = [s.series_uid for s in series]
-        if args.series and args.series not in uids:
-            raise InvalidInputError(f"series {args.series} is not in this folder",
-                                    fix=f"list its series with: medfuse info {shlex.quote(os.fspath(p))}", path=p)
+        if args.series and series:
+            from .io import select_series
+
+            args.series = select_series(p, args.series)
+        elif args.series:
+            raise InvalidInputError("--series picks a DICOM series, and this folder holds none",
+                                    fix="leave out --series", path=p)
         if len(series) + len(files) > 1 or (files and not series):
             rows = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
                      "shape": list(s.shape) if s.shape else None, "n_volumes": s.n_volumes, "n_files": s.n_files,
@@ -402,7 +407,7 @@ def _fmt_metric(value: Optional[float]) -> str:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from . import provenance as prov
-    from .io import load, save
+    from .io import load, save, select_series
     from .io._atomic import check_output
     from .io.writers import check_save_target
     from .registration.transforms import TRANSFORM_SUFFIXES
@@ -430,7 +435,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     # Read and checked (missing, unreadable, deformable) before the images are loaded.
     initial = _as_initial(init_path) if init_path else None
-    fixed, moving = load(args.fixed), load(args.moving)
+    _check_series_option(args, 2)
+    picks = args.series or [None, None]
+    fixed, moving = (load(p, series_uid=select_series(p, pick)) for p, pick in zip((args.fixed, args.moving), picks))
     import time
 
     from .registration import register
@@ -446,6 +453,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
     params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise}
+    if args.series:
+        from .io import series_choice_record
+
+        params["series"] = [series_choice_record(s) for s in args.series]
     extra = {"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}}
     if init_path:
         params["initial_transform"] = os.fspath(init_path)
@@ -501,6 +512,20 @@ def _check_device_name(device: str) -> None:
     check_device_name(device)
 
 
+def _add_series_option(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--series", nargs="+", metavar="S", default=None,
+                   help="for DICOM folders holding several series side by side (a PACS export of a PET/CT): one "
+                        "choice per input, FIXED first: the series' number as listed, its modality (CT, MR, PT, "
+                        f"NM) or its UID; '-' for an input that needs none. e.g. {example}")
+
+
+def _check_series_option(args: argparse.Namespace, n_inputs: int) -> None:
+    if args.series is not None and len(args.series) != n_inputs:
+        raise InvalidInputError(f"--series gives {len(args.series)} choices for {n_inputs} inputs",
+                                fix="give one per input, FIXED first, '-' for an input that needs none, "
+                                    "e.g. --series CT PT")
+
+
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
     from .provenance import sidecar_path
@@ -512,6 +537,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     if args.modalities is not None and len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
                                 fix="give one per input, FIXED first, e.g. --modalities MR PT")
+    _check_series_option(args, n_inputs)
     with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
@@ -519,7 +545,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register),
                              method=args.method, device=args.device, overwrite=args.overwrite,
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
-                             progress=bar, cancel=token)
+                             series=args.series, progress=bar, cancel=token)
         except MedfuseError as e:
             raise _cli_error(e) from None
     _show_warnings(caught)
@@ -806,7 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
             "pick a series with --series. Never shows patient identifiers.\n\n"
             "examples:\n  medfuse info sample_volumes/pet\n  medfuse info sample_volumes")
     p.add_argument("path", metavar="PATH", help="image file (.nii, .nii.gz, .mha, .nrrd) or DICOM file/folder")
-    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to show when a folder holds several")
+    p.add_argument("--series", metavar="S", help="the series to show when a folder holds several: its number as "
+                                                 "listed (1, 2, ...), its modality (CT, MR, PT, NM) or its UID")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
 
@@ -829,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-transform", metavar="FILE", default=None,
                    help="start from this rigid/affine ITK transform (.tfm/.txt/.h5/.mat, FIXED -> MOVING points, as "
                         "medfuse, Slicer, ANTs write them); the written transform includes it")
+    _add_series_option(p, "medfuse register study/ study/ --series CT PT -o pet_on_ct.nii.gz")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_register)
@@ -851,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the modality of each input, FIXED first: MR, CT, PT or NM (PET, SPECT accepted). "
                         "NIfTI/MetaImage/NRRD files carry none; it picks each input's normalisation and whether "
                         "the network's 3-D path keeps PET/SPECT uptake (default: from DICOM headers, else unknown)")
+    _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
     _add_device_option(p)

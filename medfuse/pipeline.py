@@ -116,17 +116,25 @@ class LoadStep:
             Volumes and MONAI MetaTensors given in memory); ``None`` for an input keeps its own.
         suv: PET SUV kind, as :func:`medfuse.load` takes it: ``"auto"`` (SUVbw, or the kind a series stored as
             SUV by the scanner already holds), ``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``.
+        series: optional series choice per input, for DICOM folders that hold several series (a number as
+            listed, a modality, or a UID; see :func:`medfuse.io.select_series`); ``None`` or ``"-"``: no choice.
     """
 
     name = "load"
 
-    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "auto"):
+    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "auto",
+                 series: Optional[Sequence[Optional[str]]] = None):
         self.modalities = list(modalities) if modalities else None
+        self.series = list(series) if series else None
         self.params = {"modalities": self.modalities, "suv": suv}
+        if self.series:
+            from .io import series_choice_record
+
+            self.params["series"] = [series_choice_record(s) for s in self.series]
         self.suv = suv
 
     def __call__(self, state: PipelineState) -> PipelineState:
-        from .io import load
+        from .io import load, select_series
 
         vols = []
         n = len(state.inputs)
@@ -137,7 +145,9 @@ class LoadStep:
                 # The override applies as medfuse.load applies it to a file (a MetaTensor arrives without one).
                 vols.append(item if mod is None else item.with_array(item.array, modality=mod))
             else:
-                vols.append(load(item, modality=mod, suv=self.suv))
+                pick = self.series[i] if self.series and i < len(self.series) else None
+                uid = select_series(item, pick) if pick not in (None, "-") else None
+                vols.append(load(item, modality=mod, suv=self.suv, series_uid=uid))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
         state.volumes = vols
         state.originals = list(vols)
@@ -464,6 +474,7 @@ class Pipeline:
         grid: ``"fixed"`` or ``"finest"`` (see :class:`ResampleStep`).
         normalise: ``"auto"`` (by modality), ``"percentile"``, ``"minmax"`` or ``"none"``.
         modalities: modality override per input (NIfTI files carry none).
+        series: series choice per input, for DICOM folders holding several series (see :class:`LoadStep`).
         steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
             ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
     """
@@ -471,9 +482,9 @@ class Pipeline:
     def __init__(self, *, register: Optional[str] = None, method: str = "network", device: str = "cpu",
                  fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
                  normalise: str = "auto", modalities: Optional[Sequence[Optional[str]]] = None,
-                 steps: Optional[Dict[str, Step]] = None):
+                 series: Optional[Sequence[Optional[str]]] = None, steps: Optional[Dict[str, Step]] = None):
         self._steps: List[Tuple[str, Step]] = [
-            ("load", LoadStep(modalities=modalities)),
+            ("load", LoadStep(modalities=modalities, series=series)),
             ("register", RegisterStep(register, threads=threads)),
             ("resample", ResampleStep(grid=grid)),
             ("normalise", NormaliseStep(method=normalise)),
@@ -648,7 +659,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                out: Optional[PathLike], *, register: Optional[str] = None, method: str = "network",
                device: str = "cpu", overwrite: bool = False, fallback: Optional[str] = None,
                threads: Optional[int] = None, grid: str = "fixed", normalise: str = "auto",
-               modalities: Optional[Sequence[Optional[str]]] = None,
+               modalities: Optional[Sequence[Optional[str]]] = None, series: Optional[Sequence[Optional[str]]] = None,
                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
@@ -665,6 +676,9 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         threads: ITK threads for registration; fix it for bit-identical re-runs.
         grid, normalise, modalities: see :class:`Pipeline` (``modalities``: one per input, fixed first, for
             files and in-memory images that carry none, e.g. ``["MR", "PT"]``; ``None`` keeps an input's own).
+        series: one per input, fixed first, for DICOM folders that hold several series side by side (a PACS
+            export of a PET/CT study): the series' number as listed, its modality, or its UID, e.g.
+            ``fuse_files(study, study, out, series=["CT", "PT"])``; ``None`` or ``"-"`` for the others.
         progress, cancel: progress callback and cancel token.
 
     Returns:
@@ -672,5 +686,5 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
     """
     movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise, modalities=modalities)
+                    grid=grid, normalise=normalise, modalities=modalities, series=series)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medfuse import provenance as prov
@@ -313,7 +314,7 @@ def test_info_on_a_folder_lists_its_series_and_image_files(tmp_path, capsys):
 def test_info_series_errors_name_the_command_line_not_the_python_api(capsys):
     assert main(["info", str(SAMPLES), "--series", "1.2.3"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "not in this folder" in err and "medfuse info" in err and "medfuse.scan" not in err
+    assert "no series in this folder matches" in err and "1: CT" in err and "medfuse.scan" not in err
     assert main(["info", str(SAMPLES / "mr_t1.nii.gz"), "--series", "1.2.3"]) == EXIT_USAGE  # was ignored
     assert "--series" in capsys.readouterr().err
     uid = medfuse_scan_uid("PT")
@@ -536,3 +537,58 @@ def test_fuse_without_registration_across_frames_of_reference_warns_and_records_
     assert main([*args, "-o", str(reg), "--register", "rigid"]) == 0
     assert "frames of reference" not in capsys.readouterr().err
     assert not any("frames of reference" in w for w in json.loads(prov.sidecar_path(reg).read_text()).get("warnings", []))
+
+
+@pytest.fixture(scope="module")
+def pacs_export(tmp_path_factory):
+    """The bundled CT and PET series side by side in one folder, as a PACS or CD export of a study often
+    leaves them (same file names in both series, so each gets a prefix)."""
+    import shutil
+
+    study = tmp_path_factory.mktemp("export") / "study"
+    study.mkdir()
+    for kind in ("ct", "pet"):
+        for f in (SAMPLES / kind).iterdir():
+            shutil.copyfile(f, study / f"{kind}_{f.name}")
+    return study
+
+
+def test_fuse_and_register_pick_series_of_one_folder(pacs_export, tmp_path, capsys):
+    """Before --series, a folder holding the CT and the PET could not be fused at all: the error said to
+    give the folder of one series, and the series shared that folder."""
+    import medfuse
+
+    out = tmp_path / "fused.nii.gz"
+    assert main(["fuse", str(pacs_export), str(pacs_export), "-o", str(out), "--method", "max"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "2 series" in err and "--series" in err
+    assert main(["fuse", str(pacs_export), str(pacs_export), "-o", str(out), "--method", "max",
+                 "--series", "CT", "PET", "--no-progress"]) == 0
+    ct = medfuse.load(SAMPLES / "ct")
+    fused = medfuse.load(out)
+    assert fused.same_grid(ct)
+    from medfuse.pipeline import fuse_files
+
+    want = fuse_files(SAMPLES / "ct", SAMPLES / "pet", None, method="max").fused  # each series in its own folder
+    np.testing.assert_array_equal(fused.array, want.array)
+    rec = json.loads((tmp_path / "fused.json").read_text())
+    assert rec["parameters"]["load"]["series"] == ["CT", "PET"]
+    # by number, as the error lists them, and for register; a UID is recorded as "uid", never as itself
+    uid = medfuse.scan(pacs_export)[1].series_uid
+    reg = tmp_path / "reg.nii.gz"
+    assert main(["register", str(pacs_export), str(pacs_export), "-o", str(reg), "--series", "1", uid,
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    rec = json.loads((tmp_path / "reg.json").read_text())
+    assert rec["parameters"]["series"] == ["1", "uid"] and uid not in (tmp_path / "reg.json").read_text()
+    assert medfuse.load(reg).same_grid(ct)
+
+
+@pytest.mark.parametrize("choice,words", [(["CT"], "1 choices for 2 inputs"), (["3", "PT"], "folder holds 2"),
+                                          (["MR", "PT"], "no MR series"), (["CT", "nonsense"], "matches")])
+def test_series_choices_that_name_nothing_are_usage_errors(pacs_export, tmp_path, capsys, choice, words):
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(pacs_export), str(pacs_export), "-o", str(out), "--method", "max",
+                 "--series", *choice]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and not out.exists()

@@ -122,6 +122,67 @@ def scan(folder: PathLike):
     return _scan(p)
 
 
+def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
+    """The SeriesInstanceUID of the series ``selector`` names in the DICOM folder ``path``.
+
+    For folders that hold several series, as PACS and CD exports of a PET/CT or PET/MR study often do (all
+    series side by side in one folder), so that no files need moving.
+
+    Args:
+        path: a DICOM folder.
+        selector: the series' number as a several-series error or ``scan`` lists it (1-based, in
+            :func:`scan`'s order); a modality (``CT``, ``MR``, ``PT``/``PET``, ``NM``/``SPECT``) that exactly one
+            series in the folder has; or a SeriesInstanceUID. ``None`` or ``"-"``: no choice (returns ``None``).
+
+    Raises:
+        InvalidInputError: not a folder, or nothing (or more than one series) matches; the message lists the
+            series by number and modality (no UIDs or descriptions, which may identify the patient).
+    """
+    from ..errors import InvalidInputError
+    from ..volume import _MODALITY_ALIASES
+
+    if selector is None or str(selector).strip() in ("", "-"):
+        return None
+    p = Path(path)
+    if not p.is_dir():
+        raise InvalidInputError("a series can be picked in a DICOM folder only; this is a file",
+                                fix="leave the series choice out for this input ('-')", path=p)
+    series = scan(p)
+    listed = "; ".join(f"{i}: {s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files"
+                       for i, s in enumerate(series, start=1))
+    key = str(selector).strip()
+    if key.isdigit():
+        n = int(key)
+        if not 1 <= n <= len(series):
+            raise InvalidInputError(f"series {n} asked for, but the folder holds {len(series)} ({listed})",
+                                    fix=f"give a number from 1 to {len(series)}", path=p)
+        return series[n - 1].series_uid
+    modality = _MODALITY_ALIASES.get(key.upper())
+    if modality is not None:
+        hits = [i for i, s in enumerate(series, start=1) if _MODALITY_ALIASES.get(s.modality.upper()) == modality]
+        if len(hits) == 1:
+            return series[hits[0] - 1].series_uid
+        raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed})",
+                                fix="pick it by its number instead" if hits else "check the folder, or pick a "
+                                "series by its number", path=p)
+    for s in series:
+        if s.series_uid == key:
+            return key
+    raise InvalidInputError(f"no series in this folder matches the choice given ({listed})",
+                            fix="give the series' number as listed, its modality, or its SeriesInstanceUID", path=p)
+
+
+def series_choice_record(selector: Optional[str]) -> Optional[str]:
+    """``selector`` as provenance records it: numbers and modalities as given, a UID as ``"uid"`` (UIDs trace
+    back to the study, and sidecars hold no identifiers)."""
+    from ..volume import _MODALITY_ALIASES
+
+    if selector is None:
+        return None
+    key = str(selector).strip()
+    return key if key in ("", "-") or key.isdigit() or key.upper() in _MODALITY_ALIASES else "uid"
+
+
 def save(volume: Volume, path: PathLike, *, overwrite: bool = False, **kwargs) -> Path:
     """Write a volume: NIfTI (``.nii``/``.nii.gz``), MetaImage (``.mha``/``.mhd``), NRRD, or a
     DICOM series (a path without one of those endings, or ``format="dicom"``). Atomic; refuses to
