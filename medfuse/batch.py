@@ -54,6 +54,8 @@ class Subject:
             when ``fixed`` is empty.
         problem: why this subject cannot run (an unpaired manifest row); it is reported as failed and the
             others go on.
+        series: for DICOM folders that hold several series side by side, one choice per input, fixed first
+            (a number, a modality or a UID; ``"-"`` for none; see :func:`medfuse.io.select_series`).
     """
 
     subject: str
@@ -64,6 +66,7 @@ class Subject:
     method: Optional[str] = None
     folder: Optional[str] = None
     problem: Optional[str] = None
+    series: Optional[List[str]] = None
 
 
 @dataclass
@@ -178,8 +181,19 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
     method = d.get("method")
     method = None if method in (None, "") else str(method).strip().lower()
     fixed = absolute(d["fixed"]) if d.get("fixed") and str(d["fixed"]).strip() else ""
+    series = d.get("series")
+    if isinstance(series, (list, tuple)):
+        series = [str(x).strip() or "-" for x in series]
+    elif series is not None and str(series).strip():
+        series = [x.strip() or "-" for x in str(series).split(";")]
+    else:
+        series = None
+    if series is not None and problem is None and len(series) != 1 + len(moving):
+        raise _row_error(path, row, f"'series' gives {len(series)} choices for {1 + len(moving)} images",
+                         "give one per image, fixed first, separated by ';' ('-' for an image that needs none), "
+                         "e.g. CT;PT")
     return Subject(subject=str(d["subject"]).strip(), fixed=fixed, moving=[absolute(m) for m in moving],
-                   output=absolute(d["output"]), register=reg, method=method, problem=problem)
+                   output=absolute(d["output"]), register=reg, method=method, problem=problem, series=series)
 
 
 def read_manifest(path: PathLike) -> List[Subject]:
@@ -322,8 +336,11 @@ _MANIFEST_FIX = ("list this subject in a manifest that names its fixed and movin
                  "(medfuse.batch.write_manifest(DATASET) writes one to edit)")
 
 
-def discover_subject(folder: PathLike) -> Tuple[str, List[str]]:
+def discover_subject(folder: PathLike, *, with_series: bool = False):
     """Find a subject's reference (fixed) and moving images in its folder.
+
+    A subject whose chosen series share one folder is refused here (a path cannot say which series is meant);
+    :func:`discover` and batch runs take it, picking each series by its modality.
 
     NIfTI/MetaImage/NRRD files are told apart by the words in their names (``mr``, ``t1``, ``T1w``, ``ct``,
     ``pet``, ``fdg``, ``spect``, any case); DICOM series, in any nested folder, by their Modality. Hidden
@@ -331,8 +348,14 @@ def discover_subject(folder: PathLike) -> Tuple[str, List[str]]:
     is the MR (else the CT); the moving images are the PET and/or SPECT. A CT beside an MR (the CT of a
     PET/CT) is not used.
 
+    Args:
+        folder: the subject's folder.
+        with_series: also return the series choices (one per image, fixed first, ``"-"`` for none; ``None``
+            when every image has a folder or file of its own), and accept series that share a folder.
+
     Returns:
-        ``(fixed, [moving, ...])`` as absolute paths (files, or DICOM series folders).
+        ``(fixed, [moving, ...])`` as absolute paths (files, or DICOM series folders); with ``with_series``,
+        ``(fixed, [moving, ...], series)``.
 
     Raises:
         InvalidInputError: unpaired (no MR/CT, or no PET/SPECT), or ambiguous (two PET series, two MRs,
@@ -382,12 +405,18 @@ def discover_subject(folder: PathLike) -> Tuple[str, List[str]]:
             raise _ambiguous(root, f"ambiguous: {len(found[kind])} {_KIND_NAMES[kind]} candidates "
                                    f"({', '.join(rel(p) for p in found[kind])})",
                              f"move the ones not to fuse out of the subject's folder, or {_MANIFEST_FIX}")
-    for kind in chosen:
-        kinds = shared.get(os.fspath(found[kind][0]), [])
-        if len(kinds) > 1:
+    fixed, moving, series = os.fspath(found[anatomy][0]), [os.fspath(found[k][0]) for k in functional], None
+    if any(len(shared.get(os.fspath(found[k][0]), [])) > 1 for k in chosen):
+        if not with_series:
+            kind = next(k for k in chosen if len(shared.get(os.fspath(found[k][0]), [])) > 1)
+            kinds = shared[os.fspath(found[kind][0])]
             raise _ambiguous(root, f"the folder {rel(found[kind][0])} holds {len(kinds)} DICOM series "
-                                   f"({', '.join(kinds)})", "put each series in a folder of its own")
-    return os.fspath(found[anatomy][0]), [os.fspath(found[k][0]) for k in functional]
+                                   f"({', '.join(kinds)})", "put each series in a folder of its own, or run the "
+                                   "dataset with medfuse batch (it picks each series by its modality)")
+        # Several series side by side (a PACS export): each picked by its modality, which is unique here
+        # (two of a kind were refused above as ambiguous).
+        series = [k if len(shared.get(os.fspath(found[k][0]), [])) > 1 else "-" for k in chosen]
+    return (fixed, moving, series) if with_series else (fixed, moving)
 
 
 def _dataset_out_dir(dataset: Path, out_dir: Optional[PathLike]) -> Path:
@@ -453,13 +482,17 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     target = Path(path) if path else _dataset_out_dir(root, out_dir) / "manifest.csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["subject", "fixed", "moving", "output"])
+    rows = []
     for s in discover(root, out_dir=out_dir):
         try:
-            fixed, moving = discover_subject(s.folder)
+            fixed, moving, series = discover_subject(s.folder, with_series=True)
         except InvalidInputError:
-            fixed, moving = "", []
-        w.writerow([s.subject, fixed, ";".join(moving), s.output])
+            fixed, moving, series = "", [], None
+        rows.append([s.subject, fixed, ";".join(moving), s.output, ";".join(series or [])])
+    with_series = any(r[4] for r in rows)  # the column only when some subject needs it
+    w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else []))
+    for r in rows:
+        w.writerow(r if with_series else r[:4])
     target.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(target, buf.getvalue())
 
@@ -571,8 +604,9 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
         if s.problem:
             res.error = s.problem
             return asdict(res)
+        series = s.series
         if s.folder and not s.fixed:
-            fixed, moving = discover_subject(s.folder)
+            fixed, moving, series = discover_subject(s.folder, with_series=True)
             inputs = [fixed, *moving]
         res.inputs = ";".join(inputs)
         threads = int(options.get("threads") or 1)
@@ -587,7 +621,7 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
                   fallback=options.get("fallback"), threads=threads)
         # What the output must have been made with: a fallback's output, or other weights', is redone.
         expect = {"method_used": method, **({"weights_sha256": _weights_sha256()} if method == "network" else {})}
-        params = pipeline_parameters(**kw)
+        params = pipeline_parameters(**kw, series=series)
         overwrite = bool(options.get("overwrite"))
         out = Path(s.output)
         if out.exists():
@@ -601,7 +635,7 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
                 res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
                 overwrite = True
         out.parent.mkdir(parents=True, exist_ok=True)
-        made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, **kw)
+        made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series, **kw)
         res.status = "done"
         _from_sidecar(res, made.provenance)
     except MedfuseError as e:

@@ -649,10 +649,10 @@ class _itk_threads:
 
 def pipeline_parameters(*, register: Optional[str] = None, method: str = "network", device: str = "cpu",
                         fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
-                        normalise: str = "auto") -> Dict[str, Any]:
+                        normalise: str = "auto", series: Optional[Sequence[Optional[str]]] = None) -> Dict[str, Any]:
     """The parameters :func:`fuse_files` records for these options (batch uses it to decide re-runs)."""
     return Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise).parameters()
+                    grid=grid, normalise=normalise, series=series).parameters()
 
 
 def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, Sequence[Union[PathLike, Volume]]],

@@ -242,3 +242,37 @@ def test_an_earlier_runs_outputs_are_neither_subjects_nor_inputs(tmp_path, phant
     (root / "sub-01" / "pet_fused.json").unlink()
     with pytest.raises(InvalidInputError, match="PET"):
         batch.discover_subject(root / "sub-01")
+
+
+def test_subject_with_ct_and_pet_side_by_side_in_one_folder_runs(tmp_path):
+    """A PACS export leaves a PET/CT's series in one folder. Batch refused the subject ("put each series in a
+    folder of its own"); it now picks each series by its modality, and the written manifest says so."""
+    import numpy as np
+
+    import medfuse
+    from medfuse.pipeline import fuse_files
+
+    root = tmp_path / "study"
+    for kind in ("ct", "pet"):
+        (root / "P001" / "export").mkdir(parents=True, exist_ok=True)
+        for f in sorted((SAMPLES / kind).iterdir()):
+            shutil.copy(f, root / "P001" / "export" / f"{kind}_{f.name}")
+    assert discover_subject(root / "P001", with_series=True)[2] == ["CT", "PT"]
+    with pytest.raises(InvalidInputError, match="medfuse batch"):
+        discover_subject(root / "P001")  # a bare path pair cannot say which series is meant
+    summary = run_batch(root, scheduler="synchronous", method="max")
+    (row,) = summary.results
+    assert row.status == "done", row.error
+    want = fuse_files(SAMPLES / "ct", SAMPLES / "pet", None, method="max").fused  # each series in its own folder
+    np.testing.assert_array_equal(medfuse.load(row.output).array, want.array)
+    manifest = batch.write_manifest(root, tmp_path / "manifest.csv")
+    (entry,) = list(csv.DictReader(open(manifest)))
+    assert entry["series"] == "CT;PT" and entry["fixed"] == entry["moving"] == os.fspath(root / "P001" / "export")
+    # the manifest runs the same subject with the same parameters: up to date
+    again = run_batch(manifest, scheduler="synchronous", method="max")
+    assert [r.status for r in again.results] == ["skipped"]
+    # a manifest whose series choices do not match its images is refused, naming the row
+    bad = tmp_path / "bad.csv"
+    bad.write_text(manifest.read_text().replace("CT;PT", "CT"))
+    with pytest.raises(InvalidInputError, match="row 2: 'series' gives 1 choices for 2 images"):
+        batch.read_manifest(bad)
