@@ -726,9 +726,14 @@ def _client(scheduler: str, workers: int, threads: int):
         env = {var: str(threads) for var in THREAD_ENV_VARS}
         # Processes, one task each: ITK/NumPy work holds the GIL often enough that threads would not scale.
         # No dashboard: its periodic updates took ~10 % of a core (2-worker scaling 1.79x with it, 1.89x without).
+        import dask
+
         try:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.ERROR, env=env)
+            # A subject whose worker dies (out of memory, a crash in a native library) fails at once: Dask's
+            # default retries it on 3 more workers, each run as long and as large as the one that died.
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR, env=env)
         except RuntimeError as e:
             raise MedfuseError(f"the local Dask cluster did not start ({' '.join(str(e).split())[:200]})",
                                fix="in a script, call run_batch under 'if __name__ == \"__main__\":' (workers are "
@@ -931,8 +936,16 @@ def _finished_meanwhile(s: Subject, since: float) -> Optional[SubjectResult]:
     return res
 
 
+def _worker_died(e: BaseException) -> str:
+    """The report's words for a subject whose worker process died under it."""
+    if e.__class__.__name__ == "KilledWorker":
+        return ("the worker process running it died (most often out of memory; else a crash in a native library). "
+                "Fix: run it again with fewer workers (--workers 1) or on a machine with more memory")
+    return f"the worker running it failed ({_one_line(e)})"
+
+
 def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], scheduler: str, workers: int,
-                 finished, cancel: Optional[CancelToken]) -> Tuple[int, bool]:
+                 finished, cancel: Optional[CancelToken], task=run_subject) -> Tuple[int, bool]:
     """Run the subjects on a Dask cluster, calling ``finished(result_dict)`` as each ends; returns
     (number of workers, cancelled). ``cancel`` is polled while waiting, so Ctrl-C is answered at once
     rather than when the next subject ends; unfinished subjects are dropped with the local cluster."""
@@ -943,7 +956,7 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         tag = uuid.uuid4().hex[:8]
-        futures = {client.submit(run_subject, asdict(s), options, key=f"medfuse-{tag}-{i}",
+        futures = {client.submit(task, asdict(s), options, key=f"medfuse-{tag}-{i}",
                                  pure=False): s for i, s in enumerate(subjects)}
         pending = as_completed(list(futures))
         while not pending.is_empty():
@@ -960,7 +973,7 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
                     finished(fut.result())
                 except Exception as e:  # noqa: BLE001 - a worker died (segfault, OOM): isolate it
                     finished(asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
-                                                  error=f"the worker running it died ({_one_line(e)})")))
+                                                  error=_worker_died(e))))
     finally:
         client.close()
         if cluster is not None:

@@ -248,3 +248,28 @@ def test_report_path_holding_someone_elses_file_is_refused_before_work(tmp_path)
         again = run_batch([subject], scheduler="synchronous", report=tmp_path / name)
         assert first.report_path == again.report_path == tmp_path / name
     assert '"status": "skipped"' in (tmp_path / "r.json").read_text()
+
+
+def _die_after_marking(subject, options):
+    """A subject whose worker process dies under it (as the kernel's out-of-memory killer would do)."""
+    with open(options["mark"], "a") as f:
+        f.write("x")
+    os._exit(137)
+
+
+def test_a_subject_whose_worker_dies_fails_once_and_says_what_to_do(tmp_path):
+    """Dask retried a task that killed its worker on 3 more workers: a subject that runs a machine out of memory
+    did so four times, each as long as the first. It now fails at its first death, with a fix."""
+    import cloudpickle
+
+    from medfuse.batch import _run_on_dask
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the spawned workers cannot import tests/
+    mark = tmp_path / "attempts"
+    subject = Subject(subject="big", fixed="f.nii.gz", moving=["m.nii.gz"], output=os.fspath(tmp_path / "o.nii.gz"))
+    results = []
+    _run_on_dask([subject], {"threads": 1, "mark": os.fspath(mark)}, "local", 1, results.append, None,
+                 task=_die_after_marking)
+    assert mark.read_text() == "x"
+    (row,) = results
+    assert row["status"] == "failed" and "died" in row["error"] and "--workers 1" in row["error"]
