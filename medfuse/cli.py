@@ -332,15 +332,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 what = [f"{len(series)} DICOM series"] if series else []
                 what += [f"{len(files)} image file{'s' if len(files) != 1 else ''}"] if files else []
                 print(f"{p}: {' and '.join(what)}")
-                for r in rows:
+                for i, r in enumerate(rows, start=1):  # numbered as --series and the several-series error take them
                     shape = "x".join(str(x) for x in r["shape"]) if r["shape"] else "?"
                     folder = os.path.relpath(r["folder"], p) if r["folder"] else "."
-                    print(f"  {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  {r['n_files']:>5} files  "
+                    print(f"  {i:>2}: {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  {r['n_files']:>5} files  "
                           f"{r['description'] or '-'}  folder={folder}  uid={r['series_uid']}")
                 for f in files:
                     shape = "x".join(str(x) for x in f["shape"]) if f["shape"] else "?"
-                    print(f"  {'file':<4} {shape:<14} {os.path.relpath(f['file'], p)}")
-                hints = [f"medfuse info {shlex.quote(os.fspath(p))} --series UID"] if series else []
+                    print(f"      {'file':<4} {shape:<14} {os.path.relpath(f['file'], p)}")
+                hints = [f"medfuse info {shlex.quote(os.fspath(p))} --series N (its number, modality or UID; "
+                         f"fuse and register take --series too)"] if series else []
                 hints += ["medfuse info FILE"] if files else []
                 print(f"for details: {', or '.join(hints)}")
                 return EXIT_OK
