@@ -27,6 +27,7 @@ _LAZY = {
     "load": "medfuse.io:load",
     "load_volumes": "medfuse.io:load_volumes",
     "scan": "medfuse.io:scan",
+    "select_series": "medfuse.io:select_series",
     "save": "medfuse.io:save",
     "register": "medfuse.registration:register",
     "resample": "medfuse.registration:resample",
