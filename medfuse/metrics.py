@@ -12,15 +12,16 @@ evaluation code most fusion papers use (see ``../shared/README.md`` and
 * ``AG`` average gradient, central differences, one-sided at the borders.
 * ``MI`` sum over sources of scikit-learn's ``mutual_info_score`` (nats) on the raw values (whole numbers).
 * ``SCD`` sum of the correlations of differences.
-* ``VIF`` pixel-domain VIF (4 scales, noise variance 2), summed over sources; NaN under 17 pixels a side.
+* ``VIF`` pixel-domain VIF (4 scales, noise variance 2), summed over sources; NaN under 17 pixels a side
+  or with a constant source (nothing to preserve; the reference code says 1).
 * ``Qabf`` Xydeas–Petrović edge preservation with Sobel gradients.
 * ``SSIM`` sum over sources of scikit-image's SSIM (defaults, ``data_range=255``).
 * ``PSNR`` ``10 log10(max(F)^2 / mean_i MSE(S_i, F))``.
 * ``CC`` mean over sources of Pearson's correlation with ``F``.
 * ``FMI`` feature mutual information (Haghighat 2011, global form) on Sobel gradient
   magnitudes, 256 bins: ``(2/n) * sum_i I(F;S_i) / (H(F) + H(S_i))``, in 0..1.
-* ``MS-SSIM`` multi-scale SSIM (Wang 2003: 11x11 Gaussian, sigma 1.5, 5 scales,
-  fewer on small images), summed over sources like ``SSIM``.
+* ``MS-SSIM`` multi-scale SSIM (Wang 2003: 11x11 Gaussian, sigma 1.5, 5 scales with the published
+  weights, fewer and renormalised on small images; as MONAI's), summed over sources like ``SSIM``.
 * ``SSIM_r2`` ``SSIM`` with ``data_range=2``: the convention behind CDDFuse's published
   SSIM (scikit-image 0.19 took ``data_range=2`` for float input). Lower than ``SSIM`` on
   the same images; use it only to compare with those tables.
@@ -31,6 +32,11 @@ image (undefined, NaN in the reference code) counts as 0.
 
 Inputs off that scale (0..1 floats, 16-bit, HU) or F on a scale far from the sources' get a
 ``MedfuseWarning`` (once per :func:`score` call): the numbers would not compare with any table.
+MI, SCD, CC, PSNR and FMI do not change when every image is scaled by one factor; SD, SF and AG scale
+with it; EN, VIF, SSIM, MS-SSIM, SSIM_r2 and Qabf depend on the range (docs/fusion.md, "Scale").
+
+Any array NumPy reads is accepted (any real dtype or memory layout, CPU torch tensors, MetaTensors).
+There is no mask: masked arrays with masked pixels are refused, as are length-1 axes (``np.squeeze`` them).
 
 :func:`score` returns all of them in a dict. 3-D volumes are scored either
 natively (the metrics whose definition does not depend on dimension, plus 3-D
@@ -81,11 +87,21 @@ def _scale_checked():
 
 # ---------------------------------------------------------------------- checks
 def _as_float(x, name: str) -> np.ndarray:
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+        # np.asarray drops the mask: the masked-out pixels would be scored as if they were image.
+        raise InvalidInputError(
+            f"{name} is a masked array, and the metrics take no mask (their windows and histograms span the whole "
+            "image)", fix="crop every image to the region's bounding box, or pass np.ma.getdata(x) to score all of it")
     try:
         a = np.asarray(x)
     except Exception as e:  # noqa: BLE001 - anything that is not array-like
-        raise InvalidInputError(f"{name} is not an array ({type(x).__name__})", fix="pass a NumPy array") from e
+        fix = ("convert it first: x.detach().cpu().float().numpy() (a tensor that needs grad, on a GPU or in "
+               "bfloat16 has no NumPy view)" if hasattr(x, "detach") else "pass a NumPy array")
+        raise InvalidInputError(f"{name} is not an array NumPy can read ({type(x).__name__})", fix=fix) from e
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        if hasattr(x, "array") and hasattr(x, "affine"):  # a medfuse Volume: the metrics take its voxels
+            raise InvalidInputError(f"{name} is a {type(x).__name__}, not an array",
+                                    fix="pass its voxels, x.array, scaled to 0..255, with the sources on its grid")
         raise InvalidInputError(f"{name} must be numeric, got dtype {a.dtype}", fix="pass a numeric NumPy array")
     if np.iscomplexobj(a):
         raise InvalidInputError(f"{name} is complex", fix="pass a real-valued image (e.g. its magnitude)")
@@ -118,6 +134,15 @@ def _check(fused, sources: Sequence, *, ndim: Optional[int] = 2, min_side: int =
                      "as published tables do" if rgb else
                      "resample the images onto one grid first (medfuse.resample / medfuse.register)"),
             )
+    refused = (ndim is not None and f.ndim != ndim) or f.ndim not in (2, 3) or min(f.shape) < min_side
+    squeezed = tuple(n for n in f.shape if n != 1)
+    if refused and 1 in f.shape and len(squeezed) in (2, 3) and min(squeezed) >= min_side:
+        # A (1, 1, H, W) network output or an (H, W, 1) image: neither RGB nor too small, just unsqueezed.
+        then = "" if ndim in (None, len(squeezed)) else (
+            " and score it with mode='2d'" if len(squeezed) == 2 else " and score it with mode='native' or 'slicewise'")
+        raise InvalidInputError(
+            f"the images have shape {f.shape}, with axes of length 1",
+            fix=f"drop them first: np.squeeze(x) gives {squeezed}{then}; do the same to every image")
     if ndim is not None and f.ndim != ndim:
         if f.ndim == 3:
             hint = ("convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with mode='native' "
@@ -148,12 +173,14 @@ def _warn_on_scale(f: np.ndarray, srcs: Sequence[np.ndarray], *, stacklevel: int
     and EN (256 bins of 0..255), SSIM and MS-SSIM (``data_range=255``) and VIF (noise variance 2) assume
     the 8-bit scale itself: images in 0..1, 16 bits or HU give numbers no table can be compared with.
     """
-    spans = [float(np.ptp(x)) for x in (f, *srcs)]
-    ratio = max(spans[1:]) / spans[0] if spans[0] > 0 else 1.0
+    # Peak magnitudes, not ranges: a low-contrast F on the right scale (a collapsed fusion, 100..103) is a poor
+    # fusion to be scored, not a scale mistake.
+    peaks = [float(np.max(np.abs(x))) for x in (f, *srcs)]
+    ratio = max(peaks[1:]) / peaks[0] if peaks[0] > 0 else 1.0
     if ratio > 50 or 0 < ratio < 1 / 50:
         warnings.warn(
-            f"the fused image and the sources are on very different intensity scales (ranges "
-            f"{', '.join(f'{s:.3g}' for s in spans)}); the metrics assume one scale. Rescale all of them to "
+            f"the fused image and the sources are on very different intensity scales (largest magnitudes "
+            f"{', '.join(f'{s:.3g}' for s in peaks)}); the metrics assume one scale. Rescale all of them to "
             "0-255 first (as published tables do)", MedfuseWarning, stacklevel=stacklevel)
         return
     _warn_unless_0_255([f, *srcs], stacklevel=stacklevel + 1)
@@ -256,6 +283,9 @@ def _entropy_bits(counts: np.ndarray) -> float:
 def _as_image2d(fused) -> np.ndarray:
     """The fused image for SF and AG: 2-D, at least 2 pixels a side (they take differences along both axes)."""
     f = _as_float(fused, "the fused image")
+    if f.ndim > 2 and sum(n > 1 for n in f.shape) == 2:
+        raise InvalidInputError(f"SF and AG are defined on 2-D images, got shape {f.shape} (axes of length 1)",
+                                fix="drop the length-1 axes first: np.squeeze(x)")
     if f.ndim != 2:
         hint = ("convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with "
                 "score(..., mode='slicewise')" if f.ndim == 3 else "pass a 2-D image")
@@ -332,7 +362,10 @@ def cc(fused, *sources) -> float:
 
 
 def psnr(fused, *sources) -> float:
-    """``10 log10(max(F)^2 / mean_i MSE(S_i, F))`` (inf when F equals every source)."""
+    """``10 log10(max(F)^2 / mean_i MSE(S_i, F))``: inf when F equals every source, -inf when ``max(F) == 0``.
+
+    Invariant to one scale factor on every image, not to an offset (``max(F)``).
+    """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
     mse = float(np.mean([np.mean((s - f) ** 2) for s in srcs]))
     peak = float(np.max(f)) ** 2
@@ -402,7 +435,9 @@ def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
         num += float(np.sum(np.log10(1.0 + gain * gain * s1 / (sv + sigma_nsq))))
         den += float(np.sum(np.log10(1.0 + s1 / sigma_nsq)))
     if den == 0:
-        return 1.0  # the reference implementation's convention for a featureless reference
+        # A featureless source (constant where VIF looks): 0/0. The reference code returns 1, a perfect term
+        # whatever F is, which lifted slice-wise means wherever one source had no content.
+        return float("nan")
     return num / den
 
 
@@ -411,7 +446,10 @@ def vif(fused, *sources) -> float:
 
     NaN for images under 17 pixels a side: VIF's finest window (17x17) does not fit, so there is nothing to
     measure (the reference code's featureless-image convention, 1 per source, would pass for a perfect score).
-    Images under 41 pixels a side are scored on the scales that fit.
+    Images under 41 pixels a side are scored on the scales that fit. NaN too when a source is constant: it
+    has no information to preserve (0/0; the reference code's 1 would be a perfect term whatever ``F`` is).
+    Slice-wise means and ``medfuse evaluate`` leave a NaN out and count it. Depends on the intensity scale
+    (the noise variance 2 is on 0..255).
     """
     f, srcs = _check(fused, sources)
     if min(f.shape) < _VIF_MIN_SIDE:
@@ -438,7 +476,14 @@ def _qabf_preservation(ga, aa, gf, af) -> np.ndarray:
 
 
 def qabf(fused, *sources) -> float:
-    """Xydeas–Petrović edge-information preservation ``Q^{AB/F}`` (Sobel gradients; 2-D)."""
+    """Xydeas–Petrović edge-information preservation ``Q^{AB/F}`` (Sobel gradients; 2-D).
+
+    NaN when no source has an edge (all-zero sources; a non-zero constant has one at the zero-padded border).
+    As in the reference code, where a source's gradient equals F's the relative strength is F's gradient
+    itself, not 1: on whole-number 0..255 images that is 1 or more and so as good as 1, but on the 0..1
+    scale it is below 0.5 and those pixels count as lost (0.82x on a max-rule pair), so Qabf depends on the
+    scale as well; zero padding makes it depend on an offset too.
+    """
     f, srcs = _check(fused, sources)
     gf, af = _qabf_edges(f)
     num = den = 0.0
@@ -457,7 +502,11 @@ def _quantise(x: np.ndarray, bins: int = 256) -> np.ndarray:
 
 
 def fmi(fused, *sources) -> float:
-    """Feature mutual information on Sobel gradient magnitudes (global form), in 0..1 (2-D)."""
+    """Feature mutual information on Sobel gradient magnitudes (global form), in 0..1 (2-D).
+
+    A pair whose gradient histograms both have no entropy counts as perfect: all-zero images score 1.
+    Invariant to one scale factor on every image (the magnitudes are binned relative to their maximum).
+    """
     f, srcs = _check(fused, sources)
     ff = _quantise(np.hypot(*_sobel(f)))
     hf = _entropy_bits(np.bincount(ff.ravel()).astype(np.float64))
@@ -483,7 +532,8 @@ def _ms_ssim_pair(x: np.ndarray, y: np.ndarray) -> float:
     levels = 1
     while levels < 5 and min(x.shape) // 2 ** levels >= 11:
         levels += 1
-    weights = _MS_WEIGHTS[:levels] / _MS_WEIGHTS[:levels].sum()
+    # Wang's five weights as published (they sum to 1.0001); only a truncated set is renormalised.
+    weights = _MS_WEIGHTS if levels == len(_MS_WEIGHTS) else _MS_WEIGHTS[:levels] / _MS_WEIGHTS[:levels].sum()
     vals = []
     for lev in range(levels):
         mx, my = _filter_valid(x, g), _filter_valid(y, g)
@@ -688,6 +738,15 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
                                 fix=f"choose from {', '.join(_MULTI)}")
     with _scale_checked():  # 0..1 by definition here; each slice is scored on 0..255
         f, srcs = _check(fused, sources, ndim=3)
+        for what, x in (("the fused volume", f), *((f"source {i + 1}", s) for i, s in enumerate(srcs))):
+            lo, hi = float(x.min()), float(x.max())
+            # The slices are scored as 255 * x (F clipped to 0..1): a 0..255 volume would be scored as garbage.
+            # The margin lets a network's small overshoot through.
+            if lo < -0.5 or hi > 1.5:
+                raise InvalidInputError(
+                    f"sampled_slice_scores takes volumes on the 0..1 scale, but {what} holds values from {lo:.6g} "
+                    f"to {hi:.6g}", fix="divide 8-bit volumes by 255, or scale every volume to 0..1 first "
+                    "(medfuse.fusion.normalise.normalise)")
         rows = []
         for ax in range(3):
             f3, s3 = np.moveaxis(f, ax, 0), [np.moveaxis(s, ax, 0) for s in srcs]
