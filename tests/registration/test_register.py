@@ -281,6 +281,22 @@ def test_constant_empty_2d_and_nan_inputs():
         register(a, a, kind="elastic")
 
 
+def test_voxel_types_and_too_few_slices():
+    a = _blob()
+    # Complex voxels (MR phase or k-space data) failed deep inside a SimpleITK cast with a raw RuntimeError.
+    with pytest.raises(InvalidInputError, match="complex64") as ei:
+        register(a, a.with_array(a.array.astype(np.complex64)))
+    assert "numpy.abs" in ei.value.fix
+    # Three slices: not "a single slice"; the fix names what the user can do.
+    with pytest.raises(InvalidInputError, match="only 3 voxels along axis 2") as ei:
+        register(a, Volume(a.array[:, :, 18:21].copy(), a.affine, modality="MR"))
+    assert "whole_series" in ei.value.fix and "medfuse.resample" in ei.value.fix
+    # Integer and float16 voxels register as they are (the blob's 0-150 fits every type here).
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32, np.float16):
+        rep = register(a, a.with_array(a.array.astype(dtype))).report
+        assert rep.rotation_deg < 0.5 and rep.translation_mm < 0.5 and not rep.suspect, (dtype, rep.to_dict())
+
+
 def test_masks():
     a = _blob()
     with pytest.raises(RegistrationError, match="covers no voxel"):
@@ -312,22 +328,36 @@ def test_progress_and_cancel():
     assert sum("iteration" in m for m in calls) <= 5  # stopped promptly
 
 
-def test_worse_than_start_is_flagged_suspect():
+def test_a_start_that_ends_worse_is_re_optimised_from_the_placement_and_worse_results_are_flagged():
     a = _blob()
     r = register(a, a.copy())
     assert not r.report.suspect, r.report.suspect_reasons  # aligned input stays aligned
     # Already aligned in world coordinates, but the moving field of view extends 40 mm further on one side, so a
-    # forced geometry-centre start is 20 mm off; with almost no iterations the result ends worse than the start.
+    # forced geometry-centre start is 20 mm off; with almost no iterations its result ends worse than the start.
     padded = np.zeros((60, 40, 40), np.float32)
     padded[:40] = a.array
     moving = Volume(padded, a.affine.copy(), modality="MR")
-    bad = register(a, moving, initialise="geometry", iterations=(1, 1, 1), multistart_iterations=1,
-                   learning_rate_mm=0.05, min_step_mm=0.001)
-    rep = bad.report
-    assert rep.metric_after > rep.metric_before
-    assert rep.suspect and not rep.converged
-    assert any("got worse" in s for s in rep.suspect_reasons), rep.suspect_reasons
-    assert any("iteration limit" in s for s in rep.suspect_reasons), rep.suspect_reasons
+    few = dict(iterations=(1, 1, 1), multistart_iterations=1, min_step_mm=0.001)
+    rep = register(a, moving, initialise="geometry", learning_rate_mm=0.05, **few).report
+    # It is optimised from the scanners' placement as well, and that better result is kept and named.
+    assert rep.initialisation.startswith("world (re-optimised from the scanners' placement"), rep.initialisation
+    assert rep.translation_mm < 0.5 and rep.rotation_deg < 0.5, rep.to_dict()
+    assert not any("got worse" in s for s in rep.suspect_reasons), rep.suspect_reasons
+    # The same from an initial transform (the truth) when the scanners placed the images 27 mm apart.
+    M = rigid_matrix((0, 0, 0), (25, -10, 0), center=a.center)
+    r = register(a, Volume(padded, M @ a.affine, modality="MR"), initialise="geometry", initial_transform=M,
+                 learning_rate_mm=0.05, **few)
+    # The winner is named first: the CLI and the napari panel read "initial..." as "the initial transform won".
+    assert r.report.initialisation.startswith("initial (re-optimised from the initial transform"), \
+        r.report.initialisation
+    np.testing.assert_allclose(r.transform.matrix, M, atol=0.5)
+    # An optimiser that leaps 15 mm a step ends worse from every start: flagged, and the report says both ran.
+    bad = register(a, moving, initialise="geometry", learning_rate_mm=15.0, **few).report
+    assert bad.metric_after > bad.metric_before
+    assert bad.suspect and not bad.converged
+    assert any("got worse" in s for s in bad.suspect_reasons), bad.suspect_reasons
+    assert any("iteration limit" in s for s in bad.suspect_reasons), bad.suspect_reasons
+    assert "scanners' placement" in bad.initialisation, bad.initialisation
     # The same pair with the default initialisation recovers the identity and is not suspect.
     good = register(a, moving)
     assert not good.report.suspect, good.report.suspect_reasons
@@ -642,3 +672,20 @@ def test_report_says_whether_the_images_share_a_frame_of_reference():
     two = register(with_frame(a, "1.2.3"), with_frame(b, "1.2.4"), initialise="local")
     assert two.report.same_frame_of_reference is False
     assert two.resampled.provenance["frame_of_reference_uid"] == "1.2.3"
+
+
+@pytest.mark.slow
+def test_a_thin_slab_placed_right_is_neither_turned_nor_flagged(spm):
+    """4 slices (8 mm) of the T1 on the T1, placed right (the identity is the truth). Their 8 mm copy is one slice
+    of data padded with zeros: "auto" took a 180 degree turn from it (left to the fallback to undo) and "local"'s
+    orientation check flagged the correct result "matches clearly better turned 180 degrees". Both now confirm a
+    turn on the working images."""
+    t1 = spm["T1"]
+    shift = np.eye(4)
+    shift[2, 3] = 40  # voxel k of the slab is voxel k + 40 of the T1
+    slab = Volume(t1.array[:, :, 40:44].copy(), t1.affine @ shift, modality="MR")
+    for initialise in ("auto", "local"):
+        rep = register(t1, slab, initialise=initialise).report
+        assert rep.rotation_deg < 0.5 and rep.translation_mm < 0.5, rep.to_dict()
+        assert not rep.suspect, (initialise, rep.suspect_reasons)
+        assert "turned" not in rep.initialisation and "re-optimised" not in rep.initialisation, rep.initialisation
