@@ -22,6 +22,8 @@ VIEWS = {"axial": ((0, 1, 2), ("down", "right")), "coronal": ((1, 0, 2), ("up", 
 WINDOW_LABELS = {"brain": "brain", "subdural": "subdural", "soft_tissue": "soft tissue", "lung": "lung",
                  "bone": "bone"}
 _COMPARE_TAG = "compare"
+#: Layer properties a compare view is made from: the pair's voxels, placement, window and colours.
+_COMPARE_INPUTS = ("data", "scale", "translate", "rotate", "shear", "affine", "contrast_limits", "colormap")
 
 
 def _is_compare(layer: Any) -> bool:
@@ -44,6 +46,23 @@ def _spin(lo: float, hi: float, value: float, step: float = 1.0, decimals: int =
     s.setSingleStep(step)
     s.setValue(value)
     return s
+
+
+def _camera(viewer: Any) -> Any:
+    """The viewer's camera: ``viewer.scene.camera`` since napari 0.9 (``viewer.camera`` warns there)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if hasattr(scene, "camera") else viewer.camera
+
+
+def _grid(viewer: Any) -> Any:
+    """The viewer's grid: ``viewer.canvas.grid`` since napari 0.9 (``viewer.grid`` warns there)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if hasattr(canvas, "grid") else viewer.grid
+
+
+def _floor(layer: Any) -> float:
+    """Lowest overlay threshold: 0 for PET/SPECT (no negative uptake), none for others (a CT overlay in HU)."""
+    return 0.0 if meta(layer).get("modality") in FUNCTIONAL else -1e12
 
 
 def unit_label(unit: Optional[str]) -> str:
@@ -114,9 +133,9 @@ class OverlayPanel(QWidget):
         # Bq/mL (levels of 10^4) must not be clamped or rounded by the boxes.
         self.ww, self.wl = _spin(1e-9, 1e12, 80), _spin(-1e12, 1e12, 40)
         self.wwwl_readout = QLabel("")
-        # PET SUV range and threshold (overlay layer).
+        # Overlay range and threshold (SUV for a PET; the group is titled with the overlay's unit).
         self.suv_max = _spin(1e-9, 1e12, 6.0, 0.5, 2)
-        self.suv_threshold = _spin(0.0, 1e12, 0.0, 0.5, 2)
+        self.suv_threshold = _spin(-1e12, 1e12, 0.0, 0.5, 2)  # floor 0 for PET/SPECT only (see _floor)
         # Compare modes.
         self.compare = QComboBox()
         self.compare.addItems(COMPARE)
@@ -127,6 +146,11 @@ class OverlayPanel(QWidget):
         self.flicker = QCheckBox("flicker overlay")
         self._flicker_timer = QTimer(self)
         self._flicker_timer.setInterval(500)
+        # A compare view is rebuilt when its pair changes (a registration moving the overlay, a new window on the
+        # base); coalesced, since napari's transform mode or a contrast slider emits many changes in a row.
+        self._rebuild_timer = QTimer(self)
+        self._rebuild_timer.setSingleShot(True)
+        self._rebuild_timer.setInterval(150)
         # Views.
         self.view = QComboBox()
         self.view.addItems(list(VIEWS))
@@ -165,6 +189,8 @@ class OverlayPanel(QWidget):
             box = QGroupBox(title)
             box.setLayout(sub)
             lay.addWidget(box)
+            if sub is suv:
+                self.range_box = box  # titled with the overlay's unit (HU for a CT overlay, not SUV)
         lay.addWidget(QLabel("value under cursor:"))
         lay.addWidget(self.cursor_value)
         lay.addStretch(1)
@@ -190,8 +216,9 @@ class OverlayPanel(QWidget):
         self.curtain.valueChanged.connect(lambda *_: self._recompute_compare())
         self.flicker.toggled.connect(self.set_flicker)
         self._flicker_timer.timeout.connect(self._flick)
+        self._rebuild_timer.timeout.connect(self._recompute_compare)
         self.view.currentTextChanged.connect(self.set_view)
-        self.grid.toggled.connect(lambda on: setattr(self.viewer.grid, "enabled", bool(on)))
+        self.grid.toggled.connect(lambda on: setattr(_grid(self.viewer), "enabled", bool(on)))
         self.mip.toggled.connect(self.set_mip)
         self.viewer.cursor.events.position.connect(self._cursor_moved)
         # A plain function, not a method: it holds nothing of the panel, so closing the widget leaves no dead slot.
@@ -214,8 +241,9 @@ class OverlayPanel(QWidget):
         Why: napari's own layer controls change colour map, opacity and blending too; a control left stale
         shows the wrong state and puts its old value back the next time it is touched.
         """
+        shown = [(name, self._pair_edited) for name in _COMPARE_INPUTS]
         for name, slot in (("contrast_limits", self._limits_changed), ("colormap", self._display_changed),
-                           ("opacity", self._display_changed), ("blending", self._display_changed)):
+                           ("opacity", self._display_changed), ("blending", self._display_changed), *shown):
             emitter = getattr(layer.events, name)
             if connect:
                 emitter.connect(slot)
@@ -236,6 +264,7 @@ class OverlayPanel(QWidget):
                 self._watched.append(layer)
         self._display_changed()
         self._limits_changed()
+        self._pair_edited()  # a compare view shows the pair picked now, not the previous one
 
     def _display_changed(self, *_: Any) -> None:
         """Show the pair's colour maps, the overlay's opacity and its blending as the layers have them now."""
@@ -302,14 +331,21 @@ class OverlayPanel(QWidget):
         ov = self.overlay.layer()
         if ov is None:
             return
+        unit = unit_label(meta(ov).get("unit"))
+        self.range_box.setTitle(f"Overlay range ({unit})" if unit else "Overlay range")
         lo, hi = (float(v) for v in ov.contrast_limits)
         step, decimals = window_precision(hi - lo)
-        for spin, value in ((self.suv_threshold, max(0.0, lo)), (self.suv_max, hi)):
+        floor = _floor(ov)
+        threshold = max(floor, lo)
+        eps = 10.0 ** -decimals
+        # Each box stops one step short of the other: a threshold typed above the maximum is held just below it,
+        # not refused unseen (the box would show a value the layer does not have).
+        for spin, value, lowest, highest in ((self.suv_threshold, threshold, floor, hi - eps),
+                                             (self.suv_max, hi, threshold + eps, 1e12)):
             spin.blockSignals(True)
             spin.setDecimals(decimals)
             spin.setSingleStep(step)
-            if spin is self.suv_max:
-                spin.setMinimum(10.0 ** -decimals)
+            spin.setRange(lowest, max(lowest, highest))
             spin.setValue(value)
             spin.blockSignals(False)
 
@@ -344,7 +380,7 @@ class OverlayPanel(QWidget):
         """Overlay contrast limits ``(threshold, maximum)``; below the threshold nothing is added."""
         ov = self.overlay.layer()
         if ov is not None and maximum > threshold:
-            ov.contrast_limits = (max(0.0, float(threshold)), float(maximum))  # the floor stays at >= 0
+            ov.contrast_limits = (max(_floor(ov), float(threshold)), float(maximum))
 
     def _suv_edited(self, *_: Any) -> None:
         self.set_suv_range(self.suv_max.value(), self.suv_threshold.value())
@@ -407,6 +443,10 @@ class OverlayPanel(QWidget):
             self.viewer.add_image(data, name=name, colormap=src.colormap, contrast_limits=src.contrast_limits,
                                   blending="additive", opacity=1.0, metadata={"medfuse": md}, **geo)
 
+    def _pair_edited(self, *_: Any) -> None:
+        if self.compare.currentText() != "overlay":
+            self._rebuild_timer.start()
+
     def _recompute_compare(self) -> None:
         mode = self.compare.currentText()
         if mode != "overlay":
@@ -447,7 +487,7 @@ class OverlayPanel(QWidget):
             lead = tuple(range(self.viewer.dims.ndim - 3))
             self.viewer.dims.order = lead + tuple(len(lead) + o for o in order)
             try:
-                self.viewer.camera.orientation2d = orientation
+                _camera(self.viewer).orientation2d = orientation
             except (AttributeError, ValueError):
                 pass
         if self.compare.currentText() == "curtain":

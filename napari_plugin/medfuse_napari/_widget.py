@@ -46,19 +46,46 @@ def _same_placement(layer: Any, other: Any) -> bool:
                for k in parts) and np.allclose(layer.affine.affine_matrix, other.affine.affine_matrix)
 
 
-def _job_failed(outcome, label, what: str) -> bool:
-    """Show a cancelled or failed job in ``label`` and a notification; True when there is no result to use."""
+def _series_fix(viewer: Any, default: str) -> str:
+    """The fix for "no volume to pick": split a 4-D layer when there is one (the pickers take 3-D volumes only).
+
+    Why: every series of a 4-D DICOM folder (fMRI, multi-echo, gated) opens as one 4-D layer, so a user who opened
+    only such series sees empty pickers; napari's own Split Stack gives its volumes as 3-D layers.
+    """
+    from napari.layers import Image
+
+    series = [l.name for l in viewer.layers if isinstance(l, Image) and not l.rgb and l.ndim == 4]
+    if not series:
+        return default
+    return (f"'{series[0]}' is a 4-D series, which is not offered: right-click it in the layer list and choose "
+            f"'Split Stack' to get its volumes as 3-D layers, then pick those")
+
+
+def _job_failed(outcome, label, what: str, token: Any = None) -> bool:
+    """Show a cancelled or failed job in ``label`` and a notification; True when there is no result to use.
+
+    A job that returned although ``token`` was cancelled counts as cancelled: a step that polls no token (a
+    classical fusion rule, seconds on a large volume) finished after Cancel, and the user asked for no result.
+    """
     from medfuse.errors import CancelledError
 
-    if outcome.error is None:
+    error = outcome.error
+    if error is None and token is not None and token.cancelled:
+        error = CancelledError(f"{what} was cancelled")
+    if error is None:
         return False
-    if isinstance(outcome.error, CancelledError):
+    if isinstance(error, CancelledError):
         label.setText("cancelled")
         _notify_info(f"{what.capitalize()} cancelled.")
     else:
         label.setText("failed")
-        _notify_error(_jobs.error_message(outcome.error, what))
+        _notify_error(_jobs.error_message(error, what))
     return True
+
+
+def _cancelling(token: Any) -> bool:
+    """Whether Cancel was pressed: progress reported after that (the next level starting) is not shown."""
+    return token is not None and token.cancelled
 
 
 class MedfuseWidget(QWidget):
@@ -154,8 +181,9 @@ class RegisterPanel(QWidget):
 
         fixed_layer, moving_layer = self.fixed.layer(), self.moving.layer()
         if fixed_layer is None or moving_layer is None or fixed_layer is moving_layer:
-            _notify_error("Registration needs two different 3-D greyscale image layers (2-D and RGB layers are not "
-                          "offered). Fix: open two volumes and pick a fixed and a moving layer.")
+            fix = _series_fix(self.viewer, "open two volumes and pick a fixed and a moving layer")
+            _notify_error("Registration needs two different 3-D greyscale image layers (2-D, RGB and 4-D layers are "
+                          f"not offered). Fix: {fix}.")
             return
         try:
             # The files' own grids: the same result as medfuse.register on the files (and the CLI).
@@ -212,7 +240,7 @@ class RegisterPanel(QWidget):
 
     def cancel(self) -> None:
         """Ask the running registration to stop (it raises CancelledError at its next check)."""
-        if self.token is not None:
+        if self.token is not None and self.worker is not None:  # a finished job has nothing to stop
             self.token.cancel()
             self.level_label.setText("cancelling…")
 
@@ -247,6 +275,8 @@ class RegisterPanel(QWidget):
         return {k: v for k, v in out.items() if v}
 
     def _on_progress(self, fraction: float, message: str) -> None:
+        if _cancelling(self.token):
+            return
         self.progress.setValue(int(round(fraction * 1000)))
         m = _LEVEL.match(message)
         if not m:
@@ -263,12 +293,14 @@ class RegisterPanel(QWidget):
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if _job_failed(outcome, self.level_label, "registration"):
+        if _job_failed(outcome, self.level_label, "registration", self.token):
             return
         self.result, on_fixed = outcome.value
         try:
             self._apply(self.result, on_fixed)
+            self.level_label.setText("done")  # not the last step's message ("resampling…") left standing
         except Exception as exc:  # noqa: BLE001 - e.g. the layer was deleted meanwhile
+            self.level_label.setText("done; result not applied")
             _notify_error(_jobs.error_message(exc, "applying the registration"))
         self.save_button.setEnabled(True)
 
@@ -402,7 +434,9 @@ class FusePanel(QWidget):
         chosen = [c.layer() for c in self.inputs]
         chosen = [l for l in chosen if l is not None]
         if len(chosen) < 2 or len({id(l) for l in chosen}) != len(chosen):
-            _notify_error("Fusion needs 2 or 3 different image layers. Fix: pick them in the Fuse panel.")
+            fix = _series_fix(self.viewer, "pick them in the Fuse panel")
+            _notify_error("Fusion needs 2 or 3 different image layers (2-D images or 3-D volumes). "
+                          f"Fix: {fix}.")
             return
         method = self.method.currentText()
         names = [l.name for l in chosen]
@@ -412,12 +446,28 @@ class FusePanel(QWidget):
         if any(flat) and not all(flat):
             _notify_error("Fusion cannot mix 2-D images and 3-D volumes. Fix: pick only 2-D or only 3-D layers.")
             return
+        colour = [l.name for l in chosen if l.rgb]
+        if len(colour) > 1:
+            # Why here: medfuse.fuse sees two (H, W, 3) arrays as thin volumes and would filter across R, G, B.
+            _notify_error(f"Fusion takes one colour (RGB) layer at most, beside grey ones; '{colour[0]}' and "
+                          f"'{colour[1]}' are both colour. Fix: pick the grey image (e.g. the MRI) with one of them, "
+                          f"or make one grey first (right-click it in the layer list › Split RGB).")
+            return
         moved = [l.name for l in chosen[1:] if all(flat) and not _same_placement(l, base)]
         if moved:
             # 2-D layers are fused pixel by pixel, with no resampling: they must sit where the base sits.
             _notify_error(f"2-D layer '{moved[0]}' is placed differently from '{base.name}' in napari (scale, "
                           f"translate, rotate, shear or affine), and 2-D layers are fused pixel by pixel. Fix: give "
                           f"it the base layer's placement, or fuse 3-D volumes, which are resampled.")
+            return
+        sizes = {l.name: tuple(layer_array(l).shape[:2]) for l in chosen} if all(flat) else {}
+        other = [n for n, size in sizes.items() if size != sizes[base.name]]
+        if other:
+            size = " x ".join(map(str, sizes[other[0]]))
+            _notify_error(f"2-D layer '{other[0]}' is {size} pixels and '{base.name}' "
+                          f"{' x '.join(map(str, sizes[base.name]))}; 2-D layers are fused pixel by pixel. Fix: "
+                          f"pick 2-D images of one size (such as an aligned pair), or fuse 3-D volumes, which are "
+                          f"resampled.")
             return
         try:  # snapshot the layers in the GUI thread; the worker only computes
             if all(flat):
@@ -463,11 +513,13 @@ class FusePanel(QWidget):
 
     def cancel(self) -> None:
         """Ask the running fusion to stop (it raises CancelledError at its next check)."""
-        if self.token is not None:
+        if self.token is not None and self.worker is not None:  # a finished job has nothing to stop
             self.token.cancel()
             self.status.setText("cancelling…")
 
     def _on_progress(self, fraction: float, message: str) -> None:
+        if _cancelling(self.token):
+            return
         self.progress.setValue(int(round(fraction * 1000)))
         if message:
             self.status.setText(message)
@@ -478,7 +530,7 @@ class FusePanel(QWidget):
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if _job_failed(outcome, self.status, "fusion"):
+        if _job_failed(outcome, self.status, "fusion", self.token):
             return
         fused, names, method = outcome.value
         arr = fused.array if hasattr(fused, "array") else np.asarray(fused)

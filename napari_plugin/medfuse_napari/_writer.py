@@ -39,9 +39,12 @@ def layer_volume(data: Any, attributes: Dict[str, Any]):
     layer = _layer_like(data, attributes)
     arr = data[0] if layer.multiscale else data
     if np.ndim(arr) != 3 or layer.rgb:
+        series = np.ndim(arr) == 4 and not layer.rgb  # a 4-D series from the reader (fMRI, multi-echo, gated)
         raise InvalidInputError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {np.shape(arr)}); "
-                                "medfuse writes volumes", fix="save a 3-D image layer, or use napari's own "
-                                "writers (.tif, .npy) for other layers")
+                                "medfuse writes volumes",
+                                fix=("split it into volumes (right-click it in the layer list › Split Stack) and "
+                                     "save those" if series else "save a 3-D image layer") +
+                                ", or use napari's own writers (.tif, .npy) for other layers")
     vol = native_volume(layer)
     placed = world_matrix(layer)  # a registration applied in napari moves the grid, not the voxels
     if not np.allclose(placed, np.eye(4), atol=1e-9):

@@ -74,3 +74,24 @@ def test_layers_that_are_not_volumes_are_refused_clearly(make_napari_viewer, tmp
         with pytest.raises(MedfuseError, match=f"layer '{layer.name}' is not a 3-D greyscale volume"):
             write_image(str(tmp_path / "x.nii.gz"), data, state)
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_4d_series_is_refused_with_the_way_to_save_its_volumes(make_napari_viewer, shared, tmp_path):
+    """The GE fMRI series opens as one 4-D layer; its volumes (napari's Split Stack) save with the file geometry."""
+    from napari._app_model import get_app_model
+
+    from medfuse_napari._writer import write_image
+
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0004")
+    viewer = make_napari_viewer()
+    series = viewer.open(str(folder), plugin="medfuse")[0]
+    with pytest.raises(MedfuseError, match="Split Stack"):
+        write_image(str(tmp_path / "x.nii.gz"), series.data, series._get_state())
+    assert not (tmp_path / "x.nii.gz").exists()
+    viewer.layers.selection.active = series
+    get_app_model().commands.execute_command("napari.layer.split_stack").result()
+    last = viewer.layers[-1]
+    written = write_image(str(tmp_path / "last.nii.gz"), last.data, last._get_state())
+    back, truth = medfuse.load(written[0]), medfuse.load_volumes(folder)[-1]
+    np.testing.assert_allclose(back.affine, truth.affine, atol=1e-4)
+    np.testing.assert_array_equal(back.array, truth.array)
