@@ -67,7 +67,7 @@ def _run(method: str, arrays01: Sequence[np.ndarray], *, device: str, options: D
     progress, cancel = options.pop("progress", None), options.pop("cancel", None)
     check(cancel, "fusion")
     report(progress, 0.0, f"fusing ({method})")
-    out = fuse_arrays(list(arrays01), method=method, **options)
+    out = fuse_arrays(list(arrays01), method=method, cancel=cancel, **options)
     report(progress, 1.0, "fused")
     return out
 
@@ -336,6 +336,11 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         )
     if arrays[0].ndim not in (2, 3):
         raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {shapes[0]}", fix="pass 2-D or 3-D arrays")
+    if arrays[0].ndim == 3 and shapes[0][2] in (3, 4) and min(shapes[0][:2]) >= 16 and method != "network":
+        # Two colour images look like two 3-slice volumes: the rules would filter across R, G and B.
+        warnings.warn(f"the inputs (shape {shapes[0]}) are fused as {shapes[0][2]}-slice volumes; if they are colour "
+                      "images, convert them to grey first (medfuse.fusion.color.rgb_to_gray), or fuse a grey image "
+                      "with one colour image", MedfuseWarning, stacklevel=2)
     # normalise() makes its own float64 copy of each input: no second one here (peak memory on volumes).
     scaled, recs = _normalise_arrays(arrays, normalise, originals=arrays)
     _as_network_precision(method, scaled)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..progress import check
 
 __all__ = ["METHODS", "fuse_arrays", "guided_filter"]
 
@@ -122,17 +123,25 @@ def _max_levels(shape, smallest: int = 8) -> int:
     return n
 
 
-def _laplacian(xs, *, levels: int = 4, weights=None) -> np.ndarray:
+def _no_poll() -> None:
+    return None
+
+
+def _laplacian(xs, *, levels: int = 4, weights=None, poll=_no_poll) -> np.ndarray:
     levels = max(1, min(int(levels), _max_levels(xs[0].shape)))
     w = _weights(weights, len(xs))
-    pyrs = [_laplacian_pyramid(x, levels) for x in xs]
+    pyrs = []
+    for x in xs:
+        poll()
+        pyrs.append(_laplacian_pyramid(x, levels))
+    poll()
     fused = [_select_max_abs([p[k] for p in pyrs]) for k in range(levels)]
     fused.append(sum(wi * p[-1] for wi, p in zip(w, pyrs)))
     return _collapse(fused)
 
 
 # ---------------------------------------------------------------------- wavelet
-def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None) -> np.ndarray:
+def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None, poll=_no_poll) -> np.ndarray:
     import pywt
 
     try:
@@ -146,7 +155,11 @@ def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None) -> np.n
         # An image shorter than the filter gets one level, with PyWavelets' "level too high" warning; the
         # symmetric extension still reconstructs it exactly, so the warning says nothing the caller can act on.
         warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
-        decs = [pywt.wavedecn(x, wav, mode="symmetric", level=levels) for x in xs]
+        decs = []
+        for x in xs:
+            poll()
+            decs.append(pywt.wavedecn(x, wav, mode="symmetric", level=levels))
+    poll()
     fused = [sum(wi * d[0] for wi, d in zip(w, decs))]
     for k in range(1, levels + 1):
         fused.append({key: _select_max_abs([d[k][key] for d in decs]) for key in decs[0][k]})
@@ -161,7 +174,7 @@ def _box(x: np.ndarray, r: int) -> np.ndarray:
     return uniform_filter(x, size=2 * r + 1, mode="reflect")
 
 
-def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float) -> np.ndarray:
+def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float, poll=None) -> np.ndarray:
     """Edge-preserving guided filter (He, Sun & Tang 2010) with box means; n-D.
 
     Args:
@@ -169,18 +182,23 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
         src: the image ``p`` to filter (same shape).
         radius: box radius ``r`` (window ``2r+1`` per axis).
         eps: regularisation; larger smooths more.
+        poll: called between its box filters (a cancel check: one 3-D filter takes seconds).
     """
+    poll = poll or _no_poll
     r = max(1, min(int(radius), (min(guide.shape) - 1) // 2))
     mi, mp = _box(guide, r), _box(src, r)
+    poll()
     var = _box(guide * guide, r) - mi * mi
+    poll()
     cov = _box(guide * src, r) - mi * mp
+    poll()
     a = cov / (var + eps)
     b = mp - a * mi
     return _box(a, r) * guide + _box(b, r)
 
 
 def _gff(xs, *, base_radius: int = 15, r1: int = 45, eps1: float = 0.3, r2: int = 7, eps2: float = 1e-6,
-         sigma: float = 5.0) -> np.ndarray:
+         sigma: float = 5.0, poll=_no_poll) -> np.ndarray:
     from scipy.ndimage import gaussian_filter, laplace
 
     # The published parameters assume 0..1 images; scale jointly, undo at the end.
@@ -189,6 +207,7 @@ def _gff(xs, *, base_radius: int = 15, r1: int = 45, eps1: float = 0.3, r2: int 
     span = hi - lo if hi > lo else 1.0
     us = [(x - lo) / span for x in xs]
     bases = [_box(u, base_radius) for u in us]
+    poll()
     details = [u - b for u, b in zip(us, bases)]
     saliency = np.stack([gaussian_filter(np.abs(laplace(u, mode="reflect")), sigma, mode="reflect", truncate=1.0)
                          for u in us])
@@ -196,8 +215,11 @@ def _gff(xs, *, base_radius: int = 15, r1: int = 45, eps1: float = 0.3, r2: int 
     wb, wd = [], []
     for k, u in enumerate(us):
         p = (winner == k).astype(np.float64)
-        wb.append(guided_filter(u, p, radius=r1, eps=eps1))
-        wd.append(guided_filter(u, p, radius=r2, eps=eps2))
+        poll()
+        wb.append(guided_filter(u, p, radius=r1, eps=eps1, poll=poll))
+        poll()
+        wd.append(guided_filter(u, p, radius=r2, eps=eps2, poll=poll))
+    poll()
 
     def _norm(ws):
         ws = np.clip(np.stack(ws), 0.0, None)  # guided filtering can overshoot below 0
@@ -211,7 +233,7 @@ def _gff(xs, *, base_radius: int = 15, r1: int = 45, eps1: float = 0.3, r2: int 
 
 
 # ---------------------------------------------------------------------- dispatch
-def fuse_arrays(arrays: Sequence, *, method: str = "mean", **options) -> np.ndarray:
+def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **options) -> np.ndarray:
     """Fuse two or more images/volumes of one shape with a classical rule.
 
     Args:
@@ -221,6 +243,8 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", **options) -> np.ndar
             ``weights`` for the base; ``wavelet``: ``wavelet`` ("db2"), ``levels`` (3),
             ``weights``; ``gff``: ``base_radius`` (15), ``r1`` (45), ``eps1`` (0.3),
             ``r2`` (7), ``eps2`` (1e-6), ``sigma`` (5).
+        cancel: a :class:`medfuse.progress.CancelToken`, polled between the rule's steps (a 3-D gff runs
+            for seconds).
 
     Returns:
         The fused array (float64), same shape as the inputs.
@@ -235,12 +259,16 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", **options) -> np.ndar
         1.0
     """
     xs = _check(arrays)
+
+    def poll() -> None:
+        check(cancel, "fusion")
+
     rules = {
         "mean": lambda weights=None: sum(wi * x for wi, x in zip(_weights(weights, len(xs)), xs)),
         "max": lambda: np.maximum.reduce(xs),
-        "laplacian": lambda **kw: _laplacian(xs, **kw),
-        "wavelet": lambda **kw: _wavelet(xs, **kw),
-        "gff": lambda **kw: _gff(xs, **kw),
+        "laplacian": lambda **kw: _laplacian(xs, poll=poll, **kw),
+        "wavelet": lambda **kw: _wavelet(xs, poll=poll, **kw),
+        "gff": lambda **kw: _gff(xs, poll=poll, **kw),
     }
     key = str(method).lower()
     rule = rules.get(key)

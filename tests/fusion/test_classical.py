@@ -455,3 +455,41 @@ def test_fused_volume_keeps_what_was_said_about_its_inputs():
     fused = fuse(va, vb, method="mean")
     assert fused.provenance["warnings"] == ["input 2: resampled across frames of reference"]
     assert "warnings" not in fuse(va, va, method="mean").provenance
+
+
+@pytest.mark.parametrize("method", ["gff", "laplacian", "wavelet"])
+def test_cancel_stops_a_multi_scale_rule_while_it_runs(method):
+    """The rules were checked for cancel only before they started, so Cancel in the napari panel waited for a
+    3-D gff to finish (9 s on the phantom). A token set once the rule runs now stops it at its next step."""
+    from medfuse.errors import CancelledError
+    from medfuse.progress import CancelToken
+
+    class CancelOnceRunning(CancelToken):
+        polls = 0
+
+        def raise_if_cancelled(self, what="the operation"):
+            self.polls += 1
+            if self.polls == 2:  # the first poll is fuse's own, before the rule starts
+                self.cancel()
+            super().raise_if_cancelled(what)
+
+    v = _vol(np.random.default_rng(0).random((24, 24, 24)))
+    token = CancelOnceRunning()
+    with pytest.raises(CancelledError):
+        fuse(v, v, method=method, cancel=token)
+    assert token.polls == 2
+
+
+def test_two_colour_images_as_arrays_are_not_fused_silently_as_thin_volumes():
+    """Two (H, W, 3) arrays were fused as 3-slice volumes without a word, the rules filtering across R, G and B;
+    a grey image with one colour image is the colour path, and a real volume is not warned about."""
+    from medfuse.errors import MedfuseWarning
+
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(0, 255, (64, 64, 3)).astype(np.uint8) for _ in range(2))
+    with pytest.warns(MedfuseWarning, match="rgb_to_gray"):
+        fuse(a, b, method="laplacian")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        fuse(a[..., 0], b, method="laplacian")
+        fuse(rng.random((64, 64, 40)), rng.random((64, 64, 40)), method="laplacian")
