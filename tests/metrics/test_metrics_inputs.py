@@ -52,7 +52,7 @@ def test_which_metrics_depend_on_the_intensity_scale_is_what_the_doc_says(shared
 
 @pytest.mark.shared
 def test_layouts_dtypes_and_tensors_that_numpy_reads_score_the_same(shared):
-    import torch
+    torch = pytest.importorskip("torch")
 
     f, a, b = _harvard(shared)
     want = M.score(f, a, b)
@@ -67,7 +67,7 @@ def test_layouts_dtypes_and_tensors_that_numpy_reads_score_the_same(shared):
 
 def test_a_tensor_numpy_cannot_read_is_told_how_to_convert_it():
     """A tensor that needs grad (a network output) was refused with "pass a NumPy array"."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, (32, 32)).astype(float) for _ in range(2))
@@ -188,7 +188,7 @@ def test_ms_ssim_matches_monai_on_five_scales(shared):
     its MS-SSIM was v ** (1 / 1.0001) of the reference's (5.4e-5 high for this max-rule pair). MONAI's
     MultiScaleSSIMMetric (same windows, 'valid' filtering, 2x2 average pooling) builds its Gaussian in float32,
     which leaves 3.8e-6 (with a float64 kernel the two agree to 1e-8)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from monai.metrics import MultiScaleSSIMMetric
 
     f, a, b = _harvard(shared)
