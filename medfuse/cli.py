@@ -37,11 +37,11 @@ _KINDS = ("none", "rigid", "affine", "deformable")
 _DESCRIPTION = """\
 Multimodal fusion of 3-D medical volumes (CT, MR, PET, SPECT).
 
-Start here:
-  medfuse demo                                   fuse the bundled sample MR + PET, write NIfTI + PNG
-  medfuse info scan_folder/                      what is in a file or folder (series, files, SUV)
-  medfuse fuse mr.nii.gz pet_dicom/ -o fused.nii.gz --register rigid
-  medfuse batch subjects.csv --workers 4         many subjects in parallel (Dask)
+Start here (the paths are the repository's bundled sample_volumes/):
+  medfuse demo                                   # fuse the bundled sample MR + PET, write NIfTI + PNG
+  medfuse info sample_volumes                    # what is in a file or folder (series, files, SUV)
+  medfuse fuse sample_volumes/mr_t1.nii.gz sample_volumes/pet -o fused.nii.gz --register rigid
+  medfuse batch subjects.csv --workers 4         # your manifest: many subjects in parallel (Dask; medfuse batch --help)
 
 Inputs are NIfTI/MetaImage/NRRD files or DICOM folders. The first image (FIXED) is the
 reference: outputs are on its grid. Every output gets a provenance sidecar (x.nii.gz -> x.json):
@@ -865,10 +865,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fuse", "fuse FIXED with one or more MOVING images",
             "Load FIXED and MOVING, optionally register MOVING onto FIXED, resample onto FIXED's grid,\n"
             "normalise each to 0..1, fuse, and write OUT plus its provenance sidecar (fused.nii.gz -> fused.json).\n\n"
-            "examples:\n"
-            "  medfuse fuse mr.nii.gz pet/ -o fused.nii.gz --register rigid\n"
-            "  medfuse fuse ct/ mr.nii.gz -o fused.nii.gz --register rigid --method laplacian\n"
-            "  medfuse fuse mr.nii.gz pet/ -o fused.nii.gz --device cuda")
+            "examples (from the repository root; --device cuda needs a CUDA GPU and torch built for it):\n"
+            "  medfuse fuse sample_volumes/mr_t1.nii.gz sample_volumes/pet -o fused.nii.gz --register rigid\n"
+            "  medfuse fuse sample_volumes/ct sample_volumes/mr_t1.nii.gz -o ct_mr.nii.gz --method laplacian"
+            "  # already aligned\n"
+            "  medfuse fuse sample_volumes/mr_t1.nii.gz sample_volumes/pet -o fused_gpu.nii.gz --register rigid "
+            "--device cuda")
     p.add_argument("fixed", metavar="FIXED", help="reference image; the output is on its grid")
     p.add_argument("moving", metavar="MOVING", nargs="+", help="image(s) to fuse with FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -994,6 +996,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         e = _cli_error(e)  # every command's fixes in command-line words (register, evaluate, batch too)
         print(f"medfuse {args.command}: error: {e.one_line()}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader left (medfuse info x | head -1): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        return EXIT_OK
     except OSError as e:  # from a step that did not type it: permission, disk full... is not a bug
         message = _os_error_message(e)
         if message is None:

@@ -592,3 +592,14 @@ def test_series_choices_that_name_nothing_are_usage_errors(pacs_export, tmp_path
                  "--series", *choice]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_reader_that_leaves_early_is_no_internal_error():
+    """`medfuse info FOLDER | head -1`: the pipe closes under the listing. That exited 3, 'internal error:
+    BrokenPipeError'; the reader has what it wanted, so it is a quiet success."""
+    proc = subprocess.Popen([sys.executable, "-m", "medfuse.cli", "info", str(SAMPLES)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before medfuse writes a byte: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "internal error" not in err and "Traceback" not in err
