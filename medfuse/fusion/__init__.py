@@ -199,6 +199,25 @@ def _as_network_precision(method: str, scaled: List[np.ndarray]) -> None:
             scaled[i] = s.astype(np.float32)
 
 
+def _as_array(x: Any, i: int) -> np.ndarray:
+    """Input ``i`` (1-based) as a NumPy array; torch tensors are detached and copied to the CPU.
+
+    Refused: a masked array with masked pixels (``np.asarray`` drops the mask, so they would be fused as image)
+    and a MONAI ``MetaTensor`` (its affine would be dropped; as a Volume its geometry is kept).
+    """
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+        raise InvalidInputError(f"input {i} is a masked array; fusion takes no mask, so the masked pixels would be "
+                                "fused as image", fix="fill them first (x.filled(0)), or pass np.ma.getdata(x)")
+    if type(x).__module__.split(".")[0] in ("torch", "monai") and hasattr(x, "detach"):
+        if hasattr(x, "affine") and hasattr(x, "meta"):
+            raise InvalidInputError(f"input {i} is a MONAI MetaTensor; as a plain array its affine would be lost",
+                                    fix="fuse Volumes, which keep the geometry: medfuse.Volume.from_metatensor(t) "
+                                        "for each input (or pass t.array for the voxels alone)")
+        t = x.detach().cpu()  # a tensor that needs grad, or on a GPU, has no NumPy view
+        return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()  # NumPy has no bfloat16
+    return np.asarray(x)
+
+
 def _colour_peak(rgb: np.ndarray) -> float:
     """The value of full intensity in a colour image: 255 for 8-bit data, the dtype's top for 16-bit, else 1."""
     top = float(rgb.max())
@@ -249,12 +268,15 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
     """Fuse two or three co-registered images or volumes.
 
     Args:
-        a, b, *more: 2-D/3-D NumPy arrays of one shape, or :class:`~medfuse.Volume`s on one
-            grid. One 2-D input may be an ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT) beside one
-            grey image: its luma is fused through YCbCr and the result is RGB on its scale (0..1,
-            0..255 or 16-bit; ``normalise`` then applies to the grey image only).
+        a, b, *more: 2-D/3-D NumPy arrays (or torch tensors, detached and copied to the CPU) of one
+            shape, or :class:`~medfuse.Volume`s on one grid. MONAI MetaTensors are refused (as arrays
+            their affine would be lost): pass ``Volume.from_metatensor(t)``. One 2-D input may be an
+            ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT) beside one grey image: its luma is fused
+            through YCbCr and the result is RGB on its scale (0..1, 0..255 or 16-bit; ``normalise`` then
+            applies to the grey image only).
         method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` (network only; checked by
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"auto"`` or a ``torch.device``
+            (used by the network only, but checked for every method before any work:
             :func:`medfuse.fusion.device.resolve_device`).
         normalise: ``"auto"``, ``"none"``, a :mod:`~medfuse.fusion.normalise` method name for every
             input, or a list of option dicts (one per input, e.g. ``{"method": "window", "level": 40}``).
@@ -287,8 +309,8 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         error (a classical rule handles it).
 
     Raises:
-        InvalidInputError: wrong count, shapes, NaN, complex values, unknown method, normalisation,
-            option or device, or a GPU this machine lacks.
+        InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, unknown
+            method, normalisation, option or device, or a GPU this machine lacks.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
@@ -301,6 +323,11 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
     if len(inputs) > 3:
         raise InvalidInputError(f"fusion takes two or three inputs, got {len(inputs)}", fix="fuse at most three images")
     method = _check_method(method)
+    # Before any work, and for every method: a misspelt device is refused even where a rule ignores it.
+    from .device import check_device_name, check_network_device
+
+    check_device_name(device)
+    check_network_device(method, device)
     n_vol = sum(isinstance(x, Volume) for x in inputs)
     if n_vol not in (0, len(inputs)):
         raise InvalidInputError(
@@ -311,7 +338,7 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
 
     arrays = []
     for i, x in enumerate(inputs):
-        arr = np.asarray(x)
+        arr = _as_array(x, i + 1)
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise InvalidInputError(f"input {i + 1} must be numeric, got dtype {arr.dtype}", fix="pass numeric arrays")
         if np.iscomplexobj(arr):
@@ -329,6 +356,11 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
     if rgba:
         raise InvalidInputError(f"input {rgba[0] + 1} has 4 channels (RGBA); colour fusion takes RGB",
                                 fix="drop the alpha channel first: image[..., :3]")
+    if len({len(s) for s in shapes}) != 1:
+        # Not a grid mismatch that resampling mends: a slice and a volume (or a 4-D series).
+        raise InvalidInputError(f"the inputs mix {' and '.join(f'{len(s)}-D' for s in shapes)} arrays (shapes {shapes})",
+                                fix="fuse like with like: a 2-D image with one slice of the volume (e.g. volume[:, :, k]), "
+                                    "or volumes on one grid")
     if len(set(shapes)) != 1:
         raise InvalidInputError(
             f"the inputs have different shapes {shapes}",

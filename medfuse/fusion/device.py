@@ -48,16 +48,16 @@ def resolve_device(device) -> str:
     if kind == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise InvalidInputError(f"device {device!r} was asked for, but {why}",
+            raise InvalidInputError(f"device {str(device)!r} was asked for, but {why}",
                                     fix="use device 'cpu' (or 'auto', which picks a GPU only when there is one)")
         count = torch.cuda.device_count()
         if index and int(index) >= count:
-            raise InvalidInputError(f"device {device!r} was asked for, but this machine has {count} CUDA GPU(s)",
+            raise InvalidInputError(f"device {str(device)!r} was asked for, but this machine has {count} CUDA GPU(s)",
                                     fix=f"use 'cuda:0' .. 'cuda:{count - 1}', or 'cuda' for the current one")
         return name
     mps = getattr(torch.backends, "mps", None)  # the only name left
     if mps is None or not mps.is_available():
-        raise InvalidInputError(f"device {device!r} was asked for, but Apple's MPS backend is not available here",
+        raise InvalidInputError(f"device {str(device)!r} was asked for, but Apple's MPS backend is not available here",
                                 fix="use device 'cpu'")
     return "mps"
 

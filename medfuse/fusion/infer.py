@@ -54,6 +54,24 @@ def weights_sha256(weights: Optional[PathLike] = None) -> str:
                            fix="reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors") from None
 
 
+def _check_recorded_hash(p: Path) -> None:
+    """Refuse weights whose SHA-256 differs from the one their card (``<stem>.json``, written with them) records.
+
+    Why: a flipped or overwritten byte in the tensor data still parses as safetensors and loads into the model,
+    which then fuses with other numbers than the ones validated and named in provenance.
+    """
+    card = p.with_suffix(".json")
+    try:
+        recorded = json.loads(card.read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # no card (weights from elsewhere) or an unreadable one: nothing to compare with
+    if isinstance(recorded, str) and recorded and weights_sha256(p) != recorded:
+        raise WeightsError(f"the fusion network's weights file does not match the SHA-256 recorded in {card.name} "
+                           "(corrupted or partly overwritten)", path=p,
+                           fix="reinstall medfuse to restore the shipped weights, or export both files again "
+                               "with 'medfuse train'")
+
+
 def _torch():
     try:
         import torch
@@ -70,7 +88,8 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     ``MEDFUSE_MALLOC_TUNING=0`` to leave the allocator alone).
 
     Raises:
-        WeightsError: the file is missing, not a safetensors file, truncated, or does not fit the model.
+        WeightsError: the file is missing, not a safetensors file, truncated, does not fit the model, or differs
+            from the SHA-256 that its card (``medfuse_fusion.json`` beside it) records.
         InvalidInputError: ``device`` is unknown, or a GPU this machine or torch build does not have.
     """
     torch = _torch()
@@ -90,6 +109,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         if key in _CACHE:
             return _CACHE[key]
         keep_freed_memory()  # once per process: no page faults for every call's intermediates (see _allocator)
+        _check_recorded_hash(p)
         try:
             from safetensors import safe_open
         except ImportError:  # pragma: no cover

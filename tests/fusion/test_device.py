@@ -68,3 +68,19 @@ def test_a_fallback_does_not_hide_a_wrong_device(no_gpu):
     check_network_device("mean", "tpu")
     with pytest.raises(InvalidInputError, match="unknown device"):
         check_network_device("network", "tpu")
+
+
+def test_a_classical_rule_refuses_a_misspelt_device_too():
+    """A classical rule ignored the device, so ``device='tpu'`` passed silently (the network refused it)."""
+    a = np.random.default_rng(1).random((24, 24))
+    with pytest.raises(InvalidInputError, match="unknown device 'tpu'"):
+        fuse(a, a.T, method="mean", device="tpu")
+    # A known GPU name means nothing to a rule: no GPU is needed for it.
+    np.testing.assert_array_equal(fuse(a, a.T, method="mean", device="cuda"), fuse(a, a.T, method="mean"))
+
+
+def test_a_torch_device_is_named_as_the_user_wrote_it(no_gpu):
+    a = np.random.default_rng(2).random((32, 32)).astype(np.float32)
+    with pytest.raises(InvalidInputError, match=r"device 'cuda:0' was asked for"):
+        fuse(a, a.T, device=torch.device("cuda", 0))
+    np.testing.assert_array_equal(fuse(a, a.T, device=torch.device("cpu")), fuse(a, a.T))

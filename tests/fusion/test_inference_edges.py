@@ -160,3 +160,26 @@ def test_strongly_anisotropic_voxels_are_warned_about_and_recorded():
         fuse(*aniso, method="laplacian")  # the warning is about the network's tri-plane path
     np.testing.assert_array_equal(out.array, same.array)  # a warning only: the voxels are fused as before
     assert "warnings" not in same.provenance
+
+
+def test_weights_that_differ_from_their_recorded_hash_are_refused(tmp_path):
+    """One changed byte in the tensor data still loaded (a different network, silently); its card records the hash."""
+    import shutil
+
+    from medfuse.errors import WeightsError
+
+    for name in ("medfuse_fusion.safetensors", "medfuse_fusion.json"):
+        shutil.copy(infer.default_weights_path().with_name(name), tmp_path / name)
+    good = tmp_path / "medfuse_fusion.safetensors"
+    a, b = _blobs((32, 32), 8), _blobs((32, 32), 9)
+    np.testing.assert_array_equal(infer.fuse_2d([a, b], weights=good), infer.fuse_2d([a, b]))  # an intact copy
+    bad = tmp_path / "flipped" / "medfuse_fusion.safetensors"
+    bad.parent.mkdir()
+    shutil.copy(tmp_path / "medfuse_fusion.json", bad.with_suffix(".json"))
+    data = bytearray(good.read_bytes())
+    data[-4] ^= 0x01  # the lowest mantissa byte of the last float32: a finite, plausible weight
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"flipped.*medfuse_fusion.safetensors.*SHA-256 recorded in "
+                                           r"medfuse_fusion.json") as ei:
+        fuse(a, b, weights=bad)
+    assert "reinstall medfuse" in str(ei.value)

@@ -1,0 +1,79 @@
+"""What ``medfuse.fuse`` accepts besides NumPy arrays: torch tensors, MONAI MetaTensors, masked arrays.
+
+Found by using the API as a researcher does: a tensor that needs grad raised torch's own RuntimeError, a bfloat16
+tensor NumPy's TypeError; a MetaTensor was fused as a bare array, its affine silently dropped; a masked array
+had its masked-out pixels fused as image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+import medfuse  # noqa: E402
+from medfuse.errors import InvalidInputError  # noqa: E402
+from medfuse.fusion import fuse  # noqa: E402
+from medfuse.volume import Volume  # noqa: E402
+
+
+@pytest.fixture
+def ct_mri(shared):
+    """A real Harvard CT-MRI pair as float32 in 0..1."""
+    from PIL import Image
+
+    root = shared("data", "harvard-pairs", "CT-MRI")
+    return [np.asarray(Image.open(root / m / "16004.png").convert("L"), dtype=np.float32) / 255.0
+            for m in ("CT", "MRI")]
+
+
+def test_a_tensor_that_needs_grad_is_fused_like_its_array(ct_mri):
+    a, b = ct_mri
+    ta = torch.from_numpy(a.copy()).requires_grad_()
+    tb = torch.from_numpy(b.copy())
+    out = fuse(ta, tb)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, fuse(a, b))
+    assert ta.requires_grad and torch.equal(ta.detach(), torch.from_numpy(a))  # the input is left as it was
+
+
+def test_a_bfloat16_tensor_is_read_through_float32(ct_mri):
+    a, b = ct_mri
+    ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+    out = fuse(ta, tb, method="mean")
+    np.testing.assert_array_equal(out, fuse(ta.float().numpy(), tb.float().numpy(), method="mean"))
+
+
+def test_a_metatensor_is_refused_with_the_volume_route_which_keeps_its_geometry(samples_dir):
+    pytest.importorskip("monai")
+    t1, t2 = (medfuse.load(samples_dir / f"mr_{c}.nii.gz") for c in ("t1", "t2"))
+    crop = (slice(60, 92), slice(70, 102), slice(60, 92))
+    vols = [Volume(v.array[crop], t1.affine, modality="MR") for v in (t1, t2)]
+    metas = [v.to_metatensor()[0] for v in vols]  # (I, J, K), the affine in its meta
+    with pytest.raises(InvalidInputError, match="MetaTensor.*affine would be lost.*Volume.from_metatensor"):
+        fuse(*metas)
+    out = fuse(*(Volume.from_metatensor(m, modality="MR") for m in metas))
+    np.testing.assert_allclose(out.affine, t1.affine, atol=1e-9)
+    np.testing.assert_array_equal(out.array, fuse(*vols).array)
+
+
+def test_a_masked_array_with_masked_pixels_is_refused(ct_mri):
+    a, b = ct_mri
+    masked = np.ma.masked_array(a, mask=a < 0.05)
+    with pytest.raises(InvalidInputError, match=r"input 1 is a masked array.*filled\(0\)"):
+        fuse(masked, b, method="mean")
+    # Nothing masked: nothing to lose, fused as its data.
+    np.testing.assert_array_equal(fuse(np.ma.masked_array(a, mask=False), b, method="mean"),
+                                  fuse(a, b, method="mean"))
+
+
+def test_a_slice_beside_a_volume_is_not_sent_to_resampling(samples_dir):
+    """A 2-D image beside a 3-D volume was told to resample onto one grid, which cannot mend it."""
+    t1, t2 = (medfuse.load(samples_dir / f"mr_{c}.nii.gz").array for c in ("t1", "t2"))
+    with pytest.raises(InvalidInputError, match=r"mix 2-D and 3-D arrays.*volume\[:, :, k\]"):
+        fuse(t1[:, :, 80], t2)
+    with pytest.raises(InvalidInputError, match="mix 3-D and 2-D"):
+        fuse(t1, t2[:, :, 80], method="mean")
+    assert fuse(t1[:, :, 80], t2[:, :, 80]).shape == t1.shape[:2]  # the fix the message gives works
