@@ -114,15 +114,16 @@ class LoadStep:
     Args:
         modalities: optional modality override per input (e.g. ``["MR", "PT"]`` for NIfTI files, or for
             Volumes and MONAI MetaTensors given in memory); ``None`` for an input keeps its own.
-        suv: PET SUV kind, as :func:`medfuse.load` takes it: ``"auto"`` (SUVbw, or the kind a series stored as
-            SUV by the scanner already holds), ``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``.
+        suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``, or ``"auto"`` as :func:`medfuse.load`
+            takes it: the kind a series stored as SUV by the scanner already holds). ``"bw"`` here, unlike
+            ``load``: the batch runs compare it with their sidecars, and a new default would redo every subject.
         series: optional series choice per input, for DICOM folders that hold several series (a number as
             listed, a modality, or a UID; see :func:`medfuse.io.select_series`); ``None`` or ``"-"``: no choice.
     """
 
     name = "load"
 
-    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "auto",
+    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "bw",
                  series: Optional[Sequence[Optional[str]]] = None):
         self.modalities = list(modalities) if modalities else None
         self.series = list(series) if series else None

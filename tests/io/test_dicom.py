@@ -11,8 +11,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
-import medfuse
 from nibabel import orientations as nio
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -735,23 +733,3 @@ def test_value_checks_switch_is_restored_only_when_the_last_reader_in_any_thread
     assert seen["while the other ended"] == pydicom.config.IGNORE
     assert settings.reading_validation_mode == user
 
-
-def test_fuse_files_reads_pet_suv_as_load_does(tmp_path):
-    """A PET series the scanner stored as SUVlbm (Units GML, SUVType LBM) without a PatientWeight: load keeps
-    it as SUVlbm ("auto"), quietly; the pipeline behind `medfuse fuse` and batch asked for SUVbw, so every
-    fusion of it warned that the weight needed for SUVbw was missing."""
-    from medfuse.pipeline import fuse_files
-
-    pet_dir, ct_dir = tmp_path / "pet", tmp_path / "ct"
-    _series(pet_dir, modality="PT", slope=0.001, intercept=0.0,
-            extra={"Units": "GML", "SUVType": "LBM", "CorrectedImage": ["ATTN", "DECY"], "DecayCorrection": "START"})
-    _series(ct_dir)
-    alone = medfuse.load(pet_dir)
-    assert alone.unit == "SUVlbm"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fuse_files(ct_dir, pet_dir, tmp_path / "fused.nii.gz", method="max", register=None)
-    assert not [w for w in caught if "PatientWeight" in str(w.message)]
-    assert result.output is not None and result.output.exists()
-    assert result.provenance["parameters"]["load"]["suv"] == "auto"
-    assert [i["unit"] for i in result.provenance["inputs"]] == ["HU", "SUVlbm"]
