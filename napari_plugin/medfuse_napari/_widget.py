@@ -64,8 +64,8 @@ def _series_fix(viewer: Any, default: str) -> str:
 def _job_failed(outcome, label, what: str, token: Any = None) -> bool:
     """Show a cancelled or failed job in ``label`` and a notification; True when there is no result to use.
 
-    A job that returned although ``token`` was cancelled counts as cancelled: a step that polls no token (a
-    classical fusion rule, seconds on a large volume) finished after Cancel, and the user asked for no result.
+    A job that returned although ``token`` was cancelled counts as cancelled: Cancel came during its last step,
+    after the last check, and the user asked for no result.
     """
     from medfuse.errors import CancelledError
 
