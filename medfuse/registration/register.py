@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..errors import CancelledError, InvalidInputError, RegistrationError
+from ..errors import CancelledError, InvalidInputError, MedfuseWarning, RegistrationError
 from ..progress import CancelToken, ProgressFn, report
 from ..volume import Volume, require_finite
 from .presets import get_preset
@@ -120,6 +121,12 @@ def _as_volume(v: Any, name: str) -> Volume:
     if hi - lo <= 0:
         raise RegistrationError(f"{name} is constant (every voxel is {lo:g}); there is nothing to align",
                                 fix="check that the right image was loaded (an empty or blank series?)")
+    if arr.dtype == bool:
+        # Two grey levels give mutual information wide flat plateaus: a synthetic ellipsoid mask ended 38 degrees
+        # off, and nothing in the report flagged it.
+        warnings.warn(f"{name} is a boolean mask: registering masks by their intensities is unreliable (no report "
+                      "check catches a wrong result). Register the images, and pass the masks as fixed_mask= / "
+                      "moving_mask=", MedfuseWarning, stacklevel=3)
     return vol
 
 

@@ -711,3 +711,13 @@ def test_an_aligned_pair_whose_search_ends_worse_keeps_the_scanners_placement():
         assert not r.report.suspect, (kind, r.report.suspect_reasons)
         np.testing.assert_allclose(r.transform.matrix, np.eye(4), atol=1e-9)
         assert r.report.initialisation.startswith("world (kept the scanners' placement"), r.report.initialisation
+
+
+def test_boolean_masks_registered_as_images_warn_that_no_check_catches_a_wrong_result():
+    """A mask passed as the image (an ellipsoid ended 38 degrees off, not flagged): warned, with the mask options."""
+    from medfuse.errors import MedfuseWarning
+
+    a = _blob()
+    mask = Volume(a.array > 0.5 * a.array.max(), a.affine.copy(), modality="MR")
+    with pytest.warns(MedfuseWarning, match="moving_mask="):
+        register(mask, mask.with_array(mask.array.copy()), kind="rigid")
