@@ -721,7 +721,7 @@ def _initialise_wide(fixed, moving, *, preset, metric, seed, fmask, mmask, cance
     plain = Transform(tx).matrix
     bar = best[0] - _TURN_MARGIN * abs(best[0]) if math.isfinite(best[0]) else math.inf
     bins = preset["histogram_bins"]
-    fine_plain = _evaluate(fixed, moving, tx, metric=metric, bins=bins, seed=seed, fmask=fmask, mmask=mmask)
+    fine_plain = ...  # the unturned start on the working images, evaluated only when a turned candidate needs it
     for cand in _turned_candidates(fixed, moving, preset=preset, metric=metric, seed=seed, fmask=fmask,
                                    mmask=mmask, cancel=cancel):
         # The header's orientation is the prior: a turned candidate must be clearly better. A symmetric object
@@ -732,6 +732,9 @@ def _initialise_wide(fixed, moving, *, preset, metric, seed, fmask, mmask, cance
         if cand[0] < min(bar, best[0]) and _max_probe_distance(whole, plain, tx.GetCenter()) > 5:
             # ... and better on the working images too: the 8 mm copy of a slab a few slices thick is mostly blur
             # and padding (a 4-slice T1 slab won turned 180 degrees there, scoring 68 % worse here).
+            if fine_plain is ...:
+                fine_plain = _evaluate(fixed, moving, tx, metric=metric, bins=bins, seed=seed, fmask=fmask,
+                                       mmask=mmask)
             fine = _evaluate(fixed, moving, Transform.from_matrix(whole).sitk, metric=metric, bins=bins, seed=seed,
                              fmask=fmask, mmask=mmask)
             if fine_plain is None or (fine is not None and fine < fine_plain):
