@@ -312,11 +312,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                                               "file", fix="give the file or folder that holds the images",
                                               path=p) from None
                 raise
-        if args.series and series:
-            from .io import select_series
-
-            args.series = select_series(p, args.series)
-        elif args.series:
+        if args.series and not series:
             raise InvalidInputError("--series picks a DICOM series, and this folder holds none",
                                     fix="leave out --series", path=p)
         if len(series) + len(files) > 1 or (files and not series):
@@ -408,7 +404,7 @@ def _fmt_metric(value: Optional[float]) -> str:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from . import provenance as prov
-    from .io import load, save, select_series
+    from .io import load, save
     from .io._atomic import check_output
     from .io.writers import check_save_target
     from .registration.transforms import TRANSFORM_SUFFIXES
@@ -438,7 +434,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     initial = _as_initial(init_path) if init_path else None
     _check_series_option(args, 2)
     picks = args.series or [None, None]
-    fixed, moving = (load(p, series_uid=select_series(p, pick)) for p, pick in zip((args.fixed, args.moving), picks))
+    fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick)
+                     for p, pick in zip((args.fixed, args.moving), picks))
     import time
 
     from .registration import register

@@ -118,7 +118,7 @@ class LoadStep:
             takes it: the kind a series stored as SUV by the scanner already holds). ``"bw"`` here, unlike
             ``load``: the batch runs compare it with their sidecars, and a new default would redo every subject.
         series: optional series choice per input, for DICOM folders that hold several series (a number as
-            listed, a modality, or a UID; see :func:`medfuse.io.select_series`); ``None`` or ``"-"``: no choice.
+            listed, a modality, or a UID, as :func:`medfuse.load`'s ``series_uid`` takes them); ``None`` or ``"-"``: no choice.
     """
 
     name = "load"
@@ -135,7 +135,7 @@ class LoadStep:
         self.suv = suv
 
     def __call__(self, state: PipelineState) -> PipelineState:
-        from .io import load, select_series
+        from .io import load
 
         vols = []
         n = len(state.inputs)
@@ -147,8 +147,8 @@ class LoadStep:
                 vols.append(item if mod is None else item.with_array(item.array, modality=mod))
             else:
                 pick = self.series[i] if self.series and i < len(self.series) else None
-                uid = select_series(item, pick) if pick not in (None, "-") else None
-                vols.append(load(item, modality=mod, suv=self.suv, series_uid=uid))
+                pick = None if pick is None or str(pick).strip() in ("", "-") else str(pick).strip()
+                vols.append(load(item, modality=mod, suv=self.suv, series_uid=pick))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
         state.volumes = vols
         state.originals = list(vols)

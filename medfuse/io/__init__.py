@@ -66,7 +66,9 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
 
     Args:
         path: file or folder.
-        series_uid: which DICOM series to read when a folder holds several (see :func:`scan`).
+        series_uid: which DICOM series to read when a folder holds several: its SeriesInstanceUID, or its
+            number as :func:`scan` lists it (1-based, e.g. ``"2"``), or a modality that only one series there has
+            (``"PT"``, ``"CT"``).
         volume_index: which volume of a 4-D series to return (0-based).
         modality: override the modality (NIfTI carries none; default ``unknown`` or guessed).
         unit: override the unit.
@@ -84,7 +86,12 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
     p = Path(path)
     _check_exists(p)
     if p.is_file() and is_image_file(p):
+        from ..errors import InvalidInputError
         from .nifti import load_image
+
+        if series_uid is not None:
+            raise InvalidInputError("a series was chosen, but this file holds one image (series are picked in DICOM "
+                                    "folders)", fix="leave the series choice out for this input ('-')", path=p)
 
         return _absolute_source(load_image(p, modality=modality, unit=unit, volume_index=volume_index))
     from .dicom import load_dicom
@@ -126,7 +133,8 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
     """The SeriesInstanceUID of the series ``selector`` names in the DICOM folder ``path``.
 
     For folders that hold several series, as PACS and CD exports of a PET/CT or PET/MR study often do (all
-    series side by side in one folder), so that no files need moving.
+    series side by side in one folder), so that no files need moving. ``load(path, series_uid=selector)`` takes
+    the same choices directly (one pass over the headers); this gives the UID itself.
 
     Args:
         path: a DICOM folder.
@@ -139,7 +147,7 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
             series by number and modality (no UIDs or descriptions, which may identify the patient).
     """
     from ..errors import InvalidInputError
-    from ..volume import _MODALITY_ALIASES
+    from .dicom import resolve_series_choice
 
     if selector is None or str(selector).strip() in ("", "-"):
         return None
@@ -148,28 +156,16 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
         raise InvalidInputError("a series can be picked in a DICOM folder only; this is a file",
                                 fix="leave the series choice out for this input ('-')", path=p)
     series = scan(p)
-    listed = "; ".join(f"{i}: {s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files"
-                       for i, s in enumerate(series, start=1))
+    entries = [(s.series_uid, s.modality, f"{s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files")
+               for s in series]
     key = str(selector).strip()
-    if key.isdigit():
-        n = int(key)
-        if not 1 <= n <= len(series):
-            raise InvalidInputError(f"series {n} asked for, but the folder holds {len(series)} ({listed})",
-                                    fix=f"give a number from 1 to {len(series)}", path=p)
-        return series[n - 1].series_uid
-    modality = _MODALITY_ALIASES.get(key.upper())
-    if modality is not None:
-        hits = [i for i, s in enumerate(series, start=1) if _MODALITY_ALIASES.get(s.modality.upper()) == modality]
-        if len(hits) == 1:
-            return series[hits[0] - 1].series_uid
-        raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed})",
-                                fix="pick it by its number instead" if hits else "check the folder, or pick a "
-                                "series by its number", path=p)
-    for s in series:
-        if s.series_uid == key:
-            return key
-    raise InvalidInputError(f"no series in this folder matches the choice given ({listed})",
-                            fix="give the series' number as listed, its modality, or its SeriesInstanceUID", path=p)
+    uid = resolve_series_choice(key, entries, p) or key
+    if uid not in {s.series_uid for s in series}:
+        raise InvalidInputError(f"no series in this folder matches the choice given: it is not one of the {len(series)} series "
+                                f"({'; '.join(f'{i}: {e[2]}' for i, e in enumerate(entries, start=1))})",
+                                fix="give the series' number as listed, its modality, or its SeriesInstanceUID",
+                                path=p)
+    return uid
 
 
 def series_choice_record(selector: Optional[str]) -> Optional[str]:

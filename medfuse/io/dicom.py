@@ -740,19 +740,58 @@ def _shown_folder(folder: Path, root: Path) -> str:
         return os.fspath(folder)
 
 
+def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, str]], path: Path) -> Optional[str]:
+    """The UID that ``choice`` names among ``entries`` ((uid, modality, description for messages), in listing
+    order): a 1-based number or a modality exactly one series has; None when it is neither (a UID, say).
+
+    Raises:
+        InvalidInputError: a number out of range, or a modality no series (or several) has; the message lists the
+            series by number (no UIDs or descriptions).
+    """
+    from ..volume import _MODALITY_ALIASES
+
+    key = str(choice).strip()
+    modality = None if key.isdigit() else _MODALITY_ALIASES.get(key.upper())
+    if not key.isdigit() and modality is None:
+        return None
+    listed = "; ".join(f"{i}: {what}" for i, (_, _, what) in enumerate(entries, start=1))
+    if key.isdigit():
+        n = int(key)
+        if not 1 <= n <= len(entries):
+            raise InvalidInputError(f"series {n} asked for, but the folder holds {len(entries)} ({listed})",
+                                    fix=f"give a number from 1 to {len(entries)}", path=path)
+        return entries[n - 1][0]
+    hits = [uid for uid, mod, _ in entries if _MODALITY_ALIASES.get(str(mod).strip().upper()) == modality]
+    if len(hits) == 1:
+        return hits[0]
+    raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed})",
+                            fix="pick it by its number instead" if hits else "check the folder, or pick a series by "
+                            "its number", path=path)
+
+
+def _series_line(fs: list, path: Path) -> str:
+    """One series in messages: modality, size, file count and folder."""
+    return (f"{str(fs[0][1].get('Modality', '?'))} {fs[0][1].get('Columns', '?')}x{fs[0][1].get('Rows', '?')}, "
+            f"{len(fs)} files in {_shown_folder(fs[0][0].parent, path)}")
+
+
 def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> Tuple[str, list]:
     # UIDs and descriptions stay out of these messages (they end up in logs and batch reports; UIDs trace back to
     # the study, and a description is free text that may name the patient or a physician): the series are named
     # by modality, size, file count and folder, and error.choices holds the UIDs.
+    if series_uid is not None and series_uid not in series:
+        # A number as listed, or a modality (medfuse fuse --series CT PT on a PACS export's one folder).
+        series_uid = resolve_series_choice(series_uid, [(u, str(fs[0][1].get("Modality", "")), _series_line(fs, path))
+                                                        for u, fs in series.items()], path) or series_uid
     if series_uid is not None:
         if series_uid not in series:
-            raise InvalidInputError(f"the series_uid given is not one of the {len(series)} series in this folder",
-                                    fix="list the series with medfuse.scan(folder)", path=path)
+            listed = "; ".join(f"{i}: {_series_line(fs, path)}" for i, fs in enumerate(series.values(), start=1))
+            raise InvalidInputError(f"no series in this folder matches the choice given: it is not one of the {len(series)} series "
+                                    f"({listed})", fix="give the series' number as listed, its modality, or its "
+                                    "SeriesInstanceUID", path=path)
         return series_uid, series[series_uid]
     if len(series) > 1:
-        lines = [f"{i}: {str(fs[0][1].get('Modality', '?'))} {fs[0][1].get('Columns', '?')}x"
-                 f"{fs[0][1].get('Rows', '?')}, {len(fs)} files in {_shown_folder(fs[0][0].parent, path)}"
-                 for i, fs in enumerate(series.values(), start=1)]
+        lines = [f"{i}: {_series_line(fs, path)}" for i, fs in enumerate(series.values(), start=1)]
         raise MultipleSeriesError(f"the folder holds {len(series)} series ({'; '.join(lines)})",
                                   choices=list(series), path=path,
                                   fix="load the folder of one series, or pass series_uid= (medfuse.scan(folder) "

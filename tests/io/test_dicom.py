@@ -733,3 +733,24 @@ def test_value_checks_switch_is_restored_only_when_the_last_reader_in_any_thread
     assert seen["while the other ended"] == pydicom.config.IGNORE
     assert settings.reading_validation_mode == user
 
+
+
+def test_load_takes_a_series_number_or_modality_as_the_listing_gives_them(tmp_path):
+    """`--series CT PT` is passed to load itself: the folder's headers are read once, not once to resolve the
+    choice and again to load. A number or modality that names nothing is refused with the listing."""
+    study = tmp_path / "study"
+    u1, _ = _series(study / "a", n=3)
+    u2, _ = _series(study / "b", n=4, modality="MR")
+    assert [s.series_uid for s in scan(study)] == [u1, u2]
+    assert load_dicom(study, series_uid="2").provenance["series_uid"] == u2
+    assert load_dicom(study, series_uid="mr").shape[2] == 4
+    assert load_dicom(study, series_uid="CT").provenance["series_uid"] == u1
+    for bad, words in (("3", "series 3 asked for"), ("PT", "no PT series"), ("nonsense", "not one of the 2 series")):
+        with pytest.raises(InvalidInputError, match=words) as e:
+            load_dicom(study, series_uid=bad)
+        assert "1: CT 10x8" in str(e.value) and u1 not in str(e.value)
+    import medfuse
+
+    nii = medfuse.save(load_dicom(study, series_uid="1"), tmp_path / "ct.nii.gz")
+    with pytest.raises(InvalidInputError, match="this file holds one image"):
+        medfuse.load(nii, series_uid="CT")
