@@ -24,6 +24,21 @@ converted with :meth:`medfuse.Volume.from_metatensor` (RAS to LPS, NIfTI space f
 registered results are returned in the type and channel layout they came in. Bad input raises
 :class:`medfuse.errors.InvalidInputError` with a fix. This module needs MONAI (``pip install 'medfuse[ml]'``);
 ``import medfuse`` never imports it.
+
+Batching and caching (``DataLoader``, ``PersistentDataset``):
+
+* Volumes left in an item (``LoadVolumed``'s output, not dropped) batch as MONAI's ``LoadImaged`` images do:
+  a ``(B, 1, I, J, K)`` MetaTensor with each subject's affine (importing this module registers that with
+  torch's ``default_collate``, as MONAI registers its MetaTensor). MONAI's own transforms need tensors:
+  ``LoadVolumed(..., as_tensor=True)`` for images that go through them (e.g. stacked as channels).
+* Registration reports (``"<key>_registration"``) hold ``None`` values and lists of varying length, which
+  torch's collate refuses: drop them (``SelectItemsd``, or ``report_postfix=None``) before batching.
+* ``PersistentDataset`` reloads with ``torch.load(weights_only=True)``, which refuses Volumes (MONAI then calls
+  the file corrupt and recomputes it every time): cache tensors only (``as_tensor=True``, ``delete_keys=True``
+  or ``SelectItemsd``). Pass ``hash_transform=monai.data.utils.pickle_hashing`` so that a change of fusion
+  method or option gives a new cache key (``json_hashing`` cannot serialise transforms and falls back to
+  their class names, so a changed method would reuse the stale cache), and ``track_meta=True`` so that the
+  cached images keep their affine. ``docs/classifier.md`` shows a whole classifier pipeline.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import os
 import warnings
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
-from .errors import InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
+from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from .volume import Volume
 
 try:
@@ -118,6 +133,36 @@ def _repr(obj: Any, **params: Any) -> str:
     """``Name(param=value, ...)``: MONAI's "applying transform ..." errors and logs then say what ran."""
     shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
     return f"{type(obj).__name__}({shown})"
+
+
+def _collate_volumes(batch: Sequence[Volume], *, collate_fn_map: Optional[dict] = None) -> Any:
+    """torch ``default_collate`` for Volumes: a batched MetaTensor ``(B, 1, I, J, K)`` with each one's affine.
+
+    Why MetaTensors: that is what MONAI's ``LoadImaged`` keys batch into, so that ``decollate_batch``, ``Invertd``
+    and shared-memory transfer from workers work on them; volumes of different shapes fail as MONAI's do (its
+    error suggests ``pad_list_data_collate``). :meth:`Volume.from_metatensor` turns an item back.
+    """
+    from monai.data.utils import collate_meta_tensor_fn
+
+    return collate_meta_tensor_fn([v.to_metatensor() for v in batch], collate_fn_map=collate_fn_map)
+
+
+def _register_collate() -> None:
+    """Teach torch's ``default_collate`` (and MONAI's ``list_data_collate``, which calls it) Volumes.
+
+    Without it an item that still holds a loaded Volume (``LoadVolumed``'s default output, kept unless dropped)
+    fails to batch with torch's "default_collate: batch must contain tensors, ... found <class
+    'medfuse.volume.Volume'>". MONAI registers its MetaTensor the same way; a spawned DataLoader worker imports
+    this module when it unpickles the transforms, which registers it there too.
+    """
+    try:
+        from torch.utils.data._utils.collate import default_collate_fn_map
+    except ImportError:  # pragma: no cover - a torch without the registry (< 1.13): Volumes stay refused
+        return
+    default_collate_fn_map.setdefault(Volume, _collate_volumes)
+
+
+_register_collate()
 
 
 # ----------------------------------------------------------------------------- load
@@ -286,34 +331,48 @@ class FuseModalities(Transform):
         fallback: classical method used, with a warning, when the network cannot run.
         resample: put every image on the first image's grid first (no registration).
         as_tensor: return a channel-first float32 MetaTensor (default) instead of a Volume.
+        **options: passed to :func:`medfuse.fusion.fuse` for ``method`` (e.g. ``weights=[0.7, 0.3]`` for
+            ``"mean"``, ``levels=3`` for ``"laplacian"``, a ``weights=`` file for ``"network"``); the
+            ``fallback`` rule runs with its defaults. They are part of the transform's state, so MONAI's
+            ``PersistentDataset(hash_transform=pickle_hashing)`` gives other options another cache key.
     """
 
     def __init__(self, *, method: str = "network", device: str = "cpu", normalise: Any = "auto",
-                 fallback: Optional[str] = None, resample: bool = False, as_tensor: bool = True):
+                 fallback: Optional[str] = None, resample: bool = False, as_tensor: bool = True, **options: Any):
         self.method, self.device, self.normalise = method, device, normalise
         self.fallback, self.resample, self.as_tensor = fallback, resample, as_tensor
+        self.options = options
 
     def __call__(self, images: Sequence[Any]) -> Any:
+        return self._fuse(images)
+
+    def _fuse(self, images: Sequence[Any], names: Optional[Sequence[str]] = None) -> Any:
+        """Fuse ``images``; ``names`` (the dictionary keys) name them in errors (default "image 1", ...)."""
         from .pipeline import _fuse, _fusion_unavailable, _itk_threads
 
         if isinstance(images, (Volume, str)) or _is_metatensor(images) or not 2 <= len(images) <= 3:
             what = f"{len(images)} image(s)" if isinstance(images, (list, tuple)) else f"a {type(images).__name__}"
             raise InvalidInputError(f"fusion needs a list of two or three images, got {what}",
                                     fix="pass [reference, other] or [reference, other, third], on one grid")
-        vols = [as_volume(x, name=f"image {i + 1}") for i, x in enumerate(images)]
+        keyed = names is not None
+        names = list(names) if keyed else [f"image {i + 1}" for i in range(len(images))]
+        vols = [as_volume(x, name=n) for x, n in zip(images, names)]
         if self.resample:
             from .registration import resample
 
             with _itk_threads(_threads(None)):
                 vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
+        else:
+            _check_grids(vols, names, dict_keys=keyed)
         try:
-            fused = _fuse(vols, method=self.method, device=self.device, normalise=self.normalise)
+            fused = _fuse(vols, method=self.method, device=self.device, normalise=self.normalise, **self.options)
         except Exception as e:  # noqa: BLE001 - only the documented fallback is swallowed
             if not (self.method == "network" and self.fallback and _fusion_unavailable(e)):
                 raise
             reason = e.one_line() if isinstance(e, MedfuseError) else f"{e.__class__.__name__}: {e}"
             warnings.warn(f"the fusion network is not available ({reason}); using '{self.fallback}'",
-                          MedfuseWarning, stacklevel=2)
+                          MedfuseWarning, stacklevel=3)
+            # The rule's defaults: the options were the network's (its weights= file means nothing to a rule).
             fused = _fuse(vols, method=self.fallback, device=self.device, normalise=self.normalise)
         if not isinstance(fused, Volume):
             fused = vols[0].with_array(fused, modality="unknown", unit="arbitrary")
@@ -329,7 +388,28 @@ class FuseModalities(Transform):
 
     def __repr__(self) -> str:
         return _repr(self, method=self.method, device=self.device, normalise=self.normalise,
-                     fallback=self.fallback, resample=self.resample, as_tensor=self.as_tensor)
+                     fallback=self.fallback, resample=self.resample, as_tensor=self.as_tensor, **self.options)
+
+
+def _check_grids(vols: Sequence[Volume], names: Sequence[str], *, dict_keys: bool) -> None:
+    """Refuse images off the reference's grid, naming them and the transform that puts them on it.
+
+    :func:`medfuse.fuse` refuses them too, but says "volume 2" and points to ``medfuse.register``; inside a
+    ``Compose`` the user thinks in keys and mends it with a transform.
+    """
+    for v, name in zip(vols[1:], names[1:]):
+        if v.same_grid(vols[0]):
+            continue
+        if dict_keys:
+            fix = (f"register it onto the reference first: RegisterToReferenced(keys=[{name!r}], "
+                   f"reference_key={names[0]!r}) before the fusion; if the two already share one world frame "
+                   "(e.g. BraTS sequences, a PET/CT), FuseModalitiesd(..., resample=True) or "
+                   "RegisterToReferenced(..., kind=None) only resamples")
+        else:
+            fix = ("register it onto the reference first (RegisterToReference, medfuse.register); if the two "
+                   "already share one world frame, FuseModalities(resample=True) only resamples")
+        raise GeometryError(f"{name!r} is on a different grid than the reference {names[0]!r}: "
+                            f"{vols[0].grid_difference(v)}", fix=fix)
 
 
 class FuseModalitiesd(MapTransform):
@@ -339,25 +419,35 @@ class FuseModalitiesd(MapTransform):
         keys: two or three aligned images (see :class:`RegisterToReferenced`).
         output_key: where the fused image goes (default ``"fused"``).
         delete_keys: drop the input images afterwards (saves memory in cached datasets).
-        method, device, normalise, fallback, resample, as_tensor: see :class:`FuseModalities`.
+        method, device, normalise, fallback, resample, as_tensor, **options: see :class:`FuseModalities`.
+        allow_missing_keys: fuse the keys present (a subject without its third image gets the other two
+            fused); with fewer than two present the item passes through unchanged, without ``output_key``.
+
+    Raises:
+        GeometryError: an image is not on the first key's grid; the message names both keys, how the grids
+            differ and the transform that mends it (``RegisterToReferenced``, or ``resample=True``).
+        InvalidInputError: fewer than two keys, an input that is not an image, an option the method lacks.
     """
 
     def __init__(self, keys: KeysCollection, *, output_key: str = "fused", method: str = "network",
                  device: str = "cpu", normalise: Any = "auto", fallback: Optional[str] = None,
-                 resample: bool = False, as_tensor: bool = True, delete_keys: bool = False):
-        super().__init__(keys, allow_missing_keys=False)
+                 resample: bool = False, as_tensor: bool = True, delete_keys: bool = False,
+                 allow_missing_keys: bool = False, **options: Any):
+        super().__init__(keys, allow_missing_keys)
         self.output_key, self.delete_keys = output_key, delete_keys
         self.fuse = FuseModalities(method=method, device=device, normalise=normalise, fallback=fallback,
-                                   resample=resample, as_tensor=as_tensor)
+                                   resample=resample, as_tensor=as_tensor, **options)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         keys = list(self.key_iterator(d))
         if len(keys) < 2:
+            if self.allow_missing_keys and len(self.keys) >= 2:
+                return d
             raise InvalidInputError(f"fusion needs two or three images, got keys {keys}",
                                     fix="list the image keys to fuse, reference first")
         try:
-            d[self.output_key] = self.fuse([d[k] for k in keys])
+            d[self.output_key] = self.fuse._fuse([d[k] for k in keys], names=[str(k) for k in keys])
         except MedfuseError as e:
             _name_file(e, d[keys[0]])
             raise
@@ -371,4 +461,4 @@ class FuseModalitiesd(MapTransform):
         f = self.fuse
         return _repr(self, keys=self.keys, output_key=self.output_key, method=f.method, device=f.device,
                      normalise=f.normalise, fallback=f.fallback, resample=f.resample, as_tensor=f.as_tensor,
-                     delete_keys=self.delete_keys)
+                     delete_keys=self.delete_keys, allow_missing_keys=self.allow_missing_keys, **f.options)
