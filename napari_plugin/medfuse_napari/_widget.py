@@ -352,7 +352,9 @@ class RegisterPanel(QWidget):
 
     def _add_resampled(self, volume, moving, fixed) -> None:
         md = dict(meta(moving))
-        md.pop("registration", None)
+        report = md.pop("registration", None)
+        if report:  # the registration that made these voxels (metric, suspect flag) goes into a saved file's sidecar
+            md["registration"] = {**report, "resampled_onto": fixed.name}
         md["provenance"] = dict(volume.provenance)
         # The voxels are on the fixed layer's grid now: the moving file's affine no longer describes them.
         md["affine"] = np.asarray(volume.affine).tolist()

@@ -3,17 +3,45 @@
 napari's own writers save the pixels only (``.tif``, ``.npy``): a fused or registered volume saved that way
 loses where it lies in the patient. This writer rebuilds the medfuse ``Volume`` from the layer (the file's
 voxel order and affine kept in the layer metadata, plus any placement a registration gave the layer in napari)
-and writes it with :func:`medfuse.save` (atomic; never onto the file the layer was read from).
+and writes it with :func:`medfuse.save` (atomic; never onto the file the layer was read from, nor onto a file
+another open layer was read from). A layer that medfuse made or moved (fused, registered, resampled) also gets
+a provenance sidecar (``fused.nii.gz`` -> ``fused.json``), as the CLI writes one.
+
+Errors are :class:`LayerSaveError` (or :class:`~medfuse.errors.OutputExistsError`), never a ``ValueError``:
+napari 0.9.2 (``napari.plugins._npe2.write_layers``) reads any ``ValueError`` from a writer it picked by the
+file's ending as "no writer found", drops it and only warns "No data written! A plugin could not be found ..."
+(``layer.save(path)``, ``viewer.layers.save(path)`` and ``plugin="medfuse"`` alike), so the reason would never
+reach the user.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ._layers import native_volume, world_matrix
+from medfuse.errors import MedfuseError
+
+from ._layers import meta, native_volume, world_matrix
+
+#: The endings this writer writes (the manifest's ``filename_extensions``; ``.mhd``/``.nhdr`` add a ``.raw``).
+SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: Endings of other formats: a name ending so is refused, not given ``.nii.gz`` on top.
+_OTHER_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".svg", ".npy", ".npz", ".zarr",
+                  ".csv", ".json", ".dcm", ".img", ".hdr", ".h5", ".tfm", ".txt", ".mat")
+#: What a layer's provenance holds when medfuse made it (fusion, resampling) rather than read it as is.
+_DERIVED_KEYS = ("fusion", "method", "sources", "history", "weights_sha256", "warnings")
+
+
+class LayerSaveError(MedfuseError):
+    """The medfuse writer cannot save this layer (or not to this name).
+
+    Why its own class, not ``InvalidInputError``: that is a ``ValueError``, which napari 0.9.2 swallows (see the
+    module docstring).
+    """
 
 
 def _layer_like(data: Any, attributes: Dict[str, Any]) -> SimpleNamespace:
@@ -31,20 +59,19 @@ def layer_volume(data: Any, attributes: Dict[str, Any]):
     """The Volume a layer shows: the file's grid (or the display grid) placed where napari draws it.
 
     Raises:
-        InvalidInputError: not a 3-D greyscale layer.
+        LayerSaveError: not a 3-D greyscale layer.
     """
-    from medfuse.errors import InvalidInputError
     from medfuse.volume import Volume
 
     layer = _layer_like(data, attributes)
     arr = data[0] if layer.multiscale else data
     if np.ndim(arr) != 3 or layer.rgb:
         series = np.ndim(arr) == 4 and not layer.rgb  # a 4-D series from the reader (fMRI, multi-echo, gated)
-        raise InvalidInputError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {np.shape(arr)}); "
-                                "medfuse writes volumes",
-                                fix=("split it into volumes (right-click it in the layer list › Split Stack) and "
-                                     "save those" if series else "save a 3-D image layer") +
-                                ", or use napari's own writers (.tif, .npy) for other layers")
+        raise LayerSaveError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {np.shape(arr)}); "
+                             "medfuse writes volumes",
+                             fix=("split it into volumes (right-click it in the layer list › Split Stack) and "
+                                  "save those" if series else "save a 3-D image layer") +
+                             ", or use napari's own writers (.tif, .png) for other layers (pixels only, no geometry)")
     vol = native_volume(layer)
     placed = world_matrix(layer)  # a registration applied in napari moves the grid, not the voxels
     if not np.allclose(placed, np.eye(4), atol=1e-9):
@@ -53,13 +80,137 @@ def layer_volume(data: Any, attributes: Dict[str, Any]):
     return vol
 
 
+def _target(path: str) -> tuple[Path, bool]:
+    """The file to write and whether an existing one may be replaced.
+
+    A name without one of :data:`SUFFIXES` (napari's save dialog passes the name as typed, e.g. the layer name
+    ``fused (mean)`` or ``pet.ac``) gets ``.nii.gz``, as napari itself adds for ``layer.save("fused")``; without
+    this, :func:`medfuse.save` would write a DICOM series folder of that name. napari's dialog asked about the
+    name typed, not that one, so an existing file there is not replaced.
+    """
+    p = Path(path)
+    low = p.name.lower()
+    if low.endswith(SUFFIXES):
+        return p, True
+    if low.endswith(_OTHER_FORMATS):
+        raise LayerSaveError(f"the medfuse writer writes {', '.join(SUFFIXES)} files, not {p.suffix}",
+                             fix="end the name in .nii.gz (NIfTI: 3D Slicer, ITK-SNAP, FSL), .mha or .nrrd; for "
+                                 "pixels only choose napari's own writer; for a DICOM series use "
+                                 "medfuse.save(volume, folder) or the medfuse CLI", path=p)
+    return p.with_name(p.name + ".nii.gz"), False
+
+
+def _open_inputs() -> List[str]:
+    """The files the layers open in napari were read from: never written over (napari or medfuse layers)."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt / no window: nothing is open
+        return []
+    found: List[Any] = []
+    for layer in getattr(viewer, "layers", ()):
+        prov = meta(layer).get("provenance") or {}
+        found += [prov.get("source"), *(prov.get("sources") or [])]
+        found.append(getattr(getattr(layer, "source", None), "path", None))
+    return [os.fspath(s) for s in found if isinstance(s, (str, os.PathLike)) and os.fspath(s)]
+
+
+def _refuse_open_inputs(target: Path) -> None:
+    from medfuse.errors import OutputExistsError
+    from medfuse.io._atomic import input_files, same_file
+
+    for src in input_files(_open_inputs()):
+        if same_file(target, src):
+            raise OutputExistsError("refusing to write onto a file (or into a folder) that a layer open in napari "
+                                    "was read from: inputs are never modified",
+                                    fix="choose another name, or close that layer first", path=target)
+
+
+def _is_derived(md: Dict[str, Any], placed: bool) -> bool:
+    prov = md.get("provenance") or {}
+    return placed or bool(md.get("registration")) or any(prov.get(k) for k in _DERIVED_KEYS)
+
+
+def _sources(md: Dict[str, Any]) -> List[str]:
+    prov = md.get("provenance") or {}
+    found = [prov.get("source"), *(prov.get("sources") or [])]
+    return list(dict.fromkeys(os.fspath(s) for s in found if isinstance(s, (str, os.PathLike)) and os.fspath(s)))
+
+
+def _check_sidecar(target: Path) -> Optional[Path]:
+    """The sidecar path; refused when someone's own JSON (not a medfuse record) holds it."""
+    from medfuse import provenance as prov
+    from medfuse.errors import OutputExistsError
+
+    side = prov.sidecar_path(target)
+    if (side.exists() or side.is_symlink()) and not prov.is_medfuse_record(prov.read_sidecar(target)):
+        raise OutputExistsError("the provenance sidecar of this output would replace a JSON file medfuse did not "
+                                "write", fix="choose another output name, or move that file away", path=side)
+    return side
+
+
+def _sidecar_record(target: Path, vol: Any, md: Dict[str, Any], name: str, placed: np.ndarray) -> Dict[str, Any]:
+    """A provenance record as the CLI writes one: the inputs' files, how the layer was made, where it was put."""
+    from medfuse import provenance as prov
+
+    # UIDs stay out: they tie the record to a study (names and IDs are blanked by write_sidecar).
+    layer_prov = {k: v for k, v in dict(md.get("provenance") or {}).items() if "uid" not in k.lower()}
+    inputs = []
+    for src in _sources(md):
+        p = Path(src)
+        try:
+            digest = prov.hash_path(p) if p.exists() else None
+        except OSError:
+            digest = None
+        inputs.append({"role": "source", "path": src, "sha256": digest})
+    fusion = layer_prov.get("fusion") or {}
+    return prov.build(
+        inputs=inputs, output=target, output_sha256=prov.hash_path(target),
+        parameters={k: fusion[k] for k in ("method", "inputs", "grid") if k in fusion},
+        registration=md.get("registration"), weights_sha256=layer_prov.get("weights_sha256"),
+        extra={"written_by": "medfuse napari writer", "layer": name, "modality": vol.modality, "unit": vol.unit,
+               "placement_lps": None if np.allclose(placed, np.eye(4), atol=1e-9) else placed.tolist(),
+               "warnings": list(layer_prov.get("warnings") or []), "layer_provenance": layer_prov})
+
+
 def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
-    """npe2 single-layer writer: ``path`` ends in .nii.gz, .nii, .mha or .nrrd.
+    """npe2 single-layer writer: ``path`` ends in .nii.gz, .nii, .mha, .mhd, .nrrd or .nhdr (else ``.nii.gz`` is added).
 
     napari's save dialog has already asked before replacing an existing file, so an existing output is
-    replaced; the file the layer was read from never is (:func:`medfuse.save` refuses it).
+    replaced; the file the layer was read from, or any open layer was read from, never is. A layer medfuse made
+    or moved also gets its provenance sidecar (``x.json``).
+
+    Returns:
+        The paths written: the image, then the sidecar if any.
+
+    Raises:
+        LayerSaveError: the layer is not a 3-D greyscale volume, the name is another format's, or the volume
+            cannot be stored (why and the fix in the message).
+        OutputExistsError: the output is an input, its folder is missing or not writable, a JSON of the user's
+            is where the sidecar goes.
     """
     import medfuse
+    from medfuse import provenance as prov
 
-    written = medfuse.save(layer_volume(data, attributes), path, overwrite=True)
-    return [str(written)]
+    name = str(attributes.get("name", "layer"))
+    try:
+        target, replace = _target(path)
+        vol = layer_volume(data, attributes)
+        md = dict((attributes.get("metadata") or {}).get("medfuse") or {})
+        placed = world_matrix(_layer_like(data, attributes))
+        derived = _is_derived(md, not np.allclose(placed, np.eye(4), atol=1e-9))
+        _refuse_open_inputs(target)
+        if derived:
+            _check_sidecar(target)  # before the image: never an image without its record
+        written = medfuse.save(vol, target, overwrite=replace)
+        out = [str(written)]
+        if derived:
+            out.append(str(prov.write_sidecar(written, _sidecar_record(written, vol, md, name, placed),
+                                              input_paths=_sources(md))))
+    except ValueError as exc:  # InvalidInputError, GeometryError or a library's: napari would hide it
+        if isinstance(exc, MedfuseError):
+            raise LayerSaveError(exc.problem, fix=exc.fix, path=exc.path) from exc
+        raise LayerSaveError(f"layer '{name}' could not be saved: {exc}",
+                             fix="check the layer's data (a 3-D greyscale volume) and the output name") from exc
+    return out

@@ -118,6 +118,9 @@ def test_resample_on_request_adds_layer_on_fixed_grid(qtbot, workstation):
     truth = _pet_resampled_with_truth(viewer, load_ground_truth()).array
     assert np.corrcoef(layer.data.ravel(), truth.ravel())[0, 1] > 0.98
     assert np.abs(layer.data - truth).mean() < 0.05 * truth.max()
+    # The report that made these voxels stays with them (the writer puts it in the saved file's sidecar).
+    report = layer.metadata["medfuse"]["registration"]
+    assert report["resampled_onto"] == "t1" and report["metric_after"] < report["metric_before"]
 
 
 def test_registration_onto_a_registered_fixed_layer_composes(qtbot, workstation):
