@@ -264,6 +264,37 @@ def test_error_and_warning_paths_hold_no_identifiers(tmp_path):
     assert found == {}
 
 
+def test_damaged_input_errors_and_warnings_hold_no_identifiers(tmp_path):
+    """The errors and warnings for damaged input (tests/io/test_damaged_input.py), driven with identifying headers."""
+    texts = {}
+    loc = phi_series(tmp_path / "loc", modality="CT", z=[0, 2, 4])
+    _write_slice(loc / "scout.dcm", np.zeros((12, 12)), 0.0, series_uid=CT_UID, modality="CT", description="Doe CT",
+                 number=9, extra={"ImageOrientationPatient": [0, 1.0, 0, 0, 0, -1.0],
+                                  "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
+    texts["typed localizer left out"] = _error_text(lambda: medfuse.load(loc))
+    resent = phi_series(tmp_path / "resent", modality="CT", z=[0, 2, 4, 6])
+    ds = pydicom.dcmread(resent / "IM0002.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(resent / "again.dcm")
+    texts["slice re-sent under a new uid"] = _error_text(lambda: medfuse.load(resent))
+    cut = phi_series(tmp_path / "cut", modality="CT", z=[0, 2, 4])
+    (cut / "IM0002.dcm").write_bytes((cut / "IM0002.dcm").read_bytes()[:-100])
+    texts["pixel data cut short"] = _error_text(lambda: medfuse.load(cut))
+    odd = phi_series(tmp_path / "odd", modality="CT", z=[0])
+    raw = (odd / "IM0001.dcm").read_bytes()
+    i = raw.index(b"\x02\x00\x10\x00UI", 132)  # TransferSyntaxUID -> a private one of the same length
+    n = int.from_bytes(raw[i + 6:i + 8], "little")
+    (odd / "IM0001.dcm").write_bytes(raw[:i + 8] + (b"1.2.99" + b"9" * n)[:n] + raw[i + 8 + n:])
+    texts["no decoder for the transfer syntax"] = _error_text(lambda: medfuse.load(odd))
+    no_units = phi_series(tmp_path / "nounits", modality="PT", extra={"Units": None})
+    texts["PET without Units"] = _error_text(lambda: medfuse.load(no_units))
+    assert "UnreadableFileError" in texts["no decoder for the transfer syntax"]
+    assert "GeometryError" in texts["slice re-sent under a new uid"]
+    assert "localizer" in texts["typed localizer left out"]
+    found = {k: leaks(t) for k, t in texts.items() if leaks(t)}
+    assert found == {}
+
+
 def test_several_series_error_does_not_quote_descriptions(tmp_path):
     two = _two_series_folder(tmp_path)
     with pytest.raises(medfuse.MultipleSeriesError) as info:

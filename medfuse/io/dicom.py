@@ -270,6 +270,31 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
     return out
 
 
+def _is_localizer(ds) -> bool:
+    """ImageType says LOCALIZER (CT Image value 3; many MR exports write it too)."""
+    return "LOCALIZER" in [str(x).strip().upper() for x in (ds.get("ImageType") or [])]
+
+
+def _drop_localizers(files: List[Tuple[Path, Any]], path: Path,
+                     notes: Optional[List[str]] = None) -> List[Tuple[Path, Any]]:
+    """Leave out localizer (scout) images stored under the series' own SeriesInstanceUID.
+
+    Some scanners and PACS exports put the scout in the same series as the slices; it is another orientation (and
+    often another size), so it made the series unreadable, and the advice to pick another series cannot separate
+    them. Only images whose ImageType says LOCALIZER are left out, and only when other images remain.
+    """
+    keep = [(f, ds) for f, ds in files if not _is_localizer(ds)]
+    n = len(files) - len(keep)
+    if not n or not keep:
+        return files
+    msg = (f"{n} localizer (scout) image{'s' if n > 1 else ''} stored in the series (ImageType LOCALIZER) "
+           f"{'were' if n > 1 else 'was'} left out")
+    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+    if notes is not None:
+        notes.append(msg)
+    return keep
+
+
 # ---------------------------------------------------------------------------- frames
 def _f(v, default=None):
     try:
@@ -497,8 +522,20 @@ def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]]
     """Group frames into volumes of slices sorted along the normal; returns (volumes, normal)."""
     iop = frames[0].iop
     if any(not np.allclose(fr.iop, iop, atol=1e-3) for fr in frames):
-        raise GeometryError("the series mixes slice orientations (e.g. a localizer)",
-                            fix="load one orientation at a time (pick the series with series_uid=)", path=path)
+        # One SeriesInstanceUID: choosing a series cannot separate them, so say how many and which files.
+        groups: List[List[_Frame]] = []
+        for fr in frames:
+            g = next((g for g in groups if np.allclose(g[0].iop, fr.iop, atol=1e-3)), None)
+            g.append(fr) if g is not None else groups.append([fr])
+        groups.sort(key=len, reverse=True)
+        main = {fr.file for fr in groups[0]}
+        odd = sorted({fr.file.name for g in groups[1:] for fr in g if fr.file not in main})
+        fix = (f"move the {len(odd)} file(s) of the other orientation(s) (e.g. {odd[0]}) out of the folder, then "
+               "load it again" if odd else "its multi-frame file(s) hold frames of several orientations (a "
+               "multi-plane localizer?), which are not one volume: load another series")
+        raise GeometryError(f"the series mixes {len(groups)} slice orientations ("
+                            f"{', '.join(str(len(g)) for g in groups)} images; a localizer or scout stored in the "
+                            "same series?), so its images do not form one volume", fix=fix, path=path)
     normal = np.cross(iop[:3], iop[3:])
     proj = np.array([float(fr.pos @ normal) for fr in frames])
     # One slice position per cluster of projections closer than _POS_TOL: positions written by
@@ -517,8 +554,19 @@ def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]]
         per_pos.setdefault(float(k), []).append(fr)
     counts = {len(v) for v in per_pos.values()}
     if len(counts) != 1:
-        raise GeometryError("slice positions are repeated an uneven number of times (incomplete 4-D series?)",
-                            fix="check that every volume of the series is complete", path=path)
+        by_count: Dict[int, List[List[_Frame]]] = {}
+        for v in per_pos.values():
+            by_count.setdefault(len(v), []).append(v)
+        shown = ", ".join(f"{len(by_count[c])} hold{'s' if len(by_count[c]) == 1 else ''} {c}"
+                          for c in sorted(by_count))
+        # The rarer count is the odd one out: an image stored twice under two SOPInstanceUIDs (a re-sent image),
+        # or the positions an incomplete 4-D series still has.
+        rare = min(by_count, key=lambda c: (len(by_count[c]), -c))
+        example = ", ".join(sorted({fr.file.name for fr in by_count[rare][0]})[:3])
+        raise GeometryError(f"slice positions hold different numbers of images ({len(per_pos)} positions: {shown}): "
+                            "an image stored twice under two instance UIDs, or an incomplete 4-D series",
+                            fix=f"check the images at the odd position ({example}): remove a second copy, or "
+                                "re-export the complete series", path=path)
     nvol = counts.pop()
     for v in per_pos.values():
         v.sort(key=lambda fr: fr.time_key)
@@ -542,14 +590,52 @@ def _missing_decoder(ts_uid: str) -> Optional[str]:
     return "pip install " + " ".join(pkgs) if pkgs else "install one of: " + deps
 
 
+def _no_decoder_exists(ts_uid: str) -> bool:
+    """True when pydicom has no pixel decoder at all for this transfer syntax (no package to install helps)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        get_decoder(ts_uid)
+    except NotImplementedError:
+        return True
+    except Exception:  # noqa: BLE001 - any other trouble: not this case
+        return False
+    return False
+
+
+def _refuse_cut_pixels(ds, f: Path) -> None:
+    """A file cut short before or in its (uncompressed) pixel data, said in words instead of pydicom's length error.
+
+    Raises:
+        UnreadableFileError: no pixel data element, or fewer bytes than Rows x Columns x frames need.
+    """
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UnreadableFileError("the file is cut short: it ends before or inside its pixel data",
+                                  fix="copy or export the file again", path=f)
+    try:
+        ts = ds.file_meta.TransferSyntaxUID
+        if "PixelData" not in ds or ts.is_compressed:  # compressed: the decoder finds a short stream
+            return
+        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
+        have = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError):  # no or a private transfer syntax: the decoder says why
+        return
+    if have < need:
+        raise UnreadableFileError(f"the file is cut short: its pixel data holds {have} of the {need} bytes its "
+                                  "image needs", fix="copy or export the file again (a complete file with this "
+                                  "message has wrong Rows, Columns or NumberOfFrames)", path=f)
+
+
 def _decode_file(f: Path) -> np.ndarray:
     ds = None
     try:
         ds = _read_full(f)
         if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
             raise UnsupportedDataError("colour (RGB) images are not supported", fix="load a greyscale series", path=f)
+        _refuse_cut_pixels(ds, f)
         arr = ds.pixel_array
-    except UnsupportedDataError:
+    except (UnsupportedDataError, UnreadableFileError):
         raise
     except Exception as e:
         uid = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
@@ -559,6 +645,12 @@ def _decode_file(f: Path) -> np.ndarray:
         except Exception:
             pass
         ts = f" (transfer syntax {name})" if name else ""
+        if uid and _no_decoder_exists(uid):
+            raise UnreadableFileError(f"pydicom has no decoder for the transfer syntax {name or uid} (a compression "
+                                      "it does not read, such as JPEG XL, video, or a vendor's private syntax), so "
+                                      "the pixel data cannot be read", fix="convert the files to an uncompressed "
+                                      "transfer syntax first (e.g. GDCM's gdcmconv --raw), or export "
+                                      "the series uncompressed from the PACS or scanner", path=f) from None
         install = _missing_decoder(uid) if uid else None
         if install:
             raise UnreadableFileError(f"no decoder for {name or uid} is installed, so the pixel data cannot be read",
@@ -722,8 +814,10 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         w = ((target - proj[lo]) / (proj[hi] - proj[lo])).astype(np.float32)
         a32 = arr.astype(np.float32)
         arr = a32[:, :, lo] * (1 - w) + a32[:, :, hi] * w
-        msg = (f"uneven slice spacing (missing slice?): {n} slices resampled linearly onto {nk} slices of "
-               f"{dz:.3f} mm")
+        gap = int(np.argmax(d))
+        msg = (f"uneven slice spacing (missing slice?): a gap of {d[gap]:.2f} mm after slice {gap + 1} of {n}, where "
+               f"slices are {dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the "
+               "slices in the gap are interpolated, not measured)")
         warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
         notes.append(msg)
         prov["resampled"] = True
@@ -832,7 +926,10 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}
     except SUVError as e:
         why = e.problem
-    msg = f"PET loaded in {stored}, not SUV: {why}"
+    # Without Units the stored unit is a guess (Bq/mL, what scanners store): say it is one.
+    no_units = not headers or not str(headers[0].get("Units") or "").strip()
+    assumed = " (assumed: the header has no Units)" if no_units else ""
+    msg = f"PET loaded in {stored}{assumed}, not SUV: {why}"
     warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
     notes.append(msg)
     return stored, None
@@ -928,6 +1025,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
             notes.append(msg)
     files = _dedupe(files, path, notes)
+    files = _drop_localizers(files, path, notes)
     ds0 = files[0][1]
     modality = normalise_modality(str(ds0.get("Modality", "")) or None) if str(ds0.get("Modality", "")).upper() in (
         "MR", "CT", "PT", "NM") else "unknown"
@@ -1018,7 +1116,7 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
     for uid, files in _headers(folder).items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MedfuseWarning)
-            files = _dedupe(files, folder)
+            files = _drop_localizers(_dedupe(files, folder), folder)
         ds0 = files[0][1]
         try:
             vols, _ = _split_volumes(_series_frames(files, folder), folder)

@@ -89,44 +89,110 @@ def _native(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _nib_load(p: Path):
-    """nibabel's image for a NIfTI file, whatever the case of its ending.
+def _nib_load(p: Path, gz: Optional[bool]):
+    """nibabel's image for a NIfTI file, whatever the case of its ending and whether it is really gzipped.
 
-    nibabel rebuilds the file name from a lower-cased ending ("b.Nii.Gz" -> "b.nii.Gz", which does not exist), so
-    a single-file NIfTI whose ending is not in lower case is read from its bytes instead.
+    nibabel rebuilds the file name from a lower-cased ending ("b.Nii.Gz" -> "b.nii.Gz", which does not exist), and
+    chooses gzip or not by the name alone, so a single-file NIfTI whose ending is not in lower case, or whose
+    compression is not the one its name says (``gz``: it is gzipped; None: unknown, as the name says), is read from
+    its bytes instead.
     """
     import gzip
 
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
+    from nibabel.wrapstruct import WrapStructError
 
     name = p.name
     ending = ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii" if name.lower().endswith(".nii") else None
-    if ending is None or name.endswith(ending):
+    if gz is None:
+        gz = ending == ".nii.gz"
+    if ending is None or (name.endswith(ending) and (ending == ".nii.gz") == gz):
         return nib.load(str(p))
-    with (gzip.open if ending == ".nii.gz" else open)(p, "rb") as fh:
+    if (ending == ".nii.gz") != gz:
+        # ITK reads these (zlib passes plain data through), nibabel and FSL do not: read, and say so.
+        warnings.warn(f"{p}: the file is named {ending} but is {'gzip-compressed' if gz else 'not gzip-compressed'}; "
+                      f"medfuse reads it, but nibabel-based tools (FSL, nilearn) refuse it: rename it to end in "
+                      f"{'.nii.gz' if gz else '.nii'}", MedfuseWarning, stacklevel=5)
+    with (gzip.open if gz else open)(p, "rb") as fh:
         data = fh.read()
     for cls in (nib.Nifti1Image, nib.Nifti2Image):
         try:
             return cls.from_bytes(data)
-        except (HeaderDataError, ImageFileError, ValueError):
+        except (HeaderDataError, ImageFileError, ValueError, WrapStructError):
             continue
     raise ImageFileError("neither a NIfTI-1 nor a NIfTI-2 header")
 
 
-def _read_nifti(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str], Optional[str]]:
+#: Deflate (gzip, zlib) never compresses by more than 1032:1, so a compressed file of n bytes holds at most about
+#: 1032 n bytes of data; a header that claims more cannot be true, and is refused before anything is allocated.
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _size_text(n: int) -> str:
+    """A byte count for messages: exact below 100 kB, else in kB/MB/GB to 3 digits."""
+    if n < 100_000:
+        return f"{n} bytes"
+    unit, k = next((u, k) for u, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= k)
+    return f"{n / k:.3g} {unit}"
+
+
+def _refuse_impossible_size(need: int, have: int, compressed: bool, what: str, p: Path, fix: str,
+                            where: str = "the file") -> None:
+    """Refuse a header that claims more voxel data than the file can hold (a truncated file, or a damaged header).
+
+    Why: nibabel and ITK allocate the claimed size before they read, so a 1 kB file claiming 10^9 voxels took 4 GB
+    of memory (or the process) before failing.
+
+    Raises:
+        UnreadableFileError: ``need`` bytes cannot come from ``have`` bytes (raw, or deflate-compressed).
+    """
+    if need <= (have * _MAX_DEFLATE_RATIO if compressed else have):
+        return
+    raise UnreadableFileError(f"the header describes {what} ({_size_text(need)} of voxel data), but {where} holds "
+                              f"only {_size_text(have)}{' compressed' if compressed else ''}: it is truncated, or its "
+                              "header is damaged", fix=fix, path=p)
+
+
+def _check_nifti_size(img, p: Path) -> None:
+    """Refuse a NIfTI whose header claims more data than its image file holds, before nibabel allocates it."""
+    fname = img.file_map["image"].filename
+    if fname is None:  # read from bytes already in memory: nibabel compares lengths without allocating
+        return
+    hdr = img.header
+    need = int(np.prod([int(x) for x in img.shape], dtype=object)) * int(hdr.get_data_dtype().itemsize)
+    with open(fname, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
+    shape = "x".join(str(int(x)) for x in img.shape)
+    _refuse_impossible_size(need, os.path.getsize(fname), compressed, f"{shape} voxels of {hdr.get_data_dtype()}",
+                            Path(fname), fix="copy or export the file again (a complete file holds its voxels)")
+
+
+def _memory_error(p: Path, shape) -> UnreadableFileError:
+    """The error for an image too large for the free memory (it was reported as "truncated" before)."""
+    need = f" ({'x'.join(str(int(x)) for x in shape)} voxels)" if shape else ""
+    return UnreadableFileError(f"there is not enough free memory to hold the image{need}",
+                               fix="close other programs, or crop or downsample the image with another tool first",
+                               path=p)
+
+
+def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str],
+                                                      Optional[str]]:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = _nib_load(p)
+        img = _nib_load(p, gz)
     except (ImageFileError, EOFError, OSError, ValueError) as e:
         kind = "empty" if p.stat().st_size == 0 else "not a valid NIfTI file (or truncated)"
         raise UnreadableFileError(f"the file is {kind} ({type(e).__name__})",
                                   fix="check the file was copied completely; re-export it", path=p) from None
+    _check_nifti_size(img, p)
     try:
         arr = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise _memory_error(p, img.shape) from None
     except Exception as e:  # truncated gzip/short data: zlib.error, EOFError, OSError, ValueError
         raise UnreadableFileError(f"the voxel data cannot be read; the file looks truncated ({type(e).__name__})",
                                   fix="copy or export the file again", path=p) from None
@@ -301,10 +367,14 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
 
     if p.stat().st_size == 0:
         raise UnreadableFileError("the file is empty", fix="copy or export the file again", path=p)
+    # The reader named by the lower-cased ending: ITK picks one by a case-sensitive ending, and "X.MHA" has none.
+    io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
+    size = _check_itk_data(p, io)
     try:
-        # The reader named by the lower-cased ending: ITK picks one by a case-sensitive ending, and "X.MHA" has none.
-        io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
         img = sitk.ReadImage(str(p), imageIO=io)
+        arr = sitk.GetArrayFromImage(img) if img.GetNumberOfComponentsPerPixel() == 1 else None
+    except MemoryError:
+        raise _memory_error(p, size or ()) from None
     except RuntimeError as e:
         reason = _itk_reason(str(e), p)
         raise UnreadableFileError("the file cannot be read as MetaImage/NRRD"
@@ -320,7 +390,7 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     dim = img.GetDimension()
     if dim not in (2, 3, 4):
         raise InvalidInputError(f"the image is {dim}-D", fix="medfuse reads 3-D images (or 4-D series of them)", path=p)
-    arr = sitk.GetArrayFromImage(img)  # [t,] k, j, i
+    # arr: [t,] k, j, i
     arr = np.transpose(arr, tuple(range(arr.ndim))[::-1])  # i, j, k[, t]
     sp, org = img.GetSpacing()[:3], img.GetOrigin()[:3]
     d = np.asarray(img.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3] if dim >= 3 else None
@@ -331,6 +401,91 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     aff = affine_from_geometry(sp, org, d)
     get = lambda k: img.GetMetaData(k).strip() if img.HasMetaDataKey(k) else None  # noqa: E731
     return arr, aff, get("medfuse_modality"), get("medfuse_unit")
+
+
+#: NRRD encodings by what bounds their size: raw bytes, deflate, or one text number per value at least.
+_NRRD_ENCODINGS = {"raw": "raw", "gzip": "deflate", "gz": "deflate", "ascii": "text", "text": "text", "txt": "text",
+                   "hex": "text"}
+
+
+def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[str]]:
+    """(the header's data-file field, the file it names or None when the data follow the header, the encoding:
+    ``raw``, ``deflate``, ``text`` or None when unknown) for a MetaImage/NRRD header; field None: nothing to check
+    (a list of files, a numbered pattern, bzip2).
+
+    ITK does not expose these; they are single ``key = value`` / ``key: value`` lines of the text header.
+    """
+    with open(p, "rb") as fh:
+        text = fh.read(65536).decode("latin-1")
+    if p.name.lower().endswith((".nrrd", ".nhdr")):
+        head = re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]
+        fields = {}
+        for line in head.splitlines()[1:]:
+            m = re.match(r"\s*([^:#]+?)\s*:\s?(.*?)\s*$", line)
+            if m and not line.lstrip().startswith("#") and ":=" not in line:
+                fields.setdefault(m.group(1).lower(), m.group(2))
+        key = "data file" if "data file" in fields else "datafile" if "datafile" in fields else None
+        name = fields.get(key) if key else None
+        enc = _NRRD_ENCODINGS.get(fields.get("encoding", "raw").strip().lower())
+    else:
+        fields = {}
+        for line in text.splitlines():
+            m = re.match(r"\s*(\w+)\s*=\s*(.*?)\s*$", line)
+            if m:
+                fields.setdefault(m.group(1), m.group(2))
+                if m.group(1) == "ElementDataFile":  # always the header's last field
+                    break
+        key, name = "ElementDataFile", fields.get("ElementDataFile")
+        enc = ("deflate" if fields.get("CompressedData", "").lower() == "true" else
+               "text" if fields.get("BinaryData", "true").lower() == "false" else "raw")
+        if name is None:  # not a header ITK can read: it says why itself
+            return None, None, None
+        if name.upper() == "LOCAL":
+            return key, None, enc
+    if name is None:  # the data follow the header
+        return key or "", None, enc
+    if name.upper() == "LIST" or "%" in name or " " in name.strip():  # several data files
+        return None, None, None
+    data = Path(name)
+    return key, (data if data.is_absolute() else p.parent / data), enc
+
+
+def _check_itk_data(p: Path, io: str) -> Optional[Tuple[int, ...]]:
+    """Before ITK reads the voxels: the data file a header names must exist, and hold as much data as the header
+    describes (ITK allocates the described size first: a 1 kB file claiming 10^9 voxels took 4 GB). Returns the
+    image size ITK reads from the header, or None when it cannot read the header (it then says why itself).
+
+    Raises:
+        UnreadableFileError: the data file is missing, or too small for the header's sizes.
+    """
+    import SimpleITK as sitk
+
+    try:
+        key, data, enc = _itk_data_source(p)
+    except OSError:
+        return None
+    if data is not None and not data.is_file():
+        raise UnreadableFileError(f"the data file its header names ({key} '{data.name}') is missing: {data}",
+                                  fix="keep the header and its data file together (copy the data file beside it), "
+                                      f"or correct the header's {key} line", path=p)
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(io)
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        pixel = sitk.Image([1, 1], reader.GetPixelID())  # for the size of one component
+    except RuntimeError:
+        return None
+    size = tuple(int(x) for x in reader.GetSize())
+    n = int(np.prod(size, dtype=object)) * int(reader.GetNumberOfComponents())
+    if key is not None and enc is not None:
+        have = (data or p).stat().st_size
+        # Text: at least one character and one separator per value.
+        need, have = (n, (have + 1) // 2) if enc == "text" else (n * pixel.GetSizeOfPixelComponent(), have)
+        _refuse_impossible_size(need, have, enc == "deflate", f"{'x'.join(map(str, size))} voxels",
+                                p, fix="copy or export the image again (header and data file)",
+                                where="the file" if data is None else f"its data file {data.name}")
+    return size
 
 
 def _itk_reason(message: str, p: Path) -> str:
@@ -370,13 +525,72 @@ def _warn_non_anatomical_space(img, p: Path) -> None:
                   "or fusing", MedfuseWarning, stacklevel=5)
 
 
+def _sniff(p: Path) -> Tuple[bool, Optional[str]]:
+    """(whether the file is gzip-compressed, the format its first bytes show: ``NIfTI``, ``MetaImage``, ``NRRD``,
+    ``DICOM``, or None when unknown)."""
+    import gzip
+    import zlib
+
+    with open(p, "rb") as fh:
+        head = fh.read(1024)
+    gz = head[:2] == b"\x1f\x8b"
+    if gz:
+        try:
+            with gzip.open(p, "rb") as fh:
+                head = fh.read(1024)
+        except (OSError, EOFError, zlib.error):
+            return True, None
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return gz, "DICOM"
+    if head.startswith(b"NRRD000"):
+        return gz, "NRRD"
+    if len(head) >= 4 and {348, 540} & {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}:
+        return gz, "NIfTI"  # sizeof_hdr of NIfTI-1 (and Analyze 7.5) or NIfTI-2
+    text = head.decode("latin-1")
+    if re.match(r"\s*\w+\s*=", text) and re.search(r"^\s*NDims\s*=", text, re.M):
+        return gz, "MetaImage"
+    return gz, None
+
+
+#: The format each file ending promises, and the ending to rename a file of each format to.
+_FORMAT_OF_ENDING = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".hdr": "NIfTI", ".mha": "MetaImage", ".mhd": "MetaImage",
+                     ".nrrd": "NRRD", ".nhdr": "NRRD"}
+_ENDING_OF_FORMAT = {"NIfTI": ".nii", "MetaImage": ".mha", "NRRD": ".nrrd", "DICOM": ".dcm"}
+
+
+def _refuse_other_format(p: Path) -> Optional[bool]:
+    """Refuse a file whose contents are another format than its ending says (a NIfTI named ``.mha``); returns
+    whether it is gzip-compressed, or None when its format is not recognised (the reader then says why).
+
+    Why: each reader is chosen by the ending, and its error for another format's bytes misleads ("Inappropriate
+    ioctl for device", "check the file was copied completely").
+
+    Raises:
+        UnreadableFileError: the file holds another format; the message says which and what to rename it to.
+    """
+    name = p.name.lower()
+    ending = next((e for e in (".nii.gz", ".nii", ".hdr", ".mha", ".mhd", ".nrrd", ".nhdr") if name.endswith(e)), None)
+    try:
+        gz, found = _sniff(p)
+    except OSError:
+        return None
+    if found is None:
+        return None
+    if ending is None or found == _FORMAT_OF_ENDING[ending]:
+        return gz
+    new = _ENDING_OF_FORMAT[found] + (".gz" if found == "NIfTI" and gz else "")
+    raise UnreadableFileError(f"the file is named {ending} but holds {found} data", fix=f"rename it to end in {new} "
+                              f"(what it holds), then load it again", path=p)
+
+
 def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path]:
     p = Path(path)
     if not p.is_file():
         raise UnreadableFileError("no such file", fix="check the path", path=p)
     name = p.name.lower()
+    gz = _refuse_other_format(p)
     if name.endswith(NIFTI_SUFFIXES):
-        arr, aff, mod, unit, space = _read_nifti(p)
+        arr, aff, mod, unit, space = _read_nifti(p, gz)
         facts = {"reader": "nibabel"}
         if space is not None:
             facts["nifti_space"] = space

@@ -1,0 +1,264 @@
+"""Loaders under damaged and awkward input as it arrives from real sites and broken transfers.
+
+Every case is built from the real files in ``../shared`` (copied into ``tmp_path``, then damaged; ``../shared`` is
+never written) or with pydicom/nibabel/SimpleITK writers, and checks what a user gets: the right volume, or a typed
+error that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import shutil
+import struct
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import medfuse
+from medfuse.errors import GeometryError, MedfuseWarning, UnreadableFileError
+
+PHILIPS = ("data", "dicom", "qa-philips-scaling", "In", "Magdeburg_2014", "fmri")
+#: The Philips EPI's normal: row x column cosines (0.973, 0, 0.229) x (0, 1, 0).
+NORMAL = np.array([-0.22944974899291, 0.0, 0.97332048416137])
+
+
+def _quiet_load(path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MedfuseWarning)
+        return medfuse.load(path, **kw)
+
+
+@pytest.fixture
+def epi(shared, tmp_path):
+    """The first volume of the real Philips EPI (9 slices, 64x64, oblique), copied; files in slice order."""
+    src = shared(*PHILIPS)
+    dst = tmp_path / "epi"
+    dst.mkdir()
+    for f in sorted(src.glob("*_0001_*.dcm")):
+        shutil.copy(f, dst / f.name)
+    files = sorted(dst.iterdir(), key=lambda f: float(np.dot(
+        np.array(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, float), NORMAL)))
+    assert len(files) == 9
+    return dst, files
+
+
+# ---------------------------------------------------------------------------- DICOM
+def test_one_missing_slice_is_named_with_its_gap(epi):
+    folder, files = epi
+    whole = medfuse.load(folder)
+    files[4].unlink()
+    with pytest.warns(MedfuseWarning, match=r"a gap of 16\.00 mm after slice 4 of 8, where slices are 8\.00 mm "
+                                            r"apart.*interpolated, not measured"):
+        vol = medfuse.load(folder)
+    # Geometry survives; the measured slices are the real ones (within the regular grid's rounding: the scanner's
+    # positions are not exactly 8 mm apart), only the gap is made up.
+    np.testing.assert_allclose(vol.affine, whole.affine, atol=1e-6)
+    assert vol.shape == whole.shape and vol.provenance["resampled"] is True
+    kept = [0, 1, 2, 3, 5, 6, 7, 8]
+    assert np.abs(vol.array[..., kept] - whole.array[..., kept]).max() < 1e-3 * np.abs(whole.array).max()
+
+
+def test_media_files_beside_the_series_are_ignored(epi, tmp_path):
+    """A CD/USB export: DICOMDIR, a macOS .DS_Store, a JPEG preview and a text file among the slices."""
+    from PIL import Image
+    from pydicom.fileset import FileSet
+
+    folder, files = epi
+    whole = medfuse.load(folder)
+    ds = pydicom.dcmread(files[0])
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.SeriesNumber = "1", "20140214", "090000", 1
+    fs = FileSet()
+    fs.add(ds)
+    fs.write(tmp_path / "cd")
+    shutil.copy(tmp_path / "cd" / "DICOMDIR", folder / "DICOMDIR")
+    with warnings.catch_warnings():  # the FileSet's staging folder, removed now rather than at a later test's GC
+        warnings.simplefilter("ignore", ResourceWarning)
+        del fs
+        gc.collect()
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + b"\0" * 100)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "preview.jpg")
+    (folder / "notes.txt").write_text("exported by PACS")
+    vol = medfuse.load(folder)
+    np.testing.assert_array_equal(vol.array, whole.array)
+    np.testing.assert_allclose(vol.affine, whole.affine)
+    with pytest.raises(medfuse.UnsupportedDataError, match="holds no image"):
+        medfuse.load(folder / "DICOMDIR")
+    with pytest.raises(UnreadableFileError, match="not a medical image"):
+        medfuse.load(folder / "preview.jpg")
+
+
+def test_slice_resent_under_a_new_uid_names_the_odd_position(epi):
+    """A PACS re-send gives one slice a second SOPInstanceUID: not a duplicate file, not a 4-D series."""
+    folder, files = epi
+    ds = pydicom.dcmread(files[3])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "resent.dcm")
+    with pytest.raises(GeometryError, match=r"9 positions: 8 hold 1, 1 holds 2.*stored twice") as e:
+        medfuse.load(folder)
+    assert files[3].name in e.value.fix and "resent.dcm" in e.value.fix
+
+
+def test_localizer_stored_in_the_series_is_left_out(epi):
+    folder, files = epi
+    whole = medfuse.load(folder)
+    ds = pydicom.dcmread(files[0])  # a scout: another orientation and size, same SeriesInstanceUID
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows, ds.PixelData = 32, ds.PixelData[: 32 * 64 * 2]
+    ds.save_as(folder / "scout.dcm")
+    with pytest.warns(MedfuseWarning, match="1 localizer .*left out") as rec:
+        vol = medfuse.load(folder)
+    np.testing.assert_array_equal(vol.array, whole.array)
+    np.testing.assert_allclose(vol.affine, whole.affine)
+    assert any("localizer" in w for w in vol.provenance["warnings"])
+    assert len([w for w in rec if issubclass(w.category, MedfuseWarning)]) == 1
+    assert medfuse.scan(folder)[0].n_volumes == 1
+    # Not typed LOCALIZER: refused, naming the odd file; picking a series cannot help (it is the same series).
+    ds.ImageType, ds.Rows, ds.PixelData = ["ORIGINAL", "PRIMARY", "M"], 64, pydicom.dcmread(files[0]).PixelData
+    ds.save_as(folder / "scout.dcm")
+    with pytest.raises(GeometryError, match=r"mixes 2 slice orientations \(9, 1 images") as e:
+        medfuse.load(folder)
+    assert "scout.dcm" in e.value.fix and "series_uid" not in e.value.fix
+
+
+@pytest.mark.parametrize("cut, words", [("pixels", r"cut short: its pixel data holds 5192 of the 8192 bytes"),
+                                        ("element", r"cut short: it ends before or inside its pixel data")])
+def test_file_cut_in_its_pixel_data_is_named(epi, cut, words):
+    folder, files = epi
+    raw = files[4].read_bytes()
+    files[4].write_bytes(raw[:-3000] if cut == "pixels" else raw[:raw.rindex(b"\xe0\x7f\x10\x00") + 6])
+    with pytest.raises(UnreadableFileError, match=words) as e:
+        medfuse.load(folder)  # in its series: the damaged slice is named, never interpolated
+    assert e.value.path == str(files[4])
+    with pytest.raises(UnreadableFileError, match=words):
+        _quiet_load(files[4])
+
+
+def _with_transfer_syntax(data: bytes, uid: str) -> bytes:
+    """The file's bytes with another TransferSyntaxUID in its (explicit little-endian) file meta."""
+    b = bytearray(data)
+    i = b.index(b"\x02\x00\x10\x00UI", 132)
+    old = struct.unpack("<H", b[i + 6:i + 8])[0]
+    new = uid.encode() + b"\0" * (len(uid) % 2)
+    b[i + 6:i + 8 + old] = struct.pack("<H", len(new)) + new
+    j = b.index(b"\x02\x00\x00\x00UL", 132)
+    b[j + 8:j + 12] = struct.pack("<I", struct.unpack("<I", b[j + 8:j + 12])[0] + len(new) - old)
+    return bytes(b)
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.4.110", "1.2.3.4.5.6"])  # JPEG XL; a private syntax
+def test_transfer_syntax_no_decoder_reads_says_convert(shared, tmp_path, uid):
+    """No package makes pydicom read these: the advice is to convert, not "the file may be truncated"."""
+    f = tmp_path / "x.dcm"
+    f.write_bytes(_with_transfer_syntax(shared("data", "dicom", "qa-transfer-syntaxes", "In", "9.dcm").read_bytes(),
+                                        uid))
+    assert str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) == uid
+    with pytest.raises(UnreadableFileError, match=f"no decoder for the transfer syntax {uid}") as e:
+        medfuse.load(f)
+    assert "gdcmconv --raw" in e.value.fix and "truncated" not in str(e.value)
+
+
+def test_pet_without_units_says_bqml_is_assumed(tmp_path, samples_dir):
+    folder = tmp_path / "pet"
+    folder.mkdir()
+    for f in sorted((samples_dir / "pet").iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.Units
+        ds.save_as(folder / f.name)
+    with pytest.warns(MedfuseWarning, match=r"PET loaded in Bq/mL \(assumed: the header has no Units\), not SUV"):
+        vol = medfuse.load(folder)
+    assert vol.unit == "Bq/mL"
+    np.testing.assert_array_equal(vol.array, medfuse.load(samples_dir / "pet", suv="none").array)
+
+
+# ---------------------------------------------------------------------------- NIfTI / MetaImage / NRRD
+@pytest.fixture
+def t1(shared):
+    return shared("data", "spm12-templates", "T1.nii")
+
+
+def test_nifti_whose_compression_is_not_its_name_loads_with_a_warning(t1, tmp_path):
+    ref = medfuse.load(t1)
+    plain = tmp_path / "plain.nii.gz"
+    shutil.copy(t1, plain)
+    packed = tmp_path / "packed.nii"
+    packed.write_bytes(gzip.compress(t1.read_bytes()))
+    for f, words in ((plain, "named .nii.gz but is not gzip-compressed.*rename it to end in .nii$"),
+                     (packed, "named .nii but is gzip-compressed.*rename it to end in .nii.gz$")):
+        with pytest.warns(MedfuseWarning, match=words):
+            vol = medfuse.load(f)
+        np.testing.assert_array_equal(vol.array, ref.array)
+        np.testing.assert_allclose(vol.affine, ref.affine)
+        assert vol.provenance["nifti_space"] == ref.provenance["nifti_space"]
+
+
+def test_file_whose_ending_lies_names_what_it_holds(t1, tmp_path, samples_dir):
+    (tmp_path / "a.mha").write_bytes(t1.read_bytes())
+    sitk.WriteImage(sitk.ReadImage(str(t1)), str(tmp_path / "b.mha"))
+    (tmp_path / "b.nii.gz").write_bytes((tmp_path / "b.mha").read_bytes())
+    (tmp_path / "c.nrrd").write_bytes(gzip.compress(t1.read_bytes()))
+    (tmp_path / "d.nii").write_bytes((samples_dir / "ct" / "IM00001.dcm").read_bytes())
+    for name, holds, ending in (("a.mha", "NIfTI", ".nii"), ("b.nii.gz", "MetaImage", ".mha"),
+                                ("c.nrrd", "NIfTI", ".nii.gz"), ("d.nii", "DICOM", ".dcm")):
+        with pytest.raises(UnreadableFileError, match=f"holds {holds} data") as e:
+            medfuse.load(tmp_path / name)
+        assert e.value.fix.startswith(f"rename it to end in {ending} ")
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_nifti_header_claiming_more_voxels_than_the_file_holds_is_refused_before_allocating(t1, tmp_path, name):
+    hdr = bytearray(t1.read_bytes()[:352])
+    hdr[40:48] = struct.pack("<4h", 3, 400, 400, 400)  # 64 M voxels of uint8 claimed
+    body = bytes(hdr) + b"\0" * 700
+    (tmp_path / name).write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnreadableFileError, match=r"describes 400x400x400 voxels of uint8 \(64 MB of voxel "
+                                                      r"data\), but the file holds only .*truncated") as e:
+            medfuse.load(tmp_path / name)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16e6 and e.value.path == str(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, header", [
+    ("huge.mha", b"ObjectType = Image\nNDims = 3\nBinaryData = True\nDimSize = 1000 1000 1000\n"
+                 b"ElementType = MET_FLOAT\nElementDataFile = LOCAL\n"),
+    ("hugez.mha", b"ObjectType = Image\nNDims = 3\nBinaryData = True\nCompressedData = True\nCompressedDataSize = "
+                  b"1000\nDimSize = 1000 1000 1000\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"),
+    ("huge.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 1000 1000 1000\nencoding: raw\nendian: little\n\n"),
+    ("hugez.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 1000 1000 1000\nencoding: gzip\n"
+                   b"endian: little\n\n"),
+])
+def test_itk_header_claiming_more_voxels_than_the_file_holds_is_refused(tmp_path, name, header):
+    payload = gzip.compress(b"\0" * 1000) if b"gzip" in header or b"Compressed" in header else b"\0" * 1000
+    (tmp_path / name).write_bytes(header + payload)
+    with pytest.raises(UnreadableFileError, match=r"describes 1000x1000x1000 voxels \(4 GB of voxel data\), but "
+                                                  r"the file holds only"):
+        medfuse.load(tmp_path / name)
+
+
+@pytest.mark.parametrize("header", ["t.mhd", "t.nhdr"])
+def test_detached_header_names_its_missing_or_short_data_file(t1, tmp_path, header):
+    img = sitk.ReadImage(str(t1))
+    sitk.WriteImage(img, str(tmp_path / header))
+    ref = medfuse.load(tmp_path / header)
+    np.testing.assert_allclose(ref.array, medfuse.load(t1).array, rtol=1e-6)
+    data = next(f for f in tmp_path.iterdir() if f.name != header)
+    kept = data.read_bytes()
+    data.write_bytes(kept[:1000])
+    with pytest.raises(UnreadableFileError, match=f"its data file {data.name} holds only 1000 bytes"):
+        medfuse.load(tmp_path / header)
+    data.unlink()
+    with pytest.raises(UnreadableFileError, match=f"data file its header names .*'{data.name}'.* is missing") as e:
+        medfuse.load(tmp_path / header)
+    assert str(data) in str(e.value) and "beside" in e.value.fix
