@@ -3,15 +3,16 @@
 * ``run_batch`` takes a manifest, or a dataset folder holding one folder per subject whose images
   are found by :func:`discover_subject` (names, DICOM Modality); unpaired or ambiguous subjects fail alone.
 * The manifest is a CSV (header ``subject,fixed,moving,output`` plus optional ``register`` and
-  ``method``; several moving images separated by ``;`` or in extra ``moving*`` columns) or a YAML
-  list of such mappings (or ``{defaults: {...}, subjects: [...]}``). Relative paths are relative
-  to the manifest's folder.
+  ``method``; several moving images separated by ``;`` or in extra ``moving*`` columns; a ``.tsv``, or a
+  spreadsheet's CSV with ``;`` between cells, is read too) or a YAML list of such mappings (or
+  ``{defaults: {...}, subjects: [...]}``). Relative paths are relative to the manifest's folder.
 * Subjects run in parallel on a local Dask cluster of worker *processes* by default, or on an
   existing cluster (``scheduler="tcp://host:8786"``).
 * Re-runs are idempotent: a subject is skipped when its output's hash, its inputs' hashes and
   the pipeline parameters all match its provenance sidecar; a medfuse output the sidecar shows stale
   is redone, anything else at an output path is left alone unless ``overwrite``.
-* The report is rewritten atomically after every subject; an earlier report's other rows are kept.
+* The report is written atomically before any work and after every subject; an earlier report's other rows are
+  kept. One run per report at a time (an OS lock on ``.<report>.lock``, released however the run ends).
 * A failing subject is caught in its worker and reported; it never stops the others.
 * Outputs are written atomically (temporary file, sidecar, rename), so an interrupted run leaves
   no half-written output.
@@ -27,9 +28,10 @@ import os
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
 from .progress import CancelToken
@@ -197,7 +199,8 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
 
 
 def read_manifest(path: PathLike) -> List[Subject]:
-    """Read a CSV or YAML manifest into :class:`Subject` rows (paths made absolute).
+    """Read a CSV (``,``, tab or ``;`` between cells, as its header line shows; ``.tsv``: tabs) or YAML
+    manifest into :class:`Subject` rows (paths made absolute).
 
     Raises:
         UnreadableFileError: the manifest is missing or not valid CSV/YAML.
@@ -232,8 +235,12 @@ def read_manifest(path: PathLike) -> List[Subject]:
                                     fix="see 'medfuse batch --help' for an example", path=p)
         rows = data
     else:
+        # A BIDS-style .tsv, or a CSV a spreadsheet saved with ';' (locales with a decimal comma), was refused as
+        # "the CSV header lacks subject, fixed, output, moving" although its header held them all.
+        first = text.split("\n", 1)[0]
+        delimiter = "\t" if p.suffix.lower() == ".tsv" else next((d for d in (",", "\t", ";") if d in first), ",")
         try:
-            reader = csv.DictReader(text.splitlines())
+            reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
             rows = list(reader)
         except csv.Error as e:
             raise UnreadableFileError(f"the manifest is not valid CSV ({e})", fix="check the quoting", path=p) from None
@@ -579,6 +586,31 @@ def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
     res.medfuse_version = (rec.get("versions") or {}).get("medfuse")
 
 
+def _make_output_folder(out: Path) -> None:
+    """Create the output's folder, or say in the user's words why it cannot be: an unwritable folder or a file
+    in the way was reported as an "internal error PermissionError" (a bug to report) for every subject.
+
+    Raises:
+        OutputExistsError: the folder cannot be made (permission denied, read-only or full disk, a file of that
+            name in the way).
+    """
+    from .io._atomic import _typed_os_error
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        typed = _typed_os_error(e, out.parent)
+        if typed is not None:
+            raise typed from None
+        blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise OutputExistsError("cannot create the output's folder: a file of that name is in the way",
+                                    fix="move that file, or give the subject another output path",
+                                    path=blocker) from None
+        raise OutputExistsError(f"cannot create the output's folder ({e.__class__.__name__})",
+                                fix="choose an output folder you can write to", path=out.parent) from None
+
+
 def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str, Any],
                 cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
     """Fuse one subject (runs on a Dask worker, or in-process). Never raises: failures are returned.
@@ -634,7 +666,7 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
                 # Our own stale output is redone; anything else only with overwrite.
                 res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
                 overwrite = True
-        out.parent.mkdir(parents=True, exist_ok=True)
+        _make_output_folder(out)
         made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series, **kw)
         res.status = "done"
         _from_sidecar(res, made.provenance)
@@ -658,7 +690,7 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
 def _is_batch_report(path: Path) -> bool:
     """True when ``path`` holds a report an earlier run wrote (its header or keys are ours)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             head = f.read(4096)
     except (OSError, UnicodeDecodeError):
         return False
@@ -686,7 +718,7 @@ def _read_report(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file() or not _is_batch_report(path):
         return []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         rows = json.loads(text) if path.suffix.lower() == ".json" else list(csv.DictReader(text.splitlines()))
     except (OSError, ValueError, csv.Error):
         return []
@@ -712,6 +744,109 @@ def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequenc
         w.writerows(rows)
         text = buf.getvalue()
     return atomic_write_text(path, text, overwrite=True)
+
+
+@contextmanager
+def _report_lock(path: Path) -> Iterator[None]:
+    """Hold the report's run lock (``.<report name>.lock`` beside it) for the length of a run.
+
+    Two runs of one manifest at once (started twice, in two terminals or by a scheduler) computed every subject
+    twice, and each reported the subjects the other finished first as ``failed: the output exists``: a report
+    saying complete outputs failed. The lock is an OS file lock, released when the process ends in any way (a
+    ``kill -9`` included), so a killed run's rerun is never blocked.
+
+    Raises:
+        OutputExistsError: another run holds the lock.
+    """
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield  # the report cannot be written there either: _first_report says so
+        return
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield  # no lock where the report goes (read-only): _first_report refuses the run
+            return
+        if _try_lock(fd):
+            try:  # the file was replaced while we waited for it (its holder ended and removed it): lock the new one
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except OSError:
+                same = False
+            if same:
+                break
+        else:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            raise OutputExistsError(f"another medfuse batch run is writing this report ({holder or 'running'})",
+                                    fix="wait for it to end (its subjects would be run twice), or pass report= "
+                                        "(--report) another path", path=path)
+        os.close(fd)
+    try:
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}".encode())
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # while still locked: a run waiting for it then finds a new file (see above)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive, non-blocking lock on an open file; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks: run unlocked rather than not at all
+        return True
+    return True
+
+
+def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Mapping[str, Any]]) -> None:
+    """Write the report before any work, as after every subject: this run's subjects ``pending``, the earlier
+    report's other rows kept. A report that cannot be written (a read-only manifest folder) was only warned about
+    when the run ended, maybe days later, with no report written meanwhile; now the run is refused at once.
+
+    Raises:
+        OutputExistsError: the report cannot be written there.
+    """
+    pending = [SubjectResult(subject=s.subject, status="pending", output=s.output) for s in subjects]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
+        _write_report(path, pending, earlier)
+    except OSError as e:  # OutputExistsError (typed by the atomic writer) is an OSError too
+        # The system's reason ("Permission denied", "No space left on device"), found under the typed error.
+        cause: Optional[BaseException] = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+            cause = cause.__cause__ or cause.__context__
+        reason = os.strerror(cause.errno) if cause is not None else e.__class__.__name__
+        raise OutputExistsError(f"cannot write the batch report ({reason}); nothing was run",
+                                fix="pass report= (--report) a path in a folder you can write to",
+                                path=path) from None
 
 
 def _client(scheduler: str, workers: int, threads: int):
@@ -771,6 +906,19 @@ def _report_beside_outputs(subjects: Sequence[Subject]) -> Path:
     return common / "batch-report.csv"
 
 
+def _manifest_report(manifest: Path) -> Path:
+    """A manifest's default report: ``<stem>-report.csv`` for a ``.csv`` manifest, ``<name>-report.csv`` for
+    any other (``study.yaml`` gives ``study.yaml-report.csv``).
+
+    The whole name for the others: ``study.csv`` and ``study.yaml`` side by side once shared
+    ``study-report.csv``, the second run silently merging its rows into the first's (a subject both list lost
+    its first row). CSV manifests keep the name every earlier run used, so a rerun still updates its report.
+    """
+    if manifest.suffix.lower() == ".csv":
+        return manifest.with_name(manifest.stem + "-report.csv")
+    return manifest.with_name(manifest.name + "-report.csv")
+
+
 def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: Optional[PathLike],
                          out_dir: Optional[PathLike]) -> Tuple[List[Subject], Path]:
     """The subjects of a manifest file, a dataset folder or a list, and the report's default path."""
@@ -789,7 +937,7 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
                                 fix="drop out_dir, or point to the dataset folder")
     if isinstance(manifest, (str, os.PathLike)):
         mpath = Path(manifest)
-        return read_manifest(mpath), Path(report) if report else mpath.with_name(mpath.stem + "-report.csv")
+        return read_manifest(mpath), Path(report) if report else _manifest_report(mpath)
     subjects = [s if isinstance(s, Subject) else Subject(**dict(s)) for s in manifest]
     return subjects, Path(report) if report else _report_beside_outputs(subjects)
 
@@ -823,11 +971,14 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         register, method, device, fallback: defaults for rows that do not set them.
         overwrite: redo subjects whose output exists but is not verified by its sidecar (outputs that
             their sidecar shows stale are redone anyway).
-        report: report path (``.csv`` or ``.json``); default ``<manifest stem>-report.csv`` beside the
-            manifest; for a dataset folder ``batch-report.csv`` in ``out_dir``; for a list
-            ``batch-report.csv`` in the folder holding the subjects' outputs (the common parent of their
-            folders; relative outputs count from the working folder). Never the working folder just
-            because it is one. Rewritten after every subject; rows of subjects not in this run are kept.
+        report: report path (``.csv`` or ``.json``); default beside the manifest: ``<stem>-report.csv`` for
+            a ``.csv`` manifest, ``<name>-report.csv`` for any other (``study.yaml-report.csv``, so that
+            ``study.csv`` and ``study.yaml`` in one folder keep reports of their own); for a dataset folder
+            ``batch-report.csv`` in ``out_dir``; for a list ``batch-report.csv`` in the folder holding the
+            subjects' outputs (the common parent of their folders; relative outputs count from the working
+            folder). Never the working folder just because it is one. Written before any work (a report that
+            cannot be written stops the run at once), then after every subject; rows of subjects not in this
+            run are kept. One run per report at a time: a second is refused while the first goes on.
         progress: show a tqdm bar of finished subjects.
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
@@ -836,6 +987,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         :class:`BatchSummary`. Failures are in it, not raised.
 
     Raises:
+        OutputExistsError: the report cannot be written, or another run is writing it; checked before any work.
         InvalidInputError: a list without ``report`` whose outputs share no folder but the filesystem
             root (or a different drive), an empty list without ``report``, or a dataset folder without
             subject folders; checked before any work.
@@ -844,77 +996,84 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     if register not in _KINDS:
         raise InvalidInputError(f"unknown registration kind {register!r}", fix="use none, rigid, affine or deformable")
     _check_report_path(report_path)
-    earlier = _read_report(report_path)
-    threads = max(1, int(threads_per_worker))
-    _warn_oversubscribed(scheduler, workers, threads)
-    options = dict(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                   overwrite=overwrite)
-    results: Dict[str, SubjectResult] = {}
-    report_errors: List[BaseException] = []
-    cancelled = False
-    t0 = time.perf_counter()
-    started = time.time()
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
+    with _report_lock(report_path):
+        earlier = _read_report(report_path)
+        _first_report(report_path, subjects, earlier)  # an unwritable report stops the run before any work
+        threads = max(1, int(threads_per_worker))
+        if scheduler == "local" and workers > len(subjects) >= 1:
+            # One worker per subject at most: each spare one only costs seconds to start and memory
+            # (1 subject on --workers 6: 13 s against 4.5 s on one worker).
+            workers = len(subjects)
+        _warn_oversubscribed(scheduler, workers, threads)
+        options = dict(register=register, method=method, device=device, fallback=fallback, threads=threads,
+                       overwrite=overwrite)
+        results: Dict[str, SubjectResult] = {}
+        report_errors: List[BaseException] = []
+        cancelled = False
+        t0 = time.perf_counter()
+        started = time.time()
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr, disable=None)
+            bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr, disable=None)
 
-    def rows(unfinished: str, why: str) -> List[SubjectResult]:
-        return [results.get(s.subject) or SubjectResult(subject=s.subject, status=unfinished, output=s.output,
-                                                        error=why) for s in subjects]
+        def rows(unfinished: str, why: str) -> List[SubjectResult]:
+            return [results.get(s.subject) or SubjectResult(subject=s.subject, status=unfinished, output=s.output,
+                                                            error=why) for s in subjects]
 
-    def save_report(ordered: List[SubjectResult]) -> Optional[Path]:
+        def save_report(ordered: List[SubjectResult]) -> Optional[Path]:
+            try:
+                report_path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
+                return _write_report(report_path, ordered, earlier)
+            except (OSError, MedfuseError) as e:  # the work goes on; the summary is not lost over the report file
+                report_errors.append(e)
+                return None
+
+        def finished(d: Dict[str, Any]) -> None:
+            results[d["subject"]] = SubjectResult(**d)
+            # After every subject: a run killed overnight leaves a report of what it finished.
+            save_report(rows("pending", None))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{d['subject']}: {d['status']}", refresh=True)
+
+        n_workers = 1
         try:
-            report_path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
-            return _write_report(report_path, ordered, earlier)
-        except (OSError, MedfuseError) as e:  # the work goes on; the summary is not lost over the report file
-            report_errors.append(e)
-            return None
+            if scheduler == "synchronous":
+                for s in subjects:
+                    if cancel is not None and cancel.cancelled:
+                        cancelled = True
+                        break
+                    # In the caller's own process: registration still uses `threads` (the pipeline sets it
+                    # per call), but the process-wide pools are left alone.
+                    finished(run_subject(s, {**options, "cap_process_threads": False}, cancel=cancel))
+                    cancelled = cancelled or results[s.subject].status == "cancelled"
+            else:
+                n_workers, cancelled = _run_on_dask(subjects, options, scheduler, workers, finished, cancel)
+        except KeyboardInterrupt:
+            cancelled = True
+        finally:
+            if bar is not None:
+                bar.close()
+        for s in subjects:
+            if s.subject not in results:
+                late = _finished_meanwhile(s, started)
+                if late is not None:
+                    results[s.subject] = late
+        ordered = rows("cancelled", "not run: the batch was cancelled")
+        wall = time.perf_counter() - t0
+        written = save_report(ordered)
+        if report_errors:
+            import warnings
 
-    def finished(d: Dict[str, Any]) -> None:
-        results[d["subject"]] = SubjectResult(**d)
-        # After every subject: a run killed overnight leaves a report of what it finished.
-        save_report(rows("pending", None))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{d['subject']}: {d['status']}", refresh=True)
+            from .errors import MedfuseWarning
 
-    n_workers = 1
-    try:
-        if scheduler == "synchronous":
-            for s in subjects:
-                if cancel is not None and cancel.cancelled:
-                    cancelled = True
-                    break
-                # In the caller's own process: registration still uses `threads` (the pipeline sets it
-                # per call), but the process-wide pools are left alone.
-                finished(run_subject(s, {**options, "cap_process_threads": False}, cancel=cancel))
-                cancelled = cancelled or results[s.subject].status == "cancelled"
-        else:
-            n_workers, cancelled = _run_on_dask(subjects, options, scheduler, workers, finished, cancel)
-    except KeyboardInterrupt:
-        cancelled = True
-    finally:
-        if bar is not None:
-            bar.close()
-    for s in subjects:
-        if s.subject not in results:
-            late = _finished_meanwhile(s, started)
-            if late is not None:
-                results[s.subject] = late
-    ordered = rows("cancelled", "not run: the batch was cancelled")
-    wall = time.perf_counter() - t0
-    written = save_report(ordered)
-    if report_errors:
-        import warnings
-
-        from .errors import MedfuseWarning
-
-        warnings.warn(f"could not write the batch report {report_path} ({report_errors[-1].__class__.__name__}); "
-                      f"pass report= (--report) to choose another place", MedfuseWarning, stacklevel=2)
-    return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
-                        workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled)
+            warnings.warn(f"could not write the batch report {report_path} ({report_errors[-1].__class__.__name__}); "
+                          f"pass report= (--report) to choose another place", MedfuseWarning, stacklevel=2)
+        return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
+                            workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled)
 
 
 def _finished_meanwhile(s: Subject, since: float) -> Optional[SubjectResult]:

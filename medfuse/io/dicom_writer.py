@@ -37,7 +37,11 @@ Choices (see docs/io.md and docs/dicom.md):
   overlay), and no one can recompute them from the original UIDs. PatientIdentityRemoved ``YES``,
   DeidentificationMethod and DeidentificationMethodCodeSequence (CID 7050) say so.
 * SeriesNumber: ``1HHMMSS`` from the clock, raised when needed so that every series this process writes gets a
-  larger number than the one before, and never the template's own number.
+  larger number than the one before, and never the template's own number. Processes on one machine (batch
+  workers) never give one number twice on one day: each claims its number by creating an empty file named after
+  it, exclusively, in a per-user folder of the temporary directory (``medfuse-series-numbers-<uid>/<date>/``;
+  folders of days more than two days old are removed), and takes the next number when the file exists. Where
+  that folder cannot be used, the process's own numbering still holds.
 * IOD modules: CT Image (ImageType ``DERIVED\\SECONDARY\\AXIAL``, KVP and AcquisitionNumber), MR Image
   (ScanningSequence, SequenceVariant, ScanOptions, MRAcquisitionType, EchoTime, EchoTrainLength,
   RepetitionTime/InversionTime when their condition holds) and PET Series/Image (DecayCorrection, DecayFactor,
@@ -54,7 +58,11 @@ import copy
 import datetime as _dt
 import os
 import secrets
+import shutil
+import stat
+import tempfile
 import threading
+import time as _time
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
@@ -275,8 +283,54 @@ def _deidentify(base) -> None:
     base.DeidentificationMethodCodeSequence = Sequence(items)
 
 
+def _claims_root() -> Path:
+    """The per-user folder where processes on this machine claim SeriesNumbers (see :func:`_series_number`)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    return Path(tempfile.gettempdir()) / ("medfuse-series-numbers" + (f"-{uid}" if uid is not None else ""))
+
+
+_pruned_claims = False
+
+
+def _claims_dir(day: str) -> Optional[Path]:
+    """Today's claims folder, made when needed; None when it cannot be used (then numbers are per process)."""
+    global _pruned_claims
+    root = _claims_root()
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = root.lstat()
+        # Only a real folder of our own: a link, or a folder another user made, could steer or block the claims.
+        if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+            return None
+        folder = root / day
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    if not _pruned_claims:  # once per process: old days' claims are no longer needed (numbers repeat daily)
+        _pruned_claims = True
+        for old in root.iterdir():
+            try:
+                if old.name != day and _time.time() - old.lstat().st_mtime > 2 * 86400:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+    return folder
+
+
+def _claim(folder: Path, n: int) -> bool:
+    """Claim number ``n`` for this process: False when another process (or this one) already has it."""
+    try:
+        os.close(os.open(folder / str(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:  # disk full, a read-only temp folder: numbering stays per process rather than failing the write
+        return True
+    return True
+
+
 def _series_number(now: _dt.datetime, tpl) -> int:
-    """``1HHMMSS``, or one more than the last number this process gave, skipping the template's number."""
+    """``1HHMMSS``, or one more than the last number this process gave, skipping the template's number and any
+    number another process on this machine took today (so that batch workers writing in the same second differ)."""
     global _last_series_number
     try:
         avoid = int(str(tpl.get("SeriesNumber", "")).strip()) if tpl is not None else None
@@ -284,7 +338,8 @@ def _series_number(now: _dt.datetime, tpl) -> int:
         avoid = None
     with _SERIES_LOCK:
         n = max(1_000_000 + int(now.strftime("%H%M%S")), _last_series_number + 1)
-        if n == avoid:
+        claims = _claims_dir(now.strftime("%Y%m%d"))
+        while n == avoid or (claims is not None and not _claim(claims, n)):
             n += 1
         _last_series_number = n
     return n

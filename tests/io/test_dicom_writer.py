@@ -469,6 +469,7 @@ def test_series_numbers_are_new_and_distinct(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dw, "_dt", types.SimpleNamespace(datetime=Stopped))
     monkeypatch.setattr(dw, "_last_series_number", 0)
+    monkeypatch.setattr(dw, "_claims_root", lambda: tmp_path / "claims")  # not the machine's real claims
     tpl = pydicom.Dataset()
     tpl.StudyInstanceUID = pydicom.uid.generate_uid()
     tpl.SeriesNumber = 1_030_405  # what the clock rule gives first
