@@ -7,7 +7,14 @@ and prints a summary table. A pair that cannot be read or fused is reported and
 skipped; the run goes on and its result says it failed (exit code 1). Bad arguments,
 a device this machine lacks and outputs that exist are refused before anything is written.
 
+``mask`` (``--mask``) scores a region of interest (:func:`medfuse.metrics.score`'s ``mask``): ``"auto"``
+is the foreground, the union over the sources of the pixels above that source's minimum, on the images as
+scored (2-D: the grey images; volumes: the sources on 0..255 as the fusion saw them); a mask file or Volume
+(volume pairs only) must lie on the pair's grid. ``metrics.json`` records the choice, and per image the
+fraction of pixels inside.
+
     medfuse evaluate ../shared/data/harvard-pairs --methods mean,max,gff --out eval/ --split val
+    medfuse evaluate --pair t1n.nii.gz t2f.nii.gz --methods mean,max --mask auto --out eval3d/
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import (CancelledError, InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError,
-                     WeightsError)
+from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
+                     OutputExistsError, WeightsError)
 from .progress import CancelToken, ProgressFn, check, report
 
 __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
@@ -77,6 +84,7 @@ class _Item:
     load: Any  # () -> tuple of sources (arrays or Volumes)
     path: Optional[str] = None  # shown when it fails
     inputs: Tuple[str, ...] = ()  # the input files (or folders), never to be written over
+    mask: Any = None  # volume pairs: this pair's own mask (a path or a Volume), instead of evaluate's mask
 
 
 def _harvard_items(pairs) -> List[_Item]:
@@ -89,9 +97,9 @@ def _harvard_items(pairs) -> List[_Item]:
 def _volume_items(pairs: Sequence) -> List[_Item]:
     items = []
     for i, entry in enumerate(pairs):
-        name = None
+        name = mask = None
         if isinstance(entry, dict):
-            name, entry = entry.get("name"), entry.get("inputs")
+            name, mask, entry = entry.get("name"), entry.get("mask"), entry.get("inputs")
         if not isinstance(entry, (list, tuple)) or not 2 <= len(entry) <= 3:
             raise InvalidInputError(
                 f"volume pair {i + 1} must be 2 or 3 Volumes or paths, got {type(entry).__name__}",
@@ -104,9 +112,19 @@ def _volume_items(pairs: Sequence) -> List[_Item]:
             # The name becomes <out>/<method>/<name>.nii.gz: it must stay inside the output folder.
             raise InvalidInputError(f"volume pair {i + 1} has the name {name!r}, which is not a relative file name",
                                     fix="name it like 'subject01'")
+        if mask is not None and not (isinstance(mask, (str, os.PathLike)) or _is_volume(mask)):
+            raise InvalidInputError(f"volume pair {i + 1} has a mask of type {type(mask).__name__}",
+                                    fix="give a mask file (NIfTI on the pair's grid) or a Volume")
+        mask_path = [str(mask)] if isinstance(mask, (str, os.PathLike)) else []
         items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)),
-                           paths[-1] if paths else None, tuple(paths)))
+                           paths[-1] if paths else None, tuple(paths + mask_path), mask))
     return items
+
+
+def _is_volume(x) -> bool:
+    from .volume import Volume
+
+    return isinstance(x, Volume)
 
 
 def _stem(p: str) -> str:
@@ -231,18 +249,86 @@ def _save_png(img: np.ndarray, path: Path, overwrite: bool) -> None:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
-def _score_volumes(vols, method: str, device: str, options: dict, mode: str, metrics):
+def _score_volumes(vols, method: str, device: str, options: dict, mode: str, metrics, mask=None):
+    """(fused Volume, scores, mask array or None); ``mask`` is None, ``"auto"`` or a Volume on the pair's grid."""
     from . import metrics as M
     from .fusion import _normalise_volumes, fuse
 
-    fused = fuse(*vols, method=method, device=device, **options)
     # Score on the 8-bit 0..255 scale of the published definitions (as the 2-D images are
     # scored as saved), sources as the fusion saw them. Rounding also keeps MI meaningful:
     # on raw floats it counts distinct values.
+    if _is_volume(mask):  # a mask off the grid fails the pair before the fusion's work
+        _check_mask_grid(mask, vols[0])
+    fused = fuse(*vols, method=method, device=device, **options)  # checks that the sources share a grid
     scaled, _ = _normalise_volumes(vols, options.get("normalise", "auto"))
     srcs = [np.round(np.clip(s, 0.0, 1.0) * 255.0) for s in scaled]
     f = np.round(np.clip(np.asarray(fused.array, dtype=np.float64), 0.0, 1.0) * 255.0)
-    return fused, M.score(f, *srcs, mode=mode, metrics=metrics)
+    m = _mask_array(mask, srcs, vols[0])
+    return fused, M.score(f, *srcs, mode=mode, metrics=metrics, mask=m), m
+
+
+# ---------------------------------------------------------------------- masks
+#: How ``mask="auto"`` is computed (recorded in metrics.json).
+AUTO_MASK = ("union over the sources of the pixels above that source's minimum, on the images as scored "
+             "(2-D: the grey images; volumes: the sources on 0..255 as the fusion saw them)")
+
+
+def _auto_mask(srcs: Sequence[np.ndarray]) -> np.ndarray:
+    """The foreground: pixels above its minimum in some source (skull-stripped MR: the brain; PET: uptake)."""
+    m = np.zeros(np.shape(srcs[0]), dtype=bool)
+    for s in srcs:
+        m |= s > s.min()
+    if not m.any():
+        raise InvalidInputError("mask 'auto' finds no foreground: every source is constant",
+                                fix="score without a mask, or give a mask file")
+    return m
+
+
+def _mask_array(mask, srcs: Sequence[np.ndarray], ref=None) -> Optional[np.ndarray]:
+    """The boolean region for one pair: None, the foreground of the scored sources, or a mask Volume's voxels
+    (refused unless it lies on ``ref``'s grid, the grid of the pair and of the fused volume)."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):  # "auto": anything else was loaded before
+        return _auto_mask(srcs)
+    from .metrics import _as_mask
+
+    where = _check_mask_grid(mask, ref)
+    try:
+        return _as_mask(np.asarray(mask.array), tuple(np.shape(srcs[0])))
+    except InvalidInputError as e:
+        raise InvalidInputError(f"the mask: {e.problem}", fix=e.fix, path=where) from None
+
+
+def _check_mask_grid(mask, ref) -> Optional[str]:
+    """Refuse a mask Volume off ``ref``'s grid (shape and voxel centres, as the fusion checks its inputs);
+    return the mask's file, if any, for messages."""
+    where = mask.provenance.get("source") if isinstance(getattr(mask, "provenance", None), dict) else None
+    if not ref.same_grid(mask):
+        raise GeometryError(f"the mask is on another grid than the pair's first image: {ref.grid_difference(mask)}",
+                            fix="resample it onto that image first: medfuse.resample(mask, image, "
+                            "interpolation='nearest'), then save it", path=where)
+    return where
+
+
+def _load_mask(mask):
+    """A mask argument, loaded: None, ``"auto"`` or a Volume (a path is read, once)."""
+    if mask is None or _is_volume(mask) or (isinstance(mask, str) and mask == "auto"):
+        return mask
+    from .io import load
+
+    return load(mask)
+
+
+def _mask_record(mask) -> Any:
+    """The mask choice as metrics.json records it."""
+    if mask is None:
+        return None
+    if isinstance(mask, str) and mask == "auto":
+        return {"kind": "auto", "definition": AUTO_MASK}
+    if _is_volume(mask):
+        return {"kind": "volume"}
+    return {"kind": "file", "path": str(mask)}
 
 
 # ---------------------------------------------------------------------- main API
@@ -250,14 +336,15 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              metrics: Optional[Sequence[str]] = None, pair_types: Optional[Sequence[str]] = None,
              mode: str = "slicewise", device: str = "cpu", overwrite: bool = False,
-             save_outputs: bool = True, **options: Any) -> EvaluationResult:
+             save_outputs: bool = True, mask: Any = None, **options: Any) -> EvaluationResult:
     """Fuse every pair with every method, score the results and write the tables.
 
     Args:
         source: a Harvard-layout folder (``<root>/<PAIR>/{MRI,CT|PET|SPECT}/*.png``, or one
             ``<PAIR>`` folder), a list of :class:`medfuse.harvard.HarvardPair` (e.g. a validation
             split), or a list of volume pairs ``[(a, b), (a, b, c), {"name": ..., "inputs": (a, b)}]``
-            whose members are Volumes or image paths (on one grid).
+            whose members are Volumes or image paths (on one grid); a dict may name the pair's own mask,
+            ``{"name": ..., "inputs": (a, b), "mask": "brain.nii.gz"}``, which replaces ``mask`` for it.
         methods: fusion methods (``medfuse.fusion.available_methods()``).
         out_dir: output folder (created); fused images go to ``<out_dir>/<method>/...``.
         progress, cancel: as everywhere in medfuse.
@@ -267,6 +354,10 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         device: for the network; checked before anything is written.
         overwrite: replace existing outputs and tables (never an input).
         save_outputs: write the fused images (tables are always written).
+        mask: score within a region (:func:`medfuse.metrics.score`): None (the whole image), ``"auto"``
+            (the foreground: the union over the sources of the pixels above that source's minimum, on the
+            images as scored), or, for volume pairs, a mask file or Volume (0/1 or boolean) on the pairs'
+            grid. A mask on another grid fails that pair (``GeometryError``, pointing to resampling).
         **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
 
     Returns:
@@ -276,7 +367,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         InvalidInputError: unknown method/metric/mode, no metric named (an empty list), a metric
             ``mode="native"`` lacks (volumes), nothing to evaluate, two pairs given the same explicit name,
             ``device`` is a GPU this machine lacks (with ``"network"``), ``out_dir`` is a file, or an output
-            would write over an input file (refused even with ``overwrite``).
+            would write over an input file (refused even with ``overwrite``), a mask file or Volume for
+            2-D pairs.
+        UnreadableFileError: the mask file cannot be read.
         UnreadableFileError: the folder holds no pairs.
         OutputExistsError: tables or fused outputs exist and ``overwrite`` is False.
         CancelledError: ``cancel`` was set.
@@ -310,7 +403,19 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         if (out / name).exists() and not overwrite:
             raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite",
                                     path=out / name)
+    if isinstance(mask, str) and mask.strip().lower() == "auto":
+        mask = "auto"
+    elif not (mask is None or isinstance(mask, (str, os.PathLike)) or _is_volume(mask)):
+        # An array has no grid to check against the pairs'.
+        raise InvalidInputError(f"mask must be 'auto', a mask file or a Volume, got {type(mask).__name__}",
+                                fix="give the array its grid: first_image.with_array(mask), or save it as NIfTI")
     items, is_2d = _items(source, pair_types=pair_types)
+    if is_2d and mask is not None and not (isinstance(mask, str) and mask == "auto"):
+        raise InvalidInputError("a mask file or Volume is for volume pairs; 2-D pairs take mask 'auto' (their "
+                                "foreground) or none", fix="use --mask auto, or leave --mask out")
+    if isinstance(mask, (str, os.PathLike)) and not (isinstance(mask, str) and mask == "auto"):
+        for item in items:  # the mask file is an input: never written over
+            item.inputs = (*item.inputs, str(mask))
     if not is_2d and mode == "native" and metrics is not None:
         from .metrics import NATIVE_3D_METRICS, _names
 
@@ -331,11 +436,13 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     raise OutputExistsError("a fused output of an earlier evaluation exists",
                                             fix="choose another --out, or pass overwrite",
                                             path=_target(out, method, item, is_2d))
+    loaded_mask = _load_mask(mask)  # a file that cannot be read is bad input, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
     total = len(items) * len(methods)
     done = 0
     cache: Dict[int, Any] = {}  # by item index: loaded sources, reused by every method (or the exception)
+    masks: Dict[int, Any] = {}  # by item index: the pair's own mask, loaded (or the exception)
     for method in methods:
         dead: Optional[str] = None  # set when the method itself cannot run here
         for index, item in enumerate(items):
@@ -355,14 +462,23 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 if isinstance(srcs, MedfuseError):
                     raise srcs
                 row: Dict[str, Any] = {"method": method, "pair_type": item.pair_type, "name": item.name}
+                if item.mask is not None and index not in masks:
+                    try:
+                        masks[index] = _load_mask(item.mask)
+                    except MedfuseError as e:
+                        masks[index] = e
+                pair_mask = masks[index] if item.mask is not None else loaded_mask
+                if isinstance(pair_mask, MedfuseError):
+                    raise pair_mask
                 if is_2d:
                     img, f, greys = _fuse_2d(srcs, method, device, options)
-                    scores = score(f, *greys, metrics=metrics)
+                    m = _mask_array(mask, greys)
+                    scores = score(f, *greys, metrics=metrics, mask=m)
                     target = _target(out, method, item, True)
                     if save_outputs:
                         _save_png(img, target, overwrite)
                 else:
-                    fused, scores = _score_volumes(srcs, method, device, options, mode, metrics)
+                    fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
                     target = _target(out, method, item, False)
                     if save_outputs:
                         from .io import save
@@ -370,6 +486,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                         target.parent.mkdir(parents=True, exist_ok=True)
                         save(fused, target, overwrite=overwrite)
                 row["output"] = str(target.relative_to(out)) if save_outputs else None
+                if m is not None:  # what was scored: the region and its share of the image
+                    row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
+                    row["mask_fraction"] = float(m.mean())
                 row.update({k: v for k, v in scores.items() if k in METRICS})
                 result.rows.append(row)
             except (CancelledError, OutputExistsError):
@@ -385,7 +504,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     names = _metric_names(result.rows) or [m for m in METRICS if metrics is None or m in metrics]
     # Both texts before either file: a table that cannot be written leaves neither, not a CSV without its JSON.
     csv_text = _csv(result, names)
-    json_text = json.dumps(_json(result, source, methods, options), indent=1, allow_nan=False)
+    json_text = json.dumps(_json(result, source, methods, options, mask), indent=1, allow_nan=False)
     atomic_write_text(out / "metrics.csv", csv_text, overwrite=overwrite)
     atomic_write_text(out / "metrics.json", json_text, overwrite=overwrite)
     report(progress, 1.0, "evaluation done")
@@ -467,11 +586,13 @@ def _fmt(x) -> str:
     return repr(float(x)) if isinstance(x, (float, int, np.floating)) else str(x)
 
 
-def _json(result: EvaluationResult, source, methods, options) -> Dict[str, Any]:
+def _json(result: EvaluationResult, source, methods, options, mask=None) -> Dict[str, Any]:
     return {
         "source": str(source) if isinstance(source, (str, os.PathLike)) else "list of pairs",
         "methods": list(methods),
         "mode": result.mode,
+        # The region scored (None: whole images); a pair given its own mask says so in its image rows.
+        "mask": _mask_record(mask),
         "options": {k: _json_option(v) for k, v in options.items()},
         "metric_definitions": "docs/fusion.md (as ../shared/README.md, reference section)",
         "ok": result.ok,
@@ -521,6 +642,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="folder only: at most N pairs per pair type")
     parser.add_argument("--mode", choices=("slicewise", "native"), default="slicewise",
                         help="volumes: score slice-wise over the three planes or natively in 3-D (default slicewise)")
+    parser.add_argument("--mask", default=None, metavar="auto|FILE",
+                        help="score within a region: 'auto' = the foreground (pixels above their minimum in any "
+                             "source, as scored); FILE = a 0/1 mask on the volume pairs' grid, for every --pair "
+                             "(default: whole images)")
     parser.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
                         help="where the network runs (default: cpu; auto: a CUDA GPU when there is one); checked "
                              "before anything is written")
@@ -581,14 +706,15 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     try:
         result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
                           metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
-                          overwrite=args.overwrite, save_outputs=not args.no_save)
+                          overwrite=args.overwrite, save_outputs=not args.no_save, mask=getattr(args, "mask", None))
     finally:
         if bar is not None:
             bar.close()
     if not quiet:
         print(result.table())
+        within = f", within the mask {args.mask}" if getattr(args, "mask", None) else ""
         print(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
-              f"({len(result.rows)} images scored)")
+              f"({len(result.rows)} images scored{within})")
     if result.failures:
         print(f"\n{len(result.failures)} item(s) failed and were skipped:", file=sys.stderr)
         for f in result.failures:

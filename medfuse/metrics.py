@@ -36,7 +36,30 @@ MI, SCD, CC, PSNR and FMI do not change when every image is scaled by one factor
 with it; EN, VIF, SSIM, MS-SSIM, SSIM_r2 and Qabf depend on the range (docs/fusion.md, "Scale").
 
 Any array NumPy reads is accepted (any real dtype or memory layout, CPU torch tensors, MetaTensors).
-There is no mask: masked arrays with masked pixels are refused, as are length-1 axes (``np.squeeze`` them).
+Masked arrays with masked pixels are refused (NumPy would drop their mask; pass ``mask=`` instead), as are
+length-1 axes (``np.squeeze`` them).
+
+**Region of interest.** Every metric and :func:`score` take a keyword-only ``mask``: a boolean array of the
+images' shape (0/1 numbers are taken too), True inside the region. Most of a brain volume is background
+(zeros in every input), which lifts SSIM (zeros against zeros score 1) and dilutes EN and SD; a mask scores
+the brain alone. What "inside the mask" means:
+
+* pixel statistics (``EN``, ``SD``, ``MI``, ``SCD``, ``PSNR``, ``CC``): computed on the pixels inside it
+  only, as if ``F[mask]`` and ``S_i[mask]`` were the images (PSNR's peak is ``max(F[mask])``);
+* window metrics, computed on the whole image as without a mask (differences, filters and windows need
+  neighbours, which may lie outside), then restricted: ``AG``, ``SSIM``, ``SSIM_r2`` average their
+  per-pixel maps over the mask (SSIM keeps scikit-image's 3-pixel border out); ``SF`` averages the squared
+  differences whose two pixels are both inside; ``Qabf`` and ``VIF``, ratios of sums, sum over the pixels
+  (VIF: the windows) centred inside, VIF's coarser scales sampling the mask at the filtered pixels' centres;
+  ``FMI`` takes its gradient histograms over the mask; ``MS-SSIM`` averages each scale's map over the windows
+  centred inside, the mask downsampled with the image (a coarse pixel is inside when half or more of its
+  2x2 block is), and is NaN when no window centre is left inside at some scale.
+
+An all-True mask gives the unmasked values (to float rounding). Refused: another shape, values other than
+0/1, a mask that selects nothing, a Volume (pass ``mask.array`` on the images' grid), and, for window
+metrics in 2-D and native 3-D, a region without one whole 7x7 (7x7x7) block. Slice-wise, each slice uses
+its own slice of the mask; a slice whose mask is empty, or holds no whole 7x7 block, carries no content and
+is skipped.
 
 :func:`score` returns all of them in a dict. 3-D volumes are scored either
 natively (the metrics whose definition does not depend on dimension, plus 3-D
@@ -57,7 +80,7 @@ import numpy as np
 from .errors import InvalidInputError, MedfuseWarning
 
 __all__ = [
-    "METRICS", "NATIVE_3D_METRICS", "score", "anisotropy", "sampled_slice_scores",
+    "METRICS", "NATIVE_3D_METRICS", "PIXEL_METRICS", "WINDOW_METRICS", "score", "anisotropy", "sampled_slice_scores",
     "en", "sd", "sf", "ag", "mi", "scd", "vif", "qabf", "ssim", "psnr", "cc", "fmi", "ms_ssim", "ssim_r2",
 ]
 
@@ -76,6 +99,17 @@ _VIF_MIN_SIDE = 17  # VIF's finest Gaussian window: below it VIF is undefined (N
 _SCALE_CHECKED: contextvars.ContextVar = contextvars.ContextVar("medfuse_metrics_scale_checked", default=False)
 
 
+# Set while score() runs the metrics with a mask it has already checked (and cut to each slice): each metric then
+# takes the boolean array as it is, without checking its values and its size again.
+_MASK_CHECKED: contextvars.ContextVar = contextvars.ContextVar("medfuse_metrics_mask_checked", default=False)
+
+#: Metrics computed on the masked pixels alone (their values, histograms and correlations need no neighbours).
+PIXEL_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SCD", "PSNR", "CC")
+#: Metrics whose differences, filters or windows need neighbours: computed on the whole image, then their
+#: per-pixel (per-window) maps are averaged, or their sums taken, over the mask.
+WINDOW_METRICS: Tuple[str, ...] = ("SF", "AG", "VIF", "Qabf", "SSIM", "FMI", "MS-SSIM", "SSIM_r2")
+
+
 @contextlib.contextmanager
 def _scale_checked():
     token = _SCALE_CHECKED.set(True)
@@ -85,13 +119,23 @@ def _scale_checked():
         _SCALE_CHECKED.reset(token)
 
 
+@contextlib.contextmanager
+def _mask_checked():
+    token = _MASK_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _MASK_CHECKED.reset(token)
+
+
 # ---------------------------------------------------------------------- checks
 def _as_float(x, name: str) -> np.ndarray:
     if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
         # np.asarray drops the mask: the masked-out pixels would be scored as if they were image.
         raise InvalidInputError(
-            f"{name} is a masked array, and the metrics take no mask (their windows and histograms span the whole "
-            "image)", fix="crop every image to the region's bounding box, or pass np.ma.getdata(x) to score all of it")
+            f"{name} is a masked array, whose mask NumPy would drop (the masked-out pixels would be scored as image)",
+            fix="pass the region as mask=~np.ma.getmaskarray(x) with the data np.ma.getdata(x) (score(..., mask=)), "
+            "or crop every image to the region's bounding box")
     try:
         a = np.asarray(x)
     except Exception as e:  # noqa: BLE001 - anything that is not array-like
@@ -202,6 +246,114 @@ def _warn_unless_0_255(images: Sequence[np.ndarray], *, stacklevel: int) -> None
             MedfuseWarning, stacklevel=stacklevel)
 
 
+# ---------------------------------------------------------------------- masks
+def _as_mask(mask, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+    """The region of interest as a boolean array of ``shape`` (None for no mask), or a clear error.
+
+    Accepted: booleans, or numbers that are all 0 or 1 (a uint8 or float label file of a brain mask).
+    Refused: another shape, other values (a probability map, a label image), no pixel selected, a Volume.
+    """
+    if mask is None:
+        return None
+    if _MASK_CHECKED.get() and isinstance(mask, np.ndarray) and mask.dtype == bool and mask.shape == shape:
+        return mask
+    if hasattr(mask, "array") and hasattr(mask, "affine"):
+        # The metrics take arrays, not Volumes, so there is no grid here to compare the mask's with.
+        raise InvalidInputError(f"the mask is a {type(mask).__name__}, not an array",
+                                fix="pass its voxels, mask.array, after checking that it lies on the images' grid "
+                                "(medfuse.resample(mask, image, interpolation='nearest') if not)")
+    if isinstance(mask, np.ma.MaskedArray):
+        mask = np.ma.filled(mask, 0)  # a masked entry of the mask is outside the region
+    try:
+        m = np.asarray(mask)
+    except Exception as e:  # noqa: BLE001 - anything that is not array-like
+        raise InvalidInputError(f"the mask is not an array NumPy can read ({type(mask).__name__})",
+                                fix="pass a boolean NumPy array of the images' shape") from e
+    if m.dtype != bool:
+        if not np.issubdtype(m.dtype, np.number) or np.iscomplexobj(m):
+            raise InvalidInputError(f"the mask must be boolean (or 0/1 numbers), got dtype {m.dtype}",
+                                    fix="pass a boolean array: True inside the region, False outside")
+        inside = m == 1
+        other = ~(inside | (m == 0))
+        if other.any():
+            seen = ", ".join(f"{v:g}" for v in np.unique(m[other])[:3])
+            raise InvalidInputError(
+                f"the mask holds values other than 0 and 1 (e.g. {seen}): it looks like a probability map or a "
+                "label image, not a region", fix="threshold it (mask = p > 0.5) or pick the labels you mean "
+                "(mask = np.isin(labels, [1, 2]))")
+        m = inside
+    if m.shape != tuple(shape):
+        if m.ndim == 2 and len(shape) == 3 and m.shape == tuple(shape[1:]):
+            fix = ("pass a 3-D mask of the volume's shape; one 2-D mask for every slice is "
+                   "np.broadcast_to(mask, volume.shape)")
+        elif sorted(m.shape) == sorted(shape):
+            fix = "its axes are in another order than the images' (a transposed array?): put them in the same order"
+        elif tuple(n for n in m.shape if n != 1) == tuple(n for n in shape if n != 1):
+            fix = "drop or add the length-1 axes (np.squeeze / np.reshape) so that it has the images' shape"
+        else:
+            fix = "resample the mask onto the images' grid (nearest neighbour), or crop it as the images were"
+        raise InvalidInputError(f"the mask has shape {m.shape} but the images have shape {tuple(shape)}", fix=fix)
+    if not m.any():
+        raise InvalidInputError("the mask selects no pixel (it is all False)",
+                                fix="check that it is on the images' grid and not inverted, or pass mask=None "
+                                "to score the whole image")
+    return m
+
+
+def _require_window(m: Optional[np.ndarray], what: str) -> None:
+    """Refuse a region that holds no whole 7-pixel-a-side window (7x7, or 7x7x7 in 3-D).
+
+    The window metrics are averaged over the region's pixels; with no full window inside, every value would
+    come from windows that are mostly background, and SF could have no pair of neighbours inside at all.
+    """
+    if m is None:
+        return
+    from scipy.ndimage import minimum_filter
+
+    # Separable erosion by a cube of side 7: a voxel survives when its whole window lies inside the mask.
+    if not minimum_filter(m.view(np.uint8), size=_MIN_SIDE, mode="constant", cval=0).any():
+        block = "x".join([str(_MIN_SIDE)] * m.ndim)
+        raise InvalidInputError(
+            f"the mask is too small for {what}: it holds no whole {block} block ({int(m.sum())} pixels selected), "
+            "and these metrics look at neighbourhoods of that size",
+            fix=f"use a larger region, or ask only for the pixel statistics ({', '.join(PIXEL_METRICS)})")
+
+
+def _slices_fitting_a_window(m: np.ndarray, axis: int) -> np.ndarray:
+    """Per index along ``axis``: True when that slice of the 3-D mask holds a whole 7x7 block.
+
+    Slice-wise scoring skips the other slices, as 2-D scoring refuses such a region: their window metrics would
+    come from windows that are mostly outside it.
+    """
+    from scipy.ndimage import minimum_filter
+
+    size = [1 if a == axis else _MIN_SIDE for a in range(3)]
+    fits = minimum_filter(m.view(np.uint8), size=size, mode="constant", cval=0)
+    return fits.any(axis=tuple(a for a in range(3) if a != axis))
+
+
+def _in(x: np.ndarray, m: Optional[np.ndarray]) -> np.ndarray:
+    """The pixels of ``x`` inside the region (all of them, flattened, for no mask)."""
+    return x.ravel() if m is None else x[m]
+
+
+def _region_mean(values: np.ndarray, m: Optional[np.ndarray]) -> float:
+    """Mean of a per-pixel map over the region; NaN when the region holds none of the map's pixels."""
+    v = values if m is None else values[m]
+    return float(np.mean(v)) if v.size else float("nan")
+
+
+def _metric_mask(mask, f: np.ndarray, *, windows: bool, what: str) -> Optional[np.ndarray]:
+    """A public metric's ``mask=`` argument, checked against ``f`` (and, for window metrics, its size)."""
+    if mask is None:
+        return None
+    checked = _MASK_CHECKED.get()
+    m = _as_mask(mask, f.shape)
+    if windows and not checked:
+        _require_window(m, what)
+    return m
+
+
 # ---------------------------------------------------------------------- helpers
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; 0 when either side is constant (no linear relation can be measured)."""
@@ -296,32 +448,47 @@ def _as_image2d(fused) -> np.ndarray:
     return f
 
 
-def en(fused) -> float:
-    """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(F))`` (values clipped to 0..255)."""
+def en(fused, *, mask=None) -> float:
+    """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(F))`` (values clipped to 0..255).
+
+    With ``mask``, the histogram of the pixels inside it.
+    """
     f = _as_float(fused, "the fused image")
+    m = _metric_mask(mask, f, windows=False, what="EN")
     if not _SCALE_CHECKED.get():
         _warn_unless_0_255([f], stacklevel=3)  # 0..1 or 16-bit input would land in one or two bins
-    q = np.clip(np.round(f), 0, 255).astype(np.uint8).ravel()
+    q = np.clip(np.round(_in(f, m)), 0, 255).astype(np.uint8)
     return _entropy_bits(np.bincount(q, minlength=256).astype(np.float64))
 
 
-def sd(fused) -> float:
-    """Population standard deviation of ``F``."""
-    return float(np.std(_as_float(fused, "the fused image")))
+def sd(fused, *, mask=None) -> float:
+    """Population standard deviation of ``F`` (of its pixels inside ``mask``)."""
+    f = _as_float(fused, "the fused image")
+    return float(np.std(_in(f, _metric_mask(mask, f, windows=False, what="SD"))))
 
 
-def sf(fused) -> float:
-    """Spatial frequency: ``sqrt(mean(dx^2) + mean(dy^2))`` with one-pixel forward differences (2-D)."""
+def sf(fused, *, mask=None) -> float:
+    """Spatial frequency: ``sqrt(mean(dx^2) + mean(dy^2))`` with one-pixel forward differences (2-D).
+
+    With ``mask``, each mean is over the differences whose two pixels both lie inside it (the step from the
+    region to the background is no detail of the region); NaN when no two neighbours along an axis are inside.
+    """
     f = _as_image2d(fused)
-    return float(np.sqrt(np.mean(np.diff(f, axis=1) ** 2) + np.mean(np.diff(f, axis=0) ** 2)))
+    m = _metric_mask(mask, f, windows=True, what="SF")
+    dx2, dy2 = np.diff(f, axis=1) ** 2, np.diff(f, axis=0) ** 2
+    if m is None:
+        return float(np.sqrt(np.mean(dx2) + np.mean(dy2)))
+    return float(np.sqrt(_region_mean(dx2, m[:, 1:] & m[:, :-1]) + _region_mean(dy2, m[1:, :] & m[:-1, :])))
 
 
-def ag(fused) -> float:
-    """Average gradient: mean of ``sqrt((Gx^2 + Gy^2) / 2)`` (2-D)."""
+def ag(fused, *, mask=None) -> float:
+    """Average gradient: mean of ``sqrt((Gx^2 + Gy^2) / 2)`` (2-D); with ``mask``, the mean over its pixels
+    of the gradients computed on the whole image."""
     f = _as_image2d(fused)
+    m = _metric_mask(mask, f, windows=True, what="AG")
     # np.gradient: central differences inside, one-sided at the borders -- the definition.
     gy, gx = np.gradient(f)
-    return float(np.mean(np.sqrt((gx * gx + gy * gy) / 2.0)))
+    return _region_mean(np.sqrt((gx * gx + gy * gy) / 2.0), m)
 
 
 # ---------------------------------------------------------------------- reference metrics
@@ -337,36 +504,43 @@ def _warn_if_mi_on_continuous_values(images: Sequence[np.ndarray], *, stacklevel
             return
 
 
-def mi(fused, *sources) -> float:
-    """Sum over sources of the mutual information (nats) between raw pixel values.
+def mi(fused, *sources, mask=None) -> float:
+    """Sum over sources of the mutual information (nats) between raw pixel values (inside ``mask``).
 
     Meant for whole-number images (8-bit, as saved); warns on continuous values, where MI counts distinct values.
     """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    m = _metric_mask(mask, f, windows=False, what="MI")
     if not _SCALE_CHECKED.get():
         _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
-    return float(sum(_mutual_info(f, s) for s in srcs))
+    return float(sum(_mutual_info(_in(f, m), _in(s, m)) for s in srcs))
 
 
-def scd(fused, *sources) -> float:
-    """Sum of the correlations of differences: ``sum_i corr(S_i, F - sum_{j != i} S_j)``."""
+def scd(fused, *sources, mask=None) -> float:
+    """Sum of the correlations of differences: ``sum_i corr(S_i, F - sum_{j != i} S_j)`` (inside ``mask``)."""
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    m = _metric_mask(mask, f, windows=False, what="SCD")
     total = sum(srcs)
-    return float(sum(_corr(s, f - (total - s)) for s in srcs))
+    return float(sum(_corr(_in(s, m), _in(f - (total - s), m)) for s in srcs))
 
 
-def cc(fused, *sources) -> float:
-    """Mean over sources of the correlation coefficient with ``F``."""
+def cc(fused, *sources, mask=None) -> float:
+    """Mean over sources of the correlation coefficient with ``F`` (of the pixels inside ``mask``)."""
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
-    return float(np.mean([_corr(s, f) for s in srcs]))
+    m = _metric_mask(mask, f, windows=False, what="CC")
+    return float(np.mean([_corr(_in(s, m), _in(f, m)) for s in srcs]))
 
 
-def psnr(fused, *sources) -> float:
+def psnr(fused, *sources, mask=None) -> float:
     """``10 log10(max(F)^2 / mean_i MSE(S_i, F))``: inf when F equals every source, -inf when ``max(F) == 0``.
 
+    With ``mask``, ``max(F)`` and the MSEs are over the pixels inside it.
     Invariant to one scale factor on every image, not to an offset (``max(F)``).
     """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
+    m = _metric_mask(mask, f, windows=False, what="PSNR")
+    if m is not None:
+        f, srcs = f[m], [s[m] for s in srcs]
     mse = float(np.mean([np.mean((s - f) ** 2) for s in srcs]))
     peak = float(np.max(f)) ** 2
     if mse == 0:
@@ -376,38 +550,54 @@ def psnr(fused, *sources) -> float:
     return float(10.0 * np.log10(peak / mse))
 
 
-def _ssim_pair(f: np.ndarray, s: np.ndarray, data_range: float = 255.0) -> float:
+def _ssim_pair(f: np.ndarray, s: np.ndarray, data_range: float = 255.0, m: Optional[np.ndarray] = None) -> float:
     from skimage.metrics import structural_similarity
 
-    return float(structural_similarity(f, s, data_range=data_range))
+    if m is None:
+        return float(structural_similarity(f, s, data_range=data_range))
+    _, smap = structural_similarity(f, s, data_range=data_range, full=True)
+    # scikit-image averages the map without a border of half a window (3 pixels): so does the region's mean,
+    # so that an all-True mask gives scikit-image's value.
+    pad = (7 - 1) // 2
+    inner = tuple(slice(pad, n - pad) for n in smap.shape)
+    return _region_mean(smap[inner], m[inner])
 
 
-def ssim(fused, *sources) -> float:
-    """Sum over sources of SSIM (scikit-image defaults, ``data_range=255``); 2-D or 3-D."""
+def ssim(fused, *sources, mask=None) -> float:
+    """Sum over sources of SSIM (scikit-image defaults, ``data_range=255``); 2-D or 3-D.
+
+    With ``mask``, each SSIM map (windows on the whole image) is averaged over the mask's pixels, leaving out,
+    as scikit-image does, the 3 pixels along the image's border.
+    """
     f, srcs = _check(fused, sources, ndim=None)
-    return float(sum(_ssim_pair(f, s) for s in srcs))
+    m = _metric_mask(mask, f, windows=True, what="SSIM")
+    return float(sum(_ssim_pair(f, s, 255.0, m) for s in srcs))
 
 
-def ssim_r2(fused, *sources) -> float:
+def ssim_r2(fused, *sources, mask=None) -> float:
     """:func:`ssim` with ``data_range=2``, as CDDFuse's published tables computed it; 2-D or 3-D.
 
     Only for comparing with those tables: on 0..255 images its stabilising constants are almost 0, so it
-    is lower than :func:`ssim` and dominated by flat, noisy regions.
+    is lower than :func:`ssim` and dominated by flat, noisy regions. ``mask`` as in :func:`ssim`.
     """
     f, srcs = _check(fused, sources, ndim=None)
-    return float(sum(_ssim_pair(f, s, data_range=2.0) for s in srcs))
+    m = _metric_mask(mask, f, windows=True, what="SSIM_r2")
+    return float(sum(_ssim_pair(f, s, 2.0, m) for s in srcs))
 
 
-def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
+def _vifp_pair(ref: np.ndarray, dist: np.ndarray, m: Optional[np.ndarray] = None) -> float:
     sigma_nsq = 2.0
     eps = 1e-10
     num = den = 0.0
     for scale in range(1, 5):
         n = 2 ** (5 - scale) + 1
+        r = n // 2
         g = _gauss1d(n, n / 5.0)
         if scale > 1:
             if min(ref.shape) < n:
                 break  # too small for this scale: the coarser scales add nothing
+            if m is not None:  # the region at the next scale: the centres of the filtered, kept pixels
+                m = m[r:m.shape[0] - r, r:m.shape[1] - r][::2, ::2]
             ref = _filter_valid(ref, g)[::2, ::2]
             dist = _filter_valid(dist, g)[::2, ::2]
         if min(ref.shape) < n:
@@ -432,8 +622,13 @@ def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
         sv[neg] = s2[neg]
         gain[neg] = 0
         sv[sv <= eps] = eps
-        num += float(np.sum(np.log10(1.0 + gain * gain * s1 / (sv + sigma_nsq))))
-        den += float(np.sum(np.log10(1.0 + s1 / sigma_nsq)))
+        num_map = np.log10(1.0 + gain * gain * s1 / (sv + sigma_nsq))
+        den_map = np.log10(1.0 + s1 / sigma_nsq)
+        if m is not None:  # the windows centred inside the region
+            inside = m[r:m.shape[0] - r, r:m.shape[1] - r]
+            num_map, den_map = num_map[inside], den_map[inside]
+        num += float(np.sum(num_map))
+        den += float(np.sum(den_map))
     if den == 0:
         # A featureless source (constant where VIF looks): 0/0. The reference code returns 1, a perfect term
         # whatever F is, which lifted slice-wise means wherever one source had no content.
@@ -441,9 +636,11 @@ def _vifp_pair(ref: np.ndarray, dist: np.ndarray) -> float:
     return num / den
 
 
-def vif(fused, *sources) -> float:
+def vif(fused, *sources, mask=None) -> float:
     """Pixel-domain VIF (4 scales, sigma_n^2 = 2) of ``F`` against each source, summed (2-D).
 
+    VIF is a ratio of sums over windows: with ``mask``, both sums run over the windows centred inside it (at
+    each coarser scale, the mask is sampled at the filtered pixels' centres, as the image is).
     NaN for images under 17 pixels a side: VIF's finest window (17x17) does not fit, so there is nothing to
     measure (the reference code's featureless-image convention, 1 per source, would pass for a perfect score).
     Images under 41 pixels a side are scored on the scales that fit. NaN too when a source is constant: it
@@ -452,9 +649,10 @@ def vif(fused, *sources) -> float:
     (the noise variance 2 is on 0..255).
     """
     f, srcs = _check(fused, sources)
+    m = _metric_mask(mask, f, windows=True, what="VIF")
     if min(f.shape) < _VIF_MIN_SIDE:
         return float("nan")
-    return float(sum(_vifp_pair(s, f) for s in srcs))
+    return float(sum(_vifp_pair(s, f, m) for s in srcs))
 
 
 def _qabf_edges(img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -475,9 +673,11 @@ def _qabf_preservation(ga, aa, gf, af) -> np.ndarray:
     return tg / (1.0 + np.exp(kg * (rel - dg))) * ta / (1.0 + np.exp(ka * (rel_angle - da)))
 
 
-def qabf(fused, *sources) -> float:
+def qabf(fused, *sources, mask=None) -> float:
     """Xydeas–Petrović edge-information preservation ``Q^{AB/F}`` (Sobel gradients; 2-D).
 
+    Qabf is a ratio of sums over pixels: with ``mask``, both sums run over its pixels (gradients computed on
+    the whole image).
     NaN when no source has an edge (all-zero sources; a non-zero constant has one at the zero-padded border).
     As in the reference code, where a source's gradient equals F's the relative strength is F's gradient
     itself, not 1: on whole-number 0..255 images that is 1 or more and so as good as 1, but on the 0..1
@@ -485,12 +685,14 @@ def qabf(fused, *sources) -> float:
     scale as well; zero padding makes it depend on an offset too.
     """
     f, srcs = _check(fused, sources)
+    m = _metric_mask(mask, f, windows=True, what="Qabf")
     gf, af = _qabf_edges(f)
     num = den = 0.0
     for s in srcs:
         gs, as_ = _qabf_edges(s)
-        num += float(np.sum(_qabf_preservation(gs, as_, gf, af) * gs))
-        den += float(np.sum(gs))
+        q = _qabf_preservation(gs, as_, gf, af) * gs
+        num += float(np.sum(q if m is None else q[m]))
+        den += float(np.sum(gs if m is None else gs[m]))
     return num / den if den > 0 else float("nan")
 
 
@@ -501,18 +703,21 @@ def _quantise(x: np.ndarray, bins: int = 256) -> np.ndarray:
     return np.minimum((x / top * bins).astype(np.int64), bins - 1)
 
 
-def fmi(fused, *sources) -> float:
+def fmi(fused, *sources, mask=None) -> float:
     """Feature mutual information on Sobel gradient magnitudes (global form), in 0..1 (2-D).
 
     A pair whose gradient histograms both have no entropy counts as perfect: all-zero images score 1.
     Invariant to one scale factor on every image (the magnitudes are binned relative to their maximum).
+    With ``mask``, the gradients are computed on the whole image and the histograms (and the maximum they are
+    binned by) taken over the mask's pixels.
     """
     f, srcs = _check(fused, sources)
-    ff = _quantise(np.hypot(*_sobel(f)))
+    m = _metric_mask(mask, f, windows=True, what="FMI")
+    ff = _quantise(_in(np.hypot(*_sobel(f)), m))
     hf = _entropy_bits(np.bincount(ff.ravel()).astype(np.float64))
     total = 0.0
     for s in srcs:
-        fs = _quantise(np.hypot(*_sobel(s)))
+        fs = _quantise(_in(np.hypot(*_sobel(s)), m))
         hs = _entropy_bits(np.bincount(fs.ravel()).astype(np.float64))
         denom = hf + hs
         # _mutual_info is in nats; the entropies are in bits.
@@ -523,7 +728,7 @@ def fmi(fused, *sources) -> float:
 _MS_WEIGHTS = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])
 
 
-def _ms_ssim_pair(x: np.ndarray, y: np.ndarray) -> float:
+def _ms_ssim_pair(x: np.ndarray, y: np.ndarray, m: Optional[np.ndarray] = None) -> float:
     c1 = (0.01 * 255) ** 2
     c2 = (0.03 * 255) ** 2
     # Images under 11 pixels a side get the largest odd window that fits.
@@ -535,28 +740,40 @@ def _ms_ssim_pair(x: np.ndarray, y: np.ndarray) -> float:
     # Wang's five weights as published (they sum to 1.0001); only a truncated set is renormalised.
     weights = _MS_WEIGHTS if levels == len(_MS_WEIGHTS) else _MS_WEIGHTS[:levels] / _MS_WEIGHTS[:levels].sum()
     vals = []
+    r = len(g) // 2
     for lev in range(levels):
         mx, my = _filter_valid(x, g), _filter_valid(y, g)
         sxx = _filter_valid(x * x, g) - mx * mx
         syy = _filter_valid(y * y, g) - my * my
         sxy = _filter_valid(x * y, g) - mx * my
         cs = (2 * sxy + c2) / (sxx + syy + c2)
+        inside = None if m is None else m[r:m.shape[0] - r, r:m.shape[1] - r]  # windows centred in the region
         if lev == levels - 1:
-            vals.append(float(np.mean((2 * mx * my + c1) / (mx * mx + my * my + c1) * cs)))
+            vals.append(_region_mean((2 * mx * my + c1) / (mx * mx + my * my + c1) * cs, inside))
         else:
-            vals.append(float(np.mean(cs)))
+            vals.append(_region_mean(cs, inside))
             # 2x2 average then decimate, as in Wang's reference code.
             h, w = (x.shape[0] // 2) * 2, (x.shape[1] // 2) * 2
             x = x[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
             y = y[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+            if m is not None:  # a coarse pixel is in the region when at least half of its 2x2 block is
+                m = m[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)) >= 0.5
+    if any(math.isnan(v) for v in vals):
+        return float("nan")  # the region holds no whole window at some scale: nothing to measure there
     v = np.clip(np.asarray(vals), 0.0, None)  # negative contrast terms would make the product meaningless
     return float(np.prod(v ** weights))
 
 
-def ms_ssim(fused, *sources) -> float:
-    """Multi-scale SSIM of ``F`` against each source, summed (2-D)."""
+def ms_ssim(fused, *sources, mask=None) -> float:
+    """Multi-scale SSIM of ``F`` against each source, summed (2-D).
+
+    With ``mask``, each scale's map is averaged over the windows centred inside the mask, the mask being
+    downsampled with the image (a coarse pixel is inside when half or more of its 2x2 block is). NaN when the
+    region holds no window centre at some scale (a small region near the border, or one that vanishes).
+    """
     f, srcs = _check(fused, sources)
-    return float(sum(_ms_ssim_pair(f, s) for s in srcs))
+    m = _metric_mask(mask, f, windows=True, what="MS-SSIM")
+    return float(sum(_ms_ssim_pair(f, s, m) for s in srcs))
 
 
 # ---------------------------------------------------------------------- score
@@ -586,15 +803,17 @@ def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
     return out
 
 
-def _score2d(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str]) -> Dict[str, float]:
+def _score2d(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], m: Optional[np.ndarray] = None
+             ) -> Dict[str, float]:
     out = {}
-    for name in names:
-        out[name] = _SINGLE[name](f) if name in _SINGLE else _MULTI[name](f, *srcs)
+    with _mask_checked():  # m is None or a checked boolean array
+        for name in names:
+            out[name] = _SINGLE[name](f, mask=m) if name in _SINGLE else _MULTI[name](f, *srcs, mask=m)
     return out
 
 
 def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = None,
-          axes: Sequence[int] = (0, 1, 2), min_content: float = 0.01) -> Dict[str, object]:
+          axes: Sequence[int] = (0, 1, 2), min_content: float = 0.01, mask=None) -> Dict[str, object]:
     """Score a fused image against its sources with every metric (or the ones named).
 
     Args:
@@ -607,7 +826,13 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
         metrics: metric names to compute (default: all that the mode defines).
         axes: slicewise only: the axes across which slices are taken.
         min_content: slicewise only: a slice carries content when at least this fraction
-            of its pixels is above the volume's minimum in some source.
+            of its pixels is above the volume's minimum in some source (and, with ``mask``, inside it).
+        mask: a region of interest: a boolean array of the images' shape (0/1 numbers are taken too), or
+            None for the whole image. The pixel statistics (EN, SD, MI, SCD, PSNR, CC) are computed on the
+            pixels inside it; the window metrics (SF, AG, VIF, Qabf, SSIM, SSIM_r2, MS-SSIM, FMI) on the whole
+            image, then their maps averaged (or, for the ratios of sums VIF and Qabf, their sums taken) over
+            it. Slice-wise, each slice uses its own slice of the mask; slices where it is empty, or holds no
+            whole 7x7 block, are skipped. An all-True mask gives the unmasked values.
 
     Returns:
         ``{name: value}``; for volumes also ``"mode"``, and for slicewise ``"per_axis"``
@@ -615,7 +840,9 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
 
     Raises:
         InvalidInputError: fewer than two sources, shapes that differ, NaN/inf, images too
-            small, unknown metric or mode.
+            small, unknown metric or mode; a mask of another shape, with values other than 0/1 or
+            True/False, that selects nothing, or (2-D and native, with a window metric named) that holds no
+            whole 7x7 (7x7x7) block.
 
     Example:
         >>> import numpy as np
@@ -628,22 +855,25 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
     names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
     f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3)
+    m = _as_mask(mask, f.shape)
+    if mode != "slicewise":  # slice-wise, a slice's region may be small; it is then scored as it is
+        windowed = [n for n in names if n in WINDOW_METRICS]
+        if windowed:
+            _require_window(m, ", ".join(windowed))
     if "MI" in names:
         _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
     with _scale_checked():
         if mode == "2d":
-            return _score2d(f, srcs, names)
+            return _score2d(f, srcs, names, m)
         if mode == "native":
-            out: Dict[str, object] = {}
-            for name in names:
-                out[name] = _SINGLE[name](f) if name in _SINGLE else _MULTI[name](f, *srcs)
+            out: Dict[str, object] = dict(_score2d(f, srcs, names, m))  # the same calls, on the whole volume
             out["mode"] = "native"
             return out
-        return _score_slicewise(f, srcs, names, axes, min_content)
+        return _score_slicewise(f, srcs, names, axes, min_content, m)
 
 
-def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], axes, min_content: float
-                     ) -> Dict[str, object]:
+def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], axes, min_content: float,
+                     m: Optional[np.ndarray] = None) -> Dict[str, object]:
     given = axes
     try:  # one axis or several; each plane once
         axes = (int(axes),) if np.ndim(axes) == 0 else tuple(dict.fromkeys(int(a) for a in axes))
@@ -658,9 +888,13 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
     above = np.zeros(f.shape, dtype=bool)
     for s, lo in zip(srcs, floors):
         above |= s > lo
+    if m is not None:
+        above &= m
     for ax in axes:
         other = tuple(a for a in range(3) if a != ax)
         content = above.mean(axis=other) >= min_content
+        if m is not None:  # a slice outside the region, or with too little of it, carries no content
+            content &= _slices_fitting_a_window(m, ax)
         rows = []
         for k in np.flatnonzero(content):
             sl = [slice(None)] * 3
@@ -672,14 +906,16 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
                     f"slices across axis {ax} are {fs.shape[0]}x{fs.shape[1]} pixels, too small to score",
                     fix=f"use axes without axis {ax}, or mode='native'",
                 )
-            rows.append(_score2d(fs, ss, names))
+            rows.append(_score2d(fs, ss, names, None if m is None else m[tuple(sl)]))
         counts[ax] = len(rows)
         per_axis[ax] = {n: _nanmean(r[n] for r in rows) for n in names}
     if not sum(counts.values()):
+        where = " inside the mask" if m is not None else ""
         raise InvalidInputError(
             f"no slice carries content: fewer than {min_content:.3g} of the pixels of every slice are above the "
-            "sources' minimum (constant or empty sources)",
-            fix="check that the sources are not empty, or lower min_content")
+            f"sources' minimum{where} (constant or empty sources{', or a small mask' if where else ''})",
+            fix="check that the sources are not empty" + (" and that the mask covers them" if where else "")
+            + ", or lower min_content")
     out = {n: _nanmean(per_axis[a][n] for a in axes) for n in names}
     out.update(mode="slicewise", axes=list(axes), per_axis=per_axis, n_slices=counts, min_content=min_content)
     return out
@@ -715,12 +951,16 @@ def anisotropy(fused, sources: Sequence) -> np.ndarray:
 
 
 def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0.2,
-                         metrics: Sequence[str] = ("Qabf", "VIF")) -> np.ndarray:
+                         metrics: Sequence[str] = ("Qabf", "VIF"), mask=None) -> np.ndarray:
     """2-D metrics of a fused volume, averaged over every ``step``-th slice along each of the three axes.
 
     A quick through-plane-aware score (``score(mode="slicewise")`` scores every slice): inputs are on the
     0..1 scale; each slice is scored on the 8-bit scale with the fused slice rounded, and only slices in
     which more than ``min_fraction`` of the first source is non-zero count.
+
+    With ``mask`` (a boolean volume of the inputs' shape), each slice is scored within its slice of the mask
+    as :func:`score` does, and a slice counts when more than ``min_fraction`` of its pixels are inside the
+    mask and non-zero in the first source, and its mask holds a whole 7x7 block.
 
     Returns:
         The mean of each named metric, in the order given.
@@ -747,13 +987,18 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
                     f"sampled_slice_scores takes volumes on the 0..1 scale, but {what} holds values from {lo:.6g} "
                     f"to {hi:.6g}", fix="divide 8-bit volumes by 255, or scale every volume to 0..1 first "
                     "(medfuse.fusion.normalise.normalise)")
+        m = _as_mask(mask, f.shape)
         rows = []
         for ax in range(3):
             f3, s3 = np.moveaxis(f, ax, 0), [np.moveaxis(s, ax, 0) for s in srcs]
+            m3 = None if m is None else np.moveaxis(m, ax, 0)
+            fits = None if m is None else _slices_fitting_a_window(m, ax)
             for i in range(0, f3.shape[0], int(step)):
-                if (s3[0][i] > 0).mean() > min_fraction:
+                present = s3[0][i] > 0 if m3 is None else (s3[0][i] > 0) & m3[i]
+                if present.mean() > min_fraction and (fits is None or fits[i]):
                     f8, ss8 = np.round(np.clip(f3[i], 0, 1) * 255), [s[i] * 255 for s in s3]
-                    rows.append([_MULTI[n](f8, *ss8) for n in names])
+                    with _mask_checked():
+                        rows.append([_MULTI[n](f8, *ss8, mask=None if m3 is None else m3[i]) for n in names])
     if not rows:
         raise InvalidInputError("no slice has enough content to score",
                                 fix="lower min_fraction or step, or check that the first source is not empty")
