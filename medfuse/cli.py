@@ -2,7 +2,8 @@
 
 Every failure on bad input prints one line (file, problem, fix) and exits with 2, also a file-system error
 (permission denied, read-only, disk full, missing path) that a step did not type; ``--debug`` shows the
-traceback. Ctrl-C exits with 130 and says which outputs were kept. Exit codes are listed in ``medfuse --help``.
+traceback. Ctrl-C (or SIGTERM, as a scheduler sends at a time limit) exits with 130 and says which outputs
+were kept. Exit codes are listed in ``medfuse --help``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ exit codes:
   1    some subjects (batch) or pairs (evaluate) failed and were skipped; the others are written
   2    bad usage or bad input (missing file, unreadable image, output exists, ...)
   3    internal error (a bug: please report it, with the output of --debug)
-  130  cancelled (Ctrl-C), whenever it came; the message names the outputs this run had completed
+  130  cancelled (Ctrl-C or SIGTERM), whenever it came; the message names the outputs this run had completed
        (kept: every write is atomic) and those it did not write
 
 Run 'medfuse COMMAND --help' for a command's options. Add --debug to any command to see
@@ -138,39 +139,51 @@ class _Bar:
 
 
 class _CancelOnSigint:
-    """First Ctrl-C sets a CancelToken (the operation stops cleanly at its next check); a second one
-    raises KeyboardInterrupt at once.
+    """First Ctrl-C (SIGINT) or SIGTERM sets a CancelToken (the operation stops cleanly at its next check); a
+    second one raises KeyboardInterrupt at once.
+
+    SIGTERM is what job schedulers send at a time limit (SLURM, then SIGKILL after its grace time) and what
+    ``kill`` sends: before, it ended the process on the spot, so a batch report kept its subjects ``pending``
+    and the command said nothing.
 
     A Ctrl-C that came after the operation's last check (during its final save, say) did not stop it; leaving the
     block then raises :class:`CancelledError` anyway (``raise_on_exit``), so that the command exits with 130,
     not 0, and says what it kept.
     """
 
+    _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
     def __init__(self, *, raise_on_exit: bool = True):
         from .progress import CancelToken
 
         self.token = CancelToken()
-        self._old = None
+        self._old: dict = {}
         self._raise_on_exit = raise_on_exit
 
     def _handler(self, signum, frame):
         if self.token.cancelled:
             raise KeyboardInterrupt
         self.token.cancel()
-        print("\nmedfuse: cancelling... (press Ctrl-C again to stop at once)", file=sys.stderr)
+        if signum == getattr(signal, "SIGTERM", None):
+            print("\nmedfuse: cancelling on SIGTERM (a time limit or kill)... (a second one stops at once)",
+                  file=sys.stderr)
+        else:
+            print("\nmedfuse: cancelling... (press Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread (e.g. called from a test runner thread)
-            self._old = None
+        for s in self._SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a test runner thread)
+                break
         return self.token
 
     def __exit__(self, exc_type, exc, tb):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
         if exc_type is None and self._raise_on_exit and self.token.cancelled:
-            raise CancelledError("cancelled (Ctrl-C) after the work had finished")
+            raise CancelledError("cancelled (Ctrl-C or SIGTERM) after the work had finished")
         return False
 
 

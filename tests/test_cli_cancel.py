@@ -130,3 +130,66 @@ def test_progress_bar_text_has_no_stray_separator(monkeypatch):
     assert [s.split("|")[0] for s in states] == ["fuse:   0%", "fuse:  50%", "fuse: 100%"]
     assert [s.split("|")[-1] for s in states] == [" 00:00", " 00:00, register: level 2",
                                                  " 00:00, register: level 2"]
+
+
+def test_the_handler_takes_sigterm_as_a_cancel(capsys):
+    """SIGTERM (a scheduler's time limit, ``kill``) is a cancel like Ctrl-C: it used to end the process at once."""
+    def unhandled(signum, frame):  # stands in for the default action (the end of this test process)
+        raise AssertionError("SIGTERM reached the process's own handler: the command did not take it")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(CancelledError):
+            with cli._CancelOnSigint() as token:
+                signal.raise_signal(signal.SIGTERM)
+                assert token.cancelled
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+        assert "SIGTERM" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):  # a second one stops at once
+            with cli._CancelOnSigint():
+                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "local"])
+def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, scheduler):
+    """SLURM sends SIGTERM at a job's time limit. Before, the batch died there: exit -15, every subject not yet
+    finished left 'pending' in the report and nothing said so. Now: exit 130, finished subjects 'done', the
+    others 'cancelled', and the outputs that exist are complete."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from medfuse import provenance as prov
+    from medfuse.batch import read_manifest, write_phantom_subjects
+
+    pytest.importorskip("distributed")
+    manifest = write_phantom_subjects(tmp_path, 4, first_seed=1, method="max", register=None, downsample=4)
+    cmd = [sys.executable, "-c", "import sys; from medfuse.cli import main; sys.exit(main(sys.argv[1:]))",
+           "batch", str(manifest), "--scheduler", scheduler, "--workers", "2", "--no-progress"]
+    outputs = lambda: sorted(p for p in (tmp_path / "out").glob("*.nii.gz") if not p.name.startswith("."))  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not outputs() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the batch ended before the signal: " + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)  # to the command itself, as `kill PID` does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == EXIT_CANCELLED, err
+    rows = {r["subject"]: r["status"] for r in csv.DictReader(open(tmp_path / "manifest-report.csv"))}
+    assert set(rows.values()) <= {"done", "cancelled"} and "done" in rows.values(), rows
+    assert "Traceback" not in err
+    subjects = {s.subject: s for s in read_manifest(manifest)}
+    for name, status in rows.items():
+        out = Path(subjects[name].output)
+        if status == "done":
+            assert prov.is_up_to_date(out, input_paths=[subjects[name].fixed, *subjects[name].moving])
