@@ -949,8 +949,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classical method to use if the network cannot run (default: fail the subject)")
     _add_device_option(p)
     p.add_argument("--report", metavar="PATH", default=None,
-                   help="report file (.csv or .json; default: <manifest name>-report.csv beside the manifest; "
-                        "dataset folder: batch-report.csv in --out)")
+                   help="report file (.csv or .json; default beside the manifest: study.csv -> study-report.csv, "
+                        "study.yaml -> study.yaml-report.csv; dataset folder: batch-report.csv in --out)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo subjects whose outputs exist but are not verified by their sidecar")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
