@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -111,6 +111,63 @@ def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
         )
 
 
+def _checked_array(array: Any) -> np.ndarray:
+    """``array`` as a 3-D numeric NumPy array in native byte order, or a typed error saying what is wrong."""
+    _refuse_volume(array)
+    arr = np.asarray(array)
+    if arr.ndim != 3:
+        raise InvalidInputError(
+            f"a Volume is 3-D but the array has {arr.ndim} dimension(s) with shape {arr.shape}",
+            fix="pass a 3-D array; split 4-D data into volumes (medfuse.load_volumes) and add a slice axis to 2-D data",
+        )
+    if arr.size == 0:
+        raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}",
+                                fix="convert the array to a numeric dtype, e.g. array.astype(numpy.float32)")
+    if not arr.dtype.isnative:
+        # Why: big-endian data (DICOM Explicit VR Big Endian, old Analyze files) is refused by ITK and torch.
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _refuse_volume(array: Any) -> None:
+    # Why: NumPy makes a 0-d object array of a Volume, and the error said "0 dimension(s) with shape ()".
+    if isinstance(array, Volume):
+        raise InvalidInputError("voxels were expected but a Volume was given",
+                                fix="pass its voxels, vol.array (checked to lie on this grid: same_grid), or use "
+                                    "vol.copy() for an independent Volume")
+
+
+def _checked_affine(affine: Any) -> np.ndarray:
+    """A float64 copy of a valid 4x4 affine (see :func:`_check_affine`)."""
+    aff = _as_affine(affine)
+    _check_affine(aff)
+    return aff.copy()
+
+
+def _checked_unit(unit: Any) -> str:
+    if unit not in UNITS:
+        hint = " (a plain 'SUV' is body-weight SUV: 'SUVbw')" if str(unit).upper() == "SUV" else ""
+        raise InvalidInputError(f"unknown unit {unit!r}", fix=f"use one of {', '.join(UNITS)}{hint}")
+    return unit
+
+
+def _checked_provenance(provenance: Any) -> Dict[str, Any]:
+    """The whitelisted keys of a provenance mapping (``None`` is an empty one)."""
+    if provenance is None:
+        return {}
+    if not isinstance(provenance, Mapping):
+        raise InvalidInputError(f"provenance must be a dict, got {type(provenance).__name__}",
+                                fix='pass a dict such as {"source": "ct.nii.gz"}, or leave it out')
+    return {k: v for k, v in provenance.items() if k in _PROVENANCE_KEYS}
+
+
+#: Field name -> check run whenever the field is set (in the constructor and afterwards).
+_FIELD_CHECKS = {"array": _checked_array, "affine": _checked_affine, "modality": normalise_modality,
+                 "unit": _checked_unit, "provenance": _checked_provenance}
+
+
 @dataclass(eq=False)
 class Volume:
     """A 3-D image: voxels, LPS affine, modality, physical unit and provenance.
@@ -126,6 +183,13 @@ class Volume:
     the caller's array shows in the Volume. Only a big-endian array is copied (to native byte order, which ITK
     and torch need). Use :meth:`copy` for an independent volume. The affine is always copied.
 
+    Every field is checked when it is set, in the constructor and afterwards (``v.unit = "SUV"`` raises as
+    ``Volume(..., unit="SUV")`` does); an in-place edit (``v.affine[0, 3] += 5``, ``v.array[...] = 0``) is not
+    seen. ``vol[10:20, :, ::-1]`` crops, strides or flips with the affine following (:meth:`__getitem__`),
+    :meth:`reorient` permutes and flips axes to an orientation code. ``==`` is identity, as for nibabel images:
+    compare grids with :meth:`same_grid` and voxels with ``numpy.array_equal(a.array, b.array)``. A Volume is
+    not an array: NumPy functions take ``vol.array`` (its voxels, without the geometry).
+
     Example:
         >>> import numpy as np
         >>> v = Volume(np.zeros((4, 5, 6)), np.diag([2.0, 2.0, 3.0, 1.0]), modality="CT", unit="HU")
@@ -139,30 +203,12 @@ class Volume:
     unit: str = "arbitrary"
     provenance: Dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        arr = np.asarray(self.array)
-        if arr.ndim != 3:
-            raise InvalidInputError(
-                f"a Volume is 3-D but the array has {arr.ndim} dimension(s) with shape {arr.shape}",
-                fix="pass a 3-D array; split 4-D data into volumes (medfuse.load_volumes) and add a slice axis to 2-D data",
-            )
-        if arr.size == 0:
-            raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}",
-                                    fix="convert the array to a numeric dtype, e.g. array.astype(numpy.float32)")
-        if not arr.dtype.isnative:
-            # Why: big-endian data (DICOM Explicit VR Big Endian, old Analyze files) is refused by ITK and torch.
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        self.array = arr
-        aff = _as_affine(self.affine)
-        _check_affine(aff)
-        self.affine = aff.copy()
-        self.modality = normalise_modality(self.modality)
-        if self.unit not in UNITS:
-            hint = " (a plain 'SUV' is body-weight SUV: 'SUVbw')" if str(self.unit).upper() == "SUV" else ""
-            raise InvalidInputError(f"unknown unit {self.unit!r}", fix=f"use one of {', '.join(UNITS)}{hint}")
-        self.provenance = {k: v for k, v in dict(self.provenance or {}).items() if k in _PROVENANCE_KEYS}
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Why here and not in __post_init__: a field set after construction (``v.unit = "SUV"``,
+        # ``v.affine = m``) is checked as the constructor checks it. Unchecked, ``v.unit = "SUV"`` wrote a file
+        # that medfuse.load then refused.
+        check = _FIELD_CHECKS.get(name)
+        object.__setattr__(self, name, value if check is None else check(value))
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -299,9 +345,94 @@ class Volume:
             parts.append(f"voxel centres up to {self.max_voxel_distance(other):.3g} mm apart (tolerance {atol:g} mm)")
         return "; ".join(parts)
 
+    # ------------------------------------------------------------------ indexing and orientation
+    #: Not iterable: ``for plane in volume`` would silently drop the geometry. Iterate ``volume.array``.
+    __iter__ = None
+
+    def __getitem__(self, index: Any) -> "Volume":
+        """A sub-grid (crop, stride or flip) as a Volume: ``vol[10:20, :, ::-1]``.
+
+        Only slices (and ``...``) are taken, as SimpleITK's ``image[...]`` and nibabel's ``img.slicer[...]``
+        take them, and the affine moves with them: every kept voxel keeps its world position (the origin moves
+        to the first kept voxel, a step of 2 doubles that axis' spacing, a negative step flips the axis).
+        The voxels are a view of this Volume's (NumPy slicing); ``.copy()`` makes them independent.
+
+        Raises:
+            InvalidInputError: an integer, array or mask index (it would drop an axis or the grid), more than
+                three indices, or a slice that selects no voxel.
+        """
+        key = index if isinstance(index, tuple) else (index,)
+        n_ellipsis = sum(k is Ellipsis for k in key)
+        if n_ellipsis > 1:
+            raise InvalidInputError("an index can only have a single ellipsis ('...')", fix="use at most one '...'")
+        if n_ellipsis:
+            at = next(n for n, k in enumerate(key) if k is Ellipsis)
+            key = key[:at] + (slice(None),) * (4 - len(key)) + key[at + 1:]
+        if len(key) > 3:
+            raise InvalidInputError(f"a Volume has 3 axes but the index has {len(key)}",
+                                    fix="index with at most three slices, e.g. vol[10:20, :, 5:9]")
+        key = key + (slice(None),) * (3 - len(key))
+        starts, steps = [], []
+        for axis, (k, n) in enumerate(zip(key, self.shape)):
+            if not isinstance(k, slice):
+                raise InvalidInputError(
+                    f"a Volume is indexed with slices only, got {type(k).__name__} on axis {axis}: an integer "
+                    "would drop the axis (a Volume is 3-D) and an array or mask has no grid",
+                    fix="use a one-voxel slab (vol[5:6] rather than vol[5]), or index the bare voxels, "
+                        "vol.array[...], which have no geometry")
+            try:
+                start, stop, step = k.indices(n)
+            except (TypeError, ValueError) as e:
+                raise InvalidInputError(f"axis {axis}: {e}",
+                                        fix="use integer slice bounds and a non-zero step") from e
+            if len(range(start, stop, step)) == 0:
+                raise InvalidInputError(f"the index selects no voxel along axis {axis} (size {n}, {k})",
+                                        fix=f"choose bounds within 0..{n - 1}")
+            starts.append(start)
+            steps.append(step)
+        affine = self.affine.copy()
+        affine[:3, :3] = self.affine[:3, :3] * np.asarray(steps, dtype=float)[None, :]
+        affine[:3, 3] = self.index_to_world(np.asarray(starts, dtype=float))
+        return Volume(self.array[key], affine, self.modality, self.unit, copy.deepcopy(self.provenance))
+
+    def reorient(self, axcodes: str) -> "Volume":
+        """The same image with its voxel axes pointing to ``axcodes`` (e.g. ``"RAS"``, ``"LPS"``).
+
+        The counterpart of nibabel's ``as_closest_canonical`` (``vol.reorient("RAS")``), SimpleITK's
+        ``DICOMOrient`` and MONAI's ``Orientation``: axes are only permuted and flipped (no interpolation), so
+        every voxel keeps its value and its world position; afterwards :attr:`orientation` is ``axcodes``. An
+        oblique grid stays oblique (each axis goes to its nearest world direction, as :attr:`orientation` names
+        it). The voxels are a view of this Volume's; ``.copy()`` makes them independent.
+
+        Args:
+            axcodes: three letters, one of L/R, one of P/A and one of S/I, naming where i, j and k point to.
+
+        Raises:
+            InvalidInputError: ``axcodes`` is not such a code.
+        """
+        from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+        code = str(axcodes).upper()
+        pairs = ("LR", "PA", "SI")
+        if len(code) != 3 or sorted(next((n for n, p in enumerate(pairs) if c in p), 9) for c in code) != [0, 1, 2]:
+            raise InvalidInputError(f"{axcodes!r} is not an orientation code",
+                                    fix="give three letters, one of L/R, one of P/A and one of S/I, e.g. 'RAS' "
+                                        "or 'LPS'")
+        transform = ornt_transform(axcodes2ornt(tuple(self.orientation)), axcodes2ornt(tuple(code)))
+        array = apply_orientation(self.array, transform)
+        # inv_ornt_aff works in either world convention: it only reorders and flips the voxel axes.
+        affine = self.affine @ inv_ornt_aff(transform, self.shape)
+        return Volume(array, affine, self.modality, self.unit, copy.deepcopy(self.provenance))
+
     # ------------------------------------------------------------------ copies
     def with_array(self, array: np.ndarray, **changes: Any) -> "Volume":
-        """A new Volume on the same grid with other voxels (and optionally other modality/unit)."""
+        """A new Volume on the same grid with other voxels (and optionally other modality/unit).
+
+        The unit is kept unless ``unit=`` changes it: after a rescale (to 0..1, z-scores) pass
+        ``unit="arbitrary"``. A CT still labelled HU after scaling to 0..1 is windowed as HU by
+        :func:`medfuse.fuse` (``normalise="auto"``), which maps it to one flat grey.
+        """
+        _refuse_volume(array)
         arr = np.asarray(array)
         if arr.shape != self.array.shape:
             raise InvalidInputError(
@@ -333,6 +464,8 @@ class Volume:
         """Convert to a ``SimpleITK.Image`` (geometry exact; voxels copied, never shared with this Volume).
 
         ITK has no bool, float16 or long double pixels: they become uint8, float32 (exact) and float64.
+        Modality and unit go into the image's metadata (``medfuse_modality``, ``medfuse_unit``, the keys
+        :func:`medfuse.save` writes to MetaImage/NRRD files), where :meth:`from_sitk` finds them.
         """
         import SimpleITK as sitk
 
@@ -341,22 +474,46 @@ class Volume:
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
         img.SetDirection(tuple(float(x) for x in self.direction.ravel()))
+        img.SetMetaData("medfuse_modality", self.modality)
+        img.SetMetaData("medfuse_unit", self.unit)
         return img
 
     @classmethod
-    def from_sitk(cls, image, *, modality: str = "unknown", unit: str = "arbitrary", provenance: Optional[dict] = None) -> "Volume":
-        """Build a Volume from a 3-D ``SimpleITK.Image`` (geometry exact)."""
+    def from_sitk(cls, image, *, modality: Optional[str] = None, unit: Optional[str] = None,
+                  provenance: Optional[dict] = None) -> "Volume":
+        """Build a Volume from a 3-D scalar ``SimpleITK.Image`` (geometry exact; voxels copied).
+
+        ``modality`` and ``unit`` default to the image's ``medfuse_modality``/``medfuse_unit`` metadata
+        (set by :meth:`to_sitk` and by MetaImage/NRRD files medfuse wrote), else ``unknown``/``arbitrary``.
+
+        Raises:
+            InvalidInputError: not a SimpleITK image, not 3-D, several components, or a label map.
+        """
         import SimpleITK as sitk
 
+        if not isinstance(image, sitk.Image):
+            raise InvalidInputError(
+                f"from_sitk takes a SimpleITK.Image, got {type(image).__name__}",
+                fix="read the file with medfuse.load(path) (or SimpleITK.ReadImage), or use Volume.from_nibabel "
+                    "for a nibabel image and Volume(array, affine_lps) for a NumPy array")
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise InvalidInputError(
                 f"expected a 3-D scalar SimpleITK image, got {image.GetDimension()}-D with "
                 f"{image.GetNumberOfComponentsPerPixel()} component(s)",
-                fix="extract a single 3-D scalar volume first",
+                fix="add a slice axis to a 2-D image (SimpleITK.JoinSeries(image))" if image.GetDimension() == 2
+                else "extract a single 3-D scalar volume first (SimpleITK.Extract, or VectorIndexSelectionCast "
+                     "for one component)",
             )
+        if "label" in image.GetPixelIDTypeAsString():
+            # Why: SimpleITK's GetArrayFromImage aborts the whole Python process on a label map (C++ terminate).
+            raise InvalidInputError("the SimpleITK image is a label map, which has no voxel array",
+                                    fix="convert it first: SimpleITK.LabelMapToLabel(image)")
         arr = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
         aff = affine_from_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-        return cls(arr, aff, modality=modality, unit=unit, provenance=provenance or {})
+        meta = lambda k: image.GetMetaData(k).strip() if image.HasMetaDataKey(k) else None  # noqa: E731
+        return cls(arr, aff, modality=modality if modality is not None else meta("medfuse_modality"),
+                   unit=unit if unit is not None else (meta("medfuse_unit") or "arbitrary"),
+                   provenance=provenance or {})
 
     # ------------------------------------------------------------------ nibabel
     def to_nibabel(self):
@@ -365,10 +522,12 @@ class Volume:
         Both codes are the recorded ``provenance["nifti_space"]`` (an MNI template stays "mni"), else 1 (scanner).
         ``image.affine`` is this Volume's exact float64 affine (the header keeps float32, as a file does).
         NIfTI has no bool, float16 or long double voxels: they become uint8, float32 (exact) and float64.
+        Modality and unit go into ``descrip`` (``"medfuse modality=PT unit=SUVbw"``), as :func:`medfuse.save`
+        writes them.
         """
         import nibabel as nib
 
-        from .io.nifti import nifti_space_code
+        from .io.nifti import format_tag, nifti_space_code
 
         code = nifti_space_code(self)
         # A copy: an edit of the image's data (img.get_fdata()[...] = 0) must not change this Volume.
@@ -378,32 +537,55 @@ class Volume:
         img.header.set_sform(self.affine_ras, code=code)
         img.header.set_qform(self.affine_ras, code=code)
         img.header.set_xyzt_units("mm", "sec")
+        # Modality and unit as medfuse.save writes them, so that nibabel.save(vol.to_nibabel(), f) keeps them.
+        img.header["descrip"] = format_tag(self.modality, self.unit).encode("ascii")[:79]
         return img
 
     @classmethod
-    def from_nibabel(cls, image, *, modality: str = "unknown", unit: str = "arbitrary", provenance: Optional[dict] = None) -> "Volume":
+    def from_nibabel(cls, image, *, modality: Optional[str] = None, unit: Optional[str] = None,
+                     provenance: Optional[dict] = None) -> "Volume":
         """Build a Volume from a nibabel spatial image (3-D, or 4-D with one volume).
 
         Voxels of an image held in memory are copied; a file-backed image's are read (memory-mapped where
-        nibabel maps them, copy-on-write, so that the file is never changed).
+        nibabel maps them, copy-on-write, so that the file is never changed). A header's spatial unit of metres
+        or microns is converted to mm, as :func:`medfuse.load` converts it.
 
-        A NIfTI image's space (sform code, else qform code) is recorded as ``provenance["nifti_space"]`` unless
-        ``provenance`` names one.
+        ``modality`` and ``unit`` default to the ones in a NIfTI ``descrip`` medfuse wrote (:meth:`to_nibabel`,
+        :func:`medfuse.save`), else ``unknown``/``arbitrary``. A NIfTI image's space (sform code, else qform
+        code) is recorded as ``provenance["nifti_space"]`` unless ``provenance`` names one.
+
+        Raises:
+            InvalidInputError: not a nibabel image, or not one 3-D volume.
+            GeometryError: the image has no usable affine.
         """
-        from .io.nifti import _space_name
+        from .io.nifti import _space_name, parse_tag
 
+        if not (hasattr(image, "dataobj") and hasattr(image, "affine") and hasattr(image, "header")):
+            raise InvalidInputError(
+                f"from_nibabel takes a nibabel image, got {type(image).__name__}",
+                fix="read the file with medfuse.load(path) (or nibabel.load), or use Volume.from_sitk for a "
+                    "SimpleITK image and Volume(array, affine_lps) for a NumPy array")
+        if image.affine is None:
+            raise GeometryError("the nibabel image has no affine, so its voxels have no place in the world",
+                                fix="build it with one: nibabel.Nifti1Image(data, affine_ras)")
+        hdr = image.header
         in_memory = isinstance(image.dataobj, np.ndarray)
         arr = np.asanyarray(image.dataobj)
         if in_memory:  # the image's own array: copied, so that the two do not change each other
             arr = np.array(arr, copy=True)
         if arr.ndim == 4 and arr.shape[3] == 1:
             arr = arr[..., 0]
-        aff = LPS_TO_RAS @ np.asarray(image.affine, dtype=float)
+        aff = np.asarray(image.affine, dtype=float)
+        xyz_unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "unknown"
+        to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)
+        aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff  # medfuse's world is in mm
+        tag_mod, tag_unit = parse_tag(hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else "")
         prov = dict(provenance or {})
-        space = _space_name(image.header)
+        space = _space_name(hdr)
         if space is not None:
             prov.setdefault("nifti_space", space)
-        return cls(arr, aff, modality=modality, unit=unit, provenance=prov)
+        return cls(arr, LPS_TO_RAS @ aff, modality=modality if modality is not None else tag_mod,
+                   unit=unit if unit is not None else (tag_unit or "arbitrary"), provenance=prov)
 
     # ------------------------------------------------------------------ MONAI
     def to_metatensor(self):
