@@ -41,7 +41,7 @@ import pytest
 from tests.conftest import ROOT, SAMPLES, SHARED, shared_path
 
 DOCS = ["README.md", "docs/pipeline.md", "docs/phantom.md", "docs/dicom.md", "docs/io.md", "docs/architecture.md",
-        "docs/registration.md", "docs/classifier.md"]
+        "docs/registration.md", "docs/classifier.md", "docs/fusion.md"]
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _MARK = re.compile(r"^<!--\s*(not-run|needs-shared|warns)\s*(?::\s*(.*?))?\s*-->\s*$")
