@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -255,13 +256,20 @@ def read_manifest(path: PathLike) -> List[Subject]:
     subjects = [_subject_from(r, base=base, path=p, row=i + 2 if p.suffix.lower() not in (".yaml", ".yml") else i + 1,
                               defaults=defaults) for i, r in enumerate(rows)]
     for attr in ("subject", "output"):
-        seen: Dict[str, int] = {}
+        seen: Dict[str, str] = {}
         for s in subjects:
             key = getattr(s, attr)
-            if key in seen:
+            # Outputs differing only in case are one file on Windows and macOS (case-insensitive file systems):
+            # one subject's output would silently replace the other's, and the report call both done.
+            norm = key.casefold() if attr == "output" else key
+            if norm in seen and seen[norm] != key:
+                raise InvalidInputError(f"outputs {seen[norm]!r} and {key!r} differ only in letter case: on "
+                                        "Windows and macOS they are one file", fix="give every subject an output "
+                                        "whose name differs in more than case", path=p)
+            if norm in seen:
                 raise InvalidInputError(f"{attr} {key!r} appears twice in the manifest",
                                         fix=f"give every subject its own {attr}", path=p)
-            seen[key] = 1
+            seen[norm] = key
     return subjects
 
 
@@ -814,8 +822,10 @@ def _try_lock(fd: int) -> bool:
 
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
+        except OSError as e:
+            # Held by another process: EACCES (or EDEADLOCK). Anything else (EINVAL: a share without byte-range
+            # locks) is a file system without locks, as below: run unlocked rather than refuse every run.
+            return e.errno not in (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -239,6 +239,7 @@ _OS_ERRORS = {
     errno.ENOENT: ("no such file or folder", "check the path"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
     errno.EISDIR: ("a folder was given where a file was expected", "give the file"),
+    errno.ENAMETOOLONG: ("the name or path is too long for the file system", "use a shorter name or folder path"),
 }
 
 
@@ -249,6 +250,16 @@ def _os_error_message(e: OSError) -> Optional[str]:
         return None
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{known[0]}. Fix: {known[1]}."
+
+
+def _shell_quote(path: Any) -> str:
+    """``path`` quoted for a command the user may copy: POSIX shell quoting, or on Windows double quotes
+    (``'C:\\My Data\\x'`` in single quotes is not one argument in cmd.exe)."""
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline([os.fspath(path)])
+    return shlex.quote(os.fspath(path))
 
 
 def _say(args: argparse.Namespace, *parts: Any) -> None:
@@ -282,8 +293,10 @@ def _image_files(folder: Path) -> List[dict]:
         try:
             import SimpleITK as sitk
 
+            from .io.nifti import itk_path
+
             reader = sitk.ImageFileReader()
-            reader.SetFileName(os.fspath(f))
+            reader.SetFileName(itk_path(f))
             reader.ReadImageInformation()
             shape = list(reader.GetSize())
         except Exception:  # noqa: BLE001 - listed without a size; 'medfuse info FILE' says what is wrong
@@ -349,7 +362,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 for f in files:
                     shape = "x".join(str(x) for x in f["shape"]) if f["shape"] else "?"
                     print(f"      {'file':<4} {shape:<14} {os.path.relpath(f['file'], p)}")
-                hints = [f"medfuse info {shlex.quote(os.fspath(p))} --series N (its number, modality or UID; "
+                hints = [f"medfuse info {_shell_quote(p)} --series N (its number, modality or UID; "
                          f"fuse and register take --series too)"] if series else []
                 hints += ["medfuse info FILE"] if files else []
                 print(f"for details: {', or '.join(hints)}")
@@ -626,7 +639,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                                 "a manifest names each output itself", fix="leave it out", path=args.manifest)
     if dataset and args.write_manifest is not None:
         written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out)
-        _say(args, f"wrote {written} (review it, then: medfuse batch {shlex.quote(os.fspath(written))} "
+        _say(args, f"wrote {written} (review it, then: medfuse batch {_shell_quote(written)} "
                   "--register rigid|none)")
         return EXIT_OK
     if dataset and args.register is None:
@@ -725,7 +738,8 @@ def _claim_demo_folder(out: Path, names: Sequence[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     mark = out / _DEMO_MARK
     if not mark.is_file():
-        mark.write_text("This folder is medfuse demo's output: 'medfuse demo' rewrites its files here on every run.\n")
+        mark.write_text("This folder is medfuse demo's output: 'medfuse demo' rewrites its files here on every run.\n",
+                        encoding="utf-8")
 
 
 def _earlier_demo(out: Path) -> bool:
@@ -734,7 +748,7 @@ def _earlier_demo(out: Path) -> bool:
     from . import provenance as prov
 
     try:
-        rec = json.loads((out / "fused.json").read_text())
+        rec = json.loads((out / "fused.json").read_text(encoding="utf-8"))
         names = [Path(i["path"]).name for i in rec["inputs"]]
         return (prov.is_medfuse_record(rec) and Path(rec["output"]["path"]).name == "fused.nii.gz"
                 and len(names) == 2 and names[0] in ("mr_t1.nii.gz", "ct") and names[1] == "pet")
@@ -982,8 +996,43 @@ def _version() -> str:
     return __version__
 
 
+def _escape_unprintable_output() -> Callable[[], None]:
+    """Make stdout and stderr write characters their encoding lacks as ``\\u0141``-style escapes; returns an undo.
+
+    Why: a Windows console or redirected output (``medfuse info x > list.txt``) uses the ANSI code page (cp1252),
+    which lacks e.g. the ``Ł`` of a user's folder ``C:\\Users\\Łukasz``; printing such a path raised
+    UnicodeEncodeError, so ``medfuse fuse`` wrote its output and then exited 3 as if it had a bug. A UTF-8 output
+    (Linux, macOS) is unchanged.
+    """
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+                changed.append(stream)
+            except (OSError, ValueError):  # a closed or unusual stream: leave it as it is
+                pass
+
+    def undo() -> None:
+        for stream in changed:
+            try:
+                stream.reconfigure(errors="strict")
+            except (OSError, ValueError):
+                pass
+
+    return undo
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``medfuse`` command. Returns the exit code (see ``medfuse --help``)."""
+    undo = _escape_unprintable_output()
+    try:
+        return _main(argv)
+    finally:
+        undo()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:

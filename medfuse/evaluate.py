@@ -159,12 +159,13 @@ def _unique_names(items: List[_Item]) -> List[_Item]:
     Raises:
         InvalidInputError: a numbered name still collides (with a name given explicitly).
     """
-    counts = Counter(it.name for it in items)
+    # Compared ignoring case: names that differ only in case are one output file on Windows and macOS.
+    counts = Counter(it.name.casefold() for it in items)
     for i, it in enumerate(items):
-        if counts[it.name] > 1:
+        if counts[it.name.casefold()] > 1:
             head, sep, tail = it.name.rpartition("/")  # keep a Harvard item's <PAIR>/ folder
             it.name = f"{head}{sep}{i + 1:03d}_{tail}"
-    dup = [n for n, c in Counter(it.name for it in items).items() if c > 1]
+    dup = [n for n, c in Counter(it.name.casefold() for it in items).items() if c > 1]
     if dup:
         raise InvalidInputError(f"more than one pair is named {dup[0]!r}", fix="give each pair a unique name")
     return items

@@ -514,12 +514,13 @@ def _write_tfm(matrix: np.ndarray, path: Path, *, overwrite: bool) -> None:
     import SimpleITK as sitk
 
     from .io._atomic import atomic_path
+    from .io.nifti import itk_path
 
     t = sitk.Euler3DTransform()
     t.SetMatrix(tuple(float(v) for v in matrix[:3, :3].ravel()))
     t.SetTranslation(tuple(float(v) for v in matrix[:3, 3]))
     with atomic_path(path, overwrite=overwrite) as tmp:
-        sitk.WriteTransform(t, str(tmp))
+        sitk.WriteTransform(t, itk_path(tmp, writing=True))
 
 
 def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, seed: int = 0) -> Dict[str, Path]:

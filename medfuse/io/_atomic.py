@@ -40,6 +40,30 @@ _OLD_PREFIX = ".medfuse-old-"
 #: What ``os.link`` says on a file system without hard links (FAT, exFAT, some network shares).
 _NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOSYS, getattr(errno, "ENOTSUP", -1),
                   getattr(errno, "EOPNOTSUPP", -1)}
+#: Windows' codes for the same (``CreateHardLink`` on exFAT or FAT32, a USB stick: ERROR_INVALID_FUNCTION; on some
+#: shares: ERROR_NOT_SUPPORTED). Python reports both as errno EINVAL, which is no reason to fall back on POSIX.
+_NO_HARD_LINKS_WINERROR = {1, 50}
+#: Windows' code for a path over its 260-character limit (ERROR_FILENAME_EXCED_RANGE; errno ENOENT).
+_TOO_LONG_WINERROR = 206
+#: Windows' codes for a file another program holds open (ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION): Windows
+#: cannot replace or delete it, e.g. a report open in Excel (errno EACCES, read as "permission denied" before).
+_IN_USE_WINERROR = {5, 32}
+
+
+def _no_hard_links(e: OSError) -> bool:
+    """Whether ``os.link`` failed because the file system has no hard links (so the fallback is used)."""
+    return e.errno in _NO_HARD_LINKS or getattr(e, "winerror", None) in _NO_HARD_LINKS_WINERROR
+
+
+def _too_long(e: BaseException, p: Path) -> Optional[OutputExistsError]:
+    """The typed error for a name or path too long for the file system (255 bytes a name on Linux and macOS, 260
+    characters a path on Windows unless long paths are enabled), else None. On Windows an overwrite's copy of the
+    earlier output (``.medfuse-old-*``) has a path about 35 characters longer than the output's."""
+    if isinstance(e, OSError) and (e.errno == errno.ENAMETOOLONG or getattr(e, "winerror", None) == _TOO_LONG_WINERROR):
+        return OutputExistsError(f"the output's name or path is too long for the file system ({len(p.name)} "
+                                 f"characters in the name, {len(os.path.abspath(p))} in the path); nothing was "
+                                 "written", fix="choose a shorter name, or a folder with a shorter path", path=p)
+    return None
 
 
 def _stat(p: Path) -> Optional[os.stat_result]:
@@ -115,6 +139,11 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
             data file of a ``.mhd``/``.nhdr`` input), or is of the other kind.
     """
     p = Path(path)
+    try:
+        os.lstat(p)
+    except (OSError, ValueError) as e:  # absent is fine; a name too long would fail every check below untyped
+        if _too_long(e, p) is not None:
+            raise _too_long(e, p) from None
     if os.path.lexists(p.parent) and not p.parent.is_dir():
         raise OutputExistsError("the output's folder is a file", fix="choose an output path inside a folder",
                                 path=p.parent)
@@ -260,7 +289,7 @@ def _link_into_place(src: Path, dst: Path) -> None:
     except FileExistsError:
         raise _appeared(dst) from None
     except OSError as e:
-        if e.errno not in _NO_HARD_LINKS:
+        if not _no_hard_links(e):
             raise
         try:
             os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -311,6 +340,13 @@ def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:
     if not isinstance(e, OSError) or isinstance(e, MedfuseError):
         return None
     code = e.errno
+    if _too_long(e, p) is not None:
+        return _too_long(e, p)
+    if getattr(e, "winerror", None) in _IN_USE_WINERROR and os.path.isfile(p):
+        return OutputExistsError("cannot replace the output: it is open in another program (Windows cannot replace "
+                                 "an open file) or not writable; nothing was written and it was kept",
+                                 fix="close it in that program (a viewer, Excel) and run again, or choose another "
+                                     "output path", path=p)
     if code in (errno.EACCES, errno.EPERM):
         return OutputExistsError("cannot write the output there (permission denied); nothing was written",
                                  fix="choose a folder you can write to, or change its permissions", path=p)
@@ -376,7 +412,9 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
         raise typed from e
     finally:
         if tmp is not None and os.path.lexists(tmp):
-            os.unlink(tmp)
+            # Windows refuses to delete a file a failed writer still holds open: keep the writer's own error.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _is_dicom_file(f: Path) -> bool:

@@ -46,6 +46,56 @@ _TAG_RE = re.compile(r"medfuse\s+modality=(\S+)\s+unit=(\S+)")
 NIFTI_SPACES = ("scanner", "aligned", "talairach", "mni", "template")
 
 
+#: Whether SimpleITK must be given ASCII paths. On Windows ITK opens files by their name in the ANSI code page,
+#: so the UTF-8 bytes SimpleITK passes for ``C:\\Users\\Łukasz\\a.mha`` name a file that does not exist
+#: (SimpleITK issues 795 and 1255, its FAQ on "special characters").
+_ITK_NEEDS_ASCII = os.name == "nt"
+
+
+def _short_path(path: PathLike) -> Optional[str]:  # pragma: no cover - Windows only
+    """Windows' short (8.3) form of an existing path, ASCII where the disk keeps 8.3 names; None if it has none."""
+    import ctypes
+    from ctypes import wintypes
+
+    get = ctypes.windll.kernel32.GetShortPathNameW
+    get.argtypes = [wintypes.LPCWSTR, wintypes.LPWSTR, wintypes.DWORD]
+    get.restype = wintypes.DWORD
+    buf = ctypes.create_unicode_buffer(32768)
+    n = get(os.fspath(path), buf, len(buf))
+    return buf.value if 0 < n < len(buf) else None
+
+
+def itk_path(path: PathLike, *, writing: bool = False) -> str:
+    """The path to give SimpleITK's readers and writers for ``path`` (unchanged but on Windows).
+
+    On Windows a path with characters outside ASCII is given in its short (8.3) form: the file's own for reading,
+    its existing folder's (plus the file's name, which must be ASCII) for writing. medfuse writes through temporary
+    files whose names are ASCII, so only the folder matters there.
+
+    Raises:
+        UnreadableFileError (reading) or OutputExistsError (writing): the path has no ASCII form (8.3 names are
+            switched off on that disk, or the file's own name is not ASCII when writing).
+    """
+    text = os.fspath(path)
+    if not _ITK_NEEDS_ASCII or text.isascii():
+        return text
+    p = Path(text)
+    if writing:
+        folder = _short_path(p.parent) if p.name.isascii() else None
+        short = os.path.join(folder, p.name) if folder else None
+    else:
+        short = _short_path(p)
+    if short and short.isascii():
+        return short
+    from ..errors import OutputExistsError
+
+    problem = ("SimpleITK (medfuse's MetaImage/NRRD/transform reader and writer) cannot open a path with characters "
+               "outside ASCII on Windows")
+    fix = ("use a folder and name in plain ASCII letters (e.g. C:\\data\\pet.mha), or NIfTI (.nii.gz), which "
+           "medfuse reads and writes without SimpleITK")
+    raise (OutputExistsError if writing else UnreadableFileError)(problem, fix=fix, path=p)
+
+
 def format_tag(modality: str, unit: str) -> str:
     """The text medfuse stores in NIfTI ``descrip`` to carry modality and unit (≤ 80 bytes)."""
     return f"medfuse modality={modality} unit={unit}"
@@ -287,7 +337,10 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
 
     reader = sitk.ImageFileReader()
     reader.SetImageIO("NiftiImageIO")
-    reader.SetFileName(str(p))
+    try:
+        reader.SetFileName(itk_path(p))
+    except MedfuseError:  # no ASCII form of the path on Windows: the cross-check is skipped
+        return None
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own notes on stderr; medfuse warns in words instead
     try:
@@ -371,7 +424,7 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
     size = _check_itk_data(p, io)
     try:
-        img = sitk.ReadImage(str(p), imageIO=io)
+        img = sitk.ReadImage(itk_path(p), imageIO=io)
         arr = sitk.GetArrayFromImage(img) if img.GetNumberOfComponentsPerPixel() == 1 else None
     except MemoryError:
         raise _memory_error(p, size or ()) from None
@@ -470,7 +523,7 @@ def _check_itk_data(p: Path, io: str) -> Optional[Tuple[int, ...]]:
                                       f"or correct the header's {key} line", path=p)
     reader = sitk.ImageFileReader()
     reader.SetImageIO(io)
-    reader.SetFileName(str(p))
+    reader.SetFileName(itk_path(p))
     try:
         reader.ReadImageInformation()
         pixel = sitk.Image([1, 1], reader.GetPixelID())  # for the size of one component

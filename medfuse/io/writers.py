@@ -142,13 +142,15 @@ def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: 
 def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) -> Path:
     import SimpleITK as sitk
 
+    from .nifti import itk_path
+
     img = volume.with_array(_storable(volume.array, fmt, path)).to_sitk()
     img.SetMetaData("medfuse_modality", volume.modality)
     img.SetMetaData("medfuse_unit", volume.unit)
     name = path.name.lower()
     if name.endswith((".mha", ".nrrd")):
         with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
-            sitk.WriteImage(img, str(tmp), True)
+            sitk.WriteImage(img, itk_path(tmp, writing=True), True)
             _written(tmp, path)
         return path
     # Header + data file pair (.mhd/.raw, .nhdr/.raw): write both in a temp folder beside the target
@@ -166,7 +168,7 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
     aside: Optional[Path] = None
     placed = []  # (target, where the file it replaced is kept aside, or None), once the new file is in place
     try:
-        sitk.WriteImage(img, str(tmpdir / header), False)
+        sitk.WriteImage(img, itk_path(tmpdir / header, writing=True), False)
         others = sorted(f for f in tmpdir.iterdir() if f.name != header)
         own = _detached_data_file(path) if path.is_file() else None  # the data file of the header replaced
         for f in others:
@@ -228,6 +230,13 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
     if fmt == "dicom":
         refuse_foreign_folder(p)
+    if fmt in ("metaimage", "nrrd"):
+        from .nifti import itk_path
+
+        # Windows: SimpleITK needs an ASCII path (a .mhd/.nhdr header is written under its own name, a .mha/.nrrd
+        # under an ASCII temporary one): refused now, not after minutes of work.
+        pair = p.name.lower().endswith((".mhd", ".nhdr"))
+        itk_path(p if pair else p.with_name(".medfuse-tmp" + _temp_suffix(p.name)), writing=True)
     _probe_writable(p)
     return p
 

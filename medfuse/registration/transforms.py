@@ -150,6 +150,7 @@ class Transform:
         import SimpleITK as sitk
 
         from ..io._atomic import atomic_path
+        from ..io.nifti import itk_path
 
         p = Path(path)
         if not _suffix_ok(p):
@@ -166,7 +167,7 @@ class Transform:
                 t = Transform.from_matrix(self.matrix).sitk
         p.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(p, overwrite=overwrite) as tmp:
-            sitk.WriteTransform(t, str(tmp))
+            sitk.WriteTransform(t, itk_path(tmp, writing=True))
         return p
 
 
@@ -174,11 +175,13 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
     """Read an ITK transform file (``.tfm``/``.txt``/``.h5``) written by medfuse, Slicer, ANTs or SimpleITK."""
     import SimpleITK as sitk
 
+    from ..io.nifti import itk_path
+
     p = Path(path)
     if not p.is_file():
         raise UnreadableFileError("no such transform file", fix="check the path", path=p)
     try:
-        t = sitk.ReadTransform(str(p))
+        t = sitk.ReadTransform(itk_path(p))
     except RuntimeError:
         raise UnreadableFileError("this is not an ITK transform file SimpleITK can read",
                                   fix="export the transform as .tfm/.txt/.h5 from Slicer, ANTs or SimpleITK",
