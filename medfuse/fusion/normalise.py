@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MedfuseWarning
 
 __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
 
@@ -62,6 +62,24 @@ def _percentiles(value: Any) -> Tuple[float, float]:
         raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {value!r}",
                                 fix="pass e.g. percentiles=(0.5, 99.5)")
     return pl, ph
+
+
+def _warn_if_not_hu(x: np.ndarray, width: float) -> None:
+    """Warn when a volume labelled HU spans under 2 % of the CT window: it is not in HU any more.
+
+    Why: a CT rescaled to 0..1 (``vol.with_array(x / x.max())``) keeps ``unit="HU"``, and the CT window then maps
+    the whole image onto 0.400..0.4025, a flat grey that fuses as nothing, without a word. A real CT spans
+    hundreds of HU (air, tissue, bone).
+    """
+    span = float(x.max() - x.min()) if x.size else 0.0
+    if 0.0 < span < 0.02 * width:
+        import warnings
+
+        warnings.warn(f"an input labelled CT/HU spans only {span:.3g} (from {float(x.min()):.3g} to "
+                      f"{float(x.max()):.3g}), under 2 % of the {width:g} HU window that 'auto' applies: it does "
+                      "not look like HU (rescaled?), and the window maps it to a flat grey. Fix: give the "
+                      "rescaled volume unit='arbitrary' (vol.with_array(x, unit='arbitrary')), or pass "
+                      "normalise='percentile'", MedfuseWarning, stacklevel=3)
 
 
 def normalise(array, *, method: str = "auto", modality: Optional[str] = None, unit: Optional[str] = None,
@@ -105,6 +123,8 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
         wd = DEFAULT_CT_WINDOW[1] if width is None else _number("width", width)
         lo, hi = lv - wd / 2.0, lv + wd / 2.0
         rec.update(level=lv, width=wd)
+        if method == "auto":
+            _warn_if_not_hu(x, wd)
     elif chosen == "suv":
         lo, hi = 0.0, DEFAULT_SUV_MAX if suv_max is None else _number("suv_max", suv_max)
         rec.update(suv_max=hi)

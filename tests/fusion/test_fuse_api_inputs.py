@@ -77,3 +77,28 @@ def test_a_slice_beside_a_volume_is_not_sent_to_resampling(samples_dir):
     with pytest.raises(InvalidInputError, match="mix 3-D and 2-D"):
         fuse(t1, t2[:, :, 80], method="mean")
     assert fuse(t1[:, :, 80], t2[:, :, 80]).shape == t1.shape[:2]  # the fix the message gives works
+
+
+def test_a_ct_rescaled_but_still_labelled_hu_is_warned_about():
+    """A CT scaled to 0..1 keeps unit "HU" through ``with_array``; the CT window then mapped it to a flat
+    0.400..0.4025 and the fusion showed the other input alone, without a word."""
+    import warnings
+
+    from medfuse.errors import MedfuseWarning
+    from medfuse.fusion.normalise import normalise
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 300, size=(16, 16, 8)).clip(-1000, 2000)
+    ct = medfuse.Volume(hu.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), modality="CT", unit="HU")
+    mr = medfuse.Volume(rng.random((16, 16, 8)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        medfuse.fuse(ct, mr, method="mean")  # real HU: no warning
+    scaled = ct.with_array((hu - hu.min()) / np.ptp(hu))
+    assert scaled.unit == "HU"
+    with pytest.warns(MedfuseWarning, match="does not look like HU"):
+        medfuse.fuse(scaled, mr, method="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        medfuse.fuse(scaled.with_array(scaled.array, unit="arbitrary"), mr, method="mean")  # the fix
+        normalise(scaled.array, method="window", modality="CT", unit="HU")  # asked for by name: no second-guessing
