@@ -9,8 +9,11 @@ Run ``python -m medfuse.fusion.train --help`` (or ``medfuse train``). The recipe
 * Loss: the fusion metrics themselves, made differentiable (:class:`MetricLoss`): ``-(Qabf + a·VIF/n) +
   b·(1 - SSIM/n)`` with the reference definitions (Sobel Xydeas-Petrović Qabf, 4-scale pixel VIF with
   sigma_n² = 2, skimage-default SSIM), on the 0..255 scale the published tables use.
-* Each epoch: a validation metric table per pair type beside the max rule, a checkpoint (resume with
-  ``--resume``), and a tqdm progress bar. CUDA with mixed precision when present, the CPU otherwise.
+* Each epoch: a validation metric table per pair type beside the max rule (stdout, ``train.log`` and
+  ``metrics.csv`` in the run folder), a checkpoint (resume with ``--resume``), and a tqdm progress bar on stderr
+  when it is a terminal. CUDA with mixed precision (bf16 autocast) when present, the CPU otherwise.
+* Your own pairs: ``--data`` pointing at a folder whose ``harvard-pairs/`` holds any of the three pair-type
+  folders (:data:`LAYOUT`); 3-D volumes are not a training source of their own (slice them to PNG pairs).
 """
 
 from __future__ import annotations
@@ -40,24 +43,50 @@ PAIR_TYPES = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
 FUNCTIONAL_TYPES = ("PET-MRI", "SPECT-MRI")  # pair types whose second image is functional (uptake)
 DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Layout version of the ``last.ckpt``/``best.ckpt`` files this medfuse writes; a newer one is refused by name.
+CHECKPOINT_FORMAT = 1
 
 
 # ============================================================================ data
-def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
-    """{pair type: [(mri path, other path), ...]} sorted by name.
+#: The folder layout ``--data`` must hold, for error messages (the README's "Training on your own pairs").
+LAYOUT = ("DATA/harvard-pairs/ with one or more of CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/, SPECT-MRI/{MRI,SPECT}/, "
+          "each pair two same-sized PNGs of the same name in the two sub-folders, named CASE then a 3-digit slice "
+          "(28010.png: case 28, slice 010; the split is by case), and at least two cases per pair type")
 
-    An image without a partner of the same name is left out with a :class:`~medfuse.errors.MedfuseWarning`
-    (it was dropped silently before, so a half-copied folder trained on less data than the user thought).
+
+def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
+    """{pair type: [(mri path, other path), ...]} sorted by name, for the pair types ``root`` holds.
+
+    A pair type whose folder is absent is left out (your own CT-MRI pairs alone can be trained on); one whose
+    folder lacks either sub-folder is an error (a half-copied folder). An image without a partner of the same
+    name is left out with a :class:`~medfuse.errors.MedfuseWarning` (it was dropped silently before, so a
+    half-copied folder trained on less data than the user thought).
+
+    Raises:
+        UnreadableFileError: ``root`` is missing, holds none of the pair-type folders, or one of them lacks
+            its ``MRI/`` or other sub-folder. The message gives the layout.
     """
-    if not Path(root).is_dir():
-        raise UnreadableFileError("the Harvard pairs folder is missing", path=root,
-                                  fix="pass --data pointing at a folder that holds harvard-pairs/ (../shared/data)")
+    root = Path(root)
+    if not root.is_dir():
+        # Why: pointing --data at harvard-pairs/ itself (or at CT-MRI/) is the common mistake; say so.
+        up = next((d for d in (root.parent, root.parent.parent) if any((d / t).is_dir() for t in PAIR_TYPES)), None)
+        fix = (f"--data points at or inside {up}; pass the folder that holds it ({up.parent})" if up is not None
+               else f"pass --data DATA where the layout is {LAYOUT} (../shared/data is one)")
+        raise UnreadableFileError("the Harvard pairs folder is missing", path=root, fix=fix)
+    present = [t for t in PAIR_TYPES if (root / t).is_dir()]
+    if not present:
+        raise UnreadableFileError("the Harvard pairs folder holds no CT-MRI/, PET-MRI/ or SPECT-MRI/ folder",
+                                  path=root, fix=f"pass --data DATA where the layout is {LAYOUT}")
     out = {}
-    for ptype, other in PAIR_TYPES.items():
-        d = Path(root) / ptype
-        if not (d / "MRI").is_dir():
-            raise UnreadableFileError("the Harvard pairs folder has no MRI sub-folder", path=d,
-                                      fix="pass --data pointing at ../shared/data")
+    for ptype in present:
+        other = PAIR_TYPES[ptype]
+        d = root / ptype
+        for sub in ("MRI", other):
+            if not (d / sub).is_dir():
+                raise UnreadableFileError(f"the {ptype} folder has no {sub}/ sub-folder", path=d,
+                                          fix=f"put the pairs' MRI PNGs in {ptype}/MRI/ and the {other} PNGs of the "
+                                              f"same names in {ptype}/{other}/, or remove {ptype}/ to train "
+                                              "without that pair type")
         names = sorted(p.name for p in (d / "MRI").glob("*.png"))
         others = {p.name for p in (d / other).glob("*.png")}
         lone = sorted(set(names) ^ others)
@@ -69,15 +98,15 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
 
 
 def _check_split(train_pairs: Dict[str, list], val_pairs: Dict[str, list], root: Path) -> None:
-    """Every pair type needs training and validation pairs; else the sampler fails later with an internal error."""
-    for ptype in PAIR_TYPES:
+    """Every pair type present needs training and validation pairs; else the sampler fails later with an
+    internal error."""
+    for ptype in train_pairs:
         n_train, n_val = len(train_pairs.get(ptype, [])), len(val_pairs.get(ptype, []))
         if n_train == 0 or n_val == 0:
             raise InvalidInputError(f"{ptype} has {n_train} training and {n_val} validation pairs; training needs "
                                     "both, split by case (so at least two cases of aligned MRI/other PNG pairs)",
                                     path=Path(root) / ptype,
-                                    fix="pass --data pointing at a folder whose harvard-pairs/ holds the Harvard "
-                                        "pairs (../shared/data)")
+                                    fix=f"arrange the pairs as {LAYOUT}, or remove {ptype}/ to train without it")
 
 
 def read_pairs(pairs: Dict[str, list]) -> Dict[str, List[np.ndarray]]:
@@ -535,7 +564,46 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=True) as tmp:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
+        torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "state": state}, tmp)
+
+
+#: Columns of ``RUN_DIR/metrics.csv``: one row per epoch, pair type and method of the validation table.
+METRICS_COLUMNS = ("epoch", "steps", "train_loss", "lr", "score", "elapsed_min", "pair", "method", "Qabf", "VIF",
+                   "SSIM", "SSIM_r2", "MI")
+METRICS_FILE = "metrics.csv"
+
+
+def write_metrics(run_dir: Path, history: List[dict]) -> Path:
+    """Rewrite ``RUN_DIR/metrics.csv`` (atomically) from a run state's ``history``: the per-epoch validation
+    tables, training loss, learning rate and selection score, for pandas or a spreadsheet.
+
+    Why from the history and not appended: the history lives in the checkpoint, so a run killed and resumed
+    gets each epoch once (appending repeated the epochs a kill made it redo). Epoch 0 is the ``--init`` weights.
+    Values a checkpoint of an earlier medfuse did not record are left empty.
+    """
+    import csv
+    import io
+
+    from ..io._atomic import atomic_path
+
+    def cell(v, spec):
+        return "" if v is None else format(v, spec)
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(METRICS_COLUMNS)
+    for h in history:
+        elapsed = h.get("elapsed_s")
+        head = [h["epoch"], h.get("steps", ""), cell(h.get("train_loss"), ".6f"), cell(h.get("lr"), ".6g"),
+                cell(h.get("score"), ".6f"), cell(None if elapsed is None else elapsed / 60, ".2f")]
+        for ptype, rows in h["table"].items():
+            for meth, m in rows.items():
+                w.writerow(head + [ptype, meth] + [f"{m[k]:.6f}" for k in METRICS_COLUMNS[8:]])
+    path = Path(run_dir) / METRICS_FILE
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    return path
 
 
 def _random_streams(sampler, rng3) -> list:
@@ -587,6 +655,12 @@ def _read_checkpoint(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"cannot read the training checkpoint ({type(exc).__name__})", path=path,
                                   fix="start a new run with --overwrite or another --run-dir") from None
+    fmt = ck.get("format", 1) if isinstance(ck, dict) else None  # checkpoints before the field are format 1
+    if isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT:
+        raise UnreadableFileError(f"the training checkpoint is of format {fmt}, written by a newer medfuse; this one "
+                                  f"reads format {CHECKPOINT_FORMAT}", path=path,
+                                  fix="resume or start from it with the medfuse version that wrote it (or a newer "
+                                      "one), or start a new run with --overwrite or another --run-dir")
     # A readable torch file of another kind (a bare state dict, a tensor) failed later with a KeyError.
     if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("opt"), dict)
             and isinstance(ck.get("state"), dict) and isinstance(ck["state"].get("epoch"), int)):
@@ -851,11 +925,16 @@ def plane_probe(model, *, device="cpu", size: int = 96) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``medfuse train`` (the CLI helper wires them under the ``train`` sub-command)."""
     parser.add_argument("--data", type=Path, default=DEFAULT_SHARED / "data",
-                        help="folder holding harvard-pairs/, brats-gli-00001/, spm12-templates/ (default ../shared/data)")
+                        help="folder holding harvard-pairs/ and optionally brats-gli-00001/, spm12-templates/ (default "
+                             "../shared/data). Your own 2-D pairs: harvard-pairs/CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/ "
+                             "and/or SPECT-MRI/{MRI,SPECT}/, same-named PNGs per pair, named CASE + 3-digit slice "
+                             "(28010.png), at least two cases per pair type (split by case)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder the safetensors weights (+ JSON card) go to (default RUN_DIR/export); to "
                              "replace the shipped weights pass --out medfuse/fusion/weights --overwrite")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/fusion"), help="checkpoints and logs")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/fusion"),
+                        help="checkpoints (last.ckpt, best.ckpt), train.log and metrics.csv (per-epoch validation "
+                             "table, loss, learning rate, score)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing weights in --out, and start a new run in a --run-dir that holds an "
                              "earlier run's checkpoints (without --resume)")
@@ -905,7 +984,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ct-weight", type=float, default=1.0,
                         help="how much more often CT-MRI batches are drawn than PET/SPECT-MRI ones")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from these weights (a .ckpt of an earlier run, or a .safetensors file)")
+                        help="start from these weights: a .safetensors export, a last.ckpt/best.ckpt of an earlier "
+                             "run, or a FusionNet state_dict saved with torch.save (the architecture options must "
+                             "match; the error names those that differ)")
     parser.add_argument("--width", type=int, default=16, help="channels of the low-resolution encoder")
     parser.add_argument("--factor", type=int, default=None,
                         help="downsampling factor of the learned part (1, 2, 4 or 8); stored with the weights. Default: "
@@ -981,7 +1062,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _init_state(path: Path) -> dict:
-    """The tensors of ``--init`` weights: a safetensors export or a training checkpoint."""
+    """The tensors of ``--init`` weights: a safetensors export, a training checkpoint, or a bare state dict
+    (``torch.save(model.state_dict(), ...)``), read without executing code (``weights_only``).
+
+    Raises:
+        UnreadableFileError: unreadable, of a newer checkpoint format, or a torch file that holds no tensors.
+    """
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -989,9 +1075,24 @@ def _init_state(path: Path) -> dict:
             return load_file(str(path))
         import torch
 
-        return torch.load(path, map_location="cpu", weights_only=True)["model"]  # weights_only: no unpickling
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no unpickling
     except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
         raise _unreadable_init(path, exc) from None
+    if isinstance(ck, dict) and isinstance(ck.get("model"), dict):  # a training checkpoint
+        fmt = ck.get("format", 1)
+        if isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT:
+            raise UnreadableFileError(f"the --init checkpoint is of format {fmt}, written by a newer medfuse; this "
+                                      f"one reads format {CHECKPOINT_FORMAT}", path=path,
+                                      fix="use the medfuse version that wrote it, or its safetensors export")
+        ck = ck["model"]
+    import torch
+
+    if not (isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values())):
+        # It failed with a bare KeyError('model') before, named as if the file were unreadable.
+        raise UnreadableFileError("the --init file is a torch file but holds no model tensors", path=path,
+                                  fix="pass a medfuse_fusion.safetensors export, a last.ckpt/best.ckpt, or a "
+                                      "FusionNet state_dict saved with torch.save")
+    return ck
 
 
 def _unreadable_init(path: Path, exc: Exception) -> UnreadableFileError:
@@ -1027,20 +1128,50 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
     """
     if path is None:
         return
-    fix = "pass the same --width/--per-input-gain/--scan the weights were trained with"
+    tensors = _init_state(path) if tensors is None else tensors
+    fix = _init_fix(model, path)
     try:
-        missing, unexpected = model.load_state_dict(_init_state(path) if tensors is None else tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # tensor shapes differ
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or ["tensor shapes differ"]
-        raise InvalidInputError(f"the --init weights do not fit this architecture ({lines[0]})",
+        n = len(lines) if lines[0] != "tensor shapes differ" else 0
+        more = f"; {n - 1} more tensor(s) differ" if n > 1 else ""
+        raise InvalidInputError(f"the --init weights do not fit this architecture ({lines[0]}{more})", path=path,
                                 fix=fix) from None
     merge_keys = {k for k in model.state_dict() if k.startswith("agg.")}
     if merge_keys and merge_keys <= set(missing) and all(k.startswith("agg.") for k in unexpected):
         unexpected = []  # the other merge's tensors: this model's merge keeps its initial value
         missing = [k for k in missing if not k.startswith("agg.")]
     if unexpected or any(not k.startswith(("scan.", "refine.")) for k in missing):
-        raise InvalidInputError(f"the --init weights do not fit this architecture (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]})", fix=fix)
+        raise InvalidInputError(f"the --init weights do not fit this architecture ({len(missing)} tensor(s) missing "
+                                f"from the file, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
+                                f"{unexpected[:3]})", path=path, fix=fix)
+
+
+#: Architecture config keys that a training option sets and a fine-tune does not take from its --init file.
+_ARCH_FLAGS = {"width": "--width", "per_input_gain": "--per-input-gain", "scan": "--scan", "merge": "--merge"}
+
+
+def _init_fix(model, path: Path) -> str:
+    """What to pass so that this run's model fits the ``--init`` weights: the options whose values differ from
+    the file's stored config (a safetensors export), else the list of architecture options."""
+    try:
+        stored = _init_config(path)
+    except UnreadableFileError:
+        stored = {}
+    ours = {k: str(v) for k, v in model.config().items()}
+    defaults = {"per_input_gain": "0", "scan": "0"}  # config() leaves these out when off
+    diff = []
+    for key, flag in _ARCH_FLAGS.items():
+        if key in stored or key in defaults:
+            theirs = str(stored.get(key, defaults.get(key)))
+            if theirs != ours.get(key, defaults.get(key)):
+                diff.append(f"{flag} {theirs} (this run: {ours.get(key, defaults.get(key))})")
+    if diff:
+        return "the file was trained with " + ", ".join(diff) + "; pass those options (the JSON card beside an " \
+               "export records its trained_by command)"
+    return "pass the --width/--per-input-gain/--scan/--merge the weights were trained with (the JSON card beside an " \
+           "export records its trained_by command)"
 
 
 #: Smallest training crop: the loss's 4-scale VIF filters ('valid' 17, 9, 5, 3 taps with two halvings) need 41.
@@ -1078,7 +1209,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 #: What a run writes into its --run-dir (an export there too when --out is the run folder, as stage 1's is).
-RUN_FILES = ("train.log", "last.ckpt", "best.ckpt", "last.tmp", "best.tmp", "ct_targets.npz", "export") + EXPORT_FILES
+RUN_FILES = ("train.log", "last.ckpt", "best.ckpt", "last.tmp", "best.tmp", "ct_targets.npz", "export",
+             "metrics.csv") + EXPORT_FILES
 
 
 def _foreign_files(run_dir: Path) -> List[str]:
@@ -1105,6 +1237,11 @@ def _check_run_folder(args: argparse.Namespace) -> None:
                                     "(other files are never deleted)")
     last, best = args.run_dir / "last.ckpt", args.run_dir / "best.ckpt"
     if args.resume and not last.exists():
+        if best.exists():  # a fine-tune's epoch 0, or a kill in epoch 1 between best.ckpt and last.ckpt
+            raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none: "
+                                    "the run stopped before its first epoch ended (only best.ckpt was written)",
+                                    path=args.run_dir,
+                                    fix="start the run again with --overwrite instead of --resume")
         raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none",
                                 path=args.run_dir,
                                 fix="drop --resume to start a new run there, or pass the --run-dir of the run to "
@@ -1238,8 +1375,16 @@ def run(args: argparse.Namespace) -> int:
     pairs = harvard_pairs(hv)
     train_pairs, val_pairs = split_cases(pairs, seed=args.seed)
     _check_split(train_pairs, val_pairs, hv)
+    if args.ct_target_weight and "CT-MRI" not in train_pairs:
+        raise InvalidInputError("--ct-target-weight pulls CT-MRI batches towards teacher images, and the data has "
+                                "no CT-MRI pairs", path=hv, fix="drop --ct-target-weight, or add CT-MRI/ pairs")
     read_pairs(val_pairs)  # validate() reads them again each epoch; here only to fail early
     train_arrays = read_pairs(train_pairs)
+    # --init too: read (once: teacher and model) and fitted to this run's architecture before the run folder is
+    # made, so a wrong file or architecture option leaves no run folder behind (it left train.log before).
+    init_tensors = None if args.init is None else _init_state(args.init)
+    if init_tensors is not None:
+        _load_init(new_model(), args.init, init_tensors)
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -1258,13 +1403,15 @@ def run(args: argparse.Namespace) -> int:
     for note in resume_notes:
         warnings.warn(note, MedfuseWarning, stacklevel=2)
         log("WARNING: " + note)
+    absent = [t for t in PAIR_TYPES if t not in train_pairs]
+    if absent:  # your own data may hold one pair type only; say what the run trains on
+        log(f"pair types: {', '.join(train_pairs)} ({', '.join(absent)} absent from {hv})")
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
     vols = volumes_in(Path(args.data))
     found = [n for n in ("brats-gli-00001", "spm12-templates") if (Path(args.data) / n).is_dir()]
     log(f"3-D volume sets: {len(vols)} (from {', '.join(found) or 'no volume folder'} in {args.data}, "
         f"and the phantom)")
-    init_tensors = None if args.init is None else _init_state(args.init)  # read once: teacher and model
     targets = None
     if args.ct_target_weight:
         from .targets import anchor_targets
@@ -1304,7 +1451,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = args.run_dir / "last.ckpt"
     if args.overwrite and not args.resume:
         # Why: a stale last.ckpt would be resumed later as this run's, a stale best.ckpt exported as its best.
-        for old in (ckpt, args.run_dir / "best.ckpt"):
+        for old in (ckpt, args.run_dir / "best.ckpt", args.run_dir / METRICS_FILE):
             if old.exists():
                 old.unlink()
                 log(f"--overwrite: removed the earlier run's {old}")
@@ -1371,12 +1518,16 @@ def run(args: argparse.Namespace) -> int:
         table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules,
                          rule_cache=rule_cache)
         state.update(best_score=score_of(table), best_epoch=0)
+        state["history"] = [{"epoch": 0, "table": table, "score": float(state["best_score"])}]
         save_checkpoint(args.run_dir / "best.ckpt", model, opt, state)
+        write_metrics(args.run_dir, state["history"])
         log("epoch 0 (the --init weights)\n" + format_table(table) + f"\nscore {state['best_score']:.4f}")
     stop = False
     for epoch in range(state["epoch"], args.epochs):
+        # disable=None: no bar when stderr is not a terminal (a log file got hundreds of carriage-return
+        # updates per epoch); the epoch lines and tables above go to stdout and train.log either way.
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=quiet)
+                   disable=True if quiet else None)
         run_loss = []
         for step_i in bar:
             x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
@@ -1427,19 +1578,27 @@ def run(args: argparse.Namespace) -> int:
                          rule_cache=rule_cache)
         elapsed = base_elapsed + time.time() - t0
         log(f"epoch {epoch + 1}: train loss {np.mean(run_loss):.4f}, {elapsed / 60:.1f} min\n" + format_table(table))
-        state = {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch + 1, "table": table}],
-                 "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
-                 "rng": rng_state(sampler, rng3), "options": options, "epochs": args.epochs,
-                 "steps_done": state.get("steps_done", epoch * args.steps_per_epoch) + len(run_loss)}
-        save_checkpoint(ckpt, model, opt, state)
+        streams = rng_state(sampler, rng3)  # before the probes of score_of, as it always was
         val_score = score_of(table)
         if args.select_by_margin:
             per = ", ".join(f"{k} {v:+.4f}" for k, v in rule_margins(table).items())
             log(f"worst relative margin over the rules: {rule_margin(table):+.4f} ({per}; score {val_score:.4f})")
-        if val_score > state.get("best_score", -1e9) or not (args.run_dir / "best.ckpt").exists():
+        entry = {"epoch": epoch + 1, "table": table, "steps": len(run_loss), "train_loss": float(np.mean(run_loss)),
+                 "lr": float(sched.get_last_lr()[0]), "score": float(val_score), "elapsed_s": float(elapsed)}
+        state = {"epoch": epoch + 1, "history": state["history"] + [entry],
+                 "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
+                 "rng": streams, "options": options, "epochs": args.epochs,
+                 "steps_done": state.get("steps_done", epoch * args.steps_per_epoch) + len(run_loss)}
+        new_best = val_score > state["best_score"] or not (args.run_dir / "best.ckpt").exists()
+        if new_best:
             state["best_score"], state["best_epoch"] = val_score, epoch + 1
+            # best.ckpt before last.ckpt: a kill between the two leaves last.ckpt at the previous epoch, and the
+            # resume redoes this one and finds the same best. last.ckpt first (as before) lost this best epoch for
+            # good, and in a 1-epoch run left a last.ckpt whose resume failed for want of best.ckpt.
             save_checkpoint(args.run_dir / "best.ckpt", model, opt, state)
-            save_checkpoint(ckpt, model, opt, state)
+        save_checkpoint(ckpt, model, opt, state)
+        write_metrics(args.run_dir, state["history"])
+        if new_best:
             log(f"new best epoch {epoch + 1}: score {val_score:.4f}")
         if stop:
             log("stopping the 2-D stage: --max-minutes reached")
