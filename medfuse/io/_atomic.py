@@ -11,6 +11,11 @@ An overwrite that is killed (SIGKILL, power loss) mid-swap can leave the earlier
 ``.medfuse-old-<key>-*`` folder beside the target; the next write to that target puts it back or, when the swap
 had finished, removes it (see :func:`recover_leftovers`).
 
+Data reaches the disk before its name does: each finished file (and a folder's files) is flushed with
+``fsync`` before the move, and the folder after it, so that a power cut cannot leave an output empty under its
+final name (nor the earlier output lost to an empty replacement). ``MEDFUSE_FSYNC=0`` turns this off (a scratch
+disk, many small writes on a slow network file system).
+
 Errors from the file system that the user can fix (permission denied, read-only file system, disk
 full or over quota) become :class:`~medfuse.errors.OutputExistsError` naming the output, with a fix.
 """
@@ -377,6 +382,47 @@ def _public_mode(path: PathLike, *, folder: bool = False, replacing: Optional[Pa
     os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
+def _durable() -> bool:
+    """Whether outputs are flushed to the disk before they take their names (``MEDFUSE_FSYNC=0`` turns it off)."""
+    return os.environ.get("MEDFUSE_FSYNC", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _flush_file(path: PathLike) -> None:
+    """Flush a finished temporary file's data to the disk.
+
+    Why: a rename is atomic, but after a power cut or a kernel crash the file system may hold the new name
+    before the data written under the temporary one (XFS, ext4 without ``auto_da_alloc``, many network file
+    systems): an output replaced with ``--overwrite`` could come back empty, and the earlier one is gone too.
+    """
+    flags = os.O_RDWR if os.name == "nt" else os.O_RDONLY  # Windows' fsync (_commit) needs write access
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system without fsync (some FUSE mounts): nothing more can be done
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flush_folder(path: PathLike) -> None:
+    """Flush a folder's entries (a rename in it) to the disk; POSIX only (Windows cannot open folders)."""
+    if os.name == "nt":  # pragma: no cover - Windows
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _temp_suffix(name: str) -> str:
     """The target's suffix in lower case (``.nii.gz`` whole): writers (nibabel, ITK) choose the format and
     compression from the name and do not all recognise ``.NII.GZ`` or ``.MHA``; the final name keeps its case."""
@@ -398,6 +444,9 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
         os.close(fd)
         yield Path(tmp)
         _public_mode(tmp, replacing=p)
+        durable = _durable()
+        if durable:
+            _flush_file(tmp)  # the data reaches the disk before the name points to it
         # Appeared (or changed) while writing. Without overwrite the move itself refuses too: a file that
         # appears after this check is still never replaced.
         check_output(p, overwrite=overwrite, inputs=inputs, kind="file", recover=False)
@@ -405,6 +454,8 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
             os.replace(tmp, p)  # one step: the target is never missing
         else:
             _link_into_place(Path(tmp), p)
+        if durable:
+            _flush_folder(p.parent)
     except OSError as e:
         typed = _typed_os_error(e, p)
         if typed is None:
@@ -473,6 +524,12 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
         tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=_TMP_PREFIX))
         yield tmp
         _public_mode(tmp, folder=True, replacing=p)
+        durable = _durable()
+        if durable:
+            for entry in os.scandir(tmp):
+                if entry.is_file(follow_symlinks=False):
+                    _flush_file(entry.path)
+            _flush_folder(tmp)
         check_output(p, overwrite=overwrite, inputs=inputs, kind="folder", recover=False)  # appeared while writing
         if overwrite and (p.exists() or p.is_symlink()):  # without overwrite nothing is ever moved aside
             if p.is_dir() and not _replaceable_folder(p):
@@ -482,6 +539,8 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
             os.replace(p, aside / p.name)
         _rename_dir_into_place(tmp, p)
         placed = True
+        if durable:
+            _flush_folder(p.parent)
     except BaseException as e:
         if aside is not None and os.path.lexists(aside / p.name) and not os.path.lexists(p):
             os.replace(aside / p.name, p)  # the swap did not finish: the earlier output goes back in place
