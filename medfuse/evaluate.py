@@ -486,7 +486,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
 
                         target.parent.mkdir(parents=True, exist_ok=True)
                         save(fused, target, overwrite=overwrite)
-                row["output"] = str(target.relative_to(out)) if save_outputs else None
+                row["output"] = target.relative_to(out).as_posix() if save_outputs else None
                 if m is not None:  # what was scored: the region and its share of the image
                     row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
                     row["mask_fraction"] = float(m.mean())

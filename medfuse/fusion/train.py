@@ -759,7 +759,7 @@ def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) 
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     meta = {"format": "medfuse-fusion-v1", **meta, "config": model.config(), "sha256": digest}
     with atomic_path(out_dir / "medfuse_fusion.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
+        tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
     return target
 
 
