@@ -153,8 +153,8 @@ def test_the_handler_takes_sigterm_as_a_cancel(capsys):
         signal.signal(signal.SIGTERM, before)
 
 
-@pytest.mark.parametrize("scheduler", ["synchronous", "local"])
-def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, scheduler):
+@pytest.mark.parametrize("scheduler,group", [("synchronous", False), ("local", False), ("local", True)])
+def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, scheduler, group):
     """SLURM sends SIGTERM at a job's time limit. Before, the batch died there: exit -15, every subject not yet
     finished left 'pending' in the report and nothing said so. Now: exit 130, finished subjects 'done', the
     others 'cancelled', and the outputs that exist are complete."""
@@ -178,7 +178,10 @@ def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, s
         while not outputs() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the batch ended before the signal: " + proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)  # to the command itself, as `kill PID` does
+        if group:  # to the command and its Dask workers alike, as SLURM does at a time limit
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:  # to the command itself, as `kill PID` does
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
