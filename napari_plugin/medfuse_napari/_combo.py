@@ -88,6 +88,10 @@ class LayerCombo(QComboBox):
         idx = self.currentIndex()
         previous = self._items[idx] if 0 <= idx < len(self._items) else None
         images = self._images()
+        if previous is not None and not any(previous is l for l in images):
+            # The picked layer was closed (e.g. the study is done): the choice went with it, and the preference
+            # picks again. Otherwise the next study's pickers all fell on its first layer (a CT as the overlay).
+            self._chosen_once = False
         items = ([None] if self._allow_none else []) + images
         names = [self.NONE if l is None else l.name for l in items]
         self.blockSignals(True)

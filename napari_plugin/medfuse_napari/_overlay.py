@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -28,6 +29,18 @@ _COMPARE_INPUTS = ("data", "scale", "translate", "rotate", "shear", "affine", "c
 
 def _is_compare(layer: Any) -> bool:
     return bool(meta(layer).get(_COMPARE_TAG))
+
+
+def _weak(obj: Any) -> Any:
+    """A weak reference to ``obj``, or ``obj`` itself when it takes none (a dask array may not)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return obj
+
+
+def _alive(ref: Any) -> Any:
+    return ref() if isinstance(ref, weakref.ref) else ref
 
 
 def _show_choice(box: QComboBox, text: str) -> None:
@@ -159,6 +172,34 @@ class OverlayPanel(QWidget):
         self.cursor_value = QLabel("")
         self.cursor_value.setTextInteractionFlags(Qt.TextSelectableByMouse)
 
+        tips = {
+            self.base: "Base layer of the pair (usually the MR or CT): window/level, compare modes and the value "
+                       "under the cursor act on it.",
+            self.overlay: "Overlay layer of the pair (usually the PET or SPECT), drawn over the base.",
+            self.base_cmap: "Colour map of the base layer.",
+            self.overlay_cmap: "Colour map of the overlay layer.",
+            self.opacity: "Overlay opacity, 0-100 %.",
+            self.blending: "How the overlay is drawn over the base: additive (PET on MR/CT), translucent, opaque "
+                           "or minimum.",
+            self.window_preset: "CT window preset (WW/WL in HU) for the base layer; a CT in HU only.",
+            self.ww: "Window width (WW) of the base, in its unit (HU for a CT).",
+            self.wl: "Window level (WL, the centre) of the base, in its unit (HU for a CT).",
+            self.suv_max: "Overlay value shown at full colour, in the overlay's unit (SUV for a PET in SUV, HU for "
+                          "a CT).",
+            self.suv_threshold: "Overlay floor: values below it are not drawn, in the overlay's unit (SUV for a PET "
+                                "in SUV, HU for a CT; never below 0 for PET/SPECT).",
+            self.compare: "overlay: the pair blended; checkerboard: tiles alternating base and overlay; curtain: "
+                          "base on one side, overlay on the other (new 'compare:' layers, the others hidden).",
+            self.tile_mm: "Checkerboard tile size, in mm.",
+            self.curtain: "Curtain position across the view, 0-100 % (left to right).",
+            self.flicker: "Toggle the overlay on and off twice a second (misalignment shows as movement).",
+            self.view: "Slice orientation: axial, coronal or sagittal (radiological convention).",
+            self.grid: "Show the layers side by side, one tile per layer.",
+            self.mip: "3-D maximum-intensity projection of the image layers (off: back to 2-D slices).",
+        }
+        for control, text in tips.items():
+            control.setToolTip(text)
+
         pair = QFormLayout()
         pair.addRow("base", self.base)
         pair.addRow("base colour map", self.base_cmap)
@@ -198,7 +239,7 @@ class OverlayPanel(QWidget):
         # Saved by layer identity, not name: a layer renamed meanwhile must still get its state back.
         self._hidden: Dict[int, Tuple[Any, bool]] = {}
         self._renderings: Dict[int, Tuple[Any, str]] = {}
-        self._resampled_cache: Dict[Any, np.ndarray] = {}
+        self._resampled_cache: Optional[tuple] = None  # (inputs, placements, the overlay on the base grid)
         self._watched = []
         self.base.currentTextChanged.connect(self._pair_changed)
         self.overlay.currentTextChanged.connect(self._pair_changed)
@@ -330,6 +371,7 @@ class OverlayPanel(QWidget):
 
         ov = self.overlay.layer()
         if ov is None:
+            self.range_box.setTitle("Overlay range")  # not the unit of an overlay closed meanwhile
             return
         unit = unit_label(meta(ov).get("unit"))
         self.range_box.setTitle(f"Overlay range ({unit})" if unit else "Overlay range")
@@ -414,10 +456,16 @@ class OverlayPanel(QWidget):
         self.compare.blockSignals(False)
 
     def _overlay_on_base(self, base: Any, ov: Any) -> np.ndarray:
-        key = (id(base), id(ov), data_to_world(base).tobytes(), data_to_world(ov).tobytes())
-        if key not in self._resampled_cache:
-            self._resampled_cache = {key: resample_onto(ov, base).array}
-        return self._resampled_cache[key]
+        # The layers and their voxel arrays by identity (ids alone are reused once a layer is deleted): new voxels
+        # in the overlay, or the next study's layers on the same grid, must not get the old resampling. Weak
+        # references: a closed study's layers are not kept in memory by the cache.
+        objects = (base, ov, base.data, ov.data)
+        placement = (data_to_world(base).tobytes(), data_to_world(ov).tobytes())
+        cached = self._resampled_cache
+        if cached is None or cached[1] != placement or not all(_alive(r) is o for r, o in zip(cached[0], objects)):
+            cached = (tuple(_weak(o) for o in objects), placement, resample_onto(ov, base).array)
+            self._resampled_cache = cached
+        return cached[2]
 
     def _mask(self, base: Any, mode: str) -> np.ndarray:
         shape = tuple(layer_array(base).shape)
@@ -449,8 +497,17 @@ class OverlayPanel(QWidget):
 
     def _recompute_compare(self) -> None:
         mode = self.compare.currentText()
-        if mode != "overlay":
-            self.set_compare(mode)
+        if mode == "overlay":
+            return
+        base, ov = self.base.layer(), self.overlay.layer()
+        if base is None or ov is None or base is ov:
+            # The pair's layers were closed (the study is done): the compare view ends quietly. Not an error
+            # notification to a user who did nothing wrong, and not a compare view springing up over the next
+            # study's layers when they open.
+            self._clear_compare()
+            self._reset_mode()
+            return
+        self.set_compare(mode)
 
     def _clear_compare(self) -> None:
         for l in [l for l in self.viewer.layers if _is_compare(l)]:

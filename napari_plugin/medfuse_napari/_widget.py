@@ -6,8 +6,9 @@ import re
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPlainTextEdit,
-                            QProgressBar, QPushButton, QTabWidget, QVBoxLayout, QWidget)
+from qtpy.QtCore import QEvent, Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
+                            QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QTabWidget, QVBoxLayout, QWidget)
 
 from . import _jobs
 from ._combo import LayerCombo
@@ -98,16 +99,38 @@ class MedfuseWidget(QWidget):
         self.fuse_panel = FusePanel(napari_viewer)
         self.overlay_panel = OverlayPanel(napari_viewer)
         tabs = QTabWidget()
-        tabs.addTab(self.register_panel, "Register")
-        tabs.addTab(self.fuse_panel, "Fuse")
-        tabs.addTab(self.overlay_panel, "Overlay")
+        # Each tab scrolls: napari gives a dock no scroll bar, and the Overlay tab needs ~900 px of height (a
+        # 1366x768 laptop leaves ~600), so its lower controls could not be reached.
+        for panel, title in ((self.register_panel, "Register"), (self.fuse_panel, "Fuse"),
+                             (self.overlay_panel, "Overlay")):
+            tabs.addTab(_scrolling(panel), title)
         self.tabs = tabs
         lay = QVBoxLayout(self)
         lay.addWidget(tabs)
         # Closing the widget or the viewer must not leave a registration/fusion running in the background.
         # A lambda over plain Python objects: the panels' C++ side is already gone when `destroyed` fires.
         panels = (self.register_panel, self.fuse_panel)
+        self._panels = panels
         self.destroyed.connect(lambda *_: _jobs.cancel_jobs([p.token for p in panels]))
+
+    def event(self, event: Any) -> bool:
+        # The dock's close button (napari's remove_dock_widget) takes the widget out of the window without
+        # deleting it while napari or a script still holds it: a job left running would add its layers minutes
+        # later to a viewer whose user closed the tool. Moving the dock elsewhere keeps a parent: not cancelled.
+        if event.type() == QEvent.ParentChange and self.parent() is None:
+            _jobs.cancel_jobs([p.token for p in getattr(self, "_panels", ()) if p.worker is not None])
+        return super().event(event)
+
+
+def _scrolling(panel: QWidget) -> QScrollArea:
+    """``panel`` in a frameless vertical scroll area that never scrolls sideways (the dock stays narrow)."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    area.setWidget(panel)
+    area.setMinimumWidth(panel.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    return area
 
 
 # ----------------------------------------------------------------------------------------------- register
@@ -142,6 +165,27 @@ class RegisterPanel(QWidget):
         self.report_view.setMaximumHeight(160)
         self.suspect_label = QLabel("")
 
+        _tips({
+            self.fixed: "Fixed layer: the reference the moving layer is aligned to (usually the MR or CT); it is "
+                        "not changed.",
+            self.moving: "Moving layer: the layer aligned onto the fixed one (usually the PET or SPECT); its "
+                         "voxels are not changed, only where napari shows it.",
+            self.kind: "rigid: rotation + translation (same patient, same day); affine: also scaling and shear; "
+                       "deformable: also a smooth warp (shown as a new resampled layer).",
+            self.pair: "Registration preset (metric, resolution levels, iterations) for the modality pair; "
+                       "auto picks it from the layers' modalities.",
+            self.resample_box: "Also add the moving layer resampled onto the fixed layer's voxel grid, as a new "
+                               "layer (always done for deformable).",
+            self.start_box: "Start from where the viewer shows the moving layer now (moved by hand or registered "
+                            "before); otherwise from the scanners' coordinates.",
+            self.run_button: "Register the moving layer onto the fixed one in the background (the viewer stays "
+                             "usable).",
+            self.cancel_button: "Stop the running registration; nothing is applied.",
+            self.save_button: "Save the last transform as an ITK file (.tfm, .txt, .h5, .mat) for other tools or the "
+                              "medfuse CLI.",
+            self.progress: "Whole registration, in %.",
+            self.level_progress: "Iterations done at the current resolution level.",
+        })
         form = QFormLayout()
         form.addRow("fixed", self.fixed)
         form.addRow("moving", self.moving)
@@ -172,6 +216,31 @@ class RegisterPanel(QWidget):
         self.result = None
         self._iterations: Dict[str, List[int]] = {}
         self._from_viewer = False  # whether the last run started from the moving layer's placement
+        self._job_layers: tuple = ()
+        viewer.layers.events.removed.connect(self._layers_removed)
+
+    def _layers_removed(self, *_: Any) -> None:
+        """Forget a finished registration once its fixed or moving layer is closed.
+
+        Why: after the user closes one study and opens the next, the report of the old pair stayed on show and
+        'Save transform…' wrote the old patient's transform, easily taken for the new pair's.
+        """
+        try:
+            if self.worker is not None or self.result is None:
+                return
+            present = list(self.viewer.layers)
+            if all(any(layer is other for other in present) for layer in self._job_layers):
+                return
+            self.result = None
+            self.save_button.setEnabled(False)
+            self.report_view.setPlainText("")
+            self.suspect_label.setText("")
+            self.suspect_label.setStyleSheet("")
+            self.progress.setValue(0)
+            self.level_progress.setValue(0)
+            self.level_label.setText("the registered layers were closed")
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            self.viewer.layers.events.removed.disconnect(self._layers_removed)
 
     # -------------------------------------------------------------------- actions
     def run(self) -> None:
@@ -365,6 +434,11 @@ class RegisterPanel(QWidget):
             metadata={"medfuse": md})
 
 
+def _tips(tips: Dict[QWidget, str]) -> None:
+    for control, text in tips.items():
+        control.setToolTip(text)
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
@@ -409,6 +483,18 @@ class FusePanel(QWidget):
         self.progress.setRange(0, 1000)
         self.busy = self.progress  # older name
         self.status = QLabel("")
+        _tips({
+            self.inputs[0]: "Base layer: the fused image is made on its voxel grid and placed where it is shown.",
+            self.inputs[1]: "Second layer, resampled onto the base grid where napari shows it (a registration in "
+                            "the viewer counts).",
+            self.inputs[2]: "Optional third layer, resampled like the second.",
+            self.run_button: "Fuse the chosen layers in the background; the result is added as a new layer.",
+            self.cancel_button: "Stop the running fusion; no layer is added.",
+            self.progress: "Fusion progress, in %.",
+        })
+        if not self.method.toolTip():
+            self.method.setToolTip("Fusion rule: network (trained model) or a classical rule (mean, max, laplacian "
+                                   "pyramid, wavelet, guided filter).")
         form = QFormLayout()
         form.addRow("base (grid)", self.inputs[0])
         form.addRow("second", self.inputs[1])
@@ -485,6 +571,7 @@ class FusePanel(QWidget):
         relay = _jobs.ProgressRelay()
         relay.progressed.connect(self._on_progress)
         self._relay = relay  # keep it alive while the worker runs
+        self._job_layers = tuple(chosen)  # by identity: renamed inputs are still theirs, a new study's are not
         flat2d = all(flat)
 
         def job():
@@ -535,6 +622,16 @@ class FusePanel(QWidget):
         if _job_failed(outcome, self.status, "fusion", self.token):
             return
         fused, names, method = outcome.value
+        present = list(self.viewer.layers)
+        gone = [role for role, layer in zip(("base", "second", "third"), self._job_layers)
+                if not any(layer is other for other in present)]
+        if gone:
+            # The user closed the study meanwhile (maybe opened the next patient): a fused image of layers no
+            # longer open, on a grid no longer shown, must not appear among other layers.
+            self.status.setText("failed")
+            _notify_error(f"The fusion result was not added: the {gone[0]} layer was removed while fusing. Fix: "
+                          f"keep the input layers open until the fusion ends and run it again.")
+            return
         arr = fused.array if hasattr(fused, "array") else np.asarray(fused)
         prov = dict(getattr(fused, "provenance", {}) or {})
         prov["fusion"] = {**dict(prov.get("fusion", {}) or {}), "method": method, "inputs": names,
