@@ -14,7 +14,7 @@ from . import _jobs
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, layer_array, layer_geometry, layer_matrix, layer_to_volume, lps_to_world, meta,
                       native_volume, resample_between, viewer_alignment, world_matrix)
-from ._overlay import OverlayPanel
+from ._overlay import OverlayPanel, _is_compare
 
 KINDS = ("rigid", "affine", "deformable")
 PAIRS = ("auto", "MR-PT", "MR-CT", "MR-NM", "CT-PT", "CT-NM", "MR-MR", "default")
@@ -140,8 +140,9 @@ class RegisterPanel(QWidget):
     def __init__(self, viewer: Any):
         super().__init__()
         self.viewer = viewer
-        self.fixed = LayerCombo(viewer, prefer=("MR", "CT"))
-        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1)
+        # Compare views (checkerboard, curtain) are displays of a pair, not images to register.
+        self.fixed = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
+        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare)
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
         self.pair = QComboBox()
@@ -466,9 +467,9 @@ class FusePanel(QWidget):
     def __init__(self, viewer: Any):
         super().__init__()
         self.viewer = viewer
-        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT"), allow_2d=True),
-                       LayerCombo(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1),
-                       LayerCombo(viewer, allow_none=True, allow_2d=True)]
+        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT"), allow_2d=True, skip=_is_compare),
+                       LayerCombo(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1, skip=_is_compare),
+                       LayerCombo(viewer, allow_none=True, allow_2d=True, skip=_is_compare)]
         self.inputs[2].setCurrentText(LayerCombo.NONE)
         self.method = QComboBox()
         methods = available_methods()

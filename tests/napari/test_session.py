@@ -275,3 +275,19 @@ def test_every_control_has_a_tooltip_and_ranges_say_their_unit(qtbot, session):
     for control, unit in ((ov.ww, "HU"), (ov.wl, "HU"), (ov.suv_max, "SUV"), (ov.suv_threshold, "SUV"),
                           (ov.tile_mm, "mm"), (ov.opacity, "%"), (ov.curtain, "%")):
         assert unit in control.toolTip(), (control, control.toolTip())
+
+
+def test_compare_views_are_not_offered_for_registration_or_fusion(qtbot, session):
+    """The checkerboard/curtain layers are displays of a pair: picked as a fusion or registration input they gave
+    a fused image of a checkerboard (the Overlay pickers already skipped them)."""
+    viewer, widget = session
+    ov = widget.overlay_panel
+    ov.base.set_layer("mr")
+    ov.overlay.set_layer("pet")
+    ov.set_compare("checkerboard")
+    assert "compare: overlay" in viewer.layers
+    combos = [widget.register_panel.fixed, widget.register_panel.moving, *widget.fuse_panel.inputs]
+    for combo in combos:
+        offered = [combo.itemText(i) for i in range(combo.count())]
+        assert not [n for n in offered if n.startswith("compare:")], offered
+        assert "mr" in offered and "pet" in offered
