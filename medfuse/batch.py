@@ -242,7 +242,20 @@ def read_manifest(path: PathLike) -> List[Subject]:
         delimiter = "\t" if p.suffix.lower() == ".tsv" else next((d for d in (",", "\t", ";") if d in first), ",")
         try:
             reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-            rows = list(reader)
+            rows = []
+            for r in reader:
+                # More cells than the header: csv puts them under None and they were dropped without a word (an
+                # unquoted `pet;spect.nii.gz` in a ';'-separated file fused without the SPECT).
+                if any(str(v).strip() for v in (r.get(None) or [])):
+                    sep = {"\t": "a tab", ";": "';'"}.get(delimiter, "','")
+                    raise InvalidInputError(f"line {reader.line_num} has more cells than the header (cells are "
+                                            f"separated by {sep})",
+                                            fix=f"put a cell that holds {sep} in double quotes"
+                                                + (' ("s01/pet;s01/spect.nii.gz")' if delimiter == ";" else "")
+                                                + ", or give further moving images columns of their own (moving2, "
+                                                "...)",
+                                            path=p)
+                rows.append(r)
         except csv.Error as e:
             raise UnreadableFileError(f"the manifest is not valid CSV ({e})", fix="check the quoting", path=p) from None
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
@@ -255,10 +268,23 @@ def read_manifest(path: PathLike) -> List[Subject]:
         raise InvalidInputError("the manifest lists no subjects", fix="add one row per subject", path=p)
     subjects = [_subject_from(r, base=base, path=p, row=i + 2 if p.suffix.lower() not in (".yaml", ".yml") else i + 1,
                               defaults=defaults) for i, r in enumerate(rows)]
+    _check_unique(subjects, p)
+    return subjects
+
+
+def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None) -> None:
+    """Every subject and every output once (outputs also compared without letter case).
+
+    Raises:
+        InvalidInputError: a subject or output appears twice, or two outputs differ only in letter case.
+    """
+    p = path
+    where = "the manifest" if path is not None else "the list of subjects"
     for attr in ("subject", "output"):
         seen: Dict[str, str] = {}
         for s in subjects:
             key = getattr(s, attr)
+            key = os.fspath(key) if isinstance(key, os.PathLike) else str(key)
             # Outputs differing only in case are one file on Windows and macOS (case-insensitive file systems):
             # one subject's output would silently replace the other's, and the report call both done.
             norm = key.casefold() if attr == "output" else key
@@ -267,10 +293,9 @@ def read_manifest(path: PathLike) -> List[Subject]:
                                         "Windows and macOS they are one file", fix="give every subject an output "
                                         "whose name differs in more than case", path=p)
             if norm in seen:
-                raise InvalidInputError(f"{attr} {key!r} appears twice in the manifest",
+                raise InvalidInputError(f"{attr} {key!r} appears twice in {where}",
                                         fix=f"give every subject its own {attr}", path=p)
             seen[norm] = key
-    return subjects
 
 
 # ----------------------------------------------------------------------------- dataset folders
@@ -806,11 +831,29 @@ def _report_lock(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        removed = False
         try:
             os.unlink(lock)  # while still locked: a run waiting for it then finds a new file (see above)
+            removed = True
         except OSError:
             pass
         os.close(fd)  # releases the lock
+        if not removed and _windows_locks():
+            # Windows refuses to delete a file that is open (the lock file stayed beside the report for good, and
+            # is not hidden there). Closed now, it goes unless another run has it open, which Windows refuses too.
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+
+
+def _windows_locks() -> bool:
+    """True where report locks are ``msvcrt`` byte-range locks (Windows: no ``fcntl``)."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def _try_lock(fd: int) -> bool:
@@ -857,6 +900,26 @@ def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Map
         raise OutputExistsError(f"cannot write the batch report ({reason}); nothing was run",
                                 fix="pass report= (--report) a path in a folder you can write to",
                                 path=path) from None
+
+
+def _check_scheduler(scheduler: str, workers: int) -> None:
+    """What :func:`_client` would refuse, checked before the report is written or locked.
+
+    Raises:
+        InvalidInputError: an unknown scheduler, or fewer than 1 local worker.
+        MissingDependencyError: Dask is not installed (any scheduler but ``synchronous``).
+    """
+    if scheduler == "synchronous":
+        return
+    if scheduler != "local" and not str(scheduler).startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        raise InvalidInputError(f"unknown scheduler {scheduler!r}",
+                                fix="use 'local', 'synchronous' or a scheduler address such as tcp://host:8786")
+    if scheduler == "local" and workers < 1:
+        raise InvalidInputError(f"--workers must be at least 1, got {workers}", fix="e.g. --workers 2")
+    import importlib.util
+
+    if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
+        raise MissingDependencyError.for_package("dask[distributed]", "medfuse batch", "batch")
 
 
 def _client(scheduler: str, workers: int, threads: int):
@@ -949,6 +1012,9 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
         mpath = Path(manifest)
         return read_manifest(mpath), Path(report) if report else _manifest_report(mpath)
     subjects = [s if isinstance(s, Subject) else Subject(**dict(s)) for s in manifest]
+    # As for a manifest: a subject listed twice made one report row hide the other (results are kept by subject),
+    # and two outputs differing only in case are one file on Windows and macOS.
+    _check_unique(subjects)
     return subjects, Path(report) if report else _report_beside_outputs(subjects)
 
 
@@ -1006,6 +1072,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     if register not in _KINDS:
         raise InvalidInputError(f"unknown registration kind {register!r}", fix="use none, rigid, affine or deformable")
     _check_report_path(report_path)
+    _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
     with _report_lock(report_path):
         earlier = _read_report(report_path)
@@ -1064,6 +1131,15 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
                 n_workers, cancelled = _run_on_dask(subjects, options, scheduler, workers, finished, cancel)
         except KeyboardInterrupt:
             cancelled = True
+        except Exception as e:
+            # An error that ends the run (the scheduler went away, a cluster that did not start): no row may stay
+            # 'pending' for good. The subjects not finished get their earlier row back, or say why they did not run.
+            before = {r.get("subject") for r in earlier}
+            save_report([results.get(s.subject) or SubjectResult(
+                subject=s.subject, status="cancelled", output=s.output,
+                error=f"not run: the batch stopped on an error ({e.__class__.__name__})")
+                for s in subjects if s.subject in results or s.subject not in before])
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -610,9 +610,35 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
         sub.argv = rest  # the command's own options, e.g. for the ``trained_by`` record of ``medfuse train``
         if args.quiet and hasattr(sub, "no_progress"):
             sub.no_progress = True  # "print only errors": no progress bar either
-        return int(mod.run(sub) or 0)
+        with _TermAsInterrupt():
+            return int(mod.run(sub) or 0)
 
     return handler
+
+
+class _TermAsInterrupt:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, for the commands that take no cancel token (train,
+    evaluate): they then exit 130 and say so, as the help promises. SIGTERM ended them with -15 and no word (a
+    scheduler's time limit looked like a crash). The earlier handler comes back on exit."""
+
+    def __enter__(self):
+        self._old = None
+        sigterm = getattr(signal, "SIGTERM", None)
+        if sigterm is not None:
+            try:
+                self._old = signal.signal(sigterm, self._handler)
+            except ValueError:  # not the main thread
+                self._old = None
+        return self
+
+    @staticmethod
+    def _handler(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 def _take_common_flags(args: argparse.Namespace) -> List[str]:

@@ -110,9 +110,11 @@ def _open_inputs() -> List[str]:
         return []
     found: List[Any] = []
     for layer in getattr(viewer, "layers", ()):
-        prov = meta(layer).get("provenance") or {}
-        found += [prov.get("source"), *(prov.get("sources") or [])]
-        found.append(getattr(getattr(layer, "source", None), "path", None))
+        own = _sources(meta(layer))
+        # napari's source path only for a layer medfuse did not read: for a study folder opened whole it is the
+        # study, and saving `study/fused.nii.gz` beside its series folders was refused, although no file of any
+        # series is touched; the layer's own source is the series' folder (or the file) it was read from.
+        found += own or [getattr(getattr(layer, "source", None), "path", None)]
     return [os.fspath(s) for s in found if isinstance(s, (str, os.PathLike)) and os.fspath(s)]
 
 
@@ -154,8 +156,10 @@ def _sidecar_record(target: Path, vol: Any, md: Dict[str, Any], name: str, place
     """A provenance record as the CLI writes one: the inputs' files, how the layer was made, where it was put."""
     from medfuse import provenance as prov
 
-    # UIDs stay out: they tie the record to a study (names and IDs are blanked by write_sidecar).
-    layer_prov = {k: v for k, v in dict(md.get("provenance") or {}).items() if "uid" not in k.lower()}
+    # UIDs stay out: they tie the record to a study (names and IDs are blanked by write_sidecar); so does a series
+    # description, free text that may name the patient or a physician (the README: never in sidecars).
+    layer_prov = {k: v for k, v in dict(md.get("provenance") or {}).items()
+                  if "uid" not in k.lower() and "description" not in k.lower()}
     inputs = []
     for src in _sources(md):
         p = Path(src)
