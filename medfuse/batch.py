@@ -998,6 +998,7 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
     if isinstance(manifest, (str, os.PathLike)) and Path(manifest).is_dir():
         root = Path(manifest).absolute()
         subjects = discover(root, out_dir=out_dir)
+        _check_unique(subjects)  # folders sub-01 and SUB-01 would write one file on Windows and macOS
         out = _dataset_out_dir(root, out_dir)
         try:  # before any work: a read-only dataset needs out_dir (--out)
             out.mkdir(parents=True, exist_ok=True)

@@ -165,3 +165,16 @@ def test_a_manifest_row_with_more_cells_than_its_header_is_refused(tmp_path, sep
     m.write_text(f"subject{sep}fixed{sep}output{sep}moving\ns01{sep}mr.nii.gz{sep}o.nii.gz{sep}{quoted}{sep}\n",
                  encoding="utf-8")
     assert [Path(x).name for x in read_manifest(m)[0].moving] == ["pet", "spect.nii.gz"]
+
+
+def test_dataset_folders_differing_only_in_case_are_refused(tmp_path):
+    """Subject folders sub-01 and SUB-01 (distinct on Linux) give outputs sub-01_fused and SUB-01_fused, one file
+    on Windows and macOS: the second subject's output silently replaced the first's."""
+    from medfuse.batch import run_batch, write_phantom_subjects
+
+    write_phantom_subjects(tmp_path, 2, first_seed=1, method="max", register=None, downsample=4)
+    (tmp_path / "sub-02").rename(tmp_path / "SUB-01")
+    (tmp_path / "manifest.csv").unlink()
+    with pytest.raises(InvalidInputError, match="differ only in letter case"):
+        run_batch(tmp_path, scheduler="synchronous", register=None, method="max")
+    assert not (tmp_path / "derivatives" / "medfuse" / "sub-01_fused.nii.gz").exists()
