@@ -115,10 +115,31 @@ def _volume_items(pairs: Sequence) -> List[_Item]:
         if mask is not None and not (isinstance(mask, (str, os.PathLike)) or _is_volume(mask)):
             raise InvalidInputError(f"volume pair {i + 1} has a mask of type {type(mask).__name__}",
                                     fix="give a mask file (NIfTI on the pair's grid) or a Volume")
-        mask_path = [str(mask)] if isinstance(mask, (str, os.PathLike)) else []
+        mask = _mask_choice(mask, f"volume pair {i + 1}'s mask")
+        # The mask file is an input (never written over); "auto" is no file.
+        mask_path = [str(mask)] if isinstance(mask, (str, os.PathLike)) and mask != "auto" else []
         items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)),
                            paths[-1] if paths else None, tuple(paths + mask_path), mask))
     return items
+
+
+def _mask_choice(mask, what: str):
+    """A mask argument with ``"auto"`` spelled as medfuse compares it (any case, spaces around it), or a clear
+    error for an empty name.
+
+    Why: ``{"mask": "AUTO"}`` in a pair was read as a file named AUTO ("no such file"), ``"auto"`` in a pair was
+    guarded as an input file named auto, and an empty ``--mask ""`` named the working folder, refused as "the output
+    would be written inside the input folder ." (the folder was never an input).
+
+    Raises:
+        InvalidInputError: an empty or blank name.
+    """
+    if isinstance(mask, str):
+        if not mask.strip():
+            raise InvalidInputError(f"{what} is an empty name", fix="give 'auto' or a mask file, or leave the mask out")
+        if mask.strip().lower() == "auto":
+            return "auto"
+    return mask
 
 
 def _is_volume(x) -> bool:
@@ -404,12 +425,11 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         if (out / name).exists() and not overwrite:
             raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite",
                                     path=out / name)
-    if isinstance(mask, str) and mask.strip().lower() == "auto":
-        mask = "auto"
-    elif not (mask is None or isinstance(mask, (str, os.PathLike)) or _is_volume(mask)):
+    if not (mask is None or isinstance(mask, (str, os.PathLike)) or _is_volume(mask)):
         # An array has no grid to check against the pairs'.
         raise InvalidInputError(f"mask must be 'auto', a mask file or a Volume, got {type(mask).__name__}",
                                 fix="give the array its grid: first_image.with_array(mask), or save it as NIfTI")
+    mask = _mask_choice(mask, "mask")
     items, is_2d = _items(source, pair_types=pair_types)
     if is_2d and mask is not None and not (isinstance(mask, str) and mask == "auto"):
         raise InvalidInputError("a mask file or Volume is for volume pairs; 2-D pairs take mask 'auto' (their "

@@ -511,9 +511,9 @@ class Volume:
         arr = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
         aff = affine_from_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
         meta = lambda k: image.GetMetaData(k).strip() if image.HasMetaDataKey(k) else None  # noqa: E731
-        return cls(arr, aff, modality=modality if modality is not None else meta("medfuse_modality"),
-                   unit=unit if unit is not None else (meta("medfuse_unit") or "arbitrary"),
-                   provenance=provenance or {})
+        modality, unit = _stored_labels(modality, unit, meta("medfuse_modality"), meta("medfuse_unit"),
+                                        "metadata (medfuse_modality, medfuse_unit)", "from_sitk")
+        return cls(arr, aff, modality=modality, unit=unit, provenance=provenance or {})
 
     # ------------------------------------------------------------------ nibabel
     def to_nibabel(self):
@@ -584,8 +584,8 @@ class Volume:
         space = _space_name(hdr)
         if space is not None:
             prov.setdefault("nifti_space", space)
-        return cls(arr, LPS_TO_RAS @ aff, modality=modality if modality is not None else tag_mod,
-                   unit=unit if unit is not None else (tag_unit or "arbitrary"), provenance=prov)
+        modality, unit = _stored_labels(modality, unit, tag_mod, tag_unit, "header (descrip)", "from_nibabel")
+        return cls(arr, LPS_TO_RAS @ aff, modality=modality, unit=unit, provenance=prov)
 
     # ------------------------------------------------------------------ MONAI
     def to_metatensor(self):
@@ -684,6 +684,32 @@ class Volume:
             unit=unit or meta.get("unit", "arbitrary"),
             provenance=prov,
         )
+
+
+def _stored_labels(modality: Optional[str], unit: Optional[str], stored_modality: Optional[str],
+                   stored_unit: Optional[str], where: str, method: str) -> Tuple[str, str]:
+    """The modality and unit a converted image gets: the caller's, else the ones stored in the image (checked).
+
+    Why: a stored value medfuse does not know (a file saved with ``unit="SUV"`` before fields were checked) was
+    refused as "unknown unit 'SUV'", with a fix ("use one of ...") naming no option, when the caller had passed
+    none; the caller's own ``modality=``/``unit=`` replaces it.
+
+    Raises:
+        InvalidInputError: a stored value (not overridden by the caller) is not one medfuse knows.
+    """
+    checks = (("modality", modality, stored_modality, normalise_modality),
+              ("unit", unit, stored_unit, _checked_unit))
+    out = []
+    for name, given, stored, check in checks:
+        if given is not None or not stored:
+            out.append(given if given is not None else ("unknown" if name == "modality" else "arbitrary"))
+            continue
+        try:
+            out.append(check(stored))
+        except InvalidInputError as e:
+            raise InvalidInputError(f"the image's {where} gives the {name} {stored!r}, which medfuse does not know",
+                                    fix=f"pass {name}= to Volume.{method} to replace it; {e.fix}") from None
+    return out[0], out[1]
 
 
 def _bridge_dtype(arr: np.ndarray) -> np.ndarray:

@@ -210,12 +210,21 @@ def _check_nifti_size(img, p: Path) -> None:
     fname = img.file_map["image"].filename
     if fname is None:  # read from bytes already in memory: nibabel compares lengths without allocating
         return
+    if not os.path.isfile(fname):
+        # Why: a .hdr whose .img was not copied with it ended in a bare FileNotFoundError from the open below.
+        raise UnreadableFileError(f"the image data file its header goes with ('{Path(fname).name}') is missing: "
+                                  f"{fname}", fix="keep the header and its data file together (copy the "
+                                  f"{Path(fname).name} file beside it), or load a single-file .nii/.nii.gz", path=p)
     hdr = img.header
     need = int(np.prod([int(x) for x in img.shape], dtype=object)) * int(hdr.get_data_dtype().itemsize)
-    with open(fname, "rb") as fh:
-        compressed = fh.read(2) == b"\x1f\x8b"
+    try:
+        with open(fname, "rb") as fh:
+            compressed = fh.read(2) == b"\x1f\x8b"
+        have = os.path.getsize(fname)
+    except OSError:  # unreadable (permissions): nibabel's own read below says so, typed
+        return
     shape = "x".join(str(int(x)) for x in img.shape)
-    _refuse_impossible_size(need, os.path.getsize(fname), compressed, f"{shape} voxels of {hdr.get_data_dtype()}",
+    _refuse_impossible_size(need, have, compressed, f"{shape} voxels of {hdr.get_data_dtype()}",
                             Path(fname), fix="copy or export the file again (a complete file holds its voxels)")
 
 
