@@ -180,7 +180,8 @@ class _CancelOnSigint:
 
     def __exit__(self, exc_type, exc, tb):
         for s, old in self._old.items():
-            signal.signal(s, old)
+            # None: the earlier handler was not set from Python (a C extension's); the default is the nearest.
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
         self._old = {}
         if exc_type is None and self._raise_on_exit and self.token.cancelled:
             raise CancelledError("cancelled (Ctrl-C or SIGTERM) after the work had finished")

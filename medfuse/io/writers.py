@@ -27,8 +27,8 @@ import numpy as np
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
-from ._atomic import (_link_into_place, _make_aside, _public_mode, _temp_suffix, _typed_os_error, atomic_path,
-                      check_output, refuse_foreign_folder, same_file)
+from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _make_aside, _public_mode,
+                      _temp_suffix, _typed_os_error, atomic_path, check_output, refuse_foreign_folder, same_file)
 from .nifti import format_tag, nifti_space_code
 
 __all__ = ["save", "check_save_target", "FORMATS"]
@@ -180,6 +180,10 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
                                         "is not the one being replaced)",
                                         fix="choose another output name, or delete that file first", path=dst)
         check_output(path, overwrite=overwrite, inputs=inputs, kind="file", recover=False)  # appeared meanwhile
+        durable = _durable()
+        if durable:  # header and data reach the disk before they take their names (see _atomic)
+            for f in [*others, tmpdir / header]:
+                _flush_file(f)
         aside = _make_aside(path)
         for src, dst in [(f, path.parent / f.name) for f in others] + [(tmpdir / header, path)]:
             kept = None
@@ -195,6 +199,8 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
                 raise
             placed.append((dst, kept))
         placed = []  # done: what was replaced goes with the aside folder
+        if durable:
+            _flush_folder(path.parent)
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException as e:
         for dst, kept in reversed(placed):  # put every replaced file back

@@ -295,3 +295,19 @@ def test_a_folder_output_has_every_file_flushed_before_it_takes_its_name(tmp_pat
     flushed = {Path(p).name for kind, p in log[:place] if kind == "fsync"}
     assert {"0.dcm", "1.dcm", "2.dcm"} <= flushed, log
     assert ("fsync", os.fspath(tmp_path)) in log[place:], log
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a descriptor's file")
+@pytest.mark.parametrize("suffix,data", [(".mhd", ".raw"), (".nhdr", ".raw.gz")])
+def test_a_detached_header_and_its_data_reach_the_disk_before_their_names(tmp_path, monkeypatch, suffix, data):
+    """.mhd/.nhdr pairs are moved into place by the writer itself, not through atomic_path: they were not flushed."""
+    log = _fsync_log(monkeypatch)
+    vol = Volume(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4))
+    out = save(vol, tmp_path / f"v{suffix}")
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert out.name in written and len(written) == 2, written
+    for name in written:
+        place = log.index(("place", os.fspath(tmp_path / name)))
+        flushed = {Path(p).name for kind, p in log[:place] if kind == "fsync"}
+        assert name in flushed, (name, log)  # flushed under its temporary folder, same name
+    assert ("fsync", os.fspath(tmp_path)) in log
