@@ -263,7 +263,10 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
     return out.astype(rgb.dtype, copy=False) if np.issubdtype(rgb.dtype, np.floating) else out
 
 
-def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: Any = "auto",
+_MISSING = object()  # fuse(a) alone: a typed error instead of Python's "missing 1 required argument"
+
+
+def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", normalise: Any = "auto",
          progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None, **options: Any):
     """Fuse two or three co-registered images or volumes.
 
@@ -319,6 +322,11 @@ def fuse(a, b, *more, method: str = "network", device: str = "cpu", normalise: A
         options["progress"] = progress
     if cancel is not None:
         options["cancel"] = cancel
+    if b is _MISSING:
+        listed = isinstance(a, (list, tuple)) and 2 <= len(a) <= 3
+        raise InvalidInputError("fusion takes two or three images, got " + (
+            f"one {type(a).__name__} of {len(a)}" if isinstance(a, (list, tuple)) else "one"),
+            fix="unpack the list: fuse(*images)" if listed else "pass them as separate arguments: fuse(a, b)")
     inputs = [a, b, *more]
     if len(inputs) > 3:
         raise InvalidInputError(f"fusion takes two or three inputs, got {len(inputs)}", fix="fuse at most three images")

@@ -102,3 +102,12 @@ def test_a_ct_rescaled_but_still_labelled_hu_is_warned_about():
         warnings.simplefilter("error", MedfuseWarning)
         medfuse.fuse(scaled.with_array(scaled.array, unit="arbitrary"), mr, method="mean")  # the fix
         normalise(scaled.array, method="window", modality="CT", unit="HU")  # asked for by name: no second-guessing
+
+
+def test_one_input_or_a_list_is_a_typed_error_with_the_call_to_make():
+    """fuse(vol) and fuse([a, b]) raised Python's TypeError "missing 1 required positional argument: 'b'"."""
+    a = np.zeros((16, 16), np.float32)
+    with pytest.raises(InvalidInputError, match=r"fuse\(\*images\)"):
+        medfuse.fuse([a, a], method="mean")
+    with pytest.raises(InvalidInputError, match=r"got one.*fuse\(a, b\)"):
+        medfuse.fuse(a, method="mean")
