@@ -228,6 +228,34 @@ def _check_nifti_size(img, p: Path) -> None:
                             Path(fname), fix="copy or export the file again (a complete file holds its voxels)")
 
 
+def _verify_gzip(fname: Optional[str]) -> None:
+    """Check a gzip-compressed image file's CRC-32 and length, which nibabel never reads.
+
+    Why: nibabel stops decompressing once it has the voxels, before the gzip trailer, so a ``.nii.gz`` damaged in
+    the middle (a bit flipped in a copy or a transfer) could load as wrong voxels without a word. This decompresses
+    the file once more into nothing (about +0.05 s on a 240x240x155 BraTS volume) and lets zlib check the trailer.
+
+    Raises:
+        UnreadableFileError: the file's checksum or length does not match its data.
+    """
+    import gzip
+    import zlib
+
+    if fname is None or not os.path.isfile(fname):
+        return
+    with open(fname, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with gzip.open(fname, "rb") as g:  # reads every member to its end, where the trailer is checked
+            while g.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise UnreadableFileError(f"the file is damaged: its gzip data does not match its checksum or length "
+                                  f"({type(e).__name__})", fix="copy or export the file again (the voxels read "
+                                  "would be wrong)", path=Path(fname)) from None
+
+
 def _memory_error(p: Path, shape) -> UnreadableFileError:
     """The error for an image too large for the free memory (it was reported as "truncated" before)."""
     need = f" ({'x'.join(str(int(x)) for x in shape)} voxels)" if shape else ""
@@ -255,6 +283,7 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     except Exception as e:  # truncated gzip/short data: zlib.error, EOFError, OSError, ValueError
         raise UnreadableFileError(f"the voxel data cannot be read; the file looks truncated ({type(e).__name__})",
                                   fix="copy or export the file again", path=p) from None
+    _verify_gzip(img.file_map["image"].filename)
     hdr = img.header
     _refuse_colour(arr, p)
     aff = np.asarray(hdr.get_best_affine() if hasattr(hdr, "get_best_affine") else img.affine, dtype=float)

@@ -262,3 +262,27 @@ def test_detached_header_names_its_missing_or_short_data_file(t1, tmp_path, head
     with pytest.raises(UnreadableFileError, match=f"data file its header names .*'{data.name}'.* is missing") as e:
         medfuse.load(tmp_path / header)
     assert str(data) in str(e.value) and "beside" in e.value.fix
+
+
+def test_a_nii_gz_damaged_in_the_middle_is_refused_not_read_as_other_voxels(tmp_path):
+    """nibabel stops before the gzip trailer, so its CRC was never checked: a flipped byte in a stored (or
+    luckily still decodable) deflate block loaded silently as a different voxel."""
+    import gzip
+
+    import nibabel as nib
+
+    from medfuse.errors import UnreadableFileError
+
+    arr = np.arange(16 * 16 * 8, dtype=np.int16).reshape(16, 16, 8)
+    raw = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(raw))
+    good = tmp_path / "good.nii.gz"
+    good.write_bytes(gzip.compress(raw.read_bytes(), compresslevel=0))  # stored blocks: bytes as they are
+    assert np.array_equal(np.asarray(medfuse.load(good).array), arr)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside the voxels
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(data))
+    assert not np.array_equal(np.asarray(nib.load(str(bad)).dataobj), arr)  # nibabel alone reads other voxels
+    with pytest.raises(UnreadableFileError, match="damaged.*checksum"):
+        medfuse.load(bad)
