@@ -618,9 +618,10 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
 
 
 class _TermAsInterrupt:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, for the commands that take no cancel token (train,
-    evaluate): they then exit 130 and say so, as the help promises. SIGTERM ended them with -15 and no word (a
-    scheduler's time limit looked like a crash). The earlier handler comes back on exit."""
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, around every command (inside their cancel blocks
+    :class:`_CancelOnSigint` takes over) and around the commands that take no cancel token (train, evaluate):
+    they then exit 130 and say so, as the help promises. SIGTERM ended them with -15 and no word (a scheduler's
+    time limit looked like a crash). The earlier handler comes back on exit."""
 
     def __enter__(self):
         self._old = None
@@ -1054,7 +1055,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``medfuse`` command. Returns the exit code (see ``medfuse --help``)."""
     undo = _escape_unprintable_output()
     try:
-        return _main(argv)
+        # SIGTERM before a command's own cancel handler is in place (while it loads its inputs) is a Ctrl-C too.
+        with _TermAsInterrupt():
+            return _main(argv)
     finally:
         undo()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import signal
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,34 @@ def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, s
         out = Path(subjects[name].output)
         if status == "done":
             assert prov.is_up_to_date(out, input_paths=[subjects[name].fixed, *subjects[name].moving])
+
+
+def test_sigterm_while_a_command_still_loads_its_inputs_exits_130(tmp_path):
+    """``register`` sets its cancel handler once the images are loaded; a SIGTERM before that ended it with -15."""
+    import subprocess
+    import sys
+
+    a, b = _pair(tmp_path)
+    script = textwrap.dedent('''
+        import sys, time
+        import medfuse.cli, medfuse.io
+        real = medfuse.io.load
+        def slow_load(*args, **kwargs):
+            print("loading", flush=True)
+            time.sleep(60)
+            return real(*args, **kwargs)
+        medfuse.io.load = slow_load
+        sys.exit(medfuse.cli.main(sys.argv[1:]))
+    ''')
+    proc = subprocess.Popen([sys.executable, "-c", script, "register", str(a), str(b), "-o", str(tmp_path / "r.nii.gz"),
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "loading"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_CANCELLED, err
+    assert "cancelled" in err and "Traceback" not in err
+    assert not (tmp_path / "r.nii.gz").exists()
