@@ -939,9 +939,12 @@ def _client(scheduler: str, workers: int, threads: int):
         try:
             # A subject whose worker dies (out of memory, a crash in a native library) fails at once: Dask's
             # default retries it on 3 more workers, each run as long and as large as the one that died.
+            # Dask's own ERROR lines ("Task ... marked as failed because 1 workers died") are silenced: a dead
+            # worker is reported per subject in medfuse's words, and a cancel (Ctrl-C, or SIGTERM sent to the
+            # workers too, as SLURM does) printed them as if something had gone wrong.
             with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR, env=env)
+                                       dashboard_address=None, silence_logs=logging.CRITICAL, env=env)
         except RuntimeError as e:
             raise MedfuseError(f"the local Dask cluster did not start ({' '.join(str(e).split())[:200]})",
                                fix="in a script, call run_batch under 'if __name__ == \"__main__\":' (workers are "
