@@ -51,7 +51,10 @@ class PipelineState:
     Attributes:
         inputs: the paths (or in-memory Volumes) given to :meth:`Pipeline.run`.
         volumes: the current volumes (after each step, replaced by that step's result).
-        originals: the volumes as loaded (registration and resampling start from these).
+        originals: the volumes as loaded (registration and resampling start from these). :meth:`Pipeline.run`
+            empties it after the resample step when only the built-in normalise, fuse and save steps follow (none
+            of them reads it; the facts the provenance records about each input are kept), so that the inputs as
+            loaded are not held in memory through the fusion beside their resampled, normalised copies.
         transforms: per moving volume, the Transform onto the fixed image (``None`` = same frame).
         registrations: per moving volume, the registration report dict (or ``None``).
         fused: the fused Volume once the fuse step ran.
@@ -280,6 +283,9 @@ class NormaliseStep:
             kw = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             scaled, rec = normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, **kw)
             nv = v.with_array(scaled.astype(np.float32), unit="arbitrary")
+            # The float64 result is dropped now, not when the next volume's replaces it (it would otherwise be
+            # held through that volume's normalisation: 8 bytes a voxel on top of the peak).
+            del scaled
             nv.provenance["normalisation"] = rec
             out.append(nv)
             records.append(rec)
@@ -430,8 +436,8 @@ def _input_facts(state: PipelineState) -> List[Dict[str, Any]]:
 
     facts = []
     hashes = state.notes.setdefault("_input_sha256", {})  # hash each input once per run
+    kept = state.notes.get("_original_facts")  # set when the originals were released (see _release_originals)
     for i, item in enumerate(state.inputs):
-        v = state.originals[i] if i < len(state.originals) else None
         f: Dict[str, Any] = {"role": "fixed" if i == 0 else "moving"}
         if isinstance(item, Volume):
             f.update(path=None, sha256=None)
@@ -440,11 +446,37 @@ def _input_facts(state: PipelineState) -> List[Dict[str, Any]]:
             if key not in hashes:
                 hashes[key] = hash_path(item)
             f.update(path=key, sha256=hashes[key])
-        if v is not None:
-            f.update(modality=v.modality, unit=v.unit, shape=list(v.shape),
-                     spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
+        if kept is not None:
+            if i < len(kept) and kept[i] is not None:
+                f.update(kept[i])
+        elif i < len(state.originals):
+            f.update(_volume_facts(state.originals[i]))
         facts.append(f)
     return facts
+
+
+def _volume_facts(v: Volume) -> Dict[str, Any]:
+    """What the provenance records about an input as loaded."""
+    return dict(modality=v.modality, unit=v.unit, shape=list(v.shape),
+                spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
+
+
+#: The built-in steps that never read ``state.originals`` (after the resample step, the inputs as loaded may go).
+_ORIGINALS_UNUSED = (NormaliseStep, FuseStep, SaveStep)
+
+
+def _release_originals(state: PipelineState, later: Sequence[Step]) -> None:
+    """Drop the pipeline's references to the inputs as loaded once only built-in steps that never read them
+    follow, keeping the facts the provenance records about them.
+
+    Each input as loaded would otherwise stay in memory through normalisation and fusion (the peak) beside
+    its resampled and normalised copies: a CT in int16 and a PET as loaded, for nothing. A custom later step
+    may read ``state.originals``: then they are kept.
+    """
+    if not state.originals or not all(type(s) in _ORIGINALS_UNUSED for s in later):
+        return
+    state.notes["_original_facts"] = [_volume_facts(v) for v in state.originals]
+    state.originals = []
 
 
 def _provenance(state: PipelineState, *, extra_step: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -553,7 +585,7 @@ class Pipeline:
         weights = _STEP_WEIGHTS
         total = sum(weights.get(n, 0.05) for n, _ in self._steps)
         done = 0.0
-        for name, step in self._steps:
+        for k, (name, step) in enumerate(self._steps):
             w = weights.get(name, 0.05) / total
             state.progress = _scaled(progress, done, w, name)
             check(cancel, f"the {name} step")
@@ -563,6 +595,8 @@ class Pipeline:
             state.steps.append({"name": name, "params": _params_of(step),
                                 "seconds": round(time.perf_counter() - t0, 4)})
             done += w
+            if name == "resample":
+                _release_originals(state, [s for _, s in self._steps[k + 1:]])
             report(progress, done, f"{name} done")
         if state.fused is None:
             raise FusionError("the pipeline finished without a fused volume",

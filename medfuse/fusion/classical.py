@@ -72,10 +72,20 @@ def _weights(weights: Optional[Sequence[float]], n: int) -> np.ndarray:
 
 
 def _select_max_abs(coeffs: Sequence[np.ndarray]) -> np.ndarray:
-    """Pick, per position, the coefficient with the largest magnitude (first wins ties)."""
-    stack = np.stack(coeffs)
-    idx = np.argmax(np.abs(stack), axis=0)
-    return np.take_along_axis(stack, idx[None], axis=0)[0]
+    """Pick, per position, the coefficient with the largest magnitude (first wins ties).
+
+    Pairwise rather than through a stacked array: the stack, its magnitudes and the index array cost about 5
+    volumes more at the peak of a Laplacian fusion (a 512x512x300 CT grid: gigabytes). A strict ``>`` keeps the
+    first of equal magnitudes, as ``argmax`` did; the inputs are finite (checked), so the result is the same.
+    """
+    best = np.array(coeffs[0], copy=True)
+    best_abs = np.abs(best)
+    for c in coeffs[1:]:
+        c_abs = np.abs(c)
+        wins = c_abs > best_abs
+        np.copyto(best, c, where=wins)
+        np.maximum(best_abs, c_abs, out=best_abs)
+    return best
 
 
 # ---------------------------------------------------------------------- Laplacian pyramid

@@ -493,3 +493,30 @@ def test_two_colour_images_as_arrays_are_not_fused_silently_as_thin_volumes():
         warnings.simplefilter("error", MedfuseWarning)
         fuse(a[..., 0], b, method="laplacian")
         fuse(rng.random((64, 64, 40)), rng.random((64, 64, 40)), method="laplacian")
+
+
+def test_max_abs_selection_matches_argmax_and_the_laplacian_peak_stays_small():
+    """The selection is pairwise now (it stacked every input's coefficients, their magnitudes and an index array):
+    the same values as argmax over the stack, first wins ties (+x against -x too), and a Laplacian fusion's peak
+    memory fell from 107 to 61 bytes a voxel (a 512x512x300 CT grid: about 3.6 GB less)."""
+    import tracemalloc
+
+    from medfuse.fusion import classical as C
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3):
+        cs = [np.round(rng.normal(size=(6, 7, 5)), 1) for _ in range(n)]  # rounding makes ties
+        cs[1][0] = -cs[0][0]
+        stack = np.stack(cs)
+        expected = np.take_along_axis(stack, np.argmax(np.abs(stack), axis=0)[None], axis=0)[0]
+        got = C._select_max_abs(cs)
+        assert np.array_equal(got, expected) and np.array_equal(np.signbit(got), np.signbit(expected))
+        assert all(np.array_equal(c, s) for c, s in zip(cs, stack))  # inputs untouched
+    a, b = rng.random((64, 64, 64)), rng.random((64, 64, 64))
+    tracemalloc.start()
+    try:
+        C.fuse_arrays([a, b], method="laplacian")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak / a.size < 80, peak / a.size
