@@ -939,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classical method to use if the network cannot run (default: fail)")
     _add_device_option(p)
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="ITK threads for registration (fix it for bit-identical re-runs)")
+                   help="ITK threads for registration (1 for bit-identical re-runs; more may differ in the last digits)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fuse)

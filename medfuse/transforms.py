@@ -233,7 +233,7 @@ class RegisterToReference(Transform, ThreadUnsafe):
 
     Args:
         kind: ``"rigid"``, ``"affine"`` or ``"deformable"``; ``None`` only resamples (same frame assumed).
-        threads: ITK threads (fix for bit-identical results). ``None``: one inside a torch ``DataLoader``
+        threads: ITK threads (``1`` for bit-identical results). ``None``: one inside a torch ``DataLoader``
             worker process (as torch does for its own threads), else SimpleITK's default.
         **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
 
