@@ -56,6 +56,17 @@ class _Held:
         monkeypatch.setattr(medfuse, name, held)
 
 
+def _fusion_held_running(qtbot, panel, monkeypatch) -> "_Held":
+    """Start a mean fusion of mr + pet that stays running until ``.release`` is set."""
+    held = _Held(monkeypatch, "fuse")
+    panel.inputs[0].set_layer("mr")
+    panel.inputs[1].set_layer("pet")
+    panel.method.setCurrentText("mean")
+    panel.run()
+    qtbot.waitUntil(held.started.is_set, timeout=30_000)
+    return held
+
+
 # ------------------------------------------------------------------------------------------------ layers change
 def test_idle_pickers_follow_rename_and_removal_and_run_refuses_cleanly(qtbot, session):
     viewer, widget = session
@@ -90,12 +101,7 @@ def test_fusion_whose_inputs_were_removed_adds_no_layer_to_the_next_study(qtbot,
     among B's layers (a result from another patient, shown on B's grid)."""
     viewer, widget = session
     panel = widget.fuse_panel
-    held = _Held(monkeypatch, "fuse")
-    panel.inputs[0].set_layer("mr")
-    panel.inputs[1].set_layer("pet")
-    panel.method.setCurrentText("mean")
-    panel.run()
-    qtbot.waitUntil(held.started.is_set, timeout=30_000)
+    held = _fusion_held_running(qtbot, panel, monkeypatch)
     viewer.layers.clear()
     _study(viewer, "ct", "pet")  # the next patient, a PET under the same name
     held.release.set()
@@ -107,12 +113,7 @@ def test_fusion_whose_inputs_were_removed_adds_no_layer_to_the_next_study(qtbot,
 def test_fusion_with_an_input_renamed_meanwhile_is_added(qtbot, session, monkeypatch):
     viewer, widget = session
     panel = widget.fuse_panel
-    held = _Held(monkeypatch, "fuse")
-    panel.inputs[0].set_layer("mr")
-    panel.inputs[1].set_layer("pet")
-    panel.method.setCurrentText("mean")
-    panel.run()
-    qtbot.waitUntil(held.started.is_set, timeout=30_000)
+    held = _fusion_held_running(qtbot, panel, monkeypatch)
     viewer.layers["pet"].name = "pet (AC)"
     held.release.set()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
@@ -225,12 +226,7 @@ def test_closing_the_viewer_mid_fusion_is_clean(qtbot, make_napari_viewer, monke
     widget = MedfuseWidget(viewer)
     viewer.window.add_dock_widget(widget, name="medfuse")
     panel = widget.fuse_panel
-    held = _Held(monkeypatch, "fuse")
-    panel.inputs[0].set_layer("mr")
-    panel.inputs[1].set_layer("pet")
-    panel.method.setCurrentText("mean")
-    panel.run()
-    qtbot.waitUntil(held.started.is_set, timeout=30_000)
+    held = _fusion_held_running(qtbot, panel, monkeypatch)
     token = panel.token
     viewer.close()
     qtbot.waitUntil(lambda: token.cancelled, timeout=10_000)
