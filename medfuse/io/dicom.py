@@ -262,12 +262,16 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
         out.append((f, ds))
     n = len(files) - len(out)
     if n:
-        msg = (f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
-               f"{'were' if n > 1 else 'was'} ignored")
-        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
-        if notes is not None:
-            notes.append(msg)
+        _left_out(path, f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
+                        f"{'were' if n > 1 else 'was'} ignored", notes)
     return out
+
+
+def _left_out(path: Path, msg: str, notes: Optional[List[str]]) -> None:
+    """Say that files of a series were left out: a warning for the caller, and a note for the provenance."""
+    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=4)
+    if notes is not None:
+        notes.append(msg)
 
 
 def _is_localizer(ds) -> bool:
@@ -287,11 +291,8 @@ def _drop_localizers(files: List[Tuple[Path, Any]], path: Path,
     n = len(files) - len(keep)
     if not n or not keep:
         return files
-    msg = (f"{n} localizer (scout) image{'s' if n > 1 else ''} stored in the series (ImageType LOCALIZER) "
-           f"{'were' if n > 1 else 'was'} left out")
-    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
-    if notes is not None:
-        notes.append(msg)
+    _left_out(path, f"{n} localizer (scout) image{'s' if n > 1 else ''} stored in the series (ImageType "
+                    f"LOCALIZER) {'were' if n > 1 else 'was'} left out", notes)
     return keep
 
 
