@@ -13,11 +13,12 @@ heavier parts (SimpleITK, pydicom, torch, MONAI) load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import importlib as _importlib
+import sys as _sys
+from typing import Any as _Any
 
+from . import errors as _errors
 from .errors import *  # noqa: F401,F403  (the exception hierarchy is part of the API)
-from .errors import MedfuseError
 from .volume import Volume
 
 __version__ = "0.1.0"
@@ -40,21 +41,41 @@ _LAZY = {
     "metrics": "medfuse.metrics",
     "phantom": "medfuse.phantom",
     "display": "medfuse.display",
+    # Why: ``medfuse.transforms.LoadVolumed`` after a bare ``import medfuse`` raised AttributeError.
+    "transforms": "medfuse.transforms",
+    "evaluate": "medfuse.evaluate",
 }
 
-__all__ = ["Volume", "MedfuseError", "__version__", *sorted(_LAZY)]
+#: Reached as attributes but left out of ``from medfuse import *``: they need these optional packages (``[ml]``).
+_OPTIONAL = {"transforms": ("monai", "torch")}
+
+__all__ = ["Volume", "__version__", *_errors.__all__, *sorted(set(_LAZY) - set(_OPTIONAL))]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     target = _LAZY.get(name)
     if target is None:
-        raise AttributeError(f"module 'medfuse' has no attribute {name!r}")
+        # name= and obj= let Python's traceback suggest a close name ("Did you mean: 'load'?").
+        raise AttributeError(f"module 'medfuse' has no attribute {name!r}", name=name, obj=_sys.modules[__name__])
     mod_name, _, attr = target.partition(":")
-    mod = importlib.import_module(mod_name)
+    mod = _importlib.import_module(mod_name)
     value = getattr(mod, attr) if attr else mod
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    # The public names only (tab completion): not the helpers this module imports, nor private ones. An optional
+    # module only where its packages are installed: help(medfuse) reads every name dir() gives, and failed on it.
+    usable = {name for name, needs in _OPTIONAL.items() if all(_installed(pkg) for pkg in needs)}
+    return sorted(set(__all__) | usable | {"errors", "volume"})
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported, found without importing it."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken install, or a module with no spec
+        return False

@@ -68,14 +68,79 @@ class DisplaySettings:
                 "blending": self.blending, "opacity": self.opacity}
 
 
+def _number(value: Any, name: str, example: str) -> float:
+    """``value`` as a float, or a typed error naming the argument (float() said only "must be a real number")."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a number, got a {type(value).__name__}",
+                                fix=f"pass a number, e.g. {example}") from None
+
+
+def _pair(limits: Any, name: str) -> Tuple[float, float]:
+    """``(low, high)`` as two floats, or a typed error (``limits=5`` failed with "cannot unpack")."""
+    if not isinstance(limits, (list, tuple, np.ndarray)) or len(limits) != 2 or np.ndim(limits[0]) != 0:
+        raise InvalidInputError(f"{name} must be two numbers (low, high), got {limits!r}",
+                                fix=f"pass e.g. {name}=(0.0, 80.0)")
+    return _number(limits[0], f"the low end of {name}", "0.0"), _number(limits[1], f"the high end of {name}", "80.0")
+
+
+def _image_voxels(array: Any, what: str) -> np.ndarray:
+    """The voxels of ``array`` (an array or a Volume) as a numeric NumPy array of at least one dimension."""
+    try:
+        a = np.asarray(array)
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: a torch tensor that needs grad
+        raise InvalidInputError(f"{what} needs an image, got a {type(array).__name__} NumPy cannot read",
+                                fix="pass a NumPy array or a medfuse.Volume (x.detach().cpu().numpy() for a "
+                                    "tensor)") from e
+    if a.ndim == 0 or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        got = f"a single value ({type(array).__name__})" if a.ndim == 0 else f"an array of dtype {a.dtype}"
+        raise InvalidInputError(f"{what} needs a numeric image, got {got}",
+                                fix="pass the voxels (a numeric NumPy array) or a medfuse.Volume; a path must be "
+                                    "loaded first: medfuse.load(path)")
+    return a
+
+
+def _whole(value: Any, name: str, *, minimum: int, example: int) -> int:
+    """``value`` as a whole number of at least ``minimum``, or a typed error naming the option."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
+    if not ok:
+        raise InvalidInputError(f"{name} must be a whole number of at least {minimum}, got {value!r}",
+                                fix=f"pass e.g. {name}={example}")
+    return int(value)
+
+
+def _grid_shape(shape: Any, what: str, *, min_axes: int) -> Tuple[int, ...]:
+    """``shape`` as a tuple of at least ``min_axes`` positive whole numbers."""
+    try:
+        out = tuple(int(n) for n in shape)
+        ok = len(out) >= min_axes and all(n >= 1 and n == m for n, m in zip(out, shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidInputError(f"{what} takes a shape of {min_axes} or more positive whole numbers, got {shape!r}",
+                                fix="pass the image's shape, e.g. image.shape (not the image itself)")
+    return out
+
+
 def window_to_limits(width: float, level: float) -> Tuple[float, float]:
     """Turn a (width, level) window into ``(low, high)`` contrast limits: level ∓ width / 2.
+
+    Args:
+        width: the window width (> 0), in the image's unit (HU for CT).
+        level: the window's centre, in the same unit.
+
+    Returns:
+        ``(low, high)`` as floats.
+
+    Raises:
+        InvalidInputError: a value that is not a finite number, or a width of 0 or less.
 
     Example:
         >>> window_to_limits(80, 40)
         (0.0, 80.0)
     """
-    w, lv = float(width), float(level)
+    w, lv = _number(width, "the window width", "width=80"), _number(level, "the window level", "level=40")
     if not (np.isfinite(w) and np.isfinite(lv)) or w <= 0:
         raise InvalidInputError(f"a window needs a finite positive width and a finite level, got ({width}, {level})",
                                 fix="pass e.g. width=80, level=40 (the brain window)")
@@ -83,7 +148,19 @@ def window_to_limits(width: float, level: float) -> Tuple[float, float]:
 
 
 def limits_to_window(low: float, high: float) -> Tuple[float, float]:
-    """Inverse of :func:`window_to_limits`: ``(width, level)``."""
+    """Inverse of :func:`window_to_limits`: ``(width, level)``.
+
+    Args:
+        low: the lower contrast limit.
+        high: the upper contrast limit (above ``low``).
+
+    Returns:
+        ``(width, level)`` as floats.
+
+    Raises:
+        InvalidInputError: a value that is not a number, or ``high <= low``.
+    """
+    low, high = _number(low, "the low limit", "low=0"), _number(high, "the high limit", "high=80")
     if not high > low:
         raise InvalidInputError(f"contrast limits must have high > low, got ({low}, {high})", fix="swap or widen them")
     return (float(high) - float(low), (float(high) + float(low)) / 2.0)
@@ -95,6 +172,13 @@ def check_ct_window(modality: Optional[str], unit: Optional[str]) -> None:
     Allowed: any image in HU, and CT or unlabelled images whose unit is unknown (a CT NIfTI carries no unit).
     Refused: PET/SPECT/MR and images in another physical unit (SUV, Bq/mL, counts), where an HU window such as
     bone (-700..1300) would hide the whole image.
+
+    Args:
+        modality: the image's modality (any name :func:`medfuse.volume.normalise_modality` takes), or None.
+        unit: the image's unit (one of :data:`medfuse.volume.UNITS`), or None.
+
+    Raises:
+        InvalidInputError: the image is not one an HU window fits.
     """
     if unit == "HU":
         return
@@ -112,8 +196,17 @@ def window_precision(width: float) -> Tuple[float, int]:
     """``(step, decimals)`` for editing a window of this width: about 3 significant digits.
 
     Example: a CT window (80 HU) gives ``(1.0, 1)``; an MR scaled 0..1 (width 0.7) gives ``(0.01, 3)``.
+
+    Args:
+        width: the window width (its sign is ignored; 0 or not finite gives ``(1.0, 1)``).
+
+    Returns:
+        ``(step, decimals)``: the spin box step and the number of decimals to show.
+
+    Raises:
+        InvalidInputError: ``width`` is not a number.
     """
-    w = abs(float(width))
+    w = abs(_number(width, "the window width", "80"))
     if not np.isfinite(w) or w == 0:
         return (1.0, 1)
     mag = int(np.floor(np.log10(w)))
@@ -126,11 +219,23 @@ def slider_range(array: Any, limits: Tuple[float, float], *, max_samples: int = 
     Why: napari makes the slider range of a layer equal to the contrast limits it was opened with, so a CT opened
     in the brain window (0..80 HU) could not be dragged to bone or lung. Larger arrays are subsampled with a fixed
     stride (the extremes of a slider need not be exact).
+
+    Args:
+        array: the image (a NumPy array, or a :class:`Volume`).
+        limits: the current ``(low, high)`` contrast limits.
+        max_samples: (keyword-only) subsample larger arrays with a fixed stride.
+
+    Returns:
+        ``(low, high)``: the smaller of ``limits[0]`` and the image's finite minimum, the larger of ``limits[1]``
+        and its finite maximum.
+
+    Raises:
+        InvalidInputError: the image is not numeric (a path: load it first), a single value, ``limits`` are not two
+            numbers, or ``max_samples`` is not a whole number of 1 or more.
     """
-    if isinstance(array, Volume):
-        array = array.array
-    lo, hi = float(limits[0]), float(limits[1])
-    flat = np.asarray(array).ravel()
+    flat = _image_voxels(array, "slider_range").ravel()
+    lo, hi = _pair(limits, "limits")
+    max_samples = _whole(max_samples, "max_samples", minimum=1, example=2_000_000)
     if flat.size > max_samples:
         flat = flat[:: int(np.ceil(flat.size / max_samples))]
     if np.issubdtype(flat.dtype, np.floating) or np.issubdtype(flat.dtype, np.complexfloating):
@@ -152,10 +257,15 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
 
     Returns:
         ``(low, high)`` with ``high > low`` (widened by 1 for a constant image, by 1 ppm for one beyond 10^6).
+
+    Raises:
+        InvalidInputError: the image is not numeric (a path: load it first), a single value, or has no finite
+            voxel; percentiles that are not numbers with ``0 <= low < high <= 100``; ``max_samples`` not a whole
+            number of 1 or more.
     """
-    if isinstance(array, Volume):
-        array = array.array
-    a = np.asarray(array)
+    a = _image_voxels(array, "percentile_limits")
+    low, high = _number(low, "low", "low=1"), _number(high, "high", "high=99.5")
+    max_samples = _whole(max_samples, "max_samples", minimum=1, example=2_000_000)
     if not 0 <= low < high <= 100:
         raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})",
                                 fix="e.g. low=1, high=99.5")
@@ -186,6 +296,12 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
         volume: the volume.
         overlay: True for a functional layer shown over an anatomical base: ``additive`` blending, opacity 0.6.
         window: CT preset name from :data:`CT_WINDOWS`.
+
+    Returns:
+        The :class:`DisplaySettings` (``as_kwargs()`` for ``napari.Viewer.add_image``).
+
+    Raises:
+        InvalidInputError: ``volume`` is not a Volume, or an unknown ``window``.
     """
     if not isinstance(volume, Volume):
         raise InvalidInputError("display_settings needs a medfuse Volume", fix="wrap the array: medfuse.Volume(array, affine)")
@@ -205,7 +321,19 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
 
 
 def checkerboard_mask(shape: Tuple[int, ...], *, tile: int = 16) -> np.ndarray:
-    """Boolean mask of alternating ``tile``-voxel squares over the last two axes (compare mode)."""
+    """Boolean mask of alternating ``tile``-voxel squares over the last two axes (compare mode).
+
+    Args:
+        shape: the image's shape (two or more axes).
+        tile: (keyword-only) the side of a square in voxels (1 or more).
+
+    Returns:
+        A boolean array of ``shape``, True on the squares of the first image.
+
+    Raises:
+        InvalidInputError: a shape that is not two or more positive whole numbers, or ``tile < 1``.
+    """
+    shape = _grid_shape(shape, "checkerboard_mask", min_axes=2)
     if tile < 1:
         raise InvalidInputError("checkerboard tile must be >= 1", fix="pass tile=1 or more")
     rows = (np.arange(shape[-2]) // tile)[:, None]
@@ -214,9 +342,21 @@ def checkerboard_mask(shape: Tuple[int, ...], *, tile: int = 16) -> np.ndarray:
 
 
 def curtain_mask(shape: Tuple[int, ...], *, position: float = 0.5) -> np.ndarray:
-    """Boolean mask that is True left of ``position`` (0-1 along the last axis), for swipe/curtain mode."""
+    """Boolean mask that is True left of ``position`` (0-1 along the last axis), for swipe/curtain mode.
+
+    Args:
+        shape: the image's shape (one or more axes).
+        position: (keyword-only) where the curtain is, as a fraction (0..1) of the last axis.
+
+    Returns:
+        A boolean array of ``shape``, True before the curtain.
+
+    Raises:
+        InvalidInputError: a shape that is not positive whole numbers, or a position outside 0..1.
+    """
     if not 0.0 <= position <= 1.0:
         raise InvalidInputError(f"curtain position {position} is outside 0-1", fix="pass a fraction between 0 and 1")
+    shape = _grid_shape(shape, "curtain_mask", min_axes=1)
     cols = np.arange(shape[-1]) < round(position * shape[-1])
     return np.broadcast_to(cols, tuple(shape)).copy()
 
@@ -289,7 +429,10 @@ def _centre(volume: Volume, center_world: Optional[Sequence[float]]) -> np.ndarr
             raise InvalidInputError("the volume has no voxel value to show (all NaN)",
                                     fix="check the data, or pass center_world") from e
         return volume.index_to_world(np.asarray(np.unravel_index(flat, arr.shape), dtype=float))
-    c = np.asarray(center_world, dtype=float).reshape(-1)
+    try:
+        c = np.asarray(center_world, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        c = np.full(1, np.nan)  # not numbers: refused below
     if c.shape != (3,) or not np.all(np.isfinite(c)):
         raise InvalidInputError(f"the slice point must be 3 finite LPS mm coordinates, got {center_world!r}",
                                 fix="pass (x, y, z) in LPS mm, e.g. volume.center")
@@ -334,7 +477,7 @@ def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = 
     if np.iscomplexobj(volume.array):
         raise InvalidInputError(f"complex voxels ({volume.dtype}) cannot be shown",
                                 fix="show the magnitude: volume.with_array(numpy.abs(volume.array))")
-    step = _default_step(volume) if mm_per_pixel is None else float(mm_per_pixel)
+    step = _default_step(volume) if mm_per_pixel is None else _number(mm_per_pixel, "mm_per_pixel", "0.5")
     if not (np.isfinite(step) and step > 0):
         raise InvalidInputError(f"mm_per_pixel must be a positive number, got {mm_per_pixel!r}", fix="e.g. 0.5")
     centre = _centre(volume, center_world)
@@ -381,9 +524,14 @@ def orthogonal_snapshot(volume: Volume, center_world: Optional[Sequence[float]] 
     Returns:
         ``uint8`` array ``(height, width)``: axial, coronal, sagittal from left to right, vertically centred.
         Outside the volume is black. Save it with ``PIL.Image.fromarray(a).save("x.png")``.
+
+    Raises:
+        InvalidInputError: as :func:`orthogonal_slices`, ``limits`` that are not two numbers with
+            ``high > low``, or a ``gap`` that is not a whole number of 0 or more.
     """
+    gap = _whole(gap, "gap", minimum=0, example=8)
     panels = orthogonal_slices(volume, center_world, mm_per_pixel=mm_per_pixel)
-    lo, hi = limits if limits is not None else percentile_limits(volume.array, low=0.5, high=99.5)
+    lo, hi = _pair(limits, "limits") if limits is not None else percentile_limits(volume.array, low=0.5, high=99.5)
     if not hi > lo:
         raise InvalidInputError(f"grey limits must have high > low, got ({lo}, {hi})", fix="swap or widen them")
     grey = [_to_uint8(p.image, lo, hi) for p in panels.values()]

@@ -72,7 +72,14 @@ class UnsupportedDataError(MedfuseError):
 
 
 class MultipleSeriesError(MedfuseError):
-    """A folder holds several series (or a series several volumes) and none was chosen."""
+    """A folder holds several series (or a series several volumes) and none was chosen.
+
+    Args:
+        problem: what is wrong, in one sentence.
+        choices: the series (or volumes) to choose from, kept in :attr:`choices` for a caller to offer.
+        fix: how the user can fix it.
+        path: the file or folder concerned, if any.
+    """
 
     def __init__(self, problem: str, *, choices=(), fix: Optional[str] = None, path=None):
         self.choices = list(choices)
@@ -104,7 +111,12 @@ class WeightsError(MedfuseError):
 
 
 class CancelledError(MedfuseError):
-    """A long operation was cancelled through its cancel token."""
+    """A long operation was cancelled through its cancel token.
+
+    Args:
+        problem: what was cancelled (default: "the operation was cancelled").
+        **kw: ``fix`` and ``path``, as :class:`MedfuseError` takes them.
+    """
 
     def __init__(self, problem: str = "the operation was cancelled", **kw):
         super().__init__(problem, **kw)

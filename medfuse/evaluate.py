@@ -29,7 +29,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -198,6 +198,11 @@ def _items(source, *, pair_types=None) -> Tuple[List[_Item], bool]:
 
     if isinstance(source, (str, os.PathLike)):
         return _unique_names(_harvard_items(list_pairs(source, pair_types=pair_types))), True
+    if isinstance(source, (bytes, Mapping)) or _is_volume(source) or not hasattr(source, "__iter__"):
+        # Why: None or a number failed with "'NoneType' object is not iterable", a Volume was iterated.
+        raise InvalidInputError(f"evaluate takes a folder or a list of pairs, got a {type(source).__name__}",
+                                fix="pass a Harvard-layout folder, or pairs such as [(mr, pet)] or "
+                                    "[{'name': 's1', 'inputs': (mr, pet)}]")
     seq = list(source)
     if not seq:
         raise InvalidInputError("nothing to evaluate: the list of pairs is empty", fix="pass a folder or some pairs")
@@ -388,7 +393,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     Raises:
         InvalidInputError: unknown method/metric/mode, no metric named (an empty list), a metric
             ``mode="native"`` lacks (volumes), nothing to evaluate, two pairs given the same explicit name,
-            ``device`` is a GPU this machine lacks (with ``"network"``), ``out_dir`` is a file, or an output
+            ``device`` is a GPU this machine lacks (with ``"network"``), ``source``, ``methods`` or ``out_dir``
+            of the wrong type, ``out_dir`` is a file, or an output
             would write over an input file (refused even with ``overwrite``), a mask file or Volume for
             2-D pairs.
         UnreadableFileError: the mask file cannot be read.
@@ -402,6 +408,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     from .io._atomic import atomic_write_text
     from .metrics import METRICS, score
 
+    if not isinstance(methods, str) and not hasattr(methods, "__iter__"):
+        raise InvalidInputError(f"methods must be method names, got a {type(methods).__name__}",
+                                fix="pass e.g. methods=['max', 'gff'] or methods='network'")
     methods = [str(m).lower() for m in ([methods] if isinstance(methods, str) else methods)]
     bad = [m for m in methods if m not in available_methods()]
     if not methods or bad:
@@ -418,6 +427,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
 
         # As `medfuse fuse`: a GPU this machine lacks is bad input (exit 2), not one failure per item.
         check_network_device("network", device)
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise InvalidInputError(f"out_dir must be a folder path, got {type(out_dir).__name__}",
+                                fix="pass out_dir='eval' (created if missing)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidInputError("the output folder is a file", fix="choose another --out (a folder)", path=out)
@@ -623,11 +635,25 @@ def _json(result: EvaluationResult, source, methods, options, mask=None) -> Dict
     }
 
 
-def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
+                 metrics: Sequence[str] = SUMMARY_METRICS) -> str:
     """A Markdown table of the means: one row per method and pair type.
 
     A mean over fewer images than the row's n (values that were not finite) shows its count: ``30.125 (n=2)``.
+
+    Args:
+        means: :attr:`EvaluationResult.means`.
+        metrics: (keyword-only) the columns, in order; a metric no row has is left out.
+
+    Returns:
+        The table, one line per row, without a final newline.
+
+    Raises:
+        InvalidInputError: ``means`` is not a mapping.
     """
+    if not isinstance(means, Mapping):
+        raise InvalidInputError(f"format_table takes the means of an evaluation, got a {type(means).__name__}",
+                                fix="pass result.means (or call result.table())")
     cols = [m for m in metrics if any(m in v for g in means.values() for v in g.values())]
     lines = ["| Method | Pair | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for method, groups in means.items():
@@ -645,7 +671,14 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], metrics: Sequence[
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``medfuse evaluate``'s options to ``parser`` (the CLI calls this)."""
+    """Add ``medfuse evaluate``'s options to ``parser`` (the CLI calls this).
+
+    Args:
+        parser: the ``argparse`` parser (or sub-parser) of ``medfuse evaluate``.
+
+    Returns:
+        ``parser``, with the options added.
+    """
     parser.add_argument("source", nargs="?", default=None,
                         help="Harvard-layout folder (<root>/<PAIR>/{MRI,CT|PET|SPECT}/*.png) or one <PAIR> folder")
     parser.add_argument("--pair", nargs="+", action="append", metavar="IMAGE", default=None,
@@ -684,8 +717,16 @@ def _csv_list(s: Optional[str]) -> Optional[List[str]]:
 def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     """Run ``medfuse evaluate`` from parsed arguments; return the exit code (0 ok, 1 items skipped).
 
-    ``quiet`` (or ``args.quiet``, ``-q``) prints only errors: the skipped items, on stderr.
-    Bad input raises :class:`~medfuse.errors.MedfuseError` (the CLI prints it and exits 2).
+    Args:
+        args: the namespace :func:`add_arguments`'s options parse into.
+        quiet: (keyword-only) print only errors (as ``args.quiet``, ``-q``, does): the skipped items, on stderr.
+
+    Returns:
+        The exit code: 0 when every item was scored, 1 when some were skipped.
+
+    Raises:
+        MedfuseError: bad input (the CLI prints it and exits 2), e.g. InvalidInputError for both or neither of
+            a folder and ``--pair``.
     """
     from .harvard import list_pairs, training_split
 

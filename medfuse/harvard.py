@@ -42,8 +42,18 @@ _NAME = re.compile(r"^(\d+?)(\d{3})\.png$", re.IGNORECASE)
 
 
 def case_id(filename: str | os.PathLike) -> int:
-    """Case number from a Harvard file name: ``28010.png`` -> 28, ``2013.png`` -> 2."""
-    m = _NAME.match(Path(filename).name)
+    """Case number from a Harvard file name: ``28010.png`` -> 28, ``2013.png`` -> 2.
+
+    Args:
+        filename: the file's name or path.
+
+    Returns:
+        The case number.
+
+    Raises:
+        InvalidInputError: not a path, or not a Harvard slice name.
+    """
+    m = _NAME.match(_path(filename, "filename").name)
     if m is None:
         raise InvalidInputError(
             f"{Path(filename).name!r} is not a Harvard slice name (case digits then a 3-digit slice, .png)",
@@ -54,7 +64,15 @@ def case_id(filename: str | os.PathLike) -> int:
 
 @dataclass(frozen=True)
 class HarvardPair:
-    """One aligned pair: the MRI and the CT/PET/SPECT image of the same slice."""
+    """One aligned pair: the MRI and the CT/PET/SPECT image of the same slice.
+
+    Attributes:
+        pair_type: the pair folder's name, e.g. ``"CT-MRI"``.
+        modality: ``"CT"``, ``"PET"`` or ``"SPECT"``.
+        name: the file name both images share.
+        mri: the MRI image's path.
+        other: the CT/PET/SPECT image's path.
+    """
 
     pair_type: str  # folder name, e.g. "CT-MRI"
     modality: str  # "CT", "PET" or "SPECT"
@@ -64,12 +82,42 @@ class HarvardPair:
 
     @property
     def case(self) -> int:
+        """The case number (:func:`case_id` of :attr:`name`)."""
         return case_id(self.name)
 
     @property
     def key(self) -> str:
         """``"<pair_type>/<stem>"``: unique within a Harvard root."""
         return f"{self.pair_type}/{Path(self.name).stem}"
+
+
+def _path(value, what: str) -> Path:
+    """``value`` as a Path, or InvalidInputError saying what to pass."""
+    from .io import _as_path
+
+    return _as_path(value, what=what, fix=f"pass {what} as a str or pathlib.Path")
+
+
+def _pair_list(pairs) -> List["HarvardPair"]:
+    """``pairs`` as a list of HarvardPair (a folder path would be split letter by letter)."""
+    if isinstance(pairs, (str, bytes, os.PathLike)) or not hasattr(pairs, "__iter__"):
+        raise InvalidInputError(f"expected a list of HarvardPair, got {type(pairs).__name__}",
+                                fix="list them first: medfuse.harvard.list_pairs(root)")
+    pairs = list(pairs)
+    if not all(isinstance(p, HarvardPair) for p in pairs):
+        raise InvalidInputError("expected a list of HarvardPair, got other items in it",
+                                fix="list them with medfuse.harvard.list_pairs(root)")
+    return pairs
+
+
+def _check_split(val_fraction, seed) -> None:
+    """A split's options: a fraction in (0, 1) and a whole-number seed (a text or None seed splits silently)."""
+    number = isinstance(val_fraction, (int, float, np.integer, np.floating)) and not isinstance(val_fraction, bool)
+    if not number or not 0.0 < val_fraction < 1.0:
+        shown = val_fraction if number else type(val_fraction).__name__
+        raise InvalidInputError(f"val_fraction must be a number in (0, 1), got {shown}", fix="use e.g. 0.2")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidInputError(f"seed must be a whole number, got {type(seed).__name__}", fix="use e.g. seed=0")
 
 
 def _pairs_in(folder: Path) -> List[HarvardPair]:
@@ -89,10 +137,24 @@ def _pairs_in(folder: Path) -> List[HarvardPair]:
 def list_pairs(root: str | os.PathLike, *, pair_types: Optional[Iterable[str]] = None) -> List[HarvardPair]:
     """All pairs under a Harvard root (or one pair-type folder), sorted by pair type then name.
 
+    Args:
+        root: the Harvard root (``<root>/<PAIR>/{MRI, CT|PET|SPECT}/*.png``) or one ``<PAIR>`` folder.
+        pair_types: keep only these pair types or modalities (``["CT-MRI"]``, ``["PET", "SPECT"]``); None: all.
+
+    Returns:
+        The pairs, sorted by pair type then name.
+
     Raises:
         UnreadableFileError: ``root`` is not a folder or holds no pairs.
+        InvalidInputError: ``root`` is not a path, or ``pair_types`` is not a list of names.
     """
-    root = Path(root)
+    root = _path(root, "root")
+    if pair_types is not None and not isinstance(pair_types, (str, bytes)) and hasattr(pair_types, "__iter__"):
+        pair_types = list(pair_types)  # a generator is read once, here
+    if pair_types is not None and (not isinstance(pair_types, list) or not all(isinstance(t, str) for t in pair_types)):
+        # A bare "CT-MRI" would be read letter by letter and match nothing.
+        raise InvalidInputError("pair_types takes a list of pair types or modalities",
+                                fix="pass e.g. pair_types=['CT-MRI'] or ['PET', 'SPECT']")
     if not root.is_dir():
         raise UnreadableFileError("not a folder", fix="pass a folder laid out as <PAIR>/{MRI,CT|PET|SPECT}/*.png", path=root)
     pairs = _pairs_in(root)
@@ -115,8 +177,21 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
 
     16-bit grey files are brought to 8 bits by their type's range (65535 -> 255, as image tools convert
     them), not clipped at 255: the fusion metrics and their published tables are on the 0..255 scale.
+
+    Args:
+        path: the PNG file.
+
+    Returns:
+        The pixels as ``uint8``.
+
+    Raises:
+        InvalidInputError: ``path`` is not a path.
+        UnreadableFileError: the file is missing or not a readable image.
+        UnsupportedDataError: values outside 0..65535.
     """
     from PIL import Image, UnidentifiedImageError
+
+    path = _path(path, "path")
 
     try:
         with Image.open(path) as im:
@@ -139,7 +214,19 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_gray(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG as grey float64 in 0–255 (colour through OpenCV's BGR→GRAY formula, rounded)."""
+    """Read a PNG as grey float64 in 0–255 (colour through OpenCV's BGR→GRAY formula, rounded).
+
+    Args:
+        path: the PNG file.
+
+    Returns:
+        The grey image, ``(H, W)`` float64.
+
+    Raises:
+        InvalidInputError: ``path`` is not a path.
+        UnreadableFileError: the file is missing or not a readable image.
+        UnsupportedDataError: values outside 0..65535.
+    """
     from .fusion.color import rgb_to_gray
 
     img = load_png(path)
@@ -147,7 +234,21 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_pair(pair: HarvardPair) -> Tuple[np.ndarray, np.ndarray]:
-    """``(mri, other)`` as read by :func:`load_png` (``other`` may be RGB ``uint8``)."""
+    """``(mri, other)`` as read by :func:`load_png` (``other`` may be RGB ``uint8``).
+
+    Args:
+        pair: a pair from :func:`list_pairs`.
+
+    Returns:
+        ``(mri, other)``, ``uint8``.
+
+    Raises:
+        InvalidInputError: ``pair`` is not a :class:`HarvardPair`, or its images differ in size.
+        UnreadableFileError: an image is missing or unreadable.
+    """
+    if not isinstance(pair, HarvardPair):
+        raise InvalidInputError(f"load_pair takes a HarvardPair, got {type(pair).__name__}",
+                                fix="take the pairs from medfuse.harvard.list_pairs(root)")
     mri, other = load_png(pair.mri), load_png(pair.other)
     if mri.shape[:2] != other.shape[:2]:
         raise InvalidInputError(
@@ -165,12 +266,20 @@ def split_by_case(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, se
     while some pair type it occurs in has fewer than ``val_fraction`` of its pairs
     there (at least one case per pair type when possible).
 
+    Args:
+        pairs: the pairs, as :func:`list_pairs` gives them.
+        val_fraction: the share of each pair type's pairs to hold out, in (0, 1).
+        seed: the order's seed.
+
     Returns:
         ``(train, validation)``, each in the input order.
+
+    Raises:
+        InvalidInputError: ``pairs`` is not a list of :class:`HarvardPair`, ``val_fraction`` not in (0, 1), or
+            ``seed`` not a whole number.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}", fix="use e.g. 0.2")
-    pairs = list(pairs)
+    pairs = _pair_list(pairs)
+    _check_split(val_fraction, seed)
     cases = sorted({p.case for p in pairs})
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     totals: dict = {}
@@ -199,8 +308,17 @@ def case_of(name: str | os.PathLike) -> str:
     """Case of a Harvard file name as ``medfuse train`` keys it: ``28010.png`` -> ``"28"``.
 
     Unlike :func:`case_id` it accepts any name (a name of three characters or fewer is its own case).
+
+    Args:
+        name: the file's name or path.
+
+    Returns:
+        The case, as text.
+
+    Raises:
+        InvalidInputError: ``name`` is not a path.
     """
-    stem = Path(name).stem
+    stem = _path(name, "name").stem
     return stem[:-3] or stem
 
 
@@ -224,10 +342,20 @@ def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
 
     Args:
         pairs: ``{pair type: [(mri path, other path), ...]}``.
+        seed: the shuffle's seed (with the pair type).
+        val_fraction: the share of each pair type's cases to hold out, in (0, 1).
 
     Returns:
         ``(train, validation)``, each ``{pair type: [(mri, other), ...]}`` in the input order.
+
+    Raises:
+        InvalidInputError: ``pairs`` is not such a dict, ``val_fraction`` not in (0, 1), or ``seed`` not a whole
+            number.
     """
+    if not isinstance(pairs, dict):
+        raise InvalidInputError(f"split_cases takes {{pair type: [(mri, other), ...]}}, got {type(pairs).__name__}",
+                                fix="for a list of HarvardPair use training_split(pairs)")
+    _check_split(val_fraction, seed)
     train, val = {}, {}
     for ptype, items in pairs.items():
         vset = _val_cases((a.name for a, _ in items), ptype, seed=seed, val_fraction=val_fraction)
@@ -243,10 +371,20 @@ def training_split(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, s
     Each pair type is split over all of its pairs in ``pairs``; pass every pair of a type (as
     :func:`list_pairs` gives them) to get the cases the network was trained and validated on.
 
+    Args:
+        pairs: the pairs, as :func:`list_pairs` gives them.
+        val_fraction: the share of each pair type's cases to hold out, in (0, 1).
+        seed: the shuffle's seed (with the pair type).
+
     Returns:
         ``(train, validation)``, each in the input order.
+
+    Raises:
+        InvalidInputError: ``pairs`` is not a list of :class:`HarvardPair`, ``val_fraction`` not in (0, 1), or
+            ``seed`` not a whole number.
     """
-    pairs = list(pairs)
+    pairs = _pair_list(pairs)
+    _check_split(val_fraction, seed)
     vsets = {t: _val_cases((p.name for p in pairs if p.pair_type == t), t, seed=seed, val_fraction=val_fraction)
              for t in dict.fromkeys(p.pair_type for p in pairs)}
     train = [p for p in pairs if case_of(p.name) not in vsets[p.pair_type]]

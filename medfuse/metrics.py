@@ -136,6 +136,13 @@ def _as_float(x, name: str) -> np.ndarray:
             f"{name} is a masked array, whose mask NumPy would drop (the masked-out pixels would be scored as image)",
             fix="pass the region as mask=~np.ma.getmaskarray(x) with the data np.ma.getdata(x) (score(..., mask=)), "
             "or crop every image to the region's bounding box")
+    from .volume import Volume
+
+    if isinstance(x, Volume):
+        # Before np.asarray, which gives a Volume's voxels: the metrics have no grid to check the sources against
+        # and expect 0..255 (a fused Volume is 0..1).
+        raise InvalidInputError(f"{name} is a {type(x).__name__}, not an array",
+                                fix="pass its voxels, x.array, scaled to 0..255, with the sources on its grid")
     try:
         a = np.asarray(x)
     except Exception as e:  # noqa: BLE001 - anything that is not array-like
@@ -143,14 +150,14 @@ def _as_float(x, name: str) -> np.ndarray:
                "bfloat16 has no NumPy view)" if hasattr(x, "detach") else "pass a NumPy array")
         raise InvalidInputError(f"{name} is not an array NumPy can read ({type(x).__name__})", fix=fix) from e
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        if hasattr(x, "array") and hasattr(x, "affine"):  # a medfuse Volume: the metrics take its voxels
-            raise InvalidInputError(f"{name} is a {type(x).__name__}, not an array",
-                                    fix="pass its voxels, x.array, scaled to 0..255, with the sources on its grid")
         raise InvalidInputError(f"{name} must be numeric, got dtype {a.dtype}", fix="pass a numeric NumPy array")
     if np.iscomplexobj(a):
         raise InvalidInputError(f"{name} is complex", fix="pass a real-valued image (e.g. its magnitude)")
     if a.size == 0:
         raise InvalidInputError(f"{name} is empty (shape {a.shape})", fix="pass the image itself, not an empty array")
+    if a.ndim == 0:  # why: en(5) gave 0.0 bits and sd(5) 0.0, scores of no image
+        raise InvalidInputError(f"{name} is a single number ({a.item()!r}), not an image",
+                                fix="pass the image's array (e.g. fused.array[:, :, k] for a slice of a Volume)")
     a = a.astype(np.float64, copy=False)
     if not np.all(np.isfinite(a)):
         raise InvalidInputError(
@@ -452,6 +459,19 @@ def en(fused, *, mask=None) -> float:
     """Shannon entropy (bits) of the 256-bin histogram of ``uint8(round(F))`` (values clipped to 0..255).
 
     With ``mask``, the histogram of the pixels inside it.
+    
+    Args:
+        fused: the fused image ``F`` on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The entropy in bits, 0..8.
+
+    Raises:
+        InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
+            is empty or holds NaN/inf; the mask has another shape,
+            values other than 0/1, or selects nothing.
     """
     f = _as_float(fused, "the fused image")
     m = _metric_mask(mask, f, windows=False, what="EN")
@@ -462,7 +482,21 @@ def en(fused, *, mask=None) -> float:
 
 
 def sd(fused, *, mask=None) -> float:
-    """Population standard deviation of ``F`` (of its pixels inside ``mask``)."""
+    """Population standard deviation of ``F`` (of its pixels inside ``mask``).
+
+    Args:
+        fused: the fused image ``F`` on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The standard deviation, in ``F``'s units.
+
+    Raises:
+        InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
+            is empty or holds NaN/inf; the mask has another shape,
+            values other than 0/1, or selects nothing.
+    """
     f = _as_float(fused, "the fused image")
     return float(np.std(_in(f, _metric_mask(mask, f, windows=False, what="SD"))))
 
@@ -472,6 +506,19 @@ def sf(fused, *, mask=None) -> float:
 
     With ``mask``, each mean is over the differences whose two pixels both lie inside it (the step from the
     region to the background is no detail of the region); NaN when no two neighbours along an axis are inside.
+    
+    Args:
+        fused: the fused image ``F`` on the 0..255 scale (any real dtype; CPU torch tensors are taken), 2-D.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The spatial frequency, in ``F``'s units per pixel (NaN: see above).
+
+    Raises:
+        InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
+            is empty or holds NaN/inf, is not 2-D or is under 2 pixels a side; the mask has another shape,
+            values other than 0/1, or selects nothing.
     """
     f = _as_image2d(fused)
     m = _metric_mask(mask, f, windows=True, what="SF")
@@ -483,7 +530,20 @@ def sf(fused, *, mask=None) -> float:
 
 def ag(fused, *, mask=None) -> float:
     """Average gradient: mean of ``sqrt((Gx^2 + Gy^2) / 2)`` (2-D); with ``mask``, the mean over its pixels
-    of the gradients computed on the whole image."""
+    of the gradients computed on the whole image.
+    Args:
+        fused: the fused image ``F`` on the 0..255 scale (any real dtype; CPU torch tensors are taken), 2-D.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The average gradient, in ``F``'s units per pixel.
+
+    Raises:
+        InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
+            is empty or holds NaN/inf, is not 2-D or is under 2 pixels a side; the mask has another shape,
+            values other than 0/1, or selects nothing.
+    """
     f = _as_image2d(fused)
     m = _metric_mask(mask, f, windows=True, what="AG")
     # np.gradient: central differences inside, one-sided at the borders -- the definition.
@@ -508,6 +568,20 @@ def mi(fused, *sources, mask=None) -> float:
     """Sum over sources of the mutual information (nats) between raw pixel values (inside ``mask``).
 
     Meant for whole-number images (8-bit, as saved); warns on continuous values, where MI counts distinct values.
+    
+    Args:
+        fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The summed mutual information in nats (0 or more).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or 3-D or empty; the mask
+            has another shape, values other than 0/1, or selects nothing.
     """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
     m = _metric_mask(mask, f, windows=False, what="MI")
@@ -517,7 +591,22 @@ def mi(fused, *sources, mask=None) -> float:
 
 
 def scd(fused, *sources, mask=None) -> float:
-    """Sum of the correlations of differences: ``sum_i corr(S_i, F - sum_{j != i} S_j)`` (inside ``mask``)."""
+    """Sum of the correlations of differences: ``sum_i corr(S_i, F - sum_{j != i} S_j)`` (inside ``mask``).
+
+    Args:
+        fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The summed correlations, -2..2 for two sources (-3..3 for three).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or 3-D or empty; the mask
+            has another shape, values other than 0/1, or selects nothing.
+    """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
     m = _metric_mask(mask, f, windows=False, what="SCD")
     total = sum(srcs)
@@ -525,7 +614,22 @@ def scd(fused, *sources, mask=None) -> float:
 
 
 def cc(fused, *sources, mask=None) -> float:
-    """Mean over sources of the correlation coefficient with ``F`` (of the pixels inside ``mask``)."""
+    """Mean over sources of the correlation coefficient with ``F`` (of the pixels inside ``mask``).
+
+    Args:
+        fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The mean correlation coefficient, -1..1.
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or 3-D or empty; the mask
+            has another shape, values other than 0/1, or selects nothing.
+    """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
     m = _metric_mask(mask, f, windows=False, what="CC")
     return float(np.mean([_corr(_in(s, m), _in(f, m)) for s in srcs]))
@@ -536,6 +640,20 @@ def psnr(fused, *sources, mask=None) -> float:
 
     With ``mask``, ``max(F)`` and the MSEs are over the pixels inside it.
     Invariant to one scale factor on every image, not to an offset (``max(F)``).
+    
+    Args:
+        fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        PSNR in dB (inf or -inf in the cases above).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or 3-D or empty; the mask
+            has another shape, values other than 0/1, or selects nothing.
     """
     f, srcs = _check(fused, sources, ndim=None, min_side=1)
     m = _metric_mask(mask, f, windows=False, what="PSNR")
@@ -568,6 +686,20 @@ def ssim(fused, *sources, mask=None) -> float:
 
     With ``mask``, each SSIM map (windows on the whole image) is averaged over the mask's pixels, leaving out,
     as scikit-image does, the 3 pixels along the image's border.
+    
+    Args:
+        fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The summed SSIM: up to 2 for two sources (3 for three).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or 3-D or under 7 pixels a
+            side; the mask has another shape, values other than 0/1, or selects nothing (or no whole 7x7 block).
     """
     f, srcs = _check(fused, sources, ndim=None)
     m = _metric_mask(mask, f, windows=True, what="SSIM")
@@ -579,6 +711,20 @@ def ssim_r2(fused, *sources, mask=None) -> float:
 
     Only for comparing with those tables: on 0..255 images its stabilising constants are almost 0, so it
     is lower than :func:`ssim` and dominated by flat, noisy regions. ``mask`` as in :func:`ssim`.
+    
+    Args:
+        fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The summed SSIM with ``data_range=2``: up to 2 for two sources (3 for three).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or 3-D or under 7 pixels a
+            side; the mask has another shape, values other than 0/1, or selects nothing (or no whole 7x7 block).
     """
     f, srcs = _check(fused, sources, ndim=None)
     m = _metric_mask(mask, f, windows=True, what="SSIM_r2")
@@ -647,6 +793,20 @@ def vif(fused, *sources, mask=None) -> float:
     has no information to preserve (0/0; the reference code's 1 would be a perfect term whatever ``F`` is).
     Slice-wise means and ``medfuse evaluate`` leave a NaN out and count it. Depends on the intensity scale
     (the noise variance 2 is on 0..255).
+    
+    Args:
+        fused: the fused image ``F`` (2-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The summed VIF (NaN in the cases above).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or under 7 pixels a side; the mask
+            has another shape, values other than 0/1, or selects nothing (or no whole 7x7 block).
     """
     f, srcs = _check(fused, sources)
     m = _metric_mask(mask, f, windows=True, what="VIF")
@@ -683,6 +843,20 @@ def qabf(fused, *sources, mask=None) -> float:
     itself, not 1: on whole-number 0..255 images that is 1 or more and so as good as 1, but on the 0..1
     scale it is below 0.5 and those pixels count as lost (0.82x on a max-rule pair), so Qabf depends on the
     scale as well; zero padding makes it depend on an offset too.
+    
+    Args:
+        fused: the fused image ``F`` (2-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        Qabf in 0..1 (NaN in the case above).
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or under 7 pixels a side; the mask
+            has another shape, values other than 0/1, or selects nothing (or no whole 7x7 block).
     """
     f, srcs = _check(fused, sources)
     m = _metric_mask(mask, f, windows=True, what="Qabf")
@@ -710,6 +884,20 @@ def fmi(fused, *sources, mask=None) -> float:
     Invariant to one scale factor on every image (the magnitudes are binned relative to their maximum).
     With ``mask``, the gradients are computed on the whole image and the histograms (and the maximum they are
     binned by) taken over the mask's pixels.
+    
+    Args:
+        fused: the fused image ``F`` (2-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        FMI in 0..1.
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or under 7 pixels a side; the mask
+            has another shape, values other than 0/1, or selects nothing (or no whole 7x7 block).
     """
     f, srcs = _check(fused, sources)
     m = _metric_mask(mask, f, windows=True, what="FMI")
@@ -770,6 +958,20 @@ def ms_ssim(fused, *sources, mask=None) -> float:
     With ``mask``, each scale's map is averaged over the windows centred inside the mask, the mask being
     downsampled with the image (a coarse pixel is inside when half or more of its 2x2 block is). NaN when the
     region holds no window centre at some scale (a small region near the border, or one that vanishes).
+    
+    Args:
+        fused: the fused image ``F`` (2-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
+        *sources: the two or three source images, each of ``F``'s shape and scale.
+        mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
+            None (default) for the whole image.
+
+    Returns:
+        The summed MS-SSIM: up to 2 for two sources (3 for three); NaN as above.
+
+    Raises:
+        InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
+            ``vol.array``), shapes that differ, NaN/inf, images that are not 2-D or under 7 pixels a side; the mask
+            has another shape, values other than 0/1, or selects nothing (or no whole 7x7 block).
     """
     f, srcs = _check(fused, sources)
     m = _metric_mask(mask, f, windows=True, what="MS-SSIM")
@@ -785,7 +987,12 @@ _MULTI = {"MI": mi, "SCD": scd, "VIF": vif, "Qabf": qabf, "SSIM": ssim, "PSNR": 
 def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
     if metrics is None:
         return list(allowed)
-    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    try:
+        names = [metrics] if isinstance(metrics, str) else list(metrics)
+    except TypeError:  # why: metrics=5 failed with "'int' object is not iterable"
+        raise InvalidInputError(f"metrics must be metric names, got a {type(metrics).__name__}",
+                                fix=f"pass a name or a list of them, e.g. metrics=['Qabf', 'VIF'] (from "
+                                    f"{', '.join(allowed)})") from None
     if not names:
         raise InvalidInputError("no metric was named (an empty list)",
                                 fix=f"name at least one of {', '.join(allowed)}, or pass metrics=None for all")
@@ -801,6 +1008,17 @@ def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
             )
         out.append(key)
     return out
+
+
+def _fraction(value, name: str, example: str) -> float:
+    """``value`` as a number in 0..1, or a typed error (a string or None failed inside a NumPy comparison)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if isinstance(value, bool) or not 0.0 <= x <= 1.0:
+        raise InvalidInputError(f"{name} must be a fraction from 0 to 1, got {value!r}", fix=f"pass e.g. {example}")
+    return x
 
 
 def _score2d(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], m: Optional[np.ndarray] = None
@@ -825,8 +1043,8 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
             then over planes).
         metrics: metric names to compute (default: all that the mode defines).
         axes: slicewise only: the axes across which slices are taken.
-        min_content: slicewise only: a slice carries content when at least this fraction
-            of its pixels is above the volume's minimum in some source (and, with ``mask``, inside it).
+        min_content: slicewise only: a slice carries content when at least this fraction (0..1, default
+            0.01) of its pixels is above the volume's minimum in some source (and, with ``mask``, inside it).
         mask: a region of interest: a boolean array of the images' shape (0/1 numbers are taken too), or
             None for the whole image. The pixel statistics (EN, SD, MI, SCD, PSNR, CC) are computed on the
             pixels inside it; the window metrics (SF, AG, VIF, Qabf, SSIM, SSIM_r2, MS-SSIM, FMI) on the whole
@@ -840,9 +1058,9 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
 
     Raises:
         InvalidInputError: fewer than two sources, shapes that differ, NaN/inf, images too
-            small, unknown metric or mode; a mask of another shape, with values other than 0/1 or
-            True/False, that selects nothing, or (2-D and native, with a window metric named) that holds no
-            whole 7x7 (7x7x7) block.
+            small, unknown metric or mode, ``metrics`` that are not names, ``min_content`` outside 0..1; a
+            mask of another shape, with values other than 0/1 or True/False, that selects nothing, or (2-D and
+            native, with a window metric named) that holds no whole 7x7 (7x7x7) block.
 
     Example:
         >>> import numpy as np
@@ -852,6 +1070,7 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     """
     if mode not in ("2d", "native", "slicewise"):
         raise InvalidInputError(f"unknown mode {mode!r}", fix="use mode='2d', 'native' or 'slicewise'")
+    min_content = _fraction(min_content, "min_content", "min_content=0.01")
     # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
     names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
     f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3)
@@ -937,7 +1156,17 @@ def anisotropy(fused, sources: Sequence) -> np.ndarray:
     Returns:
         A (3,) array, one value per axis (NaN for an axis when the fused volume has no roughness along the other
         two, e.g. a constant volume).
+
+    Raises:
+        InvalidInputError: ``sources`` is not a list of volumes (unlike the metrics, they come as one list), fewer
+            than two of them, an input that is not a numeric 3-D array of ``fused``'s shape, NaN/inf, or a volume
+            under 7 voxels a side.
     """
+    if not (isinstance(sources, (list, tuple)) or (isinstance(sources, np.ndarray) and sources.ndim == 4)):
+        # Why: None or a number failed in len(), and one volume was taken as a list of its slices.
+        raise InvalidInputError(f"anisotropy takes the sources as one list, got a {type(sources).__name__}"
+                                + (f" of shape {tuple(sources.shape)}" if hasattr(sources, "shape") else ""),
+                                fix="pass anisotropy(fused, [a, b]) (or [a, b, c]), the sources in one list")
     with _scale_checked():  # ratios of roughness: any scale will do
         f, srcs = _check(fused, sources, ndim=3)
 
@@ -962,10 +1191,24 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
     as :func:`score` does, and a slice counts when more than ``min_fraction`` of its pixels are inside the
     mask and non-zero in the first source, and its mask holds a whole 7x7 block.
 
+    Args:
+        fused: the fused volume (3-D), on the 0..1 scale.
+        *sources: the two or three source volumes, of ``fused``'s shape, on the 0..1 scale.
+        step: (keyword-only) score every ``step``-th slice along each axis (a positive whole number).
+        min_fraction: (keyword-only) a slice counts when more than this fraction (0..1) of it is non-zero in the
+            first source (and inside ``mask``).
+        metrics: (keyword-only) names of metrics that compare with the sources (not EN, SD, SF or AG).
+        mask: (keyword-only) a boolean volume of the inputs' shape, or None.
+
     Returns:
         The mean of each named metric, in the order given.
+
+    Raises:
+        InvalidInputError: inputs as :func:`score` refuses them, values off the 0..1 scale, a ``step`` that is
+            not a positive whole number, an unknown or single-image metric, or no slice with enough content.
     """
     names = _names(metrics, METRICS)
+    min_fraction = _fraction(min_fraction, "min_fraction", "min_fraction=0.2")
     try:
         whole = not isinstance(step, bool) and float(step).is_integer() and step >= 1
     except (TypeError, ValueError):

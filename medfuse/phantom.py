@@ -102,7 +102,20 @@ def rigid_matrix(rotation_deg: Sequence[float], translation_mm: Sequence[float],
     """4×4 LPS matrix of an ITK ``Euler3DTransform`` (angles about x, y, z in degrees, ZXY order).
 
     Built through SimpleITK so that the matrix and the ``.tfm`` files agree exactly.
+
+    Args:
+        rotation_deg: ``(rx, ry, rz)``, degrees about x, y and z.
+        translation_mm: ``(tx, ty, tz)``, mm.
+        center: the centre of rotation, LPS mm.
+
+    Returns:
+        The 4×4 matrix (point in -> point out, LPS mm).
+
+    Raises:
+        InvalidInputError: an argument is not three finite numbers.
     """
+    rotation_deg, translation_mm, center = (_three(v, name) for v, name in (
+        (rotation_deg, "rotation_deg"), (translation_mm, "translation_mm"), (center, "center")))
     t = _euler(rotation_deg, translation_mm, center)
     m = np.eye(4)
     m[:3, :3] = np.asarray(t.GetMatrix()).reshape(3, 3)
@@ -110,6 +123,17 @@ def rigid_matrix(rotation_deg: Sequence[float], translation_mm: Sequence[float],
     c = np.asarray(center, dtype=float)
     m[:3, 3] = np.asarray(t.GetTranslation()) + c - m[:3, :3] @ c
     return m
+
+
+def _three(value: Any, name: str) -> np.ndarray:
+    """Three finite numbers, or InvalidInputError naming the argument."""
+    try:
+        v = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v.shape != (3,) or not np.all(np.isfinite(v)):
+        raise InvalidInputError(f"{name} must be three finite numbers (x, y, z)", fix=f"pass e.g. {name}=(0, 0, 0)")
+    return v
 
 
 def _euler(rotation_deg: Sequence[float], translation_mm: Sequence[float], center: Sequence[float]):
@@ -158,6 +182,7 @@ class Phantom:
         lesion_center: lesion centre in MR-space LPS mm, or ``None`` without a lesion.
         lesion_radius_mm: lesion radius (0 without a lesion).
         seed: the subject seed.
+        pet_patient: the PET header facts the samples' DICOM carries (weight, dose, half-life; :data:`PET_PATIENT`).
     """
 
     ct: Volume
@@ -214,9 +239,28 @@ def lesion_contrast(array: np.ndarray, affine: np.ndarray, centre, radius_mm: fl
         affine: 4×4 index-to-LPS matrix of ``array``.
         centre: lesion centre, LPS mm (``Phantom.lesion_center``).
         radius_mm: lesion radius (``Phantom.lesion_radius_mm``).
+
+    Returns:
+        Mean over the core minus mean over the shell, in the volume's unit.
+
+    Raises:
+        InvalidInputError: a Volume given with an affine other than its own, an affine that is not 4×4, a
+            centre that is not three numbers, or a radius that is not a positive number.
     """
-    arr = np.asarray(array, dtype=float)
     aff = np.asarray(affine, dtype=float)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise InvalidInputError("affine must be a finite 4x4 matrix", fix="pass the volume's affine (vol.affine)")
+    if isinstance(array, Volume) and not np.allclose(array.affine, aff, rtol=0, atol=1e-9):
+        # NumPy reads a Volume as its voxels: another affine would measure the lesion somewhere else, silently.
+        raise InvalidInputError("the Volume's own affine differs from the affine given",
+                                fix="pass vol.affine with the Volume, or its voxels (vol.array) with their affine")
+    if isinstance(radius_mm, bool) or not isinstance(radius_mm, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(radius_mm) or radius_mm <= 0:
+        raise InvalidInputError("radius_mm must be a positive number", fix="pass Phantom.lesion_radius_mm")
+    centre = _three(centre, "centre")
+    arr = np.asarray(array, dtype=float)
+    if arr.ndim != 3:
+        raise InvalidInputError(f"array must be 3-D, got {arr.ndim}-D", fix="pass the volume's voxels (vol.array)")
     idx = np.indices(arr.shape).reshape(3, -1).T
     d = np.linalg.norm(idx @ aff[:3, :3].T + aff[:3, 3] - np.asarray(centre, float), axis=1).reshape(arr.shape)
     core, shell = d < 0.6 * radius_mm, (d > 1.5 * radius_mm) & (d < 2.5 * radius_mm)
@@ -238,9 +282,15 @@ def make_phantom(*, seed: int = 0, lesion: bool = True, misalign: Optional[Mappi
 
     Returns:
         A :class:`Phantom`. Equal arguments always give identical voxels.
+
+    Raises:
+        InvalidInputError: a seed that is not a non-negative whole number, ``lesion`` or ``noise`` not True or
+            False, a ``misalign`` that is not a dict of rigid matrices or rotation/translation dicts.
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}", fix="pass seed=0, 1, 2, ...")
+    from .io import _check_flag
+
+    _check_seed(seed)
+    lesion, noise = _check_flag(lesion, "lesion"), _check_flag(noise, "noise")  # lesion="no" is true in Python
     if misalign is not None and not isinstance(misalign, Mapping):
         raise InvalidInputError("misalign must be a dict with keys 'pet' and/or 'spect'",
                                 fix="e.g. misalign={'pet': None} for an aligned PET")
@@ -253,6 +303,13 @@ def make_phantom(*, seed: int = 0, lesion: bool = True, misalign: Optional[Mappi
         mats[name] = _misalign_spec(spec, name)
     key = (int(seed), bool(lesion), bool(noise), mats["pet"].tobytes(), mats["spect"].tobytes())
     return copy.deepcopy(_build_cached(*key))
+
+
+def _check_seed(seed: Any) -> None:
+    """Raise InvalidInputError unless ``seed`` is a non-negative whole number."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        shown = seed if isinstance(seed, (int, np.integer)) else type(seed).__name__
+        raise InvalidInputError(f"seed must be a non-negative integer, got {shown}", fix="pass seed=0, 1, 2, ...")
 
 
 @functools.lru_cache(maxsize=4)
@@ -534,10 +591,16 @@ def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, s
 
     Returns:
         ``{name: path}`` of everything written.
-    """
-    from .io import save
 
-    out = Path(folder)
+    Raises:
+        InvalidInputError: ``folder`` is not a path or is a file, or ``seed`` is not a non-negative whole number.
+        OutputExistsError: sample files exist (without ``overwrite``), or the folder cannot be written.
+    """
+    from .io import _as_path, _check_flag, save
+
+    out = _as_path(folder, what="folder", fix="pass the output folder as a str or pathlib.Path")
+    overwrite = _check_flag(overwrite, "overwrite")
+    _check_seed(seed)  # before the folder is made
     targets = {**{k: out / v for k, v in SAMPLE_FILES.items()},
                "ground_truth": out / "ground_truth.json", "pet_tfm": out / "pet_to_mr.tfm",
                "spect_tfm": out / "spect_to_mr.tfm", "readme": out / "README.md"}
@@ -579,14 +642,21 @@ def load_samples(folder: Optional[Union[str, os.PathLike]] = None) -> Dict[str, 
     Args:
         folder: a folder written by :func:`write_samples`. Default: ``$MEDFUSE_SAMPLES`` or the repository's
             ``sample_volumes``; when neither exists (an installed package), the phantom is built in memory.
+
+    Returns:
+        ``{"ct", "t1", "t2", "pet", "spect"}`` -> :class:`~medfuse.volume.Volume` (PET in SUVbw).
+
+    Raises:
+        InvalidInputError: ``folder`` is not a path.
+        UnreadableFileError: the folder holds no ``ground_truth.json``, or a sample cannot be read.
     """
+    from .io import _as_path, load
+
     if folder is None:
         folder = default_samples_folder()
         if folder is None:
             return make_phantom().volumes
-    from .io import load
-
-    f = Path(folder)
+    f = _as_path(folder, what="folder", fix="pass a folder written by write_samples, or leave it out")
     if not (f / "ground_truth.json").is_file():
         raise UnreadableFileError("this is not a sample-volumes folder (no ground_truth.json)",
                                   fix="regenerate it: python -m medfuse.phantom --write DIR --overwrite", path=f)
@@ -605,12 +675,25 @@ def load_ground_truth(folder: Optional[Union[str, os.PathLike]] = None) -> Dict[
     Keys: ``mr_to_pet``, ``mr_to_spect``, ``mr_to_ct`` (4×4 LPS, MR point -> image point), ``lesion``
     (``center_lps_mm``, ``radius_mm``) and ``pet`` (weight, dose, half-life). Without a folder and without
     bundled files, it is computed from :func:`make_phantom`.
+
+    Args:
+        folder: a folder written by :func:`write_samples`; default as :func:`load_samples`.
+
+    Returns:
+        The ground truth as a dict, matrices and the lesion centre as ``numpy`` arrays.
+
+    Raises:
+        InvalidInputError: ``folder`` is not a path.
+        UnreadableFileError: no ``ground_truth.json`` there, or it is not valid JSON.
     """
+    from .io import _as_path
+
     if folder is None:
         folder = default_samples_folder()
         if folder is None:
             gt = make_phantom().ground_truth()
             return _gt_arrays(gt)
+    folder = _as_path(folder, what="folder", fix="pass a folder written by write_samples, or leave it out")
     path = Path(folder) / "ground_truth.json"
     if not path.is_file():
         raise UnreadableFileError("no ground_truth.json here",
@@ -668,7 +751,17 @@ matter 3, lesion 16-20 SUVbw before the 6 mm blur (the blurred peak is about 14)
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m medfuse.phantom --write DIR [--overwrite] [--seed N]``."""
+    """``python -m medfuse.phantom --write DIR [--overwrite] [--seed N]``.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 written, 2 refused (the message is printed on stderr).
+
+    Raises:
+        SystemExit: ``--help``, or arguments argparse refuses (exit code 2).
+    """
     parser = argparse.ArgumentParser(prog="python -m medfuse.phantom",
                                      description="Write the synthetic head phantom's sample volumes.")
     parser.add_argument("--write", metavar="DIR", required=True, help="output folder (e.g. sample_volumes)")

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import os
 import warnings
+
+import numpy as np
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
@@ -64,7 +66,20 @@ __all__ = [
 
 
 def as_volume(x: Any, *, name: str = "image") -> Volume:
-    """A medfuse Volume from a Volume or a MONAI MetaTensor (channel-first, one channel)."""
+    """A medfuse Volume from a Volume or a MONAI MetaTensor (channel-first, one channel).
+
+    Args:
+        x: a :class:`medfuse.Volume` (returned as it is) or a MONAI ``MetaTensor`` of shape ``(1, I, J, K)`` or
+            ``(I, J, K)`` (converted with :meth:`medfuse.Volume.from_metatensor`, RAS to LPS).
+        name: (keyword-only) what to call ``x`` in an error message (e.g. its dictionary key).
+
+    Returns:
+        The Volume.
+
+    Raises:
+        InvalidInputError: ``x`` is neither (a path, a plain array or tensor, which carry no geometry), or a
+            MetaTensor that is a batch or has several channels.
+    """
     if isinstance(x, Volume):
         return x
     if _is_metatensor(x):
@@ -123,10 +138,20 @@ def _threads(threads: Optional[int]) -> Optional[int]:
     core oversubscribe the CPU (4 phantom subjects, 2 workers on 2 cores: 5.2 s with 2 ITK threads, 4.8 s with 1).
     """
     if threads is not None:
-        return int(threads)
+        return threads
     from torch.utils.data import get_worker_info
 
     return 1 if get_worker_info() is not None else None
+
+
+def _checked_threads(threads: Any) -> Optional[int]:
+    """``threads`` as None or a whole number of 1 or more, checked when the transform is built (not per item)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InvalidInputError(f"threads must be a whole number of 1 or more (or None), got {threads!r}",
+                                fix="pass threads=1 for bit-identical results, or leave it out")
+    return int(threads)
 
 
 def _repr(obj: Any, **params: Any) -> str:
@@ -176,10 +201,18 @@ class LoadVolume(Transform):
         as_tensor: return a MONAI MetaTensor instead of a Volume.
 
     A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume.
+
+    Raises:
+        InvalidInputError: when built, an unknown ``suv`` (:data:`medfuse.io.SUV_CHOICES`); when called, the input
+            is neither a path nor an image (a bare array: wrap it as ``medfuse.Volume(array, affine)``); the errors of :func:`medfuse.load` (``UnreadableFileError``,
+            ``MultipleSeriesError``, ``SUVError``...) for a file it cannot read.
     """
 
     def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False):
-        self.modality, self.suv, self.as_tensor = modality, suv, as_tensor
+        from .io import _check_suv
+
+        # Checked here: a wrong value would fail only at the first load, inside a DataLoader worker.
+        self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), as_tensor
 
     def __call__(self, path: Any) -> Any:
         from .io import load
@@ -209,12 +242,18 @@ class LoadVolumed(MapTransform):
         modality: one modality for all keys, or a ``{key: modality}`` mapping.
         suv, as_tensor: see :class:`LoadVolume`.
         allow_missing_keys: skip absent keys instead of failing.
+
+    Raises:
+        KeyError: a key is missing (unless ``allow_missing_keys``), as MONAI's dictionary transforms raise it.
+        InvalidInputError: as :class:`LoadVolume`.
     """
 
     def __init__(self, keys: KeysCollection, *, modality: Union[None, str, Mapping[str, str]] = None,
                  suv: str = "auto", as_tensor: bool = False, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.modality, self.suv, self.as_tensor = modality, suv, as_tensor
+        from .io import _check_suv
+
+        self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), as_tensor
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
@@ -239,10 +278,18 @@ class RegisterToReference(Transform, ThreadUnsafe):
 
     The last registration report is kept in :attr:`last_report` (so the transform is marked ``ThreadUnsafe``:
     MONAI's threaded ``CacheDataset`` gives each thread its own copy).
+
+    Returns (when called with ``moving, reference``): the moved image on the reference grid, in the type and
+    channel layout ``moving`` came in (a Volume, or a MetaTensor ``(I, J, K)`` or ``(1, I, J, K)``).
+
+    Raises:
+        InvalidInputError: ``threads`` is not None or a whole number of 1 or more (when the transform is built);
+            an input that is not a Volume or MetaTensor, or an option :func:`medfuse.register` does not take.
+        RegistrationError: registration cannot run on these images (no overlap, a constant image...).
     """
 
     def __init__(self, *, kind: Optional[str] = "rigid", threads: Optional[int] = None, **options: Any):
-        self.kind, self.threads, self.options = kind, threads, options
+        self.kind, self.threads, self.options = kind, _checked_threads(threads), options
         self.last_report: Optional[Dict[str, Any]] = None
 
     def __call__(self, moving: Any, reference: Any) -> Any:
@@ -286,6 +333,10 @@ class RegisterToReferenced(MapTransform):
         kind, threads, **options: see :class:`RegisterToReference`.
         report_postfix: suffix of the report's key (default ``"_registration"``).
         allow_missing_keys: skip absent keys instead of failing.
+
+    Raises:
+        InvalidInputError: ``reference_key`` is not in the data, or as :class:`RegisterToReference`.
+        RegistrationError: as :class:`RegisterToReference`; the message names the moving image's file.
     """
 
     def __init__(self, keys: KeysCollection, reference_key: str, *, kind: Optional[str] = "rigid",
@@ -335,6 +386,11 @@ class FuseModalities(Transform):
             ``"mean"``, ``levels=3`` for ``"laplacian"``, a ``weights=`` file for ``"network"``); the
             ``fallback`` rule runs with its defaults. They are part of the transform's state, so MONAI's
             ``PersistentDataset(hash_transform=pickle_hashing)`` gives other options another cache key.
+
+    Raises:
+        InvalidInputError: not a list of two or three images, an input that is not a Volume or MetaTensor, or
+            an unknown method, device, normalisation or option.
+        GeometryError: an image is not on the first one's grid (and ``resample`` is False).
     """
 
     def __init__(self, *, method: str = "network", device: str = "cpu", normalise: Any = "auto",
@@ -378,8 +434,6 @@ class FuseModalities(Transform):
             fused = vols[0].with_array(fused, modality="unknown", unit="arbitrary")
         if not self.as_tensor:
             return fused
-        import numpy as np
-
         out = fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor()
         src = _source(images[0])
         if src is not None:  # on the reference's grid: named after it, as MONAI's loaders and SaveImage do

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,7 +54,17 @@ _PROVENANCE_KEYS = {
 
 
 def normalise_modality(modality: Optional[str]) -> str:
-    """Map a modality name (``"PET"``, ``"SPECT"``, ``"MRI"``, DICOM codes) to medfuse's code."""
+    """Map a modality name (``"PET"``, ``"SPECT"``, ``"MRI"``, DICOM codes) to medfuse's code.
+
+    Args:
+        modality: the name, in any letter case; None (or "") is ``unknown``.
+
+    Returns:
+        One of :data:`MODALITIES`.
+
+    Raises:
+        InvalidInputError: a name medfuse does not know.
+    """
     if modality is None:
         return "unknown"
     key = str(modality).strip().upper()
@@ -67,11 +77,31 @@ def normalise_modality(modality: Optional[str]) -> str:
 
 
 def affine_from_geometry(spacing: Sequence[float], origin: Sequence[float], direction: Any) -> np.ndarray:
-    """Build a 4×4 LPS affine from ITK-style spacing, origin and a 3×3 direction matrix."""
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    """Build a 4×4 LPS affine from ITK-style spacing, origin and a 3×3 direction matrix.
+
+    Args:
+        spacing: the voxel size in mm along i, j, k (SimpleITK's ``GetSpacing()``).
+        origin: the LPS position in mm of voxel (0, 0, 0)'s centre (``GetOrigin()``).
+        direction: the 3×3 direction cosines, columns along i, j, k, as a matrix or ITK's row-major 9-tuple
+            (``GetDirection()``).
+
+    Returns:
+        The 4×4 float64 voxel-to-world (LPS mm) affine.
+
+    Raises:
+        GeometryError: an argument that is not numbers of the right count (3, 3 and 9).
+    """
+    try:
+        d = np.asarray(direction, dtype=float).reshape(3, 3)
+        sp = np.asarray(spacing, dtype=float).reshape(3)
+        org = np.asarray(origin, dtype=float).reshape(3)
+    except (TypeError, ValueError) as e:
+        raise GeometryError("the geometry needs 3 spacings, 3 origin coordinates and 9 direction cosines",
+                            fix="pass image.GetSpacing(), image.GetOrigin() and image.GetDirection() of a 3-D "
+                                "SimpleITK image, or numbers of those counts") from e
     aff = np.eye(4)
-    aff[:3, :3] = d * np.asarray(spacing, dtype=float)[None, :]
-    aff[:3, 3] = np.asarray(origin, dtype=float)
+    aff[:3, :3] = d * sp[None, :]
+    aff[:3, 3] = org
     return aff
 
 
@@ -114,12 +144,13 @@ def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
 def _checked_array(array: Any) -> np.ndarray:
     """``array`` as a 3-D numeric NumPy array in native byte order, or a typed error saying what is wrong."""
     _refuse_volume(array)
-    arr = np.asarray(array)
+    arr = _to_numpy(array)  # a torch tensor on a GPU or needing grad has no NumPy view of its own
     if arr.ndim != 3:
+        fix = "pass a 3-D array; split 4-D data into volumes (medfuse.load_volumes) and add a slice axis to 2-D data"
+        if hasattr(array, "affine") and hasattr(array, "meta"):  # a MONAI MetaTensor has its own geometry
+            fix = "convert a MONAI MetaTensor with Volume.from_metatensor(t), which keeps its affine"
         raise InvalidInputError(
-            f"a Volume is 3-D but the array has {arr.ndim} dimension(s) with shape {arr.shape}",
-            fix="pass a 3-D array; split 4-D data into volumes (medfuse.load_volumes) and add a slice axis to 2-D data",
-        )
+            f"a Volume is 3-D but the array has {arr.ndim} dimension(s) with shape {arr.shape}", fix=fix)
     if arr.size == 0:
         raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
@@ -137,6 +168,41 @@ def _refuse_volume(array: Any) -> None:
         raise InvalidInputError("voxels were expected but a Volume was given",
                                 fix="pass its voxels, vol.array (checked to lie on this grid: same_grid), or use "
                                     "vol.copy() for an independent Volume")
+
+
+def _require_volume(other: Any, method: str) -> None:
+    """Refuse a non-Volume where a grid is compared (it has no geometry: an AttributeError said only that)."""
+    if not isinstance(other, Volume):
+        raise InvalidInputError(
+            f"{method} compares two Volumes' grids, got a {type(other).__name__}",
+            fix="pass a medfuse.Volume (medfuse.load(path) for a file; Volume.from_metatensor, from_sitk or "
+                "from_nibabel for a library's image); a bare array has no grid, compare its .shape instead")
+
+
+def _tolerance(atol: Any) -> float:
+    """``atol`` as a non-negative number of mm, or a typed error."""
+    try:
+        tol = float(atol)
+    except (TypeError, ValueError):
+        tol = float("nan")
+    if not tol >= 0:
+        raise InvalidInputError(f"atol must be a distance in mm (0 or more), got {atol!r}",
+                                fix="pass e.g. atol=1e-3 (1 micrometre, the default)")
+    return tol
+
+
+def _points(points: Any, name: str, what: str) -> np.ndarray:
+    """``points`` as a float64 ``(..., 3)`` array, or a typed error saying what they must be."""
+    try:
+        p = np.asarray(_to_numpy(points), dtype=float)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{name} must be numbers, got a {type(points).__name__}",
+                                fix=f"pass {what}: a sequence of 3 numbers or an (N, 3) array") from e
+    if p.ndim == 0 or p.shape[-1] != 3:
+        raise InvalidInputError(f"{name} must have 3 coordinates along its last axis, got shape {p.shape}",
+                                fix=f"pass {what}: a sequence of 3 numbers or an (N, 3) array (transpose a (3, N) "
+                                    "one)")
+    return p
 
 
 def _checked_affine(affine: Any) -> np.ndarray:
@@ -173,11 +239,17 @@ class Volume:
     """A 3-D image: voxels, LPS affine, modality, physical unit and provenance.
 
     Args:
-        array: the voxels, shape ``(I, J, K)``.
+        array: the voxels, shape ``(I, J, K)``, any real numeric or bool dtype.
         affine: 4×4 voxel-to-world matrix in LPS millimetres.
-        modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
-        unit: physical unit, one of :data:`UNITS`.
-        provenance: non-identifying facts about where the data came from.
+        modality: (keyword-only) ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
+        unit: (keyword-only) physical unit, one of :data:`UNITS`.
+        provenance: (keyword-only) non-identifying facts about where the data came from; keys medfuse does not
+            record are dropped.
+
+    Raises:
+        InvalidInputError: the array is not 3-D, empty or not numeric (a Volume given as its own voxels
+            included), or the modality, unit or provenance is not one medfuse knows.
+        GeometryError: the affine is not a finite, invertible 4×4 matrix with perpendicular axes.
 
     The array is kept by reference, not copied: a read-only or memory-mapped array stays so, and an edit of
     the caller's array shows in the Volume. Only a big-endian array is copied (to native byte order, which ITK
@@ -187,8 +259,11 @@ class Volume:
     ``Volume(..., unit="SUV")`` does); an in-place edit (``v.affine[0, 3] += 5``, ``v.array[...] = 0``) is not
     seen. ``vol[10:20, :, ::-1]`` crops, strides or flips with the affine following (:meth:`__getitem__`),
     :meth:`reorient` permutes and flips axes to an orientation code. ``==`` is identity, as for nibabel images:
-    compare grids with :meth:`same_grid` and voxels with ``numpy.array_equal(a.array, b.array)``. A Volume is
-    not an array: NumPy functions take ``vol.array`` (its voxels, without the geometry).
+    compare grids with :meth:`same_grid` and voxels with ``numpy.array_equal(a.array, b.array)``.
+
+    NumPy sees the voxels (:meth:`__array__`): ``np.asarray(vol)`` is ``vol.array`` itself (no copy),
+    ``np.mean(vol)`` their mean, and any library that calls ``np.asarray`` gets them. What comes back is a
+    plain array, without the geometry; medfuse functions that take Volumes keep it.
 
     Example:
         >>> import numpy as np
@@ -199,6 +274,7 @@ class Volume:
 
     array: np.ndarray
     affine: np.ndarray
+    _: KW_ONLY  # why: the options after the data are named (Volume(a, m, modality="CT")), never positional
     modality: str = "unknown"
     unit: str = "arbitrary"
     provenance: Dict[str, Any] = field(default_factory=dict)
@@ -213,11 +289,23 @@ class Volume:
     # ------------------------------------------------------------------ geometry
     @property
     def shape(self) -> Tuple[int, int, int]:
+        """``(I, J, K)``, the voxel counts along i, j, k (Python ints)."""
         return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
 
     @property
     def dtype(self) -> np.dtype:
+        """The voxels' NumPy dtype."""
         return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        """3 (as ``array.ndim``): libraries that read ``shape`` and ``dtype`` off an array-like read it too."""
+        return 3
+
+    @property
+    def size(self) -> int:
+        """The number of voxels (as ``array.size``)."""
+        return int(self.array.size)
 
     @property
     def spacing(self) -> Tuple[float, float, float]:
@@ -266,13 +354,33 @@ class Volume:
         return bool(np.any((d > 1e-4) & (d < 1 - 1e-4)))
 
     def index_to_world(self, ijk: Any) -> np.ndarray:
-        """Map voxel indices (..., 3) to LPS mm."""
-        p = np.asarray(ijk, dtype=float)
+        """Map voxel indices to world positions (LPS mm).
+
+        Args:
+            ijk: one index ``(i, j, k)`` or an array of them, shape ``(..., 3)``; fractional indices allowed.
+
+        Returns:
+            float64 array of the same shape: the LPS positions in mm.
+
+        Raises:
+            InvalidInputError: not numbers, or the last axis does not have length 3.
+        """
+        p = _points(ijk, "ijk", "voxel indices (i, j, k)")
         return p @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def world_to_index(self, xyz: Any) -> np.ndarray:
-        """Map LPS mm (..., 3) to (fractional) voxel indices."""
-        p = np.asarray(xyz, dtype=float)
+        """Map world positions (LPS mm) to fractional voxel indices.
+
+        Args:
+            xyz: one LPS position ``(x, y, z)`` in mm or an array of them, shape ``(..., 3)``.
+
+        Returns:
+            float64 array of the same shape: the (fractional) indices ``(i, j, k)``.
+
+        Raises:
+            InvalidInputError: not numbers, or the last axis does not have length 3.
+        """
+        p = _points(xyz, "xyz", "LPS positions (x, y, z) in mm")
         inv = np.linalg.inv(self.affine)
         return p @ inv[:3, :3].T + inv[:3, 3]
 
@@ -293,6 +401,9 @@ class Volume:
         Args:
             edges: False (default) for the box of the voxel *centres*; True for the box of the voxels' outer
                 edges (half a voxel further out: the extent an image covers, e.g. for a display field of view).
+
+        Returns:
+            ``(min, max)``, two (3,) arrays of LPS mm.
         """
         w = self.index_to_world(self._corners(edges=edges))
         return w.min(axis=0), w.max(axis=0)
@@ -302,7 +413,17 @@ class Volume:
 
         Taken over the grid's corners (an affine map's largest difference lies there), so that a tiny
         rotation, which moves far voxels most, counts as much as a shift of the origin.
+
+        Args:
+            other: the Volume whose affine is compared (its shape is not: this grid's corners are used).
+
+        Returns:
+            The distance in mm (0.0 for the same affine).
+
+        Raises:
+            InvalidInputError: ``other`` is not a Volume.
         """
+        _require_volume(other, "max_voxel_distance")
         c = self._corners()
         return float(np.max(np.linalg.norm(self.index_to_world(c) - other.index_to_world(c), axis=1)))
 
@@ -311,16 +432,39 @@ class Volume:
 
         The default (1 µm) takes in float32 round-off of a NIfTI header (origins of 1000 mm included) and
         refuses a shift of a tenth of a voxel (voxels of 0.01 mm and more) or a rotation that moves the far
-        corner that much. ``atol`` is in mm.
+        corner that much.
+
+        Args:
+            other: the Volume to compare with.
+            atol: (keyword-only) the tolerance in mm.
+
+        Returns:
+            True when the grids are the same.
+
+        Raises:
+            InvalidInputError: ``other`` is not a Volume (for an array, compare its ``.shape``).
         """
-        return self.shape == other.shape and self.max_voxel_distance(other) <= atol
+        _require_volume(other, "same_grid")
+        return self.shape == other.shape and self.max_voxel_distance(other) <= _tolerance(atol)
 
     def grid_difference(self, other: "Volume", *, atol: float = 1e-3) -> str:
         """How ``other``'s grid differs from this one, in words (``""`` when it is the same grid).
 
         Error messages use it: two grids of one shape and spacing can still differ by a flipped axis or a
         shifted origin, and "a different grid" alone does not say which.
+
+        Args:
+            other: the Volume to compare with.
+            atol: (keyword-only) the tolerance in mm, as :meth:`same_grid` takes it.
+
+        Returns:
+            The differences joined by "; " (shape, spacing, orientation or rotation, origin), or ``""``.
+
+        Raises:
+            InvalidInputError: ``other`` is not a Volume.
         """
+        _require_volume(other, "grid_difference")
+        atol = _tolerance(atol)
         parts = []
         if self.shape != other.shape:
             parts.append(f"shape {other.shape} against {self.shape}")
@@ -344,6 +488,34 @@ class Volume:
         if not parts and not self.same_grid(other, atol=atol):
             parts.append(f"voxel centres up to {self.max_voxel_distance(other):.3g} mm apart (tolerance {atol:g} mm)")
         return "; ".join(parts)
+
+    # ------------------------------------------------------------------ NumPy
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+        """The voxels for NumPy (``np.asarray(vol)``, ``np.mean(vol)``), without the geometry.
+
+        Follows NumPy 2's protocol: with ``copy=None`` (``np.asarray``) the voxels are :attr:`array` itself
+        when no conversion is needed, so an edit of the result edits the Volume; ``copy=True``
+        (``np.array``) always copies.
+
+        Args:
+            dtype: the dtype wanted (``None``: the voxels' own).
+            copy: ``True`` always copies, ``None`` copies only to change the dtype, ``False`` never copies.
+
+        Returns:
+            A NumPy array of shape :attr:`shape`.
+
+        Raises:
+            InvalidInputError: (a ``ValueError``) ``copy=False`` with a ``dtype`` that needs a copy.
+        """
+        arr = self.array
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise InvalidInputError(
+                    f"the voxels are {arr.dtype}, so a {np.dtype(dtype)} array of them needs a copy, "
+                    "which copy=False forbids",
+                    fix=f"pass copy=None (numpy.asarray(vol, dtype=...)), or use vol.array, which is {arr.dtype}")
+            return arr.astype(dtype)
+        return arr.copy() if copy else arr
 
     # ------------------------------------------------------------------ indexing and orientation
     #: Not iterable: ``for plane in volume`` would silently drop the geometry. Iterate ``volume.array``.
@@ -393,7 +565,8 @@ class Volume:
         affine = self.affine.copy()
         affine[:3, :3] = self.affine[:3, :3] * np.asarray(steps, dtype=float)[None, :]
         affine[:3, 3] = self.index_to_world(np.asarray(starts, dtype=float))
-        return Volume(self.array[key], affine, self.modality, self.unit, copy.deepcopy(self.provenance))
+        return Volume(self.array[key], affine, modality=self.modality, unit=self.unit,
+                      provenance=copy.deepcopy(self.provenance))
 
     def reorient(self, axcodes: str) -> "Volume":
         """The same image with its voxel axes pointing to ``axcodes`` (e.g. ``"RAS"``, ``"LPS"``).
@@ -406,6 +579,9 @@ class Volume:
 
         Args:
             axcodes: three letters, one of L/R, one of P/A and one of S/I, naming where i, j and k point to.
+
+        Returns:
+            A new Volume (same modality, unit and provenance) whose :attr:`orientation` is ``axcodes``.
 
         Raises:
             InvalidInputError: ``axcodes`` is not such a code.
@@ -422,32 +598,60 @@ class Volume:
         array = apply_orientation(self.array, transform)
         # inv_ornt_aff works in either world convention: it only reorders and flips the voxel axes.
         affine = self.affine @ inv_ornt_aff(transform, self.shape)
-        return Volume(array, affine, self.modality, self.unit, copy.deepcopy(self.provenance))
+        return Volume(array, affine, modality=self.modality, unit=self.unit, provenance=copy.deepcopy(self.provenance))
 
     # ------------------------------------------------------------------ copies
-    def with_array(self, array: np.ndarray, **changes: Any) -> "Volume":
+    def with_array(self, array: np.ndarray, *, modality: Optional[str] = None, unit: Optional[str] = None,
+                   provenance: Optional[Mapping[str, Any]] = None) -> "Volume":
         """A new Volume on the same grid with other voxels (and optionally other modality/unit).
 
         The unit is kept unless ``unit=`` changes it: after a rescale (to 0..1, z-scores) pass
         ``unit="arbitrary"``. A CT still labelled HU after scaling to 0..1 is windowed as HU by
         :func:`medfuse.fuse` (``normalise="auto"``), which maps it to one flat grey.
+
+        Args:
+            array: the new voxels, of this Volume's shape (a NumPy array, or a torch tensor: copied to the CPU).
+            modality: (keyword-only) the new modality; None keeps this one.
+            unit: (keyword-only) the new unit; None keeps this one.
+            provenance: (keyword-only) the new provenance; None keeps a copy of this one.
+
+        Returns:
+            A new Volume with a copy of this affine; the voxels are ``array`` itself where NumPy need not copy.
+
+        Raises:
+            InvalidInputError: ``array`` is a Volume (pass ``vol.array``) or has another shape, or an unknown
+                modality or unit.
         """
         _refuse_volume(array)
-        arr = np.asarray(array)
+        arr = _to_numpy(array)
         if arr.shape != self.array.shape:
             raise InvalidInputError(
                 f"the new array has shape {arr.shape} but the volume's grid is {self.array.shape}",
                 fix="resample the data onto this grid first (medfuse.resample)",
             )
-        kw = dict(modality=self.modality, unit=self.unit, provenance=copy.deepcopy(self.provenance))
-        kw.update(changes)
-        return Volume(arr, self.affine.copy(), **kw)
+        return Volume(arr, self.affine.copy(), modality=self.modality if modality is None else modality,
+                      unit=self.unit if unit is None else unit,
+                      provenance=copy.deepcopy(self.provenance) if provenance is None else provenance)
 
     def copy(self) -> "Volume":
-        return Volume(self.array.copy(), self.affine.copy(), self.modality, self.unit, copy.deepcopy(self.provenance))
+        """An independent Volume: voxels, affine and provenance copied.
+
+        Returns:
+            The copy (its array is writable even where this one is read-only or memory-mapped).
+        """
+        return Volume(self.array.copy(), self.affine.copy(), modality=self.modality, unit=self.unit,
+                      provenance=copy.deepcopy(self.provenance))
 
     def add_history(self, step: str, **params: Any) -> "Volume":
-        """Append a processing step to the provenance history (in place; returns self)."""
+        """Append a processing step to the provenance history (in place).
+
+        Args:
+            step: the step's name (e.g. ``"resample"``).
+            **params: its settings, recorded beside it (no patient identifiers).
+
+        Returns:
+            This Volume (so that calls chain).
+        """
         self.provenance.setdefault("history", []).append({"step": step, **params})
         return self
 
@@ -485,6 +689,15 @@ class Volume:
 
         ``modality`` and ``unit`` default to the image's ``medfuse_modality``/``medfuse_unit`` metadata
         (set by :meth:`to_sitk` and by MetaImage/NRRD files medfuse wrote), else ``unknown``/``arbitrary``.
+
+        Args:
+            image: a 3-D scalar ``SimpleITK.Image``.
+            modality: (keyword-only) the modality; None takes the one in the image's metadata, else ``unknown``.
+            unit: (keyword-only) the unit; None takes the one in the image's metadata, else ``arbitrary``.
+            provenance: (keyword-only) non-identifying facts to record (see :class:`Volume`).
+
+        Returns:
+            The Volume (voxels copied; spacing, origin and direction exact).
 
         Raises:
             InvalidInputError: not a SimpleITK image, not 3-D, several components, or a label map.
@@ -553,6 +766,15 @@ class Volume:
         ``modality`` and ``unit`` default to the ones in a NIfTI ``descrip`` medfuse wrote (:meth:`to_nibabel`,
         :func:`medfuse.save`), else ``unknown``/``arbitrary``. A NIfTI image's space (sform code, else qform
         code) is recorded as ``provenance["nifti_space"]`` unless ``provenance`` names one.
+
+        Args:
+            image: a nibabel spatial image (``Nifti1Image``, ``Nifti2Image``, ``MGHImage``...).
+            modality: (keyword-only) the modality; None takes the one medfuse wrote in the header, else ``unknown``.
+            unit: (keyword-only) the unit; None takes the one medfuse wrote in the header, else ``arbitrary``.
+            provenance: (keyword-only) non-identifying facts to record (see :class:`Volume`).
+
+        Returns:
+            The Volume (voxels copied or memory-mapped copy-on-write; the affine in LPS mm).
 
         Raises:
             InvalidInputError: not a nibabel image, or not one 3-D volume.
@@ -641,9 +863,22 @@ class Volume:
         :meth:`to_metatensor`), else from the ``sform_code`` (else ``qform_code``) MONAI's nibabel reader
         copies from the file header.
 
+        Args:
+            tensor: a MONAI ``MetaTensor`` of one image, ``(1, I, J, K)`` or ``(I, J, K)``, on any device.
+            modality: (keyword-only) the modality; None takes the one in the tensor's meta, else ``unknown``.
+            unit: (keyword-only) the unit; None takes the one in the tensor's meta, else ``arbitrary``.
+            provenance: (keyword-only) non-identifying facts to record (see :class:`Volume`).
+
+        Returns:
+            The Volume (voxels copied; the affine in LPS mm).
+
         Raises:
             InvalidInputError: not a MetaTensor (no affine), a batch, several channels, or channel-last data.
         """
+        if isinstance(tensor, Volume):
+            # Why: NumPy reads a Volume's voxels, and its LPS affine was then taken for a RAS one (flipped x, y).
+            raise InvalidInputError("from_metatensor takes a MONAI MetaTensor, got a Volume",
+                                    fix="use the Volume as it is, or vol.copy() for an independent one")
         meta = getattr(tensor, "meta", None)
         meta = meta if isinstance(meta, dict) else {}
         raw_aff = getattr(tensor, "affine", None)
@@ -759,7 +994,16 @@ def _metatensor_space(meta: Dict[str, Any]) -> Optional[str]:
 
 
 def require_finite(array: Any, what: str, *, before: str) -> None:
-    """Refuse an image with NaN or infinite voxels, naming it (never its path) and how much of it is bad."""
+    """Refuse an image with NaN or infinite voxels, naming it (never its path) and how much of it is bad.
+
+    Args:
+        array: the voxels (an array, or a Volume).
+        what: how to name the image in the message (e.g. ``"input 2"``).
+        before: (keyword-only) what the caller was about to do, for the fix (e.g. ``"fusing"``).
+
+    Raises:
+        InvalidInputError: the array holds NaN or infinite values.
+    """
     arr = np.asarray(array)
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.complexfloating):
         return

@@ -185,3 +185,12 @@ def test_load_volume_refuses_what_is_not_a_path(value):
 
     with pytest.raises(InvalidInputError, match="needs a file or DICOM folder path"):
         LoadVolume()(value)
+
+
+@pytest.mark.parametrize("make", [lambda suv: medfuse.transforms.LoadVolume(suv=suv),
+                                  lambda suv: medfuse.transforms.LoadVolumed(keys="img", suv=suv)])
+def test_load_transforms_check_suv_when_built(make):
+    """A wrong suv= failed only at the first load, inside a DataLoader worker, epochs into a run."""
+    with pytest.raises(InvalidInputError, match="suv must be one of"):
+        make("SUV")
+    assert make("lbm").suv == "lbm"
