@@ -8,20 +8,118 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Union
 
-from ..errors import UnreadableFileError
+from .._checks import as_path as _as_path
+from .._checks import describe as _kind
+from ..errors import InvalidInputError, UnreadableFileError
 from ..volume import Volume
+
+__all__ = ["load", "load_volumes", "scan", "select_series", "save", "is_image_file", "check_readable",
+           "series_choice_record", "IMAGE_SUFFIXES", "SUV_CHOICES"]
 
 PathLike = Union[str, os.PathLike]
 
 #: File name endings read by the NIfTI/ITK-image reader.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".hdr")
 
+#: What ``suv=`` accepts (PET only; other inputs ignore it).
+SUV_CHOICES = ("auto", "bw", "lbm", "lbm_janma", "bsa", "none")
 
+
+# ------------------------------------------------------------------------------------------ argument checks
+def _check_volume_index(value: Any) -> Optional[int]:
+    """``volume_index`` as an int (None stays None).
+
+    Raises:
+        InvalidInputError: not a whole number (bool included: True would quietly pick volume 1).
+    """
+    import numpy as np
+
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"volume_index must be a whole number (0-based, negative from the end), got "
+                                f"{_kind(value)}", fix="pass e.g. volume_index=0, or leave it out for a 3-D image")
+    return int(value)
+
+
+def _check_suv(value: Any) -> str:
+    """``suv`` checked against :data:`SUV_CHOICES`.
+
+    Raises:
+        InvalidInputError: any other value, the accepted ones named.
+    """
+    if not isinstance(value, str) or value not in SUV_CHOICES:
+        shown = repr(value) if isinstance(value, str) else _kind(value)
+        raise InvalidInputError(f"suv must be one of {', '.join(map(repr, SUV_CHOICES))}, got {shown}",
+                                fix="pass suv='auto' (the default: SUVbw, or the kind an SUV series holds), a kind "
+                                    "('bw', 'lbm', 'lbm_janma', 'bsa'), or 'none' for the stored unit")
+    return value
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    """A yes/no option as a bool.
+
+    Raises:
+        InvalidInputError: not a bool (``overwrite="no"`` is a true value in Python, and would overwrite).
+    """
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"{name} must be True or False, got {_kind(value)}", fix=f"pass {name}=True or False")
+    return bool(value)
+
+
+def _check_text(value: Any, name: str, fix: str) -> Optional[str]:
+    """An optional text option (modality, unit, series_description, format).
+
+    Raises:
+        InvalidInputError: neither a str nor None.
+    """
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be text or None, got {_kind(value)}", fix=fix)
+    return value
+
+
+def _check_series(value: Any) -> Optional[str]:
+    """``series_uid``: a UID, a number (as :func:`scan` lists the series) or a modality; None for no choice.
+
+    Raises:
+        InvalidInputError: any other type.
+    """
+    import numpy as np
+
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    raise InvalidInputError(f"series_uid must be text or a series number, got {_kind(value)}",
+                            fix="pass the series' number as medfuse.scan lists it (e.g. '2'), its modality ('PT'), "
+                                "or its SeriesInstanceUID")
+
+
+def _check_load_options(*, modality: Any = None, unit: Any = None) -> None:
+    _check_text(modality, "modality", "pass e.g. modality='MR', 'CT', 'PT' or 'NM', or leave it out")
+    _check_text(unit, "unit", "pass e.g. unit='HU', 'SUVbw' or 'arbitrary', or leave it out")
+
+
+# ------------------------------------------------------------------------------------------ helpers
 def is_image_file(path: PathLike) -> bool:
-    name = os.fspath(path).lower()
-    return name.endswith(IMAGE_SUFFIXES)
+    """Whether ``path`` has an ending the NIfTI/MetaImage/NRRD reader takes (:data:`IMAGE_SUFFIXES`, any case).
+
+    Args:
+        path: a file name or path; it need not exist.
+
+    Returns:
+        True for ``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``, ``.img`` and ``.hdr``.
+
+    Raises:
+        InvalidInputError: ``path`` is not a path.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        _as_path(path)  # raises, saying what to pass
+    return os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
 
 
 def check_readable(path: PathLike) -> None:
@@ -30,10 +128,14 @@ def check_readable(path: PathLike) -> None:
     Why here: the readers would otherwise report it as a damaged file ("not a valid NIfTI", advising a re-export)
     or as a folder with no images.
 
+    Args:
+        path: an existing file or folder.
+
     Raises:
         UnreadableFileError: permission denied.
+        InvalidInputError: ``path`` is not a path.
     """
-    p = Path(path)
+    p = _as_path(path)
     folder = p.is_dir()
     if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
         raise UnreadableFileError(f"permission denied: this user may not read the {'folder' if folder else 'file'}",
@@ -56,6 +158,7 @@ def _absolute_source(vol: Volume) -> Volume:
     return vol
 
 
+# ------------------------------------------------------------------------------------------ the public faces
 def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
          modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto",
          whole_series: bool = False) -> Volume:
@@ -69,24 +172,37 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         series_uid: which DICOM series to read when a folder holds several: its SeriesInstanceUID, or its
             number as :func:`scan` lists it (1-based, e.g. ``"2"``), or a modality that only one series there has
             (``"PT"``, ``"CT"``).
-        volume_index: which volume of a 4-D series to return (0-based).
+        volume_index: which volume of a 4-D series or file to return (0-based, negative from the end).
         modality: override the modality (NIfTI carries none; default ``unknown`` or guessed).
         unit: override the unit.
         suv: PET only: ``"auto"`` (default: SUVbw, or the SUV kind a GML series already holds),
             ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, or ``"none"`` for the stored unit (Bq/mL).
+            Checked for every input; a NIfTI/MetaImage/NRRD file carries no SUV header, so it is not applied there.
         whole_series: DICOM only: when ``path`` is one file of a series, load the whole series it belongs to:
             the files in the same folder (not its sub-folders) with the same SeriesInstanceUID (the other slices
             of a classic series; the other volumes of a multi-frame series stored one file per volume); other
             series there are ignored. Folders are whole already. The volume's recorded source is then the
             folder. Without it, a file that is one of several of its series loads alone, with a warning.
 
+    Returns:
+        The :class:`~medfuse.volume.Volume`, its source recorded as an absolute path.
+
     Raises:
-        UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
+        InvalidInputError: an argument of the wrong type or value (a path that is not a str or Path, an unknown
+            ``suv``, a ``volume_index`` that is not a whole number or out of range), or zero-size/all-NaN data.
+        UnreadableFileError: missing, unreadable, damaged or misnamed file.
+        UnsupportedDataError: a DICOM object that holds no image (RT, SEG, SR...).
+        MultipleSeriesError: several series in a folder, or several volumes, and none chosen.
+        GeometryError: invalid geometry (sheared or singular affine, missing slices).
     """
-    p = Path(path)
+    p = _as_path(path, fix="pass the path of a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder")
+    series_uid = _check_series(series_uid)
+    volume_index = _check_volume_index(volume_index)
+    _check_load_options(modality=modality, unit=unit)
+    suv = _check_suv(suv)
+    whole_series = _check_flag(whole_series, "whole_series")
     _check_exists(p)
     if p.is_file() and is_image_file(p):
-        from ..errors import InvalidInputError
         from .nifti import load_image
 
         if series_uid is not None:
@@ -104,8 +220,28 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
 
 def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto",
                  whole_series: bool = False) -> List[Volume]:
-    """Load every volume of a (possibly 4-D) series as a list of 3-D volumes (``whole_series``: see :func:`load`)."""
-    p = Path(path)
+    """Load every volume of a (possibly 4-D) series or file as a list of 3-D volumes.
+
+    Args:
+        path: a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
+        series_uid: which DICOM series when a folder holds several (as :func:`load` takes it).
+        suv: PET only, as :func:`load` takes it.
+        whole_series: DICOM only: one file of a series loads the whole series (see :func:`load`).
+
+    Returns:
+        The volumes in their stored order (a 3-D input gives a list of one).
+
+    Raises:
+        InvalidInputError: an argument of the wrong type or value, or zero-size/all-NaN data.
+        UnreadableFileError: missing, unreadable, damaged or misnamed file.
+        UnsupportedDataError: a DICOM object that holds no image.
+        MultipleSeriesError: several series in a folder and none chosen.
+        GeometryError: invalid geometry.
+    """
+    p = _as_path(path, fix="pass the path of a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder")
+    series_uid = _check_series(series_uid)
+    suv = _check_suv(suv)
+    whole_series = _check_flag(whole_series, "whole_series")
     _check_exists(p)
     if p.is_file() and is_image_file(p):
         from .nifti import load_image_volumes
@@ -117,12 +253,21 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
                                                             whole_series=whole_series)]
 
 
-def scan(folder: PathLike):
+def scan(folder: PathLike) -> list:
     """List the DICOM series in a folder (recursively) without reading pixels.
 
-    Returns a list of :class:`medfuse.io.dicom.SeriesInfo`.
+    Args:
+        folder: the folder to search (a DICOM file: the series it holds).
+
+    Returns:
+        A list of :class:`medfuse.io.dicom.SeriesInfo` (UID, modality, description, shape, volumes, files,
+        folder), in the order a several-series error numbers them.
+
+    Raises:
+        InvalidInputError: ``folder`` is not a path.
+        UnreadableFileError: it does not exist or may not be read.
     """
-    p = Path(folder)
+    p = _as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     _check_exists(p)
     from .dicom import scan as _scan
 
@@ -142,16 +287,21 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
             :func:`scan`'s order); a modality (``CT``, ``MR``, ``PT``/``PET``, ``NM``/``SPECT``) that exactly one
             series in the folder has; or a SeriesInstanceUID. ``None`` or ``"-"``: no choice (returns ``None``).
 
+    Returns:
+        The SeriesInstanceUID, or None when no choice was given.
+
     Raises:
-        InvalidInputError: not a folder, or nothing (or more than one series) matches; the message lists the
-            series by number and modality (no UIDs or descriptions, which may identify the patient).
+        InvalidInputError: ``path`` is not a path or not a folder, ``selector`` is not text or a number, or
+            nothing (or more than one series) matches; the message lists the series by number and modality (no
+            UIDs or descriptions, which may identify the patient).
+        UnreadableFileError: the folder does not exist or may not be read.
     """
-    from ..errors import InvalidInputError
     from .dicom import resolve_series_choice
 
+    p = _as_path(path, fix="pass the DICOM folder as a str or pathlib.Path")
+    selector = _check_series(selector)
     if selector is None or str(selector).strip() in ("", "-"):
         return None
-    p = Path(path)
     if not p.is_dir():
         raise InvalidInputError("a series can be picked in a DICOM folder only; this is a file",
                                 fix="leave the series choice out for this input ('-')", path=p)
@@ -170,19 +320,54 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
 
 def series_choice_record(selector: Optional[str]) -> Optional[str]:
     """``selector`` as provenance records it: numbers and modalities as given, a UID as ``"uid"`` (UIDs trace
-    back to the study, and sidecars hold no identifiers)."""
+    back to the study, and sidecars hold no identifiers).
+
+    Args:
+        selector: a series choice as :func:`select_series` takes it, or None.
+
+    Returns:
+        The choice to record, or None.
+
+    Raises:
+        InvalidInputError: ``selector`` is neither text, a number nor None.
+    """
     from ..volume import _MODALITY_ALIASES
 
+    selector = _check_series(selector)
     if selector is None:
         return None
     key = str(selector).strip()
     return key if key in ("", "-") or key.isdigit() or key.upper() in _MODALITY_ALIASES else "uid"
 
 
-def save(volume: Volume, path: PathLike, *, overwrite: bool = False, **kwargs) -> Path:
-    """Write a volume: NIfTI (``.nii``/``.nii.gz``), MetaImage (``.mha``/``.mhd``), NRRD, or a
-    DICOM series (a path without one of those endings, or ``format="dicom"``). Atomic; refuses to
-    overwrite unless ``overwrite=True``."""
+def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Optional[str] = None,
+         deidentify: bool = True, series_description: Optional[str] = None, template: Any = None) -> Path:
+    """Write a volume atomically: NIfTI, MetaImage, NRRD, or a DICOM series folder.
+
+    The format comes from the name (``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd``/``.nhdr``; a name without
+    one of those endings writes a DICOM series into a new folder) or from ``format``. Existing outputs are
+    refused unless ``overwrite=True``; the volume's own source (and the files it was made from) never.
+
+    Args:
+        volume: the :class:`~medfuse.volume.Volume` to write.
+        path: the output file, or for DICOM a folder that does not exist yet.
+        overwrite: replace an existing output (never the volume's own source).
+        format: ``nifti``, ``nifti2``, ``metaimage``, ``nrrd`` or ``dicom``; default from the name.
+        deidentify: DICOM only: drop patient name/ID/birth date and other identifiers taken from the template.
+        series_description: DICOM only: SeriesDescription of the derived series.
+        template: DICOM only: a pydicom Dataset, DICOM file or folder whose study context is kept.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InvalidInputError: an argument of the wrong type, an unknown format, a name the format cannot take, or
+            voxels the format cannot store exactly.
+        OutputExistsError: the output exists (without ``overwrite``), is an input, or cannot be written
+            (permission, read-only or full disk).
+        UnreadableFileError: the DICOM template cannot be read.
+    """
     from .writers import save as _save
 
-    return _save(volume, path, overwrite=overwrite, **kwargs)
+    return _save(volume, path, overwrite=overwrite, format=format, deidentify=deidentify,
+                 series_description=series_description, template=template)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, MultipleSeriesError,
                       UnreadableFileError, UnsupportedDataError)
+from .. import io as _io
 from ..volume import Volume, normalise_modality
 
 __all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
@@ -42,7 +43,17 @@ _TILT_TOL_DEG = 0.05
 
 @dataclass
 class SeriesInfo:
-    """One series found by :func:`scan` (no patient data)."""
+    """One series found by :func:`scan` (no patient data).
+
+    Attributes:
+        series_uid: SeriesInstanceUID.
+        modality: the DICOM Modality as stored (``CT``, ``PT``, ``MR``, ...).
+        description: SeriesDescription.
+        shape: voxels per volume (columns, rows, slices); slices 0 when the series cannot be assembled.
+        n_volumes: volumes in the series (more than 1: 4-D), 0 when it cannot be assembled.
+        n_files: files of the series.
+        folder: the folder its files are in (the folder scanned when they are in several).
+    """
 
     series_uid: str
     modality: str
@@ -1000,10 +1011,20 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             effect on folders. Without it, a file that is one of several of its series loads alone, with a
             warning.
 
+    Returns:
+        The volumes of the series in acquisition order (a 3-D series gives a list of one).
+
     Raises:
-        UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError, InvalidInputError
+        InvalidInputError: an argument of the wrong type or value (an unknown ``suv``).
+        UnreadableFileError: missing, unreadable or damaged files.
+        UnsupportedDataError: an object that holds no image (RT, SEG, SR...).
+        MultipleSeriesError: several series and no ``series_uid``.
+        GeometryError: invalid geometry (missing slices, inconsistent orientation).
     """
-    path = Path(path)
+    path = _checked_path(path)
+    series_uid = _io._check_series(series_uid)
+    suv = _io._check_suv(suv)
+    whole_series = _io._check_flag(whole_series, "whole_series")
     if not path.exists():
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
     broken: List[Path] = []
@@ -1074,6 +1095,11 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     return out
 
 
+def _checked_path(path: Any) -> Path:
+    """``path`` as a Path, or InvalidInputError saying what to pass."""
+    return _io._as_path(path, fix="pass the path of a DICOM file or folder")
+
+
 def _uid_of(ds, keyword: str) -> Optional[str]:
     """A top-level UID of the header (enhanced images too keep these at the top level); None when absent."""
     return str(ds.get(keyword, "") or "").strip() or None
@@ -1090,9 +1116,18 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
         suv: PET only: ``"auto"``, ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"`` or ``"none"``.
         whole_series: a single-frame slice loads the whole series it belongs to (see :func:`load_dicom_volumes`).
 
+    Returns:
+        The :class:`~medfuse.volume.Volume`.
+
     Raises:
         MultipleSeriesError: several series, or a 4-D series without ``volume_index``.
+        InvalidInputError: an argument of the wrong type or value, ``volume_index`` out of range.
+        UnreadableFileError: missing, unreadable or damaged files.
+        UnsupportedDataError: an object that holds no image.
+        GeometryError: invalid geometry.
     """
+    path = _checked_path(path)
+    volume_index = _io._check_volume_index(volume_index)
     vols = load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series)
     if volume_index is None:
         if len(vols) > 1:
@@ -1109,8 +1144,19 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
 
 @without_value_checks()
 def scan(folder: PathLike) -> List[SeriesInfo]:
-    """List the image series under a folder (recursive) without decoding pixels."""
-    folder = Path(folder)
+    """List the image series under a folder (recursive) without decoding pixels.
+
+    Args:
+        folder: the folder (or one DICOM file).
+
+    Returns:
+        One :class:`SeriesInfo` per series.
+
+    Raises:
+        InvalidInputError: ``folder`` is not a path.
+        UnreadableFileError: it does not exist.
+    """
+    folder = _io._as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     if not folder.exists():
         raise UnreadableFileError("no such file or folder", fix="check the path", path=folder)
     out = []

@@ -15,7 +15,11 @@ Choices (see docs/io.md and docs/dicom.md):
   the volume has a negative voxel) or / 65535 (non-negative volume), so the error is at most
   slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's largest absolute value
   (plus at most one part in 1e9: a quantised slice never has a whole-number slope, which would make
-  GDCM/ITK decode the series as integers when that slice is read first).
+  GDCM/ITK decode the series as integers when that slice is read first). A series whose slopes all lie
+  within dcm2niix's tolerance of each other gets the largest one on every slice (:func:`series_slopes`).
+* Equipment: Manufacturer empty (dcm2niix read "medfuse" as the vendor Mediso); ManufacturerModelName
+  ``medfuse`` and SoftwareVersions name the software. PatientPosition and AnatomicalOrientationType come from
+  a template of any modality (they define its patient coordinates, in which the output is written).
 * Text: SpecificCharacterSet ``ISO_IR 192`` (UTF-8) when any text is not ASCII; none otherwise.
 * PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
   and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
@@ -69,12 +73,12 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import MedfuseWarning, UnreadableFileError
+from ..errors import InvalidInputError, MedfuseWarning, UnreadableFileError
 from ..volume import Volume
 from ._atomic import atomic_dir
 from .dicom import without_value_checks as _without_value_checks
 
-__all__ = ["write_dicom_series", "quantise_slice", "PHI_KEYWORDS"]
+__all__ = ["write_dicom_series", "quantise_slice", "series_slopes", "PHI_KEYWORDS"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -110,6 +114,11 @@ _CODING_UIDS = ("CodingSchemeUID", "MappingResourceUID", "ContextGroupExtensionC
 _UID_KEY = secrets.token_hex(32)
 _SERIES_LOCK = threading.Lock()
 _last_series_number = 0
+#: General Series attributes that define the template's patient coordinates (PS3.3 C.7.3.1, C.7.6.2.1.1), in
+#: which the output's ImagePositionPatient/ImageOrientationPatient are written: copied from a template of any
+#: modality. AnatomicalOrientationType QUADRUPED changes what the x, y, z axes mean (dcm2niix warns on it);
+#: PatientPosition (HFS...) is what dcm2niix and viewers report (dcm2niix warns when it is missing).
+_FRAME_KEYWORDS = ("PatientPosition", "AnatomicalOrientationType")
 _PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
                      "PatientWeight")
 _PET_KEYWORDS = ("RadiopharmaceuticalInformationSequence", "DecayCorrection", "CorrectedImage", "Units",
@@ -178,28 +187,8 @@ def _ds_number(x: float) -> float:
     return float(format_number_as_ds(float(x)))
 
 
-def quantise_slice(plane: np.ndarray, *, exact_int: bool, signed: Optional[bool] = None,
-                   value_range: Optional[Tuple[int, int]] = None):
-    """Return (stored uint16/int16 array, slope, intercept) for one slice.
-
-    Integer data in int16/uint16 range is stored exactly. Otherwise the slope is chosen from the
-    slice's largest absolute value so that the quantisation error is at most slope/2.
-
-    ``signed`` (int16 vs uint16) and ``value_range`` (the (min, max) that picks the exact integer
-    type, e.g. the whole volume's) let a writer make the same choice for every slice of a series: one series must
-    not mix PixelRepresentation 0 and 1, which readers (SimpleITK/GDCM among them) decode with
-    the first slice's type, wrapping the others. By default both come from this slice alone.
-    """
-    if exact_int:
-        lo, hi = (int(plane.min()), int(plane.max())) if value_range is None else value_range
-        if lo >= -32768 and hi <= 32767 and signed is not False:
-            return plane.astype(np.int16), 1.0, 0.0
-        if lo >= 0 and hi <= 65535 and signed is not True:
-            return plane.astype(np.uint16), 1.0, 0.0
-    f = np.nan_to_num(plane.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    signed = bool(f.min() < 0) if signed is None else bool(signed)
-    top = 32767 if signed else 65535
-    peak = float(np.abs(f).max())
+def _slope_for(peak: float, top: int) -> float:
+    """The RescaleSlope (a DS value) for a slice whose largest absolute value is ``peak``, stored up to ``top``."""
     slope = _ds_number(peak / top) if peak > 0 else 1.0
     if slope * top < peak:  # DS rounding made the slope slightly too small
         slope = _ds_number(slope * (1 + 1e-9) + np.spacing(slope) * 4)
@@ -210,8 +199,113 @@ def quantise_slice(plane: np.ndarray, *, exact_int: bool, signed: Optional[bool]
     while float(slope).is_integer() and slope < 2.0 ** 52 and step < 1e-3:
         slope = _ds_number(slope * (1 + step))
         step *= 10
+    return slope
+
+
+def _float_plane(plane: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(plane.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _peaks(arr: np.ndarray) -> list:
+    """max|slice| over finite values (0 if none) for each slice k (last axis), as :func:`quantise_slice` sees it.
+
+    One pass over the whole volume in its own type (exact: min, max and abs do not round; no float64 copy, and
+    a slice of k is strided in memory); a slice holding NaN or inf is looked at again alone.
+    """
+    if arr.size == 0:
+        return [0.0] * arr.shape[2]
+    los, his = arr.min(axis=(0, 1)), arr.max(axis=(0, 1))
+    out = []
+    for k, (lo, hi) in enumerate(zip(los, his)):
+        if np.issubdtype(arr.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
+            mag = np.abs(np.asarray(arr[:, :, k]))  # stored as 0 by quantise_slice
+            out.append(float(np.max(mag, where=np.isfinite(mag), initial=0)))
+        else:
+            out.append(float(max(abs(lo.item()), abs(hi.item()))))
+    return out
+
+
+def quantise_slice(plane: np.ndarray, *, exact_int: bool, signed: Optional[bool] = None,
+                   value_range: Optional[Tuple[int, int]] = None, slope: Optional[float] = None):
+    """Return (stored uint16/int16 array, slope, intercept) for one slice.
+
+    Integer data in int16/uint16 range is stored exactly. Otherwise the slope is chosen from the
+    slice's largest absolute value so that the quantisation error is at most slope/2.
+
+    ``signed`` (int16 vs uint16) and ``value_range`` (the (min, max) that picks the exact integer
+    type, e.g. the whole volume's) let a writer make the same choice for every slice of a series: one series must
+    not mix PixelRepresentation 0 and 1, which readers (SimpleITK/GDCM among them) decode with
+    the first slice's type, wrapping the others. By default both come from this slice alone.
+
+    Args:
+        plane: the slice's voxels.
+        exact_int: the data are whole numbers, to be stored exactly when their range fits 16 bits.
+        signed: int16 (True) or uint16 (False); default from this slice's values.
+        value_range: ``(min, max)`` that picks the exact integer type (e.g. the whole volume's).
+        slope: a larger slope than the slice's own, chosen for the series (see :func:`series_slopes`).
+
+    Returns:
+        ``(stored, slope, intercept)``: the int16/uint16 array, RescaleSlope and RescaleIntercept.
+
+    Raises:
+        InvalidInputError: ``plane`` is a Volume (pass its voxels, one slice).
+    """
+    if isinstance(plane, Volume):
+        raise InvalidInputError("quantise_slice takes one slice's voxels, got a medfuse Volume",
+                                fix="pass a 2-D array, e.g. vol.array[:, :, k]")
+    if exact_int:
+        lo, hi = (int(plane.min()), int(plane.max())) if value_range is None else value_range
+        if lo >= -32768 and hi <= 32767 and signed is not False:
+            return plane.astype(np.int16), 1.0, 0.0
+        if lo >= 0 and hi <= 65535 and signed is not True:
+            return plane.astype(np.uint16), 1.0, 0.0
+    f = _float_plane(plane)
+    signed = bool(f.min() < 0) if signed is None else bool(signed)
+    top = 32767 if signed else 65535
+    own = _slope_for(float(np.abs(f).max()) if f.size else 0.0, top)
+    slope = own if slope is None else max(float(slope), own)
     q = np.clip(np.rint(f / slope), -32768 if signed else 0, top)
     return q.astype(np.int16 if signed else np.uint16), slope, 0.0
+
+
+#: float32's machine epsilon: dcm2niix takes two RescaleSlopes as equal when they differ by about this much or less
+#: (measured with dcm2niix v1.0.20260724: 1.19e-7 apart for slopes near 1e-5 and 1e-3, 1.8e-7 near 1, 3.8e-6 near
+#: 100, i.e. epsilon plus half a float32 step).
+_FLT_EPS = float(np.finfo(np.float32).eps)
+
+
+def series_slopes(arr: np.ndarray, *, signed: bool) -> list:
+    """Per-slice RescaleSlopes for quantised data (k along the last axis): each slice's own, or one slope for all.
+
+    Why: dcm2niix compares every slice's slope with the first slice's with an absolute tolerance (float32's
+    epsilon, see :data:`_FLT_EPS`); when all are that close but not equal, it writes the raw stored values with
+    the first slice's slope, so each slice is off by up to 65535 x the difference (0.0019 on 0..1 data).
+    Such a series (all slopes within 4 x (epsilon + one float32 step) of each other, e.g. a 0..1 volume whose
+    slices all peak near 1) gets its largest slope on every slice: exactly what dcm2niix reads, each slice still
+    within slope/2 (its own slope raised by at most 4.8e-7 + 4 float32 steps). Other series keep their own slopes:
+    dcm2niix sees them vary and applies each one (PS3.3 C.11.1: RescaleSlope belongs to each image).
+
+    Args:
+        arr: the voxels, slices along the last axis (a Volume's voxels are read as they are).
+        signed: int16 (True) or uint16 (False) storage.
+
+    Returns:
+        One RescaleSlope per slice.
+
+    Raises:
+        InvalidInputError: ``arr`` is not 3-D.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise InvalidInputError(f"series_slopes takes a 3-D array (slices along the last axis), got {arr.ndim}-D",
+                                fix="pass the volume's voxels, e.g. vol.array")
+    top = 32767 if signed else 65535
+    own = [_slope_for(peak, top) for peak in _peaks(arr)]
+    if not own:
+        return own
+    lo, hi = min(own), max(own)
+    same = 4 * (_FLT_EPS + float(np.spacing(np.float32(hi))))
+    return [hi] * len(own) if lo != hi and hi - lo <= same else own
 
 
 #: Text value representations, whose bytes SpecificCharacterSet governs.
@@ -355,6 +449,9 @@ def _modality_attributes(base, tpl, modality: str) -> None:
     for kw in _MODALITY_KEYWORDS.get(modality, ()):
         if same and kw in tpl:
             setattr(base, kw, copy.deepcopy(tpl.data_element(kw).value))
+    for kw in _FRAME_KEYWORDS:  # whatever the template's modality: its patient coordinates are the output's
+        if tpl is not None and kw not in base and str(tpl.get(kw, "") or "").strip():
+            setattr(base, kw, tpl.data_element(kw).value)
     if modality == "CT":
         base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]  # CT Image module: value 3 AXIAL (not a LOCALIZER)
         for kw in ("KVP", "AcquisitionNumber"):
@@ -381,6 +478,12 @@ def _modality_attributes(base, tpl, modality: str) -> None:
                 setattr(base, kw, pydicom.Sequence())
 
 
+def _software_version() -> str:
+    from .. import __version__
+
+    return f"medfuse {__version__}"
+
+
 def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value or [])
 
@@ -396,13 +499,41 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                        series_description: Optional[str] = None, template: Any = None) -> Path:
     """Write ``volume`` as a derived DICOM series into the new folder ``folder`` (atomic).
 
-    Returns the folder. See the module docstring for the encoding and de-identification rules.
+    See the module docstring for the encoding and de-identification rules.
+
+    Args:
+        volume: the :class:`~medfuse.volume.Volume` to write.
+        folder: the series folder to create (it must not exist, unless ``overwrite``).
+        overwrite: replace an existing DICOM series folder (only DICOM files inside; never an input).
+        deidentify: drop patient name/ID/birth date and other identifiers taken from the template.
+        series_description: SeriesDescription of the derived series (default: from the volume).
+        template: a pydicom Dataset, DICOM file or folder whose study context (and, without ``deidentify``,
+            patient module) is kept; None for a new study.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        InvalidInputError: an argument of the wrong type.
+        OutputExistsError: the folder exists (without ``overwrite``), is an input, holds other files, or cannot be
+            written.
+        UnreadableFileError: the template holds no readable DICOM file.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-    folder = Path(folder)
+    from . import _as_path, _check_flag, _check_text
+    from .writers import _check_template
+
+    if not isinstance(volume, Volume):
+        raise InvalidInputError(f"expected a medfuse Volume, got {type(volume).__name__}",
+                                fix="load or build a Volume first (medfuse.load or medfuse.Volume)")
+    folder = _as_path(folder, what="the output folder", fix="pass the new series folder's name as a str or Path")
+    overwrite = _check_flag(overwrite, "overwrite")
+    deidentify = _check_flag(deidentify, "deidentify")
+    _check_text(series_description, "series_description", "pass the description as text, or leave it out")
+    _check_template(template)
     tpl = _read_template(template)
     if volume.shape[1] == 1 and volume.shape[2] > 1:
         # Images one row high are stacked along their row axis by ITK/GDCM (SimpleITK, Slicer...), which puts
@@ -481,7 +612,12 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.SeriesDescription = _lo_text(series_description or f"medfuse derived {modality} ({volume.unit})")
     base.Modality = _DICOM_MODALITY.get(modality, "OT")
     base.PositionReferenceIndicator = base.get("PositionReferenceIndicator", "")
-    base.Manufacturer = "medfuse"
+    # Manufacturer (General Equipment, type 2) is left empty: dcm2niix identifies a vendor by the first two letters
+    # ("medfuse" read as Mediso, a scanner maker, in its BIDS sidecar and vendor-specific handling). The software
+    # is named in ManufacturerModelName and SoftwareVersions (type 3) instead.
+    base.Manufacturer = ""
+    base.ManufacturerModelName = "medfuse"
+    base.SoftwareVersions = _software_version()
     base.SOPClassUID = sop_class
     if sop_class == _SC:
         base.ConversionType = "WSD"  # SC Equipment module, type 1: made on a workstation
@@ -543,6 +679,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
 
     # One PixelRepresentation for the whole series (see quantise_slice): exact integers keep the
     # type their whole range fits; quantised data is signed when any voxel is negative.
+    quantised = not exact_int
     if exact_int:
         vlo, vhi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
         if -32768 <= vlo and vhi <= 32767:
@@ -550,7 +687,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         elif vlo >= 0 and vhi <= 65535:
             series_signed = False
         else:  # fits neither 16-bit type: quantised
-            series_signed = vlo < 0
+            series_signed, quantised = vlo < 0, True
     else:  # slice by slice, so that no float64 copy of the whole volume is made
         series_signed = False
         for k in range(arr.shape[2]):
@@ -560,10 +697,12 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                 break
 
     with atomic_dir(folder, overwrite=overwrite, inputs=[prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike)) else [])) as tmp:
+        slopes = series_slopes(arr, signed=series_signed) if quantised else None
         for k in range(arr.shape[2]):
             stored, slope, intercept = quantise_slice(np.asarray(arr[:, :, k]).T, exact_int=bool(exact_int),
                                                       signed=series_signed,
-                                                      value_range=(vlo, vhi) if exact_int else None)
+                                                      value_range=(vlo, vhi) if exact_int else None,
+                                                      slope=None if slopes is None else slopes[k])
             ds = copy.deepcopy(base)
             uid = generate_uid()
             ds.SOPInstanceUID = uid

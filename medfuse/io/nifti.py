@@ -97,12 +97,40 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
 
 
 def format_tag(modality: str, unit: str) -> str:
-    """The text medfuse stores in NIfTI ``descrip`` to carry modality and unit (≤ 80 bytes)."""
+    """The text medfuse stores in NIfTI ``descrip`` to carry modality and unit (≤ 80 bytes).
+
+    Args:
+        modality: the volume's modality (``MR``, ``CT``, ``PT``, ``NM``, ``unknown``).
+        unit: the volume's unit (``HU``, ``SUVbw``, ...).
+
+    Returns:
+        ``"medfuse modality=<modality> unit=<unit>"``, which :func:`parse_tag` reads back.
+
+    Raises:
+        InvalidInputError: either is not text.
+    """
+    for name, value in (("modality", modality), ("unit", unit)):
+        if not isinstance(value, str):
+            raise InvalidInputError(f"{name} must be text, got {type(value).__name__}",
+                                    fix="pass the Volume's .modality and .unit")
     return f"medfuse modality={modality} unit={unit}"
 
 
 def parse_tag(text: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
-    """Modality and unit from a :func:`format_tag` string, or ``(None, None)``."""
+    """Modality and unit from a :func:`format_tag` string.
+
+    Args:
+        text: a NIfTI ``descrip`` (or MetaImage/NRRD) text, or None.
+
+    Returns:
+        ``(modality, unit)``, or ``(None, None)`` when the text holds no medfuse tag.
+
+    Raises:
+        InvalidInputError: ``text`` is neither text nor None.
+    """
+    if text is not None and not isinstance(text, str):
+        raise InvalidInputError(f"parse_tag takes text, got {type(text).__name__}",
+                                fix="decode a header's bytes first, e.g. bytes(hdr['descrip']).decode('ascii')")
     m = _TAG_RE.search(text or "")
     return (m.group(1), m.group(2)) if m else (None, None)
 
@@ -121,9 +149,18 @@ def nifti_space_code(volume: Volume) -> int:
     Code 1 is also right for a volume read from a file with code 0: medfuse used (and warned about) an affine
     guessed from the voxel sizes, and code 1 makes other tools use that same affine rather than guess their own.
 
+    Args:
+        volume: the Volume to be written.
+
+    Returns:
+        The code, 1 to 5.
+
     Raises:
-        InvalidInputError: the recorded space is not one of :data:`NIFTI_SPACES`.
+        InvalidInputError: ``volume`` is not a Volume, or its recorded space is not one of :data:`NIFTI_SPACES`.
     """
+    if not isinstance(volume, Volume):
+        raise InvalidInputError(f"nifti_space_code takes a medfuse Volume, got {type(volume).__name__}",
+                                fix="pass the Volume to be written")
     space = volume.provenance.get("nifti_space")
     if space is None:
         return 1
@@ -729,6 +766,14 @@ def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], un
             unit_override if unit_override is not None else (unit or "arbitrary"))
 
 
+def _checked(path, *, modality, unit) -> Path:
+    """The reader's arguments checked before any file is opened (raises InvalidInputError)."""
+    from . import _as_path, _check_load_options
+
+    _check_load_options(modality=modality, unit=unit)
+    return _as_path(path, fix="pass the path of a NIfTI, MetaImage or NRRD file")
+
+
 def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None,
                volume_index: Optional[int] = None) -> Volume:
     """Load one 3-D volume from a NIfTI, MetaImage or NRRD file.
@@ -740,12 +785,20 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
         volume_index: which volume of a 4-D file (0-based, negative from the end); required when there are
             several, as for a DICOM series.
 
+    Returns:
+        The :class:`~medfuse.volume.Volume`.
+
     Raises:
-        UnreadableFileError: empty, truncated or unreadable file.
+        UnreadableFileError: missing, empty, truncated or unreadable file.
         MultipleSeriesError: a 4-D file with more than one volume and no ``volume_index``.
         GeometryError: sheared, singular or non-finite affine.
-        InvalidInputError: zero size, all-NaN voxels, vector/colour data, ``volume_index`` out of range.
+        InvalidInputError: an argument of the wrong type, zero size, all-NaN voxels, vector/colour data,
+            ``volume_index`` out of range.
     """
+    from . import _check_volume_index
+
+    path = _checked(path, modality=modality, unit=unit)
+    volume_index = _check_volume_index(volume_index)
     vols, aff, mod, u, facts, p = _read(path)
     n = len(vols)
     if volume_index is None:
@@ -765,7 +818,22 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
 
 
 def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None) -> List[Volume]:
-    """Load every volume of a 3-D or 4-D NIfTI/MetaImage/NRRD file as a list of 3-D volumes."""
+    """Load every volume of a 3-D or 4-D NIfTI/MetaImage/NRRD file as a list of 3-D volumes.
+
+    Args:
+        path: the file.
+        modality: override the stored modality.
+        unit: override the stored unit.
+
+    Returns:
+        The volumes in the file's order (a 3-D file gives a list of one).
+
+    Raises:
+        UnreadableFileError: missing, empty, truncated or unreadable file.
+        GeometryError: sheared, singular or non-finite affine.
+        InvalidInputError: an argument of the wrong type, zero size, all-NaN voxels, vector/colour data.
+    """
+    path = _checked(path, modality=modality, unit=unit)
     vols, aff, mod, u, facts, p = _read(path)
     m, un = _labels(mod, u, modality, unit)
     return [_make(a, aff, p, modality=m, unit=un, facts=facts, index=i, n=len(vols)) for i, a in enumerate(vols)]

@@ -24,10 +24,11 @@ provenance: errors name the *tag*, never its value.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from ..errors import SUVError
+from ..errors import InvalidInputError, SUVError
 
 __all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "factor_source",
            "SUV_KINDS", "KIND_UNITS", "stored_unit"]
@@ -40,7 +41,18 @@ _STORED_KIND = {"BW": "bw", "LBM": "lbm", "BSA": "bsa"}
 
 
 def stored_unit(header: Dict[str, Any]) -> str:
-    """The unit of the stored pixels (after rescale) as the header declares it."""
+    """The unit of the stored pixels (after rescale) as the header declares it.
+
+    Args:
+        header: one instance's header (:func:`header_from_dataset`).
+
+    Returns:
+        ``Bq/mL`` (BQML, or no Units), ``counts`` (CNTS), the SUV unit of a GML series, else ``arbitrary``.
+
+    Raises:
+        InvalidInputError: ``header`` is not a dict.
+    """
+    _check_headers([header])
     units = str(header.get("Units") or "").strip().upper()
     if units == "GML":
         return KIND_UNITS.get(_STORED_KIND.get(str(header.get("SUVType") or "BW").strip().upper(), ""), "SUVbw")
@@ -99,7 +111,19 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
     Keys are named as in ``pet-suv-expected.json`` (``Units``, ``DecayCorrection``,
     ``RadionuclideHalfLife``, ``PatientWeight``, ``PhilipsSUVScaleFactor``, ...).
     Absent values are left out.
+
+    Args:
+        ds: the instance's pydicom Dataset (pixels need not be read).
+
+    Returns:
+        The header as a dict.
+
+    Raises:
+        InvalidInputError: ``ds`` is not a pydicom Dataset (a path: read it with pydicom.dcmread first).
     """
+    if not (type(ds).__module__.startswith("pydicom") and hasattr(ds, "data_element")):
+        raise InvalidInputError(f"header_from_dataset takes a pydicom Dataset, got {type(ds).__name__}",
+                                fix="read the file first: header_from_dataset(pydicom.dcmread(path))")
     h: Dict[str, Any] = {}
     for key in ("Units", "SUVType", "DecayCorrection", "PatientSex", "SeriesDate", "SeriesTime",
                 "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "TimezoneOffsetFromUTC"):
@@ -272,7 +296,16 @@ def _philips(h: Dict[str, Any], name: str) -> Optional[float]:
 
 
 def check_header(header: Dict[str, Any]) -> None:
-    """Raise :class:`SUVError` naming the first missing or invalid tag; return None when SUV can be computed."""
+    """Raise :class:`SUVError` naming the first missing or invalid tag; return None when SUV can be computed.
+
+    Args:
+        header: one instance's header (:func:`header_from_dataset`).
+
+    Raises:
+        SUVError: naming the first missing or invalid tag, with a fix.
+        InvalidInputError: ``header`` is not a dict.
+    """
+    _check_headers([header])
     ci = header.get("CorrectedImage")
     flags = [str(x).strip().upper() for x in (ci.split("\\") if isinstance(ci, str) else (ci or []))]
     missing = [f for f in ("ATTN", "DECY") if f not in flags]
@@ -386,9 +419,14 @@ def suv_factor(header: Dict[str, Any], kind: str = "bw") -> float:
         header: values as returned by :func:`header_from_dataset` (weight kg, size m, dose Bq, half-life s).
         kind: ``"bw"`` (body weight), ``"lbm"`` (James), ``"lbm_janma"`` (Janmahasatian) or ``"bsa"`` (Du Bois).
 
+    Returns:
+        The factor (g/Bq for SUVbw and SUVlbm, cm²/Bq for SUVbsa, times the stored unit's scale).
+
     Raises:
-        SUVError: naming the missing or invalid tag, with a fix.
+        SUVError: naming the missing or invalid tag (or an unknown ``kind``), with a fix.
+        InvalidInputError: ``header`` is not a dict.
     """
+    _check_headers([header])
     return _factor(header, kind, None)
 
 
@@ -397,10 +435,18 @@ def series_suv_factors(headers: Iterable[Dict[str, Any]], kind: str = "bw") -> L
 
     The scan time is one for the whole series (see the module docstring).
 
+    Args:
+        headers: one header per instance (:func:`header_from_dataset`).
+        kind: as :func:`suv_factor` takes it.
+
+    Returns:
+        One factor per instance, in the order given.
+
     Raises:
         SUVError: when series-level values differ between instances, or a tag is missing/invalid.
+        InvalidInputError: ``headers`` is not a list of dicts.
     """
-    hs = list(headers)
+    hs = _check_headers(headers)
     if not hs:
         raise SUVError("no PET instances were given", fix="pass the headers of every instance of the series")
     for key in _SERIES_KEYS:
@@ -418,6 +464,23 @@ def series_suv_factors(headers: Iterable[Dict[str, Any]], kind: str = "bw") -> L
     return [_factor(h, kind, scan) for h in hs]
 
 
+def _check_headers(headers: Any) -> List[Dict[str, Any]]:
+    """``headers`` as a list of header dicts.
+
+    Raises:
+        InvalidInputError: not an iterable of dicts (a single dict where a list is wanted, a Dataset, a path).
+    """
+    if isinstance(headers, (str, bytes, Mapping)) or not hasattr(headers, "__iter__"):
+        raise InvalidInputError(f"expected a list of header dicts, got {type(headers).__name__}",
+                                fix="pass [header_from_dataset(ds) for ds in datasets]")
+    hs = list(headers)
+    for h in hs:
+        if not isinstance(h, Mapping):
+            raise InvalidInputError(f"a header must be a dict, got {type(h).__name__}",
+                                    fix="make it with header_from_dataset(pydicom.dcmread(path))")
+    return hs
+
+
 def _norm(v: Any) -> Any:
     if isinstance(v, str):
         return v.strip()
@@ -432,8 +495,18 @@ def suv_problem(headers: Any, kind: str = "bw") -> Optional[str]:
     """Why SUV cannot be computed for these header(s), as one sentence naming the tag; None when it can.
 
     For readers that fall back to Bq/mL with a warning instead of raising.
+
+    Args:
+        headers: one header, or one per instance (:func:`header_from_dataset`).
+        kind: as :func:`suv_factor` takes it.
+
+    Returns:
+        The reason, or None when SUV can be computed.
+
+    Raises:
+        InvalidInputError: ``headers`` is not a dict or a list of dicts.
     """
-    hs = [headers] if isinstance(headers, dict) else list(headers)
+    hs = _check_headers([headers] if isinstance(headers, Mapping) else headers)
     try:
         series_suv_factors(hs, kind)
     except SUVError as e:
@@ -447,7 +520,14 @@ def factor_source(header: Dict[str, Any], kind: str = "bw") -> str:
     Args:
         header: one instance's header (:func:`header_from_dataset`).
         kind: the SUV kind applied (``"bw"``, ``"lbm"``, ``"bsa"``).
+
+    Returns:
+        One sentence, e.g. ``"body weight / injected dose decayed to the scan start (Units BQML, ...)"``.
+
+    Raises:
+        InvalidInputError: ``header`` is not a dict.
     """
+    _check_headers([header])
     units = str(header.get("Units") or "").strip().upper()
     kind = str(kind).lower()
     if units == "GML":

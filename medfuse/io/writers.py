@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ..volume import Volume
 from ..provenance import _detached_data_file
 from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _make_aside, _public_mode,
                       _temp_suffix, _typed_os_error, atomic_path, check_output, refuse_foreign_folder, same_file)
+from . import _as_path, _check_flag, _check_text, _kind
 from .nifti import format_tag, nifti_space_code
 
 __all__ = ["save", "check_save_target", "FORMATS"]
@@ -42,6 +43,37 @@ _READ_ONLY_SUFFIXES = (".img", ".hdr", ".img.gz", ".hdr.gz")
 #: Endings surely not meant as a DICOM series folder's name (2-D pictures, sidecars, transforms, tables).
 _NOT_VOLUME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".json", ".tfm", ".txt", ".h5",
                         ".hdf5", ".mat", ".csv")
+
+
+def _check_args(path: Any, *, overwrite: Any, format: Any) -> Tuple[Path, bool]:
+    """The output path and ``overwrite`` checked, and ``format``'s type.
+
+    Raises:
+        InvalidInputError: a path that is not a str or Path, a non-bool ``overwrite`` (``overwrite="no"`` would
+            overwrite), a ``format`` that is not text.
+    """
+    p = _as_path(path, what="the output path", fix="pass the output's name as a str or pathlib.Path, e.g. "
+                                                    "'fused.nii.gz' (no ending: a DICOM series folder)")
+    _check_text(format, "format", f"pass one of {', '.join(FORMATS)}, or leave it out to take it from the name")
+    return p, _check_flag(overwrite, "overwrite")
+
+
+def _check_template(template: Any) -> None:
+    """A DICOM template: None, a pydicom Dataset or a path.
+
+    Raises:
+        InvalidInputError: anything else (a Volume holds no DICOM header to copy).
+    """
+    if template is None or isinstance(template, (str, os.PathLike)):
+        return
+    if type(template).__module__.startswith("pydicom"):
+        import pydicom
+
+        if isinstance(template, pydicom.Dataset):
+            return
+    raise InvalidInputError(f"template must be a pydicom Dataset or the path of a DICOM file or folder, got "
+                            f"{_kind(template)}", fix="pass the DICOM file or folder the volume came from (its "
+                            "provenance['source']), or leave template out")
 
 
 def _format_of(path: Path, fmt: Optional[str]) -> str:
@@ -228,10 +260,24 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     more than a DICOM series (``overwrite`` never deletes such a folder), or a folder this process cannot write
     in (tried with a temporary file).
 
+    Args:
+        path: the output :func:`save` will be given.
+        overwrite: as :func:`save` will be given it.
+        inputs: the paths of the inputs, which are never written over.
+        format: as :func:`save` will be given it (default: from the name).
+
+    Returns:
+        ``path`` as a Path.
+
     Raises:
-        OutputExistsError, InvalidInputError: as :func:`save` would.
+        OutputExistsError: as :func:`save` would (an existing output, an input, an unwritable folder).
+        InvalidInputError: as :func:`save` would (an argument of the wrong type, an unknown format), or
+            ``inputs`` is not a list.
     """
-    p = Path(path)
+    p, _ = _check_args(path, overwrite=overwrite, format=format)
+    if isinstance(inputs, (str, bytes, os.PathLike)) or not hasattr(inputs, "__iter__"):
+        # One path would be read letter by letter: "." among them made every output here "inside an input".
+        raise InvalidInputError(f"inputs takes a list of paths, got {_kind(inputs)}", fix="pass inputs=[path, ...]")
     fmt = _format_of(p, format)
     check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
     if fmt == "dicom":
@@ -278,14 +324,25 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
         series_description: DICOM only: SeriesDescription of the derived series.
         template: DICOM only: a pydicom Dataset, DICOM file or folder whose study context is kept.
 
+    Returns:
+        The path written.
+
     Raises:
-        OutputExistsError: the output exists (without ``overwrite``) or is the volume's source.
-        InvalidInputError: unknown format.
+        OutputExistsError: the output exists (without ``overwrite``), is the volume's source, or cannot be
+            written (permission, read-only or full disk).
+        InvalidInputError: an argument of the wrong type, an unknown format, a name the format cannot take, or
+            voxels the format cannot store exactly.
+        UnreadableFileError: the DICOM template cannot be read.
     """
     if not isinstance(volume, Volume):
+        swapped = isinstance(volume, (str, os.PathLike)) and isinstance(path, Volume)
         raise InvalidInputError(f"expected a medfuse Volume, got {type(volume).__name__}",
-                                fix="load or build a Volume first (medfuse.load or medfuse.Volume)")
-    p = Path(path)
+                                fix="the volume comes first: save(volume, path)" if swapped else
+                                "load or build a Volume first (medfuse.load or medfuse.Volume)")
+    p, overwrite = _check_args(path, overwrite=overwrite, format=format)
+    deidentify = _check_flag(deidentify, "deidentify")
+    _check_text(series_description, "series_description", "pass the description as text, or leave it out")
+    _check_template(template)
     fmt = _format_of(p, format)
     # The volume's own file and, for a derived volume (fused), the files it was made from.
     inputs = [volume.provenance.get("source"), *volume.provenance.get("sources", [])]
