@@ -199,7 +199,10 @@ class RegisterStep:
                 def sub(f: float, msg: str, i=i) -> None:
                     report(state.progress, (i + f) / n, f"registering {i + 1}/{n}: {msg}")
 
-                res = register(fixed, moving, kind=self.kind, progress=sub, cancel=state.cancel, **self.options)
+                # Only the transform and the report: the resample step resamples each original once, through
+                # the transform; a resampled copy made here would be thrown away.
+                res = register(fixed, moving, kind=self.kind, progress=sub, cancel=state.cancel, _resample=False,
+                               **self.options)
                 state.transforms[i] = res.transform
                 rep = res.report.to_dict()
                 state.registrations[i] = rep
@@ -283,10 +286,11 @@ class NormaliseStep:
             check(state.cancel, "normalisation")
             require_finite(v.array, f"input {i}", before="fusing")
             kw = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
-            scaled, rec = normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, **kw)
-            nv = v.with_array(scaled.astype(np.float32), unit="arbitrary")
-            # The float64 result is dropped now, not when the next volume's replaces it (it would otherwise be
-            # held through that volume's normalisation: 8 bytes a voxel on top of the peak).
+            # float32 straight away (float64 arithmetic a slab at a time, the same values): a float64 copy of
+            # the whole volume cost 8 bytes a voxel on top of this step's peak.
+            scaled, rec = normalise(v.array, method=self.method, modality=v.modality, unit=v.unit,
+                                    dtype=np.float32, **kw)
+            nv = v.with_array(scaled, unit="arbitrary")
             del scaled
             nv.provenance["normalisation"] = rec
             out.append(nv)

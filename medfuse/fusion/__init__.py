@@ -26,7 +26,8 @@ def available_methods() -> List[str]:
     return ["network", *CLASSICAL_METHODS]
 
 
-def _network(arrays01: Sequence[np.ndarray], *, device: str, **options: Any) -> np.ndarray:
+def _network(arrays01: Sequence[np.ndarray], *, device: str, as_float64: bool = True, **options: Any) -> np.ndarray:
+    """The network's fusion of ``arrays01``: float64 (``as_float64``), or the float32 array it returns, unconverted."""
     try:
         from . import infer
     except ImportError as e:
@@ -45,7 +46,8 @@ def _network(arrays01: Sequence[np.ndarray], *, device: str, **options: Any) -> 
     if unknown:
         raise InvalidInputError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for the network",
                                 fix=f"use only {', '.join(sorted(allowed))}")
-    return np.asarray(infer.fuse_arrays(list(arrays01), device=device, **options), dtype=np.float64)
+    out = infer.fuse_arrays(list(arrays01), device=device, **options)
+    return np.asarray(out, dtype=np.float64) if as_float64 else out
 
 
 def _weights_hash(weights: Any = None) -> Any:
@@ -58,9 +60,11 @@ def _weights_hash(weights: Any = None) -> Any:
         return None
 
 
-def _run(method: str, arrays01: Sequence[np.ndarray], *, device: str, options: Dict[str, Any]) -> np.ndarray:
+def _run(method: str, arrays01: Sequence[np.ndarray], *, device: str, options: Dict[str, Any],
+         network_float32: bool = False) -> np.ndarray:
+    """``method``'s fusion of ``arrays01``: float64; the network's float32 result as it is with ``network_float32``."""
     if method == "network":
-        return _network(arrays01, device=device, **options)
+        return _network(arrays01, device=device, as_float64=not network_float32, **options)
     from .classical import fuse_arrays
 
     options = dict(options)
@@ -166,8 +170,18 @@ def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
+def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
+                       dtype: Any = None) -> Tuple[List[np.ndarray], List[Dict[str, Any]]]:
+    """The volumes scaled to 0..1, float64 (or ``dtype``: ``numpy.float32`` for the network, the same values
+    rounded once, with no float64 copy of a volume), and their records.
+
+    With ``dtype=numpy.float32``, a float32 volume already normalised upstream (unit "arbitrary", in 0..1, as the
+    pipeline hands it over) is returned itself, not copied: scaling it by ``range`` 0..1 gives its own values.
+    Such an array is read, never written to.
+    """
     from .normalise import normalise as norm
+
+    as32 = dtype is not None and np.dtype(dtype) == np.float32
 
     specs = _specs(normalise, len(vols)) or [{"method": str(normalise)} for _ in vols]
     out, recs = [], []
@@ -181,7 +195,15 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any) -> Tuple[List[np.
             # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
             # SUV) keeps its own rule even when its values happen to lie in 0..1.
             spec = {"method": "range", "low": 0.0, "high": 1.0}
-        y, rec = norm(a, **{"modality": v.modality, "unit": v.unit, **spec})
+            if as32 and a.dtype == np.float32:
+                # (x - 0) / 1 in float64, clipped (nothing to clip) and rounded back: a's own values. The record
+                # depends on the values only through clipped_fraction (0 here): one voxel gives it.
+                rec = norm(a[(slice(0, 1),) * a.ndim], dtype=np.float32,
+                           **{"modality": v.modality, "unit": v.unit, **spec})[1]
+                out.append(a)
+                recs.append(rec)
+                continue
+        y, rec = norm(a, **{"modality": v.modality, "unit": v.unit, **spec}, **({"dtype": dtype} if as32 else {}))
         out.append(y)
         recs.append(rec)
     return out, recs
@@ -444,10 +466,16 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                                 f"fusion network, which needs {_MIN_SIZE_3D} voxels along all axes but one",
                                 fix="use a classical method (e.g. method='laplacian') for such small volumes")
     notes = _anisotropy_notes(ref, method, axis)
-    scaled, recs = _normalise_volumes(vols, normalise)
-    _as_network_precision(method, scaled)
+    # The network computes in float32: its inputs are normalised straight into float32 (the values a float64
+    # normalisation cast to float32 gives; no float64 copy of a volume), and those already in 0..1 as float32
+    # are not copied at all.
+    scaled, recs = _normalise_volumes(vols, normalise, dtype=np.float32 if method == "network" else None)
     if axis is not None:
         fused = np.clip(_slice_by_slice(method, scaled, axis, device=device, options=options), 0.0, 1.0)
+    elif method == "network":
+        # Kept in float32 and clipped in place: float64, a clipped copy and a cast back gave the same values.
+        fused = _run(method, scaled, device=device, options=options, network_float32=True)
+        fused = np.clip(fused, 0.0, 1.0, out=fused)
     else:
         fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     del scaled
@@ -467,7 +495,9 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     if method == "network":
         prov["weights_sha256"] = _weights_hash(options.get("weights"))
         prov["network_functional"] = options.get("functional")
-    out = Volume(fused.astype(np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary", provenance=prov)
+    # No copy of a float32 result that is one block already (the network's, unless its padding was cut off).
+    out = Volume(np.ascontiguousarray(fused, dtype=np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary",
+                 provenance=prov)
     out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")})
     return out
 

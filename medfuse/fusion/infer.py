@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._checks import all_finite, refuse_volumes, slab_slices
 from ..errors import InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
 from ..progress import CancelToken, ProgressFn, check, report
 
@@ -135,7 +136,8 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarray:
+def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
+    """The inputs as arrays, after every check that needs no float32 copy (count, shapes, dtype, finiteness)."""
     if isinstance(arrays, np.ndarray):
         arrays = list(arrays)
     if not isinstance(arrays, (list, tuple)) or not 2 <= len(arrays) <= 3:
@@ -167,9 +169,19 @@ def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarr
     for a in arrs:
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
             raise InvalidInputError(f"the inputs must be real numbers, got dtype {a.dtype}", fix="pass float arrays")
-    if not all(np.isfinite(a).all() for a in arrs):
+    if not all(all_finite(a, CHUNK_ELEMENTS) for a in arrs):
         raise InvalidInputError("an input contains NaN or infinite values",
                                 fix="replace them (e.g. numpy.nan_to_num) before fusing")
+    return arrs
+
+
+#: Values per chunk of the input checks (1 MB of float32): a 512x512 CT slice a chunk.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _check_arrays(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> np.ndarray:
+    """The inputs stacked as float32 and clipped to 0..1, after :func:`_validated`'s checks."""
+    arrs = _validated(arrays, ndim)
     x = np.stack([a.astype(np.float32, copy=False) for a in arrs])
     if not np.isfinite(x).all():
         raise InvalidInputError("an input has values beyond float32's range; the network takes inputs in 0..1",
@@ -239,10 +251,84 @@ def _slabs(n: int, size: int):
         yield s, min(n, s + size)
 
 
-def _slab_input(vol, s: int, e: int, halo: int) -> Tuple[object, int]:
+class _Padded:
+    """The inputs as the network reads them, built slab by slab: float32, clipped to 0..1 and replicate-padded
+    at the ends of every axis to a multiple of ``factor``.
+
+    Why: one stacked, padded copy of all inputs cost 4 bytes a voxel and input for the whole fusion (0.6 GB for
+    a 512x512x300 pair) beside the inputs themselves; a slab holds the same values, so the result is the same.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], factor: int):
+        self.arrays, self.factor = list(arrays), int(factor)
+        self.size = arrays[0].shape
+        self.shape = (len(self.arrays),) + tuple(-(-n // self.factor) * self.factor for n in self.size)
+
+    def take(self, lo: int, hi: int):
+        """Padded slices ``lo:hi`` along the first axis of the volumes: a (N, hi-lo, H', W') torch tensor."""
+        stop = min(hi, self.size[0])
+        x = np.empty((len(self.arrays), hi - lo) + tuple(self.size[1:]), dtype=np.float32)
+        for i, a in enumerate(self.arrays):
+            x[i, :stop - lo] = a[lo:stop]  # cast on assignment: the values astype(np.float32) gives
+        x[:, stop - lo:] = x[:, stop - lo - 1:stop - lo]  # the padding repeats the last real slice
+        np.clip(x, 0.0, 1.0, out=x)
+        return _pad_to(_torch().from_numpy(x), self.factor, (2, 3))
+
+
+def _scan_volumes(arrays: Sequence[np.ndarray]) -> list:
+    """:func:`_check_arrays`' checks for the 3-D path, chunk by chunk: no stacked copy of the inputs."""
+    arrs = _validated(arrays, 3)
+    lo, hi = np.inf, -np.inf
+    for a in arrs:
+        for s in slab_slices(a, CHUNK_ELEMENTS):  # one volume-sized temporary would cost a byte a voxel or more
+            c = a[s].astype(np.float32, copy=False)
+            if not np.isfinite(c).all():
+                raise InvalidInputError("an input has values beyond float32's range; the network takes inputs in "
+                                        "0..1", fix="scale the inputs to 0..1 first (medfuse.fuse does it for you)")
+            lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        warnings.warn(f"network fusion expects inputs scaled to 0..1 (got {lo:.3g}..{hi:.3g}); clipping",
+                      MedfuseWarning, stacklevel=3)
+    return arrs
+
+
+def _slab_input(vol: _Padded, s: int, e: int, halo: int) -> Tuple[object, int]:
     """(N, e-s+2·halo', H, W) piece of ``vol`` with up to ``halo`` real neighbours each side; returns offset."""
     lo, hi = max(0, s - halo), min(vol.shape[1], e + halo)
-    return vol[:, lo:hi], s - lo
+    return vol.take(lo, hi), s - lo
+
+
+#: Slices combined at a time in the tri-plane path's last pass (a multiple of the network's factor).
+COMBINE_SLICES = 8
+#: Low-resolution slices the tri-plane step encodes at a time, and slices (along the first axis) it merges at a
+#: time. Other values give the same logits to the bit (each slice is encoded on its own; the merge is the same
+#: convolution of the same padded values); these bound the step's memory (at clinical size 64 slices and the
+#: whole merge at once cost about 1.6 GB beside the volumes, these 0.36 GB) and let cancel act within a
+#: fraction of a second. On the CPU only (checked there, in channels-last memory, as load_model keeps the
+#: model): other devices keep the former 64 slices and one merge call, whose results their kernels were not
+#: checked to keep to the bit in smaller pieces.
+PLANE_BATCH = 8
+MERGE_SLICES = 8
+
+
+def _combine_into(out: np.ndarray, model, lr, piece, base, details, s: int, e: int, off: int, f: int,
+                  brighter: bool) -> None:
+    """Combine slices ``s:e`` (``off`` in the slab ``piece``) into ``out[s:e]``: the same slices, logits and
+    empty guard that a slab ``s:e`` of its own gives (its halo holds the guard's radius)."""
+    from .network import _up
+
+    sl = slice(off, off + e - s)
+    a0, a1 = max(0, s // f - 1), min(lr.shape[2], e // f + 1)
+    u0 = s - a0 * f
+    up = _up(lr[:, :, a0:a1], f)[:, :, u0:u0 + e - s]
+    empty = None
+    if model.empty_guard:  # the guard needs only its own radius of the halo, not all of it
+        r = model.empty_guard // 2
+        lo = max(0, off - r)
+        empty = model.empty_mask(piece[:, :, lo:off + e - s + r])[:, :, off - lo:off - lo + e - s]
+    fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up, empty=empty,
+                          brighter=brighter)
+    out[s:e] = fused[0].float().cpu().numpy()
 
 
 def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optional[PathLike] = None,
@@ -264,22 +350,22 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
             volumes better.
         progress, cancel: see :mod:`medfuse.progress`.
     """
-    x = _check_arrays(arrays, 3)
+    arrs = _scan_volumes(arrays)
     functional = _tri_state(functional)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a whole number of slices >= 1, got {batch_size!r}",
                                 fix="pass e.g. batch_size=32 (smaller uses less memory)")
     torch = _torch()
-    from .network import _pool, _up, decompose
+    from .network import _pool, decompose
 
     model = load_model(weights, device=device)
     device = next(model.parameters()).device  # "auto" resolved by load_model
     f = model.factor
     halo = -(-model.halo // f) * f  # a multiple of the factor, so slabs stay aligned with the low-res grid
     size = max(f, (int(batch_size) // f) * f)
-    shape = x.shape[1:]
+    shape = arrs[0].shape
     with torch.inference_mode():
-        vol = _pad_to(torch.from_numpy(x), f, (1, 2, 3))
+        vol = _Padded(arrs, f)
         n_slabs = -(-vol.shape[1] // size)
         total = 2 * n_slabs + 1
         # Pass 1: low-resolution features, slab by slab.
@@ -299,31 +385,31 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         check(cancel, "network fusion")
         # A known functional input (True) gets the weights' "brighter wins" choice, if they have one.
         brighter = functional is True and model.has_brighter_rule
+        # Cancel is checked between its encoder batches and merge chunks: at clinical size this step alone ran
+        # for tens of seconds unchecked (Ctrl-C and napari's Cancel waited for it).
+        planes_progress = None if progress is None else \
+            (lambda fr, msg: report(progress, (n_slabs + fr) / total, msg))
+        on_cpu = device.type == "cpu"
         logits = model.planes_logits(feats3, coarse_pixel_rule=0 if functional is False else None,
-                                     brighter=brighter)  # (K, d, h, w)
+                                     brighter=brighter, batch=PLANE_BATCH if on_cpu else 64,
+                                     merge_depth=MERGE_SLICES if on_cpu else None,
+                                     cancel=cancel, progress=planes_progress)  # (K, d, h, w)
+        del feats3
         report(progress, (n_slabs + 1) / total, "network fusion: tri-plane")
         # Pass 3: full-resolution combination, slab by slab.
         out = np.empty(tuple(vol.shape[1:]), dtype=np.float32)
         lr = logits[None]
+        step = min(size, COMBINE_SLICES // f * f or f)
         for i, (s, e) in enumerate(_slabs(vol.shape[1], size)):
             check(cancel, "network fusion")
             piece, off = _slab_input(vol, s, e, halo)
             piece = piece[None].to(device)
             base, details = decompose(piece, model.levels)
-            sl = slice(off, off + e - s)
-            a0, a1 = max(0, s // f - 1), min(lr.shape[2], e // f + 1)
-            up = _up(lr[:, :, a0:a1], f)
-            u0 = s - a0 * f
-            up = up[:, :, u0:u0 + e - s]
-            empty = None
-            if model.empty_guard:  # the guard needs only its own radius of the halo, not all of it
-                r = model.empty_guard // 2
-                lo = max(0, off - r)
-                empty = model.empty_mask(piece[:, :, lo:off + e - s + r])[:, :, off - lo:off - lo + e - s]
-            fused = model.combine(piece[:, :, sl], base[:, :, sl], [d[:, :, sl] for d in details], up, empty=empty,
-                                  brighter=brighter)
-            out[s:e] = fused[0].float().cpu().numpy()
-            del base, details, piece, up, fused
+            # The combination is voxel-wise: a few slices at a time, so that its upsampled logits and weights
+            # (a dozen full-resolution channels) are held for those slices only, not for the whole slab.
+            for cs, ce in _slabs(e - s, step):
+                _combine_into(out, model, lr, piece, base, details, s + cs, s + ce, off + cs, f, brighter)
+            del base, details, piece
             report(progress, (n_slabs + 2 + i) / total, "network fusion: combining")
     report(progress, 1.0, "network fusion done")
     return out[: shape[0], : shape[1], : shape[2]]
@@ -351,6 +437,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
     """
     if mode not in ("auto", "2d", "3d"):
         raise InvalidInputError(f"mode must be 'auto', '2d' or '3d', got {mode!r}", fix="use mode='auto'")
+    refuse_volumes(arrays, takes="this function takes arrays scaled to 0..1")
     ndim = {"auto": None, "2d": 2, "3d": 3}[mode]
     if ndim is None:
         try:

@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..progress import CancelToken, ProgressFn, check, report
+
 __all__ = ["FusionNet", "ConvexMerge3d", "SelectiveScan2d", "DEFAULT_CONFIG", "decompose", "HALO",
            "config_from_metadata"]
 
@@ -621,8 +623,17 @@ class FusionNet(nn.Module):
         # Added in the (B, N, levels+1, H, W) shape: ``delta`` is a strided view, read once, never copied.
         return torch.cat([(sel5 + delta).flatten(1, 2), logits_up[:, n * lv1:]], dim=1)
 
+    def _merge_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """The tri-plane merge of an already replicate-padded (K, 3, d+2, h+2, w+2) stack -> (K, d, h, w):
+        the convolution :attr:`agg`'s forward runs after padding."""
+        if isinstance(self.agg, ConvexMerge3d):
+            return F.conv3d(padded, self.agg.kernel())[:, 0]
+        return F.conv3d(padded, self.agg.weight, self.agg.bias)[:, 0]
+
     def planes_logits(self, feats3: torch.Tensor, *, batch: int = 64,
-                      coarse_pixel_rule: Optional[int] = None, brighter: bool = False) -> torch.Tensor:
+                      coarse_pixel_rule: Optional[int] = None, brighter: bool = False,
+                      merge_depth: Optional[int] = None, cancel: Optional[CancelToken] = None,
+                      progress: Optional[ProgressFn] = None) -> torch.Tensor:
         """Tri-plane low-resolution logits. feats3: (N, C, d, h, w) pooled volume features -> (K, d, h, w).
 
         The 2-D encoder/heads run on the slices of each of the three planes (``batch`` slices at a time,
@@ -630,17 +641,56 @@ class FusionNet(nn.Module):
         selection maps of the ``coarse_pixel_rule`` coarsest detail levels (default: the model's
         ``coarse_pixel_rule_3d``) are then scaled by ``coarse_rule_learned`` (0: set to 0); with ``brighter``
         (a functional input, and ``functional_k`` set) as :meth:`_leave_to_pixel_rule` says.
+
+        ``merge_depth``: low-resolution slices (along the first axis) merged at a time, each with the one
+        neighbour slice a side that the 3×3×3 kernel reads (None: the whole volume in one call). The same
+        convolution over every map, on the same replicate-padded values, gives the same logits to the bit,
+        without the stacked (maps, 3 planes) volume, its padded copy and the convolution's buffers for all of
+        it at once (about 1 GB at clinical size). Inference merges a few slices at a time
+        (:data:`medfuse.fusion.infer.MERGE_SLICES`); training merges in one call, as it always did.
+
+        ``cancel`` (a :class:`medfuse.progress.CancelToken`) is checked before every batch and every merge call
+        (:class:`medfuse.errors.CancelledError`); ``progress(fraction, message)`` is called after each.
+        Why: at clinical size this step runs for tens of seconds, and Ctrl-C or a Cancel button waited for it.
         """
         rule = self.coarse_pixel_rule_3d if coarse_pixel_rule is None else int(coarse_pixel_rule)
         n, c = feats3.shape[:2]
+        depth = feats3.shape[2]
+        chunk = depth if merge_depth is None else max(1, int(merge_depth))
+        steps = sum(-(-feats3.shape[2 + axis] // batch) for axis in range(3)) + -(-depth // chunk)
+        done = 0
         per_plane = []
         for axis in range(3):
             # Move the through-plane axis first: (S, N, C, a, b).
             v = feats3.movedim(2 + axis, 0)
-            outs = [self.lowres_logits(v[i:i + batch]) for i in range(0, v.shape[0], batch)]
+            outs = []
+            for i in range(0, v.shape[0], batch):
+                check(cancel, "network fusion")
+                outs.append(self.lowres_logits(v[i:i + batch]))
+                done += 1
+                report(progress, done / (steps + 1), "network fusion: tri-plane")
             per_plane.append(torch.cat(outs, 0).movedim(0, 1 + axis))  # (K, d, h, w)
-        stacked = torch.stack(per_plane, dim=1)  # (K, 3, d, h, w)
-        merged = self.agg(stacked)[:, 0]
+            del outs
+        if chunk >= depth:
+            check(cancel, "network fusion")
+            stacked = torch.stack(per_plane, dim=1)  # (K, 3, d, h, w)
+            del per_plane
+            merged = self.agg(stacked)[:, 0]
+            del stacked
+        else:
+            merged = per_plane[0].new_empty(per_plane[0].shape)
+            for s in range(0, depth, chunk):
+                check(cancel, "network fusion")
+                e = min(depth, s + chunk)
+                # Slices s-1 .. e (clamped: the replicate padding along the depth), then padded in-plane: the
+                # values of the whole padded stack's slices s .. e+1.
+                rows = torch.arange(s - 1, e + 1, device=merged.device).clamp_(0, depth - 1)
+                piece = torch.stack([p.index_select(1, rows) for p in per_plane], dim=1)  # (K, 3, e-s+2, h, w)
+                merged[:, s:e] = self._merge_padded(F.pad(piece, (1, 1, 1, 1, 0, 0), mode="replicate"))
+                del piece
+                done += 1
+                report(progress, done / (steps + 1), "network fusion: tri-plane")
+            del per_plane
         if rule:
             merged = self._leave_to_pixel_rule(merged, n, rule, dim=0, brighter=brighter)
         return merged

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from .._checks import all_finite, slab_slices
 from ..errors import InvalidInputError, MedfuseWarning
 
 __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
@@ -64,14 +65,14 @@ def _percentiles(value: Any) -> Tuple[float, float]:
     return pl, ph
 
 
-def _warn_if_not_hu(x: np.ndarray, width: float) -> None:
+def _warn_if_not_hu(x: np.ndarray, width: float, stacklevel: int = 3) -> None:
     """Warn when a volume labelled HU spans under 2 % of the CT window: it is not in HU any more.
 
     Why: a CT rescaled to 0..1 (``vol.with_array(x / x.max())``) keeps ``unit="HU"``, and the CT window then maps
     the whole image onto 0.400..0.4025, a flat grey that fuses as nothing, without a word. A real CT spans
     hundreds of HU (air, tissue, bone).
     """
-    span = float(x.max() - x.min()) if x.size else 0.0
+    span = float(x.max()) - float(x.min()) if x.size else 0.0  # in float64 whatever x's type (int16 wraps)
     if 0.0 < span < 0.02 * width:
         import warnings
 
@@ -79,17 +80,18 @@ def _warn_if_not_hu(x: np.ndarray, width: float) -> None:
                       f"{float(x.max()):.3g}), under 2 % of the {width:g} HU window that 'auto' applies: it does "
                       "not look like HU (rescaled?), and the window maps it to a flat grey. Fix: give the "
                       "rescaled volume unit='arbitrary' (vol.with_array(x, unit='arbitrary')), or pass "
-                      "normalise='percentile'", MedfuseWarning, stacklevel=3)
+                      "normalise='percentile'", MedfuseWarning, stacklevel=stacklevel)
 
 
 def normalise(array, *, method: str = "auto", modality: Optional[str] = None, unit: Optional[str] = None,
               level: Optional[float] = None, width: Optional[float] = None, suv_max: Optional[float] = None,
               percentiles: Optional[Tuple[float, float]] = None, low: Optional[float] = None,
-              high: Optional[float] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+              high: Optional[float] = None, dtype: Any = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Scale an image or volume to 0..1 and say how.
 
     Args:
-        array: the image (any numeric dtype; NaN refused).
+        array: the image (any numeric dtype; NaN refused), or a :class:`~medfuse.Volume`, whose modality and unit
+            ``"auto"`` then uses (``modality=``/``unit=`` given here win).
         method: ``"auto"`` (from ``modality``/``unit``), ``"window"``, ``"suv"``,
             ``"percentile"``, ``"minmax"``, ``"range"`` or ``"none"``.
         modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (used by ``auto``; recorded).
@@ -98,19 +100,48 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
         suv_max: upper end of the PET SUV range (default 10).
         percentiles: (low, high) percentiles (default 0.5, 99.5).
         low, high: the interval for ``"range"``.
+        dtype: ``None`` or ``numpy.float64`` (the default: a float64 result), or ``numpy.float32``: the same
+            values as ``normalise(...)[0].astype(numpy.float32)``, computed in float64 slab by slab, so that no
+            float64 copy of the whole volume is made (8 bytes a voxel less at the peak).
 
     Returns:
-        ``(scaled, record)``: float64 in 0..1 and a JSON-safe dict with ``method``,
-        ``low``, ``high``, ``modality``, ``unit``, ``clipped_fraction`` and the parameters.
+        ``(scaled, record)``: float64 (or ``dtype``) in 0..1 and a JSON-safe dict with ``method``,
+        ``low``, ``high``, ``modality``, ``unit``, ``clipped_fraction`` and the parameters. Given a Volume,
+        ``scaled`` is a Volume on its grid, unit ``arbitrary``, with the record in its provenance.
 
     Raises:
         InvalidInputError: NaN/inf values, unknown method, or an empty interval.
     """
+    from ..volume import Volume
+
+    if isinstance(array, Volume):
+        # Why: NumPy reads a Volume as its voxels, so without this a CT in HU got the percentile rule, not its window.
+        scaled, rec = normalise(array.array, method=method, modality=array.modality if modality is None else modality,
+                                unit=array.unit if unit is None else unit, level=level, width=width, suv_max=suv_max,
+                                percentiles=percentiles, low=low, high=high, dtype=dtype)
+        out = array.with_array(scaled, unit="arbitrary")
+        out.provenance["normalisation"] = rec
+        return out, rec
     x = np.asarray(array)
     if not np.issubdtype(x.dtype, np.number) and x.dtype != bool:
         raise InvalidInputError(f"cannot normalise dtype {x.dtype}", fix="pass a numeric array")
+    if dtype is not None and np.dtype(dtype) == np.float32 and x.size:
+        return _normalise_float32(x, method=method, modality=modality, unit=unit, level=level, width=width,
+                                  suv_max=suv_max, percentiles=percentiles, low=low, high=high)
+    if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
+        raise InvalidInputError(f"normalise returns float64 or float32, not {np.dtype(dtype)}",
+                                fix="pass dtype=numpy.float32, or leave dtype out for float64")
     x = x.astype(np.float64)
-    if not np.all(np.isfinite(x)):
+    y, rec = _scaled(x, _interval(x, method=method, modality=modality, unit=unit, level=level, width=width,
+                                  suv_max=suv_max, percentiles=percentiles, low=low, high=high))
+    return (y if dtype is None or np.dtype(dtype) == np.float64 else y.astype(dtype)), rec
+
+
+def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, percentiles, low,
+              high, stacklevel: int = 4) -> Dict[str, Any]:
+    """The record of the mapping ``[low, high] -> 0..1`` for ``x`` (float64, or any dtype its float64 values
+    are read from exactly: min, max and percentiles are taken on float64 values), ``clipped_fraction`` aside."""
+    if not all_finite(x, SLAB_ELEMENTS):
         raise InvalidInputError("the image contains NaN or infinite values", fix="replace them before fusing")
     chosen = auto_method(modality, unit) if method == "auto" else method
     if chosen not in _METHODS:
@@ -124,13 +155,14 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
         lo, hi = lv - wd / 2.0, lv + wd / 2.0
         rec.update(level=lv, width=wd)
         if method == "auto":
-            _warn_if_not_hu(x, wd)
+            _warn_if_not_hu(x, wd, stacklevel)  # pointing at normalise()'s caller
     elif chosen == "suv":
         lo, hi = 0.0, DEFAULT_SUV_MAX if suv_max is None else _number("suv_max", suv_max)
         rec.update(suv_max=hi)
     elif chosen == "percentile":
         pl, ph = DEFAULT_PERCENTILES if percentiles is None else _percentiles(percentiles)
-        lo, hi = (float(v) for v in np.percentile(x, [pl, ph]))
+        # On float64 values, as always: percentiles of float32 interpolate in float32 (other last digits).
+        lo, hi = (float(v) for v in np.percentile(x if x.dtype == np.float64 else x.astype(np.float64), [pl, ph]))
         rec.update(percentiles=[pl, ph])
         if hi <= lo:  # sparse images (a few bright voxels): fall back to the full range
             lo, hi = float(x.min()), float(x.max())
@@ -146,15 +178,45 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
         else:
             raise InvalidInputError(f"empty normalisation interval [{lo}, {hi}]", fix="choose high > low")
     rec.update(low=lo, high=hi)
-    if chosen == "none":
+    return rec
+
+
+def _scaled(x: np.ndarray, rec: Dict[str, Any]) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """``x`` (a float64 copy, overwritten) mapped through ``rec``; the record gets ``clipped_fraction``."""
+    if rec["method"] == "none":
         rec["clipped_fraction"] = 0.0
         return x, rec
     # In place on x (a float64 copy of the input made above): the same arithmetic as (x - lo) / (hi - lo),
     # without two more copies of a volume (which set the peak memory of medfuse.fuse on large volumes).
-    y = np.subtract(x, lo, out=x)
-    y = np.divide(y, hi - lo, out=y)
+    y = np.subtract(x, rec["low"], out=x)
+    y = np.divide(y, rec["high"] - rec["low"], out=y)
     rec["clipped_fraction"] = float(np.mean((y < 0) | (y > 1)))
     return np.clip(y, 0.0, 1.0, out=y), rec
+
+
+#: Values per slab of the slab-by-slab paths (2 MB of float64): a 512x512 CT slice a slab.
+SLAB_ELEMENTS = 1 << 18
+
+
+def _normalise_float32(x: np.ndarray, **options: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """:func:`normalise` into float32: float64 arithmetic on one slab at a time, each slab rounded once."""
+    if x.ndim == 0:
+        y, rec = _scaled(x.astype(np.float64), _interval(x, **options))
+        return y.astype(np.float32), rec
+    rec = _interval(x, stacklevel=5, **options)
+    out = np.empty(x.shape, dtype=np.float32)
+    lo, span, clipped = rec["low"], rec["high"] - rec["low"], 0
+    for s in slab_slices(x, SLAB_ELEMENTS):
+        y = x[s].astype(np.float64)
+        if rec["method"] != "none":  # _scaled's arithmetic, on this slab
+            np.subtract(y, lo, out=y)
+            np.divide(y, span, out=y)
+            clipped += int(np.count_nonzero((y < 0) | (y > 1)))
+            np.clip(y, 0.0, 1.0, out=y)
+        out[s] = y
+    # The count over the size: what np.mean of the whole mask gives (its float64 sum of ones is exact).
+    rec["clipped_fraction"] = clipped / x.size if rec["method"] != "none" else 0.0
+    return out, rec
 
 
 def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:

@@ -944,6 +944,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--crop", type=int, default=160)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of each pair type's cases kept for validation (split by case and --seed; default 0.2, as 'medfuse evaluate --split' assumes: pass it the same value)")
     parser.add_argument("--vif-weight", type=float, default=1.0)
     parser.add_argument("--ssim-weight", type=float, default=0.5)
     parser.add_argument("--qabf-weight", type=float, default=1.0, help="weight of the Qabf term of the loss")
@@ -1194,6 +1196,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
             ("scan", args.scan >= 0, "0 or more", "use 0 (no scan) or 8"),
             ("steps_3d", args.steps_3d >= 0, "0 or more", "use 60 (the default), or 0 to skip the 3-D stage"),
             ("joint_3d_every", args.joint_3d_every >= 0, "0 or more", "use 5, or 0 for never"),
+            ("val_fraction", 0 < args.val_fraction < 1, "between 0 and 1", "use 0.2 (the default)"),
             ("extra_fraction", 0 <= args.extra_fraction <= 1, "0..1", "use 0.15 (the default)"),
             ("three_input_fraction", 0 <= args.three_input_fraction <= 1, "0..1", "use 0.15, or 0 for none"),
             ("hot_spot_fraction", 0 <= args.hot_spot_fraction <= 1, "0..1", "use 0 (the default) .. 1"),
@@ -1373,7 +1376,7 @@ def run(args: argparse.Namespace) -> int:
     # nothing behind.
     hv = Path(args.data) / "harvard-pairs"
     pairs = harvard_pairs(hv)
-    train_pairs, val_pairs = split_cases(pairs, seed=args.seed)
+    train_pairs, val_pairs = split_cases(pairs, seed=args.seed, val_fraction=args.val_fraction)
     _check_split(train_pairs, val_pairs, hv)
     if args.ct_target_weight and "CT-MRI" not in train_pairs:
         raise InvalidInputError("--ct-target-weight pulls CT-MRI batches towards teacher images, and the data has "
@@ -1617,7 +1620,7 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {n} of {len(val_pairs[k])}" for k, n in scored.items()) + "):\n" + format_table(final))
     meta = {
         "trained_by": trained_by,
-        "seed": args.seed, "epochs_done": state["epoch"], "best_epoch": best.get("best_epoch"), "wall_time_min": round((base_elapsed + time.time() - t0) / 60, 1),
+        "seed": args.seed, "val_fraction": args.val_fraction, "epochs_done": state["epoch"], "best_epoch": best.get("best_epoch"), "wall_time_min": round((base_elapsed + time.time() - t0) / 60, 1),
         "val_cases": {k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()},
         "validation": final, "validation_pairs": scored, "device": device, "torch": torch.__version__,
     }

@@ -853,7 +853,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
              preset: Optional[str] = None, fixed_mask: Any = None, moving_mask: Any = None,
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None, seed: int = 0,
              initialise: str = "auto", bspline_grid_mm: Optional[float] = None, initial_transform: Any = None,
-             **preset_overrides: Any) -> RegistrationResult:
+             _resample: bool = True, **preset_overrides: Any) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``.
 
     Args:
@@ -892,6 +892,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             returned transform is the whole fixed -> moving mapping, the initial transform included. A
             deformable initial transform is refused.
         **preset_overrides: any preset key (see :mod:`medfuse.registration.presets`).
+        _resample: internal: ``False`` leaves ``resampled`` ``None``, for callers that resample the moving image
+            themselves (the pipeline, from the original through the transform): made only to be thrown away, it
+            cost 4 bytes a fixed voxel, twice that while it was made, and the time of a resampling.
 
     Returns:
         :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted.
@@ -1105,9 +1108,11 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     lin_total = Transform(linear) if Q is None else Transform.from_matrix(Q @ Transform(linear).matrix)
     if Q is not None:
         transform = lin_total if kind != "deformable" else lin_total.compose(Transform(bs))
-    report(progress, 0.96, "resampling")
-    resampled = resample(original, fixed, transform=transform)
-    resampled.provenance["registration"] = {"kind": kind, "metric": metric, "preset": p["name"]}
+    resampled = None
+    if _resample:
+        report(progress, 0.96, "resampling")
+        resampled = resample(original, fixed, transform=transform)
+        resampled.provenance["registration"] = {"kind": kind, "metric": metric, "preset": p["name"]}
 
     # ---------------------------------------------------------------- honesty
     reasons: List[str] = []

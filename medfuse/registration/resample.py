@@ -131,13 +131,20 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     if volume.array.dtype == bool:
         default = float(bool(default))
     src = _source_image(volume, interpolation, float(default))
-    ref = sitk.Image(list(reference.shape), sitk.sitkUInt8)
-    ref.SetSpacing(reference.spacing)
-    ref.SetOrigin(reference.origin)
-    ref.SetDirection(tuple(float(x) for x in reference.direction.ravel()))
-    tx = sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk
-    out = sitk.Resample(src, ref, tx, interp, float(default), src.GetPixelID())
+    # The output grid by its geometry alone: a reference image would allocate a byte a voxel for nothing.
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(n) for n in reference.shape])
+    f.SetOutputSpacing(reference.spacing)
+    f.SetOutputOrigin(reference.origin)
+    f.SetOutputDirection(tuple(float(x) for x in reference.direction.ravel()))
+    f.SetTransform(sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk)
+    f.SetInterpolator(interp)
+    f.SetDefaultPixelValue(float(default))
+    f.SetOutputPixelType(src.GetPixelID())
+    out = f.Execute(src)
+    del src  # the source's float32 copy is not needed while the output is copied out
     arr = np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
+    del out
     if volume.array.dtype == bool:
         arr = arr.astype(bool)
     prov = dict(volume.provenance)

@@ -111,3 +111,29 @@ def test_one_input_or_a_list_is_a_typed_error_with_the_call_to_make():
         medfuse.fuse([a, a], method="mean")
     with pytest.raises(InvalidInputError, match=r"got one.*fuse\(a, b\)"):
         medfuse.fuse(a, method="mean")
+
+
+def test_volumes_given_where_arrays_go_keep_what_they_know():
+    """NumPy reads a Volume as its voxels, so a CT Volume given to normalise() got the percentile rule instead of
+    its HU window, and fuse_arrays([vol, vol]) returned a bare array with the grid dropped unsaid."""
+    from medfuse.fusion.classical import fuse_arrays
+    from medfuse.fusion.normalise import normalise
+    from medfuse.volume import Volume, affine_from_geometry
+
+    rng = np.random.default_rng(4)
+    hu = (rng.random((12, 10, 8)) * 3000 - 1000).astype(np.int16)
+    ct = Volume(hu, affine_from_geometry((0.7, 0.7, 2.0), (5.0, -3.0, 40.0), np.eye(3)), modality="CT", unit="HU")
+    scaled, rec = normalise(ct)
+    want, want_rec = normalise(hu, modality="CT", unit="HU")
+    assert rec["method"] == want_rec["method"] == "window"
+    assert isinstance(scaled, Volume) and scaled.same_grid(ct) and scaled.unit == "arbitrary"
+    np.testing.assert_array_equal(scaled.array, want)
+    assert scaled.provenance["normalisation"] == rec
+    assert normalise(ct, method="minmax")[1]["method"] == "minmax"  # an explicit choice still wins
+
+    with pytest.raises(InvalidInputError, match="medfuse.fuse"):
+        fuse_arrays([ct, ct], method="mean")
+    from medfuse.fusion import infer
+
+    with pytest.raises(InvalidInputError, match="medfuse.fuse"):
+        infer.fuse_arrays([scaled, scaled])
