@@ -463,6 +463,44 @@ def _dataset_out_dir(dataset: Path, out_dir: Optional[PathLike]) -> Path:
     return Path(out_dir).absolute() if out_dir else dataset / "derivatives" / "medfuse"
 
 
+def _describe_derivatives(dataset: Path, out: Path) -> Optional[Path]:
+    """Give a BIDS dataset's outputs' folder the ``dataset_description.json`` of a derivative dataset.
+
+    Why: BIDS tools index a derivatives folder only with one (pybids, ``BIDSLayout(..., derivatives=True)``,
+    found no valid derivatives and left every output out). Written only when ``dataset`` is BIDS (it has its
+    own description) and the folder has none: a description someone wrote is never replaced. A failure to write
+    it is a warning: the outputs matter more than their index.
+    """
+    import warnings
+
+    from .errors import MedfuseWarning
+    from .io._atomic import atomic_write_text
+
+    raw, target = dataset / "dataset_description.json", out / "dataset_description.json"
+    if not raw.is_file() or target.exists() or target.is_symlink():
+        return None
+    try:
+        version = json.loads(raw.read_text(encoding="utf-8-sig")).get("BIDSVersion")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
+        version = None
+    from . import __version__
+
+    description = {  # BIDS, "Derived dataset and pipeline description": Name, BIDSVersion, GeneratedBy required
+        "Name": "medfuse fused images",
+        "BIDSVersion": version if isinstance(version, str) and version.strip() else "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "medfuse", "Version": __version__,
+                         "Description": "multimodal fusion onto each subject's fixed image grid (medfuse batch); "
+                                        "each output's JSON sidecar records its inputs, steps and parameters"}],
+    }
+    try:
+        return atomic_write_text(target, json.dumps(description, indent=2) + "\n")
+    except (OSError, MedfuseError) as e:
+        warnings.warn(f"could not write {target.name} in the outputs' folder ({e.__class__.__name__}); BIDS tools "
+                      "will not index the outputs until it exists", MedfuseWarning, stacklevel=4)
+        return None
+
+
 def _only_outputs(folder: Path) -> bool:
     """A folder with medfuse outputs in it and nothing else an input could be (no other image, no DICOM)."""
     images, maybe_dicom = _walk(folder)
@@ -1008,6 +1046,7 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
         except OSError as e:
             raise OutputExistsError(f"cannot create the outputs' folder ({e.__class__.__name__})",
                                     fix="pass out_dir= (--out) a folder you can write to", path=out) from None
+        _describe_derivatives(root, out)
         return subjects, Path(report) if report else out / "batch-report.csv"
     if out_dir is not None:
         raise InvalidInputError("out_dir applies to a dataset folder; a manifest names each output",

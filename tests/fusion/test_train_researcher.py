@@ -21,29 +21,10 @@ TINY = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--crop"
         "--steps-3d", "0", "--extra-fraction", "0", "--threads", "1"]  # 2 threads: 10x slower on a busy machine
 
 
-def _harvard(root, types=tuple(tr.PAIR_TYPES), cases=(1, 2), slices=2, size=64):
-    """``root/harvard-pairs`` holding ``types``: ``cases`` × ``slices`` smooth random pairs named CASE + slice."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    for ptype in types:
-        other = tr.PAIR_TYPES[ptype]
-        for c in cases:
-            for k in range(slices):
-                blob = np.exp(-((yy - rng.integers(16, 48)) ** 2 + (xx - rng.integers(16, 48)) ** 2) / 150.0)
-                for sub, img in (("MRI", (200 * blob + 20 * rng.random((size, size))).astype(np.uint8)),
-                                 (other, (255 * blob[::-1]).astype(np.uint8))):
-                    (root / "harvard-pairs" / ptype / sub).mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(img).save(root / "harvard-pairs" / ptype / sub / f"{c}{k:03d}.png")
-    return root
-
-
 @pytest.fixture
-def data(tmp_path, monkeypatch):
-    """The tiny Harvard folder; the 3-D sets (BraTS, SPM12, the phantom: seconds to make) left out."""
-    monkeypatch.setattr(tr, "volumes_in", lambda folder: [])
-    return _harvard(tmp_path / "data")
+def data(tmp_path, no_volumes, harvard_folder):
+    """The tiny Harvard folder (grey pairs); the 3-D sets left out."""
+    return harvard_folder(tmp_path / "data")
 
 
 def _train(data, run, *extra):
@@ -55,11 +36,12 @@ def _exported(run):
 
 
 # ---------------------------------------------------------------------------------------------- own data
-def test_own_pairs_of_one_pair_type_train_and_a_wrong_folder_says_the_layout(tmp_path, capsys, monkeypatch):
+def test_own_pairs_of_one_pair_type_train_and_a_wrong_folder_says_the_layout(tmp_path, capsys, monkeypatch,
+                                                                             harvard_folder):
     """Your own CT-MRI pairs alone were refused ("PET-MRI: no MRI sub-folder. Fix: pass --data pointing at
     ../shared/data"); a --data naming harvard-pairs/ itself or a folder of volumes did not say what goes where."""
     monkeypatch.setattr(tr, "volumes_in", lambda folder: [])
-    own = _harvard(tmp_path / "own", types=("CT-MRI",))
+    own = harvard_folder(tmp_path / "own", types=("CT-MRI",))
     assert _train(own, tmp_path / "run") == 0, capsys.readouterr().err
     log = (tmp_path / "run" / "train.log").read_text()
     assert "PET-MRI, SPECT-MRI absent" in log and '"CT-MRI": [' in log
@@ -197,3 +179,22 @@ def test_init_files_of_another_architecture_or_format_name_the_file_and_what_to_
     assert torch.load(tmp_path / "own.ckpt", weights_only=True)["format"] == tr.CHECKPOINT_FORMAT
     assert tr.load_checkpoint(tmp_path / "own.ckpt", FusionNet(width=8), None)["epoch"] == 1
     assert json.loads((tmp_path / "w8" / "medfuse_fusion.json").read_text())["config"]["width"] == 8
+
+
+def test_val_fraction_sets_the_split_and_evaluate_finds_the_same_cases(tmp_path, capsys, monkeypatch, harvard_folder):
+    """The validation share was fixed at 20 % (one case of five), while ``medfuse evaluate --val-fraction``
+    offered any: a researcher could not hold out more, nor score the split a model was trained on."""
+    from medfuse.harvard import list_pairs, training_split
+
+    monkeypatch.setattr(tr, "volumes_in", lambda folder: [])
+    own = harvard_folder(tmp_path / "own", types=("CT-MRI",), cases=(1, 2, 3, 4, 5), slices=1)
+    assert _train(own, tmp_path / "run", "--val-fraction", "0.4") == 0, capsys.readouterr().err
+    card = json.loads((tmp_path / "run" / "export" / "medfuse_fusion.json").read_text())
+    held = card["val_cases"]["CT-MRI"]
+    assert len(held) == 2 and card["val_fraction"] == 0.4
+    _, val = training_split(list_pairs(own / "harvard-pairs"), val_fraction=0.4, seed=0)
+    assert sorted({p.case for p in val}) == sorted(int(c) for c in held)
+
+    assert _train(own, tmp_path / "bad", "--val-fraction", "1") == 2
+    assert "--val-fraction must be between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -28,28 +28,10 @@ def _png(path, array):
     Image.fromarray(array).save(path)
 
 
-def _harvard(root, cases=(1, 2), slices=2, size=64):
-    """A Harvard layout under ``root/harvard-pairs``: every pair type, ``cases`` × ``slices`` smooth random pairs."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    for ptype, other in tr.PAIR_TYPES.items():
-        for c in cases:
-            for k in range(slices):
-                name = f"{c}{k:03d}.png"
-                blob = np.exp(-((yy - rng.integers(16, 48)) ** 2 + (xx - rng.integers(16, 48)) ** 2) / 150.0)
-                _png(root / "harvard-pairs" / ptype / "MRI" / name, (200 * blob + 20 * rng.random((size, size)))
-                     .astype(np.uint8))
-                img = (255 * blob[::-1]).astype(np.uint8)
-                _png(root / "harvard-pairs" / ptype / other / name,
-                     img if other == "CT" else np.stack([img, img // 2, 255 - img], -1))
-    return root
-
-
 @pytest.fixture
-def data(tmp_path, monkeypatch):
-    """The tiny Harvard folder; the 3-D sets (BraTS, SPM12, the phantom: seconds to make) left out."""
-    monkeypatch.setattr(tr, "volumes_in", lambda folder: [])
-    return _harvard(tmp_path / "data")
+def data(tmp_path, no_volumes, harvard_folder):
+    """The tiny Harvard folder, PET/SPECT in colour as in the atlas; the 3-D sets left out."""
+    return harvard_folder(tmp_path / "data", colour=True)
 
 
 def _train(data, run, *extra):
@@ -185,7 +167,8 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def test_a_missing_or_empty_data_folder_is_a_typed_error_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+def test_a_missing_or_empty_data_folder_is_a_typed_error_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch,
+                                                                                  harvard_folder):
     """The data was read after the run folder and its train.log were made; now a bad --data leaves nothing."""
     monkeypatch.setattr(tr, "volumes_in", lambda folder: [])
     run = tmp_path / "run"
@@ -201,7 +184,7 @@ def test_a_missing_or_empty_data_folder_is_a_typed_error_and_leaves_no_run_folde
     assert _train(empty, run) == 2
     err = capsys.readouterr().err
     assert "0 training and 0 validation pairs" in err and "Fix:" in err and not run.exists(), err
-    one_case = _harvard(tmp_path / "one", cases=(1,))
+    one_case = harvard_folder(tmp_path / "one", cases=(1,), colour=True)
     assert _train(one_case, run) == 2  # every case would be a validation case: nothing to train on
     assert "0 training and" in capsys.readouterr().err and not run.exists()
 

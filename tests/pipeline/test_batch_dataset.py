@@ -276,3 +276,38 @@ def test_subject_with_ct_and_pet_side_by_side_in_one_folder_runs(tmp_path):
     bad.write_text(manifest.read_text().replace("CT;PT", "CT"))
     with pytest.raises(InvalidInputError, match="row 2: 'series' gives 1 choices for 2 images"):
         batch.read_manifest(bad)
+
+
+def test_a_bids_dataset_gets_a_derivatives_description_that_bids_tools_index(tmp_path, phantom):
+    """Outputs went to DATASET/derivatives/medfuse with no dataset_description.json, so pybids (the BIDS
+    reference library) found "no valid derivatives" and indexed none of them."""
+    try:
+        import bids
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("needs pybids (the 'dev' extra); CI must have it")
+        pytest.skip("needs pybids (pip install the 'dev' extra)")
+    root = tmp_path / "bids"
+    for sid in ("sub-01", "sub-02"):
+        (root / sid / "anat").mkdir(parents=True)
+        (root / sid / "pet").mkdir()
+        shutil.copy(phantom / "mr_t1.nii.gz", root / sid / "anat" / f"{sid}_T1w.nii.gz")
+        shutil.copy(phantom / "pet.nii.gz", root / sid / "pet" / f"{sid}_trc-FDG_pet.nii.gz")
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "study", "BIDSVersion": "1.9.0"}))
+    summary = run_batch(root, scheduler="synchronous", method="mean")
+    assert [r.status for r in summary.results] == ["done", "done"]
+
+    description = json.loads((root / "derivatives" / "medfuse" / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"] == "1.9.0"
+    layout = bids.BIDSLayout(root, derivatives=True, validate=False)
+    found = layout.get(scope="derivatives", extension=".nii.gz")
+    assert sorted((f.entities["subject"], f.entities["suffix"]) for f in found) == [("01", "fused"), ("02", "fused")]
+
+    # A description of the user's own is kept; a dataset that is not BIDS gets none.
+    mine = root / "derivatives" / "medfuse" / "dataset_description.json"
+    mine.write_text('{"Name": "mine"}')
+    run_batch(root, scheduler="synchronous", method="mean", overwrite=True)
+    assert mine.read_text() == '{"Name": "mine"}'
+    (root / "dataset_description.json").unlink()
+    run_batch(root, scheduler="synchronous", method="mean", out_dir=tmp_path / "plain")
+    assert not (tmp_path / "plain" / "dataset_description.json").exists()
