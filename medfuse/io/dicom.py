@@ -1058,7 +1058,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     if factors is not None:  # how the factor was made, in words (tags' names, never values), for `medfuse info`
         from . import suv as _suv
 
-        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), unit[3:])
+        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=unit[3:])
     pix = _pixels(vols, dict(files))
     ts = str(getattr(getattr(ds0, "file_meta", None), "TransferSyntaxUID", "") or "")
     out = []

@@ -412,7 +412,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
     return float(acf) * _body_ratio(h, kind) / dose
 
 
-def suv_factor(header: Dict[str, Any], kind: str = "bw") -> float:
+def suv_factor(header: Dict[str, Any], *, kind: str = "bw") -> float:
     """SUV scaling factor of one PET instance: stored (rescaled) pixel × factor = SUV.
 
     Args:
@@ -430,7 +430,7 @@ def suv_factor(header: Dict[str, Any], kind: str = "bw") -> float:
     return _factor(header, kind, None)
 
 
-def series_suv_factors(headers: Iterable[Dict[str, Any]], kind: str = "bw") -> List[float]:
+def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw") -> List[float]:
     """SUV factors of every instance of one series, after checking series-level consistency.
 
     The scan time is one for the whole series (see the module docstring).
@@ -491,7 +491,7 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def suv_problem(headers: Any, kind: str = "bw") -> Optional[str]:
+def suv_problem(headers: Any, *, kind: str = "bw") -> Optional[str]:
     """Why SUV cannot be computed for these header(s), as one sentence naming the tag; None when it can.
 
     For readers that fall back to Bq/mL with a warning instead of raising.
@@ -508,13 +508,13 @@ def suv_problem(headers: Any, kind: str = "bw") -> Optional[str]:
     """
     hs = _check_headers([headers] if isinstance(headers, Mapping) else headers)
     try:
-        series_suv_factors(hs, kind)
+        series_suv_factors(hs, kind=kind)
     except SUVError as e:
         return e.problem
     return None
 
 
-def factor_source(header: Dict[str, Any], kind: str = "bw") -> str:
+def factor_source(header: Dict[str, Any], *, kind: str = "bw") -> str:
     """Where a series' SUV factor comes from, in words: the tags' names and the rule, never their values.
 
     Args:

@@ -27,9 +27,9 @@ def test_reference_cases_exact(shared):
     n = 0
     for case in cases:
         for key, value in case["expected"].items():
-            got = suv_factor(case["header"], KIND[key])
+            got = suv_factor(case["header"], kind=KIND[key])
             assert got == pytest.approx(value, rel=1e-6), (case["name"], key)
-            assert series_suv_factors([case["header"]] * 3, KIND[key]) == pytest.approx([value] * 3, rel=1e-6)
+            assert series_suv_factors([case["header"]] * 3, kind=KIND[key]) == pytest.approx([value] * 3, rel=1e-6)
             n += 1
     assert n == 7
 
@@ -147,7 +147,7 @@ def test_suv_problem_names_the_tag(shared):
     assert suv_problem(b) is None
     msg = suv_problem({k: v for k, v in b.items() if k != "RadionuclideTotalDose"})
     assert "RadionuclideTotalDose" in msg
-    assert "PatientSize" in suv_problem({k: v for k, v in b.items() if k != "PatientSize"}, "bsa")
+    assert "PatientSize" in suv_problem({k: v for k, v in b.items() if k != "PatientSize"}, kind="bsa")
 
 
 def test_time_only_injection_before_midnight_scan_after(shared):
