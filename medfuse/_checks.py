@@ -94,3 +94,73 @@ def refuse_volumes(items: Any, *, takes: str) -> None:
             raise InvalidInputError(f"input {i} is a Volume; {takes}",
                                     fix="fuse Volumes with medfuse.fuse(a, b, method=...), which normalises them by "
                                         "modality and keeps their grid, or pass their voxels (a.array, b.array)")
+
+
+def _shown(value: Any) -> str:
+    """A wrong option value for a message: numbers as written, anything else by its type (a str may be a path)."""
+    if value is None or isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
+        return repr(value.item() if isinstance(value, np.generic) else value)
+    return describe(value)
+
+
+def _figure(x: Any) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _range_words(low: Any, high: Any, *, open_low: bool = False, open_high: bool = False) -> str:
+    low, high = (None if v is None else _figure(v) for v in (low, high))
+    if low is not None and high is not None:
+        if open_low or open_high:
+            return f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        return f" from {low} to {high}"
+    if low is not None:
+        return f" above {low}" if open_low else f" of {low} or more"
+    if high is not None:
+        return f" below {high}" if open_high else f" of {high} or less"
+    return ""
+
+
+def whole(value: Any, name: str, *, example: str, minimum: Optional[int] = None, maximum: Optional[int] = None,
+          what: str = "a whole number", none_ok: bool = False) -> Optional[int]:
+    """``value`` as an int within ``minimum..maximum``, or a typed error naming the option.
+
+    Why: ``True`` is an int to Python (it would quietly mean 1), ``1.5`` and ``"8"`` fail deep inside NumPy or
+    SWIG, and a negative seed makes SimpleITK use the wall clock.
+
+    Raises:
+        InvalidInputError: a bool, a non-integer, or a number out of range; ``fix`` shows ``example``.
+    """
+    if value is None and none_ok:
+        return None
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+        and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        extra = " (or None)" if none_ok else ""
+        raise InvalidInputError(f"{name} must be {what}{_range_words(minimum, maximum)}{extra}, got {_shown(value)}",
+                                fix=f"pass e.g. {example}")
+    return int(value)
+
+
+def number(value: Any, name: str, *, example: str, low: Optional[float] = None, high: Optional[float] = None,
+           open_low: bool = False, open_high: bool = False, what: str = "a number", finite: bool = True) -> float:
+    """``value`` as a float within ``low..high`` (ends open when asked), or a typed error naming the option.
+
+    ``finite=False`` lets NaN and infinity through, to a caller that has a meaning for them.
+
+    Why: ``float()`` says only "must be a real number", a str or None fails inside a NumPy comparison, and NaN
+    passes every ``<`` check silently.
+
+    Raises:
+        InvalidInputError: a bool, a str, a non-number, NaN or infinity (unless allowed), or a number out of range.
+    """
+    try:
+        x = float(value) if not isinstance(value, (bool, np.bool_, str, bytes)) else None
+    except (TypeError, ValueError):
+        x = None
+    above = low is None or x is not None and (x > low if open_low else x >= low)
+    below = high is None or x is not None and (x < high if open_high else x <= high)
+    ok = x is not None and (not finite or bool(np.isfinite(x))) and above and below
+    if not ok:
+        rng = _range_words(low, high, open_low=open_low, open_high=open_high)
+        raise InvalidInputError(f"{name} must be {what}{rng}, got {_shown(value)}", fix=f"pass e.g. {example}")
+    return x

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._checks import number, whole
 from .errors import InvalidInputError
 from .volume import Volume, normalise_modality
 
@@ -68,21 +69,14 @@ class DisplaySettings:
                 "blending": self.blending, "opacity": self.opacity}
 
 
-def _number(value: Any, name: str, example: str) -> float:
-    """``value`` as a float, or a typed error naming the argument (float() said only "must be a real number")."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{name} must be a number, got a {type(value).__name__}",
-                                fix=f"pass a number, e.g. {example}") from None
-
-
 def _pair(limits: Any, name: str) -> Tuple[float, float]:
     """``(low, high)`` as two floats, or a typed error (``limits=5`` failed with "cannot unpack")."""
     if not isinstance(limits, (list, tuple, np.ndarray)) or len(limits) != 2 or np.ndim(limits[0]) != 0:
         raise InvalidInputError(f"{name} must be two numbers (low, high), got {limits!r}",
                                 fix=f"pass e.g. {name}=(0.0, 80.0)")
-    return _number(limits[0], f"the low end of {name}", "0.0"), _number(limits[1], f"the high end of {name}", "80.0")
+    example = f"{name}=(0.0, 80.0)"
+    return (number(limits[0], f"the low end of {name}", example=example),
+            number(limits[1], f"the high end of {name}", example=example))
 
 
 def _image_voxels(array: Any, what: str) -> np.ndarray:
@@ -99,15 +93,6 @@ def _image_voxels(array: Any, what: str) -> np.ndarray:
                                 fix="pass the voxels (a numeric NumPy array) or a medfuse.Volume; a path must be "
                                     "loaded first: medfuse.load(path)")
     return a
-
-
-def _whole(value: Any, name: str, *, minimum: int, example: int) -> int:
-    """``value`` as a whole number of at least ``minimum``, or a typed error naming the option."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
-    if not ok:
-        raise InvalidInputError(f"{name} must be a whole number of at least {minimum}, got {value!r}",
-                                fix=f"pass e.g. {name}={example}")
-    return int(value)
 
 
 def _grid_shape(shape: Any, what: str, *, min_axes: int) -> Tuple[int, ...]:
@@ -140,7 +125,7 @@ def window_to_limits(width: float, level: float) -> Tuple[float, float]:
         >>> window_to_limits(80, 40)
         (0.0, 80.0)
     """
-    w, lv = _number(width, "the window width", "width=80"), _number(level, "the window level", "level=40")
+    w, lv = number(width, "the window width", example="width=80"), number(level, "the window level", example="level=40")
     if not (np.isfinite(w) and np.isfinite(lv)) or w <= 0:
         raise InvalidInputError(f"a window needs a finite positive width and a finite level, got ({width}, {level})",
                                 fix="pass e.g. width=80, level=40 (the brain window)")
@@ -160,7 +145,7 @@ def limits_to_window(low: float, high: float) -> Tuple[float, float]:
     Raises:
         InvalidInputError: a value that is not a number, or ``high <= low``.
     """
-    low, high = _number(low, "the low limit", "low=0"), _number(high, "the high limit", "high=80")
+    low, high = number(low, "the low limit", example="low=0"), number(high, "the high limit", example="high=80")
     if not high > low:
         raise InvalidInputError(f"contrast limits must have high > low, got ({low}, {high})", fix="swap or widen them")
     return (float(high) - float(low), (float(high) + float(low)) / 2.0)
@@ -206,7 +191,7 @@ def window_precision(width: float) -> Tuple[float, int]:
     Raises:
         InvalidInputError: ``width`` is not a number.
     """
-    w = abs(_number(width, "the window width", "80"))
+    w = abs(number(width, "the window width", example="width=80", finite=False))
     if not np.isfinite(w) or w == 0:
         return (1.0, 1)
     mag = int(np.floor(np.log10(w)))
@@ -235,7 +220,7 @@ def slider_range(array: Any, limits: Tuple[float, float], *, max_samples: int = 
     """
     flat = _image_voxels(array, "slider_range").ravel()
     lo, hi = _pair(limits, "limits")
-    max_samples = _whole(max_samples, "max_samples", minimum=1, example=2_000_000)
+    max_samples = whole(max_samples, "max_samples", minimum=1, example="max_samples=2_000_000")
     if flat.size > max_samples:
         flat = flat[:: int(np.ceil(flat.size / max_samples))]
     if np.issubdtype(flat.dtype, np.floating) or np.issubdtype(flat.dtype, np.complexfloating):
@@ -264,8 +249,8 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
             number of 1 or more.
     """
     a = _image_voxels(array, "percentile_limits")
-    low, high = _number(low, "low", "low=1"), _number(high, "high", "high=99.5")
-    max_samples = _whole(max_samples, "max_samples", minimum=1, example=2_000_000)
+    low, high = number(low, "low", example="low=1"), number(high, "high", example="high=99.5")
+    max_samples = whole(max_samples, "max_samples", minimum=1, example="max_samples=2_000_000")
     if not 0 <= low < high <= 100:
         raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})",
                                 fix="e.g. low=1, high=99.5")
@@ -477,9 +462,8 @@ def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = 
     if np.iscomplexobj(volume.array):
         raise InvalidInputError(f"complex voxels ({volume.dtype}) cannot be shown",
                                 fix="show the magnitude: volume.with_array(numpy.abs(volume.array))")
-    step = _default_step(volume) if mm_per_pixel is None else _number(mm_per_pixel, "mm_per_pixel", "0.5")
-    if not (np.isfinite(step) and step > 0):
-        raise InvalidInputError(f"mm_per_pixel must be a positive number, got {mm_per_pixel!r}", fix="e.g. 0.5")
+    step = _default_step(volume) if mm_per_pixel is None else number(mm_per_pixel, "mm_per_pixel", low=0,
+                                                                     open_low=True, example="mm_per_pixel=0.5")
     centre = _centre(volume, center_world)
     lo, hi = volume.bounds(edges=True)
     source = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
@@ -529,7 +513,7 @@ def orthogonal_snapshot(volume: Volume, center_world: Optional[Sequence[float]] 
         InvalidInputError: as :func:`orthogonal_slices`, ``limits`` that are not two numbers with
             ``high > low``, or a ``gap`` that is not a whole number of 0 or more.
     """
-    gap = _whole(gap, "gap", minimum=0, example=8)
+    gap = whole(gap, "gap", minimum=0, example="gap=8")
     panels = orthogonal_slices(volume, center_world, mm_per_pixel=mm_per_pixel)
     lo, hi = _pair(limits, "limits") if limits is not None else percentile_limits(volume.array, low=0.5, high=99.5)
     if not hi > lo:

@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._checks import number, whole
 from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError, UnsupportedDataError
 
 __all__ = ["HarvardPair", "case_id", "case_of", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case",
@@ -112,12 +113,8 @@ def _pair_list(pairs) -> List["HarvardPair"]:
 
 def _check_split(val_fraction, seed) -> None:
     """A split's options: a fraction in (0, 1) and a whole-number seed (a text or None seed splits silently)."""
-    number = isinstance(val_fraction, (int, float, np.integer, np.floating)) and not isinstance(val_fraction, bool)
-    if not number or not 0.0 < val_fraction < 1.0:
-        shown = val_fraction if number else type(val_fraction).__name__
-        raise InvalidInputError(f"val_fraction must be a number in (0, 1), got {shown}", fix="use e.g. 0.2")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InvalidInputError(f"seed must be a whole number, got {type(seed).__name__}", fix="use e.g. seed=0")
+    number(val_fraction, "val_fraction", low=0, high=1, open_low=True, open_high=True, example="val_fraction=0.2")
+    whole(seed, "seed", example="seed=0")
 
 
 def _pairs_in(folder: Path) -> List[HarvardPair]:

@@ -77,6 +77,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._checks import number, whole
 from .errors import InvalidInputError, MedfuseWarning
 
 __all__ = [
@@ -1010,17 +1011,6 @@ def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
     return out
 
 
-def _fraction(value, name: str, example: str) -> float:
-    """``value`` as a number in 0..1, or a typed error (a string or None failed inside a NumPy comparison)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        x = float("nan")
-    if isinstance(value, bool) or not 0.0 <= x <= 1.0:
-        raise InvalidInputError(f"{name} must be a fraction from 0 to 1, got {value!r}", fix=f"pass e.g. {example}")
-    return x
-
-
 def _score2d(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], m: Optional[np.ndarray] = None
              ) -> Dict[str, float]:
     out = {}
@@ -1070,7 +1060,7 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     """
     if mode not in ("2d", "native", "slicewise"):
         raise InvalidInputError(f"unknown mode {mode!r}", fix="use mode='2d', 'native' or 'slicewise'")
-    min_content = _fraction(min_content, "min_content", "min_content=0.01")
+    min_content = number(min_content, "min_content", low=0, high=1, what="a fraction", example="min_content=0.01")
     # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
     names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
     f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3)
@@ -1208,13 +1198,9 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
             not a positive whole number, an unknown or single-image metric, or no slice with enough content.
     """
     names = _names(metrics, METRICS)
-    min_fraction = _fraction(min_fraction, "min_fraction", "min_fraction=0.2")
-    try:
-        whole = not isinstance(step, bool) and float(step).is_integer() and step >= 1
-    except (TypeError, ValueError):
-        whole = False
-    if not whole:
-        raise InvalidInputError(f"step must be a positive whole number of slices, got {step!r}", fix="pass e.g. step=8")
+    min_fraction = number(min_fraction, "min_fraction", low=0, high=1, what="a fraction",
+                          example="min_fraction=0.2")
+    step = whole(step, "step", minimum=1, what="a whole number of slices", example="step=8")
     bad = [n for n in names if n not in _MULTI]
     if bad:
         raise InvalidInputError(f"sampled_slice_scores takes metrics that compare with the sources, not {bad[0]}",

@@ -33,6 +33,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ._checks import number, whole
 from .errors import InvalidInputError, MedfuseError, OutputExistsError, UnreadableFileError
 from .volume import Volume
 
@@ -254,9 +255,7 @@ def lesion_contrast(array: np.ndarray, affine: np.ndarray, centre, radius_mm: fl
         # NumPy reads a Volume as its voxels: another affine would measure the lesion somewhere else, silently.
         raise InvalidInputError("the Volume's own affine differs from the affine given",
                                 fix="pass vol.affine with the Volume, or its voxels (vol.array) with their affine")
-    if isinstance(radius_mm, bool) or not isinstance(radius_mm, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(radius_mm) or radius_mm <= 0:
-        raise InvalidInputError("radius_mm must be a positive number", fix="pass Phantom.lesion_radius_mm")
+    number(radius_mm, "radius_mm", low=0, open_low=True, example="radius_mm=phantom.lesion_radius_mm")
     centre = _three(centre, "centre")
     arr = np.asarray(array, dtype=float)
     if arr.ndim != 3:
@@ -289,7 +288,7 @@ def make_phantom(*, seed: int = 0, lesion: bool = True, misalign: Optional[Mappi
     """
     from .io import _check_flag
 
-    _check_seed(seed)
+    whole(seed, "seed", minimum=0, example="seed=0")
     lesion, noise = _check_flag(lesion, "lesion"), _check_flag(noise, "noise")  # lesion="no" is true in Python
     if misalign is not None and not isinstance(misalign, Mapping):
         raise InvalidInputError("misalign must be a dict with keys 'pet' and/or 'spect'",
@@ -303,13 +302,6 @@ def make_phantom(*, seed: int = 0, lesion: bool = True, misalign: Optional[Mappi
         mats[name] = _misalign_spec(spec, name)
     key = (int(seed), bool(lesion), bool(noise), mats["pet"].tobytes(), mats["spect"].tobytes())
     return copy.deepcopy(_build_cached(*key))
-
-
-def _check_seed(seed: Any) -> None:
-    """Raise InvalidInputError unless ``seed`` is a non-negative whole number."""
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        shown = seed if isinstance(seed, (int, np.integer)) else type(seed).__name__
-        raise InvalidInputError(f"seed must be a non-negative integer, got {shown}", fix="pass seed=0, 1, 2, ...")
 
 
 @functools.lru_cache(maxsize=4)
@@ -600,7 +592,7 @@ def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, s
 
     out = _as_path(folder, what="folder", fix="pass the output folder as a str or pathlib.Path")
     overwrite = _check_flag(overwrite, "overwrite")
-    _check_seed(seed)  # before the folder is made
+    whole(seed, "seed", minimum=0, example="seed=0")  # before the folder is made
     targets = {**{k: out / v for k, v in SAMPLE_FILES.items()},
                "ground_truth": out / "ground_truth.json", "pet_tfm": out / "pet_to_mr.tfm",
                "spect_tfm": out / "spect_to_mr.tfm", "readme": out / "README.md"}

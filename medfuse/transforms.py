@@ -49,6 +49,7 @@ import warnings
 import numpy as np
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
+from ._checks import whole
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from .volume import Volume
 
@@ -146,12 +147,8 @@ def _threads(threads: Optional[int]) -> Optional[int]:
 
 def _checked_threads(threads: Any) -> Optional[int]:
     """``threads`` as None or a whole number of 1 or more, checked when the transform is built (not per item)."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise InvalidInputError(f"threads must be a whole number of 1 or more (or None), got {threads!r}",
-                                fix="pass threads=1 for bit-identical results, or leave it out")
-    return int(threads)
+    return whole(threads, "threads", minimum=1, none_ok=True,
+                 example="threads=1 for bit-identical results, or leave it out")
 
 
 def _repr(obj: Any, **params: Any) -> str:

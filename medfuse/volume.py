@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._checks import number
 from .errors import GeometryError, InvalidInputError, MissingDependencyError
 
 __all__ = ["Volume", "LPS_TO_RAS", "MODALITIES", "UNITS", "normalise_modality", "affine_from_geometry", "require_finite"]
@@ -181,14 +182,7 @@ def _require_volume(other: Any, method: str) -> None:
 
 def _tolerance(atol: Any) -> float:
     """``atol`` as a non-negative number of mm, or a typed error."""
-    try:
-        tol = float(atol)
-    except (TypeError, ValueError):
-        tol = float("nan")
-    if not tol >= 0:
-        raise InvalidInputError(f"atol must be a distance in mm (0 or more), got {atol!r}",
-                                fix="pass e.g. atol=1e-3 (1 micrometre, the default)")
-    return tol
+    return number(atol, "atol", low=0, what="a distance in mm", example="atol=1e-3 (1 micrometre, the default)")
 
 
 def _points(points: Any, name: str, what: str) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Union
 
 from .._checks import as_path as _as_path
 from .._checks import describe as _kind
+from .._checks import whole as _whole
 from ..errors import InvalidInputError, UnreadableFileError
 from ..volume import Volume
 
@@ -34,14 +35,10 @@ def _check_volume_index(value: Any) -> Optional[int]:
     Raises:
         InvalidInputError: not a whole number (bool included: True would quietly pick volume 1).
     """
-    import numpy as np
-
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"volume_index must be a whole number (0-based, negative from the end), got "
-                                f"{_kind(value)}", fix="pass e.g. volume_index=0, or leave it out for a 3-D image")
-    return int(value)
+    return _whole(value, "volume_index", what="a whole number (0-based, negative from the end)",
+                  example="volume_index=0, or leave it out for a 3-D image")
 
 
 def _check_suv(value: Any) -> str:
