@@ -30,10 +30,11 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ._checks import describe, whole
 from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
 from .progress import CancelToken
 
@@ -53,6 +54,13 @@ class Subject:
     """One manifest row (or one subject folder of a dataset), with absolute paths.
 
     Attributes:
+        subject: the subject's name (once per batch; the report's first column).
+        fixed: the reference image (file or DICOM folder); ``""`` for a dataset's subject, whose images are found
+            when it runs, or for an unpaired manifest row.
+        moving: the moving images (files or DICOM folders).
+        output: the fused output's path (once per batch).
+        register: this subject's registration kind; ``None``: the batch's ``register`` option.
+        method: this subject's fusion method; ``None``: the batch's ``method`` option (default ``"network"``).
         folder: a dataset's subject folder whose images are found on the worker (:func:`discover_subject`)
             when ``fixed`` is empty.
         problem: why this subject cannot run (an unpaired manifest row); it is reported as failed and the
@@ -76,9 +84,20 @@ class Subject:
 class SubjectResult:
     """What happened to one subject (one report row; new fields go at the end to keep the column order).
 
-    ``status``: ``done``, ``skipped`` (up to date), ``failed``, ``cancelled`` or ``pending`` (in a report
-    written while the run goes on). ``finished_utc``: when the output was made (for a skipped subject, by
-    the earlier run); ``medfuse_version``: the version that made it; ``note``: why a subject was redone.
+    Attributes:
+        subject: the subject's name.
+        status: ``done``, ``skipped`` (up to date), ``failed``, ``cancelled`` or ``pending`` (in a report
+            written while the run goes on).
+        seconds: the time spent on the subject in this run.
+        output: the output's path.
+        error: why the subject failed or was not run, on one line (patient identifiers blanked).
+        method_used: the fusion method that made the output (a fallback's name when the network could not run).
+        registration_suspect: True when a registration looked suspect (check that output), else None.
+        worker: the process that ran the subject (``"pid N"``).
+        inputs: the images fused, fixed first, separated by ``;``.
+        finished_utc: when the output was made (for a skipped subject, by the earlier run).
+        medfuse_version: the medfuse version that made it.
+        note: why an existing output was redone (inputs, parameters, method or weights changed).
     """
 
     subject: str
@@ -97,7 +116,15 @@ class SubjectResult:
 
 @dataclass
 class BatchSummary:
-    """All subjects' results plus where the report went."""
+    """All subjects' results plus where the report went.
+
+    Attributes:
+        results: one :class:`SubjectResult` per subject, in the order given.
+        report_path: the report written, or ``None`` when it could not be written (a warning said why).
+        wall_seconds: the run's wall-clock time.
+        workers: how many workers ran the subjects (1 for ``scheduler="synchronous"``).
+        cancelled: the run was cancelled (unfinished subjects are reported as ``cancelled``).
+    """
 
     results: List[SubjectResult]
     report_path: Optional[Path]
@@ -203,9 +230,21 @@ def read_manifest(path: PathLike) -> List[Subject]:
     """Read a CSV (``,``, tab or ``;`` between cells, as its header line shows; ``.tsv``: tabs) or YAML
     manifest into :class:`Subject` rows (paths made absolute).
 
+    An unpaired row (``fixed`` or ``moving`` empty) is kept, with its ``problem``: it fails alone when the batch runs.
+
+    Args:
+        path: the manifest (``.csv``, ``.tsv``, ``.yaml`` or ``.yml``); relative paths in it are relative to its
+            folder.
+
+    Returns:
+        One :class:`Subject` per row, in the manifest's order.
+
     Raises:
-        UnreadableFileError: the manifest is missing or not valid CSV/YAML.
-        InvalidInputError: a row lacks a column, or subjects/outputs repeat.
+        UnreadableFileError: the manifest is missing, unreadable or not UTF-8, or not valid CSV/YAML.
+        InvalidInputError: no subjects, a CSV header without subject, fixed, moving and output, a row with more
+            cells than the header, a YAML manifest that is not a list of subjects, a row without a subject or
+            output, an unknown ``register`` value, a ``series`` count that does not match the images, or
+            subjects/outputs that repeat (outputs also when they differ only in letter case).
     """
     p = Path(path)
     if not p.is_file():
@@ -512,15 +551,19 @@ def _only_outputs(folder: Path) -> bool:
 
 def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[Subject]:
     """One :class:`Subject` per sub-folder of ``dataset`` (sorted; hidden ones, ``derivatives``,
-    ``sourcedata``, ``code``, ``out_dir`` and folders holding only medfuse outputs left out). Their images are found when each subject runs
-    (:func:`discover_subject`), so an unpaired or ambiguous subject fails alone.
+    ``sourcedata``, ``code``, ``out_dir`` and folders holding only medfuse outputs left out). Their images are
+    found when each subject runs (:func:`discover_subject`), so an unpaired or ambiguous subject fails alone.
 
     Args:
         dataset: the folder holding one folder per subject (named as you like: ``sub-01``, ``P001``).
         out_dir: where outputs go (``<subject>_fused.nii.gz``); default ``DATASET/derivatives/medfuse``.
 
+    Returns:
+        The subjects, with ``folder`` and ``output`` set and ``fixed``/``moving`` left empty.
+
     Raises:
         InvalidInputError: the folder holds no subject folders.
+        OSError: ``dataset`` is missing, not a folder or unreadable (as :func:`os.scandir` raises it).
     """
     root = Path(dataset).absolute()
     out = _dataset_out_dir(root, out_dir)
@@ -549,8 +592,20 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     An unpaired or ambiguous subject gets a row with the cells discovery could not fill left empty (it
     fails alone until they are filled). Writes no patient data: paths and modalities only.
 
+    Args:
+        dataset: the folder holding one folder per subject (as :func:`discover`).
+        path: where to write the manifest; default ``DATASET/derivatives/medfuse/manifest.csv`` (or
+            ``OUT_DIR/manifest.csv``).
+        out_dir: where the manifest's outputs go (as :func:`discover`).
+
     Returns:
-        The manifest's path (default ``DATASET/derivatives/medfuse/manifest.csv``); never replaces a file.
+        The manifest's path; never replaces a file.
+
+    Raises:
+        InvalidInputError: the dataset holds no subject folders.
+        OutputExistsError: a file is already at ``path``, or it cannot be written (permission, read-only or full
+            disk).
+        OSError: ``dataset`` is missing or not a folder, or the manifest's folder cannot be created.
     """
     import io
 
@@ -581,8 +636,14 @@ def cap_threads(n: int) -> None:
 
     Environment variables cover libraries loaded later; SimpleITK and an already-imported torch are
     set directly.
+
+    Args:
+        n: threads per pool, 1 or more.
+
+    Raises:
+        InvalidInputError: ``n`` is not a whole number of 1 or more.
     """
-    n = max(1, int(n))
+    n = whole(n, "threads", minimum=1, example="threads=2")
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(n)
     try:
@@ -682,9 +743,25 @@ def _make_output_folder(out: Path) -> None:
                                 fix="choose an output folder you can write to", path=out.parent) from None
 
 
-def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str, Any],
+def _as_subject(subject: Any) -> Subject:
+    """``subject`` as a :class:`Subject`, or a typed error (the dataclass said only "unexpected keyword")."""
+    if isinstance(subject, Subject):
+        return subject
+    names = {f.name for f in fields(Subject)}
+    required = {f.name for f in fields(Subject) if f.default is MISSING and f.default_factory is MISSING}
+    if isinstance(subject, Mapping) and required <= set(subject) <= names:
+        return Subject(**dict(subject))
+    why = ""
+    if isinstance(subject, Mapping):
+        unknown, missing = sorted(set(subject) - names), sorted(required - set(subject))
+        why = (f" with unknown keys {unknown}" if unknown else "") + (f" without {missing}" if missing else "")
+    raise InvalidInputError(f"run_subject takes a Subject or a dict of its fields, got {describe(subject)}{why}",
+                            fix="pass a row of read_manifest(...) or discover(...), or Subject(subject=..., ...)")
+
+
+def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str, Any], *,
                 cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
-    """Fuse one subject (runs on a Dask worker, or in-process). Never raises: failures are returned.
+    """Fuse one subject (runs on a Dask worker, or in-process). A subject's failure is returned, never raised.
 
     An existing output is skipped when its sidecar shows it current; redone when the sidecar verifies it
     as medfuse's but stale (inputs, parameters, method or weights changed: the new output replaces it
@@ -698,8 +775,12 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
 
     Returns:
         A :class:`SubjectResult` as a dict.
+
+    Raises:
+        InvalidInputError: ``subject`` is neither a :class:`Subject` nor a mapping of its fields (a programming
+            error, raised before the subject runs; a subject that fails is returned).
     """
-    s = subject if isinstance(subject, Subject) else Subject(**dict(subject))
+    s = _as_subject(subject)
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
@@ -1278,26 +1359,46 @@ def write_phantom_subjects(folder: PathLike, n: int, *, first_seed: int = 1, les
     Handy to try ``medfuse batch`` and for tests and benchmarks. The MR is block-averaged by ``downsample``
     (2 -> 2 mm) to keep runs short.
 
+    Args:
+        folder: where to write (created if needed); each subject gets ``folder/sub-NN/``.
+        n: how many subjects (1 or more).
+        first_seed: the phantom seed of the first subject (the next ones count up from it).
+        lesion: whether the phantoms have a lesion: one value for all, or one per subject.
+        downsample: the MR's block-averaging factor (1: the phantom's 1 mm grid).
+        register: the manifest's ``register`` column (``None``: ``none``).
+        method: the manifest's ``method`` column (``None``: no column, the batch's method).
+
     Returns:
         The manifest's path (``folder/manifest.csv``), with outputs under ``folder/out/``.
+
+    Raises:
+        InvalidInputError: ``n`` or ``downsample`` not a whole number of 1 or more, ``first_seed`` negative or a
+            fraction, a ``lesion`` sequence whose length is not ``n``, or a per-subject ``lesion`` not True or
+            False.
+        OutputExistsError: a folder or file cannot be written (permission, read-only or full disk, a file in the
+            way of a folder).
     """
     import numpy as np
 
     from .io import save
     from .phantom import make_phantom
 
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
+    n = whole(n, "n", minimum=1, example="n=4 subjects")
     lesions = list(lesion) if isinstance(lesion, (list, tuple)) else [bool(lesion)] * n
+    if len(lesions) != n:
+        raise InvalidInputError(f"lesion gives {len(lesions)} values for {n} subjects",
+                                fix="pass one True/False for all subjects, or one per subject")
+    downsample = whole(downsample, "downsample", minimum=1, example="downsample=2 (half the resolution)")
+    root = Path(folder)
     rows = []
     for i in range(n):
         sid = f"sub-{i + 1:02d}"
         sdir = root / sid
-        sdir.mkdir(exist_ok=True)
+        _make_output_folder(sdir / "mr_t1.nii.gz")
         ph = make_phantom(seed=first_seed + i, lesion=lesions[i])
         t1 = ph.t1
         if downsample > 1:
-            f = int(downsample)
+            f = downsample
             a = np.asarray(t1.array, dtype=np.float32)
             shp = [s // f * f for s in a.shape]
             a = a[: shp[0], : shp[1], : shp[2]].reshape(shp[0] // f, f, shp[1] // f, f, shp[2] // f, f).mean(axis=(1, 3, 5))

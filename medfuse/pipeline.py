@@ -64,6 +64,7 @@ class PipelineState:
         notes: warnings and facts that steps want in the provenance (JSON-safe).
         weights_sha256: set by the fuse step when the network ran.
         output_sha256, sidecar: set by the save step.
+        steps: ``{"name", "params", "seconds"}`` per step run so far (:meth:`Pipeline.run` appends one after each).
     """
 
     inputs: List[Any]
@@ -121,7 +122,16 @@ class LoadStep:
             takes it: the kind a series stored as SUV by the scanner already holds). ``"bw"`` here, unlike
             ``load``: the batch runs compare it with their sidecars, and a new default would redo every subject.
         series: optional series choice per input, for DICOM folders that hold several series (a number as
-            listed, a modality, or a UID, as :func:`medfuse.load`'s ``series_uid`` takes them); ``None`` or ``"-"``: no choice.
+            listed, a modality, or a UID, as :func:`medfuse.load`'s ``series_uid`` takes them); ``None`` or
+            ``"-"``: no choice.
+
+    Raises:
+        InvalidInputError: when built, a ``series`` choice that is neither text, a number nor None; when called, an
+            unknown modality override, or as :func:`medfuse.load` (an unknown ``suv``, empty or all-NaN data).
+        UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: when called, an input that
+            :func:`medfuse.load` cannot read (missing or damaged, no image, several series and none chosen, bad
+            geometry).
+        CancelledError: ``state.cancel`` was set.
     """
 
     name = "load"
@@ -172,6 +182,13 @@ class RegisterStep:
             the last digits (measured: up to 0.003 on the 0..1 fused scale with 2 threads). ``None`` = leave
             SimpleITK's default.
         **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
+
+    Raises:
+        InvalidInputError: when built, an unknown ``kind``; when called, as :func:`medfuse.register` (NaN voxels,
+            an option it does not take, a deformable or singular initial transform...).
+        UnreadableFileError: an ``initial_transform`` option naming a missing file or not a transform file.
+        RegistrationError: registration cannot run on these images (constant image, no overlap, optimiser failure).
+        CancelledError: ``state.cancel`` was set.
     """
 
     name = "register"
@@ -189,6 +206,7 @@ class RegisterStep:
         if self.kind is None or len(state.volumes) < 2:
             return state
         from .registration import register
+        from .registration.register import _transform_only
 
         fixed = state.originals[0]
         n = len(state.originals) - 1
@@ -201,8 +219,8 @@ class RegisterStep:
 
                 # Only the transform and the report: the resample step resamples each original once, through
                 # the transform; a resampled copy made here would be thrown away.
-                res = register(fixed, moving, kind=self.kind, progress=sub, cancel=state.cancel, _resample=False,
-                               **self.options)
+                with _transform_only():
+                    res = register(fixed, moving, kind=self.kind, progress=sub, cancel=state.cancel, **self.options)
                 state.transforms[i] = res.transform
                 rep = res.report.to_dict()
                 state.registrations[i] = rep
@@ -221,6 +239,11 @@ class ResampleStep:
         grid: ``"fixed"`` (the fixed image's grid, default) or ``"finest"`` (finest spacing of all inputs over
             the fixed image's field of view).
         interpolation: ``"linear"`` or ``"bspline"``.
+
+    Raises:
+        InvalidInputError: when built, an unknown ``grid``; when called, an unknown ``interpolation`` (checked by
+            :func:`medfuse.resample` once a volume needs resampling).
+        CancelledError: ``state.cancel`` was set.
     """
 
     name = "resample"
@@ -263,6 +286,11 @@ class NormaliseStep:
         method: ``"auto"`` (by modality: CT soft-tissue window, PET SUV 0..10, MR/SPECT percentiles),
             ``"percentile"``, ``"minmax"`` or ``"none"``.
         low, high: percentiles for ``"percentile"``.
+
+    Raises:
+        InvalidInputError: when built, an unknown ``method``, or percentiles outside ``0 <= low < high <= 100``;
+            when called, a volume with NaN or infinite voxels.
+        CancelledError: ``state.cancel`` was set.
     """
 
     name = "normalise"
@@ -319,6 +347,15 @@ class FuseStep:
         fallback: a classical method to use, with a warning recorded in the provenance, when the network
             cannot run (weights or torch missing). ``None`` (default): fail instead.
         **options: passed to :func:`medfuse.fuse`.
+
+    Raises:
+        InvalidInputError: when built, an unknown ``device`` or a GPU this machine lacks (network only); when
+            called, fewer than two volumes, or as :func:`medfuse.fuse` (an unknown method or option...).
+        GeometryError: the volumes are not on one grid (a replaced resample step).
+        MissingDependencyError, WeightsError, FusionError: the network cannot run (torch, the inference module or
+            the weights missing, or a failure of the network itself) and ``fallback`` names no classical method;
+            FusionError also when the fusion returns an image of another shape.
+        CancelledError: ``state.cancel`` was set.
     """
 
     name = "fuse"
@@ -516,6 +553,11 @@ class Pipeline:
         series: series choice per input, for DICOM folders holding several series (see :class:`LoadStep`).
         steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
             ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
+
+    Raises:
+        InvalidInputError: an unknown ``register`` kind, ``grid``, ``normalise`` method or ``device`` (or a GPU
+            this machine lacks, for the network), a ``series`` choice that is neither text nor a number, or a
+            ``steps`` entry that names no step or is not callable. What running it raises: see :meth:`run`.
     """
 
     def __init__(self, *, register: Optional[str] = None, method: str = "network", device: str = "cpu",
@@ -691,7 +733,18 @@ class _itk_threads:
 def pipeline_parameters(*, register: Optional[str] = None, method: str = "network", device: str = "cpu",
                         fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
                         normalise: str = "auto", series: Optional[Sequence[Optional[str]]] = None) -> Dict[str, Any]:
-    """The parameters :func:`fuse_files` records for these options (batch uses it to decide re-runs)."""
+    """The parameters :func:`fuse_files` records for these options (batch uses it to decide re-runs).
+
+    Args:
+        register, method, device, fallback, threads, grid, normalise, series: as :func:`fuse_files`.
+
+    Returns:
+        ``{step name: its recorded parameters}`` for every step but save, as the sidecar's ``parameters``.
+
+    Raises:
+        InvalidInputError: as :class:`Pipeline` (an unknown register kind, grid, normalisation or device, or a
+            series choice that is neither text nor a number).
+    """
     return Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
                     grid=grid, normalise=normalise, series=series).parameters()
 
@@ -725,6 +778,19 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
 
     Returns:
         :class:`PipelineResult` (fused Volume, output and sidecar paths, provenance, registration reports).
+
+    Raises:
+        InvalidInputError: an option value :class:`Pipeline` refuses, an empty ``moving`` list, an input that is
+            not a path, Volume or MetaTensor, one :func:`medfuse.load` refuses (empty or all-NaN data), NaN
+            voxels, or an output name or format the writer cannot take.
+        UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: an input cannot be loaded
+            (as :func:`medfuse.load`; several series in a folder and ``series`` chooses none).
+        OutputExistsError: ``out`` (or a file where its sidecar goes) exists without ``overwrite``, is an input,
+            or cannot be written; checked before any work.
+        RegistrationError: registration cannot run on these images (constant image, no overlap, optimiser failure).
+        MissingDependencyError, WeightsError, FusionError: the network cannot run (torch or the weights missing,
+            or a failure of the network itself) and ``fallback`` is None.
+        CancelledError: ``cancel`` was set.
     """
     movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,

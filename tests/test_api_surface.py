@@ -2,8 +2,10 @@
 
 Checked for medfuse's own top-level names and for the ``__all__`` of ``medfuse.volume``, ``medfuse.metrics``,
 ``medfuse.transforms``, ``medfuse.display``, ``medfuse.errors``, ``medfuse.evaluate`` and ``medfuse.provenance``,
-and of the I/O face and the sample-data helpers (``medfuse.io`` and its readers and writers, ``medfuse.phantom``,
-``medfuse.harvard``; their wrong-type tests are in ``tests/io/test_io_api.py``):
+of the I/O face and the sample-data helpers (``medfuse.io`` and its readers and writers, ``medfuse.phantom``,
+``medfuse.harvard``; their wrong-type tests are in ``tests/io/test_io_api.py``), and, for the docstrings and
+keyword-only options, of registration, fusion, the pipeline and batch processing (their bad-input tests are in
+``tests/registration``, ``tests/fusion`` and ``tests/pipeline``):
 
 * every name exists and has a Google-style docstring whose ``Args`` name exactly the signature's parameters
   (``inspect.signature`` is the reference), with ``Returns`` and ``Raises`` sections;
@@ -36,16 +38,24 @@ MODULES = ("medfuse.volume", "medfuse.metrics", "medfuse.transforms", "medfuse.d
 IO_MODULES = ("medfuse.io", "medfuse.io.nifti", "medfuse.io.dicom", "medfuse.io.suv", "medfuse.io.writers",
               "medfuse.io.dicom_writer", "medfuse.phantom", "medfuse.harvard")
 
-#: Top-level names defined in other modules (registration, fusion, pipeline): reviewed elsewhere.
-ELSEWHERE = {"register", "resample", "resample_to_common_grid", "Transform", "load_transform", "fuse", "fuse_files",
-             "Pipeline"}
+#: Registration, fusion, the pipeline and batch processing: docstrings and keyword-only options.
+CORE_MODULES = ("medfuse.registration.register", "medfuse.registration.resample", "medfuse.registration.transforms",
+                "medfuse.registration.presets", "medfuse.fusion", "medfuse.fusion.classical", "medfuse.fusion.infer",
+                "medfuse.fusion.normalise", "medfuse.fusion.network", "medfuse.pipeline", "medfuse.batch")
+
+#: Top-level names checked by neither list.
+ELSEWHERE: set = set()
 
 #: Functions that raise nothing on any argument, so a ``Raises`` section would be empty.
 RAISES_NOTHING = {"Volume.bounds", "Volume.add_history", "medfuse.display.DisplaySettings",
                   "medfuse.display.SlicePanel", "medfuse.provenance.versions",
                   "medfuse.provenance.scrub", "medfuse.evaluate.EvaluationResult",
                   "medfuse.evaluate.add_arguments", "medfuse.io.dicom.SeriesInfo", "medfuse.phantom.Phantom",
-                  "medfuse.harvard.HarvardPair"}
+                  "medfuse.harvard.HarvardPair", "medfuse.registration.register.RegistrationResult",
+                  "medfuse.registration.register.RegistrationReport", "medfuse.registration.presets.preset_for",
+                  "medfuse.pipeline.PipelineState", "medfuse.pipeline.PipelineResult", "medfuse.batch.Subject",
+                  "medfuse.batch.SubjectResult", "medfuse.batch.BatchSummary", "medfuse.fusion.normalise.auto_method",
+                  "medfuse.fusion.network.decompose"}
 
 #: Parameters with a default that are data, not options (a point to centre the views on).
 POSITIONAL_DEFAULTS = {("medfuse.display.orthogonal_slices", "center_world"),
@@ -54,16 +64,23 @@ POSITIONAL_DEFAULTS = {("medfuse.display.orthogonal_slices", "center_world"),
                        # Data with a default: which samples folder, which command line.
                        ("medfuse.phantom.load_samples", "folder"), ("medfuse.phantom.load_ground_truth", "folder"),
                        ("medfuse.phantom.main", "argv"),
-                       # tests/io/test_suv.py passes the SUV kind by position (suv_factor(h, "bsa")); it becomes
-                       # keyword-only once those calls name it.
-                       ("medfuse.io.suv.suv_factor", "kind"), ("medfuse.io.suv.series_suv_factors", "kind"),
-                       ("medfuse.io.suv.suv_problem", "kind"), ("medfuse.io.suv.factor_source", "kind")}
+                       # The second image of a fusion; which weights file (a path is data).
+                       ("medfuse.fusion.fuse", "b"), ("medfuse.fusion.infer.load_model", "weights"),
+                       ("medfuse.fusion.infer.weights_sha256", "weights"),
+                       # A preset's name with the modalities it is chosen from; a modality's unit.
+                       ("medfuse.registration.presets.get_preset", "fixed_modality"),
+                       ("medfuse.registration.presets.get_preset", "moving_modality"),
+                       ("medfuse.fusion.normalise.auto_method", "unit"),
+                       # A step's one choice, as Pipeline().replace("fuse", FuseStep("mean")) reads; where a
+                       # manifest goes.
+                       ("medfuse.pipeline.RegisterStep", "kind"), ("medfuse.pipeline.FuseStep", "method"),
+                       ("medfuse.batch.write_manifest", "path")}
 
 
 def _public_callables():
     """``(qualified name, object)`` for every callable in scope, Volume's public methods included."""
     out = []
-    for mod_name in MODULES + IO_MODULES:
+    for mod_name in MODULES + IO_MODULES + CORE_MODULES:
         mod = importlib.import_module(mod_name)
         for name in mod.__all__:
             obj = getattr(mod, name)

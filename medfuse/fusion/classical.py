@@ -197,6 +197,14 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
         radius: box radius ``r`` (window ``2r+1`` per axis).
         eps: regularisation; larger smooths more.
         poll: called between its box filters (a cancel check: one 3-D filter takes seconds).
+
+    Returns:
+        The filtered image, of ``src``'s shape; the radius is capped at ``(min(guide.shape) - 1) // 2`` (at
+            least 1), so that the box fits the image.
+
+    Raises:
+        CancelledError: raised by ``poll`` (a cancel check that fires) and let through; nothing is checked here
+            (:func:`fuse_arrays` checks the images).
     """
     poll = poll or _no_poll
     r = max(1, min(int(radius), (min(guide.shape) - 1) // 2))

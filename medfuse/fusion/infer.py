@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .._checks import all_finite, refuse_volumes, slab_slices
+from .._checks import all_finite, refuse_volumes, slab_slices, whole
 from ..errors import InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
 from ..progress import CancelToken, ProgressFn, check, report
 
@@ -42,7 +42,17 @@ def _resolve(weights: Optional[PathLike]) -> Path:
 
 
 def weights_sha256(weights: Optional[PathLike] = None) -> str:
-    """SHA-256 (hex) of the weights file: recorded in provenance so a fused image names its exact model."""
+    """SHA-256 (hex) of the weights file: recorded in provenance so a fused image names its exact model.
+
+    Args:
+        weights: a safetensors weights file (default: the shipped weights, :func:`default_weights_path`).
+
+    Returns:
+        The 64-character hex digest (cached per path, modification time and size: the file is read once).
+
+    Raises:
+        WeightsError: the file is missing or unreadable.
+    """
     p = _resolve(weights)
     try:
         st = p.stat()
@@ -88,10 +98,20 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     freed buffers instead of page-faulting them anew (:mod:`medfuse.fusion._allocator`; set
     ``MEDFUSE_MALLOC_TUNING=0`` to leave the allocator alone).
 
+    Args:
+        weights: a safetensors weights file (default: the shipped weights, :func:`default_weights_path`).
+        device: torch device ("cpu", "cuda", "cuda:N", "mps", or "auto": CUDA when present).
+
+    Returns:
+        The :class:`~medfuse.fusion.network.FusionNet`, in eval mode on ``device``; one model per file (path,
+        modification time, size) and device, shared by later calls.
+
     Raises:
-        WeightsError: the file is missing, not a safetensors file, truncated, does not fit the model, or differs
-            from the SHA-256 that its card (``medfuse_fusion.json`` beside it) records.
+        WeightsError: the file is missing, not a safetensors file, truncated, does not fit the model, holds NaN
+            or infinite values, or differs from the SHA-256 that its card (``medfuse_fusion.json`` beside it)
+            records.
         InvalidInputError: ``device`` is unknown, or a GPU this machine or torch build does not have.
+        MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
     """
     torch = _torch()
     from ._allocator import keep_freed_memory
@@ -229,6 +249,26 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     visible, at a cost in Qabf/VIF (docs/network.md, "Fourteenth round"). False or None (not known, the
     default here, unlike the 3-D path) keeps the learned choice, which scores best on the Harvard pairs
     but can hide such a spot.
+
+    Args:
+        arrays: 2 or 3 images of one shape, every side at least 4 pixels, values in 0..1 (others are clipped,
+            with a warning).
+        device: torch device ("cpu", "cuda", "cuda:N", "mps", or "auto": CUDA when present).
+        weights: a safetensors file (default: the shipped weights).
+        refine: run the weights' refinement head, if they have one (see above).
+        functional: whether an input shows uptake (PET/SPECT): True, False or None (see above).
+        progress, cancel: see :mod:`medfuse.progress`.
+
+    Returns:
+        float32 image of the inputs' shape, in 0..1.
+
+    Raises:
+        InvalidInputError: not 2 or 3 arrays, shapes that differ, arrays that are not 2-D, smaller than 4 pixels
+            a side, not real numbers, or holding NaN/inf (or values beyond float32); ``functional`` not
+            True/False/None; an unknown or absent ``device``.
+        WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
+        MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
+        CancelledError: ``cancel`` was set (checked before the model loads), or ``progress`` raised it.
     """
     x = _check_arrays(arrays, 2)
     functional = _tri_state(functional)
@@ -349,12 +389,24 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
             (docs/network.md, "Sixteenth round"); None keeps the stronger-detail rule, which suits two MR
             volumes better.
         progress, cancel: see :mod:`medfuse.progress`.
+
+    Returns:
+        float32 volume of the inputs' shape, in 0..1.
+
+    Raises:
+        InvalidInputError: not 2 or 3 arrays, shapes that differ, arrays that are not 3-D, under
+            :data:`MIN_SIZE_3D` along an axis, not real numbers, or holding NaN/inf (or values beyond float32);
+            ``functional`` not True/False/None; ``batch_size`` not a whole number >= 1; an unknown or absent
+            ``device``.
+        WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
+        MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
+        CancelledError: ``cancel`` was set (checked between slabs and tri-plane batches), or ``progress``
+            raised it.
     """
     arrs = _scan_volumes(arrays)
     functional = _tri_state(functional)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a whole number of slices >= 1, got {batch_size!r}",
-                                fix="pass e.g. batch_size=32 (smaller uses less memory)")
+    whole(batch_size, "batch_size", minimum=1, what="a whole number of slices",
+          example="batch_size=32 (smaller uses less memory)")
     torch = _torch()
     from .network import _pool, decompose
 
@@ -434,6 +486,15 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
 
     Returns:
         float32 array of the inputs' shape, in 0..1.
+
+    Raises:
+        InvalidInputError: an unknown ``mode``, or one that does not match the arrays' dimension; Volumes
+            instead of arrays (fuse them with :func:`medfuse.fuse`); not a list of 2 or 3 arrays; arrays that are
+            not 2-D or 3-D, or as :func:`fuse_2d` and :func:`fuse_3d` refuse them (shapes, size, NaN,
+            ``functional``, ``batch_size``, ``device``).
+        WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
+        MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
+        CancelledError: ``cancel`` was set, or ``progress`` raised it.
     """
     if mode not in ("auto", "2d", "3d"):
         raise InvalidInputError(f"mode must be 'auto', '2d' or '3d', got {mode!r}", fix="use mode='auto'")

@@ -99,7 +99,17 @@ def blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
 
 
 def decompose(x: torch.Tensor, levels: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """À-trous decomposition of (B, C, *spatial): returns (base, [d1 .. d_levels]) with x = base + sum(d)."""
+    """À-trous decomposition of (B, C, *spatial): returns (base, [d1 .. d_levels]) with x = base + sum(d).
+
+    Args:
+        x: a (B, C, *spatial) tensor, 1-3 spatial axes (every one of them is blurred).
+        levels: detail levels; level ``l`` (from 0) blurs with dilation ``2**l`` (reflect padding; replicate
+            where the pad is not shorter than the axis).
+
+    Returns:
+        ``(base, details)``: the last blur and the ``levels`` differences of successive blurs, finest first, all
+        of ``x``'s shape.
+    """
     details = []
     cur = x
     for lev in range(levels):
@@ -188,6 +198,9 @@ class SelectiveScan2d(nn.Module):
         state: state size N.
         heads: heads sharing a decay.
         chunk: chunk length of the chunk-parallel scan.
+
+    Raises:
+        ValueError: ``channels`` is not a multiple of ``heads``.
     """
 
     def __init__(self, channels: int, *, state: int = 8, heads: int = 4, chunk: int = 16):
@@ -238,6 +251,17 @@ def config_from_metadata(config: Dict[str, object]) -> Dict[str, object]:
     """FusionNet keyword arguments from a weights file's stored config (values may be strings).
 
     A file without a ``merge`` key predates the convex merge and was trained with the "conv" one.
+
+    Args:
+        config: the ``config`` entry of a weights file's metadata, JSON-decoded (:func:`FusionNet.config`'s keys).
+
+    Returns:
+        A new dict: ``merge`` as a str (``"conv"`` when absent), the float keys as floats, the rest as ints.
+
+    Raises:
+        ValueError: a value that does not read as a number, e.g. ``"abc"`` or ``"1.5"`` for an int key
+            (:func:`medfuse.fusion.infer.load_model` reports either error as a :class:`~medfuse.errors.WeightsError`).
+        TypeError: a value that is not a str or a number (None, a list).
     """
     out: Dict[str, object] = {"merge": "conv"}
     for k, v in config.items():
@@ -354,7 +378,11 @@ class FusionNet(nn.Module):
         factor: downsampling factor of the learned part (power of two).
         per_input_gain: 1 for a detail gain per input and level, 0 for one gain per level shared by the inputs.
         gain_min, gain_max: the range of the detail gain the network can apply (bounded, so that a
-            metric-driven loss cannot run the gain away).
+            metric-driven loss cannot run the gain away); it must hold the initial gain 1 strictly inside.
+        scan: state size of the optional global-context block (:class:`SelectiveScan2d`, 4 heads) after the
+            mixing; 0: none (the shipped weights). Measured 6x the 2-D time for no gain (docs/network.md, "Sixth
+            round").
+        empty_guard: the empty-input guard's neighbourhood size (odd; see the module docstring); 0: off.
         merge: the tri-plane merge, "convex" (:class:`ConvexMerge3d`) or "conv" (an unconstrained 3×3×3
             convolution; weights files without a ``merge`` key were trained with it).
         coarse_pixel_rule_3d: in the 3-D path only, how many of the coarsest detail levels are chosen by the
@@ -377,6 +405,13 @@ class FusionNet(nn.Module):
             the max rule does and scores closer to it on Qabf (docs/network.md, "Sixteenth round").
         functional_base_learned, functional_coarse_learned: with ``functional_k``, the factors (0..1) on the
             learned selection logits of the base and of those coarse levels that stay beside it as a nudge.
+
+    Raises:
+        ValueError: ``refine`` < 0; ``merge`` neither "convex" nor "conv"; ``coarse_pixel_rule_3d`` outside
+            0..``levels``; ``coarse_rule_learned``, ``functional_base_learned`` or ``functional_coarse_learned``
+            outside 0..1; ``functional_k`` negative, infinite or NaN; ``empty_guard`` negative or even; ``scan``
+            with a ``width`` that is not a multiple of 4; ``gain_min``..``gain_max`` not holding 1 strictly
+            inside.
     """
 
     def __init__(self, *, width: int = 16, levels: int = 3, factor: int = 4, gain_min: float = 0.5,
@@ -412,6 +447,8 @@ class FusionNet(nn.Module):
         self.per_input_gain = int(per_input_gain)
         self.width, self.levels, self.factor = int(width), int(levels), int(factor)
         self.gain_min, self.gain_max = float(gain_min), float(gain_max)
+        if not self.gain_min < 1.0 < self.gain_max:  # the gain starts at 1 (the bias below is its logit)
+            raise ValueError(f"gain_min < 1 < gain_max is needed, got {gain_min}..{gain_max}")
         cin = 1 + self.levels
         w = self.width
         self.encoder = nn.Sequential(_conv(cin, w), _conv(w, w, dilation=2), _conv(w, w, dilation=4))

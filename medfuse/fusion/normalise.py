@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .._checks import all_finite, slab_slices
+from .._checks import all_finite, number, slab_slices
 from ..errors import InvalidInputError, MedfuseWarning
 
 __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
@@ -34,23 +34,22 @@ _METHODS = ("window", "suv", "percentile", "minmax", "range", "none")
 
 
 def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
-    """The method ``"auto"`` picks for a modality code and unit."""
-    m = (modality or "unknown").upper()
+    """The method ``"auto"`` picks for a modality code and unit.
+
+    Args:
+        modality: a DICOM modality code (``CT``, ``PT``/``PET``, ``MR``, ``NM``, ...; case-insensitive), or None.
+        unit: the physical unit, or None: ``HU`` picks the CT window whatever the modality, and ``SUV...``
+            the SUV range for PET.
+
+    Returns:
+        ``"window"`` (CT, or HU), ``"suv"`` (PET in SUV) or ``"percentile"`` (anything else, unknown included).
+    """
+    m = modality.upper() if isinstance(modality, str) else "UNKNOWN"
     if m == "CT" or unit == "HU":
         return "window"
     if m in ("PT", "PET") and unit is not None and str(unit).startswith("SUV"):
         return "suv"
     return "percentile"
-
-
-def _number(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"normalisation {name} must be a number, got {value!r}", fix=f"pass e.g. {name}=40") from None
-    if not np.isfinite(out):
-        raise InvalidInputError(f"normalisation {name} must be finite, got {value!r}", fix="pass a finite number")
-    return out
 
 
 def _percentiles(value: Any) -> Tuple[float, float]:
@@ -150,14 +149,15 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
     if chosen == "none":
         lo, hi = 0.0, 1.0
     elif chosen == "window":
-        lv = DEFAULT_CT_WINDOW[0] if level is None else _number("level", level)
-        wd = DEFAULT_CT_WINDOW[1] if width is None else _number("width", width)
+        lv = DEFAULT_CT_WINDOW[0] if level is None else number(level, "normalisation level", example="level=40")
+        wd = DEFAULT_CT_WINDOW[1] if width is None else number(width, "normalisation width", example="width=80")
         lo, hi = lv - wd / 2.0, lv + wd / 2.0
         rec.update(level=lv, width=wd)
         if method == "auto":
             _warn_if_not_hu(x, wd, stacklevel)  # pointing at normalise()'s caller
     elif chosen == "suv":
-        lo, hi = 0.0, DEFAULT_SUV_MAX if suv_max is None else _number("suv_max", suv_max)
+        hi = DEFAULT_SUV_MAX if suv_max is None else number(suv_max, "normalisation suv_max", example="suv_max=10")
+        lo = 0.0
         rec.update(suv_max=hi)
     elif chosen == "percentile":
         pl, ph = DEFAULT_PERCENTILES if percentiles is None else _percentiles(percentiles)
@@ -171,7 +171,8 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
     else:  # range
         if low is None or high is None:
             raise InvalidInputError("normalisation 'range' needs low= and high=", fix="pass e.g. low=0, high=255")
-        lo, hi = _number("low", low), _number("high", high)
+        lo, hi = (number(low, "normalisation low", example="low=0"),
+                  number(high, "normalisation high", example="high=1"))
     if hi <= lo:
         if chosen in ("minmax", "percentile"):
             hi = lo + 1.0  # a constant image: map it to 0 rather than fail
@@ -220,7 +221,21 @@ def _normalise_float32(x: np.ndarray, **options: Any) -> Tuple[np.ndarray, Dict[
 
 
 def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:
-    """Map a 0..1 array back to the scale described by a :func:`normalise` record."""
+    """Map a 0..1 array back to the scale described by a :func:`normalise` record.
+
+    Clipping is not undone: values clipped to 0 or 1 come back as the interval's ends.
+
+    Args:
+        array01: the array on the 0..1 scale (a fusion's output).
+        record: the record :func:`normalise` returned with the scaled input (its ``low``, ``high`` and
+            ``method`` are read).
+
+    Returns:
+        float64 array, ``low + array01 * (high - low)`` (the values unchanged for method ``"none"``).
+
+    Raises:
+        InvalidInputError: ``record`` has no numeric ``low``/``high`` (not a :func:`normalise` record).
+    """
     try:
         lo, hi = float(record["low"]), float(record["high"])
     except (KeyError, TypeError, ValueError):

@@ -70,9 +70,20 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def preset_for(fixed_modality: str, moving_modality: str) -> str:
-    """Name of the preset for a modality pair (order-insensitive); ``default`` when unknown."""
+    """Name of the preset for a modality pair (order-insensitive); ``default`` when unknown.
+
+    Args:
+        fixed_modality, moving_modality: medfuse modality codes (``MR``, ``CT``, ``PT``, ``NM``); anything else
+            counts as unknown.
+
+    Returns:
+        A key of :data:`PRESETS`. A same-modality pair without its own preset borrows the closest one (CT-CT uses
+        ``MR-MR``; PT-PT and NM-NM use ``MR-PT``; PT-NM uses ``MR-NM``).
+    """
     order = ("MR", "CT", "PT", "NM")
-    pair = sorted([fixed_modality, moving_modality], key=lambda m: order.index(m) if m in order else 9)
+    # Only a str is a modality (an array here made ``in`` ambiguous, a bare NumPy ValueError).
+    codes = [m if isinstance(m, str) else "unknown" for m in (fixed_modality, moving_modality)]
+    pair = sorted(codes, key=lambda m: order.index(m) if m in order else 9)
     name = f"{pair[0]}-{pair[1]}"
     if name in PRESETS:
         return name
@@ -85,7 +96,22 @@ def preset_for(fixed_modality: str, moving_modality: str) -> str:
 
 def get_preset(name: Optional[str], fixed_modality: str = "unknown", moving_modality: str = "unknown",
                **overrides: Any) -> Dict[str, Any]:
-    """A copy of a preset (chosen by name, or from the modalities when ``name`` is None) with overrides."""
+    """A copy of a preset (chosen by name, or from the modalities when ``name`` is None) with overrides.
+
+    Args:
+        name: a preset name (``"MR-PT"``; any letter case, either order, PET/SPECT/MRI accepted as PT/NM/MR), or
+            None to choose by the modalities.
+        fixed_modality, moving_modality: the two images' modalities, used only when ``name`` is None.
+        **overrides: preset keys to replace (``iterations=(50, 50, 50)``); per-level lists are fitted to the
+            pyramid when their lengths differ.
+
+    Returns:
+        A new dict of settings, checked, with ``"name"`` set to the preset's key.
+
+    Raises:
+        InvalidInputError: an unknown preset name, an override that is not a preset key, or a setting SimpleITK
+            would reject (a wrong type, out of range, per-level lists that do not match the pyramid).
+    """
     if name is None:
         name = preset_for(fixed_modality, moving_modality)
     key = str(name).upper().replace("PET", "PT").replace("SPECT", "NM").replace("MRI", "MR")

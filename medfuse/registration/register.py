@@ -13,14 +13,17 @@ docs/registration.md.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
+from .. import _checks
 from ..errors import CancelledError, InvalidInputError, MedfuseWarning, RegistrationError
 from ..progress import CancelToken, ProgressFn, report
 from ..volume import Volume, require_finite
@@ -37,7 +40,37 @@ _INITS = ("auto", "local", "geometry", "moments", "none")
 
 @dataclass
 class RegistrationReport:
-    """What happened, for the reader who signs off. Metric values: lower is better (SimpleITK sign)."""
+    """What happened, for the reader who signs off. Metric values: lower is better (SimpleITK sign).
+
+    Attributes:
+        kind: ``"rigid"``, ``"affine"`` or ``"deformable"``.
+        metric: ``"mattes"`` or ``"correlation"``.
+        preset: the preset's name (``"MR-PT"``, ``"default"``...).
+        metric_before: the metric with the images as the scanners placed them; None when too few samples overlap.
+        metric_after: the metric at the result; None when too few samples overlap.
+        iterations_per_level: iterations run at each level, the initialisation's coarse polish first.
+        stop_reason: SimpleITK's description of why the last optimisation stopped.
+        seconds: wall-clock time of the whole registration.
+        converged: False when the last optimisation stopped at its iteration limit.
+        suspect: True when the result should not be trusted without a look; see ``suspect_reasons``.
+        suspect_reasons: why it is suspect, one sentence each (empty when it is not).
+        initialisation: which start won (``"world"``, ``"geometry"``, ``"moments"``, ``"initial"``, a turned
+            orientation...), and why when a fallback replaced it.
+        rotation_deg: rotation angle of the linear part (degrees).
+        translation_mm: how far the linear part moves the fixed image's centre (mm), not the matrix's translation
+            column.
+        scale: the linear part's scale factors (its singular values; 1 for a rigid result).
+        jacobian_min: the B-spline's smallest Jacobian determinant (deformable only; <= 0 means it folds).
+        jacobian_fraction_nonpositive: share of voxels whose Jacobian determinant is <= 0 (deformable only).
+        overlap_fraction: share of the fixed image (its mask if given) that maps inside the moving image.
+        overlap_fraction_moving: share of the moving image (its mask if given) that lies inside the fixed image
+            after registration.
+        metric_initial: metric at the given ``initial_transform`` (None without one); ``metric_before`` stays the
+            scanners' placement.
+        same_frame_of_reference: True when both images are DICOM series of one frame of reference (one session,
+            e.g. a PET/CT: the scanner placed them, and registering them only corrects patient motion), False for
+            two different frames, None when a frame is not known (NIfTI, MetaImage, NRRD).
+    """
 
     kind: str
     metric: str
@@ -80,7 +113,15 @@ class RegistrationReport:
 
 @dataclass
 class RegistrationResult:
-    """``transform`` (fixed point -> moving point), ``resampled`` (moving on the fixed grid), ``report``."""
+    """What :func:`register` returns: the transform, the moving image on the fixed grid, and the report.
+
+    Attributes:
+        transform: the whole mapping, fixed point -> moving point (ITK convention), any initial transform included.
+        resampled: the moving image resampled onto the fixed image's grid (None where only the transform was
+            asked for).
+        report: the :class:`RegistrationReport`; check ``report.suspect`` before trusting the result.
+        linear_transform: the rigid/affine part alone (for ``kind="deformable"``, the stage before the B-spline).
+    """
 
     transform: Transform
     resampled: Volume
@@ -848,12 +889,29 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
     return reg.GetOptimizerStopConditionDescription(), mon.per_level, its
 
 
+# Whether register() makes ``resampled``. The pipeline turns it off (see _transform_only): it resamples each
+# original once itself, through the transform, so a copy made here cost 4 bytes a fixed voxel (twice that while it
+# was made) and a resampling's time, only to be thrown away. A context variable, not an option, keeps this
+# plumbing out of the public signature.
+_RESAMPLED: contextvars.ContextVar[bool] = contextvars.ContextVar("medfuse_register_resampled", default=True)
+
+
+@contextlib.contextmanager
+def _transform_only() -> Iterator[None]:
+    """Within the block, :func:`register` leaves ``RegistrationResult.resampled`` None."""
+    token = _RESAMPLED.set(False)
+    try:
+        yield
+    finally:
+        _RESAMPLED.reset(token)
+
+
 # --------------------------------------------------------------------------- API
 def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str = "mattes",
              preset: Optional[str] = None, fixed_mask: Any = None, moving_mask: Any = None,
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None, seed: int = 0,
              initialise: str = "auto", bspline_grid_mm: Optional[float] = None, initial_transform: Any = None,
-             _resample: bool = True, **preset_overrides: Any) -> RegistrationResult:
+             **preset_overrides: Any) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``.
 
     Args:
@@ -892,9 +950,6 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             returned transform is the whole fixed -> moving mapping, the initial transform included. A
             deformable initial transform is refused.
         **preset_overrides: any preset key (see :mod:`medfuse.registration.presets`).
-        _resample: internal: ``False`` leaves ``resampled`` ``None``, for callers that resample the moving image
-            themselves (the pipeline, from the original through the transform): made only to be thrown away, it
-            cost 4 bytes a fixed voxel, twice that while it was made, and the time of a resampling.
 
     Returns:
         :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted.
@@ -917,9 +972,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         raise InvalidInputError(f"unknown initialise {initialise!r}", fix=f"use one of {', '.join(_INITS)}")
     # SimpleITK takes the seed as an unsigned 32-bit number, and seed 0 there means "the wall clock": a negative
     # seed would silently make every run different, a huge one fail deep inside SWIG.
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 32 - 1:
-        raise InvalidInputError(f"seed must be an integer from 0 to {2 ** 32 - 2}, got {seed!r}",
-                                fix="pass a non-negative integer seed, e.g. seed=0")
+    _checks.whole(seed, "seed", minimum=0, maximum=2 ** 32 - 2, example="seed=0")
     initial = _as_initial(initial_transform)
     fixed = _as_volume(fixed, "fixed")
     moving = _as_volume(moving, "moving")
@@ -1109,7 +1162,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     if Q is not None:
         transform = lin_total if kind != "deformable" else lin_total.compose(Transform(bs))
     resampled = None
-    if _resample:
+    if _RESAMPLED.get():
         report(progress, 0.96, "resampling")
         resampled = resample(original, fixed, transform=transform)
         resampled.provenance["registration"] = {"kind": kind, "metric": metric, "preset": p["name"]}

@@ -113,6 +113,10 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         integers) and provenance, plus a ``resampled`` history entry. With a transform it takes the reference's
         frame of reference (it now lies in that patient space); without one it keeps its own, and a
         ``MedfuseWarning`` says so when the two DICOM frames of reference differ.
+
+    Raises:
+        InvalidInputError: a ``volume`` or ``reference`` that is not a Volume, a ``transform`` that is not a
+            3-D (medfuse or SimpleITK) transform, an unknown ``interpolation``.
     """
     import SimpleITK as sitk
 
@@ -173,6 +177,18 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
     """An empty grid covering ``volumes[reference_index]``'s field of view at the finest spacing of all volumes.
 
     The orientation (direction) of the reference is kept.
+
+    Args:
+        volumes: the volumes to cover; their finest voxel spacing becomes the grid's (isotropic) spacing.
+        reference_index: which of ``volumes`` sets the field of view, orientation and world (NIfTI space, DICOM
+            frame of reference); negative indices count from the end.
+
+    Returns:
+        A uint8 Volume of zeros: only its geometry (shape and affine) and space labels are meant to be used, e.g. as
+        ``resample``'s reference.
+
+    Raises:
+        InvalidInputError: no volumes, an item that is not a Volume, a ``reference_index`` out of range.
     """
     if not volumes:
         raise InvalidInputError("no volumes given", fix="pass at least one Volume")
@@ -202,6 +218,18 @@ def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int =
 
     No registration is done: volumes are assumed to share a world frame (register first otherwise).
     Boolean volumes (masks, label maps) use nearest neighbour.
+
+    Args:
+        volumes: the volumes to resample, in one world frame.
+        reference_index: which of ``volumes`` sets the field of view and orientation (see :func:`common_grid`).
+        interpolation: ``"linear"`` (default), ``"nearest"`` or ``"bspline"``, for the non-boolean volumes.
+
+    Returns:
+        One Volume per input, in order, all on the common grid; a volume already on it comes back as a copy.
+
+    Raises:
+        InvalidInputError: no volumes, an item that is not a Volume, a ``reference_index`` out of range, an
+            unknown ``interpolation`` (noticed only when a non-boolean volume needs resampling).
     """
     grid = common_grid(volumes, reference_index=reference_index)
     out = []

@@ -29,7 +29,10 @@ class Transform:
     """A spatial transform in the ITK convention: it maps **fixed** physical points to **moving** ones.
 
     Args:
-        sitk_transform: a ``SimpleITK.Transform`` (any kind; it is copied).
+        sitk_transform: a ``SimpleITK.Transform`` (any kind; it is copied), or a medfuse Transform.
+
+    Raises:
+        InvalidInputError: ``sitk_transform`` is not a SimpleITK or medfuse transform, or is not 3-D.
 
     Build one from a 4x4 LPS matrix with :meth:`from_matrix`, or get one from ``register``.
     """
@@ -172,7 +175,20 @@ class Transform:
 
 
 def load_transform(path: Union[str, os.PathLike]) -> Transform:
-    """Read an ITK transform file (``.tfm``/``.txt``/``.h5``) written by medfuse, Slicer, ANTs or SimpleITK."""
+    """Read an ITK transform file (``.tfm``/``.txt``/``.h5``) written by medfuse, Slicer, ANTs or SimpleITK.
+
+    Args:
+        path: the transform file.
+
+    Returns:
+        The :class:`Transform` (fixed point -> moving point); a file holding one transform in a composite gives that
+        transform itself, so that a linear one has its :attr:`Transform.matrix`.
+
+    Raises:
+        UnreadableFileError: no such file, a file SimpleITK cannot read as a transform, or (on Windows) a path with
+            no ASCII form.
+        InvalidInputError: the file holds a transform that is not 3-D.
+    """
     import SimpleITK as sitk
 
     from ..io.nifti import itk_path

@@ -183,3 +183,14 @@ def test_weights_that_differ_from_their_recorded_hash_are_refused(tmp_path):
                                            r"medfuse_fusion.json") as ei:
         fuse(a, b, weights=bad)
     assert "reinstall medfuse" in str(ei.value)
+
+
+def test_auto_method_reads_modality_codes_and_anything_else_as_unknown():
+    from medfuse.fusion.normalise import auto_method
+
+    assert auto_method("ct") == auto_method("MR", "HU") == "window"
+    assert auto_method("PET", "SUVbw") == auto_method("pt", "SUVlbm") == "suv"
+    assert auto_method("PT", "BQML") == auto_method("MR") == "percentile"
+    # Not a str (an int code, a list): unknown, as None is; it was an AttributeError from .upper().
+    for odd in (None, 3, ["CT"]):
+        assert auto_method(odd) == "percentile" and auto_method(odd, "HU") == "window"

@@ -138,6 +138,19 @@ def test_empty_input_guard_is_validated():
             FusionNet(empty_guard=bad)
 
 
+def test_gain_range_must_hold_one_strictly_inside():
+    from medfuse.fusion.network import FusionNet
+
+    # The gain starts at 1 (its bias is the logit of 1 in gain_min..gain_max): equal ends divided by zero, an
+    # end at 1 took log(0), both a bare ZeroDivisionError or math domain error.
+    for lo, hi in ((1.0, 2.0), (0.5, 1.0), (1.5, 1.5), (2.0, 0.5)):
+        with pytest.raises(ValueError, match="gain_min < 1 < gain_max"):
+            FusionNet(gain_min=lo, gain_max=hi)
+    m = FusionNet(gain_min=0.5, gain_max=2.0)
+    g0 = m.gain_min + (m.gain_max - m.gain_min) * torch.sigmoid(m.gain.bias)
+    torch.testing.assert_close(g0, torch.ones_like(g0))
+
+
 def test_three_inputs():
     xs = _parts((96, 96), 3)
     out = infer.fuse_arrays(xs)

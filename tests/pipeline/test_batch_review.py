@@ -192,3 +192,29 @@ def test_tab_and_semicolon_separated_manifests_are_read(tmp_path):
         assert a.moving == [os.fspath(tmp_path / "a/pet.nii.gz"), os.fspath(tmp_path / "a/spect.nii.gz")]
     # a .tsv beside a .csv of the same stem keeps a report of its own
     assert batch._manifest_report(tmp_path / "study.tsv") == tmp_path / "study.tsv-report.csv"
+
+
+def test_wrong_arguments_to_the_batch_helpers_are_typed_errors_that_name_them(tmp_path):
+    from medfuse.errors import InvalidInputError
+
+    # cap_threads: int("2") and int(2.7) passed silently, int(None) was a bare TypeError.
+    for bad in ("2", 2.7, None, 0, True):
+        with pytest.raises(InvalidInputError, match="threads must be a whole number of 1 or more"):
+            batch.cap_threads(bad)
+    # write_phantom_subjects: n=0 failed after making the folder with a bare IndexError (rows[0]).
+    for kwargs, words in (({"n": 0}, "n must be a whole number of 1 or more"),
+                          ({"n": 2, "lesion": [True]}, "lesion gives 1 values for 2 subjects"),
+                          ({"n": 1, "downsample": 1.5}, "downsample must be a whole number")):
+        with pytest.raises(InvalidInputError, match=words):
+            write_phantom_subjects(tmp_path / "ds", **kwargs)
+        assert not (tmp_path / "ds").exists()  # refused before anything was written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError):
+        write_phantom_subjects(tmp_path / "file", 1)
+    # run_subject: a dict with a wrong or missing key was the dataclass's bare TypeError.
+    row = {"subject": "s", "fixed": "a.nii", "moving": ["b.nii"], "output": "o.nii.gz"}
+    for bad, words in (({**row, "fixd": "x"}, r"unknown keys \['fixd'\]"),
+                       ({k: v for k, v in row.items() if k != "output"}, r"without \['output'\]"),
+                       (["a.nii", "b.nii"], "got a list")):
+        with pytest.raises(InvalidInputError, match=words):
+            batch.run_subject(bad, {})

@@ -461,6 +461,17 @@ def test_preset_overrides_are_checked_and_follow_the_pyramid():
     assert get_preset("CT-MR")["name"] == "MR-CT" and get_preset("PET-CT")["name"] == "CT-PT"
 
 
+def test_preset_for_reads_a_pair_in_either_order_and_anything_else_as_unknown():
+    from medfuse.registration.presets import PRESETS, preset_for
+
+    assert preset_for("CT", "MR") == preset_for("MR", "CT") == "MR-CT"
+    assert preset_for("PT", "PT") == "MR-PT" and preset_for("NM", "PT") == "MR-NM" and preset_for("CT", "CT") == "MR-MR"
+    # Not a modality code: the default preset, never a bare NumPy "truth value is ambiguous" ValueError.
+    for odd in (None, 3, np.array(["MR", "CT"]), ["MR"], "unknown"):
+        assert preset_for(odd, "CT") == "default" and preset_for("MR", odd) == "default"
+    assert all(preset_for(*name.split("-")) == name for name in PRESETS if name != "default")
+
+
 def test_reported_translation_is_the_shift_of_the_image_not_of_the_world_origin(shared):
     # The SPM12 T1 placed 370 mm from the world origin (as scanner coordinates often are), rotated 6 degrees about
     # its own centre and not shifted: the report said "translation 36.30 mm" (the matrix's translation column,
