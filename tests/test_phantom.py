@@ -261,6 +261,36 @@ def test_bundled_ground_truth_and_tfm(samples_dir, ph):
     assert size < 15e6
 
 
+#: Header elements that differ on every `make samples` run (new UIDs, the time of writing, a series number drawn
+#: from it) or with every release (the version that wrote them).
+_PER_RUN = {"SoftwareVersions", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "StudyDate", "SeriesDate",
+            "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
+            "SeriesNumber", "InstanceCreationDate", "InstanceCreationTime"}
+
+
+def _stable_header(path):
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    return {e.keyword or str(e.tag): str(e.value) for e in ds
+            if e.keyword not in _PER_RUN and e.tag != 0x7FE00010}, ds.pixel_array
+
+
+@pytest.mark.parametrize("series", ["ct", "pet"])
+def test_bundled_dicom_samples_are_what_the_writer_writes_now(samples_dir, tmp_path, series):
+    """The bundled series carry the current writer's header (a stale one said Manufacturer "medfuse", which
+    dcm2niix reads as the vendor Mediso): regenerate them with `make samples` when the writer changes."""
+    folder = _samples_or_fail(samples_dir)
+    phantom.write_samples(tmp_path)
+    bundled, fresh = sorted((folder / series).iterdir()), sorted((tmp_path / series).iterdir())
+    assert [f.name for f in bundled] == [f.name for f in fresh]
+    for old, new in ((bundled[0], fresh[0]), (bundled[-1], fresh[-1])):
+        (h_old, px_old), (h_new, px_new) = _stable_header(old), _stable_header(new)
+        changed = sorted(k for k in h_old.keys() | h_new.keys() if h_old.get(k) != h_new.get(k))
+        assert not changed, f"{series}/{old.name}: {changed} differ from a fresh write; run `make samples`"
+        np.testing.assert_array_equal(px_old, px_new)
+
+
 def test_load_samples_without_files_builds_in_memory(monkeypatch, ph):
     monkeypatch.delenv("MEDFUSE_SAMPLES", raising=False)
     monkeypatch.setattr(phantom, "default_samples_folder", lambda: None)
