@@ -23,9 +23,11 @@ def describe(value: Any) -> str:
         return "None"
     if isinstance(value, Volume):
         return "a medfuse Volume"
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeio" or name.startswith("nd") else "a"  # an int, an ndarray; a uint8
     if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
+        return f"{article} {name} of shape {tuple(value.shape)}"
+    return f"{article} {name}"
 
 
 def _path_fix(value: Any, fix: Optional[str]) -> str:
@@ -101,6 +103,28 @@ def _shown(value: Any) -> str:
     if value is None or isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
         return repr(value.item() if isinstance(value, np.generic) else value)
     return describe(value)
+
+
+def label(value: Any) -> str:
+    """A wrong choice for a message: a short plain word as written (``'rigd'``: the typo shows), anything else by
+    its type (a path, free text or an array is never echoed)."""
+    if isinstance(value, str) and len(value) <= 32 and value.isprintable() and not set(value) & set("/\\:^"):
+        return repr(value)
+    return describe(value)
+
+
+def choice(value: Any, name: str, choices: Any, *, fix: Optional[str] = None) -> Any:
+    """``value`` when it is one of ``choices`` (None only when listed), or a typed error naming the choices.
+
+    Why: an array compared with ``in`` raised NumPy's bare "truth value is ambiguous", a list "unhashable".
+
+    Raises:
+        InvalidInputError: anything else (the value shown by :func:`label`).
+    """
+    if (value is None or isinstance(value, str)) and value in choices:
+        return value
+    words = ", ".join("None" if c is None else str(c) for c in choices)
+    raise InvalidInputError(f"unknown {name} {label(value)}", fix=fix or f"use one of {words}")
 
 
 def _figure(x: Any) -> str:

@@ -34,7 +34,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._checks import describe, whole
+from ._checks import as_path, choice, describe, whole
 from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
 from .progress import CancelToken
 
@@ -47,6 +47,41 @@ PathLike = Union[str, os.PathLike]
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                    "NUMEXPR_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 _KINDS = (None, "rigid", "affine", "deformable")
+
+
+def _path_arg(value: Any, what: str, fix: str) -> Path:
+    """``value`` as a Path, or a typed error with a fix that fits here (pathlib's bare TypeError said only
+    "expected str, bytes or os.PathLike object"; ``as_path``'s own fixes are about loading images).
+
+    Raises:
+        InvalidInputError: not a str or pathlib.Path, or an empty string.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidInputError(f"{what} must be a path (a str or pathlib.Path), got {describe(value)}", fix=fix)
+    return as_path(value, what=what, fix=fix)
+
+
+def _optional_path(value: Any, what: str, fix: str) -> Optional[Path]:
+    """As :func:`_path_arg`, with ``None`` (and ``""``, which meant "the default" before) for "not given"."""
+    if value is None or (isinstance(value, str) and value == ""):
+        return None
+    return _path_arg(value, what, fix)
+
+
+def _folder_arg(value: Any, what: str, fix: str) -> Path:
+    """``value`` as the Path of an existing folder, or a typed error (``os.scandir`` raised a bare
+    NotADirectoryError for a file, FileNotFoundError for a typo).
+
+    Raises:
+        InvalidInputError: not a str or pathlib.Path, or an empty string.
+        UnreadableFileError: nothing is there, or it is a file.
+    """
+    p = _path_arg(value, what, fix)
+    if not p.exists():
+        raise UnreadableFileError(f"the {what} does not exist", fix="check the path", path=p)
+    if not p.is_dir():
+        raise UnreadableFileError(f"the {what} is a file; a folder is needed here", fix=fix, path=p)
+    return p
 
 
 @dataclass
@@ -240,13 +275,18 @@ def read_manifest(path: PathLike) -> List[Subject]:
         One :class:`Subject` per row, in the manifest's order.
 
     Raises:
-        UnreadableFileError: the manifest is missing, unreadable or not UTF-8, or not valid CSV/YAML.
-        InvalidInputError: no subjects, a CSV header without subject, fixed, moving and output, a row with more
-            cells than the header, a YAML manifest that is not a list of subjects, a row without a subject or
-            output, an unknown ``register`` value, a ``series`` count that does not match the images, or
-            subjects/outputs that repeat (outputs also when they differ only in letter case).
+        UnreadableFileError: the manifest is missing, a folder, unreadable or not UTF-8, or not valid CSV/YAML.
+        InvalidInputError: ``path`` is not a str or pathlib.Path, no subjects, a CSV header without subject,
+            fixed, moving and output, a row with more cells than the header, a YAML manifest that is not a list
+            of subjects, a row without a subject or output, an unknown ``register`` value, a ``series`` count
+            that does not match the images, or subjects/outputs that repeat (outputs also when they differ only
+            in letter case).
     """
-    p = Path(path)
+    p = _path_arg(path, "the manifest", "pass the manifest's path (.csv, .tsv, .yaml or .yml) as a str or "
+                                        "pathlib.Path")
+    if p.is_dir():
+        raise UnreadableFileError("the manifest is a folder", fix="pass the manifest file; a dataset folder goes to "
+                                  "discover(...) or run_batch(...)", path=p)
     if not p.is_file():
         raise UnreadableFileError("the manifest does not exist", fix="check the path", path=p)
     base = p.resolve().parent
@@ -437,10 +477,12 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
         ``(fixed, [moving, ...], series)``.
 
     Raises:
-        InvalidInputError: unpaired (no MR/CT, or no PET/SPECT), or ambiguous (two PET series, two MRs,
-            several series in one folder); the message names the candidates and how to choose.
+        InvalidInputError: ``folder`` is not a str or pathlib.Path; unpaired (no MR/CT, or no PET/SPECT), or
+            ambiguous (two PET series, two MRs, several series in one folder); the message names the candidates
+            and how to choose.
+        UnreadableFileError: ``folder`` does not exist or is a file.
     """
-    root = Path(folder)
+    root = _folder_arg(folder, "subject folder", "pass the subject's folder (a str or pathlib.Path)")
     images, maybe_dicom = _walk(root)
     found: Dict[str, List[Path]] = {k: [] for k in _NAME_WORDS}
     unknown: List[Path] = []
@@ -549,6 +591,11 @@ def _only_outputs(folder: Path) -> bool:
                for f in files if f.lower().endswith(_DISCOVER_SUFFIXES))
 
 
+_DATASET_FIX = ("pass the folder holding one folder per subject, as a str or pathlib.Path (a manifest file goes to "
+                "read_manifest(...) or run_batch(...))")
+_OUT_DIR_FIX = "pass the outputs' folder as a str or pathlib.Path, or None for DATASET/derivatives/medfuse"
+
+
 def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[Subject]:
     """One :class:`Subject` per sub-folder of ``dataset`` (sorted; hidden ones, ``derivatives``,
     ``sourcedata``, ``code``, ``out_dir`` and folders holding only medfuse outputs left out). Their images are
@@ -562,13 +609,19 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
         The subjects, with ``folder`` and ``output`` set and ``fixed``/``moving`` left empty.
 
     Raises:
-        InvalidInputError: the folder holds no subject folders.
-        OSError: ``dataset`` is missing, not a folder or unreadable (as :func:`os.scandir` raises it).
+        InvalidInputError: the folder holds no subject folders, or ``dataset`` or ``out_dir`` is not a str or
+            pathlib.Path.
+        UnreadableFileError: ``dataset`` is missing, a file or unreadable.
     """
-    root = Path(dataset).absolute()
-    out = _dataset_out_dir(root, out_dir)
+    root = _folder_arg(dataset, "dataset", _DATASET_FIX).absolute()
+    out = _dataset_out_dir(root, _optional_path(out_dir, "out_dir", _OUT_DIR_FIX))
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        raise UnreadableFileError(f"cannot list the dataset folder ({e.__class__.__name__})",
+                                  fix="check that you may read it", path=root) from None
     subjects = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    for entry in entries:
         path = Path(entry.path)
         if _hidden(entry.name) or entry.name.lower() in _NOT_SUBJECTS or not path.is_dir():
             continue
@@ -602,21 +655,25 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
         The manifest's path; never replaces a file.
 
     Raises:
-        InvalidInputError: the dataset holds no subject folders.
-        OutputExistsError: a file is already at ``path``, or it cannot be written (permission, read-only or full
-            disk).
-        OSError: ``dataset`` is missing or not a folder, or the manifest's folder cannot be created.
+        InvalidInputError: the dataset holds no subject folders, or ``dataset``, ``path`` or ``out_dir`` is not a
+            str or pathlib.Path.
+        UnreadableFileError: ``dataset`` is missing, a file or unreadable.
+        OutputExistsError: a file is already at ``path``, or it (or its folder) cannot be written (permission,
+            read-only or full disk).
     """
     import io
 
     from .io._atomic import atomic_write_text
 
-    root = Path(dataset).absolute()
-    target = Path(path) if path else _dataset_out_dir(root, out_dir) / "manifest.csv"
+    root = _folder_arg(dataset, "dataset", _DATASET_FIX).absolute()
+    given = _optional_path(path, "the manifest's path", "pass where to write the manifest (a .csv path) as a str "
+                                                        "or pathlib.Path, or None for the default")
+    out = _optional_path(out_dir, "out_dir", _OUT_DIR_FIX)
+    target = given if given else _dataset_out_dir(root, out) / "manifest.csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     rows = []
-    for s in discover(root, out_dir=out_dir):
+    for s in discover(root, out_dir=out):
         try:
             fixed, moving, series = discover_subject(s.folder, with_series=True)
         except InvalidInputError:
@@ -626,7 +683,11 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else []))
     for r in rows:
         w.writerow(r if with_series else r[:4])
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputExistsError(f"cannot create the manifest's folder ({e.__class__.__name__})",
+                                fix="pass path= a place you can write to", path=target.parent) from None
     return atomic_write_text(target, buf.getvalue())
 
 
@@ -743,7 +804,7 @@ def _make_output_folder(out: Path) -> None:
                                 fix="choose an output folder you can write to", path=out.parent) from None
 
 
-def _as_subject(subject: Any) -> Subject:
+def _as_subject(subject: Any, *, caller: str = "run_subject") -> Subject:
     """``subject`` as a :class:`Subject`, or a typed error (the dataclass said only "unexpected keyword")."""
     if isinstance(subject, Subject):
         return subject
@@ -755,7 +816,7 @@ def _as_subject(subject: Any) -> Subject:
     if isinstance(subject, Mapping):
         unknown, missing = sorted(set(subject) - names), sorted(required - set(subject))
         why = (f" with unknown keys {unknown}" if unknown else "") + (f" without {missing}" if missing else "")
-    raise InvalidInputError(f"run_subject takes a Subject or a dict of its fields, got {describe(subject)}{why}",
+    raise InvalidInputError(f"{caller} takes a Subject or a dict of its fields, got {describe(subject)}{why}",
                             fix="pass a row of read_manifest(...) or discover(...), or Subject(subject=..., ...)")
 
 
@@ -854,12 +915,12 @@ def _is_batch_report(path: Path) -> bool:
 def _check_report_path(path: Path) -> None:
     """Refuse, before any work, a report path that holds someone else's file (a re-run's own is replaced)."""
     if path.is_dir():
-        raise InvalidInputError(f"the report path {path} is a folder",
-                                fix="pass report= (--report) a file path ending .csv or .json")
+        raise InvalidInputError("the report path is a folder",
+                                fix="pass report= (--report) a file path ending .csv or .json", path=path)
     if path.exists() and not _is_batch_report(path):
         raise OutputExistsError(
-            f"{path} exists and is not a medfuse batch report; it would be replaced",
-            fix="move that file, or pass report= (--report) another path")
+            "the report path holds a file that is not a medfuse batch report; it would be replaced",
+            fix="move that file, or pass report= (--report) another path", path=path)
 
 
 _COLUMNS = [f.name for f in fields(SubjectResult)]
@@ -1025,16 +1086,19 @@ def _check_scheduler(scheduler: str, workers: int) -> None:
     """What :func:`_client` would refuse, checked before the report is written or locked.
 
     Raises:
-        InvalidInputError: an unknown scheduler, or fewer than 1 local worker.
+        InvalidInputError: an unknown scheduler (or not a str), or ``workers`` not a whole number of 1 or more
+            (local scheduler).
         MissingDependencyError: Dask is not installed (any scheduler but ``synchronous``).
     """
-    if scheduler == "synchronous":
+    if isinstance(scheduler, str) and scheduler == "synchronous":
         return
-    if scheduler != "local" and not str(scheduler).startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-        raise InvalidInputError(f"unknown scheduler {scheduler!r}",
+    if not isinstance(scheduler, str) or (scheduler != "local"
+                                          and not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://"))):
+        got = "a str that is none of them" if isinstance(scheduler, str) else describe(scheduler)
+        raise InvalidInputError(f"unknown scheduler (got {got})",
                                 fix="use 'local', 'synchronous' or a scheduler address such as tcp://host:8786")
-    if scheduler == "local" and workers < 1:
-        raise InvalidInputError(f"--workers must be at least 1, got {workers}", fix="e.g. --workers 2")
+    if scheduler == "local":
+        whole(workers, "workers", example="workers=2 (--workers 2)", minimum=1)
     import importlib.util
 
     if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
@@ -1116,9 +1180,27 @@ def _manifest_report(manifest: Path) -> Path:
 
 def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: Optional[PathLike],
                          out_dir: Optional[PathLike]) -> Tuple[List[Subject], Path]:
-    """The subjects of a manifest file, a dataset folder or a list, and the report's default path."""
-    if isinstance(manifest, (str, os.PathLike)) and Path(manifest).is_dir():
-        root = Path(manifest).absolute()
+    """The subjects of a manifest file, a dataset folder or a list, and the report's default path.
+
+    Raises:
+        InvalidInputError: ``manifest`` is neither a path nor a list of subjects (a subject is a :class:`Subject`
+            or a dict of its fields), or ``report``/``out_dir`` is not a path; as :func:`read_manifest` and
+            :func:`discover`.
+    """
+    what = "run_batch's manifest"
+    fix = ("pass a manifest's path (.csv, .tsv, .yaml), a dataset folder, or a list of Subjects "
+           "(read_manifest(...), discover(...))")
+    if isinstance(manifest, (str, os.PathLike)):
+        manifest = _path_arg(manifest, what, fix)
+    elif isinstance(manifest, (bytes, Mapping, Subject)) or hasattr(manifest, "shape") \
+            or not hasattr(manifest, "__iter__"):
+        # None or a number raised "'int' object is not iterable", an array "unhashable type"
+        raise InvalidInputError(f"{what} must be a path or a list of subjects, got {describe(manifest)}", fix=fix)
+    report = _optional_path(report, "report", "pass the report's path (.csv or .json) as a str or pathlib.Path, "
+                                              "or None for the default")
+    out_dir = _optional_path(out_dir, "out_dir", _OUT_DIR_FIX)
+    if isinstance(manifest, Path) and manifest.is_dir():
+        root = manifest.absolute()
         subjects = discover(root, out_dir=out_dir)
         _check_unique(subjects)  # folders sub-01 and SUB-01 would write one file on Windows and macOS
         out = _dataset_out_dir(root, out_dir)
@@ -1135,7 +1217,8 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
     if isinstance(manifest, (str, os.PathLike)):
         mpath = Path(manifest)
         return read_manifest(mpath), Path(report) if report else _manifest_report(mpath)
-    subjects = [s if isinstance(s, Subject) else Subject(**dict(s)) for s in manifest]
+    # A list of numbers or paths raised "dictionary update sequence" or "'int' object is not iterable".
+    subjects = [_as_subject(s, caller="run_batch") for s in manifest]
     # As for a manifest: a subject listed twice made one report row hide the other (results are kept by subject),
     # and two outputs differing only in case are one file on Windows and macOS.
     _check_unique(subjects)
@@ -1188,13 +1271,24 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
 
     Raises:
         OutputExistsError: the report cannot be written, or another run is writing it; checked before any work.
-        InvalidInputError: a list without ``report`` whose outputs share no folder but the filesystem
-            root (or a different drive), an empty list without ``report``, or a dataset folder without
-            subject folders; checked before any work.
+        InvalidInputError: ``manifest`` neither a path nor a list of subjects (each a :class:`Subject` or a dict of
+            its fields), ``report`` or ``out_dir`` not a path, an unknown ``register``, ``method`` or
+            ``scheduler``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
+            a whole number, a list without ``report`` whose outputs share no folder but the filesystem
+            root (or a different drive), an empty list without ``report``, a dataset folder without
+            subject folders, or a manifest :func:`read_manifest` refuses; checked before any work.
+        UnreadableFileError: the manifest is missing or unreadable (as :func:`read_manifest`), or a dataset
+            folder cannot be listed.
     """
     subjects, report_path = _subjects_and_report(manifest, report, out_dir)
-    if register not in _KINDS:
-        raise InvalidInputError(f"unknown registration kind {register!r}", fix="use none, rigid, affine or deformable")
+    from .pipeline import _fusion_method
+
+    # Defaults for every row that sets none: a typo must fail here, not once per subject.
+    choice(register, "registration kind", _KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
+    _fusion_method(method)
+    if fallback is not None:
+        _fusion_method(fallback, what="fallback method", classical=True)
+    whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)")
     _check_report_path(report_path)
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).

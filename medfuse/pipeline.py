@@ -20,10 +20,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._checks import choice, describe, label, whole
 from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, report
@@ -42,6 +43,40 @@ STEP_NAMES = ("load", "register", "resample", "normalise", "fuse", "save")
 REGISTER_KINDS = (None, "rigid", "affine", "deformable")
 _GRIDS = ("fixed", "finest")
 _NORMALISE = ("auto", "percentile", "minmax", "none")
+
+
+def _fusion_method(value: Any, *, what: str = "fusion method", classical: bool = False) -> str:
+    """``value`` when :func:`medfuse.fuse` knows it (any letter case, as ``fuse`` takes it), else a typed error.
+
+    Why: ``Pipeline(method="lapalcian")`` was accepted and failed only at the fuse step, after loading and
+    registration (minutes); a ``fallback`` typo only when the network could not run.
+
+    Raises:
+        InvalidInputError: not a str naming a method (``classical``: a classical one).
+    """
+    from .fusion import CLASSICAL_METHODS, available_methods
+
+    names = list(CLASSICAL_METHODS) if classical else available_methods()
+    if isinstance(value, str) and value.lower() in names:
+        return value
+    raise InvalidInputError(f"unknown {what} {label(value)}", fix=f"use one of {', '.join(names)}")
+
+
+def _per_input(value: Any, what: str, example: str) -> Optional[List[Any]]:
+    """A per-input option (one entry per input, fixed first) as a list, ``None`` when not given.
+
+    Why: a bare str was split into its letters (``modalities="MR"`` meant ``["M", "R"]``), and an array or a
+    number failed inside Python with a bare TypeError or ValueError.
+
+    Raises:
+        InvalidInputError: a str, an array, a mapping or anything else that is not a list of entries.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, Mapping)) or hasattr(value, "shape") or not isinstance(value, Iterable):
+        raise InvalidInputError(f"{what} must be a list with one entry per input (fixed first), got "
+                                f"{describe(value)}", fix=f"pass e.g. {example}")
+    return list(value) or None
 
 
 @dataclass
@@ -126,8 +161,9 @@ class LoadStep:
             ``"-"``: no choice.
 
     Raises:
-        InvalidInputError: when built, a ``series`` choice that is neither text, a number nor None; when called, an
-            unknown modality override, or as :func:`medfuse.load` (an unknown ``suv``, empty or all-NaN data).
+        InvalidInputError: when built, ``modalities`` or ``series`` not a list (one entry per input), or a
+            ``series`` choice that is neither text, a number nor None; when called, an unknown modality override,
+            or as :func:`medfuse.load` (an unknown ``suv``, empty or all-NaN data).
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: when called, an input that
             :func:`medfuse.load` cannot read (missing or damaged, no image, several series and none chosen, bad
             geometry).
@@ -138,8 +174,8 @@ class LoadStep:
 
     def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "bw",
                  series: Optional[Sequence[Optional[str]]] = None):
-        self.modalities = list(modalities) if modalities else None
-        self.series = list(series) if series else None
+        self.modalities = _per_input(modalities, "modalities", "modalities=['MR', 'PT'] (None keeps an input's own)")
+        self.series = _per_input(series, "series", "series=['CT', 'PT'] ('-' or None where no choice is needed)")
         self.params = {"modalities": self.modalities, "suv": suv}
         if self.series:
             from .io import series_choice_record
@@ -184,7 +220,8 @@ class RegisterStep:
         **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
 
     Raises:
-        InvalidInputError: when built, an unknown ``kind``; when called, as :func:`medfuse.register` (NaN voxels,
+        InvalidInputError: when built, an unknown ``kind`` or ``threads`` not a whole number of 1 or more;
+            when called, as :func:`medfuse.register` (NaN voxels,
             an option it does not take, a deformable or singular initial transform...).
         UnreadableFileError: an ``initial_transform`` option naming a missing file or not a transform file.
         RegistrationError: registration cannot run on these images (constant image, no overlap, optimiser failure).
@@ -194,11 +231,9 @@ class RegisterStep:
     name = "register"
 
     def __init__(self, kind: Optional[str] = None, *, threads: Optional[int] = None, **options: Any):
-        if kind not in REGISTER_KINDS:
-            raise InvalidInputError(f"unknown registration kind {kind!r}",
-                                    fix="use none, rigid, affine or deformable")
+        choice(kind, "registration kind", REGISTER_KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
         self.kind = kind
-        self.threads = threads
+        self.threads = whole(threads, "threads", example="threads=1", minimum=1, none_ok=True)
         self.options = options
         self.params = {"kind": kind, "threads": threads, **options}
 
@@ -249,8 +284,7 @@ class ResampleStep:
     name = "resample"
 
     def __init__(self, *, grid: str = "fixed", interpolation: str = "linear"):
-        if grid not in _GRIDS:
-            raise InvalidInputError(f"unknown grid {grid!r}", fix=f"use one of {', '.join(_GRIDS)}")
+        choice(grid, "grid", _GRIDS)
         self.grid, self.interpolation = grid, interpolation
         self.params = {"grid": grid, "interpolation": interpolation}
 
@@ -296,8 +330,7 @@ class NormaliseStep:
     name = "normalise"
 
     def __init__(self, *, method: str = "auto", low: float = 0.5, high: float = 99.5):
-        if method not in _NORMALISE:
-            raise InvalidInputError(f"unknown normalisation {method!r}", fix=f"use one of {', '.join(_NORMALISE)}")
+        choice(method, "normalisation", _NORMALISE)
         if not 0 <= low < high <= 100:
             raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}",
                                     fix="e.g. low=0.5, high=99.5")
@@ -349,8 +382,9 @@ class FuseStep:
         **options: passed to :func:`medfuse.fuse`.
 
     Raises:
-        InvalidInputError: when built, an unknown ``device`` or a GPU this machine lacks (network only); when
-            called, fewer than two volumes, or as :func:`medfuse.fuse` (an unknown method or option...).
+        InvalidInputError: when built, an unknown ``method``, a ``fallback`` that is no classical method, an
+            unknown ``device`` or a GPU this machine lacks (network only); when called, fewer than two volumes,
+            or as :func:`medfuse.fuse` (an unknown method or option...).
         GeometryError: the volumes are not on one grid (a replaced resample step).
         MissingDependencyError, WeightsError, FusionError: the network cannot run (torch, the inference module or
             the weights missing, or a failure of the network itself) and ``fallback`` names no classical method;
@@ -363,7 +397,11 @@ class FuseStep:
     def __init__(self, method: str = "network", *, device: str = "cpu", fallback: Optional[str] = None, **options: Any):
         from .fusion.device import check_network_device
 
-        # A wrong device is the caller's mistake, not "the network cannot run": no fallback hides it.
+        # A typo fails here, before loading and registration; a wrong device is the caller's mistake, not "the
+        # network cannot run": no fallback hides it.
+        _fusion_method(method)
+        if fallback is not None:
+            _fusion_method(fallback, what="fallback method", classical=True)
         check_network_device(method, device)
         self.method, self.device, self.fallback, self.options = method, device, fallback, options
         self.params = {"method": method, "device": device, "fallback": fallback, **options}
@@ -555,9 +593,11 @@ class Pipeline:
             ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
 
     Raises:
-        InvalidInputError: an unknown ``register`` kind, ``grid``, ``normalise`` method or ``device`` (or a GPU
-            this machine lacks, for the network), a ``series`` choice that is neither text nor a number, or a
-            ``steps`` entry that names no step or is not callable. What running it raises: see :meth:`run`.
+        InvalidInputError: an unknown ``register`` kind, fusion ``method``, ``grid``, ``normalise`` method or
+            ``device`` (or a GPU this machine lacks, for the network), a ``fallback`` that is no classical method,
+            ``threads`` not a whole number of 1 or more, ``modalities`` or ``series`` not a list (one entry per
+            input), a ``series`` choice that is neither text nor a number, ``steps`` not a dict, or a ``steps``
+            entry that names no step or is not callable. What running it raises: see :meth:`run`.
     """
 
     def __init__(self, *, register: Optional[str] = None, method: str = "network", device: str = "cpu",
@@ -572,13 +612,17 @@ class Pipeline:
             ("fuse", FuseStep(method, device=device, fallback=fallback)),
             ("save", SaveStep()),
         ]
+        if steps is not None and not isinstance(steps, Mapping):
+            raise InvalidInputError(f"steps must be a dict of step name to callable, got {describe(steps)}",
+                                    fix="pass e.g. steps={'normalise': my_step}, or use Pipeline().replace(name, step)")
         for name, step in (steps or {}).items():
             self._set(name, step)
 
     def _set(self, name: str, step: Step) -> None:
         names = [n for n, _ in self._steps]
-        if name not in names:
-            raise InvalidInputError(f"unknown pipeline step {name!r}", fix=f"use one of {', '.join(names)}")
+        if not isinstance(name, str) or name not in names:
+            raise InvalidInputError(f"unknown pipeline step (got {describe(name)})",
+                                    fix=f"use one of {', '.join(names)}")
         if not callable(step):
             raise InvalidInputError(f"the {name} step must be callable: step(state) -> state",
                                     fix="pass a function or an object with __call__")
@@ -611,12 +655,22 @@ class Pipeline:
         Inputs are paths, Volumes, or MONAI MetaTensors (converted with :meth:`Volume.from_metatensor`).
 
         Raises:
+            InvalidInputError: ``inputs`` not a list of at least two images (a single path, Volume, array, number or
+                None), an input that is not a path, Volume or MetaTensor, or an ``out`` that is not a path.
             MedfuseError: any documented failure of a step (bad input, registration, fusion, output exists).
             CancelledError: ``cancel`` was set.
         """
-        if isinstance(inputs, (str, os.PathLike, Volume)) or len(inputs) < 2:
-            n = 1 if isinstance(inputs, (str, os.PathLike, Volume)) else len(inputs)
-            raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {n}",
+        if isinstance(inputs, (str, os.PathLike, Volume)):
+            raise InvalidInputError("the pipeline needs a fixed and at least one moving input, got 1",
+                                    fix="pass [fixed, moving, ...]")
+        if isinstance(inputs, (bytes, Mapping)) or hasattr(inputs, "shape") or not isinstance(inputs, Iterable):
+            # len(None) and len(5) raised Python's bare TypeError; an array was taken apart into its slices.
+            raise InvalidInputError(f"inputs must be a list of images, fixed first, got {describe(inputs)}",
+                                    fix="pass [fixed, moving, ...], each a file or DICOM folder path, a medfuse Volume "
+                                        "or a MONAI MetaTensor")
+        inputs = list(inputs)
+        if len(inputs) < 2:
+            raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {len(inputs)}",
                                     fix="pass [fixed, moving, ...]")
         inputs = [_as_input(x, i) for i, x in enumerate(inputs)]
         if out is not None:
@@ -667,7 +721,7 @@ def _as_input(item: Any, index: int) -> Union[PathLike, Volume]:
     if hasattr(item, "affine") and hasattr(item, "meta"):
         return Volume.from_metatensor(item)
     raise InvalidInputError(
-        f"input {index + 1} is a {type(item).__name__}, not a path, medfuse Volume or MONAI MetaTensor",
+        f"input {index + 1} is {describe(item)}, not a path, medfuse Volume or MONAI MetaTensor",
         fix="pass a file or DICOM folder path, or wrap the array with its geometry: medfuse.Volume(array, affine)")
 
 
@@ -742,8 +796,8 @@ def pipeline_parameters(*, register: Optional[str] = None, method: str = "networ
         ``{step name: its recorded parameters}`` for every step but save, as the sidecar's ``parameters``.
 
     Raises:
-        InvalidInputError: as :class:`Pipeline` (an unknown register kind, grid, normalisation or device, or a
-            series choice that is neither text nor a number).
+        InvalidInputError: as :class:`Pipeline` (an unknown register kind, fusion method, grid, normalisation or
+            device, a fallback that is no classical method, or a series choice that is neither text nor a number).
     """
     return Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
                     grid=grid, normalise=normalise, series=series).parameters()
@@ -782,7 +836,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
     Raises:
         InvalidInputError: an option value :class:`Pipeline` refuses, an empty ``moving`` list, an input that is
             not a path, Volume or MetaTensor, one :func:`medfuse.load` refuses (empty or all-NaN data), NaN
-            voxels, or an output name or format the writer cannot take.
+            voxels, an ``out`` that is not a path, or an output name or format the writer cannot take.
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: an input cannot be loaded
             (as :func:`medfuse.load`; several series in a folder and ``series`` chooses none).
         OutputExistsError: ``out`` (or a file where its sidecar goes) exists without ``overwrite``, is an input,

@@ -77,3 +77,22 @@ def test_a_text_value_is_described_by_its_type_never_echoed():
         with pytest.raises(InvalidInputError) as info:
             check()
         assert "DOE" not in str(info.value) and "got a str" in str(info.value)
+
+
+def test_describe_names_the_type_with_its_article():
+    assert _checks.describe(5) == "an int" and _checks.describe("x") == "a str" and _checks.describe(None) == "None"
+    assert _checks.describe(np.zeros((2, 3))) == "an ndarray of shape (2, 3)"
+    assert _checks.describe(np.uint8(3)) == "a uint8 of shape ()"
+
+
+def test_choice_shows_a_typo_but_never_a_path_or_an_array():
+    assert _checks.choice("rigid", "kind", ("rigid", "affine")) == "rigid"
+    assert _checks.choice(None, "kind", (None, "rigid")) is None
+    with pytest.raises(InvalidInputError, match="unknown kind 'rigd'") as info:
+        _checks.choice("rigd", "kind", ("rigid", "affine"))
+    assert info.value.fix == "use one of rigid, affine"
+    for bad, shown in ((None, "None"), (np.zeros((2, 3)), "an ndarray of shape"), (["rigid"], "a list"),
+                       ("/data/DOE^JOHN/scan.nii", "a str")):
+        with pytest.raises(InvalidInputError, match=f"unknown kind {shown}") as info:
+            _checks.choice(bad, "kind", ("rigid", "affine"))
+        assert "DOE" not in str(info.value)

@@ -17,11 +17,12 @@ multi-scale rules clipped to the inputs' joint range):
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._checks import refuse_volumes
+from .._checks import _shown, describe, number, refuse_volumes
 from ..errors import InvalidInputError
 from ..progress import check
 
@@ -32,6 +33,11 @@ METHODS = ("mean", "max", "laplacian", "wavelet", "gff")
 
 
 def _check(arrays: Sequence) -> list:
+    if arrays is None or isinstance(arrays, (str, bytes, Mapping)) or not hasattr(arrays, "__len__") \
+            or not hasattr(arrays, "__getitem__"):
+        # Why: len(None) raised a bare TypeError, and a str was read as a list of one-character "images".
+        raise InvalidInputError(f"classical fusion takes a list of 2 or 3 arrays, got {describe(arrays)}",
+                                fix="pass a list of 2 or 3 arrays, e.g. fuse_arrays([a, b], method='mean')")
     if isinstance(arrays, np.ndarray) or len(arrays) < 2:
         raise InvalidInputError(
             "fusion needs a list of at least two images", fix="pass fuse_arrays([a, b]) (or [a, b, c])"
@@ -66,10 +72,16 @@ def _check(arrays: Sequence) -> list:
 def _weights(weights: Optional[Sequence[float]], n: int) -> np.ndarray:
     if weights is None:
         return np.full(n, 1.0 / n)
-    w = np.asarray(weights, dtype=np.float64).ravel()
+    fix = f"pass weights=[...] with {n} entries, e.g. {[round(1 / n, 3)] * n}"
+    try:
+        if isinstance(weights, (str, bytes, Mapping)):  # a str would be read as one number, or its text echoed
+            raise TypeError
+        w = np.asarray(weights, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"weights must be {n} non-negative numbers, got {describe(weights)}", fix=fix) from None
     if w.size != n or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise InvalidInputError(
-            f"weights must be {n} non-negative numbers with a positive sum, got {list(np.ravel(weights))}",
+            f"weights must be {n} non-negative numbers with a positive sum, got {w.tolist()}",
             fix=f"pass weights=[...] with {n} entries, e.g. {[round(1 / n, 3)] * n}",
         )
     return w / w.sum()
@@ -158,10 +170,14 @@ def _laplacian(xs, *, levels: int = 4, weights=None, poll=_no_poll) -> np.ndarra
 def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None, poll=_no_poll) -> np.ndarray:
     import pywt
 
+    fix = "use a PyWavelets name such as 'db2', 'haar' or 'sym4'"
+    if not isinstance(wavelet, str):  # PyWavelets raised AttributeError/TypeError for these
+        raise InvalidInputError(f"unknown wavelet: it must be a PyWavelets name (a str), got {describe(wavelet)}",
+                                fix=fix)
     try:
         wav = pywt.Wavelet(wavelet)
     except ValueError:
-        raise InvalidInputError(f"unknown wavelet {wavelet!r}", fix="use a PyWavelets name such as 'db2', 'haar' or 'sym4'") from None
+        raise InvalidInputError("unknown wavelet (the str given names no PyWavelets wavelet)", fix=fix) from None
     lmax = pywt.dwtn_max_level(xs[0].shape, wav)
     levels = max(1, min(int(levels), lmax)) if lmax > 0 else 1
     w = _weights(weights, len(xs))
@@ -203,10 +219,24 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
             least 1), so that the box fits the image.
 
     Raises:
-        CancelledError: raised by ``poll`` (a cancel check that fires) and let through; nothing is checked here
-            (:func:`fuse_arrays` checks the images).
+        InvalidInputError: ``guide`` or ``src`` not an array of real numbers with at least one axis, the two of
+            different shapes; ``radius`` not a whole number; ``eps`` not a finite number >= 0; ``poll`` not
+            callable. (Their values are not scanned for NaN: :func:`fuse_arrays` checks the images.)
+        CancelledError: raised by ``poll`` (a cancel check that fires) and let through.
     """
+    guide, src = _filter_image(guide, "guide"), _filter_image(src, "src")
+    if guide.shape != src.shape:
+        raise InvalidInputError(f"guided_filter's guide has shape {guide.shape} but src has shape {src.shape}",
+                                fix="pass a guide and an image of one shape")
+    rad = number(radius, "guided_filter radius", example="radius=8", what="a whole number")
+    if not rad.is_integer():
+        raise InvalidInputError(f"guided_filter radius must be a whole number, got {_shown(radius)}",
+                                fix="pass e.g. radius=8")
+    number(eps, "guided_filter eps", example="eps=0.01", low=0.0)  # checked only: eps itself keeps its dtype
     poll = poll or _no_poll
+    if not callable(poll):
+        raise InvalidInputError(f"guided_filter's poll must be callable, got {describe(poll)}",
+                                fix="pass a function of no arguments (e.g. lambda: check(cancel)), or leave it out")
     r = max(1, min(int(radius), (min(guide.shape) - 1) // 2))
     mi, mp = _box(guide, r), _box(src, r)
     poll()
@@ -217,6 +247,24 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
     a = cov / (var + eps)
     b = mp - a * mi
     return _box(a, r) * guide + _box(b, r)
+
+
+def _filter_image(x: Any, name: str) -> np.ndarray:
+    """``x`` as an array of real numbers with at least one axis (an ndarray itself, untouched), or a typed error."""
+    from ..volume import Volume
+
+    fix = f"pass {name} as a NumPy array of real numbers (a Volume's voxels are its .array)"
+    if isinstance(x, Volume) or x is None or isinstance(x, (str, bytes)):
+        raise InvalidInputError(f"guided_filter's {name} must be an array, got {describe(x)}", fix=fix)
+    try:
+        a = np.asarray(x)
+    except Exception:  # noqa: BLE001 - e.g. a GPU tensor, whose conversion raises its library's own error
+        raise InvalidInputError(f"guided_filter's {name} must be an array, got {describe(x)}", fix=fix) from None
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a) or a.ndim == 0 or a.size == 0:
+        raise InvalidInputError(f"guided_filter's {name} must be a non-empty array of real numbers, got "
+                                f"{describe(x) if a.ndim == 0 else f'an array of shape {a.shape}, dtype {a.dtype}'}",
+                                fix=fix)
+    return a
 
 
 def _gff(xs, *, base_radius: int = 15, r1: int = 45, eps1: float = 0.3, r2: int = 7, eps2: float = 1e-6,
@@ -281,8 +329,8 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
         The fused array (float64), same shape as the inputs.
 
     Raises:
-        InvalidInputError: fewer than two inputs, shapes that differ, NaN, unknown
-            method or option.
+        InvalidInputError: not a list of two or more arrays, shapes that differ, NaN, an unknown ``method``
+            (or one that is not a str), an unknown or invalid option, or ``cancel`` not a CancelToken.
 
     Example:
         >>> import numpy as np
@@ -290,6 +338,12 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
         1.0
     """
     xs = _check(arrays)
+    if not isinstance(method, str):
+        raise InvalidInputError(f"the classical fusion method must be a str, got {describe(method)}",
+                                fix=f"use one of {', '.join(METHODS)}")
+    if cancel is not None and not callable(getattr(cancel, "raise_if_cancelled", None)):
+        raise InvalidInputError(f"cancel must be a medfuse.progress.CancelToken, got {describe(cancel)}",
+                                fix="pass cancel=medfuse.progress.CancelToken(), or leave it out")
 
     def poll() -> None:
         check(cancel, "fusion")
@@ -304,7 +358,8 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
     key = str(method).lower()
     rule = rules.get(key)
     if rule is None:
-        raise InvalidInputError(f"unknown classical fusion method {method!r}", fix=f"use one of {', '.join(METHODS)}")
+        raise InvalidInputError("unknown classical fusion method (the str given names none of them)",
+                                fix=f"use one of {', '.join(METHODS)}")
     unknown = sorted(set(options) - _OPTIONS[key])
     if unknown:
         raise InvalidInputError(
@@ -345,5 +400,5 @@ def _check_options(key: str, options: dict) -> None:
         ok = ok and (not integer or float(value) == int(value)) and (value >= lo if closed else value > lo)
         if not ok:
             want = f"{'a whole number' if integer else 'a number'} {'>=' if closed else '>'} {lo:g}"
-            raise InvalidInputError(f"option {name}={value!r} of method {key!r} is invalid: it must be {want}",
+            raise InvalidInputError(f"option {name}={_shown(value)} of method {key!r} is invalid: it must be {want}",
                                     fix=f"pass {name} as {want}, or leave it out for the default")

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .._checks import all_finite, refuse_volumes, slab_slices, whole
+from .._checks import all_finite, as_path, choice, describe, refuse_volumes, slab_slices, whole
 from ..errors import InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
 from ..progress import CancelToken, ProgressFn, check, report
 
@@ -38,7 +38,18 @@ def default_weights_path() -> Path:
 
 
 def _resolve(weights: Optional[PathLike]) -> Path:
-    return default_weights_path() if weights is None else Path(weights)
+    """The weights file's path: None is the shipped weights; anything but a path is a typed error.
+
+    Why: ``Path(weights)`` raised pathlib's bare TypeError for a list, an array or a tensor (weights passed where
+    the images go), and ``Path("")`` is the working folder.
+    """
+    if weights is None:
+        return default_weights_path()
+    try:
+        return as_path(weights, what="weights")
+    except InvalidInputError as exc:  # as_path's fix speaks of images and Volumes; these are weights
+        raise InvalidInputError(exc.problem, fix="pass weights= the path of a medfuse_fusion.safetensors file (a str "
+                                                 "or pathlib.Path), or leave it out for the shipped weights") from None
 
 
 def weights_sha256(weights: Optional[PathLike] = None) -> str:
@@ -52,6 +63,7 @@ def weights_sha256(weights: Optional[PathLike] = None) -> str:
 
     Raises:
         WeightsError: the file is missing or unreadable.
+        InvalidInputError: ``weights`` is neither None nor a path (a str or os.PathLike), or is an empty string.
     """
     p = _resolve(weights)
     try:
@@ -110,7 +122,8 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         WeightsError: the file is missing, not a safetensors file, truncated, does not fit the model, holds NaN
             or infinite values, or differs from the SHA-256 that its card (``medfuse_fusion.json`` beside it)
             records.
-        InvalidInputError: ``device`` is unknown, or a GPU this machine or torch build does not have.
+        InvalidInputError: ``device`` is unknown, or a GPU this machine or torch build does not have; ``weights``
+            is neither None nor a path (a str or os.PathLike), or is an empty string.
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
     """
     torch = _torch()
@@ -161,7 +174,8 @@ def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
     if isinstance(arrays, np.ndarray):
         arrays = list(arrays)
     if not isinstance(arrays, (list, tuple)) or not 2 <= len(arrays) <= 3:
-        raise InvalidInputError(f"the fusion network takes 2 or 3 images, got {len(arrays) if hasattr(arrays, '__len__') else arrays!r}",
+        got = f"{len(arrays)}" if isinstance(arrays, (list, tuple)) else describe(arrays)  # never a path's text
+        raise InvalidInputError(f"the fusion network takes a list of 2 or 3 images, got {got}",
                                 fix="pass a list of 2 or 3 co-registered arrays")
     arrs = [np.asarray(a) for a in arrays]
     shapes = {a.shape for a in arrs}
@@ -231,8 +245,24 @@ def _tri_state(functional: Any) -> Optional[bool]:
         return None
     if isinstance(functional, (bool, np.bool_)) or (isinstance(functional, (int, np.integer)) and functional in (0, 1)):
         return bool(functional)
-    raise InvalidInputError(f"functional must be True, False or None, got {functional!r}",
+    raise InvalidInputError(f"functional must be True, False or None, got {describe(functional)}",
                             fix="pass functional=True for a PET/SPECT input, False for anatomy only, None if unknown")
+
+
+def _check_cancel(cancel: Any) -> None:
+    """Refuse a ``cancel`` that is not a CancelToken up front, not with an AttributeError at the first check."""
+    if cancel is not None and not callable(getattr(cancel, "raise_if_cancelled", None)):
+        raise InvalidInputError(f"cancel must be a medfuse.progress.CancelToken, got {describe(cancel)}",
+                                fix="pass cancel=medfuse.progress.CancelToken(), or leave it out")
+
+
+def _check_refine(refine: Any) -> None:
+    """Refuse a ``refine`` whose truth is not a plain yes/no (an array's raised NumPy's "ambiguous" error)."""
+    if refine is None or isinstance(refine, (bool, np.bool_)) or \
+            (isinstance(refine, (int, np.integer)) and refine in (0, 1)):
+        return
+    raise InvalidInputError(f"refine must be True or False, got {describe(refine)}",
+                            fix="pass refine=False to skip the refinement head, or leave it out")
 
 
 # ----------------------------------------------------------------------------- 2-D
@@ -265,13 +295,16 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     Raises:
         InvalidInputError: not 2 or 3 arrays, shapes that differ, arrays that are not 2-D, smaller than 4 pixels
             a side, not real numbers, or holding NaN/inf (or values beyond float32); ``functional`` not
-            True/False/None; an unknown or absent ``device``.
+            True/False/None; ``refine`` not True/False; an unknown or absent ``device``; ``weights`` not a path;
+            ``cancel`` not a CancelToken.
         WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set (checked before the model loads), or ``progress`` raised it.
     """
     x = _check_arrays(arrays, 2)
     functional = _tri_state(functional)
+    _check_refine(refine)
+    _check_cancel(cancel)
     torch = _torch()
     check(cancel, "network fusion")
     model = load_model(weights, device=device)
@@ -397,7 +430,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         InvalidInputError: not 2 or 3 arrays, shapes that differ, arrays that are not 3-D, under
             :data:`MIN_SIZE_3D` along an axis, not real numbers, or holding NaN/inf (or values beyond float32);
             ``functional`` not True/False/None; ``batch_size`` not a whole number >= 1; an unknown or absent
-            ``device``.
+            ``device``; ``weights`` not a path; ``cancel`` not a CancelToken.
         WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set (checked between slabs and tri-plane batches), or ``progress``
@@ -405,6 +438,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     """
     arrs = _scan_volumes(arrays)
     functional = _tri_state(functional)
+    _check_cancel(cancel)
     whole(batch_size, "batch_size", minimum=1, what="a whole number of slices",
           example="batch_size=32 (smaller uses less memory)")
     torch = _torch()
@@ -491,13 +525,12 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         InvalidInputError: an unknown ``mode``, or one that does not match the arrays' dimension; Volumes
             instead of arrays (fuse them with :func:`medfuse.fuse`); not a list of 2 or 3 arrays; arrays that are
             not 2-D or 3-D, or as :func:`fuse_2d` and :func:`fuse_3d` refuse them (shapes, size, NaN,
-            ``functional``, ``batch_size``, ``device``).
+            ``functional``, ``refine``, ``batch_size``, ``device``, ``weights``, ``cancel``).
         WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set, or ``progress`` raised it.
     """
-    if mode not in ("auto", "2d", "3d"):
-        raise InvalidInputError(f"mode must be 'auto', '2d' or '3d', got {mode!r}", fix="use mode='auto'")
+    choice(mode, "mode", ("auto", "2d", "3d"), fix="use mode='auto'")
     refuse_volumes(arrays, takes="this function takes arrays scaled to 0..1")
     ndim = {"auto": None, "2d": 2, "3d": 3}[mode]
     if ndim is None:

@@ -17,11 +17,13 @@ not undone). Records go into a fused Volume's provenance (``normalisation``).
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .._checks import all_finite, number, slab_slices
+from .._checks import all_finite, describe, number, slab_slices
 from ..errors import InvalidInputError, MedfuseWarning
 
 __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
@@ -45,7 +47,7 @@ def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
         ``"window"`` (CT, or HU), ``"suv"`` (PET in SUV) or ``"percentile"`` (anything else, unknown included).
     """
     m = modality.upper() if isinstance(modality, str) else "UNKNOWN"
-    if m == "CT" or unit == "HU":
+    if m == "CT" or (isinstance(unit, str) and unit == "HU"):  # an array's == would be elementwise
         return "window"
     if m in ("PT", "PET") and unit is not None and str(unit).startswith("SUV"):
         return "suv"
@@ -54,12 +56,14 @@ def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
 
 def _percentiles(value: Any) -> Tuple[float, float]:
     try:
+        if isinstance(value, (str, bytes)):  # float() reads "5" and would then echo the text
+            raise TypeError
         pl, ph = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise InvalidInputError(f"percentiles must be two numbers (low, high), got {value!r}",
+        raise InvalidInputError(f"percentiles must be two numbers (low, high), got {describe(value)}",
                                 fix="pass e.g. percentiles=(0.5, 99.5)") from None
     if not 0.0 <= pl < ph <= 100.0:
-        raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {value!r}",
+        raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got ({pl:g}, {ph:g})",
                                 fix="pass e.g. percentiles=(0.5, 99.5)")
     return pl, ph
 
@@ -109,9 +113,12 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
         ``scaled`` is a Volume on its grid, unit ``arbitrary``, with the record in its provenance.
 
     Raises:
-        InvalidInputError: NaN/inf values, unknown method, or an empty interval.
+        InvalidInputError: NaN/inf values, an unknown ``method`` (or one that is not a str), a ``modality`` or
+            ``unit`` that is neither a str nor None, a ``dtype`` other than float64/float32, or an empty interval.
     """
     from ..volume import Volume
+
+    _check_labels(method, modality, unit)
 
     if isinstance(array, Volume):
         # Why: NumPy reads a Volume as its voxels, so without this a CT in HU got the percentile rule, not its window.
@@ -124,6 +131,7 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
     x = np.asarray(array)
     if not np.issubdtype(x.dtype, np.number) and x.dtype != bool:
         raise InvalidInputError(f"cannot normalise dtype {x.dtype}", fix="pass a numeric array")
+    dtype = _dtype(dtype)
     if dtype is not None and np.dtype(dtype) == np.float32 and x.size:
         return _normalise_float32(x, method=method, modality=modality, unit=unit, level=level, width=width,
                                   suv_max=suv_max, percentiles=percentiles, low=low, high=high)
@@ -136,6 +144,33 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
     return (y if dtype is None or np.dtype(dtype) == np.float64 else y.astype(dtype)), rec
 
 
+def _check_labels(method: Any, modality: Any, unit: Any) -> None:
+    """Refuse a method, modality or unit that is not a str (None allowed for the latter two).
+
+    Why: an array there failed in a comparison deep inside (``truth value of an array is ambiguous``), and the
+    record, which goes into provenance as JSON, would hold it.
+    """
+    if not isinstance(method, str):
+        raise InvalidInputError(f"the normalisation method must be a str, got {describe(method)}",
+                                fix=f"pass method='auto' or one of {', '.join(_METHODS)}")
+    for name, value, example in (("modality", modality, "modality='CT'"), ("unit", unit, "unit='HU'")):
+        if value is not None and not isinstance(value, str):
+            raise InvalidInputError(f"the normalisation {name} must be a str or None, got {describe(value)}",
+                                    fix=f"pass e.g. {example}, or leave it out")
+
+
+def _dtype(dtype: Any) -> Any:
+    """``dtype`` as given if NumPy reads it as a dtype, or a typed error (np.dtype echoes a str it cannot read)."""
+    if dtype is None:
+        return None
+    try:
+        np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"normalise returns float64 or float32, got dtype={describe(dtype)}",
+                                fix="pass dtype=numpy.float32, or leave dtype out for float64") from None
+    return dtype
+
+
 def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, percentiles, low,
               high, stacklevel: int = 4) -> Dict[str, Any]:
     """The record of the mapping ``[low, high] -> 0..1`` for ``x`` (float64, or any dtype its float64 values
@@ -144,7 +179,8 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
         raise InvalidInputError("the image contains NaN or infinite values", fix="replace them before fusing")
     chosen = auto_method(modality, unit) if method == "auto" else method
     if chosen not in _METHODS:
-        raise InvalidInputError(f"unknown normalisation {method!r}", fix=f"use 'auto' or one of {', '.join(_METHODS)}")
+        raise InvalidInputError("unknown normalisation method (the str given names none of them)",
+                                fix=f"use 'auto' or one of {', '.join(_METHODS)}")
     rec: Dict[str, Any] = {"method": chosen, "modality": modality or "unknown", "unit": unit or "arbitrary"}
     if chosen == "none":
         lo, hi = 0.0, 1.0
@@ -234,13 +270,27 @@ def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:
         float64 array, ``low + array01 * (high - low)`` (the values unchanged for method ``"none"``).
 
     Raises:
-        InvalidInputError: ``record`` has no numeric ``low``/``high`` (not a :func:`normalise` record).
+        InvalidInputError: ``record`` is not a mapping with finite numeric ``low``/``high`` (not a
+            :func:`normalise` record), or ``array01`` is not real numbers.
     """
-    try:
-        lo, hi = float(record["low"]), float(record["high"])
-    except (KeyError, TypeError, ValueError):
-        raise InvalidInputError("the normalisation record has no low/high", fix="pass a record made by normalise()") from None
-    y = np.asarray(array01, dtype=np.float64)
-    if record.get("method") == "none":
+    fix = "pass the record normalise() returned with the scaled input (a dict with numeric 'low' and 'high')"
+    if not isinstance(record, Mapping):
+        raise InvalidInputError(f"the normalisation record must be a dict, got {describe(record)}", fix=fix)
+    bounds = []
+    for key in ("low", "high"):
+        value = record.get(key)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+        if not ok or not np.isfinite(value):
+            got = "no such key" if key not in record else describe(value) if not ok else "a non-finite number"
+            raise InvalidInputError(f"the normalisation record has no numeric {key!r} ({got})", fix=fix)
+        bounds.append(float(value))
+    lo, hi = bounds
+    y = np.asarray(array01)
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
+        raise InvalidInputError(f"denormalise takes an array of real numbers in 0..1, got {describe(array01)}",
+                                fix="pass the fused array (values in 0..1)")
+    y = y.astype(np.float64, copy=False)
+    method = record.get("method")
+    if isinstance(method, str) and method == "none":
         return y
     return lo + y * (hi - lo)

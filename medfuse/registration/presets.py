@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Dict, Optional
 
+from .._checks import describe
 from ..errors import InvalidInputError
 
 __all__ = ["PRESETS", "get_preset", "preset_for"]
@@ -109,11 +110,15 @@ def get_preset(name: Optional[str], fixed_modality: str = "unknown", moving_moda
         A new dict of settings, checked, with ``"name"`` set to the preset's key.
 
     Raises:
-        InvalidInputError: an unknown preset name, an override that is not a preset key, or a setting SimpleITK
-            would reject (a wrong type, out of range, per-level lists that do not match the pyramid).
+        InvalidInputError: an unknown preset name (or one that is not a str), an override that is not a preset
+            key, or a setting SimpleITK would reject (a wrong type, out of range, per-level lists that do not match
+            the pyramid).
     """
     if name is None:
         name = preset_for(fixed_modality, moving_modality)
+    if not isinstance(name, str):  # str() of an array or a tensor would be matched, then echoed, as a name
+        raise InvalidInputError(f"a preset name must be a str (or None), got {describe(name)}",
+                                fix=f"use one of {', '.join(PRESETS)}, or None to choose by the modalities")
     key = str(name).upper().replace("PET", "PT").replace("SPECT", "NM").replace("MRI", "MR")
     key = "default" if key == "DEFAULT" else key
     if key not in PRESETS and "-" in key:  # a pair is a pair in either order: "CT-MR" is "MR-CT"
@@ -146,12 +151,22 @@ def _is_seq(v: Any) -> bool:
     return isinstance(v, (list, tuple))
 
 
+def _shown(v: Any) -> str:
+    """A setting's value for a message: ``=value`` for numbers (and lists of them), else `` (its type)``."""
+    def plain(x: Any) -> bool:
+        return x is None or isinstance(x, numbers.Number)
+
+    if plain(v) or _is_seq(v) and len(v) <= 8 and all(plain(x) for x in v):
+        return f"={v!r}"
+    return f" ({describe(v)})"
+
+
 def _validate(p: Dict[str, Any]) -> None:
     """Refuse settings that SimpleITK would reject deep inside (or, worse, accept and ignore), saying which."""
     import math
 
     def bad(k: str, want: str) -> InvalidInputError:
-        return InvalidInputError(f"registration setting {k}={p[k]!r} is invalid: it must be {want}",
+        return InvalidInputError(f"registration setting {k}{_shown(p[k])} is invalid: it must be {want}",
                                  fix=f"pass {k} as {want}, or leave it out to use the preset's {PRESETS['default'][k]!r}")
 
     def number(k: str, lo: float, *, lo_open: bool = True, hi: float = math.inf, integer: bool = False):

@@ -180,7 +180,15 @@ def _as_mask(mask: Any, vol: Volume, name: str):
                                     fix="resample the mask onto the image with medfuse.resample(mask, image, interpolation='nearest')")
         arr = mask.array
     else:
-        arr = np.asarray(mask)
+        if isinstance(mask, (str, bytes)) or not hasattr(mask, "__len__") and not hasattr(mask, "__array__"):
+            raise InvalidInputError(f"{name} must be a boolean array or a mask Volume, got {_checks.describe(mask)}",
+                                    fix="load a mask file with medfuse.load(path) and pass the Volume, or pass a "
+                                        "boolean array on the image's grid (None: no mask)")
+        try:
+            arr = np.asarray(mask)
+        except (TypeError, ValueError, RuntimeError):  # ragged lists, a tensor on a GPU or needing grad
+            raise InvalidInputError(f"{name} is {_checks.describe(mask)} that is not an array on its image's grid",
+                                    fix="pass a boolean array (numpy) on the image's grid, or a mask Volume") from None
         if arr.shape != vol.shape:
             raise InvalidInputError(f"{name} has shape {arr.shape} but its image has shape {vol.shape}",
                                     fix="pass a boolean array on the image's grid, or a mask Volume")
@@ -964,12 +972,12 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     import SimpleITK as sitk
 
     t0 = time.perf_counter()
-    if kind not in _KINDS:
-        raise InvalidInputError(f"unknown registration kind {kind!r}", fix=f"use one of {', '.join(_KINDS)}")
-    if metric not in _METRICS:
-        raise InvalidInputError(f"unknown metric {metric!r}", fix=f"use one of {', '.join(_METRICS)}")
-    if initialise not in _INITS:
-        raise InvalidInputError(f"unknown initialise {initialise!r}", fix=f"use one of {', '.join(_INITS)}")
+    _checks.choice(kind, "registration kind", _KINDS)
+    _checks.choice(metric, "metric", _METRICS)
+    _checks.choice(initialise, "initialise", _INITS)
+    if preset is not None and not isinstance(preset, str):
+        raise InvalidInputError(f"preset must be a preset's name (a str) or None, got {_checks.describe(preset)}",
+                                fix="pass e.g. preset='MR-CT', or leave it out to choose by the modalities")
     # SimpleITK takes the seed as an unsigned 32-bit number, and seed 0 there means "the wall clock": a negative
     # seed would silently make every run different, a huge one fail deep inside SWIG.
     _checks.whole(seed, "seed", minimum=0, maximum=2 ** 32 - 2, example="seed=0")
@@ -979,7 +987,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     fmask_v = _as_mask(fixed_mask, fixed, "fixed_mask")
     mmask_v = _as_mask(moving_mask, moving, "moving_mask")
     if bspline_grid_mm is not None:
-        preset_overrides["bspline_grid_mm"] = float(bspline_grid_mm)
+        # Its type here (float() of a str or a list is a bare error); its range with the other settings.
+        preset_overrides["bspline_grid_mm"] = _checks.number(bspline_grid_mm, "bspline_grid_mm", finite=False,
+                                                             what="a spacing in mm", example="bspline_grid_mm=40")
     p = get_preset(preset, fixed.modality, moving.modality, **preset_overrides)
     # An initial transform A = Q @ P: the moving image (and its mask) is placed by the rigid Q, and everything below
     # runs as it would on an image the scanner had placed there; Q goes back into the result at the end.

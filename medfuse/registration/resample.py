@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .. import _checks
 from ..errors import InvalidInputError, MedfuseWarning
 from ..volume import Volume, affine_from_geometry
 
@@ -22,16 +23,34 @@ def _interpolator(name: str):
     import SimpleITK as sitk
 
     table = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
-    if name not in table:
-        raise InvalidInputError(f"unknown interpolation {name!r}", fix=f"use one of {', '.join(_INTERP)}")
-    return table[name]
+    return table[_checks.choice(name, "interpolation", _INTERP)]
 
 
 def _check_volume(v, name: str) -> Volume:
     if not isinstance(v, Volume):
-        raise InvalidInputError(f"{name} must be a medfuse Volume, got {type(v).__name__}",
+        raise InvalidInputError(f"{name} must be a medfuse Volume, got {_checks.describe(v)}",
                                 fix="load it with medfuse.load or wrap the array in medfuse.Volume(array, affine)")
     return v
+
+
+def _volume_list(volumes, what: str = "volumes") -> List[Volume]:
+    """``volumes`` as a list of Volumes, or a typed error saying what to pass.
+
+    Why: ``not volumes`` on an array or a tensor is an ambiguous truth value, an int is not iterable, and a
+    generator would be used up by the first pass over it.
+    """
+    if isinstance(volumes, Volume):
+        raise InvalidInputError(f"{what} must be a list of Volumes, got a single Volume",
+                                fix="pass a list, e.g. [fixed, moving], even for one volume: [volume]")
+    if volumes is None or isinstance(volumes, (str, bytes)) or hasattr(volumes, "shape") \
+            or not hasattr(volumes, "__iter__"):
+        raise InvalidInputError(f"{what} must be a list of medfuse Volumes, got {_checks.describe(volumes)}",
+                                fix="pass a list, e.g. [fixed, moving]; load files with medfuse.load(path) and "
+                                    "wrap arrays in medfuse.Volume(array, affine)")
+    vols = list(volumes)
+    if not vols:
+        raise InvalidInputError("no volumes given", fix="pass at least one Volume")
+    return [_check_volume(v, f"{what}[{i}]") for i, v in enumerate(vols)]
 
 
 def _is_label_map(v: Volume) -> bool:
@@ -116,7 +135,7 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
 
     Raises:
         InvalidInputError: a ``volume`` or ``reference`` that is not a Volume, a ``transform`` that is not a
-            3-D (medfuse or SimpleITK) transform, an unknown ``interpolation``.
+            3-D (medfuse or SimpleITK) transform, an unknown ``interpolation``, a ``default`` that is not a number.
     """
     import SimpleITK as sitk
 
@@ -132,6 +151,8 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     is_ct_hu = volume.modality == "CT" and volume.unit == "HU" and volume.array.dtype != bool
     if default is None:  # a mask or label map is False outside, whatever modality and unit it carries
         default = -1024.0 if is_ct_hu else 0.0
+    if not isinstance(default, (bool, np.bool_)):  # False is a mask's outside; a str fails in float() otherwise
+        default = _checks.number(default, "default", finite=False, example="default=0 (the value outside the image)")
     if volume.array.dtype == bool:
         default = float(bool(default))
     src = _source_image(volume, interpolation, float(default))
@@ -188,11 +209,11 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
         ``resample``'s reference.
 
     Raises:
-        InvalidInputError: no volumes, an item that is not a Volume, a ``reference_index`` out of range.
+        InvalidInputError: ``volumes`` not a list (or other sequence) of Volumes, no volumes, an item that is not
+            a Volume, a ``reference_index`` that is not a whole number or is out of range.
     """
-    if not volumes:
-        raise InvalidInputError("no volumes given", fix="pass at least one Volume")
-    vols = [_check_volume(v, f"volumes[{i}]") for i, v in enumerate(volumes)]
+    vols = _volume_list(volumes)
+    _checks.whole(reference_index, "reference_index", example="reference_index=0")
     if not (-len(vols) <= reference_index < len(vols)):
         raise InvalidInputError(f"reference_index {reference_index} is out of range for {len(vols)} volumes",
                                 fix="pass the index of the fixed volume")
@@ -228,9 +249,11 @@ def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int =
         One Volume per input, in order, all on the common grid; a volume already on it comes back as a copy.
 
     Raises:
-        InvalidInputError: no volumes, an item that is not a Volume, a ``reference_index`` out of range, an
-            unknown ``interpolation`` (noticed only when a non-boolean volume needs resampling).
+        InvalidInputError: ``volumes`` not a list (or other sequence) of Volumes, no volumes, an item that is not
+            a Volume, a ``reference_index`` that is not a whole number or is out of range, an unknown
+            ``interpolation`` (noticed only when a non-boolean volume needs resampling).
     """
+    volumes = _volume_list(volumes)  # once: a generator would be used up by common_grid
     grid = common_grid(volumes, reference_index=reference_index)
     out = []
     for v in volumes:

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .. import _checks
 from ..errors import InvalidInputError, RegistrationError, UnreadableFileError
 
 __all__ = ["Transform", "load_transform", "TRANSFORM_SUFFIXES"]
@@ -23,6 +24,50 @@ TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5", ".mat")
 
 def _suffix_ok(path: Path) -> bool:
     return path.name.lower().endswith(TRANSFORM_SUFFIXES)
+
+
+def _transform_path(value: Any) -> Path:
+    """``value`` as a transform file's Path, or an InvalidInputError whose fix fits transforms (not images)."""
+    from ..volume import Volume
+
+    try:
+        return _checks.as_path(value, what="a transform file's path")
+    except InvalidInputError as e:
+        if isinstance(value, (list, tuple, set)):
+            fix = "pass one path at a time, e.g. [medfuse.load_transform(p) for p in paths]"
+        elif isinstance(value, Volume):
+            fix = "a Volume is an image, not a transform: pass the transform file's path (.tfm, .txt, .h5, .mat)"
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):
+            fix = "a matrix is not a file: build the transform with Transform.from_matrix(m4x4)"
+        elif isinstance(value, str):  # an empty string
+            fix = "give the transform file's path (.tfm, .txt, .h5, .mat)"
+        else:
+            fix = "pass the transform file's path as a str or pathlib.Path"
+        problem = e.problem if isinstance(value, str) else \
+            f"path must be a transform file's path (a str or pathlib.Path), got {_checks.describe(value)}"
+        raise InvalidInputError(problem, fix=fix) from None
+
+
+def _matrix_4x4(matrix: Any) -> np.ndarray:
+    """``matrix`` as a finite homogeneous 4x4 float array, or an InvalidInputError describing it by its type."""
+    want = "expected a finite homogeneous 4x4 matrix (last row 0 0 0 1)"
+    if isinstance(matrix, (str, bytes, os.PathLike)):
+        raise InvalidInputError(f"{want}, got {_checks.describe(matrix)}",
+                                fix="read a transform file with medfuse.load_transform(path); from_matrix takes a "
+                                    "4x4 LPS matrix (a NumPy array or nested lists of numbers)")
+    try:
+        m = np.asarray(matrix)
+        if m.dtype.kind not in "biuf":  # strings, complex numbers, objects (ragged or mixed lists)
+            m = None if m.dtype.kind in "USc" else np.asarray(m.tolist(), dtype=float)
+    except (TypeError, ValueError, RuntimeError):  # ragged lists; a tensor on a GPU or needing grad
+        m = None
+    if m is not None and m.dtype.kind in "biuf":
+        m = m.astype(float)
+        if m.shape == (4, 4) and np.all(np.isfinite(m)) and np.allclose(m[3], [0, 0, 0, 1]):
+            return m
+    raise InvalidInputError(f"{want}, got {_checks.describe(matrix)}",
+                            fix="pass a 4x4 LPS matrix of numbers: a NumPy array or nested lists (a torch tensor as "
+                                "t.detach().cpu().numpy())")
 
 
 class Transform:
@@ -62,12 +107,22 @@ class Transform:
 
     @classmethod
     def from_matrix(cls, matrix: Any) -> "Transform":
-        """A linear transform from a 4x4 LPS matrix (fixed point -> moving point)."""
+        """A linear transform from a 4x4 LPS matrix (fixed point -> moving point).
+
+        Args:
+            matrix: a finite homogeneous 4x4 matrix of numbers (last row 0 0 0 1): a NumPy array, nested lists
+                or a CPU tensor.
+
+        Returns:
+            The :class:`Transform` (an ITK affine transform).
+
+        Raises:
+            InvalidInputError: ``matrix`` is not a finite homogeneous 4x4 matrix of real numbers (a path, a
+                string, complex numbers, another shape, NaN).
+        """
         import SimpleITK as sitk
 
-        m = np.asarray(matrix, dtype=float)
-        if m.shape != (4, 4) or not np.all(np.isfinite(m)) or not np.allclose(m[3], [0, 0, 0, 1]):
-            raise InvalidInputError("expected a finite homogeneous 4x4 matrix", fix="pass a 4x4 LPS matrix")
+        m = _matrix_4x4(matrix)
         t = sitk.AffineTransform(3)
         t.SetMatrix(tuple(float(x) for x in m[:3, :3].ravel()))
         t.SetTranslation(tuple(float(x) for x in m[:3, 3]))
@@ -133,7 +188,13 @@ class Transform:
 
     def transform_points(self, points: Any) -> np.ndarray:
         """Map (N, 3) or (3,) LPS mm fixed-space points to moving space."""
-        p = np.asarray(points, dtype=float)
+        try:
+            p = None if isinstance(points, (str, bytes)) else np.asarray(points, dtype=float)
+        except (TypeError, ValueError, RuntimeError):  # ragged lists, strings, a tensor on a GPU
+            p = None
+        if p is None or p.ndim == 0:
+            raise InvalidInputError(f"points must be numbers of shape (N, 3), got {_checks.describe(points)}",
+                                    fix="pass LPS x, y, z in mm")
         if p.shape[-1] != 3:
             raise InvalidInputError(f"points must have shape (N, 3), got {p.shape}", fix="pass LPS x, y, z in mm")
         flat = p.reshape(-1, 3)
@@ -155,7 +216,7 @@ class Transform:
         from ..io._atomic import atomic_path
         from ..io.nifti import itk_path
 
-        p = Path(path)
+        p = _transform_path(path)
         if not _suffix_ok(p):
             raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
                                     fix="use .tfm, .txt or .h5", path=p)
@@ -187,13 +248,14 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
     Raises:
         UnreadableFileError: no such file, a file SimpleITK cannot read as a transform, or (on Windows) a path with
             no ASCII form.
-        InvalidInputError: the file holds a transform that is not 3-D.
+        InvalidInputError: ``path`` is not a path (a str or pathlib.Path) or is empty, or the file holds a
+            transform that is not 3-D.
     """
     import SimpleITK as sitk
 
     from ..io.nifti import itk_path
 
-    p = Path(path)
+    p = _transform_path(path)
     if not p.is_file():
         raise UnreadableFileError("no such transform file", fix="check the path", path=p)
     try:

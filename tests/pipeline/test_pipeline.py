@@ -211,7 +211,7 @@ def test_in_memory_inputs_monai_tensors_and_the_modality_override(subject, tmp_p
     # None keeps an input's own modality
     res = fuse_files(fixed, moving, None, method="mean", modalities=[None, "NM"])
     assert [f["modality"] for f in res.provenance["inputs"]] == [fixed.modality, "NM"]
-    with pytest.raises(InvalidInputError, match="input 2 is a ndarray"):
+    with pytest.raises(InvalidInputError, match="input 2 is an ndarray"):
         fuse_files(fixed, moving.array, None, method="mean")
 
 
