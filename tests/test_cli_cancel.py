@@ -191,12 +191,14 @@ def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, s
     assert proc.returncode == EXIT_CANCELLED, err
     assert " - ERROR - " not in err, err  # Dask's "marked as failed because 1 workers died": a cancel is no error
     rows = {r["subject"]: r["status"] for r in csv.DictReader(open(tmp_path / "manifest-report.csv"))}
-    assert set(rows.values()) <= {"done", "cancelled"} and "done" in rows.values(), rows
+    # "skipped": with the workers signalled too, Dask may hand a killed worker's subject to another before the
+    # batch sees the cancel, and that one finds the output the first had completed (seen once in CI).
+    assert set(rows.values()) <= {"done", "skipped", "cancelled"} and "done" in rows.values(), rows
     assert "Traceback" not in err
     subjects = {s.subject: s for s in read_manifest(manifest)}
     for name, status in rows.items():
         out = Path(subjects[name].output)
-        if status == "done":
+        if status in ("done", "skipped"):  # a reported output is complete and current
             assert prov.is_up_to_date(out, input_paths=[subjects[name].fixed, *subjects[name].moving])
 
 
