@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -78,6 +78,21 @@ def all_finite(x: np.ndarray, elements: int) -> bool:
     if x.ndim == 0:
         return bool(np.isfinite(x))
     return all(np.isfinite(x[s]).all() for s in slab_slices(x, elements))
+
+
+def as_list(value: Any, *, problem: str, fix: str) -> list:
+    """``value`` (any iterable of items: a list, tuple or generator) as a new list, or a typed error.
+
+    Why: ``len(None)`` and ``len(5)`` are bare TypeErrors, a str would be taken apart into letters, a dict into
+    its keys, an array or a Volume into slices, and a generator used up by a first pass.
+
+    Raises:
+        InvalidInputError: None, a str or bytes, a mapping, an array-like (anything with a ``shape``) or a
+            non-iterable; the message is ``problem`` with the value described by its type.
+    """
+    if isinstance(value, (str, bytes, Mapping)) or hasattr(value, "shape") or not isinstance(value, Iterable):
+        raise InvalidInputError(f"{problem}, got {describe(value)}", fix=fix)
+    return list(value)
 
 
 def refuse_volumes(items: Any, *, takes: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._checks import as_list
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
                      OutputExistsError, WeightsError)
 from .progress import CancelToken, ProgressFn, check, report
@@ -198,12 +199,9 @@ def _items(source, *, pair_types=None) -> Tuple[List[_Item], bool]:
 
     if isinstance(source, (str, os.PathLike)):
         return _unique_names(_harvard_items(list_pairs(source, pair_types=pair_types))), True
-    if isinstance(source, (bytes, Mapping)) or _is_volume(source) or not hasattr(source, "__iter__"):
-        # Why: None or a number failed with "'NoneType' object is not iterable", a Volume was iterated.
-        raise InvalidInputError(f"evaluate takes a folder or a list of pairs, got a {type(source).__name__}",
-                                fix="pass a Harvard-layout folder, or pairs such as [(mr, pet)] or "
-                                    "[{'name': 's1', 'inputs': (mr, pet)}]")
-    seq = list(source)
+    seq = as_list(source, problem="evaluate takes a folder or a list of pairs",
+                  fix="pass a Harvard-layout folder, or pairs such as [(mr, pet)] or [{'name': 's1', 'inputs': "
+                      "(mr, pet)}]")
     if not seq:
         raise InvalidInputError("nothing to evaluate: the list of pairs is empty", fix="pass a folder or some pairs")
     if all(isinstance(p, HarvardPair) for p in seq):

@@ -20,11 +20,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._checks import choice, describe, label, whole
+from ._checks import as_list, choice, describe, label, whole
 from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, report
@@ -73,10 +73,8 @@ def _per_input(value: Any, what: str, example: str) -> Optional[List[Any]]:
     """
     if value is None:
         return None
-    if isinstance(value, (str, bytes, Mapping)) or hasattr(value, "shape") or not isinstance(value, Iterable):
-        raise InvalidInputError(f"{what} must be a list with one entry per input (fixed first), got "
-                                f"{describe(value)}", fix=f"pass e.g. {example}")
-    return list(value) or None
+    return as_list(value, problem=f"{what} must be a list with one entry per input (fixed first)",
+                   fix=f"pass e.g. {example}") or None
 
 
 @dataclass
@@ -663,12 +661,9 @@ class Pipeline:
         if isinstance(inputs, (str, os.PathLike, Volume)):
             raise InvalidInputError("the pipeline needs a fixed and at least one moving input, got 1",
                                     fix="pass [fixed, moving, ...]")
-        if isinstance(inputs, (bytes, Mapping)) or hasattr(inputs, "shape") or not isinstance(inputs, Iterable):
-            # len(None) and len(5) raised Python's bare TypeError; an array was taken apart into its slices.
-            raise InvalidInputError(f"inputs must be a list of images, fixed first, got {describe(inputs)}",
-                                    fix="pass [fixed, moving, ...], each a file or DICOM folder path, a medfuse Volume "
-                                        "or a MONAI MetaTensor")
-        inputs = list(inputs)
+        inputs = as_list(inputs, problem="inputs must be a list of images, fixed first",
+                         fix="pass [fixed, moving, ...], each a file or DICOM folder path, a medfuse Volume or a "
+                             "MONAI MetaTensor")
         if len(inputs) < 2:
             raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {len(inputs)}",
                                     fix="pass [fixed, moving, ...]")

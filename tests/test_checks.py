@@ -96,3 +96,13 @@ def test_choice_shows_a_typo_but_never_a_path_or_an_array():
         with pytest.raises(InvalidInputError, match=f"unknown kind {shown}") as info:
             _checks.choice(bad, "kind", ("rigid", "affine"))
         assert "DOE" not in str(info.value)
+
+
+def test_as_list_takes_iterables_and_refuses_what_would_be_taken_apart():
+    assert _checks.as_list((1, 2), problem="p", fix="f") == [1, 2]
+    assert _checks.as_list((x for x in "ab"), problem="p", fix="f") == ["a", "b"]  # a generator, read once
+    for bad, shown in ((None, "None"), (5, "an int"), ("MR", "a str"), (b"MR", "a bytes"), ({"a": 1}, "a dict"),
+                       (np.zeros((2, 3)), "an ndarray of shape")):
+        with pytest.raises(InvalidInputError, match=f"^inputs must be a list, got {shown}") as info:
+            _checks.as_list(bad, problem="inputs must be a list", fix="pass [a, b]")
+        assert info.value.fix == "pass [a, b]"

@@ -42,12 +42,9 @@ def _volume_list(volumes, what: str = "volumes") -> List[Volume]:
     if isinstance(volumes, Volume):
         raise InvalidInputError(f"{what} must be a list of Volumes, got a single Volume",
                                 fix="pass a list, e.g. [fixed, moving], even for one volume: [volume]")
-    if volumes is None or isinstance(volumes, (str, bytes)) or hasattr(volumes, "shape") \
-            or not hasattr(volumes, "__iter__"):
-        raise InvalidInputError(f"{what} must be a list of medfuse Volumes, got {_checks.describe(volumes)}",
-                                fix="pass a list, e.g. [fixed, moving]; load files with medfuse.load(path) and "
-                                    "wrap arrays in medfuse.Volume(array, affine)")
-    vols = list(volumes)
+    vols = _checks.as_list(volumes, problem=f"{what} must be a list of medfuse Volumes",
+                           fix="pass a list, e.g. [fixed, moving]; load files with medfuse.load(path) and wrap "
+                               "arrays in medfuse.Volume(array, affine)")
     if not vols:
         raise InvalidInputError("no volumes given", fix="pass at least one Volume")
     return [_check_volume(v, f"{what}[{i}]") for i, v in enumerate(vols)]
