@@ -43,11 +43,14 @@ def _path_fix(value: Any, fix: Optional[str]) -> str:
     return fix or "pass the path as a str or pathlib.Path"
 
 
-def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None) -> Path:
+def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, images: bool = True) -> Path:
     """``value`` as a Path, or a typed error saying what to pass.
 
     Why: ``Path(None)`` raises pathlib's bare TypeError, and ``Path("")`` is the working folder, which a reader
     would then search for DICOM files.
+
+    ``images=False`` is for paths that do not name an image (a manifest, a report, weights): ``fix`` is then
+    given for every wrong value, not the hints about loading images that a Volume, a list or an array get.
 
     Raises:
         InvalidInputError: not a str or os.PathLike naming a str, or an empty string.
@@ -58,9 +61,10 @@ def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None) -> Pat
         text = None
     if not isinstance(text, str):
         raise InvalidInputError(f"{what} must be a file path (or a folder's: a str or pathlib.Path), got "
-                                f"{describe(value)}", fix=_path_fix(value, fix))
+                                f"{describe(value)}", fix=_path_fix(value, fix) if images or not fix else fix)
     if not text.strip():
-        raise InvalidInputError(f"{what} is an empty string", fix="give the file or folder's path")
+        raise InvalidInputError(f"{what} is an empty string",
+                                fix=fix if fix and not images else "give the file or folder's path")
     return Path(text)
 
 
@@ -125,6 +129,8 @@ def label(value: Any) -> str:
     its type (a path, free text or an array is never echoed)."""
     if isinstance(value, str) and len(value) <= 32 and value.isprintable() and not set(value) & set("/\\:^"):
         return repr(value)
+    if isinstance(value, str):  # its length tells a pasted path from a typo without showing either
+        return f"(a str of {len(value)} characters, not shown)"
     return describe(value)
 
 

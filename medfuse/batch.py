@@ -34,9 +34,9 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._checks import as_path, choice, describe, whole
+from ._checks import as_path, choice, describe, label, whole
 from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
-from .progress import CancelToken
+from .progress import CancelToken, check_callbacks
 
 __all__ = ["Subject", "SubjectResult", "BatchSummary", "read_manifest", "run_batch", "run_subject", "write_phantom_subjects",
            "cap_threads", "THREAD_ENV_VARS", "discover", "discover_subject", "write_manifest"]
@@ -49,23 +49,12 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
 _KINDS = (None, "rigid", "affine", "deformable")
 
 
-def _path_arg(value: Any, what: str, fix: str) -> Path:
-    """``value`` as a Path, or a typed error with a fix that fits here (pathlib's bare TypeError said only
-    "expected str, bytes or os.PathLike object"; ``as_path``'s own fixes are about loading images).
-
-    Raises:
-        InvalidInputError: not a str or pathlib.Path, or an empty string.
-    """
-    if not isinstance(value, (str, os.PathLike)):
-        raise InvalidInputError(f"{what} must be a path (a str or pathlib.Path), got {describe(value)}", fix=fix)
-    return as_path(value, what=what, fix=fix)
-
-
 def _optional_path(value: Any, what: str, fix: str) -> Optional[Path]:
-    """As :func:`_path_arg`, with ``None`` (and ``""``, which meant "the default" before) for "not given"."""
+    """``value`` as a Path (:func:`as_path`, with ``fix`` for every wrong value), or ``None`` when not given (``""``
+    meant "the default" before)."""
     if value is None or (isinstance(value, str) and value == ""):
         return None
-    return _path_arg(value, what, fix)
+    return as_path(value, what=what, fix=fix, images=False)
 
 
 def _folder_arg(value: Any, what: str, fix: str) -> Path:
@@ -76,7 +65,7 @@ def _folder_arg(value: Any, what: str, fix: str) -> Path:
         InvalidInputError: not a str or pathlib.Path, or an empty string.
         UnreadableFileError: nothing is there, or it is a file.
     """
-    p = _path_arg(value, what, fix)
+    p = as_path(value, what=what, fix=fix, images=False)
     if not p.exists():
         raise UnreadableFileError(f"the {what} does not exist", fix="check the path", path=p)
     if not p.is_dir():
@@ -242,7 +231,7 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
     reg = d.get("register")
     reg = None if reg in (None, "", "none", "None") else str(reg).strip().lower()
     if reg not in _KINDS:
-        raise _row_error(path, row, f"unknown register value {reg!r}", "use none, rigid, affine or deformable")
+        raise _row_error(path, row, f"unknown register value {label(reg)}", "use none, rigid, affine or deformable")
     method = d.get("method")
     method = None if method in (None, "") else str(method).strip().lower()
     fixed = absolute(d["fixed"]) if d.get("fixed") and str(d["fixed"]).strip() else ""
@@ -282,8 +271,8 @@ def read_manifest(path: PathLike) -> List[Subject]:
             that does not match the images, or subjects/outputs that repeat (outputs also when they differ only
             in letter case).
     """
-    p = _path_arg(path, "the manifest", "pass the manifest's path (.csv, .tsv, .yaml or .yml) as a str or "
-                                        "pathlib.Path")
+    p = as_path(path, what="the manifest", images=False,
+                fix="pass the manifest's path (.csv, .tsv, .yaml or .yml) as a str or pathlib.Path")
     if p.is_dir():
         raise UnreadableFileError("the manifest is a folder", fix="pass the manifest file; a dataset folder goes to "
                                   "discover(...) or run_batch(...)", path=p)
@@ -1191,7 +1180,7 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
     fix = ("pass a manifest's path (.csv, .tsv, .yaml), a dataset folder, or a list of Subjects "
            "(read_manifest(...), discover(...))")
     if isinstance(manifest, (str, os.PathLike)):
-        manifest = _path_arg(manifest, what, fix)
+        manifest = as_path(manifest, what=what, fix=fix, images=False)
     elif isinstance(manifest, (bytes, Mapping, Subject)) or hasattr(manifest, "shape") \
             or not hasattr(manifest, "__iter__"):
         # None or a number raised "'int' object is not iterable", an array "unhashable type"
@@ -1274,9 +1263,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         InvalidInputError: ``manifest`` neither a path nor a list of subjects (each a :class:`Subject` or a dict of
             its fields), ``report`` or ``out_dir`` not a path, an unknown ``register``, ``method`` or
             ``scheduler``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
-            a whole number, a list without ``report`` whose outputs share no folder but the filesystem
-            root (or a different drive), an empty list without ``report``, a dataset folder without
-            subject folders, or a manifest :func:`read_manifest` refuses; checked before any work.
+            a whole number of 1 or more, ``cancel`` not a CancelToken, a list without ``report`` whose outputs
+            share no folder but the filesystem root (or a different drive), an empty list without ``report``, a
+            dataset folder without subject folders, or a manifest :func:`read_manifest` refuses; checked before
+            any work.
         UnreadableFileError: the manifest is missing or unreadable (as :func:`read_manifest`), or a dataset
             folder cannot be listed.
     """
@@ -1288,14 +1278,16 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     _fusion_method(method)
     if fallback is not None:
         _fusion_method(fallback, what="fallback method", classical=True)
-    whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)")
+    whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)",
+          minimum=1)
+    check_callbacks(cancel=cancel)
     _check_report_path(report_path)
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
     with _report_lock(report_path):
         earlier = _read_report(report_path)
         _first_report(report_path, subjects, earlier)  # an unwritable report stops the run before any work
-        threads = max(1, int(threads_per_worker))
+        threads = int(threads_per_worker)
         if scheduler == "local" and workers > len(subjects) >= 1:
             # One worker per subject at most: each spare one only costs seconds to start and memory
             # (1 subject on --workers 6: 13 s against 4.5 s on one worker).

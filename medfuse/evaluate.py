@@ -33,10 +33,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._checks import as_list
+from ._checks import as_list, choice, label
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
                      OutputExistsError, WeightsError)
-from .progress import CancelToken, ProgressFn, check, report
+from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
 __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
 
@@ -409,13 +409,14 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     if not isinstance(methods, str) and not hasattr(methods, "__iter__"):
         raise InvalidInputError(f"methods must be method names, got a {type(methods).__name__}",
                                 fix="pass e.g. methods=['max', 'gff'] or methods='network'")
-    methods = [str(m).lower() for m in ([methods] if isinstance(methods, str) else methods)]
-    bad = [m for m in methods if m not in available_methods()]
+    methods = [m.lower() if isinstance(m, str) else m for m in ([methods] if isinstance(methods, str) else methods)]
+    bad = [m for m in methods if not isinstance(m, str) or m not in available_methods()]
     if not methods or bad:
-        raise InvalidInputError(f"unknown fusion method(s) {bad or '(none given)'}",
+        shown = ", ".join(label(m) for m in bad) if bad else "(none given)"
+        raise InvalidInputError(f"unknown fusion method(s) {shown}",
                                 fix=f"choose from {', '.join(available_methods())}")
-    if mode not in ("slicewise", "native"):
-        raise InvalidInputError(f"unknown volume scoring mode {mode!r}", fix="use 'slicewise' or 'native'")
+    choice(mode, "volume scoring mode", ("slicewise", "native"))
+    check_callbacks(progress, cancel)
     if metrics is not None:
         from .metrics import _names
 

@@ -24,10 +24,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import as_list, choice, describe, label, whole
+from ._checks import as_list, choice, describe, label, number, whole
 from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
-from .progress import CancelToken, ProgressFn, check, report
+from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 from .volume import Volume, require_finite
 
 __all__ = [
@@ -46,7 +46,8 @@ _NORMALISE = ("auto", "percentile", "minmax", "none")
 
 
 def _fusion_method(value: Any, *, what: str = "fusion method", classical: bool = False) -> str:
-    """``value`` when :func:`medfuse.fuse` knows it (any letter case, as ``fuse`` takes it), else a typed error.
+    """``value`` lower-cased when :func:`medfuse.fuse` knows it (any letter case, as ``fuse`` takes it), else a
+    typed error.
 
     Why: ``Pipeline(method="lapalcian")`` was accepted and failed only at the fuse step, after loading and
     registration (minutes); a ``fallback`` typo only when the network could not run.
@@ -58,7 +59,7 @@ def _fusion_method(value: Any, *, what: str = "fusion method", classical: bool =
 
     names = list(CLASSICAL_METHODS) if classical else available_methods()
     if isinstance(value, str) and value.lower() in names:
-        return value
+        return value.lower()
     raise InvalidInputError(f"unknown {what} {label(value)}", fix=f"use one of {', '.join(names)}")
 
 
@@ -329,7 +330,9 @@ class NormaliseStep:
 
     def __init__(self, *, method: str = "auto", low: float = 0.5, high: float = 99.5):
         choice(method, "normalisation", _NORMALISE)
-        if not 0 <= low < high <= 100:
+        low = number(low, "low percentile", example="low=0.5", low=0, high=100)
+        high = number(high, "high percentile", example="high=99.5", low=0, high=100)
+        if not low < high:
             raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}",
                                     fix="e.g. low=0.5, high=99.5")
         self.method, self.low, self.high = method, float(low), float(high)
@@ -397,9 +400,10 @@ class FuseStep:
 
         # A typo fails here, before loading and registration; a wrong device is the caller's mistake, not "the
         # network cannot run": no fallback hides it.
-        _fusion_method(method)
+        # Lower-cased: "Network" runs the network, so it must fall back and be recorded as the network too.
+        method = _fusion_method(method)
         if fallback is not None:
-            _fusion_method(fallback, what="fallback method", classical=True)
+            fallback = _fusion_method(fallback, what="fallback method", classical=True)
         check_network_device(method, device)
         self.method, self.device, self.fallback, self.options = method, device, fallback, options
         self.params = {"method": method, "device": device, "fallback": fallback, **options}
@@ -654,10 +658,12 @@ class Pipeline:
 
         Raises:
             InvalidInputError: ``inputs`` not a list of at least two images (a single path, Volume, array, number or
-                None), an input that is not a path, Volume or MetaTensor, or an ``out`` that is not a path.
+                None), an input that is not a path, Volume or MetaTensor, an ``out`` that is not a path,
+                ``progress`` not callable or ``cancel`` not a CancelToken.
             MedfuseError: any documented failure of a step (bad input, registration, fusion, output exists).
             CancelledError: ``cancel`` was set.
         """
+        check_callbacks(progress, cancel)
         if isinstance(inputs, (str, os.PathLike, Volume)):
             raise InvalidInputError("the pipeline needs a fixed and at least one moving input, got 1",
                                     fix="pass [fixed, moving, ...]")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
-from .errors import CancelledError
+from ._checks import describe
+from .errors import CancelledError, InvalidInputError
 
 ProgressFn = Callable[[float, str], None]
 
@@ -54,3 +55,21 @@ def check(cancel: Optional[CancelToken], what: str = "the operation") -> None:
     """Raise :class:`CancelledError` if ``cancel`` was set."""
     if cancel is not None:
         cancel.raise_if_cancelled(what)
+
+
+def check_callbacks(progress=None, cancel=None) -> None:
+    """Refuse a ``progress`` that cannot be called or a ``cancel`` that is no :class:`CancelToken`, up front.
+
+    Why: :func:`report` swallows a progress callback's errors (a broken bar must not lose a result), so
+    ``progress=3`` used to pass silently; a wrong ``cancel`` raised an AttributeError at its first check, which
+    may come after minutes of work.
+
+    Raises:
+        InvalidInputError: either one of the wrong kind.
+    """
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(f"progress must be a function progress(fraction, message), got {describe(progress)}",
+                                fix="pass e.g. progress=lambda f, msg: print(f\"{f:.0%} {msg}\"), or leave it out")
+    if cancel is not None and not callable(getattr(cancel, "raise_if_cancelled", None)):
+        raise InvalidInputError(f"cancel must be a medfuse.progress.CancelToken, got {describe(cancel)}",
+                                fix="pass cancel=medfuse.progress.CancelToken(), or leave it out")

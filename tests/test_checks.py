@@ -92,7 +92,7 @@ def test_choice_shows_a_typo_but_never_a_path_or_an_array():
         _checks.choice("rigd", "kind", ("rigid", "affine"))
     assert info.value.fix == "use one of rigid, affine"
     for bad, shown in ((None, "None"), (np.zeros((2, 3)), "an ndarray of shape"), (["rigid"], "a list"),
-                       ("/data/DOE^JOHN/scan.nii", "a str")):
+                       ("/data/DOE^JOHN/scan.nii", r"\(a str of 23 characters, not shown\)")):
         with pytest.raises(InvalidInputError, match=f"unknown kind {shown}") as info:
             _checks.choice(bad, "kind", ("rigid", "affine"))
         assert "DOE" not in str(info.value)

@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._checks import label
 from ..errors import GeometryError, InvalidInputError, MedfuseWarning, MissingDependencyError
-from ..progress import CancelToken, ProgressFn, check, report
+from ..progress import CancelToken, ProgressFn, check, check_callbacks, report
 from ..volume import Volume, require_finite
 from .classical import METHODS as CLASSICAL_METHODS
 
@@ -77,10 +78,11 @@ def _run(method: str, arrays01: Sequence[np.ndarray], *, device: str, options: D
 
 
 def _check_method(method: str) -> str:
-    m = str(method).lower()
-    if m not in available_methods():
-        raise InvalidInputError(f"unknown fusion method {method!r}", fix=f"use one of {', '.join(available_methods())}")
-    return m
+    """``method`` lower-cased; a typo is shown as written, a path or an array only by its type."""
+    if isinstance(method, str) and method.lower() in available_methods():
+        return method.lower()
+    raise InvalidInputError(f"unknown fusion method {label(method)}",
+                            fix=f"use one of {', '.join(available_methods())}")
 
 
 def _within(x: np.ndarray, lo: float, hi: float) -> bool:
@@ -335,11 +337,13 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
 
     Raises:
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, unknown
-            method, normalisation, option or device, or a GPU this machine lacks.
+            method, normalisation, option or device, a GPU this machine lacks, ``progress`` not callable or
+            ``cancel`` not a CancelToken.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
     """
+    check_callbacks(progress, cancel)
     if progress is not None:
         options["progress"] = progress
     if cancel is not None:

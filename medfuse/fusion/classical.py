@@ -24,7 +24,7 @@ import numpy as np
 
 from .._checks import _shown, describe, number, refuse_volumes
 from ..errors import InvalidInputError
-from ..progress import check
+from ..progress import check, check_callbacks
 
 __all__ = ["METHODS", "fuse_arrays", "guided_filter"]
 
@@ -341,9 +341,7 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
     if not isinstance(method, str):
         raise InvalidInputError(f"the classical fusion method must be a str, got {describe(method)}",
                                 fix=f"use one of {', '.join(METHODS)}")
-    if cancel is not None and not callable(getattr(cancel, "raise_if_cancelled", None)):
-        raise InvalidInputError(f"cancel must be a medfuse.progress.CancelToken, got {describe(cancel)}",
-                                fix="pass cancel=medfuse.progress.CancelToken(), or leave it out")
+    check_callbacks(cancel=cancel)
 
     def poll() -> None:
         check(cancel, "fusion")

@@ -7,6 +7,7 @@ a laptop should instead learn that this machine has no usable GPU and what to pa
 
 from __future__ import annotations
 
+from .._checks import label
 from ..errors import InvalidInputError
 
 __all__ = ["resolve_device", "check_network_device", "check_device_name"]
@@ -17,11 +18,13 @@ def check_device_name(device) -> str:
 
     Used on its own where no network runs (classical rules still refuse a misspelt ``--device``).
     """
-    name = str(device).strip().lower()
+    # A torch.device is spelt by str(); str() of anything else (an array, a path object) is no device name.
+    is_torch_device = type(device).__module__ == "torch" and type(device).__name__ == "device"
+    name = (device if isinstance(device, str) else str(device) if is_torch_device else "").strip().lower()
     kind, sep, index = name.partition(":")
     if name in ("auto", "cpu", "mps") or (kind == "cuda" and (not sep or index.isdigit())):
         return name
-    raise InvalidInputError(f"unknown device {device!r}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+    raise InvalidInputError(f"unknown device {label(device)}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
 
 
 def resolve_device(device) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .._checks import all_finite, as_path, choice, describe, refuse_volumes, slab_slices, whole
 from ..errors import InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError
-from ..progress import CancelToken, ProgressFn, check, report
+from ..progress import CancelToken, ProgressFn, check, check_callbacks, report
 
 __all__ = ["fuse_arrays", "fuse_2d", "fuse_3d", "load_model", "weights_sha256", "default_weights_path",
            "MIN_SIZE_3D"]
@@ -45,11 +45,9 @@ def _resolve(weights: Optional[PathLike]) -> Path:
     """
     if weights is None:
         return default_weights_path()
-    try:
-        return as_path(weights, what="weights")
-    except InvalidInputError as exc:  # as_path's fix speaks of images and Volumes; these are weights
-        raise InvalidInputError(exc.problem, fix="pass weights= the path of a medfuse_fusion.safetensors file (a str "
-                                                 "or pathlib.Path), or leave it out for the shipped weights") from None
+    return as_path(weights, what="weights", images=False, fix="pass weights= the path of a medfuse_fusion.safetensors "
+                                                              "file (a str or pathlib.Path), or leave it out for "
+                                                              "the shipped weights")
 
 
 def weights_sha256(weights: Optional[PathLike] = None) -> str:
@@ -249,13 +247,6 @@ def _tri_state(functional: Any) -> Optional[bool]:
                             fix="pass functional=True for a PET/SPECT input, False for anatomy only, None if unknown")
 
 
-def _check_cancel(cancel: Any) -> None:
-    """Refuse a ``cancel`` that is not a CancelToken up front, not with an AttributeError at the first check."""
-    if cancel is not None and not callable(getattr(cancel, "raise_if_cancelled", None)):
-        raise InvalidInputError(f"cancel must be a medfuse.progress.CancelToken, got {describe(cancel)}",
-                                fix="pass cancel=medfuse.progress.CancelToken(), or leave it out")
-
-
 def _check_refine(refine: Any) -> None:
     """Refuse a ``refine`` whose truth is not a plain yes/no (an array's raised NumPy's "ambiguous" error)."""
     if refine is None or isinstance(refine, (bool, np.bool_)) or \
@@ -296,7 +287,7 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         InvalidInputError: not 2 or 3 arrays, shapes that differ, arrays that are not 2-D, smaller than 4 pixels
             a side, not real numbers, or holding NaN/inf (or values beyond float32); ``functional`` not
             True/False/None; ``refine`` not True/False; an unknown or absent ``device``; ``weights`` not a path;
-            ``cancel`` not a CancelToken.
+            ``progress`` not callable or ``cancel`` not a CancelToken.
         WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set (checked before the model loads), or ``progress`` raised it.
@@ -304,7 +295,7 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     x = _check_arrays(arrays, 2)
     functional = _tri_state(functional)
     _check_refine(refine)
-    _check_cancel(cancel)
+    check_callbacks(progress, cancel)
     torch = _torch()
     check(cancel, "network fusion")
     model = load_model(weights, device=device)
@@ -430,7 +421,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         InvalidInputError: not 2 or 3 arrays, shapes that differ, arrays that are not 3-D, under
             :data:`MIN_SIZE_3D` along an axis, not real numbers, or holding NaN/inf (or values beyond float32);
             ``functional`` not True/False/None; ``batch_size`` not a whole number >= 1; an unknown or absent
-            ``device``; ``weights`` not a path; ``cancel`` not a CancelToken.
+            ``device``; ``weights`` not a path; ``progress`` not callable or ``cancel`` not a CancelToken.
         WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set (checked between slabs and tri-plane batches), or ``progress``
@@ -438,7 +429,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     """
     arrs = _scan_volumes(arrays)
     functional = _tri_state(functional)
-    _check_cancel(cancel)
+    check_callbacks(progress, cancel)
     whole(batch_size, "batch_size", minimum=1, what="a whole number of slices",
           example="batch_size=32 (smaller uses less memory)")
     torch = _torch()
@@ -525,7 +516,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         InvalidInputError: an unknown ``mode``, or one that does not match the arrays' dimension; Volumes
             instead of arrays (fuse them with :func:`medfuse.fuse`); not a list of 2 or 3 arrays; arrays that are
             not 2-D or 3-D, or as :func:`fuse_2d` and :func:`fuse_3d` refuse them (shapes, size, NaN,
-            ``functional``, ``refine``, ``batch_size``, ``device``, ``weights``, ``cancel``).
+            ``functional``, ``refine``, ``batch_size``, ``device``, ``weights``, ``progress``, ``cancel``).
         WeightsError: the weights are missing, corrupt or do not fit the model (see :func:`load_model`).
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set, or ``progress`` raised it.

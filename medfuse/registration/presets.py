@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Dict, Optional
 
-from .._checks import describe
+from .._checks import describe, label
 from ..errors import InvalidInputError
 
 __all__ = ["PRESETS", "get_preset", "preset_for"]
@@ -125,7 +125,7 @@ def get_preset(name: Optional[str], fixed_modality: str = "unknown", moving_moda
         a, _, b = key.partition("-")
         key = f"{b}-{a}" if f"{b}-{a}" in PRESETS else key
     if key not in PRESETS:
-        raise InvalidInputError(f"unknown registration preset {name!r}", fix=f"use one of {', '.join(PRESETS)}")
+        raise InvalidInputError(f"unknown registration preset {label(name)}", fix=f"use one of {', '.join(PRESETS)}")
     p = dict(PRESETS[key])
     unknown = set(overrides) - set(p)
     if unknown:

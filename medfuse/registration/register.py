@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _checks
 from ..errors import CancelledError, InvalidInputError, MedfuseWarning, RegistrationError
-from ..progress import CancelToken, ProgressFn, report
+from ..progress import CancelToken, ProgressFn, check_callbacks, report
 from ..volume import Volume, require_finite
 from .presets import get_preset
 from .resample import resample, same_frame_of_reference
@@ -963,8 +963,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted.
 
     Raises:
-        InvalidInputError: wrong types, 2-D inputs, NaN voxels, unknown options, a deformable or singular
-            initial transform.
+        InvalidInputError: wrong types (``progress`` not callable, ``cancel`` not a CancelToken among them), 2-D
+            inputs, NaN voxels, unknown options, a deformable or singular initial transform.
         UnreadableFileError: an ``initial_transform`` path that is missing or not a transform file.
         RegistrationError: constant image, empty mask, no overlap, optimiser failure.
         CancelledError: the cancel token was set.
@@ -981,6 +981,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # SimpleITK takes the seed as an unsigned 32-bit number, and seed 0 there means "the wall clock": a negative
     # seed would silently make every run different, a huge one fail deep inside SWIG.
     _checks.whole(seed, "seed", minimum=0, maximum=2 ** 32 - 2, example="seed=0")
+    check_callbacks(progress, cancel)
     initial = _as_initial(initial_transform)
     fixed = _as_volume(fixed, "fixed")
     moving = _as_volume(moving, "moving")

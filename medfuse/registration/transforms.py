@@ -189,7 +189,9 @@ class Transform:
     def transform_points(self, points: Any) -> np.ndarray:
         """Map (N, 3) or (3,) LPS mm fixed-space points to moving space."""
         try:
-            p = None if isinstance(points, (str, bytes)) else np.asarray(points, dtype=float)
+            p = None if isinstance(points, (str, bytes)) else np.asarray(points)
+            # Complex points would lose their imaginary part with only NumPy's warning; bools are no coordinates.
+            p = None if p is None or p.dtype.kind not in "iuf" else p.astype(float)
         except (TypeError, ValueError, RuntimeError):  # ragged lists, strings, a tensor on a GPU
             p = None
         if p is None or p.ndim == 0:

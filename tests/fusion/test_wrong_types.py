@@ -239,3 +239,31 @@ def test_network_refine_and_cancel_of_a_wrong_type():
     _raises(InvalidInputError, lambda: I.fuse_2d([img, img], cancel=3))
     vol = np.zeros((8, 8, 8), np.float32)
     _raises(InvalidInputError, lambda: I.fuse_3d([vol, vol], cancel=3))
+
+
+# ---------------------------------------------------------------------- choices named by a str
+def test_a_path_given_as_the_fusion_method_or_device_is_never_echoed():
+    import medfuse
+
+    a = _img()
+    err = _raises(InvalidInputError, lambda: medfuse.fuse(a, a, method=SECRET))
+    assert "unknown fusion method (a str of" in str(err)
+    err = _raises(InvalidInputError, lambda: medfuse.fuse(a, a, method="max", device=SECRET))
+    assert "unknown device (a str of" in str(err)
+    # A short typo is shown as written, so the user sees what to mend.
+    assert "'lapalcian'" in str(_raises(InvalidInputError, lambda: medfuse.fuse(a, a, method="lapalcian")))
+    assert "'cdua'" in str(_raises(InvalidInputError, lambda: medfuse.fuse(a, a, method="max", device="cdua")))
+
+
+@pytest.mark.parametrize("device", [np.zeros(3), 0, Path("cpu")], ids=["ndarray", "int", "Path"])
+def test_a_device_that_is_no_name_is_refused(device):
+    from medfuse.fusion.device import check_device_name
+
+    _raises(InvalidInputError, lambda: check_device_name(device))
+
+
+def test_a_torch_device_is_a_device_name():
+    from medfuse.fusion.device import check_device_name
+
+    assert check_device_name(torch.device("cpu")) == "cpu"
+    assert check_device_name(torch.device("cuda", 1)) == "cuda:1"

@@ -117,7 +117,9 @@ def test_cancel_stops_the_pipeline(subject, tmp_path):
     assert not any(p.name.startswith(".medfuse-tmp-") for p in tmp_path.iterdir())
 
 
-def test_network_fallback_is_recorded(subject, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spelt", ["network", "Network"])
+def test_network_fallback_is_recorded(subject, tmp_path, monkeypatch, spelt):
+    """Any spelling that runs the network falls back, and is recorded as the network (not as typed)."""
     import medfuse.pipeline as pl
 
     real = pl._fuse
@@ -131,7 +133,7 @@ def test_network_fallback_is_recorded(subject, tmp_path, monkeypatch):
     with pytest.raises(WeightsError):
         fuse_files(subject.fixed, subject.moving[0], None, method="network")
     with pytest.warns(medfuse.MedfuseWarning, match="fell back"):
-        res = fuse_files(subject.fixed, subject.moving[0], tmp_path / "fb.nii.gz", method="network", fallback="mean")
+        res = fuse_files(subject.fixed, subject.moving[0], tmp_path / "fb.nii.gz", method=spelt, fallback="Mean")
     rec = json.loads(res.sidecar.read_text())
     assert rec["method_used"] == "mean"
     assert rec["fallback"]["requested"] == "network" and "weights" in rec["fallback"]["reason"]

@@ -14,7 +14,7 @@ import pytest
 from medfuse import Volume
 from medfuse.batch import discover, discover_subject, read_manifest, run_batch, write_manifest
 from medfuse.errors import InvalidInputError, MedfuseError, OutputExistsError, UnreadableFileError
-from medfuse.pipeline import FuseStep, Pipeline, fuse_files
+from medfuse.pipeline import FuseStep, NormaliseStep, Pipeline, fuse_files
 
 torch = pytest.importorskip("torch")
 
@@ -93,8 +93,9 @@ def test_pipeline_refuses_a_fallback_that_is_no_classical_method_when_built(labe
 
 def test_pipeline_still_takes_every_known_method_in_any_case():
     for m in ("network", "mean", "max", "laplacian", "wavelet", "gff", "MAX", "Laplacian"):
-        assert Pipeline(method=m).step("fuse").params["method"] == m
-    assert Pipeline(method="network", fallback="mean").step("fuse").params["fallback"] == "mean"
+        # Recorded lower-cased: one method is one parameter set for batch re-runs, whatever its spelling.
+        assert Pipeline(method=m).step("fuse").params["method"] == m.lower()
+    assert Pipeline(method="network", fallback="Mean").step("fuse").params["fallback"] == "mean"
 
 
 @pytest.mark.parametrize("option", ["register", "grid", "normalise"])
@@ -153,6 +154,27 @@ def test_fuse_files_refuses_an_existing_output(tmp_path):
 def test_read_manifest_refuses_a_non_path(label):
     err = _raises(InvalidInputError, read_manifest, _not_paths()[label])
     assert "manifest" in str(err)
+
+
+@pytest.mark.parametrize("low, high", [("0.5", 99.5), (None, 99.5), (0.5, np.zeros(2)), (True, 99.5),
+                                       (float("nan"), 99.5), (-1, 99.5), (0.5, 101), (99.5, 0.5), (5, 5)])
+def test_normalise_step_percentiles_of_a_wrong_type_or_order(low, high):
+    err = _raises(InvalidInputError, NormaliseStep, method="percentile", low=low, high=high)
+    assert "percentile" in str(err)
+
+
+def test_normalise_step_records_its_percentiles_as_floats():
+    assert NormaliseStep(method="percentile", low=1, high=99).params == {"method": "percentile", "low": 1.0,
+                                                                          "high": 99.0}
+
+
+def test_a_manifest_register_cell_holding_a_path_is_not_echoed(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"subject,fixed,moving,output,register\nsub-01,a.nii.gz,b.nii.gz,o.nii.gz,{PATIENT}\n")
+    err = _raises(InvalidInputError, read_manifest, manifest)
+    assert "unknown register value (a str of" in str(err)
+    manifest.write_text("subject,fixed,moving,output,register\nsub-01,a.nii.gz,b.nii.gz,o.nii.gz,rigd\n")
+    assert "'rigd'" in str(_raises(InvalidInputError, read_manifest, manifest))
 
 
 def test_read_manifest_refuses_a_folder(tmp_path):
@@ -214,7 +236,8 @@ def test_run_batch_checks_its_options_before_any_work(tmp_path):
     report = tmp_path / "r.csv"
     for kw in ({"report": 5}, {"report": [1, 2, 3]}, {"out_dir": 5}, {"method": PATIENT}, {"method": None},
                {"fallback": PATIENT}, {"register": np.zeros(3)}, {"register": PATIENT}, {"scheduler": np.zeros(3)},
-               {"scheduler": PATIENT}, {"threads_per_worker": PATIENT}, {"threads_per_worker": None}):
+               {"scheduler": PATIENT}, {"threads_per_worker": PATIENT}, {"threads_per_worker": None},
+               {"threads_per_worker": 0}, {"threads_per_worker": -2}):
         kw = {"scheduler": "synchronous", "report": report, **kw}
         _raises(InvalidInputError, run_batch, root, **kw)
     _raises(InvalidInputError, run_batch, root, scheduler="local", workers=np.zeros(3), report=report)

@@ -59,7 +59,7 @@ def test_register_refuses_none_for_a_choice_that_has_no_none(option):
 
 
 def test_get_preset_refuses_a_non_str_name():
-    for bad in (np.zeros((2, 16, 16, 16)), torch.zeros(3), 3, ["MR-CT"]):
+    for bad in (np.zeros((2, 16, 16, 16)), torch.zeros(3), 3, ["MR-CT"], PATIENT_PATH):
         with pytest.raises(InvalidInputError) as ei:
             get_preset(bad)
         _typed(ei)
@@ -176,7 +176,9 @@ def test_transform_save_and_points_of_the_wrong_type():
         with pytest.raises(InvalidInputError) as ei:
             t.save(bad)
         _typed(ei)
-    for bad in (PATIENT_PATH, [[1, 2, 3], [4]], 3.0):
+    for bad in (PATIENT_PATH, [[1, 2, 3], [4]], 3.0, np.array([[1 + 2j, 0, 0]]), [["1", "2", "3"]],
+                np.ones((1, 3), bool)):
         with pytest.raises(InvalidInputError) as ei:
             t.transform_points(bad)
         _typed(ei)
+    assert t.transform_points([[1, 2, 3]]).tolist() == [[1.0, 2.0, 3.0]]  # ints are coordinates
