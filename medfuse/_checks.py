@@ -15,6 +15,11 @@ import numpy as np
 from .errors import InvalidInputError
 
 
+#: The most threads (or worker processes) an option may ask for. Why: a count beyond ITK's unsigned int failed
+#: with SWIG's OverflowError ("internal error" in the CLI); no machine medfuse runs on has more cores than this.
+MAX_THREADS = 1024
+
+
 def describe(value: Any) -> str:
     """A wrong value described by its type (never its contents: a path or a header may identify a patient)."""
     from .volume import Volume

@@ -34,7 +34,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._checks import as_path, choice, describe, label, whole
+from ._checks import MAX_THREADS, as_path, choice, describe, label, whole
 from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
 from .progress import CancelToken, check_callbacks
 
@@ -195,6 +195,10 @@ class BatchSummary:
 
 
 # ----------------------------------------------------------------------------- manifest
+#: What a manifest row (or a YAML manifest's ``defaults``) may hold besides its ``moving*`` columns.
+_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series")
+
+
 def _row_error(path: Path, row: int, problem: str, fix: str) -> InvalidInputError:
     return InvalidInputError(f"manifest row {row}: {problem}", fix=fix, path=path)
 
@@ -202,6 +206,16 @@ def _row_error(path: Path, row: int, problem: str, fix: str) -> InvalidInputErro
 def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
                   defaults: Mapping[str, Any]) -> Subject:
     d = {**defaults, **{str(k).strip().lower(): v for k, v in raw.items() if k is not None}}
+    # A misspelt column ("methd", "regster") was ignored, so the subject ran with the defaults unsaid.
+    unknown = sorted(k for k in d if k not in _MANIFEST_KEYS and not k.startswith("moving"))
+    if unknown:
+        import difflib
+
+        hints = [f"{label(k)} (did you mean '{close[0]}'?)" if close else label(k)
+                 for k in unknown for close in [difflib.get_close_matches(k, _MANIFEST_KEYS, n=1, cutoff=0.6)]]
+        raise _row_error(path, row, f"unknown column(s) {', '.join(hints)}",
+                         f"rename or remove them; a manifest's columns are {', '.join(_MANIFEST_KEYS[:3])}, "
+                         f"moving (moving2, ...), {', '.join(_MANIFEST_KEYS[3:])}")
     for key in ("subject", "output"):  # without these the row is no subject at all
         if not d.get(key) or not str(d[key]).strip():
             raise _row_error(path, row, f"'{key}' is missing or empty",
@@ -267,7 +281,7 @@ def read_manifest(path: PathLike) -> List[Subject]:
         UnreadableFileError: the manifest is missing, a folder, unreadable or not UTF-8, or not valid CSV/YAML.
         InvalidInputError: ``path`` is not a str or pathlib.Path, no subjects, a CSV header without subject,
             fixed, moving and output, a row with more cells than the header, a YAML manifest that is not a list
-            of subjects, a row without a subject or output, an unknown ``register`` value, a ``series`` count
+            of subjects, a row without a subject or output, an unknown column or ``register`` value, a ``series`` count
             that does not match the images, or subjects/outputs that repeat (outputs also when they differ only
             in letter case).
     """
@@ -693,7 +707,7 @@ def cap_threads(n: int) -> None:
     Raises:
         InvalidInputError: ``n`` is not a whole number of 1 or more.
     """
-    n = whole(n, "threads", minimum=1, example="threads=2")
+    n = whole(n, "threads", minimum=1, maximum=MAX_THREADS, example="threads=2")
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(n)
     try:
@@ -1087,7 +1101,7 @@ def _check_scheduler(scheduler: str, workers: int) -> None:
         raise InvalidInputError(f"unknown scheduler (got {got})",
                                 fix="use 'local', 'synchronous' or a scheduler address such as tcp://host:8786")
     if scheduler == "local":
-        whole(workers, "workers", example="workers=2 (--workers 2)", minimum=1)
+        whole(workers, "workers", example="workers=2 (--workers 2)", minimum=1, maximum=MAX_THREADS)
     import importlib.util
 
     if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
@@ -1279,7 +1293,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     if fallback is not None:
         _fusion_method(fallback, what="fallback method", classical=True)
     whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)",
-          minimum=1)
+          minimum=1, maximum=MAX_THREADS)
     check_callbacks(cancel=cancel)
     _check_report_path(report_path)
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish

@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import as_list, choice, describe, label, number, whole
-from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
+from ._checks import MAX_THREADS, as_list, choice, describe, label, number, whole
+from .errors import (CancelledError, FusionError, GeometryError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 from .volume import Volume, require_finite
@@ -232,7 +232,7 @@ class RegisterStep:
     def __init__(self, kind: Optional[str] = None, *, threads: Optional[int] = None, **options: Any):
         choice(kind, "registration kind", REGISTER_KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
         self.kind = kind
-        self.threads = whole(threads, "threads", example="threads=1", minimum=1, none_ok=True)
+        self.threads = whole(threads, "threads", example="threads=1", minimum=1, maximum=MAX_THREADS, none_ok=True)
         self.options = options
         self.params = {"kind": kind, "threads": threads, **options}
 
@@ -277,6 +277,8 @@ class ResampleStep:
     Raises:
         InvalidInputError: when built, an unknown ``grid``; when called, an unknown ``interpolation`` (checked by
             :func:`medfuse.resample` once a volume needs resampling).
+        GeometryError: when called, an unregistered moving image that lies wholly outside the fixed image's field
+            of view (one that covers under a fifth of it gets a warning, in the sidecar too).
         CancelledError: ``state.cancel`` was set.
     """
 
@@ -299,6 +301,8 @@ class ResampleStep:
             if t is None and v.same_grid(ref):
                 out.append(v)
                 continue
+            if t is None and i > 0:
+                _check_coverage(v, ref, i + 1, state)
             r = resample(v, ref, transform=t, interpolation=self.interpolation)
             # What resampling warned about (a pair from two frames of reference, unregistered) goes into the
             # sidecar too, not only to the terminal.
@@ -308,6 +312,38 @@ class ResampleStep:
             out.append(r)
         state.volumes = out
         return state
+
+
+#: Below this share of the fixed image's field of view, an unregistered moving image gets a warning.
+_LOW_COVERAGE = 0.2
+
+
+def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> None:
+    """Refuse an unregistered moving image that lies wholly outside the fixed grid; warn when it covers little.
+
+    Why: resampled there it is only the background value, so the "fused" image was the fixed image alone, with
+    no word of it (``register`` refuses such a pair; ``register=None`` skipped that check).
+    World boxes are axis-aligned, so the share is an upper bound for oblique grids; disjoint boxes are exact.
+
+    Raises:
+        GeometryError: the two fields of view do not meet at all.
+    """
+    from .registration.register import _edges  # the world (LPS mm) box around a volume's voxels, edges included
+
+    (a0, a1), (b0, b1) = _edges(ref), _edges(v)
+    overlap = np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None)
+    if not np.all(overlap > 0):
+        raise GeometryError(f"input {n} lies wholly outside the fixed image's field of view (world coordinates); "
+                            "resampled onto the fixed grid it would be empty",
+                            fix="check that the images belong together; if they show the same anatomy in unrelated "
+                                "scanner coordinates, register them (register='rigid' with initialise='geometry', "
+                                "or --register rigid)")
+    share = float(np.prod(overlap) / np.prod(a1 - a0))
+    if share < _LOW_COVERAGE:
+        msg = (f"input {n} covers only {share:.0%} of the fixed image's field of view; elsewhere the fused image "
+               "holds the fixed image alone")
+        warnings.warn(msg, MedfuseWarning, stacklevel=3)
+        state.notes.setdefault("warnings", []).append(msg)
 
 
 class NormaliseStep:

@@ -49,7 +49,7 @@ import warnings
 import numpy as np
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
-from ._checks import whole
+from ._checks import MAX_THREADS, whole
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from .volume import Volume
 
@@ -147,7 +147,7 @@ def _threads(threads: Optional[int]) -> Optional[int]:
 
 def _checked_threads(threads: Any) -> Optional[int]:
     """``threads`` as None or a whole number of 1 or more, checked when the transform is built (not per item)."""
-    return whole(threads, "threads", minimum=1, none_ok=True,
+    return whole(threads, "threads", minimum=1, maximum=MAX_THREADS, none_ok=True,
                  example="threads=1 for bit-identical results, or leave it out")
 
 

@@ -242,3 +242,45 @@ def test_run_batch_checks_its_options_before_any_work(tmp_path):
         _raises(InvalidInputError, run_batch, root, **kw)
     _raises(InvalidInputError, run_batch, root, scheduler="local", workers=np.zeros(3), report=report)
     assert not report.exists()
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".csv", "subject,fixed,moving,output,methd\nsub-01,a.nii.gz,b.nii.gz,o.nii.gz,max\n"),
+    (".yaml", "defaults: {regster: rigid}\nsubjects:\n  - {subject: s1, fixed: a, moving: b, output: o.nii.gz}\n"),
+    (".yaml", "- {subject: s1, fixed: a, moving: b, output: o.nii.gz, notes: first scan}\n"),
+])
+def test_a_manifest_column_medfuse_does_not_know_is_refused(tmp_path, suffix, text):
+    """A misspelt column was ignored: the subject ran with the default method or registration, unsaid."""
+    manifest = tmp_path / f"m{suffix}"
+    manifest.write_text(text)
+    err = _raises(InvalidInputError, read_manifest, manifest)
+    assert "unknown column" in str(err)
+    near = {"methd": "'method'", "regster": "'register'"}
+    for typo, right in near.items():
+        if typo in text:
+            assert f"did you mean {right}" in str(err)
+
+
+def test_a_manifest_with_every_known_column_and_moving2_is_read(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,fixed,moving,moving2,output,register,method,series\n"
+                        "s1,a.nii.gz,b.nii.gz,c.nii.gz,o.nii.gz,rigid,max,-;-;-\n")
+    (row,) = read_manifest(manifest)
+    assert (row.register, row.method, len(row.moving), row.series) == ("rigid", "max", 2, ["-", "-", "-"])
+
+
+def test_thread_and_worker_counts_beyond_any_machine_are_refused(tmp_path):
+    """10**20 threads failed inside SWIG with an OverflowError (the CLI said "internal error")."""
+    from medfuse.batch import cap_threads
+    from medfuse.transforms import RegisterToReference
+
+    huge = 10 ** 20
+    for call in (lambda: Pipeline(register="rigid", threads=huge), lambda: cap_threads(huge),
+                 lambda: cap_threads(1025), lambda: RegisterToReference(threads=huge)):
+        err = _raises(InvalidInputError, call)
+        assert "from 1 to 1024" in str(err)
+    root = _dataset(tmp_path)
+    for kw in ({"threads_per_worker": huge}, {"scheduler": "local", "workers": huge}):
+        _raises(InvalidInputError, run_batch, root, report=tmp_path / "r.csv", **{"scheduler": "synchronous", **kw})
+    assert not (tmp_path / "r.csv").exists()
+    Pipeline(register="rigid", threads=1024)  # the most is still allowed

@@ -1,0 +1,57 @@
+"""An unregistered moving image that misses the fixed grid is refused; one that barely meets it is warned about.
+
+Found by a CLI probe: ``medfuse fuse a.nii.gz far.nii.gz --method max`` (the moving image 5 km away) wrote "the
+fused image", which was the fixed image alone, with no word; ``register`` refuses the same pair.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from medfuse import Volume
+from medfuse.errors import GeometryError, MedfuseWarning
+from medfuse.pipeline import Pipeline
+
+
+def _vol(shape=(24, 24, 24), origin=(0.0, 0.0, 0.0), spacing=2.0, seed=0) -> Volume:
+    aff = np.diag([spacing, spacing, spacing, 1.0])
+    aff[:3, 3] = origin
+    return Volume(np.random.default_rng(seed).random(shape).astype(np.float32), aff, modality="MR")
+
+
+def test_a_moving_image_outside_the_fixed_field_of_view_is_refused():
+    with pytest.raises(GeometryError, match="input 2 lies wholly outside") as ei:
+        Pipeline(method="max").run([_vol(), _vol(origin=(5000.0, 0, 0), seed=1)])
+    assert "register" in ei.value.fix
+
+
+def test_a_moving_image_that_covers_a_sliver_is_warned_about_in_the_sidecar_too():
+    thin = _vol(shape=(24, 24, 1), seed=1)  # one 2 mm slice of a 48 mm box: 4 %
+    with pytest.warns(MedfuseWarning, match=r"input 2 covers only 4% of the fixed image's field of view"):
+        res = Pipeline(method="max").run([_vol(), thin])
+    assert any("covers only 4%" in w for w in res.provenance["warnings"])
+
+
+def test_overlapping_images_on_other_grids_are_fused_without_a_word():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        res = Pipeline(method="max").run([_vol(), _vol(origin=(10.0, -6.0, 3.0), spacing=2.5, seed=1)])
+    assert res.fused.shape == (24, 24, 24)
+    assert not any("covers only" in w for w in res.provenance.get("warnings", []))
+
+
+def test_a_registered_moving_image_is_not_judged_by_its_scanner_coordinates():
+    """After registration the transform places it; the world boxes say nothing then."""
+    from medfuse.pipeline import PipelineState, ResampleStep
+    from medfuse.registration import Transform
+
+    far = _vol(origin=(5000.0, 0, 0), seed=1)
+    state = PipelineState(inputs=[], output=None, overwrite=False, progress=None, cancel=None)
+    state.volumes = [_vol(), far]
+    state.transforms = [Transform.from_matrix(np.array([[1, 0, 0, 5000.0], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                        [0, 0, 0, 1]]))]
+    out = ResampleStep()(state)
+    np.testing.assert_allclose(out.volumes[1].array, far.array, atol=1e-5)
