@@ -153,6 +153,19 @@ def choice(value: Any, name: str, choices: Any, *, fix: Optional[str] = None) ->
     raise InvalidInputError(f"unknown {name} {label(value)}", fix=fix or f"use one of {words}")
 
 
+def flag(value: Any, name: str) -> bool:
+    """A yes/no option as a bool, or a typed error.
+
+    Why: ``overlay="no"`` is a true value in Python, so it meant yes.
+
+    Raises:
+        InvalidInputError: not a bool (NumPy's bools are bools).
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"{name} must be True or False, got {describe(value)}", fix=f"pass {name}=True or False")
+    return bool(value)
+
+
 def _figure(x: Any) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import number, whole
+from ._checks import flag, number, whole
 from .errors import InvalidInputError
 from .volume import Volume, normalise_modality
 
@@ -143,11 +143,15 @@ def limits_to_window(low: float, high: float) -> Tuple[float, float]:
         ``(width, level)`` as floats.
 
     Raises:
-        InvalidInputError: a value that is not a number, or ``high <= low``.
+        InvalidInputError: a value that is not a number, ``high <= low``, or limits whose distance is beyond
+            float range.
     """
     low, high = number(low, "the low limit", example="low=0"), number(high, "the high limit", example="high=80")
     if not high > low:
         raise InvalidInputError(f"contrast limits must have high > low, got ({low}, {high})", fix="swap or widen them")
+    if not np.isfinite(float(high) - float(low)):  # each finite, their distance beyond float64 (a width of inf)
+        raise InvalidInputError(f"contrast limits ({low:g}, {high:g}) are too far apart for a window width",
+                                fix="use limits within about 1e307 of each other")
     return (float(high) - float(low), (float(high) + float(low)) / 2.0)
 
 
@@ -183,7 +187,8 @@ def window_precision(width: float) -> Tuple[float, int]:
     Example: a CT window (80 HU) gives ``(1.0, 1)``; an MR scaled 0..1 (width 0.7) gives ``(0.01, 3)``.
 
     Args:
-        width: the window width (its sign is ignored; 0 or not finite gives ``(1.0, 1)``).
+        width: the window width (its sign is ignored; 0 or not finite gives ``(1.0, 1)``: the napari panel asks
+            for a constant layer's, whose limits meet).
 
     Returns:
         ``(step, decimals)``: the spin box step and the number of decimals to show.
@@ -216,10 +221,12 @@ def slider_range(array: Any, limits: Tuple[float, float], *, max_samples: int = 
 
     Raises:
         InvalidInputError: the image is not numeric (a path: load it first), a single value, ``limits`` are not two
-            numbers, or ``max_samples`` is not a whole number of 1 or more.
+            numbers with ``high >= low``, or ``max_samples`` is not a whole number of 1 or more.
     """
     flat = _image_voxels(array, "slider_range").ravel()
     lo, hi = _pair(limits, "limits")
+    if hi < lo:  # reversed limits would come back as a reversed slider (equal ones: a constant layer's)
+        raise InvalidInputError(f"contrast limits must have high >= low, got ({lo:g}, {hi:g})", fix="swap them")
     max_samples = whole(max_samples, "max_samples", minimum=1, example="max_samples=2_000_000")
     if flat.size > max_samples:
         flat = flat[:: int(np.ceil(flat.size / max_samples))]
@@ -246,11 +253,12 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
     Raises:
         InvalidInputError: the image is not numeric (a path: load it first), a single value, or has no finite
             voxel; percentiles that are not numbers with ``0 <= low < high <= 100``; ``max_samples`` not a whole
-            number of 1 or more.
+            number of 1 or more; ``ignore_zeros`` not True or False.
     """
     a = _image_voxels(array, "percentile_limits")
     low, high = number(low, "low", example="low=1"), number(high, "high", example="high=99.5")
     max_samples = whole(max_samples, "max_samples", minimum=1, example="max_samples=2_000_000")
+    ignore_zeros = flag(ignore_zeros, "ignore_zeros")
     if not 0 <= low < high <= 100:
         raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})",
                                 fix="e.g. low=1, high=99.5")
@@ -286,11 +294,12 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
         The :class:`DisplaySettings` (``as_kwargs()`` for ``napari.Viewer.add_image``).
 
     Raises:
-        InvalidInputError: ``volume`` is not a Volume, or an unknown ``window``.
+        InvalidInputError: ``volume`` is not a Volume, an unknown ``window``, or ``overlay`` not True or False.
     """
     if not isinstance(volume, Volume):
         raise InvalidInputError("display_settings needs a medfuse Volume", fix="wrap the array: medfuse.Volume(array, affine)")
     modality = normalise_modality(volume.modality)
+    overlay = flag(overlay, "overlay")
     if window is not None and window not in CT_WINDOWS:
         raise InvalidInputError(f"unknown CT window {window!r}", fix=f"use one of {', '.join(CT_WINDOWS)}")
     blend = {"blending": "additive", "opacity": 0.6} if overlay else {"blending": "translucent", "opacity": 1.0}
@@ -316,11 +325,11 @@ def checkerboard_mask(shape: Tuple[int, ...], *, tile: int = 16) -> np.ndarray:
         A boolean array of ``shape``, True on the squares of the first image.
 
     Raises:
-        InvalidInputError: a shape that is not two or more positive whole numbers, or ``tile < 1``.
+        InvalidInputError: a shape that is not two or more positive whole numbers, or ``tile`` not a whole number
+            of 1 or more.
     """
     shape = _grid_shape(shape, "checkerboard_mask", min_axes=2)
-    if tile < 1:
-        raise InvalidInputError("checkerboard tile must be >= 1", fix="pass tile=1 or more")
+    tile = whole(tile, "the checkerboard tile", minimum=1, example="tile=16 (voxels)")
     rows = (np.arange(shape[-2]) // tile)[:, None]
     cols = (np.arange(shape[-1]) // tile)[None, :]
     return np.broadcast_to((rows + cols) % 2 == 0, tuple(shape)).copy()
@@ -339,8 +348,8 @@ def curtain_mask(shape: Tuple[int, ...], *, position: float = 0.5) -> np.ndarray
     Raises:
         InvalidInputError: a shape that is not positive whole numbers, or a position outside 0..1.
     """
-    if not 0.0 <= position <= 1.0:
-        raise InvalidInputError(f"curtain position {position} is outside 0-1", fix="pass a fraction between 0 and 1")
+    position = number(position, "the curtain position", low=0, high=1, what="a fraction",
+                      example="position=0.5 (halfway along the last axis)")
     shape = _grid_shape(shape, "curtain_mask", min_axes=1)
     cols = np.arange(shape[-1]) < round(position * shape[-1])
     return np.broadcast_to(cols, tuple(shape)).copy()
@@ -430,6 +439,10 @@ def _centre(volume: Volume, center_world: Optional[Sequence[float]]) -> np.ndarr
     return c
 
 
+#: The longest panel side :func:`orthogonal_slices` makes (a 16384² float32 panel is 1 GiB).
+_MAX_PANEL_SIDE = 16384
+
+
 def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = None, *,
                       mm_per_pixel: Optional[float] = None, interpolation: str = "linear") -> Dict[str, SlicePanel]:
     """Axial, coronal and sagittal planes through an LPS point, as arrays in the module's fixed orientation.
@@ -449,7 +462,8 @@ def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = 
         ``{"axial": SlicePanel, "coronal": ..., "sagittal": ...}``, each covering the volume's extent.
 
     Raises:
-        InvalidInputError: a point outside the volume, a bad pixel size or interpolation, complex voxels.
+        InvalidInputError: a point outside the volume, a bad pixel size (one making panels over 16384 pixels a
+            side among them) or interpolation, complex voxels.
     """
     import SimpleITK as sitk
 
@@ -466,6 +480,11 @@ def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = 
                                                                      open_low=True, example="mm_per_pixel=0.5")
     centre = _centre(volume, center_world)
     lo, hi = volume.bounds(edges=True)
+    side = float(np.max(np.asarray(hi) - np.asarray(lo))) / step
+    if side > _MAX_PANEL_SIDE:  # SimpleITK's "failed to allocate memory", or minutes of swapping, otherwise
+        raise InvalidInputError(f"mm_per_pixel={step:g} would make panels {side:,.0f} pixels a side",
+                                fix=f"pass mm_per_pixel={float(np.max(np.asarray(hi) - np.asarray(lo))) / 2048:.3g} "
+                                    "or more (2048 pixels a side), or leave it out")
     source = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
     return {name: _panel(source, name, centre, lo, hi, step, kinds[interpolation]) for name in PLANES}
 
@@ -511,9 +530,10 @@ def orthogonal_snapshot(volume: Volume, center_world: Optional[Sequence[float]] 
 
     Raises:
         InvalidInputError: as :func:`orthogonal_slices`, ``limits`` that are not two numbers with
-            ``high > low``, or a ``gap`` that is not a whole number of 0 or more.
+            ``high > low``, a ``gap`` that is not a whole number of 0 or more, or ``labels`` not True or False.
     """
     gap = whole(gap, "gap", minimum=0, example="gap=8")
+    labels = flag(labels, "labels")
     panels = orthogonal_slices(volume, center_world, mm_per_pixel=mm_per_pixel)
     lo, hi = _pair(limits, "limits") if limits is not None else percentile_limits(volume.array, low=0.5, high=99.5)
     if not hi > lo:

@@ -239,3 +239,36 @@ def test_nearest_panels_are_the_voxel_slices_in_radiological_order(flip):
     assert np.array_equal(panels["axial"].image, lps[:, :, k].T)
     assert np.array_equal(panels["coronal"].image, lps[:, j, ::-1].T)
     assert np.array_equal(panels["sagittal"].image, lps[i, :, ::-1].T)
+
+
+def _small() -> Volume:
+    return Volume(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4), modality="MR")
+
+
+@pytest.mark.parametrize("call, says", [
+    # "no" is a true value in Python: it meant yes.
+    (lambda v: display.percentile_limits(v.array, ignore_zeros="no"), "ignore_zeros must be True or False"),
+    (lambda v: display.display_settings(v, overlay="no"), "overlay must be True or False"),
+    (lambda v: display.orthogonal_snapshot(v, labels="no"), "labels must be True or False"),
+    # A str compared with floats (bare TypeError), True taken as 1, a fractional tile taken as it was.
+    (lambda v: display.curtain_mask((4, 4), position="0.5"), "curtain position must be a fraction from 0 to 1"),
+    (lambda v: display.curtain_mask((4, 4), position=True), "curtain position must be a fraction"),
+    (lambda v: display.checkerboard_mask((4, 4), tile=2.5), "checkerboard tile must be a whole number"),
+    # Reversed limits came back as a reversed slider; two far limits as a window of width inf.
+    (lambda v: display.slider_range(v.array, (1, 0)), "high >= low"),
+    (lambda v: display.limits_to_window(-1.7e308, 1.7e308), "too far apart"),
+    # SimpleITK's "failed to allocate memory" for a 200,000-pixel-wide panel.
+    (lambda v: display.orthogonal_slices(v, mm_per_pixel=1e-4), "200,000 pixels a side"),
+])
+def test_display_options_of_the_wrong_kind_are_typed_errors(call, says):
+    with pytest.raises(InvalidInputError, match=says) as ei:
+        call(_small())
+    assert ei.value.fix
+
+
+def test_display_edges_that_stay_allowed():
+    v = _small()
+    assert display.slider_range(np.full((4, 4), 3.0), (3.0, 3.0)) == (3.0, 3.0)  # a constant layer's limits meet
+    assert display.window_precision(0) == (1.0, 1)  # what the panel asks for such a layer
+    assert display.orthogonal_slices(v, mm_per_pixel=0.05)["axial"].image.shape == (401, 401)
+    assert display.display_settings(v, overlay=np.True_).blending == "additive"

@@ -131,8 +131,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         ``MedfuseWarning`` says so when the two DICOM frames of reference differ.
 
     Raises:
-        InvalidInputError: a ``volume`` or ``reference`` that is not a Volume, a ``transform`` that is not a
-            3-D (medfuse or SimpleITK) transform, an unknown ``interpolation``, a ``default`` that is not a number.
+        InvalidInputError: a ``volume`` or ``reference`` that is not a Volume, a complex ``volume``, a
+            ``transform`` that is not a 3-D (medfuse or SimpleITK) transform, an unknown ``interpolation``, a
+            ``default`` that is not a number.
     """
     import SimpleITK as sitk
 
@@ -140,6 +141,10 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
 
     _check_volume(volume, "volume")
     _check_volume(reference, "reference")
+    if np.iscomplexobj(volume.array):  # SimpleITK's cast refused it with a bare RuntimeError
+        raise InvalidInputError(f"the volume is complex ({volume.array.dtype}); resampling takes real voxels",
+                                fix="resample its magnitude (volume.with_array(np.abs(volume.array))), or its real "
+                                    "and imaginary parts one at a time")
     if transform is not None and not isinstance(transform, Transform):
         transform = Transform(transform)
     if _is_label_map(volume):

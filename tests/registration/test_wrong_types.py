@@ -182,3 +182,13 @@ def test_transform_save_and_points_of_the_wrong_type():
             t.transform_points(bad)
         _typed(ei)
     assert t.transform_points([[1, 2, 3]]).tolist() == [[1.0, 2.0, 3.0]]  # ints are coordinates
+
+
+def test_resample_refuses_a_complex_volume_with_a_fix():
+    """SimpleITK's cast raised a bare RuntimeError ("does not support casting from complex")."""
+    v = _vol()
+    z = Volume(v.array.astype(np.complex64) * (1 + 1j), v.affine, modality="MR")
+    with pytest.raises(InvalidInputError, match="complex") as ei:
+        resample(z, v)
+    _typed(ei)
+    assert "np.abs" in ei.value.fix
