@@ -139,9 +139,14 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     With ``recover`` (the default) what an interrupted earlier overwrite of ``path`` left beside it is
     resolved first (:func:`recover_leftovers`), so the checks see the earlier output back in place.
 
+    A name that differs only in letter case from an existing entry beside it (``MR.NII.GZ`` beside ``mr.nii.gz``
+    on a case-sensitive disk) counts as that entry, as on Windows and macOS: refused, even with ``overwrite``
+    (replacing it would leave two files that clash there).
+
     Raises:
         OutputExistsError: the target exists (and ``overwrite`` is False), is one of ``inputs`` (or the
-            data file of a ``.mhd``/``.nhdr`` input), or is of the other kind.
+            data file of a ``.mhd``/``.nhdr`` input), is of the other kind, or differs only in letter case from an
+            existing entry.
     """
     p = Path(path)
     try:
@@ -160,6 +165,18 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
                 "refusing to write onto the volume's own source file or folder (inputs are never modified)",
                 fix="choose another output path", path=p)
     exists = p.exists() or p.is_symlink()
+    twin = None if exists else _case_twin(p)
+    if twin is not None:
+        # README: names that differ only in letter case count as one file on every system (they are one on
+        # Windows and macOS): "MR.NII.GZ" beside "mr.nii.gz" is that file, so it is refused as that file would be.
+        if any(same_file(twin, src) for src in input_files(inputs)):
+            raise OutputExistsError("refusing to write beside the volume's own source under a name that differs "
+                                    f"only in letter case ({twin.name}: one file on Windows and macOS; inputs are "
+                                    "never modified)", fix="choose another output path", path=p)
+        raise OutputExistsError(f"the output exists as {twin.name} (names that differ only in letter case are one "
+                                "file on Windows and macOS, so medfuse counts them as one everywhere)",
+                                fix="choose another name, or give the existing name exactly (with overwrite=True) "
+                                    "to replace it", path=p)
     if exists and not overwrite:
         raise OutputExistsError("the output exists", fix="choose another path, or pass overwrite=True to replace it", path=p)
     if exists and kind == "file" and p.is_dir() and not p.is_symlink():
@@ -171,6 +188,20 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     if not p.parent.is_dir():
         raise OutputExistsError("the output's folder does not exist", fix="create the folder first", path=p.parent)
     return p
+
+
+def _case_twin(p: Path) -> Optional[Path]:
+    """Another entry beside ``p`` whose name differs from ``p``'s only in letter case (on a case-sensitive disk),
+    else None."""
+    key = p.name.casefold()
+    try:
+        with os.scandir(p.parent) as it:
+            for e in it:
+                if e.name != p.name and e.name.casefold() == key:
+                    return Path(e.path)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------- what a killed overwrite left
@@ -477,18 +508,40 @@ def _is_dicom_file(f: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def refuse_foreign_folder(p: Path) -> None:
-    """OutputExistsError when ``p`` is a folder ``overwrite`` may not replace (it holds more than a DICOM series)."""
-    if p.is_dir() and not _replaceable_folder(p):
+def _written_by_medfuse(f: Path) -> bool:
+    """Whether a DICOM file is one medfuse's writer made: ManufacturerModelName ``medfuse`` (older versions wrote
+    Manufacturer ``medfuse``). A scanner's or a PACS's files name their own equipment (or nothing)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(f, stop_before_pixels=True,
+                             specific_tags=["Manufacturer", "ManufacturerModelName"])
+    except Exception:  # not readable as DICOM (pydicom raises many types): not ours
+        return False
+    return "medfuse" in (str(ds.get("ManufacturerModelName", "") or "").strip(),
+                         str(ds.get("Manufacturer", "") or "").strip())
+
+
+def refuse_foreign_folder(p: Path, *, own_series: bool = False) -> None:
+    """OutputExistsError when ``p`` is a folder ``overwrite`` may not replace (it holds more than a DICOM series;
+    with ``own_series``, more than a DICOM series medfuse's writer made)."""
+    if p.is_dir() and not _replaceable_folder(p, own_series=own_series):
+        if own_series:
+            raise OutputExistsError("the output folder holds files that are not a DICOM series medfuse wrote (e.g. "
+                                    "a scanner's original series); overwrite replaces only medfuse's own output and "
+                                    "never deletes these", fix="choose another output folder, or move that data "
+                                    "away first", path=p)
         raise OutputExistsError("the output folder holds files that are not a DICOM series (overwrite replaces only "
                                 "a DICOM series folder)", fix="choose another output name, or empty the folder",
                                 path=p)
 
 
-def _replaceable_folder(p: Path) -> bool:
-    """A folder ``overwrite`` may replace: empty, or only DICOM files (a series, such as medfuse writes).
+def _replaceable_folder(p: Path, *, own_series: bool = False) -> bool:
+    """A folder ``overwrite`` may replace: empty, or only DICOM files (a series, such as medfuse writes; with
+    ``own_series``, only files medfuse's writer made).
 
-    Anything else (sub-folders, documents, a NIfTI) may be the user's own and is never deleted.
+    Anything else (sub-folders, documents, a NIfTI, a scanner's original series) may be the user's own and is never
+    deleted.
     """
     try:
         entries = list(os.scandir(p))
@@ -501,22 +554,26 @@ def _replaceable_folder(p: Path) -> bool:
             continue
         if not e.is_file(follow_symlinks=False) or not _is_dicom_file(Path(e.path)):
             return False
+        if own_series and not _written_by_medfuse(Path(e.path)):
+            return False
     return True
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = ()) -> Iterator[Path]:
+def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = (),
+               own_series: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it is renamed to ``path``.
 
     With ``overwrite`` an existing folder is moved aside first (``.medfuse-old-<key>-*/<name>``) and removed
     only after the new one is in place; if anything fails (or Ctrl-C) in between, it is put back, and if the
     process is killed in between, the next write to ``path`` puts it back (:func:`recover_leftovers`). Only a
     folder holding nothing but DICOM files (a series) is replaced; a file, or a folder with other content, is
-    refused (:class:`OutputExistsError`) and left alone. Whatever appears at ``path`` while writing (even an empty
-    folder) is never replaced.
+    refused (:class:`OutputExistsError`) and left alone; with ``own_series`` only a series medfuse's DICOM writer
+    made is replaced (never a scanner's). Whatever appears at ``path`` while writing (even an empty folder) is
+    never replaced.
     """
     p = check_output(path, overwrite=overwrite, inputs=inputs, kind="folder")
-    refuse_foreign_folder(p)
+    refuse_foreign_folder(p, own_series=own_series)
     tmp: Optional[Path] = None
     aside: Optional[Path] = None
     placed = False
@@ -532,7 +589,7 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
             _flush_folder(tmp)
         check_output(p, overwrite=overwrite, inputs=inputs, kind="folder", recover=False)  # appeared while writing
         if overwrite and (p.exists() or p.is_symlink()):  # without overwrite nothing is ever moved aside
-            if p.is_dir() and not _replaceable_folder(p):
+            if p.is_dir() and not _replaceable_folder(p, own_series=own_series):
                 raise OutputExistsError("the output folder changed while writing and now holds other files",
                                         fix="choose another output name", path=p)
             aside = _make_aside(p)

@@ -504,7 +504,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     Args:
         volume: the :class:`~medfuse.volume.Volume` to write.
         folder: the series folder to create (it must not exist, unless ``overwrite``).
-        overwrite: replace an existing DICOM series folder (only DICOM files inside; never an input).
+        overwrite: replace an existing DICOM series folder medfuse wrote (only its DICOM files inside; never an
+            input, never a scanner's series).
         deidentify: drop patient name/ID/birth date and other identifiers taken from the template.
         series_description: SeriesDescription of the derived series (default: from the volume).
         template: a pydicom Dataset, DICOM file or folder whose study context (and, without ``deidentify``,
@@ -514,9 +515,9 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         The folder written.
 
     Raises:
-        InvalidInputError: an argument of the wrong type.
-        OutputExistsError: the folder exists (without ``overwrite``), is an input, holds other files, or cannot be
-            written.
+        InvalidInputError: an argument of the wrong type, or every voxel is NaN or infinite.
+        OutputExistsError: the folder exists (without ``overwrite``), is an input, holds anything but a DICOM
+            series medfuse wrote, or cannot be written.
         UnreadableFileError: the template holds no readable DICOM file.
     """
     import pydicom
@@ -524,7 +525,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
     from . import _as_path, _check_flag, _check_text
-    from .writers import _check_template
+    from .writers import _check_template, _refuse_all_nonfinite
 
     if not isinstance(volume, Volume):
         raise InvalidInputError(f"expected a medfuse Volume, got {type(volume).__name__}",
@@ -534,6 +535,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     deidentify = _check_flag(deidentify, "deidentify")
     _check_text(series_description, "series_description", "pass the description as text, or leave it out")
     _check_template(template)
+    _refuse_all_nonfinite(volume.array, folder)
     tpl = _read_template(template)
     if volume.shape[1] == 1 and volume.shape[2] > 1:
         # Images one row high are stacked along their row axis by ITK/GDCM (SimpleITK, Slicer...), which puts
@@ -696,7 +698,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                 series_signed = True
                 break
 
-    with atomic_dir(folder, overwrite=overwrite, inputs=[prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike)) else [])) as tmp:
+    inputs = [prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike))
+                                                              else [])
+    # own_series: overwrite replaces only a series this writer made, never a scanner's original one.
+    with atomic_dir(folder, overwrite=overwrite, inputs=inputs, own_series=True) as tmp:
         slopes = series_slopes(arr, signed=series_signed) if quantised else None
         for k in range(arr.shape[2]):
             stored, slope, intercept = quantise_slice(np.asarray(arr[:, :, k]).T, exact_int=bool(exact_int),

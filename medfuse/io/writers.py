@@ -10,7 +10,7 @@
 
 Every write goes to a temporary name in the destination folder, then moves into place in one step; an
 existing target is refused unless ``overwrite=True`` (also one that appears during the write), and the volume's
-own source never.
+own source never; ``overwrite`` replaces a DICOM folder only when it holds a series medfuse wrote.
 """
 
 from __future__ import annotations
@@ -92,13 +92,31 @@ def _format_of(path: Path, fmt: Optional[str]) -> str:
         raise InvalidInputError(f"medfuse reads Analyze/NIfTI pairs ({path.suffix}) but does not write them",
                                 fix="name the output .nii.gz or .nii (or give no suffix for a DICOM series)",
                                 path=path)
-    if name.endswith(_NOT_VOLUME_SUFFIXES):
-        # A name without an image ending is a DICOM series folder: "fused.png" became a folder of DICOM files.
-        raise InvalidInputError(f"the output name ends in {path.suffix!r}, which is not a 3-D image format "
-                                "(a name without a known image ending writes a DICOM series folder)",
-                                fix="end the name in .nii.gz, .nii, .mha or .nrrd; use no suffix for a DICOM series",
+    ending = name[name.rfind("."):] if "." in name.lstrip(".") else ""
+    if name.endswith(_NOT_VOLUME_SUFFIXES) or (ending and not os.path.lexists(path)):
+        # Only a name without an ending (or an existing folder) is a DICOM series folder: "fused.png", "a.dcm",
+        # "a.nii.bz2" or "a.nii.gz." (a typo) silently became a folder of DICOM files. Something already there is
+        # left to check_output, which refuses an input (e.g. a .mhd's .raw) or a file in the way as such.
+        raise InvalidInputError(f"the output name ends in {ending!r}, which is not a 3-D image format medfuse "
+                                f"writes (known endings: {', '.join(s for s, _ in _BY_SUFFIX)}; a name without an "
+                                "ending writes a DICOM series folder)",
+                                fix="end the name in .nii.gz, .nii, .mha or .nrrd; for a DICOM series use a name "
+                                    "without a dot ending, an existing series folder, or pass format='dicom'",
                                 path=path)
     return "dicom"
+
+
+def _refuse_all_nonfinite(arr: np.ndarray, path: Path) -> None:
+    """Refuse a volume in which no voxel is finite: load() refuses such a file, and DICOM stores all zeros.
+
+    Raises:
+        InvalidInputError: every voxel is NaN or infinite.
+    """
+    if arr.size and np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).any():
+        raise InvalidInputError("every voxel is NaN or infinite: the file would hold no image (medfuse.load refuses "
+                                "it, and a DICOM series would be all zeros); nothing was written",
+                                fix="check the step that made the volume (a division by zero, an empty mask), or "
+                                    "replace them first, e.g. vol.with_array(np.nan_to_num(vol.array))", path=path)
 
 
 #: Integers above this magnitude are not exact in float64 (2**53).
@@ -257,8 +275,8 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
 
     For commands that register or fuse for minutes before saving: an existing output without ``overwrite``, an
     input, a folder in the way of a file, a file in the way of a DICOM series folder, a folder that holds
-    more than a DICOM series (``overwrite`` never deletes such a folder), or a folder this process cannot write
-    in (tried with a temporary file).
+    more than a DICOM series medfuse wrote (``overwrite`` never deletes such a folder, nor a scanner's series), or
+    a folder this process cannot write in (tried with a temporary file).
 
     Args:
         path: the output :func:`save` will be given.
@@ -281,7 +299,7 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     fmt = _format_of(p, format)
     check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
     if fmt == "dicom":
-        refuse_foreign_folder(p)
+        refuse_foreign_folder(p, own_series=True)  # as write_dicom_series: never a scanner's series
     if fmt in ("metaimage", "nrrd"):
         from .nifti import itk_path
 
@@ -316,23 +334,25 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     Args:
         volume: the Volume.
         path: output file (``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``) or, for DICOM,
-            a folder that does not exist yet.
-        overwrite: replace an existing output (never the volume's own source).
+            a folder: a name without an ending (or an existing series folder).
+        overwrite: replace an existing output (never the volume's own source); a DICOM folder only when it is
+            empty or holds a series medfuse wrote (never a scanner's series or other files).
         format: ``nifti``, ``nifti2``, ``metaimage``, ``nrrd`` or ``dicom``; default from the suffix
-            (no known suffix -> DICOM series).
+            (no suffix -> DICOM series; an unknown one is refused).
         deidentify: DICOM only: drop patient name/ID/birth date and other identifiers from the template.
         series_description: DICOM only: SeriesDescription of the derived series.
-        template: DICOM only: a pydicom Dataset, DICOM file or folder whose study context is kept.
+        template: DICOM only (refused for other formats): a pydicom Dataset, DICOM file or folder whose study
+            context is kept.
 
     Returns:
         The path written.
 
     Raises:
-        OutputExistsError: the output exists (without ``overwrite``), is the volume's source, or cannot be
-            written (permission, read-only or full disk).
-        InvalidInputError: an argument of the wrong type, an unknown format, a name the format cannot take, or
-            voxels the format cannot store exactly.
-        UnreadableFileError: the DICOM template cannot be read.
+        OutputExistsError: the output exists (without ``overwrite``), is the volume's source, is a folder holding
+            anything but a DICOM series medfuse wrote, or cannot be written (permission, read-only or full disk).
+        InvalidInputError: an argument of the wrong type, an unknown format or ending, a name the format cannot
+            take, a template for a non-DICOM output, voxels the format cannot store exactly, or no finite voxel.
+        UnreadableFileError: the DICOM template cannot be read (DICOM output).
     """
     if not isinstance(volume, Volume):
         swapped = isinstance(volume, (str, os.PathLike)) and isinstance(path, Volume)
@@ -344,6 +364,11 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     _check_text(series_description, "series_description", "pass the description as text, or leave it out")
     _check_template(template)
     fmt = _format_of(p, format)
+    if template is not None and fmt != "dicom":
+        # Why refused: a NIfTI/MetaImage/NRRD file holds no DICOM study context, so the template would be ignored.
+        raise InvalidInputError(f"template is used only for a DICOM series output, not for {fmt}",
+                                fix="leave template out, or write a DICOM series (a name without an ending, or "
+                                    "format='dicom')", path=p)
     # The volume's own file and, for a derived volume (fused), the files it was made from.
     inputs = [volume.provenance.get("source"), *volume.provenance.get("sources", [])]
     if fmt == "dicom":
@@ -354,6 +379,7 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
 
         return write_dicom_series(volume, p, overwrite=overwrite, deidentify=deidentify,
                                   series_description=series_description, template=template)
+    _refuse_all_nonfinite(volume.array, p)  # (write_dicom_series checks its own)
     if fmt in ("nifti", "nifti2"):
         if not p.name.lower().endswith((".nii", ".nii.gz")):
             raise InvalidInputError("a NIfTI output needs a .nii or .nii.gz name", fix="rename the output", path=p)
