@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
+from ._checks import MAX_THREADS, label
 from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURES", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_CANCELLED"]
@@ -67,18 +68,64 @@ the full traceback of an error.
 
 # ----------------------------------------------------------------------------- helpers
 class _Parser(argparse.ArgumentParser):
-    """argparse that suggests the nearest choice on a typo (``--method lapacian``: did you mean 'laplacian'?)."""
+    """argparse that suggests the nearest choice on a typo (``--method lapacian``: did you mean 'laplacian'?), and
+    says a usage error in one line (problem, fix) without echoing a path-like value (:func:`medfuse._checks.label`).
+
+    Why: argparse repeated any bad value verbatim (``--method /data/DOE^JOHN/x``: a patient's name on the screen and
+    in logs) under a multi-line usage block, unlike every other error of the command line.
+    """
 
     def error(self, message: str):  # type: ignore[override]
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if m and "did you mean" not in message and "maybe you meant" not in message:
-            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
-            word = m.group(1)
-            near = [c for c in choices if c.lower() == word.lower()] or \
-                difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
-            if near:
-                message = f"{message}; did you mean '{near[0]}'?"
-        super().error(message)
+        fix = f"see '{self.prog} --help'"
+        m = re.match(r"(.*?)invalid choice: (.*) \(choose from (.*)\)$", message, re.S)
+        if m:
+            try:
+                import ast
+
+                word = ast.literal_eval(m.group(2))
+            except (ValueError, SyntaxError):
+                word = m.group(2)
+            choices = [c.strip().strip("'\"") for c in m.group(3).split(",")]
+            message = f"{m.group(1)}invalid choice {label(word)}"
+            if isinstance(word, str) and label(word) == repr(word):  # a plain word: a typo may have a near choice
+                near = [c for c in choices if c.lower() == word.lower()] or \
+                    difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
+                if near:
+                    message = f"{message}; did you mean '{near[0]}'?"
+            fix = f"use one of {', '.join(choices)}"
+        m = re.match(r"(.*invalid \w+ value: )(.*)$", message, re.S)
+        if m:  # --threads /data/DOE^JOHN
+            try:
+                import ast
+
+                message = m.group(1) + label(ast.literal_eval(m.group(2)))
+            except (ValueError, SyntaxError):
+                message = m.group(1) + "(not shown)"
+        if message.startswith("unrecognized arguments: "):
+            words = message[len("unrecognized arguments: "):].split(" ")
+            message = "unrecognized arguments: " + " ".join(label(w) for w in words)
+        # One line, as the command line's other errors (the usage block is in --help).
+        end = "" if message.endswith(("?", ".")) else "."
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{end} Fix: {fix}.\n")
+
+
+def _bounded_count(maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to ``maximum``.
+
+    Why: ``--threads 99999999999999999999`` reached SimpleITK and ended in an OverflowError (exit 3, "internal
+    error"); a count that large is a usage error.
+    """
+
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or not 1 <= n <= maximum:
+            raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {maximum}, got {label(text)}")
+        return n
+
+    return count
 
 
 def _cli_error(e: MedfuseError) -> MedfuseError:
@@ -307,6 +354,20 @@ def _image_files(folder: Path) -> List[dict]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    # A reader's MedfuseWarning (a missing slice, one file of a series) as fuse shows it: one "medfuse: warning:"
+    # line, not Python's "file.py:81: MedfuseWarning ... return func(*args)" pair; one that info lists already
+    # among the image's warnings is not said twice.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedfuseWarning)
+        shown: List[str] = []
+        try:
+            return _info(args, shown)
+        finally:
+            _show_warnings([w for w in caught if not any(t in str(w.message) for t in shown)])
+
+
+def _info(args: argparse.Namespace, shown: List[str]) -> int:
+    """``medfuse info``; the image's own warnings it prints are added to ``shown``."""
     from .errors import MultipleSeriesError
     from .io import is_image_file, load_volumes
 
@@ -396,6 +457,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "n_series_in_folder": len(series) or None,
         "warnings": vol.provenance.get("warnings") or [],
     }
+    shown.extend(str(w) for w in facts["warnings"] if str(w).strip())
     if args.json:
         print(json.dumps(facts, indent=2))
         return EXIT_OK
@@ -431,7 +493,7 @@ def _fmt_metric(value: Optional[float]) -> str:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from . import provenance as prov
-    from .io import load, save
+    from .io import load
     from .io._atomic import check_output
     from .io.writers import check_save_target
     from .registration.transforms import TRANSFORM_SUFFIXES
@@ -455,6 +517,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
     # The initial transform is an input too: never written over (the image output was checked above).
     check_output(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path], kind="file")
     prov.check_sidecar(out, overwrite=args.overwrite)
+    from .io.writers import _probe_writable
+
+    # The transform may go to another folder than the image: an unwritable one is refused now, not after the
+    # image is written (which then stood alone, under an error saying nothing was written).
+    _probe_writable(tfm)
     from .registration.register import _as_initial
 
     # Read and checked (missing, unreadable, deformable) before the images are loaded.
@@ -472,6 +539,49 @@ def _cmd_register(args: argparse.Namespace) -> int:
         res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
                        initialise=args.initialise, initial_transform=initial)
     seconds = time.perf_counter() - t0
+    try:
+        side = _write_registration(args, res, out, tfm, seconds)
+    except Exception as e:
+        # Image, transform and sidecar are one result: a write that still fails (disk full, a folder gone) takes
+        # back the ones this run wrote, so that the error's "nothing was written" is true and a re-run can start.
+        removed = _remove_written(args.outputs)
+        if removed and isinstance(e, MedfuseError):
+            names = ", ".join(p.name for p in removed)
+            e.problem = f"{e.problem} (the outputs this run had written are removed: {names})"
+            e.args = (e._compose(),)
+        raise
+    rep = res.report.to_dict()
+    note = _initial_note(rep) if args.initial_transform else ""
+    _say(args, f"registered ({args.kind}): metric {_fmt_metric(rep['metric_before'])} -> "
+               f"{_fmt_metric(rep['metric_after'])}"
+               f" (lower is better{note}), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
+               f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
+    if rep.get("suspect"):
+        print(f"medfuse: warning: the registration looks suspect: {'; '.join(rep['suspect_reasons'])}",
+              file=sys.stderr)
+    _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
+               f"\nwrote {side} (provenance)")
+    return EXIT_OK
+
+
+def _remove_written(outputs: "_Outputs") -> List[Path]:
+    """Delete the outputs this run wrote (see :class:`_Outputs`); returns those removed."""
+    removed = []
+    for p in outputs.written():
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path, seconds: float) -> Path:
+    """Write the resampled image, the transform and the provenance sidecar; returns the sidecar's path."""
+    from . import provenance as prov
+    from .io import save
+
+    init_path = args.initial_transform
     save(res.resampled, out, overwrite=args.overwrite)
     res.transform.save(tfm, overwrite=args.overwrite)
     rep = res.report.to_dict()
@@ -489,18 +599,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
                         steps=[{"name": "register", "params": params, "seconds": round(seconds, 3)}],
                         parameters=params, registration=[rep], extra=extra)
-    side = prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
-    note = _initial_note(rep) if init_path else ""
-    _say(args, f"registered ({args.kind}): metric {_fmt_metric(rep['metric_before'])} -> "
-               f"{_fmt_metric(rep['metric_after'])}"
-               f" (lower is better{note}), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
-               f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
-    if rep.get("suspect"):
-        print(f"medfuse: warning: the registration looks suspect: {'; '.join(rep['suspect_reasons'])}",
-              file=sys.stderr)
-    _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
-               f"\nwrote {side} (provenance)")
-    return EXIT_OK
+    return prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
 
 
 def _initial_note(rep: dict) -> str:
@@ -563,6 +662,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
                                 fix="give one per input, FIXED first, e.g. --modalities MR PT")
     _check_series_option(args, n_inputs)
+    from .volume import normalise_modality
+
+    for i, m in enumerate(args.modalities or [], start=1):
+        try:
+            normalise_modality(m)
+        except InvalidInputError as e:  # the reader's message repeats the value: a pasted path is not shown
+            raise InvalidInputError(f"--modalities: unknown modality {label(m)} for input {i}", fix=e.fix) from None
     with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
@@ -600,7 +706,7 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
             raise MedfuseError(f"'medfuse {what}' is not available: {module} could not be imported "
                                f"(missing: {missing})",
                                fix="install the full set of extras: pip install 'medfuse[all]'") from None
-        parser = argparse.ArgumentParser(prog=prog, description=(mod.__doc__ or "").strip().splitlines()[0]
+        parser = _Parser(prog=prog, description=(mod.__doc__ or "").strip().splitlines()[0]
                                          if mod.__doc__ else None)
         mod.add_arguments(parser)
         try:
@@ -666,7 +772,16 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--{'out' if args.out is not None else 'write-manifest'} is for a dataset folder; "
                                 "a manifest names each output itself", fix="leave it out", path=args.manifest)
     if dataset and args.write_manifest is not None:
-        written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out)
+        from .errors import OutputExistsError
+
+        try:
+            written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out)
+        except OutputExistsError as e:
+            if e.fix and "overwrite" in e.fix:
+                # write_manifest takes no overwrite (yet): "add --overwrite" sent the user round in circles.
+                raise OutputExistsError(e.problem, fix="--write-manifest never replaces a file: move it away or "
+                                        "give another PATH", path=e.path) from None
+            raise
         _say(args, f"wrote {written} (review it, then: medfuse batch {_shell_quote(written)} "
                   "--register rigid|none)")
         return EXIT_OK
@@ -938,7 +1053,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
     _add_device_option(p)
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=_bounded_count(MAX_THREADS), default=None, metavar="N",
                    help="ITK threads for registration (1 for bit-identical re-runs; more may differ in the last digits)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -976,12 +1091,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-manifest", metavar="PATH", nargs="?", const="", default=None,
                    help="dataset folder only: write the manifest discovery makes (default PATH: "
                         "DIR/manifest.csv, DIR from --out) and exit without fusing")
-    p.add_argument("--workers", type=int, default=2, metavar="N",
+    p.add_argument("--workers", type=_bounded_count(MAX_THREADS), default=2, metavar="N",
                    help="local worker processes (default 2; ignored with --scheduler)")
     p.add_argument("--scheduler", default="local", metavar="ADDR",
                    help="'local' (default), 'tcp://host:port' of a running Dask scheduler, or 'synchronous' "
                         "(in this process, no Dask; for debugging)")
-    p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
+    p.add_argument("--threads-per-worker", type=_bounded_count(MAX_THREADS), default=1, metavar="N",
                    help="ITK/torch/BLAS threads per worker (default 1: no oversubscription)")
     p.add_argument("--register", choices=_KINDS, default=None,
                    help="default registration for rows without a 'register' column (default: none for a "

@@ -4,8 +4,9 @@ Runs each method (classical or ``network``) on every pair, writes the fused
 outputs (PNG for 2-D pairs, NIfTI for volumes), ``metrics.csv`` and
 ``metrics.json`` (every metric per image, and means per method and pair type),
 and prints a summary table. A pair that cannot be read or fused is reported and
-skipped; the run goes on and its result says it failed (exit code 1). Bad arguments,
-a device this machine lacks and outputs that exist are refused before anything is written.
+skipped; the run goes on and its result says it failed (exit code 1); when no image at all was scored,
+no table is written either. Bad arguments, an unknown device or one this machine lacks and outputs that exist
+are refused before anything is written.
 
 ``mask`` (``--mask``) scores a region of interest (:func:`medfuse.metrics.score`'s ``mask``): ``"auto"``
 is the foreground, the union over the sources of the pixels above that source's minimum, on the images as
@@ -378,7 +379,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         mode: volumes only: ``"slicewise"`` or ``"native"`` (see :func:`medfuse.metrics.score`).
         device: for the network; checked before anything is written.
         overwrite: replace existing outputs and tables (never an input).
-        save_outputs: write the fused images (tables are always written).
+        save_outputs: write the fused images (tables are written when at least one image was scored).
         mask: score within a region (:func:`medfuse.metrics.score`): None (the whole image), ``"auto"``
             (the foreground: the union over the sources of the pixels above that source's minimum, on the
             images as scored), or, for volume pairs, a mask file or Volume (0/1 or boolean) on the pairs'
@@ -386,10 +387,11 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
 
     Returns:
-        An :class:`EvaluationResult`; ``result.ok`` is False when any item was skipped.
+        An :class:`EvaluationResult`; ``result.ok`` is False when any item was skipped. When every item was
+        skipped (``result.rows`` is empty) nothing is written: no tables, no folder.
 
     Raises:
-        InvalidInputError: unknown method/metric/mode, no metric named (an empty list), a metric
+        InvalidInputError: unknown method/metric/mode/device, no metric named (an empty list), a metric
             ``mode="native"`` lacks (volumes), nothing to evaluate, two pairs given the same explicit name,
             ``device`` is a GPU this machine lacks (with ``"network"``), ``source``, ``methods`` or ``out_dir``
             of the wrong type, ``out_dir`` is a file, or an output
@@ -410,6 +412,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         raise InvalidInputError(f"methods must be method names, got a {type(methods).__name__}",
                                 fix="pass e.g. methods=['max', 'gff'] or methods='network'")
     methods = [m.lower() if isinstance(m, str) else m for m in ([methods] if isinstance(methods, str) else methods)]
+    # A method named twice ("max,,max") scored every image twice, as two rows of one name: once is enough.
+    methods = [m for i, m in enumerate(methods) if not isinstance(m, str) or m not in methods[:i]]
     bad = [m for m in methods if not isinstance(m, str) or m not in available_methods()]
     if not methods or bad:
         shown = ", ".join(label(m) for m in bad) if bad else "(none given)"
@@ -420,7 +424,15 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     if metrics is not None:
         from .metrics import _names
 
+        known = {m.upper() for m in METRICS}
+        for m in ([metrics] if isinstance(metrics, str) else metrics if isinstance(metrics, (list, tuple)) else []):
+            if str(m).upper() not in known:  # said here because _names repeats the value: a path is not shown
+                raise InvalidInputError(f"unknown metric {label(m)}", fix=f"choose from {', '.join(METRICS)}")
         metrics = _names(metrics, METRICS)
+    from .fusion.device import check_device_name
+
+    # Every method takes it: an unknown name failed each item alone, after the (empty) tables were written.
+    check_device_name(device)
     if "network" in methods:
         from .fusion.device import check_network_device
 
@@ -469,6 +481,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                                             fix="choose another --out, or pass overwrite",
                                             path=_target(out, method, item, is_2d))
     loaded_mask = _load_mask(mask)  # a file that cannot be read is bad input, before anything is written
+    made = [q for q in (out, *out.parents) if not q.exists()]  # the folders this run creates
     out.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
     total = len(items) * len(methods)
@@ -532,8 +545,17 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 result.failures.append({"method": method, "item": item.name, "path": e.path or item.path,
                                         "error": e.one_line()})
     result.means = _means(result.rows)
-    # Nothing scored (every item failed): the header still names the metrics asked for.
-    names = _metric_names(result.rows) or [m for m in METRICS if metrics is None or m in metrics]
+    if not result.rows:
+        # Nothing scored (every item failed): no tables, which held no score yet blocked the re-run ("the
+        # evaluation tables exist"); the folders this run made (empty: nothing was saved) go too.
+        for q in made:
+            try:
+                q.rmdir()
+            except OSError:
+                break
+        report(progress, 1.0, "evaluation done")
+        return result
+    names = _metric_names(result.rows)
     # Both texts before either file: a table that cannot be written leaves neither, not a CSV without its JSON.
     csv_text = _csv(result, names)
     json_text = json.dumps(_json(result, source, methods, options, mask), indent=1, allow_nan=False)
@@ -687,10 +709,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", "-o", required=True, help="output folder (fused images, metrics.csv, metrics.json)")
     parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     parser.add_argument("--pair-types", default=None, help="folder only: e.g. CT-MRI,PET-MRI (default: all)")
-    parser.add_argument("--split", choices=("all", "train", "val"), default="all",
+    parser.add_argument("--split", choices=("all", "train", "val"), default=None,
                         help="folder only: score the network's training or held-out validation cases (the split "
                              "'medfuse train' uses: by case, per pair type; default: all)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation fraction of the split (default 0.2)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="folder only: validation fraction of the split (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="folder only: at most N pairs per pair type")
     parser.add_argument("--mode", choices=("slicewise", "native"), default="slicewise",
@@ -721,7 +744,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         quiet: (keyword-only) print only errors (as ``args.quiet``, ``-q``, does): the skipped items, on stderr.
 
     Returns:
-        The exit code: 0 when every item was scored, 1 when some were skipped.
+        The exit code: 0 when every item was scored, 1 when some were skipped (when all were, no table is
+        written).
 
     Raises:
         MedfuseError: bad input (the CLI prints it and exits 2), e.g. InvalidInputError for both or neither of
@@ -734,12 +758,25 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     if (args.source is None) == (not args.pair):
         raise InvalidInputError("give either a folder of image pairs or --pair images (not both)",
                                 fix="medfuse evaluate FOLDER --out DIR, or medfuse evaluate --pair A B --out DIR")
+    # None: not given (the parser's defaults are None so that a folder-only option given with --pair shows).
+    given = {"--pair-types": getattr(args, "pair_types", None), "--split": getattr(args, "split", None),
+             "--val-fraction": getattr(args, "val_fraction", None), "--limit": getattr(args, "limit", None)}
+    if args.pair:
+        for option, value in given.items():
+            if value is not None:  # it was silently ignored: the user believed it applied
+                raise InvalidInputError(f"{option} is for a folder of image pairs; --pair scores every pair given",
+                                        fix=f"leave out {option}, or give the folder instead of --pair")
+    if given["--limit"] is not None and given["--limit"] < 1:
+        raise InvalidInputError(f"--limit must be 1 or more, got {given['--limit']}",
+                                fix="give the number of pairs per pair type to score, e.g. --limit 5")
+    split = given["--split"] or "all"
+    val_fraction = 0.2 if given["--val-fraction"] is None else given["--val-fraction"]
     if args.source is not None:
         source: Any = list_pairs(args.source, pair_types=_csv_list(args.pair_types))
-        if args.split != "all":
+        if split != "all":
             # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's held-out cases.
-            train, val = training_split(source, val_fraction=args.val_fraction, seed=args.seed)
-            source = val if args.split == "val" else train
+            train, val = training_split(source, val_fraction=val_fraction, seed=args.seed)
+            source = val if split == "val" else train
         if args.limit is not None:
             kept, seen = [], {}
             for p in source:
@@ -771,13 +808,17 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if not quiet:
+    if not result.rows:  # every item failed: evaluate wrote nothing
+        print(f"medfuse evaluate: no image was scored, so no table was written ({len(result.failures)} item(s) "
+              "failed, below)", file=sys.stderr)
+    elif not quiet:
         print(result.table())
         within = f", within the mask {args.mask}" if getattr(args, "mask", None) else ""
         print(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
               f"({len(result.rows)} images scored{within})")
     if result.failures:
-        print(f"\n{len(result.failures)} item(s) failed and were skipped:", file=sys.stderr)
+        print(f"{'' if not result.rows else chr(10)}{len(result.failures)} item(s) failed and were skipped:",
+              file=sys.stderr)
         for f in result.failures:
             print(f"  {f['method']}: {f['item']}: {f['error']}", file=sys.stderr)
     return result.exit_code
