@@ -1198,7 +1198,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.debug:
             traceback.print_exc()
         e = _cli_error(e)  # every command's fixes in command-line words (register, evaluate, batch too)
-        print(f"medfuse {args.command}: error: {e.one_line()}", file=sys.stderr)
+        print(f"medfuse {args.command}: error: {_scrubbed(e.one_line(), args)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # the reader left (medfuse info x | head -1): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
@@ -1209,10 +1209,31 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             return _internal_error(args, e)
         if args.debug:
             traceback.print_exc()
-        print(f"medfuse {args.command}: error: {message}", file=sys.stderr)
+        print(f"medfuse {args.command}: error: {_scrubbed(message, args)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
         return _internal_error(args, e)
+
+
+def _scrubbed(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the patient identifiers of the command's DICOM inputs blanked.
+
+    Why: an error quotes the path it is about, and a DICOM folder is often named after the patient
+    (``pat/DOE^JOHN/pet: series 7 asked for ...``); batch reports and sidecars blanked such paths, the terminal
+    did not. Every path-like argument that exists is read (the first DICOM header of each); nothing else is.
+    """
+    paths: List[Any] = []
+    for value in vars(args).values():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)) and str(v).strip() and not str(v).startswith("-"):
+                paths.append(v)
+    try:
+        from .provenance import patient_identifiers, scrub
+
+        existing = [p for p in paths if os.path.lexists(p)]
+        return scrub(message, patient_identifiers(existing)) if existing else message
+    except Exception:  # noqa: BLE001 - the error itself must still be said
+        return message
 
 
 def _internal_error(args: argparse.Namespace, e: BaseException) -> int:

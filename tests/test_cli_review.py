@@ -226,3 +226,20 @@ def test_thread_and_worker_counts_are_bounded_at_the_command_line(tmp_path, caps
     # Refused by the parser (before: by the API after the inputs were read, or by ITK as an "internal error").
     assert err.split(": error: ")[1].startswith("argument --") and "from 1 to 1024" in err
     assert not (tmp_path / "f.nii.gz").exists() and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_an_error_about_a_dicom_folder_named_after_the_patient_does_not_show_the_name(tmp_path, capsys):
+    """Batch reports and sidecars blanked such paths; the terminal quoted them (``pat/DOE^JOHN/pet: series 7``)."""
+    import pydicom
+
+    folder = tmp_path / "pat" / "DOE^JOHN" / "pet"
+    folder.mkdir(parents=True)
+    for f in sorted((SAMPLES / "pet").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "DOE^JOHN"
+        ds.save_as(folder / f.name)
+    rc = main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(folder), "-o", str(tmp_path / "o.nii.gz"),
+               "--method", "max", "--series", "-", "7"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and "series 7" in err
+    assert "DOE" not in err and "JOHN" not in err and "[removed]" in err
