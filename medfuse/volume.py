@@ -169,6 +169,12 @@ def _refuse_volume(array: Any) -> None:
         raise InvalidInputError("voxels were expected but a Volume was given",
                                 fix="pass its voxels, vol.array (checked to lie on this grid: same_grid), or use "
                                     "vol.copy() for an independent Volume")
+    # Why: np.asarray drops a masked array's mask, so the masked voxels' hidden values were kept and saved.
+    if isinstance(array, np.ma.MaskedArray):
+        raise InvalidInputError("the voxels are a NumPy masked array, and a Volume has no mask: the masked voxels' "
+                                "values would be kept as if valid",
+                                fix="fill them first, np.ma.filled(a, fill_value) (e.g. 0 or numpy.nan), or pass "
+                                    "the plain data and keep the mask separately (np.ma.getmaskarray(a))")
 
 
 def _require_volume(other: Any, method: str) -> None:
@@ -241,8 +247,8 @@ class Volume:
             record are dropped.
 
     Raises:
-        InvalidInputError: the array is not 3-D, empty or not numeric (a Volume given as its own voxels
-            included), or the modality, unit or provenance is not one medfuse knows.
+        InvalidInputError: the array is not 3-D, empty, not numeric or a masked array (a Volume given as its
+            own voxels included), or the modality, unit or provenance is not one medfuse knows.
         GeometryError: the affine is not a finite, invertible 4×4 matrix with perpendicular axes.
 
     The array is kept by reference, not copied: a read-only or memory-mapped array stays so, and an edit of
@@ -613,8 +619,8 @@ class Volume:
             A new Volume with a copy of this affine; the voxels are ``array`` itself where NumPy need not copy.
 
         Raises:
-            InvalidInputError: ``array`` is a Volume (pass ``vol.array``) or has another shape, or an unknown
-                modality or unit.
+            InvalidInputError: ``array`` is a Volume (pass ``vol.array``) or a masked array, or has another
+                shape, or an unknown modality or unit.
         """
         _refuse_volume(array)
         arr = _to_numpy(array)
@@ -807,7 +813,10 @@ class Volume:
     def to_metatensor(self):
         """Convert to a channel-first MONAI ``MetaTensor`` (shape ``(1, I, J, K)``, RAS affine in meta; voxels copied).
 
-        bool voxels become uint8 and long double float64 (torch has none); other dtypes are kept.
+        bool voxels become uint8 and long double float64 (torch has none); uint16 becomes int32 and uint32 and
+        uint64 int64 (torch's unsigned types beyond uint8 lack max, min, abs, sum...), values unchanged, with
+        the original dtype in the meta's ``medfuse_dtype`` so that :meth:`from_metatensor` gives it back; a
+        uint64 volume with values above int64's range is refused. Other dtypes are kept.
 
         The meta holds what MONAI's own NIfTI reader puts there and medfuse needs back: ``affine`` and
         ``original_affine`` (RAS), ``space`` (``"RAS"``), ``spatial_shape``, ``original_channel_dim`` (0: the
@@ -817,6 +826,10 @@ class Volume:
         ``sform_code``/``qform_code`` MONAI's nibabel reader gives (e.g. 4 for an MNI template). MONAI's
         writers ignore these codes and always write 1; :func:`medfuse.save` of :meth:`from_metatensor`'s
         Volume keeps them.
+
+        Raises:
+            MissingDependencyError: MONAI (or torch) is not installed.
+            InvalidInputError: uint64 voxels too large for int64.
         """
         try:
             import torch
@@ -826,6 +839,8 @@ class Volume:
 
         arr = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
         arr = _double(arr)  # torch has no long double
+        stored = arr.dtype
+        arr = _torch_int(arr)
         affine = torch.as_tensor(self.affine_ras, dtype=torch.float64)
         meta = {
             "original_affine": torch.as_tensor(self.affine_ras, dtype=torch.float64),
@@ -837,6 +852,8 @@ class Volume:
             "spatial_shape": torch.as_tensor(np.asarray(self.shape)),
             "original_channel_dim": 0,
         }
+        # Always set (not only when widened): MONAI's collate needs the same meta keys in every item of a batch.
+        meta["medfuse_dtype"] = stored.name  # from_metatensor narrows a widened dtype back where values still fit
         if isinstance(self.provenance.get("source"), str):  # MONAI's SaveImage names its output after it
             meta["filename_or_obj"] = self.provenance["source"]
         if "nifti_space" in self.provenance:  # so that a template space survives MONAI transforms
@@ -855,7 +872,8 @@ class Volume:
         The affine is the tensor's, in the meta's ``space`` (MONAI's default RAS, or LPS). The NIfTI space
         (``provenance["nifti_space"]``) is taken from the meta's ``nifti_space`` (written by
         :meth:`to_metatensor`), else from the ``sform_code`` (else ``qform_code``) MONAI's nibabel reader
-        copies from the file header.
+        copies from the file header. Unsigned voxels :meth:`to_metatensor` widened for torch (meta
+        ``medfuse_dtype``) come back in their dtype while they are integers that fit it.
 
         Args:
             tensor: a MONAI ``MetaTensor`` of one image, ``(1, I, J, K)`` or ``(I, J, K)``, on any device.
@@ -867,7 +885,8 @@ class Volume:
             The Volume (voxels copied; the affine in LPS mm).
 
         Raises:
-            InvalidInputError: not a MetaTensor (no affine), a batch, several channels, or channel-last data.
+            InvalidInputError: not a MetaTensor (no affine), a batch, several channels, channel-last data, or a
+                meta ``space`` other than RAS or LPS.
         """
         if isinstance(tensor, Volume):
             # Why: NumPy reads a Volume's voxels, and its LPS affine was then taken for a RAS one (flipped x, y).
@@ -899,10 +918,9 @@ class Volume:
                     fix="add EnsureChannelFirst (or LoadImage(ensure_channel_first=True)) and select a single "
                     "channel, e.g. tensor[0:1], before converting")
             arr = arr[0]
-        arr = np.array(arr, copy=True)  # not a view of the tensor: in-place edits of either stay apart
+        arr = _narrowed(np.array(arr, copy=True), meta)  # a copy: in-place edits of either stay apart
         aff = _to_numpy(raw_aff).astype(float)
-        space = str(meta.get("space", "RAS")).upper()
-        aff_lps = LPS_TO_RAS @ aff if space == "RAS" else aff
+        aff_lps = LPS_TO_RAS @ aff if _metatensor_xyz(meta) == "RAS" else aff
         prov = dict(provenance or {})
         space_name = _metatensor_space(meta)
         if space_name is not None:
@@ -951,6 +969,35 @@ def _bridge_dtype(arr: np.ndarray) -> np.ndarray:
     return _double(arr)
 
 
+def _torch_int(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with uint16 widened to int32 and uint32/uint64 to int64, values exact.
+
+    Why: torch keeps uint16/32/64 tensors but most operations (``max``, ``min``, ``abs``, ``sum``) raise
+    NotImplementedError on them, so a DICOM volume's tensor failed at its first use.
+
+    Raises:
+        InvalidInputError: uint64 values above int64's largest.
+    """
+    if arr.dtype.kind != "u" or arr.dtype.itemsize == 1:
+        return arr
+    if arr.dtype.itemsize == 8 and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InvalidInputError("the uint64 voxels hold values above int64's range, which torch cannot hold exactly",
+                                fix="convert the voxels first, e.g. vol.with_array(vol.array.astype(numpy.float64))")
+    return arr.astype(np.int32 if arr.dtype.itemsize == 2 else np.int64)
+
+
+def _narrowed(arr: np.ndarray, meta: Dict[str, Any]) -> np.ndarray:
+    """``arr`` back in the unsigned dtype :meth:`Volume.to_metatensor` widened (meta ``medfuse_dtype``), when it
+    is still an integer array whose values all fit; otherwise as it is (a transform made it float, or negative)."""
+    name = meta.get("medfuse_dtype")
+    if name not in ("uint16", "uint32", "uint64") or arr.dtype.kind != "i" or arr.size == 0:
+        return arr
+    target = np.dtype(name)
+    if int(arr.min()) < 0 or int(arr.max()) > int(np.iinfo(target).max):
+        return arr
+    return arr.astype(target)
+
+
 def _double(arr: np.ndarray) -> np.ndarray:
     """``arr`` with long double (float128, complex256) narrowed to float64/complex128, which libraries store."""
     if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
@@ -968,6 +1015,28 @@ def _to_numpy(x: Any) -> np.ndarray:
             x = x.float()
         return np.asarray(x.numpy())
     return np.asarray(x)
+
+
+def _metatensor_xyz(meta: Dict[str, Any]) -> str:
+    """The world space of a MetaTensor's affine: ``"RAS"`` (also when ``space`` is absent, MONAI's default) or
+    ``"LPS"`` (monai.utils.SpaceKeys' values, any case; a SpaceKeys member is a str).
+
+    Why: any other value was taken for LPS, while a missing one was RAS: a typo flipped x and y silently.
+
+    Raises:
+        InvalidInputError: any other ``space`` value (None included).
+    """
+    if "space" not in meta:
+        return "RAS"
+    value = meta["space"]
+    space = value.strip().upper() if isinstance(value, str) else None
+    if space not in ("RAS", "LPS"):
+        shown = repr(value)[:40] if isinstance(value, str) else type(value).__name__
+        raise InvalidInputError(f"the MetaTensor's meta['space'] is {shown}, not 'RAS' or 'LPS', so the world axes "
+                                "of its affine are unknown",
+                                fix="set meta['space'] to monai.utils.SpaceKeys.RAS or SpaceKeys.LPS (the space its "
+                                    "affine is in), or delete the key for RAS, MONAI's default")
+    return space
 
 
 def _metatensor_space(meta: Dict[str, Any]) -> Optional[str]:

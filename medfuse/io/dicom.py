@@ -123,7 +123,7 @@ def without_value_checks():
 
 def _read_header(path: Path, *, strict: bool):
     """Header without pixels; when not strict, None for non-DICOM files and ``_BROKEN`` for damaged DICOM ones
-    (the preamble is there but the rest cannot be read, or the file cannot be opened at all)."""
+    (the preamble is there but the rest cannot be read, or the file cannot be opened at all) and empty files."""
     pydicom = _pydicom()
     try:
         if path.stat().st_size == 0:
@@ -142,7 +142,9 @@ def _read_header(path: Path, *, strict: bool):
     except UnreadableFileError:
         if strict:
             raise
-        return None
+        # Why: an empty file among slices is a slice lost in a copy or export as often as anything else; it is
+        # treated as a damaged file (named; a gap next to it is not interpolated), never silently skipped.
+        return _BROKEN
     except Exception as e:  # pydicom raises many kinds (InvalidDicomError, EOFError, ValueError...)
         if strict:
             if not _has_dicom_preamble(path):
@@ -331,12 +333,47 @@ def _time_key(ds, fg=None) -> Tuple:
     return (tp if tp is not None else 0.0, day, acq, _f(ds.get("InstanceNumber"), 0.0))
 
 
-def _scaling(ds, fg=None, shared=None) -> Tuple[float, float]:
-    slope, inter = _f(ds.get("RescaleSlope"), 1.0), _f(ds.get("RescaleIntercept"), 0.0)
+#: Fix for header values that cannot be right (a damaged or hand-edited header).
+_FIX_DAMAGED = "the series' headers are damaged; export the series again from the scanner or PACS"
+
+
+def _rescale_value(src, keyword: str, default: float, path: Optional[Path], where: str = "") -> float:
+    """RescaleSlope/RescaleIntercept of ``src``, ``default`` when absent.
+
+    Raises:
+        UnreadableFileError: present but not a finite number (NaN, infinite, text), or a zero RescaleSlope.
+    """
+    try:
+        v = src.get(keyword)
+    except (ValueError, TypeError, OverflowError):  # pydicom converts a DS on access and raises on text
+        v = "?"
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return default
+    x = _f(v)
+    # Why: a NaN slope gave an all-NaN volume and a zero slope an all-constant one, both without a word.
+    if x is None or not math.isfinite(x):
+        raise UnreadableFileError(f"{keyword}{where} is not a finite number, so the stored pixel values cannot be "
+                                  "rescaled", fix=_FIX_DAMAGED, path=path)
+    if keyword == "RescaleSlope" and x == 0:
+        raise UnreadableFileError(f"{keyword}{where} is 0, which would turn every pixel into the same value",
+                                  fix=_FIX_DAMAGED, path=path)
+    return x
+
+
+def _scaling(ds, fg=None, shared=None, path: Optional[Path] = None) -> Tuple[float, float]:
+    """(slope, intercept) of the stored pixels, Philips floating-point scaling included.
+
+    Raises:
+        UnreadableFileError: a slope or intercept that is not a finite number, or a zero slope (``path`` named).
+    """
+    slope = _rescale_value(ds, "RescaleSlope", 1.0, path)
+    inter = _rescale_value(ds, "RescaleIntercept", 0.0, path)
     for g in (shared, fg):
         if g is not None and g.get("PixelValueTransformationSequence"):
             t = g.PixelValueTransformationSequence[0]
-            slope, inter = _f(t.get("RescaleSlope"), slope), _f(t.get("RescaleIntercept"), inter)
+            where = " (PixelValueTransformationSequence)"
+            slope = _rescale_value(t, "RescaleSlope", slope, path, where)
+            inter = _rescale_value(t, "RescaleIntercept", inter, path, where)
     # Philips floating-point scaling (dcm2niix's "float not display" convention):
     # FP = (SV * RS + RI) / (RS * SS).
     ss_el = None
@@ -349,9 +386,43 @@ def _scaling(ds, fg=None, shared=None) -> Tuple[float, float]:
         ss_el = ds.get((0x2005, 0x100E))
     if "PHILIPS" in str(ds.get("Manufacturer", "")).upper() and ss_el is not None:
         ss = _f(ss_el.value)
+        if ss is not None and not math.isfinite(ss):  # why: 1/NaN made every voxel NaN
+            raise UnreadableFileError("the Philips scale slope (2005,100E) is not a finite number, so the pixel "
+                                      "values cannot be rescaled", fix=_FIX_DAMAGED, path=path)
         if ss and slope:
             slope, inter = 1.0 / ss, inter / (slope * ss)
     return slope, inter
+
+
+def _checked_plane(iop: Any, ps: Any, f: Path, where: str = "") -> Tuple[np.ndarray, Tuple[float, float]]:
+    """ImageOrientationPatient (row and column cosines, normalised) and PixelSpacing (row, column mm), checked.
+
+    Why: a negative spacing mirrored the image without a word, a zero one was refused with NIfTI advice, and an
+    orientation of zeros, NaN or two parallel vectors gave nonsense (or a message about mixed orientations).
+
+    Raises:
+        GeometryError: a spacing that is not two finite positive numbers, or an orientation that is not two finite,
+            unit-length, perpendicular vectors (within 1%).
+    """
+    sp = np.array([float(x) for x in ps], float)
+    if sp.shape != (2,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        what = "does not hold two values" if sp.shape != (2,) else "is not finite" if not np.all(np.isfinite(sp)) else \
+            "is zero or negative"
+        raise GeometryError(f"PixelSpacing{where} {what}, so the voxel size is unknown", fix=_FIX_DAMAGED, path=f)
+    v = np.array([float(x) for x in iop], float)
+    if v.shape != (6,) or not np.all(np.isfinite(v)):
+        what = "does not hold six values" if v.shape != (6,) else "is not finite (NaN or infinite values)"
+    else:
+        r, c = v[:3], v[3:]
+        nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+        if abs(nr - 1) > 0.01 or abs(nc - 1) > 0.01:
+            what = "holds a row or column direction that is not a unit vector (zeros?)"
+        elif abs(float(r @ c)) / (nr * nc) > 0.01:
+            what = "holds row and column directions that are not perpendicular (parallel?)"
+        else:
+            return np.concatenate([r / nr, c / nc]), (float(sp[0]), float(sp[1]))
+    raise GeometryError(f"ImageOrientationPatient{where} {what}, so the slice orientation is unknown",
+                        fix=_FIX_DAMAGED, path=f)
 
 
 def _frames_of(f: Path, ds) -> List[_Frame]:
@@ -373,9 +444,9 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
             if pos is None or iop is None or ps is None:
                 raise GeometryError("an enhanced multi-frame frame lacks its plane position/orientation/pixel spacing",
                                     fix="re-export the series with geometry", path=f)
-            s, i = _scaling(ds, fg, shared)
-            out.append(_Frame(f, idx, np.array(pos, float), np.array(iop, float), (float(ps[0]), float(ps[1])), s, i,
-                              _time_key(ds, fg)))
+            iop, sp = _checked_plane(iop, ps, f, f" (functional groups, frame {idx + 1})")
+            s, i = _scaling(ds, fg, shared, path=f)
+            out.append(_Frame(f, idx, np.array(pos, float), iop, sp, s, i, _time_key(ds, fg)))
         return out
     if modality == "NM" and n > 1:
         return _nm_frames(f, ds, n)
@@ -387,8 +458,9 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
     if not ps:
         raise GeometryError("the image has no PixelSpacing, so its voxel size is unknown",
                             fix="medfuse does not guess a voxel size; re-export the series with PixelSpacing", path=f)
-    iop, pos = np.array(iop, float), np.array(pos, float)
-    s, i = _scaling(ds)
+    iop, ps = _checked_plane(iop, ps, f)
+    pos = np.array(pos, float)
+    s, i = _scaling(ds, path=f)
     key = _time_key(ds)
     itype = [str(x).upper() for x in (ds.get("ImageType") or [])]
     if "MOSAIC" in itype:
@@ -451,9 +523,9 @@ def _nm_frames(f: Path, ds, n: int) -> List[_Frame]:
     if not dz:
         raise GeometryError("the NM image has neither SpacingBetweenSlices nor SliceThickness, so the distance "
                             "between its slices is unknown", fix="re-export the reconstructed SPECT with them", path=f)
-    iop = np.array(iop, float)
+    iop, ps = _checked_plane(iop, ps, f)
     normal = np.cross(iop[:3], iop[3:])
-    s, i = _scaling(ds)
+    s, i = _scaling(ds, path=f)
     vectors = {t: list(ds[t].value) if t in ds and ds[t].VM > 1 else [ds[t].value] if t in ds else None for t in fip}
     slice_no = vectors.get(_NM_SLICE_VECTOR)
     if has_slices and (slice_no is None or len(slice_no) != n):
@@ -508,7 +580,7 @@ def _series_frames(files: Sequence[Tuple[Path, Any]], path: Path) -> List[_Frame
     for f, ds in files:
         try:
             frames.extend(_frames_of(f, ds))
-        except (GeometryError, UnsupportedDataError):
+        except (GeometryError, UnsupportedDataError, UnreadableFileError):
             raise
         except (ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
             raise GeometryError(f"the geometry tags are malformed ({type(e).__name__})",
@@ -816,7 +888,7 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         if broken:
             raise UnreadableFileError(
                 f"slices are missing from the series, and {len(broken)} DICOM file(s) here could not be read "
-                f"(damaged, truncated or not readable, e.g. {broken[0].name}): the missing slices are probably "
+                f"(damaged, truncated, empty or not readable, e.g. {broken[0].name}): the missing slices are probably "
                 "in them", fix="copy or export the series again (or remove the damaged files to accept "
                 "interpolated slices in their place)", path=path)
         nk = int(round(proj[-1] / dz)) + 1
@@ -1016,10 +1088,12 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
 
     Raises:
         InvalidInputError: an argument of the wrong type or value (an unknown ``suv``).
-        UnreadableFileError: missing, unreadable or damaged files.
+        UnreadableFileError: missing, unreadable or damaged files, or a RescaleSlope/RescaleIntercept that is
+            not a finite number (or a zero slope).
         UnsupportedDataError: an object that holds no image (RT, SEG, SR...).
         MultipleSeriesError: several series and no ``series_uid``.
-        GeometryError: invalid geometry (missing slices, inconsistent orientation).
+        GeometryError: invalid geometry (missing slices, inconsistent orientation, a non-positive PixelSpacing,
+            an ImageOrientationPatient that is not two perpendicular unit vectors).
     """
     path = _checked_path(path)
     series_uid = _io._check_series(series_uid)
@@ -1087,8 +1161,9 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             prov["suv_source"] = suv_source
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
     if broken:  # the series itself is complete (a gap would have been refused above)
-        msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated or not "
-               "readable) and were left out; the series has no missing slice")
+        names = ", ".join(b.name for b in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated, empty or not "
+               f"readable: {names}) and were left out; the series has no missing slice between its first and last")
         warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=2)
         for v in out:
             v.provenance["warnings"].append(msg)
@@ -1122,7 +1197,8 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
     Raises:
         MultipleSeriesError: several series, or a 4-D series without ``volume_index``.
         InvalidInputError: an argument of the wrong type or value, ``volume_index`` out of range.
-        UnreadableFileError: missing, unreadable or damaged files.
+        UnreadableFileError: missing, unreadable or damaged files, or a RescaleSlope/RescaleIntercept that is
+            not a finite number (or a zero slope).
         UnsupportedDataError: an object that holds no image.
         GeometryError: invalid geometry.
     """
@@ -1171,7 +1247,7 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
             if vols[0][0].tile is not None:
                 shape = (vols[0][0].tile[3], vols[0][0].tile[2], len(vols[0]))
             nvol = len(vols)
-        except (GeometryError, UnsupportedDataError):  # listed, with no volume: load says why
+        except (GeometryError, UnsupportedDataError, UnreadableFileError):  # listed, with no volume: load says why
             shape, nvol = (int(ds0.Columns), int(ds0.Rows), 0), 0
         dirs = {os.fspath(f.parent) for f, _ in files}
         out.append(SeriesInfo(uid, str(ds0.get("Modality", "")), str(ds0.get("SeriesDescription", "")), shape, nvol,

@@ -134,7 +134,10 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
     if ci is not None:
         h["CorrectedImage"] = [str(x).strip() for x in (ci if not isinstance(ci, str) else ci.split("\\"))]
     for key in ("PatientWeight", "PatientSize", "FrameReferenceTime", "ActualFrameDuration"):
-        f = _as_float(_value(ds, key))
+        raw = _value(ds, key)
+        f = _as_float(raw)
+        if f is None and raw is not None and key == "PatientWeight":
+            f = math.nan  # why: present but not a number; absent would be reported as "missing"
         if f is not None:
             h[key] = f
     seq = _value(ds, "RadiopharmaceuticalInformationSequence")
@@ -295,6 +298,42 @@ def _philips(h: Dict[str, Any], name: str) -> Optional[float]:
     return v
 
 
+#: Plausible PatientWeight (kg). Why these bounds: they hold every human weight on record (the lightest surviving
+#: newborns, about 0.25 kg; the heaviest adult, about 635 kg), so no real patient is refused, while the usual
+#: header mistakes fall outside: grams instead of kilograms (70000), a bool or placeholder such as 9999.
+WEIGHT_RANGE_KG = (0.25, 650.0)
+
+
+def _weight(h: Dict[str, Any], why: str) -> float:
+    """PatientWeight in kg, checked; ``why`` says what it is needed for (end of the message).
+
+    The value is never put in the message (a free-text header field may hold a name).
+
+    Raises:
+        SUVError: missing, not a number (a bool, text, NaN), not finite, zero, negative, or outside
+            :data:`WEIGHT_RANGE_KG`.
+    """
+    fix = "enter the patient's weight in kg in the PET header (PatientWeight), or load with suv='none'"
+    v = h.get("PatientWeight")
+    if v is None or (isinstance(v, (str, bytes)) and not v.strip()):
+        raise SUVError(f"PatientWeight is missing, {why}", fix=fix)
+    # Why: float(True) is 1.0, and a string such as "70 kg" or a name is not a weight; say so, not "missing".
+    w = None if isinstance(v, bool) else _number(h, "PatientWeight")
+    if w is None or math.isnan(w):
+        raise SUVError(f"PatientWeight is not a number, {why}", fix=fix)
+    if not math.isfinite(w):
+        raise SUVError(f"PatientWeight is infinite, {why}", fix=fix)
+    if w == 0:
+        raise SUVError(f"PatientWeight is zero, {why}", fix=fix)
+    if w < 0:
+        raise SUVError(f"PatientWeight is negative, {why}", fix=fix)
+    lo, hi = WEIGHT_RANGE_KG
+    if not lo <= w <= hi:
+        raise SUVError(f"PatientWeight is outside the plausible {lo:g}-{hi:g} kg (grams instead of kilograms, or a "
+                       f"placeholder?), {why}", fix=fix)
+    return w
+
+
 def check_header(header: Dict[str, Any]) -> None:
     """Raise :class:`SUVError` naming the first missing or invalid tag; return None when SUV can be computed.
 
@@ -325,10 +364,7 @@ def check_header(header: Dict[str, Any]) -> None:
         )
     if units == "GML":
         return
-    w = _number(header, "PatientWeight")
-    if w is None or not math.isfinite(w) or w <= 0:
-        raise SUVError("PatientWeight is missing or zero, so SUV cannot be computed",
-                       fix="enter the patient's weight in the PET header (PatientWeight, kg), or load with suv='none'")
+    _weight(header, "so SUV cannot be computed")
     if units == "CNTS":
         sf = _philips(header, "SUVScaleFactor")
         acf = _philips(header, "ActivityConcentrationScaleFactor")
@@ -352,7 +388,7 @@ def check_header(header: Dict[str, Any]) -> None:
 
 def _body_ratio(h: Dict[str, Any], kind: str) -> float:
     """The SUV normaliser in grams (bw, lbm) or cm² (bsa) for this patient."""
-    w = float(h["PatientWeight"])
+    w = _weight(h, f"needed for SUV{kind}")
     if kind == "bw":
         return w * 1000.0
     size = _number(h, "PatientSize")
@@ -389,9 +425,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
                            fix="load it with suv='none' to keep the stored values")
         if kind == stored:
             return 1.0
-        if _number(h, "PatientWeight") is None or float(h["PatientWeight"]) <= 0:
-            raise SUVError(f"PatientWeight is missing or zero, needed to turn GML into SUV{kind}",
-                           fix="enter PatientWeight, or load it as stored with suv='none'")
+        _weight(h, f"needed to turn GML into SUV{kind}")
         return _body_ratio(h, kind) / _body_ratio(h, stored)
     if units == "CNTS":
         sf = _philips(h, "SUVScaleFactor")
