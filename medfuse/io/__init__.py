@@ -229,7 +229,8 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
         The volumes in their stored order (a 3-D input gives a list of one).
 
     Raises:
-        InvalidInputError: an argument of the wrong type or value, or zero-size/all-NaN data.
+        InvalidInputError: an argument of the wrong type or value, a ``series_uid`` for an image file, or
+            zero-size/all-NaN data.
         UnreadableFileError: missing, unreadable, damaged or misnamed file.
         UnsupportedDataError: a DICOM object that holds no image.
         MultipleSeriesError: several series in a folder and none chosen.
@@ -242,6 +243,10 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
     _check_exists(p)
     if p.is_file() and is_image_file(p):
         from .nifti import load_image_volumes
+
+        if series_uid is not None:  # it was ignored; load() refuses it
+            raise InvalidInputError("a series was chosen, but this file holds one image (series are picked in DICOM "
+                                    "folders)", fix="leave series_uid out for this input", path=p)
 
         return [_absolute_source(v) for v in load_image_volumes(p)]
     from .dicom import load_dicom_volumes

@@ -237,8 +237,11 @@ def _refuse_impossible_size(need: int, have: int, compressed: bool, what: str, p
     """
     if need <= (have * _MAX_DEFLATE_RATIO if compressed else have):
         return
-    raise UnreadableFileError(f"the header describes {what} ({_size_text(need)} of voxel data), but {where} holds "
-                              f"only {_size_text(have)}{' compressed' if compressed else ''}: it is truncated, or its "
+    needed, held = _size_text(need), _size_text(have)
+    if needed == held:  # "9.83 MB needed, holds only 9.83 MB": a file short by a few kB reads as complete
+        needed, held = f"{need:,} bytes", f"{have:,} bytes"
+    raise UnreadableFileError(f"the header describes {what} ({needed} of voxel data), but {where} holds "
+                              f"only {held}{' compressed' if compressed else ''}: it is truncated, or its "
                               "header is damaged", fix=fix, path=p)
 
 
@@ -627,6 +630,8 @@ def _itk_reason(message: str, p: Path) -> str:
         return ""
     last = lines[-1].replace(str(p), "the file")
     last = re.sub(r"^(sitk::)?ERROR:\s*", "", re.sub(r"^ITK ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", last))
+    if re.fullmatch(r"(Reason:\s*)?Success\.?", last, re.I):  # errno 0 as ITK words it: no reason at all
+        return ""
     return last[:200]
 
 

@@ -199,7 +199,7 @@ def test_wrong_arguments_to_the_batch_helpers_are_typed_errors_that_name_them(tm
 
     # cap_threads: int("2") and int(2.7) passed silently, int(None) was a bare TypeError.
     for bad in ("2", 2.7, None, 0, True):
-        with pytest.raises(InvalidInputError, match="threads must be a whole number of 1 or more"):
+        with pytest.raises(InvalidInputError, match="threads must be a whole number from 1 to 1024"):
             batch.cap_threads(bad)
     # write_phantom_subjects: n=0 failed after making the folder with a bare IndexError (rows[0]).
     for kwargs, words in (({"n": 0}, "n must be a whole number of 1 or more"),
