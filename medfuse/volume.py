@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -765,7 +767,8 @@ class Volume:
 
         ``modality`` and ``unit`` default to the ones in a NIfTI ``descrip`` medfuse wrote (:meth:`to_nibabel`,
         :func:`medfuse.save`), else ``unknown``/``arbitrary``. A NIfTI image's space (sform code, else qform
-        code) is recorded as ``provenance["nifti_space"]`` unless ``provenance`` names one.
+        code) is recorded as ``provenance["nifti_space"]`` unless ``provenance`` names one, and the file it was read
+        from (``get_filename()``) as ``provenance["source"]``, so that :func:`medfuse.save` never writes over it.
 
         Args:
             image: a nibabel spatial image (``Nifti1Image``, ``Nifti2Image``, ``MGHImage``...).
@@ -806,6 +809,7 @@ class Volume:
         space = _space_name(hdr)
         if space is not None:
             prov.setdefault("nifti_space", space)
+        _record_source(prov, image.get_filename() if callable(getattr(image, "get_filename", None)) else None)
         modality, unit = _stored_labels(modality, unit, tag_mod, tag_unit, "header (descrip)", "from_nibabel")
         return cls(arr, LPS_TO_RAS @ aff, modality=modality, unit=unit, provenance=prov)
 
@@ -873,7 +877,8 @@ class Volume:
         (``provenance["nifti_space"]``) is taken from the meta's ``nifti_space`` (written by
         :meth:`to_metatensor`), else from the ``sform_code`` (else ``qform_code``) MONAI's nibabel reader
         copies from the file header. Unsigned voxels :meth:`to_metatensor` widened for torch (meta
-        ``medfuse_dtype``) come back in their dtype while they are integers that fit it.
+        ``medfuse_dtype``) come back in their dtype while they are integers that fit it. The meta's
+        ``filename_or_obj``, when it names an existing file, becomes ``provenance["source"]`` (never written over).
 
         Args:
             tensor: a MONAI ``MetaTensor`` of one image, ``(1, I, J, K)`` or ``(I, J, K)``, on any device.
@@ -925,12 +930,29 @@ class Volume:
         space_name = _metatensor_space(meta)
         if space_name is not None:
             prov.setdefault("nifti_space", space_name)
+        _record_source(prov, meta.get("filename_or_obj"))
         return cls(
             arr, aff_lps,
             modality=modality or meta.get("modality", "unknown"),
             unit=unit or meta.get("unit", "arbitrary"),
             provenance=prov,
         )
+
+
+def _record_source(prov: dict, name: Any) -> None:
+    """Record the file an image was read from as ``prov["source"]``, when it names one that exists.
+
+    Why: :func:`medfuse.save` refuses to write over a volume's source, even with ``overwrite``; a volume that came
+    through nibabel or MONAI carried none, so ``save(v, its_own_file, overwrite=True)`` rewrote the input.
+    """
+    if "source" in prov or not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        return
+    try:
+        path = Path(name)
+        if path.exists():
+            prov["source"] = os.fspath(path.absolute())
+    except (OSError, ValueError):  # a name no file system takes is no source
+        pass
 
 
 def _stored_labels(modality: Optional[str], unit: Optional[str], stored_modality: Optional[str],

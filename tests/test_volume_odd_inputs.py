@@ -103,3 +103,31 @@ def test_dtypes_torch_handles_are_kept(dtype):
     import torch
 
     assert Volume(_a(dtype), M).to_metatensor().dtype == getattr(torch, dtype)
+
+
+def test_a_volume_read_through_nibabel_or_monai_keeps_its_source_so_save_never_writes_over_it(tmp_path):
+    """``save(Volume.from_nibabel(nibabel.load(f)), f, overwrite=True)`` rewrote the input file."""
+    import shutil
+    from pathlib import Path
+
+    import nibabel as nib
+
+    import medfuse
+    from medfuse.errors import OutputExistsError
+
+    f = tmp_path / "mr.nii.gz"
+    shutil.copy(Path(__file__).resolve().parents[1] / "sample_volumes" / "mr_t1.nii.gz", f)
+    before = f.read_bytes()
+    from_nib = medfuse.Volume.from_nibabel(nib.load(f))
+    assert from_nib.provenance["source"] == str(f.absolute())
+    candidates = [from_nib, from_nib.with_array(from_nib.array * 0)]
+    pytest.importorskip("monai")
+    from monai.transforms import LoadImage
+
+    candidates.append(medfuse.Volume.from_metatensor(LoadImage(image_only=True, ensure_channel_first=True)(str(f))))
+    for v in candidates:
+        with pytest.raises(OutputExistsError, match="own source"):
+            medfuse.save(v, f, overwrite=True)
+    assert f.read_bytes() == before
+    # An image in memory names no file: nothing is recorded.
+    assert "source" not in medfuse.Volume.from_nibabel(nib.Nifti1Image(np.zeros((4, 4, 4)), np.eye(4))).provenance
