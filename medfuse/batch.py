@@ -295,6 +295,12 @@ def read_manifest(path: PathLike) -> List[Subject]:
     base = p.resolve().parent
     rows: List[Mapping[str, Any]]
     defaults: Mapping[str, Any] = {}
+    from .io import is_image_file
+
+    if is_image_file(p) or p.name.lower().endswith(".dcm"):  # it said "UnicodeDecodeError: save it as UTF-8 text"
+        raise InvalidInputError("this is an image file, not a manifest", path=p,
+                                fix="pass a manifest (.csv, .tsv, .yaml) or a dataset folder; fuse one pair with "
+                                    "medfuse fuse FIXED MOVING -o OUT (medfuse.fuse_files in Python)")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:

@@ -912,6 +912,10 @@ def run_demo(out: Any, *, method: str = "network", device: str = "cpu", samples:
     if anatomy not in ("mr", "ct"):
         raise InvalidInputError(f"unknown anatomy {anatomy!r}", fix="use mr or ct")
     folder = Path(samples) if samples else default_samples_folder()
+    if samples and folder.exists() and not folder.is_dir():
+        raise InvalidInputError("--samples takes a folder, and this is a file", fix="give the folder that holds the "
+                                "sample volumes (python -m medfuse.phantom --write DIR makes one), or leave it out",
+                                path=folder)
     if samples and not folder.is_dir():
         raise InvalidInputError("no such folder", fix="check the --samples path, or leave it out to use the bundled "
                                                       "sample volumes", path=folder)

@@ -755,7 +755,10 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
 
     quiet = quiet or bool(getattr(args, "quiet", False))
 
-    if (args.source is None) == (not args.pair):
+    if args.source is None and not args.pair:
+        raise InvalidInputError("nothing to evaluate: give a folder of image pairs or --pair images",
+                                fix="medfuse evaluate FOLDER --out DIR, or medfuse evaluate --pair A B --out DIR")
+    if args.source is not None and args.pair:
         raise InvalidInputError("give either a folder of image pairs or --pair images (not both)",
                                 fix="medfuse evaluate FOLDER --out DIR, or medfuse evaluate --pair A B --out DIR")
     # None: not given (the parser's defaults are None so that a folder-only option given with --pair shows).

@@ -243,3 +243,21 @@ def test_an_error_about_a_dicom_folder_named_after_the_patient_does_not_show_the
     err = capsys.readouterr().err
     assert rc == EXIT_USAGE and "series 7" in err
     assert "DOE" not in err and "JOHN" not in err and "[removed]" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["batch", "{a}", "--scheduler", "synchronous"], "this is an image file, not a manifest"),
+    (["demo", "--samples", "{a}", "--out", "{tmp}/d"], "--samples takes a folder, and this is a file"),
+    (["register", "{a}", "{a}", "-o", "{tmp}/r.nii.gz", "--initial-transform", "{tmp}/empty"],
+     "this is a folder, not a transform file"),
+    (["evaluate", "--out", "{tmp}/e"], "nothing to evaluate"),
+])
+def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path, capsys, argv, says):
+    """These said "UnicodeDecodeError: save it as UTF-8 text", "no such folder/transform file" of a path that exists,
+    and "(not both)" when neither was given."""
+    a = SAMPLES / "mr_t1.nii.gz"
+    (tmp_path / "empty").mkdir()
+    rc = main([x.format(a=a, tmp=tmp_path) for x in argv])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and says in err, err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "r.nii.gz").exists() and not (tmp_path / "e").exists()

@@ -175,7 +175,7 @@ def test_cli_run_with_volume_pair_files(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "| max | volumes | 1 |" in out and "missing.nii.gz" in err
     assert (tmp_path / "o" / "max" / "mr_t2.nii.gz").exists()
-    with pytest.raises(InvalidInputError, match="either a folder"):
+    with pytest.raises(InvalidInputError, match="nothing to evaluate: give a folder"):
         E.run(parser.parse_args(["--out", str(tmp_path / "x")]))
 
 

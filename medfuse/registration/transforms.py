@@ -258,6 +258,9 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
     from ..io.nifti import itk_path
 
     p = _transform_path(path)
+    if p.is_dir():
+        raise UnreadableFileError("this is a folder, not a transform file", fix="give the transform file's path "
+                                  "(.tfm, .txt, .h5, .mat)", path=p)
     if not p.is_file():
         raise UnreadableFileError("no such transform file", fix="check the path", path=p)
     try:
