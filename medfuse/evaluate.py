@@ -765,6 +765,10 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     given = {"--pair-types": getattr(args, "pair_types", None), "--split": getattr(args, "split", None),
              "--val-fraction": getattr(args, "val_fraction", None), "--limit": getattr(args, "limit", None)}
     if args.pair:
+        for k, images in enumerate(args.pair, start=1):
+            if not 2 <= len(images) <= 3:  # "got tuple. Fix: pass source=[(fixed, moving), ...]" spoke Python
+                raise InvalidInputError(f"--pair {k} names {len(images)} image(s); a pair is 2 or 3 images on one "
+                                        "grid", fix="give --pair FIXED MOVING [MOVING2], once per pair")
         for option, value in given.items():
             if value is not None:  # it was silently ignored: the user believed it applied
                 raise InvalidInputError(f"{option} is for a folder of image pairs; --pair scores every pair given",

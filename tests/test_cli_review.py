@@ -261,3 +261,11 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path, capsys, argv, says)
     err = capsys.readouterr().err
     assert rc == EXIT_USAGE and says in err, err
     assert not (tmp_path / "d").exists() and not (tmp_path / "r.nii.gz").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_evaluate_pair_of_the_wrong_size_is_said_in_command_line_words(tmp_path, capsys, n):
+    rc = main(["evaluate", "--pair", *[str(SAMPLES / "mr_t1.nii.gz")] * n, "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and f"--pair 1 names {n} image(s)" in err and "source=" not in err
+    assert not (tmp_path / "e").exists()
