@@ -46,10 +46,11 @@ Start here (the paths are the repository's bundled sample_volumes/):
   medfuse batch subjects.csv --workers 4         # your manifest: many subjects in parallel (Dask; medfuse batch --help)
 
 Inputs are NIfTI/MetaImage/NRRD files or DICOM folders. The first image (FIXED) is the
-reference: outputs are on its grid. Every output gets a provenance sidecar (x.nii.gz -> x.json):
-versions, input and output SHA-256, registration report, steps and timings; never patient
-identifiers. Outputs are never written over an existing file unless --overwrite is given
-(medfuse demo rewrites its own files in its own folder).
+reference: outputs are on its grid. Every output of fuse, register, batch and demo gets a
+provenance sidecar (x.nii.gz -> x.json): versions, input and output SHA-256, registration report,
+steps and timings; never patient identifiers (evaluate records its run in metrics.json instead).
+Outputs are never written over an existing file unless --overwrite is given (medfuse demo
+rewrites its own files in its own folder).
 """
 
 _EPILOG = """\
