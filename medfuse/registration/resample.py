@@ -120,7 +120,8 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
             ``volume`` (moving) points; identity when ``None``.
         interpolation: ``"linear"`` (default), ``"nearest"`` (label maps, masks), or ``"bspline"``.
             Boolean volumes always use nearest neighbour.
-        default: value outside ``volume``; default: -1024 for CT in HU, else 0 (False for boolean volumes).
+        default: value outside ``volume``; default: -1024 for CT in HU, else 0 (False for boolean volumes, which
+            take only False/True, 0 or 1).
             An integer volume resampled with nearest neighbour is widened when its type cannot hold it
             (``-1024`` in a uint16 CT comes back as int32, not as a wrapped-around 64512).
 
@@ -133,7 +134,7 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     Raises:
         InvalidInputError: a ``volume`` or ``reference`` that is not a Volume, a complex ``volume``, a
             ``transform`` that is not a 3-D (medfuse or SimpleITK) transform, an unknown ``interpolation``, a
-            ``default`` that is not a number.
+            ``default`` that is not a number (or, for a boolean volume, not 0 or 1).
     """
     import SimpleITK as sitk
 
@@ -156,6 +157,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     if not isinstance(default, (bool, np.bool_)):  # False is a mask's outside; a str fails in float() otherwise
         default = _checks.number(default, "default", finite=False, example="default=0 (the value outside the image)")
     if volume.array.dtype == bool:
+        if float(default) not in (0.0, 1.0):  # 7 became True: the outside of a mask marked as inside
+            raise InvalidInputError(f"a mask's default (the value outside it) must be False or True, got "
+                                    f"{float(default):g}", fix="pass default=False (or leave it out)")
         default = float(bool(default))
     src = _source_image(volume, interpolation, float(default))
     # The output grid by its geometry alone: a reference image would allocate a byte a voxel for nothing.

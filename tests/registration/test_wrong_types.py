@@ -192,3 +192,14 @@ def test_resample_refuses_a_complex_volume_with_a_fix():
         resample(z, v)
     _typed(ei)
     assert "np.abs" in ei.value.fix
+
+
+def test_resample_refuses_a_mask_default_that_is_no_truth_value():
+    """``default=7`` for a boolean volume became True: everything outside the mask was marked inside."""
+    v = _vol()
+    mask = Volume(v.array > 0.5, v.affine)
+    with pytest.raises(InvalidInputError, match="must be False or True, got 7") as ei:
+        resample(mask, v, default=7)
+    _typed(ei)
+    for ok in (False, True, 0, 1.0):
+        assert resample(mask, v, default=ok).array.dtype == bool
