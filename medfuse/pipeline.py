@@ -322,23 +322,21 @@ def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> Non
     """Refuse an unregistered moving image that lies wholly outside the fixed grid; warn when it covers little.
 
     Why: resampled there it is only the background value, so the "fused" image was the fixed image alone, with
-    no word of it (``register`` refuses such a pair; ``register=None`` skipped that check).
-    World boxes are axis-aligned, so the share is an upper bound for oblique grids; disjoint boxes are exact.
+    no word of it (``register`` refuses such a pair; ``register=None`` skipped that check). The share is
+    :func:`medfuse.registration.resample.coverage`'s.
 
     Raises:
         GeometryError: the two fields of view do not meet at all.
     """
-    from .registration.register import _edges  # the world (LPS mm) box around a volume's voxels, edges included
+    from .registration.resample import coverage
 
-    (a0, a1), (b0, b1) = _edges(ref), _edges(v)
-    overlap = np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None)
-    if not np.all(overlap > 0):
+    share = coverage(v, ref)
+    if share == 0:
         raise GeometryError(f"input {n} lies wholly outside the fixed image's field of view (world coordinates); "
                             "resampled onto the fixed grid it would be empty",
                             fix="check that the images belong together; if they show the same anatomy in unrelated "
                                 "scanner coordinates, register them (register='rigid' with initialise='geometry', "
                                 "or --register rigid)")
-    share = float(np.prod(overlap) / np.prod(a1 - a0))
     if share < _LOW_COVERAGE:
         msg = (f"input {n} covers only {share:.0%} of the fixed image's field of view; elsewhere the fused image "
                "holds the fixed image alone")

@@ -14,7 +14,7 @@ from .. import _checks
 from ..errors import InvalidInputError, MedfuseWarning
 from ..volume import Volume, affine_from_geometry
 
-__all__ = ["resample", "resample_to_common_grid", "common_grid"]
+__all__ = ["resample", "resample_to_common_grid", "common_grid", "coverage"]
 
 _INTERP = ("linear", "nearest", "bspline")
 
@@ -198,6 +198,53 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
                     shape=list(reference.shape), spacing=[round(s, 6) for s in reference.spacing])
     res.provenance["resampled"] = True
     return res
+
+
+def _world_box(corners: np.ndarray):
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def _grid_corners(v: Volume) -> np.ndarray:
+    """The 8 world (LPS mm) corners of ``v``'s voxels, their edges included."""
+    s = np.asarray(v.shape[:3], dtype=float)
+    return v.index_to_world(np.array([[i, j, k] for i in (-0.5, s[0] - 0.5) for j in (-0.5, s[1] - 0.5)
+                                      for k in (-0.5, s[2] - 0.5)]))
+
+
+def coverage(volume: Volume, reference: Volume, *, transform=None) -> float:
+    """About how much of ``reference``'s field of view ``volume`` covers once resampled onto it (0..1).
+
+    Why: resampled where it has no voxels, an image is only its background value, so a "fusion" with an image that
+    misses the reference (or meets it in one slice) was the reference alone, with no word. Callers refuse 0 and
+    warn on little. The boxes are axis-aligned around each grid, so 0 is exact (disjoint boxes never meet) and
+    other values are an upper bound for oblique grids.
+
+    Args:
+        volume: the image to be resampled (moving space).
+        reference: the grid it would be resampled onto (fixed space).
+        transform: as for :func:`resample`: a Transform mapping reference points to ``volume``'s points (None:
+            identity). A deformable one is not judged: 1.0.
+
+    Returns:
+        The share of the reference's box that lies inside ``volume``'s box, 0.0 to 1.0.
+
+    Raises:
+        InvalidInputError: ``volume`` or ``reference`` is not a Volume, or ``transform`` is not a transform.
+    """
+    from .transforms import Transform
+
+    _check_volume(volume, "volume")
+    _check_volume(reference, "reference")
+    corners = _grid_corners(reference)
+    if transform is not None:
+        if not isinstance(transform, Transform):
+            transform = Transform(transform)
+        if not transform.is_linear:
+            return 1.0
+        corners = transform.transform_points(corners)
+    (a0, a1), (b0, b1) = _world_box(corners), _world_box(_grid_corners(volume))
+    overlap = np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None)
+    return float(np.prod(overlap) / np.prod(np.maximum(a1 - a0, 1e-12)))
 
 
 def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volume:

@@ -55,3 +55,16 @@ def test_a_registered_moving_image_is_not_judged_by_its_scanner_coordinates():
                                                         [0, 0, 0, 1]]))]
     out = ResampleStep()(state)
     np.testing.assert_allclose(out.volumes[1].array, far.array, atol=1e-5)
+
+
+def test_coverage_follows_a_linear_transform_and_refuses_wrong_types():
+    from medfuse.errors import InvalidInputError
+    from medfuse.registration import Transform, coverage
+
+    fixed, far = _vol(), _vol(origin=(5000.0, 0, 0), seed=1)
+    assert coverage(far, fixed) == 0.0
+    assert coverage(_vol(origin=(24.0, 0, 0)), fixed) == pytest.approx(0.5)  # half of the 48 mm box along x
+    back = Transform.from_matrix(np.array([[1, 0, 0, 5000.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    assert coverage(far, fixed, transform=back) == pytest.approx(1.0)
+    with pytest.raises(InvalidInputError):
+        coverage(far.array, fixed)
