@@ -49,9 +49,10 @@ import warnings
 import numpy as np
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
-from ._checks import MAX_THREADS, whole
+from ._checks import MAX_THREADS, choice, describe, flag, label, whole
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
-from .volume import Volume
+from .fusion.normalise import _METHODS as _NORMALISE_METHODS
+from .volume import Volume, normalise_modality
 
 try:
     from monai.config import KeysCollection
@@ -151,6 +152,24 @@ def _checked_threads(threads: Any) -> Optional[int]:
                  example="threads=1 for bit-identical results, or leave it out")
 
 
+def _checked_modality(modality: Any, what: str = "modality") -> Optional[str]:
+    """A modality override as medfuse spells it (``"PET"`` -> ``"PT"``), or None; a typo fails when built."""
+    if modality is None:
+        return None
+    if not isinstance(modality, str):
+        raise InvalidInputError(f"{what} must be a modality name (a str) or None, got {describe(modality)}",
+                                fix="pass e.g. modality='CT', or a {key: modality} mapping for LoadVolumed")
+    return normalise_modality(modality)
+
+
+def _checked_key(key: Any, what: str) -> Hashable:
+    """A data key (a str, or another hashable that is not None); a list failed later as "unhashable type"."""
+    if key is None or not isinstance(key, Hashable) or isinstance(key, tuple):
+        raise InvalidInputError(f"{what} must be one key of the data dict (e.g. a str), got {describe(key)}",
+                                fix=f"pass e.g. {what}='fused'" if what == "output_key" else f"pass e.g. {what}='mr'")
+    return key
+
+
 def _repr(obj: Any, **params: Any) -> str:
     """``Name(param=value, ...)``: MONAI's "applying transform ..." errors and logs then say what ran."""
     shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
@@ -200,7 +219,8 @@ class LoadVolume(Transform):
     A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume.
 
     Raises:
-        InvalidInputError: when built, an unknown ``suv`` (:data:`medfuse.io.SUV_CHOICES`); when called, the input
+        InvalidInputError: when built, an unknown ``modality`` or ``suv`` (:data:`medfuse.io.SUV_CHOICES`), or
+            ``as_tensor`` not True or False; when called, the input
             is neither a path nor an image (a bare array: wrap it as ``medfuse.Volume(array, affine)``); the errors of :func:`medfuse.load` (``UnreadableFileError``,
             ``MultipleSeriesError``, ``SUVError``...) for a file it cannot read.
     """
@@ -209,13 +229,15 @@ class LoadVolume(Transform):
         from .io import _check_suv
 
         # Checked here: a wrong value would fail only at the first load, inside a DataLoader worker.
-        self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), as_tensor
+        self.modality, self.suv = _checked_modality(modality), _check_suv(suv)
+        self.as_tensor = flag(as_tensor, "as_tensor")
 
     def __call__(self, path: Any) -> Any:
         from .io import load
 
         if isinstance(path, Volume):
-            vol = path
+            # The override applies to an image loaded already too (it did for a MetaTensor, not for a Volume).
+            vol = path if self.modality is None else path.with_array(path.array, modality=self.modality)
         elif _is_metatensor(path):  # already loaded (e.g. by MONAI's LoadImage): only converted
             vol = Volume.from_metatensor(path, modality=self.modality)
         elif not isinstance(path, (str, os.PathLike)):
@@ -250,7 +272,11 @@ class LoadVolumed(MapTransform):
         super().__init__(keys, allow_missing_keys)
         from .io import _check_suv
 
-        self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), as_tensor
+        if isinstance(modality, Mapping):
+            modality = {k: _checked_modality(m, f"modality of {k!r}") for k, m in modality.items()}
+        else:
+            modality = _checked_modality(modality)
+        self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), flag(as_tensor, "as_tensor")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
@@ -280,12 +306,17 @@ class RegisterToReference(Transform, ThreadUnsafe):
     channel layout ``moving`` came in (a Volume, or a MetaTensor ``(I, J, K)`` or ``(1, I, J, K)``).
 
     Raises:
-        InvalidInputError: ``threads`` is not None or a whole number of 1 or more (when the transform is built);
+        InvalidInputError: an unknown ``kind``, or ``threads`` not None or a whole number of 1 or more (when the
+            transform is built);
             an input that is not a Volume or MetaTensor, or an option :func:`medfuse.register` does not take.
         RegistrationError: registration cannot run on these images (no overlap, a constant image...).
     """
 
     def __init__(self, *, kind: Optional[str] = "rigid", threads: Optional[int] = None, **options: Any):
+        from .pipeline import REGISTER_KINDS
+
+        # Checked here: a typo would fail only at the first item, inside a DataLoader worker.
+        choice(kind, "registration kind", REGISTER_KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
         self.kind, self.threads, self.options = kind, _checked_threads(threads), options
         self.last_report: Optional[Dict[str, Any]] = None
 
@@ -332,7 +363,8 @@ class RegisterToReferenced(MapTransform):
         allow_missing_keys: skip absent keys instead of failing.
 
     Raises:
-        InvalidInputError: ``reference_key`` is not in the data, or as :class:`RegisterToReference`.
+        InvalidInputError: when built, a ``reference_key`` that is no key (a list, None) or an empty
+            ``report_postfix``; when called, ``reference_key`` is not in the data; or as :class:`RegisterToReference`.
         RegistrationError: as :class:`RegisterToReference`; the message names the moving image's file.
     """
 
@@ -340,7 +372,11 @@ class RegisterToReferenced(MapTransform):
                  threads: Optional[int] = None, report_postfix: Optional[str] = "_registration",
                  allow_missing_keys: bool = False, **options: Any):
         super().__init__(keys, allow_missing_keys)
-        self.reference_key = reference_key
+        self.reference_key = _checked_key(reference_key, "reference_key")
+        if report_postfix is not None and (not isinstance(report_postfix, str) or not report_postfix):
+            # "" stored the report under the image's own key: the registered image was replaced by a dict.
+            raise InvalidInputError(f"report_postfix must be a non-empty str or None, got {label(report_postfix)}",
+                                    fix="leave it out ('_registration'), or pass None to keep no report")
         self.report_postfix = report_postfix
         self.register = RegisterToReference(kind=kind, threads=threads, **options)
 
@@ -385,15 +421,28 @@ class FuseModalities(Transform):
             ``PersistentDataset(hash_transform=pickle_hashing)`` gives other options another cache key.
 
     Raises:
-        InvalidInputError: not a list of two or three images, an input that is not a Volume or MetaTensor, or
-            an unknown method, device, normalisation or option.
+        InvalidInputError: when built, an unknown method, fallback (a classical rule), device or normalisation
+            name, or ``resample``/``as_tensor`` not True or False; when called, not a list of two or three
+            images, an input that is not a Volume or MetaTensor, or an option the method does not take.
         GeometryError: an image is not on the first one's grid (and ``resample`` is False).
     """
 
     def __init__(self, *, method: str = "network", device: str = "cpu", normalise: Any = "auto",
                  fallback: Optional[str] = None, resample: bool = False, as_tensor: bool = True, **options: Any):
+        from .fusion.device import check_device_name, check_network_device
+        from .pipeline import _fusion_method
+
+        # Checked here: a typo would fail only at the first item (inside a DataLoader worker), and a fallback typo
+        # only on the day the network could not run. A fallback is a classical rule ("network" reran the network
+        # with the shipped weights in place of the caller's).
+        method = _fusion_method(method)
+        fallback = None if fallback is None else _fusion_method(fallback, what="fallback method", classical=True)
+        check_device_name(device)
+        check_network_device(method, device)
+        if isinstance(normalise, str):
+            choice(normalise, "normalisation", ("auto", *_NORMALISE_METHODS))
         self.method, self.device, self.normalise = method, device, normalise
-        self.fallback, self.resample, self.as_tensor = fallback, resample, as_tensor
+        self.fallback, self.resample, self.as_tensor = fallback, flag(resample, "resample"), flag(as_tensor, "as_tensor")
         self.options = options
 
     def __call__(self, images: Sequence[Any]) -> Any:
@@ -403,8 +452,9 @@ class FuseModalities(Transform):
         """Fuse ``images``; ``names`` (the dictionary keys) name them in errors (default "image 1", ...)."""
         from .pipeline import _fuse, _fusion_unavailable, _itk_threads
 
-        if isinstance(images, (Volume, str)) or _is_metatensor(images) or not 2 <= len(images) <= 3:
-            what = f"{len(images)} image(s)" if isinstance(images, (list, tuple)) else f"a {type(images).__name__}"
+        if not isinstance(images, (list, tuple)) or not 2 <= len(images) <= 3:
+            # A Volume, a str, None, an int or a generator: len() of them failed bare, or read a path's letters.
+            what = f"{len(images)} image(s)" if isinstance(images, (list, tuple)) else describe(images)
             raise InvalidInputError(f"fusion needs a list of two or three images, got {what}",
                                     fix="pass [reference, other] or [reference, other, third], on one grid")
         keyed = names is not None
@@ -477,7 +527,9 @@ class FuseModalitiesd(MapTransform):
     Raises:
         GeometryError: an image is not on the first key's grid; the message names both keys, how the grids
             differ and the transform that mends it (``RegisterToReferenced``, or ``resample=True``).
-        InvalidInputError: fewer than two keys, an input that is not an image, an option the method lacks.
+        InvalidInputError: when built, an ``output_key`` that is no key (None, a list) or as
+            :class:`FuseModalities`; when called, fewer than two keys, an input that is not an image, an option the
+            method lacks.
     """
 
     def __init__(self, keys: KeysCollection, *, output_key: str = "fused", method: str = "network",
@@ -485,7 +537,7 @@ class FuseModalitiesd(MapTransform):
                  resample: bool = False, as_tensor: bool = True, delete_keys: bool = False,
                  allow_missing_keys: bool = False, **options: Any):
         super().__init__(keys, allow_missing_keys)
-        self.output_key, self.delete_keys = output_key, delete_keys
+        self.output_key, self.delete_keys = _checked_key(output_key, "output_key"), flag(delete_keys, "delete_keys")
         self.fuse = FuseModalities(method=method, device=device, normalise=normalise, fallback=fallback,
                                    resample=resample, as_tensor=as_tensor, **options)
 
