@@ -1096,7 +1096,7 @@ def require_finite(array: Any, what: str, *, before: str) -> None:
     if bad:
         # Why the hint: NaN usually marks voxels outside a resampled field of view or a mask.
         raise InvalidInputError(
-            f"{what} has {bad} NaN or infinite values ({100.0 * bad / arr.size:.2g} % of it)",
+            f"{what} has {bad} NaN or infinite values ({100.0 * bad / arr.size:.3g} % of it)",
             fix=f"replace them before {before}: numpy.nan_to_num(array, nan=0.0), for a Volume "
             "v.with_array(numpy.nan_to_num(v.array, nan=0.0)); or save the file with them set to 0",
         )

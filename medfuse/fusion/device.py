@@ -22,6 +22,8 @@ def check_device_name(device) -> str:
     is_torch_device = type(device).__module__ == "torch" and type(device).__name__ == "device"
     name = (device if isinstance(device, str) else str(device) if is_torch_device else "").strip().lower()
     kind, sep, index = name.partition(":")
+    if kind == "cpu" and sep and index.isdigit():  # torch's spelling of its one CPU device
+        return "cpu"
     if name in ("auto", "cpu", "mps") or (kind == "cuda" and (not sep or index.isdigit())):
         return name
     raise InvalidInputError(f"unknown device {label(device)}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")

@@ -193,7 +193,7 @@ def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
                                 fix=("colour images fuse only with a grey one (medfuse.fuse(grey, rgb)); convert "
                                      "the others to grey first. Volumes this thin: fuse them slice by slice with "
                                      "the 2-D path (medfuse.fuse does so for Volumes)"
-                                     if len(shape) == 3 and shape[2] in (3, 4)
+                                     if len(shape) == 3 and shape[2] in (3, 4) and min(shape[:2]) >= MIN_SIZE_3D
                                      else "fuse thin volumes slice by slice with the 2-D path (medfuse.fuse does so "
                                           "for Volumes thin along one axis)" if len(shape) == 3
                                      else "use a classical rule for tiny images" if min(shape) >= 2

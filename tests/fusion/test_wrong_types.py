@@ -267,3 +267,15 @@ def test_a_torch_device_is_a_device_name():
 
     assert check_device_name(torch.device("cpu")) == "cpu"
     assert check_device_name(torch.device("cuda", 1)) == "cuda:1"
+
+
+def test_small_messages_found_by_a_probe():
+    import medfuse
+    from medfuse.fusion.device import check_device_name
+
+    assert check_device_name("cpu:0") == "cpu"  # torch's spelling; it was refused
+    tiny = np.random.default_rng(0).random((4, 4, 4))
+    err = _raises(InvalidInputError, lambda: medfuse.fuse(tiny, tiny))
+    assert "colour" not in err.fix  # a 4x4x4 volume is no RGBA image
+    nan = np.full((8, 8), np.nan)
+    assert "(100 % of it)" in str(_raises(InvalidInputError, lambda: medfuse.fuse(nan, nan, method="max")))
