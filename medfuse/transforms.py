@@ -382,6 +382,8 @@ class RegisterToReferenced(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
+        if self.reference_key not in d and self.allow_missing_keys and not list(self.key_iterator(d)):
+            return d  # nothing to register, nothing to register onto: skipped, as MONAI's transforms skip
         if self.reference_key not in d:
             raise InvalidInputError(f"the reference key {self.reference_key!r} is not in the data "
                                     f"(keys: {', '.join(map(str, d))})", fix="load the reference image first")

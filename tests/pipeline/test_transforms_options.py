@@ -67,3 +67,10 @@ def test_settings_in_any_letter_case_and_a_modality_override_of_a_loaded_volume(
     assert FuseModalities(method="MAX", fallback="Mean").method == "max"
     assert tuple(FuseModalities(method="max")([v, _vol(1)]).shape) == (1, 16, 16, 16)
     assert LoadVolume(as_tensor=np.True_).as_tensor is True
+
+
+def test_register_to_referenced_skips_an_item_with_none_of_its_keys_when_missing_keys_are_allowed():
+    t = RegisterToReferenced(keys=["pet"], reference_key="mr", allow_missing_keys=True)
+    assert t({"label": 1}) == {"label": 1}
+    with pytest.raises(InvalidInputError, match="reference key 'mr' is not in the data"):
+        t({"pet": _vol()})  # a moving image without its reference is still an error
