@@ -6,6 +6,7 @@ never fires and the widget shows the clean ``MedfuseError.one_line()`` instead.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -21,12 +22,32 @@ class Outcome:
     error: Optional[BaseException] = None
 
 
+#: Python/command-line advice in medfuse's messages, and what a napari user does instead (like ``_cli_error`` in
+#: medfuse/cli.py does for the command line). Only the common ones; the rest is shown as medfuse words it.
+_NAPARI_ADVICE = (
+    (re.compile(r"\(medfuse\.register, or --register \w+ on the command line\)"),
+     "(in the Register tab of the medfuse panel)"),
+    (re.compile(r"numpy\.nan_to_num\(array, nan=0\.0\), for a Volume v\.with_array\(numpy\.nan_to_num\("
+                r"v\.array, nan=0\.0\)\); or save the file with them set to 0"),
+     "save the image with them set to 0 (in the program that made it) and open that file instead"),
+    (re.compile(r"pass the folder \(or whole_series=True\)"),
+     "open the series folder (File > Open Folder…) instead of one of its files"),
+)
+
+
+def napari_words(message: str) -> str:
+    """``message`` with the Python/command-line fixes medfuse gives put in napari terms (see ``_NAPARI_ADVICE``)."""
+    for pattern, replacement in _NAPARI_ADVICE:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 def error_message(exc: BaseException, what: str) -> str:
-    """One-line, identifier-free message for a notification."""
+    """One-line, identifier-free message for a notification, its fix in napari terms."""
     from medfuse.errors import MedfuseError
 
     if isinstance(exc, MedfuseError):
-        return exc.one_line()
+        return napari_words(exc.one_line())
     return f"{what} failed unexpectedly ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
 
 

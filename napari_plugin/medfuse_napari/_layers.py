@@ -213,6 +213,14 @@ def resample_between(volume: Volume, world: np.ndarray, ref: Volume, ref_world: 
     return resample(volume, ref, transform=Transform.from_matrix(m))
 
 
+def coverage_between(volume: Volume, world: np.ndarray, ref: Volume, ref_world: np.ndarray) -> float:
+    """Share (0..1) of ``ref``'s grid that ``volume`` covers, both placed as for :func:`resample_between`."""
+    from medfuse.registration import Transform, coverage
+
+    m = np.linalg.inv(world) @ ref_world  # the same transform resample_between uses
+    return coverage(volume, ref, transform=None if np.allclose(m, np.eye(4), atol=1e-9) else Transform.from_matrix(m))
+
+
 def native_volume(layer: Any) -> Volume:
     """The volume as the file holds it (voxel order and true affine), ignoring any registration affine.
 

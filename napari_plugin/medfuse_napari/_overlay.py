@@ -238,6 +238,11 @@ class OverlayPanel(QWidget):
 
         # Saved by layer identity, not name: a layer renamed meanwhile must still get its state back.
         self._hidden: Dict[int, Tuple[Any, bool]] = {}
+        # Layers the flicker toggled, with their visibility before it: put back when the flicker stops or its
+        # target changes (another overlay, a compare view built or ended), so no layer is left hidden.
+        self._flickered: Dict[int, Tuple[Any, bool]] = {}
+        self._compared: Tuple[Any, ...] = ()  # the pair a compare view shows (ended when one is closed)
+        self._pair_tips = {c: c.toolTip() for c in (self.opacity, self.blending)}
         self._renderings: Dict[int, Tuple[Any, str]] = {}
         self._resampled_cache: Optional[tuple] = None  # (inputs, placements, the overlay on the base grid)
         self._watched = []
@@ -264,6 +269,7 @@ class OverlayPanel(QWidget):
         self.viewer.cursor.events.position.connect(self._cursor_moved)
         # A plain function, not a method: it holds nothing of the panel, so closing the widget leaves no dead slot.
         self.viewer.layers.events.inserted.connect(_widen_inserted)
+        self.viewer.layers.events.removed.connect(self._layer_removed)
         for layer in self.viewer.layers:
             widen_contrast_range(layer)
         self._pair_changed()
@@ -295,6 +301,7 @@ class OverlayPanel(QWidget):
                 pass
 
     def _pair_changed(self, *_: Any) -> None:
+        self._unflick()  # the previous overlay is not left hidden by a flicker that moves to the new one
         for layer in self._watched:
             self._watch(layer, connect=False)
         self._watched = []
@@ -433,6 +440,8 @@ class OverlayPanel(QWidget):
         from medfuse.errors import MedfuseError
         from napari.utils.notifications import show_error
 
+        from ._jobs import napari_words
+
         if self.compare.currentText() != mode:
             self.compare.setCurrentText(mode)  # re-enters through the signal
             return
@@ -447,7 +456,7 @@ class OverlayPanel(QWidget):
         try:
             self._build_compare(base, ov, mode)
         except MedfuseError as exc:
-            show_error(exc.one_line())
+            show_error(napari_words(exc.one_line()))
             self._reset_mode()
 
     def _reset_mode(self) -> None:
@@ -463,7 +472,21 @@ class OverlayPanel(QWidget):
         placement = (data_to_world(base).tobytes(), data_to_world(ov).tobytes())
         cached = self._resampled_cache
         if cached is None or cached[1] != placement or not all(_alive(r) is o for r, o in zip(cached[0], objects)):
-            cached = (tuple(_weak(o) for o in objects), placement, resample_onto(ov, base).array)
+            import warnings
+
+            from medfuse.errors import MedfuseWarning
+            from napari.utils.notifications import show_warning
+
+            from ._jobs import napari_words
+
+            with warnings.catch_warnings(record=True) as caught:  # medfuse's advice in napari terms
+                warnings.simplefilter("always", MedfuseWarning)
+                cached = (tuple(_weak(o) for o in objects), placement, resample_onto(ov, base).array)
+            for w in caught:
+                if issubclass(w.category, MedfuseWarning):
+                    show_warning(napari_words(str(w.message)))
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._resampled_cache = cached
         return cached[2]
 
@@ -480,9 +503,12 @@ class OverlayPanel(QWidget):
         mask = self._mask(base, mode)
         b_data = np.where(mask, layer_array(base), base.contrast_limits[0])
         o_data = np.where(mask, ov.contrast_limits[0], ov_data)
+        self._unflick()  # record the visibility the user set, not the flicker's current phase
         self._hidden = {id(l): (l, l.visible) for l in self.viewer.layers}
         for l in self.viewer.layers:
             l.visible = False
+        self._compared = (base, ov)
+        self._pair_controls(compare=True)
         geo = layer_geometry(base)
         # Additive over black: each tile shows exactly one of the two images, in its own colours.
         for name, data, src in (("compare: base", b_data, base), ("compare: overlay", o_data, ov)):
@@ -510,12 +536,40 @@ class OverlayPanel(QWidget):
         self.set_compare(mode)
 
     def _clear_compare(self) -> None:
+        self._unflick()
+        self._compared = ()
         for l in [l for l in self.viewer.layers if _is_compare(l)]:
             self.viewer.layers.remove(l)
         for layer, visible in self._hidden.values():
             if any(layer is l for l in self.viewer.layers):
                 layer.visible = visible
         self._hidden = {}
+        self._pair_controls(compare=False)
+
+    def _pair_controls(self, compare: bool) -> None:
+        """Disable opacity/blending in a compare view: they act on the overlay layer, hidden there (why the tip)."""
+        for control, tip in self._pair_tips.items():
+            control.setEnabled(not compare)
+            control.setToolTip(tip + (" Not used in checkerboard/curtain mode: each tile shows one image at full "
+                                      "opacity; back to 'overlay' mode to change it." if compare else ""))
+
+    def _layer_removed(self, event: Any) -> None:
+        """End a compare view whose base or overlay was closed, with a notice.
+
+        Why: the overlay picker moves to the next layer, and the view silently compared another image.
+        """
+        try:
+            gone = getattr(event, "value", None)
+            if gone is None or not any(gone is l for l in self._compared):
+                return
+            from napari.utils.notifications import show_info
+
+            mode = self.compare.currentText()
+            self._clear_compare()
+            self._reset_mode()
+            show_info(f"The {mode} view ended: '{gone.name}', one of its two layers, was closed.")
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            self.viewer.layers.events.removed.disconnect(self._layer_removed)
 
     def set_flicker(self, on: bool) -> None:
         """Toggle the overlay (or the compare overlay) on and off twice a second."""
@@ -523,9 +577,14 @@ class OverlayPanel(QWidget):
             self._flicker_timer.start()
         else:
             self._flicker_timer.stop()
-            target = self._flicker_target()
-            if target is not None:
-                target.visible = True
+            self._unflick()
+
+    def _unflick(self) -> None:
+        """Give the layers the flicker toggled their visibility from before it (those still open)."""
+        flickered, self._flickered = self._flickered, {}
+        for layer, visible in flickered.values():
+            if any(layer is l for l in self.viewer.layers):
+                layer.visible = visible
 
     def _flicker_target(self):
         compare = [l for l in self.viewer.layers if _is_compare(l) and l.name == "compare: overlay"]
@@ -534,6 +593,7 @@ class OverlayPanel(QWidget):
     def _flick(self) -> None:
         target = self._flicker_target()
         if target is not None:
+            self._flickered.setdefault(id(target), (target, target.visible))
             target.visible = not target.visible
 
     # -------------------------------------------------------------------- views

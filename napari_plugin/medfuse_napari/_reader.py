@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from pathlib import Path
 from typing import List, Tuple
@@ -85,19 +86,79 @@ def layer_name(path) -> str:
 
 
 def _read(path):
-    from medfuse.errors import MedfuseError
+    import warnings
+
+    from medfuse.errors import MedfuseError, MedfuseWarning
     from napari.utils.notifications import show_error, show_warning
 
     if isinstance(path, (list, tuple)):
         path = path[0]
-    try:
-        layers, problems = _layers_for(path)
-    except MedfuseError as exc:  # a notification, never a traceback dialog
-        show_error(exc.one_line())
-        return [(None,)]  # napari's sentinel for "read, nothing to add"
+    identifiers = _identifiers(path)
+    error = None
+    # medfuse's own warnings are shown here, cleaned, rather than by napari's hook (which quotes them raw).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            layers, problems = _layers_for(path)
+        except MedfuseError as exc:  # a notification, never a traceback dialog
+            layers, problems, error = [(None,)], [], exc.one_line()  # napari's sentinel for "read, nothing to add"
+    for w in caught:
+        if issubclass(w.category, MedfuseWarning):
+            show_warning(_clean(str(w.message), identifiers))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if error is not None:
+        show_error(_clean(error, identifiers))
+        return layers
     for problem in problems:  # a series that could not be read, beside others that could
-        show_warning(problem)
+        show_warning(_clean(problem, identifiers))
+    for layer in layers:
+        _blank_name(layer, identifiers)
     return layers
+
+
+def _identifiers(path) -> List[str]:
+    """The patient name/ID/birth date of a DICOM input (nothing for other files), to blank from what is shown.
+
+    Why: a PACS export folder is often named after the patient (``MRN998877_DOE``); the CLI blanks its messages
+    the same way (``_scrubbed`` in medfuse/cli.py).
+    """
+    try:
+        from medfuse.provenance import patient_identifiers
+
+        return patient_identifiers([path])
+    except Exception:  # noqa: BLE001 - reading must go on; the worst case is an unblanked message
+        return []
+
+
+def _clean(message: str, identifiers: List[str]) -> str:
+    """A reader message for a notification: identifiers blanked, Python advice in napari terms."""
+    from medfuse.provenance import scrub
+
+    from ._jobs import napari_words
+
+    return napari_words(scrub(message, identifiers))
+
+
+def _blank_name(layer: tuple, identifiers: List[str]) -> None:
+    """Rename a layer whose name (from a folder or file name) holds an identifier: modality + series description.
+
+    The description is free text too: used only when it holds no identifier, else just "series".
+    """
+    from medfuse.provenance import scrub
+
+    if len(layer) < 2 or not isinstance(layer[1], dict) or not identifiers:
+        return
+    name = str(layer[1].get("name", ""))
+    if scrub(name, identifiers) == name:
+        return
+    md = layer[1].get("metadata", {}).get("medfuse", {})
+    desc = " ".join(str(md.get("provenance", {}).get("series_description", "") or "").split())
+    if not desc or scrub(desc, identifiers) != desc:
+        desc = "series"
+    suffix = re.search(r" \[\d+\]$", name)  # a volume number of a 4-D series on several grids
+    layer[1]["name"] = " ".join(p for p in (str(md.get("modality") or ""), desc) if p) + (suffix.group() if suffix
+                                                                                          else "")
 
 
 def _layers_for(path) -> Tuple[List[tuple], List[str]]:
@@ -156,7 +217,13 @@ def _slice_file_layers(path) -> Tuple[List[tuple], List[str]]:
     try:
         volumes = medfuse.load_volumes(path, whole_series=True)
     except MedfuseError as exc:
-        volumes = medfuse.load_volumes(path)  # errors about the file itself are raised here
+        import warnings
+
+        from medfuse.errors import MedfuseWarning
+
+        with warnings.catch_warnings():  # "loaded alone; pass the folder": the series was tried, said below
+            warnings.filterwarnings("ignore", message=".*loaded alone", category=MedfuseWarning)
+            volumes = medfuse.load_volumes(path)  # errors about the file itself are raised here
         return _series_layers(volumes, layer_name(path)), [
             f"{layer_name(path)}: only this file is shown; its series could not be read: {exc.one_line()}"]
     source = Path(str(volumes[0].provenance.get("source", path)))

@@ -12,8 +12,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFra
 
 from . import _jobs
 from ._combo import LayerCombo
-from ._layers import (FUNCTIONAL, layer_array, layer_geometry, layer_matrix, layer_to_volume, lps_to_world, meta,
-                      native_volume, resample_between, viewer_alignment, world_matrix)
+from ._layers import (FUNCTIONAL, coverage_between, layer_array, layer_geometry, layer_matrix, layer_to_volume,
+                      lps_to_world, meta, native_volume, resample_between, viewer_alignment, world_matrix)
 from ._overlay import OverlayPanel, _is_compare
 
 KINDS = ("rigid", "affine", "deformable")
@@ -266,7 +266,7 @@ class RegisterPanel(QWidget):
             preset = None if self.pair.currentText() == "auto" else self.pair.currentText()
             self._iterations = self._stage_iterations(preset, fixed.modality, moving.modality)
         except MedfuseError as exc:
-            _notify_error(exc.one_line())
+            _notify_error(_jobs.error_message(exc, "registration"))
             return
         self.token = CancelToken()
         relay = _jobs.ProgressRelay()
@@ -324,7 +324,7 @@ class RegisterPanel(QWidget):
         try:
             return str(self.result.transform.save(path, overwrite=True))  # the dialog asked about overwriting
         except MedfuseError as exc:
-            _notify_error(exc.one_line())
+            _notify_error(_jobs.error_message(exc, "saving the transform"))
             return None
 
     def _save_dialog(self) -> None:
@@ -520,6 +520,10 @@ class FusePanel(QWidget):
         from medfuse.errors import MedfuseError
         from medfuse.progress import CancelToken
 
+        # A new attempt: the last run's "added 'fused (mean)'" at 100 % must not stand beside a refusal.
+        if self.worker is None:
+            self.progress.setValue(0)
+            self.status.setText("")
         chosen = [c.layer() for c in self.inputs]
         chosen = [l for l in chosen if l is not None]
         if len(chosen) < 2 or len({id(l) for l in chosen}) != len(chosen):
@@ -565,7 +569,9 @@ class FusePanel(QWidget):
             else:
                 placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
         except MedfuseError as exc:
-            _notify_error(exc.one_line())
+            _notify_error(_jobs.error_message(exc, "fusion"))
+            return
+        if not all(flat) and not self._check_overlap(chosen, placed):
             return
         self.token = CancelToken()
         token = self.token
@@ -600,6 +606,31 @@ class FusePanel(QWidget):
         self.progress.setValue(0)
         self.status.setText(f"fusing {', '.join(names)} ({method})…")
         self.worker = _jobs.start(job, self._on_done, cancel=token)
+
+    def _check_overlap(self, chosen, placed) -> bool:
+        """Refuse a layer outside the base's field of view; warn on little overlap or an empty (all-0) layer.
+
+        Why: resampled where it has no voxels a layer is only background, so the "fusion" was the base alone,
+        with no word. False when refused (a notification was shown).
+        """
+        base = chosen[0].name
+        ref, ref_world = placed[0]
+        for layer, (vol, world) in zip(chosen[1:], placed[1:]):
+            share = coverage_between(vol, world, ref, ref_world)
+            if share <= 0.0:
+                self.status.setText("not fused")
+                _notify_error(f"'{layer.name}' does not overlap the base '{base}' where napari shows them, so the "
+                              f"fused image would be the base alone. Fix: align '{layer.name}' onto '{base}' in the "
+                              f"Register tab first (or check that the right layers are picked).")
+                return False
+            if share < 0.2:
+                _notify_warning(f"'{layer.name}' covers only {share:.0%} of the base '{base}' where napari shows "
+                                f"them: outside it the fused image is the base alone. Check the alignment (Register "
+                                f"tab) if that is not expected.")
+            if not np.any(vol.array):
+                _notify_warning(f"'{layer.name}' holds no signal (every voxel is 0): the fused image will be the "
+                                f"base '{base}' alone.")
+        return True
 
     def cancel(self) -> None:
         """Ask the running fusion to stop (it raises CancelledError at its next check)."""
@@ -650,7 +681,7 @@ class FusePanel(QWidget):
         # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a
         # registration, anisotropic voxels): in the GUI, not only in a log the radiologist never sees.
         for note in prov.get("warnings", []) or []:
-            _notify_warning(f"fused ({method}): {note}")
+            _notify_warning(_jobs.napari_words(f"fused ({method}): {note}"))
 
 
 def make_widget(napari_viewer: Any) -> MedfuseWidget:
