@@ -32,7 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError
+from .._checks import MAX_THREADS
+from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError,
+                      WeightsError)
 from ..harvard import case_of, split_cases  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
@@ -736,6 +738,23 @@ def check_resume_options(args: argparse.Namespace, path: Path) -> List[str]:
     return notes
 
 
+def check_finite(tensors, what: str) -> None:
+    """Refuse weights holding NaN/inf (a diverged run): they exported fine and only ``fuse`` refused them later.
+
+    ``tensors``: a model or a {name: tensor} dict. Raises :class:`~medfuse.errors.WeightsError` naming the first
+    bad tensor.
+    """
+    import torch
+
+    items = tensors.state_dict().items() if hasattr(tensors, "state_dict") else tensors.items()
+    for name, t in items:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{what}: tensor {name} holds NaN or infinite values (the training diverged); "
+                               "nothing was exported",
+                               fix="lower --lr, or check the loss-weight options (--vif-weight, --ssim-weight, "
+                                   "--qabf-weight, --plane-weight, --hot-spot-weight, ...)")
+
+
 def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) -> Path:
     """Write ``medfuse_fusion.safetensors`` (+ ``medfuse_fusion.json``) atomically.
 
@@ -749,6 +768,7 @@ def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) 
     target = out_dir / "medfuse_fusion.safetensors"
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {k: str(v) for k, v in model.config().items()}
+    check_finite(tensors, f"the weights for {target}")  # before any write: an existing export stays as it was
     if not overwrite:
         _check_export(out_dir, overwrite=False)
     with atomic_path(target, overwrite=True) as tmp:
@@ -1031,7 +1051,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--functional-coarse-learned", type=float, default=None,
                         help="with --functional-k, the weight (0..1) of the learned selection of those coarse levels "
                              "kept beside it (default: the --init export's value, the shipped weights' 0.0075)")
-    parser.add_argument("--steps-3d", type=int, default=60, help="steps of the tri-plane aggregation stage")
+    parser.add_argument("--steps-3d", type=int, default=60,
+                        help="steps of the tri-plane aggregation stage (default 60; they run after --epochs 0 too: "
+                             "pass 0 with --epochs 0 --init to re-export the weights unchanged)")
     parser.add_argument("--plane-weight", type=float, default=0.0,
                         help="weight of the through-plane consistency term of the 3-D stage")
     parser.add_argument("--joint-3d-every", type=int, default=0,
@@ -1183,8 +1205,20 @@ def _check_ranges(args: argparse.Namespace) -> None:
     """Numeric options out of range are usage errors before anything is read or written (they failed deep in
     torch or numpy before, as internal errors: a zero division, Adam's own check, a size mismatch)."""
     inf = math.inf
+
+    def weight(v, *, none_ok: bool = False) -> bool:  # a loss/score weight: finite and >= 0 (NaN fails)
+        return (none_ok and v is None) or (v is not None and 0 <= v < inf)
+
+    def finite(v) -> bool:  # a selection gate: any finite value (None: no gate)
+        return v is None or -inf < v < inf
+
     for name, ok, bound, fix in (
-            ("epochs", args.epochs >= 0, "0 or more", "use 12 (the default), or 0 with --init to re-export weights"),
+            # Why "--steps-3d 0" too: --epochs 0 alone still runs the 3-D stage's --steps-3d (default 60) steps.
+            ("epochs", args.epochs >= 0, "0 or more",
+             "use 12 (the default), or 0 with --init and --steps-3d 0 to re-export weights unchanged"),
+            # Why: numpy's seeding refused these deep in the run ("internal error"); threads below 1 became 1.
+            ("seed", 0 <= args.seed <= 2 ** 32 - 1, "0..2**32-1", "use 0 (the default) or another seed in range"),
+            ("threads", 1 <= args.threads <= MAX_THREADS, f"1..{MAX_THREADS}", "use 2 (the default), or 1"),
             ("steps_per_epoch", args.steps_per_epoch >= 1, "1 or more", "use 100 (the default)"),
             ("batch_size", args.batch_size >= 1, "1 or more", "use 6 (the default)"),
             ("val_limit", args.val_limit >= 1, "1 or more", "use 12 (the default)"),
@@ -1200,6 +1234,32 @@ def _check_ranges(args: argparse.Namespace) -> None:
             ("three_input_fraction", 0 <= args.three_input_fraction <= 1, "0..1", "use 0.15, or 0 for none"),
             ("hot_spot_fraction", 0 <= args.hot_spot_fraction <= 1, "0..1", "use 0 (the default) .. 1"),
             ("ct_weight", 0 <= args.ct_weight < inf, "a finite value >= 0", "use 1 (the default) or 2"),
+            # Loss and score weights: NaN/inf gave NaN losses and exported NaN weights; a negative one quietly
+            # trained against its own term.
+            ("vif_weight", weight(args.vif_weight), "a finite value >= 0", "use 1 (the default) or 0.8"),
+            ("ssim_weight", weight(args.ssim_weight), "a finite value >= 0", "use 0.5 (the default) or 1"),
+            ("qabf_weight", weight(args.qabf_weight), "a finite value >= 0", "use 1 (the default)"),
+            ("ct_vif_weight", weight(args.ct_vif_weight, none_ok=True), "a finite value >= 0",
+             "leave it out (it is then --vif-weight)"),
+            ("ct_ssim_weight", weight(args.ct_ssim_weight, none_ok=True), "a finite value >= 0",
+             "leave it out (it is then --ssim-weight)"),
+            ("ct_qabf_weight", weight(args.ct_qabf_weight, none_ok=True), "a finite value >= 0",
+             "leave it out (it is then --qabf-weight), or use 4"),
+            ("ct_gff_weight", weight(args.ct_gff_weight), "a finite value >= 0", "use 0 (the default) or 10"),
+            ("ct_target_weight", weight(args.ct_target_weight), "a finite value >= 0", "use 0 (the default) or 1"),
+            ("ct_target_iters", args.ct_target_iters >= 1, "1 or more", "use 150 (the default)"),
+            ("ct_target_smooth", args.ct_target_smooth >= 0, "0 or more", "use 0 (free teachers), 3, 5 or 7"),
+            ("plane_weight", weight(args.plane_weight), "a finite value >= 0", "use 0 (the default) or 10"),
+            ("hot_spot_weight", weight(args.hot_spot_weight), "a finite value >= 0", "use 0 (the default) or 5"),
+            ("logit_cap", weight(args.logit_cap, none_ok=True), "a finite value >= 0",
+             "leave it out (no cap), or use 0.5"),
+            ("logit_penalty", weight(args.logit_penalty), "a finite value >= 0", "use 1e-4 (the default)"),
+            ("select_ct_qabf", weight(args.select_ct_qabf), "a finite value >= 0", "use 0 (the default) or 2"),
+            ("select_ct_ssim", weight(args.select_ct_ssim), "a finite value >= 0", "use 0 (the default)"),
+            ("select_min_ct_mi", finite(args.select_min_ct_mi), "a finite value", "leave it out for no MI gate"),
+            ("select_min_parts", finite(args.select_min_parts), "a finite value", "use 0.70, or leave it out"),
+            ("select_max_plane_gap", weight(args.select_max_plane_gap, none_ok=True), "a finite value >= 0",
+             "use 0.068, or leave it out"),
             ("max_minutes", args.max_minutes is None or args.max_minutes > 0, "more than 0",
              "leave it out for no time limit")):
         if not ok:  # comparisons with NaN are False, so NaN lands here too
@@ -1255,7 +1315,7 @@ def _check_run_folder(args: argparse.Namespace) -> None:
     if args.epochs == 0 and args.init is None and not args.resume:
         raise InvalidInputError("--epochs 0 trains nothing, and there are no weights to export (no --init, no "
                                 "--resume)",
-                                fix="pass --init WEIGHTS to re-export given weights, --resume to export the run in "
+                                fix="pass --init WEIGHTS --steps-3d 0 to re-export given weights, --resume to export the run in "
                                     "--run-dir, or --epochs 1 or more")
     _check_export(args.out, overwrite=args.overwrite)
 
@@ -1318,7 +1378,7 @@ def run(args: argparse.Namespace) -> int:
     if args.factor not in (1, 2, 4, 8):
         raise InvalidInputError(f"--factor must be 1, 2, 4 or 8, got {args.factor}",
                                 fix="use 4 (the learned maps at 1/4 resolution) or 2 (finer maps, about 2x slower)")
-    if not args.qabf_grad_softness >= 0:  # also catches NaN
+    if not 0 <= args.qabf_grad_softness < math.inf:  # also catches NaN (and inf: a NaN gradient)
         raise InvalidInputError(f"--qabf-grad-softness must be 0 or more, got {args.qabf_grad_softness}",
                                 fix=f"use {ANGLE_GRAD_SOFTNESS:g} (the default), or 0 for the exact gradient")
     if args.refine_head is None:  # and the 2-D path's full-resolution refinement head
@@ -1392,7 +1452,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)  # 1..MAX_THREADS: _check_ranges
     args.run_dir.mkdir(parents=True, exist_ok=True)
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
 
@@ -1517,6 +1577,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.init is not None and state["epoch"] == 0:
         # Fine-tuning: the starting weights compete as "epoch 0", so the export is never worse by the score.
+        check_finite(model, "the --init weights")
         table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules,
                          rule_cache=rule_cache)
         state.update(best_score=score_of(table), best_epoch=0)
@@ -1576,6 +1637,9 @@ def run(args: argparse.Namespace) -> int:
             if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
                 stop = True
                 break
+        # Why here: a diverged epoch ended in validate() as an internal error (sklearn's "Input contains NaN"),
+        # and must never become best.ckpt (the export) or last.ckpt.
+        check_finite(model, f"epoch {epoch + 1}")
         table = validate(model, val_pairs, device=device, limit=args.val_limit, rules=val_rules,
                          rule_cache=rule_cache)
         elapsed = base_elapsed + time.time() - t0
@@ -1609,8 +1673,12 @@ def run(args: argparse.Namespace) -> int:
     log(f"exporting the best epoch ({best.get('best_epoch')})")
     if best.get("best_score", 0.0) < -50.0:  # the gate penalty: no epoch met every --select-min/max requirement
         log("WARNING: no epoch met the --select-min-*/--select-max-* requirements; the export misses them")
+    if args.epochs == 0 and args.steps_3d and vols:  # the fix texts said "--epochs 0" alone re-exports --init
+        log(f"note: --epochs 0 still runs the 3-D stage's {args.steps_3d} steps (--steps-3d); pass --steps-3d 0 "
+            "to export the starting weights unchanged")
     _train_3d(model, vols, steps=args.steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log,
               plane_weight=args.plane_weight)
+    check_finite(model, "the 3-D stage")  # before the final validation's minutes
     # A larger subset than each epoch's, not every pair: the full split would add minutes to every run.
     final_limit = 3 * args.val_limit
     scored = {k: len(_subset(v, final_limit)) for k, v in val_pairs.items()}
