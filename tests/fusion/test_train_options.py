@@ -96,9 +96,11 @@ def test_in_range_edge_values_still_pass_the_checks(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- NaN guard
 def test_export_refuses_non_finite_tensors_and_leaves_an_existing_export_alone(tmp_path):
+    import copy
+
     from medfuse.fusion import infer
 
-    model = infer.load_model()
+    model = copy.deepcopy(infer.load_model())  # the process-wide cached model must stay as shipped
     good = tr.export_weights(model, tmp_path, {"note": "good"})
     before = (good.read_bytes(), good.with_suffix(".json").read_bytes())
     with torch.no_grad():

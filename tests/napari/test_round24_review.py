@@ -43,21 +43,8 @@ def _capture(monkeypatch, *kinds):
 
 
 # ------------------------------------------------------------------------------------------ 1. flicker
-def test_flicker_then_checkerboard_then_off_leaves_the_overlay_visible(qtbot, pair):
-    viewer, widget = pair
-    op = widget.overlay_panel
-    op.base.set_layer("mr")
-    op.overlay.set_layer("pet")
-    pet = viewer.layers["pet"]
-    op.flicker.setChecked(True)
-    qtbot.waitUntil(lambda: not pet.visible, timeout=3000)  # caught in its hidden phase
-    op.compare.setCurrentText("checkerboard")
-    op.flicker.setChecked(False)
-    op.compare.setCurrentText("overlay")
-    assert pet.visible and viewer.layers["mr"].visible
-
-
-def test_flicker_then_another_overlay_restores_the_first(qtbot, pair):
+def _flickering(qtbot, pair):
+    """MR under PET with the flicker on, caught in its phase where the PET is hidden."""
     viewer, widget = pair
     op = widget.overlay_panel
     op.base.set_layer("mr")
@@ -65,6 +52,19 @@ def test_flicker_then_another_overlay_restores_the_first(qtbot, pair):
     pet = viewer.layers["pet"]
     op.flicker.setChecked(True)
     qtbot.waitUntil(lambda: not pet.visible, timeout=3000)
+    return viewer, op, pet
+
+
+def test_flicker_then_checkerboard_then_off_leaves_the_overlay_visible(qtbot, pair):
+    viewer, op, pet = _flickering(qtbot, pair)
+    op.compare.setCurrentText("checkerboard")
+    op.flicker.setChecked(False)
+    op.compare.setCurrentText("overlay")
+    assert pet.visible and viewer.layers["mr"].visible
+
+
+def test_flicker_then_another_overlay_restores_the_first(qtbot, pair):
+    viewer, op, pet = _flickering(qtbot, pair)
     op.overlay.set_layer("spect")
     op.flicker.setChecked(False)
     assert pet.visible and viewer.layers["spect"].visible
