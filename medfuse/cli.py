@@ -80,14 +80,9 @@ class _Parser(argparse.ArgumentParser):
         fix = f"see '{self.prog} --help'"
         m = re.match(r"(.*?)invalid choice: (.*) \(choose from (.*)\)$", message, re.S)
         if m:
-            try:
-                import ast
-
-                word = ast.literal_eval(m.group(2))
-            except (ValueError, SyntaxError):
-                word = m.group(2)
+            word = _argparse_value(m.group(2))
             choices = [c.strip().strip("'\"") for c in m.group(3).split(",")]
-            message = f"{m.group(1)}invalid choice {label(word)}"
+            message = f"{m.group(1)}invalid choice {label(word) if isinstance(word, str) else '(not shown)'}"
             if isinstance(word, str) and label(word) == repr(word):  # a plain word: a typo may have a near choice
                 near = [c for c in choices if c.lower() == word.lower()] or \
                     difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
@@ -96,18 +91,24 @@ class _Parser(argparse.ArgumentParser):
             fix = f"use one of {', '.join(choices)}"
         m = re.match(r"(.*invalid \w+ value: )(.*)$", message, re.S)
         if m:  # --threads /data/DOE^JOHN
-            try:
-                import ast
-
-                message = m.group(1) + label(ast.literal_eval(m.group(2)))
-            except (ValueError, SyntaxError):
-                message = m.group(1) + "(not shown)"
+            word = _argparse_value(m.group(2))
+            message = m.group(1) + (label(word) if isinstance(word, str) else "(not shown)")
         if message.startswith("unrecognized arguments: "):
             words = message[len("unrecognized arguments: "):].split(" ")
             message = "unrecognized arguments: " + " ".join(label(w) for w in words)
         # One line, as the command line's other errors (the usage block is in --help).
         end = "" if message.endswith(("?", ".")) else "."
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{end} Fix: {fix}.\n")
+
+
+def _argparse_value(quoted: str) -> Any:
+    """The value argparse quoted in its message (its ``repr``), or None when it is not one."""
+    import ast
+
+    try:
+        return ast.literal_eval(quoted)
+    except (ValueError, SyntaxError):
+        return None
 
 
 def _bounded_count(maximum: int) -> Callable[[str], int]:

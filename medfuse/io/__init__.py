@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Union
 
 from .._checks import as_path as _as_path
 from .._checks import describe as _kind
+from .._checks import flag as _check_flag  # noqa: F401 - the readers' and writers' yes/no check
 from .._checks import whole as _whole
 from ..errors import InvalidInputError, UnreadableFileError
 from ..volume import Volume
@@ -53,19 +54,6 @@ def _check_suv(value: Any) -> str:
                                 fix="pass suv='auto' (the default: SUVbw, or the kind an SUV series holds), a kind "
                                     "('bw', 'lbm', 'lbm_janma', 'bsa'), or 'none' for the stored unit")
     return value
-
-
-def _check_flag(value: Any, name: str) -> bool:
-    """A yes/no option as a bool.
-
-    Raises:
-        InvalidInputError: not a bool (``overwrite="no"`` is a true value in Python, and would overwrite).
-    """
-    import numpy as np
-
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidInputError(f"{name} must be True or False, got {_kind(value)}", fix=f"pass {name}=True or False")
-    return bool(value)
 
 
 def _check_text(value: Any, name: str, fix: str) -> Optional[str]:

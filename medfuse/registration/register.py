@@ -28,7 +28,7 @@ from ..errors import CancelledError, InvalidInputError, MedfuseWarning, Registra
 from ..progress import CancelToken, ProgressFn, check_callbacks, report
 from ..volume import Volume, require_finite
 from .presets import get_preset
-from .resample import resample, same_frame_of_reference
+from .resample import _grid_corners, _world_box, resample, same_frame_of_reference
 from .transforms import Transform
 
 __all__ = ["register", "RegistrationResult", "RegistrationReport"]
@@ -200,16 +200,8 @@ def _as_mask(mask: Any, vol: Volume, name: str):
 
 
 def _boxes_intersect(a: Volume, b: Volume) -> bool:
-    amin, amax = _edges(a)
-    bmin, bmax = _edges(b)
+    (amin, amax), (bmin, bmax) = _world_box(_grid_corners(a)), _world_box(_grid_corners(b))
     return bool(np.all(amin <= bmax) and np.all(bmin <= amax))
-
-
-def _edges(v: Volume):
-    s = np.asarray(v.shape)
-    corners = np.array([[i, j, k] for i in (-0.5, s[0] - 0.5) for j in (-0.5, s[1] - 0.5) for k in (-0.5, s[2] - 0.5)])
-    w = v.index_to_world(corners)
-    return w.min(axis=0), w.max(axis=0)
 
 
 def _as_initial(value: Any) -> Optional[Transform]:
