@@ -932,7 +932,7 @@ def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, str]], 
     modality = None if key.isdigit() else _MODALITY_ALIASES.get(key.upper())
     if not key.isdigit() and modality is None:
         return None
-    listed = "; ".join(f"{i}: {what}" for i, (_, _, what) in enumerate(entries, start=1))
+    listed = _listed([what for _, _, what in entries])
     if key.isdigit():
         n = int(key)
         if not 1 <= n <= len(entries):
@@ -945,6 +945,17 @@ def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, str]], 
     raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed})",
                             fix="pick it by its number instead" if hits else "check the folder, or pick a series by "
                             "its number", path=path)
+
+
+_LISTED_MAX = 12
+
+
+def _listed(lines: List[str]) -> str:
+    """Numbered series for a message, the first ``_LISTED_MAX`` only: a PACS export (or a folder picked by mistake,
+    such as the working folder) can hold hundreds, and a message pages long hides its own advice."""
+    shown = "; ".join(f"{i}: {line}" for i, line in enumerate(lines[:_LISTED_MAX], start=1))
+    more = len(lines) - _LISTED_MAX
+    return shown + (f"; and {more} more, which medfuse.scan(folder) lists" if more > 0 else "")
 
 
 def _series_line(fs: list, path: Path) -> str:
@@ -963,14 +974,14 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
                                                         for u, fs in series.items()], path) or series_uid
     if series_uid is not None:
         if series_uid not in series:
-            listed = "; ".join(f"{i}: {_series_line(fs, path)}" for i, fs in enumerate(series.values(), start=1))
+            listed = _listed([_series_line(fs, path) for fs in series.values()])
             raise InvalidInputError(f"no series in this folder matches the choice given: it is not one of the {len(series)} series "
                                     f"({listed})", fix="give the series' number as listed, its modality, or its "
                                     "SeriesInstanceUID", path=path)
         return series_uid, series[series_uid]
     if len(series) > 1:
-        lines = [f"{i}: {_series_line(fs, path)}" for i, fs in enumerate(series.values(), start=1)]
-        raise MultipleSeriesError(f"the folder holds {len(series)} series ({'; '.join(lines)})",
+        raise MultipleSeriesError(f"the folder holds {len(series)} series "
+                                  f"({_listed([_series_line(fs, path) for fs in series.values()])})",
                                   choices=list(series), path=path,
                                   fix="load the folder of one series, or pass series_uid= (medfuse.scan(folder) "
                                   "lists the UIDs and descriptions in this order; the error's .choices has the UIDs)")

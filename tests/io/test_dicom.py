@@ -183,6 +183,19 @@ def test_scan_real_folder(shared):
 
 
 # ---------------------------------------------------------------------------- synthetic
+def test_many_series_message_lists_the_first_twelve(tmp_path):
+    """A PACS export (or the working folder, picked by mistake) can hold hundreds of series: the message names the
+    first twelve and says how many more; .choices still has every UID, and a number past twelve still loads."""
+    uids = [_series(tmp_path / f"s{k:02d}", n=1, description=f"d{k}")[0] for k in range(15)]
+    with pytest.raises(MultipleSeriesError) as e:
+        load_dicom(tmp_path)
+    msg = str(e.value)
+    assert "holds 15 series" in msg and "12: CT" in msg and "13: CT" not in msg and "and 3 more" in msg
+    assert e.value.choices == [i.series_uid for i in scan(tmp_path)] and len(set(e.value.choices)) == 15
+    assert load_dicom(tmp_path, series_uid="14").provenance["series_uid"] == e.value.choices[13]
+    assert set(uids) == set(e.value.choices)
+
+
 def test_shuffled_names_sort_by_position_ct_hu(tmp_path):
     uid, data = _series(tmp_path / "s", n=6)
     vol = load_dicom(tmp_path / "s")
