@@ -89,6 +89,9 @@ def _within(x: np.ndarray, lo: float, hi: float) -> bool:
     return float(x.min()) >= lo and float(x.max()) <= hi
 
 
+#: How far outside 0..1 a Volume given ``normalise="none"`` may reach (an interpolation's overshoot, clipped).
+_NONE_SLACK = 0.01
+
 #: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
 _SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percentiles", "low", "high")
 
@@ -193,6 +196,13 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                                     fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
         a = np.asarray(v.array)  # normalise() makes the float64 copy; a second one here only cost memory
         require_finite(a, f"volume {i}", before="fusing")
+        if spec.get("method") == "none" and not _within(a, -_NONE_SLACK, 1.0 + _NONE_SLACK):
+            # A fused Volume is on 0..1: raw values here would all be clipped to 1 (or 0), a flat result.
+            raise InvalidInputError(
+                f"volume {i} is not on the 0..1 scale that normalise='none' takes (its values span "
+                f"{float(a.min()):.4g}..{float(a.max()):.4g}; a fused Volume is on 0..1, so they would be clipped)",
+                fix="leave normalise='auto' (chosen by modality and unit), pass 'minmax' or 'percentile', or scale "
+                    "the image to 0..1 first")
         if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, 0.0, 1.0):
             # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
             # SUV) keeps its own rule even when its values happen to lie in 0..1.

@@ -221,7 +221,8 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
 def _scaled(x: np.ndarray, rec: Dict[str, Any]) -> Tuple[np.ndarray, Dict[str, Any]]:
     """``x`` (a float64 copy, overwritten) mapped through ``rec``; the record gets ``clipped_fraction``."""
     if rec["method"] == "none":
-        rec["clipped_fraction"] = 0.0
+        # Nothing is clipped here, but whatever lies outside 0..1 is clipped by a fusion that takes this record.
+        rec["clipped_fraction"] = float(np.mean((x < 0) | (x > 1))) if x.size else 0.0
         return x, rec
     # In place on x (a float64 copy of the input made above): the same arithmetic as (x - lo) / (hi - lo),
     # without two more copies of a volume (which set the peak memory of medfuse.fuse on large volumes).
@@ -248,11 +249,12 @@ def _normalise_float32(x: np.ndarray, **options: Any) -> Tuple[np.ndarray, Dict[
         if rec["method"] != "none":  # _scaled's arithmetic, on this slab
             np.subtract(y, lo, out=y)
             np.divide(y, span, out=y)
-            clipped += int(np.count_nonzero((y < 0) | (y > 1)))
+        clipped += int(np.count_nonzero((y < 0) | (y > 1)))
+        if rec["method"] != "none":
             np.clip(y, 0.0, 1.0, out=y)
         out[s] = y
     # The count over the size: what np.mean of the whole mask gives (its float64 sum of ones is exact).
-    rec["clipped_fraction"] = clipped / x.size if rec["method"] != "none" else 0.0
+    rec["clipped_fraction"] = clipped / x.size if x.size else 0.0
     return out, rec
 
 

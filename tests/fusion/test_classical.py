@@ -520,3 +520,24 @@ def test_max_abs_selection_matches_argmax_and_the_laplacian_peak_stays_small():
     finally:
         tracemalloc.stop()
     assert peak / a.size < 80, peak / a.size
+
+
+def test_volumes_given_normalise_none_must_be_on_0_to_1():
+    """normalise="none" on raw MR values (108..1042) gave an all-1.0 fused Volume whose record said 0 % clipped."""
+    rng = np.random.default_rng(3)
+    raw = [Volume(rng.integers(108, 1043, (12, 14, 10)).astype(np.int16), np.diag([2.0, 2.0, 3.0, 1.0]), modality="MR")
+           for _ in range(2)]
+    with pytest.raises(InvalidInputError, match=r"volume 1 is not on the 0\.\.1 scale.*span 1\d\d\.\.10\d\d") as e:
+        fuse(*raw, method="mean", normalise="none")
+    assert "minmax" in e.value.fix
+    # On 0..1 (with an interpolation's overshoot) it fuses, and the record counts what was clipped.
+    a = raw[0].with_array(np.clip((raw[0].array - 108) / 934.0, 0, 1) * 1.004)
+    b = raw[1].with_array((raw[1].array - 108) / 934.0)
+    out = fuse(a, b, method="mean", normalise="none")
+    rec = out.provenance["normalisation"]
+    assert rec[0]["clipped_fraction"] == pytest.approx(np.mean(a.array > 1)) and rec[0]["clipped_fraction"] > 0
+    assert rec[1]["clipped_fraction"] == 0.0
+    np.testing.assert_allclose(out.array, np.clip((a.array + b.array) / 2, 0, 1), atol=1e-6)
+    # Arrays keep their own scale with "none" (the classical rules take any scale).
+    np.testing.assert_allclose(fuse(raw[0].array, raw[1].array, method="mean", normalise="none"),
+                               (raw[0].array + raw[1].array) / 2.0)
