@@ -528,10 +528,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     # Read and checked (missing, unreadable, deformable) before the images are loaded.
     initial = _as_initial(init_path) if init_path else None
+    _check_modalities_option(args, 2)
     _check_series_option(args, 2)
     picks = args.series or [None, None]
-    fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick)
-                     for p, pick in zip((args.fixed, args.moving), picks))
+    fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m)
+                     for p, pick, m in zip((args.fixed, args.moving), picks, args.modalities or [None, None]))
     import time
 
     from .registration import register
@@ -638,6 +639,13 @@ def _check_device_name(device: str) -> None:
     check_device_name(device)
 
 
+def _add_modalities_option(p: argparse.ArgumentParser, why: str) -> None:
+    p.add_argument("--modalities", nargs="+", metavar="M", default=None,
+                   help="the modality of each input, FIXED first: MR, CT, PT or NM (PET, SPECT accepted); " + why +
+                        ". Default: from DICOM headers, medfuse's own files or a dcm2niix (BIDS) .json beside a "
+                        "NIfTI, else unknown. A CT NIfTI with values below -100 is taken as HU")
+
+
 def _add_series_option(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--series", nargs="+", metavar="S", default=None,
                    help="for DICOM folders holding several series side by side (a PACS export of a PET/CT): one "
@@ -652,6 +660,22 @@ def _check_series_option(args: argparse.Namespace, n_inputs: int) -> None:
                                     "e.g. --series CT PT")
 
 
+def _check_modalities_option(args: argparse.Namespace, n_inputs: int) -> None:
+    """``--modalities``: one known modality per input, FIXED first (refused before anything is read)."""
+    if args.modalities is None:
+        return
+    if len(args.modalities) != n_inputs:
+        raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
+                                fix="give one per input, FIXED first, e.g. --modalities MR PT")
+    from .volume import normalise_modality
+
+    for i, m in enumerate(args.modalities, start=1):
+        try:
+            normalise_modality(m)
+        except InvalidInputError as e:  # the reader's message repeats the value: a pasted path is not shown
+            raise InvalidInputError(f"--modalities: unknown modality {label(m)} for input {i}", fix=e.fix) from None
+
+
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
     from .provenance import sidecar_path
@@ -660,17 +684,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     args.outputs = _Outputs(args.output, sidecar_path(args.output))
     _check_readable(args.fixed, *args.moving)
     n_inputs = 1 + len(args.moving)
-    if args.modalities is not None and len(args.modalities) != n_inputs:
-        raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
-                                fix="give one per input, FIXED first, e.g. --modalities MR PT")
+    _check_modalities_option(args, n_inputs)
     _check_series_option(args, n_inputs)
-    from .volume import normalise_modality
-
-    for i, m in enumerate(args.modalities or [], start=1):
-        try:
-            normalise_modality(m)
-        except InvalidInputError as e:  # the reader's message repeats the value: a pasted path is not shown
-            raise InvalidInputError(f"--modalities: unknown modality {label(m)} for input {i}", fix=e.fix) from None
     with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
@@ -1030,6 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-transform", metavar="FILE", default=None,
                    help="start from this rigid/affine ITK transform (.tfm/.txt/.h5/.mat, FIXED -> MOVING points, as "
                         "medfuse, Slicer, ANTs write them); the written transform includes it")
+    _add_modalities_option(p, "it picks the registration preset, and a CT in HU is filled with air (-1024) "
+                              "outside its field of view")
     _add_series_option(p, "medfuse register study/ study/ --series CT PT -o pet_on_ct.nii.gz")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1051,10 +1068,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", choices=_KINDS, default="none",
                    help="register MOVING onto FIXED first (default: none = already aligned)")
     p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
-    p.add_argument("--modalities", nargs="+", metavar="M", default=None,
-                   help="the modality of each input, FIXED first: MR, CT, PT or NM (PET, SPECT accepted). "
-                        "NIfTI/MetaImage/NRRD files carry none; it picks each input's normalisation and whether "
-                        "the network's 3-D path keeps PET/SPECT uptake (default: from DICOM headers, else unknown)")
+    _add_modalities_option(p, "it picks each input's normalisation and whether the network's 3-D path keeps "
+                              "PET/SPECT uptake")
     _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")

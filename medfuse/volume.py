@@ -52,7 +52,7 @@ _PROVENANCE_KEYS = {
     "series_uid", "study_uid", "frame_of_reference_uid", "source", "reader", "series_description",
     "volume_index", "n_volumes", "warnings", "suv", "history", "transfer_syntax", "manufacturer",
     "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
-    "registration", "scaling", "network_functional", "nifti_space", "sources", "suv_source",
+    "registration", "scaling", "network_functional", "nifti_space", "sources", "suv_source", "labels_from",
 }
 
 

@@ -17,7 +17,9 @@
   orientation (``scanner-xyz``, ``3D-right-handed``, none) is read as LPS with a ``MedfuseWarning``.
 * Modality and unit: the ``modality``/``unit`` arguments win; otherwise what medfuse's writer
   stored is read back (NIfTI ``descrip`` ``"medfuse modality=PT unit=SUVbw"``; MetaImage/NRRD
-  metadata keys ``medfuse_modality``/``medfuse_unit``); otherwise ``unknown``/``arbitrary``.
+  metadata keys ``medfuse_modality``/``medfuse_unit``); otherwise, for NIfTI, a BIDS JSON sidecar's
+  ``Modality`` (and a PET's ``Units``) as dcm2niix writes it (a CT is then HU); otherwise ``unknown``/``arbitrary``.
+  A CT named by ``modality=`` with no stored unit is HU when it holds values below -100.
 """
 
 from __future__ import annotations
@@ -727,6 +729,10 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
         facts = {"reader": "nibabel"}
         if space is not None:
             facts["nifti_space"] = space
+        if mod is None:  # no medfuse tag: a converter's BIDS sidecar may say what the image is
+            mod, unit = _bids_sidecar(p)
+            if mod is not None:
+                facts["labels_from"] = "BIDS sidecar"
     elif name.endswith(ITK_SUFFIXES):
         arr, aff, mod, unit = _read_itk(p)
         facts = {"reader": "SimpleITK"}
@@ -766,9 +772,67 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
         raise type(e)(e.problem, fix=e.fix, path=p) from None
 
 
-def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], unit_override: Optional[str]):
-    return (modality if modality is not None else (mod or "unknown"),
-            unit_override if unit_override is not None else (unit or "arbitrary"))
+#: BIDS sidecar ``Units`` of PET (the DICOM (0054,1001) codes dcm2niix copies) -> medfuse's unit.
+_BIDS_UNITS = {"BQML": "Bq/mL", "BQ/ML": "Bq/mL", "GML": "SUVbw", "CNTS": "counts"}
+
+#: A sidecar larger than this is not a BIDS sidecar (dcm2niix's are a few kB); it is not read.
+_BIDS_MAX_BYTES = 1 << 20
+
+
+def _bids_sidecar(p: Path) -> Tuple[Optional[str], Optional[str]]:
+    """Modality and unit from the BIDS JSON sidecar beside a NIfTI (``ct.nii.gz`` -> ``ct.json``), as dcm2niix
+    writes it, or ``(None, None)``.
+
+    Why: a CT converted by dcm2niix is in HU and its sidecar says ``"Modality": "CT"``; without reading it, it
+    loaded as ``unknown``/``arbitrary``, so resampling filled outside it with 0 (water) and fusion did not window
+    it. Only a top-level ``Modality`` of MR, CT, PT or NM counts (medfuse's own provenance sidecars have none), and
+    an unreadable sidecar is ignored: it is optional metadata, and the image itself is still read.
+    """
+    stem = p.name[:-len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.stem
+    side = p.with_name(stem + ".json")
+    try:
+        if not side.is_file() or side.stat().st_size > _BIDS_MAX_BYTES:
+            return None, None
+        import json
+
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    mod = meta.get("Modality") if isinstance(meta, dict) else None
+    if not isinstance(mod, str) or mod.strip().upper() not in ("MR", "CT", "PT", "NM"):
+        return None, None
+    mod = mod.strip().upper()
+    if mod == "CT":
+        return mod, "HU"  # dcm2niix applies RescaleSlope/Intercept (scl_slope/scl_inter): the voxels are HU
+    units = meta.get("Units")
+    return mod, _BIDS_UNITS.get(units.strip().upper()) if mod == "PT" and isinstance(units, str) else None
+
+
+def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], unit_override: Optional[str],
+            arr: Optional[np.ndarray] = None):
+    """The volume's (modality, unit): the arguments win, then what the file (or its BIDS sidecar) stores.
+
+    A CT named by ``modality=`` with no unit stored anywhere is taken as HU when it holds values below -100
+    (air and fat: only Hounsfield units go there); otherwise its unit stays ``arbitrary``, with a warning.
+    """
+    from ..volume import normalise_modality
+
+    m = modality if modality is not None else (mod or "unknown")
+    if unit_override is not None:
+        return m, unit_override
+    if unit:
+        return m, unit
+    try:
+        is_ct = normalise_modality(m) == "CT"
+    except MedfuseError:  # an unknown name: Volume() refuses it, with its own message
+        is_ct = False
+    if arr is not None and is_ct:
+        if np.issubdtype(arr.dtype, np.number) and arr.size and float(np.nanmin(arr)) < -100:
+            return m, "HU"
+        warnings.warn("a CT with no unit stored and no value below -100 is not taken as HU: pass unit='HU' if it "
+                      "is in Hounsfield units (the CT window and the air outside it then apply)", MedfuseWarning,
+                      stacklevel=4)
+    return m, "arbitrary"
 
 
 def _checked(path, *, modality, unit) -> Path:
@@ -818,7 +882,7 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
             raise InvalidInputError(f"volume_index {volume_index} is out of range (the file holds {n})",
                                     fix=f"pass volume_index=0..{n - 1}", path=p)
         index = volume_index % n
-    m, un = _labels(mod, u, modality, unit)
+    m, un = _labels(mod, u, modality, unit, vols[index])
     return _make(vols[index], aff, p, modality=m, unit=un, facts=facts, index=index, n=n)
 
 
@@ -840,5 +904,5 @@ def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: 
     """
     path = _checked(path, modality=modality, unit=unit)
     vols, aff, mod, u, facts, p = _read(path)
-    m, un = _labels(mod, u, modality, unit)
+    m, un = _labels(mod, u, modality, unit, vols[0])
     return [_make(a, aff, p, modality=m, unit=un, facts=facts, index=i, n=len(vols)) for i, a in enumerate(vols)]
