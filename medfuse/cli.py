@@ -972,6 +972,12 @@ def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, a
                          progress=bar, cancel=cancel)
     files["provenance"] = res.sidecar
     res.transforms[0].save(files["transform"], overwrite=True)
+    # The other anatomy's transform, from an earlier run in this (the demo's own) folder, no longer matches
+    # fused.*: left there, the folder read as one consistent set and was not.
+    stale = out / f"pet_to_{'ct' if anatomy == 'mr' else 'mr'}.tfm"
+    if stale.is_file() and not stale.is_symlink():
+        stale.unlink()
+        lines.append(f"removed {stale.name} (an earlier demo run's, with the other anatomy)")
     gt = load_ground_truth(folder)
     center = gt["lesion"]["center_lps_mm"] if gt.get("lesion") else None
     snapshot_png(res.fused, files["png"], center_world=center, overwrite=True)

@@ -103,3 +103,15 @@ def test_a_cancelled_demo_leaves_no_folder_and_its_own_folder_is_rewritten(tmp_p
     (out / "fused.png").write_bytes(b"an earlier demo's picture")
     assert main(["demo", "--out", str(out), "--method", "mean", "-q"]) == 130  # got past the check
     assert "not written by medfuse demo" not in capsys.readouterr().err
+
+
+def test_switching_anatomy_leaves_one_consistent_set(tmp_path, capsys):
+    """`demo`, then `demo --anatomy ct` in the same folder left pet_to_mr.tfm beside the CT run's files."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--method", "mean", "-q"]) == 0
+    assert (out / "pet_to_mr.tfm").is_file()
+    assert main(["demo", "--out", str(out), "--method", "mean", "--anatomy", "ct"]) == 0
+    assert "removed pet_to_mr.tfm" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [".medfuse-demo", "fused.json", "fused.nii.gz", "fused.png",
+                                                     "pet_to_ct.tfm"]
+    assert Path(json.loads((out / "fused.json").read_text())["inputs"][0]["path"]).name == "ct"
