@@ -52,7 +52,9 @@ class EvaluationResult:
 
     Attributes:
         out_dir: the folder written.
-        rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output`` and the metrics.
+        rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output`` and the metrics;
+            slice-wise volumes also ``axes``, ``n_slices`` (slices with content) and ``n_slices_used``
+            (per metric, the slices its mean is over: NaN slices are left out).
         means: ``{method: {pair_type | "all": {metric: mean, "n": images, "counts": {metric: k}}}}``:
             each mean is over the ``k`` images whose value is finite (see :func:`_means`).
         failures: one dict per skipped item: ``method``, ``item``, ``path``, ``error``.
@@ -259,7 +261,10 @@ def _fuse_2d(sources, method: str, device: str, options: dict) -> Tuple[np.ndarr
     from .fusion.color import is_rgb, rgb_to_gray
 
     fused = fuse(*sources, method=method, device=device, **options)
-    out = np.clip(np.round(fused), 0, 255).astype(np.uint8)
+    # fuse() works on 0..1 (uint8 / 255, then * 255), so an exact .5 of the mean rule comes back as
+    # 35.500000000000014 and np.round broke the tie by that noise (342-1671 pixels per Harvard pair off the
+    # golden round((A + B) / 2)). Rounding to 1e-6 first drops the noise, so ties go half-to-even as documented.
+    out = np.clip(np.round(np.round(np.asarray(fused, dtype=np.float64), 6)), 0, 255).astype(np.uint8)
     greys = [rgb_to_gray(s) if is_rgb(s) else np.asarray(s, dtype=np.float64) for s in sources]
     grey_f = rgb_to_gray(out) if is_rgb(out) else out.astype(np.float64)
     return out, grey_f, greys
@@ -290,7 +295,22 @@ def _score_volumes(vols, method: str, device: str, options: dict, mode: str, met
     srcs = [np.round(np.clip(s, 0.0, 1.0) * 255.0) for s in scaled]
     f = np.round(np.clip(np.asarray(fused.array, dtype=np.float64), 0.0, 1.0) * 255.0)
     m = _mask_array(mask, srcs, vols[0])
-    return fused, M.score(f, *srcs, mode=mode, metrics=metrics, mask=m), m
+    if sum(n > 1 for n in f.shape) == 2:
+        # A single-slice volume (48x48x1) is a 2-D image: scored as one, in either mode (the 3-D modes refused it
+        # with an np.squeeze/mode='2d' hint the CLI has no option for).
+        keep = tuple(n for n in f.shape if n > 1)
+        f, srcs = f.reshape(keep), [s.reshape(keep) for s in srcs]
+        m = None if m is None else m.reshape(keep)
+        if metrics is None and mode == "native":
+            metrics = list(M.NATIVE_3D_METRICS)  # the metrics the mode promises, not every 2-D one
+        return fused, M.score(f, *srcs, mode="2d", metrics=metrics, mask=m), m
+    axes = (0, 1, 2)
+    if mode == "slicewise":
+        # Only the planes whose slices fit a 7x7 window: a 48x48x5 volume is scored across axis 2 (its 48x5
+        # slices across axes 0 and 1 hold no window). With none, score() says why.
+        fit = tuple(a for a in axes if min(n for i, n in enumerate(f.shape) if i != a) >= M._MIN_SIDE)
+        axes = fit or axes
+    return fused, M.score(f, *srcs, mode=mode, metrics=metrics, mask=m, axes=axes), m
 
 
 # ---------------------------------------------------------------------- masks
@@ -446,7 +466,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         raise InvalidInputError("the output folder is a file", fix="choose another --out (a folder)", path=out)
     for name in ("metrics.csv", "metrics.json"):
         if (out / name).exists() and not overwrite:
-            raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite",
+            raise OutputExistsError("the evaluation tables exist", fix="choose another --out, or pass overwrite=True",
                                     path=out / name)
     if not (mask is None or isinstance(mask, (str, os.PathLike)) or _is_volume(mask)):
         # An array has no grid to check against the pairs'.
@@ -478,9 +498,10 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             for item in items:
                 if _target(out, method, item, is_2d).exists():
                     raise OutputExistsError("a fused output of an earlier evaluation exists",
-                                            fix="choose another --out, or pass overwrite",
+                                            fix="choose another --out, or pass overwrite=True",
                                             path=_target(out, method, item, is_2d))
     loaded_mask = _load_mask(mask)  # a file that cannot be read is bad input, before anything is written
+    earlier = _earlier_outputs(out) if overwrite else []  # read before the tables are replaced
     made = [q for q in (out, *out.parents) if not q.exists()]  # the folders this run creates
     out.mkdir(parents=True, exist_ok=True)
     result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
@@ -535,6 +556,10 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
                     row["mask_fraction"] = float(m.mean())
                 row.update({k: v for k, v in scores.items() if k in METRICS})
+                if "n_slices_used" in scores:  # slice-wise: what each mean is over (NaN slices left out)
+                    row["axes"] = list(scores["axes"])
+                    row["n_slices"] = int(sum(scores["n_slices"].values()))
+                    row["n_slices_used"] = dict(scores["n_slices_used"])
                 result.rows.append(row)
             except (CancelledError, OutputExistsError):
                 raise
@@ -561,8 +586,55 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     json_text = json.dumps(_json(result, source, methods, options, mask), indent=1, allow_nan=False)
     atomic_write_text(out / "metrics.csv", csv_text, overwrite=overwrite)
     atomic_write_text(out / "metrics.json", json_text, overwrite=overwrite)
+    if save_outputs:  # with save_outputs=False the earlier images stay: this run had none to put beside them
+        written = {r["output"] for r in result.rows if r.get("output")}
+        _remove_earlier_outputs(out, [e for e in earlier if e[0] not in written], items)
     report(progress, 1.0, "evaluation done")
     return result
+
+
+def _earlier_outputs(out: Path) -> List[Tuple[str, float]]:
+    """The fused outputs an earlier evaluation in ``out`` wrote, as its metrics.json lists them (relative path,
+    and the table's modification time). Nothing when there is no such table or it cannot be read."""
+    table = out / "metrics.json"
+    try:
+        stamp = table.stat().st_mtime
+        data = json.loads(table.read_text(encoding="utf-8"))
+        rows = data.get("images", []) if isinstance(data, dict) else []
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+    return [(r["output"], stamp) for r in rows if isinstance(r, dict) and isinstance(r.get("output"), str)]
+
+
+def _remove_earlier_outputs(out: Path, earlier: Sequence[Tuple[str, float]], items: Sequence[_Item]) -> None:
+    """With ``overwrite``: remove the earlier run's fused outputs this run did not write again, so that no image
+    lies beside a table that no longer lists it (a run with fewer methods left gff/, max/, ... behind).
+
+    Only files medfuse evaluate wrote: listed in the earlier metrics.json, a ``<method>/...png|.nii.gz`` path
+    inside ``out``, not an input, and not modified after that table was written (a file changed since is
+    the user's). Folders left empty go too; anything else stays.
+    """
+    root = out.resolve()
+    inputs = {_file_id(Path(src)) for item in items for src in item.inputs} - {None}
+    for rel, stamp in earlier:
+        p = out / rel
+        try:
+            real = p.resolve()
+            if (Path(rel).is_absolute() or ".." in Path(rel).parts or len(Path(rel).parts) < 2
+                    or not str(rel).lower().endswith((".png", ".nii.gz")) or root not in real.parents
+                    or p.is_symlink() or not p.is_file() or _file_id(p) in inputs
+                    or p.stat().st_mtime > stamp):
+                continue
+            p.unlink()
+        except OSError:
+            continue  # a file that cannot be removed stays; the new tables do not list it
+        for q in p.parents:  # <method>/<PAIR>/ folders emptied by this
+            if q == out or root not in q.resolve().parents:
+                break
+            try:
+                q.rmdir()
+            except OSError:
+                break
 
 
 # ---------------------------------------------------------------------- tables
@@ -609,18 +681,25 @@ def _csv(result: EvaluationResult, names: Optional[List[str]] = None) -> str:
     names = names if names is not None else _metric_names(result.rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["kind", "method", "pair_type", "name", "output", *names])
+    # Slice-wise volumes: the slices with content and, per metric, those its mean is over (a NaN slice is left
+    # out). New columns go at the end, so that readers of the older layout find every column where it was.
+    sliced = any("n_slices" in r for r in result.rows)
+    extra = (["n_slices", *[f"n_slices_used:{m}" for m in names]]) if sliced else []
+    blank = [""] * len(extra)
+    w.writerow(["kind", "method", "pair_type", "name", "output", *names, *extra])
     for r in result.rows:
+        more = ([str(r["n_slices"]), *[str(r["n_slices_used"].get(m, "")) for m in names]]
+                if sliced and "n_slices" in r else blank)
         w.writerow(["image", r["method"], r["pair_type"], r["name"], r.get("output") or "",
-                    *[_fmt(r.get(m)) for m in names]])
+                    *[_fmt(r.get(m)) for m in names], *more])
     for method, groups in result.means.items():
         for ptype, vals in groups.items():
-            w.writerow(["mean", method, ptype, f"n={vals['n']}", "", *[_fmt(vals.get(m)) for m in names]])
+            w.writerow(["mean", method, ptype, f"n={vals['n']}", "", *[_fmt(vals.get(m)) for m in names], *blank])
             # How many images each mean above is over (fewer than n where values were not finite).
             w.writerow(["count", method, ptype, f"n={vals['n']}", "",
-                        *[str(vals["counts"][m]) if m in vals.get("counts", {}) else "" for m in names]])
+                        *[str(vals["counts"][m]) if m in vals.get("counts", {}) else "" for m in names], *blank])
     for f in result.failures:
-        w.writerow(["failed", f["method"], "", f["item"], "", *[""] * len(names)])
+        w.writerow(["failed", f["method"], "", f["item"], "", *[""] * len(names), *blank])
     return buf.getvalue()
 
 

@@ -30,8 +30,9 @@ With three sources the sums and means run over all three; ``SCD`` correlates
 each source ``S_i`` with ``F - sum_{j != i} S_j``. A correlation with a constant
 image (undefined, NaN in the reference code) counts as 0.
 
-Inputs off that scale (0..1 floats, 16-bit, HU) or F on a scale far from the sources' get a
-``MedfuseWarning`` (once per :func:`score` call): the numbers would not compare with any table.
+Inputs off that scale (0..1 floats, 16-bit, HU), or any image (F or a source) whose peak is under 1/16 of the
+brightest image's (a 0..1 or SUV source beside 0..255 ones), get a ``MedfuseWarning`` (once per :func:`score`
+call): the numbers would not compare with any table. Values beyond 1e50 are refused (squares overflow).
 MI, SCD, CC, PSNR and FMI do not change when every image is scaled by one factor; SD, SF and AG scale
 with it; EN, VIF, SSIM, MS-SSIM, SSIM_r2 and Qabf depend on the range (docs/fusion.md, "Scale").
 
@@ -93,6 +94,8 @@ METRICS: Tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", 
 NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "CC", "SSIM_r2")
 
 _MIN_SIDE = 7  # scikit-image's default SSIM window; smaller images cannot be scored
+_MAX_MAGNITUDE = 1e50  # larger values overflow the metrics' products (SSIM: NaN from ~1e77)
+_SCALE_FACTOR = 16  # peaks further apart than this: images on different scales (see _warn_on_scale)
 _VIF_MIN_SIDE = 17  # VIF's finest Gaussian window: below it VIF is undefined (NaN)
 
 # Set while score() or sampled_slice_scores() run the metrics on inputs whose scale they have already checked:
@@ -164,6 +167,13 @@ def _as_float(x, name: str) -> np.ndarray:
         raise InvalidInputError(
             f"{name} contains NaN or infinite values", fix="replace them (for example with np.nan_to_num) before scoring"
         )
+    big = float(np.max(np.abs(a)))
+    if big > _MAX_MAGNITUDE:
+        # Squares and windowed sums overflow past here: PSNR raised a raw OverflowError near 1e160, SSIM gave NaN
+        # and CC 0.0 near 1e100. No image scale comes near it.
+        raise InvalidInputError(
+            f"{name} holds values up to {big:.3g}, beyond any image scale (the metrics' squares would overflow)",
+            fix="rescale every image to 0..255 first (min-max scale, or window scanner units)")
     return a
 
 
@@ -211,6 +221,10 @@ def _check(fused, sources: Sequence, *, ndim: Optional[int] = 2, min_side: int =
         raise InvalidInputError(
             f"the images are too small to score ({'x'.join(map(str, f.shape))}); every side needs at least {min_side} pixels",
             fix=("these look like RGB images: convert them to grey first (medfuse.fusion.color.rgb_to_gray)" if rgb
+                 else "the window metrics (3-D SSIM too) need 7 pixels a side: score a thin volume slice-wise across "
+                 "the axes whose slices are large enough (mode='slicewise', axes=...; medfuse evaluate --mode "
+                 "slicewise), or ask only for the pixel statistics (" + ", ".join(PIXEL_METRICS) + ")"
+                 if f.ndim == 3 and sorted(f.shape)[1] >= min_side
                  else "score whole images, not single pixels or thin strips"),
         )
     if not _SCALE_CHECKED.get():
@@ -226,14 +240,23 @@ def _warn_on_scale(f: np.ndarray, srcs: Sequence[np.ndarray], *, stacklevel: int
     the 8-bit scale itself: images in 0..1, 16 bits or HU give numbers no table can be compared with.
     """
     # Peak magnitudes, not ranges: a low-contrast F on the right scale (a collapsed fusion, 100..103) is a poor
-    # fusion to be scored, not a scale mistake.
+    # fusion to be scored, not a scale mistake. Every image is compared with the brightest one, not F with the
+    # sources only: score(F, A, B / 255) gave VIF 169 unwarned. A factor of 16 separates 0..1 (and SUV 0..8,
+    # even 0..15) from 0..255, and lets through the darkest real 8-bit sources (Harvard's darkest SPECT peaks
+    # at 79 against 255); a constant-zero image has no scale to compare.
+    names = ["the fused image", *(f"source {i + 1}" for i in range(len(srcs)))]
     peaks = [float(np.max(np.abs(x))) for x in (f, *srcs)]
-    ratio = max(peaks[1:]) / peaks[0] if peaks[0] > 0 else 1.0
-    if ratio > 50 or 0 < ratio < 1 / 50:
+    top = max(peaks)
+    off = [i for i, p in enumerate(peaks) if 0 < p and p * _SCALE_FACTOR < top]
+    if off:
+        which = " and ".join(names[i] for i in off)
         warnings.warn(
-            f"the fused image and the sources are on very different intensity scales (largest magnitudes "
-            f"{', '.join(f'{s:.3g}' for s in peaks)}); the metrics assume one scale. Rescale all of them to "
-            "0-255 first (as published tables do)", MedfuseWarning, stacklevel=stacklevel)
+            f"{which} {'is' if len(off) == 1 else 'are'} on a very different intensity scale from the other images "
+            f"(largest magnitudes: {', '.join(f'{n} {p:.3g}' for n, p in zip(names, peaks))}); the metrics "
+            "assume one scale (very different intensity scales make VIF, SSIM, MS-SSIM, PSNR and Qabf wrong). "
+            "Put all of them on one 0-255 scale first (as published tables do): multiply a 0..1 image by 255, "
+            "min-max scale SUV or HU to 0..255",
+            MedfuseWarning, stacklevel=stacklevel)
         return
     _warn_unless_0_255([f, *srcs], stacklevel=stacklevel + 1)
 
@@ -367,6 +390,11 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; 0 when either side is constant (no linear relation can be measured)."""
     dx = x - x.mean()
     dy = y - y.mean()
+    # Each side over its largest deviation (the correlation does not change): sums of squares of values near
+    # 1e100 overflowed to inf, and the correlation came out 0.
+    sx, sy = float(np.max(np.abs(dx))), float(np.max(np.abs(dy)))
+    if sx > 0 and sy > 0:
+        dx, dy = dx / sx, dy / sy
     den = math.sqrt(float(np.sum(dx * dx)) * float(np.sum(dy * dy)))
     return float(np.sum(dx * dy) / den) if den > 0 else 0.0
 
@@ -1044,11 +1072,15 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
 
     Returns:
         ``{name: value}``; for volumes also ``"mode"``, and for slicewise ``"per_axis"``
-        (``{axis: {name: value}}``), ``"axes"`` and ``"n_slices"`` (per axis).
+        (``{axis: {name: value}}``), ``"axes"``, ``"n_slices"`` (per axis: the slices with content),
+        ``"n_slices_used"`` (per metric: the slices, over all axes, whose value was not NaN, i.e. what its
+        means are over; fewer than ``sum(n_slices.values())`` when some were left out) and
+        ``"n_slices_used_per_axis"`` (``{axis: {name: count}}``).
 
     Raises:
-        InvalidInputError: fewer than two sources, shapes that differ, NaN/inf, images too
-            small, unknown metric or mode, ``metrics`` that are not names, ``min_content`` outside 0..1; a
+        InvalidInputError: fewer than two sources, shapes that differ, NaN/inf, values beyond 1e50, images
+            too small for the window metrics named (under 7 pixels a side; slice-wise: slices across ``axes``
+            under 7x7), unknown metric or mode, ``metrics`` that are not names, ``min_content`` outside 0..1; a
             mask of another shape, with values other than 0/1 or True/False, that selects nothing, or (2-D and
             native, with a window metric named) that holds no whole 7x7 (7x7x7) block.
 
@@ -1063,12 +1095,14 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     min_content = number(min_content, "min_content", low=0, high=1, what="a fraction", example="min_content=0.01")
     # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
     names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
-    f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3)
+    # Sizes only where they are used: the pixel statistics take any shape, and slice-wise only the planes
+    # of the slices scored matter (a 64x64x5 volume has 64x64 slices across axis 2); see _score_slicewise.
+    windowed = [n for n in names if n in WINDOW_METRICS]
+    f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3,
+                     min_side=_MIN_SIDE if windowed and mode != "slicewise" else 1)
     m = _as_mask(mask, f.shape)
-    if mode != "slicewise":  # slice-wise, a slice's region may be small; it is then scored as it is
-        windowed = [n for n in names if n in WINDOW_METRICS]
-        if windowed:
-            _require_window(m, ", ".join(windowed))
+    if mode != "slicewise" and windowed:  # slice-wise, a slice's region may be small; it is then scored as it is
+        _require_window(m, ", ".join(windowed))
     if "MI" in names:
         _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
     with _scale_checked():
@@ -1091,9 +1125,22 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
     if not axes or any(a not in (0, 1, 2) for a in axes):
         raise InvalidInputError(f"axes must be a non-empty subset of (0, 1, 2), got {given!r}",
                                 fix="pass e.g. axes=(0, 1, 2)")
+    windowed = [n for n in names if n in WINDOW_METRICS]
+    small = [a for a in axes if min(n for i, n in enumerate(f.shape) if i != a) < _MIN_SIDE]
+    if windowed and small:
+        # Checked before any work, on the planes asked for only (score() checks no size slice-wise).
+        ax = small[0]
+        h, w = (n for i, n in enumerate(f.shape) if i != ax)
+        fitting = [a for a in range(3) if min(n for i, n in enumerate(f.shape) if i != a) >= _MIN_SIDE]
+        raise InvalidInputError(
+            f"slices across axis {ax} of this {'x'.join(map(str, f.shape))} volume are {h}x{w} pixels, too small "
+            f"for {', '.join(windowed)} (every side needs at least {_MIN_SIDE} pixels)",
+            fix=(f"score across the axes whose slices are large enough, axes={tuple(fitting)}, or " if fitting
+                 else "") + f"ask only for the pixel statistics ({', '.join(PIXEL_METRICS)})")
     floors = [float(s.min()) for s in srcs]
     per_axis: Dict[int, Dict[str, float]] = {}
     counts: Dict[int, int] = {}
+    used: Dict[int, Dict[str, int]] = {}
     above = np.zeros(f.shape, dtype=bool)
     for s, lo in zip(srcs, floors):
         above |= s > lo
@@ -1110,14 +1157,11 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
             sl[ax] = int(k)
             fs = f[tuple(sl)]
             ss = [s[tuple(sl)] for s in srcs]
-            if min(fs.shape) < _MIN_SIDE:
-                raise InvalidInputError(
-                    f"slices across axis {ax} are {fs.shape[0]}x{fs.shape[1]} pixels, too small to score",
-                    fix=f"use axes without axis {ax}, or mode='native'",
-                )
             rows.append(_score2d(fs, ss, names, None if m is None else m[tuple(sl)]))
         counts[ax] = len(rows)
         per_axis[ax] = {n: _nanmean(r[n] for r in rows) for n in names}
+        # A NaN slice (VIF on a blank source, say) is left out of its metric's mean: count what each is over.
+        used[ax] = {n: int(sum(not math.isnan(r[n]) for r in rows)) for n in names}
     if not sum(counts.values()):
         where = " inside the mask" if m is not None else ""
         raise InvalidInputError(
@@ -1126,7 +1170,8 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
             fix="check that the sources are not empty" + (" and that the mask covers them" if where else "")
             + ", or lower min_content")
     out = {n: _nanmean(per_axis[a][n] for a in axes) for n in names}
-    out.update(mode="slicewise", axes=list(axes), per_axis=per_axis, n_slices=counts, min_content=min_content)
+    out.update(mode="slicewise", axes=list(axes), per_axis=per_axis, n_slices=counts, min_content=min_content,
+               n_slices_used={n: sum(used[a][n] for a in axes) for n in names}, n_slices_used_per_axis=used)
     return out
 
 
@@ -1174,7 +1219,8 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
     """2-D metrics of a fused volume, averaged over every ``step``-th slice along each of the three axes.
 
     A quick through-plane-aware score (``score(mode="slicewise")`` scores every slice): inputs are on the
-    0..1 scale; each slice is scored on the 8-bit scale with the fused slice rounded, and only slices in
+    0..1 scale; each slice is scored on the 8-bit scale with the fused slice clipped and rounded (the sources
+    too for MI, which on continuous values counts distinct values), and only slices in
     which more than ``min_fraction`` of the first source is non-zero count.
 
     With ``mask`` (a boolean volume of the inputs' shape), each slice is scored within its slice of the mask
@@ -1226,8 +1272,12 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
                 present = s3[0][i] > 0 if m3 is None else (s3[0][i] > 0) & m3[i]
                 if present.mean() > min_fraction and (fits is None or fits[i]):
                     f8, ss8 = np.round(np.clip(f3[i], 0, 1) * 255), [s[i] * 255 for s in s3]
+                    # MI on sources rounded as F is: on unrounded ones it counts distinct values (5.5 nats on
+                    # 8-bit sources became 7.9 with 1e-4 of noise), and its warning is off in here.
+                    mi8 = [np.round(np.clip(s, 0, 255)) for s in ss8] if "MI" in names else ss8
                     with _mask_checked():
-                        rows.append([_MULTI[n](f8, *ss8, mask=None if m3 is None else m3[i]) for n in names])
+                        rows.append([_MULTI[n](f8, *(mi8 if n == "MI" else ss8), mask=None if m3 is None else m3[i])
+                                     for n in names])
     if not rows:
         raise InvalidInputError("no slice has enough content to score",
                                 fix="lower min_fraction or step, or check that the first source is not empty")
