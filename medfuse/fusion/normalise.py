@@ -175,6 +175,9 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
               high, stacklevel: int = 4) -> Dict[str, Any]:
     """The record of the mapping ``[low, high] -> 0..1`` for ``x`` (float64, or any dtype its float64 values
     are read from exactly: min, max and percentiles are taken on float64 values), ``clipped_fraction`` aside."""
+    if np.iscomplexobj(x):  # the float64 cast below dropped the imaginary part with only NumPy's warning
+        raise InvalidInputError(f"the image is complex ({x.dtype}: MR phase/real-imaginary data)",
+                                fix="normalise its magnitude: numpy.abs(image) (Volume: v.with_array(numpy.abs(v.array)))")
     if not all_finite(x, SLAB_ELEMENTS):
         raise InvalidInputError("the image contains NaN or infinite values", fix="replace them before fusing")
     chosen = auto_method(modality, unit) if method == "auto" else method

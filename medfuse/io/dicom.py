@@ -425,8 +425,44 @@ def _checked_plane(iop: Any, ps: Any, f: Path, where: str = "") -> Tuple[np.ndar
                         fix=_FIX_DAMAGED, path=f)
 
 
+def _frame_count(f: Path, ds) -> int:
+    """NumberOfFrames, refused when the file is too small to hold that many frames.
+
+    Why: the count sizes lists (and later arrays) before any pixel is read; a 900-byte file claiming 2**31 frames
+    took a minute and all memory before it failed. Every frame needs at least 8 bytes (an encapsulated frame's
+    item header), and uncompressed ones Rows x Columns x bits.
+    """
+    try:
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise UnreadableFileError("NumberOfFrames (0028,0008) is not a whole number",
+                                  fix="check the export; the header is damaged", path=f) from None
+    if n < 1:
+        raise UnreadableFileError(f"NumberOfFrames (0028,0008) is {n}", fix="check the export; the header is "
+                                  "damaged", path=f)
+    if n == 1:
+        return n
+    try:
+        size = f.stat().st_size
+    except OSError:
+        return n
+    per_frame = 8
+    try:
+        ts = ds.file_meta.TransferSyntaxUID
+        if not ts.is_compressed and not getattr(ts, "is_deflated", False):  # deflated files are smaller
+            per_frame = max(per_frame, (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                                        * int(ds.BitsAllocated)) // 8)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    if n * per_frame > size:
+        raise UnreadableFileError(f"NumberOfFrames (0028,0008) says {n} frames, but the file ({size} bytes) "
+                                  f"cannot hold them", fix="copy or export the file again (a complete file with "
+                                  "this message has a wrong NumberOfFrames)", path=f)
+    return n
+
+
 def _frames_of(f: Path, ds) -> List[_Frame]:
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = _frame_count(f, ds)
     modality = str(ds.get("Modality", "")).upper()
     if "PerFrameFunctionalGroupsSequence" in ds:
         shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None

@@ -67,6 +67,14 @@ def _short_path(path: PathLike) -> Optional[str]:  # pragma: no cover - Windows 
     return buf.value if 0 < n < len(buf) else None
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def itk_path(path: PathLike, *, writing: bool = False) -> str:
     """The path to give SimpleITK's readers and writers for ``path`` (unchanged but on Windows).
 
@@ -79,6 +87,16 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
             switched off on that disk, or the file's own name is not ASCII when writing).
     """
     text = os.fspath(path)
+    if isinstance(text, str) and not _utf8(text):
+        # A name with bytes that are not UTF-8 (Python keeps them as surrogates): SimpleITK's binding cannot
+        # convert it and aborts the whole process (std::logic_error), napari included.
+        from ..errors import OutputExistsError
+
+        raise (OutputExistsError if writing else UnreadableFileError)(
+            "the path holds bytes that are not UTF-8 text, which SimpleITK (medfuse's MetaImage/NRRD/transform "
+            "reader and writer) cannot open",
+            fix="rename the file or folder to UTF-8 text, or use NIfTI (.nii.gz), which medfuse reads and writes "
+                "without SimpleITK", path=Path(os.fsencode(text).decode("utf-8", "backslashreplace")))
     if not _ITK_NEEDS_ASCII or text.isascii():
         return text
     p = Path(text)
@@ -205,13 +223,39 @@ def _nib_load(p: Path, gz: Optional[bool]):
                       f"medfuse reads it, but nibabel-based tools (FSL, nilearn) refuse it: rename it to end in "
                       f"{'.nii.gz' if gz else '.nii'}", MedfuseWarning, stacklevel=5)
     with (gzip.open if gz else open)(p, "rb") as fh:
-        data = fh.read()
+        # Only as many bytes as the header describes: a whole-file read decompressed a 3 MB gzip bomb (a small
+        # image, then gigabytes of zeros) into memory before anything was checked.
+        head = fh.read(540)
+        need = _described_bytes(head)
+        if need is not None:
+            _refuse_impossible_size(need, os.path.getsize(p), gz, "an image", p,
+                                    fix="copy or export the file again (a complete file holds its voxels)")
+        data = head + (fh.read(need - len(head)) if need is not None and need > len(head) else b"")
     for cls in (nib.Nifti1Image, nib.Nifti2Image):
         try:
             return cls.from_bytes(data)
         except (HeaderDataError, ImageFileError, ValueError, WrapStructError):
             continue
     raise ImageFileError("neither a NIfTI-1 nor a NIfTI-2 header")
+
+
+def _described_bytes(head: bytes) -> Optional[int]:
+    """Header plus voxel bytes a NIfTI-1/2 header (the file's first 540 bytes) describes, or None if it is none."""
+    import io
+
+    import nibabel as nib
+
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+            shape = [int(x) for x in hdr.get_data_shape()]
+            if any(x < 0 for x in shape):
+                return None  # nibabel's own reading refuses it, typed
+            offset = max(int(hdr.get_data_offset()), int(hdr.sizeof_hdr))
+            return offset + int(np.prod(shape, dtype=object)) * int(hdr.get_data_dtype().itemsize)
+        except Exception:  # not this header kind (or damaged): try the next, then let nibabel say why
+            continue
+    return None
 
 
 #: Deflate (gzip, zlib) never compresses by more than 1032:1, so a compressed file of n bytes holds at most about
@@ -311,9 +355,13 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
+    from nibabel.spatialimages import HeaderDataError
+
     try:
         img = _nib_load(p, gz)
-    except (ImageFileError, EOFError, OSError, ValueError) as e:
+    except MemoryError:
+        raise _memory_error(p, None) from None
+    except (ImageFileError, EOFError, OSError, ValueError, HeaderDataError) as e:
         kind = "empty" if p.stat().st_size == 0 else "not a valid NIfTI file (or truncated)"
         raise UnreadableFileError(f"the file is {kind} ({type(e).__name__})",
                                   fix="check the file was copied completely; re-export it", path=p) from None
@@ -419,7 +467,7 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
     reader.SetImageIO("NiftiImageIO")
     try:
         reader.SetFileName(itk_path(p))
-    except MedfuseError:  # no ASCII form of the path on Windows: the cross-check is skipped
+    except MedfuseError:  # no ASCII form on Windows, or not UTF-8: the cross-check is skipped
         return None
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own notes on stderr; medfuse warns in words instead
