@@ -562,6 +562,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if rep.get("suspect"):
         print(f"medfuse: warning: the registration looks suspect: {'; '.join(rep['suspect_reasons'])}",
               file=sys.stderr)
+    if rep.get("bspline_kept") is False:  # the transform written is the affine part: say so where it is read
+        print(f"medfuse: note: {str(rep.get('stop_reason', '')).split('; ')[0]}", file=sys.stderr)
     _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
                f"\nwrote {side} (provenance)")
     return EXIT_OK

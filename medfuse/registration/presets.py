@@ -49,7 +49,12 @@ _BASE: Dict[str, Any] = {
     "bspline_levels_mm": (4.0, 2.0),
     "bspline_iterations": (20, 20),
     "bspline_samples": 20000,
-    "bspline_max_displacement_mm": 30.0,
+    # Bound on each B-spline coefficient (a displacement in mm on top of the linear part): MI otherwise invents
+    # large warps where two modalities' contrasts differ (SPM12 T2 -> T1, pure shift: 13 mm at 30).
+    "bspline_max_displacement_mm": 8.0,
+    # A warp must improve the metric by this share of |metric| per mm of its mean displacement, or it is dropped
+    # (the result is then the affine part; report.bspline_kept False). 0 keeps every warp.
+    "bspline_min_gain_per_mm": 0.03,
 }
 
 # Sharp, fine anatomical pairs need no 6 mm level (the native final level carries the precision; 2x faster on 256^3).
@@ -204,6 +209,7 @@ def _validate(p: Dict[str, Any]) -> None:
               "bspline_max_displacement_mm"):
         number(k, 0)
     number("relaxation", 0, hi=0.999)
+    number("bspline_min_gain_per_mm", 0, lo_open=False, hi=1)
     number("multistart_deg", 0, lo_open=False, hi=90)
     for k in ("multistart_keep", "multistart_iterations", "final_iterations", "wide_keep"):
         number(k, 1, lo_open=False, integer=True)

@@ -70,6 +70,13 @@ class RegistrationReport:
         same_frame_of_reference: True when both images are DICOM series of one frame of reference (one session,
             e.g. a PET/CT: the scanner placed them, and registering them only corrects patient motion), False for
             two different frames, None when a frame is not known (NIfTI, MetaImage, NRRD).
+        bspline_displacement_mean_mm: mean displacement (mm) the B-spline stage adds to the linear part, over the
+            fixed image (its mask if given); deformable only, else None.
+        bspline_displacement_max_mm: the largest such displacement (mm); deformable only.
+        bspline_metric_gain: the B-spline stage's improvement of the metric, as a share of |metric| at the linear
+            part; deformable only.
+        bspline_kept: False when the B-spline stage was dropped as implausible (a large warp for little gain;
+            ``stop_reason`` says why, and the result is the affine part); None for rigid and affine runs.
     """
 
     kind: str
@@ -101,6 +108,15 @@ class RegistrationReport:
     #: placed them, and registering them only corrects patient motion), False for two different frames, None
     #: when a frame is not known (NIfTI, MetaImage, NRRD).
     same_frame_of_reference: Optional[bool] = None
+    #: mean and largest displacement (mm) of the B-spline stage on top of the linear part, over the fixed image
+    #: (its mask if given); deformable only.
+    bspline_displacement_mean_mm: Optional[float] = None
+    bspline_displacement_max_mm: Optional[float] = None
+    #: how much the B-spline stage improved the metric, as a share of |metric| at the linear part (deformable only).
+    bspline_metric_gain: Optional[float] = None
+    #: False when the B-spline stage was dropped as implausible (a large warp for little gain: ``stop_reason`` says
+    #: why; the result is then the affine part); None for rigid/affine runs.
+    bspline_kept: Optional[bool] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict."""
@@ -334,6 +350,33 @@ def _working_mask(mask: Optional[Volume], ref_img):
 
 
 # --------------------------------------------------------------------------- helpers
+class _Abort(Exception):
+    """Raised inside a SimpleITK iteration command to abort ``Execute`` on cancel (private; never escapes)."""
+
+
+def _quiet_aborts() -> None:
+    """Keep SimpleITK from printing a traceback for :class:`_Abort`: it reports an exception from a Python command
+    through ``sys.excepthook`` before failing ``Execute``. Installed once; every other exception goes to the hook
+    that was there before."""
+    import sys
+
+    hook = sys.excepthook
+    if getattr(hook, "_medfuse_quiet_aborts", False):
+        return
+
+    def quiet(kind, value, tb, _previous=hook):
+        if isinstance(value, _Abort):
+            for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+                if hasattr(sys, name):
+                    with contextlib.suppress(AttributeError):
+                        delattr(sys, name)
+            return
+        _previous(kind, value, tb)
+
+    quiet._medfuse_quiet_aborts = True  # type: ignore[attr-defined]
+    sys.excepthook = quiet
+
+
 class _Monitor:
     """Counts iterations per level, reports progress, stops the optimiser on cancel (checked every iteration)."""
 
@@ -352,13 +395,23 @@ class _Monitor:
     def _stop(self) -> None:
         self.cancelled = True
         self.reg.StopRegistration()
+        # LBFGSB (the B-spline stage) ignores StopRegistration and ran both levels to the end (~37 s on the SPM12
+        # pair) before the cancel took effect. An exception raised in a SimpleITK command aborts Execute at once
+        # (as a RuntimeError, turned into CancelledError by _optimise).
+        _quiet_aborts()
+        raise _Abort()
 
     def level(self):
+        if self.cancel is not None and self.cancel.cancelled:
+            self._stop()
         self.per_level.append(0)
         lvl = len(self.per_level)
         self._report(self.lo + (self.hi - self.lo) * (lvl - 1) / self.n, f"{self.stage}: level {lvl}/{self.n}")
 
     def iteration(self):
+        # Cancel first: no progress message once the token is set.
+        if self.cancel is not None and self.cancel.cancelled:
+            self._stop()
         if not self.per_level:
             self.per_level.append(0)
         # The optimiser's own count: some optimisers (LBFGSB) fire several events per iteration.
@@ -371,7 +424,7 @@ class _Monitor:
         frac = min(1.0, self.per_level[-1] / max(1, self.its[min(lvl, len(self.its)) - 1]))
         self._report(self.lo + (self.hi - self.lo) * (lvl - 1 + frac) / self.n,
                      f"{self.stage}: level {lvl}/{self.n}, iteration {self.per_level[-1]}")
-        if self.cancel is not None and self.cancel.cancelled:
+        if self.cancel is not None and self.cancel.cancelled:  # set by the progress callback just now
             self._stop()
 
 
@@ -443,6 +496,15 @@ def _raise_sitk_failure(e: RuntimeError) -> None:
         raise RegistrationError(
             "too few samples of the fixed image land inside the moving image during optimisation",
             fix="check that both images show the same anatomy; try initialise='geometry' or masks") from None
+    if "m_Scales" in msg or "epsilon" in msg:
+        # The optimiser's physical-shift scales vanish when a working copy is a few voxels across: a level, the
+        # start search or a step (mm) far coarser than the images.
+        raise RegistrationError(
+            "the registration's scales (mm) are too coarse for these images: a working copy is only a few voxels "
+            "across, with nothing left to optimise",
+            fix="leave levels_mm, multistart_mm, final_mm and the step settings at their defaults (they follow "
+                "small images), or set them to a few voxels of these images; each image needs at least 4 voxels "
+                "along every axis") from None
     raise RegistrationError(f"SimpleITK registration failed ({msg.strip().splitlines()[-1][:200]})",
                             fix="check the inputs' geometry and content") from None
 
@@ -863,9 +925,12 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
     reg.SetSmoothingSigmasPerLevel(sigmas)
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     if bspline:
+        # The coefficients are displacements (mm) on top of the linear part: bounding them keeps MI from inventing
+        # large warps where the modalities' contrasts differ (SPM12 T2 -> T1 under a pure shift: 11.6 mm unbounded).
+        bound = float(preset["bspline_max_displacement_mm"])
         reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=int(max(its)),
                                  maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=int(max(its)) * 4,
-                                 costFunctionConvergenceFactor=1e7)
+                                 costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)
     else:
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=float(preset["learning_rate_mm"]), minStep=float(preset["min_step_mm"]),
@@ -936,7 +1001,11 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             Every mode but ``"none"`` falls back: when the rigid/affine result scores worse than the scanners'
             placement (or the initial transform), it is optimised from there as well and the better result kept;
             ``report.initialisation`` then starts with the winner and says why.
-        bspline_grid_mm: B-spline control-point spacing (regularisation: larger is smoother).
+        bspline_grid_mm: B-spline control-point spacing (regularisation: larger is smoother). The B-spline's
+            coefficients are bounded by ``bspline_max_displacement_mm`` (8 mm) per axis, and a warp beyond 2 mm
+            that improves the metric by less than ``bspline_min_gain_per_mm`` (3 % of |metric|) per mm of mean
+            displacement is dropped: the result is then the affine part, ``report.bspline_kept`` is False and
+            ``report.stop_reason`` says why.
         initial_transform: a known rough alignment to start from: a linear :class:`Transform`, a
             ``SimpleITK.Transform``, a 4x4 LPS matrix or an ITK transform file path, mapping fixed points to
             moving points (ITK convention, as :meth:`Transform.save` writes and Slicer/ANTs export). The moving
@@ -949,7 +1018,10 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             ``report.metric_initial`` is the metric there (``metric_before`` stays the scanners' placement). The
             returned transform is the whole fixed -> moving mapping, the initial transform included. A
             deformable initial transform is refused.
-        **preset_overrides: any preset key (see :mod:`medfuse.registration.presets`).
+        **preset_overrides: any preset key (see :mod:`medfuse.registration.presets`). For images under 80 mm
+            across (the smaller one's largest extent), every mm setting not given here is scaled by
+            ``extent / 80`` (pyramid, start search, steps, B-spline grid and bounds); larger images use the
+            presets as they are.
 
     Returns:
         :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted.
@@ -984,6 +1056,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         preset_overrides["bspline_grid_mm"] = _checks.number(bspline_grid_mm, "bspline_grid_mm", finite=False,
                                                              what="a spacing in mm", example="bspline_grid_mm=40")
     p = get_preset(preset, fixed.modality, moving.modality, **preset_overrides)
+    p = _fit_to_field_of_view(p, fixed, moving, set(preset_overrides))
     # An initial transform A = Q @ P: the moving image (and its mask) is placed by the rigid Q, and everything below
     # runs as it would on an image the scanner had placed there; Q goes back into the result at the end.
     original, Q, P = moving, None, None
@@ -1141,7 +1214,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                 init_label = (f"{name} (kept {where} as it is: the optimised result scored {_fmt(m_lin)} against "
                               f"{value:.4f} there; was: {init_label})")
     transform = Transform(linear)
-    jac_min = jac_frac = None
+    jac_min = jac_frac = disp_mean = disp_max = gain = bspline_dropped = None
     if kind == "deformable":
         grid_mm = float(p["bspline_grid_mm"])
         phys = np.asarray(fimg.GetSize()) * np.asarray(fimg.GetSpacing())
@@ -1153,8 +1226,29 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         stop = stop3
         per_level = per_level + per3
         its = list(its) + list(its3)
+        jac_min, jac_frac, disp_mean, disp_max = _jacobian(bs, fimg, fmask)
+        bins = p["histogram_bins"]
+        m_linear = _evaluate(fimg, mimg, Transform(linear).sitk, metric=metric, bins=bins, seed=seed, fmask=fmask,
+                             mmask=mmask)
+        m_warp = _evaluate(fimg, mimg, Transform(linear).compose(Transform(bs)).sitk, metric=metric, bins=bins,
+                           seed=seed, fmask=fmask, mmask=mmask)
+        if m_linear is not None and m_warp is not None and m_linear != 0:
+            gain = (m_linear - m_warp) / abs(m_linear)
+            # A warp that moves the anatomy by millimetres for a few per cent of similarity is MI fitting contrast
+            # differences or sampling noise, not anatomy: SPM12 T2 -> T1 under a pure shift gained 5.1 % for a
+            # 3.2 mm mean warp (head points 3.1 mm off, the linear part 1.3 mm), T1 -> T1 0.5 % for 1.0 mm; the
+            # known smooth fields recovered gained 22 % for 2.3 mm (BraTS). Such a warp is dropped, and said so.
+            scale = float(p.get("fov_scale", 1.0))
+            need = float(p["bspline_min_gain_per_mm"]) * disp_mean / scale
+            if disp_max > _WARP_FLAG_MAX_MM * scale and gain < need:
+                bspline_dropped = (
+                    f"B-spline stage dropped: it moved points by {disp_mean:.1f} mm on average (up to {disp_max:.1f} "
+                    f"mm) for a {gain:.1%} better similarity (needs {need:.1%}: bspline_min_gain_per_mm="
+                    f"{p['bspline_min_gain_per_mm']:g} per mm); the result is the affine part")
+                bs.SetParameters((0.0,) * bs.GetNumberOfParameters())
+                jac_min, jac_frac = 1.0, 0.0
+                stop = f"{bspline_dropped}; {stop}"
         transform = Transform(linear).compose(Transform(bs))
-        jac_min, jac_frac = _jacobian(bs, fimg)
 
     metric_after = _evaluate(fimg, mimg, transform.sitk, metric=metric, bins=p["histogram_bins"], seed=seed,
                              fmask=fmask, mmask=mmask)
@@ -1221,9 +1315,47 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         converged=converged, suspect=bool(reasons), suspect_reasons=reasons, initialisation=init_label,
         rotation_deg=rot, translation_mm=trans, scale=scale, jacobian_min=jac_min,
         jacobian_fraction_nonpositive=jac_frac, overlap_fraction=overlap, overlap_fraction_moving=overlap_m,
-        metric_initial=metric_initial, same_frame_of_reference=same_frame)
+        metric_initial=metric_initial, same_frame_of_reference=same_frame, bspline_displacement_mean_mm=disp_mean,
+        bspline_displacement_max_mm=disp_max, bspline_metric_gain=gain, bspline_kept=None if kind != "deformable"
+        else bspline_dropped is None)
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
+
+
+#: Settings in mm that follow the images' size when they are small (see _fit_to_field_of_view).
+_MM_KEYS = ("levels_mm", "multistart_mm", "final_mm", "learning_rate_mm", "min_step_mm", "final_learning_rate_mm",
+            "bspline_grid_mm", "bspline_levels_mm", "bspline_max_displacement_mm")
+#: Field of view (mm, the larger image axis) from which the presets' human-sized defaults are used unchanged: the
+#: coarse copy (multistart_mm, 8 mm) then keeps >= 10 voxels along it.
+_HUMAN_FOV_MM = 80.0
+
+
+def _fit_to_field_of_view(p: Dict[str, Any], fixed: Volume, moving: Volume, given) -> Dict[str, Any]:
+    """The preset's physical scales (pyramid, start search, steps, B-spline grid) shrunk for small fields of view.
+
+    The presets are in mm for human anatomy. A 23 x 27 x 23 mm "mouse brain" (0.25 mm voxels) was searched on a
+    copy of 3 x 3 x 3 voxels and optimised at 2 mm, ending ~6 voxels off (unflagged); 8 mm images failed inside
+    SimpleITK. Below ``_HUMAN_FOV_MM`` (the smaller image's largest extent) every mm setting the caller did not give
+    is scaled by ``extent / _HUMAN_FOV_MM``; human-sized images keep the presets exactly.
+    """
+    def fov(v: Volume) -> float:
+        return float(np.max(np.asarray(v.shape) * np.asarray(v.spacing)))
+
+    k = min(fov(fixed), fov(moving)) / _HUMAN_FOV_MM
+    if k >= 1.0:
+        return p
+    out = dict(p)
+    for key in _MM_KEYS:
+        if key in given or out[key] is None:
+            continue
+        out[key] = tuple(float(x) * k for x in out[key]) if isinstance(out[key], (list, tuple)) else float(out[key]) * k
+    out["fov_scale"] = k
+    return out
+
+
+#: The B-spline plausibility check: a warp reaching beyond this (mm, scaled for small fields of view) must gain at
+#: least ``bspline_min_gain_per_mm`` of |metric| per mm of mean displacement, or it is dropped.
+_WARP_FLAG_MAX_MM = 2.0
 
 
 def _worse_tolerance(metric_before: float) -> float:
@@ -1257,7 +1389,8 @@ def _fmt(value: Optional[float]) -> str:
     return "unmeasurable" if value is None else f"{value:.4f}"
 
 
-def _jacobian(bspline, ref):
+def _jacobian(bspline, ref, mask=None):
+    """(min Jacobian determinant, share <= 0, mean and max displacement in mm within ``mask``) of the B-spline."""
     import SimpleITK as sitk
 
     f = sitk.TransformToDisplacementFieldFilter()
@@ -1265,7 +1398,10 @@ def _jacobian(bspline, ref):
     f.SetOutputPixelType(sitk.sitkVectorFloat64)
     disp = f.Execute(bspline)
     jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(disp))
-    return float(jac.min()), float(np.mean(jac <= 0))
+    mag = np.linalg.norm(sitk.GetArrayViewFromImage(disp), axis=-1)
+    if mask is not None and sitk.GetArrayViewFromImage(mask).any():
+        mag = mag[sitk.GetArrayViewFromImage(mask) > 0]
+    return float(jac.min()), float(np.mean(jac <= 0)), float(mag.mean()), float(mag.max())
 
 
 def _overlap_fraction(fimg, mimg, tx, fmask) -> float:
