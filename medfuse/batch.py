@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -354,36 +355,95 @@ def read_manifest(path: PathLike) -> List[Subject]:
                 fix="the first line must be: subject,fixed,moving,output", path=p)
     if not rows:
         raise InvalidInputError("the manifest lists no subjects", fix="add one row per subject", path=p)
-    subjects = [_subject_from(r, base=base, path=p, row=i + 2 if p.suffix.lower() not in (".yaml", ".yml") else i + 1,
-                              defaults=defaults) for i, r in enumerate(rows)]
-    _check_unique(subjects, p)
+    first = 2 if p.suffix.lower() not in (".yaml", ".yml") else 1
+    subjects = [_subject_from(r, base=base, path=p, row=i + first, defaults=defaults) for i, r in enumerate(rows)]
+    _check_unique(subjects, p, first)
     return subjects
 
 
-def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None) -> None:
-    """Every subject and every output once (outputs also compared without letter case).
+def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, first_row: Optional[int] = None) -> None:
+    """Every subject once, and every output, and every output's sidecar, a file of its own; checked before any work.
+
+    Outputs are compared as the files they name (``out/x.nii.gz`` and ``out/../out/x.nii.gz`` are one; symbolic
+    links followed) and without letter case (one file on Windows and macOS). ``out/s.nii.gz`` and ``out/s.mha``
+    share the sidecar ``out/s.json``: the second would take over the first's provenance. An output (or its
+    sidecar) that is another row's input, or lies inside another row's input folder, would replace that input.
+
+    Args:
+        subjects: the rows.
+        path: the manifest they came from (named in the error).
+        first_row: the manifest's row number of the first subject (the errors name rows); None for a list, whose
+            subjects are named by their position.
 
     Raises:
-        InvalidInputError: a subject or output appears twice, or two outputs differ only in letter case.
+        InvalidInputError: a subject or output appears twice, two outputs are one file (or differ only in letter
+            case, or share a sidecar), or an output is another row's input; the message names both rows (patient
+            identifiers blanked).
     """
+    from .provenance import sidecar_path
+
     p = path
     where = "the manifest" if path is not None else "the list of subjects"
-    for attr in ("subject", "output"):
-        seen: Dict[str, str] = {}
-        for s in subjects:
-            key = getattr(s, attr)
-            key = os.fspath(key) if isinstance(key, os.PathLike) else str(key)
+
+    def text(value: Any) -> str:
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+    def real(value: Any) -> str:
+        return os.path.realpath(os.path.abspath(os.path.expanduser(text(value))))
+
+    def refuse(i: int, j: int, problem: str, fix: str) -> None:
+        from .provenance import patient_identifiers, scrub
+
+        def who(k: int) -> str:
+            return f"{'row ' + str(first_row + k) if first_row is not None else 'subject ' + str(k + 1)} " \
+                   f"({subjects[k].subject!r})"
+
+        both = [subjects[j], subjects[i]]
+        ids = patient_identifiers([x for s in both for x in (s.fixed, *s.moving, s.folder) if x and Path(x).exists()])
+        raise InvalidInputError(scrub(f"{who(j)} and {who(i)}: {problem}", ids), fix=fix, path=p)
+
+    names: Dict[str, int] = {}
+    for i, s in enumerate(subjects):
+        if s.subject in names:
+            refuse(i, names[s.subject], f"subject {s.subject!r} appears twice in {where}",
+                   "give every subject its own subject")
+        names[s.subject] = i
+    outputs: Dict[str, Tuple[int, str]] = {}
+    sidecars: Dict[str, Tuple[int, str]] = {}
+    for i, s in enumerate(subjects):
+        key, full = text(s.output), real(s.output)
+        if full.casefold() in outputs:
+            j, other = outputs[full.casefold()]
+            if text(subjects[j].output) == key:
+                refuse(i, j, f"output {key!r} appears twice in {where}", "give every subject its own output")
+            if real(subjects[j].output) == full:
+                refuse(i, j, f"outputs {other!r} and {key!r} are one file", "give every subject its own output")
             # Outputs differing only in case are one file on Windows and macOS (case-insensitive file systems):
             # one subject's output would silently replace the other's, and the report call both done.
-            norm = key.casefold() if attr == "output" else key
-            if norm in seen and seen[norm] != key:
-                raise InvalidInputError(f"outputs {seen[norm]!r} and {key!r} differ only in letter case: on "
-                                        "Windows and macOS they are one file", fix="give every subject an output "
-                                        "whose name differs in more than case", path=p)
-            if norm in seen:
-                raise InvalidInputError(f"{attr} {key!r} appears twice in {where}",
-                                        fix=f"give every subject its own {attr}", path=p)
-            seen[norm] = key
+            refuse(i, j, f"outputs {other!r} and {key!r} differ only in letter case: on Windows and macOS they "
+                         "are one file", "give every subject an output whose name differs in more than case")
+        outputs[full.casefold()] = (i, key)
+        side = os.fspath(sidecar_path(full)).casefold()
+        if side in sidecars:
+            j, other = sidecars[side]
+            refuse(i, j, f"outputs {other!r} and {key!r} share one provenance sidecar "
+                         f"({sidecar_path(key).name}): the second would take over the first's",
+                   "give the outputs names that differ before the suffix (not s.nii.gz and s.mha)")
+        sidecars[side] = (i, key)
+    inputs: Dict[str, List[Tuple[int, str]]] = {}
+    for i, s in enumerate(subjects):
+        for x in (s.fixed, *s.moving):
+            if x:
+                inputs.setdefault(real(x).casefold(), []).append((i, text(x)))
+    for what, taken in (("output", outputs), ("the sidecar of output", sidecars)):
+        for key, (j, out) in taken.items():
+            # The file itself, or a folder holding it (a DICOM input folder).
+            for place in (key, *(os.fspath(q) for q in Path(key).parents)):
+                for i, x in inputs.get(place, ()):
+                    if i != j:
+                        refuse(i, j, f"{what} {out!r} is the other row's input {x!r} (or inside it): writing it "
+                                     "would replace that input", "write outputs to a folder of their own, away "
+                                                                 "from the inputs")
 
 
 # ----------------------------------------------------------------------------- dataset folders
@@ -754,8 +814,17 @@ def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequen
     """
     from .provenance import _jsonable, hash_path, is_medfuse_record
 
-    verified = (is_medfuse_record(rec) and isinstance(rec.get("output"), Mapping)
-                and rec["output"].get("sha256") == hash_path(output))
+    recorded = rec.get("output") if is_medfuse_record(rec) and isinstance(rec.get("output"), Mapping) else None
+    current_sha = hash_path(output) if recorded is not None else None
+    # A run killed while saving leaves the sidecar saying so (see pipeline.SaveStep): the earlier output it was
+    # replacing (``replaces_sha256``), or whatever it was writing (``in_progress``), is medfuse's own, unfinished.
+    # Only the earlier output itself, except for a header + data pair (.mhd/.nhdr), which its writer puts in
+    # place before the sidecar is finished.
+    if recorded is not None and recorded.get("sha256") != current_sha and (
+            (recorded.get("in_progress") is True and output.name.lower().endswith((".mhd", ".nhdr")))
+            or (recorded.get("replaces_sha256") and recorded.get("replaces_sha256") == current_sha)):
+        return "an earlier run was interrupted while writing it"
+    verified = recorded is not None and recorded.get("sha256") == current_sha
     if not verified:
         raise OutputExistsError("the output exists and is not verified by its provenance sidecar (not made by "
                                 "medfuse, or changed since)", fix="rerun with --overwrite (overwrite=True) to redo "
@@ -855,9 +924,31 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
     try:
+        inputs = _fill_result(s, res, options, cancel, inputs)
+    finally:
+        # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
+        # the subject's folder too: discovery's messages quote paths in it. Every row, skipped and unpaired
+        # ones included (their early exits once returned before this blanking).
+        known = [*_known_inputs(inputs, res), s.folder]
+        for attr in ("error", "inputs"):
+            if getattr(res, attr):
+                setattr(res, attr, _scrubbed(getattr(res, attr), known))
+        res.seconds = round(time.perf_counter() - t0, 3)
+    return asdict(res)
+
+
+def _known_inputs(inputs: Sequence[str], res: SubjectResult) -> List[str]:
+    """The subject's inputs as far as they are known: discovery's, once it ran (``res.inputs``), and the row's."""
+    return list(dict.fromkeys([*(res.inputs.split(";") if res.inputs else []), *(x for x in inputs if x)]))
+
+
+def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], cancel: Optional[CancelToken],
+                 inputs: List[str]) -> List[str]:
+    """Run one subject, filling ``res`` (never raising a subject's failure); returns the inputs used."""
+    try:
         if s.problem:
             res.error = s.problem
-            return asdict(res)
+            return inputs
         series = s.series
         if s.folder and not s.fixed:
             fixed, moving, series = discover_subject(s.folder, with_series=True)
@@ -883,7 +974,7 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
             if is_up_to_date(out, input_paths=inputs, parameters=params, expect=expect):
                 res.status = "skipped"
                 _from_sidecar(res, rec)
-                return asdict(res)
+                return inputs
             if not overwrite:
                 # Our own stale output is redone; anything else only with overwrite.
                 res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
@@ -898,17 +989,44 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
             res.status = "cancelled"
     except Exception as e:  # noqa: BLE001 - isolate the subject; the batch goes on
         res.error = _one_line(e)
-    finally:
-        # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
-        # the subject's folder too: discovery's messages quote paths in it.
-        for attr in ("error", "inputs"):
-            if getattr(res, attr):
-                setattr(res, attr, _scrubbed(getattr(res, attr), [*inputs, s.folder]))
-        res.seconds = round(time.perf_counter() - t0, 3)
-    return asdict(res)
+    return inputs
 
 
 # ----------------------------------------------------------------------------- driver
+def _identifiers_by_subject(subjects: Sequence[Subject]) -> Dict[str, Tuple[int, List[str]]]:
+    """``{subject id: (its 1-based position, its patient identifiers)}``, read from each subject's readable DICOM
+    inputs (its folder too, for a dataset subject not discovered yet)."""
+    from .provenance import patient_identifiers
+
+    out: Dict[str, Tuple[int, List[str]]] = {}
+    for i, s in enumerate(subjects):
+        paths = [p for p in (s.fixed, *s.moving, s.folder) if p and Path(p).exists()]
+        out[s.subject] = (i + 1, patient_identifiers(paths))
+    return out
+
+
+def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> SubjectResult:
+    """``res`` as the report and summary show it: no subject id or path quoting the subject's own patient
+    identifiers.
+
+    A subject folder named after the patient (``DOE^JOHN/``) made its name the subject id and part of its output
+    path. Such an id is shown blanked with the subject's position, ``[removed] #3``: unique and stable as long
+    as the list of subjects is, and not derived from the name (a hash of a name can be reversed by guessing).
+    """
+    from dataclasses import replace
+
+    from .provenance import scrub
+
+    row, ids = known.get(res.subject, (0, []))
+    if not ids:
+        return res
+    subject = scrub(res.subject, ids)
+    if subject != res.subject:
+        subject = f"{subject} #{row}"
+    return replace(res, subject=subject, **{a: scrub(getattr(res, a), ids)
+                                            for a in ("output", "error", "inputs", "note") if getattr(res, a)})
+
+
 def _is_batch_report(path: Path) -> bool:
     """True when ``path`` holds a report an earlier run wrote (its header or keys are ours)."""
     try:
@@ -1068,7 +1186,8 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Mapping[str, Any]]) -> None:
+def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Mapping[str, Any]],
+                  known: Optional[Mapping[str, Tuple[int, List[str]]]] = None) -> None:
     """Write the report before any work, as after every subject: this run's subjects ``pending``, the earlier
     report's other rows kept. A report that cannot be written (a read-only manifest folder) was only warned about
     when the run ended, maybe days later, with no report written meanwhile; now the run is refused at once.
@@ -1076,7 +1195,8 @@ def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Map
     Raises:
         OutputExistsError: the report cannot be written there.
     """
-    pending = [SubjectResult(subject=s.subject, status="pending", output=s.output) for s in subjects]
+    pending = [_shown(SubjectResult(subject=s.subject, status="pending", output=s.output), known or {})
+               for s in subjects]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
         _write_report(path, pending, earlier)
@@ -1114,6 +1234,31 @@ def _check_scheduler(scheduler: str, workers: int) -> None:
         raise MissingDependencyError.for_package("dask[distributed]", "medfuse batch", "batch")
 
 
+@contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT in this process while the local cluster starts, so its nanny and worker processes inherit
+    "ignore" (kept across fork and exec; Python installs its KeyboardInterrupt handler at startup only where
+    SIGINT is at its default). The previous handler is restored afterwards.
+
+    Why: Ctrl-C in a terminal signals the whole process group, and each worker and nanny printed its own
+    KeyboardInterrupt/CancelledError traceback (~33 lines) under medfuse's "cancelling" message. This process
+    handles the cancel: it drops the unfinished subjects and closes the cluster. A Ctrl-C during the seconds the
+    cluster takes to start is ignored (press it again once it is up). Only in the main thread, where Python lets
+    signal handlers be changed (elsewhere the workers behave as before).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
+
+
 def _client(scheduler: str, workers: int, threads: int):
     """Return (client, cluster_or_None)."""
     try:
@@ -1134,7 +1279,7 @@ def _client(scheduler: str, workers: int, threads: int):
             # Dask's own ERROR lines ("Task ... marked as failed because 1 workers died") are silenced: a dead
             # worker is reported per subject in medfuse's words, and a cancel (Ctrl-C, or SIGTERM sent to the
             # workers too, as SLURM does) printed them as if something had gone wrong.
-            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _workers_ignore_sigint():
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=logging.CRITICAL, env=env)
         except RuntimeError as e:
@@ -1305,8 +1450,13 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
     with _report_lock(report_path):
-        earlier = _read_report(report_path)
-        _first_report(report_path, subjects, earlier)  # an unwritable report stops the run before any work
+        known = _identifiers_by_subject(subjects)
+        hidden = {r: _shown(SubjectResult(subject=r, status=""), known).subject for r in known}
+        # An earlier run's row under a subject id that is now blanked (written before ids were blanked) is
+        # dropped, not kept beside the blanked row.
+        earlier = [r for r in _read_report(report_path) if hidden.get(r.get("subject"), r.get("subject"))
+                   == r.get("subject")]
+        _first_report(report_path, subjects, earlier, known)  # an unwritable report stops the run before any work
         threads = int(threads_per_worker)
         if scheduler == "local" and workers > len(subjects) >= 1:
             # One worker per subject at most: each spare one only costs seconds to start and memory
@@ -1327,8 +1477,9 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr, disable=None)
 
         def rows(unfinished: str, why: str) -> List[SubjectResult]:
-            return [results.get(s.subject) or SubjectResult(subject=s.subject, status=unfinished, output=s.output,
-                                                            error=why) for s in subjects]
+            return [_shown(results.get(s.subject) or SubjectResult(subject=s.subject, status=unfinished,
+                                                                   output=s.output, error=why), known)
+                    for s in subjects]
 
         def save_report(ordered: List[SubjectResult]) -> Optional[Path]:
             try:
@@ -1344,7 +1495,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             save_report(rows("pending", None))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix_str(f"{d['subject']}: {d['status']}", refresh=True)
+                bar.set_postfix_str(f"{_shown(results[d['subject']], known).subject}: {d['status']}", refresh=True)
 
         n_workers = 1
         try:
@@ -1365,10 +1516,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             # An error that ends the run (the scheduler went away, a cluster that did not start): no row may stay
             # 'pending' for good. The subjects not finished get their earlier row back, or say why they did not run.
             before = {r.get("subject") for r in earlier}
-            save_report([results.get(s.subject) or SubjectResult(
+            save_report([_shown(results.get(s.subject) or SubjectResult(
                 subject=s.subject, status="cancelled", output=s.output,
-                error=f"not run: the batch stopped on an error ({e.__class__.__name__})")
-                for s in subjects if s.subject in results or s.subject not in before])
+                error=f"not run: the batch stopped on an error ({e.__class__.__name__})"), known)
+                for s in subjects if s.subject in results or hidden[s.subject] not in before])
             raise
         finally:
             if bar is not None:

@@ -507,7 +507,12 @@ class SaveStep:
     """Write the fused volume atomically, then its provenance sidecar; skipped when there is no output.
 
     The output is written to a temporary name, hashed, the sidecar written, and only then renamed into
-    place: a run killed at any moment leaves either nothing, or an output with a matching sidecar.
+    place: a run killed at any moment leaves either nothing, or an output with a matching sidecar, or (killed
+    while replacing an earlier output) the earlier output with a sidecar that says medfuse was replacing it.
+    Before writing, a sidecar marked ``in_progress`` records the output's current hash (``replaces_sha256``)
+    and the temporary file's name (``writing``); the sidecar written before the rename keeps
+    ``replaces_sha256``. A batch rerun takes such an output as medfuse's own, unfinished, and redoes it without
+    ``overwrite``; the save step removes the temporary file a killed run left.
     """
 
     name = "save"
@@ -517,34 +522,154 @@ class SaveStep:
         if state.output is None or state.fused is None:
             return state
         from . import provenance as prov
-        from .io import save
-        from .io._atomic import atomic_dir, atomic_path
 
         out = Path(state.output)
         inputs = [p for p in state.inputs if not isinstance(p, Volume)]
         name = out.name.lower()
         check(state.cancel, "saving")
+        _remove_interrupted_temp(out)
+        replaces = _hash_if_there(out)
+        previous = _text_if_there(prov.sidecar_path(out))
+        try:
+            return self._save(state, out, inputs, name, replaces)
+        except BaseException:
+            # A save that failed (not killed) left the earlier output in place: its own sidecar goes back too.
+            _put_back_sidecar(out, previous, replaces)
+            raise
+
+    def _save(self, state, out, inputs, name, replaces) -> PipelineState:
+        from . import provenance as prov
+        from .io import save
+        from .io._atomic import atomic_dir, atomic_path
+
         if name.endswith((".mhd", ".nhdr")):
             # Header + data file pairs name each other: let the writer place both atomically, then add
-            # the sidecar (an output without a sidecar is simply redone by batch runs).
+            # the sidecar. The in-progress sidecar first: a kill between the two leaves a new output that no
+            # finished sidecar verifies, which a batch rerun redoes instead of refusing it.
+            if state.overwrite or not (out.exists() or out.is_symlink()):
+                self._in_progress(state, out, inputs, replaces, None)
             save(state.fused, out, overwrite=state.overwrite)
             state.notes["provenance"] = self._sidecar(state, out, out, inputs)
             return state
         ctx = atomic_path if name.endswith(prov._IMAGE_SUFFIXES) else atomic_dir
+        if state.overwrite or not (out.exists() or out.is_symlink()):
+            # Claimed before the temporary file exists, named once it does: a kill in between leaves an empty
+            # temporary file made after the claim, which the next save can tell as this output's.
+            self._in_progress(state, out, inputs, replaces, None)
         with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
+            self._in_progress(state, out, inputs, replaces, tmp.name)
             save(state.fused, tmp, overwrite=True)
-            state.notes["provenance"] = self._sidecar(state, tmp, out, inputs)
+            state.notes["provenance"] = self._sidecar(state, tmp, out, inputs, replaces=replaces, writing=tmp.name)
         return state
 
-    def _sidecar(self, state, written, out, inputs) -> dict:
+    def _in_progress(self, state, out, inputs, replaces, writing) -> None:
+        """Mark the sidecar: medfuse is writing ``out`` (replacing the output of hash ``replaces``, via ``writing``)."""
+        from . import provenance as prov
+
+        record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
+        record["output"] = {"path": os.fspath(out), "sha256": None, "in_progress": True,
+                            "replaces_sha256": replaces, "writing": writing}
+        prov.write_sidecar(out, record, input_paths=inputs)
+
+    def _sidecar(self, state, written, out, inputs, replaces=None, writing=None) -> dict:
         """Hash what was written and put the provenance sidecar beside ``out``; returns the record."""
         from . import provenance as prov
 
         state.output_sha256 = prov.hash_path(written)
         state.sidecar = prov.sidecar_path(out)
         record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
+        if writing is not None:
+            # Written before the rename: a kill in between leaves the earlier output (of hash ``replaces``) in
+            # place, and the temporary file, which the next save removes.
+            record["output"].update(replaces_sha256=replaces, writing=writing)
         prov.write_sidecar(out, record, input_paths=inputs)
         return record
+
+
+def _text_if_there(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _put_back_sidecar(out: Path, previous: Optional[str], replaces: Optional[str]) -> None:
+    """After a failed save: the sidecar as it was, when the output is still the one it was (best effort)."""
+    from .io._atomic import atomic_write_text
+    from .provenance import sidecar_path
+
+    if _hash_if_there(out) != replaces:
+        return  # the new output is in place (or something else is): its sidecar stays
+    side = sidecar_path(out)
+    try:
+        if previous is not None:
+            atomic_write_text(side, previous, overwrite=True)
+        elif replaces is None and side.is_file():
+            side.unlink()  # nothing was there: no sidecar without its output
+    except (OSError, MedfuseError):
+        pass
+
+
+def _hash_if_there(out: Path) -> Optional[str]:
+    """The hash of the output about to be replaced, or None when there is none (or it cannot be read)."""
+    from .errors import UnreadableFileError
+    from .provenance import hash_path
+
+    if not out.exists():
+        return None
+    try:
+        return hash_path(out)
+    except UnreadableFileError:
+        return None
+
+
+def _remove_interrupted_temp(out: Path) -> None:
+    """Remove the temporary file (or folder) a killed save of ``out`` left beside it, as its in-progress sidecar
+    names it. Only a medfuse temporary name in ``out``'s own folder is ever removed."""
+    import shutil
+
+    from .io._atomic import _TMP_PREFIX
+    from .provenance import is_medfuse_record, read_sidecar
+
+    rec = read_sidecar(out)
+    recorded = rec.get("output") if is_medfuse_record(rec) and isinstance(rec.get("output"), Mapping) else {}
+    writing = recorded.get("writing")
+    if writing is None and recorded.get("in_progress") is True:
+        _remove_empty_temps_since_claim(out)
+        return
+    if not (isinstance(writing, str) and writing.startswith(_TMP_PREFIX) and os.path.basename(writing) == writing):
+        return
+    left = out.parent / writing
+    try:
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left)
+        elif left.exists() or left.is_symlink():
+            left.unlink()
+    except OSError:
+        pass  # a leftover that cannot be removed is harmless: hidden, and skipped by hashing and discovery
+
+
+def _remove_empty_temps_since_claim(out: Path) -> None:
+    """Remove the empty medfuse temporary files (of ``out``'s suffix) made beside ``out`` after its in-progress
+    sidecar was written: a save killed before it named its temporary file left one (nothing had been written to
+    it yet)."""
+    from .io._atomic import _TMP_PREFIX, _temp_suffix
+    from .provenance import sidecar_path
+
+    try:
+        claimed = sidecar_path(out).stat().st_mtime_ns
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return
+    suffix = _temp_suffix(out.name)
+    for e in entries:
+        try:
+            if (e.name.startswith(_TMP_PREFIX) and e.name.endswith(suffix) and e.is_file(follow_symlinks=False)
+                    and e.stat(follow_symlinks=False).st_size == 0
+                    and e.stat(follow_symlinks=False).st_mtime_ns >= claimed):
+                os.unlink(e.path)
+        except OSError:
+            continue
 
 
 # ----------------------------------------------------------------------------- pipeline

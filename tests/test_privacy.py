@@ -340,7 +340,7 @@ def test_fuse_register_save_outputs_sidecars_and_cli_hold_no_identifiers(study):
     from medfuse.pipeline import fuse_files
 
     with captured() as seen:
-        for name in ("f.nii.gz", "f.mha", "f.nrrd", "f.mhd", "fdicom"):
+        for name in ("f.nii.gz", "f2.mha", "f3.nrrd", "f4.mhd", "fdicom"):  # one name each: f.mha would share f.json
             res = fuse_files(ct, pt, out / name, method="max")
             texts[f"fuse_files {name} result"] = (json.dumps(res.provenance, default=str) + repr(res.fused)
                                                   + json.dumps(res.fused.provenance, default=str))

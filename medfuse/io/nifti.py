@@ -352,9 +352,7 @@ def _memory_error(p: Path, shape) -> UnreadableFileError:
 
 def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str],
                                                       Optional[str]]:
-    import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
-
     from nibabel.spatialimages import HeaderDataError
 
     try:
