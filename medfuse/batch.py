@@ -497,13 +497,16 @@ def _walk(folder: Path) -> Tuple[List[Path], bool]:
     images: List[Path] = []
     maybe_dicom = False
     seen = set()
+    top = os.path.realpath(folder)
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a symlink loop, or the same series linked twice
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        # A link to a folder above this one (sub-01/up -> ../.., a link to /) would walk the whole dataset, or
+        # the whole disk, and take other subjects' images as this one's: such links are not followed.
+        dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _above(os.path.realpath(os.path.join(root, d)), top))
         for f in sorted(files):
             low = f.lower()
             if _hidden(f) or not os.path.isfile(os.path.join(root, f)):  # a broken link
@@ -514,6 +517,11 @@ def _walk(folder: Path) -> Tuple[List[Path], bool]:
             elif not low.endswith(_NOT_DICOM):
                 maybe_dicom = True
     return images, maybe_dicom
+
+
+def _above(real: str, top: str) -> bool:
+    """Whether the real folder ``real`` is ``top`` itself or one of the folders above it."""
+    return top == real or top.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def _ambiguous(folder: Path, problem: str, fix: str) -> InvalidInputError:

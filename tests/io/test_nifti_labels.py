@@ -100,3 +100,19 @@ def test_cli_register_takes_modalities(ct_nifti, tmp_path, samples_dir, capsys):
     assert main(["register", str(samples_dir / "mr_t1.nii.gz"), str(ct_nifti[0]), "-o", str(tmp_path / "b.nii.gz"),
                  "--modalities", "MR"]) == 2
     assert "--modalities names 1 modalities for 2 inputs" in capsys.readouterr().err
+
+
+def test_an_inputs_bids_sidecar_is_never_replaced_by_a_provenance_sidecar(ct_nifti, tmp_path, capsys):
+    """t1.nii.gz + t1.json (dcm2niix), output t1.mha: --overwrite replaced the input's sidecar with provenance."""
+    nii = tmp_path / "t1.nii.gz"
+    nii.write_bytes(ct_nifti[0].read_bytes())
+    side = tmp_path / "t1.json"
+    side.write_text(json.dumps({"Modality": "CT", "ConversionSoftware": "dcm2niix"}))
+    before = side.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        code = main(["fuse", str(nii), str(nii), "-o", str(tmp_path / "t1.mha"), "--method", "mean",
+                     "--no-progress", *extra])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "t1.json is an image's BIDS sidecar" in err and "another output name" in err
+    assert side.read_bytes() == before and not (tmp_path / "t1.mha").exists()

@@ -306,3 +306,19 @@ def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "Traceback" not in err and "Dask Worker process" not in err, err[-3000:]
+
+
+def test_links_to_folders_above_a_subject_are_not_followed(tmp_path, samples_dir):
+    """sub-01/up -> ../.. made a subject see its siblings' images; sub-02/root -> / walked the whole disk."""
+    from medfuse.batch import discover_subject
+
+    ds = tmp_path / "ds"
+    for sub in ("sub-01", "sub-02"):
+        (ds / sub).mkdir(parents=True)
+        shutil.copy(samples_dir / "mr_t1.nii.gz", ds / sub / "mr_t1.nii.gz")
+        shutil.copytree(samples_dir / "pet", ds / sub / "pet")
+    want = discover_subject(ds / "sub-01")
+    os.symlink("../..", ds / "sub-01" / "up")
+    os.symlink(os.path.abspath(os.sep), ds / "sub-01" / "root")
+    os.symlink(".", ds / "sub-01" / "here")
+    assert discover_subject(ds / "sub-01") == want
