@@ -89,7 +89,7 @@ def _within(x: np.ndarray, lo: float, hi: float) -> bool:
     return float(x.min()) >= lo and float(x.max()) <= hi
 
 
-#: How far outside 0..1 a Volume given ``normalise="none"`` may reach (an interpolation's overshoot, clipped).
+#: How far above 1 a Volume given ``normalise="none"`` may reach (an interpolation's overshoot, clipped).
 _NONE_SLACK = 0.01
 
 #: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
@@ -196,8 +196,10 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                                     fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
         a = np.asarray(v.array)  # normalise() makes the float64 copy; a second one here only cost memory
         require_finite(a, f"volume {i}", before="fusing")
-        if spec.get("method") == "none" and not _within(a, -_NONE_SLACK, 1.0 + _NONE_SLACK):
-            # A fused Volume is on 0..1: raw values here would all be clipped to 1 (or 0), a flat result.
+        if spec.get("method") == "none" and float(a.max()) > 1.0 + _NONE_SLACK:
+            # A fused Volume is on 0..1: raw values here would all be clipped to 1, a flat result. Values below 0
+            # are let through (clipped to 0, and counted): a resampled CT still labelled HU is filled with -1024
+            # outside its field of view, which is the right "nothing there" after clipping.
             raise InvalidInputError(
                 f"volume {i} is not on the 0..1 scale that normalise='none' takes (its values span "
                 f"{float(a.min()):.4g}..{float(a.max()):.4g}; a fused Volume is on 0..1, so they would be clipped)",

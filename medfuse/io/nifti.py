@@ -240,21 +240,25 @@ def _nib_load(p: Path, gz: Optional[bool]):
 
 
 def _described_bytes(head: bytes) -> Optional[int]:
-    """Header plus voxel bytes a NIfTI-1/2 header (the file's first 540 bytes) describes, or None if it is none."""
-    import io
+    """Header plus voxel bytes a NIfTI-1/2 header (the file's first 540 bytes) describes, or None if it is none.
 
+    Only the fixed header is parsed (348 or 540 bytes, by its ``sizeof_hdr`` in either byte order): extensions
+    (AFNI's run to kilobytes) lie beyond it, up to ``vox_offset``, and are read with the voxels.
+    """
     import nibabel as nib
 
-    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+    for cls, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+        if len(head) < size or size not in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")):
+            continue
         try:
-            hdr = cls.from_fileobj(io.BytesIO(head), check=False)
+            hdr = cls(binaryblock=head[:size], check=False)
             shape = [int(x) for x in hdr.get_data_shape()]
             if any(x < 0 for x in shape):
                 return None  # nibabel's own reading refuses it, typed
-            offset = max(int(hdr.get_data_offset()), int(hdr.sizeof_hdr))
+            offset = max(int(hdr.get_data_offset()), size + 4)  # 0 (invalid) is read as just after the header
             return offset + int(np.prod(shape, dtype=object)) * int(hdr.get_data_dtype().itemsize)
-        except Exception:  # not this header kind (or damaged): try the next, then let nibabel say why
-            continue
+        except Exception:  # a damaged header: nibabel's reading of the whole says why
+            return None
     return None
 
 

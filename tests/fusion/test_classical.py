@@ -541,3 +541,20 @@ def test_volumes_given_normalise_none_must_be_on_0_to_1():
     # Arrays keep their own scale with "none" (the classical rules take any scale).
     np.testing.assert_allclose(fuse(raw[0].array, raw[1].array, method="mean", normalise="none"),
                                (raw[0].array + raw[1].array) / 2.0)
+
+
+def test_normalise_none_takes_a_scaled_ct_with_the_air_fill_of_resampling():
+    """The documented MONAI recipe: ScaleIntensity, then normalise="none". A CT still labelled HU that misses part
+    of the grid is filled with -1024 there by resampling; that fill clips to 0 (nothing there), it is not refused."""
+    from medfuse.registration import resample
+
+    rng = np.random.default_rng(5)
+    mr = Volume(rng.random((20, 20, 20)), np.eye(4), modality="MR")
+    shifted = np.eye(4)
+    shifted[:3, 3] = 6.0
+    ct = resample(Volume(rng.random((20, 20, 20)), shifted, modality="CT", unit="HU"), mr)
+    assert ct.array.min() == -1024.0 and ct.array.max() <= 1.0
+    out = fuse(mr, ct, method="max", normalise="none")
+    outside = ct.array == -1024.0
+    np.testing.assert_allclose(out.array[outside], mr.array[outside], atol=1e-6)
+    assert out.provenance["normalisation"][1]["clipped_fraction"] == pytest.approx(outside.mean())

@@ -145,3 +145,17 @@ def test_complex_voxels_are_not_fused_as_their_real_part(tmp_path):
         medfuse.fuse_files(tmp_path / "c.nii.gz", tmp_path / "m.nii.gz", tmp_path / "f.nii.gz", method="mean")
     assert "numpy.abs" in e.value.fix
     assert sorted(os.listdir(tmp_path)) == ["c.nii.gz", "m.nii.gz"]
+
+
+@pytest.mark.parametrize("name, gz", [("EXT.NII", False), ("EXT.NII.GZ", True), ("ext_gz_named.nii", True)])
+def test_nifti_extensions_survive_the_bounded_read(tmp_path, name, gz):
+    """A 5 kB extension (AFNI writes such) between the header and the voxels: the bounded read of a file nibabel
+    cannot open by its name parsed the extensions from the first 540 bytes and called the file damaged."""
+    a = (np.arange(8000).reshape(20, 20, 20) % 200).astype(np.int16)
+    img = nib.Nifti1Image(a, np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"x" * 5000))
+    raw = img.to_bytes()
+    (tmp_path / name).write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.warns(medfuse.errors.MedfuseWarning) if name.endswith(".nii") else _nothing():
+        v = medfuse.load(tmp_path / name)
+    np.testing.assert_array_equal(v.array, a)
