@@ -70,7 +70,10 @@ def _source_image(volume: Volume, interpolation: str, default: float):
     src = volume.to_sitk()
     if interpolation != "nearest":
         if src.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-            src = sitk.Cast(src, sitk.sitkFloat32)
+            # 32- and 64-bit integers in float64: float32 holds whole numbers exactly only up to 2**24
+            # (16777217 came back as 16777216).
+            wide = arr.dtype.kind in "iu" and arr.dtype.itemsize >= 4
+            src = sitk.Cast(src, sitk.sitkFloat64 if wide else sitk.sitkFloat32)
         return src
     dt = np.dtype(np.uint8 if arr.dtype == bool else volume.array.dtype)
     if dt.kind in "iu":
@@ -118,8 +121,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         reference: the grid to sample on (fixed space); only its geometry is used.
         transform: a :class:`~medfuse.registration.transforms.Transform` mapping reference (fixed) points to
             ``volume`` (moving) points; identity when ``None``.
-        interpolation: ``"linear"`` (default), ``"nearest"`` (label maps, masks), or ``"bspline"``.
-            Boolean volumes always use nearest neighbour.
+        interpolation: ``"linear"`` (default), ``"nearest"`` (label maps, masks), or ``"bspline"`` (its
+            overshoot clipped to the input's range and ``default``). Boolean volumes always use nearest
+            neighbour. Linear and B-spline work in float32, or float64 for float64 and 32/64-bit integer volumes.
         default: value outside ``volume``; default: -1024 for CT in HU, else 0 (False for boolean volumes, which
             take only False/True, 0 or 1).
             An integer volume resampled with nearest neighbour is widened when its type cannot hold it
@@ -178,6 +182,13 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     del out
     if volume.array.dtype == bool:
         arr = arr.astype(bool)
+    elif interpolation == "bspline" and arr.size:
+        # Cubic B-splines overshoot at edges (SUV -0.06 beside a hot spot, -1122 HU below air): kept within the
+        # input's range (and the fill value), which no interpolation between its values can leave.
+        lo, hi = float(np.nanmin(volume.array)), float(np.nanmax(volume.array))
+        if np.isfinite(default):
+            lo, hi = min(lo, float(default)), max(hi, float(default))
+        np.clip(arr, lo, hi, out=arr)
     prov = dict(volume.provenance)
     # The output's world coordinates are the reference's, so its NIfTI space is the reference's too.
     prov.pop("nifti_space", None)

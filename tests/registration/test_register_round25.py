@@ -146,3 +146,26 @@ def test_tiny_images_register_or_say_the_scales_are_too_coarse(n, spacing):
     with pytest.raises(RegistrationError, match="too coarse for these images") as ei:
         register(f, Volume(x.copy(), A, modality="MR"), levels_mm=(6.0, 4.0, 2.0), multistart_mm=8.0)
     assert "m_Scales" not in str(ei.value) and "levels_mm" in str(ei.value)
+
+
+def test_resample_keeps_large_integers_and_bspline_stays_in_range():
+    """int32 values above 2**24 went through float32 (16777217 -> 16777216); B-spline overshoot gave values
+    below the input's minimum (SUV -0.06 beside a hot spot, HU below air)."""
+    from medfuse import Volume
+    from medfuse.registration import resample
+
+    big = np.full((8, 8, 8), 2**24 + 1, dtype=np.int32)
+    big[4:, :, :] = 2**25 + 3
+    v = Volume(big, np.eye(4))
+    out = resample(v, v, interpolation="linear")
+    np.testing.assert_array_equal(out.array, big)
+
+    step = np.zeros((24, 8, 8), dtype=np.float32)
+    step[12:] = 10.0  # a sharp edge: cubic B-splines ring beside it
+    pet = Volume(step, np.eye(4), modality="PT", unit="SUVbw")
+    half = np.eye(4)
+    half[0, 3] = 0.5  # sample between voxels, where the overshoot shows
+    shifted = Volume(np.zeros((23, 8, 8), dtype=np.float32), half)
+    out = resample(pet, shifted, interpolation="bspline")
+    assert out.array.min() >= 0.0 and out.array.max() <= 10.0
+    assert 0.0 < out.array[11, 4, 4] < 10.0  # the edge itself is still interpolated
