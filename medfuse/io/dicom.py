@@ -425,6 +425,12 @@ def _checked_plane(iop: Any, ps: Any, f: Path, where: str = "") -> Tuple[np.ndar
                         fix=_FIX_DAMAGED, path=f)
 
 
+def _frame_bits(ds) -> int:
+    """Bits of one uncompressed frame: Rows x Columns x SamplesPerPixel x BitsAllocated (a missing or non-numeric
+    tag raises AttributeError, TypeError or ValueError)."""
+    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated)
+
+
 def _frame_count(f: Path, ds) -> int:
     """NumberOfFrames, refused when the file is too small to hold that many frames.
 
@@ -450,8 +456,7 @@ def _frame_count(f: Path, ds) -> int:
     try:
         ts = ds.file_meta.TransferSyntaxUID
         if not ts.is_compressed and not getattr(ts, "is_deflated", False):  # deflated files are smaller
-            per_frame = max(per_frame, (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-                                        * int(ds.BitsAllocated)) // 8)
+            per_frame = max(per_frame, _frame_bits(ds) // 8)
     except (AttributeError, TypeError, ValueError):
         pass
     if n * per_frame > size:
@@ -736,8 +741,7 @@ def _refuse_cut_pixels(ds, f: Path) -> None:
         ts = ds.file_meta.TransferSyntaxUID
         if "PixelData" not in ds or ts.is_compressed:  # compressed: the decoder finds a short stream
             return
-        need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-                * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
+        need = (_frame_bits(ds) * int(ds.get("NumberOfFrames", 1) or 1) + 7) // 8
         have = len(ds.PixelData)
     except (AttributeError, TypeError, ValueError):  # no or a private transfer syntax: the decoder says why
         return

@@ -829,6 +829,20 @@ _BIDS_UNITS = {"BQML": "Bq/mL", "BQ/ML": "Bq/mL", "GML": "SUVbw", "CNTS": "count
 _BIDS_MAX_BYTES = 1 << 20
 
 
+def read_bids_sidecar(side: Path) -> Optional[dict]:
+    """The JSON at ``side`` when it is a BIDS sidecar (a dict with a top-level ``Modality`` str, as dcm2niix
+    writes; medfuse's provenance sidecars have none), else None; unreadable or over 1 MB: None."""
+    import json
+
+    try:
+        if not side.is_file() or side.stat().st_size > _BIDS_MAX_BYTES:
+            return None
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("Modality"), str) else None
+
+
 def _bids_sidecar(p: Path) -> Tuple[Optional[str], Optional[str]]:
     """Modality and unit from the BIDS JSON sidecar beside a NIfTI (``ct.nii.gz`` -> ``ct.json``), as dcm2niix
     writes it, or ``(None, None)``.
@@ -839,17 +853,9 @@ def _bids_sidecar(p: Path) -> Tuple[Optional[str], Optional[str]]:
     an unreadable sidecar is ignored: it is optional metadata, and the image itself is still read.
     """
     stem = p.name[:-len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.stem
-    side = p.with_name(stem + ".json")
-    try:
-        if not side.is_file() or side.stat().st_size > _BIDS_MAX_BYTES:
-            return None, None
-        import json
-
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, None
-    mod = meta.get("Modality") if isinstance(meta, dict) else None
-    if not isinstance(mod, str) or mod.strip().upper() not in ("MR", "CT", "PT", "NM"):
+    meta = read_bids_sidecar(p.with_name(stem + ".json"))
+    mod = meta.get("Modality") if meta is not None else None
+    if mod is None or mod.strip().upper() not in ("MR", "CT", "PT", "NM"):
         return None, None
     mod = mod.strip().upper()
     if mod == "CT":
