@@ -52,7 +52,7 @@ from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 from ._checks import MAX_THREADS, choice, describe, flag, label, whole
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from .fusion.normalise import _METHODS as _NORMALISE_METHODS
-from .volume import Volume, normalise_modality
+from .volume import Volume, normalise_modality, relabelled
 
 try:
     from monai.config import KeysCollection
@@ -95,22 +95,43 @@ def _is_metatensor(x: Any) -> bool:
     return not isinstance(x, Volume) and hasattr(x, "affine") and hasattr(x, "meta")
 
 
-def _like(result: Volume, template: Any) -> Any:
+def _like(result: Volume, template: Any, *, same_grid: bool = False) -> Any:
     """Return ``result`` in the form ``template`` came in.
 
     A Volume stays a Volume. A MetaTensor comes back as a MetaTensor with ``template``'s channel layout
     (``(I, J, K)`` stays 3-D, ``(1, I, J, K)`` stays channel-first) and its ``filename_or_obj`` (which MONAI's
-    ``SaveImage`` names outputs after); geometry, modality, unit and space are the result's.
+    ``SaveImage`` names outputs after); geometry, modality, unit and space are the result's, MONAI's other meta
+    keys the template's (and its transform history, on ``same_grid``: see :func:`_keep_meta`).
     """
     if not _is_metatensor(template):
         return result
-    out = result.to_metatensor()
+    out = _keep_meta(result.to_metatensor(), template, same_grid=same_grid)
     meta = template.meta if isinstance(getattr(template, "meta", None), dict) else {}
-    if "filename_or_obj" in meta:
-        out.meta["filename_or_obj"] = meta["filename_or_obj"]
     if len(template.shape) == 3:
         out = out[0]
         out.meta["original_channel_dim"] = meta.get("original_channel_dim", float("nan"))
+    return out
+
+
+#: Meta keys that describe the result itself (grid, NIfTI space, labels, the files it came from): never the
+#: template's.
+_RESULT_META = {"affine", "spatial_shape", "space", "nifti_space", "sform_code", "qform_code", "medfuse_dtype",
+                "modality", "unit", "medfuse_sources"}
+
+
+def _keep_meta(out: Any, template: Any, *, same_grid: bool = False) -> Any:
+    """``out`` (a new MetaTensor) with ``template``'s other meta keys, as MONAI's own spatial transforms keep them.
+
+    Header fields, ``filename_or_obj`` and ``original_affine`` (which ``SaveImage(resample=True)`` writes back
+    to) come from ``template``; the grid is ``out``'s. ``applied_operations`` are kept only on ``same_grid``:
+    after a resampling they would invert onto the wrong grid, so MONAI's ``Invertd`` stops with an error instead.
+    """
+    meta = template.meta if isinstance(getattr(template, "meta", None), dict) else {}
+    for k, v in meta.items():
+        if k not in _RESULT_META:
+            out.meta[k] = v
+    if same_grid:
+        out.applied_operations = list(getattr(template, "applied_operations", []))
     return out
 
 
@@ -237,9 +258,9 @@ class LoadVolume(Transform):
 
         if isinstance(path, Volume):
             # The override applies to an image loaded already too (it did for a MetaTensor, not for a Volume).
-            vol = path if self.modality is None else path.with_array(path.array, modality=self.modality)
+            vol = relabelled(path, self.modality)
         elif _is_metatensor(path):  # already loaded (e.g. by MONAI's LoadImage): only converted
-            vol = Volume.from_metatensor(path, modality=self.modality)
+            vol = relabelled(Volume.from_metatensor(path, modality=self.modality), self.modality)
         elif not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(
                 f"LoadVolume needs a file or DICOM folder path, got a {type(path).__name__}",
@@ -247,6 +268,8 @@ class LoadVolume(Transform):
                 "medfuse.Volume(array, affine)")
         else:
             vol = load(path, modality=self.modality, suv=self.suv)
+        if self.as_tensor and _is_metatensor(path):  # passed through: its header keys and history stay
+            return _keep_meta(vol.to_metatensor(), path, same_grid=True)
         return vol.to_metatensor() if self.as_tensor else vol
 
     def __repr__(self) -> str:
@@ -332,8 +355,8 @@ class RegisterToReference(Transform, ThreadUnsafe):
         mv, ref = as_volume(moving, name="moving"), as_volume(reference, name="reference")
         threads = _threads(self.threads)
         if self.kind is None:
-            if mv.same_grid(ref):
-                return _like(mv, moving), None
+            if mv.same_grid(ref):  # nothing moves: MONAI's meta and transform history stay
+                return _like(mv, moving, same_grid=True), None
             with _itk_threads(threads):
                 return _like(resample(mv, ref), moving), None
         with _itk_threads(threads):

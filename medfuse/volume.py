@@ -16,8 +16,10 @@ Conventions (stated once, used everywhere):
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import warnings
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -25,7 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._checks import number
-from .errors import GeometryError, InvalidInputError, MissingDependencyError
+from .errors import GeometryError, InvalidInputError, MedfuseWarning, MissingDependencyError
 
 __all__ = ["Volume", "LPS_TO_RAS", "MODALITIES", "UNITS", "normalise_modality", "affine_from_geometry", "require_finite"]
 
@@ -228,7 +230,36 @@ def _checked_provenance(provenance: Any) -> Dict[str, Any]:
     if not isinstance(provenance, Mapping):
         raise InvalidInputError(f"provenance must be a dict, got {type(provenance).__name__}",
                                 fix='pass a dict such as {"source": "ct.nii.gz"}, or leave it out')
-    return {k: v for k, v in provenance.items() if k in _PROVENANCE_KEYS}
+    # Deep: a shared ``history`` list let ``add_history`` on one Volume edit another's (or the caller's dict).
+    return copy.deepcopy({k: v for k, v in provenance.items() if k in _PROVENANCE_KEYS})
+
+
+def ct_unit(array: np.ndarray, *, stacklevel: int = 2) -> str:
+    """The unit of a CT whose unit is stored nowhere: ``HU`` when it holds values below -100, else ``arbitrary``.
+
+    Air and fat lie below -100 HU, and no other CT scale goes there. Otherwise the CT window and the air fill
+    outside the field of view would be applied to values that are not HU; a warning says how to state the unit.
+    """
+    arr = np.asarray(array)
+    if np.issubdtype(arr.dtype, np.number) and arr.size and float(np.nanmin(arr)) < -100:
+        return "HU"
+    warnings.warn("a CT with no unit stored and no value below -100 is not taken as HU: pass unit='HU' if it "
+                  "is in Hounsfield units (the CT window and the air outside it then apply)", MedfuseWarning,
+                  stacklevel=stacklevel + 1)
+    return "arbitrary"
+
+
+def relabelled(vol: "Volume", modality: Optional[str]) -> "Volume":
+    """``vol`` with a caller's ``modality=`` override, applied as :func:`medfuse.load` applies it to a file.
+
+    A volume named CT whose unit is unknown (``arbitrary``) becomes HU when it holds values below -100 (see
+    :func:`ct_unit`): the same image as a path and as a loaded Volume then fuses alike. ``None`` keeps ``vol``.
+    """
+    if modality is None:
+        return vol
+    mod = normalise_modality(modality)
+    unit = ct_unit(vol.array, stacklevel=3) if mod == "CT" and vol.unit == "arbitrary" else vol.unit
+    return vol.with_array(vol.array, modality=mod, unit=unit)
 
 
 #: Field name -> check run whenever the field is set (in the constructor and afterwards).
@@ -860,6 +891,10 @@ class Volume:
         meta["medfuse_dtype"] = stored.name  # from_metatensor narrows a widened dtype back where values still fit
         if isinstance(self.provenance.get("source"), str):  # MONAI's SaveImage names its output after it
             meta["filename_or_obj"] = self.provenance["source"]
+        # All the files a fused image came from, as JSON text (one string collates in a batch; a list would not):
+        # from_metatensor gives them back, and medfuse.save then refuses to write over any of them, not only
+        # the first input that ``filename_or_obj`` names. Always set, for collate, as medfuse_dtype.
+        meta["medfuse_sources"] = json.dumps([s for s in self.provenance.get("sources") or [] if isinstance(s, str)])
         if "nifti_space" in self.provenance:  # so that a template space survives MONAI transforms
             from .io.nifti import nifti_space_code
 
@@ -931,6 +966,8 @@ class Volume:
         if space_name is not None:
             prov.setdefault("nifti_space", space_name)
         _record_source(prov, meta.get("filename_or_obj"))
+        if "sources" not in prov:
+            prov.update(_recorded_sources(meta.get("medfuse_sources")))
         return cls(
             arr, aff_lps,
             modality=modality or meta.get("modality", "unknown"),
@@ -953,6 +990,18 @@ def _record_source(prov: dict, name: Any) -> None:
             prov["source"] = os.fspath(path.absolute())
     except (OSError, ValueError):  # a name no file system takes is no source
         pass
+
+
+def _recorded_sources(text: Any) -> Dict[str, Any]:
+    """``{"sources": [...]}`` from a MetaTensor's ``medfuse_sources`` (JSON text of paths), else ``{}``."""
+    if not isinstance(text, str) or not text.strip():
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    paths = [s for s in found if isinstance(s, str) and s] if isinstance(found, list) else []
+    return {"sources": paths} if paths else {}
 
 
 def _stored_labels(modality: Optional[str], unit: Optional[str], stored_modality: Optional[str],

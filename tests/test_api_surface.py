@@ -385,3 +385,33 @@ def test_metric_ranges_in_the_docstrings_hold():
         for q in (M.qabf(f, a, b), M.fmi(f, a, b)):
             assert np.isnan(q) or 0.0 <= q <= 1.0 + 1e-12
         assert M.ssim(f, a, b) <= 2.0 + 1e-12
+
+
+def test_wrong_values_in_less_used_corners_are_typed_errors():
+    """Found by a probe of the public API: a bare KeyError, 'truth value of an array is ambiguous' and an
+    AttributeError from deep inside, where a typed error with a fix belongs."""
+    import numpy as np
+
+    from medfuse.errors import InvalidInputError
+    from medfuse.evaluate import format_table
+    from medfuse.metrics import score
+    from medfuse.pipeline import Pipeline
+
+    with pytest.raises(InvalidInputError, match="no step 'x'.*load"):
+        Pipeline().step("x")
+    img = np.random.default_rng(0).random((16, 16))
+    with pytest.raises(InvalidInputError, match="mode must be a string"):
+        score(img, img, img, mode=np.array(["2d"]))
+    with pytest.raises(InvalidInputError, match="result.means"):
+        format_table({"a": 1})
+
+
+def test_a_method_name_passed_as_a_third_image_says_method_is_keyword_only():
+    import numpy as np
+
+    import medfuse
+    from medfuse.errors import InvalidInputError
+
+    img = np.random.default_rng(0).random((16, 16))
+    with pytest.raises(InvalidInputError, match=r"method name 'mean'.*method='mean'"):
+        medfuse.fuse(img, img, "mean")

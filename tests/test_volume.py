@@ -240,3 +240,20 @@ def test_metatensor_conversions_copy_the_voxels():
     w = Volume.from_metatensor(t)
     t.clamp_(max=1)
     assert float(w.array.max()) == 29.0
+
+
+def test_provenance_is_not_shared_with_the_caller_or_another_volume():
+    """The provenance dict was copied one level deep: the ``history`` list stayed shared, so add_history on a
+    Volume built from another's provenance (with_array, the constructor, from_sitk...) edited both."""
+    import numpy as np
+
+    from medfuse.volume import Volume
+
+    given = {"source": "x.nii.gz", "history": [{"step": "loaded"}]}
+    v = Volume(np.zeros((2, 2, 2)), np.eye(4), provenance=given)
+    v.add_history("scaled", factor=2)
+    assert given["history"] == [{"step": "loaded"}]
+    w = v.with_array(v.array * 2, provenance=v.provenance)
+    w.add_history("doubled")
+    assert [h["step"] for h in v.provenance["history"]] == ["loaded", "scaled"]
+    assert [h["step"] for h in w.provenance["history"]] == ["loaded", "scaled", "doubled"]

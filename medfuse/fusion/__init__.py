@@ -366,6 +366,10 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
             f"one {type(a).__name__} of {len(a)}" if isinstance(a, (list, tuple)) else "one"),
             fix="unpack the list: fuse(*images)" if listed else "pass them as separate arguments: fuse(a, b)")
     inputs = [a, b, *more]
+    for i, x in enumerate(inputs):
+        if isinstance(x, str) and x.lower() in available_methods():  # fuse(a, b, "mean"): read as a third image
+            raise InvalidInputError(f"input {i + 1} is the method name {x!r}, not an image",
+                                    fix=f"name it: fuse(a, b, method={x.lower()!r}) (method is keyword-only)")
     if len(inputs) > 3:
         raise InvalidInputError(f"fusion takes two or three inputs, got {len(inputs)}", fix="fuse at most three images")
     method = _check_method(method)
