@@ -270,13 +270,23 @@ def _cancelled_message(args: argparse.Namespace) -> str:
     return f"medfuse {args.command}: cancelled" + (f"; {outputs.note()}" if outputs is not None else "")
 
 
+def _lexists(path: Any) -> bool:
+    """Whether anything, a broken link included, has this name; an error other than "no such file" (a name too
+    long for the file system, permission denied on the way) is raised, for the command's own message."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 def _check_readable(*paths: Any) -> None:
     """Refuse, before any work, an input this user may not read (:func:`medfuse.io.check_readable`); missing
     paths are left to the readers, which say so with their own fix."""
     from .io import check_readable
 
     for path in paths:
-        if path is not None and Path(path).exists():
+        if path is not None and _lexists(path):  # a broken link too: it says loops or names its target
             check_readable(path)
 
 
@@ -332,9 +342,18 @@ def _image_files(folder: Path) -> List[dict]:
     """The NIfTI/MetaImage/NRRD files under ``folder`` (recursive), with their size read from the header only."""
     from .io import is_image_file
 
-    rows = []
-    for f in sorted(folder.rglob("*")):
-        if not f.is_file() or not is_image_file(f):
+    rows, unreadable = [], []
+    found = []
+    # os.walk, not rglob: rglob skipped a folder it may not list without a word, and a file in a folder it may
+    # list but not enter raised PermissionError from is_file (the whole listing failed).
+    for root, _dirs, names in os.walk(folder, onerror=lambda e: unreadable.append(e.filename)):
+        found += [Path(root) / n for n in names]
+    for f in sorted(found):
+        try:
+            if not f.is_file() or not is_image_file(f):
+                continue
+        except OSError:
+            unreadable.append(f)
             continue
         low = f.name.lower()
         if low.endswith(".img") and f.with_suffix(".hdr").exists():  # an Analyze pair: list the .hdr only
@@ -352,6 +371,10 @@ def _image_files(folder: Path) -> List[dict]:
         except Exception:  # noqa: BLE001 - listed without a size; 'medfuse info FILE' says what is wrong
             pass
         rows.append({"file": os.fspath(f), "shape": shape})
+    if unreadable:
+        warnings.warn(MedfuseWarning(f"{len(unreadable)} file(s) or folder(s) under {folder} could not be read and "
+                                     f"are not listed, e.g. {os.path.relpath(unreadable[0], folder)}: check their "
+                                     "permissions (ls -l)"), stacklevel=2)
     return rows
 
 
@@ -374,7 +397,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     from .io import is_image_file, load_volumes
 
     p = Path(args.path)
-    if not p.exists():
+    if not _lexists(p):  # a looping or dangling link: check_readable says which
         from .io._atomic import leftovers
 
         kept = leftovers(p)
@@ -564,6 +587,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if rep.get("bspline_kept") is False:  # the transform written is the affine part: say so where it is read
         print(f"medfuse: note: {str(rep.get('stop_reason', '')).split('; ')[0]}", file=sys.stderr)
+    if rep.get("fov_scale") is not None:  # a small image: the preset's millimetre settings were shrunk to fit it
+        print(f"medfuse: note: small field of view: the preset's millimetre settings were scaled by "
+              f"{rep['fov_scale']:.2g}", file=sys.stderr)
     _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
                f"\nwrote {side} (provenance)")
     return EXIT_OK
@@ -826,6 +852,13 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(summary.table())
         if summary.report_path is not None:
             print(f"report: {summary.report_path}")
+    elif summary.count("failed"):  # -q prints only errors: a failed subject is one, not silence and exit code 1
+        print(f"medfuse batch: {summary.count('failed')} subject(s) failed; the others are written:", file=sys.stderr)
+        for r in summary.results:
+            if r.status == "failed":
+                print(f"  {r.subject}: {r.error}", file=sys.stderr)
+        if summary.report_path is not None:
+            print(f"report: {summary.report_path}", file=sys.stderr)
     if summary.cancelled or token.cancelled:
         print("medfuse batch: cancelled; the subjects marked done or skipped are complete, the others were not "
               "written (rerun the same command to finish them)", file=sys.stderr)

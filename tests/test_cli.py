@@ -603,3 +603,27 @@ def test_a_reader_that_leaves_early_is_no_internal_error():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0, err
     assert "internal error" not in err and "Traceback" not in err
+
+
+def test_quiet_batch_still_names_the_failed_subjects(tmp_path, capsys):
+    """-q prints only errors: a batch with a failed subject printed nothing at all and exited 1."""
+    from medfuse.batch import write_phantom_subjects
+
+    manifest = write_phantom_subjects(tmp_path / "ds", 2, first_seed=3, method="max", register=None)
+    mr = tmp_path / "ds" / "sub-02" / "mr_t1.nii.gz"
+    mr.write_bytes(mr.read_bytes()[:300])  # truncated: this subject fails, the other is written
+    assert main(["batch", str(manifest), "--scheduler", "synchronous", "-q"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "1 subject(s) failed" in err and "sub-02" in err and "mr_t1.nii.gz" in err
+    assert "sub-01" not in err  # the subject that was written is not an error
+
+
+def test_a_looping_link_is_called_a_loop_not_a_missing_file(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for argv in (["info", str(tmp_path / "a")], ["fuse", str(tmp_path / "a"), str(tmp_path / "b"), "-o",
+                                                  str(tmp_path / "f.nii.gz"), "--method", "max"]):
+        assert main(argv) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "loops" in err and "no such file" not in err, err

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
@@ -117,20 +119,62 @@ def check_readable(path: PathLike) -> None:
         path: an existing file or folder.
 
     Raises:
-        UnreadableFileError: permission denied.
+        UnreadableFileError: permission denied; or the path is missing, a symbolic link that loops or points
+            nowhere, or a named pipe, socket or device (nothing is opened, so a pipe cannot block).
         InvalidInputError: ``path`` is not a path.
     """
     p = _as_path(path)
-    folder = p.is_dir()
+    folder = stat.S_ISDIR(_stat_or_refuse(p).st_mode)
     if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
         raise UnreadableFileError(f"permission denied: this user may not read the {'folder' if folder else 'file'}",
                                   fix="change its permissions (chmod u+r" + (", u+x" if folder else "")
                                   + ") or run medfuse as a user who may read it", path=p)
 
 
+#: What each kind of special file is called in messages (by the test of ``os.stat``'s mode that finds it).
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _stat_or_refuse(path: Path) -> os.stat_result:
+    """``os.stat`` of an existing regular file or folder (links followed); anything else refused in words.
+
+    Why: ``Path.exists`` is False for a link that loops, which was reported as "no such file"; and a named pipe
+    or socket was handed to the DICOM reader ("no readable DICOM"). ``stat`` opens nothing, so a pipe with no
+    writer cannot block here (opening it for reading would wait forever).
+
+    Raises:
+        UnreadableFileError: the path does not exist, is a link that loops or points nowhere, or is a pipe,
+            socket or device.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnreadableFileError("the path is a symbolic link that loops (it leads, through one or more links, "
+                                      "back to itself), so it names no file or folder",
+                                      fix="point the link at the real file or folder (ls -l shows where each link "
+                                          "points), or give the file's own path", path=path) from None
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise UnreadableFileError(f"the path is a symbolic link to '{os.readlink(path)}', which does not exist",
+                                      fix="point the link at the real file or folder, or give the file's own path",
+                                      path=path) from None
+        if e.errno in (errno.EACCES, errno.EPERM):  # a folder on the way may not be entered
+            raise UnreadableFileError("permission denied: a folder on the path may not be entered",
+                                      fix="change its permissions (chmod u+x) or run medfuse as a user who may "
+                                          "read it", path=path) from None
+        raise UnreadableFileError("no such file or folder", fix="check the path", path=path) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        kind = next((name for test, name in _SPECIAL_KINDS if test(st.st_mode)), "a special file")
+        raise UnreadableFileError(f"this is {kind}, not a regular file or folder, so medfuse cannot read an image "
+                                  "from it", fix="give the path of an image file (NIfTI, MetaImage, NRRD, DICOM) or "
+                                  "a DICOM folder; to load data that arrives through a pipe, save it to a file first",
+                                  path=path)
+    return st
+
+
 def _check_exists(path: Path) -> None:
-    if not path.exists():
-        raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
+    _stat_or_refuse(path)
     check_readable(path)
 
 

@@ -834,8 +834,18 @@ def _pixels(frames_by_vol: List[List[_Frame]], headers: Dict[Path, Any]) -> Dict
     return dict(zip(files, arrs))
 
 
-def _out_dtype(raws: Sequence[np.dtype], slopes: np.ndarray, inters: np.ndarray, bits_stored: int) -> np.dtype:
-    """Output dtype for slices of these stored dtypes (they differ when PixelRepresentation varies per slice)."""
+#: The largest whole number float32 holds exactly (and with it every integer below): 2**24 + 1 becomes 2**24.
+_FLOAT32_EXACT = 2 ** 24
+
+
+def _out_dtype(raws: Sequence[np.dtype], slopes: np.ndarray, inters: np.ndarray, bits_stored: int,
+               largest: Optional[float] = None) -> np.dtype:
+    """Output dtype for slices of these stored dtypes (they differ when PixelRepresentation varies per slice).
+
+    ``largest``: the largest magnitude a rescaled value takes (None: not known). Above 2**24 the values go to
+    float64: float32 would round whole numbers there (uint16 x RescaleSlope 301: 16777439 read as 16777440)
+    without a word.
+    """
     raws = list(dict.fromkeys(np.dtype(r) for r in raws))
     raw = np.result_type(*raws)  # int16 + uint16 -> int32: no stored value wraps
     if np.all(slopes == 1) and np.all(inters == 0):
@@ -845,8 +855,12 @@ def _out_dtype(raws: Sequence[np.dtype], slopes: np.ndarray, inters: np.ndarray,
         lo = min(0 if r.kind == "u" else int(np.iinfo(r).min) for r in raws)
         if hi + inters.max() <= 32767 and lo + inters.min() >= -32768:
             return np.dtype(np.int16)
-        return np.dtype(np.int32)
-    return np.dtype(np.float64 if raw.itemsize > 2 else np.float32)
+        if hi + inters.max() <= 2 ** 31 - 1 and lo + inters.min() >= -2 ** 31:
+            return np.dtype(np.int32)
+        return np.dtype(np.float64)  # an intercept beyond int32 would wrap; float64 holds these sums exactly
+    if raw.itemsize > 2 or largest is None or largest > _FLOAT32_EXACT:
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
 
 
 def _assemble(slices: List[np.ndarray], slopes: np.ndarray, inters: np.ndarray, *, bits_stored: int) -> np.ndarray:
@@ -855,7 +869,12 @@ def _assemble(slices: List[np.ndarray], slopes: np.ndarray, inters: np.ndarray, 
     The buffer is filled slice by slice in (k, rows, columns) order, which is contiguous for each
     write, and returned as a transposed (Fortran-ordered) view: no extra copy.
     """
-    dtype = _out_dtype([sl.dtype for sl in slices], slopes, inters, bits_stored)
+    largest = None
+    if not (np.all(slopes == 1) and np.all(inters == 0)):
+        # The rescaled extremes (a slope may be negative): whether float32 can hold every value.
+        largest = max((max(abs(float(sl.min()) * float(s) + float(i)), abs(float(sl.max()) * float(s) + float(i)))
+                      for sl, s, i in zip(slices, slopes, inters) if sl.size), default=0.0)
+    dtype = _out_dtype([sl.dtype for sl in slices], slopes, inters, bits_stored, largest)
     buf = np.empty((len(slices),) + slices[0].shape, dtype=dtype)
     integer = dtype.kind in "iu"
     for k, sl in enumerate(slices):
@@ -881,6 +900,15 @@ def _slice(fr: _Frame, pix: Dict[Path, np.ndarray]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- geometry fixes
+def _interp_dtype(arr: np.ndarray) -> np.dtype:
+    """The float dtype to interpolate ``arr`` in: float32, or float64 where it holds values float32 rounds (whole
+    numbers above 2**24, and float64 voxels), so that measured slices keep their values."""
+    if arr.dtype == np.float64 or (arr.dtype.kind in "iu" and arr.dtype.itemsize > 2 and arr.size
+                                   and max(abs(int(arr.min())), abs(int(arr.max()))) > _FLOAT32_EXACT):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
 def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path: Path,
                 notes: List[str], prov: Dict[str, Any], broken: Sequence[Path] = ()) -> Tuple[np.ndarray, np.ndarray]:
     """Return (array, affine) on a uniform orthogonal grid, correcting tilt and gaps.
@@ -909,10 +937,11 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
                "(linear interpolation)")
         warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
         notes.append(msg)
-        shifted = np.empty(arr.shape, dtype=np.float32)
+        work = _interp_dtype(arr)
+        shifted = np.empty(arr.shape, dtype=work)
         for k in range(n):
             a, b = inplane[k] @ r / col_sp, inplane[k] @ c / row_sp
-            shifted[:, :, k] = ndimage.shift(arr[:, :, k].astype(np.float32), (a, b), order=1, mode="constant")
+            shifted[:, :, k] = ndimage.shift(arr[:, :, k].astype(work), (a, b), order=1, mode="constant")
         arr = shifted
         prov["gantry_tilt_deg"], prov["tilt_corrected"] = round(tilt, 3), True
     d = np.diff(proj)
@@ -935,8 +964,9 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         target = np.arange(nk) * dz
         hi = np.clip(np.searchsorted(proj, target, side="left"), 1, n - 1)
         lo = hi - 1
-        w = ((target - proj[lo]) / (proj[hi] - proj[lo])).astype(np.float32)
-        a32 = arr.astype(np.float32)
+        work = _interp_dtype(arr)
+        w = ((target - proj[lo]) / (proj[hi] - proj[lo])).astype(work)
+        a32 = arr.astype(work)
         arr = a32[:, :, lo] * (1 - w) + a32[:, :, hi] * w
         gap = int(np.argmax(d))
         msg = (f"uneven slice spacing (missing slice?): a gap of {d[gap]:.2f} mm after slice {gap + 1} of {n}, where "

@@ -24,11 +24,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -114,6 +115,72 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
     fix = ("use a folder and name in plain ASCII letters (e.g. C:\\data\\pet.mha), or NIfTI (.nii.gz), which "
            "medfuse reads and writes without SimpleITK")
     raise (OutputExistsError if writing else UnreadableFileError)(problem, fix=fix, path=p)
+
+
+@contextlib.contextmanager
+def _itk_readable(p: Path) -> Iterator[str]:
+    """A path SimpleITK can read ``p`` through, valid inside the ``with`` block: :func:`itk_path`'s, or for a name
+    holding bytes that are not UTF-8 (which SimpleITK's binding cannot convert: it aborts the process) a link with
+    an ASCII name in a private temporary folder, removed on leaving.
+
+    Why: medfuse writes such names (through ASCII temporary names) and must read them back. ITK finds a
+    header's separate data file (MetaImage ``ElementDataFile``, NRRD ``data file``) beside the header it was
+    given, so a relative one gets a link of its own name beside the header's link; an absolute one is opened as
+    the header names it (ITK passes its bytes through unchanged).
+
+    Raises:
+        UnreadableFileError: on Windows, as :func:`itk_path`; or the header names its data by a list or a
+            numbered pattern, or by a path that leaves the header's folder (``..``), which is not linked.
+    """
+    import shutil
+    import tempfile
+
+    text = os.fspath(p)
+    if _utf8(text) or os.name == "nt":
+        yield itk_path(p)
+        return
+    shown = Path(os.fsencode(text).decode("utf-8", "backslashreplace"))
+    refuse = UnreadableFileError(
+        "the path holds bytes that are not UTF-8 text, and this header's data files cannot be linked under an "
+        "ASCII name for SimpleITK (medfuse's MetaImage/NRRD reader)",
+        fix="rename the file or folder to UTF-8 text, or use NIfTI (.nii.gz), which medfuse reads without SimpleITK",
+        path=shown)
+    low = p.name.lower()
+    ending = next((e for e in (".nii.gz",) + NIFTI_SUFFIXES + ITK_SUFFIXES if low.endswith(e)), p.suffix.lower())
+    rel = None
+    if ending in ITK_SUFFIXES:
+        try:
+            key, data, _ = _itk_data_source(p)
+        except OSError:
+            key, data = "", None  # ITK's own reading says why
+        if key is None:
+            raise refuse  # a list or pattern of data files (or no data field: nothing to link either)
+        if data is not None:
+            try:
+                rel = data.relative_to(p.parent)
+            except ValueError:  # named by an absolute path elsewhere: ITK opens it as named
+                rel = None
+            if rel is not None and (".." in rel.parts or not rel.parts):
+                raise refuse
+    elif ending in (".img", ".hdr"):
+        raise refuse  # a NIfTI pair: ITK finds the other file by renaming; not linked
+    folder = Path(tempfile.mkdtemp(prefix="medfuse-itk-"))  # private (mode 0700)
+    try:
+        if not _utf8(os.fspath(folder)):  # TMPDIR itself not UTF-8: the link's path would abort SimpleITK too
+            raise refuse
+        link = folder / ("image" + ending)
+        if rel is not None and rel.parts[0] == link.name:
+            link = folder / ("header" + ending)
+        try:
+            os.symlink(os.path.abspath(text), link)
+            if rel is not None:
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.path.abspath(p.parent / rel), folder / rel)
+        except OSError:  # no symbolic links on this file system (or the temporary folder is full)
+            raise refuse from None
+        yield os.fspath(link)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the links only: rmtree does not follow them
 
 
 def format_tag(modality: str, unit: str) -> str:
@@ -346,6 +413,85 @@ def _verify_gzip(fname: Optional[str]) -> None:
                                   "would be wrong)", path=Path(fname)) from None
 
 
+@contextlib.contextmanager
+def _nibabel_notes() -> Iterator[List[str]]:
+    """Collect what nibabel logs about a header it repairs (``nibabel.global``: "pixdim[1,2,3] should be non-zero;
+    setting 0 dims to 1", "vox offset ... too low") in this thread, instead of its own lines on stderr.
+
+    Why: they reached the user as bare lines beside medfuse's messages; the caller says them once, as a
+    :class:`MedfuseWarning` that names the file. Other threads' records pass (the filter only drops this one's).
+    """
+    import logging
+    import threading
+
+    notes: List[str] = []
+    me = threading.get_ident()
+
+    class _Catch(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.thread != me:
+                return True
+            notes.append(record.getMessage().strip())
+            return False
+
+    catch = _Catch()
+    logger = logging.getLogger("nibabel.global")
+    logger.addFilter(catch)  # a logger's filters run before its handlers: a dropped record prints nothing
+    try:
+        yield notes
+    finally:
+        logger.removeFilter(catch)
+
+
+def _refuse_bad_dims(p: Path, gz: Optional[bool]) -> None:
+    """Refuse a NIfTI-1/2 (or Analyze) header whose ``dim`` field cannot describe an image, naming the entry.
+
+    Why: a negative size (``dim[2] = -5``) reached NumPy and was reported as a truncated file ("OverflowError",
+    "ValueError"), and a ``dim[0]`` outside 1..7 made nibabel guess the wrong byte order ("not a valid NIfTI").
+    The byte order is taken from ``sizeof_hdr`` (348 or 540), which a damaged ``dim`` does not change. A size of
+    0 is left to the zero-size check.
+
+    Raises:
+        UnreadableFileError: ``dim[0]`` is not 1 to 7, or one of ``dim[1..dim[0]]`` is negative.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    head_file = p.with_name(p.name[:-4] + p.name[-4:].replace("img", "hdr").replace("IMG", "HDR")) \
+        if p.name.lower().endswith(".img") else p
+    try:
+        with open(head_file, "rb") as fh:
+            packed = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open if packed or (gz and head_file == p) else open)(head_file, "rb") as fh:
+            head = fh.read(540)
+    except (OSError, EOFError, zlib.error):
+        return  # the reader says what is wrong with the file
+    if len(head) < 348:
+        return
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348:  # NIfTI-1 / Analyze: 8 int16 at byte 40
+            dims = struct.unpack(order + "8h", head[40:56])
+            break
+        if size == 540 and len(head) >= 540:  # NIfTI-2: 8 int64 at byte 16
+            dims = struct.unpack(order + "8q", head[16:80])
+            break
+    else:
+        return  # not a header this knows: nibabel says so
+    fix = ("repair the header (dim[0] = the number of axes, dim[1..dim[0]] = the image's size along each; e.g. "
+           "nibabel's header.set_data_shape) or export the image again")
+    if not 1 <= dims[0] <= 7:
+        raise UnreadableFileError(f"not a valid NIfTI header: its dimension field is invalid: dim[0] (the number "
+                                  f"of axes) is {dims[0]}, where NIfTI allows 1 to 7", fix=fix, path=p)
+    bad = [(i, dims[i]) for i in range(1, dims[0] + 1) if dims[i] < 0]
+    if bad:
+        shown = ", ".join(f"dim[{i}] is {v}" for i, v in bad)
+        raise UnreadableFileError(f"not a valid NIfTI header: its dimension field is invalid: {shown} (a size "
+                                  f"along an axis cannot be negative; dim = {list(dims[:dims[0] + 1])})", fix=fix,
+                                  path=p)
+
+
 def _memory_error(p: Path, shape) -> UnreadableFileError:
     """The error for an image too large for the free memory (it was reported as "truncated" before)."""
     need = f" ({'x'.join(str(int(x)) for x in shape)} voxels)" if shape else ""
@@ -359,14 +505,21 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
+    _refuse_bad_dims(p, gz)
     try:
-        img = _nib_load(p, gz)
+        with _nibabel_notes() as notes:
+            img = _nib_load(p, gz)
     except MemoryError:
         raise _memory_error(p, None) from None
     except (ImageFileError, EOFError, OSError, ValueError, HeaderDataError) as e:
         kind = "empty" if p.stat().st_size == 0 else "not a valid NIfTI file (or truncated)"
         raise UnreadableFileError(f"the file is {kind} ({type(e).__name__})",
                                   fix="check the file was copied completely; re-export it", path=p) from None
+    if notes:
+        warnings.warn(f"{p}: the NIfTI header breaks the standard, and nibabel repaired it while reading "
+                      f"({'; '.join(dict.fromkeys(notes))}); medfuse used the repaired values: check the image's "
+                      "voxel sizes and position, and re-save it with medfuse.save for a valid header",
+                      MedfuseWarning, stacklevel=3)
     _check_nifti_size(img, p)
     try:
         arr = np.asanyarray(img.dataobj)
@@ -467,14 +620,14 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
 
     reader = sitk.ImageFileReader()
     reader.SetImageIO("NiftiImageIO")
-    try:
-        reader.SetFileName(itk_path(p))
-    except MedfuseError:  # no ASCII form on Windows, or not UTF-8: the cross-check is skipped
-        return None
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own notes on stderr; medfuse warns in words instead
     try:
-        reader.ReadImageInformation()
+        with _itk_readable(p) as given:  # a name that is not UTF-8: through a link (a pair: skipped below)
+            reader.SetFileName(given)
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's notes on stderr; medfuse warns in words
+            reader.ReadImageInformation()
+    except MedfuseError:  # no ASCII form on Windows, or a pair whose name is not UTF-8: the cross-check is skipped
+        return None
     except RuntimeError:
         return None
     finally:
@@ -552,14 +705,20 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
         raise UnreadableFileError("the file is empty", fix="copy or export the file again", path=p)
     # The reader named by the lower-cased ending: ITK picks one by a case-sensitive ending, and "X.MHA" has none.
     io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
-    size = _check_itk_data(p, io)
-    try:
-        img = sitk.ReadImage(itk_path(p), imageIO=io)
-        arr = sitk.GetArrayFromImage(img) if img.GetNumberOfComponentsPerPixel() == 1 else None
-    except MemoryError:
-        raise _memory_error(p, size or ()) from None
-    except RuntimeError as e:
-        reason = _itk_reason(str(e), p)
+    with _itk_readable(p) as given:
+        size = _check_itk_data(p, io, given)
+        try:
+            img = sitk.ReadImage(given, imageIO=io)
+            arr = sitk.GetArrayFromImage(img) if img.GetNumberOfComponentsPerPixel() == 1 else None
+        except MemoryError:
+            raise _memory_error(p, size or ()) from None
+        except RuntimeError as e:
+            err = e
+        else:
+            err = None
+    if err is not None:
+        text = str(err).replace(given, os.fspath(p)).replace(os.path.dirname(given), os.fspath(p.parent))
+        reason = _itk_reason(text, p)
         raise UnreadableFileError("the file cannot be read as MetaImage/NRRD"
                                   + (f"; ITK says: {reason}" if reason else " (corrupt or truncated)"),
                                   fix="check the header's sizes, spacing and space fields (or copy or export the "
@@ -629,11 +788,13 @@ def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[s
         return key or "", None, enc
     if name.upper() == "LIST" or "%" in name or " " in name.strip():  # several data files
         return None, None, None
-    data = Path(name)
+    # The header was decoded as latin-1 (any bytes): the name's bytes are the file name's, in the file system's
+    # encoding ("é.raw" was looked for as "Ã©.raw" and reported missing).
+    data = Path(os.fsdecode(name.encode("latin-1")))
     return key, (data if data.is_absolute() else p.parent / data), enc
 
 
-def _check_itk_data(p: Path, io: str) -> Optional[Tuple[int, ...]]:
+def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[Tuple[int, ...]]:
     """Before ITK reads the voxels: the data file a header names must exist, and hold as much data as the header
     describes (ITK allocates the described size first: a 1 kB file claiming 10^9 voxels took 4 GB). Returns the
     image size ITK reads from the header, or None when it cannot read the header (it then says why itself).
@@ -653,7 +814,7 @@ def _check_itk_data(p: Path, io: str) -> Optional[Tuple[int, ...]]:
                                       f"or correct the header's {key} line", path=p)
     reader = sitk.ImageFileReader()
     reader.SetImageIO(io)
-    reader.SetFileName(itk_path(p))
+    reader.SetFileName(itk_path(p) if given is None else given)  # given: the path SimpleITK reads p through
     try:
         reader.ReadImageInformation()
         pixel = sitk.Image([1, 1], reader.GetPixelID())  # for the size of one component
@@ -769,9 +930,13 @@ def _refuse_other_format(p: Path) -> Optional[bool]:
 
 
 def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path]:
+    from . import _stat_or_refuse
+
     p = Path(path)
+    _stat_or_refuse(p)  # a loop, a dangling link, a pipe or socket (never opened: it would block) say so
     if not p.is_file():
-        raise UnreadableFileError("no such file", fix="check the path", path=p)
+        raise UnreadableFileError("this is a folder, not an image file", fix="give the image file's path (a DICOM "
+                                  "folder is read by medfuse.load)", path=p)
     name = p.name.lower()
     gz = _refuse_other_format(p)
     if name.endswith(NIFTI_SUFFIXES):
@@ -871,7 +1036,7 @@ def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], un
     A CT named by ``modality=`` with no unit stored anywhere is taken as HU when it holds values below -100
     (air and fat: only Hounsfield units go there); otherwise its unit stays ``arbitrary``, with a warning.
     """
-    from ..volume import normalise_modality
+    from ..volume import ct_unit, normalise_modality
 
     m = modality if modality is not None else (mod or "unknown")
     if unit_override is not None:
@@ -883,11 +1048,7 @@ def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], un
     except MedfuseError:  # an unknown name: Volume() refuses it, with its own message
         is_ct = False
     if arr is not None and is_ct:
-        if np.issubdtype(arr.dtype, np.number) and arr.size and float(np.nanmin(arr)) < -100:
-            return m, "HU"
-        warnings.warn("a CT with no unit stored and no value below -100 is not taken as HU: pass unit='HU' if it "
-                      "is in Hounsfield units (the CT window and the air outside it then apply)", MedfuseWarning,
-                      stacklevel=4)
+        return m, ct_unit(arr, stacklevel=4)
     return m, "arbitrary"
 
 

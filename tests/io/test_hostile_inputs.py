@@ -51,11 +51,7 @@ def test_a_name_that_is_not_utf8_never_aborts_the_process(tmp_path, samples_dir)
         "assert os.listdir(bad) == []\n"
         "mha = os.path.join(d, os.fsdecode(b'x\\xff.mha'))\n"
         "medfuse.save(v, mha)\n"     # written under an ASCII temporary name, then renamed: it works
-        "try:\n"
-        "    medfuse.load(mha)\n"
-        "    raise SystemExit('loaded')\n"
-        "except UnreadableFileError as e:\n"
-        "    assert 'not UTF-8' in str(e) and 'NIfTI' in e.fix\n"
+        "assert np.array_equal(medfuse.load(mha).array, v.array)\n"  # and reads back (through an ASCII link)
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(samples_dir / "mr_t1.nii.gz")],
                        capture_output=True, text=True, timeout=300)
