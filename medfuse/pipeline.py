@@ -28,7 +28,7 @@ from ._checks import MAX_THREADS, as_list, choice, describe, label, number, whol
 from .errors import (CancelledError, FusionError, GeometryError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
-from .volume import Volume, require_finite
+from .volume import Volume, relabelled, require_finite
 
 __all__ = [
     "PipelineState", "PipelineResult", "Pipeline", "fuse_files", "pipeline_parameters",
@@ -192,7 +192,7 @@ class LoadStep:
             mod = self.modalities[i] if self.modalities and i < len(self.modalities) else None
             if isinstance(item, Volume):
                 # The override applies as medfuse.load applies it to a file (a MetaTensor arrives without one).
-                vols.append(item if mod is None else item.with_array(item.array, modality=mod))
+                vols.append(relabelled(item, mod))
             else:
                 pick = self.series[i] if self.series and i < len(self.series) else None
                 pick = None if pick is None or str(pick).strip() in ("", "-") else str(pick).strip()
@@ -509,10 +509,11 @@ class SaveStep:
     The output is written to a temporary name, hashed, the sidecar written, and only then renamed into
     place: a run killed at any moment leaves either nothing, or an output with a matching sidecar, or (killed
     while replacing an earlier output) the earlier output with a sidecar that says medfuse was replacing it.
-    Before writing, a sidecar marked ``in_progress`` records the output's current hash (``replaces_sha256``)
-    and the temporary file's name (``writing``); the sidecar written before the rename keeps
-    ``replaces_sha256``. A batch rerun takes such an output as medfuse's own, unfinished, and redoes it without
-    ``overwrite``; the save step removes the temporary file a killed run left.
+    Before writing, a sidecar marked ``in_progress`` records the output's current hash (``replaces_sha256``),
+    once; the sidecar written before the rename keeps ``replaces_sha256``. A batch rerun takes such an output as
+    medfuse's own, unfinished, and redoes it without ``overwrite``. The temporary files a killed run left (the
+    output's and the sidecar's) are named after their targets, and the next write to each removes them
+    (:func:`medfuse.io._atomic.stale_temporaries`); sidecars of older versions named the output's in ``writing``.
     """
 
     name = "save"
@@ -532,8 +533,11 @@ class SaveStep:
         previous = _text_if_there(prov.sidecar_path(out))
         try:
             return self._save(state, out, inputs, name, replaces)
-        except BaseException:
+        except BaseException as e:
             # A save that failed (not killed) left the earlier output in place: its own sidecar goes back too.
+            # First the writer's frames go: its open file on the deleted temporary held the space of a full
+            # disk, and the sidecar could not go back.
+            _release_frames(e)
             _put_back_sidecar(out, previous, replaces)
             raise
 
@@ -547,41 +551,40 @@ class SaveStep:
             # the sidecar. The in-progress sidecar first: a kill between the two leaves a new output that no
             # finished sidecar verifies, which a batch rerun redoes instead of refusing it.
             if state.overwrite or not (out.exists() or out.is_symlink()):
-                self._in_progress(state, out, inputs, replaces, None)
+                self._in_progress(state, out, inputs, replaces)
             save(state.fused, out, overwrite=state.overwrite)
             state.notes["provenance"] = self._sidecar(state, out, out, inputs)
             return state
         ctx = atomic_path if name.endswith(prov._IMAGE_SUFFIXES) else atomic_dir
         if state.overwrite or not (out.exists() or out.is_symlink()):
-            # Claimed before the temporary file exists, named once it does: a kill in between leaves an empty
-            # temporary file made after the claim, which the next save can tell as this output's.
-            self._in_progress(state, out, inputs, replaces, None)
+            # Claimed once, before the temporary file exists: the temporary file needs no record, its name says
+            # which output it is for (a kill leaves it for the next write of ``out`` to remove).
+            self._in_progress(state, out, inputs, replaces)
         with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
-            self._in_progress(state, out, inputs, replaces, tmp.name)
             save(state.fused, tmp, overwrite=True)
-            state.notes["provenance"] = self._sidecar(state, tmp, out, inputs, replaces=replaces, writing=tmp.name)
+            state.notes["provenance"] = self._sidecar(state, tmp, out, inputs, replaces=replaces, before_rename=True)
         return state
 
-    def _in_progress(self, state, out, inputs, replaces, writing) -> None:
-        """Mark the sidecar: medfuse is writing ``out`` (replacing the output of hash ``replaces``, via ``writing``)."""
+    def _in_progress(self, state, out, inputs, replaces) -> None:
+        """Mark the sidecar: medfuse is writing ``out`` (replacing the output of hash ``replaces``)."""
         from . import provenance as prov
 
         record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
         record["output"] = {"path": os.fspath(out), "sha256": None, "in_progress": True,
-                            "replaces_sha256": replaces, "writing": writing}
+                            "replaces_sha256": replaces}
         prov.write_sidecar(out, record, input_paths=inputs)
 
-    def _sidecar(self, state, written, out, inputs, replaces=None, writing=None) -> dict:
+    def _sidecar(self, state, written, out, inputs, replaces=None, before_rename=False) -> dict:
         """Hash what was written and put the provenance sidecar beside ``out``; returns the record."""
         from . import provenance as prov
 
         state.output_sha256 = prov.hash_path(written)
         state.sidecar = prov.sidecar_path(out)
         record = _provenance(state, extra_step={"name": self.name, "params": {}, "seconds": None})
-        if writing is not None:
+        if before_rename:
             # Written before the rename: a kill in between leaves the earlier output (of hash ``replaces``) in
-            # place, and the temporary file, which the next save removes.
-            record["output"].update(replaces_sha256=replaces, writing=writing)
+            # place, and the temporary file, which the next write of ``out`` removes.
+            record["output"].update(replaces_sha256=replaces)
         prov.write_sidecar(out, record, input_paths=inputs)
         return record
 
@@ -593,8 +596,25 @@ def _text_if_there(path: Path) -> Optional[str]:
         return None
 
 
+def _release_frames(e: BaseException) -> None:
+    """Clear the finished frames of ``e``'s tracebacks (and of its cause and context): what they hold, such as a
+    writer's open file on a deleted temporary (which keeps its disk space), is released now, not at exit."""
+    import traceback
+
+    seen = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        traceback.clear_frames(x.__traceback__)
+        todo += [x.__cause__, x.__context__]
+
+
 def _put_back_sidecar(out: Path, previous: Optional[str], replaces: Optional[str]) -> None:
-    """After a failed save: the sidecar as it was, when the output is still the one it was (best effort)."""
+    """After a failed save: the sidecar as it was, when the output is still the one it was (best effort, with a
+    warning when it cannot be done: the sidecar then says medfuse was replacing the output, and a rerun redoes it)."""
     from .io._atomic import atomic_write_text
     from .provenance import sidecar_path
 
@@ -606,8 +626,10 @@ def _put_back_sidecar(out: Path, previous: Optional[str], replaces: Optional[str
             atomic_write_text(side, previous, overwrite=True)
         elif replaces is None and side.is_file():
             side.unlink()  # nothing was there: no sidecar without its output
-    except (OSError, MedfuseError):
-        pass
+    except (OSError, MedfuseError) as e:
+        warnings.warn(f"{side}: the earlier output was kept, but its provenance sidecar could not be put back "
+                      f"({type(e).__name__}); it now says medfuse was replacing the output, and a rerun with the same "
+                      "command redoes it", MedfuseWarning, stacklevel=3)
 
 
 def _hash_if_there(out: Path) -> Optional[str]:
@@ -624,16 +646,22 @@ def _hash_if_there(out: Path) -> Optional[str]:
 
 
 def _remove_interrupted_temp(out: Path) -> None:
-    """Remove the temporary file (or folder) a killed save of ``out`` left beside it, as its in-progress sidecar
-    names it. Only a medfuse temporary name in ``out``'s own folder is ever removed."""
+    """Remove the temporary file (or folder) a killed save of an older medfuse version left beside ``out``, as
+    its in-progress sidecar names it (``writing``). Only a medfuse temporary name in ``out``'s own folder is ever
+    removed. This version's sidecars have no ``writing``: its temporary names say their target, and the next
+    write to it removes them (:func:`medfuse.io._atomic.stale_temporaries`)."""
     import shutil
 
-    from .io._atomic import _TMP_PREFIX
+    from .io._atomic import _TMP_NAME, _TMP_PREFIX
     from .provenance import is_medfuse_record, read_sidecar
 
     rec = read_sidecar(out)
     recorded = rec.get("output") if is_medfuse_record(rec) and isinstance(rec.get("output"), Mapping) else {}
+    if "writing" not in recorded:
+        return  # written by this version (or not in progress)
     writing = recorded.get("writing")
+    if isinstance(writing, str) and _TMP_NAME.fullmatch(writing):
+        return  # a name of this version's scheme: removed by the write itself only when its writer has ended
     if writing is None and recorded.get("in_progress") is True:
         _remove_empty_temps_since_claim(out)
         return
@@ -653,7 +681,7 @@ def _remove_empty_temps_since_claim(out: Path) -> None:
     """Remove the empty medfuse temporary files (of ``out``'s suffix) made beside ``out`` after its in-progress
     sidecar was written: a save killed before it named its temporary file left one (nothing had been written to
     it yet)."""
-    from .io._atomic import _TMP_PREFIX, _temp_suffix
+    from .io._atomic import _TMP_NAME, _TMP_PREFIX, _temp_suffix
     from .provenance import sidecar_path
 
     try:
@@ -664,7 +692,9 @@ def _remove_empty_temps_since_claim(out: Path) -> None:
     suffix = _temp_suffix(out.name)
     for e in entries:
         try:
-            if (e.name.startswith(_TMP_PREFIX) and e.name.endswith(suffix) and e.is_file(follow_symlinks=False)
+            # Only older versions' names: this version's name their target and writer, and may be a live one's.
+            if (e.name.startswith(_TMP_PREFIX) and not _TMP_NAME.fullmatch(e.name) and e.name.endswith(suffix)
+                    and e.is_file(follow_symlinks=False)
                     and e.stat(follow_symlinks=False).st_size == 0
                     and e.stat(follow_symlinks=False).st_mtime_ns >= claimed):
                 os.unlink(e.path)
@@ -802,7 +832,16 @@ class Pipeline:
         return list(self._steps)
 
     def step(self, name: str) -> Step:
-        return dict(self._steps)[name]
+        """The step called ``name`` (``"load"``, ``"register"``, ``"fuse"``...), to read or change its options.
+
+        Raises:
+            InvalidInputError: the pipeline has no step of that name (the message lists its steps).
+        """
+        steps = dict(self._steps)
+        if not isinstance(name, str) or name not in steps:
+            raise InvalidInputError(f"this pipeline has no step {name!r}",
+                                    fix=f"use one of its steps: {', '.join(steps) or 'none yet'}")
+        return steps[name]
 
     def parameters(self) -> Dict[str, Any]:
         """Every step's recorded parameters (what decides the result; used for idempotent re-runs)."""

@@ -11,6 +11,13 @@ An overwrite that is killed (SIGKILL, power loss) mid-swap can leave the earlier
 ``.medfuse-old-<key>-*`` folder beside the target; the next write to that target puts it back or, when the swap
 had finished, removes it (see :func:`recover_leftovers`).
 
+Temporary files and folders are named after their target and their writer,
+``.medfuse-tmp-<key>-<owner>-<pid>-<random><suffix>`` (``<key>``: a hash of the target's name; ``<owner>``: a hash
+of the machine, its boot and the process namespace; ``<pid>``: the writing process). A kill leaves one behind; the
+next write to the same target removes it once it is provably stale: written on this machine since its last boot by
+a process that has ended, or, from another machine or boot (whose processes cannot be checked), untouched for a day.
+A live writer's temporary file (another process writing the same target right now) is never touched.
+
 Data reaches the disk before its name does: each finished file (and a folder's files) is flushed with
 ``fsync`` before the move, and the folder after it, so that a power cut cannot leave an output empty under its
 final name (nor the earlier output lost to an empty replacement). ``MEDFUSE_FSYNC=0`` turns this off (a scratch
@@ -26,9 +33,12 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Union
@@ -36,12 +46,16 @@ from typing import Iterable, Iterator, List, Optional, Union
 from ..errors import MedfuseError, MedfuseWarning, OutputExistsError
 
 __all__ = ["check_output", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "same_file",
-           "input_files", "leftovers", "recover_leftovers"]
+           "input_files", "leftovers", "recover_leftovers", "stale_temporaries"]
 
 PathLike = Union[str, os.PathLike]
 
 _TMP_PREFIX = ".medfuse-tmp-"
 _OLD_PREFIX = ".medfuse-old-"
+#: A temporary's name (see :func:`_temp_prefix`): target key, owner key, process id, mkstemp's random part, suffix.
+_TMP_NAME = re.compile(r"\.medfuse-tmp-([0-9a-f]{12})-([0-9a-f]{8})-([0-9]{1,10})-[a-z0-9_]{1,32}(\.[a-z0-9.]{1,16})?")
+#: A temporary of another machine or boot is removed only after this long untouched (its writer cannot be checked).
+_FOREIGN_STALE_S = 24 * 3600
 #: What ``os.link`` says on a file system without hard links (FAT, exFAT, some network shares).
 _NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOSYS, getattr(errno, "ENOTSUP", -1),
                   getattr(errno, "EOPNOTSUPP", -1)}
@@ -205,14 +219,156 @@ def _case_twin(p: Path) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- what a killed overwrite left
+def _target_key(target: Path) -> str:
+    """A short hash of ``target``'s name: ties a leftover to its target (whose own name may be near the limit)."""
+    return hashlib.sha256(os.fsencode(Path(target).name)).hexdigest()[:12]
+
+
 def _aside_prefix(target: Path) -> str:
     """Name prefix of the folders holding ``target``'s earlier copy during an overwrite.
 
     A short hash of the name ties a leftover to its target (the target's own name may be near the length limit);
     inside, each file or folder keeps its own name, so a person can still see what it is.
     """
-    key = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:12]
-    return f"{_OLD_PREFIX}{key}-"
+    return f"{_OLD_PREFIX}{_target_key(target)}-"
+
+
+# ----------------------------------------------------------------------------- temporaries and their owners
+_OWNER: List[str] = []
+
+
+def _owner_key() -> str:
+    """A short hash of this machine, its current boot and this process's PID namespace: where a process id in a
+    temporary's name can be checked (another machine on a shared disk, a reboot or a container has other ids)."""
+    if not _OWNER:
+        parts = [socket.gethostname()]
+        with contextlib.suppress(OSError):
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+                parts.append(fh.read().strip())
+        with contextlib.suppress(OSError, AttributeError):
+            parts.append(os.readlink("/proc/self/ns/pid"))
+        _OWNER.append(hashlib.sha256("\0".join(parts).encode("utf-8", "replace")).hexdigest()[:8])
+    return _OWNER[0]
+
+
+def _temp_prefix(target: Path, *, pid: Optional[int] = None) -> str:
+    """The name prefix of this process's temporaries for ``target`` (``pid`` for tests)."""
+    return f"{_TMP_PREFIX}{_target_key(target)}-{_owner_key()}-{os.getpid() if pid is None else pid}-"
+
+
+def _make_temp_file(target: Path, suffix: str = "") -> str:
+    """A new empty file beside ``target``, named as its temporary; its path (the descriptor is closed)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def _make_temp_dir(target: Path) -> Path:
+    """A new empty folder beside ``target``, named as its temporary."""
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target)))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this machine) runs; True when that cannot be told (nothing is removed then)."""
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing the same target
+    if pid <= 0:
+        return True
+    if os.name == "nt":  # pragma: no cover - Windows: os.kill(pid, 0) would terminate the process
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process
+        try:
+            code = ctypes.c_ulong()
+            return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def _last_touched(entry: os.DirEntry) -> float:
+    """The newest modification time of a temporary file, or of a temporary folder and the files in it."""
+    newest = entry.stat(follow_symlinks=False).st_mtime
+    if entry.is_dir(follow_symlinks=False):
+        with contextlib.suppress(OSError):
+            for e in os.scandir(entry.path):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
+    return newest
+
+
+def stale_temporaries(path: PathLike) -> List[Path]:
+    """The temporary files and folders that killed writes to ``path`` left beside it (usually none).
+
+    Only names made for this target (its key) count, and only when their writer has provably ended: a process of
+    this machine and boot that no longer runs, or, for another machine's (or boot's), nothing touched for a day.
+    Symbolic links are never listed.
+    """
+    p = Path(path)
+    prefix = f"{_TMP_PREFIX}{_target_key(p)}-"
+    found = []
+    try:
+        entries = [e for e in os.scandir(p.parent) if e.name.startswith(prefix)]
+    except (OSError, ValueError):
+        return []
+    for e in entries:
+        m = _TMP_NAME.fullmatch(e.name)
+        try:
+            if (m is None or (m.group(4) or "") not in ("", _temp_suffix(p.name)) or e.is_symlink()
+                    or not (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))):
+                continue
+            if m.group(2) == _owner_key():
+                stale = not _pid_alive(int(m.group(3)))
+            else:
+                stale = time.time() - _last_touched(e) > _FOREIGN_STALE_S
+        except OSError:
+            continue
+        if stale:
+            found.append(Path(e.path))
+    return found
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove what killed writes to ``target`` left under its temporary names (:func:`stale_temporaries`).
+
+    A ``.mhd``/``.nhdr`` pair's writer links each file into place from its temporary folder, the header last: a
+    kill in between leaves a new data file beside the target that is the same file as one in that folder. With
+    the header not placed, that data file is half of an unfinished output and goes too (an earlier data file it
+    replaced is aside, and is put back by :func:`recover_leftovers`).
+    """
+    for tmp in stale_temporaries(target):
+        try:
+            if tmp.is_dir():
+                inside = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(tmp)
+                          if e.is_file(follow_symlinks=False)}
+                placed = _stat_nofollow(target)
+                finished = placed is not None and any(os.path.samestat(placed, st) for st in inside.values())
+                if not finished:
+                    for name, st in inside.items():
+                        beside = _stat_nofollow(target.parent / name)
+                        if beside is not None and os.path.samestat(beside, st):
+                            os.unlink(target.parent / name)
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
+        except OSError:
+            continue  # a leftover that cannot be removed is harmless: hidden, and skipped by hashing and discovery
+
+
+def _stat_nofollow(p: Path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(p)
+    except (OSError, ValueError):
+        return None
 
 
 def _make_aside(target: Path) -> Path:
@@ -272,6 +428,9 @@ def _restore(target: Path, aside: Path) -> List[str]:
 def recover_leftovers(path: PathLike, *, overwrite: bool = False) -> None:
     """Resolve what an overwrite of ``path`` that was killed mid-swap (SIGKILL, power loss) left beside it.
 
+    First the temporary files and folders of killed writes to ``path`` are removed
+    (:func:`stale_temporaries`: only this target's, and only once their writer has ended). Then:
+
     * Swap unfinished (the target missing, or its earlier copy still in place beside a new data file): the
       earlier output is put back, with a :class:`MedfuseWarning`. It may be the only copy of it.
     * Swap finished (the new output in place): the copy aside is older than the output. With ``overwrite`` (the
@@ -282,6 +441,7 @@ def recover_leftovers(path: PathLike, *, overwrite: bool = False) -> None:
             system refused); nothing is deleted then.
     """
     p = Path(path)
+    _remove_stale_temporaries(p)
     for aside in leftovers(p):
         if _swap_finished(p, aside):
             if overwrite:
@@ -311,11 +471,13 @@ def _appeared(p: Path) -> OutputExistsError:
                              "to replace it", path=p)
 
 
-def _link_into_place(src: Path, dst: Path) -> None:
+def _link_into_place(src: Path, dst: Path, *, keep_source: bool = False) -> None:
     """Move the file ``src`` to ``dst`` unless something is at ``dst``, in one step (no-clobber).
 
     A hard link fails when the name exists, however late it appeared; without hard links (FAT, exFAT, some
-    shares) the name is taken by an exclusive create and then replaced by the file.
+    shares) the name is taken by an exclusive create and then replaced by the file. With ``keep_source`` a hard
+    link leaves ``src`` too (a ``.mhd``/``.nhdr`` pair's temporary folder: it proves, after a kill, which file
+    beside the target that write had placed).
 
     Raises:
         OutputExistsError: something is at ``dst``; it is left untouched.
@@ -338,7 +500,8 @@ def _link_into_place(src: Path, dst: Path) -> None:
                 os.unlink(dst)
             raise
         return
-    os.unlink(src)
+    if not keep_source:
+        os.unlink(src)
 
 
 def _rename_dir_into_place(src: Path, dst: Path) -> None:
@@ -369,6 +532,19 @@ def _rename_dir_into_place(src: Path, dst: Path) -> None:
         if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise _appeared(dst) from None
         raise
+
+
+def _name_the_output(e: MedfuseError, tmp: Optional[PathLike], target: Path) -> None:
+    """A writer's error about the temporary file (or a file in the temporary folder) names the output instead.
+
+    Why: a full disk while writing was reported for ``.medfuse-tmp-….nii.gz``, a name the user never gave.
+    """
+    if tmp is None or not e.path:
+        return
+    tmp_s, given = os.path.abspath(tmp), os.path.abspath(e.path)
+    if given == tmp_s or given.startswith(tmp_s + os.sep):
+        e.path = os.fspath(target) + given[len(tmp_s):]
+        e.args = (e._compose(),)
 
 
 def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:
@@ -471,8 +647,7 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
     p = check_output(path, overwrite=overwrite, inputs=inputs, kind="file")
     tmp: Optional[str] = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_TMP_PREFIX, suffix=_temp_suffix(p.name))
-        os.close(fd)
+        tmp = _make_temp_file(p, _temp_suffix(p.name))
         yield Path(tmp)
         _public_mode(tmp, replacing=p)
         durable = _durable()
@@ -487,6 +662,9 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
             _link_into_place(Path(tmp), p)
         if durable:
             _flush_folder(p.parent)
+    except MedfuseError as e:
+        _name_the_output(e, tmp, p)
+        raise
     except OSError as e:
         typed = _typed_os_error(e, p)
         if typed is None:
@@ -578,7 +756,7 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
     aside: Optional[Path] = None
     placed = False
     try:
-        tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=_TMP_PREFIX))
+        tmp = _make_temp_dir(p)
         yield tmp
         _public_mode(tmp, folder=True, replacing=p)
         durable = _durable()
@@ -601,6 +779,8 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
     except BaseException as e:
         if aside is not None and os.path.lexists(aside / p.name) and not os.path.lexists(p):
             os.replace(aside / p.name, p)  # the swap did not finish: the earlier output goes back in place
+        if isinstance(e, MedfuseError):
+            _name_the_output(e, tmp, p)
         typed = _typed_os_error(e, p)
         if typed is None:
             raise

@@ -727,5 +727,18 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             ds.file_meta = meta
-            ds.save_as(str(tmp / f"IM{k + 1:05d}.dcm"), enforce_file_format=True)
+            _save_slice(ds, tmp / f"IM{k + 1:05d}.dcm")
     return folder
+
+
+def _save_slice(ds, path: Path) -> None:
+    """``ds.save_as(path)``, with a failed write's errno (disk full, permission) kept for the typed error."""
+    try:
+        ds.save_as(str(path), enforce_file_format=True)
+    except OSError as e:
+        # pydicom re-raises an error inside an element's write as OSError(text) without its errno (with the
+        # original as the cause): a full disk then read as an internal error with a pydicom traceback.
+        cause = e.__cause__
+        if e.errno is None and isinstance(cause, OSError) and cause.errno is not None:
+            raise cause from None
+        raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
@@ -27,8 +26,9 @@ import numpy as np
 from ..errors import InvalidInputError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
-from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _make_aside, _public_mode,
-                      _temp_suffix, _typed_os_error, atomic_path, check_output, refuse_foreign_folder, same_file)
+from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _make_aside, _make_temp_dir,
+                      _make_temp_file, _public_mode, _temp_suffix, _typed_os_error, atomic_path, check_output,
+                      refuse_foreign_folder, same_file)
 from . import _as_path, _check_flag, _check_text, _kind
 from .nifti import format_tag, nifti_space_code
 
@@ -207,12 +207,14 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
     # (the header under a lower-case suffix, which ITK needs), then move the data file(s) first and the
     # header last. Files they replace (with overwrite) are kept aside (.medfuse-old-<key>-*, the key from the
     # header's name) until the end and put back on failure, so the old header never ends up beside a new data
-    # file; after a kill, the next write to the header puts them back (_atomic.recover_leftovers).
+    # file; after a kill, the next write to the header puts them back (_atomic.recover_leftovers). The temp
+    # folder is named after the header (_atomic._temp_prefix), so that write also removes it when it was killed,
+    # with any new data file it had already linked into place (kept linked in the folder until the end: proof).
     check_output(path, overwrite=overwrite, inputs=inputs, kind="file")
     low_suffix = _temp_suffix(path.name)
     header = path.name[: len(path.name) - len(low_suffix)] + low_suffix
     try:
-        tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".medfuse-tmp-"))
+        tmpdir = _make_temp_dir(path)
     except OSError as e:
         raise (_typed_os_error(e, path) or e) from e
     aside: Optional[Path] = None
@@ -242,7 +244,8 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
                 kept = aside / dst.name
                 os.replace(dst, kept)
             try:
-                _link_into_place(src, dst)  # its earlier version is aside: whatever is there now is not ours
+                # Its earlier version is aside: whatever is there now is not ours.
+                _link_into_place(src, dst, keep_source=True)
             except BaseException:
                 if kept is not None and not os.path.lexists(dst):
                     os.replace(kept, dst)
@@ -320,10 +323,9 @@ def _probe_writable(p: Path) -> None:
         OutputExistsError: permission denied, read-only file system, disk full (with a fix).
     """
     try:
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".medfuse-tmp-")
+        tmp = _make_temp_file(p)  # named after p: if killed right here, the next write to p removes it
     except OSError as e:
         raise (_typed_os_error(e, p) or e) from e
-    os.close(fd)
     os.unlink(tmp)
 
 

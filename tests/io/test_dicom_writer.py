@@ -555,3 +555,28 @@ def test_iod_modules_are_complete(shared, tmp_path):
         _same_world(vol, _gdcm_series(out), 0)
         if modality != "PT":  # PET in SUV/Bq/mL comes back scaled; its values are checked above
             _same_world(vol, medfuse.load(out), 0)
+
+
+def test_full_disk_during_a_dicom_series_is_a_typed_error(tmp_path, monkeypatch):
+    """pydicom re-raises an element's write error as OSError(text) without its errno: a full disk while writing
+    a DICOM series was an internal error with a pydicom traceback. It is the typed disk-full error, and nothing
+    is left behind."""
+    import errno
+
+    import pydicom.filewriter as fw
+
+    from medfuse.errors import MedfuseError
+
+    real = fw.write_data_element
+
+    def full(fp, elem, *a, **k):
+        if elem.tag == 0x7FE00010:  # the pixel data: the largest write, where a disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fp, elem, *a, **k)
+
+    monkeypatch.setattr(fw, "write_data_element", full)
+    vol = Volume(np.arange(4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3), np.eye(4), modality="MR")
+    with pytest.raises(MedfuseError, match="disk is full") as e:
+        save(vol, tmp_path / "series", format="dicom")
+    assert "pydicom" not in str(e.value) and "Traceback" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
