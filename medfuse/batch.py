@@ -200,6 +200,19 @@ class BatchSummary:
 _MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series")
 
 
+def _display_path(value: Any) -> str:
+    """``value`` as a message quotes it: absolute, without the ``..``, ``.`` and ``//`` that made
+    ``/d/out/../out/x.nii.gz`` hard to recognise as ``/d/out/x.nii.gz``.
+
+    Symbolic links are not followed (that would show folders the user never named), unless a link before a ``..``
+    makes the short form name another file than the one meant: then the path with its links followed.
+    """
+    raw = os.path.expanduser(os.fspath(value) if isinstance(value, os.PathLike) else str(value))
+    short = os.path.abspath(raw)  # normalised by the letters
+    real = os.path.realpath(raw)
+    return short if os.path.realpath(short) == real else real
+
+
 def _row_error(path: Path, row: int, problem: str, fix: str) -> InvalidInputError:
     return InvalidInputError(f"manifest row {row}: {problem}", fix=fix, path=path)
 
@@ -378,7 +391,7 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     Raises:
         InvalidInputError: a subject or output appears twice, two outputs are one file (or differ only in letter
             case, or share a sidecar), or an output is another row's input; the message names both rows (patient
-            identifiers blanked).
+            identifiers blanked) and quotes paths normalised (``/d/out/x.nii.gz``, not ``/d/out/../out/x.nii.gz``).
     """
     from .provenance import sidecar_path
 
@@ -389,7 +402,10 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
         return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
     def real(value: Any) -> str:
-        return os.path.realpath(os.path.abspath(os.path.expanduser(text(value))))
+        # Not abspath first: it drops "link/.." by the letters, where the file system goes up from the link's target.
+        return os.path.realpath(os.path.expanduser(text(value)))
+
+    shown = _display_path
 
     def refuse(i: int, j: int, problem: str, fix: str) -> None:
         from .provenance import patient_identifiers, scrub
@@ -411,13 +427,16 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     outputs: Dict[str, Tuple[int, str]] = {}
     sidecars: Dict[str, Tuple[int, str]] = {}
     for i, s in enumerate(subjects):
-        key, full = text(s.output), real(s.output)
+        key, full = shown(s.output), real(s.output)
         if full.casefold() in outputs:
             j, other = outputs[full.casefold()]
-            if text(subjects[j].output) == key:
+            if text(subjects[j].output) == text(s.output):
                 refuse(i, j, f"output {key!r} appears twice in {where}", "give every subject its own output")
-            if real(subjects[j].output) == full:
-                refuse(i, j, f"outputs {other!r} and {key!r} are one file", "give every subject its own output")
+            if other == key:  # two spellings of one path (out/x.nii.gz, out/../out/x.nii.gz)
+                refuse(i, j, f"both outputs are one file, {key!r}", "give every subject its own output")
+            if real(subjects[j].output) == full:  # through a symbolic link
+                refuse(i, j, f"outputs {other!r} and {key!r} are one file ({full!r})",
+                       "give every subject its own output")
             # Outputs differing only in case are one file on Windows and macOS (case-insensitive file systems):
             # one subject's output would silently replace the other's, and the report call both done.
             refuse(i, j, f"outputs {other!r} and {key!r} differ only in letter case: on Windows and macOS they "
@@ -434,7 +453,7 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     for i, s in enumerate(subjects):
         for x in (s.fixed, *s.moving):
             if x:
-                inputs.setdefault(real(x).casefold(), []).append((i, text(x)))
+                inputs.setdefault(real(x).casefold(), []).append((i, shown(x)))
     for what, taken in (("output", outputs), ("the sidecar of output", sidecars)):
         for key, (j, out) in taken.items():
             # The file itself, or a folder holding it (a DICOM input folder).
@@ -491,14 +510,17 @@ def _is_medfuse_output(image: Path) -> bool:
     return is_medfuse_record(read_sidecar(image))
 
 
-def _walk(folder: Path) -> Tuple[List[Path], bool]:
+def _walk(folder: Path, unreadable: Optional[List[str]] = None) -> Tuple[List[Path], bool]:
     """Image files under ``folder`` (symlinks followed, each real folder once, hidden entries and medfuse's own
-    outputs skipped) and whether any other file might be DICOM."""
+    outputs skipped) and whether any other file might be DICOM. Folders that could not be listed (permission
+    denied) are added to ``unreadable``, when given."""
     images: List[Path] = []
     maybe_dicom = False
     seen = set()
     top = os.path.realpath(folder)
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    # onerror: os.walk skipped a folder it may not list without a word ("unpaired: found no image files").
+    failed = (lambda e: unreadable.append(e.filename)) if unreadable is not None else None
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=failed):
         real = os.path.realpath(root)
         if real in seen:  # a symlink loop, or the same series linked twice
             dirs[:] = []
@@ -560,7 +582,8 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
         UnreadableFileError: ``folder`` does not exist or is a file.
     """
     root = _folder_arg(folder, "subject folder", "pass the subject's folder (a str or pathlib.Path)")
-    images, maybe_dicom = _walk(root)
+    unreadable: List[str] = []
+    images, maybe_dicom = _walk(root, unreadable)
     found: Dict[str, List[Path]] = {k: [] for k in _NAME_WORDS}
     unknown: List[Path] = []
     for f in images:
@@ -588,13 +611,17 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
         parts = [f"{_KIND_NAMES[k]} {', '.join(rel(p) for p in v)}" for k, v in found.items() if v]
         if unknown:
             parts.append(f"unknown modality {', '.join(rel(p) for p in unknown)}")
+        if unreadable:
+            shown = ", ".join(rel(Path(u)) for u in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+            parts.append(f"{len(unreadable)} folder(s) that may not be read (permission denied): {shown}")
         return "; ".join(parts) or "no image files or DICOM series"
 
     anatomy = "MR" if found["MR"] else "CT"
     functional = [k for k in ("PT", "NM") if found[k]]
     if not found[anatomy] or not functional:
         missing = "MR or CT" if not found[anatomy] else "PET or SPECT"
-        hint = (" (name image files with their modality: mr, t1, ct, pet, spect)" if unknown else "")
+        hint = (" (name image files with their modality: mr, t1, ct, pet, spect)" if unknown else
+                " (or let this user read its folders: chmod u+rx)" if unreadable else "")
         raise _ambiguous(root, f"unpaired: no {missing} found (found: {listing()})",
                          f"add the missing image{hint}, or leave the subject out")
     chosen = [anatomy] + functional
@@ -836,7 +863,7 @@ def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequen
     if not verified:
         raise OutputExistsError("the output exists and is not verified by its provenance sidecar (not made by "
                                 "medfuse, or changed since)", fix="rerun with --overwrite (overwrite=True) to redo "
-                                "it, or move it away", path=output)
+                                "it, or move it away", path=_display_path(output))
     try:
         current = [hash_path(p) for p in inputs]
     except MedfuseError:
@@ -885,9 +912,10 @@ def _make_output_folder(out: Path) -> None:
         if blocker is not None:
             raise OutputExistsError("cannot create the output's folder: a file of that name is in the way",
                                     fix="move that file, or give the subject another output path",
-                                    path=blocker) from None
+                                    path=_display_path(blocker)) from None
         raise OutputExistsError(f"cannot create the output's folder ({e.__class__.__name__})",
-                                fix="choose an output folder you can write to", path=out.parent) from None
+                                fix="choose an output folder you can write to",
+                                path=_display_path(out.parent)) from None
 
 
 def _as_subject(subject: Any, *, caller: str = "run_subject") -> Subject:
@@ -1008,7 +1036,7 @@ def _identifiers_by_subject(subjects: Sequence[Subject]) -> Dict[str, Tuple[int,
 
     out: Dict[str, Tuple[int, List[str]]] = {}
     for i, s in enumerate(subjects):
-        paths = [p for p in (s.fixed, *s.moving, s.folder) if p and Path(p).exists()]
+        paths = [p for p in (s.fixed, *s.moving, s.folder) if p and os.path.exists(p)]  # False where not allowed
         out[s.subject] = (i + 1, patient_identifiers(paths))
     return out
 
@@ -1252,7 +1280,8 @@ def _workers_ignore_sigint() -> Iterator[None]:
     KeyboardInterrupt/CancelledError traceback (~33 lines) under medfuse's "cancelling" message. This process
     handles the cancel: it drops the unfinished subjects and closes the cluster. A Ctrl-C during the seconds the
     cluster takes to start is ignored (press it again once it is up). Only in the main thread, where Python lets
-    signal handlers be changed (elsewhere the workers behave as before).
+    signal handlers be changed (elsewhere the workers behave as before). A worker started later, after one died,
+    gets "ignore" from :func:`_ignore_sigint_in_every_worker` instead.
     """
     import threading
 
@@ -1265,6 +1294,29 @@ def _workers_ignore_sigint() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
+
+
+def _ignore_sigint_in_every_worker(client: Any) -> None:
+    """Register a worker plugin that ignores SIGINT in every worker of the local cluster, one the nanny starts
+    again after a worker died included.
+
+    Why: the workers inherit "ignore" only while the cluster starts (:func:`_workers_ignore_sigint`). A worker
+    restarted later (the one before it killed by the OOM killer, say) is spawned from this process once its own
+    handler is back, and printed its KeyboardInterrupt traceback on Ctrl-C again. The scheduler hands a registered
+    plugin to every worker that joins, before the worker takes a task; a restarted worker still has Python's
+    handler for the second or so it takes to start and join.
+    """
+    from distributed import WorkerPlugin
+
+    class IgnoreSigint(WorkerPlugin):
+        def setup(self, worker: Any) -> None:
+            import signal as sig
+            import threading
+
+            if threading.current_thread() is threading.main_thread():  # a worker's event loop runs there
+                sig.signal(sig.SIGINT, sig.SIG_IGN)
+
+    client.register_plugin(IgnoreSigint(), name="medfuse-ignore-sigint")
 
 
 def _client(scheduler: str, workers: int, threads: int):
@@ -1294,7 +1346,14 @@ def _client(scheduler: str, workers: int, threads: int):
             raise MedfuseError(f"the local Dask cluster did not start ({' '.join(str(e).split())[:200]})",
                                fix="in a script, call run_batch under 'if __name__ == \"__main__\":' (workers are "
                                    "spawned processes that re-import the script); or use scheduler='synchronous'") from None
-        return Client(cluster), cluster
+        client = Client(cluster)
+        try:
+            _ignore_sigint_in_every_worker(client)
+        except BaseException:
+            client.close()
+            cluster.close()
+            raise
+        return client, cluster
     if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
         raise InvalidInputError(f"unknown scheduler {scheduler!r}",
                                 fix="use 'local', 'synchronous' or a scheduler address such as tcp://host:8786")

@@ -488,3 +488,25 @@ def test_malformed_uids_are_not_echoed_in_warnings_or_logs(tmp_path):
         text = seen()
     assert vol.provenance["series_uid"] == "1.2.999.4242.077777.2"
     assert leaks(text, ("077777", "1.2.999.4242.077777.1", "1.2.999.4242.077777.2", "1.2.999.4242.077777.9")) == []
+
+
+def test_a_folder_that_cannot_be_entered_gives_no_identifiers_and_no_error(tmp_path, monkeypatch):
+    """In a subject folder this user may list but not enter, Path.is_file raised PermissionError from the
+    identifier search: one such folder stopped a whole batch before any subject ran. (Simulated: root may
+    enter any folder.)"""
+    import pathlib
+
+    from medfuse.provenance import patient_identifiers
+
+    locked = tmp_path / "sub-03"
+    locked.mkdir()
+    (locked / "pet.nii.gz").write_bytes(b"x")
+    real = pathlib.Path.is_file
+
+    def is_file(self):
+        if locked in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_file", is_file)
+    assert patient_identifiers([tmp_path, locked / "pet.nii.gz"]) == []

@@ -77,6 +77,9 @@ class RegistrationReport:
             part; deformable only.
         bspline_kept: False when the B-spline stage was dropped as implausible (a large warp for little gain;
             ``stop_reason`` says why, and the result is the affine part); None for rigid and affine runs.
+        fov_scale: the factor the preset's mm settings (pyramid, start search, steps, B-spline grid) were scaled by
+            for a small field of view (the smaller image's largest extent / 80 mm), e.g. 0.29 for a 23 mm image;
+            settings the caller gave are kept. None for images of 80 mm or more (the preset used as it is).
     """
 
     kind: str
@@ -117,6 +120,8 @@ class RegistrationReport:
     #: False when the B-spline stage was dropped as implausible (a large warp for little gain: ``stop_reason`` says
     #: why; the result is then the affine part); None for rigid/affine runs.
     bspline_kept: Optional[bool] = None
+    #: the factor the preset's mm settings were scaled by for a small field of view (< 80 mm); None: not scaled.
+    fov_scale: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict."""
@@ -1317,7 +1322,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         jacobian_fraction_nonpositive=jac_frac, overlap_fraction=overlap, overlap_fraction_moving=overlap_m,
         metric_initial=metric_initial, same_frame_of_reference=same_frame, bspline_displacement_mean_mm=disp_mean,
         bspline_displacement_max_mm=disp_max, bspline_metric_gain=gain, bspline_kept=None if kind != "deformable"
-        else bspline_dropped is None)
+        else bspline_dropped is None,
+        # A run on a 20 mm image used scales 0.25x the preset's: without it the settings actually used were untold.
+        fov_scale=None if p.get("fov_scale") is None else float(p["fov_scale"]))
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
 

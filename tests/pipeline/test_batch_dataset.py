@@ -311,3 +311,22 @@ def test_a_bids_dataset_gets_a_derivatives_description_that_bids_tools_index(tmp
     (root / "dataset_description.json").unlink()
     run_batch(root, scheduler="synchronous", method="mean", out_dir=tmp_path / "plain")
     assert not (tmp_path / "plain" / "dataset_description.json").exists()
+
+
+def test_a_subject_folder_that_may_not_be_listed_says_so(tmp_path, monkeypatch):
+    """A subject folder of mode 000 was reported as 'unpaired: no MR or CT found (found: no image files or DICOM
+    series)': os.walk skips what it may not list without a word. (Simulated: root may list any folder.)"""
+    sub = tmp_path / "sub-01"
+    (sub / "pet").mkdir(parents=True)
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", sub / "mr_t1.nii.gz")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(sub / "pet"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    msg = _discover_msg(sub)
+    assert "no PET or SPECT found" in msg and "1 folder(s) that may not be read (permission denied): pet" in msg
+    assert "chmod" in msg

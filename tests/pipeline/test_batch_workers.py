@@ -1,0 +1,131 @@
+"""Batch loose ends: a worker Dask restarts keeps SIGINT ignored, and the refusals of colliding manifest rows show
+paths normalised (``out/../out/x.nii.gz`` is shown as ``out/x.nii.gz``), patient names still blanked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from medfuse.batch import Subject, read_manifest, run_batch
+from medfuse.errors import InvalidInputError
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "sample_volumes"
+NAME = "DOE^JOHN"
+
+
+# ----------------------------------------------------------------------------- 1. a restarted worker
+_RESTART = textwrap.dedent("""
+    import os, signal, sys, time
+    if __name__ == "__main__":
+        from medfuse.batch import _client
+        client, cluster = _client("local", 2, 1)
+        try:
+            ignored = lambda: signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            before = client.run(os.getpid)
+            first = client.run(ignored)
+            victim = sorted(before.values())[0]
+            os.kill(victim, signal.SIGKILL)  # as the OOM killer does; the nanny starts a new worker process
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                pids = client.run(os.getpid, on_error="ignore")  # the dead worker's address fails until it goes
+                if len(pids) == 2 and victim not in pids.values():
+                    break
+                time.sleep(0.1)
+            else:
+                print("no-restart", before, pids); sys.exit(2)
+            new = [a for a, pid in pids.items() if pid not in before.values()]
+            settle = time.monotonic() + 5  # the worker may still be setting up when it first answers
+            while True:
+                after = client.run(ignored, workers=new)
+                if all(after.values()) or time.monotonic() > settle:
+                    break
+                time.sleep(0.2)
+            print(len(first), all(first.values()), len(after), all(after.values()),
+                  signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        finally:
+            client.close(); cluster.close()
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and SIGINT are POSIX")
+def test_a_worker_restarted_after_another_dies_still_ignores_sigint(tmp_path):
+    """The workers inherited SIGINT "ignored" only from the seconds the cluster took to start: a worker the nanny
+    started again after one died (the OOM killer) had Python's default handler, so Ctrl-C printed its
+    KeyboardInterrupt traceback again. The caller's own handler is untouched."""
+    pytest.importorskip("distributed")
+    script = tmp_path / "restart.py"
+    script.write_text(_RESTART)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.stdout.split() == ["2", "True", "1", "True", "True"], (run.stdout, run.stderr[-3000:])
+
+
+# ----------------------------------------------------------------------------- 2. paths in the refusals
+
+
+@pytest.mark.parametrize("a, b, words", [
+    ("out/x.nii.gz", "out/../out/x.nii.gz", "both outputs are one file"),
+    ("out/./x.nii.gz", "lnk/x.nii.gz", "are one file"),
+    ("deep/x.nii.gz", "up/../x.nii.gz", "are one file"),  # up -> deep/a: its ".." is deep, not the manifest's folder
+    ("out/./x.nii.gz", "out/sub/../X.nii.gz", "letter case"),
+    ("out/s.nii.gz", "out//sub/../s.mha", "share one provenance sidecar"),
+    ("out/a.nii.gz", "in/../in/mr.nii.gz", "is the other row's input"),
+    ("in/../in/notes.nii.gz", "out/b.nii.gz", "the sidecar of output .* is the other row's input"),
+])
+def test_colliding_rows_are_shown_with_normalised_paths(tmp_path, a, b, words, patients):
+    """``out/../out/x.nii.gz`` was quoted as written (``/data/out/../out/x.nii.gz``) beside ``out/x.nii.gz``,
+    two spellings the user had to work out were one file. Every path quoted is normalised, no ``..``, ``.`` or
+    ``//`` left, and the patient's name in a folder is still blanked."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "lnk").symlink_to("out/../out", target_is_directory=True)
+    (tmp_path / "deep" / "a").mkdir(parents=True)
+    (tmp_path / "up").symlink_to("deep/a", target_is_directory=True)
+    for f in ("mr.nii.gz", "mr.mha", "ct.nii.gz", "notes.json"):
+        (tmp_path / "in" / f).write_bytes(b"x")
+    patients.named_pet(tmp_path / "in" / NAME, NAME, "PID12345")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject,fixed,moving,output\n"
+                        f"s1,in/mr.nii.gz,in/ct.nii.gz,{a}\n"
+                        f"s2,in/mr.mha,in/notes.json;in/{NAME},{b}\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=words) as e:
+        read_manifest(manifest)
+    msg = str(e.value)
+    quoted = msg.split("'")[1::2]
+    paths = [q for q in quoted if os.sep in q]
+    assert paths, msg
+    for q in paths:
+        assert q == os.path.normpath(q) and os.path.isabs(q), msg
+        assert q.startswith(str(tmp_path.resolve())) or q.startswith(str(tmp_path)), msg
+    assert "row 2" in msg and "row 3" in msg and not patients.leaks(msg), msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_patient_named_output_folder_is_blanked_when_shown_normalised(tmp_path, patients):
+    """Normalising must not undo the blanking: an output folder named after the patient is ``[removed]``."""
+    patients.named_pet(tmp_path / "in" / NAME, NAME, "PID12345")
+    out = tmp_path / "out" / NAME
+    subjects = [Subject("a", str(SAMPLES / "mr_t1.nii.gz"), [str(tmp_path / "in" / NAME)], str(out / "f.nii.gz")),
+                Subject("b", str(SAMPLES / "mr_t2.nii.gz"), [str(tmp_path / "in" / NAME)],
+                        str(out / ".." / NAME / "F.nii.gz"))]
+    with pytest.raises(InvalidInputError, match="letter case") as e:
+        run_batch(subjects, scheduler="synchronous", method="max", report=tmp_path / "r.csv")
+    msg = str(e.value)
+    assert not patients.leaks(msg) and "[removed]" in msg and ".." not in msg, msg
+    assert not (tmp_path / "r.csv").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_unverified_output_is_named_normalised_in_the_subjects_error(tmp_path):
+    """A subject's refusal to replace a file it did not make quoted ``/d/out/../out/x.nii.gz`` as written."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x.nii.gz").write_bytes(b"someone's own file")
+    raw = os.path.join(str(tmp_path), "out", "..", "out", ".", "x.nii.gz")
+    summary = run_batch([Subject("a", str(SAMPLES / "mr_t1.nii.gz"), [str(SAMPLES / "spect.nii.gz")], raw)],
+                        scheduler="synchronous", method="max", report=tmp_path / "r.csv")
+    error = summary.results[0].error
+    assert "not verified" in error and str(tmp_path / "out" / "x.nii.gz") in error and ".." not in error, error
+    assert (tmp_path / "out" / "x.nii.gz").read_bytes() == b"someone's own file"
