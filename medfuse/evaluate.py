@@ -16,6 +16,7 @@ fraction of pixels inside.
 
     medfuse evaluate ../shared/data/harvard-pairs --methods mean,max,gff --out eval/ --split val
     medfuse evaluate --pair t1n.nii.gz t2f.nii.gz --methods mean,max --mask auto --out eval3d/
+    medfuse evaluate --pair MRI/25015.png PET/25015.png --methods mean,max --out eval1/
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +56,8 @@ class EvaluationResult:
         out_dir: the folder written.
         rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output`` and the metrics;
             slice-wise volumes also ``axes``, ``n_slices`` (slices with content) and ``n_slices_used``
-            (per metric, the slices its mean is over: NaN slices are left out).
+            (per metric, the slices its mean is over: NaN slices are left out); ``undefined`` (only where some
+            metric had no finite value): per metric, why.
         means: ``{method: {pair_type | "all": {metric: mean, "n": images, "counts": {metric: k}}}}``:
             each mean is over the ``k`` images whose value is finite (see :func:`_means`).
         failures: one dict per skipped item: ``method``, ``item``, ``path``, ``error``.
@@ -96,6 +99,74 @@ def _harvard_items(pairs) -> List[_Item]:
 
     return [_Item(p.key, p.pair_type, (lambda p=p: load_pair(p)), str(p.other.parent.parent),
                   (str(p.mri), str(p.other))) for p in pairs]
+
+
+def _is_png(x) -> bool:
+    return isinstance(x, (str, os.PathLike)) and os.fspath(x).lower().endswith(".png")
+
+
+def _entry_inputs(entry):
+    """A pair's images: the entry itself, or a dict's ``inputs``."""
+    return entry.get("inputs") if isinstance(entry, dict) else entry
+
+
+def _all_png(pairs: Sequence) -> bool:
+    """True when every pair is made of PNG files only; refused when PNG files are mixed with other inputs.
+
+    Raises:
+        InvalidInputError: a pair, or the list, mixes PNG images with volumes.
+    """
+    kinds = []
+    for i, entry in enumerate(pairs):
+        inputs = _entry_inputs(entry)
+        if not isinstance(inputs, (list, tuple)):
+            kinds.append(False)  # _volume_items says what is wrong with it
+            continue
+        png = [_is_png(x) for x in inputs]
+        if any(png) and not all(png):
+            raise InvalidInputError(f"pair {i + 1} mixes PNG images with other inputs (volumes)",
+                                    fix="give 2-D pairs as PNG files only (both images of the pair), and volume "
+                                        "pairs as NIfTI/DICOM only")
+        kinds.append(all(png))
+    if any(kinds) and not all(kinds):
+        raise InvalidInputError("the pairs mix PNG image pairs with volume pairs",
+                                fix="evaluate the PNG pairs and the volume pairs in two runs (each --out its own)")
+    return bool(kinds) and all(kinds)
+
+
+def _image_items(pairs: Sequence) -> List[_Item]:
+    """2-D pairs given as PNG files (``--pair mri.png pet.png``): read and scored as the folder mode does."""
+    items = []
+    for i, entry in enumerate(pairs):
+        name = None
+        if isinstance(entry, dict):
+            if entry.get("mask") is not None:
+                raise InvalidInputError(f"pair {i + 1} has its own mask; 2-D pairs take mask 'auto' or none",
+                                        fix="leave the pair's mask out (mask='auto' scores the foreground)")
+            name = entry.get("name")
+        paths = [os.fspath(x) for x in _entry_inputs(entry)]
+        if not 2 <= len(paths) <= 3:
+            raise InvalidInputError(f"pair {i + 1} names {len(paths)} image(s); a pair is 2 or 3 images",
+                                    fix="give the pair's images, e.g. --pair MRI/2013.png CT/2013.png")
+        if name is None:
+            name = "_".join(Path(p).stem for p in paths)
+        elif not str(name).strip() or Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
+            raise InvalidInputError(f"pair {i + 1} has the name {name!r}, which is not a relative file name",
+                                    fix="name it like 'case28'")
+        items.append(_Item(str(name), "images", (lambda ps=tuple(paths): _load_pngs(ps)), paths[-1], tuple(paths)))
+    return items
+
+
+def _load_pngs(paths: Sequence[str]) -> Tuple[np.ndarray, ...]:
+    """The images as the folder mode reads a pair (:func:`medfuse.harvard.load_png`: grey, or RGB ``uint8``)."""
+    from .harvard import load_png
+
+    imgs = tuple(load_png(p) for p in paths)
+    for p, img in zip(paths[1:], imgs[1:]):
+        if img.shape[:2] != imgs[0].shape[:2]:
+            raise InvalidInputError(f"the first image is {imgs[0].shape[:2]} but this one is {img.shape[:2]}",
+                                    fix="both images of a pair must have the same size (aligned pairs)", path=p)
+    return imgs
 
 
 def _volume_items(pairs: Sequence) -> List[_Item]:
@@ -209,6 +280,8 @@ def _items(source, *, pair_types=None) -> Tuple[List[_Item], bool]:
         raise InvalidInputError("nothing to evaluate: the list of pairs is empty", fix="pass a folder or some pairs")
     if all(isinstance(p, HarvardPair) for p in seq):
         return _unique_names(_harvard_items(seq)), True
+    if _all_png(seq):  # 2-D pairs given file by file: scored as the folder mode scores them
+        return _unique_names(_image_items(seq)), True
     return _unique_names(_volume_items(seq)), False
 
 
@@ -390,7 +463,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             ``<PAIR>`` folder), a list of :class:`medfuse.harvard.HarvardPair` (e.g. a validation
             split), or a list of volume pairs ``[(a, b), (a, b, c), {"name": ..., "inputs": (a, b)}]``
             whose members are Volumes or image paths (on one grid); a dict may name the pair's own mask,
-            ``{"name": ..., "inputs": (a, b), "mask": "brain.nii.gz"}``, which replaces ``mask`` for it.
+            ``{"name": ..., "inputs": (a, b), "mask": "brain.nii.gz"}``, which replaces ``mask`` for it; or a
+            list of 2-D pairs of PNG paths ``[("mri.png", "pet.png")]``, read and scored as a folder's pairs.
         methods: fusion methods (``medfuse.fusion.available_methods()``).
         out_dir: output folder (created); fused images go to ``<out_dir>/<method>/...``.
         progress, cancel: as everywhere in medfuse.
@@ -416,7 +490,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             ``device`` is a GPU this machine lacks (with ``"network"``), ``source``, ``methods`` or ``out_dir``
             of the wrong type, ``out_dir`` is a file, or an output
             would write over an input file (refused even with ``overwrite``), a mask file or Volume for
-            2-D pairs.
+            2-D pairs, a pair or a list of pairs mixing PNG images with volumes.
         UnreadableFileError: the mask file cannot be read.
         UnreadableFileError: the folder holds no pairs.
         OutputExistsError: tables or fused outputs exist and ``overwrite`` is False.
@@ -426,7 +500,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     """
     from .fusion import available_methods
     from .io._atomic import atomic_write_text
-    from .metrics import METRICS, score
+    from .metrics import METRICS, _collect_undefined, score
 
     if not isinstance(methods, str) and not hasattr(methods, "__iter__"):
         raise InvalidInputError(f"methods must be method names, got a {type(methods).__name__}",
@@ -539,12 +613,14 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 if is_2d:
                     img, f, greys = _fuse_2d(srcs, method, device, options)
                     m = _mask_array(mask, greys)
-                    scores = score(f, *greys, metrics=metrics, mask=m)
+                    with _collect_undefined() as undefined:  # said once for the run, below, and in the row
+                        scores = score(f, *greys, metrics=metrics, mask=m)
                     target = _target(out, method, item, True)
                     if save_outputs:
                         _save_png(img, target, overwrite)
                 else:
-                    fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
+                    with _collect_undefined() as undefined:
+                        fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
                     target = _target(out, method, item, False)
                     if save_outputs:
                         from .io import save
@@ -556,6 +632,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
                     row["mask_fraction"] = float(m.mean())
                 row.update({k: v for k, v in scores.items() if k in METRICS})
+                if undefined:  # why a value is NaN/inf (or, slice-wise, how many slices its mean left out)
+                    row["undefined"] = {k: "; ".join(dict.fromkeys(w for n, w in undefined if n == k))
+                                        for k in dict.fromkeys(n for n, _ in undefined)}
                 if "n_slices_used" in scores:  # slice-wise: what each mean is over (NaN slices left out)
                     row["axes"] = list(scores["axes"])
                     row["n_slices"] = int(sum(scores["n_slices"].values()))
@@ -570,6 +649,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 result.failures.append({"method": method, "item": item.name, "path": e.path or item.path,
                                         "error": e.one_line()})
     result.means = _means(result.rows)
+    _warn_undefined(result.rows)
     if not result.rows:
         # Nothing scored (every item failed): no tables, which held no score yet blocked the re-run ("the
         # evaluation tables exist"); the folders this run made (empty: nothing was saved) go too.
@@ -591,6 +671,29 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         _remove_earlier_outputs(out, [e for e in earlier if e[0] not in written], items)
     report(progress, 1.0, "evaluation done")
     return result
+
+
+def _warn_undefined(rows: Sequence[Dict[str, Any]]) -> None:
+    """One UndefinedMetricWarning for the run: which metrics had no finite value, on how many images.
+
+    Why: the image rows keep NaN/inf and the means leave them out (counted), but nothing said so: a NaN VIF on a
+    pair with a blank source went unnoticed until someone took ``np.mean`` of the column.
+    """
+    from .metrics import UndefinedMetricWarning
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    # A row's value is NaN/inf (2-D, native), or a slice-wise mean left some slices out (the value is finite).
+    bad = Counter(k for r in rows for k in r.get("undefined", {}) if not finite(r.get(k)))
+    some = Counter(k for r in rows for k in r.get("undefined", {}) if finite(r.get(k)))
+    parts = [f"{k} on {n} of {len(rows)} scored images (kept as nan/inf in their rows, left out of the means: "
+             "the count rows say what each mean is over)" for k, n in bad.items()]
+    parts += [f"{k} on some slices of {n} volume(s) (left out of their slice means: n_slices_used)"
+              for k, n in some.items()]
+    if parts:
+        warnings.warn(UndefinedMetricWarning("no finite value for " + "; ".join(parts)
+                                             + "; metrics.json says why under 'undefined'"), stacklevel=3)
 
 
 def _earlier_outputs(out: Path) -> List[Tuple[str, float]]:
@@ -751,9 +854,13 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
     Raises:
         InvalidInputError: ``means`` is not a mapping.
     """
-    if not isinstance(means, Mapping):
-        raise InvalidInputError(f"format_table takes the means of an evaluation, got a {type(means).__name__}",
-                                fix="pass result.means (or call result.table())")
+    if not isinstance(means, Mapping) or not all(isinstance(g, Mapping) and all(isinstance(v, Mapping)
+                                                                               for v in g.values())
+                                                 for g in means.values()):
+        # {"a": 1}: an AttributeError from deep inside, before
+        got = type(means).__name__ if not isinstance(means, Mapping) else "a mapping of another shape"
+        raise InvalidInputError("format_table takes the means of an evaluation ({method: {pair type: {metric: "
+                                f"value}}}}}}), got {got}", fix="pass result.means (or call result.table())")
     cols = [m for m in metrics if any(m in v for g in means.values() for v in g.values())]
     lines = ["| Method | Pair | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for method, groups in means.items():
@@ -782,7 +889,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("source", nargs="?", default=None,
                         help="Harvard-layout folder (<root>/<PAIR>/{MRI,CT|PET|SPECT}/*.png) or one <PAIR> folder")
     parser.add_argument("--pair", nargs="+", action="append", metavar="IMAGE", default=None,
-                        help="a volume pair (2 or 3 images on one grid, NIfTI/DICOM folder); repeat for more pairs")
+                        help="a pair: 2 or 3 volumes on one grid (NIfTI/DICOM folder), or 2-D PNG images (read "
+                             "as the folder mode reads them: colour through YCbCr luma); repeat for more pairs")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated fusion methods (default: %(default)s; 'network' for the model)")
     parser.add_argument("--out", "-o", required=True, help="output folder (fused images, metrics.csv, metrics.json)")
@@ -887,13 +995,24 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
 
         progress = _show
 
+    from .errors import MedfuseWarning
+
     try:
-        result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
-                          metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
-                          overwrite=args.overwrite, save_outputs=not args.no_save, mask=getattr(args, "mask", None))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MedfuseWarning)
+            result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
+                              metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
+                              overwrite=args.overwrite, save_outputs=not args.no_save,
+                              mask=getattr(args, "mask", None))
     finally:
         if bar is not None:
             bar.close()
+    # One line each, as the other commands print them (not Python's file:line form); others as Python shows them.
+    for w in caught:
+        if not issubclass(w.category, MedfuseWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif not quiet:
+            print(f"medfuse evaluate: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     if not result.rows:  # every item failed: evaluate wrote nothing
         print(f"medfuse evaluate: no image was scored, so no table was written ({len(result.failures)} item(s) "
               "failed, below)", file=sys.stderr)

@@ -26,6 +26,10 @@ evaluation code most fusion papers use (see ``../shared/README.md`` and
   SSIM (scikit-image 0.19 took ``data_range=2`` for float input). Lower than ``SSIM`` on
   the same images; use it only to compare with those tables.
 
+A value that is not a finite number (VIF with a constant source, Qabf without edges, PSNR's +-inf, ...) is
+returned as it is with an :class:`UndefinedMetricWarning` saying which and why (once per :func:`score` call);
+slice-wise means leave such slices out and count them.
+
 With three sources the sums and means run over all three; ``SCD`` correlates
 each source ``S_i`` with ``F - sum_{j != i} S_j``. A correlation with a constant
 image (undefined, NaN in the reference code) counts as 0.
@@ -82,6 +86,7 @@ from ._checks import number, whole
 from .errors import InvalidInputError, MedfuseWarning
 
 __all__ = [
+    "UndefinedMetricWarning",
     "METRICS", "NATIVE_3D_METRICS", "PIXEL_METRICS", "WINDOW_METRICS", "score", "anisotropy", "sampled_slice_scores",
     "en", "sd", "sf", "ag", "mi", "scd", "vif", "qabf", "ssim", "psnr", "cc", "fmi", "ms_ssim", "ssim_r2",
 ]
@@ -112,6 +117,71 @@ PIXEL_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SCD", "PSNR", "CC")
 #: Metrics whose differences, filters or windows need neighbours: computed on the whole image, then their
 #: per-pixel (per-window) maps are averaged, or their sums taken, over the mask.
 WINDOW_METRICS: Tuple[str, ...] = ("SF", "AG", "VIF", "Qabf", "SSIM", "FMI", "MS-SSIM", "SSIM_r2")
+
+
+class UndefinedMetricWarning(MedfuseWarning):
+    """A metric has no finite value on these images: VIF with a constant source, Qabf without edges, PSNR of a
+    fused image equal to every source, and the like.
+
+    The value is still returned (NaN, or PSNR's +inf/-inf limit), so that a table can show it, but it has no
+    place in a mean: :func:`score` (slice-wise), :func:`sampled_slice_scores` and ``medfuse evaluate`` leave
+    it out of their means and count what each mean is over. Why a warning: a NaN in a table silently turned
+    ``np.mean`` of a column into NaN. One warning per :func:`score` call (not one per slice).
+    """
+
+
+# Set while score(), sampled_slice_scores() or evaluate run the metrics: the undefined values are collected
+# here as (metric, why) and reported once by the caller, instead of one warning per metric and slice.
+_UNDEFINED: contextvars.ContextVar = contextvars.ContextVar("medfuse_metrics_undefined", default=None)
+
+
+def _undefined(metric: str, value: float, why: str) -> float:
+    """Return ``value`` (NaN or +-inf), saying why it is not a finite number (see UndefinedMetricWarning)."""
+    seen = _UNDEFINED.get()
+    if seen is not None:
+        seen.append((metric, why))
+    else:
+        warnings.warn(UndefinedMetricWarning(f"{metric} is {_value_word(value)} on these images: {why}"),
+                      stacklevel=3)
+    return value
+
+
+def _value_word(value: float) -> str:
+    return "NaN (undefined)" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
+
+
+@contextlib.contextmanager
+def _collect_undefined():
+    """Collect the undefined values of the metrics run inside (a list of (metric, why)) instead of warning."""
+    seen: list = []
+    token = _UNDEFINED.set(seen)
+    try:
+        yield seen
+    finally:
+        _UNDEFINED.reset(token)
+
+
+def _report_undefined(seen: Sequence[Tuple[str, str]], *, of: Optional[int] = None, stacklevel: int = 2) -> None:
+    """One warning for the undefined values collected in a call; ``of``: the slices scored (slice-wise)."""
+    if not seen:
+        return
+    outer = _UNDEFINED.get()
+    per: Dict[str, list] = {}
+    for metric, why in seen:
+        per.setdefault(metric, []).append(why)
+    parts = []
+    for metric, whys in per.items():
+        reasons = "; ".join(dict.fromkeys(whys))
+        where = f" on {len(whys)} of {of} slices" if of is not None else ""
+        parts.append(f"{metric}{where} ({reasons})")
+    left_out = ("left out of the slice means (n_slices_used counts what each is over)" if of is not None
+                else "not a number a mean can take: leave it out and count what the mean is over (medfuse "
+                     "evaluate does)")
+    if outer is not None:  # an enclosing collector (evaluate) reports them with its own counts
+        outer.extend(seen if of is None else [(m, f"on {len(w)} of {of} slices") for m, w in per.items()])
+        return
+    warnings.warn(UndefinedMetricWarning("no finite value for " + "; ".join(parts) + ": " + left_out),
+                  stacklevel=stacklevel + 1)
 
 
 @contextlib.contextmanager
@@ -400,8 +470,9 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _nanmean(values) -> float:
+    """Mean over the finite values (NaN when there is none): a NaN or PSNR's +inf has no place in a mean."""
     v = np.asarray(list(values), dtype=np.float64)
-    v = v[~np.isnan(v)]
+    v = v[np.isfinite(v)]
     return float(v.mean()) if v.size else float("nan")
 
 
@@ -554,7 +625,8 @@ def sf(fused, *, mask=None) -> float:
     dx2, dy2 = np.diff(f, axis=1) ** 2, np.diff(f, axis=0) ** 2
     if m is None:
         return float(np.sqrt(np.mean(dx2) + np.mean(dy2)))
-    return float(np.sqrt(_region_mean(dx2, m[:, 1:] & m[:, :-1]) + _region_mean(dy2, m[1:, :] & m[:-1, :])))
+    v = float(np.sqrt(_region_mean(dx2, m[:, 1:] & m[:, :-1]) + _region_mean(dy2, m[1:, :] & m[:-1, :])))
+    return _undefined("SF", v, "no two neighbouring pixels lie inside the mask") if math.isnan(v) else v
 
 
 def ag(fused, *, mask=None) -> float:
@@ -691,9 +763,9 @@ def psnr(fused, *sources, mask=None) -> float:
     mse = float(np.mean([np.mean((s - f) ** 2) for s in srcs]))
     peak = float(np.max(f)) ** 2
     if mse == 0:
-        return float("inf")
+        return _undefined("PSNR", float("inf"), "F equals every source (no error: the limit is +inf)")
     if peak == 0:
-        return float("-inf")
+        return _undefined("PSNR", float("-inf"), "F is all zero (max(F) = 0)")
     return float(10.0 * np.log10(peak / mse))
 
 
@@ -820,7 +892,8 @@ def vif(fused, *sources, mask=None) -> float:
     measure (the reference code's featureless-image convention, 1 per source, would pass for a perfect score).
     Images under 41 pixels a side are scored on the scales that fit. NaN too when a source is constant: it
     has no information to preserve (0/0; the reference code's 1 would be a perfect term whatever ``F`` is).
-    Slice-wise means and ``medfuse evaluate`` leave a NaN out and count it. Depends on the intensity scale
+    Every NaN comes with an :class:`UndefinedMetricWarning`; slice-wise means and ``medfuse evaluate`` leave it
+    out and count it. Depends on the intensity scale
     (the noise variance 2 is on 0..255).
     
     Args:
@@ -840,8 +913,17 @@ def vif(fused, *sources, mask=None) -> float:
     f, srcs = _check(fused, sources)
     m = _metric_mask(mask, f, windows=True, what="VIF")
     if min(f.shape) < _VIF_MIN_SIDE:
-        return float("nan")
-    return float(sum(_vifp_pair(s, f, m) for s in srcs))
+        return _undefined("VIF", float("nan"), f"the images are under {_VIF_MIN_SIDE} pixels a side (VIF's "
+                          "finest window does not fit)")
+    terms = [_vifp_pair(s, f, m) for s in srcs]
+    flat = [i + 1 for i, t in enumerate(terms) if math.isnan(t)]
+    if flat:
+        # No limit to take: as a source's variance goes to 0 its term can go anywhere in 0..inf, depending on F.
+        where = " inside the mask" if m is not None else ""
+        which = f"source {flat[0]} is" if len(flat) == 1 else f"sources {', '.join(map(str, flat))} are"
+        return _undefined("VIF", float("nan"), f"{which} constant{where} (no "
+                          "information to preserve: 0/0)")
+    return float(sum(terms))
 
 
 def _qabf_edges(img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -896,7 +978,10 @@ def qabf(fused, *sources, mask=None) -> float:
         q = _qabf_preservation(gs, as_, gf, af) * gs
         num += float(np.sum(q if m is None else q[m]))
         den += float(np.sum(gs if m is None else gs[m]))
-    return num / den if den > 0 else float("nan")
+    if den > 0:
+        return num / den
+    return _undefined("Qabf", float("nan"), "no source has an edge" + (" inside the mask" if m is not None else "")
+                      + " (nothing to preserve: 0/0)")
 
 
 def _quantise(x: np.ndarray, bins: int = 256) -> np.ndarray:
@@ -1004,7 +1089,10 @@ def ms_ssim(fused, *sources, mask=None) -> float:
     """
     f, srcs = _check(fused, sources)
     m = _metric_mask(mask, f, windows=True, what="MS-SSIM")
-    return float(sum(_ms_ssim_pair(f, s, m) for s in srcs))
+    v = float(sum(_ms_ssim_pair(f, s, m) for s in srcs))
+    if math.isnan(v):
+        return _undefined("MS-SSIM", v, "the mask holds no window centre at some scale")
+    return v
 
 
 # ---------------------------------------------------------------------- score
@@ -1090,8 +1178,10 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
         >>> round(score(a, a, b, metrics=["CC"])["CC"], 3)
         0.5
     """
-    if mode not in ("2d", "native", "slicewise"):
-        raise InvalidInputError(f"unknown mode {mode!r}", fix="use mode='2d', 'native' or 'slicewise'")
+    if not isinstance(mode, str) or mode not in ("2d", "native", "slicewise"):  # an array: "truth value ambiguous"
+        raise InvalidInputError(f"unknown mode {mode!r}" if isinstance(mode, str) else
+                                f"mode must be a string, got a {type(mode).__name__}",
+                                fix="use mode='2d', 'native' or 'slicewise'")
     min_content = number(min_content, "min_content", low=0, high=1, what="a fraction", example="min_content=0.01")
     # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
     names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
@@ -1105,14 +1195,17 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
         _require_window(m, ", ".join(windowed))
     if "MI" in names:
         _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
-    with _scale_checked():
+    with _scale_checked(), _collect_undefined() as seen:
         if mode == "2d":
-            return _score2d(f, srcs, names, m)
-        if mode == "native":
-            out: Dict[str, object] = dict(_score2d(f, srcs, names, m))  # the same calls, on the whole volume
+            out: Dict[str, object] = dict(_score2d(f, srcs, names, m))
+        elif mode == "native":
+            out = dict(_score2d(f, srcs, names, m))  # the same calls, on the whole volume
             out["mode"] = "native"
-            return out
-        return _score_slicewise(f, srcs, names, axes, min_content, m)
+        else:
+            out = _score_slicewise(f, srcs, names, axes, min_content, m)
+    # Once per call (slice-wise: how many slices each metric had no value on), after the collector is gone.
+    _report_undefined(seen, of=sum(out["n_slices"].values()) if mode == "slicewise" else None)
+    return out
 
 
 def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], axes, min_content: float,
@@ -1160,8 +1253,9 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
             rows.append(_score2d(fs, ss, names, None if m is None else m[tuple(sl)]))
         counts[ax] = len(rows)
         per_axis[ax] = {n: _nanmean(r[n] for r in rows) for n in names}
-        # A NaN slice (VIF on a blank source, say) is left out of its metric's mean: count what each is over.
-        used[ax] = {n: int(sum(not math.isnan(r[n]) for r in rows)) for n in names}
+        # A NaN slice (VIF on a blank source, say) or PSNR's +inf is left out of its metric's mean: count what
+        # each is over.
+        used[ax] = {n: int(sum(math.isfinite(r[n]) for r in rows)) for n in names}
     if not sum(counts.values()):
         where = " inside the mask" if m is not None else ""
         raise InvalidInputError(
@@ -1264,22 +1358,24 @@ def sampled_slice_scores(fused, *sources, step: int = 8, min_fraction: float = 0
                     "(medfuse.fusion.normalise.normalise)")
         m = _as_mask(mask, f.shape)
         rows = []
-        for ax in range(3):
-            f3, s3 = np.moveaxis(f, ax, 0), [np.moveaxis(s, ax, 0) for s in srcs]
-            m3 = None if m is None else np.moveaxis(m, ax, 0)
-            fits = None if m is None else _slices_fitting_a_window(m, ax)
-            for i in range(0, f3.shape[0], int(step)):
-                present = s3[0][i] > 0 if m3 is None else (s3[0][i] > 0) & m3[i]
-                if present.mean() > min_fraction and (fits is None or fits[i]):
-                    f8, ss8 = np.round(np.clip(f3[i], 0, 1) * 255), [s[i] * 255 for s in s3]
-                    # MI on sources rounded as F is: on unrounded ones it counts distinct values (5.5 nats on
-                    # 8-bit sources became 7.9 with 1e-4 of noise), and its warning is off in here.
-                    mi8 = [np.round(np.clip(s, 0, 255)) for s in ss8] if "MI" in names else ss8
-                    with _mask_checked():
-                        rows.append([_MULTI[n](f8, *(mi8 if n == "MI" else ss8), mask=None if m3 is None else m3[i])
-                                     for n in names])
+        with _collect_undefined() as seen:  # one warning for all the slices, below
+            for ax in range(3):
+                f3, s3 = np.moveaxis(f, ax, 0), [np.moveaxis(s, ax, 0) for s in srcs]
+                m3 = None if m is None else np.moveaxis(m, ax, 0)
+                fits = None if m is None else _slices_fitting_a_window(m, ax)
+                for i in range(0, f3.shape[0], int(step)):
+                    present = s3[0][i] > 0 if m3 is None else (s3[0][i] > 0) & m3[i]
+                    if present.mean() > min_fraction and (fits is None or fits[i]):
+                        f8, ss8 = np.round(np.clip(f3[i], 0, 1) * 255), [s[i] * 255 for s in s3]
+                        # MI on sources rounded as F is: on unrounded ones it counts distinct values (5.5 nats on
+                        # 8-bit sources became 7.9 with 1e-4 of noise), and its warning is off in here.
+                        mi8 = [np.round(np.clip(s, 0, 255)) for s in ss8] if "MI" in names else ss8
+                        with _mask_checked():
+                            rows.append([_MULTI[n](f8, *(mi8 if n == "MI" else ss8), mask=None if m3 is None else m3[i])
+                                         for n in names])
     if not rows:
         raise InvalidInputError("no slice has enough content to score",
                                 fix="lower min_fraction or step, or check that the first source is not empty")
+    _report_undefined(seen, of=len(rows), stacklevel=2)
     # Over the slices where each metric is defined (VIF is NaN on slices under 17 pixels a side).
     return np.array([_nanmean(col) for col in zip(*rows)])

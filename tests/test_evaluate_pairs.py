@@ -1,0 +1,132 @@
+"""``medfuse evaluate --pair A.png B.png``: 2-D pairs given file by file, scored as the folder mode scores them.
+
+Before, ``--pair`` took volumes only: a PNG pair failed with "not a medical image" and no table was written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfuse.cli import main
+from medfuse.evaluate import evaluate
+from medfuse.harvard import list_pairs
+from medfuse.metrics import METRICS, UndefinedMetricWarning
+
+
+def _rows(out):
+    return json.loads((out / "metrics.json").read_text())["images"]
+
+
+@pytest.mark.parametrize("pair_type", ["PET-MRI", "CT-MRI"])
+def test_pair_of_pngs_gives_the_folder_modes_row(shared, tmp_path, capsys, pair_type):
+    # PET is RGB pseudo-colour (scored through its YCbCr luma, as documented), CT grey.
+    pair = list_pairs(shared("data", "harvard-pairs"), pair_types=[pair_type])[0]
+    folder = evaluate([pair], methods=["mean", "max"], out_dir=tmp_path / "folder")
+    code = main(["evaluate", "--pair", str(pair.mri), str(pair.other), "--methods", "mean,max",
+                 "--out", str(tmp_path / "pair"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    rows = _rows(tmp_path / "pair")
+    assert [r["method"] for r in rows] == ["mean", "max"]
+    for want, got in zip(folder.rows, rows):
+        assert want["method"] == got["method"]
+        for m in METRICS:
+            assert got[m] == pytest.approx(want[m], rel=1e-12, abs=1e-12), (want["method"], m)
+        # The fused image saved is the folder mode's too (RGB for PET).
+        a = np.asarray(Image.open(tmp_path / "folder" / want["output"]))
+        b = np.asarray(Image.open(tmp_path / "pair" / got["output"]))
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_pair_of_pngs_reproduces_the_golden_values(shared, tmp_path):
+    golden = json.loads(shared("reference", "fusion-metrics-golden.json").read_text())
+    case = next(c for c in golden if c["A"].startswith("harvard-pairs/CT-MRI") and c["rule"] == "mean")
+    root = shared("data")
+    res = evaluate([(root / case["A"], root / case["B"])], methods=["mean"], out_dir=tmp_path / "out")
+    row = res.rows[0]
+    for m, v in case["metrics"].items():
+        assert row[m] == pytest.approx(v, abs=2e-5), m
+
+
+def test_png_pair_mixed_with_a_volume_is_refused(tmp_path, capsys):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.nii.gz").write_bytes(b"")
+    code = main(["evaluate", "--pair", str(tmp_path / "a.png"), str(tmp_path / "b.nii.gz"), "--out",
+                 str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mixes PNG images with other inputs" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_png_pair_of_different_sizes_fails_that_pair_clearly(tmp_path, capsys):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((40, 32), np.uint8)).save(tmp_path / "b.png")
+    code = main(["evaluate", "--pair", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--methods", "mean",
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "same size" in err and "Traceback" not in err
+
+
+def test_constant_source_is_marked_and_left_out_of_the_means(tmp_path, capsys):
+    # A blank functional image: VIF has nothing to preserve (0/0). The row keeps NaN and says why; the mean
+    # leaves it out and its count says so; the run says it once, in medfuse's words.
+    rng = np.random.default_rng(3)
+    mri = np.round(rng.uniform(0, 255, (64, 64))).astype(np.uint8)
+    Image.fromarray(mri).save(tmp_path / "mri.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "blank.png")
+    Image.fromarray(mri[::-1].copy()).save(tmp_path / "other.png")
+    code = main(["evaluate", "--pair", str(tmp_path / "mri.png"), str(tmp_path / "blank.png"),
+                 "--pair", str(tmp_path / "mri.png"), str(tmp_path / "other.png"),
+                 "--methods", "mean", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("medfuse evaluate: warning:") == 1 and "VIF on 1 of 2 scored images" in err
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    blank, other = saved["images"]
+    assert blank["VIF"] is None and "source 2 is constant" in blank["undefined"]["VIF"]
+    assert "undefined" not in other and math.isfinite(other["VIF"])
+    mean = saved["means"]["mean"]["images"]
+    assert mean["VIF"] == pytest.approx(other["VIF"]) and mean["counts"]["VIF"] == 1 and mean["n"] == 2
+    # Every other metric is a number on the blank pair.
+    assert all(blank[m] is not None for m in METRICS if m != "VIF")
+
+
+def test_evaluate_warns_once_with_the_counts(tmp_path):
+    rng = np.random.default_rng(4)
+    mri = np.round(rng.uniform(0, 255, (48, 48)))
+    Image.fromarray(mri.astype(np.uint8)).save(tmp_path / "m.png")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "z.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate([(tmp_path / "m.png", tmp_path / "z.png")] * 2, methods=["mean", "max"],
+                       out_dir=tmp_path / "out")
+    assert len(res.rows) == 4
+    ours = [w for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(ours) == 1 and "VIF on 4 of 4 scored images" in str(ours[0].message)
+
+
+def test_slicewise_volume_with_blank_slices_says_how_many_were_left_out(tmp_path):
+    import medfuse
+
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0, 1, (32, 32, 20)).astype(np.float32)
+    b = rng.uniform(0, 1, (32, 32, 20)).astype(np.float32)
+    b[:, :, 10:] = 0  # source 2 blank from slice 10: VIF has nothing to preserve there
+    for name, arr in (("a", a), ("b", b)):
+        medfuse.save(medfuse.Volume(arr, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate([(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")], methods=["mean"], out_dir=tmp_path / "out",
+                       metrics=["VIF", "SSIM"])
+    row = res.rows[0]
+    assert math.isfinite(row["VIF"]) and row["n_slices_used"]["VIF"] < row["n_slices"]
+    assert "slices" in row["undefined"]["VIF"]
+    ours = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(ours) == 1 and "VIF on some slices of 1 volume(s)" in ours[0]
