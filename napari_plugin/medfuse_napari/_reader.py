@@ -114,7 +114,18 @@ def _read(path):
         show_warning(_clean(problem, identifiers))
     for layer in layers:
         _blank_name(layer, identifiers)
+    _prehash_in_background(path)
     return layers
+
+
+def _prehash_in_background(path) -> None:
+    """Hash the file or series just read in a daemon thread: napari calls readers on the GUI thread, and saving a
+    layer made from it would otherwise hash a large series there (see :func:`._writer.prehash_inputs`)."""
+    import threading
+
+    from ._writer import prehash_inputs
+
+    threading.Thread(target=prehash_inputs, args=([path],), name="medfuse-prehash", daemon=True).start()
 
 
 def _identifiers(path) -> List[str]:

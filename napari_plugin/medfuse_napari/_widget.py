@@ -298,7 +298,9 @@ class RegisterPanel(QWidget):
             report(relay, share, "resampling the moving layer onto the fixed grid")
             check(token, "registration")
             # On the fixed layer's own (display) grid, so the new layer shares its scale/translate/affine.
-            return result, medfuse.resample(moving, fixed_display, transform=result.transform)
+            resampled = medfuse.resample(moving, fixed_display, transform=result.transform)
+            _prehash(resampled)
+            return result, resampled
 
         self.progress.setValue(0)
         self.level_progress.setValue(0)
@@ -586,7 +588,9 @@ class FusePanel(QWidget):
             from medfuse.progress import check, report
 
             if flat2d:
-                return medfuse.fuse(*placed, method=method, progress=relay, cancel=token), names, method
+                fused = medfuse.fuse(*placed, method=method, progress=relay, cancel=token)
+                _prehash(fused)
+                return fused, names, method
             # Layers are fused where napari shows them (registrations included), on the first layer's grid.
             ref, ref_world = placed[0]
             others = []
@@ -599,7 +603,9 @@ class FusePanel(QWidget):
             def fusing(fraction: float, message: str = "") -> None:  # fusion is the last 80 %
                 relay(0.2 + 0.8 * fraction, message or "fusing")
 
-            return medfuse.fuse(ref, *others, method=method, progress=fusing, cancel=token), names, method
+            fused = medfuse.fuse(ref, *others, method=method, progress=fusing, cancel=token)
+            _prehash(fused)
+            return fused, names, method
 
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -690,3 +696,13 @@ def make_widget(napari_viewer: Any) -> MedfuseWidget:
 
 
 __all__ = ["MedfuseWidget", "RegisterPanel", "FusePanel", "OverlayPanel", "available_methods", "make_widget"]
+
+
+def _prehash(result) -> None:
+    """Hash the input files of a layer about to be made, in the worker: saving it then does not hash them on the
+    GUI thread (see :func:`._writer.prehash_inputs`). Best effort: a file that cannot be hashed is hashed at save."""
+    from ._writer import prehash_inputs
+
+    prov = getattr(result, "provenance", None)
+    if isinstance(prov, dict):
+        prehash_inputs({"provenance": prov})

@@ -7,6 +7,12 @@ and writes it with :func:`medfuse.save` (atomic; never onto the file the layer w
 another open layer was read from). A layer that medfuse made or moved (fused, registered, resampled) also gets
 a provenance sidecar (``fused.nii.gz`` -> ``fused.json``), as the CLI writes one.
 
+The sidecar records the inputs' SHA-256. napari's writer contract is synchronous (it returns the paths written)
+and runs on the GUI thread, where hashing a large DICOM series froze napari for seconds. So hashes are kept:
+:func:`prehash_inputs` hashes a layer's input files ahead of time (call it in the worker that loads or fuses the
+layer), and the writer takes a kept hash when the files' names, sizes and modification times are unchanged since;
+otherwise (or the first time a file is saved from without that call) it hashes them then.
+
 Errors are :class:`LayerSaveError` (or :class:`~medfuse.errors.OutputExistsError`), never a ``ValueError``:
 napari 0.9.2 (``napari.plugins._npe2.write_layers``) reads any ``ValueError`` from a writer it picked by the
 file's ending as "no writer found", drops it and only warns "No data written! A plugin could not be found ..."
@@ -17,9 +23,10 @@ reach the user.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -34,6 +41,86 @@ _OTHER_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".sv
                   ".csv", ".json", ".dcm", ".img", ".hdr", ".h5", ".tfm", ".txt", ".mat")
 #: What a layer's provenance holds when medfuse made it (fusion, resampling) rather than read it as is.
 _DERIVED_KEYS = ("fusion", "method", "sources", "history", "weights_sha256", "warnings")
+
+
+#: Input hashes kept for the session: resolved path -> (what the files looked like on disk, sha256).
+_HASHES: Dict[str, Tuple[tuple, str]] = {}
+_HASHES_LOCK = threading.Lock()  # prehash_inputs runs in workers, the writer on the GUI thread
+
+
+def _disk_signature(p: Path) -> Optional[tuple]:
+    """Names, sizes and modification times of the files :func:`medfuse.provenance.hash_path` reads for ``p`` (a
+    file, with the data file a .mhd/.nhdr header names; or a folder's files, hidden ones left out); None when
+    they cannot be read. Stat calls only: milliseconds for a thousand-file series."""
+    from medfuse.provenance import _detached_data_file
+
+    try:
+        if p.is_file():
+            files = [p] + [d for d in [_detached_data_file(p)] if d is not None]
+        elif p.is_dir():
+            files = sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
+        else:
+            return None
+        out = []
+        for f in files:
+            st = f.stat()
+            out.append((os.fspath(f), st.st_size, st.st_mtime_ns))
+        return tuple(out)
+    except (OSError, ValueError, MedfuseError):
+        return None
+
+
+def input_hash(path: Union[str, os.PathLike]) -> Optional[str]:
+    """SHA-256 of an input file or folder (:func:`medfuse.provenance.hash_path`), kept for the session.
+
+    A kept hash is used while the files' names, sizes and modification times are unchanged; otherwise the files
+    are hashed (and the hash kept when they did not change meanwhile).
+
+    Args:
+        path: the file or folder a layer was read from.
+
+    Returns:
+        The hex digest, or None when the path is missing or unreadable.
+    """
+    from medfuse import provenance as prov
+
+    p = Path(path)
+    sig = _disk_signature(p)
+    if sig is None:
+        return None
+    key = os.path.realpath(p)
+    with _HASHES_LOCK:
+        kept = _HASHES.get(key)
+    if kept is not None and kept[0] == sig:
+        return kept[1]
+    try:
+        digest = prov.hash_path(p)
+    except (OSError, MedfuseError):
+        return None
+    if _disk_signature(p) == sig:  # not changed while it was read: safe to keep
+        with _HASHES_LOCK:
+            _HASHES[key] = (sig, digest)
+    return digest
+
+
+def prehash_inputs(sources: Union[Mapping[str, Any], Iterable[Union[str, os.PathLike]]]) -> Dict[str, Optional[str]]:
+    """Hash a layer's input files now, so that saving the layer later does not hash them on the GUI thread.
+
+    Call it from a worker thread (napari's ``thread_worker``) when a layer is read or made: the reader's
+    load, the fusion, the registration. Cheap when the hashes are kept already.
+
+    Args:
+        sources: a layer's metadata (``layer.metadata``, or its ``"medfuse"`` part) or the input paths.
+
+    Returns:
+        ``{path: sha256 or None}`` for the inputs found.
+    """
+    if isinstance(sources, Mapping):
+        md = sources.get("medfuse", sources)
+        paths = _sources(dict(md) if isinstance(md, Mapping) else {})
+    else:
+        paths = [os.fspath(s) for s in sources if isinstance(s, (str, os.PathLike))]
+    return {p: input_hash(p) for p in paths}
 
 
 class LayerSaveError(MedfuseError):
@@ -160,14 +247,8 @@ def _sidecar_record(target: Path, vol: Any, md: Dict[str, Any], name: str, place
     # description, free text that may name the patient or a physician (the README: never in sidecars).
     layer_prov = {k: v for k, v in dict(md.get("provenance") or {}).items()
                   if "uid" not in k.lower() and "description" not in k.lower()}
-    inputs = []
-    for src in _sources(md):
-        p = Path(src)
-        try:
-            digest = prov.hash_path(p) if p.exists() else None
-        except OSError:
-            digest = None
-        inputs.append({"role": "source", "path": src, "sha256": digest})
+    # Kept hashes where the files are unchanged (prehash_inputs): hashing a large series here froze napari.
+    inputs = [{"role": "source", "path": src, "sha256": input_hash(src)} for src in _sources(md)]
     fusion = layer_prov.get("fusion") or {}
     return prov.build(
         inputs=inputs, output=target, output_sha256=prov.hash_path(target),
