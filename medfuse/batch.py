@@ -415,7 +415,7 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
                    f"({subjects[k].subject!r})"
 
         both = [subjects[j], subjects[i]]
-        ids = patient_identifiers([x for s in both for x in (s.fixed, *s.moving, s.folder) if x and Path(x).exists()])
+        ids = patient_identifiers([x for s in both for x in (s.fixed, *s.moving, s.folder) if x and os.path.exists(x)])
         raise InvalidInputError(scrub(f"{who(j)} and {who(i)}: {problem}", ids), fix=fix, path=p)
 
     names: Dict[str, int] = {}
@@ -836,7 +836,7 @@ def _scrubbed(text: str, inputs: Sequence[Any]) -> str:
     may quote a path whose folder is named after the patient."""
     from .provenance import patient_identifiers, scrub
 
-    return scrub(text, patient_identifiers([p for p in inputs if p and Path(p).exists()]))
+    return scrub(text, patient_identifiers([p for p in inputs if p and os.path.exists(p)]))  # False where not allowed
 
 
 def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequence[str],

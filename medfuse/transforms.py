@@ -113,18 +113,27 @@ def _like(result: Volume, template: Any, *, same_grid: bool = False) -> Any:
     return out
 
 
-#: Meta keys that describe the result itself (grid, NIfTI space, labels, the files it came from): never the
-#: template's.
-_RESULT_META = {"affine", "spatial_shape", "space", "nifti_space", "sform_code", "qform_code", "medfuse_dtype",
-                "modality", "unit", "medfuse_sources"}
+#: The version of what these transforms return (MetaTensor meta keys, labels), raised when that changes. Every
+#: transform keeps it as an attribute, so that MONAI's ``PersistentDataset(hash_transform=pickle_hashing)``
+#: (docs/classifier.md) gives new cache keys after such an upgrade: MONAI's collate keeps only the meta keys
+#: every item of a batch has, and items cached by an older medfuse silently took ``medfuse_sources`` off new ones.
+OUTPUT_VERSION = 2
+
+
+#: Meta keys that describe the result itself (grid, channel layout, NIfTI space, labels, the files it came from):
+#: never the template's. ``spatial_shape`` is not one: in MONAI it is the shape at loading, which goes with
+#: ``original_affine`` (``SaveImage(resample=True)`` writes back to that pair).
+_RESULT_META = {"affine", "space", "original_channel_dim", "nifti_space", "sform_code", "qform_code",
+                "medfuse_dtype", "modality", "unit", "medfuse_sources"}
 
 
 def _keep_meta(out: Any, template: Any, *, same_grid: bool = False) -> Any:
     """``out`` (a new MetaTensor) with ``template``'s other meta keys, as MONAI's own spatial transforms keep them.
 
-    Header fields, ``filename_or_obj`` and ``original_affine`` (which ``SaveImage(resample=True)`` writes back
-    to) come from ``template``; the grid is ``out``'s. ``applied_operations`` are kept only on ``same_grid``:
-    after a resampling they would invert onto the wrong grid, so MONAI's ``Invertd`` stops with an error instead.
+    Header fields, ``filename_or_obj``, ``original_affine`` and ``spatial_shape`` (the grid at loading, which
+    ``SaveImage(resample=True)`` writes back to) come from ``template``; the current grid is ``out``'s.
+    ``applied_operations`` are kept only on ``same_grid``: after a resampling they would invert onto the wrong
+    grid, so MONAI's ``Invertd`` stops with an error instead.
     """
     meta = template.meta if isinstance(getattr(template, "meta", None), dict) else {}
     for k, v in meta.items():
@@ -249,6 +258,7 @@ class LoadVolume(Transform):
     def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False):
         from .io import _check_suv
 
+        self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         # Checked here: a wrong value would fail only at the first load, inside a DataLoader worker.
         self.modality, self.suv = _checked_modality(modality), _check_suv(suv)
         self.as_tensor = flag(as_tensor, "as_tensor")
@@ -300,6 +310,7 @@ class LoadVolumed(MapTransform):
         else:
             modality = _checked_modality(modality)
         self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), flag(as_tensor, "as_tensor")
+        self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
@@ -341,6 +352,7 @@ class RegisterToReference(Transform, ThreadUnsafe):
         # Checked here: a typo would fail only at the first item, inside a DataLoader worker.
         choice(kind, "registration kind", REGISTER_KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
         self.kind, self.threads, self.options = kind, _checked_threads(threads), options
+        self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         self.last_report: Optional[Dict[str, Any]] = None
 
     def __call__(self, moving: Any, reference: Any) -> Any:
@@ -467,6 +479,7 @@ class FuseModalities(Transform):
         if isinstance(normalise, str):
             choice(normalise, "normalisation", ("auto", *_NORMALISE_METHODS))
         self.method, self.device, self.normalise = method, device, normalise
+        self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         self.fallback, self.resample, self.as_tensor = fallback, flag(resample, "resample"), flag(as_tensor, "as_tensor")
         self.options = options
 

@@ -252,13 +252,16 @@ def ct_unit(array: np.ndarray, *, stacklevel: int = 2) -> str:
 def relabelled(vol: "Volume", modality: Optional[str]) -> "Volume":
     """``vol`` with a caller's ``modality=`` override, applied as :func:`medfuse.load` applies it to a file.
 
-    A volume named CT whose unit is unknown (``arbitrary``) becomes HU when it holds values below -100 (see
-    :func:`ct_unit`): the same image as a path and as a loaded Volume then fuses alike. ``None`` keeps ``vol``.
+    A volume named CT whose unit is unknown becomes HU when it holds values below -100 (see :func:`ct_unit`):
+    the same image as a path and as a loaded Volume then fuses alike. Unknown is ``arbitrary`` where no file
+    stated it (``provenance["labels_from"]`` unset): a unit a reader found in a DICOM header, a medfuse tag or a
+    BIDS sidecar is kept, as ``medfuse.load`` keeps it. ``None`` keeps ``vol``.
     """
     if modality is None:
         return vol
     mod = normalise_modality(modality)
-    unit = ct_unit(vol.array, stacklevel=3) if mod == "CT" and vol.unit == "arbitrary" else vol.unit
+    unknown = vol.unit == "arbitrary" and not vol.provenance.get("labels_from")
+    unit = ct_unit(vol.array, stacklevel=3) if mod == "CT" and unknown else vol.unit
     return vol.with_array(vol.array, modality=mod, unit=unit)
 
 

@@ -252,8 +252,15 @@ def _owner_key() -> str:
 
 
 def _temp_prefix(target: Path, *, pid: Optional[int] = None) -> str:
-    """The name prefix of this process's temporaries for ``target`` (``pid`` for tests)."""
-    return f"{_TMP_PREFIX}{_target_key(target)}-{_owner_key()}-{os.getpid() if pid is None else pid}-"
+    """The name prefix of this process's temporaries for ``target`` (``pid`` for tests).
+
+    A temporary written for a temporary (the pipeline saves into ``atomic_path(out)``'s file, and ``save`` makes
+    its own temporary for it) takes the key of the output it is for: a kill leaves it under a name the next write
+    to that output removes (keyed to the first temporary's random name, no write would ever look for it).
+    """
+    m = _TMP_NAME.fullmatch(Path(target).name)
+    key = m.group(1) if m is not None else _target_key(target)
+    return f"{_TMP_PREFIX}{key}-{_owner_key()}-{os.getpid() if pid is None else pid}-"
 
 
 def _make_temp_file(target: Path, suffix: str = "") -> str:
@@ -541,10 +548,19 @@ def _name_the_output(e: MedfuseError, tmp: Optional[PathLike], target: Path) -> 
     """
     if tmp is None or not e.path:
         return
-    tmp_s, given = os.path.abspath(tmp), os.path.abspath(e.path)
-    if given == tmp_s or given.startswith(tmp_s + os.sep):
-        e.path = os.fspath(target) + given[len(tmp_s):]
-        e.args = (e._compose(),)
+    given = os.path.abspath(e.path)
+    # A name that is not UTF-8 is quoted in messages with its bytes escaped (itk_path's "caf\\xe9"): match that too.
+    for tmp_s, out in ((os.path.abspath(tmp), os.fspath(target)),
+                       (_shown(os.path.abspath(tmp)), _shown(os.fspath(target)))):
+        if given == tmp_s or given.startswith(tmp_s + os.sep):
+            e.path = out + given[len(tmp_s):]
+            e.args = (e._compose(),)
+            return
+
+
+def _shown(path: str) -> str:
+    """``path`` as messages quote a name that is not UTF-8: its undecodable bytes as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:

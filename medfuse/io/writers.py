@@ -16,6 +16,7 @@ own source never; ``overwrite`` replaces a DICOM folder only when it holds a ser
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -23,12 +24,12 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import InvalidInputError, OutputExistsError
+from ..errors import InvalidInputError, MedfuseError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
 from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _make_aside, _make_temp_dir,
-                      _make_temp_file, _public_mode, _temp_suffix, _typed_os_error, atomic_path, check_output,
-                      refuse_foreign_folder, same_file)
+                      _make_temp_file, _name_the_output, _public_mode, _temp_suffix, _typed_os_error, atomic_path,
+                      check_output, refuse_foreign_folder, same_file)
 from . import _as_path, _check_flag, _check_text, _kind
 from .nifti import format_tag, nifti_space_code
 
@@ -189,18 +190,37 @@ def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: 
     return path
 
 
-def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) -> Path:
+#: What ITK's "File cannot be written ... Reason: ..." says for an error the user can fix, and its errno.
+_ITK_WRITE_REASONS = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", getattr(errno, "EDQUOT", 122)),
+                      ("File too large", errno.EFBIG), ("Permission denied", errno.EACCES),
+                      ("Read-only file system", errno.EROFS))
+
+
+def _write_itk(img, file: Path, *, compress: bool) -> None:
+    """``sitk.WriteImage`` to ``file``; a write error the user can fix becomes the OSError it was, for the typed
+    error that names the output (ITK's RuntimeError was an "internal error" naming the temporary file)."""
     import SimpleITK as sitk
 
     from .nifti import itk_path
 
+    try:
+        sitk.WriteImage(img, itk_path(file, writing=True), compress)
+    except RuntimeError as e:
+        text = str(e)
+        for reason, code in _ITK_WRITE_REASONS:
+            if reason in text:
+                raise OSError(code, reason, os.fspath(file)) from None
+        raise
+
+
+def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) -> Path:
     img = volume.with_array(_storable(volume.array, fmt, path)).to_sitk()
     img.SetMetaData("medfuse_modality", volume.modality)
     img.SetMetaData("medfuse_unit", volume.unit)
     name = path.name.lower()
     if name.endswith((".mha", ".nrrd")):
         with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
-            sitk.WriteImage(img, itk_path(tmp, writing=True), True)
+            _write_itk(img, tmp, compress=True)
             _written(tmp, path)
         return path
     # Header + data file pair (.mhd/.raw, .nhdr/.raw): write both in a temp folder beside the target
@@ -220,7 +240,7 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
     aside: Optional[Path] = None
     placed = []  # (target, where the file it replaced is kept aside, or None), once the new file is in place
     try:
-        sitk.WriteImage(img, itk_path(tmpdir / header, writing=True), False)
+        _write_itk(img, tmpdir / header, compress=False)
         others = sorted(f for f in tmpdir.iterdir() if f.name != header)
         own = _detached_data_file(path) if path.is_file() else None  # the data file of the header replaced
         for f in others:
@@ -264,6 +284,8 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
         if aside is not None:
             with contextlib.suppress(OSError):
                 os.rmdir(aside)  # only when empty: never a file it still holds
+        if isinstance(e, MedfuseError):
+            _name_the_output(e, tmpdir, path)
         typed = _typed_os_error(e, path)
         if typed is None:
             raise

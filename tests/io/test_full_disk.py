@@ -69,3 +69,31 @@ def test_a_full_disk_inside_the_writer_names_the_output_not_its_temporary(tmp_pa
         medfuse.save(vol, tmp_path / "f.nii.gz")
     assert e.value.path == os.fspath(tmp_path / "f.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["f.mha", "f.nrrd", "f.mhd"])
+def test_a_full_disk_under_itk_is_the_typed_error_naming_the_output(tmp_path, monkeypatch, name):
+    """SimpleITK reports a failed write as RuntimeError ("File cannot be written ... Reason: No space left on
+    device"): it reached the user as an internal error naming the temporary file."""
+    import SimpleITK as sitk
+
+    def full(image, path, *a, **k):
+        raise RuntimeError(f"Exception thrown in SimpleITK ImageFileWriter_Execute: File cannot be written: {path}"
+                           "\nReason: No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", full)
+    vol = medfuse.Volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(MedfuseError, match="disk is full") as e:
+        medfuse.save(vol, tmp_path / name)
+    assert e.value.path == os.fspath(tmp_path / name) and ".medfuse-tmp" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="names that are not UTF-8 exist on POSIX file systems")
+def test_a_pair_named_in_bytes_that_are_not_utf8_is_refused_naming_the_output(tmp_path):
+    vol = medfuse.Volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    target = os.path.join(os.fsdecode(os.fsencode(str(tmp_path))), os.fsdecode(b"caf\xe9.mhd"))
+    with pytest.raises(MedfuseError) as e:
+        medfuse.save(vol, target)
+    assert ".medfuse-tmp" not in str(e.value) and "caf\\xe9.mhd" in str(e.value)
+    assert os.listdir(tmp_path) == []

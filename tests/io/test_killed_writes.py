@@ -20,7 +20,7 @@ import pytest
 import medfuse.io._atomic as atomic
 from medfuse import Volume
 from medfuse import provenance as prov
-from medfuse.batch import run_batch, write_phantom_subjects
+from medfuse.batch import read_manifest, run_batch, write_phantom_subjects
 from medfuse.io import load, save
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +86,46 @@ def test_a_kill_inside_a_sidecar_write_is_cleaned_by_a_plain_rerun(one_subject, 
     assert r.status == "done" and r.error is None, (r.status, r.error)
     rec = prov.read_sidecar(out)
     assert rec["output"]["sha256"] == prov.hash_path(out) and rec["method_used"] == "mean"
+    assert _medfuse_files(out.parent) == []
+
+
+_KILL_IN_WRITER = """
+    import os, sys
+    import nibabel, pydicom
+    from medfuse.batch import read_manifest, run_batch
+    manifest, output, report = sys.argv[1], sys.argv[2], sys.argv[3]
+    real_nib, real_dcm, n = nibabel.save, pydicom.Dataset.save_as, [0]
+    def nib_save(img, path, *a, **k):
+        real_nib(img, path, *a, **k)
+        os._exit(9)  # the whole image is in the writer's own temporary file, not yet moved
+    def dcm_save(self, path, *a, **k):
+        real_dcm(self, path, *a, **k)
+        n[0] += 1
+        if n[0] == 3:
+            os._exit(9)  # three slices of the series are written in the writer's temporary folder
+    nibabel.save, pydicom.Dataset.save_as = nib_save, dcm_save
+    s = read_manifest(manifest)[0]
+    s.output = output
+    run_batch([s], scheduler="synchronous", method="mean", register=None, report=report)
+"""
+
+
+@pytest.mark.parametrize("name", ["fused.nii.gz", "fused_dicom"])
+def test_a_kill_inside_the_writer_of_a_pipeline_save_is_cleaned_by_a_plain_rerun(one_subject, tmp_path, name):
+    """The pipeline saves into atomic_path(out)'s temporary file, and save() makes its own temporary for that one,
+    named after the first one's random name: a kill while writing left it (the whole image, or part of a DICOM
+    series) beside the output for good."""
+    root = tmp_path / "study"
+    shutil.copytree(one_subject.parent, root)
+    manifest, report, out = root / one_subject.name, root / "r.csv", root / "out" / name
+    out.parent.mkdir()
+    killed = _run(_KILL_IN_WRITER, str(manifest), str(out), str(report))
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert _medfuse_files(out.parent)  # what the killed writer left
+    s = read_manifest(manifest)[0]
+    s.output = str(out)
+    r = run_batch([s], scheduler="synchronous", method="mean", register=None, report=report).results[0]
+    assert r.status == "done" and r.error is None, (r.status, r.error)
     assert _medfuse_files(out.parent) == []
 
 

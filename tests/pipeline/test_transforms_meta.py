@@ -117,3 +117,61 @@ def test_a_fused_metatensor_remembers_every_input_so_save_never_writes_over_one(
     with pytest.raises(OutputExistsError):
         medfuse.save(back, b, overwrite=True)
     assert b.read_bytes() == before
+
+
+def test_a_resampled_metatensor_keeps_monais_loading_grid_pair(tmp_path):
+    """original_affine came from the moving image but spatial_shape from the result: MONAI's
+    SaveImage(resample=True) wrote the reference's shape at the moving image's spacing (a 720 mm field of view).
+    Both now describe the moving image as loaded, as after MONAI's own Spacing."""
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    _, d = _loaded_pair(tmp_path)
+    small = tmp_path / "small.nii.gz"  # another shape and spacing than the reference
+    nib.save(nib.Nifti1Image(np.ones((10, 9, 7), np.float32), np.diag([-4.5, -4.5, 4.5, 1.0])), small)
+    moving = LoadImage(image_only=True, ensure_channel_first=True)(str(small))
+    out = RegisterToReference(kind=None)(moving, d["a"])
+    assert tuple(out.shape) == tuple(d["a"].shape)
+    assert [int(x) for x in out.meta["spatial_shape"]] == [10, 9, 7]
+    np.testing.assert_array_equal(np.asarray(out.meta["original_affine"]), np.asarray(moving.meta["original_affine"]))
+
+
+def test_load_volume_as_tensor_of_a_3d_metatensor_is_channel_first_for_monai(tmp_path):
+    """It inherited the 3-D tensor's original_channel_dim ('no channel'): EnsureChannelFirst then made it 5-D."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    path = _ct_without_unit(tmp_path)
+    mt = LoadImage(image_only=True)(str(path))
+    assert mt.ndim == 3
+    assert tuple(EnsureChannelFirst()(LoadVolume(as_tensor=True)(mt)).shape) == (1, *mt.shape)
+
+
+def test_a_unit_the_file_states_is_kept_for_a_loaded_image_too(tmp_path):
+    """medfuse's own files state their unit ('arbitrary' included): load(path, modality='CT') keeps it, and the
+    same image loaded first kept it no longer (it became HU)."""
+    arr = np.linspace(-500, 500, 8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    path = tmp_path / "stated.nii.gz"
+    medfuse.save(medfuse.Volume(arr, np.eye(4)), path)
+    assert medfuse.load(path, modality="CT").unit == "arbitrary"
+    assert LoadVolume(modality="CT")(medfuse.load(path)).unit == "arbitrary"
+    assert LoadVolume(modality="CT")(medfuse.Volume(arr, np.eye(4))).unit == "HU"  # nothing stated: the rule
+
+
+def test_a_change_of_what_the_transforms_return_changes_a_persistent_cache_key(monkeypatch):
+    """Items cached by an older medfuse (no medfuse_sources) batched with new ones made MONAI's collate drop the key
+    from all of them. With hash_transform=pickle_hashing (docs/classifier.md) the key now follows OUTPUT_VERSION."""
+    from monai.data.utils import pickle_hashing
+
+    import medfuse.transforms as mt
+
+    def key():  # the transforms, not a Compose: each Compose draws its own random state unless seeded
+        return pickle_hashing([mt.LoadVolumed(keys=["a", "b"]), mt.RegisterToReferenced(
+            keys=["b"], reference_key="a", kind=None), mt.FuseModalitiesd(keys=["a", "b"], method="mean"),
+            mt.LoadVolume(), mt.FuseModalities(method="mean")])
+
+    before = key()
+    assert key() == before  # stable for one version
+    monkeypatch.setattr(mt, "OUTPUT_VERSION", mt.OUTPUT_VERSION + 1)
+    assert key() != before
+    for t in (mt.LoadVolumed(keys=["a"]), mt.RegisterToReference(), mt.FuseModalities(method="mean")):
+        assert t.output_version == mt.OUTPUT_VERSION
