@@ -346,8 +346,9 @@ def _image_files(folder: Path) -> List[dict]:
     found = []
     # os.walk, not rglob: rglob skipped a folder it may not list without a word, and a file in a folder it may
     # list but not enter raised PermissionError from is_file (the whole listing failed).
-    for root, _dirs, names in os.walk(folder, onerror=lambda e: unreadable.append(e.filename)):
-        found += [Path(root) / n for n in names]
+    for root, dirs, names in os.walk(folder, onerror=lambda e: unreadable.append(e.filename)):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden: e.g. a killed write's .medfuse-tmp-*/
+        found += [Path(root) / n for n in names if not n.startswith(".")]
     for f in sorted(found):
         try:
             if not f.is_file() or not is_image_file(f):

@@ -344,14 +344,41 @@ def stale_temporaries(path: PathLike) -> List[Path]:
     return found
 
 
+#: A temporary's name from medfuse versions before 2026-12-05: mkstemp's random part only, no target or writer.
+_LEGACY_TMP_NAME = re.compile(r"\.medfuse-tmp-[a-z0-9_]{8}(\.[a-z0-9.]{1,16})?")
+
+
+def _legacy_temporaries(folder: Path) -> List[Path]:
+    """Temporaries of earlier medfuse versions in ``folder`` untouched for a day (their writer cannot be told, and
+    no write takes that long); symbolic links never."""
+    found = []
+    try:
+        entries = [e for e in os.scandir(folder) if _LEGACY_TMP_NAME.fullmatch(e.name)]
+    except (OSError, ValueError):
+        return []
+    for e in entries:
+        try:
+            if not e.is_symlink() and time.time() - _last_touched(e) > _FOREIGN_STALE_S:
+                found.append(Path(e.path))
+        except OSError:
+            continue
+    return found
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove what killed writes to ``target`` left under its temporary names (:func:`stale_temporaries`).
+
+    Temporaries of earlier medfuse versions (no target in their names) in the same folder go too, once untouched
+    for a day.
 
     A ``.mhd``/``.nhdr`` pair's writer links each file into place from its temporary folder, the header last: a
     kill in between leaves a new data file beside the target that is the same file as one in that folder. With
     the header not placed, that data file is half of an unfinished output and goes too (an earlier data file it
     replaced is aside, and is put back by :func:`recover_leftovers`).
     """
+    for tmp in _legacy_temporaries(target.parent):  # whose target is unknown: removed, nothing beside them
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp) if tmp.is_dir() else os.unlink(tmp)
     for tmp in stale_temporaries(target):
         try:
             if tmp.is_dir():

@@ -201,7 +201,10 @@ def _has_dicom_preamble(path: Path) -> bool:
 def _files(path: Path) -> List[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Hidden files and everything in hidden folders left out: a killed write's .medfuse-tmp-*/ folder held a
+    # partial series that scan() listed as one more series.
+    return sorted(p for p in path.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 def _cut_short(ds) -> bool:

@@ -321,3 +321,21 @@ def _dead_pid() -> int:
     """The id of a process that has ended (and been reaped)."""
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(p.stdout)
+
+
+def test_temporaries_of_earlier_versions_go_once_a_day_old(tmp_path, vol):
+    """Names of medfuse before 2026-12-05 (``.medfuse-tmp-<random>``) say no target or writer: the next write in
+    their folder removes them once untouched for a day, and keeps a fresh one (a live older medfuse may write it)."""
+    old_file, old_dir, fresh = (tmp_path / ".medfuse-tmp-_rnnmdi1.json", tmp_path / ".medfuse-tmp-4bc74qnl",
+                                tmp_path / ".medfuse-tmp-k2j4h5g6.nii.gz")
+    old_file.write_text("{}")
+    old_dir.mkdir()
+    (old_dir / "f.mhd").write_text("ObjectType = Image\n")
+    fresh.write_bytes(b"partial")
+    lookalike = tmp_path / ".medfuse-tmp-notes.txt.bak"  # not a name medfuse makes
+    lookalike.write_text("mine")
+    day_ago = time.time() - 2 * 24 * 3600
+    for p in (old_file, old_dir / "f.mhd", old_dir, lookalike):
+        os.utime(p, (day_ago, day_ago))
+    save(vol, tmp_path / "out.nii.gz")
+    assert sorted(_medfuse_files(tmp_path)) == sorted([fresh.name, lookalike.name])

@@ -315,3 +315,23 @@ def test_nibabel_header_repairs_become_one_medfuse_warning_not_stderr_lines(tmp_
     assert "should be non-zero" not in err
     repaired = [str(w.message) for w in record if "nibabel repaired it" in str(w.message)]
     assert len(repaired) == 1 and "pixdim[1,2,3] should be non-zero" in repaired[0] and str(p) in repaired[0]
+
+
+def test_a_series_in_a_hidden_folder_is_not_listed(tmp_path, capsys):
+    """A killed write's .medfuse-tmp-*/ folder beside a DICOM output held a partial series, which scan() and
+    medfuse info listed as one more series (and info listed .medfuse-tmp-*.nii.gz files as images)."""
+    import shutil
+
+    from medfuse.cli import main
+    from medfuse.io import scan
+
+    samples = Path(__file__).resolve().parents[2] / "sample_volumes"
+    shutil.copytree(samples / "pet", tmp_path / "pet")
+    hidden = tmp_path / ".medfuse-tmp-0123456789ab-89abcdef-123-abcdefgh"
+    hidden.mkdir()
+    for f in sorted((samples / "pet").iterdir())[:5]:
+        shutil.copy(f, hidden / f.name)
+    shutil.copy(samples / "mr_t1.nii.gz", tmp_path / ".medfuse-tmp-0123456789ab-89abcdef-123-abcdefgi.nii.gz")
+    assert [os.path.basename(s.folder) for s in scan(tmp_path)] == ["pet"]
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    assert ".medfuse-tmp" not in capsys.readouterr().out
