@@ -30,13 +30,15 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._checks import MAX_THREADS, as_path, choice, describe, label, whole
-from .errors import InvalidInputError, MedfuseError, MissingDependencyError, OutputExistsError, UnreadableFileError
+from .errors import (InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError, OutputExistsError,
+                     UnreadableFileError)
 from .progress import CancelToken, check_callbacks
 
 __all__ = ["Subject", "SubjectResult", "BatchSummary", "read_manifest", "run_batch", "run_subject", "write_phantom_subjects",
@@ -123,6 +125,8 @@ class SubjectResult:
         finished_utc: when the output was made (for a skipped subject, by the earlier run).
         medfuse_version: the medfuse version that made it.
         note: why an existing output was redone (inputs, parameters, method or weights changed).
+        warnings: medfuse's warnings while the subject ran, ``; ``-separated (patient identifiers blanked): on a
+            Dask worker they were printed raw in the worker's log, naming patient folders, even with ``-q``.
     """
 
     subject: str
@@ -137,6 +141,7 @@ class SubjectResult:
     finished_utc: Optional[str] = None
     medfuse_version: Optional[str] = None
     note: Optional[str] = None
+    warnings: Optional[str] = None
 
 
 @dataclass
@@ -959,14 +964,23 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
+    caught: List[warnings.WarningMessage] = []
     try:
-        inputs = _fill_result(s, res, options, cancel, inputs)
+        # medfuse's warnings go into the row, blanked (printed raw by a Dask worker, they named patient folders).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MedfuseWarning)
+            inputs = _fill_result(s, res, options, cancel, inputs)
     finally:
+        said = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, MedfuseWarning)]
+        res.warnings = "; ".join(dict.fromkeys(said)) or None
+        for w in caught:  # other libraries' warnings pass on as they came
+            if not issubclass(w.category, MedfuseWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
         # the subject's folder too: discovery's messages quote paths in it. Every row, skipped and unpaired
         # ones included (their early exits once returned before this blanking).
         known = [*_known_inputs(inputs, res), s.folder]
-        for attr in ("error", "inputs"):
+        for attr in ("error", "inputs", "warnings"):
             if getattr(res, attr):
                 setattr(res, attr, _scrubbed(getattr(res, attr), known))
         res.seconds = round(time.perf_counter() - t0, 3)
@@ -1053,6 +1067,8 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
 
     from .provenance import scrub
 
+    if res.warnings:  # with several threads a worker, a warning might land on another subject's row: every id
+        res = replace(res, warnings=scrub(res.warnings, [i for _, found in known.values() for i in found]))
     row, ids = known.get(res.subject, (0, []))
     if not ids:
         return res

@@ -324,17 +324,20 @@ def _shell_quote(path: Any) -> str:
 
 def _say(args: argparse.Namespace, *parts: Any) -> None:
     if not getattr(args, "quiet", False):
-        print(*parts)
+        print(*(_scrubbed(p, args) if isinstance(p, str) else p for p in parts))
 
 
 def _kind(value: Optional[str]) -> Optional[str]:
     return None if value in (None, "none") else value
 
 
-def _show_warnings(caught: List[warnings.WarningMessage]) -> None:
+def _show_warnings(caught: List[warnings.WarningMessage], args: Optional[argparse.Namespace] = None) -> None:
+    """medfuse's warnings, one line each, with the inputs' patient identifiers blanked as in errors (a DICOM
+    folder named after the patient was quoted in plain text by "1 file beside the series could not be read")."""
     for w in caught:
         if issubclass(w.category, MedfuseWarning):
-            print(f"medfuse: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+            text = " ".join(str(w.message).split())
+            print(f"medfuse: warning: {_scrubbed(text, args) if args is not None else text}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- info
@@ -389,7 +392,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         try:
             return _info(args, shown)
         finally:
-            _show_warnings([w for w in caught if not any(t in str(w.message) for t in shown)])
+            _show_warnings([w for w in caught if not any(t in str(w.message) for t in shown)], args)
 
 
 def _info(args: argparse.Namespace, shown: List[str]) -> int:
@@ -725,7 +728,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                              series=args.series, progress=bar, cancel=token)
         except MedfuseError as e:
             raise _cli_error(e) from None
-    _show_warnings(caught)
+    _show_warnings(caught, args)
     used = res.provenance.get("method_used", args.method)
     _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
     for i, rep in enumerate(res.registrations):
@@ -848,9 +851,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             method=args.method, device=args.device, fallback=args.fallback,
                             overwrite=args.overwrite, report=args.report, progress=not args.no_progress and not args.quiet,
                             cancel=token, out_dir=args.out)
-    _show_warnings(caught)
+    _show_warnings(caught, args)
     if not args.quiet:
         print(summary.table())
+        for r in summary.results:  # collected per subject (blanked), on every worker
+            if r.warnings:
+                print(f"medfuse: warning: {r.subject}: {r.warnings}", file=sys.stderr)
         if summary.report_path is not None:
             print(f"report: {summary.report_path}")
     elif summary.count("failed"):  # -q prints only errors: a failed subject is one, not silence and exit code 1
@@ -878,7 +884,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", MedfuseWarning)
         result = run_demo(args.out, method=args.method, device=args.device, samples=args.samples,
                           anatomy=args.anatomy, progress_enabled=_bar_enabled(args), cancel=token)
-    _show_warnings(caught)
+    _show_warnings(caught, args)
     for line in result["lines"]:
         _say(args, line)
     return EXIT_OK
@@ -1285,18 +1291,32 @@ def _scrubbed(message: str, args: argparse.Namespace) -> str:
     (``pat/DOE^JOHN/pet: series 7 asked for ...``); batch reports and sidecars blanked such paths, the terminal
     did not. Every path-like argument that exists is read (the first DICOM header of each); nothing else is.
     """
+    try:
+        from .provenance import scrub
+
+        ids = _identifiers(args)
+        return scrub(message, ids) if ids else message
+    except Exception:  # noqa: BLE001 - the error itself must still be said
+        return message
+
+
+def _identifiers(args: argparse.Namespace) -> List[str]:
+    """The patient identifiers of the command's inputs (read once per command: every message is blanked)."""
+    cached = getattr(args, "_patient_identifiers", None)
+    if cached is not None:
+        return cached
+    from .provenance import patient_identifiers
+
     paths: List[Any] = []
-    for value in vars(args).values():
+    for name, value in vars(args).items():
+        if name.startswith("_"):
+            continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, (str, os.PathLike)) and str(v).strip() and not str(v).startswith("-"):
                 paths.append(v)
-    try:
-        from .provenance import patient_identifiers, scrub
-
-        existing = [p for p in paths if os.path.lexists(p)]
-        return scrub(message, patient_identifiers(existing)) if existing else message
-    except Exception:  # noqa: BLE001 - the error itself must still be said
-        return message
+    ids = patient_identifiers([p for p in paths if os.path.lexists(p)])
+    args._patient_identifiers = ids
+    return ids
 
 
 def _internal_error(args: argparse.Namespace, e: BaseException) -> int:

@@ -245,6 +245,41 @@ def _load_volumes(entry) -> Tuple:
     return tuple(out)
 
 
+def _blank_names(items: List[_Item]) -> List[str]:
+    """Blank the inputs' patient identifiers from the items' names (row labels and output file names); returns
+    them, for the failures' paths and messages.
+
+    Why: a pair of DICOM folders named after the patient was scored as ``DOE_JOHN_b``, in metrics.csv/.json and
+    as the fused file's name, and its failures quoted the folder; ``fuse`` and ``batch`` blanked the same paths.
+    """
+    from .provenance import patient_identifiers, scrub
+
+    paths = list(dict.fromkeys(p for it in items for p in it.inputs if isinstance(p, str) and os.path.exists(p)))
+    ids = patient_identifiers(paths) if paths else []
+    if ids:
+        for it in items:
+            it.name = scrub(it.name, ids)
+        _unique_names(items)
+    return ids
+
+
+def _pair_identifiers(source: Any) -> List[str]:
+    """The patient identifiers of a list of pairs' DICOM inputs (none for a folder of PNG pairs)."""
+    from .provenance import patient_identifiers
+
+    if not isinstance(source, (list, tuple)):
+        return []
+    paths = [x for p in source for x in (p if isinstance(p, (list, tuple)) else [])
+             if isinstance(x, (str, os.PathLike)) and os.path.exists(x)]
+    return patient_identifiers(list(dict.fromkeys(paths))) if paths else []
+
+
+def _blanked(text: Optional[str], ids: Sequence[str]) -> Optional[str]:
+    from .provenance import scrub
+
+    return scrub(text, ids) if text and ids else text
+
+
 def _unique_names(items: List[_Item]) -> List[_Item]:
     """Prefix colliding names with the item's 1-based position: ``s1/mr.nii.gz s1/pet.nii.gz`` and
     ``s2/mr.nii.gz s2/pet.nii.gz`` become ``001_mr_pet`` and ``002_mr_pet``.
@@ -548,6 +583,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                                 fix="give the array its grid: first_image.with_array(mask), or save it as NIfTI")
     mask = _mask_choice(mask, "mask")
     items, is_2d = _items(source, pair_types=pair_types)
+    ids = [] if is_2d else _blank_names(items)  # PNG pairs hold no patient identifiers
     if is_2d and mask is not None and not (isinstance(mask, str) and mask == "auto"):
         raise InvalidInputError("a mask file or Volume is for volume pairs; 2-D pairs take mask 'auto' (their "
                                 "foreground) or none", fix="use --mask auto, or leave --mask out")
@@ -646,8 +682,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                 dead = e.one_line()
                 result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
             except MedfuseError as e:
-                result.failures.append({"method": method, "item": item.name, "path": e.path or item.path,
-                                        "error": e.one_line()})
+                result.failures.append({"method": method, "item": item.name, "path": _blanked(e.path or item.path, ids),
+                                        "error": _blanked(e.one_line(), ids)})
     result.means = _means(result.rows)
     _warn_undefined(result.rows)
     if not result.rows:
@@ -1008,11 +1044,13 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         if bar is not None:
             bar.close()
     # One line each, as the other commands print them (not Python's file:line form); others as Python shows them.
+    # The pairs' patient identifiers blanked, as in the tables (a folder named after the patient was quoted).
+    ids = _pair_identifiers(source) if any(issubclass(w.category, MedfuseWarning) for w in caught) else []
     for w in caught:
         if not issubclass(w.category, MedfuseWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         elif not quiet:
-            print(f"medfuse evaluate: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+            print(f"medfuse evaluate: warning: {_blanked(' '.join(str(w.message).split()), ids)}", file=sys.stderr)
     if not result.rows:  # every item failed: evaluate wrote nothing
         print(f"medfuse evaluate: no image was scored, so no table was written ({len(result.failures)} item(s) "
               "failed, below)", file=sys.stderr)

@@ -510,3 +510,65 @@ def test_a_folder_that_cannot_be_entered_gives_no_identifiers_and_no_error(tmp_p
 
     monkeypatch.setattr(pathlib.Path, "is_file", is_file)
     assert patient_identifiers([tmp_path, locked / "pet.nii.gz"]) == []
+
+
+# ----------------------------------------------------------------------------- folders named after the patient
+def _named_study(tmp_path):
+    """The study in folders named after the patient, a damaged file beside the PET (so that a warning quotes it)."""
+    root = tmp_path / "Doe_Jane_MRN123456"
+    ct, pt = phi_series(root / "ct", modality="CT"), phi_series(root / "pt", modality="PT")
+    (pt / "zz.dcm").write_bytes((pt / "IM0001.dcm").read_bytes()[:300])
+    (tmp_path / "out").mkdir()
+    return ct, pt, tmp_path / "out"
+
+
+def test_command_line_warnings_and_lines_are_blanked_like_its_errors(tmp_path):
+    """fuse blanked the patient's folder name in its errors but printed it in its warnings ("1 DICOM file beside
+    the series could not be read")."""
+    ct, pt, out = _named_study(tmp_path)
+    rc, text = _cli(["fuse", ct, pt, "-o", out / "f.nii.gz", "--method", "max", "--no-progress"])
+    assert rc == 0 and "warning" in text, text
+    assert leaks(text) == []
+
+
+def test_evaluate_blanks_names_paths_and_failures(tmp_path):
+    """evaluate named its rows and fused files after the pair's folders (the patient's name, in metrics.csv,
+    metrics.json and on disk), and its failure list quoted their paths."""
+    ct, pt, out = _named_study(tmp_path)
+    broken = phi_series(tmp_path / "Doe_Jane_MRN123456" / "broken", modality="CT")
+    for f in sorted(broken.iterdir())[2:]:
+        f.write_bytes(f.read_bytes()[:300])
+    rc, text = _cli(["evaluate", "--pair", ct, pt, "--pair", broken, pt, "--methods", "max", "--mode", "native",
+                     "--out", out / "ev", "--no-progress"])
+    assert rc == 1, text  # one pair scored, one failed
+    files = sorted(f for f in (out / "ev").rglob("*") if f.is_file())
+    assert leaks(text) == [] and [f for f in files if leaks(f.name)] == []
+    assert {f.name: leaks(_bytes_text(f), FILE_NEEDLES) for f in files} == {f.name: [] for f in files}
+
+
+def test_batch_keeps_warnings_in_the_row_blanked(tmp_path):
+    """On a Dask worker a subject's warnings were printed raw (naming the patient's folder), even with -q; they
+    are the row's ``warnings`` now, blanked, and printed by the command without -q."""
+    ct, pt, out = _named_study(tmp_path)
+    summary, text = _run_batch(tmp_path, [("s1", ct, pt, out / "s1.nii.gz")], out / "r.csv")
+    assert summary.results[0].status == "done" and summary.results[0].warnings
+    assert "could not be read" in summary.results[0].warnings
+    assert leaks(summary.results[0].warnings) == [] and leaks(text) == []
+    assert leaks((out / "r.csv").read_text()) == []
+
+
+def test_identifiers_are_found_in_a_damaged_file_and_in_a_folder_of_two_patients(tmp_path):
+    from medfuse.provenance import patient_identifiers
+
+    cut = phi_series(tmp_path / "cut", modality="CT")
+    whole = (cut / "IM0001.dcm").read_bytes()
+    (cut / "IM0001.dcm").write_bytes(whole[:whole.find(b"MRN123456") + 60])  # cut inside the header
+    assert "MRN123456" in patient_identifiers([cut / "IM0001.dcm"])
+    both = tmp_path / "both"
+    phi_series(both, modality="CT")
+    other = both / "ZZ0001.dcm"  # sorts after the first patient's files
+    ds = pydicom.dcmread(both / "IM0001.dcm")
+    ds.PatientName, ds.PatientID = "Roe^Richard", "MRN998877"
+    ds.save_as(other)
+    found = patient_identifiers([both])
+    assert "MRN123456" in found and "MRN998877" in found

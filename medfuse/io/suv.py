@@ -442,8 +442,20 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
         if dt < 0:
             raise SUVError("the scan time is before the injection time (negative decay time)",
                            fix="check SeriesTime/AcquisitionTime and RadiopharmaceuticalStartDateTime in the header")
-        dose = dose * math.exp(-math.log(2.0) * dt / float(h["RadionuclideHalfLife"]))
+        half_lives = dt / float(h["RadionuclideHalfLife"])
+        if half_lives > _MAX_HALF_LIVES:
+            # A wrong injection date (a day typo, a default date) gave factors of 1e7 to 1e43 without a word.
+            raise SUVError(f"the scan is {half_lives:.0f} half-lives ({dt / 3600:.1f} h) after the injection: the "
+                           "activity left would be under 1/1000 of the dose, which no PET scan images",
+                           fix="check RadiopharmaceuticalStartDateTime (its date) and the series time in the header, "
+                               "or load it with suv='none' to keep Bq/mL")
+        dose = dose * math.exp(-math.log(2.0) * half_lives)
     return float(acf) * _body_ratio(h, kind) / dose
+
+
+#: More half-lives than this between injection and scan (decay to under 1/1000 of the dose) is a wrong date in
+#: the header, not a scan: FDG is imaged at 0.5 to 2 half-lives, Zr-89 at up to about 2.
+_MAX_HALF_LIVES = 10.0
 
 
 def suv_factor(header: Dict[str, Any], *, kind: str = "bw") -> float:

@@ -79,6 +79,21 @@ def test_start_decay_correction_decays_dose(shared):
     assert suv_factor(b) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("start", ["20201022085417", "20201013085417"], ids=["a day early", "ten days early"])
+def test_an_injection_date_many_half_lives_before_the_scan_is_refused(shared, start):
+    """A wrong injection date under START gave factors of 1e7 (a day: 13 FDG half-lives) to 1e43, without a word."""
+    from medfuse.errors import SUVError
+
+    b = {**_base(shared), "DecayCorrection": "START", "RadionuclideHalfLife": 6586.2,
+         "RadiopharmaceuticalStartDateTime": start}
+    with pytest.raises(SUVError, match="half-lives .* after the injection") as e:
+        suv_factor(b)
+    assert "RadiopharmaceuticalStartDateTime" in e.value.fix
+    # Five hours (2.7 half-lives), a late FDG scan: still a factor
+    late = {**b, "RadiopharmaceuticalStartDateTime": "20201023045417"}
+    assert suv_factor(late) == pytest.approx(75 * 1000 / (100 * math.exp(-math.log(2) * 5 * 3600 / 6586.2)))
+
+
 REAL = ["BQML_AC_DT_lessThan_S_DT_SIEMENS", "CPS_AND_BQML_AC_DT_-_S_DT", "GE_MEDICAL_AND_BQML", "PHILIPS_BQML",
         "PHILIPS_CNTS_AND_BQML_SUV", "PHILIPS_CNTS_AND_SUV", "RADIOPHARM_DATETIME_UNDEFINED", "SIEMENS"]
 
