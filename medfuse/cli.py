@@ -1289,7 +1289,8 @@ def _scrubbed(message: str, args: argparse.Namespace) -> str:
 
     Why: an error quotes the path it is about, and a DICOM folder is often named after the patient
     (``pat/DOE^JOHN/pet: series 7 asked for ...``); batch reports and sidecars blanked such paths, the terminal
-    did not. Every path-like argument that exists is read (the first DICOM header of each); nothing else is.
+    did not. The DICOM headers of every path-like argument that exists are read (:func:`_identifiers`, once per
+    command); nothing else is.
     """
     try:
         from .provenance import scrub
