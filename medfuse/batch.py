@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -28,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -964,18 +966,13 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
-    caught: List[warnings.WarningMessage] = []
+    said: List[str] = []
     try:
         # medfuse's warnings go into the row, blanked (printed raw by a Dask worker, they named patient folders).
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MedfuseWarning)
+        with _subject_warnings() as said:
             inputs = _fill_result(s, res, options, cancel, inputs)
     finally:
-        said = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, MedfuseWarning)]
-        res.warnings = "; ".join(dict.fromkeys(said)) or None
-        for w in caught:  # other libraries' warnings pass on as they came
-            if not issubclass(w.category, MedfuseWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        res.warnings = "; ".join(dict.fromkeys(" ".join(m.split()) for m in said)) or None
         # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
         # the subject's folder too: discovery's messages quote paths in it. Every row, skipped and unpaired
         # ones included (their early exits once returned before this blanking).
@@ -985,6 +982,53 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
                 setattr(res, attr, _scrubbed(getattr(res, attr), known))
         res.seconds = round(time.perf_counter() - t0, 3)
     return asdict(res)
+
+
+_CAPTURE = threading.local()
+_CAPTURE_LOCK = threading.Lock()
+_CAPTURE_STATE: Dict[str, Any] = {"users": 0, "shown_by": None}
+
+
+@contextlib.contextmanager
+def _subject_warnings() -> Iterator[List[str]]:
+    """Collect the MedfuseWarnings raised in this thread (into the subject's row); other threads' warnings and
+    other categories are shown as before.
+
+    Why not ``warnings.catch_warnings``: it swaps process-wide state, so with several threads a worker (a remote
+    ``dask worker`` runs one per core) one subject's warning landed in another's row, and another's was printed
+    raw in the worker's log. Here a ``showwarning`` hook, installed while any subject runs, routes each warning by
+    the thread that raised it, and an "always" filter keeps a repeated warning from being dropped as seen.
+    """
+    said: List[str] = []
+    with _CAPTURE_LOCK:
+        if _CAPTURE_STATE["users"] == 0:
+            _CAPTURE_STATE["shown_by"] = warnings.showwarning
+            warnings.showwarning = _route_warning
+            warnings.filterwarnings("always", category=MedfuseWarning)
+            _CAPTURE_STATE["filter"] = warnings.filters[0]
+        _CAPTURE_STATE["users"] += 1
+    _CAPTURE.said = said
+    try:
+        yield said
+    finally:
+        _CAPTURE.said = None
+        with _CAPTURE_LOCK:
+            _CAPTURE_STATE["users"] -= 1
+            if _CAPTURE_STATE["users"] == 0:
+                if warnings.showwarning is _route_warning:  # else someone replaced it since: theirs stays
+                    warnings.showwarning = _CAPTURE_STATE["shown_by"]
+                with contextlib.suppress(ValueError):
+                    warnings.filters.remove(_CAPTURE_STATE["filter"])
+                    getattr(warnings, "_filters_mutated", lambda: None)()
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    said = getattr(_CAPTURE, "said", None)
+    if said is not None and issubclass(category, MedfuseWarning):
+        said.append(str(message))
+        return
+    shown_by = _CAPTURE_STATE["shown_by"] or warnings._showwarning_orig  # noqa: SLF001 - the default, as a fallback
+    shown_by(message, category, filename, lineno, file, line)
 
 
 def _known_inputs(inputs: Sequence[str], res: SubjectResult) -> List[str]:

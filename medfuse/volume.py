@@ -55,6 +55,7 @@ _PROVENANCE_KEYS = {
     "volume_index", "n_volumes", "warnings", "suv", "history", "transfer_syntax", "manufacturer",
     "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
     "registration", "scaling", "network_functional", "nifti_space", "sources", "suv_source", "labels_from",
+    "unit_stated",
 }
 
 
@@ -254,13 +255,13 @@ def relabelled(vol: "Volume", modality: Optional[str]) -> "Volume":
 
     A volume named CT whose unit is unknown becomes HU when it holds values below -100 (see :func:`ct_unit`):
     the same image as a path and as a loaded Volume then fuses alike. Unknown is ``arbitrary`` where no file
-    stated it (``provenance["labels_from"]`` unset): a unit a reader found in a DICOM header, a medfuse tag or a
+    stated it (``provenance["unit_stated"]`` unset): a unit a reader found in a DICOM header, a medfuse tag or a
     BIDS sidecar is kept, as ``medfuse.load`` keeps it. ``None`` keeps ``vol``.
     """
     if modality is None:
         return vol
     mod = normalise_modality(modality)
-    unknown = vol.unit == "arbitrary" and not vol.provenance.get("labels_from")
+    unknown = vol.unit == "arbitrary" and not vol.provenance.get("unit_stated")
     unit = ct_unit(vol.array, stacklevel=3) if mod == "CT" and unknown else vol.unit
     return vol.with_array(vol.array, modality=mod, unit=unit)
 

@@ -572,3 +572,15 @@ def test_identifiers_are_found_in_a_damaged_file_and_in_a_folder_of_two_patients
     ds.save_as(other)
     found = patient_identifiers([both])
     assert "MRN123456" in found and "MRN998877" in found
+
+
+def test_a_file_cut_before_its_patient_module_is_blanked_by_its_series(tmp_path):
+    """One damaged file opened on its own (dragged into napari, given to medfuse info) gave no identifiers, so the
+    error about it quoted the patient-named folder in full; the files of its series beside it carry them."""
+    from medfuse.provenance import patient_identifiers
+
+    series = phi_series(tmp_path / "Doe_Jane" / "ct", modality="CT")
+    (series / "IM0001.dcm").write_bytes((series / "IM0001.dcm").read_bytes()[:200])
+    assert "MRN123456" in patient_identifiers([series / "IM0001.dcm"])
+    rc, text = _cli(["info", series / "IM0001.dcm"])
+    assert rc == 2 and "[removed]" in text and leaks(text) == [], text

@@ -358,11 +358,27 @@ def _legacy_temporaries(folder: Path) -> List[Path]:
         return []
     for e in entries:
         try:
-            if not e.is_symlink() and time.time() - _last_touched(e) > _FOREIGN_STALE_S:
+            if (not e.is_symlink() and _legacy_shape(e) and time.time() - _last_touched(e) > _FOREIGN_STALE_S):
                 found.append(Path(e.path))
         except OSError:
             continue
     return found
+
+
+#: What an earlier version's temporary could hold: its target's suffix (a file), or the files its DICOM series
+#: and MetaImage/NRRD pair writers made (a folder). Anything else with that prefix is someone's own.
+_LEGACY_FILE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".json", ".csv", ".png", ".tfm", ".txt", ".h5", ".mat")
+_LEGACY_DIR_FILE = re.compile(r"IM\d{5}\.dcm|[^/]+\.(mhd|nhdr|raw|zraw|raw\.gz)", re.I)
+
+
+def _legacy_shape(entry: os.DirEntry) -> bool:
+    """Whether an earlier version's temporary name holds what such a temporary holds (never a user's folder)."""
+    if entry.is_file(follow_symlinks=False):
+        return entry.name.lower().endswith(_LEGACY_FILE_SUFFIXES)
+    if not entry.is_dir(follow_symlinks=False):
+        return False
+    inside = list(os.scandir(entry.path))
+    return all(e.is_file(follow_symlinks=False) and _LEGACY_DIR_FILE.fullmatch(e.name) for e in inside)
 
 
 def _remove_stale_temporaries(target: Path) -> None:

@@ -1237,7 +1237,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov.update(series_uid=uid, source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),
-                    warnings=vnotes, labels_from="DICOM header")
+                    warnings=vnotes, unit_stated=True)
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)
         if factors is not None:

@@ -944,20 +944,18 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
         facts = {"reader": "nibabel"}
         if space is not None:
             facts["nifti_space"] = space
-        if mod is not None or unit:
-            facts["labels_from"] = "medfuse tag"  # stored: an override of the modality keeps this unit
-        else:  # no medfuse tag: a converter's BIDS sidecar may say what the image is
+        if mod is None:  # no medfuse tag: a converter's BIDS sidecar may say what the image is
             mod, unit = _bids_sidecar(p)
             if mod is not None:
                 facts["labels_from"] = "BIDS sidecar"
     elif name.endswith(ITK_SUFFIXES):
         arr, aff, mod, unit = _read_itk(p)
         facts = {"reader": "SimpleITK"}
-        if mod is not None or unit:
-            facts["labels_from"] = "medfuse tag"
     else:
         raise UnreadableFileError("unknown image file ending",
                                   fix=f"use one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}, or a DICOM file/folder", path=p)
+    if unit:  # the file states it: a modality override keeps it (volume.relabelled reads this)
+        facts["unit_stated"] = True
     arr = _native(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]

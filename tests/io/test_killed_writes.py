@@ -334,8 +334,12 @@ def test_temporaries_of_earlier_versions_go_once_a_day_old(tmp_path, vol):
     fresh.write_bytes(b"partial")
     lookalike = tmp_path / ".medfuse-tmp-notes.txt.bak"  # not a name medfuse makes
     lookalike.write_text("mine")
+    users = tmp_path / ".medfuse-tmp-backup01"  # the name's shape, but a user's own folder: what it holds says so
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     day_ago = time.time() - 2 * 24 * 3600
-    for p in (old_file, old_dir / "f.mhd", old_dir, lookalike):
+    for p in (old_file, old_dir / "f.mhd", old_dir, lookalike, users / "notes.txt", users):
         os.utime(p, (day_ago, day_ago))
     save(vol, tmp_path / "out.nii.gz")
-    assert sorted(_medfuse_files(tmp_path)) == sorted([fresh.name, lookalike.name])
+    assert sorted(_medfuse_files(tmp_path)) == sorted([fresh.name, lookalike.name, users.name])
+    assert (users / "notes.txt").read_text() == "mine"

@@ -129,3 +129,44 @@ def test_an_unverified_output_is_named_normalised_in_the_subjects_error(tmp_path
     error = summary.results[0].error
     assert "not verified" in error and str(tmp_path / "out" / "x.nii.gz") in error and ".." not in error, error
     assert (tmp_path / "out" / "x.nii.gz").read_bytes() == b"someone's own file"
+
+
+def test_each_subjects_warnings_go_to_its_own_row_with_several_threads(capsys):
+    """catch_warnings swapped process-wide state: with two threads a worker (a remote dask worker runs one per
+    core), subject A's warning landed in B's row and, once A had finished, B's was printed raw in the worker's log.
+    The order that showed it: A starts, B starts, A warns and ends, B warns."""
+    import threading
+    import warnings
+
+    from medfuse.batch import _subject_warnings
+    from medfuse.errors import MedfuseWarning
+
+    rows = {}
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def subject_a() -> None:
+        with _subject_warnings() as said:
+            a_in.set()
+            b_in.wait(10)
+            warnings.warn("warning of A", MedfuseWarning)
+        rows["A"] = list(said)
+        a_done.set()
+
+    def subject_b() -> None:
+        a_in.wait(10)
+        with _subject_warnings() as said:
+            b_in.set()
+            a_done.wait(10)
+            warnings.warn("warning of B", MedfuseWarning)
+        rows["B"] = list(said)
+
+    threads = [threading.Thread(target=subject_a), threading.Thread(target=subject_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert rows == {"A": ["warning of A"], "B": ["warning of B"]}
+    assert "warning of" not in capsys.readouterr().err
+    assert not any(f[2] is MedfuseWarning and f[0] == "always" for f in warnings.filters)  # left as it was
+    with pytest.warns(MedfuseWarning, match="after"):  # and a warning outside a subject is shown as before
+        warnings.warn("after", MedfuseWarning)

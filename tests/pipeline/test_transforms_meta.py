@@ -175,3 +175,18 @@ def test_a_change_of_what_the_transforms_return_changes_a_persistent_cache_key(m
     assert key() != before
     for t in (mt.LoadVolumed(keys=["a"]), mt.RegisterToReference(), mt.FuseModalities(method="mean")):
         assert t.output_version == mt.OUTPUT_VERSION
+
+
+def test_a_sidecar_naming_only_the_modality_leaves_the_unit_to_the_rule_both_ways(tmp_path):
+    """A BIDS sidecar with a Modality but no unit: load(path, modality='CT') applied the HU rule, the same image
+    loaded first did not (any labels_from was taken for a stated unit)."""
+    import json
+
+    import nibabel as nib
+
+    arr = np.linspace(-1000, 1000, 10 * 10 * 6, dtype=np.float32).reshape(10, 10, 6)
+    path = tmp_path / "ct_bids.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
+    (tmp_path / "ct_bids.json").write_text(json.dumps({"Modality": "MR"}))
+    assert LoadVolume(modality="CT")(str(path)).unit == "HU"
+    assert LoadVolume(modality="CT")(medfuse.load(path)).unit == "HU"
