@@ -32,7 +32,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -252,10 +252,9 @@ def _blank_names(items: List[_Item]) -> List[str]:
     Why: a pair of DICOM folders named after the patient was scored as ``DOE_JOHN_b``, in metrics.csv/.json and
     as the fused file's name, and its failures quoted the folder; ``fuse`` and ``batch`` blanked the same paths.
     """
-    from .provenance import patient_identifiers, scrub
+    from .provenance import scrub
 
-    paths = list(dict.fromkeys(p for it in items for p in it.inputs if isinstance(p, str) and os.path.exists(p)))
-    ids = patient_identifiers(paths) if paths else []
+    ids = _identifiers_of(p for it in items for p in it.inputs)
     if ids:
         for it in items:
             it.name = scrub(it.name, ids)
@@ -265,13 +264,17 @@ def _blank_names(items: List[_Item]) -> List[str]:
 
 def _pair_identifiers(source: Any) -> List[str]:
     """The patient identifiers of a list of pairs' DICOM inputs (none for a folder of PNG pairs)."""
-    from .provenance import patient_identifiers
-
     if not isinstance(source, (list, tuple)):
         return []
-    paths = [x for p in source for x in (p if isinstance(p, (list, tuple)) else [])
-             if isinstance(x, (str, os.PathLike)) and os.path.exists(x)]
-    return patient_identifiers(list(dict.fromkeys(paths))) if paths else []
+    return _identifiers_of(x for p in source for x in (p if isinstance(p, (list, tuple)) else []))
+
+
+def _identifiers_of(paths: Iterable[Any]) -> List[str]:
+    """The patient identifiers in the DICOM headers of those ``paths`` that exist (each read once)."""
+    from .provenance import patient_identifiers
+
+    found = list(dict.fromkeys(os.fspath(p) for p in paths if isinstance(p, (str, os.PathLike)) and os.path.exists(p)))
+    return patient_identifiers(found) if found else []
 
 
 def _blanked(text: Optional[str], ids: Sequence[str]) -> Optional[str]:

@@ -321,13 +321,24 @@ def stale_temporaries(path: PathLike) -> List[Path]:
     Symbolic links are never listed.
     """
     p = Path(path)
-    prefix = f"{_TMP_PREFIX}{_target_key(p)}-"
-    found = []
+    return _stale(p, _temporaries_in(p.parent))
+
+
+def _temporaries_in(folder: Path) -> List[os.DirEntry]:
+    """The entries of ``folder`` with medfuse's temporary prefix (one listing serves both kinds of leftover)."""
     try:
-        entries = [e for e in os.scandir(p.parent) if e.name.startswith(prefix)]
+        return [e for e in os.scandir(folder) if e.name.startswith(_TMP_PREFIX)]
     except (OSError, ValueError):
         return []
+
+
+def _stale(p: Path, entries: Iterable[os.DirEntry]) -> List[Path]:
+    """Those of ``entries`` that are ``p``'s temporaries left by writers that have ended (see stale_temporaries)."""
+    prefix = f"{_TMP_PREFIX}{_target_key(p)}-"
+    found = []
     for e in entries:
+        if not e.name.startswith(prefix):
+            continue
         m = _TMP_NAME.fullmatch(e.name)
         try:
             if (m is None or (m.group(4) or "") not in ("", _temp_suffix(p.name)) or e.is_symlink()
@@ -348,15 +359,13 @@ def stale_temporaries(path: PathLike) -> List[Path]:
 _LEGACY_TMP_NAME = re.compile(r"\.medfuse-tmp-[a-z0-9_]{8}(\.[a-z0-9.]{1,16})?")
 
 
-def _legacy_temporaries(folder: Path) -> List[Path]:
-    """Temporaries of earlier medfuse versions in ``folder`` untouched for a day (their writer cannot be told, and
-    no write takes that long); symbolic links never."""
+def _legacy_temporaries(entries: Iterable[os.DirEntry]) -> List[Path]:
+    """Those of ``entries`` that are temporaries of earlier medfuse versions untouched for a day (their writer
+    cannot be told, and no write takes that long); symbolic links never."""
     found = []
-    try:
-        entries = [e for e in os.scandir(folder) if _LEGACY_TMP_NAME.fullmatch(e.name)]
-    except (OSError, ValueError):
-        return []
     for e in entries:
+        if not _LEGACY_TMP_NAME.fullmatch(e.name):
+            continue
         try:
             if (not e.is_symlink() and _legacy_shape(e) and time.time() - _last_touched(e) > _FOREIGN_STALE_S):
                 found.append(Path(e.path))
@@ -392,10 +401,11 @@ def _remove_stale_temporaries(target: Path) -> None:
     the header not placed, that data file is half of an unfinished output and goes too (an earlier data file it
     replaced is aside, and is put back by :func:`recover_leftovers`).
     """
-    for tmp in _legacy_temporaries(target.parent):  # whose target is unknown: removed, nothing beside them
+    entries = _temporaries_in(target.parent)  # one listing of the folder per write
+    for tmp in _legacy_temporaries(entries):  # whose target is unknown: removed, nothing beside them
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp) if tmp.is_dir() else os.unlink(tmp)
-    for tmp in stale_temporaries(target):
+    for tmp in _stale(target, entries):
         try:
             if tmp.is_dir():
                 inside = {e.name: e.stat(follow_symlinks=False) for e in os.scandir(tmp)
