@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ._checks import MAX_THREADS, as_path, choice, describe, label, whole
 from .errors import (InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError, OutputExistsError,
-                     UnreadableFileError)
+                     OutputWriteError, UnreadableFileError)
 from .progress import CancelToken, check_callbacks
 
 __all__ = ["Subject", "SubjectResult", "BatchSummary", "read_manifest", "run_batch", "run_subject", "write_phantom_subjects",
@@ -769,8 +769,9 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
         InvalidInputError: the dataset holds no subject folders, or ``dataset``, ``path`` or ``out_dir`` is not a
             str or pathlib.Path.
         UnreadableFileError: ``dataset`` is missing, a file or unreadable.
-        OutputExistsError: a file is already at ``path``, or it (or its folder) cannot be written (permission,
-            read-only or full disk).
+        OutputExistsError: a file is already at ``path``.
+        OutputWriteError: it (or its folder) cannot be written (permission, read-only or full disk, a file where
+            a folder goes); ``errno`` says which.
     """
     import io
 
@@ -797,9 +798,13 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputExistsError(f"cannot create the manifest's folder ({e.__class__.__name__})",
-                                fix="pass path= a place you can write to", path=target.parent) from None
-    return atomic_write_text(target, buf.getvalue())
+        raise _folder_error(e, target.parent, "cannot create the manifest's folder",
+                            fix="pass path= a place you can write to") from None
+    written = atomic_write_text(target, buf.getvalue())
+    outputs = _dataset_out_dir(root, out)
+    if outputs.is_dir():  # the review-edit-run route never passes the dataset folder, which describes it
+        _describe_derivatives(root, outputs)
+    return written
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -899,13 +904,31 @@ def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
     res.medfuse_version = (rec.get("versions") or {}).get("medfuse")
 
 
+def _folder_error(e: OSError, folder: Path, problem: str, *, fix: str) -> OutputWriteError:
+    """Why ``folder`` could not be created, as an OutputWriteError carrying the system's errno.
+
+    Why not OutputExistsError: nothing is at the output itself, so a caller that picks another output name on a
+    FileExistsError would fail again (a file where the folder goes: mkdir says EEXIST, reported as ENOTDIR).
+    """
+    from .io._atomic import _typed_os_error
+
+    typed = _typed_os_error(e, folder)
+    if isinstance(typed, OutputWriteError):
+        return typed
+    code = e.errno
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        code = errno.ENOTDIR
+    reason = os.strerror(code) if code else e.__class__.__name__
+    return OutputWriteError(f"{problem} ({reason})", errno=code, fix=fix, path=_display_path(folder))
+
+
 def _make_output_folder(out: Path) -> None:
     """Create the output's folder, or say in the user's words why it cannot be: an unwritable folder or a file
     in the way was reported as an "internal error PermissionError" (a bug to report) for every subject.
 
     Raises:
-        OutputExistsError: the folder cannot be made (permission denied, read-only or full disk, a file of that
-            name in the way).
+        OutputWriteError: the folder cannot be made (permission denied, read-only or full disk, a file of that
+            name in the way); ``errno`` says which.
     """
     from .io._atomic import _typed_os_error
 
@@ -917,12 +940,12 @@ def _make_output_folder(out: Path) -> None:
             raise typed from None
         blocker = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
-            raise OutputExistsError("cannot create the output's folder: a file of that name is in the way",
-                                    fix="move that file, or give the subject another output path",
-                                    path=_display_path(blocker)) from None
-        raise OutputExistsError(f"cannot create the output's folder ({e.__class__.__name__})",
-                                fix="choose an output folder you can write to",
-                                path=_display_path(out.parent)) from None
+            # A write error: another output name in that folder would fail the same way.
+            raise OutputWriteError("cannot create the output's folder: a file of that name is in the way",
+                                   errno=errno.ENOTDIR, fix="move that file, or give the subject another output path",
+                                   path=_display_path(blocker)) from None
+        raise _folder_error(e, out.parent, "cannot create the output's folder",
+                            fix="choose an output folder you can write to") from None
 
 
 def _as_subject(subject: Any, *, caller: str = "run_subject") -> Subject:
@@ -1289,22 +1312,29 @@ def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Map
     when the run ended, maybe days later, with no report written meanwhile; now the run is refused at once.
 
     Raises:
-        OutputExistsError: the report cannot be written there.
+        OutputExistsError: something is in the report's way (it appeared meanwhile, a name differing only in case).
+        OutputWriteError: the report cannot be written there (permission, read-only or full disk, ...).
     """
     pending = [_shown(SubjectResult(subject=s.subject, status="pending", output=s.output), known or {})
                for s in subjects]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
         _write_report(path, pending, earlier)
-    except OSError as e:  # OutputExistsError (typed by the atomic writer) is an OSError too
+    except OSError as e:  # OutputExistsError/OutputWriteError (typed by the atomic writer) are OSErrors too
         # The system's reason ("Permission denied", "No space left on device"), found under the typed error.
         cause: Optional[BaseException] = e
         while cause is not None and not (isinstance(cause, OSError) and cause.errno):
             cause = cause.__cause__ or cause.__context__
-        reason = os.strerror(cause.errno) if cause is not None else e.__class__.__name__
-        raise OutputExistsError(f"cannot write the batch report ({reason}); nothing was run",
-                                fix="pass report= (--report) a path in a folder you can write to",
-                                path=path) from None
+        code = cause.errno if cause is not None else None
+        if not isinstance(e, MedfuseError) and isinstance(e, (FileExistsError, NotADirectoryError)):
+            code = errno.ENOTDIR  # mkdir met a file where the report's folder goes
+        reason = os.strerror(code) if code else e.problem if isinstance(e, MedfuseError) else e.__class__.__name__
+        # Only something in the report's way stays "exists"; a full disk or a forbidden folder is a write error.
+        if isinstance(e, OutputExistsError):
+            raise OutputExistsError(f"cannot write the batch report ({e.problem}); nothing was run",
+                                    fix="pass report= (--report) another path", path=path) from None
+        raise OutputWriteError(f"cannot write the batch report ({reason}); nothing was run", errno=code,
+                               fix="pass report= (--report) a path in a folder you can write to", path=path) from None
 
 
 def _check_scheduler(scheduler: str, workers: int) -> None:
@@ -1488,8 +1518,8 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
         try:  # before any work: a read-only dataset needs out_dir (--out)
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputExistsError(f"cannot create the outputs' folder ({e.__class__.__name__})",
-                                    fix="pass out_dir= (--out) a folder you can write to", path=out) from None
+            raise _folder_error(e, out, "cannot create the outputs' folder",
+                                fix="pass out_dir= (--out) a folder you can write to") from None
         _describe_derivatives(root, out)
         return subjects, Path(report) if report else out / "batch-report.csv"
     if out_dir is not None:
@@ -1551,7 +1581,9 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         :class:`BatchSummary`. Failures are in it, not raised.
 
     Raises:
-        OutputExistsError: the report cannot be written, or another run is writing it; checked before any work.
+        OutputExistsError: another run is writing the report, or something is in its way; checked before any work.
+        OutputWriteError: the report cannot be written (permission, read-only or full disk, ...); checked before
+            any work.
         InvalidInputError: ``manifest`` neither a path nor a list of subjects (each a :class:`Subject` or a dict of
             its fields), ``report`` or ``out_dir`` not a path, an unknown ``register``, ``method`` or
             ``scheduler``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
@@ -1759,7 +1791,8 @@ def write_phantom_subjects(folder: PathLike, n: int, *, first_seed: int = 1, les
         InvalidInputError: ``n`` or ``downsample`` not a whole number of 1 or more, ``first_seed`` negative or a
             fraction, a ``lesion`` sequence whose length is not ``n``, or a per-subject ``lesion`` not True or
             False.
-        OutputExistsError: a folder or file cannot be written (permission, read-only or full disk, a file in the
+        OutputExistsError: a folder is where a sample file goes.
+        OutputWriteError: a folder or file cannot be written (permission, read-only or full disk, a file in the
             way of a folder).
     """
     import numpy as np

@@ -20,6 +20,7 @@ __all__ = [
     "GeometryError",
     "SUVError",
     "OutputExistsError",
+    "OutputWriteError",
     "RegistrationError",
     "FusionError",
     "WeightsError",
@@ -95,7 +96,42 @@ class SUVError(MedfuseError):
 
 
 class OutputExistsError(MedfuseError, FileExistsError):
-    """An output file exists and overwriting was not asked for."""
+    """Something is in the output's way: the output exists and overwriting was not asked for, a name that differs
+    only in letter case exists, a file or folder of the other kind is there, the output is an input, it appeared
+    while writing, or an interrupted earlier write left files that block it.
+
+    Only these: a caller that catches it (or :class:`FileExistsError`) to pick another name may do so safely.
+    A write that fails for another reason raises :class:`OutputWriteError`.
+    """
+
+
+class OutputWriteError(MedfuseError, OSError):
+    """The output could not be written, and nothing is in its way: the disk is full or over quota, permission
+    denied, a read-only file system, a name or path too long, its folder missing, a file open in another program
+    (Windows), and similar.
+
+    Choosing another name does not help (unlike :class:`OutputExistsError`). :attr:`errno` is set where the cause
+    is known (``errno.ENOSPC``, ``EACCES``, ``EROFS``, ``ENAMETOOLONG``, ``ENOENT``, ...), so callers can test it.
+
+    Args:
+        problem: what is wrong, in one sentence.
+        errno: the cause's ``errno`` code, if known.
+        fix: how the user can fix it.
+        path: the file or folder concerned, if any.
+    """
+
+    def __init__(self, problem: str, *, errno: Optional[int] = None, fix: Optional[str] = None, path=None):
+        super().__init__(problem, fix=fix, path=path)
+        # Why: OSError's constructor only fills errno from a (code, message) pair, which would change str(self).
+        self.errno = errno
+
+    def __reduce__(self):
+        # Why: OSError pickles as type(*args), which would lose fix/path/errno across a process pool.
+        return (_rebuild_write_error, (self.problem, self.errno, self.fix, self.path), dict(self.__dict__))
+
+
+def _rebuild_write_error(problem, code, fix, path):
+    return OutputWriteError(problem, errno=code, fix=fix, path=path)
 
 
 class RegistrationError(MedfuseError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
 import math
@@ -38,7 +39,7 @@ import numpy as np
 
 from ._checks import as_list, choice, label
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
-                     OutputExistsError, WeightsError)
+                     OutputExistsError, OutputWriteError, WeightsError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
 __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
@@ -489,6 +490,26 @@ def _mask_record(mask) -> Any:
 
 
 # ---------------------------------------------------------------------- main API
+def _make_folder(folder: Path) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)``, its failure (a full disk, no permission) a typed error.
+
+    Raises:
+        OutputWriteError: the folder cannot be made; ``errno`` says why.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .io._atomic import _typed_os_error
+
+        typed = _typed_os_error(e, folder)
+        if isinstance(typed, OutputWriteError):
+            raise typed from None
+        code = errno.ENOTDIR if isinstance(e, (FileExistsError, NotADirectoryError)) else e.errno
+        raise OutputWriteError(f"cannot create the output folder ({os.strerror(code) if code else type(e).__name__})",
+                               errno=code, fix="choose another --out (a folder you can write to)",
+                               path=folder) from None
+
+
 def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union[str, os.PathLike],
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              metrics: Optional[Sequence[str]] = None, pair_types: Optional[Sequence[str]] = None,
@@ -532,6 +553,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         UnreadableFileError: the mask file cannot be read.
         UnreadableFileError: the folder holds no pairs.
         OutputExistsError: tables or fused outputs exist and ``overwrite`` is False.
+        OutputWriteError: the output folder or an output cannot be written (permission, read-only or full disk, a
+            name too long); ``errno`` says which. Raised when found, not reported per item (every item would fail).
         CancelledError: ``cancel`` was set.
 
     All of these except ``CancelledError`` are raised before anything is written.
@@ -616,7 +639,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     loaded_mask = _load_mask(mask)  # a file that cannot be read is bad input, before anything is written
     earlier = _earlier_outputs(out) if overwrite else []  # read before the tables are replaced
     made = [q for q in (out, *out.parents) if not q.exists()]  # the folders this run creates
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out)
     result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
     total = len(items) * len(methods)
     done = 0
@@ -664,7 +687,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     if save_outputs:
                         from .io import save
 
-                        target.parent.mkdir(parents=True, exist_ok=True)
+                        _make_folder(target.parent)
                         save(fused, target, overwrite=overwrite)
                 row["output"] = target.relative_to(out).as_posix() if save_outputs else None
                 if m is not None:  # what was scored: the region and its share of the image
@@ -679,7 +702,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     row["n_slices"] = int(sum(scores["n_slices"].values()))
                     row["n_slices_used"] = dict(scores["n_slices_used"])
                 result.rows.append(row)
-            except (CancelledError, OutputExistsError):
+            except (CancelledError, OutputExistsError, OutputWriteError):  # every item would fail alike
                 raise
             except (MissingDependencyError, WeightsError) as e:
                 dead = e.one_line()

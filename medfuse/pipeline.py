@@ -1038,8 +1038,10 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
             voxels, an ``out`` that is not a path, or an output name or format the writer cannot take.
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: an input cannot be loaded
             (as :func:`medfuse.load`; several series in a folder and ``series`` chooses none).
-        OutputExistsError: ``out`` (or a file where its sidecar goes) exists without ``overwrite``, is an input,
-            or cannot be written; checked before any work.
+        OutputExistsError: ``out`` (or a file where its sidecar goes) exists without ``overwrite``, or is an
+            input; checked before any work.
+        OutputWriteError: ``out`` cannot be written (permission, read-only or full disk, a name too long, its
+            folder missing); ``errno`` says which. Checked before any work where a probe write can tell.
         RegistrationError: registration cannot run on these images (constant image, no overlap, optimiser failure).
         MissingDependencyError, WeightsError, FusionError: the network cannot run (torch or the weights missing,
             or a failure of the network itself) and ``fallback`` is None.

@@ -67,13 +67,15 @@ def test_register_refuses_an_unwritable_transform_folder_before_writing_anything
 def test_register_takes_back_its_outputs_when_a_later_write_fails(tmp_path, monkeypatch, capsys):
     """The sidecar's write fails after the image and the transform are written: neither is left behind."""
     from medfuse import provenance
-    from medfuse.errors import OutputExistsError
+    import errno
+
+    from medfuse.errors import OutputWriteError
 
     a, b = _pair(tmp_path)
     (tmp_path / "o").mkdir()
 
     def full_disk(output, *a, **k):
-        raise OutputExistsError("the disk is full (or over quota, or the file too large); nothing was written",
+        raise OutputWriteError(errno=errno.ENOSPC, problem="the disk is full (or over quota, or the file too large); nothing was written",
                                 fix="free some space, or choose another disk", path=provenance.sidecar_path(output))
 
     monkeypatch.setattr(provenance, "write_sidecar", full_disk)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import medfuse
-from medfuse.errors import InvalidInputError, OutputExistsError
+from medfuse.errors import InvalidInputError, OutputExistsError, OutputWriteError
 from medfuse.io import _atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_replacing_a_file_another_program_holds_open_says_so(tmp_path, monkeypat
         raise _winerror(errno.EACCES, 32, "The process cannot access the file because it is being used")
 
     monkeypatch.setattr(os, "replace", in_use)
-    with pytest.raises(OutputExistsError, match="open in another program") as info:
+    with pytest.raises(OutputWriteError, match="open in another program") as info:
         _atomic.atomic_write_text(target, "new\n", overwrite=True)
     assert "close it" in info.value.fix
     assert target.read_text(encoding="utf-8") == "earlier\n"
@@ -318,7 +318,7 @@ def test_an_output_name_too_long_for_the_file_system_is_a_typed_error(tmp_path, 
 
     vol = medfuse.load(SAMPLES / "spect.nii.gz")
     long_name = tmp_path / ("x" * 300 + ".nii.gz")
-    with pytest.raises(OutputExistsError, match="too long") as info:
+    with pytest.raises(OutputWriteError, match="too long") as info:
         medfuse.save(vol, long_name)
     assert "shorter" in info.value.fix
     assert cli.main(["info", str(long_name)]) == cli.EXIT_USAGE
@@ -335,7 +335,7 @@ def test_a_windows_path_over_260_characters_is_a_typed_error(tmp_path, monkeypat
         raise _winerror(errno.ENOENT, 206, "The filename or extension is too long")
 
     monkeypatch.setattr(os, "replace", too_long)
-    with pytest.raises(OutputExistsError, match="too long"):
+    with pytest.raises(OutputWriteError, match="too long"):
         _atomic.atomic_write_bytes(target, b"new", overwrite=True)
     assert target.read_bytes() == b"earlier"
 
@@ -383,7 +383,7 @@ def test_metaimage_nrrd_and_transforms_in_a_non_ascii_folder_on_windows(tmp_path
     from medfuse.io.writers import check_save_target
 
     check_save_target(folder / "Łukasz.mha")  # written under an ASCII temporary name, then renamed
-    with pytest.raises(OutputExistsError, match="outside ASCII"):  # a header pair is written under its own name
+    with pytest.raises(OutputWriteError, match="outside ASCII"):  # a header pair is written under its own name
         check_save_target(folder / "Łukasz.mhd")
     for name in ("spect.mha", "spect.nrrd", "spect.mhd"):
         written = medfuse.save(vol, folder / name)
@@ -406,12 +406,12 @@ def test_without_short_names_a_non_ascii_path_is_a_typed_error_on_windows(tmp_pa
     vol = medfuse.load(SAMPLES / "spect.nii.gz")
     medfuse.save(vol, folder / "before.mha")  # written as on Linux, then read as on Windows
     _windows_itk(monkeypatch, {})
-    with pytest.raises(OutputExistsError, match="outside ASCII") as info:
+    with pytest.raises(OutputWriteError, match="outside ASCII") as info:
         medfuse.save(vol, folder / "spect.mha")
     assert "NIfTI" in info.value.fix
     from medfuse.io.writers import check_save_target
 
-    with pytest.raises(OutputExistsError, match="outside ASCII"):  # before the work of a fuse or register
+    with pytest.raises(OutputWriteError, match="outside ASCII"):  # before the work of a fuse or register
         check_save_target(folder / "fused.nrrd")
     assert not list(folder.glob(".medfuse-tmp*"))
     from medfuse.errors import UnreadableFileError

@@ -397,8 +397,9 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     Raises:
         InvalidInputError: an argument of the wrong type, an unknown format, a name the format cannot take, or
             voxels the format cannot store exactly.
-        OutputExistsError: the output exists (without ``overwrite``), is an input, or cannot be written
-            (permission, read-only or full disk).
+        OutputExistsError: the output exists (without ``overwrite``), or is an input.
+        OutputWriteError: the output cannot be written (permission, read-only or full disk, a missing folder);
+            its ``errno`` says which.
         UnreadableFileError: the DICOM template cannot be read.
     """
     from .writers import save as _save

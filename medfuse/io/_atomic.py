@@ -24,7 +24,9 @@ final name (nor the earlier output lost to an empty replacement). ``MEDFUSE_FSYN
 disk, many small writes on a slow network file system).
 
 Errors from the file system that the user can fix (permission denied, read-only file system, disk
-full or over quota) become :class:`~medfuse.errors.OutputExistsError` naming the output, with a fix.
+full or over quota, a name too long, a missing folder) become :class:`~medfuse.errors.OutputWriteError` naming the
+output, with a fix and the cause's ``errno``; :class:`~medfuse.errors.OutputExistsError` is kept for something in
+the output's way (an existing output, a case twin, a file or folder of the other kind, leftovers that block).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Union
 
-from ..errors import MedfuseError, MedfuseWarning, OutputExistsError
+from ..errors import MedfuseError, MedfuseWarning, OutputExistsError, OutputWriteError
 
 __all__ = ["check_output", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "same_file",
            "input_files", "leftovers", "recover_leftovers", "stale_temporaries"]
@@ -74,14 +76,15 @@ def _no_hard_links(e: OSError) -> bool:
     return e.errno in _NO_HARD_LINKS or getattr(e, "winerror", None) in _NO_HARD_LINKS_WINERROR
 
 
-def _too_long(e: BaseException, p: Path) -> Optional[OutputExistsError]:
+def _too_long(e: BaseException, p: Path) -> Optional[OutputWriteError]:
     """The typed error for a name or path too long for the file system (255 bytes a name on Linux and macOS, 260
     characters a path on Windows unless long paths are enabled), else None. On Windows an overwrite's copy of the
     earlier output (``.medfuse-old-*``) has a path about 35 characters longer than the output's."""
     if isinstance(e, OSError) and (e.errno == errno.ENAMETOOLONG or getattr(e, "winerror", None) == _TOO_LONG_WINERROR):
-        return OutputExistsError(f"the output's name or path is too long for the file system ({len(p.name)} "
-                                 f"characters in the name, {len(os.path.abspath(p))} in the path); nothing was "
-                                 "written", fix="choose a shorter name, or a folder with a shorter path", path=p)
+        return OutputWriteError(f"the output's name or path is too long for the file system ({len(p.name)} "
+                                f"characters in the name, {len(os.path.abspath(p))} in the path); nothing was "
+                                "written", errno=errno.ENAMETOOLONG,
+                                fix="choose a shorter name, or a folder with a shorter path", path=p)
     return None
 
 
@@ -169,8 +172,9 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
         if _too_long(e, p) is not None:
             raise _too_long(e, p) from None
     if os.path.lexists(p.parent) and not p.parent.is_dir():
-        raise OutputExistsError("the output's folder is a file", fix="choose an output path inside a folder",
-                                path=p.parent)
+        # A write error, not "exists": another name in the same folder would fail the same way.
+        raise OutputWriteError("the output's folder is a file", errno=errno.ENOTDIR,
+                               fix="choose an output path inside a folder", path=p.parent)
     if recover:
         recover_leftovers(p, overwrite=overwrite)
     for src in input_files(inputs):
@@ -200,7 +204,8 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
         raise OutputExistsError("a file is in the way of the output folder (overwrite replaces a folder, never a file)",
                                 fix="choose another output name, or move the file away", path=p)
     if not p.parent.is_dir():
-        raise OutputExistsError("the output's folder does not exist", fix="create the folder first", path=p.parent)
+        raise OutputWriteError("the output's folder does not exist", errno=errno.ENOENT, fix="create the folder first",
+                               path=p.parent)
     return p
 
 
@@ -617,27 +622,30 @@ def _shown(path: str) -> str:
 
 
 def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:
-    """A user-fixable file-system error as an OutputExistsError naming the output, else None."""
+    """A user-fixable file-system error as an OutputWriteError naming the output (with its errno), else None.
+
+    Why not OutputExistsError: nothing is in the output's way, so a caller that picks another name on a
+    FileExistsError would retry forever (on a full disk, say)."""
     if not isinstance(e, OSError) or isinstance(e, MedfuseError):
         return None
     code = e.errno
     if _too_long(e, p) is not None:
         return _too_long(e, p)
     if getattr(e, "winerror", None) in _IN_USE_WINERROR and os.path.isfile(p):
-        return OutputExistsError("cannot replace the output: it is open in another program (Windows cannot replace "
-                                 "an open file) or not writable; nothing was written and it was kept",
-                                 fix="close it in that program (a viewer, Excel) and run again, or choose another "
-                                     "output path", path=p)
+        return OutputWriteError("cannot replace the output: it is open in another program (Windows cannot replace "
+                                "an open file) or not writable; nothing was written and it was kept", errno=code,
+                                fix="close it in that program (a viewer, Excel) and run again, or choose another "
+                                    "output path", path=p)
     if code in (errno.EACCES, errno.EPERM):
-        return OutputExistsError("cannot write the output there (permission denied); nothing was written",
-                                 fix="choose a folder you can write to, or change its permissions", path=p)
+        return OutputWriteError("cannot write the output there (permission denied); nothing was written", errno=code,
+                                fix="choose a folder you can write to, or change its permissions", path=p)
     if code == errno.EROFS:
-        return OutputExistsError("the output's file system is read-only; nothing was written",
-                                 fix="choose a folder on a writable disk", path=p)
+        return OutputWriteError("the output's file system is read-only; nothing was written", errno=code,
+                                fix="choose a folder on a writable disk", path=p)
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
-        return OutputExistsError("the disk is full (or over quota, or the file too large); nothing was written "
-                                 "and any earlier output was kept", fix="free some space, or choose another disk",
-                                 path=p)
+        return OutputWriteError("the disk is full (or over quota, or the file too large); nothing was written "
+                                "and any earlier output was kept", errno=code,
+                                fix="free some space, or choose another disk", path=p)
     return None
 
 

@@ -516,8 +516,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
 
     Raises:
         InvalidInputError: an argument of the wrong type, or every voxel is NaN or infinite.
-        OutputExistsError: the folder exists (without ``overwrite``), is an input, holds anything but a DICOM
-            series medfuse wrote, or cannot be written.
+        OutputExistsError: the folder exists (without ``overwrite``), is an input, or holds anything but a DICOM
+            series medfuse wrote.
+        OutputWriteError: the folder cannot be written (permission, read-only or full disk, a name too long, its
+            parent missing); ``errno`` says which.
         UnreadableFileError: the template holds no readable DICOM file.
     """
     import pydicom

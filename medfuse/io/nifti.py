@@ -84,16 +84,17 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
     files whose names are ASCII, so only the folder matters there.
 
     Raises:
-        UnreadableFileError (reading) or OutputExistsError (writing): the path has no ASCII form (8.3 names are
+        UnreadableFileError (reading) or OutputWriteError (writing): the path has no ASCII form (8.3 names are
             switched off on that disk, or the file's own name is not ASCII when writing).
     """
     text = os.fspath(path)
     if isinstance(text, str) and not _utf8(text):
         # A name with bytes that are not UTF-8 (Python keeps them as surrogates): SimpleITK's binding cannot
         # convert it and aborts the whole process (std::logic_error), napari included.
-        from ..errors import OutputExistsError
+        from ..errors import OutputWriteError
 
-        raise (OutputExistsError if writing else UnreadableFileError)(
+        # A write error, not "exists": nothing is in the way, and another name in that folder fails the same way.
+        raise (OutputWriteError if writing else UnreadableFileError)(
             "the path holds bytes that are not UTF-8 text, which SimpleITK (medfuse's MetaImage/NRRD/transform "
             "reader and writer) cannot open",
             fix="rename the file or folder to UTF-8 text, or use NIfTI (.nii.gz), which medfuse reads and writes "
@@ -108,13 +109,13 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
         short = _short_path(p)
     if short and short.isascii():
         return short
-    from ..errors import OutputExistsError
+    from ..errors import OutputWriteError
 
     problem = ("SimpleITK (medfuse's MetaImage/NRRD/transform reader and writer) cannot open a path with characters "
                "outside ASCII on Windows")
     fix = ("use a folder and name in plain ASCII letters (e.g. C:\\data\\pet.mha), or NIfTI (.nii.gz), which "
            "medfuse reads and writes without SimpleITK")
-    raise (OutputExistsError if writing else UnreadableFileError)(problem, fix=fix, path=p)
+    raise (OutputWriteError if writing else UnreadableFileError)(problem, fix=fix, path=p)
 
 
 @contextlib.contextmanager

@@ -313,7 +313,8 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
         ``path`` as a Path.
 
     Raises:
-        OutputExistsError: as :func:`save` would (an existing output, an input, an unwritable folder).
+        OutputExistsError: as :func:`save` would (an existing output, an input, something in the way).
+        OutputWriteError: as :func:`save` would (an unwritable or missing folder, a full disk, a name too long).
         InvalidInputError: as :func:`save` would (an argument of the wrong type, an unknown format), or
             ``inputs`` is not a list.
     """
@@ -342,7 +343,7 @@ def _probe_writable(p: Path) -> None:
     read-only mounts, network shares).
 
     Raises:
-        OutputExistsError: permission denied, read-only file system, disk full (with a fix).
+        OutputWriteError: permission denied, read-only file system, disk full (with a fix and the errno).
     """
     try:
         tmp = _make_temp_file(p)  # named after p: if killed right here, the next write to p removes it
@@ -372,8 +373,10 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
         The path written.
 
     Raises:
-        OutputExistsError: the output exists (without ``overwrite``), is the volume's source, is a folder holding
-            anything but a DICOM series medfuse wrote, or cannot be written (permission, read-only or full disk).
+        OutputExistsError: the output exists (without ``overwrite``), is the volume's source, or is a folder
+            holding anything but a DICOM series medfuse wrote.
+        OutputWriteError: the output cannot be written (permission, read-only or full disk, a name too long, its
+            folder missing); ``errno`` says which.
         InvalidInputError: an argument of the wrong type, an unknown format or ending, a name the format cannot
             take, a template for a non-DICOM output, voxels the format cannot store exactly, or no finite voxel.
         UnreadableFileError: the DICOM template cannot be read (DICOM output).

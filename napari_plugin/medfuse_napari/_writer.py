@@ -13,7 +13,8 @@ and runs on the GUI thread, where hashing a large DICOM series froze napari for 
 layer), and the writer takes a kept hash when the files' names, sizes and modification times are unchanged since;
 otherwise (or the first time a file is saved from without that call) it hashes them then.
 
-Errors are :class:`LayerSaveError` (or :class:`~medfuse.errors.OutputExistsError`), never a ``ValueError``:
+Errors are :class:`LayerSaveError` (or :class:`~medfuse.errors.OutputExistsError`, or
+:class:`~medfuse.errors.OutputWriteError` for a full disk, a forbidden or missing folder), never a ``ValueError``:
 napari 0.9.2 (``napari.plugins._npe2.write_layers``) reads any ``ValueError`` from a writer it picked by the
 file's ending as "no writer found", drops it and only warns "No data written! A plugin could not be found ..."
 (``layer.save(path)``, ``viewer.layers.save(path)`` and ``plugin="medfuse"`` alike), so the reason would never
@@ -272,8 +273,9 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
     Raises:
         LayerSaveError: the layer is not a 3-D greyscale volume, the name is another format's, or the volume
             cannot be stored (why and the fix in the message).
-        OutputExistsError: the output is an input, its folder is missing or not writable, a JSON of the user's
-            is where the sidecar goes.
+        OutputExistsError: the output is an input, or a JSON of the user's is where the sidecar goes.
+        OutputWriteError: its folder is missing or not writable, the disk is full, the name is too long
+            (``errno`` says which).
     """
     import medfuse
     from medfuse import provenance as prov

@@ -35,7 +35,7 @@ def test_a_name_that_is_not_utf8_never_aborts_the_process(tmp_path, samples_dir)
 
     code = (
         "import os, sys, numpy as np, medfuse\n"
-        "from medfuse.errors import UnreadableFileError, OutputExistsError\n"
+        "from medfuse.errors import UnreadableFileError, OutputWriteError\n"
         "d = os.fsdecode(sys.argv[1].encode())\n"
         "src = os.path.join(d, os.fsdecode(b'mr\\xff.nii.gz'))\n"
         "open(src, 'wb').write(open(sys.argv[2], 'rb').read())\n"
@@ -46,7 +46,7 @@ def test_a_name_that_is_not_utf8_never_aborts_the_process(tmp_path, samples_dir)
         "try:\n"
         "    medfuse.save(v, os.path.join(bad, 'o.mha'))\n"
         "    raise SystemExit('saved')\n"
-        "except OutputExistsError as e:\n"
+        "except OutputWriteError as e:\n"
         "    assert 'not UTF-8' in str(e) and 'dir\\\\xff' in str(e), str(e)\n"
         "assert os.listdir(bad) == []\n"
         "mha = os.path.join(d, os.fsdecode(b'x\\xff.mha'))\n"

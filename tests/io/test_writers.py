@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 import medfuse.io._atomic as atomic
-from medfuse.errors import OutputExistsError, SUVError
+from medfuse.errors import OutputExistsError, OutputWriteError, SUVError
 from medfuse.io.nifti import load_image
 from medfuse.io.suv import header_from_dataset, series_suv_factors
 from medfuse.io.writers import save
@@ -407,7 +407,7 @@ def test_mhd_overwrite_failing_at_the_header_keeps_the_old_pair(tmp_path, ct, mo
     before = {f.name: _sha(f) for f in tmp_path.iterdir()}
     # Old .raw aside, new .raw placed, old header aside: placing the new header (a hard link) fails.
     _fail_at_replace(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"), name="link")
-    with pytest.raises(OutputExistsError, match="disk is full") as e:
+    with pytest.raises(OutputWriteError, match="disk is full") as e:
         save(ct.with_array(ct.array + 1), header, overwrite=True)
     monkeypatch.undo()
     assert e.value.fix and {f.name: _sha(f) for f in tmp_path.iterdir()} == before
@@ -425,7 +425,7 @@ def test_permission_denied_is_a_typed_error(tmp_path, ct, monkeypatch, name):
 
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
-    with pytest.raises(OutputExistsError, match="permission denied") as e:
+    with pytest.raises(OutputWriteError, match="permission denied") as e:
         save(ct, tmp_path / name)
     assert e.value.fix and e.value.path == str(tmp_path / name) and os.listdir(tmp_path) == []
 
@@ -444,7 +444,7 @@ def test_disk_full_is_typed_keeps_the_old_file_and_cleans_up(tmp_path, ct, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(nib, "save", full)
-    with pytest.raises(OutputExistsError, match="disk is full") as e:
+    with pytest.raises(OutputWriteError, match="disk is full") as e:
         save(ct.with_array(ct.array + 1), out, overwrite=True)
     assert e.value.fix and _sha(out) == before and os.listdir(tmp_path) == ["a.nii.gz"]
 

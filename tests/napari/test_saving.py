@@ -17,7 +17,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 import medfuse  # noqa: E402
-from medfuse.errors import MedfuseError, OutputExistsError  # noqa: E402
+from medfuse.errors import MedfuseError, OutputExistsError, OutputWriteError  # noqa: E402
 from medfuse.phantom import load_ground_truth  # noqa: E402
 from medfuse_napari._layers import R4, data_to_world, lps_to_world  # noqa: E402
 
@@ -169,7 +169,7 @@ def test_the_save_dialog_with_a_plain_name_writes_nifti_not_a_dicom_folder(mr_pe
 
 def test_the_save_dialog_writes_with_geometry_or_says_why(mr_pet, tmp_path, monkeypatch):
     """*File › Save Selected Layers* (the dialog answered by a patch): the file is written with its geometry; a
-    folder it cannot write in is an OutputExistsError saying so (napari shows it as an error notification)."""
+    folder it cannot write in is an OutputWriteError saying so (napari shows it as an error notification)."""
     import errno
     import tempfile
 
@@ -190,6 +190,6 @@ def test_the_save_dialog_writes_with_geometry_or_says_why(mr_pet, tmp_path, monk
 
     target.unlink()
     monkeypatch.setattr(tempfile, "mkstemp", denied)  # what a read-only folder answers (root bypasses chmod)
-    with pytest.raises(OutputExistsError, match="permission denied"):
+    with pytest.raises(OutputWriteError, match="permission denied"):
         viewer.window._qt_viewer._save_layers_dialog(selected=True)
     assert not target.exists()

@@ -313,6 +313,22 @@ def test_a_bids_dataset_gets_a_derivatives_description_that_bids_tools_index(tmp
     assert not (tmp_path / "plain" / "dataset_description.json").exists()
 
 
+def test_the_review_edit_run_route_describes_the_derivatives_too(tmp_path, phantom):
+    """--write-manifest, then a run of the manifest (never of the dataset folder): the outputs landed in
+    derivatives/medfuse without the description BIDS tools need to index them."""
+    root = tmp_path / "bids"
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    (root / "sub-01" / "pet").mkdir()
+    shutil.copy(phantom / "mr_t1.nii.gz", root / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    shutil.copy(phantom / "pet.nii.gz", root / "sub-01" / "pet" / "sub-01_trc-FDG_pet.nii.gz")
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "study", "BIDSVersion": "1.9.0"}))
+    manifest = batch.write_manifest(root)
+    summary = run_batch(manifest, scheduler="synchronous", method="mean")
+    assert [r.status for r in summary.results] == ["done"]
+    description = json.loads((root / "derivatives" / "medfuse" / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"] == "1.9.0"
+
+
 def test_a_subject_folder_that_may_not_be_listed_says_so(tmp_path, monkeypatch):
     """A subject folder of mode 000 was reported as 'unpaired: no MR or CT found (found: no image files or DICOM
     series)': os.walk skips what it may not list without a word. (Simulated: root may list any folder.)"""

@@ -13,7 +13,7 @@ import pytest
 
 import medfuse.batch as batch
 from medfuse.batch import Subject, run_batch, write_phantom_subjects
-from medfuse.errors import OutputExistsError
+from medfuse.errors import OutputExistsError, OutputWriteError
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_a_report_that_cannot_be_written_is_refused_before_any_work(tmp_path, ph
     written meanwhile; now the run is refused at once, and nothing is run."""
     s = _one(phantom, tmp_path, tmp_path / "out" / "sub-01.nii.gz")
     (tmp_path / "notes").write_text("x")
-    with pytest.raises(OutputExistsError, match=r"cannot write the batch report .*nothing was run.*--report"):
+    with pytest.raises(OutputWriteError, match=r"cannot write the batch report .*nothing was run.*--report"):
         run_batch([s], scheduler="synchronous", report=tmp_path / "notes" / "r.csv")
     assert not Path(s.output).exists() and (tmp_path / "notes").read_text() == "x"
 
@@ -209,7 +209,7 @@ def test_wrong_arguments_to_the_batch_helpers_are_typed_errors_that_name_them(tm
             write_phantom_subjects(tmp_path / "ds", **kwargs)
         assert not (tmp_path / "ds").exists()  # refused before anything was written
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(OutputWriteError):
         write_phantom_subjects(tmp_path / "file", 1)
     # run_subject: a dict with a wrong or missing key was the dataclass's bare TypeError.
     row = {"subject": "s", "fixed": "a.nii", "moving": ["b.nii"], "output": "o.nii.gz"}
