@@ -9,6 +9,7 @@ See ``docs/dicom.md`` for the conventions (Philips scaling, gaps, gantry tilt).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -207,6 +208,50 @@ def _files(path: Path) -> List[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
+_HIDDEN_PEEK = 100  # files looked at in each hidden folder: enough to tell a series from macOS/VCS bookkeeping
+
+
+def _hidden_dicom_folders(path: Path) -> int:
+    """How many hidden folders below ``path`` (the outermost ones) hold DICOM files; medfuse's own unfinished
+    writes (``.medfuse-tmp-*``) and folders of other files (``.Spotlight-V100``, ``.git``) are not counted.
+
+    Only asked when nothing readable was found, to say why: a study whose series lay in a hidden folder got
+    "no readable DICOM image files" without a word about the folder left out.
+    """
+    n = 0
+    for root, dirs, _ in os.walk(path):
+        hidden = [d for d in dirs if d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        n += sum(1 for d in hidden if not d.startswith(".medfuse-tmp-") and _holds_dicom(Path(root) / d))
+    return n
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """True when one of the first ``_HIDDEN_PEEK`` files under ``folder`` starts like a DICOM file."""
+    seen = 0
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            f = Path(root) / name
+            if _has_dicom_preamble(f) or _looks_like_raw_dataset(f):
+                return True
+            seen += 1
+            if seen >= _HIDDEN_PEEK:
+                return False
+    return False
+
+
+def _hidden_note(path: Path) -> Tuple[str, str]:
+    """(what to add to the problem, the fix) when hidden folders below ``path`` hold DICOM files; ("", "")
+    otherwise. Only a count: a folder's name may be the patient's."""
+    n = _hidden_dicom_folders(path) if path.is_dir() else 0
+    if not n:
+        return "", ""
+    return (f"; {n} hidden folder{'s' if n > 1 else ''} (name starting with '.') holding DICOM files "
+            f"{'were' if n > 1 else 'was'} skipped",
+            "medfuse leaves hidden folders out of a folder search; to load a series in one, give that hidden "
+            "folder's own path (e.g. medfuse.load('study/.series1')), or rename it without the leading '.'")
+
+
 def _cut_short(ds) -> bool:
     """True for a truncated file that pydicom read without complaint: nothing after the file meta, or an image
     storage object (by its SOP class) without Rows/Columns. pydicom returns what it read before the file ended."""
@@ -249,11 +294,13 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
     if not series:
+        hidden, hidden_fix = _hidden_note(path) if files is None else ("", "")
         if n_non_image:
-            raise UnsupportedDataError("the folder holds DICOM objects but no image series (RT, SEG, SR...)",
-                                       fix="point to a folder with an image series", path=path)
-        raise UnreadableFileError("no readable DICOM image files were found",
-                                  fix="check the folder; medfuse reads DICOM, NIfTI, MetaImage and NRRD", path=path)
+            raise UnsupportedDataError(f"the folder holds DICOM objects but no image series (RT, SEG, SR...){hidden}",
+                                       fix=hidden_fix or "point to a folder with an image series", path=path)
+        raise UnreadableFileError(f"no readable DICOM image files were found{hidden}",
+                                  fix=hidden_fix or "check the folder; medfuse reads DICOM, NIfTI, MetaImage and NRRD",
+                                  path=path)
     return series
 
 
@@ -283,9 +330,15 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
     return out
 
 
+class _Unsaid(list):
+    """Notes kept without a warning (a listing: load says it). Why not ``warnings.catch_warnings``: it swaps
+    process-wide state, so on a batch worker's threads another subject's warnings were dropped meanwhile."""
+
+
 def _left_out(path: Path, msg: str, notes: Optional[List[str]]) -> None:
     """Say that files of a series were left out: a warning for the caller, and a note for the provenance."""
-    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=4)
+    if not isinstance(notes, _Unsaid):
+        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=4)
     if notes is not None:
         notes.append(msg)
 
@@ -991,9 +1044,10 @@ def _shown_folder(folder: Path, root: Path) -> str:
         return os.fspath(folder)
 
 
-def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, str]], path: Path) -> Optional[str]:
-    """The UID that ``choice`` names among ``entries`` ((uid, modality, description for messages), in listing
-    order): a 1-based number or a modality exactly one series has; None when it is neither (a UID, say).
+def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, Any]], path: Path) -> Optional[str]:
+    """The UID that ``choice`` names among ``entries`` ((uid, modality, description for messages, or a callable
+    giving it only when a message needs it), in listing order): a 1-based number or a modality exactly one series
+    has; None when it is neither (a UID, say).
 
     Raises:
         InvalidInputError: a number out of range, or a modality no series (or several) has; the message lists the
@@ -1005,17 +1059,20 @@ def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, str]], 
     modality = None if key.isdigit() else _MODALITY_ALIASES.get(key.upper())
     if not key.isdigit() and modality is None:
         return None
-    listed = _listed([what for _, _, what in entries])
+
+    def listed() -> str:
+        return _listed([what() if callable(what) else what for _, _, what in entries])
+
     if key.isdigit():
         n = int(key)
         if not 1 <= n <= len(entries):
-            raise InvalidInputError(f"series {n} asked for, but the folder holds {len(entries)} ({listed})",
+            raise InvalidInputError(f"series {n} asked for, but the folder holds {len(entries)} ({listed()})",
                                     fix=f"give a number from 1 to {len(entries)}", path=path)
         return entries[n - 1][0]
     hits = [uid for uid, mod, _ in entries if _MODALITY_ALIASES.get(str(mod).strip().upper()) == modality]
     if len(hits) == 1:
         return hits[0]
-    raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed})",
+    raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed()})",
                             fix="pick it by its number instead" if hits else "check the folder, or pick a series by "
                             "its number", path=path)
 
@@ -1032,9 +1089,32 @@ def _listed(lines: List[str]) -> str:
 
 
 def _series_line(fs: list, path: Path) -> str:
-    """One series in messages: modality, size, file count and folder."""
-    return (f"{str(fs[0][1].get('Modality', '?'))} {fs[0][1].get('Columns', '?')}x{fs[0][1].get('Rows', '?')}, "
-            f"{len(fs)} files in {_shown_folder(fs[0][0].parent, path)}")
+    """One series in messages: modality, size, volumes, file count and folder, as :func:`scan` gives them (the
+    raw Columns x Rows of a Siemens mosaic, 384x384, was not the 64x64x35 that scan and ``medfuse info`` give)."""
+    try:
+        shape, nvol, files = _series_shape(fs, path)
+    except Exception:  # noqa: BLE001 - a listing never fails: the header's own size
+        shape, nvol, files = (fs[0][1].get("Columns", "?"), fs[0][1].get("Rows", "?"), 0), 0, fs
+    size = "x".join(str(x) for x in (shape if shape[2] else shape[:2]))
+    vols = f", {nvol} volumes" if nvol > 1 else ""
+    return (f"{str(fs[0][1].get('Modality', '?'))} {size}{vols}, "
+            f"{len(files)} files in {_shown_folder(fs[0][0].parent, path)}")
+
+
+def _series_shape(files: list, path: Path) -> Tuple[Tuple[int, int, int], int, list]:
+    """(shape of one volume (columns, rows, slices), number of volumes, files kept) of a series, from its headers
+    (no pixels). A series that does not form a volume gives (columns, rows, 0) and 0 volumes: load says why."""
+    unsaid = _Unsaid()
+    files = _drop_localizers(_dedupe(files, path, unsaid), path, unsaid)
+    ds0 = files[0][1]
+    try:
+        vols, _ = _split_volumes(_series_frames(files, path), path)
+    except (GeometryError, UnsupportedDataError, UnreadableFileError):
+        return (int(ds0.Columns), int(ds0.Rows), 0), 0, files
+    tile = vols[0][0].tile
+    if tile is not None:  # a Siemens mosaic: the tile, not the whole mosaic
+        return (tile[3], tile[2], len(vols[0])), len(vols), files
+    return (int(ds0.Columns), int(ds0.Rows), len(vols[0])), len(vols), files
 
 
 def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> Tuple[str, list]:
@@ -1043,8 +1123,10 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
     # by modality, size, file count and folder, and error.choices holds the UIDs.
     if series_uid is not None and series_uid not in series:
         # A number as listed, or a modality (medfuse fuse --series CT PT on a PACS export's one folder).
-        series_uid = resolve_series_choice(series_uid, [(u, str(fs[0][1].get("Modality", "")), _series_line(fs, path))
-                                                        for u, fs in series.items()], path) or series_uid
+        # The lines only when a message needs them: a mosaic's size comes from its geometry.
+        series_uid = resolve_series_choice(
+            series_uid, [(u, str(fs[0][1].get("Modality", "")), functools.partial(_series_line, fs, path))
+                         for u, fs in series.items()], path) or series_uid
     if series_uid is not None:
         if series_uid not in series:
             listed = _listed([_series_line(fs, path) for fs in series.values()])
@@ -1063,6 +1145,7 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
 
 
 def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
+    """(unit, SUV factor per file or None, the SUV kind applied or None)."""
     if modality == "CT":
         # RescaleType is required only when the rescaled values are not HU (PS3.3 C.8.2.1): absent means HU.
         kinds = {str(ds.get("RescaleType", "HU") or "HU").strip().upper() for _, ds in files}
@@ -1071,12 +1154,12 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
                    "(unit 'arbitrary'), and no HU window applies")
             warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
             notes.append(msg)
-            return "arbitrary", None
-        return "HU", None
+            return "arbitrary", None, None
+        return "HU", None, None
     if modality == "NM":
-        return "counts", None
+        return "counts", None, None
     if modality != "PT":
-        return "arbitrary", None
+        return "arbitrary", None, None
     from . import suv as _suv
     from ..errors import SUVError
 
@@ -1086,12 +1169,13 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     headers = [_suv.header_from_dataset(ds) for _, ds in files]
     stored = _suv.stored_unit(headers[0]) if headers else "arbitrary"
     if suv == "none":
-        return stored, None
+        return stored, None, None
     if suv == "auto":  # keep an SUV series in the kind it was stored in; otherwise SUVbw
         suv = {v: k for k, v in _suv.KIND_UNITS.items() if k != "lbm_janma"}.get(stored, "bw")
     try:
         factors = _suv.series_suv_factors(headers, kind=suv)
-        return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}
+        # The kind itself is kept: the unit cannot tell James's lean body mass from Janmahasatian's.
+        return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}, suv
     except SUVError as e:
         why = e.problem
     # Without Units the stored unit is a guess (Bq/mL, what scanners store): say it is one.
@@ -1100,7 +1184,7 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     msg = f"PET loaded in {stored}{assumed}, not SUV: {why}"
     warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
     notes.append(msg)
-    return stored, None
+    return stored, None, None
 
 
 def _series_of_file(path: Path, broken: List[Path]) -> Tuple[Path, Dict[str, List[Tuple[Path, Any]]], str]:
@@ -1211,12 +1295,12 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         "MR", "CT", "PT", "NM") else "unknown"
     frames = _series_frames(files, path)
     vols, normal = _split_volumes(frames, path)
-    unit, factors = _unit_and_suv(modality, files, suv, notes, path)
+    unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path)
     suv_source = None
     if factors is not None:  # how the factor was made, in words (tags' names, never values), for `medfuse info`
         from . import suv as _suv
 
-        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=unit[3:])
+        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=suv_kind)
     pix = _pixels(vols, dict(files))
     ts = str(getattr(getattr(ds0, "file_meta", None), "TransferSyntaxUID", "") or "")
     out = []
@@ -1241,7 +1325,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)
         if factors is not None:
-            prov["suv"] = unit[3:].lower()  # the kind applied ("auto" resolved)
+            prov["suv"] = suv_kind  # the kind applied ("auto" resolved)
             prov["suv_source"] = suv_source
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
     if broken:  # the series itself is complete (a gap would have been refused above)
@@ -1321,18 +1405,8 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
         raise UnreadableFileError("no such file or folder", fix="check the path", path=folder)
     out = []
     for uid, files in _headers(folder).items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MedfuseWarning)
-            files = _drop_localizers(_dedupe(files, folder), folder)
+        shape, nvol, files = _series_shape(files, folder)  # a series with no volume is listed: load says why
         ds0 = files[0][1]
-        try:
-            vols, _ = _split_volumes(_series_frames(files, folder), folder)
-            shape = (int(ds0.Columns), int(ds0.Rows), len(vols[0]))
-            if vols[0][0].tile is not None:
-                shape = (vols[0][0].tile[3], vols[0][0].tile[2], len(vols[0]))
-            nvol = len(vols)
-        except (GeometryError, UnsupportedDataError, UnreadableFileError):  # listed, with no volume: load says why
-            shape, nvol = (int(ds0.Columns), int(ds0.Rows), 0), 0
         dirs = {os.fspath(f.parent) for f, _ in files}
         out.append(SeriesInfo(uid, str(ds0.get("Modality", "")), str(ds0.get("SeriesDescription", "")), shape, nvol,
                               len(files), dirs.pop() if len(dirs) == 1 else os.fspath(folder)))

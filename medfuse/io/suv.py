@@ -565,7 +565,7 @@ def factor_source(header: Dict[str, Any], *, kind: str = "bw") -> str:
 
     Args:
         header: one instance's header (:func:`header_from_dataset`).
-        kind: the SUV kind applied (``"bw"``, ``"lbm"``, ``"bsa"``).
+        kind: the SUV kind applied (``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``).
 
     Returns:
         One sentence, e.g. ``"body weight / injected dose decayed to the scan start (Units BQML, ...)"``.
@@ -580,7 +580,8 @@ def factor_source(header: Dict[str, Any], *, kind: str = "bw") -> str:
         stored = str(header.get("SUVType") or "BW").strip().upper()
         return (f"stored as SUV{stored.lower()} by the scanner (Units GML, SUVType {stored})"
                 + ("" if stored.lower() == kind else f", converted to SUV{kind} with the patient's body size"))
-    body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass"}.get(kind, kind)
+    body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass (James)",
+            "lbm_janma": "lean body mass (Janmahasatian)"}.get(kind, kind)
     dc = str(header.get("DecayCorrection") or "").strip().upper()
     if units == "CNTS":
         if (_philips(header, "SUVScaleFactor") or 0) > 0:

@@ -767,3 +767,21 @@ def test_load_takes_a_series_number_or_modality_as_the_listing_gives_them(tmp_pa
     nii = medfuse.save(load_dicom(study, series_uid="1"), tmp_path / "ct.nii.gz")
     with pytest.raises(InvalidInputError, match="this file holds one image"):
         medfuse.load(nii, series_uid="CT")
+
+
+def test_pet_lean_body_mass_kinds_are_recorded_apart(tmp_path):
+    """Both lean-body-mass formulas give unit SUVlbm; the record says which one ran (it said James for both)."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.RadionuclideHalfLife, item.RadionuclideTotalDose = "6586.2", "370000000"
+    item.RadiopharmaceuticalStartTime = "090000"
+    extra = dict(Units="BQML", DecayCorrection="START", PatientWeight="70", PatientSize="1.75",
+                 SeriesDate="20200101", SeriesTime="100000", AcquisitionDate="20200101", AcquisitionTime="100000",
+                 CorrectedImage=["ATTN", "DECY"], RadiopharmaceuticalInformationSequence=[item], PatientSex="F")
+    _series(tmp_path / "p", n=3, modality="PT", intercept=0.0, slope=0.5, extra=extra)
+    james, janma = load_dicom(tmp_path / "p", suv="lbm"), load_dicom(tmp_path / "p", suv="lbm_janma")
+    assert james.unit == janma.unit == "SUVlbm"
+    assert (james.provenance["suv"], janma.provenance["suv"]) == ("lbm", "lbm_janma")
+    assert "James" in james.provenance["suv_source"] and "Janmahasatian" in janma.provenance["suv_source"]
+    assert not np.allclose(james.array, janma.array)  # two formulas, two factors
