@@ -28,6 +28,8 @@ def describe(value: Any) -> str:
         return "None"
     if isinstance(value, Volume):
         return "a medfuse Volume"
+    if isinstance(value, type):  # a class given for a value (medfuse.Volume itself): its .shape is a property
+        return f"the class {value.__name__}"
     name = type(value).__name__
     article = "an" if name[:1].lower() in "aeio" or name.startswith("nd") else "a"  # an int, an ndarray; a uint8
     if hasattr(value, "shape") and hasattr(value, "dtype"):

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import flag, number, whole
+from ._checks import choice, describe, flag, number, whole
 from .errors import InvalidInputError
 from .volume import Volume, normalise_modality
 
@@ -167,8 +167,14 @@ def check_ct_window(modality: Optional[str], unit: Optional[str]) -> None:
         unit: the image's unit (one of :data:`medfuse.volume.UNITS`), or None.
 
     Raises:
-        InvalidInputError: the image is not one an HU window fits.
+        InvalidInputError: ``modality`` or ``unit`` is neither a str nor None, or the image is not one an HU
+            window fits.
     """
+    for name, value in (("modality", modality), ("unit", unit)):
+        if value is not None and not isinstance(value, str):  # an array failed in `==` with NumPy's "ambiguous"
+            raise InvalidInputError(f"check_ct_window takes the modality and unit as strings (or None); {name} is "
+                                    f"{describe(value)}",
+                                    fix="pass the image's labels, e.g. check_ct_window(vol.modality, vol.unit)")
     if unit == "HU":
         return
     try:
@@ -300,8 +306,8 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
         raise InvalidInputError("display_settings needs a medfuse Volume", fix="wrap the array: medfuse.Volume(array, affine)")
     modality = normalise_modality(volume.modality)
     overlay = flag(overlay, "overlay")
-    if window is not None and window not in CT_WINDOWS:
-        raise InvalidInputError(f"unknown CT window {window!r}", fix=f"use one of {', '.join(CT_WINDOWS)}")
+    # choice(): a list or an array failed in `in` with "unhashable type".
+    choice(window, "CT window", (None, *CT_WINDOWS), fix=f"use one of {', '.join(CT_WINDOWS)} (or None: brain)")
     blend = {"blending": "additive", "opacity": 0.6} if overlay else {"blending": "translucent", "opacity": 1.0}
     if modality == "CT" and volume.unit == "HU":
         return DisplaySettings("gray", window_to_limits(*CT_WINDOWS[window or "brain"]), **blend)
@@ -468,8 +474,7 @@ def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = 
     import SimpleITK as sitk
 
     kinds = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
-    if interpolation not in kinds:
-        raise InvalidInputError(f"unknown interpolation {interpolation!r}", fix="use 'linear' or 'nearest'")
+    choice(interpolation, "interpolation", tuple(kinds), fix="use 'linear' or 'nearest'")  # a list: "unhashable"
     if not isinstance(volume, Volume):
         raise InvalidInputError("orthogonal_slices needs a medfuse Volume",
                                 fix="wrap the array: medfuse.Volume(array, affine)")

@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ._checks import number, whole
-from .errors import InvalidInputError, MedfuseError, OutputExistsError, UnreadableFileError
+from .errors import InvalidInputError, MedfuseError, OutputExistsError, OutputWriteError, UnreadableFileError
 from .volume import Volume
 
 __all__ = [
@@ -160,8 +160,11 @@ def _misalign_spec(value: Any, name: str) -> np.ndarray:
                 fix="give {'rotation_deg': (rx, ry, rz), 'translation_mm': (tx, ty, tz)} or a 4x4 matrix",
             )
         return rigid_matrix(value.get("rotation_deg", (0, 0, 0)), value.get("translation_mm", (0, 0, 0)))
-    m = np.asarray(value, dtype=float)
-    if m.shape != (4, 4) or not np.all(np.isfinite(m)) or not np.allclose(m[3], [0, 0, 0, 1]):
+    try:  # a str or an object failed inside NumPy with its bare error
+        m = np.asarray(value, dtype=float) if not np.iscomplexobj(value) else None
+    except (TypeError, ValueError):
+        m = None
+    if m is None or m.shape != (4, 4) or not np.all(np.isfinite(m)) or not np.allclose(m[3], [0, 0, 0, 1]):
         raise InvalidInputError(f"misalign[{name!r}] is not a finite homogeneous 4x4 matrix",
                                 fix="pass a 4x4 LPS matrix mapping MR points to the moving image's points")
     r = m[:3, :3]
@@ -245,25 +248,49 @@ def lesion_contrast(array: np.ndarray, affine: np.ndarray, centre, radius_mm: fl
         Mean over the core minus mean over the shell, in the volume's unit.
 
     Raises:
-        InvalidInputError: a Volume given with an affine other than its own, an affine that is not 4×4, a
-            centre that is not three numbers, or a radius that is not a positive number.
+        InvalidInputError: a Volume given with an affine other than its own, an affine that is not a finite 4×4
+            matrix, a centre that is not three finite numbers, a radius that is not a finite positive number
+            (bool, NaN and infinity included), an array that is not a 3-D real numeric one, or a lesion core or
+            shell that holds no voxel of the array (a lesion outside it, or a radius far from the voxel size).
     """
-    aff = np.asarray(affine, dtype=float)
+    aff = _real_array(affine, "affine", fix="pass the volume's affine (vol.affine)")
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
         raise InvalidInputError("affine must be a finite 4x4 matrix", fix="pass the volume's affine (vol.affine)")
     if isinstance(array, Volume) and not np.allclose(array.affine, aff, rtol=0, atol=1e-9):
         # NumPy reads a Volume as its voxels: another affine would measure the lesion somewhere else, silently.
         raise InvalidInputError("the Volume's own affine differs from the affine given",
                                 fix="pass vol.affine with the Volume, or its voxels (vol.array) with their affine")
-    number(radius_mm, "radius_mm", low=0, open_low=True, example="radius_mm=phantom.lesion_radius_mm")
+    # The checked float is used below (a 0-d array or a NumPy scalar stays no longer what the masks compare with).
+    radius_mm = number(radius_mm, "radius_mm", low=0, open_low=True, example="radius_mm=phantom.lesion_radius_mm")
     centre = _three(centre, "centre")
-    arr = np.asarray(array, dtype=float)
+    arr = _real_array(array, "array", fix="pass the volume's voxels (vol.array)")
     if arr.ndim != 3:
         raise InvalidInputError(f"array must be 3-D, got {arr.ndim}-D", fix="pass the volume's voxels (vol.array)")
     idx = np.indices(arr.shape).reshape(3, -1).T
     d = np.linalg.norm(idx @ aff[:3, :3].T + aff[:3, 3] - np.asarray(centre, float), axis=1).reshape(arr.shape)
     core, shell = d < 0.6 * radius_mm, (d > 1.5 * radius_mm) & (d < 2.5 * radius_mm)
+    for name, region in (("core (within 0.6 radius)", core), ("shell (1.5 to 2.5 radii)", shell)):
+        if not region.any():  # the mean of nothing was a silent NaN (with NumPy's "Mean of empty slice")
+            raise InvalidInputError(
+                f"the lesion's {name} holds no voxel of the array (radius {radius_mm:g} mm)",
+                fix="pass the lesion's centre in LPS mm inside the array (phantom.lesion_center), its radius "
+                    "(phantom.lesion_radius_mm), and the array's own affine")
     return float(arr[core].mean() - arr[shell].mean())
+
+
+def _real_array(value: Any, name: str, *, fix: str) -> np.ndarray:
+    """``value`` as a float64 array, or InvalidInputError: a str, a dict or an object failed inside NumPy, and
+    complex values lost their imaginary part with only a ComplexWarning."""
+    try:
+        ok = not isinstance(value, (str, bytes)) and not np.iscomplexobj(value)
+        a = np.asarray(value, dtype=float) if ok else None
+    except (TypeError, ValueError):
+        a = None
+    if a is None:
+        from ._checks import describe
+
+        raise InvalidInputError(f"{name} must be a real numeric array, got {describe(value)}", fix=fix)
+    return a
 
 
 def make_phantom(*, seed: int = 0, lesion: bool = True, misalign: Optional[Mapping[str, Any]] = None,
@@ -586,7 +613,8 @@ def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, s
 
     Raises:
         InvalidInputError: ``folder`` is not a path or is a file, or ``seed`` is not a non-negative whole number.
-        OutputExistsError: sample files exist (without ``overwrite``), or the folder cannot be written.
+        OutputExistsError: sample files exist (without ``overwrite``).
+        OutputWriteError: the folder cannot be made or written (its ``errno`` says why).
     """
     from .io import _as_path, _check_flag, save
 
@@ -605,7 +633,11 @@ def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, s
             )
     if out.exists() and not out.is_dir():
         raise InvalidInputError("the output path exists and is not a folder", fix="choose a folder", path=out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only place, no permission, or a file where a parent folder should be
+        raise OutputWriteError(f"cannot make the samples' folder ({e.strerror or type(e).__name__})",
+                               fix="choose a folder you can write to", path=out, errno=e.errno) from None
     ph = make_phantom(seed=seed)
 
     save(ph.ct, targets["ct"], overwrite=overwrite, format="dicom", series_description="phantom CT head")

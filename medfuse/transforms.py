@@ -246,13 +246,18 @@ class LoadVolume(Transform):
             series is stored in), ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, ``"none"``.
         as_tensor: return a MONAI MetaTensor instead of a Volume.
 
-    A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume.
+    A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume. ``suv`` is
+    applied only when the file is read: the SUV factor needs the DICOM header (injected dose, body size, times),
+    which a loaded image does not keep. So a loaded PET (modality ``PT``, or in SUV or Bq/mL) passes only when it
+    is in the ``suv`` asked for already (``"auto"`` passes any; ``"none"`` one medfuse applied no SUV factor
+    to); other loaded images pass as :func:`medfuse.load` ignores ``suv`` for them.
 
     Raises:
         InvalidInputError: when built, an unknown ``modality`` or ``suv`` (:data:`medfuse.io.SUV_CHOICES`), or
             ``as_tensor`` not True or False; when called, the input
-            is neither a path nor an image (a bare array: wrap it as ``medfuse.Volume(array, affine)``); the errors of :func:`medfuse.load` (``UnreadableFileError``,
-            ``MultipleSeriesError``, ``SUVError``...) for a file it cannot read.
+            is neither a path nor an image (a bare array: wrap it as ``medfuse.Volume(array, affine)``), or is a
+            PET loaded already in another unit than ``suv`` asks for; the errors of :func:`medfuse.load`
+            (``UnreadableFileError``, ``MultipleSeriesError``, ``SUVError``...) for a file it cannot read.
     """
 
     def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False):
@@ -278,9 +283,39 @@ class LoadVolume(Transform):
                 "medfuse.Volume(array, affine)")
         else:
             vol = load(path, modality=self.modality, suv=self.suv)
+        if isinstance(path, Volume) or _is_metatensor(path):
+            self._check_loaded_suv(vol, self.suv, recorded=isinstance(path, Volume))
         if self.as_tensor and _is_metatensor(path):  # passed through: its header keys and history stay
             return _keep_meta(vol.to_metatensor(), path, same_grid=True)
         return vol.to_metatensor() if self.as_tensor else vol
+
+    @staticmethod
+    def _check_loaded_suv(vol: Volume, suv: str, *, recorded: bool) -> None:
+        """Refuse a loaded PET that is not in the ``suv`` asked for (it passed through unchanged, unsaid).
+
+        ``recorded``: the image's provenance is its own (a Volume); a MetaTensor keeps no record of the SUV kind
+        medfuse applied, so one in SUV is not taken for values as stored (``suv="none"``).
+
+        Raises:
+            InvalidInputError: the image is PET-like and its unit (or the SUV kind medfuse recorded) differs.
+        """
+        from .io.suv import KIND_UNITS
+
+        if suv == "auto" or not (vol.modality == "PT" or vol.unit.startswith("SUV") or vol.unit == "Bq/mL"):
+            return  # suv= is PET only: medfuse.load ignores it for other images too
+        applied = vol.provenance.get("suv")  # the SUV kind medfuse.load applied (absent: values as read)
+        if suv == "none":
+            if applied is None and (recorded or not vol.unit.startswith("SUV")):
+                return
+        elif vol.unit == KIND_UNITS[suv] and applied in (None, suv):  # a recorded kind must match (lbm vs janma)
+            return
+        kind = f", SUV kind {applied!r} applied" if applied is not None else ""
+        raise InvalidInputError(
+            f"LoadVolume(suv={suv!r}) got a PET loaded already, in {vol.unit}{kind}: suv= applies only when "
+            "LoadVolume reads the file (the SUV factor needs the DICOM header's dose, body size and times, which a "
+            "loaded image does not keep), so this image cannot be converted",
+            fix=f"give LoadVolume the PET's file or DICOM folder path instead, or load it with "
+                f"medfuse.load(path, suv={suv!r}); suv='auto' passes loaded images through as they are")
 
     def __repr__(self) -> str:
         return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor)

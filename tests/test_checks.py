@@ -85,6 +85,15 @@ def test_describe_names_the_type_with_its_article():
     assert _checks.describe(np.uint8(3)) == "a uint8 of shape ()"
 
 
+def test_a_class_given_for_a_value_is_a_typed_error():
+    """medfuse.Volume itself (not an instance) for a number: describe read .shape off the class ('property')."""
+    from medfuse import Volume
+
+    assert _checks.describe(Volume) == "the class Volume"
+    with pytest.raises(InvalidInputError, match="seed must be a whole number, got the class Volume"):
+        _checks.whole(Volume, "seed", example="seed=0")
+
+
 def test_choice_shows_a_typo_but_never_a_path_or_an_array():
     assert _checks.choice("rigid", "kind", ("rigid", "affine")) == "rigid"
     assert _checks.choice(None, "kind", (None, "rigid")) is None

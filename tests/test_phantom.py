@@ -337,3 +337,15 @@ def test_lesion_contrast_sees_the_hot_spot_on_pet_and_the_dark_core_on_t1():
     assert lesion_contrast(ph.pet.array, ph.pet.affine, c, r) > 0  # uptake
     assert lesion_contrast(ph.t1.array, ph.t1.affine, c, r) < 0  # the MR's darker core
     assert lesion_contrast(np.ones(ph.t1.shape), ph.t1.affine, c, r) == 0.0
+
+
+def test_write_samples_into_a_folder_it_cannot_make_is_a_typed_write_error(tmp_path):
+    """A file where a parent folder should be raised a raw NotADirectoryError from mkdir."""
+    import errno
+
+    from medfuse.errors import OutputWriteError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputWriteError, match="cannot make the samples' folder") as info:
+        phantom.write_samples(tmp_path / "afile" / "samples")
+    assert info.value.errno == errno.ENOTDIR and not isinstance(info.value, OutputExistsError)

@@ -454,6 +454,36 @@ def _mi(f: np.ndarray, a: np.ndarray) -> float:
     return float(mutual_info_score(a.ravel(), f.ravel()))
 
 
+def _undefined_metrics(sources: Sequence[np.ndarray]) -> Dict[str, str]:
+    """The validation metrics that have no value on these sources (0..1), and why, as :mod:`medfuse.metrics`
+    defines them: VIF when a source is constant, Qabf when no source has an edge (both 0/0).
+
+    Why here and not in :func:`_vifp` / :func:`_qabf`: the loss uses those and must stay finite, so they
+    clamp the 0/0 (VIF's term to 0, Qabf to about 0.97 through its 1e-6 gradient floor); the validation table
+    must not score such pairs. Both depend on the sources only, so one check covers every method.
+    """
+    from .. import metrics as M
+
+    s255 = [np.asarray(s, dtype=np.float64) * 255.0 for s in sources]
+    out = {}
+    flat = [i + 1 for i, s in enumerate(s255) if math.isnan(M._vifp_pair(s, s))]
+    if flat:
+        out["VIF"] = f"source {'/'.join(map(str, flat))} constant (no information to preserve: 0/0)"
+    if not any(M._sobel(s)[0].any() or M._sobel(s)[1].any() for s in s255):
+        out["Qabf"] = "no source has an edge (nothing to preserve: 0/0)"
+    return out
+
+
+def _finite_means(d: Dict[str, List[float]]) -> Dict[str, float]:
+    """Means over the finite values only (NaN when there is none), as medfuse.metrics' slice-wise means."""
+    out = {}
+    for k, v in d.items():
+        a = np.asarray(v, dtype=np.float64)
+        a = a[np.isfinite(a)]
+        out[k] = float(a.mean()) if a.size else float("nan")
+    return out
+
+
 def _subset(items: list, limit: Optional[int]) -> list:
     """At most ``limit`` items spread evenly over ``items`` (all of them when ``limit`` is None)."""
     return items if limit is None else items[:: max(1, len(items) // limit)][:limit]
@@ -466,20 +496,31 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
 
     ``rule_cache`` (a dict the caller keeps between epochs) holds the rules' rows, which do not change from
     one epoch to the next, so each rule is fused and scored once per run rather than once per epoch.
+
+    A metric that is undefined on a pair (VIF with a constant source, Qabf without any source edge; see
+    :func:`_undefined_metrics`) is NaN for that pair and left out of the means, as :mod:`medfuse.metrics` does;
+    one :class:`medfuse.metrics.UndefinedMetricWarning` per call says how many pairs each mean is over. A
+    metric undefined on every pair of a type is NaN in the table.
     """
     import torch
 
+    from ..metrics import UndefinedMetricWarning
     from .classical import fuse_arrays as classical
 
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    left_out: List[str] = []
     cache = {} if rule_cache is None else rule_cache
     model.eval()
     for ptype, items in val_pairs.items():
         items = _subset(items, limit)
         todo = [r for r in rules if (ptype, r, len(items)) not in cache]
         acc: Dict[str, Dict[str, List[float]]] = {}
+        undefined: Dict[str, List[str]] = {}
         for a, b in items:
             x = load_pair(a, b)
+            nan_of = _undefined_metrics([x[0], x[1]])
+            for k, why in nan_of.items():
+                undefined.setdefault(k, []).append(why)
             with torch.inference_mode():
                 xt = torch.from_numpy(x)[None].to(device)
                 fused = {"network": model(xt).float().cpu()[0].numpy()}
@@ -491,13 +532,18 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
                 m = torch_metrics(ft, [torch.from_numpy(x[i])[None] for i in range(2)])
                 d = acc.setdefault(meth, {})
                 for k, v in m.items():
-                    d.setdefault(k, []).append(float(v[0]))
+                    d.setdefault(k, []).append(float("nan") if k in nan_of else float(v[0]))
                 d.setdefault("MI", []).append(_mi(f8, x[0] * 255) + _mi(f8, x[1] * 255))
-        rows = {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in acc.items()}
+        rows = {m: _finite_means(d) for m, d in acc.items()}
+        for k, whys in undefined.items():
+            left_out.append(f"{k} on {len(whys)} of {len(items)} {ptype} pairs ({'; '.join(dict.fromkeys(whys))})")
         for r in todo:
             cache[(ptype, r, len(items))] = rows[r]
         table[ptype] = {"network": rows["network"], **{r: cache[(ptype, r, len(items))] for r in rules}}
     model.train()
+    if left_out:
+        warnings.warn(UndefinedMetricWarning("validation: no value for " + "; ".join(left_out) + ": left out of "
+                                             "the means (NaN where no pair of a type has one)"), stacklevel=2)
     return table
 
 
@@ -526,14 +572,20 @@ def gff_targets(x):
 
 
 def rule_margins(table, metrics: Sequence[str] = ("Qabf", "VIF", "SSIM")) -> Dict[str, float]:
-    """Per pair type, the network's worst relative margin over the best rule of ``table`` on ``metrics``."""
+    """Per pair type, the network's worst relative margin over the best rule of ``table`` on ``metrics``.
+
+    A metric with no value (NaN: undefined on every validation pair of the type, see :func:`validate`) is left
+    out; a type with none left is NaN.
+    """
     out = {}
     for ptype, rows in table.items():
         margins = []
         for k in metrics:
-            best = max(v[k] for m, v in rows.items() if m != "network")
-            margins.append((rows["network"][k] - best) / abs(best))
-        out[ptype] = min(margins)
+            ruled = [v[k] for m, v in rows.items() if m != "network" and math.isfinite(v[k])]
+            if ruled and math.isfinite(rows["network"][k]):  # NaN made max() and min() depend on the order
+                best = max(ruled)
+                margins.append((rows["network"][k] - best) / abs(best))
+        out[ptype] = min(margins) if margins else float("nan")
     return out
 
 
@@ -543,8 +595,8 @@ def rule_margin(table, metrics: Sequence[str] = ("Qabf", "VIF", "SSIM")) -> floa
     Positive means the network beats every rule in ``table`` on every metric of every pair type on average;
     this is what ``test_network_beats_every_classical_rule`` asks of a fixed subset.
     """
-    per_type = list(rule_margins(table, metrics).values())
-    return float(np.mean(per_type))
+    per_type = [v for v in rule_margins(table, metrics).values() if math.isfinite(v)]
+    return float(np.mean(per_type)) if per_type else float("nan")
 
 
 def format_table(table) -> str:
