@@ -152,6 +152,12 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
         fix = re.sub(r"(?:pass |try )?initialise='(\w+)'", r"medfuse register --initialise \1", fix)
         fix = fix.replace("initial_transform= a known rough alignment",
                           "--initial-transform FILE (a known rough alignment)")
+    if fix == "check the path" and e.path is not None and "sample_volumes" in Path(e.path).parts \
+            and not Path(e.path).exists():
+        # The examples' paths are the repository's: a pip install has no sample_volumes/ (it can write them).
+        fix = ("sample_volumes/ comes with the repository; write the same synthetic samples here with "
+               "'python -m medfuse.phantom --write sample_volumes' (medfuse demo writes them to "
+               "demo_output/sample_volumes)")
     if fix != e.fix:
         e.fix = fix
         e.args = (e._compose(),)
@@ -425,8 +431,12 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         except (UnreadableFileError, UnsupportedDataError) as e:
             if not files:
                 if isinstance(e, UnreadableFileError):
+                    from .io.dicom import _hidden_note
+
+                    hidden, hidden_fix = _hidden_note(p)  # a series only in a hidden folder: say it was skipped
                     raise UnreadableFileError("the folder holds no DICOM image series and no NIfTI/MetaImage/NRRD "
-                                              "file", fix="give the file or folder that holds the images",
+                                              "file" + hidden,
+                                              fix=hidden_fix or "give the file or folder that holds the images",
                                               path=p) from None
                 raise
         if args.series and not series:
@@ -1043,19 +1053,22 @@ def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, a
 
 
 # ----------------------------------------------------------------------------- parser
+# Warnings stay under -q: they are about the data (different frames of reference, PET left in Bq/mL).
+_QUIET_HELP = "print only warnings and errors (no progress, no lines about what was written)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks on errors")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="print only errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=_QUIET_HELP)
 
     parser = _Parser(prog="medfuse", description=_DESCRIPTION, epilog=_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"medfuse {_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def add(name: str, help_: str, description: str, **kw) -> argparse.ArgumentParser:

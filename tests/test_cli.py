@@ -627,3 +627,23 @@ def test_a_looping_link_is_called_a_loop_not_a_missing_file(tmp_path, capsys):
         assert main(argv) == EXIT_USAGE
         err = capsys.readouterr().err
         assert "loops" in err and "no such file" not in err, err
+
+
+def test_quiet_keeps_warnings_about_the_data_and_drops_the_rest(tmp_path, capsys):
+    """-q is documented as 'only warnings and errors': a warning about the inputs (two frames of reference)
+    must still reach the user; the lines about what was written must not."""
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(SAMPLES / "ct"), str(SAMPLES / "pet"), "-o", str(out), "--method", "max", "-q"]) == 0
+    cap = capsys.readouterr()
+    assert out.exists() and cap.out == ""
+    assert "frames of reference" in cap.err and "wrote" not in cap.err
+    assert "print only warnings and errors" in build_parser().format_help()
+
+
+def test_the_examples_sample_paths_say_how_to_make_the_samples(tmp_path, monkeypatch, capsys):
+    """A pip install has no sample_volumes/: the README's first command said only 'check the path'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "sample_volumes"]) == EXIT_USAGE
+    assert "python -m medfuse.phantom --write sample_volumes" in capsys.readouterr().err
+    assert main(["info", "elsewhere"]) == EXIT_USAGE
+    assert "Fix: check the path." in capsys.readouterr().err

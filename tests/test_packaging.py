@@ -27,7 +27,8 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"medfuse": ROOT / "medfuse", "medfuse_napari": ROOT / "napari_plugin" / "medfuse_napari"}
 # What may sit inside the shipped packages: code, the plugin manifest, the weights and their model card.
-SHIPPED_SUFFIXES = {".py", ".yaml", ".safetensors", ".json", ".md"}
+# (py.typed: the marker that lets mypy and pyright read medfuse's annotations once installed)
+SHIPPED_SUFFIXES = {".py", ".yaml", ".safetensors", ".json", ".md", ".typed"}
 
 # Releases that install but break medfuse: each floor in pyproject.toml must exclude them.
 KNOWN_BROKEN = {
@@ -118,6 +119,17 @@ def test_wheel_entry_points_and_metadata(dists):
     assert manifest["name"] == meta["Name"], "npe2 wants the manifest's name to be the distribution's"
     assert meta["Requires-Python"] and meta["License-Expression"]
     assert "Framework :: napari" in meta.get_all("Classifier")
+
+
+def test_wheel_and_sdist_ship_the_licence_text_and_the_typing_marker(dists):
+    """Apache-2.0 (section 4a) asks that users get a copy of the licence: it was declared, and shipped nowhere."""
+    wheel, meta = dists["wheel"], dists["metadata"]
+    assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
+    licence = next(v for k, v in wheel.items() if k.endswith(".dist-info/licenses/LICENSE"))
+    assert licence == (ROOT / "LICENSE").read_bytes() and b"Apache License" in licence[:200]
+    assert "medfuse/py.typed" in wheel
+    root = dists["sdist"][0].split("/")[0]
+    assert f"{root}/LICENSE" in dists["sdist"]
 
 
 def test_sdist_holds_the_sources_and_no_partial_test_suite(dists):
