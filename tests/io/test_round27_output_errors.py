@@ -10,10 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import shutil
-import subprocess
 import tempfile
-import uuid
 
 import numpy as np
 import pytest
@@ -33,22 +30,6 @@ def _is_write_error(e: BaseException, code: int) -> None:
     assert not isinstance(e, (OutputExistsError, FileExistsError))
     assert e.errno == code, (e.errno, code)
     assert e.fix and "Fix:" in str(e) and not str(e).startswith("[Errno")
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (only root may mount one; skipped elsewhere), as tests/io/test_full_disk.py."""
-    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root on Linux")
-    where = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 # ----------------------------------------------------------------------------- the failures, one by one
