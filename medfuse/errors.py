@@ -122,16 +122,24 @@ class OutputWriteError(MedfuseError, OSError):
 
     def __init__(self, problem: str, *, errno: Optional[int] = None, fix: Optional[str] = None, path=None):
         super().__init__(problem, fix=fix, path=path)
-        # Why: OSError's constructor only fills errno from a (code, message) pair, which would change str(self).
+        # Why: OSError's constructor only fills these from a (code, message, filename) triple, which would change
+        # str(self); set here, OSError-style logging ("{e.strerror}: {e.filename}") reads what the message says.
         self.errno = errno
+        self.strerror = os.strerror(errno) if errno else problem
+        self.filename = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        # OSError's own str() becomes "[Errno 28] ...: path" once strerror is set; the message stays medfuse's.
+        return str(self.args[0]) if self.args else self._compose()
 
     def __reduce__(self):
         # Why: OSError pickles as type(*args), which would lose fix/path/errno across a process pool.
-        return (_rebuild_write_error, (self.problem, self.errno, self.fix, self.path), dict(self.__dict__))
+        return (_rebuild_write_error, (type(self), self.problem, self.errno, self.fix, self.path),
+                dict(self.__dict__))
 
 
-def _rebuild_write_error(problem, code, fix, path):
-    return OutputWriteError(problem, errno=code, fix=fix, path=path)
+def _rebuild_write_error(cls, problem, code, fix, path):
+    return cls(problem, errno=code, fix=fix, path=path)
 
 
 class RegistrationError(MedfuseError):

@@ -557,7 +557,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             name too long); ``errno`` says which. Raised when found, not reported per item (every item would fail).
         CancelledError: ``cancel`` was set.
 
-    All of these except ``CancelledError`` are raised before anything is written.
+    All of these except ``CancelledError`` and a write failure found on the way (``OutputWriteError``: the fused
+    images this run had written are removed then) are raised before anything is written.
     """
     from .fusion import available_methods
     from .io._atomic import atomic_write_text
@@ -639,6 +640,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     loaded_mask = _load_mask(mask)  # a file that cannot be read is bad input, before anything is written
     earlier = _earlier_outputs(out) if overwrite else []  # read before the tables are replaced
     made = [q for q in (out, *out.parents) if not q.exists()]  # the folders this run creates
+    new_outputs: List[Path] = []  # fused images this run created (none was there before): removed if it stops
     _make_folder(out)
     result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
     total = len(items) * len(methods)
@@ -679,7 +681,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                         scores = score(f, *greys, metrics=metrics, mask=m)
                     target = _target(out, method, item, True)
                     if save_outputs:
+                        fresh = not target.exists()
                         _save_png(img, target, overwrite)
+                        new_outputs += [target] if fresh else []
                 else:
                     with _collect_undefined() as undefined:
                         fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
@@ -688,7 +692,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                         from .io import save
 
                         _make_folder(target.parent)
+                        fresh = not target.exists()
                         save(fused, target, overwrite=overwrite)
+                        new_outputs += [target] if fresh else []
                 row["output"] = target.relative_to(out).as_posix() if save_outputs else None
                 if m is not None:  # what was scored: the region and its share of the image
                     row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
@@ -702,7 +708,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     row["n_slices"] = int(sum(scores["n_slices"].values()))
                     row["n_slices_used"] = dict(scores["n_slices_used"])
                 result.rows.append(row)
-            except (CancelledError, OutputExistsError, OutputWriteError):  # every item would fail alike
+            except OutputWriteError as e:  # a full disk, say: every item would fail alike
+                raise _stopped(e, new_outputs, out) from None
+            except (CancelledError, OutputExistsError):  # every item would fail alike
                 raise
             except (MissingDependencyError, WeightsError) as e:
                 dead = e.one_line()
@@ -733,6 +741,34 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         _remove_earlier_outputs(out, [e for e in earlier if e[0] not in written], items)
     report(progress, 1.0, "evaluation done")
     return result
+
+
+def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> MedfuseError:
+    """``e`` after removing the fused images this run created, with a word on it.
+
+    Why: a run stopped by a full disk wrote no tables, yet left its first images, which then blocked the rerun
+    ("a fused output of an earlier evaluation exists") and kept the disk full. Images that were there before
+    the run (replaced with ``overwrite``) stay.
+    """
+    removed = 0
+    for p in new_outputs:
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            continue
+        for q in p.parents:  # <method>/<PAIR>/ folders emptied by this
+            if q == out:
+                break
+            try:
+                q.rmdir()
+            except OSError:
+                break
+    if removed:
+        e.problem = (f"{e.problem}; the evaluation stopped, and the {removed} fused image(s) it had written were "
+                     "removed, so a rerun starts clean")
+        e.args = (e._compose(),)
+    return e
 
 
 def _warn_undefined(rows: Sequence[Dict[str, Any]]) -> None:

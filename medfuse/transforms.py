@@ -248,15 +248,16 @@ class LoadVolume(Transform):
 
     A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume. ``suv`` is
     applied only when the file is read: the SUV factor needs the DICOM header (injected dose, body size, times),
-    which a loaded image does not keep. So a loaded PET (modality ``PT``, or in SUV or Bq/mL) passes only when it
-    is in the ``suv`` asked for already (``"auto"`` passes any; ``"none"`` one medfuse applied no SUV factor
-    to); other loaded images pass as :func:`medfuse.load` ignores ``suv`` for them.
+    which a loaded image does not keep. So a PET medfuse read from DICOM passes only when it is in the ``suv``
+    asked for already (``"auto"`` passes any; ``"none"`` one medfuse applied no SUV factor to). A PET from
+    NIfTI/MetaImage/NRRD, or a MetaTensor (no record of its reader), passes as its file would load (with a
+    warning there: such files hold no SUV header); other images pass as :func:`medfuse.load` ignores ``suv``.
 
     Raises:
         InvalidInputError: when built, an unknown ``modality`` or ``suv`` (:data:`medfuse.io.SUV_CHOICES`), or
             ``as_tensor`` not True or False; when called, the input
             is neither a path nor an image (a bare array: wrap it as ``medfuse.Volume(array, affine)``), or is a
-            PET loaded already in another unit than ``suv`` asks for; the errors of :func:`medfuse.load`
+            PET read from DICOM already, in another unit than ``suv`` asks for; the errors of :func:`medfuse.load`
             (``UnreadableFileError``, ``MultipleSeriesError``, ``SUVError``...) for a file it cannot read.
     """
 
@@ -293,19 +294,25 @@ class LoadVolume(Transform):
     def _check_loaded_suv(vol: Volume, suv: str, *, recorded: bool) -> None:
         """Refuse a loaded PET that is not in the ``suv`` asked for (it passed through unchanged, unsaid).
 
-        ``recorded``: the image's provenance is its own (a Volume); a MetaTensor keeps no record of the SUV kind
-        medfuse applied, so one in SUV is not taken for values as stored (``suv="none"``).
+        ``recorded``: the image's provenance is its own (a Volume); a MetaTensor keeps no record of its reader or
+        of the SUV kind medfuse applied, and passes as the file it came from would have.
 
         Raises:
-            InvalidInputError: the image is PET-like and its unit (or the SUV kind medfuse recorded) differs.
+            InvalidInputError: the image is a PET medfuse read from DICOM, and its unit (or the SUV kind medfuse
+            recorded) differs.
         """
         from .io.suv import KIND_UNITS
 
         if suv == "auto" or not (vol.modality == "PT" or vol.unit.startswith("SUV") or vol.unit == "Bq/mL"):
             return  # suv= is PET only: medfuse.load ignores it for other images too
+        if not recorded or vol.provenance.get("reader") != "medfuse.dicom":
+            # Only a DICOM series could have been converted; the path route gives a NIfTI PET (or one of unknown
+            # origin: a MetaTensor keeps no reader) as stored too, with a warning. Refusing here only would make
+            # LoadVolumed fail on its own output.
+            return
         applied = vol.provenance.get("suv")  # the SUV kind medfuse.load applied (absent: values as read)
         if suv == "none":
-            if applied is None and (recorded or not vol.unit.startswith("SUV")):
+            if applied is None:
                 return
         elif vol.unit == KIND_UNITS[suv] and applied in (None, suv):  # a recorded kind must match (lbm vs janma)
             return

@@ -457,3 +457,33 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped(shared, tmp_path):
     Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "wide.png")
     assert Image.open(tmp_path / "wide.png").mode.startswith("I")  # really stored at 16 bits
     np.testing.assert_array_equal(load_png(tmp_path / "wide.png"), eight)
+
+
+def test_a_full_disk_mid_run_removes_the_images_it_wrote_so_the_rerun_starts_clean(tmp_path, monkeypatch):
+    """Stopped by a full disk at the third image, the run left its first two (and no tables): the disk stayed
+    full, and the rerun was refused as 'a fused output of an earlier evaluation exists'."""
+    import errno
+
+    from medfuse.errors import OutputWriteError
+
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    out = tmp_path / "out"
+    (out / "mean" / "CT-MRI").mkdir(parents=True)
+    mine = out / "mean" / "CT-MRI" / "notes.txt"  # the user's own file in a method folder: kept
+    mine.write_text("x")
+    real, calls = E._save_png, []
+
+    def fills_up(img, target, overwrite):
+        calls.append(target)
+        if len(calls) == 3:
+            raise OutputWriteError("the disk is full; nothing was written", errno=errno.ENOSPC, path=target)
+        real(img, target, overwrite)
+
+    monkeypatch.setattr(E, "_save_png", fills_up)
+    with pytest.raises(OutputWriteError, match="the 2 fused image") as info:
+        E.evaluate(src, methods=["mean", "max"], out_dir=out)
+    assert info.value.errno == errno.ENOSPC
+    assert not any(p.exists() for p in calls) and mine.exists()
+    assert not (out / "metrics.csv").exists() and not (out / "mean" / "PET-MRI").exists()
+    monkeypatch.setattr(E, "_save_png", real)
+    assert E.evaluate(src, methods=["mean", "max"], out_dir=out).ok  # no --overwrite needed

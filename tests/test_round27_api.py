@@ -109,7 +109,8 @@ def test_lesion_contrast_refuses_a_centre_that_is_not_three_finite_numbers(centr
 # ---------------------------------------------------------------------------------------------- LoadVolume(suv=)
 def _pet(unit: str = "SUVbw", kind=None) -> Volume:
     arr = np.random.default_rng(2).random((6, 6, 6)).astype(np.float32)
-    return Volume(arr, np.eye(4), modality="PT", unit=unit, provenance={} if kind is None else {"suv": kind})
+    prov = {"reader": "medfuse.dicom", **({} if kind is None else {"suv": kind})}  # as medfuse.load records a series
+    return Volume(arr, np.eye(4), modality="PT", unit=unit, provenance=prov)
 
 
 @pytest.mark.parametrize("suv, unit, kind", [
@@ -128,9 +129,28 @@ def test_load_volume_refuses_a_loaded_pet_in_another_suv_than_asked(suv, unit, k
     assert "medfuse.load(path, suv=" in e.value.fix
     with pytest.raises(InvalidInputError, match="suv= applies only"):
         LoadVolumed(keys=["pet"], suv=suv)({"pet": pet})
-    if not (unit == "SUVlbm" and suv.startswith("lbm")):  # a MetaTensor keeps the unit, not the recorded kind
-        with pytest.raises(InvalidInputError, match="suv= applies only"):
-            LoadVolume(suv=suv, as_tensor=True)(pet.to_metatensor())
+
+
+def test_load_volume_passes_a_nifti_pet_as_its_path_route_gives_it(tmp_path):
+    """A NIfTI PET cannot be converted by either route: the path gives it as stored (with a warning now), and
+    passing that output through LoadVolumed again must not fail (a review probe: it did, with a fix that named
+    the path route, which gives the same image). A MetaTensor keeps no reader: it passes as well."""
+    pytest.importorskip("monai")
+    import json
+
+    import medfuse
+    from medfuse.errors import MedfuseWarning
+    from medfuse.transforms import LoadVolume, LoadVolumed
+
+    path = tmp_path / "sub-01_pet.nii.gz"
+    medfuse.save(_pet("Bq/mL").with_array(_pet().array), path)
+    (tmp_path / "sub-01_pet.json").write_text(json.dumps({"Modality": "PT", "Units": "Bq/mL"}))
+    t = LoadVolumed(keys=["pet"], suv="bw")
+    with pytest.warns(MedfuseWarning, match="suv='bw' was not applied"):
+        once = t({"pet": str(path)})["pet"]
+    assert once.modality == "PT" and once.unit == "Bq/mL"
+    assert t({"pet": once})["pet"] is not None  # its own output: passes
+    assert LoadVolume(suv="bw", as_tensor=True)(once.to_metatensor()) is not None
 
 
 @pytest.mark.parametrize("suv, unit, kind", [

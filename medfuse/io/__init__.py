@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
@@ -16,7 +17,7 @@ from .._checks import as_path as _as_path
 from .._checks import describe as _kind
 from .._checks import flag as _check_flag  # noqa: F401 - the readers' and writers' yes/no check
 from .._checks import whole as _whole
-from ..errors import InvalidInputError, UnreadableFileError
+from ..errors import InvalidInputError, MedfuseWarning, UnreadableFileError
 from ..volume import Volume
 
 __all__ = ["load", "load_volumes", "scan", "select_series", "save", "is_image_file", "check_readable",
@@ -238,7 +239,13 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
             raise InvalidInputError("a series was chosen, but this file holds one image (series are picked in DICOM "
                                     "folders)", fix="leave the series choice out for this input ('-')", path=p)
 
-        return _absolute_source(load_image(p, modality=modality, unit=unit, volume_index=volume_index))
+        vol = load_image(p, modality=modality, unit=unit, volume_index=volume_index)
+        if suv not in ("auto", "none") and vol.modality == "PT" and not vol.unit.startswith("SUV"):
+            # Asked for by name, and not given: say so (the PET's values are not SUV, whatever was asked).
+            warnings.warn(f"suv={suv!r} was not applied: a NIfTI/MetaImage/NRRD file holds no SUV header (dose, "
+                          f"body size, times), so the PET stays in {vol.unit}; load the DICOM series for SUV",
+                          MedfuseWarning, stacklevel=2)
+        return _absolute_source(vol)
     from .dicom import load_dicom
 
     vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series)

@@ -210,7 +210,21 @@ def _write_itk(img, file: Path, *, compress: bool) -> None:
         for reason, code in _ITK_WRITE_REASONS:
             if reason in text:
                 raise OSError(code, reason, os.fspath(file)) from None
+        if _too_little_room(file, img):  # NRRD's writer says "fwrite wrote only ..." or "couldn't write gzip data"
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(file)) from None
         raise
+
+
+def _too_little_room(file: Path, img) -> bool:
+    """After a failed write: is the disk too full for the image (free space under its uncompressed size)?"""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(file.parent).free
+    except OSError:
+        return False
+    size = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
+    return free < max(size, 1 << 20)
 
 
 def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) -> Path:

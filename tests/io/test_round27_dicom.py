@@ -139,6 +139,7 @@ def test_a_huge_folder_is_sampled_within_the_bound_and_every_series_folder_is_re
     """Over the bound, each sub-folder's first and last file are read (a series folder is one patient's), then
     files evenly spaced; never more files than the bound."""
     monkeypatch.setattr(provenance, "_MAX_FILES", 12)
+    monkeypatch.setattr(provenance, "_FIRST_FILES", 4)
     pids = [f"MRN10000{k}" for k in range(4)]
     for k, pid in enumerate(pids):
         _series(tmp_path / "study" / f"s{k}", n=6, pid=pid, name=f"Person{k}^Test")
@@ -157,6 +158,13 @@ def test_a_huge_folder_is_sampled_within_the_bound_and_every_series_folder_is_re
         _slice(flat / f"IM{k:04d}.dcm", k=k, uid=uid, pid="MRN555555" if other else PID)
     reads.clear()
     assert "MRN555555" in provenance.patient_identifiers([flat]) and len(reads) == 12
+    # A short run near the start, between the evenly spaced reads: found, as the first files always are.
+    early = tmp_path / "early"
+    early.mkdir()
+    for k in range(40):
+        _slice(early / f"IM{k:04d}.dcm", k=k, uid=uid, pid="MRN666666" if k in (2, 3) else PID)
+    reads.clear()
+    assert "MRN666666" in provenance.patient_identifiers([early]) and len(reads) == 12
 
 
 def test_identifiers_past_the_first_bytes_and_in_deflated_files_are_found(tmp_path):

@@ -33,7 +33,7 @@ def _is_write_error(e: BaseException, code: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the failures, one by one
-@pytest.mark.parametrize("name", ["big.nii.gz", "big.nii", "big.mha"])
+@pytest.mark.parametrize("name", ["big.nii.gz", "big.nii", "big.mha", "big.nrrd", "big.nhdr", "big.mhd"])
 def test_a_real_full_disk_is_a_write_error_with_enospc(small_disk, name):
     vol = _vol((128, 128, 64))  # 4 MiB of random float32 (incompressible) on a 2 MiB disk
     with pytest.raises(OutputWriteError, match="disk is full") as info:
@@ -138,6 +138,9 @@ def test_the_write_error_keeps_errno_fix_and_path_through_pickle():
     assert type(back) is OutputWriteError and back.errno == errno.ENOSPC
     assert (back.fix, back.path, str(back)) == (e.fix, e.path, str(e))
     assert "OutputWriteError" in medfuse.__all__ and medfuse.OutputWriteError is OutputWriteError
+    # OSError-style logging ("{e.strerror}: {e.filename}") reads what the message says; str() stays medfuse's
+    assert (e.strerror, e.filename) == (os.strerror(errno.ENOSPC), "/x/out.nii.gz")
+    assert (back.strerror, back.filename) == (e.strerror, e.filename) and not str(e).startswith("[Errno")
 
 
 # ----------------------------------------------------------------------------- where it surfaces
