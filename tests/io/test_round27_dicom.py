@@ -207,3 +207,24 @@ def test_listing_a_series_never_swaps_the_process_warning_state(tmp_path, monkey
     (info,) = scan(folder)
     monkeypatch.undo()
     assert info.n_files == 3 and not [w for w in recwarn if "duplicate" in str(w.message)]
+
+
+def test_files_that_cannot_be_dicom_are_not_parsed_and_preamble_less_ones_still_are(tmp_path, monkeypatch):
+    """A .raw of zeros beside a .mhd was parsed as thousands of empty DICOM elements (0.35 s for a BraTS .raw,
+    now for up to 5000 files a folder); a DICOM file written without preamble and file meta must still be read."""
+    from pydicom.dataset import Dataset
+    from pydicom.filereader import read_partial
+
+    bare = Dataset()
+    bare.SOPClassUID, bare.Modality = "1.2.840.10008.5.1.4.1.1.2", "CT"  # group 0008 first
+    bare.PatientName, bare.PatientID = "Bare^Bertha", "MRN990011"
+    bare.save_as(str(tmp_path / "bare"), implicit_vr=True, little_endian=True)  # no preamble, no "DICM"
+    assert (tmp_path / "bare").read_bytes()[:2] == b"\x08\x00"
+    (tmp_path / "volume.raw").write_bytes(bytes(64 * 1024))
+    (tmp_path / "notes.txt").write_text("Quux Wilhelmina's follow-up")  # text: no header to find
+    parsed = []
+    monkeypatch.setattr("pydicom.filereader.read_partial",
+                        lambda fh, *a, **k: parsed.append(fh) or read_partial(fh, *a, **k))
+    found = provenance.patient_identifiers([tmp_path])
+    assert "MRN990011" in found and "Bare Bertha" in found
+    assert len(parsed) == 1  # only the DICOM file was handed to pydicom
