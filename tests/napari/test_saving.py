@@ -87,21 +87,12 @@ def mr_pet(make_napari_viewer, samples_dir, tmp_path):
     return viewer, t1, pet, src
 
 
-def test_fused_and_registered_layers_round_trip_with_geometry_unit_and_provenance(qtbot, mr_pet, tmp_path):
+def test_fused_and_registered_layers_round_trip_with_geometry_unit_and_provenance(mr_pet, tmp_path,
+                                                                                   fuse_in_widget):
     from napari import save_layers
 
-    from medfuse_napari._widget import MedfuseWidget
-
     viewer, t1, pet, _ = mr_pet
-    widget = MedfuseWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="medfuse")  # held by the window, as in napari
-    panel = widget.fuse_panel
-    panel.inputs[0].set_layer(t1.name)
-    panel.inputs[1].set_layer(pet.name)
-    panel.method.setCurrentText("mean")
-    panel.run()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
-    fused = viewer.layers[-1]
+    panel, fused = fuse_in_widget(viewer, t1, pet, "mean")
     assert fused.name == "fused (mean)", panel.status.text()
 
     (f_out,) = [p for p in save_layers(str(tmp_path / "fused.nii.gz"), [fused]) if p.endswith(".nii.gz")]

@@ -96,7 +96,7 @@ def test_a_missing_input_records_no_hash(tmp_path):
 
 
 def test_a_layer_fused_in_the_widget_saves_without_hashing_its_inputs_on_the_gui_thread(
-        qtbot, make_napari_viewer, samples_dir, tmp_path, hashed):
+        make_napari_viewer, samples_dir, tmp_path, hashed, fuse_in_widget):
     """The widget's fusion worker (and the reader, in the background) hash the inputs: the save that follows
     hashes only its own output on the GUI thread."""
     import shutil
@@ -104,7 +104,6 @@ def test_a_layer_fused_in_the_widget_saves_without_hashing_its_inputs_on_the_gui
     from napari import save_layers
 
     from medfuse_napari import _writer
-    from medfuse_napari._widget import MedfuseWidget
 
     _writer._HASHES.clear()
     shutil.copy(samples_dir / "mr_t1.nii.gz", tmp_path / "mr_t1.nii.gz")
@@ -112,15 +111,7 @@ def test_a_layer_fused_in_the_widget_saves_without_hashing_its_inputs_on_the_gui
     viewer = make_napari_viewer()
     t1 = viewer.open(str(tmp_path / "mr_t1.nii.gz"), plugin="medfuse")[0]
     pet = viewer.open(str(tmp_path / "pet"), plugin="medfuse")[0]
-    widget = MedfuseWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="medfuse")
-    panel = widget.fuse_panel
-    panel.inputs[0].set_layer(t1.name)
-    panel.inputs[1].set_layer(pet.name)
-    panel.method.setCurrentText("mean")
-    panel.run()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
-    fused = viewer.layers[-1]
+    _, fused = fuse_in_widget(viewer, t1, pet, "mean")
     sources = {os.path.realpath(s) for s in fused.metadata["medfuse"]["provenance"]["sources"]}
     assert sources == {os.path.realpath(tmp_path / "mr_t1.nii.gz"), os.path.realpath(tmp_path / "pet")}
     (tmp_path / "out").mkdir()

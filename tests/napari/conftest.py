@@ -1,0 +1,27 @@
+"""Fixtures of the napari plugin tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def fuse_in_widget(qtbot):
+    """Callable fixture: fuse two layers through the dock widget's Fuse panel, as a user does, and wait.
+
+    ``fuse_in_widget(viewer, first, second, method="mean")`` -> ``(panel, fused_layer)``.
+    """
+    from medfuse_napari._widget import MedfuseWidget
+
+    def fuse(viewer, first, second, method: str = "mean"):
+        widget = MedfuseWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="medfuse")  # held by the window, as in napari
+        panel = widget.fuse_panel
+        panel.inputs[0].set_layer(first.name)
+        panel.inputs[1].set_layer(second.name)
+        panel.method.setCurrentText(method)
+        panel.run()
+        qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+        return panel, viewer.layers[-1]
+
+    return fuse
