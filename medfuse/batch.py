@@ -905,21 +905,10 @@ def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
 
 
 def _folder_error(e: OSError, folder: Path, problem: str, *, fix: str) -> OutputWriteError:
-    """Why ``folder`` could not be created, as an OutputWriteError carrying the system's errno.
+    """:func:`medfuse.io._atomic.folder_error` with the folder quoted as batch messages quote paths."""
+    from .io._atomic import folder_error
 
-    Why not OutputExistsError: nothing is at the output itself, so a caller that picks another output name on a
-    FileExistsError would fail again (a file where the folder goes: mkdir says EEXIST, reported as ENOTDIR).
-    """
-    from .io._atomic import _typed_os_error
-
-    typed = _typed_os_error(e, folder)
-    if isinstance(typed, OutputWriteError):
-        return typed
-    code = e.errno
-    if isinstance(e, (FileExistsError, NotADirectoryError)):
-        code = errno.ENOTDIR
-    reason = os.strerror(code) if code else e.__class__.__name__
-    return OutputWriteError(f"{problem} ({reason})", errno=code, fix=fix, path=_display_path(folder))
+    return folder_error(e, _display_path(folder), problem, fix=fix)
 
 
 def _make_output_folder(out: Path) -> None:

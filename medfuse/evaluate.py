@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
 import io
 import json
 import math
@@ -491,23 +490,11 @@ def _mask_record(mask) -> Any:
 
 # ---------------------------------------------------------------------- main API
 def _make_folder(folder: Path) -> None:
-    """``folder.mkdir(parents=True, exist_ok=True)``, its failure (a full disk, no permission) a typed error.
+    """The output folder made, or the typed error that says why it cannot be (a full disk, no permission)."""
+    from .io._atomic import make_folder
 
-    Raises:
-        OutputWriteError: the folder cannot be made; ``errno`` says why.
-    """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from .io._atomic import _typed_os_error
-
-        typed = _typed_os_error(e, folder)
-        if isinstance(typed, OutputWriteError):
-            raise typed from None
-        code = errno.ENOTDIR if isinstance(e, (FileExistsError, NotADirectoryError)) else e.errno
-        raise OutputWriteError(f"cannot create the output folder ({os.strerror(code) if code else type(e).__name__})",
-                               errno=code, fix="choose another --out (a folder you can write to)",
-                               path=folder) from None
+    make_folder(folder, problem="cannot create the output folder", fix="choose another --out (a folder you can "
+                "write to)")
 
 
 def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union[str, os.PathLike],

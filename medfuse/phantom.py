@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ._checks import number, whole
-from .errors import InvalidInputError, MedfuseError, OutputExistsError, OutputWriteError, UnreadableFileError
+from .errors import InvalidInputError, MedfuseError, OutputExistsError, UnreadableFileError
 from .volume import Volume
 
 __all__ = [
@@ -633,11 +633,9 @@ def write_samples(folder: Union[str, os.PathLike], *, overwrite: bool = False, s
             )
     if out.exists() and not out.is_dir():
         raise InvalidInputError("the output path exists and is not a folder", fix="choose a folder", path=out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a read-only place, no permission, or a file where a parent folder should be
-        raise OutputWriteError(f"cannot make the samples' folder ({e.strerror or type(e).__name__})",
-                               fix="choose a folder you can write to", path=out, errno=e.errno) from None
+    from .io._atomic import make_folder
+
+    make_folder(out, problem="cannot make the samples' folder")  # a typed error: read-only, no permission...
     ph = make_phantom(seed=seed)
 
     save(ph.ct, targets["ct"], overwrite=overwrite, format="dicom", series_description="phantom CT head")

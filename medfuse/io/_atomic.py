@@ -48,7 +48,7 @@ from typing import Iterable, Iterator, List, Optional, Union
 from ..errors import MedfuseError, MedfuseWarning, OutputExistsError, OutputWriteError
 
 __all__ = ["check_output", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "same_file",
-           "input_files", "leftovers", "recover_leftovers", "stale_temporaries"]
+           "input_files", "leftovers", "recover_leftovers", "stale_temporaries", "make_folder", "folder_error"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -619,6 +619,36 @@ def _name_the_output(e: MedfuseError, tmp: Optional[PathLike], target: Path) -> 
 def _shown(path: str) -> str:
     """``path`` as messages quote a name that is not UTF-8: its undecodable bytes as ``\\xNN``."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def folder_error(e: OSError, folder: PathLike, problem: str, *, fix: str) -> OutputWriteError:
+    """Why ``folder`` could not be created (``mkdir`` raised ``e``), as the typed write error with its errno.
+
+    Not OutputExistsError: nothing is at the output itself, so another output name would fail the same way. A
+    file where a folder of the path goes (mkdir says EEXIST or ENOTDIR) is reported as ENOTDIR.
+    """
+    typed = _typed_os_error(e, Path(folder))
+    if isinstance(typed, OutputWriteError):
+        return typed
+    code = errno.ENOTDIR if isinstance(e, (FileExistsError, NotADirectoryError)) else e.errno
+    reason = os.strerror(code) if code else type(e).__name__
+    return OutputWriteError(f"{problem} ({reason})", errno=code, fix=fix, path=folder)
+
+
+def make_folder(folder: PathLike, *, problem: str = "cannot create the output folder",
+                fix: str = "choose a folder you can write to") -> Path:
+    """``mkdir(parents=True, exist_ok=True)``, its failure (no permission, a full disk, a file in the way) the
+    typed :class:`~medfuse.errors.OutputWriteError` of :func:`folder_error`.
+
+    Returns:
+        ``folder`` as a Path.
+    """
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise folder_error(e, p, problem, fix=fix) from None
+    return p
 
 
 def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:
