@@ -413,12 +413,15 @@ class FuseStep:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (network only). A GPU this machine lacks
             raises :class:`~medfuse.errors.InvalidInputError` here, whatever ``fallback`` says.
         fallback: a classical method to use, with a warning recorded in the provenance, when the network
-            cannot run (weights or torch missing). ``None`` (default): fail instead.
-        **options: passed to :func:`medfuse.fuse`.
+            cannot run (weights or torch missing). It gets the ``options`` its rule takes (and ``normalise``),
+            never the network's own (``weights``, ``batch_size``...). ``None`` (default): fail instead.
+        **options: passed to :func:`medfuse.fuse`. The run's ``progress`` and ``cancel`` reach the fusion
+            (give them to :meth:`Pipeline.run`, not here).
 
     Raises:
         InvalidInputError: when built, an unknown ``method``, a ``fallback`` that is no classical method, an
-            unknown ``device`` or a GPU this machine lacks (network only); when called, fewer than two volumes,
+            unknown ``device`` or a GPU this machine lacks (network only), ``progress`` or ``cancel`` among the
+            options; when called, fewer than two volumes,
             or as :func:`medfuse.fuse` (an unknown method or option...).
         GeometryError: the volumes are not on one grid (a replaced resample step).
         MissingDependencyError, WeightsError, FusionError: the network cannot run (torch, the inference module or
@@ -439,6 +442,10 @@ class FuseStep:
         if fallback is not None:
             fallback = _fusion_method(fallback, what="fallback method", classical=True)
         check_network_device(method, device)
+        given = sorted({"progress", "cancel"} & set(options))
+        if given:  # the run's own callbacks reach the fusion; a second pair here would clash with them
+            raise InvalidInputError(f"FuseStep takes no {' or '.join(given)} option",
+                                    fix="give progress= and cancel= to Pipeline.run (or fuse_files); they reach the fusion")
         self.method, self.device, self.fallback, self.options = method, device, fallback, options
         self.params = {"method": method, "device": device, "fallback": fallback, **options}
 
@@ -449,8 +456,15 @@ class FuseStep:
                                     fix="give a fixed and at least one moving image")
         method = self.method
         report(state.progress, 0.0, f"fusing ({method})")
+
+        def sub(f: float, msg: str = "") -> None:
+            report(state.progress, f, f"fusing ({method})" + (f": {msg}" if msg else ""))
+
+        # The fusion's own progress and cancel: without them a Ctrl-C (or a batch's SIGTERM) waited for the whole
+        # network fusion, tens of seconds at clinical size, and the bar sat at "fusing".
+        calls = {"progress": sub, "cancel": state.cancel}
         try:
-            fused = _fuse(state.volumes, method=method, device=self.device, **self.options)
+            fused = _fuse(state.volumes, method=method, device=self.device, **self.options, **calls)
         except Exception as e:  # noqa: BLE001 - re-raised below unless the documented fallback applies
             if not (method == "network" and self.fallback and _fusion_unavailable(e)):
                 raise
@@ -460,7 +474,8 @@ class FuseStep:
             state.notes["fallback"] = {"requested": "network", "used": self.fallback, "reason": reason}
             state.notes.setdefault("warnings", []).append(msg)
             method = self.fallback
-            fused = _fuse(state.volumes, method=method, device=self.device, **self.options)
+            fused = _fuse(state.volumes, method=method, device=self.device, **_fallback_options(method, self.options),
+                          **calls)
         if method == "network":
             state.weights_sha256 = _weights_sha256(self.options.get("weights"))
             # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
@@ -473,6 +488,19 @@ class FuseStep:
         state.fused = fused
         report(state.progress, 1.0, "fused")
         return state
+
+
+def _fallback_options(method: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """The options of a network FuseStep that the fallback rule ``method`` understands (and ``normalise``).
+
+    Why: the network's own options (``weights=``, ``batch_size``, ``functional``...) went to the rule as well, so
+    the fallback for missing weights failed with "weights must be 2 non-negative numbers" (the mean rule's
+    ``weights``) or "option(s) batch_size not understood".
+    """
+    from .fusion.classical import _OPTIONS
+
+    # ``weights`` of a network step names the weights file, never the rule's blend weights.
+    return {k: v for k, v in options.items() if k == "normalise" or (k in _OPTIONS[method] and k != "weights")}
 
 
 def _fuse(volumes: Sequence[Volume], *, method: str, device: str, **options: Any):

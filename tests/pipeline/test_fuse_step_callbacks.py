@@ -1,0 +1,69 @@
+"""The pipeline's fuse step: the run's progress and cancel reach the fusion, and the fallback gets only the
+options its rule understands."""
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse.errors import CancelledError, InvalidInputError
+from medfuse.pipeline import FuseStep, Pipeline
+from medfuse.progress import CancelToken
+
+
+def _pair(n=40, seed=0):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+
+    def smooth():
+        x = gaussian_filter(rng.random((n, n, n)), 2)
+        return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
+    return (medfuse.Volume(smooth(), np.eye(4), modality="MR"),
+            medfuse.Volume(smooth(), np.eye(4), modality="PT", unit="arbitrary"))
+
+
+def test_cancel_during_the_network_fusion_stops_it_inside_the_step():
+    """The fuse step called medfuse.fuse without the run's cancel: a cancel set as fusion began was seen only
+    after the whole fusion, by the save step."""
+    a, b = _pair()
+    token, seen = CancelToken(), []
+
+    def progress(f, msg=""):
+        seen.append(msg)
+        if "fusing" in msg:
+            token.cancel()
+
+    with pytest.raises(CancelledError) as err:
+        medfuse.fuse_files(a, b, None, method="network", progress=progress, cancel=token)
+    assert "fusion" in str(err.value)  # raised by the fusion itself, not by a later step
+    assert not any(m == "fused" or m.startswith("fuse done") for m in seen)
+
+
+def test_the_fusion_reports_its_own_progress_through_the_step():
+    a, b = _pair()
+    seen = []
+    medfuse.fuse_files(a, b, None, method="network", progress=lambda f, msg="": seen.append((f, msg)))
+    inner = [m for _, m in seen if m.startswith("fuse: fusing (network): ")]
+    assert len(inner) >= 2, seen  # the network's per-slab reports, not only "fusing" then "fused"
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions)
+
+
+@pytest.mark.parametrize("extra", [{}, {"batch_size": 8}, {"functional": True, "refine": False}])
+def test_fallback_for_missing_weights_gets_only_its_rules_options(tmp_path, extra):
+    """weights= (the network's file) reached the Laplacian rule as its blend weights: 'weights must be 2
+    non-negative numbers'; batch_size: 'not understood by method laplacian'."""
+    a, b = _pair(16)
+    step = FuseStep("network", fallback="laplacian", weights=str(tmp_path / "missing.safetensors"),
+                    levels=3, **extra)
+    pipe = Pipeline(method="network", fallback="laplacian").replace("fuse", step)
+    with pytest.warns(medfuse.MedfuseWarning, match="fell back to method 'laplacian'"):
+        res = pipe.run([a, b])
+    want = Pipeline(method="laplacian").replace("fuse", FuseStep("laplacian", levels=3)).run([a, b])
+    assert res.provenance["method_used"] == "laplacian" and res.fused.provenance["method"] == "laplacian"
+    np.testing.assert_array_equal(res.fused.array, want.fused.array)
+
+
+def test_fuse_step_refuses_its_own_callbacks():
+    with pytest.raises(InvalidInputError, match="Pipeline.run"):
+        FuseStep("mean", cancel=CancelToken())
