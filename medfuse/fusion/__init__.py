@@ -284,7 +284,11 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
                                 fix=f"give None for input {rgb_index + 1} and options only for the grey image")
     if specs is not None or normalise != "auto":
         mode = [specs[1 - rgb_index]] if specs is not None else normalise
-        gray01 = _normalise_arrays([gray.astype(np.float64)], mode)[0][0]
+        (gray01,), (rec,) = _normalise_arrays([gray.astype(np.float64)], mode)
+        if rec.get("method") == "none":
+            # "none": the grey values are on the colour image's scale already. Taken as 0..1 they were
+            # multiplied by the colour's peak and clipped: an 8-bit MRI came out nearly white.
+            gray01 = np.clip(gray.astype(np.float64) / peak, 0.0, 1.0)
     else:
         # The grey image shares the colour image's scale only when both use it alike (8-bit pairs).
         shared = _shared_scale([gray, rgb])
@@ -510,8 +514,9 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                if isinstance(s, str)]
     if sources:
         prov["sources"] = list(dict.fromkeys(sources))
-    if "nifti_space" in ref.provenance:  # the fused image lies on ref's grid, in ref's (e.g. MNI) space
-        prov["nifti_space"] = ref.provenance["nifti_space"]
+    # The fused image lies on ref's grid, in ref's space: its NIfTI code (e.g. MNI) and its DICOM frame, which
+    # resample() compares to warn of images from another frame (lost here, a fused image was never warned about).
+    prov.update({k: ref.provenance[k] for k in ("nifti_space", "frame_of_reference_uid") if ref.provenance.get(k)})
     if method == "network":
         prov["weights_sha256"] = _weights_hash(options.get("weights"))
         prov["network_functional"] = options.get("functional")
