@@ -599,6 +599,25 @@ def rule_margin(table, metrics: Sequence[str] = ("Qabf", "VIF", "SSIM")) -> floa
     return float(np.mean(per_type)) if per_type else float("nan")
 
 
+def selection_score(table, *, ct_qabf: float = 0.0, ct_ssim: float = 0.0) -> float:
+    """The score that picks ``medfuse train``'s best epoch (without ``--select-by-margin``).
+
+    The mean over pair types of the network's Qabf + (VIF + SSIM) / 2 (what the goals measure), plus ``ct_qabf``
+    and ``ct_ssim`` times the CT-MRI network's Qabf and SSIM (the goals the first weights missed). Each metric is
+    averaged over the pair types where it is defined: a metric NaN on every validation pair of one type (see
+    :func:`validate`) made the whole score NaN, and a NaN score never beats the best, so the run exported its
+    first epoch whatever came later.
+    """
+    def mean_of(k):
+        vals = [r["network"][k] for r in table.values() if math.isfinite(r["network"][k])]
+        return float(np.mean(vals)) if vals else 0.0
+
+    ct = table.get("CT-MRI", {}).get("network", {})
+    extra = sum(w * v for w, v in ((ct_qabf, ct.get("Qabf", 0.0)), (ct_ssim, ct.get("SSIM", 0.0)))
+                if w and math.isfinite(v))
+    return mean_of("Qabf") + 0.5 * (mean_of("VIF") + mean_of("SSIM")) + extra
+
+
 def format_table(table) -> str:
     lines = [f"{'pair':10s} {'method':8s} {'Qabf':>6s} {'VIF':>6s} {'SSIM':>6s} {'SSIMr2':>6s} {'MI':>6s}"]
     for ptype, rows in table.items():
@@ -1606,11 +1625,7 @@ def run(args: argparse.Namespace) -> int:
         ct = table.get("CT-MRI", {}).get("network", {})
         if args.select_by_margin:
             return rule_margin(table) - 100.0 * (not gates_ok(ct))
-        # The mean over pair types of Qabf + (VIF + SSIM) / 2 (what the goals measure), plus an optional
-        # extra weight on the CT-MRI Qabf and SSIM (the goals the first weights missed).
-        s = float(np.mean([r["network"]["Qabf"] + 0.5 * (r["network"]["VIF"] + r["network"]["SSIM"])
-                           for r in table.values()]))
-        s = s + args.select_ct_qabf * ct.get("Qabf", 0.0) + args.select_ct_ssim * ct.get("SSIM", 0.0)
+        s = selection_score(table, ct_qabf=args.select_ct_qabf, ct_ssim=args.select_ct_ssim)
         return s - 100.0 * (not gates_ok(ct))  # an epoch that misses a required probe never wins
 
     def gates_ok(ct) -> bool:
