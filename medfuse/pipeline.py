@@ -805,7 +805,8 @@ class Pipeline:
         threads: ITK threads for registration (``None``: SimpleITK's default). ``1`` for bit-identical
             re-runs (more threads may differ in the last digits, see :class:`RegisterStep`).
         grid: ``"fixed"`` or ``"finest"`` (see :class:`ResampleStep`).
-        normalise: ``"auto"`` (by modality), ``"percentile"``, ``"minmax"`` or ``"none"``.
+        normalise: ``"auto"`` (by modality), ``"percentile"``, ``"minmax"`` or ``"none"`` (the volumes are fused
+            as they are, so they must be in 0..1 already: values above 1 are refused by the fusion).
         modalities: modality override per input (NIfTI files carry none).
         series: series choice per input, for DICOM folders holding several series (see :class:`LoadStep`).
         steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
@@ -828,7 +829,10 @@ class Pipeline:
             ("register", RegisterStep(register, threads=threads)),
             ("resample", ResampleStep(grid=grid)),
             ("normalise", NormaliseStep(method=normalise)),
-            ("fuse", FuseStep(method, device=device, fallback=fallback)),
+            # "none" reaches the fusion too: it used to skip only this step, and medfuse.fuse then scaled by
+            # modality anyway (a CT in HU scaled to 0..1 upstream got the soft-tissue window a second time).
+            ("fuse", FuseStep(method, device=device, fallback=fallback,
+                              **({"normalise": "none"} if normalise == "none" else {}))),
             ("save", SaveStep()),
         ]
         if steps is not None and not isinstance(steps, Mapping):

@@ -67,3 +67,16 @@ def test_fallback_for_missing_weights_gets_only_its_rules_options(tmp_path, extr
 def test_fuse_step_refuses_its_own_callbacks():
     with pytest.raises(InvalidInputError, match="Pipeline.run"):
         FuseStep("mean", cancel=CancelToken())
+
+
+def test_normalise_none_reaches_the_fusion():
+    """Pipeline(normalise="none") skipped only its own step; medfuse.fuse then scaled by modality anyway, so a
+    CT already scaled to 0..1 upstream (still labelled HU) got the soft-tissue window a second time."""
+    rng = np.random.default_rng(3)
+    ct = medfuse.Volume(rng.random((12, 12, 12)).astype(np.float32), np.eye(4), modality="CT", unit="HU")
+    mr = medfuse.Volume(rng.random((12, 12, 12)).astype(np.float32), np.eye(4), modality="MR")
+    res = Pipeline(method="mean", normalise="none").run([ct, mr])
+    np.testing.assert_allclose(res.fused.array, (ct.array + mr.array) / 2, atol=1e-6)
+    raw = ct.with_array(ct.array * 1000.0)
+    with pytest.raises(InvalidInputError, match="normalis"):
+        Pipeline(method="mean", normalise="none").run([raw, mr])
