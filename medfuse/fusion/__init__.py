@@ -514,9 +514,8 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                if isinstance(s, str)]
     if sources:
         prov["sources"] = list(dict.fromkeys(sources))
-    # The fused image lies on ref's grid, in ref's space: its NIfTI code (e.g. MNI) and its DICOM frame, which
-    # resample() compares to warn of images from another frame (lost here, a fused image was never warned about).
-    prov.update({k: ref.provenance[k] for k in ("nifti_space", "frame_of_reference_uid") if ref.provenance.get(k)})
+    if "nifti_space" in ref.provenance:  # the fused image lies on ref's grid, in ref's (e.g. MNI) space
+        prov["nifti_space"] = ref.provenance["nifti_space"]
     if method == "network":
         prov["weights_sha256"] = _weights_hash(options.get("weights"))
         prov["network_functional"] = options.get("functional")
