@@ -135,12 +135,35 @@ def _keep_meta(out: Any, template: Any, *, same_grid: bool = False) -> Any:
     ``applied_operations`` are kept only on ``same_grid``: after a resampling they would invert onto the wrong
     grid, so MONAI's ``Invertd`` stops with an error instead.
     """
+    # Back in the space it came in: the original_affine and history kept below are in the template's space.
+    # An LPS template (ITKReader(affine_lps_to_ras=False)) beside a RAS affine: SaveImage(resample=True) wrote
+    # zeros and Invertd mirrored x and y.
+    _in_space_of(out, template)
     meta = template.meta if isinstance(getattr(template, "meta", None), dict) else {}
     for k, v in meta.items():
         if k not in _RESULT_META:
             out.meta[k] = v
     if same_grid:
         out.applied_operations = list(getattr(template, "applied_operations", []))
+    return out
+
+
+def _in_space_of(out: Any, template: Any) -> Any:
+    """``out`` (a MetaTensor from :meth:`Volume.to_metatensor`, RAS) turned to LPS when ``template`` is LPS.
+
+    Its affine and its own ``original_affine`` are turned; ``space`` takes the template's value (a str or MONAI's
+    ``SpaceKeys``).
+    """
+    meta = template.meta if _is_metatensor(template) and isinstance(template.meta, dict) else {}
+    space = meta.get("space")
+    if str(getattr(space, "value", space)).strip().upper() != "LPS":
+        return out
+    import torch
+
+    flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
+    out.affine = flip.to(out.affine.dtype) @ out.affine
+    out.meta["original_affine"] = flip @ torch.as_tensor(out.meta["original_affine"], dtype=torch.float64)
+    out.meta["space"] = space
     return out
 
 
@@ -401,6 +424,11 @@ class RegisterToReference(Transform, ThreadUnsafe):
         out, self.last_report = self._register(moving, reference)
         return out
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # Without the last report: a pickle is what PersistentDataset(hash_transform=pickle_hashing) keys its
+        # cache on, and the key changed after each call (with whichever subject ran last).
+        return {**self.__dict__, "last_report": None}
+
     def _register(self, moving: Any, reference: Any):
         """``(registered image, report)``, without touching ``self`` (the dictionary version runs it in threads)."""
         from .pipeline import _itk_threads
@@ -561,7 +589,7 @@ class FuseModalities(Transform):
             fused = vols[0].with_array(fused, modality="unknown", unit="arbitrary")
         if not self.as_tensor:
             return fused
-        out = fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor()
+        out = _in_space_of(fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor(), images[0])
         src = _source(images[0])
         if src is not None:  # on the reference's grid: named after it, as MONAI's loaders and SaveImage do
             out.meta["filename_or_obj"] = os.fspath(src)
