@@ -562,6 +562,22 @@ def _starts(fixed, moving, mode, undo=None):
     return out
 
 
+@contextlib.contextmanager
+def _commands(reg, *commands) -> Iterator[None]:
+    """``reg`` with the ``(event, callback)`` commands added for the block, and removed after it.
+
+    Why removed: a callback that refers to ``reg`` (to read the metric or stop it) closes a cycle through
+    SimpleITK's command object that Python's collector cannot see, so every ImageRegistrationMethod of every
+    call (13 a registration) lived until the process ended.
+    """
+    for event, callback in commands:
+        reg.AddCommand(event, callback)
+    try:
+        yield
+    finally:
+        reg.RemoveAllCommands()
+
+
 def _exhaustive(fc, mc, base, *, step_rad, metric, bins, fmc, mmc, cancel):
     """Metric at the 27 rotations {-step, 0, +step}^3 around ``base`` in one optimiser run: [(value, params)]."""
     import SimpleITK as sitk
@@ -580,9 +596,9 @@ def _exhaustive(fc, mc, base, *, step_rad, metric, bins, fmc, mmc, cancel):
         if cancel is not None and cancel.cancelled:
             reg.StopRegistration()
 
-    reg.AddCommand(sitk.sitkIterationEvent, record)
     try:
-        reg.Execute(fc, mc)
+        with _commands(reg, (sitk.sitkIterationEvent, record)):
+            reg.Execute(fc, mc)
     except RuntimeError:
         # A rotation leaving too few samples inside the moving image ends the whole run, and every rotation after
         # it (the base among them) went unmeasured: a start turned 50 degrees (an initial transform's) kept 2 of
@@ -632,9 +648,9 @@ def _polish(fc, mc, tx, *, preset, metric, fmc, mmc, iterations, cancel):
         if cancel is not None and cancel.cancelled:
             reg.StopRegistration()
 
-    reg.AddCommand(sitk.sitkIterationEvent, tick)
     try:
-        reg.Execute(fc, mc)
+        with _commands(reg, (sitk.sitkIterationEvent, tick)):
+            reg.Execute(fc, mc)
     except RuntimeError:
         return None, n[0]
     if cancel is not None:
@@ -946,10 +962,10 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
         reg.SetMovingInitialTransform(moving_initial)
     reg.SetInitialTransform(initial, inPlace=True)
     mon = _Monitor(reg, len(shrink), its, *monitor_args)
-    reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, mon.level)
-    reg.AddCommand(sitk.sitkIterationEvent, mon.iteration)
     try:
-        reg.Execute(fixed, moving)
+        with _commands(reg, (sitk.sitkMultiResolutionIterationEvent, mon.level),
+                       (sitk.sitkIterationEvent, mon.iteration)):
+            reg.Execute(fixed, moving)
     except RuntimeError as e:
         if mon.cancelled:
             raise CancelledError("registration was cancelled") from None
