@@ -77,6 +77,9 @@ class _Frame:
     time_key: Tuple
     tile: Optional[Tuple[int, int, int, int]] = None  # mosaic tile (row0, col0, rows, cols)
     thickness: float = 1.0  # slice spacing used when a volume has a single slice
+    # Classic multi-frame file with one position for all frames: ("slices", tag the spacing came from) when its
+    # frames were placed as slices, ("time", why not) when they stay at that one position.
+    shared_pos: Optional[Tuple[str, str]] = None
 
 
 # ---------------------------------------------------------------------------- headers
@@ -570,8 +573,66 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
                     "groups 0019 and 0029", path=f)
         return _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key)
     dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
-    return [_Frame(f, None if n == 1 else k, pos, iop, (float(ps[0]), float(ps[1])), s, i, key, thickness=abs(dz))
-            for k in range(n)]
+    if n > 1:
+        return _classic_multiframe(f, ds, n, modality, iop, pos, ps, s, i, key)
+    return [_Frame(f, None, pos, iop, (float(ps[0]), float(ps[1])), s, i, key, thickness=abs(dz))]
+
+
+#: Frame increment pointers that make a classic multi-frame file's frames slices (PS3.3 C.7.6.6, C.8.4.9).
+_SLICE_POINTERS = {0x00182005: "SliceLocationVector", 0x00540080: "SliceVector"}
+
+
+def _classic_multiframe(f, ds, n, modality, iop, pos, ps, s, i, key) -> List[_Frame]:
+    """Frames of a classic (not enhanced) multi-frame file, which gives one ImagePositionPatient for all of them.
+
+    A CT, MR or PT file with a slice spacing and no frame increment other than a slice vector holds slices
+    (GDCM, SimpleITK and dcm2niix stack them along the normal): frame k is placed k x spacing along row x column
+    from the stored position (derived, and said so at load). Otherwise (a cine, another modality, no spacing) the
+    frames stay at the one position: time points of one slice each, with the reason kept for the message.
+    """
+    from pydicom.multival import MultiValue
+
+    fip = ds.get("FrameIncrementPointer")
+    fip = [] if fip is None else [int(t) for t in (fip if isinstance(fip, (list, tuple, MultiValue)) else [fip])]
+    spacing = [(t, v) for t in ("SpacingBetweenSlices", "SliceThickness")
+               if (v := _f(ds.get(t))) is not None and math.isfinite(v) and v != 0]
+    others = [t for t in fip if t not in _SLICE_POINTERS]
+    if modality not in ("CT", "MR", "PT"):
+        why = f"its modality ({modality or 'none'}) is not CT, MR or PT"
+    elif others:
+        from pydicom.datadict import keyword_for_tag
+
+        why = "its FrameIncrementPointer names " + ", ".join(
+            keyword_for_tag(t) or f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in others)
+    elif not spacing:
+        why = "it gives neither SpacingBetweenSlices nor SliceThickness"
+    else:
+        tag, dz = spacing[0]
+        normal = np.cross(iop[:3], iop[3:])
+        return [_Frame(f, k, pos + k * abs(dz) * normal, iop, (float(ps[0]), float(ps[1])), s, i, key,
+                       thickness=abs(dz), shared_pos=("slices", tag)) for k in range(n)]
+    dz = abs(spacing[0][1]) if spacing else 1.0
+    return [_Frame(f, k, pos, iop, (float(ps[0]), float(ps[1])), s, i, key, thickness=dz,
+                   shared_pos=("time", why)) for k in range(n)]
+
+
+def _shared_position_note(frames: Sequence[_Frame]) -> Optional[str]:
+    """What load says about classic multi-frame files whose frames share one stored position; None if none."""
+    by_file: Dict[Path, List[_Frame]] = {}
+    for fr in frames:
+        if fr.shared_pos is not None:
+            by_file.setdefault(fr.file, []).append(fr)
+    if not by_file:
+        return None
+    (how, what), group = next((g[0].shared_pos, g) for g in by_file.values())
+    nf = len(by_file)
+    files = "the multi-frame file" if nf == 1 else f"each of the {nf} multi-frame files"
+    if how == "slices":
+        return (f"the {len(group)} frames of {files} share one ImagePositionPatient (no position per frame): they "
+                f"were placed as slices {group[0].thickness:g} mm apart along the slice normal (row x column) "
+                f"from its {what}, as GDCM and dcm2niix read such files (derived positions, not stored ones)")
+    return (f"the {len(group)} frames of {files} share one ImagePositionPatient and {what}, so they are read as "
+            f"{len(group)} volumes of one slice (time points), not as the slices of one volume")
 
 
 #: NM frame-increment vectors (PS3.3 C.8.4.9/C.8.4.10).
@@ -657,6 +718,42 @@ def _mosaic_count(ds) -> Optional[int]:
     return n if n > 0 else None
 
 
+_NICOM_WARNING = "The DICOM readers are highly experimental"
+
+
+@functools.lru_cache(maxsize=None)
+def _csareader():
+    """nibabel's Siemens CSA header reader. Importing ``nibabel.nicom`` warns that its DICOM readers are
+    experimental; medfuse uses only the CSA parser, so that one message is filtered, once per process (a targeted
+    filter, not ``catch_warnings``, which swaps process-wide state under other threads)."""
+    warnings.filterwarnings("ignore", message=_NICOM_WARNING, category=UserWarning)
+    from nibabel.nicom import csareader
+
+    return csareader
+
+
+def _csa_slice_normal(ds, cross: np.ndarray) -> Optional[np.ndarray]:
+    """SliceNormalVector of the Siemens CSA image header (0029,xx10) as a unit vector; None when the header is
+    absent (an anonymiser removed group 0029), unreadable, or the vector is not parallel to ``cross`` (row x
+    column, unit length) within about 8 degrees (then the cross product alone is used, as before)."""
+    if (0x0029, 0x0010) not in ds:  # no private creator in group 0029: no CSA header (cheap test first)
+        return None
+    try:
+        csar = _csareader()
+        v = csar.get_slice_normal(csar.get_csa_header(ds, "image"))
+        if v is None:
+            return None
+        v = np.array([float(x) for x in v], float)
+    except Exception:  # noqa: BLE001 - a damaged or foreign private header: fall back to row x column
+        return None
+    if v.shape != (3,) or not np.all(np.isfinite(v)):
+        return None
+    n = float(np.linalg.norm(v))
+    if n == 0 or abs(float(v @ cross)) < 0.99 * n:
+        return None
+    return v / n
+
+
 def _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key) -> List[_Frame]:
     # Siemens mosaic: IPP refers to the corner of the whole mosaic; shift it to the first
     # tile's corner as dcm2niix does, then step along the normal.
@@ -667,6 +764,12 @@ def _mosaic_frames(f, ds, ntiles, iop, pos, ps, s, i, key) -> List[_Frame]:
     first = pos + r * col_sp * (int(ds.Columns) - cols) / 2.0 + c * row_sp * (int(ds.Rows) - rows) / 2.0
     dz = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness")) or 1.0
     normal = np.cross(r, c)
+    # Why: the tiles run along the CSA SliceNormalVector, which points against row x column when
+    # det([row, col, normal]) < 0 (Siemens sagittal, R>>L); stacking along the cross product put every slice but
+    # the first on the wrong side (122 mm off at the last). dcm2niix and nibabel take the sign from the CSA.
+    csa = _csa_slice_normal(ds, normal)
+    if csa is not None and float(csa @ normal) < 0:
+        normal = -normal
     return [_Frame(f, None, first + t * dz * normal, iop, (row_sp, col_sp), s, i, key,
                    ((t // m) * rows, (t % m) * cols, rows, cols)) for t in range(ntiles)]
 
@@ -1088,9 +1191,27 @@ def _listed(lines: List[str]) -> str:
     return shown + (f"; and {more} more, which medfuse.scan(folder) lists" if more > 0 else "")
 
 
-def _series_line(fs: list, path: Path) -> str:
+def _patient_ids(series: Sequence[list]) -> List[str]:
+    """The patient identifiers (name, ID, birth date... in the spellings folder names use, as the command line
+    blanks them) of the headers already read for these series: no file is read again. Each distinct patient
+    module is spelled out once."""
+    from .. import provenance
+
+    seen: set = set()
+    out: Dict[str, None] = {}
+    for fs in series:
+        for _, ds in fs:
+            key = tuple(str(ds.get(kw, "")) for kw in provenance._ID_KEYWORDS)
+            if key not in seen:
+                seen.add(key)
+                out.update(dict.fromkeys(provenance._values(ds)))
+    return sorted(out, key=len, reverse=True)
+
+
+def _series_line(fs: list, path: Path, ids: Sequence[str] = ()) -> str:
     """One series in messages: modality, size, volumes, file count and folder, as :func:`scan` gives them (the
-    raw Columns x Rows of a Siemens mosaic, 384x384, was not the 64x64x35 that scan and ``medfuse info`` give)."""
+    raw Columns x Rows of a Siemens mosaic, 384x384, was not the 64x64x35 that scan and ``medfuse info`` give).
+    The folder's name is blanked of ``ids`` (:func:`_patient_ids`): PACS exports name folders after the patient."""
     try:
         shape, nvol, files = _series_shape(fs, path)
     except Exception:  # noqa: BLE001 - a listing never fails: the header's own size
@@ -1098,7 +1219,16 @@ def _series_line(fs: list, path: Path) -> str:
     size = "x".join(str(x) for x in (shape if shape[2] else shape[:2]))
     vols = f", {nvol} volumes" if nvol > 1 else ""
     return (f"{str(fs[0][1].get('Modality', '?'))} {size}{vols}, "
-            f"{len(files)} files in {_shown_folder(fs[0][0].parent, path)}")
+            f"{len(files)} files in {_blanked(_shown_folder(fs[0][0].parent, path), ids)}")
+
+
+def _blanked(text: str, ids: Sequence[str]) -> str:
+    """``text`` with the identifiers ``ids`` replaced by ``[removed]`` (medfuse.provenance.scrub)."""
+    if not ids:
+        return text
+    from ..provenance import scrub
+
+    return scrub(text, ids)
 
 
 def _series_shape(files: list, path: Path) -> Tuple[Tuple[int, int, int], int, list]:
@@ -1121,22 +1251,31 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
     # UIDs and descriptions stay out of these messages (they end up in logs and batch reports; UIDs trace back to
     # the study, and a description is free text that may name the patient or a physician): the series are named
     # by modality, size, file count and folder, and error.choices holds the UIDs.
+    # Folder names in the listing are blanked of the patients' identifiers (a PACS export names series folders
+    # "DOE^JANE_PID12345_ct"), found in the headers already read; spelled out only when a message is made.
+    ids: List[List[str]] = []
+
+    def line(fs: list) -> str:
+        if not ids:
+            ids.append(_patient_ids(list(series.values())))
+        return _series_line(fs, path, ids[0])
+
     if series_uid is not None and series_uid not in series:
         # A number as listed, or a modality (medfuse fuse --series CT PT on a PACS export's one folder).
         # The lines only when a message needs them: a mosaic's size comes from its geometry.
         series_uid = resolve_series_choice(
-            series_uid, [(u, str(fs[0][1].get("Modality", "")), functools.partial(_series_line, fs, path))
+            series_uid, [(u, str(fs[0][1].get("Modality", "")), functools.partial(line, fs))
                          for u, fs in series.items()], path) or series_uid
     if series_uid is not None:
         if series_uid not in series:
-            listed = _listed([_series_line(fs, path) for fs in series.values()])
+            listed = _listed([line(fs) for fs in series.values()])
             raise InvalidInputError(f"no series in this folder matches the choice given: it is not one of the {len(series)} series "
                                     f"({listed})", fix="give the series' number as listed, its modality, or its "
                                     "SeriesInstanceUID", path=path)
         return series_uid, series[series_uid]
     if len(series) > 1:
         raise MultipleSeriesError(f"the folder holds {len(series)} series "
-                                  f"({_listed([_series_line(fs, path) for fs in series.values()])})",
+                                  f"({_listed([line(fs) for fs in series.values()])})",
                                   choices=list(series), path=path,
                                   fix="load the folder of one series, or pass series_uid= (medfuse.scan(folder) "
                                   "lists the UIDs and descriptions in this order; the error's .choices has the UIDs)")
@@ -1295,6 +1434,10 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         "MR", "CT", "PT", "NM") else "unknown"
     frames = _series_frames(files, path)
     vols, normal = _split_volumes(frames, path)
+    shared_note = _shared_position_note(frames)
+    if shared_note:
+        warnings.warn(f"{path}: {shared_note}", MedfuseWarning, stacklevel=3)
+        notes.append(shared_note)
     unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path)
     suv_source = None
     if factors is not None:  # how the factor was made, in words (tags' names, never values), for `medfuse info`
@@ -1375,7 +1518,10 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
     vols = load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series)
     if volume_index is None:
         if len(vols) > 1:
-            raise MultipleSeriesError(f"the series holds {len(vols)} volumes (4-D)",
+            # Volumes of one slice each: say why (a multi-frame file's frames at one position are time points).
+            why = next((w for w in vols[0].provenance.get("warnings", []) if "share one ImagePositionPatient" in w
+                        and "time points" in w), None) if all(v.shape[2] == 1 for v in vols) else None
+            raise MultipleSeriesError(f"the series holds {len(vols)} volumes (4-D)" + (f": {why}" if why else ""),
                                       choices=list(range(len(vols))),
                                       fix=f"pass volume_index=0..{len(vols) - 1}, or use medfuse.load_volumes",
                                       path=path)

@@ -1,0 +1,176 @@
+"""Round 28: classic multi-frame files with one position for all frames, and patient-named folders in listings."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+import medfuse
+from medfuse.errors import InvalidInputError, MedfuseWarning, MultipleSeriesError
+from medfuse.io.dicom import load_dicom, load_dicom_volumes, scan
+
+NAME, PID, BIRTH = "Doe^Jane", "PID12345", "19600102"
+
+
+# ---------------------------------------------------------------------------- classic multi-frame
+def _multiframe(path: Path, *, modality="CT", frames=5, iop=(1, 0, 0, 0, 1, 0), spacing_tags=None, extra=None,
+                rows=4, cols=3) -> np.ndarray:
+    """A classic Multi-frame Grayscale Word SC file (one ImagePositionPatient for all frames); frame k holds
+    100 * k plus an in-plane ramp. Returns the frames (frames, rows, columns)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.InstanceNumber = modality, 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.ImagePositionPatient = [1.0, 2.0, 3.0]
+    ds.ImageOrientationPatient = [float(x) for x in iop]
+    ds.PixelSpacing = [0.5, 0.75]
+    for k, v in ({"SliceThickness": 2.0, "SpacingBetweenSlices": 2.0} if spacing_tags is None else
+                 spacing_tags).items():
+        setattr(ds, k, v)
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
+    data = (np.arange(rows * cols).reshape(1, rows, cols) + 100 * np.arange(frames).reshape(-1, 1, 1)).astype(
+        np.uint16)
+    ds.PixelData = data.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return data
+
+
+OBLIQUE = (0.0, 1.0, 0.0, 0.6, 0.0, -0.8)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "PT"])
+@pytest.mark.parametrize("iop", [(1, 0, 0, 0, 1, 0), OBLIQUE], ids=["axial", "oblique"])
+def test_classic_multiframe_with_slice_spacing_is_one_volume_of_slices(tmp_path, modality, iop):
+    """Was: MultipleSeriesError "the series holds 5 volumes (4-D)", one slice each (GDCM and dcm2niix stack
+    such frames as slices along the normal)."""
+    f = tmp_path / "mf.dcm"
+    data = _multiframe(f, modality=modality, iop=iop, spacing_tags={"SpacingBetweenSlices": 2.0,
+                                                                    "SliceThickness": 3.0})
+    with pytest.warns(MedfuseWarning, match=r"5 frames .* share one ImagePositionPatient .* placed as slices 2 mm "
+                                            r"apart along the slice normal .* SpacingBetweenSlices"):
+        vol = load_dicom(f)
+    assert vol.shape == (3, 4, 5)
+    np.testing.assert_allclose(vol.spacing, (0.75, 0.5, 2.0))
+    row, col = np.array(iop[:3], float), np.array(iop[3:], float)
+    normal = np.cross(row, col)
+    for k in range(5):  # frame k lies k x 2 mm along row x column from the stored position
+        np.testing.assert_array_equal(vol.array[:, :, k], data[k].T.astype(vol.array.dtype))
+        np.testing.assert_allclose(vol.index_to_world(np.array([0.0, 0.0, float(k)])),
+                                   np.array([1.0, 2.0, 3.0]) + 2.0 * k * normal, atol=1e-9)
+    assert any("derived positions" in w for w in vol.provenance["warnings"])
+    (info,) = scan(tmp_path)
+    assert info.shape == (3, 4, 5) and info.n_volumes == 1
+
+
+def test_classic_multiframe_slice_thickness_used_without_spacing(tmp_path):
+    _multiframe(tmp_path / "mf.dcm", spacing_tags={"SliceThickness": 1.5})
+    with pytest.warns(MedfuseWarning, match="1.5 mm apart .* from its SliceThickness"):
+        vol = load_dicom(tmp_path / "mf.dcm")
+    assert vol.shape[2] == 5 and vol.spacing[2] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(spacing_tags={}), "neither SpacingBetweenSlices nor SliceThickness"),
+    (dict(modality="OT"), r"modality \(OT\) is not CT, MR or PT"),
+    (dict(extra={"FrameIncrementPointer": 0x00181063, "FrameTime": 40.0}), "FrameIncrementPointer names FrameTime"),
+], ids=["no-spacing", "other-modality", "cine"])
+def test_classic_multiframe_time_points_say_why(tmp_path, kw, why):
+    """Frames that are not slices stay time points of one slice each, and the message says why (it said only
+    "the series holds 5 volumes (4-D)", as if the file were a 4-D series)."""
+    f = tmp_path / "mf.dcm"
+    data = _multiframe(f, **kw)
+    said = r"5 volumes \(4-D\): the 5 frames of the multi-frame file share one ImagePositionPatient and (it|its) "
+    with pytest.raises(MultipleSeriesError, match=said + ".*" + why + r".*time points") as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MedfuseWarning)
+            load_dicom(f)
+    assert "volume_index=0..4" in e.value.fix
+    with pytest.warns(MedfuseWarning, match=why):
+        vols = load_dicom_volumes(f)
+    assert [v.shape for v in vols] == [(3, 4, 1)] * 5
+    for k, v in enumerate(vols):
+        np.testing.assert_array_equal(v.array[:, :, 0], data[k].T.astype(v.array.dtype))
+
+
+def test_classic_multiframe_slice_location_pointer_is_slices(tmp_path):
+    _multiframe(tmp_path / "mf.dcm", extra={"FrameIncrementPointer": 0x00182005,
+                                             "SliceLocationVector": [3.0, 5.0, 7.0, 9.0, 11.0]})
+    with pytest.warns(MedfuseWarning, match="placed as slices"):
+        assert load_dicom(tmp_path / "mf.dcm").shape == (3, 4, 5)
+
+
+# ---------------------------------------------------------------------------- patient-named folders in listings
+def _slice(path: Path, *, modality: str, uid: str, k: int, patient=(NAME, PID, BIRTH)):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.InstanceNumber = modality, uid, "1.2.3", k + 1
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 2.0 * k], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
+    ds.Rows, ds.Columns = 4, 5
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.zeros((4, 5), np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    """A PACS export: one folder per series, named after the patient (and one innocently named)."""
+    root = tmp_path / "study"
+    for name, modality in (("DOE^JANE_PID12345_ct", "CT"), ("Jane Doe 1960-01-02 pet", "PT"), ("mr_series", "MR")):
+        (root / name).mkdir(parents=True)
+        uid = generate_uid()
+        for k in range(3):
+            _slice(root / name / f"IM{k}.dcm", modality=modality, uid=uid, k=k)
+    return root
+
+
+def _no_identifier(text: str) -> None:
+    low = text.lower()
+    for bad in ("doe", "jane", "pid12345", "12345", "1960"):
+        assert bad not in low, (bad, text)
+
+
+@pytest.mark.parametrize("choice", [None, "XX", "7", "NM"], ids=["none", "unknown-uid", "out-of-range", "no-such"])
+def test_series_listing_blanks_patient_named_folders(study, choice):
+    """Was: "1: CT 5x4x3, 3 files in DOE^JANE_PID12345_ct; ..." in the error (and in logs and batch reports)."""
+    kind = MultipleSeriesError if choice is None else InvalidInputError
+    with pytest.raises(kind) as e:
+        medfuse.load(study, **({} if choice is None else {"series_uid": choice}))
+    text = str(e.value)
+    _no_identifier(text)
+    # still a useful listing: each series, its folder with the identifiers blanked, the innocent one as it is
+    assert "CT 5x4x3, 3 files in [removed]" in text and "PT 5x4x3, 3 files in [removed]" in text
+    assert "MR 5x4x3, 3 files in mr_series" in text and text.count("_ct") == 1 and text.count(" pet") == 1
+
+
+def test_series_listing_reads_no_file_again(study, monkeypatch):
+    """The identifiers come from the headers already read for the listing, not from a second pass over the files
+    (medfuse.provenance.patient_identifiers reads every file up to its patient module)."""
+    import medfuse.provenance as prov
+
+    def no_read(*a, **k):
+        raise AssertionError("a file was read again for its patient module")
+
+    monkeypatch.setattr(prov, "_read_ids", no_read)
+    with pytest.raises(MultipleSeriesError) as e:
+        medfuse.load(study)
+    _no_identifier(str(e.value))
