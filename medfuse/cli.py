@@ -450,23 +450,28 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
                 p = Path(files[0]["file"])
             elif not args.series:
                 if args.json:
-                    print(json.dumps({"path": os.fspath(p), "series": rows, "files": files}, indent=2))
+                    print(json.dumps(_blank_listing({"path": os.fspath(p), "series": rows, "files": files}, args),
+                                     indent=2))
                     return EXIT_OK
                 what = [f"{len(series)} DICOM series"] if series else []
                 what += [f"{len(files)} image file{'s' if len(files) != 1 else ''}"] if files else []
-                print(f"{p}: {' and '.join(what)}")
+                _print_blanked(args, f"{p}: {' and '.join(what)}")
                 for i, r in enumerate(rows, start=1):  # numbered as --series and the several-series error take them
                     shape = "x".join(str(x) for x in r["shape"]) if r["shape"] else "?"
                     folder = os.path.relpath(r["folder"], p) if r["folder"] else "."
-                    print(f"  {i:>2}: {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  {r['n_files']:>5} files  "
-                          f"{r['description'] or '-'}  folder={folder}  uid={r['series_uid']}")
+                    description = _blank_listing({"description": r["description"]}, args)["description"]
+                    # The UID is added after the blanking: it is how the user picks the series (an ID's digits
+                    # inside it must not break it).
+                    _print_blanked(args, f"  {i:>2}: {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  "
+                                         f"{r['n_files']:>5} files  {description or '-'}  folder={folder}",
+                                   f"  uid={r['series_uid']}")
                 for f in files:
                     shape = "x".join(str(x) for x in f["shape"]) if f["shape"] else "?"
-                    print(f"      {'file':<4} {shape:<14} {os.path.relpath(f['file'], p)}")
+                    _print_blanked(args, f"      {'file':<4} {shape:<14} {os.path.relpath(f['file'], p)}")
                 hints = [f"medfuse info {_shell_quote(p)} --series N (its number, modality or UID; "
                          f"fuse and register take --series too)"] if series else []
                 hints += ["medfuse info FILE"] if files else []
-                print(f"for details: {', or '.join(hints)}")
+                _print_blanked(args, f"for details: {', or '.join(hints)}")
                 return EXIT_OK
     try:
         vols = load_volumes(p, series_uid=args.series)
@@ -497,11 +502,12 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "warnings": vol.provenance.get("warnings") or [],
     }
     shown.extend(str(w) for w in facts["warnings"] if str(w).strip())
+    facts = _blank_listing(facts, args)
     if args.json:
         print(json.dumps(facts, indent=2))
         return EXIT_OK
     extent = [s * n for s, n in zip(vol.spacing, vol.shape)]
-    print(f"{p}")
+    print(facts["path"])
     print(f"  modality     {vol.modality}   unit {vol.unit}")
     if facts["suv_factor_source"]:
         print(f"  SUV factor   {facts['suv_factor_source']}")
@@ -522,6 +528,36 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     for w in facts["warnings"]:
         print(f"  warning      {w}")
     return EXIT_OK
+
+
+def _blank_listing(record: Any, args: argparse.Namespace) -> Any:
+    """An info listing (a dict, recursively) with the inputs' patient identifiers blanked as in every other
+    message: paths and folders of an export named after the patient (``DOE^JANE_PID12345_pet``) show as
+    ``[removed]_[removed]_pet``. A series description that names the patient is dropped whole (free text: what
+    else it says about them cannot be told; napari's reader drops it the same way), one that does not is kept.
+    Series UIDs are kept as they are: the listing shows them so that the user can pick a series with --series.
+    """
+    ids = _identifiers(args)
+    if not ids:
+        return record
+    from .provenance import _REDACTED, scrub
+
+    def blank(key: Optional[str], value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: blank(k, v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [blank(key, v) for v in value]
+        if not isinstance(value, str) or key == "series_uid":
+            return value
+        clean = scrub(value, ids)
+        return _REDACTED if key in ("description", "series_description") and clean != value else clean
+
+    return blank(None, record)
+
+
+def _print_blanked(args: argparse.Namespace, text: str, tail: str = "") -> None:
+    """Print ``text`` with the inputs' patient identifiers blanked, then ``tail`` as it is (a series UID)."""
+    print(_scrubbed(text, args) + tail)
 
 
 # ----------------------------------------------------------------------------- register
@@ -1274,11 +1310,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         return int(args.func(args))
     except (CancelledError, KeyboardInterrupt):
-        print(_cancelled_message(args), file=sys.stderr)
+        _print_cancelled(args)
         return EXIT_CANCELLED
     except MedfuseError as e:
         if args.debug:
-            traceback.print_exc()
+            _print_traceback(args)
         e = _cli_error(e)  # every command's fixes in command-line words (register, evaluate, batch too)
         print(f"medfuse {args.command}: error: {_scrubbed(e.one_line(), args)}", file=sys.stderr)
         return EXIT_USAGE
@@ -1290,7 +1326,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if message is None:
             return _internal_error(args, e)
         if args.debug:
-            traceback.print_exc()
+            _print_traceback(args)
         print(f"medfuse {args.command}: error: {_scrubbed(message, args)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
@@ -1336,10 +1372,27 @@ def _identifiers(args: argparse.Namespace) -> List[str]:
 def _internal_error(args: argparse.Namespace, e: BaseException) -> int:
     """A bug: one line (the full traceback with --debug) and exit 3. Called while handling ``e``."""
     if args.debug:
-        traceback.print_exc()
-    print(f"medfuse {args.command}: internal error: {e.__class__.__name__}: {' '.join(str(e).split())[:300]}. "
+        _print_traceback(args)
+    # Blanked before it is cut: a cut could leave half a name that no longer matches.
+    text = _scrubbed(" ".join(str(e).split()), args)[:300]
+    print(f"medfuse {args.command}: internal error: {e.__class__.__name__}: {text}. "
           f"Fix: rerun with --debug and report the traceback.", file=sys.stderr)
     return EXIT_INTERNAL
+
+
+def _print_traceback(args: argparse.Namespace) -> None:
+    """The traceback of the exception being handled (--debug), blanked like every other message: the exception
+    text quotes the folders it is about, often named after the patient. Called while handling it."""
+    print(_scrubbed(traceback.format_exc(), args), end="", file=sys.stderr)
+
+
+def _print_cancelled(args: argparse.Namespace) -> None:
+    """Say that the command was cancelled and which outputs it kept, their paths blanked like every message."""
+    try:
+        text = _scrubbed(_cancelled_message(args), args)
+    except KeyboardInterrupt:  # a second Ctrl-C while the inputs' headers are read: say it without the paths
+        text = f"medfuse {args.command}: cancelled"
+    print(text, file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1094,7 +1094,9 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             bar.close()
     # One line each, as the other commands print them (not Python's file:line form); others as Python shows them.
     # The pairs' patient identifiers blanked, as in the tables (a folder named after the patient was quoted).
-    ids = _pair_identifiers(source) if any(issubclass(w.category, MedfuseWarning) for w in caught) else []
+    # The summary line quotes --out and --mask, which may be named after the patient too (out/eval_DOE^JANE).
+    ids = (_pair_identifiers(source) if any(issubclass(w.category, MedfuseWarning) for w in caught)
+           or (result.rows and not quiet) else [])
     for w in caught:
         if not issubclass(w.category, MedfuseWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -1106,8 +1108,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     elif not quiet:
         print(result.table())
         within = f", within the mask {args.mask}" if getattr(args, "mask", None) else ""
-        print(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
-              f"({len(result.rows)} images scored{within})")
+        print(_blanked(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
+                       f"({len(result.rows)} images scored{within})", ids))
     if result.failures:
         print(f"{'' if not result.rows else chr(10)}{len(result.failures)} item(s) failed and were skipped:",
               file=sys.stderr)

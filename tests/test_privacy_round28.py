@@ -1,0 +1,208 @@
+"""Round 28 privacy fixes: ``medfuse info`` blanks like every other command; the cancel message, ``--debug``
+tracebacks, internal errors and evaluate's summary line are blanked; and ``provenance.scrub`` finds the names and
+IDs as real exports spell them (NFD file names, ASCII-folded names, IDs with other punctuation).
+
+The study is written in folders named after the patient, as a hospital export names them
+(``DOE^JANE_MRN123456_ct``), with series descriptions that quote the name.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pydicom")
+
+from tests.test_privacy import CT_UID, PT_UID, _cli, leaks, phi_series  # noqa: E402
+
+from medfuse.provenance import patient_identifiers, scrub  # noqa: E402
+
+#: What the listing must not show: the patient's name and ID in any spelling (the UIDs are the user's to see).
+PATIENT = ("Doe", "Jane", "MRN123456", "123456")
+
+
+def _export(tmp_path: Path, *, ct_description="ax_asc Doe Jane", pt_description="PET static"):
+    """A study folder holding a CT and a PET series, each in a folder named after the patient."""
+    root = tmp_path / "in"
+    ct = phi_series(root / "DOE^JANE_MRN123456_ct", modality="CT", description=ct_description)
+    pt = phi_series(root / "DOE^JANE_MRN123456_pt", modality="PT", description=pt_description)
+    (tmp_path / "out").mkdir()
+    return root, ct, pt, tmp_path / "out"
+
+
+# ----------------------------------------------------------------------------- medfuse info
+def test_info_of_one_series_blanks_its_path_and_a_description_naming_the_patient(tmp_path):
+    """`medfuse info "in/DOE^JANE_PID12345_ts"` printed the path and "series  ax_asc_35sl Doe Jane", though its
+    help says it never shows patient identifiers; the JSON held them under "path" and "series_description"."""
+    _, ct, pt, _ = _export(tmp_path)
+    rc, text = _cli(["info", ct])
+    assert rc == 0, text
+    assert leaks(text, PATIENT) == [], text
+    assert "[removed]_[removed]_ct" in text and "series       [removed]" in text
+    rc, text = _cli(["info", ct, "--json"])
+    facts = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert leaks(text, PATIENT) == [], text
+    assert facts["path"].endswith("[removed]_[removed]_ct") and facts["series_description"] == "[removed]"
+    assert facts["series_uid"] == CT_UID  # the user picks a series by it
+    # A description that names no one is shown as it is.
+    rc, text = _cli(["info", pt, "--json"])
+    assert json.loads(text[text.index("{"):text.rindex("}") + 1])["series_description"] == "PET static"
+
+
+def test_info_listing_of_a_study_blanks_folders_and_descriptions_and_keeps_uids(tmp_path):
+    """`medfuse info in` listed "ax_asc_35sl Doe Jane  folder=DOE^JANE_PID12345_mr"; --json its rows' "folder"
+    and "description"."""
+    root, _, _, _ = _export(tmp_path)
+    rc, text = _cli(["info", root])
+    assert rc == 0, text
+    assert leaks(text, PATIENT) == [], text
+    assert "folder=[removed]_[removed]_ct" in text and "PET static" in text
+    assert f"uid={CT_UID}" in text and f"uid={PT_UID}" in text
+    rc, text = _cli(["info", root, "--json"])
+    listing = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert leaks(text, PATIENT) == [], text
+    assert {r["series_uid"] for r in listing["series"]} == {CT_UID, PT_UID}
+    assert sorted(r["description"] for r in listing["series"]) == ["PET static", "[removed]"]
+    rc, text = _cli(["info", root, "--series", "CT"])
+    assert rc == 0 and leaks(text, PATIENT) == [], text
+
+
+def test_info_keeps_a_uid_that_holds_the_patient_id_digits(tmp_path):
+    """The listing's UIDs are added after the blanking: a numeric patient ID inside a UID must not break it."""
+    root = tmp_path / "study"
+    uid = "1.2.999.123456.7"
+    phi_series(root / "a", modality="CT", uid=uid, extra={"PatientID": "123456"})
+    phi_series(root / "b", modality="PT")
+    rc, text = _cli(["info", root])
+    assert rc == 0 and f"uid={uid}" in text, text
+
+
+# ----------------------------------------------------------------------------- the other unblanked lines
+def test_cancel_message_blanks_the_outputs_it_names(tmp_path, monkeypatch):
+    """"cancelled; kept what was complete before the cancel: <paths>" was printed raw."""
+    import medfuse.io.writers as writers
+
+    _, ct, pt, out = _export(tmp_path)
+    real = writers._save_nifti
+
+    def save(*a, **k):  # the first Ctrl-C, while the output is written
+        signal.raise_signal(signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(writers, "_save_nifti", save)
+    target = out / "Doe_Jane_MRN123456_fused.nii.gz"
+    rc, text = _cli(["fuse", ct, pt, "-o", target, "--method", "max", "-q"])
+    assert rc == 130, text
+    assert "kept what was complete before the cancel: " in text and "out/[removed]_[removed]_fused.nii.gz" in text
+    assert leaks(text, PATIENT) == [], text
+
+
+@pytest.mark.parametrize("error", ["medfuse", "oserror"])
+def test_debug_traceback_is_blanked(tmp_path, monkeypatch, error):
+    """--debug printed Python's traceback, whose last line quotes the path the error is about, unblanked (a
+    medfuse error, and an OSError the user can fix such as permission denied)."""
+    import errno
+
+    import medfuse.pipeline as pipeline
+    from medfuse.errors import UnsupportedDataError
+
+    _, ct, pt, out = _export(tmp_path)
+
+    def failing(fixed, *a, **k):
+        if error == "medfuse":
+            raise UnsupportedDataError("cannot fuse this input", fix="give another", path=fixed)
+        raise PermissionError(errno.EACCES, "Permission denied", str(fixed))
+
+    monkeypatch.setattr(pipeline, "fuse_files", failing)
+    rc, text = _cli(["--debug", "fuse", ct, pt, "-o", out / "f.nii.gz", "--method", "max", "--no-progress"])
+    assert rc == 2 and "Traceback (most recent call last)" in text and "[removed]_[removed]_ct" in text, text
+    assert leaks(text, PATIENT) == [], text
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_internal_error_line_and_traceback_are_blanked(tmp_path, monkeypatch, debug):
+    """A bug's one line quoted ``str(e)`` (its first 300 characters) unblanked, and --debug its traceback."""
+    import medfuse.pipeline as pipeline
+
+    _, ct, pt, out = _export(tmp_path)
+
+    def broken(fixed, *a, **k):
+        raise RuntimeError(f"unexpected state reading {fixed}")
+
+    monkeypatch.setattr(pipeline, "fuse_files", broken)
+    rc, text = _cli([*(["--debug"] if debug else []), "fuse", ct, pt, "-o", out / "f.nii.gz", "--method", "max"])
+    assert rc == 3 and "internal error: RuntimeError: unexpected state reading" in text, text
+    assert ("Traceback" in text) == debug
+    assert leaks(text, PATIENT) == [], text
+
+
+def test_evaluate_summary_line_blanks_the_output_folder(tmp_path):
+    """evaluate's last line "wrote out/eval_DOE^JANE/metrics.csv and ..." was not blanked."""
+    _, ct, pt, out = _export(tmp_path)
+    rc, text = _cli(["evaluate", "--pair", ct, pt, "--methods", "max", "--mode", "native", "--out",
+                     out / "eval_DOE^JANE", "--no-progress"])
+    assert rc == 0, text
+    assert "eval_[removed]/metrics.csv" in text and leaks(text, PATIENT) == [], text
+
+
+# ----------------------------------------------------------------------------- spellings scrub finds
+def _dicom(path: Path, name: str, pid: str) -> Path:
+    """A header-only DICOM file with this patient name and ID, in UTF-8."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName, ds.PatientID = name, pid
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("header_form, text_form", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_a_name_is_found_whatever_its_unicode_normal_form(tmp_path, header_form, text_form):
+    """macOS writes file names in NFD: "MÜLLER^JÜRGEN_pet" from Finder did not match the header's NFC name."""
+    ids = patient_identifiers([_dicom(tmp_path / "x.dcm", unicodedata.normalize(header_form, "Müller^Jürgen"),
+                                      "AB-123/45")])
+    folder = unicodedata.normalize(text_form, "in/MÜLLER^JÜRGEN_pet/jürgen müller.dcm")
+    assert scrub(folder, ids) == "in/[removed]_pet/[removed].dcm"
+
+
+def test_ascii_folded_names_and_ids_with_other_punctuation_are_found(tmp_path):
+    """PACS exports write "Müller^Jürgen" as MULLER_JURGEN or MUELLER_JUERGEN, and the ID "AB-123/45" as
+    AB-123-45, AB_123_45 or AB12345 (a "/" cannot be in a file name)."""
+    ids = patient_identifiers([_dicom(tmp_path / "x.dcm", "Müller^Jürgen", "AB-123/45")])
+    for text in ("MULLER_JURGEN", "MUELLER_JUERGEN", "mueller.juergen", "Jurgen Muller", "AB-123-45", "AB_123_45",
+                 "AB12345", "ab 123 45", "AB.123.45"):
+        assert scrub(f"out/{text}_pet", ids) == "out/[removed]_pet", text
+    ids = patient_identifiers([_dicom(tmp_path / "y.dcm", "Strauß^Bjørn", "X1")])
+    assert scrub("STRAUSS_BJORN Strauss-Bjorn", ids) == "[removed] [removed]"
+
+
+def test_short_and_partial_words_are_still_left_alone(tmp_path):
+    """The new spellings keep the old rules: a part under 3 characters is not blanked alone, nor an ID whose
+    letters and digits are under 3 written another way, and a name does not blank a longer word."""
+    ids = patient_identifiers([_dicom(tmp_path / "x.dcm", "Li^Wu", "A-1")])
+    assert scrub("Li Wu, li_wu, LiWu", ids) == "[removed], [removed], [removed]"
+    assert scrub("Li/ct Wu a 1 mm A1 a.1 spacing 1.2 x 1.2", ids) == "Li/ct Wu a 1 mm A1 a.1 spacing 1.2 x 1.2"
+    ids = patient_identifiers([_dicom(tmp_path / "y.dcm", "Doe^Jane", "12345")])
+    assert scrub("so does Janet, Doerte and Doe_Jane in 9123456 at 12.5 mm", ids) == \
+        "so does Janet, Doerte and [removed] in 9123456 at 12.5 mm"
+    # Next to an NFD accent is inside a word: "Doe" does not blank "Doé" written in NFD.
+    assert scrub(unicodedata.normalize("NFD", "Doé"), ids) == unicodedata.normalize("NFD", "Doé")
+
+
+def test_scrub_leaves_hashes_and_values_other_than_strings():
+    digest = "ab" + "0" * 60 + "12"
+    assert scrub({"sha256": digest, "n": 3, "p": ["x/AB-123-45"]}, ["AB-123/45"]) == \
+        {"sha256": digest, "n": 3, "p": ["x/[removed]"]}
