@@ -37,3 +37,32 @@ def shared():
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     return SAMPLES
+
+
+def _write_patient_header(path: Path, name: str, pid: str, dob: str = "", charset: str = "") -> Path:
+    """A minimal DICOM file holding a patient module (no image): what identifier searches read."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName, ds.PatientID = name, pid
+    if dob:
+        ds.PatientBirthDate = dob
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def patient_header():
+    """Callable fixture: ``patient_header(path, name, pid, dob="", charset="")`` writes a DICOM file holding only
+    a patient module and returns its path."""
+    return _write_patient_header

@@ -150,52 +150,34 @@ def test_evaluate_summary_line_blanks_the_output_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- spellings scrub finds
-def _dicom(path: Path, name: str, pid: str) -> Path:
-    """A header-only DICOM file with this patient name and ID, in UTF-8."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = pydicom.Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.PatientName, ds.PatientID = name, pid
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
 @pytest.mark.parametrize("header_form, text_form", [("NFC", "NFD"), ("NFD", "NFC")])
-def test_a_name_is_found_whatever_its_unicode_normal_form(tmp_path, header_form, text_form):
+def test_a_name_is_found_whatever_its_unicode_normal_form(tmp_path, patient_header, header_form, text_form):
     """macOS writes file names in NFD: "MÜLLER^JÜRGEN_pet" from Finder did not match the header's NFC name."""
-    ids = patient_identifiers([_dicom(tmp_path / "x.dcm", unicodedata.normalize(header_form, "Müller^Jürgen"),
-                                      "AB-123/45")])
+    name = unicodedata.normalize(header_form, "Müller^Jürgen")
+    ids = patient_identifiers([patient_header(tmp_path / "x.dcm", name, "AB-123/45", charset="ISO_IR 192")])
     folder = unicodedata.normalize(text_form, "in/MÜLLER^JÜRGEN_pet/jürgen müller.dcm")
     assert scrub(folder, ids) == "in/[removed]_pet/[removed].dcm"
 
 
-def test_ascii_folded_names_and_ids_with_other_punctuation_are_found(tmp_path):
+def test_ascii_folded_names_and_ids_with_other_punctuation_are_found(tmp_path, patient_header):
     """PACS exports write "Müller^Jürgen" as MULLER_JURGEN or MUELLER_JUERGEN, and the ID "AB-123/45" as
     AB-123-45, AB_123_45 or AB12345 (a "/" cannot be in a file name)."""
-    ids = patient_identifiers([_dicom(tmp_path / "x.dcm", "Müller^Jürgen", "AB-123/45")])
+    ids = patient_identifiers([patient_header(tmp_path / "x.dcm", "Müller^Jürgen", "AB-123/45",
+                                              charset="ISO_IR 192")])
     for text in ("MULLER_JURGEN", "MUELLER_JUERGEN", "mueller.juergen", "Jurgen Muller", "AB-123-45", "AB_123_45",
                  "AB12345", "ab 123 45", "AB.123.45"):
         assert scrub(f"out/{text}_pet", ids) == "out/[removed]_pet", text
-    ids = patient_identifiers([_dicom(tmp_path / "y.dcm", "Strauß^Bjørn", "X1")])
+    ids = patient_identifiers([patient_header(tmp_path / "y.dcm", "Strauß^Bjørn", "X1", charset="ISO_IR 192")])
     assert scrub("STRAUSS_BJORN Strauss-Bjorn", ids) == "[removed] [removed]"
 
 
-def test_short_and_partial_words_are_still_left_alone(tmp_path):
+def test_short_and_partial_words_are_still_left_alone(tmp_path, patient_header):
     """The new spellings keep the old rules: a part under 3 characters is not blanked alone, nor an ID whose
     letters and digits are under 3 written another way, and a name does not blank a longer word."""
-    ids = patient_identifiers([_dicom(tmp_path / "x.dcm", "Li^Wu", "A-1")])
+    ids = patient_identifiers([patient_header(tmp_path / "x.dcm", "Li^Wu", "A-1", charset="ISO_IR 192")])
     assert scrub("Li Wu, li_wu, LiWu", ids) == "[removed], [removed], [removed]"
     assert scrub("Li/ct Wu a 1 mm A1 a.1 spacing 1.2 x 1.2", ids) == "Li/ct Wu a 1 mm A1 a.1 spacing 1.2 x 1.2"
-    ids = patient_identifiers([_dicom(tmp_path / "y.dcm", "Doe^Jane", "12345")])
+    ids = patient_identifiers([patient_header(tmp_path / "y.dcm", "Doe^Jane", "12345", charset="ISO_IR 192")])
     assert scrub("so does Janet, Doerte and Doe_Jane in 9123456 at 12.5 mm", ids) == \
         "so does Janet, Doerte and [removed] in 9123456 at 12.5 mm"
     # Next to an NFD accent is inside a word: "Doe" does not blank "Doé" written in NFD.

@@ -24,22 +24,6 @@ def test_detached_header_hash_covers_the_data_file(tmp_path, suffix):
 
 
 # ----------------------------------------------------------------------------- no patient identifiers in sidecars
-def _dicom_with(path, name, pid, dob):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = pydicom.Dataset()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, dob
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 @pytest.mark.parametrize("folder, name, pid, dob, leaks", [
     ("Li_Wu_1960-01-02", "Li^Wu", "A7", "19600102", ["li_wu", "1960-01-02"]),  # parts too short alone
     ("WU-LI", "Li^Wu", "A7", "19600102", ["wu-li"]),
@@ -48,13 +32,14 @@ def _dicom_with(path, name, pid, dob):
     ("Yamada_Tarou", "Yamada^Tarou=^=", "X1", "", ["tarou"]),  # component groups (ideographic/phonetic) after "="
     ("case_12345", "Doe^Jane", "12-345", "", ["12345"]),        # the ID without its punctuation
 ])
-def test_sidecar_blanks_identifiers_as_folders_spell_them(tmp_path, folder, name, pid, dob, leaks):
+def test_sidecar_blanks_identifiers_as_folders_spell_them(tmp_path, patient_header, folder, name, pid, dob,
+                                                           leaks):
     import json
 
     from medfuse.provenance import build, write_sidecar
 
     series = tmp_path / folder
-    _dicom_with(series / "IM1", name, pid, dob)
+    patient_header(series / "IM1", name, pid, dob)
     out = tmp_path / "fused.nii.gz"
     rec = build(inputs=[{"role": "fixed", "path": str(series), "sha256": "0" * 64}], output=out,
                 extra={"per_input": {str(series): "a key naming the input"}})  # keys are scrubbed too
@@ -74,24 +59,24 @@ def test_scrub_leaves_hashes_whole():
     assert out["path"] == "/data/[removed]_[removed]/ct" and "[removed]" in out
 
 
-def test_sidecar_never_replaces_an_input(tmp_path):
+def test_sidecar_never_replaces_an_input(tmp_path, patient_header):
     """A DICOM file that happens to sit where the sidecar goes is an input: refused, left as it was."""
     from medfuse.errors import OutputExistsError
     from medfuse.provenance import build, write_sidecar
 
     dcm = tmp_path / "fused.json"
-    _dicom_with(dcm, "Doe^Jane", "MRN1", "19600102")
+    patient_header(dcm, "Doe^Jane", "MRN1", "19600102")
     before = dcm.read_bytes()
     with pytest.raises(OutputExistsError, match="source"):
         write_sidecar(tmp_path / "fused.nii.gz", build(inputs=[]), input_paths=[dcm])
     assert dcm.read_bytes() == before
 
 
-def test_birth_date_and_name_spellings_in_values(tmp_path):
+def test_birth_date_and_name_spellings_in_values(tmp_path, patient_header):
     from medfuse.provenance import patient_identifiers, scrub
 
     dcm = tmp_path / "IM1"
-    _dicom_with(dcm, "Li^Wu", "A7", "19600102")
+    patient_header(dcm, "Li^Wu", "A7", "19600102")
     ids = patient_identifiers([dcm])
     paths = ["/d/1960-01-02/ct", "/d/02.01.1960/ct", "/d/19600102/ct", "/d/Wu_Li/ct", "/d/li wu/ct"]
     assert scrub(paths, ids) == ["/d/[removed]/ct"] * 5
