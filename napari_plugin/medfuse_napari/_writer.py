@@ -229,15 +229,130 @@ def _sources(md: Dict[str, Any]) -> List[str]:
 
 
 def _check_sidecar(target: Path) -> Optional[Path]:
-    """The sidecar path; refused when someone's own JSON (not a medfuse record) holds it."""
+    """The sidecar path; refused when someone's own JSON (not a medfuse record) holds it, or when it is the
+    record of another output sharing the name (``fused.json`` of ``fused.nii.gz`` when saving ``fused.mha``).
+
+    napari's dialog asked before replacing the image, never about its sidecar: a medfuse record there is replaced
+    only when it is this output's own (or a stale one whose output is gone); the core's
+    :func:`medfuse.provenance.check_sidecar` tells which, and refuses another output's record even with
+    ``overwrite`` (as the CLI does).
+    """
     from medfuse import provenance as prov
     from medfuse.errors import OutputExistsError
 
     side = prov.sidecar_path(target)
-    if (side.exists() or side.is_symlink()) and not prov.is_medfuse_record(prov.read_sidecar(target)):
+    if (side.is_file() or side.is_symlink()) and not prov.is_medfuse_record(prov.read_sidecar(target)):
         raise OutputExistsError("the provenance sidecar of this output would replace a JSON file medfuse did not "
                                 "write", fix="choose another output name, or move that file away", path=side)
-    return side
+    # overwrite=True: the user's own JSON was refused above; what is left is a folder (refused) or a medfuse
+    # record, this output's (replaced with the image) or another output's (refused even so).
+    return prov.check_sidecar(target, overwrite=True)
+
+
+def _own_record(target: Path) -> Optional[Path]:
+    """The medfuse sidecar that describes ``target`` itself (its record names it), before ``target`` is replaced
+    by a layer that gets no record; else None (no sidecar, a link, someone's own JSON, another output's record).
+
+    A record whose output name was blanked (a name quoting the patient) is ``target``'s when the output hash it
+    holds is that of the file now at ``target``.
+    """
+    from medfuse import provenance as prov
+
+    side = prov.sidecar_path(target)
+    if side.is_symlink() or not side.is_file():
+        return None
+    rec = prov.read_sidecar(target)
+    if not prov.is_medfuse_record(rec):
+        return None
+    recorded = rec.get("output") if isinstance(rec.get("output"), Mapping) else {}
+    name = os.path.basename(str(recorded.get("path") or ""))
+    if name.casefold() == target.name.casefold():
+        return side
+    if "[removed]" in name and recorded.get("sha256") and (target.is_file() or target.is_dir()):
+        try:
+            return side if prov.hash_path(target) == recorded.get("sha256") else None
+        except (OSError, MedfuseError):
+            return None
+    return None
+
+
+def _remove_stale_record(side: Path, written: Path) -> None:
+    """Remove the sidecar that described the file just replaced: it would claim a fusion or registration, with an
+    output hash that no longer matches, for an image that had neither."""
+    from medfuse.errors import OutputWriteError
+    from medfuse.io._atomic import input_files, same_file
+
+    if any(same_file(side, src) for src in input_files(_open_inputs())):
+        return  # never an input, whatever it holds
+    try:
+        side.unlink()  # one atomic step, after the new image is in place
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputWriteError(f"{written.name} was written, but the provenance sidecar {side.name} of the file it "
+                               f"replaced could not be removed ({exc.strerror or exc}): it no longer describes "
+                               f"{written.name}", errno=exc.errno, fix=f"delete {side.name}", path=side) from exc
+
+
+#: Files of an input folder whose header is read for its series descriptions (group 0008, as
+#: :func:`medfuse.provenance.patient_identifiers` reads it: about 0.2 ms a file).
+_DESCRIPTION_FILES = 256
+
+
+def _descriptions_in(md: Mapping[str, Any]) -> List[str]:
+    desc = (md.get("provenance") or {}).get("series_description") if isinstance(md, Mapping) else None
+    return [str(desc)] if desc else []
+
+
+def _series_descriptions(md: Dict[str, Any], names: Iterable[Any]) -> List[str]:
+    """The series descriptions a layer name in this layer's record may hold: the layer's own, those of the layers
+    open in napari (the fusion's or registration's other layers, named ``MR ax_t1`` by the reader when their
+    folder name held a patient identifier), and, when one of ``names`` is no open layer's (closed or renamed
+    before saving), those in the DICOM headers of the layer's source files.
+
+    Args:
+        md: the layer's ``metadata["medfuse"]``.
+        names: the layer names the record holds.
+
+    Returns:
+        The descriptions, as stored and with their whitespace collapsed (as the reader puts them in names).
+    """
+    from medfuse import provenance as prov
+
+    found = _descriptions_in(md)
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt / no window: no other layer
+        viewer = None
+    open_names = set()
+    for layer in getattr(viewer, "layers", ()):
+        found += _descriptions_in(meta(layer))
+        open_names.add(str(getattr(layer, "name", "")))
+    # The headers only then: reading them is on napari's GUI thread (0.23 s for 600 files in the page cache).
+    unknown = any(isinstance(n, str) and n not in open_names for n in names)
+    for src in _sources(md) if unknown else ():
+        p = Path(src)
+        try:
+            files = [p] if p.is_file() else prov._candidate_files(p, _DESCRIPTION_FILES) if p.is_dir() else []
+        except OSError:
+            files = []
+        for f in files:
+            ds = prov._read_ids(f)  # None for an image file or a file that is not DICOM
+            desc = ds.get("SeriesDescription") if ds is not None else None
+            if desc:
+                found.append(str(desc))
+    out = {d.strip(): None for d in found if d.strip()}
+    out.update({" ".join(d.split()): None for d in list(out)})
+    return sorted(out, key=len, reverse=True)
+
+
+def _blank_names(value: Any, descriptions: List[str]) -> Any:
+    """``value`` (a layer name, or a list or mapping of them) with any series description in it blanked."""
+    from medfuse import provenance as prov
+
+    return prov.scrub(value, descriptions) if descriptions and value is not None else value
 
 
 def _sidecar_record(target: Path, vol: Any, md: Dict[str, Any], name: str, placed: np.ndarray) -> Dict[str, Any]:
@@ -248,14 +363,30 @@ def _sidecar_record(target: Path, vol: Any, md: Dict[str, Any], name: str, place
     # description, free text that may name the patient or a physician (the README: never in sidecars).
     layer_prov = {k: v for k, v in dict(md.get("provenance") or {}).items()
                   if "uid" not in k.lower() and "description" not in k.lower()}
+    # Layer names are recorded (the fusion's inputs and grid, the registration's fixed layer, this layer), but the
+    # reader names a DICOM layer by modality + series description when its folder name holds an identifier
+    # (`MR ax_asc_35sl`), and a user may type one: that part is blanked, the rest of the name kept.
+    registration = md.get("registration")
+    recorded = dict(layer_prov.get("fusion") or {})
+    named = [*(recorded.get("inputs") or []), recorded.get("grid"),
+             *([registration.get("to"), registration.get("resampled_onto")] if isinstance(registration, Mapping)
+               else [])]
+    descriptions = _series_descriptions(md, named)
+    fusion = {k: (_blank_names(v, descriptions) if k in ("inputs", "grid") else v)
+              for k, v in recorded.items()}
+    if "fusion" in layer_prov:
+        layer_prov["fusion"] = fusion
+    if isinstance(registration, Mapping):
+        registration = {k: (_blank_names(v, descriptions) if k in ("to", "resampled_onto") else v)
+                        for k, v in registration.items()}
     # Kept hashes where the files are unchanged (prehash_inputs): hashing a large series here froze napari.
     inputs = [{"role": "source", "path": src, "sha256": input_hash(src)} for src in _sources(md)]
-    fusion = layer_prov.get("fusion") or {}
     return prov.build(
         inputs=inputs, output=target, output_sha256=prov.hash_path(target),
         parameters={k: fusion[k] for k in ("method", "inputs", "grid") if k in fusion},
-        registration=md.get("registration"), weights_sha256=layer_prov.get("weights_sha256"),
-        extra={"written_by": "medfuse napari writer", "layer": name, "modality": vol.modality, "unit": vol.unit,
+        registration=registration, weights_sha256=layer_prov.get("weights_sha256"),
+        extra={"written_by": "medfuse napari writer", "layer": _blank_names(name, descriptions),
+               "modality": vol.modality, "unit": vol.unit,
                "placement_lps": None if np.allclose(placed, np.eye(4), atol=1e-9) else placed.tolist(),
                "warnings": list(layer_prov.get("warnings") or []), "layer_provenance": layer_prov})
 
@@ -265,7 +396,8 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
 
     napari's save dialog has already asked before replacing an existing file, so an existing output is
     replaced; the file the layer was read from, or any open layer was read from, never is. A layer medfuse made
-    or moved also gets its provenance sidecar (``x.json``).
+    or moved also gets its provenance sidecar (``x.json``); a layer saved as read over an output removes that
+    output's own medfuse record, which would describe it falsely.
 
     Returns:
         The paths written: the image, then the sidecar if any.
@@ -273,9 +405,11 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
     Raises:
         LayerSaveError: the layer is not a 3-D greyscale volume, the name is another format's, or the volume
             cannot be stored (why and the fix in the message).
-        OutputExistsError: the output is an input, or a JSON of the user's is where the sidecar goes.
+        OutputExistsError: the output is an input, or a JSON of the user's, a folder or another output's
+            record (``fused.json`` of ``fused.nii.gz`` when saving ``fused.mha``) is where the sidecar goes.
         OutputWriteError: its folder is missing or not writable, the disk is full, the name is too long
-            (``errno`` says which).
+            (``errno`` says which); or the record of the file replaced by a layer saved as read could not be
+            removed.
     """
     import medfuse
     from medfuse import provenance as prov
@@ -290,11 +424,15 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
         _refuse_open_inputs(target)
         if derived:
             _check_sidecar(target)  # before the image: never an image without its record
+        # A layer as read gets no record: one left by an earlier output of this name would describe it falsely.
+        stale = None if derived else _own_record(target)
         written = medfuse.save(vol, target, overwrite=replace)
         out = [str(written)]
         if derived:
             out.append(str(prov.write_sidecar(written, _sidecar_record(written, vol, md, name, placed),
                                               input_paths=_sources(md))))
+        elif stale is not None:
+            _remove_stale_record(stale, Path(written))
     except ValueError as exc:  # InvalidInputError, GeometryError or a library's: napari would hide it
         if isinstance(exc, MedfuseError):
             raise LayerSaveError(exc.problem, fix=exc.fix, path=exc.path) from exc
