@@ -92,6 +92,10 @@ def _within(x: np.ndarray, lo: float, hi: float) -> bool:
 #: How far above 1 a Volume given ``normalise="none"`` may reach (an interpolation's overshoot, clipped).
 _NONE_SLACK = 0.01
 
+#: How far outside 0..1 a float volume may reach and still count as normalised upstream: float32 rounding (the
+#: SPM12 PET template peaks at 1.0000000591, and was percentile-scaled instead: 11 % of voxels moved by > 0.02).
+_ROUNDING = 1e-6
+
 #: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
 _SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percentiles", "low", "high")
 
@@ -129,18 +133,31 @@ def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]
 
     8-bit-style integer images share 0..255 by convention. Float images in one band share it only when
     they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would otherwise leave the PET at about 3 % of
-    the scale, too dim to count in the fusion.
+    the scale, too dim to count in the fusion. Float images alike in 0..255 that fill less than a quarter of
+    0..1 or 0..255 share their joint range (0 to the larger maximum) instead.
     """
     # An all-zero input fits any scale, so it has no say; a constant non-zero one does, by its level: a
     # uniform 200 beside a 0..1 image is not on "their" 0..255 scale (that left the image at 0.4 % of it).
     peaks = [float(a.max()) for a in arrays if float(a.max()) > 0.0]
     alike = not peaks or min(peaks) * _SHARED_SCALE_RATIO >= max(peaks)
     integer = all(np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in arrays)
-    if all(_within(a, 0.0, 1.0) for a in arrays) and (alike or integer):
-        return 0.0, 1.0
-    if all(_within(a, 0.0, 255.0) for a in arrays) and (alike or integer):
-        return 0.0, 255.0
-    return None
+    if integer:
+        for top in (1.0, 255.0):
+            if all(_within(a, 0.0, top) for a in arrays):
+                return 0.0, top
+        return None
+    if not alike or min(float(a.min()) for a in arrays) < 0.0:
+        return None
+    # Float images that use one band alike share it. 0..1 and 0..255 when they fill at least a quarter of it
+    # (the factor "alike" allows); else their joint range: two images in 0..3 were taken as 0..255 and reached
+    # the network at 1 % of its scale (Qabf 0.66 -> 0.54), and so were images in 0..0.01 on 0..1.
+    top = max(peaks, default=1.0)
+    if top > 255.0:
+        return None
+    for scale in (1.0, 255.0):
+        if scale / _SHARED_SCALE_RATIO <= top <= scale:
+            return 0.0, scale
+    return 0.0, top
 
 
 def _output_scale_index(arrays: Sequence[np.ndarray]) -> int:
@@ -205,7 +222,7 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 f"{float(a.min()):.4g}..{float(a.max()):.4g}; a fused Volume is on 0..1, so they would be clipped)",
                 fix="leave normalise='auto' (chosen by modality and unit), pass 'minmax' or 'percentile', or scale "
                     "the image to 0..1 first")
-        if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, 0.0, 1.0):
+        if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, -_ROUNDING, 1.0 + _ROUNDING):
             # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
             # SUV) keeps its own rule even when its values happen to lie in 0..1.
             spec = {"method": "range", "low": 0.0, "high": 1.0}
