@@ -20,7 +20,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ._checks import MAX_THREADS, label
 from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
@@ -257,9 +257,24 @@ class _Outputs:
 
     def __init__(self, *paths: Any):
         self.before = {Path(p): _identity(Path(p)) for p in paths}
+        self.marked: Dict[Path, Optional[tuple]] = {}
+
+    def mark(self, path: Any) -> None:
+        """Record that this run has just written ``path`` (its file as it is now)."""
+        self.marked[Path(path)] = _identity(Path(path))
 
     def written(self) -> List[Path]:
+        """The outputs this run wrote: those it marked and that are still the file it wrote; for a command that
+        marks none (its writes happen in the pipeline), those changed since it started."""
+        if self.marked:
+            return [p for p, own in self.marked.items() if own is not None and _identity(p) == own]
         return [p for p, was in self.before.items() if _identity(p) not in (None, was)]
+
+    def own(self) -> List[Path]:
+        """The outputs this run marked and that are still what it wrote: the only files it may take back. A
+        change alone is not enough: another run writing the same output meanwhile made its files look like
+        this run's, and a failed run deleted them."""
+        return [p for p, own in self.marked.items() if own is not None and _identity(p) == own]
 
     def note(self) -> str:
         """What a cancelled run kept, in one sentence."""
@@ -646,9 +661,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _remove_written(outputs: "_Outputs") -> List[Path]:
-    """Delete the outputs this run wrote (see :class:`_Outputs`); returns those removed."""
+    """Delete the outputs this run wrote and marked (:meth:`_Outputs.own`); returns those removed."""
     removed = []
-    for p in outputs.written():
+    for p in outputs.own():
         try:
             p.unlink()
             removed.append(p)
@@ -664,7 +679,9 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
 
     init_path = args.initial_transform
     save(res.resampled, out, overwrite=args.overwrite)
+    args.outputs.mark(out)
     res.transform.save(tfm, overwrite=args.overwrite)
+    args.outputs.mark(tfm)
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
@@ -680,7 +697,9 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
                         steps=[{"name": "register", "params": params, "seconds": round(seconds, 3)}],
                         parameters=params, registration=[rep], extra=extra)
-    return prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
+    side = prov.write_sidecar(out, record, input_paths=[args.fixed, args.moving])
+    args.outputs.mark(side)
+    return side
 
 
 def _initial_note(rep: dict) -> str:
