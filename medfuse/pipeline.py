@@ -552,22 +552,27 @@ class SaveStep:
             return state
         from . import provenance as prov
 
+        from .io._atomic import folder_lock
+
         out = Path(state.output)
         inputs = [p for p in state.inputs if not isinstance(p, Volume)]
         name = out.name.lower()
         check(state.cancel, "saving")
-        _remove_interrupted_temp(out)
-        replaces = _hash_if_there(out)
-        previous = _text_if_there(prov.sidecar_path(out))
-        try:
-            return self._save(state, out, inputs, name, replaces)
-        except BaseException as e:
-            # A save that failed (not killed) left the earlier output in place: its own sidecar goes back too.
-            # First the writer's frames go: its open file on the deleted temporary held the space of a full
-            # disk, and the sidecar could not go back.
-            _release_frames(e)
-            _put_back_sidecar(out, previous, replaces)
-            raise
+        # One save of an output folder at a time, across processes: two runs writing one output at once each
+        # wrote their sidecar before one rename won, and the sidecar left could describe the other image.
+        with folder_lock(out.parent):
+            _remove_interrupted_temp(out)
+            replaces = _hash_if_there(out)
+            previous = _text_if_there(prov.sidecar_path(out))
+            try:
+                return self._save(state, out, inputs, name, replaces)
+            except BaseException as e:
+                # A save that failed (not killed) left the earlier output in place: its own sidecar goes back
+                # too. First the writer's frames go: its open file on the deleted temporary held the space of a
+                # full disk, and the sidecar could not go back.
+                _release_frames(e)
+                _put_back_sidecar(out, previous, replaces)
+                raise
 
     def _save(self, state, out, inputs, name, replaces) -> PipelineState:
         from . import provenance as prov

@@ -71,6 +71,39 @@ _TOO_LONG_WINERROR = 206
 _IN_USE_WINERROR = {5, 32}
 
 
+@contextlib.contextmanager
+def folder_lock(folder: PathLike) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``folder`` (``flock`` on the folder itself: no lock file beside the outputs)
+    for the block, across processes and threads, waiting for another holder to finish.
+
+    Why: an output and its provenance sidecar are two files, written one after the other. Two medfuse runs
+    writing the same output at once each checked that it was free and wrote their sidecar; one rename won, and
+    the sidecar left could describe the other run's image. Under the lock the second run finds the first's
+    output (refused without ``overwrite``; replaced as a pair with it).
+
+    Where the folder cannot be locked (Windows, which has no ``flock``; a file system without locks; a folder not
+    yet made) the block runs unlocked, as before.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(os.fspath(folder), os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK and the like: no locks on this file system
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _no_hard_links(e: OSError) -> bool:
     """Whether ``os.link`` failed because the file system has no hard links (so the fallback is used)."""
     return e.errno in _NO_HARD_LINKS or getattr(e, "winerror", None) in _NO_HARD_LINKS_WINERROR
