@@ -8,6 +8,8 @@ multi-scale rules clipped to the inputs' joint range):
 * ``max`` — pixel-wise maximum.
 * ``laplacian`` — Laplacian pyramid; detail levels take the coefficient with the
   largest magnitude, the coarsest (base) level is averaged (Burt & Adelson 1983).
+  Each axis is reduced while it keeps 8 pixels, so a volume's long axes get the
+  levels a 2-D image of them gets.
 * ``wavelet`` — discrete wavelet transform (PyWavelets): max-abs details,
   averaged approximation.
 * ``gff`` — guided-filter fusion (Li, Kang & Hu 2013): two-scale decomposition,
@@ -105,29 +107,70 @@ def _select_max_abs(coeffs: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- Laplacian pyramid
-def _reduce(x: np.ndarray) -> np.ndarray:
+#: The shortest side a pyramid level is reduced to: an axis is halved only while the result keeps this many pixels.
+_SMALLEST = 8
+
+
+def _reduce_axes(shape, smallest: int = _SMALLEST) -> tuple:
+    """The axes of ``shape`` long enough to be halved once more (to ``ceil(n / 2) >= smallest``)."""
+    return tuple(ax for ax, n in enumerate(shape) if n // 2 >= smallest)
+
+
+def _reduce(x: np.ndarray, axes) -> np.ndarray:
+    """Gaussian blur (sigma 1) and keep every second pixel, along ``axes`` only: coarse ``k`` is fine ``2k``.
+
+    The other axes are left as they are (neither blurred nor sampled), so that a short axis of a volume (40
+    slices) stops while the long ones go on. Keeps the dtype (float32 stays float32).
+    """
     from scipy.ndimage import gaussian_filter
 
-    return gaussian_filter(x, sigma=1.0, mode="reflect")[tuple(slice(None, None, 2) for _ in x.shape)]
+    sigma = [1.0 if ax in axes else 0.0 for ax in range(x.ndim)]  # sigma 0: that axis is not filtered
+    return gaussian_filter(x, sigma=sigma, mode="reflect")[
+        tuple(slice(None, None, 2) if ax in axes else slice(None) for ax in range(x.ndim))]
 
 
-def _expand(x: np.ndarray, shape) -> np.ndarray:
-    from scipy.ndimage import zoom
+def _upsample_axis(c: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Linear upsampling by 2 along ``axis`` to length ``n``, the inverse grid of :func:`_reduce`.
 
-    factors = [s / c for s, c in zip(shape, x.shape)]
-    y = zoom(x, factors, order=1, mode="nearest", grid_mode=True)
-    # zoom rounds the output size; pad/crop to the exact shape.
-    pads = [(0, max(0, s - c)) for s, c in zip(shape, y.shape)]
-    y = np.pad(y, pads, mode="edge")
-    return y[tuple(slice(0, s) for s in shape)]
+    ``out[2k] = c[k]``, ``out[2k+1] = (c[k] + c[k+1]) / 2``, the last sample held. (``scipy.ndimage.zoom`` with
+    ``grid_mode=True`` puts coarse ``k`` at ``2k + 0.5``: half a pixel off the reduce, so detail layers of different
+    sources no longer lined up.) Keeps the dtype; one output array, no temporaries of its size.
+    """
+    m = c.shape[axis]
+
+    def at(s):
+        return tuple(s if ax == axis else slice(None) for ax in range(c.ndim))
+
+    out = np.empty(c.shape[:axis] + (n,) + c.shape[axis + 1:], dtype=c.dtype)
+    out[at(slice(0, None, 2))] = c  # ceil(n / 2) == m even positions
+    if m > 1:
+        odd = out[at(slice(1, 2 * m - 1, 2))]  # the m - 1 positions between two coarse samples
+        np.add(c[at(slice(0, -1))], c[at(slice(1, None))], out=odd)
+        odd *= 0.5
+    if n == 2 * m:  # an even length ends on an odd position past the last coarse sample: hold it
+        out[at(slice(n - 1, n))] = c[at(slice(m - 1, m))]
+    return out
 
 
-def _laplacian_pyramid(x: np.ndarray, levels: int) -> list:
+def _expand(x: np.ndarray, shape, axes) -> np.ndarray:
+    """Back to ``shape`` along ``axes`` (those :func:`_reduce` halved), separably."""
+    for ax in axes:
+        x = _upsample_axis(x, shape[ax], ax)
+    return x
+
+
+def _laplacian_pyramid(x: np.ndarray, levels: int, smallest: int = _SMALLEST) -> list:
+    """Detail levels (finest first) and the base; an axis is reduced while it keeps ``smallest`` pixels."""
     pyr = []
     cur = x
-    for _ in range(levels):
-        small = _reduce(cur)
-        pyr.append(cur - _expand(small, cur.shape))
+    for i in range(levels):
+        axes = _reduce_axes(cur.shape, smallest)
+        if not axes and i == 0:  # an image under 2 * smallest a side still gets one level, as it always did
+            axes = tuple(ax for ax, n in enumerate(cur.shape) if n >= 2)
+        if not axes:
+            break
+        small = _reduce(cur, axes)
+        pyr.append(cur - _expand(small, cur.shape, axes))
         cur = small
     pyr.append(cur)
     return pyr
@@ -136,38 +179,57 @@ def _laplacian_pyramid(x: np.ndarray, levels: int) -> list:
 def _collapse(pyr: list) -> np.ndarray:
     cur = pyr[-1]
     for detail in reversed(pyr[:-1]):
-        cur = detail + _expand(cur, detail.shape)
+        axes = tuple(ax for ax in range(detail.ndim) if detail.shape[ax] != cur.shape[ax])
+        cur = detail + _expand(cur, detail.shape, axes)
     return cur
 
 
-def _max_levels(shape, smallest: int = 8) -> int:
-    n = 0
-    side = min(shape)
-    while side // 2 >= smallest:
-        side //= 2
+def _max_levels(shape, smallest: int = _SMALLEST) -> int:
+    """How many times the longest axis can be halved keeping ``smallest`` pixels (the shorter axes stop sooner)."""
+    n, shape = 0, tuple(shape)
+    while True:
+        axes = _reduce_axes(shape, smallest)
+        if not axes:
+            return n
+        shape = tuple(-(-s // 2) if ax in axes else s for ax, s in enumerate(shape))
         n += 1
-    return n
+
+
+def _warn_cut(rule: str, option: str, asked, used, why: str) -> None:
+    """One MedfuseWarning for an option the image's size cut, pointing at fuse_arrays' caller."""
+    from ..errors import MedfuseWarning
+
+    warnings.warn(MedfuseWarning(f"{rule}: {option}={asked} is more than this image allows; {used} used ({why})"),
+                  stacklevel=5)
 
 
 def _no_poll() -> None:
     return None
 
 
-def _laplacian(xs, *, levels: int = 4, weights=None, poll=_no_poll) -> np.ndarray:
-    levels = max(1, min(int(levels), _max_levels(xs[0].shape)))
+def _laplacian(xs, *, levels: Optional[int] = None, weights=None, poll=_no_poll) -> np.ndarray:
+    # levels None: the default 4, cut silently on small images; a levels the caller chose is cut with a warning.
+    most = _max_levels(xs[0].shape)
+    used = max(1, min(4 if levels is None else int(levels), most))
+    if levels is not None and int(levels) > used:
+        _warn_cut("laplacian", "levels", int(levels), used,
+                  f"the longest side, {max(xs[0].shape)} pixels, can be halved {most} times keeping {_SMALLEST} "
+                  f"pixels" if most else f"no side has the {2 * _SMALLEST} pixels a second level needs")
+    levels = used
     w = _weights(weights, len(xs))
     pyrs = []
     for x in xs:
         poll()
         pyrs.append(_laplacian_pyramid(x, levels))
     poll()
+    levels = len(pyrs[0]) - 1  # as many as built (an image with no axis of 2 pixels would have none)
     fused = [_select_max_abs([p[k] for p in pyrs]) for k in range(levels)]
     fused.append(sum(wi * p[-1] for wi, p in zip(w, pyrs)))
     return _collapse(fused)
 
 
 # ---------------------------------------------------------------------- wavelet
-def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None, poll=_no_poll) -> np.ndarray:
+def _wavelet(xs, *, wavelet: str = "db2", levels: Optional[int] = None, weights=None, poll=_no_poll) -> np.ndarray:
     import pywt
 
     fix = "use a PyWavelets name such as 'db2', 'haar' or 'sym4'"
@@ -178,8 +240,17 @@ def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None, poll=_n
         wav = pywt.Wavelet(wavelet)
     except ValueError:
         raise InvalidInputError("unknown wavelet (the str given names no PyWavelets wavelet)", fix=fix) from None
+    # wavedecn takes one level count for every axis, and dwtn_max_level that of the shortest axis: a volume of
+    # 40 slices gets the levels 40 allows on its long axes too (docs/fusion.md). levels None: the default 3, cut
+    # silently; a levels the caller chose is cut with a warning.
     lmax = pywt.dwtn_max_level(xs[0].shape, wav)
-    levels = max(1, min(int(levels), lmax)) if lmax > 0 else 1
+    used = max(1, min(3 if levels is None else int(levels), lmax))
+    if levels is not None and int(levels) > used:
+        _warn_cut("wavelet", "levels", int(levels), used,
+                  (f"the shortest side, {min(xs[0].shape)} pixels, allows {lmax} of the {wav.name!r} filter"
+                   if lmax else f"the shortest side, {min(xs[0].shape)} pixels, is shorter than the {wav.name!r} "
+                   "filter: one level, the least") + "; the wavelet rule decomposes every axis alike")
+    levels = used
     w = _weights(weights, len(xs))
     with warnings.catch_warnings():
         # An image shorter than the filter gets one level, with PyWavelets' "level too high" warning; the
@@ -198,10 +269,20 @@ def _wavelet(xs, *, wavelet: str = "db2", levels: int = 3, weights=None, poll=_n
 
 
 # ---------------------------------------------------------------------- guided filter
-def _box(x: np.ndarray, r: int) -> np.ndarray:
+def _box(x: np.ndarray, r) -> np.ndarray:
+    """Box mean of radius ``r``: one int, or one per axis."""
     from scipy.ndimage import uniform_filter
 
-    return uniform_filter(x, size=2 * r + 1, mode="reflect")
+    return uniform_filter(x, size=tuple(2 * k + 1 for k in r) if np.ndim(r) else 2 * r + 1, mode="reflect")
+
+
+def _capped_radius(shape, radius: int) -> tuple:
+    """``radius`` per axis, capped at ``(n - 1) // 2`` (at least 1) so that the box fits that axis.
+
+    Per axis, not at the shortest side for all: a 40-slice volume keeps radius 45 in-plane (as its 2-D slices do)
+    and gets 19 through-plane only.
+    """
+    return tuple(max(1, min(int(radius), (n - 1) // 2)) for n in shape)
 
 
 def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float, poll=None) -> np.ndarray:
@@ -215,8 +296,8 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
         poll: called between its box filters (a cancel check: one 3-D filter takes seconds).
 
     Returns:
-        The filtered image, of ``src``'s shape; the radius is capped at ``(min(guide.shape) - 1) // 2`` (at
-            least 1), so that the box fits the image.
+        The filtered image, of ``src``'s shape; the radius is capped per axis at ``(n - 1) // 2`` for an axis of
+            ``n`` pixels (at least 1), so that the box fits that axis; the longer axes keep ``radius``.
 
     Raises:
         InvalidInputError: ``guide`` or ``src`` not an array of real numbers with at least one axis, the two of
@@ -237,7 +318,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
     if not callable(poll):
         raise InvalidInputError(f"guided_filter's poll must be callable, got {describe(poll)}",
                                 fix="pass a function of no arguments (e.g. lambda: check(cancel)), or leave it out")
-    r = max(1, min(int(radius), (min(guide.shape) - 1) // 2))
+    r = _capped_radius(guide.shape, int(radius))
     mi, mp = _box(guide, r), _box(src, r)
     poll()
     var = _box(guide * guide, r) - mi * mi
@@ -267,9 +348,22 @@ def _filter_image(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _gff(xs, *, base_radius: int = 15, r1: int = 45, eps1: float = 0.3, r2: int = 7, eps2: float = 1e-6,
-         sigma: float = 5.0, poll=_no_poll) -> np.ndarray:
+def _gff(xs, *, base_radius: int = 15, r1: Optional[int] = None, eps1: float = 0.3, r2: Optional[int] = None,
+         eps2: float = 1e-6, sigma: float = 5.0, poll=_no_poll) -> np.ndarray:
     from scipy.ndimage import gaussian_filter, laplace
+
+    # r1/r2 None: the defaults 45 and 7, capped per axis silently; radii the caller chose are capped with a warning.
+    for name, asked in (("r1", r1), ("r2", r2)):
+        if asked is None:
+            continue
+        cut = [(ax, r) for ax, r in enumerate(_capped_radius(xs[0].shape, int(asked))) if r < int(asked)]
+        if cut:
+            _warn_cut("gff", name, int(asked), ", ".join(f"{r} along axis {ax}" for ax, r in cut)
+                      + f" ({int(asked)} along the others)" * (len(cut) < len(xs[0].shape)),
+                      "a box of 2r+1 pixels must fit each axis: " + ", ".join(
+                          f"axis {ax} has {xs[0].shape[ax]}" for ax, _ in cut))
+    r1 = 45 if r1 is None else int(r1)
+    r2 = 7 if r2 is None else int(r2)
 
     # The published parameters assume 0..1 images; scale jointly, undo at the end.
     lo = min(float(x.min()) for x in xs)
@@ -321,7 +415,9 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
         **options: per rule -- ``mean``: ``weights``; ``laplacian``: ``levels`` (4),
             ``weights`` for the base; ``wavelet``: ``wavelet`` ("db2"), ``levels`` (3),
             ``weights``; ``gff``: ``base_radius`` (15), ``r1`` (45), ``eps1`` (0.3),
-            ``r2`` (7), ``eps2`` (1e-6), ``sigma`` (5).
+            ``r2`` (7), ``eps2`` (1e-6), ``sigma`` (5). ``levels`` beyond what the image allows,
+            and ``r1``/``r2`` beyond an axis (capped per axis), are cut; when they were given, with
+            one ``MedfuseWarning`` saying what was used.
         cancel: a :class:`medfuse.progress.CancelToken`, polled between the rule's steps (a 3-D gff runs
             for seconds).
 
