@@ -302,9 +302,10 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
     if specs is not None or normalise != "auto":
         mode = [specs[1 - rgb_index]] if specs is not None else normalise
         (gray01,), (rec,) = _normalise_arrays([gray.astype(np.float64)], mode)
-        if rec.get("method") == "none":
-            # "none": the grey values are on the colour image's scale already. Taken as 0..1 they were
-            # multiplied by the colour's peak and clipped: an 8-bit MRI came out nearly white.
+        if rec.get("method") == "none" and float(gray.max()) > 1.0 + _NONE_SLACK:
+            # "none" takes 0..1 (the documented case, kept as it is); a grey image above 1 cannot be on 0..1, so
+            # it is taken on the colour image's scale. Read as 0..1 it was multiplied by the colour's peak and
+            # clipped: an 8-bit MRI came out nearly white.
             gray01 = np.clip(gray.astype(np.float64) / peak, 0.0, 1.0)
     else:
         # The grey image shares the colour image's scale only when both use it alike (8-bit pairs).

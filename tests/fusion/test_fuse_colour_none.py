@@ -23,3 +23,15 @@ def test_grey_image_with_normalise_none_is_on_the_colour_images_scale(normalise)
     np.testing.assert_array_equal(out, medfuse.fuse(grey, rgb, method="mean", normalise="auto"))
     luma = out.astype(float) @ np.array([0.299, 0.587, 0.114])
     assert abs(luma.mean() - grey.mean()) < 1.0
+
+
+def test_grey_image_on_0_to_1_with_normalise_none_stays_on_0_to_1():
+    """The documented case of 'none' (images already on 0..1) beside an 8-bit colour image: a first fix for the
+    8-bit grey case divided it by 255 too, and the fusion came out black."""
+    rng = np.random.default_rng(0)
+    grey = rng.random((64, 64))
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[20:40, 20:40, 0] = 200
+    out = medfuse.fuse(grey, rgb, method="mean", normalise="none")
+    # Where the colour image is black, the mean is half the grey image, on the colour's 0..255.
+    np.testing.assert_allclose(out[:15, :15, 0], grey[:15, :15] * 255 / 2, atol=1.0)
