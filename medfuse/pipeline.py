@@ -558,6 +558,7 @@ class SaveStep:
         inputs = [p for p in state.inputs if not isinstance(p, Volume)]
         name = out.name.lower()
         check(state.cancel, "saving")
+        _input_facts(state)  # the inputs hashed now, not while the folder is locked (once per run: kept)
         # One save of an output folder at a time, across processes: two runs writing one output at once each
         # wrote their sidecar before one rename won, and the sidecar left could describe the other image.
         with folder_lock(out.parent):

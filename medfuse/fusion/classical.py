@@ -196,11 +196,19 @@ def _max_levels(shape, smallest: int = _SMALLEST) -> int:
 
 
 def _warn_cut(rule: str, option: str, asked, used, why: str) -> None:
-    """One MedfuseWarning for an option the image's size cut, pointing at fuse_arrays' caller."""
+    """One MedfuseWarning for an option the image's size cut, pointing at the first caller outside medfuse (the
+    user's line, whether it called fuse_arrays or medfuse.fuse)."""
+    import os
+    import sys
+
     from ..errors import MedfuseWarning
 
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
     warnings.warn(MedfuseWarning(f"{rule}: {option}={asked} is more than this image allows; {used} used ({why})"),
-                  stacklevel=5)
+                  stacklevel=level)
 
 
 def _no_poll() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
+import medfuse
 from medfuse.errors import MedfuseWarning
 from medfuse.fusion import classical as C
 from medfuse.fusion.classical import fuse_arrays
@@ -111,6 +112,8 @@ def test_levels_above_what_the_image_allows_are_cut_with_one_warning():
     msg = str(said[0].message)
     assert "levels=50" in msg and "5 used" in msg and "256 pixels" in msg
     assert said[0].filename == __file__  # points at the caller of fuse_arrays
+    _, said = _caught(lambda: medfuse.fuse(a, b, method="laplacian", levels=50))
+    assert len(said) == 1 and said[0].filename == __file__  # and at medfuse.fuse's caller (was medfuse's own line)
     five, none = _caught(lambda: fuse_arrays([a, b, c], method="laplacian", levels=5))
     assert not none and np.array_equal(cut, five)
     # The default (4) on a small image is cut silently: it was not asked for.
