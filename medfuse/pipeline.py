@@ -458,7 +458,9 @@ class FuseStep:
         report(state.progress, 0.0, f"fusing ({method})")
 
         def sub(f: float, msg: str = "") -> None:
-            report(state.progress, f, f"fusing ({method})" + (f": {msg}" if msg else ""))
+            # The fusion's own words after the step's (a rule says "fusing (gff)" itself: not twice).
+            said = msg if msg.startswith("fusing") else f"fusing ({method})" + (f": {msg}" if msg else "")
+            report(state.progress, f, said)
 
         # The fusion's own progress and cancel: without them a Ctrl-C (or a batch's SIGTERM) waited for the whole
         # network fusion, tens of seconds at clinical size, and the bar sat at "fusing".
