@@ -578,6 +578,11 @@ def _commands(reg, *commands) -> Iterator[None]:
         reg.RemoveAllCommands()
 
 
+#: Mattes mutual information closer to 0 than this after registration: the images share no structure (random
+#: noise onto the SPM12 T1: -0.0008; the sample MR + PET: -0.68; SPM12 PET onto T1 and BraTS pairs lower still).
+_NO_INFORMATION = 0.02
+
+
 def _exhaustive(fc, mc, base, *, step_rad, metric, bins, fmc, mmc, cancel):
     """Metric at the 27 rotations {-step, 0, +step}^3 around ``base`` in one optimiser run: [(value, params)]."""
     import SimpleITK as sitk
@@ -1300,6 +1305,17 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     elif metric_initial is not None and metric_after > metric_initial + _worse_tolerance(metric_initial):
         reasons.append(f"the similarity got worse than at the initial transform ({metric_initial:.4f} there, "
                        f"{metric_after:.4f} after; lower is better)")
+    if metric == "mattes" and metric_after is not None and abs(metric_after) < _NO_INFORMATION:
+        # Similarity that only got "better" from nothing to nothing: noise, an empty or wrong image was registered
+        # (random noise onto the SPM12 T1 ended turned 121 degrees, unflagged).
+        reasons.append(f"the images share almost no information (Mattes mutual information {metric_after:.4f}; "
+                       "pairs of one subject reach -0.1 or lower): check that the moving image is the right one")
+    modalities = {str(v.modality) for v in (fixed, moving)}
+    if metric == "correlation" and len(modalities) == 2 and modalities <= {"MR", "CT", "PT", "NM"}:
+        # Correlation assumes one modality: MR onto PET ended 10 mm off, unflagged.
+        reasons.append(f"the correlation metric assumes one modality, but the images are "
+                       f"{' and '.join(str(v.modality) for v in (fixed, moving))}: use metric='mattes' "
+                       "(mutual information)")
     overlap = _overlap_fraction(fimg, mimg, local.sitk, fmask)
     # The other way round too (the linear part's inverse): a small moving field of view (a slab, a head SPECT on a
     # whole-body CT) covers little of the fixed image even when it is placed exactly right, and was flagged for it.
