@@ -14,7 +14,9 @@
   (:func:`nifti_space_code`).
 * ``.mha``/``.mhd``/``.nrrd``/``.nhdr`` via SimpleITK, geometry as ITK reads it (MetaImage: ``TransformMatrix``
   and ``Offset``; ``AnatomicalOrientation`` is a label ITK ignores). An NRRD whose ``space`` names no patient
-  orientation (``scanner-xyz``, ``3D-right-handed``, none) is read as LPS with a ``MedfuseWarning``.
+  orientation (``scanner-xyz``, ``3D-right-handed``, none) is read as LPS with a ``MedfuseWarning``. NRRD
+  ``space units`` in metres, cm, microns or nm are converted to mm with a ``MedfuseWarning`` (ITK ignores them),
+  as a NIfTI's ``xyzt_units`` are.
 * Modality and unit: the ``modality``/``unit`` arguments win; otherwise what medfuse's writer
   stored is read back (NIfTI ``descrip`` ``"medfuse modality=PT unit=SUVbw"``; MetaImage/NRRD
   metadata keys ``medfuse_modality``/``medfuse_unit``); otherwise, for NIfTI, a BIDS JSON sidecar's
@@ -119,10 +121,15 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def _itk_readable(p: Path) -> Iterator[str]:
+def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
     """A path SimpleITK can read ``p`` through, valid inside the ``with`` block: :func:`itk_path`'s, or for a name
     holding bytes that are not UTF-8 (which SimpleITK's binding cannot convert: it aborts the process) a link with
     an ASCII name in a private temporary folder, removed on leaving.
+
+    ``gz`` (a single-file NIfTI: whether it is gzip-compressed) links a NIfTI whose ending is not in lower case
+    or does not match its compression (``X.Nii.Gz``, a gzipped ``.nii``) as ``image.nii.gz``/``image.nii``: ITK's
+    NIfTI library chooses gzip by the name and printed its own lines on stderr ("mixed case extension ... is not
+    valid", "bad sizeof_hdr") for such names.
 
     Why: medfuse writes such names (through ASCII temporary names) and must read them back. ITK finds a
     header's separate data file (MetaImage ``ElementDataFile``, NRRD ``data file``) beside the header it was
@@ -137,7 +144,13 @@ def _itk_readable(p: Path) -> Iterator[str]:
     import tempfile
 
     text = os.fspath(p)
-    if _utf8(text) or os.name == "nt":
+    low = p.name.lower()
+    ending = next((e for e in (".nii.gz",) + NIFTI_SUFFIXES + ITK_SUFFIXES if low.endswith(e)), p.suffix.lower())
+    relink = False
+    if gz is not None and ending in (".nii", ".nii.gz"):
+        ending = ".nii.gz" if gz else ".nii"
+        relink = not p.name.endswith(ending)  # another case, or another compression than the name says
+    if not relink and (_utf8(text) or os.name == "nt"):
         yield itk_path(p)
         return
     shown = Path(os.fsencode(text).decode("utf-8", "backslashreplace"))
@@ -146,8 +159,6 @@ def _itk_readable(p: Path) -> Iterator[str]:
         "ASCII name for SimpleITK (medfuse's MetaImage/NRRD reader)",
         fix="rename the file or folder to UTF-8 text, or use NIfTI (.nii.gz), which medfuse reads without SimpleITK",
         path=shown)
-    low = p.name.lower()
-    ending = next((e for e in (".nii.gz",) + NIFTI_SUFFIXES + ITK_SUFFIXES if low.endswith(e)), p.suffix.lower())
     rel = None
     if ending in ITK_SUFFIXES:
         try:
@@ -363,11 +374,22 @@ def _refuse_impossible_size(need: int, have: int, compressed: bool, what: str, p
                               "header is damaged", fix=fix, path=p)
 
 
+def _image_file(img, p: Path, part: str = "image") -> str:
+    """The file nibabel's image ``img`` (of ``p``) holds its ``part`` (``image`` or ``header``) in: ``p`` itself
+    for a single file read from its bytes (a name nibabel cannot open: ``X.NII.GZ``, a gzipped ``.nii``), whose
+    image has no file name.
+
+    Why: the checks on the file (size, gzip checksum, raw pixdim) were skipped for such names, so a damaged
+    ``X.NII.GZ`` loaded as wrong voxels where ``x.nii.gz`` was refused.
+    """
+    if part not in img.file_map:
+        part = "image"
+    return img.file_map[part].filename or os.fspath(p)
+
+
 def _check_nifti_size(img, p: Path) -> None:
     """Refuse a NIfTI whose header claims more data than its image file holds, before nibabel allocates it."""
-    fname = img.file_map["image"].filename
-    if fname is None:  # read from bytes already in memory: nibabel compares lengths without allocating
-        return
+    fname = _image_file(img, p)
     if not os.path.isfile(fname):
         # Why: a .hdr whose .img was not copied with it ended in a bare FileNotFoundError from the open below.
         raise UnreadableFileError(f"the image data file its header goes with ('{Path(fname).name}') is missing: "
@@ -386,12 +408,19 @@ def _check_nifti_size(img, p: Path) -> None:
                             Path(fname), fix="copy or export the file again (a complete file holds its voxels)")
 
 
-def _verify_gzip(fname: Optional[str]) -> None:
+#: How far past the data its header describes a gzip stream is decompressed to reach its checksum (at least; twice
+#: the described size for larger images). A gzip bomb (a small image, then gigabytes of zeros) costs no more.
+_GZIP_CHECK_SLACK = 16 << 20
+
+
+def _verify_gzip(fname: Optional[str], described: Optional[int] = None) -> None:
     """Check a gzip-compressed image file's CRC-32 and length, which nibabel never reads.
 
     Why: nibabel stops decompressing once it has the voxels, before the gzip trailer, so a ``.nii.gz`` damaged in
     the middle (a bit flipped in a copy or a transfer) could load as wrong voxels without a word. This decompresses
     the file once more into nothing (about +0.05 s on a 240x240x155 BraTS volume) and lets zlib check the trailer.
+    A stream that runs on far past the ``described`` bytes (header and voxels) is not followed to its end: the
+    image is used with a :class:`MedfuseWarning` that its checksum was not checked.
 
     Raises:
         UnreadableFileError: the file's checksum or length does not match its data.
@@ -404,10 +433,21 @@ def _verify_gzip(fname: Optional[str]) -> None:
     with open(fname, "rb") as fh:
         if fh.read(2) != b"\x1f\x8b":
             return
+    cap = None if described is None else described + max(described, _GZIP_CHECK_SLACK)
+    done = 0
     try:
         with gzip.open(fname, "rb") as g:  # reads every member to its end, where the trailer is checked
-            while g.read(1 << 22):
-                pass
+            while True:
+                chunk = len(g.read(1 << 22))
+                if not chunk:
+                    break
+                done += chunk
+                if cap is not None and done > cap:
+                    warnings.warn(f"{fname}: the file's gzip data run on for more than {_size_text(done - described)} "
+                                  "past the image its header describes; medfuse read the image but did not "
+                                  "decompress the rest to reach the file's checksum, so damage to the voxels is not "
+                                  "ruled out: re-save the image with medfuse.save", MedfuseWarning, stacklevel=4)
+                    return
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise UnreadableFileError(f"the file is damaged: its gzip data does not match its checksum or length "
                                   f"({type(e).__name__})", fix="copy or export the file again (the voxels read "
@@ -529,7 +569,7 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     except Exception as e:  # truncated gzip/short data: zlib.error, EOFError, OSError, ValueError
         raise UnreadableFileError(f"the voxel data cannot be read; the file looks truncated ({type(e).__name__})",
                                   fix="copy or export the file again", path=p) from None
-    _verify_gzip(img.file_map["image"].filename)
+    _verify_gzip(_image_file(img, p), int(img.header.get_data_offset()) + int(arr.nbytes))
     hdr = img.header
     _refuse_colour(arr, p)
     aff = np.asarray(hdr.get_best_affine() if hasattr(hdr, "get_best_affine") else img.affine, dtype=float)
@@ -619,11 +659,17 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
     """
     import SimpleITK as sitk
 
+    try:
+        with open(p, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return None
     reader = sitk.ImageFileReader()
     reader.SetImageIO("NiftiImageIO")
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     try:
-        with _itk_readable(p) as given:  # a name that is not UTF-8: through a link (a pair: skipped below)
+        # Through a link: a name that is not UTF-8, X.Nii.Gz, a gzipped .nii (a pair whose name is not UTF-8: skipped).
+        with _itk_readable(p, gz=gz) as given:
             reader.SetFileName(given)
             sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's notes on stderr; medfuse warns in words
             reader.ReadImageInformation()
@@ -661,7 +707,7 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
             notes.append(f"its sform (code {int(hdr['sform_code'])}) and qform (code {int(hdr['qform_code'])}) "
                          f"place the grid up to {gap:.3g} mm apart")
     n = max(1, min(3, int(hdr["dim"][0])))
-    pixdim = _raw_pixdim(img)
+    pixdim = _raw_pixdim(img, p)
     pixdim = None if pixdim is None else pixdim[1:1 + n]
     if used == "qform" and pixdim is not None and np.any(pixdim <= 0):
         notes.append(f"its voxel sizes (pixdim {', '.join(f'{x:g}' for x in pixdim)}) are not all positive, as the "
@@ -681,20 +727,24 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
                       MedfuseWarning, stacklevel=5)
 
 
-def _raw_pixdim(img) -> Optional[np.ndarray]:
+def _raw_pixdim(img, p: Path) -> Optional[np.ndarray]:
     """``pixdim`` as the file stores it, or ``None`` when it cannot be re-read.
 
     nibabel repairs a zero or negative voxel size while it reads the header (it only logs that), so the image's
-    own header no longer shows it.
+    own header no longer shows it. Compression is told from the file's first bytes, not its name (a gzipped
+    ``.nii`` read as plain bytes gave a garbage header).
     """
-    from nibabel.openers import ImageOpener
+    import gzip
+    import io
 
     try:
-        name = img.file_map["header" if "header" in img.file_map else "image"].filename  # a pair, or one .nii
-        if name is None:
-            return None
-        with ImageOpener(name) as fh:
-            return np.asarray(type(img.header).from_fileobj(fh, check=False)["pixdim"], dtype=float)
+        name = _image_file(img, p, "header")  # a pair's .hdr, or the single file
+        with open(name, "rb") as fh:
+            packed = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open if packed else open)(name, "rb") as fh:
+            head = fh.read(540)
+        hdr = type(img.header).from_fileobj(io.BytesIO(head), check=False)
+        return np.asarray(hdr["pixdim"], dtype=float)
     except Exception:  # a header nibabel just read; if it cannot be re-read, only this note is lost
         return None
 
@@ -718,7 +768,9 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
         else:
             err = None
     if err is not None:
-        text = str(err).replace(given, os.fspath(p)).replace(os.path.dirname(given), os.fspath(p.parent))
+        text = str(err).replace(given, os.fspath(p))
+        if os.path.dirname(given):  # a bare name has none: replacing "" put a "." between every character
+            text = text.replace(os.path.dirname(given), os.fspath(p.parent))
         reason = _itk_reason(text, p)
         raise UnreadableFileError("the file cannot be read as MetaImage/NRRD"
                                   + (f"; ITK says: {reason}" if reason else " (corrupt or truncated)"),
@@ -742,6 +794,16 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
         d = np.eye(3)
         d[:2, :2] = np.asarray(img.GetDirection(), dtype=float).reshape(2, 2)
     aff = affine_from_geometry(sp, org, d)
+    if io == "NrrdImageIO":
+        to_mm = _nrrd_mm_per_unit(p)
+        if to_mm != 1.0:
+            # ITK ignores the field: say where medfuse and ITK-based tools part.
+            warnings.warn(f"{p}: the NRRD header gives its spacing and origin in {_nrrd_unit_name(to_mm)}: medfuse "
+                          f"converts them to mm (x {to_mm:g}), as it does for a NIfTI; ITK-based tools (SimpleITK, "
+                          "ANTs, ITK-SNAP) ignore NRRD space units and read these numbers as mm. Re-save the image "
+                          "with medfuse.save (mm) so that every tool reads one geometry", MedfuseWarning,
+                          stacklevel=4)
+            aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     get = lambda k: img.GetMetaData(k).strip() if img.HasMetaDataKey(k) else None  # noqa: E731
     return arr, aff, get("medfuse_modality"), get("medfuse_unit")
 
@@ -749,6 +811,64 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
 #: NRRD encodings by what bounds their size: raw bytes, deflate, or one text number per value at least.
 _NRRD_ENCODINGS = {"raw": "raw", "gzip": "deflate", "gz": "deflate", "ascii": "text", "text": "text", "txt": "text",
                    "hex": "text"}
+
+
+def _nrrd_fields(text: str) -> dict:
+    """An NRRD header's ``field: value`` lines (field names lower-cased; the first of each kept), from the text of
+    its first bytes (the header ends at the first blank line); comments and ``key:=value`` pairs are skipped."""
+    head = re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]
+    fields = {}
+    for line in head.splitlines()[1:]:
+        m = re.match(r"\s*([^:#]+?)\s*:\s?(.*?)\s*$", line)
+        if m and not line.lstrip().startswith("#") and ":=" not in line:
+            fields.setdefault(m.group(1).lower(), m.group(2))
+    return fields
+
+
+#: NRRD ``space units`` (free text in the format) -> mm per unit. An empty unit is unknown, read as mm (as ITK).
+_NRRD_UNITS_MM = {"mm": 1.0, "millimeter": 1.0, "millimeters": 1.0, "millimetre": 1.0, "millimetres": 1.0,
+                  "m": 1000.0, "meter": 1000.0, "meters": 1000.0, "metre": 1000.0, "metres": 1000.0,
+                  "cm": 10.0, "centimeter": 10.0, "centimeters": 10.0, "centimetre": 10.0, "centimetres": 10.0,
+                  "um": 0.001, "\u00b5m": 0.001, "\u03bcm": 0.001, "micron": 0.001, "microns": 0.001,
+                  "micrometer": 0.001, "micrometers": 0.001, "micrometre": 0.001, "micrometres": 0.001,
+                  "nm": 1e-6, "nanometer": 1e-6, "nanometers": 1e-6, "nanometre": 1e-6, "nanometres": 1e-6}
+
+
+def _nrrd_mm_per_unit(p: Path) -> float:
+    """How many mm one unit of an NRRD's coordinates is, from its ``space units`` field (1 when it has none).
+
+    Why: ITK ignores ``space units``, so an NRRD in metres (``"m" "m" "m"``) or microns read 1000 times too large
+    or small, while medfuse converts a NIfTI in metres or microns to mm. The spatial axes' units are read (a
+    ``-time`` space's last unit is time's).
+
+    Raises:
+        UnreadableFileError: the spatial axes' units differ from each other, or one is not a length unit medfuse
+            knows (converting it would be a guess).
+    """
+    try:
+        with open(p, "rb") as fh:
+            text = fh.read(65536).decode("latin-1")
+    except OSError:
+        return 1.0  # ITK has just read it; nothing more to learn here
+    raw = _nrrd_fields(text).get("space units")
+    if raw is None:
+        return 1.0
+    units = re.findall(r'"((?:[^"\\]|\\.)*)"', raw)
+    # Text was decoded as latin-1: "µm" written as UTF-8 reads as "Âµm".
+    units = [u.encode("latin-1").decode("utf-8", "replace").strip().lower() for u in units][:3]
+    known = [u for u in units if u not in ("", "???", "none", "unknown")]
+    if not known:
+        return 1.0
+    fix = ('rewrite the header\'s space units as "mm" "mm" "mm" with the spacing and origin in mm (e.g. load it with '
+           'pynrrd, scale "space directions" and "space origin", and write it again)')
+    if len(known) != len(units) or len(set(known)) > 1:
+        raise UnreadableFileError(f"the NRRD header's space units differ between axes ({raw.strip()}): medfuse reads "
+                                  "one length unit for all axes", fix=fix, path=p)
+    scale = _NRRD_UNITS_MM.get(known[0])
+    if scale is None:
+        raise UnreadableFileError(f"the NRRD header's space units ({raw.strip()}) are not a length unit medfuse "
+                                  "knows (mm, cm, m, um/micron, nm)", fix=fix, path=p)
+    return scale
 
 
 def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[str]]:
@@ -761,12 +881,7 @@ def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[s
     with open(p, "rb") as fh:
         text = fh.read(65536).decode("latin-1")
     if p.name.lower().endswith((".nrrd", ".nhdr")):
-        head = re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]
-        fields = {}
-        for line in head.splitlines()[1:]:
-            m = re.match(r"\s*([^:#]+?)\s*:\s?(.*?)\s*$", line)
-            if m and not line.lstrip().startswith("#") and ":=" not in line:
-                fields.setdefault(m.group(1).lower(), m.group(2))
+        fields = _nrrd_fields(text)
         key = "data file" if "data file" in fields else "datafile" if "datafile" in fields else None
         name = fields.get(key) if key else None
         enc = _NRRD_ENCODINGS.get(fields.get("encoding", "raw").strip().lower())
@@ -831,6 +946,12 @@ def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[T
                                 p, fix="copy or export the image again (header and data file)",
                                 where="the file" if data is None else f"its data file {data.name}")
     return size
+
+
+def _nrrd_unit_name(to_mm: float) -> str:
+    """A word for a length unit by its size in mm (for messages)."""
+    names = {1000.0: "metres", 10.0: "centimetres", 0.001: "microns", 1e-6: "nanometres"}
+    return names.get(to_mm, f"{to_mm:g} mm units")
 
 
 def _itk_reason(message: str, p: Path) -> str:
