@@ -1296,7 +1296,10 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
             return "arbitrary", None, None
         return "HU", None, None
     if modality == "NM":
-        return "counts", None, None
+        # Quantitative SPECT exports declare Units BQML (the loader applies their RescaleSlope): Bq/mL, as a PET
+        # in BQML loads. Anything else (no Units, CNTS) is counts.
+        units = {str(ds.get("Units", "") or "").strip().upper() for _, ds in files}
+        return ("Bq/mL" if units == {"BQML"} else "counts"), None, None
     if modality != "PT":
         return "arbitrary", None, None
     from . import suv as _suv
@@ -1309,8 +1312,8 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     stored = _suv.stored_unit(headers[0]) if headers else "arbitrary"
     if suv == "none":
         return stored, None, None
-    if suv == "auto":  # keep an SUV series in the kind it was stored in; otherwise SUVbw
-        suv = {v: k for k, v in _suv.KIND_UNITS.items() if k != "lbm_janma"}.get(stored, "bw")
+    if suv == "auto":  # keep an SUV series in the kind it was stored in (Janmahasatian's LBM too); otherwise SUVbw
+        suv = (_suv._stored_kind(headers[0]) if headers else None) or "bw"
     try:
         factors = _suv.series_suv_factors(headers, kind=suv)
         # The kind itself is kept: the unit cannot tell James's lean body mass from Janmahasatian's.

@@ -23,9 +23,17 @@ Choices (see docs/io.md and docs/dicom.md):
 * Text: SpecificCharacterSet ``ISO_IR 192`` (UTF-8) when any text is not ASCII; none otherwise.
 * PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
   and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
-  ``ADMIN``. PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
+  ``ADMIN``. SUVlbm is written the same way with SUVType ``LBM``, SUVbsa with Units ``CM2ML`` (cm²/ml, the
+  standard's unit of SUVbsa) and SUVType ``BSA``. SUVType cannot say which lean-body-mass formula an SUVlbm
+  used, so when the volume's provenance says (``suv`` ``lbm`` or ``lbm_janma``) DerivationDescription records it
+  (``medfuse.io.suv.LBM_JANMA_NOTE``/``LBM_JAMES_NOTE``), and the reader converts the series with that formula.
+  PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
   weight and times are copied from the template when there is one, so SUV still comes out. An SUV
-  series keeps the template's radiopharmaceutical sequence (the tracer); without one it is empty.
+  series keeps the template's radiopharmaceutical sequence (the tracer); without one it is empty. NM in Bq/mL
+  (quantitative SPECT) is written with Units ``BQML`` too, so that it reads back in Bq/mL, not counts.
+* Whole numbers that fit neither int16 nor uint16 (int32 HU, label maps above 65535) are quantised like float
+  data, with a ``MedfuseWarning`` giving the largest error. A slice spacing below the reader's position
+  tolerance (0.01 mm) is refused (``InvalidInputError``): the series would not read back as one volume.
 * Study context (StudyInstanceUID, study date/time/description, FrameOfReferenceUID, patient
   module unless de-identifying) is taken from ``template``. The FrameOfReferenceUID comes from the template
   only (the series whose patient space the voxels are in: the fixed image for a registered result), never
@@ -76,6 +84,7 @@ import numpy as np
 from ..errors import InvalidInputError, MedfuseWarning, UnreadableFileError
 from ..volume import Volume
 from ._atomic import atomic_dir
+from .dicom import _POS_TOL
 from .dicom import without_value_checks as _without_value_checks
 
 __all__ = ["write_dicom_series", "quantise_slice", "series_slopes", "PHI_KEYWORDS"]
@@ -304,6 +313,8 @@ def series_slopes(arr: np.ndarray, *, signed: bool) -> list:
     if not own:
         return own
     lo, hi = min(own), max(own)
+    if hi > float(np.finfo(np.float32).max):  # beyond float32 (np.float32(hi) would overflow): dcm2niix cannot
+        return own                              # hold these values anyway, so each slice keeps its own slope
     same = 4 * (_FLT_EPS + float(np.spacing(np.float32(hi))))
     return [hi] * len(own) if lo != hi and hi - lo <= same else own
 
@@ -545,6 +556,13 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         # right by all. World geometry is unchanged (a reader returns the j and k axes swapped).
         volume = Volume(np.swapaxes(volume.array, 1, 2), volume.affine[:, [0, 2, 1, 3]], modality=volume.modality,
                         unit=volume.unit, provenance=volume.provenance)
+    if volume.shape[2] > 1 and volume.spacing[2] < _POS_TOL:
+        # Readers group slice positions closer than this as one position (scanners jitter positions by
+        # micrometres), medfuse's among them: such a series would not read back as this volume.
+        raise InvalidInputError(
+            f"the volume's slice spacing is below {_POS_TOL:g} mm, which a DICOM series cannot hold: medfuse's DICOM "
+            "reader takes slice positions closer than that as one position (4-D)",
+            fix="save it as NIfTI or NRRD (e.g. 'out.nii.gz', 'out.nrrd'), or resample it to a larger slice spacing")
     arr = volume.array
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -640,10 +658,18 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     if modality == "CT":
         # CT Image module: RescaleType is required when the values are not Hounsfield units (a normalised CT).
         base.RescaleType = "HU" if volume.unit == "HU" else "US"
+    if modality == "NM" and volume.unit == "Bq/mL":
+        base.Units = "BQML"  # the reader's cue for quantitative SPECT (see medfuse.io.dicom)
     if modality == "PT":
         if volume.unit.startswith("SUV"):
-            base.Units = "GML"
+            # PS3.3 Units defined terms: GML (g/ml) is SUVbw and SUVlbm, CM2ML (cm²/ml) SUVbsa.
+            base.Units = "CM2ML" if volume.unit == "SUVbsa" else "GML"
             base.SUVType = {"SUVbw": "BW", "SUVlbm": "LBM", "SUVbsa": "BSA"}[volume.unit]
+            if volume.unit == "SUVlbm" and prov.get("suv") in ("lbm", "lbm_janma"):
+                # SUVType LBM does not say which formula; converting the series later needs it (see suv.py).
+                from .suv import LBM_JAMES_NOTE, LBM_JANMA_NOTE
+
+                base.DerivationDescription = LBM_JANMA_NOTE if prov["suv"] == "lbm_janma" else LBM_JAMES_NOTE
             base.DecayCorrection = "ADMIN"
             base.CorrectedImage = ["ATTN", "DECY"]
         elif volume.unit == "Bq/mL":
@@ -700,6 +726,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                 series_signed = True
                 break
 
+    lost = 0.0  # largest error of whole numbers that had to be quantised (they fit no 16-bit type)
     inputs = [prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike))
                                                               else [])
     # own_series: overwrite replaces only a series this writer made, never a scanner's original one.
@@ -710,6 +737,9 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                                                       signed=series_signed,
                                                       value_range=(vlo, vhi) if exact_int else None,
                                                       slope=None if slopes is None else slopes[k])
+            if exact_int and quantised:
+                plane = np.asarray(arr[:, :, k]).T.astype(np.float64)
+                lost = max(lost, float(np.max(np.abs(stored * slope + intercept - plane), initial=0.0)))
             ds = copy.deepcopy(base)
             uid = generate_uid()
             ds.SOPInstanceUID = uid
@@ -730,6 +760,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             ds.file_meta = meta
             _save_slice(ds, tmp / f"IM{k + 1:05d}.dcm")
+    if exact_int and quantised:
+        # Whole numbers beyond int16/uint16 (int32 HU, a label map above 65535) were scaled into 16 bits.
+        warnings.warn(f"{folder}: the volume's whole numbers ({vlo}..{vhi}) fit no 16-bit DICOM pixel type, so they "
+                      f"were scaled (RescaleSlope) and are no longer exact: off by up to {lost:.4g} when read back "
+                      f"(labels may merge); save as NIfTI or NRRD to keep them exact", MedfuseWarning, stacklevel=3)
     return folder
 
 

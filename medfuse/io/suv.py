@@ -2,7 +2,8 @@
 
 The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
 
-* ``Units`` ``GML`` is already SUVbw (factor 1); ``BQML`` is activity concentration;
+* ``Units`` ``GML`` is already SUV of the SUVType's kind (BW when absent; factor 1), ``CM2ML`` SUVbsa;
+  ``BQML`` is activity concentration;
   ``CNTS`` is Philips counts, scaled by the private SUV scale factor (7053,1000)
   or, failing that, the activity concentration scale factor (7053,1009).
 * ``DecayCorrection`` ``ADMIN``: pixels are decay-corrected to injection, so the
@@ -38,6 +39,29 @@ KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUV
 SUV_KINDS = tuple(KIND_UNITS)
 # DICOM SUVType (0054,1006) -> the kind GML pixels already hold.
 _STORED_KIND = {"BW": "bw", "LBM": "lbm", "BSA": "bsa"}
+#: Units (0054,1001) of pixels that already are SUV (PS3.3 PET Series module, Units defined terms): GML g/ml
+#: (SUVbw, SUVlbm; medfuse also reads SUVbsa stored as GML, as it wrote it before 2026-12), CM2ML cm²/ml (SUVbsa).
+_SUV_UNITS = ("GML", "CM2ML")
+#: Written by medfuse into DerivationDescription (0008,2111) of an SUVlbm series: SUVType has only LBM, not which
+#: lean-body-mass formula, and converting the series to another SUV kind needs it (James and Janmahasatian differ by
+#: about 3 % for a lean man, far more at a high BMI).
+LBM_JANMA_NOTE = "SUVlbm lean body mass: Janmahasatian"
+LBM_JAMES_NOTE = "SUVlbm lean body mass: James"
+
+
+def _stored_kind(h: Dict[str, Any]) -> Optional[str]:
+    """The SUV kind stored pixels hold (GML/CM2ML), ``lbm_janma`` when medfuse recorded Janmahasatian; None when
+    the Units/SUVType pair names none medfuse can use (an SUVType such as IBW, or CM2ML with a weight SUVType)."""
+    units = str(h.get("Units") or "").strip().upper()
+    suv_type = str(h.get("SUVType") or "").strip().upper()
+    if units == "CM2ML":  # cm²/ml is SUVbsa whatever else; a contradicting SUVType is not guessed away
+        return "bsa" if suv_type in ("", "BSA") else None
+    if units != "GML":
+        return None
+    kind = _STORED_KIND.get(suv_type or "BW")
+    if kind == "lbm" and h.get("LBMFormula") == "janmahasatian":
+        return "lbm_janma"
+    return kind
 
 
 def stored_unit(header: Dict[str, Any]) -> str:
@@ -47,7 +71,8 @@ def stored_unit(header: Dict[str, Any]) -> str:
         header: one instance's header (:func:`header_from_dataset`).
 
     Returns:
-        ``Bq/mL`` (BQML, or no Units), ``counts`` (CNTS), the SUV unit of a GML series, else ``arbitrary``.
+        ``Bq/mL`` (BQML, or no Units), ``counts`` (CNTS), the SUV unit of a GML or CM2ML series, else
+        ``arbitrary``.
 
     Raises:
         InvalidInputError: ``header`` is not a dict.
@@ -56,6 +81,9 @@ def stored_unit(header: Dict[str, Any]) -> str:
     units = str(header.get("Units") or "").strip().upper()
     if units == "GML":
         return KIND_UNITS.get(_STORED_KIND.get(str(header.get("SUVType") or "BW").strip().upper(), ""), "SUVbw")
+    if units == "CM2ML":
+        kind = _stored_kind(header)
+        return KIND_UNITS[kind] if kind else "arbitrary"
     # Units is mandatory for PET; when an export drops it, Bq/mL is what scanners store.
     return {"BQML": "Bq/mL", "": "Bq/mL", "CNTS": "counts"}.get(units, "arbitrary")
 
@@ -130,6 +158,11 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
         v = _value(ds, key)
         if v is not None:
             h[key] = str(v).strip()
+    derivation = str(_value(ds, "DerivationDescription") or "")
+    if LBM_JANMA_NOTE in derivation:  # medfuse's record of the LBM formula (see LBM_JANMA_NOTE)
+        h["LBMFormula"] = "janmahasatian"
+    elif LBM_JAMES_NOTE in derivation:
+        h["LBMFormula"] = "james"
     ci = _value(ds, "CorrectedImage")
     if ci is not None:
         h["CorrectedImage"] = [str(x).strip() for x in (ci if not isinstance(ci, str) else ci.split("\\"))]
@@ -295,7 +328,8 @@ def _philips(h: Dict[str, Any], name: str) -> Optional[float]:
     v = _number(h, "Philips" + name)
     if v is None:
         v = _as_float((h.get("PhilipsPETPrivateGroup") or {}).get(name))
-    return v
+    # Not finite: as absent (an infinite factor passed "> 0" and gave an all-infinite SUV volume).
+    return v if v is not None and math.isfinite(v) else None
 
 
 #: Plausible PatientWeight (kg). Why these bounds: they hold every human weight on record (the lightest surviving
@@ -357,12 +391,12 @@ def check_header(header: Dict[str, Any]) -> None:
                 "or load it with suv='none'",
         )
     units = str(header.get("Units") or "").strip().upper()
-    if units not in ("BQML", "CNTS", "GML"):
+    if units not in ("BQML", "CNTS") + _SUV_UNITS:
         raise SUVError(
-            f"Units is {units or 'missing'}; SUV needs BQML, CNTS (Philips) or GML",
+            f"Units is {units or 'missing'}; SUV needs BQML, CNTS (Philips), GML or CM2ML",
             fix="use a quantitative PET reconstruction, or load it with suv='none'",
         )
-    if units == "GML":
+    if units in _SUV_UNITS:
         return
     _weight(header, "so SUV cannot be computed")
     if units == "CNTS":
@@ -371,7 +405,7 @@ def check_header(header: Dict[str, Any]) -> None:
         if not ((sf and sf > 0) or (acf and acf > 0)):
             raise SUVError(
                 "Units is CNTS but neither the Philips SUV scale factor (7053,1000) nor the activity "
-                "concentration scale factor (7053,1009) is valid",
+                "concentration scale factor (7053,1009) is valid (a positive, finite number)",
                 fix="export the series with Philips' private PET group, or as BQML; or load with suv='none'")
         if sf and sf > 0:
             return
@@ -384,6 +418,10 @@ def check_header(header: Dict[str, Any]) -> None:
         if v is None or not math.isfinite(v) or v <= 0:
             raise SUVError(f"{key} (RadiopharmaceuticalInformationSequence) is missing or not positive",
                            fix=_FIX_TAGS)
+
+
+#: James's lean body mass a·W − b·(W/H)² (W kg, H cm) by PatientSex: (a, b), as in the reference calculator.
+_JAMES = {"M": (1.10, 120.0), "F": (1.07, 148.0)}
 
 
 def _body_ratio(h: Dict[str, Any], kind: str) -> float:
@@ -405,7 +443,18 @@ def _body_ratio(h: Dict[str, Any], kind: str) -> float:
                        fix="enter the patient's sex (PatientSex), or use SUVbw")
     if kind == "lbm":  # James, as in the reference calculator
         hcm = size * 100.0
-        lbm = 1.10 * w - 120.0 * (w / hcm) ** 2 if sex == "M" else 1.07 * w - 148.0 * (w / hcm) ** 2
+        a, b = _JAMES[sex]
+        # James's LBM a·W − b·(W/H)² peaks at W = a·H²/(2b) and falls beyond it, to zero and below (a
+        # negative SUVlbm, or a division by zero): the formula does not hold there, so it is refused. The
+        # message names the threshold (a BMI), never the patient's values.
+        if w > a * hcm ** 2 / (2.0 * b):
+            raise SUVError(
+                f"James's lean-body-mass formula (SUV{kind}) does not hold for this patient: for PatientSex {sex} "
+                f"it peaks at a body-mass index (PatientWeight / PatientSize²) of {a / (2.0 * b) * 1e4:.1f} kg/m² "
+                "and falls for heavier patients, to zero and below, and this patient's is above that; "
+                "Janmahasatian's (suv='lbm_janma') holds at any BMI",
+                fix="use suv='lbm_janma' (Janmahasatian's lean body mass, which holds at any BMI) or suv='bw'")
+        lbm = a * w - b * (w / hcm) ** 2
     else:  # lbm_janma: Janmahasatian
         bmi = w / size ** 2
         lbm = 9270.0 * w / (6680.0 + 216.0 * bmi) if sex == "M" else 9270.0 * w / (8780.0 + 244.0 * bmi)
@@ -417,15 +466,15 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
         raise SUVError(f"unknown SUV kind {kind!r}", fix=f"use one of {', '.join(SUV_KINDS)}")
     check_header(h)
     units = str(h["Units"]).strip().upper()
-    if units == "GML":
-        # GML pixels are already SUV, of the kind SUVType names (BW when absent).
-        stored = _STORED_KIND.get(str(h.get("SUVType") or "BW").strip().upper())
+    if units in _SUV_UNITS:
+        # GML/CM2ML pixels are already SUV, of the kind SUVType names (BW when absent; CM2ML is BSA).
+        stored = _stored_kind(h)
         if stored is None:
-            raise SUVError(f"SUVType is {h.get('SUVType')!r}, which medfuse cannot convert",
+            raise SUVError(f"SUVType is {h.get('SUVType')!r} with Units {units}, which medfuse cannot convert",
                            fix="load it with suv='none' to keep the stored values")
         if kind == stored:
             return 1.0
-        _weight(h, f"needed to turn GML into SUV{kind}")
+        _weight(h, f"needed to turn {units} into SUV{kind}")
         return _body_ratio(h, kind) / _body_ratio(h, stored)
     if units == "CNTS":
         sf = _philips(h, "SUVScaleFactor")
@@ -576,10 +625,13 @@ def factor_source(header: Dict[str, Any], *, kind: str = "bw") -> str:
     _check_headers([header])
     units = str(header.get("Units") or "").strip().upper()
     kind = str(kind).lower()
-    if units == "GML":
-        stored = str(header.get("SUVType") or "BW").strip().upper()
-        return (f"stored as SUV{stored.lower()} by the scanner (Units GML, SUVType {stored})"
-                + ("" if stored.lower() == kind else f", converted to SUV{kind} with the patient's body size"))
+    if units in _SUV_UNITS:
+        stored = str(header.get("SUVType") or ("BSA" if units == "CM2ML" else "BW")).strip().upper()
+        formula = {"janmahasatian": " (Janmahasatian, as DerivationDescription records)",
+                   "james": " (James, as DerivationDescription records)"}.get(header.get("LBMFormula"), "")
+        return (f"stored as SUV{stored.lower()}{formula if stored == 'LBM' else ''} by the scanner (Units {units}, "
+                f"SUVType {stored})" + ("" if _stored_kind(header) == kind
+                                         else f", converted to SUV{kind} with the patient's body size"))
     body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass (James)",
             "lbm_janma": "lean body mass (Janmahasatian)"}.get(kind, kind)
     dc = str(header.get("DecayCorrection") or "").strip().upper()

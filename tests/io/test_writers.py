@@ -272,7 +272,8 @@ def test_dicom_round_trip_keeps_stored_suv_kind(tmp_path, pet, unit):
     vol = Volume(pet.array, pet.affine, modality="PT", unit=unit)
     folder = save(vol, tmp_path / "pet")
     ds = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
-    assert (ds.Units, ds.SUVType) == ("GML", unit[3:].upper())
+    # DICOM's defined terms: g/mL for SUVbw/SUVlbm, cm2/mL for SUVbsa
+    assert (ds.Units, ds.SUVType) == ("CM2ML" if unit == "SUVbsa" else "GML", unit[3:].upper())
     back = medfuse.load(folder)
     assert back.unit == unit
     assert np.allclose(back.array, vol.array, atol=float(vol.array.max()) / 1000)
