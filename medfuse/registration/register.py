@@ -1436,8 +1436,14 @@ def _jacobian(bspline, ref, mask=None):
     f.SetReferenceImage(ref)
     f.SetOutputPixelType(sitk.sitkVectorFloat64)
     disp = f.Execute(bspline)
-    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(disp))
-    mag = np.linalg.norm(sitk.GetArrayViewFromImage(disp), axis=-1)
+    u = sitk.GetArrayViewFromImage(disp)  # (k, j, i, 3): LPS displacements on the voxel grid
+    # d(u)/d(physical point): the index-space differences times (direction . spacing)^-1. SimpleITK's
+    # DisplacementFieldJacobianDeterminant ignores the direction, so on a flipped or permuted grid (any RAS-stored
+    # NIfTI: the SPM12 T1 is LAS) a squeeze read as a stretch: a true determinant of -0.2 came out as 1.6.
+    by_index = np.stack(np.gradient(u, axis=(2, 1, 0)), axis=-1)  # [..., component, index axis i/j/k]
+    to_index = np.linalg.inv(np.asarray(disp.GetDirection()).reshape(3, 3) @ np.diag(disp.GetSpacing()))
+    jac = np.linalg.det(np.eye(3) + by_index @ to_index)
+    mag = np.linalg.norm(u, axis=-1)
     if mask is not None and sitk.GetArrayViewFromImage(mask).any():
         mag = mag[sitk.GetArrayViewFromImage(mask) > 0]
     return float(jac.min()), float(np.mean(jac <= 0)), float(mag.mean()), float(mag.max())

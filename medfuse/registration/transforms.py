@@ -164,9 +164,11 @@ class Transform:
         if not isinstance(other, Transform):
             other = Transform(other)
         c = sitk.CompositeTransform(3)
-        # CompositeTransform applies the last added first.
-        c.AddTransform(self._t)
-        c.AddTransform(other._t)
+        # CompositeTransform applies the last added first. Composites are added by their parts: ITK's files hold
+        # one level only ("Composite Transform can only be 1st transform in a file"), so a deformable result
+        # composed with a template's affine could not be saved.
+        for t in (*_parts(self._t), *_parts(other._t)):
+            c.AddTransform(t)
         return Transform(c)
 
     def inverse(self) -> "Transform":
@@ -231,6 +233,10 @@ class Transform:
                                         fix="save it as .h5 or .tfm", path=p)
             if t.GetName() == "CompositeTransform":
                 t = Transform.from_matrix(self.matrix).sitk
+        elif t.GetName() == "CompositeTransform":  # one level, as ITK's files need (a composite built elsewhere)
+            t = sitk.CompositeTransform(3)
+            for part in _parts(self._t):
+                t.AddTransform(part)
         p.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(p, overwrite=overwrite) as tmp:
             sitk.WriteTransform(t, itk_path(tmp, writing=True))
@@ -276,6 +282,16 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
             t = c.GetNthTransform(0)
     t = _downcast(t)
     return Transform(t)
+
+
+def _parts(t) -> list:
+    """The transforms a (possibly nested) composite applies, in its own order (first added first); else ``[t]``."""
+    import SimpleITK as sitk
+
+    if t.GetName() != "CompositeTransform":
+        return [t]
+    c = sitk.CompositeTransform(t)
+    return [leaf for i in range(c.GetNumberOfTransforms()) for leaf in _parts(_downcast(c.GetNthTransform(i)))]
 
 
 def _downcast(t):
