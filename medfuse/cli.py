@@ -152,6 +152,11 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
         fix = re.sub(r"(?:pass |try )?initialise='(\w+)'", r"medfuse register --initialise \1", fix)
         fix = fix.replace("initial_transform= a known rough alignment",
                           "--initial-transform FILE (a known rough alignment)")
+    if fix and ", or pass format='dicom'" in fix:  # the command line picks the format by the name alone
+        fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
+    if fix and "result.linear_transform of the run that made it" in fix:  # a Python attribute
+        fix = fix.replace("result.linear_transform of the run that made it",
+                          "the .tfm of 'medfuse register --kind affine' on the same pair")
     if fix == "check the path" and e.path is not None and "sample_volumes" in Path(e.path).parts \
             and not Path(e.path).exists():
         # The examples' paths are the repository's: a pip install has no sample_volumes/ (it can write them).

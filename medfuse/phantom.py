@@ -241,7 +241,9 @@ def lesion_contrast(array: np.ndarray, affine: np.ndarray, centre, radius_mm: fl
     Args:
         array: the volume's voxels (a slab of a few slices works, with its own affine).
         affine: 4×4 index-to-LPS matrix of ``array``.
-        centre: lesion centre, LPS mm (``Phantom.lesion_center``).
+        centre: lesion centre, LPS mm, in the space of ``affine``. ``Phantom.lesion_center`` is in MR space: for
+            the phantom's PET or SPECT map it first, ``(phantom.transforms["pet"] @ [*centre, 1])[:3]`` (they are
+            misaligned on purpose; on the MR grid it measured the wrong place, -0.25 SUV).
         radius_mm: lesion radius (``Phantom.lesion_radius_mm``).
 
     Returns:
