@@ -291,9 +291,11 @@ class _Outputs:
                 + (f"; not written: {', '.join(map(str, rest))}" if rest else ""))
 
 
-def _cancelled_message(args: argparse.Namespace) -> str:
+def _cancelled_message(args: argparse.Namespace, error: Optional[BaseException] = None) -> str:
     outputs = getattr(args, "outputs", None)
-    return f"medfuse {args.command}: cancelled" + (f"; {outputs.note()}" if outputs is not None else "")
+    # A command whose outputs are not known up front (evaluate) says itself what it kept, on the error.
+    note = outputs.note() if outputs is not None else getattr(error, "note", None)
+    return f"medfuse {args.command}: cancelled" + (f"; {note}" if note else "")
 
 
 def _lexists(path: Any) -> bool:
@@ -1333,8 +1335,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args.quiet = bool(getattr(args, "quiet", False))
     try:
         return int(args.func(args))
-    except (CancelledError, KeyboardInterrupt):
-        _print_cancelled(args)
+    except (CancelledError, KeyboardInterrupt) as e:
+        _print_cancelled(args, e)
         return EXIT_CANCELLED
     except MedfuseError as e:
         if args.debug:
@@ -1410,10 +1412,10 @@ def _print_traceback(args: argparse.Namespace) -> None:
     print(_scrubbed(traceback.format_exc(), args), end="", file=sys.stderr)
 
 
-def _print_cancelled(args: argparse.Namespace) -> None:
+def _print_cancelled(args: argparse.Namespace, error: Optional[BaseException] = None) -> None:
     """Say that the command was cancelled and which outputs it kept, their paths blanked like every message."""
     try:
-        text = _scrubbed(_cancelled_message(args), args)
+        text = _scrubbed(_cancelled_message(args, error), args)
     except KeyboardInterrupt:  # a second Ctrl-C while the inputs' headers are read: say it without the paths
         text = f"medfuse {args.command}: cancelled"
     print(text, file=sys.stderr)

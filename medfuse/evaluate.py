@@ -634,77 +634,84 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     done = 0
     cache: Dict[int, Any] = {}  # by item index: loaded sources, reused by every method (or the exception)
     masks: Dict[int, Any] = {}  # by item index: the pair's own mask, loaded (or the exception)
-    for method in methods:
-        dead: Optional[str] = None  # set when the method itself cannot run here
-        for index, item in enumerate(items):
-            check(cancel, "the evaluation")
-            report(progress, done / max(total, 1), f"{method}: {item.name}")
-            done += 1
-            if dead is not None:
-                result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
-                continue
-            try:
-                if index not in cache:
-                    try:
-                        cache[index] = item.load()
-                    except MedfuseError as e:
-                        cache[index] = e
-                srcs = cache[index]
-                if isinstance(srcs, MedfuseError):
-                    raise srcs
-                row: Dict[str, Any] = {"method": method, "pair_type": item.pair_type, "name": item.name}
-                if item.mask is not None and index not in masks:
-                    try:
-                        masks[index] = _load_mask(item.mask)
-                    except MedfuseError as e:
-                        masks[index] = e
-                pair_mask = masks[index] if item.mask is not None else loaded_mask
-                if isinstance(pair_mask, MedfuseError):
-                    raise pair_mask
-                if is_2d:
-                    img, f, greys = _fuse_2d(srcs, method, device, options)
-                    m = _mask_array(mask, greys)
-                    with _collect_undefined() as undefined:  # said once for the run, below, and in the row
-                        scores = score(f, *greys, metrics=metrics, mask=m)
-                    target = _target(out, method, item, True)
-                    if save_outputs:
-                        fresh = not target.exists()
-                        _save_png(img, target, overwrite)
-                        new_outputs += [target] if fresh else []
-                else:
-                    with _collect_undefined() as undefined:
-                        fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
-                    target = _target(out, method, item, False)
-                    if save_outputs:
-                        from .io import save
+    try:
+        for method in methods:
+            dead: Optional[str] = None  # set when the method itself cannot run here
+            for index, item in enumerate(items):
+                check(cancel, "the evaluation")
+                report(progress, done / max(total, 1), f"{method}: {item.name}")
+                done += 1
+                if dead is not None:
+                    result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
+                    continue
+                try:
+                    if index not in cache:
+                        try:
+                            cache[index] = item.load()
+                        except MedfuseError as e:
+                            cache[index] = e
+                    srcs = cache[index]
+                    if isinstance(srcs, MedfuseError):
+                        raise srcs
+                    row: Dict[str, Any] = {"method": method, "pair_type": item.pair_type, "name": item.name}
+                    if item.mask is not None and index not in masks:
+                        try:
+                            masks[index] = _load_mask(item.mask)
+                        except MedfuseError as e:
+                            masks[index] = e
+                    pair_mask = masks[index] if item.mask is not None else loaded_mask
+                    if isinstance(pair_mask, MedfuseError):
+                        raise pair_mask
+                    if is_2d:
+                        img, f, greys = _fuse_2d(srcs, method, device, options)
+                        m = _mask_array(mask, greys)
+                        with _collect_undefined() as undefined:  # said once for the run, below, and in the row
+                            scores = score(f, *greys, metrics=metrics, mask=m)
+                        target = _target(out, method, item, True)
+                        if save_outputs:
+                            # Listed before the write: a Ctrl-C just after it still takes the image back.
+                            new_outputs += [] if target.exists() else [target]
+                            _save_png(img, target, overwrite)
+                    else:
+                        with _collect_undefined() as undefined:
+                            fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
+                        target = _target(out, method, item, False)
+                        if save_outputs:
+                            from .io import save
 
-                        _make_folder(target.parent)
-                        fresh = not target.exists()
-                        save(fused, target, overwrite=overwrite)
-                        new_outputs += [target] if fresh else []
-                row["output"] = target.relative_to(out).as_posix() if save_outputs else None
-                if m is not None:  # what was scored: the region and its share of the image
-                    row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
-                    row["mask_fraction"] = float(m.mean())
-                row.update({k: v for k, v in scores.items() if k in METRICS})
-                if undefined:  # why a value is NaN/inf (or, slice-wise, how many slices its mean left out)
-                    row["undefined"] = {k: "; ".join(dict.fromkeys(w for n, w in undefined if n == k))
-                                        for k in dict.fromkeys(n for n, _ in undefined)}
-                if "n_slices_used" in scores:  # slice-wise: what each mean is over (NaN slices left out)
-                    row["axes"] = list(scores["axes"])
-                    row["n_slices"] = int(sum(scores["n_slices"].values()))
-                    row["n_slices_used"] = dict(scores["n_slices_used"])
-                result.rows.append(row)
-            except OutputWriteError as e:  # a full disk, say: every item would fail alike
-                raise _stopped(e, new_outputs, out) from None
-            except (CancelledError, OutputExistsError):  # every item would fail alike
-                raise
-            except (MissingDependencyError, WeightsError) as e:
-                dead = e.one_line()
-                result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
-            except MedfuseError as e:
-                result.failures.append({"method": method, "item": item.name, "path": _blanked(e.path or item.path, ids),
-                                        "error": _blanked(e.one_line(), ids)})
+                            _make_folder(target.parent)
+                            new_outputs += [] if target.exists() else [target]
+                            save(fused, target, overwrite=overwrite)
+                    row["output"] = target.relative_to(out).as_posix() if save_outputs else None
+                    if m is not None:  # what was scored: the region and its share of the image
+                        row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
+                        row["mask_fraction"] = float(m.mean())
+                    row.update({k: v for k, v in scores.items() if k in METRICS})
+                    if undefined:  # why a value is NaN/inf (or, slice-wise, how many slices its mean left out)
+                        row["undefined"] = {k: "; ".join(dict.fromkeys(w for n, w in undefined if n == k))
+                                            for k in dict.fromkeys(n for n, _ in undefined)}
+                    if "n_slices_used" in scores:  # slice-wise: what each mean is over (NaN slices left out)
+                        row["axes"] = list(scores["axes"])
+                        row["n_slices"] = int(sum(scores["n_slices"].values()))
+                        row["n_slices_used"] = dict(scores["n_slices_used"])
+                    result.rows.append(row)
+                except OutputWriteError as e:  # a full disk, say: every item would fail alike
+                    raise _stopped(e, new_outputs, out) from None
+                except (CancelledError, OutputExistsError):  # every item would fail alike
+                    raise
+                except (MissingDependencyError, WeightsError) as e:
+                    dead = e.one_line()
+                    result.failures.append({"method": method, "item": item.name, "path": None, "error": dead})
+                except MedfuseError as e:
+                    result.failures.append({"method": method, "item": item.name, "path": _blanked(e.path or item.path, ids),
+                                            "error": _blanked(e.one_line(), ids)})
+    except (CancelledError, KeyboardInterrupt) as e:
+        # A cancelled run wrote no tables: its images alone blocked the rerun ("a fused output of an earlier
+        # evaluation exists"), and the cancel message named none of them.
+        removed = _remove_new_outputs(new_outputs, out)
+        e.note = (f"no tables were written; the {removed} fused image(s) this run had written were removed, so a "
+                  "rerun starts clean" if removed else "nothing was written")  # the command line's cancel message
+        raise
     result.means = _means(result.rows)
     _warn_undefined(result.rows)
     if not result.rows:
@@ -737,6 +744,17 @@ def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> Medfuse
     ("a fused output of an earlier evaluation exists") and kept the disk full. Images that were there before
     the run (replaced with ``overwrite``) stay.
     """
+    removed = _remove_new_outputs(new_outputs, out)
+    if removed:
+        e.problem = (f"{e.problem}; the evaluation stopped, and the {removed} fused image(s) it had written were "
+                     "removed, so a rerun starts clean")
+        e.args = (e._compose(),)
+    return e
+
+
+def _remove_new_outputs(new_outputs: Sequence[Path], out: Path) -> int:
+    """Remove the fused images a stopped run created, and the ``<method>/<PAIR>/`` folders that emptied; how many
+    images went."""
     removed = 0
     for p in new_outputs:
         try:
@@ -744,18 +762,14 @@ def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> Medfuse
             removed += 1
         except OSError:
             continue
-        for q in p.parents:  # <method>/<PAIR>/ folders emptied by this
+        for q in p.parents:
             if q == out:
                 break
             try:
                 q.rmdir()
             except OSError:
                 break
-    if removed:
-        e.problem = (f"{e.problem}; the evaluation stopped, and the {removed} fused image(s) it had written were "
-                     "removed, so a rerun starts clean")
-        e.args = (e._compose(),)
-    return e
+    return removed
 
 
 def _warn_undefined(rows: Sequence[Dict[str, Any]]) -> None:

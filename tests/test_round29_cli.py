@@ -39,3 +39,47 @@ def test_a_deformable_initial_transform_is_refused_with_a_fix_the_command_line_c
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert "linear_transform" not in err and "medfuse register --kind affine" in err, err
+
+
+def _png_pairs(folder: Path, n: int = 3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    args = []
+    for i in range(n):
+        for side in ("a", "b"):
+            p = folder / f"{side}{i}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(p)
+            args.append(p)
+    return [(args[2 * i], args[2 * i + 1]) for i in range(n)]
+
+
+def test_a_cancelled_evaluation_removes_its_images_and_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during 'medfuse evaluate' printed only 'cancelled' and left the fused images without tables, which
+    then blocked the rerun ("a fused output of an earlier evaluation exists")."""
+    import os
+    import signal
+
+    import medfuse.evaluate as E
+    from medfuse.cli import EXIT_CANCELLED
+
+    pairs = _png_pairs(tmp_path)
+    real, calls = E._save_png, []
+
+    def save(img, path, overwrite):  # Ctrl-C once two images are saved
+        real(img, path, overwrite)
+        calls.append(path)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(E, "_save_png", save)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "-o", str(out), "--methods", "mean,max", "--no-progress"]
+    for a, b in pairs:
+        argv += ["--pair", str(a), str(b)]
+    assert main(argv) == EXIT_CANCELLED
+    err = capsys.readouterr().err
+    assert "cancelled; no tables were written; the 2 fused image(s) this run had written were removed" in err, err
+    assert not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
+    monkeypatch.setattr(E, "_save_png", real)
+    assert main(argv) == 0  # the rerun starts clean
