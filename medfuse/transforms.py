@@ -309,8 +309,8 @@ class LoadVolume(Transform):
             vol = load(path, modality=self.modality, suv=self.suv)
         if isinstance(path, Volume) or _is_metatensor(path):
             self._check_loaded_suv(vol, self.suv, recorded=isinstance(path, Volume))
-        if self.as_tensor and _is_metatensor(path):  # passed through: its header keys and history stay
-            return _keep_meta(vol.to_metatensor(), path, same_grid=True)
+        if self.as_tensor and _is_metatensor(path):  # passed through: its layout, header keys and history stay
+            return _like(vol, path, same_grid=True)
         return vol.to_metatensor() if self.as_tensor else vol
 
     @staticmethod

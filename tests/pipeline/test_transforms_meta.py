@@ -190,3 +190,17 @@ def test_a_sidecar_naming_only_the_modality_leaves_the_unit_to_the_rule_both_way
     (tmp_path / "ct_bids.json").write_text(json.dumps({"Modality": "MR"}))
     assert LoadVolume(modality="CT")(str(path)).unit == "HU"
     assert LoadVolume(modality="CT")(medfuse.load(path)).unit == "HU"
+
+
+def test_load_volume_as_tensor_keeps_the_layout_of_a_metatensor_it_passes_through(tmp_path):
+    """docs/pipeline.md: the transforms return a MetaTensor in the layout it came in. A 3-D tensor came back
+    (1, I, J, K) from LoadVolume alone; RegisterToReference kept it 3-D."""
+    from monai.transforms import LoadImage
+
+    mt = LoadImage(image_only=True)(str(_ct_without_unit(tmp_path)))
+    out = LoadVolume(as_tensor=True)(mt)
+    assert tuple(out.shape) == tuple(mt.shape)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(mt))
+    np.testing.assert_allclose(np.asarray(out.affine), np.asarray(mt.affine))
+    channel_first = LoadVolume(as_tensor=True)(mt[None])
+    assert tuple(channel_first.shape) == (1, *mt.shape)
