@@ -1433,6 +1433,13 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     files = _dedupe(files, path, notes)
     files = _drop_localizers(files, path, notes)
     ds0 = files[0][1]
+    stated = sorted({str(ds.get("Modality", "")).upper() for _, ds in files} - {""})
+    if len(stated) > 1:
+        # One series UID over CT and MR slices (a bad anonymiser or merge): loaded as the first file's modality,
+        # with the other's values under its unit.
+        raise UnreadableFileError(f"the series' files disagree on their modality ({', '.join(stated)}) although "
+                                  "they share one SeriesInstanceUID", path=path,
+                                  fix="export the series again, or give the folder of one modality's files")
     modality = normalise_modality(str(ds0.get("Modality", "")) or None) if str(ds0.get("Modality", "")).upper() in (
         "MR", "CT", "PT", "NM") else "unknown"
     frames = _series_frames(files, path)

@@ -221,3 +221,17 @@ def test_slice_spacing_below_the_readers_position_tolerance_is_refused_before_wr
                 unit="arbitrary")
     back = medfuse.load(medfuse.save(ok, tmp_path / "ok"))
     assert back.shape == ok.shape
+
+
+def test_a_series_whose_files_disagree_on_modality_is_refused(samples_dir, tmp_path):
+    """One SeriesInstanceUID over PT and CT slices (a bad merge) loaded silently as the first file's modality."""
+    from medfuse.errors import UnreadableFileError
+
+    folder = _pet_copy(samples_dir, tmp_path / "mixed")
+    last = sorted(folder.glob("*.dcm"))[-1]
+    ds = pydicom.dcmread(str(last))
+    ds.Modality = "CT"
+    ds.save_as(str(last))
+    with pytest.raises(UnreadableFileError, match="disagree on their modality"):
+        medfuse.load(folder)
+    assert medfuse.load(_pet_copy(samples_dir, tmp_path / "same")).modality == "PT"
