@@ -6,7 +6,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from qtpy.QtWidgets import QComboBox
 
-from ._layers import meta
+from ._layers import meta, real_layer
 
 
 class LayerCombo(QComboBox):
@@ -55,7 +55,7 @@ class LayerCombo(QComboBox):
         return self._allow_2d and layer.ndim == 2  # 2-D grey or 2-D RGB(A)
 
     def _images(self):
-        return [l for l in self._viewer.layers if self._accepts(l)]
+        return [l for l in map(real_layer, self._viewer.layers) if self._accepts(l)]
 
     def refresh(self, *_: Any) -> None:
         try:
@@ -66,7 +66,7 @@ class LayerCombo(QComboBox):
 
     def _watch_names(self) -> None:
         """Listen to the name of every layer in the viewer (and stop listening to removed ones)."""
-        layers = list(self._viewer.layers)
+        layers = [real_layer(l) for l in self._viewer.layers]
         for l in self._watched:
             if not any(l is m for m in layers):
                 l.events.name.disconnect(self.refresh)
@@ -116,11 +116,16 @@ class LayerCombo(QComboBox):
             self.currentTextChanged.emit(self.currentText())
 
     def layer(self):
-        """The chosen layer, or None."""
+        """The chosen layer itself (never napari's proxy of it), or None.
+
+        Why the layer itself: opened from the Plugins menu the widget gets a proxy viewer whose
+        ``layers[name]`` is a new proxy object on every call, so the panels' identity checks (is the layer
+        still open? the same pair as the cached one?) always failed.
+        """
         name = self.currentText()
         if not name or name == self.NONE or name not in self._viewer.layers:
             return None
-        return self._viewer.layers[name]
+        return real_layer(self._viewer.layers[name])
 
     def set_layer(self, name: str) -> None:
         self._chosen_once = True

@@ -270,3 +270,29 @@ def curtain3d(shape: Tuple[int, int, int], *, axis: int, position: float) -> np.
     view = [1, 1, 1]
     view[axis] = int(shape[axis])
     return np.broadcast_to(line.reshape(view), tuple(shape))
+
+
+def real_layer(layer: Any) -> Any:
+    """The layer object itself behind napari's ``PublicOnlyProxy``; anything else as it is.
+
+    Why: a dock widget opened from the Plugins menu gets a proxy of the viewer, and ``viewer.layers[name]`` gives a
+    new proxy object on every call while iterating ``viewer.layers`` gives the layers themselves, so an ``is`` check
+    or an identity cache between the two always failed (a fusion "of a removed layer", a registration never applied).
+    """
+    try:
+        from napari.utils._proxies import PublicOnlyProxy
+    except ImportError:  # a napari without proxies hands out the layers themselves
+        return layer
+    while isinstance(layer, PublicOnlyProxy):
+        layer = layer.__wrapped__
+    return layer
+
+
+def layer_axis(viewer_dim: int, viewer_ndim: int, layer_ndim: int) -> Optional[int]:
+    """The layer's own axis shown along viewer dimension ``viewer_dim``, or None when the layer has none there.
+
+    napari aligns a layer's axes with the viewer's last ones: a 3-D layer in a 4-D viewer (a 4-D series open
+    beside it) has its axis 0 on viewer dimension 1.
+    """
+    axis = int(viewer_dim) - (int(viewer_ndim) - int(layer_ndim))
+    return axis if 0 <= axis < int(layer_ndim) else None

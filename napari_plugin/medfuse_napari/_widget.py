@@ -13,7 +13,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFra
 from . import _jobs
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, coverage_between, layer_array, layer_geometry, layer_matrix, layer_to_volume,
-                      lps_to_world, meta, native_volume, resample_between, viewer_alignment, world_matrix)
+                      lps_to_world, meta, native_volume, real_layer, resample_between, viewer_alignment,
+                      world_matrix)
 from ._overlay import OverlayPanel, _is_compare
 
 KINDS = ("rigid", "affine", "deformable")
@@ -45,6 +46,11 @@ def _same_placement(layer: Any, other: Any) -> bool:
     parts = ("scale", "translate", "rotate", "shear")
     return all(np.allclose(np.asarray(getattr(layer, k), float), np.asarray(getattr(other, k), float))
                for k in parts) and np.allclose(layer.affine.affine_matrix, other.affine.affine_matrix)
+
+
+def _open_layers(viewer: Any) -> List[Any]:
+    """The viewer's layers themselves (not napari's proxies of them), for identity checks."""
+    return [real_layer(l) for l in viewer.layers]
 
 
 def _series_fix(viewer: Any, default: str) -> str:
@@ -229,7 +235,7 @@ class RegisterPanel(QWidget):
         try:
             if self.worker is not None or self.result is None:
                 return
-            present = list(self.viewer.layers)
+            present = _open_layers(self.viewer)
             if all(any(layer is other for other in present) for layer in self._job_layers):
                 return
             self.result = None
@@ -402,7 +408,7 @@ class RegisterPanel(QWidget):
         from medfuse.errors import InvalidInputError
 
         fixed, moving = self._job_layers
-        present = list(self.viewer.layers)
+        present = _open_layers(self.viewer)
         for role, layer in (("fixed", fixed), ("moving", moving)):
             if not any(layer is other for other in present):
                 raise InvalidInputError(f"the {role} layer was removed while registering, so the result was not "
@@ -660,7 +666,7 @@ class FusePanel(QWidget):
         if _job_failed(outcome, self.status, "fusion", self.token):
             return
         fused, names, method = outcome.value
-        present = list(self.viewer.layers)
+        present = _open_layers(self.viewer)
         gone = [role for role, layer in zip(("base", "second", "third"), self._job_layers)
                 if not any(layer is other for other in present)]
         if gone:

@@ -143,6 +143,66 @@ def _layer_like(data: Any, attributes: Dict[str, Any]) -> SimpleNamespace:
         affine=SimpleNamespace(affine_matrix=np.asarray(attributes.get("affine", np.eye(ndim + 1)))))
 
 
+def _mm_factors(units: Any, name: str) -> Optional[np.ndarray]:
+    """Millimetres per world unit of each axis of a layer's ``units``; None when they are napari's default (pixel).
+
+    Raises:
+        LayerSaveError: a unit that is not a length (seconds, say), or one pint does not know.
+    """
+    if units is None:
+        return None
+    units = [units] * 3 if isinstance(units, str) else list(units)
+    if all(str(u) in ("pixel", "px", "") for u in units):
+        return None  # napari's default: medfuse's own layers, whose scale is in mm already
+    try:
+        import pint
+        from napari.utils._units import get_unit_registry
+
+        registry = get_unit_registry()
+        factors = [float(registry.Quantity(1.0, str(u)).to("millimeter").magnitude) for u in units]
+    except (ImportError, ValueError, AttributeError, pint.errors.PintError) as exc:
+        raise LayerSaveError(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, which are not all "
+                             f"lengths, so its voxel spacing in mm is unknown",
+                             fix="give the layer length units (nm, um, mm, cm or m) in napari, or save it with "
+                                 "napari's own writers (.tif: pixels only)") from exc
+    return np.asarray(factors, dtype=float)
+
+
+def _attributes_in_mm(attributes: Dict[str, Any], ndim: int) -> Dict[str, Any]:
+    """``attributes`` with ``scale`` and ``translate`` in mm (medfuse files store mm), converted from ``units``.
+
+    Why: a layer from another plugin in micrometres with scale 2 was saved with 2 mm spacing, without a word.
+
+    Raises:
+        LayerSaveError: units that are not lengths, or mixed units on a rotated/sheared/affine-placed layer.
+    """
+    name = str(attributes.get("name", "layer"))
+    factors = _mm_factors(attributes.get("units"), name)
+    if factors is None or np.allclose(factors, 1.0):
+        return attributes
+    if factors.size != ndim:
+        factors = np.resize(factors[-ndim:], ndim)
+    out = dict(attributes)
+    out["scale"] = tuple(np.asarray(attributes.get("scale", (1.0,) * ndim), float) * factors)
+    out["translate"] = tuple(np.asarray(attributes.get("translate", (0.0,) * ndim), float) * factors)
+    affine = np.asarray(attributes.get("affine", np.eye(ndim + 1)), float)
+    rotate = np.asarray(attributes.get("rotate", np.eye(ndim)), float)
+    shear = np.asarray(attributes.get("shear", ()), float)
+    placed = not (np.allclose(affine, np.eye(ndim + 1)) and np.allclose(rotate, np.eye(ndim))
+                  and (shear.size == 0 or np.allclose(shear, 0)))
+    if placed:
+        if not np.allclose(factors, factors[0]):
+            raise LayerSaveError(f"layer '{name}' mixes axis units ({', '.join(map(str, attributes['units']))}) and "
+                                 f"is rotated, sheared or placed by an affine, so medfuse cannot convert its placement "
+                                 f"to mm",
+                                 fix="give every axis the same length unit in napari, then save again")
+        # One factor: rotation and shear commute with it; only the affine's translation is in the layer's units.
+        affine = affine.copy()
+        affine[:ndim, ndim] *= factors[0]
+        out["affine"] = affine
+    return out
+
+
 def layer_volume(data: Any, attributes: Dict[str, Any]):
     """The Volume a layer shows: the file's grid (or the display grid) placed where napari draws it.
 
@@ -151,6 +211,7 @@ def layer_volume(data: Any, attributes: Dict[str, Any]):
     """
     from medfuse.volume import Volume
 
+    attributes = _attributes_in_mm(attributes, np.ndim(data[0] if attributes.get("multiscale") else data))
     layer = _layer_like(data, attributes)
     arr = data[0] if layer.multiscale else data
     if np.ndim(arr) != 3 or layer.rgb:
@@ -419,7 +480,8 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
         target, replace = _target(path)
         vol = layer_volume(data, attributes)
         md = dict((attributes.get("metadata") or {}).get("medfuse") or {})
-        placed = world_matrix(_layer_like(data, attributes))
+        # In mm, as layer_volume placed the volume (a layer in um from another plugin).
+        placed = world_matrix(_layer_like(data, _attributes_in_mm(attributes, vol.array.ndim)))
         derived = _is_derived(md, not np.allclose(placed, np.eye(4), atol=1e-9))
         _refuse_open_inputs(target)
         if derived:

@@ -25,3 +25,18 @@ def fuse_in_widget(qtbot):
         return panel, viewer.layers[-1]
 
     return fuse
+
+
+@pytest.fixture
+def dock_widget():
+    """Callable fixture: the medfuse widget opened as napari opens it from the Plugins menu.
+
+    ``dock_widget(viewer)`` -> the widget. Why: napari then hands the widget a ``PublicOnlyProxy`` of the viewer,
+    whose ``layers[name]`` is a new proxy object on every call; a widget built with the viewer itself hides that.
+    """
+
+    def open_(viewer):
+        _, widget = viewer.window.add_plugin_dock_widget("medfuse", "medfuse")
+        return widget
+
+    return open_
