@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
 import json
 import logging
 import os
@@ -156,6 +157,8 @@ class BatchSummary:
         wall_seconds: the run's wall-clock time.
         workers: how many workers ran the subjects (1 for ``scheduler="synchronous"``).
         cancelled: the run was cancelled (unfinished subjects are reported as ``cancelled``).
+        workers_asked: the local workers asked for, when more than there were subjects (``workers`` is then the
+            number of subjects); else None.
     """
 
     results: List[SubjectResult]
@@ -163,6 +166,7 @@ class BatchSummary:
     wall_seconds: float
     workers: int
     cancelled: bool = False
+    workers_asked: Optional[int] = None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -198,7 +202,10 @@ class BatchSummary:
         lines.append(f"{len(self.results)} subjects: {self.n_done} done, {self.n_skipped} skipped (up to date), "
                      f"{self.count('failed')} failed" + (f", {self.count('cancelled')} cancelled"
                                                           if self.count('cancelled') else "")
-                     + f"; {self.wall_seconds:.1f} s on {self.workers} worker(s)")
+                     + f"; {self.wall_seconds:.1f} s on {self.workers} worker(s)"
+                     # "--workers 2" and "on 1 worker(s)" read as a bug without the reason
+                     + (f" ({self.workers_asked} asked; never more workers than subjects)"
+                        if self.workers_asked and self.workers_asked > self.workers else ""))
         return "\n".join(lines)
 
 
@@ -237,6 +244,10 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         raise _row_error(path, row, f"unknown column(s) {', '.join(hints)}",
                          f"rename or remove them; a manifest's columns are {', '.join(_MANIFEST_KEYS[:3])}, "
                          f"moving (moving2, ...), {', '.join(_MANIFEST_KEYS[3:])}")
+    for key in ("subject", "output", "fixed"):
+        if isinstance(d.get(key), (list, tuple, Mapping)):  # str() of a YAML list made "['a', 'b']" the value
+            raise _row_error(path, row, f"'{key}' holds a {'list' if isinstance(d[key], (list, tuple)) else 'mapping'}",
+                             f"give one {key} per row, as text")
     for key in ("subject", "output"):  # without these the row is no subject at all
         if not d.get(key) or not str(d[key]).strip():
             raise _row_error(path, row, f"'{key}' is missing or empty",
@@ -285,6 +296,25 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
                    output=absolute(d["output"]), register=reg, method=method, problem=problem, series=series)
 
 
+def _text_loader():
+    """A ``yaml.SafeLoader`` that keeps every plain scalar as the text written (``null``/``~`` stay None).
+
+    Why: a manifest holds names and paths, and YAML 1.1 typed them: subject ``007`` became ``'7'``, ``010``
+    ``'8'`` (octal), ``0x1F`` ``'31'``, ``yes`` ``'True'``, ``1_000`` ``'1000'``, ``12:30`` ``'750'``, while the
+    same cells of a CSV stayed as written. Explicit tags other than the safe ones are still refused.
+    """
+    import yaml
+
+    class TextLoader(yaml.SafeLoader):
+        pass
+
+    typed = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+    TextLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in typed]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return TextLoader
+
+
 def read_manifest(path: PathLike) -> List[Subject]:
     """Read a CSV (``,``, tab or ``;`` between cells, as its header line shows; ``.tsv``: tabs) or YAML
     manifest into :class:`Subject` rows (paths made absolute).
@@ -302,7 +332,8 @@ def read_manifest(path: PathLike) -> List[Subject]:
         UnreadableFileError: the manifest is missing, a folder, unreadable or not UTF-8, or not valid CSV/YAML.
         InvalidInputError: ``path`` is not a str or pathlib.Path, no subjects, a CSV header without subject,
             fixed, moving and output, a row with more cells than the header, a YAML manifest that is not a list
-            of subjects, a row without a subject or output, an unknown column or ``register`` value, a ``series`` count
+            of subjects (or whose defaults are not a mapping), a row without a subject or output, a list where one
+            value goes, an unknown column or ``register`` value, a ``series`` count
             that does not match the images, or subjects/outputs that repeat (outputs also when they differ only
             in letter case).
     """
@@ -313,7 +344,10 @@ def read_manifest(path: PathLike) -> List[Subject]:
                                   "discover(...) or run_batch(...)", path=p)
     if not p.is_file():
         raise UnreadableFileError("the manifest does not exist", fix="check the path", path=p)
-    base = p.resolve().parent
+    # The folder of the path as given, as the report's (beside it): resolving a symlinked manifest took the link
+    # target's folder for its relative paths while the report went beside the link. Normalised as messages quote
+    # paths (a link before a ".." is followed as the file system does).
+    base = Path(_display_path(p.parent))
     rows: List[Mapping[str, Any]]
     defaults: Mapping[str, Any] = {}
     from .io import is_image_file
@@ -331,13 +365,16 @@ def read_manifest(path: PathLike) -> List[Subject]:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_text_loader())  # noqa: S506 - a SafeLoader: no Python tags
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise UnreadableFileError(f"the manifest is not valid YAML{where}",
                                       fix="check the indentation and quoting", path=p) from None
         if isinstance(data, Mapping):
+            if not isinstance(data.get("defaults") or {}, Mapping):  # "'str' object has no attribute 'items'"
+                raise InvalidInputError("a YAML manifest's defaults must be a mapping",
+                                        fix="write them as {register: rigid, method: network}", path=p)
             defaults = {str(k).lower(): v for k, v in (data.get("defaults") or {}).items()}
             data = data.get("subjects")
         if not isinstance(data, list) or not all(isinstance(r, Mapping) for r in data):
@@ -517,10 +554,12 @@ def _is_medfuse_output(image: Path) -> bool:
     return is_medfuse_record(read_sidecar(image))
 
 
-def _walk(folder: Path, unreadable: Optional[List[str]] = None) -> Tuple[List[Path], bool]:
+def _walk(folder: Path, unreadable: Optional[List[str]] = None, *,
+          skip: Optional[str] = None) -> Tuple[List[Path], bool]:
     """Image files under ``folder`` (symlinks followed, each real folder once, hidden entries and medfuse's own
     outputs skipped) and whether any other file might be DICOM. Folders that could not be listed (permission
-    denied) are added to ``unreadable``, when given."""
+    denied) are added to ``unreadable``, when given; the real folder ``skip`` (the outputs' folder) is not
+    entered."""
     images: List[Path] = []
     maybe_dicom = False
     seen = set()
@@ -535,7 +574,8 @@ def _walk(folder: Path, unreadable: Optional[List[str]] = None) -> Tuple[List[Pa
         seen.add(real)
         # A link to a folder above this one (sub-01/up -> ../.., a link to /) would walk the whole dataset, or
         # the whole disk, and take other subjects' images as this one's: such links are not followed.
-        dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _above(os.path.realpath(os.path.join(root, d)), top))
+        dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _above(os.path.realpath(os.path.join(root, d)), top)
+                         and os.path.realpath(os.path.join(root, d)) != skip)
         for f in sorted(files):
             low = f.lower()
             if _hidden(f) or not os.path.isfile(os.path.join(root, f)):  # a broken link
@@ -652,7 +692,8 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
 
 
 def _dataset_out_dir(dataset: Path, out_dir: Optional[PathLike]) -> Path:
-    return Path(out_dir).absolute() if out_dir else dataset / "derivatives" / "medfuse"
+    # Normalised (not resolved): the report quoted /d/ds/../out/sub-01_fused.nii.gz.
+    return Path(_display_path(out_dir)) if out_dir else dataset / "derivatives" / "medfuse"
 
 
 def _describe_derivatives(dataset: Path, out: Path) -> Optional[Path]:
@@ -720,11 +761,12 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
         The subjects, with ``folder`` and ``output`` set and ``fixed``/``moving`` left empty.
 
     Raises:
-        InvalidInputError: the folder holds no subject folders, or ``dataset`` or ``out_dir`` is not a str or
-            pathlib.Path.
+        InvalidInputError: the folder holds no subject folders, ``dataset`` or ``out_dir`` is not a str or
+            pathlib.Path, or ``out_dir`` is (or lies in) a subject's folder holding images (that subject was left
+            out without a word).
         UnreadableFileError: ``dataset`` is missing, a file or unreadable.
     """
-    root = _folder_arg(dataset, "dataset", _DATASET_FIX).absolute()
+    root = Path(_display_path(_folder_arg(dataset, "dataset", _DATASET_FIX)))
     out = _dataset_out_dir(root, _optional_path(out_dir, "out_dir", _OUT_DIR_FIX))
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -732,12 +774,16 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
         raise UnreadableFileError(f"cannot list the dataset folder ({e.__class__.__name__})",
                                   fix="check that you may read it", path=root) from None
     subjects = []
+    real_out = os.path.realpath(out)
     for entry in entries:
         path = Path(entry.path)
         if _hidden(entry.name) or entry.name.lower() in _NOT_SUBJECTS or not path.is_dir():
             continue
-        real, real_out = os.path.realpath(path), os.path.realpath(out)
-        if real_out == real or real_out.startswith(real + os.sep):  # the outputs' folder is no subject
+        real = os.path.realpath(path)
+        if real_out == real or real_out.startswith(real + os.sep):
+            # The outputs' folder (or a folder holding only it) is no subject; a subject's folder holding the
+            # outputs' folder was left out of the run without a word (exit 0, in neither table nor report).
+            _refuse_out_in_subject(path, out, skip=real_out if real_out != real else None)
             continue
         if _only_outputs(path):  # an earlier run's outputs (a manifest's out/ folder) are no subject either
             continue
@@ -748,6 +794,26 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
                                 "one folder per subject)", fix="point to the dataset's top folder, or write a "
                                 "manifest (see docs/pipeline.md)", path=root)
     return subjects
+
+
+def _refuse_out_in_subject(folder: Path, out: Path, *, skip: Optional[str]) -> None:
+    """Refuse an outputs' folder that is (or lies in) a subject's folder holding anything an input could be.
+
+    Raises:
+        InvalidInputError: ``folder`` holds an image or a possible DICOM file outside the outputs' folder
+            ``skip`` (the real path; None: the outputs' folder is ``folder`` itself).
+    """
+    images, maybe_dicom = _walk(folder, skip=skip)
+    if not images and not maybe_dicom:
+        return
+    from .provenance import patient_identifiers, scrub
+
+    ids = patient_identifiers([folder])  # a subject folder named after its patient is not quoted
+    where = "is the subject folder" if skip is None else "lies inside the subject folder"
+    raise InvalidInputError(scrub(f"the outputs' folder {where} {folder.name!r}: that subject would be left out of "
+                                  "the batch", ids),
+                            fix="pass out_dir= (--out) a folder outside every subject folder (the default is "
+                                "DATASET/derivatives/medfuse)", path=scrub(_display_path(out), ids))
 
 
 def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_dir: Optional[PathLike] = None) -> Path:
@@ -777,7 +843,7 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
 
     from .io._atomic import atomic_write_text
 
-    root = _folder_arg(dataset, "dataset", _DATASET_FIX).absolute()
+    root = Path(_display_path(_folder_arg(dataset, "dataset", _DATASET_FIX)))
     given = _optional_path(path, "the manifest's path", "pass where to write the manifest (a .csv path) as a str "
                                                         "or pathlib.Path, or None for the default")
     out = _optional_path(out_dir, "out_dir", _OUT_DIR_FIX)
@@ -1090,12 +1156,45 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         res.status = "done"
         _from_sidecar(res, made.provenance)
     except MedfuseError as e:
-        res.error = e.one_line()
+        res.error = _row_error_text(e, inputs, dataset=bool(s.folder))
         if e.__class__.__name__ == "CancelledError":
             res.status = "cancelled"
     except Exception as e:  # noqa: BLE001 - isolate the subject; the batch goes on
         res.error = _one_line(e)
     return inputs
+
+
+#: Registration advice of fuse_files and register (``initialise='geometry'``, ``initial_transform=``,
+#: ``register='rigid'``) names options that no batch row has: the steps a batch user can take instead.
+_REGISTER_FIRST_FIX = ("check that the images belong together (same patient and anatomy); if they do, register this "
+                       "subject on its own first: medfuse register FIXED MOVING --initialise geometry -o "
+                       "MOVING_on_FIXED.nii.gz (check the result), then list that file as the subject's moving image "
+                       "in a manifest row with register none")
+
+
+def _row_error_text(e: MedfuseError, inputs: Sequence[str], *, dataset: bool = False) -> str:
+    """A subject's error on one line for its report row: a fix a batch run can follow, and the file concerned first
+    (as other row errors start) where the message tells which input it is.
+
+    Args:
+        e: the subject's error.
+        inputs: the subject's images, fixed first (the pipeline's "input N" is ``inputs[N - 1]``).
+        dataset: the subject came from a dataset folder (the fix says how to get a manifest to edit).
+    """
+    import re
+
+    fix, path = e.fix, e.path
+    if fix and any(k in fix for k in ("initialise=", "initial_transform=", "register='")):
+        fix = _REGISTER_FIRST_FIX + (" (medfuse batch DATASET --write-manifest writes one to edit)" if dataset else "")
+    if path is None:
+        n = re.match(r"input (\d+) ", e.problem)
+        if n and 1 <= int(n.group(1)) <= len(inputs):
+            path = _display_path(inputs[int(n.group(1)) - 1])
+        elif "do not overlap" in e.problem and len(inputs) == 2:  # registration: the one moving image
+            path = _display_path(inputs[1])
+    if fix is e.fix and path is e.path:
+        return e.one_line()
+    return MedfuseError(e.problem, fix=fix, path=path).one_line()  # formatted as every medfuse error
 
 
 # ----------------------------------------------------------------------------- driver
@@ -1111,6 +1210,15 @@ def _identifiers_by_subject(subjects: Sequence[Subject]) -> Dict[str, Tuple[int,
     return out
 
 
+@functools.lru_cache(maxsize=8192)  # the report is rewritten after every subject, every row each time
+def _normal_path(value: Optional[str]) -> Optional[str]:
+    """An absolute path normalised as :func:`_display_path` quotes it; a relative one (a list's output, written
+    relative to the working folder) or an empty one as it is."""
+    if not value or not os.path.isabs(os.path.expanduser(value)):
+        return value
+    return _display_path(value)
+
+
 def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> SubjectResult:
     """``res`` as the report and summary show it: no subject id or path quoting the subject's own patient
     identifiers.
@@ -1123,6 +1231,9 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
 
     from .provenance import scrub
 
+    # Paths as messages quote them: the report showed a manifest's ../out/s.nii.gz as /d/ds/../out/s.nii.gz.
+    res = replace(res, output=_normal_path(res.output),
+                  inputs=";".join(_normal_path(x) for x in res.inputs.split(";")) if res.inputs else res.inputs)
     if res.warnings:  # with several threads a worker, a warning might land on another subject's row: every id
         res = replace(res, warnings=scrub(res.warnings, [i for _, found in known.values() for i in found]))
     row, ids = known.get(res.subject, (0, []))
@@ -1500,7 +1611,7 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
                                               "or None for the default")
     out_dir = _optional_path(out_dir, "out_dir", _OUT_DIR_FIX)
     if isinstance(manifest, Path) and manifest.is_dir():
-        root = manifest.absolute()
+        root = Path(_display_path(manifest))
         subjects = discover(root, out_dir=out_dir)
         _check_unique(subjects)  # folders sub-01 and SUB-01 would write one file on Windows and macOS
         out = _dataset_out_dir(root, out_dir)
@@ -1578,8 +1689,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             ``scheduler``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
             a whole number of 1 or more, ``cancel`` not a CancelToken, a list without ``report`` whose outputs
             share no folder but the filesystem root (or a different drive), an empty list without ``report``, a
-            dataset folder without subject folders, or a manifest :func:`read_manifest` refuses; checked before
-            any work.
+            dataset folder without subject folders, an ``out_dir`` in a subject's folder, or a manifest
+            :func:`read_manifest` refuses; checked before any work.
         UnreadableFileError: the manifest is missing or unreadable (as :func:`read_manifest`), or a dataset
             folder cannot be listed.
     """
@@ -1596,6 +1707,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     check_callbacks(cancel=cancel)
     _check_report_path(report_path)
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
+    absent = {s.subject: _absent_folders(s.output) for s in subjects}
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
     with _report_lock(report_path):
         known = _identifiers_by_subject(subjects)
@@ -1606,6 +1718,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
                    == r.get("subject")]
         _first_report(report_path, subjects, earlier, known)  # an unwritable report stops the run before any work
         threads = int(threads_per_worker)
+        asked = workers
         if scheduler == "local" and workers > len(subjects) >= 1:
             # One worker per subject at most: each spare one only costs seconds to start and memory
             # (1 subject on --workers 6: 13 s against 4.5 s on one worker).
@@ -1677,6 +1790,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
                 late = _finished_meanwhile(s, started)
                 if late is not None:
                     results[s.subject] = late
+        if not cancelled or scheduler in ("local", "synchronous"):  # no worker may still be writing
+            for s in subjects:
+                if results.get(s.subject) is not None and results[s.subject].status == "failed":
+                    _remove_empty(absent[s.subject])
         ordered = rows("cancelled", "not run: the batch was cancelled")
         wall = time.perf_counter() - t0
         written = save_report(ordered)
@@ -1688,7 +1805,31 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             warnings.warn(f"could not write the batch report {report_path} ({report_errors[-1].__class__.__name__}); "
                           f"pass report= (--report) to choose another place", MedfuseWarning, stacklevel=2)
         return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
-                            workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled)
+                            workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled,
+                            workers_asked=asked if scheduler == "local" and asked != workers else None)
+
+
+def _absent_folders(output: Any) -> List[Path]:
+    """The folders of ``output``'s path that do not exist yet, deepest first (those its run will create)."""
+    try:
+        folder = Path(_display_path(output)).parent  # where the file system puts it (a link before a ".." too)
+    except (TypeError, ValueError):
+        return []
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty: a failed subject's run left its output's new
+    folder behind, empty. A folder anything went into since (another subject's output) stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, gone, or not ours to remove: the folders above stay too
+            return
 
 
 def _finished_meanwhile(s: Subject, since: float) -> Optional[SubjectResult]:
