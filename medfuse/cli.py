@@ -723,7 +723,8 @@ def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
 # ----------------------------------------------------------------------------- fuse
 def _add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
-                   help="where the network runs (default: cpu; auto: a CUDA GPU when there is one)")
+                   help="where the network runs (default: cpu; auto: a CUDA GPU when there is one); the classical "
+                        "rules run on the CPU, and a GPU this machine lacks is refused for every method")
 
 
 def _check_device(args: argparse.Namespace) -> None:

@@ -576,11 +576,10 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
 
     # Every method takes it: an unknown name failed each item alone, after the (empty) tables were written.
     check_device_name(device)
-    if "network" in methods:
-        from .fusion.device import check_network_device
+    from .fusion.device import check_network_device
 
-        # As `medfuse fuse`: a GPU this machine lacks is bad input (exit 2), not one failure per item.
-        check_network_device("network", device)
+    # As `medfuse fuse`: a GPU this machine lacks is bad input (exit 2) for every method, not one failure per item.
+    check_network_device("network" if "network" in methods else methods[0], device)
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
         raise InvalidInputError(f"out_dir must be a folder path, got {type(out_dir).__name__}",
                                 fix="pass out_dir='eval' (created if missing)")

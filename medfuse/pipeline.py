@@ -420,7 +420,7 @@ class FuseStep:
 
     Raises:
         InvalidInputError: when built, an unknown ``method``, a ``fallback`` that is no classical method, an
-            unknown ``device`` or a GPU this machine lacks (network only), ``progress`` or ``cancel`` among the
+            unknown ``device`` or a GPU this machine lacks (every method), ``progress`` or ``cancel`` among the
             options; when called, fewer than two volumes,
             or as :func:`medfuse.fuse` (an unknown method or option...).
         GeometryError: the volumes are not on one grid (a replaced resample step).
@@ -483,6 +483,8 @@ class FuseStep:
             # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
             state.notes["network_functional"] = (getattr(fused, "provenance", None) or {}).get("network_functional")
         state.notes["method_used"] = method
+        # What ran, not what was asked: a classical rule (a fallback too) runs on the CPU whatever the device.
+        state.notes["device_used"] = _device_used(method, self.device)
         fused = _as_fused_volume(fused, state.volumes[0])
         fused.provenance["method"] = method
         if state.weights_sha256:
@@ -503,6 +505,15 @@ def _fallback_options(method: str, options: Mapping[str, Any]) -> Dict[str, Any]
 
     # ``weights`` of a network step names the weights file, never the rule's blend weights.
     return {k: v for k, v in options.items() if k == "normalise" or (k in _OPTIONS[method] and k != "weights")}
+
+
+def _device_used(method: str, device: Any) -> Optional[str]:
+    """The device the fusion ran on (:func:`medfuse.fusion.device.device_used`); None when it cannot be told."""
+    try:
+        from .fusion.device import device_used
+        return device_used(method, device)
+    except (ImportError, MedfuseError):  # the fusion is done: a provenance field never fails it
+        return None
 
 
 def _fuse(volumes: Sequence[Volume], *, method: str, device: str, **options: Any):
@@ -792,7 +803,7 @@ def _provenance(state: PipelineState, *, extra_step: Optional[Dict[str, Any]] = 
 
     steps = list(state.steps) + ([extra_step] if extra_step else [])
     regs = state.registrations if any(r is not None for r in state.registrations) else None
-    extra = {k: v for k, v in state.notes.items() if k in ("warnings", "fallback", "method_used",
+    extra = {k: v for k, v in state.notes.items() if k in ("warnings", "fallback", "method_used", "device_used",
                                                              "network_functional", "normalisation")}
     return build(
         inputs=_input_facts(state), output=state.output, output_sha256=state.output_sha256, steps=steps,
@@ -822,7 +833,7 @@ class Pipeline:
 
     Raises:
         InvalidInputError: an unknown ``register`` kind, fusion ``method``, ``grid``, ``normalise`` method or
-            ``device`` (or a GPU this machine lacks, for the network), a ``fallback`` that is no classical method,
+            ``device`` (or a GPU this machine lacks, for every method), a ``fallback`` that is no classical method,
             ``threads`` not a whole number of 1 or more, ``modalities`` or ``series`` not a list (one entry per
             input), a ``series`` choice that is neither text nor a number, ``steps`` not a dict, or a ``steps``
             entry that names no step or is not callable. What running it raises: see :meth:`run`.

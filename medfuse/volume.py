@@ -97,6 +97,8 @@ def affine_from_geometry(spacing: Sequence[float], origin: Sequence[float], dire
     Raises:
         GeometryError: an argument that is not numbers of the right count (3, 3 and 9).
     """
+    for value, what in ((spacing, "spacing"), (origin, "origin"), (direction, "direction")):
+        _refuse_complex(value, what)
     try:
         d = np.asarray(direction, dtype=float).reshape(3, 3)
         sp = np.asarray(spacing, dtype=float).reshape(3)
@@ -111,8 +113,27 @@ def affine_from_geometry(spacing: Sequence[float], origin: Sequence[float], dire
     return aff
 
 
+def _refuse_complex(value: Any, what: str) -> None:
+    """GeometryError when ``value`` holds complex numbers (even with zero imaginary parts).
+
+    Why: NumPy's cast to float drops the imaginary part with only a ComplexWarning, so a geometry computed
+    wrongly upstream was silently taken as its real part.
+    """
+    try:
+        complex_ = np.iscomplexobj(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):  # not array-like: the float conversion says what it is
+        return
+    if complex_:
+        raise GeometryError(f"the {what} holds complex numbers; a geometry is real (voxel-to-world, LPS mm) and "
+                            "medfuse does not drop an imaginary part silently",
+                            fix=f"pass real numbers: if the imaginary parts are meant to be zero, pass "
+                                f"numpy.real(x) after checking numpy.allclose(numpy.imag(x), 0); otherwise the "
+                                f"{what} was computed wrongly upstream")
+
+
 def _as_affine(affine: Any) -> np.ndarray:
     """``affine`` as a float64 array, or a :class:`GeometryError` saying what it is instead."""
+    _refuse_complex(affine, "affine")
     try:
         return np.array(affine, dtype=float)
     except (TypeError, ValueError) as e:

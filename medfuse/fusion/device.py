@@ -10,7 +10,7 @@ from __future__ import annotations
 from .._checks import label
 from ..errors import InvalidInputError
 
-__all__ = ["resolve_device", "check_network_device", "check_device_name"]
+__all__ = ["resolve_device", "check_network_device", "check_device_name", "device_used"]
 
 
 def check_device_name(device) -> str:
@@ -68,18 +68,38 @@ def resolve_device(device) -> str:
 
 
 def check_network_device(method: str, device) -> None:
-    """Fail fast on a bad ``device`` for ``method="network"``, before minutes of loading and registration.
+    """Fail fast on a bad ``device``, for every ``method``, before minutes of loading and registration.
 
-    Does nothing for the classical rules, for the CPU, or when torch is not installed (then the network cannot
-    run at all, and a fallback or the missing-dependency error deals with that).
+    The classical rules run on the CPU whatever the device, so a GPU this machine has is fine for them; a device
+    it lacks (``--device cuda`` on a laptop, ``mps`` off a Mac) is refused as for the network, not ignored
+    while the provenance recorded it as the device used. Does nothing for the CPU. Without torch the network
+    cannot run at all (a fallback or the missing-dependency error deals with that); a classical rule is then
+    refused any GPU (medfuse reaches a GPU only through torch).
 
     Raises:
-        InvalidInputError: as :func:`resolve_device`.
+        InvalidInputError: as :func:`resolve_device`; or, without torch, a GPU asked for with a classical rule.
     """
-    if str(method).lower() != "network" or str(device).strip().lower() == "cpu":
+    name = check_device_name(device)
+    if name in ("cpu", "auto"):
         return
     try:
         import torch  # noqa: F401
     except ImportError:
-        return
+        if str(method).lower() == "network":
+            return
+        raise InvalidInputError(f"device {str(device)!r} was asked for, but torch is not installed, so medfuse can "
+                                "use no GPU here", fix="use device 'cpu' (the classical rules run on the CPU), or "
+                                "install torch with GPU support") from None
     resolve_device(device)
+
+
+def device_used(method: str, device) -> str:
+    """The device ``method`` runs on with ``device``: the CPU for the classical rules (whatever ``device`` says),
+    the resolved device for the network (``"auto"`` becomes ``"cuda"`` or ``"cpu"``); for the provenance.
+
+    Raises:
+        InvalidInputError: as :func:`resolve_device` (the network only).
+    """
+    if str(method).lower() != "network":
+        return "cpu"
+    return resolve_device(device)

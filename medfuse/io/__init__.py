@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
-from .._checks import as_path as _as_path
+from .._checks import as_path as _checked_path
 from .._checks import describe as _kind
 from .._checks import flag as _check_flag  # noqa: F401 - the readers' and writers' yes/no check
 from .._checks import whole as _whole
@@ -33,6 +33,25 @@ SUV_CHOICES = ("auto", "bw", "lbm", "lbm_janma", "bsa", "none")
 
 
 # ------------------------------------------------------------------------------------------ argument checks
+def _as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, images: bool = True) -> Path:
+    """``value`` as a Path (:func:`medfuse._checks.as_path`), refusing a null character in it.
+
+    Why: every file-system call raises a bare ``ValueError: embedded null byte`` on such a path.
+
+    Raises:
+        InvalidInputError: as :func:`medfuse._checks.as_path`, or the path holds a null character.
+    """
+    p = _checked_path(value, what=what, fix=fix, images=images)
+    text = os.fspath(p)
+    if "\0" in text:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        named = what if what.startswith("the ") else f"the {what}"
+        raise InvalidInputError(f"{named} {shown!r} holds a null character (\\0), which no file name can contain",
+                                fix="check how the path was built (a C string, a fixed-width field or a file read "
+                                    "in binary mode can leave a \\0 in it) and pass it without")
+    return p
+
+
 def _check_volume_index(value: Any) -> Optional[int]:
     """``volume_index`` as an int (None stays None).
 

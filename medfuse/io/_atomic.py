@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Union
 
-from ..errors import MedfuseError, MedfuseWarning, OutputExistsError, OutputWriteError
+from ..errors import InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, OutputWriteError
 
 __all__ = ["check_output", "atomic_path", "atomic_dir", "atomic_write_bytes", "atomic_write_text", "same_file",
            "input_files", "leftovers", "recover_leftovers", "stale_temporaries", "make_folder", "folder_error"]
@@ -193,12 +193,21 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     on a case-sensitive disk) counts as that entry, as on Windows and macOS: refused, even with ``overwrite``
     (replacing it would leave two files that clash there).
 
+    A named pipe, socket or device node at ``path`` is refused even with ``overwrite`` (``os.replace`` would
+    swap the node itself for a regular file); a symbolic link there is replaced as a link, never its target.
+
     Raises:
         OutputExistsError: the target exists (and ``overwrite`` is False), is one of ``inputs`` (or the
-            data file of a ``.mhd``/``.nhdr`` input), is of the other kind, or differs only in letter case from an
-            existing entry.
+            data file of a ``.mhd``/``.nhdr`` input), is of the other kind, is a pipe, socket or device node, or
+            differs only in letter case from an existing entry.
+        InvalidInputError: the path holds a null character.
     """
     p = Path(path)
+    if "\0" in os.fspath(p):
+        # Every os call would raise a bare ValueError ("embedded null byte"), some only after the image was written.
+        raise InvalidInputError(f"the output path {_shown(os.fspath(p))!r} holds a null character (\\0), which no "
+                                "file name can contain", fix="check how the path was built (a C string, a fixed-width "
+                                "field or a file read in binary mode can leave a \\0 in it) and pass it without")
     try:
         os.lstat(p)
     except (OSError, ValueError) as e:  # absent is fine; a name too long would fail every check below untyped
@@ -216,6 +225,14 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
                 "refusing to write onto the volume's own source file or folder (inputs are never modified)",
                 fix="choose another output path", path=p)
     exists = p.exists() or p.is_symlink()
+    special = _special_kind(p)
+    if special is not None:
+        # os.replace would swap the pipe or device node itself for a regular file, deleting it; a symbolic link
+        # is not refused here: the link is replaced, never what it points to.
+        raise OutputExistsError(f"{special} is at the output path, not a regular file; medfuse writes regular files "
+                                "and never replaces a pipe, socket or device node (not even with overwrite)",
+                                fix="choose another output name (medfuse cannot write its output into a pipe or "
+                                    "device: write a file, then copy it there)", path=p)
     twin = None if exists else _case_twin(p)
     if twin is not None:
         # README: names that differ only in letter case count as one file on every system (they are one on
@@ -240,6 +257,20 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
         raise OutputWriteError("the output's folder does not exist", errno=errno.ENOENT, fix="create the folder first",
                                path=p.parent)
     return p
+
+
+#: What each kind of special file is called in messages (by the test of ``os.lstat``'s mode that finds it).
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _special_kind(p: Path) -> Optional[str]:
+    """What ``p`` is, in words, when it is neither a regular file, a folder nor a symbolic link (a named pipe, a
+    socket, a device node); None otherwise, and when nothing is there."""
+    st = _stat_nofollow(p)
+    if st is None or stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        return None
+    return next((name for test, name in _SPECIAL_KINDS if test(st.st_mode)), "a special file")
 
 
 def _case_twin(p: Path) -> Optional[Path]:
@@ -302,15 +333,50 @@ def _temp_prefix(target: Path, *, pid: Optional[int] = None) -> str:
 
 
 def _make_temp_file(target: Path, suffix: str = "") -> str:
-    """A new empty file beside ``target``, named as its temporary; its path (the descriptor is closed)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=suffix)
+    """A new empty file beside ``target``, named as its temporary; its path (the descriptor is closed).
+
+    Raises:
+        OutputWriteError: the file cannot be created (:func:`_temp_error`); it names ``target``.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=suffix)
+    except OSError as e:
+        raise _temp_error(e, target) from None
     os.close(fd)
     return tmp
 
 
 def _make_temp_dir(target: Path) -> Path:
-    """A new empty folder beside ``target``, named as its temporary."""
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target)))
+    """A new empty folder beside ``target``, named as its temporary.
+
+    Raises:
+        OutputWriteError: the folder cannot be created (:func:`_temp_error`); it names ``target``.
+    """
+    try:
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target)))
+    except OSError as e:
+        raise _temp_error(e, target) from None
+
+
+def _temp_error(e: OSError, target: Path) -> MedfuseError:
+    """Why no temporary could be made beside ``target``, as a typed error naming ``target`` (with the errno).
+
+    Why: the raw error named the temporary (``/proc/.medfuse-tmp-…``), a name the user never gave, and an
+    existing folder that takes no new files (``/proc``, ``/sys``: ENOENT) was reported as "no such file".
+    """
+    if isinstance(e, MedfuseError):
+        return e
+    typed = _typed_os_error(e, target)
+    if typed is not None:
+        return typed
+    if not os.path.isdir(target.parent):  # removed since it was checked
+        return OutputWriteError("the output's folder does not exist", errno=e.errno, fix="create the folder first",
+                                path=target)
+    # ENOENT for an existing folder: the kernel's own folders (/proc) exist but take no new files.
+    reason = "" if e.errno == errno.ENOENT else f" ({e.strerror or type(e).__name__})"
+    return OutputWriteError(f"the output's folder cannot hold new files{reason}: creating a file in it fails (a "
+                            "virtual file system such as /proc or /sys?); nothing was written", errno=e.errno,
+                            fix="choose an output path in an ordinary folder you can write to", path=target)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -63,9 +63,11 @@ def test_a_fallback_does_not_hide_a_wrong_device(no_gpu):
 
     with pytest.raises(InvalidInputError, match="'cuda' was asked for"):
         FuseStep("network", device="cuda", fallback="laplacian")
-    FuseStep("laplacian", device="cuda")  # the device means nothing to a classical rule
+    with pytest.raises(InvalidInputError, match="'cuda' was asked for"):  # round 29: every method checks it
+        FuseStep("laplacian", device="cuda")
     check_network_device("network", "cpu")
-    check_network_device("mean", "tpu")
+    with pytest.raises(InvalidInputError, match="unknown device"):
+        check_network_device("mean", "tpu")
     with pytest.raises(InvalidInputError, match="unknown device"):
         check_network_device("network", "tpu")
 
@@ -75,8 +77,8 @@ def test_a_classical_rule_refuses_a_misspelt_device_too():
     a = np.random.default_rng(1).random((24, 24))
     with pytest.raises(InvalidInputError, match="unknown device 'tpu'"):
         fuse(a, a.T, method="mean", device="tpu")
-    # A known GPU name means nothing to a rule: no GPU is needed for it.
-    np.testing.assert_array_equal(fuse(a, a.T, method="mean", device="cuda"), fuse(a, a.T, method="mean"))
+    # A rule runs on the CPU whatever the device: "auto" (and a GPU this machine has) gives the CPU's result.
+    np.testing.assert_array_equal(fuse(a, a.T, method="mean", device="auto"), fuse(a, a.T, method="mean"))
 
 
 def test_a_torch_device_is_named_as_the_user_wrote_it(no_gpu):

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import re
-import shutil
 import warnings
 
 import numpy as np
