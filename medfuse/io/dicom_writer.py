@@ -702,10 +702,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         base.SpecificCharacterSet = "ISO_IR 192"
     finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    base.WindowCenter = _fmt((lo + hi) / 2)
-    base.WindowWidth = _fmt(max(hi - lo, 1e-6))
-    if float(base.WindowWidth) < 1:  # LINEAR windows must be >= 1 wide (PS3.3 C.11.2.1.2); SUV or 0..1 data
-        base.VOILUTFunction = "LINEAR_EXACT"
+    # The default LINEAR function (PS3.3 C.11.2.1.2.1) ramps from c - 0.5 - (w - 1) / 2 to c - 0.5 + (w - 1) / 2:
+    # centre + 0.5 and range + 1 show exactly lo..hi, in every viewer, for any range. The plain centre and range
+    # made a fused 0..1 series (width 1) a black-and-white mask: every voxel above 0 full white.
+    base.WindowCenter = _fmt((lo + hi) / 2 + 0.5)
+    base.WindowWidth = _fmt(max(hi - lo, 1e-6) + 1)
 
     # One PixelRepresentation for the whole series (see quantise_slice): exact integers keep the
     # type their whole range fits; quantised data is signed when any voxel is negative.

@@ -230,18 +230,38 @@ def test_secondary_capture_states_its_conversion_type(shared, tmp_path):
             _same_world(vol, back, bounds)
 
 
-def test_narrow_window_uses_linear_exact(shared, tmp_path):
-    """SPM's T1 template holds 0..1: its window is under 1 wide, which the default LINEAR VOI function forbids
-    (width >= 1); LINEAR_EXACT allows any positive width. CT windows stay LINEAR."""
+def _shown(ds):
+    """The slice as a viewer shows it: stored values -> rescale -> the series' VOI window (pydicom's LUTs)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    real = apply_modality_lut(ds.pixel_array, ds)
+    return real, apply_voi_lut(real, ds)
+
+
+@pytest.mark.parametrize("case", ["t1 0..1", "fused 0..1", "ct", "narrow ints"])
+def test_the_written_window_shows_the_whole_range_linearly(shared, tmp_path, case):
+    """A viewer applying the series' window (the default LINEAR function) shows lo..hi as a linear ramp. A fused
+    0..1 series (width 1) showed as a black-and-white mask: every voxel above 0 full white."""
     t1 = medfuse.load(shared("data", "spm12-templates", "T1.nii"))
-    ds = pydicom.dcmread(next(save(t1, tmp_path / "t1").iterdir()))
-    lo, hi = float(t1.array.min()), float(t1.array.max())
-    assert 0 < float(ds.WindowWidth) < 1 and float(ds.WindowWidth) == pytest.approx(hi - lo, rel=1e-6)
-    assert float(ds.WindowCenter) == pytest.approx((hi + lo) / 2, rel=1e-6)
-    assert ds.VOILUTFunction == "LINEAR_EXACT"
-    ct = Volume(np.rint(t1.array * 2000 - 1000).astype(np.int16), t1.affine, modality="CT", unit="HU")
-    ds = pydicom.dcmread(next(save(ct, tmp_path / "ct").iterdir()))
-    assert float(ds.WindowWidth) >= 1 and ds.get("VOILUTFunction", "LINEAR") == "LINEAR"
+    vol = {"t1 0..1": t1,
+           "fused 0..1": Volume((t1.array / t1.array.max()).astype(np.float32), t1.affine),
+           "ct": Volume(np.rint(t1.array * 2000 - 1000).astype(np.int16), t1.affine, modality="CT", unit="HU"),
+           "narrow ints": Volume(np.rint(t1.array * 3).astype(np.int16), t1.affine)}[case]
+    files = sorted(save(vol, tmp_path / "s").iterdir())
+    ds = pydicom.dcmread(str(files[len(files) // 2]))
+    assert ds.get("VOILUTFunction", "LINEAR") == "LINEAR"
+    real, shown = _shown(ds)
+    lo, hi = float(vol.array.min()), float(vol.array.max())
+    # The standard's LINEAR ramp runs from c - 0.5 - (w - 1) / 2 to c - 0.5 + (w - 1) / 2: exactly lo..hi.
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    assert c - 0.5 - (w - 1) / 2 == pytest.approx(lo, abs=1e-6 * max(1.0, hi - lo))
+    assert c - 0.5 + (w - 1) / 2 == pytest.approx(hi, abs=1e-6 * max(1.0, hi - lo))
+    # As pydicom's viewer code shows it: a straight line in the real values, nothing clipped or merged.
+    inside = real > real.min()
+    slope, icpt = np.polyfit(real[inside], shown[inside], 1)
+    assert slope > 0
+    np.testing.assert_allclose(shown[inside], slope * real[inside] + icpt, atol=1e-6 * np.ptp(shown) + 1e-9)
+    assert len(np.unique(shown)) == len(np.unique(real)), "distinct values merged by the window"
 
 
 # ------------------------------------------------------------------------------------------------ identity
