@@ -194,10 +194,13 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     prov.pop("nifti_space", None)
     if "nifti_space" in reference.provenance:
         prov["nifti_space"] = reference.provenance["nifti_space"]
-    if transform is not None:  # registered into the reference's patient space
-        prov.pop("frame_of_reference_uid", None)
-        if reference.provenance.get("frame_of_reference_uid"):
-            prov["frame_of_reference_uid"] = reference.provenance["frame_of_reference_uid"]
+    if transform is not None:  # registered into the reference's patient space (and study)
+        # The study too: the moving image's study beside the reference's frame of reference made a DICOM series
+        # saved from it (deidentify=False, no template) claim the moving study on the fixed grid.
+        for key in ("frame_of_reference_uid", "study_uid"):
+            prov.pop(key, None)
+            if reference.provenance.get(key):
+                prov[key] = reference.provenance[key]
     else:
         note = _other_frame_note(volume, reference)
         if note is not None:

@@ -95,3 +95,22 @@ def test_an_affine_that_shrinks_the_phantom_pet_is_suspect_and_a_true_scaling_is
     err2 = np.linalg.norm(r2.transform.transform_points(pts) - (pts @ M[:3, :3].T + M[:3, 3]), axis=1).mean()
     assert err2 < 3.0, err2
     assert not [x for x in r2.report.suspect_reasons if "scaled the" in x], r2.report.suspect_reasons
+
+
+def test_a_registered_volume_belongs_to_the_reference_study(samples_dir, tmp_path):
+    """resample(pet, ct, transform=...) kept the PET's study beside the CT's frame of reference: saved as DICOM
+    (deidentify=False, no template) it claimed the PET's study on the CT's grid."""
+    import pydicom
+
+    import medfuse
+    from medfuse.registration.resample import resample
+    from medfuse.registration.transforms import Transform
+
+    ct = medfuse.load(samples_dir / "ct")
+    pet = medfuse.load(samples_dir / "pet")
+    pet.provenance["study_uid"] = "1.2.826.0.1.3680043.8.498.1"  # another study than the CT's
+    moved = resample(pet, ct, transform=Transform.from_matrix(np.eye(4)))
+    assert moved.provenance["study_uid"] == ct.provenance["study_uid"] != pet.provenance["study_uid"]
+    folder = medfuse.save(moved, tmp_path / "moved", deidentify=False)
+    ds = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
+    assert ds.StudyInstanceUID == ct.provenance["study_uid"]
