@@ -148,6 +148,8 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
                    "of one series ('medfuse info FOLDER' lists the series and their folders)")
     elif fix and "overwrite=True" in fix and "--overwrite" not in fix:
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
+    if fix:  # advice giving both forms, "medfuse.f(...) (command line: medfuse f ...)": the command line's alone
+        fix = re.sub(r"medfuse\.\w+\([^()]*\) \(command line: ([^()]*)\)", r"\1", fix)
     if fix and "initialise='" in fix:  # registration advice: the options of `medfuse register`
         fix = re.sub(r"(?:pass |try )?initialise='(\w+)'", r"medfuse register --initialise \1", fix)
         fix = fix.replace("initial_transform= a known rough alignment",

@@ -335,8 +335,10 @@ def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> Non
         raise GeometryError(f"input {n} lies wholly outside the fixed image's field of view (world coordinates); "
                             "resampled onto the fixed grid it would be empty",
                             fix="check that the images belong together; if they show the same anatomy in unrelated "
-                                "scanner coordinates, register them (register='rigid' with initialise='geometry', "
-                                "or --register rigid)")
+                                "scanner coordinates, register the moving image first, centre-aligned, check the "
+                                "result and fuse the registered image: medfuse.register(fixed, moving, "
+                                "initialise='geometry') (command line: medfuse register FIXED MOVING --initialise "
+                                "geometry -o moved.nii.gz)")
     if share < _LOW_COVERAGE:
         msg = (f"input {n} covers only {share:.0%} of the fixed image's field of view; elsewhere the fused image "
                "holds the fixed image alone")

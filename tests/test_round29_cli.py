@@ -83,3 +83,19 @@ def test_a_cancelled_evaluation_removes_its_images_and_says_so(tmp_path, monkeyp
     assert not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
     monkeypatch.setattr(E, "_save_png", real)
     assert main(argv) == 0  # the rerun starts clean
+
+
+def test_fuse_of_disjoint_fields_of_view_gives_advice_the_command_line_can_follow(tmp_path, capsys):
+    """It said "register='rigid' with initialise='geometry', or --register rigid": fuse has no --initialise, and
+    --register rigid refuses images that do not overlap."""
+    import nibabel as nib
+
+    a, _ = _pair(tmp_path)
+    far = np.eye(4)
+    far[0, 3] = 5000.0
+    b = tmp_path / "far.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(str(a)).dataobj), far), str(b))
+    assert main(["fuse", str(a), str(b), "-o", str(tmp_path / "f.nii.gz"), "--method", "max", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "medfuse register FIXED MOVING --initialise geometry" in err and "--register rigid" not in err, err
+    assert "initialise='" not in err, err
