@@ -454,15 +454,31 @@ def _fmt(v) -> str:
 
 # ----------------------------------------------------------------------------------------------- fuse
 def available_methods() -> List[str]:
-    """Fusion methods medfuse offers here: ``medfuse.fusion.available_methods()`` or the classical ones."""
+    """Fusion methods that can run here: ``medfuse.fusion.available_methods()`` (or the classical ones), without
+    ``network`` when torch or safetensors is not installed (``medfuse[napari]`` alone): it was offered, as the
+    default, and failed with "needs the optional package 'torch'"."""
     try:
         from medfuse.fusion import available_methods as _available
     except ImportError:
         return list(CLASSICAL)
     try:
-        return list(_available())
+        methods = list(_available())
     except Exception:  # noqa: BLE001 - a broken optional backend must not break the widget
         return list(CLASSICAL)
+    return methods if _network_installed() else [m for m in methods if m != "network"]
+
+
+def _network_installed() -> bool:
+    """Whether the network's packages are installed (looked up, not imported: torch takes seconds)."""
+    import importlib.util
+
+    for name in ("torch", "safetensors"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):  # a module set to None in sys.modules (blocked), or a broken one
+            return False
+    return True
 
 
 class FusePanel(QWidget):

@@ -154,17 +154,20 @@ def _mm_factors(units: Any, name: str) -> Optional[np.ndarray]:
     units = [units] * 3 if isinstance(units, str) else list(units)
     if all(str(u) in ("pixel", "px", "") for u in units):
         return None  # napari's default: medfuse's own layers, whose scale is in mm already
+    fix = ("give the layer length units (nm, um, mm, cm or m) in napari, or save it with napari's own writers "
+           "(.tif: pixels only)")
     try:
         import pint
         from napari.utils._units import get_unit_registry
-
+    except ImportError as exc:  # pint comes with napari; without it the units cannot be converted
+        raise LayerSaveError(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, and converting them "
+                             "needs the package pint", fix=fix) from exc
+    try:
         registry = get_unit_registry()
         factors = [float(registry.Quantity(1.0, str(u)).to("millimeter").magnitude) for u in units]
-    except (ImportError, ValueError, AttributeError, pint.errors.PintError) as exc:
+    except (ValueError, AttributeError, pint.errors.PintError) as exc:
         raise LayerSaveError(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, which are not all "
-                             f"lengths, so its voxel spacing in mm is unknown",
-                             fix="give the layer length units (nm, um, mm, cm or m) in napari, or save it with "
-                                 "napari's own writers (.tif: pixels only)") from exc
+                             f"lengths, so its voxel spacing in mm is unknown", fix=fix) from exc
     return np.asarray(factors, dtype=float)
 
 

@@ -297,3 +297,17 @@ def test_a_layer_with_a_time_axis_unit_is_refused_in_words(make_napari_viewer, t
         write_image(str(tmp_path / "t.nii.gz"), data, attributes)
     assert "Fix:" in str(info.value)
     assert not (tmp_path / "t.nii.gz").exists()
+
+
+def test_without_torch_the_fuse_panel_offers_only_the_classical_rules(make_napari_viewer, monkeypatch):
+    """With medfuse[napari] alone, 'network' was offered as the default and failed with "needs the optional
+    package 'torch'"; the panel's own "not available here" tooltip could never show."""
+    import sys
+
+    from medfuse_napari import _widget
+
+    assert "network" in _widget.available_methods()  # this environment has torch
+    monkeypatch.setitem(sys.modules, "torch", None)  # what a missing package looks like to the import system
+    assert _widget.available_methods() == ["mean", "max", "laplacian", "wavelet", "gff"]
+    panel = _widget.FusePanel(make_napari_viewer())
+    assert panel.method.currentText() == "mean" and "medfuse[ml]" in panel.method.toolTip()
