@@ -1337,6 +1337,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args.debug = bool(getattr(args, "debug", False))
     args.quiet = bool(getattr(args, "quiet", False))
     try:
+        if getattr(args, "output", None) == "-":
+            # The shell convention for standard output: it became a DICOM folder named "-" (no dot ending).
+            raise InvalidInputError("'-o -' (standard output) is not supported: medfuse writes image files and "
+                                    "their provenance sidecars", fix="give an output file name, e.g. -o fused.nii.gz")
         return int(args.func(args))
     except (CancelledError, KeyboardInterrupt) as e:
         _print_cancelled(args, e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medfuse.cli import EXIT_USAGE, main
 
@@ -99,3 +100,14 @@ def test_fuse_of_disjoint_fields_of_view_gives_advice_the_command_line_can_follo
     err = capsys.readouterr().err
     assert "medfuse register FIXED MOVING --initialise geometry" in err and "--register rigid" not in err, err
     assert "initialise='" not in err, err
+
+
+@pytest.mark.parametrize("command", ["fuse", "register"])
+def test_dash_as_the_output_is_refused_not_written_as_a_folder(tmp_path, monkeypatch, capsys, command):
+    """'-o -' (standard output by the shell convention) became a DICOM series folder named '-'."""
+    a, b = _pair(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    extra = ["--method", "max"] if command == "fuse" else []
+    assert main([command, str(a), str(b), "-o", "-", "-q", *extra]) == EXIT_USAGE
+    assert "standard output" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists() and not (tmp_path / "-.json").exists()
