@@ -556,11 +556,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         # right by all. World geometry is unchanged (a reader returns the j and k axes swapped).
         volume = Volume(np.swapaxes(volume.array, 1, 2), volume.affine[:, [0, 2, 1, 3]], modality=volume.modality,
                         unit=volume.unit, provenance=volume.provenance)
-    if volume.shape[2] > 1 and volume.spacing[2] < _POS_TOL:
+    if volume.shape[2] > 1 and volume.spacing[2] <= _POS_TOL:  # the reader separates gaps > _POS_TOL
         # Readers group slice positions closer than this as one position (scanners jitter positions by
         # micrometres), medfuse's among them: such a series would not read back as this volume.
         raise InvalidInputError(
-            f"the volume's slice spacing is below {_POS_TOL:g} mm, which a DICOM series cannot hold: medfuse's DICOM "
+            f"the volume's slice spacing is {_POS_TOL:g} mm or less, which a DICOM series cannot hold: medfuse's DICOM "
             "reader takes slice positions closer than that as one position (4-D)",
             fix="save it as NIfTI or NRRD (e.g. 'out.nii.gz', 'out.nrrd'), or resample it to a larger slice spacing")
     arr = volume.array

@@ -424,8 +424,12 @@ def check_header(header: Dict[str, Any]) -> None:
 _JAMES = {"M": (1.10, 120.0), "F": (1.07, 148.0)}
 
 
-def _body_ratio(h: Dict[str, Any], kind: str) -> float:
-    """The SUV normaliser in grams (bw, lbm) or cm² (bsa) for this patient."""
+def _body_ratio(h: Dict[str, Any], kind: str, *, undo: bool = False) -> float:
+    """The SUV normaliser in grams (bw, lbm) or cm² (bsa) for this patient.
+
+    ``undo``: the normaliser a scanner already applied (a stored SUVlbm being converted): James's formula is then
+    taken as the scanner took it, past its peak too (it is exact to invert), as long as it stays positive.
+    """
     w = _weight(h, f"needed for SUV{kind}")
     if kind == "bw":
         return w * 1000.0
@@ -447,14 +451,14 @@ def _body_ratio(h: Dict[str, Any], kind: str) -> float:
         # James's LBM a·W − b·(W/H)² peaks at W = a·H²/(2b) and falls beyond it, to zero and below (a
         # negative SUVlbm, or a division by zero): the formula does not hold there, so it is refused. The
         # message names the threshold (a BMI), never the patient's values.
-        if w > a * hcm ** 2 / (2.0 * b):
+        lbm = a * w - b * (w / hcm) ** 2
+        if (w > a * hcm ** 2 / (2.0 * b) and not undo) or lbm <= 0:
             raise SUVError(
                 f"James's lean-body-mass formula (SUV{kind}) does not hold for this patient: for PatientSex {sex} "
                 f"it peaks at a body-mass index (PatientWeight / PatientSize²) of {a / (2.0 * b) * 1e4:.1f} kg/m² "
                 "and falls for heavier patients, to zero and below, and this patient's is above that; "
                 "Janmahasatian's (suv='lbm_janma') holds at any BMI",
                 fix="use suv='lbm_janma' (Janmahasatian's lean body mass, which holds at any BMI) or suv='bw'")
-        lbm = a * w - b * (w / hcm) ** 2
     else:  # lbm_janma: Janmahasatian
         bmi = w / size ** 2
         lbm = 9270.0 * w / (6680.0 + 216.0 * bmi) if sex == "M" else 9270.0 * w / (8780.0 + 244.0 * bmi)
@@ -475,7 +479,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
         if kind == stored:
             return 1.0
         _weight(h, f"needed to turn {units} into SUV{kind}")
-        return _body_ratio(h, kind) / _body_ratio(h, stored)
+        return _body_ratio(h, kind) / _body_ratio(h, stored, undo=True)
     if units == "CNTS":
         sf = _philips(h, "SUVScaleFactor")
         if sf and sf > 0:

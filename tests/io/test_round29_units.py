@@ -75,6 +75,20 @@ def test_stored_james_lbm_of_an_obese_patient_is_not_converted_to_a_negative_suv
         suv_factor(h, kind="bw")  # was -4.07
 
 
+def test_a_scanners_stored_james_lbm_past_the_peak_still_converts(shared):
+    """The scanner applied James's formula whatever the BMI, so undoing it is exact: refusing past the peak made
+    suv='bw' fall back to the stored SUVlbm (review probe). Only a value of 0 or below is refused."""
+    h = {**_reference_header(shared), "Units": "GML", "SUVType": "LBM", "PatientSex": "F", "PatientSize": 1.70,
+         "PatientWeight": 110}
+    assert 110 > _vertex_kg("F", 1.70)  # past the peak
+    a, b = _JAMES["F"]
+    james_g = (a * 110 - b * (110 / 170.0) ** 2) * 1000.0
+    assert suv_factor(h, kind="bw") == pytest.approx(110000.0 / james_g, rel=1e-12)
+    with pytest.raises(SUVError, match="James"):  # computing a new SUVlbm with it is still refused
+        suv_factor({**h, "Units": "BQML", "SUVType": None, "RadionuclideTotalDose": 3.7e8,
+                    "RadionuclideHalfLife": 6586.2}, kind="lbm")
+
+
 def test_obese_pet_loaded_with_lbm_falls_back_to_bq_ml_and_says_why(samples_dir, tmp_path):
     folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="F", PatientSize="1.50", PatientWeight="200")
     with pytest.warns(MedfuseWarning, match="lbm_janma") as rec:
@@ -212,10 +226,11 @@ def test_huge_values_save_without_a_numpy_overflow_warning(tmp_path):
 def test_slice_spacing_below_the_readers_position_tolerance_is_refused_before_writing(tmp_path):
     from medfuse.io.dicom import _POS_TOL
 
-    vol = Volume(np.zeros((4, 4, 3)), np.diag([1.0, 1.0, _POS_TOL / 2, 1.0]), modality="MR", unit="arbitrary")
-    with pytest.raises(InvalidInputError, match="NIfTI"):
-        medfuse.save(vol, tmp_path / "thin")
-    assert not (tmp_path / "thin").exists()
+    for k, spacing in enumerate((_POS_TOL / 2, _POS_TOL)):  # exactly the tolerance too: it read back as 4-D
+        vol = Volume(np.zeros((4, 4, 3)), np.diag([1.0, 1.0, spacing, 1.0]), modality="MR", unit="arbitrary")
+        with pytest.raises(InvalidInputError, match="NIfTI"):
+            medfuse.save(vol, tmp_path / f"thin{k}")
+        assert not (tmp_path / f"thin{k}").exists()
     ok = Volume(np.arange(48.0).reshape(4, 4, 3), np.diag([1.0, 1.0, _POS_TOL * 5, 1.0]), modality="MR",
                 unit="arbitrary")
     back = medfuse.load(medfuse.save(ok, tmp_path / "ok"))
