@@ -248,6 +248,10 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         if isinstance(d.get(key), (list, tuple, Mapping)):  # str() of a YAML list made "['a', 'b']" the value
             raise _row_error(path, row, f"'{key}' holds a {'list' if isinstance(d[key], (list, tuple)) else 'mapping'}",
                              f"give one {key} per row, as text")
+    nul = sorted(k for k, v in d.items() if isinstance(v, str) and "\0" in v)
+    if nul:  # every file call on it raised a bare ValueError ("internal error", and exit 0)
+        raise _row_error(path, row, f"{', '.join(repr(k) for k in nul)} holds a null character (\\0)",
+                         "save the manifest as plain text (a spreadsheet exported in another encoding leaves them)")
     for key in ("subject", "output"):  # without these the row is no subject at all
         if not d.get(key) or not str(d[key]).strip():
             raise _row_error(path, row, f"'{key}' is missing or empty",

@@ -249,3 +249,19 @@ def test_a_named_pipe_at_the_sidecar_path_is_refused_not_read(tmp_path):
     assert outcome.get("read") is None
     assert "named pipe" in outcome.get("error", ""), outcome
     assert _is_fifo(tmp_path / "x.json")
+
+
+def test_null_characters_in_input_paths_folders_and_manifests_are_typed_errors(tmp_path, capsys):
+    """The output path was checked; an input path, evaluate's folder and a manifest cell still raised a bare
+    ValueError ("embedded null byte"); the manifest's even exited 0 (review probe)."""
+    from medfuse import evaluate as E
+
+    a, b = _pair(tmp_path)
+    with pytest.raises(InvalidInputError, match="null"):
+        medfuse.fuse_files(str(a) + "\0x", b, tmp_path / "o.nii.gz", method="mean")
+    with pytest.raises(InvalidInputError, match="null"):
+        E.evaluate([(str(a), str(b))], methods=["mean"], out_dir=str(tmp_path / "e\0v"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"subject,fixed,moving,output\ns1,{a},{b}\0,out.nii.gz\n", encoding="utf-8")
+    assert main(["batch", str(manifest), "-q"]) == EXIT_USAGE
+    assert "null character" in capsys.readouterr().err

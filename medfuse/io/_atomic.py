@@ -142,6 +142,8 @@ def same_file(a: PathLike, b: PathLike) -> bool:
     device and inode, so another spelling of the same file is caught too: a hard link, or ``A.NII.GZ``
     for ``a.nii.gz`` on a case-insensitive file system (macOS, Windows).
     """
+    if "\0" in os.fspath(a) or "\0" in os.fspath(b):  # no file has such a name (os calls raise ValueError)
+        return False
     pa, pb = _resolved(a), _resolved(b)
     if pa == pb or pb in pa.parents or pa in pb.parents:
         return True
@@ -743,6 +745,9 @@ def make_folder(folder: PathLike, *, problem: str = "cannot create the output fo
         ``folder`` as a Path.
     """
     p = Path(folder)
+    if "\0" in os.fspath(p):
+        raise InvalidInputError(f"{problem}: the path holds a null character (\\0), which no folder name can contain",
+                                fix="check how the path was built and pass it without")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
