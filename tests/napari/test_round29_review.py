@@ -176,12 +176,19 @@ def test_compare_layers_keep_the_base_data_type(ct_pet):
     assert _real(viewer, "compare: overlay").data.dtype == np.float32
 
 
-def test_a_new_window_is_copied_onto_the_compare_view_without_a_rebuild(qtbot, ct_pet, monkeypatch):
+@pytest.fixture
+def checkerboard(ct_pet, monkeypatch):
+    """The ct_pet scene in checkerboard mode, and the list of compare rebuilds made from then on."""
     viewer, op = ct_pet
     op.set_compare("checkerboard")
     builds = []
     real = op._build_compare
     monkeypatch.setattr(op, "_build_compare", lambda *a: builds.append(a) or real(*a))
+    return viewer, op, builds
+
+
+def test_a_new_window_is_copied_onto_the_compare_view_without_a_rebuild(qtbot, checkerboard):
+    viewer, op, builds = checkerboard
     ct, pet = _real(viewer, "ct"), _real(viewer, "pet")
     ct.contrast_limits = (-100, 200)
     pet.colormap = "viridis"
@@ -197,12 +204,8 @@ def test_a_new_window_is_copied_onto_the_compare_view_without_a_rebuild(qtbot, c
     assert shown.colormap.map(np.array([0.0]))[0, 3] == 0.0
 
 
-def test_a_window_below_the_fill_value_refills_the_compare_view_in_place(ct_pet, monkeypatch):
-    viewer, op = ct_pet
-    op.set_compare("checkerboard")
-    builds = []
-    real = op._build_compare
-    monkeypatch.setattr(op, "_build_compare", lambda *a: builds.append(a) or real(*a))
+def test_a_window_below_the_fill_value_refills_the_compare_view_in_place(checkerboard):
+    viewer, op, builds = checkerboard
     pet, shown = _real(viewer, "pet"), _real(viewer, "compare: overlay")
     resampled = np.asarray(op._overlay_on_base(_real(viewer, "ct"), pet)).astype(shown.data.dtype)
     elsewhere = np.asarray(shown.data) != resampled  # the base's tiles
