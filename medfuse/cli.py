@@ -635,7 +635,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .registration import register
 
     t0 = time.perf_counter()
-    with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar:
+    from .pipeline import _itk_threads
+
+    with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar, \
+            _itk_threads(args.threads):
         res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
                        initialise=args.initialise, initial_transform=initial)
     seconds = time.perf_counter() - t0
@@ -694,7 +697,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
-    params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise}
+    # None: SimpleITK's default (results may differ in the last digits with the core count)
+    params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise, "threads": args.threads}
     if args.series:
         from .io import series_choice_record
 
@@ -716,6 +720,11 @@ def _initial_note(rep: dict) -> str:
     won = str(rep.get("initialisation", "")).startswith("initial")
     return (f"; {_fmt_metric(rep.get('metric_initial'))} at the initial transform, "
             f"{'started from it' if won else 'not used: a start without it scored better'}")
+
+
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_bounded_count(MAX_THREADS), default=None, metavar="N",
+                   help="ITK threads for registration (1 for bit-identical re-runs; more may differ in the last digits)")
 
 
 def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
@@ -1174,6 +1183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_modalities_option(p, "it picks the registration preset, and a CT in HU is filled with air (-1024) "
                               "outside its field of view")
     _add_series_option(p, "medfuse register study/ study/ --series CT PT -o pet_on_ct.nii.gz")
+    _add_threads_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_register)
@@ -1200,8 +1210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
     _add_device_option(p)
-    p.add_argument("--threads", type=_bounded_count(MAX_THREADS), default=None, metavar="N",
-                   help="ITK threads for registration (1 for bit-identical re-runs; more may differ in the last digits)")
+    _add_threads_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fuse)

@@ -119,7 +119,23 @@ def test_register_writes_volume_transform_and_sidecar(tmp_path, capsys):
     assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == EXIT_USAGE
     assert "sidecar" in capsys.readouterr().err and mine.read_text() == "my notes" and not out.exists()
     mine.unlink()
-    assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out)]) == 0
+    import SimpleITK as sitk
+
+    import medfuse.registration as reg_pkg  # what the command imports register from
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    seen = []
+    real = reg_pkg.register
+
+    def spy(*a, **k):  # the thread count ITK runs the registration with
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reg_pkg, "register", spy)
+        assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out),
+                     "--threads", "1"]) == 0
+    assert seen == [1] and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
     text = capsys.readouterr().out
     assert "rotation" in text and str(out) in text
     import medfuse
@@ -134,6 +150,7 @@ def test_register_writes_volume_transform_and_sidecar(tmp_path, capsys):
     assert float(abs(err).max()) < 2.0  # mm, at the lesion
     rec = json.loads((tmp_path / "pet_on_mr.json").read_text())
     assert rec["registration"][0]["kind"] == "rigid" and rec["output"]["sha256"] == prov.hash_path(out)
+    assert rec["parameters"]["threads"] == 1
 
 
 def test_fuse_command(tmp_path, capsys):
