@@ -446,7 +446,7 @@ def test_info_never_shows_patient_identifiers(tmp_path, capsys):
             assert ident not in out, ident
 
 
-@pytest.mark.parametrize("tags,expect", [({"Units": "GML"}, "stored as SUVbw by the scanner (Units GML"),
+@pytest.mark.parametrize("tags,expect", [({"Units": "GML"}, "stored as SUVbw in the series (Units GML"),
                                          ({"DecayCorrection": "ADMIN"}, "decay-corrected to the injection")])
 def test_info_names_the_suv_factor_source_of_other_pet_headers(tmp_path, capsys, tags, expect):
     import pydicom

@@ -633,7 +633,7 @@ def factor_source(header: Dict[str, Any], *, kind: str = "bw") -> str:
         stored = str(header.get("SUVType") or ("BSA" if units == "CM2ML" else "BW")).strip().upper()
         formula = {"janmahasatian": " (Janmahasatian, as DerivationDescription records)",
                    "james": " (James, as DerivationDescription records)"}.get(header.get("LBMFormula"), "")
-        return (f"stored as SUV{stored.lower()}{formula if stored == 'LBM' else ''} by the scanner (Units {units}, "
+        return (f"stored as SUV{stored.lower()}{formula if stored == 'LBM' else ''} in the series (Units {units}, "
                 f"SUVType {stored})" + ("" if _stored_kind(header) == kind
                                          else f", converted to SUV{kind} with the patient's body size"))
     body = {"bw": "body weight", "bsa": "body surface area", "lbm": "lean body mass (James)",
