@@ -484,6 +484,20 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
     return [msg]
 
 
+def _different_patients_notes(vols: List[Volume]) -> List[str]:
+    """The different-patients warning, unless resampling the inputs onto one grid already gave it."""
+    from .._patient import different_patients_note
+
+    for v in vols[1:]:
+        note = different_patients_note(vols[0].provenance, v.provenance)
+        if note is not None:
+            if not any(note in w for u in vols for w in u.provenance.get("warnings", [])):
+                warnings.warn(note, MedfuseWarning, stacklevel=4)
+                return [note]
+            return []
+    return []
+
+
 def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: Any, options: Dict[str, Any]) -> Volume:
     ref = vols[0]
     for i, v in enumerate(vols[1:], start=2):
@@ -508,6 +522,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                                 f"fusion network, which needs {_MIN_SIZE_3D} voxels along all axes but one",
                                 fix="use a classical method (e.g. method='laplacian') for such small volumes")
     notes = _anisotropy_notes(ref, method, axis)
+    notes += _different_patients_notes(vols)
     # The network computes in float32: its inputs are normalised straight into float32 (the values a float64
     # normalisation cast to float32 gives; no float64 copy of a volume), and those already in 0..1 as float32
     # are not copied at all.

@@ -25,6 +25,7 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, Multiple
                       UnreadableFileError, UnsupportedDataError)
 from .. import io as _io
 from ..volume import Volume, normalise_modality
+from .._patient import patient_key
 
 __all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
 
@@ -1471,6 +1472,10 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         # Study and frame of reference: which volumes share a patient space (never logged: UIDs identify).
         prov.update(study_uid=_uid_of(ds0, "StudyInstanceUID"),
                     frame_of_reference_uid=_uid_of(ds0, "FrameOfReferenceUID"))
+        # Salted in memory, never written: lets fusing two patients' series be warned about (medfuse._patient).
+        patient = patient_key(ds0)
+        if patient:
+            prov["patient_key"] = patient
         prov.update(series_uid=uid, source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),

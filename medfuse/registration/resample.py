@@ -5,12 +5,14 @@ Modality, unit and provenance survive; label maps use nearest neighbour.
 
 from __future__ import annotations
 
+import contextvars
 import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .. import _checks
+from .._patient import different_patients_note
 from ..errors import InvalidInputError, MedfuseWarning
 from ..volume import Volume, affine_from_geometry
 
@@ -89,6 +91,10 @@ def _source_image(volume: Volume, interpolation: str, default: float):
                    np.dtype(np.int64): sitk.sitkInt64, np.dtype(np.float32): sitk.sitkFloat32}
             src = sitk.Cast(src, pid.get(wide, sitk.sitkFloat64))
     return src
+
+
+# Set by register() while it resamples its result: the different-patients warning was given at its start.
+_patients_checked: contextvars.ContextVar = contextvars.ContextVar("medfuse_patients_checked", default=None)
 
 
 def same_frame_of_reference(a: Volume, b: Volume) -> Optional[bool]:
@@ -206,6 +212,11 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         if note is not None:
             warnings.warn(note, MedfuseWarning, stacklevel=2)
             prov["warnings"] = [*prov.get("warnings", []), note]
+    patients = different_patients_note(volume.provenance, reference.provenance)
+    if patients is not None and patients not in prov.get("warnings", []):
+        if _patients_checked.get() is None:  # else register() said it already, at its start
+            warnings.warn(patients, MedfuseWarning, stacklevel=2)
+        prov["warnings"] = [*prov.get("warnings", []), patients]  # the result's sidecar keeps it
     res = Volume(arr, reference.affine.copy(), modality=volume.modality, unit=volume.unit, provenance=prov)
     res.provenance["history"] = list(volume.provenance.get("history", []))
     res.add_history("resample", interpolation=interpolation, transform=None if transform is None else transform.sitk.GetName(),
