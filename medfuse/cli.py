@@ -1392,6 +1392,12 @@ def _scrubbed(message: str, args: argparse.Namespace) -> str:
         return message
 
 
+# The arguments naming inputs, whose DICOM headers hold the identifiers to blank (``rest``: evaluate's and
+# train's own options, passed on to them).
+_INPUT_ARGS = frozenset({"fixed", "moving", "manifest", "path", "initial_transform", "samples", "rest"})
+_OUTPUT_OPTIONS = frozenset({"-o", "--out", "--output", "--run-dir", "--report"})
+
+
 def _identifiers(args: argparse.Namespace) -> List[str]:
     """The patient identifiers of the command's inputs (read once per command: every message is blanked)."""
     cached = getattr(args, "_patient_identifiers", None)
@@ -1401,9 +1407,14 @@ def _identifiers(args: argparse.Namespace) -> List[str]:
 
     paths: List[Any] = []
     for name, value in vars(args).items():
-        if name.startswith("_"):
+        # Inputs only: an output path is not read for identifiers (``-o /`` walked the whole file system, and
+        # blocked reading a pipe under /proc, before its one-line error could be printed).
+        if name not in _INPUT_ARGS:
             continue
-        for v in value if isinstance(value, (list, tuple)) else [value]:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if name == "rest":  # a delegated command's own options: the value after an output option is an output
+            values = [v for i, v in enumerate(values) if i == 0 or values[i - 1] not in _OUTPUT_OPTIONS]
+        for v in values:
             if isinstance(v, (str, os.PathLike)) and str(v).strip() and not str(v).startswith("-"):
                 paths.append(v)
     ids = patient_identifiers([p for p in paths if os.path.lexists(p)])

@@ -1,0 +1,56 @@
+"""Command-line fixes of the thirtieth round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medfuse.cli import EXIT_USAGE, main
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_volumes"
+
+
+@pytest.fixture
+def read_for_identifiers(monkeypatch):
+    """The paths whose DICOM headers the command reads to blank identifiers from its messages."""
+    import medfuse.provenance as prov
+
+    seen = []
+    real = prov.patient_identifiers
+
+    def spy(paths):
+        paths = list(paths)
+        seen.extend(str(p) for p in paths)
+        return real(paths)
+
+    monkeypatch.setattr(prov, "patient_identifiers", spy)
+    return seen
+
+
+def test_only_inputs_are_read_for_identifiers_never_outputs(tmp_path, capsys, read_for_identifiers):
+    # An output folder full of files (here: a big one stands for '/' or a cluster home) is not walked.
+    out_dir = tmp_path / "big"
+    out_dir.mkdir()
+    for i in range(50):
+        (out_dir / f"f{i}.dcm").write_bytes(b"x")
+    (out_dir / "fused.nii.gz").write_bytes(b"mine")
+    rc = main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o",
+               str(out_dir / "fused.nii.gz"), "--method", "mean"])
+    assert rc == EXIT_USAGE and "exists" in capsys.readouterr().err
+    assert read_for_identifiers and not any(p.startswith(str(out_dir)) for p in read_for_identifiers)
+    assert {str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz")} <= set(read_for_identifiers)
+
+
+def test_a_delegated_commands_output_option_is_not_read(tmp_path, read_for_identifiers):
+    import argparse
+
+    from medfuse.cli import _identifiers
+
+    pairs, out = tmp_path / "pairs", tmp_path / "eval"
+    pairs.mkdir()
+    out.mkdir()
+    args = argparse.Namespace(command="evaluate", rest=[str(pairs), "--methods", "mean", "-o", str(out)],
+                              output=str(out))
+    assert _identifiers(args) == []
+    assert read_for_identifiers == [str(pairs)]
