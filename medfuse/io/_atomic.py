@@ -783,21 +783,54 @@ def _typed_os_error(e: BaseException, p: Path) -> Optional[MedfuseError]:
     return None
 
 
-def _public_mode(path: PathLike, *, folder: bool = False, replacing: Optional[PathLike] = None) -> None:
+# Files of a folder input whose permissions are looked at (a DICOM series folder: its files' modes).
+_MODE_SAMPLE = 64
+
+
+def _inputs_mask(inputs: Iterable[Optional[PathLike]]) -> int:
+    """The permission bits an output of these inputs may have: no group (other) access when an input, or a file
+    of an input folder, is not group- (world-) readable. Patient data made private stays private when derived."""
+    keep = 0o7777
+    for p in inputs or ():
+        if p is None or os.name == "nt":
+            continue
+        try:
+            modes = [os.stat(p).st_mode]
+            if stat.S_ISDIR(modes[0]):
+                with os.scandir(p) as it:
+                    for i, e in enumerate(it):
+                        if i >= _MODE_SAMPLE:
+                            break
+                        if e.is_file():
+                            modes.append(e.stat().st_mode)
+        except (OSError, TypeError, ValueError):
+            continue
+        for m in modes:
+            if not m & stat.S_IRGRP:
+                keep &= ~0o070
+            if not m & stat.S_IROTH:
+                keep &= ~0o007
+    return keep
+
+
+def _public_mode(path: PathLike, *, folder: bool = False, replacing: Optional[PathLike] = None,
+                 inputs: Iterable[Optional[PathLike]] = ()) -> None:
     """mkstemp/mkdtemp create 0600/0700; give results the usual umask-based permissions, or, when they replace
     an existing output, that output's permissions (an output made private, say with ``chmod 600`` because it
-    holds patient data, stays private when it is overwritten)."""
+    holds patient data, stays private when it is overwritten). Either way no wider than the inputs allow
+    (:func:`_inputs_mask`): a fused image of a ``chmod 600`` PET is 0600, not 0644 under umask 022."""
+    narrow = _inputs_mask(inputs)
     if replacing is not None:
         try:
             st = os.stat(replacing)
         except OSError:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode) == folder:
-            os.chmod(path, stat.S_IMODE(st.st_mode))
+            os.chmod(path, stat.S_IMODE(st.st_mode) & narrow)
             return
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask & narrow)
 
 
 def _durable() -> bool:
@@ -855,12 +888,13 @@ def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opt
     The temporary name keeps the full suffix (``.nii.gz``), in lower case, so that writers that choose
     a format from the name still work. An existing folder at ``path`` is never replaced.
     """
+    inputs = list(inputs or ())  # read again at the end (permissions): a generator would be spent
     p = check_output(path, overwrite=overwrite, inputs=inputs, kind="file")
     tmp: Optional[str] = None
     try:
         tmp = _make_temp_file(p, _temp_suffix(p.name))
         yield Path(tmp)
-        _public_mode(tmp, replacing=p)
+        _public_mode(tmp, replacing=p, inputs=inputs)
         durable = _durable()
         if durable:
             _flush_file(tmp)  # the data reaches the disk before the name points to it
@@ -961,6 +995,7 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
     made is replaced (never a scanner's). Whatever appears at ``path`` while writing (even an empty folder) is
     never replaced.
     """
+    inputs = list(inputs or ())
     p = check_output(path, overwrite=overwrite, inputs=inputs, kind="folder")
     refuse_foreign_folder(p, own_series=own_series)
     tmp: Optional[Path] = None
@@ -969,7 +1004,7 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
     try:
         tmp = _make_temp_dir(p)
         yield tmp
-        _public_mode(tmp, folder=True, replacing=p)
+        _public_mode(tmp, folder=True, replacing=p, inputs=inputs)
         durable = _durable()
         if durable:
             for entry in os.scandir(tmp):

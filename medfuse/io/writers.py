@@ -273,8 +273,9 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
         aside = _make_aside(path)
         for src, dst in [(f, path.parent / f.name) for f in others] + [(tmpdir / header, path)]:
             kept = None
+            # A private (chmod 600) output stays private, and none is wider than its inputs (see _atomic).
+            _public_mode(src, replacing=dst if os.path.lexists(dst) else None, inputs=inputs)
             if os.path.lexists(dst):
-                _public_mode(src, replacing=dst)  # a private (chmod 600) output stays private
                 kept = aside / dst.name
                 os.replace(dst, kept)
             try:

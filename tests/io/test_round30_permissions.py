@@ -1,0 +1,67 @@
+"""Outputs are no more readable than their inputs (patient data made private stays private when derived)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+import medfuse
+from medfuse.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_volumes"
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def _inputs(tmp_path: Path, mode: int):
+    mr, spect = tmp_path / "mr.nii.gz", tmp_path / "spect.nii.gz"
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", mr)
+    shutil.copy(SAMPLES / "spect.nii.gz", spect)
+    spect.chmod(mode)
+    return mr, spect
+
+
+@pytest.mark.parametrize("mode,expect", [(0o600, 0o600), (0o640, 0o640), (0o644, 0o644)])
+def test_a_fused_file_is_no_wider_than_its_most_private_input(tmp_path, umask_022, mode, expect):
+    mr, spect = _inputs(tmp_path, mode)
+    out = tmp_path / "out" / "fused.nii.gz"
+    out.parent.mkdir()
+    assert main(["fuse", str(mr), str(spect), "-o", str(out), "--method", "mean", "-q"]) == 0
+    assert _mode(out) == expect
+    assert _mode(spect) == mode  # the input is untouched
+
+
+def test_dicom_and_header_data_outputs_and_api_saves_follow_the_inputs(tmp_path, umask_022):
+    mr, spect = _inputs(tmp_path, 0o600)
+    dcm = tmp_path / "fused_dicom"
+    assert main(["fuse", str(mr), str(spect), "-o", str(dcm), "--method", "mean", "-q"]) == 0
+    assert _mode(dcm) == 0o700  # others cannot enter the series folder
+    vol = medfuse.load(spect)
+    for name in ("copy.mhd", "copy.nrrd", "copy.nii"):
+        medfuse.save(vol, tmp_path / name)
+        assert _mode(tmp_path / name) == 0o600, name
+    assert _mode(tmp_path / "copy.raw") == 0o600  # the .mhd's data file too
+    # A DICOM series folder input whose files are private (the folder itself open): still private.
+    series = tmp_path / "pet"
+    shutil.copytree(SAMPLES / "pet", series)
+    for f in series.iterdir():
+        f.chmod(0o600)
+    medfuse.save(medfuse.load(series), tmp_path / "pet.nii.gz")
+    assert _mode(tmp_path / "pet.nii.gz") == 0o600
+    medfuse.save(medfuse.load(SAMPLES / "mr_t1.nii.gz"), tmp_path / "open.nii.gz")
+    assert _mode(tmp_path / "open.nii.gz") == 0o644
