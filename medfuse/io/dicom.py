@@ -369,6 +369,77 @@ def _drop_localizers(files: List[Tuple[Path, Any]], path: Path,
     return keep
 
 
+#: Whose images, which study, which patient space: one series' instances agree on these (PS3.3 C.7.1.1, C.7.2.1,
+#: C.7.4.1; enhanced multi-frame files keep them at the top level too).
+_SUBJECT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "FrameOfReferenceUID")
+_SUBJECT_TAGS = (0x00100020, 0x00100010, 0x00100030, 0x0020000D, 0x00200052)
+
+
+def _raw_value(ds, tag: int) -> Any:
+    """The element's value as stored (bytes, not decoded: a PatientName decoded took 150 us a file), or its value
+    when already decoded; b"" when absent."""
+    el = ds.get_item(tag)
+    v = b"" if el is None or el.value is None else el.value
+    return v if isinstance(v, bytes) else str(v)
+
+
+def _uid_text(v: Any) -> str:
+    return (v.decode("ascii", "replace") if isinstance(v, bytes) else v).strip(" \x00")
+
+
+def _refuse_mixed_subjects(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]] = None) -> None:
+    """Refuse a series whose instances disagree on the patient, the study or the frame of reference.
+
+    Two patients' (or studies') instances under one SeriesInstanceUID (a copy, merge or anonymiser that reused the
+    UID) were interleaved into one volume without a word. Only the headers already read are used: the raw values of
+    :data:`_SUBJECT_KEYWORDS` go into a set (one tuple per instance), and only when it holds more than one tuple
+    are the patients compared, on :func:`medfuse._patient.patient_key` (IDs and names as the fusion check compares
+    them: letter case and trailing name components do not count). A value missing from some instances is not a
+    disagreement (an export may empty it). A study or frame-of-reference UID that differs on every one of 3 or more
+    files groups nothing (an exporter or anonymiser that made a new UID per file, not two series merged): a
+    warning. No value is ever put in the message.
+
+    Cost: the stored bytes are compared (about 7 us a file); names are decoded only for one file of each distinct
+    patient module.
+    """
+    raw = [(tuple(_raw_value(ds, t) for t in _SUBJECT_TAGS), ds) for _, ds in files]
+    if len({r for r, _ in raw}) < 2:
+        return
+    uids = [(_uid_text(r[3]), _uid_text(r[4])) for r, _ in raw]
+    patients = {r[:3]: ds for r, ds in raw}  # one header per distinct stored patient module
+    parts: Dict[str, set] = {"id": set(), "person": set()}
+    for ds in patients.values():
+        key = patient_key(ds)
+        for part in (key or ":").partition(":")[2].split(";"):
+            kind, _, digest = part.partition("=")
+            if kind in parts:
+                parts[kind].add(digest)
+    n = max(len(parts["id"]), len(parts["person"]))
+    what = None
+    if n > 1:
+        what = (f"belong to {n} different patients (their PatientID, or PatientName and PatientBirthDate, differ; "
+                "the values are not shown)")
+    else:
+        for i, (kw, noun) in ((0, ("StudyInstanceUID", "studies")), (1, ("FrameOfReferenceUID", "patient spaces"))):
+            given = [u[i] for u in uids if u[i]]
+            n = len(set(given))
+            if n > 1 and n == len(given) >= 3:
+                msg = (f"the series' {kw} differs on every file (made anew per file by an exporter or anonymiser?); "
+                       "its files were read as one series by their SeriesInstanceUID")
+                warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=4)
+                if notes is not None:
+                    notes.append(msg)
+            elif n > 1:
+                what = f"belong to {n} different {noun} (their {kw} differ)"
+                break
+    if what:
+        raise UnreadableFileError(
+            f"the series' files {what} although they share one SeriesInstanceUID: loaded as one series their "
+            "slices would be interleaved into one volume", path=path,
+            fix="put each patient's (or study's) files in a folder of their own and load that folder; a copy, merge "
+                "or anonymisation that gave two series one SeriesInstanceUID must be redone from the originals")
+
+
 # ---------------------------------------------------------------------------- frames
 def _f(v, default=None):
     try:
@@ -1433,6 +1504,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             notes.append(msg)
     files = _dedupe(files, path, notes)
     files = _drop_localizers(files, path, notes)
+    _refuse_mixed_subjects(files, path, notes)
     ds0 = files[0][1]
     stated = sorted({str(ds.get("Modality", "")).upper() for _, ds in files} - {""})
     if len(stated) > 1:

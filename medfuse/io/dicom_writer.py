@@ -582,9 +582,9 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     prov = volume.provenance
     if tpl is not None and "StudyInstanceUID" in tpl:
         study_uid = str(tpl.StudyInstanceUID)  # replaced by its pseudonym when de-identifying
-    elif prov.get("study_uid") and not deidentify:
-        study_uid = str(prov["study_uid"])
     else:
+        # Not the provenance's study: written without a patient module, a series filed into it by a PACS sits
+        # nameless in that study, and it may be another patient's (a PET registered onto another patient's CT).
         study_uid = generate_uid()
     # Only the template says which patient space the voxels are in (a registered volume keeps the provenance of
     # the moving image it was made from): without one, a new frame of reference claims no spatial relationship.

@@ -11,7 +11,8 @@ The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
   so the dose is decayed from injection to the scan time.
 * Injection time: RadiopharmaceuticalStartDateTime; when only RadiopharmaceuticalStartTime is
   given, on the day of the scan time, or on the day before when that time is after the scan
-  time (injection before midnight, scan after it).
+  time (injection before midnight, scan after it). That is refused for half-lives over 2.4 h (Tc-99m, Cu-64,
+  Zr-89, I-124...: imaged up to days after injection, a day's error is not impossible, and not visible).
 * Date-times with a UTC offset (e.g. RadiopharmaceuticalStartDateTime ``...+0000``) are moved
   into the series' TimezoneOffsetFromUTC when the header gives one; otherwise the offset is dropped.
 * Scan time: the series date/time when it is not after the earliest acquisition
@@ -267,6 +268,20 @@ def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> d
         raise SUVError(
             "the PET header lacks RadiopharmaceuticalStartDateTime and RadiopharmaceuticalStartTime "
             "(in RadiopharmaceuticalInformationSequence), so the injection time is unknown", fix=_FIX_TAGS)
+    # Time only: the day is inferred below, which holds only when an injection a day or more earlier would leave
+    # under 1/1000 of the dose (more than _MAX_HALF_LIVES half-lives in 24 h: half-lives up to 2.4 h, F-18, Ga-68,
+    # C-11, Rb-82). Longer-lived tracers (Tc-99m, Cu-64, Zr-89, I-124) are imaged up to days after injection, and
+    # each day wrongly assumed changes the factor by 2 ** (24 h / half-life), 24 % for Zr-89, with no way to see it.
+    half_life = _number(h, "RadionuclideHalfLife")
+    if half_life is not None and math.isfinite(half_life) and half_life > _DAY_S / _MAX_HALF_LIVES:
+        raise SUVError(
+            "the PET header gives the injection time (RadiopharmaceuticalStartTime) but not its date, and with "
+            f"this tracer's half-life (RadionuclideHalfLife, {half_life / 3600:.1f} h) the scan may be days after "
+            f"the injection: each day assumed wrongly would change SUV by a factor of "
+            f"{2.0 ** (_DAY_S / half_life):.2f}, so the injection day cannot be inferred (a header with "
+            "RadiopharmaceuticalStartDateTime, the injection's date and time, gives it)",
+            fix="re-export the series with RadiopharmaceuticalStartDateTime (the injection date and time, in "
+                "RadiopharmaceuticalInformationSequence), or load it with suv='none' to keep Bq/mL")
     # Time only: the reference calculator takes the series date (injection on the scan day). We
     # take the date of the scan time itself, which is the series date unless the series was
     # re-created later (then the scan time is the earliest acquisition).
@@ -509,6 +524,8 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
 #: More half-lives than this between injection and scan (decay to under 1/1000 of the dose) is a wrong date in
 #: the header, not a scan: FDG is imaged at 0.5 to 2 half-lives, Zr-89 at up to about 2.
 _MAX_HALF_LIVES = 10.0
+#: Seconds in a day: a RadiopharmaceuticalStartTime without a date may be off by whole days.
+_DAY_S = 86400.0
 
 
 def suv_factor(header: Dict[str, Any], *, kind: str = "bw") -> float:

@@ -201,8 +201,8 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     if "nifti_space" in reference.provenance:
         prov["nifti_space"] = reference.provenance["nifti_space"]
     if transform is not None:  # registered into the reference's patient space (and study)
-        # The study too: the moving image's study beside the reference's frame of reference made a DICOM series
-        # saved from it (deidentify=False, no template) claim the moving study on the fixed grid.
+        # The study too: the moving image's study beside the reference's frame of reference said that the moving
+        # study's images lie on the fixed grid.
         for key in ("frame_of_reference_uid", "study_uid"):
             prov.pop(key, None)
             if reference.provenance.get(key):

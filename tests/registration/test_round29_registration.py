@@ -111,6 +111,11 @@ def test_a_registered_volume_belongs_to_the_reference_study(samples_dir, tmp_pat
     pet.provenance["study_uid"] = "1.2.826.0.1.3680043.8.498.1"  # another study than the CT's
     moved = resample(pet, ct, transform=Transform.from_matrix(np.eye(4)))
     assert moved.provenance["study_uid"] == ct.provenance["study_uid"] != pet.provenance["study_uid"]
+    # Saved without a template, it is a new study (it carries no patient module to be filed under); with the
+    # CT as template, the CT's study.
     folder = medfuse.save(moved, tmp_path / "moved", deidentify=False)
+    ds = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
+    assert ds.StudyInstanceUID not in (ct.provenance["study_uid"], pet.provenance["study_uid"])
+    folder = medfuse.save(moved, tmp_path / "moved_ct", deidentify=False, template=samples_dir / "ct")
     ds = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
     assert ds.StudyInstanceUID == ct.provenance["study_uid"]
