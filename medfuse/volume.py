@@ -180,7 +180,8 @@ def _checked_array(array: Any) -> np.ndarray:
             f"a Volume is 3-D but the array has {arr.ndim} dimension(s) with shape {arr.shape}", fix=fix)
     if arr.size == 0:
         raise InvalidInputError(f"the array has zero size (shape {arr.shape})", fix="load a non-empty image")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    # timedelta64 is a NumPy "number" that no image library stores (raw TypeErrors in fuse, save, resample).
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or arr.dtype.kind == "m":
         raise InvalidInputError(f"voxels must be numeric, got dtype {arr.dtype}",
                                 fix="convert the array to a numeric dtype, e.g. array.astype(numpy.float32)")
     if not arr.dtype.isnative:
@@ -297,7 +298,8 @@ class Volume:
     """A 3-D image: voxels, LPS affine, modality, physical unit and provenance.
 
     Args:
-        array: the voxels, shape ``(I, J, K)``, any real numeric or bool dtype.
+        array: the voxels, shape ``(I, J, K)``, any numeric or bool dtype (complex voxels are kept and saved as
+            NIfTI/MetaImage; fusion, registration and resampling take real ones only).
         affine: 4×4 voxel-to-world matrix in LPS millimetres.
         modality: (keyword-only) ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
         unit: (keyword-only) physical unit, one of :data:`UNITS`.
@@ -690,6 +692,23 @@ class Volume:
         return Volume(arr, self.affine.copy(), modality=self.modality if modality is None else modality,
                       unit=self.unit if unit is None else unit,
                       provenance=copy.deepcopy(self.provenance) if provenance is None else provenance)
+
+    def __copy__(self) -> "Volume":
+        """``copy.copy``: the voxels are shared (a shallow copy), the affine and provenance are not (a shared
+        history list let ``add_history`` on the copy edit the original's)."""
+        return Volume(self.array, self.affine.copy(), modality=self.modality, unit=self.unit,
+                      provenance=self.provenance)  # the constructor deep-copies provenance
+
+    def _no_arithmetic(self, *_: Any) -> Any:
+        # Why: a Python TypeError ("unsupported operand") said nothing of what to do; geometry and unit cannot
+        # follow arithmetic silently (vol * 2 of a CT is no longer HU).
+        raise TypeError("a medfuse Volume does not take arithmetic or comparison operators: use "
+                        "vol.with_array(vol.array * 2, unit='arbitrary') for a Volume on the same grid, or "
+                        "np.asarray(vol) * 2 (vol.array) for plain voxels")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _no_arithmetic
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __matmul__ = __rmatmul__ = _no_arithmetic
+    __neg__ = __pos__ = __abs__ = __lt__ = __le__ = __gt__ = __ge__ = _no_arithmetic
 
     def copy(self) -> "Volume":
         """An independent Volume: voxels, affine and provenance copied.

@@ -8,6 +8,7 @@ imports torch unless the network is asked for.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -268,6 +269,17 @@ def _as_array(x: Any, i: int) -> np.ndarray:
                                         "for each input (or pass t.array for the voxels alone)")
         t = x.detach().cpu()  # a tensor that needs grad, or on a GPU, has no NumPy view
         return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()  # NumPy has no bfloat16
+    # Why named here: as arrays these gave "got shape (6912,)" (an ITK image), "dtype object" (nibabel) or
+    # "dtype <U38" (a path), which said nothing of the fix.
+    if isinstance(x, (str, bytes, os.PathLike)):
+        raise InvalidInputError(f"input {i} is a file path; fuse takes images",
+                                fix="load the files first, medfuse.fuse(medfuse.load(a), medfuse.load(b)), or use "
+                                    "medfuse.fuse_files(fixed, moving, out) for files")
+    library = type(x).__module__.split(".")[0]
+    if library in ("SimpleITK", "nibabel"):
+        how = "Volume.from_sitk(image)" if library == "SimpleITK" else "Volume.from_nibabel(image)"
+        raise InvalidInputError(f"input {i} is a {library} image, whose geometry a plain array would lose",
+                                fix=f"convert each input with medfuse.{how}, which keeps it")
     return np.asarray(x)
 
 

@@ -1,0 +1,47 @@
+"""Python API fixes of the thirtieth round (a research engineer's pipeline)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse.errors import InvalidInputError
+
+
+def test_timedelta_voxels_are_refused_when_the_volume_is_made():
+    with pytest.raises(InvalidInputError, match="numeric"):
+        medfuse.Volume(np.ones((8, 8, 8), "timedelta64[s]"), np.eye(4), modality="MR")
+
+
+def test_a_shallow_copy_shares_voxels_but_not_the_history():
+    v = medfuse.Volume(np.zeros((4, 4, 4)), np.eye(4), provenance={"history": []})
+    w = copy.copy(v)
+    w.add_history("smoothed", sigma=2)
+    assert v.provenance["history"] == [] and w.provenance["history"][-1]["step"] == "smoothed"
+    assert np.shares_memory(v.array, w.array)  # shallow: the voxels are shared
+    w.affine[0, 3] = 5.0
+    assert v.affine[0, 3] == 0.0
+
+
+@pytest.mark.parametrize("op", [lambda v: v + 1, lambda v: 2 * v, lambda v: v / 2, lambda v: -v, lambda v: v > 1,
+                                lambda v: v ** 2])
+def test_arithmetic_on_a_volume_says_how_to_keep_the_geometry(op):
+    v = medfuse.Volume(np.ones((4, 4, 4)), np.eye(4), modality="CT", unit="HU")
+    with pytest.raises(TypeError, match="with_array"):
+        op(v)
+    # NumPy still reads a Volume as its voxels (documented): plain arrays out.
+    assert isinstance(np.add(v, 1), np.ndarray) and float(np.mean(v)) == 1.0
+
+
+def test_fuse_names_paths_and_library_images_with_the_conversion_to_use(tmp_path):
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    cases = [(str(tmp_path / "a.nii.gz"), "fuse_files"), (sitk.Image(8, 8, 8, sitk.sitkFloat32), "from_sitk"),
+             (nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), "from_nibabel")]
+    for x, fix in cases:
+        with pytest.raises(InvalidInputError, match=fix):
+            medfuse.fuse(x, x, method="mean")
