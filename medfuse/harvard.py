@@ -320,14 +320,17 @@ def case_of(name: str | os.PathLike) -> str:
 
 
 def _val_cases(names: Iterable[str], pair_type: str, *, seed: int, val_fraction: float) -> set:
-    """The validation cases of one pair type: a seeded shuffle of its cases, the first ``val_fraction``."""
+    """The validation cases of one pair type: a seeded shuffle of its cases, the first ``val_fraction`` (at
+    least one, and never all: none of a pair type of one case)."""
     if not 0.0 < val_fraction < 1.0:
         raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}", fix="use e.g. 0.2")
     # Digit cases sort as numbers (the order the shipped weights were split in); others after them.
     cases = sorted({case_of(n) for n in names}, key=lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c))
     rng = random.Random(f"{seed}-{pair_type}")  # per pair type: adding a pair type never moves another's cases
     rng.shuffle(cases)
-    n_val = max(1, int(round(val_fraction * len(cases))))
+    # At least one validation case, and at least one training case (split_by_case's guard): a pair type of one
+    # case went wholly to validation, silently, and trained on nothing.
+    n_val = min(max(1, int(round(val_fraction * len(cases)))), len(cases) - 1)
     return set(cases[:n_val])
 
 
@@ -335,10 +338,12 @@ def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
                 val_fraction: float = 0.2) -> Tuple[Dict[str, list], Dict[str, list]]:
     """Split each pair type by case (never by slice) with a fixed seed; at least one validation case.
 
-    The split ``medfuse train`` uses (the shipped weights record its validation cases).
+    The split ``medfuse train`` uses (the shipped weights record its validation cases). Like
+    :func:`split_by_case`, a pair type keeps at least one training case: one of a single case is all training
+    (no validation), one of two cases or more has at least one case on each side.
 
     Args:
-        pairs: ``{pair type: [(mri path, other path), ...]}``.
+        pairs: ``{pair type: [(mri path, other path), ...]}``, each path a str or PathLike.
         seed: the shuffle's seed (with the pair type).
         val_fraction: the share of each pair type's cases to hold out, in (0, 1).
 
@@ -346,8 +351,8 @@ def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
         ``(train, validation)``, each ``{pair type: [(mri, other), ...]}`` in the input order.
 
     Raises:
-        InvalidInputError: ``pairs`` is not such a dict, ``val_fraction`` not in (0, 1), or ``seed`` not a whole
-            number.
+        InvalidInputError: ``pairs`` is not such a dict (an entry that is not a list of (mri, other) paths),
+            ``val_fraction`` not in (0, 1), or ``seed`` not a whole number.
     """
     if not isinstance(pairs, dict):
         raise InvalidInputError(f"split_cases takes {{pair type: [(mri, other), ...]}}, got {type(pairs).__name__}",
@@ -355,9 +360,15 @@ def split_cases(pairs: Dict[str, List[Tuple[Path, Path]]], *, seed: int = 0,
     _check_split(val_fraction, seed)
     train, val = {}, {}
     for ptype, items in pairs.items():
-        vset = _val_cases((a.name for a, _ in items), ptype, seed=seed, val_fraction=val_fraction)
-        val[ptype] = [p for p in items if case_of(p[0].name) in vset]
-        train[ptype] = [p for p in items if case_of(p[0].name) not in vset]
+        if not isinstance(items, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                           for p in items):
+            raise InvalidInputError(f"split_cases: the {ptype!r} entry must be a list of (mri, other) path pairs",
+                                    fix="pass {pair type: [(mri path, other path), ...]}")
+        # case_of takes str and PathLike alike (``.name`` of a str path was a bare AttributeError).
+        cases = [case_of(a) for a, _ in items]
+        vset = _val_cases([a for a, _ in items], ptype, seed=seed, val_fraction=val_fraction)
+        val[ptype] = [p for p, c in zip(items, cases) if c in vset]
+        train[ptype] = [p for p, c in zip(items, cases) if c not in vset]
     return train, val
 
 
@@ -366,7 +377,8 @@ def training_split(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, s
     """:func:`split_cases` for a list of :class:`HarvardPair`: the network's train/validation split.
 
     Each pair type is split over all of its pairs in ``pairs``; pass every pair of a type (as
-    :func:`list_pairs` gives them) to get the cases the network was trained and validated on.
+    :func:`list_pairs` gives them) to get the cases the network was trained and validated on. A pair type of
+    a single case is all training (as :func:`split_by_case` does).
 
     Args:
         pairs: the pairs, as :func:`list_pairs` gives them.

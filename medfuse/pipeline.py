@@ -84,12 +84,19 @@ class PipelineState:
 
     Attributes:
         inputs: the paths (or in-memory Volumes) given to :meth:`Pipeline.run`.
-        volumes: the current volumes (after each step, replaced by that step's result).
-        originals: the volumes as loaded (registration and resampling start from these). :meth:`Pipeline.run`
+        volumes: the current volumes (after each step, replaced by that step's result). A replaced load step
+            need set only this (``originals``, ``transforms`` and ``registrations`` are then filled in). A replaced
+            register step either records a Transform per moving volume in ``transforms`` (the resample step
+            resamples the volume as loaded through it) or hands back the registered volume here, its
+            ``transforms`` entry left ``None`` (the resample step takes it as it is, resampled onto the grid
+            without a transform where it is not on it yet); both for one volume is an InvalidInputError.
+        originals: the volumes as loaded (registration and resampling start from these, except a volume a
+            replaced register step put into ``volumes``). :meth:`Pipeline.run`
             empties it after the resample step when only the built-in normalise, fuse and save steps follow (none
             of them reads it; the facts the provenance records about each input are kept), so that the inputs as
             loaded are not held in memory through the fusion beside their resampled, normalised copies.
-        transforms: per moving volume, the Transform onto the fixed image (``None`` = same frame).
+        transforms: per moving volume, the Transform onto the fixed image (``None`` = same frame, or registered
+            already in ``volumes``).
         registrations: per moving volume, the registration report dict (or ``None``).
         fused: the fused Volume once the fuse step ran.
         output: the output path (``None`` = keep in memory).
@@ -221,7 +228,8 @@ class RegisterStep:
     Raises:
         InvalidInputError: when built, an unknown ``kind`` or ``threads`` not a whole number of 1 or more;
             when called, as :func:`medfuse.register` (NaN voxels,
-            an option it does not take, a deformable or singular initial transform...).
+            an option it does not take, a deformable or singular initial transform...), or a replaced load step
+            that set no ``state.volumes`` (or ``transforms`` / ``registrations`` of another count).
         UnreadableFileError: an ``initial_transform`` option naming a missing file or not a transform file.
         RegistrationError: registration cannot run on these images (constant image, no overlap, optimiser failure).
         CancelledError: ``state.cancel`` was set.
@@ -237,6 +245,7 @@ class RegisterStep:
         self.params = {"kind": kind, "threads": threads, **options}
 
     def __call__(self, state: PipelineState) -> PipelineState:
+        _as_loaded(state, self.name)
         if self.kind is None or len(state.volumes) < 2:
             return state
         from .registration import register
@@ -269,6 +278,9 @@ class RegisterStep:
 class ResampleStep:
     """Put every volume on one grid (each moving image resampled once, through its transform).
 
+    A moving volume that a replaced register step handed back in ``state.volumes`` (its transform ``None``) is
+    taken as registered: resampled onto the grid without a transform, where it is not on it yet.
+
     Args:
         grid: ``"fixed"`` (the fixed image's grid, default) or ``"finest"`` (finest spacing of all inputs over
             the fixed image's field of view).
@@ -279,6 +291,9 @@ class ResampleStep:
             :func:`medfuse.resample` once a volume needs resampling).
         GeometryError: when called, an unregistered moving image that lies wholly outside the fixed image's field
             of view (one that covers under a fifth of it gets a warning, in the sidecar too).
+        InvalidInputError: when called, after a replaced load or register step: no volumes, another number of
+            volumes, transforms or registrations than inputs, or a moving volume both replaced in
+            ``state.volumes`` and given a transform.
         CancelledError: ``state.cancel`` was set.
     """
 
@@ -292,12 +307,15 @@ class ResampleStep:
     def __call__(self, state: PipelineState) -> PipelineState:
         from .registration import common_grid, resample
 
-        vols = state.originals or state.volumes
-        ref = vols[0] if self.grid == "fixed" else common_grid(vols, reference_index=0)
+        _as_loaded(state, self.name)
+        vols = _resample_sources(state)
+        # The grid from the inputs as loaded: a moving image a replaced register step already put on the fixed
+        # grid has lost its own spacing.
+        ref = vols[0] if self.grid == "fixed" else common_grid(state.originals or vols, reference_index=0)
         out = []
         for i, v in enumerate(vols):
             check(state.cancel, "resampling")
-            t = None if i == 0 else (state.transforms[i - 1] if state.transforms else None)
+            t = None if i == 0 else state.transforms[i - 1]
             if t is None and v.same_grid(ref):
                 out.append(v)
                 continue
@@ -312,6 +330,64 @@ class ResampleStep:
             out.append(r)
         state.volumes = out
         return state
+
+
+def _as_loaded(state: PipelineState, step: str) -> None:
+    """Fill what a replaced load step may leave unset: ``originals`` (the volumes it handed over) and one
+    ``transforms`` and ``registrations`` entry (``None``) per moving volume.
+
+    Why: a replaced load step that set only ``state.volumes`` (as its docstring invites) met a bare IndexError in
+    the register step (``state.originals[0]``).
+
+    Raises:
+        InvalidInputError: no volumes at all, or ``transforms`` / ``registrations`` with another count than
+            the moving volumes.
+    """
+    if not state.volumes and not state.originals:
+        raise InvalidInputError(f"the {step} step found no volumes in the pipeline state",
+                                fix="a replaced load step must set state.volumes to the loaded volumes, fixed first "
+                                    "(state.originals, state.transforms and state.registrations may stay empty)")
+    if not state.originals:
+        state.originals = list(state.volumes)
+    if not state.volumes:
+        state.volumes = list(state.originals)
+    n = len(state.originals) - 1
+    for name in ("transforms", "registrations"):
+        got = getattr(state, name)
+        if not got:
+            setattr(state, name, [None] * n)
+        elif len(got) != n:
+            raise InvalidInputError(f"state.{name} has {len(got)} entries for {n} moving volumes",
+                                    fix=f"give state.{name} one entry per moving volume (None where there is none), "
+                                        "or leave it empty")
+
+
+def _resample_sources(state: PipelineState) -> List[Volume]:
+    """Per input, what the resample step resamples: the volume as loaded (through its transform), or, where a
+    replaced register step handed back a volume of its own in ``state.volumes``, that volume (it is registered
+    already: resampled onto the grid without a transform, where it is not on it yet).
+
+    Why: the step always started from ``state.originals``, so a replaced register step that returned the
+    registered image in ``state.volumes`` was ignored and the moving image fused unregistered, silently.
+
+    Raises:
+        InvalidInputError: ``state.volumes`` with another count than the inputs as loaded, or a moving volume
+            that was replaced and also given a transform (which of the two applies cannot be told).
+    """
+    if len(state.volumes) != len(state.originals):
+        raise InvalidInputError(f"the register step left {len(state.volumes)} volumes for {len(state.originals)} "
+                                "inputs", fix="a replaced register step must keep one volume per input, fixed first")
+    out = []  # a replaced fixed volume (say, cropped) is the reference grid itself
+    for i, (v, o) in enumerate(zip(state.volumes, state.originals)):
+        if v is not o and i > 0 and state.transforms[i - 1] is not None:
+            raise InvalidInputError(
+                f"the register step both replaced moving input {i + 1} in state.volumes and recorded a transform "
+                "for it in state.transforms; the resample step cannot tell which applies",
+                fix="a replaced register step either records a Transform per moving input in state.transforms (the "
+                    "input as loaded is resampled through it) or hands back the registered volume in "
+                    "state.volumes, leaving its state.transforms entry None")
+        out.append(v)
+    return out
 
 
 #: Below this share of the fixed image's field of view, an unregistered moving image gets a warning.
@@ -526,6 +602,25 @@ def _fuse(volumes: Sequence[Volume], *, method: str, device: str, **options: Any
             f"the fusion module could not be imported ({e.__class__.__name__}: {e})",
             fix="reinstall medfuse (pip install -e '.[all]')") from None
     return fuse(*volumes, method=method, device=device, **options)
+
+
+def _network_weights(step: "FuseStep", weights: Any) -> None:
+    """Give the fuse step ``step`` the network weights file ``weights`` (checked now, before any work).
+
+    Raises:
+        InvalidInputError: ``step`` runs a classical rule (they take no weights file), or ``weights`` is not a path.
+        WeightsError: the file is missing or unreadable.
+    """
+    if step.method != "network":
+        raise InvalidInputError(f"weights= names the fusion network's weights file, but method is {step.method!r}, "
+                                "a classical rule that takes none",
+                                fix="drop weights=, or use method='network'")
+    from .fusion.infer import weights_sha256
+
+    weights_sha256(weights)  # a typed error for a missing file or a non-path now, not after registration
+    path = os.fspath(weights)  # JSON-safe in the recorded parameters
+    step.options["weights"] = path
+    step.params["weights"] = path
 
 
 def _weights_sha256(weights: Any = None) -> Optional[str]:
@@ -1060,7 +1155,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                device: str = "cpu", overwrite: bool = False, fallback: Optional[str] = None,
                threads: Optional[int] = None, grid: str = "fixed", normalise: str = "auto",
                modalities: Optional[Sequence[Optional[str]]] = None, series: Optional[Sequence[Optional[str]]] = None,
-               progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> PipelineResult:
+               weights: Optional[PathLike] = None, progress: Optional[ProgressFn] = None,
+               cancel: Optional[CancelToken] = None) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
     Args:
@@ -1080,6 +1176,11 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         series: one per input, fixed first, for DICOM folders that hold several series side by side (a PACS
             export of a PET/CT study): the series' number as listed, its modality, or its UID, e.g.
             ``fuse_files(study, study, out, series=["CT", "PT"])``; ``None`` or ``"-"`` for the others.
+        weights: the fusion network's weights, a ``.safetensors`` file as :func:`medfuse.fuse` takes it (``None``:
+            the shipped weights); ``method="network"`` only. Its SHA-256 is recorded in the provenance
+            (``weights_sha256``), its path in the fuse step's parameters. Checked before any work: a missing file
+            is a WeightsError even with a ``fallback`` (the fallback is for a network that cannot run, not for a
+            mistyped file name).
         progress, cancel: progress callback and cancel token.
 
     Returns:
@@ -1088,7 +1189,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
     Raises:
         InvalidInputError: an option value :class:`Pipeline` refuses, an empty ``moving`` list, an input that is
             not a path, Volume or MetaTensor, one :func:`medfuse.load` refuses (empty or all-NaN data), NaN
-            voxels, an ``out`` that is not a path, or an output name or format the writer cannot take.
+            voxels, an ``out`` that is not a path, or an output name or format the writer cannot take;
+            ``weights`` not a path, or given with a classical ``method``.
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: an input cannot be loaded
             (as :func:`medfuse.load`; several series in a folder and ``series`` chooses none).
         OutputExistsError: ``out`` (or a file where its sidecar goes) exists without ``overwrite``, or is an
@@ -1097,10 +1199,13 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
             folder missing); ``errno`` says which. Checked before any work where a probe write can tell.
         RegistrationError: registration cannot run on these images (constant image, no overlap, optimiser failure).
         MissingDependencyError, WeightsError, FusionError: the network cannot run (torch or the weights missing,
-            or a failure of the network itself) and ``fallback`` is None.
+            or a failure of the network itself) and ``fallback`` is None. WeightsError also for a ``weights``
+            file that is missing or unreadable, before any work, whatever ``fallback`` says.
         CancelledError: ``cancel`` was set.
     """
     movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
                     grid=grid, normalise=normalise, modalities=modalities, series=series)
+    if weights is not None:
+        _network_weights(pipe.step("fuse"), weights)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

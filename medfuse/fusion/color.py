@@ -41,6 +41,66 @@ def _check_rgb(rgb, name: str = "the colour image") -> np.ndarray:
     return a
 
 
+def _peak(peak, rgb: np.ndarray, name: str = "the colour image") -> float:
+    """``peak`` checked against the colour image (``rgb``, numeric, of its own dtype), or inferred
+    from it when None, as :func:`medfuse.fuse` infers it (255 for 8-bit data, the dtype's top for 16-bit data
+    above 255, 1 for floats in 0..1, 255 for floats up to 255).
+
+    Why: ``peak`` was never checked nor inferred: a uint16 image with the default 255 was clipped to 255
+    everywhere, a uint8 one with ``peak=1`` came out 0/1, a negative or zero peak all white or all black.
+
+    Raises:
+        InvalidInputError: ``peak`` not a positive finite number, below the image's largest value, or above the
+            largest value of its integer dtype; an empty image, or a float image above 255, with no ``peak``.
+    """
+    dtype = rgb.dtype
+    top = float(rgb.max()) if rgb.size else 0.0
+    if peak is None:
+        if not rgb.size:
+            raise InvalidInputError(f"{name} is empty", fix="pass an image with at least one pixel")
+        from . import _colour_peak
+
+        return _colour_peak(rgb)
+    if isinstance(peak, (bool, np.bool_)) or not isinstance(peak, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(peak) or peak <= 0:
+        raise InvalidInputError(f"peak must be a positive finite number (the intensity of white), got {peak!r}",
+                                fix="pass e.g. peak=255 for 8-bit images or peak=1.0 for 0..1 images, or leave it "
+                                    "out to have it inferred from the image")
+    peak = float(peak)
+    if np.issubdtype(dtype, np.integer):
+        if top > peak:
+            raise InvalidInputError(f"{name}'s values reach {top:.6g}, above peak={peak:.6g}: they would be clipped",
+                                    fix="leave peak out to have it inferred from the image's dtype, or pass the "
+                                        "intensity of white")
+        if peak > np.iinfo(dtype).max:
+            raise InvalidInputError(f"peak={peak:.6g} is above what {name}'s dtype {dtype} holds "
+                                    f"({np.iinfo(dtype).max})", fix="leave peak out to have it inferred")
+    elif top > peak * (1.0 + 1e-6):
+        raise InvalidInputError(f"{name}'s values reach {top:.6g}, above peak={peak:.6g}: they would be clipped",
+                                fix="pass the intensity of white (1.0 for 0..1 images, 255 for 0..255) or leave "
+                                    "peak out to have it inferred")
+    return peak
+
+
+def _ycbcr_peak(peak, ycc: np.ndarray) -> float:
+    """``peak`` of a YCbCr image (checked), or the one :func:`rgb_to_ycbcr` inferred for it (1, 255 or 65535).
+
+    The largest value of a full-range YCbCr image of peak P lies between about 0.32 P (a mid green: Y, Cb and
+    Cr all lower than for other colours) and 1.002 P; these ranges do not overlap for the three peaks.
+
+    Raises:
+        InvalidInputError: ``peak`` not a positive finite number; none given and the values fit none of the three.
+    """
+    if peak is not None:
+        return _peak(peak, ycc[..., :0], "the YCbCr image")  # its values are not checked against it
+    top = float(ycc.max()) if ycc.size else 0.0
+    for candidate in (1.0, 255.0, 65535.0):
+        if top <= candidate * 1.01:
+            return candidate
+    raise InvalidInputError(f"the YCbCr image's values reach {top:.6g}: its peak cannot be told",
+                            fix="pass the peak rgb_to_ycbcr used, e.g. peak=255")
+
+
 def rgb_to_gray(rgb) -> np.ndarray:
     """Grey level of an RGB image in 0–255, as OpenCV's BGR→GRAY on float input, rounded (float64).
 
@@ -53,9 +113,20 @@ def rgb_to_gray(rgb) -> np.ndarray:
     return np.round(y).astype(np.float64)
 
 
-def rgb_to_ycbcr(rgb, *, peak: float = 255.0) -> np.ndarray:
-    """RGB -> full-range BT.601 YCbCr (float64, ``(H, W, 3)``); chroma centred on ``peak * 128/255``."""
+def rgb_to_ycbcr(rgb, *, peak: Optional[float] = None) -> np.ndarray:
+    """RGB -> full-range BT.601 YCbCr (float64, ``(H, W, 3)``); chroma centred on ``peak * 128/255``.
+
+    Args:
+        rgb: ``(H, W, 3)`` colour image.
+        peak: the intensity of white; ``None`` (default): inferred as :func:`medfuse.fuse` does (255 for 8-bit
+            data, the dtype's top for 16-bit data above 255, 1.0 for floats in 0..1, 255 for floats up to 255).
+
+    Raises:
+        InvalidInputError: not an ``(H, W, 3)`` numeric finite image, or a ``peak`` that is not a positive finite
+            number, below the image's largest value, or above its integer dtype's top.
+    """
     a = _check_rgb(rgb)
+    peak = _peak(peak, np.asarray(rgb))
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     off = peak * 128.0 / 255.0
     y = _KR * r + _KG * g + _KB * b
@@ -64,9 +135,20 @@ def rgb_to_ycbcr(rgb, *, peak: float = 255.0) -> np.ndarray:
     return np.stack([y, cb, cr], axis=-1)
 
 
-def ycbcr_to_rgb(ycc, *, peak: float = 255.0) -> np.ndarray:
-    """Inverse of :func:`rgb_to_ycbcr` (float64, not clipped)."""
+def ycbcr_to_rgb(ycc, *, peak: Optional[float] = None) -> np.ndarray:
+    """Inverse of :func:`rgb_to_ycbcr` (float64, not clipped).
+
+    Args:
+        ycc: ``(H, W, 3)`` YCbCr image.
+        peak: the peak :func:`rgb_to_ycbcr` used; ``None`` (default): told from the values (1, 255 or 65535, the
+            peaks it infers).
+
+    Raises:
+        InvalidInputError: not an ``(H, W, 3)`` numeric finite image, a ``peak`` that is not a positive finite
+            number, or none given and the values fit none of the three.
+    """
     a = _check_rgb(ycc, "the YCbCr image")
+    peak = _ycbcr_peak(peak, a)
     off = peak * 128.0 / 255.0
     y, cb, cr = a[..., 0], a[..., 1] - off, a[..., 2] - off
     r = y + 2.0 * (1.0 - _KR) * cr
@@ -75,7 +157,8 @@ def ycbcr_to_rgb(ycc, *, peak: float = 255.0) -> np.ndarray:
     return np.stack([r, g, b], axis=-1)
 
 
-def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = None, peak: float = 255.0, **options) -> np.ndarray:
+def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = None, peak: Optional[float] = None,
+             **options) -> np.ndarray:
     """Fuse a grey image (MRI) with a pseudo-colour one (PET/SPECT) through YCbCr.
 
     Args:
@@ -85,16 +168,25 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
             used when ``fuse_fn`` is not given.
         fuse_fn: optional ``fuse_fn([gray, y]) -> fused_y`` (e.g. a network), arrays
             on the 0..``peak`` scale.
-        peak: the intensity of white (255 for 8-bit images, 1.0 for 0..1 images).
+        peak: the intensity of white (255 for 8-bit images, 1.0 for 0..1 images); ``None`` (default): inferred
+            from ``rgb`` as :func:`medfuse.fuse` does (255 for 8-bit data, the dtype's top for 16-bit data above
+            255, 1.0 for floats in 0..1, 255 for floats up to 255).
         **options: passed to the classical rule.
 
     Returns:
         The fused RGB image, clipped to 0..``peak``; of ``rgb``'s integer dtype when it has one
         (``uint8`` stays ``uint8``), float64 otherwise.
+
+    Raises:
+        InvalidInputError: a grey image that is not 2-D or not on the colour image's grid, a colour image that is
+            not ``(H, W, 3)`` numeric and finite (a float one above 255 needs ``peak``), or a ``peak`` that is
+            not a positive finite number, below the colour image's largest value or above its integer dtype's top.
     """
     g = np.asarray(gray)
     if g.ndim != 2:
         raise InvalidInputError(f"the grey image must be 2-D, got shape {g.shape}", fix="pass an (H, W) image")
+    _check_rgb(rgb)
+    peak = _peak(peak, np.asarray(rgb))
     ycc = rgb_to_ycbcr(rgb, peak=peak)
     if ycc.shape[:2] != g.shape:
         raise InvalidInputError(

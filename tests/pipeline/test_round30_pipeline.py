@@ -1,0 +1,246 @@
+"""Round 30: what replaced load and register steps must set, colour fusion's ``peak``, the Harvard case splits,
+the seed in written samples, and ``fuse_files(weights=)``."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse import phantom
+from medfuse.errors import InvalidInputError
+from medfuse.registration import resample
+from medfuse.registration.transforms import Transform
+
+
+@pytest.fixture(scope="module")
+def ph():
+    return phantom.make_phantom(noise=False)
+
+
+def _grab(state):
+    """A fuse step that hands back the resampled, normalised moving image: what the fusion would get."""
+    state.fused = state.volumes[1]
+    return state
+
+
+def _run(pipe, inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unregistered runs warn about their coverage
+        return pipe.replace("fuse", _grab).run(inputs)
+
+
+# ----------------------------------------------------------------------------- 1: a replaced register step
+def test_register_step_handing_back_volumes_is_used(ph):
+    """A replaced register step that returns the registered image in state.volumes: the fusion gets that image
+    (it used to get the moving image unregistered, from state.originals, silently)."""
+    matrix = Transform.from_matrix(ph.transforms["pet"])
+
+    def by_volume(state):
+        f, m = state.volumes
+        state.volumes = [f, resample(m, f, transform=matrix)]
+        return state
+
+    def by_transform(state):
+        state.transforms[0] = matrix
+        return state
+
+    pipe = medfuse.Pipeline(method="mean")
+    got = _run(pipe.replace("register", by_volume), [ph.t1, ph.pet]).fused
+    want = _run(pipe.replace("register", by_transform), [ph.t1, ph.pet]).fused
+    unregistered = _run(pipe, [ph.t1, ph.pet]).fused
+    np.testing.assert_allclose(got.array, want.array, atol=1e-6)
+    contrast = [phantom.lesion_contrast(v.array, v.affine, ph.lesion_center, ph.lesion_radius_mm)
+                for v in (got, unregistered)]
+    assert contrast[0] > contrast[1] + 0.1, contrast  # the lesion is where the MR says it is only once registered
+
+
+def test_register_step_setting_both_volume_and_transform_is_refused(ph):
+    def both(state):
+        f, m = state.volumes
+        t = Transform.from_matrix(ph.transforms["pet"])
+        state.volumes, state.transforms[0] = [f, resample(m, f, transform=t)], t
+        return state
+
+    with pytest.raises(InvalidInputError, match="state.transforms") as ei:
+        medfuse.Pipeline(method="mean").replace("register", both).run([ph.t1, ph.pet])
+    assert "None" in ei.value.fix
+
+
+# ----------------------------------------------------------------------------- 2: a replaced load step
+def test_replaced_load_step_with_registration(ph, samples_dir):
+    """A load step that sets only state.volumes, then the built-in register step (a bare IndexError before)."""
+    def my_load(state):
+        state.volumes = [ph.t1, ph.pet]
+        return state
+
+    r = medfuse.Pipeline(register="rigid", method="mean", threads=1).replace("load", my_load).run(
+        [samples_dir / "mr_t1.nii.gz", samples_dir / "pet"])
+    assert r.transforms[0] is not None and r.registrations[0] is not None
+    assert r.fused.shape == ph.t1.shape
+    assert r.provenance["inputs"][1]["modality"] == ph.pet.modality  # the facts of what the step loaded
+
+
+def test_replaced_load_step_that_sets_nothing_is_refused(ph, samples_dir):
+    with pytest.raises(InvalidInputError, match="no volumes") as ei:
+        medfuse.Pipeline(register="rigid", method="mean").replace("load", lambda state: state).run(
+            [samples_dir / "mr_t1.nii.gz", samples_dir / "pet"])
+    assert "state.volumes" in ei.value.fix
+
+
+# ----------------------------------------------------------------------------- 3: colour fusion's peak
+def _colour_pair(dtype=np.uint8, scale=1):
+    rng = np.random.default_rng(30)
+    gray = rng.integers(0, 256, (24, 24)).astype(np.int64)
+    rgb = rng.integers(0, 256, (24, 24, 3)).astype(np.int64)
+    return (gray * scale).astype(dtype), (rgb * scale).astype(dtype)
+
+
+def test_fuse_rgb_infers_the_peak_of_16_bit_data():
+    """A uint16 colour image fuses on its own scale (the default 255 clipped it to 255 everywhere)."""
+    from medfuse.fusion.color import fuse_rgb
+
+    g8, c8 = _colour_pair()
+    g16, c16 = _colour_pair(np.uint16, 257)  # the same images, 0..65535
+    out8, out16 = fuse_rgb(g8, c8), fuse_rgb(g16, c16)
+    assert out16.dtype == np.uint16
+    np.testing.assert_allclose(out16.astype(float), out8.astype(float) * 257, atol=257)
+    np.testing.assert_array_equal(out16, fuse_rgb(g16, c16, peak=65535))
+
+
+@pytest.mark.parametrize("peak", [1.0, -1, 0, "255", float("nan"), float("inf"), True, 65535])
+def test_fuse_rgb_refuses_a_peak_that_does_not_fit(peak):
+    from medfuse.fusion.color import fuse_rgb, rgb_to_ycbcr
+
+    gray, rgb = _colour_pair()
+    with pytest.raises(InvalidInputError, match="peak") as ei:
+        fuse_rgb(gray, rgb, peak=peak)
+    assert "peak" in ei.value.fix
+    with pytest.raises(InvalidInputError, match="peak"):
+        rgb_to_ycbcr(rgb, peak=peak)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1 / 255, np.float64), (1, np.uint8), (257, np.uint16)])
+def test_ycbcr_round_trip_infers_the_same_peak(scale, dtype):
+    """rgb_to_ycbcr and ycbcr_to_rgb with no peak agree (a 0..1 image used to be read as 0..255 by both, so its
+    chroma sat on 128 instead of 128/255, and the fusion of its luma with a 0..1 grey image was off scale)."""
+    from medfuse.fusion.color import rgb_to_ycbcr, ycbcr_to_rgb
+
+    _, rgb = _colour_pair(np.int64)
+    rgb = (rgb * scale).astype(dtype)
+    ycc = rgb_to_ycbcr(rgb)
+    np.testing.assert_allclose(ycbcr_to_rgb(ycc), rgb, atol=1e-6 * float(rgb.max()))
+    grey = np.repeat(rgb[..., :1], 3, axis=-1)  # no chroma: Cb and Cr on the peak's middle
+    peak = {np.float64: 1.0, np.uint8: 255.0, np.uint16: 65535.0}[dtype]
+    np.testing.assert_allclose(rgb_to_ycbcr(grey)[..., 1:], peak * 128 / 255, atol=1e-9 * peak)
+
+
+# ----------------------------------------------------------------------------- 4: Harvard case splits
+def _harvard(cases, slices=2):
+    """HarvardPair records (no files: the splits read names only) of CT-MRI slices of ``cases``."""
+    from pathlib import Path
+
+    from medfuse.harvard import HarvardPair
+
+    names = [f"{c}{s:03d}.png" for c in cases for s in range(10, 10 + slices)]
+    return [HarvardPair("CT-MRI", "CT", n, Path("CT-MRI/MRI") / n, Path("CT-MRI/CT") / n) for n in names]
+
+
+def test_split_cases_takes_str_paths():
+    from medfuse.harvard import split_cases
+
+    pairs = _harvard(range(1, 11))
+    as_path = {"CT-MRI": [(p.mri, p.other) for p in pairs]}
+    as_str = {"CT-MRI": [(str(p.mri), str(p.other)) for p in pairs]}
+    want, got = split_cases(as_path, seed=3), split_cases(as_str, seed=3)
+    for w, g in zip(want, got):  # the same pairs on each side, in their own type
+        assert [tuple(map(str, p)) for p in w["CT-MRI"]] == g["CT-MRI"]
+    with pytest.raises(InvalidInputError, match="CT-MRI"):
+        split_cases({"CT-MRI": [str(pairs[0].mri)]})  # not (mri, other) pairs
+
+
+def test_a_pair_type_of_one_case_keeps_its_training_data():
+    """One case: all training, as split_by_case does (training_split and split_cases put it all in validation)."""
+    from medfuse.harvard import split_by_case, split_cases, training_split
+
+    one = _harvard([7], slices=3)
+    for split in (split_by_case, training_split):
+        train, val = split(one, val_fraction=0.2, seed=0)
+        assert train == one and val == []
+    train, val = split_cases({"CT-MRI": [(p.mri, p.other) for p in one]})
+    assert train["CT-MRI"] == [(p.mri, p.other) for p in one] and val["CT-MRI"] == []
+    # Two cases or more: one on each side at least, whatever the fraction.
+    two = _harvard([7, 8])
+    train, val = training_split(two, val_fraction=0.9, seed=0)
+    assert {p.case for p in train} and {p.case for p in val} and not {p.case for p in train} & {p.case for p in val}
+
+
+# ----------------------------------------------------------------------------- 5: the seed of written samples
+def test_written_samples_name_their_seed(tmp_path, monkeypatch):
+    """A README and ground_truth.json of seed 2 said "seed 0" and named a command without --seed: that command,
+    run, now writes the same subject again."""
+    import json
+    import shlex
+
+    seed = 2
+    phantom.write_samples(tmp_path / "a", seed=seed)
+    readme = (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    gt = json.loads((tmp_path / "a" / "ground_truth.json").read_text(encoding="utf-8"))
+    assert f"(seed {seed})" in readme and gt["regenerate"] in readme
+    args = shlex.split(gt["regenerate"])
+    assert args[:3] == ["python", "-m", "medfuse.phantom"]
+    called = {}
+    monkeypatch.setattr(phantom, "write_samples", lambda folder, **kw: called.update(kw) or {})
+    args[args.index("--write") + 1] = str(tmp_path / "b")
+    assert phantom.main(args[3:]) == 0
+    assert called["seed"] == gt["seed"] == seed
+
+
+# ----------------------------------------------------------------------------- 6: fuse_files(weights=)
+@pytest.fixture(scope="module")
+def small_pair():
+    rng = np.random.default_rng(30)
+    shape, affine = (24, 24, 24), np.diag([2.0, 2.0, 2.0, 1.0])
+    return (medfuse.Volume(rng.random(shape).astype(np.float32), affine, modality="MR"),
+            medfuse.Volume(rng.random(shape).astype(np.float32), affine, modality="CT"))
+
+
+def test_fuse_files_weights_reach_the_network(tmp_path, small_pair):
+    """Other weights give another fused image, and their hash and path are what the provenance records."""
+    import hashlib
+
+    pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    from medfuse.fusion.infer import default_weights_path
+
+    shipped = default_weights_path()
+    with safe_open(str(shipped), "np") as f:
+        meta = f.metadata()
+    tensors = {k: v * np.float32(0.5) if k.endswith("bias") else v for k, v in st.load_file(str(shipped)).items()}
+    other = tmp_path / "other.safetensors"
+    st.save_file(tensors, str(other), metadata=meta)
+
+    kw = dict(method="network", normalise="minmax")
+    base = medfuse.fuse_files(*small_pair, None, **kw)
+    got = medfuse.fuse_files(*small_pair, None, weights=other, **kw)
+    assert got.provenance["weights_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert got.provenance["weights_sha256"] != base.provenance["weights_sha256"]
+    assert got.provenance["parameters"]["fuse"]["weights"] == str(other)
+    assert not np.allclose(got.fused.array, base.fused.array)
+    np.testing.assert_array_equal(base.fused.array, medfuse.fuse_files(*small_pair, None, weights=shipped, **kw).fused.array)
+
+
+def test_fuse_files_weights_refused_before_any_work(tmp_path, small_pair):
+    from medfuse.errors import WeightsError
+
+    with pytest.raises(InvalidInputError, match="classical rule") as ei:
+        medfuse.fuse_files(*small_pair, None, method="mean", weights=tmp_path / "w.safetensors")
+    assert "method='network'" in ei.value.fix
+    with pytest.raises(WeightsError):  # named, but missing: not hidden by the fallback
+        medfuse.fuse_files(*small_pair, None, method="network", fallback="mean", weights=tmp_path / "w.safetensors")
+    with pytest.raises(InvalidInputError, match="weights"):
+        medfuse.fuse_files(*small_pair, None, method="network", weights=["not", "a", "path"])
