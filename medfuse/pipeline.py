@@ -768,8 +768,10 @@ def _put_back_sidecar(out: Path, previous: Optional[str], replaces: Optional[str
     try:
         if previous is not None:
             atomic_write_text(side, previous, overwrite=True)
-        elif replaces is None and side.is_file():
-            side.unlink()  # nothing was there: no sidecar without its output
+        elif side.is_file():
+            # No sidecar was there: none is left (the in-progress one this run wrote), whether or not an output
+            # of the user's was being replaced (its own sidecar-less state is what it was).
+            side.unlink()
     except (OSError, MedfuseError) as e:
         warnings.warn(f"{side}: the earlier output was kept, but its provenance sidecar could not be put back "
                       f"({type(e).__name__}); it now says medfuse was replacing the output, and a rerun with the same "

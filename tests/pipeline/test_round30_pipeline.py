@@ -244,3 +244,28 @@ def test_fuse_files_weights_refused_before_any_work(tmp_path, small_pair):
         medfuse.fuse_files(*small_pair, None, method="network", fallback="mean", weights=tmp_path / "w.safetensors")
     with pytest.raises(InvalidInputError, match="weights"):
         medfuse.fuse_files(*small_pair, None, method="network", weights=["not", "a", "path"])
+
+
+def test_a_failed_overwrite_of_an_output_without_sidecar_leaves_no_sidecar(tmp_path, monkeypatch):
+    """The in-progress sidecar of a failed --overwrite was left beside the user's own file (which had none),
+    under a message saying that nothing was written."""
+    import errno
+
+    import nibabel as nib
+
+    from medfuse.errors import OutputWriteError
+    from medfuse.pipeline import fuse_files
+
+    out = tmp_path / "scan.nii.gz"
+    out.write_bytes(b"mine")
+    a = medfuse.Volume(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32), np.eye(4), modality="MR")
+    b = a.with_array(a.array[::-1].copy())
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full)
+    with pytest.raises(OutputWriteError, match="disk is full"):
+        fuse_files(a, b, out, method="mean", overwrite=True)
+    assert out.read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
