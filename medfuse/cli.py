@@ -809,7 +809,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register),
                              method=args.method, device=args.device, overwrite=args.overwrite,
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
-                             series=args.series, progress=bar, cancel=token)
+                             series=args.series, weights=args.weights, progress=bar, cancel=token)
         except MedfuseError as e:
             raise _cli_error(e) from None
     _show_warnings(caught, args)
@@ -1209,6 +1209,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="network weights (.safetensors) to use instead of the shipped ones, e.g. what 'medfuse "
+                        "train' exported (--method network only; its SHA-256 goes into the sidecar)")
     _add_device_option(p)
     _add_threads_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")

@@ -54,3 +54,31 @@ def test_a_delegated_commands_output_option_is_not_read(tmp_path, read_for_ident
                               output=str(out))
     assert _identifiers(args) == []
     assert read_for_identifiers == [str(pairs)]
+
+
+def test_fuse_takes_trained_weights_and_records_their_hash(tmp_path, capsys):
+    import json
+    import shutil
+
+    import numpy as np
+
+    import medfuse
+    from medfuse import provenance as prov
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, mod in (("mr.nii.gz", "MR"), ("pet.nii.gz", "PT")):
+        vol = medfuse.Volume(rng.random((32, 32, 32)).astype(np.float32), np.eye(4), modality=mod,
+                             unit="arbitrary" if mod == "MR" else "Bq/mL")
+        paths.append(str(medfuse.save(vol, tmp_path / name)))
+    shipped = Path(medfuse.__file__).parent / "fusion" / "weights" / "medfuse_fusion.safetensors"
+    mine = shutil.copy(shipped, tmp_path / "mine.safetensors")
+    out = tmp_path / "fused.nii.gz"
+    assert main(["fuse", *paths, "-o", str(out), "--weights", str(mine), "-q"]) == 0
+    rec = json.loads((tmp_path / "fused.json").read_text())
+    assert rec["weights_sha256"] == prov.hash_path(mine)
+    # Weights with a classical rule, or a missing file: refused before any work.
+    assert main(["fuse", *paths, "-o", str(tmp_path / "m.nii.gz"), "--weights", str(mine), "--method", "mean"]) == 2
+    assert "classical" in capsys.readouterr().err and not (tmp_path / "m.nii.gz").exists()
+    assert main(["fuse", *paths, "-o", str(tmp_path / "n.nii.gz"), "--weights", str(tmp_path / "no.safetensors")]) == 2
+    assert not (tmp_path / "n.nii.gz").exists()
