@@ -110,9 +110,80 @@ def data_to_world(layer: Any) -> np.ndarray:
 
 
 def layer_geometry(layer: Any) -> Dict[str, Any]:
-    """napari keyword arguments that put a new layer on ``layer``'s data grid exactly as napari shows it."""
-    return dict(scale=tuple(layer.scale), translate=tuple(layer.translate), rotate=np.array(layer.rotate),
-                shear=np.array(layer.shear), affine=layer.affine.affine_matrix.copy())
+    """napari keyword arguments that put a new layer on ``layer``'s data grid exactly as napari shows it.
+
+    ``units`` go along: a layer in µm from another plugin gives a fused/resampled layer in µm, which the writer
+    converts to mm (without them the new layer was saved 1000 times too large).
+    """
+    geometry = dict(scale=tuple(layer.scale), translate=tuple(layer.translate), rotate=np.array(layer.rotate),
+                    shear=np.array(layer.shear), affine=layer.affine.affine_matrix.copy())
+    units = getattr(layer, "units", None)
+    if units is not None:
+        geometry["units"] = tuple(str(u) for u in units)
+    return geometry
+
+
+def _affine_holds_grid(layer: Any) -> bool:
+    """Whether the layer's napari ``affine`` holds its voxel grid (spacing, origin), as some readers write it.
+
+    Why: such a layer has ``scale`` 1 and its voxel spacing in ``affine``; taken as a placement, the spacing went
+    into ``medfuse.register(initial_transform=...)`` and a rigid run kept only its rotation: the pair was registered
+    as if with 1 mm voxels. It counts when the ``affine`` is the layer's only transform (``scale`` 1, no
+    ``translate``, ``rotate`` or ``shear``). medfuse's own layers never count (grid in ``scale``/``translate``: their
+    ``affine`` is a registration or a hand placement), nor do layers with a grid in ``scale``/``translate`` (an
+    ``affine`` there is a placement, as before).
+    """
+    if "display_grid" in meta(layer):
+        return False
+    aff = np.asarray(layer.affine.affine_matrix, dtype=float)[-4:, -4:]
+    if np.allclose(aff, np.eye(4), atol=1e-9):
+        return False
+    inner = layer_matrix(layer.scale, layer.translate, rotate=layer.rotate, shear=layer.shear)
+    return bool(np.allclose(inner, np.eye(4), atol=1e-9))
+
+
+def layer_grid(layer: Any) -> np.ndarray:
+    """The layer's physical grid: napari data -> physical (world axes) 4x4; what remains napari shows is the placement.
+
+    * a grid recorded by a registration in this plugin (``metadata["medfuse"]["grid"]``), while the layer's
+      ``scale`` and ``translate`` are still those it was recorded with;
+    * a layer whose ``affine`` holds its voxel grid (see :func:`_affine_holds_grid`): its whole transform, so its
+      placement is none, as for the same volume given with ``scale``/``translate``; when that transform has a shear
+      (voxel axes not perpendicular, which a medfuse grid cannot hold), an axis-aligned grid with the true voxel
+      spacing and origin, the shear staying in the placement (resampled exactly; a rigid registration keeps its
+      rigid part and ``medfuse.register`` warns about the rest);
+    * otherwise ``scale`` and ``translate``, as before (``rotate``, ``shear``, ``affine`` are the placement).
+    """
+    recorded = meta(layer).get("grid")
+    if isinstance(recorded, dict):
+        try:
+            m = np.asarray(recorded["matrix"], dtype=float)
+            same = (np.allclose(np.asarray(recorded["scale"], float), np.asarray(layer.scale, float)[-3:])
+                    and np.allclose(np.asarray(recorded["translate"], float), np.asarray(layer.translate, float)[-3:]))
+            if m.shape == (4, 4) and same:
+                return m
+        except (KeyError, TypeError, ValueError):
+            pass  # a malformed record: the layer's own transform decides
+    if not _affine_holds_grid(layer):
+        return layer_matrix(layer.scale, layer.translate)
+    m = data_to_world(layer)
+    lin = m[:3, :3]
+    lengths = np.linalg.norm(lin, axis=0)
+    if np.all(lengths > 1e-9) and np.allclose((lin / lengths).T @ (lin / lengths), np.eye(3), atol=1e-4):
+        return m
+    return layer_matrix(np.where(lengths > 1e-9, lengths, 1.0), m[:3, 3])
+
+
+def grid_record(layer: Any, grid: np.ndarray) -> Dict[str, Any]:
+    """``metadata["medfuse"]["grid"]`` for a layer whose ``affine`` now holds a placement on top of ``grid``."""
+    return {"matrix": np.asarray(grid, dtype=float).tolist(),
+            "scale": [float(v) for v in np.asarray(layer.scale, float)[-3:]],
+            "translate": [float(v) for v in np.asarray(layer.translate, float)[-3:]]}
+
+
+def voxel_spacing(layer: Any) -> np.ndarray:
+    """World length of one voxel step along each of the layer's last three data axes (its true spacing)."""
+    return np.linalg.norm(data_to_world(layer)[:3, :3], axis=0)
 
 
 def lps_to_world(matrix: Any) -> np.ndarray:
@@ -160,7 +231,7 @@ def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:
     if data.ndim != 3 or getattr(layer, "rgb", False):
         raise InvalidInputError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {data.shape})",
                                 fix="pick a 3-D image layer")
-    m = R4 @ (data_to_world(layer) if registered else layer_matrix(layer.scale, layer.translate))
+    m = R4 @ (data_to_world(layer) if registered else layer_grid(layer))
     md = meta(layer)
     # The file's provenance goes along (its frame of reference: resampling across frames unregistered is warned).
     return Volume(data, m, modality=md.get("modality", "unknown"), unit=md.get("unit", "arbitrary"),
@@ -170,10 +241,11 @@ def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:
 def world_matrix(layer: Any) -> np.ndarray:
     """The layer's placement as an LPS 4x4: its physical space -> viewer world (identity when unplaced).
 
-    Physical space is the orthogonal grid of ``scale`` and ``translate``; everything else napari applies
-    (``rotate``, ``shear`` and the ``affine`` holding a registration) is the placement.
+    Physical space is the layer's orthogonal grid (:func:`layer_grid`: ``scale`` and ``translate``, or an
+    ``affine`` that holds the grid); everything else napari applies (``rotate``, ``shear`` and the ``affine``
+    holding a registration) is the placement.
     """
-    grid = layer_matrix(layer.scale, layer.translate)
+    grid = layer_grid(layer)
     return lps_to_world(data_to_world(layer) @ np.linalg.inv(grid))
 
 
@@ -233,7 +305,7 @@ def native_volume(layer: Any) -> Volume:
     if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:
         return layer_to_volume(layer, registered=False)
     true_affine = np.asarray(md["affine"], dtype=float)
-    display_to_native = np.linalg.inv(true_affine) @ R4 @ layer_matrix(layer.scale, layer.translate)
+    display_to_native = np.linalg.inv(true_affine) @ R4 @ layer_grid(layer)
     lin = np.round(display_to_native[:3, :3])
     if not np.allclose(display_to_native[:3, :3], lin, atol=1e-3) or not np.all(np.abs(lin).sum(1) == 1):
         return layer_to_volume(layer, registered=False)

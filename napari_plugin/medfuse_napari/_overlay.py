@@ -12,7 +12,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, checker3d, curtain3d, data_to_world, layer_array, layer_axis, layer_geometry,
-                      meta, real_layer, resample_onto)
+                      meta, real_layer, resample_onto, voxel_spacing)
 
 COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "turbo", "red", "green", "blue", "cyan",
              "magenta", "yellow", "gray_r")
@@ -347,6 +347,9 @@ class OverlayPanel(QWidget):
         # A plain function, not a method: it holds nothing of the panel, so closing the widget leaves no dead slot.
         self.viewer.layers.events.inserted.connect(_widen_inserted)
         self.viewer.layers.events.removed.connect(self._layer_removed)
+        # napari's own transpose/roll buttons (and scripts) change which axis is horizontal: the curtain follows.
+        self._curtain_split: Optional[Tuple[int, bool]] = None  # (base axis, reversed) the curtain was built on
+        self.viewer.dims.events.order.connect(self._dims_order_changed)
         for layer in self.viewer.layers:
             widen_contrast_range(layer)
         self._pair_changed()
@@ -585,17 +588,60 @@ class OverlayPanel(QWidget):
             self._resampled_cache = cached
         return cached[2]
 
+    def _curtain_axis(self, base: Any) -> Tuple[int, bool]:
+        """The base's data axis drawn along the screen's horizontal, and whether it runs right to left.
+
+        The screen's horizontal axis is a viewer dimension (``dims.order[-1]``, changed by napari's transpose and
+        roll); the base's own axis there is shifted when the viewer has more dimensions than the base (a 4-D series
+        open beside it). A rotated base (``rotate`` or an affine) shows another data axis there, or the same one
+        reversed: the data axis whose world direction is closest to the horizontal. A viewer axis the base lacks:
+        its last axis, the usual horizontal one.
+        """
+        ndim = layer_array(base).ndim
+        horizontal = layer_axis(int(self.viewer.dims.order[-1]), self.viewer.dims.ndim, ndim)
+        if horizontal is None:
+            return ndim - 1, False
+        lin = data_to_world(base)[:3, :3]  # columns: each data axis's world direction (layer world axes)
+        along = lin[horizontal - (ndim - 3)] / np.maximum(np.linalg.norm(lin, axis=0), 1e-12)
+        axis = int(np.argmax(np.abs(along)))
+        return axis + (ndim - 3), bool(along[axis] < 0)
+
     def _mask(self, base: Any, mode: str) -> np.ndarray:
         shape = tuple(layer_array(base).shape)
         if mode == "checkerboard":
-            tiles = tuple(max(1, int(round(self.tile_mm.value() / s))) for s in np.asarray(base.scale)[-3:])
+            # The true voxel spacing (a spacing held in the layer's affine by another reader, not scale 1).
+            tiles = tuple(max(1, int(round(self.tile_mm.value() / s))) for s in voxel_spacing(base))
             return checker3d(shape, tiles)
-        # The screen's horizontal axis is a viewer dimension; the base's own axis there is shifted when the viewer
-        # has more dimensions than the base (a 4-D series open beside it). A viewer axis the base lacks (dims
-        # rolled by hand): its last axis, the usual horizontal one.
-        horizontal = layer_axis(int(self.viewer.dims.order[-1]), self.viewer.dims.ndim, len(shape))
-        axis = len(shape) - 1 if horizontal is None else horizontal
-        return curtain3d(shape, axis=axis, position=self.curtain.value() / 100.0)
+        axis, reverse = self._curtain_axis(base)
+        self._curtain_split = (axis, reverse)
+        mask = curtain3d(shape, axis=axis, position=self.curtain.value() / 100.0)
+        # Base on the screen's left: the high indices when the axis runs right to left.
+        return np.flip(mask, axis=axis) if reverse else mask
+
+    def _dims_order_changed(self, *_: Any) -> None:
+        """Rebuild a curtain whose split no longer runs across the screen (napari's transpose or roll)."""
+        try:
+            if self.compare.currentText() != "curtain" or not self._compared:
+                return
+            base = self._compared[0]
+            if self._curtain_axis(base) != self._curtain_split:
+                self._rebuild_timer.start()
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            self.viewer.dims.events.order.disconnect(self._dims_order_changed)
+
+    def close_views(self) -> None:
+        """End a compare view and a flicker, giving the layers back the visibility the user had set.
+
+        Why: called when the dock is closed; what it left would keep the study half hidden with no control left
+        to undo it (the pair hidden under 'compare:' layers, the overlay hidden for good by the flicker).
+        """
+        self._rebuild_timer.stop()
+        self.flicker.setChecked(False)  # stops the timer and gives the overlay its visibility back
+        self._flicker_timer.stop()
+        self._unflick()
+        if self.compare.currentText() != "overlay" or self._compared or self._hidden:
+            self._clear_compare()
+            self._reset_mode()
 
     def _build_compare(self, base: Any, ov: Any, mode: str) -> None:
         ov_data = self._overlay_on_base(base, ov)

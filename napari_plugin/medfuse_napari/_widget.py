@@ -12,9 +12,9 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFra
 
 from . import _jobs
 from ._combo import LayerCombo
-from ._layers import (FUNCTIONAL, coverage_between, layer_array, layer_geometry, layer_matrix, layer_to_volume,
-                      lps_to_world, meta, native_volume, real_layer, resample_between, viewer_alignment,
-                      world_matrix)
+from ._layers import (FUNCTIONAL, coverage_between, grid_record, layer_array, layer_geometry, layer_grid,
+                      layer_matrix, layer_to_volume, lps_to_world, meta, native_volume, real_layer, resample_between,
+                      viewer_alignment, world_matrix)
 from ._overlay import OverlayPanel, _is_compare
 
 KINDS = ("rigid", "affine", "deformable")
@@ -46,6 +46,12 @@ def _same_placement(layer: Any, other: Any) -> bool:
     parts = ("scale", "translate", "rotate", "shear")
     return all(np.allclose(np.asarray(getattr(layer, k), float), np.asarray(getattr(other, k), float))
                for k in parts) and np.allclose(layer.affine.affine_matrix, other.affine.affine_matrix)
+
+
+def _placement_key(layer: Any) -> tuple:
+    """What a job read of a layer besides its name: its voxel array (by identity) and its whole napari transform."""
+    parts = (layer.scale, layer.translate, layer.rotate, layer.shear, layer.affine.affine_matrix)
+    return (id(layer.data),) + tuple(np.asarray(p, dtype=float).tobytes() for p in parts)
 
 
 def _open_layers(viewer: Any) -> List[Any]:
@@ -125,6 +131,14 @@ class MedfuseWidget(QWidget):
         # later to a viewer whose user closed the tool. Moving the dock elsewhere keeps a parent: not cancelled.
         if event.type() == QEvent.ParentChange and self.parent() is None:
             _jobs.cancel_jobs([p.token for p in getattr(self, "_panels", ()) if p.worker is not None])
+            # A compare view or a flicker left behind hid the study (the pair hidden, the compare layers shown, the
+            # overlay hidden in the flicker's off phase for good): the layers get back what the user had.
+            overlay = getattr(self, "overlay_panel", None)
+            if overlay is not None:
+                try:
+                    overlay.close_views()
+                except RuntimeError:  # the viewer is being closed too: nothing left to restore
+                    pass
         return super().event(event)
 
 
@@ -284,9 +298,10 @@ class RegisterPanel(QWidget):
         # names reused), the moving grid the transform refers to, and where the fixed layer is shown (a
         # registered fixed layer: its physical space is not the viewer's world).
         self._job_layers = (fixed_layer, moving_layer)
-        self._moving_grid = layer_matrix(moving_layer.scale, moving_layer.translate)
+        self._moving_grid = layer_grid(moving_layer)
         self._fixed_world = world_matrix(fixed_layer)
         self._fixed_geometry = layer_geometry(fixed_layer)
+        self._fixed_grid = grid_record(fixed_layer, layer_grid(fixed_layer))
         self._from_viewer = initial is not None
         share = 0.9 if want_resampled else 1.0  # registration's part of the overall bar
 
@@ -424,6 +439,9 @@ class RegisterPanel(QWidget):
         moving.affine = lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix)) @ grid @ np.linalg.inv(placed)
         moving.metadata.setdefault("medfuse", {})["registration"] = {
             "to": fixed.name, "fixed_to_moving_lps": np.asarray(linear.matrix).tolist(), **rep.to_dict()}
+        # The grid the affine is placed on: a layer whose affine held its voxel spacing (another reader) holds the
+        # registration there now too, and must not be taken for a grid with no placement next time.
+        moving.metadata["medfuse"]["grid"] = grid_record(moving, grid)
         if on_fixed is not None:
             # A deformable field is not an affine: it is shown resampled (the layer above keeps the linear part).
             self._add_resampled(on_fixed, moving, fixed)
@@ -437,6 +455,7 @@ class RegisterPanel(QWidget):
         # The voxels are on the fixed layer's grid now: the moving file's affine no longer describes them.
         md["affine"] = np.asarray(volume.affine).tolist()
         md["display_grid"] = "native"
+        md["grid"] = self._fixed_grid  # the fixed layer's grid (its affine may hold the spacing: another reader)
         self.viewer.add_image(
             volume.array, name=f"{moving.name} on {fixed.name}", **self._fixed_geometry, colormap=moving.colormap,
             contrast_limits=moving.contrast_limits, blending=moving.blending, opacity=moving.opacity,
@@ -603,7 +622,12 @@ class FusePanel(QWidget):
         relay.progressed.connect(self._on_progress)
         self._relay = relay  # keep it alive while the worker runs
         self._job_layers = tuple(chosen)  # by identity: renamed inputs are still theirs, a new study's are not
+        # Where each input was and what it held: moved meanwhile (a registration ending, a hand drag), the
+        # result would show the old alignment as if it were the current one.
+        self._job_placements = tuple(_placement_key(l) for l in chosen)
         flat2d = all(flat)
+        if not flat2d:
+            self._base["grid"] = grid_record(base, layer_grid(base))
 
         def job():
             import medfuse
@@ -692,18 +716,27 @@ class FusePanel(QWidget):
             _notify_error(f"The fusion result was not added: the {gone[0]} layer was removed while fusing. Fix: "
                           f"keep the input layers open until the fusion ends and run it again.")
             return
+        moved = [layer for layer, key in zip(self._job_layers, getattr(self, "_job_placements", ()))
+                 if _placement_key(layer) != key]
+        if moved:
+            self.status.setText("not added: an input moved")
+            _notify_error(f"The fusion result was not added: '{moved[0].name}' was moved or changed while fusing "
+                          f"(a registration ending or a hand move), so the result shows the old alignment. Fix: "
+                          f"run the fusion again now.")
+            return
         arr = fused.array if hasattr(fused, "array") else np.asarray(fused)
         prov = dict(getattr(fused, "provenance", {}) or {})
         prov["fusion"] = {**dict(prov.get("fusion", {}) or {}), "method": method, "inputs": names,
                           "grid": self._base["name"]}
         unit = getattr(fused, "unit", "arbitrary")
-        geometry = {k: v for k, v in self._base.items() if k != "name"}
+        geometry = {k: v for k, v in self._base.items() if k not in ("name", "grid")}
         rgb = arr.ndim == 3 and arr.shape[-1] == 3 and len(geometry["scale"]) == 2
         display = {"rgb": True} if rgb else {"colormap": "gray", "contrast_limits": percentile_limits(arr)}
         self.viewer.add_image(
             arr, name=f"fused ({method})", **geometry, **display,
             metadata={"medfuse": {"modality": getattr(fused, "modality", "unknown"), "unit": unit,
-                                  "provenance": prov}})
+                                  "provenance": prov,
+                                  **({"grid": self._base["grid"]} if "grid" in self._base else {})}})
         self.progress.setValue(1000)
         self.status.setText(f"added 'fused ({method})'")
         # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a
