@@ -262,11 +262,13 @@ def _blank_names(items: List[_Item]) -> List[str]:
     return ids
 
 
-def _pair_identifiers(source: Any) -> List[str]:
-    """The patient identifiers of a list of pairs' DICOM inputs (none for a folder of PNG pairs)."""
+def _pair_identifiers(source: Any, mask: Any = None) -> List[str]:
+    """The patient identifiers of a list of pairs' DICOM inputs and of a ``mask`` file (a DICOM mask names the
+    patient too); none for a folder of PNG pairs."""
     if not isinstance(source, (list, tuple)):
         return []
-    return _identifiers_of(x for p in source for x in (p if isinstance(p, (list, tuple)) else []))
+    extra = [mask] if isinstance(mask, (str, os.PathLike)) and mask != "auto" else []
+    return _identifiers_of([*(x for p in source for x in (p if isinstance(p, (list, tuple)) else [])), *extra])
 
 
 def _identifiers_of(paths: Iterable[Any]) -> List[str]:
@@ -477,15 +479,16 @@ def _load_mask(mask):
     return load(mask)
 
 
-def _mask_record(mask) -> Any:
-    """The mask choice as metrics.json records it."""
+def _mask_record(mask, ids: Sequence[str] = ()) -> Any:
+    """The mask choice as metrics.json records it, its path with the inputs' patient identifiers ``ids`` blanked
+    (a mask named after the patient, ``DOE_JANE/mask_DOE_JANE.nii.gz``, was kept there verbatim)."""
     if mask is None:
         return None
     if isinstance(mask, str) and mask == "auto":
         return {"kind": "auto", "definition": AUTO_MASK}
     if _is_volume(mask):
         return {"kind": "volume"}
-    return {"kind": "file", "path": str(mask)}
+    return {"kind": "file", "path": _blanked(str(mask), ids)}
 
 
 # ---------------------------------------------------------------------- main API
@@ -501,7 +504,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              metrics: Optional[Sequence[str]] = None, pair_types: Optional[Sequence[str]] = None,
              mode: str = "slicewise", device: str = "cpu", overwrite: bool = False,
-             save_outputs: bool = True, mask: Any = None, **options: Any) -> EvaluationResult:
+             save_outputs: bool = True, mask: Any = None, selection: Optional[Mapping[str, Any]] = None,
+             **options: Any) -> EvaluationResult:
     """Fuse every pair with every method, score the results and write the tables.
 
     Args:
@@ -524,6 +528,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             (the foreground: the union over the sources of the pixels above that source's minimum, on the
             images as scored), or, for volume pairs, a mask file or Volume (0/1 or boolean) on the pairs'
             grid. A mask on another grid fails that pair (``GeometryError``, pointing to resampling).
+        selection: recorded as metrics.json's ``"selection"``: the folder the pairs of ``source`` were chosen
+            from and how (``{"folder": ..., "split": "val", "seed": 0, "val_fraction": 0.2, "limit": 1, ...}``;
+            ``medfuse evaluate FOLDER`` passes it). None: a folder ``source`` records itself and ``pair_types``.
         **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
 
     Returns:
@@ -596,13 +603,14 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                                 fix="give the array its grid: first_image.with_array(mask), or save it as NIfTI")
     mask = _mask_choice(mask, "mask")
     items, is_2d = _items(source, pair_types=pair_types)
-    ids = [] if is_2d else _blank_names(items)  # PNG pairs hold no patient identifiers
     if is_2d and mask is not None and not (isinstance(mask, str) and mask == "auto"):
         raise InvalidInputError("a mask file or Volume is for volume pairs; 2-D pairs take mask 'auto' (their "
                                 "foreground) or none", fix="use --mask auto, or leave --mask out")
     if isinstance(mask, (str, os.PathLike)) and not (isinstance(mask, str) and mask == "auto"):
         for item in items:  # the mask file is an input: never written over
             item.inputs = (*item.inputs, str(mask))
+    # After the mask joined the inputs: a DICOM mask's own header names the patient too.
+    ids = [] if is_2d else _blank_names(items)  # PNG pairs hold no patient identifiers
     if not is_2d and mode == "native" and metrics is not None:
         from .metrics import NATIVE_3D_METRICS, _names
 
@@ -683,7 +691,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                             save(fused, target, overwrite=overwrite)
                     row["output"] = target.relative_to(out).as_posix() if save_outputs else None
                     if m is not None:  # what was scored: the region and its share of the image
-                        row["mask"] = _mask_record(item.mask if item.mask is not None else mask)
+                        row["mask"] = _mask_record(item.mask if item.mask is not None else mask, ids)
                         row["mask_fraction"] = float(m.mean())
                     row.update({k: v for k, v in scores.items() if k in METRICS})
                     if undefined:  # why a value is NaN/inf (or, slice-wise, how many slices its mean left out)
@@ -726,7 +734,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     names = _metric_names(result.rows)
     # Both texts before either file: a table that cannot be written leaves neither, not a CSV without its JSON.
     csv_text = _csv(result, names)
-    json_text = json.dumps(_json(result, source, methods, options, mask), indent=1, allow_nan=False)
+    json_text = json.dumps(_json(result, source, methods, options, mask, ids, selection, pair_types), indent=1, allow_nan=False)
     atomic_write_text(out / "metrics.csv", csv_text, overwrite=overwrite)
     atomic_write_text(out / "metrics.json", json_text, overwrite=overwrite)
     if save_outputs:  # with save_outputs=False the earlier images stay: this run had none to put beside them
@@ -920,13 +928,33 @@ def _fmt(x) -> str:
     return repr(float(x)) if isinstance(x, (float, int, np.floating)) else str(x)
 
 
-def _json(result: EvaluationResult, source, methods, options, mask=None) -> Dict[str, Any]:
+def _selection_record(source, selection, pair_types, ids: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """Which folder was scored and the options that chose its pairs (None for pairs given one by one)."""
+    if selection is not None:
+        rec = {k: _json_option(v) if not isinstance(v, (list, tuple)) else [_json_option(x) for x in v]
+               for k, v in dict(selection).items()}
+    elif isinstance(source, (str, os.PathLike)):
+        rec = {"folder": os.fspath(source), "pair_types": list(pair_types) if pair_types else None}
+    else:
+        return None
+    if isinstance(rec.get("folder"), str):
+        rec["folder"] = _blanked(rec["folder"], ids)
+    return rec
+
+
+def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Sequence[str] = (),
+          selection=None, pair_types=None) -> Dict[str, Any]:
+    chosen = _selection_record(source, selection, pair_types, ids)
     return {
-        "source": str(source) if isinstance(source, (str, os.PathLike)) else "list of pairs",
+        # The folder scored (a split or --limit of it scored only some of its pairs: "selection" says which).
+        "source": (chosen["folder"] if chosen and isinstance(chosen.get("folder"), str)
+                   else _blanked(os.fspath(source), ids) if isinstance(source, (str, os.PathLike))
+                   else "list of pairs"),
+        "selection": chosen,
         "methods": list(methods),
         "mode": result.mode,
         # The region scored (None: whole images); a pair given its own mask says so in its image rows.
-        "mask": _mask_record(mask),
+        "mask": _mask_record(mask, ids),
         "options": {k: _json_option(v) for k, v in options.items()},
         "metric_definitions": "docs/fusion.md (as ../shared/README.md, reference section)",
         "ok": result.ok,
@@ -1078,6 +1106,12 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             source = kept
     else:
         source = [tuple(p) for p in args.pair]
+    # Which images a folder run scored: the folder and every option that chose its pairs (metrics.json said
+    # only "list of pairs").
+    selection = None if args.source is None else {
+        "folder": os.fspath(args.source), "pair_types": _csv_list(args.pair_types), "split": split,
+        "seed": args.seed if split != "all" else None, "val_fraction": val_fraction if split != "all" else None,
+        "limit": args.limit, "n_pairs": len(source)}
     bar = None
     progress = None
     if not args.no_progress and not quiet:
@@ -1101,14 +1135,14 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
                               metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
                               overwrite=args.overwrite, save_outputs=not args.no_save,
-                              mask=getattr(args, "mask", None))
+                              mask=getattr(args, "mask", None), selection=selection)
     finally:
         if bar is not None:
             bar.close()
     # One line each, as the other commands print them (not Python's file:line form); others as Python shows them.
     # The pairs' patient identifiers blanked, as in the tables (a folder named after the patient was quoted).
     # The summary line quotes --out and --mask, which may be named after the patient too (out/eval_DOE^JANE).
-    ids = (_pair_identifiers(source) if any(issubclass(w.category, MedfuseWarning) for w in caught)
+    ids = (_pair_identifiers(source, getattr(args, "mask", None)) if any(issubclass(w.category, MedfuseWarning) for w in caught)
            or (result.rows and not quiet) else [])
     for w in caught:
         if not issubclass(w.category, MedfuseWarning):

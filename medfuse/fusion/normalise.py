@@ -114,7 +114,8 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
 
     Raises:
         InvalidInputError: NaN/inf values, an unknown ``method`` (or one that is not a str), a ``modality`` or
-            ``unit`` that is neither a str nor None, a ``dtype`` other than float64/float32, or an empty interval.
+            ``unit`` that is neither a str nor None, a ``dtype`` other than float64/float32, an empty image (no
+            pixels) or an empty interval.
     """
     from ..volume import Volume
 
@@ -175,6 +176,9 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
               high, stacklevel: int = 4) -> Dict[str, Any]:
     """The record of the mapping ``[low, high] -> 0..1`` for ``x`` (float64, or any dtype its float64 values
     are read from exactly: min, max and percentiles are taken on float64 values), ``clipped_fraction`` aside."""
+    if x.size == 0:  # NumPy's percentile/min raised IndexError/ValueError; the fixed windows gave a NaN record
+        raise InvalidInputError(f"cannot normalise an empty image (shape {x.shape})",
+                                fix="pass an image with pixels in it")
     if np.iscomplexobj(x):  # the float64 cast below dropped the imaginary part with only NumPy's warning
         raise InvalidInputError(f"the image is complex ({x.dtype}: MR phase/real-imaginary data)",
                                 fix="normalise its magnitude: numpy.abs(image) (Volume: v.with_array(numpy.abs(v.array)))")
