@@ -45,3 +45,17 @@ def test_fuse_names_paths_and_library_images_with_the_conversion_to_use(tmp_path
     for x, fix in cases:
         with pytest.raises(InvalidInputError, match=fix):
             medfuse.fuse(x, x, method="mean")
+
+
+def test_denormalise_returns_the_type_it_was_given_and_never_the_callers_array():
+    from medfuse.fusion.normalise import denormalise, normalise
+
+    ct = medfuse.Volume(np.linspace(-1000, 1000, 64).reshape(4, 4, 4), np.diag([2.0, 2.0, 3.0, 1.0]),
+                        modality="CT", unit="HU")
+    scaled, rec = normalise(ct, method="minmax")
+    back = denormalise(scaled, rec)
+    assert isinstance(back, medfuse.Volume) and back.unit == "HU" and back.same_grid(ct)
+    assert np.allclose(back.array, ct.array)
+    s, r = normalise(np.random.default_rng(0).random((5, 5)), method="none")
+    out = denormalise(s, r)
+    assert not np.shares_memory(out, s) and np.array_equal(out, s)

@@ -276,7 +276,8 @@ def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:
             ``method`` are read).
 
     Returns:
-        float64 array, ``low + array01 * (high - low)`` (the values unchanged for method ``"none"``).
+        float64 array, ``low + array01 * (high - low)`` (the values unchanged, as a copy, for method ``"none"``).
+        Given a Volume, a Volume on its grid with the record's unit (``HU``, ``SUVbw``...) where it names one.
 
     Raises:
         InvalidInputError: ``record`` is not a mapping with finite numeric ``low``/``high`` (not a
@@ -294,12 +295,18 @@ def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:
             raise InvalidInputError(f"the normalisation record has no numeric {key!r} ({got})", fix=fix)
         bounds.append(float(value))
     lo, hi = bounds
+    from ..volume import UNITS, Volume
+
+    if isinstance(array01, Volume):  # the type it was given: normalise(vol) returns a Volume too
+        values = denormalise(array01.array, record)
+        unit = record.get("unit")
+        return array01.with_array(values, **({"unit": unit} if unit in UNITS else {}))
     y = np.asarray(array01)
     if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
         raise InvalidInputError(f"denormalise takes an array of real numbers in 0..1, got {describe(array01)}",
                                 fix="pass the fused array (values in 0..1)")
-    y = y.astype(np.float64, copy=False)
     method = record.get("method")
     if isinstance(method, str) and method == "none":
-        return y
+        return y.astype(np.float64, copy=True)  # never the caller's own array (an edit of one changed the other)
+    y = y.astype(np.float64, copy=False)
     return lo + y * (hi - lo)
