@@ -82,3 +82,24 @@ def test_fuse_takes_trained_weights_and_records_their_hash(tmp_path, capsys):
     assert "classical" in capsys.readouterr().err and not (tmp_path / "m.nii.gz").exists()
     assert main(["fuse", *paths, "-o", str(tmp_path / "n.nii.gz"), "--weights", str(tmp_path / "no.safetensors")]) == 2
     assert not (tmp_path / "n.nii.gz").exists()
+
+
+@pytest.mark.parametrize("name", [".", "..", "/"])
+def test_an_output_that_names_a_folder_is_a_usage_error(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", name, "--method", "mean"])
+    assert rc == EXIT_USAGE and "names a folder" in capsys.readouterr().err
+    rc = main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", name])
+    assert rc == EXIT_USAGE and "names a folder" in capsys.readouterr().err
+
+
+def test_identifier_search_never_enters_kernel_file_systems(tmp_path, monkeypatch):
+    import medfuse.provenance as prov
+
+    fake_proc = tmp_path / "proc"
+    (fake_proc / "1").mkdir(parents=True)
+    (fake_proc / "1" / "pipe").write_bytes(b"x")
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "IM1.dcm").write_bytes(b"x")
+    monkeypatch.setattr(prov, "_PSEUDO_FS", (str(fake_proc),))
+    assert [p.name for p in prov._candidate_files(tmp_path)] == ["IM1.dcm"]
