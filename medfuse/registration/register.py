@@ -48,10 +48,14 @@ class RegistrationReport:
         preset: the preset's name (``"MR-PT"``, ``"default"``...).
         metric_before: the metric with the images as the scanners placed them; None when too few samples overlap.
         metric_after: the metric at the result; None when too few samples overlap.
-        iterations_per_level: iterations run at each level, the initialisation's coarse polish first.
-        stop_reason: SimpleITK's description of why the last optimisation stopped.
+        iterations_per_level: iterations run at each level, the initialisation's coarse polish first (each level
+            runs at most its own budget); empty for the linear part when the fallback returned a placement as it
+            is (no optimisation made the result).
+        stop_reason: SimpleITK's description of why the last optimisation stopped; ``"no optimisation: ..."``
+            (with the discarded optimisation's stop and score) when the fallback kept a placement as it is.
         seconds: wall-clock time of the whole registration.
-        converged: False when the last optimisation stopped at its iteration limit.
+        converged: False when the last optimisation stopped at its iteration limit (the budget of the level that
+            ran last); True for a placement kept as it is.
         suspect: True when the result should not be trusted without a look; see ``suspect_reasons``.
         suspect_reasons: why it is suspect, one sentence each (empty when it is not).
         initialisation: which start won (``"world"``, ``"geometry"``, ``"moments"``, ``"initial"``, a turned
@@ -390,6 +394,10 @@ class _Monitor:
         self.progress, self.cancel, self.lo, self.hi, self.stage = progress, cancel, lo, hi, stage
         self.per_level: List[int] = []
         self.cancelled = False
+        #: the optimiser's own iteration count (one for every level); a level with a smaller budget is stopped
+        #: here when it reaches it, and marked in ``capped``.
+        self.limit: Optional[int] = None
+        self.capped: List[bool] = []
 
     def _report(self, frac: float, msg: str) -> None:
         try:
@@ -410,6 +418,7 @@ class _Monitor:
         if self.cancel is not None and self.cancel.cancelled:
             self._stop()
         self.per_level.append(0)
+        self.capped.append(False)
         lvl = len(self.per_level)
         self._report(self.lo + (self.hi - self.lo) * (lvl - 1) / self.n, f"{self.stage}: level {lvl}/{self.n}")
 
@@ -419,6 +428,7 @@ class _Monitor:
             self._stop()
         if not self.per_level:
             self.per_level.append(0)
+            self.capped.append(False)
         # The optimiser's own count: some optimisers (LBFGSB) fire several events per iteration.
         try:
             n = int(self.reg.GetOptimizerIteration()) + 1
@@ -431,6 +441,12 @@ class _Monitor:
                      f"{self.stage}: level {lvl}/{self.n}, iteration {self.per_level[-1]}")
         if self.cancel is not None and self.cancel.cancelled:  # set by the progress callback just now
             self._stop()
+        # SimpleITK's method has one iteration count for all levels: a level with a smaller budget is stopped
+        # here (StopRegistration ends only the current level of a regular-step descent).
+        budget = int(self.its[min(lvl, len(self.its)) - 1])
+        if self.limit is not None and budget < self.limit and self.per_level[-1] >= budget:
+            self.capped[-1] = True
+            self.reg.StopRegistration()
 
 
 def _method(metric: str, bins: int, fractions, seed: int, *, fmask=None, mmask=None):
@@ -681,7 +697,7 @@ def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, canc
     bins = preset["histogram_bins"]
     starts: list = []
     for name, base in _starts(fixed, moving, mode, undo):
-        if not any(_same_mapping(base, b) for _, b in starts):
+        if not any(_same_mapping(base, b, _same_tol(preset)) for _, b in starts):
             starts.append((name, base))
     scored = []
     for name, base in starts:
@@ -703,7 +719,7 @@ def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, canc
     # Polish the best few distinct starts (world and geometry coincide when the image centres do).
     keep: list = []
     for item in scored:
-        if not any(_same_mapping(item[2], k[2]) for k in keep):
+        if not any(_same_mapping(item[2], k[2], _same_tol(preset)) for k in keep):
             keep.append(item)
         if len(keep) >= int(preset["multistart_keep"]):
             break
@@ -814,7 +830,7 @@ def _turned_candidates(fixed, moving, *, preset, metric, seed, fmask, mmask, can
     fmc = _working_mask_img(fmask, fc)
     starts: list = []
     for name, base in _starts(fixed, moving, "auto"):
-        if not any(_same_mapping(base, b) for _, b in starts):
+        if not any(_same_mapping(base, b, _same_tol(preset)) for _, b in starts):
             starts.append((name, base))
     scan = _orientation_scan(fc, mc, starts, metric=metric, bins=preset["histogram_bins"], fmc=fmc, cancel=cancel)
     tried: list = []
@@ -916,6 +932,13 @@ def _better_orientation(fixed, moving, linear, *, preset, metric, seed, fmask, c
     return f"~{math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(turn) - 1) / 2)))):.0f} degrees", v, v_res
 
 
+def _same_tol(preset) -> float:
+    """``_same_mapping``'s tolerance (mm): 0.5 mm, scaled with the field of view like every mm setting. A 6 mm
+    image's geometry and moments starts, 0.3 mm from the world start, were merged into it as duplicates, and the
+    world start's multi-start alone ended turned 64 degrees (truth 7), unflagged."""
+    return 0.5 * float(preset.get("fov_scale") or 1.0)
+
+
 def _same_mapping(a, b, tol_mm: float = 0.5) -> bool:
     """True when two transforms move probe points (100 mm apart around a's centre) by less than ``tol_mm``."""
     c = np.asarray(a.GetCenter())
@@ -935,49 +958,67 @@ def _working_mask_img(mask_img, ref_img):
 
 def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, monitor_args, bspline=False,
               moving_initial=None):
+    """Multi-resolution optimisation of ``initial`` (in place): (stop reason, iterations per level, budgets).
+
+    Each level runs at most its own budget (``iterations`` / ``bspline_iterations``): a regular-step descent is
+    stopped at it by the monitor; LBFGSB ignores StopRegistration, so a B-spline stage with unequal budgets runs
+    each level as its own Execute (the transform carries over in place).
+    """
     import SimpleITK as sitk
 
     w = float(min(fixed.GetSpacing()))
     levels = preset["bspline_levels_mm"] if bspline else preset["levels_mm"]
-    its = preset["bspline_iterations"] if bspline else preset["iterations"]
+    its = [int(x) for x in (preset["bspline_iterations"] if bspline else preset["iterations"])]
     shrink = [max(1, int(round(lv / w))) for lv in levels]
     sigmas = list(preset["smoothing_vox"][-len(levels):]) if not bspline else [0.5] * (len(levels) - 1) + [0.0]
     n_fine = int(np.prod(fixed.GetSize()))
     samples = preset["bspline_samples"] if bspline else preset["samples"]
     # Same number of samples at every level (fraction scaled by the shrink).
-    reg = _method(metric, preset["histogram_bins"], [samples * f ** 3 / max(1, n_fine) for f in shrink], seed,
-                  fmask=fmask, mmask=mmask)
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel(sigmas)
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    if bspline:
-        # The coefficients are displacements (mm) on top of the linear part: bounding them keeps MI from inventing
-        # large warps where the modalities' contrasts differ (SPM12 T2 -> T1 under a pure shift: 11.6 mm unbounded).
-        bound = float(preset["bspline_max_displacement_mm"])
-        reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=int(max(its)),
-                                 maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=int(max(its)) * 4,
-                                 costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)
-    else:
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=float(preset["learning_rate_mm"]), minStep=float(preset["min_step_mm"]),
-            numberOfIterations=int(max(its)), relaxationFactor=float(preset["relaxation"]),
-            gradientMagnitudeTolerance=1e-8)
-        reg.SetOptimizerScalesFromPhysicalShift()
-    if moving_initial is not None:
-        reg.SetMovingInitialTransform(moving_initial)
-    reg.SetInitialTransform(initial, inPlace=True)
-    mon = _Monitor(reg, len(shrink), its, *monitor_args)
-    try:
-        with _commands(reg, (sitk.sitkMultiResolutionIterationEvent, mon.level),
-                       (sitk.sitkIterationEvent, mon.iteration)):
-            reg.Execute(fixed, moving)
-    except RuntimeError as e:
+    fractions = [samples * f ** 3 / max(1, n_fine) for f in shrink]
+    groups = [[i] for i in range(len(shrink))] if bspline and len(set(its)) > 1 else [list(range(len(shrink)))]
+    mon = _Monitor(None, len(shrink), its, *monitor_args)
+    stop = ""
+    for group in groups:
+        n_its = max(its[i] for i in group)
+        reg = _method(metric, preset["histogram_bins"], [fractions[i] for i in group], seed, fmask=fmask,
+                      mmask=mmask)
+        reg.SetShrinkFactorsPerLevel([shrink[i] for i in group])
+        reg.SetSmoothingSigmasPerLevel([sigmas[i] for i in group])
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        if bspline:
+            # The coefficients are displacements (mm) on top of the linear part: bounding them keeps MI from
+            # inventing large warps where the modalities' contrasts differ (SPM12 T2 -> T1 under a pure shift:
+            # 11.6 mm unbounded).
+            bound = float(preset["bspline_max_displacement_mm"])
+            reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=n_its,
+                                     maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=n_its * 4,
+                                     costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)
+        else:
+            reg.SetOptimizerAsRegularStepGradientDescent(
+                learningRate=float(preset["learning_rate_mm"]), minStep=float(preset["min_step_mm"]),
+                numberOfIterations=n_its, relaxationFactor=float(preset["relaxation"]),
+                gradientMagnitudeTolerance=1e-8)
+            reg.SetOptimizerScalesFromPhysicalShift()
+            mon.limit = n_its
+        if moving_initial is not None:
+            reg.SetMovingInitialTransform(moving_initial)
+        reg.SetInitialTransform(initial, inPlace=True)
+        mon.reg = reg
+        try:
+            with _commands(reg, (sitk.sitkMultiResolutionIterationEvent, mon.level),
+                           (sitk.sitkIterationEvent, mon.iteration)):
+                reg.Execute(fixed, moving)
+        except RuntimeError as e:
+            if mon.cancelled:
+                raise CancelledError("registration was cancelled") from None
+            _raise_sitk_failure(e)
         if mon.cancelled:
-            raise CancelledError("registration was cancelled") from None
-        _raise_sitk_failure(e)
-    if mon.cancelled:
-        raise CancelledError("registration was cancelled")
-    return reg.GetOptimizerStopConditionDescription(), mon.per_level, its
+            raise CancelledError("registration was cancelled")
+        stop = reg.GetOptimizerStopConditionDescription()
+    if mon.capped and mon.capped[-1]:
+        # Stopped by the monitor at the last level's own budget: SimpleITK's description is then empty.
+        stop = f"{stop.split(':')[0]}: Maximum number of iterations ({its[-1]}) exceeded (this level's budget)."
+    return stop, mon.per_level, its
 
 
 # Whether register() makes ``resampled``. The pipeline turns it off (see _transform_only): it resamples each
@@ -1090,7 +1131,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         Q, P = _split_initial(initial.matrix, fixed.center)
         moving = _pre_aligned(moving, Q)
         mmask_v = None if mmask_v is None else _pre_aligned(mmask_v, Q)
-    Q_given = Q  # the initial transform's rigid part (Q also takes a turned orientation of "auto" later)
+    Q_given, P_given = Q, P  # the initial transform's parts (Q also takes a turned orientation of "auto" later)
     if not _boxes_intersect(fixed, moving) and initialise != "geometry":
         if initial is not None:
             raise RegistrationError(
@@ -1159,8 +1200,11 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     native = max(max(fixed.spacing), float(p["final_mm"] or 0))
     run_native = bool(p["final_mm"]) and native < 0.95 * finest
 
-    def linear_stages(start, coarse, lo, hi, tag=""):
-        """Rigid (+ affine) pyramid and the native level from the rigid ``start``: (transform, stop, levels, its)."""
+    def linear_stages(start, coarse, lo, hi, tag="", stretch=...):
+        """Rigid (+ affine) pyramid and the native level from the rigid ``start``: (transform, stop, levels, its).
+
+        ``stretch`` (4x4 or None; default ``P``) starts the affine stage with that scaling/shear."""
+        stretch = P if stretch is ... else stretch
         mid = hi - 0.05 if run_native else hi
         rigid_hi = mid if kind == "rigid" else max(lo, min(0.4, mid))
         stop, per_level, its = _optimise(fimg, mimg, start, preset=p, metric=metric, seed=seed, fmask=fmask,
@@ -1174,9 +1218,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             aff.SetCenter(start.GetCenter())
             aff.SetMatrix(start.GetMatrix())
             aff.SetTranslation(start.GetTranslation())
-            if P is not None:  # the initial transform's scaling/shear: the affine stage starts with it
+            if stretch is not None:  # the initial transform's scaling/shear: the affine stage starts with it
                 c = np.asarray(start.GetCenter())
-                m = P @ Transform(start).matrix
+                m = stretch @ Transform(start).matrix
                 aff.SetMatrix(tuple(float(x) for x in m[:3, :3].ravel()))
                 aff.SetTranslation(tuple(float(x) for x in m[:3, :3] @ c + m[:3, 3] - c))
             stop2, per2, its2 = _optimise(fimg, mimg, aff, preset={**p, "levels_mm": p["levels_mm"][-2:],
@@ -1204,24 +1248,37 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # multi-start, scored on 8 mm copies with 2 slices, kept a 28 degree tilt; from the placement: 0.03 degrees).
     # Optimise from that placement as well and keep the better result on the same fine sample set. Not for "none":
     # it is the way to insist on the start.
+    kept = None  # set when a placement is returned as it is: the optimisation was discarded (see below)
     if initialise != "none":
-        # (where, its label when its result wins, placement: fixed point -> original moving point, its metric)
-        places = [("the scanners' placement", "world", np.eye(4), metric_before)]
+        # (where, its label when its result wins, placement: fixed point -> original moving point, the matrix that
+        # is returned if it is kept as it is, that matrix's metric). Like with like: a rigid run keeps only the
+        # initial transform's rigid part (its metric, not metric_initial's with the stretch); an affine run keeps
+        # all of it.
+        places = [("the scanners' placement", "world", np.eye(4), np.eye(4), metric_before)]
         if Q_given is not None:
-            places.append(("the initial transform", "initial", Q_given, metric_initial))
+            whole = Q_given if P_given is None or kind == "rigid" else Q_given @ P_given
+            value = metric_initial
+            if whole is Q_given and P_given is not None:
+                value = _evaluate(fimg, mimg, Transform.from_matrix(np.linalg.inv(Q) @ Q_given).sitk, metric=metric,
+                                  bins=p["histogram_bins"], seed=seed, fmask=fmask, mmask=mmask)
+            places.append(("the initial transform", "initial", Q_given, whole, value))
         # Each placement in the working frame (after the initial transform); a mirroring one has no rigid start.
-        places = [(where, name, value, R if Q is None else np.linalg.inv(Q) @ R) for where, name, R, value in places]
+        back = np.eye(4) if Q is None else np.linalg.inv(Q)
+        places = [(where, name, value, back @ R, back @ W) for where, name, R, W, value in places]
         places = [pl for pl in places if pl[2] is not None and _rigid_start(pl[3], start.GetCenter()) is not None]
         m_lin = _evaluate(fimg, mimg, linear, metric=metric, bins=p["histogram_bins"], seed=seed, fmask=fmask,
                           mmask=mmask)
-        for where, name, value, R in places:
+        for where, name, value, R, W in places:
             alt_start = _rigid_start(R, start.GetCenter())  # a fresh one: the optimisation moves it
-            if _same_mapping(start, alt_start):
+            if _same_mapping(start, alt_start, _same_tol(p)):
                 continue
             if m_lin is not None and m_lin <= value + _worse_tolerance(value):
                 continue
             report(progress, lin_hi, f"re-optimising from {where}")
-            alt = linear_stages(alt_start, 0, lin_hi, lin_hi, f" (from {where})")
+            # From the initial transform the affine stage starts with its stretch (in the working frame: the
+            # stretch acts on the fixed side, before R); from the scanners' placement with none.
+            stretch = None if np.allclose(R, W) else W @ np.linalg.inv(R)
+            alt = linear_stages(alt_start, 0, lin_hi, lin_hi, f" (from {where})", stretch=stretch)
             m_alt = _evaluate(fimg, mimg, alt[0], metric=metric, bins=p["histogram_bins"], seed=seed, fmask=fmask,
                               mmask=mmask)
             said = f"the {init_label} result scored worse than {where} ({_fmt(m_lin)} against {value:.4f})"
@@ -1232,13 +1289,26 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             else:
                 init_label = f"{init_label} ({said}; re-optimising from {where} did no better, {_fmt(m_alt)})"
         # Still worse than a placement, also when the search began there (the sample CT on the MR of its own frame
-        # ended 0.1 degrees off, 0.3 % worse, flagged suspect): that placement itself is the better answer.
+        # ended 0.1 degrees off, 0.3 % worse, flagged suspect): that placement itself is the better answer. What is
+        # returned is what was scored: the rigid part for a rigid run, the whole initial transform otherwise.
         if places:
-            where, name, value, R = min(places, key=lambda pl: pl[2])
+            where, name, value, R, W = min(places, key=lambda pl: pl[2])
             if m_lin is None or m_lin > value + _worse_tolerance(value):
-                linear = _rigid_start(R, start.GetCenter())
+                if np.allclose(R, W):
+                    linear = _rigid_start(R, start.GetCenter())
+                else:
+                    linear = sitk.AffineTransform(3)
+                    linear.SetCenter(start.GetCenter())
+                    c = np.asarray(start.GetCenter())
+                    linear.SetMatrix(tuple(float(x) for x in W[:3, :3].ravel()))
+                    linear.SetTranslation(tuple(float(x) for x in W[:3, :3] @ c + W[:3, 3] - c))
                 init_label = (f"{name} (kept {where} as it is: the optimised result scored {_fmt(m_lin)} against "
                               f"{value:.4f} there; was: {init_label})")
+                # The report describes what is returned: no optimisation made it, and why the one run was dropped.
+                kept = (f"no optimisation: {where} is returned as it is; the optimised result (stopped with "
+                        f"'{stop}') scored {_fmt(m_lin)} against {value:.4f} there and was discarded")
+                stop, per_level, its = kept, [], []
+    last_stop = "" if kept else stop  # the stop reason of the optimisation whose result is returned
     transform = Transform(linear)
     jac_min = jac_frac = disp_mean = disp_max = gain = bspline_dropped = None
     if kind == "deformable":
@@ -1249,7 +1319,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         stop3, per3, its3 = _optimise(fimg, mimg, bs, preset=p, metric=metric, seed=seed, fmask=fmask, mmask=mmask,
                                       monitor_args=(progress, cancel, lin_hi, 0.95, "deformable"), bspline=True,
                                       moving_initial=linear)
-        stop = stop3
+        stop = stop3 if kept is None else f"{stop3}; linear part: {kept}"
+        last_stop = stop3
         per_level = per_level + per3
         its = list(its) + list(its3)
         jac_min, jac_frac, disp_mean, disp_max = _jacobian(bs, fimg, fmask)
@@ -1292,7 +1363,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
 
     # ---------------------------------------------------------------- honesty
     reasons: List[str] = []
-    hit_max = bool(per_level) and per_level[-1] >= int(its[-1]) or "Maximum number of iterations" in stop
+    # The limit of the level that ran last (each level has its own budget); a placement kept as it is was not
+    # stopped by any.
+    hit_max = bool(per_level) and per_level[-1] >= int(its[-1]) or "Maximum number of iterations" in last_stop
     converged = not hit_max and "cancel" not in stop.lower()
     # A B-spline stage is run for a fixed budget (as elastix does): its limit is reported through
     # ``converged`` and ``stop_reason``; the fold and similarity checks below guard the result.
@@ -1303,8 +1376,14 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     elif metric_before is not None and metric_after > metric_before + _worse_tolerance(metric_before):
         reasons.append(f"the similarity got worse ({metric_before:.4f} before, {metric_after:.4f} after; lower is better)")
     elif metric_initial is not None and metric_after > metric_initial + _worse_tolerance(metric_initial):
+        why = ""
+        if kind == "rigid" and P_given is not None:
+            # metric_initial includes the initial transform's scaling/shear, which a rigid result cannot keep.
+            sv = np.round(np.linalg.svd(P_given[:3, :3])[1], 3).tolist()
+            why = (f" (the initial transform also scales/shears, by {sv}; a rigid result keeps only its rotation and "
+                   "shift: kind='affine' keeps the rest)")
         reasons.append(f"the similarity got worse than at the initial transform ({metric_initial:.4f} there, "
-                       f"{metric_after:.4f} after; lower is better)")
+                       f"{metric_after:.4f} after; lower is better){why}")
     if metric == "mattes" and metric_after is not None and abs(metric_after) < _NO_INFORMATION:
         # Similarity that only got "better" from nothing to nothing: noise, an empty or wrong image was registered
         # (random noise onto the SPM12 T1 ended turned 121 degrees, unflagged).
