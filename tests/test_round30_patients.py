@@ -99,10 +99,13 @@ def test_registering_and_fusing_two_patients_warns_without_naming_them(series):
 def test_register_warns_once_at_its_start(series):
     ct = medfuse.load(series["ct_jane"])
     pet = medfuse.load(series["pet_john"], suv="none")
+    seen = []
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        res = medfuse.register(ct, pet, kind="rigid", iterations=(5, 5, 5), initialise="none")
+        res = medfuse.register(ct, pet, kind="rigid", iterations=(5, 5, 5), initialise="none",
+                               progress=lambda f, msg: seen.append((f, _said(rec).count(DIFFERENT_PATIENTS))))
     assert _said(rec).count(DIFFERENT_PATIENTS) == 1
+    assert [n for f, n in seen if 0.05 < f < 0.9][:1] == [1]  # said at the start, before the optimisation
     assert DIFFERENT_PATIENTS in res.resampled.provenance["warnings"]
 
 

@@ -28,7 +28,8 @@ from ..errors import CancelledError, InvalidInputError, MedfuseWarning, Registra
 from ..progress import CancelToken, ProgressFn, check_callbacks, report
 from ..volume import Volume, require_finite
 from .presets import get_preset
-from .resample import _grid_corners, _world_box, resample, same_frame_of_reference
+from .._patient import different_patients_note
+from .resample import _grid_corners, _patients_checked, _world_box, resample, same_frame_of_reference
 from .transforms import Transform
 
 __all__ = ["register", "RegistrationResult", "RegistrationReport"]
@@ -1171,6 +1172,10 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # only patient motion is left to correct. "auto" then starts from that placement, as "none" does; its wide
     # searches scored a 14 mm slab (Siemens XA10, 64x64x6) on 2-slice coarse copies and turned it 179.5 degrees.
     same_frame = same_frame_of_reference(fixed, original)
+    # Said now, not after minutes of work (the resampled result's provenance keeps it, not said twice).
+    patients = different_patients_note(original.provenance, fixed.provenance)
+    if patients is not None:
+        warnings.warn(patients, MedfuseWarning, stacklevel=2)
     one_frame_start = initialise == "auto" and bool(same_frame) and initial is None
     if one_frame_start:
         initialise = "none"
@@ -1358,7 +1363,11 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     resampled = None
     if _RESAMPLED.get():
         report(progress, 0.96, "resampling")
-        resampled = resample(original, fixed, transform=transform)
+        token = _patients_checked.set(True)
+        try:
+            resampled = resample(original, fixed, transform=transform)
+        finally:
+            _patients_checked.reset(token)
         resampled.provenance["registration"] = {"kind": kind, "metric": metric, "preset": p["name"]}
 
     # ---------------------------------------------------------------- honesty
