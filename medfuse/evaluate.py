@@ -505,7 +505,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
              metrics: Optional[Sequence[str]] = None, pair_types: Optional[Sequence[str]] = None,
              mode: str = "slicewise", device: str = "cpu", overwrite: bool = False,
              save_outputs: bool = True, mask: Any = None, selection: Optional[Mapping[str, Any]] = None,
-             **options: Any) -> EvaluationResult:
+             weights: Optional[Union[str, os.PathLike]] = None, **options: Any) -> EvaluationResult:
     """Fuse every pair with every method, score the results and write the tables.
 
     Args:
@@ -531,6 +531,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         selection: recorded as metrics.json's ``"selection"``: the folder the pairs of ``source`` were chosen
             from and how (``{"folder": ..., "split": "val", "seed": 0, "val_fraction": 0.2, "limit": 1, ...}``;
             ``medfuse evaluate FOLDER`` passes it). None: a folder ``source`` records itself and ``pair_types``.
+        weights: the network's weights file (``.safetensors``, e.g. what ``medfuse train`` exported; None: the
+            shipped ones), for ``"network"`` only (the rules never get it); its SHA-256 is recorded in
+            metrics.json (``network_weights``).
         **options: passed to :func:`medfuse.fusion.fuse` (rule or network options).
 
     Returns:
@@ -587,6 +590,17 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
 
     # As `medfuse fuse`: a GPU this machine lacks is bad input (exit 2) for every method, not one failure per item.
     check_network_device("network" if "network" in methods else methods[0], device)
+    network_weights = None
+    if "network" in methods:
+        from .fusion.infer import weights_sha256
+
+        # Checked now (a missing file is a WeightsError before anything is written), and recorded: a table of
+        # "network" rows must say which model made them.
+        network_weights = {"path": None if weights is None else os.fspath(weights), "sha256": weights_sha256(weights)}
+    elif weights is not None:
+        raise InvalidInputError("weights names the fusion network's weights file, but 'network' is not among the "
+                                "methods", fix="add network to the methods, or leave weights out")
+    net_options = options if weights is None else {**options, "weights": os.fspath(weights)}
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
         raise InvalidInputError(f"out_dir must be a folder path, got {type(out_dir).__name__}",
                                 fix="pass out_dir='eval' (created if missing)")
@@ -670,7 +684,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     if isinstance(pair_mask, MedfuseError):
                         raise pair_mask
                     if is_2d:
-                        img, f, greys = _fuse_2d(srcs, method, device, options)
+                        img, f, greys = _fuse_2d(srcs, method, device,
+                                                 net_options if method == "network" else options)
                         m = _mask_array(mask, greys)
                         with _collect_undefined() as undefined:  # said once for the run, below, and in the row
                             scores = score(f, *greys, metrics=metrics, mask=m)
@@ -681,7 +696,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                             _save_png(img, target, overwrite)
                     else:
                         with _collect_undefined() as undefined:
-                            fused, scores, m = _score_volumes(srcs, method, device, options, mode, metrics, pair_mask)
+                            fused, scores, m = _score_volumes(srcs, method, device,
+                                                              net_options if method == "network" else options,
+                                                              mode, metrics, pair_mask)
                         target = _target(out, method, item, False)
                         if save_outputs:
                             from .io import save
@@ -734,7 +751,11 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     names = _metric_names(result.rows)
     # Both texts before either file: a table that cannot be written leaves neither, not a CSV without its JSON.
     csv_text = _csv(result, names)
-    json_text = json.dumps(_json(result, source, methods, options, mask, ids, selection, pair_types), indent=1, allow_nan=False)
+    record = _json(result, source, methods, options, mask, ids, selection, pair_types)
+    if network_weights is not None:
+        record["network_weights"] = {**network_weights, "path": None if network_weights["path"] is None
+                                     else _blanked(network_weights["path"], ids)}
+    json_text = json.dumps(record, indent=1, allow_nan=False)
     atomic_write_text(out / "metrics.csv", csv_text, overwrite=overwrite)
     atomic_write_text(out / "metrics.json", json_text, overwrite=overwrite)
     if save_outputs:  # with save_outputs=False the earlier images stay: this run had none to put beside them
@@ -1038,6 +1059,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,auto}",
                         help="where the network runs (default: cpu; auto: a CUDA GPU when there is one); checked "
                              "before anything is written")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="network weights (.safetensors) instead of the shipped ones, e.g. what 'medfuse train' "
+                             "exported (scored as the 'network' method; its SHA-256 goes into metrics.json)")
     parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1135,7 +1159,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
                               metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
                               overwrite=args.overwrite, save_outputs=not args.no_save,
-                              mask=getattr(args, "mask", None), selection=selection)
+                              mask=getattr(args, "mask", None), selection=selection,
+                              weights=getattr(args, "weights", None))
     finally:
         if bar is not None:
             bar.close()

@@ -160,3 +160,29 @@ def test_medfuse_info_blanks_such_descriptions(tmp_path):
         rc, text = _cli(["info", folder])
         assert rc == 0, text
         assert desc not in text and "[removed]" in text, text
+
+
+def test_evaluate_scores_trained_weights_as_the_network_and_records_them(tmp_path):
+    import json
+    import shutil
+
+    import medfuse
+    from medfuse import provenance as prov
+    from medfuse.errors import InvalidInputError, WeightsError
+    from medfuse.evaluate import evaluate
+
+    rng = np.random.default_rng(1)
+    a = medfuse.Volume(rng.random((32, 32, 32)).astype(np.float32), np.eye(4), modality="MR")
+    b = a.with_array(rng.random((32, 32, 32)).astype(np.float32))
+    shipped = Path(medfuse.__file__).parent / "fusion" / "weights" / "medfuse_fusion.safetensors"
+    mine = Path(shutil.copy(shipped, tmp_path / "mine.safetensors"))
+    res = evaluate([(a, b)], methods=["network", "mean"], out_dir=tmp_path / "ev", weights=mine,
+                   metrics=["EN", "SD"], save_outputs=False)
+    assert res.ok and {r["method"] for r in res.rows} == {"network", "mean"}
+    rec = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert rec["network_weights"]["sha256"] == prov.hash_path(mine)
+    with pytest.raises(InvalidInputError, match="network"):
+        evaluate([(a, b)], methods=["mean"], out_dir=tmp_path / "ev2", weights=mine)
+    with pytest.raises(WeightsError):
+        evaluate([(a, b)], methods=["network"], out_dir=tmp_path / "ev3", weights=tmp_path / "none.safetensors")
+    assert not (tmp_path / "ev2").exists() and not (tmp_path / "ev3").exists()
