@@ -49,10 +49,14 @@ CHECKPOINT_FORMAT = 1
 
 
 # ============================================================================ data
+#: Smallest side of a training pair in pixels: validation scores whole pairs, and the 4-scale VIF's 'valid'
+#: filters (17, 9, 5, 3 taps with three halvings) need 41 (as :data:`MIN_CROP` does for the crops).
+MIN_PAIR_SIZE = 41
 #: The folder layout ``--data`` must hold, for error messages (the README's "Training on your own pairs").
 LAYOUT = ("DATA/harvard-pairs/ with one or more of CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/, SPECT-MRI/{MRI,SPECT}/, "
-          "each pair two same-sized PNGs of the same name in the two sub-folders, named CASE then a 3-digit slice "
-          "(28010.png: case 28, slice 010; the split is by case), and at least two cases per pair type")
+          "each pair two same-sized PNGs (41x41 pixels or more) of the same name in the two sub-folders, named "
+          "CASE then a 3-digit slice (28010.png: case 28, slice 010; the split is by case), and at least two cases "
+          "per pair type")
 
 
 def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
@@ -112,8 +116,25 @@ def _check_split(train_pairs: Dict[str, list], val_pairs: Dict[str, list], root:
 
 def read_pairs(pairs: Dict[str, list]) -> Dict[str, List[np.ndarray]]:
     """Every pair read (:func:`load_pair`): run before the run folder is made, so that a broken PNG stops the run
-    before anything is written or trained (validation pairs were first read at the end of epoch 1)."""
-    return {k: [load_pair(a, b) for a, b in v] for k, v in pairs.items()}
+    before anything is written or trained (validation pairs were first read at the end of epoch 1).
+
+    Raises:
+        UnreadableFileError, InvalidInputError: as :func:`load_pair`; InvalidInputError also for a pair smaller
+            than :data:`MIN_PAIR_SIZE` pixels on a side, which validation cannot score.
+    """
+    out = {}
+    for k, v in pairs.items():
+        out[k] = []
+        for a, b in v:
+            x = load_pair(a, b)
+            if min(x.shape[1:]) < MIN_PAIR_SIZE:
+                # Why before training: validation scores whole pairs, and the 4-scale VIF's filters do not fit a
+                # smaller image (an internal error at the end of epoch 1).
+                raise InvalidInputError(f"the pair is {x.shape[1]}x{x.shape[2]} pixels; training needs at least "
+                                        f"{MIN_PAIR_SIZE}x{MIN_PAIR_SIZE} (the validation metrics' VIF filters)",
+                                        path=a, fix="remove the pair, or upsample both of its images")
+            out[k].append(x)
+    return out
 
 
 def to_luma(rgb: np.ndarray) -> np.ndarray:
@@ -159,25 +180,66 @@ def volume_sets(shared: Path) -> List[np.ndarray]:
     return volumes_in(Path(shared) / "data")
 
 
+#: The files each 3-D volume folder of ``--data`` must hold (all of them, or the folder is not used at all).
+VOLUME_FILES = {"brats-gli-00001": ("t1n.nii.gz", "t1c.nii.gz", "t2w.nii.gz", "t2f.nii.gz"),
+                "spm12-templates": ("T1.nii", "PET.nii", "T2.nii", "SPECT.nii")}
+
+
+def check_volume_folders(data: Path) -> None:
+    """Refuse a partly copied 3-D volume folder before anything is read or written.
+
+    Why: an empty or half-copied ``brats-gli-00001/`` beside valid pairs failed in :func:`volumes_in` with an
+    internal FileNotFoundError, after the run folder and its ``train.log`` were made.
+
+    Raises:
+        UnreadableFileError: a folder of :data:`VOLUME_FILES` is present and lacks one of its files (named).
+    """
+    for folder, names in VOLUME_FILES.items():
+        d = Path(data) / folder
+        if not d.is_dir():
+            continue
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            what = "holds none of its files" if len(missing) == len(names) else f"lacks {', '.join(missing)}"
+            raise UnreadableFileError(f"the 3-D volume folder {what} (it needs {', '.join(names)})", path=d,
+                                      fix=f"copy the whole {folder}/ folder into --data, or remove it to train "
+                                          "without it")
+
+
+def _load_volume(path: Path) -> np.ndarray:
+    """:func:`_load_nifti` with a typed error naming the file (a truncated or foreign file raised nibabel's)."""
+    try:
+        return _load_nifti(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and numpy raise several types for a bad file
+        raise UnreadableFileError(f"cannot read the 3-D training volume ({type(exc).__name__})", path=path,
+                                  fix=f"copy {path.parent.name}/ again, or remove it from --data to train "
+                                      "without it") from None
+
+
 def volumes_in(data: Path) -> List[np.ndarray]:
     """Co-registered 3-D sets (N, D, H, W) in 0..1 from ``data`` (the ``--data`` folder, which holds
-    ``brats-gli-00001/`` and ``spm12-templates/``): BraTS contrasts, SPM12 templates, the phantom."""
+    ``brats-gli-00001/`` and ``spm12-templates/``): BraTS contrasts, SPM12 templates, the phantom.
+
+    Raises:
+        UnreadableFileError: a volume folder lacks a file (:func:`check_volume_folders`) or one is unreadable.
+    """
     import scipy.ndimage as ndi
 
+    check_volume_folders(data)
     sets = []
     br = Path(data) / "brats-gli-00001"
     if br.is_dir():
-        t1n, t1c, t2w, t2f = (_load_nifti(br / f"{n}.nii.gz") for n in ("t1n", "t1c", "t2w", "t2f"))
+        t1n, t1c, t2w, t2f = (_load_volume(br / f"{n}.nii.gz") for n in ("t1n", "t1c", "t2w", "t2f"))
         sets += [np.stack([t1c, t2f]), np.stack([t1n, t2w]), np.stack([t1c, t2w, t2f])]
     sp = Path(data) / "spm12-templates"
     if sp.is_dir():
-        t1 = _load_nifti(sp / "T1.nii")
+        t1 = _load_volume(sp / "T1.nii")
         # The templates are 2 mm; bring them to about 1 mm so their structures match the other data's scale.
         def up(v):
             return np.clip(ndi.zoom(v, 2, order=1), 0, 1).astype(np.float32)
         for other in ("PET", "T2"):
-            sets.append(np.stack([up(t1), up(_load_nifti(sp / f"{other}.nii"))]))
-        spect = _load_nifti(sp / "SPECT.nii")
+            sets.append(np.stack([up(t1), up(_load_volume(sp / f"{other}.nii"))]))
+        spect = _load_volume(sp / "SPECT.nii")
         if spect.shape == t1.shape:
             sets.append(np.stack([up(t1), up(spect[::-1])]))  # SPECT is RAS voxel order, the others LAS
     try:
@@ -506,6 +568,7 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
 
     from ..metrics import UndefinedMetricWarning
     from .classical import fuse_arrays as classical
+    from .infer import _pad_to  # the padding inference uses, so validation scores what fuse() would give
 
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
     left_out: List[str] = []
@@ -522,8 +585,11 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
             for k, why in nan_of.items():
                 undefined.setdefault(k, []).append(why)
             with torch.inference_mode():
-                xt = torch.from_numpy(x)[None].to(device)
-                fused = {"network": model(xt).float().cpu()[0].numpy()}
+                # Padded to the network's factor and cropped back, as fuse() does: a pair whose size is not a
+                # multiple of it failed here with an internal error after a whole epoch.
+                h, w = x.shape[1:]
+                xt = _pad_to(torch.from_numpy(x)[None].to(device), model.factor, (2, 3))
+                fused = {"network": model(xt)[0, :h, :w].float().cpu().numpy()}
             for r in todo:
                 fused[r] = np.clip(classical([x[0], x[1]], method=r), 0, 1).astype(np.float32)
             for meth, f in fused.items():
@@ -807,6 +873,96 @@ def check_resume_options(args: argparse.Namespace, path: Path) -> List[str]:
                      f"stretched to {args.epochs} epochs from epoch {done + 1} on, so the result differs from an "
                      f"uninterrupted run of either length")
     return notes
+
+
+def split_of(train_pairs: Dict[str, list], val_pairs: Dict[str, list]) -> Dict[str, Dict[str, List[str]]]:
+    """{"train": {pair type: [case, ...]}, "val": {...}}: the run's split by case, recorded in its checkpoints."""
+    def cases(pairs):
+        return {k: sorted({case_of(a.name) for a, _ in v}) for k, v in pairs.items()}
+
+    return {"train": cases(train_pairs), "val": cases(val_pairs)}
+
+
+def check_resume_split(path: Path, split: Dict[str, Dict[str, List[str]]]) -> List[str]:
+    """Refuse ``--resume`` when the data's split by case differs from the one the run trained and validated on;
+    returns warnings to log.
+
+    Why: ``--data`` may change on a resume (the folder moved), and the split is redone from what the folder holds
+    now: two cases added to it moved a validation case into training (it had been trained on, then picked the
+    best epoch and was recorded as held out in the export's card).
+
+    Raises:
+        InvalidInputError: a pair type's training or validation cases differ (each difference is named).
+    """
+    saved = _read_checkpoint(path)["state"].get("cases")
+    if saved is None:  # written before the split was recorded
+        return [f"{path} does not record its run's split by case; the data's split could not be checked against "
+                "the one the run trained on"]
+    diff = []
+    for part, name in (("val", "validation"), ("train", "training")):
+        before, now = saved.get(part, {}), split.get(part, {})
+        for ptype in sorted(set(before) | set(now)):
+            b, n = set(before.get(ptype, [])), set(now.get(ptype, []))
+            if b != n:
+                change = [f"{w} {', '.join(sorted(c, key=_case_key))}" for w, c in (("now also", n - b),
+                                                                                     ("no longer", b - n)) if c]
+                diff.append(f"{ptype} {name} cases {'; '.join(change)}")
+    if diff:
+        raise InvalidInputError("--resume continues a run whose split by case differs from what --data holds now ("
+                                + "; ".join(diff) + "), so the resumed epochs would train or validate on other "
+                                "cases than the earlier ones (a case validated on after it was trained on)", path=path,
+                                fix="resume with the --data folder as it was when the run started (its train.log "
+                                    "lists the validation cases), or start a new run with --overwrite or another "
+                                    "--run-dir to train on the data as it is now")
+    return []
+
+
+def _case_key(case: str):
+    return (0, int(case), "") if case.isascii() and case.isdigit() else (1, 0, case)
+
+
+def init_held_out(path: Optional[Path]) -> Optional[Dict[str, List[str]]]:
+    """The validation cases the ``--init`` weights were held out from: a safetensors export's card
+    (``<stem>.json``, ``val_cases``) or a training checkpoint's recorded split; None where neither records them."""
+    if path is None:
+        return None
+    path = Path(path)
+    if str(path).endswith(".safetensors"):
+        try:
+            held = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("val_cases")
+        except (OSError, ValueError, AttributeError):
+            return None  # no card, or an unreadable one: nothing to compare with
+    else:
+        try:
+            import torch
+
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            held = ck["state"]["cases"]["val"]
+        except Exception:  # noqa: BLE001 - a bare state dict, an older checkpoint: nothing recorded
+            return None
+    if not isinstance(held, dict):
+        return None
+    return {str(k): [str(c) for c in v] for k, v in held.items() if isinstance(v, (list, tuple))}
+
+
+def init_val_overlap(path: Optional[Path], val_cases: Dict[str, List[str]]) -> Dict[str, List[str]]:
+    """Per pair type, this run's validation cases that the ``--init`` weights were *not* held out from (so trained
+    on, if they were trained on this data): {} when there are none or the weights record no split.
+
+    Why: fine-tuning with another --seed or --val-fraction than the starting weights' validated on cases those
+    weights had trained on, and the --init weights compete as epoch 0, so the export's validation and its choice
+    of epoch were optimistic, silently.
+    """
+    held = init_held_out(path)
+    if not held:
+        return {}
+    out = {}
+    for ptype, cases in val_cases.items():
+        if ptype in held:  # a pair type the weights' card does not list: nothing known about it
+            seen = sorted(set(cases) - set(held[ptype]), key=_case_key)
+            if seen:
+                out[ptype] = seen
+    return out
 
 
 def check_finite(tensors, what: str) -> None:
@@ -1162,6 +1318,12 @@ def _init_state(path: Path) -> dict:
     Raises:
         UnreadableFileError: unreadable, of a newer checkpoint format, or a torch file that holds no tensors.
     """
+    if str(path).endswith(".safetensors"):
+        from .infer import _check_recorded_hash
+
+        # Why: a corrupted byte still loads, and the run would fine-tune other weights than its card names;
+        # fuse(weights=) refuses such a file, and so does a fine-tune (a WeightsError naming the file).
+        _check_recorded_hash(Path(path))
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -1194,10 +1356,49 @@ def _unreadable_init(path: Path, exc: Exception) -> UnreadableFileError:
                                fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt")
 
 
-def _init_config(path: Optional[Path]) -> dict:
-    """The architecture config stored in ``--init`` weights (a safetensors export's; values as strings), else {}."""
-    if path is None or not str(path).endswith(".safetensors"):
+#: Run options a training checkpoint records (``state["options"]``) -> the architecture config key they set.
+_CKPT_CONFIG = {"width": "width", "factor": "factor", "scan": "scan", "merge": "merge", "empty_guard": "empty_guard",
+                "refine_head": "refine", "coarse_pixel_rule_3d": "coarse_pixel_rule_3d",
+                "coarse_rule_learned": "coarse_rule_learned", "functional_k": "functional_k",
+                "functional_base_learned": "functional_base_learned",
+                "functional_coarse_learned": "functional_coarse_learned"}
+
+
+def _checkpoint_config(path: Path) -> dict:
+    """The architecture config of a training checkpoint, from the run options it records (values as strings);
+    {} for a bare state dict or a checkpoint of a medfuse that did not record its options.
+
+    Why: the config was read from safetensors exports only, so ``--init last.ckpt`` silently trained another
+    model (factor 4 and no empty guard, pixel rule or functional choice, whatever the checkpoint's run used).
+    """
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no unpickling
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+        raise _unreadable_init(path, exc) from None
+    state = ck.get("state") if isinstance(ck, dict) else None
+    options = state.get("options") if isinstance(state, dict) else None
+    if not isinstance(options, dict):
         return {}
+    out = {}
+    for opt, key in _CKPT_CONFIG.items():
+        value = options.get(opt)
+        if value is None or value == "None":  # not recorded, or left to its default by that run
+            continue
+        out[key] = str(value)
+    if options.get("per_input_gain") in ("True", "False"):
+        out["per_input_gain"] = "1" if options["per_input_gain"] == "True" else "0"
+    return out
+
+
+def _init_config(path: Optional[Path]) -> dict:
+    """The architecture config stored in ``--init`` weights (values as strings): a safetensors export's, or the
+    one a training checkpoint's recorded run options give (:func:`_checkpoint_config`); else {}."""
+    if path is None:
+        return {}
+    if not str(path).endswith(".safetensors"):
+        return _checkpoint_config(Path(path)) if Path(path).is_file() else {}
     try:
         from safetensors import safe_open
 
@@ -1508,11 +1709,17 @@ def run(args: argparse.Namespace) -> int:
     pairs = harvard_pairs(hv)
     train_pairs, val_pairs = split_cases(pairs, seed=args.seed, val_fraction=args.val_fraction)
     _check_split(train_pairs, val_pairs, hv)
+    split = split_of(train_pairs, val_pairs)  # recorded in every checkpoint: a resume on another split is refused
+    if args.resume:
+        resume_notes += check_resume_split(args.run_dir / "last.ckpt", split)
+    overlap = init_val_overlap(args.init, split["val"])
     if args.ct_target_weight and "CT-MRI" not in train_pairs:
         raise InvalidInputError("--ct-target-weight pulls CT-MRI batches towards teacher images, and the data has "
                                 "no CT-MRI pairs", path=hv, fix="drop --ct-target-weight, or add CT-MRI/ pairs")
     read_pairs(val_pairs)  # validate() reads them again each epoch; here only to fail early
     train_arrays = read_pairs(train_pairs)
+    check_volume_folders(Path(args.data))  # a half-copied volume folder: refused before the run folder is made
+    vols = volumes_in(Path(args.data))
     # --init too: read (once: teacher and model) and fitted to this run's architecture before the run folder is
     # made, so a wrong file or architecture option leaves no run folder behind (it left train.log before).
     init_tensors = None if args.init is None else _init_state(args.init)
@@ -1540,8 +1747,17 @@ def run(args: argparse.Namespace) -> int:
     if absent:  # your own data may hold one pair type only; say what the run trains on
         log(f"pair types: {', '.join(train_pairs)} ({', '.join(absent)} absent from {hv})")
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
-        f"val cases " + json.dumps({k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()}))
-    vols = volumes_in(Path(args.data))
+        f"val cases " + json.dumps(split["val"]))
+    if overlap:
+        note = (f"the --init weights were not held out from these validation cases of this run (its card's val_cases "
+                f"leave them out, so they trained on them if they were trained on this data): "
+                + "; ".join(f"{k} {', '.join(v)}" for k, v in overlap.items())
+                + ". Validation and the choice of the exported epoch (the --init weights compete as epoch 0) are "
+                "optimistic there; the export's card records them as init_val_overlap. Pass the --seed and "
+                "--val-fraction the --init weights were trained with (their card records them) to validate on "
+                "held-out cases only")
+        warnings.warn(note, MedfuseWarning, stacklevel=2)
+        log("WARNING: " + note)
     found = [n for n in ("brats-gli-00001", "spm12-templates") if (Path(args.data) / n).is_dir()]
     log(f"3-D volume sets: {len(vols)} (from {', '.join(found) or 'no volume folder'} in {args.data}, "
         f"and the phantom)")
@@ -1577,7 +1793,7 @@ def run(args: argparse.Namespace) -> int:
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight,
                          angle_grad_softness=args.qabf_grad_softness)
     options = run_options(args)  # in every checkpoint: a --resume with other options is refused
-    state = {"epoch": 0, "history": [], "elapsed_s": 0.0, "options": options, "epochs": args.epochs}
+    state = {"epoch": 0, "history": [], "elapsed_s": 0.0, "options": options, "epochs": args.epochs, "cases": split}
     if args.init is not None:
         _load_init(model, args.init, init_tensors)
         log(f"initialised from {args.init}")
@@ -1720,7 +1936,7 @@ def run(args: argparse.Namespace) -> int:
                  "lr": float(sched.get_last_lr()[0]), "score": float(val_score), "elapsed_s": float(elapsed)}
         state = {"epoch": epoch + 1, "history": state["history"] + [entry],
                  "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
-                 "rng": streams, "options": options, "epochs": args.epochs,
+                 "rng": streams, "options": options, "epochs": args.epochs, "cases": split,
                  "steps_done": state.get("steps_done", epoch * args.steps_per_epoch) + len(run_loss)}
         new_best = val_score > state["best_score"] or not (args.run_dir / "best.ckpt").exists()
         if new_best:
@@ -1755,7 +1971,9 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "trained_by": trained_by,
         "seed": args.seed, "val_fraction": args.val_fraction, "epochs_done": state["epoch"], "best_epoch": best.get("best_epoch"), "wall_time_min": round((base_elapsed + time.time() - t0) / 60, 1),
-        "val_cases": {k: sorted({case_of(a.name) for a, _ in v}) for k, v in val_pairs.items()},
+        "val_cases": split["val"],
+        # Validation cases the --init weights were not held out from (init_val_overlap); absent when none.
+        **({"init_val_overlap": overlap} if overlap else {}),
         "validation": final, "validation_pairs": scored, "device": device, "torch": torch.__version__,
     }
     path = export_weights(model.cpu(), Path(args.out), meta, overwrite=args.overwrite)

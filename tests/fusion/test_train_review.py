@@ -185,8 +185,8 @@ def test_a_missing_or_empty_data_folder_is_a_typed_error_and_leaves_no_run_folde
     err = capsys.readouterr().err
     assert "0 training and 0 validation pairs" in err and "Fix:" in err and not run.exists(), err
     one_case = harvard_folder(tmp_path / "one", cases=(1,), colour=True)
-    assert _train(one_case, run) == 2  # every case would be a validation case: nothing to train on
-    assert "0 training and" in capsys.readouterr().err and not run.exists()
+    assert _train(one_case, run) == 2  # one case stays in training: nothing left to validate on
+    assert "0 validation pairs" in capsys.readouterr().err and not run.exists()
 
 
 def test_unpaired_pngs_are_left_out_with_a_warning(data):
