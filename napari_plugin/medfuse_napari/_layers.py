@@ -9,6 +9,9 @@ rotated scale/translate grid reliably, so each volume is put on an axis-aligned 
 * oblique scans are **resampled** onto an axis-aligned grid covering the same box.
 
 The scanner's true affine is always kept in ``layer.metadata["medfuse"]["affine"]``.
+
+Layers from other plugins may have other napari ``units`` (µm, say): napari then draws each layer in its own units
+converted to a common one, so the Volumes and placements made here are converted to mm (:func:`mm_matrix`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,65 @@ def _axis_aligned(volume: Volume) -> Volume:
     aff[:3, 3] = lo
     ref = Volume(np.zeros(shape, dtype=np.uint8), aff)
     return resample(volume, ref)
+
+
+#: The fix for a layer whose napari ``units`` are not lengths, when medfuse computes on it.
+UNITS_FIX = ("give the layer length units in napari (nm, um, mm, cm or m; in the console: "
+             "layer.units = ('mm', 'mm', 'mm')), then run again")
+
+
+def units_to_mm(units: Any, name: str, *, error: Optional[type] = None, fix: str = UNITS_FIX) -> Optional[np.ndarray]:
+    """Millimetres per world unit of each axis of a layer's napari ``units``; None for napari's default (pixel).
+
+    Why: napari's world is in the layer's own units, while medfuse's geometry (and its registration presets) is
+    in mm: a layer in µm with scale 2000 was registered as if its voxels were 2 m wide. napari's default unit
+    (pixel, as on medfuse's own layers) is taken as mm.
+
+    Args:
+        units: the layer's ``units`` (one unit or one per axis; pint units or names).
+        name: the layer's name, for the message.
+        error: the :class:`~medfuse.errors.MedfuseError` subclass raised (default ``InvalidInputError``).
+        fix: the fix given with it.
+
+    Raises:
+        MedfuseError: a unit that is not a length (seconds, say), or one pint does not know.
+    """
+    if error is None:
+        from medfuse.errors import InvalidInputError as error
+    if units is None:
+        return None
+    units = [units] * 3 if isinstance(units, str) else list(units)
+    if all(str(u) in ("pixel", "px", "") for u in units):
+        return None  # napari's default: medfuse's own layers, whose scale is in mm already
+    try:
+        import pint
+        from napari.utils._units import get_unit_registry
+    except ImportError as exc:  # pint comes with napari; without it the units cannot be converted
+        raise error(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, and converting them "
+                    "needs the package pint", fix=fix) from exc
+    try:
+        registry = get_unit_registry()
+        factors = [float(registry.Quantity(1.0, str(u)).to("millimeter").magnitude) for u in units]
+    except (ValueError, AttributeError, pint.errors.PintError) as exc:
+        raise error(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, which are not all "
+                    f"lengths, so its voxel spacing in mm is unknown", fix=fix) from exc
+    return np.asarray(factors, dtype=float)
+
+
+def mm_matrix(layer: Any) -> np.ndarray:
+    """4x4 from the layer's world units to mm: ``diag(mm per unit of its last three axes, 1)``.
+
+    Identity for napari's default unit (pixel: medfuse's own layers) and for objects without ``units`` (the
+    writer's stand-in layer, already converted to mm).
+
+    Raises:
+        InvalidInputError: units that are not lengths.
+    """
+    factors = units_to_mm(getattr(layer, "units", None), str(getattr(layer, "name", "layer")))
+    m = np.eye(4)
+    if factors is not None:
+        m[:3, :3] = np.diag(np.resize(factors[-3:], 3))
+    return m
 
 
 def layer_matrix(scale, translate, affine=None, *, rotate=None, shear=None) -> np.ndarray:
@@ -182,8 +244,17 @@ def grid_record(layer: Any, grid: np.ndarray) -> Dict[str, Any]:
 
 
 def voxel_spacing(layer: Any) -> np.ndarray:
-    """World length of one voxel step along each of the layer's last three data axes (its true spacing)."""
-    return np.linalg.norm(data_to_world(layer)[:3, :3], axis=0)
+    """Length in mm of one voxel step along each of the layer's last three data axes (its true spacing).
+
+    A layer whose units are not lengths gives its world length (no mm to convert to; nothing is computed on it).
+    """
+    from medfuse.errors import MedfuseError
+
+    try:
+        units = mm_matrix(layer)
+    except MedfuseError:
+        units = np.eye(4)
+    return np.linalg.norm((units @ data_to_world(layer))[:3, :3], axis=0)
 
 
 def lps_to_world(matrix: Any) -> np.ndarray:
@@ -231,7 +302,8 @@ def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:
     if data.ndim != 3 or getattr(layer, "rgb", False):
         raise InvalidInputError(f"layer '{layer.name}' is not a 3-D greyscale volume (shape {data.shape})",
                                 fix="pick a 3-D image layer")
-    m = R4 @ (data_to_world(layer) if registered else layer_grid(layer))
+    # In mm whatever the layer's units: medfuse's geometry and registration presets are in mm.
+    m = R4 @ mm_matrix(layer) @ (data_to_world(layer) if registered else layer_grid(layer))
     md = meta(layer)
     # The file's provenance goes along (its frame of reference: resampling across frames unregistered is warned).
     return Volume(data, m, modality=md.get("modality", "unknown"), unit=md.get("unit", "arbitrary"),
@@ -243,10 +315,11 @@ def world_matrix(layer: Any) -> np.ndarray:
 
     Physical space is the layer's orthogonal grid (:func:`layer_grid`: ``scale`` and ``translate``, or an
     ``affine`` that holds the grid); everything else napari applies (``rotate``, ``shear`` and the ``affine``
-    holding a registration) is the placement.
+    holding a registration) is the placement. Both spaces are in mm (:func:`mm_matrix`), whatever the layer's units.
     """
     grid = layer_grid(layer)
-    return lps_to_world(data_to_world(layer) @ np.linalg.inv(grid))
+    units = mm_matrix(layer)
+    return lps_to_world(units @ data_to_world(layer) @ np.linalg.inv(grid) @ np.linalg.inv(units))
 
 
 def viewer_alignment(fixed: Any, moving: Any, *, atol: float = 1e-6) -> Optional[np.ndarray]:
@@ -305,7 +378,7 @@ def native_volume(layer: Any) -> Volume:
     if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:
         return layer_to_volume(layer, registered=False)
     true_affine = np.asarray(md["affine"], dtype=float)
-    display_to_native = np.linalg.inv(true_affine) @ R4 @ layer_grid(layer)
+    display_to_native = np.linalg.inv(true_affine) @ R4 @ mm_matrix(layer) @ layer_grid(layer)
     lin = np.round(display_to_native[:3, :3])
     if not np.allclose(display_to_native[:3, :3], lin, atol=1e-3) or not np.all(np.abs(lin).sum(1) == 1):
         return layer_to_volume(layer, registered=False)

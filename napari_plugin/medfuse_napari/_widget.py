@@ -13,8 +13,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFra
 from . import _jobs
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, coverage_between, grid_record, layer_array, layer_geometry, layer_grid,
-                      layer_matrix, layer_to_volume, lps_to_world, meta, native_volume, real_layer, resample_between,
-                      viewer_alignment, world_matrix)
+                      layer_matrix, layer_to_volume, lps_to_world, meta, mm_matrix, native_volume, real_layer,
+                      resample_between, viewer_alignment, world_matrix)
 from ._overlay import OverlayPanel, _is_compare
 
 KINDS = ("rigid", "affine", "deformable")
@@ -285,9 +285,12 @@ class RegisterPanel(QWidget):
             kind = self.kind.currentText()
             preset = None if self.pair.currentText() == "auto" else self.pair.currentText()
             self._iterations = self._stage_iterations(preset, fixed.modality, moving.modality)
+            # The volumes are in mm; the result goes back to the moving layer in its own units.
+            self._moving_units = mm_matrix(moving_layer)
         except MedfuseError as exc:
             _notify_error(_jobs.error_message(exc, "registration"))
             return
+        _warn_unconverted_units(fixed_layer, moving_layer)
         self.token = CancelToken()
         relay = _jobs.ProgressRelay()
         relay.progressed.connect(self._on_progress)
@@ -436,7 +439,10 @@ class RegisterPanel(QWidget):
         # napari applies the layer's own rotate/shear before its affine: undo them so the layer lands there.
         grid = self._moving_grid  # the moving grid as registered
         placed = layer_matrix(moving.scale, moving.translate, rotate=moving.rotate, shear=moving.shear)
-        moving.affine = lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix)) @ grid @ np.linalg.inv(placed)
+        # The registration is in mm (world_matrix, the volumes): the affine napari applies is in the layer's units.
+        units = self._moving_units
+        moving.affine = (np.linalg.inv(units) @ lps_to_world(self._fixed_world @ np.linalg.inv(linear.matrix))
+                         @ units @ grid @ np.linalg.inv(placed))
         moving.metadata.setdefault("medfuse", {})["registration"] = {
             "to": fixed.name, "fixed_to_moving_lps": np.asarray(linear.matrix).tolist(), **rep.to_dict()}
         # The grid the affine is placed on: a layer whose affine held its voxel spacing (another reader) holds the
@@ -460,6 +466,21 @@ class RegisterPanel(QWidget):
             volume.array, name=f"{moving.name} on {fixed.name}", **self._fixed_geometry, colormap=moving.colormap,
             contrast_limits=moving.contrast_limits, blending=moving.blending, opacity=moving.opacity,
             metadata={"medfuse": md})
+
+
+def _warn_unconverted_units(*layers: Any) -> None:
+    """Warn when napari draws the layers without converting their units (pixel beside µm, say).
+
+    Why: napari converts only between length units; beside napari's default unit (pixel: medfuse's own layers,
+    taken as mm) it draws a layer in µm in raw numbers, 1000 times too large, so a correct result looks wrong.
+    """
+    pixel = [l for l in layers if all(str(u) in ("pixel", "px", "") for u in getattr(l, "units", ()) or ())]
+    other = [l for l in layers if all(l is not p for p in pixel) and not np.allclose(mm_matrix(l), np.eye(4))]
+    if pixel and other:
+        _notify_warning(f"'{other[0].name}' has other axis units than '{pixel[0].name}' (pixel, taken as mm), so "
+                        f"napari draws them without converting; medfuse computes in mm and the result is right in "
+                        f"mm. Fix: give '{pixel[0].name}' the units mm in napari (layer.units = ('mm', 'mm', 'mm') "
+                        f"in the console) to see them together.")
 
 
 def _tips(tips: Dict[QWidget, str]) -> None:
@@ -616,6 +637,8 @@ class FusePanel(QWidget):
             return
         if not all(flat) and not self._check_overlap(chosen, placed):
             return
+        if not all(flat):
+            _warn_unconverted_units(*chosen)
         self.token = CancelToken()
         token = self.token
         relay = _jobs.ProgressRelay()

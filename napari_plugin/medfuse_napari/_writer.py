@@ -33,7 +33,7 @@ import numpy as np
 
 from medfuse.errors import MedfuseError
 
-from ._layers import meta, native_volume, world_matrix
+from ._layers import meta, native_volume, units_to_mm, world_matrix
 
 #: The endings this writer writes (the manifest's ``filename_extensions``; ``.mhd``/``.nhdr`` add a ``.raw``).
 SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -149,26 +149,10 @@ def _mm_factors(units: Any, name: str) -> Optional[np.ndarray]:
     Raises:
         LayerSaveError: a unit that is not a length (seconds, say), or one pint does not know.
     """
-    if units is None:
-        return None
-    units = [units] * 3 if isinstance(units, str) else list(units)
-    if all(str(u) in ("pixel", "px", "") for u in units):
-        return None  # napari's default: medfuse's own layers, whose scale is in mm already
-    fix = ("give the layer length units (nm, um, mm, cm or m) in napari, or save it with napari's own writers "
-           "(.tif: pixels only)")
-    try:
-        import pint
-        from napari.utils._units import get_unit_registry
-    except ImportError as exc:  # pint comes with napari; without it the units cannot be converted
-        raise LayerSaveError(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, and converting them "
-                             "needs the package pint", fix=fix) from exc
-    try:
-        registry = get_unit_registry()
-        factors = [float(registry.Quantity(1.0, str(u)).to("millimeter").magnitude) for u in units]
-    except (ValueError, AttributeError, pint.errors.PintError) as exc:
-        raise LayerSaveError(f"layer '{name}' has axis units {tuple(str(u) for u in units)}, which are not all "
-                             f"lengths, so its voxel spacing in mm is unknown", fix=fix) from exc
-    return np.asarray(factors, dtype=float)
+    # One conversion for the writer and the widget (:func:`._layers.units_to_mm`), with the writer's error and fix.
+    return units_to_mm(units, name, error=LayerSaveError,
+                       fix=("give the layer length units (nm, um, mm, cm or m) in napari, or save it with napari's "
+                            "own writers (.tif: pixels only)"))
 
 
 def _attributes_in_mm(attributes: Dict[str, Any], ndim: int) -> Dict[str, Any]:
