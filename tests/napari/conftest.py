@@ -40,3 +40,22 @@ def dock_widget():
         return widget
 
     return open_
+
+
+@pytest.fixture
+def register_in_dock(qtbot):
+    """Callable fixture: run a registration from a widget's Register panel and wait for it.
+
+    ``register_in_dock(widget, fixed, moving, kind="rigid", timeout_ms=240_000)`` -> the panel.
+    """
+
+    def run(widget, fixed: str, moving: str, kind: str = "rigid", timeout_ms: int = 240_000):
+        rp = widget.register_panel
+        rp.fixed.set_layer(fixed)
+        rp.moving.set_layer(moving)
+        rp.kind.setCurrentText(kind)
+        rp.run()
+        qtbot.waitUntil(lambda: rp.worker is None, timeout=timeout_ms)
+        return rp
+
+    return run

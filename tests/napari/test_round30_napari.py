@@ -84,21 +84,11 @@ def test_a_grid_held_in_the_affine_is_the_layer_grid_not_a_placement(pair):
     assert np.allclose(vol.affine[:3, 3], PET_ORIGIN[::-1])
 
 
-def _register(qtbot, widget):
-    rp = widget.register_panel
-    rp.fixed.set_layer("mr")
-    rp.moving.set_layer("pet")
-    rp.kind.setCurrentText("rigid")
-    rp.run()
-    qtbot.waitUntil(lambda: rp.worker is None, timeout=240_000)
-    return rp
-
-
-def test_a_pair_with_its_spacing_in_the_affine_registers_as_with_scale(qtbot, pair, errors):
+def test_a_pair_with_its_spacing_in_the_affine_registers_as_with_scale(register_in_dock, pair, errors):
     placed = {}
     for in_affine in (False, True):
         viewer, widget = pair(in_affine)
-        rp = _register(qtbot, widget)
+        rp = register_in_dock(widget, "mr", "pet")
         assert errors == [] and rp.level_label.text() == "done"
         placed[in_affine] = data_to_world(_real(viewer, "pet"))
     # The PET lands at the same world positions (its corners and centre, in mm) either way.
@@ -109,9 +99,9 @@ def test_a_pair_with_its_spacing_in_the_affine_registers_as_with_scale(qtbot, pa
     assert gap.max() < 3.0, gap
 
 
-def test_a_registered_layer_with_its_spacing_in_the_affine_keeps_its_grid(qtbot, pair, errors):
+def test_a_registered_layer_with_its_spacing_in_the_affine_keeps_its_grid(register_in_dock, pair, errors):
     viewer, widget = pair(in_affine=True)
-    _register(qtbot, widget)
+    register_in_dock(widget, "mr", "pet")
     pet = _real(viewer, "pet")
     # The affine holds the grid and the registration now: the grid is still the spacing, the rest a rigid placement.
     vol = layer_to_volume(pet, registered=False)

@@ -66,21 +66,12 @@ def _placement_mm(layer) -> np.ndarray:
     return np.diag([1 / per_mm] * 3 + [1.0]) @ data_to_world(layer)
 
 
-def _register(qtbot, widget):
-    rp = widget.register_panel
-    rp.fixed.set_layer("t1")
-    rp.moving.set_layer("pet")
-    rp.kind.setCurrentText("rigid")
-    rp.run()
-    qtbot.waitUntil(lambda: rp.worker is None, timeout=120_000)  # about 10 s; before the fix it ran on for minutes
-    return rp
-
-
-def test_a_pair_in_micrometres_registers_as_the_same_pair_in_mm(qtbot, make_napari_viewer, dock_widget, notes):
+def test_a_pair_in_micrometres_registers_as_the_same_pair_in_mm(register_in_dock, make_napari_viewer, dock_widget,
+                                                                 notes):
     runs = {}
     for unit in ("mm", "um"):
         viewer, widget = _open(make_napari_viewer, dock_widget, {"t1": unit, "pet": unit})
-        rp = _register(qtbot, widget)
+        rp = register_in_dock(widget, "t1", "pet", timeout_ms=120_000)
         assert notes["error"] == [] and rp.level_label.text() == "done"
         rep = rp.result.report
         runs[unit] = (_placement_mm(_real(viewer, "pet")), rep.rotation_deg, rep.translation_mm)
