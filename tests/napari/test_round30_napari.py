@@ -185,12 +185,17 @@ def test_the_resampled_registration_layer_keeps_the_units(make_napari_viewer, do
 
 
 # ------------------------------------------------------------------------------------------ 3. fusion vs. a move
-def test_a_fusion_whose_input_moved_meanwhile_is_not_added(qtbot, pair, errors):
-    viewer, widget = pair(in_affine=False)
+def _mean_fusion_panel(widget):
     fp = widget.fuse_panel
     fp.inputs[0].set_layer("mr")
     fp.inputs[1].set_layer("pet")
     fp.method.setCurrentText("mean")
+    return fp
+
+
+def test_a_fusion_whose_input_moved_meanwhile_is_not_added(qtbot, pair, errors):
+    viewer, widget = pair(in_affine=False)
+    fp = _mean_fusion_panel(widget)
     n = len(viewer.layers)
     fp.run()
     # Before the worker's result can reach the GUI thread: a registration ending, or a hand drag, moves the PET.
@@ -203,10 +208,7 @@ def test_a_fusion_whose_input_moved_meanwhile_is_not_added(qtbot, pair, errors):
 
 def test_a_fusion_whose_inputs_stayed_put_is_added(qtbot, pair, errors):
     viewer, widget = pair(in_affine=False)
-    fp = widget.fuse_panel
-    fp.inputs[0].set_layer("mr")
-    fp.inputs[1].set_layer("pet")
-    fp.method.setCurrentText("mean")
+    fp = _mean_fusion_panel(widget)
     n = len(viewer.layers)
     _real(viewer, "pet").name = "pet renamed"  # a rename is no move
     fp.run()
