@@ -82,6 +82,10 @@ def _peak(peak, rgb: np.ndarray, name: str = "the colour image") -> float:
     return peak
 
 
+#: The peaks a YCbCr image's own values tell apart (:func:`_ycbcr_peak`): what rgb_to_ycbcr infers by default.
+_YCBCR_PEAKS = (1.0, 255.0, 65535.0)
+
+
 def _ycbcr_peak(peak, ycc: np.ndarray) -> float:
     """``peak`` of a YCbCr image (checked), or the one :func:`rgb_to_ycbcr` inferred for it (1, 255 or 65535).
 
@@ -94,7 +98,7 @@ def _ycbcr_peak(peak, ycc: np.ndarray) -> float:
     if peak is not None:
         return _peak(peak, ycc[..., :0], "the YCbCr image")  # its values are not checked against it
     top = float(ycc.max()) if ycc.size else 0.0
-    for candidate in (1.0, 255.0, 65535.0):
+    for candidate in _YCBCR_PEAKS:
         if top <= candidate * 1.01:
             return candidate
     raise InvalidInputError(f"the YCbCr image's values reach {top:.6g}: its peak cannot be told",
@@ -119,14 +123,24 @@ def rgb_to_ycbcr(rgb, *, peak: Optional[float] = None) -> np.ndarray:
     Args:
         rgb: ``(H, W, 3)`` colour image.
         peak: the intensity of white; ``None`` (default): inferred as :func:`medfuse.fuse` does (255 for 8-bit
-            data, the dtype's top for 16-bit data above 255, 1.0 for floats in 0..1, 255 for floats up to 255).
+            data, 65535 for 16-bit data above 255, 1.0 for floats in 0..1, 255 for floats up to 255), always one
+            that :func:`ycbcr_to_rgb` tells back from the values (signed or wider integers: 65535).
 
     Raises:
         InvalidInputError: not an ``(H, W, 3)`` numeric finite image, or a ``peak`` that is not a positive finite
             number, below the image's largest value, or above its integer dtype's top.
     """
     a = _check_rgb(rgb)
+    given = peak
     peak = _peak(peak, np.asarray(rgb))
+    if given is None and peak not in _YCBCR_PEAKS:
+        # Inferred from a dtype ycbcr_to_rgb cannot see (int16: 32767): the round trip rebuilt other colours.
+        # One of the peaks it tells from the values instead, or the caller names it.
+        top = float(a.max())
+        if top > _YCBCR_PEAKS[-1]:
+            raise InvalidInputError(f"the colour image's values reach {top:.6g}: its peak cannot be inferred",
+                                    fix="pass peak= (the intensity of white) here and to ycbcr_to_rgb")
+        peak = _YCBCR_PEAKS[-1]
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     off = peak * 128.0 / 255.0
     y = _KR * r + _KG * g + _KB * b

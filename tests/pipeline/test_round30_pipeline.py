@@ -269,3 +269,11 @@ def test_a_failed_overwrite_of_an_output_without_sidecar_leaves_no_sidecar(tmp_p
         fuse_files(a, b, out, method="mean", overwrite=True)
     assert out.read_bytes() == b"mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint16])
+def test_a_default_ycbcr_round_trip_of_wide_integer_colour_is_exact(dtype):
+    from medfuse.fusion import color
+
+    a = (np.random.default_rng(0).random((8, 8, 3)) * 4095).astype(dtype)
+    assert np.abs(color.ycbcr_to_rgb(color.rgb_to_ycbcr(a)) - a).max() < 1e-6
