@@ -34,18 +34,14 @@ def patient_key(header: Any) -> Optional[str]:
     """The in-memory patient key of a DICOM header (a pydicom Dataset or a mapping of keywords).
 
     Returns:
-        ``"<run>:id=<hash>;person=<hash>"`` with the parts the header has (PatientID; PatientName with
+        ``"<run>:id=<hash>;name=<hash>;born=<hash>"`` with the parts the header has (PatientID, PatientName,
         PatientBirthDate), or None when it holds none of them (an anonymised export).
     """
     get = header.get
-    pid = " ".join(str(get("PatientID", "") or "").split()).upper()
-    name = _name(get("PatientName", ""))
-    born = str(get("PatientBirthDate", "") or "").strip()
-    parts = []
-    if pid:
-        parts.append("id=" + _digest("id", pid))
-    if name or born:
-        parts.append("person=" + _digest("person", f"{name}|{born}"))
+    values = {"id": " ".join(str(get("PatientID", "") or "").split()).upper(),
+              "name": _name(get("PatientName", "")),
+              "born": str(get("PatientBirthDate", "") or "").strip()}
+    parts = [f"{kind}={_digest(kind, v)}" for kind, v in values.items() if v]
     return f"{_RUN}:" + ";".join(parts) if parts else None
 
 
@@ -58,17 +54,32 @@ def _parts(key: Any) -> Optional[dict]:
     return dict(p.split("=", 1) for p in rest.split(";") if "=" in p)
 
 
-def different_patients(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two provenance records say two different patients.
+def different_keys(ka: Any, kb: Any) -> bool:
+    """Whether two patient keys (:func:`patient_key`) say two different patients.
 
-    Only when every identifier both headers hold differs: one patient's series from two hospitals (two IDs,
-    one name and birth date) or after a change of name (one ID) are not reported.
+    Only when the ID and the name both differ where both headers hold them: one patient's series from two
+    hospitals (two IDs, one name) or after a change of name (one ID) are not reported, nor a birth date left out
+    of some files. The birth date decides only where neither ID nor name can be compared.
     """
-    pa, pb = _parts(a.get("patient_key")), _parts(b.get("patient_key"))
+    pa, pb = _parts(ka), _parts(kb)
     if not pa or not pb:
         return False
     shared = set(pa) & set(pb)
-    return bool(shared) and all(pa[k] != pb[k] for k in shared)
+    primary = shared & {"id", "name"}
+    compared = primary or shared & {"born"}
+    return bool(compared) and all(pa[k] != pb[k] for k in compared)
+
+
+def keys_disagree(ka: Any, kb: Any) -> bool:
+    """Whether two keys disagree on any identifier both hold: the stricter test for the files of one series
+    (one patient module per series; an identifier left out of some files is no disagreement)."""
+    pa, pb = _parts(ka), _parts(kb)
+    return bool(pa and pb) and any(pa[k] != pb[k] for k in set(pa) & set(pb))
+
+
+def different_patients(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two provenance records say two different patients (:func:`different_keys` of their keys)."""
+    return different_keys(a.get("patient_key"), b.get("patient_key"))
 
 
 DIFFERENT_PATIENTS = ("the images are DICOM series of different patients (their patient ID and name differ; the "

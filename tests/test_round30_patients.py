@@ -125,3 +125,18 @@ def test_the_key_is_never_written_and_not_compared_across_processes(series, tmp_
     assert pickle.loads(pickle.dumps(vol)).provenance["patient_key"] == vol.provenance["patient_key"]
     assert np.array_equal(pickle.loads(pickle.dumps(vol)).array, vol.array)
     assert json.loads(side)["output"]
+
+
+def test_a_birth_date_left_out_is_no_other_patient_and_ids_rule_across_series():
+    from medfuse._patient import keys_disagree
+
+    jane_no_date = patient_key({k: v for k, v in JANE.items() if k != "PatientBirthDate"})
+    assert not keys_disagree(patient_key(JANE), jane_no_date)
+    assert not different_patients({"patient_key": patient_key(JANE)}, {"patient_key": jane_no_date})
+    # Within one series any identifier both files hold must agree; across series only ID and name both differing
+    # (or, without them, the birth date) count.
+    other_id = patient_key({**JANE, "PatientID": "X9"})
+    assert keys_disagree(patient_key(JANE), other_id)
+    assert not different_patients({"patient_key": patient_key(JANE)}, {"patient_key": other_id})
+    born_only = {"patient_key": patient_key({"PatientBirthDate": "19600102"})}
+    assert different_patients(born_only, {"patient_key": patient_key({"PatientBirthDate": "19551111"})})

@@ -25,7 +25,7 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, Multiple
                       UnreadableFileError, UnsupportedDataError)
 from .. import io as _io
 from ..volume import Volume, normalise_modality
-from .._patient import patient_key
+from .._patient import keys_disagree, patient_key
 
 __all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
 
@@ -407,18 +407,13 @@ def _refuse_mixed_subjects(files: List[Tuple[Path, Any]], path: Path, notes: Opt
         return
     uids = [(_uid_text(r[3]), _uid_text(r[4])) for r, _ in raw]
     patients = {r[:3]: ds for r, ds in raw}  # one header per distinct stored patient module
-    parts: Dict[str, set] = {"id": set(), "person": set()}
-    for ds in patients.values():
-        key = patient_key(ds)
-        for part in (key or ":").partition(":")[2].split(";"):
-            kind, _, digest = part.partition("=")
-            if kind in parts:
-                parts[kind].add(digest)
-    n = max(len(parts["id"]), len(parts["person"]))
+    keys = list(dict.fromkeys(patient_key(ds) for ds in patients.values()))
+    # Compared as normalised (letter case, trailing name components); an identifier left out of some files is no
+    # disagreement (a birth date emptied on a few files of a real GE series).
     what = None
-    if n > 1:
-        what = (f"belong to {n} different patients (their PatientID, or PatientName and PatientBirthDate, differ; "
-                "the values are not shown)")
+    if any(keys_disagree(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]):
+        what = ("belong to different patients (their PatientID, PatientName or PatientBirthDate differ; the values "
+                "are not shown)")
     else:
         for i, (kw, noun) in ((0, ("StudyInstanceUID", "studies")), (1, ("FrameOfReferenceUID", "patient spaces"))):
             given = [u[i] for u in uids if u[i]]
