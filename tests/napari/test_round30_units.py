@@ -131,3 +131,24 @@ def test_a_layer_in_seconds_is_refused_with_the_fix(make_napari_viewer, dock_wid
     assert "units" in message.split("Fix:")[1]
     np.testing.assert_allclose(pet.affine.affine_matrix, before)  # nothing applied
     assert [l.name for l in viewer.layers] == ["t1", "pet"]  # nothing added
+
+
+def test_the_writers_sidecar_holds_no_patient_key(tmp_path):
+    """A layer's provenance carries the session's salted patient key (for the different-patients warning); the
+    writer's sidecar must not (medfuse._patient: never written)."""
+    import json
+
+    import medfuse
+    from medfuse._patient import patient_key
+    from medfuse_napari import _layers, _writer
+
+    key = {"patient_key": patient_key({"PatientID": "PIDAAA111"})}
+    fixed = medfuse.Volume(np.zeros((8, 8, 8), np.float32), np.eye(4), modality="MR", provenance=key)
+    moving = medfuse.Volume(np.ones((8, 8, 8), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR",
+                            provenance=key)
+    vol = medfuse.resample(moving, fixed)  # a layer medfuse made: the writer gives it a sidecar
+    data, kw, _ = _layers.volume_to_layer(vol, name="mr")
+    assert kw["metadata"]["medfuse"]["provenance"]["patient_key"]
+    _writer.write_image(str(tmp_path / "layer.nii.gz"), data, kw)
+    assert "patient_key" not in (tmp_path / "layer.json").read_text()
+    assert json.loads((tmp_path / "layer.json").read_text())
