@@ -995,7 +995,9 @@ def snapshot_png(volume, path, *, center_world=None, overwrite: bool = False, mm
     # Planes resampled through the point in patient orientation (radiological, labelled), whatever the voxel
     # order: slicing the array drew LAS/RAS-stored volumes mirrored or upside down.
     canvas = Image.fromarray(orthogonal_snapshot(volume, center_world, mm_per_pixel=mm_per_pixel))
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    # The fused volume's source files: a picture of a private (chmod 600) scan is no more readable than it.
+    sources = [volume.provenance.get("source"), *volume.provenance.get("sources", [])]
+    with atomic_path(path, overwrite=overwrite, inputs=[x for x in sources if isinstance(x, str)]) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)
 

@@ -383,13 +383,14 @@ def _fuse_2d(sources, method: str, device: str, options: dict) -> Tuple[np.ndarr
     return out, grey_f, greys
 
 
-def _save_png(img: np.ndarray, path: Path, overwrite: bool) -> None:
+def _save_png(img: np.ndarray, path: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
     from PIL import Image
 
     from .io._atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    # The pair's files: a fused image of private (chmod 600) inputs is no more readable than they are.
+    with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
@@ -693,7 +694,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                         if save_outputs:
                             # Listed before the write: a Ctrl-C just after it still takes the image back.
                             new_outputs += [] if target.exists() else [target]
-                            _save_png(img, target, overwrite)
+                            _save_png(img, target, overwrite, inputs=item.inputs)
                     else:
                         with _collect_undefined() as undefined:
                             fused, scores, m = _score_volumes(srcs, method, device,

@@ -7,6 +7,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import medfuse
@@ -65,3 +66,27 @@ def test_dicom_and_header_data_outputs_and_api_saves_follow_the_inputs(tmp_path,
     assert _mode(tmp_path / "pet.nii.gz") == 0o600
     medfuse.save(medfuse.load(SAMPLES / "mr_t1.nii.gz"), tmp_path / "open.nii.gz")
     assert _mode(tmp_path / "open.nii.gz") == 0o644
+
+
+def test_the_demo_picture_and_evaluated_pngs_follow_private_inputs(tmp_path, umask_022):
+    samples = tmp_path / "s600"
+    shutil.copytree(SAMPLES, samples)
+    for f in samples.rglob("*"):
+        if f.is_file():
+            f.chmod(0o600)
+    assert main(["demo", "--samples", str(samples), "--out", str(tmp_path / "d"), "--method", "max", "-q",
+                 "--no-progress"]) == 0
+    assert _mode(tmp_path / "d" / "fused.png") == 0o600 and _mode(tmp_path / "d" / "fused.nii.gz") == 0o600
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pngs = []
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(tmp_path / name)
+        (tmp_path / name).chmod(0o600)
+        pngs.append(str(tmp_path / name))
+    from medfuse.evaluate import evaluate
+
+    res = evaluate([tuple(pngs)], methods=["mean"], out_dir=tmp_path / "ev", metrics=["EN"])
+    assert res.ok
+    assert [_mode(p) for p in (tmp_path / "ev").rglob("*.png")] == [0o600]
