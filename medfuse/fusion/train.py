@@ -1749,8 +1749,8 @@ def run(args: argparse.Namespace) -> int:
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps(split["val"]))
     if overlap:
-        note = (f"the --init weights were not held out from these validation cases of this run (its card's val_cases "
-                f"leave them out, so they trained on them if they were trained on this data): "
+        note = ("the --init weights were not held out from these validation cases of this run (its card's val_cases "
+                "leave them out, so they trained on them if they were trained on this data): "
                 + "; ".join(f"{k} {', '.join(v)}" for k, v in overlap.items())
                 + ". Validation and the choice of the exported epoch (the --init weights compete as epoch 0) are "
                 "optimistic there; the export's card records them as init_val_overlap. Pass the --seed and "
