@@ -473,11 +473,11 @@ def test_a_full_disk_mid_run_removes_the_images_it_wrote_so_the_rerun_starts_cle
     mine.write_text("x")
     real, calls = E._save_png, []
 
-    def fills_up(img, target, overwrite):
+    def fills_up(img, target, overwrite, inputs=()):
         calls.append(target)
         if len(calls) == 3:
             raise OutputWriteError("the disk is full; nothing was written", errno=errno.ENOSPC, path=target)
-        real(img, target, overwrite)
+        real(img, target, overwrite, inputs=inputs)
 
     monkeypatch.setattr(E, "_save_png", fills_up)
     with pytest.raises(OutputWriteError, match="the 2 fused image") as info:

@@ -207,7 +207,10 @@ def _png(path, arr):
 
 
 class _MaxModel:
-    """Stand-in for the network: the max rule, with the ``eval``/``train`` calls validate() makes."""
+    """Stand-in for the network: the max rule, with the ``eval``/``train`` calls and the ``factor`` (the size
+    multiple validation pads to) that validate() uses."""
+
+    factor = 1
 
     def eval(self):
         return self

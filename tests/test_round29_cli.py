@@ -67,8 +67,8 @@ def test_a_cancelled_evaluation_removes_its_images_and_says_so(tmp_path, monkeyp
     pairs = _png_pairs(tmp_path)
     real, calls = E._save_png, []
 
-    def save(img, path, overwrite):  # Ctrl-C once two images are saved
-        real(img, path, overwrite)
+    def save(img, path, overwrite, inputs=()):  # Ctrl-C once two images are saved
+        real(img, path, overwrite, inputs=inputs)
         calls.append(path)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
