@@ -1,4 +1,4 @@
-"""Twenty-ninth round: the fold check on flipped/permuted grids, nested composites on disk, and the affine stage."""
+"""The fold check on flipped/permuted grids, nested composites on disk, and the affine stage."""
 import numpy as np
 import pytest
 import SimpleITK as sitk

@@ -1,4 +1,4 @@
-"""Round-21 review of the core library: labels stored in converted images, evaluate's mask names, and the
+"""Labels stored in converted images, evaluate's mask names, and the
 loaders' size check against a legitimately highly compressed file."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Round 30: what replaced load and register steps must set, colour fusion's ``peak``, the Harvard case splits,
+"""What replaced load and register steps must set, colour fusion's ``peak``, the Harvard case splits,
 the seed in written samples, and ``fuse_files(weights=)``."""
 
 from __future__ import annotations

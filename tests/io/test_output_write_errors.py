@@ -1,4 +1,4 @@
-"""Round 27: a write that fails for a reason other than "the output exists" is an OutputWriteError (an OSError
+"""A write that fails for a reason other than "the output exists" is an OutputWriteError (an OSError
 with the cause's errno), never an OutputExistsError (a FileExistsError).
 
 Why: code that catches FileExistsError to pick another name (its documented use) retried forever on a full disk,

@@ -1,4 +1,4 @@
-"""Round 29 batch fixes: an --out inside a subject's folder, YAML subject ids, a symlinked manifest, what --overwrite
+"""An --out inside a subject's folder, YAML subject ids, a symlinked manifest, what --overwrite
 does to up-to-date subjects, advice a batch row can follow, empty output folders, normalised report paths and the
 worker count in the summary."""
 

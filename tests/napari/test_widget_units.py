@@ -1,4 +1,4 @@
-"""Round-30 units: a layer whose napari ``units`` are not mm (another plugin's layer in µm) is registered and fused
+"""A layer whose napari ``units`` are not mm (another plugin's layer in µm) is registered and fused
 in mm, and the result placed back in the layer's own units; units that are not lengths are refused with the fix.
 
 Why: medfuse's registration presets are in mm, and napari draws a layer in µm with scale 2000 exactly like one in

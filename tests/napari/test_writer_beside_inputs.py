@@ -1,4 +1,4 @@
-"""Round-21 review: the writer refuses only the open inputs themselves (and files inside an input folder), never
+"""The writer refuses only the open inputs themselves (and files inside an input folder), never
 a new file beside them, which is where a reader saves results next to a study."""
 
 import shutil

@@ -1,4 +1,4 @@
-"""Twenty-ninth round: outputs and arguments a probe with bad input found handled wrongly.
+"""Outputs and arguments a probe with bad input found handled wrongly.
 
 A pipe or device node at the output path was replaced by ``--overwrite``; a GPU this machine lacks was accepted
 (and recorded as used) for the classical rules; a folder that takes no new files was reported under an internal

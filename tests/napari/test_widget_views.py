@@ -1,4 +1,4 @@
-"""Round-24 review: flicker/compare visibility, fusing layers that miss the base, compare views whose layer is
+"""Flicker/compare visibility, fusing layers that miss the base, compare views whose layer is
 closed, patient identifiers in reader messages and layer names, napari-worded fixes, stale Fuse status."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Round 27: DICOM messages and the patient-identifier search.
+"""DICOM messages and the patient-identifier search.
 
 - A study whose only series lies in a hidden folder said "no readable DICOM image files" without a word about
   the hidden folder left out.

@@ -1,4 +1,4 @@
-"""Round-30 review: a voxel spacing held in a layer's napari ``affine`` (other readers) registers and tiles as with
+"""A voxel spacing held in a layer's napari ``affine`` (other readers) registers and tiles as with
 ``scale``, new layers keep napari ``units``, a fusion whose input moved meanwhile is not added, the curtain follows
 napari's transpose/roll and a rotated base, and closing the dock gives back the layers a compare view or the flicker
 hid. The widget is opened as napari opens it from the Plugins menu (``dock_widget``)."""

@@ -1,4 +1,4 @@
-"""Round 27 API-contract fixes: wrong-typed arguments to the display helpers and ``phantom.lesion_contrast`` get
+"""API contracts: wrong-typed arguments to the display helpers and ``phantom.lesion_contrast`` get
 typed errors, ``LoadVolume(suv=...)`` refuses a loaded PET it cannot convert, and the training validation table
 leaves undefined metrics (VIF with a constant source, Qabf without edges) out of its means as medfuse.metrics does.
 """

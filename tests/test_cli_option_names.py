@@ -1,4 +1,4 @@
-"""Twenty-ninth round: command-line fixes that named Python arguments the command line does not have."""
+"""Command-line fixes that named Python arguments the command line does not have."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Round 25 batch fixes: patient names in reruns' reports, outputs sharing a sidecar, a kill while redoing an
+"""Patient names in reruns' reports, outputs sharing a sidecar, a kill while redoing an
 output, and Ctrl-C with a local Dask cluster."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Round 30 safety fixes: a series mixing patients, SUV of long-lived tracers without an injection date, and the
+"""A series mixing patients, SUV of long-lived tracers without an injection date, and the
 study a DICOM series is written into without a template."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Round 25 evaluate fixes: the mean rule against the golden values, thin and single-slice volumes, per-metric
+"""The mean rule against the golden values, thin and single-slice volumes, per-metric
 slice counts in the tables, stale outputs after --overwrite, the CLI's wording."""
 
 from __future__ import annotations

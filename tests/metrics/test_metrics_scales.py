@@ -1,4 +1,4 @@
-"""Round 25 metric fixes: scale warnings for any image, sampled MI on rounded sources, thin volumes,
+"""Scale warnings for any image, sampled MI on rounded sources, thin volumes,
 per-metric slice counts, values too large for the metrics."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Round 30 fixes: evaluate's metrics.json blanks a mask path named after the patient (and looks up a DICOM
+"""Evaluate's metrics.json blanks a mask path named after the patient (and looks up a DICOM
 mask's own identifiers), records which folder and which of its pairs were scored; ``normalise`` refuses an
 empty array with a typed error; ``scrub`` finds a birth date written with slashes and an ID written with
 separators inserted."""

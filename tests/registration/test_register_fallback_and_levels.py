@@ -1,4 +1,4 @@
-"""Thirtieth round: the fallback compares and returns like with like, per-level iteration budgets, a report that
+"""The fallback compares and returns like with like, per-level iteration budgets, a report that
 describes a placement kept as it is, and start de-duplication on tiny images.
 
 Misalignments are written into the moving volume's affine (a voxel at world p moves to M p), so the truth

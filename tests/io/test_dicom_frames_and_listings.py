@@ -1,4 +1,4 @@
-"""Round 28: classic multi-frame files with one position for all frames, and patient-named folders in listings."""
+"""Classic multi-frame files with one position for all frames, and patient-named folders in listings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Round 28 privacy fixes: ``medfuse info`` blanks like every other command; the cancel message, ``--debug``
+"""``medfuse info`` blanks like every other command; the cancel message, ``--debug``
 tracebacks, internal errors and evaluate's summary line are blanked; and ``provenance.scrub`` finds the names and
 IDs as real exports spell them (NFD file names, ASCII-folded names, IDs with other punctuation).
 

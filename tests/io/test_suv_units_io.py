@@ -1,4 +1,4 @@
-"""Round 29: SUV units and formulas on reading and writing DICOM, NM units, quantisation warnings."""
+"""SUV units and formulas on reading and writing DICOM, NM units, quantisation warnings."""
 
 from __future__ import annotations
 

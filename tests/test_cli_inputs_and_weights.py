@@ -1,4 +1,4 @@
-"""Command-line fixes of the thirtieth round."""
+"""Command line: only inputs are read for identifiers, trained weights for fuse, and outputs that name a folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Python API fixes of the thirtieth round (a research engineer's pipeline)."""
+"""Python API contracts a research engineer's pipeline relies on: refused voxel types, copies, arithmetic,
+inputs fuse cannot take, and what denormalise returns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Round 29: every spelling of a NIfTI name gets the same checks, and NRRD ``space units`` are not ignored.
+"""Every spelling of a NIfTI name gets the same checks, and NRRD ``space units`` are not ignored.
 
 A damaged ``X.NII.GZ`` (or ``x.Nii.Gz``, or a gzipped ``.nii``) loaded as wrong voxels where ``x.nii.gz`` was
 refused: such names are read from their bytes, and the checks on the file (gzip checksum, raw pixdim) looked for

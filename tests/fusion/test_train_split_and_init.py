@@ -1,4 +1,4 @@
-"""``medfuse train``, round 30: a resume on a changed data folder, a fine-tune validating on cases its starting
+"""``medfuse train``: a resume on a changed data folder, a fine-tune validating on cases its starting
 weights trained on, pairs of odd or too small size, ``--init`` from a checkpoint, corrupted ``--init`` weights and a
 half-copied volume folder. Runs on the tiny synthetic Harvard folder of conftest.py (and reads, never writes, the
 shipped weights)."""

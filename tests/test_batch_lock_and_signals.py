@@ -1,4 +1,4 @@
-"""Round-21 review: batch report, lock and CLI signal handling seen together (fast, no fusion run)."""
+"""Batch report, lock and CLI signal handling seen together (fast, no fusion run)."""
 
 import csv
 import errno

@@ -1,4 +1,4 @@
-"""Round-29 review: the widget opened from the Plugins menu (a proxy viewer), curtain mode beside a 4-D layer,
+"""The widget opened from the Plugins menu (a proxy viewer), curtain mode beside a 4-D layer,
 compare views that keep the data type and follow a new window without a rebuild, an overlay threshold that
 really hides what is below it, and layers in micrometres saved in mm."""
 
