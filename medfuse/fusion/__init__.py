@@ -132,11 +132,16 @@ def _specs(normalise: Any, n: int) -> Optional[List[Dict[str, Any]]]:
 def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]:
     """The 0..1 or 0..255 scale the inputs already share, or None (then each is scaled by min/max).
 
-    8-bit-style integer images share 0..255 by convention. Float images in one band share it only when
-    they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would otherwise leave the PET at about 3 % of
-    the scale, too dim to count in the fusion. Float images alike in 0..255 that fill less than a quarter of
-    0..1 or 0..255 share their joint range (0 to the larger maximum) instead.
+    8-bit-style integer images share 0..255 by convention; bool masks are left out (True is full scale). Float
+    images in one band share it only when they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would
+    otherwise leave the PET at about 3 % of the scale, too dim to count in the fusion. Float images alike in
+    0..255 that fill less than a quarter of 0..1 or 0..255 share their joint range (0 to the larger maximum)
+    instead.
     """
+    # A bool mask has no scale of its own (its True is the full scale of the others'), so it has no say either;
+    # counted as an 8-bit image it put the others on 0..255 and its True at 1/255 of that (invisible).
+    if any(a.dtype != bool for a in arrays):
+        arrays = [a for a in arrays if a.dtype != bool]
     # An all-zero input fits any scale, so it has no say; a constant non-zero one does, by its level: a
     # uniform 200 beside a 0..1 image is not on "their" 0..255 scale (that left the image at 0.4 % of it).
     peaks = [float(a.max()) for a in arrays if float(a.max()) > 0.0]
@@ -167,7 +172,9 @@ def _output_scale_index(arrays: Sequence[np.ndarray]) -> int:
     A constant input has no intensity scale to return to (min/max maps it to ``[c, c + 1]``): a uniform
     5000 first would have put the fusion of a 0..1 image in 5000..5001.
     """
-    return next((i for i, a in enumerate(arrays) if float(a.max()) > float(a.min())), 0)
+    varied = [i for i, a in enumerate(arrays) if float(a.max()) > float(a.min())]
+    # A bool mask has no intensity scale to return to either: the first varied image that is not one, if any.
+    return next((i for i in varied if arrays[i].dtype != bool), varied[0] if varied else 0)
 
 
 def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
@@ -186,10 +193,13 @@ def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
         pairs = [norm(a, method=str(normalise)) for a in arrays]
     else:
         shared = _shared_scale(originals if originals is not None else arrays)
+        full = [o.dtype == bool for o in (originals if originals is not None else arrays)]
         if shared is not None:
-            pairs = [norm(a, method="range", low=shared[0], high=shared[1]) for a in arrays]
-        else:
-            pairs = [norm(a, method="minmax") for a in arrays]
+            pairs = [norm(a, method="range", low=0.0 if m else shared[0], high=1.0 if m else shared[1])
+                     for a, m in zip(arrays, full)]
+        else:  # a bool mask is on 0..1 (min/max made an all-True mask 0)
+            pairs = [norm(a, method="range", low=0.0, high=1.0) if m else norm(a, method="minmax")
+                     for a, m in zip(arrays, full)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -235,7 +245,12 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 out.append(a)
                 recs.append(rec)
                 continue
-        y, rec = norm(a, **{"modality": v.modality, "unit": v.unit, **spec}, **({"dtype": dtype} if as32 else {}))
+        labels = {"modality": v.modality, "unit": v.unit}
+        if "modality" in spec and "unit" not in spec and str(spec["modality"]).upper() != v.modality.upper():
+            # A unit is stated for the volume's own modality: a spec that names another one (an MR volume
+            # fused as CT) leaves the unit unknown, so 'auto' reads the named modality as such.
+            labels["unit"] = None
+        y, rec = norm(a, **{**labels, **spec}, **({"dtype": dtype} if as32 else {}))
         out.append(y)
         recs.append(rec)
     return out, recs
@@ -283,6 +298,29 @@ def _as_array(x: Any, i: int) -> np.ndarray:
     return np.asarray(x)
 
 
+def _colour_like(x: np.ndarray, i: int, *, refuse: bool = True) -> bool:
+    """Whether input ``i``, an ``(H, W, 3|4)`` array beside a 2-D image, is read as a colour image.
+
+    Colour images are integer (uint8/uint16, as read from files) or float on 0..1. Negative values are not
+    colour: the array is then taken as a few slices of a volume (and refused as a 2-D/3-D mix). A float array
+    reaching above 1 is refused (``refuse``): as 3 slices of a PET in SUV it was fused as colour on 0..255 without
+    a word (a (64, 64, 3) result, values up to 134 from inputs up to 1 and 8).
+    """
+    if x.dtype == bool or float(x.min()) < 0.0:
+        return False
+    if np.issubdtype(x.dtype, np.integer) or float(x.max()) <= 1.0:
+        return True
+    if refuse:
+        raise InvalidInputError(
+            f"input {i} (shape {x.shape}, {x.dtype}, values up to {float(x.max()):.4g}) beside a 2-D image is "
+            "ambiguous: medfuse.fuse reads an (H, W, 3) array there as a colour image, but a float colour image "
+            "is taken on 0..1 only, so these may be 3 slices of a volume",
+            fix="for slices, fuse the 2-D image with one slice (volume[:, :, k]) or fuse volumes with volumes; "
+                "for a colour image on 0..255, pass it as uint8 (numpy.round(x).astype(numpy.uint8)) or on 0..1 "
+                "(x / 255)")
+    return False
+
+
 def _colour_peak(rgb: np.ndarray) -> float:
     """The value of full intensity in a colour image: 255 for 8-bit data, the dtype's top for 16-bit, else 1."""
     top = float(rgb.max())
@@ -322,8 +360,9 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
     else:
         # The grey image shares the colour image's scale only when both use it alike (8-bit pairs).
         shared = _shared_scale([gray, rgb])
-        gray01 = _normalise_arrays([gray.astype(np.float64)], "minmax")[0][0] if shared is None else \
-            np.clip(gray.astype(np.float64) / shared[1], 0.0, 1.0)
+        gray01 = gray.astype(np.float64) if gray.dtype == bool else \
+            _normalise_arrays([gray.astype(np.float64)], "minmax")[0][0] if shared is None else \
+            np.clip(gray.astype(np.float64) / shared[1], 0.0, 1.0)  # a bool mask's True: full scale
 
     def _luma(pair):
         scaled = [np.clip(np.asarray(p, dtype=np.float64) / peak, 0.0, 1.0) for p in pair]
@@ -346,7 +385,10 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
             their affine would be lost): pass ``Volume.from_metatensor(t)``. One 2-D input may be an
             ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT) beside one grey image: its luma is fused
             through YCbCr and the result is RGB on its scale (0..1, 0..255 or 16-bit; ``normalise`` then
-            applies to the grey image only).
+            applies to the grey image only). Such an array is colour when it is integer (uint8/uint16) or float
+            on 0..1; float values above 1 are refused as ambiguous (3 slices of a volume?), and negative ones
+            make it slices (refused beside a 2-D image). A bool input (a mask) counts True as the full scale
+            of the other inputs' shared range.
         method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"auto"`` or a ``torch.device``
             (used by the network only, but checked for every method before any work:
@@ -357,7 +399,8 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
             (integer images always; float images when their maxima are within a factor of 4, a
             constant input counting by its level and an all-zero one not at all), else
             scales each by min/max, so that an MR in 0..150 beside a PET in SUV 0..8 both count;
-            for Volumes it picks by modality (CT window, PET SUV range, MR percentiles) and leaves
+            for Volumes it picks by modality and unit (CT in HU: window; PET in SUV: SUV range; MR, CT not
+            in HU and the rest: percentiles; the record's ``auto`` says why) and leaves
             volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are.
         progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
             rule at its start and end).
@@ -372,7 +415,7 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
 
     Returns:
         Arrays in: an array on the first input's intensity scale (inputs 0..1 give 0..1; the first input
-            that is not constant, when the first is), of the inputs'
+            that is not constant and not a bool mask, when the first is), of the inputs'
         floating dtype (float32 inputs give float32), float64 for integer or boolean inputs. With an RGB
         input: RGB on that image's scale and of its dtype (``uint8`` stays ``uint8``).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
@@ -384,7 +427,8 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
     Raises:
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, unknown
             method, normalisation, option or device, a GPU this machine lacks, ``progress`` not callable or
-            ``cancel`` not a CancelToken.
+            ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array above 1 beside a 2-D image (colour or
+            slices?), a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too).
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
@@ -412,6 +456,13 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
 
     check_device_name(device)
     check_network_device(method, device)
+    if method == "network" and "batch_size" in options:
+        # Checked for every input before any work: infer checks it on the 3-D path only, so batch_size=-3 with
+        # 2-D images (or volumes fused slice by slice) was ignored without a word.
+        from .._checks import whole
+
+        whole(options["batch_size"], "batch_size", minimum=1, what="a whole number of slices",
+              example="batch_size=32 (smaller uses less memory; 2-D images do not use it)")
     n_vol = sum(isinstance(x, Volume) for x in inputs)
     if n_vol not in (0, len(inputs)):
         raise InvalidInputError(
@@ -433,10 +484,12 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
         require_finite(arr, f"input {i + 1}", before="fusing")
         arrays.append(arr)
     shapes = [x.shape for x in arrays]
-    rgb = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 3 and any(t == s[:2] for t in shapes if len(t) == 2)]
+    beside = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] in (3, 4)
+              and any(t == s[:2] for t in shapes if len(t) == 2)]  # (H, W, 3|4) beside an (H, W) image
+    rgb = [i for i in beside if shapes[i][2] == 3 and _colour_like(arrays[i], i + 1)]
     if rgb:
         return _fuse_rgb(arrays, rgb[0], method, device, normalise, options)
-    rgba = [i for i, s in enumerate(shapes) if len(s) == 3 and s[2] == 4 and any(t == s[:2] for t in shapes if len(t) == 2)]
+    rgba = [i for i in beside if shapes[i][2] == 4 and _colour_like(arrays[i], i + 1, refuse=False)]
     if rgba:
         raise InvalidInputError(f"input {rgba[0] + 1} has 4 channels (RGBA); colour fusion takes RGB",
                                 fix="drop the alpha channel first: image[..., :3]")
@@ -473,6 +526,10 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
 #: Spacing ratio (largest / smallest) above which the network's voxel-based tri-plane path is warned about.
 _ANISOTROPY_WARN = 3.0
 
+#: How that warning begins: a caller that expects the anisotropy (the demo on its own 1 x 1 x 4 mm sample CT)
+#: can filter it by this text (warnings.filterwarnings("ignore", message=_ANISOTROPY_NOTE)); provenance keeps it.
+_ANISOTROPY_NOTE = "the voxels are anisotropic"
+
 
 def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str]:
     """A warning (also returned, for provenance) when the network's 3-D path runs on strongly anisotropic voxels.
@@ -488,7 +545,7 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
     ratio = float(sp.max() / sp.min())
     if ratio < _ANISOTROPY_WARN:
         return []
-    msg = (f"the voxels are anisotropic ({' x '.join(f'{s:g}' for s in sp)} mm, ratio {ratio:.1f}): the fusion "
+    msg = (f"{_ANISOTROPY_NOTE} ({' x '.join(f'{s:g}' for s in sp)} mm, ratio {ratio:.1f}): the fusion "
            f"network works in voxels, so along the coarse axis it mixes detail over {ratio:.1f}x more millimetres "
            "than in-plane; for through-plane-consistent fusion resample the volumes to near-isotropic spacing "
            "first (medfuse.resample onto a finer grid), or use a classical rule")

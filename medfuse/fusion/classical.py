@@ -81,12 +81,19 @@ def _weights(weights: Optional[Sequence[float]], n: int) -> np.ndarray:
         w = np.asarray(weights, dtype=np.float64).ravel()
     except (TypeError, ValueError):
         raise InvalidInputError(f"weights must be {n} non-negative numbers, got {describe(weights)}", fix=fix) from None
-    if w.size != n or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+    if w.size != n or not np.all(np.isfinite(w)) or np.any(w < 0) or w.max() <= 0:
         raise InvalidInputError(
             f"weights must be {n} non-negative numbers with a positive sum, got {w.tolist()}",
             fix=f"pass weights=[...] with {n} entries, e.g. {[round(1 / n, 3)] * n}",
         )
-    return w / w.sum()
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not np.isfinite(total):
+        # The sum of finite weights overflowed (1e308 + 1e308 = inf, and w / inf gave all-zero weights, a black
+        # image, with NumPy's raw warning): divided by the largest first, the sum lies in 1..n.
+        w = w / w.max()
+        total = w.sum()
+    return w / total
 
 
 def _select_max_abs(coeffs: Sequence[np.ndarray]) -> np.ndarray:
@@ -377,13 +384,15 @@ def _gff(xs, *, base_radius: int = 15, r1: Optional[int] = None, eps1: float = 0
                           f"axis {ax} has {xs[0].shape[ax]}" for ax, _ in cut))
     r1 = 45 if r1 is None else int(r1)
     r2 = 7 if r2 is None else int(r2)
+    base = _bounded_per_axis(xs[0].shape, "base_radius", int(base_radius), 15, int)
+    sigma = _bounded_per_axis(xs[0].shape, "sigma", float(sigma), 5.0, float)
 
     # The published parameters assume 0..1 images; scale jointly, undo at the end.
     lo = min(float(x.min()) for x in xs)
     hi = max(float(x.max()) for x in xs)
     span = hi - lo if hi > lo else 1.0
     us = [(x - lo) / span for x in xs]
-    bases = [_box(u, base_radius) for u in us]
+    bases = [_box(u, base) for u in us]
     poll()
     saliency = np.stack([gaussian_filter(np.abs(laplace(u, mode="reflect")), sigma, mode="reflect", truncate=1.0)
                          for u in us])
@@ -412,6 +421,27 @@ def _gff(xs, *, base_radius: int = 15, r1: Optional[int] = None, eps1: float = 0
     fused *= span
     fused += lo
     return fused
+
+
+def _bounded_per_axis(shape, name: str, asked, default, kind):
+    """``asked`` (gff's ``base_radius`` or ``sigma``), cut per axis at the axis length or the default, whichever
+    is larger, with a warning; ``asked`` itself (the same computation as before) when nothing is cut.
+
+    Why: neither had an upper bound, and scipy's filters allocate and loop over the kernel's width: 10**9 gave a
+    raw MemoryError, sigma=1e300 a raw ValueError, sigma=1e6 ran for minutes on a 128x128 pair. A box or a
+    Gaussian wider than the image (reflected) only tends to the image's mean; values up to the bound run as
+    before, the defaults (15, 5) on any image.
+    """
+    caps = [kind(max(n, default)) for n in shape]
+    if all(asked <= c for c in caps):
+        return asked
+    used = tuple(min(asked, c) for c in caps)
+    cut = [ax for ax, c in enumerate(caps) if asked > c]
+    _warn_cut("gff", name, f"{asked:g}", ", ".join(f"{used[ax]:g} along axis {ax}" for ax in cut)
+              + f" ({asked:g} along the others)" * (len(cut) < len(shape)),
+              f"{name} is bounded by each axis's length, or {default:g} (the default) on shorter axes: " + ", ".join(
+                  f"axis {ax} has {shape[ax]}" for ax in cut))
+    return used
 
 
 def _normalised(ws: list) -> np.ndarray:
@@ -450,7 +480,8 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
             ``weights``; ``gff``: ``base_radius`` (15), ``r1`` (45), ``eps1`` (0.3),
             ``r2`` (7), ``eps2`` (1e-6), ``sigma`` (5). ``levels`` beyond what the image allows,
             and ``r1``/``r2`` beyond an axis (capped per axis), are cut; when they were given, with
-            one ``MedfuseWarning`` saying what was used.
+            one ``MedfuseWarning`` saying what was used. ``base_radius`` and ``sigma`` beyond an axis's
+            length (or their defaults, on shorter axes) are cut per axis with a warning too.
         cancel: a :class:`medfuse.progress.CancelToken`, polled between the rule's steps (a 3-D gff runs
             for seconds).
 

@@ -5,9 +5,9 @@ PET in SUV and MR in arbitrary units. Each input is mapped linearly from an
 interval ``[low, high]`` onto 0..1 (values outside are clipped), with the interval
 chosen per modality:
 
-* CT: a window (default level 40 HU, width 400 HU: soft tissue and bone edges);
+* CT in HU (or of unknown unit): a window (default level 40 HU, width 400 HU: soft tissue and bone edges);
 * PET in SUV: the range ``[0, suv_max]`` (default 10);
-* MR, SPECT, PET not in SUV and anything else: percentiles (default 0.5 and 99.5);
+* MR, SPECT, PET not in SUV, CT not in HU and anything else: percentiles (default 0.5 and 99.5);
 * ``"range"``: an explicit ``[low, high]``; ``"none"``: identity.
 
 :func:`normalise` returns the scaled array and a JSON-safe record of what was
@@ -40,18 +40,32 @@ def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
 
     Args:
         modality: a DICOM modality code (``CT``, ``PT``/``PET``, ``MR``, ``NM``, ...; case-insensitive), or None.
-        unit: the physical unit, or None: ``HU`` picks the CT window whatever the modality, and ``SUV...``
-            the SUV range for PET.
+        unit: the physical unit, or None (not known): ``HU`` picks the CT window whatever the modality, and
+            ``SUV...`` the SUV range for PET. A CT with a unit other than HU (``arbitrary``: the loader's label
+            for a CT with no value below -100) gets percentiles, not the window.
 
     Returns:
-        ``"window"`` (CT, or HU), ``"suv"`` (PET in SUV) or ``"percentile"`` (anything else, unknown included).
+        ``"window"`` (unit HU, or CT of unknown unit), ``"suv"`` (PET in SUV) or ``"percentile"`` (anything
+        else, unknown and CT not in HU included).
     """
+    return _auto_choice(modality, unit)[0]
+
+
+def _auto_choice(modality: Any, unit: Any) -> Tuple[str, str]:
+    """``(method, why)``: what ``"auto"`` picks and the reason, which goes into the record."""
     m = modality.upper() if isinstance(modality, str) else "UNKNOWN"
-    if m == "CT" or (isinstance(unit, str) and unit == "HU"):  # an array's == would be elementwise
-        return "window"
-    if m in ("PT", "PET") and unit is not None and str(unit).startswith("SUV"):
-        return "suv"
-    return "percentile"
+    u = unit if isinstance(unit, str) else None  # an array's == would be elementwise
+    if u is not None and u.upper() == "HU":
+        return "window", "unit HU"
+    if m == "CT" and u is None:
+        return "window", "CT, unit not given (taken as HU)"
+    if m == "CT":
+        # Why: the window on a CT that is not in HU (raw stored values 0..4095, or rescaled to 0..1) clipped it
+        # all to white or to a flat grey; the loader's and _warn_if_not_hu's advice (unit='arbitrary') means this.
+        return "percentile", f"CT not in HU (unit {u!r})"
+    if m in ("PT", "PET") and u is not None and u.startswith("SUV"):
+        return "suv", f"PET in {u}"
+    return "percentile", f"modality {m if isinstance(modality, str) else 'unknown'}" + (f", unit {u!r}" if u else "")
 
 
 def _percentiles(value: Any) -> Tuple[float, float]:
@@ -184,11 +198,13 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
                                 fix="normalise its magnitude: numpy.abs(image) (Volume: v.with_array(numpy.abs(v.array)))")
     if not all_finite(x, SLAB_ELEMENTS):
         raise InvalidInputError("the image contains NaN or infinite values", fix="replace them before fusing")
-    chosen = auto_method(modality, unit) if method == "auto" else method
+    chosen, why = _auto_choice(modality, unit) if method == "auto" else (method, "")
     if chosen not in _METHODS:
         raise InvalidInputError("unknown normalisation method (the str given names none of them)",
                                 fix=f"use 'auto' or one of {', '.join(_METHODS)}")
     rec: Dict[str, Any] = {"method": chosen, "modality": modality or "unknown", "unit": unit or "arbitrary"}
+    if method == "auto":
+        rec["auto"] = why  # why "auto" chose this method (e.g. "CT not in HU (unit 'arbitrary')")
     if chosen == "none":
         lo, hi = 0.0, 1.0
     elif chosen == "window":
