@@ -3,7 +3,8 @@
 Runs each method (classical or ``network``) on every pair, writes the fused
 outputs (PNG for 2-D pairs, NIfTI for volumes), ``metrics.csv`` and
 ``metrics.json`` (every metric per image, and means per method and pair type),
-and prints a summary table. A pair that cannot be read or fused is reported and
+and prints a summary table (the metrics asked for, or the summary ones). A pair image path that names nothing
+is bad input, refused before any work. A pair that cannot be read or fused is reported and
 skipped; the run goes on and its result says it failed (exit code 1); when no image at all was scored,
 no table is written either. Bad arguments, an unknown device or one this machine lacks and outputs that exist
 are refused before anything is written.
@@ -27,6 +28,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import warnings
 from collections import Counter
@@ -38,7 +40,7 @@ import numpy as np
 
 from ._checks import as_list, choice, label
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
-                     OutputExistsError, OutputWriteError, WeightsError)
+                     OutputExistsError, OutputWriteError, UnreadableFileError, WeightsError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
 __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
@@ -62,6 +64,8 @@ class EvaluationResult:
             each mean is over the ``k`` images whose value is finite (see :func:`_means`).
         failures: one dict per skipped item: ``method``, ``item``, ``path``, ``error``.
         mode: ``"2d"`` for images, ``"slicewise"``/``"native"`` for volumes.
+        metrics: the metrics asked for (``evaluate``'s ``metrics``), or None for all: the columns of
+            :meth:`table` (None: :data:`SUMMARY_METRICS`).
     """
 
     out_dir: Path
@@ -69,6 +73,7 @@ class EvaluationResult:
     means: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
     failures: List[Dict[str, Any]] = field(default_factory=list)
     mode: str = "2d"
+    metrics: Optional[List[str]] = None
 
     @property
     def ok(self) -> bool:
@@ -80,7 +85,9 @@ class EvaluationResult:
         return 0 if self.ok else 1
 
     def table(self) -> str:
-        return format_table(self.means)
+        """The means as a Markdown table (:func:`format_table`): the metrics asked for, or the summary ones."""
+        # Why: the columns were always SUMMARY_METRICS, so --metrics AG,FMI printed a table with none of them.
+        return format_table(self.means, metrics=self.metrics)
 
 
 # ---------------------------------------------------------------------- items
@@ -325,6 +332,28 @@ def _items(source, *, pair_types=None) -> Tuple[List[_Item], bool]:
     return _unique_names(_volume_items(seq)), False
 
 
+def _check_pair_paths(items: Sequence[_Item], is_2d: bool) -> None:
+    """Refuse a pair's image path that names nothing (or, for 2-D pairs, a folder), before any work.
+
+    Why: ``--pair nonexist.png b.png`` was a per-item failure once per method, "5 item(s) failed ... Fix:
+    replace the file with a valid PNG", exit 1, with nothing scored; a path that names no file is bad input,
+    refused as ``medfuse fuse`` refuses it (exit 2 on the command line). A pair's own mask file is checked too, as
+    ``mask`` is. One ``stat`` per file: nothing is opened.
+
+    Raises:
+        UnreadableFileError: a path that does not exist, a dangling or looping link, a pipe or device, or a
+            folder given as a PNG image.
+    """
+    from .io import _stat_or_refuse
+
+    for item in items:
+        for p in item.inputs:
+            st = _stat_or_refuse(Path(p))  # "no such file or folder. Fix: check the path." as fuse says it
+            if is_2d and stat.S_ISDIR(st.st_mode):
+                raise UnreadableFileError("this is a folder, not a PNG image", fix="give the path of a PNG file",
+                                          path=p)
+
+
 def _target(out: Path, method: str, item: _Item, is_2d: bool) -> Path:
     return out / method / f"{item.name}{'.png' if is_2d else '.nii.gz'}"
 
@@ -549,7 +578,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             would write over an input file (refused even with ``overwrite``), a mask file or Volume for
             2-D pairs, a pair or a list of pairs mixing PNG images with volumes.
         UnreadableFileError: the mask file cannot be read.
-        UnreadableFileError: the folder holds no pairs.
+        UnreadableFileError: the folder holds no pairs; a pair's image path names nothing (or, for PNG pairs,
+            a folder).
         OutputExistsError: tables or fused outputs exist and ``overwrite`` is False.
         OutputWriteError: the output folder or an output cannot be written (permission, read-only or full disk, a
             name too long); ``errno`` says which. Raised when found, not reported per item (every item would fail).
@@ -618,6 +648,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                                 fix="give the array its grid: first_image.with_array(mask), or save it as NIfTI")
     mask = _mask_choice(mask, "mask")
     items, is_2d = _items(source, pair_types=pair_types)
+    _check_pair_paths(items, is_2d)
     if is_2d and mask is not None and not (isinstance(mask, str) and mask == "auto"):
         raise InvalidInputError("a mask file or Volume is for volume pairs; 2-D pairs take mask 'auto' (their "
                                 "foreground) or none", fix="use --mask auto, or leave --mask out")
@@ -651,7 +682,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     made = [q for q in (out, *out.parents) if not q.exists()]  # the folders this run creates
     new_outputs: List[Path] = []  # fused images this run created (none was there before): removed if it stops
     _make_folder(out)
-    result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode)
+    result = EvaluationResult(out_dir=out, mode="2d" if is_2d else mode,
+                              metrics=None if metrics is None else list(dict.fromkeys(metrics)))
     total = len(items) * len(methods)
     done = 0
     cache: Dict[int, Any] = {}  # by item index: loaded sources, reused by every method (or the exception)
@@ -987,14 +1019,16 @@ def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Se
 
 
 def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
-                 metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+                 metrics: Optional[Sequence[str]] = None) -> str:
     """A Markdown table of the means: one row per method and pair type.
 
     A mean over fewer images than the row's n (values that were not finite) shows its count: ``30.125 (n=2)``.
 
     Args:
         means: :attr:`EvaluationResult.means`.
-        metrics: (keyword-only) the columns, in order; a metric no row has is left out.
+        metrics: (keyword-only) the columns, in order; a metric no row has is left out. None: the
+            :data:`SUMMARY_METRICS` the means hold, or, when they hold none of those (an evaluation of AG and
+            FMI only), every metric they hold.
 
     Returns:
         The table, one line per row, without a final newline.
@@ -1009,8 +1043,17 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
         got = type(means).__name__ if not isinstance(means, Mapping) else "a mapping of another shape"
         raise InvalidInputError("format_table takes the means of an evaluation ({method: {pair type: {metric: "
                                 f"value}}}}}}), got {got}", fix="pass result.means (or call result.table())")
-    cols = [m for m in metrics if any(m in v for g in means.values() for v in g.values())]
-    lines = ["| Method | Pair | n | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    from .metrics import METRICS
+
+    def held(names: Iterable[str]) -> List[str]:
+        return [m for m in names if any(m in v for g in means.values() for v in g.values())]
+
+    cols = held(metrics) if metrics is not None else held(SUMMARY_METRICS) or held(METRICS)
+
+    def line(cells: Sequence[str]) -> str:  # as many cells in every line (an empty join gave a header cell more)
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [line(["Method", "Pair", "n", *cols]), "|" + "---|" * (3 + len(cols))]
     for method, groups in means.items():
         for ptype, vals in groups.items():
             cells = []
@@ -1020,7 +1063,7 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
                 if k is not None and k < vals.get("n", k):
                     cell = f"{cell} (n={k})".strip()
                 cells.append(cell)
-            lines.append(f"| {method} | {ptype} | {vals.get('n', '')} | " + " | ".join(cells) + " |")
+            lines.append(line([str(method), str(ptype), str(vals.get("n", "")), *cells]))
     return "\n".join(lines)
 
 
@@ -1181,8 +1224,9 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     elif not quiet:
         print(result.table())
         within = f", within the mask {args.mask}" if getattr(args, "mask", None) else ""
+        n = len(result.rows)
         print(_blanked(f"\nwrote {result.out_dir / 'metrics.csv'} and {result.out_dir / 'metrics.json'} "
-                       f"({len(result.rows)} images scored{within})", ids))
+                       f"({n} image{'' if n == 1 else 's'} scored{within})", ids))
     if result.failures:
         print(f"{'' if not result.rows else chr(10)}{len(result.failures)} item(s) failed and were skipped:",
               file=sys.stderr)

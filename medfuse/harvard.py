@@ -143,7 +143,8 @@ def list_pairs(root: str | os.PathLike, *, pair_types: Optional[Iterable[str]] =
 
     Raises:
         UnreadableFileError: ``root`` is not a folder or holds no pairs.
-        InvalidInputError: ``root`` is not a path, or ``pair_types`` is not a list of names.
+        InvalidInputError: ``root`` is not a path, ``pair_types`` is not a list of names, is empty, or names a
+            pair type or modality the folder holds no pair of (the error lists those it holds).
     """
     root = _path(root, "root")
     if pair_types is not None and not isinstance(pair_types, (str, bytes)) and hasattr(pair_types, "__iter__"):
@@ -158,7 +159,19 @@ def list_pairs(root: str | os.PathLike, *, pair_types: Optional[Iterable[str]] =
     if not pairs:
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             pairs.extend(_pairs_in(sub))
-    if pair_types is not None:
+    if pair_types is not None and pairs:
+        # Why: a pair type that matches nothing (a typo, FOO) was dropped silently, and with no other type asked
+        # for the answer was "no image pairs found"; it is named, with what the folder holds.
+        held = sorted({p.pair_type for p in pairs}) + sorted({p.modality for p in pairs})
+        unknown = [t for t in pair_types if t.upper() not in {h.upper() for h in held}]
+        if unknown or not pair_types:
+            from ._checks import label
+
+            raise InvalidInputError(
+                (f"unknown pair type(s) {', '.join(label(t) for t in unknown)}: this folder has no such pairs"
+                 if unknown else "pair_types names no pair type (an empty list)"),
+                fix=f"choose from the folder's pair types and modalities: {', '.join(held)} (none named: all "
+                    "of them)")
         wanted = {t.upper() for t in pair_types}
         pairs = [p for p in pairs if p.pair_type.upper() in wanted or p.modality.upper() in wanted]
     if not pairs:
@@ -202,9 +215,17 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
             # Via RGB for every other mode: a palette image may be grey or colour.
             rgb = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise UnreadableFileError(
-            f"cannot read the image ({type(e).__name__})", fix="replace the file with a valid PNG", path=path
-        ) from None
+        # Why: a missing file was told "replace the file with a valid PNG"; only a damaged file needs replacing.
+        if isinstance(e, FileNotFoundError):
+            problem, fix = "no such file or folder", "check the path"
+        elif isinstance(e, IsADirectoryError):
+            problem, fix = "this is a folder, not a PNG image", "give the path of a PNG file"
+        elif isinstance(e, PermissionError):
+            problem = "permission denied"
+            fix = "check the file's permissions (chmod u+r), or run as a user who may read it"
+        else:
+            problem, fix = f"cannot read the image ({type(e).__name__})", "replace the file with a valid PNG"
+        raise UnreadableFileError(problem, fix=fix, path=path) from None
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
         return np.ascontiguousarray(rgb[..., 0])
     return rgb

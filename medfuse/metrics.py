@@ -348,11 +348,36 @@ def _warn_unless_0_255(images: Sequence[np.ndarray], *, stacklevel: int) -> None
 
 
 # ---------------------------------------------------------------------- masks
-def _as_mask(mask, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+#: How a 2-D mask is put on every slice across each axis of an (x, y, z) volume (axial slices are [:, :, k]).
+_SLICE_INDEX = {0: ("[k, :, :]", "mask[None, :, :]"), 1: ("[:, k, :]", "mask[:, None, :]"),
+                2: ("[:, :, k]", "mask[:, :, None]")}
+
+
+def _slice_mask_fix(mshape: Tuple[int, ...], shape: Tuple[int, ...],
+                    axes: Optional[Tuple[int, ...]] = None) -> Optional[str]:
+    """The fix for a 2-D mask given for a volume, or None when its shape is that of no slice of the volume.
+
+    Why: the hint was ``np.broadcast_to(mask, volume.shape)``, which lines the mask up with the volume's last two
+    axes, the (y, z) plane; medfuse volumes are (x, y, z) with axial slices ``[:, :, k]``, so on a cube following
+    it scored another region silently. Each axis whose slices have the mask's shape is named, the axes being
+    scored (slice-wise ``axes``) first, then axial, coronal, sagittal.
+    """
+    order = [a for a in (axes or ()) if a in (0, 1, 2)] + [2, 1, 0]
+    fits = [a for a in dict.fromkeys(order) if tuple(n for i, n in enumerate(shape) if i != a) == tuple(mshape)]
+    if not fits:
+        return None
+    ways = [f"across axis {a} (slices {_SLICE_INDEX[a][0]}): np.broadcast_to({_SLICE_INDEX[a][1]}, volume.shape)"
+            for a in fits]
+    return ("pass a 3-D mask of the volume's shape; the same 2-D mask on every slice " + "; or ".join(ways)
+            + (" (pick the axis whose slices the mask was drawn on)" if len(fits) > 1 else ""))
+
+
+def _as_mask(mask, shape: Tuple[int, ...], *, axes: Optional[Tuple[int, ...]] = None) -> Optional[np.ndarray]:
     """The region of interest as a boolean array of ``shape`` (None for no mask), or a clear error.
 
     Accepted: booleans, or numbers that are all 0 or 1 (a uint8 or float label file of a brain mask).
     Refused: another shape, other values (a probability map, a label image), no pixel selected, a Volume.
+    ``axes`` (slice-wise scoring's axes) only orders the fix offered for a 2-D mask on a volume.
     """
     if mask is None:
         return None
@@ -384,9 +409,9 @@ def _as_mask(mask, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
                 "(mask = np.isin(labels, [1, 2]))")
         m = inside
     if m.shape != tuple(shape):
-        if m.ndim == 2 and len(shape) == 3 and m.shape == tuple(shape[1:]):
-            fix = ("pass a 3-D mask of the volume's shape; one 2-D mask for every slice is "
-                   "np.broadcast_to(mask, volume.shape)")
+        slice_fix = _slice_mask_fix(m.shape, tuple(shape), axes) if m.ndim == 2 and len(shape) == 3 else None
+        if slice_fix is not None:
+            fix = slice_fix
         elif sorted(m.shape) == sorted(shape):
             fix = "its axes are in another order than the images' (a transposed array?): put them in the same order"
         elif tuple(n for n in m.shape if n != 1) == tuple(n for n in shape if n != 1):
@@ -1148,7 +1173,9 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
             every slice of the planes in ``axes``, averaged over slices that carry content,
             then over planes).
         metrics: metric names to compute (default: all that the mode defines).
-        axes: slicewise only: the axes across which slices are taken.
+        axes: slicewise only: the axes across which slices are taken, one (``axes=2``: the axial slices
+            ``[:, :, k]`` of an (x, y, z) volume) or several, whole numbers 0..2. Another value with
+            ``mode="2d"`` or ``"native"`` is refused (it would be ignored).
         min_content: slicewise only: a slice carries content when at least this fraction (0..1, default
             0.01) of its pixels is above the volume's minimum in some source (and, with ``mask``, inside it).
         mask: a region of interest: a boolean array of the images' shape (0/1 numbers are taken too), or
@@ -1168,8 +1195,10 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     Raises:
         InvalidInputError: fewer than two sources, shapes that differ, NaN/inf, values beyond 1e50, images
             too small for the window metrics named (under 7 pixels a side; slice-wise: slices across ``axes``
-            under 7x7), unknown metric or mode, ``metrics`` that are not names, ``min_content`` outside 0..1; a
-            mask of another shape, with values other than 0/1 or True/False, that selects nothing, or (2-D and
+            under 7x7), unknown metric or mode, ``metrics`` that are not names, ``min_content`` outside 0..1,
+            ``axes`` that are not whole numbers 0..2 (a bool or a float too) or that pick planes with a mode
+            other than ``"slicewise"``; a mask of another shape (a 2-D mask for a volume: the fix says how to
+            put it on every slice), with values other than 0/1 or True/False, that selects nothing, or (2-D and
             native, with a window metric named) that holds no whole 7x7 (7x7x7) block.
 
     Example:
@@ -1183,6 +1212,12 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
                                 f"mode must be a string, got a {type(mode).__name__}",
                                 fix="use mode='2d', 'native' or 'slicewise'")
     min_content = number(min_content, "min_content", low=0, high=1, what="a fraction", example="min_content=0.01")
+    axes = _parse_axes(axes)
+    if mode != "slicewise" and set(axes) != {0, 1, 2}:
+        # It was ignored silently: score(F, A, B, axes=1) on 2-D images scored them whole, as asked for nothing.
+        raise InvalidInputError(f"axes={axes[0] if len(axes) == 1 else axes} picks the planes of slice-wise scoring, "
+                                f"but mode is {mode!r}, which has no slices to pick",
+                                fix="leave axes out, or score a volume with mode='slicewise'")
     # Names first: a typo is reported before any work. Scale warnings come once, from _check here.
     names = _names(metrics, NATIVE_3D_METRICS if mode == "native" else METRICS)
     # Sizes only where they are used: the pixel statistics take any shape, and slice-wise only the planes
@@ -1190,7 +1225,8 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     windowed = [n for n in names if n in WINDOW_METRICS]
     f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3,
                      min_side=_MIN_SIDE if windowed and mode != "slicewise" else 1)
-    m = _as_mask(mask, f.shape)
+    # The fix for a 2-D mask names the planes being scored first, when some were picked.
+    m = _as_mask(mask, f.shape, axes=axes if mode == "slicewise" and set(axes) != {0, 1, 2} else None)
     if mode != "slicewise" and windowed:  # slice-wise, a slice's region may be small; it is then scored as it is
         _require_window(m, ", ".join(windowed))
     if "MI" in names:
@@ -1208,16 +1244,35 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
     return out
 
 
+def _is_axis(a) -> bool:
+    return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) and int(a) in (0, 1, 2)
+
+
+def _parse_axes(axes) -> Tuple[int, ...]:
+    """``score``'s ``axes``: one axis or several, each plane once, as a tuple of ints.
+
+    Why: ``int(axes)`` took ``True`` as axis 1 and ``2.7`` as axis 2; an axis is a whole number 0, 1 or 2.
+
+    Raises:
+        InvalidInputError: neither an axis nor a non-empty list of axes 0, 1, 2 (bools, floats and text are
+            refused).
+    """
+    if _is_axis(axes):
+        return (int(axes),)
+    items = None
+    if isinstance(axes, (list, tuple, range)) or (isinstance(axes, np.ndarray) and axes.ndim == 1):
+        items = list(axes)
+    if not items or not all(_is_axis(a) for a in items):
+        shown = repr(axes) if isinstance(axes, (int, float, bool, np.number, np.bool_, list, tuple, range)) \
+            and len(repr(axes)) <= 40 else f"a {type(axes).__name__}"
+        raise InvalidInputError(f"axes must be an axis (0, 1 or 2, a whole number) or a non-empty list of them, "
+                                f"got {shown}", fix="pass e.g. axes=2 or axes=(0, 1, 2)")
+    return tuple(dict.fromkeys(int(a) for a in items))
+
+
 def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], axes, min_content: float,
                      m: Optional[np.ndarray] = None) -> Dict[str, object]:
-    given = axes
-    try:  # one axis or several; each plane once
-        axes = (int(axes),) if np.ndim(axes) == 0 else tuple(dict.fromkeys(int(a) for a in axes))
-    except (TypeError, ValueError):
-        axes = (None,)
-    if not axes or any(a not in (0, 1, 2) for a in axes):
-        raise InvalidInputError(f"axes must be a non-empty subset of (0, 1, 2), got {given!r}",
-                                fix="pass e.g. axes=(0, 1, 2)")
+    axes = _parse_axes(axes)
     windowed = [n for n in names if n in WINDOW_METRICS]
     small = [a for a in axes if min(n for i, n in enumerate(f.shape) if i != a) < _MIN_SIDE]
     if windowed and small:

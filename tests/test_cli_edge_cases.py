@@ -204,9 +204,10 @@ def test_evaluate_writes_no_tables_when_nothing_was_scored(tmp_path, capsys):
     a, b = _pair(tmp_path)
     out = tmp_path / "e"
     argv = ["evaluate", "--out", str(out), "--methods", "max", "--no-progress", "--metrics", "EN"]
-    assert main(argv[:1] + ["--pair", str(a), str(tmp_path / "missing.nii.gz")] + argv[1:]) == EXIT_FAILURES
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")  # damaged, not missing (that is refused up front)
+    assert main(argv[:1] + ["--pair", str(a), str(tmp_path / "broken.nii.gz")] + argv[1:]) == EXIT_FAILURES
     err = capsys.readouterr().err
-    assert "no image was scored" in err and "missing.nii.gz" in err
+    assert "no image was scored" in err and "broken.nii.gz" in err
     assert not out.exists()
     assert main(argv[:1] + ["--pair", str(a), str(b)] + argv[1:]) == 0  # the re-run is not blocked
     assert (out / "metrics.csv").exists() and (out / "max" / "a_b.nii.gz").exists()

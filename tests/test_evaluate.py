@@ -169,11 +169,12 @@ def test_cli_run_with_volume_pair_files(tmp_path, capsys):
     save(_vol(base[::-1] * 300 + 5, modality="MR"), tmp_path / "t2.nii.gz")
     parser = E.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--pair", str(tmp_path / "mr.nii.gz"), str(tmp_path / "t2.nii.gz"),
-                              "--pair", str(tmp_path / "mr.nii.gz"), str(tmp_path / "missing.nii.gz"),
+                              "--pair", str(tmp_path / "mr.nii.gz"), str(tmp_path / "broken.nii.gz"),
                               "--methods", "max", "--mode", "native", "--out", str(tmp_path / "o"), "--no-progress"])
-    assert E.run(args) == 1  # the second pair's file is missing: reported, skipped
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")  # a missing file is refused before any work
+    assert E.run(args) == 1  # the second pair's file is damaged: reported, skipped
     out, err = capsys.readouterr()
-    assert "| max | volumes | 1 |" in out and "missing.nii.gz" in err
+    assert "| max | volumes | 1 |" in out and "broken.nii.gz" in err
     assert (tmp_path / "o" / "max" / "mr_t2.nii.gz").exists()
     with pytest.raises(InvalidInputError, match="nothing to evaluate: give a folder"):
         E.run(parser.parse_args(["--out", str(tmp_path / "x")]))
