@@ -48,7 +48,8 @@ class SeriesInfo:
     """One series found by :func:`scan` (no patient data).
 
     Attributes:
-        series_uid: SeriesInstanceUID.
+        series_uid: SeriesInstanceUID; ``UID#N`` (N its SeriesNumber) when files sharing that UID have
+            different SeriesNumbers, each of which is then a series of its own (as dcm2niix splits them).
         modality: the DICOM Modality as stored (``CT``, ``PT``, ``MR``, ...).
         description: SeriesDescription.
         shape: voxels per volume (columns, rows, slices); slices 0 when the series cannot be assembled.
@@ -81,6 +82,9 @@ class _Frame:
     # Classic multi-frame file with one position for all frames: ("slices", tag the spacing came from) when its
     # frames were placed as slices, ("time", why not) when they stay at that one position.
     shared_pos: Optional[Tuple[str, str]] = None
+    # FrameType value 4 of an enhanced frame (M, P, FIELD_MAP, ...): a magnitude and a field map in one file are
+    # not time points, and the warning about volumes without a time order says which is which.
+    frame_type: str = ""
 
 
 # ---------------------------------------------------------------------------- headers
@@ -297,6 +301,8 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
             n_non_image += 1
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
+    if series:
+        series = _split_by_number(series)
     if not series:
         hidden, hidden_fix = _hidden_note(path) if files is None else ("", "")
         if n_non_image:
@@ -306,6 +312,40 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
                                   fix=hidden_fix or "check the folder; medfuse reads DICOM, NIfTI, MetaImage and NRRD",
                                   path=path)
     return series
+
+
+def _series_number(ds) -> str:
+    """SeriesNumber as text ("" when absent or empty); "05" and "5" are one number."""
+    v = str(ds.get("SeriesNumber", "") or "").strip()
+    try:
+        return str(int(float(v)))
+    except ValueError:
+        return v
+
+
+def _split_by_number(series: Dict[str, List[Tuple[Path, Any]]]) -> Dict[str, List[Tuple[Path, Any]]]:
+    """Each SeriesInstanceUID whose files have different SeriesNumbers split into one series per number, keyed
+    ``UID#N`` (``UID#`` for files without one); the others keep their UID as key.
+
+    Why: the 9 files of a transfer-syntax test set share one SeriesInstanceUID under SeriesNumbers 1..9, and were
+    read as one 4-D series of 9 "volumes" with no time order; dcm2niix writes 9 series.
+    """
+    out: Dict[str, List[Tuple[Path, Any]]] = {}
+    for uid, files in series.items():
+        by_number: Dict[str, List[Tuple[Path, Any]]] = {}
+        for f, ds in files:
+            by_number.setdefault(_series_number(ds), []).append((f, ds))
+        if len(by_number) == 1:
+            out[uid] = files
+            continue
+        for number in sorted(by_number, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
+            out[f"{uid}#{number}"] = by_number[number]
+    return out
+
+
+def _real_uid(key: str) -> str:
+    """The SeriesInstanceUID of a series key (``UID#N`` -> ``UID``; UIDs hold digits and dots only)."""
+    return key.rsplit("#", 1)[0]
 
 
 def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]] = None) -> List[Tuple[Path, Any]]:
@@ -613,7 +653,8 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
                                     fix="re-export the series with geometry", path=f)
             iop, sp = _checked_plane(iop, ps, f, f" (functional groups, frame {idx + 1})")
             s, i = _scaling(ds, fg, shared, path=f)
-            out.append(_Frame(f, idx, np.array(pos, float), iop, sp, s, i, _time_key(ds, fg)))
+            out.append(_Frame(f, idx, np.array(pos, float), iop, sp, s, i, _time_key(ds, fg),
+                              frame_type=_frame_type(fg, shared)))
         return out
     if modality == "NM" and n > 1:
         return _nm_frames(f, ds, n)
@@ -643,6 +684,19 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
     if n > 1:
         return _classic_multiframe(f, ds, n, modality, iop, pos, ps, s, i, key)
     return [_Frame(f, None, pos, iop, (float(ps[0]), float(ps[1])), s, i, key, thickness=abs(dz))]
+
+
+def _frame_type(fg, shared) -> str:
+    """FrameType value 4 of an enhanced frame (from any ``*FrameTypeSequence``: MR, CT, PET...), "" when absent."""
+    for g in (fg, shared):
+        if g is None:
+            continue
+        for kw in g.dir("FrameTypeSequence"):
+            seq = g.get(kw)
+            ft = list(seq[0].get("FrameType") or []) if seq else []
+            if len(ft) >= 4:
+                return str(ft[3]).strip().upper()
+    return ""
 
 
 #: Frame increment pointers that make a classic multi-frame file's frames slices (PS3.3 C.7.6.6, C.8.4.9).
@@ -869,8 +923,14 @@ def _series_frames(files: Sequence[Tuple[Path, Any]], path: Path) -> List[_Frame
     return frames
 
 
-def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]], np.ndarray]:
-    """Group frames into volumes of slices sorted along the normal; returns (volumes, normal)."""
+def _split_volumes(frames: List[_Frame], path: Path,
+                   notes: Optional[List[str]] = None) -> Tuple[List[List[_Frame]], np.ndarray]:
+    """Group frames into volumes of slices sorted along the normal; returns (volumes, normal).
+
+    When ``notes`` is given (a load, not a listing), volumes whose frames have the same time key (temporal
+    position, acquisition date and time, instance number) are said to have no time order, with a warning: their
+    order is then the order of the files and frames, which may not be the acquisition's.
+    """
     iop = frames[0].iop
     if any(not np.allclose(fr.iop, iop, atol=1e-3) for fr in frames):
         # One SeriesInstanceUID: choosing a series cannot separate them, so say how many and which files.
@@ -922,7 +982,43 @@ def _split_volumes(frames: List[_Frame], path: Path) -> Tuple[List[List[_Frame]]
     for v in per_pos.values():
         v.sort(key=lambda fr: fr.time_key)
     vols = [[per_pos[float(k)][t] for k in uniq] for t in range(nvol)]
+    if notes is not None and nvol > 1:
+        _untimed_note(vols, path, notes)
     return vols, normal
+
+
+def _untimed_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> None:
+    """Warn when volumes share a time key at some slice position: their order is only the files' order."""
+    tied = sum(len({fr.time_key for fr in pos}) < len(pos) for pos in zip(*vols))
+    if not tied:
+        return
+    types = [vol[0].frame_type for vol in vols]
+    if len(set(types)) > 1:  # a Philips B0 file: magnitude (M) and field map (FIELD_MAP) frames
+        msg = (f"the {len(vols)} volumes are of different frame types ({', '.join(t or '?' for t in types)}, in "
+               "volume order): images of different kinds (a magnitude and a field map or phase image), not time "
+               "points, all given the one unit of the series although theirs differ (a field map is in Hz); pick "
+               "the volume you need by its index")
+    else:
+        msg = (f"the {len(vols)} volumes have no time order at {tied} of {len(vols[0])} slice positions (the same "
+               "temporal position, acquisition time and instance number): they are in the order of the files and "
+               "frames, which may not be the acquisition's; check that they are one series' time points")
+    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=_user_stacklevel())
+    notes.append(msg)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` for a warning raised by the caller that points at the first frame outside medfuse
+    (and contextlib's decorator wrapper): the user's line, however many medfuse functions lie between."""
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the medfuse package
+    frame, level = sys._getframe(2), 2  # 1: the function that warns
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here + os.sep) or os.path.basename(name) == "contextlib.py"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ---------------------------------------------------------------------------- pixels
@@ -1333,6 +1429,16 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
         series_uid = resolve_series_choice(
             series_uid, [(u, str(fs[0][1].get("Modality", "")), functools.partial(line, fs))
                          for u, fs in series.items()], path) or series_uid
+    if series_uid is not None and series_uid not in series:
+        # A SeriesInstanceUID whose files have several SeriesNumbers (keyed "UID#N"): one of them, or say which.
+        parts = [k for k in series if k != series_uid and _real_uid(k) == series_uid]
+        if len(parts) == 1:
+            series_uid = parts[0]
+        elif parts:
+            raise MultipleSeriesError(f"the SeriesInstanceUID given is shared by {len(parts)} series with different "
+                                      f"SeriesNumbers ({_listed([line(series[k]) for k in parts])})", choices=parts,
+                                      fix="pass one of the error's .choices (UID#SeriesNumber, as medfuse.scan lists "
+                                          "them), or the series' number as the folder's listing gives it", path=path)
     if series_uid is not None:
         if series_uid not in series:
             listed = _listed([line(fs) for fs in series.values()])
@@ -1407,8 +1513,10 @@ def _series_of_file(path: Path, broken: List[Path]) -> Tuple[Path, Dict[str, Lis
     own = _headers(path)
     uid = next(iter(own))
     series = _headers(path.parent, broken, files=_folder_files(path))
+    # The folder's key of the file's series: "UID#N" when files of its UID have other SeriesNumbers.
+    uid = next((k for k, fs in series.items() if any(f.name == path.name for f, _ in fs)), uid)
     if len(series.get(uid, [])) <= 1:  # the file is the whole series (a multi-frame file alone): its own source
-        return path, own, uid
+        return path, own, next(iter(own))
     return path.parent, series, uid
 
 
@@ -1422,11 +1530,13 @@ def _folder_files(path: Path) -> List[Path]:
                                   path=path.parent) from None
 
 
-def _series_files_beside(path: Path, uid: str) -> int:
-    """How many files in ``path``'s folder belong to series ``uid`` (``path`` included); 1 when unknown.
+def _series_files_beside(path: Path, uid: str, number: Optional[str] = None) -> int:
+    """How many files in ``path``'s folder belong to series ``uid`` (``path`` included); 1 when unknown. With
+    ``number`` (:func:`_series_number`), only the files with that SeriesNumber count (files of one UID under
+    several numbers are several series).
 
-    Only the SeriesInstanceUID of each is read (about 0.5 ms a file), to tell a user who loaded one slice that
-    the rest of its series is there.
+    Only the SeriesInstanceUID and SeriesNumber of each are read (about 0.5 ms a file), to tell a user who loaded
+    one slice that the rest of its series is there.
     """
     import pydicom
 
@@ -1437,10 +1547,11 @@ def _series_files_beside(path: Path, uid: str) -> int:
     n = 0
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True, specific_tags=[(0x0020, 0x000E)])
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True,
+                                 specific_tags=[(0x0020, 0x000E), (0x0020, 0x0011)])
         except Exception:  # noqa: BLE001 - not DICOM, or damaged: not one of the series' files
             continue
-        n += str(ds.get("SeriesInstanceUID", "")) == uid
+        n += str(ds.get("SeriesInstanceUID", "")) == uid and (number is None or _series_number(ds) == number)
     return max(n, 1)
 
 
@@ -1481,7 +1592,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     broken: List[Path] = []
     if whole_series and path.is_file():
         path, series, own_uid = _series_of_file(path, broken)
-        if series_uid is not None and series_uid != own_uid:
+        if series_uid is not None and series_uid not in (own_uid, _real_uid(own_uid)):
             raise InvalidInputError("series_uid names another series than the one the file belongs to",
                                     fix="leave out series_uid, or pass the folder instead of one of its files",
                                     path=path)
@@ -1491,11 +1602,13 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     uid, files = _choose(series, series_uid, path)
     notes: List[str] = []
     if path.is_file() and not whole_series:  # whole_series has read the folder already: the file is all of it
-        n = _series_files_beside(path, uid)
+        n = _series_files_beside(path, str(files[0][1].get("SeriesInstanceUID", "unknown")),
+                                 _series_number(files[0][1]))
         if n > 1:  # one slice fused or registered on its own, without a word, is never what was meant
             msg = (f"this file is one of {n} files of its series in its folder, and was loaded alone; for the "
                    "whole series pass the folder (or whole_series=True)")
-            warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+            # At the user's line, through medfuse.load or load_volumes alike (3 pointed into medfuse).
+            warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=_user_stacklevel())
             notes.append(msg)
     files = _dedupe(files, path, notes)
     files = _drop_localizers(files, path, notes)
@@ -1511,7 +1624,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     modality = normalise_modality(str(ds0.get("Modality", "")) or None) if str(ds0.get("Modality", "")).upper() in (
         "MR", "CT", "PT", "NM") else "unknown"
     frames = _series_frames(files, path)
-    vols, normal = _split_volumes(frames, path)
+    vols, normal = _split_volumes(frames, path, notes)
     shared_note = _shared_position_note(frames)
     if shared_note:
         warnings.warn(f"{path}: {shared_note}", MedfuseWarning, stacklevel=3)
@@ -1522,8 +1635,8 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         from . import suv as _suv
 
         suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=suv_kind)
-    pix = _pixels(vols, dict(files))
-    ts = str(getattr(getattr(ds0, "file_meta", None), "TransferSyntaxUID", "") or "")
+    headers = dict(files)
+    pix = _pixels(vols, headers)
     out = []
     for vi, vframes in enumerate(vols):
         slices = [_slice(fr, pix) for fr in vframes]
@@ -1543,9 +1656,10 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         patient = patient_key(ds0)
         if patient:
             prov["patient_key"] = patient
-        prov.update(series_uid=uid, source=os.path.abspath(path), reader="medfuse.dicom",
+        prov.update(series_uid=str(ds0.get("SeriesInstanceUID", "unknown")), source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
-                    n_volumes=len(vols), transfer_syntax=ts, manufacturer=str(ds0.get("Manufacturer", "")),
+                    n_volumes=len(vols), transfer_syntax=_transfer_syntax(vframes, headers),
+                    manufacturer=str(ds0.get("Manufacturer", "")),
                     warnings=vnotes, unit_stated=True)
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)
@@ -1561,6 +1675,16 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         for v in out:
             v.provenance["warnings"].append(msg)
     return out
+
+
+def _transfer_syntax(frames: Sequence[_Frame], headers: Dict[Path, Any]) -> str:
+    """The transfer syntax UID of the files of one volume (each distinct one, ", "-joined, when they differ).
+    Why per volume: the first file's was recorded for every volume of the series."""
+    seen: Dict[str, None] = {}
+    for fr in frames:
+        ds = headers[fr.file]
+        seen[str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")] = None
+    return ", ".join(t for t in seen if t)
 
 
 def _checked_path(path: Any) -> Path:
