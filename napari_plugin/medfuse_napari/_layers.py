@@ -214,6 +214,8 @@ def layer_grid(layer: Any) -> np.ndarray:
       (voxel axes not perpendicular, which a medfuse grid cannot hold), an axis-aligned grid with the true voxel
       spacing and origin, the shear staying in the placement (resampled exactly; a rigid registration keeps its
       rigid part and ``medfuse.register`` warns about the rest);
+    * a medfuse layer of a file whose ``translate`` was changed in napari (its ``scale`` unchanged): the file's
+      grid (:func:`_file_grid`), so the move is a placement, as a hand drag (``affine``) is;
     * otherwise ``scale`` and ``translate``, as before (``rotate``, ``shear``, ``affine`` are the placement).
     """
     recorded = meta(layer).get("grid")
@@ -226,14 +228,53 @@ def layer_grid(layer: Any) -> np.ndarray:
                 return m
         except (KeyError, TypeError, ValueError):
             pass  # a malformed record: the layer's own transform decides
+    own = layer_matrix(layer.scale, layer.translate)
+    read = _file_grid(layer)
+    if read is not None and not np.allclose(own, read, atol=1e-6) and np.allclose(
+            np.diag(read)[:3], own.diagonal()[:3], rtol=1e-6, atol=1e-9):
+        # Only the translate differs from the file's grid: a move in napari (console, script), a placement as a hand
+        # drag is (the writer keeps the file's voxel order with the move in the affine, and writes a sidecar).
+        return read
     if not _affine_holds_grid(layer):
-        return layer_matrix(layer.scale, layer.translate)
+        return own
     m = data_to_world(layer)
     lin = m[:3, :3]
     lengths = np.linalg.norm(lin, axis=0)
     if np.all(lengths > 1e-9) and np.allclose((lin / lengths).T @ (lin / lengths), np.eye(3), atol=1e-4):
         return m
     return layer_matrix(np.where(lengths > 1e-9, lengths, 1.0), m[:3, 3])
+
+
+def _file_grid(layer: Any) -> Optional[np.ndarray]:
+    """The grid the reader gave a medfuse layer of a native or reordered file (napari data -> world 4x4), rebuilt
+    from the file's affine in its metadata and the layer's shape; None for other layers.
+
+    Why: it tells a ``translate`` set later in napari (a move) from the file's own origin, as :func:`display_grid`
+    computed it: scale = the voxel spacing, translate = the world position of display voxel (0, 0, 0).
+    """
+    md = meta(layer)
+    if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:
+        return None
+    try:
+        m = R4 @ np.asarray(md["affine"], dtype=float)  # native index -> world (S, P, L)
+        shape = np.shape(layer_array(layer))[-3:]
+    except (TypeError, ValueError):
+        return None
+    if m.shape != (4, 4) or len(shape) != 3:
+        return None
+    lin = m[:3, :3]
+    axis = [int(np.argmax(np.abs(lin[:, c]))) for c in range(3)]  # world (= display) axis of native axis c
+    if sorted(axis) != [0, 1, 2]:
+        return None
+    first = np.zeros(3)
+    for c, w in enumerate(axis):
+        if lin[w, c] < 0:  # a flipped axis: display voxel 0 is the file's last one along it
+            first[c] = shape[w] - 1
+    grid = np.eye(4)
+    for c, w in enumerate(axis):
+        grid[w, w] = float(np.linalg.norm(lin[:, c]))
+    grid[:3, 3] = lin @ first + m[:3, 3]
+    return grid
 
 
 def grid_record(layer: Any, grid: np.ndarray) -> Dict[str, Any]:
@@ -272,6 +313,22 @@ def volume_to_layer(volume: Volume, *, name: str, overlay: bool = False) -> Tupl
                                         "modality": volume.modality, "unit": volume.unit,
                                         "provenance": dict(volume.provenance or {})}})
     return data, kwargs, "image"
+
+
+def volume_digest(array: Any) -> str:
+    """A short BLAKE2b digest of a volume's voxels (dtype and shape included).
+
+    Why: napari's *Split Stack* gives each volume of a 4-D layer a copy of the 4-D layer's metadata and nothing that
+    says which volume it was; the reader keeps each volume's digest (``metadata["medfuse"]["volume_digests"]``) so
+    that the writer can tell, from a part's voxels, which volume of the series it is.
+    """
+    import hashlib
+
+    arr = np.ascontiguousarray(array)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
 
 
 def meta(layer: Any) -> Dict[str, Any]:
@@ -328,9 +385,9 @@ def viewer_alignment(fixed: Any, moving: Any, *, atol: float = 1e-6) -> Optional
     Returns the LPS 4x4 fixed physical point -> moving physical point (ITK convention) that puts the two layers
     where the viewer shows them, when the moving layer has a placement of its own (``rotate``, ``shear`` or
     ``affine``: dragged or rotated by hand, or an earlier registration); None when it has none, so that the
-    registration starts from the scanners' coordinates as before. Physical space is each layer's ``scale`` and
-    ``translate`` grid, which is where :func:`native_volume` puts the volume (a ``translate`` set in napari is
-    already part of it).
+    registration starts from the scanners' coordinates as before. Physical space is each layer's grid
+    (:func:`layer_grid`), which is where :func:`native_volume` puts the volume (a ``translate`` set in napari on a
+    medfuse layer of a file is a placement; on other layers it is part of the grid).
     """
     placed = world_matrix(moving)
     if np.allclose(placed, np.eye(4), atol=atol):
@@ -370,9 +427,10 @@ def native_volume(layer: Any) -> Volume:
     """The volume as the file holds it (voxel order and true affine), ignoring any registration affine.
 
     Why: registration samples voxels at random, so the voxel order changes the result slightly; working on
-    the file's own grid gives exactly what ``medfuse.register`` and the CLI give on the same files. Falls back
-    to the display grid (``layer_to_volume(layer, registered=False)``) for resampled (oblique) scans, for layers
-    from other plugins and for layers whose ``scale`` or ``translate`` no longer match the file (moved in napari).
+    the file's own grid gives exactly what ``medfuse.register`` and the CLI give on the same files. A ``translate``
+    set in napari is a placement (:func:`layer_grid`), not part of the file's grid. Falls back to the display grid
+    (``layer_to_volume(layer, registered=False)``) for resampled (oblique) scans, for layers from other plugins and
+    for layers whose ``scale`` or shape no longer match the file.
     """
     md = meta(layer)
     if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:

@@ -4,23 +4,39 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import threading
 
 from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 
-from ._layers import FUNCTIONAL, display_grid, volume_to_layer
+from ._layers import FUNCTIONAL, display_grid, volume_digest, volume_to_layer
 
 _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
 _PEEK_FILES = 20  # files inspected per folder to decide whether a folder is DICOM
 _PEEK_DEPTH = 2  # sub-folder levels looked into (study/series/files)
 _PEEK_DIRS = 20  # folders looked into at most
 
+#: The napari ``open`` call being read (its path list, held so that its id is not reused by a later call) and the
+#: DICOM series already read in it, as ``(folder, SeriesInstanceUID)``. napari hands a reader one path at a time
+#: (``napari ct/*.dcm``, File > Open Files on a selection, a drop of several files), and each slice file opens its
+#: whole series: 40 files of one CT gave 40 full copies. Per call, so a user's later open of the same series still
+#: gives another layer.
+_OPEN_CALL: dict = {"paths": None, "series": []}
+_OPEN_LOCK = threading.Lock()
+
 
 def napari_get_reader(path):
-    """Return a reader for medical volumes, else ``None`` (never hijack other formats)."""
+    """Return a reader for medical volumes, else ``None`` (never hijack other formats).
+
+    A list of paths (napari's ``stack=True``, ``--stack``) is read when every path is one medfuse reads: one layer
+    per series, not one per file (napari has no per-file layers to stack for DICOM slices of one series).
+    """
     if isinstance(path, (list, tuple)):
+        if len(path) > 1 and all(napari_get_reader(p) is not None for p in path):
+            return _read_many
         if len(path) != 1:
             return None
         path = path[0]
@@ -85,7 +101,21 @@ def layer_name(path) -> str:
     return name or "volume"
 
 
-def _read(path):
+def _read_many(paths) -> List[tuple]:
+    """Read several paths as one open: the files of a series already read are skipped (see :data:`_OPEN_CALL`)."""
+    call = [os.fspath(p) for p in paths]
+    layers = [layer for p in call for layer in _read(p, call=call) if layer[0] is not None]
+    return layers or [(None,)]
+
+
+def _read(path, *, call=None):
+    """napari reader: the layers of every series under ``path``, errors as notifications.
+
+    Args:
+        path: a file or folder (or a one-item list of it).
+        call: the path list of the open this read belongs to (default: napari's ``open`` call on the stack); a
+            DICOM file of a series already read in it gives nothing (napari's ``[(None,)]``).
+    """
     import warnings
 
     from medfuse.errors import MedfuseError, MedfuseWarning
@@ -93,6 +123,9 @@ def _read(path):
 
     if isinstance(path, (list, tuple)):
         path = path[0]
+    call = call if call is not None else _open_call()
+    if call is not None and _already_read(call, path):
+        return [(None,)]  # napari's sentinel for "read, nothing to add": its series is open from this call already
     identifiers = _identifiers(path)
     error = None
     # medfuse's own warnings are shown here, cleaned, rather than by napari's hook (which quotes them raw).
@@ -114,8 +147,71 @@ def _read(path):
         show_warning(_clean(problem, identifiers))
     for layer in layers:
         _blank_name(layer, identifiers)
+    if call is not None:
+        _remember_series(call, layers)
     _prehash_in_background(path)
     return layers
+
+
+def _open_call():
+    """The path list of the napari ``open`` call (``ViewerModel.open``) this read is part of, or None.
+
+    Why the call stack: napari passes a reader one path and nothing about the others of the same open, and a
+    reader has no other way to tell one open of 40 slice files from 40 opens (napari 0.9.2: ``paths_`` local).
+    """
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "open" and "paths_" in frame.f_code.co_varnames:
+                owner = frame.f_locals.get("self")
+                paths = frame.f_locals.get("paths_")
+                if type(owner).__module__.startswith("napari") and isinstance(paths, list):
+                    return paths if len(paths) > 1 else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # no reference cycle through this frame
+
+
+def _series_uid(path) -> str:
+    """The SeriesInstanceUID of a DICOM file ("" when it has none or is no DICOM file). Header only: ~1 ms."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=[(0x0020, 0x000E)], force=True)
+        return str(getattr(ds, "SeriesInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - unreadable: it is read (and its error shown) as before
+        return ""
+
+
+def _already_read(call: list, path) -> bool:
+    """Whether ``path`` is a DICOM file of a series an earlier path of the same open call gave layers for."""
+    with _OPEN_LOCK:
+        if _OPEN_CALL["paths"] is not call:
+            _OPEN_CALL["paths"], _OPEN_CALL["series"] = call, []
+            return False
+        series = list(_OPEN_CALL["series"])
+    if not series or not _is_dicom_file(path):
+        return False
+    uid = _series_uid(path)
+    here = os.path.dirname(os.path.realpath(str(path)))
+    return bool(uid) and any(uid == s_uid and (here == folder or here.startswith(folder + os.sep))
+                             for folder, s_uid in series)
+
+
+def _remember_series(call: list, layers: List[tuple]) -> None:
+    """Note the DICOM series (folder, UID) of ``layers`` as read in the open call ``call``."""
+    found = []
+    for layer in layers:
+        if len(layer) < 2 or not isinstance(layer[1], dict):
+            continue
+        prov = layer[1].get("metadata", {}).get("medfuse", {}).get("provenance", {}) or {}
+        source, uid = prov.get("source"), prov.get("series_uid")
+        if uid and source and Path(str(source)).is_dir():  # a folder: a file shown alone covers no other file
+            found.append((os.path.realpath(str(source)), str(uid)))
+    with _OPEN_LOCK:
+        if _OPEN_CALL["paths"] is call:
+            _OPEN_CALL["series"].extend(found)
 
 
 def _prehash_in_background(path) -> None:
@@ -260,7 +356,45 @@ def _series_layers(volumes, name: str) -> List[tuple]:
     kwargs = dict(first[1])
     kwargs["scale"] = (1.0, *kwargs["scale"])
     kwargs["translate"] = (0.0, *kwargs["translate"])
+    arrays = [first[0], *(a for a, _, _, _ in grids)]
     md = dict(kwargs["metadata"]["medfuse"])
     md["n_volumes"] = len(volumes)
+    # The layer holds every volume: volume 0's index in its provenance was copied by Split Stack into every part
+    # and saved as such. Each volume's digest lets the writer tell which volume a part is.
+    md["provenance"] = {k: v for k, v in dict(md.get("provenance") or {}).items() if k != "volume_index"}
+    md["volume_digests"] = [volume_digest(a) for a in arrays]
     kwargs["metadata"] = {"medfuse": md}
-    return [(np.stack([first[0], *(a for a, _, _, _ in grids)]), kwargs, "image")]
+    _warn_unlike_ranges(arrays, name)
+    return [(np.stack(arrays), kwargs, "image")]
+
+
+#: Volumes of one 4-D layer whose largest magnitudes differ by this factor or more cannot share contrast limits.
+_RANGE_RATIO = 100.0
+
+
+def _warn_unlike_ranges(arrays: List[np.ndarray], name: str) -> None:
+    """Warn when a 4-D layer's volumes differ in scale by orders of magnitude (a Philips B0 field map in Hz beside
+    magnitude images): napari has one set of contrast limits per layer, volume 0's, and such a volume shows black.
+
+    Why a warning, not other limits: no linear window shows 1e8 and 100 both; *Split Stack* gives each volume its
+    own limits. A strided sample per volume (min/max): milliseconds even for hundreds of volumes.
+    """
+    import warnings
+
+    from medfuse.errors import MedfuseWarning
+
+    peaks = []
+    for a in arrays:
+        sample = np.asarray(a[::4, ::4, ::4], dtype=np.float64)
+        sample = sample[np.isfinite(sample)]
+        peaks.append(float(np.max(np.abs(sample))) if sample.size else 0.0)
+    ref = peaks[0]
+    unlike = [n for n, p in enumerate(peaks[1:], start=1)
+              if p > 0 and ref > 0 and max(p / ref, ref / p) >= _RANGE_RATIO]
+    if not unlike:
+        return
+    shown = ", ".join(f"volume {n} up to {peaks[n]:.3g}" for n in unlike[:3]) + (" ..." if len(unlike) > 3 else "")
+    warnings.warn(f"{name}: its volumes' values differ by orders of magnitude (volume 0 up to {ref:.3g}; {shown}), "
+                  "and napari shows every volume with volume 0's contrast limits, so those look blank. Fix: "
+                  "right-click the layer › Split Stack (each volume gets its own limits), or set the contrast "
+                  "limits while that volume is shown", MedfuseWarning, stacklevel=2)

@@ -33,7 +33,7 @@ import numpy as np
 
 from medfuse.errors import MedfuseError
 
-from ._layers import meta, native_volume, units_to_mm, world_matrix
+from ._layers import layer_array, meta, native_volume, units_to_mm, volume_digest, world_matrix
 
 #: The endings this writer writes (the manifest's ``filename_extensions``; ``.mhd``/``.nhdr`` add a ``.raw``).
 SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -237,21 +237,42 @@ def _target(path: str) -> tuple[Path, bool]:
 
 
 def _open_inputs() -> List[str]:
-    """The files the layers open in napari were read from: never written over (napari or medfuse layers)."""
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:  # no Qt / no window: nothing is open
-        return []
+    """The files the layers open in napari, in any of its viewers, were read from: never written over (napari or
+    medfuse layers)."""
     found: List[Any] = []
-    for layer in getattr(viewer, "layers", ()):
+    for layer in _open_layers():
         own = _sources(meta(layer))
         # napari's source path only for a layer medfuse did not read: for a study folder opened whole it is the
         # study, and saving `study/fused.nii.gz` beside its series folders was refused, although no file of any
         # series is touched; the layer's own source is the series' folder (or the file) it was read from.
         found += own or [getattr(getattr(layer, "source", None), "path", None)]
     return [os.fspath(s) for s in found if isinstance(s, (str, os.PathLike)) and os.fspath(s)]
+
+
+def _open_layers() -> List[Any]:
+    """The layers of every open napari viewer.
+
+    Why not only ``napari.current_viewer()``: with two viewers, a layer saved from one was written over a file open
+    in the other. napari 0.9 has no public list of viewers: ``Viewer._instances`` (a WeakSet it keeps and empties on
+    close) is read when it exists, the current viewer always.
+    """
+    try:
+        import napari
+
+        viewers = [napari.current_viewer(), *list(getattr(napari.Viewer, "_instances", ()))]
+    except Exception:  # no Qt / no window: nothing is open
+        return []
+    layers: List[Any] = []
+    seen = set()
+    for viewer in viewers:
+        if viewer is None or id(viewer) in seen:
+            continue
+        seen.add(id(viewer))
+        try:
+            layers.extend(getattr(viewer, "layers", ()))
+        except Exception:  # a viewer being closed: its layers are gone  # noqa: BLE001
+            continue
+    return layers
 
 
 def _refuse_open_inputs(target: Path) -> None:
@@ -263,6 +284,33 @@ def _refuse_open_inputs(target: Path) -> None:
             raise OutputExistsError("refusing to write onto a file (or into a folder) that a layer open in napari "
                                     "was read from: inputs are never modified",
                                     fix="choose another name, or close that layer first", path=target)
+
+
+def _resolve_volume(md: Dict[str, Any], layer: Any) -> Dict[str, Any]:
+    """``md`` with the provenance's ``volume_index`` of a volume split from a 4-D layer (napari's *Split Stack*).
+
+    The parts carry the 4-D layer's metadata, which cannot say which volume each is; the reader kept each volume's
+    digest, so the part's voxels tell. A part whose voxels match no volume (edited since) or several (identical
+    volumes) records no index, and a warning in its sidecar says why, rather than a wrong one.
+    """
+    digests = md.get("volume_digests")
+    if not isinstance(digests, list):
+        return md
+    out = {k: v for k, v in md.items() if k != "volume_digests"}
+    prov = {k: v for k, v in dict(md.get("provenance") or {}).items() if k != "volume_index"}
+    data = layer_array(layer)
+    digest = volume_digest(data) if data.ndim == 3 else None
+    matches = [i for i, d in enumerate(digests) if d == digest]
+    if len(matches) == 1:
+        prov["volume_index"] = matches[0]
+    else:
+        why = "its voxels differ from every volume read (edited)" if not matches else \
+            f"its voxels are those of volumes {', '.join(map(str, matches))}"
+        prov["warnings"] = [*list(prov.get("warnings") or []),
+                            f"a volume of a 4-D series of {len(digests)} volumes: volume_index not recorded, since "
+                            f"{why}"]
+    out["provenance"] = prov
+    return out
 
 
 def _is_derived(md: Dict[str, Any], placed: bool) -> bool:
@@ -368,14 +416,8 @@ def _series_descriptions(md: Dict[str, Any], names: Iterable[Any]) -> List[str]:
     from medfuse import provenance as prov
 
     found = _descriptions_in(md)
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:  # no Qt / no window: no other layer
-        viewer = None
     open_names = set()
-    for layer in getattr(viewer, "layers", ()):
+    for layer in _open_layers():
         found += _descriptions_in(meta(layer))
         open_names.add(str(getattr(layer, "name", "")))
     # The headers only then: reading them is on napari's GUI thread (0.23 s for 600 files in the page cache).
@@ -467,9 +509,10 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
     try:
         target, replace = _target(path)
         vol = layer_volume(data, attributes)
-        md = dict((attributes.get("metadata") or {}).get("medfuse") or {})
         # In mm, as layer_volume placed the volume (a layer in um from another plugin).
-        placed = world_matrix(_layer_like(data, _attributes_in_mm(attributes, vol.array.ndim)))
+        layer = _layer_like(data, _attributes_in_mm(attributes, vol.array.ndim))
+        md = _resolve_volume(dict((attributes.get("metadata") or {}).get("medfuse") or {}), layer)
+        placed = world_matrix(layer)
         derived = _is_derived(md, not np.allclose(placed, np.eye(4), atol=1e-9))
         _refuse_open_inputs(target)
         if derived:
@@ -489,3 +532,67 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
         raise LayerSaveError(f"layer '{name}' could not be saved: {exc}",
                              fix="check the layer's data (a 3-D greyscale volume) and the output name") from exc
     return out
+
+
+def write_labels(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
+    """npe2 single-layer writer for a Labels layer (a mask drawn on a CT, say), through :func:`write_image`.
+
+    The label values are written exactly, as integers (never interpolated: the voxels are written as they are, with
+    the layer's geometry in the affine), so a mask reopens on the image it was drawn on. A mask made with an image
+    layer's metadata (``metadata=ct.metadata``) is saved in that file's voxel order; its modality and unit are not
+    the image's (``unknown``, ``arbitrary``).
+
+    Returns:
+        The paths written: the image, then a provenance sidecar when the mask was moved in napari.
+
+    Raises:
+        LayerSaveError: the mask is not 3-D or its values are not integers; as :func:`write_image` otherwise.
+    """
+    name = str(attributes.get("name", "labels"))
+    arr = data[0] if attributes.get("multiscale") else data
+    dtype = np.dtype(getattr(arr, "dtype", None) or np.asarray(arr).dtype)
+    if dtype == bool:
+        data = [np.asarray(d, dtype=np.uint8) for d in data] if attributes.get("multiscale") else \
+            np.asarray(data, dtype=np.uint8)
+    elif not np.issubdtype(dtype, np.integer):
+        raise LayerSaveError(f"labels layer '{name}' holds {dtype} values, not integer labels",
+                             fix="convert it to integers in napari (layer.data = layer.data.astype('uint16')), "
+                                 "then save again")
+    attributes = dict(attributes)
+    attributes["rgb"] = False
+    md = dict((attributes.get("metadata") or {}).get("medfuse") or {})
+    if not md:
+        md = _grid_of_open_image(data, attributes)
+    if md:  # a mask is neither a CT in HU nor a PET in SUV, whatever image it was made from
+        md.update(modality="unknown", unit="arbitrary")
+        attributes["metadata"] = {**dict(attributes.get("metadata") or {}), "medfuse": md}
+    return write_image(path, data, attributes)
+
+
+def _grid_of_open_image(data: Any, attributes: Dict[str, Any]) -> Dict[str, Any]:
+    """The file geometry (true affine, display grid) of an open medfuse image whose grid the mask has; else {}.
+
+    Why: a mask drawn on a CT (``add_labels(..., scale=ct.scale, translate=ct.translate)``, napari's *new labels*)
+    carries no metadata and would be saved in napari's display order; on the CT's grid it is saved in the CT file's
+    own voxel order, so it lines up voxel for voxel with the file. No provenance is borrowed.
+    """
+    from ._layers import _file_grid, layer_matrix
+
+    layer = _layer_like(data, _attributes_in_mm(attributes, np.ndim(data[0] if attributes.get("multiscale")
+                                                                     else data)))
+    shape = np.shape(layer_array(layer))
+    if len(shape) != 3:
+        return {}
+    own = layer_matrix(layer.scale, layer.translate)
+    for image in _open_layers():
+        md = meta(image)
+        if type(image).__name__ != "Image" or md.get("display_grid") not in ("native", "reordered"):
+            continue
+        try:
+            grid = _file_grid(image)
+            same = np.shape(layer_array(image)) == shape and grid is not None and np.allclose(grid, own, atol=1e-6)
+        except Exception:  # noqa: BLE001 - a layer being closed: not a match
+            same = False
+        if same:
+            return {"affine": md["affine"], "display_grid": md["display_grid"]}
+    return {}
