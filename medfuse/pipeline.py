@@ -474,12 +474,26 @@ class NormaliseStep:
         return state
 
 
-def _fusion_unavailable(e: BaseException) -> bool:
-    """True when a failure of the network may be cured by a classical method (weights, torch or the
-    inference module absent, or a network-specific failure). Cancellation never falls back."""
+def _fusion_unavailable(e: BaseException, *, user_weights: bool = False) -> bool:
+    """True when the fusion network cannot run here, which is all a fallback rule covers.
+
+    torch or the inference module missing, the shipped weights missing or broken (an install problem), or a
+    failure of the network itself. Never the caller's own mistakes: an option the network does not take, a
+    device, grid or input problem (InvalidInputError, GeometryError...), a ``weights=`` file the caller named
+    (``user_weights``: a missing or corrupt file of theirs), nor a cancellation.
+
+    Why: any medfuse error fell back, so a typo in ``weights=`` gave a Laplacian image labelled as the run
+    the caller asked for.
+    """
+    from .errors import WeightsError
+
     if isinstance(e, CancelledError):
         return False
-    return isinstance(e, (MedfuseError, ImportError))
+    if isinstance(e, (MissingDependencyError, ImportError)):
+        return True
+    if isinstance(e, WeightsError):
+        return not user_weights
+    return isinstance(e, FusionError)
 
 
 class FuseStep:
@@ -524,6 +538,10 @@ class FuseStep:
         if given:  # the run's own callbacks reach the fusion; a second pair here would clash with them
             raise InvalidInputError(f"FuseStep takes no {' or '.join(given)} option",
                                     fix="give progress= and cancel= to Pipeline.run (or fuse_files); they reach the fusion")
+        if method == "network" and options.get("weights") is not None:
+            from .transforms import _check_weights_file
+
+            _check_weights_file(options["weights"])  # missing or corrupt: the caller's mistake, never a fallback
         self.method, self.device, self.fallback, self.options = method, device, fallback, options
         self.params = {"method": method, "device": device, "fallback": fallback, **options}
 
@@ -546,7 +564,8 @@ class FuseStep:
         try:
             fused = _fuse(state.volumes, method=method, device=self.device, **self.options, **calls)
         except Exception as e:  # noqa: BLE001 - re-raised below unless the documented fallback applies
-            if not (method == "network" and self.fallback and _fusion_unavailable(e)):
+            user_weights = self.options.get("weights") is not None
+            if not (method == "network" and self.fallback and _fusion_unavailable(e, user_weights=user_weights)):
                 raise
             reason = e.one_line() if isinstance(e, MedfuseError) else f"{e.__class__.__name__}: {e}"
             msg = f"the fusion network is not available ({reason}); fell back to method '{self.fallback}'"
@@ -560,6 +579,14 @@ class FuseStep:
             state.weights_sha256 = _weights_sha256(self.options.get("weights"))
             # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
             state.notes["network_functional"] = (getattr(fused, "provenance", None) or {}).get("network_functional")
+        # The fusion's own warnings (anisotropic voxels, two patients) reach the sidecar as the steps' do: they
+        # went to stderr only, so a batch report or a sidecar read later did not show them.
+        said = [w for w in (getattr(fused, "provenance", None) or {}).get("warnings", [])
+                if not any(w in (v.provenance.get("warnings") or []) for v in state.volumes)]
+        known = state.notes.setdefault("warnings", [])
+        known.extend(w for w in said if w not in known)
+        if not known:
+            del state.notes["warnings"]
         state.notes["method_used"] = method
         # What ran, not what was asked: a classical rule (a fallback too) runs on the CPU whatever the device.
         state.notes["device_used"] = _device_used(method, self.device)

@@ -117,7 +117,7 @@ def _like(result: Volume, template: Any, *, same_grid: bool = False) -> Any:
 #: transform keeps it as an attribute, so that MONAI's ``PersistentDataset(hash_transform=pickle_hashing)``
 #: (docs/classifier.md) gives new cache keys after such an upgrade: MONAI's collate keeps only the meta keys
 #: every item of a batch has, and items cached by an older medfuse silently took ``medfuse_sources`` off new ones.
-OUTPUT_VERSION = 2
+OUTPUT_VERSION = 3  # 3: original_channel_dim "no channel" (NaN), medfuse_method and medfuse_fallback_reason
 
 
 #: Meta keys that describe the result itself (grid, channel layout, NIfTI space, labels, the files it came from):
@@ -268,6 +268,8 @@ class LoadVolume(Transform):
         suv: PET SUV kind, as :func:`medfuse.load` takes it: ``"auto"`` (default: SUVbw, or the kind an SUV
             series is stored in), ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, ``"none"``.
         as_tensor: return a MONAI MetaTensor instead of a Volume.
+        whole_series: a path that is one file of a DICOM series loads the whole series it belongs to, as
+            :func:`medfuse.load` does (default False: that slice alone, a one-slice volume, with a warning).
 
     A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume. ``suv`` is
     applied only when the file is read: the SUV factor needs the DICOM header (injected dose, body size, times),
@@ -278,19 +280,21 @@ class LoadVolume(Transform):
 
     Raises:
         InvalidInputError: when built, an unknown ``modality`` or ``suv`` (:data:`medfuse.io.SUV_CHOICES`), or
-            ``as_tensor`` not True or False; when called, the input
+            ``as_tensor`` or ``whole_series`` not True or False; when called, the input
             is neither a path nor an image (a bare array: wrap it as ``medfuse.Volume(array, affine)``), or is a
             PET read from DICOM already, in another unit than ``suv`` asks for; the errors of :func:`medfuse.load`
             (``UnreadableFileError``, ``MultipleSeriesError``, ``SUVError``...) for a file it cannot read.
     """
 
-    def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False):
+    def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False,
+                 whole_series: bool = False):
         from .io import _check_suv
 
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         # Checked here: a wrong value would fail only at the first load, inside a DataLoader worker.
         self.modality, self.suv = _checked_modality(modality), _check_suv(suv)
         self.as_tensor = flag(as_tensor, "as_tensor")
+        self.whole_series = flag(whole_series, "whole_series")
 
     def __call__(self, path: Any) -> Any:
         from .io import load
@@ -306,7 +310,7 @@ class LoadVolume(Transform):
                 fix="put paths in the data (e.g. {'mr': 'mr.nii.gz'}); a bare array has no geometry: wrap it as "
                 "medfuse.Volume(array, affine)")
         else:
-            vol = load(path, modality=self.modality, suv=self.suv)
+            vol = load(path, modality=self.modality, suv=self.suv, whole_series=self.whole_series)
         if isinstance(path, Volume) or _is_metatensor(path):
             self._check_loaded_suv(vol, self.suv, recorded=isinstance(path, Volume))
         if self.as_tensor and _is_metatensor(path):  # passed through: its layout, header keys and history stay
@@ -348,7 +352,8 @@ class LoadVolume(Transform):
                 f"medfuse.load(path, suv={suv!r}); suv='auto' passes loaded images through as they are")
 
     def __repr__(self) -> str:
-        return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor)
+        return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor,
+                     whole_series=self.whole_series)
 
 
 class LoadVolumed(MapTransform):
@@ -357,35 +362,47 @@ class LoadVolumed(MapTransform):
     Args:
         keys: items holding paths.
         modality: one modality for all keys, or a ``{key: modality}`` mapping.
-        suv, as_tensor: see :class:`LoadVolume`.
+        suv, as_tensor, whole_series: see :class:`LoadVolume`.
         allow_missing_keys: skip absent keys instead of failing.
 
     Raises:
         KeyError: a key is missing (unless ``allow_missing_keys``), as MONAI's dictionary transforms raise it.
-        InvalidInputError: as :class:`LoadVolume`.
+        InvalidInputError: as :class:`LoadVolume`; when built, a ``modality`` mapping with a key not in ``keys``.
     """
 
     def __init__(self, keys: KeysCollection, *, modality: Union[None, str, Mapping[str, str]] = None,
-                 suv: str = "auto", as_tensor: bool = False, allow_missing_keys: bool = False):
+                 suv: str = "auto", as_tensor: bool = False, whole_series: bool = False,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         from .io import _check_suv
 
         if isinstance(modality, Mapping):
+            # A key of the mapping that is not loaded (wrong case, a typo) left that image's modality unset, unsaid:
+            # a CT then loaded as "unknown" and skipped the HU window and air fill.
+            stray = [k for k in modality if k not in self.keys]
+            if stray:
+                raise InvalidInputError(
+                    f"modality names key(s) {', '.join(map(repr, stray))} that LoadVolumed does not load "
+                    f"(its keys: {', '.join(map(repr, self.keys))})",
+                    fix="use the keys exactly as listed in keys= (letter case included), or add the key to keys=")
             modality = {k: _checked_modality(m, f"modality of {k!r}") for k, m in modality.items()}
         else:
             modality = _checked_modality(modality)
         self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), flag(as_tensor, "as_tensor")
+        self.whole_series = flag(whole_series, "whole_series")
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             mod = self.modality.get(key) if isinstance(self.modality, Mapping) else self.modality
-            d[key] = LoadVolume(modality=mod, suv=self.suv, as_tensor=self.as_tensor)(d[key])
+            d[key] = LoadVolume(modality=mod, suv=self.suv, as_tensor=self.as_tensor,
+                                whole_series=self.whole_series)(d[key])
         return d
 
     def __repr__(self) -> str:
-        return _repr(self, keys=self.keys, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor)
+        return _repr(self, keys=self.keys, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor,
+                     whole_series=self.whole_series)
 
 
 # ----------------------------------------------------------------------------- register
@@ -396,7 +413,10 @@ class RegisterToReference(Transform, ThreadUnsafe):
         kind: ``"rigid"``, ``"affine"`` or ``"deformable"``; ``None`` only resamples (same frame assumed).
         threads: ITK threads (``1`` for bit-identical results). ``None``: one inside a torch ``DataLoader``
             worker process (as torch does for its own threads), else SimpleITK's default.
-        **options: passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``...).
+        **options: with a ``kind``, passed to :func:`medfuse.register` (``metric``, ``preset``, ``seed``, preset
+            keys...); with ``kind=None``, to :func:`medfuse.resample`: ``interpolation`` (``"nearest"`` for label
+            maps and masks: labels and their integer dtype kept) and ``default`` (the value outside). Checked
+            when the transform is built.
 
     The last registration report is kept in :attr:`last_report` (so the transform is marked ``ThreadUnsafe``:
     MONAI's threaded ``CacheDataset`` gives each thread its own copy).
@@ -405,9 +425,9 @@ class RegisterToReference(Transform, ThreadUnsafe):
     channel layout ``moving`` came in (a Volume, or a MetaTensor ``(I, J, K)`` or ``(1, I, J, K)``).
 
     Raises:
-        InvalidInputError: an unknown ``kind``, or ``threads`` not None or a whole number of 1 or more (when the
-            transform is built);
-            an input that is not a Volume or MetaTensor, or an option :func:`medfuse.register` does not take.
+        InvalidInputError: when built, an unknown ``kind``, ``threads`` not None or a whole number of 1 or more,
+            an option the step does not take (``interpolation`` only with ``kind=None``) or an unknown
+            ``interpolation``; when called, an input that is not a Volume or MetaTensor.
         RegistrationError: registration cannot run on these images (no overlap, a constant image...).
     """
 
@@ -416,7 +436,10 @@ class RegisterToReference(Transform, ThreadUnsafe):
 
         # Checked here: a typo would fail only at the first item, inside a DataLoader worker.
         choice(kind, "registration kind", REGISTER_KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
-        self.kind, self.threads, self.options = kind, _checked_threads(threads), options
+        # Options too: kind=None dropped them all unsaid (interpolation="nearest" too, so a label map came back
+        # with fractional labels), and a misspelt one failed only inside a DataLoader worker, or never.
+        self.kind, self.threads = kind, _checked_threads(threads)
+        self.options = _checked_register_options(kind, options)
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         self.last_report: Optional[Dict[str, Any]] = None
 
@@ -440,7 +463,7 @@ class RegisterToReference(Transform, ThreadUnsafe):
             if mv.same_grid(ref):  # nothing moves: MONAI's meta and transform history stay
                 return _like(mv, moving, same_grid=True), None
             with _itk_threads(threads):
-                return _like(resample(mv, ref), moving), None
+                return _like(resample(mv, ref, **self.options), moving), None
         with _itk_threads(threads):
             res = register(ref, mv, kind=self.kind, **self.options)
         report = res.report.to_dict()
@@ -452,6 +475,42 @@ class RegisterToReference(Transform, ThreadUnsafe):
 
     def __repr__(self) -> str:
         return _repr(self, kind=self.kind, threads=self.threads, **self.options)
+
+
+def _checked_register_options(kind: Optional[str], options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` when the step ``kind`` takes them all: :func:`medfuse.resample`'s ``interpolation`` and
+    ``default`` for ``kind=None``, else :func:`medfuse.register`'s settings and preset keys.
+
+    Raises:
+        InvalidInputError: an option the step does not take (a typo, or ``interpolation`` with a registration),
+            or an unknown ``interpolation``.
+    """
+    import inspect
+
+    from .registration import register
+    from .registration.presets import PRESETS
+    from .registration.resample import _INTERP
+
+    if kind is None:
+        allowed = {"interpolation", "default"}
+    else:
+        allowed = set(inspect.signature(register).parameters) - {"fixed", "moving", "kind", "preset_overrides",
+                                                                 "progress", "cancel"}
+        allowed |= {k for p in PRESETS.values() for k in p}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        if kind is not None and "interpolation" in unknown:
+            fix = ("interpolation= applies with kind=None (resampling only); to move a label map with a "
+                   "registration, register its image and then medfuse.resample(labels, reference, "
+                   "transform=result.transform, interpolation='nearest')")
+        else:
+            fix = f"kind={kind!r} takes {', '.join(sorted(allowed))}; check the spelling"
+        raise InvalidInputError(f"option(s) {', '.join(unknown)} not understood by RegisterToReference(kind={kind!r})",
+                                fix=fix)
+    if "interpolation" in options:
+        choice(options["interpolation"], "interpolation", _INTERP,
+               fix="use 'nearest' for label maps and masks, 'linear' (default) or 'bspline' for images")
+    return dict(options)
 
 
 class RegisterToReferenced(MapTransform):
@@ -519,18 +578,30 @@ class FuseModalities(Transform):
             ``"gff"``).
         device: ``"cpu"`` or ``"cuda"`` for the network.
         normalise: passed to :func:`medfuse.fuse` (``"auto"``: CT window, PET SUV range, MR percentiles).
-        fallback: classical method used, with a warning, when the network cannot run.
+        fallback: classical method used, with a warning, when the network cannot run here (torch or the
+            inference module missing, the shipped weights missing or broken, a failure of the network itself);
+            never for the caller's mistakes (an unknown option, a missing or corrupt ``weights=`` file of
+            theirs, a bad input). The output records what ran: meta ``medfuse_method`` and
+            ``medfuse_fallback_reason`` (``""`` when none), or a Volume's ``provenance["method"]`` and
+            ``provenance["fallback"]``.
         resample: put every image on the first image's grid first (no registration).
-        as_tensor: return a channel-first float32 MetaTensor (default) instead of a Volume.
+        as_tensor: return a channel-first float32 MetaTensor (default) instead of a Volume. Channel-first
+            whatever the inputs' layout (``(I, J, K)`` MetaTensors included): it is a network's input, and
+            MONAI's array transforms after it want the channel; its meta says "no channel"
+            (``original_channel_dim`` NaN) as ``LoadImage(ensure_channel_first=True)``'s does.
         **options: passed to :func:`medfuse.fusion.fuse` for ``method`` (e.g. ``weights=[0.7, 0.3]`` for
-            ``"mean"``, ``levels=3`` for ``"laplacian"``, a ``weights=`` file for ``"network"``); the
-            ``fallback`` rule runs with its defaults. They are part of the transform's state, so MONAI's
+            ``"mean"``, ``levels=3`` for ``"laplacian"``, a ``weights=`` file for ``"network"``), checked when
+            the transform is built (names, a rule's values, the weights file); the ``fallback`` rule runs with
+            its defaults. They are part of the transform's state, so MONAI's
             ``PersistentDataset(hash_transform=pickle_hashing)`` gives other options another cache key.
 
     Raises:
         InvalidInputError: when built, an unknown method, fallback (a classical rule), device or normalisation
-            name, or ``resample``/``as_tensor`` not True or False; when called, not a list of two or three
-            images, an input that is not a Volume or MetaTensor, or an option the method does not take.
+            name, ``resample``/``as_tensor`` not True or False, or an option the method does not take (or a
+            bad value of a rule's option); when called, not a list of two or three images, or an input that is
+            not a Volume or MetaTensor.
+        WeightsError: when built, a ``weights=`` file that is missing, unreadable or not a whole safetensors
+            file; when called, one whose tensors do not fit the model (whatever ``fallback`` says).
         GeometryError: an image is not on the first one's grid (and ``resample`` is False).
     """
 
@@ -551,7 +622,9 @@ class FuseModalities(Transform):
         self.method, self.device, self.normalise = method, device, normalise
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         self.fallback, self.resample, self.as_tensor = fallback, flag(resample, "resample"), flag(as_tensor, "as_tensor")
-        self.options = options
+        # Checked here too: a misspelt option (wieghts=) or a missing weights file was taken for "the network
+        # cannot run", and the fallback rule ran silently under a network cache key.
+        self.options = _checked_fusion_options(method, options)
 
     def __call__(self, images: Sequence[Any]) -> Any:
         return self._fuse(images)
@@ -575,21 +648,31 @@ class FuseModalities(Transform):
                 vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
         else:
             _check_grids(vols, names, dict_keys=keyed)
+        method_used, reason = self.method, ""
         try:
             fused = _fuse(vols, method=self.method, device=self.device, normalise=self.normalise, **self.options)
         except Exception as e:  # noqa: BLE001 - only the documented fallback is swallowed
-            if not (self.method == "network" and self.fallback and _fusion_unavailable(e)):
+            if not (self.method == "network" and self.fallback
+                    and _fusion_unavailable(e, user_weights=self.options.get("weights") is not None)):
                 raise
             reason = e.one_line() if isinstance(e, MedfuseError) else f"{e.__class__.__name__}: {e}"
             warnings.warn(f"the fusion network is not available ({reason}); using '{self.fallback}'",
                           MedfuseWarning, stacklevel=3)
             # The rule's defaults: the options were the network's (its weights= file means nothing to a rule).
+            method_used = self.fallback
             fused = _fuse(vols, method=self.fallback, device=self.device, normalise=self.normalise)
         if not isinstance(fused, Volume):
             fused = vols[0].with_array(fused, modality="unknown", unit="arbitrary")
+        # What ran, as fuse_files' sidecar records it: a fallback result must not pass for the network's.
+        fused.provenance["method"] = method_used
+        if reason:
+            fused.provenance["fallback"] = {"requested": self.method, "used": method_used, "reason": reason}
         if not self.as_tensor:
             return fused
         out = _in_space_of(fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor(), images[0])
+        # Always both keys (MONAI's collate keeps only the meta keys every item of a batch has).
+        out.meta["medfuse_method"] = method_used
+        out.meta["medfuse_fallback_reason"] = reason
         src = _source(images[0])
         if src is not None:  # on the reference's grid: named after it, as MONAI's loaders and SaveImage do
             out.meta["filename_or_obj"] = os.fspath(src)
@@ -598,6 +681,79 @@ class FuseModalities(Transform):
     def __repr__(self) -> str:
         return _repr(self, method=self.method, device=self.device, normalise=self.normalise,
                      fallback=self.fallback, resample=self.resample, as_tensor=self.as_tensor, **self.options)
+
+
+#: The network's options when :mod:`medfuse.fusion.infer` cannot be imported to read them (keep in step with
+#: ``infer.fuse_arrays``).
+_NETWORK_OPTIONS = ("weights", "batch_size", "mode", "functional", "refine")
+
+
+def _network_option_names() -> set:
+    """The options :func:`medfuse.fusion.infer.fuse_arrays` takes (its signature), besides the images and device."""
+    try:
+        import inspect
+
+        from .fusion import infer
+    except ImportError:  # the network cannot run here; its options are still known
+        return set(_NETWORK_OPTIONS)
+    return set(inspect.signature(infer.fuse_arrays).parameters) - {"arrays", "device", "progress", "cancel"}
+
+
+def _checked_fusion_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` when ``method`` takes them all (and a network ``weights=`` file is there and readable).
+
+    Raises:
+        InvalidInputError: an option ``method`` does not take (a typo such as ``wieghts=``), a bad value for a
+            classical rule's option, or ``weights`` that is not a path.
+        WeightsError: the network's ``weights=`` file is missing, unreadable or not a safetensors file.
+    """
+    from .fusion.classical import _OPTIONS, _check_options
+
+    allowed = _network_option_names() if method == "network" else set(_OPTIONS[method])
+    unknown = sorted(set(options) - allowed - {"progress", "cancel"})
+    if unknown:
+        raise InvalidInputError(f"option(s) {', '.join(unknown)} not understood by method {method!r}",
+                                fix=f"{method} takes {', '.join(sorted(allowed)) or 'no options'}; check the spelling")
+    if method != "network":
+        _check_options(method, options)
+    elif options.get("weights") is not None:
+        _check_weights_file(options["weights"])
+    return dict(options)
+
+
+def _check_weights_file(weights: Any) -> None:
+    """Refuse a network weights file that is missing, unreadable, or not a whole safetensors file.
+
+    The header is read without torch (8 bytes of length, a JSON table of tensors and their byte ranges), so a
+    truncated or foreign file is found when the transform is built; a file whose tensors do not fit the model is
+    found at the first fusion, where it is an error too (never a reason to fall back).
+
+    Raises:
+        WeightsError: as said.
+        InvalidInputError: ``weights`` is not a path.
+    """
+    import json
+    import struct
+
+    from .errors import WeightsError
+    from .fusion.infer import weights_sha256
+
+    weights_sha256(weights)  # missing or unreadable: WeightsError; not a path: InvalidInputError
+    path = os.fspath(weights)
+    fix = ("pass weights= a medfuse_fusion.safetensors file written by 'medfuse train', or leave it out for the "
+           "shipped weights")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n).decode("utf-8")) if 0 < n <= size - 8 else None
+        ends = [int(v["data_offsets"][1]) for k, v in (header or {}).items() if k != "__metadata__"]
+        whole_file = bool(ends) and 8 + n + max(ends) == size
+    except (OSError, ValueError, struct.error, TypeError, KeyError, IndexError, AttributeError):
+        whole_file = False
+    if not whole_file:
+        raise WeightsError("the fusion network's weights file is not a whole safetensors file (corrupt or truncated)",
+                           path=path, fix=fix)
 
 
 def _check_grids(vols: Sequence[Volume], names: Sequence[str], *, dict_keys: bool) -> None:

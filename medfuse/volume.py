@@ -898,10 +898,11 @@ class Volume:
         uint64 volume with values above int64's range is refused. Other dtypes are kept.
 
         The meta holds what MONAI's own NIfTI reader puts there and medfuse needs back: ``affine`` and
-        ``original_affine`` (RAS), ``space`` (``"RAS"``), ``spatial_shape``, ``original_channel_dim`` (0: the
-        tensor is channel-first, so ``EnsureChannelFirst`` leaves it alone), medfuse's ``modality`` and
-        ``unit``, ``filename_or_obj`` (the recorded source, which ``SaveImage`` names its output after) and,
-        for a volume with a recorded ``provenance["nifti_space"]``, that name plus the NIfTI
+        ``original_affine`` (RAS), ``space`` (``"RAS"``), ``spatial_shape``, ``original_channel_dim`` (NaN, MONAI's
+        "no channel", as its NIfTI reader stores it: a Volume has none; the channel axis is added here, as
+        ``LoadImage(ensure_channel_first=True)`` adds it, so do not put an ``EnsureChannelFirst`` after), medfuse's
+        ``modality`` and ``unit``, ``filename_or_obj`` (the recorded source, which ``SaveImage`` names its output
+        after) and, for a volume with a recorded ``provenance["nifti_space"]``, that name plus the NIfTI
         ``sform_code``/``qform_code`` MONAI's nibabel reader gives (e.g. 4 for an MNI template). MONAI's
         writers ignore these codes and always write 1; :func:`medfuse.save` of :meth:`from_metatensor`'s
         Volume keeps them.
@@ -929,7 +930,10 @@ class Volume:
             # Tensors, not NumPy arrays, in the meta: MONAI's PersistentDataset reloads its cache with
             # torch.load(weights_only=True), which refuses NumPy arrays (the cache was recomputed on every read).
             "spatial_shape": torch.as_tensor(np.asarray(self.shape)),
-            "original_channel_dim": 0,
+            # "No channel", as MONAI's readers say of a channel-less image. 0 made SaveImage, once it had squeezed
+            # the channel, count two spatial axes and fail on every coronal or sagittal volume ("cannot find a
+            # suitable writer": a 2-D resampling with a singular 2x2 affine).
+            "original_channel_dim": float("nan"),
         }
         # Always set (not only when widened): MONAI's collate needs the same meta keys in every item of a batch.
         meta["medfuse_dtype"] = stored.name  # from_metatensor narrows a widened dtype back where values still fit
@@ -986,6 +990,14 @@ class Volume:
                 f"a {type(tensor).__name__} carries no affine: a Volume needs the image's geometry",
                 fix="pass a MONAI MetaTensor (e.g. from LoadImage(image_only=True)), or build "
                 "Volume(array, affine_lps) from the array and its voxel-to-world matrix")
+        if (len(tensor.shape) == 5 and tuple(tensor.shape[:2]) == (1, 1) and not getattr(tensor, "is_batch", False)
+                and np.ndim(_to_numpy(raw_aff)) == 2):
+            # to_metatensor's tensors are channel-first already but say "no channel" (as MONAI's readers do):
+            # an EnsureChannelFirst after them adds a second axis.
+            raise InvalidInputError(
+                f"the MetaTensor has two leading axes of 1 (shape {tuple(tensor.shape)}): a channel axis was added "
+                "to an image that had one already", fix="drop the EnsureChannelFirst(d) after LoadVolume(d)/"
+                "Volume.to_metatensor() (they give (1, I, J, K) already), or convert tensor[0]")
         if getattr(tensor, "is_batch", False) or np.ndim(_to_numpy(raw_aff)) == 3 or len(tensor.shape) == 5:
             n = int(tensor.shape[0])
             raise InvalidInputError(

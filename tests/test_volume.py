@@ -183,8 +183,9 @@ def test_to_metatensor_meta_works_with_monai(tmp_path, shared):
     assert int(mt.meta["sform_code"]) == 4 and int(mt.meta["qform_code"]) == 4
     mt.meta.pop("nifti_space")
     assert Volume.from_metatensor(mt).provenance["nifti_space"] == "mni"
-    # already channel-first: EnsureChannelFirst (kept from a LoadImaged pipeline) leaves it alone
-    assert tuple(EnsureChannelFirst()(mt).shape) == (1, *t1.shape)
+    # no channel, said as MONAI's own readers say it (SaveImage then knows the image is 3-D)
+    from monai.data.utils import is_no_channel
+    assert is_no_channel(mt.meta["original_channel_dim"])
     # SaveImage names the output after the source and keeps the geometry (its code is always 1)
     SaveImage(output_dir=tmp_path, separate_folder=False, output_postfix="out", print_log=False)(mt)
     written = tmp_path / "T1_out.nii.gz"

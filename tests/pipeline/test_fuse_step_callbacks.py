@@ -50,12 +50,24 @@ def test_the_fusion_reports_its_own_progress_through_the_step():
 
 
 @pytest.mark.parametrize("extra", [{}, {"batch_size": 8}, {"functional": True, "refine": False}])
-def test_fallback_for_missing_weights_gets_only_its_rules_options(tmp_path, extra):
+def test_fallback_for_missing_weights_gets_only_its_rules_options(tmp_path, extra, monkeypatch):
     """weights= (the network's file) reached the Laplacian rule as its blend weights: 'weights must be 2
-    non-negative numbers'; batch_size: 'not understood by method laplacian'."""
+    non-negative numbers'; batch_size: 'not understood by method laplacian'. The network is made unavailable
+    (torch missing): a weights file the caller names that is missing is an error, never a fallback."""
+    import medfuse.pipeline as pl
+    from medfuse.errors import MissingDependencyError
+    from medfuse.fusion.infer import default_weights_path
+
+    real = pl._fuse
+
+    def no_torch(vols, *, method, device, **kw):
+        if method == "network":
+            raise MissingDependencyError("the fusion network needs torch", fix="pip install torch")
+        return real(vols, method=method, device=device, **kw)
+
+    monkeypatch.setattr(pl, "_fuse", no_torch)
     a, b = _pair(16)
-    step = FuseStep("network", fallback="laplacian", weights=str(tmp_path / "missing.safetensors"),
-                    levels=3, **extra)
+    step = FuseStep("network", fallback="laplacian", weights=str(default_weights_path()), levels=3, **extra)
     pipe = Pipeline(method="network", fallback="laplacian").replace("fuse", step)
     with pytest.warns(medfuse.MedfuseWarning, match="fell back to method 'laplacian'"):
         res = pipe.run([a, b])
@@ -80,3 +92,19 @@ def test_normalise_none_reaches_the_fusion():
     raw = ct.with_array(ct.array * 1000.0)
     with pytest.raises(InvalidInputError, match="normalis"):
         Pipeline(method="mean", normalise="none").run([raw, mr])
+
+
+@pytest.mark.parametrize("content", [None, b"not a safetensors file"])
+def test_a_weights_file_the_caller_names_is_never_covered_by_the_fallback(tmp_path, content):
+    """Before: a missing or corrupt weights= file of the caller's fell back to the rule, with a warning only, and the
+    result was the rule's image where the caller asked for their own trained network."""
+    from medfuse.errors import WeightsError
+
+    path = tmp_path / "mine.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(WeightsError):
+        FuseStep("network", fallback="laplacian", weights=str(path))
+    a, b = _pair(16)
+    with pytest.raises(WeightsError):
+        medfuse.fuse_files(a, b, None, method="network", fallback="laplacian", weights=str(path))
