@@ -692,7 +692,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     init_path = args.initial_transform
     save(res.resampled, out, overwrite=args.overwrite)
     args.outputs.mark(out)
-    res.transform.save(tfm, overwrite=args.overwrite)
+    # Its inputs too: the transform's permissions are no wider than theirs, as the image's and sidecar's.
+    res.transform.save(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])
     args.outputs.mark(tfm)
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
@@ -792,6 +793,33 @@ def _check_modalities_option(args: argparse.Namespace, n_inputs: int) -> None:
             raise InvalidInputError(f"--modalities: unknown modality {label(m)} for input {i}", fix=e.fix) from None
 
 
+#: Endings of 2-D pictures, which ``medfuse fuse`` (3-D volumes) does not read.
+_PICTURE_ENDINGS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+
+
+def _refuse_pictures(*paths: Any) -> None:
+    """Refuse a 2-D picture given to ``medfuse fuse``, saying which commands fuse 2-D images.
+
+    Why: the reader's "not a medical image: neither DICOM nor a NIfTI/MetaImage/NRRD file" listed only 3-D
+    formats, and the docs once said ``fuse`` writes PNGs; 2-D pairs go to ``medfuse evaluate --pair`` (PNG) or
+    :func:`medfuse.fuse` on arrays.
+
+    Raises:
+        InvalidInputError: an input file whose name ends in a picture ending (.png, .jpg, ...).
+    """
+    for p in paths:
+        if p is None or not os.path.isfile(p):
+            continue
+        name = os.fspath(p).lower()
+        ending = next((e for e in _PICTURE_ENDINGS if name.endswith(e)), None)
+        if ending is not None:
+            raise InvalidInputError(f"a 2-D picture ({ending}), not a 3-D medical image: 'medfuse fuse' reads NIfTI, "
+                                    "MetaImage and NRRD files and DICOM folders",
+                                    fix="fuse 2-D PNG images with 'medfuse evaluate --pair A.png B.png --methods "
+                                        "max --out DIR' (it writes DIR/<method>/*.png), or in Python with "
+                                        "medfuse.fuse on the images' arrays", path=p)
+
+
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse_files
     from .provenance import sidecar_path
@@ -799,6 +827,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     _check_device_name(args.device)
     args.outputs = _Outputs(args.output, sidecar_path(args.output))
     _check_readable(args.fixed, *args.moving)
+    _refuse_pictures(args.fixed, *args.moving)
     n_inputs = 1 + len(args.moving)
     _check_modalities_option(args, n_inputs)
     _check_series_option(args, n_inputs)
@@ -850,10 +879,36 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
         sub.argv = rest  # the command's own options, e.g. for the ``trained_by`` record of ``medfuse train``
         if args.quiet and hasattr(sub, "no_progress"):
             sub.no_progress = True  # "print only errors": no progress bar either
-        with _TermAsInterrupt():
+        with _TermAsInterrupt(), _WarningsAsLines(args):
             return int(mod.run(sub) or 0)
 
     return handler
+
+
+class _WarningsAsLines:
+    """While a delegated command (train, evaluate) runs, a :class:`MedfuseWarning` it does not print itself is shown
+    as it happens, as ``medfuse: warning: ...`` with the inputs' identifiers blanked, like every other command's;
+    other warnings as Python shows them. Python's own form (``/path/cli.py:854: MedfuseWarning: ...`` and a source
+    line) came on top of train's own log line. The earlier ``warnings.showwarning`` comes back on exit."""
+
+    def __init__(self, args: argparse.Namespace):
+        self._args = args
+        self._saved: Any = None
+
+    def __enter__(self):
+        self._saved = warnings.showwarning
+        warnings.showwarning = self._show
+        return self
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MedfuseWarning):
+            _show_warnings([warnings.WarningMessage(message, category, filename, lineno)], self._args)
+        else:
+            self._saved(message, category, filename, lineno, file, line)
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self._saved
+        return False
 
 
 class _TermAsInterrupt:
@@ -915,8 +970,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                 raise OutputExistsError(e.problem, fix="--write-manifest never replaces a file: move it away or "
                                         "give another PATH", path=e.path) from None
             raise
+        # The manifest written has no register column: the --register given now goes on the next command.
         _say(args, f"wrote {written} (review it, then: medfuse batch {_shell_quote(written)} "
-                  "--register rigid|none)")
+                  f"--register {args.register or 'rigid|none'})")
         return EXIT_OK
     if dataset and args.register is None:
         # Discovery pairs files by name: whether they are aligned (one session) or not is the user's to say;
@@ -1094,7 +1150,12 @@ def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, a
     mr = folder / ("mr_t1.nii.gz" if anatomy == "mr" else "ct")
     pet = folder / "pet"
     files = {"fused": out / "fused.nii.gz", "png": out / "fused.png", "transform": out / f"pet_to_{anatomy}.tfm"}
-    with _Bar("demo", enabled=progress_enabled) as bar:
+    from .fusion import _ANISOTROPY_NOTE
+
+    with _Bar("demo", enabled=progress_enabled) as bar, warnings.catch_warnings():
+        # The sample CT's 4 mm slices are the demo's own choice: a warning about them on every run reads as a
+        # fault of the user's set-up. fused.json still records it.
+        warnings.filterwarnings("ignore", message=_ANISOTROPY_NOTE, category=MedfuseWarning)
         res = fuse_files(mr, pet, files["fused"], register="rigid", method=method, device=device,
                          fallback="laplacian" if method == "network" else None, overwrite=True,
                          progress=bar, cancel=cancel)

@@ -7,7 +7,8 @@
 * Geometry that tools read differently is not used silently: a ``MedfuseWarning`` when the sform and qform
   disagree, when SimpleITK (ITK: pixdim spacing, sometimes the qform) places the grid elsewhere (measured, over
   :data:`GEOMETRY_TOL_MM`), for zero/negative pixdim under a qform, for codes 0 and for Analyze 7.5 (no
-  orientation). NaN/inf transforms, shear and colour (RGB) voxels are refused with typed errors.
+  orientation). NaN/inf transforms, shear and colour (RGB) voxels are refused with typed errors; a sheared or
+  singular sform beside a valid qform is read through the qform with a warning, as ITK reads it.
 * The NIfTI space of the transform used (its xform code: sform code if > 0, else qform code) is recorded as
   ``provenance["nifti_space"]`` (``"scanner"``, ``"aligned"``, ``"talairach"``, ``"mni"`` or ``"template"``;
   nothing for code 0), so that a template-space image is written back with its code
@@ -234,11 +235,12 @@ def parse_tag(text: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
-def _space_name(hdr) -> Optional[str]:
-    """Name of the space of the transform ``get_best_affine`` used, or ``None`` (code 0, Analyze, odd codes)."""
+def _space_name(hdr, used: Optional[str] = None) -> Optional[str]:
+    """Name of the space of the transform ``get_best_affine`` used (``used="qform"``: of the qform), or ``None``
+    (code 0, Analyze, odd codes)."""
     if "sform_code" not in hdr:  # Analyze 7.5 has no xforms
         return None
-    code = int(hdr["sform_code"]) or int(hdr["qform_code"])
+    code = int(hdr["qform_code"]) if used == "qform" else int(hdr["sform_code"]) or int(hdr["qform_code"])
     return NIFTI_SPACES[code - 1] if 1 <= code <= len(NIFTI_SPACES) else None
 
 
@@ -275,6 +277,65 @@ def _native(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _pair_files(p: Path) -> Optional[Tuple[Path, Optional[Path]]]:
+    """For one file of an Analyze/NIfTI pair (``.img``/``.hdr``, any case): ``(image file, header file)``, the
+    partner found whatever the case of its ending (``None`` when it is not beside it); ``None`` for other names.
+
+    Why: nibabel rebuilds both names from a lower-cased ending unless the ending is all upper case, so
+    ``scan.Img`` + ``scan.Hdr`` (or ``scan.img`` + ``scan.Hdr``) were reported as a damaged file.
+
+    Raises:
+        UnreadableFileError: more than one file beside it matches the partner's name in different cases.
+    """
+    name = p.name
+    low = name.lower()
+    if not low.endswith((".img", ".hdr")):
+        return None
+    stem, ending = name[:-4], name[-4:]
+    other = ".hdr" if ending.lower() == ".img" else ".img"
+    # An all-lower or all-upper ending: the partner in that case first, as nibabel takes it.
+    exact = p.with_name(stem + (other.upper() if ending.isupper() else other))
+    if ending in (ending.lower(), ending.upper()) and exact.is_file():
+        partner: Optional[Path] = exact
+    else:
+        try:
+            # The same stem, the ending in any case (a stem differing in case is another image's).
+            found = sorted(e for e in os.listdir(p.parent) if len(e) == len(name) and e[:-4] == stem
+                           and e[-4:].lower() == other and (p.parent / e).is_file())
+        except OSError:
+            found = []
+        if len(found) > 1:
+            raise UnreadableFileError(f"more than one file could be this pair's {other} file ({', '.join(found)}; "
+                                      "endings differing only in case)", fix=f"keep one {other} file beside it",
+                                      path=p)
+        partner = p.parent / found[0] if found else None
+    return (p, partner) if ending.lower() == ".img" else (partner, p)
+
+
+def _same_case_pair(image: Path, header: Path) -> bool:
+    """Whether nibabel and ITK find this pair's partner themselves: both endings all lower or all upper case."""
+    return (image.name[-4:], header.name[-4:]) in ((".img", ".hdr"), (".IMG", ".HDR"))
+
+
+def _load_pair(image: Path, header: Path):
+    """nibabel's image for a pair whose two names nibabel would not rebuild (endings of mixed case), read through
+    an explicit file map, with the image class ``nibabel.load`` picks for these header bytes."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.imageclasses import all_image_classes
+
+    with open(header, "rb") as fh:
+        sniff = fh.read(1024)
+    for klass in all_image_classes:  # nibabel.load's order: NIfTI-1, NIfTI-2, then the Analyze flavours
+        if ".img" not in getattr(klass, "valid_exts", ()) or len(sniff) < klass._meta_sniff_len:
+            continue
+        if klass.header_class.may_contain_header(sniff):
+            mapping = {"image": str(image), "header": str(header), "mat": str(image.with_suffix(".mat"))}
+            names = {t: mapping[t] for t, _ in klass.files_types}
+            return klass.from_file_map(klass.make_file_map(names))
+    raise ImageFileError("not a NIfTI or Analyze header")
+
+
 def _nib_load(p: Path, gz: Optional[bool]):
     """nibabel's image for a NIfTI file, whatever the case of its ending and whether it is really gzipped.
 
@@ -291,6 +352,10 @@ def _nib_load(p: Path, gz: Optional[bool]):
     from nibabel.wrapstruct import WrapStructError
 
     name = p.name
+    pair = _pair_files(p)
+    if pair is not None and all(pair):
+        if not _same_case_pair(*pair):
+            return _load_pair(*pair)
     ending = ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii" if name.lower().endswith(".nii") else None
     if gz is None:
         gz = ending == ".nii.gz"
@@ -499,8 +564,8 @@ def _refuse_bad_dims(p: Path, gz: Optional[bool]) -> None:
     import struct
     import zlib
 
-    head_file = p.with_name(p.name[:-4] + p.name[-4:].replace("img", "hdr").replace("IMG", "HDR")) \
-        if p.name.lower().endswith(".img") else p
+    pair = _pair_files(p)
+    head_file = pair[1] if pair is not None and pair[1] is not None else p
     try:
         with open(head_file, "rb") as fh:
             packed = fh.read(2) == b"\x1f\x8b"
@@ -546,6 +611,15 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
+    pair = _pair_files(p)
+    if pair is not None and not all(pair):
+        header = pair[1]
+        want = p.name[:-4] + (".img" if header is not None else ".hdr")
+        what = "image data file its header" if header is not None else "header file its image data"
+        # Why here: nibabel's error for a lone half of a pair read as "not a valid NIfTI file (or truncated)".
+        raise UnreadableFileError(f"the {what} goes with ('{want}', in any case) is missing beside it",
+                                  fix=f"keep the .hdr and .img files together (copy {want} beside it), or load a "
+                                      "single-file .nii/.nii.gz", path=p)
     _refuse_bad_dims(p, gz)
     try:
         with _nibabel_notes() as notes:
@@ -589,11 +663,42 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
         aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     _refuse_non_finite(hdr, aff, p)
     aff_lps = LPS_TO_RAS @ np.asarray(aff, dtype=float)
-    if "sform_code" in hdr and (int(hdr["sform_code"]) or int(hdr["qform_code"])) and _valid(aff_lps):
+    space = _space_name(hdr)
+    qform = _qform_instead(hdr, aff_lps, to_mm, p)
+    if qform is not None:
+        aff_lps, space = qform, _space_name(hdr, "qform")
+    elif "sform_code" in hdr and (int(hdr["sform_code"]) or int(hdr["qform_code"])) and _valid(aff_lps):
         _warn_ambiguous_geometry(img, aff_lps, to_mm, p)
     descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
     mod, unit = parse_tag(descrip)
-    return np.asarray(arr), aff_lps, mod, unit, _space_name(hdr)
+    return np.asarray(arr), aff_lps, mod, unit, space
+
+
+def _qform_instead(hdr, aff_lps: np.ndarray, to_mm: float, p: Path) -> Optional[np.ndarray]:
+    """The qform's LPS affine, with a warning, when the sform (code > 0) is sheared or singular but the qform
+    (code > 0) is a valid rigid grid; else ``None`` (the sform is used, or refused).
+
+    Why: ITK (ANTs, Slicer, ITK-SNAP) reads such a file through its qform; refusing it outright left no way to
+    load a file every ITK tool opens. nibabel and FSL use the sheared sform, hence the warning.
+    """
+    if _transform_used(hdr) != "sform" or int(hdr["qform_code"]) <= 0 or _valid(aff_lps):
+        return None
+    qform = LPS_TO_RAS @ (np.diag([to_mm, to_mm, to_mm, 1.0]) @ np.asarray(hdr.get_qform(), dtype=float))
+    if not _valid(qform):
+        return None
+    problem = "sheared"
+    try:
+        _check_affine(aff_lps)
+    except GeometryError as e:
+        problem = "sheared" if "sheared" in e.problem else "singular"
+    then = ("resample it onto an orthogonal grid with a tool that applies the sform" if problem == "sheared" else
+            "repair the sform (or set sform_code 0) so that every tool reads the qform")
+    warnings.warn(f"{p}: the NIfTI sform (code {int(hdr['sform_code'])}) is {problem}, which medfuse cannot use; "
+                  f"medfuse uses the qform (code {int(hdr['qform_code'])}) instead, as ITK does, so the sform's "
+                  f"{'shear is' if problem == 'sheared' else 'values are'} ignored (nibabel and FSL use the sform, "
+                  f"and place voxels elsewhere); check the image's position, or {then}", MedfuseWarning,
+                  stacklevel=4)
+    return qform
 
 
 #: Two readings of one header are the same geometry when every grid corner lies within this distance (mm). Real
@@ -659,6 +764,9 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
     """
     import SimpleITK as sitk
 
+    pair = _pair_files(p)
+    if pair is not None and all(pair) and not _same_case_pair(*pair):
+        return None  # ITK's NIfTI library cannot open it (and says so on stderr): no cross-check
     try:
         with open(p, "rb") as fh:
             gz = fh.read(2) == b"\x1f\x8b"

@@ -171,10 +171,20 @@ def _written(tmp: Path, path: Path) -> None:
                                 fix="use a lower-case .nii.gz, .nii, .mha, .mhd, .nrrd or .nhdr name", path=path)
 
 
+#: NIfTI-1 stores the image's size along each axis as a signed 16-bit integer.
+_NIFTI1_MAX_DIM = 32767
+
+
 def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: bool) -> Path:
     import nibabel as nib
 
     code = nifti_space_code(volume)  # before any work: a bad recorded space is refused early
+    if not nifti2 and max(volume.shape) > _NIFTI1_MAX_DIM:
+        # Why: NIfTI-1 stores each size as int16; nibabel's own error for this was a raw HeaderDataError.
+        raise InvalidInputError(f"the volume's shape {tuple(volume.shape)} does not fit a NIfTI-1 header, which "
+                                f"holds at most {_NIFTI1_MAX_DIM} voxels along an axis",
+                                fix="write NIfTI-2 (medfuse.save(..., format='nifti2'), same .nii/.nii.gz name) or "
+                                    "a .nrrd/.mha file, or crop or downsample the volume", path=path)
     arr = _storable(volume.array, "nifti", path)
     cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     img = cls(arr, volume.affine_ras)

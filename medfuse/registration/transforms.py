@@ -213,8 +213,19 @@ class Transform:
                         interpolation=interpolation, default=default)
 
     # ---------------------------------------------------------------- files
-    def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
-        """Write in an ITK format chosen by suffix (``.tfm``, ``.txt``, ``.h5``; ``.mat`` for linear ones); atomic."""
+    def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False, inputs=()) -> Path:
+        """Write in an ITK format chosen by suffix (``.tfm``, ``.txt``, ``.h5``; ``.mat`` for linear ones); atomic.
+
+        Args:
+            path: the transform file.
+            overwrite: replace an existing file (never one of ``inputs``).
+            inputs: the images (files or DICOM folders) the transform was computed from: the file is never written
+                over them, and gets no wider permissions than they have (a ``chmod 600`` input gives a 0600 file),
+                as every other output does.
+
+        Returns:
+            The path written.
+        """
         import SimpleITK as sitk
 
         from ..io._atomic import atomic_path
@@ -238,7 +249,7 @@ class Transform:
             for part in _parts(self._t):
                 t.AddTransform(part)
         p.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(p, overwrite=overwrite) as tmp:
+        with atomic_path(p, overwrite=overwrite, inputs=[x for x in inputs or () if x is not None]) as tmp:
             sitk.WriteTransform(t, itk_path(tmp, writing=True))
         return p
 

@@ -1,0 +1,134 @@
+"""What the command line says: a 2-D picture given to ``fuse``, warnings of the delegated commands (train,
+evaluate) in the CLI's one-line form, the transform file's permissions after ``register``, and the hint after
+``batch --write-manifest``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse.cli import EXIT_OK, EXIT_USAGE, main
+from medfuse.errors import MedfuseWarning
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_volumes"
+
+
+# ------------------------------------------------------------------ fuse: a PNG/JPEG input
+@pytest.mark.parametrize("name", ["mri.png", "pet.JPG", "x.jpeg", "y.tif"])
+def test_fuse_refuses_a_2d_picture_naming_the_commands_that_fuse_them(tmp_path, capsys, name):
+    pic = tmp_path / name
+    pic.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # what it holds does not matter: the ending says 2-D
+    mr = tmp_path / "mr.nii.gz"
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", mr)
+    for args in ([str(mr), str(pic)], [str(pic), str(mr)]):
+        assert main(["fuse", *args, "-o", str(tmp_path / "out.nii.gz"), "--method", "max", "-q"]) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert name in err and "2-D picture" in err
+        assert "medfuse evaluate --pair" in err and "medfuse.fuse" in err
+        assert "not a medical image" not in err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_fuse_of_a_missing_png_still_says_no_such_file(tmp_path, capsys):
+    mr = tmp_path / "mr.nii.gz"
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", mr)
+    assert main(["fuse", str(mr), str(tmp_path / "gone.png"), "-o", str(tmp_path / "o.nii.gz"), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no such file" in err and "2-D picture" not in err
+
+
+# ------------------------------------------------------------------ train/evaluate warnings, once, one line
+@pytest.mark.parametrize("cmd, module", [("train", "medfuse.fusion.train"), ("evaluate", "medfuse.evaluate")])
+def test_a_delegated_commands_warning_is_one_cli_line(monkeypatch, capsys, cmd, module):
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not part of this checkout")
+    mod = importlib.import_module(module)
+    text = "the --init weights were not held out from these validation cases"
+
+    def run(args):
+        warnings.warn(text, MedfuseWarning, stacklevel=2)
+        warnings.warn("an unrelated library note", DeprecationWarning, stacklevel=2)
+        return 0
+
+    monkeypatch.setattr(mod, "run", run)
+    with pytest.warns(DeprecationWarning, match="unrelated"):  # other warnings go where they went before
+        assert main([cmd, "--run-dir", "r"] if cmd == "train" else [cmd, "pairs", "--out", "o"]) == EXIT_OK
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if text in ln]
+    assert lines == [f"medfuse: warning: {text}"], err  # once, in the CLI's form
+    assert "MedfuseWarning:" not in err and "return int(mod.run" not in err  # not Python's file:line form
+    assert warnings.showwarning.__name__ != "_show"  # the hook is gone after the command
+
+
+# ------------------------------------------------------------------ register: the .tfm is no wider than inputs
+def _blob(shift=0.0):
+    z, y, x = np.mgrid[:24, :24, :24].astype(np.float32)
+    a = np.exp(-(((x - 12 - shift) / 5) ** 2 + ((y - 11) / 4) ** 2 + ((z - 12) / 6) ** 2))
+    a += 0.5 * np.exp(-(((x - 7 - shift) / 2) ** 2 + ((y - 16) / 2) ** 2 + ((z - 9) / 3) ** 2))
+    return a
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_register_transform_file_is_no_wider_than_the_inputs(tmp_path, mode):
+    old = os.umask(0o022)
+    try:
+        fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+        medfuse.save(medfuse.Volume(_blob(), np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR"), fixed)
+        medfuse.save(medfuse.Volume(_blob(1.5), np.diag([2.0, 2.0, 2.0, 1.0]), modality="MR"), moving)
+        moving.chmod(mode)
+        out = tmp_path / "out" / "moved.nii.gz"
+        out.parent.mkdir()
+        assert main(["register", str(fixed), str(moving), "-o", str(out), "-q", "--no-progress"]) == EXIT_OK
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.parent.iterdir()}
+        assert set(modes) == {"moved.nii.gz", "moved.tfm", "moved.json"}, modes
+        assert modes == {name: mode for name in modes}, modes  # image, sidecar and transform alike
+        assert stat.S_IMODE(moving.stat().st_mode) == mode  # the input untouched
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_transform_save_follows_its_inputs_and_never_writes_over_one(tmp_path):
+    from medfuse.errors import OutputExistsError
+    from medfuse.registration.transforms import Transform
+
+    old = os.umask(0o022)
+    try:
+        private = tmp_path / "pet.nii.gz"
+        shutil.copy(SAMPLES / "spect.nii.gz", private)
+        private.chmod(0o600)
+        t = Transform.from_matrix(np.eye(4))
+        p = t.save(tmp_path / "a.tfm", inputs=[private, None])
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+        assert stat.S_IMODE(t.save(tmp_path / "b.tfm").stat().st_mode) == 0o644  # no inputs: the umask's
+        given = tmp_path / "given.tfm"
+        shutil.copy(p, given)
+        with pytest.raises(OutputExistsError):
+            t.save(given, overwrite=True, inputs=[given])
+    finally:
+        os.umask(old)
+
+
+# ------------------------------------------------------------------ batch --write-manifest: the next command
+def test_write_manifest_hint_repeats_the_register_given(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    (ds / "sub-01").mkdir(parents=True)
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", ds / "sub-01" / "mr.nii.gz")
+    shutil.copy(SAMPLES / "spect.nii.gz", ds / "sub-01" / "spect.nii.gz")
+    m1, m2 = tmp_path / "m1.csv", tmp_path / "m2.csv"
+    assert main(["batch", str(ds), "--write-manifest", str(m1), "--register", "rigid"]) == EXIT_OK
+    assert "--register rigid)" in capsys.readouterr().out
+    assert main(["batch", str(ds), "--write-manifest", str(m2)]) == EXIT_OK
+    assert "--register rigid|none)" in capsys.readouterr().out
