@@ -45,9 +45,22 @@ def _resolve(weights: Optional[PathLike]) -> Path:
     """
     if weights is None:
         return default_weights_path()
-    return as_path(weights, what="weights", images=False, fix="pass weights= the path of a medfuse_fusion.safetensors "
-                                                              "file (a str or pathlib.Path), or leave it out for "
-                                                              "the shipped weights")
+    p = as_path(weights, what="weights", images=False, fix="pass weights= the path of a medfuse_fusion.safetensors "
+                                                           "file (a str or pathlib.Path), or leave it out for "
+                                                           "the shipped weights")
+    # The card and the run folder sit beside the weights, and were taken for them: a folder read as "corrupt
+    # (OSError)", the card as "does not match the SHA-256 ... reinstall medfuse".
+    if p.is_dir():
+        inside = sorted(p.glob("*.safetensors"))
+        raise WeightsError("weights= names a folder; it takes the weights file itself", path=p,
+                           fix=f"pass weights={str(inside[0])!r}" if len(inside) == 1 else
+                           "pass weights= the .safetensors file that 'medfuse train' wrote (in its run's export/)")
+    if p.suffix.lower() == ".json":
+        beside = p.with_suffix(".safetensors")
+        raise WeightsError("weights= names a model card (.json), not the weights", path=p,
+                           fix=f"pass weights={str(beside)!r}" if beside.is_file() else
+                           "pass weights= the .safetensors file the card describes")
+    return p
 
 
 def weights_sha256(weights: Optional[PathLike] = None) -> str:

@@ -194,3 +194,26 @@ def test_auto_method_reads_modality_codes_and_anything_else_as_unknown():
     # Not a str (an int code, a list): unknown, as None is; it was an AttributeError from .upper().
     for odd in (None, 3, ["CT"]):
         assert auto_method(odd) == "percentile" and auto_method(odd, "HU") == "window"
+
+
+def test_weights_naming_the_card_or_a_folder_say_which_file_to_pass(tmp_path):
+    """Before: the model card was refused as "does not match the SHA-256 ... reinstall medfuse", and a folder as
+    "corrupt (OSError)"; both sent the user the wrong way."""
+    import shutil
+
+    from medfuse.errors import WeightsError
+
+    shipped = infer.default_weights_path()
+    run = tmp_path / "export"
+    run.mkdir()
+    shutil.copy(shipped, run / shipped.name)
+    shutil.copy(shipped.with_suffix(".json"), run / shipped.with_suffix(".json").name)
+    img = _blobs((40, 40), 1)
+    with pytest.raises(WeightsError, match="model card") as card:
+        fuse(img, img[::-1], weights=run / shipped.with_suffix(".json").name)
+    assert str(run / shipped.name) in str(card.value)
+    with pytest.raises(WeightsError, match="names a folder") as folder:
+        fuse(img, img[::-1], weights=run)
+    assert str(run / shipped.name) in str(folder.value)
+    out = fuse(img, img[::-1], weights=run / shipped.name)  # the file itself is what it takes
+    np.testing.assert_array_equal(out, fuse(img, img[::-1]))
