@@ -6,7 +6,7 @@ it prints the mean Qabf / VIF / SSIM over every ``--step``-th slice along each o
 with more than 20 % of the first input non-zero), and the worst per-axis anisotropy gap to the mean rule (a
 slice-stacking artefact or stripes raise it). The network runs three times: with the "brighter wins" choice
 (``functional=True``, what PT/NM Volumes get), with the stronger-detail coarse pixel rule (``functional=None``,
-what arrays of unknown modality get) and without a rule (``functional=False``, what MR/CT-only Volumes get).
+what arrays of unknown modality get) and without a rule (``functional=False``, what MR-only Volumes get).
 The last block is the phantom PET lesion's core-minus-shell contrast in 3-D.
 
     python benchmarks/fusion_quality_3d.py [--data ../shared/data] [--weights W.safetensors] [--step 8]

@@ -406,10 +406,10 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
             rule at its start and end).
         **options: passed to the rule (see :func:`medfuse.fusion.classical.fuse_arrays`) or to
             :func:`medfuse.fusion.infer.fuse_arrays`. For the network on Volumes, ``functional`` (whether
-            an input shows uptake) defaults to their modalities: True with a PT or NM input, False when
-            every input is MR or CT, None when one is ``unknown``. In 3-D, True and None both keep the
-            coarse pixel rule; True (with the shipped weights) makes it "the brighter input at that scale
-            wins", None the stronger detail. Arrays carry no modality: pass ``functional=True`` with a
+            an input shows uptake, or bright structures that must stay bright) defaults to their
+            modalities: True with a PT, NM or CT input (uptake; CT bone), False when every input is MR,
+            None when one is ``unknown``. In 3-D, True and None both keep the coarse pixel rule; True (with
+            the shipped weights) makes it "the brighter input at that scale wins", None the stronger detail. Arrays carry no modality: pass ``functional=True`` with a
             PET/SPECT array so that a hot spot over a dark MR core stays visible (without it, 2-D images get
             the learned choice, which can hide one).
 
@@ -577,10 +577,12 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                 "or medfuse.resample(moving, fixed)",
             )
     if method == "network" and "functional" not in options:
-        # Why: the 3-D path's coarse pixel rule keeps PET/SPECT uptake visible and costs quality on
-        # anatomical pairs (docs/network.md, "Ninth round"); the modalities say which case this is.
+        # Why: the 3-D path's "brighter wins" choice keeps PET/SPECT uptake and CT bone visible, which the
+        # learned choice trades for the MR's edges (it left 58 % of the phantom's skull dark beside an MR:
+        # docs/network.md, "Thirty-first round"); it costs quality on MR-only pairs ("Ninth round").
         modalities = {v.modality for v in vols}
-        options = {**options, "functional": None if "unknown" in modalities else bool(modalities & {"PT", "NM"})}
+        options = {**options,
+                   "functional": None if "unknown" in modalities else bool(modalities & {"PT", "NM", "CT"})}
     # A single slice (2-D files load as (X, Y, 1)) takes the 2-D path; so, for the network, does each slice
     # of a volume too thin along one axis for the tri-plane path (a few thick CT or SPECT slices).
     flat = [ax for ax, n in enumerate(ref.shape) if n == 1]
