@@ -246,7 +246,11 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 recs.append(rec)
                 continue
         labels = {"modality": v.modality, "unit": v.unit}
-        if "modality" in spec and "unit" not in spec and str(spec["modality"]).upper() != v.modality.upper():
+        if v.modality == "CT" and v.unit == "arbitrary" and not v.provenance.get("unit_stated"):
+            # No unit was ever stated (Volume(ct, affine, modality="CT") defaults to "arbitrary"): read it as
+            # medfuse.load reads such a file, HU when it holds air (below -100), so that the CT window applies.
+            labels["unit"] = "HU" if a.size and float(np.nanmin(a)) < -100 else "arbitrary"
+        if "modality" in spec and "unit" not in spec and _modality_code(spec["modality"]) != v.modality:
             # A unit is stated for the volume's own modality: a spec that names another one (an MR volume
             # fused as CT) leaves the unit unknown, so 'auto' reads the named modality as such.
             labels["unit"] = None
@@ -254,6 +258,18 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
         out.append(y)
         recs.append(rec)
     return out, recs
+
+
+def _modality_code(name: Any) -> str:
+    """medfuse's code for a modality name ("PET" -> "PT"); the name itself, upper-cased, when it is no known one
+    (the normalisation then refuses it with its own message)."""
+    from ..errors import MedfuseError
+    from ..volume import normalise_modality
+
+    try:
+        return normalise_modality(name)
+    except MedfuseError:
+        return str(name).upper()
 
 
 def _as_network_precision(method: str, scaled: List[np.ndarray]) -> None:

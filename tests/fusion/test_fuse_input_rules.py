@@ -147,3 +147,30 @@ def test_network_batch_size_is_checked_for_2d_images_too(bad):
     a = np.random.default_rng(8).random((32, 32))
     with pytest.raises(InvalidInputError, match="batch_size must be a whole number"):
         medfuse.fuse(a, a, batch_size=bad)  # refused before torch is needed
+
+
+def test_a_ct_volume_whose_unit_was_never_stated_is_read_as_load_reads_it():
+    """Volume(hu, affine, modality="CT") defaults to unit "arbitrary", which is "unknown" there: with air below
+    -100 it is HU and gets the CT window (as medfuse.load gives such a file), not the percentiles of a CT known
+    not to be in HU."""
+    rng = np.random.default_rng(2)
+    hu = rng.normal(40, 300, size=(16, 16, 8)).clip(-1000, 2000)
+    mr = medfuse.Volume(rng.random(hu.shape).astype(np.float32), np.eye(4), modality="MR")
+    bare = medfuse.Volume(hu, np.eye(4), modality="CT")
+    assert bare.unit == "arbitrary"  # the premise
+    rec = medfuse.fuse(mr, bare, method="mean").provenance["normalisation"][1]
+    assert rec["method"] == "window"
+    stated = medfuse.Volume(hu, np.eye(4), modality="CT", unit="HU")
+    np.testing.assert_array_equal(medfuse.fuse(mr, bare, method="mean").array,
+                                  medfuse.fuse(mr, stated, method="mean").array)
+
+
+@pytest.mark.parametrize("own, alias, unit", [("PT", "PET", "SUVbw"), ("MR", "MRI", "arbitrary")])
+def test_a_spec_naming_the_volumes_own_modality_by_an_alias_keeps_its_unit(own, alias, unit):
+    rng = np.random.default_rng(3)
+    v = medfuse.Volume((rng.random((12, 12, 12)) * 10).astype(np.float32), np.eye(4), modality=own, unit=unit)
+    other = medfuse.Volume(rng.random((12, 12, 12)).astype(np.float32), np.eye(4), modality="MR")
+    by_alias = medfuse.fuse(v, other, method="mean", normalise=[{"modality": alias}, None])
+    by_code = medfuse.fuse(v, other, method="mean", normalise=[{"modality": own}, None])
+    assert by_alias.provenance["normalisation"][0]["method"] == by_code.provenance["normalisation"][0]["method"]
+    np.testing.assert_array_equal(by_alias.array, by_code.array)
