@@ -335,7 +335,8 @@ def _split_by_number(series: Dict[str, List[Tuple[Path, Any]]]) -> Dict[str, Lis
         by_number: Dict[str, List[Tuple[Path, Any]]] = {}
         for f, ds in files:
             by_number.setdefault(_series_number(ds), []).append((f, ds))
-        if len(by_number) == 1:
+        if len([n for n in by_number if n]) <= 1:
+            # One number, and files that carry none (an empty SeriesNumber is no sign of another series)
             out[uid] = files
             continue
         for number in sorted(by_number, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
@@ -1659,7 +1660,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov.update(series_uid=str(ds0.get("SeriesInstanceUID", "unknown")), source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=_transfer_syntax(vframes, headers),
-                    manufacturer=str(ds0.get("Manufacturer", "")),
+                    manufacturer=str(ds0.get("Manufacturer", "")), series_number=_series_number(ds0),
                     warnings=vnotes, unit_stated=True)
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)

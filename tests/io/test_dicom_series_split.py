@@ -167,3 +167,17 @@ def test_loaded_alone_warning_points_at_the_callers_line(samples_dir, how):
     with pytest.warns(MedfuseWarning, match="was loaded alone") as w:
         getattr(medfuse, how)(one)
     assert [x.filename for x in _said(w, "was loaded alone")] == [__file__]
+
+
+def test_one_file_without_a_series_number_does_not_split_its_series(samples_dir, tmp_path):
+    """An empty SeriesNumber is no sign of another series: one such file among the sample CT's 40 made the folder
+    two series (39 files and 1), and neither loaded."""
+    files = sorted((samples_dir / "ct").glob("*.dcm"))
+    for i, f in enumerate(files):
+        _copy_as(f, tmp_path / f.name, **({"SeriesNumber": None} if i == 7 else {}))
+    assert _header(tmp_path / files[7].name).get("SeriesNumber") in (None, "")
+    series = medfuse.scan(tmp_path)
+    assert len(series) == 1 and "#" not in series[0].series_uid and series[0].n_files == len(files)
+    whole = medfuse.load(tmp_path)
+    assert whole.shape == medfuse.load(samples_dir / "ct").shape
+    assert whole.provenance["series_number"] == str(int(_header(files[0]).SeriesNumber))

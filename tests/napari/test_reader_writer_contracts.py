@@ -47,6 +47,28 @@ def test_opening_files_of_two_series_together_gives_one_layer_each(make_napari_v
     assert {layer.metadata["medfuse"]["modality"] for layer in layers} == {"CT", "PT"}
 
 
+def test_two_series_under_one_uid_opened_file_by_file_give_two_layers(make_napari_viewer, samples_dir, tmp_path):
+    """medfuse reads one SeriesInstanceUID under two SeriesNumbers as two series; the reader remembered series by
+    UID alone, so the second one's files were taken as already read and it was dropped."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    files = []
+    for f in sorted((samples_dir / "ct").glob("*.dcm")):
+        for number in (1, 2):
+            ds = pydicom.dcmread(f)
+            ds.SeriesNumber = number
+            ds.SOPInstanceUID = generate_uid()
+            if number == 2:
+                ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+            ds.save_as(tmp_path / f"s{number}_{f.name}")
+            files.append(str(tmp_path / f"s{number}_{f.name}"))
+    assert len(medfuse.scan(tmp_path)) == 2  # the premise: medfuse's own reading
+    layers = make_napari_viewer().open(sorted(files), plugin="medfuse")
+    assert len(layers) == 2
+    assert not np.array_equal(np.asarray(layers[0].data), np.asarray(layers[1].data))
+
+
 def test_a_file_open_in_another_viewer_is_never_written_over(make_napari_viewer, samples_dir, tmp_path):
     src = tmp_path / "c.nii.gz"
     shutil.copy(samples_dir / "mr_t1.nii.gz", src)
