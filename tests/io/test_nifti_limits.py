@@ -143,6 +143,23 @@ def test_sheared_sform_with_a_valid_qform_is_read_as_itk_reads_it(tmp_path, scod
     assert v.provenance["nifti_space"] == space  # the qform's code: the transform used
 
 
+def test_the_qform_warning_points_at_the_callers_line(tmp_path):
+    import medfuse
+
+    aff = _oblique()
+    sheared = aff.copy()
+    sheared[0, 1] += 0.3
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), None)
+    img.set_qform(aff, code=1)
+    img.set_sform(sheared, code=1)
+    p = tmp_path / "shear.nii.gz"
+    img.to_filename(str(p))
+    for load in (medfuse.load, load_image):
+        with pytest.warns(MedfuseWarning, match="uses the qform") as w:
+            load(p)
+        assert w[0].filename == __file__, w[0].filename
+
+
 def test_sheared_sform_without_a_qform_is_still_refused(tmp_path):
     """ITK refuses it too ("No orthonormal definition found"): there is no rigid reading to fall back to."""
     aff = _oblique()
