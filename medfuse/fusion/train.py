@@ -1734,15 +1734,19 @@ def run(args: argparse.Namespace) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
 
-    def log(msg: str) -> None:
-        if not quiet:
+    def log(msg: str, *, console: bool = True) -> None:
+        if console and not quiet:
             tqdm.write(msg)
         logf.write(msg + "\n")
         logf.flush()
 
+    def warn(note: str) -> None:
+        # Shown once, as a warning (the command line prints it as one line); train.log keeps it too.
+        warnings.warn(note, MedfuseWarning, stacklevel=3)
+        log("WARNING: " + note, console=False)
+
     for note in resume_notes:
-        warnings.warn(note, MedfuseWarning, stacklevel=2)
-        log("WARNING: " + note)
+        warn(note)
     absent = [t for t in PAIR_TYPES if t not in train_pairs]
     if absent:  # your own data may hold one pair type only; say what the run trains on
         log(f"pair types: {', '.join(train_pairs)} ({', '.join(absent)} absent from {hv})")
@@ -1756,8 +1760,7 @@ def run(args: argparse.Namespace) -> int:
                 "optimistic there; the export's card records them as init_val_overlap. Pass the --seed and "
                 "--val-fraction the --init weights were trained with (their card records them) to validate on "
                 "held-out cases only")
-        warnings.warn(note, MedfuseWarning, stacklevel=2)
-        log("WARNING: " + note)
+        warn(note)
     found = [n for n in ("brats-gli-00001", "spm12-templates") if (Path(args.data) / n).is_dir()]
     log(f"3-D volume sets: {len(vols)} (from {', '.join(found) or 'no volume folder'} in {args.data}, "
         f"and the phantom)")

@@ -79,7 +79,7 @@ def test_check_resume_split_names_a_validation_case_that_moved(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 2. --init overlap
 def test_a_fine_tune_that_validates_on_cases_its_init_weights_trained_on_warns_and_records_them(
-        tmp_path, no_volumes, harvard_folder, monkeypatch):
+        tmp_path, no_volumes, harvard_folder, monkeypatch, capsys):
     """Fine-tuning the shipped weights with another --seed validated, silently, on cases those weights had
     trained on (their card's val_cases leave them out). It now warns, logs, and the export's card records them
     as init_val_overlap; a split inside the card's held-out cases records nothing."""
@@ -102,6 +102,8 @@ def test_a_fine_tune_that_validates_on_cases_its_init_weights_trained_on_warns_a
     card = json.loads((tmp_path / "leaky" / "export" / "medfuse_fusion.json").read_text())
     assert card["init_val_overlap"] == {"CT-MRI": sorted(set(seeds[leaky]) - set(held), key=int)}
     assert "WARNING: the --init weights were not held out" in (tmp_path / "leaky" / "train.log").read_text()
+    # shown once, as the warning: not a second time on the console from the run's log
+    assert "were not held out" not in capsys.readouterr().out
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
