@@ -820,7 +820,8 @@ def _refuse_out_in_subject(folder: Path, out: Path, *, skip: Optional[str]) -> N
                                 "DATASET/derivatives/medfuse)", path=scrub(_display_path(out), ids))
 
 
-def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_dir: Optional[PathLike] = None) -> Path:
+def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_dir: Optional[PathLike] = None,
+                   register: Optional[str] = None) -> Path:
     """Discover a dataset's subjects now and write them as a CSV manifest to review or edit.
 
     An unpaired or ambiguous subject gets a row with the cells discovery could not fill left empty (it
@@ -831,6 +832,9 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
         path: where to write the manifest; default ``DATASET/derivatives/medfuse/manifest.csv`` (or
             ``OUT_DIR/manifest.csv``).
         out_dir: where the manifest's outputs go (as :func:`discover`).
+        register: the registration each subject gets (``"none"``, ``"rigid"``, ``"affine"`` or
+            ``"deformable"``), written as a ``register`` column so that the manifest runs as it was meant; None
+            (default): no such column (``medfuse batch MANIFEST --register ...`` then says it).
 
     Returns:
         The manifest's path; never replaces a file.
@@ -851,6 +855,9 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     given = _optional_path(path, "the manifest's path", "pass where to write the manifest (a .csv path) as a str "
                                                         "or pathlib.Path, or None for the default")
     out = _optional_path(out_dir, "out_dir", _OUT_DIR_FIX)
+    if register is not None:
+        register = choice(register.lower() if isinstance(register, str) else register, "register",
+                          ("none", "rigid", "affine", "deformable"), fix="use 'none', 'rigid', 'affine' or 'deformable'")
     target = given if given else _dataset_out_dir(root, out) / "manifest.csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -862,9 +869,10 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
             fixed, moving, series = "", [], None
         rows.append([s.subject, fixed, ";".join(moving), s.output, ";".join(series or [])])
     with_series = any(r[4] for r in rows)  # the column only when some subject needs it
-    w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else []))
+    w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else [])
+               + (["register"] if register else []))
     for r in rows:
-        w.writerow(r if with_series else r[:4])
+        w.writerow((r if with_series else r[:4]) + ([register] if register else []))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

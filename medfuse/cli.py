@@ -963,16 +963,17 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         from .errors import OutputExistsError
 
         try:
-            written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out)
+            written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out,
+                                     register=args.register)
         except OutputExistsError as e:
             if e.fix and "overwrite" in e.fix:
                 # write_manifest takes no overwrite (yet): "add --overwrite" sent the user round in circles.
                 raise OutputExistsError(e.problem, fix="--write-manifest never replaces a file: move it away or "
                                         "give another PATH", path=e.path) from None
             raise
-        # The manifest written has no register column: the --register given now goes on the next command.
-        _say(args, f"wrote {written} (review it, then: medfuse batch {_shell_quote(written)} "
-                  f"--register {args.register or 'rigid|none'})")
+        # A --register given now is in the manifest's register column; without one, the next command says it.
+        _say(args, f"wrote {written} (review it, then: medfuse batch {_shell_quote(written)}"
+                  + ("" if args.register else " --register rigid|none") + ")")
         return EXIT_OK
     if dataset and args.register is None:
         # Discovery pairs files by name: whether they are aligned (one session) or not is the user's to say;

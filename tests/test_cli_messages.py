@@ -122,13 +122,23 @@ def test_transform_save_follows_its_inputs_and_never_writes_over_one(tmp_path):
 
 
 # ------------------------------------------------------------------ batch --write-manifest: the next command
-def test_write_manifest_hint_repeats_the_register_given(tmp_path, capsys):
+def test_write_manifest_keeps_the_register_given(tmp_path, capsys):
+    """--register with --write-manifest was dropped: the manifest had no register column, so running it as
+    written fused each subject unregistered."""
+    import csv
+
+    from medfuse.batch import read_manifest
+
     ds = tmp_path / "ds"
     (ds / "sub-01").mkdir(parents=True)
     shutil.copy(SAMPLES / "mr_t1.nii.gz", ds / "sub-01" / "mr.nii.gz")
     shutil.copy(SAMPLES / "spect.nii.gz", ds / "sub-01" / "spect.nii.gz")
     m1, m2 = tmp_path / "m1.csv", tmp_path / "m2.csv"
     assert main(["batch", str(ds), "--write-manifest", str(m1), "--register", "rigid"]) == EXIT_OK
-    assert "--register rigid)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"medfuse batch {m1})" in out and "--register" not in out  # the manifest says it itself
+    assert [r["register"] for r in csv.DictReader(m1.open())] == ["rigid"]
+    assert [s.register for s in read_manifest(m1)] == ["rigid"]
     assert main(["batch", str(ds), "--write-manifest", str(m2)]) == EXIT_OK
     assert "--register rigid|none)" in capsys.readouterr().out
+    assert "register" not in next(csv.reader(m2.open()))
