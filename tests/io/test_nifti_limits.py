@@ -122,17 +122,23 @@ def _sitk_geometry(path):
     return np.asarray(img.GetOrigin()), np.asarray(img.GetSpacing()), np.asarray(img.GetDirection()).reshape(3, 3)
 
 
-@pytest.mark.parametrize("scode, qcode, space", [(1, 1, "scanner"), (2, 1, "scanner"), (4, 2, "aligned")])
-@pytest.mark.parametrize("shear", [0.3, 1e-3])
-def test_sheared_sform_with_a_valid_qform_is_read_as_itk_reads_it(tmp_path, scode, qcode, space, shear):
+def _sheared(path, *, shear=0.3, scode=1, qcode=1):
+    """A NIfTI whose sform is ``_oblique()`` sheared by ``shear`` and whose qform (code ``qcode``; 0: none) is it
+    unsheared."""
     aff = _oblique()
     sheared = aff.copy()
     sheared[0, 1] += shear
     img = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), None)
-    img.set_qform(aff, code=qcode)
+    img.set_qform(aff if qcode else None, code=qcode)
     img.set_sform(sheared, code=scode)
-    p = tmp_path / "shear.nii.gz"
-    img.to_filename(str(p))
+    img.to_filename(str(path))
+    return path
+
+
+@pytest.mark.parametrize("scode, qcode, space", [(1, 1, "scanner"), (2, 1, "scanner"), (4, 2, "aligned")])
+@pytest.mark.parametrize("shear", [0.3, 1e-3])
+def test_sheared_sform_with_a_valid_qform_is_read_as_itk_reads_it(tmp_path, scode, qcode, space, shear):
+    p = _sheared(tmp_path / "shear.nii.gz", shear=shear, scode=scode, qcode=qcode)
     with pytest.warns(MedfuseWarning, match=r"sform \(code \d\) is sheared.*uses the qform.*as ITK does") as w:
         v = load_image(p)
     assert str(p) in str(w[0].message)
@@ -146,14 +152,7 @@ def test_sheared_sform_with_a_valid_qform_is_read_as_itk_reads_it(tmp_path, scod
 def test_the_qform_warning_points_at_the_callers_line(tmp_path):
     import medfuse
 
-    aff = _oblique()
-    sheared = aff.copy()
-    sheared[0, 1] += 0.3
-    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), None)
-    img.set_qform(aff, code=1)
-    img.set_sform(sheared, code=1)
-    p = tmp_path / "shear.nii.gz"
-    img.to_filename(str(p))
+    p = _sheared(tmp_path / "shear.nii.gz")
     for load in (medfuse.load, load_image):
         with pytest.warns(MedfuseWarning, match="uses the qform") as w:
             load(p)
@@ -162,13 +161,7 @@ def test_the_qform_warning_points_at_the_callers_line(tmp_path):
 
 def test_sheared_sform_without_a_qform_is_still_refused(tmp_path):
     """ITK refuses it too ("No orthonormal definition found"): there is no rigid reading to fall back to."""
-    aff = _oblique()
-    aff[0, 1] += 0.3
-    img = nib.Nifti1Image(np.ones((4, 5, 6), np.int16), None)
-    img.set_qform(None, code=0)
-    img.set_sform(aff, code=1)
-    p = tmp_path / "shear_only.nii"
-    img.to_filename(str(p))
+    p = _sheared(tmp_path / "shear_only.nii", qcode=0)
     with pytest.raises(GeometryError, match="sheared") as e:
         load_image(p)
     assert str(p) in str(e.value)

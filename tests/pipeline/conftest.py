@@ -32,3 +32,22 @@ def leaks(text: str) -> bool:
 def patients():
     """``patients.named_pet(dst, name, pid)`` and ``patients.leaks(text)``."""
     return SimpleNamespace(named_pet=named_pet, leaks=leaks)
+
+
+@pytest.fixture
+def network_fails(monkeypatch):
+    """Callable fixture: ``network_fails(error)`` makes the pipeline's network fusion raise ``error`` (what a
+    missing torch or broken shipped weights raise); classical rules run as usual."""
+    import medfuse.pipeline as pl
+
+    real = pl._fuse
+
+    def install(error: BaseException) -> None:
+        def fuse(vols, *, method, device, **kw):
+            if method == "network":
+                raise error
+            return real(vols, method=method, device=device, **kw)
+
+        monkeypatch.setattr(pl, "_fuse", fuse)
+
+    return install

@@ -50,22 +50,14 @@ def test_the_fusion_reports_its_own_progress_through_the_step():
 
 
 @pytest.mark.parametrize("extra", [{}, {"batch_size": 8}, {"functional": True, "refine": False}])
-def test_fallback_for_missing_weights_gets_only_its_rules_options(tmp_path, extra, monkeypatch):
+def test_fallback_for_missing_weights_gets_only_its_rules_options(tmp_path, extra, network_fails):
     """weights= (the network's file) reached the Laplacian rule as its blend weights: 'weights must be 2
     non-negative numbers'; batch_size: 'not understood by method laplacian'. The network is made unavailable
     (torch missing): a weights file the caller names that is missing is an error, never a fallback."""
-    import medfuse.pipeline as pl
     from medfuse.errors import MissingDependencyError
     from medfuse.fusion.infer import default_weights_path
 
-    real = pl._fuse
-
-    def no_torch(vols, *, method, device, **kw):
-        if method == "network":
-            raise MissingDependencyError("the fusion network needs torch", fix="pip install torch")
-        return real(vols, method=method, device=device, **kw)
-
-    monkeypatch.setattr(pl, "_fuse", no_torch)
+    network_fails(MissingDependencyError("the fusion network needs torch", fix="pip install torch"))
     a, b = _pair(16)
     step = FuseStep("network", fallback="laplacian", weights=str(default_weights_path()), levels=3, **extra)
     pipe = Pipeline(method="network", fallback="laplacian").replace("fuse", step)

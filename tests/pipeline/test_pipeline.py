@@ -118,18 +118,9 @@ def test_cancel_stops_the_pipeline(subject, tmp_path):
 
 
 @pytest.mark.parametrize("spelt", ["network", "Network"])
-def test_network_fallback_is_recorded(subject, tmp_path, monkeypatch, spelt):
+def test_network_fallback_is_recorded(subject, tmp_path, network_fails, spelt):
     """Any spelling that runs the network falls back, and is recorded as the network (not as typed)."""
-    import medfuse.pipeline as pl
-
-    real = pl._fuse
-
-    def no_weights(vols, *, method, device, **kw):
-        if method == "network":
-            raise WeightsError("the fusion network's weights file is missing", fix="train it")
-        return real(vols, method=method, device=device, **kw)
-
-    monkeypatch.setattr(pl, "_fuse", no_weights)
+    network_fails(WeightsError("the fusion network's weights file is missing", fix="train it"))
     with pytest.raises(WeightsError):
         fuse_files(subject.fixed, subject.moving[0], None, method="network")
     with pytest.warns(medfuse.MedfuseWarning, match="fell back"):
