@@ -239,6 +239,19 @@ def _checked_affine(affine: Any) -> np.ndarray:
     return aff.copy()
 
 
+def _unstated_unit(modality: str, array: Any) -> str:
+    """The unit of a Volume made without one: ``HU`` for a CT holding values below -100 (air and fat; no other
+    CT scale goes there), else ``arbitrary``. Silent: a CT without air gets the percentile normalisation, and the
+    fused record's ``auto`` says why."""
+    if modality != "CT" or array is None:
+        return "arbitrary"
+    arr = np.asarray(array)
+    try:
+        return "HU" if np.issubdtype(arr.dtype, np.number) and arr.size and float(np.nanmin(arr)) < -100 else "arbitrary"
+    except (TypeError, ValueError):  # complex or odd voxels: the array check says what is wrong with them
+        return "arbitrary"
+
+
 def _checked_unit(unit: Any) -> str:
     if unit not in UNITS:
         hint = " (a plain 'SUV' is body-weight SUV: 'SUVbw')" if str(unit).upper() == "SUV" else ""
@@ -302,7 +315,8 @@ class Volume:
             NIfTI/MetaImage; fusion, registration and resampling take real ones only).
         affine: 4×4 voxel-to-world matrix in LPS millimetres.
         modality: (keyword-only) ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
-        unit: (keyword-only) physical unit, one of :data:`UNITS`.
+        unit: (keyword-only) physical unit, one of :data:`UNITS`. Not given (None): ``arbitrary``, except for a CT
+            that holds values below -100, which is ``HU`` (as :func:`medfuse.load` reads such a file).
         provenance: (keyword-only) non-identifying facts about where the data came from; keys medfuse does not
             record are dropped.
 
@@ -336,13 +350,18 @@ class Volume:
     affine: np.ndarray
     _: KW_ONLY  # why: the options after the data are named (Volume(a, m, modality="CT")), never positional
     modality: str = "unknown"
-    unit: str = "arbitrary"
+    unit: Optional[str] = None  # None: "arbitrary", or for a CT "HU" when it holds air (see __setattr__)
     provenance: Dict[str, Any] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Why here and not in __post_init__: a field set after construction (``v.unit = "SUV"``,
         # ``v.affine = m``) is checked as the constructor checks it. Unchecked, ``v.unit = "SUV"`` wrote a file
         # that medfuse.load then refused.
+        if name == "unit" and value is None:
+            # A unit nobody stated: a CT holding air (below -100) is in HU, as medfuse.load reads such a file; the
+            # rest "arbitrary". Decided here, once, so that resampling (the -1024 fill), the pipeline and fuse
+            # all see one unit; a unit stated ("arbitrary" too) is kept.
+            value = _unstated_unit(getattr(self, "modality", "unknown"), getattr(self, "array", None))
         check = _FIELD_CHECKS.get(name)
         object.__setattr__(self, name, value if check is None else check(value))
 

@@ -246,10 +246,6 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 recs.append(rec)
                 continue
         labels = {"modality": v.modality, "unit": v.unit}
-        if v.modality == "CT" and v.unit == "arbitrary" and not v.provenance.get("unit_stated"):
-            # No unit was ever stated (Volume(ct, affine, modality="CT") defaults to "arbitrary"): read it as
-            # medfuse.load reads such a file, HU when it holds air (below -100), so that the CT window applies.
-            labels["unit"] = "HU" if a.size and float(np.nanmin(a)) < -100 else "arbitrary"
         if "modality" in spec and "unit" not in spec and _modality_code(spec["modality"]) != v.modality:
             # A unit is stated for the volume's own modality: a spec that names another one (an MR volume
             # fused as CT) leaves the unit unknown, so 'auto' reads the named modality as such.

@@ -150,19 +150,23 @@ def test_network_batch_size_is_checked_for_2d_images_too(bad):
 
 
 def test_a_ct_volume_whose_unit_was_never_stated_is_read_as_load_reads_it():
-    """Volume(hu, affine, modality="CT") defaults to unit "arbitrary", which is "unknown" there: with air below
-    -100 it is HU and gets the CT window (as medfuse.load gives such a file), not the percentiles of a CT known
-    not to be in HU."""
+    """Volume(hu, affine, modality="CT") without a unit is HU when it holds air below -100 (as medfuse.load reads
+    such a file), decided when it is made: fuse, the pipeline and resampling (its -1024 fill) then agree. A unit
+    stated, "arbitrary" too, is kept."""
+    from medfuse.pipeline import Pipeline
+
     rng = np.random.default_rng(2)
     hu = rng.normal(40, 300, size=(16, 16, 8)).clip(-1000, 2000)
     mr = medfuse.Volume(rng.random(hu.shape).astype(np.float32), np.eye(4), modality="MR")
     bare = medfuse.Volume(hu, np.eye(4), modality="CT")
-    assert bare.unit == "arbitrary"  # the premise
-    rec = medfuse.fuse(mr, bare, method="mean").provenance["normalisation"][1]
-    assert rec["method"] == "window"
-    stated = medfuse.Volume(hu, np.eye(4), modality="CT", unit="HU")
-    np.testing.assert_array_equal(medfuse.fuse(mr, bare, method="mean").array,
-                                  medfuse.fuse(mr, stated, method="mean").array)
+    assert bare.unit == "HU"
+    assert medfuse.Volume(hu + 1100, np.eye(4), modality="CT").unit == "arbitrary"  # no air: not taken as HU
+    said = medfuse.Volume(hu, np.eye(4), modality="CT", unit="arbitrary")
+    assert said.unit == "arbitrary"
+    assert medfuse.fuse(mr, bare, method="mean").provenance["normalisation"][1]["method"] == "window"
+    assert medfuse.fuse(mr, said, method="mean").provenance["normalisation"][1]["method"] == "percentile"
+    piped = Pipeline(register=None, method="mean").run([bare, mr])
+    assert piped.provenance["normalisation"][0]["method"] == "window"  # the pipeline reads it as fuse does
 
 
 @pytest.mark.parametrize("own, alias, unit", [("PT", "PET", "SUVbw"), ("MR", "MRI", "arbitrary")])
