@@ -229,3 +229,18 @@ def number(value: Any, name: str, *, example: str, low: Optional[float] = None, 
         rng = _range_words(low, high, open_low=open_low, open_high=open_high)
         raise InvalidInputError(f"{name} must be {what}{rng}, got {_shown(value)}", fix=f"pass e.g. {example}")
     return x
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a warning raised by the caller that points at the first frame outside medfuse
+    (and contextlib's decorator wrapper): the user's line, however many medfuse functions lie between."""
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))  # the medfuse package
+    frame, level = sys._getframe(2), 2  # 1: the function that warns
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here + os.sep) or os.path.basename(name) == "contextlib.py"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level

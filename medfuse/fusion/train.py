@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._checks import MAX_THREADS
+from .._checks import MAX_THREADS, user_stacklevel
 from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError,
                       WeightsError)
 from ..harvard import case_of, split_cases  # the one split: medfuse evaluate --split uses it too
@@ -1742,7 +1742,7 @@ def run(args: argparse.Namespace) -> int:
 
     def warn(note: str) -> None:
         # Shown once, as a warning (the command line prints it as one line); train.log keeps it too.
-        warnings.warn(note, MedfuseWarning, stacklevel=3)
+        warnings.warn(note, MedfuseWarning, stacklevel=user_stacklevel())
         log("WARNING: " + note, console=False)
 
     for note in resume_notes:

@@ -25,6 +25,7 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, Multiple
                       UnreadableFileError, UnsupportedDataError)
 from .. import io as _io
 from ..volume import Volume, normalise_modality
+from .._checks import user_stacklevel as _user_stacklevel
 from .._patient import keys_disagree, patient_key
 
 __all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
@@ -1007,21 +1008,6 @@ def _untimed_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> Non
     notes.append(msg)
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` for a warning raised by the caller that points at the first frame outside medfuse
-    (and contextlib's decorator wrapper): the user's line, however many medfuse functions lie between."""
-    import sys
-
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the medfuse package
-    frame, level = sys._getframe(2), 2  # 1: the function that warns
-    while frame is not None:
-        name = os.path.abspath(frame.f_code.co_filename)
-        if not (name.startswith(here + os.sep) or os.path.basename(name) == "contextlib.py"):
-            return level
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 # ---------------------------------------------------------------------------- pixels
 def _missing_decoder(ts_uid: str) -> Optional[str]:
     """The pip command that installs a decoder for this transfer syntax, when none is installed."""
@@ -1552,7 +1538,8 @@ def _series_files_beside(path: Path, uid: str, number: Optional[str] = None) -> 
                                  specific_tags=[(0x0020, 0x000E), (0x0020, 0x0011)])
         except Exception:  # noqa: BLE001 - not DICOM, or damaged: not one of the series' files
             continue
-        n += str(ds.get("SeriesInstanceUID", "")) == uid and (number is None or _series_number(ds) == number)
+        # A file without a number belongs with the numbered ones (see _split_by_number), and they with it.
+        n += str(ds.get("SeriesInstanceUID", "")) == uid and (not number or _series_number(ds) in (number, ""))
     return max(n, 1)
 
 
@@ -1660,7 +1647,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov.update(series_uid=str(ds0.get("SeriesInstanceUID", "unknown")), source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=_transfer_syntax(vframes, headers),
-                    manufacturer=str(ds0.get("Manufacturer", "")), series_number=_series_number(ds0),
+                    manufacturer=str(ds0.get("Manufacturer", "")), series_number=next((n for n in (_series_number(ds) for _, ds in files) if n), ""),
                     warnings=vnotes, unit_stated=True)
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)

@@ -692,13 +692,13 @@ def _qform_instead(hdr, aff_lps: np.ndarray, to_mm: float, p: Path) -> Optional[
         problem = "sheared" if "sheared" in e.problem else "singular"
     then = ("resample it onto an orthogonal grid with a tool that applies the sform" if problem == "sheared" else
             "repair the sform (or set sform_code 0) so that every tool reads the qform")
-    from .dicom import _user_stacklevel  # the caller's line, however deep in medfuse this runs
+    from .._checks import user_stacklevel  # the caller's line, however deep in medfuse this runs
 
     warnings.warn(f"{p}: the NIfTI sform (code {int(hdr['sform_code'])}) is {problem}, which medfuse cannot use; "
                   f"medfuse uses the qform (code {int(hdr['qform_code'])}) instead, as ITK does, so the sform's "
                   f"{'shear is' if problem == 'sheared' else 'values are'} ignored (nibabel and FSL use the sform, "
                   f"and place voxels elsewhere); check the image's position, or {then}", MedfuseWarning,
-                  stacklevel=_user_stacklevel())
+                  stacklevel=user_stacklevel())
     return qform
 
 

@@ -200,6 +200,13 @@ def _series_key(uid: str, number: str) -> str:
     return f"{uid}#{number}"
 
 
+def _same_series(a: str, b: str) -> bool:
+    """Whether two ``UID#number`` keys name one series as medfuse reads it: one UID, and one number or a file
+    without one (medfuse keeps files without a SeriesNumber with the numbered ones)."""
+    (ua, _, na), (ub, _, nb) = a.rpartition("#"), b.rpartition("#")
+    return ua == ub and (na == nb or not na or not nb)
+
+
 def _already_read(call: list, path) -> bool:
     """Whether ``path`` is a DICOM file of a series an earlier path of the same open call gave layers for."""
     with _OPEN_LOCK:
@@ -209,10 +216,10 @@ def _already_read(call: list, path) -> bool:
         series = list(_OPEN_CALL["series"])
     if not series or not _is_dicom_file(path):
         return False
-    uid = _series_uid(path)
+    key = _series_uid(path)
     here = os.path.dirname(os.path.realpath(str(path)))
-    return bool(uid) and any(uid == s_uid and (here == folder or here.startswith(folder + os.sep))
-                             for folder, s_uid in series)
+    return bool(key) and any(_same_series(key, s_key) and (here == folder or here.startswith(folder + os.sep))
+                             for folder, s_key in series)
 
 
 def _remember_series(call: list, layers: List[tuple]) -> None:

@@ -174,10 +174,15 @@ def test_one_file_without_a_series_number_does_not_split_its_series(samples_dir,
     two series (39 files and 1), and neither loaded."""
     files = sorted((samples_dir / "ct").glob("*.dcm"))
     for i, f in enumerate(files):
-        _copy_as(f, tmp_path / f.name, **({"SeriesNumber": None} if i == 7 else {}))
+        _copy_as(f, tmp_path / f.name, **({"SeriesNumber": None} if i in (0, 7) else {}))
     assert _header(tmp_path / files[7].name).get("SeriesNumber") in (None, "")
     series = medfuse.scan(tmp_path)
     assert len(series) == 1 and "#" not in series[0].series_uid and series[0].n_files == len(files)
     whole = medfuse.load(tmp_path)
     assert whole.shape == medfuse.load(samples_dir / "ct").shape
     assert whole.provenance["series_number"] == str(int(_header(files[0]).SeriesNumber))
+    # the file without a number is one of the series' files, and its series has the others' number
+    with pytest.warns(MedfuseWarning, match=f"one of {len(files)} files of its series"):
+        medfuse.load(tmp_path / files[7].name)
+    own = medfuse.load(tmp_path / files[7].name, whole_series=True)
+    assert own.shape == whole.shape and own.provenance["series_number"] == whole.provenance["series_number"]

@@ -69,6 +69,22 @@ def test_two_series_under_one_uid_opened_file_by_file_give_two_layers(make_napar
     assert not np.array_equal(np.asarray(layers[0].data), np.asarray(layers[1].data))
 
 
+def test_files_without_a_series_number_open_with_their_series(make_napari_viewer, samples_dir, tmp_path):
+    """medfuse keeps files without a SeriesNumber with the numbered files of their UID; opened file by file, each
+    such file was taken for another series and opened it again (31 layers for 40 files)."""
+    import pydicom
+
+    files = []
+    for i, f in enumerate(sorted((samples_dir / "ct").glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        if i < 10:
+            del ds.SeriesNumber
+        ds.save_as(tmp_path / f.name)
+        files.append(str(tmp_path / f.name))
+    assert len(medfuse.scan(tmp_path)) == 1  # the premise: medfuse's own reading
+    assert len(make_napari_viewer().open(files, plugin="medfuse")) == 1
+
+
 def test_a_file_open_in_another_viewer_is_never_written_over(make_napari_viewer, samples_dir, tmp_path):
     src = tmp_path / "c.nii.gz"
     shutil.copy(samples_dir / "mr_t1.nii.gz", src)
