@@ -89,7 +89,8 @@ class Subject:
             when it runs, or for an unpaired manifest row.
         moving: the moving images (files or DICOM folders).
         output: the fused output's path (once per batch).
-        register: this subject's registration kind; ``None``: the batch's ``register`` option.
+        register: this subject's registration kind (``"none"``: no registration, whatever the batch's option);
+            ``None``: the batch's ``register`` option.
         method: this subject's fusion method; ``None``: the batch's ``method`` option (default ``"network"``).
         folder: a dataset's subject folder whose images are found on the worker (:func:`discover_subject`)
             when ``fixed`` is empty.
@@ -279,8 +280,10 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         return os.fspath(q if q.is_absolute() else base / q)
 
     reg = d.get("register")
-    reg = None if reg in (None, "", "none", "None") else str(reg).strip().lower()
-    if reg not in _KINDS:
+    # "none" in a row is kept as said: it is not the batch's --register (a row registered already, or written by
+    # write_manifest(register="none"), was registered anyway under --register rigid).
+    reg = None if reg is None or not str(reg).strip() else str(reg).strip().lower()
+    if reg not in _KINDS and reg != "none":
         raise _row_error(path, row, f"unknown register value {label(reg)}", "use none, rigid, affine or deformable")
     method = d.get("method")
     method = None if method in (None, "") else str(method).strip().lower()
@@ -856,7 +859,7 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
                                                         "or pathlib.Path, or None for the default")
     out = _optional_path(out_dir, "out_dir", _OUT_DIR_FIX)
     if register is not None:
-        register = choice(register.lower() if isinstance(register, str) else register, "register",
+        register = choice(register.strip().lower() if isinstance(register, str) else register, "register",
                           ("none", "rigid", "affine", "deformable"), fix="use 'none', 'rigid', 'affine' or 'deformable'")
     target = given if given else _dataset_out_dir(root, out) / "manifest.csv"
     buf = io.StringIO()
@@ -1145,6 +1148,7 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         from .provenance import is_up_to_date, read_sidecar
 
         register = s.register if s.register is not None else options.get("register")
+        register = None if register == "none" else register
         method = s.method or options.get("method") or "network"
         kw = dict(register=register, method=method, device=options.get("device", "cpu"),
                   fallback=options.get("fallback"), threads=threads)

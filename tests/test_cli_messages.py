@@ -4,6 +4,7 @@ evaluate) in the CLI's one-line form, the transform file's permissions after ``r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -142,3 +143,20 @@ def test_write_manifest_keeps_the_register_given(tmp_path, capsys):
     assert main(["batch", str(ds), "--write-manifest", str(m2)]) == EXIT_OK
     assert "--register rigid|none)" in capsys.readouterr().out
     assert "register" not in next(csv.reader(m2.open()))
+
+
+def test_a_manifest_row_saying_register_none_is_not_registered_by_the_batch_option(tmp_path, capsys):
+    """A row's "none" read as "not said", so --register rigid registered it anyway: a manifest written with
+    --register none (or a row the fix text sends to "register none") ran registered."""
+    from medfuse.batch import write_manifest
+
+    ds = tmp_path / "ds"
+    (ds / "sub-01").mkdir(parents=True)
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", ds / "sub-01" / "mr.nii.gz")
+    shutil.copy(SAMPLES / "spect.nii.gz", ds / "sub-01" / "spect.nii.gz")
+    m = write_manifest(ds, tmp_path / "m.csv", register="none")
+    assert main(["batch", str(m), "--register", "rigid", "--method", "mean", "--workers", "1", "--no-progress"]) == EXIT_OK
+    sidecar = next(tmp_path.rglob("*fused.json"))
+    rec = json.loads(sidecar.read_text())
+    assert rec["parameters"]["register"]["kind"] is None, rec["parameters"]
+

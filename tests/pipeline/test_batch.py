@@ -131,7 +131,7 @@ def test_manifest_csv_and_yaml(tmp_path):
         "  - {subject: a, fixed: a/mr.nii.gz, moving: [a/pet, a/spect.nii.gz], output: out/a.nii.gz}\n"
         "  - {subject: b, fixed: b/mr.nii.gz, moving: b/pet, output: out/b.nii.gz, register: none}\n")
     a, b = read_manifest(tmp_path / "m.yaml")
-    assert len(a.moving) == 2 and a.register == "affine" and a.method == "mean" and b.register is None
+    assert len(a.moving) == 2 and a.register == "affine" and a.method == "mean" and b.register == "none"
     (tmp_path / "dup.csv").write_text("subject,fixed,moving,output\na,x,y,o.nii.gz\nb,x,y,o.nii.gz\n")
     with pytest.raises(InvalidInputError, match="appears twice"):
         read_manifest(tmp_path / "dup.csv")
