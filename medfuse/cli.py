@@ -1269,7 +1269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register MOVING onto FIXED first (default: none = already aligned)")
     p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
     _add_modalities_option(p, "it picks each input's normalisation and whether the network's 3-D path keeps "
-                              "PET/SPECT uptake")
+                              "PET/SPECT uptake and CT bone bright")
     _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
