@@ -826,7 +826,8 @@ class Volume:
 
     # ------------------------------------------------------------------ nibabel
     def to_nibabel(self):
-        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine; voxels copied).
+        """Convert to a ``nibabel.Nifti1Image`` with sform and qform set (RAS affine; voxels copied); a
+        ``Nifti2Image`` when an axis has more than 32767 voxels, which a NIfTI-1 header cannot hold.
 
         Both codes are the recorded ``provenance["nifti_space"]`` (an MNI template stays "mni"), else 1 (scanner).
         ``image.affine`` is this Volume's exact float64 affine (the header keeps float32, as a file does).
@@ -841,7 +842,9 @@ class Volume:
         code = nifti_space_code(self)
         # A copy: an edit of the image's data (img.get_fdata()[...] = 0) must not change this Volume.
         arr = np.array(_bridge_dtype(self.array), copy=True)
-        img = nib.Nifti1Image(arr, self.affine_ras, dtype=arr.dtype)  # dtype: nibabel refuses int64 otherwise
+        # NIfTI-1 keeps each size as int16: nibabel's own error for a longer axis was a raw HeaderDataError.
+        cls = nib.Nifti2Image if max(self.shape) > 32767 else nib.Nifti1Image
+        img = cls(arr, self.affine_ras, dtype=arr.dtype)  # dtype: nibabel refuses int64 otherwise
         # On the header, not the image: Nifti1Image.set_sform would round image.affine to float32.
         img.header.set_sform(self.affine_ras, code=code)
         img.header.set_qform(self.affine_ras, code=code)

@@ -284,3 +284,17 @@ def test_a_2d_simpleitk_image_is_told_how_to_become_3d():
     v = Volume.from_sitk(sitk.JoinSeries(im))
     assert v.shape == (4, 3, 1) and v.array[2, 1, 0] == im[2, 1]
     assert np.allclose(v.index_to_world([2, 1, 0])[:2], im.TransformIndexToPhysicalPoint((2, 1)))
+
+
+def test_to_nibabel_of_an_axis_longer_than_nifti1_holds_is_nifti2():
+    """NIfTI-1 keeps each size as int16: to_nibabel gave nibabel's raw HeaderDataError for a 40000-voxel strip."""
+    import nibabel as nib
+
+    arr = np.arange(40000 * 2, dtype=np.uint16).reshape(40000, 2, 1)
+    v = Volume(arr, np.diag([0.1, 0.2, 0.3, 1.0]), modality="MR")
+    img = v.to_nibabel()
+    assert isinstance(img, nib.Nifti2Image)
+    back = Volume.from_nibabel(img)
+    np.testing.assert_array_equal(back.array, arr)
+    np.testing.assert_allclose(back.affine, v.affine, atol=1e-6)
+    assert type(Volume(arr[:100], v.affine, modality="MR").to_nibabel()) is nib.Nifti1Image
