@@ -988,7 +988,8 @@ class Volume:
         Args:
             tensor: a MONAI ``MetaTensor`` of one image, ``(1, I, J, K)`` or ``(I, J, K)``, on any device.
             modality: (keyword-only) the modality; None takes the one in the tensor's meta, else ``unknown``.
-            unit: (keyword-only) the unit; None takes the one in the tensor's meta, else ``arbitrary``.
+            unit: (keyword-only) the unit; None takes the one in the tensor's meta, else as a Volume made
+                without one (``HU`` for a CT holding values below -100, else ``arbitrary``).
             provenance: (keyword-only) non-identifying facts to record (see :class:`Volume`).
 
         Returns:
@@ -1049,7 +1050,7 @@ class Volume:
         return cls(
             arr, aff_lps,
             modality=modality or meta.get("modality", "unknown"),
-            unit=unit or meta.get("unit", "arbitrary"),
+            unit=unit or meta.get("unit"),  # none in the meta: as a Volume made without one (a CT with air: HU)
             provenance=prov,
         )
 
@@ -1083,7 +1084,7 @@ def _recorded_sources(text: Any) -> Dict[str, Any]:
 
 
 def _stored_labels(modality: Optional[str], unit: Optional[str], stored_modality: Optional[str],
-                   stored_unit: Optional[str], where: str, method: str) -> Tuple[str, str]:
+                   stored_unit: Optional[str], where: str, method: str) -> Tuple[str, Optional[str]]:
     """The modality and unit a converted image gets: the caller's, else the ones stored in the image (checked).
 
     Why: a stored value medfuse does not know (a file saved with ``unit="SUV"`` before fields were checked) was
@@ -1098,7 +1099,9 @@ def _stored_labels(modality: Optional[str], unit: Optional[str], stored_modality
     out = []
     for name, given, stored, check in checks:
         if given is not None or not stored:
-            out.append(given if given is not None else ("unknown" if name == "modality" else "arbitrary"))
+            # No unit anywhere: None, so that the Volume decides it as when made without one (a CT holding air
+            # is HU), and from_sitk/from_nibabel give what Volume(...) and medfuse.load give.
+            out.append(given if given is not None else ("unknown" if name == "modality" else None))
             continue
         try:
             out.append(check(stored))

@@ -298,3 +298,32 @@ def test_to_nibabel_of_an_axis_longer_than_nifti1_holds_is_nifti2():
     np.testing.assert_array_equal(back.array, arr)
     np.testing.assert_allclose(back.affine, v.affine, atol=1e-6)
     assert type(Volume(arr[:100], v.affine, modality="MR").to_nibabel()) is nib.Nifti1Image
+
+
+def test_a_ct_without_a_stored_unit_gets_one_unit_however_it_is_made():
+    """Volume(a, aff, modality="CT") and medfuse.load(..., modality="CT") gave HU for a CT holding air, while
+    from_sitk, from_nibabel and from_metatensor gave "arbitrary": the same image fused differently (up to 0.25)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    arr = np.full((6, 7, 5), 40, np.int16)
+    arr[:2] = -1000
+    plain = nib.Nifti1Image(arr, np.eye(4))  # no medfuse tag: no unit stored
+    img = sitk.GetImageFromArray(np.transpose(arr, (2, 1, 0)))
+    made = [Volume(arr, np.eye(4), modality="CT"), Volume.from_nibabel(plain, modality="CT"),
+            Volume.from_sitk(img, modality="CT")]
+    pytest.importorskip("monai")
+    from monai.data import MetaTensor
+
+    made.append(Volume.from_metatensor(MetaTensor(torch_tensor(arr), affine=np.diag([-1.0, -1.0, 1.0, 1.0])),
+                                       modality="CT"))
+    assert [v.unit for v in made] == ["HU"] * 4
+    no_air = Volume.from_nibabel(nib.Nifti1Image(arr + 1100, np.eye(4)), modality="CT")
+    assert no_air.unit == "arbitrary"
+    assert Volume.from_nibabel(plain, modality="CT", unit="arbitrary").unit == "arbitrary"  # a unit given is kept
+    assert Volume.from_nibabel(plain).unit == "arbitrary"  # not a CT
+
+
+def torch_tensor(arr):
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(arr.astype(np.float32))
