@@ -824,7 +824,7 @@ def _refuse_out_in_subject(folder: Path, out: Path, *, skip: Optional[str]) -> N
 
 
 def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_dir: Optional[PathLike] = None,
-                   register: Optional[str] = None) -> Path:
+                   register: Optional[str] = None, method: Optional[str] = None) -> Path:
     """Discover a dataset's subjects now and write them as a CSV manifest to review or edit.
 
     An unpaired or ambiguous subject gets a row with the cells discovery could not fill left empty (it
@@ -838,6 +838,8 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
         register: the registration each subject gets (``"none"``, ``"rigid"``, ``"affine"`` or
             ``"deformable"``), written as a ``register`` column so that the manifest runs as it was meant; None
             (default): no such column (``medfuse batch MANIFEST --register ...`` then says it).
+        method: the fusion method each subject gets, written as a ``method`` column; None (default): no such
+            column (the batch's ``method``, network by default).
 
     Returns:
         The manifest's path; never replaces a file.
@@ -861,6 +863,10 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     if register is not None:
         register = choice(register.strip().lower() if isinstance(register, str) else register, "register",
                           ("none", "rigid", "affine", "deformable"), fix="use 'none', 'rigid', 'affine' or 'deformable'")
+    if method is not None:
+        from .pipeline import _fusion_method
+
+        method = _fusion_method(method)
     target = given if given else _dataset_out_dir(root, out) / "manifest.csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -872,10 +878,10 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
             fixed, moving, series = "", [], None
         rows.append([s.subject, fixed, ";".join(moving), s.output, ";".join(series or [])])
     with_series = any(r[4] for r in rows)  # the column only when some subject needs it
-    w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else [])
-               + (["register"] if register else []))
+    extra = {k: v for k, v in (("register", register), ("method", method)) if v}
+    w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else []) + list(extra))
     for r in rows:
-        w.writerow((r if with_series else r[:4]) + ([register] if register else []))
+        w.writerow((r if with_series else r[:4]) + list(extra.values()))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

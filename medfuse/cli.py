@@ -964,16 +964,20 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
         try:
             written = write_manifest(args.manifest, args.write_manifest or None, out_dir=args.out,
-                                     register=args.register)
+                                     register=args.register, method=args.method if args.method != "network" else None)
         except OutputExistsError as e:
             if e.fix and "overwrite" in e.fix:
                 # write_manifest takes no overwrite (yet): "add --overwrite" sent the user round in circles.
                 raise OutputExistsError(e.problem, fix="--write-manifest never replaces a file: move it away or "
                                         "give another PATH", path=e.path) from None
             raise
-        # A --register given now is in the manifest's register column; without one, the next command says it.
+        # --register and --method given now are the manifest's columns; what a manifest cannot hold (--fallback,
+        # --device) or was not given goes on the next command.
+        rest = [] if args.register else ["--register rigid|none"]
+        rest += [f"--fallback {args.fallback}"] if args.fallback else []
+        rest += [f"--device {args.device}"] if args.device not in (None, "cpu") else []
         _say(args, f"wrote {written} (review it, then: medfuse batch {_shell_quote(written)}"
-                  + ("" if args.register else " --register rigid|none") + ")")
+                  + "".join(f" {r}" for r in rest) + ")")
         return EXIT_OK
     if dataset and args.register is None:
         # Discovery pairs files by name: whether they are aligned (one session) or not is the user's to say;

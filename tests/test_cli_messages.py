@@ -143,6 +143,12 @@ def test_write_manifest_keeps_the_register_given(tmp_path, capsys):
     assert main(["batch", str(ds), "--write-manifest", str(m2)]) == EXIT_OK
     assert "--register rigid|none)" in capsys.readouterr().out
     assert "register" not in next(csv.reader(m2.open()))
+    # --method goes into the manifest too; --fallback, which a manifest cannot hold, goes on the next command
+    m3 = tmp_path / "m3.csv"
+    assert main(["batch", str(ds), "--write-manifest", str(m3), "--register", "none", "--method", "mean",
+                 "--fallback", "max"]) == EXIT_OK
+    assert f"medfuse batch {m3} --fallback max)" in capsys.readouterr().out
+    assert [(s.register, s.method) for s in read_manifest(m3)] == [("none", "mean")]
 
 
 def test_a_manifest_row_saying_register_none_is_not_registered_by_the_batch_option(tmp_path, capsys):
