@@ -539,9 +539,9 @@ class FuseStep:
             raise InvalidInputError(f"FuseStep takes no {' or '.join(given)} option",
                                     fix="give progress= and cancel= to Pipeline.run (or fuse_files); they reach the fusion")
         if method == "network" and options.get("weights") is not None:
-            from .transforms import _check_weights_file
+            from .fusion.infer import check_weights_file
 
-            _check_weights_file(options["weights"])  # missing or corrupt: the caller's mistake, never a fallback
+            check_weights_file(options["weights"])  # missing or corrupt: the caller's mistake, never a fallback
         self.method, self.device, self.fallback, self.options = method, device, fallback, options
         self.params = {"method": method, "device": device, "fallback": fallback, **options}
 
@@ -642,9 +642,9 @@ def _network_weights(step: "FuseStep", weights: Any) -> None:
         raise InvalidInputError(f"weights= names the fusion network's weights file, but method is {step.method!r}, "
                                 "a classical rule that takes none",
                                 fix="drop weights=, or use method='network'")
-    from .fusion.infer import weights_sha256
+    from .fusion.infer import check_weights_file
 
-    weights_sha256(weights)  # a typed error for a missing file or a non-path now, not after registration
+    check_weights_file(weights)  # a typed error for a missing, corrupt or non-path file now, not after registration
     path = os.fspath(weights)  # JSON-safe in the recorded parameters
     step.options["weights"] = path
     step.params["weights"] = path

@@ -717,43 +717,10 @@ def _checked_fusion_options(method: str, options: Dict[str, Any]) -> Dict[str, A
     if method != "network":
         _check_options(method, options)
     elif options.get("weights") is not None:
-        _check_weights_file(options["weights"])
+        from .fusion.infer import check_weights_file
+
+        check_weights_file(options["weights"])
     return dict(options)
-
-
-def _check_weights_file(weights: Any) -> None:
-    """Refuse a network weights file that is missing, unreadable, or not a whole safetensors file.
-
-    The header is read without torch (8 bytes of length, a JSON table of tensors and their byte ranges), so a
-    truncated or foreign file is found when the transform is built; a file whose tensors do not fit the model is
-    found at the first fusion, where it is an error too (never a reason to fall back).
-
-    Raises:
-        WeightsError: as said.
-        InvalidInputError: ``weights`` is not a path.
-    """
-    import json
-    import struct
-
-    from .errors import WeightsError
-    from .fusion.infer import weights_sha256
-
-    weights_sha256(weights)  # missing or unreadable: WeightsError; not a path: InvalidInputError
-    path = os.fspath(weights)
-    fix = ("pass weights= a medfuse_fusion.safetensors file written by 'medfuse train', or leave it out for the "
-           "shipped weights")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n).decode("utf-8")) if 0 < n <= size - 8 else None
-        ends = [int(v["data_offsets"][1]) for k, v in (header or {}).items() if k != "__metadata__"]
-        whole_file = bool(ends) and 8 + n + max(ends) == size
-    except (OSError, ValueError, struct.error, TypeError, KeyError, IndexError, AttributeError):
-        whole_file = False
-    if not whole_file:
-        raise WeightsError("the fusion network's weights file is not a whole safetensors file (corrupt or truncated)",
-                           path=path, fix=fix)
 
 
 def _check_grids(vols: Sequence[Volume], names: Sequence[str], *, dict_keys: bool) -> None:

@@ -88,6 +88,37 @@ def weights_sha256(weights: Optional[PathLike] = None) -> str:
                            fix="reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors") from None
 
 
+def check_weights_file(weights: Any) -> None:
+    """Refuse a network weights file that is missing, unreadable, or not a whole safetensors file.
+
+    The header is read without torch (8 bytes of length, a JSON table of tensors and their byte ranges), so a
+    truncated or foreign file is found before any work (when a transform or pipeline step is built); a file whose
+    tensors do not fit the model is found at the first fusion, where it is an error too (never a reason to fall back).
+
+    Raises:
+        WeightsError: as said.
+        InvalidInputError: ``weights`` is not a path.
+    """
+    import struct
+
+    weights_sha256(weights)  # missing or unreadable: WeightsError; not a path: InvalidInputError
+    path = os.fspath(weights)
+    fix = ("pass weights= a medfuse_fusion.safetensors file written by 'medfuse train', or leave it out for the "
+           "shipped weights")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n).decode("utf-8")) if 0 < n <= size - 8 else None
+        ends = [int(v["data_offsets"][1]) for k, v in (header or {}).items() if k != "__metadata__"]
+        whole_file = bool(ends) and 8 + n + max(ends) == size
+    except (OSError, ValueError, struct.error, TypeError, KeyError, IndexError, AttributeError):
+        whole_file = False
+    if not whole_file:
+        raise WeightsError("the fusion network's weights file is not a whole safetensors file (corrupt or truncated)",
+                           path=path, fix=fix)
+
+
 def _check_recorded_hash(p: Path) -> None:
     """Refuse weights whose SHA-256 differs from the one their card (``<stem>.json``, written with them) records.
 
