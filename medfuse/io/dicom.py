@@ -317,7 +317,12 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
 
 def _series_number(ds) -> str:
     """SeriesNumber as text ("" when absent or empty); "05" and "5" are one number."""
-    v = str(ds.get("SeriesNumber", "") or "").strip()
+    return series_number_text(ds.get("SeriesNumber", ""))
+
+
+def series_number_text(value) -> str:
+    """A SeriesNumber value as the reader compares it ("" when absent or empty; "05" and "5" alike)."""
+    v = str(value or "").strip()
     try:
         return str(int(float(v)))
     except ValueError:

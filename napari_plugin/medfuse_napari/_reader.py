@@ -189,11 +189,9 @@ def _series_uid(path) -> str:
 
 def _number_text(value) -> str:
     """SeriesNumber as medfuse's DICOM reader compares it ("05" and "5" alike, "" when absent)."""
-    v = str(value or "").strip()
-    try:
-        return str(int(float(v)))
-    except ValueError:
-        return v
+    from medfuse.io.dicom import series_number_text
+
+    return series_number_text(value)
 
 
 def _series_key(uid: str, number: str) -> str:
