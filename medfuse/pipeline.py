@@ -583,10 +583,9 @@ class FuseStep:
         # went to stderr only, so a batch report or a sidecar read later did not show them.
         said = [w for w in (getattr(fused, "provenance", None) or {}).get("warnings", [])
                 if not any(w in (v.provenance.get("warnings") or []) for v in state.volumes)]
-        known = state.notes.setdefault("warnings", [])
-        known.extend(w for w in said if w not in known)
-        if not known:
-            del state.notes["warnings"]
+        if said:
+            known = state.notes.setdefault("warnings", [])
+            known.extend(w for w in said if w not in known)
         state.notes["method_used"] = method
         # What ran, not what was asked: a classical rule (a fallback too) runs on the CPU whatever the device.
         state.notes["device_used"] = _device_used(method, self.device)
