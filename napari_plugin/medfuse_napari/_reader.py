@@ -45,7 +45,20 @@ def napari_get_reader(path):
         return _read if _looks_like_dicom_folder(p) else None
     if str(p).lower().endswith(_SUFFIXES):
         return _read
+    # Scanners and PACS exports name DICOM files without ".dcm" (IM0001, 1.3.12.2..., Siemens' .IMA): the
+    # manifest offers those names, and the file's own DICM marker decides.
+    if _has_dicom_marker(p):
+        return _read
     return None
+
+
+def _has_dicom_marker(f: Path) -> bool:
+    """True when ``f`` is a file with ``DICM`` at byte 128 (the DICOM Part 10 preamble)."""
+    try:
+        with open(f, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _looks_like_dicom_folder(folder: Path) -> bool:
@@ -72,14 +85,7 @@ def _looks_like_dicom_folder(folder: Path) -> bool:
         except OSError:
             continue
         for f in files:
-            if f.name.lower().endswith(".dcm"):
-                return True
-            try:
-                with open(f, "rb") as fh:
-                    head = fh.read(132)
-            except OSError:
-                continue
-            if head[128:132] == b"DICM":
+            if f.name.lower().endswith(".dcm") or _has_dicom_marker(f):
                 return True
         if depth < _PEEK_DEPTH:
             todo.extend((d, depth + 1) for d in subdirs)

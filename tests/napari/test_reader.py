@@ -270,7 +270,70 @@ def test_manifest_is_valid_and_names_existing_commands():
         + [w.command for w in manifest.contributions.widgets]
     assert set(used) <= ids
     (reader,) = manifest.contributions.readers
-    assert reader.accepts_directories and set(reader.filename_patterns) == {"*" + s for s in _SUFFIXES}
+    assert reader.accepts_directories and {"*" + s for s in _SUFFIXES} <= set(reader.filename_patterns)
+
+
+def _claimed(name, patterns):
+    """npe2's matching: the name with its extension lower-cased against each lower-cased pattern."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    p = Path(name)
+    name = p.name[: len(p.name) - len("".join(p.suffixes))] + "".join(p.suffixes).lower()
+    return any(fnmatch(name, pat.lower()) for pat in patterns)
+
+
+def test_manifest_claims_dicom_file_names_without_taking_napari_builtin_formats():
+    """DICOM files named as scanners name them had no reader ("No plugin found capable of reading IM0001"). The
+    patterns that offer them must not overlap napari's own reader: an overlap turns every open of such a file
+    (.h5, .mp4, .h264...) into a reader-choice dialog."""
+    from pathlib import Path
+
+    import napari_builtins
+    from npe2 import PluginManifest
+
+    import medfuse_napari
+
+    ours = PluginManifest.from_file(Path(medfuse_napari.__file__).parent / "napari.yaml").contributions.readers[0]
+    builtin = PluginManifest.from_file(Path(napari_builtins.__file__).parent / "builtins.yaml")
+    extra = [p for p in ours.filename_patterns if p not in {"*.nii", "*.nii.gz", "*.mha", "*.mhd", "*.nrrd",
+                                                          "*.nhdr", "*.dcm"}]
+    theirs = [p for r in builtin.contributions.readers for p in r.filename_patterns]
+    assert len(theirs) > 100
+    for pat in theirs:
+        if pat.startswith("*."):
+            for stem in ("x", "IMG", "scan_01"):
+                assert not _claimed(stem + pat[1:], extra), pat
+                assert not _claimed(stem + pat[1:].upper(), extra), pat
+    for name in ("IM0001", "IM_0001", "im-7", "IMG1", "MR000064", "I0264", "1.3.12.2.1107.5.2.32.35162.1",
+                 "i1234.MRDC.12", "slice.IMA", "2.16.840.1.113669.632.20.1234"):
+        assert _claimed(name, ours.filename_patterns), name
+
+
+def test_dicom_files_without_dcm_open_from_napari_by_their_marker(tmp_path, make_napari_viewer):
+    """napari finds medfuse's reader for them on its own (plugin=None, as the GUI opens files); a file with the same
+    kind of name that is not DICOM is left to others."""
+    import shutil
+
+    from pydicom.uid import generate_uid
+
+    write = _slice_writer()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    data = (np.arange(4 * 8 * 10).reshape(4, 8, 10) * 7) % 2000
+    uid = generate_uid()
+    for k in range(4):
+        write(folder / f"IM{k:04d}.dcm", arr=data[k], pos=(0.0, 0.0, 2.0 * k), series_uid=uid, number=k + 1)
+    for k in range(4):  # the names a PACS export gives: no extension
+        shutil.move(folder / f"IM{k:04d}.dcm", folder / f"IM{k:04d}")
+    shutil.copy(folder / "IM0002", tmp_path / "slice.IMA")
+    viewer = make_napari_viewer()
+    viewer.open(str(folder / "IM0001"), plugin=None)  # as File > Open and drag-and-drop call it
+    assert len(viewer.layers) == 1 and viewer.layers[0].data.shape == (4, 8, 10), [l.name for l in viewer.layers]
+    assert napari_get_reader(str(tmp_path / "slice.IMA")) is not None
+    notes = tmp_path / "notes_v2"
+    notes.write_text("not an image")
+    assert napari_get_reader(str(notes)) is None
 
 
 def test_sample_data_command_in_napari(make_napari_viewer):
