@@ -97,6 +97,10 @@ _NONE_SLACK = 0.01
 #: SPM12 PET template peaks at 1.0000000591, and was percentile-scaled instead: 11 % of voxels moved by > 0.02).
 _ROUNDING = 1e-6
 
+#: The least peak of an "arbitrary" Volume in 0..1 that counts as normalised upstream without a medfuse
+#: normalisation record (the arrays' shared-scale rule: maxima within a factor of 4).
+_UPSTREAM_MIN_PEAK = 0.25
+
 #: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
 _SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percentiles", "low", "high")
 
@@ -233,9 +237,12 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 f"{float(a.min()):.4g}..{float(a.max()):.4g}; a fused Volume is on 0..1, so they would be clipped)",
                 fix="leave normalise='auto' (chosen by modality and unit), pass 'minmax' or 'percentile', or scale "
                     "the image to 0..1 first")
-        if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, -_ROUNDING, 1.0 + _ROUNDING):
+        if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, -_ROUNDING, 1.0 + _ROUNDING) \
+                and ("normalisation" in v.provenance or float(a.max()) >= _UPSTREAM_MIN_PEAK):
             # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
-            # SUV) keeps its own rule even when its values happen to lie in 0..1.
+            # SUV) keeps its own rule even when its values happen to lie in 0..1. Values in a small part of 0..1
+            # are not a 0..1 image: every NIfTI loads as "arbitrary", and the SPM12 PET scaled by 0.02 was kept
+            # at 0..0.02 and vanished from the fusion (max rule: the T1 within 0.00024), with no word.
             spec = {"method": "range", "low": 0.0, "high": 1.0}
             if as32 and a.dtype == np.float32:
                 # (x - 0) / 1 in float64, clipped (nothing to clip) and rounded back: a's own values. The record
@@ -513,10 +520,17 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
     if len(set(shapes)) != 1:
         raise InvalidInputError(
             f"the inputs have different shapes {shapes}",
-            fix="resample them onto one grid first (medfuse.register / medfuse.resample)",
+            fix="resample them onto one grid first: plain arrays carry no geometry, so wrap each as a "
+                "medfuse.Volume(array, affine) and use medfuse.register / medfuse.resample on those",
         )
     if arrays[0].ndim not in (2, 3):
         raise InvalidInputError(f"expected 2-D images or 3-D volumes, got shape {shapes[0]}", fix="pass 2-D or 3-D arrays")
+    single = [k for k, n in enumerate(shapes[0]) if n == 1] if arrays[0].ndim == 3 else []
+    if len(single) == 1 and min(n for n in shapes[0] if n != 1) >= 2:
+        # One slice of a volume, (H, W, 1): fused as the 2-D image it is and given back in its own shape, as a
+        # one-slice Volume is (it was refused: "every side needs at least 2 pixels").
+        flat = [np.squeeze(x, axis=single[0]) for x in arrays]
+        return np.expand_dims(fuse(*flat, method=method, device=device, normalise=normalise, **options), single[0])
     if arrays[0].ndim == 3 and shapes[0][2] in (3, 4) and min(shapes[0][:2]) >= 16 and method != "network":
         # Two colour images look like two 3-slice volumes: the rules would filter across R, G and B.
         warnings.warn(f"the inputs (shape {shapes[0]}) are fused as {shapes[0][2]}-slice volumes; if they are colour "

@@ -137,3 +137,15 @@ def test_volumes_given_where_arrays_go_keep_what_they_know():
 
     with pytest.raises(InvalidInputError, match="medfuse.fuse"):
         infer.fuse_arrays([scaled, scaled])
+
+
+@pytest.mark.parametrize("method", ["network", "mean", "laplacian"])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_a_one_slice_array_fuses_as_the_2d_image_it_is_in_its_own_shape(method, axis):
+    """(H, W, 1) arrays were refused ("every side needs at least 2 pixels", and the network's "fuse thin volumes
+    slice by slice") although a one-slice Volume of the same voxels fuses."""
+    rng = np.random.default_rng(3)
+    a, b = rng.random((40, 50)), rng.random((40, 50))
+    got = medfuse.fuse(np.expand_dims(a, axis), np.expand_dims(b, axis), method=method)
+    assert got.shape == np.expand_dims(a, axis).shape
+    np.testing.assert_array_equal(np.squeeze(got, axis), medfuse.fuse(a, b, method=method))

@@ -48,3 +48,33 @@ def test_volume_a_rounding_above_1_is_still_taken_as_normalised():
         one, two = medfuse.fuse(*vols, method="mean"), medfuse.fuse(vols[0], clipped, method="mean")
     assert [r["method"] for r in one.provenance["normalisation"]] == ["range", "range"]
     np.testing.assert_allclose(one.array, two.array, atol=1e-6)
+
+
+def test_volume_in_a_small_part_of_0_to_1_is_not_taken_as_normalised(shared):
+    """Every NIfTI loads as unit "arbitrary": the SPM12 PET scaled by 0.02 (0..0.02) was kept at its own level and
+    vanished from the fusion (max rule: the T1 within 0.00024), while the same voxels as arrays were min-max
+    scaled. A volume normalised by medfuse keeps its values, whatever its peak."""
+    d = shared("data", "spm12-templates")
+    t1, pet = medfuse.load(d / "T1.nii"), medfuse.load(d / "PET.nii")
+    small = pet.with_array((pet.array * 0.02).astype(np.float32))
+    assert small.unit == "arbitrary" and float(small.array.max()) < 0.021
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = medfuse.fuse(t1, small, method="max")
+        g = medfuse.fuse(t1, pet, method="max",
+                         normalise=[{"method": "range", "low": 0.0, "high": 1.0}, {"method": "percentile"}])
+    # The T1 template (peak 1.0) is taken as normalised; the small PET gets percentiles, which no constant
+    # factor changes.
+    assert [r["method"] for r in f.provenance["normalisation"]] == ["range", "percentile"]
+    np.testing.assert_allclose(f.array, g.array, atol=1e-5)
+    hot = pet.array >= np.percentile(pet.array, 99)
+    t1n = medfuse.fuse(t1, t1, method="max").array  # the T1 alone, normalised as in the fusion
+    assert float(f.array[hot].mean()) > float(t1n[hot].mean()) + 0.1
+
+    # Normalised by medfuse (a record in provenance): kept as it is, even at a low peak.
+    low, _ = medfuse.fusion.normalise.normalise(small, method="range", low=0.0, high=1.0)
+    assert float(low.array.max()) < 0.021
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = medfuse.fuse(t1, low, method="mean")
+    assert kept.provenance["normalisation"][1]["method"] == "range"
