@@ -361,12 +361,30 @@ def _kind(value: Optional[str]) -> Optional[str]:
     return None if value in (None, "none") else value
 
 
+def _cli_advice(text: str, command: Optional[str]) -> str:
+    """Registration advice written for the Python API, in the options of ``medfuse <command>``: "use
+    initialise='auto'" printed by `medfuse register`, which has no such argument, sent users looking for one."""
+    if command == "register":
+        text = re.sub(r"initialise='(\w+)'", r"--initialise \1", text)
+        text = re.sub(r"\bkind='(\w+)'", r"--kind \1", text)
+        text = re.sub(r"\bmetric='(\w+)'", r"--metric \1", text)
+    elif command in ("fuse", "batch", "demo"):
+        text = re.sub(r"\bkind='(\w+)'", r"--register \1", text)
+        # These runs search every orientation; the rest is `medfuse register`'s to change.
+        text = re.sub(r"initialise='(\w+)'", r"medfuse register --initialise \1", text)
+        text = re.sub(r"\bmetric='(\w+)'", r"medfuse register --metric \1", text)
+    if command in ("register", "fuse", "batch", "demo"):
+        text = text.replace("use a coarser bspline_grid_mm",
+                            "use a coarser grid (the Python API's medfuse.register(..., bspline_grid_mm=))")
+    return text
+
+
 def _show_warnings(caught: List[warnings.WarningMessage], args: Optional[argparse.Namespace] = None) -> None:
     """medfuse's warnings, one line each, with the inputs' patient identifiers blanked as in errors (a DICOM
     folder named after the patient was quoted in plain text by "1 file beside the series could not be read")."""
     for w in caught:
         if issubclass(w.category, MedfuseWarning):
-            text = " ".join(str(w.message).split())
+            text = _cli_advice(" ".join(str(w.message).split()), getattr(args, "command", None))
             print(f"medfuse: warning: {_scrubbed(text, args) if args is not None else text}", file=sys.stderr)
 
 
@@ -660,8 +678,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                f" (lower is better{note}), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
                f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
     if rep.get("suspect"):
-        print(f"medfuse: warning: the registration looks suspect: {'; '.join(rep['suspect_reasons'])}",
-              file=sys.stderr)
+        print(f"medfuse: warning: the registration looks suspect: "
+              f"{_cli_advice('; '.join(rep['suspect_reasons']), 'register')}", file=sys.stderr)
     if rep.get("bspline_kept") is False:  # the transform written is the affine part: say so where it is read
         print(f"medfuse: note: {str(rep.get('stop_reason', '')).split('; ')[0]}", file=sys.stderr)
     if rep.get("fov_scale") is not None:  # a small image: the preset's millimetre settings were shrunk to fit it
@@ -847,7 +865,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     for i, rep in enumerate(res.registrations):
         if rep:
             _say(args, f"  registration {i + 1}: metric {rep['metric_before']:.4f} -> {rep['metric_after']:.4f}, "
-                       f"{'SUSPECT: ' + '; '.join(rep['suspect_reasons']) if rep.get('suspect') else 'ok'}")
+                       f"{'SUSPECT: ' + _cli_advice('; '.join(rep['suspect_reasons']), 'fuse') if rep.get('suspect') else 'ok'}")
     _say(args, f"wrote {res.output}\nwrote {res.sidecar} (provenance)")
     return EXIT_OK
 

@@ -166,3 +166,28 @@ def test_a_manifest_row_saying_register_none_is_not_registered_by_the_batch_opti
     rec = json.loads(sidecar.read_text())
     assert rec["parameters"]["register"]["kind"] is None, rec["parameters"]
 
+
+
+# ------------------------------------------------------------------ register / fuse: suspect reasons
+def test_suspect_reasons_name_the_command_line_options_not_python_arguments(tmp_path, capsys):
+    """`medfuse register` printed "use metric='mattes'" and "use initialise='auto'", arguments it does not have."""
+    out = tmp_path / "pet_on_mr.nii.gz"
+    assert main(["register", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out),
+                 "--metric", "correlation", "--no-progress", "-q"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "looks suspect" in err and "--metric mattes" in err, err
+    assert "metric='" not in err and "initialise='" not in err, err
+
+
+def test_cli_advice_per_command():
+    from medfuse.cli import _cli_advice
+
+    reason = ("the moving image matches clearly better turned ~90 degrees from this result: use initialise='auto' "
+              "(it searches the 24 orientations); for one subject's scans use kind='rigid'; use a coarser "
+              "bspline_grid_mm")
+    reg = _cli_advice(reason, "register")
+    assert "use --initialise auto (it searches" in reg and "use --kind rigid" in reg and "='" not in reg
+    fuse = _cli_advice(reason, "fuse")
+    assert "medfuse register --initialise auto" in fuse and "use --register rigid" in fuse
+    assert "medfuse.register(..., bspline_grid_mm=)" in fuse
+    assert _cli_advice(reason, "info") == reason
