@@ -2,7 +2,8 @@
 
 The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
 
-* ``Units`` ``GML`` is already SUV of the SUVType's kind (BW when absent; factor 1), ``CM2ML`` SUVbsa;
+* ``Units`` ``GML`` is already SUV of the SUVType's kind (BW when absent; factor 1), ``CM2ML`` SUVbsa; an
+  SUVType medfuse has no kind for (IBW) is no SUV it knows (unit ``arbitrary``, never SUVbw);
   ``BQML`` is activity concentration;
   ``CNTS`` is Philips counts, scaled by the private SUV scale factor (7053,1000)
   or, failing that, the activity concentration scale factor (7053,1009).
@@ -10,17 +11,19 @@ The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
   injected dose is used as is. ``START``: pixels are corrected to the scan start,
   so the dose is decayed from injection to the scan time.
 * Injection time: RadiopharmaceuticalStartDateTime; when only RadiopharmaceuticalStartTime is
-  given, on the day of the scan time, or on the day before when that time is after the scan
-  time (injection before midnight, scan after it). That is refused for half-lives over 2.4 h (Tc-99m, Cu-64,
-  Zr-89, I-124...: imaged up to days after injection, a day's error is not impossible, and not visible).
+  given, on the day of the scan time, or on the day before when that time is 12 h or more after the scan
+  time (injection before midnight, scan after it; less than that is an injection after the scan). That is
+  refused for half-lives over 2.4 h (Tc-99m, Cu-64, Zr-89, I-124...: imaged up to days after injection, a
+  day's error is not impossible, and not visible).
 * Date-times with a UTC offset (e.g. RadiopharmaceuticalStartDateTime ``...+0000``) are moved
   into the series' TimezoneOffsetFromUTC when the header gives one; otherwise the offset is dropped.
 * Scan time: the series date/time when it is not after the earliest acquisition
-  date/time of the series; otherwise the GE private post-injection time when present,
-  else the earliest acquisition date/time.
+  date/time of the series; otherwise the GE private post-injection time when present (only under GE's
+  private creator), else the earliest acquisition date/time.
+* RadionuclideTotalDose outside :data:`DOSE_RANGE_BQ` (MBq typed as Bq) is refused like an implausible weight.
 
 Weight, size and sex are needed for SUV but are never put in messages, logs or
-provenance: errors name the *tag*, never its value.
+provenance: errors name the *tag*, never its value (the injected dose, which identifies no one, is shown).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from ..errors import InvalidInputError, SUVError
 
 __all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "factor_source",
-           "SUV_KINDS", "KIND_UNITS", "stored_unit"]
+           "SUV_KINDS", "KIND_UNITS", "stored_unit", "DOSE_RANGE_BQ"]
 
 #: Accepted ``kind`` values and their medfuse unit.
 KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUVbsa"}
@@ -80,9 +83,9 @@ def stored_unit(header: Dict[str, Any]) -> str:
     """
     _check_headers([header])
     units = str(header.get("Units") or "").strip().upper()
-    if units == "GML":
-        return KIND_UNITS.get(_STORED_KIND.get(str(header.get("SUVType") or "BW").strip().upper(), ""), "SUVbw")
-    if units == "CM2ML":
+    if units in _SUV_UNITS:
+        # An SUVType medfuse has no kind for (IBW, ideal body weight) is not SUVbw: labelled so, it was saved
+        # back as SUVType BW and became body-weight SUV for good.
         kind = _stored_kind(header)
         return KIND_UNITS[kind] if kind else "arbitrary"
     # Units is mandatory for PET; when an export drops it, Bq/mL is what scanners store.
@@ -107,18 +110,24 @@ def _value(ds: Any, keyword: str) -> Any:
 
 
 def _private(ds: Any, group: int, creator: str, offset: int) -> Any:
-    """A private element by creator (block-independent), or by its usual fixed tag."""
+    """A private element of ``creator``'s block, in whichever block the file reserved for it; None when absent.
+
+    Only a block whose private creator is ``creator`` is read, never a fixed tag: (0009,100D) is GE's
+    post-injection time under GEMS_PETD_01, and a Siemens file (creator "SIEMENS SYNGO") with a date there
+    became the scan time SUV was decayed to.
+    """
     try:
-        block = ds.private_block(group, creator)
-        if offset in block:
-            return block[offset].value
-    except (KeyError, ValueError, AttributeError):
-        pass
-    try:
-        elem = ds.get((group, 0x1000 | offset))
-        return None if elem is None else elem.value
-    except Exception:  # malformed private element: treat as absent
+        for el in range(0x10, 0x100):
+            elem = ds.get((group, el))
+            if elem is None:
+                continue
+            name = elem.value.decode("ascii", "ignore") if isinstance(elem.value, bytes) else str(elem.value)
+            if name.strip("\x00 ") == creator:
+                value = ds.get((group, (el << 8) | offset))
+                return None if value is None else value.value
+    except Exception:  # noqa: BLE001 - a malformed private element: treat it as absent
         return None
+    return None
 
 
 def _as_float(v: Any) -> Optional[float]:
@@ -293,11 +302,19 @@ def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> d
     else:
         inj = _datetime({**h, "RadiopharmaceuticalStartTime": t}, "SeriesDate", "RadiopharmaceuticalStartTime",
                         "the injection date")
-    if scan is not None and inj > scan:
+    if scan is not None and inj - scan >= _DAY_BEFORE_AFTER:
         # Injected before midnight, scanned after it: with no injection date, the injection
         # was on the day before the scan (uptake times are far shorter than a day).
         inj -= timedelta(days=1)
     return inj
+
+
+#: A time-only injection this much or more after the scan's time of day is dated the day before (23:30 and a scan
+#: at 00:30: 23 h, so 1 h of uptake); one less than this after it is on the scan day, the nearer of the two, and is
+#: refused as an injection after the scan. Why: 30 s after a 10:00:00 scan start (a dynamic series started before
+#: the injection, or a clock off) was moved a day back and reported as "13 half-lives (24.0 h) after the
+#: injection", where the same header with a date said the scan is before the injection.
+_DAY_BEFORE_AFTER = timedelta(hours=12)
 
 
 def _scan_datetime(headers: Sequence[Dict[str, Any]]) -> datetime:
@@ -433,6 +450,33 @@ def check_header(header: Dict[str, Any]) -> None:
         if v is None or not math.isfinite(v) or v <= 0:
             raise SUVError(f"{key} (RadiopharmaceuticalInformationSequence) is missing or not positive",
                            fix=_FIX_TAGS)
+    _check_dose(float(header["RadionuclideTotalDose"]))
+
+
+#: Plausible RadionuclideTotalDose (Bq). Why these bounds: clinical FDG is 100-800 MBq (children down to about
+#: 15-26 MBq), Zr-89 and I-124 antibody/thyroid PET about 37-75 MBq, Rb-82 and O-15 water up to about 2 GBq,
+#: Y-90 microsphere PET a few GBq (up to about 20 GBq); small-animal PET a few MBq. Outside fall the usual entry
+#: mistakes: MBq typed as Bq (370 for 3.7e8 gave SUVbw 1e6 times too large, max 221069, without a word) and mCi
+#: typed as Bq (10).
+DOSE_RANGE_BQ = (1e5, 5e10)
+
+
+def _check_dose(dose: float) -> None:
+    """Refuse an implausible injected dose (see :data:`DOSE_RANGE_BQ`).
+
+    The dose is shown: it identifies no one, and seeing 370 says at once that it is in MBq.
+
+    Raises:
+        SUVError: outside :data:`DOSE_RANGE_BQ`.
+    """
+    lo, hi = DOSE_RANGE_BQ
+    if not lo <= dose <= hi:
+        raise SUVError(
+            f"RadionuclideTotalDose (RadiopharmaceuticalInformationSequence) is {dose:g} Bq, outside the plausible "
+            f"{lo / 1e6:g} MBq to {hi / 1e9:g} GBq (megabecquerels or millicuries entered as becquerels? 370 MBq is "
+            "370000000 Bq), so SUV cannot be computed",
+            fix="enter the injected dose in becquerels in RadionuclideTotalDose (370 MBq is 370000000; 10 mCi is "
+                "370000000), or load with suv='none' to keep Bq/mL")
 
 
 #: James's lean body mass a·W − b·(W/H)² (W kg, H cm) by PatientSex: (a, b), as in the reference calculator.
@@ -480,6 +524,23 @@ def _body_ratio(h: Dict[str, Any], kind: str, *, undo: bool = False) -> float:
     return lbm * 1000.0
 
 
+#: DICOM SUVType (0054,1006) defined terms, in words (PS3.3 C.8.9.1.1.4).
+_SUV_TYPE_WORDS = {"BW": "body weight", "LBM": "lean body mass", "BSA": "body surface area",
+                   "IBW": "ideal body weight"}
+
+
+def _unknown_stored_kind(h: Dict[str, Any], units: str) -> str:
+    """Why a GML/CM2ML series' SUVType gives no SUV kind medfuse knows (the problem of its SUVError)."""
+    suv_type = str(h.get("SUVType") or "").strip().upper()
+    if units == "CM2ML":
+        return (f"SUVType is {suv_type!r} with Units CM2ML: cm²/ml is the unit of SUVbsa, and an SUVType that "
+                "contradicts it is not guessed away, so the values are not taken as any SUV")
+    words = _SUV_TYPE_WORDS.get(suv_type)
+    return (f"SUVType is {suv_type!r}{f' ({words})' if words else ''} with Units GML: the values are an SUV "
+            f"normalised by {'that' if words else 'something'}, not by body weight, so they are not SUVbw, and medfuse "
+            "cannot convert them to an SUV it knows (bw, lbm, bsa)")
+
+
 def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
     if kind not in KIND_UNITS:
         raise SUVError(f"unknown SUV kind {kind!r}", fix=f"use one of {', '.join(SUV_KINDS)}")
@@ -489,8 +550,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
         # GML/CM2ML pixels are already SUV, of the kind SUVType names (BW when absent; CM2ML is BSA).
         stored = _stored_kind(h)
         if stored is None:
-            raise SUVError(f"SUVType is {h.get('SUVType')!r} with Units {units}, which medfuse cannot convert",
-                           fix="load it with suv='none' to keep the stored values")
+            raise SUVError(_unknown_stored_kind(h, units), fix="load it with suv='none' to keep the stored values")
         if kind == stored:
             return 1.0
         _weight(h, f"needed to turn {units} into SUV{kind}")

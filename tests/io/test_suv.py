@@ -10,18 +10,25 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+import medfuse.io.suv as suv_module
 from medfuse.errors import SUVError
-from medfuse.io.suv import header_from_dataset, series_suv_factors, suv_factor, suv_problem
+from medfuse.io.suv import header_from_dataset, series_suv_factors, stored_unit, suv_factor, suv_problem
 
 KIND = {"suvbw": "bw", "suvbsa": "bsa", "suvlbm": "lbm", "suvlbmJanma": "lbm_janma"}
 PHI_VALUES = ("75", "1.85", "100")
+#: The injected dose (Bq) of the tests' headers: the calculator's cases inject 100 Bq, an arithmetic input that
+#: DOSE_RANGE_BQ refuses as a dose; 100 MBq keeps their numbers (the factor scales by 1/dose).
+DOSE = 100e6
 
 
 def _expected(shared):
     return json.loads(shared("reference", "pet-suv-expected.json").read_text())
 
 
-def test_reference_cases_exact(shared):
+def test_reference_cases_exact(shared, monkeypatch):
+    # The calculator's cases inject 100 Bq (arithmetic inputs, not a dose; see DOSE): the plausibility bounds are
+    # lifted for them only, the factors are the calculator's.
+    monkeypatch.setattr(suv_module, "DOSE_RANGE_BQ", (0.0, math.inf))
     cases = _expected(shared)["cases"]
     assert len(cases) == 4
     n = 0
@@ -35,7 +42,8 @@ def test_reference_cases_exact(shared):
 
 
 def _base(shared):
-    return copy.deepcopy(_expected(shared)["cases"][3]["header"])
+    """The calculator's BQML case with a real dose (:data:`DOSE`)."""
+    return {**copy.deepcopy(_expected(shared)["cases"][3]["header"]), "RadionuclideTotalDose": DOSE}
 
 
 def _refusals(shared):
@@ -69,13 +77,13 @@ def test_zero_weight_and_inconsistent_series(shared):
     with pytest.raises(SUVError, match="PatientWeight"):
         suv_factor({**b, "PatientWeight": 0})
     with pytest.raises(SUVError, match="RadionuclideTotalDose differs"):
-        series_suv_factors([b, {**b, "RadionuclideTotalDose": 200}])
+        series_suv_factors([b, {**b, "RadionuclideTotalDose": 2 * DOSE}])
 
 
 def test_start_decay_correction_decays_dose(shared):
     b = {**_base(shared), "DecayCorrection": "START", "RadionuclideHalfLife": 6586.2,
          "RadiopharmaceuticalStartDateTime": "20201023085417"}  # one hour before the scan
-    expected = 75 * 1000 / (100 * math.exp(-math.log(2) * 3600 / 6586.2))
+    expected = 75 * 1000 / (DOSE * math.exp(-math.log(2) * 3600 / 6586.2))
     assert suv_factor(b) == pytest.approx(expected, rel=1e-9)
 
 
@@ -91,7 +99,7 @@ def test_an_injection_date_many_half_lives_before_the_scan_is_refused(shared, st
     assert "RadiopharmaceuticalStartDateTime" in e.value.fix
     # Five hours (2.7 half-lives), a late FDG scan: still a factor
     late = {**b, "RadiopharmaceuticalStartDateTime": "20201023045417"}
-    assert suv_factor(late) == pytest.approx(75 * 1000 / (100 * math.exp(-math.log(2) * 5 * 3600 / 6586.2)))
+    assert suv_factor(late) == pytest.approx(75 * 1000 / (DOSE * math.exp(-math.log(2) * 5 * 3600 / 6586.2)))
 
 
 REAL = ["BQML_AC_DT_lessThan_S_DT_SIEMENS", "CPS_AND_BQML_AC_DT_-_S_DT", "GE_MEDICAL_AND_BQML", "PHILIPS_BQML",
@@ -193,7 +201,7 @@ def test_injection_datetime_in_utc_moved_into_series_timezone(shared):
     b = {**_base(shared), "DecayCorrection": "START", "RadionuclideHalfLife": 6586.2,
          "SeriesTime": "105417", "AcquisitionTime": "105417", "TimezoneOffsetFromUTC": "+0100",
          "RadiopharmaceuticalStartDateTime": "20201023085417+0000"}
-    expected = 75 * 1000 / (100 * math.exp(-math.log(2) * 3600 / 6586.2))
+    expected = 75 * 1000 / (DOSE * math.exp(-math.log(2) * 3600 / 6586.2))
     assert suv_factor(b) == pytest.approx(expected, rel=1e-9)
     # the same instant written in the local offset, or with no offset at all: the same factor
     assert suv_factor({**b, "RadiopharmaceuticalStartDateTime": "20201023095417+0100"}) == pytest.approx(expected, rel=1e-9)
@@ -201,3 +209,94 @@ def test_injection_datetime_in_utc_moved_into_series_timezone(shared):
     ds = Dataset()
     ds.TimezoneOffsetFromUTC = "+0100"
     assert header_from_dataset(ds)["TimezoneOffsetFromUTC"] == "+0100"
+
+
+# --------------------------------------------------------------------------- review probe r32 (SUV header checks)
+def test_gml_with_an_suvtype_medfuse_has_no_kind_for_is_not_suvbw(shared):
+    """GML with SUVType IBW (ideal body weight) was labelled SUVbw, and saved back as SUVType BW."""
+    b = {**_base(shared), "Units": "GML"}
+    assert stored_unit({**b, "SUVType": "IBW"}) == "arbitrary"
+    for suv_type, unit in ((None, "SUVbw"), ("BW", "SUVbw"), (" bw ", "SUVbw"), ("LBM", "SUVlbm"), ("BSA", "SUVbsa")):
+        assert stored_unit({**b, "SUVType": suv_type}) == unit, suv_type
+    assert stored_unit({**b, "Units": "CM2ML", "SUVType": "BSA"}) == "SUVbsa"
+    assert stored_unit({**b, "Units": "CM2ML", "SUVType": "BW"}) == "arbitrary"
+    msg = suv_problem({**b, "SUVType": "IBW"})
+    assert "'IBW'" in msg and "ideal body weight" in msg and "not SUVbw" in msg
+    assert suv_factor({**b, "SUVType": "BW"}) == suv_factor({k: v for k, v in b.items() if k != "SUVType"}) == 1.0
+
+
+@pytest.mark.parametrize("dose", [370.0, 10.0, 99e3, 6e10])
+def test_an_implausible_dose_is_refused_naming_the_tag(shared, dose):
+    """370 (MBq typed as Bq) gave a factor 1e6 times too large: 189.19 where 370 MBq gives 1.89e-4."""
+    b = {**_base(shared), "RadionuclideTotalDose": dose}
+    with pytest.raises(SUVError) as e:
+        suv_factor(b)
+    assert "RadionuclideTotalDose" in e.value.problem and "Bq" in e.value.problem
+    assert "RadionuclideTotalDose" in e.value.fix and "suv='none'" in e.value.fix
+    assert not any(v in str(e.value) for v in ("75", "1.85"))  # weight and size never shown
+    assert "RadionuclideTotalDose" in suv_problem(b)
+    with pytest.raises(SUVError, match="RadionuclideTotalDose"):
+        series_suv_factors([b, b])
+
+
+@pytest.mark.parametrize("dose", [1e5, 37e6, 370e6, 800e6, 5e10])
+def test_real_doses_give_weight_over_dose(shared, dose):
+    """Zr-89 (37 MBq), FDG (370-800 MBq) and the bounds themselves are accepted: ADMIN, so weight(g) / dose."""
+    assert suv_factor({**_base(shared), "RadionuclideTotalDose": dose}) == pytest.approx(75 * 1000 / dose, rel=1e-12)
+
+
+def _time_only(shared, injection):
+    b = {k: v for k, v in _base(shared).items() if k != "RadiopharmaceuticalStartDateTime"}
+    return {**b, "DecayCorrection": "START", "RadionuclideHalfLife": 6586.2, "SeriesTime": "100000",
+            "AcquisitionTime": "100000", "RadiopharmaceuticalStartTime": injection}
+
+
+@pytest.mark.parametrize("injection", ["100030", "130000", "215959"])
+def test_a_time_only_injection_a_little_after_the_scan_start_is_before_the_injection(shared, injection):
+    """Injection 30 s after a 10:00 scan start, time only: moved to the day before, it was reported as '13
+    half-lives (24.0 h) after the injection'; with a date it said the scan is before the injection."""
+    h = _time_only(shared, injection)
+    msg = suv_problem(h)
+    assert "before the injection" in msg and "half-lives" not in msg
+    dated = {**h, "RadiopharmaceuticalStartDateTime": h["SeriesDate"] + injection}
+    assert suv_problem(dated) == msg
+
+
+def test_a_time_only_injection_half_a_day_after_the_scan_time_is_the_day_before(shared):
+    """22:00 for a 10:00 scan (12 h after its time of day): injected the evening before, 12 h of uptake."""
+    h = _time_only(shared, "220000")
+    expected = 75 * 1000 / (DOSE * 2.0 ** (-12 * 3600 / 6586.2))
+    assert suv_factor(h) == pytest.approx(expected, rel=1e-9)
+    assert series_suv_factors([h, h]) == pytest.approx([expected] * 2, rel=1e-9)
+
+
+def _ge_dataset(creator, element=0x10):
+    """A re-created PET series (series 12:00, acquisition 10:00) with a post-injection time 10:30 in group 0009
+    under ``creator``, reserved at (0009,00``element``)."""
+    ds = Dataset()
+    ds.Units, ds.DecayCorrection, ds.CorrectedImage, ds.PatientWeight = "BQML", "START", ["ATTN", "DECY"], "75"
+    ds.SeriesDate, ds.SeriesTime, ds.AcquisitionDate, ds.AcquisitionTime = "20201217", "120000", "20201217", "100000"
+    item = Dataset()
+    item.RadionuclideHalfLife, item.RadionuclideTotalDose = "6586.2", "3.7e8"
+    item.RadiopharmaceuticalStartDateTime = "20201217090000"
+    ds.RadiopharmaceuticalInformationSequence = pydicom.Sequence([item])
+    ds.add_new((0x0009, element), "LO", creator)
+    ds.add_new((0x0009, (element << 8) | 0x0D), "DT", "20201217103000")
+    return ds
+
+
+@pytest.mark.parametrize("element", [0x10, 0x11])
+def test_ge_post_injection_time_read_only_under_ges_private_creator(element):
+    """A Siemens file with a date in (0009,100D) made SUV decay to it as if it were GE's post-injection time."""
+    def expected(minutes):  # injection 09:00, scan at 10:00 + minutes
+        return 75 * 1000 / (3.7e8 * 2.0 ** (-(60 + minutes) * 60 / 6586.2))
+
+    ge = header_from_dataset(_ge_dataset("GEMS_PETD_01", element))
+    assert ge["GEPrivatePostInjectionDateTime"] == "20201217103000"
+    assert series_suv_factors([ge]) == pytest.approx([expected(30)], rel=1e-9)
+    siemens = header_from_dataset(_ge_dataset("SIEMENS SYNGO", element))
+    assert "GEPrivatePostInjectionDateTime" not in siemens
+    assert series_suv_factors([siemens]) == pytest.approx([expected(0)], rel=1e-9)  # the earliest acquisition
+    ds = _ge_dataset("SIEMENS SYNGO", element)
+    del ds[0x0009, element]  # no private creator at all: the value's meaning is unknown
+    assert "GEPrivatePostInjectionDateTime" not in header_from_dataset(ds)

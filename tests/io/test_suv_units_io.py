@@ -26,9 +26,11 @@ _JAMES = {"M": (1.10, 120.0), "F": (1.07, 148.0)}
 
 
 def _reference_header(shared):
-    """The reference calculator's BQML case (weight, size and sex given)."""
+    """The reference calculator's BQML case (weight, size and sex given), with a real dose: its 100 Bq is an
+    arithmetic input that medfuse refuses as a dose (DOSE_RANGE_BQ)."""
     cases = json.loads(shared("reference", "pet-suv-expected.json").read_text())["cases"]
-    return copy.deepcopy(next(c["header"] for c in cases if c["header"].get("PatientSex")))
+    return {**copy.deepcopy(next(c["header"] for c in cases if c["header"].get("PatientSex"))),
+            "RadionuclideTotalDose": 3.7e8}
 
 
 def _vertex_kg(sex: str, size_m: float) -> float:
@@ -37,15 +39,27 @@ def _vertex_kg(sex: str, size_m: float) -> float:
     return a * (size_m * 100) ** 2 / (2 * b)
 
 
-def _pet_copy(samples_dir, dest, **tags):
-    """Eight slices of the sample PET series, with header values changed."""
+def _pet_copy(samples_dir, dest, dose=None, **tags):
+    """Eight slices of the sample PET series, with header values changed (``dose``: RadionuclideTotalDose)."""
     dest.mkdir()
     for f in sorted((samples_dir / "pet").glob("*.dcm"))[28:36]:
         ds = pydicom.dcmread(str(f))
         for k, v in tags.items():
             setattr(ds, k, v)
+        if dose is not None:
+            ds.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose = dose
         ds.save_as(str(dest / f.name))
     return dest
+
+
+def _stored_values(folder):
+    """Every voxel's stored value × RescaleSlope + RescaleIntercept, read by pydicom, sorted."""
+    vals = []
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(str(f))
+        vals.append(ds.pixel_array.astype(np.float64).ravel() * float(ds.get("RescaleSlope", 1))
+                    + float(ds.get("RescaleIntercept", 0)))
+    return np.sort(np.concatenate(vals))
 
 
 # --------------------------------------------------------------------------- 1: James LBM beyond its vertex
@@ -143,6 +157,45 @@ def test_scanner_cm2ml_series_loads_as_suvbsa_and_a_contradicting_suvtype_is_ref
         assert medfuse.load(bad).unit == "arbitrary"
 
 
+# --------------------------------------------------------------------------- 3b: review probe r32
+def test_gml_ibw_series_loads_as_arbitrary_and_is_not_saved_as_suvbw(samples_dir, tmp_path):
+    """Units GML, SUVType IBW loaded as SUVbw and was saved back as SUVType BW: ideal-body-weight SUV turned into
+    body-weight SUV for good."""
+    folder = _pet_copy(samples_dir, tmp_path / "pet", Units="GML", SUVType="IBW")
+    with pytest.warns(MedfuseWarning, match="IBW") as rec:
+        v = medfuse.load(folder)
+    msg = next(str(m.message) for m in rec if "IBW" in str(m.message))
+    assert "not SUVbw" in msg and "ideal body weight" in msg
+    assert v.unit == "arbitrary" and v.provenance.get("suv") is None
+    assert np.allclose(np.sort(v.array.ravel()), _stored_values(folder), rtol=1e-6)  # values as stored
+    assert medfuse.load(folder, suv="none").unit == "arbitrary"
+    out = medfuse.save(v, tmp_path / "out", template=folder)
+    ds = pydicom.dcmread(str(next(out.iterdir())), stop_before_pixels=True)
+    assert ds.get("Units") != "GML" and ds.get("SUVType") != "BW"
+    with pytest.warns(MedfuseWarning):
+        assert medfuse.load(out).unit == "arbitrary"
+    # SUVType BW, or none, is still SUVbw, without a word
+    for name, tags in (("bw", {"SUVType": "BW"}), ("none", {})):
+        ok = _pet_copy(samples_dir, tmp_path / name, Units="GML", **tags)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MedfuseWarning)
+            got = medfuse.load(ok)
+        assert got.unit == "SUVbw" and np.allclose(np.sort(got.array.ravel()), _stored_values(ok), rtol=1e-6)
+
+
+def test_dose_in_mbq_loads_in_bq_ml_with_a_warning_naming_the_tag(samples_dir, tmp_path):
+    """RadionuclideTotalDose 250 (MBq typed as Bq) gave SUV values 1e6 times too large, without a word."""
+    folder = _pet_copy(samples_dir, tmp_path / "pet", dose="250")
+    with pytest.warns(MedfuseWarning, match="RadionuclideTotalDose") as rec:
+        v = medfuse.load(folder)
+    msg = next(str(m.message) for m in rec if "RadionuclideTotalDose" in str(m.message))
+    assert "MBq" in msg and "Bq/mL" in msg
+    assert v.unit == "Bq/mL" and np.allclose(np.sort(v.array.ravel()), _stored_values(folder), rtol=1e-6)
+    # the same series with the dose in Bq is SUVbw: Bq/mL × weight(g) / dose decayed to the scan start
+    real = medfuse.load(_pet_copy(samples_dir, tmp_path / "real", dose="250000000"))
+    assert real.unit == "SUVbw" and float(real.array.max()) < 100
+
+
 # --------------------------------------------------------------------------- 4: quantitative NM
 def _nm_file(path, units=None, slope=None):
     meta = FileMetaDataset()
@@ -192,6 +245,7 @@ def test_quantitative_nm_keeps_bq_per_ml_through_a_dicom_round_trip(tmp_path):
 def test_infinite_philips_factor_is_not_used(shared):
     cases = json.loads(shared("reference", "pet-suv-expected.json").read_text())["cases"]
     cnts = copy.deepcopy(next(c["header"] for c in cases if "PhilipsSUVScaleFactor" in c["header"]))
+    cnts["RadionuclideTotalDose"] = 3.7e8  # a real dose: the calculator's 100 Bq is refused as one
     with pytest.raises(SUVError, match="7053,1000"):
         suv_factor({**cnts, "PhilipsSUVScaleFactor": math.inf, "PhilipsActivityConcentrationScaleFactor": math.inf})
     # an infinite SUV factor beside a valid activity-concentration factor: the latter is used, finite
