@@ -17,7 +17,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -490,20 +490,107 @@ def _f(v, default=None):
         return default
 
 
-def _time_key(ds, fg=None) -> Tuple:
-    tp = None
+#: Seconds in a day, and the most a 4-D series' acquisition times may span when they carry no date: longer
+#: spans that are short once read across midnight are read across midnight (see _unwrap_midnight).
+_DAY_S = 86400.0
+_HALF_DAY_S = _DAY_S / 2
+
+
+def _tm_seconds(text: Any) -> Optional[float]:
+    """Seconds after midnight of a DICOM TM (``HHMMSS.FFFFFF``, or the old ``HH:MM:SS``), None when absent or not
+    a time."""
+    main, _, frac = str(text if text is not None else "").strip().partition(".")
+    main = main.replace(":", "")
+    if not main.isdigit() or len(main) < 2 or len(main) % 2:
+        return None
+    hh, mm, ss = int(main[0:2]), int(main[2:4] or 0), int(main[4:6] or 0)
+    return hh * 3600.0 + mm * 60.0 + ss + (float("0." + frac) if frac.isdigit() else 0.0)
+
+
+def _da_day(text: Any) -> Optional[int]:
+    """Day number of a DICOM DA (``YYYYMMDD``, or the old ``YYYY.MM.DD``), None when absent or not a date."""
+    from datetime import date
+
+    d = str(text if text is not None else "").strip().replace(".", "").replace("-", "")
+    try:
+        return date(int(d[0:4]), int(d[4:6]), int(d[6:8])).toordinal() if len(d) == 8 and d.isdigit() else None
+    except ValueError:
+        return None
+
+
+def _dt_stamp(text: Any) -> Optional[Tuple[int, float]]:
+    """(day number, seconds after midnight) of a DICOM DT (``YYYYMMDDHHMMSS.FFFFFF&ZZXX``), None when it has no
+    valid date. The UTC offset is dropped: the times of one series share it."""
+    s = str(text if text is not None else "").strip()
+    for sign in ("+", "-"):
+        at = s.rfind(sign)
+        if at >= 8:
+            s = s[:at]
+    day = _da_day(s[:8])
+    if day is None:
+        return None
+    secs = _tm_seconds(s[8:]) if len(s) > 8 else 0.0
+    return (day, secs) if secs is not None else None
+
+
+def _acquired(ds) -> Tuple[int, float]:
+    """(day number, seconds after midnight) of the image's acquisition; day 0 when no date is known, seconds -1
+    when no time is.
+
+    AcquisitionDateTime first: it carries the date (a series exported with it alone was ordered by
+    InstanceNumber), then AcquisitionDate with AcquisitionTime.
+    """
+    stamp = _dt_stamp(ds.get("AcquisitionDateTime"))
+    if stamp is not None:
+        return stamp
+    secs = _tm_seconds(ds.get("AcquisitionTime"))
+    return _da_day(ds.get("AcquisitionDate")) or 0, -1.0 if secs is None else secs
+
+
+class _TimeKey(NamedTuple):
+    """Sort key of an image (or enhanced frame) among the volumes of a 4-D series; absent values 0 (seconds -1).
+    NM frames have keys of their own (their frame vectors), which are plain tuples."""
+
+    position: float  # TemporalPositionIndex/TemporalPositionIdentifier
+    day: float  # acquisition day number
+    seconds: float  # acquisition time, seconds after midnight
+    instance: float  # InstanceNumber
+
+
+def _time_key(ds, fg=None) -> _TimeKey:
+    """The :class:`_TimeKey` of an image, or of its enhanced frame ``fg``."""
+    tp, stamp = None, None
     if fg is not None:
         fc = fg.get("FrameContentSequence")
         if fc:
             tp = _f(fc[0].get("TemporalPositionIndex"))
             if tp is None:
-                tp = _f(str(fc[0].get("FrameAcquisitionDateTime", "")).replace(".", "")[:20] or None)
-    if tp is None:
+                stamp = _dt_stamp(fc[0].get("FrameAcquisitionDateTime"))
+    if tp is None and stamp is None:
         tp = _f(ds.get("TemporalPositionIdentifier"))
-    # The date first: a dynamic series that runs past midnight restarts AcquisitionTime at 000000.
-    day = _f(str(ds.get("AcquisitionDate", "")).replace(".", "") or None, 0.0)
-    acq = _f(str(ds.get("AcquisitionTime", "")).replace(":", "") or None, 0.0)
-    return (tp if tp is not None else 0.0, day, acq, _f(ds.get("InstanceNumber"), 0.0))
+    # The date with the time: a dynamic series that runs past midnight restarts AcquisitionTime at 000000.
+    day, secs = stamp if stamp is not None else _acquired(ds)
+    return _TimeKey(tp if tp is not None else 0.0, float(day), secs, _f(ds.get("InstanceNumber"), 0.0))
+
+
+def _unwrap_midnight(frames: Sequence[_Frame]) -> None:
+    """Give the times after midnight of a series without acquisition dates a day more (in the frames' time keys).
+
+    Why: frames acquired at 23:58, 23:59 and 00:00 with AcquisitionTime alone were ordered 00:00 first, against
+    their InstanceNumbers. Times that span more than half a day but less once read across midnight (the largest
+    gap between them is over 12 hours) are read across midnight; a 4-D series does not last 12 hours.
+    """
+    if any(not isinstance(fr.time_key, _TimeKey) or fr.time_key.day for fr in frames):
+        return  # dated (the date orders them), or NM frames
+    times = sorted({fr.time_key.seconds for fr in frames if fr.time_key.seconds >= 0})
+    if len(times) < 2 or times[-1] - times[0] <= _HALF_DAY_S:
+        return
+    gap, last_early = max((b - a, a) for a, b in zip(times, times[1:]))
+    if gap <= _HALF_DAY_S:
+        return
+    for fr in frames:
+        if 0 <= fr.time_key.seconds <= last_early:
+            fr.time_key = fr.time_key._replace(seconds=fr.time_key.seconds + _DAY_S)
 
 
 #: Fix for header values that cannot be right (a damaged or hand-edited header).
@@ -986,6 +1073,7 @@ def _split_volumes(frames: List[_Frame], path: Path,
                             fix=f"check the images at the odd position ({example}): remove a second copy, or "
                                 "re-export the complete series", path=path)
     nvol = counts.pop()
+    _unwrap_midnight(frames)
     for v in per_pos.values():
         v.sort(key=lambda fr: fr.time_key)
     vols = [[per_pos[float(k)][t] for k in uniq] for t in range(nvol)]

@@ -174,3 +174,78 @@ def test_series_listing_reads_no_file_again(study, monkeypatch):
     with pytest.raises(MultipleSeriesError) as e:
         medfuse.load(study)
     _no_identifier(str(e.value))
+
+
+# ---------------------------------------------------------------------------- volume order of a 4-D series
+def _timed_slice(path: Path, *, uid: str, k: int, t: int, number: int, tags: dict):
+    """Slice ``k`` of time point ``t`` of an MR 4-D series: every voxel holds 10 * t + 1 (which volume it is)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.InstanceNumber = "MR", uid, "1.2.3", number
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 2.0 * k], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
+    ds.Rows, ds.Columns = 4, 5
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    for kw, v in tags.items():
+        setattr(ds, kw, v)
+    ds.PixelData = np.full((4, 5), 10 * t + 1, np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+#: Three time points a minute apart, the last one after midnight (the probe's case).
+_STAMPS = ["20201217235800", "20201217235900", "20201218000000"]
+
+
+@pytest.mark.parametrize("tags,numbers", [
+    (lambda s: {"AcquisitionTime": s[8:]}, "increasing"),
+    (lambda s: {"AcquisitionDateTime": s}, "decreasing"),
+    (lambda s: {"AcquisitionDateTime": s + ".000000+0100", "AcquisitionTime": "120000"}, "decreasing"),
+], ids=["time-only-past-midnight", "datetime-only", "datetime-before-time"])
+def test_4d_volumes_in_acquisition_order(tmp_path, tags, numbers):
+    """Was: time only past midnight gave volumes [2, 0, 1] (00:00 first, against InstanceNumber); the
+    AcquisitionDateTime alone was ignored and the volumes followed InstanceNumber ([2, 1, 0] here)."""
+    from datetime import datetime
+
+    uid, n_t, n_k = generate_uid(), len(_STAMPS), 2
+    for t, stamp in enumerate(_STAMPS):
+        for k in range(n_k):
+            number = 1 + t * n_k + k if numbers == "increasing" else 1 + (n_t - 1 - t) * n_k + k
+            _timed_slice(tmp_path / f"IM{t}{k}.dcm", uid=uid, k=k, t=t, number=number, tags=tags(stamp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)  # ordered by time: nothing to say
+        vols = load_dicom_volumes(tmp_path)
+    got = [int(v.array.max() - 1) // 10 for v in vols]
+    expected = sorted(range(n_t), key=lambda t: datetime.strptime(_STAMPS[t], "%Y%m%d%H%M%S"))
+    assert got == expected == [0, 1, 2]
+
+
+def test_4d_times_within_a_day_are_not_read_across_midnight(tmp_path):
+    """Times without a date 2 hours apart stay in clock order (only spans over 12 hours are read as wrapping)."""
+    uid = generate_uid()
+    for t, tm in enumerate(["000500", "020500"]):
+        for k in range(2):
+            _timed_slice(tmp_path / f"IM{t}{k}.dcm", uid=uid, k=k, t=t, number=1 + (1 - t) * 2 + k,
+                         tags={"AcquisitionTime": tm})
+    assert [int(v.array.max() - 1) // 10 for v in load_dicom_volumes(tmp_path)] == [0, 1]
+
+
+def test_enhanced_frame_datetimes_compare_as_times():
+    """FrameAcquisitionDateTime with and without fractional seconds: was compared as the digits' number, so
+    23:59:59.5 (15 digits) came after 00:00:00 the next day (14 digits)."""
+    from pydicom.dataset import Dataset
+
+    from medfuse.io.dicom import _time_key
+
+    def frame(dt):
+        fc, fg = Dataset(), Dataset()
+        fc.FrameAcquisitionDateTime = dt
+        fg.FrameContentSequence = [fc]
+        return fg
+
+    ds = Dataset()
+    assert _time_key(ds, frame("20201217235959.5")) < _time_key(ds, frame("20201218000000"))
