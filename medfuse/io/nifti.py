@@ -32,7 +32,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -1011,12 +1011,117 @@ def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[s
             return key, None, enc
     if name is None:  # the data follow the header
         return key or "", None, enc
-    if name.upper() == "LIST" or "%" in name or " " in name.strip():  # several data files
+    # Several data files. ITK compares LIST's four letters, case and all: "list" names one file (was taken for a
+    # list, so its absence was not checked and ITK's "No such file or directory" named no file).
+    if name.startswith("LIST") or "%" in name or " " in name.strip():
         return None, None, None
     # The header was decoded as latin-1 (any bytes): the name's bytes are the file name's, in the file system's
     # encoding ("é.raw" was looked for as "Ã©.raw" and reported missing).
     data = Path(os.fsdecode(name.encode("latin-1")))
     return key, (data if data.is_absolute() else p.parent / data), enc
+
+
+#: The most of a MetaImage header read for its list of slice files (one line per slice).
+_MAX_LIST_HEADER = 1 << 22
+
+
+def _leading_int(word: str) -> Optional[int]:
+    """The number a word starts with (ITK reads "2D" as 2 with atof), None when it starts with none."""
+    m = re.match(r"\s*[-+]?\d+", word)
+    return int(m.group()) if m else None
+
+
+def _itk_slice_files(p: Path, size: Sequence[int]) -> Optional[Tuple[str, List[Path], int, Optional[str]]]:
+    """(the header's ElementDataFile value, the slice files it names, the voxels each holds, the encoding) of a
+    MetaImage whose data are several files, as ITK's MetaIO reads them: ``LIST [dims]`` followed by one file name
+    a line (each a ``dims``-D block, by default NDims - 1), or a numbered pattern ``name%03d.raw [min [max
+    [step]]]`` (each a slice). None for any other header (NRRD included), or a pattern ITK cannot step through.
+    ``size``: the image size ITK read from the header. Names are relative to the header's folder.
+    """
+    if p.name.lower().endswith((".nrrd", ".nhdr")):
+        return None
+    with open(p, "rb") as fh:
+        lines = fh.read(_MAX_LIST_HEADER).decode("latin-1").splitlines()
+    at = next((i for i, ln in enumerate(lines) if re.match(r"\s*ElementDataFile\s*=", ln)), None)
+    if at is None or not size:
+        return None
+    value = lines[at].split("=", 1)[1].strip()
+    words = value.split()
+    fields = dict(m.groups() for m in (re.match(r"\s*(\w+)\s*=\s*(.*?)\s*$", ln) for ln in lines[:at]) if m)
+    enc = ("deflate" if fields.get("CompressedData", "").lower() == "true" else
+           "text" if fields.get("BinaryData", "true").lower() == "false" else "raw")
+    if value.startswith("LIST"):  # ITK compares the first four characters, case and all
+        dim = _leading_int(words[1]) if len(words) > 1 else None
+        dim = dim if dim is not None and 0 < dim <= len(size) else len(size) - 1
+        count = int(np.prod(size[dim:], dtype=object))
+        names = [ln.rstrip() for ln in lines[at + 1:at + 1 + count]]
+        per = int(np.prod(size[:dim], dtype=object))
+    elif "%" in value:
+        nums = [_leading_int(w) for w in words[1:]]
+        if len(words) >= 5:  # a name with spaces: the last three words are the numbers
+            pattern, nums = " ".join(words[:-3]), nums[-3:]
+        else:
+            pattern = words[0]
+        if any(x is None for x in nums):
+            return None
+        lo = nums[0] if nums else 1
+        hi = nums[1] if len(nums) > 1 else lo + size[-1] - 1
+        step = nums[2] if len(nums) > 2 else (hi - lo) // size[-1] if len(nums) > 1 else 1
+        if step <= 0:
+            return None
+        hi = min(hi, (size[-1] - 1) * step + lo)  # ITK reads no more slices than the last size
+        try:
+            names = [pattern % i for i in range(lo, hi + 1, step)]
+        except (TypeError, ValueError):  # not a pattern Python can fill as C's sprintf does
+            return None
+        count, per = size[-1], int(np.prod(size[:-1], dtype=object))
+    else:
+        return None
+    files = [Path(os.fsdecode(n.strip().encode("latin-1"))) for n in names]
+    files = [f if f.is_absolute() or not f.name else p.parent / f for f in files]  # a blank line stays nameless
+    return value, files + [None] * (count - len(files)), per, enc
+
+
+def _check_itk_slices(p: Path, size: Sequence[int], bytes_per_voxel: int) -> None:
+    """The slice files of a MetaImage whose data are several files must all be there, and hold their slice.
+
+    Why: a missing slice file gave "ITK says: Reason: No such file or directory" without its name (and ITK's
+    "MetaImage: Read: cannot open slice" on stderr), a short one "corrupt or truncated" without its name, and a
+    list shorter than the image loaded without a word, the slices it lacks left as ITK's buffer held them.
+
+    Raises:
+        UnreadableFileError: a slice file is missing, or holds less than its slice; the header lists too few.
+    """
+    found = _itk_slice_files(p, size)
+    if found is None:
+        return
+    value, files, per, enc = found
+    field = f"ElementDataFile = {value}"
+    listed = [f for f in files if f is not None]
+    if len(listed) < len(files):
+        raise UnreadableFileError(f"its header ({field}) lists {len(listed)} data files, but its sizes "
+                                  f"({'x'.join(map(str, size))} voxels) need {len(files)}",
+                                  fix="add the missing file names to the header's list, or correct its DimSize",
+                                  path=p)
+
+    def shown(bad: List[Path]) -> str:
+        return ", ".join(f.name or "(a blank line)" for f in bad[:3]) + (", ..." if len(bad) > 3 else "")
+
+    missing = [f for f in listed if not f.name or not f.is_file()]
+    if missing:
+        raise UnreadableFileError(f"{len(missing)} of the {len(files)} data files its header names ({field}) "
+                                  f"are missing: {shown(missing)}", path=p,
+                                  fix="keep the header and its data files together (copy them beside it), or "
+                                      "correct the header's file names")
+    if enc == "deflate":  # compressed slices: their size says nothing certain
+        return
+    need = per * bytes_per_voxel if enc == "raw" else per  # text: a character and a separator per value
+    short = [f for f in listed if (f.stat().st_size if enc == "raw" else (f.stat().st_size + 1) // 2) < need]
+    if short:
+        raise UnreadableFileError(f"{len(short)} of the {len(files)} data files its header names ({field}) are "
+                                  f"too short for the {per} voxels each must hold: {shown(short)}; they are "
+                                  "truncated, or the header's sizes are wrong", path=p,
+                                  fix="copy or export the image again (header and all its data files)")
 
 
 def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[Tuple[int, ...]]:
@@ -1025,7 +1130,8 @@ def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[T
     image size ITK reads from the header, or None when it cannot read the header (it then says why itself).
 
     Raises:
-        UnreadableFileError: the data file is missing, or too small for the header's sizes.
+        UnreadableFileError: the data file (or one of a MetaImage's slice files) is missing, or too small for the
+            header's sizes.
     """
     import SimpleITK as sitk
 
@@ -1047,6 +1153,8 @@ def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[T
         return None
     size = tuple(int(x) for x in reader.GetSize())
     n = int(np.prod(size, dtype=object)) * int(reader.GetNumberOfComponents())
+    if key is None:  # several data files (or none named): each is checked by name
+        _check_itk_slices(p, size, int(reader.GetNumberOfComponents()) * pixel.GetSizeOfPixelComponent())
     if key is not None and enc is not None:
         have = (data or p).stat().st_size
         # Text: at least one character and one separator per value.

@@ -175,3 +175,75 @@ def test_a_pair_partner_is_matched_by_its_stem_exactly_and_two_candidates_are_re
     with pytest.raises(UnreadableFileError, match="more than one file could be this pair's .hdr") as e:
         load_image(tmp_path / "Scan.Img")
     assert "Scan.HDR" in str(e.value) and "Scan.hdr" in str(e.value)
+
+
+# ------------------------------------------------------------------ MetaImage data in several files
+_SLICES = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)  # (z, y, x): one raw file per z
+
+
+def _sliced_mhd(folder, data_file, names=(), slices=None):
+    """A 4x5x6 MET_SHORT MetaImage whose ElementDataFile is ``data_file`` (LIST, LIST 2D or a %d pattern), the
+    names listed after it, and slice files sl0.raw..sl5.raw (``slices``: which of them to write)."""
+    for k in range(6) if slices is None else slices:
+        _SLICES[k].astype("<i2").tofile(folder / f"sl{k}.raw")
+    lines = ["ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+             "CompressedData = False", "Offset = 10 20 30", "ElementSpacing = 1.5 2 3", "DimSize = 4 5 6",
+             "ElementType = MET_SHORT", f"ElementDataFile = {data_file}", *names]
+    (folder / "img.mhd").write_text("\n".join(lines) + "\n")
+    return folder / "img.mhd"
+
+
+_LISTED = [f"sl{k}.raw" for k in range(6)]
+
+
+@pytest.mark.parametrize("data_file, names", [("LIST", _LISTED), ("LIST 2D", _LISTED), ("sl%d.raw 0 5 1", ())],
+                         ids=["list", "list-2d", "pattern"])
+def test_metaimage_slice_files_load_as_itk_reads_them(tmp_path, data_file, names):
+    p = _sliced_mhd(tmp_path, data_file, names)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    np.testing.assert_array_equal(ref, _SLICES)
+    np.testing.assert_array_equal(medfuse.load(p).array, ref.transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("data_file, names, gone", [
+    ("LIST", [n if n != "sl3.raw" else "moved3.raw" for n in _LISTED], "moved3.raw"),
+    ("sl%d.raw 1 6 1", (), "sl6.raw"),  # the pattern counts from 1: sl0.raw is never read, sl6.raw is missing
+], ids=["list", "pattern"])
+def test_a_missing_metaimage_slice_file_is_named(tmp_path, capfd, data_file, names, gone):
+    """Was: "ITK says: Reason: No such file or directory", no file named, and ITK's "MetaImage: Read: cannot open
+    slice" on stderr."""
+    p = _sliced_mhd(tmp_path, data_file, names)
+    assert not (tmp_path / gone).exists()
+    with pytest.raises(UnreadableFileError, match="missing") as e:
+        medfuse.load(p)
+    assert gone in str(e.value) and "beside it" in e.value.fix
+    assert "MetaImage" not in capfd.readouterr().err  # refused before ITK read anything
+
+
+def test_a_short_metaimage_slice_file_is_named(tmp_path, capfd):
+    """Was: "cannot be read as MetaImage/NRRD (corrupt or truncated)", which file not said."""
+    p = _sliced_mhd(tmp_path, "LIST", _LISTED)
+    (tmp_path / "sl3.raw").write_bytes(_SLICES[3, :2].astype("<i2").tobytes())  # 16 of its 40 bytes
+    with pytest.raises(UnreadableFileError, match="sl3.raw") as e:
+        medfuse.load(p)
+    assert "20 voxels" in str(e.value) and "copy or export" in e.value.fix
+    assert "MetaImage" not in capfd.readouterr().err
+
+
+def test_a_metaimage_list_shorter_than_its_slices_is_refused(tmp_path):
+    """Was: loaded without a word, the slices the list lacks left as whatever ITK's buffer held."""
+    p = _sliced_mhd(tmp_path, "LIST", _LISTED[:4])
+    with pytest.raises(UnreadableFileError, match="lists 4 data files.*need 6") as e:
+        medfuse.load(p)
+    assert "DimSize" in e.value.fix
+
+
+def test_a_lowercase_list_is_one_missing_data_file_as_itk_reads_it(tmp_path):
+    """ITK compares LIST case and all, so ``list`` names one data file; was taken for a list, its absence not
+    checked: "ITK says: Reason: No such file or directory", no file named."""
+    p = _sliced_mhd(tmp_path, "list", slices=())
+    with pytest.raises(RuntimeError, match="(?i)cannot open data file|no such file"):
+        sitk.ReadImage(str(p))  # the reference: ITK looks for one file named "list"
+    with pytest.raises(UnreadableFileError, match="'list'.* is missing") as e:
+        medfuse.load(p)
+    assert "beside it" in e.value.fix
