@@ -239,6 +239,11 @@ class OverlayPanel(QWidget):
         self._rebuild_timer = QTimer(self)
         self._rebuild_timer.setSingleShot(True)
         self._rebuild_timer.setInterval(150)
+        # The overlay is put above the base once the layer list has settled (see _raise_overlay): a pair picked as a
+        # layer is inserted must not reorder the list inside napari's own insertion.
+        self._raise_timer = QTimer(self)
+        self._raise_timer.setSingleShot(True)
+        self._raise_timer.setInterval(0)
         # Views.
         self.view = QComboBox()
         self.view.addItems(list(VIEWS))
@@ -340,6 +345,7 @@ class OverlayPanel(QWidget):
         self.flicker.toggled.connect(self.set_flicker)
         self._flicker_timer.timeout.connect(self._flick)
         self._rebuild_timer.timeout.connect(self._recompute_compare)
+        self._raise_timer.timeout.connect(self._raise_overlay)
         self.view.currentTextChanged.connect(self.set_view)
         self.grid.toggled.connect(lambda on: setattr(_grid(self.viewer), "enabled", bool(on)))
         self.mip.toggled.connect(self.set_mip)
@@ -408,6 +414,26 @@ class OverlayPanel(QWidget):
         self._display_changed()
         self._limits_changed()
         self._pair_edited()  # a compare view shows the pair picked now, not the previous one
+        self._raise_timer.start()
+
+    def _raise_overlay(self) -> None:
+        """Move the overlay directly above the base in the layer list when it lies below it (others keep their order).
+
+        Why: napari draws the list bottom up, so an overlay below an opaque base was hidden while its controls
+        acted on it: the sample PET opened before the MR showed 0 coloured pixels at the lesion slice (27016 with
+        the MR opened first).
+        """
+        base, ov = self.base.layer(), self.overlay.layer()
+        if base is None or ov is None or base is ov:
+            return
+        at = {id(l): n for n, l in enumerate(self._open())}
+        if id(ov) not in at or id(base) not in at or at[id(ov)] > at[id(base)]:
+            return
+        self.viewer.layers.move(at[id(ov)], at[id(base)] + 1)
+        from napari.utils.notifications import show_info
+
+        show_info(f"'{ov.name}' was below '{base.name}' in the layer list, where the base hid it; it was moved "
+                  f"directly above it to be drawn as the overlay.")
 
     def _display_changed(self, *_: Any) -> None:
         """Show the pair's colour maps, the overlay's opacity and its blending as the layers have them now."""

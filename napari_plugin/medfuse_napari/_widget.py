@@ -10,6 +10,8 @@ from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
                             QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QTabWidget, QVBoxLayout, QWidget)
 
+from medfuse.errors import InvalidInputError
+
 from . import _jobs
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, coverage_between, grid_record, layer_array, layer_geometry, layer_grid,
@@ -21,6 +23,10 @@ KINDS = ("rigid", "affine", "deformable")
 PAIRS = ("auto", "MR-PT", "MR-CT", "MR-NM", "CT-PT", "CT-NM", "MR-MR", "default")
 CLASSICAL = ("mean", "max", "laplacian", "wavelet", "gff")
 _LEVEL = re.compile(r"^(\w+): level (\d+)/(\d+)(?:, iteration (\d+))?")
+
+
+class _InputMoved(InvalidInputError):
+    """The fixed or moving layer was moved or changed while registering: the result is not applied."""
 
 
 def _notify_error(message: str) -> None:
@@ -202,8 +208,8 @@ class RegisterPanel(QWidget):
             self.run_button: "Register the moving layer onto the fixed one in the background (the viewer stays "
                              "usable).",
             self.cancel_button: "Stop the running registration; nothing is applied.",
-            self.save_button: "Save the last transform as an ITK file (.tfm, .txt, .h5, .mat) for other tools or the "
-                              "medfuse CLI.",
+            self.save_button: "Save the last result's transform (of the pair the button names) as an ITK file (.tfm, "
+                              ".txt, .h5, .mat) for other tools or the medfuse CLI.",
             self.progress: "Whole registration, in %.",
             self.level_progress: "Iterations done at the current resolution level.",
         })
@@ -238,6 +244,8 @@ class RegisterPanel(QWidget):
         self._iterations: Dict[str, List[int]] = {}
         self._from_viewer = False  # whether the last run started from the moving layer's placement
         self._job_layers: tuple = ()
+        self._job_placements: tuple = ()
+        self._named: tuple = ()  # the (fixed, moving) layers the report and Save transform… name
         viewer.layers.events.removed.connect(self._layers_removed)
 
     def _layers_removed(self, *_: Any) -> None:
@@ -253,6 +261,7 @@ class RegisterPanel(QWidget):
             if all(any(layer is other for other in present) for layer in self._job_layers):
                 return
             self.result = None
+            self._name_pair(None)
             self.save_button.setEnabled(False)
             self.report_view.setPlainText("")
             self.suspect_label.setText("")
@@ -301,6 +310,8 @@ class RegisterPanel(QWidget):
         # names reused), the moving grid the transform refers to, and where the fixed layer is shown (a
         # registered fixed layer: its physical space is not the viewer's world).
         self._job_layers = (fixed_layer, moving_layer)
+        # Where each was shown and what it held: the result is placed relative to the fixed layer as it was here.
+        self._job_placements = (_placement_key(fixed_layer), _placement_key(moving_layer))
         self._moving_grid = layer_grid(moving_layer)
         self._fixed_world = world_matrix(fixed_layer)
         self._fixed_geometry = layer_geometry(fixed_layer)
@@ -341,7 +352,11 @@ class RegisterPanel(QWidget):
             self.level_label.setText("cancelling…")
 
     def save_transform(self, path: str) -> Optional[str]:
-        """Save the last transform (ITK .tfm/.txt/.h5/.mat); returns the path or None after a notification."""
+        """Save the last result's transform (ITK .tfm/.txt/.h5/.mat); returns the path or None after a notification.
+
+        The transform is that of the pair the button and the report name (the last registration's layers), not of
+        the pair the pickers show now.
+        """
         from medfuse.errors import MedfuseError
 
         if self.result is None:
@@ -354,8 +369,11 @@ class RegisterPanel(QWidget):
             return None
 
     def _save_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save transform", "transform.tfm",
-                                              "ITK transform (*.tfm *.txt *.h5 *.mat)")
+        title = "Save transform"
+        if self.result is not None and self._named:  # the result's pair (a new run may be under way on another)
+            fixed, moving = self._named
+            title = f"Save the transform of '{moving.name}' onto '{fixed.name}'"
+        path, _ = QFileDialog.getSaveFileName(self, title, "transform.tfm", "ITK transform (*.tfm *.txt *.h5 *.mat)")
         if path:
             self.save_transform(path)
 
@@ -392,17 +410,51 @@ class RegisterPanel(QWidget):
         if _job_failed(outcome, self.level_label, "registration", self.token):
             return
         self.result, on_fixed = outcome.value
+        self._name_pair(self._job_layers)
         try:
             self._apply(self.result, on_fixed)
             self.level_label.setText("done")  # not the last step's message ("resampling…") left standing
         except Exception as exc:  # noqa: BLE001 - e.g. the layer was deleted meanwhile
-            self.level_label.setText("done; result not applied")
+            moved = isinstance(exc, _InputMoved)
+            self.level_label.setText("done; result not applied" + (": an input moved" if moved else ""))
             _notify_error(_jobs.error_message(exc, "applying the registration"))
         self.save_button.setEnabled(True)
 
+    def _name_pair(self, pair: Optional[tuple]) -> None:
+        """Name the result's pair in the report and on *Save transform…*, following renames (None: no result).
+
+        Why: after the pickers were switched to another pair (during or after a run), the report and the button
+        still held the previous pair's transform with nothing saying so.
+        """
+        for layer in self._named:
+            try:
+                layer.events.name.disconnect(self._show_pair)
+            except (TypeError, RuntimeError, ValueError):
+                pass
+        self._named = tuple(pair or ())
+        for layer in self._named:
+            layer.events.name.connect(self._show_pair)
+        self._show_pair()
+
+    def _show_pair(self, *_: Any) -> None:
+        try:
+            if not self._named:
+                self.save_button.setText("Save transform…")
+                return
+            fixed, moving = self._named
+            self.save_button.setText(f"Save transform of {_short(moving.name)} onto {_short(fixed.name)}…")
+            shown = self.report_view.toPlainText()
+            if shown and self.worker is None:  # the result's report (a new run cleared it), its first line renamed
+                self.report_view.setPlainText("\n".join([_pair_line(fixed, moving), *shown.split("\n")[1:]]))
+        except RuntimeError:  # the widget was closed but the layers still emit: stop listening
+            for layer in self._named:
+                layer.events.name.disconnect(self._show_pair)
+
     def _apply(self, result, on_fixed) -> None:
         rep = result.report
-        lines = [f"kind: {rep.kind}   preset: {rep.preset}   time: {rep.seconds:.1f} s",
+        fixed, moving = self._job_layers
+        lines = [_pair_line(fixed, moving),
+                 f"kind: {rep.kind}   preset: {rep.preset}   time: {rep.seconds:.1f} s",
                  f"metric (lower is better): before {_fmt(rep.metric_before)}, after {_fmt(rep.metric_after)}",
                  f"iterations per level: {rep.iterations_per_level}",
                  f"stop reason: {rep.stop_reason}"]
@@ -422,17 +474,7 @@ class RegisterPanel(QWidget):
             show_warning("Registration result is suspect: " + "; ".join(rep.suspect_reasons))
         self.progress.setValue(1000)
 
-        # The layers by identity: a rename keeps them, and a new layer under a removed layer's name is not them.
-        from medfuse.errors import InvalidInputError
-
-        fixed, moving = self._job_layers
-        present = _open_layers(self.viewer)
-        for role, layer in (("fixed", fixed), ("moving", moving)):
-            if not any(layer is other for other in present):
-                raise InvalidInputError(f"the {role} layer was removed while registering, so the result was not "
-                                        f"applied",
-                                        fix="keep both layers open until the registration ends and run it again "
-                                            "(the transform can still be saved with 'Save transform…')")
+        self._check_inputs()
         linear = result.transform if result.transform.is_linear else result.linear_transform
         # transform: fixed point -> moving point; the layer needs moving physical -> world, and the world is
         # the fixed layer's physical space moved by its own registration (identity when it has none).
@@ -452,6 +494,30 @@ class RegisterPanel(QWidget):
             # A deformable field is not an affine: it is shown resampled (the layer above keeps the linear part).
             self._add_resampled(on_fixed, moving, fixed)
 
+    def _check_inputs(self) -> None:
+        """Raise when the fixed or moving layer was removed, moved or changed while registering (nothing applied).
+
+        The layers by identity: a rename keeps them, and a new layer under a removed layer's name is not them. A
+        moved layer: the result is placed relative to the fixed layer as the run found it; the sample MR moved by
+        15 mm while its PET registered left the PET 15 mm off the MR as shown, with "done" and no word.
+        """
+        present = _open_layers(self.viewer)
+        for role, layer in zip(("fixed", "moving"), self._job_layers):
+            if not any(layer is other for other in present):
+                raise InvalidInputError(f"the {role} layer was removed while registering, so the result was not "
+                                        f"applied",
+                                        fix="keep both layers open until the registration ends and run it again "
+                                            "(the transform can still be saved with 'Save transform…')")
+        moved = [(role, layer) for role, layer, key in zip(("fixed", "moving"), self._job_layers,
+                                                           self._job_placements) if _placement_key(layer) != key]
+        if moved:
+            role, layer = moved[0]
+            raise _InputMoved(f"the {role} layer '{layer.name}' was moved or changed while registering (a hand move, "
+                              f"a translate or affine set, new voxels), so the result was not applied: it would "
+                              f"place the moving layer where the fixed layer was when the run started",
+                              fix="run the registration again now (the transform between the files can still be "
+                                  "saved with 'Save transform…')")
+
     def _add_resampled(self, volume, moving, fixed) -> None:
         md = dict(meta(moving))
         report = md.pop("registration", None)
@@ -466,6 +532,16 @@ class RegisterPanel(QWidget):
             volume.array, name=f"{moving.name} on {fixed.name}", **self._fixed_geometry, colormap=moving.colormap,
             contrast_limits=moving.contrast_limits, blending=moving.blending, opacity=moving.opacity,
             metadata={"medfuse": md})
+
+
+def _pair_line(fixed: Any, moving: Any) -> str:
+    """The report's first line: which layers the result (and *Save transform…*) belongs to."""
+    return f"'{moving.name}' (moving) onto '{fixed.name}' (fixed)"
+
+
+def _short(name: str, n: int = 18) -> str:
+    """A layer name cut to ``n`` characters for a button (the dock stays narrow)."""
+    return f"'{name}'" if len(name) <= n else f"'{name[:n - 1]}…'"
 
 
 def _warn_unconverted_units(*layers: Any) -> None:

@@ -223,3 +223,61 @@ def test_compare_and_mip_restore_layers_renamed_meanwhile(ct_pet):
     pet.name = "FDG"
     panel.set_mip(False)
     assert pet.rendering == before and ct.rendering == before
+
+
+def _coloured_pixels(viewer) -> int:
+    """Coloured (not grey) pixels of the canvas at the lesion slice: the PET drawn over the grey MR."""
+    from medfuse.phantom import load_ground_truth
+
+    lesion = load_ground_truth()["lesion"]["center_lps_mm"]
+    viewer.dims.set_point(range(3), (float(lesion[2]), float(lesion[1]), float(lesion[0])))  # world (S, P, L)
+    viewer.reset_view()
+    img = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+    return int((np.abs(img[..., 0] - img[..., 2]) > 60).sum())
+
+
+def test_an_overlay_below_the_base_is_moved_above_it_and_drawn(qtbot, make_napari_viewer, samples_dir, monkeypatch):
+    # The PET opened before the MR lay below it in the layer list: the opaque MR hid the additive PET (0 coloured
+    # pixels at the lesion slice, 27016 with the MR opened first), while the panel showed the pair as set.
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", shown.append)
+    viewer = make_napari_viewer(show=True)  # a shown canvas for the screenshot
+    pet = viewer.open(str(samples_dir / "pet"), plugin="medfuse")[0]
+    extra = viewer.add_image(np.zeros((4, 4, 4), np.float32), name="extra", visible=False)
+    mr = viewer.open(str(samples_dir / "mr_t1.nii.gz"), plugin="medfuse")[0]
+    assert [l.name for l in viewer.layers] == ["pet", "extra", "mr_t1"]
+    panel = OverlayPanel(viewer)
+    assert (panel.base.layer() is mr) and (panel.overlay.layer() is pet)
+    qtbot.waitUntil(lambda: [l.name for l in viewer.layers] == ["extra", "mr_t1", "pet"], timeout=5000)
+    assert viewer.layers.index(pet) == viewer.layers.index(mr) + 1  # directly above; "extra" kept below the MR
+    assert len(shown) == 1 and "'pet'" in shown[0] and "'mr_t1'" in shown[0] and "above" in shown[0], shown
+    panel.set_suv_range(6, 0)
+    assert _coloured_pixels(viewer) > 5000  # the PET is drawn over the MR
+
+
+def test_an_overlay_opened_below_the_base_with_the_panel_open_is_moved_above(qtbot, make_napari_viewer, samples_dir):
+    # The panel open first: the pair is picked as napari inserts the MR, and the list is reordered after that.
+    viewer = make_napari_viewer()
+    panel = OverlayPanel(viewer)
+    viewer.open(str(samples_dir / "pet"), plugin="medfuse")
+    viewer.open(str(samples_dir / "mr_t1.nii.gz"), plugin="medfuse")
+    assert (panel.base.layer().name, panel.overlay.layer().name) == ("mr_t1", "pet")
+    qtbot.waitUntil(lambda: [l.name for l in viewer.layers] == ["mr_t1", "pet"], timeout=5000)
+
+
+def test_an_overlay_already_above_the_base_is_left_where_it_is(qtbot, make_napari_viewer, samples_dir, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", shown.append)
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(samples_dir / "ct"), plugin="medfuse")[0]
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="extra")
+    pet = viewer.open(str(samples_dir / "pet"), plugin="medfuse")[0]
+    panel = OverlayPanel(viewer)
+    assert (panel.base.layer() is ct) and (panel.overlay.layer() is pet)
+    qtbot.wait(100)
+    assert [l.name for l in viewer.layers] == ["ct", "extra", "pet"] and not shown
+    # Picking a pair whose overlay lies below (the CT as the overlay of the PET): the CT goes directly above the PET.
+    panel.base.set_layer("pet")
+    panel.overlay.set_layer("ct")
+    qtbot.waitUntil(lambda: [l.name for l in viewer.layers] == ["extra", "pet", "ct"], timeout=5000)
+    assert len(shown) == 1 and "'ct'" in shown[0], shown

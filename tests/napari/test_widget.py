@@ -919,3 +919,100 @@ def test_fusing_a_pet_from_another_frame_of_reference_unregistered_is_warned(qtb
     panel.run()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
     assert not any("frames of reference" in m for m in shown), shown
+
+
+# ----------------------------------------------------------------------------------------------- register: pair changes
+def _pet_off_t1_mm(viewer, placed) -> float:
+    """Largest distance (mm) at the lesion and two head points between the PET anatomy napari shows at a world
+    point and the MR anatomy it shows there, by the ground truth (``placed``: each layer's data -> world as read)."""
+    t1, pet = viewer.layers["t1"], viewer.layers["pet"]
+    gt = load_ground_truth()
+    off = []
+    for q in (gt["lesion"]["center_lps_mm"], [0.0, 0.0, 0.0], [40.0, 20.0, -30.0]):  # MR points, LPS mm
+        d_t1 = np.linalg.solve(placed["t1"], np.r_[q[2], q[1], q[0], 1.0])[:3]
+        shown = np.asarray(t1.data_to_world(d_t1))  # where napari shows that MR point now
+        d_pet = np.asarray(pet.world_to_data(shown))  # the PET voxel napari shows there
+        p = (placed["pet"] @ np.r_[d_pet, 1.0])[:3][::-1]  # that voxel's point in the PET file, LPS
+        off.append(np.linalg.norm(p - (gt["mr_to_pet"] @ np.r_[q, 1.0])[:3]))
+    return float(max(off))
+
+
+def test_register_not_applied_when_the_fixed_layer_moves_meanwhile(qtbot, workstation, monkeypatch):
+    # The MR dragged 15 mm while its PET registered: the result was applied against the MR's old place, leaving
+    # the PET 15 mm off the MR as napari shows it, with "done", not suspect, and no notice.
+    errors = []
+    monkeypatch.setattr(_widget, "_notify_error", errors.append)
+    viewer, widget = workstation
+    t1, pet = viewer.layers["t1"], viewer.layers["pet"]
+    placed = {l.name: l._data_to_world.affine_matrix.copy() for l in (t1, pet)}
+    panel = widget.register_panel
+    panel.fixed.set_layer("t1")
+    panel.moving.set_layer("pet")
+    panel.run()
+    assert panel.worker is not None
+    t1.translate = np.asarray(t1.translate) + (0.0, 0.0, 15.0)  # while the worker registers
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=240_000)
+    np.testing.assert_allclose(pet.affine.affine_matrix, np.eye(4))  # not applied
+    assert "registration" not in pet.metadata["medfuse"]
+    assert panel.level_label.text() == "done; result not applied: an input moved"
+    assert len(errors) == 1 and "fixed layer 't1' was moved" in errors[0], errors
+    assert "Fix: run the registration again" in errors[0]
+    assert panel.save_button.isEnabled()  # the transform between the files stays right, and can be saved
+    # Run again now: the PET lands on the MR where napari shows the MR now.
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=240_000)
+    assert panel.level_label.text() == "done"
+    off = _pet_off_t1_mm(viewer, placed)
+    print(f"PET off the moved MR after a second run: {off:.2f} mm")
+    assert off < 1.5
+
+
+def test_register_not_applied_when_the_moving_layer_moves_meanwhile(qtbot, make_napari_viewer, monkeypatch):
+    viewer = make_napari_viewer()
+    _register_layers(viewer)
+    widget, panel, errors = _start_register_collecting_errors(viewer, monkeypatch)
+    moving = viewer.layers["moving"]
+    moving.translate = (0.0, 6.0, 0.0)  # while the worker registers
+    n = len(viewer.layers)
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    np.testing.assert_allclose(moving.affine.affine_matrix, np.eye(4))
+    assert len(viewer.layers) == n  # no resampled layer either
+    assert len(errors) == 1 and "moving layer 'moving' was moved" in errors[0] and "Fix:" in errors[0], errors
+
+
+def test_register_report_and_save_name_their_pair(qtbot, workstation, tmp_path, monkeypatch):
+    # The pickers switched to another pair during the run: the report and Save transform… belong to the run's pair
+    # (pet onto t1) and say so; Save writes that pair's transform.
+    import medfuse
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer, widget = workstation
+    panel = widget.register_panel
+    panel.fixed.set_layer("t1")
+    panel.moving.set_layer("pet")
+    panel.run()
+    panel.fixed.set_layer("ct")
+    panel.moving.set_layer("spect")
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=240_000)
+    assert panel.report_view.toPlainText().splitlines()[0] == "'pet' (moving) onto 't1' (fixed)"
+    assert panel.save_button.text() == "Save transform of 'pet' onto 't1'…"
+    asked = []
+
+    def dialog(parent, title, name, filters):
+        asked.append(title)
+        return str(tmp_path / "saved.tfm"), filters
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(dialog))
+    panel.save_button.click()
+    assert asked == ["Save the transform of 'pet' onto 't1'"]
+    # The file holds pet onto t1 (fixed point -> moving point), against the phantom's ground truth.
+    saved = medfuse.load_transform(tmp_path / "saved.tfm").matrix
+    gt = load_ground_truth()["mr_to_pet"]
+    pts = np.c_[np.random.default_rng(0).uniform(-60, 60, (50, 3)), np.ones(50)]
+    assert np.linalg.norm((pts @ saved.T - pts @ gt.T)[:, :3], axis=1).max() < 1.5
+    # Renames are followed; closing the pair clears the name with the result.
+    viewer.layers["pet"].name = "pet ac"
+    assert panel.save_button.text() == "Save transform of 'pet ac' onto 't1'…"
+    assert panel.report_view.toPlainText().splitlines()[0] == "'pet ac' (moving) onto 't1' (fixed)"
+    viewer.layers.remove("t1")
+    assert panel.save_button.text() == "Save transform…" and not panel.save_button.isEnabled()
