@@ -2,9 +2,9 @@
 
 * ``run_batch`` takes a manifest, or a dataset folder holding one folder per subject whose images
   are found by :func:`discover_subject` (names, DICOM Modality); unpaired or ambiguous subjects fail alone.
-* The manifest is a CSV (header ``subject,fixed,moving,output`` plus optional ``register`` and
-  ``method``; several moving images separated by ``;`` or in extra ``moving*`` columns; a ``.tsv``, or a
-  spreadsheet's CSV with ``;`` between cells, is read too) or a YAML list of such mappings (or
+* The manifest is a CSV (header ``subject,fixed,moving,output`` plus optional ``register``, ``method``,
+  ``series`` and ``modalities``; several moving images separated by ``;`` or in extra ``moving*`` columns; a
+  ``.tsv``, or a spreadsheet's CSV with ``;`` between cells, is read too) or a YAML list of such mappings (or
   ``{defaults: {...}, subjects: [...]}``). Relative paths are relative to the manifest's folder.
 * Subjects run in parallel on a local Dask cluster of worker *processes* by default, or on an
   existing cluster (``scheduler="tcp://host:8786"``).
@@ -98,6 +98,10 @@ class Subject:
             others go on.
         series: for DICOM folders that hold several series side by side, one choice per input, fixed first
             (a number, a modality or a UID; ``"-"`` for none; see :func:`medfuse.io.select_series`).
+        modalities: one modality per input, fixed first (``MR``, ``CT``, ``PT``, ``NM``; ``"-"``: the input's own,
+            as its header gives it), as ``fuse_files(modalities=...)`` takes them; ``None``: a manifest row's inputs
+            keep their own (a NIfTI file has none: ``unknown``), a dataset's files get the modality their names
+            tell (see :func:`_name_modalities`).
     """
 
     subject: str
@@ -109,6 +113,7 @@ class Subject:
     folder: Optional[str] = None
     problem: Optional[str] = None
     series: Optional[List[str]] = None
+    modalities: Optional[List[str]] = None
 
 
 @dataclass
@@ -212,7 +217,7 @@ class BatchSummary:
 
 # ----------------------------------------------------------------------------- manifest
 #: What a manifest row (or a YAML manifest's ``defaults``) may hold besides its ``moving*`` columns.
-_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series")
+_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series", "modalities")
 
 
 def _display_path(value: Any) -> str:
@@ -299,8 +304,46 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         raise _row_error(path, row, f"'series' gives {len(series)} choices for {1 + len(moving)} images",
                          "give one per image, fixed first, separated by ';' ('-' for an image that needs none), "
                          "e.g. CT;PT")
+    modalities = _row_modalities(d.get("modalities"), None if problem else 1 + len(moving), path, row)
     return Subject(subject=str(d["subject"]).strip(), fixed=fixed, moving=[absolute(m) for m in moving],
-                   output=absolute(d["output"]), register=reg, method=method, problem=problem, series=series)
+                   output=absolute(d["output"]), register=reg, method=method, problem=problem, series=series,
+                   modalities=modalities)
+
+
+def _row_modalities(value: Any, n_images: Optional[int], path: Path, row: int) -> Optional[List[str]]:
+    """A row's ``modalities`` cell as medfuse's codes, one per image, fixed first (``"-"``: the image's own).
+
+    Why: a dataset's NIfTI PET, with no modality in its header, was fused as ``unknown`` (the network's PET rule
+    never ran: up to 0.548 from ``medfuse fuse --modalities MR PT``), and a manifest could not say what it was.
+    The values are those ``--modalities`` takes (MR, CT, PT, NM; PET, SPECT), separated by spaces or ``;``.
+
+    Args:
+        value: the cell (text, or a YAML list); None or empty: no choice.
+        n_images: how many images the row names (None: an unpaired row, not counted).
+        path, row: the manifest and the row's number (named in the errors).
+
+    Raises:
+        InvalidInputError: a value that is no known modality, or not one per image.
+    """
+    from .volume import normalise_modality
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    words = ([str(x).strip() for x in value] if isinstance(value, (list, tuple))
+             else str(value).replace(";", " ").split())
+    fix = "give one per image, fixed first, separated by spaces or ';' ('-' keeps an image's own), e.g. MR PT"
+    if n_images is not None and len(words) != n_images:
+        raise _row_error(path, row, f"'modalities' names {len(words)} modalities for {n_images} images", fix)
+    codes = []
+    for i, w in enumerate(words, start=1):
+        if w in ("-", ""):
+            codes.append("-")
+            continue
+        try:
+            codes.append(normalise_modality(w))
+        except InvalidInputError as e:  # the value is quoted by label(): a pasted path is not shown
+            raise _row_error(path, row, f"'modalities': unknown modality {label(w)} for image {i}", e.fix) from None
+    return codes
 
 
 def _text_loader():
@@ -340,9 +383,9 @@ def read_manifest(path: PathLike) -> List[Subject]:
         InvalidInputError: ``path`` is not a str or pathlib.Path, no subjects, a CSV header without subject,
             fixed, moving and output, a row with more cells than the header, a YAML manifest that is not a list
             of subjects (or whose defaults are not a mapping), a row without a subject or output, a list where one
-            value goes, an unknown column or ``register`` value, a ``series`` count
-            that does not match the images, or subjects/outputs that repeat (outputs also when they differ only
-            in letter case).
+            value goes, an unknown column or ``register`` value, a ``series`` or ``modalities`` count
+            that does not match the images, an unknown modality, subjects/outputs that repeat (outputs also when
+            they differ only in letter case), or an output that is an input (its own row's or another's).
     """
     p = as_path(path, what="the manifest", images=False,
                 fix="pass the manifest's path (.csv, .tsv, .yaml or .yml) as a str or pathlib.Path")
@@ -431,7 +474,7 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     Outputs are compared as the files they name (``out/x.nii.gz`` and ``out/../out/x.nii.gz`` are one; symbolic
     links followed) and without letter case (one file on Windows and macOS). ``out/s.nii.gz`` and ``out/s.mha``
     share the sidecar ``out/s.json``: the second would take over the first's provenance. An output (or its
-    sidecar) that is another row's input, or lies inside another row's input folder, would replace that input.
+    sidecar) that is an input (another row's or its own), or lies inside an input folder, would replace that input.
 
     Args:
         subjects: the rows.
@@ -441,8 +484,9 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
 
     Raises:
         InvalidInputError: a subject or output appears twice, two outputs are one file (or differ only in letter
-            case, or share a sidecar), or an output is another row's input; the message names both rows (patient
-            identifiers blanked) and quotes paths normalised (``/d/out/x.nii.gz``, not ``/d/out/../out/x.nii.gz``).
+            case, or share a sidecar), or an output is an input (its own row's or another's); the message names the
+            rows (patient identifiers blanked) and quotes paths normalised (``/d/out/x.nii.gz``, not
+            ``/d/out/../out/x.nii.gz``).
     """
     from .provenance import sidecar_path
 
@@ -458,16 +502,18 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
 
     shown = _display_path
 
-    def refuse(i: int, j: int, problem: str, fix: str) -> None:
+    def refuse(i: int, j: Optional[int], problem: str, fix: str) -> None:
+        """Refuse rows ``j`` and ``i`` (``j`` None: row ``i`` alone)."""
         from .provenance import patient_identifiers, scrub
 
         def who(k: int) -> str:
             return f"{'row ' + str(first_row + k) if first_row is not None else 'subject ' + str(k + 1)} " \
                    f"({subjects[k].subject!r})"
 
-        both = [subjects[j], subjects[i]]
+        both = [subjects[i]] if j is None else [subjects[j], subjects[i]]
         ids = patient_identifiers([x for s in both for x in (s.fixed, *s.moving, s.folder) if x and os.path.exists(x)])
-        raise InvalidInputError(scrub(f"{who(j)} and {who(i)}: {problem}", ids), fix=fix, path=p)
+        rows = who(i) if j is None else f"{who(j)} and {who(i)}"
+        raise InvalidInputError(scrub(f"{rows}: {problem}", ids), fix=fix, path=p)
 
     names: Dict[str, int] = {}
     for i, s in enumerate(subjects):
@@ -514,6 +560,11 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
                         refuse(i, j, f"{what} {out!r} is the other row's input {x!r} (or inside it): writing it "
                                      "would replace that input", "write outputs to a folder of their own, away "
                                                                  "from the inputs")
+                    # Its own input: the row failed with "not verified by its provenance sidecar... rerun with
+                    # --overwrite", and --overwrite then with "refusing to write onto the volume's own source".
+                    refuse(i, None, f"{what} {out!r} is its own input {x!r} (or inside it): writing it would "
+                                    "replace that input", "give the row an output path of its own, away from its "
+                                                          "inputs")
 
 
 # ----------------------------------------------------------------------------- dataset folders
@@ -876,12 +927,17 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
             fixed, moving, series = discover_subject(s.folder, with_series=True)
         except InvalidInputError:
             fixed, moving, series = "", [], None
-        rows.append([s.subject, fixed, ";".join(moving), s.output, ";".join(series or [])])
-    with_series = any(r[4] for r in rows)  # the column only when some subject needs it
+        with warnings.catch_warnings():  # the run says them; here the files are only read for their modality
+            warnings.simplefilter("ignore", MedfuseWarning)
+            codes = _name_modalities([fixed, *moving]) if fixed else None
+        rows.append([s.subject, fixed, ";".join(moving), s.output, ";".join(series or []), " ".join(codes or [])])
+    # Each column only when some subject needs it: series for several series in a folder, modalities for files
+    # that state none (what the run takes from their names; '-': a DICOM series' own Modality).
+    cols = [c for c, k in (("series", 4), ("modalities", 5)) if any(r[k] for r in rows)]
     extra = {k: v for k, v in (("register", register), ("method", method)) if v}
-    w.writerow(["subject", "fixed", "moving", "output"] + (["series"] if with_series else []) + list(extra))
+    w.writerow(["subject", "fixed", "moving", "output"] + cols + list(extra))
     for r in rows:
-        w.writerow((r if with_series else r[:4]) + list(extra.values()))
+        w.writerow(r[:4] + [r[{"series": 4, "modalities": 5}[c]] for c in cols] + list(extra.values()))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1142,15 +1198,18 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         if s.problem:
             res.error = s.problem
             return inputs
-        series = s.series
+        series, codes = s.series, s.modalities
         if s.folder and not s.fixed:
             fixed, moving, series = discover_subject(s.folder, with_series=True)
             inputs = [fixed, *moving]
+            codes = _name_modalities(inputs)
+        modalities = [None if c == "-" else c for c in codes] if codes else None
         res.inputs = ";".join(inputs)
+        _refuse_own_input(s.output, inputs)
         threads = int(options.get("threads") or 1)
         if options.get("cap_process_threads", True):
             cap_threads(threads)  # a worker process: bound every pool, not just registration's
-        from .pipeline import _weights_sha256, fuse_files, pipeline_parameters
+        from .pipeline import Pipeline, _weights_sha256, fuse_files
         from .provenance import is_up_to_date, read_sidecar
 
         register = s.register if s.register is not None else options.get("register")
@@ -1160,7 +1219,8 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
                   fallback=options.get("fallback"), threads=threads)
         # What the output must have been made with: a fallback's output, or other weights', is redone.
         expect = {"method_used": method, **({"weights_sha256": _weights_sha256()} if method == "network" else {})}
-        params = pipeline_parameters(**kw, series=series)
+        # As fuse_files records them (pipeline_parameters takes no modalities).
+        params = Pipeline(**kw, series=series, modalities=modalities).parameters()
         overwrite = bool(options.get("overwrite"))
         out = Path(s.output)
         if out.exists():
@@ -1174,7 +1234,8 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
                 res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
                 overwrite = True
         _make_output_folder(out)
-        made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series, **kw)
+        made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series,
+                          modalities=modalities, **kw)
         res.status = "done"
         _from_sidecar(res, made.provenance)
     except MedfuseError as e:
@@ -1183,7 +1244,73 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
             res.status = "cancelled"
     except Exception as e:  # noqa: BLE001 - isolate the subject; the batch goes on
         res.error = _one_line(e)
+    if res.status != "done" and res.note and res.note.startswith("redone: "):
+        res.note = _not_redone(res.note, Path(s.output))
     return inputs
+
+
+def _not_redone(note: str, out: Path) -> str:
+    """The note of a stale output whose redo failed or was cancelled.
+
+    Why: the row said "redone: inputs changed" while the old output, made from the old inputs, stayed in place
+    with a sidecar that still verifies it (a classifier globbing ``*_fused.nii.gz`` took it up).
+    """
+    why = note[len("redone: "):]
+    if out.exists():
+        return f"not redone ({why}): the old output is still there and stale"
+    return f"not redone ({why})"
+
+
+def _refuse_own_input(output: str, inputs: Sequence[str]) -> None:
+    """Refuse an output path that is one of the subject's own inputs (or inside its DICOM folder).
+
+    Why: the row failed with "output exists and is not verified by its provenance sidecar... rerun with
+    --overwrite", and --overwrite then failed with "refusing to write onto the volume's own source".
+
+    Raises:
+        OutputExistsError: the output is one of ``inputs``, or lies in one of them.
+    """
+    out = os.path.realpath(os.path.expanduser(output))
+    for x in inputs:
+        if not x:
+            continue
+        src = os.path.realpath(os.path.expanduser(x))
+        if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+            raise OutputExistsError("the output is the subject's own input"
+                                    + ("" if out == src else " folder") + ": writing it would replace that input",
+                                    fix="give the subject an output path of its own, away from its inputs",
+                                    path=_display_path(output))
+
+
+def _name_modalities(inputs: Sequence[str]) -> Optional[List[str]]:
+    """For a dataset subject's images (fixed first): the modality each file's name tells, for the NIfTI/MetaImage/
+    NRRD files whose own header states none; ``"-"`` (the image's own) for the others. None when no image needs one.
+
+    Why: discovery paired ``t1.nii`` and ``pet.nii`` by their names and then fused both as ``unknown`` (the PET
+    rule of the network never ran; up to 0.548 from ``medfuse fuse --modalities MR PT``). A DICOM series' own
+    Modality, and a file that states its own (a medfuse tag, a BIDS sidecar), win.
+    """
+    from .io import is_image_file
+
+    codes = []
+    for p in inputs:
+        kind = _modality_from_name(Path(p).name) if is_image_file(p) else None
+        codes.append(kind if kind and _states_no_modality(p) else "-")
+    return codes if any(c != "-" for c in codes) else None
+
+
+def _states_no_modality(path: str) -> bool:
+    """Whether the image file loads as ``unknown`` (its header, medfuse tag or BIDS sidecar names no modality).
+
+    Read by medfuse's own reader, so that every one of its rules holds (one more read of the file: 0.02 s for the
+    SPM12 PET); a file it cannot read counts as stating none (the subject's run then says why).
+    """
+    from .io import load
+
+    try:
+        return load(path).modality == "unknown"
+    except MedfuseError:
+        return True
 
 
 #: Registration advice of fuse_files and register (``initialise='geometry'``, ``initial_transform=``,
@@ -1887,7 +2014,7 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
     (number of workers, cancelled). ``cancel`` is polled while waiting, so Ctrl-C is answered at once
     rather than when the next subject ends; unfinished subjects are dropped with the local cluster."""
     client, cluster = _client(scheduler, workers, options["threads"])
-    cancelled = False
+    cancelled = interrupted = False
     try:
         from dask.distributed import as_completed
 
@@ -1911,11 +2038,50 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
                 except Exception as e:  # noqa: BLE001 - a worker died (segfault, OOM): isolate it
                     finished(asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
                                                   error=_worker_died(e))))
+    except KeyboardInterrupt:  # the second Ctrl-C (the CLI's first only cancels): stop now
+        interrupted = True
+        raise
     finally:
+        _close(client, cluster, kill=interrupted)
+    return n_workers, cancelled
+
+
+def _close(client: Any, cluster: Any, *, kill: bool = False) -> None:
+    """Close the client and the local cluster; on a Ctrl-C (``kill``, or one while closing) the local workers are
+    killed first, so that it stops at once.
+
+    Why: the second Ctrl-C broke out of ``client.close()``, so the cluster was closed only when Python exited,
+    ~10 s later. Meanwhile its workers went on and moved complete outputs into place 0.1-1.6 s after the report
+    said "cancelled, not run" (and raw "terminate called without an active exception" lines appeared). Once this
+    returns (or raises), no local worker writes anything more, so the report made next tells the truth.
+
+    Raises:
+        KeyboardInterrupt: a Ctrl-C while closing, once the workers are stopped.
+    """
+    try:
+        if kill and cluster is not None:
+            _kill_workers(cluster)
         client.close()
         if cluster is not None:
             cluster.close()
-    return n_workers, cancelled
+    except KeyboardInterrupt:
+        if cluster is not None:
+            _kill_workers(cluster)
+            with contextlib.suppress(BaseException):  # a third Ctrl-C, or a cluster upset by its dead workers
+                cluster.close(timeout=5)
+        raise
+
+
+def _kill_workers(cluster: Any) -> None:
+    """Kill the local cluster's worker processes (SIGKILL): a subject's work stops where it is; its output, written
+    atomically, is either complete and in place or not there (a temporary file left behind is removed by the next
+    write to that output)."""
+    kill = getattr(signal, "SIGKILL", signal.SIGTERM)
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        pid = getattr(nanny, "pid", None)  # a Nanny's worker process (None once it is gone)
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, kill)
 
 
 # ----------------------------------------------------------------------------- phantom subjects

@@ -1327,7 +1327,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  s01,s01/mr.nii.gz,s01/pet,out/s01_fused.nii.gz\n"
             "  s02,s02/mr.nii.gz,s02/pet;s02/spect.nii.gz,out/s02_fused.nii.gz\n"
             "Optional columns: register, method, series (for DICOM folders holding several series: one choice\n"
-            "per image, fixed first, e.g. CT;PT). Several moving images: separate with ';' (CSV) or a list\n"
+            "per image, fixed first, e.g. CT;PT), modalities (one per image, fixed first, e.g. MR PT; '-' keeps\n"
+            "an image's own). Several moving images: separate with ';' (CSV) or a list\n"
             "(YAML). Relative paths are relative to the manifest's folder. See docs/pipeline.md.")
     p.add_argument("manifest", metavar="MANIFEST_OR_DATASET",
                    help="subjects.csv, subjects.yaml, or a dataset folder with one folder per subject")

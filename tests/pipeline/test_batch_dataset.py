@@ -346,3 +346,110 @@ def test_a_subject_folder_that_may_not_be_listed_says_so(tmp_path, monkeypatch):
     msg = _discover_msg(sub)
     assert "no PET or SPECT found" in msg and "1 folder(s) that may not be read (permission denied): pet" in msg
     assert "chmod" in msg
+
+
+# ----------------------------------------------------------------------------- modalities of NIfTI inputs
+def _plain_nifti(path: Path, array, spacing: float) -> Path:
+    """A NIfTI written by nibabel alone: no medfuse tag, no BIDS sidecar, so it loads as modality 'unknown'."""
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.diag([spacing, spacing, spacing, 1.0])), path)
+    return path
+
+
+@pytest.fixture
+def t1_pet_dataset(tmp_path):
+    """One subject folder with t1.nii and pet.nii that state no modality (a hot spot in the PET)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mr = rng.normal(100, 10, (40, 44, 36))
+    mr[10:30, 10:34, 8:28] += 200
+    pet = rng.gamma(2.0, 1.0, (20, 22, 18))
+    pet[8:11, 9:12, 7:10] += 40
+    sub = tmp_path / "study" / "s1"
+    sub.mkdir(parents=True)
+    _plain_nifti(sub / "t1.nii", mr, 2.0)
+    _plain_nifti(sub / "pet.nii", pet, 4.0)
+    return tmp_path / "study"
+
+
+def _voxels(path: Path):
+    import nibabel as nib
+
+    return nib.load(path).get_fdata()
+
+
+def test_a_dataset_pet_nifti_is_fused_as_the_pet_its_name_says(t1_pet_dataset, tmp_path):
+    """Discovery paired t1.nii and pet.nii by their names, then fused both as 'unknown' (the network's PET rule never
+    ran: up to 0.548 from `medfuse fuse --modalities MR PT` on the SPM12 PET). The names now give the modalities."""
+    import numpy as np
+
+    from medfuse.pipeline import fuse_files
+
+    sub = t1_pet_dataset / "s1"
+    import medfuse
+
+    assert medfuse.load(sub / "pet.nii").modality == "unknown"  # the file itself states none
+    summary = run_batch(t1_pet_dataset, scheduler="synchronous")
+    assert summary.n_done == 1, summary.table()
+    out = t1_pet_dataset / "derivatives" / "medfuse" / "s1_fused.nii.gz"
+    rec = json.loads(out.with_name("s1_fused.json").read_text())
+    assert [i["modality"] for i in rec["inputs"]] == ["MR", "PT"]
+    assert rec["parameters"]["load"]["modalities"] == ["MR", "PT"]
+    # The reference: fuse_files told the modalities (as `medfuse fuse --modalities MR PT`), read back by nibabel.
+    told = fuse_files(sub / "t1.nii", sub / "pet.nii", tmp_path / "told.nii.gz", modalities=["MR", "PT"], threads=1)
+    unknown = fuse_files(sub / "t1.nii", sub / "pet.nii", tmp_path / "unknown.nii.gz", threads=1)
+    assert told.provenance["method_used"] == "network"
+    np.testing.assert_array_equal(_voxels(out), _voxels(tmp_path / "told.nii.gz"))
+    assert np.abs(_voxels(out) - _voxels(tmp_path / "unknown.nii.gz")).max() > 0.1  # what batch wrote before
+    # A rerun records the same parameters: skipped, not redone.
+    again = run_batch(t1_pet_dataset, scheduler="synchronous")
+    assert [r.status for r in again.results] == ["skipped"]
+
+
+def test_a_dataset_dicom_series_keeps_its_own_modality(tmp_path):
+    """The DICOM Modality wins: only a file that states none gets its name's modality."""
+    pytest.importorskip("pydicom")
+    import nibabel as nib
+
+    sub = tmp_path / "study" / "P001"
+    shutil.copytree(SAMPLES / "pet", sub / "nm_spect_export")  # a folder name that says otherwise: not used
+    _plain_nifti(sub / "t1.nii.gz", nib.load(SAMPLES / "mr_t1.nii.gz").get_fdata()[::2, ::2, ::2], 2.0)
+    assert batch._name_modalities([os.fspath(sub / "t1.nii.gz"), os.fspath(sub / "nm_spect_export")]) == ["MR", "-"]
+    summary = run_batch(tmp_path / "study", scheduler="synchronous", method="max")
+    assert summary.n_done == 1, summary.table()
+    rec = json.loads((tmp_path / "study" / "derivatives" / "medfuse" / "P001_fused.json").read_text())
+    assert [(i["modality"], i["unit"]) for i in rec["inputs"]] == [("MR", "arbitrary"), ("PT", "SUVbw")]
+    assert rec["parameters"]["load"]["modalities"] == ["MR", None]
+    # A file that states its own modality (medfuse's tag) keeps it too: nothing is passed for it.
+    assert batch._name_modalities([os.fspath(SAMPLES / "mr_t1.nii.gz"), os.fspath(sub / "nm_spect_export")]) is None
+
+
+def test_a_manifest_states_modalities_and_write_manifest_writes_them(t1_pet_dataset, tmp_path):
+    """A manifest had no way to state modalities (a 'modalities' column was refused as unknown)."""
+    import numpy as np
+
+    from medfuse.batch import read_manifest, write_manifest
+    from medfuse.pipeline import fuse_files
+
+    sub = t1_pet_dataset / "s1"
+    path = write_manifest(t1_pet_dataset, tmp_path / "m.csv")
+    with open(path, newline="") as f:
+        assert [r["modalities"] for r in csv.DictReader(f)] == ["MR PT"]
+    assert read_manifest(path)[0].modalities == ["MR", "PT"]
+    # Spelt as --modalities takes them, in a manifest of one's own; the output equals fuse_files told them.
+    own = tmp_path / "own.csv"
+    own.write_text("subject,fixed,moving,output,modalities\n"
+                   f"a,{sub / 't1.nii'},{sub / 'pet.nii'},out/a.nii.gz,mr PET\n")
+    assert read_manifest(own)[0].modalities == ["MR", "PT"]
+    assert run_batch(own, scheduler="synchronous").n_done == 1
+    fuse_files(sub / "t1.nii", sub / "pet.nii", tmp_path / "told.nii.gz", modalities=["MR", "PT"], threads=1)
+    np.testing.assert_array_equal(_voxels(tmp_path / "out" / "a.nii.gz"), _voxels(tmp_path / "told.nii.gz"))
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["parameters"]["load"]["modalities"] == ["MR", "PT"]
+    # Checked as --modalities is, before any work.
+    for cell, words in (("MR", "names 1 modalities for 2 images"), ("MR XX", "unknown modality 'XX' for image 2")):
+        own.write_text(f"subject,fixed,moving,output,modalities\na,t1.nii,pet.nii,out/a.nii.gz,{cell}\n")
+        with pytest.raises(InvalidInputError, match=words):
+            read_manifest(own)

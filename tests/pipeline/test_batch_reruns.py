@@ -310,3 +310,72 @@ def test_links_to_folders_above_a_subject_are_not_followed(tmp_path, samples_dir
     os.symlink(os.path.abspath(os.sep), ds / "sub-01" / "root")
     os.symlink(".", ds / "sub-01" / "here")
     assert discover_subject(ds / "sub-01") == want
+
+
+# ----------------------------------------------------------------------------- 5. an output that is its own input
+def test_a_row_whose_output_is_its_own_input_is_refused_up_front(tmp_path):
+    """`a,t1.nii,pet.nii,pet.nii` failed with "not verified by its provenance sidecar... rerun with --overwrite", and
+    --overwrite then failed with "refusing to write onto the volume's own source"."""
+    import hashlib
+
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", tmp_path / "t1.nii.gz")
+    shutil.copy(SAMPLES / "spect.nii.gz", tmp_path / "pet.nii.gz")
+    sha = hashlib.sha256((tmp_path / "pet.nii.gz").read_bytes()).hexdigest()
+    manifest = tmp_path / "self.csv"
+    manifest.write_text("subject,fixed,moving,output\na,t1.nii.gz,pet.nii.gz,pet.nii.gz\n")
+    with pytest.raises(InvalidInputError) as e:
+        read_manifest(manifest)
+    text = e.value.one_line()
+    assert "row 2 ('a'): output" in text and "is its own input" in text and "overwrite" not in text, text
+    # A list gets the same refusal before any work; run_subject alone fails the row with the right words.
+    subject = Subject(subject="a", fixed=os.fspath(tmp_path / "t1.nii.gz"), moving=[os.fspath(tmp_path / "pet.nii.gz")],
+                      output=os.fspath(tmp_path / "pet.nii.gz"))
+    with pytest.raises(InvalidInputError, match="its own input"):
+        run_batch([subject], scheduler="synchronous", report=tmp_path / "r.csv")
+    from medfuse.batch import run_subject
+
+    for overwrite in (False, True):
+        row = run_subject(subject, {"method": "max", "overwrite": overwrite}, cancel=None)
+        assert row["status"] == "failed" and "own input" in row["error"] and "--overwrite" not in row["error"]
+    assert hashlib.sha256((tmp_path / "pet.nii.gz").read_bytes()).hexdigest() == sha
+
+
+# ----------------------------------------------------------------------------- 6. a stale output not redone
+def test_a_stale_output_whose_redo_fails_or_is_cancelled_says_it_is_still_there(tmp_path):
+    """The row said "redone: inputs changed" while the old output, made from the old inputs, stayed in place with a
+    sidecar that still verifies it."""
+    import hashlib
+
+    import nibabel as nib
+
+    from medfuse.batch import run_subject
+    from medfuse.progress import CancelToken
+
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", tmp_path / "t1.nii.gz")
+    shutil.copy(SAMPLES / "spect.nii.gz", tmp_path / "spect.nii.gz")
+    subject = Subject(subject="a", fixed=os.fspath(tmp_path / "t1.nii.gz"),
+                      moving=[os.fspath(tmp_path / "spect.nii.gz")], output=os.fspath(tmp_path / "out" / "a.nii.gz"))
+    options = {"method": "max", "cap_process_threads": False}
+    assert run_subject(subject, options)["status"] == "done"
+    out = tmp_path / "out" / "a.nii.gz"
+    old = out.read_bytes()
+    # New inputs: the SPECT doubled (its stale output is then redone)...
+    img = nib.load(tmp_path / "spect.nii.gz")
+    nib.save(nib.Nifti1Image(img.get_fdata() * 2, img.affine, img.header), tmp_path / "spect.nii.gz")
+    token = CancelToken()
+    token.cancel()  # ... and the redo cancelled
+    row = run_subject(subject, options, cancel=token)
+    assert row["status"] == "cancelled"
+    assert row["note"] == "not redone (inputs changed): the old output is still there and stale", row
+    # ... or failing: the SPECT damaged.
+    (tmp_path / "spect.nii.gz").write_bytes((tmp_path / "spect.nii.gz").read_bytes()[:400])
+    row = run_subject(subject, options)
+    assert row["status"] == "failed" and row["note"].startswith("not redone (inputs changed): the old output is"), row
+    # What the note says, checked on disk: the old output, which its sidecar still verifies.
+    assert out.read_bytes() == old
+    assert prov.read_sidecar(out)["output"]["sha256"] == hashlib.sha256(old).hexdigest()
+    # A redo that succeeds keeps its note.
+    shutil.copy(SAMPLES / "spect.nii.gz", tmp_path / "spect.nii.gz")
+    nib.save(nib.Nifti1Image(img.get_fdata() * 3, img.affine, img.header), tmp_path / "spect.nii.gz")
+    row = run_subject(subject, options)
+    assert (row["status"], row["note"]) == ("done", "redone: inputs changed"), row

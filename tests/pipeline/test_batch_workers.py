@@ -170,3 +170,66 @@ def test_each_subjects_warnings_go_to_its_own_row_with_several_threads(capsys):
     assert not any(f[2] is MedfuseWarning and f[0] == "always" for f in warnings.filters)  # left as it was
     with pytest.warns(MedfuseWarning, match="after"):  # and a warning outside a subject is shown as before
         warnings.warn("after", MedfuseWarning)
+
+
+# ----------------------------------------------------------------------------- 3. a second Ctrl-C while closing
+_SECOND_CTRL_C = textwrap.dedent("""
+    import os, sys, threading, time
+    from pathlib import Path
+
+    def task(s, options):  # a subject that moves its output into place a few seconds in
+        out = Path(s["output"])
+        Path(str(out) + ".started").write_text(str(os.getpid()))
+        time.sleep(3)
+        out.write_text("written after the report")
+        return {"subject": s["subject"], "status": "done", "output": s["output"]}
+
+    if __name__ == "__main__":
+        from medfuse import batch
+        from medfuse.progress import CancelToken
+
+        real = batch._client
+
+        def interrupted_close(*args):
+            client, cluster = real(*args)
+            close = client.close
+
+            def second_ctrl_c():  # the second Ctrl-C arrives while the client closes
+                client.close = close
+                raise KeyboardInterrupt
+
+            client.close = second_ctrl_c
+            return client, cluster
+
+        batch._client = interrupted_close
+        out = Path(sys.argv[1]) / "a.txt"
+        started = Path(str(out) + ".started")
+        token = CancelToken()
+
+        def first_ctrl_c():
+            while not started.exists():
+                time.sleep(0.05)
+            token.cancel()
+
+        threading.Thread(target=first_ctrl_c, daemon=True).start()
+        subject = batch.Subject(subject="a", fixed="f", moving=["m"], output=os.fspath(out))
+        try:
+            batch._run_on_dask([subject], {"threads": 1}, "local", 1, lambda d: None, token, task=task)
+            print("not-interrupted")
+        except KeyboardInterrupt:
+            late = batch._finished_meanwhile(subject, 0.0)  # what run_batch checks before its last report
+            time.sleep(4)  # past the moment the subject would have written its output
+            print("interrupted", late is None, out.exists())
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
+def test_a_second_ctrl_c_while_closing_stops_the_workers_before_the_report(tmp_path):
+    """The second Ctrl-C broke out of client.close(): the report said "cancelled, not run" while the workers went on
+    and moved complete outputs into place 0.1-1.6 s later. The workers are now stopped before it returns."""
+    pytest.importorskip("distributed")
+    script = tmp_path / "second.py"
+    script.write_text(_SECOND_CTRL_C)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert run.stdout.split() == ["interrupted", "True", "False"], (run.stdout, run.stderr[-3000:])
