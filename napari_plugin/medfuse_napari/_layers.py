@@ -277,6 +277,20 @@ def _file_grid(layer: Any) -> Optional[np.ndarray]:
     return grid
 
 
+def file_order(layer: Any) -> Dict[str, Any]:
+    """The file geometry (true affine, ``display_grid``) to give a layer made on ``layer``'s data grid; else {}.
+
+    Why: a fused or resampled layer has the base layer's display voxels (``S, P, L``); with the base file's affine
+    and its ``reordered`` record the writer saves it in the base file's voxel order, as the CLI does (``medfuse fuse
+    T1.nii SPECT.nii`` gives T1's affine; the widget's fusion was saved in display order, axcodes S, P, L). Empty for
+    a base napari shows resampled (oblique: its voxels are on the display grid only) or from another reader.
+    """
+    md = meta(layer)
+    if md.get("display_grid") not in ("native", "reordered") or "affine" not in md:
+        return {}
+    return {"affine": np.asarray(md["affine"], dtype=float).tolist(), "display_grid": md["display_grid"]}
+
+
 def grid_record(layer: Any, grid: np.ndarray) -> Dict[str, Any]:
     """``metadata["medfuse"]["grid"]`` for a layer whose ``affine`` now holds a placement on top of ``grid``."""
     return {"matrix": np.asarray(grid, dtype=float).tolist(),

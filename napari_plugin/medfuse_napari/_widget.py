@@ -519,14 +519,19 @@ class RegisterPanel(QWidget):
                                   "saved with 'Save transform…')")
 
     def _add_resampled(self, volume, moving, fixed) -> None:
+        from ._layers import file_order
+
         md = dict(meta(moving))
         report = md.pop("registration", None)
         if report:  # the registration that made these voxels (metric, suspect flag) goes into a saved file's sidecar
             md["registration"] = {**report, "resampled_onto": fixed.name}
         md["provenance"] = dict(volume.provenance)
-        # The voxels are on the fixed layer's grid now: the moving file's affine no longer describes them.
+        # The voxels are on the fixed layer's display grid now: the moving file's affine no longer describes them.
+        # The fixed file's affine does (saved in its voxel order: 'pet on ct' was saved (40, 192, 160) for a
+        # (160, 192, 40) CT); an oblique fixed file's display grid is the grid itself.
         md["affine"] = np.asarray(volume.affine).tolist()
         md["display_grid"] = "native"
+        md.update(file_order(fixed))
         md["grid"] = self._fixed_grid  # the fixed layer's grid (its affine may hold the spacing: another reader)
         self.viewer.add_image(
             volume.array, name=f"{moving.name} on {fixed.name}", **self._fixed_geometry, colormap=moving.colormap,
@@ -654,6 +659,58 @@ class FusePanel(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.worker = None
         self.token = None
+        self._picked: List[Any] = []  # the pickers' layers before a removal
+        # After the pickers' own handlers (connected first): they have picked again by then.
+        viewer.layers.events.removing.connect(self._before_removal)
+        viewer.layers.events.removed.connect(self._after_removal)
+
+    def _before_removal(self, *_: Any) -> None:
+        try:
+            self._picked = [c.layer() for c in self.inputs]
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            self._stop_listening()
+
+    def _after_removal(self, *_: Any) -> None:
+        """Keep the pickers on different layers after one's layer was closed.
+
+        Why: a picker whose layer is closed picks again by itself, and fell on a layer another picker holds (after
+        the PET of a running fusion was closed: ['mr_t1', 'mr_t1', None]; with a CT open too, the second and third
+        both on the CT). Such a picker takes a layer no other picker holds; when none is left, an optional picker
+        holding the same layer goes back to (none), and otherwise the status says what to pick.
+        """
+        try:
+            self._separate_pickers()
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            self._stop_listening()
+
+    def _separate_pickers(self) -> None:
+        present = _open_layers(self.viewer)
+        lost = [n for n, was in enumerate(self._picked) if was is not None and not any(was is l for l in present)]
+        self._picked = []
+        for n in lost:
+            combo = self.inputs[n]
+            others = [c.currentText() for m, c in enumerate(self.inputs) if m != n]
+            if combo.currentText() not in others:
+                continue
+            names = [combo.itemText(i) for i in range(combo.count())]
+            free = [t for t in names if t != LayerCombo.NONE and t not in others]
+            if free:
+                combo.setCurrentText(free[0])  # not the user's pick: the combo's preference may still apply
+        for n, combo in enumerate(self.inputs):
+            others = [c.currentText() for m, c in enumerate(self.inputs) if m != n]
+            if combo.currentText() in others and combo.findText(LayerCombo.NONE) >= 0:
+                combo.setCurrentText(LayerCombo.NONE)
+        chosen = [c.currentText() for c in self.inputs if c.currentText() not in ("", LayerCombo.NONE)]
+        if len(set(chosen)) != len(chosen) and self.worker is None:
+            self.status.setText("pick 2 or 3 different layers to fuse (an input was closed)")
+
+    def _stop_listening(self) -> None:
+        for emitter, callback in ((self.viewer.layers.events.removing, self._before_removal),
+                                  (self.viewer.layers.events.removed, self._after_removal)):
+            try:
+                emitter.disconnect(callback)
+            except (TypeError, RuntimeError, ValueError):
+                pass
 
     def run(self) -> None:
         """Start fusing the chosen layers (returns at once; the fused layer is added when done)."""
@@ -799,6 +856,8 @@ class FusePanel(QWidget):
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
         from medfuse.display import percentile_limits
 
+        from ._layers import file_order
+
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
@@ -835,7 +894,9 @@ class FusePanel(QWidget):
             arr, name=f"fused ({method})", **geometry, **display,
             metadata={"medfuse": {"modality": getattr(fused, "modality", "unknown"), "unit": unit,
                                   "provenance": prov,
-                                  **({"grid": self._base["grid"]} if "grid" in self._base else {})}})
+                                  **({"grid": self._base["grid"]} if "grid" in self._base else {}),
+                                  # Saved in the base file's voxel order, as `medfuse fuse` writes it (not S, P, L).
+                                  **(file_order(self._job_layers[0]) if "grid" in self._base else {})}})
         self.progress.setValue(1000)
         self.status.setText(f"added 'fused ({method})'")
         # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a

@@ -314,8 +314,24 @@ def _resolve_volume(md: Dict[str, Any], layer: Any) -> Dict[str, Any]:
 
 
 def _is_derived(md: Dict[str, Any], placed: bool) -> bool:
+    """Whether the layer gets a sidecar: made or moved by medfuse, or one volume of a 4-D series.
+
+    Why a volume of a series counts (a *Split Stack* part, or a volume the reader opened as its own layer): its
+    file alone cannot say which volume it is (a part of the GE EPI series saved unmoved had no record of it); the
+    ``volume_index`` (:func:`_resolve_volume` finds a part's) is kept in the sidecar.
+    """
     prov = md.get("provenance") or {}
-    return placed or bool(md.get("registration")) or any(prov.get(k) for k in _DERIVED_KEYS)
+    volumes = max(_count(prov.get("n_volumes")), _count(md.get("n_volumes")))
+    split = prov.get("volume_index") is not None and volumes > 1
+    return placed or split or bool(md.get("registration")) or any(prov.get(k) for k in _DERIVED_KEYS)
+
+
+def _count(value: Any) -> int:
+    """A volume count from metadata as an int (0 when missing or not a number)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _sources(md: Dict[str, Any]) -> List[str]:
@@ -487,8 +503,8 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
 
     napari's save dialog has already asked before replacing an existing file, so an existing output is
     replaced; the file the layer was read from, or any open layer was read from, never is. A layer medfuse made
-    or moved also gets its provenance sidecar (``x.json``); a layer saved as read over an output removes that
-    output's own medfuse record, which would describe it falsely.
+    or moved, or one volume of a 4-D series, also gets its provenance sidecar (``x.json``); a layer saved as read
+    over an output removes that output's own medfuse record, which would describe it falsely.
 
     Returns:
         The paths written: the image, then the sidecar if any.

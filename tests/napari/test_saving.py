@@ -91,13 +91,15 @@ def test_fused_and_registered_layers_round_trip_with_geometry_unit_and_provenanc
                                                                                    fuse_in_widget):
     from napari import save_layers
 
-    viewer, t1, pet, _ = mr_pet
+    viewer, t1, pet, src = mr_pet
     panel, fused = fuse_in_widget(viewer, t1, pet, "mean")
     assert fused.name == "fused (mean)", panel.status.text()
 
     (f_out,) = [p for p in save_layers(str(tmp_path / "fused.nii.gz"), [fused]) if p.endswith(".nii.gz")]
     _assert_drawn_where_saved(fused, f_out)
-    np.testing.assert_array_equal(medfuse.load(f_out).array, np.asarray(fused.data))  # the base grid, as shown
+    back, base = medfuse.load(f_out), medfuse.load(src / "mr_t1.nii.gz")
+    assert back.shape == base.shape  # the base file's grid, in its own voxel order
+    np.testing.assert_allclose(back.affine, base.affine, atol=1e-5)
     side = json.loads((tmp_path / "fused.json").read_text())  # how it was made goes with it, as from the CLI
     assert side["medfuse_provenance"] and side["parameters"]["method"] == "mean"
     assert side["parameters"]["inputs"] == [t1.name, pet.name]
@@ -184,3 +186,32 @@ def test_the_save_dialog_writes_with_geometry_or_says_why(mr_pet, tmp_path, monk
     with pytest.raises(OutputWriteError, match="permission denied"):
         viewer.window._qt_viewer._save_layers_dialog(selected=True)
     assert not target.exists()
+
+
+def test_a_fused_layer_is_saved_in_the_base_files_voxel_order(make_napari_viewer, shared, tmp_path, fuse_in_widget):
+    """SPM12's T1 (LAS, 91 x 109 x 91) fused with its SPECT in the widget, then saved: T1's own shape, affine and
+    voxel order, as ``medfuse fuse T1.nii SPECT.nii`` writes it. Before: napari's display order (axcodes S, P, L),
+    equal in size, so a voxel-wise use beside T1.nii (numpy, fslmaths) combined transposed data silently."""
+    import nibabel as nib
+
+    t1_file = shared("data", "spm12-templates", "T1.nii")
+    spect_file = shared("data", "spm12-templates", "SPECT.nii")
+    viewer = make_napari_viewer()
+    t1 = viewer.open(str(t1_file), plugin="medfuse")[0]
+    spect = viewer.open(str(spect_file), plugin="medfuse")[0]
+    assert t1.metadata["medfuse"]["display_grid"] == "reordered"
+    panel, fused = fuse_in_widget(viewer, t1, spect, "mean")
+    assert fused.name == "fused (mean)", panel.status.text()
+
+    out = fused.save(str(tmp_path / "fused.nii.gz"))[0]
+    img, ref = nib.load(out), nib.load(str(t1_file))
+    assert img.shape == ref.shape
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
+    assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(ref.affine) == ("L", "A", "S")
+    # What the CLI computes (SPECT resampled onto T1's grid, then fused), written by medfuse.save.
+    base = medfuse.load(t1_file)
+    expected = medfuse.fuse(base, medfuse.resample(medfuse.load(spect_file), base), method="mean")
+    medfuse.save(expected, tmp_path / "cli.nii.gz")
+    want = np.asarray(nib.load(str(tmp_path / "cli.nii.gz")).dataobj)
+    np.testing.assert_allclose(np.asarray(img.dataobj), want, rtol=1e-4, atol=1e-4)
+    _assert_drawn_where_saved(fused, out)

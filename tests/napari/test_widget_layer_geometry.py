@@ -12,6 +12,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from medfuse_napari import _overlay  # noqa: E402
+from medfuse_napari._combo import LayerCombo  # noqa: E402
 from medfuse_napari._layers import data_to_world, layer_to_volume, viewer_alignment  # noqa: E402
 
 pytestmark = pytest.mark.napari
@@ -216,6 +217,47 @@ def test_a_fusion_whose_inputs_stayed_put_is_added(qtbot, pair, errors):
     assert errors == [] and len(viewer.layers) == n + 1
 
 
+def _picked(fp):
+    return [c.layer().name if c.layer() is not None else None for c in fp.inputs]
+
+
+def test_the_fuse_pickers_never_share_a_layer_after_an_input_is_closed(qtbot, pair, errors):
+    """Probe t13: after the PET of a running fusion was closed the pickers were ['mr_t1', 'mr_t1', None]; with a
+    third layer open, two pickers fell on it. A picker that lost its layer takes a free one, an optional one goes
+    back to (none), and with one layer left the panel says why Fuse cannot run."""
+    viewer, widget = pair(in_affine=False)
+    viewer.add_image(_blob(seed=2) + 10, name="ct", scale=MR_SPACING, metadata={"medfuse": {"modality": "CT"}})
+    fp = widget.fuse_panel
+    # Three inputs; the second's layer closed: it fell on the third's 'ct' (no other PET to prefer).
+    for combo, name in zip(fp.inputs, ("mr", "pet", "ct")):
+        combo.set_layer(name)
+    viewer.layers.remove("pet")
+    assert _picked(fp) == ["mr", "ct", None]
+    # The base's layer closed: the base picker (MR/CT preferred) fell on the second's 'ct'; it takes a free layer.
+    viewer.add_image(_blob(seed=3) + 10, name="pet2", scale=MR_SPACING, metadata={"medfuse": {"modality": "PT"}})
+    fp.inputs[1].set_layer("ct")
+    fp.inputs[2].set_layer(LayerCombo.NONE)
+    viewer.layers.remove("mr")
+    picked = _picked(fp)
+    assert picked[0] != picked[1] and None not in picked[:2], picked
+    # The t13 case: a running fusion's second input closed, one layer left.
+    viewer.layers.remove("pet2")
+    assert _picked(fp)[:2] == ["ct", "ct"]  # the only layer left: the panel says so
+    assert "different layers" in fp.status.text()
+    viewer.add_image(_blob(seed=1) + 10, name="pet", scale=PET_SPACING, metadata={"medfuse": {"modality": "PT"}})
+    fp.inputs[1].set_layer("pet")
+    fp.method.setCurrentText("mean")
+    n = len(viewer.layers)
+    fp.run()
+    viewer.layers.remove("pet")  # before the result comes back
+    qtbot.waitUntil(lambda: fp.worker is None, timeout=60_000)
+    assert len(viewer.layers) == n - 1 and _picked(fp) == ["ct", "ct", None]
+    errors.clear()
+    fp.run()  # says why it cannot run
+    assert len(errors) == 1 and "2 or 3 different image layers" in errors[0], errors
+    assert len(viewer.layers) == n - 1
+
+
 # ------------------------------------------------------------------------------------------ 4. curtain
 def _base_side(viewer, op, axis_world):
     """'B' where the compare base shows the base, '.' where its fill is, along a world axis through its centre."""
@@ -286,3 +328,42 @@ def test_closing_the_dock_while_flickering_leaves_the_overlay_visible(pair):
     assert not pet.visible  # caught in the hidden phase
     viewer.window.remove_dock_widget(widget)
     assert pet.visible and not op._flicker_timer.isActive()
+
+
+# ------------------------------------------------------------------------------------------ 5. saved voxel order
+def test_the_resampled_registration_layer_is_saved_in_the_fixed_files_voxel_order(make_napari_viewer, dock_widget,
+                                                                                 register_in_dock, tmp_path):
+    """'moving on fixed' saved: the fixed file's shape, affine and voxel order (nibabel), its voxels those of
+    medfuse.resample on the files. Before: napari's display order (S, P, L) with a permuted affine, so a voxel-wise
+    combination with the fixed file (numpy, fslmaths) mixed transposed data."""
+    import nibabel as nib
+
+    import medfuse
+
+    ras = np.diag([2.0, 1.5, 2.5, 1.0])  # RAS: napari shows it reordered (S, P, L)
+    ras[:3, 3] = (-20.0, -15.0, -30.0)
+    fixed_file, moving_file = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(_blob(seed=0), (2, 1, 0)).copy(), ras), str(fixed_file))  # 28x24x20
+    nib.save(nib.Nifti1Image(np.transpose(_blob(seed=1, shift=(1, 0, 1)), (2, 1, 0)).copy(), ras), str(moving_file))
+    viewer = make_napari_viewer()
+    fixed = viewer.open(str(fixed_file), plugin="medfuse")[0]
+    viewer.open(str(moving_file), plugin="medfuse")
+    assert fixed.metadata["medfuse"]["display_grid"] == "reordered" and fixed.data.shape == (20, 24, 28)
+    widget = dock_widget(viewer)
+    widget.register_panel.resample_box.setChecked(True)
+    rp = register_in_dock(widget, "fixed", "moving")
+    added = viewer.layers[-1]
+    assert added.name == "moving on fixed", rp.level_label.text()
+
+    out = tmp_path / "moving_on_fixed.nii.gz"
+    added.save(str(out))
+    img, ref = nib.load(str(out)), nib.load(str(fixed_file))
+    assert img.shape == ref.shape == (28, 24, 20)
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
+    assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(ref.affine) == ("R", "A", "S")
+    # The same resampling on the files, written by medfuse.save: voxel for voxel (float rounding of the grids).
+    expected = medfuse.resample(medfuse.load(moving_file), medfuse.load(fixed_file), transform=rp.result.transform)
+    medfuse.save(expected, tmp_path / "expected.nii.gz")
+    want = np.asarray(nib.load(str(tmp_path / "expected.nii.gz")).dataobj)
+    np.testing.assert_allclose(np.asarray(img.dataobj), want, rtol=1e-4, atol=1e-3)
+    assert np.abs(want).max() > 100  # not an empty volume compared with another

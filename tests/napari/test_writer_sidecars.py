@@ -166,3 +166,52 @@ def test_layer_names_from_a_series_description_are_blanked_in_sidecars(make_napa
     assert "ax_asc" not in text and json.loads(text)["parameters"]["inputs"] == ["PT [removed]", "mr_t1"]
     for name in _names_in(json.loads(text)):
         assert "MRN998877" not in name and "DOE" not in name
+
+
+# ------------------------------------------------------------------------------ 4. volumes of a 4-D series
+def test_a_split_stack_part_saved_unmoved_records_its_volume_index(make_napari_viewer, tmp_path):
+    """A part of a 4-D NIfTI (napari's Split Stack) saved as read: its file alone cannot say which volume it is, so
+    it gets a sidecar with ``volume_index``. Before: no sidecar, nothing recorded the volume."""
+    import nibabel as nib
+    from napari.layers.utils.stack_utils import stack_to_images
+
+    rng = np.random.default_rng(4)
+    arr = np.stack([rng.random((6, 5, 4)).astype(np.float32) + t for t in range(3)], axis=-1)
+    src = tmp_path / "series4d.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 3.0, 1.0])), str(src))
+    viewer = make_napari_viewer()
+    parts = stack_to_images(viewer.open(str(src), plugin="medfuse")[0], 0)
+    for t in (2, 0):
+        written = parts[t].save(str(tmp_path / f"vol{t}.nii.gz"))
+        assert written == [str(tmp_path / f"vol{t}.nii.gz"), str(tmp_path / f"vol{t}.json")]
+        img = nib.load(written[0])
+        np.testing.assert_array_equal(np.asarray(img.dataobj), arr[..., t])  # nibabel: the file's volume t
+        np.testing.assert_allclose(img.affine, np.diag([2.0, 2.0, 3.0, 1.0]), atol=1e-6)
+        record = json.loads((tmp_path / f"vol{t}.json").read_text())
+        assert record["layer_provenance"]["volume_index"] == t
+        assert record["placement_lps"] is None  # saved unmoved
+        assert record["inputs"][0]["sha256"] == provenance.hash_path(src)
+
+
+def test_a_volume_of_the_ge_epi_series_saved_unmoved_records_its_volume_index(make_napari_viewer, shared, tmp_path):
+    """The same for a real 4-D DICOM series (GE EPI), split with napari's own Split Stack command."""
+    from napari._app_model import get_app_model
+
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE", "mr_0005")
+    viewer = make_napari_viewer()
+    series = viewer.open(str(folder), plugin="medfuse")[0]
+    n = series.data.shape[0]
+    viewer.layers.selection.active = series
+    get_app_model().commands.execute_command("napari.layer.split_stack").result()
+    part = viewer.layers[-2]  # the volume before the last
+    written = part.save(str(tmp_path / "vol.nii.gz"))
+    assert len(written) == 2, written
+    record = json.loads((tmp_path / "vol.json").read_text())
+    assert record["layer_provenance"]["volume_index"] == n - 2
+    truth = medfuse.load(folder, volume_index=n - 2)
+    np.testing.assert_array_equal(medfuse.load(written[0]).array, truth.array)
+    # A plain 3-D layer saved as read still gets none (nothing to record).
+    plain = tmp_path / "plain.nii.gz"
+    medfuse.save(medfuse.Volume(_volume(1), np.eye(4), modality="MR"), plain)
+    layer = viewer.open(str(plain), plugin="medfuse")[0]
+    assert layer.save(str(tmp_path / "plain_out.nii.gz")) == [str(tmp_path / "plain_out.nii.gz")]
