@@ -197,10 +197,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
             model = FusionNet(**config_from_metadata(json.loads(meta["config"])))
             model.load_state_dict(tensors, strict=True)
         except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
-            raise WeightsError(f"the fusion network's weights file is corrupt or does not fit the model "
-                               f"({type(exc).__name__})", path=p,
-                               fix="reinstall medfuse to restore the shipped weights, or retrain with "
-                                   "'medfuse train'") from None
+            raise _unloadable(p, exc) from None
         for t in model.state_dict().values():
             if not torch.isfinite(t).all():
                 raise WeightsError("the fusion network's weights contain NaN or infinite values", path=p,
@@ -208,6 +205,30 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         model = model.to(device).eval().channels_last_()
         _CACHE[key] = model
         return model
+
+
+def _unloadable(p: Path, exc: Exception) -> WeightsError:
+    """The error for a weights file safetensors cannot load: a PyTorch file (torch.save's zip or a bare pickle)
+    is said to be one (it was called "corrupt", with advice to reinstall medfuse), and reinstalling is advised for
+    the shipped file only."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        head = b""
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return WeightsError(
+            "the weights file is a PyTorch (torch.save) file, not safetensors; weights= reads safetensors only, "
+            "since unpickling a file can run code", path=p,
+            fix="convert a state dict you trust with 'medfuse train --init FILE --epochs 0 --steps-3d 0 --val-limit 1 "
+                "--out DIR' (read with weights_only, no code runs; it validates on the training data of --data, "
+                "about a minute) and pass DIR's medfuse_fusion.safetensors")
+    shipped = p == default_weights_path()
+    return WeightsError(f"the fusion network's weights file is corrupt or does not fit the model "
+                        f"({type(exc).__name__})", path=p,
+                        fix="reinstall medfuse to restore the shipped weights, or retrain with 'medfuse train'"
+                        if shipped else "pass a medfuse_fusion.safetensors exported by 'medfuse train' (re-export "
+                                        "it if the file was damaged), or leave weights= out for the shipped weights")
 
 
 # ----------------------------------------------------------------------------- checks

@@ -217,3 +217,36 @@ def test_weights_naming_the_card_or_a_folder_say_which_file_to_pass(tmp_path):
     assert str(run / shipped.name) in str(folder.value)
     out = fuse(img, img[::-1], weights=run / shipped.name)  # the file itself is what it takes
     np.testing.assert_array_equal(out, fuse(img, img[::-1]))
+
+
+def test_a_pytorch_file_given_as_weights_is_named_as_one_and_never_unpickled(tmp_path):
+    """A torch.save'd state dict, or a pickle with a payload, was "corrupt or does not fit the model ... reinstall
+    medfuse": it is now named as a PyTorch file, with the conversion that reads it safely; the payload never runs."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from medfuse.errors import WeightsError
+
+    sd = tmp_path / "sd.pt"
+    torch.save(load_file(str(infer.default_weights_path())), sd)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Payload(), protocol=2))
+    a = np.random.default_rng(0).random((32, 32))
+    for path in (sd, evil):
+        with pytest.raises(WeightsError) as e:
+            fuse(a, a, weights=path)
+        text = str(e.value)
+        assert "PyTorch" in text and "medfuse train --init" in text and "reinstall" not in text, text
+    assert not marker.exists()
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00" * 64)
+    with pytest.raises(WeightsError) as e:
+        fuse(a, a, weights=junk)
+    assert "corrupt" in str(e.value) and "reinstall" not in str(e.value)
