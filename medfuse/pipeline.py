@@ -153,6 +153,17 @@ class PipelineResult:
 
 
 # ----------------------------------------------------------------------------- steps
+def _is_plain_file(item: Any) -> bool:
+    """True for a NIfTI/MetaImage/NRRD file (not a DICOM file or folder)."""
+    from .io import is_image_file
+
+    try:
+        p = Path(os.fspath(item))
+        return p.is_file() and is_image_file(p)
+    except (TypeError, OSError):
+        return False
+
+
 class LoadStep:
     """Load every input with :func:`medfuse.load` (Volumes given in memory pass through).
 
@@ -162,6 +173,8 @@ class LoadStep:
         suv: PET SUV kind (``"bw"``, ``"lbm"``, ``"bsa"``, ``"none"``, or ``"auto"`` as :func:`medfuse.load`
             takes it: the kind a series stored as SUV by the scanner already holds). ``"bw"`` here, unlike
             ``load``: the batch runs compare it with their sidecars, and a new default would redo every subject.
+            Left out (None), it is ``"bw"`` for DICOM, and a NIfTI/MetaImage/NRRD PET loads with no warning that
+            SUV was not applied (no one asked for it).
         series: optional series choice per input, for DICOM folders that hold several series (a number as
             listed, a modality, or a UID, as :func:`medfuse.load`'s ``series_uid`` takes them); ``None`` or
             ``"-"``: no choice.
@@ -178,10 +191,14 @@ class LoadStep:
 
     name = "load"
 
-    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: str = "bw",
+    def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: Optional[str] = None,
                  series: Optional[Sequence[Optional[str]]] = None):
         self.modalities = _per_input(modalities, "modalities", "modalities=['MR', 'PT'] (None keeps an input's own)")
         self.series = _per_input(series, "series", "series=['CT', 'PT'] ('-' or None where no choice is needed)")
+        # None is "bw" asked by no one: a NIfTI PET (which holds no SUV header) is then loaded without the
+        # "suv='bw' was not applied" warning, which batch printed for every such subject.
+        self._suv_asked = suv is not None
+        suv = "bw" if suv is None else suv
         self.params = {"modalities": self.modalities, "suv": suv}
         if self.series:
             from .io import series_choice_record
@@ -203,7 +220,10 @@ class LoadStep:
             else:
                 pick = self.series[i] if self.series and i < len(self.series) else None
                 pick = None if pick is None or str(pick).strip() in ("", "-") else str(pick).strip()
-                vols.append(load(item, modality=mod, suv=self.suv, series_uid=pick))
+                suv = self.suv
+                if not self._suv_asked and _is_plain_file(item):
+                    suv = "auto"  # the same volume: a file has no SUV header to convert
+                vols.append(load(item, modality=mod, suv=suv, series_uid=pick))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
         state.volumes = vols
         state.originals = list(vols)

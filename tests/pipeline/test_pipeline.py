@@ -242,3 +242,28 @@ def test_itk_thread_setting_is_restored_when_threads_overlap():
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(user)
+
+
+def test_a_nifti_pet_is_not_warned_about_an_suv_no_one_asked_for(tmp_path):
+    """batch and fuse printed "suv='bw' was not applied" for every NIfTI PET: the load step's own default, not a
+    choice of the user's. A load step that is asked for SUV by name still says so."""
+    import warnings
+
+    import nibabel as nib
+
+    from medfuse.errors import MedfuseWarning
+    from medfuse.pipeline import LoadStep, Pipeline, PipelineState
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("t1", "pet"):
+        p = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random((12, 12, 12)).astype(np.float32), np.eye(4)), str(p))
+        paths.append(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = Pipeline(modalities=["MR", "PT"], method="mean").run(paths, tmp_path / "out.nii.gz")
+    assert res.output.exists()
+    assert not [w for w in caught if "was not applied" in str(w.message)], [str(w.message) for w in caught]
+    with pytest.warns(MedfuseWarning, match="suv='bw' was not applied"):
+        LoadStep(modalities=["MR", "PT"], suv="bw")(PipelineState(inputs=list(paths)))
