@@ -1068,7 +1068,13 @@ def _itk_slice_files(p: Path, size: Sequence[int]) -> Optional[Tuple[str, List[P
         hi = nums[1] if len(nums) > 1 else lo + size[-1] - 1
         step = nums[2] if len(nums) > 2 else (hi - lo) // size[-1] if len(nums) > 1 else 1
         if step <= 0:
-            return None
+            # ITK divides by this step: "t%d.raw 1 6" over 6 slices gives (6 - 1) // 6 = 0, and a floating-point
+            # exception killed the whole process (napari with it).
+            raise UnreadableFileError(
+                f"the MetaImage header's slice file pattern {value!r} gives a step of {step} between slice "
+                f"numbers for {size[-1]} slices; ITK cannot read it (it crashes)", path=p,
+                fix="write the pattern with its step, e.g. 'ElementDataFile = name%d.raw 1 N 1' (first, last, "
+                    "step), or list the slice files with 'ElementDataFile = LIST'")
         hi = min(hi, (size[-1] - 1) * step + lo)  # ITK reads no more slices than the last size
         try:
             names = [pattern % i for i in range(lo, hi + 1, step)]

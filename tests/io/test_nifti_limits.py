@@ -247,3 +247,18 @@ def test_a_lowercase_list_is_one_missing_data_file_as_itk_reads_it(tmp_path):
     with pytest.raises(UnreadableFileError, match="'list'.* is missing") as e:
         medfuse.load(p)
     assert "beside it" in e.value.fix
+
+
+def test_a_metaimage_pattern_whose_step_comes_out_0_is_refused_not_a_crash(tmp_path):
+    """"sl%d.raw 0 5" over 6 slices: ITK's step is (5 - 0) // 6 = 0, and it divides by it; a floating-point
+    exception killed the process (exit 136). Run in a child process so that a crash fails the test, not pytest."""
+    import subprocess
+    import sys
+
+    p = _sliced_mhd(tmp_path, "sl%d.raw 0 5", ())
+    code = ("import medfuse, sys\nfrom medfuse.errors import UnreadableFileError\n"
+            f"try:\n    medfuse.load({str(p)!r})\nexcept UnreadableFileError as e:\n"
+            "    print('REFUSED', e)\n    sys.exit(0)\nsys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-500:])
+    assert "REFUSED" in done.stdout and "step of 0" in done.stdout and "name%d.raw 1 N 1" in done.stdout
