@@ -501,9 +501,13 @@ def _tm_seconds(text: Any) -> Optional[float]:
     a time."""
     main, _, frac = str(text if text is not None else "").strip().partition(".")
     main = main.replace(":", "")
-    if not main.isdigit() or len(main) < 2 or len(main) % 2:
+    if not main.isdigit() or len(main) > 6:
         return None
+    if len(main) % 2:  # a writer that stored the time as a number dropped its leading zero: "93015" is 09:30:15
+        main = "0" + main
     hh, mm, ss = int(main[0:2]), int(main[2:4] or 0), int(main[4:6] or 0)
+    if hh > 23 or mm > 59 or ss > 60:
+        return None
     return hh * 3600.0 + mm * 60.0 + ss + (float("0." + frac) if frac.isdigit() else 0.0)
 
 

@@ -249,3 +249,14 @@ def test_enhanced_frame_datetimes_compare_as_times():
 
     ds = Dataset()
     assert _time_key(ds, frame("20201217235959.5")) < _time_key(ds, frame("20201218000000"))
+
+
+@pytest.mark.parametrize("text, seconds", [("93015", 9 * 3600 + 30 * 60 + 15), ("093015.25", 34215.25),
+                                           ("09:30:15", 34215.0), ("930", 9 * 3600 + 30 * 60), ("2401", None),
+                                           ("096015", None), ("", None), ("1234567", None)])
+def test_acquisition_times_are_read_as_dicom_writes_them_and_as_numbers_drop_their_zero(text, seconds):
+    """A time stored as a number ("93015" for 09:30:15) was no time at all, and its volumes fell back to
+    InstanceNumber order; impossible times are still none."""
+    from medfuse.io.dicom import _tm_seconds
+
+    assert _tm_seconds(text) == seconds
