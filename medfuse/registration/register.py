@@ -907,8 +907,10 @@ def _unturned_rematch(linear, stop, per_level, its, label, unturned, *, Qw, P_gi
     # The header's orientation stays the prior, as in the initialisation: the turned result must still be clearly
     # better (rigid, that SPECT's turned result scored only 1.3 % better, 77 mm off).
     if m_alt is not None and (m_turned is None or m_turned > m_alt - _TURN_MARGIN * abs(m_alt)):
-        said = (f"the turned result ({label}) scored {_fmt(m_turned)} after the final stages, the unturned "
-                f"{m_alt:.4f}: {'worse' if m_turned is None or m_turned > m_alt else 'not clearly better'})")
+        # Judged at the shown precision: "-1.0190 ... -1.0190: worse" read as a contradiction.
+        verdict = "worse" if m_turned is None or round(m_turned, 4) > round(m_alt, 4) else "not clearly better"
+        said = (f"the turned result, {label}, scored {_fmt(m_turned)} after the final stages, the unturned "
+                f"{m_alt:.4f}: {verdict}")
         return (*alt, f"{u_label} ({said})")
     return linear, stop, per_level, its, f"{label} (the unturned start, re-optimised, scored {_fmt(m_alt)})"
 

@@ -680,7 +680,9 @@ def test_a_turned_start_that_wins_only_the_coarse_rigid_score_loses_to_the_untur
     r = register(t1, moving, kind=kind)
     assert _tre(r.transform, t1, head, S) <= bound, r.report.to_dict()
     assert r.report.rotation_deg < 3.0, r.report.initialisation
-    assert "unturned" in r.report.initialisation, r.report.initialisation
+    label = r.report.initialisation
+    assert "unturned" in label and label.count("(") == label.count(")"), label
+    assert label.endswith(": worse)" if kind == "affine" else ": not clearly better)"), label
 
 
 def test_a_run_without_orientation_search_that_ends_misoriented_is_flagged_suspect(spm):
