@@ -471,10 +471,12 @@ def _check_dose(dose: float) -> None:
     """
     lo, hi = DOSE_RANGE_BQ
     if not lo <= dose <= hi:
+        # The likely slip differs by side: a unit too large typed as Bq (MBq, mCi) below, an extra digit above.
+        why = ("megabecquerels or millicuries entered as becquerels? 370 MBq is 370000000 Bq" if dose < lo else
+               "more than any diagnostic or therapy dose: a typing slip, or kBq entered as Bq?")
         raise SUVError(
             f"RadionuclideTotalDose (RadiopharmaceuticalInformationSequence) is {dose:g} Bq, outside the plausible "
-            f"{lo / 1e6:g} MBq to {hi / 1e9:g} GBq (megabecquerels or millicuries entered as becquerels? 370 MBq is "
-            "370000000 Bq), so SUV cannot be computed",
+            f"{lo / 1e6:g} MBq to {hi / 1e9:g} GBq ({why}), so SUV cannot be computed",
             fix="enter the injected dose in becquerels in RadionuclideTotalDose (370 MBq is 370000000; 10 mCi is "
                 "370000000), or load with suv='none' to keep Bq/mL")
 
@@ -568,8 +570,11 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
         inj = _injection_datetime(h, t)
         dt = (t - inj).total_seconds()
         if dt < 0:
+            given = ("RadiopharmaceuticalStartDateTime" if str(h.get("RadiopharmaceuticalStartDateTime") or "").strip()
+                     else "RadiopharmaceuticalStartTime")
             raise SUVError("the scan time is before the injection time (negative decay time)",
-                           fix="check SeriesTime/AcquisitionTime and RadiopharmaceuticalStartDateTime in the header")
+                           fix=f"check SeriesTime/AcquisitionTime and {given} in the header, or load with "
+                               "suv='none' to keep Bq/mL")
         half_lives = dt / float(h["RadionuclideHalfLife"])
         if half_lives > _MAX_HALF_LIVES:
             # A wrong injection date (a day typo, a default date) gave factors of 1e7 to 1e43 without a word.

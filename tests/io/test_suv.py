@@ -237,6 +237,8 @@ def test_an_implausible_dose_is_refused_naming_the_tag(shared, dose):
     assert "RadionuclideTotalDose" in suv_problem(b)
     with pytest.raises(SUVError, match="RadionuclideTotalDose"):
         series_suv_factors([b, b])
+    # The likely slip for the side it is on: a too-high dose was asked "MBq or mCi entered as Bq?".
+    assert ("entered as becquerels" in e.value.problem) == (dose < 1e5)
 
 
 @pytest.mark.parametrize("dose", [1e5, 37e6, 370e6, 800e6, 5e10])
@@ -260,6 +262,13 @@ def test_a_time_only_injection_a_little_after_the_scan_start_is_before_the_injec
     assert "before the injection" in msg and "half-lives" not in msg
     dated = {**h, "RadiopharmaceuticalStartDateTime": h["SeriesDate"] + injection}
     assert suv_problem(dated) == msg
+    # The fix names the tag the header has (it named RadiopharmaceuticalStartDateTime, absent here).
+    with pytest.raises(SUVError) as e:
+        suv_factor(h)
+    assert "RadiopharmaceuticalStartTime" in e.value.fix and "StartDateTime" not in e.value.fix
+    with pytest.raises(SUVError) as e:
+        suv_factor(dated)
+    assert "RadiopharmaceuticalStartDateTime" in e.value.fix
 
 
 def test_a_time_only_injection_half_a_day_after_the_scan_time_is_the_day_before(shared):
