@@ -212,9 +212,18 @@ def _files(path: Path) -> List[Path]:
     if path.is_file():
         return [path]
     # Hidden files and everything in hidden folders left out: a killed write's .medfuse-tmp-*/ folder held a
-    # partial series that scan() listed as one more series.
-    return sorted(p for p in path.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    # partial series that scan() listed as one more series. Linked folders are followed (each real folder
+    # once): rglob skipped them, and a study whose series folder was a symlink had "no PET" in it.
+    out, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop, or one folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+    return sorted(out)
 
 
 _HIDDEN_PEEK = 100  # files looked at in each hidden folder: enough to tell a series from macOS/VCS bookkeeping

@@ -260,3 +260,28 @@ def test_acquisition_times_are_read_as_dicom_writes_them_and_as_numbers_drop_the
     from medfuse.io.dicom import _tm_seconds
 
     assert _tm_seconds(text) == seconds
+
+
+def test_a_series_folder_linked_into_a_study_is_found_once_and_a_link_loop_ends(tmp_path, samples_dir):
+    """rglob did not follow linked folders: a study whose PET folder was a symlink had no PET (scan listed none,
+    batch said "unpaired: no PET or SPECT found")."""
+    import os
+
+    import medfuse
+    from medfuse.batch import discover_subject
+
+    if not hasattr(os, "symlink"):
+        pytest.skip("no symlinks here")
+    study = tmp_path / "s01"
+    study.mkdir()
+    (study / "t1.nii.gz").symlink_to(samples_dir / "mr_t1.nii.gz")
+    (study / "pet").symlink_to(samples_dir / "pet", target_is_directory=True)
+    (study / "pet_again").symlink_to(samples_dir / "pet", target_is_directory=True)  # the same folder twice
+    (study / "loop").symlink_to(study, target_is_directory=True)
+    found = medfuse.scan(study)
+    direct = medfuse.scan(samples_dir / "pet")
+    assert len(found) == 1 and found[0].n_files == direct[0].n_files == 64, (found, direct)
+    fixed, moving = discover_subject(study)
+    assert Path(fixed).name == "t1.nii.gz" and len(moving) == 1 and Path(moving[0]).name in ("pet", "pet_again")
+    v = medfuse.load(study / "pet")
+    assert v.modality == "PT" and v.same_grid(medfuse.load(samples_dir / "pet"))
