@@ -53,12 +53,10 @@ def napari_get_reader(path):
 
 
 def _has_dicom_marker(f: Path) -> bool:
-    """True when ``f`` is a file with ``DICM`` at byte 128 (the DICOM Part 10 preamble)."""
-    try:
-        with open(f, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
+    """True when ``f`` is a file with ``DICM`` at byte 128 (the DICOM Part 10 preamble): medfuse's own test."""
+    from medfuse.io.dicom import _has_dicom_preamble
+
+    return _has_dicom_preamble(f)
 
 
 def _looks_like_dicom_folder(folder: Path) -> bool:
