@@ -243,7 +243,7 @@ def test_an_overlay_below_the_base_is_moved_above_it_and_drawn(qtbot, make_napar
     monkeypatch.setattr("napari.utils.notifications.show_info", shown.append)
     viewer = make_napari_viewer(show=True)  # a shown canvas for the screenshot
     pet = viewer.open(str(samples_dir / "pet"), plugin="medfuse")[0]
-    extra = viewer.add_image(np.zeros((4, 4, 4), np.float32), name="extra", visible=False)
+    viewer.add_image(np.zeros((4, 4, 4), np.float32), name="extra", visible=False)
     mr = viewer.open(str(samples_dir / "mr_t1.nii.gz"), plugin="medfuse")[0]
     assert [l.name for l in viewer.layers] == ["pet", "extra", "mr_t1"]
     panel = OverlayPanel(viewer)

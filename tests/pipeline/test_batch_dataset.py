@@ -400,7 +400,7 @@ def test_a_dataset_pet_nifti_is_fused_as_the_pet_its_name_says(t1_pet_dataset, t
     assert rec["parameters"]["load"]["modalities"] == ["MR", "PT"]
     # The reference: fuse_files told the modalities (as `medfuse fuse --modalities MR PT`), read back by nibabel.
     told = fuse_files(sub / "t1.nii", sub / "pet.nii", tmp_path / "told.nii.gz", modalities=["MR", "PT"], threads=1)
-    unknown = fuse_files(sub / "t1.nii", sub / "pet.nii", tmp_path / "unknown.nii.gz", threads=1)
+    fuse_files(sub / "t1.nii", sub / "pet.nii", tmp_path / "unknown.nii.gz", threads=1)
     assert told.provenance["method_used"] == "network"
     np.testing.assert_array_equal(_voxels(out), _voxels(tmp_path / "told.nii.gz"))
     assert np.abs(_voxels(out) - _voxels(tmp_path / "unknown.nii.gz")).max() > 0.1  # what batch wrote before
