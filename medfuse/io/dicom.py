@@ -215,15 +215,24 @@ def _files(path: Path) -> List[Path]:
     # partial series that scan() listed as one more series. Linked folders are followed (each real folder
     # once): rglob skipped them, and a study whose series folder was a symlink had "no PET" in it.
     out, seen = [], set()
+    top = os.path.realpath(path)
     for root, dirs, names in os.walk(path, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link loop, or one folder linked twice
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # A link to this folder or one above it (sub-01/up -> ../.., a link to /) would search the whole
+        # dataset, or the whole disk: not followed.
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not _is_or_above(os.path.realpath(os.path.join(root, d)), top)]
         out += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
     return sorted(out)
+
+
+def _is_or_above(real: str, top: str) -> bool:
+    """Whether the real folder ``real`` is ``top`` itself or one of the folders above it."""
+    return top == real or top.startswith(real.rstrip(os.sep) + os.sep)
 
 
 _HIDDEN_PEEK = 100  # files looked at in each hidden folder: enough to tell a series from macOS/VCS bookkeeping

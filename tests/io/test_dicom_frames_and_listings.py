@@ -264,7 +264,7 @@ def test_acquisition_times_are_read_as_dicom_writes_them_and_as_numbers_drop_the
 
 def test_a_series_folder_linked_into_a_study_is_found_once_and_a_link_loop_ends(tmp_path, samples_dir):
     """rglob did not follow linked folders: a study whose PET folder was a symlink had no PET (scan listed none,
-    batch said "unpaired: no PET or SPECT found")."""
+    batch said "unpaired: no PET or SPECT found"). Links to the study or above it are not followed."""
     import os
 
     import medfuse
@@ -278,6 +278,11 @@ def test_a_series_folder_linked_into_a_study_is_found_once_and_a_link_loop_ends(
     (study / "pet").symlink_to(samples_dir / "pet", target_is_directory=True)
     (study / "pet_again").symlink_to(samples_dir / "pet", target_is_directory=True)  # the same folder twice
     (study / "loop").symlink_to(study, target_is_directory=True)
+    # A link above the study is not followed: it would search the whole dataset (here: another subject's CT).
+    import shutil
+
+    shutil.copytree(samples_dir / "ct", tmp_path / "other_ct")
+    (study / "up").symlink_to(tmp_path, target_is_directory=True)
     found = medfuse.scan(study)
     direct = medfuse.scan(samples_dir / "pet")
     assert len(found) == 1 and found[0].n_files == direct[0].n_files == 64, (found, direct)
