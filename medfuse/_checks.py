@@ -75,6 +75,12 @@ def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, images
     return Path(text)
 
 
+def is_or_above(real: str, top: str) -> bool:
+    """Whether the real folder ``real`` is ``top`` itself or one of the folders above it: a link there would walk
+    the whole dataset, or the whole disk."""
+    return top == real or top.startswith(real.rstrip(os.sep) + os.sep)
+
+
 def slab_slices(x: np.ndarray, elements: int) -> Iterator[slice]:
     """Index ranges along the first axis of about ``elements`` values each (one slice for a 0-d array)."""
     step = max(1, elements // max(1, int(np.prod(x.shape[1:]))))

@@ -39,7 +39,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._checks import MAX_THREADS, as_path, choice, describe, label, whole
+from ._checks import MAX_THREADS, as_path, choice, describe, is_or_above, label, whole
 from .errors import (InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError, OutputExistsError,
                      OutputWriteError, UnreadableFileError)
 from .progress import CancelToken, check_callbacks
@@ -632,7 +632,8 @@ def _walk(folder: Path, unreadable: Optional[List[str]] = None, *,
         seen.add(real)
         # A link to a folder above this one (sub-01/up -> ../.., a link to /) would walk the whole dataset, or
         # the whole disk, and take other subjects' images as this one's: such links are not followed.
-        dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _above(os.path.realpath(os.path.join(root, d)), top)
+        dirs[:] = sorted(d for d in dirs if not _hidden(d)
+                         and not is_or_above(os.path.realpath(os.path.join(root, d)), top)
                          and os.path.realpath(os.path.join(root, d)) != skip)
         for f in sorted(files):
             low = f.lower()
@@ -644,11 +645,6 @@ def _walk(folder: Path, unreadable: Optional[List[str]] = None, *,
             elif not low.endswith(_NOT_DICOM):
                 maybe_dicom = True
     return images, maybe_dicom
-
-
-def _above(real: str, top: str) -> bool:
-    """Whether the real folder ``real`` is ``top`` itself or one of the folders above it."""
-    return top == real or top.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def _ambiguous(folder: Path, problem: str, fix: str) -> InvalidInputError:

@@ -25,7 +25,7 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, Multiple
                       UnreadableFileError, UnsupportedDataError)
 from .. import io as _io
 from ..volume import Volume, normalise_modality
-from .._checks import user_stacklevel as _user_stacklevel
+from .._checks import is_or_above, user_stacklevel as _user_stacklevel
 from .._patient import keys_disagree, patient_key
 
 __all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
@@ -225,14 +225,9 @@ def _files(path: Path) -> List[Path]:
         # A link to this folder or one above it (sub-01/up -> ../.., a link to /) would search the whole
         # dataset, or the whole disk: not followed.
         dirs[:] = [d for d in dirs if not d.startswith(".")
-                   and not _is_or_above(os.path.realpath(os.path.join(root, d)), top)]
+                   and not is_or_above(os.path.realpath(os.path.join(root, d)), top)]
         out += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
     return sorted(out)
-
-
-def _is_or_above(real: str, top: str) -> bool:
-    """Whether the real folder ``real`` is ``top`` itself or one of the folders above it."""
-    return top == real or top.startswith(real.rstrip(os.sep) + os.sep)
 
 
 _HIDDEN_PEEK = 100  # files looked at in each hidden folder: enough to tell a series from macOS/VCS bookkeeping
