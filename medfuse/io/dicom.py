@@ -1589,11 +1589,11 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         # The kind itself is kept: the unit cannot tell James's lean body mass from Janmahasatian's.
         return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}, suv
     except SUVError as e:
-        why = e.problem
+        why, fix = e.problem, e.fix
     # Without Units the stored unit is a guess (Bq/mL, what scanners store): say it is one.
     no_units = not headers or not str(headers[0].get("Units") or "").strip()
     assumed = " (assumed: the header has no Units)" if no_units else ""
-    msg = f"PET loaded in {stored}{assumed}, not SUV: {why}"
+    msg = f"PET loaded in {stored}{assumed}, not SUV: {why}" + (f". Fix: {fix}" if fix else "")
     warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
     notes.append(msg)
     return stored, None, None

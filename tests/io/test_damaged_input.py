@@ -179,6 +179,21 @@ def test_pet_without_units_says_bqml_is_assumed(tmp_path, samples_dir):
     np.testing.assert_array_equal(vol.array, medfuse.load(samples_dir / "pet", suv="none").array)
 
 
+def test_pet_loaded_without_suv_says_how_to_get_suv(tmp_path, samples_dir):
+    """The warning of a PET that could not be made SUV carries the fix, as the error of ``suv='bw'`` does."""
+    folder = tmp_path / "pet"
+    folder.mkdir()
+    for f in sorted((samples_dir / "pet").iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.PatientWeight
+        ds.save_as(folder / f.name)
+    with pytest.warns(MedfuseWarning, match=r"not SUV: PatientWeight is missing") as w:
+        vol = medfuse.load(folder)
+    said = next(str(x.message) for x in w if "not SUV" in str(x.message))
+    assert "Fix: enter the patient's weight in kg" in said and "suv='none'" in said
+    assert vol.unit == "Bq/mL" and any("Fix: enter the patient's weight" in n for n in vol.provenance["warnings"])
+
+
 # ---------------------------------------------------------------------------- NIfTI / MetaImage / NRRD
 @pytest.fixture
 def t1(shared):
