@@ -26,8 +26,11 @@ xvfb:
 demo: setup
 	$(VENV)/bin/medfuse demo --out demo_output
 
+# Two test processes (pytest-xdist), each taking whole files so a module's shared fixtures are built once:
+# 25.5 min instead of 31.5 on the 2-core CI machine. PYTEST_JOBS=0 runs them in this one process.
+PYTEST_JOBS ?= 2
 test: setup xvfb
-	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q $(PYTEST_ARGS)
+	xvfb-run -a -s "-screen 0 1280x1024x24" $(PY) -m pytest -q -n $(PYTEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 samples: setup
 	$(PY) -m medfuse.phantom --write sample_volumes --overwrite
