@@ -166,13 +166,18 @@ def test_transfer_syntax_no_decoder_reads_says_convert(shared, tmp_path, uid):
     assert "gdcmconv --raw" in e.value.fix and "truncated" not in str(e.value)
 
 
-def test_pet_without_units_says_bqml_is_assumed(tmp_path, samples_dir):
-    folder = tmp_path / "pet"
+def _sample_pet_without(tag, samples_dir, folder):
+    """A copy of the sample PET series in ``folder`` with ``tag`` deleted from every file."""
     folder.mkdir()
     for f in sorted((samples_dir / "pet").iterdir()):
         ds = pydicom.dcmread(f)
-        del ds.Units
+        delattr(ds, tag)
         ds.save_as(folder / f.name)
+    return folder
+
+
+def test_pet_without_units_says_bqml_is_assumed(tmp_path, samples_dir):
+    folder = _sample_pet_without("Units", samples_dir, tmp_path / "pet")
     with pytest.warns(MedfuseWarning, match=r"PET loaded in Bq/mL \(assumed: the header has no Units\), not SUV"):
         vol = medfuse.load(folder)
     assert vol.unit == "Bq/mL"
@@ -181,12 +186,7 @@ def test_pet_without_units_says_bqml_is_assumed(tmp_path, samples_dir):
 
 def test_pet_loaded_without_suv_says_how_to_get_suv(tmp_path, samples_dir):
     """The warning of a PET that could not be made SUV carries the fix, as the error of ``suv='bw'`` does."""
-    folder = tmp_path / "pet"
-    folder.mkdir()
-    for f in sorted((samples_dir / "pet").iterdir()):
-        ds = pydicom.dcmread(f)
-        del ds.PatientWeight
-        ds.save_as(folder / f.name)
+    folder = _sample_pet_without("PatientWeight", samples_dir, tmp_path / "pet")
     with pytest.warns(MedfuseWarning, match=r"not SUV: PatientWeight is missing") as w:
         vol = medfuse.load(folder)
     said = next(str(x.message) for x in w if "not SUV" in str(x.message))
