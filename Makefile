@@ -27,7 +27,7 @@ demo: setup
 	$(VENV)/bin/medfuse demo --out demo_output
 
 # Two test processes (pytest-xdist), each taking whole files so a module's shared fixtures are built once:
-# 24.3 min instead of 31.5 on the 2-core CI machine. PYTEST_JOBS=0 runs them in this one process.
+# 18.8 min instead of 31.5 on the 2-core CI machine. PYTEST_JOBS=0 runs them in this one process.
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait, so two processes
 # sharing two cores do not burn each other's time (two torch tests side by side: 61 s and 46 s, against 153 s and
 # 133 s spinning; alone, 47 s against 39 s).
