@@ -716,7 +716,7 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
-    # None: SimpleITK's default (results may differ in the last digits with the core count)
+    # None: SimpleITK's default (re-runs may differ, see --threads)
     params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise, "threads": args.threads}
     if args.series:
         from .io import series_choice_record
@@ -743,7 +743,8 @@ def _initial_note(rep: dict) -> str:
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_bounded_count(MAX_THREADS), default=None, metavar="N",
-                   help="ITK threads for registration (1 for bit-identical re-runs; more may differ in the last digits)")
+                   help="ITK threads for registration (1 for bit-identical re-runs; with more, re-runs differ in "
+                        "the last digits, and by millimetres when the optimiser stops unconverged)")
 
 
 def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:

@@ -65,6 +65,18 @@ def test_a_transform_composed_twice_saves_and_rereads_as_the_same_mapping(tmp_pa
                                    atol=1e-6, err_msg=name)
 
 
+@pytest.fixture
+def one_itk_thread():
+    """ITK's multi-threaded metric sums vary run to run in the last digits, and these two affine fits are unstable
+    enough to amplify that: the EPI onto the T1 (2 threads, seed 0) ended anywhere from 0.68 to 0.82 on its
+    smallest axis and 9-18 mm off in 13 runs, and once (in CI) just inside the 20 % the check allows. One thread
+    gives the same fit every run (0.728, 15.2 mm)."""
+    from medfuse.pipeline import _itk_threads
+
+    with _itk_threads(1):
+        yield
+
+
 def _scaling(s, centre):
     c = np.asarray(centre, dtype=float)
     m = np.diag([*s, 1.0])
@@ -72,7 +84,7 @@ def _scaling(s, centre):
     return m
 
 
-def test_an_affine_that_shrinks_the_phantom_pet_is_suspect_and_a_true_scaling_is_not():
+def test_an_affine_that_shrinks_the_phantom_pet_is_suspect_and_a_true_scaling_is_not(one_itk_thread):
     """Mutual information with the blurred phantom PET favours a fit shrunk by 14-17 % (13 mm off; rigid 0.5 mm),
     which was reported as fine. A known 4-6 % scaling of the same PET is recovered and not flagged."""
     from medfuse import register
@@ -97,7 +109,8 @@ def test_an_affine_that_shrinks_the_phantom_pet_is_suspect_and_a_true_scaling_is
     assert not [x for x in r2.report.suspect_reasons if "scaled the" in x], r2.report.suspect_reasons
 
 
-def test_an_affine_that_shrinks_an_mr_by_a_fifth_is_suspect_and_a_known_twelve_percent_scaling_is_not(shared):
+def test_an_affine_that_shrinks_an_mr_by_a_fifth_is_suspect_and_a_known_twelve_percent_scaling_is_not(
+        shared, one_itk_thread):
     """The SPM12 EPI onto the T1 of the same space (truth: identity) ended scaled (0.88, 0.87, 0.70), 15-17 mm off
     (rigid: 2.4 mm), and nothing said so but an iteration limit. A known scaling of 8-12 % of the T2 is recovered
     and not flagged."""
