@@ -632,9 +632,8 @@ def _walk(folder: Path, unreadable: Optional[List[str]] = None, *,
         seen.add(real)
         # A link to a folder above this one (sub-01/up -> ../.., a link to /) would walk the whole dataset, or
         # the whole disk, and take other subjects' images as this one's: such links are not followed.
-        dirs[:] = sorted(d for d in dirs if not _hidden(d)
-                         and not is_or_above(os.path.realpath(os.path.join(root, d)), top)
-                         and os.path.realpath(os.path.join(root, d)) != skip)
+        reals = {d: os.path.realpath(os.path.join(root, d)) for d in dirs if not _hidden(d)}
+        dirs[:] = sorted(d for d, r in reals.items() if not is_or_above(r, top) and r != skip)
         for f in sorted(files):
             low = f.lower()
             if _hidden(f) or not os.path.isfile(os.path.join(root, f)):  # a broken link
