@@ -6,6 +6,7 @@ Modality, unit and provenance survive; label maps use nearest neighbour.
 from __future__ import annotations
 
 import contextvars
+import math
 import warnings
 from typing import List, Optional, Sequence
 
@@ -54,6 +55,35 @@ def _volume_list(volumes, what: str = "volumes") -> List[Volume]:
 
 def _is_label_map(v: Volume) -> bool:
     return v.array.dtype == bool
+
+
+#: At most this many distinct values make an integer volume of unknown modality look like a label map or mask
+#: (BraTS segmentations have 4, FreeSurfer's aseg about 45; a grey-level image has hundreds).
+_LABEL_LIKE_VALUES = 64
+#: Voxels looked at to count them: every voxel of a 2 MB volume, a regular sample of a larger one.
+_LABEL_SAMPLE = 2_000_000
+
+
+def _label_like_note(volume: Volume) -> Optional[str]:
+    """A warning when ``volume`` looks like a label map that linear interpolation would blend, else None.
+
+    Only integer volumes of unknown modality are looked at: an MR, CT, PET or SPECT image is an image.
+    """
+    arr = volume.array
+    if arr.dtype.kind not in "iu" or volume.modality != "unknown" or arr.size == 0:
+        return None
+    flat = arr.reshape(-1)
+    step = max(1, flat.size // _LABEL_SAMPLE)
+    while math.gcd(step, arr.shape[-1]) > 1:  # a step the last axis divides would see only a few planes
+        step += 1
+    values = np.unique(flat[::step])
+    if values.size > _LABEL_LIKE_VALUES:
+        return None
+    shown = ", ".join(str(int(x)) for x in values[:6]) + (", ..." if values.size > 6 else "")
+    return (f"the volume looks like a label map or mask ({arr.dtype}, {values.size} distinct values: {shown}; "
+            "modality unknown), and linear interpolation gives values between its labels at every edge. Fix: "
+            "pass interpolation='nearest' to keep the labels and their integer type, or interpolation='linear' "
+            "to interpolate on purpose (this warning then goes away)")
 
 
 def _source_image(volume: Volume, interpolation: str, default: float):
@@ -118,7 +148,7 @@ def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
             "likely misaligned; register them first (medfuse.register, or --register rigid on the command line)")
 
 
-def resample(volume: Volume, reference: Volume, *, transform=None, interpolation: str = "linear",
+def resample(volume: Volume, reference: Volume, *, transform=None, interpolation: Optional[str] = None,
              default: Optional[float] = None) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid.
 
@@ -127,9 +157,11 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         reference: the grid to sample on (fixed space); only its geometry is used.
         transform: a :class:`~medfuse.registration.transforms.Transform` mapping reference (fixed) points to
             ``volume`` (moving) points; identity when ``None``.
-        interpolation: ``"linear"`` (default), ``"nearest"`` (label maps, masks), or ``"bspline"`` (its
-            overshoot clipped to the input's range and ``default``). Boolean volumes always use nearest
+        interpolation: ``"linear"`` (the default, None), ``"nearest"`` (label maps, masks), or ``"bspline"``
+            (its overshoot clipped to the input's range and ``default``). Boolean volumes always use nearest
             neighbour. Linear and B-spline work in float32, or float64 for float64 and 32/64-bit integer volumes.
+            Left out, an integer volume of unknown modality with at most 64 distinct values (a label map or
+            mask) is still interpolated linearly, with a ``MedfuseWarning`` that says to choose.
         default: value outside ``volume``; default: -1024 for CT in HU, else 0 (False for boolean volumes, which
             take only False/True, 0 or 1).
             An integer volume resampled with nearest neighbour is widened when its type cannot hold it
@@ -160,6 +192,12 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         transform = Transform(transform)
     if _is_label_map(volume):
         interpolation = "nearest"
+    labels_note = None
+    if interpolation is None:
+        interpolation = "linear"
+        labels_note = _label_like_note(volume)
+        if labels_note is not None:
+            warnings.warn(labels_note, MedfuseWarning, stacklevel=_checks.user_stacklevel())
     interp = _interpolator(interpolation)
     is_ct_hu = volume.modality == "CT" and volume.unit == "HU" and volume.array.dtype != bool
     if default is None:  # a mask or label map is False outside, whatever modality and unit it carries
@@ -196,6 +234,8 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
             lo, hi = min(lo, float(default)), max(hi, float(default))
         np.clip(arr, lo, hi, out=arr)
     prov = dict(volume.provenance)
+    if labels_note is not None:  # the result's sidecar keeps it too
+        prov["warnings"] = [*prov.get("warnings", []), labels_note]
     # The output's world coordinates are the reference's, so its NIfTI space is the reference's too.
     prov.pop("nifti_space", None)
     if "nifti_space" in reference.provenance:
@@ -312,7 +352,7 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
 
 
 def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int = 0,
-                            interpolation: str = "linear") -> List[Volume]:
+                            interpolation: Optional[str] = None) -> List[Volume]:
     """Resample every volume onto one grid: the finest spacing among them, covering the reference's field of view.
 
     No registration is done: volumes are assumed to share a world frame (register first otherwise).
@@ -321,7 +361,8 @@ def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int =
     Args:
         volumes: the volumes to resample, in one world frame.
         reference_index: which of ``volumes`` sets the field of view and orientation (see :func:`common_grid`).
-        interpolation: ``"linear"`` (default), ``"nearest"`` or ``"bspline"``, for the non-boolean volumes.
+        interpolation: ``"linear"`` (the default, None), ``"nearest"`` or ``"bspline"``, for the non-boolean
+            volumes; left out, a volume that looks like an integer label map warns as in :func:`resample`.
 
     Returns:
         One Volume per input, in order, all on the common grid; a volume already on it comes back as a copy.

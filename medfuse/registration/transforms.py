@@ -205,8 +205,9 @@ class Transform:
         out = np.array([self._t.TransformPoint(tuple(map(float, q))) for q in flat], dtype=float)
         return out.reshape(p.shape)
 
-    def apply(self, volume, *, reference=None, interpolation: str = "linear", default: Optional[float] = None):
-        """Resample ``volume`` (in moving space) onto ``reference``'s grid (fixed space; default: its own grid)."""
+    def apply(self, volume, *, reference=None, interpolation: Optional[str] = None, default: Optional[float] = None):
+        """Resample ``volume`` (in moving space) onto ``reference``'s grid (fixed space; default: its own grid);
+        ``interpolation`` and ``default`` as in :func:`medfuse.resample`."""
         from .resample import resample
 
         return resample(volume, volume if reference is None else reference, transform=self,

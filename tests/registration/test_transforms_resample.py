@@ -88,6 +88,46 @@ def test_label_maps_use_nearest_neighbour():
         resample(v, ref, interpolation="cubic")
 
 
+def test_an_integer_label_map_of_unknown_modality_left_to_the_default_is_warned_about(shared, tmp_path):
+    """A segmentation saved as integers (BraTS: uint8 labels 0, 1, 2, 3) resampled without ``interpolation=``
+    came back with values between its labels at every edge, without a word."""
+    import warnings
+
+    import nibabel as nib
+
+    from medfuse.errors import MedfuseWarning
+    from medfuse.io import load
+
+    t2f = nib.load(str(shared("data", "brats-gli-00001", "t2f.nii.gz")))
+    x = np.asarray(t2f.dataobj, dtype=np.float32)
+    seg = np.digitize(x, np.percentile(x[x > 0], [60, 90, 99])).astype(np.uint8)  # labels 0-3 on real anatomy
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(seg, t2f.affine), str(path))
+    labels = load(path)
+    assert labels.modality == "unknown" and labels.array.dtype == np.uint8
+    # 2.5 mm voxels: their centres fall between the 1 mm ones, where linear interpolation blends.
+    coarse = Volume(np.zeros((96, 96, 62), np.float32), labels.affine @ np.diag([2.5, 2.5, 2.5, 1.0]))
+
+    with pytest.warns(MedfuseWarning, match=r"label map or mask \(uint8, 4 distinct values: 0, 1, 2, 3; "
+                                             r"modality unknown\).*interpolation='nearest'"):
+        blended = resample(labels, coarse)
+    assert not np.array_equal(blended.array, np.round(blended.array))  # what the warning is for
+    assert "interpolation='nearest'" in blended.provenance["warnings"][-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        kept = resample(labels, coarse, interpolation="nearest")
+        assert kept.array.dtype == np.uint8 and set(np.unique(kept.array)) == {0, 1, 2, 3}
+        on_purpose = resample(labels, coarse, interpolation="linear")
+        np.testing.assert_array_equal(on_purpose.array, blended.array)
+        # An image is an image: the same integers as MR, and the T2-FLAIR's own grey levels, are not warned about.
+        resample(load(path, modality="MR"), coarse)
+        grey = labels.with_array(np.clip(x, 0, 65535).astype(np.uint16))
+        resample(grey, coarse)
+        resample_to_common_grid([coarse, labels], interpolation="nearest")
+    with pytest.warns(MedfuseWarning, match="label map"):
+        resample_to_common_grid([coarse, labels])
+
+
 def test_ct_default_is_air():
     ct = _vol(modality="CT", unit="HU")
     far = _vol(origin=(500.0, 500.0, 500.0))
