@@ -58,9 +58,9 @@ def _is_label_map(v: Volume) -> bool:
 
 
 #: At most this many distinct values make an integer volume of unknown modality look like a label map or mask
-#: (BraTS segmentations have 4, FreeSurfer's aseg about 45; a grey-level image has hundreds).
+#: (BraTS segmentations have 4, FreeSurfer's aseg a few dozen; a grey-level image has hundreds).
 _LABEL_LIKE_VALUES = 64
-#: Voxels looked at to count them: every voxel of a 2 MB volume, a regular sample of a larger one.
+#: Voxels looked at to count them: all of a volume up to 2 M voxels, a regular sample of a larger one.
 _LABEL_SAMPLE = 2_000_000
 
 
