@@ -27,12 +27,13 @@ demo: setup
 	$(VENV)/bin/medfuse demo --out demo_output
 
 # Two test processes (pytest-xdist), each taking whole files so a module's shared fixtures are built once:
-# 18.8 min instead of 31.5 on the 2-core CI machine. PYTEST_JOBS=0 runs them in this one process.
+# about 18 min instead of 31.5 on the 2-core CI machine. PYTEST_JOBS=0 runs them in this one process.
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait, so two processes
 # sharing two cores do not burn each other's time (two torch tests side by side: 61 s and 46 s, against 153 s and
 # 133 s spinning; alone, 47 s against 39 s).
 # One ITK thread per process: ITK's multi-threaded registration differs run to run, and an unconverged fit carries
-# that to millimetres (a CI run failed on it); one thread repeats bit for bit and is not slower here (17.9 min).
+# that to millimetres (a CI run failed on it); one thread repeats bit for bit and is not slower (17.8 min, against
+# 18.8 with SimpleITK's default threads).
 PYTEST_JOBS ?= 2
 test: setup xvfb
 	OMP_WAIT_POLICY=PASSIVE ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 xvfb-run -a -s "-screen 0 1280x1024x24" \
