@@ -37,7 +37,7 @@ TABLE = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "SSIM(dr=2)
 def baselines(limit=None, split="val"):
     from medfuse.evaluate import _fuse_2d
     from medfuse.fusion import CLASSICAL_METHODS
-    from medfuse.harvard import case_of, list_pairs, load_pair, split_by_case, training_split
+    from medfuse.harvard import case_of, list_pairs, load_pair, split_by_case, spread, training_split
     from medfuse.metrics import score
 
     pairs = list_pairs(PAIRS)
@@ -53,8 +53,7 @@ def baselines(limit=None, split="val"):
     elif split != "all":
         raise SystemExit(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if limit:
-        seen = {}
-        pairs = [p for p in pairs if seen.setdefault(p.pair_type, []).append(p) or len(seen[p.pair_type]) <= limit]
+        pairs = spread(pairs, limit, per_type=True)
     loaded = [(p, load_pair(p)) for p in pairs]
     results = {}
     for method in CLASSICAL_METHODS:

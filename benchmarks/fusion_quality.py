@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from medfuse.fusion.classical import METHODS, fuse_arrays as classical
     from medfuse.fusion.infer import default_weights_path, fuse_2d, weights_sha256
     from medfuse.fusion.train import case_of, harvard_pairs, load_pair
+    from medfuse.harvard import spread
     from medfuse.metrics import score
 
     torch.set_num_threads(args.threads)
@@ -60,8 +61,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for ptype, items in pairs.items():
         val = [pp for pp in items if case_of(pp[0].name) in set(meta["val_cases"][ptype])]
-        if args.limit:
-            val = val[:: max(1, len(val) // args.limit)][: args.limit]
+        val = spread(val, args.limit or None)
         acc: dict = {}
         for a_path, b_path in val:
             x = load_pair(a_path, b_path)

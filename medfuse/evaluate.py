@@ -1093,7 +1093,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="folder only: validation fraction of the split (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="folder only: at most N pairs per pair type")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="folder only: at most N pairs per pair type, spread evenly over its cases and slices")
     parser.add_argument("--mode", choices=("slicewise", "native"), default="slicewise",
                         help="volumes: score slice-wise over the three planes or natively in 3-D (default slicewise)")
     parser.add_argument("--mask", default=None, metavar="auto|FILE",
@@ -1132,7 +1133,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         MedfuseError: bad input (the CLI prints it and exits 2), e.g. InvalidInputError for both or neither of
             a folder and ``--pair``.
     """
-    from .harvard import list_pairs, training_split
+    from .harvard import list_pairs, spread, training_split
 
     quiet = quiet or bool(getattr(args, "quiet", False))
 
@@ -1166,12 +1167,9 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             train, val = training_split(source, val_fraction=val_fraction, seed=args.seed)
             source = val if split == "val" else train
         if args.limit is not None:
-            kept, seen = [], {}
-            for p in source:
-                seen[p.pair_type] = seen.get(p.pair_type, 0) + 1
-                if seen[p.pair_type] <= args.limit:
-                    kept.append(p)
-            source = kept
+            # Spread over each pair type's cases and slices (the first N were neighbouring slices of one case),
+            # as `medfuse train --val-limit N` picks: the same pairs, so the two tables compare.
+            source = spread(source, args.limit, per_type=True)
     else:
         source = [tuple(p) for p in args.pair]
     # Which images a folder run scored: the folder and every option that chose its pairs (metrics.json said

@@ -34,7 +34,7 @@ from ._checks import number, whole
 from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError, UnsupportedDataError
 
 __all__ = ["HarvardPair", "case_id", "case_of", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case",
-           "split_cases", "training_split", "FUNCTIONAL"]
+           "split_cases", "training_split", "spread", "FUNCTIONAL"]
 
 #: Sub-folder names of the non-MRI image.
 FUNCTIONAL = ("CT", "PET", "SPECT")
@@ -274,6 +274,45 @@ def load_pair(pair: HarvardPair) -> Tuple[np.ndarray, np.ndarray]:
             fix="both images of a pair must have the same size", path=pair.other,
         )
     return mri, other
+
+
+def spread(items: Sequence, limit: Optional[int], *, per_type: bool = False) -> list:
+    """At most ``limit`` of ``items``, spread evenly over them: every ``len(items) // limit``-th from the first.
+
+    Slices of one case come in a row, so the first few items are neighbours of one case, a poor sample. This is
+    the subset ``medfuse train --val-limit`` validates on and ``medfuse evaluate --limit`` and
+    ``benchmarks/fusion_quality.py --limit`` score, per pair type, so their tables compare.
+
+    Args:
+        items: a list (one pair type's pairs, or :class:`HarvardPair` of several with ``per_type``).
+        limit: how many to keep, 1 or more; None keeps them all.
+        per_type: keep at most ``limit`` of each ``pair_type`` (the items are :class:`HarvardPair`), spread over
+            each type's pairs in plain file-name order, the order ``medfuse train`` lists them in (``11005.png``
+            before ``3008.png``; :func:`list_pairs` puts shorter names first).
+
+    Returns:
+        A new list in the items' order.
+
+    Raises:
+        InvalidInputError: ``limit`` is not a whole number >= 1 (or None), ``items`` is not a list, or, with
+            ``per_type``, holds something other than :class:`HarvardPair`.
+    """
+    limit = whole(limit, "limit", example="limit=5", minimum=1, none_ok=True)
+    if per_type:
+        items = _pair_list(items)
+    elif isinstance(items, (str, bytes, os.PathLike)) or not hasattr(items, "__iter__"):
+        raise InvalidInputError(f"spread takes a list, got {type(items).__name__}",
+                                fix="list the pairs first: medfuse.harvard.list_pairs(root)")
+    items = list(items)
+    if limit is None:
+        return items
+    if per_type:
+        by_type: Dict[str, list] = {}
+        for p in items:
+            by_type.setdefault(p.pair_type, []).append(p)
+        kept = {id(p) for group in by_type.values() for p in spread(sorted(group, key=lambda p: p.name), limit)}
+        return [p for p in items if id(p) in kept]
+    return items[:: max(1, len(items) // limit)][:limit]
 
 
 def split_by_case(pairs: Sequence[HarvardPair], *, val_fraction: float = 0.2, seed: int = 0

@@ -130,3 +130,26 @@ def test_slicewise_volume_with_blank_slices_says_how_many_were_left_out(tmp_path
     assert "slices" in row["undefined"]["VIF"]
     ours = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
     assert len(ours) == 1 and "VIF on some slices of 1 volume(s)" in ours[0]
+
+
+def test_limit_spreads_over_the_cases_and_scores_the_pairs_training_validates_on(shared, tmp_path, capsys):
+    """``--split val --limit 3`` scored the first three pairs of each type: neighbouring slices of one case
+    (CT-MRI 20005-20007). It now spreads them over the split, and picks the pairs ``medfuse train --val-limit 3``
+    validates on, so the two tables compare."""
+    from medfuse.harvard import case_of, spread
+    from medfuse.fusion.train import harvard_pairs, split_cases
+
+    root = shared("data", "harvard-pairs")
+    code = main(["evaluate", str(root), "--split", "val", "--limit", "3", "--methods", "mean", "--metrics", "EN",
+                 "--no-save", "--no-progress", "-q", "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    scored: dict = {}
+    for r in _rows(tmp_path / "o"):
+        scored.setdefault(r["pair_type"], []).append(r["name"])
+    val = split_cases(harvard_pairs(root))[1]
+    assert set(scored) == set(val)
+    for ptype, names in scored.items():
+        assert sorted(names) == sorted(f"{ptype}/{mri.stem}" for mri, _ in spread(val[ptype], 3)), ptype
+        # Not one case's neighbouring slices: several cases where the split has several (PET-MRI's has one).
+        cases = {case_of(mri.name) for mri, _ in val[ptype]}
+        assert len({case_of(n) for n in names}) == min(3, len(cases)), (ptype, names)

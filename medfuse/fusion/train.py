@@ -35,7 +35,7 @@ import numpy as np
 from .._checks import MAX_THREADS, user_stacklevel
 from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError,
                       WeightsError)
-from ..harvard import case_of, split_cases  # the one split: medfuse evaluate --split uses it too
+from ..harvard import case_of, split_cases, spread  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
            "torch_metrics", "PAIR_TYPES", "DEFAULT_SHARED"]
@@ -549,11 +549,6 @@ def _finite_means(d: Dict[str, List[float]]) -> Dict[str, float]:
     return out
 
 
-def _subset(items: list, limit: Optional[int]) -> list:
-    """At most ``limit`` items spread evenly over ``items`` (all of them when ``limit`` is None)."""
-    return items if limit is None else items[:: max(1, len(items) // limit)][:limit]
-
-
 def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional[int] = None,
              rules: Sequence[str] = ("max",), rule_cache: Optional[dict] = None
              ) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -578,7 +573,7 @@ def validate(model, val_pairs: Dict[str, list], *, device="cpu", limit: Optional
     cache = {} if rule_cache is None else rule_cache
     model.eval()
     for ptype, items in val_pairs.items():
-        items = _subset(items, limit)
+        items = spread(items, limit)
         todo = [r for r in rules if (ptype, r, len(items)) not in cache]
         acc: Dict[str, Dict[str, List[float]]] = {}
         undefined: Dict[str, List[str]] = {}
@@ -1971,7 +1966,7 @@ def run(args: argparse.Namespace) -> int:
     check_finite(model, "the 3-D stage")  # before the final validation's minutes
     # A larger subset than each epoch's, not every pair: the full split would add minutes to every run.
     final_limit = 3 * args.val_limit
-    scored = {k: len(_subset(v, final_limit)) for k, v in val_pairs.items()}
+    scored = {k: len(spread(v, final_limit)) for k, v in val_pairs.items()}
     final = validate(model, val_pairs, device=device, limit=final_limit, rules=("max", "mean"))
     log(f"final validation (up to 3 x --val-limit = {final_limit} pairs per type: "
         + ", ".join(f"{k} {n} of {len(val_pairs[k])}" for k, n in scored.items()) + "):\n" + format_table(final))
