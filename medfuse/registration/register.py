@@ -1356,7 +1356,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                 stop, per_level, its = kept, [], []
     last_stop = "" if kept else stop  # the stop reason of the optimisation whose result is returned
     transform = Transform(linear)
-    jac_min = jac_frac = disp_mean = disp_max = gain = bspline_dropped = None
+    jac_min = jac_frac = disp_mean = disp_max = gain = bspline_dropped = bs = None
     if kind == "deformable":
         grid_mm = float(p["bspline_grid_mm"])
         phys = np.asarray(fimg.GetSize()) * np.asarray(fimg.GetSpacing())
@@ -1388,10 +1388,12 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                     f"B-spline stage dropped: it moved points by {disp_mean:.1f} mm on average (up to {disp_max:.1f} "
                     f"mm) for a {gain:.1%} better similarity (needs {need:.1%}: bspline_min_gain_per_mm="
                     f"{p['bspline_min_gain_per_mm']:g} per mm); the result is the affine part")
-                bs.SetParameters((0.0,) * bs.GetNumberOfParameters())
                 jac_min, jac_frac = 1.0, 0.0
                 stop = f"{bspline_dropped}; {stop}"
-        transform = Transform(linear).compose(Transform(bs))
+                # The affine part itself, not it composed with an all-zero grid: that was a deformable transform
+                # that could not be inverted, read as a matrix or saved as .mat, though the warp was gone.
+                bs = None
+        transform = Transform(linear) if bs is None else Transform(linear).compose(Transform(bs))
 
     metric_after = _evaluate(fimg, mimg, transform.sitk, metric=metric, bins=p["histogram_bins"], seed=seed,
                              fmask=fmask, mmask=mmask)
@@ -1400,7 +1402,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # tool (and a .mat file) reads it.
     lin_total = Transform(linear) if Q is None else Transform.from_matrix(Q @ Transform(linear).matrix)
     if Q is not None:
-        transform = lin_total if kind != "deformable" else lin_total.compose(Transform(bs))
+        transform = lin_total if bs is None else lin_total.compose(Transform(bs))
     resampled = None
     if _RESAMPLED.get():
         report(progress, 0.96, "resampling")

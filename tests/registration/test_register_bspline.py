@@ -84,14 +84,22 @@ def test_deformable_does_not_invent_a_warp_under_a_pure_shift_of_another_contras
     def err(t):
         return np.linalg.norm(t.transform_points(pts) - want, axis=1)
 
-    r = register(t1, moving, kind="deformable", seed=1)
+    from medfuse.pipeline import _itk_threads
+
+    with _itk_threads(1):  # the same fit every run (ITK's multi-threaded sums vary in the last digits)
+        r = register(t1, moving, kind="deformable", seed=1)
     e_lin, e_full = err(r.linear_transform), err(r.transform)
+    rep = r.report
     assert e_full.mean() <= e_lin.mean() + 0.3, (e_lin.mean(), e_full.mean(), r.report.to_dict())
     assert e_full.max() <= e_lin.max() + 1.0, (e_lin.max(), e_full.max(), r.report.to_dict())
-    rep = r.report
-    # Either the warp was dropped and the report says so, or it was small.
-    dropped = rep.bspline_kept is False and "B-spline stage dropped" in rep.stop_reason
-    assert dropped or rep.bspline_displacement_max_mm < 2, rep.to_dict()
+    # This fit's warp is dropped (2.7 mm on average, up to 6.9 mm, for a few per cent of similarity). The result
+    # is then the affine part itself: it was that part composed with an all-zero B-spline grid, which could not
+    # be inverted, read as a matrix or saved as .mat.
+    assert rep.bspline_kept is False and "B-spline stage dropped" in rep.stop_reason, rep.to_dict()
+    assert r.transform.is_linear, r.transform
+    np.testing.assert_allclose(r.transform.matrix, r.linear_transform.matrix, atol=1e-9)
+    np.testing.assert_allclose(r.transform.inverse().transform_points(r.transform.transform_points(pts)), pts,
+                               atol=1e-6)
 
 
 @pytest.mark.slow
