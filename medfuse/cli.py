@@ -156,6 +156,8 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
                           "--initial-transform FILE (a known rough alignment)")
     if fix and ", or pass format='dicom'" in fix:  # the command line picks the format by the name alone
         fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
+    if fix and ("weights=" in fix or "method='" in fix):  # the fusion's Python arguments: the command's options
+        fix = re.sub(r"method='(\w+)'", r"--method \1", fix.replace("weights=", "--weights"))
     if fix and "result.linear_transform of the run that made it" in fix:  # a Python attribute
         fix = fix.replace("result.linear_transform of the run that made it",
                           "the .tfm of 'medfuse register --kind affine' on the same pair")
@@ -165,8 +167,11 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
         fix = ("sample_volumes/ comes with the repository; write the same synthetic samples here with "
                "'python -m medfuse.phantom --write sample_volumes' (medfuse demo writes them to "
                "demo_output/sample_volumes)")
-    if fix != e.fix:
-        e.fix = fix
+    problem = e.problem
+    if problem.startswith("weights= names"):  # FuseStep's refusal of a weights file for a rule
+        problem = re.sub(r"method is '(\w+)'", r"--method is \1", problem.replace("weights=", "--weights", 1))
+    if fix != e.fix or problem != e.problem:
+        e.fix, e.problem = fix, problem
         e.args = (e._compose(),)
     return e
 
@@ -844,6 +849,10 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from .provenance import sidecar_path
 
     _check_device_name(args.device)
+    if args.fallback and args.method != "network":
+        # As --weights with a rule is refused: the option would be ignored without a word.
+        raise InvalidInputError(f"--fallback names the rule to use when the network cannot run, but --method is "
+                                f"{args.method}, a classical rule", fix="drop --fallback, or use --method network")
     args.outputs = _Outputs(args.output, sidecar_path(args.output))
     _check_readable(args.fixed, *args.moving)
     _refuse_pictures(args.fixed, *args.moving)
@@ -887,8 +896,10 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
             raise MedfuseError(f"'medfuse {what}' is not available: {module} could not be imported "
                                f"(missing: {missing})",
                                fix="install the full set of extras: pip install 'medfuse[all]'") from None
+        # The exit codes and --debug, as every other command's help gives them.
         parser = _Parser(prog=prog, description=(mod.__doc__ or "").strip().splitlines()[0]
-                                         if mod.__doc__ else None)
+                                         if mod.__doc__ else None,
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(parser)
         try:
             sub = parser.parse_args(rest)
@@ -1428,7 +1439,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # What argparse would refuse, with the command's own help as the fix (it pointed at 'medfuse --help',
+            # which does not say that register takes exactly FIXED and MOVING).
+            command = getattr(args, "command", None)
+            _Parser(prog=f"medfuse {command}" if command else "medfuse").error(
+                "unrecognized arguments: " + " ".join(extra))
     except SystemExit as e:  # argparse already printed usage and the error (or the help)
         return EXIT_OK if e.code in (0, None) else EXIT_USAGE
     if not getattr(args, "command", None):

@@ -1110,7 +1110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors (no bar, no table)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors (no bar, no table)")
     return parser
 
 

@@ -225,11 +225,25 @@ class LoadStep:
                     suv = "auto"  # the same volume: a file has no SUV header to convert
                 vols.append(load(item, modality=mod, suv=suv, series_uid=pick))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
+        _warn_same_image(vols, state)
         state.volumes = vols
         state.originals = list(vols)
         state.transforms = [None] * (len(vols) - 1)
         state.registrations = [None] * (len(vols) - 1)
         return state
+
+
+def _warn_same_image(vols: Sequence[Volume], state: PipelineState) -> None:
+    """Warn when a moving input is the fixed one again: the same file twice, or ``--series PT PT`` meant as
+    ``CT PT``, ran to the end with no word, and fusing an image with itself gives it back unchanged."""
+    fixed = vols[0]
+    for i, v in enumerate(vols[1:], start=1):
+        if v.shape == fixed.shape and np.allclose(v.affine, fixed.affine, atol=1e-6) \
+                and np.array_equal(v.array, fixed.array):
+            msg = (f"input {i + 1} (moving) holds the same image as input 1 (fixed): the same voxels on the same "
+                   "grid; check that you gave the intended files (or --series choices: e.g. CT PT, not PT PT)")
+            warnings.warn(msg, MedfuseWarning, stacklevel=3)
+            state.notes.setdefault("warnings", []).append(msg)
 
 
 class RegisterStep:

@@ -85,7 +85,7 @@ def weights_sha256(weights: Optional[PathLike] = None) -> str:
         return _CACHE[key]
     except OSError:
         raise WeightsError("the fusion network's weights file is missing or unreadable", path=p,
-                           fix="reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors") from None
+                           fix=_missing_fix(p)) from None
 
 
 def check_weights_file(weights: Any) -> None:
@@ -178,8 +178,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     try:
         st = p.stat()
     except OSError:
-        raise WeightsError("the fusion network's weights file is missing", path=p,
-                           fix="reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors") from None
+        raise WeightsError("the fusion network's weights file is missing", path=p, fix=_missing_fix(p)) from None
     key = ("model", str(p), st.st_mtime_ns, st.st_size, str(device))
     with _LOCK:
         if key in _CACHE:
@@ -205,6 +204,15 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         model = model.to(device).eval().channels_last_()
         _CACHE[key] = model
         return model
+
+
+def _missing_fix(p: Path) -> str:
+    """The fix for a weights file that is not there: reinstalling restores only the shipped one (it was advised
+    for a mistyped path of the user's own too)."""
+    if p == default_weights_path():
+        return "reinstall medfuse, or pass weights= pointing at a medfuse_fusion.safetensors"
+    return ("check the path given as weights= (a medfuse_fusion.safetensors exported by 'medfuse train'), or leave "
+            "it out for the shipped weights")
 
 
 def _unloadable(p: Path, exc: Exception) -> WeightsError:
@@ -247,9 +255,10 @@ def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
                                 fix="put them on one grid first with medfuse.register or medfuse.resample")
     shape = arrs[0].shape
     if ndim is not None and len(shape) != ndim:
-        other = "fuse_3d (the tri-plane 3-D path)" if len(shape) == 3 else "fuse_2d (the 2-D path)"
-        raise InvalidInputError(f"the {ndim}-D path was given {len(shape)}-D arrays of shape {shape}",
-                                fix=f"use {other}, or fuse_arrays, which picks the path from the arrays")
+        # In medfuse.fuse's terms (its mode= option), where users meet this; fuse_2d/fuse_3d only for their callers.
+        other = f", or pass mode='{len(shape)}d' (called directly: fuse_{len(shape)}d)" if len(shape) in (2, 3) else ""
+        raise InvalidInputError(f"the {ndim}-D path (mode='{ndim}d') was given {len(shape)}-D arrays of shape {shape}",
+                                fix=f"leave mode='auto' (the default), which picks the path from the arrays{other}")
     if len(shape) not in (2, 3):
         raise InvalidInputError(f"the fusion network takes 2-D or 3-D arrays, got shape {shape}",
                                 fix="squeeze singleton axes, or fuse each 3-D volume of a 4-D series separately")

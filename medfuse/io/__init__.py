@@ -267,7 +267,10 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         return _absolute_source(vol)
     from .dicom import load_dicom
 
-    vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series)
+    try:
+        vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series)
+    except UnreadableFileError as e:
+        raise _image_files_instead(p, e) from None
     if modality is not None or unit is not None:
         vol = vol.with_array(vol.array, **{k: v for k, v in (("modality", modality), ("unit", unit)) if v is not None})
     return _absolute_source(vol)
@@ -309,8 +312,34 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
         return [_absolute_source(v) for v in load_image_volumes(p)]
     from .dicom import load_dicom_volumes
 
-    return [_absolute_source(v) for v in load_dicom_volumes(p, series_uid=series_uid, suv=suv,
-                                                            whole_series=whole_series)]
+    try:
+        vols = load_dicom_volumes(p, series_uid=series_uid, suv=suv, whole_series=whole_series)
+    except UnreadableFileError as e:
+        raise _image_files_instead(p, e) from None
+    return [_absolute_source(v) for v in vols]
+
+
+def _image_files_instead(folder: Path, e: UnreadableFileError) -> UnreadableFileError:
+    """``e`` for a folder without DICOM images that holds NIfTI/MetaImage/NRRD files: its fix names them.
+
+    Why: ``medfuse info`` lists such a folder's image files, but loading it said only "no readable DICOM image
+    files were found; check the folder", though the file to pass was right there. A folder is read as DICOM
+    (an image file is one volume, passed by its own name), so they are named, not loaded.
+    """
+    if not folder.is_dir() or not e.problem.startswith("no readable DICOM image files"):
+        return e
+    try:
+        found = sorted(f.name for f in folder.iterdir() if f.is_file() and is_image_file(f))
+    except OSError:
+        return e
+    if found:
+        from .._checks import label
+
+        names = ", ".join(label(n) for n in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        e.fix = (f"the folder holds {len(found)} image file(s) ({names}): pass the file itself, not its folder "
+                 "(a folder is read as DICOM)")
+        e.args = (e._compose(),)
+    return e
 
 
 def scan(folder: PathLike) -> list:

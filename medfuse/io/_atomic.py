@@ -247,14 +247,16 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
                                 "file on Windows and macOS, so medfuse counts them as one everywhere)",
                                 fix="choose another name, or give the existing name exactly (with overwrite=True) "
                                     "to replace it", path=p)
-    if exists and not overwrite:
-        raise OutputExistsError("the output exists", fix="choose another path, or pass overwrite=True to replace it", path=p)
+    # The kind mismatches first: "the output exists ... pass overwrite=True" sent the user to an option that is
+    # then refused for them.
     if exists and kind == "file" and p.is_dir() and not p.is_symlink():
         raise OutputExistsError("a folder is in the way of the output file (overwrite replaces files, never folders)",
                                 fix="choose another output name, or move the folder away", path=p)
     if exists and kind == "folder" and not p.is_dir():
         raise OutputExistsError("a file is in the way of the output folder (overwrite replaces a folder, never a file)",
                                 fix="choose another output name, or move the file away", path=p)
+    if exists and not overwrite:
+        raise OutputExistsError("the output exists", fix="choose another path, or pass overwrite=True to replace it", path=p)
     if not p.parent.is_dir():
         raise OutputWriteError("the output's folder does not exist", errno=errno.ENOENT, fix="create the folder first",
                                path=p.parent)

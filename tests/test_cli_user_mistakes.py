@@ -1,0 +1,96 @@
+"""What the command line says about a new user's common mistakes: advice in its own terms (``--weights``, not
+``weights=``; no "reinstall medfuse" for a mistyped path of the user's own), options that would be ignored, extra
+arguments, a folder that holds an image file, the same image given twice, and a folder in the way of the output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medfuse.cli import EXIT_OK, EXIT_USAGE, main
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_volumes"
+
+
+@pytest.fixture
+def mr(tmp_path):
+    p = tmp_path / "mr.nii.gz"
+    shutil.copy(SAMPLES / "mr_t1.nii.gz", p)
+    return p
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_fallback_with_a_classical_method_is_refused_as_weights_are(mr, tmp_path, capsys):
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(mr), str(mr), "-o", str(out), "--method", "max", "--fallback", "mean", "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    assert "--fallback" in err and "--method is max" in err and "drop --fallback, or use --method network" in err
+    assert main(["fuse", str(mr), str(mr), "-o", str(out), "--method", "max", "--weights", str(mr), "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    # The command's options, not FuseStep's Python arguments.
+    assert "--weights names" in err and "--method is max" in err and "weights=" not in err and "method='" not in err
+    assert not out.exists()
+
+
+def test_a_missing_weights_file_of_the_users_own_is_not_a_reason_to_reinstall(mr, tmp_path, capsys):
+    code = main(["fuse", str(mr), str(mr), "-o", str(tmp_path / "f.nii.gz"), "--weights",
+                 str(tmp_path / "mine.safetensors"), "-q"])
+    assert code == EXIT_USAGE
+    err = _err(capsys)
+    assert "mine.safetensors" in err and "check the path given as --weights" in err
+    assert "reinstall" not in err and "weights=" not in err
+
+
+def test_extra_arguments_point_to_the_commands_own_help(mr, tmp_path, capsys):
+    assert main(["register", str(mr), str(mr), str(mr), "-o", str(tmp_path / "r.nii.gz")]) == EXIT_USAGE
+    err = _err(capsys)
+    assert err.startswith("medfuse register: error: unrecognized arguments") and "'medfuse register --help'" in err
+    assert main(["info", str(mr), "--frobnicate"]) == EXIT_USAGE
+    assert "'medfuse info --help'" in _err(capsys)
+
+
+def test_a_folder_that_holds_an_image_file_names_it(mr, tmp_path, capsys):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    shutil.copy(mr, folder / "t1.nii.gz")
+    assert main(["fuse", str(folder), str(mr), "-o", str(tmp_path / "f.nii.gz"), "--method", "max", "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    assert "no readable DICOM image files" in err and "'t1.nii.gz'" in err and "pass the file itself" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["fuse", str(empty), str(mr), "-o", str(tmp_path / "f.nii.gz"), "--method", "max", "-q"]) == EXIT_USAGE
+    assert "pass the file itself" not in _err(capsys)
+
+
+def test_the_same_image_twice_is_warned_about_and_recorded(mr, tmp_path, capsys):
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(mr), str(mr), "-o", str(out), "--method", "max", "-q"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "input 2 (moving) holds the same image as input 1 (fixed)" in err, err
+    assert any("same image" in w for w in json.loads(out.with_name("f.json").read_text())["warnings"])
+    # A different image says nothing of the kind.
+    assert main(["fuse", str(mr), str(SAMPLES / "pet"), "-o", str(tmp_path / "g.nii.gz"), "--method", "max",
+                 "-q"]) == EXIT_OK
+    assert "same image" not in capsys.readouterr().err
+
+
+def test_a_folder_in_the_way_of_the_output_is_not_told_to_use_overwrite(mr, tmp_path, capsys):
+    (tmp_path / "f.nii.gz").mkdir()
+    assert main(["fuse", str(mr), str(mr), "-o", str(tmp_path / "f.nii.gz"), "--method", "max", "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    assert "a folder is in the way" in err and "--overwrite" not in err.split("Fix:")[1]
+
+
+def test_evaluate_help_gives_the_exit_codes_and_what_quiet_keeps(capsys):
+    assert main(["evaluate", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "--debug" in out
+    assert "print only warnings and errors" in out
