@@ -435,6 +435,20 @@ def _image_files(folder: Path) -> List[dict]:
     return rows
 
 
+def _series_key(series: list, choice: Any, folder: Path) -> Optional[str]:
+    """The listed key of the series ``info`` described (what ``--series`` takes: ``UID#N`` where several series
+    share a UID), or None when the folder listed none. The provenance holds the real SeriesInstanceUID, which
+    such a folder's series share: ``--series 3 --json`` gave that, and giving it back to --series was refused."""
+    if len(series) == 1:
+        return series[0].series_uid
+    if not series or choice is None:
+        return None
+    from .io.dicom import resolve_series_choice
+
+    key = str(choice).strip()
+    return resolve_series_choice(key, [(s.series_uid, s.modality, "") for s in series], folder) or key
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     # A reader's MedfuseWarning (a missing slice, one file of a series) as fuse shows it: one "medfuse: warning:"
     # line, not Python's "file.py:81: MedfuseWarning ... return func(*args)" pair; one that info lists already
@@ -543,7 +557,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "dtype": str(arr.dtype),
         "min": float(finite.min()) if finite.size else None,
         "max": float(finite.max()) if finite.size else None,
-        "series_uid": vol.provenance.get("series_uid"),
+        "series_uid": _series_key(series, args.series, p) or vol.provenance.get("series_uid"),
         "series_description": vol.provenance.get("series_description"),
         "n_series_in_folder": len(series) or None,
         "warnings": vol.provenance.get("warnings") or [],

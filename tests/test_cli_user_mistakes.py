@@ -94,3 +94,15 @@ def test_evaluate_help_gives_the_exit_codes_and_what_quiet_keeps(capsys):
     out = capsys.readouterr().out
     assert "exit codes:" in out and "--debug" in out
     assert "print only warnings and errors" in out
+
+
+def test_info_json_of_one_of_several_series_sharing_a_uid_gives_the_key_series_takes_back(shared, capsys):
+    """The 9 series of qa-transfer-syntaxes share one SeriesInstanceUID. ``info --series 3 --json`` gave that UID,
+    and ``--series UID`` was then refused as "shared by 9 series"; it now gives the listed key (``UID#3``)."""
+    folder = shared("data", "dicom", "qa-transfer-syntaxes", "In")
+    assert main(["info", str(folder), "--series", "3", "--json"]) == EXIT_OK
+    key = json.loads(capsys.readouterr().out)["series_uid"]
+    assert key.endswith("#3"), key
+    assert main(["info", str(folder), "--series", key, "--json"]) == EXIT_OK
+    again = json.loads(capsys.readouterr().out)
+    assert again["series_uid"] == key
