@@ -450,7 +450,9 @@ def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> Non
                                 "initialise='geometry') (command line: medfuse register FIXED MOVING --initialise "
                                 "geometry -o moved.nii.gz)")
     if share < _LOW_COVERAGE:
-        msg = (f"input {n} covers only {share:.0%} of the fixed image's field of view; elsewhere the fused image "
+        # Below 1 %, "0%" read as no coverage at all, which is refused above.
+        pct = f"{share:.0%}" if share >= 0.01 else f"{100 * share:.2g}%"
+        msg = (f"input {n} covers only {pct} of the fixed image's field of view; elsewhere the fused image "
                "holds the fixed image alone")
         warnings.warn(msg, MedfuseWarning, stacklevel=3)
         state.notes.setdefault("warnings", []).append(msg)

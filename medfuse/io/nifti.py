@@ -652,9 +652,9 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
                       "which other tools (ITK, Slicer) do not share; check left/right before registering or fusing",
                       MedfuseWarning, stacklevel=3)
     elif int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
-        warnings.warn("a NIfTI file has neither a qform nor an sform (both codes 0): its orientation and origin are "
-                      "a guess from the voxel sizes alone; check them before registering or fusing", MedfuseWarning,
-                      stacklevel=3)
+        warnings.warn(f"{p}: a NIfTI file with neither a qform nor an sform (both codes 0): its orientation and "
+                      "origin are a guess from the voxel sizes alone; check them before registering or fusing",
+                      MedfuseWarning, stacklevel=3)
     # World coordinates in mm, whatever the file's spatial unit (medfuse and ITK work in mm).
     xyz_unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "unknown"
     to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)

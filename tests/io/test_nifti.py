@@ -192,8 +192,8 @@ def test_nifti_without_qform_or_sform_warns(tmp_path):
     img.set_sform(None, code=0)
     img.set_qform(None, code=0)
     nib.save(img, str(tmp_path / "bare.nii"))
-    with pytest.warns(MedfuseWarning, match="neither a qform nor an sform"):
-        load_image(tmp_path / "bare.nii")
+    with pytest.warns(MedfuseWarning, match=r"bare\.nii: a NIfTI file with neither a qform nor an sform"):
+        load_image(tmp_path / "bare.nii")  # the file is named, as the other NIfTI warnings name it
 
 
 # ----------------------------------------------------------------------------- NIfTI space (xform code)

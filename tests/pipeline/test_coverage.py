@@ -35,6 +35,13 @@ def test_a_moving_image_that_covers_a_sliver_is_warned_about_in_the_sidecar_too(
     assert any("covers only 4%" in w for w in res.provenance["warnings"])
 
 
+def test_a_coverage_under_one_percent_is_not_shown_as_zero():
+    """A corner of a few voxels read "covers only 0%", though nothing that covers 0 % gets this far."""
+    corner = _vol(shape=(4, 4, 4), origin=(-6.0, -6.0, -6.0), seed=1)  # 2 mm of 8 mm in each axis: 1/13824
+    with pytest.warns(MedfuseWarning, match=r"input 2 covers only 0\.0072% of the fixed image's field of view"):
+        Pipeline(method="max").run([_vol(), corner])
+
+
 def test_overlapping_images_on_other_grids_are_fused_without_a_word():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
