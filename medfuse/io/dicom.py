@@ -1398,6 +1398,65 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
     return arr, aff
 
 
+#: Evenly spaced slices further apart than this many times the spacing the headers give are taken as a series that
+#: lost every other (or every k-th) slice: those ratios are whole numbers from 2, and a rounded header stays near 1.
+_SPARSE_RATIO = 1.5
+
+
+def _header_value(dss: Sequence[Any], keyword: str) -> Optional[float]:
+    """The positive value of ``keyword`` the files that have it agree on (within 1 %); None when none has it or
+    they disagree (then it is no evidence either way)."""
+    vals = [abs(v) for v in (_f(ds.get(keyword)) for ds in dss) if v is not None and math.isfinite(v) and v != 0]
+    if not vals or max(vals) - min(vals) > _SPACING_TOL * max(vals):
+        return None
+    return float(np.median(vals))
+
+
+def _sparse_check(frames: Sequence[_Frame], headers: Dict[Path, Any], dz: float) -> Tuple[str, Optional[str]]:
+    """Whether the evenly spaced slices of one volume lie clearly further apart than the headers say
+    (SpacingBetweenSlices, and for PET/NM NumberOfSlices against the slices found).
+
+    Why: a copy that lost every other file keeps even spacing, so the gap check of :func:`_regularise` never
+    fires and the series loaded at half its resolution without a word. Only single-frame files are checked: the
+    positions of mosaic tiles and classic multi-frame slices are made from the spacing tag itself, and an
+    enhanced file holds all of its frames. SliceThickness is no evidence (thin slices with gaps are normal).
+
+    Returns:
+        ("sparse", the warning) when slices appear to be missing; ("whole", None) when the headers confirm the
+        spacing or count; ("unknown", None) when they give nothing sound to check against.
+    """
+    if len(frames) < 2 or any(fr.index is not None or fr.tile is not None for fr in frames):
+        return "unknown", None
+    dss = [headers[f] for f in dict.fromkeys(fr.file for fr in frames)]
+    n = len(frames)
+    sbs = _header_value(dss, "SpacingBetweenSlices")
+    modality = str(dss[0].get("Modality", "")).strip().upper()
+    total = _header_value(dss, "NumberOfSlices") if modality in ("PT", "NM") else None
+    total = int(round(total)) if total is not None and total == round(total) else None
+    if total is not None and total <= n:  # the count says the series is whole: a wrong spacing tag, not lost files
+        return "whole", None
+    if sbs is not None:
+        if dz <= _SPARSE_RATIO * sbs:
+            # As far apart as the header says: none lost between the first and last. Fewer than NumberOfSlices
+            # then is a series cut to a range of slices (a partial export), not lost files.
+            return "whole", None
+        thick = _header_value(dss, "SliceThickness")
+        if modality == "MR" and thick and sbs < thick and abs(dz - (thick + sbs)) <= _SPACING_TOL * dz:
+            return "unknown", None  # an MR export that wrote the gap between slices (not their spacing) in this tag
+        said = (f"its {n} slices are evenly spaced {dz:.2f} mm apart, but SpacingBetweenSlices (0018,0088) says "
+                f"{sbs:.2f} mm" + (f" and NumberOfSlices (0054,0081) says {total} slices ({n} found)" if total else ""))
+        how = (f"as found, with {dz:.2f} mm between slices (a lower resolution along the slice normal; the geometry "
+               "is right)")
+    elif total is not None and total > _SPARSE_RATIO * n:
+        # The count alone cannot tell slices lost in between from a series cut to a range: neither is claimed.
+        said = f"NumberOfSlices (0054,0081) says {total} slices, but {n} were found (evenly spaced {dz:.2f} mm apart)"
+        how = f"with the {n} slices found (the geometry is right, but part of the series is not in it)"
+    else:
+        return "unknown", None
+    return "sparse", (f"slices appear to be missing from the series: {said}; it was loaded {how}; copy or "
+                      "export the whole series again")
+
+
 # ---------------------------------------------------------------------------- public
 def _shown_folder(folder: Path, root: Path) -> str:
     """``folder`` relative to the folder the user gave ("." for that folder itself)."""
@@ -1736,6 +1795,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     headers = dict(files)
     pix = _pixels(vols, headers)
     out = []
+    statuses: set = set()  # of _sparse_check, over the volumes: what the warning about unreadable files may say
     for vi, vframes in enumerate(vols):
         slices = [_slice(fr, pix) for fr in vframes]
         slopes = np.array([fr.slope for fr in vframes])
@@ -1747,6 +1807,13 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         prov: Dict[str, Any] = {}
         vnotes = list(notes)
         arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov, broken)
+        # Slices evenly spaced but further apart than the headers say (lost files): uneven ones were resampled above.
+        status, sparse = ("unknown", None) if prov.get("resampled") else _sparse_check(
+            vframes, headers, float(np.linalg.norm(aff[:3, 2])))
+        statuses.add(status)
+        if sparse:
+            warnings.warn(f"{path}: {sparse}", MedfuseWarning, stacklevel=_user_stacklevel())
+            vnotes.append(sparse)
         # Study and frame of reference: which volumes share a patient space (never logged: UIDs identify).
         prov.update(study_uid=_uid_of(ds0, "StudyInstanceUID"),
                     frame_of_reference_uid=_uid_of(ds0, "FrameOfReferenceUID"))
@@ -1765,10 +1832,18 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             prov["suv"] = suv_kind  # the kind applied ("auto" resolved)
             prov["suv_source"] = suv_source
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
-    if broken:  # the series itself is complete (a gap would have been refused above)
+    if broken:  # no uneven gap (that would have been refused above), but evenly spaced slices may still be lost
         names = ", ".join(b.name for b in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        if "sparse" in statuses:
+            why = ("slices appear to be missing from the series (see the warning about them), and are probably in "
+                   "these files; copy or export the whole series again")
+        elif statuses == {"whole"}:
+            why = "the series has no missing slice between its first and last"
+        else:  # nothing in the headers to check the spacing against: say only what the positions show
+            why = ("its slices are evenly spaced, so their positions show no missing slice between its first and "
+                   "last (the headers give no slice spacing or count to confirm it)")
         msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated, empty or not "
-               f"readable: {names}) and were left out; the series has no missing slice between its first and last")
+               f"readable: {names}) and were left out; {why}")
         warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=2)
         for v in out:
             v.provenance["warnings"].append(msg)
