@@ -1388,9 +1388,14 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         a32 = arr.astype(work)
         arr = a32[:, :, lo] * (1 - w) + a32[:, :, hi] * w
         gap = int(np.argmax(d))
-        msg = (f"uneven slice spacing (missing slice?): a gap of {d[gap]:.2f} mm after slice {gap + 1} of {n}, where "
-               f"slices are {dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the "
-               "slices in the gap are interpolated, not measured)")
+        # Every gap is counted: a copy that lost every third file has 21 of them, and naming the largest alone
+        # read as one missing slice.
+        n_gaps = int(np.sum(d > (1 + _SPACING_TOL) * dz))
+        where = (f"a gap of {d[gap]:.2f} mm after slice {gap + 1} of {n}" if n_gaps <= 1 else
+                 f"{n_gaps} gaps, the largest {d[gap]:.2f} mm after slice {gap + 1} of {n}")
+        msg = (f"uneven slice spacing (missing slice{'s' if n_gaps > 1 else ''}?): {where}, where slices are "
+               f"{dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the slices in the "
+               f"gap{'s' if n_gaps > 1 else ''} are interpolated, not measured)")
         warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
         notes.append(msg)
         prov["resampled"] = True

@@ -154,3 +154,15 @@ def test_no_spacing_or_count_in_the_headers_says_nothing_it_cannot_know(pet):
     (unread,) = [t for t in texts if "could not be read" in t]
     assert "the headers give no slice spacing or count to confirm it" in unread
     _check_sparse_geometry(vol, 32, 6.0)
+
+
+def test_unevenly_lost_slices_are_counted_not_only_the_largest_gap(pet):
+    """One file in three deleted: 21 single-slice gaps, interpolated (each is within the 3x limit). The warning
+    named only the largest gap, which read as one missing slice."""
+    for f in _files(pet)[1::3]:
+        f.unlink()
+    vol, texts = _load(pet)
+    assert vol.shape[2] == 64 and np.isclose(vol.spacing[2], 3.0)
+    msg = next(t for t in texts if "uneven slice spacing" in t)
+    assert "(missing slices?): 21 gaps, the largest 6.00 mm" in msg, msg
+    assert "43 slices resampled linearly onto 64 slices" in msg and "gaps are interpolated" in msg, msg
