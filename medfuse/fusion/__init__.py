@@ -86,6 +86,24 @@ def _check_method(method: str) -> str:
                             fix=f"use one of {', '.join(available_methods())}")
 
 
+def _refuse_bool_weights(method: str, options: Dict[str, Any], n: int) -> None:
+    """Refuse bools as a weighted rule's ``weights`` (the network's ``weights`` is a file, not checked here).
+
+    Why: NumPy reads True/False as 1/0, so ``weights=[True, False]`` dropped input 2 without a word; numeric
+    options refuse bools everywhere else (docs/architecture.md).
+    """
+    from .classical import _OPTIONS
+
+    w = options.get("weights")
+    if "weights" not in _OPTIONS.get(method, ()) or w is None:
+        return
+    items = w.ravel().tolist() if isinstance(w, np.ndarray) else list(w) if isinstance(w, (list, tuple)) else [w]
+    if any(isinstance(v, (bool, np.bool_)) for v in items):
+        raise InvalidInputError(f"weights must be {n} non-negative numbers, got bools (True/False)",
+                                fix=f"pass numbers, e.g. weights={[round(1 / n, 3)] * n}, or "
+                                    f"weights={[1.0] + [0.0] * (n - 1)} for input 1 alone")
+
+
 def _within(x: np.ndarray, lo: float, hi: float) -> bool:
     return float(x.min()) >= lo and float(x.max()) <= hi
 
@@ -106,6 +124,11 @@ _SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percen
 
 #: Float inputs share a 0..1 or 0..255 scale only when their maxima are within this factor of each other.
 _SHARED_SCALE_RATIO = 4.0
+
+#: How far (a fraction of the scale) float inputs may reach below 0 or above their shared scale and still share
+#: it, clipped: an interpolation's overshoot or rounding, as ``_NONE_SLACK``. One pixel at -1e-9 switched the pair
+#: to per-image min/max (the network's output moved by up to 0.77, the max rule's by 0.49).
+_SHARED_SLACK = _NONE_SLACK
 
 
 def _specs(normalise: Any, n: int) -> Optional[List[Dict[str, Any]]]:
@@ -129,6 +152,13 @@ def _specs(normalise: Any, n: int) -> Optional[List[Dict[str, Any]]]:
         if unknown:
             raise InvalidInputError(f"normalise entry {i} has unknown keys {unknown}",
                                     fix=f"use only {', '.join(_SPEC_KEYS)}")
+        # Here, not only in normalise(): a Volume found normalised upstream never reaches it, typo and all.
+        from .normalise import _check_labels
+
+        try:
+            _check_labels(spec.get("method", "auto"), spec.get("modality"), spec.get("unit"))
+        except InvalidInputError as e:
+            raise InvalidInputError(f"normalise entry {i}: {e.problem}", fix=e.fix) from None
         out.append(dict(spec))
     return out
 
@@ -140,7 +170,7 @@ def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]
     images in one band share it only when they use it alike: an MR in 0..150 beside a PET in SUV 0..8 would
     otherwise leave the PET at about 3 % of the scale, too dim to count in the fusion. Float images alike in
     0..255 that fill less than a quarter of 0..1 or 0..255 share their joint range (0 to the larger maximum)
-    instead.
+    instead. A negligible undershoot or overshoot (within ``_SHARED_SLACK`` of the scale) keeps it, clipped.
     """
     # A bool mask has no scale of its own (its True is the full scale of the others'), so it has no say either;
     # counted as an 8-bit image it put the others on 0..255 and its True at 1/255 of that (invisible).
@@ -156,18 +186,18 @@ def _shared_scale(arrays: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]
             if all(_within(a, 0.0, top) for a in arrays):
                 return 0.0, top
         return None
-    if not alike or min(float(a.min()) for a in arrays) < 0.0:
+    if not alike:
         return None
     # Float images that use one band alike share it. 0..1 and 0..255 when they fill at least a quarter of it
     # (the factor "alike" allows); else their joint range: two images in 0..3 were taken as 0..255 and reached
     # the network at 1 % of its scale (Qabf 0.66 -> 0.54), and so were images in 0..0.01 on 0..1.
     top = max(peaks, default=1.0)
-    if top > 255.0:
+    if top > 255.0 * (1.0 + _SHARED_SLACK):
         return None
-    for scale in (1.0, 255.0):
-        if scale / _SHARED_SCALE_RATIO <= top <= scale:
-            return 0.0, scale
-    return 0.0, top
+    scale = next((s for s in (1.0, 255.0) if s / _SHARED_SCALE_RATIO <= top <= s * (1.0 + _SHARED_SLACK)), top)
+    if min(float(a.min()) for a in arrays) < -_SHARED_SLACK * scale:
+        return None
+    return 0.0, scale
 
 
 def _output_scale_index(arrays: Sequence[np.ndarray]) -> int:
@@ -205,6 +235,26 @@ def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
             pairs = [norm(a, method="range", low=0.0, high=1.0) if m else norm(a, method="minmax")
                      for a, m in zip(arrays, full)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _refuse_none_off_scale(method: str, arrays: Sequence[np.ndarray], recs: Sequence[Dict[str, Any]]) -> None:
+    """Refuse arrays given ``normalise="none"`` above 0..1 when the network runs (as :func:`_normalise_volumes`
+    refuses such Volumes).
+
+    Why: the network clips its inputs to 0..1, so an image in 0..255 came out almost all white (mean 0.9995)
+    after a mere warning. The classical rules take arrays on their own scale with "none", so they are left alone.
+    """
+    if method != "network":
+        return
+    for i, (a, rec) in enumerate(zip(arrays, recs), start=1):
+        if rec.get("method") == "none" and float(a.max()) > 1.0 + _NONE_SLACK:
+            raise InvalidInputError(
+                f"input {i} is not on the 0..1 scale that normalise='none' takes for the network (its values span "
+                f"{float(a.min()):.4g}..{float(a.max()):.4g}; the network clips its inputs to 0..1, so the fusion "
+                "would come out flat)",
+                fix="leave normalise='auto' (a shared scale, else min/max), pass 'minmax' or 'percentile', scale the "
+                    "image to 0..1 first, or use a classical rule (e.g. method='max'), which fuses arrays on their "
+                    "own scale with 'none'")
 
 
 def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
@@ -416,11 +466,13 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
             input, or a list of option dicts (one per input, e.g. ``{"method": "window", "level": 40}``).
             ``auto`` for arrays keeps a shared 0..1 or 0..255 scale when the inputs use it alike
             (integer images always; float images when their maxima are within a factor of 4, a
-            constant input counting by its level and an all-zero one not at all), else
+            constant input counting by its level and an all-zero one not at all; values within 1 % of the
+            scale outside it are clipped into it), else
             scales each by min/max, so that an MR in 0..150 beside a PET in SUV 0..8 both count;
             for Volumes it picks by modality and unit (CT in HU: window; PET in SUV: SUV range; MR, CT not
             in HU and the rest: percentiles; the record's ``auto`` says why) and leaves
-            volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are.
+            volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are. ``"none"``
+            takes inputs on 0..1 (arrays keep their own scale with a classical rule).
         progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
             rule at its start and end).
         **options: passed to the rule (see :func:`medfuse.fusion.classical.fuse_arrays`) or to
@@ -447,7 +499,9 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, unknown
             method, normalisation, option or device, a GPU this machine lacks, ``progress`` not callable or
             ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array above 1 beside a 2-D image (colour or
-            slices?), a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too).
+            slices?), a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too), an
+            unknown ``modality``/``unit`` in a ``normalise`` dict, ``normalise="none"`` with values above 1 for
+            Volumes or for the network, bool ``weights`` for a weighted rule.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
@@ -475,6 +529,7 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
 
     check_device_name(device)
     check_network_device(method, device)
+    _refuse_bool_weights(method, options, len(inputs))
     if method == "network" and "batch_size" in options:
         # Checked for every input before any work: infer checks it on the 3-D path only, so batch_size=-3 with
         # 2-D images (or volumes fused slice by slice) was ignored without a word.
@@ -538,6 +593,7 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
                       "with one colour image", MedfuseWarning, stacklevel=2)
     # normalise() makes its own float64 copy of each input: no second one here (peak memory on volumes).
     scaled, recs = _normalise_arrays(arrays, normalise, originals=arrays)
+    _refuse_none_off_scale(method, arrays, recs)
     _as_network_precision(method, scaled)
     fused01 = _run(method, scaled, device=device, options=options)
     del scaled  # not needed any more: its memory goes back before the output is rescaled

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .._checks import all_finite, describe, number, slab_slices
+from .._checks import all_finite, describe, label, number, slab_slices
 from ..errors import InvalidInputError, MedfuseWarning
 
 __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
@@ -111,8 +111,10 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
             ``"auto"`` then uses (``modality=``/``unit=`` given here win).
         method: ``"auto"`` (from ``modality``/``unit``), ``"window"``, ``"suv"``,
             ``"percentile"``, ``"minmax"``, ``"range"`` or ``"none"``.
-        modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (used by ``auto``; recorded).
-        unit: the physical unit (used by ``auto``; recorded).
+        modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown``, in any letter case, or an alias a Volume takes
+            (``PET``, ``SPECT``, ``MRI``...); None: not known (used by ``auto``; recorded).
+        unit: the physical unit, spelt as in :data:`medfuse.volume.UNITS` (``HU``, ``SUVbw``...); None: not
+            known (used by ``auto``; recorded).
         level, width: CT window in HU (defaults 40, 400).
         suv_max: upper end of the PET SUV range (default 10).
         percentiles: (low, high) percentiles (default 0.5, 99.5).
@@ -128,8 +130,9 @@ def normalise(array, *, method: str = "auto", modality: Optional[str] = None, un
 
     Raises:
         InvalidInputError: NaN/inf values, an unknown ``method`` (or one that is not a str), a ``modality`` or
-            ``unit`` that is neither a str nor None, a ``dtype`` other than float64/float32, an empty image (no
-            pixels) or an empty interval.
+            ``unit`` that is neither a str nor None, or names none medfuse knows (those a Volume takes: modality
+            codes and aliases in any letter case, units as :data:`medfuse.volume.UNITS` spells them), a ``dtype``
+            other than float64/float32, an empty image (no pixels) or an empty interval.
     """
     from ..volume import Volume
 
@@ -172,6 +175,31 @@ def _check_labels(method: Any, modality: Any, unit: Any) -> None:
         if value is not None and not isinstance(value, str):
             raise InvalidInputError(f"the normalisation {name} must be a str or None, got {describe(value)}",
                                     fix=f"pass e.g. {example}, or leave it out")
+    _check_known(modality, unit)
+
+
+def _check_known(modality: Optional[str], unit: Optional[str]) -> None:
+    """Refuse a modality or unit that a Volume would refuse (None allowed: not known).
+
+    Why: a typo ('XR', unit 'suvbw' or 'furlongs') fell through to the percentile rule without a word, and
+    was recorded in provenance as if it had been read.
+    """
+    from ..volume import MODALITIES, UNITS, normalise_modality
+
+    if modality is not None:
+        try:
+            normalise_modality(modality)
+        except InvalidInputError:
+            raise InvalidInputError(f"unknown normalisation modality {label(modality)}",
+                                    fix=f"use one of {', '.join(MODALITIES)} in any letter case (PET, SPECT and MRI "
+                                        "are accepted as aliases), or leave it out") from None
+    if unit is not None and unit not in UNITS:
+        # Spelt as a Volume takes them (it refuses 'suvbw' too): denormalise gives a Volume back only such a unit.
+        same = [u for u in UNITS if u.lower() == unit.lower()]
+        hint = f" (units are case-sensitive: {same[0]!r})" if same else \
+            " (a plain 'SUV' is body-weight SUV: 'SUVbw')" if unit.upper() == "SUV" else ""
+        raise InvalidInputError(f"unknown normalisation unit {label(unit)}",
+                                fix=f"use one of {', '.join(UNITS)}{hint}, or leave it out (not known)")
 
 
 def _dtype(dtype: Any) -> Any:
@@ -221,7 +249,13 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
     elif chosen == "percentile":
         pl, ph = DEFAULT_PERCENTILES if percentiles is None else _percentiles(percentiles)
         # On float64 values, as always: percentiles of float32 interpolate in float32 (other last digits).
-        lo, hi = (float(v) for v in np.percentile(x if x.dtype == np.float64 else x.astype(np.float64), [pl, ph]))
+        x64 = x if x.dtype == np.float64 else x.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            lo, hi = (float(v) for v in np.percentile(x64, [pl, ph]))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            # Neighbours further apart than float64 holds (-1.7e308 next to 1.7e308) overflowed NumPy's
+            # interpolation; halved (exactly), they do not.
+            lo, hi = (2.0 * float(v) for v in np.percentile(x64 * 0.5, [pl, ph]))
         rec.update(percentiles=[pl, ph])
         if hi <= lo:  # sparse images (a few bright voxels): fall back to the full range
             lo, hi = float(x.min()), float(x.max())
@@ -249,10 +283,24 @@ def _scaled(x: np.ndarray, rec: Dict[str, Any]) -> Tuple[np.ndarray, Dict[str, A
         return x, rec
     # In place on x (a float64 copy of the input made above): the same arithmetic as (x - lo) / (hi - lo),
     # without two more copies of a volume (which set the peak memory of medfuse.fuse on large volumes).
-    y = np.subtract(x, rec["low"], out=x)
-    y = np.divide(y, rec["high"] - rec["low"], out=y)
+    y = _onto01(x, rec["low"], rec["high"])
     rec["clipped_fraction"] = float(np.mean((y < 0) | (y > 1)))
     return np.clip(y, 0.0, 1.0, out=y), rec
+
+
+def _onto01(y: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(y - lo) / (hi - lo)``, in place on the float64 array ``y``.
+
+    Why the halves: finite values spanning more than float64 holds (-1.7e308..1.7e308) overflowed ``hi - lo`` to
+    inf, and the NaN that came of it was reported as "an input contains NaN or infinite values".
+    """
+    span = hi - lo
+    if np.isfinite(span):
+        np.subtract(y, lo, out=y)
+        return np.divide(y, span, out=y)
+    np.multiply(y, 0.5, out=y)  # exact, bar subnormals (far below the resolution of such a scale)
+    np.subtract(y, lo * 0.5, out=y)
+    return np.divide(y, hi * 0.5 - lo * 0.5, out=y)
 
 
 #: Values per slab of the slab-by-slab paths (2 MB of float64): a 512x512 CT slice a slab.
@@ -266,12 +314,11 @@ def _normalise_float32(x: np.ndarray, **options: Any) -> Tuple[np.ndarray, Dict[
         return y.astype(np.float32), rec
     rec = _interval(x, stacklevel=5, **options)
     out = np.empty(x.shape, dtype=np.float32)
-    lo, span, clipped = rec["low"], rec["high"] - rec["low"], 0
+    clipped = 0
     for s in slab_slices(x, SLAB_ELEMENTS):
         y = x[s].astype(np.float64)
         if rec["method"] != "none":  # _scaled's arithmetic, on this slab
-            np.subtract(y, lo, out=y)
-            np.divide(y, span, out=y)
+            _onto01(y, rec["low"], rec["high"])
         clipped += int(np.count_nonzero((y < 0) | (y > 1)))
         if rec["method"] != "none":
             np.clip(y, 0.0, 1.0, out=y)
@@ -325,4 +372,6 @@ def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:
     if isinstance(method, str) and method == "none":
         return y.astype(np.float64, copy=True)  # never the caller's own array (an edit of one changed the other)
     y = y.astype(np.float64, copy=False)
+    if not np.isfinite(hi - lo):  # an interval wider than float64 holds: on halves, as normalise scaled it
+        return (lo * 0.5 + y * (hi * 0.5 - lo * 0.5)) * 2.0
     return lo + y * (hi - lo)
