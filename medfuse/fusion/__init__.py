@@ -115,10 +115,6 @@ _NONE_SLACK = 0.01
 #: SPM12 PET template peaks at 1.0000000591, and was percentile-scaled instead: 11 % of voxels moved by > 0.02).
 _ROUNDING = 1e-6
 
-#: The least peak of an "arbitrary" Volume in 0..1 that counts as normalised upstream without a medfuse
-#: normalisation record (the arrays' shared-scale rule: maxima within a factor of 4).
-_UPSTREAM_MIN_PEAK = 0.25
-
 #: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
 _SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percentiles", "low", "high")
 
@@ -288,11 +284,13 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 fix="leave normalise='auto' (chosen by modality and unit), pass 'minmax' or 'percentile', or scale "
                     "the image to 0..1 first")
         if spec.get("method", "auto") == "auto" and v.unit == "arbitrary" and _within(a, -_ROUNDING, 1.0 + _ROUNDING) \
-                and ("normalisation" in v.provenance or float(a.max()) >= _UPSTREAM_MIN_PEAK):
-            # Already normalised upstream (the pipeline's step sets unit "arbitrary"); a physical unit (HU,
-            # SUV) keeps its own rule even when its values happen to lie in 0..1. Values in a small part of 0..1
-            # are not a 0..1 image: every NIfTI loads as "arbitrary", and the SPM12 PET scaled by 0.02 was kept
-            # at 0..0.02 and vanished from the fusion (max rule: the T1 within 0.00024), with no word.
+                and "normalisation" in v.provenance:
+            # Already normalised by medfuse (the pipeline's step and medfuse.normalise record it and set unit
+            # "arbitrary"); a physical unit (HU, SUV) keeps its own rule even when its values lie in 0..1. Values
+            # in 0..1 alone are no such evidence: every NIfTI loads as "arbitrary". A peak rule (>= 0.25) let
+            # the SPM12 T1 (0..0.74) skip its percentiles here, unlike in the pipeline (medfuse fuse on the same
+            # files: up to 0.26 apart), and made the result jump when a peak crossed 0.25 or 1; before that, the
+            # SPM12 PET scaled by 0.02 was kept at 0..0.02 and vanished from the fusion.
             spec = {"method": "range", "low": 0.0, "high": 1.0}
             if as32 and a.dtype == np.float32:
                 # (x - 0) / 1 in float64, clipped (nothing to clip) and rounded back: a's own values. The record
@@ -471,7 +469,8 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
             scales each by min/max, so that an MR in 0..150 beside a PET in SUV 0..8 both count;
             for Volumes it picks by modality and unit (CT in HU: window; PET in SUV: SUV range; MR, CT not
             in HU and the rest: percentiles; the record's ``auto`` says why) and leaves
-            volumes already in 0..1 (normalised upstream, e.g. by the pipeline) as they are. ``"none"``
+            volumes already normalised by medfuse (the pipeline's step, ``medfuse.normalise``: a
+            ``normalisation`` record, unit "arbitrary", values in 0..1) as they are. ``"none"``
             takes inputs on 0..1 (arrays keep their own scale with a classical rule).
         progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
             rule at its start and end).

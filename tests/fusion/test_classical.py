@@ -382,8 +382,12 @@ def test_pet_in_suv_keeps_the_suv_rule_when_its_values_lie_in_0_to_1():
         pet = _vol(np.linspace(0, peak, 512).reshape(8, 8, 8), modality="PT", unit="SUVbw")
         rec = fuse(mr, pet, method="mean").provenance["normalisation"][1]
         assert rec["method"] == "suv" and rec["high"] == 10.0, peak
-    already = _vol(np.linspace(0, 0.99, 512).reshape(8, 8, 8), modality="PT", unit="arbitrary")
+    # Normalised by medfuse (a record, unit "arbitrary"): kept as it is. The same values without the record are
+    # data, not a normalisation: PT's own rule (percentiles for an arbitrary unit), as the pipeline gives them.
+    values = _vol(np.linspace(0, 0.99, 512).reshape(8, 8, 8), modality="PT", unit="arbitrary")
+    already = N.normalise(values, method="range", low=0.0, high=1.0)[0]
     assert fuse(mr, already, method="mean").provenance["normalisation"][1]["method"] == "range"
+    assert fuse(mr, values, method="mean").provenance["normalisation"][1]["method"] == "percentile"
 
 
 def test_big_endian_volume_is_stored_native():

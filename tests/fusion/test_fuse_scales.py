@@ -37,11 +37,14 @@ def test_8_bit_data_in_floats_still_fuses_as_its_integers():
 
 
 def test_volume_a_rounding_above_1_is_still_taken_as_normalised():
-    """The SPM12 PET template peaks at 1.0000000591: it was percentile-scaled instead of kept (11 % of voxels moved
-    by more than 0.02)."""
+    """A volume normalised to 0..1 that peaks at 1.0000000591 (a rounding, as the SPM12 PET template's peak) was
+    percentile-scaled instead of kept (11 % of voxels moved by more than 0.02). Since 2026-12-06 only a medfuse
+    normalisation record makes a volume count as normalised (values in 0..1 alone do not)."""
     a, b = _pair((24, 24, 24), seed=2)  # float64, as a scaled NIfTI loads
     b[0, 0, 0] = 1.0000000591
-    vols = [medfuse.Volume(x, np.eye(4), modality="unknown", unit="arbitrary") for x in (a, b)]
+    done = {"normalisation": {"method": "range", "low": 0.0, "high": 1.0}}
+    vols = [medfuse.Volume(x, np.eye(4), modality="unknown", unit="arbitrary", provenance=dict(done))
+            for x in (a, b)]
     clipped = vols[1].with_array(np.clip(b, 0, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,11 +64,9 @@ def test_volume_in_a_small_part_of_0_to_1_is_not_taken_as_normalised(shared):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         f = medfuse.fuse(t1, small, method="max")
-        g = medfuse.fuse(t1, pet, method="max",
-                         normalise=[{"method": "range", "low": 0.0, "high": 1.0}, {"method": "percentile"}])
-    # The T1 template (peak 1.0) is taken as normalised; the small PET gets percentiles, which no constant
-    # factor changes.
-    assert [r["method"] for r in f.provenance["normalisation"]] == ["range", "percentile"]
+        g = medfuse.fuse(t1, pet, method="max", normalise=[{"method": "percentile"}, {"method": "percentile"}])
+    # Neither is taken as normalised (no medfuse record): both get percentiles, which no constant factor changes.
+    assert [r["method"] for r in f.provenance["normalisation"]] == ["percentile", "percentile"]
     np.testing.assert_allclose(f.array, g.array, atol=1e-5)
     hot = pet.array >= np.percentile(pet.array, 99)
     t1n = medfuse.fuse(t1, t1, method="max").array  # the T1 alone, normalised as in the fusion
@@ -78,3 +79,23 @@ def test_volume_in_a_small_part_of_0_to_1_is_not_taken_as_normalised(shared):
         warnings.simplefilter("ignore")
         kept = medfuse.fuse(t1, low, method="mean")
     assert kept.provenance["normalisation"][1]["method"] == "range"
+
+
+
+def test_volumes_fuse_as_the_pipeline_fuses_the_same_files(shared):
+    """``medfuse.fuse(t1, pet)`` took the SPM12 T1 (unit "arbitrary", peak 0.74 in 0..1) as normalised upstream
+    and kept it as it was, while ``fuse_files`` (``medfuse fuse``) gave it its percentiles: up to 0.26 apart
+    (network 0.29). The result also jumped when a peak crossed 0.25 or 1. Only a medfuse normalisation record
+    now counts, so both give one fusion, and a peak's small change gives a small change."""
+    d = shared("data", "spm12-templates")
+    t1 = medfuse.load(d / "T1.nii", modality="MR")
+    pet = medfuse.load(d / "PET.nii", modality="PT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        api = medfuse.fuse(t1, pet, method="max")
+        pipe = medfuse.fuse_files(t1, pet, None, method="max").fused
+        np.testing.assert_allclose(api.array, pipe.array, atol=1e-6)
+        peak = float(t1.array.max())
+        below, above = (medfuse.fuse(t1.with_array((t1.array * (f / peak)).astype(np.float32)), pet, method="max")
+                        for f in (0.999, 1.001))
+    np.testing.assert_allclose(below.array, above.array, atol=1e-4)
