@@ -242,8 +242,10 @@ def test_network_fuse_copies_no_volume_already_normalised(small_slabs):
     shape = (96, 16, 20)
     a, b = _blobs(shape, 1), _blobs(shape, 2)
     a0, b0 = a.copy(), b.copy()
-    va = Volume(a, np.eye(4), modality="CT", unit="arbitrary")
-    vb = Volume(b, np.eye(4), modality="PT", unit="arbitrary")
+    # With the record the pipeline's normalise step leaves (what makes a volume count as normalised).
+    done = {"normalisation": {"method": "percentile"}}
+    va = Volume(a, np.eye(4), modality="CT", unit="arbitrary", provenance=dict(done))
+    vb = Volume(b, np.eye(4), modality="PT", unit="arbitrary", provenance=dict(done))
     infer.fuse_3d([a[:16, :16, :16], b[:16, :16, :16]])  # the model loaded outside the measurement
     out, peak = _numpy_peak(lambda: medfuse.fuse(va, vb, batch_size=8))
     n = a.size
@@ -279,9 +281,10 @@ def test_normalise_volumes_for_the_network():
 
     ct, pet = _ct_pet((20, 18, 16))
     done = _blobs((20, 18, 16), 6)
+    rec = {"normalisation": {"method": "percentile"}}  # as the pipeline's normalise step leaves it
     vols = [Volume(ct, np.eye(4), modality="CT", unit="HU"), Volume(pet, np.eye(4), modality="PT", unit="SUVbw"),
-            Volume(done, np.eye(4), modality="MR", unit="arbitrary"),
-            Volume(done.astype(np.float64), np.eye(4), modality="MR", unit="arbitrary")]
+            Volume(done, np.eye(4), modality="MR", unit="arbitrary", provenance=dict(rec)),
+            Volume(done.astype(np.float64), np.eye(4), modality="MR", unit="arbitrary", provenance=dict(rec))]
     ref, ref_recs = _normalise_volumes(vols, "auto")
     got, recs = _normalise_volumes(vols, "auto", dtype=np.float32)
     assert recs == ref_recs
