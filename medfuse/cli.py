@@ -156,8 +156,8 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
                           "--initial-transform FILE (a known rough alignment)")
     if fix and ", or pass format='dicom'" in fix:  # the command line picks the format by the name alone
         fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
-    if fix and ("weights=" in fix or "method='" in fix):  # the fusion's Python arguments: the command's options
-        fix = re.sub(r"method='(\w+)'", r"--method \1", fix.replace("weights=", "--weights"))
+    if fix:
+        fix = _fusion_options(fix)
     if fix and "result.linear_transform of the run that made it" in fix:  # a Python attribute
         fix = fix.replace("result.linear_transform of the run that made it",
                           "the .tfm of 'medfuse register --kind affine' on the same pair")
@@ -167,13 +167,18 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
         fix = ("sample_volumes/ comes with the repository; write the same synthetic samples here with "
                "'python -m medfuse.phantom --write sample_volumes' (medfuse demo writes them to "
                "demo_output/sample_volumes)")
-    problem = e.problem
-    if problem.startswith("weights= names"):  # FuseStep's refusal of a weights file for a rule
-        problem = re.sub(r"method is '(\w+)'", r"--method is \1", problem.replace("weights=", "--weights", 1))
+    problem = _fusion_options(e.problem)
     if fix != e.fix or problem != e.problem:
         e.fix, e.problem = fix, problem
         e.args = (e._compose(),)
     return e
+
+
+def _fusion_options(text: str) -> str:
+    """The fusion's Python arguments in ``text`` as the command's options: ``weights=`` -> ``--weights``,
+    ``method='max'`` (and ``method is 'max'``) -> ``--method max``."""
+    text = re.sub(r"method='(\w+)'", r"--method \1", text.replace("weights=", "--weights"))
+    return re.sub(r"method is '(\w+)'", r"--method is \1", text)
 
 
 class _Bar:
