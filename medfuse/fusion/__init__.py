@@ -291,6 +291,13 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
             # the SPM12 T1 (0..0.74) skip its percentiles here, unlike in the pipeline (medfuse fuse on the same
             # files: up to 0.26 apart), and made the result jump when a peak crossed 0.25 or 1; before that, the
             # SPM12 PET scaled by 0.02 was kept at 0..0.02 and vanished from the fusion.
+            named = {k: spec[k] for k in ("modality", "unit") if spec.get(k) is not None}
+            if named:
+                said = ", ".join(f"{k}={val!r}" for k, val in named.items())
+                warnings.warn(f"volume {i} is already normalised by medfuse (its provenance records it), so the "
+                              f"{said} in normalise entry {i} is not used: its values are fused as they are. To "
+                              f"normalise it again by that rule, pass the volume as loaded, before normalising",
+                              MedfuseWarning, stacklevel=4)
             spec = {"method": "range", "low": 0.0, "high": 1.0}
             if as32 and a.dtype == np.float32:
                 # (x - 0) / 1 in float64, clipped (nothing to clip) and rounded back: a's own values. The record

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import medfuse
-from medfuse.errors import InvalidInputError
+from medfuse.errors import InvalidInputError, MedfuseWarning
 from medfuse.fusion import _shared_scale
 from medfuse.fusion.normalise import denormalise, normalise
 
@@ -132,3 +132,21 @@ def test_bool_weights_are_refused(method, weights):
         medfuse.fuse(a, b, method=method, weights=weights)
     assert "weights=[0.5, 0.5]" in ei.value.fix
     medfuse.fuse(a, b, method=method, weights=[1, 0])  # numbers are taken
+
+
+def test_a_modality_named_for_a_volume_normalised_already_is_reported_not_dropped():
+    """A Volume normalised by medfuse is fused as it is; a modality or unit named for it in ``normalise``
+    was dropped without a word (the user believed it was read as CT)."""
+    mr = medfuse.Volume(np.stack([_smooth(1) * 300] * 8, -1), np.eye(4), modality="MR")
+    done = normalise(mr)[0]
+    assert "normalisation" in done.provenance and done.unit == "arbitrary"
+    with pytest.warns(MedfuseWarning, match=r"volume 1 is already normalised by medfuse .*modality='CT' in "
+                                            r"normalise entry 1 is not used") as rec:
+        fused = medfuse.fuse(done, mr, method="max", normalise=[{"modality": "CT"}, None])
+    assert all("patient" not in str(w.message).lower() for w in rec)
+    # Fused as it is: the same result as without the entry.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        plain = medfuse.fuse(done, mr, method="max", normalise=[None, None])
+        medfuse.fuse(done, mr, method="max", normalise=[{"method": "auto"}, {"modality": "MR"}])
+    np.testing.assert_array_equal(fused.array, plain.array)
