@@ -97,6 +97,21 @@ def all_finite(x: np.ndarray, elements: int) -> bool:
     return all(np.isfinite(x[s]).all() for s in slab_slices(x, elements))
 
 
+def constant_value(x: np.ndarray, elements: int = 1 << 22) -> Optional[float]:
+    """The one value every element of a non-empty ``x`` holds, or None when it holds two or more.
+
+    A sparse sample first: an image differs there at once, so a whole pass (slab by slab, no volume-sized
+    temporary) is made only for a nearly flat one.
+    """
+    flat = x.reshape(-1)
+    first = flat[0]
+    if np.any(flat[::4099] != first):
+        return None
+    if x.ndim == 0 or all(bool(np.all(x[s] == first)) for s in slab_slices(x, elements)):
+        return float(first)
+    return None
+
+
 def as_list(value: Any, *, problem: str, fix: str) -> list:
     """``value`` (any iterable of items: a list, tuple or generator) as a new list, or a typed error.
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._checks import label
+from .._checks import label, user_stacklevel
 from ..errors import GeometryError, InvalidInputError, MedfuseWarning, MissingDependencyError
 from ..progress import CancelToken, ProgressFn, check, check_callbacks, report
 from ..volume import Volume, require_finite
@@ -597,6 +597,7 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
         warnings.warn(f"the inputs (shape {shapes[0]}) are fused as {shapes[0][2]}-slice volumes; if they are colour "
                       "images, convert them to grey first (medfuse.fusion.color.rgb_to_gray), or fuse a grey image "
                       "with one colour image", MedfuseWarning, stacklevel=2)
+    _warn_constant(arrays, "input")
     # normalise() makes its own float64 copy of each input: no second one here (peak memory on volumes).
     scaled, recs = _normalise_arrays(arrays, normalise, originals=arrays)
     _refuse_none_off_scale(method, arrays, recs)
@@ -641,6 +642,29 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
     return [msg]
 
 
+def _warn_constant(arrays: Sequence[np.ndarray], what: str, *,
+                   units: Optional[Sequence[str]] = None) -> List[str]:
+    """Warn of (and return, for provenance) each input that holds one value other than 0 everywhere.
+
+    Why: such an input is no image (a failed export, a wrong series), yet every rule fuses it without a word: the
+    mean rule as a flat level over the others, max as a floor. An all-0 input is the documented "no signal" case
+    (the others alone) and is left as it is.
+    """
+    from .._checks import constant_value
+
+    notes = []
+    for i, a in enumerate(arrays, start=1):
+        value = constant_value(np.asarray(a))
+        if value is None or value == 0:
+            continue
+        unit = f" {units[i - 1]}" if units and units[i - 1] not in (None, "arbitrary") else ""
+        msg = (f"{what} {i} is constant (every {'pixel' if np.ndim(a) == 2 else 'voxel'} is {value:g}{unit}): it holds no image, and the fusion takes "
+               "it as a flat level beside the other inputs. Check that the intended image was given")
+        warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
+        notes.append(msg)
+    return notes
+
+
 def _different_patients_notes(vols: List[Volume]) -> List[str]:
     """The different-patients warning, unless resampling the inputs onto one grid already gave it."""
     from .._patient import different_patients_note
@@ -682,6 +706,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                                 fix="use a classical method (e.g. method='laplacian') for such small volumes")
     notes = _anisotropy_notes(ref, method, axis)
     notes += _different_patients_notes(vols)
+    notes += _warn_constant([v.array for v in vols], "volume", units=[v.unit for v in vols])
     # The network computes in float32: its inputs are normalised straight into float32 (the values a float64
     # normalisation cast to float32 gives; no float64 copy of a volume), and those already in 0..1 as float32
     # are not copied at all.

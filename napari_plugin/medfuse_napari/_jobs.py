@@ -32,6 +32,18 @@ _NAPARI_ADVICE = (
      "save the image with them set to 0 (in the program that made it) and open that file instead"),
     (re.compile(r"pass the folder \(or whole_series=True\)"),
      "open the series folder (File > Open Folder…) instead of one of its files"),
+    (re.compile(r"pass initialise='geometry' to centre-align them first, or initial_transform= a known rough "
+                r"alignment"),
+     "move the moving layer over the fixed one (the transform mode in its layer controls), then run again with "
+     "'start from the moving layer's placement in the viewer' ticked"),
+    (re.compile(r"check its direction: it must map fixed points to moving points \(ITK convention\); a moving -> "
+                r"fixed transform needs \.inverse\(\) first"),
+     "move the moving layer over the fixed one (the transform mode in its layer controls) and run again, or untick "
+     "'start from the moving layer's placement in the viewer'"),
+    (re.compile(r"pass interpolation='nearest' to keep the labels and their integer type, or "
+                r"interpolation='linear' to interpolate on purpose \(this warning then goes away\)"),
+     "if it is a label map or mask, show it over the image as a Labels layer (right-click it in the layer list › "
+     "Convert to Labels) rather than fusing or comparing it; if it is an image, this can be ignored"),
 )
 
 

@@ -437,6 +437,12 @@ def coverage_between(volume: Volume, world: np.ndarray, ref: Volume, ref_world: 
     return coverage(volume, ref, transform=None if np.allclose(m, np.eye(4), atol=1e-9) else Transform.from_matrix(m))
 
 
+def coverage_onto(layer: Any, base: Any) -> float:
+    """Share (0..1) of ``base``'s grid that ``layer`` covers where napari shows them (as :func:`resample_onto`)."""
+    return coverage_between(layer_to_volume(layer, registered=False), world_matrix(layer),
+                            layer_to_volume(base, registered=False), world_matrix(base))
+
+
 def native_volume(layer: Any) -> Volume:
     """The volume as the file holds it (voxel order and true affine), ignoring any registration affine.
 

@@ -11,8 +11,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QVBoxLayout, QWidget)
 
 from ._combo import LayerCombo
-from ._layers import (FUNCTIONAL, checker3d, curtain3d, data_to_world, layer_array, layer_axis, layer_geometry,
-                      meta, real_layer, resample_onto, voxel_spacing)
+from ._layers import (FUNCTIONAL, checker3d, coverage_onto, curtain3d, data_to_world, layer_array, layer_axis,
+                      layer_geometry, meta, real_layer, resample_onto, voxel_spacing)
 
 COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "turbo", "red", "green", "blue", "cyan",
              "magenta", "yellow", "gray_r")
@@ -578,6 +578,13 @@ class OverlayPanel(QWidget):
             self._reset_mode()
             return
         try:
+            if coverage_onto(ov, base) <= 0.0:
+                # Every tile of the overlay would be empty: a compare view of the base alone, with no word.
+                show_error(f"'{ov.name}' does not overlap the base '{base.name}' where napari shows them, so its "
+                           f"{mode} tiles would all be empty. Fix: align '{ov.name}' onto '{base.name}' in the "
+                           f"Register tab first (or check that the right layers are picked).")
+                self._reset_mode()
+                return
             self._build_compare(base, ov, mode)
         except MedfuseError as exc:
             show_error(napari_words(exc.one_line()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 from qtpy.QtCore import QEvent, Qt
@@ -80,11 +80,13 @@ def _series_fix(viewer: Any, default: str) -> str:
             f"'Split Stack' to get its volumes as 3-D layers, then pick those")
 
 
-def _job_failed(outcome, label, what: str, token: Any = None) -> bool:
+def _job_failed(outcome, label, what: str, token: Any = None, *,
+                words: Optional[Callable[[str], str]] = None) -> bool:
     """Show a cancelled or failed job in ``label`` and a notification; True when there is no result to use.
 
     A job that returned although ``token`` was cancelled counts as cancelled: Cancel came during its last step,
-    after the last check, and the user asked for no result.
+    after the last check, and the user asked for no result. ``words`` rewords the failure's message (the
+    layers' names for the roles medfuse gives them).
     """
     from medfuse.errors import CancelledError
 
@@ -98,7 +100,8 @@ def _job_failed(outcome, label, what: str, token: Any = None) -> bool:
         _notify_info(f"{what.capitalize()} cancelled.")
     else:
         label.setText("failed")
-        _notify_error(_jobs.error_message(error, what))
+        message = _jobs.error_message(error, what)
+        _notify_error(words(message) if words is not None else message)
     return True
 
 
@@ -246,6 +249,7 @@ class RegisterPanel(QWidget):
         self._job_layers: tuple = ()
         self._job_placements: tuple = ()
         self._named: tuple = ()  # the (fixed, moving) layers the report and Save transform… name
+        self._shown: tuple = ("", "", "")  # the report, suspect text and its style before the running job
         viewer.layers.events.removed.connect(self._layers_removed)
 
     def _layers_removed(self, *_: Any) -> None:
@@ -339,8 +343,12 @@ class RegisterPanel(QWidget):
 
         self.progress.setValue(0)
         self.level_progress.setValue(0)
+        # The last result's report and suspect flag, shown again if this run fails or is cancelled: its transform
+        # stays what *Save transform…* writes, and a suspect one must not be saved with the warning gone.
+        self._shown = (self.report_view.toPlainText(), self.suspect_label.text(), self.suspect_label.styleSheet())
         self.report_view.setPlainText("")
         self.suspect_label.setText("")
+        self.suspect_label.setStyleSheet("")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.worker = _jobs.start(job, self._on_done, cancel=token)
@@ -407,7 +415,14 @@ class RegisterPanel(QWidget):
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.worker = None
-        if _job_failed(outcome, self.level_label, "registration", self.token):
+        if _job_failed(outcome, self.level_label, "registration", self.token, words=self._layer_words):
+            if self.result is not None:
+                report_text, suspect, style = self._shown
+                self.report_view.setPlainText(report_text)
+                self.suspect_label.setText(suspect)
+                self.suspect_label.setStyleSheet(style)
+                self.level_label.setText(f"{self.level_label.text()}; the previous result is still shown")
+                self._layers_removed()  # unless its layers were closed while this run went on
             return
         self.result, on_fixed = outcome.value
         self._name_pair(self._job_layers)
@@ -419,6 +434,13 @@ class RegisterPanel(QWidget):
             self.level_label.setText("done; result not applied" + (": an input moved" if moved else ""))
             _notify_error(_jobs.error_message(exc, "applying the registration"))
         self.save_button.setEnabled(True)
+
+    def _layer_words(self, message: str) -> str:
+        """``message`` with medfuse's "fixed has ..." / "moving is ..." naming the job's layer in that role."""
+        roles = dict(zip(("fixed", "moving"), self._job_layers))
+        return re.sub(r"^(fixed|moving) (has|is) ",
+                      lambda m: f"the {m.group(1)} layer '{roles[m.group(1)].name}' {m.group(2)} "
+                      if m.group(1) in roles else m.group(0), message)
 
     def _name_pair(self, pair: Optional[tuple]) -> None:
         """Name the result's pair in the report and on *Save transform…*, following renames (None: no result).
@@ -660,6 +682,7 @@ class FusePanel(QWidget):
         self.worker = None
         self.token = None
         self._picked: List[Any] = []  # the pickers' layers before a removal
+        self._constant: List[str] = []  # layers of the running fusion already warned of as constant
         # After the pickers' own handlers (connected first): they have picked again by then.
         viewer.layers.events.removing.connect(self._before_removal)
         viewer.layers.events.removed.connect(self._after_removal)
@@ -714,6 +737,7 @@ class FusePanel(QWidget):
 
     def run(self) -> None:
         """Start fusing the chosen layers (returns at once; the fused layer is added when done)."""
+        import medfuse.volume
         from medfuse.errors import MedfuseError
         from medfuse.progress import CancelToken
 
@@ -765,9 +789,14 @@ class FusePanel(QWidget):
                 placed = [layer_array(l)[..., :3] if l.rgb else layer_array(l) for l in chosen]
             else:
                 placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
+            own = placed if all(flat) else [vol.array for vol, _ in placed]
+            for layer, arr in zip(chosen, own):
+                # On the layer's own voxels: after resampling onto the base, the count was of the base's grid.
+                medfuse.volume.require_finite(arr, f"layer '{layer.name}'", before="fusing")
         except MedfuseError as exc:
             _notify_error(_jobs.error_message(exc, "fusion"))
             return
+        self._constant = _warn_constant_layers(chosen, own)
         if not all(flat) and not self._check_overlap(chosen, placed):
             return
         if not all(flat):
@@ -902,7 +931,37 @@ class FusePanel(QWidget):
         # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a
         # registration, anisotropic voxels): in the GUI, not only in a log the radiologist never sees.
         for note in prov.get("warnings", []) or []:
+            note = _input_names(note, names)
+            if any(note.startswith(f"'{n}' is constant") for n in self._constant):
+                continue  # said when the fusion started, of the layer's own voxels
             _notify_warning(_jobs.napari_words(f"fused ({method}): {note}"))
+
+
+def _warn_constant_layers(layers: List[Any], arrays: List[np.ndarray]) -> List[str]:
+    """Warn of each layer to fuse whose own voxels hold one value other than 0; returns their names.
+
+    (An all-0 layer gets :meth:`FusePanel._check_overlap`'s "holds no signal" instead.)
+    """
+    from medfuse._checks import constant_value
+
+    flat = []
+    for layer, arr in zip(layers, arrays):
+        value = constant_value(np.asarray(arr))
+        if value is not None and value != 0:
+            _notify_warning(f"'{layer.name}' is constant (every voxel is {value:g}): it holds no image, and the "
+                            f"fusion takes it as a flat level beside the other layers. Check that the intended "
+                            f"layer is picked.")
+            flat.append(layer.name)
+    return flat
+
+
+def _input_names(note: str, names: List[str]) -> str:
+    """A fusion note's "input 2: ..." / "volume 2 is ..." naming the layer fused as that input instead."""
+    def name(m: "re.Match[str]") -> str:
+        k = int(m.group(2)) - 1
+        return f"'{names[k]}'{m.group(3)}" if 0 <= k < len(names) else m.group(0)
+
+    return re.sub(r"^(input|volume) (\d+)(:? )", name, note)
 
 
 def make_widget(napari_viewer: Any) -> MedfuseWidget:

@@ -158,6 +158,47 @@ def test_next_study_does_not_inherit_the_previous_registration(qtbot, session):
     assert panel.progress.value() == 0
 
 
+def test_a_failed_or_cancelled_rerun_keeps_the_last_result_on_show(qtbot, session, monkeypatch):
+    """A rerun that failed (or was cancelled) cleared the last result's report and its suspect flag, while
+    'Save transform…' still wrote that result's transform: a suspect transform could be saved with no warning
+    left on screen."""
+    viewer, widget = session
+    panel = widget.register_panel
+    panel.fixed.set_layer("mr")
+    panel.moving.set_layer("pet")
+    panel.resample_box.setChecked(False)
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    shown = (panel.report_view.toPlainText(), panel.suspect_label.text(), panel.suspect_label.styleSheet())
+    assert shown[0] and shown[1] and panel.save_button.isEnabled()
+    first = panel.result
+
+    bad = _blobs()
+    bad[0, 0, :5] = np.nan
+    viewer.add_image(bad, name="broken", scale=(2, 2, 2), metadata=_md("PT", "SUVbw"))
+    panel.moving.set_layer("broken")
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.result is first and panel.save_button.isEnabled()
+    assert (panel.report_view.toPlainText(), panel.suspect_label.text(), panel.suspect_label.styleSheet()) == shown
+    assert panel.level_label.text() == "failed; the previous result is still shown"
+
+    held = _Held(monkeypatch, "register")
+    panel.moving.set_layer("pet")
+    panel.run()
+    assert held.started.wait(30)
+    assert panel.report_view.toPlainText() == ""  # the running job's report is not the last one
+    panel.cancel()
+    held.release.set()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.result is first
+    assert (panel.report_view.toPlainText(), panel.suspect_label.text()) == shown[:2]
+    assert panel.level_label.text().startswith("cancel")
+
+    viewer.layers.remove("pet")  # the result's own layer closed: then nothing of it is left to save
+    assert panel.result is None and not panel.save_button.isEnabled() and panel.report_view.toPlainText() == ""
+
+
 def test_next_study_pickers_choose_by_modality_again(qtbot, session):
     """Layers picked by hand in study A are gone with it: in study B the pickers choose by modality again, not
     all fall on B's first layer (the CT as moving layer and as overlay)."""
