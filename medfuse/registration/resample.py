@@ -117,10 +117,39 @@ def _source_image(volume: Volume, interpolation: str, default: float):
         else:
             wide = dt
         if wide != dt:
-            pid = {np.dtype(np.int16): sitk.sitkInt16, np.dtype(np.int32): sitk.sitkInt32,
-                   np.dtype(np.int64): sitk.sitkInt64, np.dtype(np.float32): sitk.sitkFloat32}
+            pid = {np.dtype(t): getattr(sitk, name) for t, name in (
+                (np.int8, "sitkInt8"), (np.uint8, "sitkUInt8"), (np.int16, "sitkInt16"), (np.uint16, "sitkUInt16"),
+                (np.int32, "sitkInt32"), (np.uint32, "sitkUInt32"), (np.int64, "sitkInt64"),
+                (np.uint64, "sitkUInt64"), (np.float32, "sitkFloat32"))}
             src = sitk.Cast(src, pid.get(wide, sitk.sitkFloat64))
     return src
+
+
+def _label_lookup(volume: Volume, default: float):
+    """For nearest-neighbour resampling of 64-bit integers beyond 2**53: ``(index volume, values, default's
+    index)``, else None. The resampled index gives the labels back exactly through ``values[index]``.
+
+    Why: ITK's resampler passes every value through a double, which holds whole numbers exactly only up to 2**53
+    (2**53 + 1 came back as 2**53, with no word).
+    """
+    arr = volume.array
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize != 8 or arr.size == 0 \
+            or max(abs(int(arr.min())), abs(int(arr.max()))) <= 2 ** 53:
+        return None
+    info = np.iinfo(arr.dtype)
+    if not (np.isfinite(default) and default == round(default) and info.min <= default <= info.max):
+        raise InvalidInputError(
+            f"the volume ({arr.dtype}) holds values above 2**53, and no type holds both them and default={default:g} "
+            "exactly (its labels would change)",
+            fix=f"pass a whole-number default within {arr.dtype}'s range (e.g. default=0) for nearest-neighbour "
+                "resampling")
+    values, index = np.unique(arr, return_inverse=True)
+    fill = arr.dtype.type(int(default))
+    at = int(np.searchsorted(values, fill))
+    if at == values.size or values[at] != fill:
+        values = np.insert(values, at, fill)
+        index[index >= at] += 1
+    return volume.with_array(index.reshape(arr.shape).astype(np.int32)), values, at
 
 
 # Set by register() while it resamples its result: the different-patients warning was given at its start.
@@ -209,7 +238,11 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
             raise InvalidInputError(f"a mask's default (the value outside it) must be False or True, got "
                                     f"{float(default):g}", fix="pass default=False (or leave it out)")
         default = float(bool(default))
-    src = _source_image(volume, interpolation, float(default))
+    lookup = _label_lookup(volume, float(default)) if interpolation == "nearest" else None
+    if lookup is None:
+        src = _source_image(volume, interpolation, float(default))
+    else:
+        src = _source_image(lookup[0], interpolation, float(lookup[2]))
     # The output grid by its geometry alone: a reference image would allocate a byte a voxel for nothing.
     f = sitk.ResampleImageFilter()
     f.SetSize([int(n) for n in reference.shape])
@@ -218,12 +251,14 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     f.SetOutputDirection(tuple(float(x) for x in reference.direction.ravel()))
     f.SetTransform(sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk)
     f.SetInterpolator(interp)
-    f.SetDefaultPixelValue(float(default))
+    f.SetDefaultPixelValue(float(default) if lookup is None else float(lookup[2]))
     f.SetOutputPixelType(src.GetPixelID())
     out = f.Execute(src)
     del src  # the source's float32 copy is not needed while the output is copied out
     arr = np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
     del out
+    if lookup is not None:
+        arr = lookup[1][arr]
     if volume.array.dtype == bool:
         arr = arr.astype(bool)
     elif interpolation == "bspline" and arr.size:

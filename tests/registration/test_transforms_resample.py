@@ -268,3 +268,37 @@ def test_resampling_across_dicom_frames_of_reference_without_a_transform_is_warn
         mr = medfuse.load(samples_dir / "mr_t1.nii.gz")
         resample(mr, ct)  # a NIfTI file has no frame of reference to compare
         resample(pet, mr)
+
+
+@pytest.mark.parametrize("dtype, default, widened", [(np.uint8, 300, np.uint16), (np.int8, 200, np.int16),
+                                                     (np.uint16, 70000, np.uint32), (np.uint32, -1, np.int64),
+                                                     (np.uint8, 7, np.uint8)])
+def test_nearest_widens_labels_to_an_integer_type_that_holds_the_default(dtype, default, widened):
+    """A default outside the labels' type gave float64 for every widened type but int16/32/64: a uint8
+    segmentation came back as a float image (MONAI and other tools then take it for one)."""
+    ref = Volume(np.zeros((4, 4, 4), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0]))
+    labels = np.full((4, 4, 4), 3, dtype)
+    labels[0] = 1
+    out = resample(Volume(labels, np.eye(4)), ref, interpolation="nearest", default=default)
+    assert out.array.dtype == widened
+    assert out.array[0, 0, 0] == 1 and out.array[1, 1, 1] == 3 and out.array[3, 3, 3] == default
+
+
+def test_nearest_keeps_64_bit_labels_beyond_float64_exactly():
+    """ITK resamples through a double: the label 2**53 + 1 came back as 2**53 with no word."""
+    big = np.full((6, 6, 6), 2 ** 53 + 1, np.uint64)
+    big[:2] = 2 ** 63 + 5
+    big[2:4] = 3
+    vol = Volume(big, np.eye(4))
+    same = resample(vol, vol, interpolation="nearest")
+    assert same.array.dtype == np.uint64 and np.array_equal(same.array, big)
+    ref = Volume(np.zeros((5, 5, 5), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0]))  # every other voxel, and beyond
+    out = resample(vol, ref, interpolation="nearest", default=7)
+    assert out.array.dtype == np.uint64
+    assert np.array_equal(out.array[:3, :3, :3], big[::2, ::2, ::2]) and np.all(out.array[3:] == 7)
+    signed = Volume(np.where(big > 2 ** 62, -(2 ** 60), 2 ** 60).astype(np.int64), np.eye(4))
+    o = resample(signed, ref, interpolation="nearest", default=-1)
+    assert sorted(np.unique(o.array).tolist()) == [-(2 ** 60), -1, 2 ** 60]
+    with pytest.raises(InvalidInputError, match=r"above 2\*\*53, and no type holds both them and default=-1") as ei:
+        resample(vol, ref, interpolation="nearest", default=-1)
+    assert "default=0" in ei.value.fix
