@@ -26,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import number
+from ._checks import number, user_stacklevel
 from .errors import GeometryError, InvalidInputError, MedfuseWarning, MissingDependencyError
 
 __all__ = ["Volume", "LPS_TO_RAS", "MODALITIES", "UNITS", "normalise_modality", "affine_from_geometry", "require_finite"]
@@ -880,7 +880,7 @@ class Volume:
             InvalidInputError: not a nibabel image, or not one 3-D volume.
             GeometryError: the image has no usable affine.
         """
-        from .io.nifti import _space_name, parse_tag
+        from .io.nifti import NO_FORM_NOTE, _space_name, form_gap_note, parse_tag
 
         if not (hasattr(image, "dataobj") and hasattr(image, "affine") and hasattr(image, "header")):
             raise InvalidInputError(
@@ -901,6 +901,16 @@ class Volume:
         xyz_unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "unknown"
         to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)
         aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff  # medfuse's world is in mm
+        # What medfuse.load says of the same header (its checks that re-read the file are left to it).
+        if "sform_code" in hdr and int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+            warnings.warn(f"the nibabel image has a header {NO_FORM_NOTE}", MedfuseWarning,
+                          stacklevel=user_stacklevel())
+        gap = form_gap_note(hdr, arr.shape[:3], to_mm)
+        if gap is not None:
+            warnings.warn(f"the nibabel image's header geometry is ambiguous: {gap}. medfuse uses nibabel's affine "
+                          "(the sform when its code is above 0); check the image's position, and re-save it with "
+                          "medfuse.save so that every tool reads one geometry", MedfuseWarning,
+                          stacklevel=user_stacklevel())
         tag_mod, tag_unit = parse_tag(hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else "")
         prov = dict(provenance or {})
         space = _space_name(hdr)

@@ -327,3 +327,36 @@ def test_a_ct_without_a_stored_unit_gets_one_unit_however_it_is_made():
 def torch_tensor(arr):
     torch = pytest.importorskip("torch")
     return torch.from_numpy(arr.astype(np.float32))
+
+
+def test_from_nibabel_says_of_a_header_what_load_says(tmp_path):
+    """``Volume.from_nibabel(nibabel.load(f))`` used a guessed or an ambiguous geometry without a word, where
+    ``medfuse.load(f)`` warns (docs/io.md: geometry is never used silently)."""
+    import warnings
+
+    from medfuse.errors import MedfuseWarning
+
+    data = np.zeros((3, 4, 5), np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [1, 2, 3]
+    bare = nib.Nifti1Image(data, aff)
+    bare.header.set_sform(aff, code=0)
+    bare.header.set_qform(aff, code=0)
+    nib.save(nib.Nifti1Image(data, None, header=bare.header), tmp_path / "codes0.nii")
+    apart = nib.Nifti1Image(data, aff)
+    moved = aff.copy()
+    moved[0, 3] += 3.74
+    apart.header.set_qform(moved, code=1)
+    apart.header.set_sform(aff, code=2)
+    nib.save(apart, tmp_path / "apart.nii")
+    for name, said in (("codes0.nii", r"neither a qform nor an sform \(both codes 0\)"),
+                       ("apart.nii", r"sform \(code 2\) and qform \(code 1\) place the grid up to 3.74 mm apart")):
+        with pytest.warns(MedfuseWarning, match=said) as loaded:
+            via_load = medfuse.load(tmp_path / name)
+        with pytest.warns(MedfuseWarning, match=said) as bridged:
+            via_nib = Volume.from_nibabel(nib.load(tmp_path / name))
+        np.testing.assert_allclose(via_nib.affine, via_load.affine)
+        assert all(w.filename == __file__ for w in [*loaded, *bridged])  # the caller's line, not medfuse's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        Volume.from_nibabel(nib.Nifti1Image(data, aff))  # a plain image: one geometry, nothing to say

@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._checks import user_stacklevel
 from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MultipleSeriesError,
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, _check_affine, affine_from_geometry
@@ -364,7 +365,7 @@ def _nib_load(p: Path, gz: Optional[bool]):
         # ITK reads these (zlib passes plain data through), nibabel and FSL do not: read, and say so.
         warnings.warn(f"{p}: the file is named {ending} but is {'gzip-compressed' if gz else 'not gzip-compressed'}; "
                       f"medfuse reads it, but nibabel-based tools (FSL, nilearn) refuse it: rename it to end in "
-                      f"{'.nii.gz' if gz else '.nii'}", MedfuseWarning, stacklevel=5)
+                      f"{'.nii.gz' if gz else '.nii'}", MedfuseWarning, stacklevel=user_stacklevel())
     with (gzip.open if gz else open)(p, "rb") as fh:
         # Only as many bytes as the header describes: a whole-file read decompressed a 3 MB gzip bomb (a small
         # image, then gigabytes of zeros) into memory before anything was checked.
@@ -510,7 +511,7 @@ def _verify_gzip(fname: Optional[str], described: Optional[int] = None) -> None:
                     warnings.warn(f"{fname}: the file's gzip data run on for more than {_size_text(done - described)} "
                                   "past the image its header describes; medfuse read the image but did not "
                                   "decompress the rest to reach the file's checksum, so damage to the voxels is not "
-                                  "ruled out: re-save the image with medfuse.save", MedfuseWarning, stacklevel=4)
+                                  "ruled out: re-save the image with medfuse.save", MedfuseWarning, stacklevel=user_stacklevel())
                     return
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise UnreadableFileError(f"the file is damaged: its gzip data does not match its checksum or length "
@@ -633,7 +634,7 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
         warnings.warn(f"{p}: the NIfTI header breaks the standard, and nibabel repaired it while reading "
                       f"({'; '.join(dict.fromkeys(notes))}); medfuse used the repaired values: check the image's "
                       "voxel sizes and position, and re-save it with medfuse.save for a valid header",
-                      MedfuseWarning, stacklevel=3)
+                      MedfuseWarning, stacklevel=user_stacklevel())
     _check_nifti_size(img, p)
     try:
         arr = np.asanyarray(img.dataobj)
@@ -650,11 +651,9 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
         warnings.warn(f"{p}: an Analyze 7.5 file (no NIfTI header) stores no orientation: medfuse uses nibabel's "
                       "guess (radiological LAS voxel order, origin from the header's origin field or the grid centre), "
                       "which other tools (ITK, Slicer) do not share; check left/right before registering or fusing",
-                      MedfuseWarning, stacklevel=3)
+                      MedfuseWarning, stacklevel=user_stacklevel())
     elif int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
-        warnings.warn(f"{p}: a NIfTI file with neither a qform nor an sform (both codes 0): its orientation and "
-                      "origin are a guess from the voxel sizes alone; check them before registering or fusing",
-                      MedfuseWarning, stacklevel=3)
+        warnings.warn(f"{p}: a NIfTI file {NO_FORM_NOTE}", MedfuseWarning, stacklevel=user_stacklevel())
     # World coordinates in mm, whatever the file's spatial unit (medfuse and ITK work in mm).
     xyz_unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "unknown"
     to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)
@@ -692,7 +691,6 @@ def _qform_instead(hdr, aff_lps: np.ndarray, to_mm: float, p: Path) -> Optional[
         problem = "sheared" if "sheared" in e.problem else "singular"
     then = ("resample it onto an orthogonal grid with a tool that applies the sform" if problem == "sheared" else
             "repair the sform (or set sform_code 0) so that every tool reads the qform")
-    from .._checks import user_stacklevel  # the caller's line, however deep in medfuse this runs
 
     warnings.warn(f"{p}: the NIfTI sform (code {int(hdr['sform_code'])}) is {problem}, which medfuse cannot use; "
                   f"medfuse uses the qform (code {int(hdr['qform_code'])}) instead, as ITK does, so the sform's "
@@ -795,6 +793,22 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
     return affine_from_geometry(reader.GetSpacing()[:3], reader.GetOrigin()[:3], d)
 
 
+#: How a NIfTI header with both form codes 0 is described (after "a NIfTI file" or "the nibabel image").
+NO_FORM_NOTE = ("with neither a qform nor an sform (both codes 0): its orientation and origin are a guess from the "
+                "voxel sizes alone; check them before registering or fusing")
+
+
+def form_gap_note(hdr, shape, to_mm: float) -> Optional[str]:
+    """A note when a NIfTI header's sform and qform (both codes > 0) place the grid apart, else None."""
+    if "sform_code" not in hdr or int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
+        return None
+    gap = to_mm * _corner_distance(hdr.get_sform(), hdr.get_qform(), shape)
+    if gap <= GEOMETRY_TOL_MM:
+        return None
+    return (f"its sform (code {int(hdr['sform_code'])}) and qform (code {int(hdr['qform_code'])}) place the grid up "
+            f"to {gap:.3g} mm apart")
+
+
 def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) -> None:
     """One :class:`MedfuseWarning` when the header gives other tools another geometry than the one medfuse uses.
 
@@ -810,11 +824,9 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
     shape = img.shape
     used = _transform_used(hdr)
     notes = []
-    if int(hdr["sform_code"]) > 0 and int(hdr["qform_code"]) > 0:
-        gap = to_mm * _corner_distance(hdr.get_sform(), hdr.get_qform(), shape)
-        if gap > GEOMETRY_TOL_MM:
-            notes.append(f"its sform (code {int(hdr['sform_code'])}) and qform (code {int(hdr['qform_code'])}) "
-                         f"place the grid up to {gap:.3g} mm apart")
+    gap = form_gap_note(hdr, shape, to_mm)
+    if gap is not None:
+        notes.append(gap)
     n = max(1, min(3, int(hdr["dim"][0])))
     pixdim = _raw_pixdim(img, p)
     pixdim = None if pixdim is None else pixdim[1:1 + n]
@@ -833,7 +845,7 @@ def _warn_ambiguous_geometry(img, aff_lps: np.ndarray, to_mm: float, p: Path) ->
         warnings.warn(f"{p}: the NIfTI header's geometry is ambiguous: {'; '.join(notes)}. medfuse uses the {used} "
                       "(the NIfTI rule nibabel follows: sform when sform_code > 0, else qform); check the image's "
                       "position, and re-save it with medfuse.save so that every tool reads one geometry",
-                      MedfuseWarning, stacklevel=5)
+                      MedfuseWarning, stacklevel=user_stacklevel())
 
 
 def _raw_pixdim(img, p: Path) -> Optional[np.ndarray]:
@@ -911,7 +923,7 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
                           f"converts them to mm (x {to_mm:g}), as it does for a NIfTI; ITK-based tools (SimpleITK, "
                           "ANTs, ITK-SNAP) ignore NRRD space units and read these numbers as mm. Re-save the image "
                           "with medfuse.save (mm) so that every tool reads one geometry", MedfuseWarning,
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
             aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     get = lambda k: img.GetMetaData(k).strip() if img.HasMetaDataKey(k) else None  # noqa: E731
     return arr, aff, get("medfuse_modality"), get("medfuse_unit")
@@ -1213,7 +1225,7 @@ def _warn_non_anatomical_space(img, p: Path) -> None:
     what = f"'space: {space}'" if space else "no 'space' field"
     warnings.warn(f"{p}: the NRRD header has {what}, which names no patient orientation: medfuse (as ITK) takes its "
                   "axes as LPS (x towards the patient's left); check left/right and the origin before registering "
-                  "or fusing", MedfuseWarning, stacklevel=5)
+                  "or fusing", MedfuseWarning, stacklevel=user_stacklevel())
 
 
 def _sniff(p: Path) -> Tuple[bool, Optional[str]]:
@@ -1324,7 +1336,7 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
             raise InvalidInputError("every voxel is NaN or infinite", fix="check the export; the image holds no data", path=p)
         if not finite.all():
             warnings.warn(f"{p}: {int((~finite).sum())} voxel(s) are NaN or infinite; they were kept as they are",
-                          MedfuseWarning, stacklevel=3)
+                          MedfuseWarning, stacklevel=user_stacklevel())
     prov = {"source": os.path.abspath(p), **facts}  # absolute: save() protects it after a chdir too
     if n > 1:
         prov.update(volume_index=index, n_volumes=n)
