@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._checks import MAX_THREADS, as_path, choice, describe, is_or_above, label, whole
+from ._runlock import run_lock
 from .errors import (InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError, OutputExistsError,
                      OutputWriteError, UnreadableFileError)
 from .progress import CancelToken, check_callbacks
@@ -537,7 +538,12 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
             # Outputs differing only in case are one file on Windows and macOS (case-insensitive file systems):
             # one subject's output would silently replace the other's, and the report call both done.
             refuse(i, j, f"outputs {other!r} and {key!r} differ only in letter case: on Windows and macOS they "
-                         "are one file", "give every subject an output whose name differs in more than case")
+                         "are one file",
+                   # Found in a dataset folder, the outputs are named after the subject folders.
+                   "rename one of the two subject folders so that the names differ in more than case, or write a "
+                   "manifest (medfuse batch DATASET --write-manifest) and give them distinct outputs there"
+                   if s.folder and subjects[j].folder else
+                   "give every subject an output whose name differs in more than case")
         outputs[full.casefold()] = (i, key)
         side = os.fspath(sidecar_path(full)).casefold()
         if side in sidecars:
@@ -651,7 +657,8 @@ def _ambiguous(folder: Path, problem: str, fix: str) -> InvalidInputError:
 
 
 _MANIFEST_FIX = ("list this subject in a manifest that names its fixed and moving images "
-                 "(medfuse.batch.write_manifest(DATASET) writes one to edit)")
+                 "('medfuse batch DATASET --write-manifest', or medfuse.batch.write_manifest(DATASET), writes one "
+                 "to edit)")
 
 
 def discover_subject(folder: PathLike, *, with_series: bool = False):
@@ -1328,6 +1335,8 @@ def _row_error_text(e: MedfuseError, inputs: Sequence[str], *, dataset: bool = F
     import re
 
     fix, path = e.fix, e.path
+    if fix and "pass overwrite=True" in fix:  # an output that appeared meanwhile (another run writing it)
+        fix = fix.replace("pass overwrite=True", "rerun with --overwrite (overwrite=True)")
     if fix and any(k in fix for k in ("initialise=", "initial_transform=", "register='")):
         fix = _REGISTER_FIRST_FIX + (" (medfuse batch DATASET --write-manifest writes one to edit)" if dataset else "")
     if path is None:
@@ -1455,98 +1464,18 @@ def _report_lock(path: Path) -> Iterator[None]:
 
     Two runs of one manifest at once (started twice, in two terminals or by a scheduler) computed every subject
     twice, and each reported the subjects the other finished first as ``failed: the output exists``: a report
-    saying complete outputs failed. The lock is an OS file lock, released when the process ends in any way (a
-    ``kill -9`` included), so a killed run's rerun is never blocked.
+    saying complete outputs failed. See :func:`medfuse._runlock.run_lock`.
 
     Raises:
         OutputExistsError: another run holds the lock.
     """
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        yield  # the report cannot be written there either: _first_report says so
-        return
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            yield  # no lock where the report goes (read-only): _first_report refuses the run
-            return
-        if _try_lock(fd):
-            try:  # the file was replaced while we waited for it (its holder ended and removed it): lock the new one
-                same = os.path.samestat(os.fstat(fd), os.stat(lock))
-            except OSError:
-                same = False
-            if same:
-                break
-        else:
-            try:
-                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
-            except OSError:
-                holder = ""
-            os.close(fd)
-            raise OutputExistsError(f"another medfuse batch run is writing this report ({holder or 'running'})",
-                                    fix="wait for it to end (its subjects would be run twice), or pass report= "
-                                        "(--report) another path", path=path)
-        os.close(fd)
-    try:
-        import socket
+    def busy(holder: str) -> Exception:
+        return OutputExistsError(f"another medfuse batch run is writing this report ({holder})",
+                                 fix="wait for it to end (its subjects would be run twice), or pass report= "
+                                     "(--report) another path", path=path)
 
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}".encode())
-    except OSError:
-        pass
-    try:
+    with run_lock(path.with_name(f".{path.name}.lock"), busy=busy):
         yield
-    finally:
-        removed = False
-        try:
-            os.unlink(lock)  # while still locked: a run waiting for it then finds a new file (see above)
-            removed = True
-        except OSError:
-            pass
-        os.close(fd)  # releases the lock
-        if not removed and _windows_locks():
-            # Windows refuses to delete a file that is open (the lock file stayed beside the report for good, and
-            # is not hidden there). Closed now, it goes unless another run has it open, which Windows refuses too.
-            try:
-                os.unlink(lock)
-            except OSError:
-                pass
-
-
-def _windows_locks() -> bool:
-    """True where report locks are ``msvcrt`` byte-range locks (Windows: no ``fcntl``)."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
-        return True
-    return False
-
-
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive, non-blocking lock on an open file; False when another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError as e:
-            # Held by another process: EACCES (or EDEADLOCK). Anything else (EINVAL: a share without byte-range
-            # locks) is a file system without locks, as below: run unlocked rather than refuse every run.
-            return e.errno not in (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:  # a file system without locks: run unlocked rather than not at all
-        return True
-    return True
 
 
 def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Mapping[str, Any]],

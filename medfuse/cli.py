@@ -177,7 +177,8 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
 def _fusion_options(text: str) -> str:
     """The fusion's Python arguments in ``text`` as the command's options: ``weights=`` -> ``--weights``,
     ``method='max'`` (and ``method is 'max'``) -> ``--method max``."""
-    text = re.sub(r"method='(\w+)'", r"--method \1", text.replace("weights=", "--weights"))
+    text = re.sub(r"\bweights=(?=['\"])", "--weights ", text).replace("weights=", "--weights")
+    text = re.sub(r"method='(\w+)'", r"--method \1", text)
     return re.sub(r"method is '(\w+)'", r"--method is \1", text)
 
 

@@ -106,3 +106,47 @@ def test_info_json_of_one_of_several_series_sharing_a_uid_gives_the_key_series_t
     assert main(["info", str(folder), "--series", key, "--json"]) == EXIT_OK
     again = json.loads(capsys.readouterr().out)
     assert again["series_uid"] == key
+
+
+def test_a_training_checkpoint_given_as_weights_is_named_as_one(mr, tmp_path, capsys):
+    """``--weights run/best.ckpt`` was called "not a whole safetensors file (corrupt or truncated)"; and a fix
+    quoting a path read ``--weights'x'``."""
+    torch = pytest.importorskip("torch")
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"model": {"w": torch.zeros(2)}}, ckpt)
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(mr), str(mr), "-o", str(out), "--weights", str(ckpt), "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    assert "is a torch file (a training checkpoint such as best.ckpt?)" in err and "corrupt" not in err
+    assert "RUN/export/medfuse_fusion.safetensors" in err and "--init RUN/best.ckpt --epochs 0" in err
+    assert not out.exists()
+    from medfuse.cli import _fusion_options
+
+    assert _fusion_options("pass weights='a/b.safetensors' instead") == "pass --weights 'a/b.safetensors' instead"
+    assert _fusion_options("weights= names a file") == "--weights names a file"
+
+
+def test_batch_fixes_name_what_a_batch_user_can_do(tmp_path):
+    """A batch row's fix said "pass overwrite=True" (an output another run wrote meanwhile) and
+    "medfuse.batch.write_manifest(DATASET)"; subject folders differing in case were told to name outputs that
+    dataset mode does not let them name."""
+    from medfuse import batch
+    from medfuse.errors import InvalidInputError, OutputExistsError
+    from medfuse.io._atomic import _appeared
+
+    row = batch._row_error_text(_appeared(tmp_path / "s.nii.gz"), [])
+    assert "rerun with --overwrite (overwrite=True) to replace it" in row and "pass overwrite" not in row
+    assert isinstance(_appeared(tmp_path / "s.nii.gz"), OutputExistsError)
+    assert "'medfuse batch DATASET --write-manifest'" in batch._MANIFEST_FIX
+    pytest.importorskip("SimpleITK")
+    from medfuse.batch import Subject, run_batch
+
+    folders = []
+    for name in ("Sub-A", "sub-a"):
+        (tmp_path / "ds" / name).mkdir(parents=True)
+        folders.append(tmp_path / "ds" / name)
+    subjects = [Subject(subject=f.name, fixed="", moving=[], output=str(tmp_path / "out" / f"{f.name}.nii.gz"),
+                        folder=str(f)) for f in folders]
+    with pytest.raises(InvalidInputError, match="differ only in letter case") as ei:
+        run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.csv", progress=False)
+    assert "rename one of the two subject folders" in ei.value.fix and "--write-manifest" in ei.value.fix

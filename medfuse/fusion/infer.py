@@ -115,6 +115,18 @@ def check_weights_file(weights: Any) -> None:
     except (OSError, ValueError, struct.error, TypeError, KeyError, IndexError, AttributeError):
         whole_file = False
     if not whole_file:
+        try:
+            with open(path, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format: a training checkpoint (.ckpt)
+        except OSError:
+            zipped = False
+        if zipped:
+            # Read as safetensors it was "corrupt or truncated", which sent the user looking for a damaged file.
+            raise WeightsError("the fusion network's weights file is a torch file (a training checkpoint such as "
+                               "best.ckpt?), not exported safetensors weights", path=path,
+                               fix="pass the run's export (RUN/export/medfuse_fusion.safetensors, which 'medfuse "
+                                   "train' writes at its end), or export a checkpoint with 'medfuse train --init "
+                                   "RUN/best.ckpt --epochs 0 --steps-3d 0 ...'")
         raise WeightsError("the fusion network's weights file is not a whole safetensors file (corrupt or truncated)",
                            path=path, fix=fix)
 

@@ -790,7 +790,8 @@ def _read_checkpoint(path: Path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no arbitrary unpickling
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"cannot read the training checkpoint ({type(exc).__name__})", path=path,
-                                  fix="start a new run with --overwrite or another --run-dir") from None
+                                  fix="start a new run with --overwrite or another --run-dir"
+                                  + _from_best(path)) from None
     fmt = ck.get("format", 1) if isinstance(ck, dict) else None  # checkpoints before the field are format 1
     if isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT:
         raise UnreadableFileError(f"the training checkpoint is of format {fmt}, written by a newer medfuse; this one "
@@ -1553,6 +1554,15 @@ def _foreign_files(run_dir: Path) -> List[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
 
 
+def _from_best(last: Path) -> str:
+    """The fix's part that keeps a run's best epoch when its ``last.ckpt`` is missing or unreadable ("" without
+    a ``best.ckpt`` beside it)."""
+    best = Path(last).with_name("best.ckpt")
+    if Path(last).name != "last.ckpt" or not best.is_file():
+        return ""
+    return f", or start a new run from its best epoch's weights: --init {best} with another --run-dir"
+
+
 def _check_run_folder(args: argparse.Namespace) -> None:
     """Refuse what would silently lose or mix up a run: an earlier run's checkpoints replaced (or, with
     ``--epochs 0``, exported as this run's), a ``--resume`` that has nothing to resume, existing weights replaced."""
@@ -1569,11 +1579,11 @@ def _check_run_folder(args: argparse.Namespace) -> None:
                                     "(other files are never deleted)")
     last, best = args.run_dir / "last.ckpt", args.run_dir / "best.ckpt"
     if args.resume and not last.exists():
-        if best.exists():  # a fine-tune's epoch 0, or a kill in epoch 1 between best.ckpt and last.ckpt
-            raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none: "
-                                    "the run stopped before its first epoch ended (only best.ckpt was written)",
-                                    path=args.run_dir,
-                                    fix="start the run again with --overwrite instead of --resume")
+        if best.exists():  # a fine-tune's epoch 0, a kill in epoch 1 between best.ckpt and last.ckpt, or removed
+            raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none, "
+                                    "only best.ckpt (the run stopped before its first epoch ended, or last.ckpt was "
+                                    "removed)", path=args.run_dir,
+                                    fix="start the run again with --overwrite instead of --resume" + _from_best(last))
         raise InvalidInputError("--resume continues the run in --run-dir from its last.ckpt, and there is none",
                                 path=args.run_dir,
                                 fix="drop --resume to start a new run there, or pass the --run-dir of the run to "
@@ -1620,7 +1630,30 @@ def amp_settings(device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, validate each epoch, export the weights. Returns a process exit code."""
+    """Train, validate each epoch, export the weights. Returns a process exit code.
+
+    One run at a time per ``--run-dir``: an OS lock beside it (``.<run-dir name>.train.lock``) is held from the
+    option checks to the export. Why: two runs started on one folder both trained, mixed their lines in
+    train.log, replaced each other's checkpoints and metrics, and could export the other run's best weights under
+    their own card.
+
+    Raises:
+        OutputExistsError: another ``medfuse train`` holds the run folder (and as :func:`_run`).
+    """
+    from .._runlock import run_lock
+
+    run_dir = Path(args.run_dir)
+
+    def busy(holder: str) -> Exception:
+        return OutputExistsError(f"another medfuse train run is using this run folder ({holder})", path=run_dir,
+                                 fix="wait for it to end, or pass another --run-dir")
+
+    with run_lock(run_dir.parent / f".{run_dir.name}.train.lock", busy=busy):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """:func:`run` under the run folder's lock."""
     try:
         import torch
         from tqdm import tqdm

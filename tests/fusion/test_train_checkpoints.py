@@ -329,3 +329,58 @@ def test_resuming_after_a_max_minutes_stop_keeps_the_schedule_at_the_steps_taken
     expected = 1e-3 * 0.5 * (1 + np.cos(np.pi * 4 / 6))  # the cosine schedule after 4 of 6 steps
     assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(expected, rel=1e-9)
     assert "stopped 2 step(s) short of its epoch 1" in (run / "train.log").read_text()
+
+
+_RUN_HOLDER = """
+import sys, time
+from pathlib import Path
+from medfuse._runlock import run_lock
+run = Path(sys.argv[1])
+with run_lock(run.parent / f".{run.name}.train.lock", busy=RuntimeError):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_training_run_on_one_run_folder_is_refused_before_any_work(data, tmp_path, capsys):
+    """Two `medfuse train` runs on one --run-dir both trained: train.log held both runs' lines, metrics.csv and the
+    checkpoints the second run's, and the export could be of the other run's best weights. Now the second is
+    refused at once, and the folder is free again when the first ends (or is killed)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _RUN_HOLDER, os.fspath(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _train(data, run) == 2
+        err = capsys.readouterr().err
+        assert "another medfuse train run is using this run folder (pid " in err and "--run-dir" in err
+        assert not run.exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _train(data, run) == 0  # a killed holder leaves nothing that blocks
+    assert not (tmp_path / ".run.train.lock").exists()
+
+
+def test_a_missing_or_broken_last_checkpoint_points_to_the_best_epoch(tmp_path, capsys):
+    """With last.ckpt removed after two epochs, --resume said "the run stopped before its first epoch ended"; and
+    for a truncated last.ckpt the only fix was to start over, though best.ckpt beside it was whole."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model, opt = _model_and_opt()
+    tr.save_checkpoint(run / "best.ckpt", model, opt, {"epoch": 2, "history": []})
+    rc = tr.main(["--data", str(tmp_path / "none"), "--run-dir", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "there is none, only best.ckpt" in err and "or last.ckpt was removed" in err, err
+    assert f"--init {run / 'best.ckpt'} with another --run-dir" in err
+    (run / "last.ckpt").write_bytes((run / "best.ckpt").read_bytes()[:100])  # truncated
+    with pytest.raises(UnreadableFileError, match="cannot read the training checkpoint") as ei:
+        tr.load_checkpoint(run / "last.ckpt", model, opt)
+    assert f"--init {run / 'best.ckpt'}" in ei.value.fix
+    (run / "best.ckpt").unlink()
+    with pytest.raises(UnreadableFileError) as ei:
+        tr.load_checkpoint(run / "last.ckpt", model, opt)
+    assert ei.value.fix == "start a new run with --overwrite or another --run-dir"
