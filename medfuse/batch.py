@@ -1810,10 +1810,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
 
             bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr, disable=None)
 
-        def rows(unfinished: str, why: str) -> List[SubjectResult]:
-            return [_shown(results.get(s.subject) or SubjectResult(subject=s.subject, status=unfinished,
-                                                                   output=s.output, error=why), known)
-                    for s in subjects]
+        def rows(unfinished: str, why: Optional[str]) -> List[SubjectResult]:
+            return [_shown(results.get(s.subject) or SubjectResult(
+                subject=s.subject, status=unfinished, output=s.output, error=why,
+                note=_left_in_place(s.output) if unfinished == "cancelled" else None), known) for s in subjects]
 
         def save_report(ordered: List[SubjectResult]) -> Optional[Path]:
             try:
@@ -1852,7 +1852,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             before = {r.get("subject") for r in earlier}
             save_report([_shown(results.get(s.subject) or SubjectResult(
                 subject=s.subject, status="cancelled", output=s.output,
-                error=f"not run: the batch stopped on an error ({e.__class__.__name__})"), known)
+                error=f"not run: the batch stopped on an error ({e.__class__.__name__})",
+                note=_left_in_place(s.output)), known)
                 for s in subjects if s.subject in results or hidden[s.subject] not in before])
             raise
         finally:
@@ -1880,6 +1881,20 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
                             workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled,
                             workers_asked=asked if scheduler == "local" and asked != workers else None)
+
+
+def _left_in_place(output: Any) -> Optional[str]:
+    """The note of a subject the batch did not run while an earlier output of it is in place, else None.
+
+    Why: the row said only "not run: the batch was cancelled", and the earlier output (of other options, say)
+    stayed in place as if it were this run's. Not checked here: that would hash every input on the way out.
+    """
+    try:
+        there = os.path.exists(_display_path(output))
+    except (TypeError, ValueError, OSError):
+        return None
+    return ("an earlier output is still there, not checked against this run's inputs and options (it may be "
+            "stale): rerun to bring it up to date") if there else None
 
 
 def _absent_folders(output: Any) -> List[Path]:

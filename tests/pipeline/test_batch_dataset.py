@@ -453,3 +453,18 @@ def test_a_manifest_states_modalities_and_write_manifest_writes_them(t1_pet_data
         own.write_text(f"subject,fixed,moving,output,modalities\na,t1.nii,pet.nii,out/a.nii.gz,{cell}\n")
         with pytest.raises(InvalidInputError, match=words):
             read_manifest(own)
+
+
+def test_a_subject_not_run_says_when_an_earlier_output_is_left_in_place(tmp_path, phantom):
+    """Cancelled before a subject ran, its row said only "not run: the batch was cancelled", while an earlier
+    output (of other options) stayed in place as if it were this run's."""
+    subjects = _subjects(phantom, tmp_path, 2, method="mean")
+    Path(subjects[0].output).parent.mkdir(parents=True)
+    shutil.copy(subjects[0].fixed, subjects[0].output)  # an earlier run's output, say
+    token = CancelToken()
+    token.cancel()
+    summary = run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.csv", cancel=token, progress=False)
+    assert [(r.status, r.error) for r in summary.results] == [("cancelled", "not run: the batch was cancelled")] * 2
+    assert summary.results[0].note.startswith("an earlier output is still there, not checked against this run's")
+    assert summary.results[1].note is None
+    assert "an earlier output is still there" in (tmp_path / "r.csv").read_text()
