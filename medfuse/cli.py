@@ -157,7 +157,7 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
     if fix and ", or pass format='dicom'" in fix:  # the command line picks the format by the name alone
         fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
     if fix:
-        fix = _fusion_options(fix)
+        fix = _cli_words(_fusion_options(fix))
     if fix and "result.linear_transform of the run that made it" in fix:  # a Python attribute
         fix = fix.replace("result.linear_transform of the run that made it",
                           "the .tfm of 'medfuse register --kind affine' on the same pair")
@@ -172,6 +172,22 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
         e.fix, e.problem = fix, problem
         e.args = (e._compose(),)
     return e
+
+
+#: Python advice in medfuse's messages and the command line's own, for any command (see :func:`_cli_words`).
+_CLI_ADVICE = (
+    ("register and resample it onto volume 1's grid first: medfuse.register(fixed, moving).resampled or "
+     "medfuse.resample(moving, fixed)",
+     "register it onto the first image and pass the result instead: medfuse register FIRST SECOND -o "
+     "SECOND_on_FIRST.nii.gz (it writes SECOND resampled onto FIRST's grid)"),
+)
+
+
+def _cli_words(text: str) -> str:
+    """``text`` (a fix, or a whole one-line message) with Python advice put as the command line's."""
+    for python, command_line in _CLI_ADVICE:
+        text = text.replace(python, command_line)
+    return text
 
 
 def _fusion_options(text: str) -> str:

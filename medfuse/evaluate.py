@@ -1228,6 +1228,12 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     if result.failures:
         print(f"{'' if not result.rows else chr(10)}{len(result.failures)} item(s) failed and were skipped:",
               file=sys.stderr)
+        from .cli import _cli_words
+
+        # One line per item and error: a pair on two grids failed alike under every method, once per method.
+        methods: Dict[Tuple[str, str], List[str]] = {}
         for f in result.failures:
-            print(f"  {f['method']}: {f['item']}: {f['error']}", file=sys.stderr)
+            methods.setdefault((f["item"], f["error"]), []).append(f["method"])
+        for (item, error), names in methods.items():
+            print(f"  {', '.join(names)}: {item}: {_cli_words(error)}", file=sys.stderr)
     return result.exit_code

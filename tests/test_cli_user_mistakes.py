@@ -150,3 +150,15 @@ def test_batch_fixes_name_what_a_batch_user_can_do(tmp_path):
     with pytest.raises(InvalidInputError, match="differ only in letter case") as ei:
         run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.csv", progress=False)
     assert "rename one of the two subject folders" in ei.value.fix and "--write-manifest" in ei.value.fix
+
+
+def test_evaluate_pairs_on_two_grids_fail_once_each_with_a_command_line_fix(mr, tmp_path, capsys):
+    """Each failing pair was listed once per method, with a fix in Python (medfuse.register(...).resampled)."""
+    shutil.copy(SAMPLES / "spect.nii.gz", tmp_path / "spect.nii.gz")
+    code = main(["evaluate", "--pair", str(mr), str(tmp_path / "spect.nii.gz"), "--pair", str(tmp_path / "spect.nii.gz"),
+                 str(mr), "--methods", "mean,max", "--out", str(tmp_path / "ev"), "-q", "--no-progress"])
+    assert code != EXIT_OK
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("  ")]
+    assert len(lines) == 2 and all(line.startswith("  mean, max: ") for line in lines), err
+    assert "medfuse register FIRST SECOND -o SECOND_on_FIRST.nii.gz" in err and "medfuse.register(" not in err
