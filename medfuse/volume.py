@@ -171,6 +171,12 @@ def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
 def _checked_array(array: Any) -> np.ndarray:
     """``array`` as a 3-D numeric NumPy array in native byte order, or a typed error saying what is wrong."""
     _refuse_volume(array)
+    if hasattr(array, "affine") and hasattr(array, "meta") and not isinstance(array, np.ndarray):
+        # A MONAI MetaTensor: Volume(t, affine) kept its voxels and dropped its own geometry without a word.
+        raise InvalidInputError("the array is a MONAI MetaTensor, which carries its own affine; Volume(array, affine) "
+                                "would drop it for the affine given",
+                                fix="convert it with Volume.from_metatensor(t), which keeps its affine; to place its "
+                                    "voxels by another affine on purpose, pass t.as_tensor() or numpy.asarray(t)")
     arr = _to_numpy(array)  # a torch tensor on a GPU or needing grad has no NumPy view of its own
     if arr.ndim != 3:
         fix = "pass a 3-D array; split 4-D data into volumes (medfuse.load_volumes) and add a slice axis to 2-D data"
@@ -689,7 +695,8 @@ class Volume:
         :func:`medfuse.fuse` (``normalise="auto"``), which maps it to one flat grey.
 
         Args:
-            array: the new voxels, of this Volume's shape (a NumPy array, or a torch tensor: copied to the CPU).
+            array: the new voxels, of this Volume's shape (a NumPy array, or a torch tensor: one on a GPU is
+                copied to the CPU; a CPU tensor's memory is shared, as a NumPy array's is).
             modality: (keyword-only) the new modality; None keeps this one.
             unit: (keyword-only) the new unit; None keeps this one.
             provenance: (keyword-only) the new provenance; None keeps a copy of this one.

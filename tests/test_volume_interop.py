@@ -360,3 +360,15 @@ def test_from_nibabel_says_of_a_header_what_load_says(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         Volume.from_nibabel(nib.Nifti1Image(data, aff))  # a plain image: one geometry, nothing to say
+
+
+def test_a_metatensor_given_as_plain_voxels_is_refused_not_stripped_of_its_affine():
+    """``Volume(metatensor[0], affine)`` kept the voxels and dropped the MetaTensor's own affine silently."""
+    torch = pytest.importorskip("torch")
+    monai_data = pytest.importorskip("monai.data")
+    t = monai_data.MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    with pytest.raises(InvalidInputError, match="MONAI MetaTensor, which carries its own affine") as ei:
+        Volume(t[0], np.eye(4))
+    assert "Volume.from_metatensor(t)" in ei.value.fix
+    assert Volume.from_metatensor(t[0]).spacing == (2.0, 2.0, 2.0)
+    assert Volume(t[0].as_tensor(), np.eye(4)).spacing == (1.0, 1.0, 1.0)  # another affine, on purpose
