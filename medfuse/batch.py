@@ -1345,6 +1345,8 @@ def _row_error_text(e: MedfuseError, inputs: Sequence[str], *, dataset: bool = F
             path = _display_path(inputs[int(n.group(1)) - 1])
         elif "do not overlap" in e.problem and len(inputs) == 2:  # registration: the one moving image
             path = _display_path(inputs[1])
+    elif os.fspath(path) != _display_path(path):  # as the row's output column quotes it (no "out/../x")
+        path = _display_path(path)
     if fix is e.fix and path is e.path:
         return e.one_line()
     return MedfuseError(e.problem, fix=fix, path=path).one_line()  # formatted as every medfuse error

@@ -138,6 +138,12 @@ def test_batch_fixes_name_what_a_batch_user_can_do(tmp_path):
     assert "rerun with --overwrite (overwrite=True) to replace it" in row and "pass overwrite" not in row
     assert isinstance(_appeared(tmp_path / "s.nii.gz"), OutputExistsError)
     assert "'medfuse batch DATASET --write-manifest'" in batch._MANIFEST_FIX
+    # The path as the row's output column quotes it, not "out/../elsewhere/s.nii.gz".
+    from medfuse.errors import OutputWriteError
+
+    odd = tmp_path / "out" / ".." / "elsewhere" / "s.nii.gz"
+    row = batch._row_error_text(OutputWriteError("cannot write the output", fix="x", path=odd), [])
+    assert row.startswith(f"{tmp_path / 'elsewhere' / 's.nii.gz'}: cannot write the output")
     pytest.importorskip("SimpleITK")
     from medfuse.batch import Subject, run_batch
 
