@@ -22,18 +22,38 @@ def run_lock(lock: Path, *, busy: Callable[[str], Exception]) -> Iterator[None]:
     """Hold an exclusive lock on the file ``lock`` (made if needed, removed at the end) for the ``with`` body.
 
     Args:
-        lock: the lock file's path (its folder is made if missing).
+        lock: the lock file's path (its folder is made if missing, and removed again at the end if it is then
+            empty: a run refused at its first check leaves no folder behind).
         busy: called with a line about the holder ("pid 123 on host, started ...") when another process holds
             the lock; the exception it returns is raised.
 
     Raises:
         Exception: ``busy``'s, when another process holds the lock.
     """
+    made = []
+    folder = lock.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder)  # deepest first
+        folder = folder.parent
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         yield  # nothing can be written there either: the run's own first write says so
         return
+    try:
+        with _held(lock, busy):
+            yield
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()  # only if empty: the run put nothing there
+            except OSError:
+                break
+
+
+@contextmanager
+def _held(lock: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """:func:`run_lock` in its existing folder."""
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

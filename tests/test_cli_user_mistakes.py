@@ -117,9 +117,13 @@ def test_a_training_checkpoint_given_as_weights_is_named_as_one(mr, tmp_path, ca
     out = tmp_path / "f.nii.gz"
     assert main(["fuse", str(mr), str(mr), "-o", str(out), "--weights", str(ckpt), "-q"]) == EXIT_USAGE
     err = _err(capsys)
-    assert "is a torch file (a training checkpoint such as best.ckpt?)" in err and "corrupt" not in err
-    assert "RUN/export/medfuse_fusion.safetensors" in err and "--init RUN/best.ckpt --epochs 0" in err
+    assert "is a PyTorch (torch.save) file, such as a training checkpoint (best.ckpt)" in err and "corrupt" not in err
+    assert "RUN/export/medfuse_fusion.safetensors" in err and "--init FILE --epochs 0 --steps-3d 0" in err
+    assert "weights=" not in err
     assert not out.exists()
+    torch.save({"model": {"w": torch.zeros(2)}}, ckpt, _use_new_zipfile_serialization=False)  # the older format
+    assert main(["fuse", str(mr), str(mr), "-o", str(out), "--weights", str(ckpt), "-q"]) == EXIT_USAGE
+    assert "is a PyTorch (torch.save) file" in _err(capsys)
     from medfuse.cli import _fusion_options
 
     assert _fusion_options("pass weights='a/b.safetensors' instead") == "pass --weights 'a/b.safetensors' instead"

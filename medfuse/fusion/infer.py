@@ -115,18 +115,9 @@ def check_weights_file(weights: Any) -> None:
     except (OSError, ValueError, struct.error, TypeError, KeyError, IndexError, AttributeError):
         whole_file = False
     if not whole_file:
-        try:
-            with open(path, "rb") as fh:
-                zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format: a training checkpoint (.ckpt)
-        except OSError:
-            zipped = False
-        if zipped:
-            # Read as safetensors it was "corrupt or truncated", which sent the user looking for a damaged file.
-            raise WeightsError("the fusion network's weights file is a torch file (a training checkpoint such as "
-                               "best.ckpt?), not exported safetensors weights", path=path,
-                               fix="pass the run's export (RUN/export/medfuse_fusion.safetensors, which 'medfuse "
-                                   "train' writes at its end), or export a checkpoint with 'medfuse train --init "
-                                   "RUN/best.ckpt --epochs 0 --steps-3d 0 ...'")
+        torch_file = _torch_file_error(Path(path))
+        if torch_file is not None:  # it was "corrupt or truncated", which sent the user looking for a damaged file
+            raise torch_file
         raise WeightsError("the fusion network's weights file is not a whole safetensors file (corrupt or truncated)",
                            path=path, fix=fix)
 
@@ -227,22 +218,32 @@ def _missing_fix(p: Path) -> str:
             "it out for the shipped weights")
 
 
-def _unloadable(p: Path, exc: Exception) -> WeightsError:
-    """The error for a weights file safetensors cannot load: a PyTorch file (torch.save's zip or a bare pickle)
-    is said to be one (it was called "corrupt", with advice to reinstall medfuse), and reinstalling is advised for
-    the shipped file only."""
+def _torch_file_error(p: Path) -> Optional[WeightsError]:
+    """The error for a weights file that is a PyTorch file (torch.save's zip or a bare pickle: a training
+    checkpoint, a state dict), else None."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(4)
     except OSError:
-        head = b""
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return WeightsError(
-            "the weights file is a PyTorch (torch.save) file, not safetensors; weights= reads safetensors only, "
-            "since unpickling a file can run code", path=p,
-            fix="convert a state dict you trust with 'medfuse train --init FILE --epochs 0 --steps-3d 0 --val-limit 1 "
-                "--out DIR' (read with weights_only, no code runs; it validates on the training data of --data, "
-                "about a minute) and pass DIR's medfuse_fusion.safetensors")
+        return None
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        return None
+    return WeightsError(
+        "the weights file is a PyTorch (torch.save) file, such as a training checkpoint (best.ckpt), not "
+        "safetensors; weights= reads safetensors only, since unpickling a file can run code", path=p,
+        fix="pass a training run's export (RUN/export/medfuse_fusion.safetensors, written when 'medfuse train' ends), "
+            "or convert a checkpoint or state dict you trust with 'medfuse train --init FILE --epochs 0 --steps-3d 0 "
+            "--val-limit 1 --out DIR' (read with weights_only, no code runs; it validates on the training data of "
+            "--data, about a minute) and pass DIR's medfuse_fusion.safetensors")
+
+
+def _unloadable(p: Path, exc: Exception) -> WeightsError:
+    """The error for a weights file safetensors cannot load: a PyTorch file (torch.save's zip or a bare pickle)
+    is said to be one (it was called "corrupt", with advice to reinstall medfuse), and reinstalling is advised for
+    the shipped file only."""
+    torch_file = _torch_file_error(p)
+    if torch_file is not None:
+        return torch_file
     shipped = p == default_weights_path()
     return WeightsError(f"the fusion network's weights file is corrupt or does not fit the model "
                         f"({type(exc).__name__})", path=p,

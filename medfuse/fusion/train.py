@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import shlex
 import sys
@@ -1642,7 +1643,8 @@ def run(args: argparse.Namespace) -> int:
     """
     from .._runlock import run_lock
 
-    run_dir = Path(args.run_dir)
+    # Resolved: "--run-dir ." from inside the folder, a link or a ".." name the same folder, and one lock.
+    run_dir = Path(os.path.realpath(os.path.expanduser(os.fspath(args.run_dir))))
 
     def busy(holder: str) -> Exception:
         return OutputExistsError(f"another medfuse train run is using this run folder ({holder})", path=run_dir,

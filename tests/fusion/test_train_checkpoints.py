@@ -342,7 +342,7 @@ with run_lock(run.parent / f".{run.name}.train.lock", busy=RuntimeError):
 """
 
 
-def test_a_second_training_run_on_one_run_folder_is_refused_before_any_work(data, tmp_path, capsys):
+def test_a_second_training_run_on_one_run_folder_is_refused_before_any_work(data, tmp_path, capsys, monkeypatch):
     """Two `medfuse train` runs on one --run-dir both trained: train.log held both runs' lines, metrics.csv and the
     checkpoints the second run's, and the export could be of the other run's best weights. Now the second is
     refused at once, and the folder is free again when the first ends (or is killed)."""
@@ -354,15 +354,27 @@ def test_a_second_training_run_on_one_run_folder_is_refused_before_any_work(data
     holder = subprocess.Popen([sys.executable, "-c", _RUN_HOLDER, os.fspath(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert _train(data, run) == 2
-        err = capsys.readouterr().err
-        assert "another medfuse train run is using this run folder (pid " in err and "--run-dir" in err
-        assert not run.exists()  # nothing written
+        (tmp_path / "link").symlink_to(tmp_path)
+        # The same folder however it is spelt: as given, through a link, with a "..", and as "." from inside it.
+        for spelling, cwd in ((run, None), (tmp_path / "link" / "run", None), (tmp_path / "x" / ".." / "run", None),
+                              (".", run)):
+            if cwd is not None:
+                cwd.mkdir(exist_ok=True)
+                monkeypatch.chdir(cwd)
+            assert _train(data, spelling) == 2, spelling
+            err = capsys.readouterr().err
+            assert "another medfuse train run is using this run folder (pid " in err and "--run-dir" in err
+        assert not any(run.iterdir())  # nothing written
     finally:
         holder.kill()
         holder.wait()
+    monkeypatch.chdir(tmp_path)
     assert _train(data, run) == 0  # a killed holder leaves nothing that blocks
     assert not (tmp_path / ".run.train.lock").exists()
+    # A run refused at its first check leaves no folder behind (the lock's folder was made and left).
+    assert tr.main(["--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "typo" / "deeper" / "run"),
+                    "--resume"]) == 2
+    assert not (tmp_path / "typo").exists()
 
 
 def test_a_missing_or_broken_last_checkpoint_points_to_the_best_epoch(tmp_path, capsys):
