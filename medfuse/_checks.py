@@ -103,9 +103,9 @@ def constant_value(x: np.ndarray, elements: int = 1 << 22) -> Optional[float]:
     A sparse sample first: an image differs there at once, so a whole pass (slab by slab, no volume-sized
     temporary) is made only for a nearly flat one.
     """
-    flat = x.reshape(-1)
-    first = flat[0]
-    if np.any(flat[::4099] != first):
+    # x.flat: a sample of any memory layout without a copy of the whole (reshape copies a transposed array).
+    first = x.flat[0]
+    if np.any(x.flat[::4099] != first):
         return None
     if x.ndim == 0 or all(bool(np.all(x[s] == first)) for s in slab_slices(x, elements)):
         return float(first)

@@ -297,7 +297,7 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                 warnings.warn(f"volume {i} is already normalised by medfuse (its provenance records it), so the "
                               f"{said} in normalise entry {i} is not used: its values are fused as they are. To "
                               f"normalise it again by that rule, pass the volume as loaded, before normalising",
-                              MedfuseWarning, stacklevel=4)
+                              MedfuseWarning, stacklevel=user_stacklevel())
             spec = {"method": "range", "low": 0.0, "high": 1.0}
             if as32 and a.dtype == np.float32:
                 # (x - 0) / 1 in float64, clipped (nothing to clip) and rounded back: a's own values. The record

@@ -150,3 +150,27 @@ def test_a_modality_named_for_a_volume_normalised_already_is_reported_not_droppe
         plain = medfuse.fuse(done, mr, method="max", normalise=[None, None])
         medfuse.fuse(done, mr, method="max", normalise=[{"method": "auto"}, {"modality": "MR"}])
     np.testing.assert_array_equal(fused.array, plain.array)
+
+
+def test_a_constant_input_is_warned_of_and_recorded():
+    """A constant input (a failed export, a wrong series) was fused without a word: under the mean rule a flat
+    level over the other image. An all-0 input stays the documented "no signal" case, without a warning."""
+    from medfuse._checks import constant_value
+
+    mr = _smooth(1) * 300
+    with pytest.warns(MedfuseWarning, match=r"input 2 is constant \(every pixel is 5\): it holds no image") as rec:
+        medfuse.fuse(mr, np.full_like(mr, 5.0), method="mean")
+    assert all(w.filename == __file__ for w in rec)
+    vol = medfuse.Volume(np.stack([mr] * 8, -1), np.eye(4), modality="CT", unit="HU")
+    with pytest.warns(MedfuseWarning, match=r"volume 2 is constant \(every voxel is 7 HU\)"):
+        fused = medfuse.fuse(vol, vol.with_array(np.full(vol.shape, 7.0)), method="max")
+    assert [w for w in fused.provenance["warnings"] if "volume 2 is constant" in w]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        medfuse.fuse(mr, np.zeros_like(mr), method="mean")
+        medfuse.fuse(mr, mr[::-1] + 1, method="mean")
+    # Any memory layout, without a copy of the whole: a resampled volume's array is Fortran-ordered.
+    assert constant_value(np.asfortranarray(np.full((40, 30, 20), 2.5))) == 2.5
+    late = np.full((40, 30, 20), 2.5)
+    late[-1, -1, -1] = 3  # differs only where the sparse sample does not look
+    assert constant_value(late) is None and constant_value(late.T) is None
