@@ -168,11 +168,24 @@ def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
         )
 
 
+def _placed_metatensor(t: Any) -> bool:
+    """Whether a MONAI MetaTensor carries geometry of its own: an affine other than the identity placeholder
+    MONAI gives plain voxels, or the file it was read from."""
+    try:
+        aff = np.asarray(t.affine.detach().cpu() if hasattr(t.affine, "detach") else t.affine, dtype=float)
+        source = t.meta.get("filename_or_obj") if isinstance(t.meta, dict) else None
+    except (TypeError, ValueError, AttributeError):
+        return True
+    return aff.shape != (4, 4) or not np.allclose(aff, np.eye(4)) or bool(source)
+
+
 def _checked_array(array: Any) -> np.ndarray:
     """``array`` as a 3-D numeric NumPy array in native byte order, or a typed error saying what is wrong."""
     _refuse_volume(array)
-    if hasattr(array, "affine") and hasattr(array, "meta") and not isinstance(array, np.ndarray):
-        # A MONAI MetaTensor: Volume(t, affine) kept its voxels and dropped its own geometry without a word.
+    if hasattr(array, "affine") and hasattr(array, "meta") and not isinstance(array, np.ndarray) \
+            and _placed_metatensor(array):
+        # A MONAI MetaTensor read from a file: Volume(t, affine) kept its voxels and dropped its geometry without a
+        # word. One a MONAI array transform made from plain voxels has only MONAI's identity placeholder.
         raise InvalidInputError("the array is a MONAI MetaTensor, which carries its own affine; Volume(array, affine) "
                                 "would drop it for the affine given",
                                 fix="convert it with Volume.from_metatensor(t), which keeps its affine; to place its "
@@ -307,6 +320,27 @@ def relabelled(vol: "Volume", modality: Optional[str]) -> "Volume":
     return vol.with_array(vol.array, modality=mod, unit=unit)
 
 
+#: The modalities a physical unit belongs to (``arbitrary`` belongs to all; ``unknown`` takes every unit).
+_UNIT_MODALITIES = {"HU": ("CT",), "SUVbw": ("PT", "NM"), "SUVlbm": ("PT", "NM"), "SUVbsa": ("PT", "NM"),
+                    "Bq/mL": ("PT", "NM"), "counts": ("PT", "NM")}
+
+
+def _check_pair(modality: Optional[str], unit: Optional[str]) -> None:
+    """Refuse a unit that no image of ``modality`` has (a PET in HU, an MR in SUV).
+
+    Why: the unit picks the normalisation and the fill value outside the image, so a mislabelled input changed
+    every result without a word.
+    """
+    owners = _UNIT_MODALITIES.get(unit or "")
+    if owners is None or modality in (None, "unknown") or modality in owners:
+        return
+    raise InvalidInputError(
+        f"unit {unit!r} is not a unit of modality {modality!r} (it belongs to {' and '.join(owners)} images)",
+        fix="give the image's modality and unit together (Volume(..., modality=M, unit=U), or "
+            "vol.with_array(vol.array, modality=M, unit=U)): HU goes with CT; SUVbw, SUVlbm, SUVbsa, Bq/mL and counts "
+            "with PT or NM; 'arbitrary' with any modality")
+
+
 #: Field name -> check run whenever the field is set (in the constructor and afterwards).
 _FIELD_CHECKS = {"array": _checked_array, "affine": _checked_affine, "modality": normalise_modality,
                  "unit": _checked_unit, "provenance": _checked_provenance}
@@ -369,7 +403,12 @@ class Volume:
             # all see one unit; a unit stated ("arbitrary" too) is kept.
             value = _unstated_unit(getattr(self, "modality", "unknown"), getattr(self, "array", None))
         check = _FIELD_CHECKS.get(name)
-        object.__setattr__(self, name, value if check is None else check(value))
+        value = value if check is None else check(value)
+        if name == "modality":
+            _check_pair(value, getattr(self, "unit", None))
+        elif name == "unit":
+            _check_pair(getattr(self, "modality", None), value)
+        object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -869,6 +908,10 @@ class Volume:
         nibabel maps them, copy-on-write, so that the file is never changed). A header's spatial unit of metres
         or microns is converted to mm, as :func:`medfuse.load` converts it.
 
+        A header whose geometry is a guess (an Analyze image, a NIfTI with both form codes 0) or ambiguous (an
+        sform and a qform placing the grid apart) gives the :class:`~medfuse.errors.MedfuseWarning`
+        :func:`medfuse.load` gives for the file.
+
         ``modality`` and ``unit`` default to the ones in a NIfTI ``descrip`` medfuse wrote (:meth:`to_nibabel`,
         :func:`medfuse.save`), else ``unknown``/``arbitrary``. A NIfTI image's space (sform code, else qform
         code) is recorded as ``provenance["nifti_space"]`` unless ``provenance`` names one, and the file it was read
@@ -887,7 +930,7 @@ class Volume:
             InvalidInputError: not a nibabel image, or not one 3-D volume.
             GeometryError: the image has no usable affine.
         """
-        from .io.nifti import NO_FORM_NOTE, _space_name, form_gap_note, parse_tag
+        from .io.nifti import ANALYZE_NOTE, NO_FORM_NOTE, _space_name, form_gap_note, parse_tag
 
         if not (hasattr(image, "dataobj") and hasattr(image, "affine") and hasattr(image, "header")):
             raise InvalidInputError(
@@ -909,7 +952,11 @@ class Volume:
         to_mm = {"meter": 1000.0, "micron": 0.001}.get(xyz_unit, 1.0)
         aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff  # medfuse's world is in mm
         # What medfuse.load says of the same header (its checks that re-read the file are left to it).
-        if "sform_code" in hdr and int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+        from nibabel.analyze import AnalyzeHeader
+
+        if isinstance(hdr, AnalyzeHeader) and "sform_code" not in hdr:  # NIfTI headers are Analyze ones too
+            warnings.warn(f"an Analyze 7.5 nibabel image {ANALYZE_NOTE}", MedfuseWarning, stacklevel=user_stacklevel())
+        elif "sform_code" in hdr and int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
             warnings.warn(f"the nibabel image has a header {NO_FORM_NOTE}", MedfuseWarning,
                           stacklevel=user_stacklevel())
         gap = form_gap_note(hdr, arr.shape[:3], to_mm)

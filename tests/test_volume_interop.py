@@ -357,9 +357,15 @@ def test_from_nibabel_says_of_a_header_what_load_says(tmp_path):
             via_nib = Volume.from_nibabel(nib.load(tmp_path / name))
         np.testing.assert_allclose(via_nib.affine, via_load.affine)
         assert all(w.filename == __file__ for w in [*loaded, *bridged])  # the caller's line, not medfuse's
+    nib.save(nib.AnalyzeImage(data, aff), tmp_path / "old.img")
+    with pytest.warns(MedfuseWarning, match=r"Analyze 7.5 file \(no NIfTI header\) stores no orientation"):
+        medfuse.load(tmp_path / "old.img")
+    with pytest.warns(MedfuseWarning, match=r"Analyze 7.5 nibabel image \(no NIfTI header\) stores no orientation"):
+        Volume.from_nibabel(nib.load(tmp_path / "old.img"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         Volume.from_nibabel(nib.Nifti1Image(data, aff))  # a plain image: one geometry, nothing to say
+        Volume.from_nibabel(nib.MGHImage(data, aff))  # no Analyze header, no form codes: nothing to say either
 
 
 def test_a_metatensor_given_as_plain_voxels_is_refused_not_stripped_of_its_affine():
@@ -372,3 +378,13 @@ def test_a_metatensor_given_as_plain_voxels_is_refused_not_stripped_of_its_affin
     assert "Volume.from_metatensor(t)" in ei.value.fix
     assert Volume.from_metatensor(t[0]).spacing == (2.0, 2.0, 2.0)
     assert Volume(t[0].as_tensor(), np.eye(4)).spacing == (1.0, 1.0, 1.0)  # another affine, on purpose
+    # A MONAI array transform on plain voxels gives a MetaTensor with only MONAI's identity placeholder: the
+    # affine given is the geometry then (the reviewer's GaussianSmooth case).
+    from monai.transforms import GaussianSmooth
+
+    smoothed = GaussianSmooth(1.0)(np.zeros((1, 6, 6, 6), np.float32))[0]
+    assert isinstance(smoothed, monai_data.MetaTensor)
+    assert Volume(smoothed, np.diag([2.0, 2.0, 3.0, 1.0])).spacing == (2.0, 2.0, 3.0)
+    named = monai_data.MetaTensor(torch.zeros(4, 5, 6), meta={"filename_or_obj": "ct.nii.gz"})
+    with pytest.raises(InvalidInputError, match="MetaTensor"):
+        Volume(named, np.eye(4))  # read from a file: its identity affine is real

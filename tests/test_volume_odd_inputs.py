@@ -131,3 +131,29 @@ def test_a_volume_read_through_nibabel_or_monai_keeps_its_source_so_save_never_w
     assert f.read_bytes() == before
     # An image in memory names no file: nothing is recorded.
     assert "source" not in medfuse.Volume.from_nibabel(nib.Nifti1Image(np.zeros((4, 4, 4)), np.eye(4))).provenance
+
+
+@pytest.mark.parametrize("modality, unit", [("PT", "HU"), ("NM", "HU"), ("MR", "SUVbw"), ("MR", "HU"),
+                                            ("CT", "SUVlbm"), ("CT", "Bq/mL"), ("MR", "counts")])
+def test_a_unit_that_no_image_of_the_modality_has_is_refused(modality, unit):
+    """A PET in HU or an MR in SUV was accepted, and the unit then chose its normalisation and its fill value."""
+    a = np.ones((4, 4, 4), np.float32)
+    with pytest.raises(InvalidInputError, match=f"unit '{unit}' is not a unit of modality '{modality}'") as ei:
+        Volume(a, np.eye(4), modality=modality, unit=unit)
+    assert "HU goes with CT" in ei.value.fix
+    v = Volume(a, np.eye(4), modality=modality)
+    with pytest.raises(InvalidInputError, match="is not a unit of modality"):
+        v.unit = unit  # set afterwards: checked as the constructor checks it
+    assert v.unit == "arbitrary"
+
+
+def test_units_and_modalities_that_belong_together_are_taken():
+    a = np.ones((4, 4, 4), np.float32)
+    for modality, unit in (("CT", "HU"), ("PT", "SUVbw"), ("PT", "Bq/mL"), ("NM", "counts"), ("NM", "SUVbw"),
+                           ("unknown", "HU"), ("unknown", "SUVbsa"), ("MR", "arbitrary"), ("CT", "arbitrary")):
+        assert (Volume(a, np.eye(4), modality=modality, unit=unit).unit) == unit
+    ct = Volume(a, np.eye(4), modality="CT", unit="HU")
+    with pytest.raises(InvalidInputError, match="'HU' is not a unit of modality 'MR'"):
+        ct.modality = "MR"
+    assert ct.modality == "CT"
+    assert ct.with_array(a, modality="MR", unit="arbitrary").modality == "MR"  # both together

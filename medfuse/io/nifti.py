@@ -648,10 +648,7 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     _refuse_colour(arr, p)
     aff = np.asarray(hdr.get_best_affine() if hasattr(hdr, "get_best_affine") else img.affine, dtype=float)
     if "sform_code" not in hdr:
-        warnings.warn(f"{p}: an Analyze 7.5 file (no NIfTI header) stores no orientation: medfuse uses nibabel's "
-                      "guess (radiological LAS voxel order, origin from the header's origin field or the grid centre), "
-                      "which other tools (ITK, Slicer) do not share; check left/right before registering or fusing",
-                      MedfuseWarning, stacklevel=user_stacklevel())
+        warnings.warn(f"{p}: an Analyze 7.5 file {ANALYZE_NOTE}", MedfuseWarning, stacklevel=user_stacklevel())
     elif int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
         warnings.warn(f"{p}: a NIfTI file {NO_FORM_NOTE}", MedfuseWarning, stacklevel=user_stacklevel())
     # World coordinates in mm, whatever the file's spatial unit (medfuse and ITK work in mm).
@@ -792,6 +789,11 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
     d = np.asarray(reader.GetDirection(), dtype=float).reshape(n, n)[:3, :3]
     return affine_from_geometry(reader.GetSpacing()[:3], reader.GetOrigin()[:3], d)
 
+
+#: How an Analyze 7.5 header is described (after "an Analyze 7.5 file" or "the nibabel image is").
+ANALYZE_NOTE = ("(no NIfTI header) stores no orientation: medfuse uses nibabel's guess (radiological LAS voxel order, "
+                "origin from the header's origin field or the grid centre), which other tools (ITK, Slicer) do not "
+                "share; check left/right before registering or fusing")
 
 #: How a NIfTI header with both form codes 0 is described (after "a NIfTI file" or "the nibabel image").
 NO_FORM_NOTE = ("with neither a qform nor an sform (both codes 0): its orientation and origin are a guess from the "
