@@ -137,16 +137,22 @@ def test_compare_view_follows_new_voxels_of_its_pair(qtbot, session):
     assert second == pytest.approx(first * 0.5)
 
 
-def test_next_study_does_not_inherit_the_previous_registration(qtbot, session):
-    """After study A's registration, closing A and opening B must not leave A's report on show nor let
-    'Save transform…' write A's transform as if it were B's."""
-    viewer, widget = session
+def _registered(qtbot, widget):
+    """The Register panel after a rigid registration of pet onto mr (no resampled layer)."""
     panel = widget.register_panel
     panel.fixed.set_layer("mr")
     panel.moving.set_layer("pet")
     panel.resample_box.setChecked(False)
     panel.run()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    return panel
+
+
+def test_next_study_does_not_inherit_the_previous_registration(qtbot, session):
+    """After study A's registration, closing A and opening B must not leave A's report on show nor let
+    'Save transform…' write A's transform as if it were B's."""
+    viewer, widget = session
+    panel = _registered(qtbot, widget)
     assert panel.result is not None and panel.save_button.isEnabled()
     viewer.add_image(np.zeros((4, 4, 4), np.float32), name="scratch")
     viewer.layers.remove("scratch")  # another layer closed: the result still belongs to open layers
@@ -163,12 +169,7 @@ def test_a_failed_or_cancelled_rerun_keeps_the_last_result_on_show(qtbot, sessio
     'Save transform…' still wrote that result's transform: a suspect transform could be saved with no warning
     left on screen."""
     viewer, widget = session
-    panel = widget.register_panel
-    panel.fixed.set_layer("mr")
-    panel.moving.set_layer("pet")
-    panel.resample_box.setChecked(False)
-    panel.run()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    panel = _registered(qtbot, widget)
     shown = (panel.report_view.toPlainText(), panel.suspect_label.text(), panel.suspect_label.styleSheet())
     assert shown[0] and shown[1] and panel.save_button.isEnabled()
     first = panel.result
