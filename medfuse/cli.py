@@ -180,6 +180,14 @@ _CLI_ADVICE = (
      "medfuse.resample(moving, fixed)",
      "register it onto the first image and pass the result instead: medfuse register FIRST SECOND -o "
      "SECOND_on_FIRST.nii.gz (it writes SECOND resampled onto FIRST's grid)"),
+    ("numpy.nan_to_num(array, nan=0.0), for a Volume v.with_array(numpy.nan_to_num(v.array, nan=0.0)); or save the "
+     "file with them set to 0",
+     "save the image with them set to 0, in the program that made it or with python -c \"import medfuse, numpy; "
+     "v = medfuse.load('IN.nii.gz'); medfuse.save(v.with_array(numpy.nan_to_num(v.array, nan=0.0)), "
+     "'OUT.nii.gz')\", and pass that file"),
+    ("a moving -> fixed transform needs .inverse() first",
+     "a moving -> fixed transform must be inverted first: python -c \"import medfuse; "
+     "medfuse.load_transform('T.tfm').inverse().save('T_inverse.tfm')\""),
 )
 
 
@@ -663,8 +671,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     # Everything that can be refused is refused here, before minutes of work and before any file is written.
     check_save_target(out, overwrite=args.overwrite, inputs=[args.fixed, args.moving, args.initial_transform])
     if not tfm.name.lower().endswith(TRANSFORM_SUFFIXES):
-        raise InvalidInputError(f"unknown transform file ending {tfm.suffix!r}", fix="use .tfm, .txt or .h5",
-                                path=tfm)
+        raise InvalidInputError(f"unknown transform file ending {tfm.suffix!r}",
+                                fix="use .tfm, .txt, .h5 or .mat (.mat: rigid and affine only)", path=tfm)
     if tfm.name.lower().endswith(".mat") and args.kind == "deformable":
         raise InvalidInputError("a deformable transform cannot be stored in a .mat file (it holds one matrix)",
                                 fix="use .h5 or .tfm", path=tfm)
@@ -672,6 +680,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
         raise InvalidInputError("the transform would be written onto the output image or its sidecar",
                                 fix="give --transform another path", path=tfm)
     init_path = args.initial_transform
+    if init_path and os.path.realpath(tfm) == os.path.realpath(init_path):
+        # check_output below called it "the volume's own source file", which it is not.
+        raise InvalidInputError("the transform would be written onto the --initial-transform file, an input",
+                                fix="give --transform another path (the initial transform is never written over)",
+                                path=tfm)
     # The initial transform is an input too: never written over (the image output was checked above).
     check_output(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path], kind="file")
     prov.check_sidecar(out, overwrite=args.overwrite)
@@ -687,19 +700,28 @@ def _cmd_register(args: argparse.Namespace) -> int:
     _check_modalities_option(args, 2)
     _check_series_option(args, 2)
     picks = args.series or [None, None]
-    fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m)
-                     for p, pick, m in zip((args.fixed, args.moving), picks, args.modalities or [None, None]))
     import time
 
+    from .pipeline import _itk_threads
     from .registration import register
 
-    t0 = time.perf_counter()
-    from .pipeline import _itk_threads
-
-    with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar, \
-            _itk_threads(args.threads):
-        res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
-                       initialise=args.initialise, initial_transform=initial)
+    # The readers' and the registration's MedfuseWarnings as every command shows them ("medfuse: warning: ..."),
+    # not as Python's "/path/bin/medfuse:6: MedfuseWarning ... sys.exit(main())" pair; also when it then fails.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedfuseWarning)
+        try:
+            fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m)
+                             for p, pick, m in zip((args.fixed, args.moving), picks, args.modalities or [None, None]))
+            t0 = time.perf_counter()
+            with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar, \
+                    _itk_threads(args.threads):
+                res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
+                               initialise=args.initialise, initial_transform=initial)
+        finally:
+            _show_warnings(caught, args)
+            for w in caught:  # not medfuse's own (a library's deprecation notice): as Python shows it
+                if not issubclass(w.category, MedfuseWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     seconds = time.perf_counter() - t0
     try:
         side = _write_registration(args, res, out, tfm, seconds)

@@ -172,3 +172,37 @@ def test_evaluate_pairs_on_two_grids_fail_once_each_with_a_command_line_fix(mr, 
     lines = [line for line in err.splitlines() if line.startswith("  ")]
     assert len(lines) == 2 and all(line.startswith("  mean, max: ") for line in lines), err
     assert "medfuse register FIRST SECOND -o SECOND_on_FIRST.nii.gz" in err and "medfuse.register(" not in err
+
+
+def test_register_speaks_command_line_and_shows_reader_warnings_as_one_line(mr, tmp_path, capsys):
+    """The NaN fix named numpy calls, --transform onto the --initial-transform file was called "the volume's own
+    source file", the ending list left out .mat, and a reader's warning came as Python's two-line
+    "bin/medfuse:6: MedfuseWarning ... sys.exit(main())"."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(mr)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    nan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), nan)
+    out = tmp_path / "r.nii.gz"
+    assert main(["register", str(mr), str(nan), "-o", str(out), "--no-progress"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "medfuse: warning: " in err and "NaN or infinite; they were kept" in err and "MedfuseWarning" not in err
+    assert "python -c \"import medfuse, numpy" in err and "for a Volume v.with_array" not in err
+    from medfuse.registration import Transform
+
+    init = Transform.from_matrix(np.eye(4)).save(tmp_path / "init.tfm")
+    assert main(["register", str(mr), str(mr), "-o", str(out), "--initial-transform", str(init), "--transform",
+                 str(init), "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    assert "onto the --initial-transform file, an input" in err and "source" not in err
+    assert main(["register", str(mr), str(mr), "-o", str(out), "--transform", str(tmp_path / "t.nii.gz"),
+                 "-q"]) == EXIT_USAGE
+    assert "use .tfm, .txt, .h5 or .mat" in _err(capsys)
+    from medfuse.cli import _cli_words
+
+    assert "medfuse.load_transform('T.tfm').inverse().save('T_inverse.tfm')" in _cli_words(
+        "it must map fixed points to moving points (ITK convention); a moving -> fixed transform needs .inverse() "
+        "first")

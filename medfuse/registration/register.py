@@ -276,6 +276,14 @@ def _as_initial(value: Any) -> Optional[Transform]:
     if not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:3, :3])) < 1e-6:
         raise InvalidInputError("the initial transform is singular (it squashes space onto a plane or a line)",
                                 path=path, fix="check the file or matrix; it must map fixed points to moving points")
+    if np.linalg.det(m[:3, :3]) < 0:
+        # A start that mirrors was kept by the search (its candidates all start from it), and a "rigid" run
+        # returned a left-right swapped result (determinant -1, 70 mm off on the SPM12 templates).
+        raise InvalidInputError(
+            "the initial transform mirrors space (its determinant is negative); registration never mirrors, and a "
+            "rigid or affine result started from it would swap left and right", path=path,
+            fix="pass a transform without the mirroring; if one image really is stored mirrored, correct its header "
+                "(or its voxel order) with the tool that wrote it and register the corrected file")
     return Transform.from_matrix(m)
 
 

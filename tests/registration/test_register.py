@@ -597,6 +597,15 @@ def test_initial_transform_bad_input_is_a_typed_error_naming_the_file(tmp_path):
             register(a, a, initial_transform=bad)
     with pytest.raises(InvalidInputError, match="singular"):
         register(a, a, initial_transform=np.diag([1.0, 1.0, 0.0, 1.0]))
+    # A mirroring start was kept, and a rigid run returned a left-right swapped result (determinant -1).
+    mirror = Transform(sitk.ScaleTransform(3, [-1.0, 1.0, 1.0])).save(tmp_path / "mirror.tfm")
+    for start in (mirror, np.diag([-1.0, 1.0, 1.0, 1.0])):
+        for kind in ("rigid", "affine"):
+            with pytest.raises(InvalidInputError, match="mirrors space") as ei:
+                register(a, a, kind=kind, initial_transform=start)
+            assert "correct its header" in ei.value.fix
+    with pytest.raises(InvalidInputError, match="mirror.tfm.*mirrors space"):  # the file named
+        register(a, a, initial_transform=mirror)
 
 
 def test_cli_register_initial_transform_files(spm, tmp_path, capsys):
@@ -639,7 +648,7 @@ def test_cli_register_initial_transform_files(spm, tmp_path, capsys):
     init = tmp_path / "start.tfm"
     assert main(["register", str(f), str(m), "-o", str(tmp_path / "y.nii.gz"), "--transform", str(init),
                  "--initial-transform", str(init), "--overwrite", "--no-progress"]) == 2
-    assert "source file" in capsys.readouterr().err
+    assert "onto the --initial-transform file, an input" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
