@@ -9,7 +9,7 @@
    with ``data_range=2``, the convention behind CDDFuse's published SSIM. ``--split val-by-case``
    uses the older joint split ``split_by_case(val_fraction=0.2, seed=0)`` instead (the tables
    published before 2026-12-04; not the network's held-out pairs), ``--split all`` every pair.
-2. Times ``score()`` (all 13 metrics) on a 256x256 pair against two named peers measured in
+2. Times ``score()`` (all 14 metrics) on a 256x256 pair against two named peers measured in
    the same run: scikit-image's ``structural_similarity`` alone (two calls, F-A and F-B) and the
    reference formulation of VIF + MI (``scipy.signal.convolve2d`` with the full 2-D Gaussian
    windows, ``sklearn.metrics.mutual_info_score``), and prints the ratios.

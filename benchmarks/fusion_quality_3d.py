@@ -7,9 +7,13 @@ with more than 20 % of the first input non-zero), and the worst per-axis anisotr
 slice-stacking artefact or stripes raise it). The network runs three times: with the "brighter wins" choice
 (``functional=True``, what PT/NM Volumes get), with the stronger-detail coarse pixel rule (``functional=None``,
 what arrays of unknown modality get) and without a rule (``functional=False``, what MR-only Volumes get).
-The last block is the phantom PET lesion's core-minus-shell contrast in 3-D.
+Under each pair, the peer ratios: each network choice's Qabf / VIF / SSIM over the best of the max and mean rules on
+the same slices (above 1: the network leads). The last block is the phantom PET lesion's core-minus-shell contrast
+in 3-D.
 
-    python benchmarks/fusion_quality_3d.py [--data ../shared/data] [--weights W.safetensors] [--step 8]
+    python benchmarks/fusion_quality_3d.py [--data ../shared/data] [--weights W.safetensors] [--step 8] [--limit N]
+
+A short run: ``--step 32 --limit 1`` (BraTS t1c+t2f and the phantom MR+PET, about 2 minutes on 2 CPU cores).
 
 The figures in docs/network.md ("Ninth round", "Sixteenth round") come from this protocol.
 """
@@ -49,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=Path, default=None, help="score these weights instead of the shipped ones")
     p.add_argument("--step", type=int, default=8, help="score every STEP-th slice along each axis")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N pairs of the data (the phantom MR+PET is always scored)")
     args = p.parse_args(argv)
 
     import torch
@@ -72,6 +78,8 @@ def main(argv=None) -> int:
 
         ph1 = make_phantom(seed=1, misalign={"pet": None, "spect": None})
         pairs = [("phantom T1+T2", _norm01(ph1.t1.array), _norm01(ph1.t2.array))]
+    if args.limit is not None:
+        pairs = pairs[:max(0, args.limit)]
     ph, pet, a, b = phantom_pet()
     pairs.append(("phantom MR+PET (unseen)", a, b))
 
@@ -83,7 +91,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for name, x, y in pairs:
         ref = anisotropy((x + y) / 2, (x, y))
-        cells = []
+        cells, scores = [], {}
         for m in methods:
             if m.startswith("network"):
                 f = infer.fuse_3d([x, y], weights=args.weights, functional=functional[m])
@@ -92,7 +100,12 @@ def main(argv=None) -> int:
             q = sampled_slice_scores(f, x, y, step=args.step, metrics=("Qabf", "VIF", "SSIM"))
             gap = float(np.abs(anisotropy(f, (x, y)) - ref).max())
             cells.append(f"{q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f} g{gap:.3f}")
+            scores[m] = q[:3]
         print(f"{name:24s} " + " ".join(f"{c:>28s}" for c in cells), flush=True)
+        best = [max(scores["max"][k], scores["mean"][k]) for k in range(3)]  # the peer: the better rule per metric
+        ratios = [f"{m.split('(')[1][:-1]} " + "/".join(f"{scores[m][k] / best[k]:.3f}" if best[k] else "n/a"
+                                                           for k in range(3)) for m in methods[:3]]
+        print(f"{'  ratio to best rule':24s} " + ", ".join(ratios), flush=True)
 
     print("\nphantom PET lesion, core minus shell in 3-D (the hot-spot test needs over half the mean rule's):")
     opts = {"weights": args.weights} if args.weights else {}

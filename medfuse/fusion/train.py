@@ -1171,8 +1171,9 @@ def plane_probe(model, *, device="cpu", size: int = 96) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``medfuse train`` (the CLI helper wires them under the ``train`` sub-command)."""
     parser.add_argument("--data", type=Path, default=DEFAULT_SHARED / "data",
-                        help="folder holding harvard-pairs/ and optionally brats-gli-00001/, spm12-templates/ (default "
-                             "../shared/data). Your own 2-D pairs: harvard-pairs/CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/ "
+                        help="folder holding harvard-pairs/ and optionally brats-gli-00001/, spm12-templates/ "
+                             f"(default: shared/data beside the medfuse repository, {DEFAULT_SHARED / 'data'}). "
+                             "Your own 2-D pairs: harvard-pairs/CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/ "
                              "and/or SPECT-MRI/{MRI,SPECT}/, same-named PNGs per pair, named CASE + 3-digit slice "
                              "(28010.png), at least two cases per pair type (split by case)")
     parser.add_argument("--out", type=Path, default=None,
@@ -1184,12 +1185,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing weights in --out, and start a new run in a --run-dir that holds an "
                              "earlier run's checkpoints (without --resume)")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--steps-per-epoch", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=6)
-    parser.add_argument("--crop", type=int, default=160)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    # Defaults shown: with none given, a run of about an hour on 2 CPU cores starts (12 epochs of ~5 minutes).
+    parser.add_argument("--epochs", type=int, default=12, help="2-D training epochs (default: %(default)s)")
+    parser.add_argument("--steps-per-epoch", type=int, default=100, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=6, help="(default: %(default)s)")
+    parser.add_argument("--crop", type=int, default=160, help="training crop size in pixels (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of each pair type's cases kept for validation (split by case and --seed; default 0.2, as 'medfuse evaluate --split' assumes: pass it the same value)")
     parser.add_argument("--vif-weight", type=float, default=1.0)
