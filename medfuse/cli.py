@@ -185,6 +185,16 @@ _CLI_ADVICE = (
      "save the image with them set to 0, in the program that made it or with python -c \"import medfuse, numpy; "
      "v = medfuse.load('IN.nii.gz'); medfuse.save(v.with_array(numpy.nan_to_num(v.array, nan=0.0)), "
      "'OUT.nii.gz')\", and pass that file"),
+    ("or fixed_mask=/moving_mask= to register the region both show",
+     "or register the region both show with masks (the Python API's medfuse.register(..., fixed_mask=, "
+     "moving_mask=))"),
+    ("register the magnitude image: v.with_array(numpy.abs(v.array))",
+     "register the magnitude image, saved as its own file first: python -c \"import medfuse, numpy; "
+     "v = medfuse.load('IN.nii.gz'); medfuse.save(v.with_array(numpy.abs(v.array)), 'OUT.nii.gz')\""),
+    ("load the whole series (medfuse.load(path, whole_series=True) when this file is one part of a DICOM series), "
+     "or place it by the scanners' coordinates without registering: medfuse.resample(moving, fixed)",
+     "pass the series folder when this file is one part of a DICOM series, or fuse it as the scanners placed it, "
+     "without registering: medfuse fuse FIXED MOVING --register none -o OUT"),
     ("a moving -> fixed transform needs .inverse() first",
      "a moving -> fixed transform must be inverted first: python -c \"import medfuse; "
      "medfuse.load_transform('T.tfm').inverse().save('T_inverse.tfm')\""),

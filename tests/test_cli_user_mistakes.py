@@ -206,3 +206,36 @@ def test_register_speaks_command_line_and_shows_reader_warnings_as_one_line(mr, 
     assert "medfuse.load_transform('T.tfm').inverse().save('T_inverse.tfm')" in _cli_words(
         "it must map fixed points to moving points (ITK convention); a moving -> fixed transform needs .inverse() "
         "first")
+
+
+def test_register_fixes_for_thin_complex_and_masked_cases_name_command_line_steps(mr, tmp_path, capsys):
+    """whole_series=True, medfuse.resample(moving, fixed), v.with_array(numpy.abs(...)) and masks= are Python;
+    a 2-D transform file was refused without its name."""
+    import nibabel as nib
+    import numpy as np
+    import SimpleITK as sitk
+
+    from medfuse.cli import _cli_error
+    from medfuse.errors import RegistrationError, UnreadableFileError
+    from medfuse.registration import load_transform
+    from medfuse.registration.register import _raise_sitk_failure
+
+    img = nib.load(mr)
+    thin = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32)[:, :, :3], img.affine), thin)
+    out = tmp_path / "r.nii.gz"
+    assert main(["register", str(mr), str(thin), "-o", str(out), "-q"]) == EXIT_USAGE
+    err = _err(capsys)
+    assert "pass the series folder" in err and "medfuse fuse FIXED MOVING --register none" in err
+    assert "whole_series" not in err and "medfuse.resample" not in err
+    cplx = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32).astype(np.complex64), img.affine), cplx)
+    assert main(["register", str(mr), str(cplx), "-o", str(out), "-q"]) == EXIT_USAGE
+    assert "numpy.abs(v.array)), 'OUT.nii.gz')\"" in _err(capsys)
+    with pytest.raises(RegistrationError) as ei:
+        _raise_sitk_failure(RuntimeError("All samples map outside moving image buffer"))
+    assert "the Python API's medfuse.register(..., fixed_mask=, moving_mask=)" in _cli_error(ei.value).fix
+    flat = tmp_path / "e2d.tfm"
+    sitk.WriteTransform(sitk.Euler2DTransform(), str(flat))
+    with pytest.raises(UnreadableFileError, match=r"e2d.tfm: the file holds a 2-D transform"):
+        load_transform(flat)

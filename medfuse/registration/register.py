@@ -525,7 +525,8 @@ def _raise_sitk_failure(e: RuntimeError) -> None:
     if "samples" in msg.lower() or "outside" in msg.lower() or "valid points" in msg.lower():
         raise RegistrationError(
             "too few samples of the fixed image land inside the moving image during optimisation",
-            fix="check that both images show the same anatomy; try initialise='geometry' or masks") from None
+            fix="check that both images show the same anatomy; try initialise='geometry', or fixed_mask=/moving_mask= "
+                "to register the region both show") from None
     if "m_Scales" in msg or "epsilon" in msg:
         # The optimiser's physical-shift scales vanish when a working copy is a few voxels across: a level, the
         # start search or a step (mm) far coarser than the images.

@@ -293,6 +293,9 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
         if c.GetNumberOfTransforms() == 1:
             t = c.GetNthTransform(0)
     t = _downcast(t)
+    if t.GetDimension() != 3:  # Transform() refuses it too, without the file's name
+        raise UnreadableFileError(f"the file holds a {t.GetDimension()}-D transform; medfuse registers and resamples "
+                                  "3-D volumes", fix="export the 3-D transform of the volumes", path=p)
     return Transform(t)
 
 
