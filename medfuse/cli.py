@@ -203,9 +203,9 @@ _CLI_ADVICE = (
 
 def _cli_words(text: str) -> str:
     """``text`` (a fix, or a whole one-line message) with Python advice put as the command line's."""
-    for python, command_line in _CLI_ADVICE:
-        text = text.replace(python, command_line)
-    return text
+    from .errors import reworded
+
+    return reworded(text, _CLI_ADVICE)
 
 
 def _fusion_options(text: str) -> str:

@@ -179,3 +179,11 @@ class MissingDependencyError(MedfuseError, ImportError):
 
 class MedfuseWarning(UserWarning):
     """Data was loaded or processed, but not in the way the user may assume (e.g. PET left in Bq/mL)."""
+
+
+def reworded(text: str, advice) -> str:
+    """``text`` with each ``(pattern, words)`` of ``advice`` replaced: a plain string or a compiled regular
+    expression, in order. The command line and the napari plugin put medfuse's Python advice in their own words."""
+    for pattern, words in advice:
+        text = text.replace(pattern, words) if isinstance(pattern, str) else pattern.sub(words, text)
+    return text

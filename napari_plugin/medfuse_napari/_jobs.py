@@ -49,9 +49,9 @@ _NAPARI_ADVICE = (
 
 def napari_words(message: str) -> str:
     """``message`` with the Python/command-line fixes medfuse gives put in napari terms (see ``_NAPARI_ADVICE``)."""
-    for pattern, replacement in _NAPARI_ADVICE:
-        message = pattern.sub(replacement, message)
-    return message
+    from medfuse.errors import reworded
+
+    return reworded(message, _NAPARI_ADVICE)
 
 
 def error_message(exc: BaseException, what: str) -> str:
