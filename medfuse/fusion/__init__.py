@@ -658,8 +658,9 @@ def _warn_constant(arrays: Sequence[np.ndarray], what: str, *,
         if value is None or value == 0:
             continue
         unit = f" {units[i - 1]}" if units and units[i - 1] not in (None, "arbitrary") else ""
-        msg = (f"{what} {i} is constant (every {'pixel' if np.ndim(a) == 2 else 'voxel'} is {value:g}{unit}): it holds no image, and the fusion takes "
-               "it as a flat level beside the other inputs. Check that the intended image was given")
+        element = "pixel" if np.ndim(a) == 2 else "voxel"
+        msg = (f"{what} {i} is constant (every {element} is {value:g}{unit}): it holds no image, and the fusion "
+               "takes it as a flat level beside the other inputs. Check that the intended image was given")
         warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
         notes.append(msg)
     return notes
