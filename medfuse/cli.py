@@ -729,9 +729,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
                                initialise=args.initialise, initial_transform=initial)
         finally:
             _show_warnings(caught, args)
-            for w in caught:  # not medfuse's own (a library's deprecation notice): as Python shows it
-                if not issubclass(w.category, MedfuseWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     seconds = time.perf_counter() - t0
     try:
         side = _write_registration(args, res, out, tfm, seconds)
