@@ -468,3 +468,23 @@ def test_a_subject_not_run_says_when_an_earlier_output_is_left_in_place(tmp_path
     assert summary.results[0].note.startswith("an earlier output is still there, not checked against this run's")
     assert summary.results[1].note is None
     assert "an earlier output is still there" in (tmp_path / "r.csv").read_text()
+
+
+def test_a_batch_stopped_on_an_error_says_when_an_earlier_output_is_left_in_place(tmp_path, phantom, monkeypatch):
+    """The stopped-on-error path writes its own rows: a subject not run there keeps the same note as on a cancel."""
+    subjects = _subjects(phantom, tmp_path, 2, method="mean")
+    Path(subjects[0].output).parent.mkdir(parents=True)
+    shutil.copy(subjects[0].fixed, subjects[0].output)  # an earlier run's output, say
+
+    def scheduler_gone(*args, **kwargs):
+        raise RuntimeError("the scheduler went away")
+
+    monkeypatch.setattr(batch, "run_subject", scheduler_gone)
+    with pytest.raises(RuntimeError, match="the scheduler went away"):
+        run_batch(subjects, scheduler="synchronous", report=tmp_path / "r.csv", progress=False)
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = {r["subject"]: r for r in csv.DictReader(f)}
+    assert {s: r["error"] for s, r in rows.items()} == {
+        s.subject: "not run: the batch stopped on an error (RuntimeError)" for s in subjects}
+    assert rows["sub-01"]["note"].startswith("an earlier output is still there, not checked against this run's")
+    assert rows["sub-02"]["note"] == ""
