@@ -1643,7 +1643,9 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         raise InvalidInputError(f"unknown suv kind {suv!r}",
                                 fix=f"use 'auto', one of {', '.join(_suv.SUV_KINDS)}, or 'none' (values as stored)")
     headers = [_suv.header_from_dataset(ds) for _, ds in files]
-    stored = _suv.stored_unit(headers[0]) if headers else "arbitrary"
+    # One unit for the series, or none: a CNTS instance among BQML ones was labelled Bq/mL, counts and all.
+    units = {_suv.stored_unit(h) for h in headers}
+    stored = units.pop() if len(units) == 1 else "arbitrary"
     if suv == "none":
         return stored, None, None
     if suv == "auto":  # keep an SUV series in the kind it was stored in (Janmahasatian's LBM too); otherwise SUVbw
@@ -1657,7 +1659,8 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     # Without Units the stored unit is a guess (Bq/mL, what scanners store): say it is one.
     no_units = not headers or not str(headers[0].get("Units") or "").strip()
     assumed = " (assumed: the header has no Units)" if no_units else ""
-    msg = f"PET loaded in {stored}{assumed}, not SUV: {why}" + (f". Fix: {fix}" if fix else "")
+    as_what = f"in {stored}" if stored != "arbitrary" else "as stored (unit 'arbitrary')"
+    msg = f"PET loaded {as_what}{assumed}, not SUV: {why}" + (f". Fix: {fix}" if fix else "")
     warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
     notes.append(msg)
     return stored, None, None

@@ -10,7 +10,9 @@ The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
 * ``DecayCorrection`` ``ADMIN``: pixels are decay-corrected to injection, so the
   injected dose is used as is. ``START``: pixels are corrected to the scan start,
   so the dose is decayed from injection to the scan time.
-* Injection time: RadiopharmaceuticalStartDateTime; when only RadiopharmaceuticalStartTime is
+* Injection time: RadiopharmaceuticalStartDateTime; when it is cut at the date or the hour (DICOM allows it), its
+  date with RadiopharmaceuticalStartTime, refused when that does not give the minutes; when only
+  RadiopharmaceuticalStartTime is
   given, on the day of the scan time, or on the day before when that time is 12 h or more after the scan
   time (injection before midnight, scan after it; less than that is an injection after the scan). That is
   refused for half-lives over 2.4 h (Tc-99m, Cu-64, Zr-89, I-124...: imaged up to days after injection, a
@@ -265,13 +267,34 @@ def _datetime(h: Dict[str, Any], date_key: str, time_key: str, tag_for_error: st
         raise SUVError(f"the PET header's {date_key}/{time_key} is not a valid DICOM date/time", fix=_FIX_TAGS) from None
 
 
+def _time_digits(text: Any) -> str:
+    """The hhmmss digits of a DICOM TM (or of a DT's time part), without the fraction."""
+    return str(text or "").strip().partition(".")[0].replace(":", "")
+
+
+def _dt_time_digits(dt: str) -> str:
+    """The time digits of a DICOM DT: "" for a date alone, "08" for one cut at the hour."""
+    s = str(dt).strip()
+    for sign in ("+", "-"):
+        pos = s.rfind(sign)
+        if pos >= 8:
+            s = s[:pos]
+    return _time_digits(s[8:])
+
+
 def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> datetime:
     dt = h.get("RadiopharmaceuticalStartDateTime")
     if dt:
         try:
-            return _parse_dt(dt, h.get("TimezoneOffsetFromUTC"))
+            inj = _parse_dt(dt, h.get("TimezoneOffsetFromUTC"))
+            cut = len(_dt_time_digits(dt)) < 4
         except (ValueError, IndexError):
             raise SUVError("RadiopharmaceuticalStartDateTime is not a valid DICOM date-time", fix=_FIX_TAGS) from None
+        if not cut:
+            return inj
+        # DICOM allows a DT cut at the date or the hour (anonymisers do it). Read as exact, 20201217 was midnight,
+        # hours before the real injection: SUV 25x too high on a real Siemens header, with no word.
+        return _injection_time_on_date(h, dt)
     t = h.get("RadiopharmaceuticalStartTime")
     if not t:
         raise SUVError(
@@ -307,6 +330,28 @@ def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> d
         # was on the day before the scan (uptake times are far shorter than a day).
         inj -= timedelta(days=1)
     return inj
+
+
+def _injection_time_on_date(h: Dict[str, Any], dt: str) -> datetime:
+    """The injection on a RadiopharmaceuticalStartDateTime cut at the date or the hour, timed by
+    RadiopharmaceuticalStartTime when that gives the minutes; refused when nothing does."""
+    given = _dt_time_digits(dt)
+    t = h.get("RadiopharmaceuticalStartTime")
+    digits = _time_digits(t)
+    if len(digits) < 4 or not digits.isdigit():
+        raise SUVError(
+            "the PET header's RadiopharmaceuticalStartDateTime gives the injection's "
+            f"{'date' if not given else 'date and hour'} but not its minutes, and no RadiopharmaceuticalStartTime "
+            "gives them: SUV would be off by up to "
+            f"{'a day' if not given else 'an hour'} of decay", fix=_FIX_TAGS)
+    if given and digits[:2] != given[:2]:
+        raise SUVError(
+            "the PET header's RadiopharmaceuticalStartDateTime (cut at the hour) and RadiopharmaceuticalStartTime "
+            "give different injection hours", fix=_FIX_TAGS)
+    try:  # the DT's own date: a TM carries no UTC offset, so none is applied to a date alone either
+        return _parse_date(str(dt).strip()[:8]) + _parse_time(t)
+    except (ValueError, IndexError):
+        raise SUVError("RadiopharmaceuticalStartTime is not a valid DICOM time", fix=_FIX_TAGS) from None
 
 
 #: A time-only injection this much or more after the scan's time of day is dated the day before (23:30 and a scan

@@ -189,3 +189,42 @@ def test_without_a_template_a_new_study_is_made_even_when_not_deidentifying(samp
     kept = medfuse.save(moved, tmp_path / "tpl", deidentify=False, template=samples_dir / "ct")
     ds = pd.dcmread(str(next(kept.iterdir())), stop_before_pixels=True)
     assert ds.StudyInstanceUID == ct.provenance["study_uid"]
+
+
+def test_an_injection_date_time_cut_at_the_date_or_hour_is_timed_by_the_start_time(samples_dir, tmp_path):
+    """DICOM allows a DT cut at the date (anonymisers do it). Read as midnight, 10:00 became 00:00: SUV 25x too
+    high on a real Siemens header, with no word. The start time gives the minutes; without it, no SUV."""
+    full = medfuse.load(samples_dir / "pet")
+
+    def cut(dt, time=None):
+        def edit(i, ds):
+            r = ds.RadiopharmaceuticalInformationSequence[0]
+            r.RadiopharmaceuticalStartDateTime = dt
+            if time is None:
+                del r.RadiopharmaceuticalStartTime
+        return edit
+
+    for name, dt in (("date", "20260101"), ("hour", "2026010110"), ("date_utc", "20260101+0000")):
+        vol = medfuse.load(_copy_pet(samples_dir, tmp_path / name, cut(dt, "100000")))
+        assert vol.unit == "SUVbw"
+        np.testing.assert_allclose(vol.array, full.array, rtol=1e-6)
+    with pytest.raises(SUVError, match="cut at the hour.*different injection hours"):
+        first = suvmod.header_from_dataset(pydicom.dcmread(str(sorted((samples_dir / "pet").glob("*.dcm"))[0])))
+        suvmod.suv_factor({**first, "RadiopharmaceuticalStartDateTime": "2026010109"})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        vol = medfuse.load(_copy_pet(samples_dir, tmp_path / "no_time", cut("20260101")))
+    said = [str(x.message) for x in w if issubclass(x.category, MedfuseWarning)]
+    assert vol.unit == "Bq/mL" and "suv" not in vol.provenance
+    assert any("gives the injection's date but not its minutes" in m for m in said), said
+
+
+def test_a_pet_whose_instances_differ_in_units_is_not_labelled_with_the_first_ones(samples_dir, tmp_path):
+    """One CNTS instance among BQML ones: its counts were labelled Bq/mL with the rest."""
+    def one_in_counts(i, ds):
+        if i == 3:
+            ds.Units = "CNTS"
+
+    with pytest.warns(MedfuseWarning, match=r"PET loaded as stored \(unit 'arbitrary'\), not SUV: Units differs"):
+        assert medfuse.load(_copy_pet(samples_dir, tmp_path / "auto", one_in_counts)).unit == "arbitrary"
+    assert medfuse.load(_copy_pet(samples_dir, tmp_path / "none", one_in_counts), suv="none").unit == "arbitrary"
