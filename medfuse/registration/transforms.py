@@ -7,9 +7,12 @@ and is applied to volumes (resampling) and to points.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -235,7 +238,7 @@ class Transform:
         p = _transform_path(path)
         if not _suffix_ok(p):
             raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
-                                    fix="use .tfm, .txt or .h5", path=p)
+                                    fix="use .tfm, .txt, .h5, .hdf5 or .mat", path=p)
         t = self._t
         if p.name.lower().endswith(".mat"):
             # ITK's .mat (MATLAB, as ANTs writes it) holds one matrix transform: SimpleITK writes a composite or a
@@ -243,7 +246,9 @@ class Transform:
             if not self.is_linear:
                 raise InvalidInputError("a deformable transform cannot be stored in a .mat file (it holds one matrix)",
                                         fix="save it as .h5 or .tfm", path=p)
-            if t.GetName() == "CompositeTransform":
+            # Every linear transform as AffineTransform_double_3_3, the one field ANTs writes: scripts that parse
+            # .mat files (Lead-DBS, MATLAB loaders, wb_command pipelines) look it up by that name.
+            if t.GetName() != "AffineTransform" or tuple(t.GetFixedParameters()) != (0.0, 0.0, 0.0):
                 t = Transform.from_matrix(self.matrix).sitk
         elif t.GetName() == "CompositeTransform":  # one level, as ITK's files need (a composite built elsewhere)
             t = sitk.CompositeTransform(3)
@@ -281,12 +286,12 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
                                   "(.tfm, .txt, .h5, .mat)", path=p)
     if not p.is_file():
         raise UnreadableFileError("no such transform file", fix="check the path", path=p)
+    _refuse_transform_list(p)
     try:
-        t = sitk.ReadTransform(itk_path(p))
+        with _lower_case_ending(p) as readable:
+            t = sitk.ReadTransform(itk_path(readable))
     except RuntimeError:
-        raise UnreadableFileError("this is not an ITK transform file SimpleITK can read",
-                                  fix="export the transform as .tfm/.txt/.h5 from Slicer, ANTs or SimpleITK",
-                                  path=p) from None
+        raise _unreadable_transform(p) from None
     # A file holding one transform comes back as a composite of one; unwrap for a usable matrix.
     if t.GetName() == "CompositeTransform":
         c = sitk.CompositeTransform(t)
@@ -297,6 +302,60 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
         raise UnreadableFileError(f"the file holds a {t.GetDimension()}-D transform; medfuse registers and resamples "
                                   "3-D volumes", fix="export the 3-D transform of the volumes", path=p)
     return Transform(t)
+
+
+@contextlib.contextmanager
+def _lower_case_ending(p: Path) -> Iterator[Path]:
+    """``p``, or a copy of it named with its ending in lower case: ITK picks a transform reader from the ending
+    as written, so ``A.TFM`` (which :meth:`Transform.save` writes, as image writers take any case) was unreadable."""
+    lower = next((e for e in TRANSFORM_SUFFIXES if p.name.lower().endswith(e)), None)
+    if lower is None or p.name.endswith(lower):
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="medfuse-transform-") as d:
+        copy = Path(d) / ("transform" + lower)
+        shutil.copyfile(p, copy)
+        yield copy
+
+
+def _refuse_transform_list(p: Path) -> None:
+    """Refuse a text transform file that lists several transforms outside a composite (ITK's older layout).
+
+    SimpleITK reads only the first of them and says so on stderr alone, so the rest of the transform was dropped.
+    """
+    if not p.name.lower().endswith((".tfm", ".txt")):
+        return
+    kinds = []
+    try:
+        with open(p, "rb") as f:
+            for line in f:
+                if line.startswith(b"Transform:"):
+                    kinds.append(line.split(b":", 1)[1].strip().decode("ascii", "replace"))
+    except OSError as e:
+        raise UnreadableFileError(f"the transform file cannot be read ({type(e).__name__})",
+                                  fix="check its permissions", path=p) from None
+    if len(kinds) > 1 and not kinds[0].startswith("CompositeTransform"):
+        raise UnreadableFileError(
+            f"the file lists {len(kinds)} transforms one after another ({', '.join(kinds)}), not in a composite: "
+            "SimpleITK would read only the first and drop the rest",
+            fix="save it from the tool that wrote it as one composite transform (a .h5 file), or split it into one "
+                "file per transform and combine them with Transform.compose in the order that tool applies them",
+            path=p)
+
+
+def _unreadable_transform(p: Path) -> UnreadableFileError:
+    """The error for a file SimpleITK cannot read as a transform, naming an image given in its place."""
+    from ..io import is_image_file
+
+    if is_image_file(p):
+        return UnreadableFileError(
+            "this is an image file, not a transform file (a displacement field stored as an image, as ANTs "
+            "writes its warps, is not read as a transform)",
+            fix="give an ITK transform file (.tfm, .txt, .h5, .hdf5, .mat); a displacement-field image can be "
+                "wrapped with SimpleITK: sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(path), "
+                "sitk.sitkVectorFloat64)), then medfuse.Transform(...)", path=p)
+    return UnreadableFileError("this is not an ITK transform file SimpleITK can read",
+                               fix="export the transform as .tfm/.txt/.h5 from Slicer, ANTs or SimpleITK", path=p)
 
 
 def _parts(t) -> list:

@@ -136,3 +136,59 @@ def test_deformable_registration_recovers_a_known_warp_and_its_file_rereads(spm_
     raw = sitk.ReadTransform(str(r.transform.save(tmp_path / "warp.h5")))
     back = np.array([raw.TransformPoint(tuple(map(float, q))) for q in pts])
     np.testing.assert_allclose(back, r.transform.transform_points(pts), atol=1e-6)
+
+
+def test_transform_files_with_upper_case_endings_read_back(tmp_path):
+    """Transform.save took A.TFM (as image writers take any case), and then nothing read it: ITK picks a transform
+    reader from the ending as written."""
+    euler = Transform(sitk.Euler3DTransform((1, 2, 3), 0.1, 0.2, 0.3, (4, 5, 6)))
+    endings = ("TFM", "MAT", "Txt", "H5")
+    for ending in endings:
+        path = euler.save(tmp_path / f"a.{ending}")
+        np.testing.assert_allclose(load_transform(path).matrix, euler.matrix, atol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"a.{e}" for e in endings)  # no copy left beside
+
+
+def test_a_mat_file_holds_every_linear_transform_as_ants_writes_it(tmp_path):
+    """ANTs writes AffineTransform_double_3_3 (12 parameters, 3 fixed); scripts that parse .mat files look that field
+    up. A rigid result was stored as Euler3DTransform_double_3_3 with 4 fixed values."""
+    from scipy.io import loadmat
+
+    centre = (4.0, 5.0, 6.0)
+    for t in (sitk.Euler3DTransform(centre, 0.1, 0.2, 0.3, (1, 2, 3)), sitk.VersorRigid3DTransform(
+            (0.1, 0.0, 0.0, 0.99498743710662), (1, 2, 3), centre), sitk.TranslationTransform(3, (1, 2, 3))):
+        mine = Transform(t)
+        path = mine.save(tmp_path / f"{t.GetName()}.mat")
+        fields = {k: v.ravel() for k, v in loadmat(str(path)).items() if not k.startswith("__")}
+        assert sorted(fields) == ["AffineTransform_double_3_3", "fixed"]
+        assert fields["AffineTransform_double_3_3"].size == 12 and fields["fixed"].size == 3
+        point = (30.0, -10.0, 5.0)
+        np.testing.assert_allclose(sitk.ReadTransform(str(path)).TransformPoint(point), t.TransformPoint(point),
+                                   atol=1e-9)
+
+
+def test_a_file_listing_several_transforms_outside_a_composite_is_refused(tmp_path):
+    """SimpleITK reads only the first transform of ITK's older list layout, saying so on stderr alone: the affine
+    after a translation was dropped and the rest of the run went on."""
+    from medfuse.errors import UnreadableFileError
+
+    path = tmp_path / "two.tfm"
+    path.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: TranslationTransform_double_3_3\n"
+                    "Parameters: 1 0 0\nFixedParameters: \n#Transform 1\nTransform: AffineTransform_double_3_3\n"
+                    "Parameters: 2 0 0 0 1 0 0 0 1 0 0 0\nFixedParameters: 0 0 0\n")
+    with pytest.raises(UnreadableFileError, match=r"lists 2 transforms one after another.*not in a composite") as e:
+        load_transform(path)
+    assert "Transform.compose" in e.value.fix
+    composite = sitk.CompositeTransform([sitk.TranslationTransform(3, (1, 0, 0)), sitk.AffineTransform(3)])
+    sitk.WriteTransform(composite, str(tmp_path / "composite.tfm"))  # a composite lists its parts too: still read
+    np.testing.assert_allclose(load_transform(tmp_path / "composite.tfm").transform_points([(0.0, 0.0, 0.0)]),
+                               [(1.0, 0.0, 0.0)])
+
+
+def test_an_image_given_as_a_transform_is_named_as_an_image(tmp_path):
+    from medfuse.errors import UnreadableFileError
+
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3), str(tmp_path / "warp.nii.gz"))
+    with pytest.raises(UnreadableFileError, match="this is an image file, not a transform file") as e:
+        load_transform(tmp_path / "warp.nii.gz")
+    assert "DisplacementFieldTransform" in e.value.fix
