@@ -272,12 +272,20 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
     if flat.size > max_samples:
         flat = flat[:: int(np.ceil(flat.size / max_samples))]
     flat = flat[np.isfinite(flat)] if np.issubdtype(flat.dtype, np.floating) else flat
+    zeros_left_out = False
     if ignore_zeros:
         nz = flat[flat != 0]
+        zeros_left_out = 0 < nz.size < flat.size
         flat = nz if nz.size else flat
     if flat.size == 0:
         raise InvalidInputError("the image has no finite voxels", fix="check the data (all NaN/inf?)")
     lo, hi = (float(v) for v in np.percentile(flat.astype(np.float64), [low, high]))
+    smallest = float(flat.min())
+    if zeros_left_out and low > 0 and 0 < lo <= smallest and np.count_nonzero(flat == smallest) > flat.size * low / 100:
+        # More than `low` % of the voxels on the smallest value, so the low limit sits on it: a mask's 1s (or a
+        # label map's first label) drew as black as the background, and a 0/1 mask opened all black. From 0 they
+        # show; a continuous image is not touched.
+        lo = 0.0
     if hi <= lo:  # constant image: widen by 1, or by a relative step where 1 is below float resolution (1e20)
         hi = lo + max(1.0, abs(lo) * 1e-6)
     return (lo, hi)

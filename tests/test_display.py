@@ -272,3 +272,18 @@ def test_display_edges_that_stay_allowed():
     assert display.window_precision(0) == (1.0, 1)  # what the panel asks for such a layer
     assert display.orthogonal_slices(v, mm_per_pixel=0.05)["axial"].image.shape == (401, 401)
     assert display.display_settings(v, overlay=np.True_).blending == "additive"
+
+
+def test_a_mask_or_label_map_is_not_drawn_as_black_as_its_background():
+    """Zeros are left out, so the low percentile sat on the first label: a 0/1 mask opened in napari all black
+    (limits [1, 2]), and label 1 of a 0/1/2/4 map looked like the background."""
+    mask = np.zeros((60, 60, 20), np.uint8)
+    mask[20:40, 20:40, 5:15] = 1
+    assert display.percentile_limits(mask) == (0.0, 1.0)
+    mask[20:30] *= 2
+    mask[25:28] *= 2
+    assert display.percentile_limits(mask) == (0.0, 4.0)
+    # A continuous image keeps its low percentile above its smallest value.
+    image = np.zeros((10, 10, 10), np.float32)
+    image[2:8, 2:8, 2:8] = np.linspace(1, 100, 216).reshape(6, 6, 6)
+    assert display.percentile_limits(image)[0] == pytest.approx(np.percentile(np.linspace(1, 100, 216), 1))
