@@ -403,6 +403,7 @@ class OverlayPanel(QWidget):
 
     def _pair_changed(self, *_: Any) -> None:
         self._unflick()  # the previous overlay is not left hidden by a flicker that moves to the new one
+        self._end_flicker_of_broken_pair()
         for layer in self._watched:
             self._watch(layer, connect=False)
         self._watched = []
@@ -802,6 +803,21 @@ class OverlayPanel(QWidget):
             self._flicker_timer.stop()
             self._unflick()
 
+    def _end_flicker_of_broken_pair(self) -> None:
+        """Stop the flicker when the pickers no longer hold two layers (one of the pair was closed).
+
+        Why: the overlay picker fell back onto the base, and the flicker went on blinking the base itself (the MR
+        hidden and shown twice a second), or the PET when the base was the one closed.
+        """
+        base, ov = self.base.layer(), self.overlay.layer()
+        if not self.flicker.isChecked() or (base is not None and ov is not None and base is not ov):
+            return
+        self.flicker.setChecked(False)  # stops the timer; visibility is already back
+        from napari.utils.notifications import show_info
+
+        show_info("The flicker stopped: it needs a base and a different overlay layer; pick them, then tick "
+                  "'flicker overlay' again.")
+
     def _unflick(self) -> None:
         """Give the layers the flicker toggled their visibility from before it (those still open)."""
         flickered, self._flickered = self._flickered, {}
@@ -815,7 +831,7 @@ class OverlayPanel(QWidget):
 
     def _flick(self) -> None:
         target = self._flicker_target()
-        if target is not None:
+        if target is not None and self.flicker.isChecked():  # not a tick queued before the flicker stopped
             self._flickered.setdefault(id(target), (target, target.visible))
             target.visible = not target.visible
 

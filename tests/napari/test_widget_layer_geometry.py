@@ -367,3 +367,24 @@ def test_the_resampled_registration_layer_is_saved_in_the_fixed_files_voxel_orde
     want = np.asarray(nib.load(str(tmp_path / "expected.nii.gz")).dataobj)
     np.testing.assert_allclose(np.asarray(img.dataobj), want, rtol=1e-4, atol=1e-3)
     assert np.abs(want).max() > 100  # not an empty volume compared with another
+
+
+@pytest.mark.parametrize("closed", ["pet", "mr"])
+def test_the_flicker_stops_when_one_of_its_pair_is_closed(pair, monkeypatch, closed):
+    """The overlay picker fell back onto the base and the flicker went on blinking the MR itself (or the PET, when
+    the base was closed) twice a second."""
+    said = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
+    viewer, widget = pair(in_affine=False)
+    op = widget.overlay_panel
+    op.base.set_layer("mr")
+    op.overlay.set_layer("pet")
+    op.flicker.setChecked(True)
+    op._flick()
+    viewer.layers.remove(closed)
+    kept = viewer.layers[0]
+    assert not op.flicker.isChecked() and not op._flicker_timer.isActive()
+    assert kept.visible
+    op._flick()  # a tick already queued changes nothing now
+    assert kept.visible
+    assert any("The flicker stopped" in m for m in said), said
