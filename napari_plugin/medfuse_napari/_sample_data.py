@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ._layers import FUNCTIONAL, volume_to_layer
 
 
@@ -19,7 +21,12 @@ def load_phantom():
     except MedfuseError as exc:
         from napari.utils.notifications import show_warning
 
-        show_warning(f"{exc.one_line()} The phantom was built in memory instead.")
+        # The fix in terms of what a napari user changed: the folder's own fix names a command to rewrite it.
+        fix = ("correct MEDFUSE_SAMPLES (the folder it names) or unset it, and restart napari"
+               if os.environ.get("MEDFUSE_SAMPLES") else "run 'make samples' in the medfuse checkout")
+        where = f" ({exc.path})" if getattr(exc, "path", None) else ""
+        show_warning(f"The sample volumes could not be read: {exc.problem}{where}. The phantom was built in memory "
+                     f"instead. To open the files: {fix}.")
         volumes = make_phantom().volumes
     return [volume_to_layer(volume, name=name, overlay=volume.modality in FUNCTIONAL)
             for name, volume in volumes.items()]

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from medfuse.errors import MedfuseError
+from medfuse.errors import MedfuseError, OutputExistsError
 
 from ._layers import layer_array, meta, native_volume, units_to_mm, volume_digest, world_matrix
 
@@ -276,7 +276,6 @@ def _open_layers() -> List[Any]:
 
 
 def _refuse_open_inputs(target: Path) -> None:
-    from medfuse.errors import OutputExistsError
     from medfuse.io._atomic import input_files, same_file
 
     for src in input_files(_open_inputs()):
@@ -350,7 +349,6 @@ def _check_sidecar(target: Path) -> Optional[Path]:
     ``overwrite`` (as the CLI does).
     """
     from medfuse import provenance as prov
-    from medfuse.errors import OutputExistsError
 
     side = prov.sidecar_path(target)
     if (side.is_file() or side.is_symlink()) and not prov.is_medfuse_record(prov.read_sidecar(target)):
@@ -535,7 +533,16 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
             _check_sidecar(target)  # before the image: never an image without its record
         # A layer as read gets no record: one left by an earlier output of this name would describe it falsely.
         stale = None if derived else _own_record(target)
-        written = medfuse.save(vol, target, overwrite=replace)
+        try:
+            written = medfuse.save(vol, target, overwrite=replace)
+        except OutputExistsError as exc:
+            if replace or "overwrite=True" not in (exc.fix or ""):
+                raise
+            # The Python fix (overwrite=True) means nothing in a dialog: say how to replace it there.
+            raise OutputExistsError(
+                f"{target.name} exists: the dialog asked about the name typed, '{Path(path).name}', not about it",
+                fix=f"type the whole name, '{target.name}', to replace it (the dialog then asks first), or choose "
+                    "another name", path=target) from None
         out = [str(written)]
         if derived:
             out.append(str(prov.write_sidecar(written, _sidecar_record(written, vol, md, name, placed),

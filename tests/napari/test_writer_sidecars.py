@@ -215,3 +215,18 @@ def test_a_volume_of_the_ge_epi_series_saved_unmoved_records_its_volume_index(ma
     medfuse.save(medfuse.Volume(_volume(1), np.eye(4), modality="MR"), plain)
     layer = viewer.open(str(plain), plugin="medfuse")[0]
     assert layer.save(str(tmp_path / "plain_out.nii.gz")) == [str(tmp_path / "plain_out.nii.gz")]
+
+
+def test_a_name_typed_without_its_ending_does_not_replace_that_file_and_says_how_to(tmp_path):
+    """The dialog asked about 'mine', not 'mine.nii.gz': refused, with a fix in dialog terms (it said "pass
+    overwrite=True", which a napari user cannot do)."""
+    (tmp_path / "mine.nii.gz").write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match=r"mine\.nii\.gz exists: the dialog asked about the name typed, "
+                                                r"'mine', not about it") as info:
+        _write(tmp_path / "mine", _volume(), {"name": "mine"})
+    assert "type the whole name, 'mine.nii.gz', to replace it" in info.value.fix
+    assert "overwrite=True" not in str(info.value)
+    assert (tmp_path / "mine.nii.gz").read_bytes() == b"precious"
+    # Typed whole, the dialog has asked: replaced.
+    _write(tmp_path / "mine.nii.gz", _volume(), {"name": "mine"})
+    assert medfuse.load(tmp_path / "mine.nii.gz").shape == (6, 7, 8)
