@@ -894,15 +894,17 @@ class FusePanel(QWidget):
             return
         fused, names, method = outcome.value
         present = _open_layers(self.viewer)
-        gone = [role for role, layer in zip(("base", "second", "third"), self._job_layers)
+        gone = [(role, name) for role, layer, name in zip(("base", "second", "third"), self._job_layers, names)
                 if not any(layer is other for other in present)]
         if gone:
             # The user closed the study meanwhile (maybe opened the next patient): a fused image of layers no
             # longer open, on a grid no longer shown, must not appear among other layers.
             self.status.setText("failed")
-            _notify_error(f"The fusion result was not added: the {gone[0]} layer was removed while fusing. Fix: "
-                          f"keep the input layers open until the fusion ends and run it again.")
+            _notify_error(f"The fusion result was not added: the {gone[0][0]} layer, '{gone[0][1]}', was removed "
+                          f"while fusing. Fix: keep the input layers open until the fusion ends and run it again.")
             return
+        # The inputs' names now: one renamed while fusing is recorded as the viewer shows it.
+        names = [layer.name for layer in self._job_layers]
         moved = [layer for layer, key in zip(self._job_layers, getattr(self, "_job_placements", ()))
                  if _placement_key(layer) != key]
         if moved:
@@ -914,12 +916,12 @@ class FusePanel(QWidget):
         arr = fused.array if hasattr(fused, "array") else np.asarray(fused)
         prov = dict(getattr(fused, "provenance", {}) or {})
         prov["fusion"] = {**dict(prov.get("fusion", {}) or {}), "method": method, "inputs": names,
-                          "grid": self._base["name"]}
+                          "grid": names[0]}
         unit = getattr(fused, "unit", "arbitrary")
         geometry = {k: v for k, v in self._base.items() if k not in ("name", "grid")}
         rgb = arr.ndim == 3 and arr.shape[-1] == 3 and len(geometry["scale"]) == 2
         display = {"rgb": True} if rgb else {"colormap": "gray", "contrast_limits": percentile_limits(arr)}
-        self.viewer.add_image(
+        added = self.viewer.add_image(
             arr, name=f"fused ({method})", **geometry, **display,
             metadata={"medfuse": {"modality": getattr(fused, "modality", "unknown"), "unit": unit,
                                   "provenance": prov,
@@ -927,7 +929,7 @@ class FusePanel(QWidget):
                                   # Saved in the base file's voxel order, as `medfuse fuse` writes it (not S, P, L).
                                   **(file_order(self._job_layers[0]) if "grid" in self._base else {})}})
         self.progress.setValue(1000)
-        self.status.setText(f"added 'fused ({method})'")
+        self.status.setText(f"added '{added.name}'")  # napari makes a repeated name unique: 'fused (mean) [1]'
         # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a
         # registration, anisotropic voxels): in the GUI, not only in a log the radiologist never sees.
         for note in prov.get("warnings", []) or []:

@@ -324,3 +324,48 @@ def test_view_and_grid_controls_use_napari_current_api(pair):
     grid = viewer.canvas.grid if hasattr(getattr(viewer, "canvas", None), "grid") else viewer.grid
     assert tuple(viewer.dims.order) == (1, 0, 2) and tuple(camera.orientation2d)[:2] == ("up", "right")
     assert grid.enabled
+
+
+def test_a_second_fusion_and_a_rename_while_fusing_are_named_as_the_viewer_shows_them(qtbot, pair, monkeypatch):
+    """napari names a repeated layer 'fused (mean) [1]', and the status said 'fused (mean)', the older one; an input
+    renamed while fusing was recorded under its old name, one no longer in the viewer."""
+    import medfuse.fusion.classical as classical
+
+    viewer, widget = pair
+    panel = widget.fuse_panel
+    real = classical.fuse_arrays
+    panel.inputs[0].set_layer("mr")
+    panel.inputs[1].set_layer("pet")
+    panel.method.setCurrentText("mean")
+    panel.run()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+
+    started, renamed = threading.Event(), threading.Event()
+
+    def held_rule(*args, **kwargs):  # the real rule, held until the user renamed the base (in the GUI thread)
+        started.set()
+        renamed.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classical, "fuse_arrays", held_rule)
+    panel.run()
+    qtbot.waitUntil(started.is_set, timeout=30_000)
+    viewer.layers["mr"].name = "MR renamed"
+    renamed.set()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    assert panel.status.text() == "added 'fused (mean) [1]'"
+    record = viewer.layers["fused (mean) [1]"].metadata["medfuse"]["provenance"]["fusion"]
+    assert record["inputs"] == ["MR renamed", "pet"] and record["grid"] == "MR renamed"
+    # An input closed while fusing is named, not only its role.
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    started.clear(), renamed.clear()
+    n = len(viewer.layers)
+    panel.run()
+    qtbot.waitUntil(started.is_set, timeout=30_000)
+    viewer.layers.remove("pet")
+    renamed.set()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    assert len(viewer.layers) == n - 1
+    assert errors == ["The fusion result was not added: the second layer, 'pet', was removed while fusing. Fix: keep "
+                      "the input layers open until the fusion ends and run it again."]
