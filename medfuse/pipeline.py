@@ -427,36 +427,25 @@ def _resample_sources(state: PipelineState) -> List[Volume]:
     return out
 
 
-#: Below this share of the fixed image's field of view, an unregistered moving image gets a warning.
-_LOW_COVERAGE = 0.2
-
-
 def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> None:
     """Refuse an unregistered moving image that lies wholly outside the fixed grid; warn when it covers little.
 
     Why: resampled there it is only the background value, so the "fused" image was the fixed image alone, with
-    no word of it (``register`` refuses such a pair; ``register=None`` skipped that check). The share is
-    :func:`medfuse.registration.resample.coverage`'s.
+    no word of it (``register`` refuses such a pair; ``register=None`` skipped that check).
 
     Raises:
         GeometryError: the two fields of view do not meet at all.
     """
-    from .registration.resample import coverage
+    from .registration.resample import coverage_note
 
-    share = coverage(v, ref)
-    if share == 0:
-        raise GeometryError(f"input {n} lies wholly outside the fixed image's field of view (world coordinates); "
-                            "resampled onto the fixed grid it would be empty",
-                            fix="check that the images belong together; if they show the same anatomy in unrelated "
-                                "scanner coordinates, register the moving image first, centre-aligned, check the "
-                                "result and fuse the registered image: medfuse.register(fixed, moving, "
-                                "initialise='geometry') (command line: medfuse register FIXED MOVING --initialise "
-                                "geometry -o moved.nii.gz)")
-    if share < _LOW_COVERAGE:
-        # Below 1 %, "0%" read as no coverage at all, which is refused above.
-        pct = f"{share:.0%}" if share >= 0.01 else f"{100 * share:.2g}%"
-        msg = (f"input {n} covers only {pct} of the fixed image's field of view; elsewhere the fused image "
-               "holds the fixed image alone")
+    msg = coverage_note(
+        v, ref, what=f"input {n}", view="the fixed image's field of view",
+        tail="elsewhere the fused image holds the fixed image alone",
+        fix="check that the images belong together; if they show the same anatomy in unrelated scanner coordinates, "
+            "register the moving image first, centre-aligned, check the result and fuse the registered image: "
+            "medfuse.register(fixed, moving, initialise='geometry') (command line: medfuse register FIXED MOVING "
+            "--initialise geometry -o moved.nii.gz)")
+    if msg is not None:
         warnings.warn(msg, MedfuseWarning, stacklevel=3)
         state.notes.setdefault("warnings", []).append(msg)
 

@@ -452,8 +452,10 @@ class RegisterToReference(Transform, ThreadUnsafe):
         # cache on, and the key changed after each call (with whichever subject ran last).
         return {**self.__dict__, "last_report": None}
 
-    def _register(self, moving: Any, reference: Any):
-        """``(registered image, report)``, without touching ``self`` (the dictionary version runs it in threads)."""
+    def _register(self, moving: Any, reference: Any, names: Sequence[str] = ("the moving image", "the reference")):
+        """``(registered image, report)``, without touching ``self`` (the dictionary version runs it in threads).
+
+        ``names``: the two images in messages (the dictionary version's keys)."""
         from .pipeline import _itk_threads
         from .registration import register, resample
 
@@ -462,6 +464,10 @@ class RegisterToReference(Transform, ThreadUnsafe):
         if self.kind is None:
             if mv.same_grid(ref):  # nothing moves: MONAI's meta and transform history stay
                 return _like(mv, moving, same_grid=True), None
+            _warn_coverage(mv, ref, names, tail="elsewhere it holds only the background value",
+                           fix="check that the images belong together; if they show the same anatomy in unrelated "
+                               "scanner coordinates, register instead of only resampling: RegisterToReference(d) "
+                               "with kind='rigid', initialise='geometry'")
             with _itk_threads(threads):
                 return _like(resample(mv, ref, **self.options), moving), None
         with _itk_threads(threads):
@@ -475,6 +481,21 @@ class RegisterToReference(Transform, ThreadUnsafe):
 
     def __repr__(self) -> str:
         return _repr(self, kind=self.kind, threads=self.threads, **self.options)
+
+
+def _warn_coverage(moving: Volume, reference: Volume, names: Sequence[str], *, tail: str, fix: str) -> None:
+    """Refuse an image resampled (not registered) wholly outside the reference; warn when it covers little, as the
+    fusion pipeline does. Why: it was resampled to background alone, and the "fused" item was the reference."""
+    from .registration.resample import coverage_note
+
+    try:
+        msg = coverage_note(moving, reference, what=names[0], view=f"the field of view of {names[1]}", tail=tail,
+                            fix=fix)
+    except GeometryError as e:
+        _name_file(e, moving)  # the file that misses, not the first image's
+        raise
+    if msg is not None:
+        warnings.warn(msg, MedfuseWarning, stacklevel=4)
 
 
 def _checked_register_options(kind: Optional[str], options: Dict[str, Any]) -> Dict[str, Any]:
@@ -555,7 +576,8 @@ class RegisterToReferenced(MapTransform):
             if key == self.reference_key:
                 continue
             try:
-                d[key], report = self.register._register(d[key], d[self.reference_key])
+                d[key], report = self.register._register(d[key], d[self.reference_key],
+                                                         (f"'{key}'", f"'{self.reference_key}'"))
             except MedfuseError as e:
                 _name_file(e, d[key])
                 raise
@@ -644,6 +666,14 @@ class FuseModalities(Transform):
         if self.resample:
             from .registration import resample
 
+            shown = [f"'{n}'" for n in names] if keyed else names
+            for v, n in zip(vols[1:], shown[1:]):
+                if not v.same_grid(vols[0]):
+                    _warn_coverage(v, vols[0], (n, shown[0]), tail=f"elsewhere the fused image holds {shown[0]} alone",
+                                   fix="check that the images belong together; if they show the same anatomy in "
+                                       "unrelated scanner coordinates, register them before fusing: "
+                                       "RegisterToReferenced(keys=..., reference_key=..., kind='rigid', "
+                                       "initialise='geometry'), then FuseModalitiesd without resample")
             with _itk_threads(_threads(None)):
                 vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
         else:

@@ -300,6 +300,40 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     return res
 
 
+#: Below this share of the reference's field of view, an image resampled onto it without a registration is warned
+#: about (callers: the fusion pipeline, the MONAI transforms that resample).
+LOW_COVERAGE = 0.2
+
+
+def coverage_note(volume: Volume, reference: Volume, *, what: str, view: str, tail: str, fix: str) -> Optional[str]:
+    """Refuse ``volume`` when it lies wholly outside ``reference``; the warning's text when it covers little.
+
+    Why: resampled there it is only the background value, so a "fusion" with it was the reference alone, with no
+    word. The caller warns with the text (and records it); ``None`` when the coverage is not low.
+
+    Args:
+        volume, reference: as for :func:`coverage` (no transform: the two are resampled as placed).
+        what: the image, in the caller's words ("input 2", "'t2'").
+        view: the reference's field of view, in the caller's words ("the fixed image's field of view").
+        tail: what a low coverage means for the caller's output.
+        fix: the fix for the refusal.
+
+    Raises:
+        GeometryError: the two fields of view do not meet at all.
+    """
+    from ..errors import GeometryError
+
+    share = coverage(volume, reference)
+    if share == 0:
+        raise GeometryError(f"{what} lies wholly outside {view} (world coordinates); resampled onto that grid it "
+                            "would be empty", fix=fix)
+    if share >= LOW_COVERAGE:
+        return None
+    # Below 1 %, "0%" read as no coverage at all, which is refused above.
+    pct = f"{share:.0%}" if share >= 0.01 else f"{100 * share:.2g}%"
+    return f"{what} covers only {pct} of {view}; {tail}"
+
+
 def _world_box(corners: np.ndarray):
     return corners.min(axis=0), corners.max(axis=0)
 

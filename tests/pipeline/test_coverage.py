@@ -75,3 +75,32 @@ def test_coverage_follows_a_linear_transform_and_refuses_wrong_types():
     assert coverage(far, fixed, transform=back) == pytest.approx(1.0)
     with pytest.raises(InvalidInputError):
         coverage(far.array, fixed)
+
+
+def test_the_monai_transforms_that_resample_refuse_and_warn_as_the_pipeline_does():
+    """RegisterToReferenced(kind=None) and FuseModalitiesd(resample=True) resampled an image 1 m away to background
+    alone, and the classifier's "fused" item was the reference only, with no word; fuse_files refused the pair."""
+    pytest.importorskip("monai")
+    from medfuse.transforms import FuseModalities, FuseModalitiesd, RegisterToReference, RegisterToReferenced
+
+    ref, far, near = _vol(), _vol(origin=(1000.0, 0, 0), seed=1), _vol(origin=(43.0, 0, 0), seed=2)
+    refusals = (
+        (lambda m: RegisterToReferenced(keys=["t2"], reference_key="t1", kind=None)({"t1": ref, "t2": m}),
+         "'t2' lies wholly outside the field of view of 't1'"),
+        (lambda m: FuseModalitiesd(keys=["t1", "t2"], method="max", resample=True, as_tensor=False)(
+            {"t1": ref, "t2": m}), "'t2' lies wholly outside the field of view of 't1'"),
+        (lambda m: RegisterToReference(kind=None)(m, ref),
+         "the moving image lies wholly outside the field of view of the reference"),
+        (lambda m: FuseModalities(method="max", resample=True, as_tensor=False)([ref, m]),
+         "image 2 lies wholly outside the field of view of image 1"),
+    )
+    for call, words in refusals:
+        with pytest.raises(GeometryError, match=words) as ei:
+            call(far)
+        assert "initialise='geometry'" in ei.value.fix
+        with pytest.warns(MedfuseWarning, match=r"covers only 10% of the field of view"):
+            call(near)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pair on one grid, or overlapping well, says nothing
+        FuseModalitiesd(keys=["t1", "t2"], method="max", resample=True, as_tensor=False)(
+            {"t1": ref, "t2": _vol(origin=(4.0, 0, 0), seed=3)})
