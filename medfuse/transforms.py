@@ -746,10 +746,14 @@ def _checked_fusion_options(method: str, options: Dict[str, Any]) -> Dict[str, A
                                 fix=f"{method} takes {', '.join(sorted(allowed)) or 'no options'}; check the spelling")
     if method != "network":
         _check_options(method, options)
-    elif options.get("weights") is not None:
-        from .fusion.infer import check_weights_file
-
-        check_weights_file(options["weights"])
+        return dict(options)
+    try:
+        from .fusion import infer
+    except ImportError:  # no torch: the network's own error comes at the first item (or the fallback runs)
+        return dict(options)
+    infer.check_options(**{k: v for k, v in options.items() if k in ("mode", "batch_size", "functional", "refine")})
+    if options.get("weights") is not None:
+        infer.check_weights_file(options["weights"])
     return dict(options)
 
 

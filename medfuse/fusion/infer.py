@@ -334,6 +334,23 @@ def _tri_state(functional: Any) -> Optional[bool]:
                             fix="pass functional=True for a PET/SPECT input, False for anatomy only, None if unknown")
 
 
+def check_options(*, mode: Any = "auto", batch_size: Any = 32, functional: Any = None, refine: Any = True) -> None:
+    """Refuse bad values of the network's options before any image is read.
+
+    Why: the MONAI transforms check them when built; otherwise ``batch_size=0`` or ``mode="bogus"`` failed at the
+    first item, inside a DataLoader worker.
+
+    Raises:
+        InvalidInputError: ``mode`` not auto/2d/3d, ``batch_size`` not a whole number >= 1, ``functional`` not
+            True/False/None, ``refine`` not True/False.
+    """
+    choice(mode, "mode", ("auto", "2d", "3d"), fix="use mode='auto'")
+    whole(batch_size, "batch_size", minimum=1, what="a whole number of slices",
+          example="batch_size=32 (smaller uses less memory)")
+    _tri_state(functional)
+    _check_refine(refine)
+
+
 def _check_refine(refine: Any) -> None:
     """Refuse a ``refine`` whose truth is not a plain yes/no (an array's raised NumPy's "ambiguous" error)."""
     if refine is None or isinstance(refine, (bool, np.bool_)) or \
@@ -609,6 +626,7 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         CancelledError: ``cancel`` was set, or ``progress`` raised it.
     """
     choice(mode, "mode", ("auto", "2d", "3d"), fix="use mode='auto'")
+    _check_refine(refine)  # on 3-D too, where it is not used: refine=3 was taken there and refused on 2-D
     refuse_volumes(arrays, takes="this function takes arrays scaled to 0..1")
     ndim = {"auto": None, "2d": 2, "3d": 3}[mode]
     if ndim is None:

@@ -74,3 +74,27 @@ def test_register_to_referenced_skips_an_item_with_none_of_its_keys_when_missing
     assert t({"label": 1}) == {"label": 1}
     with pytest.raises(InvalidInputError, match="reference key 'mr' is not in the data"):
         t({"pet": _vol()})  # a moving image without its reference is still an error
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(batch_size=0), "batch_size must be a whole number of slices of 1 or more, got 0"),
+    (dict(batch_size=2.5), "batch_size must be a whole number"),
+    (dict(functional="yes"), "functional must be True, False or None"),
+    (dict(mode="bogus"), "unknown mode 'bogus'"),
+    (dict(refine=3), "refine must be True or False"),
+])
+def test_the_network_options_values_are_checked_when_the_transform_is_built(options, says):
+    """Only their names were: each of these built, then failed at the first item, inside a DataLoader worker."""
+    for build in (lambda: FuseModalitiesd(keys=["a", "b"], **options), lambda: FuseModalities(**options)):
+        with pytest.raises(InvalidInputError, match=says):
+            build()
+    FuseModalitiesd(keys=["a", "b"], batch_size=4, functional=True, mode="3d", refine=False)  # good values build
+
+
+def test_refine_is_refused_on_volumes_as_on_slices():
+    """refine=3 was refused on 2-D images and taken without a word on 3-D ones (where the head never runs)."""
+    import medfuse
+
+    volume = np.random.default_rng(0).random((32, 32, 32))
+    with pytest.raises(InvalidInputError, match="refine must be True or False"):
+        medfuse.fuse(volume, volume, refine=3)
