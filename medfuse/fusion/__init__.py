@@ -224,6 +224,8 @@ def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
     else:
         shared = _shared_scale(originals if originals is not None else arrays)
         full = [o.dtype == bool for o in (originals if originals is not None else arrays)]
+        if shared == (0.0, 255.0):
+            _warn_integer_masks(originals if originals is not None else arrays)
         if shared is not None:
             pairs = [norm(a, method="range", low=0.0 if m else shared[0], high=1.0 if m else shared[1])
                      for a, m in zip(arrays, full)]
@@ -231,6 +233,22 @@ def _normalise_arrays(arrays: Sequence[np.ndarray], normalise: Any, *,
             pairs = [norm(a, method="range", low=0.0, high=1.0) if m else norm(a, method="minmax")
                      for a, m in zip(arrays, full)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _warn_integer_masks(arrays: Sequence[np.ndarray]) -> None:
+    """Warn of an integer 0/1 input (a mask stored as uint8, as MONAI stores labels) on the 0..255 scale the others
+    share: it is 1/255 of that scale, and every rule all but ignored it (1 pixel changed, against 400 for the same
+    mask as bool)."""
+    import warnings
+
+    from ..errors import MedfuseWarning
+
+    for i, a in enumerate(arrays, start=1):
+        if np.issubdtype(a.dtype, np.integer) and float(a.max()) == 1.0 and float(a.min()) >= 0.0:
+            warnings.warn(f"input {i} holds only 0 and 1 (a mask?) beside images on 0..255, the 8-bit scale integer "
+                          "images share: its 1 is 1/255 of that scale, almost invisible in the fusion. Pass it as "
+                          "bool (True counts as the full scale), or scale it to 0..255 first", MedfuseWarning,
+                          stacklevel=user_stacklevel())
 
 
 def _refuse_none_off_scale(method: str, arrays: Sequence[np.ndarray], recs: Sequence[Dict[str, Any]]) -> None:

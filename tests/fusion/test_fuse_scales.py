@@ -99,3 +99,21 @@ def test_volumes_fuse_as_the_pipeline_fuses_the_same_files(shared):
         below, above = (medfuse.fuse(t1.with_array((t1.array * (f / peak)).astype(np.float32)), pet, method="max")
                         for f in (0.999, 1.001))
     np.testing.assert_allclose(below.array, above.array, atol=1e-4)
+
+
+def test_an_integer_0_1_mask_beside_an_8_bit_image_is_warned_about():
+    """Integer images share 0..255, so a uint8 0/1 mask (as MONAI stores labels) was 1/255 of the scale: max
+    fusion changed 1 pixel of 400 under it, the same mask as bool 400, with no word."""
+    from medfuse.errors import MedfuseWarning
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((64, 64)) * 200).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 20:40] = 1
+    with pytest.warns(MedfuseWarning, match=r"input 2 holds only 0 and 1 \(a mask\?\) beside images on 0\.\.255"):
+        medfuse.fuse(image, mask, method="max")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as bool it is on the full scale, and two masks share 0..1: no word
+        fused = medfuse.fuse(image, mask.astype(bool), method="max")
+        medfuse.fuse(mask, mask, method="max")
+    assert np.count_nonzero(fused != image) == 400
