@@ -56,10 +56,11 @@ def run(workdir: Path, *, subjects: int = 4, steps: int = 5, size: int = 32, met
     set_determinism(seed=seed)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
+    # Built first: the transforms check their settings (a misspelt method) before any subject is written.
+    transform = preprocessing(size=size, method=method, fallback=fallback)
     items = make_subjects(Path(workdir), subjects)
     # CacheDataset runs the deterministic part (load, register, fuse) once per subject.
-    ds = CacheDataset(items, transform=preprocessing(size=size, method=method, fallback=fallback),
-                      num_workers=0, progress=False)
+    ds = CacheDataset(items, transform=transform, num_workers=0, progress=False)
     t_pre = time.perf_counter() - t0
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True)
     model = Classifier(in_shape=(1, size, size, size), classes=2, channels=(8, 16, 32), strides=(2, 2, 2))
@@ -108,7 +109,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size", type=int, default=32, help="classifier input size (voxels per side)")
     p.add_argument("--method", default="laplacian", help="fusion method (network, laplacian, ...)")
     args = p.parse_args(argv)
-    run(args.workdir, subjects=args.subjects, steps=args.steps, size=args.size, method=args.method)
+    from medfuse.errors import MedfuseError
+
+    try:
+        run(args.workdir, subjects=args.subjects, steps=args.steps, size=args.size, method=args.method)
+    except MedfuseError as e:  # a setting or a file medfuse refused: its message and fix, not a traceback
+        p.exit(2, f"{p.prog}: error: {e}\n")
     return 0
 
 

@@ -81,6 +81,18 @@ def test_classifier_example_feeds_a_model(tmp_path):
     assert 0.0 <= lo < hi <= 1.0 + 1e-6
 
 
+def test_classifier_example_refuses_a_misspelt_method_before_any_work(tmp_path, capsys):
+    """It wrote the phantom subjects first (about 12 s), then died with a traceback ending in the refusal."""
+    spec = importlib.util.spec_from_file_location("monai_classifier", ROOT / "examples" / "monai_classifier.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--workdir", str(tmp_path / "work"), "--subjects", "2", "--method", "lapacian"])
+    assert e.value.code == 2
+    assert "error: unknown fusion method 'lapacian'. Fix: use one of" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
 def test_monai_loaded_tensors_keep_their_layout_name_and_space(shared):
     """MetaTensors from MONAI's LoadImage come back as they came (3-D stays 3-D), named after their file
     (SaveImaged uses it), in the reference's NIfTI space; an MNI template's fused image stays "mni"."""
