@@ -1337,6 +1337,8 @@ def _row_error_text(e: MedfuseError, inputs: Sequence[str], *, dataset: bool = F
     fix, path = e.fix, e.path
     if fix and "pass overwrite=True" in fix:  # an output that appeared meanwhile (another run writing it)
         fix = fix.replace("pass overwrite=True", "rerun with --overwrite (overwrite=True)")
+    if fix and ", or pass format='dicom'" in fix:  # a manifest picks the format by the output's name alone
+        fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
     if fix and any(k in fix for k in ("initialise=", "initial_transform=", "register='")):
         fix = _REGISTER_FIRST_FIX + (" (medfuse batch DATASET --write-manifest writes one to edit)" if dataset else "")
     if path is None:

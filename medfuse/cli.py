@@ -146,8 +146,12 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
             fix = ("pick one with --series: its number as listed or its modality (fuse and register: one per "
                    "input, FIXED first, '-' for an input that needs none, e.g. --series CT PT), or give the folder "
                    "of one series ('medfuse info FOLDER' lists the series and their folders)")
-    elif fix and "overwrite=True" in fix and "--overwrite" not in fix:
+    elif fix and "overwrite=True" in fix:
+        # Advice for both faces ("pass overwrite=True (--overwrite)", "report= (--report)"): the option alone.
+        fix = fix.replace("pass overwrite=True (--overwrite)", "add --overwrite")
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
+    if fix and "report= (--report)" in fix:
+        fix = fix.replace("report= (--report)", "--report")
     if fix:  # advice giving both forms, "medfuse.f(...) (command line: medfuse f ...)": the command line's alone
         fix = re.sub(r"medfuse\.\w+\([^()]*\) \(command line: ([^()]*)\)", r"\1", fix)
     if fix and "initialise='" in fix:  # registration advice: the options of `medfuse register`

@@ -191,3 +191,22 @@ def test_cli_advice_per_command():
     assert "medfuse register --initialise auto" in fuse and "use --register rigid" in fuse
     assert "medfuse.register(..., bspline_grid_mm=)" in fuse
     assert _cli_advice(reason, "info") == reason
+
+
+def test_advice_given_for_both_faces_names_the_command_line_option_alone(samples_dir, tmp_path, capsys):
+    """'pass overwrite=True (--overwrite)', 'pass report= (--report)' and 'or pass format='dicom'' (no such option
+    on the command line) reached the command line as written."""
+    mr, spect = str(samples_dir / "mr_t1.nii.gz"), str(samples_dir / "spect.nii.gz")
+    (tmp_path / "f.json").write_text('{"mine": 1}')
+    assert main(["fuse", mr, spect, "--method", "mean", "-o", str(tmp_path / "f.nii.gz")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "add --overwrite to replace it" in err and "overwrite=True" not in err
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"subject,fixed,moving,output\na,{mr},{spect},{tmp_path / 'out.csv'}\n")
+    assert main(["batch", str(manifest), "--method", "mean", "--scheduler", "synchronous", "--no-progress"]) == 1
+    out = capsys.readouterr().out + (tmp_path / "m-report.csv").read_text()
+    assert "for a DICOM series use a name without a dot ending or an existing series folder" in out
+    assert "format=" not in out
+    assert main(["batch", str(manifest), "--method", "mean", "--report", str(manifest)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "pass --report another path" in err and "report=" not in err
