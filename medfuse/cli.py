@@ -1499,9 +1499,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # SIGTERM before a command's own cancel handler is in place (while it loads its inputs) is a Ctrl-C too.
         with _TermAsInterrupt():
-            return _main(argv)
+            code = _main(argv)
+        if argv is None:  # the console script: the process ends next (a caller of main([...]) keeps its handlers)
+            _exit_on_late_signals(code)
+        return code
     finally:
         undo()
+
+
+def _exit_on_late_signals(code: int) -> None:
+    """Make a Ctrl-C or SIGTERM that comes while Python shuts down, after the command ended, exit 130 with a line.
+
+    Why: the teardown (torch, tqdm, Dask) takes up to about 0.7 s; a SIGTERM there ended the process with -15 and
+    no word (a scheduler's time limit looked like a crash), a Ctrl-C with -2, 0 or a traceback from an atexit
+    callback, where the help promises 130 whenever it comes. What the command wrote is complete by then.
+    """
+    def late(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()  # os._exit skips it: a piped stdout would lose its last lines
+            except (OSError, ValueError):
+                pass
+        os.write(2, f"medfuse: interrupted while exiting, after the command had ended (exit code {code}); what it "
+                    "wrote is complete\n".encode())
+        os._exit(EXIT_CANCELLED)
+
+    for name in ("SIGINT", "SIGTERM"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            signal.signal(sig, late)
+        except ValueError:  # not the main thread
+            return
+    for stream in (sys.stdout, sys.stderr):  # the last lines out now, not at interpreter exit
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

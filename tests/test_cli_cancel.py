@@ -231,3 +231,32 @@ def test_sigterm_while_a_command_still_loads_its_inputs_exits_130(tmp_path):
     assert proc.returncode == EXIT_CANCELLED, err
     assert "cancelled" in err and "Traceback" not in err
     assert not (tmp_path / "r.nii.gz").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or not hasattr(__import__("os"), "kill"), reason="POSIX signals")
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_after_the_command_ended_exits_130_with_a_line(samples_dir, tmp_path, name):
+    """The console script's teardown (torch, tqdm, Dask) takes up to about 0.7 s: a SIGTERM there ended the process
+    with -15 and no word, a Ctrl-C with -2, 0 or a traceback from an atexit callback."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from medfuse.cli import main
+        sys.argv = ["medfuse", "info", {str(samples_dir / "mr_t1.nii.gz")!r}]
+        code = main()
+        os.kill(os.getpid(), signal.{name})  # as if it came while Python shuts down
+        time.sleep(30)
+        sys.exit(code)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_CANCELLED, (done.returncode, done.stderr)
+    assert "values" in done.stdout  # what the command printed is out, not lost to os._exit
+    assert done.stderr.strip().endswith("interrupted while exiting, after the command had ended (exit code 0); "
+                                        "what it wrote is complete")
+    assert "Traceback" not in done.stderr
+    # main([...]) called by a program (or a test) leaves its handlers alone.
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", str(samples_dir / "mr_t1.nii.gz")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
