@@ -584,3 +584,22 @@ def test_a_file_cut_before_its_patient_module_is_blanked_by_its_series(tmp_path)
     assert "MRN123456" in patient_identifiers([series / "IM0001.dcm"])
     rc, text = _cli(["info", series / "IM0001.dcm"])
     assert rc == 2 and "[removed]" in text and leaks(text) == [], text
+
+
+def test_files_named_after_the_patient_are_blanked_in_the_apis_warnings_errors_and_provenance(tmp_path):
+    """PACS exports name files after the patient (SMITH_JOHN_IM0002.dcm): medfuse.load named them in its warnings,
+    the Volume's provenance and its errors, where only the command line blanked them."""
+    texts, volumes = {}, []
+    beside = phi_series(tmp_path / "beside", modality="CT", prefix="Doe_Jane_MRN123456_")
+    (beside / "Doe_Jane_zz.dcm").write_bytes((beside / "Doe_Jane_MRN123456_0001.dcm").read_bytes()[:300])
+    texts["damaged file beside"] = _error_text(lambda: volumes.append(medfuse.load(beside)))
+    resent = phi_series(tmp_path / "resent", modality="CT", z=[0, 2, 4, 6], prefix="Doe_Jane_")
+    ds = pydicom.dcmread(resent / "Doe_Jane_0002.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(resent / "Doe_Jane_again.dcm")
+    texts["slice re-sent under a new uid"] = _error_text(lambda: medfuse.load(resent))
+    assert "[removed]_zz.dcm" in texts["damaged file beside"]  # the file is still named, its identifiers blanked
+    assert "GeometryError" in texts["slice re-sent under a new uid"] and "[removed]" in texts[
+        "slice re-sent under a new uid"]
+    assert {k: leaks(t) for k, t in texts.items() if leaks(t)} == {}
+    assert volumes and leaks(json.dumps(volumes[0].provenance["warnings"])) == []

@@ -9,6 +9,7 @@ See ``docs/dicom.md`` for the conventions (Philips scaling, gaps, gantry tilt).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import (GeometryError, InvalidInputError, MedfuseWarning, MultipleSeriesError,
+from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MultipleSeriesError,
                       UnreadableFileError, UnsupportedDataError)
 from .. import io as _io
 from ..volume import Volume, normalise_modality
@@ -399,10 +400,21 @@ class _Unsaid(list):
     process-wide state, so on a batch worker's threads another subject's warnings were dropped meanwhile."""
 
 
+#: The patient identifiers of the series being loaded (:func:`_patient_ids`), blanked from its warnings, the
+#: warnings its Volumes record and its errors: PACS exports name files and folders after the patient
+#: (``SMITH_JOHN_IM0002.dcm``), and the loader named them where only the command line blanked them.
+_PATIENT_IDS: "contextvars.ContextVar[Tuple[str, ...]]" = contextvars.ContextVar("medfuse_dicom_ids", default=())
+
+
+def _warn(path: Path, msg: str) -> None:
+    """Warn ``path: msg`` at the user's line (not medfuse's, nor contextlib's), with the identifiers blanked."""
+    warnings.warn(_blanked(f"{path}: {msg}", _PATIENT_IDS.get()), MedfuseWarning, stacklevel=_user_stacklevel())
+
+
 def _left_out(path: Path, msg: str, notes: Optional[List[str]]) -> None:
     """Say that files of a series were left out: a warning for the caller, and a note for the provenance."""
     if not isinstance(notes, _Unsaid):
-        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=4)
+        _warn(path, msg)
     if notes is not None:
         notes.append(msg)
 
@@ -481,7 +493,7 @@ def _refuse_mixed_subjects(files: List[Tuple[Path, Any]], path: Path, notes: Opt
             if n > 1 and n == len(given) >= 3:
                 msg = (f"the series' {kw} differs on every file (made anew per file by an exporter or anonymiser?); "
                        "its files were read as one series by their SeriesInstanceUID")
-                warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=4)
+                _warn(path, msg)
                 if notes is not None:
                     notes.append(msg)
             elif n > 1:
@@ -1114,7 +1126,7 @@ def _untimed_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> Non
         msg = (f"the {len(vols)} volumes have no time order at {tied} of {len(vols[0])} slice positions (the same "
                "temporal position, acquisition time and instance number): they are in the order of the files and "
                "frames, which may not be the acquisition's; check that they are one series' time points")
-    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=_user_stacklevel())
+    _warn(path, msg)
     notes.append(msg)
 
 
@@ -1354,7 +1366,7 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
 
         msg = (f"gantry tilt of {tilt:.2f} degrees detected; slices were shifted in-plane onto an orthogonal grid "
                "(linear interpolation)")
-        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+        _warn(path, msg)
         notes.append(msg)
         work = _interp_dtype(arr)
         shifted = np.empty(arr.shape, dtype=work)
@@ -1396,7 +1408,7 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         msg = (f"uneven slice spacing (missing slice{'s' if n_gaps > 1 else ''}?): {where}, where slices are "
                f"{dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the slices in the "
                f"gap{'s' if n_gaps > 1 else ''} are interpolated, not measured)")
-        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+        _warn(path, msg)
         notes.append(msg)
         prov["resampled"] = True
     aff[:3, 2] = normal * dz
@@ -1625,7 +1637,7 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         if kinds - {"HU"}:
             msg = (f"the CT's RescaleType is {'/'.join(sorted(kinds))}, not HU: values are loaded as stored "
                    "(unit 'arbitrary'), and no HU window applies")
-            warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+            _warn(path, msg)
             notes.append(msg)
             return "arbitrary", None, None
         return "HU", None, None
@@ -1661,7 +1673,7 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     assumed = " (assumed: the header has no Units)" if no_units else ""
     as_what = f"in {stored}" if stored != "arbitrary" else "as stored (unit 'arbitrary')"
     msg = f"PET loaded {as_what}{assumed}, not SUV: {why}" + (f". Fix: {fix}" if fix else "")
-    warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=3)
+    _warn(path, msg)
     notes.append(msg)
     return stored, None, None
 
@@ -1754,6 +1766,28 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     whole_series = _io._check_flag(whole_series, "whole_series")
     if not path.exists():
         raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
+    token = _PATIENT_IDS.set(())
+    try:
+        return _load_volumes(path, series_uid, suv, whole_series)
+    except MedfuseError as e:
+        _blank_error(e, _PATIENT_IDS.get())
+        raise
+    finally:
+        _PATIENT_IDS.reset(token)
+
+
+def _blank_error(e: MedfuseError, ids: Sequence[str]) -> None:
+    """``e``'s message with the patient identifiers ``ids`` blanked (its ``path`` attribute stays the caller's)."""
+    if not ids:
+        return
+    blanked = _blanked(str(e), ids)
+    if blanked != str(e):
+        e.problem, e.fix = _blanked(e.problem, ids), (_blanked(e.fix, ids) if e.fix else e.fix)
+        e.args = (blanked,)
+
+
+def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series: bool) -> List[Volume]:
+    """:func:`load_dicom_volumes` once its arguments are checked; sets :data:`_PATIENT_IDS` once headers are read."""
     broken: List[Path] = []
     if whole_series and path.is_file():
         path, series, own_uid = _series_of_file(path, broken)
@@ -1764,6 +1798,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         series_uid = own_uid
     else:
         series = _headers(path, broken)
+    _PATIENT_IDS.set(tuple(_patient_ids(list(series.values()))))
     uid, files = _choose(series, series_uid, path)
     notes: List[str] = []
     if path.is_file() and not whole_series:  # whole_series has read the folder already: the file is all of it
@@ -1773,7 +1808,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             msg = (f"this file is one of {n} files of its series in its folder, and was loaded alone; for the "
                    "whole series pass the folder (or whole_series=True)")
             # At the user's line, through medfuse.load or load_volumes alike (3 pointed into medfuse).
-            warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=_user_stacklevel())
+            _warn(path, msg)
             notes.append(msg)
     files = _dedupe(files, path, notes)
     files = _drop_localizers(files, path, notes)
@@ -1792,7 +1827,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     vols, normal = _split_volumes(frames, path, notes)
     shared_note = _shared_position_note(frames)
     if shared_note:
-        warnings.warn(f"{path}: {shared_note}", MedfuseWarning, stacklevel=3)
+        _warn(path, shared_note)
         notes.append(shared_note)
     unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path)
     suv_source = None
@@ -1820,7 +1855,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             vframes, headers, float(np.linalg.norm(aff[:3, 2])))
         statuses.add(status)
         if sparse:
-            warnings.warn(f"{path}: {sparse}", MedfuseWarning, stacklevel=_user_stacklevel())
+            _warn(path, sparse)
             vnotes.append(sparse)
         # Study and frame of reference: which volumes share a patient space (never logged: UIDs identify).
         prov.update(study_uid=_uid_of(ds0, "StudyInstanceUID"),
@@ -1852,9 +1887,12 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
                    "last (the headers give no slice spacing or count to confirm it)")
         msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated, empty or not "
                f"readable: {names}) and were left out; {why}")
-        warnings.warn(f"{path}: {msg}", MedfuseWarning, stacklevel=2)
+        _warn(path, msg)
         for v in out:
             v.provenance["warnings"].append(msg)
+    ids = _PATIENT_IDS.get()
+    for v in out:  # the notes as the warnings said them
+        v.provenance["warnings"] = [_blanked(w, ids) for w in v.provenance["warnings"]]
     return out
 
 
