@@ -301,3 +301,19 @@ def test_a_nii_gz_damaged_in_the_middle_is_refused_not_read_as_other_voxels(tmp_
     assert not np.array_equal(np.asarray(nib.load(str(bad)).dataobj), arr)  # nibabel alone reads other voxels
     with pytest.raises(UnreadableFileError, match="damaged.*checksum"):
         medfuse.load(bad)
+
+
+def test_loader_warnings_point_at_the_callers_line(samples_dir, tmp_path):
+    """The duplicate-file, damaged-file and "PET loaded in Bq/mL" warnings pointed into contextlib.py, so a
+    per-module warning filter (or the line Python shows) missed the caller."""
+    folder = tmp_path / "pet"
+    shutil.copytree(samples_dir / "pet", folder)
+    first = sorted(folder.glob("*.dcm"))[0]
+    shutil.copy(first, folder / "zz_copy.dcm")  # the same instance stored twice
+    (folder / "zz_cut.dcm").write_bytes(first.read_bytes()[:300])  # a damaged file beside the series
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        medfuse.load(folder, suv="none")
+    said = [w for w in seen if issubclass(w.category, MedfuseWarning)]
+    assert len(said) >= 2, [str(w.message) for w in said]
+    assert {Path(w.filename).name for w in said} == {Path(__file__).name}, [(w.filename, str(w.message)) for w in said]
