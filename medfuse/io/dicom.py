@@ -375,8 +375,9 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
     A folder holding a series twice (an export and its backup, a copied file) would otherwise look
     like a 4-D series with identical volumes, or like an incomplete one.
     """
-    seen: Dict[Tuple, Path] = {}
-    out = []
+    seen: Dict[Tuple, int] = {}  # key -> index in out
+    out: List[Tuple[Path, Any]] = []
+    shorter: List[Path] = []
     for f, ds in files:
         uid = ds.get("SOPInstanceUID")
         if uid is None:
@@ -384,15 +385,36 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
             continue
         key = (str(uid), str(ds.get("ImagePositionPatient", "")), str(ds.get("InstanceNumber", "")),
                str(ds.get("NumberOfFrames", "")), str(ds.get("Rows", "")), str(ds.get("Columns", "")))
-        if key in seen:
+        if key not in seen:
+            seen[key] = len(out)
+            out.append((f, ds))
             continue
-        seen[key] = f
-        out.append((f, ds))
+        # Of two copies the longer is kept: a truncated copy that sorted first was kept, and the whole load failed
+        # on it although the complete copy was there.
+        kept = out[seen[key]][0]
+        size_f, size_kept = _file_size(f), _file_size(kept)
+        if size_f > size_kept:
+            out[seen[key]] = (f, ds)
+            shorter.append(kept)
+        elif size_f < size_kept:
+            shorter.append(f)
     n = len(files) - len(out)
     if n:
-        _left_out(path, f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
-                        f"{'were' if n > 1 else 'was'} ignored", notes)
+        msg = (f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
+               f"{'were' if n > 1 else 'was'} ignored")
+        if shorter:
+            names = ", ".join(p.name for p in shorter[:3]) + (", ..." if len(shorter) > 3 else "")
+            msg += (f"; {len(shorter)} of them shorter than the copy kept (damaged or truncated: {names}), which "
+                    "may be deleted")
+        _left_out(path, msg, notes)
     return out
+
+
+def _file_size(f: Path) -> int:
+    try:
+        return f.stat().st_size
+    except OSError:
+        return -1
 
 
 class _Unsaid(list):

@@ -317,3 +317,17 @@ def test_loader_warnings_point_at_the_callers_line(samples_dir, tmp_path):
     said = [w for w in seen if issubclass(w.category, MedfuseWarning)]
     assert len(said) >= 2, [str(w.message) for w in said]
     assert {Path(w.filename).name for w in said} == {Path(__file__).name}, [(w.filename, str(w.message)) for w in said]
+
+
+def test_of_two_copies_of_one_instance_the_complete_one_is_kept(samples_dir, tmp_path):
+    """A truncated copy that sorted first was the one kept, and the whole load failed on it ("the file is cut
+    short") although the complete copy was there; the warning called it a duplicate only."""
+    whole = medfuse.load(samples_dir / "pet")
+    folder = tmp_path / "pet"
+    shutil.copytree(samples_dir / "pet", folder)
+    victim = sorted(folder.glob("*.dcm"))[5]
+    (folder / "0000_cut.dcm").write_bytes(victim.read_bytes()[:-100])  # sorts before every file of the series
+    with pytest.warns(MedfuseWarning, match=r"1 duplicate file .* was ignored; 1 of them shorter than the copy kept "
+                                            r"\(damaged or truncated: 0000_cut\.dcm\)"):
+        loaded = medfuse.load(folder)
+    np.testing.assert_array_equal(loaded.array, whole.array)
