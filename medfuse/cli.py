@@ -20,7 +20,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ._checks import MAX_THREADS, label
 from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
@@ -130,18 +130,22 @@ def _bounded_count(maximum: int) -> Callable[[str], int]:
     return count
 
 
-def _cli_error(e: MedfuseError) -> MedfuseError:
+def _cli_error(e: MedfuseError, series: Optional[Mapping[Any, Any]] = None) -> MedfuseError:
     """The same error with a fix that names command-line options, not Python arguments
-    (``overwrite=True`` -> ``--overwrite``; ``series_uid=``/``volume_index=`` -> what the command line can do)."""
+    (``overwrite=True`` -> ``--overwrite``; ``series_uid=``/``volume_index=`` -> what the command line can do).
+
+    ``series``: each input's ``--series`` choice, by its path (a 4-D series picked in a folder of several)."""
     from .errors import MultipleSeriesError
 
     fix = e.fix
     if isinstance(e, MultipleSeriesError):
         if "4-D" in e.problem:
             where = repr(os.fspath(e.path)) if e.path else "'PATH'"
+            pick = _series_picked(series, e.path)
             fix = ("the command line reads one 3-D volume per input: save the one you want as its own file "
-                   "first, e.g. python -c \"import medfuse; "
-                   f"medfuse.save(medfuse.load({where}, volume_index=0), 'vol0.nii.gz')\"")
+                   f"first, e.g. python -c \"import medfuse; {_volume_loader(where, pick)}; "
+                   "medfuse.save(v, 'vol0.nii.gz')\"" + (", N being the series' number as 'medfuse info FOLDER' "
+                                                          "lists it" if pick == "N" else ""))
         else:
             fix = ("pick one with --series: its number as listed or its modality (fuse and register: one per "
                    "input, FIXED first, '-' for an input that needs none, e.g. --series CT PT), or give the folder "
@@ -176,6 +180,50 @@ def _cli_error(e: MedfuseError) -> MedfuseError:
         e.fix, e.problem = fix, problem
         e.args = (e._compose(),)
     return e
+
+
+def _series_by_input(args: argparse.Namespace) -> Dict[Any, Any]:
+    """Each input's ``--series`` choice by its path (fuse and register: FIXED first), for :func:`_cli_error`."""
+    moving = getattr(args, "moving", None)
+    inputs = [getattr(args, "fixed", None), *(moving if isinstance(moving, list) else [moving])]
+    series = getattr(args, "series", None)
+    if not isinstance(series, list):
+        return {}
+    out: Dict[Any, Any] = {}
+    for given, pick in zip(inputs, series):
+        key = os.path.abspath(os.fspath(given)) if given is not None else None
+        # One folder given twice with two picks: which one failed is not known here.
+        out[key] = pick if out.get(key, pick) == pick else "N"
+    return out
+
+
+def _series_picked(series: Optional[Mapping[Any, Any]], path: Any) -> Optional[str]:
+    """The ``--series`` choice given for the input at ``path`` (None: none, or '-')."""
+    if not series or path is None:
+        return None
+    pick = series.get(os.path.abspath(os.fspath(path)))
+    return None if pick in (None, "-") else str(pick)
+
+
+def _volume_loader(where: str, pick: Optional[str]) -> str:
+    """Python that loads volume 0 of the series ``pick`` (a --series choice: number, modality or UID) as ``v``.
+
+    Why: ``medfuse.load(FOLDER, volume_index=0)`` alone, the advice for a 4-D series, is refused in a folder of
+    several series, where the command line's ``--series`` had picked one.
+    """
+    from .volume import _MODALITY_ALIASES
+
+    if pick is None:
+        return f"v = medfuse.load({where}, volume_index=0)"
+    if pick == "N":  # the folder's number for it, as 'medfuse info FOLDER' lists the series
+        uid = f"medfuse.scan({where})[N - 1].series_uid"
+    elif pick.isdigit():
+        uid = f"medfuse.scan({where})[{int(pick) - 1}].series_uid"
+    elif pick.upper() in _MODALITY_ALIASES:
+        uid = f"next(s.series_uid for s in medfuse.scan({where}) if s.modality == {_MODALITY_ALIASES[pick.upper()]!r})"
+    else:
+        uid = repr(pick)
+    return f"v = medfuse.load({where}, series_uid={uid}, volume_index=0)"
 
 
 #: Python advice in medfuse's messages and the command line's own, for any command (see :func:`_cli_words`).
@@ -937,7 +985,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
                              series=args.series, weights=args.weights, progress=bar, cancel=token)
         except MedfuseError as e:
-            raise _cli_error(e) from None
+            raise _cli_error(e, _series_by_input(args)) from None
     _show_warnings(caught, args)
     used = res.provenance.get("method_used", args.method)
     _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
@@ -1569,7 +1617,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except MedfuseError as e:
         if args.debug:
             _print_traceback(args)
-        e = _cli_error(e)  # every command's fixes in command-line words (register, evaluate, batch too)
+        e = _cli_error(e, _series_by_input(args))  # every command's fixes in command-line words (register too)
         print(f"medfuse {args.command}: error: {_scrubbed(e.one_line(), args)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # the reader left (medfuse info x | head -1): nothing more to say

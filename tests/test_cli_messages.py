@@ -210,3 +210,20 @@ def test_advice_given_for_both_faces_names_the_command_line_option_alone(samples
     assert main(["batch", str(manifest), "--method", "mean", "--report", str(manifest)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "pass --report another path" in err and "report=" not in err
+
+
+def test_a_4d_series_picked_with_series_gets_a_fix_that_loads_that_series(shared, tmp_path, capsys):
+    """The fix said medfuse.load(FOLDER, volume_index=0), which a folder of 4 series refuses (MultipleSeriesError)."""
+    folder = shared("data", "dicom", "qa-ge-siemens-epi", "In", "20180918GE")
+    mr = str(Path(__file__).resolve().parents[1] / "sample_volumes" / "mr_t1.nii.gz")
+    out = str(tmp_path / "f.nii.gz")
+    assert main(["fuse", mr, str(folder), "--series", "-", "3", "--method", "max", "-o", out]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    snippet = err.split('python -c "', 1)[1].split('"', 1)[0]
+    assert f"series_uid=medfuse.scan({str(folder)!r})[2].series_uid, volume_index=0" in snippet
+    scope: dict = {}
+    exec(snippet.replace("medfuse.save(v, 'vol0.nii.gz')", "pass"), scope)  # the advice runs as given
+    assert scope["v"].shape == (64, 64, 15)
+    # The same folder picked twice: which pick failed is not known, so the fix says how to fill it in.
+    assert main(["fuse", str(folder), str(folder), "--series", "1", "2", "--method", "max", "-o", out]) == EXIT_USAGE
+    assert "[N - 1].series_uid" in capsys.readouterr().err
