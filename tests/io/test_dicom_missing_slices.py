@@ -166,3 +166,24 @@ def test_unevenly_lost_slices_are_counted_not_only_the_largest_gap(pet):
     msg = next(t for t in texts if "uneven slice spacing" in t)
     assert "(missing slices?): 21 gaps, the largest 6.00 mm" in msg, msg
     assert "43 slices resampled linearly onto 64 slices" in msg and "gaps are interpolated" in msg, msg
+
+
+def test_filling_one_missing_slice_keeps_the_measured_slices_as_measured(pet):
+    """Positions are rounded in the headers: the grid's step came from the smallest step alone (4.99996 mm on a
+    real GE series), which put every measured slice off the grid, so all of them were interpolated (off by up to
+    0.5 on values of 7000 by slice 13). Only the missing slice is new now."""
+    full, _ = _load(pet)
+    files = _files(pet)
+    rng = np.random.default_rng(0)
+    for f in files:  # positions as a scanner rounds them: off by up to 5e-5 mm
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, round(z + float(rng.uniform(-5e-5, 5e-5)), 5)]
+        ds.save_as(f)
+    files[20].unlink()
+    vol, said = _load(pet)
+    assert any("uneven slice spacing" in t for t in said), said
+    assert vol.shape == full.shape
+    assert abs(vol.spacing[2] - full.spacing[2]) < 1e-5
+    kept = [k for k in range(full.shape[2]) if k != 20]
+    np.testing.assert_array_equal(vol.array[:, :, kept], full.array[:, :, kept])
