@@ -1416,9 +1416,12 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         # The grid's step from the whole run, not from its smallest step alone: positions are rounded in the
         # headers, and one pair 4.99996 mm apart put every measured slice off the grid (all of them interpolated,
         # off by up to 0.5 on values of 7000 by slice 13, where only the gap's slice is new).
-        regular = d[d <= (1 + _SPACING_TOL) * dz]
-        nk = int(round(proj[-1] / float(np.median(regular)))) + 1
-        dz = float(proj[-1]) / (nk - 1)
+        regular = float(np.median(d[d <= (1 + _SPACING_TOL) * dz]))
+        nk = int(round(proj[-1] / regular)) + 1
+        fitted = float(proj[-1]) / (nk - 1)
+        # Fitted to the first and last slice when that is the regular step (gaps of whole steps); otherwise (steps
+        # that are no multiples of each other) the regular step itself.
+        dz = fitted if abs(fitted - regular) <= _SPACING_TOL * regular else regular
         target = np.arange(nk) * dz
         hi = np.clip(np.searchsorted(proj, target, side="left"), 1, n - 1)
         lo = hi - 1
