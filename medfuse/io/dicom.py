@@ -292,9 +292,11 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
     single = files is None and path.is_file()
     series: Dict[str, List[Tuple[Path, Any]]] = {}
     n_non_image = 0
+    damaged: List[Path] = []
     for f in (_files(path) if files is None else files):
         ds = _read_header(f, strict=single)
         if ds is _BROKEN:
+            damaged.append(f)
             if broken is not None:
                 broken.append(f)
             continue
@@ -305,6 +307,7 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
             if single:
                 raise UnreadableFileError("the file is cut short: its header ends before the image is described",
                                           fix="copy or export the file again", path=f)
+            damaged.append(f)
             if broken is not None:
                 broken.append(f)
             continue
@@ -323,6 +326,12 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
         if n_non_image:
             raise UnsupportedDataError(f"the folder holds DICOM objects but no image series (RT, SEG, SR...){hidden}",
                                        fix=hidden_fix or "point to a folder with an image series", path=path)
+        if damaged:  # "no DICOM here" read as the wrong folder, where the files were there but damaged
+            names = ", ".join(_blanked(p.name, _PATIENT_IDS.get()) for p in damaged[:3]) + (
+                ", ..." if len(damaged) > 3 else "")
+            raise UnreadableFileError(f"no readable DICOM image files were found: {len(damaged)} DICOM file(s) here "
+                                      f"are damaged, truncated or empty ({names}){hidden}",
+                                      fix="copy or export the series again", path=path)
         raise UnreadableFileError(f"no readable DICOM image files were found{hidden}",
                                   fix=hidden_fix or "check the folder; medfuse reads DICOM, NIfTI, MetaImage and NRRD",
                                   path=path)
@@ -2002,7 +2011,9 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
 
     Raises:
         InvalidInputError: ``folder`` is not a path.
-        UnreadableFileError: it does not exist.
+        UnreadableFileError: it does not exist, or holds no readable DICOM image file (empty, other files only, or
+            only damaged, truncated or empty DICOM files, which the message counts).
+        UnsupportedDataError: it holds DICOM objects but no image series (RT, SEG, SR, a DICOMDIR alone).
     """
     folder = _io._as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     if not folder.exists():

@@ -331,3 +331,17 @@ def test_of_two_copies_of_one_instance_the_complete_one_is_kept(samples_dir, tmp
                                             r"\(damaged or truncated: 0000_cut\.dcm\)"):
         loaded = medfuse.load(folder)
     np.testing.assert_array_equal(loaded.array, whole.array)
+
+
+def test_a_folder_of_damaged_dicom_files_only_says_so(samples_dir, tmp_path):
+    """load, scan and info said "no readable DICOM image files were found; check the folder" (the wrong folder?)
+    where the DICOM files were there, all truncated or empty."""
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    first = sorted((samples_dir / "pet").glob("*.dcm"))[0]
+    (folder / "a.dcm").write_bytes(first.read_bytes()[:200])
+    (folder / "b.dcm").write_bytes(b"")
+    for call in (medfuse.load, medfuse.scan):
+        with pytest.raises(UnreadableFileError, match=r"no readable DICOM image files were found: 2 DICOM file\(s\) "
+                                                      r"here are damaged, truncated or empty \(a\.dcm, b\.dcm\)"):
+            call(folder)
