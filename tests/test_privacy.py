@@ -598,6 +598,10 @@ def test_files_named_after_the_patient_are_blanked_in_the_apis_warnings_errors_a
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(resent / "Doe_Jane_again.dcm")
     texts["slice re-sent under a new uid"] = _error_text(lambda: medfuse.load(resent))
+    all_cut = phi_series(tmp_path / "all_cut", modality="CT", prefix="Doe_Jane_MRN123456_")
+    for f in all_cut.iterdir():  # no header left to blank the names by
+        f.write_bytes(f.read_bytes()[:300])
+    texts["every file damaged"] = _error_text(lambda: medfuse.load(all_cut))
     assert "[removed]_zz.dcm" in texts["damaged file beside"]  # the file is still named, its identifiers blanked
     assert "GeometryError" in texts["slice re-sent under a new uid"] and "[removed]" in texts[
         "slice re-sent under a new uid"]

@@ -327,10 +327,9 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
             raise UnsupportedDataError(f"the folder holds DICOM objects but no image series (RT, SEG, SR...){hidden}",
                                        fix=hidden_fix or "point to a folder with an image series", path=path)
         if damaged:  # "no DICOM here" read as the wrong folder, where the files were there but damaged
-            names = ", ".join(_blanked(p.name, _PATIENT_IDS.get()) for p in damaged[:3]) + (
-                ", ..." if len(damaged) > 3 else "")
+            # Counted, not named: no header was readable to blank a patient's name from their file names.
             raise UnreadableFileError(f"no readable DICOM image files were found: {len(damaged)} DICOM file(s) here "
-                                      f"are damaged, truncated or empty ({names}){hidden}",
+                                      f"are damaged, truncated or empty{hidden}",
                                       fix="copy or export the series again", path=path)
         raise UnreadableFileError(f"no readable DICOM image files were found{hidden}",
                                   fix=hidden_fix or "check the folder; medfuse reads DICOM, NIfTI, MetaImage and NRRD",
