@@ -187,3 +187,23 @@ def test_filling_one_missing_slice_keeps_the_measured_slices_as_measured(pet):
     assert abs(vol.spacing[2] - full.spacing[2]) < 1e-5
     kept = [k for k in range(full.shape[2]) if k != 20]
     np.testing.assert_array_equal(vol.array[:, :, kept], full.array[:, :, kept])
+
+
+def test_positions_rounded_to_a_hundredth_of_a_mm_keep_their_step_when_a_slice_is_filled(pet):
+    """0.625 mm slices written as 0.62/0.63 mm steps: the step came from the smallest steps alone, and a series that
+    lost one slice came back as 102 slices of 0.619 mm ("49 gaps"), every measured slice interpolated."""
+    files = _files(pet)
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, round(k * 0.625, 2)]
+        ds.SliceThickness = ds.SpacingBetweenSlices = 0.625
+        ds.save_as(f)
+    full, _ = _load(pet)
+    files[30].unlink()
+    vol, said = _load(pet)
+    assert vol.shape == full.shape and abs(vol.spacing[2] - 0.625) < 1e-3
+    assert any("a gap of 1.25 mm after slice 30 of 63" in t or "a gap of 1.26 mm after slice 30 of 63" in t
+               for t in said), said
+    kept = [k for k in range(full.shape[2]) if k != 30]
+    np.testing.assert_array_equal(vol.array[:, :, kept], full.array[:, :, kept])
