@@ -280,15 +280,31 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
     if flat.size == 0:
         raise InvalidInputError("the image has no finite voxels", fix="check the data (all NaN/inf?)")
     lo, hi = (float(v) for v in np.percentile(flat.astype(np.float64), [low, high]))
-    smallest = float(flat.min())
-    if zeros_left_out and low > 0 and 0 < lo <= smallest and np.count_nonzero(flat == smallest) > flat.size * low / 100:
-        # More than `low` % of the voxels on the smallest value, so the low limit sits on it: a mask's 1s (or a
-        # label map's first label) drew as black as the background, and a 0/1 mask opened all black. From 0 they
-        # show; a continuous image is not touched.
-        lo = 0.0
+    if zeros_left_out and _is_label_map(flat):
+        # A mask or label map: its low percentile was its first label, drawn as black as the background (a 0/1
+        # mask opened all black, limits [1, 2]); and a rare last label fell above the high one. 0 to the largest.
+        lo, hi = 0.0, float(flat.max())
     if hi <= lo:  # constant image: widen by 1, or by a relative step where 1 is below float resolution (1e20)
         hi = lo + max(1.0, abs(lo) * 1e-6)
     return (lo, hi)
+
+
+#: An integer image with at most this many distinct non-zero values (and none negative) is shown as a label map.
+_MAX_LABELS = 64
+
+
+def _is_label_map(nonzero: np.ndarray) -> bool:
+    """Whether the non-zero voxels ``nonzero`` look like a mask or label map: booleans, or non-negative integers of
+    at most :data:`_MAX_LABELS` distinct values (an 8-bit photo or an MR in int16 has far more)."""
+    if nonzero.dtype == bool:
+        return True
+    if not np.issubdtype(nonzero.dtype, np.integer) or nonzero.size == 0 or int(nonzero.min()) < 0:
+        return False
+    if len(np.unique(nonzero[:: max(1, nonzero.size // 4096)])) > _MAX_LABELS:  # an image, told from a sample
+        return False
+    if int(nonzero.max()) >= 1 << 16:  # a bincount that large costs more than np.unique
+        return len(np.unique(nonzero)) <= _MAX_LABELS
+    return int(np.count_nonzero(np.bincount(nonzero, minlength=1))) <= _MAX_LABELS
 
 
 def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[str] = None) -> DisplaySettings:

@@ -283,7 +283,17 @@ def test_a_mask_or_label_map_is_not_drawn_as_black_as_its_background():
     mask[20:30] *= 2
     mask[25:28] *= 2
     assert display.percentile_limits(mask) == (0.0, 4.0)
-    # A continuous image keeps its low percentile above its smallest value.
+    rare = np.zeros((100, 100, 10), np.uint16)  # a first label too rare for the low percentile to reach
+    rare[:50] = 3
+    rare[50:99] = 2
+    rare[99, 0, 0] = 1
+    rare[99, 1, 0] = 40  # and a last one too rare for the high percentile
+    assert display.percentile_limits(rare) == (0.0, 40.0)
+    # Images are not label maps: a float one, an 8-bit one clipped at a floor, an MR in int16.
     image = np.zeros((10, 10, 10), np.float32)
     image[2:8, 2:8, 2:8] = np.linspace(1, 100, 216).reshape(6, 6, 6)
     assert display.percentile_limits(image)[0] == pytest.approx(np.percentile(np.linspace(1, 100, 216), 1))
+    rng = np.random.default_rng(0)
+    clipped = np.clip(rng.normal(60, 30, (64, 64, 8)), 20, 255).astype(np.uint8)
+    clipped[:, :, :2] = 0
+    assert display.percentile_limits(clipped)[0] == 20.0
