@@ -144,8 +144,8 @@ def _cli_error(e: MedfuseError, series: Optional[Mapping[Any, Any]] = None) -> M
             pick = _series_picked(series, e.path)
             fix = ("the command line reads one 3-D volume per input: save the one you want as its own file "
                    f"first, e.g. python -c \"import medfuse; {_volume_loader(where, pick)}; "
-                   "medfuse.save(v, 'vol0.nii.gz')\"" + (", N being the series' number as 'medfuse info FOLDER' "
-                                                          "lists it" if pick == "N" else ""))
+                   "medfuse.save(v, 'vol0.nii.gz')\"" + (", N being the series' number (as text, e.g. '2') as "
+                                                          "'medfuse info FOLDER' lists it" if pick == "N" else ""))
         else:
             fix = ("pick one with --series: its number as listed or its modality (fuse and register: one per "
                    "input, FIXED first, '-' for an input that needs none, e.g. --series CT PT), or give the folder "
@@ -209,21 +209,11 @@ def _volume_loader(where: str, pick: Optional[str]) -> str:
     """Python that loads volume 0 of the series ``pick`` (a --series choice: number, modality or UID) as ``v``.
 
     Why: ``medfuse.load(FOLDER, volume_index=0)`` alone, the advice for a 4-D series, is refused in a folder of
-    several series, where the command line's ``--series`` had picked one.
+    several series, where the command line's ``--series`` had picked one (``series_uid=`` takes the same choices).
     """
-    from .volume import _MODALITY_ALIASES
-
     if pick is None:
         return f"v = medfuse.load({where}, volume_index=0)"
-    if pick == "N":  # the folder's number for it, as 'medfuse info FOLDER' lists the series
-        uid = f"medfuse.scan({where})[N - 1].series_uid"
-    elif pick.isdigit():
-        uid = f"medfuse.scan({where})[{int(pick) - 1}].series_uid"
-    elif pick.upper() in _MODALITY_ALIASES:
-        uid = f"next(s.series_uid for s in medfuse.scan({where}) if s.modality == {_MODALITY_ALIASES[pick.upper()]!r})"
-    else:
-        uid = repr(pick)
-    return f"v = medfuse.load({where}, series_uid={uid}, volume_index=0)"
+    return f"v = medfuse.load({where}, series_uid={'N' if pick == 'N' else repr(pick)}, volume_index=0)"
 
 
 #: Python advice in medfuse's messages and the command line's own, for any command (see :func:`_cli_words`).

@@ -220,10 +220,11 @@ def test_a_4d_series_picked_with_series_gets_a_fix_that_loads_that_series(shared
     assert main(["fuse", mr, str(folder), "--series", "-", "3", "--method", "max", "-o", out]) == EXIT_USAGE
     err = capsys.readouterr().err
     snippet = err.split('python -c "', 1)[1].split('"', 1)[0]
-    assert f"series_uid=medfuse.scan({str(folder)!r})[2].series_uid, volume_index=0" in snippet
+    assert "series_uid='3', volume_index=0" in snippet
     scope: dict = {}
     exec(snippet.replace("medfuse.save(v, 'vol0.nii.gz')", "pass"), scope)  # the advice runs as given
     assert scope["v"].shape == (64, 64, 15)
     # The same folder picked twice: which pick failed is not known, so the fix says how to fill it in.
     assert main(["fuse", str(folder), str(folder), "--series", "1", "2", "--method", "max", "-o", out]) == EXIT_USAGE
-    assert "[N - 1].series_uid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "series_uid=N, volume_index=0" in err and "N being the series' number" in err
