@@ -154,6 +154,8 @@ def _cli_error(e: MedfuseError, series: Optional[Mapping[Any, Any]] = None) -> M
         # Advice for both faces ("pass overwrite=True (--overwrite)", "report= (--report)"): the option alone.
         fix = fix.replace("pass overwrite=True (--overwrite)", "add --overwrite")
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
+    if fix and "(CLI: --overwrite)" in fix:
+        fix = fix.replace(" (CLI: --overwrite)", "")
     if fix and "report= (--report)" in fix:
         fix = fix.replace("report= (--report)", "--report")
     if fix:  # advice giving both forms, "medfuse.f(...) (command line: medfuse f ...)": the command line's alone
@@ -1556,7 +1558,7 @@ def _exit_on_late_signals(code: int) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # os._exit skips it: a piped stdout would lose its last lines
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001 - closed, or a write the signal interrupted (reentrant call)
                 pass
         os.write(2, f"medfuse: interrupted while exiting, after the command had ended (exit code {code}); what it "
                     "wrote is complete\n".encode())

@@ -49,7 +49,7 @@ import warnings
 import numpy as np
 from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 
-from ._checks import MAX_THREADS, choice, describe, flag, label, whole
+from ._checks import MAX_THREADS, choice, describe, flag, label, user_stacklevel, whole
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from .fusion.normalise import _METHODS as _NORMALISE_METHODS
 from .volume import Volume, normalise_modality, relabelled
@@ -495,7 +495,7 @@ def _warn_coverage(moving: Volume, reference: Volume, names: Sequence[str], *, t
         _name_file(e, moving)  # the file that misses, not the first image's
         raise
     if msg is not None:
-        warnings.warn(msg, MedfuseWarning, stacklevel=4)
+        warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
 
 
 def _checked_register_options(kind: Optional[str], options: Dict[str, Any]) -> Dict[str, Any]:

@@ -399,7 +399,9 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
             continue
         # Of two copies the longer is kept: a truncated copy that sorted first was kept, and the whole load failed
         # on it although the complete copy was there.
-        kept = out[seen[key]][0]
+        kept, kept_ds = out[seen[key]]
+        if _syntax(ds) != _syntax(kept_ds):  # a compressed and a plain copy differ in size, and neither is damaged
+            continue
         size_f, size_kept = _file_size(f), _file_size(kept)
         if size_f > size_kept:
             out[seen[key]] = (f, ds)
@@ -416,6 +418,10 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
                     "may be deleted")
         _left_out(path, msg, notes)
     return out
+
+
+def _syntax(ds: Any) -> str:
+    return str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
 
 
 def _file_size(f: Path) -> int:

@@ -294,7 +294,7 @@ def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> d
             return inj
         # DICOM allows a DT cut at the date or the hour (anonymisers do it). Read as exact, 20201217 was midnight,
         # hours before the real injection: SUV 25x too high on a real Siemens header, with no word.
-        return _injection_time_on_date(h, dt)
+        return _injection_time_on_date(h, dt, inj)
     t = h.get("RadiopharmaceuticalStartTime")
     if not t:
         raise SUVError(
@@ -332,9 +332,12 @@ def _injection_datetime(h: Dict[str, Any], scan: Optional[datetime] = None) -> d
     return inj
 
 
-def _injection_time_on_date(h: Dict[str, Any], dt: str) -> datetime:
+def _injection_time_on_date(h: Dict[str, Any], dt: str, local: datetime) -> datetime:
     """The injection on a RadiopharmaceuticalStartDateTime cut at the date or the hour, timed by
-    RadiopharmaceuticalStartTime when that gives the minutes; refused when nothing does."""
+    RadiopharmaceuticalStartTime when that gives the minutes; refused when nothing does.
+
+    ``local``: the DT read in the series' UTC offset (:func:`_parse_dt`). A TM such as the start time is in that
+    offset, so an hour is compared (and a date taken) as moved there; a date alone carries no hour to move."""
     given = _dt_time_digits(dt)
     t = h.get("RadiopharmaceuticalStartTime")
     digits = _time_digits(t)
@@ -344,12 +347,13 @@ def _injection_time_on_date(h: Dict[str, Any], dt: str) -> datetime:
             f"{'date' if not given else 'date and hour'} but not its minutes, and no RadiopharmaceuticalStartTime "
             "gives them: SUV would be off by up to "
             f"{'a day' if not given else 'an hour'} of decay", fix=_FIX_TAGS)
-    if given and digits[:2] != given[:2]:
+    if given and int(digits[:2]) != local.hour:
         raise SUVError(
             "the PET header's RadiopharmaceuticalStartDateTime (cut at the hour) and RadiopharmaceuticalStartTime "
             "give different injection hours", fix=_FIX_TAGS)
-    try:  # the DT's own date: a TM carries no UTC offset, so none is applied to a date alone either
-        return _parse_date(str(dt).strip()[:8]) + _parse_time(t)
+    day = datetime(local.year, local.month, local.day) if given else _parse_date(str(dt).strip()[:8])
+    try:
+        return day + _parse_time(t)
     except (ValueError, IndexError):
         raise SUVError("RadiopharmaceuticalStartTime is not a valid DICOM time", fix=_FIX_TAGS) from None
 

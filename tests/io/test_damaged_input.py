@@ -346,3 +346,23 @@ def test_a_folder_of_damaged_dicom_files_only_says_so(samples_dir, tmp_path):
                                                       r"here are damaged, truncated or empty\.") as e:
             call(folder)
         assert "a.dcm" not in str(e.value)  # counted, not named: no header to blank a patient's name from
+
+
+def test_a_compressed_copy_of_an_instance_is_not_called_damaged(samples_dir, tmp_path):
+    """Copies are compared by size only under one transfer syntax: an RLE copy beside the plain one is smaller
+    and whole, and was about to be called "damaged or truncated ... may be deleted"."""
+    from pydicom.uid import RLELossless
+
+    whole = medfuse.load(samples_dir / "pet")
+    folder = tmp_path / "pet"
+    shutil.copytree(samples_dir / "pet", folder)
+    ds = pydicom.dcmread(sorted(folder.glob("*.dcm"))[5])
+    ds.compress(RLELossless, generate_instance_uid=False)  # the same instance, compressed
+    ds.save_as(folder / "zz_rle.dcm")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loaded = medfuse.load(folder)
+    said = [str(w.message) for w in seen if issubclass(w.category, MedfuseWarning)]
+    assert any("1 duplicate file (the same instance stored twice) was ignored" in m for m in said), said
+    assert not any("damaged" in m for m in said), said
+    np.testing.assert_array_equal(loaded.array, whole.array)

@@ -228,3 +228,18 @@ def test_a_pet_whose_instances_differ_in_units_is_not_labelled_with_the_first_on
     with pytest.warns(MedfuseWarning, match=r"PET loaded as stored \(unit 'arbitrary'\), not SUV: Units differs"):
         assert medfuse.load(_copy_pet(samples_dir, tmp_path / "auto", one_in_counts)).unit == "arbitrary"
     assert medfuse.load(_copy_pet(samples_dir, tmp_path / "none", one_in_counts), suv="none").unit == "arbitrary"
+
+
+def test_an_hour_cut_date_time_with_its_own_utc_offset_is_compared_in_the_series_offset():
+    """07+0000 is 08 local in a +0100 series: it was refused as "different injection hours" from a start time at
+    08:30, and a date moved across midnight by an offset would have dated the injection a day off."""
+    header = {"Units": "BQML", "DecayCorrection": "START", "CorrectedImage": ["ATTN", "DECY"],
+              "RadionuclideHalfLife": "6586.2", "RadionuclideTotalDose": "370000000", "PatientWeight": "70",
+              "SeriesDate": "20260101", "SeriesTime": "100000", "AcquisitionDate": "20260101",
+              "AcquisitionTime": "100000", "RadiopharmaceuticalStartTime": "083000",
+              "TimezoneOffsetFromUTC": "+0100"}
+    exact = suvmod.suv_factor({**header, "RadiopharmaceuticalStartDateTime": "20260101083000"})
+    for cut in ("2026010107+0000", "2026010108", "20260101+0000", "20260101-0900"):
+        assert suvmod.suv_factor({**header, "RadiopharmaceuticalStartDateTime": cut}) == pytest.approx(exact), cut
+    with pytest.raises(SUVError, match="different injection hours"):
+        suvmod.suv_factor({**header, "RadiopharmaceuticalStartDateTime": "2026010108+0000"})  # 09 local
