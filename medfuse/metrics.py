@@ -100,7 +100,7 @@ NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "
 
 _MIN_SIDE = 7  # scikit-image's default SSIM window; smaller images cannot be scored
 _MAX_MAGNITUDE = 1e50  # larger values overflow the metrics' products (SSIM: NaN from ~1e77)
-_SCALE_FACTOR = 16  # peaks further apart than this: images on different scales (see _warn_on_scale)
+_SCALE_FACTOR = 6  # peaks further apart than this: images on different scales (see _warn_on_scale)
 _VIF_MIN_SIDE = 17  # VIF's finest Gaussian window: below it VIF is undefined (NaN)
 
 # Set while score() or sampled_slice_scores() run the metrics on inputs whose scale they have already checked:
@@ -311,9 +311,10 @@ def _warn_on_scale(f: np.ndarray, srcs: Sequence[np.ndarray], *, stacklevel: int
     """
     # Peak magnitudes, not ranges: a low-contrast F on the right scale (a collapsed fusion, 100..103) is a poor
     # fusion to be scored, not a scale mistake. Every image is compared with the brightest one, not F with the
-    # sources only: score(F, A, B / 255) gave VIF 169 unwarned. A factor of 16 separates 0..1 (and SUV 0..8,
-    # even 0..15) from 0..255, and lets through the darkest real 8-bit sources (Harvard's darkest SPECT peaks
-    # at 79 against 255); a constant-zero image has no scale to compare.
+    # sources only: score(F, A, B / 255) gave VIF 169 unwarned. A factor of 6 separates 0..1 and SUV (up to about
+    # 40) from 0..255, and lets through the darkest real 8-bit sources (Harvard's darkest SPECT, of all 1,440
+    # images, peaks at 79 against 255: a factor of 3.2); 16 let a PET in SUV 0..20 beside 0..255 images through
+    # unwarned, with VIF 1.98 against 1.09. A constant-zero image has no scale to compare.
     names = ["the fused image", *(f"source {i + 1}" for i in range(len(srcs)))]
     peaks = [float(np.max(np.abs(x))) for x in (f, *srcs)]
     top = max(peaks)
@@ -340,7 +341,7 @@ def _warn_unless_0_255(images: Sequence[np.ndarray], *, stacklevel: int) -> None
             "(EN bins 0..255, SSIM uses data_range=255); the scores are not comparable with published tables. "
             "Rescale to 0-255 first (16-bit: divide by 257; scanner units: window or min-max scale)",
             MedfuseWarning, stacklevel=stacklevel)
-    elif hi <= 1.0 and lo >= -1.0 and hi > lo:
+    elif hi <= 1.1 and lo >= -1.0 and hi > lo:  # 0..1 with a little overshoot too (an interpolated output)
         warnings.warn(
             f"the images hold values from {lo:.6g} to {hi:.6g}: they look like the 0-1 scale, but the metrics are "
             "defined on 0-255 (EN bins 0..255, SSIM uses data_range=255). Multiply every image by 255 first",
@@ -683,9 +684,13 @@ def _warn_if_mi_on_continuous_values(images: Sequence[np.ndarray], *, stacklevel
     distinct values, not information (the same fusion scored 3.9 rounded, 10.5 with 0.01 of noise)."""
     for x in images:
         if np.abs(x - np.round(x)).max() > 1e-6:  # not float noise such as (a / 255) * 255
+            # Rounding a 0..1 image as it is makes it binary: say to put it on 0..255 first.
+            small = max(float(np.max(np.abs(i))) for i in images) <= 1.1
+            how = ("put them on 0-255 and round, as saved 8-bit images are (np.round(F * 255) for a 0..1 image)"
+                   if small else "rounded to 8 bits (np.round(F))")
             warnings.warn(
                 "MI is computed on the raw values, and these images are not whole numbers: MI then counts distinct "
-                "values and comes out far too high. Score the images as saved, rounded to 8 bits (np.round(F))",
+                f"values and comes out far too high. Score the images as saved, {how}",
                 MedfuseWarning, stacklevel=stacklevel)
             return
 

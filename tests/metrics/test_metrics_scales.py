@@ -39,7 +39,9 @@ def test_a_source_on_another_scale_warns_and_names_it(shared):
     right, quiet = _scale_warnings(f, a, b)
     assert not quiet and right["VIF"] < 2
     for args, which in (((f, a, b / 255), "source 2"), ((f, a / 255, b), "source 1"),
-                        ((f, a, b / 255 * 8), "source 2")):  # 0..1, and SUV-like 0..8
+                        ((f, a, b / 255 * 8), "source 2"),  # 0..1, and SUV-like 0..8
+                        ((f, a, np.round(b / b.max() * 20)), "source 2"),  # a PET in SUV 0..20, rounded
+                        ((f, a, np.round(b / b.max() * 30)), "source 2")):  # (16 let both through: VIF 1.98)
         wrong, said = _scale_warnings(*args)
         assert wrong["VIF"] != pytest.approx(right["VIF"], rel=0.05)  # the numbers are indeed off
         assert len(said) == 1 and said[0].startswith(which) and "0-255" in said[0], said
@@ -143,3 +145,17 @@ def test_large_but_representable_values_keep_their_scale_free_metrics():
     for k in ("CC", "SCD", "PSNR"):
         assert big[k] == pytest.approx(base[k], rel=1e-9)
     assert np.isfinite(big["SSIM"])
+
+
+@pytest.mark.shared
+def test_a_0_1_image_with_a_little_overshoot_is_told_to_go_to_0_255(shared):
+    """0..1 x 1.02 (an interpolated output) passed as if on 0-255 (EN 3.11 -> 0.86, SSIM 1.51 -> 1.99); the MI
+    warning then said to round it, which makes a 0..1 image binary."""
+    a, b = _grey_pair(shared, "CT-MRI/2013")
+    f = np.maximum(a, b)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        M.score(f / 255 * 1.02, a / 255 * 1.02, b / 255 * 1.02, metrics=["EN", "MI"])
+    said = [str(w.message) for w in seen if issubclass(w.category, MedfuseWarning)]
+    assert any("they look like the 0-1 scale" in m for m in said), said
+    assert any("np.round(F * 255) for a 0..1 image" in m for m in said), said
