@@ -1623,6 +1623,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             _print_traceback(args)
         print(f"medfuse {args.command}: error: {_scrubbed(message, args)}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as e:  # a required package gone (a broken or --no-deps install): not a bug here
+        if args.debug:
+            _print_traceback(args)
+        print(f"medfuse {args.command}: error: the package '{e.name or e}' that medfuse needs is not installed. Fix: "
+              "install medfuse with its dependencies (pip install --force-reinstall medfuse, plus the extras you "
+              "use, e.g. 'medfuse[ml]')", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
         return _internal_error(args, e)
 

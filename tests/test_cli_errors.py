@@ -129,3 +129,32 @@ def test_info_on_a_missing_output_points_to_what_a_killed_overwrite_left(tmp_pat
     (aside / "series").mkdir(parents=True)
     assert main(["info", str(target)]) == EXIT_USAGE
     assert f"previous version in {aside.name}" in _one_line(capsys)
+
+
+def test_a_required_package_missing_is_a_broken_install_not_an_internal_error(monkeypatch, capsys, samples_dir):
+    """Installed with --no-deps, 'medfuse info x.nii.gz' said "internal error: ModuleNotFoundError ... report the
+    traceback", pointing at a bug instead of the environment."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_nibabel(name, *args, **kwargs):
+        if name == "nibabel" or name.startswith("nibabel."):
+            raise ModuleNotFoundError("No module named 'nibabel'", name="nibabel")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nibabel)
+    for mod in [m for m in list(sys.modules) if m == "nibabel" or m.startswith("nibabel.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    assert main(["info", str(samples_dir / "mr_t1.nii.gz")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "the package 'nibabel' that medfuse needs is not installed" in err and "internal error" not in err
+
+
+def test_python_m_medfuse_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "medfuse", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("medfuse ")
