@@ -44,6 +44,9 @@ __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load
 PAIR_TYPES = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
 FUNCTIONAL_TYPES = ("PET-MRI", "SPECT-MRI")  # pair types whose second image is functional (uptake)
 DEFAULT_SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+#: ``--data``'s default: the team's shared/data beside a checkout; None in an installed package, where that path
+#: (``<venv>/lib/python3.x/shared/data``) is nothing the user made, and --data must be given.
+DEFAULT_DATA = DEFAULT_SHARED / "data" if (Path(__file__).resolve().parents[2] / "pyproject.toml").is_file() else None
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Layout version of the ``last.ckpt``/``best.ckpt`` files this medfuse writes; a newer one is refused by name.
 CHECKPOINT_FORMAT = 1
@@ -77,7 +80,8 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
         # Why: pointing --data at harvard-pairs/ itself (or at CT-MRI/) is the common mistake; say so.
         up = next((d for d in (root.parent, root.parent.parent) if any((d / t).is_dir() for t in PAIR_TYPES)), None)
         fix = (f"--data points at or inside {up}; pass the folder that holds it ({up.parent})" if up is not None
-               else f"pass --data DATA where the layout is {LAYOUT} (../shared/data is one)")
+               else f"pass --data DATA where the layout is {LAYOUT}"
+               + (" (../shared/data is one)" if DEFAULT_DATA is not None else ""))
         raise UnreadableFileError("the Harvard pairs folder is missing", path=root, fix=fix)
     present = [t for t in PAIR_TYPES if (root / t).is_dir()]
     if not present:
@@ -1170,10 +1174,11 @@ def plane_probe(model, *, device="cpu", size: int = 96) -> float:
 # ============================================================================ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``medfuse train`` (the CLI helper wires them under the ``train`` sub-command)."""
-    parser.add_argument("--data", type=Path, default=DEFAULT_SHARED / "data",
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="folder holding harvard-pairs/ and optionally brats-gli-00001/, spm12-templates/ "
-                             f"(default: shared/data beside the medfuse repository, {DEFAULT_SHARED / 'data'}). "
-                             "Your own 2-D pairs: harvard-pairs/CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/ "
+                             + (f"(default: shared/data beside the medfuse repository, {DEFAULT_DATA}). "
+                                if DEFAULT_DATA is not None else "(required: an installed medfuse has no default). ")
+                             + "Your own 2-D pairs: harvard-pairs/CT-MRI/{MRI,CT}/, PET-MRI/{MRI,PET}/ "
                              "and/or SPECT-MRI/{MRI,SPECT}/, same-named PNGs per pair, named CASE + 3-digit slice "
                              "(28010.png), at least two cases per pair type (split by case)")
     parser.add_argument("--out", type=Path, default=None,
@@ -1740,6 +1745,9 @@ def _run(args: argparse.Namespace) -> int:
     amp, amp_dtype, scale_loss = amp_settings(device)
     # The data is listed, split and read before the run folder is made: a missing folder or a broken PNG leaves
     # nothing behind.
+    if args.data is None:
+        raise InvalidInputError("medfuse train needs the training data: pass --data DATA",
+                                fix=f"pass --data DATA where the layout is {LAYOUT}")
     hv = Path(args.data) / "harvard-pairs"
     pairs = harvard_pairs(hv)
     train_pairs, val_pairs = split_cases(pairs, seed=args.seed, val_fraction=args.val_fraction)

@@ -168,3 +168,17 @@ def test_epochs_0_steps_3d_0_re_exports_init_unchanged_and_epochs_0_alone_says_i
     assert "note: --epochs 0" not in (tmp_path / "a" / "train.log").read_text()
     assert tr.main(common + ["--steps-3d", "1", "--run-dir", str(tmp_path / "b")]) == 0
     assert "pass --steps-3d 0" in (tmp_path / "b" / "train.log").read_text()
+
+
+def test_an_installed_medfuse_asks_for_data_instead_of_a_path_inside_site_packages(monkeypatch, tmp_path, capsys):
+    """Outside a checkout --data defaulted to <venv>/lib/python3.x/shared/data, and the error named that folder
+    and "../shared/data", neither of which the user ever made."""
+    from medfuse.cli import EXIT_USAGE, main
+
+    monkeypatch.setattr(tr, "DEFAULT_DATA", None)
+    assert main(["train", "--help"]) == 0
+    assert "required: an installed medfuse has no default" in " ".join(capsys.readouterr().out.split())
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--epochs", "1"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "medfuse train needs the training data: pass --data DATA" in err and "shared" not in err
+    assert not (tmp_path / "run").exists()
