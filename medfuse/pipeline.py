@@ -566,6 +566,13 @@ class FuseStep:
         if given:  # the run's own callbacks reach the fusion; a second pair here would clash with them
             raise InvalidInputError(f"FuseStep takes no {' or '.join(given)} option",
                                     fix="give progress= and cancel= to Pipeline.run (or fuse_files); they reach the fusion")
+        if method == "network" and fallback is None:
+            import importlib.util
+
+            # Without torch the run would load and register first (20 s for --register rigid) and then fail.
+            for package in ("torch", "safetensors"):
+                if importlib.util.find_spec(package) is None:
+                    raise MissingDependencyError.for_package(package, "the fusion network", "ml")
         if method == "network" and options.get("weights") is not None:
             from .fusion.infer import check_weights_file
 

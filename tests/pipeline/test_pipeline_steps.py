@@ -292,3 +292,19 @@ def test_the_fusions_own_warnings_reach_the_sidecar(tmp_path):
         res = medfuse.fuse_files(a, b, tmp_path / "f.nii.gz", method="network")
     said = json.loads(res.sidecar.read_text()).get("warnings") or []
     assert sum("anisotropic" in w for w in said) == 1
+
+
+def test_a_network_fusion_without_torch_is_refused_before_loading_and_registering(monkeypatch):
+    """Without torch, `medfuse fuse ... --register rigid` loaded and registered (20 s) before it said so."""
+    import importlib.util
+
+    from medfuse.errors import MissingDependencyError
+    from medfuse.pipeline import FuseStep
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "torch" else real(name, *a, **k))
+    with pytest.raises(MissingDependencyError, match="the fusion network needs the optional package 'torch'"):
+        FuseStep("network")
+    FuseStep("network", fallback="laplacian")  # a fallback rule runs instead: no refusal
+    FuseStep("max")
