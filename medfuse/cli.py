@@ -1486,7 +1486,8 @@ def build_parser() -> argparse.ArgumentParser:
             "fused.png (three orthogonal slices through the lesion) and pet_to_mr.tfm (pet_to_ct.tfm).\n"
             "Run again, it rewrites its own files in DIR; it refuses a folder where files of those names\n"
             "were not written by the demo.\n"
-            "If the fusion network's weights are absent it falls back to the Laplacian pyramid and says so.\n\n"
+            "If the fusion network cannot run (torch not installed, or its weights absent) it falls back to the "
+            "Laplacian pyramid and says so.\n\n"
             "example:\n  medfuse demo --out demo_output")
     p.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: demo_output)")
     p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
@@ -1623,12 +1624,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             _print_traceback(args)
         print(f"medfuse {args.command}: error: {_scrubbed(message, args)}", file=sys.stderr)
         return EXIT_USAGE
-    except ModuleNotFoundError as e:  # a required package gone (a broken or --no-deps install): not a bug here
+    except ModuleNotFoundError as e:  # a required package gone (a broken install, or one without dependencies)
         if args.debug:
             _print_traceback(args)
         print(f"medfuse {args.command}: error: the package '{e.name or e}' that medfuse needs is not installed. Fix: "
-              "install medfuse with its dependencies (pip install --force-reinstall medfuse, plus the extras you "
-              "use, e.g. 'medfuse[ml]')", file=sys.stderr)
+              "install medfuse again with its dependencies (pip install medfuse, plus the extras you use, e.g. "
+              "'medfuse[ml]')", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
         return _internal_error(args, e)
