@@ -8,6 +8,7 @@ axis, so memory stays bounded whatever the volume's length; the result does not 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +56,15 @@ def _resolve(weights: Optional[PathLike]) -> Path:
         raise WeightsError("weights= names a folder; it takes the weights file itself", path=p,
                            fix=f"pass weights={str(inside[0])!r}" if len(inside) == 1 else
                            "pass weights= the .safetensors file that 'medfuse train' wrote (in its run's export/)")
+    if p.exists() and not p.is_file():  # a named pipe blocked safetensors in native code, past Ctrl-C
+        raise WeightsError("weights= names something that is not a regular file (a named pipe, a device...)",
+                           path=p, fix="pass weights= the .safetensors file itself")
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # it was "missing", sending the user to look for a file that is there
+            raise WeightsError("weights= names a symbolic link that loops (it points back to itself)", path=p,
+                               fix="point the link at the .safetensors file, or pass that file itself") from None
     if p.suffix.lower() == ".json":
         beside = p.with_suffix(".safetensors")
         raise WeightsError("weights= names a model card (.json), not the weights", path=p,
@@ -136,8 +146,8 @@ def _check_recorded_hash(p: Path) -> None:
     if isinstance(recorded, str) and recorded and weights_sha256(p) != recorded:
         raise WeightsError(f"the fusion network's weights file does not match the SHA-256 recorded in {card.name} "
                            "(corrupted or partly overwritten)", path=p,
-                           fix="reinstall medfuse to restore the shipped weights, or export both files again "
-                               "with 'medfuse train'")
+                           fix="reinstall medfuse to restore the shipped weights" if p == default_weights_path()
+                           else "restore both files from where they came, or export them again with 'medfuse train'")
 
 
 def _torch():
@@ -195,9 +205,22 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         try:
             with safe_open(str(p), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
+                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                config = config_from_metadata(json.loads(meta["config"]))
+                try:
+                    with torch.device("meta"):  # the model's shapes, with no memory: compared before it is built
+                        wanted = {k: tuple(v.shape) for k, v in FusionNet(**config).state_dict().items()}
+                except ValueError as exc:  # a setting out of its range: named
+                    raise WeightsError(f"the fusion network's weights file holds an invalid setting: {exc}",
+                                       path=p, fix=_bad_file_fix(p)) from None
+                if wanted != shapes:
+                    raise WeightsError("the fusion network's weights file does not fit the model its settings "
+                                       "describe (tensor names or shapes differ)", path=p, fix=_bad_file_fix(p))
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            model = FusionNet(**config_from_metadata(json.loads(meta["config"])))
+            model = FusionNet(**config)
             model.load_state_dict(tensors, strict=True)
+        except WeightsError:
+            raise
         except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
             raise _unloadable(p, exc) from None
         for t in model.state_dict().values():
@@ -244,12 +267,16 @@ def _unloadable(p: Path, exc: Exception) -> WeightsError:
     torch_file = _torch_file_error(p)
     if torch_file is not None:
         return torch_file
-    shipped = p == default_weights_path()
     return WeightsError(f"the fusion network's weights file is corrupt or does not fit the model "
-                        f"({type(exc).__name__})", path=p,
-                        fix="reinstall medfuse to restore the shipped weights, or retrain with 'medfuse train'"
-                        if shipped else "pass a medfuse_fusion.safetensors exported by 'medfuse train' (re-export "
-                                        "it if the file was damaged), or leave weights= out for the shipped weights")
+                        f"({type(exc).__name__})", path=p, fix=_bad_file_fix(p))
+
+
+def _bad_file_fix(p: Path) -> str:
+    """Reinstalling restores the shipped file only; a file of the user's own is re-exported."""
+    if p == default_weights_path():
+        return "reinstall medfuse to restore the shipped weights, or retrain with 'medfuse train'"
+    return ("pass a medfuse_fusion.safetensors exported by 'medfuse train' (re-export it if the file was damaged), "
+            "or leave weights= out for the shipped weights")
 
 
 # ----------------------------------------------------------------------------- checks

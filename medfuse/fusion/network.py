@@ -369,6 +369,10 @@ class RefineHead(nn.Module):
         return _nhwc(self.out(_nchw(z))).unflatten(0, (b, n)).permute(0, 1, 4, 2, 3)
 
 
+#: The widest layer a weights file may ask for (the shipped network is 16 wide; 1024 is far past any trained here).
+MAX_WIDTH = 1024
+
+
 class FusionNet(nn.Module):
     """Fuses 2-3 co-registered images (2-D) or volumes (3-D, tri-plane), all scaled to 0..1.
 
@@ -420,6 +424,14 @@ class FusionNet(nn.Module):
                  refine: int = 0, functional_k: float = 0.0, functional_base_learned: float = 0.1,
                  functional_coarse_learned: float = 0.0075):
         super().__init__()
+        # Bounds on the sizes a weights file's config may set: the model is built from them before any tensor is
+        # compared, so width 4000 took 3.6 GB and 12 s to refuse, and factor 0 divided by zero at inference.
+        for name, v, top in (("width", width, MAX_WIDTH), ("refine", refine, MAX_WIDTH), ("scan", scan, MAX_WIDTH),
+                             ("levels", levels, 8), ("empty_guard", empty_guard, 63)):
+            if not 0 <= v <= top or (name in ("width", "levels") and v < 1):
+                raise ValueError(f"{name} must be {'1' if name in ('width', 'levels') else '0'}..{top}, got {v}")
+        if not 1 <= factor <= 64 or factor & (factor - 1):
+            raise ValueError(f"factor must be a power of two from 1 to 64, got {factor}")
         if refine < 0:
             raise ValueError(f"refine must be 0 (off) or the refinement head's width, got {refine}")
         if merge not in ("convex", "conv"):

@@ -1081,3 +1081,55 @@ def test_tiny_images_get_a_fix_that_works():
     assert medfuse.fuse(np.ones((3, 3)), np.zeros((3, 3)), method="max").shape == (3, 3)
     with pytest.raises(InvalidInputError, match="at least 2 pixels a side"):
         infer.fuse_2d([np.zeros((1, 64)), np.zeros((1, 64))])
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("width", 4000, "width must be 1..1024, got 4000"),
+    ("factor", 0, "factor must be a power of two from 1 to 64, got 0"),
+    ("factor", 3, "factor must be a power of two from 1 to 64, got 3"),
+    ("empty_guard", 100001, "empty_guard must be 0..63, got 100001"),
+])
+def test_a_weights_files_settings_are_checked_before_the_model_is_built(tmp_path, setting, value, says):
+    """The model was built from the header's settings before any tensor was compared: width 4000 took 3.6 GB and
+    12 s to refuse (40000 would meet the OOM killer), factor 0 divided by zero at inference (an 'internal error'
+    on the command line), factor 3 fused silent garbage, a huge empty_guard raised torch's raw error in 3-D."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(WEIGHTS), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = fh.metadata()
+    cfg = json.loads(meta["config"])
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "config": json.dumps({**cfg, setting: str(value)})})
+    with pytest.raises(WeightsError, match=f"holds an invalid setting: {says}") as ei:
+        infer.fuse_arrays([_blobs((32, 32), 0), _blobs((32, 32), 1)], weights=bad)
+    assert "reinstall" not in ei.value.fix  # the user's own file: re-export it, not reinstall medfuse
+
+
+def test_a_weights_file_whose_tensors_do_not_fit_its_settings_is_refused_before_building(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(WEIGHTS), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = fh.metadata()
+    bad = tmp_path / "wide.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "config": json.dumps({**json.loads(meta["config"]),
+                                                                          "width": "512"})})
+    with pytest.raises(WeightsError, match="does not fit the model its settings describe"):
+        infer.load_model(bad)
+
+
+def test_weights_that_are_no_regular_file_or_a_looping_link_are_named_as_such(tmp_path):
+    """A named pipe hung in safetensors' native code past Ctrl-C; a looping link was called "missing"."""
+    import os
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(WeightsError, match="not a regular file"):
+        infer.check_weights_file(fifo)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(WeightsError, match="symbolic link that loops"):
+        infer.load_model(tmp_path / "a")
