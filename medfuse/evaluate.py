@@ -1095,8 +1095,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="folder only: at most N pairs per pair type, spread evenly over its cases and slices")
-    parser.add_argument("--mode", choices=("slicewise", "native"), default="slicewise",
-                        help="volumes: score slice-wise over the three planes or natively in 3-D (default slicewise)")
+    parser.add_argument("--mode", choices=("slicewise", "native"), default=None,
+                        help="volumes (--pair): score slice-wise over the three planes or natively in 3-D (default "
+                             "slicewise); a folder of 2-D image pairs is scored as images")
     parser.add_argument("--mask", default=None, metavar="auto|FILE",
                         help="score within a region: 'auto' = the foreground (pixels above their minimum in any "
                              "source, as scored); FILE = a 0/1 mask on the volume pairs' grid, for every --pair "
@@ -1155,6 +1156,9 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             if value is not None:  # it was silently ignored: the user believed it applied
                 raise InvalidInputError(f"{option} is for a folder of image pairs; --pair scores every pair given",
                                         fix=f"leave out {option}, or give the folder instead of --pair")
+    if args.source is not None and args.mode is not None:  # it was ignored: the 2-D pairs were scored as images
+        raise InvalidInputError("--mode is for volumes given with --pair; a folder of 2-D image pairs is scored as "
+                                "images", fix="leave out --mode")
     if given["--limit"] is not None and given["--limit"] < 1:
         raise InvalidInputError(f"--limit must be 1 or more, got {given['--limit']}",
                                 fix="give the number of pairs per pair type to score, e.g. --limit 5")
@@ -1199,7 +1203,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MedfuseWarning)
             result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
-                              metrics=_csv_list(args.metrics), mode=args.mode, device=args.device,
+                              metrics=_csv_list(args.metrics), mode=args.mode or "slicewise", device=args.device,
                               overwrite=args.overwrite, save_outputs=not args.no_save,
                               mask=getattr(args, "mask", None), selection=selection,
                               weights=getattr(args, "weights", None))

@@ -144,3 +144,13 @@ def test_the_summary_line_counts_one_image_in_the_singular(tmp_path, capsys):
     assert E.run(parser.parse_args([str(root), "--pair-types", "CT-MRI", "--methods", "max", "--metrics", "SD",
                                     "--out", str(tmp_path / "o"), "--no-progress"])) == 0
     assert "(1 image scored)" in capsys.readouterr().out
+
+
+def test_mode_with_a_folder_of_2d_pairs_is_refused_not_ignored(tmp_path, capsys):
+    """`--mode native` on a folder of PNG pairs exited 0 and scored them as images, where a volume run refuses
+    Qabf in native mode: the user believed it applied."""
+    folder = _folder(tmp_path / "pairs")
+    assert main(["evaluate", str(folder), "--methods", "max", "--mode", "native", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == EXIT_USAGE
+    assert "--mode is for volumes given with --pair" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
