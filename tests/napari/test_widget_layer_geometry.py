@@ -317,13 +317,19 @@ def test_closing_the_dock_in_a_compare_view_gives_the_layers_back(pair):
     assert all(l.visible for l in viewer.layers)
 
 
-def test_closing_the_dock_while_flickering_leaves_the_overlay_visible(pair):
+def _flickering(pair):
+    """(viewer, widget, overlay panel) with MR as the base, PET as the overlay, the flicker on in its hidden phase."""
     viewer, widget = pair(in_affine=False)
     op = widget.overlay_panel
     op.base.set_layer("mr")
     op.overlay.set_layer("pet")
     op.flicker.setChecked(True)
     op._flick()
+    return viewer, widget, op
+
+
+def test_closing_the_dock_while_flickering_leaves_the_overlay_visible(pair):
+    viewer, widget, op = _flickering(pair)
     pet = _real(viewer, "pet")
     assert not pet.visible  # caught in the hidden phase
     viewer.window.remove_dock_widget(widget)
@@ -375,12 +381,7 @@ def test_the_flicker_stops_when_one_of_its_pair_is_closed(pair, monkeypatch, clo
     the base was closed) twice a second."""
     said = []
     monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
-    viewer, widget = pair(in_affine=False)
-    op = widget.overlay_panel
-    op.base.set_layer("mr")
-    op.overlay.set_layer("pet")
-    op.flicker.setChecked(True)
-    op._flick()
+    viewer, _, op = _flickering(pair)
     viewer.layers.remove(closed)
     kept = viewer.layers[0]
     assert not op.flicker.isChecked() and not op._flicker_timer.isActive()
