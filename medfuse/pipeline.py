@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._checks import MAX_THREADS, as_list, choice, describe, label, number, whole
-from .errors import (CancelledError, FusionError, GeometryError, InvalidInputError, MedfuseError, MedfuseWarning,
+from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 from .volume import Volume, relabelled, require_finite
