@@ -294,14 +294,20 @@ _MAX_LABELS = 64
 
 
 def _is_label_map(nonzero: np.ndarray) -> bool:
-    """Whether the non-zero voxels ``nonzero`` look like a mask or label map: booleans, or non-negative integers of
-    at most :data:`_MAX_LABELS` distinct values (an 8-bit photo or an MR in int16 has far more)."""
+    """Whether the non-zero voxels ``nonzero`` look like a mask or label map: booleans, or non-negative whole
+    numbers (integers, or floats as NIfTI masks are often stored) of at most :data:`_MAX_LABELS` distinct values
+    (an 8-bit photo or an MR in int16 has far more)."""
     if nonzero.dtype == bool:
         return True
-    if not np.issubdtype(nonzero.dtype, np.integer) or nonzero.size == 0 or int(nonzero.min()) < 0:
+    integer = np.issubdtype(nonzero.dtype, np.integer)
+    if nonzero.size == 0 or not (integer or np.issubdtype(nonzero.dtype, np.floating)):
         return False
     if len(np.unique(nonzero[:: max(1, nonzero.size // 4096)])) > _MAX_LABELS:  # an image, told from a sample
         return False
+    if float(nonzero.min()) < 0:
+        return False
+    if not integer:  # a float mask (0/1 stored as float32) opened all black as an integer one did
+        return bool(np.array_equal(nonzero, np.round(nonzero))) and len(np.unique(nonzero)) <= _MAX_LABELS
     if int(nonzero.max()) >= 1 << 16:  # a bincount that large costs more than np.unique
         return len(np.unique(nonzero)) <= _MAX_LABELS
     return int(np.count_nonzero(np.bincount(nonzero, minlength=1))) <= _MAX_LABELS

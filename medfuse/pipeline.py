@@ -566,13 +566,6 @@ class FuseStep:
         if given:  # the run's own callbacks reach the fusion; a second pair here would clash with them
             raise InvalidInputError(f"FuseStep takes no {' or '.join(given)} option",
                                     fix="give progress= and cancel= to Pipeline.run (or fuse_files); they reach the fusion")
-        if method == "network" and fallback is None:
-            import importlib.util
-
-            # Without torch the run would load and register first (20 s for --register rigid) and then fail.
-            for package in ("torch", "safetensors"):
-                if importlib.util.find_spec(package) is None:
-                    raise MissingDependencyError.for_package(package, "the fusion network", "ml")
         if method == "network" and options.get("weights") is not None:
             from .fusion.infer import check_weights_file
 
@@ -1091,6 +1084,7 @@ class Pipeline:
             check_save_target(out, overwrite=overwrite,
                               inputs=[p.provenance.get("source") if isinstance(p, Volume) else p for p in inputs])
             check_sidecar(out, overwrite=overwrite)
+        _refuse_network_without_torch(self._steps)
         state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
                               progress=None, cancel=cancel)
         state.notes["parameters"] = self.parameters()
@@ -1122,6 +1116,26 @@ class Pipeline:
         return PipelineResult(fused=state.fused, output=state.output if state.sidecar else None,
                               sidecar=state.sidecar, provenance=record, registrations=state.registrations,
                               transforms=state.transforms, steps=state.steps)
+
+
+def _refuse_network_without_torch(steps: Sequence[Tuple[str, Any]]) -> None:
+    """Refuse a run whose fuse step needs the network (no fallback) where torch or safetensors is not installed.
+
+    Why: the run loaded and registered first (20 s for ``--register rigid``) and failed only then. Checked when a
+    run starts, not when the pipeline is built: a pipeline whose fuse step is replaced needs no torch.
+    """
+    import importlib.util
+
+    fuse = dict(steps).get("fuse")
+    if not isinstance(fuse, FuseStep) or fuse.method != "network" or fuse.fallback is not None:
+        return
+    for package in ("torch", "safetensors"):
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a broken or stub module: its import fails with its own words
+            found = True
+        if not found:
+            raise MissingDependencyError.for_package(package, "the fusion network", "ml")
 
 
 def _as_input(item: Any, index: int) -> Union[PathLike, Volume]:

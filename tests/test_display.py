@@ -289,6 +289,8 @@ def test_a_mask_or_label_map_is_not_drawn_as_black_as_its_background():
     rare[99, 0, 0] = 1
     rare[99, 1, 0] = 40  # and a last one too rare for the high percentile
     assert display.percentile_limits(rare) == (0.0, 40.0)
+    assert display.percentile_limits(rare.astype(np.float32)) == (0.0, 40.0)  # a mask saved as float32 NIfTI
+    assert display.percentile_limits(mask.astype(np.float32) / 4 * 3)[0] > 0  # not whole numbers: an image
     # Images are not label maps: a float one, an 8-bit one clipped at a floor, an MR in int16.
     image = np.zeros((10, 10, 10), np.float32)
     image[2:8, 2:8, 2:8] = np.linspace(1, 100, 216).reshape(6, 6, 6)

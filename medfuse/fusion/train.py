@@ -1483,6 +1483,8 @@ MIN_CROP = 41
 def _check_ranges(args: argparse.Namespace) -> None:
     """Numeric options out of range are usage errors before anything is read or written (they failed deep in
     torch or numpy before, as internal errors: a zero division, Adam's own check, a size mismatch)."""
+    from .network import MAX_WIDTH
+
     inf = math.inf
 
     def weight(v, *, none_ok: bool = False) -> bool:  # a loss/score weight: finite and >= 0 (NaN fails)
@@ -1504,8 +1506,9 @@ def _check_ranges(args: argparse.Namespace) -> None:
             ("lr", 0 < args.lr < inf, "a finite value > 0", "use 1e-3 (the default)"),
             ("scan_lr", args.scan_lr is None or 0 < args.scan_lr < inf, "a finite value > 0",
              "leave it out (it is then --lr)"),
-            ("width", args.width >= 1, "1 or more", "use 16 (the default)"),
-            ("scan", args.scan >= 0, "0 or more", "use 0 (no scan) or 8"),
+            # Within the bounds a weights file's settings are held to (FusionNet): wider was an internal error.
+            ("width", 1 <= args.width <= MAX_WIDTH, f"1..{MAX_WIDTH}", "use 16 (the default)"),
+            ("scan", 0 <= args.scan <= MAX_WIDTH, f"0..{MAX_WIDTH}", "use 0 (no scan) or 8"),
             ("steps_3d", args.steps_3d >= 0, "0 or more", "use 60 (the default), or 0 to skip the 3-D stage"),
             ("joint_3d_every", args.joint_3d_every >= 0, "0 or more", "use 5, or 0 for never"),
             ("val_fraction", 0 < args.val_fraction < 1, "between 0 and 1", "use 0.2 (the default)"),
@@ -1671,7 +1674,7 @@ def _run(args: argparse.Namespace) -> int:
 
         raise MissingDependencyError.for_package(exc.name or "torch", "medfuse train", "ml") from None
 
-    from .network import FusionNet
+    from .network import MAX_WIDTH, FusionNet
 
     trained_by = _command_of(args)  # before the defaults below are filled in from --init
     quiet = bool(getattr(args, "quiet", False))  # ``medfuse -q train``: the log file only
@@ -1695,8 +1698,8 @@ def _run(args: argparse.Namespace) -> int:
                                 fix=f"use {ANGLE_GRAD_SOFTNESS:g} (the default), or 0 for the exact gradient")
     if args.refine_head is None:  # and the 2-D path's full-resolution refinement head
         args.refine_head = int(init_cfg.get("refine", 0))
-    if args.refine_head < 0:
-        raise InvalidInputError(f"--refine-head must be 0 or more, got {args.refine_head}",
+    if not 0 <= args.refine_head <= MAX_WIDTH:
+        raise InvalidInputError(f"--refine-head must be 0..{MAX_WIDTH}, got {args.refine_head}",
                                 fix="use 8 (the shipped weights' value) or 0 for no refinement head")
     if args.train_only_refine and not (args.refine_head and args.init is not None):
         raise InvalidInputError("--train-only-refine trains the refinement head on top of given weights, and "
@@ -1721,8 +1724,8 @@ def _run(args: argparse.Namespace) -> int:
         if not 0.0 <= value <= finite or value == math.inf:  # also catches NaN
             bound = "0..1" if finite == 1.0 else "a finite value >= 0"
             raise InvalidInputError(f"--{name.replace('_', '-')} must be {bound}, got {value}", fix=fix)
-    if args.empty_guard < 0 or (args.empty_guard and args.empty_guard % 2 == 0):
-        raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size, got {args.empty_guard}",
+    if not 0 <= args.empty_guard <= 63 or (args.empty_guard and args.empty_guard % 2 == 0):
+        raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size up to 63, got {args.empty_guard}",
                                 fix="use 3 (the shipped weights' value), 5, 7, or 0 to turn the guard off")
     if args.ct_target_smooth > 1 and args.ct_target_smooth % 2 == 0:
         raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",

@@ -347,15 +347,21 @@ def _injection_time_on_date(h: Dict[str, Any], dt: str, local: datetime) -> date
             f"{'date' if not given else 'date and hour'} but not its minutes, and no RadiopharmaceuticalStartTime "
             "gives them: SUV would be off by up to "
             f"{'a day' if not given else 'an hour'} of decay", fix=_FIX_TAGS)
-    if given and int(digits[:2]) != local.hour:
-        raise SUVError(
-            "the PET header's RadiopharmaceuticalStartDateTime (cut at the hour) and RadiopharmaceuticalStartTime "
-            "give different injection hours", fix=_FIX_TAGS)
-    day = datetime(local.year, local.month, local.day) if given else _parse_date(str(dt).strip()[:8])
     try:
-        return day + _parse_time(t)
+        tm = _parse_time(t)
     except (ValueError, IndexError):
         raise SUVError("RadiopharmaceuticalStartTime is not a valid DICOM time", fix=_FIX_TAGS) from None
+    if not given:
+        return _parse_date(str(dt).strip()[:8]) + tm
+    # The hour the DT gives, moved into the series' offset, spans [local, local + 1 h): at :30 for an offset of
+    # half an hour, and past midnight for an hour of 23 moved forward.
+    day = datetime(local.year, local.month, local.day)
+    for inj in (day + tm, day + timedelta(days=1) + tm, day - timedelta(days=1) + tm):
+        if local <= inj < local + timedelta(hours=1):
+            return inj
+    raise SUVError(
+        "the PET header's RadiopharmaceuticalStartDateTime (cut at the hour) and RadiopharmaceuticalStartTime "
+        "give different injection hours", fix=_FIX_TAGS)
 
 
 #: A time-only injection this much or more after the scan's time of day is dated the day before (23:30 and a scan

@@ -182,3 +182,17 @@ def test_an_installed_medfuse_asks_for_data_instead_of_a_path_inside_site_packag
     err = capsys.readouterr().err
     assert "medfuse train needs the training data: pass --data DATA" in err and "shared" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--width", "2000", "--width must be 1..1024"), ("--scan", "2000", "--scan must be 0..1024"),
+    ("--refine-head", "2000", "--refine-head must be 0..1024"),
+    ("--empty-guard", "65", "--empty-guard must be 0 or an odd neighbourhood size up to 63")])
+def test_architecture_options_are_held_to_the_bounds_a_weights_file_is_held_to(tmp_path, capsys, option, value,
+                                                                                says):
+    """Past FusionNet's bounds they passed the command line's checks and failed as an internal error once the
+    data had been read."""
+    rc = tr.main([option, value, "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "internal error" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -243,3 +243,20 @@ def test_an_hour_cut_date_time_with_its_own_utc_offset_is_compared_in_the_series
         assert suvmod.suv_factor({**header, "RadiopharmaceuticalStartDateTime": cut}) == pytest.approx(exact), cut
     with pytest.raises(SUVError, match="different injection hours"):
         suvmod.suv_factor({**header, "RadiopharmaceuticalStartDateTime": "2026010108+0000"})  # 09 local
+
+
+def test_an_hour_cut_date_time_in_a_half_hour_offset_takes_the_start_time_of_that_hour():
+    """07+0530 is 01:30-02:29 in a +0000 series: a start time of 02:15 was refused as another hour."""
+    header = {"Units": "BQML", "DecayCorrection": "START", "CorrectedImage": ["ATTN", "DECY"],
+              "RadionuclideHalfLife": "6586.2", "RadionuclideTotalDose": "370000000", "PatientWeight": "70",
+              "SeriesDate": "20260101", "SeriesTime": "030000", "AcquisitionDate": "20260101",
+              "AcquisitionTime": "030000", "TimezoneOffsetFromUTC": "+0000"}
+    for start in ("014500", "021500"):
+        exact = suvmod.suv_factor({**header, "RadiopharmaceuticalStartTime": start,
+                                   "RadiopharmaceuticalStartDateTime": f"20260101{start}"})
+        cut = suvmod.suv_factor({**header, "RadiopharmaceuticalStartTime": start,
+                                 "RadiopharmaceuticalStartDateTime": "2026010107+0530"})
+        assert cut == pytest.approx(exact), start
+    with pytest.raises(SUVError, match="different injection hours"):
+        suvmod.suv_factor({**header, "RadiopharmaceuticalStartTime": "023500",
+                           "RadiopharmaceuticalStartDateTime": "2026010107+0530"})

@@ -294,17 +294,26 @@ def test_the_fusions_own_warnings_reach_the_sidecar(tmp_path):
     assert sum("anisotropic" in w for w in said) == 1
 
 
-def test_a_network_fusion_without_torch_is_refused_before_loading_and_registering(monkeypatch):
-    """Without torch, `medfuse fuse ... --register rigid` loaded and registered (20 s) before it said so."""
+def test_a_network_fusion_without_torch_is_refused_before_loading_and_registering(monkeypatch, tmp_path):
+    """Without torch, `medfuse fuse ... --register rigid` loaded and registered (20 s) before it said so. Refused
+    when the run starts, before any input is read; a pipeline whose fuse step is replaced needs no torch."""
     import importlib.util
 
     from medfuse.errors import MissingDependencyError
-    from medfuse.pipeline import FuseStep
+    from medfuse.pipeline import FuseStep, Pipeline
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "torch" else real(name, *a, **k))
+    missing = [str(tmp_path / "not_read.nii.gz"), str(tmp_path / "nor_this.nii.gz")]  # never opened
     with pytest.raises(MissingDependencyError, match="the fusion network needs the optional package 'torch'"):
-        FuseStep("network")
-    FuseStep("network", fallback="laplacian")  # a fallback rule runs instead: no refusal
-    FuseStep("max")
+        Pipeline(register="rigid").run(missing)
+    with pytest.raises(MissingDependencyError):
+        Pipeline(steps={"fuse": FuseStep("network")}).run(missing)
+    # Built without torch, and run when the fuse step needs none: a fallback rule, a rule, a step of one's own.
+    Pipeline().replace("fuse", FuseStep("max"))
+    for pipeline in (Pipeline(steps={"fuse": FuseStep("network", fallback="laplacian")}),
+                     Pipeline(method="max")):
+        with pytest.raises(Exception) as ei:
+            pipeline.run(missing)
+        assert not isinstance(ei.value, MissingDependencyError)  # it went on to read the inputs
