@@ -810,9 +810,10 @@ class OverlayPanel(QWidget):
         hidden and shown twice a second), or the PET when the base was the one closed.
         """
         base, ov = self.base.layer(), self.overlay.layer()
-        if not self.flicker.isChecked() or (base is not None and ov is not None and base is not ov):
+        if not self._flicker_timer.isActive() or (base is not None and ov is not None and base is not ov):
             return
-        self.flicker.setChecked(False)  # stops the timer; visibility is already back
+        self.flicker.setChecked(False)
+        self.set_flicker(False)  # also when it was started without the box (set_flicker(True) from a script)
         from napari.utils.notifications import show_info
 
         show_info("The flicker stopped: it needs a base and a different overlay layer; pick them, then tick "
@@ -831,7 +832,7 @@ class OverlayPanel(QWidget):
 
     def _flick(self) -> None:
         target = self._flicker_target()
-        if target is not None and self.flicker.isChecked():  # not a tick queued before the flicker stopped
+        if target is not None and self._flicker_timer.isActive():  # not a tick queued before the flicker stopped
             self._flickered.setdefault(id(target), (target, target.visible))
             target.visible = not target.visible
 
