@@ -151,13 +151,8 @@ def _cli_error(e: MedfuseError, series: Optional[Mapping[Any, Any]] = None) -> M
                    "input, FIXED first, '-' for an input that needs none, e.g. --series CT PT), or give the folder "
                    "of one series ('medfuse info FOLDER' lists the series and their folders)")
     elif fix and "overwrite=True" in fix:
-        # Advice for both faces ("pass overwrite=True (--overwrite)", "report= (--report)"): the option alone.
-        fix = fix.replace("pass overwrite=True (--overwrite)", "add --overwrite")
+        fix = fix.replace("pass overwrite=True (--overwrite)", "add --overwrite")  # advice for both faces
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
-    if fix and "(CLI: --overwrite)" in fix:
-        fix = fix.replace(" (CLI: --overwrite)", "")
-    if fix and "report= (--report)" in fix:
-        fix = fix.replace("report= (--report)", "--report")
     if fix:  # advice giving both forms, "medfuse.f(...) (command line: medfuse f ...)": the command line's alone
         fix = re.sub(r"medfuse\.\w+\([^()]*\) \(command line: ([^()]*)\)", r"\1", fix)
     if fix and "initialise='" in fix:  # registration advice: the options of `medfuse register`
@@ -239,6 +234,9 @@ _CLI_ADVICE = (
      "or place it by the scanners' coordinates without registering: medfuse.resample(moving, fixed)",
      "pass the series folder when this file is one part of a DICOM series, or fuse it as the scanners placed it, "
      "without registering: medfuse fuse FIXED MOVING --register none -o OUT"),
+    # Advice written for both faces: the option alone.
+    (" (CLI: --overwrite)", ""),
+    ("report= (--report)", "--report"),
     ("a moving -> fixed transform needs .inverse() first",
      "a moving -> fixed transform must be inverted first: python -c \"import medfuse; "
      "medfuse.load_transform('T.tfm').inverse().save('T_inverse.tfm')\""),

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -56,15 +57,16 @@ def _resolve(weights: Optional[PathLike]) -> Path:
         raise WeightsError("weights= names a folder; it takes the weights file itself", path=p,
                            fix=f"pass weights={str(inside[0])!r}" if len(inside) == 1 else
                            "pass weights= the .safetensors file that 'medfuse train' wrote (in its run's export/)")
-    if p.exists() and not p.is_file():  # a named pipe blocked safetensors in native code, past Ctrl-C
-        raise WeightsError("weights= names something that is not a regular file (a named pipe, a device...)",
-                           path=p, fix="pass weights= the .safetensors file itself")
     try:
-        os.stat(p)
-    except OSError as e:
+        mode = os.stat(p).st_mode
+    except OSError as e:  # missing: said where the file is read
         if e.errno == errno.ELOOP:  # it was "missing", sending the user to look for a file that is there
             raise WeightsError("weights= names a symbolic link that loops (it points back to itself)", path=p,
                                fix="point the link at the .safetensors file, or pass that file itself") from None
+    else:
+        if not stat.S_ISREG(mode):  # a named pipe blocked safetensors in native code, past Ctrl-C
+            raise WeightsError("weights= names something that is not a regular file (a named pipe, a device...)",
+                               path=p, fix="pass weights= the .safetensors file itself")
     if p.suffix.lower() == ".json":
         beside = p.with_suffix(".safetensors")
         raise WeightsError("weights= names a model card (.json), not the weights", path=p,
@@ -652,8 +654,8 @@ def fuse_arrays(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: O
         MissingDependencyError: torch or safetensors is not installed (``pip install 'medfuse[ml]'``).
         CancelledError: ``cancel`` was set, or ``progress`` raised it.
     """
-    choice(mode, "mode", ("auto", "2d", "3d"), fix="use mode='auto'")
-    _check_refine(refine)  # on 3-D too, where it is not used: refine=3 was taken there and refused on 2-D
+    # Every option before the arrays, refine on 3-D too (it was taken there, where it is not used, and refused on 2-D).
+    check_options(mode=mode, batch_size=batch_size, functional=functional, refine=refine)
     refuse_volumes(arrays, takes="this function takes arrays scaled to 0..1")
     ndim = {"auto": None, "2d": 2, "3d": 3}[mode]
     if ndim is None:
