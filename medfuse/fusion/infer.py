@@ -436,10 +436,72 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     h, w = x.shape[1:]
     with torch.inference_mode():
         t = _pad_to(torch.from_numpy(x)[None].to(device), model.factor, (2, 3))
+        del x  # the padded copy is what the network reads (a view of x where no padding was needed)
         rule = model.coarse_pixel_rule_3d if functional else 0
-        out = model(t, refine=refine, coarse_pixel_rule=rule)[0, :h, :w].float().cpu().numpy()
+        rows = _strip_rows(t.shape[3], model.factor)
+        if rows >= t.shape[2]:
+            out = model(t, refine=refine, coarse_pixel_rule=rule)[0, :h, :w].float().cpu().numpy()
+        else:
+            out = _fuse_2d_strips(model, t, rows, refine=refine, rule=rule, progress=progress,
+                                  cancel=cancel)[:h, :w]
     report(progress, 1.0, "network fusion done")
-    return out.astype(np.float32)
+    return out.astype(np.float32, copy=False)
+
+
+#: Full-resolution pixels the 2-D path works on at a time. An image with more is fused in strips of whole rows
+#: (each with its halo) after one low-resolution pass over the whole image, which gives the whole image's result
+#: (to float rounding) in bounded memory: about 370 bytes a pixel at once made a 4096² pair (a mammogram's size)
+#: take 7.2 GB; a strip of 2**20 pixels holds about 0.4 GB.
+STRIP_PIXELS = 2 ** 20
+
+
+def _strip_rows(width: int, factor: int) -> int:
+    """Rows of a 2-D strip for an image ``width`` wide: :data:`STRIP_PIXELS` worth, a multiple of ``factor``."""
+    return max(factor, STRIP_PIXELS // max(1, width) // factor * factor)
+
+
+def _fuse_2d_strips(model, t, rows: int, *, refine: bool, rule: int, progress: Optional[ProgressFn],
+                    cancel: Optional[CancelToken]) -> np.ndarray:
+    """The 2-D forward pass of ``model`` on the padded (1, N, H, W) tensor ``t``, ``rows`` output rows at a time.
+
+    The low-resolution logits need the whole image (the encoder's and any scan's field is wide), but they are
+    computed from pooled features, which strips give exactly; everything at full resolution reads only
+    :meth:`FusionNet.halo_2d` pixels around each output pixel, so a strip with that halo of real rows (rounded up
+    to the factor, to stay on the low-resolution grid) gives its rows as the whole image does.
+    """
+    torch = _torch()
+    from .network import _up, decompose
+
+    f, height = model.factor, t.shape[2]
+    strips = list(_slabs(height, rows))
+    total = 2 * len(strips) + 1
+    halo = -(-model.halo // f) * f
+    feats = []
+    for i, (s, e) in enumerate(strips):
+        check(cancel, "network fusion")
+        lo, hi = max(0, s - halo), min(height, e + halo)
+        feats.append(model._features(t[:, :, lo:hi])[2][..., (s - lo) // f:(e - lo) // f, :])
+        report(progress, (i + 1) / total, "network fusion: features")
+    check(cancel, "network fusion")
+    lowres = model.lowres_logits(torch.cat(feats, dim=3))
+    del feats
+    report(progress, (len(strips) + 1) / total, "network fusion: low resolution")
+    halo = -(-model.halo_2d(refine) // f) * f
+    out = np.empty(tuple(t.shape[2:]), dtype=np.float32)
+    for i, (s, e) in enumerate(strips):
+        check(cancel, "network fusion")
+        lo, hi = max(0, s - halo), min(height, e + halo)
+        piece = t[:, :, lo:hi]
+        base, details = decompose(piece, model.levels)
+        # One low-resolution row more each side than the strip covers: the bilinear upsampling of the strip's
+        # rows then reads the rows the whole image's does.
+        a0, a1 = max(0, lo // f - 1), min(lowres.shape[2], hi // f + 1)
+        up = _up(lowres[:, :, a0:a1], f)[:, :, lo - a0 * f:hi - a0 * f]
+        fused = model.render_upsampled(piece, base, details, up, refine=refine, coarse_pixel_rule=rule)
+        out[s:e] = fused[0, s - lo:e - lo].float().cpu().numpy()
+        del base, details, up, fused
+        report(progress, (len(strips) + 2 + i) / total, "network fusion: combining")
+    return out
 
 
 # ----------------------------------------------------------------------------- 3-D (tri-plane)
