@@ -458,6 +458,8 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
 
     def _luma(pair):
         scaled = [np.clip(np.asarray(p, dtype=np.float64) / peak, 0.0, 1.0) for p in pair]
+        if rgb_index == 0:  # back in the caller's order, which options such as weights= follow
+            scaled.reverse()
         return _run(method, scaled, device=device, options=options) * peak
 
     out = fuse_rgb(gray01 * peak, rgb, fuse_fn=_luma, peak=peak)
@@ -784,6 +786,10 @@ def _slice_by_slice(method: str, scaled: Sequence[np.ndarray], axis: int, *, dev
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
+    if isinstance(v, np.generic):  # np.int64(3) is recorded as 3, not "3"
+        return _jsonable(v.item())
+    if isinstance(v, np.ndarray) and v.ndim <= 1 and v.size <= 64:
+        return [_jsonable(x) for x in v.tolist()]
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return str(v)

@@ -11,11 +11,12 @@ choice (the napari plugin's), so nothing here applies to volumes.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MedfuseWarning
 
 __all__ = ["rgb_to_gray", "rgb_to_ycbcr", "ycbcr_to_rgb", "fuse_rgb", "is_rgb"]
 
@@ -171,6 +172,32 @@ def ycbcr_to_rgb(ycc, *, peak: Optional[float] = None) -> np.ndarray:
     return np.stack([r, g, b], axis=-1)
 
 
+def _check_grey_scale(g: np.ndarray, peak: float) -> None:
+    """The grey image must share the colour image's scale (0..``peak``).
+
+    Why: an 8-bit MRI beside a 0..1 PET came out white everywhere, and a 0..1 MRI beside an 8-bit PET
+    vanished (its luma 1/255 of the PET's), with no word.
+    """
+    if g.dtype == bool or not np.issubdtype(g.dtype, np.number) or np.issubdtype(g.dtype, np.complexfloating):
+        raise InvalidInputError(f"the grey image must hold real numbers, got {g.dtype}",
+                                fix="pass it as a float or integer array on the colour image's scale")
+    if not g.size:
+        return
+    top = float(np.nanmax(g)) if np.issubdtype(g.dtype, np.floating) else float(g.max())
+    if not np.isfinite(g).all():
+        raise InvalidInputError("the grey image holds NaN or infinite values",
+                                fix="replace them first (e.g. np.nan_to_num), or use medfuse.fuse")
+    if top > peak * (1 + 1e-6):
+        raise InvalidInputError(f"the grey image's values reach {top:.6g}, above the colour image's white "
+                                f"({peak:.6g}): fuse_rgb takes both on one scale",
+                                fix=f"scale the grey image to 0..{peak:.6g} first, or use medfuse.fuse(grey, rgb), "
+                                    "which scales each image itself")
+    if peak > 1.0 and np.issubdtype(g.dtype, np.floating) and 0.0 < top <= 1.0:
+        warnings.warn(f"the grey image lies in 0..{top:.3g} beside a colour image on 0..{peak:.6g}: read on the "
+                      "colour image's scale it is nearly black; scale it to the colour image's range, or use "
+                      "medfuse.fuse(grey, rgb), which scales each image itself", MedfuseWarning, stacklevel=3)
+
+
 def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = None, peak: Optional[float] = None,
              **options) -> np.ndarray:
     """Fuse a grey image (MRI) with a pseudo-colour one (PET/SPECT) through YCbCr.
@@ -192,8 +219,9 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
         (``uint8`` stays ``uint8``), float64 otherwise.
 
     Raises:
-        InvalidInputError: a grey image that is not 2-D or not on the colour image's grid, a colour image that is
-            not ``(H, W, 3)`` numeric and finite (a float one above 255 needs ``peak``), or a ``peak`` that is
+        InvalidInputError: a grey image that is not 2-D, not on the colour image's grid, not real finite numbers
+            or above ``peak`` (a float one in 0..1 beside a colour image on 0..255 is warned of); a colour image
+            that is not ``(H, W, 3)`` numeric and finite (a float one above 255 needs ``peak``), or a ``peak`` that is
             not a positive finite number, below the colour image's largest value or above its integer dtype's top.
     """
     g = np.asarray(gray)
@@ -207,6 +235,7 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
             f"the grey image is {g.shape} but the colour image is {ycc.shape[:2]}",
             fix="resample the images onto one grid first",
         )
+    _check_grey_scale(g, peak)
     if fuse_fn is None:
         from .classical import fuse_arrays
 

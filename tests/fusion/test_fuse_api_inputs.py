@@ -149,3 +149,39 @@ def test_a_one_slice_array_fuses_as_the_2d_image_it_is_in_its_own_shape(method, 
     got = medfuse.fuse(np.expand_dims(a, axis), np.expand_dims(b, axis), method=method)
     assert got.shape == np.expand_dims(a, axis).shape
     np.testing.assert_array_equal(np.squeeze(got, axis), medfuse.fuse(a, b, method=method))
+
+
+def test_weights_follow_the_callers_order_when_the_colour_image_comes_first():
+    """The luma was always fused as [grey, colour]: weights=[1, 0] picked the MRI with the PET given first."""
+    rng = np.random.default_rng(0)
+    grey = rng.random((32, 32))
+    rgb = rng.random((32, 32, 3))
+    from medfuse.fusion.color import rgb_to_ycbcr
+
+    luma = rgb_to_ycbcr(rgb, peak=1.0)[..., 0]
+    first = rgb_to_ycbcr(fuse(rgb, grey, method="mean", weights=[1, 0]), peak=1.0)[..., 0]
+    second = rgb_to_ycbcr(fuse(grey, rgb, method="mean", weights=[0, 1]), peak=1.0)[..., 0]
+    np.testing.assert_allclose(first, luma, atol=1e-6)
+    np.testing.assert_allclose(second, luma, atol=1e-6)
+
+
+def test_fuse_rgb_refuses_a_grey_image_on_another_scale():
+    from medfuse.errors import MedfuseWarning
+    from medfuse.fusion.color import fuse_rgb
+
+    rng = np.random.default_rng(0)
+    grey8 = (rng.random((16, 16)) * 255).round()
+    rgb01 = rng.random((16, 16, 3))
+    with pytest.raises(InvalidInputError, match="above the colour image's white"):
+        fuse_rgb(grey8, rgb01, method="max")
+    with pytest.warns(MedfuseWarning, match="nearly black"):
+        fuse_rgb(grey8 / 255, (rgb01 * 255).astype(np.uint8), method="max")
+    assert fuse_rgb(grey8, (rgb01 * 255).astype(np.uint8), method="max").dtype == np.uint8
+
+
+def test_numpy_typed_options_are_recorded_as_numbers():
+    vols = [Volume(np.random.default_rng(k).random((8, 8, 8)).astype(np.float32), np.eye(4)) for k in range(2)]
+    out = fuse(*vols, method="laplacian", levels=np.int64(2), weights=np.array([0.3, 0.7]))
+    options = out.provenance["history"][-1]["options"]
+    assert options["levels"] == 2 and isinstance(options["levels"], int)
+    assert options["weights"] == [0.3, 0.7]
