@@ -961,6 +961,13 @@ def refuse_foreign_folder(p: Path, *, own_series: bool = False) -> None:
                                 path=p)
 
 
+def _desktop_metadata(name: str) -> bool:
+    """Files a desktop adds to any folder it shows (macOS Finder's .DS_Store and ._ AppleDouble files), which go
+    with the folder. Other hidden files are the user's own (notes, a scanner file named with a dot) and count as
+    "anything else": every hidden file was deleted with the folder it was in."""
+    return name == ".DS_Store" or name.startswith("._")
+
+
 def _replaceable_folder(p: Path, *, own_series: bool = False) -> bool:
     """A folder ``overwrite`` may replace: empty, or only DICOM files (a series, such as medfuse writes; with
     ``own_series``, only files medfuse's writer made).
@@ -973,7 +980,7 @@ def _replaceable_folder(p: Path, *, own_series: bool = False) -> bool:
     except OSError:
         return False
     for e in entries:
-        if e.name.startswith("."):  # .DS_Store, Thumbs-like hidden files
+        if _desktop_metadata(e.name):
             if e.is_dir(follow_symlinks=False):
                 return False
             continue

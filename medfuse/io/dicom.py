@@ -1693,9 +1693,11 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         return "HU", None, None
     if modality == "NM":
         # Quantitative SPECT exports declare Units BQML (the loader applies their RescaleSlope): Bq/mL, as a PET
-        # in BQML loads. Anything else (no Units, CNTS) is counts.
+        # in BQML loads. Anything else (no Units, CNTS) is counts, except NONE.
         units = {str(ds.get("Units", "") or "").strip().upper() for _, ds in files}
-        return ("Bq/mL" if units == {"BQML"} else "counts"), None, None
+        # NONE: values on no physical scale (medfuse writes it for a normalised SPECT, which read back as counts).
+        return {frozenset({"BQML"}): "Bq/mL", frozenset({"NONE"}): "arbitrary"}.get(frozenset(units), "counts"), \
+            None, None
     if modality != "PT":
         return "arbitrary", None, None
     from . import suv as _suv

@@ -137,23 +137,37 @@ _SC = "1.2.840.10008.5.1.4.1.1.7"
 _DICOM_MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "unknown": "OT"}
 
 
-def _read_template(template: Any):
+def _template_files(p: Path) -> list:
+    """The files of a template path as the loader lists them: hidden files and folders left out (a CT slice in
+    a .trash folder gave a PET its study and frame of reference)."""
+    from .dicom import _files
+
+    return _files(p) if p.is_file() or p.is_dir() else []
+
+
+def _read_template(template: Any, series_uid: Optional[str] = None):
+    """The template's header: from a folder, the first file of series ``series_uid`` (the volume's own, when it
+    is there), else the first readable file. A folder of several series (a PACS export of CT and PET) gave a PET
+    the CT's header, without its dose or weight: its SUV was lost on reload."""
     import pydicom
 
     if template is None or isinstance(template, pydicom.Dataset):
         return template
     p = Path(template)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
     from .dicom import _BROKEN, _read_header
 
-    for f in files:
+    first = None
+    for f in _template_files(p):
         # The reader's header function: it also reads files written without the preamble (old PACS exports), so
         # every folder medfuse loads can be its own template. None / _BROKEN: not DICOM or damaged, try the next.
         ds = _read_header(f, strict=False)
-        if ds is None or ds is _BROKEN:
+        if ds is None or ds is _BROKEN or "StudyInstanceUID" not in ds:
             continue
-        if "StudyInstanceUID" in ds:
+        if not series_uid or str(ds.get("SeriesInstanceUID", "")) == series_uid:
             return ds
+        first = first if first is not None else ds
+    if first is not None:
+        return first
     raise UnreadableFileError("the DICOM template holds no readable DICOM file",
                               fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
 
@@ -175,7 +189,7 @@ def _earliest_acquisition(template: Any, tpl) -> Optional[Tuple[str, str]]:
         return None
     uid = str(tpl.get("SeriesInstanceUID", ""))
     best = None
-    for f in sorted(x for x in Path(template).rglob("*") if x.is_file()):
+    for f in _template_files(Path(template)):
         ds = _read_header(f, strict=False)
         if ds is None or ds is _BROKEN or str(ds.get("SeriesInstanceUID", "")) != uid:
             continue
@@ -331,6 +345,22 @@ def _text_is_ascii(ds) -> bool:
             if not all(str(v).isascii() for v in values):
                 return False
     return True
+
+
+def _decode_text(base, tpl) -> None:
+    """Decode the text ``base`` copied from ``tpl`` in the template's character set, sequences included.
+
+    Why: text inside a copied sequence stayed in the template's bytes (Latin-1, GB18030) while the series is
+    declared UTF-8 whenever any text is not ASCII, so readers showed "Fluorod\ufffdsoxyglucose".
+    """
+    charset = tpl.get("SpecificCharacterSet")
+    if charset is None:
+        return
+    base.SpecificCharacterSet = copy.deepcopy(charset)
+    try:
+        base.decode()
+    finally:
+        del base.SpecificCharacterSet
 
 
 def _lo_text(text: str) -> str:
@@ -549,7 +579,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     _check_text(series_description, "series_description", "pass the description as text, or leave it out")
     _check_template(template)
     _refuse_all_nonfinite(volume.array, folder)
-    tpl = _read_template(template)
+    tpl = _read_template(template, str(volume.provenance.get("series_uid") or "") or None)
     if volume.shape[1] == 1 and volume.shape[2] > 1:
         # Images one row high are stacked along their row axis by ITK/GDCM (SimpleITK, Slicer...), which puts
         # every slice in the wrong place; the same voxels written as one slice whose rows run along k are read
@@ -576,6 +606,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                       MedfuseWarning, stacklevel=3)
     modality = volume.modality
     sop_class = _SOP.get(modality, _SC)
+    if modality not in _SOP and modality != "NM" and volume.unit != "arbitrary":
+        # Written as modality OT: no unit attribute is read back from it, so the series loads in "arbitrary" units.
+        warnings.warn(f"{folder.name}: a volume of modality {modality!r} is written as an 'other' (OT) series, "
+                      f"which holds no unit: its unit {volume.unit!r} is not kept (set the volume's modality, e.g. CT for HU or "
+                      "PT for SUV, or save it as NIfTI or NRRD, which keep the unit)", MedfuseWarning, stacklevel=3)
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     series_uid = generate_uid()
@@ -613,6 +648,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                     setattr(base, kw, tpl.data_element(kw).value)
     base.ImageType = ["DERIVED", "SECONDARY"]
     _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
+    if tpl is not None:
+        _decode_text(base, tpl)
     base.StudyInstanceUID = study_uid
     base.FrameOfReferenceUID = for_uid
     if deidentify:
@@ -658,8 +695,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     if modality == "CT":
         # CT Image module: RescaleType is required when the values are not Hounsfield units (a normalised CT).
         base.RescaleType = "HU" if volume.unit == "HU" else "US"
-    if modality == "NM" and volume.unit == "Bq/mL":
-        base.Units = "BQML"  # the reader's cue for quantitative SPECT (see medfuse.io.dicom)
+    if modality == "NM" and volume.unit in ("Bq/mL", "arbitrary"):
+        # The reader's cue for quantitative SPECT (see medfuse.io.dicom); NONE for values on no physical scale
+        # (a normalised SPECT), which without it read back as counts.
+        base.Units = "BQML" if volume.unit == "Bq/mL" else "NONE"
     if modality == "PT":
         if volume.unit.startswith("SUV"):
             # PS3.3 Units defined terms: GML (g/ml) is SUVbw and SUVlbm, CM2ML (cm²/ml) SUVbsa.

@@ -426,6 +426,12 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     if fmt == "dicom":
         from .dicom_writer import write_dicom_series
 
+        ending = next((sfx for sfx, f in _BY_SUFFIX if p.name.lower().endswith(sfx)), None)
+        if ending is not None:
+            # A DICOM series is a folder: "x.nii.gz" with format="dicom" became a folder of that name.
+            raise InvalidInputError(f"format='dicom' writes a series folder, but the name ends in {ending!r}, a "
+                                    "file format's ending", fix="name the series folder without that ending, or "
+                                    "leave format out to write the file the ending names", path=p)
         if np.iscomplexobj(volume.array):
             _storable(volume.array, "dicom", p)  # refused: DICOM pixels are real
 

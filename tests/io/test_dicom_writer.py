@@ -600,3 +600,78 @@ def test_full_disk_during_a_dicom_series_is_a_typed_error(tmp_path, monkeypatch)
         save(vol, tmp_path / "series", format="dicom")
     assert "pydicom" not in str(e.value) and "Traceback" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_text_inside_copied_sequences_is_decoded_from_the_templates_character_set(tmp_path):
+    """Without de-identification, a tracer name inside the radiopharmaceutical sequence kept its Latin-1 bytes
+    while the series was declared UTF-8 (the patient's name made it non-ASCII): readers showed garbage."""
+    from tests.conftest import SAMPLES
+
+    src = tmp_path / "tpl"
+    src.mkdir()
+    for f in sorted((SAMPLES / "pet").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jürgen"
+        ds.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical = "Fluorodésoxyglucose"
+        ds.save_as(src / f.name)
+    vol = medfuse.load(src)
+    out = save(vol, tmp_path / "out", template=src, deidentify=False)
+    f = sorted(out.iterdir())[0]
+    back = pydicom.dcmread(f)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert back.RadiopharmaceuticalInformationSequence[0].Radiopharmaceutical == "Fluorodésoxyglucose"
+    assert "Fluorodésoxyglucose".encode() in f.read_bytes()
+
+
+def test_a_folder_template_gives_the_volumes_own_series_header(tmp_path):
+    """A PACS export holding a CT and a PET: the PET written with the folder as template took the CT's header
+    (no dose, no weight, the CT's frame of reference) and lost its SUV on reload. Hidden files are skipped as the
+    loader skips them."""
+    import shutil
+
+    from tests.conftest import SAMPLES
+
+    both = tmp_path / "export"
+    both.mkdir()
+    for kind, prefix in (("ct", "A_"), ("pet", "B_")):  # the CT's files sort first
+        for f in sorted((SAMPLES / kind).iterdir()):
+            shutil.copy(f, both / (prefix + f.name))
+    pet_uid = str(pydicom.dcmread(next((SAMPLES / "pet").iterdir())).SeriesInstanceUID)
+    pet = medfuse.load(both, series_uid=pet_uid, suv="none")
+    assert pet.unit == "Bq/mL"
+    out = save(pet, tmp_path / "pet_out", template=both, deidentify=False)
+    back = medfuse.load(out)
+    assert back.unit == "SUVbw", "the PET's dose and weight were taken from its own series"
+    np.testing.assert_allclose(back.array, medfuse.load(SAMPLES / "pet").array, rtol=2e-3, atol=1e-3)
+    # A CT slice in a hidden folder (a desktop's .trash) is not the template either.
+    hidden = tmp_path / "pet_copy"
+    shutil.copytree(SAMPLES / "pet", hidden)
+    (hidden / ".trash").mkdir()
+    shutil.copy(next((SAMPLES / "ct").iterdir()), hidden / ".trash" / "A0.dcm")
+    ct_study = str(pydicom.dcmread(next((SAMPLES / "ct").iterdir())).FrameOfReferenceUID)
+    out2 = save(medfuse.load(hidden, suv="none"), tmp_path / "pet_out2", template=hidden, deidentify=False)
+    assert str(pydicom.dcmread(next(out2.iterdir())).FrameOfReferenceUID) != ct_study
+    assert medfuse.load(out2).unit == "SUVbw"
+
+
+def test_a_normalised_spect_reads_back_in_arbitrary_units(tmp_path):
+    a = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
+    nm = save(Volume(a, np.eye(4), modality="NM", unit="arbitrary"), tmp_path / "nm")
+    assert medfuse.load(nm).unit == "arbitrary"
+    counts = save(Volume((a * 100).round(), np.eye(4), modality="NM", unit="counts"), tmp_path / "counts")
+    assert medfuse.load(counts).unit == "counts"
+
+
+def test_a_unit_the_series_cannot_hold_is_warned_of(tmp_path):
+    a = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
+    with pytest.warns(MedfuseWarning, match="'SUVbw' is not kept"):
+        out = save(Volume(a, np.eye(4), modality="unknown", unit="SUVbw"), tmp_path / "u")
+    assert medfuse.load(out).unit == "arbitrary"
+
+
+def test_format_dicom_with_a_file_ending_is_refused(tmp_path):
+    vol = Volume(np.zeros((4, 4, 2), np.int16), np.eye(4), modality="CT", unit="HU")
+    with pytest.raises(medfuse.InvalidInputError, match="ends in '.nii.gz'"):
+        save(vol, tmp_path / "x.nii.gz", format="dicom")
+    assert not (tmp_path / "x.nii.gz").exists()

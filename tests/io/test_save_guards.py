@@ -73,6 +73,27 @@ def test_overwrite_still_replaces_medfuses_own_series_and_an_empty_folder(tmp_pa
     assert len(os.listdir(save(ct, tmp_path / "empty", overwrite=True))) == ct.shape[2]
 
 
+@pytest.mark.parametrize("hidden", [".notes", ".IM99999.dcm"])
+def test_overwrite_keeps_a_hidden_file_of_the_users(tmp_path, ct, hidden):
+    """Every hidden file went with the folder it was in: a user's notes, a scanner slice named with a dot."""
+    own = save(ct, tmp_path / "own")
+    if hidden.endswith(".dcm"):
+        scanner = save(ct, tmp_path / "scanner")
+        _as_scanner(scanner)
+        (own / hidden).write_bytes(sorted(scanner.iterdir())[0].read_bytes())
+    else:
+        (own / hidden).write_text("my notes")
+    before = _hashes(own)
+    with pytest.raises(OutputExistsError, match="never deletes these"):
+        save(ct.with_array(ct.array + 1), own, overwrite=True)
+    assert _hashes(own) == before
+    # A desktop's own files (Finder's .DS_Store and ._ AppleDouble files) go with the folder as before.
+    (own / hidden).unlink()
+    (own / ".DS_Store").write_bytes(b"Bud1")
+    (own / "._IM00001.dcm").write_bytes(b"\x00\x05\x16\x07")
+    save(ct.with_array(ct.array + 1), own, overwrite=True)
+    assert len(os.listdir(own)) == ct.shape[2]
+
 def test_cli_fuse_overwrite_keeps_a_scanners_series(tmp_path, ct, capsys):
     a, b = save(ct, tmp_path / "a.nii.gz"), save(ct.with_array(ct.array // 2), tmp_path / "b.nii.gz")
     scanner = save(ct, tmp_path / "scanner_pet")
