@@ -293,6 +293,12 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         raise _row_error(path, row, f"unknown register value {label(reg)}", "use none, rigid, affine or deformable")
     method = d.get("method")
     method = None if method in (None, "") else str(method).strip().lower()
+    if method is not None:
+        from .fusion import available_methods
+
+        if method not in available_methods():  # a typo failed on the worker, after registration, without a row
+            raise _row_error(path, row, f"unknown method {label(method)}",
+                             f"use one of {', '.join(available_methods())}, or leave the cell empty for --method")
     fixed = absolute(d["fixed"]) if d.get("fixed") and str(d["fixed"]).strip() else ""
     series = d.get("series")
     if isinstance(series, (list, tuple)):
@@ -552,6 +558,14 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
                          f"({sidecar_path(key).name}): the second would take over the first's",
                    "give the outputs names that differ before the suffix (not s.nii.gz and s.mha)")
         sidecars[side] = (i, key)
+    for key, (i, out) in outputs.items():
+        # Inside another row's output (a DICOM series folder): the run wrote both, and from then on the series
+        # folder held a file that is not DICOM, so that row failed on every rerun, with --overwrite too.
+        for place in (os.fspath(q) for q in Path(key).parents):
+            if place in outputs:
+                j, other = outputs[place]
+                refuse(i, j, f"output {out!r} lies inside output {other!r} (a DICOM series folder)",
+                       "give every subject an output outside the other outputs' folders")
     inputs: Dict[str, List[Tuple[int, str]]] = {}
     for i, s in enumerate(subjects):
         for x in (s.fixed, *s.moving):
@@ -1089,7 +1103,12 @@ def _as_subject(subject: Any, *, caller: str = "run_subject") -> Subject:
     names = {f.name for f in fields(Subject)}
     required = {f.name for f in fields(Subject) if f.default is MISSING and f.default_factory is MISSING}
     if isinstance(subject, Mapping) and required <= set(subject) <= names:
-        return Subject(**dict(subject))
+        fields_ = dict(subject)
+        if isinstance(fields_["moving"], (str, os.PathLike)):
+            # One path, as a manifest's moving column gives it: iterated, "pet.nii.gz" became one input per
+            # character, and "/" one that was the whole disk.
+            fields_["moving"] = [fields_["moving"]]
+        return Subject(**fields_)
     why = ""
     if isinstance(subject, Mapping):
         unknown, missing = sorted(set(subject) - names), sorted(required - set(subject))
@@ -1336,7 +1355,8 @@ def _row_error_text(e: MedfuseError, inputs: Sequence[str], *, dataset: bool = F
 
     fix, path = e.fix, e.path
     if fix and "pass overwrite=True" in fix:  # an output that appeared meanwhile (another run writing it)
-        fix = fix.replace("pass overwrite=True", "rerun with --overwrite (overwrite=True)")
+        fix = fix.replace("pass overwrite=True (--overwrite)", "pass overwrite=True") \
+            .replace("pass overwrite=True", "rerun with --overwrite (overwrite=True)")  # the option named once
     if fix and ", or pass format='dicom'" in fix:  # a manifest picks the format by the output's name alone
         fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
     if fix and any(k in fix for k in ("initialise=", "initial_transform=", "register='")):
@@ -1415,11 +1435,29 @@ def _is_batch_report(path: Path) -> bool:
     return head.split("\n", 1)[0].startswith("subject,status")
 
 
-def _check_report_path(path: Path) -> None:
-    """Refuse, before any work, a report path that holds someone else's file (a re-run's own is replaced)."""
+def _check_report_path(path: Path, subjects: Sequence[Subject] = ()) -> None:
+    """Refuse, before any work, a report path that holds someone else's file (a re-run's own is replaced), that
+    is not .csv or .json, or that is a subject's input, output or output's sidecar (or lies inside one)."""
+    from .provenance import sidecar_path
+
     if path.is_dir():
         raise InvalidInputError("the report path is a folder",
                                 fix="pass report= (--report) a file path ending .csv or .json", path=path)
+    if path.suffix.lower() not in (".csv", ".json"):
+        # Any other ending got CSV text: "report.xlsx" that Excel would not open.
+        raise InvalidInputError(f"the report path ends in {path.suffix or 'no ending'!r}; a batch report is .csv or "
+                                ".json", fix="pass report= (--report) a path ending .csv or .json", path=path)
+    here = os.path.realpath(path).casefold()
+    for s in subjects:
+        # The report written at an output's sidecar path took the place of that output's provenance.
+        taken = [(s.output, "an output"), (sidecar_path(s.output), "an output's provenance sidecar")] + \
+            [(x, "an input") for x in (s.fixed, *s.moving) if x]
+        for target, what in taken:
+            t = os.path.realpath(os.fspath(target)).casefold()
+            if here == t or here.startswith(t.rstrip(os.sep) + os.sep):
+                raise InvalidInputError(f"the report path is {what} of the batch (or inside one)",
+                                        fix="pass report= (--report) a path of its own, e.g. beside the outputs' "
+                                            "folder", path=path)
     if path.exists() and not _is_batch_report(path):
         raise OutputExistsError(
             "the report path holds a file that is not a medfuse batch report; it would be replaced",
@@ -1782,7 +1820,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)",
           minimum=1, maximum=MAX_THREADS)
     check_callbacks(cancel=cancel)
-    _check_report_path(report_path)
+    _check_report_path(report_path, subjects)
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     absent = {s.subject: _absent_folders(s.output) for s in subjects}
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).

@@ -208,3 +208,58 @@ def test_the_summary_says_why_fewer_workers_ran_than_asked(tmp_path, phantom):
     summary = run_batch(tmp_path / "m.csv", workers=2, method="mean")
     assert summary.workers == 1 and summary.workers_asked == 2
     assert "on 1 worker(s) (2 asked; never more workers than subjects)" in summary.table()
+
+
+# ----------------------------------------------------------------------------- outputs, reports and rows that collide
+def _manifest(tmp_path: Path, phantom: Path, rows) -> Path:
+    m = tmp_path / "m.csv"
+    m.write_text("subject,fixed,moving,output,method\n" + "".join(
+        f"{s},{phantom / 'mr_t1.nii.gz'},{phantom / 'pet.nii.gz'},{out},{method}\n" for s, out, method in rows))
+    return m
+
+
+def test_an_output_inside_another_rows_dicom_output_is_refused_before_any_work(tmp_path, phantom):
+    """The run wrote both ("done", exit 0); the series folder then held a NIfTI and its row failed on every rerun,
+    with --overwrite too."""
+    m = _manifest(tmp_path, phantom, [("d1", "res/dcm", ""), ("d2", "res/dcm/x.nii.gz", "")])
+    with pytest.raises(InvalidInputError, match="lies inside output"):
+        run_batch(m, scheduler="synchronous", method="mean")
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_report_path_that_is_an_outputs_sidecar_or_not_a_table_is_refused(tmp_path, phantom):
+    """--report res/r1.json beside the output res/r1.nii.gz took the place of its provenance sidecar."""
+    m = _manifest(tmp_path, phantom, [("r1", "res/r1.nii.gz", ""), ("r2", "res/dcm", "")])
+    for report, match in (("res/r1.json", "provenance sidecar"), ("res/dcm/report.csv", "an output"),
+                          ("report.xlsx", "'.xlsx'")):
+        with pytest.raises(InvalidInputError, match=match):
+            run_batch(m, scheduler="synchronous", method="mean", report=tmp_path / report)
+    assert not (tmp_path / "res").exists() and not (tmp_path / "report.xlsx").exists()
+
+
+def test_a_misspelt_method_in_a_row_is_refused_with_its_row(tmp_path, phantom):
+    m = _manifest(tmp_path, phantom, [("a", "res/a.nii.gz", "mean"), ("b", "res/b.nii.gz", "lapacian")])
+    with pytest.raises(InvalidInputError, match="row 3.*unknown method 'lapacian'"):
+        read_manifest(m)
+
+
+def test_a_sidecar_path_holding_a_json_list_is_a_typed_refusal(tmp_path, phantom):
+    """A list of the user's notes at the sidecar path: "internal error AttributeError: 'list' object has no
+    attribute 'get'"."""
+    res = tmp_path / "res"
+    res.mkdir()
+    shutil.copy(phantom / "mr_t1.nii.gz", res / "r.nii.gz")
+    (res / "r.json").write_text('["my notes"]')
+    m = _manifest(tmp_path, phantom, [("r", "res/r.nii.gz", "")])
+    summary = run_batch(m, scheduler="synchronous", method="mean")
+    (row,) = summary.results
+    assert row.status == "failed" and "internal error" not in row.error and "--overwrite" in row.error
+    assert (res / "r.json").read_text() == '["my notes"]'
+
+
+def test_a_subject_dicts_single_moving_path_is_one_input(tmp_path, phantom):
+    """moving='pet.nii.gz' was split into characters: "." became the working folder, "/" the whole disk."""
+    out = tmp_path / "o" / "x.nii.gz"
+    summary = run_batch([dict(subject="x", fixed=str(phantom / "mr_t1.nii.gz"), moving=str(phantom / "pet.nii.gz"),
+                              output=str(out))], scheduler="synchronous", method="mean")
+    assert [r.status for r in summary.results] == ["done"] and out.exists()
