@@ -1257,7 +1257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "stored with the weights. Weights without one start it at zero, so the model starts "
                              "as exactly those weights. Default: the --init safetensors export's value, else 0")
     parser.add_argument("--train-only-refine", action="store_true",
-                        help="train only the refinement head; every other parameter stays as --init gave it")
+                        help="train only the refinement head; every other parameter stays as --init gave it (the "
+                             "3-D stage, which trains the tri-plane merge, is skipped)")
     parser.add_argument("--empty-guard", type=int, default=None,
                         help="odd K: an input that is exactly 0 over a K×K neighbourhood where another input is "
                              "not gets no weight there (0: off); stored with the weights. Default: the value "
@@ -1410,9 +1411,21 @@ def _init_config(path: Optional[Path]) -> dict:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return json.loads((fh.metadata() or {}).get("config", "{}"))
+            config = json.loads((fh.metadata() or {}).get("config", "{}"))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise _unreadable_init(path, exc) from None
+    # Checked as load_model checks it: a list, or "x" for the factor, was an internal error (exit 3) further on.
+    from .network import config_from_metadata
+
+    try:
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
+        config_from_metadata(config)
+    except (TypeError, ValueError) as exc:
+        raise UnreadableFileError(f"the --init weights' stored architecture config is malformed ({exc})", path=path,
+                                  fix="pass a medfuse_fusion.safetensors export made by medfuse train, or a "
+                                      "last.ckpt/best.ckpt") from None
+    return config
 
 
 def _init_guard(path: Optional[Path]) -> int:
@@ -1468,7 +1481,10 @@ def _init_fix(model, path: Path) -> str:
         if key in stored or key in defaults:
             theirs = str(stored.get(key, defaults.get(key)))
             if theirs != ours.get(key, defaults.get(key)):
-                diff.append(f"{flag} {theirs} (this run: {ours.get(key, defaults.get(key))})")
+                if key == "per_input_gain":  # an on/off flag: "--per-input-gain 1" was refused by the parser
+                    diff.append(f"{flag} (this run: without)" if theirs != "0" else f"no {flag} (this run: with)")
+                else:
+                    diff.append(f"{flag} {theirs} (this run: {ours.get(key, defaults.get(key))})")
     if diff:
         return "the file was trained with " + ", ".join(diff) + "; pass those options (the JSON card beside an " \
                "export records its trained_by command)"
@@ -2006,10 +2022,17 @@ def _run(args: argparse.Namespace) -> int:
     log(f"exporting the best epoch ({best.get('best_epoch')})")
     if best.get("best_score", 0.0) < -50.0:  # the gate penalty: no epoch met every --select-min/max requirement
         log("WARNING: no epoch met the --select-min-*/--select-max-* requirements; the export misses them")
-    if args.epochs == 0 and args.steps_3d and vols:  # the fix texts said "--epochs 0" alone re-exports --init
-        log(f"note: --epochs 0 still runs the 3-D stage's {args.steps_3d} steps (--steps-3d); pass --steps-3d 0 "
+    steps_3d = args.steps_3d
+    if args.train_only_refine and steps_3d:
+        # The 3-D stage trains the tri-plane merge, which --train-only-refine promises to leave as --init gave it
+        # (the 3-D path does not use the head).
+        log(f"note: --train-only-refine skips the 3-D stage's {steps_3d} steps (--steps-3d): the tri-plane merge "
+            "stays as --init gave it")
+        steps_3d = 0
+    if args.epochs == 0 and steps_3d and vols:  # the fix texts said "--epochs 0" alone re-exports --init
+        log(f"note: --epochs 0 still runs the 3-D stage's {steps_3d} steps (--steps-3d); pass --steps-3d 0 "
             "to export the starting weights unchanged")
-    _train_3d(model, vols, steps=args.steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log,
+    _train_3d(model, vols, steps=steps_3d, device=device, loss_fn=loss_fn, seed=args.seed, log=log,
               plane_weight=args.plane_weight)
     check_finite(model, "the 3-D stage")  # before the final validation's minutes
     # A larger subset than each epoch's, not every pair: the full split would add minutes to every run.

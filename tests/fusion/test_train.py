@@ -222,15 +222,18 @@ def test_train_only_refine_trains_the_head_alone_and_exports_it(shared, tmp_path
     init = infer.default_weights_path()
     assert tr.main(["--data", str(shared("data")), "--init", str(init), "--refine-head", "8", "--train-only-refine",
                     "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "64", "--lr", "1e-2",
-                    "--val-limit", "1", "--steps-3d", "0", "--extra-fraction", "0", "--ct-weight", "100",
+                    "--val-limit", "1", "--steps-3d", "2", "--extra-fraction", "0", "--ct-weight", "100",
                     "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    # The 3-D stage (--steps-3d) trains the tri-plane merge: skipped, and said (agg.logits moved by up to 0.097).
+    assert "--train-only-refine skips the 3-D stage" in capsys.readouterr().out
     start = _tensors(init)
-    end = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)["model"]
-    head = [k for k in end if k.startswith("refine.")]
-    assert head and any(k not in start or not torch.equal(end[k], start[k]) for k in head)
-    for k, v in end.items():
-        if not k.startswith("refine."):
-            assert torch.equal(v, start[k]), k
+    last = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)["model"]
+    head = [k for k in last if k.startswith("refine.")]
+    assert head and any(k not in start or not torch.equal(last[k], start[k]) for k in head)
+    for end in (last, _tensors(tmp_path / "out" / "medfuse_fusion.safetensors")):  # the export: the best epoch
+        for k, v in end.items():
+            if not k.startswith("refine."):
+                assert torch.equal(v, start[k]), k
     assert infer.load_model(tmp_path / "out" / "medfuse_fusion.safetensors").config()["refine"] == 8
 
 
@@ -362,3 +365,30 @@ def test_logged_qabf_matches_medfuse_metrics_on_real_pairs(shared, kind, name):
     as_t = [torch.from_numpy(v / 255.0).float()[None] for v in (f, a, b)]
     got = float(torch_metrics(as_t[0], as_t[1:])["Qabf"][0])
     assert abs(got - want) <= 5e-4, (got, want)
+
+
+@pytest.mark.parametrize("config", ['{"factor": "x"}', '[1, 2]', '{"empty_guard": "3.5"}'])
+def test_init_weights_with_a_malformed_config_are_a_typed_error(tmp_path, capsys, config):
+    """As load_model refuses them: training stopped with "internal error: ValueError" (exit 3)."""
+    from safetensors.torch import save_file
+
+    import medfuse.fusion.train as tr
+    from medfuse.fusion import infer
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(_tensors(infer.default_weights_path()), str(bad), metadata={"config": config})
+    rc = tr.main(["--init", str(bad), "--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "architecture config is malformed" in err and "internal error" not in err
+
+
+def test_the_architecture_fix_names_the_per_input_gain_flag_as_the_parser_takes_it(tmp_path):
+    """"--per-input-gain 1" was suggested, and the parser refused the "1"."""
+    import medfuse.fusion.train as tr
+    from medfuse.fusion.network import FusionNet
+
+    path = tr.export_weights(FusionNet(per_input_gain=1), tmp_path, {"note": "test"})
+    fix = tr._init_fix(FusionNet(), path)
+    assert "--per-input-gain (this run: without)" in fix and "--per-input-gain 1" not in fix
+    plain = tr.export_weights(FusionNet(), tmp_path / "plain", {"note": "test"})
+    assert "no --per-input-gain (this run: with)" in tr._init_fix(FusionNet(per_input_gain=1), plain)
