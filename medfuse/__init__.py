@@ -44,12 +44,19 @@ _LAZY = {
     # Why: ``medfuse.transforms.LoadVolumed`` after a bare ``import medfuse`` raised AttributeError.
     "transforms": "medfuse.transforms",
     "evaluate": "medfuse.evaluate",
+    # The packages the docs name as medfuse.registration.PRESETS, medfuse.fusion.classical...: AttributeError after
+    # a bare ``import medfuse`` until something imported them.
+    "registration": "medfuse.registration",
+    "fusion": "medfuse.fusion",
+    "io": "medfuse.io",
 }
+#: Sub-packages reached as attributes, not names of the API: left out of ``from medfuse import *``.
+_SUBPACKAGES = {"registration", "fusion", "io"}
 
 #: Reached as attributes but left out of ``from medfuse import *``: they need these optional packages (``[ml]``).
 _OPTIONAL = {"transforms": ("monai", "torch")}
 
-__all__ = ["Volume", "__version__", *_errors.__all__, *sorted(set(_LAZY) - set(_OPTIONAL))]
+__all__ = ["Volume", "__version__", *_errors.__all__, *sorted(set(_LAZY) - set(_OPTIONAL) - _SUBPACKAGES)]
 
 
 def __getattr__(name: str) -> _Any:

@@ -219,11 +219,11 @@ _CLI_ADVICE = (
      "medfuse.resample(moving, fixed)",
      "register it onto the first image and pass the result instead: medfuse register FIRST SECOND -o "
      "SECOND_on_FIRST.nii.gz (it writes SECOND resampled onto FIRST's grid)"),
-    ("numpy.nan_to_num(array, nan=0.0), for a Volume v.with_array(numpy.nan_to_num(v.array, nan=0.0)); or save the "
-     "file with them set to 0",
+    ("numpy.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), for a Volume v.with_array(numpy.nan_to_num("
+     "v.array, nan=0.0, posinf=0.0, neginf=0.0)); or save the file with them set to 0",
      "save the image with them set to 0, in the program that made it or with python -c \"import medfuse, numpy; "
-     "v = medfuse.load('IN.nii.gz'); medfuse.save(v.with_array(numpy.nan_to_num(v.array, nan=0.0)), "
-     "'OUT.nii.gz')\", and pass that file"),
+     "v = medfuse.load('IN.nii.gz'); medfuse.save(v.with_array(numpy.nan_to_num(v.array, nan=0.0, posinf=0.0, "
+     "neginf=0.0)), 'OUT.nii.gz')\", and pass that file"),
     ("or fixed_mask=/moving_mask= to register the region both show",
      "or register the region both show with masks (the Python API's medfuse.register(..., fixed_mask=, "
      "moving_mask=))"),
@@ -461,6 +461,11 @@ def _cli_advice(text: str, command: Optional[str]) -> str:
         text = re.sub(r"initialise='(\w+)'", r"medfuse register --initialise \1", text)
         text = re.sub(r"\bmetric='(\w+)'", r"medfuse register --metric \1", text)
     if command in ("register", "fuse", "batch", "demo"):
+        text = text.replace(
+            "medfuse.resample(labels, fixed, transform=result.transform, interpolation='nearest')",
+            "write its transform (--transform T.tfm) and resample the labels by nearest neighbour: python -c \"import "
+            "medfuse; f = medfuse.load('FIXED.nii.gz'); medfuse.save(medfuse.resample(medfuse.load('LABELS.nii.gz'), "
+            "f, transform=medfuse.load_transform('T.tfm'), interpolation='nearest'), 'LABELS_on_FIXED.nii.gz')\"")
         text = text.replace("use a coarser bspline_grid_mm",
                             "use a coarser grid (the Python API's medfuse.register(..., bspline_grid_mm=))")
     return text
@@ -725,6 +730,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if not tfm.name.lower().endswith(TRANSFORM_SUFFIXES):
         raise InvalidInputError(f"unknown transform file ending {tfm.suffix!r}",
                                 fix="use .tfm, .txt, .h5 or .mat (.mat: rigid and affine only)", path=tfm)
+    from .registration.transforms import refuse_upper_case_ending
+
+    refuse_upper_case_ending(tfm)
     if tfm.name.lower().endswith(".mat") and args.kind == "deformable":
         raise InvalidInputError("a deformable transform cannot be stored in a .mat file (it holds one matrix)",
                                 fix="use .h5 or .tfm", path=tfm)

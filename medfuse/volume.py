@@ -1291,8 +1291,11 @@ def require_finite(array: Any, what: str, *, before: str) -> None:
         # Why the hint: NaN usually marks voxels outside a resampled field of view or a mask.
         raise InvalidInputError(
             f"{what} has {bad} NaN or infinite values ({100.0 * bad / arr.size:.3g} % of it)",
-            fix=f"replace them before {before}: numpy.nan_to_num(array, nan=0.0), for a Volume "
-            "v.with_array(numpy.nan_to_num(v.array, nan=0.0)); or save the file with them set to 0",
+            # posinf/neginf 0 too: nan_to_num's default turns inf into 1.8e308, which a float32 step (registration)
+            # reads as inf again.
+            fix=f"replace them before {before}: numpy.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), for a "
+            "Volume v.with_array(numpy.nan_to_num(v.array, nan=0.0, posinf=0.0, neginf=0.0)); or save the file "
+            "with them set to 0",
         )
 
 

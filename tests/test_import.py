@@ -33,3 +33,16 @@ def test_public_api_names_resolve():
 
     for name in ("load", "load_volumes", "scan", "save", "register", "resample", "fuse", "Volume"):
         assert callable(getattr(medfuse, name)), name
+
+
+def test_the_sub_packages_the_docs_name_are_attributes_after_a_bare_import():
+    """``medfuse.registration.PRESETS`` raised AttributeError until something had imported the package."""
+    mods = _imported_after(
+        "import medfuse\n"
+        "assert 'MR-PT' in medfuse.registration.PRESETS\n"
+        "assert callable(medfuse.fusion.classical.fuse_arrays) and callable(medfuse.io.load)\n"
+        "ns = {}\n"
+        "exec('from medfuse import *', ns)\n"
+        "assert not {'registration', 'fusion', 'io'} & set(ns)"
+    )
+    assert "torch" not in mods and "napari" not in mods

@@ -47,19 +47,26 @@ import torch.nn.functional as F
 
 from ..progress import CancelToken, ProgressFn, check, report
 
-__all__ = ["FusionNet", "ConvexMerge3d", "SelectiveScan2d", "DEFAULT_CONFIG", "decompose", "HALO", "blur_reach",
+__all__ = ["FusionNet", "ConvexMerge3d", "SelectiveScan2d", "DEFAULT_CONFIG", "decompose", "HALO",
            "config_from_metadata"]
 
 DEFAULT_CONFIG: Dict[str, int | float] = {"width": 16, "levels": 3, "factor": 4, "gain_min": 0.5, "gain_max": 2.0}
 
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 #: Full-resolution halo (voxels) one output voxel depends on through the à-trous blurs of the default 3 levels
-#: (2 + 4 + 8); :func:`blur_reach` gives it for any number of levels.
+#: (2 + 4 + 8); :func:`_blur_reach` gives it for any number of levels.
 HALO = 14
 
 
-def blur_reach(levels: int) -> int:
-    """Voxels each side that :func:`decompose` with ``levels`` levels reads: 2·(1 + 2 + … + 2**(levels-1))."""
+def _blur_reach(levels: int) -> int:
+    """Voxels each side that :func:`decompose` with ``levels`` levels reads.
+
+    Args:
+        levels: the number of detail levels (level ``l`` blurs with dilation ``2**l``, 5 taps).
+
+    Returns:
+        2·(1 + 2 + … + 2**(levels-1)): 14 for 3 levels.
+    """
     return 2 * (2 ** int(levels) - 1)
 
 
@@ -542,7 +549,7 @@ class FusionNet(nn.Module):
         From the weights' own number of levels: a fixed 14 (3 levels) left seams between the 3-D path's slabs
         of up to 0.06 for weights with 5 levels.
         """
-        return blur_reach(self.levels) + self.empty_guard // 2
+        return _blur_reach(self.levels) + self.empty_guard // 2
 
     def halo_2d(self, refine: bool = True) -> int:
         """:attr:`halo` for the 2-D path: plus the refinement head's field (if it has one and ``refine``), which

@@ -185,6 +185,15 @@ def _as_volume(v: Any, name: str) -> Volume:
                                 fix="register the magnitude image: v.with_array(numpy.abs(v.array))")
     require_finite(arr, name, before="registering")
     lo, hi = float(np.min(arr)), float(np.max(arr))
+    top = float(np.finfo(np.float32).max)
+    if max(-lo, hi) > top:
+        # Registration works in float32, where such a voxel is inf: the initialiser's SVD then never returned, and
+        # Ctrl-C could not stop it.
+        n = int(np.count_nonzero(np.abs(arr) > top))
+        raise InvalidInputError(f"{name} has {n} voxel(s) beyond float32's range (up to {max(-lo, hi):.3g}; float32 "
+                                f"holds {top:.3g}), which registration works in",
+                                fix="set them to 0 or clip them, in the program that made the image or in Python: "
+                                    "v.with_array(numpy.clip(v.array, -1e30, 1e30))")
     if hi - lo <= 0:
         raise RegistrationError(f"{name} is constant (every voxel is {lo:g}); there is nothing to align",
                                 fix="check that the right image was loaded (an empty or blank series?)")
@@ -221,7 +230,7 @@ def _as_mask(mask: Any, vol: Volume, name: str):
     arr = arr != 0
     if not arr.any():
         raise RegistrationError(f"{name} covers no voxel (it is all zero)",
-                                fix="pass a mask with the region to align, or mask=None to use the whole image")
+                                fix=f"pass a mask with the region to align, or {name.split()[0]}=None to use the whole image")
     return vol.with_array(arr.astype(np.uint8), unit="arbitrary")
 
 
@@ -1417,7 +1426,14 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         report(progress, 0.96, "resampling")
         token = _patients_checked.set(True)
         try:
-            resampled = resample(original, fixed, transform=transform)
+            # register() takes no interpolation=: the label-map warning says what to do instead.
+            from .resample import LABELS_AFTER_REGISTER_FIX, _label_like_note
+
+            note = _label_like_note(original, LABELS_AFTER_REGISTER_FIX)
+            if note is not None:
+                warnings.warn(note.replace("the volume looks", "the moving image looks", 1), MedfuseWarning,
+                              stacklevel=_checks.user_stacklevel())
+            resampled = resample(original, fixed, transform=transform, interpolation="linear")
         finally:
             _patients_checked.reset(token)
         resampled.provenance["registration"] = {"kind": kind, "metric": metric, "preset": p["name"]}

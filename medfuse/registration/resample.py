@@ -64,10 +64,19 @@ _LABEL_LIKE_VALUES = 64
 _LABEL_SAMPLE = 2_000_000
 
 
-def _label_like_note(volume: Volume) -> Optional[str]:
+#: The label-map warning's fix for resample(), whose interpolation= the caller sets.
+_LABELS_FIX = ("pass interpolation='nearest' to keep the labels and their integer type, or interpolation='linear' "
+               "to interpolate on purpose (this warning then goes away)")
+#: ... and for register(), which has no interpolation= (its resampled image is linear): move the labels after.
+LABELS_AFTER_REGISTER_FIX = ("register the image the labels were drawn on, then move the labels with its transform: "
+                             "medfuse.resample(labels, fixed, transform=result.transform, interpolation='nearest')")
+
+
+def _label_like_note(volume: Volume, fix: str = _LABELS_FIX) -> Optional[str]:
     """A warning when ``volume`` looks like a label map that linear interpolation would blend, else None.
 
     Only integer volumes of unknown modality are looked at: an MR, CT, PET or SPECT image is an image.
+    ``fix``: what the caller can do about it (register() takes no interpolation=, which the default names).
     """
     arr = volume.array
     if arr.dtype.kind not in "iu" or volume.modality != "unknown" or arr.size == 0:
@@ -81,9 +90,7 @@ def _label_like_note(volume: Volume) -> Optional[str]:
         return None
     shown = ", ".join(str(int(x)) for x in values[:6]) + (", ..." if values.size > 6 else "")
     return (f"the volume looks like a label map or mask ({arr.dtype}, {values.size} distinct values: {shown}; "
-            "modality unknown), and linear interpolation gives values between its labels at every edge. Fix: "
-            "pass interpolation='nearest' to keep the labels and their integer type, or interpolation='linear' "
-            "to interpolate on purpose (this warning then goes away)")
+            f"modality unknown), and linear interpolation gives values between its labels at every edge. Fix: {fix}")
 
 
 def _source_image(volume: Volume, interpolation: str, default: float):

@@ -29,6 +29,20 @@ def _suffix_ok(path: Path) -> bool:
     return path.name.lower().endswith(TRANSFORM_SUFFIXES)
 
 
+def refuse_upper_case_ending(path: Path) -> None:
+    """Refuse writing a transform whose ending is not lower case (``x.TFM``): medfuse reads it back, but SimpleITK,
+    3D Slicer and ANTs choose the format by the lower-case ending and cannot read it.
+
+    Raises:
+        InvalidInputError: the ending is a transform ending in another letter case.
+    """
+    ending = next((e for e in TRANSFORM_SUFFIXES if path.name.lower().endswith(e)), None)
+    if ending is not None and not path.name.endswith(ending):
+        raise InvalidInputError(f"the transform file's ending {path.name[-len(ending):]!r} is not lower case: "
+                                "SimpleITK, 3D Slicer and ANTs read a transform by its lower-case ending and cannot "
+                                "open this one", fix=f"name it {path.name[:-len(ending)] + ending!r}", path=path)
+
+
 def _transform_path(value: Any) -> Path:
     """``value`` as a transform file's Path, or an InvalidInputError whose fix fits transforms (not images)."""
     from ..volume import Volume
@@ -239,6 +253,7 @@ class Transform:
         if not _suffix_ok(p):
             raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
                                     fix="use .tfm, .txt, .h5, .hdf5 or .mat", path=p)
+        refuse_upper_case_ending(p)
         t = self._t
         if p.name.lower().endswith(".mat"):
             # ITK's .mat (MATLAB, as ANTs writes it) holds one matrix transform: SimpleITK writes a composite or a

@@ -27,8 +27,9 @@ class Outcome:
 _NAPARI_ADVICE = (
     (re.compile(r"\(medfuse\.register, or --register \w+ on the command line\)"),
      "(in the Register tab of the medfuse panel)"),
-    (re.compile(r"numpy\.nan_to_num\(array, nan=0\.0\), for a Volume v\.with_array\(numpy\.nan_to_num\("
-                r"v\.array, nan=0\.0\)\); or save the file with them set to 0"),
+    (re.compile(r"numpy\.nan_to_num\(array, nan=0\.0, posinf=0\.0, neginf=0\.0\), for a Volume "
+                r"v\.with_array\(numpy\.nan_to_num\(v\.array, nan=0\.0, posinf=0\.0, neginf=0\.0\)\); or save "
+                r"the file with them set to 0"),
      "save the image with them set to 0 (in the program that made it) and open that file instead"),
     (re.compile(r"pass the folder \(or whole_series=True\)"),
      "open the series folder (File > Open Folder…) instead of one of its files"),

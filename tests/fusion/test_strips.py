@@ -15,7 +15,7 @@ pytest.importorskip("safetensors")
 
 from medfuse.errors import CancelledError  # noqa: E402
 from medfuse.fusion import infer  # noqa: E402
-from medfuse.fusion.network import FusionNet, blur_reach, decompose  # noqa: E402
+from medfuse.fusion.network import FusionNet, _blur_reach, decompose  # noqa: E402
 from medfuse.progress import CancelToken  # noqa: E402
 
 
@@ -85,9 +85,9 @@ def test_the_halo_follows_the_weights_levels():
     x = torch.from_numpy(np.random.default_rng(0).random((1, 1, 200), dtype=np.float32))
     for levels in (1, 3, 5):
         model = FusionNet(levels=levels, empty_guard=3)
-        assert model.halo == blur_reach(levels) + 1
+        assert model.halo == _blur_reach(levels) + 1
         # The reach is exact: a change just outside it leaves the centre's decomposition alone, one inside not.
-        reach, c = blur_reach(levels), 100
+        reach, c = _blur_reach(levels), 100
         for dist, moves in ((reach + 1, False), (reach, True)):
             y = x.clone()
             y[..., c + dist] += 1.0

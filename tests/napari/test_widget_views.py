@@ -165,8 +165,9 @@ def test_python_and_command_line_fixes_are_put_in_napari_terms():
 
     seen = [
         "likely misaligned; register them first (medfuse.register, or --register rigid on the command line)",
-        "Fix: replace them before fusing: numpy.nan_to_num(array, nan=0.0), for a Volume "
-        "v.with_array(numpy.nan_to_num(v.array, nan=0.0)); or save the file with them set to 0.",
+        "Fix: replace them before fusing: numpy.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), for a Volume "
+        "v.with_array(numpy.nan_to_num(v.array, nan=0.0, posinf=0.0, neginf=0.0)); or save the file with them set "
+        "to 0.",
         "loaded alone; for the whole series pass the folder (or whole_series=True)",
     ]
     for text in map(napari_words, seen):

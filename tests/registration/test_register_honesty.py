@@ -43,3 +43,37 @@ def test_correlation_across_two_known_modalities_is_suspect(modalities, flagged)
     moving = medfuse.Volume(np.roll(a, 1, axis=0), AFFINE, modality=modalities[1])
     rep = _register(fixed, moving, metric="correlation")
     assert any("assumes one modality" in r for r in rep.suspect_reasons) == flagged, rep.suspect_reasons
+
+
+def test_a_label_map_registered_gets_advice_register_can_follow(tmp_path, capsys):
+    """The warning said "pass interpolation='nearest'", which register() and `medfuse register` refuse."""
+    from medfuse.cli import main
+
+    fixed = medfuse.Volume(_smooth(), AFFINE, modality="MR")
+    labels = medfuse.Volume((_smooth(1) * 3).round().astype(np.uint8) * 2, AFFINE)  # labels 0, 2, 4, 6
+    with pytest.warns(medfuse.MedfuseWarning, match="moving image looks like a label map") as seen:
+        medfuse.register(fixed, labels)
+    text = " ".join(str(w.message) for w in seen if "label map" in str(w.message))
+    assert "transform=result.transform, interpolation='nearest'" in text and "pass interpolation=" not in text
+    medfuse.save(fixed, tmp_path / "f.nii.gz")
+    medfuse.save(labels, tmp_path / "l.nii.gz")
+    assert main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "l.nii.gz"), "-o",
+                 str(tmp_path / "out.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "label map" in err and "--transform T.tfm" in err and "result.transform" not in err
+
+
+def test_voxels_beyond_float32_are_refused_before_registering():
+    """1e39 became inf in registration's float32 images: the initialiser never returned, and Ctrl-C could not stop
+    it. nan_to_num's advice for inf now sets posinf/neginf (its default gives 1.8e308, the same trap)."""
+    fixed = medfuse.Volume(_smooth().astype(np.float64), AFFINE, modality="MR")
+    big = fixed.array.copy()
+    big[5, 6, 7] = 1e39
+    with pytest.raises(medfuse.InvalidInputError, match="beyond float32's range") as e:
+        medfuse.register(fixed, fixed.with_array(big))
+    assert "numpy.clip" in e.value.fix
+    inf = fixed.array.copy()
+    inf[5, 6, 7] = np.inf
+    with pytest.raises(medfuse.InvalidInputError, match="NaN or infinite") as e:
+        medfuse.register(fixed, fixed.with_array(inf))
+    assert "posinf=0.0, neginf=0.0" in e.value.fix

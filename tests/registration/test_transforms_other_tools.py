@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medfuse.errors import InvalidInputError
 from medfuse.phantom import rigid_matrix
 from medfuse.registration import Transform, load_transform, register, resample
 from medfuse.volume import Volume
@@ -138,13 +139,16 @@ def test_deformable_registration_recovers_a_known_warp_and_its_file_rereads(spm_
     np.testing.assert_allclose(back, r.transform.transform_points(pts), atol=1e-6)
 
 
-def test_transform_files_with_upper_case_endings_read_back(tmp_path):
-    """Transform.save took A.TFM (as image writers take any case), and then nothing read it: ITK picks a transform
-    reader from the ending as written."""
+def test_transform_files_with_upper_case_endings_read_back_and_are_never_written(tmp_path):
+    """ITK picks a transform reader from the ending as written: medfuse reads A.TFM from elsewhere (a Windows
+    export), but writing one made a file SimpleITK, Slicer and ANTs cannot open, so it is refused."""
     euler = Transform(sitk.Euler3DTransform((1, 2, 3), 0.1, 0.2, 0.3, (4, 5, 6)))
     endings = ("TFM", "MAT", "Txt", "H5")
     for ending in endings:
-        path = euler.save(tmp_path / f"a.{ending}")
+        with pytest.raises(InvalidInputError, match="not lower case") as e:
+            euler.save(tmp_path / f"a.{ending}")
+        assert e.value.fix == f"name it 'a.{ending.lower()}'"
+        path = euler.save(tmp_path / f"a.{ending.lower()}").rename(tmp_path / f"a.{ending}")
         np.testing.assert_allclose(load_transform(path).matrix, euler.matrix, atol=1e-12)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"a.{e}" for e in endings)  # no copy left beside
 
