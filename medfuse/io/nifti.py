@@ -627,6 +627,9 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     except MemoryError:
         raise _memory_error(p, None) from None
     except (ImageFileError, EOFError, OSError, ValueError, HeaderDataError) as e:
+        header_fault = _header_fault(str(e))
+        if header_fault is not None:  # a whole file with one bad header field: "truncated" sent users to copy it again
+            raise UnreadableFileError(header_fault[0], fix=header_fault[1], path=p) from None
         kind = "empty" if p.stat().st_size == 0 else "not a valid NIfTI file (or truncated)"
         raise UnreadableFileError(f"the file is {kind} ({type(e).__name__})",
                                   fix="check the file was copied completely; re-export it", path=p) from None
@@ -669,6 +672,38 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
     return np.asarray(arr), aff_lps, mod, unit, space
 
 
+_RESAVE_WITH_ITK = ("re-save it with an ITK-based tool, which repairs it: in Python, SimpleITK.WriteImage("
+                    "SimpleITK.ReadImage('IN.nii'), 'OUT.nii.gz')")
+
+
+def _header_fault(message: str) -> Optional[Tuple[str, str]]:
+    """(problem, fix) for nibabel's errors about one header field of a whole file, else None."""
+    if "w2 should be positive" in message:
+        return ("the NIfTI qform's rotation quaternion (quatern_b, quatern_c, quatern_d) is longer than 1 (values "
+                "rounded when written?), which nibabel refuses; ITK renormalises it", _RESAVE_WITH_ITK)
+    if "invalid intercept" in message or "invalid slope" in message.lower():
+        return ("the NIfTI header's intensity scaling (scl_slope / scl_inter) holds NaN or infinity",
+                "set the bad field to 0 in the header (nibabel: img.header['scl_inter'] = 0), or " + _RESAVE_WITH_ITK)
+    return None
+
+
+def _qform(hdr) -> np.ndarray:
+    """The header's qform; a quaternion (quatern_b, c, d) a little longer than 1, which nibabel refuses, is
+    renormalised first, as the NIfTI reference library and ITK do (a valid sform beside such a qform was an
+    internal error)."""
+    try:
+        return hdr.get_qform()
+    except ValueError:
+        fixed = hdr.copy()
+        bcd = np.array([float(fixed[k]) for k in ("quatern_b", "quatern_c", "quatern_d")])
+        norm = float(np.linalg.norm(bcd))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise
+        for k, v in zip(("quatern_b", "quatern_c", "quatern_d"), bcd / norm):
+            fixed[k] = v
+        return fixed.get_qform()
+
+
 def _qform_instead(hdr, aff_lps: np.ndarray, to_mm: float, p: Path) -> Optional[np.ndarray]:
     """The qform's LPS affine, with a warning, when the sform (code > 0) is sheared or singular but the qform
     (code > 0) is a valid rigid grid; else ``None`` (the sform is used, or refused).
@@ -678,7 +713,7 @@ def _qform_instead(hdr, aff_lps: np.ndarray, to_mm: float, p: Path) -> Optional[
     """
     if _transform_used(hdr) != "sform" or int(hdr["qform_code"]) <= 0 or _valid(aff_lps):
         return None
-    qform = LPS_TO_RAS @ (np.diag([to_mm, to_mm, to_mm, 1.0]) @ np.asarray(hdr.get_qform(), dtype=float))
+    qform = LPS_TO_RAS @ (np.diag([to_mm, to_mm, to_mm, 1.0]) @ np.asarray(_qform(hdr), dtype=float))
     if not _valid(qform):
         return None
     problem = "sheared"
@@ -804,7 +839,7 @@ def form_gap_note(hdr, shape, to_mm: float) -> Optional[str]:
     """A note when a NIfTI header's sform and qform (both codes > 0) place the grid apart, else None."""
     if "sform_code" not in hdr or int(hdr["sform_code"]) <= 0 or int(hdr["qform_code"]) <= 0:
         return None
-    gap = to_mm * _corner_distance(hdr.get_sform(), hdr.get_qform(), shape)
+    gap = to_mm * _corner_distance(hdr.get_sform(), _qform(hdr), shape)
     if gap <= GEOMETRY_TOL_MM:
         return None
     return (f"its sform (code {int(hdr['sform_code'])}) and qform (code {int(hdr['qform_code'])}) place the grid up "
@@ -879,6 +914,8 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
         raise UnreadableFileError("the file is empty", fix="copy or export the file again", path=p)
     # The reader named by the lower-cased ending: ITK picks one by a case-sensitive ending, and "X.MHA" has none.
     io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
+    if io == "MetaImageIO":
+        _check_metaimage_geometry(p)
     with _itk_readable(p) as given:
         size = _check_itk_data(p, io, given)
         try:
@@ -994,6 +1031,53 @@ def _nrrd_mm_per_unit(p: Path) -> float:
     return scale
 
 
+def _metaimage_fields(text: str) -> dict:
+    """The ``key = value`` fields of a MetaImage header's text, up to ElementDataFile (always its last field)."""
+    fields: dict = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\w+)\s*=\s*(.*?)\s*$", line)
+        if m:
+            fields.setdefault(m.group(1), m.group(2))
+            if m.group(1) == "ElementDataFile":
+                break
+    return fields
+
+
+#: MetaImage geometry fields and how many numbers each holds, in terms of NDims.
+_METAIMAGE_GEOMETRY = (("Offset", 1), ("Origin", 1), ("Position", 1), ("ElementSpacing", 1), ("ElementSize", 1),
+                       ("TransformMatrix", 2), ("Rotation", 2), ("Orientation", 2))
+
+
+def _check_metaimage_geometry(p: Path) -> None:
+    """Refuse a MetaImage header whose geometry fields do not hold NDims (NDims² for a matrix) finite numbers.
+
+    Why: MetaIO stops at the first value it cannot read and fills the rest with 0: "Offset = 10 nan 30" loaded
+    with the origin (10, 0, 0), silently, and a matrix with a NaN gave "ITK says: 0 0 0".
+
+    Raises:
+        GeometryError: a geometry field with too few values, or a value that is not a finite number.
+    """
+    try:
+        with open(p, "rb") as fh:
+            fields = _metaimage_fields(fh.read(65536).decode("latin-1"))
+        n = int(fields.get("NDims", ""))
+    except (OSError, ValueError):
+        return  # not a header ITK can read: it says why itself
+    for key, power in _METAIMAGE_GEOMETRY:
+        if key not in fields:
+            continue
+        want = n ** power
+        values = fields[key].split()
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            numbers = []
+        if len(values) < want or len(numbers) < want or not np.all(np.isfinite(numbers[:want])):
+            raise GeometryError(f"the MetaImage header's {key} is {fields[key]!r}: it needs {want} finite numbers "
+                                f"(NDims {n}), and ITK would fill what it cannot read with 0, placing the image "
+                                "elsewhere", fix=f"correct the {key} line of the header", path=p)
+
+
 def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[str]]:
     """(the header's data-file field, the file it names or None when the data follow the header, the encoding:
     ``raw``, ``deflate``, ``text`` or None when unknown) for a MetaImage/NRRD header; field None: nothing to check
@@ -1009,13 +1093,7 @@ def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[s
         name = fields.get(key) if key else None
         enc = _NRRD_ENCODINGS.get(fields.get("encoding", "raw").strip().lower())
     else:
-        fields = {}
-        for line in text.splitlines():
-            m = re.match(r"\s*(\w+)\s*=\s*(.*?)\s*$", line)
-            if m:
-                fields.setdefault(m.group(1), m.group(2))
-                if m.group(1) == "ElementDataFile":  # always the header's last field
-                    break
+        fields = _metaimage_fields(text)
         key, name = "ElementDataFile", fields.get("ElementDataFile")
         enc = ("deflate" if fields.get("CompressedData", "").lower() == "true" else
                "text" if fields.get("BinaryData", "true").lower() == "false" else "raw")

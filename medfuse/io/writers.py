@@ -237,7 +237,24 @@ def _too_little_room(file: Path, img) -> bool:
     return free < max(size, 1 << 20)
 
 
+def _refuse_data_file_keywords(path: Path) -> None:
+    """Refuse a .mhd/.nhdr name whose data file name the format reads as a keyword: MetaImage takes a data file
+    starting with "LIST" as a list of files, and both formats take "%" as a numbered-file pattern. The header
+    written was unreadable (medfuse refused it, SimpleITK read uninitialised memory): the output was lost."""
+    name = path.name
+    if not name.lower().endswith((".mhd", ".nhdr")):
+        return
+    data = name[:name.rfind(".")] + ".raw"
+    if "%" in name or (name.lower().endswith(".mhd") and data.startswith("LIST")):
+        why = "'%' (a numbered-file pattern)" if "%" in name else "'LIST' (a list of data files) at its start"
+        raise InvalidInputError(f"the output's data file would be named {data!r}, which the header format reads as "
+                                f"{why}, not as a file name: no tool could read the image back",
+                                fix="choose another output name (no '%'; not starting with upper-case 'LIST'), or "
+                                    "a single-file .mha/.nrrd/.nii.gz", path=path)
+
+
 def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) -> Path:
+    _refuse_data_file_keywords(path)
     img = volume.with_array(_storable(volume.array, fmt, path)).to_sitk()
     img.SetMetaData("medfuse_modality", volume.modality)
     img.SetMetaData("medfuse_unit", volume.unit)
@@ -353,6 +370,8 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
         refuse_foreign_folder(p, own_series=True)  # as write_dicom_series: never a scanner's series
     if fmt in ("metaimage", "nrrd"):
         from .nifti import itk_path
+
+        _refuse_data_file_keywords(p)
 
         # Windows: SimpleITK needs an ASCII path (a .mhd/.nhdr header is written under its own name, a .mha/.nrrd
         # under an ASCII temporary one): refused now, not after minutes of work.
