@@ -16,7 +16,9 @@ converted to a common one, so the Volumes and placements made here are converted
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -350,13 +352,38 @@ def meta(layer: Any) -> Dict[str, Any]:
     return dict(getattr(layer, "metadata", {}).get("medfuse", {}))
 
 
+#: Within :func:`read_once`: the pixels read of each lazily loaded layer, by the layer's id (with the layer, so
+#: that the id is not reused meanwhile).
+_READ: contextvars.ContextVar[Optional[Dict[int, Tuple[Any, np.ndarray]]]] = contextvars.ContextVar("_READ",
+                                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """Within it, :func:`layer_array` reads each lazily loaded layer (a dask or zarr array) once.
+
+    Why: starting a registration read a lazy fixed layer twice (its file grid and its display grid), which held
+    the viewer for both reads.
+    """
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
 def layer_array(layer: Any) -> np.ndarray:
     """The layer's pixels at full resolution.
 
     Why: ``np.asarray`` of a multiscale layer gives its coarsest level, which napari draws with level 0's scale.
     """
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.asarray(data)
+    read = _READ.get()
+    if read is None or isinstance(data, np.ndarray):
+        return np.asarray(data)
+    if id(layer) not in read:
+        read[id(layer)] = (layer, np.asarray(data))
+    return read[id(layer)][1]
 
 
 def layer_to_volume(layer: Any, *, registered: bool = True) -> Volume:

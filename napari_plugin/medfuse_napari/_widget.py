@@ -15,8 +15,8 @@ from medfuse.errors import InvalidInputError
 from . import _jobs
 from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, coverage_between, grid_record, layer_array, layer_geometry, layer_grid,
-                      layer_matrix, layer_to_volume, lps_to_world, meta, mm_matrix, native_volume, real_layer,
-                      resample_between, viewer_alignment, world_matrix)
+                      layer_matrix, layer_to_volume, lps_to_world, meta, mm_matrix, native_volume, read_once,
+                      real_layer, resample_between, viewer_alignment, world_matrix)
 from ._overlay import OverlayPanel, _is_compare
 
 KINDS = ("rigid", "affine", "deformable")
@@ -288,21 +288,22 @@ class RegisterPanel(QWidget):
             _notify_error("Registration needs two different 3-D greyscale image layers (2-D, RGB and 4-D layers are "
                           f"not offered). Fix: {fix}.")
             return
-        try:
-            # The files' own grids: the same result as medfuse.register on the files (and the CLI).
-            fixed = native_volume(fixed_layer)
-            moving = native_volume(moving_layer)
-            fixed_display = layer_to_volume(fixed_layer, registered=False)  # the fixed layer's data grid
-            # None when the moving layer has no placement of its own: then the scanners' coordinates, as before.
-            initial = viewer_alignment(fixed_layer, moving_layer) if self.start_box.isChecked() else None
-            kind = self.kind.currentText()
-            preset = None if self.pair.currentText() == "auto" else self.pair.currentText()
-            self._iterations = self._stage_iterations(preset, fixed.modality, moving.modality)
-            # The volumes are in mm; the result goes back to the moving layer in its own units.
-            self._moving_units = mm_matrix(moving_layer)
-        except MedfuseError as exc:
-            _notify_error(_jobs.error_message(exc, "registration"))
-            return
+        with read_once():  # a lazily loaded (dask) layer is read once, not once per use
+            try:
+                # The files' own grids: the same result as medfuse.register on the files (and the CLI).
+                fixed = native_volume(fixed_layer)
+                moving = native_volume(moving_layer)
+                fixed_display = layer_to_volume(fixed_layer, registered=False)  # the fixed layer's data grid
+                # None when the moving layer has no placement of its own: then the scanners' coordinates, as before.
+                initial = viewer_alignment(fixed_layer, moving_layer) if self.start_box.isChecked() else None
+                kind = self.kind.currentText()
+                preset = None if self.pair.currentText() == "auto" else self.pair.currentText()
+                self._iterations = self._stage_iterations(preset, fixed.modality, moving.modality)
+                # The volumes are in mm; the result goes back to the moving layer in its own units.
+                self._moving_units = mm_matrix(moving_layer)
+            except MedfuseError as exc:
+                _notify_error(_jobs.error_message(exc, "registration"))
+                return
         _warn_unconverted_units(fixed_layer, moving_layer)
         self.token = CancelToken()
         relay = _jobs.ProgressRelay()
@@ -774,31 +775,32 @@ class FusePanel(QWidget):
                           f"translate, rotate, shear or affine), and 2-D layers are fused pixel by pixel. Fix: give "
                           f"it the base layer's placement, or fuse 3-D volumes, which are resampled.")
             return
-        sizes = {l.name: tuple(layer_array(l).shape[:2]) for l in chosen} if all(flat) else {}
-        other = [n for n, size in sizes.items() if size != sizes[base.name]]
-        if other:
-            size = " x ".join(map(str, sizes[other[0]]))
-            _notify_error(f"2-D layer '{other[0]}' is {size} pixels and '{base.name}' "
-                          f"{' x '.join(map(str, sizes[base.name]))}; 2-D layers are fused pixel by pixel. Fix: "
-                          f"pick 2-D images of one size (such as an aligned pair), or fuse 3-D volumes, which are "
-                          f"resampled.")
-            return
-        try:  # snapshot the layers in the GUI thread; the worker only computes
-            if all(flat):
-                # 2-D: medfuse.fuse on arrays (one RGB beside grey gives RGB); alpha is not an intensity.
-                placed = [layer_array(l)[..., :3] if l.rgb else layer_array(l) for l in chosen]
-            else:
-                placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
-            own = placed if all(flat) else [vol.array for vol, _ in placed]
-            for layer, arr in zip(chosen, own):
-                # On the layer's own voxels: after resampling onto the base, the count was of the base's grid.
-                medfuse.volume.require_finite(arr, f"layer '{layer.name}'", before="fusing")
-        except MedfuseError as exc:
-            _notify_error(_jobs.error_message(exc, "fusion"))
-            return
-        self._constant = _warn_constant_layers(chosen, own)
-        if not all(flat) and not self._check_overlap(chosen, placed):
-            return
+        with read_once():  # a lazily loaded (dask) layer is read once, not once per use
+            sizes = {l.name: tuple(layer_array(l).shape[:2]) for l in chosen} if all(flat) else {}
+            other = [n for n, size in sizes.items() if size != sizes[base.name]]
+            if other:
+                size = " x ".join(map(str, sizes[other[0]]))
+                _notify_error(f"2-D layer '{other[0]}' is {size} pixels and '{base.name}' "
+                              f"{' x '.join(map(str, sizes[base.name]))}; 2-D layers are fused pixel by pixel. Fix: "
+                              f"pick 2-D images of one size (such as an aligned pair), or fuse 3-D volumes, which are "
+                              f"resampled.")
+                return
+            try:  # snapshot the layers in the GUI thread; the worker only computes
+                if all(flat):
+                    # 2-D: medfuse.fuse on arrays (one RGB beside grey gives RGB); alpha is not an intensity.
+                    placed = [layer_array(l)[..., :3] if l.rgb else layer_array(l) for l in chosen]
+                else:
+                    placed = [(layer_to_volume(l, registered=False), world_matrix(l)) for l in chosen]
+                own = placed if all(flat) else [vol.array for vol, _ in placed]
+                for layer, arr in zip(chosen, own):
+                    # On the layer's own voxels: after resampling onto the base, the count was of the base's grid.
+                    medfuse.volume.require_finite(arr, f"layer '{layer.name}'", before="fusing")
+            except MedfuseError as exc:
+                _notify_error(_jobs.error_message(exc, "fusion"))
+                return
+            self._constant = _warn_constant_layers(chosen, own)
+            if not all(flat) and not self._check_overlap(chosen, placed):
+                return
         if not all(flat):
             _warn_unconverted_units(*chosen)
         self.token = CancelToken()
@@ -864,9 +866,6 @@ class FusePanel(QWidget):
                 _notify_warning(f"'{layer.name}' covers only {share:.0%} of the base '{base}' where napari shows "
                                 f"them: outside it the fused image is the base alone. Check the alignment (Register "
                                 f"tab) if that is not expected.")
-            if not np.any(vol.array):
-                _notify_warning(f"'{layer.name}' holds no signal (every voxel is 0): the fused image will be the "
-                                f"base '{base}' alone.")
         return True
 
     def cancel(self) -> None:
@@ -878,12 +877,19 @@ class FusePanel(QWidget):
     def _on_progress(self, fraction: float, message: str) -> None:
         if _cancelling(self.token):
             return
-        self.progress.setValue(int(round(fraction * 1000)))
+        # A classical rule reports only its start and end: a bar standing still at 20 % for half a minute looked
+        # hung. It shows as busy (Qt's moving bar) from "fusing (rule)" until the next report.
+        busy = fraction < 1.0 and bool(re.match(r"fusing \((?!network)", message or ""))
+        self.progress.setRange(0, 0 if busy else 1000)
+        if not busy:
+            self.progress.setValue(int(round(fraction * 1000)))
         if message:
             self.status.setText(message)
 
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
         from medfuse.display import percentile_limits
+
+        self.progress.setRange(0, 1000)  # out of the busy state of a classical rule, whatever the outcome
 
         from ._layers import file_order
 
@@ -940,16 +946,21 @@ class FusePanel(QWidget):
 
 
 def _warn_constant_layers(layers: List[Any], arrays: List[np.ndarray]) -> List[str]:
-    """Warn of each layer to fuse whose own voxels hold one value other than 0; returns their names.
+    """Warn of each layer to fuse whose own voxels hold one value (all 0: no signal); returns their names.
 
-    (An all-0 layer gets :meth:`FusePanel._check_overlap`'s "holds no signal" instead.)
+    The base layer too, and 2-D layers: an all-0 base was fused without a word (the result was the other layer).
     """
     from medfuse._checks import constant_value
 
     flat = []
-    for layer, arr in zip(layers, arrays):
+    for k, (layer, arr) in enumerate(zip(layers, arrays)):
         value = constant_value(np.asarray(arr))
-        if value is not None and value != 0:
+        if value == 0:
+            rest = (f"the base '{layers[0].name}' alone" if len(layers) == 2 and k == 1 else
+                    "the other layer alone" if len(layers) == 2 else "the other layers alone")
+            _notify_warning(f"'{layer.name}' holds no signal (every voxel is 0): the fused image will be {rest}.")
+            flat.append(layer.name)
+        elif value is not None:
             _notify_warning(f"'{layer.name}' is constant (every voxel is {value:g}): it holds no image, and the "
                             f"fusion takes it as a flat level beside the other layers. Check that the intended "
                             f"layer is picked.")

@@ -109,6 +109,30 @@ def test_fusing_an_all_zero_layer_is_warned(qtbot, pair, monkeypatch):
     assert any("'empty' holds no signal" in m for m in shown["warning"]), shown
 
 
+def test_an_all_zero_base_layer_is_warned_too(qtbot, pair, monkeypatch):
+    """Only the second layer was looked at: an empty base gave the other layer alone, without a word."""
+    viewer, widget = pair
+    viewer.add_image(np.zeros((20, 24, 28), np.float32), name="empty", scale=(2.0, 2.0, 2.0))
+    shown = _capture(monkeypatch, "error", "warning")
+    _fuse(qtbot, widget, "empty", "mr")
+    assert [m for m in shown["warning"] if "holds no signal" in m] == [
+        "'empty' holds no signal (every voxel is 0): the fused image will be the other layer alone."], shown
+
+
+def test_a_classical_rule_shows_a_busy_bar_while_it_runs(pair):
+    """It reports only its start and end: the bar stood at 20 % for the whole of a gff run."""
+    _, widget = pair
+    fp = widget.fuse_panel
+    fp._on_progress(0.1, "resampling pet onto mr")
+    assert (fp.progress.maximum(), fp.progress.value()) == (1000, 100)
+    fp._on_progress(0.2, "fusing (gff)")
+    assert fp.progress.maximum() == 0  # Qt's busy bar
+    fp._on_progress(1.0, "fused")
+    assert (fp.progress.maximum(), fp.progress.value()) == (1000, 1000)
+    fp._on_progress(0.36, "network fusion: features")
+    assert fp.progress.maximum() == 1000
+
+
 # ------------------------------------------------------------------------------------------ 3. compare + close
 @pytest.mark.parametrize("mode", ["curtain", "checkerboard"])
 def test_closing_a_compared_layer_ends_the_compare_view(qtbot, pair, monkeypatch, mode):
@@ -236,3 +260,31 @@ def test_a_bare_overlay_panel_still_works(make_napari_viewer):
     panel.compare.setCurrentText("curtain")
     viewer.layers.remove("a")
     assert panel.compare.currentText() == "overlay"
+
+
+def test_a_lazily_loaded_layer_is_read_once_when_a_registration_starts(pair, monkeypatch):
+    """Starting a registration read a lazy (dask) fixed layer twice on the GUI thread: its file grid and its display
+    grid. Every read of a layer's pixels goes through layer_array; within read_once a lazy layer is read once."""
+    import medfuse_napari._layers as layers
+
+    viewer, widget = pair
+    mr = viewer.layers["mr"]
+    pixels = np.asarray(mr.data)
+    reads = []
+
+    class Lazy:  # stands for a dask array: converting it to numpy is a read
+        shape, dtype, ndim = pixels.shape, pixels.dtype, pixels.ndim
+
+        def __array__(self, dtype=None, copy=None):
+            reads.append(1)
+            return pixels
+
+    lazy = Lazy()
+    original = type(mr).data
+    monkeypatch.setattr(type(mr), "data", property(lambda self: lazy if self is mr else original.fget(self)))
+    with layers.read_once():
+        layers.native_volume(mr)
+        layers.layer_to_volume(mr, registered=False)
+    assert len(reads) == 1
+    layers.layer_to_volume(mr, registered=False)  # outside it: read again (the pixels may change between jobs)
+    assert len(reads) == 2
