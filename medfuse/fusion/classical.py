@@ -13,7 +13,9 @@ multi-scale rules clipped to the inputs' joint range):
 * ``wavelet`` — discrete wavelet transform (PyWavelets): max-abs details,
   averaged approximation.
 * ``gff`` — guided-filter fusion (Li, Kang & Hu 2013): two-scale decomposition,
-  Laplacian saliency, weight maps refined with a box-filter guided filter.
+  Laplacian saliency, weight maps refined with a box-filter guided filter. Ties of saliency (a flat
+  background in every input) go to the first input, as in the published code: unlike the other rules, the
+  result depends on the inputs' order.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def _check(arrays: Sequence) -> list:
             )
         if not np.all(np.isfinite(x)):
             raise InvalidInputError(f"input {i + 1} contains NaN or infinite values", fix="replace them before fusing")
+        if out and x.ndim != out[0].ndim:  # not a grid matter: resampling advice sent users the wrong way
+            raise InvalidInputError(
+                f"input {i + 1} has shape {x.shape} but input 1 has shape {out[0].shape}: different numbers of "
+                "dimensions", fix="give every input the same dimensions: squeeze singleton axes (numpy.squeeze), or "
+                                  "fuse 2-D images with 2-D images and volumes with volumes")
         if out and x.shape != out[0].shape:
             raise InvalidInputError(
                 f"input {i + 1} has shape {x.shape} but input 1 has shape {out[0].shape}",
@@ -254,6 +261,14 @@ def _wavelet(xs, *, wavelet: str = "db2", levels: Optional[int] = None, weights=
     try:
         wav = pywt.Wavelet(wavelet)
     except ValueError:
+        try:
+            pywt.ContinuousWavelet(wavelet)
+            continuous = True
+        except ValueError:
+            continuous = False
+        if continuous:  # 'mexh' or 'cmor1.5-1.0': "names no wavelet" sent users checking the spelling
+            raise InvalidInputError(f"{wavelet!r} is a continuous wavelet; the wavelet rule needs a discrete one",
+                                    fix=fix + " (pywt.wavelist(kind='discrete') lists them)") from None
         raise InvalidInputError("unknown wavelet (the str given names no PyWavelets wavelet)", fix=fix) from None
     # wavedecn takes one level count for every axis, and dwtn_max_level that of the shortest axis: a volume of
     # 40 slices gets the levels 40 allows on its long axes too (docs/fusion.md). levels None: the default 3, cut

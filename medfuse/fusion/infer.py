@@ -292,6 +292,10 @@ def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
                                 fix="pass a list of 2 or 3 co-registered arrays")
     arrs = [np.asarray(a) for a in arrays]
     shapes = {a.shape for a in arrs}
+    if len({len(sh) for sh in shapes}) > 1:  # not a grid matter: resampling advice sent users the wrong way
+        raise InvalidInputError(f"the inputs have different numbers of dimensions {sorted(shapes)}",
+                                fix="give every input the same dimensions: squeeze singleton axes "
+                                    "(numpy.squeeze), or fuse 2-D images with 2-D images and volumes with volumes")
     if len(shapes) != 1:
         raise InvalidInputError(f"the inputs have different shapes {sorted(shapes)}",
                                 fix="put them on one grid first with medfuse.register or medfuse.resample")
@@ -394,6 +398,9 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
             refine: bool = True, functional: Optional[bool] = None, progress: Optional[ProgressFn] = None,
             cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Fuse 2-3 co-registered 2-D images in 0..1 -> float32 image in 0..1 (same shape).
+
+    An image of more than :data:`STRIP_PIXELS` pixels is fused in strips of rows after one low-resolution pass
+    over the whole image: the whole image's result (to float rounding) in bounded memory.
 
     ``refine=False`` skips the weights' full-resolution refinement head, if they have one: about half the
     time on a CPU, at stage 6's quality (docs/network.md, "Twelfth round").

@@ -562,3 +562,18 @@ def test_normalise_none_takes_a_scaled_ct_with_the_air_fill_of_resampling():
     outside = ct.array == -1024.0
     np.testing.assert_allclose(out.array[outside], mr.array[outside], atol=1e-6)
     assert out.provenance["normalisation"][1]["clipped_fraction"] == pytest.approx(outside.mean())
+
+
+def test_a_continuous_wavelet_and_a_dimension_mismatch_are_named_as_such():
+    """'mexh' was "no PyWavelets wavelet", and a (64, 64, 1) beside a (64, 64) image was told to resample."""
+    from medfuse.fusion import infer
+
+    a = np.random.default_rng(0).random((32, 32))
+    with pytest.raises(InvalidInputError, match="'mexh' is a continuous wavelet"):
+        C.fuse_arrays([a, a], method="wavelet", wavelet="mexh")
+    with pytest.raises(InvalidInputError, match="names no PyWavelets wavelet"):
+        C.fuse_arrays([a, a], method="wavelet", wavelet="nosuch")
+    for fuse_arrays in (lambda xs: C.fuse_arrays(xs, method="mean"), infer.fuse_arrays):
+        with pytest.raises(InvalidInputError, match="numbers of dimensions") as e:
+            fuse_arrays([a.astype(np.float32), a[..., None].astype(np.float32)])
+        assert "resample" not in e.value.fix
