@@ -1903,7 +1903,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
                 bar.close()
         for s in subjects:
             if s.subject not in results:
-                late = _finished_meanwhile(s, started)
+                late = _finished_meanwhile(s, started) or _stopped_while_writing(s, started)
                 if late is not None:
                     results[s.subject] = late
         if not cancelled or scheduler in ("local", "synchronous"):  # no worker may still be writing
@@ -1979,6 +1979,29 @@ def _finished_meanwhile(s: Subject, since: float) -> Optional[SubjectResult]:
     res = SubjectResult(subject=s.subject, status="done", output=s.output, note="finished while cancelling")
     _from_sidecar(res, rec)
     return res
+
+
+def _stopped_while_writing(s: Subject, since: float) -> Optional[SubjectResult]:
+    """The row of a subject a worker was writing when the run was cancelled (its sidecar, marked in progress since
+    ``since``, says so); else None.
+
+    Why: the row said "not run: the batch was cancelled" while its worker had run it and was stopped mid-write,
+    leaving its temporary files (the next run cleans them up and redoes it).
+    """
+    from .provenance import read_sidecar, sidecar_path
+
+    try:
+        side = sidecar_path(s.output)
+        if not side.is_file() or side.stat().st_mtime < since:
+            return None
+        rec = read_sidecar(s.output)
+    except (OSError, MedfuseError):
+        return None
+    if not isinstance(rec, Mapping) or (rec.get("output") or {}).get("in_progress") is not True:
+        return None
+    return SubjectResult(subject=s.subject, status="cancelled", output=s.output,
+                         error="stopped while its output was being written: the batch was cancelled",
+                         note="the next run of this batch puts back the earlier output, if any, and redoes it")
 
 
 def _worker_died(e: BaseException) -> str:

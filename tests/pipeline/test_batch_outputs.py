@@ -263,3 +263,23 @@ def test_a_subject_dicts_single_moving_path_is_one_input(tmp_path, phantom):
     summary = run_batch([dict(subject="x", fixed=str(phantom / "mr_t1.nii.gz"), moving=str(phantom / "pet.nii.gz"),
                               output=str(out))], scheduler="synchronous", method="mean")
     assert [r.status for r in summary.results] == ["done"] and out.exists()
+
+
+def test_a_subject_stopped_mid_write_is_reported_as_such(tmp_path):
+    """SIGTERM while a worker wrote sub-02: its row said "not run: the batch was cancelled", though it had run and
+    was stopped mid-save (its sidecar marked in progress, temporaries left for the next run to clean up)."""
+    import json
+    import time
+
+    from medfuse.batch import Subject, _stopped_while_writing
+
+    out = tmp_path / "sub-02.nii.gz"
+    s = Subject(subject="sub-02", fixed="", moving=[], output=str(out))
+    since = time.time() - 5
+    side = tmp_path / "sub-02.json"
+    side.write_text(json.dumps({"medfuse": "x", "output": {"path": str(out), "sha256": None, "in_progress": True}}))
+    row = _stopped_while_writing(s, since)
+    assert row.status == "cancelled" and "stopped while its output was being written" in row.error
+    assert _stopped_while_writing(s, time.time() + 60) is None  # marked before this run: not this run's doing
+    side.write_text(json.dumps({"medfuse": "x", "output": {"path": str(out), "sha256": "ab"}}))
+    assert _stopped_while_writing(s, since) is None
