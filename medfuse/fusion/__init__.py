@@ -431,7 +431,7 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
     The grey image is scaled on its own (``normalise`` applies to it), so a 0..1 MRI beside an 8-bit PET
     counts fully; the colour image keeps its own scale, which its colours are rebuilt on.
     """
-    from .color import fuse_rgb
+    from .color import _fuse_luma, rgb_to_ycbcr
 
     if len(arrays) != 2:
         raise InvalidInputError("colour fusion takes one grey image and one RGB image", fix="fuse two images at a time")
@@ -462,7 +462,9 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
             scaled.reverse()
         return _run(method, scaled, device=device, options=options) * peak
 
-    out = fuse_rgb(gray01 * peak, rgb, fuse_fn=_luma, peak=peak)
+    # The grey image is on the colour's scale by construction here (fuse_rgb's scale checks are for its callers).
+    out = _fuse_luma(np.clip(gray01, 0.0, 1.0) * peak, rgb, rgb_to_ycbcr(rgb, peak=peak), peak, method=method,
+                     fuse_fn=_luma, options={})
     return out.astype(rgb.dtype, copy=False) if np.issubdtype(rgb.dtype, np.floating) else out
 
 

@@ -236,6 +236,13 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
             fix="resample the images onto one grid first",
         )
     _check_grey_scale(g, peak)
+    return _fuse_luma(g, rgb, ycc, peak, method=method, fuse_fn=fuse_fn, options=options)
+
+
+def _fuse_luma(g: np.ndarray, rgb, ycc: np.ndarray, peak: float, *, method: str, fuse_fn: Optional[Callable],
+               options: dict) -> np.ndarray:
+    """:func:`fuse_rgb` after its checks: ``g`` (0..``peak``) fused with the luma of ``ycc`` (``rgb`` in YCbCr).
+    :func:`medfuse.fuse` calls it directly with a grey image it has scaled itself."""
     if fuse_fn is None:
         from .classical import fuse_arrays
 

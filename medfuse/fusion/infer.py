@@ -446,7 +446,7 @@ def fuse_2d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
         del x  # the padded copy is what the network reads (a view of x where no padding was needed)
         rule = model.coarse_pixel_rule_3d if functional else 0
         rows = _strip_rows(t.shape[3], model.factor)
-        if rows >= t.shape[2]:
+        if h * w <= STRIP_PIXELS or rows >= t.shape[2]:  # on the image's own size, as documented
             out = model(t, refine=refine, coarse_pixel_rule=rule)[0, :h, :w].float().cpu().numpy()
         else:
             out = _fuse_2d_strips(model, t, rows, refine=refine, rule=rule, progress=progress,

@@ -145,10 +145,14 @@ def _template_files(p: Path) -> list:
     return _files(p) if p.is_file() or p.is_dir() else []
 
 
-def _read_template(template: Any, series_uid: Optional[str] = None):
-    """The template's header: from a folder, the first file of series ``series_uid`` (the volume's own, when it
-    is there), else the first readable file. A folder of several series (a PACS export of CT and PET) gave a PET
-    the CT's header, without its dose or weight: its SUV was lost on reload."""
+def _read_template(template: Any, series_uid: Optional[str] = None, frame_uid: Optional[str] = None):
+    """The template's header. From a folder: a file of the volume's own series ``series_uid`` in its frame of
+    reference ``frame_uid`` (as far as each is known); else a file in that frame of reference (a PET resampled
+    onto the CT beside it: the CT's frame, which its positions are in); else the first readable file.
+
+    Why: the first file was taken whatever it was: a folder of several series (a PACS export of CT and PET) gave
+    a PET the CT's header, without its dose or weight, and its SUV was lost on reload.
+    """
     import pydicom
 
     if template is None or isinstance(template, pydicom.Dataset):
@@ -156,18 +160,22 @@ def _read_template(template: Any, series_uid: Optional[str] = None):
     p = Path(template)
     from .dicom import _BROKEN, _read_header
 
-    first = None
+    first = same_frame = None
     for f in _template_files(p):
         # The reader's header function: it also reads files written without the preamble (old PACS exports), so
         # every folder medfuse loads can be its own template. None / _BROKEN: not DICOM or damaged, try the next.
         ds = _read_header(f, strict=False)
         if ds is None or ds is _BROKEN or "StudyInstanceUID" not in ds:
             continue
-        if not series_uid or str(ds.get("SeriesInstanceUID", "")) == series_uid:
+        series_ok = not series_uid or str(ds.get("SeriesInstanceUID", "")) == series_uid
+        frame_ok = not frame_uid or str(ds.get("FrameOfReferenceUID", "")) == frame_uid
+        if series_ok and frame_ok:
             return ds
+        if frame_uid and frame_ok and same_frame is None:
+            same_frame = ds
         first = first if first is not None else ds
-    if first is not None:
-        return first
+    if same_frame is not None or first is not None:
+        return same_frame if same_frame is not None else first
     raise UnreadableFileError("the DICOM template holds no readable DICOM file",
                               fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
 
@@ -579,7 +587,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     _check_text(series_description, "series_description", "pass the description as text, or leave it out")
     _check_template(template)
     _refuse_all_nonfinite(volume.array, folder)
-    tpl = _read_template(template, str(volume.provenance.get("series_uid") or "") or None)
+    tpl = _read_template(template, str(volume.provenance.get("series_uid") or "") or None,
+                         str(volume.provenance.get("frame_of_reference_uid") or "") or None)
     if volume.shape[1] == 1 and volume.shape[2] > 1:
         # Images one row high are stacked along their row axis by ITK/GDCM (SimpleITK, Slicer...), which puts
         # every slice in the wrong place; the same voxels written as one slice whose rows run along k are read
@@ -606,10 +615,13 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                       MedfuseWarning, stacklevel=3)
     modality = volume.modality
     sop_class = _SOP.get(modality, _SC)
-    if modality not in _SOP and modality != "NM" and volume.unit != "arbitrary":
-        # Written as modality OT: no unit attribute is read back from it, so the series loads in "arbitrary" units.
-        warnings.warn(f"{folder.name}: a volume of modality {modality!r} is written as an 'other' (OT) series, "
-                      f"which holds no unit: its unit {volume.unit!r} is not kept (set the volume's modality, e.g. CT for HU or "
+    if (modality not in _SOP and modality != "NM" and volume.unit != "arbitrary") or \
+            (modality == "NM" and volume.unit not in ("Bq/mL", "arbitrary", "counts")):
+        # An OT series holds no unit, an NM series only Bq/mL (Units BQML), counts or NONE: the unit is lost.
+        held = "an NM series, which holds Bq/mL or counts" if modality == "NM" else \
+            "an 'other' (OT) series, which holds no unit"
+        warnings.warn(f"{folder.name}: a volume of modality {modality!r} is written as {held}: its unit "
+                      f"{volume.unit!r} is not kept (set the volume's modality, e.g. CT for HU or "
                       "PT for SUV, or save it as NIfTI or NRRD, which keep the unit)", MedfuseWarning, stacklevel=3)
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
@@ -105,6 +106,15 @@ def _format_of(path: Path, fmt: Optional[str]) -> str:
                                     "without a dot ending, an existing series folder, or pass format='dicom'",
                                 path=path)
     return "dicom"
+
+
+def _refuse_file_ending_for_series(p: Path) -> None:
+    """A DICOM series is a folder: "x.nii.gz" with format="dicom" became a folder of that name."""
+    ending = next((sfx for sfx, _ in _BY_SUFFIX if p.name.lower().endswith(sfx)), None)
+    if ending is not None:
+        raise InvalidInputError(f"format='dicom' writes a series folder, but the name ends in {ending!r}, a file "
+                                "format's ending", fix="name the series folder without that ending, or leave format "
+                                "out to write the file the ending names", path=p)
 
 
 def _refuse_all_nonfinite(arr: np.ndarray, path: Path) -> None:
@@ -245,8 +255,10 @@ def _refuse_data_file_keywords(path: Path) -> None:
     if not name.lower().endswith((".mhd", ".nhdr")):
         return
     data = name[:name.rfind(".")] + ".raw"
-    if "%" in name or (name.lower().endswith(".mhd") and data.startswith("LIST")):
-        why = "'%' (a numbered-file pattern)" if "%" in name else "'LIST' (a list of data files) at its start"
+    # MetaIO reads any '%' as a numbered-file pattern; NRRD only a printf integer ("%d", "%03d").
+    pattern = "%" in name if name.lower().endswith(".mhd") else re.search(r"%\d*d", name) is not None
+    if pattern or (name.lower().endswith(".mhd") and data.startswith("LIST")):
+        why = "'%' (a numbered-file pattern)" if pattern else "'LIST' (a list of data files) at its start"
         raise InvalidInputError(f"the output's data file would be named {data!r}, which the header format reads as "
                                 f"{why}, not as a file name: no tool could read the image back",
                                 fix="choose another output name (no '%'; not starting with upper-case 'LIST'), or "
@@ -367,6 +379,7 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
     fmt = _format_of(p, format)
     check_output(p, overwrite=overwrite, inputs=inputs, kind="folder" if fmt == "dicom" else "file")
     if fmt == "dicom":
+        _refuse_file_ending_for_series(p)
         refuse_foreign_folder(p, own_series=True)  # as write_dicom_series: never a scanner's series
     if fmt in ("metaimage", "nrrd"):
         from .nifti import itk_path
@@ -445,12 +458,7 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     if fmt == "dicom":
         from .dicom_writer import write_dicom_series
 
-        ending = next((sfx for sfx, f in _BY_SUFFIX if p.name.lower().endswith(sfx)), None)
-        if ending is not None:
-            # A DICOM series is a folder: "x.nii.gz" with format="dicom" became a folder of that name.
-            raise InvalidInputError(f"format='dicom' writes a series folder, but the name ends in {ending!r}, a "
-                                    "file format's ending", fix="name the series folder without that ending, or "
-                                    "leave format out to write the file the ending names", path=p)
+        _refuse_file_ending_for_series(p)
         if np.iscomplexobj(volume.array):
             _storable(volume.array, "dicom", p)  # refused: DICOM pixels are real
 

@@ -1434,6 +1434,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                 warnings.warn(note.replace("the volume looks", "the moving image looks", 1), MedfuseWarning,
                               stacklevel=_checks.user_stacklevel())
             resampled = resample(original, fixed, transform=transform, interpolation="linear")
+            if note is not None:  # the result's sidecar keeps it too, as resample() keeps its own
+                resampled.provenance["warnings"] = [*resampled.provenance.get("warnings", []), note]
         finally:
             _patients_checked.reset(token)
         resampled.provenance["registration"] = {"kind": kind, "metric": metric, "preset": p["name"]}

@@ -111,3 +111,19 @@ def test_3d_slabs_of_weights_with_more_levels_have_no_seams(tmp_path):
     b = (((z - 24) ** 2 + (y - 20) ** 2 + (x - 18) ** 2 < 150) * 0.8 + 0.1 * rng.random(a.shape)).astype(np.float32)
     whole = infer.fuse_3d([a, b], weights=path, batch_size=64)
     np.testing.assert_allclose(infer.fuse_3d([a, b], weights=path, batch_size=4), whole, atol=1e-5, rtol=0)
+
+
+def test_an_image_of_at_most_strip_pixels_takes_the_single_pass(monkeypatch):
+    """Decided on the image's own size: a 101 x 66 image padded to 104 x 68 went into strips at 6666 pixels."""
+    a, b = _pair((101, 66))
+    whole = infer.fuse_2d([a, b])
+    monkeypatch.setattr(infer, "STRIP_PIXELS", 101 * 66)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("strips for an image of STRIP_PIXELS pixels")
+
+    monkeypatch.setattr(infer, "_fuse_2d_strips", refuse)
+    assert np.array_equal(infer.fuse_2d([a, b]), whole)  # bit for bit: the same single pass
+    monkeypatch.setattr(infer, "STRIP_PIXELS", 101 * 66 - 1)
+    with pytest.raises(AssertionError, match="strips"):
+        infer.fuse_2d([a, b])

@@ -655,6 +655,28 @@ def test_a_folder_template_gives_the_volumes_own_series_header(tmp_path):
     assert medfuse.load(out2).unit == "SUVbw"
 
 
+def test_a_volume_resampled_onto_another_series_takes_that_series_frame_from_a_folder_template(tmp_path):
+    """A PET resampled onto the CT beside it (a PACS export folder of both): its own series' header would claim
+    the old PET frame of reference for positions that are in the CT's."""
+    import shutil
+
+    from tests.conftest import SAMPLES
+
+    both = tmp_path / "export"
+    both.mkdir()
+    for kind, prefix in (("ct", "A_"), ("pet", "B_")):
+        for f in sorted((SAMPLES / kind).iterdir()):
+            shutil.copy(f, both / (prefix + f.name))
+    ct_header = pydicom.dcmread(next((SAMPLES / "ct").iterdir()))
+    pet_uid = str(pydicom.dcmread(next((SAMPLES / "pet").iterdir())).SeriesInstanceUID)
+    ct = medfuse.load(both, series_uid=str(ct_header.SeriesInstanceUID))
+    pet = medfuse.load(both, series_uid=pet_uid)
+    on_ct = medfuse.resample(pet, ct, transform=medfuse.Transform.from_matrix(np.eye(4)))  # "registered"
+    assert on_ct.provenance["series_uid"] == pet_uid  # its own series' header would be found first
+    out = save(on_ct, tmp_path / "pet_on_ct", template=both, deidentify=False)
+    assert str(pydicom.dcmread(next(out.iterdir())).FrameOfReferenceUID) == str(ct_header.FrameOfReferenceUID)
+
+
 def test_a_normalised_spect_reads_back_in_arbitrary_units(tmp_path):
     a = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
     nm = save(Volume(a, np.eye(4), modality="NM", unit="arbitrary"), tmp_path / "nm")
@@ -668,10 +690,16 @@ def test_a_unit_the_series_cannot_hold_is_warned_of(tmp_path):
     with pytest.warns(MedfuseWarning, match="'SUVbw' is not kept"):
         out = save(Volume(a, np.eye(4), modality="unknown", unit="SUVbw"), tmp_path / "u")
     assert medfuse.load(out).unit == "arbitrary"
+    with pytest.warns(MedfuseWarning, match="NM series, which holds Bq/mL or counts: its unit 'SUVlbm'"):
+        save(Volume(a, np.eye(4), modality="NM", unit="SUVlbm"), tmp_path / "nm")
 
 
 def test_format_dicom_with_a_file_ending_is_refused(tmp_path):
     vol = Volume(np.zeros((4, 4, 2), np.int16), np.eye(4), modality="CT", unit="HU")
     with pytest.raises(medfuse.InvalidInputError, match="ends in '.nii.gz'"):
         save(vol, tmp_path / "x.nii.gz", format="dicom")
+    from medfuse.io.writers import check_save_target
+
+    with pytest.raises(medfuse.InvalidInputError, match="ends in '.nii.gz'"):  # refused before the work too
+        check_save_target(tmp_path / "x.nii.gz", format="dicom")
     assert not (tmp_path / "x.nii.gz").exists()

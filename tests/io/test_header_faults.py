@@ -67,6 +67,9 @@ def test_names_whose_data_file_is_a_keyword_are_refused(tmp_path, name):
     assert list(tmp_path.iterdir()) == []
     back = medfuse.load(medfuse.save(vol, tmp_path / "listing.mhd"))  # lower case is a plain name
     assert np.array_equal(back.array, vol.array)
+    # NRRD reads only a printf integer as a pattern: other '%' names are plain names there.
+    back = medfuse.load(medfuse.save(vol, tmp_path / "dose 50%.nhdr"))
+    assert np.array_equal(back.array, vol.array)
 
 
 @pytest.mark.parametrize("offset", ["10 nan 30", "10 20", "10 abc 30"])

@@ -262,10 +262,11 @@ def test_a_bare_overlay_panel_still_works(make_napari_viewer):
     assert panel.compare.currentText() == "overlay"
 
 
-def test_a_lazily_loaded_layer_is_read_once_when_a_registration_starts(pair, monkeypatch):
+def test_a_lazily_loaded_layer_is_read_once_when_a_registration_starts(qtbot, pair, monkeypatch):
     """Starting a registration read a lazy (dask) fixed layer twice on the GUI thread: its file grid and its display
-    grid. Every read of a layer's pixels goes through layer_array; within read_once a lazy layer is read once."""
-    import medfuse_napari._layers as layers
+    grid. The Register panel's start reads it once (the registration itself is stubbed: only the start counts)."""
+    import medfuse
+    from medfuse.errors import RegistrationError
 
     viewer, widget = pair
     mr = viewer.layers["mr"]
@@ -281,10 +282,16 @@ def test_a_lazily_loaded_layer_is_read_once_when_a_registration_starts(pair, mon
 
     lazy = Lazy()
     original = type(mr).data
+
+    def stub(*args, **kwargs):
+        raise RegistrationError("stopped by the test")
+
+    monkeypatch.setattr(medfuse, "register", stub)
+    panel = widget.register_panel
+    panel.fixed.set_layer("mr")
+    panel.moving.set_layer("pet")
     monkeypatch.setattr(type(mr), "data", property(lambda self: lazy if self is mr else original.fget(self)))
-    with layers.read_once():
-        layers.native_volume(mr)
-        layers.layer_to_volume(mr, registered=False)
+    panel.run()
     assert len(reads) == 1
-    layers.layer_to_volume(mr, registered=False)  # outside it: read again (the pixels may change between jobs)
-    assert len(reads) == 2
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert len(reads) == 1

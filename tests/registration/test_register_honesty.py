@@ -52,8 +52,9 @@ def test_a_label_map_registered_gets_advice_register_can_follow(tmp_path, capsys
     fixed = medfuse.Volume(_smooth(), AFFINE, modality="MR")
     labels = medfuse.Volume((_smooth(1) * 3).round().astype(np.uint8) * 2, AFFINE)  # labels 0, 2, 4, 6
     with pytest.warns(medfuse.MedfuseWarning, match="moving image looks like a label map") as seen:
-        medfuse.register(fixed, labels)
+        result = medfuse.register(fixed, labels)
     text = " ".join(str(w.message) for w in seen if "label map" in str(w.message))
+    assert any("label map" in w for w in result.resampled.provenance["warnings"])  # the sidecar keeps it too
     assert "transform=result.transform, interpolation='nearest'" in text and "pass interpolation=" not in text
     medfuse.save(fixed, tmp_path / "f.nii.gz")
     medfuse.save(labels, tmp_path / "l.nii.gz")
