@@ -82,6 +82,10 @@ def _weights(weights: Optional[Sequence[float]], n: int) -> np.ndarray:
     if weights is None:
         return np.full(n, 1.0 / n)
     fix = f"pass weights=[...] with {n} entries, e.g. {[round(1 / n, 3)] * n}"
+    if isinstance(weights, (list, tuple)) and any(x is None for x in weights):
+        # None became NaN: "got [nan, 1.0]" quoted what the caller never passed.
+        raise InvalidInputError(f"weights must be {n} non-negative numbers, got a {type(weights).__name__} holding "
+                                "None", fix=fix)
     try:
         if isinstance(weights, (str, bytes, Mapping)):  # a str would be read as one number, or its text echoed
             raise TypeError
@@ -570,7 +574,10 @@ def _check_options(key: str, options: dict) -> None:
             continue
         integer, lo, closed = _NUMERIC[name]
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(float(value))
-        ok = ok and (not integer or float(value) == int(value)) and (value >= lo if closed else value > lo)
+        # An int is whole whatever its size: float(10**30) != 10**30, and levels=10**30 was "not a whole number"
+        # while 1e30 was cut to the largest level count with a warning.
+        whole_number = isinstance(value, (int, np.integer)) or (ok and float(value) == int(value))
+        ok = ok and (not integer or whole_number) and (value >= lo if closed else value > lo)
         if not ok:
             want = f"{'a whole number' if integer else 'a number'} {'>=' if closed else '>'} {lo:g}"
             raise InvalidInputError(f"option {name}={_shown(value)} of method {key!r} is invalid: it must be {want}",

@@ -577,3 +577,20 @@ def test_a_continuous_wavelet_and_a_dimension_mismatch_are_named_as_such():
         with pytest.raises(InvalidInputError, match="numbers of dimensions") as e:
             fuse_arrays([a.astype(np.float32), a[..., None].astype(np.float32)])
         assert "resample" not in e.value.fix
+
+
+def test_a_huge_whole_level_count_is_cut_as_a_float_one_is_and_none_weights_are_quoted():
+    """levels=10**30 was "not a whole number" (float(10**30) != 10**30) while 1e30 was cut with a warning; weights
+    [None, 1] were quoted as [nan, 1.0]."""
+    from medfuse.errors import MedfuseWarning
+
+    a = np.random.default_rng(0).random((32, 32))
+    b = a[::-1].copy()
+    with pytest.warns(MedfuseWarning):
+        big_int = C.fuse_arrays([a, b], method="laplacian", levels=10 ** 30)
+    with pytest.warns(MedfuseWarning):
+        big_float = C.fuse_arrays([a, b], method="laplacian", levels=1e30)
+    np.testing.assert_array_equal(big_int, big_float)
+    with pytest.raises(InvalidInputError, match=r"got a list holding None") as e:
+        C.fuse_arrays([a, b], method="mean", weights=[None, 1])
+    assert "nan" not in str(e.value)
