@@ -74,16 +74,22 @@ def test_a_cancelled_evaluation_removes_its_images_and_says_so(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(E, "_save_png", save)
-    out = tmp_path / "eval"
-    argv = ["evaluate", "-o", str(out), "--methods", "mean,max", "--no-progress"]
-    for a, b in pairs:
-        argv += ["--pair", str(a), str(b)]
-    assert main(argv) == EXIT_CANCELLED
-    err = capsys.readouterr().err
-    assert "cancelled; no tables were written; the 2 fused image(s) this run had written were removed" in err, err
-    assert not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
-    monkeypatch.setattr(E, "_save_png", real)
-    assert main(argv) == 0  # the rerun starts clean
+    # Python's own Ctrl-C handler, whatever this process inherited (a runner started in the background by a shell
+    # without job control ignores SIGINT, and the signal never arrived).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        out = tmp_path / "eval"
+        argv = ["evaluate", "-o", str(out), "--methods", "mean,max", "--no-progress"]
+        for a, b in pairs:
+            argv += ["--pair", str(a), str(b)]
+        assert main(argv) == EXIT_CANCELLED
+        err = capsys.readouterr().err
+        assert "cancelled; no tables were written; the 2 fused image(s) this run had written were removed" in err, err
+        assert not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
+        monkeypatch.setattr(E, "_save_png", real)
+        assert main(argv) == 0  # the rerun starts clean
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_fuse_of_disjoint_fields_of_view_gives_advice_the_command_line_can_follow(tmp_path, capsys):

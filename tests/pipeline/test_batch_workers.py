@@ -4,6 +4,7 @@ paths normalised (``out/../out/x.nii.gz`` is shown as ``out/x.nii.gz``), patient
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -61,7 +62,10 @@ def test_a_worker_restarted_after_another_dies_still_ignores_sigint(tmp_path):
     pytest.importorskip("distributed")
     script = tmp_path / "restart.py"
     script.write_text(_RESTART)
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # SIGINT at its default in the child, whatever this process inherited: a runner started in the background by a
+    # shell without job control ignores SIGINT, the child inherited "ignore", and Python then installs no handler.
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert run.stdout.split() == ["2", "True", "1", "True", "True"], (run.stdout, run.stderr[-3000:])
 
 
