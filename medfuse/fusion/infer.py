@@ -477,12 +477,12 @@ def _fuse_2d_strips(model, t, rows: int, *, refine: bool, rule: int, progress: O
     to the factor, to stay on the low-resolution grid) gives its rows as the whole image does.
     """
     torch = _torch()
-    from .network import _up, decompose
+    from .network import decompose
 
     f, height = model.factor, t.shape[2]
     strips = list(_slabs(height, rows))
     total = 2 * len(strips) + 1
-    halo = -(-model.halo // f) * f
+    halo = _on_grid(model.halo, f)
     feats = []
     for i, (s, e) in enumerate(strips):
         check(cancel, "network fusion")
@@ -493,17 +493,14 @@ def _fuse_2d_strips(model, t, rows: int, *, refine: bool, rule: int, progress: O
     lowres = model.lowres_logits(torch.cat(feats, dim=3))
     del feats
     report(progress, (len(strips) + 1) / total, "network fusion: low resolution")
-    halo = -(-model.halo_2d(refine) // f) * f
+    halo = _on_grid(model.halo_2d(refine), f)
     out = np.empty(tuple(t.shape[2:]), dtype=np.float32)
     for i, (s, e) in enumerate(strips):
         check(cancel, "network fusion")
         lo, hi = max(0, s - halo), min(height, e + halo)
         piece = t[:, :, lo:hi]
         base, details = decompose(piece, model.levels)
-        # One low-resolution row more each side than the strip covers: the bilinear upsampling of the strip's
-        # rows then reads the rows the whole image's does.
-        a0, a1 = max(0, lo // f - 1), min(lowres.shape[2], hi // f + 1)
-        up = _up(lowres[:, :, a0:a1], f)[:, :, lo - a0 * f:hi - a0 * f]
+        up = _logit_rows(lowres, lo, hi, f)
         fused = model.render_upsampled(piece, base, details, up, refine=refine, coarse_pixel_rule=rule)
         out[s:e] = fused[0, s - lo:e - lo].float().cpu().numpy()
         del base, details, up, fused
@@ -577,16 +574,28 @@ PLANE_BATCH = 8
 MERGE_SLICES = 8
 
 
+def _on_grid(n: int, f: int) -> int:
+    """``n`` rounded up to a multiple of the factor ``f``: a halo that keeps slabs and strips on the low-resolution
+    grid."""
+    return -(-n // f) * f
+
+
+def _logit_rows(lr, s: int, e: int, f: int):
+    """Full-resolution rows (axis 2) ``s:e`` of the low-resolution logits ``lr`` upsampled by ``f``, as the whole
+    map's upsampling gives them: one low-resolution row more each side is upsampled, so the bilinear weights of
+    the rows at the ends read the rows the whole map's do."""
+    from .network import _up
+
+    a0, a1 = max(0, s // f - 1), min(lr.shape[2], e // f + 1)
+    return _up(lr[:, :, a0:a1], f)[:, :, s - a0 * f:e - a0 * f]
+
+
 def _combine_into(out: np.ndarray, model, lr, piece, base, details, s: int, e: int, off: int, f: int,
                   brighter: bool) -> None:
     """Combine slices ``s:e`` (``off`` in the slab ``piece``) into ``out[s:e]``: the same slices, logits and
     empty guard that a slab ``s:e`` of its own gives (its halo holds the guard's radius)."""
-    from .network import _up
-
     sl = slice(off, off + e - s)
-    a0, a1 = max(0, s // f - 1), min(lr.shape[2], e // f + 1)
-    u0 = s - a0 * f
-    up = _up(lr[:, :, a0:a1], f)[:, :, u0:u0 + e - s]
+    up = _logit_rows(lr, s, e, f)
     empty = None
     if model.empty_guard:  # the guard needs only its own radius of the halo, not all of it
         r = model.empty_guard // 2
@@ -640,7 +649,7 @@ def fuse_3d(arrays: Sequence[np.ndarray], *, device: str = "cpu", weights: Optio
     model = load_model(weights, device=device)
     device = next(model.parameters()).device  # "auto" resolved by load_model
     f = model.factor
-    halo = -(-model.halo // f) * f  # a multiple of the factor, so slabs stay aligned with the low-res grid
+    halo = _on_grid(model.halo, f)  # slabs stay aligned with the low-res grid
     size = max(f, (int(batch_size) // f) * f)
     shape = arrs[0].shape
     with torch.inference_mode():

@@ -1741,7 +1741,8 @@ def _run(args: argparse.Namespace) -> int:
             bound = "0..1" if finite == 1.0 else "a finite value >= 0"
             raise InvalidInputError(f"--{name.replace('_', '-')} must be {bound}, got {value}", fix=fix)
     if not 0 <= args.empty_guard <= 63 or (args.empty_guard and args.empty_guard % 2 == 0):
-        raise InvalidInputError(f"--empty-guard must be 0 or an odd neighbourhood size up to 63, got {args.empty_guard}",
+        raise InvalidInputError("--empty-guard must be 0 or an odd neighbourhood size up to 63, got "
+                                f"{args.empty_guard}",
                                 fix="use 3 (the shipped weights' value), 5, 7, or 0 to turn the guard off")
     if args.ct_target_smooth > 1 and args.ct_target_smooth % 2 == 0:
         raise InvalidInputError(f"--ct-target-smooth must be an odd box size, got {args.ct_target_smooth}",

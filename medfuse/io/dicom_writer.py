@@ -174,8 +174,9 @@ def _read_template(template: Any, series_uid: Optional[str] = None, frame_uid: O
         if frame_uid and frame_ok and same_frame is None:
             same_frame = ds
         first = first if first is not None else ds
-    if same_frame is not None or first is not None:
-        return same_frame if same_frame is not None else first
+    found = same_frame if same_frame is not None else first
+    if found is not None:
+        return found
     raise UnreadableFileError("the DICOM template holds no readable DICOM file",
                               fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
 

@@ -385,7 +385,6 @@ def check_save_target(path: PathLike, *, overwrite: bool = False, inputs=(), for
         from .nifti import itk_path
 
         _refuse_data_file_keywords(p)
-
         # Windows: SimpleITK needs an ASCII path (a .mhd/.nhdr header is written under its own name, a .mha/.nrrd
         # under an ASCII temporary one): refused now, not after minutes of work.
         pair = p.name.lower().endswith((".mhd", ".nhdr"))

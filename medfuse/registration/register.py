@@ -230,7 +230,8 @@ def _as_mask(mask: Any, vol: Volume, name: str):
     arr = arr != 0
     if not arr.any():
         raise RegistrationError(f"{name} covers no voxel (it is all zero)",
-                                fix=f"pass a mask with the region to align, or {name.split()[0]}=None to use the whole image")
+                                fix=f"pass a mask with the region to align, or {name}=None to use the whole "
+                                    "image")
     return vol.with_array(arr.astype(np.uint8), unit="arbitrary")
 
 
@@ -1431,8 +1432,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
 
             note = _label_like_note(original, LABELS_AFTER_REGISTER_FIX)
             if note is not None:
-                warnings.warn(note.replace("the volume looks", "the moving image looks", 1), MedfuseWarning,
-                              stacklevel=_checks.user_stacklevel())
+                note = note.replace("the volume looks", "the moving image looks", 1)
+                warnings.warn(note, MedfuseWarning, stacklevel=_checks.user_stacklevel())
             resampled = resample(original, fixed, transform=transform, interpolation="linear")
             if note is not None:  # the result's sidecar keeps it too, as resample() keeps its own
                 resampled.provenance["warnings"] = [*resampled.provenance.get("warnings", []), note]
