@@ -340,13 +340,13 @@ class RefineHead(nn.Module):
     weights.
     """
 
-    features = 9
     #: Pixels each side one output reads through the head: its 3×3 convolutions (dilations 1, 2, 4) and the Sobel.
     reach = 1 + 2 + 4 + 1
 
     def __init__(self, width: int, levels: int):
         super().__init__()
-        nf = self.features
+        # Per input: the image, its base, one map per detail level, two Sobel responses, their magnitude, the logit.
+        nf = self.features = levels + 6
         self.own = nn.Conv2d(nf, width, 3, padding=1)
         self.shared = nn.Conv2d(nf, width, 3, padding=1, bias=False)
         # Depthwise-separable context layers: a 3×3 per channel, then a 1×1 mix (about 4x cheaper than a full

@@ -103,3 +103,23 @@ def test_refine_false_gives_the_low_resolution_choice_alone():
     assert np.abs(medfuse.fuse(a, b) - fast).max() > 1e-3  # the default runs the head
     v1, v2 = _blobs((20, 24, 16), 9), _blobs((20, 24, 16), 10)
     np.testing.assert_array_equal(medfuse.fuse(v1, v2, refine=False), medfuse.fuse(v1, v2))
+
+
+@pytest.mark.parametrize("levels", [1, 2, 4])
+def test_a_head_is_built_for_any_number_of_levels(tmp_path, monkeypatch, levels):
+    """The head reads one map per detail level, so a network of 1, 2 or 4 levels with a head runs, exports and
+    fuses in strips (its input width was fixed at 3 levels' count: a channel-count error at the first pass)."""
+    from medfuse.fusion.train import export_weights
+
+    torch.manual_seed(levels)
+    net = FusionNet(levels=levels, refine=4).eval()
+    with torch.no_grad():
+        for p in net.refine.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        out = net(_x(2))
+    assert out.shape == (1, 64, 64) and torch.isfinite(out).all()
+    path = export_weights(net, tmp_path / "w", {})
+    a, b = _blobs((40, 36), 1), _blobs((40, 36), 2)
+    whole = infer.fuse_2d([a, b], weights=path)
+    monkeypatch.setattr(infer, "STRIP_PIXELS", 36 * 12)
+    np.testing.assert_allclose(infer.fuse_2d([a, b], weights=path), whole, atol=1e-5)
