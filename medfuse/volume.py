@@ -822,6 +822,10 @@ class Volume:
         img.SetDirection(tuple(float(x) for x in self.direction.ravel()))
         img.SetMetaData("medfuse_modality", self.modality)
         img.SetMetaData("medfuse_unit", self.unit)
+        from .io.nifti import lbm_formula
+
+        if lbm_formula(self) is not None:  # as medfuse.save writes it (an SUVlbm's formula)
+            img.SetMetaData("medfuse_suv", lbm_formula(self))
         return img
 
     @classmethod
@@ -868,7 +872,9 @@ class Volume:
         meta = lambda k: image.GetMetaData(k).strip() if image.HasMetaDataKey(k) else None  # noqa: E731
         modality, unit = _stored_labels(modality, unit, meta("medfuse_modality"), meta("medfuse_unit"),
                                         "metadata (medfuse_modality, medfuse_unit)", "from_sitk")
-        return cls(arr, aff, modality=modality, unit=unit, provenance=provenance or {})
+        prov = dict(provenance or {})
+        _record_lbm_formula(prov, unit, meta("medfuse_unit"), meta("medfuse_suv"))
+        return cls(arr, aff, modality=modality, unit=unit, provenance=prov)
 
     # ------------------------------------------------------------------ nibabel
     def to_nibabel(self):
@@ -883,7 +889,7 @@ class Volume:
         """
         import nibabel as nib
 
-        from .io.nifti import format_tag, nifti_space_code
+        from .io.nifti import format_tag, lbm_formula, nifti_space_code
 
         code = nifti_space_code(self)
         # A copy: an edit of the image's data (img.get_fdata()[...] = 0) must not change this Volume.
@@ -896,7 +902,7 @@ class Volume:
         img.header.set_qform(self.affine_ras, code=code)
         img.header.set_xyzt_units("mm", "sec")
         # Modality and unit as medfuse.save writes them, so that nibabel.save(vol.to_nibabel(), f) keeps them.
-        img.header["descrip"] = format_tag(self.modality, self.unit).encode("ascii")[:79]
+        img.header["descrip"] = format_tag(self.modality, self.unit, suv=lbm_formula(self)).encode("ascii")[:79]
         return img
 
     @classmethod
@@ -930,7 +936,7 @@ class Volume:
             InvalidInputError: not a nibabel image, or not one 3-D volume.
             GeometryError: the image has no usable affine.
         """
-        from .io.nifti import ANALYZE_NOTE, NO_FORM_NOTE, _space_name, form_gap_note, parse_tag
+        from .io.nifti import ANALYZE_NOTE, NO_FORM_NOTE, _space_name, form_gap_note, parse_lbm_formula, parse_tag
 
         if not (hasattr(image, "dataobj") and hasattr(image, "affine") and hasattr(image, "header")):
             raise InvalidInputError(
@@ -965,13 +971,15 @@ class Volume:
                           "(the sform when its code is above 0); check the image's position, and re-save it with "
                           "medfuse.save so that every tool reads one geometry", MedfuseWarning,
                           stacklevel=user_stacklevel())
-        tag_mod, tag_unit = parse_tag(hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else "")
+        descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
+        tag_mod, tag_unit = parse_tag(descrip)
         prov = dict(provenance or {})
         space = _space_name(hdr)
         if space is not None:
             prov.setdefault("nifti_space", space)
         _record_source(prov, image.get_filename() if callable(getattr(image, "get_filename", None)) else None)
         modality, unit = _stored_labels(modality, unit, tag_mod, tag_unit, "header (descrip)", "from_nibabel")
+        _record_lbm_formula(prov, unit, tag_unit, parse_lbm_formula(descrip))
         return cls(arr, LPS_TO_RAS @ aff, modality=modality, unit=unit, provenance=prov)
 
     # ------------------------------------------------------------------ MONAI
@@ -1145,6 +1153,13 @@ def _recorded_sources(text: Any) -> Dict[str, Any]:
         return {}
     paths = [s for s in found if isinstance(s, str) and s] if isinstance(found, list) else []
     return {"sources": paths} if paths else {}
+
+
+def _record_lbm_formula(prov: dict, unit: Optional[str], stored_unit: Optional[str], formula: Optional[str]) -> None:
+    """Record a stored SUVlbm's lean-body-mass formula as ``prov["suv"]`` (as medfuse.load does), when the image
+    keeps its stored unit and the caller's provenance does not say otherwise."""
+    if formula in ("lbm", "lbm_janma") and stored_unit == "SUVlbm" and unit in (None, "SUVlbm"):
+        prov.setdefault("suv", formula)
 
 
 def _stored_labels(modality: Optional[str], unit: Optional[str], stored_modality: Optional[str],

@@ -624,6 +624,15 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         warnings.warn(f"{folder.name}: a volume of modality {modality!r} is written as {held}: its unit "
                       f"{volume.unit!r} is not kept (set the volume's modality, e.g. CT for HU or "
                       "PT for SUV, or save it as NIfTI or NRRD, which keep the unit)", MedfuseWarning, stacklevel=3)
+    if modality == "PT" and volume.unit == "SUVlbm" and volume.provenance.get("suv") not in ("lbm", "lbm_janma"):
+        # SUVType LBM alone reads as James's formula: an SUVlbm made with Janmahasatian's and converted later
+        # (load(..., suv='bw')) is then about 3 % off.
+        warnings.warn(f"{folder.name}: the volume is SUVlbm, but which lean-body-mass formula made it is not "
+                      "recorded (it was not loaded by medfuse, or came through a file format or tool that does "
+                      "not keep it): the series says SUVType LBM, which readers (medfuse too) take as James's "
+                      "formula, so a later conversion to another SUV is off if it was Janmahasatian's. Record it "
+                      "first: volume.provenance['suv'] = 'lbm_janma' (or 'lbm' for James's)",
+                      MedfuseWarning, stacklevel=3)
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     series_uid = generate_uid()

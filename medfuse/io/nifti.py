@@ -41,7 +41,7 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWar
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, _check_affine, affine_from_geometry
 
-__all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "nifti_space_code", "NIFTI_SPACES",
+__all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "lbm_formula", "parse_lbm_formula", "nifti_space_code", "NIFTI_SPACES",
            "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
 
 PathLike = Union[str, os.PathLike]
@@ -197,15 +197,18 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)  # the links only: rmtree does not follow them
 
 
-def format_tag(modality: str, unit: str) -> str:
+def format_tag(modality: str, unit: str, *, suv: Optional[str] = None) -> str:
     """The text medfuse stores in NIfTI ``descrip`` to carry modality and unit (≤ 80 bytes).
 
     Args:
         modality: the volume's modality (``MR``, ``CT``, ``PT``, ``NM``, ``unknown``).
         unit: the volume's unit (``HU``, ``SUVbw``, ...).
+        suv: for an SUVlbm, the lean-body-mass formula it was made with (``lbm``: James, ``lbm_janma``:
+            Janmahasatian; :func:`lbm_formula`); ignored for any other unit.
 
     Returns:
-        ``"medfuse modality=<modality> unit=<unit>"``, which :func:`parse_tag` reads back.
+        ``"medfuse modality=<modality> unit=<unit>"`` (plus ``" suv=<formula>"``), which :func:`parse_tag` and
+        :func:`parse_lbm_formula` read back.
 
     Raises:
         InvalidInputError: either is not text.
@@ -214,7 +217,8 @@ def format_tag(modality: str, unit: str) -> str:
         if not isinstance(value, str):
             raise InvalidInputError(f"{name} must be text, got {type(value).__name__}",
                                     fix="pass the Volume's .modality and .unit")
-    return f"medfuse modality={modality} unit={unit}"
+    tag = f"medfuse modality={modality} unit={unit}"
+    return tag + f" suv={suv}" if unit == "SUVlbm" and suv in _LBM_FORMULAS else tag
 
 
 def parse_tag(text: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
@@ -234,6 +238,29 @@ def parse_tag(text: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
                                 fix="decode a header's bytes first, e.g. bytes(hdr['descrip']).decode('ascii')")
     m = _TAG_RE.search(text or "")
     return (m.group(1), m.group(2)) if m else (None, None)
+
+
+#: The SUV kinds that name a lean-body-mass formula (medfuse.io.suv): James's and Janmahasatian's.
+_LBM_FORMULAS = ("lbm", "lbm_janma")
+
+
+def lbm_formula(volume: Volume) -> Optional[str]:
+    """The lean-body-mass formula (``lbm`` or ``lbm_janma``) of an SUVlbm volume, from its provenance; else None.
+
+    Why: an SUVlbm made with Janmahasatian's formula and later converted as James's (what DICOM's SUVType LBM
+    alone is read as) is off by about 3 %, so every writer keeps the formula beside the unit.
+    """
+    kind = volume.provenance.get("suv") if volume.unit == "SUVlbm" else None
+    return kind if kind in _LBM_FORMULAS else None
+
+
+def parse_lbm_formula(text: Optional[str]) -> Optional[str]:
+    """The lean-body-mass formula a :func:`format_tag` string names for an SUVlbm, else None."""
+    m = _TAG_RE.search(text or "") if isinstance(text, str) else None
+    if m is None or m.group(2) != "SUVlbm":
+        return None
+    f = re.match(r"\s+suv=(\S+)", (text or "")[m.end():])
+    return f.group(1) if f and f.group(1) in _LBM_FORMULAS else None
 
 
 def _space_name(hdr, used: Optional[str] = None) -> Optional[str]:
@@ -607,7 +634,7 @@ def _memory_error(p: Path, shape) -> UnreadableFileError:
 
 
 def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str],
-                                                      Optional[str]]:
+                                                      Optional[str], Optional[str]]:
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
@@ -669,7 +696,7 @@ def _read_nifti(p: Path, gz: Optional[bool]) -> Tuple[np.ndarray, np.ndarray, Op
         _warn_ambiguous_geometry(img, aff_lps, to_mm, p)
     descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
     mod, unit = parse_tag(descrip)
-    return np.asarray(arr), aff_lps, mod, unit, space
+    return np.asarray(arr), aff_lps, mod, unit, space, parse_lbm_formula(descrip)
 
 
 _RESAVE_WITH_ITK = ("re-save it with an ITK-based tool, which repairs it: in Python, SimpleITK.WriteImage("
@@ -907,7 +934,7 @@ def _raw_pixdim(img, p: Path) -> Optional[np.ndarray]:
         return None
 
 
-def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str]]:
+def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[str], Optional[str]]:
     import SimpleITK as sitk
 
     if p.stat().st_size == 0:
@@ -965,7 +992,8 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
                           stacklevel=user_stacklevel())
             aff = np.diag([to_mm, to_mm, to_mm, 1.0]) @ aff
     get = lambda k: img.GetMetaData(k).strip() if img.HasMetaDataKey(k) else None  # noqa: E731
-    return arr, aff, get("medfuse_modality"), get("medfuse_unit")
+    formula = get("medfuse_suv") if get("medfuse_unit") == "SUVlbm" else None
+    return arr, aff, get("medfuse_modality"), get("medfuse_unit"), formula if formula in _LBM_FORMULAS else None
 
 
 #: NRRD encodings by what bounds their size: raw bytes, deflate, or one text number per value at least.
@@ -1377,7 +1405,7 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
     name = p.name.lower()
     gz = _refuse_other_format(p)
     if name.endswith(NIFTI_SUFFIXES):
-        arr, aff, mod, unit, space = _read_nifti(p, gz)
+        arr, aff, mod, unit, space, formula = _read_nifti(p, gz)
         facts = {"reader": "nibabel"}
         if space is not None:
             facts["nifti_space"] = space
@@ -1386,13 +1414,15 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
             if mod is not None:
                 facts["labels_from"] = "BIDS sidecar"
     elif name.endswith(ITK_SUFFIXES):
-        arr, aff, mod, unit = _read_itk(p)
+        arr, aff, mod, unit, formula = _read_itk(p)
         facts = {"reader": "SimpleITK"}
     else:
         raise UnreadableFileError("unknown image file ending",
                                   fix=f"use one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}, or a DICOM file/folder", path=p)
     if unit:  # the file states it: a modality override keeps it (volume.relabelled reads this)
         facts["unit_stated"] = True
+    if formula is not None:  # the SUVlbm's formula, as the DICOM reader records it (converting it needs it)
+        facts["suv"] = formula
     arr = _native(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -1418,6 +1448,8 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
             warnings.warn(f"{p}: {int((~finite).sum())} voxel(s) are NaN or infinite; they were kept as they are",
                           MedfuseWarning, stacklevel=user_stacklevel())
     prov = {"source": os.path.abspath(p), **facts}  # absolute: save() protects it after a chdir too
+    if unit != "SUVlbm":  # a unit= override: the stored SUVlbm's formula no longer describes the voxels
+        prov.pop("suv", None)
     if n > 1:
         prov.update(volume_index=index, n_volumes=n)
     try:

@@ -32,7 +32,7 @@ from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _m
                       _make_temp_file, _name_the_output, _public_mode, _temp_suffix, _typed_os_error, atomic_path,
                       check_output, refuse_foreign_folder, same_file)
 from . import _as_path, _check_flag, _check_text, _kind
-from .nifti import format_tag, nifti_space_code
+from .nifti import format_tag, lbm_formula, nifti_space_code
 
 __all__ = ["save", "check_save_target", "FORMATS"]
 
@@ -203,7 +203,7 @@ def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: 
     img.set_qform(volume.affine_ras, code=code)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_data_dtype(arr.dtype)
-    img.header["descrip"] = format_tag(volume.modality, volume.unit).encode("ascii")[:79]
+    img.header["descrip"] = format_tag(volume.modality, volume.unit, suv=lbm_formula(volume)).encode("ascii")[:79]
     with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
         nib.save(img, str(tmp))
         _written(tmp, path)
@@ -270,6 +270,8 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
     img = volume.with_array(_storable(volume.array, fmt, path)).to_sitk()
     img.SetMetaData("medfuse_modality", volume.modality)
     img.SetMetaData("medfuse_unit", volume.unit)
+    if lbm_formula(volume) is not None:
+        img.SetMetaData("medfuse_suv", lbm_formula(volume))
     name = path.name.lower()
     if name.endswith((".mha", ".nrrd")):
         with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:

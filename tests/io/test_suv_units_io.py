@@ -9,6 +9,7 @@ import re
 import warnings
 
 import numpy as np
+import nibabel as nib
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -127,6 +128,40 @@ def test_lbm_formula_survives_a_dicom_round_trip(samples_dir, tmp_path, kind):
     other = "lbm" if kind == "lbm_janma" else "lbm_janma"
     direct = medfuse.load(folder, suv=other).array
     assert np.allclose(medfuse.load(out, suv=other).array, direct, atol=float(direct.max()) * 1e-4)
+
+
+@pytest.mark.parametrize("via", ["nii.gz", "mha", "nrrd", "nibabel", "sitk"])
+def test_lbm_formula_survives_other_formats_on_the_way_to_dicom(samples_dir, tmp_path, via):
+    """DICOM -> NIfTI/MHA/NRRD (or nibabel/SimpleITK) -> DICOM: the NIfTI dropped the formula, the series was
+    written as plain LBM and read back as James's: SUVbw 3 % off."""
+    folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="M", PatientSize="1.75", PatientWeight="110")
+    bw = medfuse.load(folder, suv="bw")
+    janma = medfuse.load(folder, suv="lbm_janma")
+    if via == "nibabel":
+        mid = Volume.from_nibabel(janma.to_nibabel())
+    elif via == "sitk":
+        mid = Volume.from_sitk(janma.to_sitk())
+    else:
+        mid = medfuse.load(medfuse.save(janma, tmp_path / f"mid.{via}"))
+    assert mid.unit == "SUVlbm" and mid.provenance["suv"] == "lbm_janma"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)  # the formula is known: no warning
+        out = medfuse.save(mid, tmp_path / "out", template=folder)
+    as_bw = medfuse.load(out, suv="bw")
+    rel = float(np.abs(as_bw.array - bw.array).max() / bw.array.max())
+    assert rel < 1e-4, rel
+
+
+def test_an_overridden_unit_drops_the_stored_formula_and_an_unknown_formula_is_warned_of(samples_dir, tmp_path):
+    folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="M", PatientSize="1.75", PatientWeight="110")
+    path = medfuse.save(medfuse.load(folder, suv="lbm_janma"), tmp_path / "mid.nii.gz")
+    assert "suv" not in medfuse.load(path, unit="arbitrary").provenance
+    assert "suv" not in Volume.from_nibabel(nib.load(path), unit="arbitrary").provenance
+    # An SUVlbm from another tool: nobody knows the formula, and the writer says what readers will assume.
+    other = Volume(medfuse.load(path).array, medfuse.load(path).affine, modality="PT", unit="SUVlbm")
+    with pytest.warns(MedfuseWarning, match="James") as rec:
+        medfuse.save(other, tmp_path / "out", template=folder)
+    assert any("provenance['suv'] = 'lbm_janma'" in str(m.message) for m in rec)
 
 
 # --------------------------------------------------------------------------- 3: SUVbsa is CM2ML
