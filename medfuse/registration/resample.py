@@ -245,6 +245,14 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
             raise InvalidInputError(f"a mask's default (the value outside it) must be False or True, got "
                                     f"{float(default):g}", fix="pass default=False (or leave it out)")
         default = float(bool(default))
+    infinite = volume.array.dtype.kind == "f" and bool(np.isinf(volume.array).any())
+    if interpolation == "bspline" and volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+        # The B-spline prefilter runs along whole rows: one NaN voxel made most of a volume NaN, the rest 0.
+        raise InvalidInputError(f"the volume holds {int((~np.isfinite(volume.array)).sum())} NaN or infinite "
+                                "voxel(s), which B-spline interpolation spreads over the whole volume",
+                                fix="use interpolation='linear' (a NaN then marks only its neighbours) or replace "
+                                    "them first: volume.with_array(np.nan_to_num(volume.array, nan=0.0, "
+                                    "posinf=0.0, neginf=0.0))")
     lookup = _label_lookup(volume, float(default)) if interpolation == "nearest" else None
     if lookup is None:
         src = _source_image(volume, interpolation, float(default))
@@ -266,6 +274,14 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     del out
     if lookup is not None:
         arr = lookup[1][arr]
+    if infinite and arr.dtype.kind == "f":
+        # ITK clamps each output value to its pixel type's range: an infinite voxel came back as +-3.4e38, a
+        # finite value no NaN/inf check catches. Values at the type's limit that the input did not hold are
+        # those.
+        top = np.finfo(arr.dtype).max
+        for sign in (1, -1):
+            if not (volume.array == sign * top).any():
+                arr[arr == sign * top] = sign * np.inf
     if volume.array.dtype == bool:
         arr = arr.astype(bool)
     elif interpolation == "bspline" and arr.size:

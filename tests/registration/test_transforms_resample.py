@@ -302,3 +302,27 @@ def test_nearest_keeps_64_bit_labels_beyond_float64_exactly():
     with pytest.raises(InvalidInputError, match=r"above 2\*\*53, and no type holds both them and default=-1") as ei:
         resample(vol, ref, interpolation="nearest", default=-1)
     assert "default=0" in ei.value.fix
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "linear"])
+def test_infinite_voxels_stay_infinite_after_resampling(interpolation):
+    """ITK clamps outputs to the pixel type: +-inf came back as +-3.4e38, which no NaN/inf check then caught."""
+    a = np.ones((10, 10, 6), np.float32)
+    a[3, 3, 3], a[6, 6, 2] = np.inf, -np.inf
+    vol = Volume(a, np.eye(4), modality="PT", unit="SUVbw")
+    out = resample(vol, vol, interpolation=interpolation).array
+    assert out[3, 3, 3] == np.inf and out[6, 6, 2] == -np.inf
+    fine = resample(vol, Volume(np.zeros((20, 20, 12), np.float32), np.diag([0.5, 0.5, 0.5, 1.0])),
+                    interpolation=interpolation).array
+    assert np.abs(fine[np.isfinite(fine)]).max() < 1e38 and np.isposinf(fine).any() and np.isneginf(fine).any()
+
+
+def test_bspline_refuses_nan_which_it_would_spread_over_the_volume():
+    a = np.ones((10, 10, 6), np.float32)
+    a[4, 4, 3] = np.nan
+    vol = Volume(a, np.eye(4))
+    with pytest.raises(InvalidInputError, match="B-spline") as e:
+        resample(vol, Volume(np.zeros((20, 20, 12), np.float32), np.diag([0.5, 0.5, 0.5, 1.0])),
+                 interpolation="bspline")
+    assert "linear" in e.value.fix and "nan_to_num" in e.value.fix
+    assert np.isnan(resample(vol, vol, interpolation="linear").array).sum() <= 8  # linear keeps it local
