@@ -1068,8 +1068,9 @@ class Volume:
             The Volume (voxels copied; the affine in LPS mm).
 
         Raises:
-            InvalidInputError: not a MetaTensor (no affine), a batch, several channels, channel-last data, or a
-                meta ``space`` other than RAS or LPS.
+            InvalidInputError: not a MetaTensor (no affine), a batch, several channels, channel-last data, a
+                2-D image (``(1, H, W)`` with a 2-D ``spatial_shape``, or a 3x3 affine: add a slice axis,
+                ``tensor.unsqueeze(-1)``), an affine that is not 4x4, or a meta ``space`` other than RAS or LPS.
         """
         if isinstance(tensor, Volume):
             # Why: NumPy reads a Volume's voxels, and its LPS affine was then taken for a RAS one (flipped x, y).
@@ -1099,6 +1100,22 @@ class Volume:
                 f"the MetaTensor is a batch of {n} image(s) (shape {tuple(tensor.shape)}), not one image",
                 fix="convert one item: monai.data.decollate_batch(batch)[i] or batch[i]")
         arr = _to_numpy(tensor)
+        aff_shape = np.shape(_to_numpy(raw_aff))
+        spatial = meta.get("spatial_shape")
+        if (arr.ndim == 3 and spatial is not None and np.size(spatial) == 2) or aff_shape == (3, 3):
+            # Why: MONAI's channel-first 2-D image (1, H, W) was taken as a 3-D (1, H, W) volume, its channel axis
+            # a spatial one: every voxel in the wrong place, silently.
+            add_axis = "" if aff_shape == (3, 3) else (
+                "Volume.from_metatensor(tensor.unsqueeze(-1)) (its 4x4 affine places the slice as medfuse.load "
+                "places a 2-D file), or ")
+            raise InvalidInputError(
+                f"the MetaTensor holds a 2-D image (shape {tuple(arr.shape)}, affine {aff_shape[0]}x"
+                f"{aff_shape[-1]}), and a Volume is 3-D",
+                fix=f"convert it with a slice axis added: {add_axis}Volume(array[..., None], affine_4x4_lps); "
+                    "2-D images fuse as arrays too: medfuse.fuse(a[0].numpy(), b[0].numpy())")
+        if aff_shape != (4, 4):
+            raise InvalidInputError(f"the MetaTensor's affine has shape {aff_shape}; a 3-D image's is 4x4",
+                                    fix="give the tensor its 4x4 voxel-to-world affine (MONAI's readers set one)")
         if arr.ndim == 4:
             if arr.shape[0] != 1:
                 channel_last = arr.shape[-1] == 1 or meta.get("original_channel_dim") in (-1, 3)

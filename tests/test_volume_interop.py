@@ -388,3 +388,32 @@ def test_a_metatensor_given_as_plain_voxels_is_refused_not_stripped_of_its_affin
     named = monai_data.MetaTensor(torch.zeros(4, 5, 6), meta={"filename_or_obj": "ct.nii.gz"})
     with pytest.raises(InvalidInputError, match="MetaTensor"):
         Volume(named, np.eye(4))  # read from a file: its identity affine is real
+
+
+def test_a_2d_metatensor_is_refused_not_read_as_a_volume_with_its_channel_as_an_axis(tmp_path):
+    """MONAI's channel-first 2-D image (1, H, W) became a (1, H, W) Volume: every voxel in the wrong place."""
+    pytest.importorskip("torch")
+    monai_transforms = pytest.importorskip("monai.transforms")
+    import torch
+    from monai.data import MetaTensor
+
+    data = np.arange(6 * 7, dtype=np.float32).reshape(6, 7)
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 3.0, 1.0, 1.0])), path)
+    t = monai_transforms.LoadImage(image_only=True, ensure_channel_first=True)(path)
+    assert tuple(t.shape) == (1, 6, 7)
+    with pytest.raises(InvalidInputError, match="2-D image") as ei:
+        Volume.from_metatensor(t)
+    assert "unsqueeze(-1)" in ei.value.fix
+    # The fix it gives places every voxel where medfuse.load does.
+    fixed, loaded = Volume.from_metatensor(t.unsqueeze(-1)), medfuse.load(path)
+    assert fixed.shape == loaded.shape == (6, 7, 1)
+    np.testing.assert_allclose(fixed.affine, loaded.affine, atol=1e-6)
+    np.testing.assert_array_equal(fixed.array, loaded.array)
+    with pytest.raises(InvalidInputError, match="2-D image"):
+        medfuse.transforms.as_volume(t)
+    # A 3x3 (2-D) affine was a raw NumPy matmul error.
+    with pytest.raises(InvalidInputError, match="2-D image"):
+        Volume.from_metatensor(MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.eye(3)))
+    with pytest.raises(InvalidInputError, match="affine has shape"):
+        Volume.from_metatensor(MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.eye(4)[:, :3]))
