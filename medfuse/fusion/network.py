@@ -13,10 +13,10 @@ any-number-of-inputs (2 or 3) model is one shared, permutation-equivariant encod
 * Heads: per input, ``levels + 1`` selection logits (base and each detail level); shared, ``levels`` gain logits.
 * Full resolution: ``w_base = softmax_i(up(logit) + k_b * b3_i)``, ``w_l = softmax_i(up(logit) + k_l * |d_l_i|)``,
   ``F = sum_i w_base_i b3_i + sum_l g_l * sum_i w_l_i d_l_i``, clipped to 0..1.
-  Voxels where every input is exactly 0 stay 0 (no halo into the background).
+  Voxels where every input is 0 (at most ``NO_SIGNAL``, 1e-6) stay 0 (no halo into the background).
   The ``k`` terms let a pixel-sharp "pick the stronger detail / the brighter base" decision happen at full
   resolution at the cost of one multiply-add.
-* Empty-input guard (``empty_guard=k``, on in the shipped weights): an input that is exactly 0 over a k×k(×k)
+* Empty-input guard (``empty_guard=k``, on in the shipped weights): an input that is 0 (≤ 1e-6) over a k×k(×k)
   neighbourhood while another input is not gets no weight there, so what only one input shows is never
   traded for another input's empty background.
 * 3-D (tri-plane): the same 2-D encoder/heads run on the axial, coronal and sagittal slices of the 4×-pooled
@@ -384,6 +384,11 @@ class RefineHead(nn.Module):
         return _nhwc(self.out(_nchw(z))).unflatten(0, (b, n)).permute(0, 1, 4, 2, 3)
 
 
+#: Normalised inputs at or below this are "no signal" to the empty-input guard and the background rule. Not 0:
+#: resampling leaves 1e-14 where the source was 0, and 96 such voxels in a SPECT's background switched the guard
+#: off around them (up to 0.018 against the same SPECT reoriented exactly). An 8-bit image's least grey is 0.004.
+NO_SIGNAL = 1e-6
+
 #: The widest layer a weights file may ask for (the shipped network is 16 wide; 1024 is far past any trained here).
 MAX_WIDTH = 1024
 
@@ -557,7 +562,8 @@ class FusionNet(nn.Module):
         return self.halo + (RefineHead.reach if refine and self.refine is not None else 0)
 
     def empty_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, *S) bool: input i is exactly 0 in the guard neighbourhood of a voxel where another is not.
+        """(B, N, *S) bool: input i is 0 (at most :data:`NO_SIGNAL`) in the guard neighbourhood of a voxel where
+        another is not.
 
         Exactly 0 marks "no signal here" (outside a modality's field of view or body, a masked region), not a
         dark tissue value, so choosing that input would erase what another input shows.
@@ -566,7 +572,8 @@ class FusionNet(nn.Module):
         pool = F.avg_pool2d if x.dim() == 4 else F.avg_pool3d
         # The mean of the "has signal" indicator is 0 only if the whole neighbourhood is 0; it is about 3x
         # faster on a CPU than a max-pool of the values.
-        return (pool((x > 0).to(x.dtype), k, 1, k // 2) == 0) & (x.amax(dim=1, keepdim=True) > 0)
+        has = x > NO_SIGNAL
+        return (pool(has.to(x.dtype), k, 1, k // 2) == 0) & has.any(dim=1, keepdim=True)
 
     # ------------------------------------------------------------------ low resolution (2-D slices)
     def _features(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
@@ -632,7 +639,7 @@ class FusionNet(nn.Module):
                 out = out + g * (wd * d).sum(dim=1)
         # Where every input is exactly 0 (the background outside the body) the output is 0 too: blurred
         # bases and amplified details would otherwise leave a faint halo there, which SSIM punishes hard.
-        support = (x.amax(dim=1) > 0).to(out.dtype)
+        support = (x.amax(dim=1) > NO_SIGNAL).to(out.dtype)
         return out.clamp(0.0, 1.0) * support
 
     # ------------------------------------------------------------------ public forward passes

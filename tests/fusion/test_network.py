@@ -130,6 +130,24 @@ def test_empty_input_guard_gives_the_other_input_every_weight():
     assert (out[:, 40:] - only_b[:, 40:]).abs().max() > 0.05
 
 
+def test_resampling_dust_in_an_empty_background_does_not_switch_the_guard_off():
+    """Resampling leaves values like 1e-14 where the source was 0. Scattered in a SPECT's background, each one
+    switched the guard off around it: up to 0.018 against the same SPECT without them (medfuse fuse resamples,
+    Volume.reorient does not)."""
+    import medfuse
+
+    a, b = _blobs((64, 64), 8), _blobs((64, 64), 9) * 0.5 + 0.25
+    a[:, :30] = 0.0
+    dusty = a.copy()
+    dusty[5:60:7, 3:28:6] = 1.4e-14
+    clean = medfuse.fuse(a, b, normalise="none")
+    np.testing.assert_allclose(medfuse.fuse(dusty, b, normalise="none"), clean, atol=1e-6)
+    # A real grey level, however faint, still counts as signal.
+    faint = a.copy()
+    faint[5:60:7, 3:28:6] = 0.004
+    assert np.abs(medfuse.fuse(faint, b, normalise="none") - clean).max() > 1e-3
+
+
 def test_empty_input_guard_is_validated():
     from medfuse.fusion.network import FusionNet
 
