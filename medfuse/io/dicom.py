@@ -391,8 +391,11 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
         if uid is None:
             out.append((f, ds))
             continue
+        # The patient too: a copy of the series under another patient (a PACS merge) is no duplicate, and the
+        # mixed-patients check must see it (it was dropped, and which patient was kept depended on file size).
         key = (str(uid), str(ds.get("ImagePositionPatient", "")), str(ds.get("InstanceNumber", "")),
-               str(ds.get("NumberOfFrames", "")), str(ds.get("Rows", "")), str(ds.get("Columns", "")))
+               str(ds.get("NumberOfFrames", "")), str(ds.get("Rows", "")), str(ds.get("Columns", "")),
+               str(ds.get("PatientID", "")), str(ds.get("PatientName", "")), str(ds.get("PatientBirthDate", "")))
         if key not in seen:
             seen[key] = len(out)
             out.append((f, ds))
@@ -408,6 +411,13 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
             shorter.append(kept)
         elif size_f < size_kept:
             shorter.append(f)
+        elif not _same_pixels(f, kept):
+            # Which copy was read depended on the file names: a slice of zeros under one name, the image under
+            # the other.
+            raise UnreadableFileError(
+                f"two files hold the same image (one SOPInstanceUID, position and instance number) with different "
+                f"pixel data: {kept.name} and {f.name}", fix="find out which copy is right and move the other out "
+                "of the folder (an edited or re-processed image needs its own SOPInstanceUID)", path=path)
     n = len(files) - len(out)
     if n:
         msg = (f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
@@ -418,6 +428,22 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
                     "may be deleted")
         _left_out(path, msg, notes)
     return out
+
+
+def _same_pixels(a: Path, b: Path) -> bool:
+    """Do two copies of one instance hold the same pixel data? (Byte-equal files do; else their PixelData is
+    compared: a re-export may differ in its header only.)"""
+    import filecmp
+
+    import pydicom
+
+    try:
+        if filecmp.cmp(a, b, shallow=False):
+            return True
+        pa, pb = (pydicom.dcmread(os.fspath(p), force=True).get("PixelData") for p in (a, b))
+    except (OSError, ValueError, TypeError, AttributeError, EOFError):
+        return True  # an unreadable copy fails on reading, with its own message, if it is the one kept
+    return pa == pb
 
 
 def _syntax(ds: Any) -> str:
@@ -1133,6 +1159,12 @@ def _split_volumes(frames: List[_Frame], path: Path,
         # or the positions an incomplete 4-D series still has.
         rare = min(by_count, key=lambda c: (len(by_count[c]), -c))
         example = ", ".join(sorted({fr.file.name for fr in by_count[rare][0]})[:3])
+        if rare < max(by_count):
+            # Fewer images than elsewhere: one is missing there (the advice to remove a copy misled).
+            raise GeometryError(f"slice positions hold different numbers of images ({len(per_pos)} positions: "
+                                f"{shown}): an incomplete 4-D series, an image missing at the odd position(s)",
+                                fix=f"re-export the complete series (or restore the missing file); the images at "
+                                    f"the odd position are {example}", path=path)
         raise GeometryError(f"slice positions hold different numbers of images ({len(per_pos)} positions: {shown}): "
                             "an image stored twice under two instance UIDs, or an incomplete 4-D series",
                             fix=f"check the images at the odd position ({example}): remove a second copy, or "
@@ -1401,14 +1433,17 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         from scipy import ndimage
 
         msg = (f"gantry tilt of {tilt:.2f} degrees detected; slices were shifted in-plane onto an orthogonal grid "
-               "(linear interpolation)")
+               "(linear interpolation; the edge no slice covers is filled with the series' lowest value, air in a "
+               "CT)")
         _warn(path, msg)
         notes.append(msg)
         work = _interp_dtype(arr)
+        # The lowest value, not 0: 0 is water in a CT, and a band of it along the edge was fake tissue.
+        fill = float(np.min(arr))
         shifted = np.empty(arr.shape, dtype=work)
         for k in range(n):
             a, b = inplane[k] @ r / col_sp, inplane[k] @ c / row_sp
-            shifted[:, :, k] = ndimage.shift(arr[:, :, k].astype(work), (a, b), order=1, mode="constant")
+            shifted[:, :, k] = ndimage.shift(arr[:, :, k].astype(work), (a, b), order=1, mode="constant", cval=fill)
         arr = shifted
         prov["gantry_tilt_deg"], prov["tilt_corrected"] = round(tilt, 3), True
     d = np.diff(proj)

@@ -105,6 +105,51 @@ def test_slice_resent_under_a_new_uid_names_the_odd_position(epi):
     assert files[3].name in e.value.fix and "resent.dcm" in e.value.fix
 
 
+def test_a_copy_of_one_instance_with_other_pixels_is_refused_whichever_name_sorts_first(epi):
+    """Same SOPInstanceUID, position and number, other pixels: which copy was read depended on the file names
+    (a slice of zeros under 'aaa.dcm')."""
+    folder, files = epi
+    ds = pydicom.dcmread(files[4])
+    ds.PixelData = bytes(len(ds.PixelData))
+    for name in ("aaa.dcm", "zzz.dcm"):
+        ds.save_as(folder / name)
+        with pytest.raises(UnreadableFileError, match="same image .* with different pixel data") as e:
+            medfuse.load(folder)
+        assert name in str(e.value) and files[4].name in str(e.value)
+        (folder / name).unlink()
+    # A copy whose header alone differs (a re-export) is still a duplicate, read once.
+    ds = pydicom.dcmread(files[4])
+    ds.InstitutionName = "re-exported"
+    ds.save_as(folder / "aaa.dcm")
+    with pytest.warns(MedfuseWarning, match="1 duplicate file"):
+        medfuse.load(folder)
+
+
+def test_a_copy_of_the_series_under_another_patient_is_refused_not_deduplicated(epi, tmp_path):
+    """A PACS patient merge re-sends the same instances under another patient: dropped as duplicates, the
+    mixed-patients refusal never fired, and which patient's copy was kept depended on the file sizes."""
+    folder, files = epi
+    other = folder / "export2"
+    other.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientID = str(ds.get("PatientID", "")) + "99"  # longer: kept under the old rule
+        ds.save_as(other / f.name)
+    with pytest.raises(UnreadableFileError, match="different patients"):
+        medfuse.load(folder)
+
+
+def test_a_4d_series_missing_a_file_says_so_not_remove_a_copy(shared, tmp_path):
+    src = shared(*PHILIPS)
+    dst = tmp_path / "epi4d"
+    shutil.copytree(src, dst)
+    victim = sorted(dst.glob("*_0002_*.dcm"))[3]
+    victim.unlink()
+    with pytest.raises(GeometryError, match="an image missing at the odd position") as e:
+        medfuse.load_volumes(dst)
+    assert "remove a second copy" not in e.value.fix and "re-export the complete series" in e.value.fix
+
+
 def test_localizer_stored_in_the_series_is_left_out(epi):
     folder, files = epi
     whole = medfuse.load(folder)

@@ -306,6 +306,8 @@ def test_gantry_tilt_correction_puts_voxels_in_place(tmp_path):
     assert (np.argmax(vol.array[:, 4, :], axis=0) == 6).all()
     i, _, _, _ = np.linalg.solve(vol.affine, [13.0, 22.0, 5.0, 1.0])
     assert i == pytest.approx(6.0)
+    # The edge no slice covers is air (the series' lowest value: -1024 HU here), not 0 HU (water).
+    assert (vol.array[:4, :, 4] == -1024).all() and not (vol.array == 0).any()
 
 
 @pytest.mark.parametrize("modality", ["RTSTRUCT", "SEG", "SR"])
