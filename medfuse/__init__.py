@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 import sys as _sys
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 from . import errors as _errors
@@ -49,14 +50,49 @@ _LAZY = {
     "registration": "medfuse.registration",
     "fusion": "medfuse.fusion",
     "io": "medfuse.io",
+    # Why: the docs write medfuse.batch.run_batch(...), medfuse.progress.CancelToken...; AttributeError after a bare
+    # ``import medfuse`` too.
+    "batch": "medfuse.batch",
+    "progress": "medfuse.progress",
+    "pipeline": "medfuse.pipeline",
+    "provenance": "medfuse.provenance",
 }
-#: Sub-packages reached as attributes, not names of the API: left out of ``from medfuse import *``.
-_SUBPACKAGES = {"registration", "fusion", "io"}
+#: Sub-packages and modules reached as attributes, not names of the API: left out of ``from medfuse import *``.
+_SUBPACKAGES = {"registration", "fusion", "io", "batch", "progress", "pipeline", "provenance"}
 
 #: Reached as attributes but left out of ``from medfuse import *``: they need these optional packages (``[ml]``).
 _OPTIONAL = {"transforms": ("monai", "torch")}
 
 __all__ = ["Volume", "__version__", *_errors.__all__, *sorted(set(_LAZY) - set(_OPTIONAL) - _SUBPACKAGES)]
+
+if _TYPE_CHECKING:
+    # What _LAZY names, for mypy/pyright: resolved through __getattr__ alone, every name was Any to them. Never run,
+    # so ``import medfuse`` stays light (tests/test_api_typing.py checks that this matches _LAZY).
+    from . import batch as batch
+    from . import display as display
+    from . import evaluate as evaluate
+    from . import fusion as fusion
+    from . import io as io
+    from . import metrics as metrics
+    from . import phantom as phantom
+    from . import pipeline as pipeline
+    from . import progress as progress
+    from . import provenance as provenance
+    from . import registration as registration
+    from . import transforms as transforms
+    from .fusion import fuse as fuse
+    from .io import load as load
+    from .io import load_volumes as load_volumes
+    from .io import save as save
+    from .io import scan as scan
+    from .io import select_series as select_series
+    from .pipeline import Pipeline as Pipeline
+    from .pipeline import fuse_files as fuse_files
+    from .registration import Transform as Transform
+    from .registration import load_transform as load_transform
+    from .registration import register as register
+    from .registration import resample as resample
+    from .registration import resample_to_common_grid as resample_to_common_grid
 
 
 def __getattr__(name: str) -> _Any:

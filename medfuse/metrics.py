@@ -78,7 +78,7 @@ import contextlib
 import contextvars
 import math
 import warnings
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Literal, Optional, Sequence, Tuple, overload
 
 import numpy as np
 
@@ -1166,8 +1166,20 @@ def _score2d(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], m:
     return out
 
 
-def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = None,
-          axes: Sequence[int] = (0, 1, 2), min_content: float = 0.01, mask=None) -> Dict[str, object]:
+# For type checkers: mode "2d" (the default) gives only floats; "native" adds "mode" (a str), "slicewise" the
+# per-axis dicts, counts and lists its Returns section lists.
+@overload
+def score(fused: Any, *sources: Any, mode: Literal["2d"] = ..., metrics: Optional[Iterable[str]] = ...,
+          axes: Sequence[int] = ..., min_content: float = ..., mask: Any = ...) -> Dict[str, float]: ...
+
+
+@overload
+def score(fused: Any, *sources: Any, mode: str, metrics: Optional[Iterable[str]] = ...,
+          axes: Sequence[int] = ..., min_content: float = ..., mask: Any = ...) -> Dict[str, Any]: ...
+
+
+def score(fused: Any, *sources: Any, mode: str = "2d", metrics: Optional[Iterable[str]] = None,
+          axes: Sequence[int] = (0, 1, 2), min_content: float = 0.01, mask: Any = None) -> Dict[str, Any]:
     """Score a fused image against its sources with every metric (or the ones named).
 
     Args:
@@ -1191,8 +1203,9 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
             whole 7x7 block, are skipped. An all-True mask gives the unmasked values.
 
     Returns:
-        ``{name: value}``; for volumes also ``"mode"``, and for slicewise ``"per_axis"``
-        (``{axis: {name: value}}``), ``"axes"``, ``"n_slices"`` (per axis: the slices with content),
+        ``{name: value}``, each value a float (all that mode ``"2d"`` returns); for volumes also ``"mode"``, and
+        for slicewise ``"per_axis"`` (``{axis: {name: value}}``), ``"axes"``, ``"min_content"``, ``"n_slices"``
+        (per axis: the slices with content),
         ``"n_slices_used"`` (per metric: the slices, over all axes, whose value was not NaN, i.e. what its
         means are over; fewer than ``sum(n_slices.values())`` when some were left out) and
         ``"n_slices_used_per_axis"`` (``{axis: {name: count}}``).
@@ -1238,7 +1251,7 @@ def score(fused, *sources, mode: str = "2d", metrics: Optional[Iterable[str]] = 
         _warn_if_mi_on_continuous_values([f, *srcs], stacklevel=3)
     with _scale_checked(), _collect_undefined() as seen:
         if mode == "2d":
-            out: Dict[str, object] = dict(_score2d(f, srcs, names, m))
+            out: Dict[str, Any] = dict(_score2d(f, srcs, names, m))
         elif mode == "native":
             out = dict(_score2d(f, srcs, names, m))  # the same calls, on the whole volume
             out["mode"] = "native"
@@ -1276,7 +1289,7 @@ def _parse_axes(axes) -> Tuple[int, ...]:
 
 
 def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[str], axes, min_content: float,
-                     m: Optional[np.ndarray] = None) -> Dict[str, object]:
+                     m: Optional[np.ndarray] = None) -> Dict[str, Any]:
     axes = _parse_axes(axes)
     windowed = [n for n in names if n in WINDOW_METRICS]
     small = [a for a in axes if min(n for i, n in enumerate(f.shape) if i != a) < _MIN_SIDE]
@@ -1323,7 +1336,7 @@ def _score_slicewise(f: np.ndarray, srcs: Sequence[np.ndarray], names: Sequence[
             f"sources' minimum{where} (constant or empty sources{', or a small mask' if where else ''})",
             fix="check that the sources are not empty" + (" and that the mask covers them" if where else "")
             + ", or lower min_content")
-    out = {n: _nanmean(per_axis[a][n] for a in axes) for n in names}
+    out: Dict[str, Any] = {n: _nanmean(per_axis[a][n] for a in axes) for n in names}
     out.update(mode="slicewise", axes=list(axes), per_axis=per_axis, n_slices=counts, min_content=min_content,
                n_slices_used={n: sum(used[a][n] for a in axes) for n in names}, n_slices_used_per_axis=used)
     return out

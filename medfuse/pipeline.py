@@ -487,7 +487,7 @@ class NormaliseStep:
         for i, v in enumerate(state.volumes, start=1):
             check(state.cancel, "normalisation")
             require_finite(v.array, f"input {i}", before="fusing")
-            kw = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
+            kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             # float32 straight away (float64 arithmetic a slab at a time, the same values): a float64 copy of
             # the whole volume cost 8 bytes a voxel on top of this step's peak.
             scaled, rec = normalise(v.array, method=self.method, modality=v.modality, unit=v.unit,
@@ -1024,7 +1024,19 @@ class Pipeline:
         self._steps[names.index(name)] = (name, step)
 
     def replace(self, name: str, step: Step) -> "Pipeline":
-        """A copy of this pipeline with step ``name`` replaced by ``step``."""
+        """A copy of this pipeline with step ``name`` replaced by ``step`` (this pipeline is left as it is).
+
+        Args:
+            name: the step to replace: ``"load"``, ``"register"``, ``"resample"``, ``"normalise"``, ``"fuse"`` or
+                ``"save"``.
+            step: any callable ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
+
+        Returns:
+            The new :class:`Pipeline`.
+
+        Raises:
+            InvalidInputError: ``name`` names no step, or ``step`` is not callable.
+        """
         new = Pipeline.__new__(Pipeline)
         new._steps = list(self._steps)
         new._set(name, step)
@@ -1037,6 +1049,12 @@ class Pipeline:
 
     def step(self, name: str) -> Step:
         """The step called ``name`` (``"load"``, ``"register"``, ``"fuse"``...), to read or change its options.
+
+        Args:
+            name: the step's name, as :attr:`steps` lists it.
+
+        Returns:
+            The step itself (not a copy): a change to its options applies to this pipeline's next runs.
 
         Raises:
             InvalidInputError: the pipeline has no step of that name (the message lists its steps).
@@ -1057,6 +1075,17 @@ class Pipeline:
         """Run the steps on ``inputs`` (fixed first) and write ``out`` with its sidecar when given.
 
         Inputs are paths, Volumes, or MONAI MetaTensors (converted with :meth:`Volume.from_metatensor`).
+
+        Args:
+            inputs: two or more images, fixed first: file or DICOM folder paths, Volumes or MetaTensors.
+            out: the output file (its format from the ending; no ending: a DICOM series folder), written with a
+                JSON provenance sidecar beside it; None: nothing is written (the result holds the fused Volume).
+            overwrite: replace an existing output and sidecar (never one of ``inputs``).
+            progress, cancel: see :mod:`medfuse.progress` (progress over the whole run, step by step).
+
+        Returns:
+            A :class:`PipelineResult`: the fused Volume, the output and sidecar paths written (None without
+            ``out``), the provenance record, the registrations and transforms, and each step's timing.
 
         Raises:
             InvalidInputError: ``inputs`` not a list of at least two images (a single path, Volume, array, number or

@@ -28,13 +28,26 @@ class CancelToken:
         self._event = threading.Event()
 
     def cancel(self) -> None:
+        """Ask the work polling this token to stop: its next check raises :class:`~medfuse.errors.CancelledError`.
+
+        Safe to call from any thread, and more than once; a cancelled token stays cancelled.
+        """
         self._event.set()
 
     @property
     def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
         return self._event.is_set()
 
     def raise_if_cancelled(self, what: str = "the operation") -> None:
+        """Raise if :meth:`cancel` was called; else return (what a worker calls between steps).
+
+        Args:
+            what: what was cancelled, for the message (``"<what> was cancelled"``).
+
+        Raises:
+            CancelledError: the token was cancelled.
+        """
         if self._event.is_set():
             raise CancelledError(f"{what} was cancelled")
 

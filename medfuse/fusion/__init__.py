@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -468,11 +468,40 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
     return out.astype(rgb.dtype, copy=False) if np.issubdtype(rgb.dtype, np.floating) else out
 
 
-_MISSING = object()  # fuse(a) alone: a typed error instead of Python's "missing 1 required argument"
+class _Required:
+    """``fuse``'s default for ``b``, so that ``fuse(a)`` alone gets a typed error instead of Python's "missing 1
+    required argument"; its repr is what help() and inspect.signature show (they showed ``b=<object object at
+    0x...>``)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
 
 
-def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", normalise: Any = "auto",
-         progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None, **options: Any):
+_MISSING: Any = _Required()
+
+
+# For type checkers: Volumes in give a Volume, NumPy arrays an array; anything else (torch tensors, lists: an
+# array at run time; a mix of Volumes and arrays: InvalidInputError) either. Not Any -> array: a Volume typed as
+# Any would then be promised an array. ``b`` is required in each (fuse(a) alone is an error).
+@overload
+def fuse(a: Volume, b: Volume, *more: Volume, method: str = ..., device: str = ..., normalise: Any = ...,
+         progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ..., **options: Any) -> Volume: ...
+
+
+@overload
+def fuse(a: np.ndarray, b: np.ndarray, *more: np.ndarray, method: str = ..., device: str = ..., normalise: Any = ...,
+         progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ..., **options: Any) -> np.ndarray: ...
+
+
+@overload
+def fuse(a: Any, b: Any, *more: Any, method: str = ..., device: str = ..., normalise: Any = ...,
+         progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ...,
+         **options: Any) -> Union[Volume, np.ndarray]: ...
+
+
+def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device: str = "cpu", normalise: Any = "auto",
+         progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+         **options: Any) -> Union[Volume, np.ndarray]:
     """Fuse two or three co-registered images or volumes.
 
     Args:
@@ -524,10 +553,10 @@ def fuse(a, b=_MISSING, *more, method: str = "network", device: str = "cpu", nor
         error (a classical rule handles it).
 
     Raises:
-        InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, unknown
-            method, normalisation, option or device, a GPU this machine lacks, ``progress`` not callable or
-            ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array above 1 beside a 2-D image (colour or
-            slices?), a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too), an
+        InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, Volumes mixed
+            with arrays, unknown method, normalisation, option or device, a GPU this machine lacks, ``progress``
+            not callable or ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array above 1 beside a 2-D image
+            (colour or slices?), a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too), an
             unknown ``modality``/``unit`` in a ``normalise`` dict, ``normalise="none"`` with values above 1 for
             Volumes or for the network, bool ``weights`` for a weighted rule.
         GeometryError: Volumes on different grids.

@@ -513,7 +513,7 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
 
     Example:
         >>> import numpy as np
-        >>> fuse_arrays([np.zeros((8, 8)), np.ones((8, 8))], method="max").max()
+        >>> float(fuse_arrays([np.zeros((8, 8)), np.ones((8, 8))], method="max").max())
         1.0
     """
     xs = _check(arrays)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union, overload
 
 import numpy as np
 
 from .._checks import all_finite, describe, label, number, slab_slices
 from ..errors import InvalidInputError, MedfuseWarning
+
+if TYPE_CHECKING:  # imported where used at run time
+    from ..volume import Volume
 
 __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
 
@@ -100,10 +103,33 @@ def _warn_if_not_hu(x: np.ndarray, width: float, stacklevel: int = 3) -> None:
                       "normalise='percentile'", MedfuseWarning, stacklevel=stacklevel)
 
 
-def normalise(array, *, method: str = "auto", modality: Optional[str] = None, unit: Optional[str] = None,
+# For type checkers: a Volume in gives a Volume (on its grid), a NumPy array an array; anything else (a list: an
+# array at run time) either, so that a Volume typed as Any is not promised an array.
+@overload
+def normalise(array: Volume, *, method: str = ..., modality: Optional[str] = ..., unit: Optional[str] = ...,
+              level: Optional[float] = ..., width: Optional[float] = ..., suv_max: Optional[float] = ...,
+              percentiles: Optional[Tuple[float, float]] = ..., low: Optional[float] = ...,
+              high: Optional[float] = ..., dtype: Any = ...) -> Tuple[Volume, Dict[str, Any]]: ...
+
+
+@overload
+def normalise(array: np.ndarray, *, method: str = ..., modality: Optional[str] = ..., unit: Optional[str] = ...,
+              level: Optional[float] = ..., width: Optional[float] = ..., suv_max: Optional[float] = ...,
+              percentiles: Optional[Tuple[float, float]] = ..., low: Optional[float] = ...,
+              high: Optional[float] = ..., dtype: Any = ...) -> Tuple[np.ndarray, Dict[str, Any]]: ...
+
+
+@overload
+def normalise(array: Any, *, method: str = ..., modality: Optional[str] = ..., unit: Optional[str] = ...,
+              level: Optional[float] = ..., width: Optional[float] = ..., suv_max: Optional[float] = ...,
+              percentiles: Optional[Tuple[float, float]] = ..., low: Optional[float] = ...,
+              high: Optional[float] = ..., dtype: Any = ...) -> Tuple[Union[np.ndarray, Volume], Dict[str, Any]]: ...
+
+
+def normalise(array: Any, *, method: str = "auto", modality: Optional[str] = None, unit: Optional[str] = None,
               level: Optional[float] = None, width: Optional[float] = None, suv_max: Optional[float] = None,
               percentiles: Optional[Tuple[float, float]] = None, low: Optional[float] = None,
-              high: Optional[float] = None, dtype: Any = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+              high: Optional[float] = None, dtype: Any = None) -> Tuple[Union[np.ndarray, Volume], Dict[str, Any]]:
     """Scale an image or volume to 0..1 and say how.
 
     Args:
@@ -328,7 +354,19 @@ def _normalise_float32(x: np.ndarray, **options: Any) -> Tuple[np.ndarray, Dict[
     return out, rec
 
 
-def denormalise(array01, record: Dict[str, Any]) -> np.ndarray:
+@overload
+def denormalise(array01: Volume, record: Dict[str, Any]) -> Volume: ...
+
+
+@overload
+def denormalise(array01: np.ndarray, record: Dict[str, Any]) -> np.ndarray: ...
+
+
+@overload
+def denormalise(array01: Any, record: Dict[str, Any]) -> Union[np.ndarray, Volume]: ...  # as normalise's
+
+
+def denormalise(array01: Any, record: Dict[str, Any]) -> Union[np.ndarray, Volume]:
     """Map a 0..1 array back to the scale described by a :func:`normalise` record.
 
     Clipping is not undone: values clipped to 0 or 1 come back as the interval's ends.

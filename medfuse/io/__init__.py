@@ -11,7 +11,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 from .._checks import as_path as _checked_path
 from .._checks import describe as _kind
@@ -19,6 +19,9 @@ from .._checks import flag as _check_flag  # noqa: F401 - the readers' and write
 from .._checks import whole as _whole
 from ..errors import InvalidInputError, MedfuseWarning, UnreadableFileError
 from ..volume import Volume
+
+if TYPE_CHECKING:  # .dicom imports this package: imported where used at run time
+    from .dicom import SeriesInfo
 
 __all__ = ["load", "load_volumes", "scan", "select_series", "save", "is_image_file", "check_readable",
            "series_choice_record", "IMAGE_SUFFIXES", "SUV_CHOICES"]
@@ -342,7 +345,7 @@ def _image_files_instead(folder: Path, e: UnreadableFileError) -> UnreadableFile
     return e
 
 
-def scan(folder: PathLike) -> list:
+def scan(folder: PathLike) -> List[SeriesInfo]:
     """List the DICOM series in a folder (recursively) without reading pixels.
 
     Args:
@@ -354,7 +357,9 @@ def scan(folder: PathLike) -> list:
 
     Raises:
         InvalidInputError: ``folder`` is not a path.
-        UnreadableFileError: it does not exist or may not be read.
+        UnreadableFileError: it does not exist or may not be read, or holds no readable DICOM image file.
+        UnsupportedDataError: it holds DICOM objects but no image series (RT, SEG, SR, a DICOMDIR alone), or is
+            one such object.
     """
     p = _as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     _check_exists(p)

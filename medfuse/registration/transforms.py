@@ -12,12 +12,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import numpy as np
 
 from .. import _checks
 from ..errors import InvalidInputError, RegistrationError, UnreadableFileError
+
+if TYPE_CHECKING:  # imported where used at run time
+    from ..volume import Volume
 
 __all__ = ["Transform", "load_transform", "TRANSFORM_SUFFIXES"]
 
@@ -118,6 +121,11 @@ class Transform:
     # ---------------------------------------------------------------- construction
     @classmethod
     def identity(cls) -> "Transform":
+        """The identity transform (every point maps to itself), as an ITK affine transform.
+
+        Returns:
+            The :class:`Transform`.
+        """
         import SimpleITK as sitk
 
         return cls(sitk.AffineTransform(3))
@@ -175,7 +183,17 @@ class Transform:
 
     # ---------------------------------------------------------------- algebra
     def compose(self, other: "Transform") -> "Transform":
-        """``self.compose(other)`` maps ``p -> self(other(p))``: ``other`` is applied first."""
+        """``self.compose(other)`` maps ``p -> self(other(p))``: ``other`` is applied first.
+
+        Args:
+            other: the transform applied first: a :class:`Transform` or a 3-D ``SimpleITK.Transform``.
+
+        Returns:
+            A new :class:`Transform` (a composite of the parts of both).
+
+        Raises:
+            InvalidInputError: ``other`` is not a medfuse or SimpleITK transform, or is not 3-D.
+        """
         import SimpleITK as sitk
 
         if not isinstance(other, Transform):
@@ -206,7 +224,19 @@ class Transform:
                     "SimpleITK.InvertDisplacementField") from None
 
     def transform_points(self, points: Any) -> np.ndarray:
-        """Map (N, 3) or (3,) LPS mm fixed-space points to moving space."""
+        """Map (N, 3) or (3,) LPS mm fixed-space points to moving space.
+
+        Args:
+            points: fixed-space points, LPS x, y, z in mm: an array or nested lists of numbers of shape (N, 3) or
+                (3,) (any shape ending in 3).
+
+        Returns:
+            The moving-space points, float64, of the shape given.
+
+        Raises:
+            InvalidInputError: ``points`` are not real numbers (text, bools, complex numbers, ragged lists) or
+                their last axis is not 3.
+        """
         try:
             p = None if isinstance(points, (str, bytes)) else np.asarray(points)
             # Complex points would lose their imaginary part with only NumPy's warning; bools are no coordinates.
@@ -222,9 +252,23 @@ class Transform:
         out = np.array([self._t.TransformPoint(tuple(map(float, q))) for q in flat], dtype=float)
         return out.reshape(p.shape)
 
-    def apply(self, volume, *, reference=None, interpolation: Optional[str] = None, default: Optional[float] = None):
-        """Resample ``volume`` (in moving space) onto ``reference``'s grid (fixed space; default: its own grid);
-        ``interpolation`` and ``default`` as in :func:`medfuse.resample`."""
+    def apply(self, volume: Volume, *, reference: Optional[Volume] = None, interpolation: Optional[str] = None,
+              default: Optional[float] = None) -> Volume:
+        """Resample ``volume`` (in moving space) onto ``reference``'s grid through this transform.
+
+        Args:
+            volume: the Volume to resample (moving space).
+            reference: the grid to sample on (fixed space); None: ``volume``'s own grid.
+            interpolation: as in :func:`medfuse.resample` (None: linear).
+            default: the value outside ``volume``, as in :func:`medfuse.resample`.
+
+        Returns:
+            The resampled Volume, as :func:`medfuse.resample` returns it.
+
+        Raises:
+            InvalidInputError: as :func:`medfuse.resample` (``volume`` or ``reference`` not a Volume, an unknown
+                ``interpolation``, a ``default`` that is not a number...).
+        """
         from .resample import resample
 
         return resample(volume, volume if reference is None else reference, transform=self,
@@ -243,6 +287,12 @@ class Transform:
 
         Returns:
             The path written.
+
+        Raises:
+            InvalidInputError: ``path`` is not a path (a str or pathlib.Path), its ending is not a transform ending
+                (or not in lower case, ``x.TFM``), or a deformable transform is to go into a ``.mat`` file.
+            OutputExistsError: the file exists (without ``overwrite``) or is one of ``inputs``.
+            OutputWriteError: the file cannot be written (permission, read-only or full disk); ``errno`` says which.
         """
         import SimpleITK as sitk
 
@@ -286,10 +336,10 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
         transform itself, so that a linear one has its :attr:`Transform.matrix`.
 
     Raises:
-        UnreadableFileError: no such file, a file SimpleITK cannot read as a transform, or (on Windows) a path with
-            no ASCII form.
-        InvalidInputError: ``path`` is not a path (a str or pathlib.Path) or is empty, or the file holds a
-            transform that is not 3-D.
+        UnreadableFileError: no such file, a folder, a file SimpleITK cannot read as a transform (an image file
+            included), one listing several transforms outside a composite, a file that holds a transform that is
+            not 3-D (a 2-D ``.tfm``), or (on Windows) a path with no ASCII form.
+        InvalidInputError: ``path`` is not a path (a str or pathlib.Path) or is empty.
     """
     import SimpleITK as sitk
 
