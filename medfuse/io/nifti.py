@@ -249,14 +249,38 @@ def lbm_formula(volume: Volume) -> Optional[str]:
 
     Why: an SUVlbm made with Janmahasatian's formula and later converted as James's (what DICOM's SUVType LBM
     alone is read as) is off by about 3 %, so every writer keeps the formula beside the unit.
+
+    Args:
+        volume: the Volume to be written.
+
+    Returns:
+        ``"lbm"`` (James) or ``"lbm_janma"`` (Janmahasatian) for an SUVlbm whose provenance records one; None
+        for any other unit, or an SUVlbm whose formula is not recorded.
+
+    Raises:
+        InvalidInputError: ``volume`` is not a Volume.
     """
+    if not isinstance(volume, Volume):
+        raise InvalidInputError(f"lbm_formula takes a Volume, got {type(volume).__name__}",
+                                fix="pass the Volume to be written")
     kind = volume.provenance.get("suv") if volume.unit == "SUVlbm" else None
     return kind if kind in _LBM_FORMULAS else None
 
 
 def parse_lbm_formula(text: Optional[str]) -> Optional[str]:
-    """The lean-body-mass formula a :func:`format_tag` string names for an SUVlbm, else None."""
-    m = _TAG_RE.search(text or "") if isinstance(text, str) else None
+    """The lean-body-mass formula a :func:`format_tag` string names for an SUVlbm, else None.
+
+    Args:
+        text: a NIfTI ``descrip`` (or MetaImage/NRRD) text, or None.
+
+    Returns:
+        ``"lbm"`` or ``"lbm_janma"`` when the text is a medfuse tag of unit SUVlbm naming one; else None.
+
+    Raises:
+        InvalidInputError: ``text`` is neither text nor None.
+    """
+    parse_tag(text)  # the same check of the argument
+    m = _TAG_RE.search(text or "")
     if m is None or m.group(2) != "SUVlbm":
         return None
     f = re.match(r"\s+suv=(\S+)", (text or "")[m.end():])
