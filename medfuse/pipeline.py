@@ -728,7 +728,7 @@ class SaveStep:
         with folder_lock(out.parent):
             _remove_interrupted_temp(out)
             replaces = _hash_if_there(out)
-            previous = _text_if_there(prov.sidecar_path(out))
+            previous = _bytes_if_there(prov.sidecar_path(out))
             try:
                 return self._save(state, out, inputs, name, replaces)
             except BaseException as e:
@@ -787,10 +787,11 @@ class SaveStep:
         return record
 
 
-def _text_if_there(path: Path) -> Optional[str]:
+def _bytes_if_there(path: Path) -> Optional[bytes]:
+    """The file's bytes (any file, not only UTF-8 text: what is put back must be what was there), else None."""
     try:
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-    except (OSError, ValueError):
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
         return None
 
 
@@ -810,18 +811,22 @@ def _release_frames(e: BaseException) -> None:
         todo += [x.__cause__, x.__context__]
 
 
-def _put_back_sidecar(out: Path, previous: Optional[str], replaces: Optional[str]) -> None:
+def _put_back_sidecar(out: Path, previous: Optional[bytes], replaces: Optional[str]) -> None:
     """After a failed save: the sidecar as it was, when the output is still the one it was (best effort, with a
     warning when it cannot be done: the sidecar then says medfuse was replacing the output, and a rerun redoes it)."""
-    from .io._atomic import atomic_write_text
+    from .io._atomic import atomic_write_bytes
     from .provenance import sidecar_path
 
     if _hash_if_there(out) != replaces:
         return  # the new output is in place (or something else is): its sidecar stays
     side = sidecar_path(out)
+    if _bytes_if_there(side) == previous:
+        # Untouched (a run refused before writing it): left as it is. A file there that was no UTF-8 text (an
+        # input linked under the sidecar's name) was deleted as "no sidecar was there".
+        return
     try:
         if previous is not None:
-            atomic_write_text(side, previous, overwrite=True)
+            atomic_write_bytes(side, previous, overwrite=True)
         elif side.is_file():
             # No sidecar was there: none is left (the in-progress one this run wrote), whether or not an output
             # of the user's was being replaced (its own sidecar-less state is what it was).

@@ -4,6 +4,7 @@ the seed in written samples, and ``fuse_files(weights=)``."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -270,6 +271,39 @@ def test_a_failed_overwrite_of_an_output_without_sidecar_leaves_no_sidecar(tmp_p
         fuse_files(a, b, out, method="mean", overwrite=True)
     assert out.read_bytes() == b"mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_a_failed_or_refused_overwrite_keeps_a_file_at_the_sidecar_path_that_is_not_utf8(tmp_path, monkeypatch):
+    """The earlier sidecar was read as UTF-8 text to be put back after a failure; a file there that was not
+    (Latin-1 notes, an image hard-linked under the name) read as "none", and was deleted."""
+    import errno
+
+    import nibabel as nib
+
+    from medfuse.errors import OutputExistsError, OutputWriteError
+    from medfuse.pipeline import fuse_files
+
+    a = medfuse.Volume(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32), np.eye(4), modality="MR")
+    b = a.with_array(a.array[::-1].copy())
+    # Refused: the sidecar's name is a hard link to an input.
+    src = tmp_path / "mr.nii.gz"
+    medfuse.save(a, src)
+    os.link(src, tmp_path / "h.json")
+    with pytest.raises(OutputExistsError, match="own source"):
+        fuse_files(src, b, tmp_path / "h.nii.gz", method="mean", overwrite=True)
+    assert (tmp_path / "h.json").read_bytes() == src.read_bytes()
+    # Failed: a full disk.
+    (tmp_path / "r.nii.gz").write_bytes(b"mine")
+    (tmp_path / "r.json").write_bytes("café notes\n".encode("latin-1"))
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full)
+    with pytest.raises(OutputWriteError, match="disk is full"):
+        fuse_files(a, b, tmp_path / "r.nii.gz", method="mean", overwrite=True)
+    assert (tmp_path / "r.json").read_bytes() == "café notes\n".encode("latin-1")
+    assert (tmp_path / "r.nii.gz").read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint16])
