@@ -268,10 +268,11 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         v = d[key]
         if v is None or v == "":
             continue
+        # Unstripped: absolute() decides (a name may end in a space).
         if isinstance(v, (list, tuple)):
-            moving += [str(x).strip() for x in v if str(x).strip()]
+            moving += [str(x) for x in v if str(x).strip()]
         else:
-            moving += [x.strip() for x in str(v).split(";") if x.strip()]
+            moving += [x for x in str(v).split(";") if x.strip()]
     # An unpaired subject (no PET found, say) fails alone when the batch runs; the others go on.
     problem = None
     if not d.get("fixed") or not str(d["fixed"]).strip():
@@ -281,9 +282,21 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         problem = f"manifest row {row}: unpaired: 'moving' is empty. Fix: name at least one moving image, " \
                   "or drop the row."
 
-    def absolute(p: str) -> str:
-        q = Path(os.path.expanduser(str(p).strip()))
+    def joined(p: str) -> str:
+        q = Path(os.path.expanduser(p))
         return os.fspath(q if q.is_absolute() else base / q)
+
+    def absolute(p: str) -> str:
+        # Spaces around a cell are a spreadsheet's, and go; but a file whose name has them is that file. Stripped
+        # always, "scan.nii.gz " (sub-01) was read as "scan.nii.gz" (sub-02's), silently.
+        exact, stripped = joined(str(p)), joined(str(p).strip())
+        if exact == stripped or not os.path.lexists(exact):
+            return stripped
+        if os.path.lexists(stripped):
+            raise _row_error(path, row, f"{label(str(p))} names two files: one with the spaces around it and one "
+                             "without", "rename one of them (a spreadsheet cell's spaces are taken as the name's "
+                             "only when no file without them exists)")
+        return exact
 
     reg = d.get("register")
     # "none" in a row is kept as said: it is not the batch's --register (a row registered already, or written by

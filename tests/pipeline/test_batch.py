@@ -273,3 +273,24 @@ def test_a_subject_whose_worker_dies_fails_once_and_says_what_to_do(tmp_path):
     assert mark.read_text() == "x"
     (row,) = results
     assert row["status"] == "failed" and "died" in row["error"] and "--workers 1" in row["error"]
+
+
+def test_a_manifest_path_with_spaces_around_it_names_that_file_when_it_exists(tmp_path):
+    """Cells were stripped always: "pet.nii.gz " (sub-01's PET) was read as "pet.nii.gz" (sub-02's), silently."""
+    from medfuse.batch import read_manifest
+
+    (tmp_path / "pet.nii.gz ").write_bytes(b"1")
+    (tmp_path / "mr.nii.gz").write_bytes(b"2")
+    man = tmp_path / "m.csv"
+    man.write_text('subject,fixed,moving,output\ns1,mr.nii.gz ,pet.nii.gz ,o1.nii.gz\n', encoding="utf-8")
+    (sub,) = read_manifest(man)
+    assert sub.moving == [str(tmp_path / "pet.nii.gz ")]  # the file with the space
+    assert sub.fixed == str(tmp_path / "mr.nii.gz")  # a spreadsheet's space, no such file: stripped
+    (tmp_path / "pet.nii.gz").write_bytes(b"3")  # both exist: which one was meant is not guessed
+    with pytest.raises(InvalidInputError, match="row 2: .pet.nii.gz . names two files"):
+        read_manifest(man)
+    yaml_man = tmp_path / "m.yaml"
+    yaml_man.write_text('- {subject: s1, fixed: mr.nii.gz, moving: ["pet.nii.gz "], output: o1.nii.gz}\n',
+                        encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="names two files"):
+        read_manifest(yaml_man)
