@@ -1543,6 +1543,9 @@ def _escape_unprintable_output() -> Callable[[], None]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``medfuse`` command. Returns the exit code (see ``medfuse --help``)."""
     undo = _escape_unprintable_output()
+    closed = _stand_in_for_closed_streams()
+    real_stdout = sys.stdout
+    sys.stdout = _WatchedStdout(real_stdout)
     try:
         # SIGTERM before a command's own cancel handler is in place (while it loads its inputs) is a Ctrl-C too.
         with _TermAsInterrupt():
@@ -1551,7 +1554,72 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _exit_on_late_signals(code)
         return code
     finally:
+        if isinstance(sys.stdout, _WatchedStdout):  # a command may have replaced it: left as it is then
+            sys.stdout = real_stdout
         undo()
+        closed()
+
+
+def _stand_in_for_closed_streams() -> Callable[[], None]:
+    """Give a stream the shell closed (``medfuse fuse ... >&-``: Python's sys.stdout is then None) a stand-in
+    that discards what is written; returns an undo.
+
+    Why: the command's first print failed with AttributeError: 'internal error' (exit 3, and 1 from the flush at
+    exit) after the outputs were written, or before any work when stderr was closed (the progress bar).
+    """
+    replaced = []
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+            replaced.append(name)
+
+    def undo() -> None:
+        for name in replaced:
+            stream, _ = getattr(sys, name), setattr(sys, name, None)
+            stream.close()
+
+    return undo
+
+
+class _WatchedStdout:
+    """sys.stdout as it was, noting whether a write to it failed (the OSError itself goes on unchanged).
+
+    Why: ``medfuse info x > /dev/full`` said "the disk is full. Fix: free some space", which sent the user to the
+    output disk; the command-line handler now tells a failed print from a failed output file by this flag.
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self.failed = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _stdout_failed() -> bool:
+    """After an OSError: was it standard output that failed? Then nothing more goes there (the flush at exit
+    would fail again)."""
+    if not getattr(sys.stdout, "failed", False):
+        return False
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _exit_on_late_signals(code: int) -> None:
@@ -1623,6 +1691,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
         return EXIT_OK
     except OSError as e:  # from a step that did not type it: permission, disk full... is not a bug
+        if e.filename is None and _stdout_failed():
+            # "the disk is full. Fix: free some space" for `> /dev/full` sent the user to the output disk.
+            print(f"medfuse {args.command}: error: standard output could not be written ({e.strerror or e}): what "
+                  "the command printed was lost. Fix: send its output somewhere that takes it (a file on a disk "
+                  "with space), or run with -q", file=sys.stderr)
+            return EXIT_USAGE
         message = _os_error_message(e)
         if message is None:
             return _internal_error(args, e)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,28 @@ def test_evaluate_pair_of_the_wrong_size_is_said_in_command_line_words(tmp_path,
     err = capsys.readouterr().err
     assert rc == EXIT_USAGE and f"--pair 1 names {n} image(s)" in err and "source=" not in err
     assert not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- closed and full standard streams
+def test_closed_or_full_standard_streams_are_no_internal_error(tmp_path):
+    """``>&-`` made sys.stdout None: a traceback after the outputs were written (exit 1), or an internal error
+    before any work when stderr was closed (the progress bar); ``> /dev/full`` was reported as a full disk."""
+    a, b = _pair(tmp_path)
+    cmd = [sys.executable, "-m", "medfuse.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n, close in enumerate(("1", "2")):
+        out = tmp_path / f"closed{close}.nii.gz"
+        # The shell closes the stream, as a user's `>&-` does.
+        line = " ".join([*map(shlex.quote, cmd), "fuse", shlex.quote(str(a)), shlex.quote(str(b)), "-o",
+                         shlex.quote(str(out)), "--method", "mean", f"{close}>&-"])
+        r = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, (close, r.stdout, r.stderr)
+        assert out.is_file() and out.with_name(out.name.replace(".nii.gz", ".json")).is_file()
+        assert "Traceback" not in r.stderr + r.stdout and "internal error" not in r.stderr + r.stdout
+    if not os.path.exists("/dev/full"):
+        return
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([*cmd, "info", str(a)], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=300, env=env)
+    assert r.returncode == 2 and "standard output could not be written" in r.stderr, r.stderr
+    assert "disk is full" not in r.stderr and "Traceback" not in r.stderr
