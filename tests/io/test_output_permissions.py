@@ -47,6 +47,31 @@ def test_a_fused_file_is_no_wider_than_its_most_private_input(tmp_path, umask_02
     assert _mode(spect) == mode  # the input is untouched
 
 
+def test_under_umask_000_outputs_get_no_write_access_their_inputs_lack(tmp_path):
+    """Only read access was narrowed: a fused image of 0644 inputs was 0666 and a DICOM output folder 0777."""
+    old = os.umask(0)
+    try:
+        mr, spect = _inputs(tmp_path, 0o644)
+        mr.chmod(0o644)
+        out = tmp_path / "fused.nii.gz"
+        assert main(["fuse", str(mr), str(spect), "-o", str(out), "--method", "mean", "-q"]) == 0
+        assert _mode(out) == 0o644 and _mode(out.with_name("fused.json")) == 0o644
+        dcm = tmp_path / "fused_dicom"
+        assert main(["fuse", str(mr), str(spect), "-o", str(dcm), "--method", "mean", "-q"]) == 0
+        assert _mode(dcm) == 0o755
+        spect.chmod(0o664)  # the group may write one input, not the other: not the output either
+        out2 = tmp_path / "fused2.nii.gz"
+        assert main(["fuse", str(mr), str(spect), "-o", str(out2), "--method", "mean", "-q"]) == 0
+        assert _mode(out2) == 0o644
+        mr.chmod(0o666)
+        spect.chmod(0o666)  # inputs anyone may write: the umask's own 0666
+        out3 = tmp_path / "fused3.nii.gz"
+        assert main(["fuse", str(mr), str(spect), "-o", str(out3), "--method", "mean", "-q"]) == 0
+        assert _mode(out3) == 0o666
+    finally:
+        os.umask(old)
+
+
 def test_dicom_and_header_data_outputs_and_api_saves_follow_the_inputs(tmp_path, umask_022):
     mr, spect = _inputs(tmp_path, 0o600)
     dcm = tmp_path / "fused_dicom"
