@@ -629,6 +629,8 @@ def test_anatomical_inputs_use_the_learned_choice_at_every_level(pet_mr_phantom,
 
     assert used(ph.t1, ph.t2) is False and used(ph.t1, pet) is True
     assert used(ph.t1, Volume(ph.t2.array, ph.t2.affine)) is None  # modality unknown: the rule stays on
+    # A PET beside a T1 of unknown modality (a plain NIfTI) is still a PET: "unknown" won, giving None.
+    assert used(Volume(ph.t1.array, ph.t1.affine), pet) is True
     assert medfuse.fuse(ph.t1, ph.t2, functional=True).provenance["history"][-1]["options"]["functional"] is True
 
 
