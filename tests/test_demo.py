@@ -48,6 +48,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     else:
         assert rec["weights_sha256"]
         assert rec["network_functional"] is True  # MR + PET: the 3-D path keeps PET uptake (coarse pixel rule)
+        assert rec["network_path"] == "tri-plane 3-D"
 
     # The lesion: a hot spot on the PET, but its core is darker than white matter on the MR T1.
     # In the fused volume the lesion core must be brighter than the same point in the other

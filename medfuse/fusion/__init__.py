@@ -548,10 +548,11 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
         floating dtype (float32 inputs give float32), float64 for integer or boolean inputs. With an RGB
         input: RGB on that image's scale and of its dtype (``uint8`` stays ``uint8``).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
-        ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``
-        and ``network_functional``. The network fuses Volumes thinner than 8 voxels along one axis (a
-        single slice, or a few thick slices) slice by slice with the 2-D path; thin along two axes is an
-        error (a classical rule handles it).
+        ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``,
+        ``network_functional`` and ``network_path``. The network fuses Volumes (and 3-D arrays) thinner than
+        8 voxels along one axis (a single slice, or a few thick slices) slice by slice with the 2-D path
+        (``network_path`` says so); thin along two axes is an error (a classical rule handles it). A 3-D
+        array whose last axis is 3 or 4 long may be colour, and is refused.
 
     Raises:
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, Volumes mixed
@@ -654,7 +655,11 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
     scaled, recs = _normalise_arrays(arrays, normalise, originals=arrays)
     _refuse_none_off_scale(method, arrays, recs)
     _as_network_precision(method, scaled)
-    fused01 = _run(method, scaled, device=device, options=options)
+    thin = _thin_axis(method, shapes[0])
+    if thin is not None:
+        fused01 = _slice_by_slice(method, scaled, thin, device=device, options=options)
+    else:
+        fused01 = _run(method, scaled, device=device, options=options)
     del scaled  # not needed any more: its memory goes back before the output is rescaled
     from .normalise import denormalise
 
@@ -662,6 +667,17 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
     common = np.result_type(*arrays)
     return denormalise(fused01, recs[_output_scale_index(arrays)]).astype(common if np.issubdtype(common, np.floating) else np.float64,
                                                  copy=False)
+
+
+def _thin_axis(method: str, shape: Tuple[int, ...]) -> Optional[int]:
+    """The axis a 3-D array too thin for the network's tri-plane path along exactly that one is fused along, slice
+    by slice with the 2-D path, as a Volume is; None otherwise (a last axis of 3 or 4 may be colour: refused)."""
+    if method != "network" or len(shape) != 3:
+        return None
+    thin = [ax for ax, n in enumerate(shape) if n < _MIN_SIZE_3D]
+    if len(thin) != 1 or (thin[0] == 2 and shape[2] in (3, 4)) or min(shape) < 2:
+        return None
+    return thin[0]
 
 
 #: Spacing ratio (largest / smallest) above which the network's voxel-based tri-plane path is warned about.
@@ -791,6 +807,9 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     if method == "network":
         prov["weights_sha256"] = _weights_hash(options.get("weights"))
         prov["network_functional"] = options.get("functional")
+        # The 2-D path on a thin volume gives another result than the tri-plane one would (up to 0.9 on BraTS
+        # slabs): the sidecar must say which ran.
+        prov["network_path"] = "tri-plane 3-D" if axis is None else f"2-D, slice by slice along axis {axis}"
     # No copy of a float32 result that is one block already (the network's, unless its padding was cut off).
     out = Volume(np.ascontiguousarray(fused, dtype=np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary",
                  provenance=prov)

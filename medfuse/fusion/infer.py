@@ -315,7 +315,10 @@ def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
                                      "the 2-D path (medfuse.fuse does so for Volumes)"
                                      if len(shape) == 3 and shape[2] in (3, 4) and min(shape[:2]) >= MIN_SIZE_3D
                                      else "fuse thin volumes slice by slice with the 2-D path (medfuse.fuse does so "
-                                          "for Volumes thin along one axis)" if len(shape) == 3
+                                          "for arrays and Volumes thin along one axis)"
+                                     if len(shape) == 3 and sum(n < MIN_SIZE_3D for n in shape) == 1
+                                     else "use a classical rule (e.g. method='laplacian') for volumes this thin "
+                                          "along more than one axis" if len(shape) == 3
                                      else "use a classical rule for tiny images" if min(shape) >= 2
                                      else "an image needs at least 2 pixels a side (4 for the network)"))
     for a in arrs:

@@ -53,6 +53,18 @@ def test_volume_thin_along_one_axis_is_fused_slice_by_slice(shape, axis):
         want = infer.fuse_2d([np.take(a, i, axis=axis), np.take(b, i, axis=axis)], functional=True)
         np.testing.assert_array_equal(np.take(out.array, i, axis=axis), np.clip(want, 0, 1))
     assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == shape[axis]
+    assert out.provenance["network_path"] == f"2-D, slice by slice along axis {axis}"
+    # Arrays too (they were refused, "too small for the network"), but for a last axis of 3 (colour?).
+    if shape[2] != 3:
+        np.testing.assert_array_equal(fuse(a, b, method="network", normalise="none", functional=True), out.array)
+
+
+def test_arrays_thin_along_two_axes_are_told_to_use_a_classical_rule():
+    """The hint said "slice by slice, as medfuse.fuse does for Volumes", which refuses these too."""
+    a = _blobs((4, 4, 80), 1)
+    with pytest.raises(InvalidInputError, match="too small") as ei:
+        fuse(a, a, method="network")
+    assert "classical rule" in ei.value.fix and "slice by slice" not in ei.value.fix
 
 
 def test_volume_thin_along_two_axes_is_a_clear_error():
