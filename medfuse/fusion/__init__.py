@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, overload
 import numpy as np
 
 from .._checks import label, user_stacklevel
-from ..errors import GeometryError, InvalidInputError, MedfuseWarning, MissingDependencyError
+from ..errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from ..progress import CancelToken, ProgressFn, check, check_callbacks, report
 from ..volume import Volume, require_finite
 from .classical import METHODS as CLASSICAL_METHODS
@@ -669,6 +669,16 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
                                                  copy=False)
 
 
+def _reoriented_copy(v: Volume, ref: Volume) -> bool:
+    """Is ``v`` on ``ref``'s grid but for the order and direction of its voxel axes?"""
+    if v.orientation == ref.orientation or sorted(v.shape) != sorted(ref.shape):
+        return False
+    try:
+        return ref.same_grid(v.reorient(ref.orientation))
+    except MedfuseError:  # an oblique grid with no exact reorientation
+        return False
+
+
 def _thin_axis(method: str, shape: Tuple[int, ...]) -> Optional[int]:
     """The axis a 3-D array too thin for the network's tri-plane path along exactly that one is fused along, slice
     by slice with the 2-D path, as a Volume is; None otherwise (a last axis of 3 or 4 may be colour: refused)."""
@@ -752,11 +762,13 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     ref = vols[0]
     for i, v in enumerate(vols[1:], start=2):
         if not ref.same_grid(v):
-            raise GeometryError(
-                f"volume {i} is on a different grid than volume 1: {ref.grid_difference(v)}",
-                fix="register and resample it onto volume 1's grid first: medfuse.register(fixed, moving).resampled "
-                "or medfuse.resample(moving, fixed)",
-            )
+            fix = ("register and resample it onto volume 1's grid first: medfuse.register(fixed, moving).resampled "
+                   "or medfuse.resample(moving, fixed)")
+            if _reoriented_copy(v, ref):
+                # Exact, no interpolation: the resampling advice cost a blur for a pure flip or permutation.
+                fix = (f"it is volume 1's grid with its voxel axes in another order: put them in volume 1's order, "
+                       f"exactly (no interpolation): moving.reorient('{ref.orientation}')")
+            raise GeometryError(f"volume {i} is on a different grid than volume 1: {ref.grid_difference(v)}", fix=fix)
     if method == "network" and "functional" not in options:
         # Why: the 3-D path's "brighter wins" choice keeps PET/SPECT uptake and CT bone visible, which the
         # learned choice trades for the MR's edges (it left 58 % of the phantom's skull dark beside an MR:

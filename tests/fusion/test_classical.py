@@ -166,6 +166,13 @@ def test_volumes_on_different_grids_point_to_registration():
     assert "origin" in str(ei.value) and "mm away" in str(ei.value)  # says what differs, not only that
     with pytest.raises(GeometryError, match=r"shape \(8, 8, 9\) against \(8, 8, 8\)"):
         fuse(a, _vol(np.ones((8, 8, 9))), method="mean")
+    # The same grid with its axes reordered: the exact reorientation, not a resampling.
+    c = _vol(np.random.default_rng(0).random((8, 10, 12)))
+    with pytest.raises(GeometryError, match="flipped or permuted") as ei:
+        fuse(c, c.reorient("SAR"), method="mean")
+    assert f"moving.reorient('{c.orientation}')" in ei.value.fix and "resample" not in ei.value.fix
+    np.testing.assert_array_equal(fuse(c, c.reorient("SAR").reorient(c.orientation), method="mean").array,
+                                  fuse(c, c, method="mean").array)
 
 
 def test_volume_with_nan_voxels_is_named_with_the_fix():
