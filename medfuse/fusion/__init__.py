@@ -706,16 +706,23 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
     axial slice: 0.115 mean difference from the isotropic fusion inside the head). Changing that would change
     the output; resampling first is the user's call (memory grows with the finer grid).
     """
-    if method != "network" or axis is not None:
+    if method != "network":
         return []
-    sp = np.asarray(ref.spacing, dtype=float)
+    # Slice by slice (a thin volume), only the slices' own two axes are mixed: their pixels may be as uneven.
+    sp = np.asarray([s for ax, s in enumerate(ref.spacing) if ax != axis], dtype=float)
     ratio = float(sp.max() / sp.min())
     if ratio < _ANISOTROPY_WARN:
         return []
-    msg = (f"{_ANISOTROPY_NOTE} ({' x '.join(f'{s:g}' for s in sp)} mm, ratio {ratio:.1f}): the fusion "
-           f"network works in voxels, so along the coarse axis it mixes detail over {ratio:.1f}x more millimetres "
-           "than in-plane; for through-plane-consistent fusion resample the volumes to near-isotropic spacing "
-           "first (medfuse.resample onto a finer grid), or use a classical rule")
+    if axis is not None:
+        msg = (f"{_ANISOTROPY_NOTE} within the slices fused one at a time ({' x '.join(f'{s:g}' for s in sp)} mm "
+               f"pixels, ratio {ratio:.1f}): the fusion network works in pixels, so along the coarse axis it mixes "
+               f"detail over {ratio:.1f}x more millimetres; resample the volumes to near-square pixels first "
+               "(medfuse.resample onto a finer grid), or use a classical rule")
+    else:
+        msg = (f"{_ANISOTROPY_NOTE} ({' x '.join(f'{s:g}' for s in sp)} mm, ratio {ratio:.1f}): the fusion "
+               f"network works in voxels, so along the coarse axis it mixes detail over {ratio:.1f}x more "
+               "millimetres than in-plane; for through-plane-consistent fusion resample the volumes to "
+               "near-isotropic spacing first (medfuse.resample onto a finer grid), or use a classical rule")
     warnings.warn(msg, MedfuseWarning, stacklevel=4)
     return [msg]
 

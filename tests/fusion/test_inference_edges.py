@@ -174,6 +174,26 @@ def test_strongly_anisotropic_voxels_are_warned_about_and_recorded():
     assert "warnings" not in same.provenance
 
 
+def test_a_thin_volume_with_uneven_pixels_is_warned_about_and_thick_slices_are_not():
+    """Slice by slice, the 2-D path counts pixels: 5 x 1 mm pixels were fused unsaid, while the tri-plane path
+    warned from a ratio of 3. Thick slices fused one at a time (5 mm apart, 1 x 1 mm pixels) mix nothing across
+    them: no warning."""
+    import warnings
+
+    from medfuse.errors import MedfuseWarning
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((5, 24, 20)).astype(np.float32) for _ in range(2)]
+    uneven = [Volume(a, np.diag([1.0, 5.0, 1.0, 1.0]), modality="MR") for a in arrays]
+    with pytest.warns(MedfuseWarning, match=r"within the slices .*5 x 1 mm pixels, ratio 5.0"):
+        out = fuse(*uneven, method="network")
+    assert "within the slices" in out.provenance["warnings"][0]
+    thick = [Volume(a, np.diag([5.0, 1.0, 1.0, 1.0]), modality="MR") for a in arrays]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        assert "warnings" not in fuse(*thick, method="network").provenance
+
+
 def test_weights_that_differ_from_their_recorded_hash_are_refused(tmp_path):
     """One changed byte in the tensor data still loaded (a different network, silently); its card records the hash."""
     import shutil
