@@ -56,7 +56,9 @@ def test_volume_thin_along_one_axis_is_fused_slice_by_slice(shape, axis):
     assert out.provenance["network_path"] == f"2-D, slice by slice along axis {axis}"
     # Arrays too (they were refused, "too small for the network"), but for a last axis of 3 (colour?).
     if shape[2] != 3:
-        np.testing.assert_array_equal(fuse(a, b, method="network", normalise="none", functional=True), out.array)
+        # To float rounding: oneDNN may pick another kernel for a differently aligned buffer.
+        np.testing.assert_allclose(fuse(a, b, method="network", normalise="none", functional=True), out.array,
+                                   atol=1e-5)
 
 
 def test_arrays_thin_along_two_axes_are_told_to_use_a_classical_rule():
