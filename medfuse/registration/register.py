@@ -240,6 +240,19 @@ def _boxes_intersect(a: Volume, b: Volume) -> bool:
     return bool(np.all(amin <= bmax) and np.all(bmin <= amax))
 
 
+def _box_overlap(a: Volume, b: Volume) -> float:
+    """Share of the smaller of the two world bounding boxes that lies inside the other (0 when disjoint)."""
+    (amin, amax), (bmin, bmax) = _world_box(_grid_corners(a)), _world_box(_grid_corners(b))
+    inter = float(np.prod(np.clip(np.minimum(amax, bmax) - np.maximum(amin, bmin), 0.0, None)))
+    smaller = min(float(np.prod(amax - amin)), float(np.prod(bmax - bmin)))
+    return inter / smaller if smaller > 0 else 0.0
+
+
+#: Below this share of the smaller field of view overlapping as the scanners placed them, a registration that
+#: brought the images together is flagged: one shared voxel row let a centre alignment through the disjoint check.
+_SLIVER_OVERLAP = 0.1
+
+
 def _as_initial(value: Any) -> Optional[Transform]:
     """The ``initial_transform`` argument as a linear :class:`Transform` (fixed point -> moving point), or None.
 
@@ -1182,6 +1195,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         moving = _pre_aligned(moving, Q)
         mmask_v = None if mmask_v is None else _pre_aligned(mmask_v, Q)
     Q_given, P_given = Q, P  # the initial transform's parts (Q also takes a turned orientation of "auto" later)
+    placed_overlap = _box_overlap(fixed, moving) if initial is None and initialise != "geometry" else None
     if not _boxes_intersect(fixed, moving) and initialise != "geometry":
         if initial is not None:
             raise RegistrationError(
@@ -1482,6 +1496,11 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     if max(overlap, overlap_m) < 0.25:
         reasons.append(f"only {overlap:.0%} of the fixed image maps inside the moving image, and only "
                        f"{overlap_m:.0%} of the moving image inside the fixed one")
+    if placed_overlap is not None and placed_overlap < _SLIVER_OVERLAP:
+        reasons.append(f"as the scanners placed them, the fields of view overlapped by only {placed_overlap:.0%} of the "
+                       "smaller one, and the registration brought them together: check that they are the same "
+                       "patient and frame of reference (initialise='geometry' says you expect unrelated scanner "
+                       "coordinates)")
     rot = trans = None
     scale = None
     if transform.is_linear or kind == "deformable":

@@ -78,3 +78,17 @@ def test_voxels_beyond_float32_are_refused_before_registering():
     with pytest.raises(medfuse.InvalidInputError, match="NaN or infinite") as e:
         medfuse.register(fixed, fixed.with_array(inf))
     assert "posinf=0.0, neginf=0.0" in e.value.fix
+
+
+def test_fields_of_view_that_barely_overlap_as_placed_are_suspect_once_brought_together():
+    """A moving image placed 60 of 64 mm to the side (one sliver of overlap) passed the disjoint check, was
+    centre-aligned by initialise='auto' and reported as fine: the case the disjoint refusal exists for."""
+    fixed = medfuse.Volume(_smooth(), AFFINE, modality="MR")
+    aside = AFFINE.copy()
+    aside[0, 3] += 60.0
+    rep = _register(fixed, medfuse.Volume(fixed.array.copy(), aside, modality="MR"))
+    assert rep.suspect and any("overlapped by only 6%" in r for r in rep.suspect_reasons), rep.suspect_reasons
+    # Placed where they belong: not flagged; told to expect it (initialise='geometry'): not flagged either.
+    assert not any("overlapped by only" in r for r in _register(fixed, fixed).suspect_reasons)
+    moved = medfuse.Volume(fixed.array.copy(), aside, modality="MR")
+    assert not any("overlapped by only" in r for r in _register(fixed, moved, initialise="geometry").suspect_reasons)
