@@ -1078,6 +1078,10 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
     if mon.capped and mon.capped[-1]:
         # Stopped by the monitor at the last level's own budget: SimpleITK's description is then empty.
         stop = f"{stop.split(':')[0]}: Maximum number of iterations ({its[-1]}) exceeded (this level's budget)."
+    elif bspline and "User requested" in stop and mon.per_level and mon.per_level[-1] >= its[-1]:
+        # LBFGSB's words for its iteration limit read like a cancel; the B-spline stage runs a fixed budget.
+        stop = (f"{stop.split(':')[0]}: the B-spline stage's fixed budget of {its[-1]} iterations "
+                "(bspline_iterations) was used up, as designed")
     return stop, mon.per_level, its
 
 
