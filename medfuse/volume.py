@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import KW_ONLY, dataclass, field
@@ -774,6 +775,20 @@ class Volume:
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _no_arithmetic
     __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __matmul__ = __rmatmul__ = _no_arithmetic
     __neg__ = __pos__ = __abs__ = __lt__ = __le__ = __gt__ = __ge__ = _no_arithmetic
+
+    def __eq__(self, other: Any) -> Any:
+        # Equality is identity (a Volume is a mutable object), but ``mask = vol == 0`` was silently False where
+        # ``vol > 0`` raised: against a number or an array it is refused like the other comparisons.
+        if isinstance(other, (numbers.Number, np.generic, np.ndarray)):
+            self._no_arithmetic()
+        return NotImplemented
+
+    def __ne__(self, other: Any) -> Any:
+        if isinstance(other, (numbers.Number, np.generic, np.ndarray)):
+            self._no_arithmetic()
+        return NotImplemented
+
+    __hash__ = object.__hash__
 
     def copy(self) -> "Volume":
         """An independent Volume: voxels, affine and provenance copied.

@@ -28,13 +28,16 @@ def test_a_shallow_copy_shares_voxels_but_not_the_history():
 
 
 @pytest.mark.parametrize("op", [lambda v: v + 1, lambda v: 2 * v, lambda v: v / 2, lambda v: -v, lambda v: v > 1,
-                                lambda v: v ** 2])
+                                lambda v: v ** 2, lambda v: v == 0, lambda v: v != 0.5, lambda v: v == np.zeros(3)])
 def test_arithmetic_on_a_volume_says_how_to_keep_the_geometry(op):
     v = medfuse.Volume(np.ones((4, 4, 4)), np.eye(4), modality="CT", unit="HU")
     with pytest.raises(TypeError, match="with_array"):
         op(v)
     # NumPy still reads a Volume as its voxels (documented): plain arrays out.
     assert isinstance(np.add(v, 1), np.ndarray) and float(np.mean(v)) == 1.0
+    # Equality stays identity for anything else (mask = vol == 0 was silently False).
+    w = v.copy()
+    assert v == v and v != w and not (v == None) and v in [w, v] and {v: 1}[v] == 1  # noqa: E711
 
 
 def test_fuse_names_paths_and_library_images_with_the_conversion_to_use(tmp_path):
