@@ -353,7 +353,7 @@ class Volume:
 
     Args:
         array: the voxels, shape ``(I, J, K)``, any numeric or bool dtype (complex voxels are kept and saved as
-            NIfTI/MetaImage; fusion, registration and resampling take real ones only).
+            NIfTI/NRRD (not MetaImage or DICOM); fusion, registration and resampling take real ones only).
         affine: 4×4 voxel-to-world matrix in LPS millimetres.
         modality: (keyword-only) ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown`` (aliases accepted).
         unit: (keyword-only) physical unit, one of :data:`UNITS`. Not given (None): ``arbitrary``, except for a CT
