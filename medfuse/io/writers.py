@@ -299,13 +299,15 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
         others = sorted(f for f in tmpdir.iterdir() if f.name != header)
         own = _detached_data_file(path) if path.is_file() else None  # the data file of the header replaced
         for f in others:
-            # The data file is an output too: never an input (another .mhd's data file), never a folder.
-            dst = check_output(path.parent / f.name, overwrite=overwrite, inputs=inputs, kind="file")
+            dst = path.parent / f.name
+            # Said first: check_output's "pass overwrite=True" led to this refusal once followed.
             if os.path.lexists(dst) and not (own is not None and same_file(dst, own)):
                 # e.g. a.nhdr written over a.raw, the data of an existing a.mhd: overwrite names a.nhdr, not a.mhd
                 raise OutputExistsError("the output's data file exists and belongs to another image (its header "
                                         "is not the one being replaced)",
                                         fix="choose another output name, or delete that file first", path=dst)
+            # The data file is an output too: never an input (another .mhd's data file), never a folder.
+            dst = check_output(dst, overwrite=overwrite, inputs=inputs, kind="file")
         check_output(path, overwrite=overwrite, inputs=inputs, kind="file", recover=False)  # appeared meanwhile
         durable = _durable()
         if durable:  # header and data reach the disk before they take their names (see _atomic)

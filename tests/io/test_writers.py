@@ -490,8 +490,9 @@ def test_overwrite_never_takes_another_images_data_file(tmp_path, ct):
     """``a.nhdr`` and ``a.mhd`` both keep their voxels in ``a.raw``: overwrite=True names a.nhdr, not a.mhd."""
     save(ct, tmp_path / "a.mhd")
     raw = _sha(tmp_path / "a.raw")
-    with pytest.raises(OutputExistsError, match="another image"):
-        save(ct.with_array(ct.array + 1), tmp_path / "a.nhdr", overwrite=True)
+    for overwrite in (False, True):  # without overwrite it said "pass overwrite=True", which led here
+        with pytest.raises(OutputExistsError, match="another image"):
+            save(ct.with_array(ct.array + 1), tmp_path / "a.nhdr", overwrite=overwrite)
     assert _sha(tmp_path / "a.raw") == raw and sorted(os.listdir(tmp_path)) == ["a.mhd", "a.raw"]
     save(ct.with_array(ct.array + 1), tmp_path / "a.mhd", overwrite=True)  # its own pair is replaced
     assert np.array_equal(load_image(tmp_path / "a.mhd").array, ct.array + 1)
