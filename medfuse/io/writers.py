@@ -302,6 +302,8 @@ def _save_itk(volume: Volume, path: Path, *, overwrite: bool, inputs, fmt: str) 
             dst = path.parent / f.name
             # Said first: check_output's "pass overwrite=True" led to this refusal once followed.
             if os.path.lexists(dst) and not (own is not None and same_file(dst, own)):
+                # An input's data file (or a folder) is said as such; check_output refuses nothing else here.
+                check_output(dst, overwrite=True, inputs=inputs, kind="file", recover=False)
                 # e.g. a.nhdr written over a.raw, the data of an existing a.mhd: overwrite names a.nhdr, not a.mhd
                 raise OutputExistsError("the output's data file exists and belongs to another image (its header "
                                         "is not the one being replaced)",
