@@ -951,7 +951,8 @@ class Volume:
             InvalidInputError: not a nibabel image, or not one 3-D volume.
             GeometryError: the image has no usable affine.
         """
-        from .io.nifti import ANALYZE_NOTE, NO_FORM_NOTE, _space_name, form_gap_note, parse_lbm_formula, parse_tag
+        from .io.nifti import (ANALYZE_NOTE, NO_FORM_NOTE, _qform_instead, _space_name, form_gap_note,
+                               parse_lbm_formula, parse_tag)
 
         if not (hasattr(image, "dataobj") and hasattr(image, "affine") and hasattr(image, "header")):
             raise InvalidInputError(
@@ -980,7 +981,12 @@ class Volume:
         elif "sform_code" in hdr and int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
             warnings.warn(f"the nibabel image has a header {NO_FORM_NOTE}", MedfuseWarning,
                           stacklevel=user_stacklevel())
-        gap = form_gap_note(hdr, arr.shape[:3], to_mm)
+        # A sheared sform beside a valid qform: the qform, with load's warning (the sform was refused here, a
+        # file medfuse.load reads).
+        qform = _qform_instead(hdr, LPS_TO_RAS @ aff, to_mm, "the nibabel image") if "sform_code" in hdr else None
+        if qform is not None:
+            aff = LPS_TO_RAS @ qform
+        gap = None if qform is not None else form_gap_note(hdr, arr.shape[:3], to_mm)
         if gap is not None:
             warnings.warn(f"the nibabel image's header geometry is ambiguous: {gap}. medfuse uses nibabel's affine "
                           "(the sform when its code is above 0); check the image's position, and re-save it with "
@@ -989,7 +995,7 @@ class Volume:
         descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
         tag_mod, tag_unit = parse_tag(descrip)
         prov = dict(provenance or {})
-        space = _space_name(hdr)
+        space = _space_name(hdr, "qform" if qform is not None else None)
         if space is not None:
             prov.setdefault("nifti_space", space)
         _record_source(prov, image.get_filename() if callable(getattr(image, "get_filename", None)) else None)

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 import medfuse
-from medfuse.errors import GeometryError, InvalidInputError
+from medfuse.errors import GeometryError, InvalidInputError, MedfuseWarning
 from medfuse.volume import Volume, affine_from_geometry
 
 #: Oblique, left-handed (as a NIfTI LAS file is in LPS), anisotropic.
@@ -417,3 +417,21 @@ def test_a_2d_metatensor_is_refused_not_read_as_a_volume_with_its_channel_as_an_
         Volume.from_metatensor(MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.eye(3)))
     with pytest.raises(InvalidInputError, match="affine has shape"):
         Volume.from_metatensor(MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.eye(4)[:, :3]))
+
+
+def test_from_nibabel_reads_a_sheared_sform_through_its_valid_qform_as_load_does(tmp_path):
+    """load read such a file through its qform (with a warning); from_nibabel refused it as sheared."""
+    sform = np.array([[2, 0.3, 0, 10], [0, 2, 0, -5], [0, 0, 3, 7], [0, 0, 0, 1.0]])
+    qform = np.diag([2.0, 2.0, 3.0, 1.0])
+    qform[:3, 3] = [10, -5, 7]
+    img = nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(4, 5, 6), sform)
+    img.set_sform(sform, code=2)
+    img.set_qform(qform, code=1)
+    nib.save(img, tmp_path / "shear.nii")
+    with pytest.warns(MedfuseWarning, match="uses the qform"):
+        loaded = medfuse.load(tmp_path / "shear.nii")
+    with pytest.warns(MedfuseWarning, match="the nibabel image: the NIfTI sform .* sheared.*uses the qform"):
+        bridged = Volume.from_nibabel(nib.load(tmp_path / "shear.nii"))
+    np.testing.assert_array_equal(bridged.affine, loaded.affine)
+    np.testing.assert_array_equal(bridged.array, loaded.array)
+    assert bridged.provenance["nifti_space"] == loaded.provenance["nifti_space"] == "scanner"
