@@ -629,7 +629,9 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     import numpy as np
 
     arr = vol.array
-    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind in "fc" else arr
+    if arr.dtype.kind == "c":  # NumPy orders complex numbers by their real part: the range shown was of that
+        finite = np.abs(finite)
     facts = {
         "path": os.fspath(p),
         "modality": vol.modality,
@@ -668,7 +670,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     print(f"  origin       ({', '.join(f'{o:.2f}' for o in vol.origin)}) mm LPS   orientation {vol.orientation}"
           f"{'  (oblique)' if vol.is_oblique else ''}")
     if facts["min"] is not None:
-        print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}")
+        print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}"
+              f"{' (magnitude of complex voxels)' if arr.dtype.kind == 'c' else ''}")
     else:
         print("  values       none finite")
     if facts["series_description"]:

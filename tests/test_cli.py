@@ -664,3 +664,22 @@ def test_the_examples_sample_paths_say_how_to_make_the_samples(tmp_path, monkeyp
     assert "python -m medfuse.phantom --write sample_volumes" in capsys.readouterr().err
     assert main(["info", "elsewhere"]) == EXIT_USAGE
     assert "Fix: check the path." in capsys.readouterr().err
+
+
+def test_info_json_lists_the_nan_warning_and_complex_values_are_their_magnitude(tmp_path, capsys):
+    """The NaN/inf warning went to stderr only (a JSON reader saw "warnings": []), and a complex image's range
+    was its real part's."""
+    import nibabel as nib
+
+    data = np.full((6, 6, 6), 2.0, np.float32)
+    data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    assert main(["info", "--json", str(tmp_path / "nan.nii.gz")]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert any("2 voxel(s) were NaN or infinite" in w for w in facts["warnings"]), facts["warnings"]
+    assert (facts["min"], facts["max"]) == (2.0, 2.0)
+    c = np.full((6, 6, 6), 3 + 4j, np.complex64)
+    c[0, 0, 0] = -5 + 0j
+    nib.save(nib.Nifti1Image(c, np.eye(4)), tmp_path / "c.nii.gz")
+    assert main(["info", str(tmp_path / "c.nii.gz")]) == 0
+    assert "values       5 .. 5 arbitrary (magnitude of complex voxels)" in capsys.readouterr().out

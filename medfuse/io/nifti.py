@@ -1468,10 +1468,13 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
         finite = np.isfinite(arr)
         if not finite.any():
             raise InvalidInputError("every voxel is NaN or infinite", fix="check the export; the image holds no data", path=p)
-        if not finite.all():
-            warnings.warn(f"{p}: {int((~finite).sum())} voxel(s) are NaN or infinite; they were kept as they are",
-                          MedfuseWarning, stacklevel=user_stacklevel())
+    said = None
+    if np.issubdtype(arr.dtype, np.floating) and not finite.all():
+        said = f"{int((~finite).sum())} voxel(s) were NaN or infinite when loaded; they were kept as they are"
+        warnings.warn(f"{p}: {said}", MedfuseWarning, stacklevel=user_stacklevel())
     prov = {"source": os.path.abspath(p), **facts}  # absolute: save() protects it after a chdir too
+    if said is not None:  # kept with the volume (medfuse info --json listed no warning, a sidecar none)
+        prov["warnings"] = [*prov.get("warnings", []), said]
     if unit != "SUVlbm":  # a unit= override: the stored SUVlbm's formula no longer describes the voxels
         prov.pop("suv", None)
     if n > 1:
