@@ -33,6 +33,9 @@ __all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFA
 
 DEFAULT_CT_WINDOW = (40.0, 400.0)  # (level, width) in HU
 DEFAULT_SUV_MAX = 10.0
+#: SUVbsa (cm²/mL) is SUVbw times body surface over weight, about 0.25 cm²/g for an adult (1.9 m², 75 kg): its
+#: window is scaled so (the SUVbw window gave an SUVbsa PET peaking at 1.6 a quarter of the grey range).
+SUVBSA_MAX = 2.5
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
 _METHODS = ("window", "suv", "percentile", "minmax", "range", "none")
@@ -269,7 +272,8 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
         if method == "auto":
             _warn_if_not_hu(x, wd, stacklevel)  # pointing at normalise()'s caller
     elif chosen == "suv":
-        hi = DEFAULT_SUV_MAX if suv_max is None else number(suv_max, "normalisation suv_max", example="suv_max=10")
+        default = SUVBSA_MAX if unit == "SUVbsa" else DEFAULT_SUV_MAX
+        hi = default if suv_max is None else number(suv_max, "normalisation suv_max", example="suv_max=10")
         lo = 0.0
         rec.update(suv_max=hi)
     elif chosen == "percentile":

@@ -174,3 +174,17 @@ def test_a_constant_input_is_warned_of_and_recorded():
     late = np.full((40, 30, 20), 2.5)
     late[-1, -1, -1] = 3  # differs only where the sparse sample does not look
     assert constant_value(late) is None and constant_value(late.T) is None
+
+
+def test_suvbsa_gets_a_window_on_its_own_scale():
+    """SUVbsa (cm²/mL) is about a quarter of SUVbw for an adult: the SUVbw window [0, 10] put an SUVbsa PET peaking
+    at 1.6 in a quarter of the grey range, and the fused image changed with the SUV kind chosen."""
+    from medfuse.fusion.normalise import normalise
+
+    bw = np.linspace(0.0, 6.0, 64).reshape(4, 4, 4)
+    bsa = bw * 0.253  # the same PET, 1.9 m² and 75 kg
+    a, rec_bw = normalise(bw, modality="PT", unit="SUVbw")
+    b, rec_bsa = normalise(bsa, modality="PT", unit="SUVbsa")
+    assert (rec_bw["suv_max"], rec_bsa["suv_max"]) == (10.0, 2.5)
+    np.testing.assert_allclose(a, b, atol=0.01)
+    assert normalise(bsa, modality="PT", unit="SUVbsa", suv_max=5)[1]["suv_max"] == 5.0
