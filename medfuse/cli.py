@@ -784,7 +784,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
             _show_warnings(caught, args)
     seconds = time.perf_counter() - t0
     try:
-        side = _write_registration(args, res, out, tfm, seconds)
+        side = _write_registration(args, res, out, tfm, seconds, loaded=(fixed, moving))
     except Exception as e:
         # Image, transform and sidecar are one result: a write that still fails (disk full, a folder gone) takes
         # back the ones this run wrote, so that the error's "nothing was written" is true and a re-run can start.
@@ -825,9 +825,15 @@ def _remove_written(outputs: "_Outputs") -> List[Path]:
     return removed
 
 
-def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path, seconds: float) -> Path:
-    """Write the resampled image, the transform and the provenance sidecar; returns the sidecar's path."""
+def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path, seconds: float, *,
+                        loaded: Sequence[Any] = ()) -> Path:
+    """Write the resampled image, the transform and the provenance sidecar; returns the sidecar's path.
+
+    ``loaded``: the fixed and moving Volumes as loaded, whose modality, unit and grid the sidecar records (as
+    fuse's does; it recorded path and hash only).
+    """
     from . import provenance as prov
+    from .pipeline import _volume_facts
     from .io import save
 
     init_path = args.initial_transform
@@ -839,6 +845,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     rep = res.report.to_dict()
     inputs = [{"role": "fixed", "path": args.fixed, "sha256": prov.hash_path(args.fixed)},
               {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
+    for rec, vol in zip(inputs, loaded):
+        rec.update(_volume_facts(vol))
     # None: SimpleITK's default (re-runs may differ, see --threads)
     params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise, "threads": args.threads}
     if args.series:

@@ -151,6 +151,10 @@ def test_register_writes_volume_transform_and_sidecar(tmp_path, capsys):
     rec = json.loads((tmp_path / "pet_on_mr.json").read_text())
     assert rec["registration"][0]["kind"] == "rigid" and rec["output"]["sha256"] == prov.hash_path(out)
     assert rec["parameters"]["threads"] == 1
+    # What each input is, as fuse's sidecar says (it had path and hash only).
+    assert [(i["role"], i["modality"], i["unit"]) for i in rec["inputs"]] == [("fixed", "MR", "arbitrary"),
+                                                                             ("moving", "PT", "SUVbw")]
+    assert rec["inputs"][1]["shape"] == list(medfuse.load(SAMPLES / "pet").shape)
 
 
 def test_fuse_command(tmp_path, capsys):
