@@ -65,7 +65,27 @@ class InvalidInputError(MedfuseError, ValueError):
 
 
 class UnreadableFileError(MedfuseError, OSError):
-    """A file is missing, empty, truncated, or in a format medfuse does not read."""
+    """A file is missing, empty, truncated, or in a format medfuse does not read.
+
+    :attr:`filename` is the file concerned, and :attr:`errno` the cause's code where it is one (``errno.ENOENT``
+    for a missing file or folder), as an OSError's, so that ``e.errno == errno.ENOENT`` finds a missing input.
+
+    Args:
+        problem: what is wrong, in one sentence.
+        errno: the cause's ``errno`` code, if any.
+        fix: how the user can fix it.
+        path: the file or folder concerned, if any.
+    """
+
+    def __init__(self, problem: str, *, errno: Optional[int] = None, fix: Optional[str] = None, path=None):
+        super().__init__(problem, fix=fix, path=path)
+        # Set as OutputWriteError sets them (OSError's constructor fills them only from a triple).
+        self.errno = errno
+        self.strerror = os.strerror(errno) if errno else problem
+        self.filename = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self._compose()
 
 
 class UnsupportedDataError(MedfuseError):

@@ -320,3 +320,17 @@ def test_make_phantom_refuses_a_misalignment_that_is_not_a_real_matrix(bad):
     """A str or an object failed inside NumPy ("could not convert string to float")."""
     with pytest.raises(InvalidInputError, match="misalign\\['pet'\\]"):
         phantom.make_phantom(misalign={"pet": bad})
+
+
+def test_a_missing_input_is_an_oserror_with_errno_enoent_and_its_filename(tmp_path):
+    """``except OSError as e: if e.errno == errno.ENOENT`` missed medfuse's missing-file error (errno None)."""
+    import errno
+
+    import medfuse
+
+    for call in (lambda p: medfuse.load(p), lambda p: medfuse.scan(p), lambda p: medfuse.load_transform(p)):
+        missing = tmp_path / "nope.tfm"
+        with pytest.raises(medfuse.UnreadableFileError) as ei:
+            call(missing)
+        assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOENT
+        assert ei.value.filename == str(missing) and str(ei.value).startswith(f"{missing}: no such")

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import errno as _errno
 import os
 import threading
 import warnings
@@ -1852,7 +1853,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     suv = _io._check_suv(suv)
     whole_series = _io._check_flag(whole_series, "whole_series")
     if not path.exists():
-        raise UnreadableFileError("no such file or folder", fix="check the path", path=path)
+        raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path", path=path)
     token = _PATIENT_IDS.set(())
     try:
         return _load_volumes(path, series_uid, suv, whole_series)
@@ -2062,7 +2063,7 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
     """
     folder = _io._as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     if not folder.exists():
-        raise UnreadableFileError("no such file or folder", fix="check the path", path=folder)
+        raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path", path=folder)
     out = []
     for uid, files in _headers(folder).items():
         shape, nvol, files = _series_shape(files, folder)  # a series with no volume is listed: load says why

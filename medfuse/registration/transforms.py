@@ -8,6 +8,7 @@ and is applied to volumes (resampling) and to points.
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import os
 import shutil
 import tempfile
@@ -350,7 +351,7 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
         raise UnreadableFileError("this is a folder, not a transform file", fix="give the transform file's path "
                                   "(.tfm, .txt, .h5, .mat)", path=p)
     if not p.is_file():
-        raise UnreadableFileError("no such transform file", fix="check the path", path=p)
+        raise UnreadableFileError("no such transform file", errno=_errno.ENOENT, fix="check the path", path=p)
     _refuse_transform_list(p)
     try:
         with _lower_case_ending(p) as readable:
