@@ -17,7 +17,7 @@ def test_a_failed_register_keeps_the_outputs_another_run_wrote_meanwhile(tmp_pat
     theirs = {out: b"image of run A", out.with_suffix("").with_suffix(".tfm"): b"transform of run A",
               out.with_suffix("").with_suffix(".json"): b"{}"}
 
-    def other_run_wins(args, res, out_, tfm, seconds):
+    def other_run_wins(args, res, out_, tfm, seconds, **_):
         for path, data in theirs.items():  # run A finishes while this run registered
             path.write_bytes(data)
         raise OutputExistsError("the output exists", fix="choose another path", path=out_)
@@ -37,7 +37,7 @@ def test_a_register_whose_own_write_fails_still_takes_back_what_it_wrote(tmp_pat
 
     out = tmp_path / "r.nii.gz"
 
-    def image_then_fail(args, res, out_, tfm, seconds):
+    def image_then_fail(args, res, out_, tfm, seconds, **_):
         out_.write_bytes(b"this run's image")
         args.outputs.mark(out_)
         raise OutputExistsError("the transform cannot be written", fix="choose another path", path=tfm)

@@ -301,6 +301,7 @@ class Transform:
         from ..io.nifti import itk_path
 
         p = _transform_path(path)
+        overwrite = _checks.flag(overwrite, "overwrite")  # "no" is truthy: it overwrote
         if not _suffix_ok(p):
             raise InvalidInputError(f"unknown transform file ending {p.suffix!r}",
                                     fix="use .tfm, .txt, .h5, .hdf5 or .mat", path=p)
@@ -320,7 +321,8 @@ class Transform:
             t = sitk.CompositeTransform(3)
             for part in _parts(self._t):
                 t.AddTransform(part)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        # No folder is made (as medfuse.save makes none): atomic_path says a missing one is missing, and a file in
+        # the folder's place is no bare FileExistsError from mkdir.
         with atomic_path(p, overwrite=overwrite, inputs=[x for x in inputs or () if x is not None]) as tmp:
             sitk.WriteTransform(t, itk_path(tmp, writing=True))
         return p

@@ -326,3 +326,20 @@ def test_bspline_refuses_nan_which_it_would_spread_over_the_volume():
                  interpolation="bspline")
     assert "linear" in e.value.fix and "nan_to_num" in e.value.fix
     assert np.isnan(resample(vol, vol, interpolation="linear").array).sum() <= 8  # linear keeps it local
+
+
+def test_transform_save_checks_overwrite_and_makes_no_folder(tmp_path):
+    """overwrite="no" overwrote (a true str); a file in the folder's place was a bare FileExistsError from mkdir;
+    a missing folder was made, where medfuse.save refuses it."""
+    from medfuse.errors import OutputWriteError
+
+    t = Transform.identity()
+    t.save(tmp_path / "x.tfm")
+    with pytest.raises(InvalidInputError, match="overwrite must be True or False"):
+        t.save(tmp_path / "x.tfm", overwrite="no")
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(OutputWriteError, match="folder is a file"):
+        t.save(tmp_path / "f" / "x.tfm")
+    with pytest.raises(OutputWriteError, match="folder does not exist"):
+        t.save(tmp_path / "sub" / "x.tfm")
+    assert not (tmp_path / "sub").exists()
