@@ -1491,9 +1491,16 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         n_gaps = int(np.sum(d > (1 + _SPACING_TOL) * dz))
         where = (f"a gap of {d[gap]:.2f} mm after slice {gap + 1} of {n}" if n_gaps <= 1 else
                  f"{n_gaps} gaps, the largest {d[gap]:.2f} mm after slice {gap + 1} of {n}")
-        msg = (f"uneven slice spacing (missing slice{'s' if n_gaps > 1 else ''}?): {where}, where slices are "
-               f"{dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the slices in the "
-               f"gap{'s' if n_gaps > 1 else ''} are interpolated, not measured)")
+        if not np.any(d >= 1.5 * float(d.min())):
+            # No step is a slice or more beyond the smallest: two spacings (5 mm, then 4 mm), not missing slices,
+            # and most slices of the new grid are interpolated.
+            msg = (f"uneven slice spacing: slices {float(d.min()):.2f} to {float(d.max()):.2f} mm apart (more than one "
+                   f"spacing in one series: parts acquired or reconstructed differently?); {n} slices resampled "
+                   f"linearly onto {nk} slices of {dz:.3f} mm (most of them interpolated, not measured)")
+        else:
+            msg = (f"uneven slice spacing (missing slice{'s' if n_gaps > 1 else ''}?): {where}, where slices are "
+                   f"{dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the slices in "
+                   f"the gap{'s' if n_gaps > 1 else ''} are interpolated, not measured)")
         _warn(path, msg)
         notes.append(msg)
         prov["resampled"] = True
