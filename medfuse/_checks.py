@@ -60,7 +60,8 @@ def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, images
     given for every wrong value, not the hints about loading images that a Volume, a list or an array get.
 
     Raises:
-        InvalidInputError: not a str or os.PathLike naming a str, or an empty string.
+        InvalidInputError: not a str or os.PathLike naming a str, an empty string, or one no file system name can
+            hold (an unpaired surrogate).
     """
     try:
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
@@ -72,6 +73,13 @@ def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, images
     if not text.strip():
         raise InvalidInputError(f"{what} is an empty string",
                                 fix=fix if fix and not images else "give the file or folder's path")
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        # A lone surrogate ("\ud800", from a bad decoding) no file system name can hold: a raw UnicodeEncodeError.
+        raise InvalidInputError(f"{what} holds a character no file name can hold (an unpaired surrogate, "
+                                "left by a text decoded with the wrong encoding)",
+                                fix="decode the name correctly, or choose another") from None
     return Path(text)
 
 

@@ -115,3 +115,16 @@ def test_as_list_takes_iterables_and_refuses_what_would_be_taken_apart():
         with pytest.raises(InvalidInputError, match=f"^inputs must be a list, got {shown}") as info:
             _checks.as_list(bad, problem="inputs must be a list", fix="pass [a, b]")
         assert info.value.fix == "pass [a, b]"
+
+
+def test_a_path_no_file_system_can_name_is_a_typed_error(tmp_path):
+    """An unpaired surrogate ("\\ud800") reached the file system: a raw UnicodeEncodeError from medfuse.save."""
+    import medfuse
+
+    v = medfuse.Volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(InvalidInputError, match="unpaired surrogate"):
+        medfuse.save(v, str(tmp_path / "s\ud800.nii.gz"))
+    with pytest.raises(InvalidInputError, match="unpaired surrogate"):
+        medfuse.load(str(tmp_path / "s\ud800.nii.gz"))
+    # A name os.fsdecode made of undecodable bytes (surrogateescape) is a real file name: written.
+    assert medfuse.save(v, str(tmp_path / "s\udce9.nii.gz")).is_file()
