@@ -83,6 +83,16 @@ def as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, images
     return Path(text)
 
 
+def cwd_gone() -> bool:
+    """Whether the current folder no longer exists (deleted or moved while a shell was in it): relative paths
+    then fail with a bare "no such file", naming none."""
+    try:
+        os.getcwd()
+        return False
+    except FileNotFoundError:
+        return True
+
+
 def is_or_above(real: str, top: str) -> bool:
     """Whether the real folder ``real`` is ``top`` itself or one of the folders above it: a link there would walk
     the whole dataset, or the whole disk."""

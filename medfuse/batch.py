@@ -39,7 +39,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._checks import MAX_THREADS, as_path, choice, describe, is_or_above, label, whole
+from ._checks import MAX_THREADS, as_path, choice, cwd_gone, describe, is_or_above, label, whole
 from ._runlock import run_lock
 from .errors import (InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError, OutputExistsError,
                      OutputWriteError, UnreadableFileError)
@@ -1661,9 +1661,13 @@ def _client(scheduler: str, workers: int, threads: int):
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=logging.CRITICAL, env=env)
         except RuntimeError as e:
+            fix = ("in a script, call run_batch under 'if __name__ == \"__main__\":' (workers are spawned processes "
+                   "that re-import the script); or use scheduler='synchronous'")
+            if cwd_gone():  # the workers start in the current folder: the advice above did not apply
+                fix = ("the current folder no longer exists (deleted or moved while the shell was in it): cd to an "
+                       "existing folder and run again")
             raise MedfuseError(f"the local Dask cluster did not start ({' '.join(str(e).split())[:200]})",
-                               fix="in a script, call run_batch under 'if __name__ == \"__main__\":' (workers are "
-                                   "spawned processes that re-import the script); or use scheduler='synchronous'") from None
+                               fix=fix) from None
         client = Client(cluster)
         try:
             _ignore_sigint_in_every_worker(client)

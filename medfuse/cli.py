@@ -425,6 +425,11 @@ def _os_error_message(e: OSError) -> Optional[str]:
     known = _OS_ERRORS.get(e.errno)
     if known is None:
         return None
+    from ._checks import cwd_gone
+
+    if e.errno == errno.ENOENT and not e.filename and cwd_gone():
+        return ("the current folder no longer exists (deleted or moved while the shell was in it). Fix: cd to an "
+                "existing folder, or give absolute paths.")
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{known[0]}. Fix: {known[1]}."
 

@@ -298,3 +298,14 @@ def test_closed_or_full_standard_streams_are_no_internal_error(tmp_path):
                            timeout=300, env=env)
     assert r.returncode == 2 and "standard output could not be written" in r.stderr, r.stderr
     assert "disk is full" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_deleted_current_folder_is_named_as_the_cause(tmp_path):
+    """A relative output from a folder deleted under the shell said "no such file or folder. Fix: check the path",
+    naming no path."""
+    a, b = _pair(tmp_path)
+    py = " ".join(map(shlex.quote, [sys.executable, "-m", "medfuse.cli", "fuse", str(a), str(b), "-o", "rel.nii.gz",
+                                    "--method", "mean"]))
+    r = subprocess.run(["bash", "-c", f"mkdir gone && cd gone && rmdir ../gone && {py}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "the current folder no longer exists" in r.stderr, r.stderr
