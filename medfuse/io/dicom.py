@@ -1109,6 +1109,20 @@ def _series_frames(files: Sequence[Tuple[Path, Any]], path: Path) -> List[_Frame
     return frames
 
 
+#: ImageOrientationPatient values that differ by more than 1e-3 (about 0.06 degrees) are another orientation; a
+#: spread under 1 degree is a drift, not a localizer (whose planes are 90 degrees apart).
+_IOP_TOL_DEG = math.degrees(1e-3)
+_DRIFT_DEG = 1.0
+
+
+def _iop_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest angle (degrees) between the row, column and normal directions of two orientations."""
+    na, nb = np.cross(a[:3], a[3:]), np.cross(b[:3], b[3:])
+    cos = [float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) or 1.0))
+           for u, v in ((a[:3], b[:3]), (a[3:], b[3:]), (na, nb))]
+    return max(math.degrees(math.acos(min(1.0, max(-1.0, c)))) for c in cos)
+
+
 def _split_volumes(frames: List[_Frame], path: Path,
                    notes: Optional[List[str]] = None) -> Tuple[List[List[_Frame]], np.ndarray]:
     """Group frames into volumes of slices sorted along the normal; returns (volumes, normal).
@@ -1125,6 +1139,16 @@ def _split_volumes(frames: List[_Frame], path: Path,
             g = next((g for g in groups if np.allclose(g[0].iop, fr.iop, atol=1e-3)), None)
             g.append(fr) if g is not None else groups.append([fr])
         groups.sort(key=len, reverse=True)
+        spread = max(_iop_angle(fr.iop, iop) for fr in frames)
+        if spread < _DRIFT_DEG:
+            # Direction cosines that drift by hundredths of a degree from slice to slice are no localizer: the
+            # advice to move most of the series out of the folder did not fit.
+            raise GeometryError(f"the slice orientation drifts across the series, by up to {spread:.2f} degrees "
+                                f"(more than the {_IOP_TOL_DEG:.2f} degrees medfuse takes as one orientation), so "
+                                "its slices do not form one regular volume",
+                                fix="re-export the series from the scanner or PACS (a conversion that rounded or "
+                                    "recomputed ImageOrientationPatient per slice?), or resample it with a tool "
+                                    "that reads each slice's own orientation", path=path)
         main = {fr.file for fr in groups[0]}
         odd = sorted({fr.file.name for g in groups[1:] for fr in g if fr.file not in main})
         fix = (f"move the {len(odd)} file(s) of the other orientation(s) (e.g. {odd[0]}) out of the folder, then "

@@ -150,6 +150,22 @@ def test_a_4d_series_missing_a_file_says_so_not_remove_a_copy(shared, tmp_path):
     assert "remove a second copy" not in e.value.fix and "re-export the complete series" in e.value.fix
 
 
+def test_orientation_drift_is_said_as_drift_not_as_a_localizer(epi):
+    """Direction cosines drifting by 0.0002 a slice (0.1 degree in all) were refused as "a localizer or scout", with
+    the advice to move most of the series out of the folder."""
+    folder, files = epi
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        r = np.array(ds.ImageOrientationPatient, float)
+        r[:3] += np.array([0.0, 2e-4 * k, 0.0])
+        r[:3] /= np.linalg.norm(r[:3])
+        ds.ImageOrientationPatient = [float(x) for x in r]
+        ds.save_as(f)
+    with pytest.raises(GeometryError, match=r"orientation drifts across the series, by up to 0\.\d+ degrees") as e:
+        medfuse.load(folder)
+    assert "localizer" not in str(e.value) and "move the" not in e.value.fix
+
+
 def test_localizer_stored_in_the_series_is_left_out(epi):
     folder, files = epi
     whole = medfuse.load(folder)
