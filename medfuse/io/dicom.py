@@ -378,11 +378,17 @@ def _real_uid(key: str) -> str:
     return key.rsplit("#", 1)[0]
 
 
-def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]] = None) -> List[Tuple[Path, Any]]:
+def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]] = None, *,
+            pixels: bool = True) -> List[Tuple[Path, Any]]:
     """Drop second copies of one instance (same SOPInstanceUID, position and instance number).
 
     A folder holding a series twice (an export and its backup, a copied file) would otherwise look
-    like a 4-D series with identical volumes, or like an incomplete one.
+    like a 4-D series with identical volumes, or like an incomplete one. A copy under another patient (a PACS
+    merge) is no duplicate: the mixed-patients check refuses the series. ``pixels`` (a load, not a listing):
+    copies that are not byte-equal have their pixel data compared, which reads them whole.
+
+    Raises:
+        UnreadableFileError: two whole copies of one instance hold different pixel data.
     """
     seen: Dict[Tuple, int] = {}  # key -> index in out
     out: List[Tuple[Path, Any]] = []
@@ -392,33 +398,43 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
         if uid is None:
             out.append((f, ds))
             continue
-        # The patient too: a copy of the series under another patient (a PACS merge) is no duplicate, and the
-        # mixed-patients check must see it (it was dropped, and which patient was kept depended on file size).
         key = (str(uid), str(ds.get("ImagePositionPatient", "")), str(ds.get("InstanceNumber", "")),
-               str(ds.get("NumberOfFrames", "")), str(ds.get("Rows", "")), str(ds.get("Columns", "")),
-               str(ds.get("PatientID", "")), str(ds.get("PatientName", "")), str(ds.get("PatientBirthDate", "")))
+               str(ds.get("NumberOfFrames", "")), str(ds.get("Rows", "")), str(ds.get("Columns", "")))
         if key not in seen:
             seen[key] = len(out)
             out.append((f, ds))
             continue
-        # Of two copies the longer is kept: a truncated copy that sorted first was kept, and the whole load failed
-        # on it although the complete copy was there.
         kept, kept_ds = out[seen[key]]
+        if keys_disagree(patient_key(kept_ds), patient_key(ds)):
+            # Another patient's copy: kept, so that the mixed-patients refusal sees it (it was dropped, and which
+            # patient was read depended on file size). Formatting alone (a trailing '^', case) is one patient.
+            out.append((f, ds))
+            continue
         if _syntax(ds) != _syntax(kept_ds):  # a compressed and a plain copy differ in size, and neither is damaged
             continue
+        if pixels:
+            which = _damaged_copy(kept, f)
+            if which is None:  # the same pixels (a header-only difference, or byte-equal files)
+                continue
+            if which == "neither":
+                # Which copy was read depended on the file names: a slice of zeros under one name, the image under
+                # the other.
+                raise UnreadableFileError(
+                    f"two files hold the same image (one SOPInstanceUID, position and instance number) with "
+                    f"different pixel data: {kept.name} and {f.name}", fix="find out which copy is right and move "
+                    "the other out of the folder (an edited or re-processed image needs its own SOPInstanceUID)",
+                    path=path)
+            if which == "first":  # a truncated copy that sorted first failed the whole load, the whole one there
+                out[seen[key]] = (f, ds)
+            shorter.append(kept if which == "first" else f)
+            continue
+        # A listing reads no pixels: the longer copy stands for the instance.
         size_f, size_kept = _file_size(f), _file_size(kept)
         if size_f > size_kept:
             out[seen[key]] = (f, ds)
             shorter.append(kept)
         elif size_f < size_kept:
             shorter.append(f)
-        elif not _same_pixels(f, kept):
-            # Which copy was read depended on the file names: a slice of zeros under one name, the image under
-            # the other.
-            raise UnreadableFileError(
-                f"two files hold the same image (one SOPInstanceUID, position and instance number) with different "
-                f"pixel data: {kept.name} and {f.name}", fix="find out which copy is right and move the other out "
-                "of the folder (an edited or re-processed image needs its own SOPInstanceUID)", path=path)
     n = len(files) - len(out)
     if n:
         msg = (f"{n} duplicate file{'s' if n > 1 else ''} (the same instance stored twice) "
@@ -431,20 +447,35 @@ def _dedupe(files: List[Tuple[Path, Any]], path: Path, notes: Optional[List[str]
     return out
 
 
-def _same_pixels(a: Path, b: Path) -> bool:
-    """Do two copies of one instance hold the same pixel data? (Byte-equal files do; else their PixelData is
-    compared: a re-export may differ in its header only.)"""
+def _damaged_copy(a: Path, b: Path) -> Optional[str]:
+    """Of two copies of one instance: None when they hold the same pixels (byte-equal files, or a header-only
+    difference, as a re-export makes); ``"first"``/``"second"`` for the one whose pixel data is cut short or
+    unreadable (a truncated copy: pydicom returns what it read without an error); ``"neither"`` when both are
+    whole and differ."""
     import filecmp
 
     import pydicom
 
     try:
         if filecmp.cmp(a, b, shallow=False):
-            return True
-        pa, pb = (pydicom.dcmread(os.fspath(p), force=True).get("PixelData") for p in (a, b))
-    except (OSError, ValueError, TypeError, AttributeError, EOFError):
-        return True  # an unreadable copy fails on reading, with its own message, if it is the one kept
-    return pa == pb
+            return None
+    except OSError:
+        pass
+    got = []
+    for p in (a, b):
+        try:
+            px = pydicom.dcmread(os.fspath(p), force=True).get("PixelData")
+        except Exception:  # noqa: BLE001 - any failure to read it is a damaged copy
+            px = None
+        got.append(px if isinstance(px, (bytes, bytearray)) else None)
+    pa, pb = got
+    if pa is not None and pa == pb:
+        return None
+    if pa is None or (pb is not None and len(pa) < len(pb)):
+        return "first"
+    if pb is None or len(pb) < len(pa):
+        return "second"
+    return "neither"
 
 
 def _syntax(ds: Any) -> str:
@@ -1688,7 +1719,7 @@ def _series_shape(files: list, path: Path) -> Tuple[Tuple[int, int, int], int, l
     """(shape of one volume (columns, rows, slices), number of volumes, files kept) of a series, from its headers
     (no pixels). A series that does not form a volume gives (columns, rows, 0) and 0 volumes: load says why."""
     unsaid = _Unsaid()
-    files = _drop_localizers(_dedupe(files, path, unsaid), path, unsaid)
+    files = _drop_localizers(_dedupe(files, path, unsaid, pixels=False), path, unsaid)
     ds0 = files[0][1]
     try:
         vols, _ = _split_volumes(_series_frames(files, path), path)

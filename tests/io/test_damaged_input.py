@@ -117,12 +117,20 @@ def test_a_copy_of_one_instance_with_other_pixels_is_refused_whichever_name_sort
             medfuse.load(folder)
         assert name in str(e.value) and files[4].name in str(e.value)
         (folder / name).unlink()
-    # A copy whose header alone differs (a re-export) is still a duplicate, read once.
-    ds = pydicom.dcmread(files[4])
-    ds.InstitutionName = "re-exported"
+    # Other pixels and a longer header (an added tag): refused too, not "the longer copy wins".
+    ds.ImageComments = "reprocessed"
     ds.save_as(folder / "aaa.dcm")
-    with pytest.warns(MedfuseWarning, match="1 duplicate file"):
+    with pytest.raises(UnreadableFileError, match="different pixel data"):
         medfuse.load(folder)
+    # A copy whose header alone differs (a re-export, of another length) is still a duplicate, read once, and not
+    # called damaged.
+    ds = pydicom.dcmread(files[4])
+    ds.InstitutionName = "re-exported by another PACS"
+    ds.save_as(folder / "aaa.dcm")
+    assert (folder / "aaa.dcm").stat().st_size != files[4].stat().st_size
+    with pytest.warns(MedfuseWarning, match="1 duplicate file") as rec:
+        medfuse.load(folder)
+    assert not any("shorter" in str(w.message) for w in rec)
 
 
 def test_a_copy_of_the_series_under_another_patient_is_refused_not_deduplicated(epi, tmp_path):
@@ -137,6 +145,21 @@ def test_a_copy_of_the_series_under_another_patient_is_refused_not_deduplicated(
         ds.save_as(other / f.name)
     with pytest.raises(UnreadableFileError, match="different patients"):
         medfuse.load(folder)
+
+
+def test_a_copy_whose_patient_fields_differ_only_in_formatting_is_still_a_duplicate(epi):
+    """The mixed-patients check takes a trailing '^' or an emptied birth date as one patient; keyed on the raw
+    values, such a backup copy was neither merged nor refused: a 3-D series read as 4-D."""
+    folder, files = epi
+    backup = folder / "backup"
+    backup.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientName = str(ds.get("PatientName", "")) + "^^"
+        ds.PatientBirthDate = ""
+        ds.save_as(backup / f.name)
+    with pytest.warns(MedfuseWarning, match="9 duplicate files"):
+        assert medfuse.load(folder).shape == (64, 64, 9)
 
 
 def test_a_4d_series_missing_a_file_says_so_not_remove_a_copy(shared, tmp_path):
