@@ -87,6 +87,11 @@ class UnreadableFileError(MedfuseError, OSError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else self._compose()
 
+    def __reduce__(self):
+        # As OutputWriteError's: OSError pickles as type(*args), which lost errno and filename in a worker pool.
+        return (_rebuild_write_error, (type(self), self.problem, self.errno, self.fix, self.path),
+                dict(self.__dict__))
+
 
 class UnsupportedDataError(MedfuseError):
     """A readable file that holds no image medfuse can use (RT, SEG, SR, ...)."""

@@ -1123,7 +1123,9 @@ class Volume:
         arr = _to_numpy(tensor)
         aff_shape = np.shape(_to_numpy(raw_aff))
         spatial = meta.get("spatial_shape")
-        if (arr.ndim == 3 and spatial is not None and np.size(spatial) == 2) or aff_shape == (3, 3):
+        two_d = (arr.ndim == 3 and arr.shape[0] == 1 and spatial is not None and np.size(spatial) == 2
+                 and tuple(int(n) for n in np.ravel(spatial)) == tuple(arr.shape[1:]))
+        if two_d or aff_shape == (3, 3):
             # Why: MONAI's channel-first 2-D image (1, H, W) was taken as a 3-D (1, H, W) volume, its channel axis
             # a spatial one: every voxel in the wrong place, silently.
             add_axis = "" if aff_shape == (3, 3) else (

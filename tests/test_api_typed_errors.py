@@ -334,3 +334,7 @@ def test_a_missing_input_is_an_oserror_with_errno_enoent_and_its_filename(tmp_pa
             call(missing)
         assert isinstance(ei.value, OSError) and ei.value.errno == errno.ENOENT
         assert ei.value.filename == str(missing) and str(ei.value).startswith(f"{missing}: no such")
+        import pickle  # across a worker pool (batch) too: OSError pickled as type(*args) and lost them
+
+        back = pickle.loads(pickle.dumps(ei.value))
+        assert (back.errno, back.filename, str(back)) == (errno.ENOENT, str(missing), str(ei.value))

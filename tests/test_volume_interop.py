@@ -412,6 +412,9 @@ def test_a_2d_metatensor_is_refused_not_read_as_a_volume_with_its_channel_as_an_
     np.testing.assert_array_equal(fixed.array, loaded.array)
     with pytest.raises(InvalidInputError, match="2-D image"):
         medfuse.transforms.as_volume(t)
+    # Without a channel, (H, W) with a slice axis added: taken (its spatial_shape still says 2 axes).
+    plain = monai_transforms.LoadImage(image_only=True)(path)
+    assert Volume.from_metatensor(plain.unsqueeze(-1)).shape == (6, 7, 1)
     # A 3x3 (2-D) affine was a raw NumPy matmul error.
     with pytest.raises(InvalidInputError, match="2-D image"):
         Volume.from_metatensor(MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.eye(3)))
