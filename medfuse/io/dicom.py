@@ -1489,8 +1489,8 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         from scipy import ndimage
 
         msg = (f"gantry tilt of {tilt:.2f} degrees detected; slices were shifted in-plane onto an orthogonal grid "
-               "(linear interpolation; the edge no slice covers is filled with the series' lowest value, air in a "
-               "CT)")
+               "(linear interpolation; the edge no slice covers is filled with the series' lowest value: in a CT, "
+               "air or the scanner's own padding value)")
         _warn(path, msg)
         notes.append(msg)
         work = _interp_dtype(arr)
@@ -1809,7 +1809,10 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     units = {_suv.stored_unit(h) for h in headers}
     stored = units.pop() if len(units) == 1 else "arbitrary"
     if suv == "none":
-        return stored, None, None
+        # Values as stored; a stored SUVlbm still names its formula (medfuse's DerivationDescription): saved again,
+        # it was written as plain LBM and read back as James's.
+        kind = _suv._stored_kind(headers[0]) if headers and stored == "SUVlbm" else None
+        return stored, None, kind if kind in ("lbm", "lbm_janma") else None
     if suv == "auto":  # keep an SUV series in the kind it was stored in (Janmahasatian's LBM too); otherwise SUVbw
         suv = (_suv._stored_kind(headers[0]) if headers else None) or "bw"
     try:
@@ -2024,6 +2027,8 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         if factors is not None:
             prov["suv"] = suv_kind  # the kind applied ("auto" resolved)
             prov["suv_source"] = suv_source
+        elif suv_kind is not None:  # suv="none" on a stored SUVlbm: its formula, no factor applied
+            prov["suv"] = suv_kind
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
     if broken:  # no uneven gap (that would have been refused above), but evenly spaced slices may still be lost
         names = ", ".join(b.name for b in broken[:3]) + (", ..." if len(broken) > 3 else "")

@@ -152,6 +152,21 @@ def test_lbm_formula_survives_other_formats_on_the_way_to_dicom(samples_dir, tmp
     assert rel < 1e-4, rel
 
 
+def test_a_stored_suvlbm_loaded_as_stored_keeps_its_formula(samples_dir, tmp_path):
+    """load(suv="none") of a series medfuse wrote in Janmahasatian SUVlbm recorded no formula: saved again, it
+    was plain LBM, read back as James's (SUVbw 4 % off)."""
+    folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="M", PatientSize="1.75", PatientWeight="110")
+    bw = medfuse.load(folder, suv="bw")
+    first = medfuse.save(medfuse.load(folder, suv="lbm_janma"), tmp_path / "first", template=folder)
+    as_stored = medfuse.load(first, suv="none")
+    assert as_stored.unit == "SUVlbm" and as_stored.provenance["suv"] == "lbm_janma"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        second = medfuse.save(as_stored, tmp_path / "second", template=folder)
+    rel = float(np.abs(medfuse.load(second, suv="bw").array - bw.array).max() / bw.array.max())
+    assert rel < 1e-4, rel
+
+
 def test_an_overridden_unit_drops_the_stored_formula_and_an_unknown_formula_is_warned_of(samples_dir, tmp_path):
     folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="M", PatientSize="1.75", PatientWeight="110")
     path = medfuse.save(medfuse.load(folder, suv="lbm_janma"), tmp_path / "mid.nii.gz")
