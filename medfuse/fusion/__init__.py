@@ -681,11 +681,12 @@ def _reoriented_copy(v: Volume, ref: Volume) -> bool:
 
 def _thin_axis(method: str, shape: Tuple[int, ...]) -> Optional[int]:
     """The axis a 3-D array too thin for the network's tri-plane path along exactly that one is fused along, slice
-    by slice with the 2-D path, as a Volume is; None otherwise (a last axis of 3 or 4 may be colour: refused)."""
+    by slice with the 2-D path, as a Volume is; None otherwise. A first or last axis of 3 or 4 may be colour
+    (HWC, or CHW as torch and PIL tensors lay it out): refused, as before, rather than fused channel by channel."""
     if method != "network" or len(shape) != 3:
         return None
     thin = [ax for ax, n in enumerate(shape) if n < _MIN_SIZE_3D]
-    if len(thin) != 1 or (thin[0] == 2 and shape[2] in (3, 4)) or min(shape) < 2:
+    if len(thin) != 1 or (thin[0] in (0, 2) and shape[thin[0]] in (3, 4)) or min(shape) < 2:
         return None
     return thin[0]
 

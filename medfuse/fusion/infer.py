@@ -310,10 +310,13 @@ def _validated(arrays: Sequence[np.ndarray], ndim: Optional[int]) -> list:
                                 fix="squeeze singleton axes, or fuse each 3-D volume of a 4-D series separately")
     if min(shape) < (MIN_SIZE_3D if len(shape) == 3 else 4):
         raise InvalidInputError(f"the arrays are too small for the network: shape {shape}",
-                                fix=("colour images fuse only with a grey one (medfuse.fuse(grey, rgb)); convert "
-                                     "the others to grey first. Volumes this thin: fuse them slice by slice with "
-                                     "the 2-D path (medfuse.fuse does so for Volumes)"
-                                     if len(shape) == 3 and shape[2] in (3, 4) and min(shape[:2]) >= MIN_SIZE_3D
+                                fix=("colour images fuse only with a grey one, channels last (medfuse.fuse(grey, "
+                                     "rgb), rgb of shape (H, W, 3): a (3, H, W) tensor's is rgb.transpose(1, 2, 0)); "
+                                     "convert the others to grey first. Volumes this "
+                                     "thin: wrap them as medfuse.Volume(array, affine), which medfuse.fuse fuses "
+                                     "slice by slice with the 2-D path"
+                                     if len(shape) == 3 and ((shape[2] in (3, 4) and min(shape[:2]) >= MIN_SIZE_3D)
+                                                             or (shape[0] in (3, 4) and min(shape[1:]) >= MIN_SIZE_3D))
                                      else "fuse thin volumes slice by slice with the 2-D path (medfuse.fuse does so "
                                           "for arrays and Volumes thin along one axis)"
                                      if len(shape) == 3 and sum(n < MIN_SIZE_3D for n in shape) == 1

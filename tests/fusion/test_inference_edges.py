@@ -54,11 +54,19 @@ def test_volume_thin_along_one_axis_is_fused_slice_by_slice(shape, axis):
         np.testing.assert_array_equal(np.take(out.array, i, axis=axis), np.clip(want, 0, 1))
     assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) == shape[axis]
     assert out.provenance["network_path"] == f"2-D, slice by slice along axis {axis}"
-    # Arrays too (they were refused, "too small for the network"), but for a last axis of 3 (colour?).
-    if shape[2] != 3:
+    # Arrays too (they were refused, "too small for the network"), but for a first or last axis of 3 (colour?).
+    if 3 not in (shape[0], shape[2]):
         # To float rounding: oneDNN may pick another kernel for a differently aligned buffer.
         np.testing.assert_allclose(fuse(a, b, method="network", normalise="none", functional=True), out.array,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(36, 40, 3), (3, 36, 40), (4, 36, 40)])
+def test_arrays_that_may_be_colour_are_not_fused_channel_by_channel(shape):
+    """HWC and CHW (torch, PIL tensors) colour images look like 3- or 4-slice volumes."""
+    a = (_blobs(shape, 1) * 255).astype(np.uint8)
+    with pytest.raises(InvalidInputError, match="too small"):
+        fuse(a, a, method="network")
 
 
 def test_arrays_thin_along_two_axes_are_told_to_use_a_classical_rule():
