@@ -637,7 +637,7 @@ class FusionNet(nn.Module):
             else:
                 g = self.gain_min + (self.gain_max - self.gain_min) * torch.sigmoid(gain[:, lev])
                 out = out + g * (wd * d).sum(dim=1)
-        # Where every input is exactly 0 (the background outside the body) the output is 0 too: blurred
+        # Where every input is 0 (<= NO_SIGNAL: the background outside the body) the output is 0 too: blurred
         # bases and amplified details would otherwise leave a faint halo there, which SSIM punishes hard.
         support = (x.amax(dim=1) > NO_SIGNAL).to(out.dtype)
         return out.clamp(0.0, 1.0) * support

@@ -6,7 +6,7 @@ interval ``[low, high]`` onto 0..1 (values outside are clipped), with the interv
 chosen per modality:
 
 * CT in HU (or of unknown unit): a window (default level 40 HU, width 400 HU: soft tissue and bone edges);
-* PET in SUV: the range ``[0, suv_max]`` (default 10);
+* PET in SUV: the range ``[0, suv_max]`` (default 10; 2.5 for SUVbsa, in cm²/mL);
 * MR, SPECT, PET not in SUV, CT not in HU and anything else: percentiles (default 0.5 and 99.5);
 * ``"range"``: an explicit ``[low, high]``; ``"none"``: identity.
 
@@ -145,7 +145,7 @@ def normalise(array: Any, *, method: str = "auto", modality: Optional[str] = Non
         unit: the physical unit, spelt as in :data:`medfuse.volume.UNITS` (``HU``, ``SUVbw``...); None: not
             known (used by ``auto``; recorded).
         level, width: CT window in HU (defaults 40, 400).
-        suv_max: upper end of the PET SUV range (default 10).
+        suv_max: upper end of the PET SUV range (default 10; 2.5 for SUVbsa).
         percentiles: (low, high) percentiles (default 0.5, 99.5).
         low, high: the interval for ``"range"``.
         dtype: ``None`` or ``numpy.float64`` (the default: a float64 result), or ``numpy.float32``: the same
