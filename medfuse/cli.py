@@ -1561,7 +1561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     undo = _escape_unprintable_output()
     closed = _stand_in_for_closed_streams()
     real_stdout = sys.stdout
-    sys.stdout = _WatchedStdout(real_stdout)
+    sys.stdout = _WatchedStdout(real_stdout, console=argv is None)
     try:
         # SIGTERM before a command's own cancel handler is in place (while it loads its inputs) is a Ctrl-C too.
         with _TermAsInterrupt():
@@ -1604,9 +1604,10 @@ class _WatchedStdout:
     output disk; the command-line handler now tells a failed print from a failed output file by this flag.
     """
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, *, console: bool = False):
         self._stream = stream
         self.failed = False
+        self.console = console  # the process is the medfuse command: its standard output may be closed off
 
     def write(self, text: str) -> int:
         try:
@@ -1631,10 +1632,11 @@ def _stdout_failed() -> bool:
     would fail again)."""
     if not getattr(sys.stdout, "failed", False):
         return False
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+    if getattr(sys.stdout, "console", False):  # not a script's or notebook's stdout, which main([...]) shares
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
     return True
 
 

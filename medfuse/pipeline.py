@@ -788,10 +788,21 @@ class SaveStep:
         return record
 
 
-def _bytes_if_there(path: Path) -> Optional[bytes]:
-    """The file's bytes (any file, not only UTF-8 text: what is put back must be what was there), else None."""
+#: A file at the sidecar path larger than this is no sidecar (they are kilobytes): it is not read into memory to be
+#: put back, only recognised by its identity (a 400 MB file was held through the whole save).
+_SIDECAR_MAX_BYTES = 1 << 22
+
+
+def _bytes_if_there(path: Path) -> Optional[Tuple[Tuple[int, ...], Optional[bytes]]]:
+    """The file at ``path``: its identity (device, inode, size, mtime) and its bytes (any file, not only UTF-8
+    text: what is put back must be what was there; None when it is too large to be a sidecar); None when there
+    is no file."""
     try:
-        return path.read_bytes() if path.is_file() else None
+        if not path.is_file():
+            return None
+        st = path.stat()
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return ident, (path.read_bytes() if st.st_size <= _SIDECAR_MAX_BYTES else None)
     except OSError:
         return None
 
@@ -812,7 +823,8 @@ def _release_frames(e: BaseException) -> None:
         todo += [x.__cause__, x.__context__]
 
 
-def _put_back_sidecar(out: Path, previous: Optional[bytes], replaces: Optional[str]) -> None:
+def _put_back_sidecar(out: Path, previous: Optional[Tuple[Tuple[int, ...], Optional[bytes]]],
+                      replaces: Optional[str]) -> None:
     """After a failed save: the sidecar as it was, when the output is still the one it was (best effort, with a
     warning when it cannot be done: the sidecar then says medfuse was replacing the output, and a rerun redoes it)."""
     from .io._atomic import atomic_write_bytes
@@ -821,13 +833,16 @@ def _put_back_sidecar(out: Path, previous: Optional[bytes], replaces: Optional[s
     if _hash_if_there(out) != replaces:
         return  # the new output is in place (or something else is): its sidecar stays
     side = sidecar_path(out)
-    if _bytes_if_there(side) == previous:
+    now = _identity(side)
+    if previous is not None and now == previous[0]:
         # Untouched (a run refused before writing it): left as it is. A file there that was no UTF-8 text (an
         # input linked under the sidecar's name) was deleted as "no sidecar was there".
         return
     try:
-        if previous is not None:
-            atomic_write_bytes(side, previous, overwrite=True)
+        if previous is not None and previous[1] is not None:
+            atomic_write_bytes(side, previous[1], overwrite=True)
+        elif previous is not None:
+            raise OSError("the file there was too large to keep a copy of")
         elif side.is_file():
             # No sidecar was there: none is left (the in-progress one this run wrote), whether or not an output
             # of the user's was being replaced (its own sidecar-less state is what it was).
@@ -836,6 +851,14 @@ def _put_back_sidecar(out: Path, previous: Optional[bytes], replaces: Optional[s
         warnings.warn(f"{side}: the earlier output was kept, but its provenance sidecar could not be put back "
                       f"({type(e).__name__}); it now says medfuse was replacing the output, and a rerun with the same "
                       "command redoes it", MedfuseWarning, stacklevel=3)
+
+
+def _identity(path: Path) -> Optional[Tuple[int, ...]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _hash_if_there(out: Path) -> Optional[str]:
