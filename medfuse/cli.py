@@ -842,7 +842,11 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     from .io import save
 
     init_path = args.initial_transform
-    save(res.resampled, out, overwrite=args.overwrite)
+    from .io import dicom_template, is_image_file
+
+    # A DICOM output is on FIXED's grid: a DICOM FIXED is its template (study, frame of reference, position).
+    save(res.resampled, out, overwrite=args.overwrite,
+         template=None if is_image_file(out) else dicom_template(args.fixed))
     args.outputs.mark(out)
     # Its inputs too: the transform's permissions are no wider than theirs, as the image's and sidecar's.
     res.transform.save(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])

@@ -742,7 +742,7 @@ class SaveStep:
 
     def _save(self, state, out, inputs, name, replaces) -> PipelineState:
         from . import provenance as prov
-        from .io import save
+        from .io import dicom_template, save
         from .io._atomic import atomic_dir, atomic_path
 
         if name.endswith((".mhd", ".nhdr")):
@@ -759,8 +759,11 @@ class SaveStep:
             # Claimed once, before the temporary file exists: the temporary file needs no record, its name says
             # which output it is for (a kill leaves it for the next write of ``out`` to remove).
             self._in_progress(state, out, inputs, replaces)
+        # A DICOM output lies on the first input's grid: a DICOM first input is its template (study, frame of
+        # reference, patient position; de-identified as save's default does).
+        template = dicom_template(state.inputs[0]) if ctx is atomic_dir and state.inputs else None
         with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
-            save(state.fused, tmp, overwrite=True)
+            save(state.fused, tmp, overwrite=True, template=template)
             state.notes["provenance"] = self._sidecar(state, tmp, out, inputs, replaces=replaces, before_rename=True)
         return state
 

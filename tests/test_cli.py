@@ -687,3 +687,26 @@ def test_info_json_lists_the_nan_warning_and_complex_values_are_their_magnitude(
     nib.save(nib.Nifti1Image(c, np.eye(4)), tmp_path / "c.nii.gz")
     assert main(["info", str(tmp_path / "c.nii.gz")]) == 0
     assert "values       5 .. 5 arbitrary (magnitude of complex voxels)" in capsys.readouterr().out
+
+
+def test_dicom_outputs_of_a_dicom_fixed_take_it_as_their_template(tmp_path):
+    """Command-line DICOM outputs got a new study and frame of reference, today's dates, no patient position, and
+    a fusion was called "medfuse derived unknown (arbitrary)"."""
+    import pydicom
+
+    ct = pydicom.dcmread(str(sorted((SAMPLES / "ct").iterdir())[0]), stop_before_pixels=True)
+    fused, moved = tmp_path / "fused", tmp_path / "moved"
+    assert main(["fuse", str(SAMPLES / "ct"), str(SAMPLES / "pet"), "-o", str(fused), "--method", "mean",
+                 "--register", "rigid", "-q"]) == 0
+    assert main(["register", str(SAMPLES / "ct"), str(SAMPLES / "pet"), "-o", str(moved), "-q"]) == 0
+    f, m = (pydicom.dcmread(str(sorted(d.iterdir())[0]), stop_before_pixels=True) for d in (fused, moved))
+    assert f.SeriesDescription == "medfuse fused (mean)" and m.SeriesDescription == "medfuse derived PT (SUVbw)"
+    for ds in (f, m):
+        assert ds.StudyDate == ct.StudyDate and ds.PatientIdentityRemoved == "YES"
+        assert ds.FrameOfReferenceUID != ct.FrameOfReferenceUID  # the de-identified pseudonym of it
+    # A NIfTI fixed has no DICOM study to give: a new one, as before.
+    nii = tmp_path / "nii_fixed"
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(nii), "--method",
+                 "mean", "-q"]) == 0
+    assert pydicom.dcmread(str(sorted(nii.iterdir())[0]), stop_before_pixels=True).SeriesDescription == \
+        "medfuse fused (mean)"

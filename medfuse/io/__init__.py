@@ -116,6 +116,30 @@ def _check_load_options(*, modality: Any = None, unit: Any = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def dicom_template(path: Any) -> Optional[Path]:
+    """``path`` when it names a DICOM series (a folder, or a file without an image file ending) that a DICOM output
+    on its grid may take its study context from (``save(..., template=)``); else None (a NIfTI, a Volume).
+
+    Why: the command line wrote DICOM outputs with a new study and frame of reference, today's dates and no
+    patient position, so a viewer would not overlay them with the series they were made on.
+
+    Args:
+        path: an input as given (a path, a Volume, anything).
+
+    Returns:
+        The Path, or None.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        return None
+    p = Path(path)
+    try:
+        if p.is_dir() or (p.is_file() and not is_image_file(p)):
+            return p
+    except OSError:
+        pass
+    return None
+
+
 def is_image_file(path: PathLike) -> bool:
     """Whether ``path`` has an ending the NIfTI/MetaImage/NRRD reader takes (:data:`IMAGE_SUFFIXES`, any case).
 

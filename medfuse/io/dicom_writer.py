@@ -690,7 +690,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.SeriesNumber = _series_number(now, tpl)
     base.SeriesDate = base.get("SeriesDate", date) if modality == "PT" else date
     base.SeriesTime = base.get("SeriesTime", time) if modality == "PT" else time
-    base.SeriesDescription = _lo_text(series_description or f"medfuse derived {modality} ({volume.unit})")
+    fused = isinstance(prov.get("method"), str) and any(
+        isinstance(h, dict) and h.get("step") == "fuse" for h in prov.get("history", []) or [])
+    # A fusion said as one in a PACS list ("medfuse derived unknown (arbitrary)" told it from nothing).
+    default = f"medfuse fused ({prov['method']})" if fused else f"medfuse derived {modality} ({volume.unit})"
+    base.SeriesDescription = _lo_text(series_description or default)
     base.Modality = _DICOM_MODALITY.get(modality, "OT")
     base.PositionReferenceIndicator = base.get("PositionReferenceIndicator", "")
     # Manufacturer (General Equipment, type 2) is left empty: dcm2niix identifies a vendor by the first two letters
