@@ -247,7 +247,13 @@ def _cli_words(text: str) -> str:
     """``text`` (a fix, or a whole one-line message) with Python advice put as the command line's."""
     from .errors import reworded
 
-    return reworded(text, _CLI_ADVICE)
+    text = reworded(text, _CLI_ADVICE)
+    # Options the command line does not have: "load it with suv='none'" (it loads an SUV it cannot compute as
+    # stored, Bq/mL, with a warning already) and whole_series=True (it reads a folder whole) are left out.
+    text = re.sub(r"[,;]? or load(?: it)? with suv='none'(?: to keep (?:Bq/mL|the stored values))?", "", text)
+    text = re.sub(r"load it with suv='none' to keep the stored values", "re-export the series with its full PET "
+                  "header", text)
+    return text.replace(" (or whole_series=True)", "")
 
 
 def _fusion_options(text: str) -> str:
@@ -473,7 +479,7 @@ def _cli_advice(text: str, command: Optional[str]) -> str:
             "f, transform=medfuse.load_transform('T.tfm'), interpolation='nearest'), 'LABELS_on_FIXED.nii.gz')\"")
         text = text.replace("use a coarser bspline_grid_mm",
                             "use a coarser grid (the Python API's medfuse.register(..., bspline_grid_mm=))")
-    return text
+    return _cli_words(text)
 
 
 def _show_warnings(caught: List[warnings.WarningMessage], args: Optional[argparse.Namespace] = None) -> None:
@@ -682,7 +688,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     if facts["series_description"]:
         print(f"  series       {facts['series_description']}")
     for w in facts["warnings"]:
-        print(f"  warning      {w}")
+        print(f"  warning      {_cli_words(str(w))}")
     return EXIT_OK
 
 

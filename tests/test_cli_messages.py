@@ -228,3 +228,17 @@ def test_a_4d_series_picked_with_series_gets_a_fix_that_loads_that_series(shared
     assert main(["fuse", str(folder), str(folder), "--series", "1", "2", "--method", "max", "-o", out]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "series_uid=N, volume_index=0" in err and "N being the series' number" in err
+
+
+def test_python_only_load_options_are_not_advised_on_the_command_line(capsys):
+    """`medfuse info` advised "load with suv='none'" and "whole_series=True", which no command takes."""
+    from medfuse.cli import _cli_advice, _cli_words
+
+    said = ("PET loaded in counts, not SUV: Units is CNTS. Fix: export the series with Philips' private PET group, "
+            "or as BQML; or load with suv='none'")
+    assert _cli_words(said).endswith("or as BQML") and "suv=" not in _cli_advice(said, "fuse")
+    assert "suv=" not in _cli_words("Fix: use a decay-corrected PET series, or load with suv='none'")
+    one = sorted((SAMPLES / "pet").iterdir())[0]
+    assert main(["info", str(one)]) == 0
+    out, err = capsys.readouterr()
+    assert "pass the folder" in out + err and "whole_series" not in out + err
