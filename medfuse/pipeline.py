@@ -1235,12 +1235,17 @@ class _itk_threads:
     """Temporarily set SimpleITK's global default thread count (no-op for None).
 
     The setting is process-wide, and MONAI runs transforms in threads (``CacheDataset(num_workers=...)``): the
-    first context to enter saves the user's value and the last to leave restores it, whatever the order.
+    first context to enter saves the user's value and the last to leave restores it, whatever the order. A call
+    asking for another count than the one set waits until the calls running with it are done (a thread already
+    inside one does not wait): a ``threads=1`` registration ran with 4 threads beside a ``threads=4`` call, so it
+    no longer repeated bit for bit, while its provenance said 1.
     """
 
-    _lock = threading.Lock()
+    _cond = threading.Condition()
     _depth = 0
+    _current: Optional[int] = None
     _saved: Optional[int] = None
+    _mine = threading.local()
 
     def __init__(self, n: Optional[int]):
         self.n = n
@@ -1250,10 +1255,15 @@ class _itk_threads:
             import SimpleITK as sitk
 
             n, cls = int(self.n), type(self)
-            with cls._lock:
+            with cls._cond:
+                inside = getattr(cls._mine, "depth", 0) > 0
+                while cls._depth > 0 and cls._current != n and not inside:
+                    cls._cond.wait()
                 if cls._depth == 0:
                     cls._saved = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
                 cls._depth += 1
+                cls._current = n
+                cls._mine.depth = getattr(cls._mine, "depth", 0) + 1
                 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
         return self
 
@@ -1262,11 +1272,14 @@ class _itk_threads:
             import SimpleITK as sitk
 
             cls = type(self)
-            with cls._lock:
+            with cls._cond:
                 cls._depth -= 1
-                if cls._depth == 0 and cls._saved is not None:
-                    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cls._saved)
-                    cls._saved = None
+                cls._mine.depth -= 1
+                if cls._depth == 0:
+                    if cls._saved is not None:
+                        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cls._saved)
+                    cls._saved = cls._current = None
+                    cls._cond.notify_all()
         return False
 
 

@@ -115,3 +115,20 @@ def test_the_demo_picture_and_evaluated_pngs_follow_private_inputs(tmp_path, uma
     res = evaluate([tuple(pngs)], methods=["mean"], out_dir=tmp_path / "ev", metrics=["EN"])
     assert res.ok
     assert [_mode(p) for p in (tmp_path / "ev").rglob("*.png")] == [0o600]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_the_umask_is_read_without_being_changed(tmp_path, monkeypatch):
+    """os.umask(0) then back left the process's umask at 0 for a moment: another thread's new file then was
+    world-readable. Where the system says it, it is read, not set."""
+    old = os.umask(0o027)
+    try:
+        def no(*_):
+            raise AssertionError("os.umask was called")
+
+        monkeypatch.setattr(os, "umask", no)
+        medfuse.save(medfuse.load(SAMPLES / "mr_t1.nii.gz"), tmp_path / "o.nii.gz")
+        monkeypatch.undo()
+        assert _mode(tmp_path / "o.nii.gz") == 0o640
+    finally:
+        os.umask(old)

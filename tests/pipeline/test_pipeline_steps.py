@@ -351,3 +351,42 @@ def test_a_network_fusion_without_torch_is_refused_before_loading_and_registerin
         with pytest.raises(Exception) as ei:
             pipeline.run(missing)
         assert not isinstance(ei.value, MissingDependencyError)  # it went on to read the inputs
+
+
+def test_itk_thread_counts_of_concurrent_calls_do_not_mix():
+    """SimpleITK's thread count is process-wide: a threads=1 registration ran with 4 threads beside a threads=4
+    call (no longer bit for bit, its provenance saying 1). Another count now waits; the same count shares."""
+    import threading
+    import time
+
+    import SimpleITK as sitk
+
+    from medfuse.pipeline import _itk_threads
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    seen, inside = [], threading.Event()
+
+    def first():
+        with _itk_threads(1):
+            inside.set()
+            for _ in range(5):
+                seen.append(("first", sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+                time.sleep(0.05)
+
+    def second():
+        inside.wait()
+        with _itk_threads(4):
+            seen.append(("second", sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [c for who, c in seen if who == "first"] == [1] * 5 and ("second", 4) in seen
+    assert seen.index(("second", 4)) == 5  # after every step of the first
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    with _itk_threads(2):  # nested in one thread: no wait (it would never end)
+        with _itk_threads(3):
+            assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
