@@ -157,7 +157,34 @@ def _torch():
         import torch
     except ImportError:  # pragma: no cover - depends on the install
         raise MissingDependencyError.for_package("torch", "the fusion network", "ml") from None
+    _one_thread_after_fork()
     return torch
+
+
+_FORK_HOOK: list = []
+
+
+def _one_thread_after_fork() -> None:
+    """A process forked after the network ran in this one gets one torch thread, as DataLoader workers do.
+
+    Why: torch's OpenMP pool (libgomp) does not survive a fork: a multiprocessing child (start method "fork")
+    hung for good in its first network fusion after the parent had run one. One thread runs no OpenMP region.
+    """
+    if _FORK_HOOK or not hasattr(os, "register_at_fork"):
+        return
+
+    def child() -> None:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            try:
+                torch.set_num_threads(1)
+            except Exception:  # noqa: BLE001 - a child must start whatever torch says
+                pass
+
+    os.register_at_fork(after_in_child=child)
+    _FORK_HOOK.append(child)
 
 
 def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):

@@ -6,6 +6,8 @@ SIGTERM, Ctrl-C and napari's Cancel waited for it. These tests count batches run
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,29 @@ def test_an_uncancelled_token_and_progress_change_nothing(counted):
     assert len(calls) == 8 + 12 and calls == sorted(calls) and calls[-1] < 1.0
     pair = _pair()
     assert np.array_equal(infer.fuse_3d(pair), infer.fuse_3d(pair, cancel=CancelToken(), progress=lambda f, m: None))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method (POSIX)")
+def test_a_process_forked_after_a_network_fusion_can_run_one():
+    """torch's OpenMP pool does not survive a fork: a multiprocessing child (start method "fork") hung for good in
+    its first network fusion after the parent had run one. Forked children get one torch thread, as DataLoader
+    workers do."""
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((24, 24, 24)).astype(np.float32) for _ in range(2))
+    here = medfuse.fuse(a, b, method="network")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_fuse_into, args=(q, a, b))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung in its network fusion")
+    assert p.exitcode == 0
+    np.testing.assert_allclose(q.get(timeout=10), here, atol=1e-5)
+
+
+def _fuse_into(q, a, b):
+    q.put(medfuse.fuse(a, b, method="network"))
