@@ -1241,8 +1241,10 @@ def score(fused: Any, *sources: Any, mode: str = "2d", metrics: Optional[Iterabl
     # Sizes only where they are used: the pixel statistics take any shape, and slice-wise only the planes
     # of the slices scored matter (a 64x64x5 volume has 64x64 slices across axis 2); see _score_slicewise.
     windowed = [n for n in names if n in WINDOW_METRICS]
+    # SF and AG are differences of neighbours: 2 pixels a side do, as their own functions take (score asked 7).
+    side = 2 if set(windowed) <= {"SF", "AG"} else _MIN_SIDE
     f, srcs = _check(fused, sources, ndim=2 if mode == "2d" else 3,
-                     min_side=_MIN_SIDE if windowed and mode != "slicewise" else 1)
+                     min_side=side if windowed and mode != "slicewise" else 1)
     # The fix for a 2-D mask names the planes being scored first, when some were picked.
     m = _as_mask(mask, f.shape, axes=axes if mode == "slicewise" and set(axes) != {0, 1, 2} else None)
     if mode != "slicewise" and windowed:  # slice-wise, a slice's region may be small; it is then scored as it is

@@ -213,3 +213,13 @@ def test_a_low_contrast_fusion_on_the_right_scale_is_not_told_to_rescale():
     assert s["Qabf"] < 0.5 * M.qabf(np.maximum(a, b), a, b)  # scored, and poor
     with pytest.warns(MedfuseWarning, match="very different intensity scales"):
         M.score((a + b) / 510, a, b, metrics=["SSIM"])  # a 0..1 F against 0..255 sources still warns
+
+
+def test_score_takes_sf_and_ag_alone_on_images_of_2_pixels_a_side():
+    """docs/fusion.md says SF and AG alone need 2 pixels a side, as their own functions take; score asked 7."""
+    rng = np.random.default_rng(0)
+    f, a, b = (rng.random((3, 3)) * 255 for _ in range(3))
+    got = M.score(f, a, b, metrics=["SF", "AG"])
+    assert got == {"SF": M.sf(f), "AG": M.ag(f)}
+    with pytest.raises(InvalidInputError, match="at least 7 pixels"):
+        M.score(f, a, b, metrics=["SF", "SSIM"])
