@@ -64,7 +64,31 @@ class InvalidInputError(MedfuseError, ValueError):
     """An argument or array has the wrong shape, type, values or is empty/NaN."""
 
 
-class UnreadableFileError(MedfuseError, OSError):
+class _OSErrorFields(MedfuseError, OSError):
+    """A MedfuseError that is an OSError with ``errno``, ``strerror`` and ``filename`` set as an OSError's.
+
+    Why: OSError's constructor fills these only from a (code, message, filename) triple, which would change
+    ``str(self)``; set here, OSError-style code (``e.errno == errno.ENOENT``, logging ``"{e.strerror}:
+    {e.filename}"``) reads what the message says. It pickles with them (OSError pickles as ``type(*args)``, which
+    lost fix, path and errno across a process pool).
+    """
+
+    def __init__(self, problem: str, *, errno: Optional[int] = None, fix: Optional[str] = None, path=None):
+        super().__init__(problem, fix=fix, path=path)
+        self.errno = errno
+        self.strerror = os.strerror(errno) if errno else problem
+        self.filename = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        # OSError's own str() becomes "[Errno 28] ...: path" once strerror is set; the message stays medfuse's.
+        return str(self.args[0]) if self.args else self._compose()
+
+    def __reduce__(self):
+        return (_rebuild_write_error, (type(self), self.problem, self.errno, self.fix, self.path),
+                dict(self.__dict__))
+
+
+class UnreadableFileError(_OSErrorFields):
     """A file is missing, empty, truncated, or in a format medfuse does not read.
 
     :attr:`filename` is the file concerned, and :attr:`errno` the cause's code where it is one (``errno.ENOENT``
@@ -76,21 +100,6 @@ class UnreadableFileError(MedfuseError, OSError):
         fix: how the user can fix it.
         path: the file or folder concerned, if any.
     """
-
-    def __init__(self, problem: str, *, errno: Optional[int] = None, fix: Optional[str] = None, path=None):
-        super().__init__(problem, fix=fix, path=path)
-        # Set as OutputWriteError sets them (OSError's constructor fills them only from a triple).
-        self.errno = errno
-        self.strerror = os.strerror(errno) if errno else problem
-        self.filename = None if path is None else os.fspath(path)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else self._compose()
-
-    def __reduce__(self):
-        # As OutputWriteError's: OSError pickles as type(*args), which lost errno and filename in a worker pool.
-        return (_rebuild_write_error, (type(self), self.problem, self.errno, self.fix, self.path),
-                dict(self.__dict__))
 
 
 class UnsupportedDataError(MedfuseError):
@@ -130,7 +139,7 @@ class OutputExistsError(MedfuseError, FileExistsError):
     """
 
 
-class OutputWriteError(MedfuseError, OSError):
+class OutputWriteError(_OSErrorFields):
     """The output could not be written, and nothing is in its way: the disk is full or over quota, permission
     denied, a read-only file system, a name or path too long, its folder missing, a file open in another program
     (Windows), and similar.
@@ -144,23 +153,6 @@ class OutputWriteError(MedfuseError, OSError):
         fix: how the user can fix it.
         path: the file or folder concerned, if any.
     """
-
-    def __init__(self, problem: str, *, errno: Optional[int] = None, fix: Optional[str] = None, path=None):
-        super().__init__(problem, fix=fix, path=path)
-        # Why: OSError's constructor only fills these from a (code, message, filename) triple, which would change
-        # str(self); set here, OSError-style logging ("{e.strerror}: {e.filename}") reads what the message says.
-        self.errno = errno
-        self.strerror = os.strerror(errno) if errno else problem
-        self.filename = None if path is None else os.fspath(path)
-
-    def __str__(self) -> str:
-        # OSError's own str() becomes "[Errno 28] ...: path" once strerror is set; the message stays medfuse's.
-        return str(self.args[0]) if self.args else self._compose()
-
-    def __reduce__(self):
-        # Why: OSError pickles as type(*args), which would lose fix/path/errno across a process pool.
-        return (_rebuild_write_error, (type(self), self.problem, self.errno, self.fix, self.path),
-                dict(self.__dict__))
 
 
 def _rebuild_write_error(cls, problem, code, fix, path):
