@@ -169,13 +169,11 @@ def test_strongly_anisotropic_voxels_are_warned_about_and_recorded():
 
     from medfuse.errors import MedfuseWarning
 
-    rng = np.random.default_rng(0)
-    arrays = [rng.random((20, 20, 12)).astype(np.float32) for _ in range(2)]
-    aniso = [Volume(a, np.diag([1.0, 1.0, 4.0, 1.0]), modality="MR") for a in arrays]
+    aniso = _noise_pair((20, 20, 12), (1.0, 1.0, 4.0))
     with pytest.warns(MedfuseWarning, match=r"anisotropic \(1 x 1 x 4 mm, ratio 4.0\).*resample"):
         out = fuse(*aniso, method="network")
     assert "anisotropic" in out.provenance["warnings"][0]
-    iso = [Volume(a, np.diag([2.0, 2.0, 2.5, 1.0]), modality="MR") for a in arrays]
+    iso = _noise_pair((20, 20, 12), (2.0, 2.0, 2.5))
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         same = fuse(*iso, method="network")
@@ -192,16 +190,18 @@ def test_a_thin_volume_with_uneven_pixels_is_warned_about_and_thick_slices_are_n
 
     from medfuse.errors import MedfuseWarning
 
-    rng = np.random.default_rng(0)
-    arrays = [rng.random((5, 24, 20)).astype(np.float32) for _ in range(2)]
-    uneven = [Volume(a, np.diag([1.0, 5.0, 1.0, 1.0]), modality="MR") for a in arrays]
     with pytest.warns(MedfuseWarning, match=r"within the slices .*5 x 1 mm pixels, ratio 5.0"):
-        out = fuse(*uneven, method="network")
+        out = fuse(*_noise_pair((5, 24, 20), (1.0, 5.0, 1.0)), method="network")
     assert "within the slices" in out.provenance["warnings"][0]
-    thick = [Volume(a, np.diag([5.0, 1.0, 1.0, 1.0]), modality="MR") for a in arrays]
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
-        assert "warnings" not in fuse(*thick, method="network").provenance
+        assert "warnings" not in fuse(*_noise_pair((5, 24, 20), (5.0, 1.0, 1.0)), method="network").provenance
+
+
+def _noise_pair(shape, spacing):
+    """Two MR Volumes of uniform noise (seed 0) on one axis-aligned grid of this spacing."""
+    rng = np.random.default_rng(0)
+    return [Volume(rng.random(shape).astype(np.float32), np.diag([*spacing, 1.0]), modality="MR") for _ in range(2)]
 
 
 def test_weights_that_differ_from_their_recorded_hash_are_refused(tmp_path):
