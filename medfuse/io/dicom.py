@@ -1750,6 +1750,13 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
         series_uid = resolve_series_choice(
             series_uid, [(u, str(fs[0][1].get("Modality", "")), functools.partial(line, fs))
                          for u, fs in series.items()], path) or series_uid
+    if series_uid is not None and series_uid not in series and "#" in series_uid:
+        # A "UID#N" key from a listing of a folder above, where the UID's files had several numbers: in this
+        # folder the UID may hold number N alone, unsplit (a study folder with one such series per sub-folder
+        # opened nothing in napari).
+        uid, number = series_uid.rsplit("#", 1)
+        if uid in series and {_series_number(ds) for _, ds in series[uid]} <= {number, ""}:
+            series_uid = uid
     if series_uid is not None and series_uid not in series:
         # A SeriesInstanceUID whose files have several SeriesNumbers (keyed "UID#N"): one of them, or say which.
         parts = [k for k in series if k != series_uid and _real_uid(k) == series_uid]

@@ -186,3 +186,21 @@ def test_one_file_without_a_series_number_does_not_split_its_series(samples_dir,
         medfuse.load(tmp_path / files[7].name)
     own = medfuse.load(tmp_path / files[7].name, whole_series=True)
     assert own.shape == whole.shape and own.provenance["series_number"] == whole.provenance["series_number"]
+
+
+def test_a_listed_uid_number_key_loads_from_the_sub_folder_holding_that_number_alone(shared, tmp_path):
+    """A study folder with one of these series per sub-folder lists them as UID#3 and UID#4; loading a listed
+    key from its sub-folder (which holds the UID unsplit) matched nothing, so napari's reader opened nothing."""
+    import shutil
+
+    files = _ts_files(shared)
+    for number in (3, 4):
+        (tmp_path / f"s{number}").mkdir()
+        shutil.copy(files[number - 1], tmp_path / f"s{number}" / f"{number}.dcm")
+    listed = {Path(s.folder).name: s.series_uid for s in medfuse.scan(tmp_path)}
+    assert sorted(listed) == ["s3", "s4"] and all("#" in k for k in listed.values())
+    for name, key in listed.items():
+        vol = medfuse.load(tmp_path / name, series_uid=key)
+        assert vol.provenance["series_number"] == name[1:]
+    with pytest.raises(medfuse.InvalidInputError, match="no series in this folder matches"):
+        medfuse.load(tmp_path / "s3", series_uid=listed["s4"])  # another number: not this series
