@@ -282,6 +282,11 @@ class RegisterPanel(QWidget):
         from medfuse.errors import MedfuseError
         from medfuse.progress import CancelToken
 
+        if self.worker is not None:
+            # The button is disabled meanwhile; a script or the console calling run() again orphaned the job
+            # running (its Cancel reached only the new one).
+            _notify_error("A registration is running. Fix: wait for it, or cancel it first.")
+            return
         fixed_layer, moving_layer = self.fixed.layer(), self.moving.layer()
         if fixed_layer is None or moving_layer is None or fixed_layer is moving_layer:
             fix = _series_fix(self.viewer, "open two volumes and pick a fixed and a moving layer")
@@ -742,10 +747,12 @@ class FusePanel(QWidget):
         from medfuse.errors import MedfuseError
         from medfuse.progress import CancelToken
 
+        if self.worker is not None:  # as RegisterPanel.run: a second call orphaned the job running
+            _notify_error("A fusion is running. Fix: wait for it, or cancel it first.")
+            return
         # A new attempt: the last run's "added 'fused (mean)'" at 100 % must not stand beside a refusal.
-        if self.worker is None:
-            self.progress.setValue(0)
-            self.status.setText("")
+        self.progress.setValue(0)
+        self.status.setText("")
         chosen = [c.layer() for c in self.inputs]
         chosen = [l for l in chosen if l is not None]
         if len(chosen) < 2 or len({id(l) for l in chosen}) != len(chosen):

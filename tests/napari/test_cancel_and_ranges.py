@@ -76,6 +76,44 @@ def test_cancel_during_a_fusion_rule_that_polls_no_token_adds_no_layer(qtbot, pa
     assert len(viewer.layers) == n + 1 and panel.status.text() == "added 'fused (mean)'"
 
 
+def test_run_called_again_while_a_job_runs_is_refused_and_cancel_still_reaches_it(qtbot, pair, monkeypatch):
+    """A script or the console calling run() again replaced the worker and token: the first job could no longer
+    be cancelled (the button is disabled meanwhile, the method was not)."""
+    import medfuse.fusion.classical as classical
+    from medfuse_napari import _widget
+
+    viewer, widget = pair
+    errors = []
+    monkeypatch.setattr(_widget, "_notify_error", errors.append)
+    panel = widget.fuse_panel
+    real, started, release = classical.fuse_arrays, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classical, "fuse_arrays", held)
+    panel.inputs[0].set_layer("mr")
+    panel.inputs[1].set_layer("pet")
+    panel.method.setCurrentText("mean")
+    n = len(viewer.layers)
+    panel.run()
+    qtbot.waitUntil(started.is_set, timeout=30_000)
+    first = panel.worker
+    panel.run()
+    assert panel.worker is first and any("A fusion is running" in e for e in errors), errors
+    panel.cancel_button.click()
+    release.set()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    assert len(viewer.layers) == n and panel.status.text() == "cancelled"
+    reg = widget.register_panel
+    reg.worker = first  # as while a registration runs
+    reg.run()
+    assert any("A registration is running" in e for e in errors)
+    reg.worker = None
+
+
 def test_cancel_as_a_registration_ends_applies_nothing(qtbot, pair, monkeypatch):
     """Without resampling there is no later check: a Cancel that arrives after the last iteration still wins."""
     viewer, widget = pair
