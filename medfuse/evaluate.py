@@ -1124,7 +1124,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
 
     Args:
         args: the namespace :func:`add_arguments`'s options parse into.
-        quiet: (keyword-only) print only errors (as ``args.quiet``, ``-q``, does): the skipped items, on stderr.
+        quiet: (keyword-only) print only warnings and errors (as ``args.quiet``, ``-q``, does), on stderr: no bar,
+            no table.
 
     Returns:
         The exit code: 0 when every item was scored, 1 when some were skipped (when all were, no table is
@@ -1215,11 +1216,17 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     # The summary line quotes --out and --mask, which may be named after the patient too (out/eval_DOE^JANE).
     ids = (_pair_identifiers(source, getattr(args, "mask", None)) if any(issubclass(w.category, MedfuseWarning) for w in caught)
            or (result.rows and not quiet) else [])
+    said = set()
     for w in caught:
         if not issubclass(w.category, MedfuseWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        elif not quiet:
-            print(f"medfuse evaluate: warning: {_blanked(' '.join(str(w.message).split()), ids)}", file=sys.stderr)
+            continue
+        # -q keeps warnings, as --help says (a scale mismatch that makes the scores incomparable was dropped); one
+        # line for a warning each method repeated.
+        text = _blanked(' '.join(str(w.message).split()), ids)
+        if text not in said:
+            said.add(text)
+            print(f"medfuse evaluate: warning: {text}", file=sys.stderr)
     if not result.rows:  # every item failed: evaluate wrote nothing
         print(f"medfuse evaluate: no image was scored, so no table was written ({len(result.failures)} item(s) "
               "failed, below)", file=sys.stderr)

@@ -488,3 +488,24 @@ def test_a_full_disk_mid_run_removes_the_images_it_wrote_so_the_rerun_starts_cle
     assert not (out / "metrics.csv").exists() and not (out / "mean" / "PET-MRI").exists()
     monkeypatch.setattr(E, "_save_png", real)
     assert E.evaluate(src, methods=["mean", "max"], out_dir=out).ok  # no --overwrite needed
+
+
+def test_quiet_keeps_the_warnings_and_says_each_once(tmp_path, capsys):
+    """-q dropped every warning (a scale mismatch that makes the scores incomparable among them), although its
+    help says "only warnings and errors"; a warning each method repeated was said once per method."""
+    src = _write_folder(tmp_path / "pairs", corrupt=False)
+    ct = src / "CT-MRI" / "CT" / "5001.png"
+    dim = (np.asarray(Image.open(ct), np.uint16) * 16).astype(np.uint16)  # 16-bit, 0..3680: 0..14 once read
+    Image.fromarray(dim).save(ct)
+    parser = E.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--pair", str(src / "CT-MRI" / "MRI" / "5001.png"), str(ct), "--methods", "mean,max",
+                              "--metrics", "EN", "--out", str(tmp_path / "o"), "-q", "--no-progress"])
+    assert E.run(args) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "very different intensity scale" in err, err
+    # A constant source: the same warning under each method, said once.
+    Image.fromarray(np.full((32, 32), 100, np.uint8)).save(ct)
+    args.out = str(tmp_path / "o2")
+    assert E.run(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("is constant") == 1, err
