@@ -160,7 +160,10 @@ def _image_items(pairs: Sequence) -> List[_Item]:
         elif not str(name).strip() or Path(str(name)).is_absolute() or ".." in Path(str(name)).parts:
             raise InvalidInputError(f"pair {i + 1} has the name {name!r}, which is not a relative file name",
                                     fix="name it like 'case28'")
-        items.append(_Item(str(name), "images", (lambda ps=tuple(paths): _load_pngs(ps)), paths[-1], tuple(paths)))
+        # Three sources form their own group: MI, SCD, VIF and the SSIMs sum over the sources, and a mean over 2-
+        # and 3-source rows mixed two scales (SSIM 1.51 and 1.87 averaged to 1.69).
+        kind = "images" if len(paths) == 2 else "images (3 sources)"
+        items.append(_Item(str(name), kind, (lambda ps=tuple(paths): _load_pngs(ps)), paths[-1], tuple(paths)))
     return items
 
 
@@ -200,7 +203,8 @@ def _volume_items(pairs: Sequence) -> List[_Item]:
         mask = _mask_choice(mask, f"volume pair {i + 1}'s mask")
         # The mask file is an input (never written over); "auto" is no file.
         mask_path = [str(mask)] if isinstance(mask, (str, os.PathLike)) and mask != "auto" else []
-        items.append(_Item(str(name), "volumes", (lambda e=tuple(entry): _load_volumes(e)),
+        kind = "volumes" if len(entry) == 2 else "volumes (3 sources)"  # as 2-D pairs: summed metrics
+        items.append(_Item(str(name), kind, (lambda e=tuple(entry): _load_volumes(e)),
                            paths[-1] if paths else None, tuple(paths + mask_path), mask))
     return items
 
@@ -920,7 +924,8 @@ def _means(rows) -> Dict[str, Dict[str, Dict[str, Any]]]:
     for method in dict.fromkeys(r["method"] for r in rows):
         mrows = [r for r in rows if r["method"] == method]
         groups = {t: [r for r in mrows if r["pair_type"] == t] for t in dict.fromkeys(r["pair_type"] for r in mrows)}
-        if len(groups) > 1:
+        # No overall mean across 2- and 3-source groups: their summed metrics are on two scales.
+        if len(groups) > 1 and len({"3 sources" in t for t in groups}) == 1:
             groups["all"] = mrows
         means[method] = {}
         for t, g in groups.items():

@@ -153,3 +153,21 @@ def test_limit_spreads_over_the_cases_and_scores_the_pairs_training_validates_on
         # Not one case's neighbouring slices: several cases where the split has several (PET-MRI's has one).
         cases = {case_of(mri.name) for mri, _ in val[ptype]}
         assert len({case_of(n) for n in names}) == min(3, len(cases)), (ptype, names)
+
+
+def test_pairs_of_two_and_three_sources_are_averaged_apart(tmp_path):
+    """MI, SCD, VIF and the SSIMs sum over the sources: a 2-source SSIM of 1.51 and a 3-source 1.87 were averaged
+    into one mean of 1.69."""
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(3):
+        img = (np.clip(rng.normal(120, 40, (32, 32)), 0, 255)).astype(np.uint8)
+        names.append(tmp_path / f"s{k}.png")
+        Image.fromarray(img).save(names[-1])
+    res = evaluate([(names[0], names[1]), (names[0], names[1], names[2])], methods=["mean"], metrics=["SSIM"],
+                   out_dir=tmp_path / "o")
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert sorted(r["pair_type"] for r in res.rows) == ["images", "images (3 sources)"]
+    means = doc["means"]["mean"]
+    assert set(means) == {"images", "images (3 sources)"}
+    assert means["images"]["n"] == means["images (3 sources)"]["n"] == 1
