@@ -211,7 +211,8 @@ def _stat_or_refuse(path: Path) -> os.stat_result:
             raise UnreadableFileError("permission denied: a folder on the path may not be entered",
                                       fix="change its permissions (chmod u+x) or run medfuse as a user who may "
                                           "read it", path=path) from None
-        raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path", path=path) from None
+        raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path",
+                                  path=path) from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         kind = next((name for test, name in _SPECIAL_KINDS if test(st.st_mode)), "a special file")
         raise UnreadableFileError(f"this is {kind}, not a regular file or folder, so medfuse cannot read an image "

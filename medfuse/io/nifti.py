@@ -41,7 +41,8 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWar
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, _check_affine, affine_from_geometry
 
-__all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "lbm_formula", "parse_lbm_formula", "nifti_space_code", "NIFTI_SPACES",
+__all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "lbm_formula", "parse_lbm_formula",
+           "nifti_space_code", "NIFTI_SPACES",
            "NIFTI_SUFFIXES", "ITK_SUFFIXES"]
 
 PathLike = Union[str, os.PathLike]

@@ -1501,8 +1501,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         reasons.append(f"only {overlap:.0%} of the fixed image maps inside the moving image, and only "
                        f"{overlap_m:.0%} of the moving image inside the fixed one")
     if placed_overlap is not None and placed_overlap < _SLIVER_OVERLAP:
-        reasons.append(f"as the scanners placed them, the fields of view overlapped by only {placed_overlap:.0%} of the "
-                       "smaller one, and the registration brought them together: check that they are the same "
+        reasons.append(f"as the scanners placed them, the fields of view overlapped by only {placed_overlap:.0%} of "
+                       "the smaller one, and the registration brought them together: check that they are the same "
                        "patient and frame of reference (initialise='geometry' says you expect unrelated scanner "
                        "coordinates)")
     rot = trans = None
