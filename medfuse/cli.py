@@ -253,6 +253,8 @@ def _cli_words(text: str) -> str:
     text = re.sub(r"[,;]? or load(?: it)? with suv='none'(?: to keep (?:Bq/mL|the stored values))?", "", text)
     text = re.sub(r"load it with suv='none' to keep the stored values", "re-export the series with its full PET "
                   "header", text)
+    # evaluate's options under their Python names: val_fraction=0.2 is --val-fraction 0.2; min_content has none.
+    text = text.replace("val_fraction=", "--val-fraction ").replace(", or lower min_content", "")
     return text.replace(" (or whole_series=True)", "")
 
 

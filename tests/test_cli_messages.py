@@ -242,3 +242,12 @@ def test_python_only_load_options_are_not_advised_on_the_command_line(capsys):
     assert main(["info", str(one)]) == 0
     out, err = capsys.readouterr()
     assert "pass the folder" in out + err and "whole_series" not in out + err
+
+
+def test_evaluate_options_are_named_as_the_command_takes_them(capsys):
+    """"Fix: pass e.g. val_fraction=0.2" named the Python argument of --val-fraction."""
+    from medfuse.cli import _cli_words
+
+    assert _cli_words("Fix: pass e.g. val_fraction=0.2") == "Fix: pass e.g. --val-fraction 0.2"
+    assert _cli_words("check that the sources are not empty, or lower min_content") == \
+        "check that the sources are not empty"
