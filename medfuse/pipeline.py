@@ -440,7 +440,11 @@ def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> Non
 
     msg = coverage_note(
         v, ref, what=f"input {n}", view="the fixed image's field of view",
-        tail="elsewhere the fused image holds the fixed image alone",
+        # What to do, as the refusal says it: the warning named none (a swapped FIXED/MOVING or a missing
+        # registration looked like a finished fusion).
+        tail="elsewhere the fused image holds the fixed image alone. Check that the images belong together and "
+             "in this order (FIXED first); if they are not aligned in the scanners' coordinates, register them "
+             "first (--register rigid on the command line, register='rigid' in fuse_files)",
         fix="check that the images belong together; if they show the same anatomy in unrelated scanner coordinates, "
             "register the moving image first, centre-aligned, check the result and fuse the registered image: "
             "medfuse.register(fixed, moving, initialise='geometry') (command line: medfuse register FIXED MOVING "

@@ -33,6 +33,8 @@ def test_a_moving_image_that_covers_a_sliver_is_warned_about_in_the_sidecar_too(
     with pytest.warns(MedfuseWarning, match=r"input 2 covers only 4% of the fixed image's field of view"):
         res = Pipeline(method="max").run([_vol(), thin])
     assert any("covers only 4%" in w for w in res.provenance["warnings"])
+    # What to do, said (the warning named nothing; a swapped FIXED/MOVING looked like a finished fusion).
+    assert any("FIXED first" in w and "--register rigid" in w for w in res.provenance["warnings"])
 
 
 def test_a_coverage_under_one_percent_is_not_shown_as_zero():
