@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -168,6 +168,18 @@ def _shown(value: Any) -> str:
     if value is None or isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
         return repr(value.item() if isinstance(value, np.generic) else value)
     return describe(value)
+
+
+def did_you_mean(word: Any, choices: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` for a plain word close to one of ``choices`` (any case), else ``""``: a typo's
+    message then names the near choice, as the command line's own options do."""
+    import difflib
+
+    if not isinstance(word, str) or label(word) != repr(word):
+        return ""
+    lower = {c.lower(): c for c in choices}
+    near = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
+    return f"; did you mean '{lower[near[0]]}'?" if near else ""
 
 
 def label(value: Any) -> str:

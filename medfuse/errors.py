@@ -50,7 +50,8 @@ class MedfuseError(Exception):
         if self.path:
             parts.append(f"{self.path}: ")
         parts.append(self.problem.rstrip("."))
-        parts.append(".")
+        if not self.problem.endswith("?"):  # "did you mean 'x'?" ends its sentence itself
+            parts.append(".")
         if self.fix:
             parts.append(f" Fix: {self.fix.rstrip('.')}.")
         return "".join(parts)

@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import as_list, choice, label
+from ._checks import as_list, choice, did_you_mean, label
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
                      OutputExistsError, OutputWriteError, UnreadableFileError, WeightsError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
@@ -605,7 +605,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     bad = [m for m in methods if not isinstance(m, str) or m not in available_methods()]
     if not methods or bad:
         shown = ", ".join(label(m) for m in bad) if bad else "(none given)"
-        raise InvalidInputError(f"unknown fusion method(s) {shown}",
+        near = did_you_mean(bad[0], available_methods()) if len(bad) == 1 else ""
+        raise InvalidInputError(f"unknown fusion method(s) {shown}{near}",
                                 fix=f"choose from {', '.join(available_methods())}")
     choice(mode, "volume scoring mode", ("slicewise", "native"))
     check_callbacks(progress, cancel)
@@ -615,7 +616,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         known = {m.upper() for m in METRICS}
         for m in ([metrics] if isinstance(metrics, str) else metrics if isinstance(metrics, (list, tuple)) else []):
             if str(m).upper() not in known:  # said here because _names repeats the value: a path is not shown
-                raise InvalidInputError(f"unknown metric {label(m)}", fix=f"choose from {', '.join(METRICS)}")
+                raise InvalidInputError(f"unknown metric {label(m)}{did_you_mean(m, METRICS)}",
+                                        fix=f"choose from {', '.join(METRICS)}")
         metrics = _names(metrics, METRICS)
     from .fusion.device import check_device_name
 

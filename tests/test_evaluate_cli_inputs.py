@@ -154,3 +154,17 @@ def test_mode_with_a_folder_of_2d_pairs_is_refused_not_ignored(tmp_path, capsys)
                  "--no-progress"]) == EXIT_USAGE
     assert "--mode is for volumes given with --pair" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_method_or_metric_names_the_near_one(tmp_path):
+    """The README says a mistyped choice gets a suggestion; evaluate's methods and metrics only listed them."""
+    import medfuse.evaluate as E
+    from medfuse.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=r"'lapacian'; did you mean 'laplacian'\? Fix: choose from"):
+        E.evaluate([("a.png", "b.png")], methods=["lapacian"], out_dir=tmp_path / "o")
+    with pytest.raises(InvalidInputError, match=r"'Qab'; did you mean 'Qabf'\?"):
+        E.evaluate([("a.png", "b.png")], methods=["mean"], metrics=["Qab"], out_dir=tmp_path / "o")
+    with pytest.raises(InvalidInputError) as ei:  # nothing near: no suggestion
+        E.evaluate([("a.png", "b.png")], methods=["zzz"], out_dir=tmp_path / "o")
+    assert "did you mean" not in str(ei.value)
