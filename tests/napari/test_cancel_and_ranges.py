@@ -42,6 +42,27 @@ def pair(make_napari_viewer):
     return viewer, MedfuseWidget(viewer)
 
 
+def _start_a_held_mean_fusion(qtbot, panel, monkeypatch) -> threading.Event:
+    """Start a mean fusion of mr and pet whose rule (the real one) waits until the returned event is set; returns
+    once the rule has started."""
+    import medfuse.fusion.classical as classical
+
+    real, started, release = classical.fuse_arrays, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(classical, "fuse_arrays", held)
+    panel.inputs[0].set_layer("mr")
+    panel.inputs[1].set_layer("pet")
+    panel.method.setCurrentText("mean")
+    panel.run()
+    qtbot.waitUntil(started.is_set, timeout=30_000)
+    return release
+
+
 def test_cancel_during_a_fusion_rule_that_polls_no_token_adds_no_layer(qtbot, pair, monkeypatch):
     """A classical rule is one call that never looks at the token (gff: ~10 s on a 160x192x160 MR); a Cancel
     pressed meanwhile must still leave no fused layer, not one that appears after the user cancelled."""
@@ -49,20 +70,9 @@ def test_cancel_during_a_fusion_rule_that_polls_no_token_adds_no_layer(qtbot, pa
 
     viewer, widget = pair
     panel = widget.fuse_panel
-    real, started, clicked = classical.fuse_arrays, threading.Event(), threading.Event()
-
-    def slow_rule(*args, **kwargs):  # the real rule, held until Cancel was clicked
-        started.set()
-        clicked.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(classical, "fuse_arrays", slow_rule)
-    panel.inputs[0].set_layer("mr")
-    panel.inputs[1].set_layer("pet")
-    panel.method.setCurrentText("mean")
+    real = classical.fuse_arrays
     n = len(viewer.layers)
-    panel.run()
-    qtbot.waitUntil(started.is_set, timeout=30_000)
+    clicked = _start_a_held_mean_fusion(qtbot, panel, monkeypatch)
     panel.cancel_button.click()
     clicked.set()
     qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
@@ -79,27 +89,14 @@ def test_cancel_during_a_fusion_rule_that_polls_no_token_adds_no_layer(qtbot, pa
 def test_run_called_again_while_a_job_runs_is_refused_and_cancel_still_reaches_it(qtbot, pair, monkeypatch):
     """A script or the console calling run() again replaced the worker and token: the first job could no longer
     be cancelled (the button is disabled meanwhile, the method was not)."""
-    import medfuse.fusion.classical as classical
     from medfuse_napari import _widget
 
     viewer, widget = pair
     errors = []
     monkeypatch.setattr(_widget, "_notify_error", errors.append)
     panel = widget.fuse_panel
-    real, started, release = classical.fuse_arrays, threading.Event(), threading.Event()
-
-    def held(*args, **kwargs):
-        started.set()
-        release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(classical, "fuse_arrays", held)
-    panel.inputs[0].set_layer("mr")
-    panel.inputs[1].set_layer("pet")
-    panel.method.setCurrentText("mean")
     n = len(viewer.layers)
-    panel.run()
-    qtbot.waitUntil(started.is_set, timeout=30_000)
+    release = _start_a_held_mean_fusion(qtbot, panel, monkeypatch)
     first = panel.worker
     panel.run()
     assert panel.worker is first and any("A fusion is running" in e for e in errors), errors
