@@ -9,7 +9,6 @@ were kept. Exit codes are listed in ``medfuse --help``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import json
 import os
@@ -22,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ._checks import MAX_THREADS, label
+from ._checks import MAX_THREADS, did_you_mean, label
 from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURES", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_CANCELLED"]
@@ -83,11 +82,7 @@ class _Parser(argparse.ArgumentParser):
             word = _argparse_value(m.group(2))
             choices = [c.strip().strip("'\"") for c in m.group(3).split(",")]
             message = f"{m.group(1)}invalid choice {label(word) if isinstance(word, str) else '(not shown)'}"
-            if isinstance(word, str) and label(word) == repr(word):  # a plain word: a typo may have a near choice
-                near = [c for c in choices if c.lower() == word.lower()] or \
-                    difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
-                if near:
-                    message = f"{message}; did you mean '{near[0]}'?"
+            message += did_you_mean(word, choices)  # a plain word: a typo may have a near choice
             fix = f"use one of {', '.join(choices)}"
         m = re.match(r"(.*invalid \w+ value: )(.*)$", message, re.S)
         if m:  # --threads /data/DOE^JOHN
@@ -1645,11 +1640,17 @@ def _stdout_failed() -> bool:
     if not getattr(sys.stdout, "failed", False):
         return False
     if getattr(sys.stdout, "console", False):  # not a script's or notebook's stdout, which main([...]) shares
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        _stdout_to_devnull()
     return True
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output's file descriptor at /dev/null: what is still buffered for it cannot fail the flush
+    at exit again (a reader that left, a full device)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _exit_on_late_signals(code: int) -> None:
@@ -1718,7 +1719,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"medfuse {args.command}: error: {_scrubbed(e.one_line(), args)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # the reader left (medfuse info x | head -1): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        _stdout_to_devnull()
         return EXIT_OK
     except OSError as e:  # from a step that did not type it: permission, disk full... is not a bug
         if e.filename is None and _stdout_failed():

@@ -805,11 +805,10 @@ def _bytes_if_there(path: Path) -> Optional[Tuple[Tuple[int, ...], Optional[byte
     text: what is put back must be what was there; None when it is too large to be a sidecar); None when there
     is no file."""
     try:
-        if not path.is_file():
+        ident = _identity(path) if path.is_file() else None
+        if ident is None:
             return None
-        st = path.stat()
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        return ident, (path.read_bytes() if st.st_size <= _SIDECAR_MAX_BYTES else None)
+        return ident, (path.read_bytes() if ident[2] <= _SIDECAR_MAX_BYTES else None)
     except OSError:
         return None
 
