@@ -552,7 +552,7 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
         ``network_functional`` and ``network_path``. The network fuses Volumes (and 3-D arrays) thinner than
         8 voxels along one axis (a single slice, or a few thick slices) slice by slice with the 2-D path
         (``network_path`` says so); thin along two axes is an error (a classical rule handles it). A 3-D
-        array whose last axis is 3 or 4 long may be colour, and is refused.
+        array whose first or last axis is 3 or 4 long may be colour (HWC, CHW), and is refused.
 
     Raises:
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, Volumes mixed
