@@ -772,6 +772,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         # A cancelled run wrote no tables: its images alone blocked the rerun ("a fused output of an earlier
         # evaluation exists"), and the cancel message named none of them.
         removed = _remove_new_outputs(new_outputs, out)
+        _remove_empty(made)  # an empty --out was left behind
         e.note = (f"no tables were written; the {removed} fused image(s) this run had written were removed, so a "
                   "rerun starts clean" if removed else "nothing was written")  # the command line's cancel message
         raise
@@ -780,11 +781,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     if not result.rows:
         # Nothing scored (every item failed): no tables, which held no score yet blocked the re-run ("the
         # evaluation tables exist"); the folders this run made (empty: nothing was saved) go too.
-        for q in made:
-            try:
-                q.rmdir()
-            except OSError:
-                break
+        _remove_empty(made)
         report(progress, 1.0, "evaluation done")
         return result
     names = _metric_names(result.rows)
@@ -817,6 +814,15 @@ def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> Medfuse
                      "removed, so a rerun starts clean")
         e.args = (e._compose(),)
     return e
+
+
+def _remove_empty(made: Sequence[Path]) -> None:
+    """Remove the folders a run created, innermost first, while they are empty (never one that holds anything)."""
+    for q in made:
+        try:
+            q.rmdir()
+        except OSError:
+            break
 
 
 def _remove_new_outputs(new_outputs: Sequence[Path], out: Path) -> int:
@@ -1005,6 +1011,8 @@ def _selection_record(source, selection, pair_types, ids: Sequence[str]) -> Opti
 
 def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Sequence[str] = (),
           selection=None, pair_types=None) -> Dict[str, Any]:
+    from .metrics import METRICS
+
     chosen = _selection_record(source, selection, pair_types, ids)
     return {
         # The folder scored (a split or --limit of it scored only some of its pairs: "selection" says which).
@@ -1018,6 +1026,8 @@ def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Se
         "mask": _mask_record(mask, ids),
         "options": {k: _json_option(v) for k, v in options.items()},
         "metric_definitions": "docs/fusion.md (as ../shared/README.md, reference section)",
+        # Every metric here scores a better fusion higher (none is an error to minimise); said, not assumed.
+        "higher_is_better": [m for m in METRICS if any(m in r for r in result.rows)],
         "ok": result.ok,
         "images": [{k: _finite(v) for k, v in r.items()} for r in result.rows],
         "means": {m: {t: {k: _finite(v) for k, v in vals.items()} for t, vals in g.items()} for m, g in result.means.items()},
@@ -1099,7 +1109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "'medfuse train' uses: by case, per pair type; default: all)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="folder only: validation fraction of the split (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="folder only: seed of the split (default 0)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="folder only: at most N pairs per pair type, spread evenly over its cases and slices")
     parser.add_argument("--mode", choices=("slicewise", "native"), default=None,
@@ -1154,7 +1164,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
                                 fix="medfuse evaluate FOLDER --out DIR, or medfuse evaluate --pair A B --out DIR")
     # None: not given (the parser's defaults are None so that a folder-only option given with --pair shows).
     given = {"--pair-types": getattr(args, "pair_types", None), "--split": getattr(args, "split", None),
-             "--val-fraction": getattr(args, "val_fraction", None), "--limit": getattr(args, "limit", None)}
+             "--val-fraction": getattr(args, "val_fraction", None), "--seed": getattr(args, "seed", None),
+             "--limit": getattr(args, "limit", None)}
     if args.pair:
         for k, images in enumerate(args.pair, start=1):
             if not 2 <= len(images) <= 3:  # "got tuple. Fix: pass source=[(fixed, moving), ...]" spoke Python
@@ -1171,12 +1182,20 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         raise InvalidInputError(f"--limit must be 1 or more, got {given['--limit']}",
                                 fix="give the number of pairs per pair type to score, e.g. --limit 5")
     split = given["--split"] or "all"
+    if split == "all":
+        # They choose between the training and validation cases; every pair was scored and they were recorded null.
+        for option in ("--val-fraction", "--seed"):
+            if given[option] is not None:
+                raise InvalidInputError(f"{option} chooses the training/validation split, but every pair of the "
+                                        "folder is scored (--split all)",
+                                        fix=f"add --split val (or --split train), or leave out {option}")
     val_fraction = 0.2 if given["--val-fraction"] is None else given["--val-fraction"]
+    seed = 0 if given["--seed"] is None else given["--seed"]
     if args.source is not None:
         source: Any = list_pairs(args.source, pair_types=_csv_list(args.pair_types))
         if split != "all":
             # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's held-out cases.
-            train, val = training_split(source, val_fraction=val_fraction, seed=args.seed)
+            train, val = training_split(source, val_fraction=val_fraction, seed=seed)
             source = val if split == "val" else train
         if args.limit is not None:
             # Spread over each pair type's cases and slices (the first N were neighbouring slices of one case),
@@ -1188,7 +1207,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     # only "list of pairs").
     selection = None if args.source is None else {
         "folder": os.fspath(args.source), "pair_types": _csv_list(args.pair_types), "split": split,
-        "seed": args.seed if split != "all" else None, "val_fraction": val_fraction if split != "all" else None,
+        "seed": seed if split != "all" else None, "val_fraction": val_fraction if split != "all" else None,
         "limit": args.limit, "n_pairs": len(source)}
     bar = None
     progress = None

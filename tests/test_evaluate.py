@@ -134,7 +134,13 @@ def test_bad_arguments_and_cancel(tmp_path):
     token = CancelToken()
     token.cancel()
     with pytest.raises(CancelledError):
-        E.evaluate(src, methods=["mean"], out_dir=tmp_path / "o", cancel=token)
+        E.evaluate(src, methods=["mean"], out_dir=tmp_path / "o" / "deep", cancel=token)
+    assert not (tmp_path / "o").exists()  # the folders the cancelled run had made are gone
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a user's file")
+    with pytest.raises(CancelledError):
+        E.evaluate(src, methods=["mean"], out_dir=tmp_path / "kept", cancel=token)
+    assert (tmp_path / "kept" / "mine.txt").read_text() == "a user's file"
 
 
 def test_harvard_case_ids_and_split_by_case(tmp_path):

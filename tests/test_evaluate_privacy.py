@@ -107,8 +107,16 @@ def test_folder_run_records_the_folder_and_the_options_that_chose_its_pairs(tmp_
     out2 = tmp_path / "o2"
     assert E.run(parser.parse_args([str(root), "--methods", "mean", "--metrics", "EN", "--no-save", "-q",
                                     "--out", str(out2)])) == 0
-    sel = json.loads((out2 / "metrics.json").read_text())["selection"]
+    doc2 = json.loads((out2 / "metrics.json").read_text())
+    sel = doc2["selection"]
     assert (sel["split"], sel["seed"], sel["val_fraction"], sel["limit"]) == ("all", None, None, None)
+    assert doc2["higher_is_better"] == ["EN"]  # the direction of each metric scored is said, not left to guess
+    # ... and a seed or fraction given for the whole folder chose nothing: refused (it was recorded null, unsaid).
+    for extra in (["--seed", "4"], ["--val-fraction", "0.3"], ["--split", "all", "--seed", "0"]):
+        with pytest.raises(InvalidInputError, match=f"{extra[-2]} chooses the training/validation split") as e:
+            E.run(parser.parse_args([str(root), *extra, "--methods", "mean", "-q", "--out", str(tmp_path / "o4")]))
+        assert "--split val" in e.value.fix
+    assert not (tmp_path / "o4").exists()
     # The Python API on a folder records it and its pair types; a list of pairs records none.
     E.evaluate(root, methods=["mean"], metrics=["EN"], out_dir=tmp_path / "o3", save_outputs=False,
                pair_types=["CT-MRI"])
