@@ -738,6 +738,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     _check_readable(args.fixed, args.moving, args.initial_transform)
     # Everything that can be refused is refused here, before minutes of work and before any file is written.
     check_save_target(out, overwrite=args.overwrite, inputs=[args.fixed, args.moving, args.initial_transform])
+    if getattr(args, "keep_identity", False):
+        from .pipeline import check_identity_kept
+
+        check_identity_kept(out, args.fixed, option="--keep-identity")
     if not tfm.name.lower().endswith(TRANSFORM_SUFFIXES):
         raise InvalidInputError(f"unknown transform file ending {tfm.suffix!r}",
                                 fix="use .tfm, .txt, .h5 or .mat (.mat: rigid and affine only)", path=tfm)
@@ -849,7 +853,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
 
     # A DICOM output is on FIXED's grid: a DICOM FIXED is its template (study, frame of reference, position).
     save(res.resampled, out, overwrite=args.overwrite,
-         template=None if is_image_file(out) else dicom_template(args.fixed))
+         template=None if is_image_file(out) else dicom_template(args.fixed),
+         deidentify=not getattr(args, "keep_identity", False))
     args.outputs.mark(out)
     # Its inputs too: the transform's permissions are no wider than theirs, as the image's and sidecar's.
     res.transform.save(tfm, overwrite=args.overwrite, inputs=[args.fixed, args.moving, init_path])
@@ -865,6 +870,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
         from .io import series_choice_record
 
         params["series"] = [series_choice_record(s) for s in args.series]
+    if getattr(args, "keep_identity", False):  # as fuse's save step records it: only when kept
+        params["deidentify"] = False
     extra = {"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}}
     if init_path:
         params["initial_transform"] = os.fspath(init_path)
@@ -882,6 +889,13 @@ def _initial_note(rep: dict) -> str:
     won = str(rep.get("initialisation", "")).startswith("initial")
     return (f"; {_fmt_metric(rep.get('metric_initial'))} at the initial transform, "
             f"{'started from it' if won else 'not used: a start without it scored better'}")
+
+
+def _add_keep_identity_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-identity", action="store_true",
+                   help="DICOM output from a DICOM FIXED only: keep FIXED's patient and study (name, ID, study and "
+                        "frame-of-reference UIDs), so that a PACS files the result into the patient's own study "
+                        "(default: de-identified, with pseudonymous UIDs); the sidecar and messages never hold them")
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
@@ -997,6 +1011,10 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     n_inputs = 1 + len(args.moving)
     _check_modalities_option(args, n_inputs)
     _check_series_option(args, n_inputs)
+    if getattr(args, "keep_identity", False):  # in the option's own words, before the inputs are loaded
+        from .pipeline import check_identity_kept
+
+        check_identity_kept(args.output, args.fixed, option="--keep-identity")
     with _CancelOnSigint() as token, _Bar("fuse", enabled=_bar_enabled(args)) as bar, \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
@@ -1004,7 +1022,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             res = fuse_files(args.fixed, args.moving, args.output, register=_kind(args.register),
                              method=args.method, device=args.device, overwrite=args.overwrite,
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
-                             series=args.series, weights=args.weights, progress=bar, cancel=token)
+                             series=args.series, weights=args.weights, progress=bar, cancel=token,
+                             deidentify=not getattr(args, "keep_identity", False))
         except MedfuseError as e:
             raise _cli_error(e, _series_by_input(args)) from None
     _show_warnings(caught, args)
@@ -1404,7 +1423,8 @@ def build_parser() -> argparse.ArgumentParser:
             "example:\n  medfuse register sample_volumes/mr_t1.nii.gz sample_volumes/pet -o pet_on_mr.nii.gz")
     p.add_argument("fixed", metavar="FIXED", help="reference image (file or DICOM folder)")
     p.add_argument("moving", metavar="MOVING", help="image to align (file or DICOM folder)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output image (.nii.gz, .mha, .nrrd)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output image (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
     p.add_argument("--kind", choices=_KINDS[1:], default="rigid", help="transform model (default: rigid)")
     p.add_argument("--metric", choices=("mattes", "correlation"), default="mattes",
                    help="mattes = mutual information, any modalities (default); correlation = same modality")
@@ -1420,6 +1440,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "outside its field of view")
     _add_series_option(p, "medfuse register study/ study/ --series CT PT -o pet_on_ct.nii.gz")
     _add_threads_option(p)
+    _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_register)
@@ -1450,6 +1471,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "train' exported (--method network only; its SHA-256 goes into the sidecar)")
     _add_device_option(p)
     _add_threads_option(p)
+    _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fuse)

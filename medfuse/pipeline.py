@@ -711,10 +711,23 @@ class SaveStep:
     medfuse's own, unfinished, and redoes it without ``overwrite``. The temporary files a killed run left (the
     output's and the sidecar's) are named after their targets, and the next write to each removes them
     (:func:`medfuse.io._atomic.stale_temporaries`); sidecars of older versions named the output's in ``writing``.
+
+    Args:
+        deidentify: (keyword-only) as :func:`medfuse.save`'s, for a DICOM output: ``False`` keeps the DICOM
+            fixed series' patient and study (see :class:`Pipeline`); recorded in ``params`` only then.
+
+    Raises:
+        InvalidInputError: ``deidentify`` not a bool.
     """
 
     name = "save"
-    params: Dict[str, Any] = {}
+
+    def __init__(self, *, deidentify: bool = True):
+        from ._checks import flag
+
+        self.deidentify = flag(deidentify, "deidentify")
+        # Recorded only when the identity is kept: earlier sidecars and batch reports hold save's {} unchanged.
+        self.params: Dict[str, Any] = {} if self.deidentify else {"deidentify": False}
 
     def __call__(self, state: PipelineState) -> PipelineState:
         if state.output is None or state.fused is None:
@@ -767,7 +780,7 @@ class SaveStep:
         # reference, patient position; de-identified as save's default does).
         template = dicom_template(state.inputs[0]) if ctx is atomic_dir and state.inputs else None
         with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
-            save(state.fused, tmp, overwrite=True, template=template)
+            save(state.fused, tmp, overwrite=True, template=template, deidentify=self.deidentify)
             state.notes["provenance"] = self._sidecar(state, tmp, out, inputs, replaces=replaces, before_rename=True)
         return state
 
@@ -1019,19 +1032,26 @@ class Pipeline:
         series: series choice per input, for DICOM folders holding several series (see :class:`LoadStep`).
         steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
             ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
+        deidentify: ``False`` keeps the fixed DICOM series' patient and study in a DICOM output (names, IDs, the
+            study and frame-of-reference UIDs), so that a PACS files the result into the patient's own study;
+            ``True`` (default) de-identifies it (:func:`medfuse.save`). ``False`` needs a DICOM output and a
+            DICOM fixed image (refused before any work otherwise). Sidecars, logs and messages never hold the
+            identifiers either way.
 
     Raises:
         InvalidInputError: an unknown ``register`` kind, fusion ``method``, ``grid``, ``normalise`` method or
             ``device`` (or a GPU this machine lacks, for every method), a ``fallback`` that is no classical method,
             ``threads`` not a whole number of 1 or more, ``modalities`` or ``series`` not a list (one entry per
-            input), a ``series`` choice that is neither text nor a number, ``steps`` not a dict, or a ``steps``
-            entry that names no step or is not callable. What running it raises: see :meth:`run`.
+            input), a ``series`` choice that is neither text nor a number, ``steps`` not a dict, a ``steps``
+            entry that names no step or is not callable, or ``deidentify`` not a bool. What running it raises:
+            see :meth:`run`.
     """
 
     def __init__(self, *, register: Optional[str] = None, method: str = "network", device: str = "cpu",
                  fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
                  normalise: str = "auto", modalities: Optional[Sequence[Optional[str]]] = None,
-                 series: Optional[Sequence[Optional[str]]] = None, steps: Optional[Dict[str, Step]] = None):
+                 series: Optional[Sequence[Optional[str]]] = None, steps: Optional[Dict[str, Step]] = None,
+                 deidentify: bool = True):
         self._steps: List[Tuple[str, Step]] = [
             ("load", LoadStep(modalities=modalities, series=series)),
             ("register", RegisterStep(register, threads=threads)),
@@ -1041,7 +1061,7 @@ class Pipeline:
             # modality anyway (a CT in HU scaled to 0..1 upstream got the soft-tissue window a second time).
             ("fuse", FuseStep(method, device=device, fallback=fallback,
                               **({"normalise": "none"} if normalise == "none" else {}))),
-            ("save", SaveStep()),
+            ("save", SaveStep(deidentify=deidentify)),
         ]
         if steps is not None and not isinstance(steps, Mapping):
             raise InvalidInputError(f"steps must be a dict of step name to callable, got {describe(steps)}",
@@ -1149,6 +1169,9 @@ class Pipeline:
             check_save_target(out, overwrite=overwrite,
                               inputs=[p.provenance.get("source") if isinstance(p, Volume) else p for p in inputs])
             check_sidecar(out, overwrite=overwrite)
+            save_step = dict(self._steps)["save"]
+            if isinstance(save_step, SaveStep) and not save_step.deidentify:
+                check_identity_kept(out, inputs[0])
         _refuse_network_without_torch(self._steps)
         state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
                               progress=None, cancel=cancel)
@@ -1181,6 +1204,33 @@ class Pipeline:
         return PipelineResult(fused=state.fused, output=state.output if state.sidecar else None,
                               sidecar=state.sidecar, provenance=record, registrations=state.registrations,
                               transforms=state.transforms, steps=state.steps)
+
+
+def check_identity_kept(out: PathLike, fixed: Any, *, option: str = "deidentify=False") -> None:
+    """Refuse, before any work, to keep the patient's identity where there is none to keep or no place for it.
+
+    Why: a NIfTI output holds no patient module, and without a DICOM fixed series the DICOM output would get
+    a new study and an empty patient: either way the wish to file the result back would fail unsaid.
+
+    Args:
+        out: the output path.
+        fixed: the fixed input as given (a path, a Volume, ...).
+        option: the option's name as the caller's user knows it (``--keep-identity`` on the command line).
+
+    Raises:
+        InvalidInputError: ``out`` is a file format that holds no identity, or ``fixed`` is no DICOM series.
+    """
+    from .io import dicom_template, is_image_file
+
+    if is_image_file(out):
+        raise InvalidInputError(f"{option} keeps the patient and study in a DICOM output, but the output is a "
+                                f"{Path(out).name.split('.', 1)[-1]} file, which holds neither",
+                                fix="name a DICOM output folder (a name without a file ending), or leave the "
+                                    "output de-identified")
+    if dicom_template(fixed) is None:
+        raise InvalidInputError(f"{option} takes the patient and study from the fixed image, which is not a DICOM "
+                                "series", fix="give the DICOM series the result belongs with as the fixed image, "
+                                              "or leave the output de-identified")
 
 
 def _refuse_network_without_torch(steps: Sequence[Tuple[str, Any]]) -> None:
@@ -1311,7 +1361,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                threads: Optional[int] = None, grid: str = "fixed", normalise: str = "auto",
                modalities: Optional[Sequence[Optional[str]]] = None, series: Optional[Sequence[Optional[str]]] = None,
                weights: Optional[PathLike] = None, progress: Optional[ProgressFn] = None,
-               cancel: Optional[CancelToken] = None) -> PipelineResult:
+               cancel: Optional[CancelToken] = None, deidentify: bool = True) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
     Args:
@@ -1337,6 +1387,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
             is a WeightsError even with a ``fallback`` (the fallback is for a network that cannot run, not for a
             mistyped file name).
         progress, cancel: progress callback and cancel token.
+        deidentify: ``False`` keeps the fixed DICOM series' patient and study in a DICOM ``out`` (see
+            :class:`Pipeline`); default ``True``, de-identified.
 
     Returns:
         :class:`PipelineResult` (fused Volume, output and sidecar paths, provenance, registration reports).
@@ -1345,7 +1397,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         InvalidInputError: an option value :class:`Pipeline` refuses, an empty ``moving`` list, an input that is
             not a path, Volume or MetaTensor, one :func:`medfuse.load` refuses (empty or all-NaN data), NaN
             voxels, an ``out`` that is not a path, or an output name or format the writer cannot take;
-            ``weights`` not a path, or given with a classical ``method``.
+            ``weights`` not a path, or given with a classical ``method``; ``deidentify=False`` with an output
+            that is not DICOM or a fixed image that is not a DICOM series.
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: an input cannot be loaded
             (as :func:`medfuse.load`; several series in a folder and ``series`` chooses none).
         OutputExistsError: ``out`` (or a file where its sidecar goes) exists without ``overwrite``, or is an
@@ -1360,7 +1413,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
     """
     movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise, modalities=modalities, series=series)
+                    grid=grid, normalise=normalise, modalities=modalities, series=series, deidentify=deidentify)
     if weights is not None:
         _network_weights(pipe.step("fuse"), weights)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

@@ -1,0 +1,95 @@
+"""DICOM outputs that go back to the patient's study: ``--keep-identity`` (``deidentify=False``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medfuse.cli import EXIT_USAGE, main
+from medfuse.errors import InvalidInputError
+from medfuse.pipeline import Pipeline, fuse_files
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_volumes"
+NAME, MRN, ACCESSION = "DOE^JANE", "MRN-4711", "ACC-0815"
+
+
+def _named_ct(tmp_path: Path) -> Path:
+    """The sample CT series with a patient's name, ID and accession number, as a scanner's export holds them."""
+    import pydicom
+
+    folder = tmp_path / "ct"
+    shutil.copytree(SAMPLES / "ct", folder)
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate = NAME, MRN, ACCESSION, "19600101"
+        ds.save_as(str(f))
+    return folder
+
+
+def _first(folder: Path):
+    import pydicom
+
+    return pydicom.dcmread(str(sorted(folder.iterdir())[0]), stop_before_pixels=True)
+
+
+def test_keep_identity_files_the_result_into_the_fixed_series_study(tmp_path, capsys):
+    """Command-line DICOM outputs were always de-identified with per-process pseudonymous UIDs: a result could
+    not go back into the patient's study in a PACS."""
+    ct = _named_ct(tmp_path)
+    src = _first(ct)
+    fused, moved, anon = tmp_path / "fused", tmp_path / "moved", tmp_path / "anon"
+    assert main(["fuse", str(ct), str(SAMPLES / "pet"), "-o", str(fused), "--method", "mean", "--keep-identity",
+                 "-q"]) == 0
+    assert main(["register", str(ct), str(SAMPLES / "pet"), "-o", str(moved), "--keep-identity", "-q"]) == 0
+    assert main(["fuse", str(ct), str(SAMPLES / "pet"), "-o", str(anon), "--method", "mean", "-q"]) == 0
+    for out in (fused, moved):
+        ds = _first(out)
+        assert (str(ds.PatientName), ds.PatientID, ds.AccessionNumber) == (NAME, MRN, ACCESSION)
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert ds.get("PatientIdentityRemoved") != "YES"
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID  # a new series in that study
+        # The sidecar records the choice, and never the identity itself.
+        side = (out.parent / f"{out.name}.json").read_text()
+        assert NAME.split("^")[0] not in side and MRN not in side and ACCESSION not in side
+        steps = json.loads(side)["steps"]
+        assert {"deidentify": False}.items() <= steps[-1]["params"].items(), steps[-1]
+    # The default is unchanged: de-identified, pseudonymous study.
+    ds = _first(anon)
+    assert ds.PatientIdentityRemoved == "YES" and ds.StudyInstanceUID != src.StudyInstanceUID
+    assert str(ds.get("PatientName", "")) != NAME and ds.get("PatientID", "") != MRN
+    assert "deidentify" not in json.loads((tmp_path / "anon.json").read_text())["steps"][-1]["params"]
+    assert NAME.split("^")[0] not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["fuse", "register"])
+def test_keep_identity_without_a_place_for_it_is_refused_before_any_work(tmp_path, capsys, command):
+    ct = _named_ct(tmp_path)
+    extra = ["--method", "mean"] if command == "fuse" else []
+    # A NIfTI output holds no patient.
+    out = tmp_path / "out.nii.gz"
+    assert main([command, str(ct), str(SAMPLES / "pet"), "-o", str(out), "--keep-identity", *extra]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--keep-identity keeps the patient and study in a DICOM output, but the output is a nii.gz file" in err
+    assert "a name without a file ending" in err
+    # A NIfTI fixed image has no patient to keep.
+    out = tmp_path / "dicom_out"
+    assert main([command, str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "-o", str(out), "--keep-identity",
+                 *extra]) == EXIT_USAGE
+    assert "--keep-identity takes the patient and study from the fixed image, which is not a DICOM series" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]  # nothing written
+
+
+def test_python_api_deidentify_option(tmp_path):
+    with pytest.raises(InvalidInputError, match="deidentify must be True or False"):
+        Pipeline(deidentify="no")
+    with pytest.raises(InvalidInputError, match="deidentify=False keeps the patient and study in a DICOM output"):
+        fuse_files(SAMPLES / "ct", SAMPLES / "pet", tmp_path / "x.nii.gz", method="mean", deidentify=False)
+    assert not list(tmp_path.iterdir())
+    # Without an output nothing is written, so there is nothing to refuse.
+    res = fuse_files(SAMPLES / "ct", SAMPLES / "pet", None, method="mean", deidentify=False)
+    assert res.output is None and res.sidecar is None and res.fused.shape == res.fused.array.shape
+    assert Pipeline().parameters() == Pipeline(deidentify=False).parameters()  # save is not a result parameter
