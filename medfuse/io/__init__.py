@@ -416,7 +416,7 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
             UIDs or descriptions, which may identify the patient).
         UnreadableFileError: the folder does not exist or may not be read.
     """
-    from .dicom import resolve_series_choice
+    from .dicom import blanking_errors, resolve_series_choice
 
     p = _as_path(path, fix="pass the DICOM folder as a str or pathlib.Path")
     selector = _check_series(selector)
@@ -425,16 +425,18 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
     if not p.is_dir():
         raise InvalidInputError("a series can be picked in a DICOM folder only; this is a file",
                                 fix="leave the series choice out for this input ('-')", path=p)
-    series = scan(p)
-    entries = [(s.series_uid, s.modality, f"{s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files")
-               for s in series]
-    key = str(selector).strip()
-    uid = resolve_series_choice(key, entries, p) or key
-    if uid not in {s.series_uid for s in series}:
-        raise InvalidInputError(f"no series in this folder matches the choice given: it is not one of the {len(series)} series "
-                                f"({'; '.join(f'{i}: {e[2]}' for i, e in enumerate(entries, start=1))})",
-                                fix="give the series' number as listed, its modality, or its SeriesInstanceUID",
-                                path=p)
+    with blanking_errors():  # the folder may be named after the patient, whose headers scan reads
+        series = scan(p)
+        entries = [(s.series_uid, s.modality, f"{s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files")
+                   for s in series]
+        key = str(selector).strip()
+        uid = resolve_series_choice(key, entries, p) or key
+        if uid not in {s.series_uid for s in series}:
+            raise InvalidInputError(f"no series in this folder matches the choice given: it is not one of the "
+                                    f"{len(series)} series "
+                                    f"({'; '.join(f'{i}: {e[2]}' for i, e in enumerate(entries, start=1))})",
+                                    fix="give the series' number as listed, its modality, or its SeriesInstanceUID",
+                                    path=p)
     return uid
 
 

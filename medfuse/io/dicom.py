@@ -498,6 +498,29 @@ class _Unsaid(list):
 #: warnings its Volumes record and its errors: PACS exports name files and folders after the patient
 #: (``SMITH_JOHN_IM0002.dcm``), and the loader named them where only the command line blanked them.
 _PATIENT_IDS: "contextvars.ContextVar[Tuple[str, ...]]" = contextvars.ContextVar("medfuse_dicom_ids", default=())
+_BLANKING_DEPTH: "contextvars.ContextVar[int]" = contextvars.ContextVar("medfuse_dicom_blanking", default=0)
+
+
+@contextlib.contextmanager
+def blanking_errors():
+    """Blank the patient identifiers of the headers read inside from the MedfuseErrors raised inside.
+
+    Nested uses share the outermost one's identifiers, so a check made after the headers were read (a 4-D
+    series without ``volume_index``, a series choice that matches nothing) is blanked as well: those errors were
+    raised once the loader's own blanking had ended, and quoted a folder named after the patient verbatim.
+    """
+    outer = _BLANKING_DEPTH.get()
+    token = None if outer else _PATIENT_IDS.set(())
+    depth = _BLANKING_DEPTH.set(outer + 1)
+    try:
+        yield
+    except MedfuseError as e:
+        _blank_error(e, _PATIENT_IDS.get())
+        raise
+    finally:
+        _BLANKING_DEPTH.reset(depth)
+        if token is not None:
+            _PATIENT_IDS.reset(token)
 
 
 def _warn(path: Path, msg: str) -> None:
@@ -1926,14 +1949,8 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     whole_series = _io._check_flag(whole_series, "whole_series")
     if not path.exists():
         raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path", path=path)
-    token = _PATIENT_IDS.set(())
-    try:
+    with blanking_errors():
         return _load_volumes(path, series_uid, suv, whole_series)
-    except MedfuseError as e:
-        _blank_error(e, _PATIENT_IDS.get())
-        raise
-    finally:
-        _PATIENT_IDS.reset(token)
 
 
 def _blank_error(e: MedfuseError, ids: Sequence[str]) -> None:
@@ -2102,7 +2119,13 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
     """
     path = _checked_path(path)
     volume_index = _io._check_volume_index(volume_index)
-    vols = load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series)
+    with blanking_errors():  # the checks below quote the path too
+        return _one_volume(load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series),
+                           volume_index, path)
+
+
+def _one_volume(vols: List[Volume], volume_index: Optional[int], path: Path) -> Volume:
+    """The volume ``volume_index`` chooses of a series' ``vols`` (the only one when None), or the error."""
     if volume_index is None:
         if len(vols) > 1:
             # Volumes of one slice each: say why (a multi-frame file's frames at one position are time points).
@@ -2138,8 +2161,15 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
     folder = _io._as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     if not folder.exists():
         raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path", path=folder)
+    with blanking_errors():
+        return _scan(folder)
+
+
+def _scan(folder: Path) -> List[SeriesInfo]:
+    series = _headers(folder)
+    _PATIENT_IDS.set(tuple(_patient_ids(list(series.values()))))
     out = []
-    for uid, files in _headers(folder).items():
+    for uid, files in series.items():
         shape, nvol, files = _series_shape(files, folder)  # a series with no volume is listed: load says why
         ds0 = files[0][1]
         dirs = {os.fspath(f.parent) for f, _ in files}

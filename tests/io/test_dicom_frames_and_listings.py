@@ -162,6 +162,35 @@ def test_series_listing_blanks_patient_named_folders(study, choice):
     assert "MR 5x4x3, 3 files in mr_series" in text and text.count("_ct") == 1 and text.count(" pet") == 1
 
 
+def test_checks_made_after_the_headers_are_read_blank_the_folder_too(study, tmp_path):
+    """A 4-D series without volume_index, a volume_index out of range and a series choice that matched nothing
+    were raised once the loader's blanking had ended: they quoted a folder named after the patient verbatim."""
+    import shutil
+
+    folder, named = tmp_path / "DOE^JANE_PID12345_4d", tmp_path / "DOE^JANE_PID12345_study"
+    shutil.copytree(study, named)
+    folder.mkdir()
+    uid = generate_uid()
+    for k in range(6):  # two volumes of three slices: each position twice
+        _slice(folder / f"IM{k}.dcm", modality="CT", uid=uid, k=k % 3)
+    errors = []
+    for call, kind in ((lambda: medfuse.load(folder), MultipleSeriesError),
+                       (lambda: medfuse.load(folder, volume_index=7), InvalidInputError),
+                       (lambda: load_dicom(folder, volume_index=-3), InvalidInputError),
+                       (lambda: medfuse.io.select_series(named, "NM"), InvalidInputError),
+                       (lambda: medfuse.io.select_series(named, "9"), InvalidInputError)):
+        with pytest.raises(kind) as e:
+            call()
+        errors.append(e.value)
+    assert "the series holds 2 volumes (4-D)" in str(errors[0]) and "out of range" in str(errors[1])
+    assert "no NM series in this folder" in str(errors[3]) and "series 9 asked for" in str(errors[4])
+    for e in errors:
+        _no_identifier(str(e))
+        assert "[removed]" in str(e)
+    assert str(errors[0].path) == str(folder)  # the attribute stays the caller's path, for programs
+    assert medfuse.load(folder, volume_index=1).shape == (5, 4, 3)  # a good choice still loads
+
+
 def test_series_listing_reads_no_file_again(study, monkeypatch):
     """The identifiers come from the headers already read for the listing, not from a second pass over the files
     (medfuse.provenance.patient_identifiers reads every file up to its patient module)."""
