@@ -515,6 +515,11 @@ class RegisterPanel(QWidget):
                          @ units @ grid @ np.linalg.inv(placed))
         moving.metadata.setdefault("medfuse", {})["registration"] = {
             "to": fixed.name, "fixed_to_moving_lps": np.asarray(linear.matrix).tolist(), **rep.to_dict()}
+        from ._writer import identity_sources
+
+        # The fixed layer's files name the patient where the moving file may not: its sidecar blanks them too.
+        mine = moving.metadata["medfuse"]
+        mine["identity_sources"] = list(dict.fromkeys([*identity_sources(mine), *identity_sources(meta(fixed))]))
         # The grid the affine is placed on: a layer whose affine held its voxel spacing (another reader) holds the
         # registration there now too, and must not be taken for a grid with no placement next time.
         moving.metadata["medfuse"]["grid"] = grid_record(moving, grid)

@@ -339,6 +339,17 @@ def _sources(md: Dict[str, Any]) -> List[str]:
     return list(dict.fromkeys(os.fspath(s) for s in found if isinstance(s, (str, os.PathLike)) and os.fspath(s)))
 
 
+def identity_sources(md: Dict[str, Any]) -> List[str]:
+    """The files whose patient identifiers a layer's sidecar must blank: its own sources, and those of the layers
+    it was registered onto (``identity_sources``, kept in memory only).
+
+    Why: a PET read from ``DOE^JOHN_pet.nii.gz`` (a NIfTI holds no patient module) registered onto that patient's
+    DICOM CT was saved with a sidecar quoting the file name verbatim: only the CT's headers name the patient.
+    """
+    extra = [os.fspath(s) for s in md.get("identity_sources") or [] if isinstance(s, (str, os.PathLike))]
+    return list(dict.fromkeys([*_sources(md), *extra]))
+
+
 def _check_sidecar(target: Path) -> Optional[Path]:
     """The sidecar path; refused when someone's own JSON (not a medfuse record) holds it, or when it is the
     record of another output sharing the name (``fused.json`` of ``fused.nii.gz`` when saving ``fused.mha``).
@@ -546,7 +557,7 @@ def write_image(path: str, data: Any, attributes: Dict[str, Any]) -> List[str]:
         out = [str(written)]
         if derived:
             out.append(str(prov.write_sidecar(written, _sidecar_record(written, vol, md, name, placed),
-                                              input_paths=_sources(md))))
+                                              input_paths=identity_sources(md))))
         elif stale is not None:
             _remove_stale_record(stale, Path(written))
     except ValueError as exc:  # InvalidInputError, GeometryError or a library's: napari would hide it

@@ -168,6 +168,38 @@ def test_layer_names_from_a_series_description_are_blanked_in_sidecars(make_napa
         assert "MRN998877" not in name and "DOE" not in name
 
 
+def test_a_file_named_after_the_patient_registered_onto_their_dicom_is_blanked_in_its_sidecar(
+        make_napari_viewer, samples_dir, tmp_path, register_in_dock):
+    """A NIfTI holds no patient module: a PET read from ``DOE_JOHN_MRN998877_pet.nii.gz`` and registered onto the
+    patient's DICOM CT was saved with a sidecar quoting its file name (layer, source, inputs) verbatim; only the
+    CT's headers name the patient, and they were not consulted."""
+    pydicom = pytest.importorskip("pydicom")
+    from medfuse_napari._widget import MedfuseWidget
+
+    study = tmp_path / "study"
+    (study / "ct").mkdir(parents=True)
+    for f in sorted((samples_dir / "ct").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID = "DOE^JOHN", "MRN998877"
+        ds.save_as(study / "ct" / f.name)
+    pet_file = study / "DOE_JOHN_MRN998877_pet.nii.gz"
+    medfuse.save(medfuse.load(samples_dir / "pet"), pet_file)
+    viewer = make_napari_viewer()
+    ct = viewer.open(str(study / "ct"), plugin="medfuse")[0]
+    pet = viewer.open(str(pet_file), plugin="medfuse")[0]
+    widget = MedfuseWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="medfuse")
+    register_in_dock(widget, ct.name, pet.name)
+    assert pet.metadata["medfuse"]["registration"]["to"] == ct.name
+    written = pet.save(str(tmp_path / "pet_on_ct.nii.gz"), plugin="medfuse")
+    assert written and (tmp_path / "pet_on_ct.json").is_file()
+    text = (tmp_path / "pet_on_ct.json").read_text(encoding="utf-8")
+    assert "DOE" not in text.upper() and "MRN998877" not in text, text
+    record = json.loads(text)
+    assert record["layer"] == "[removed]_[removed]_pet"  # name and ID blanked, the rest of the name kept
+    assert record["inputs"][0]["sha256"] == provenance.hash_path(pet_file)  # still the file's record
+
+
 # ------------------------------------------------------------------------------ 4. volumes of a 4-D series
 def test_a_split_stack_part_saved_unmoved_records_its_volume_index(make_napari_viewer, tmp_path):
     """A part of a 4-D NIfTI (napari's Split Stack) saved as read: its file alone cannot say which volume it is, so
