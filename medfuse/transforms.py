@@ -52,7 +52,7 @@ from typing import Any, Dict, Hashable, Mapping, Optional, Sequence, Union
 from ._checks import MAX_THREADS, choice, describe, flag, label, user_stacklevel, whole
 from .errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from .fusion.normalise import _METHODS as _NORMALISE_METHODS
-from .volume import Volume, normalise_modality, relabelled
+from .volume import Volume, normalise_modality, relabelled, require_finite
 
 try:
     from monai.config import KeysCollection
@@ -663,6 +663,13 @@ class FuseModalities(Transform):
         keyed = names is not None
         names = list(names) if keyed else [f"image {i + 1}" for i in range(len(images))]
         vols = [as_volume(x, name=n) for x, n in zip(images, names)]
+        for x, v, n in zip(images, vols, names):
+            # Named by its key and its own file: the fusion's check said "volume 2" and the reference's file.
+            try:
+                require_finite(v.array, f"'{n}'" if keyed else n, before="fusing")
+            except MedfuseError as e:
+                _name_file(e, x)
+                raise
         if self.resample:
             from .registration import resample
 
@@ -792,9 +799,10 @@ class FuseModalitiesd(MapTransform):
     Raises:
         GeometryError: an image is not on the first key's grid; the message names both keys, how the grids
             differ and the transform that mends it (``RegisterToReferenced``, or ``resample=True``).
-        InvalidInputError: when built, an ``output_key`` that is no key (None, a list) or as
-            :class:`FuseModalities`; when called, fewer than two keys, an input that is not an image, an option the
-            method lacks.
+        InvalidInputError: when built, ``keys`` that are not two or three different keys, an ``output_key`` that is
+            no key (None, a list) or as :class:`FuseModalities`; when called, fewer than two of the keys present
+            (without ``allow_missing_keys``), an input that is not an image or holds NaN or infinite values (named
+            by its key and file), an option the method lacks.
     """
 
     def __init__(self, keys: KeysCollection, *, output_key: str = "fused", method: str = "network",
@@ -802,6 +810,10 @@ class FuseModalitiesd(MapTransform):
                  resample: bool = False, as_tensor: bool = True, delete_keys: bool = False,
                  allow_missing_keys: bool = False, **options: Any):
         super().__init__(keys, allow_missing_keys)
+        # When built, not at the first item inside a DataLoader worker; the same key twice fused an image with itself.
+        if not 2 <= len(self.keys) <= 3 or len(set(self.keys)) != len(self.keys):
+            raise InvalidInputError(f"fusion needs two or three different image keys, got {list(self.keys)}",
+                                    fix="list the image keys to fuse, reference first, e.g. keys=['t1c', 't2f']")
         self.output_key, self.delete_keys = _checked_key(output_key, "output_key"), flag(delete_keys, "delete_keys")
         self.fuse = FuseModalities(method=method, device=device, normalise=normalise, fallback=fallback,
                                    resample=resample, as_tensor=as_tensor, **options)

@@ -292,6 +292,12 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                                     fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
         a = np.asarray(v.array)  # normalise() makes the float64 copy; a second one here only cost memory
         require_finite(a, f"volume {i}", before="fusing")
+        if a.size > 1 and float(a.min()) == float(a.max()):
+            # A blank placeholder for a missing modality (BraTS-style pipelines fill one with zeros) fused without
+            # a word: the result was the other input alone, at half contrast for 'mean'.
+            warnings.warn(f"volume {i} is constant (every voxel is {float(a.flat[0]):g}): it adds nothing to the "
+                          "fusion, which shows the other input(s) alone; check that it is not an empty placeholder "
+                          "for a missing image", MedfuseWarning, stacklevel=user_stacklevel())
         if spec.get("method") == "none" and float(a.max()) > 1.0 + _NONE_SLACK:
             # A fused Volume is on 0..1: raw values here would all be clipped to 1, a flat result. Values below 0
             # are let through (clipped to 0, and counted): a resampled CT still labelled HU is filled with -1024

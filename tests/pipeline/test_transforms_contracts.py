@@ -21,7 +21,7 @@ pytest.importorskip("monai")
 
 import medfuse  # noqa: E402
 from medfuse import Volume  # noqa: E402
-from medfuse.errors import InvalidInputError, MissingDependencyError, WeightsError  # noqa: E402
+from medfuse.errors import InvalidInputError, MedfuseWarning, MissingDependencyError, WeightsError  # noqa: E402
 from medfuse.transforms import (FuseModalities, FuseModalitiesd, LoadVolume, LoadVolumed,  # noqa: E402
                                 RegisterToReference, RegisterToReferenced)
 
@@ -252,3 +252,41 @@ def test_the_fused_tensor_is_channel_first_and_says_no_channel_for_3d_inputs_too
     mr, pet = _pair()
     out = FuseModalities(method="mean")([mr.to_metatensor()[0], pet.to_metatensor()[0]])
     assert tuple(out.shape) == (1, *mr.shape) and is_no_channel(out.meta["original_channel_dim"])
+
+
+def test_fuse_modalitiesd_keys_are_checked_when_built():
+    """One key was refused only at the first item, inside a DataLoader worker; the same key twice fused an image
+    with itself without a word."""
+    for keys in ("t1c", ["t1c"], ["t1c", "t1c"], ["a", "b", "c", "d"]):
+        with pytest.raises(InvalidInputError, match="two or three different image keys"):
+            FuseModalitiesd(keys=keys, method="mean")
+    FuseModalitiesd(keys=["t1c", "t2f"], method="mean")  # and three, and missing keys allowed, still build
+    FuseModalitiesd(keys=["t1c", "t2f", "pet"], method="mean", allow_missing_keys=True)
+
+
+def test_a_nan_is_named_by_its_key_and_its_own_file(tmp_path):
+    """A NaN in the second key was reported as "volume 2" with the first key's file."""
+    a, b = _pair()
+    medfuse.save(a, tmp_path / "t1c.nii.gz")
+    bad = b.array.copy()
+    bad[0, 0, 0] = np.nan
+    medfuse.save(b.with_array(bad), tmp_path / "t2f.nii.gz")
+    d = LoadVolumed(keys=["t1c", "t2f"])({"t1c": str(tmp_path / "t1c.nii.gz"), "t2f": str(tmp_path / "t2f.nii.gz")})
+    with pytest.raises(InvalidInputError) as e:
+        FuseModalitiesd(keys=["t1c", "t2f"], method="mean")(d)
+    assert "'t2f' has 1 NaN or infinite values" in str(e.value)
+    assert str(e.value.path).endswith("t2f.nii.gz") and "t1c.nii.gz" not in str(e.value)
+
+
+def test_a_constant_input_is_fused_with_a_warning():
+    """A blank placeholder for a missing modality fused silently into the other input at half contrast."""
+    a, b = _pair()
+    with pytest.warns(MedfuseWarning, match="volume 2 is constant \\(every voxel is 0\\): it adds nothing"):
+        FuseModalities(method="mean")([a, b.with_array(np.zeros_like(b.array))])
+    with pytest.warns(MedfuseWarning, match="volume 1 is constant"):
+        medfuse.fuse(a.with_array(np.full_like(a.array, 3.0)), b, method="max")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        FuseModalities(method="mean")([a, b])  # two real images: no warning
