@@ -1641,6 +1641,10 @@ class _WatchedStdout:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
+        except BrokenPipeError:
+            if self._reader_left():
+                return len(text)
+            raise
         except OSError:
             self.failed = True
             raise
@@ -1648,9 +1652,25 @@ class _WatchedStdout:
     def flush(self) -> None:
         try:
             self._stream.flush()
+        except BrokenPipeError:
+            if not self._reader_left():
+                raise
         except OSError:
             self.failed = True
             raise
+
+    def _reader_left(self) -> bool:
+        """The medfuse command's reader left (``medfuse train ... | head -3``): what it prints from now on goes to
+        /dev/null and the command goes on. Why: the BrokenPipeError ended it, exit 0 and not a word, so a
+        training stopped after its third line without a checkpoint. Not for main([...]) in a program."""
+        if not self.console:
+            return False
+        _stdout_to_devnull()
+        try:
+            self._stream.flush()  # what was buffered for the reader goes to /dev/null now
+        except (OSError, ValueError):
+            pass
+        return True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

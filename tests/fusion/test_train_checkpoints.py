@@ -396,3 +396,20 @@ def test_a_missing_or_broken_last_checkpoint_points_to_the_best_epoch(tmp_path, 
     with pytest.raises(UnreadableFileError) as ei:
         tr.load_checkpoint(run / "last.ckpt", model, opt)
     assert ei.value.fix == "start a new run with --overwrite or another --run-dir"
+
+
+def test_a_reader_that_leaves_does_not_stop_the_training(data, tmp_path):
+    """``medfuse train ... | head -3``: the closed pipe ended the run after its third line, exit 0, no word, no
+    checkpoint and no export. The command goes on now, its printing discarded."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "medfuse.cli", "train", "--data", str(data), "--run-dir", str(run),
+                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()  # one line read, then the reader goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 0, err
+    assert "Traceback" not in err and "internal error" not in err
+    assert (run / "last.ckpt").is_file() and (run / "export" / "medfuse_fusion.safetensors").is_file()
