@@ -1457,6 +1457,13 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
     if merge_keys and merge_keys <= set(missing) and all(k.startswith("agg.") for k in unexpected):
         unexpected = []  # the other merge's tensors: this model's merge keeps its initial value
         missing = [k for k in missing if not k.startswith("agg.")]
+        # Said: a re-export with --epochs 0 --steps-3d 0 changed the shipped output by up to 0.49 without a word.
+        ours = str(model.config().get("merge"))
+        warnings.warn(f"the --init weights were trained with another tri-plane merge than this run's --merge {ours}: "
+                      "their merge is not used and this run's starts from the plain mean, so the model's output "
+                      "differs from the weights' before any training; to fine-tune them as they are, pass the "
+                      "--merge they were trained with (their JSON card's trained_by command)",
+                      MedfuseWarning, stacklevel=2)
     if unexpected or any(not k.startswith(("scan.", "refine.")) for k in missing):
         raise InvalidInputError(f"the --init weights do not fit this architecture ({len(missing)} tensor(s) missing "
                                 f"from the file, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
