@@ -38,8 +38,8 @@ _BASE: Dict[str, Any] = {
     # initialise="auto" also scores the 23 other axis-aligned orientations (90-degree turns) on the same copy; the
     # best wide_keep of them get the whole multi-start above (one polish each).
     "wide_keep": 2,
-    # Final level at native resolution (never finer than final_mm) when both images are finer than the last
-    # level of levels_mm; None switches it off.
+    # Final level at the fixed image's native resolution (never finer than final_mm) when the fixed image is finer
+    # than the last level of levels_mm (the moving image's spacing is not looked at); None switches it off.
     "final_mm": 1.0,
     "final_iterations": 40,
     "final_learning_rate_mm": 1.0,
