@@ -167,7 +167,29 @@ def _read_header(path: Path, *, strict: bool):
             raise UnreadableFileError(f"not a readable DICOM file ({type(e).__name__})",
                                       fix="check that the file is a complete DICOM file (not truncated)",
                                       path=path) from None
-        return _BROKEN if isinstance(e, PermissionError) or _has_dicom_preamble(path) else None
+        return _BROKEN if isinstance(e, PermissionError) or _has_dicom_preamble(path) or _cut_in_preamble(path) \
+            else None
+
+
+#: Endings that say a file is DICOM even when too little of it is left to show the "DICM" prefix.
+_DICOM_ENDINGS = (".dcm", ".dicom", ".ima")
+
+
+def _cut_in_preamble(path: Path) -> bool:
+    """True for a file cut before the end of the 128-byte preamble and "DICM" prefix: shorter than 132 bytes and
+    named as DICOM (``.dcm``, ``.dicom``, ``.ima``) or all zeros so far (the preamble most writers leave empty).
+
+    Why: such a slice was taken for a stranger file and skipped; the gap it left was interpolated with only an
+    "uneven slice spacing" warning, or (the last slice) the series lost a slice without a word.
+    """
+    try:
+        if path.stat().st_size >= 132:
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return bool(head) and (path.suffix.lower() in _DICOM_ENDINGS or not head.strip(b"\0"))
 
 
 def _looks_like_raw_dataset(path: Path) -> bool:

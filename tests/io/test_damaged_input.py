@@ -450,3 +450,21 @@ def test_a_compressed_copy_of_an_instance_is_not_called_damaged(samples_dir, tmp
     assert any("1 duplicate file (the same instance stored twice) was ignored" in m for m in said), said
     assert not any("damaged" in m for m in said), said
     np.testing.assert_array_equal(loaded.array, whole.array)
+
+
+@pytest.mark.parametrize("name", ["IM00020.dcm", "IM00040.dcm", "IM00020"])
+def test_a_slice_cut_inside_its_preamble_is_a_damaged_file_not_a_stranger(samples_dir, tmp_path, name):
+    """A slice cut to 100 bytes (before the "DICM" prefix) was taken for a file that is no DICOM: the gap it left
+    was interpolated with only an "uneven slice spacing" warning, and the last slice went without a word."""
+    folder = tmp_path / "ct"
+    shutil.copytree(samples_dir / "ct", folder)
+    src, cut = folder / (name if name.endswith(".dcm") else name + ".dcm"), folder / name
+    head = src.read_bytes()[:100]  # the preamble: zeros in the sample, as most writers leave it
+    src.unlink()
+    cut.write_bytes(head)
+    if name.startswith("IM00040"):  # the last slice: left out, and said
+        with pytest.warns(MedfuseWarning, match=r"1 DICOM file\(s\) beside the series could not be read .*IM00040"):
+            assert medfuse.load(folder).shape == (160, 192, 39)
+    else:  # a middle slice: refused, never interpolated
+        with pytest.raises(UnreadableFileError, match="slices are missing from the series, and 1 DICOM file"):
+            medfuse.load(folder)
