@@ -390,6 +390,8 @@ def read_manifest(path: PathLike) -> List[Subject]:
     manifest into :class:`Subject` rows (paths made absolute).
 
     An unpaired row (``fixed`` or ``moving`` empty) is kept, with its ``problem``: it fails alone when the batch runs.
+    A CSV's blank lines and empty rows (``,,,``), above the header too, are skipped; errors name a CSV row by its
+    line in the file (the row a spreadsheet shows), a YAML subject by its place in the list.
 
     Args:
         path: the manifest (``.csv``, ``.tsv``, ``.yaml`` or ``.yml``); relative paths in it are relative to its
@@ -401,7 +403,8 @@ def read_manifest(path: PathLike) -> List[Subject]:
     Raises:
         UnreadableFileError: the manifest is missing, a folder, unreadable or not UTF-8, or not valid CSV/YAML.
         InvalidInputError: ``path`` is not a str or pathlib.Path, no subjects, a CSV header without subject,
-            fixed, moving and output, a row with more cells than the header, a YAML manifest that is not a list
+            fixed, moving and output, a header cell without a name over a column holding values (an empty one is
+            ignored), a row with more cells than the header, a YAML manifest that is not a list
             of subjects (or whose defaults are not a mapping), a row without a subject or output, a list where one
             value goes, an unknown column or ``register`` value, a ``series`` or ``modalities`` count
             that does not match the images, an unknown modality, subjects/outputs that repeat (outputs also when
@@ -418,7 +421,8 @@ def read_manifest(path: PathLike) -> List[Subject]:
     # target's folder for its relative paths while the report went beside the link. Normalised as messages quote
     # paths (a link before a ".." is followed as the file system does).
     base = Path(_display_path(p.parent))
-    rows: List[Mapping[str, Any]]
+    rows: Sequence[Mapping[str, Any]]
+    numbers: List[int]
     defaults: Mapping[str, Any] = {}
     from .io import is_image_file
 
@@ -451,44 +455,95 @@ def read_manifest(path: PathLike) -> List[Subject]:
             raise InvalidInputError("a YAML manifest must be a list of subjects (or {defaults:, subjects: [...]})",
                                     fix="see 'medfuse batch --help' for an example", path=p)
         rows = data
+        numbers = list(range(1, len(rows) + 1))  # YAML: the subject's place in the list
     else:
-        # A BIDS-style .tsv, or a CSV a spreadsheet saved with ';' (locales with a decimal comma), was refused as
-        # "the CSV header lacks subject, fixed, output, moving" although its header held them all.
-        first = text.split("\n", 1)[0]
-        delimiter = "\t" if p.suffix.lower() == ".tsv" else next((d for d in (",", "\t", ";") if d in first), ",")
-        try:
-            reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-            rows = []
-            for r in reader:
-                # More cells than the header: csv puts them under None and they were dropped without a word (an
-                # unquoted `pet;spect.nii.gz` in a ';'-separated file fused without the SPECT).
-                if any(str(v).strip() for v in (r.get(None) or [])):
-                    sep = {"\t": "a tab", ";": "';'"}.get(delimiter, "','")
-                    raise InvalidInputError(f"line {reader.line_num} has more cells than the header (cells are "
-                                            f"separated by {sep})",
-                                            fix=f"put a cell that holds {sep} in double quotes"
-                                                + (' ("s01/pet;s01/spect.nii.gz")' if delimiter == ";" else "")
-                                                + ", or give further moving images columns of their own (moving2, "
-                                                "...)",
-                                            path=p)
-                rows.append(r)
-        except csv.Error as e:
-            raise UnreadableFileError(f"the manifest is not valid CSV ({e})", fix="check the quoting", path=p) from None
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        missing = [c for c in ("subject", "fixed", "output") if c not in header]
-        if missing or not any(h.startswith("moving") for h in header):
-            raise InvalidInputError(
-                f"the CSV header lacks {', '.join(missing + ([] if any(h.startswith('moving') for h in header) else ['moving']))}",
-                fix="the first line must be: subject,fixed,moving,output", path=p)
+        rows, numbers = _read_csv_rows(text, p)
     if not rows:
         raise InvalidInputError("the manifest lists no subjects", fix="add one row per subject", path=p)
-    first = 2 if p.suffix.lower() not in (".yaml", ".yml") else 1
-    subjects = [_subject_from(r, base=base, path=p, row=i + first, defaults=defaults) for i, r in enumerate(rows)]
-    _check_unique(subjects, p, first)
+    subjects = [_subject_from(r, base=base, path=p, row=n, defaults=defaults) for r, n in zip(rows, numbers)]
+    _check_unique(subjects, p, rows=numbers)
     return subjects
 
 
-def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, first_row: Optional[int] = None) -> None:
+def _blank(cells: Sequence[Any]) -> bool:
+    """Whether a CSV row holds nothing: no cells (a blank line), or only empty or all-space cells (the ``,,,`` or
+    ``;;;;`` a spreadsheet saves for an empty row)."""
+    return not any(c is not None and str(c).strip() for c in cells)
+
+
+def _read_csv_rows(text: str, p: Path) -> Tuple[List[Dict[Any, Any]], List[int]]:
+    """A CSV/TSV manifest's rows (as ``csv.DictReader`` gives them) and the line each starts on.
+
+    Blank rows are skipped, before the header too. Rows are numbered by their line in the file, which is the row a
+    spreadsheet shows (header 1): counted in the list, a manifest with blank lines had its errors name other rows.
+
+    Raises:
+        UnreadableFileError: not valid CSV.
+        InvalidInputError: a header without subject, fixed, moving and output, a header cell without a name over a
+            column that holds values, or a row with more cells than the header.
+    """
+    lines = text.splitlines()
+    # The first line that holds anything: blank lines (or a spreadsheet's empty rows) above the header were read
+    # as an empty header, and every row then had "more cells than the header".
+    first = next((ln for ln in lines if ln.strip(" \t,;")), "")
+    # A BIDS-style .tsv, or a CSV a spreadsheet saved with ';' (locales with a decimal comma), was refused as
+    # "the CSV header lacks subject, fixed, output, moving" although its header held them all.
+    delimiter = "\t" if p.suffix.lower() == ".tsv" else next((d for d in (",", "\t", ";") if d in first), ",")
+    sep = {"\t": "a tab", ";": "';'"}.get(delimiter, "','")
+    reader = csv.reader(lines, delimiter=delimiter)
+    header: Optional[List[str]] = None
+    cells_of: List[List[str]] = []
+    numbers: List[int] = []
+    try:
+        while True:
+            line = reader.line_num + 1  # the line this row starts on (a quoted cell may span several)
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            if _blank(cells):  # Excel's empty rows, rows of spaces and blank lines: no subject, no error
+                continue
+            if header is None:
+                header = cells
+                continue
+            if len(cells) > len(header) and not _blank(cells[len(header):]):
+                # More cells than the header: DictReader put them under None and they were dropped without a word
+                # (an unquoted `pet;spect.nii.gz` in a ';'-separated file fused without the SPECT).
+                raise InvalidInputError(f"line {line} has more cells than the header (cells are separated by {sep})",
+                                        fix=f"put a cell that holds {sep} in double quotes"
+                                            + (' ("s01/pet;s01/spect.nii.gz")' if delimiter == ";" else "")
+                                            + ", or give further moving images columns of their own (moving2, "
+                                            "...)",
+                                        path=p)
+            cells_of.append(cells)
+            numbers.append(line)
+    except csv.Error as e:
+        raise UnreadableFileError(f"the manifest is not valid CSV ({e})", fix="check the quoting", path=p) from None
+    header = header or []
+    names = [h.strip().lower() for h in header]
+    missing = [c for c in ("subject", "fixed", "output") if c not in names]
+    if missing or not any(h.startswith("moving") for h in names):
+        raise InvalidInputError(
+            f"the CSV header lacks {', '.join(missing + ([] if any(h.startswith('moving') for h in names) else ['moving']))}",
+            fix="the first line must be: subject,fixed,moving,output", path=p)
+    for i, h in enumerate(header):
+        if h.strip():
+            continue
+        # A header cell without a name (the trailing ',' a spreadsheet leaves): a column empty in every row is
+        # ignored; one holding values was refused as "unknown column(s) ''", which did not say which column.
+        used = next((n for cells, n in zip(cells_of, numbers) if i < len(cells) and cells[i].strip()), None)
+        if used is not None:
+            raise InvalidInputError(f"column {i + 1} of the header has no name, but row {used} has a value in it",
+                                    fix="name the column (subject, fixed, moving, moving2, ..., output, register, "
+                                        "method, series, modalities), or delete it", path=p)
+    named = [(i, h) for i, h in enumerate(header) if h.strip()]
+    # As csv.DictReader gives them: a missing cell is None, and a column named twice keeps its last cell.
+    rows = [{h: (cells[i] if i < len(cells) else None) for i, h in named} for cells in cells_of]
+    return rows, numbers
+
+
+def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, first_row: Optional[int] = None, *,
+                  rows: Optional[Sequence[int]] = None) -> None:
     """Every subject once, and every output, and every output's sidecar, a file of its own; checked before any work.
 
     Outputs are compared as the files they name (``out/x.nii.gz`` and ``out/../out/x.nii.gz`` are one; symbolic
@@ -501,6 +556,8 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
         path: the manifest they came from (named in the error).
         first_row: the manifest's row number of the first subject (the errors name rows); None for a list, whose
             subjects are named by their position.
+        rows: each subject's manifest row number (its line in a CSV file: blank lines are not subjects but count);
+            overrides ``first_row``.
 
     Raises:
         InvalidInputError: a subject or output appears twice, two outputs are one file (or differ only in letter
@@ -527,13 +584,14 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
         from .provenance import patient_identifiers, scrub
 
         def who(k: int) -> str:
-            return f"{'row ' + str(first_row + k) if first_row is not None else 'subject ' + str(k + 1)} " \
-                   f"({subjects[k].subject!r})"
+            where = (f"row {rows[k]}" if rows is not None else f"row {first_row + k}" if first_row is not None
+                     else f"subject {k + 1}")
+            return f"{where} ({subjects[k].subject!r})"
 
         both = [subjects[i]] if j is None else [subjects[j], subjects[i]]
         ids = patient_identifiers([x for s in both for x in (s.fixed, *s.moving, s.folder) if x and os.path.exists(x)])
-        rows = who(i) if j is None else f"{who(j)} and {who(i)}"
-        raise InvalidInputError(scrub(f"{rows}: {problem}", ids), fix=fix, path=p)
+        named = who(i) if j is None else f"{who(j)} and {who(i)}"
+        raise InvalidInputError(scrub(f"{named}: {problem}", ids), fix=fix, path=p)
 
     names: Dict[str, int] = {}
     for i, s in enumerate(subjects):
@@ -1065,6 +1123,24 @@ def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequen
     return None
 
 
+def _unregistered_as_recorded(params: Dict[str, Any], rec: Any) -> Dict[str, Any]:
+    """``params`` to compare with the sidecar ``rec``'s: when neither registers (register kind None), the register
+    step's other values (its ITK ``threads``) are taken as recorded.
+
+    Why: the step does nothing then, so the output does not depend on them, yet a ``--threads-per-worker`` change
+    redid every subject ("parameters changed (register)") into byte-identical outputs. Compared here, not left out
+    of the record: sidecars written before keep matching. With a registration, threads still count (more than one
+    makes the result vary).
+    """
+    recorded = rec.get("parameters") if isinstance(rec, Mapping) else None
+    ours = params.get("register")
+    theirs = recorded.get("register") if isinstance(recorded, Mapping) else None
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping) and ours.get("kind") is None \
+            and "kind" in theirs and theirs.get("kind") is None:
+        return {**params, "register": dict(theirs)}
+    return params
+
+
 def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
     """Fill a result's columns from the output's provenance (what the run that made it recorded)."""
     if not isinstance(rec, Mapping):
@@ -1259,6 +1335,7 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         out = Path(s.output)
         if out.exists():
             rec = read_sidecar(out)
+            params = _unregistered_as_recorded(params, rec)
             if is_up_to_date(out, input_paths=inputs, parameters=params, expect=expect):
                 res.status = "skipped"
                 _from_sidecar(res, rec)
@@ -1475,6 +1552,31 @@ def _check_report_path(path: Path, subjects: Sequence[Subject] = ()) -> None:
         raise OutputExistsError(
             "the report path holds a file that is not a medfuse batch report; it would be replaced",
             fix="move that file, or pass report= (--report) another path", path=path)
+
+
+def _check_report_folder(path: Path, subjects: Sequence[Subject]) -> None:
+    """Refuse, before any work, a report path given (``report=``, ``--report``) whose folder does not exist, unless
+    the run makes that folder for its outputs (an output's folder, or one above it).
+
+    Why: ``--report /nonexistent/dir/r.csv`` (a typo) silently created the missing folders, where ``medfuse fuse
+    -o missing/x.nii.gz`` refuses. A default report's folder (the manifest's, ``--out``, the outputs') is not checked.
+
+    Raises:
+        OutputWriteError: the folder does not exist (``errno.ENOENT``).
+    """
+    folder = Path(_display_path(path)).parent
+    if os.path.isdir(folder):
+        return
+    above = folder
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not os.path.isdir(above):  # a file (or a broken link) in the way: the report's first write says so
+        return
+    if any(folder in Path(_display_path(s.output)).parents for s in subjects if not s.problem):
+        return  # the outputs' folder, created for them anyway
+    raise OutputWriteError("the report's folder does not exist; nothing was run", errno=errno.ENOENT,
+                           fix="create the folder first, or pass report= (--report) a path in an existing folder "
+                               "(or in the outputs' folder)", path=folder)
 
 
 _COLUMNS = [f.name for f in fields(SubjectResult)]
@@ -1814,8 +1916,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
 
     Raises:
         OutputExistsError: another run is writing the report, or something is in its way; checked before any work.
-        OutputWriteError: the report cannot be written (permission, read-only or full disk, ...); checked before
-            any work.
+        OutputWriteError: the report cannot be written (permission, read-only or full disk, ...), or a ``report``
+            given lies in a folder that does not exist (and is not the outputs'); checked before any work.
         InvalidInputError: ``manifest`` neither a path nor a list of subjects (each a :class:`Subject` or a dict of
             its fields), ``report`` or ``out_dir`` not a path, an unknown ``register``, ``method`` or
             ``scheduler``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
@@ -1838,6 +1940,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
           minimum=1, maximum=MAX_THREADS)
     check_callbacks(cancel=cancel)
     _check_report_path(report_path, subjects)
+    if report is not None and not (isinstance(report, str) and report == ""):  # a default's folder is made, as always
+        _check_report_folder(report_path, subjects)
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     absent = {s.subject: _absent_folders(s.output) for s in subjects}
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
