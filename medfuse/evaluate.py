@@ -634,6 +634,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         # Checked now (a missing file is a WeightsError before anything is written), and recorded: a table of
         # "network" rows must say which model made them.
         network_weights = {"path": None if weights is None else os.fspath(weights), "sha256": weights_sha256(weights)}
+        _check_network_weights(weights)
     elif weights is not None:
         raise InvalidInputError("weights names the fusion network's weights file, but 'network' is not among the "
                                 "methods", fix="add network to the methods, or leave weights out")
@@ -814,6 +815,23 @@ def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> Medfuse
                      "removed, so a rerun starts clean")
         e.args = (e._compose(),)
     return e
+
+
+def _check_network_weights(weights: Any) -> None:
+    """Refuse, before anything is written, a weights file the network cannot load (truncated, a pickle, NaN
+    tensors, another model's): it was tried once per item, the same error printed for every pair, exit 1.
+
+    Without torch the network's items still fail alone (the classical methods are scored), as before.
+    """
+    from .errors import MissingDependencyError
+    from .fusion.infer import check_weights_file, load_model
+
+    if weights is not None:
+        check_weights_file(weights)
+    try:
+        load_model(weights)
+    except MissingDependencyError:
+        return
 
 
 def _remove_empty(made: Sequence[Path]) -> None:

@@ -168,3 +168,39 @@ def test_a_mistyped_method_or_metric_names_the_near_one(tmp_path):
     with pytest.raises(InvalidInputError) as ei:  # nothing near: no suggestion
         E.evaluate([("a.png", "b.png")], methods=["zzz"], out_dir=tmp_path / "o")
     assert "did you mean" not in str(ei.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "nan"])
+def test_weights_the_network_cannot_load_are_refused_before_any_work(tmp_path, capsys, damage):
+    """A truncated, pickled or NaN --weights file was tried once per pair: the classical methods were scored, the
+    same long error printed for every pair, exit 1. Now exit 2 before anything is written, in the option's words."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from medfuse.fusion.infer import default_weights_path
+
+    shipped = default_weights_path()
+    bad = tmp_path / "mine.safetensors"
+    if damage == "truncated":
+        bad.write_bytes(shipped.read_bytes()[:5000])
+    elif damage == "pickle":
+        torch.save({"w": torch.zeros(2)}, bad)
+    else:
+        with safe_open(str(shipped), "pt") as fh:
+            meta = fh.metadata()
+        tensors = load_file(str(shipped))
+        name = next(iter(tensors))
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+        save_file(tensors, str(bad), metadata=meta)
+    a, b = _pngs(tmp_path)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pair", str(a), str(b), "--methods", "network,max", "--weights", str(bad),
+                 "--out", str(out), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("medfuse evaluate: error:") == 1 and "weights=" not in err, err
+    assert {"truncated": "not a whole safetensors file", "pickle": "not safetensors",
+            "nan": "NaN or infinite values"}[damage] in err
+    assert not out.exists()

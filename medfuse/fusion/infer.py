@@ -255,7 +255,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         for t in model.state_dict().values():
             if not torch.isfinite(t).all():
                 raise WeightsError("the fusion network's weights contain NaN or infinite values", path=p,
-                                   fix="reinstall medfuse, or retrain with 'medfuse train'")
+                                   fix=_bad_file_fix(p))
         model = model.to(device).eval().channels_last_()
         _CACHE[key] = model
         return model
