@@ -1150,6 +1150,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _val_not_held_out(val: Sequence[Any], weights: Any) -> Optional[str]:
+    """The warning when ``--split val`` scores cases the network's weights were not held out from, as their card
+    (``val_cases``) records them (else None): a model trained with another ``--seed`` or ``--val-fraction`` was
+    scored on its own training cases, its scores optimistic, without a word."""
+    from .fusion.infer import default_weights_path
+    from .fusion.train import init_val_overlap
+    from .harvard import case_of
+
+    cases: Dict[str, List[str]] = {}
+    for pair in val:
+        cases.setdefault(pair.pair_type, []).append(case_of(pair.name))
+    path = Path(weights) if weights is not None else default_weights_path()
+    seen = init_val_overlap(path, {t: sorted(set(c)) for t, c in cases.items()})
+    if not seen:
+        return None
+    listed = "; ".join(f"{t} {', '.join(c)}" for t, c in seen.items())
+    return (f"--split val scores cases the network's weights were not held out from (their card's val_cases): "
+            f"{listed}; their scores are on training data. Pass the --seed and --val-fraction the weights were "
+            "trained with (their card's trained_by command)")
+
+
 def _csv_list(s: Optional[str]) -> Optional[List[str]]:
     return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
 
@@ -1200,6 +1221,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         raise InvalidInputError(f"--limit must be 1 or more, got {given['--limit']}",
                                 fix="give the number of pairs per pair type to score, e.g. --limit 5")
     split = given["--split"] or "all"
+    early: List[Optional[str]] = []  # warnings found while choosing the pairs, said with the run's own
     if split == "all":
         # They choose between the training and validation cases; every pair was scored and they were recorded null.
         for option in ("--val-fraction", "--seed"):
@@ -1214,6 +1236,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         if split != "all":
             # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's held-out cases.
             train, val = training_split(source, val_fraction=val_fraction, seed=seed)
+            if split == "val" and "network" in (_csv_list(args.methods) or []):
+                early.append(_val_not_held_out(val, getattr(args, "weights", None)))
             source = val if split == "val" else train
         if args.limit is not None:
             # Spread over each pair type's cases and slices (the first N were neighbouring slices of one case),
@@ -1247,6 +1271,8 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MedfuseWarning)
+            for text in filter(None, early):
+                warnings.warn(text, MedfuseWarning, stacklevel=1)
             result = evaluate(source, methods=_csv_list(args.methods) or [], out_dir=args.out, progress=progress,
                               metrics=_csv_list(args.metrics), mode=args.mode or "slicewise", device=args.device,
                               overwrite=args.overwrite, save_outputs=not args.no_save,

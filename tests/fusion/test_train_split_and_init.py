@@ -204,3 +204,32 @@ def test_init_weights_with_another_merge_warn_that_the_merge_restarts(tmp_path, 
         warnings.simplefilter("always")
         assert _train(data, tmp_path / "convex", *base, "--merge", "convex", "--out", str(tmp_path / "o2")) == 0
     assert not [w for w in caught if "tri-plane merge" in str(w.message)]
+
+
+def test_evaluate_split_val_warns_when_the_weights_were_not_held_out_from_those_cases(tmp_path, harvard_folder,
+                                                                                      capsys):
+    """A model trained with --seed 3 scored with ``evaluate --split val`` (seed 0) was scored on its own training
+    cases, its table optimistic, without a word; its card records the cases it was held out from."""
+    import shutil
+
+    from medfuse.cli import main
+
+    data = harvard_folder(tmp_path / "data", types=("CT-MRI",), cases=(1, 2, 3, 4, 5), slices=1)
+    shipped = infer.default_weights_path()
+    mine = tmp_path / "w" / "medfuse_fusion.safetensors"
+    mine.parent.mkdir()
+    shutil.copy(shipped, mine)
+    card = json.loads(shipped.with_suffix(".json").read_text())
+    val = _val_cases(data, 0)
+    other = [c for c in ("1", "2", "3", "4", "5") if c not in val][:len(val)]
+    argv = ["evaluate", str(data / "harvard-pairs"), "--split", "val", "--methods", "network", "--weights", str(mine),
+            "--no-save", "--no-progress", "-q"]
+    for held, says in ((other, True), (val, False)):
+        mine.with_suffix(".json").write_text(json.dumps({**card, "val_cases": {"CT-MRI": held}}))
+        out = tmp_path / f"o{len(held)}{says}"
+        assert main([*argv, "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert ("not held out from" in err) is says, err
+        if says:
+            assert f"CT-MRI {', '.join(sorted(val, key=int))}" in err and "--seed and --val-fraction" in err
+            assert "medfuse evaluate: warning:" in err
