@@ -183,7 +183,8 @@ def check_ct_window(modality: Optional[str], unit: Optional[str]) -> None:
         mod = "unknown"
     if mod in ("CT", "unknown") and unit in (None, "", "arbitrary"):
         return
-    raise InvalidInputError(f"CT window presets are in HU; this image is {mod} in {unit or 'unknown units'}",
+    said = "arbitrary units" if unit == "arbitrary" else (unit or "unknown units")
+    raise InvalidInputError(f"CT window presets are in HU; this image is {mod} in {said}",
                             fix="set the width and level by hand, or pick a CT image as the base")
 
 

@@ -292,12 +292,6 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
                                     fix="fuse its magnitude: v.with_array(numpy.abs(v.array))")
         a = np.asarray(v.array)  # normalise() makes the float64 copy; a second one here only cost memory
         require_finite(a, f"volume {i}", before="fusing")
-        if a.size > 1 and float(a.min()) == float(a.max()):
-            # A blank placeholder for a missing modality (BraTS-style pipelines fill one with zeros) fused without
-            # a word: the result was the other input alone, at half contrast for 'mean'.
-            warnings.warn(f"volume {i} is constant (every voxel is {float(a.flat[0]):g}): it adds nothing to the "
-                          "fusion, which shows the other input(s) alone; check that it is not an empty placeholder "
-                          "for a missing image", MedfuseWarning, stacklevel=user_stacklevel())
         if spec.get("method") == "none" and float(a.max()) > 1.0 + _NONE_SLACK:
             # A fused Volume is on 0..1: raw values here would all be clipped to 1, a flat result. Values below 0
             # are let through (clipped to 0, and counted): a resampled CT still labelled HU is filled with -1024
@@ -735,24 +729,30 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
 
 
 def _warn_constant(arrays: Sequence[np.ndarray], what: str, *,
-                   units: Optional[Sequence[str]] = None) -> List[str]:
-    """Warn of (and return, for provenance) each input that holds one value other than 0 everywhere.
+                   units: Optional[Sequence[str]] = None, zero: bool = False) -> List[str]:
+    """Warn of (and return, for provenance) each input that holds one value other than 0 everywhere, and with
+    ``zero`` (volumes) one that is 0 everywhere.
 
     Why: such an input is no image (a failed export, a wrong series), yet every rule fuses it without a word: the
-    mean rule as a flat level over the others, max as a floor. An all-0 input is the documented "no signal" case
-    (the others alone) and is left as it is.
+    mean rule as a flat level over the others, max as a floor. An all-0 2-D image is the documented "no signal"
+    case (the others alone: a dataset's edge slices) and is left as it is; an all-0 volume is a placeholder for a
+    missing image (BraTS-style pipelines fill one with zeros), which fused silently into the other at half scale.
     """
     from .._checks import constant_value
 
     notes = []
     for i, a in enumerate(arrays, start=1):
         value = constant_value(np.asarray(a))
-        if value is None or value == 0:
+        if value is None or (value == 0 and not zero):
             continue
         unit = f" {units[i - 1]}" if units and units[i - 1] not in (None, "arbitrary") else ""
         element = "pixel" if np.ndim(a) == 2 else "voxel"
-        msg = (f"{what} {i} is constant (every {element} is {value:g}{unit}): it holds no image, and the fusion "
-               "takes it as a flat level beside the other inputs. Check that the intended image was given")
+        if value == 0:
+            msg = (f"{what} {i} is constant (every {element} is 0{unit}): it holds no image, and the fusion shows the "
+                   "other inputs alone. Check that it is not an empty placeholder for a missing image")
+        else:
+            msg = (f"{what} {i} is constant (every {element} is {value:g}{unit}): it holds no image, and the fusion "
+                   "takes it as a flat level beside the other inputs. Check that the intended image was given")
         warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
         notes.append(msg)
     return notes
@@ -803,7 +803,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                                 fix="use a classical method (e.g. method='laplacian') for such small volumes")
     notes = _anisotropy_notes(ref, method, axis)
     notes += _different_patients_notes(vols)
-    notes += _warn_constant([v.array for v in vols], "volume", units=[v.unit for v in vols])
+    notes += _warn_constant([v.array for v in vols], "volume", units=[v.unit for v in vols], zero=True)
     # The network computes in float32: its inputs are normalised straight into float32 (the values a float64
     # normalisation cast to float32 gives; no float64 copy of a volume), and those already in 0..1 as float32
     # are not copied at all.

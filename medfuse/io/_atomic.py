@@ -224,7 +224,7 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     for src in input_files(inputs):
         if same_file(p, src):
             raise OutputExistsError(
-                "refusing to write onto the volume's own source file or folder (inputs are never modified)",
+                "refusing to write onto an input, its own source file or folder (inputs are never modified)",
                 fix="choose another output path", path=p)
     exists = p.exists() or p.is_symlink()
     special = _special_kind(p)

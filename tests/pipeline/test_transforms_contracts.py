@@ -281,7 +281,8 @@ def test_a_nan_is_named_by_its_key_and_its_own_file(tmp_path):
 def test_a_constant_input_is_fused_with_a_warning():
     """A blank placeholder for a missing modality fused silently into the other input at half contrast."""
     a, b = _pair()
-    with pytest.warns(MedfuseWarning, match="volume 2 is constant \\(every voxel is 0\\): it adds nothing"):
+    with pytest.warns(MedfuseWarning, match="volume 2 is constant \\(every voxel is 0 SUVbw\\): it holds no image, and "
+                                            "the fusion shows the other inputs alone"):
         FuseModalities(method="mean")([a, b.with_array(np.zeros_like(b.array))])
     with pytest.warns(MedfuseWarning, match="volume 1 is constant"):
         medfuse.fuse(a.with_array(np.full_like(a.array, 3.0)), b, method="max")
