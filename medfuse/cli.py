@@ -851,6 +851,10 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     init_path = args.initial_transform
     from .io import dicom_template, is_image_file
 
+    if getattr(args, "keep_identity", False) and len(loaded) == 2:
+        from .pipeline import _refuse_other_patients
+
+        _refuse_other_patients(list(loaded))
     # A DICOM output is on FIXED's grid: a DICOM FIXED is its template (study, frame of reference, position).
     save(res.resampled, out, overwrite=args.overwrite,
          template=None if is_image_file(out) else dicom_template(args.fixed),

@@ -740,6 +740,8 @@ class SaveStep:
         inputs = [p for p in state.inputs if not isinstance(p, Volume)]
         name = out.name.lower()
         check(state.cancel, "saving")
+        if not self.deidentify:
+            _refuse_other_patients(state.volumes)
         _input_facts(state)  # the inputs hashed now, not while the folder is locked (once per run: kept)
         # One save of an output folder at a time, across processes: two runs writing one output at once each
         # wrote their sidecar before one rename won, and the sidecar left could describe the other image.
@@ -779,6 +781,14 @@ class SaveStep:
         # A DICOM output lies on the first input's grid: a DICOM first input is its template (study, frame of
         # reference, patient position; de-identified as save's default does).
         template = dicom_template(state.inputs[0]) if ctx is atomic_dir and state.inputs else None
+        ref = state.volumes[0].provenance if template is not None and state.volumes else {}
+        if ref.get("series_uid"):
+            from .io.dicom_writer import _read_template
+
+            # The fixed series chosen in a folder of several (--series CT PT): the fused volume names no series,
+            # and the folder's first file was taken, another series' patient, study and frame of reference.
+            template = _read_template(template, str(ref["series_uid"]),
+                                      str(ref.get("frame_of_reference_uid") or "") or None)
         with ctx(out, overwrite=state.overwrite, inputs=inputs) as tmp:
             save(state.fused, tmp, overwrite=True, template=template, deidentify=self.deidentify)
             state.notes["provenance"] = self._sidecar(state, tmp, out, inputs, replaces=replaces, before_rename=True)
@@ -811,6 +821,24 @@ class SaveStep:
 #: A file at the sidecar path larger than this is no sidecar (they are kilobytes): it is not read into memory to be
 #: put back, only recognised by its identity (a 400 MB file was held through the whole save).
 _SIDECAR_MAX_BYTES = 1 << 22
+
+
+def _refuse_other_patients(vols: Sequence[Volume]) -> None:
+    """Refuse to file a result made of several patients' series into the fixed series' patient's study.
+
+    Why: with the identity kept, a warning was all there was, and a PET of another patient went into this patient's
+    record under their name; de-identified, the result names no one, and the warning stays a warning.
+
+    Raises:
+        InvalidInputError: a moving series' patient differs from the fixed series'.
+    """
+    from ._patient import different_patients
+
+    if any(different_patients(vols[0].provenance, v.provenance) for v in vols[1:]):
+        raise InvalidInputError("the images are DICOM series of different patients: a result kept in the fixed "
+                                "series' patient's study would file another patient's images under their name",
+                                fix="check the series; to look at the result anyway, write it de-identified (the "
+                                    "default)")
 
 
 def _bytes_if_there(path: Path) -> Optional[Tuple[Tuple[int, ...], Optional[bytes]]]:

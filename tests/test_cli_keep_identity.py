@@ -93,3 +93,48 @@ def test_python_api_deidentify_option(tmp_path):
     res = fuse_files(SAMPLES / "ct", SAMPLES / "pet", None, method="mean", deidentify=False)
     assert res.output is None and res.sidecar is None and res.fused.shape == res.fused.array.shape
     assert Pipeline().parameters() == Pipeline(deidentify=False).parameters()  # save is not a result parameter
+
+
+def _named_pet(folder: Path, *, name=NAME, mrn=MRN, study=None, frame=None) -> Path:
+    import pydicom
+
+    folder.mkdir(parents=True)
+    for f in sorted((SAMPLES / "pet").iterdir()):
+        ds = pydicom.dcmread(str(f))
+        ds.PatientName, ds.PatientID = name, mrn
+        if study:
+            ds.StudyInstanceUID, ds.FrameOfReferenceUID = study, frame
+        ds.save_as(str(folder / f.name))
+    return folder
+
+
+def test_a_folder_of_several_series_gives_the_chosen_fixed_series_as_template(tmp_path):
+    """``fuse study study --series CT PT``: the fused output took the folder's first file as its template, the
+    PET's (its study, frame of reference and patient), although it lies on the CT's grid."""
+    study = tmp_path / "study"
+    ct = _named_ct(tmp_path)
+    shutil.move(str(ct), str(study / "b_ct"))
+    _named_pet(study / "a_pet", study="1.2.3.555", frame="1.2.3.99")  # sorted first: another session's PET
+    src = _first(study / "b_ct")
+    out = tmp_path / "fused"
+    assert main(["fuse", str(study), str(study), "--series", "CT", "PT", "-o", str(out), "--method", "mean",
+                 "--keep-identity", "-q"]) == 0
+    ds = _first(out)
+    assert (ds.StudyInstanceUID, ds.FrameOfReferenceUID) == (src.StudyInstanceUID, src.FrameOfReferenceUID)
+    assert ds.Modality != "PT" and ds.StudyDate == src.StudyDate
+
+
+@pytest.mark.parametrize("command", ["fuse", "register"])
+def test_keep_identity_refuses_another_patients_series(tmp_path, capsys, command):
+    """A PET of another patient was fused (or registered) and filed under the fixed series' patient, with a
+    warning only; de-identified, the result names no one and it stays a warning."""
+    ct = _named_ct(tmp_path)
+    pet = _named_pet(tmp_path / "pet_other", name="ROE^RICHARD", mrn="MRN-0002")
+    extra = ["--method", "mean"] if command == "fuse" else []
+    out = tmp_path / "out"
+    assert main([command, str(ct), str(pet), "-o", str(out), "--keep-identity", *extra]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "DICOM series of different patients" in err and "de-identified (the default)" in err
+    assert "ROE" not in err and "DOE" not in err
+    assert not out.exists() and not (tmp_path / "out.json").exists()
+    assert main([command, str(ct), str(pet), "-o", str(out), *extra, "-q"]) == 0  # de-identified: written
