@@ -390,3 +390,27 @@ def test_itk_thread_counts_of_concurrent_calls_do_not_mix():
         with _itk_threads(3):
             assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+
+
+def test_percentiles_of_a_resampled_image_are_taken_over_its_own_field_of_view(samples_dir):
+    """A SPECT fused on a large grid (a whole-body CT's) had its percentiles taken over the whole grid, mostly the
+    fill outside it: the top of its scale fell from ~70 counts to ~20 and its grey matter was all 1.0."""
+    from medfuse.fusion.normalise import normalise
+    from medfuse.pipeline import fuse_files
+
+    mr = medfuse.load(samples_dir / "mr_t1.nii.gz")
+    spect = medfuse.load(samples_dir / "spect.nii.gz")
+    own_high = normalise(spect)[1]["high"]
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    shape = (125, 125, 250)  # 500 x 500 x 1000 mm around the head
+    centre = mr.affine[:3, :3] @ (np.array(mr.shape) / 2.0) + mr.affine[:3, 3]
+    aff[:3, 3] = centre - 4.0 * np.array(shape) / 2.0
+    big = medfuse.Volume(np.zeros(shape, np.float32), aff, modality="MR")
+    big = big.with_array(medfuse.resample(mr, big).array)
+    with pytest.warns(medfuse.MedfuseWarning, match="covers only"):
+        rec = fuse_files(big, spect, None, method="max").provenance["normalisation"][1]
+    assert rec["method"] == "percentile" and rec["over"].startswith("its own field of view (3.")
+    assert abs(rec["high"] - own_high) < 0.1 * own_high, (rec["high"], own_high)  # was 0.03 x own_high
+    # An image that covers the whole grid is normalised as before, over all of it.
+    rec = fuse_files(mr, spect, None, method="max").provenance["normalisation"][1]
+    assert "over" not in rec and rec["method"] == "percentile"
