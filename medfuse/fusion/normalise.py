@@ -106,6 +106,37 @@ def _warn_if_not_hu(x: np.ndarray, width: float, stacklevel: int = 3) -> None:
                       "normalise='percentile'", MedfuseWarning, stacklevel=stacklevel)
 
 
+def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional[str], stacklevel: int) -> None:
+    """Warn when ``method`` "window" (HU) or "suv" is named for an image whose unit or modality says it holds
+    another quantity.
+
+    Why: ``normalise="window"`` for an MR + PET + CT fusion windowed the PET's SUV as HU (0.400..0.435: the lesion
+    gone) and the MR too, and "suv" clipped 90 % of a SPECT in counts, without a word; "auto" picks per image.
+    """
+    from ..volume import normalise_modality
+
+    try:
+        mod = normalise_modality(modality) if modality else "unknown"
+    except InvalidInputError:
+        mod = "unknown"
+    if method == "window":
+        other = unit not in (None, "HU", "arbitrary") or mod not in ("CT", "unknown")
+        wanted = "HU (a CT)"
+    else:
+        other = (unit is not None and unit != "arbitrary" and not unit.startswith("SUV")) or mod not in ("PT",
+                                                                                                          "unknown")
+        wanted = "SUV (a PET)"
+    if other:
+        import warnings
+
+        units = "arbitrary units" if unit == "arbitrary" else unit or "unknown units"
+        said = f"an image of modality {mod}, in {units}" if mod != "unknown" else f"an image in {units}"
+        warnings.warn(f"normalisation '{method}' is for {wanted}, but it is applied to {said}: its values are "
+                      f"scaled as if they were {wanted.split()[0]}. Fix: normalise='auto' (each image by its own "
+                      "modality and unit), or one entry per image (normalise=[..., ...])", MedfuseWarning,
+                      stacklevel=stacklevel)
+
+
 # For type checkers: a Volume in gives a Volume (on its grid), a NumPy array an array; anything else (a list: an
 # array at run time) either, so that a Volume typed as Any is not promised an array.
 @overload
@@ -259,6 +290,8 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
     if chosen not in _METHODS:
         raise InvalidInputError("unknown normalisation method (the str given names none of them)",
                                 fix=f"use 'auto' or one of {', '.join(_METHODS)}")
+    if method in ("window", "suv"):
+        _warn_if_other_quantity(method, modality, unit, stacklevel)
     rec: Dict[str, Any] = {"method": chosen, "modality": modality or "unknown", "unit": unit or "arbitrary"}
     if method == "auto":
         rec["auto"] = why  # why "auto" chose this method (e.g. "CT not in HU (unit 'arbitrary')")

@@ -188,3 +188,25 @@ def test_suvbsa_gets_a_window_on_its_own_scale():
     assert (rec_bw["suv_max"], rec_bsa["suv_max"]) == (10.0, 2.5)
     np.testing.assert_allclose(a, b, atol=0.01)
     assert normalise(bsa, modality="PT", unit="SUVbsa", suv_max=5)[1]["suv_max"] == 5.0
+
+
+def test_a_named_window_or_suv_rule_on_another_quantity_is_warned_of():
+    """normalise='window' for an MR + PET + CT fusion windowed the PET's SUV as HU (the lesion gone) and the MR
+    too; 'suv' clipped most of a SPECT in counts; all without a word. The CT itself, or an unlabelled array,
+    takes them quietly."""
+    from medfuse.fusion.normalise import normalise
+
+    a = _smooth(2) * 5
+    for method, modality, unit in (("window", "PT", "SUVbw"), ("window", "MR", "arbitrary"),
+                                   ("suv", "NM", "counts"), ("suv", "PT", "Bq/mL")):
+        with pytest.warns(MedfuseWarning, match=f"normalisation '{method}' is for .* modality {modality}"):
+            normalise(a, method=method, modality=modality, unit=unit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        for method, modality, unit in (("window", "CT", "HU"), ("window", None, None), ("suv", "PT", "SUVbw"),
+                                       ("suv", None, None)):
+            normalise(a, method=method, modality=modality, unit=unit)
+    ct = medfuse.Volume(np.stack([a * 100] * 8, -1), np.eye(4), modality="CT", unit="HU")
+    pet = ct.with_array(np.stack([a] * 8, -1), modality="PT", unit="SUVbw")
+    with pytest.warns(MedfuseWarning, match="applied to an image of modality PT, in SUVbw"):
+        medfuse.fuse(ct, pet, method="max", normalise="window")
