@@ -706,7 +706,11 @@ class FuseModalities(Transform):
             fused.provenance["fallback"] = {"requested": self.method, "used": method_used, "reason": reason}
         if not self.as_tensor:
             return fused
-        out = _in_space_of(fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor(), images[0])
+        # On the reference's grid: its loading grid (original_affine, spatial_shape), header fields and transform
+        # history go with it, as MONAI's ConcatItemsd keeps the first key's; they were the fusion's own grid, so
+        # SaveImaged(resample=True) wrote the fused image on the resampled grid and Invertd had nothing to undo.
+        out = _keep_meta(fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor(), images[0],
+                         same_grid=True)
         # Always both keys (MONAI's collate keeps only the meta keys every item of a batch has).
         out.meta["medfuse_method"] = method_used
         out.meta["medfuse_fallback_reason"] = reason

@@ -291,3 +291,30 @@ def test_a_constant_input_is_fused_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         FuseModalities(method="mean")([a, b])  # two real images: no warning
+
+
+def test_the_fused_tensor_keeps_the_references_loading_grid_and_history(tmp_path):
+    """After Spacingd, the fused tensor's original_affine and spatial_shape were the resampled grid's, and its
+    transform history empty: SaveImaged(resample=True) wrote it on that grid, not the file's, unlike MONAI's own
+    ConcatItemsd, which keeps the first key's."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, SaveImaged, Spacingd
+
+    rng = np.random.default_rng(7)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    vol = Volume(rng.random((20, 18, 14)).astype(np.float32) * 50, aff, modality="MR")
+    medfuse.save(vol, tmp_path / "t1c.nii.gz")
+    medfuse.save(vol.with_array(vol.array[::-1].copy()), tmp_path / "t2f.nii.gz")
+    keys = ["t1c", "t2f"]
+    pre = Compose([LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys), Spacingd(keys=keys, pixdim=(3, 3, 3)),
+                   FuseModalitiesd(keys=keys, output_key="image", method="mean")])
+    d = pre({k: str(tmp_path / f"{k}.nii.gz") for k in keys})
+    image, ref = d["image"], d["t1c"]
+    assert tuple(image.shape[1:]) == tuple(ref.shape[1:]) != (20, 18, 14)  # fused on the resampled grid
+    np.testing.assert_allclose(np.asarray(image.meta["original_affine"]), np.asarray(ref.meta["original_affine"]))
+    assert [int(x) for x in image.meta["spatial_shape"]] == [20, 18, 14]
+    assert len(image.applied_operations) == len(ref.applied_operations) == 1  # the Spacingd, to invert
+    SaveImaged(keys="image", output_dir=str(tmp_path / "out"), output_postfix="fused", separate_folder=False,
+               resample=True, print_log=False)(d)
+    back = medfuse.load(tmp_path / "out" / "t1c_fused.nii.gz")
+    assert back.shape == (20, 18, 14)  # written back on the file's grid, as ConcatItemsd's output would be
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
