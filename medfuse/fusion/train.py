@@ -1465,9 +1465,15 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
                       "--merge they were trained with (their JSON card's trained_by command)",
                       MedfuseWarning, stacklevel=2)
     if unexpected or any(not k.startswith(("scan.", "refine.")) for k in missing):
-        raise InvalidInputError(f"the --init weights do not fit this architecture ({len(missing)} tensor(s) missing "
-                                f"from the file, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
-                                f"{unexpected[:3]})", path=path, fix=fix)
+        parts = ([f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}"] if missing else []) + \
+            ([f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"] if unexpected else [])
+        # A part the file has and this run's model lacks: its option, by name (a state dict records no settings,
+        # and the generic list sent a user converting one to --width and --merge for a refinement head).
+        parts_of = {"refine.": "--refine-head N (the file has a refinement head)",
+                    "scan.": "--scan N (the file has a selective scan)"}
+        named = [opt for prefix, opt in parts_of.items() if any(k.startswith(prefix) for k in unexpected)]
+        raise InvalidInputError(f"the --init weights do not fit this architecture ({'; '.join(parts)})", path=path,
+                                fix=("pass " + " and ".join(named) + "; " if named else "") + fix)
 
 
 #: Architecture config keys that a training option sets and a fine-tune does not take from its --init file.

@@ -233,3 +233,19 @@ def test_evaluate_split_val_warns_when_the_weights_were_not_held_out_from_those_
         if says:
             assert f"CT-MRI {', '.join(sorted(val, key=int))}" in err and "--seed and --val-fraction" in err
             assert "medfuse evaluate: warning:" in err
+
+
+def test_a_state_dict_with_a_refinement_head_names_the_option_it_needs(tmp_path, no_volumes, harvard_folder, capsys):
+    """Converting the shipped weights' state dict (as fuse's error for a .pt file advises) said to pass
+    --width/--per-input-gain/--scan/--merge, none of which helps; it is --refine-head. "0 tensor(s) missing, e.g.
+    []" is left out too."""
+    from safetensors.torch import load_file
+
+    data = harvard_folder(tmp_path / "data", types=("CT-MRI",), cases=(1, 2), slices=1)
+    state = tmp_path / "state.pt"
+    torch.save(load_file(str(infer.default_weights_path())), state)
+    rc = tr.main(["--data", str(data), "--run-dir", str(tmp_path / "run"), "--init", str(state), "--epochs", "0",
+                  "--steps-3d", "0", "--val-limit", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Fix: pass --refine-head N (the file has a refinement head)" in err, err
+    assert "missing from the file" not in err and "unexpected, e.g. ['refine." in err
