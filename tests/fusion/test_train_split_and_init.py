@@ -249,3 +249,16 @@ def test_a_state_dict_with_a_refinement_head_names_the_option_it_needs(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and "Fix: pass --refine-head N (the file has a refinement head)" in err, err
     assert "missing from the file" not in err and "unexpected, e.g. ['refine." in err
+
+
+def test_png_files_ending_in_upper_case_are_pairs_too(tmp_path, harvard_folder):
+    """``.PNG`` files (a Windows tool's) were left out of training and evaluation without a word: glob('*.png')
+    is case-sensitive on Linux."""
+    from medfuse.harvard import list_pairs
+
+    data = harvard_folder(tmp_path / "data", types=("CT-MRI",), cases=(1, 2), slices=1)
+    folder = data / "harvard-pairs" / "CT-MRI"
+    for sub in ("MRI", "CT"):
+        (folder / sub / "2000.png").rename(folder / sub / "2000.PNG")
+    assert sorted(a.name for a, _ in tr.harvard_pairs(data / "harvard-pairs")["CT-MRI"]) == ["1000.png", "2000.PNG"]
+    assert sorted(p.name for p in list_pairs(data / "harvard-pairs")) == ["1000.png", "2000.PNG"]
