@@ -33,7 +33,7 @@ import numpy as np
 from ._checks import number, whole
 from .errors import InvalidInputError, MedfuseWarning, UnreadableFileError, UnsupportedDataError
 
-__all__ = ["HarvardPair", "case_id", "case_of", "list_pairs", "png_names", "load_png", "load_gray", "load_pair", "split_by_case",
+__all__ = ["HarvardPair", "case_id", "case_of", "list_pairs", "load_png", "load_gray", "load_pair", "split_by_case",
            "split_cases", "training_split", "spread", "FUNCTIONAL"]
 
 #: Sub-folder names of the non-MRI image.
@@ -117,17 +117,12 @@ def _check_split(val_fraction, seed) -> None:
     whole(seed, "seed", example="seed=0")
 
 
-def png_names(folder: Path) -> List[str]:
+def _png_names(folder: Path) -> List[str]:
     """The names of the PNG files in ``folder``, their ending in any letter case (``.png``, ``.PNG``).
 
     Why: ``glob("*.png")`` is case-sensitive on Linux, so a camera's or Windows tool's ``.PNG`` files were left out
     of training and evaluation without a word.
 
-    Args:
-        folder: the folder (one of a pair type's ``MRI/``, ``CT/``, ``PET/``, ``SPECT/``).
-
-    Returns:
-        The file names, sorted.
     """
     return sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
 
@@ -138,7 +133,7 @@ def _pairs_in(folder: Path) -> List[HarvardPair]:
     if not mri.is_dir() or len(others) != 1:
         return []
     other = others[0]
-    a, b = set(png_names(mri)), set(png_names(other))
+    a, b = set(_png_names(mri)), set(_png_names(other))
     if a ^ b:
         warnings.warn(f"{folder.name}: {len(a ^ b)} image(s) without a partner of the same name were ignored "
                       f"(e.g. {sorted(a ^ b)[0]})", MedfuseWarning, stacklevel=3)

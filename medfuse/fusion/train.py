@@ -36,7 +36,7 @@ import numpy as np
 from .._checks import MAX_THREADS, user_stacklevel
 from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError,
                       WeightsError)
-from ..harvard import case_of, png_names, split_cases, spread  # the one split: medfuse evaluate --split uses it too
+from ..harvard import case_of, _png_names, split_cases, spread  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
            "torch_metrics", "PAIR_TYPES", "DEFAULT_SHARED"]
@@ -97,8 +97,8 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
                                           fix=f"put the pairs' MRI PNGs in {ptype}/MRI/ and the {other} PNGs of the "
                                               f"same names in {ptype}/{other}/, or remove {ptype}/ to train "
                                               "without that pair type")
-        names = png_names(d / "MRI")
-        others = set(png_names(d / other))
+        names = _png_names(d / "MRI")
+        others = set(_png_names(d / other))
         lone = sorted(set(names) ^ others)
         if lone:
             warnings.warn(f"{d}: {len(lone)} image(s) without a partner of the same name in MRI/ and {other}/ "
