@@ -1345,8 +1345,20 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
                 res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
                 overwrite = True
         _make_output_folder(out)
-        made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series,
-                          modalities=modalities, **kw)
+        try:
+            made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series,
+                              modalities=modalities, **kw)
+        except OutputExistsError:
+            # Another batch (another manifest naming the same outputs) wrote it meanwhile: an output its sidecar
+            # shows current is this subject done, not a failure telling the user to --overwrite a valid result.
+            rec = read_sidecar(out) if not overwrite and out.exists() else None
+            if rec is None or not is_up_to_date(out, input_paths=inputs, expect=expect,
+                                                parameters=_unregistered_as_recorded(params, rec)):
+                raise
+            res.status = "skipped"
+            res.note = "written meanwhile by another run; its sidecar shows it up to date"
+            _from_sidecar(res, rec)
+            return inputs
         res.status = "done"
         _from_sidecar(res, made.provenance)
     except MedfuseError as e:

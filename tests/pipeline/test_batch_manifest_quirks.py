@@ -151,3 +151,31 @@ def test_a_report_in_the_outputs_folder_or_a_default_one_is_still_written(tmp_pa
     out = tmp_path / "new" / "out"  # made by batch
     s = run_batch(study, scheduler="synchronous", method="mean", out_dir=out)
     assert s.results[0].status == "done" and s.report_path == out / "batch-report.csv" and s.report_path.is_file()
+
+
+def test_an_output_another_run_wrote_meanwhile_is_skipped_not_failed(tmp_path, images, monkeypatch):
+    """Two batches of different manifests naming the same outputs each computed them; the later one failed every
+    subject with "the output exists ... rerun with --overwrite", about valid, up-to-date outputs."""
+    import medfuse.pipeline as P
+
+    real = P.fuse_files
+
+    def another_run_first(*args, **kwargs):  # the other batch finishes this output while this one computes it
+        real(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    m = _write(tmp_path, f"{HEADER}\n{_row('a', images, 'o/a.nii.gz')}\n")
+    monkeypatch.setattr(P, "fuse_files", another_run_first)
+    res = run_batch(m, scheduler="synchronous", method="mean").results[0]
+    assert (res.status, res.error) == ("skipped", None)
+    assert res.note == "written meanwhile by another run; its sidecar shows it up to date"
+    # An output written meanwhile with other settings is still a failure (never replaced without --overwrite).
+    (tmp_path / "o" / "a.nii.gz").unlink()
+
+    def other_settings_first(*args, **kwargs):
+        real(*args, **{**kwargs, "method": "max"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "fuse_files", other_settings_first)
+    res = run_batch(m, scheduler="synchronous", method="mean").results[0]
+    assert res.status == "failed" and "exists" in res.error
