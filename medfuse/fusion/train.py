@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -1337,9 +1337,7 @@ def _init_state(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        import torch
-
-        ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no unpickling
+        ck = _torch_load(path)  # weights_only: no unpickling
     except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several types for a bad file
         raise _unreadable_init(path, exc) from None
     if isinstance(ck, dict) and isinstance(ck.get("model"), dict):  # a training checkpoint
@@ -1360,8 +1358,24 @@ def _init_state(path: Path) -> dict:
 
 
 def _unreadable_init(path: Path, exc: Exception) -> UnreadableFileError:
+    if type(exc).__name__ == "UnpicklingError":
+        # "(UnpicklingError)" alone did not say why a file torch wrote was refused.
+        return UnreadableFileError("the --init file holds Python objects besides tensors, which are not loaded: "
+                                   "unpickling them could run code", path=path,
+                                   fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt, or save "
+                                       "the tensors alone (torch.save(model.state_dict(), ...)) from code you trust")
     return UnreadableFileError(f"cannot read the --init weights ({type(exc).__name__})", path=path,
                                fix="pass a medfuse_fusion.safetensors export or a last.ckpt/best.ckpt")
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only`` (no code runs), without torch's own warnings about the file (a pickle
+    protocol it "did not expect", asking to file an issue), which the typed error below says better."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 #: Run options a training checkpoint records (``state["options"]``) -> the architecture config key they set.
@@ -1379,10 +1393,8 @@ def _checkpoint_config(path: Path) -> dict:
     Why: the config was read from safetensors exports only, so ``--init last.ckpt`` silently trained another
     model (factor 4 and no empty guard, pixel rule or functional choice, whatever the checkpoint's run used).
     """
-    import torch
-
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no unpickling
+        ck = _torch_load(path)  # weights_only: no unpickling
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
         raise _unreadable_init(path, exc) from None
     state = ck.get("state") if isinstance(ck, dict) else None

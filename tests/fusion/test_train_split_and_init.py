@@ -262,3 +262,30 @@ def test_png_files_ending_in_upper_case_are_pairs_too(tmp_path, harvard_folder):
         (folder / sub / "2000.png").rename(folder / sub / "2000.PNG")
     assert sorted(a.name for a, _ in tr.harvard_pairs(data / "harvard-pairs")["CT-MRI"]) == ["1000.png", "2000.PNG"]
     assert sorted(p.name for p in list_pairs(data / "harvard-pairs")) == ["1000.png", "2000.PNG"]
+
+
+class _Marker:
+    """Unpickled, it would create a file: the proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_as_init_is_refused_saying_why_and_runs_no_code(tmp_path, harvard_folder, capsys):
+    """A plain pickle as --init gave torch's "please file an issue" warning and "cannot read the --init weights
+    (UnpicklingError)", which did not say why. Nothing in it runs."""
+    import pickle
+
+    data = harvard_folder(tmp_path / "data", types=("CT-MRI",), cases=(1, 2), slices=1)
+    evil, marker = tmp_path / "evil.pt", tmp_path / "RAN"
+    evil.write_bytes(pickle.dumps({"w": _Marker(marker)}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = tr.main(["--data", str(data), "--run-dir", str(tmp_path / "run"), "--init", str(evil), "--epochs", "0",
+                      "--steps-3d", "0", "--val-limit", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds Python objects besides tensors" in err and "could run code" in err, err
+    assert not marker.exists() and not [w for w in caught if "pickle" in str(w.message).lower()]
