@@ -1313,7 +1313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="validation pairs per type each epoch (the final validation: 3x as many)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                        help="where to train (default: auto, a CUDA GPU when there is one, else the CPU)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from RUN_DIR/last.ckpt (with the same architecture options)")
     return parser
