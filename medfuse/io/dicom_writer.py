@@ -2,7 +2,8 @@
 
 Choices (see docs/io.md and docs/dicom.md):
 
-* New SeriesInstanceUID and SOPInstanceUIDs; ImageType ``DERIVED\\SECONDARY``.
+* New SeriesInstanceUID and SOPInstanceUIDs; ImageType ``DERIVED\\SECONDARY`` (``DERIVED\\PRIMARY`` for PET and
+  ``DERIVED\\SECONDARY\\OTHER`` for MR, as their IODs require).
 * Geometry per slice: ImagePositionPatient = affine·(0, 0, k), ImageOrientationPatient from the
   i (row) and j (column) directions, PixelSpacing ``[Δj, Δi]``, SliceThickness and
   SpacingBetweenSlices ``Δk``. Slices are written in k order; a DICOM reader sorts them along
@@ -507,6 +508,7 @@ def _modality_attributes(base, tpl, modality: str) -> None:
         for kw in ("KVP", "AcquisitionNumber"):
             base.setdefault(kw, None)
     elif modality == "MR":
+        base.ImageType = ["DERIVED", "SECONDARY", "OTHER"]  # MR Image module: value 3 is required (OTHER: none fits)
         # Type 1: RM (research mode) and NONE are the defined terms for a sequence the image does not come from.
         if not str(base.get("ScanningSequence", "") or "").strip():
             base.ScanningSequence = "RM"
@@ -523,6 +525,7 @@ def _modality_attributes(base, tpl, modality: str) -> None:
     if modality in ("CT", "MR"):
         base.setdefault("PatientPosition", None)  # 2C: CT and MR images without PatientOrientationCodeSequence
     if modality == "PT":
+        base.ImageType = ["DERIVED", "PRIMARY"]  # PET Image module: value 2 shall be PRIMARY
         for kw in ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"):
             if kw not in base:
                 setattr(base, kw, pydicom.Sequence())
@@ -706,6 +709,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.SOPClassUID = sop_class
     if sop_class == _SC:
         base.ConversionType = "WSD"  # SC Equipment module, type 1: made on a workstation
+        # Modality LUT: RescaleType is 1C beside the rescale (US: unspecified); General Image: PatientOrientation
+        # is 2C for an IOD that does not require the image plane (dciodvfy named both missing).
+        base.RescaleType = "US"
+        base.PatientOrientation = ""
     base.ContentDate, base.ContentTime = date, time
     base.AcquisitionDate = base.get("AcquisitionDate", date)
     base.AcquisitionTime = base.get("AcquisitionTime", time)
