@@ -787,6 +787,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
         try:
             fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m)
                              for p, pick, m in zip((args.fixed, args.moving), picks, args.modalities or [None, None]))
+            if getattr(args, "keep_identity", False):  # refused before the registration, not after it
+                from .pipeline import _refuse_other_patients
+
+                _refuse_other_patients([fixed, moving], warn_unknown=True)
             t0 = time.perf_counter()
             with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar, \
                     _itk_threads(args.threads):
@@ -851,10 +855,6 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     init_path = args.initial_transform
     from .io import dicom_template, is_image_file
 
-    if getattr(args, "keep_identity", False) and len(loaded) == 2:
-        from .pipeline import _refuse_other_patients
-
-        _refuse_other_patients(list(loaded))
     # A DICOM output is on FIXED's grid: a DICOM FIXED is its template (study, frame of reference, position).
     save(res.resampled, out, overwrite=args.overwrite,
          template=None if is_image_file(out) else dicom_template(args.fixed),

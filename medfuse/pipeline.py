@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import MAX_THREADS, as_list, choice, describe, label, number, whole
+from ._checks import MAX_THREADS, as_list, choice, describe, label, number, user_stacklevel, whole
 from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
@@ -385,10 +385,10 @@ def _field_of_view(v: Volume, ref: Volume, transform: Any) -> Optional[np.ndarra
     """
     from .registration import resample
 
+    # No provenance: no frame-of-reference or patient warning can come of it (and no catch_warnings, which swaps
+    # process-wide state under a batch's other threads and drops their warnings).
     ones = Volume(np.ones(v.shape, dtype=bool), v.affine, modality="unknown", unit="arbitrary")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MedfuseWarning)  # said of the image itself, when it is resampled
-        mask = resample(ones, ref, transform=transform).array
+    mask = resample(ones, ref, transform=transform).array
     return None if bool(mask.all()) else np.asarray(mask, dtype=bool)
 
 
@@ -551,6 +551,9 @@ class NormaliseStep:
         del own
         scaled, rec = normalise(v.array, method="range", low=lo, high=hi, modality=v.modality, unit=v.unit,
                                 dtype=np.float32)
+        inside = np.asarray(v.array)[view]  # clipped where the image is: the fill outside is not the image's
+        rec["clipped_fraction"] = float(np.mean((inside < lo) | (inside > hi)))
+        del inside
         rec = {**rec, "method": "percentile", "percentiles": [pl, ph],
                "over": f"its own field of view ({100.0 * float(view.mean()):.3g} % of the grid)",
                **({"auto": why} if self.method == "auto" else {})}
@@ -812,7 +815,7 @@ class SaveStep:
 
     def _save(self, state, out, inputs, name, replaces) -> PipelineState:
         from . import provenance as prov
-        from .io import dicom_template, save
+        from .io import save
         from .io._atomic import atomic_dir, atomic_path
 
         if name.endswith((".mhd", ".nhdr")):
@@ -831,7 +834,7 @@ class SaveStep:
             self._in_progress(state, out, inputs, replaces)
         # A DICOM output lies on the first input's grid: a DICOM first input is its template (study, frame of
         # reference, patient position; de-identified as save's default does).
-        template = dicom_template(state.inputs[0]) if ctx is atomic_dir and state.inputs else None
+        template = _dicom_series_of(state.inputs[0]) if ctx is atomic_dir and state.inputs else None
         ref = state.volumes[0].provenance if template is not None and state.volumes else {}
         if ref.get("series_uid"):
             from .io.dicom_writer import _read_template
@@ -874,22 +877,35 @@ class SaveStep:
 _SIDECAR_MAX_BYTES = 1 << 22
 
 
-def _refuse_other_patients(vols: Sequence[Volume]) -> None:
+def _refuse_other_patients(vols: Sequence[Volume], *, warn_unknown: bool = False) -> None:
     """Refuse to file a result made of several patients' series into the fixed series' patient's study.
+
+    Stricter than the warning a de-identified fusion gets (the ID and the name both differ): any identifier both
+    series hold that differs (two patients of one name, MRN1 and MRN2, are two patients). With ``warn_unknown``,
+    a moving image that carries no patient identity (a NIfTI, a de-identified series) is warned of.
 
     Why: with the identity kept, a warning was all there was, and a PET of another patient went into this patient's
     record under their name; de-identified, the result names no one, and the warning stays a warning.
 
     Raises:
-        InvalidInputError: a moving series' patient differs from the fixed series'.
+        InvalidInputError: a moving series' patient ID, name or birth date differs from the fixed series'.
     """
-    from ._patient import different_patients
+    from ._patient import keys_disagree
 
-    if any(different_patients(vols[0].provenance, v.provenance) for v in vols[1:]):
-        raise InvalidInputError("the images are DICOM series of different patients: a result kept in the fixed "
-                                "series' patient's study would file another patient's images under their name",
-                                fix="check the series; to look at the result anyway, write it de-identified (the "
-                                    "default)")
+    key = vols[0].provenance.get("patient_key")
+    for i, v in enumerate(vols[1:], start=2):
+        theirs = v.provenance.get("patient_key")
+        if keys_disagree(key, theirs):
+            raise InvalidInputError(f"input {i} is a DICOM series of another patient than the fixed series (their "
+                                    "patient ID, name or birth date differ; the values are not shown): a result "
+                                    "kept in the fixed series' patient's study would file another patient's images "
+                                    "under their name",
+                                    fix="check the series; to look at the result anyway, write it de-identified (the "
+                                        "default)")
+        if warn_unknown and key and not theirs:
+            msg = (f"input {i} carries no patient identity (not DICOM, or de-identified), so nothing shows it is "
+                   "the fixed series' patient's, in whose study the result is kept: check that it is")
+            warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
 
 
 def _bytes_if_there(path: Path) -> Optional[Tuple[Tuple[int, ...], Optional[bytes]]]:
@@ -1240,6 +1256,7 @@ class Pipeline:
             raise InvalidInputError(f"the pipeline needs a fixed and at least one moving input, got {len(inputs)}",
                                     fix="pass [fixed, moving, ...]")
         inputs = [_as_input(x, i) for i, x in enumerate(inputs)]
+        keep_identity = False
         if out is not None:
             from .io.writers import check_save_target
             from .provenance import check_sidecar
@@ -1251,6 +1268,7 @@ class Pipeline:
             save_step = dict(self._steps)["save"]
             if isinstance(save_step, SaveStep) and not save_step.deidentify:
                 check_identity_kept(out, inputs[0])
+                keep_identity = True
         _refuse_network_without_torch(self._steps)
         state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
                               progress=None, cancel=cancel)
@@ -1265,6 +1283,9 @@ class Pipeline:
             t0 = time.perf_counter()
             result = step(state)
             state = result if isinstance(result, PipelineState) else state
+            if name == "load" and keep_identity:
+                # Refused now, not after minutes of registration and fusion (the save step checks again).
+                _refuse_other_patients(state.volumes, warn_unknown=True)
             state.steps.append({"name": name, "params": _params_of(step),
                                 "seconds": round(time.perf_counter() - t0, 4)})
             done += w
@@ -1285,6 +1306,17 @@ class Pipeline:
                               transforms=state.transforms, steps=state.steps)
 
 
+def _dicom_series_of(item: Any) -> Optional[Path]:
+    """The DICOM series an input is (a path) or was loaded from (a Volume medfuse read from DICOM), for a DICOM
+    output's template; else None."""
+    from .io import dicom_template
+
+    if isinstance(item, Volume):
+        prov = item.provenance
+        return dicom_template(prov.get("source")) if prov.get("reader") == "medfuse.dicom" else None
+    return dicom_template(item)
+
+
 def check_identity_kept(out: PathLike, fixed: Any, *, option: str = "deidentify=False") -> None:
     """Refuse, before any work, to keep the patient's identity where there is none to keep or no place for it.
 
@@ -1299,14 +1331,16 @@ def check_identity_kept(out: PathLike, fixed: Any, *, option: str = "deidentify=
     Raises:
         InvalidInputError: ``out`` is a file format that holds no identity, or ``fixed`` is no DICOM series.
     """
-    from .io import dicom_template, is_image_file
+    from .io import is_image_file
 
     if is_image_file(out):
         raise InvalidInputError(f"{option} keeps the patient and study in a DICOM output, but the output is a "
                                 f"{Path(out).name.split('.', 1)[-1]} file, which holds neither",
                                 fix="name a DICOM output folder (a name without a file ending), or leave the "
                                     "output de-identified")
-    if dicom_template(fixed) is None:
+    if not isinstance(fixed, Volume) and not os.path.exists(fixed):
+        return  # the loader says "no such file or folder", as it does without the option
+    if _dicom_series_of(fixed) is None:
         raise InvalidInputError(f"{option} takes the patient and study from the fixed image, which is not a DICOM "
                                 "series", fix="give the DICOM series the result belongs with as the fixed image, "
                                               "or leave the output de-identified")

@@ -134,7 +134,34 @@ def test_keep_identity_refuses_another_patients_series(tmp_path, capsys, command
     out = tmp_path / "out"
     assert main([command, str(ct), str(pet), "-o", str(out), "--keep-identity", *extra]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "DICOM series of different patients" in err and "de-identified (the default)" in err
+    assert "input 2 is a DICOM series of another patient" in err and "de-identified (the default)" in err
     assert "ROE" not in err and "DOE" not in err
     assert not out.exists() and not (tmp_path / "out.json").exists()
     assert main([command, str(ct), str(pet), "-o", str(out), *extra, "-q"]) == 0  # de-identified: written
+
+
+def test_keep_identity_compares_every_identifier_and_refuses_before_the_work(tmp_path, monkeypatch):
+    """Two patients of one name (MRN1, MRN2) passed the warning's test (ID and name both differ), and the check ran
+    after registration and fusion; a moving image without any patient identity went in without a word."""
+    import medfuse
+    import medfuse.pipeline as P
+
+    ct = _named_ct(tmp_path)
+    namesake = _named_pet(tmp_path / "pet_namesake", mrn="MRN-0002")  # same name, another ID
+    calls = []
+    monkeypatch.setattr(P, "_fuse", lambda *a, **k: calls.append(1))  # never reached
+    with pytest.raises(InvalidInputError, match="input 2 is a DICOM series of another patient"):
+        fuse_files(ct, namesake, tmp_path / "out", method="mean", deidentify=False)
+    assert not calls and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    nifti = tmp_path / "pet.nii.gz"
+    medfuse.save(medfuse.load(SAMPLES / "pet"), nifti)
+    with pytest.warns(medfuse.MedfuseWarning, match="input 2 carries no patient identity"):
+        fuse_files(ct, nifti, tmp_path / "out2", method="mean", deidentify=False)
+    # A fixed Volume medfuse read from DICOM is a DICOM series too (its source is the template).
+    res = fuse_files(medfuse.load(ct), SAMPLES / "pet", tmp_path / "out3", method="mean", deidentify=False)
+    ds = _first(res.output)
+    assert (str(ds.PatientName), ds.PatientID) == (NAME, MRN)
+    # A fixed path that does not exist: the loader's own words, not "not a DICOM series".
+    with pytest.raises(medfuse.UnreadableFileError, match="no such file or folder"):
+        fuse_files(tmp_path / "typo", SAMPLES / "pet", tmp_path / "out4", method="mean", deidentify=False)

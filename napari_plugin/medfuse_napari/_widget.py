@@ -943,6 +943,9 @@ class FusePanel(QWidget):
             arr, name=f"fused ({method})", **geometry, **display,
             metadata={"medfuse": {"modality": getattr(fused, "modality", "unknown"), "unit": unit,
                                   "provenance": prov,
+                                  # The files that name the patient of every input (a registered layer's fixed
+                                  # series too), for the sidecar's blanking: never written themselves.
+                                  "identity_sources": _identity_sources_of(self._job_layers),
                                   **({"grid": self._base["grid"]} if "grid" in self._base else {}),
                                   # Saved in the base file's voxel order, as `medfuse fuse` writes it (not S, P, L).
                                   **(file_order(self._job_layers[0]) if "grid" in self._base else {})}})
@@ -978,6 +981,13 @@ def _warn_constant_layers(layers: List[Any], arrays: List[np.ndarray]) -> List[s
                             f"layer is picked.")
             flat.append(layer.name)
     return flat
+
+
+def _identity_sources_of(layers: List[Any]) -> List[str]:
+    """Every file whose patient identifiers the layers' sidecars blank (see ``_writer.identity_sources``)."""
+    from ._writer import identity_sources
+
+    return list(dict.fromkeys(src for layer in layers for src in identity_sources(meta(layer))))
 
 
 def _input_names(note: str, names: List[str]) -> str:
