@@ -760,7 +760,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                         row["n_slices_used"] = dict(scores["n_slices_used"])
                     result.rows.append(row)
                 except OutputWriteError as e:  # a full disk, say: every item would fail alike
-                    raise _stopped(e, new_outputs, out) from None
+                    raise _stopped(e, new_outputs, out, made) from None
                 except (CancelledError, OutputExistsError):  # every item would fail alike
                     raise
                 except (MissingDependencyError, WeightsError) as e:
@@ -802,7 +802,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     return result
 
 
-def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> MedfuseError:
+def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path, made: Sequence[Path] = ()) -> MedfuseError:
     """``e`` after removing the fused images this run created, with a word on it.
 
     Why: a run stopped by a full disk wrote no tables, yet left its first images, which then blocked the rerun
@@ -810,6 +810,7 @@ def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path) -> Medfuse
     the run (replaced with ``overwrite``) stay.
     """
     removed = _remove_new_outputs(new_outputs, out)
+    _remove_empty(made)  # the folders it made, as a cancelled run's
     if removed:
         e.problem = (f"{e.problem}; the evaluation stopped, and the {removed} fused image(s) it had written were "
                      "removed, so a rerun starts clean")
@@ -1167,8 +1168,8 @@ def _val_not_held_out(val: Sequence[Any], weights: Any) -> Optional[str]:
         return None
     listed = "; ".join(f"{t} {', '.join(c)}" for t, c in seen.items())
     return (f"--split val scores cases the network's weights were not held out from (their card's val_cases): "
-            f"{listed}; their scores are on training data. Pass the --seed and --val-fraction the weights were "
-            "trained with (their card's trained_by command)")
+            f"{listed}; if the weights were trained on this folder, those scores are on training data. Pass the "
+            "--seed and --val-fraction the weights were trained with (their card's trained_by command)")
 
 
 def _csv_list(s: Optional[str]) -> Optional[List[str]]:
@@ -1236,13 +1237,13 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
         if split != "all":
             # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's held-out cases.
             train, val = training_split(source, val_fraction=val_fraction, seed=seed)
-            if split == "val" and "network" in (_csv_list(args.methods) or []):
-                early.append(_val_not_held_out(val, getattr(args, "weights", None)))
             source = val if split == "val" else train
         if args.limit is not None:
             # Spread over each pair type's cases and slices (the first N were neighbouring slices of one case),
             # as `medfuse train --val-limit N` picks: the same pairs, so the two tables compare.
             source = spread(source, args.limit, per_type=True)
+        if split == "val" and "network" in [m.lower() for m in _csv_list(args.methods) or []]:
+            early.append(_val_not_held_out(source, getattr(args, "weights", None)))  # the pairs scored
     else:
         source = [tuple(p) for p in args.pair]
     # Which images a folder run scored: the folder and every option that chose its pairs (metrics.json said

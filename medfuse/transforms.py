@@ -117,7 +117,8 @@ def _like(result: Volume, template: Any, *, same_grid: bool = False) -> Any:
 #: transform keeps it as an attribute, so that MONAI's ``PersistentDataset(hash_transform=pickle_hashing)``
 #: (docs/classifier.md) gives new cache keys after such an upgrade: MONAI's collate keeps only the meta keys
 #: every item of a batch has, and items cached by an older medfuse silently took ``medfuse_sources`` off new ones.
-OUTPUT_VERSION = 3  # 3: original_channel_dim "no channel" (NaN), medfuse_method and medfuse_fallback_reason
+OUTPUT_VERSION = 4  # 3: original_channel_dim "no channel" (NaN), medfuse_method and medfuse_fallback_reason;
+# 4: the fused tensor keeps the reference key's loading grid, header fields and transform history
 
 
 #: Meta keys that describe the result itself (grid, channel layout, NIfTI space, labels, the files it came from):
@@ -139,12 +140,18 @@ def _keep_meta(out: Any, template: Any, *, same_grid: bool = False) -> Any:
     # An LPS template (ITKReader(affine_lps_to_ras=False)) beside a RAS affine: SaveImage(resample=True) wrote
     # zeros and Invertd mirrored x and y.
     _in_space_of(out, template)
+    import copy
+
+    import torch
+
     meta = template.meta if isinstance(getattr(template, "meta", None), dict) else {}
     for k, v in meta.items():
         if k not in _RESULT_META:
-            out.meta[k] = v
-    if same_grid:
-        out.applied_operations = list(getattr(template, "applied_operations", []))
+            # Numbers as tensors, as to_metatensor puts them: LoadImaged's NumPy header arrays made the tensor
+            # unloadable by torch.load (weights_only refuses NumPy's reconstruct).
+            out.meta[k] = torch.as_tensor(v) if isinstance(v, np.ndarray) and v.dtype.kind in "biuf" else v
+    if same_grid:  # copies: a later transform editing one item's history must not edit the reference's
+        out.applied_operations = copy.deepcopy(list(getattr(template, "applied_operations", [])))
     return out
 
 
@@ -708,7 +715,7 @@ class FuseModalities(Transform):
             return fused
         # On the reference's grid: its loading grid (original_affine, spatial_shape), header fields and transform
         # history go with it, as MONAI's ConcatItemsd keeps the first key's; they were the fusion's own grid, so
-        # SaveImaged(resample=True) wrote the fused image on the resampled grid and Invertd had nothing to undo.
+        # SaveImaged(resample=True) wrote the fused image on the resampled grid.
         out = _keep_meta(fused.with_array(np.asarray(fused.array, dtype=np.float32)).to_metatensor(), images[0],
                          same_grid=True)
         # Always both keys (MONAI's collate keeps only the meta keys every item of a batch has).
@@ -815,9 +822,12 @@ class FuseModalitiesd(MapTransform):
                  allow_missing_keys: bool = False, **options: Any):
         super().__init__(keys, allow_missing_keys)
         # When built, not at the first item inside a DataLoader worker; the same key twice fused an image with itself.
-        if not 2 <= len(self.keys) <= 3 or len(set(self.keys)) != len(self.keys):
+        # More than three with allow_missing_keys: the modalities a subject may have, two or three of them present.
+        most = len(self.keys) if allow_missing_keys else 3
+        if not 2 <= len(self.keys) <= most or len(set(self.keys)) != len(self.keys):
             raise InvalidInputError(f"fusion needs two or three different image keys, got {list(self.keys)}",
-                                    fix="list the image keys to fuse, reference first, e.g. keys=['t1c', 't2f']")
+                                    fix="list the image keys to fuse, reference first, e.g. keys=['t1c', 't2f'] "
+                                        "(more with allow_missing_keys=True, two or three present per item)")
         self.output_key, self.delete_keys = _checked_key(output_key, "output_key"), flag(delete_keys, "delete_keys")
         self.fuse = FuseModalities(method=method, device=device, normalise=normalise, fallback=fallback,
                                    resample=resample, as_tensor=as_tensor, **options)

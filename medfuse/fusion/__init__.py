@@ -749,7 +749,8 @@ def _warn_constant(arrays: Sequence[np.ndarray], what: str, *,
         element = "pixel" if np.ndim(a) == 2 else "voxel"
         if value == 0:
             msg = (f"{what} {i} is constant (every {element} is 0{unit}): it holds no image, and the fusion shows the "
-                   "other inputs alone. Check that it is not an empty placeholder for a missing image")
+                   "other inputs alone (the mean rule at a fraction of their contrast). Check that it is not an "
+                   "empty placeholder for a missing image")
         else:
             msg = (f"{what} {i} is constant (every {element} is {value:g}{unit}): it holds no image, and the fusion "
                    "takes it as a flat level beside the other inputs. Check that the intended image was given")
@@ -803,7 +804,9 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
                                 fix="use a classical method (e.g. method='laplacian') for such small volumes")
     notes = _anisotropy_notes(ref, method, axis)
     notes += _different_patients_notes(vols)
-    notes += _warn_constant([v.array for v in vols], "volume", units=[v.unit for v in vols], zero=True)
+    # All-0 warned of for volumes proper; a one-slice Volume (a 2-D file) is an image, quiet as 2-D arrays are.
+    notes += _warn_constant([v.array for v in vols], "volume", units=[v.unit for v in vols],
+                            zero=1 not in ref.shape)
     # The network computes in float32: its inputs are normalised straight into float32 (the values a float64
     # normalisation cast to float32 gives; no float64 copy of a volume), and those already in 0..1 as float32
     # are not copied at all.

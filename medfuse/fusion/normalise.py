@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union, overload
 
 import numpy as np
 
-from .._checks import all_finite, describe, label, number, slab_slices
+from .._checks import all_finite, describe, label, number, slab_slices, user_stacklevel
 from ..errors import InvalidInputError, MedfuseWarning
 
 if TYPE_CHECKING:  # imported where used at run time
@@ -106,7 +106,7 @@ def _warn_if_not_hu(x: np.ndarray, width: float, stacklevel: int = 3) -> None:
                       "normalise='percentile'", MedfuseWarning, stacklevel=stacklevel)
 
 
-def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional[str], stacklevel: int) -> None:
+def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional[str]) -> None:
     """Warn when ``method`` "window" (HU) or "suv" is named for an image whose unit or modality says it holds
     another quantity.
 
@@ -134,7 +134,7 @@ def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional
         warnings.warn(f"normalisation '{method}' is for {wanted}, but it is applied to {said}: its values are "
                       f"scaled as if they were {wanted.split()[0]}. Fix: normalise='auto' (each image by its own "
                       "modality and unit), or one entry per image (normalise=[..., ...])", MedfuseWarning,
-                      stacklevel=stacklevel)
+                      stacklevel=user_stacklevel())
 
 
 # For type checkers: a Volume in gives a Volume (on its grid), a NumPy array an array; anything else (a list: an
@@ -291,7 +291,7 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
         raise InvalidInputError("unknown normalisation method (the str given names none of them)",
                                 fix=f"use 'auto' or one of {', '.join(_METHODS)}")
     if method in ("window", "suv"):
-        _warn_if_other_quantity(method, modality, unit, stacklevel)
+        _warn_if_other_quantity(method, modality, unit)
     rec: Dict[str, Any] = {"method": chosen, "modality": modality or "unknown", "unit": unit or "arbitrary"}
     if method == "auto":
         rec["auto"] = why  # why "auto" chose this method (e.g. "CT not in HU (unit 'arbitrary')")

@@ -1446,13 +1446,13 @@ def _init_guard(path: Optional[Path]) -> int:
     return int(_init_config(path).get("empty_guard", 0))
 
 
-def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> None:
+def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None, *, warn: bool = False) -> None:
     """Load ``--init`` weights into ``model``; None: leave it. ``tensors``: :func:`_init_state` already read.
 
     Weights without a selective scan or a refinement head may start a model with one: it keeps its
     zero-initialised output, so the model starts as exactly the given weights. Weights with the other
     tri-plane merge ("conv" vs "convex") may start this one: the merge alone then starts from its initial
-    value, the plain mean.
+    value, the plain mean (said with a warning when ``warn``: the first of a run's loads, not every one).
     """
     if path is None:
         return
@@ -1472,11 +1472,12 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None) -> N
         missing = [k for k in missing if not k.startswith("agg.")]
         # Said: a re-export with --epochs 0 --steps-3d 0 changed the shipped output by up to 0.49 without a word.
         ours = str(model.config().get("merge"))
-        warnings.warn(f"the --init weights were trained with another tri-plane merge than this run's --merge {ours}: "
-                      "their merge is not used and this run's starts from the plain mean, so the model's output "
-                      "differs from the weights' before any training; to fine-tune them as they are, pass the "
-                      "--merge they were trained with (their JSON card's trained_by command)",
-                      MedfuseWarning, stacklevel=2)
+        if warn:
+            warnings.warn(f"the --init weights were trained with another tri-plane merge than this run's --merge "
+                          f"{ours}: their merge is not used and this run's starts from the plain mean, so the model's "
+                          "output differs from the weights' before any training; to fine-tune them as they are, pass "
+                          "the --merge they were trained with (their JSON card's trained_by command)",
+                          MedfuseWarning, stacklevel=2)
     if unexpected or any(not k.startswith(("scan.", "refine.")) for k in missing):
         parts = ([f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}"] if missing else []) + \
             ([f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}"] if unexpected else [])
@@ -1813,7 +1814,7 @@ def _run(args: argparse.Namespace) -> int:
     # made, so a wrong file or architecture option leaves no run folder behind (it left train.log before).
     init_tensors = None if args.init is None else _init_state(args.init)
     if init_tensors is not None:
-        _load_init(new_model(), args.init, init_tensors)
+        _load_init(new_model(), args.init, init_tensors, warn=True)
 
     t0 = time.time()
     torch.manual_seed(args.seed)

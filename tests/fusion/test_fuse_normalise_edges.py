@@ -168,6 +168,9 @@ def test_a_constant_input_is_warned_of_and_recorded():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         medfuse.fuse(mr, np.zeros_like(mr), method="mean")
+        # A one-slice Volume (a 2-D file) is an image: an all-0 one is the quiet no-signal case too.
+        one = medfuse.Volume(mr[..., None], np.eye(4), modality="MR")
+        medfuse.fuse(one, one.with_array(np.zeros_like(one.array)), method="mean")
         medfuse.fuse(mr, mr[::-1] + 1, method="mean")
     # Any memory layout, without a copy of the whole: a resampled volume's array is Fortran-ordered.
     assert constant_value(np.asfortranarray(np.full((40, 30, 20), 2.5))) == 2.5
@@ -199,8 +202,9 @@ def test_a_named_window_or_suv_rule_on_another_quantity_is_warned_of():
     a = _smooth(2) * 5
     for method, modality, unit in (("window", "PT", "SUVbw"), ("window", "MR", "arbitrary"),
                                    ("suv", "NM", "counts"), ("suv", "PT", "Bq/mL")):
-        with pytest.warns(MedfuseWarning, match=f"normalisation '{method}' is for .* modality {modality}"):
+        with pytest.warns(MedfuseWarning, match=f"normalisation '{method}' is for .* modality {modality}") as said:
             normalise(a, method=method, modality=modality, unit=unit)
+        assert all(w.filename == __file__ for w in said)  # at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfuseWarning)
         for method, modality, unit in (("window", "CT", "HU"), ("window", None, None), ("suv", "PT", "SUVbw"),

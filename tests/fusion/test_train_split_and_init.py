@@ -198,8 +198,9 @@ def test_init_weights_with_another_merge_warn_that_the_merge_restarts(tmp_path, 
     data = harvard_folder(tmp_path / "data", types=("CT-MRI",), cases=(1, 2, 3, 4, 5), slices=1)
     shipped = infer.default_weights_path()
     base = ["--init", str(shipped), "--epochs", "0", "--steps-3d", "0"]
-    with pytest.warns(MedfuseWarning, match="another tri-plane merge than this run's --merge conv"):
+    with pytest.warns(MedfuseWarning, match="another tri-plane merge than this run's --merge conv") as said:
         assert _train(data, tmp_path / "conv", *base, "--merge", "conv", "--out", str(tmp_path / "o1")) == 0
+    assert len([w for w in said if "tri-plane merge" in str(w.message)]) == 1  # once, not per model loaded
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _train(data, tmp_path / "convex", *base, "--merge", "convex", "--out", str(tmp_path / "o2")) == 0
@@ -222,8 +223,8 @@ def test_evaluate_split_val_warns_when_the_weights_were_not_held_out_from_those_
     card = json.loads(shipped.with_suffix(".json").read_text())
     val = _val_cases(data, 0)
     other = [c for c in ("1", "2", "3", "4", "5") if c not in val][:len(val)]
-    argv = ["evaluate", str(data / "harvard-pairs"), "--split", "val", "--methods", "network", "--weights", str(mine),
-            "--no-save", "--no-progress", "-q"]
+    argv = ["evaluate", str(data / "harvard-pairs"), "--split", "val", "--methods", "Network", "--weights", str(mine),
+            "--no-save", "--no-progress", "-q"]  # any letter case, as evaluate takes method names
     for held, says in ((other, True), (val, False)):
         mine.with_suffix(".json").write_text(json.dumps({**card, "val_cases": {"CT-MRI": held}}))
         out = tmp_path / f"o{len(held)}{says}"
@@ -233,6 +234,12 @@ def test_evaluate_split_val_warns_when_the_weights_were_not_held_out_from_those_
         if says:
             assert f"CT-MRI {', '.join(sorted(val, key=int))}" in err and "--seed and --val-fraction" in err
             assert "medfuse evaluate: warning:" in err
+    # Only the cases scored: with --limit 1, the one pair kept, held out, says nothing of the others.
+    mine.with_suffix(".json").write_text(json.dumps({**card, "val_cases": {"CT-MRI": val[:1]}}))
+    assert main([*argv, "--limit", "1", "--out", str(tmp_path / "limited")]) == 0
+    scored = json.loads((tmp_path / "limited" / "metrics.json").read_text())["images"][0]["name"]
+    err = capsys.readouterr().err
+    assert ("not held out from" in err) is (tr.case_of(scored) != val[0]), (scored, err)
 
 
 def test_a_state_dict_with_a_refinement_head_names_the_option_it_needs(tmp_path, no_volumes, harvard_folder, capsys):

@@ -262,6 +262,8 @@ def test_fuse_modalitiesd_keys_are_checked_when_built():
             FuseModalitiesd(keys=keys, method="mean")
     FuseModalitiesd(keys=["t1c", "t2f"], method="mean")  # and three, and missing keys allowed, still build
     FuseModalitiesd(keys=["t1c", "t2f", "pet"], method="mean", allow_missing_keys=True)
+    # The modalities a subject may have, two or three of them present per item.
+    FuseModalitiesd(keys=["t1c", "t2f", "pet", "ct"], method="mean", allow_missing_keys=True)
 
 
 def test_a_nan_is_named_by_its_key_and_its_own_file(tmp_path):
@@ -318,3 +320,11 @@ def test_the_fused_tensor_keeps_the_references_loading_grid_and_history(tmp_path
     back = medfuse.load(tmp_path / "out" / "t1c_fused.nii.gz")
     assert back.shape == (20, 18, 14)  # written back on the file's grid, as ConcatItemsd's output would be
     np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+    # The header fields LoadImaged keeps as NumPy arrays come as tensors: the fused tensor still reloads with
+    # torch.load(weights_only=True). (Its history is MONAI's, TraceKeys and all, as any of its tensors': cleared.)
+    import torch
+
+    image.applied_operations = []
+    torch.save(image, tmp_path / "image.pt")
+    again = torch.load(tmp_path / "image.pt", weights_only=True)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(image))
