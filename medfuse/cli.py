@@ -1839,10 +1839,26 @@ def _identifiers(args: argparse.Namespace) -> List[str]:
     return ids
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the machine ran out of memory (NumPy's MemoryError, torch's allocator)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def _internal_error(args: argparse.Namespace, e: BaseException) -> int:
-    """A bug: one line (the full traceback with --debug) and exit 3. Called while handling ``e``."""
+    """A bug: one line (the full traceback with --debug) and exit 3. Called while handling ``e``.
+
+    Running out of memory is no bug (it said "internal error ... report the traceback"): exit 2, with what to do.
+    """
     if args.debug:
         _print_traceback(args)
+    if _out_of_memory(e):
+        print(f"medfuse {args.command}: error: not enough memory for this command ({e.__class__.__name__}); "
+              "nothing was written. Fix: close other programs, fuse smaller volumes (cropped, or on a coarser grid), "
+              "or use a rule that needs less: mean and max least, then laplacian and wavelet, gff most "
+              "(docs/fusion.md, 'Memory')", file=sys.stderr)
+        return EXIT_USAGE
     # Blanked before it is cut: a cut could leave half a name that no longer matches.
     text = _scrubbed(" ".join(str(e).split()), args)[:300]
     print(f"medfuse {args.command}: internal error: {e.__class__.__name__}: {text}. "

@@ -1273,7 +1273,11 @@ class Pipeline:
         state = PipelineState(inputs=list(inputs), output=None if out is None else Path(out), overwrite=overwrite,
                               progress=None, cancel=cancel)
         state.notes["parameters"] = self.parameters()
-        weights = _STEP_WEIGHTS
+        weights = dict(_STEP_WEIGHTS)
+        step = dict(self._steps)["register"]
+        if isinstance(step, RegisterStep) and step.kind is None:
+            # Nothing to register: the bar jumped from 5 % to 65 % at once, then sat at 80 % through the fusion.
+            weights["register"] = 0.0
         total = sum(weights.get(n, 0.05) for n, _ in self._steps)
         done = 0.0
         for k, (name, step) in enumerate(self._steps):

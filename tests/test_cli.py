@@ -710,3 +710,19 @@ def test_dicom_outputs_of_a_dicom_fixed_take_it_as_their_template(tmp_path):
                  "mean", "-q"]) == 0
     assert pydicom.dcmread(str(sorted(nii.iterdir())[0]), stop_before_pixels=True).SeriesDescription == \
         "medfuse fused (mean)"
+
+
+def test_running_out_of_memory_is_said_as_such_not_as_a_bug(tmp_path, monkeypatch, capsys):
+    """A fusion that ran out of memory said "internal error: MemoryError ... report the traceback", exit 3."""
+    import medfuse.fusion.classical as C
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 600. MiB for an array with shape (512, 512, 300) and data type float64")
+
+    monkeypatch.setattr(C, "_max", no_memory)
+    out = tmp_path / "f.nii.gz"
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(out), "--method",
+                 "max", "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "error: not enough memory for this command (MemoryError)" in err and "internal error" not in err
+    assert "mean and max least" in err and not out.exists()

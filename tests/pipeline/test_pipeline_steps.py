@@ -414,3 +414,16 @@ def test_percentiles_of_a_resampled_image_are_taken_over_its_own_field_of_view(s
     # An image that covers the whole grid is normalised as before, over all of it.
     rec = fuse_files(mr, spect, None, method="max").provenance["normalisation"][1]
     assert "over" not in rec and rec["method"] == "percentile"
+
+
+def test_the_progress_bar_gives_no_share_to_a_registration_that_does_not_run(samples_dir):
+    """With register=None the bar jumped from 5 % to 65 % at once (the registration's share), then sat at 80 %
+    through a long fusion."""
+    from medfuse.pipeline import fuse_files
+
+    seen = []
+    fuse_files(samples_dir / "mr_t1.nii.gz", samples_dir / "spect.nii.gz", None, method="max",
+               progress=lambda f, m="": seen.append((f, m)))
+    after_register = next(f for f, m in seen if m == "register done")
+    fused = next(f for f, m in seen if m == "fuse done")
+    assert after_register < 0.15 and fused > 0.8, seen
