@@ -1534,7 +1534,9 @@ def _is_batch_report(path: Path) -> bool:
         return False
     if path.suffix.lower() == ".json":
         return head.lstrip().startswith("[") and ('"subject"' in head or head.strip() == "[]")
-    return head.split("\n", 1)[0].startswith("subject,status")
+    # Also as a spreadsheet saves it again in a ';' locale (with a byte-order mark and CRLF): it was "a file that
+    # is not a medfuse batch report", and the run refused to start.
+    return head.split("\n", 1)[0].startswith(("subject,status", "subject;status"))
 
 
 def _check_report_path(path: Path, subjects: Sequence[Subject] = ()) -> None:
@@ -1600,7 +1602,9 @@ def _read_report(path: Path) -> List[Dict[str, Any]]:
         return []
     try:
         text = path.read_text(encoding="utf-8-sig")
-        rows = json.loads(text) if path.suffix.lower() == ".json" else list(csv.DictReader(text.splitlines()))
+        first = text.split("\n", 1)[0]
+        rows = json.loads(text) if path.suffix.lower() == ".json" else list(
+            csv.DictReader(text.splitlines(), delimiter=";" if first.startswith("subject;") else ","))
     except (OSError, ValueError, csv.Error):
         return []
     return [dict(r) for r in rows if isinstance(r, Mapping) and r.get("subject")]

@@ -178,6 +178,25 @@ def test_a_report_saved_again_by_a_spreadsheet_is_still_ours(tmp_path, phantom):
     assert [(r["subject"], r["status"]) for r in _rows(report)] == [("sub-01", "skipped"), ("old", "done")]
 
 
+def test_a_report_saved_again_with_semicolons_is_still_ours(tmp_path, phantom):
+    """A spreadsheet in a ';' locale saves the report again with ';' between cells: the next run refused to start
+    ("a file that is not a medfuse batch report"). Its rows are read and kept now."""
+    import csv
+    import io
+
+    s = _one(phantom, tmp_path, tmp_path / "out" / "sub-01.nii.gz")
+    report = tmp_path / "r.csv"
+    run_batch([s], scheduler="synchronous", report=report)
+    rows = list(csv.reader(report.read_text(encoding="utf-8").splitlines()))
+    rows.append(["old", "done", "1.0", "/elsewhere/old.nii.gz"] + [""] * (len(rows[0]) - 4))
+    buf = io.StringIO()
+    csv.writer(buf, delimiter=";", lineterminator="\r\n").writerows(rows)
+    report.write_bytes(buf.getvalue().encode("utf-8-sig"))
+    again = run_batch([s], scheduler="synchronous", report=report)
+    assert again.results[0].status == "skipped"
+    assert [(r["subject"], r["status"]) for r in _rows(report)] == [("sub-01", "skipped"), ("old", "done")]
+
+
 def test_tab_and_semicolon_separated_manifests_are_read(tmp_path):
     """A BIDS-style study.tsv, or a CSV saved with ';' by a spreadsheet, was refused as "the CSV header lacks
     subject, fixed, output, moving" although its header held them all."""
