@@ -30,7 +30,8 @@ Choices (see docs/io.md and docs/dicom.md):
   (``medfuse.io.suv.LBM_JANMA_NOTE``/``LBM_JAMES_NOTE``), and the reader converts the series with that formula.
   PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
   weight and times are copied from the template when there is one, so SUV still comes out. An SUV
-  series keeps the template's radiopharmaceutical sequence (the tracer); without one it is empty. NM in Bq/mL
+  series keeps the template's radiopharmaceutical sequence (the tracer); without one it is empty. A PET whose
+  template is no PET (registered onto a CT) takes them from its own DICOM series instead. NM in Bq/mL
   (quantitative SPECT) is written with Units ``BQML`` too, so that it reads back in Bq/mL, not counts.
 * Whole numbers that fit neither int16 nor uint16 (int32 HU, label maps above 65535) are quantised like float
   data, with a ``MedfuseWarning`` giving the largest error. A slice spacing below the reader's position
@@ -82,7 +83,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import InvalidInputError, MedfuseWarning, UnreadableFileError
+from ..errors import InvalidInputError, MedfuseError, MedfuseWarning, UnreadableFileError
 from ..volume import Volume
 from ._atomic import atomic_dir
 from .dicom import _POS_TOL
@@ -180,6 +181,28 @@ def _read_template(template: Any, series_uid: Optional[str] = None, frame_uid: O
         return found
     raise UnreadableFileError("the DICOM template holds no readable DICOM file",
                               fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
+
+
+def _pet_context(volume: Volume, tpl) -> Tuple[Any, Any]:
+    """For a PET volume whose template is no PET (a PET registered onto a CT, written on the CT's grid): its own
+    series (path, header), whose tracer, dose, weight and scan times the output keeps; (None, None) otherwise.
+
+    Why: the output took the CT's header alone: no radiopharmaceutical, no weight, and the time of writing as its
+    acquisition time, so a PACS's SUV tools had nothing to work from (the values were right, in SUV).
+    """
+    if tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT":
+        return None, None
+    prov = volume.provenance
+    source = prov.get("source")
+    if prov.get("reader") != "medfuse.dicom" or not isinstance(source, str) or not Path(source).exists():
+        return None, None
+    try:
+        ds = _read_template(source, str(prov.get("series_uid") or "") or None)
+    except MedfuseError:
+        return None, None
+    if ds is None or str(ds.get("Modality", "")).strip().upper() != "PT":
+        return None, None
+    return source, ds
 
 
 def _earliest_acquisition(template: Any, tpl) -> Optional[Tuple[str, str]]:
@@ -671,6 +694,15 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             for kw in ("PatientSex", "PatientAge", "PatientSize", "PatientWeight"):
                 if kw in tpl and kw not in base:
                     setattr(base, kw, tpl.data_element(kw).value)
+    pet_source, pet = _pet_context(volume, tpl) if modality == "PT" else (None, None)
+    if pet is not None:
+        for kw in _PET_KEYWORDS + ("PatientSize",):
+            if kw in pet:  # copies, de-identified below with the rest
+                setattr(base, kw, copy.deepcopy(pet.data_element(kw).value))
+        if volume.unit == "Bq/mL":
+            earliest = _earliest_acquisition(pet_source, pet)
+            if earliest is not None:
+                base.AcquisitionDate, base.AcquisitionTime = earliest
     base.ImageType = ["DERIVED", "SECONDARY"]
     _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
     if tpl is not None:

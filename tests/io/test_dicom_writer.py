@@ -703,3 +703,32 @@ def test_format_dicom_with_a_file_ending_is_refused(tmp_path):
     with pytest.raises(medfuse.InvalidInputError, match="ends in '.nii.gz'"):  # refused before the work too
         check_save_target(tmp_path / "x.nii.gz", format="dicom")
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.parametrize("deidentify", [True, False])
+def test_a_pet_written_on_a_cts_grid_keeps_its_own_tracer_weight_and_times(samples_dir, tmp_path, deidentify):
+    """A PET registered onto a CT and written with the CT as template took the CT's header alone: no
+    radiopharmaceutical, no weight, and the time of writing as its acquisition time (a PACS's SUV tools had
+    nothing to work from)."""
+    import warnings
+
+    from medfuse.registration import resample
+
+    ct, pet = medfuse.load(samples_dir / "ct"), medfuse.load(samples_dir / "pet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MedfuseWarning)  # two frames of reference, unregistered: not the point
+        on_ct = resample(pet, ct)
+    out = tmp_path / "pet_on_ct"
+    save(on_ct, out, template=samples_dir / "ct", deidentify=deidentify)
+    src = pydicom.dcmread(sorted((samples_dir / "pet").iterdir())[0], stop_before_pixels=True)
+    ref = pydicom.dcmread(sorted((samples_dir / "ct").iterdir())[0], stop_before_pixels=True)
+    ds = pydicom.dcmread(sorted(out.iterdir())[0], stop_before_pixels=True)
+    assert len(ds.RadiopharmaceuticalInformationSequence) == len(src.RadiopharmaceuticalInformationSequence) > 0
+    assert (ds.PatientWeight, ds.AcquisitionDate, ds.AcquisitionTime) == \
+        (src.PatientWeight, src.AcquisitionDate, src.AcquisitionTime)
+    assert ds.Modality == "PT" and ds.FrameOfReferenceUID != src.FrameOfReferenceUID  # the CT's frame (or its pseudonym)
+    if not deidentify:
+        assert ds.FrameOfReferenceUID == ref.FrameOfReferenceUID and ds.StudyInstanceUID == ref.StudyInstanceUID
+    back = medfuse.load(out)
+    assert back.unit == "SUVbw"
+    np.testing.assert_allclose(back.array, on_ct.array, atol=float(np.abs(on_ct.array).max()) / 30000)
