@@ -1143,7 +1143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "before anything is written")
     parser.add_argument("--weights", default=None, metavar="FILE",
                         help="network weights (.safetensors) instead of the shipped ones, e.g. what 'medfuse train' "
-                             "exported (scored as the 'network' method; its SHA-256 goes into metrics.json)")
+                             "exported, for the 'network' method (add it to --methods; its SHA-256 goes into "
+                             "metrics.json)")
     parser.add_argument("--no-save", action="store_true", help="write only the tables, not the fused images")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1215,6 +1216,11 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             if value is not None:  # it was silently ignored: the user believed it applied
                 raise InvalidInputError(f"{option} is for a folder of image pairs; --pair scores every pair given",
                                         fix=f"leave out {option}, or give the folder instead of --pair")
+    methods = [m.lower() for m in _csv_list(args.methods) or []]
+    if getattr(args, "weights", None) is not None and "network" not in methods:
+        # In the command's words: it said "weights names ... 'network' is not among the methods".
+        raise InvalidInputError("--weights names the fusion network's weights, but --methods does not include network",
+                                fix="add network to --methods (e.g. --methods network,max), or leave out --weights")
     if args.source is not None and args.mode is not None:  # it was ignored: the 2-D pairs were scored as images
         raise InvalidInputError("--mode is for volumes given with --pair; a folder of 2-D image pairs is scored as "
                                 "images", fix="leave out --mode")

@@ -204,3 +204,14 @@ def test_weights_the_network_cannot_load_are_refused_before_any_work(tmp_path, c
     assert {"truncated": "not a whole safetensors file", "pickle": "not safetensors",
             "nan": "NaN or infinite values"}[damage] in err
     assert not out.exists()
+
+
+def test_weights_without_the_network_among_the_methods_is_said_in_option_names(tmp_path, capsys):
+    """--weights with the default methods (no network) said "weights names ... 'network' is not among the
+    methods", in the Python API's words."""
+    a, b = _pngs(tmp_path)
+    assert main(["evaluate", "--pair", str(a), str(b), "--weights", str(tmp_path / "w.safetensors"),
+                 "--out", str(tmp_path / "o")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--weights names the fusion network's weights, but --methods does not include network" in err
+    assert "--methods network,max" in err and not (tmp_path / "o").exists()
