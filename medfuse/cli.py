@@ -1380,7 +1380,8 @@ def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, a
         f"wrote {files['fused']}  (fused volume, NIfTI)",
         f"wrote {files['png']}  (axial, coronal, sagittal slices through the lesion)",
         f"wrote {files['provenance']}  (provenance: versions, hashes, registration report, timings)",
-        f"wrote {files['transform']}  (PET -> {anatomy.upper()} rigid transform, ITK .tfm)",
+        f"wrote {files['transform']}  (rigid transform of the PET onto the {anatomy.upper()}: ITK .tfm, mapping "
+        f"{anatomy.upper()} points to PET points)",
     ]
     return {"result": res, "files": files, "lesion_center": center, "lines": lines}
 
