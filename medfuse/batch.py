@@ -451,11 +451,18 @@ def read_manifest(path: PathLike) -> List[Subject]:
                                         fix="write them as {register: rigid, method: network}", path=p)
             defaults = {str(k).lower(): v for k, v in (data.get("defaults") or {}).items()}
             data = data.get("subjects")
-        if not isinstance(data, list) or not all(isinstance(r, Mapping) for r in data):
+        if not isinstance(data, list):
             raise InvalidInputError("a YAML manifest must be a list of subjects (or {defaults:, subjects: [...]})",
                                     fix="see 'medfuse batch --help' for an example", path=p)
-        rows = data
-        numbers = list(range(1, len(rows) + 1))  # YAML: the subject's place in the list
+        # A bare "-" is an empty entry, skipped as an empty CSV row is (it refused the whole manifest as "not a
+        # list of subjects"); anything else that is no mapping is named by its place.
+        odd = next((k for k, r in enumerate(data, start=1) if r is not None and not isinstance(r, Mapping)), None)
+        if odd is not None:
+            raise InvalidInputError(f"entry {odd} of the YAML manifest's list is not a subject (a mapping of "
+                                    "subject, fixed, moving, output, ...)",
+                                    fix="see 'medfuse batch --help' for an example", path=p)
+        numbers = [k for k, r in enumerate(data, start=1) if r is not None]  # YAML: the subject's place in the list
+        rows = [r for r in data if r is not None]
     else:
         rows, numbers = _read_csv_rows(text, p)
     if not rows:
@@ -468,7 +475,8 @@ def read_manifest(path: PathLike) -> List[Subject]:
 def _blank(cells: Sequence[Any]) -> bool:
     """Whether a CSV row holds nothing: no cells (a blank line), or only empty or all-space cells (the ``,,,`` or
     ``;;;;`` a spreadsheet saves for an empty row)."""
-    return not any(c is not None and str(c).strip() for c in cells)
+    # Separators too: a ',,,' row in a ';' file (or ';;;;' in a ',' one) is one cell of commas, and still empty.
+    return not any(c is not None and str(c).strip(" \t,;") for c in cells)
 
 
 def _read_csv_rows(text: str, p: Path) -> Tuple[List[Dict[Any, Any]], List[int]]:
@@ -537,7 +545,15 @@ def _read_csv_rows(text: str, p: Path) -> Tuple[List[Dict[Any, Any]], List[int]]
                                     fix="name the column (subject, fixed, moving, moving2, ..., output, register, "
                                         "method, series, modalities), or delete it", path=p)
     named = [(i, h) for i, h in enumerate(header) if h.strip()]
-    # As csv.DictReader gives them: a missing cell is None, and a column named twice keeps its last cell.
+    seen: Dict[str, int] = {}
+    for i, h in named:
+        key = h.strip().lower()
+        if key in seen:
+            # The second cell won and the first was dropped: "moving,moving" fused one of the two images.
+            raise InvalidInputError(f"column '{key}' is named twice in the header (columns {seen[key] + 1} and "
+                                    f"{i + 1})", fix="name further moving images moving2, moving3, ...; give every "
+                                    "other column once", path=p)
+        seen[key] = i
     rows = [{h: (cells[i] if i < len(cells) else None) for i, h in named} for cells in cells_of]
     return rows, numbers
 

@@ -877,6 +877,31 @@ class SaveStep:
 _SIDECAR_MAX_BYTES = 1 << 22
 
 
+def _patient_key_here(v: Volume) -> Optional[str]:
+    """``v``'s patient key as this process salts it: a Volume loaded in another process (pickled, a Dask worker's)
+    carries a key no key of this process can be compared with, so its series' header is read again; None when
+    there is none (not DICOM, de-identified, unreadable now).
+
+    Why: such a fixed Volume took another patient's series into its patient's study without a word, the keys
+    being incomparable and so "not disagreeing".
+    """
+    from ._patient import _parts, patient_key
+
+    key = v.provenance.get("patient_key")
+    if not key or _parts(key) is not None:
+        return key or None
+    source = v.provenance.get("source")
+    if v.provenance.get("reader") != "medfuse.dicom" or not isinstance(source, str) or not os.path.exists(source):
+        return None
+    from .io.dicom_writer import _read_template
+
+    try:
+        ds = _read_template(source, str(v.provenance.get("series_uid") or "") or None)
+    except MedfuseError:
+        return None
+    return patient_key(ds) if ds is not None else None
+
+
 def _refuse_other_patients(vols: Sequence[Volume], *, warn_unknown: bool = False) -> None:
     """Refuse to file a result made of several patients' series into the fixed series' patient's study.
 
@@ -892,9 +917,12 @@ def _refuse_other_patients(vols: Sequence[Volume], *, warn_unknown: bool = False
     """
     from ._patient import keys_disagree
 
-    key = vols[0].provenance.get("patient_key")
+    key = _patient_key_here(vols[0])
+    if warn_unknown and not key:
+        warnings.warn("the fixed image carries no patient identity (a de-identified series), so the result kept in "
+                      "its study names no patient either", MedfuseWarning, stacklevel=user_stacklevel())
     for i, v in enumerate(vols[1:], start=2):
-        theirs = v.provenance.get("patient_key")
+        theirs = _patient_key_here(v)
         if keys_disagree(key, theirs):
             raise InvalidInputError(f"input {i} is a DICOM series of another patient than the fixed series (their "
                                     "patient ID, name or birth date differ; the values are not shown): a result "

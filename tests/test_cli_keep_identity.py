@@ -165,3 +165,29 @@ def test_keep_identity_compares_every_identifier_and_refuses_before_the_work(tmp
     # A fixed path that does not exist: the loader's own words, not "not a DICOM series".
     with pytest.raises(medfuse.UnreadableFileError, match="no such file or folder"):
         fuse_files(tmp_path / "typo", SAMPLES / "pet", tmp_path / "out4", method="mean", deidentify=False)
+
+
+def test_a_fixed_volume_from_another_process_is_still_compared_and_a_fixed_without_identity_said(tmp_path):
+    """A fixed Volume loaded in another process (pickled, a Dask worker's) carries a patient key salted there,
+    which compares with nothing here: another patient's series went into its patient's study without a word. Its
+    series' header is read again now. A de-identified fixed series kept no identity, silently."""
+    import pydicom
+
+    import medfuse
+
+    ct = _named_ct(tmp_path)
+    vol = medfuse.load(ct)
+    vol.provenance["patient_key"] = "0badc0de:" + vol.provenance["patient_key"].split(":", 1)[1]  # another run's
+    other = _named_pet(tmp_path / "pet_other", name="ROE^RICHARD", mrn="MRN-0002")
+    with pytest.raises(InvalidInputError, match="input 2 is a DICOM series of another patient"):
+        fuse_files(vol, other, tmp_path / "out", method="mean", deidentify=False)
+    assert not (tmp_path / "out").exists()
+    anon = tmp_path / "anon_ct"
+    anon.mkdir()
+    for f in sorted(ct.iterdir()):
+        ds = pydicom.dcmread(str(f))
+        for kw in ("PatientName", "PatientID", "PatientBirthDate"):
+            ds.data_element(kw).value = ""
+        ds.save_as(str(anon / f.name))
+    with pytest.warns(medfuse.MedfuseWarning, match="the fixed image carries no patient identity"):
+        fuse_files(anon, SAMPLES / "pet", tmp_path / "out2", method="mean", deidentify=False)

@@ -2086,6 +2086,10 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         else:  # nothing in the headers to check the spacing against: say only what the positions show
             why = ("its slices are evenly spaced, so their positions show no missing slice between its first and "
                    "last (the headers give no slice spacing or count to confirm it)")
+        if "sparse" not in statuses:
+            # "No missing slice" read as all is well, while a damaged first or last slice leaves no gap.
+            why += (f", but they may be its first or last slices, which leave no gap: it loads with "
+                    f"{out[0].shape[2]} slices; if that is fewer than the scanner wrote, copy or export it again")
         msg = (f"{len(broken)} DICOM file(s) beside the series could not be read (damaged, truncated, empty or not "
                f"readable: {names}) and were left out; {why}")
         _warn(path, msg)

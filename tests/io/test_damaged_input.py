@@ -463,7 +463,8 @@ def test_a_slice_cut_inside_its_preamble_is_a_damaged_file_not_a_stranger(sample
     src.unlink()
     cut.write_bytes(head)
     if name.startswith("IM00040"):  # the last slice: left out, and said
-        with pytest.warns(MedfuseWarning, match=r"1 DICOM file\(s\) beside the series could not be read .*IM00040"):
+        with pytest.warns(MedfuseWarning, match=r"1 DICOM file\(s\) beside the series could not be read .*IM00040.*"
+                                                r"may be its first or last slices.*loads with 39 slices"):
             assert medfuse.load(folder).shape == (160, 192, 39)
     else:  # a middle slice: refused, never interpolated
         with pytest.raises(UnreadableFileError, match="slices are missing from the series, and 1 DICOM file"):

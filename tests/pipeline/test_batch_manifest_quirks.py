@@ -179,3 +179,19 @@ def test_an_output_another_run_wrote_meanwhile_is_skipped_not_failed(tmp_path, i
     monkeypatch.setattr(P, "fuse_files", other_settings_first)
     res = run_batch(m, scheduler="synchronous", method="mean").results[0]
     assert res.status == "failed" and "exists" in res.error
+
+
+def test_a_column_named_twice_an_empty_yaml_entry_and_a_commas_row_in_a_semicolon_file(tmp_path):
+    """'moving,moving' kept the second cell and dropped one image without a word; a bare '-' in a YAML list refused
+    the whole manifest as "not a list of subjects"; a ',,,' row above a ';' header became the header."""
+    m = _write(tmp_path, "subject,fixed,moving,Moving,output\na,f.nii,m1.nii,m2.nii,o/a.nii.gz\n")
+    with pytest.raises(InvalidInputError, match=r"column 'moving' is named twice in the header \(columns 3 and 4\)"):
+        read_manifest(m)
+    y = _write(tmp_path, "- {subject: a, fixed: f.nii, moving: m.nii, output: a.nii.gz}\n-\n"
+                         "- {subject: b, fixed: f.nii, moving: m.nii, output: b.nii.gz}\n", "m.yaml")
+    assert [s.subject for s in read_manifest(y)] == ["a", "b"]
+    y.write_text("- {subject: a, fixed: f.nii, moving: m.nii, output: a.nii.gz}\n- 3\n")
+    with pytest.raises(InvalidInputError, match="entry 2 of the YAML manifest's list is not a subject"):
+        read_manifest(y)
+    s = _write(tmp_path, "\n,,,\nsubject;fixed;moving;output\na;f.nii;m.nii;o/a.nii.gz\n", "s.csv")
+    assert [x.subject for x in read_manifest(s)] == ["a"]
