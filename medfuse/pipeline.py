@@ -106,8 +106,9 @@ class PipelineState:
         weights_sha256: set by the fuse step when the network ran.
         output_sha256, sidecar: set by the save step.
         steps: ``{"name", "params", "seconds"}`` per step run so far (:meth:`Pipeline.run` appends one after each).
-        fields_of_view: set by the resample step: per volume, where on the grid it has voxels of its own (a bool
-            array), or None where that is the whole grid; the normalise step takes percentiles there only.
+        fields_of_view: set by the resample step: per resampled volume, a :class:`FieldOfView` (where on the grid
+            it has voxels of its own, computed when asked), else None; the normalise step takes percentiles there,
+            then empties the list.
     """
 
     inputs: List[Any]
@@ -125,7 +126,7 @@ class PipelineState:
     output_sha256: Optional[str] = None
     sidecar: Optional[Path] = None
     steps: List[Dict[str, Any]] = field(default_factory=list)
-    fields_of_view: List[Optional[np.ndarray]] = field(default_factory=list)
+    fields_of_view: List[Optional["FieldOfView"]] = field(default_factory=list)
 
 
 @dataclass
@@ -362,7 +363,7 @@ class ResampleStep:
                 continue
             if t is None and i > 0:
                 _check_coverage(v, ref, i + 1, state)
-            views.append(_field_of_view(v, ref, t))
+            views.append(FieldOfView(v.shape, v.affine, ref, t))
             r = resample(v, ref, transform=t, interpolation=self.interpolation)
             # What resampling warned about (a pair from two frames of reference, unregistered) goes into the
             # sidecar too, not only to the terminal.
@@ -375,21 +376,28 @@ class ResampleStep:
         return state
 
 
-def _field_of_view(v: Volume, ref: Volume, transform: Any) -> Optional[np.ndarray]:
-    """Where ``v``, resampled onto ``ref``'s grid through ``transform``, has voxels of its own (a bool array), or
-    None when it covers the whole grid.
+class FieldOfView:
+    """Where a volume resampled onto ``ref``'s grid through ``transform`` has voxels of its own: :meth:`mask`.
 
     Why: outside that region it is only the fill value, and percentiles over the whole grid then depended on how
     much of it the image covered: a SPECT on a whole-body CT's grid (1 % of it) had 39 % of its voxels clipped to
-    1, its perfusion contrast gone, while on its own grid the scale is the image's.
+    1, its perfusion contrast gone, while on its own grid the scale is the image's. Computed only when asked: a
+    PET in SUV or a CT in HU (fixed windows) needs none, and the mask costs as much as resampling the image.
+    Holds the image's geometry, not its voxels.
     """
-    from .registration import resample
 
-    # No provenance: no frame-of-reference or patient warning can come of it (and no catch_warnings, which swaps
-    # process-wide state under a batch's other threads and drops their warnings).
-    ones = Volume(np.ones(v.shape, dtype=bool), v.affine, modality="unknown", unit="arbitrary")
-    mask = resample(ones, ref, transform=transform).array
-    return None if bool(mask.all()) else np.asarray(mask, dtype=bool)
+    def __init__(self, shape: Tuple[int, ...], affine: np.ndarray, ref: Volume, transform: Any):
+        self.shape, self.affine, self.ref, self.transform = tuple(shape), np.asarray(affine), ref, transform
+
+    def mask(self) -> Optional[np.ndarray]:
+        """The bool mask on the grid, or None when the volume covers the whole grid."""
+        from .registration import resample
+
+        # No provenance: no frame-of-reference or patient warning can come of it (and no catch_warnings, which
+        # swaps process-wide state under a batch's other threads and drops their warnings).
+        ones = Volume(np.ones(self.shape, dtype=bool), self.affine, modality="unknown", unit="arbitrary")
+        m = resample(ones, self.ref, transform=self.transform).array
+        return None if bool(m.all()) else np.asarray(m, dtype=bool)
 
 
 def _as_loaded(state: PipelineState, step: str) -> None:
@@ -517,8 +525,8 @@ class NormaliseStep:
             require_finite(v.array, f"input {i}", before="fusing")
             kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             view = views[i - 1] if i - 1 < len(views) else None
-            if view is not None and view.shape == v.shape:
-                scaled, rec = self._within(v, view)
+            if isinstance(view, FieldOfView) and self._takes_percentiles(v):
+                scaled, rec = self._within(v, view.mask())
             else:
                 # float32 straight away (float64 arithmetic a slab at a time, the same values): a float64 copy of
                 # the whole volume cost 8 bytes a voxel on top of this step's peak.
@@ -531,14 +539,21 @@ class NormaliseStep:
             records.append(rec)
         state.volumes = out
         state.notes["normalisation"] = records
+        state.fields_of_view = []  # used: each holds its grid's Volume, which the fusion does not need held
         return state
 
-    def _within(self, v: Volume, view: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
-        """``v`` normalised, its percentiles (when its rule takes them) over its own field of view ``view`` only."""
+    def _takes_percentiles(self, v: Volume) -> bool:
+        from .fusion.normalise import _auto_choice
+
+        return (_auto_choice(v.modality, v.unit)[0] if self.method == "auto" else self.method) == "percentile"
+
+    def _within(self, v: Volume, view: Optional[np.ndarray]) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """``v`` normalised, its percentiles (its rule takes them) over its own field of view ``view`` only (None:
+        the whole grid)."""
         from .fusion.normalise import DEFAULT_PERCENTILES, _auto_choice, normalise
 
         chosen, why = _auto_choice(v.modality, v.unit) if self.method == "auto" else (self.method, "")
-        if chosen != "percentile" or not view.any():
+        if view is None or view.shape != v.shape or not view.any():
             kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             return normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, dtype=np.float32, **kw)
         pl, ph = (self.low, self.high) if self.method == "percentile" else DEFAULT_PERCENTILES
