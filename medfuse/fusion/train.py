@@ -34,8 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._checks import MAX_THREADS, user_stacklevel
-from ..errors import (InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError, UnreadableFileError,
-                      WeightsError)
+from ..errors import (CancelledError, InvalidInputError, MedfuseError, MedfuseWarning, OutputExistsError,
+                      UnreadableFileError, WeightsError)
 from ..harvard import case_of, _png_names, split_cases, spread  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
@@ -1186,7 +1186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "replace the shipped weights pass --out medfuse/fusion/weights --overwrite")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/fusion"),
                         help="checkpoints (last.ckpt, best.ckpt), train.log and metrics.csv (per-epoch validation "
-                             "table, loss, learning rate, score)")
+                             "table, loss, learning rate of the epoch's last step, score); default: runs/fusion "
+                             "under the current folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing weights in --out, and start a new run in a --run-dir that holds an "
                              "earlier run's checkpoints (without --resume)")
@@ -1312,7 +1313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--val-limit", type=int, default=12,
                         help="validation pairs per type each epoch (the final validation: 3x as many)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                         help="where to train (default: auto, a CUDA GPU when there is one, else the CPU)")
     parser.add_argument("--resume", action="store_true",
@@ -1703,12 +1704,37 @@ def run(args: argparse.Namespace) -> int:
         return OutputExistsError(f"another medfuse train run is using this run folder ({holder})", path=run_dir,
                                  fix="wait for it to end, or pass another --run-dir")
 
-    with run_lock(run_dir.parent / f".{run_dir.name}.train.lock", busy=busy):
-        return _run(args)
+    kept: dict = {}
+    try:
+        with run_lock(run_dir.parent / f".{run_dir.name}.train.lock", busy=busy):
+            return _run(args, kept)
+    except (CancelledError, KeyboardInterrupt) as e:
+        # The command line's cancel message said "cancelled" alone: whether anything was kept, and how to go on.
+        e.note = _cancel_note(args, kept)
+        raise
 
 
-def _run(args: argparse.Namespace) -> int:
-    """:func:`run` under the run folder's lock."""
+def _cancel_note(args: argparse.Namespace, kept: dict) -> str:
+    """What a cancelled training run kept, for the command line's cancel message."""
+    if "folder" not in kept:
+        return "nothing was written (the run had not started training)"
+    done, total = kept.get("epoch", 0), args.epochs
+    where = f"in {kept['folder']}"
+    if not done:
+        return (f"no epoch had ended, so no checkpoint was saved {where} (train.log says how far it got); start "
+                "again with the same command and --overwrite")
+    if kept.get("export"):
+        return f"the weights had been exported ({kept['export']}) before the cancel"
+    stage = (f"epoch {done} of {total} had ended" if done < total
+             else f"all {total} epochs had ended; the 3-D stage and the export had not")
+    return (f"{stage}: its checkpoints (last.ckpt, best.ckpt) and metrics.csv are {where}; no weights were exported; "
+            "the same command with --resume goes on from there")
+
+
+def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
+    """:func:`run` under the run folder's lock; ``kept`` is filled in with what the run has saved so far (the run
+    folder once made, the epochs checkpointed, the export), for the cancel message."""
+    kept = {} if kept is None else kept
     try:
         import torch
         from tqdm import tqdm
@@ -1822,6 +1848,7 @@ def _run(args: argparse.Namespace) -> int:
     random.seed(args.seed)
     torch.set_num_threads(args.threads)  # 1..MAX_THREADS: _check_ranges
     args.run_dir.mkdir(parents=True, exist_ok=True)
+    kept["folder"] = args.run_dir
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
 
     def log(msg: str, *, console: bool = True) -> None:
@@ -1912,6 +1939,7 @@ def _run(args: argparse.Namespace) -> int:
             sampler.rng = np.random.default_rng(args.seed + 1000 * state["epoch"])
             rng3 = np.random.default_rng(args.seed + 5 + 1000 * state["epoch"])
         log(f"resumed from {ckpt} at epoch {state['epoch']}")
+        kept["epoch"] = state["epoch"]
         short = state["epoch"] * args.steps_per_epoch - state.get("steps_done", state["epoch"] * args.steps_per_epoch)
         if short > 0:
             log(f"note: the run stopped {short} step(s) short of its epoch {state['epoch']} (--max-minutes); it "
@@ -2008,6 +2036,7 @@ def _run(args: argparse.Namespace) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # metric losses have sharp spots
             scaler.step(opt)
             scaler.update()
+            step_lr = float(opt.param_groups[0]["lr"])  # the rate this step used (the schedule ends at 0)
             sched.step()
             run_loss.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.4f}", q=f"{parts['Qabf']:.3f}", v=f"{parts['VIF']:.3f}")
@@ -2027,7 +2056,7 @@ def _run(args: argparse.Namespace) -> int:
             per = ", ".join(f"{k} {v:+.4f}" for k, v in rule_margins(table).items())
             log(f"worst relative margin over the rules: {rule_margin(table):+.4f} ({per}; score {val_score:.4f})")
         entry = {"epoch": epoch + 1, "table": table, "steps": len(run_loss), "train_loss": float(np.mean(run_loss)),
-                 "lr": float(sched.get_last_lr()[0]), "score": float(val_score), "elapsed_s": float(elapsed)}
+                 "lr": step_lr if run_loss else float(sched.get_last_lr()[0]), "score": float(val_score), "elapsed_s": float(elapsed)}
         state = {"epoch": epoch + 1, "history": state["history"] + [entry],
                  "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
                  "rng": streams, "options": options, "epochs": args.epochs, "cases": split,
@@ -2041,6 +2070,7 @@ def _run(args: argparse.Namespace) -> int:
             save_checkpoint(args.run_dir / "best.ckpt", model, opt, state)
         save_checkpoint(ckpt, model, opt, state)
         write_metrics(args.run_dir, state["history"])
+        kept["epoch"] = epoch + 1
         if new_best:
             log(f"new best epoch {epoch + 1}: score {val_score:.4f}")
         if stop:
@@ -2078,6 +2108,7 @@ def _run(args: argparse.Namespace) -> int:
         "validation": final, "validation_pairs": scored, "device": device, "torch": torch.__version__,
     }
     path = export_weights(model.cpu(), Path(args.out), meta, overwrite=args.overwrite)
+    kept["export"] = path
     log(f"weights written to {path}")
     logf.close()
     return 0

@@ -44,8 +44,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_exports_them(shared,
         return real_validate(*a, **k)
 
     monkeypatch.setattr(tr, "validate", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as cancel:
         run("resumed")
+    # The cancel message says what was kept and how to go on (it said "cancelled" alone).
+    assert "epoch 1 of 2 had ended" in cancel.value.note and "--resume" in cancel.value.note
     monkeypatch.setattr(tr, "validate", real_validate)
     ck = torch.load(tmp_path / "resumed" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["state"]["epoch"] == 1 and not (tmp_path / "resumed_out").exists()
@@ -54,6 +56,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_exports_them(shared,
 
     assert run("resumed", "--resume") == 0
     assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+    # metrics.csv's learning rate is the one the epoch's last step used: the cosine schedule's end (0) read 0.
+    import csv
+    with open(tmp_path / "resumed" / "metrics.csv", newline="") as fh:
+        rates = {int(r["epoch"]): float(r["lr"]) for r in csv.DictReader(fh)}
+    assert rates[2] > 0 and rates[1] > rates[2]
 
     # The end states (not the exports: those are the best epoch, which may be epoch 1 in both).
     a, b = (torch.load(tmp_path / n / "last.ckpt", map_location="cpu", weights_only=True)["model"]
