@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -354,7 +355,7 @@ def load_transform(path: Union[str, os.PathLike]) -> Transform:
                                   "(.tfm, .txt, .h5, .mat)", path=p)
     if not p.is_file():
         raise UnreadableFileError("no such transform file", errno=_errno.ENOENT, fix="check the path", path=p)
-    _refuse_transform_list(p)
+    _check_transform_file(p)
     try:
         with _lower_case_ending(p) as readable:
             t = sitk.ReadTransform(itk_path(readable))
@@ -386,22 +387,42 @@ def _lower_case_ending(p: Path) -> Iterator[Path]:
         yield copy
 
 
-def _refuse_transform_list(p: Path) -> None:
-    """Refuse a text transform file that lists several transforms outside a composite (ITK's older layout).
+def _check_transform_file(p: Path) -> None:
+    """Refuse, before SimpleITK reads it, a transform file that it would read wrongly.
 
-    SimpleITK reads only the first of them and says so on stderr alone, so the rest of the transform was dropped.
+    - A text file that lists several transforms outside a composite (ITK's older layout): SimpleITK reads only the
+      first of them and says so on stderr alone, so the rest of the transform was dropped.
+    - A text file cut short, or with the wrong number of parameters for its kind: SimpleITK read a file cut
+      inside its ``Parameters`` line as the identity, with no error, and one with too few parameters (two for an
+      Euler transform) read past them, so that the process later died of a corrupted heap.
+    - A ``.h5`` file that is not HDF5: HDF5 printed some forty lines of its own traces before the error.
     """
-    if not p.name.lower().endswith((".tfm", ".txt")):
+    name = p.name.lower()
+    if name.endswith((".h5", ".hdf5")):
+        if not _is_hdf5(p):
+            raise UnreadableFileError("this is not an HDF5 file, so not an ITK .h5 transform file",
+                                      fix="check the file: it may be incomplete, or a text transform (.tfm) or "
+                                          "an image given a .h5 name", path=p)
         return
-    kinds = []
+    if not name.endswith((".tfm", ".txt")):
+        return
     try:
         with open(p, "rb") as f:
-            for line in f:
-                if line.startswith(b"Transform:"):
-                    kinds.append(line.split(b":", 1)[1].strip().decode("ascii", "replace"))
+            lines = [line.rstrip(b"\r\n") for line in f]
     except OSError as e:
         raise UnreadableFileError(f"the transform file cannot be read ({type(e).__name__})",
                                   fix="check its permissions", path=p) from None
+    blocks: List[dict] = []
+    for line in lines:
+        key, sep, value = line.partition(b":")
+        if not sep or key.strip() not in (b"Transform", b"Parameters", b"FixedParameters"):
+            continue
+        key = key.strip().decode()
+        if key == "Transform":
+            blocks.append({"kind": value.strip().decode("ascii", "replace")})
+        elif blocks:
+            blocks[-1][key] = value.split()
+    kinds = [b["kind"] for b in blocks]
     if len(kinds) > 1 and not kinds[0].startswith("CompositeTransform"):
         raise UnreadableFileError(
             f"the file lists {len(kinds)} transforms one after another ({', '.join(kinds)}), not in a composite: "
@@ -409,6 +430,65 @@ def _refuse_transform_list(p: Path) -> None:
             fix="save it from the tool that wrote it as one composite transform (a .h5 file), or split it into one "
                 "file per transform and combine them with Transform.compose in the order that tool applies them",
             path=p)
+    again = "write the transform again from the tool that made it (the file is incomplete or was edited)"
+    for number, block in enumerate(blocks):
+        kind = block["kind"]
+        if kind.startswith("CompositeTransform"):
+            continue
+        which = f"transform {number} ({kind})" if len(blocks) > 1 else f"its {kind}"
+        for key in ("Parameters", "FixedParameters"):
+            if key not in block:
+                raise UnreadableFileError(f"the file is cut short: {which} has no {key} line", fix=again, path=p)
+            try:
+                [float(v) for v in block[key]]
+            except ValueError:
+                raise UnreadableFileError(f"{which} has a {key} value that is not a number", fix=again,
+                                          path=p) from None
+        expected = _parameter_counts().get(kind.split("_", 1)[0]) if kind.endswith("_3_3") else None
+        if expected is None:  # another kind or dimension: ITK checks those counts itself
+            continue
+        n_params, min_fixed = expected
+        if len(block["Parameters"]) != n_params or len(block["FixedParameters"]) < min_fixed:
+            raise UnreadableFileError(
+                f"{which} has {len(block['Parameters'])} parameters and {len(block['FixedParameters'])} fixed "
+                f"parameters; that kind has {n_params} and at least {min_fixed}", fix=again, path=p)
+
+
+def _is_hdf5(p: Path) -> bool:
+    """Whether the HDF5 signature is where the format puts it (byte 0, 512, 1024, 2048, ...)."""
+    signature = b"\x89HDF\r\n\x1a\n"
+    try:
+        with open(p, "rb") as f:
+            for offset in (0, 512, 1024, 2048, 4096):
+                f.seek(offset)
+                if f.read(8) == signature:
+                    return True
+    except OSError as e:
+        raise UnreadableFileError(f"the transform file cannot be read ({type(e).__name__})",
+                                  fix="check its permissions", path=p) from None
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_counts() -> Dict[str, Tuple[int, int]]:
+    """(parameters, least fixed parameters) of the 3-D transform kinds whose count is fixed, as ITK names them in
+    files; taken from SimpleITK's own classes. An Euler transform's fourth fixed parameter (the ZYX flag) is
+    optional in ITK's files."""
+    import SimpleITK as sitk
+
+    counts = {"Euler3DTransform": (sitk.Euler3DTransform().GetNumberOfParameters(), 3),
+              "MatrixOffsetTransformBase": (12, 3)}
+    for name, make in (("AffineTransform", lambda: sitk.AffineTransform(3)),
+                       ("VersorRigid3DTransform", sitk.VersorRigid3DTransform),
+                       ("Similarity3DTransform", sitk.Similarity3DTransform),
+                       ("ScaleVersor3DTransform", sitk.ScaleVersor3DTransform),
+                       ("ScaleSkewVersor3DTransform", sitk.ScaleSkewVersor3DTransform),
+                       ("VersorTransform", sitk.VersorTransform),
+                       ("TranslationTransform", lambda: sitk.TranslationTransform(3)),
+                       ("ScaleTransform", lambda: sitk.ScaleTransform(3))):
+        t = make()
+        counts[name] = (t.GetNumberOfParameters(), len(t.GetFixedParameters()))
+    return counts
 
 
 def _unreadable_transform(p: Path) -> UnreadableFileError:

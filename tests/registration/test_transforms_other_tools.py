@@ -189,6 +189,54 @@ def test_a_file_listing_several_transforms_outside_a_composite_is_refused(tmp_pa
                                [(1.0, 0.0, 0.0)])
 
 
+def test_a_cut_short_or_miscounted_transform_file_is_refused_before_simpleitk_reads_it(tmp_path):
+    """SimpleITK read a .tfm cut inside its Parameters line as the identity, without an error, and one with two
+    parameters for an Euler transform read past them (the process later died of a corrupted heap). A .h5 that
+    is not HDF5 printed HDF5's own traces before the error. Files SimpleITK writes, of every fixed-count kind,
+    are still read."""
+    from medfuse.errors import UnreadableFileError
+
+    euler = sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.17, -0.1, 0.14, (7.0, -5.0, 9.0))
+    good = tmp_path / "good.tfm"
+    sitk.WriteTransform(euler, str(good))
+    text = good.read_text()
+    cut = tmp_path / "cut.tfm"
+    cut.write_text(text[:text.index("\nFixedParameters")])  # the Parameters line whole, nothing after it
+    with pytest.raises(UnreadableFileError, match="cut short: its Euler3DTransform_double_3_3 has no "
+                                                  "FixedParameters line"):
+        load_transform(cut)
+    short = tmp_path / "short.tfm"
+    short.write_text(text.replace(text.split("Parameters: ")[1].split("\n")[0], "0.1 0.2", 1))
+    with pytest.raises(UnreadableFileError, match="has 2 parameters .* that kind has 6"):
+        load_transform(short)
+    words = tmp_path / "words.tfm"
+    words.write_text(text.replace("FixedParameters: ", "FixedParameters: x", 1))
+    with pytest.raises(UnreadableFileError, match="FixedParameters value that is not a number"):
+        load_transform(words)
+    not_h5 = tmp_path / "not.h5"
+    not_h5.write_bytes(b"garbage" * 100)
+    with pytest.raises(UnreadableFileError, match="not an HDF5 file"):
+        load_transform(not_h5)
+
+    point = (30.0, -10.0, 5.0)
+    np.testing.assert_allclose(load_transform(good).transform_points([point])[0], euler.TransformPoint(point))
+    kinds = [sitk.AffineTransform(3), sitk.VersorRigid3DTransform(), sitk.Similarity3DTransform(),
+             sitk.ScaleVersor3DTransform(), sitk.ScaleSkewVersor3DTransform(), sitk.VersorTransform(),
+             sitk.TranslationTransform(3, (1.0, 2.0, 3.0)), sitk.ScaleTransform(3, (1.0, 2.0, 3.0)),
+             sitk.BSplineTransformInitializer(sitk.Image([8, 8, 8], sitk.sitkFloat32), [3, 3, 3])]
+    for t in kinds:
+        for ending in (".tfm", ".h5"):
+            path = tmp_path / f"{t.GetName()}{ending}"
+            sitk.WriteTransform(t, str(path))
+            np.testing.assert_allclose(load_transform(path).transform_points([point])[0], t.TransformPoint(point),
+                                       err_msg=path.name)
+    # Euler files of older ITK have three fixed parameters (no ZYX flag): still read.
+    older = tmp_path / "older.tfm"
+    older.write_text(text.replace("FixedParameters: 1 2 3 0", "FixedParameters: 1 2 3"))
+    assert "FixedParameters: 1 2 3\n" in older.read_text()
+    np.testing.assert_allclose(load_transform(older).transform_points([point])[0], euler.TransformPoint(point))
+
+
 def test_an_image_given_as_a_transform_is_named_as_an_image(tmp_path):
     from medfuse.errors import UnreadableFileError
 
