@@ -256,6 +256,8 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         suv: PET only: ``"auto"`` (default: SUVbw, or the SUV kind a GML series already holds),
             ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, or ``"none"`` for the stored unit (Bq/mL).
             Checked for every input; a NIfTI/MetaImage/NRRD file carries no SUV header, so it is not applied there.
+            A DICOM series whose headers lack what the kind needs (a weight, a height for ``"lbm"``) loads in its
+            stored unit with a :class:`~medfuse.errors.MedfuseWarning` saying why: check ``Volume.unit``.
         whole_series: DICOM only: when ``path`` is one file of a series, load the whole series it belongs to:
             the files in the same folder (not its sub-folders) with the same SeriesInstanceUID (the other slices
             of a classic series; the other volumes of a multi-frame series stored one file per volume); other
@@ -422,6 +424,7 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
     selector = _check_series(selector)
     if selector is None or str(selector).strip() in ("", "-"):
         return None
+    _check_exists(p)  # a missing folder was called "a file"
     if not p.is_dir():
         raise InvalidInputError("a series can be picked in a DICOM folder only; this is a file",
                                 fix="leave the series choice out for this input ('-')", path=p)

@@ -687,6 +687,13 @@ def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw") -
         raise SUVError("no PET instances were given", fix="pass the headers of every instance of the series")
     for key in _SERIES_KEYS:
         vals = {repr(_norm(h.get(key))) for h in hs}
+        empty = sum(1 for h in hs if _norm(h.get(key)) in (None, ""))
+        if len(vals) == 2 and 0 < empty < len(hs):
+            # One value and a gap: a header defect, not a mixed series (whose fix did not apply).
+            raise SUVError(f"{key} is missing or empty in {empty} of the series' {len(hs)} instances (the "
+                           "others agree on one value)",
+                           fix=f"complete {key} in those instances' headers (SUV needs the series' value in "
+                               "every one)")
         if len(vals) > 1:
             raise SUVError(f"{key} differs between instances of one series",
                            fix="load the instances of one series only; a mixed series cannot be scaled to SUV")

@@ -57,6 +57,25 @@ def test_a_series_whose_files_disagree_on_patient_study_or_space_is_refused(samp
         assert value not in msg
 
 
+def test_a_weight_left_empty_on_one_instance_is_named_as_a_gap_not_a_mixed_series(samples_dir, tmp_path):
+    """One instance without PatientWeight: the SUV fallback said the weight "differs between instances" and to
+    "load the instances of one series only", a fix that did not apply to one series with a header gap."""
+    def edit(i, ds):
+        _subject(ds, _DOE, _STUDY_A, _FOR_A)
+        if i == 4:
+            ds.PatientWeight = None
+
+    folder = _copy_pet(samples_dir, tmp_path / "gap", edit)
+    n = len(list(folder.glob("*.dcm")))
+    with pytest.warns(MedfuseWarning, match=rf"PatientWeight is missing or empty in 1 of the series' {n} "
+                                            "instances") as caught:
+        vol = medfuse.load(folder)
+    assert vol.unit == "Bq/mL" and "complete PatientWeight" in str(caught[0].message)
+    with pytest.raises(SUVError, match="PatientWeight is missing or empty in 1 of"):
+        suvmod.series_suv_factors([suvmod.header_from_dataset(pydicom.dcmread(str(f)))
+                                   for f in sorted(folder.glob("*.dcm"))])
+
+
 def test_one_patient_spelled_alike_or_with_a_value_left_out_still_loads(samples_dir, tmp_path):
     """No false refusal: letter case and trailing name components, or an identifier emptied on some files."""
     def edit(i, ds):

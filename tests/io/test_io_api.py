@@ -18,7 +18,7 @@ import pytest
 import medfuse
 from medfuse import Volume
 from medfuse import harvard, phantom
-from medfuse.errors import InvalidInputError, MedfuseError
+from medfuse.errors import InvalidInputError, MedfuseError, UnreadableFileError
 from medfuse.io import SUV_CHOICES, dicom, dicom_writer, nifti, suv, writers
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_volumes"
@@ -130,6 +130,9 @@ def test_series_choice_modality_and_unit_types(tmp_path):
     first = medfuse.load(PET, series_uid="1")
     np.testing.assert_array_equal(medfuse.load(PET, series_uid=1).array, first.array)
     assert medfuse.select_series(PET, 1) == medfuse.scan(PET)[0].series_uid
+    # A folder that is not there is missing, as load and scan say (it was "this is a file", an InvalidInputError).
+    with pytest.raises(UnreadableFileError, match="no such file or folder"):
+        medfuse.select_series(tmp_path / "nope", "1")
     for bad in ([1], np.zeros(2), 1.5, True):
         with pytest.raises(InvalidInputError, match="series_uid must be text or a series number"):
             medfuse.load(PET, series_uid=bad)
