@@ -250,7 +250,7 @@ def percentile_limits(array: Any, *, low: float = 1.0, high: float = 99.5, ignor
 
     Args:
         array: any array (or a :class:`Volume`).
-        low, high: percentiles (0..100).
+        low, high: percentiles (0..100; default 1 and 99.5).
         ignore_zeros: leave out exact zeros (the background of MR, PET and SPECT) when anything else remains.
         max_samples: subsample larger arrays with a fixed stride (deterministic, fast on big volumes).
 
@@ -325,7 +325,7 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
     Args:
         volume: the volume.
         overlay: True for a functional layer shown over an anatomical base: ``additive`` blending, opacity 0.6.
-        window: CT preset name from :data:`CT_WINDOWS`.
+        window: CT preset name from :data:`CT_WINDOWS`; used for a CT in HU only (other volumes ignore it).
 
     Returns:
         The :class:`DisplaySettings` (``as_kwargs()`` for ``napari.Viewer.add_image``).

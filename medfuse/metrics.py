@@ -631,20 +631,21 @@ def sf(fused, *, mask=None) -> float:
     """Spatial frequency: ``sqrt(mean(dx^2) + mean(dy^2))`` with one-pixel forward differences (2-D).
 
     With ``mask``, each mean is over the differences whose two pixels both lie inside it (the step from the
-    region to the background is no detail of the region); NaN when no two neighbours along an axis are inside.
-    
+    region to the background is no detail of the region). The mask must hold a whole 7x7 block, as for every
+    neighbourhood metric.
+
     Args:
         fused: the fused image ``F`` on the 0..255 scale (any real dtype; CPU torch tensors are taken), 2-D.
         mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
             None (default) for the whole image.
 
     Returns:
-        The spatial frequency, in ``F``'s units per pixel (NaN: see above).
+        The spatial frequency, in ``F``'s units per pixel.
 
     Raises:
         InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
             is empty or holds NaN/inf, is not 2-D or is under 2 pixels a side; the mask has another shape,
-            values other than 0/1, or selects nothing.
+            values other than 0/1, selects nothing, or holds no whole 7x7 block.
     """
     f = _as_image2d(fused)
     m = _metric_mask(mask, f, windows=True, what="SF")
@@ -657,7 +658,9 @@ def sf(fused, *, mask=None) -> float:
 
 def ag(fused, *, mask=None) -> float:
     """Average gradient: mean of ``sqrt((Gx^2 + Gy^2) / 2)`` (2-D); with ``mask``, the mean over its pixels
-    of the gradients computed on the whole image.
+    of the gradients computed on the whole image (the mask must hold a whole 7x7 block, as for every
+    neighbourhood metric).
+
     Args:
         fused: the fused image ``F`` on the 0..255 scale (any real dtype; CPU torch tensors are taken), 2-D.
         mask: (keyword-only) the region of interest: a boolean (or 0/1) array of ``F``'s shape, True inside;
@@ -669,7 +672,7 @@ def ag(fused, *, mask=None) -> float:
     Raises:
         InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
             is empty or holds NaN/inf, is not 2-D or is under 2 pixels a side; the mask has another shape,
-            values other than 0/1, or selects nothing.
+            values other than 0/1, selects nothing, or holds no whole 7x7 block.
     """
     f = _as_image2d(fused)
     m = _metric_mask(mask, f, windows=True, what="AG")

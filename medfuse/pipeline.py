@@ -1210,7 +1210,9 @@ class Pipeline:
     def _set(self, name: str, step: Step) -> None:
         names = [n for n, _ in self._steps]
         if not isinstance(name, str) or name not in names:
-            raise InvalidInputError(f"unknown pipeline step (got {describe(name)})",
+            # A step name is the caller's code, not patient data: shown when it is short text.
+            shown = repr(name) if isinstance(name, str) and len(name) <= 40 and name.isidentifier() else describe(name)
+            raise InvalidInputError(f"unknown pipeline step {shown}",
                                     fix=f"use one of {', '.join(names)}")
         if not callable(step):
             raise InvalidInputError(f"the {name} step must be callable: step(state) -> state",
@@ -1572,6 +1574,9 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         CancelledError: ``cancel`` was set.
     """
     movings = list(moving) if isinstance(moving, (list, tuple)) else [moving]
+    if not movings:  # Pipeline.run's own message spoke of its inputs list, which fuse_files callers never see
+        raise InvalidInputError("moving is an empty list: there is nothing to fuse with the fixed image",
+                                fix="pass moving as one image (a path or Volume) or a list of at least one")
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
                     grid=grid, normalise=normalise, modalities=modalities, series=series, deidentify=deidentify)
     if weights is not None:

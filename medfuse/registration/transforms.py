@@ -111,8 +111,9 @@ class Transform:
             sitk_transform = sitk_transform.sitk
         if not isinstance(sitk_transform, sitk.Transform):
             raise InvalidInputError(
-                f"expected a SimpleITK.Transform, got {type(sitk_transform).__name__}",
-                fix="use Transform.from_matrix(4x4) or medfuse.load_transform(path)")
+                f"expected a medfuse Transform or a SimpleITK.Transform, got {type(sitk_transform).__name__}",
+                fix="for a 4x4 LPS matrix use medfuse.Transform.from_matrix(m); for a file, "
+                    "medfuse.load_transform(path); or pass what medfuse.register returned (.transform)")
         if sitk_transform.GetDimension() != 3:
             raise InvalidInputError("only 3-D transforms are supported", fix="pass a 3-D transform")
         try:  # copy, so that later edits of the caller's object cannot move ours

@@ -119,6 +119,14 @@ def test_pipeline_steps_and_threads_are_checked():
     for bad in (PATIENT, [1, 2, 3], 1.5, True, 0):
         _raises(InvalidInputError, Pipeline, threads=bad)
     assert Pipeline(threads=1).step("register").params["threads"] == 1
+    # A step name (the caller's code) is shown; text that may be a path or a name is not.
+    assert "'denoise'" in str(_raises(InvalidInputError, Pipeline, steps={"denoise": lambda s: s}))
+    _raises(InvalidInputError, Pipeline, steps={PATIENT: lambda s: s})
+
+
+def test_fuse_files_refuses_an_empty_moving_list_naming_moving():
+    err = _raises(InvalidInputError, fuse_files, _vol(), [], None, method="max")
+    assert "moving is an empty list" in str(err)
 
 
 # ------------------------------------------------------------------------------------------------ fuse_files
