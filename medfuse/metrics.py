@@ -36,7 +36,8 @@ image (undefined, NaN in the reference code) counts as 0.
 
 Inputs off that scale (0..1 floats, 16-bit, HU), or any image (F or a source) whose peak is under 1/16 of the
 brightest image's (a 0..1 or SUV source beside 0..255 ones), get a ``MedfuseWarning`` (once per :func:`score`
-call): the numbers would not compare with any table. Values beyond 1e50 are refused (squares overflow).
+call): the numbers would not compare with any table. Values beyond 1e50 are refused (squares overflow), as is
+an image whose values are all below 1e-50 and not all zero (squares underflow).
 MI, SCD, CC, PSNR and FMI do not change when every image is scaled by one factor; SD, SF and AG scale
 with it; EN, VIF, SSIM, MS-SSIM, SSIM_r2 and Qabf depend on the range (docs/fusion.md, "Scale").
 
@@ -100,6 +101,7 @@ NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "
 
 _MIN_SIDE = 7  # scikit-image's default SSIM window; smaller images cannot be scored
 _MAX_MAGNITUDE = 1e50  # larger values overflow the metrics' products (SSIM: NaN from ~1e77)
+_MIN_MAGNITUDE = 1e-50  # a non-zero image whose values are all smaller underflows them (squares: from ~1e-154)
 _SCALE_FACTOR = 6  # peaks further apart than this: images on different scales (see _warn_on_scale)
 _VIF_MIN_SIDE = 17  # VIF's finest Gaussian window: below it VIF is undefined (NaN)
 
@@ -244,6 +246,12 @@ def _as_float(x, name: str) -> np.ndarray:
         raise InvalidInputError(
             f"{name} holds values up to {big:.3g}, beyond any image scale (the metrics' squares would overflow)",
             fix="rescale every image to 0..255 first (min-max scale, or window scanner units)")
+    if 0.0 < big < _MIN_MAGNITUDE:
+        # Squares underflow to 0 below ~1e-154: SD, SF and AG came out 0 for a textured image and PSNR said
+        # "F equals every source".
+        raise InvalidInputError(
+            f"{name} holds values no larger than {big:.3g}, below any image scale (the metrics' squares would "
+            "underflow to 0)", fix="rescale every image to 0..255 first (min-max scale)")
     return a
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import InvalidInputError, MedfuseError, OutputExistsError
+from ..errors import GeometryError, InvalidInputError, MedfuseError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
 from ._atomic import (_durable, _flush_file, _flush_folder, _link_into_place, _make_aside, _make_temp_dir,
@@ -185,6 +185,24 @@ def _written(tmp: Path, path: Path) -> None:
 _NIFTI1_MAX_DIM = 32767
 
 
+def _check_fits_float32(volume: Volume, path: Path) -> None:
+    """Refuse a geometry that NIfTI-1's float32 header fields cannot hold: an origin past 3.4e38 was written as
+    infinity (the file then refused by every reader, medfuse's own included), and a spacing below ~1e-38 as 0
+    (read back as 1 mm), with NumPy's "overflow encountered in cast" as the only sign."""
+    a = volume.affine_ras
+    with np.errstate(over="ignore", under="ignore"):
+        stored = a.astype(np.float32).astype(np.float64)
+    spacing, kept = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(stored[:3, :3], axis=0)
+    if np.all(np.isfinite(stored)) and np.allclose(kept, spacing, rtol=1e-3, atol=0.0):
+        return
+    raise GeometryError("the volume's geometry does not fit a NIfTI-1 header, whose affine is float32 "
+                        f"(spacing {', '.join(f'{v:.3g}' for v in spacing)} mm; origin up to "
+                        f"{float(np.max(np.abs(a[:3, 3]))):.3g} mm)",
+                        fix="write NIfTI-2 (medfuse.save(..., format='nifti2'), same .nii/.nii.gz name) or a "
+                            ".nrrd/.mha file, which keep 64-bit geometry; or check the affine, which looks wrong "
+                            "for a medical image", path=path)
+
+
 def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: bool) -> Path:
     import nibabel as nib
 
@@ -195,6 +213,8 @@ def _save_nifti(volume: Volume, path: Path, *, overwrite: bool, inputs, nifti2: 
                                 f"holds at most {_NIFTI1_MAX_DIM} voxels along an axis",
                                 fix="write NIfTI-2 (medfuse.save(..., format='nifti2'), same .nii/.nii.gz name) or "
                                     "a .nrrd/.mha file, or crop or downsample the volume", path=path)
+    if not nifti2:
+        _check_fits_float32(volume, path)
     arr = _storable(volume.array, "nifti", path)
     cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
     img = cls(arr, volume.affine_ras)

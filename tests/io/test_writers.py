@@ -66,6 +66,22 @@ def test_nifti_qform_sform_codes_and_nifti2(tmp_path, pet):
     assert np.array_equal(back.array, pet.array) and back.unit == "SUVbw"
 
 
+@pytest.mark.parametrize("affine", [np.array([[1.0, 0, 0, 1e39], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+                                    np.diag([1e-50, 1.0, 1.0, 1.0])])
+def test_a_geometry_float32_cannot_hold_is_refused_for_nifti1_and_kept_by_nifti2(tmp_path, affine):
+    """An origin past float32's range was written as infinity (a file every reader refuses, medfuse's too) and a
+    spacing of 1e-50 as 0 (read back as 1 mm), with only NumPy's cast warning."""
+    from medfuse.errors import GeometryError
+
+    vol = Volume(np.random.default_rng(0).random((6, 6, 6)).astype(np.float32), affine)
+    with pytest.raises(GeometryError, match="does not fit a NIfTI-1 header") as e:
+        save(vol, tmp_path / "v.nii.gz")
+    assert "nifti2" in e.value.fix and not (tmp_path / "v.nii.gz").exists()
+    for name, kw in (("v2.nii.gz", {"format": "nifti2"}), ("v.mha", {})):
+        back = load_image(save(vol, tmp_path / name, **kw))
+        np.testing.assert_allclose(back.affine, vol.affine, rtol=1e-12)
+
+
 def test_real_nifti_round_trip_input_untouched(shared, tmp_path):
     src = shared("data", "spm12-templates", "SPECT.nii")
     before = _sha(src)

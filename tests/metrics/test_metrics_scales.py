@@ -132,6 +132,19 @@ def test_values_beyond_any_image_scale_are_a_typed_error(factor):
             M.score(f * factor, a * factor, b * factor, metrics=[name])
 
 
+@pytest.mark.parametrize("factor", [1e-60, 1e-200])
+def test_values_below_any_image_scale_are_a_typed_error(factor):
+    """Squares underflow: SD, SF and AG were 0.0 for a textured image and PSNR inf ("F equals every source")."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (32, 32)).astype(float) for _ in range(2))
+    f = np.maximum(a, b)
+    for call in (lambda: M.sd(f * factor), lambda: M.sf(f * factor), lambda: M.ag(f * factor),
+                 lambda: M.score(f * factor, a * factor, b * factor, metrics=["PSNR"])):
+        with pytest.raises(InvalidInputError, match="below any image scale"):
+            call()
+    assert M.sd(np.zeros((32, 32))) == 0.0  # all zero is a (blank) image, not a scale problem
+
+
 def test_large_but_representable_values_keep_their_scale_free_metrics():
     """Below the limit the scale-free metrics are still right (CC and SCD were 0.0 near 1e100)."""
     rng = np.random.default_rng(0)
