@@ -143,6 +143,11 @@ def _as_affine(affine: Any) -> np.ndarray:
                                 "medfuse.volume.affine_from_geometry(spacing, origin, direction)") from e
 
 
+#: A voxel axis longer than this (1000 km) is no image's: its squares overflow the geometry's arithmetic long before
+#: float64's end (a norm of a 1e160 mm axis is inf).
+_MAX_SPACING_MM = 1e9
+
+
 def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
     if affine.shape != (4, 4):
         raise GeometryError(f"the affine must be a 4x4 matrix, got shape {affine.shape}",
@@ -154,7 +159,16 @@ def _check_affine(affine: np.ndarray, *, tol: float = 1e-4) -> None:
     if not np.allclose(affine[3], [0, 0, 0, 1]):
         raise GeometryError("the affine's last row must be [0, 0, 0, 1]", fix="pass a homogeneous 4x4 affine")
     m = affine[:3, :3]
-    spacing = np.linalg.norm(m, axis=0)
+    # Each column over its largest entry first: a plain norm of a 1e160 mm axis overflowed to inf, and the affine
+    # was called singular ("zero length").
+    peak = np.max(np.abs(m), axis=0)
+    spacing = peak * np.linalg.norm(m / np.where(peak > 0, peak, 1.0), axis=0)
+    if np.any(spacing > _MAX_SPACING_MM):
+        raise GeometryError(
+            f"a voxel axis is {float(spacing.max()):.3g} mm long, beyond any image's geometry (and beyond what the "
+            "spacing arithmetic can hold)",
+            fix="repair the image header (pixdim/sform/qform): the spacing is in mm, so a value like this is "
+                "usually a unit or a parsing error")
     # Why the direction's determinant: the matrix's own one is tiny for fine (sub-mm) but valid grids.
     if np.any(spacing <= 0) or abs(np.linalg.det(m / np.where(spacing > 0, spacing, 1.0))) < 1e-6:
         raise GeometryError(

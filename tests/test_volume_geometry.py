@@ -3,6 +3,8 @@ grid comparison, construction. Expected values come from the libraries, never fr
 
 from __future__ import annotations
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -236,6 +238,15 @@ def test_bad_affines_are_refused_in_words(affine, words):
 def test_fine_grids_are_not_singular():
     """10 nm voxels (the matrix's determinant is 1e-15) are a valid grid."""
     assert Volume(np.zeros((2, 2, 2)), np.diag([1e-5, 1e-5, 1e-5, 1.0])).spacing == (1e-5, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("length", [1e160, 1e300])
+def test_an_axis_beyond_any_geometry_is_named_as_too_long_not_singular(length):
+    """The norm of a 1e160 mm axis overflowed to inf and the affine was called singular ("zero length")."""
+    with pytest.raises(GeometryError, match=re.escape(f"a voxel axis is {length:.3g} mm long")) as info:
+        Volume(np.zeros((2, 2, 2)), np.diag([length, 1.0, 1.0, 1.0]))
+    assert "unit" in info.value.fix
+    assert Volume(np.zeros((2, 2, 2)), np.diag([1e8, 1.0, 1.0, 1.0])).spacing[0] == 1e8  # 100 km: still taken
 
 
 @pytest.mark.parametrize("arr,words", [
