@@ -473,7 +473,8 @@ def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> Non
         v, ref, what=f"input {n}", view="the fixed image's field of view",
         # What to do, as the refusal says it: the warning named none (a swapped FIXED/MOVING or a missing
         # registration looked like a finished fusion).
-        tail="elsewhere the fused image holds the fixed image alone. Check that the images belong together and "
+        tail="elsewhere only the fixed image contributes (rules that average, such as mean, show it darker "
+             "there: a step at the border). Check that the images belong together and "
              "in this order (FIXED first); if they are not aligned in the scanners' coordinates, register them "
              "first (--register rigid on the command line, register='rigid' in fuse_files)",
         fix="check that the images belong together; if they show the same anatomy in unrelated scanner coordinates, "
@@ -773,8 +774,10 @@ class SaveStep:
     """Write the fused volume atomically, then its provenance sidecar; skipped when there is no output.
 
     The output is written to a temporary name, hashed, the sidecar written, and only then renamed into
-    place: a run killed at any moment leaves either nothing, or an output with a matching sidecar, or (killed
-    while replacing an earlier output) the earlier output with a sidecar that says medfuse was replacing it.
+    place: a run killed at any moment leaves no new output (a first write: at most the sidecar marked
+    ``in_progress``, beside no output), or an output with a matching sidecar, or (killed while replacing an
+    earlier output) the earlier output with a sidecar that says medfuse was replacing it. The image's name, not
+    the sidecar's, says that an output is complete.
     Before writing, a sidecar marked ``in_progress`` records the output's current hash (``replaces_sha256``),
     once; the sidecar written before the rename keeps ``replaces_sha256``. A batch rerun takes such an output as
     medfuse's own, unfinished, and redoes it without ``overwrite``. The temporary files a killed run left (the

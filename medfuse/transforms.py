@@ -683,7 +683,8 @@ class FuseModalities(Transform):
             shown = [f"'{n}'" for n in names] if keyed else names
             for v, n in zip(vols[1:], shown[1:]):
                 if not v.same_grid(vols[0]):
-                    _warn_coverage(v, vols[0], (n, shown[0]), tail=f"elsewhere the fused image holds {shown[0]} alone",
+                    _warn_coverage(v, vols[0], (n, shown[0]), tail=f"elsewhere only {shown[0]} contributes (rules that average, "
+                                   "such as mean, show it darker there: a step at the border)",
                                    fix="check that the images belong together; if they show the same anatomy in "
                                        "unrelated scanner coordinates, register them before fusing: "
                                        "RegisterToReferenced(keys=..., reference_key=..., kind='rigid', "

@@ -971,9 +971,11 @@ def _warn_constant_layers(layers: List[Any], arrays: List[np.ndarray]) -> List[s
     for k, (layer, arr) in enumerate(zip(layers, arrays)):
         value = constant_value(np.asarray(arr))
         if value == 0:
-            rest = (f"the base '{layers[0].name}' alone" if len(layers) == 2 and k == 1 else
-                    "the other layer alone" if len(layers) == 2 else "the other layers alone")
-            _notify_warning(f"'{layer.name}' holds no signal (every voxel is 0): the fused image will be {rest}.")
+            rest = (f"the base '{layers[0].name}'" if len(layers) == 2 and k == 1 else
+                    "the other layer" if len(layers) == 2 else "the other layers")
+            # "will be the base alone" was not so for the mean rule, which halves it.
+            _notify_warning(f"'{layer.name}' holds no signal (every voxel is 0): only {rest} will contribute to the "
+                            "fused image (darker with rules that average, such as mean).")
             flat.append(layer.name)
         elif value is not None:
             _notify_warning(f"'{layer.name}' is constant (every voxel is {value:g}): it holds no image, and the "

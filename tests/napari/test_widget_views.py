@@ -116,7 +116,8 @@ def test_an_all_zero_base_layer_is_warned_too(qtbot, pair, monkeypatch):
     shown = _capture(monkeypatch, "error", "warning")
     _fuse(qtbot, widget, "empty", "mr")
     assert [m for m in shown["warning"] if "holds no signal" in m] == [
-        "'empty' holds no signal (every voxel is 0): the fused image will be the other layer alone."], shown
+        "'empty' holds no signal (every voxel is 0): only the other layer will contribute to the fused image "
+        "(darker with rules that average, such as mean)."], shown
 
 
 def test_a_classical_rule_shows_a_busy_bar_while_it_runs(pair):
