@@ -375,7 +375,13 @@ def _as_array(x: Any, i: int) -> np.ndarray:
                                     fix="fuse Volumes, which keep the geometry: medfuse.Volume.from_metatensor(t) "
                                         "for each input (or pass t.array for the voxels alone)")
         t = x.detach().cpu()  # a tensor that needs grad, or on a GPU, has no NumPy view
-        return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()  # NumPy has no bfloat16
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()  # NumPy has no bfloat16
+        try:
+            return t.numpy()
+        except TypeError as e:  # float8 and other dtypes NumPy lacks: torch's "unsupported ScalarType" said no fix
+            raise InvalidInputError(f"input {i} is a torch tensor of dtype {t.dtype}, which NumPy cannot hold",
+                                    fix="convert it first: x.float() (float8 values are exact in float32)") from e
     # Why named here: as arrays these gave "got shape (6912,)" (an ITK image), "dtype object" (nibabel) or
     # "dtype <U38" (a path), which said nothing of the fix.
     if isinstance(x, (str, bytes, os.PathLike)):
@@ -387,7 +393,15 @@ def _as_array(x: Any, i: int) -> np.ndarray:
         how = "Volume.from_sitk(image)" if library == "SimpleITK" else "Volume.from_nibabel(image)"
         raise InvalidInputError(f"input {i} is a {library} image, whose geometry a plain array would lose",
                                 fix=f"convert each input with medfuse.{how}, which keeps it")
-    return np.asarray(x)
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError) as e:  # ragged nested lists: numpy's "inhomogeneous shape" named no input
+        raise InvalidInputError(f"input {i} is not an array NumPy can read ({type(x).__name__}; a nested list "
+                                "whose rows differ in length is not an image)",
+                                fix="pass a NumPy array, or nested lists whose rows all have the same length") from e
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))  # big-endian in, native out (as Volumes do)
+    return a
 
 
 def _colour_like(x: np.ndarray, i: int, *, refuse: bool = True) -> bool:
@@ -413,14 +427,32 @@ def _colour_like(x: np.ndarray, i: int, *, refuse: bool = True) -> bool:
     return False
 
 
-def _colour_peak(rgb: np.ndarray) -> float:
-    """The value of full intensity in a colour image: 255 for 8-bit data, the dtype's top for 16-bit, else 1."""
+def _colour_peak(rgb: np.ndarray, name: str = "the colour image", *, or_peak: bool = False) -> float:
+    """The value of full intensity in a colour image: 255 for 8-bit data, 65535 for uint16 above 255, else 1.
+
+    Other integer dtypes above 255 are refused: their white is unknown (int32 0..1000 was read on 0..2**31, a
+    result up to 1e9). ``or_peak``: the caller takes ``peak=``, which the fix then names.
+    """
     top = float(rgb.max())
+    also = "; or pass peak= (the intensity of white)" if or_peak else ""
     if np.issubdtype(rgb.dtype, np.integer):
-        return 255.0 if top <= 255 else float(np.iinfo(rgb.dtype).max)
+        if rgb.dtype.kind == "i" and rgb.dtype.itemsize == 1:  # 0..255 does not fit, nor would the result
+            raise InvalidInputError(f"{name} is int8, which holds only up to 127: too little for 8-bit colour "
+                                    "(0..255) and for the fused result",
+                                    fix="convert it to uint8 (x.astype(numpy.uint8)) or to floats on 0..1 (x / 127 "
+                                        "when 127 is white)" + also)
+        if top <= 255:
+            return 255.0
+        if rgb.dtype.kind == "u" and rgb.dtype.itemsize == 2:  # 16-bit colour's white (PNG, TIFF); any byte order
+            return 65535.0
+        raise InvalidInputError(f"{name} is {rgb.dtype.newbyteorder('=')} with values up to {top:.6g}: a colour "
+                                "image is 8-bit (0..255), uint16 (0..65535) or float on 0..1, so its white is unknown",
+                                fix="convert it: to uint8 or uint16 when white is 255 or 65535 "
+                                    "(x.astype(numpy.uint16)), else to floats on 0..1 (x / white, e.g. x / 4095 "
+                                    "for 12-bit data)" + also)
     if top > 255.0:
-        raise InvalidInputError(f"the colour image's values reach {top:.4g}; a float colour image is read as 0..1 "
-                                "or 0..255", fix="scale it to 0..1 (or pass it as uint8/uint16)")
+        raise InvalidInputError(f"the values of {name} reach {top:.4g}; a float colour image is read as 0..1 "
+                                "or 0..255", fix="scale it to 0..1 (or pass it as uint8/uint16)" + also)
     return 255.0 if top > 1.0 else 1.0
 
 
@@ -436,7 +468,7 @@ def _fuse_rgb(arrays: List[np.ndarray], rgb_index: int, method: str, device: str
     if len(arrays) != 2:
         raise InvalidInputError("colour fusion takes one grey image and one RGB image", fix="fuse two images at a time")
     rgb, gray = arrays[rgb_index], arrays[1 - rgb_index]
-    peak = _colour_peak(rgb)
+    peak = _colour_peak(rgb, f"input {rgb_index + 1}, a colour image,")
     specs = _specs(normalise, 2)
     if specs is not None and specs[rgb_index]:
         raise InvalidInputError("a colour image's scale is set by its colours, not by normalise",
@@ -511,7 +543,9 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
             ``(H, W, 3)`` RGB image (pseudo-colour PET/SPECT) beside one grey image: its luma is fused
             through YCbCr and the result is RGB on its scale (0..1, 0..255 or 16-bit; ``normalise`` then
             applies to the grey image only). Such an array is colour when it is integer (uint8/uint16) or float
-            on 0..1; float values above 1 are refused as ambiguous (3 slices of a volume?), and negative ones
+            on 0..1 (its white: 255 for integers up to 255, 65535 for uint16 above; int8, and other integer
+            dtypes above 255, are refused: their white is unknown); float values above 1 are refused as
+            ambiguous (3 slices of a volume?), and negative ones
             make it slices (refused beside a 2-D image). A bool input (a mask) counts True as the full scale
             of the other inputs' shared range.
         method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
@@ -558,9 +592,11 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, Volumes mixed
             with arrays, unknown method, normalisation, option or device, a GPU this machine lacks, ``progress``
             not callable or ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array above 1 beside a 2-D image
-            (colour or slices?), a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too), an
-            unknown ``modality``/``unit`` in a ``normalise`` dict, ``normalise="none"`` with values above 1 for
-            Volumes or for the network, bool ``weights`` for a weighted rule.
+            (colour or slices?), an int8 colour image or one of another integer dtype than uint16 above 255 (its
+            white is unknown), a ragged nested list, a torch dtype NumPy lacks (float8), a network ``batch_size``
+            that is not a whole number >= 1 (for 2-D images too), an unknown ``modality``/``unit`` in a
+            ``normalise`` dict, ``normalise="none"`` with values above 1 for Volumes or for the network, bool
+            ``weights`` for a weighted rule.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
@@ -628,9 +664,13 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
                                 fix="drop the alpha channel first: image[..., :3]")
     if len({len(s) for s in shapes}) != 1:
         # Not a grid mismatch that resampling mends: a slice and a volume (or a 4-D series).
+        k = next((i for i in beside if shapes[i][2] == 3), None)  # (H, W, 3) not read as colour: bool or negative
+        also = "" if k is None else (
+            f"; if input {k + 1} is a colour image, pass it as uint8 on 0..255 or as floats on 0..1 (a "
+            f"{'bool' if arrays[k].dtype == bool else 'negative-valued'} array is not read as colour)")
         raise InvalidInputError(f"the inputs mix {' and '.join(f'{len(s)}-D' for s in shapes)} arrays (shapes {shapes})",
                                 fix="fuse like with like: a 2-D image with one slice of the volume (e.g. volume[:, :, k]), "
-                                    "or volumes on one grid")
+                                    "or volumes on one grid" + also)
     if len(set(shapes)) != 1:
         raise InvalidInputError(
             f"the inputs have different shapes {shapes}",

@@ -44,7 +44,7 @@ def _check_rgb(rgb, name: str = "the colour image") -> np.ndarray:
 
 def _peak(peak, rgb: np.ndarray, name: str = "the colour image") -> float:
     """``peak`` checked against the colour image (``rgb``, numeric, of its own dtype), or inferred
-    from it when None, as :func:`medfuse.fuse` infers it (255 for 8-bit data, the dtype's top for 16-bit data
+    from it when None, as :func:`medfuse.fuse` infers it (255 for integer data up to 255, 65535 for uint16 data
     above 255, 1 for floats in 0..1, 255 for floats up to 255).
 
     Why: ``peak`` was never checked nor inferred: a uint16 image with the default 255 was clipped to 255
@@ -52,7 +52,8 @@ def _peak(peak, rgb: np.ndarray, name: str = "the colour image") -> float:
 
     Raises:
         InvalidInputError: ``peak`` not a positive finite number, below the image's largest value, or above the
-            largest value of its integer dtype; an empty image, or a float image above 255, with no ``peak``.
+            largest value of its integer dtype; with no ``peak``: an empty image, a float image above 255, an int8
+            one, or one of another integer dtype than uint16 above 255 (its white is unknown).
     """
     dtype = rgb.dtype
     top = float(rgb.max()) if rgb.size else 0.0
@@ -61,7 +62,7 @@ def _peak(peak, rgb: np.ndarray, name: str = "the colour image") -> float:
             raise InvalidInputError(f"{name} is empty", fix="pass an image with at least one pixel")
         from . import _colour_peak
 
-        return _colour_peak(rgb)
+        return _colour_peak(rgb, name, or_peak=True)
     if isinstance(peak, (bool, np.bool_)) or not isinstance(peak, (int, float, np.integer, np.floating)) \
             or not np.isfinite(peak) or peak <= 0:
         raise InvalidInputError(f"peak must be a positive finite number (the intensity of white), got {peak!r}",
@@ -123,25 +124,26 @@ def rgb_to_ycbcr(rgb, *, peak: Optional[float] = None) -> np.ndarray:
 
     Args:
         rgb: ``(H, W, 3)`` colour image.
-        peak: the intensity of white; ``None`` (default): inferred as :func:`medfuse.fuse` does (255 for 8-bit
-            data, 65535 for 16-bit data above 255, 1.0 for floats in 0..1, 255 for floats up to 255), always one
-            that :func:`ycbcr_to_rgb` tells back from the values (signed or wider integers: 65535).
+        peak: the intensity of white; ``None`` (default): inferred as :func:`medfuse.fuse` does (255 for integer
+            data up to 255, 65535 for uint16 data above 255, 1.0 for floats in 0..1, 255 for floats up to 255),
+            always one that :func:`ycbcr_to_rgb` tells back from the values (other integers above 255: 65535).
 
     Raises:
         InvalidInputError: not an ``(H, W, 3)`` numeric finite image, or a ``peak`` that is not a positive finite
-            number, below the image's largest value, or above its integer dtype's top.
+            number, below the image's largest value, or above its integer dtype's top; with no ``peak``, an
+            integer image above 65535.
     """
     a = _check_rgb(rgb)
-    given = peak
-    peak = _peak(peak, np.asarray(rgb))
-    if given is None and peak not in _YCBCR_PEAKS:
-        # Inferred from a dtype ycbcr_to_rgb cannot see (int16: 32767): the round trip rebuilt other colours.
-        # One of the peaks it tells from the values instead, or the caller names it.
+    if peak is None and a.size and np.issubdtype(np.asarray(rgb).dtype, np.integer):
+        # A conversion, not a fusion: any integer image round-trips on a peak ycbcr_to_rgb tells from the values,
+        # so int8 (whose 255 fuse refuses) and 12-bit int16 need none.
         top = float(a.max())
-        if top > _YCBCR_PEAKS[-1]:
+        peak = next((p for p in _YCBCR_PEAKS[1:] if top <= p), None)
+        if peak is None:
             raise InvalidInputError(f"the colour image's values reach {top:.6g}: its peak cannot be inferred",
                                     fix="pass peak= (the intensity of white) here and to ycbcr_to_rgb")
-        peak = _YCBCR_PEAKS[-1]
+    else:
+        peak = _peak(peak, np.asarray(rgb))
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     off = peak * 128.0 / 255.0
     y = _KR * r + _KG * g + _KB * b
@@ -210,8 +212,9 @@ def fuse_rgb(gray, rgb, *, method: str = "mean", fuse_fn: Optional[Callable] = N
         fuse_fn: optional ``fuse_fn([gray, y]) -> fused_y`` (e.g. a network), arrays
             on the 0..``peak`` scale.
         peak: the intensity of white (255 for 8-bit images, 1.0 for 0..1 images); ``None`` (default): inferred
-            from ``rgb`` as :func:`medfuse.fuse` does (255 for 8-bit data, the dtype's top for 16-bit data above
-            255, 1.0 for floats in 0..1, 255 for floats up to 255).
+            from ``rgb`` as :func:`medfuse.fuse` does (255 for integer data up to 255, 65535 for uint16 data above
+            255, 1.0 for floats in 0..1, 255 for floats up to 255; int8, and other integer dtypes above 255, need
+            it).
         **options: passed to the classical rule.
 
     Returns:
@@ -251,6 +254,7 @@ def _fuse_luma(g: np.ndarray, rgb, ycc: np.ndarray, peak: float, *, method: str,
         y = np.asarray(fuse_fn([g.astype(np.float64), ycc[..., 0]]), dtype=np.float64)
     ycc[..., 0] = y
     out = np.clip(ycbcr_to_rgb(ycc, peak=peak), 0.0, peak)
-    if np.issubdtype(np.asarray(rgb).dtype, np.integer):
-        return np.round(out).astype(np.asarray(rgb).dtype)
+    dtype = np.asarray(rgb).dtype
+    if np.issubdtype(dtype, np.integer):
+        return np.round(out).astype(dtype.newbyteorder("="))  # big-endian in, native out
     return out
