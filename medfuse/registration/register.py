@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 
 from .. import _checks
-from ..errors import CancelledError, InvalidInputError, MedfuseWarning, RegistrationError
+from ..errors import CancelledError, GeometryError, InvalidInputError, MedfuseWarning, RegistrationError
 from ..progress import CancelToken, ProgressFn, check_callbacks, report
 from ..volume import Volume, require_finite
 from .presets import get_preset
@@ -157,6 +157,11 @@ class RegistrationResult:
 
 
 # --------------------------------------------------------------------------- validation
+#: Voxel spacings (mm) registration accepts. Far outside any real image (electron microscopy's ~4 nm voxels
+#: included) yet inside what SimpleITK's smoothing takes: it refused 1e-9 mm ("suspiciously small").
+_SPACING_MM = (1e-6, 1e6)
+
+
 def _as_volume(v: Any, name: str) -> Volume:
     if isinstance(v, Volume):
         vol = v
@@ -179,6 +184,13 @@ def _as_volume(v: Any, name: str) -> Volume:
             fix="load the whole series (medfuse.load(path, whole_series=True) when this file is one part of a DICOM "
                 "series), or place it by the scanners' coordinates without registering: medfuse.resample(moving, "
                 "fixed)")
+    sp = np.asarray(vol.spacing)
+    if np.any(sp < _SPACING_MM[0]) or np.any(sp > _SPACING_MM[1]):
+        raise GeometryError(
+            f"{name} has voxel spacing {tuple(float(f'{s:.3g}') for s in sp)} mm; registration needs spacings "
+            f"between {_SPACING_MM[0]:g} mm (1 nm) and {_SPACING_MM[1]:g} mm (1 km), as any image in mm has",
+            fix="check the image's header (a spacing in the wrong unit, or a broken affine); wrap an array with its "
+                "spacing in mm: medfuse.Volume(array, numpy.diag([sx, sy, sz, 1]))")
     arr = vol.array
     if arr.dtype.kind not in "biuf":  # complex (raw MR k-space or phase data): SimpleITK fails deep in a cast
         raise InvalidInputError(f"{name} has {arr.dtype} voxels; registration needs real-valued intensities",
@@ -197,6 +209,13 @@ def _as_volume(v: Any, name: str) -> Volume:
     if hi - lo <= 0:
         raise RegistrationError(f"{name} is constant (every voxel is {lo:g}); there is nothing to align",
                                 fix="check that the right image was loaded (an empty or blank series?)")
+    if np.float32(lo) == np.float32(hi):
+        # Rounding is monotonic: equal extremes in float32 make every voxel equal there (values ~1e-200, or a tiny
+        # range on a huge offset), and the metric then failed deep inside the search.
+        raise RegistrationError(f"{name} is constant at float32 precision, which registration works in (its "
+                                f"voxels range from {lo:.10g} to {hi:.10g}); there is nothing to align",
+                                fix="rescale it first: v.with_array((v.array - v.array.min()) / (v.array.max() - "
+                                    "v.array.min()))")
     if arr.dtype == bool:
         # Two grey levels give mutual information wide flat plateaus: a synthetic ellipsoid mask ended 38 degrees
         # off, and nothing in the report flagged it.
@@ -359,6 +378,11 @@ def _coarsen(img, spacing_mm: float):
 
     sp = np.asarray(img.GetSpacing())
     target = np.maximum(sp, spacing_mm)
+    # An axis thinner than half a target voxel put every output voxel centre outside the image: an all-zero copy
+    # (a 0.24 mm slab failed with an IndexError). Such an axis gets 4 voxels across its own extent instead.
+    extent = sp * np.asarray(img.GetSize())
+    thin = extent < target / 2
+    target = np.where(thin, np.maximum(sp, extent / 4), target)
     f = np.maximum(1, np.floor(target / sp * 1.001)).astype(int)
     f = np.minimum(f, np.maximum(1, np.asarray(img.GetSize()) // 4))
     if np.any(f > 1):
@@ -763,6 +787,13 @@ def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, canc
                          iterations=preset["multistart_iterations"], cancel=cancel)
         if v is not None and (best is None or v < best[0]):
             best = (v, name, tt, its)
+    if not scored:
+        # Every start's metric failed (too few samples inside the moving image, or a working copy with one value).
+        raise RegistrationError(
+            "the registration metric could not be measured at any starting position: too few samples of the fixed "
+            "image land inside the moving image, or a working copy of an image has a single value",
+            fix="check both images' voxel spacings and fields of view (medfuse.registration.coverage(moving, "
+                "fixed)); pass initialise='geometry' to centre-align images with unrelated scanner coordinates")
     if best is None:
         v = scored[0][0]
         return scored[0][2], scored[0][1], 0, (None if not math.isfinite(v) else v)

@@ -184,6 +184,54 @@ def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
             "likely misaligned; register them first (medfuse.register, or --register rigid on the command line)")
 
 
+def _all_fill(arr: np.ndarray, fill: float) -> bool:
+    """Whether every voxel of ``arr`` is ``fill`` (NaN included); a strided sample first, which a resampled image
+    with any content almost always fails at once."""
+    if arr.dtype.kind == "f":
+        fill = arr.dtype.type(fill)  # as stored: 0.1 in float32 is not the float 0.1
+
+    def same(a):
+        return np.isnan(a) if np.isnan(fill) else a == fill
+    return bool(same(arr.reshape(-1)[::997]).all()) and bool(same(arr).all())
+
+
+def _no_overlap_note(volume: Volume, reference: Volume, transform, out: np.ndarray, fill: float,
+                     default: float) -> Optional[str]:
+    """The warning's text when ``out`` (``volume`` resampled onto ``reference``) holds none of its voxels, else None.
+
+    ``fill``: the fill value in ``out`` (a label lookup's index); ``default``: the fill value in ``volume``.
+
+    Why: the result was then the fill value alone, returned with no word. Disjoint fields of view are told by
+    :func:`coverage` (8 corners); overlapping boxes that still miss every output voxel (oblique grids, a sliver)
+    by a nearest-neighbour resample of the moving grid's mask, only when ``out`` is all fill and ``volume`` is not
+    (an image that is all background itself is not warned about).
+    """
+    import SimpleITK as sitk
+
+    if coverage(volume, reference, transform=transform) > 0:
+        whole = volume.array.dtype.kind in "iu" and float(default).is_integer()  # exact beyond 2**53
+        if not out.size or not _all_fill(out, fill) or _all_fill(volume.array, int(default) if whole else default):
+            return None
+        ones = Volume(np.ones(volume.shape, dtype=np.uint8), volume.affine).to_sitk()
+        f = sitk.ResampleImageFilter()
+        f.SetSize([int(n) for n in reference.shape])
+        f.SetOutputSpacing(reference.spacing)
+        f.SetOutputOrigin(reference.origin)
+        f.SetOutputDirection(tuple(float(x) for x in reference.direction.ravel()))
+        f.SetTransform(sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk)
+        f.SetInterpolator(sitk.sitkNearestNeighbor)
+        f.SetDefaultPixelValue(0)
+        hit = f.Execute(ones)  # kept in a name: a view of a temporary image read freed memory
+        if sitk.GetArrayViewFromImage(hit).any():
+            return None
+    how = "as placed" if transform is None else "through the transform"
+    return (f"the resampled image holds none of the volume's voxels: {how}, the volume misses every voxel of the "
+            f"reference's grid, which holds only the fill value ({default:g}). Check that the two images belong "
+            "together and the transform's direction (it maps reference points to volume points); if they show the "
+            "same anatomy in unrelated scanner coordinates, register them first: medfuse.register(reference, volume, "
+            "initialise='geometry')")
+
+
 def resample(volume: Volume, reference: Volume, *, transform=None, interpolation: Optional[str] = None,
              default: Optional[float] = None) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid.
@@ -272,6 +320,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     del src  # the source's float32 copy is not needed while the output is copied out
     arr = np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
     del out
+    # Before the lookup: its index array holds the fill value exactly.
+    empty_note = _no_overlap_note(volume, reference, transform, arr, float(default) if lookup is None else lookup[2],
+                                  float(default))
     if lookup is not None:
         arr = lookup[1][arr]
     if infinite and arr.dtype.kind == "f":
@@ -310,6 +361,9 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         if note is not None:
             warnings.warn(note, MedfuseWarning, stacklevel=2)
             prov["warnings"] = [*prov.get("warnings", []), note]
+    if empty_note is not None:
+        warnings.warn(empty_note, MedfuseWarning, stacklevel=_checks.user_stacklevel())
+        prov["warnings"] = [*prov.get("warnings", []), empty_note]
     patients = different_patients_note(volume.provenance, reference.provenance)
     if patients is not None and patients not in prov.get("warnings", []):
         if _patients_checked.get() is None:  # else register() said it already, at its start
