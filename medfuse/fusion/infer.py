@@ -597,8 +597,10 @@ def _slab_input(vol: _Padded, s: int, e: int, halo: int) -> Tuple[object, int]:
 #: Slices combined at a time in the tri-plane path's last pass (a multiple of the network's factor).
 COMBINE_SLICES = 8
 #: Low-resolution slices the tri-plane step encodes at a time, and slices (along the first axis) it merges at a
-#: time. Other values give the same logits to the bit (each slice is encoded on its own; the merge is the same
-#: convolution of the same padded values); these bound the step's memory (at clinical size 64 slices and the
+#: time. Other merge sizes give the same logits to the bit (the same convolution of the same padded values);
+#: other encoder batch sizes the same to float32 rounding (each slice is encoded on its own, but oneDNN may pick
+#: another kernel for 64 slices than for 8: 6e-8 apart on an AMD EPYC with AVX2, identical on the machines
+#: measured before); these bound the step's memory (at clinical size 64 slices and the
 #: whole merge at once cost about 1.6 GB beside the volumes, these 0.36 GB) and let cancel act within a
 #: fraction of a second. On the CPU only (checked there, in channels-last memory, as load_model keeps the
 #: model): other devices keep the former 64 slices and one merge call, whose results their kernels were not

@@ -322,10 +322,13 @@ def test_tri_plane_step_encodes_and_merges_a_few_slices_at_a_time(monkeypatch, n
     out = infer.fuse_3d(arrays, functional=True)
     assert max(seen["encoded"]) <= 4 and max(seen["merged"]) <= 3
     assert sum(seen["merged"]) == -(-shape[0] // 4)  # every low-resolution slice merged once
-    monkeypatch.setattr(infer, "PLANE_BATCH", 64)  # the former settings: one merge call for the whole volume
-    monkeypatch.setattr(infer, "MERGE_SLICES", 10 ** 6)
+    monkeypatch.setattr(infer, "MERGE_SLICES", 10 ** 6)  # one merge call for the whole volume: the same to the bit
     seen["merged"].clear()
     assert np.array_equal(out, infer.fuse_3d(arrays, functional=True)) and not seen["merged"]
+    # The former encoder batch (64 slices): oneDNN may take another kernel for it, the last bit apart on some CPUs
+    # (6e-8 on an AMD EPYC with AVX2; identical on Intel ones).
+    monkeypatch.setattr(infer, "PLANE_BATCH", 64)
+    np.testing.assert_allclose(infer.fuse_3d(arrays, functional=True), out, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("merge", ["convex", "conv"])
