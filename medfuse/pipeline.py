@@ -106,7 +106,8 @@ class PipelineState:
         weights_sha256: set by the fuse step when the network ran.
         output_sha256, sidecar: set by the save step.
         steps: ``{"name", "params", "seconds"}`` per step run so far (:meth:`Pipeline.run` appends one after each).
-        fields_of_view: set by the resample step: per resampled volume, a :class:`FieldOfView` (where on the grid
+        fields_of_view: set by the resample step: per resampled volume, a
+            :class:`medfuse.registration.resample.FieldOfView` (where on the grid
             it has voxels of its own, computed when asked), else None; the normalise step takes percentiles there,
             then empties the list.
     """
@@ -126,7 +127,7 @@ class PipelineState:
     output_sha256: Optional[str] = None
     sidecar: Optional[Path] = None
     steps: List[Dict[str, Any]] = field(default_factory=list)
-    fields_of_view: List[Optional["FieldOfView"]] = field(default_factory=list)
+    fields_of_view: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -363,8 +364,8 @@ class ResampleStep:
                 continue
             if t is None and i > 0:
                 _check_coverage(v, ref, i + 1, state)
-            views.append(FieldOfView(v.shape, v.affine, ref, t))
             r = resample(v, ref, transform=t, interpolation=self.interpolation)
+            views.append(getattr(r, "_field_of_view", None))
             # What resampling warned about (a pair from two frames of reference, unregistered) goes into the
             # sidecar too, not only to the terminal.
             said = r.provenance.get("warnings", [])[len(v.provenance.get("warnings", [])):]
@@ -374,30 +375,6 @@ class ResampleStep:
         state.volumes = out
         state.fields_of_view = views
         return state
-
-
-class FieldOfView:
-    """Where a volume resampled onto ``ref``'s grid through ``transform`` has voxels of its own: :meth:`mask`.
-
-    Why: outside that region it is only the fill value, and percentiles over the whole grid then depended on how
-    much of it the image covered: a SPECT on a whole-body CT's grid (1 % of it) had 39 % of its voxels clipped to
-    1, its perfusion contrast gone, while on its own grid the scale is the image's. Computed only when asked: a
-    PET in SUV or a CT in HU (fixed windows) needs none, and the mask costs as much as resampling the image.
-    Holds the image's geometry, not its voxels.
-    """
-
-    def __init__(self, shape: Tuple[int, ...], affine: np.ndarray, ref: Volume, transform: Any):
-        self.shape, self.affine, self.ref, self.transform = tuple(shape), np.asarray(affine), ref, transform
-
-    def mask(self) -> Optional[np.ndarray]:
-        """The bool mask on the grid, or None when the volume covers the whole grid."""
-        from .registration import resample
-
-        # No provenance: no frame-of-reference or patient warning can come of it (and no catch_warnings, which
-        # swaps process-wide state under a batch's other threads and drops their warnings).
-        ones = Volume(np.ones(self.shape, dtype=bool), self.affine, modality="unknown", unit="arbitrary")
-        m = resample(ones, self.ref, transform=self.transform).array
-        return None if bool(m.all()) else np.asarray(m, dtype=bool)
 
 
 def _as_loaded(state: PipelineState, step: str) -> None:
@@ -526,7 +503,7 @@ class NormaliseStep:
             require_finite(v.array, f"input {i}", before="fusing")
             kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             view = views[i - 1] if i - 1 < len(views) else None
-            if isinstance(view, FieldOfView) and self._takes_percentiles(v):
+            if view is not None and self._takes_percentiles(v):
                 scaled, rec = self._within(v, view.mask())
             else:
                 # float32 straight away (float64 arithmetic a slab at a time, the same values): a float64 copy of
@@ -551,28 +528,16 @@ class NormaliseStep:
     def _within(self, v: Volume, view: Optional[np.ndarray]) -> Tuple[np.ndarray, Dict[str, Any]]:
         """``v`` normalised, its percentiles (its rule takes them) over its own field of view ``view`` only (None:
         the whole grid)."""
-        from .fusion.normalise import DEFAULT_PERCENTILES, _auto_choice, normalise
+        from .fusion.normalise import DEFAULT_PERCENTILES, _auto_choice, _normalise_in_view, normalise
 
-        chosen, why = _auto_choice(v.modality, v.unit) if self.method == "auto" else (self.method, "")
         if view is None or view.shape != v.shape or not view.any():
             kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             return normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, dtype=np.float32, **kw)
         pl, ph = (self.low, self.high) if self.method == "percentile" else DEFAULT_PERCENTILES
-        own = np.asarray(v.array)[view].astype(np.float64)
-        lo, hi = (float(x) for x in np.percentile(own, [pl, ph]))
-        if hi <= lo:  # as the percentile rule does for a sparse image: its full range
-            lo, hi = float(own.min()), float(own.max())
-        if hi <= lo:
-            hi = lo + 1.0
-        del own
-        scaled, rec = normalise(v.array, method="range", low=lo, high=hi, modality=v.modality, unit=v.unit,
-                                dtype=np.float32)
-        inside = np.asarray(v.array)[view]  # clipped where the image is: the fill outside is not the image's
-        rec["clipped_fraction"] = float(np.mean((inside < lo) | (inside > hi)))
-        del inside
-        rec = {**rec, "method": "percentile", "percentiles": [pl, ph],
-               "over": f"its own field of view ({100.0 * float(view.mean()):.3g} % of the grid)",
-               **({"auto": why} if self.method == "auto" else {})}
+        scaled, rec = _normalise_in_view(v.array, view, percentiles=(pl, ph), modality=v.modality, unit=v.unit,
+                                         dtype=np.float32)
+        if self.method == "auto":
+            rec["auto"] = _auto_choice(v.modality, v.unit)[1]
         return scaled, rec
 
 

@@ -330,10 +330,42 @@ def _normalise_volumes(vols: Sequence[Volume], normalise: Any, *,
             # A unit is stated for the volume's own modality: a spec that names another one (an MR volume
             # fused as CT) leaves the unit unknown, so 'auto' reads the named modality as such.
             labels["unit"] = None
-        y, rec = norm(a, **{**labels, **spec}, **({"dtype": dtype} if as32 else {}))
+        within = _in_own_view(v, a, {**labels, **spec}, dtype if as32 else None)
+        y, rec = within if within is not None else norm(a, **{**labels, **spec},
+                                                        **({"dtype": dtype} if as32 else {}))
         out.append(y)
         recs.append(rec)
     return out, recs
+
+
+def _in_own_view(v: Volume, a: np.ndarray, options: Dict[str, Any], dtype: Any):
+    """``(scaled, record)`` with the percentiles over the voxels of its own, for a volume :func:`medfuse.resample`
+    made that does not cover its whole grid and whose rule takes percentiles; else None (the usual rule).
+
+    Why: as the pipeline does since 2026-12-06. The napari widget and ``FuseModalitiesd(resample=True)``
+    resample with :func:`medfuse.resample` and fuse here; their percentiles were taken over the whole grid,
+    mostly fill, so the same pair fused brighter or darker than on the command line (a BraTS slab on 31 % of
+    the grid: up to 0.083 apart on 0..1).
+    """
+    from .normalise import DEFAULT_PERCENTILES, _auto_choice, _normalise_in_view
+
+    view = getattr(v, "_field_of_view", None)
+    method = options.get("method", "auto")
+    if view is None or method not in ("auto", "percentile") or set(options) - {"method", "modality", "unit",
+                                                                                "percentiles"}:
+        return None
+    modality, unit = options.get("modality"), options.get("unit")
+    chosen, why = _auto_choice(modality, unit) if method == "auto" else ("percentile", "")
+    if chosen != "percentile":
+        return None
+    mask = view.mask()
+    if mask is None or mask.shape != a.shape or not mask.any():
+        return None
+    scaled, rec = _normalise_in_view(a, mask, percentiles=options.get("percentiles") or DEFAULT_PERCENTILES,
+                                     modality=modality, unit=unit, dtype=dtype)
+    if method == "auto":
+        rec["auto"] = why
+    return scaled, rec
 
 
 def _modality_code(name: Any) -> str:
@@ -562,7 +594,9 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
             for Volumes it picks by modality and unit (CT in HU: window; PET in SUV: SUV range; MR, CT not
             in HU and the rest: percentiles; the record's ``auto`` says why) and leaves
             volumes already normalised by medfuse (the pipeline's step, ``medfuse.normalise``: a
-            ``normalisation`` record, unit "arbitrary", values in 0..1) as they are. ``"none"``
+            ``normalisation`` record, unit "arbitrary", values in 0..1) as they are. A Volume that
+            :func:`medfuse.resample` made onto a grid it covers only in part takes its percentiles over its own
+            field of view there, as the pipeline does (the record's ``over`` says so). ``"none"``
             takes inputs on 0..1 (arrays keep their own scale with a classical rule).
         progress, cancel: see :mod:`medfuse.progress` (the network reports per slab; a classical
             rule at its start and end).
