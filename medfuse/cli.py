@@ -1058,9 +1058,12 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
                                f"(missing: {missing})",
                                fix="install the full set of extras: pip install 'medfuse[all]'") from None
         # The exit codes and --debug, as every other command's help gives them.
+        # Examples first, as every other command's help gives them (train's and evaluate's gave none).
+        examples = getattr(mod, "HELP_EXAMPLES", "")
         parser = _Parser(prog=prog, description=(mod.__doc__ or "").strip().splitlines()[0]
                                          if mod.__doc__ else None,
-                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=(examples + "\n" if examples else "") + _EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(parser)
         try:
             sub = parser.parse_args(rest)

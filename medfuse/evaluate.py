@@ -1104,6 +1104,15 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
 
 
 # ---------------------------------------------------------------------- CLI
+#: The examples ``medfuse evaluate --help`` shows.
+HELP_EXAMPLES = """\
+examples:
+  medfuse evaluate ../shared/data/harvard-pairs --methods network,max,gff --split val -o eval/   # held-out cases
+  medfuse evaluate --pair t1n.nii.gz t2f.nii.gz --methods mean,max --mask auto -o eval3d/      # a volume pair
+  medfuse evaluate --pair MRI/25015.png PET/25015.png --methods mean,max -o eval1/             # one 2-D pair
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``medfuse evaluate``'s options to ``parser`` (the CLI calls this).
 

@@ -251,3 +251,20 @@ def test_evaluate_options_are_named_as_the_command_takes_them(capsys):
     assert _cli_words("Fix: pass e.g. val_fraction=0.2") == "Fix: pass e.g. --val-fraction 0.2"
     assert _cli_words("check that the sources are not empty, or lower min_content") == \
         "check that the sources are not empty"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_help_give_examples_whose_options_exist(command, capsys):
+    """Every other command's help gave examples; these two gave none (a bare 'medfuse train' runs an hour)."""
+    import re
+
+    from medfuse.cli import main
+
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    examples = out[out.index("examples:"):out.index("exit codes:")]
+    lines = [ln for ln in examples.splitlines() if ln.strip().startswith("medfuse " + command)]
+    assert len(lines) >= 2
+    options = set(re.findall(r"(--[a-z0-9-]+)", out[:out.index("examples:")]))
+    for used in re.findall(r"\s(--[a-z0-9-]+)", examples):
+        assert used in options, used

@@ -1172,6 +1172,17 @@ def plane_probe(model, *, device="cpu", size: int = 96) -> float:
 
 
 # ============================================================================ CLI
+#: The examples ``medfuse train --help`` shows.
+HELP_EXAMPLES = """\
+examples:
+  medfuse train --data mydata --init medfuse/fusion/weights/medfuse_fusion.safetensors --epochs 4 --lr 2e-4 \\
+      --run-dir runs/mine          # fine-tune the shipped weights on your own pairs (mydata/harvard-pairs/...)
+  medfuse train --data mydata --run-dir runs/mine --resume     # go on after a cancel or a crash
+  medfuse train --data mydata --epochs 1 --steps-per-epoch 5 --steps-3d 0 --run-dir runs/try   # a quick trial
+With no options a run of about an hour on 2 CPU cores starts (12 epochs), in runs/fusion under the current folder.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``medfuse train`` (the CLI helper wires them under the ``train`` sub-command)."""
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
