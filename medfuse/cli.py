@@ -1203,14 +1203,13 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         # On stderr with or without -q: a cron job or a wrapper that keeps stderr saw no word of a failure when the
         # table (stdout) was all that said it.
         complete = summary.count("done") + summary.count("skipped")
-        print(f"medfuse batch: {failed} of {len(summary.results)} subject(s) failed, {complete} complete"
-              + (":" if args.quiet else " (the table above and the report say why)"), file=sys.stderr)
-        if args.quiet:  # -q prints only errors: the table was not shown
-            for r in summary.results:
-                if r.status == "failed":
-                    print(f"  {r.subject}: {r.error}", file=sys.stderr)
-            if summary.report_path is not None:
-                print(f"report: {summary.report_path}", file=sys.stderr)
+        print(f"medfuse batch: {failed} of {len(summary.results)} subject(s) failed, {complete} complete:",
+              file=sys.stderr)
+        for r in summary.results:  # named here too: a job that keeps stderr alone never sees the table
+            if r.status == "failed":
+                print(f"  {r.subject}: {r.error}", file=sys.stderr)
+        if summary.report_path is not None:
+            print(f"report: {summary.report_path}", file=sys.stderr)
     if summary.cancelled or token.cancelled:
         print("medfuse batch: cancelled; the subjects marked done or skipped are complete, the others were not "
               "written (rerun the same command to finish them)", file=sys.stderr)

@@ -251,7 +251,8 @@ def _as_float(x, name: str) -> np.ndarray:
         # "F equals every source".
         raise InvalidInputError(
             f"{name} holds values no larger than {big:.3g}, below any image scale (the metrics' squares would "
-            "underflow to 0)", fix="rescale every image to 0..255 first (min-max scale)")
+            "underflow to 0)", fix="rescale every image to 0..255 first (min-max scale); a blank image whose "
+                                   "leftovers are this small: pass zeros (numpy.zeros_like)")
     return a
 
 

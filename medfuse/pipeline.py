@@ -517,7 +517,7 @@ class NormaliseStep:
             records.append(rec)
         state.volumes = out
         state.notes["normalisation"] = records
-        state.fields_of_view = []  # used: each holds its grid's Volume, which the fusion does not need held
+        state.fields_of_view = []  # used: each holds a transform (a deformable one can be large)
         return state
 
     def _takes_percentiles(self, v: Volume) -> bool:

@@ -417,6 +417,9 @@ class Volume:
             # rest "arbitrary". Decided here, once, so that resampling (the -1024 fill), the pipeline and fuse
             # all see one unit; a unit stated ("arbitrary" too) is kept.
             value = _unstated_unit(getattr(self, "modality", "unknown"), getattr(self, "array", None))
+        if name in ("array", "affine") and "_field_of_view" in self.__dict__:
+            # New voxels or a new grid: where the resampled image had voxels of its own no longer follows.
+            del self.__dict__["_field_of_view"]
         check = _FIELD_CHECKS.get(name)
         value = value if check is None else check(value)
         if name == "modality":
@@ -776,8 +779,8 @@ class Volume:
     def __copy__(self) -> "Volume":
         """``copy.copy``: the voxels are shared (a shallow copy), the affine and provenance are not (a shared
         history list let ``add_history`` on the copy edit the original's)."""
-        return Volume(self.array, self.affine.copy(), modality=self.modality, unit=self.unit,
-                      provenance=self.provenance)  # the constructor deep-copies provenance
+        return self._keep_view(Volume(self.array, self.affine.copy(), modality=self.modality, unit=self.unit,
+                                      provenance=self.provenance))  # the constructor deep-copies provenance
 
     def _no_arithmetic(self, *_: Any) -> Any:
         # Why: a Python TypeError ("unsupported operand") said nothing of what to do; geometry and unit cannot
@@ -810,8 +813,16 @@ class Volume:
         Returns:
             The copy (its array is writable even where this one is read-only or memory-mapped).
         """
-        return Volume(self.array.copy(), self.affine.copy(), modality=self.modality, unit=self.unit,
-                      provenance=copy.deepcopy(self.provenance))
+        return self._keep_view(Volume(self.array.copy(), self.affine.copy(), modality=self.modality, unit=self.unit,
+                                      provenance=copy.deepcopy(self.provenance)))
+
+    def _keep_view(self, other: "Volume") -> "Volume":
+        """``other`` (a copy of this Volume's voxels on its grid) with this one's field of view, if it has one: a
+        copy fused alike (copy() and copy.copy dropped it, deepcopy and pickle kept it)."""
+        view = self.__dict__.get("_field_of_view")
+        if view is not None:
+            object.__setattr__(other, "_field_of_view", view)
+        return other
 
     def add_history(self, step: str, **params: Any) -> "Volume":
         """Append a processing step to the provenance history (in place).

@@ -1727,17 +1727,23 @@ def run(args: argparse.Namespace) -> int:
 
 def _cancel_note(args: argparse.Namespace, kept: dict) -> str:
     """What a cancelled training run kept, for the command line's cancel message."""
+    if args.resume and "epoch" not in kept:
+        # Before the checkpoint was read: "start again with --overwrite" would have deleted the earlier run's.
+        return ("the run folder's checkpoints are as they were: the same command (with --resume) goes on from "
+                "them")
     if "folder" not in kept:
         return "nothing was written (the run had not started training)"
     done, total = kept.get("epoch", 0), args.epochs
     where = f"in {kept['folder']}"
     if not done:
-        return (f"no epoch had ended, so no checkpoint was saved {where} (train.log says how far it got); start "
-                "again with the same command and --overwrite")
+        earlier = any((Path(kept["folder"]) / n).exists() for n in ("last.ckpt", "best.ckpt"))
+        return (f"no epoch had ended, so no checkpoint of it was saved {where} (train.log says how far it got); "
+                "start again with the same command" + (" and --overwrite" if earlier else ""))
     if kept.get("export"):
         return f"the weights had been exported ({kept['export']}) before the cancel"
+    rest = "the 3-D stage and the export" if args.steps_3d else "the export"
     stage = (f"epoch {done} of {total} had ended" if done < total
-             else f"all {total} epochs had ended; the 3-D stage and the export had not")
+             else f"all {total} epochs had ended; {rest} had not")
     return (f"{stage}: its checkpoints (last.ckpt, best.ckpt) and metrics.csv are {where}; no weights were exported; "
             "the same command with --resume goes on from there")
 

@@ -685,18 +685,21 @@ def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw") -
     hs = _check_headers(headers)
     if not hs:
         raise SUVError("no PET instances were given", fix="pass the headers of every instance of the series")
-    for key in _SERIES_KEYS:
-        vals = {repr(_norm(h.get(key))) for h in hs}
+    # Sex and height enter SUVbw only through a scanner's stored lean-body-mass SUV (GML), which is undone.
+    body = kind != "bw" or str(hs[0].get("Units", "")).strip().upper() == "GML"
+    keys = _SERIES_KEYS if body else tuple(k for k in _SERIES_KEYS if k not in ("PatientSex", "PatientSize"))
+    given = {k: {repr(_norm(h.get(k))) for h in hs if _norm(h.get(k)) not in (None, "")} for k in keys}
+    for key in keys:  # two values anywhere: a mixed series, whatever else is missing
+        if len(given[key]) > 1:
+            raise SUVError(f"{key} differs between instances of one series",
+                           fix="load the instances of one series only; a mixed series cannot be scaled to SUV")
+    for key in keys:
         empty = sum(1 for h in hs if _norm(h.get(key)) in (None, ""))
-        if len(vals) == 2 and 0 < empty < len(hs):
+        if given[key] and empty:
             # One value and a gap: a header defect, not a mixed series (whose fix did not apply).
             raise SUVError(f"{key} is missing or empty in {empty} of the series' {len(hs)} instances (the "
                            "others agree on one value)",
-                           fix=f"complete {key} in those instances' headers (SUV needs the series' value in "
-                               "every one)")
-        if len(vals) > 1:
-            raise SUVError(f"{key} differs between instances of one series",
-                           fix="load the instances of one series only; a mixed series cannot be scaled to SUV")
+                           fix=f"complete {key} in those instances' headers")
     for h in hs:
         check_header(h)
     scan = None

@@ -1195,7 +1195,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         InvalidInputError: wrong types (``progress`` not callable, ``cancel`` not a CancelToken among them), 2-D
             inputs, NaN voxels, unknown options, a deformable or singular initial transform.
         UnreadableFileError: an ``initial_transform`` path that is missing or not a transform file.
-        RegistrationError: constant image, empty mask, no overlap, optimiser failure.
+        RegistrationError: constant image (at float32 precision too), empty mask, no overlap, no starting
+            position whose metric can be measured, optimiser failure.
+        GeometryError: a voxel spacing outside 1e-6..1e6 mm.
         CancelledError: the cancel token was set.
     """
     import SimpleITK as sitk

@@ -161,6 +161,9 @@ def _label_lookup(volume: Volume, default: float):
 
 # Set by register() while it resamples its result: the different-patients warning was given at its start.
 _patients_checked: contextvars.ContextVar = contextvars.ContextVar("medfuse_patients_checked", default=None)
+#: Set while a :class:`FieldOfView` resamples its mask: a volume that misses the grid was warned about when it was
+#: resampled, and its mask said it again at the user's fuse() line.
+_overlap_said: contextvars.ContextVar = contextvars.ContextVar("medfuse_overlap_said", default=None)
 
 
 def same_frame_of_reference(a: Volume, b: Volume) -> Optional[bool]:
@@ -192,7 +195,10 @@ def _all_fill(arr: np.ndarray, fill: float) -> bool:
 
     def same(a):
         return np.isnan(a) if np.isnan(fill) else a == fill
-    return bool(same(arr.reshape(-1)[::997]).all()) and bool(same(arr).all())
+    # ravel(order="K"): a view of the transposed output (reshape(-1) copied the whole volume on every resample).
+    if not bool(same(arr.ravel(order="K")[::997]).all()):
+        return False
+    return all(bool(same(arr[i:i + 8]).all()) for i in range(0, arr.shape[0], 8))  # slabs: no grid-sized mask
 
 
 def _no_overlap_note(volume: Volume, reference: Volume, transform, out: np.ndarray, fill: float,
@@ -261,7 +267,11 @@ class FieldOfView:
         ones = Volume(np.ones(self.shape, dtype=bool), self.affine, modality="unknown", unit="arbitrary")
         grid = Volume(np.broadcast_to(np.False_, self.ref_shape), self.ref_affine, modality="unknown",
                       unit="arbitrary")
-        m = resample(ones, grid, transform=self.transform).array
+        said = _overlap_said.set(True)
+        try:
+            m = resample(ones, grid, transform=self.transform).array
+        finally:
+            _overlap_said.reset(said)
         return None if bool(m.all()) else np.asarray(m, dtype=bool)
 
 
@@ -356,8 +366,8 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     arr = np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
     del out
     # Before the lookup: its index array holds the fill value exactly.
-    empty_note = _no_overlap_note(volume, reference, transform, arr, float(default) if lookup is None else lookup[2],
-                                  float(default))
+    empty_note = None if _overlap_said.get() else _no_overlap_note(
+        volume, reference, transform, arr, float(default) if lookup is None else lookup[2], float(default))
     if lookup is not None:
         arr = lookup[1][arr]
     if infinite and arr.dtype.kind == "f":

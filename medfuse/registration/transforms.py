@@ -437,17 +437,26 @@ def _check_transform_file(p: Path) -> None:
         if kind.startswith("CompositeTransform"):
             continue
         which = f"transform {number} ({kind})" if len(blocks) > 1 else f"its {kind}"
+        expected = _parameter_counts().get(kind.split("_", 1)[0]) if kind.endswith("_3_3") else None
+        if "Parameters" not in block:
+            raise UnreadableFileError(f"the file is cut short: {which} has no Parameters line", fix=again, path=p)
+        if "FixedParameters" not in block:
+            # Without it SimpleITK reads the transform as the identity, its Parameters dropped (a translation's
+            # too, whose line is empty).
+            raise UnreadableFileError(
+                f"{which} has no FixedParameters line: the file may be cut short, and SimpleITK would read it as "
+                "the identity, dropping its parameters",
+                fix="write the transform again from the tool that made it; in a hand-written file add the line "
+                    "'FixedParameters: 0 0 0' (a linear transform centred at the origin; a translation's is "
+                    "'FixedParameters:' alone)", path=p)
+        if expected is None:  # another kind or dimension (a field's millions of values): ITK checks those itself
+            continue
         for key in ("Parameters", "FixedParameters"):
-            if key not in block:
-                raise UnreadableFileError(f"the file is cut short: {which} has no {key} line", fix=again, path=p)
             try:
                 [float(v) for v in block[key]]
             except ValueError:
                 raise UnreadableFileError(f"{which} has a {key} value that is not a number", fix=again,
                                           path=p) from None
-        expected = _parameter_counts().get(kind.split("_", 1)[0]) if kind.endswith("_3_3") else None
-        if expected is None:  # another kind or dimension: ITK checks those counts itself
-            continue
         n_params, min_fixed = expected
         if len(block["Parameters"]) != n_params or len(block["FixedParameters"]) < min_fixed:
             raise UnreadableFileError(

@@ -399,3 +399,25 @@ def test_the_architecture_fix_names_the_per_input_gain_flag_as_the_parser_takes_
     assert "--per-input-gain (this run: without)" in fix and "--per-input-gain 1" not in fix
     plain = tr.export_weights(FusionNet(), tmp_path / "plain", {"note": "test"})
     assert "no --per-input-gain (this run: with)" in tr._init_fix(FusionNet(per_input_gain=1), plain)
+
+
+def test_the_cancel_note_never_advises_deleting_an_earlier_runs_checkpoints(tmp_path):
+    """A --resume run cancelled before its checkpoint was read was told "no checkpoint was saved; start again with
+    --overwrite", which deletes last.ckpt and best.ckpt. A first run with nothing to replace needs no --overwrite,
+    and a run without a 3-D stage has none to miss."""
+    import argparse
+
+    import medfuse.fusion.train as tr
+
+    args = argparse.Namespace(resume=True, epochs=2, steps_3d=60)
+    assert "as they were" in tr._cancel_note(args, {}) and "--overwrite" not in tr._cancel_note(args, {})
+    args.resume = False
+    assert tr._cancel_note(args, {}).startswith("nothing was written")
+    note = tr._cancel_note(args, {"folder": tmp_path})
+    assert "start again with the same command" in note and "--overwrite" not in note
+    (tmp_path / "best.ckpt").write_bytes(b"epoch 0")  # a fine-tune's --init weights, saved as epoch 0
+    assert tr._cancel_note(args, {"folder": tmp_path}).endswith("and --overwrite")
+    assert "the 3-D stage and the export had not" in tr._cancel_note(args, {"folder": tmp_path, "epoch": 2})
+    args.steps_3d = 0
+    assert "; the export had not" in tr._cancel_note(args, {"folder": tmp_path, "epoch": 2})
+

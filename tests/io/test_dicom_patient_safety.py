@@ -71,9 +71,19 @@ def test_a_weight_left_empty_on_one_instance_is_named_as_a_gap_not_a_mixed_serie
                                             "instances") as caught:
         vol = medfuse.load(folder)
     assert vol.unit == "Bq/mL" and "complete PatientWeight" in str(caught[0].message)
+    headers = [suvmod.header_from_dataset(pydicom.dcmread(str(f))) for f in sorted(folder.glob("*.dcm"))]
     with pytest.raises(SUVError, match="PatientWeight is missing or empty in 1 of"):
-        suvmod.series_suv_factors([suvmod.header_from_dataset(pydicom.dcmread(str(f)))
-                                   for f in sorted(folder.glob("*.dcm"))])
+        suvmod.series_suv_factors(headers)
+    # Two values of another key beside the gap: a mixed series, named as one (the gap was named first).
+    mixed = [dict(h, SeriesTime="101010") if i % 2 else h for i, h in enumerate(headers)]
+    with pytest.raises(SUVError, match="SeriesTime differs between instances"):
+        suvmod.series_suv_factors(mixed)
+    # Sex and height do not enter SUVbw: a slice without the sex no longer drops the series to Bq/mL.
+    fine = [dict(h, PatientWeight=headers[0]["PatientWeight"]) for h in headers]
+    no_sex = [dict(h, PatientSex=None) if i == 3 else h for i, h in enumerate(fine)]
+    assert suvmod.series_suv_factors(no_sex) == suvmod.series_suv_factors(fine)
+    with pytest.raises(SUVError, match="PatientSex is missing or empty in 1 of"):
+        suvmod.series_suv_factors(no_sex, kind="lbm")
 
 
 def test_one_patient_spelled_alike_or_with_a_value_left_out_still_loads(samples_dir, tmp_path):

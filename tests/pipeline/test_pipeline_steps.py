@@ -443,6 +443,11 @@ def test_fuse_and_the_monai_transform_normalise_a_resampled_slab_as_the_pipeline
     np.testing.assert_allclose(api.array, piped.fused.array, rtol=0, atol=1e-6)
     np.testing.assert_allclose(item["fused"].array, piped.fused.array, rtol=0, atol=1e-6)
     assert float(np.abs(whole_grid.array - piped.fused.array).max()) > 0.02  # what both faces gave before
+    # A copy fuses alike (copy() dropped the field of view); new voxels set on it drop it.
+    np.testing.assert_array_equal(medfuse.fuse(mr, on_grid.copy(), method=method).array, api.array)
+    replaced = on_grid.copy()
+    replaced.array = on_grid.array.copy()
+    np.testing.assert_array_equal(medfuse.fuse(mr, replaced, method=method).array, whole_grid.array)
 
 
 def test_the_progress_bar_gives_no_share_to_a_registration_that_does_not_run(samples_dir):

@@ -80,6 +80,17 @@ def test_resample_warns_when_no_voxel_lands_on_the_grid(dx, interpolation):
     assert any("holds none" in w for w in out.provenance["warnings"])
 
 
+def test_fusing_such_a_result_does_not_say_it_again():
+    """The fusion's field-of-view mask resampled the volume's grid once more, which warned again at fuse()."""
+    ref = Volume(_blob(), AFF)
+    with pytest.warns(MedfuseWarning, match="holds none"):
+        out = medfuse.resample(_moved(500.0), ref)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        medfuse.fuse(ref, out, method="max")
+    assert not [w for w in seen if "holds none" in str(w.message)], [str(w.message) for w in seen]
+
+
 def test_resample_warns_for_a_mask_through_a_transform():
     from medfuse.registration.transforms import Transform
 

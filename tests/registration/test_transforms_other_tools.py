@@ -202,9 +202,19 @@ def test_a_cut_short_or_miscounted_transform_file_is_refused_before_simpleitk_re
     text = good.read_text()
     cut = tmp_path / "cut.tfm"
     cut.write_text(text[:text.index("\nFixedParameters")])  # the Parameters line whole, nothing after it
-    with pytest.raises(UnreadableFileError, match="cut short: its Euler3DTransform_double_3_3 has no "
-                                                  "FixedParameters line"):
+    with pytest.raises(UnreadableFileError, match="its Euler3DTransform_double_3_3 has no FixedParameters line.*"
+                                                  "cut short") as e:
         load_transform(cut)
+    assert "FixedParameters: 0 0 0" in e.value.fix
+    # Without the line SimpleITK reads even a translation (no fixed parameters) as the identity; with it, as it is.
+    bare = tmp_path / "translation.tfm"
+    text_t = "#Insight Transform File V1.0\nTransform: TranslationTransform_double_3_3\nParameters: 1 2 3\n"
+    bare.write_text(text_t)
+    assert sitk.ReadTransform(str(bare)).TransformPoint((0.0, 0.0, 0.0)) == (0.0, 0.0, 0.0)
+    with pytest.raises(UnreadableFileError, match="no FixedParameters line"):
+        load_transform(bare)
+    bare.write_text(text_t + "FixedParameters:\n")
+    np.testing.assert_allclose(load_transform(bare).transform_points([(0.0, 0.0, 0.0)])[0], (1.0, 2.0, 3.0))
     short = tmp_path / "short.tfm"
     short.write_text(text.replace(text.split("Parameters: ")[1].split("\n")[0], "0.1 0.2", 1))
     with pytest.raises(UnreadableFileError, match="has 2 parameters .* that kind has 6"):
