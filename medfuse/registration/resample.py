@@ -187,6 +187,22 @@ def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
             "likely misaligned; register them first (medfuse.register, or --register rigid on the command line)")
 
 
+def _onto_grid(reference: Volume, transform, interpolator: int, fill: float):
+    """A SimpleITK resampling filter onto ``reference``'s grid, set by its geometry alone (a reference image would
+    allocate a byte a voxel for nothing), through ``transform`` (None: identity)."""
+    import SimpleITK as sitk
+
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(n) for n in reference.shape])
+    f.SetOutputSpacing(reference.spacing)
+    f.SetOutputOrigin(reference.origin)
+    f.SetOutputDirection(tuple(float(x) for x in reference.direction.ravel()))
+    f.SetTransform(sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk)
+    f.SetInterpolator(interpolator)
+    f.SetDefaultPixelValue(fill)
+    return f
+
+
 def _all_fill(arr: np.ndarray, fill: float) -> bool:
     """Whether every voxel of ``arr`` is ``fill`` (NaN included); a strided sample first, which a resampled image
     with any content almost always fails at once."""
@@ -219,14 +235,7 @@ def _no_overlap_note(volume: Volume, reference: Volume, transform, out: np.ndarr
         if not out.size or not _all_fill(out, fill) or _all_fill(volume.array, int(default) if whole else default):
             return None
         ones = Volume(np.ones(volume.shape, dtype=np.uint8), volume.affine).to_sitk()
-        f = sitk.ResampleImageFilter()
-        f.SetSize([int(n) for n in reference.shape])
-        f.SetOutputSpacing(reference.spacing)
-        f.SetOutputOrigin(reference.origin)
-        f.SetOutputDirection(tuple(float(x) for x in reference.direction.ravel()))
-        f.SetTransform(sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk)
-        f.SetInterpolator(sitk.sitkNearestNeighbor)
-        f.SetDefaultPixelValue(0)
+        f = _onto_grid(reference, transform, sitk.sitkNearestNeighbor, 0.0)
         hit = f.Execute(ones)  # kept in a name: a view of a temporary image read freed memory
         if sitk.GetArrayViewFromImage(hit).any():
             return None
@@ -351,15 +360,7 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         src = _source_image(volume, interpolation, float(default))
     else:
         src = _source_image(lookup[0], interpolation, float(lookup[2]))
-    # The output grid by its geometry alone: a reference image would allocate a byte a voxel for nothing.
-    f = sitk.ResampleImageFilter()
-    f.SetSize([int(n) for n in reference.shape])
-    f.SetOutputSpacing(reference.spacing)
-    f.SetOutputOrigin(reference.origin)
-    f.SetOutputDirection(tuple(float(x) for x in reference.direction.ravel()))
-    f.SetTransform(sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform.sitk)
-    f.SetInterpolator(interp)
-    f.SetDefaultPixelValue(float(default) if lookup is None else float(lookup[2]))
+    f = _onto_grid(reference, transform, interp, float(default) if lookup is None else float(lookup[2]))
     f.SetOutputPixelType(src.GetPixelID())
     out = f.Execute(src)
     del src  # the source's float32 copy is not needed while the output is copied out
