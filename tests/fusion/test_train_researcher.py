@@ -121,9 +121,10 @@ def test_logs_piped_to_a_file_carry_no_progress_bar_and_metrics_csv_survives_a_r
         for k in ("Qabf", "VIF", "SSIM", "SSIM_r2", "MI"):
             assert float(row[k]) == pytest.approx(values[k], abs=1e-6)
         assert float(row["train_loss"]) == pytest.approx(history[epoch - 1]["train_loss"], abs=1e-6)
-        # The learning rate after the epoch's last step: the cosine schedule at 2 of 4 steps, then at its end.
+        # The rate the epoch's last step used (steps 1 and 3 of 0..3 on the cosine schedule); the rate after it
+        # read 0 for the last epoch, the schedule's end.
         assert int(row["steps"]) == 2
-        assert float(row["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * epoch / 2)), abs=1e-9)
+        assert float(row["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * (2 * epoch - 1) / 4)), abs=1e-9)
 
     real_validate, calls = tr.validate, []
 
