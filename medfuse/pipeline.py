@@ -494,7 +494,7 @@ class NormaliseStep:
     def __call__(self, state: PipelineState) -> PipelineState:
         if self.method == "none":
             return state
-        from .fusion.normalise import normalise
+        from .fusion.normalise import _in_own_view, normalise
 
         out, records = [], []
         views = list(getattr(state, "fields_of_view", None) or [])
@@ -503,8 +503,11 @@ class NormaliseStep:
             require_finite(v.array, f"input {i}", before="fusing")
             kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             view = views[i - 1] if i - 1 < len(views) else None
-            if view is not None and self._takes_percentiles(v):
-                scaled, rec = self._within(v, view.mask())
+            within = None if view is None else _in_own_view(
+                v.array, view, method=self.method, modality=v.modality, unit=v.unit, dtype=np.float32,
+                percentiles=(self.low, self.high) if self.method == "percentile" else None)
+            if within is not None:
+                scaled, rec = within
             else:
                 # float32 straight away (float64 arithmetic a slab at a time, the same values): a float64 copy of
                 # the whole volume cost 8 bytes a voxel on top of this step's peak.
@@ -519,26 +522,6 @@ class NormaliseStep:
         state.notes["normalisation"] = records
         state.fields_of_view = []  # used: each holds a transform (a deformable one can be large)
         return state
-
-    def _takes_percentiles(self, v: Volume) -> bool:
-        from .fusion.normalise import _auto_choice
-
-        return (_auto_choice(v.modality, v.unit)[0] if self.method == "auto" else self.method) == "percentile"
-
-    def _within(self, v: Volume, view: Optional[np.ndarray]) -> Tuple[np.ndarray, Dict[str, Any]]:
-        """``v`` normalised, its percentiles (its rule takes them) over its own field of view ``view`` only (None:
-        the whole grid)."""
-        from .fusion.normalise import DEFAULT_PERCENTILES, _auto_choice, _normalise_in_view, normalise
-
-        if view is None or view.shape != v.shape or not view.any():
-            kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
-            return normalise(v.array, method=self.method, modality=v.modality, unit=v.unit, dtype=np.float32, **kw)
-        pl, ph = (self.low, self.high) if self.method == "percentile" else DEFAULT_PERCENTILES
-        scaled, rec = _normalise_in_view(v.array, view, percentiles=(pl, ph), modality=v.modality, unit=v.unit,
-                                         dtype=np.float32)
-        if self.method == "auto":
-            rec["auto"] = _auto_choice(v.modality, v.unit)[1]
-        return scaled, rec
 
 
 def _fusion_unavailable(e: BaseException, *, user_weights: bool = False) -> bool:

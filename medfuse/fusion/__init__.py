@@ -347,25 +347,13 @@ def _in_own_view(v: Volume, a: np.ndarray, options: Dict[str, Any], dtype: Any):
     mostly fill, so the same pair fused brighter or darker than on the command line (a BraTS slab on 31 % of
     the grid: up to 0.083 apart on 0..1).
     """
-    from .normalise import DEFAULT_PERCENTILES, _auto_choice, _normalise_in_view
+    from .normalise import _in_own_view as within
 
     view = getattr(v, "_field_of_view", None)
-    method = options.get("method", "auto")
-    if view is None or method not in ("auto", "percentile") or set(options) - {"method", "modality", "unit",
-                                                                                "percentiles"}:
+    if view is None or set(options) - {"method", "modality", "unit", "percentiles"}:
         return None
-    modality, unit = options.get("modality"), options.get("unit")
-    chosen, why = _auto_choice(modality, unit) if method == "auto" else ("percentile", "")
-    if chosen != "percentile":
-        return None
-    mask = view.mask()
-    if mask is None or mask.shape != a.shape or not mask.any():
-        return None
-    scaled, rec = _normalise_in_view(a, mask, percentiles=options.get("percentiles") or DEFAULT_PERCENTILES,
-                                     modality=modality, unit=unit, dtype=dtype)
-    if method == "auto":
-        rec["auto"] = why
-    return scaled, rec
+    return within(a, view, method=options.get("method", "auto"), modality=options.get("modality"),
+                  unit=options.get("unit"), percentiles=options.get("percentiles"), dtype=dtype)
 
 
 def _modality_code(name: Any) -> str:

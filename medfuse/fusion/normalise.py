@@ -222,17 +222,26 @@ def normalise(array: Any, *, method: str = "auto", modality: Optional[str] = Non
     return (y if dtype is None or np.dtype(dtype) == np.float64 else y.astype(dtype)), rec
 
 
-def _normalise_in_view(array: np.ndarray, view: np.ndarray, *, percentiles: Tuple[float, float],
-                       modality: Optional[str], unit: Optional[str], dtype: Any = None) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """The percentile rule with its percentiles taken over ``view`` only: the voxels where a resampled image has
-    values of its own (``view``: a bool mask of ``array``'s shape, holding at least one True).
+def _in_own_view(array: np.ndarray, view: Any, *, method: str, modality: Optional[str], unit: Optional[str],
+                 percentiles: Optional[Tuple[float, float]] = None,
+                 dtype: Any = None) -> Optional[Tuple[np.ndarray, Dict[str, Any]]]:
+    """``(scaled, record)`` by the percentile rule with its percentiles taken over the voxels a resampled image has
+    of its own, or None where that does not apply: ``method`` (``"auto"`` by ``modality``/``unit``) takes no
+    percentiles, or ``view`` (a :class:`~medfuse.registration.resample.FieldOfView`, asked only then) covers the
+    whole grid or none of it. The pipeline's normalise step and :func:`medfuse.fuse` both use it.
 
     Why: outside its field of view a resampled image is only the fill value, and percentiles over the whole grid
     then depended on how much of it the image covered (a SPECT on a whole-body CT's grid, 1 % of it, had 39 % of
     its voxels clipped to 1). The record says ``"over"`` which voxels, and ``clipped_fraction`` counts those.
     """
-    pl, ph = _percentiles(percentiles)
-    own = np.asarray(array)[view].astype(np.float64)
+    chosen, why = _auto_choice(modality, unit) if method == "auto" else (method, "")
+    if chosen != "percentile":
+        return None
+    mask = view.mask()  # as costly as resampling the image: only for a rule that uses it
+    if mask is None or mask.shape != np.shape(array) or not mask.any():
+        return None
+    pl, ph = _percentiles(DEFAULT_PERCENTILES if percentiles is None else percentiles)
+    own = np.asarray(array)[mask].astype(np.float64)
     lo, hi = (float(x) for x in np.percentile(own, [pl, ph]))
     if hi <= lo:  # as the percentile rule does for a sparse image: its full range
         lo, hi = float(own.min()), float(own.max())
@@ -240,11 +249,12 @@ def _normalise_in_view(array: np.ndarray, view: np.ndarray, *, percentiles: Tupl
         hi = lo + 1.0
     del own
     scaled, rec = normalise(array, method="range", low=lo, high=hi, modality=modality, unit=unit, dtype=dtype)
-    inside = np.asarray(array)[view]  # clipped where the image is: the fill outside is not the image's
+    inside = np.asarray(array)[mask]  # clipped where the image is: the fill outside is not the image's
     rec["clipped_fraction"] = float(np.mean((inside < lo) | (inside > hi)))
     del inside
     return scaled, {**rec, "method": "percentile", "percentiles": [pl, ph],
-                    "over": f"its own field of view ({100.0 * float(view.mean()):.3g} % of the grid)"}
+                    "over": f"its own field of view ({100.0 * float(mask.mean()):.3g} % of the grid)",
+                    **({"auto": why} if method == "auto" else {})}
 
 
 def _check_labels(method: Any, modality: Any, unit: Any) -> None:

@@ -399,20 +399,23 @@ def _check_transform_file(p: Path) -> None:
     - A ``.h5`` file that is not HDF5: HDF5 printed some forty lines of its own traces before the error.
     """
     name = p.name.lower()
-    if name.endswith((".h5", ".hdf5")):
-        if not _is_hdf5(p):
+    hdf5 = name.endswith((".h5", ".hdf5"))
+    if not hdf5 and not name.endswith((".tfm", ".txt")):
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_HDF5_HEAD) if hdf5 else b""
+            lines = [] if hdf5 else [line.rstrip(b"\r\n") for line in f]
+    except OSError as e:
+        raise UnreadableFileError(f"the transform file cannot be read ({type(e).__name__})",
+                                  fix="check its permissions", path=p) from None
+    if hdf5:
+        # The HDF5 signature lies at byte 0, 512, 1024, 2048, ... (a user block may come first).
+        if not any(head[k:k + 8] == b"\x89HDF\r\n\x1a\n" for k in (0, 512, 1024, 2048, 4096)):
             raise UnreadableFileError("this is not an HDF5 file, so not an ITK .h5 transform file",
                                       fix="check the file: it may be incomplete, or a text transform (.tfm) or "
                                           "an image given a .h5 name", path=p)
         return
-    if not name.endswith((".tfm", ".txt")):
-        return
-    try:
-        with open(p, "rb") as f:
-            lines = [line.rstrip(b"\r\n") for line in f]
-    except OSError as e:
-        raise UnreadableFileError(f"the transform file cannot be read ({type(e).__name__})",
-                                  fix="check its permissions", path=p) from None
     blocks: List[dict] = []
     for line in lines:
         key, sep, value = line.partition(b":")
@@ -464,19 +467,8 @@ def _check_transform_file(p: Path) -> None:
                 f"parameters; that kind has {n_params} and at least {min_fixed}", fix=again, path=p)
 
 
-def _is_hdf5(p: Path) -> bool:
-    """Whether the HDF5 signature is where the format puts it (byte 0, 512, 1024, 2048, ...)."""
-    signature = b"\x89HDF\r\n\x1a\n"
-    try:
-        with open(p, "rb") as f:
-            for offset in (0, 512, 1024, 2048, 4096):
-                f.seek(offset)
-                if f.read(8) == signature:
-                    return True
-    except OSError as e:
-        raise UnreadableFileError(f"the transform file cannot be read ({type(e).__name__})",
-                                  fix="check its permissions", path=p) from None
-    return False
+#: Bytes of a .h5 file read to find the HDF5 signature (its furthest usual place, 4096, and its 8 bytes).
+_HDF5_HEAD = 4104
 
 
 @functools.lru_cache(maxsize=None)
