@@ -89,9 +89,14 @@ def _weights(weights: Optional[Sequence[float]], n: int) -> np.ndarray:
     try:
         if isinstance(weights, (str, bytes, Mapping)):  # a str would be read as one number, or its text echoed
             raise TypeError
+        items = np.asarray(weights, dtype=object).ravel()
         w = np.asarray(weights, dtype=np.float64).ravel()
     except (TypeError, ValueError):
         raise InvalidInputError(f"weights must be {n} non-negative numbers, got {describe(weights)}", fix=fix) from None
+    if any(isinstance(x, (str, bytes)) for x in items):
+        # NumPy parses ["1", "2"] as numbers: text where numbers belong is a mistake upstream (a CSV read as str).
+        raise InvalidInputError(f"weights must be {n} non-negative numbers, got text",
+                                fix=f"convert them first ([float(x) for x in weights]), or {fix}")
     if w.size != n or not np.all(np.isfinite(w)) or np.any(w < 0) or w.max() <= 0:
         raise InvalidInputError(
             f"weights must be {n} non-negative numbers with a positive sum, got {w.tolist()}",

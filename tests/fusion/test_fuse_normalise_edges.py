@@ -134,6 +134,15 @@ def test_bool_weights_are_refused(method, weights):
     medfuse.fuse(a, b, method=method, weights=[1, 0])  # numbers are taken
 
 
+
+@pytest.mark.parametrize("weights", [["1", "2"], np.array(["0.3", "0.7"]), (0.5, b"0.5")], ids=["list", "array", "mix"])
+def test_weights_given_as_text_are_refused(weights):
+    """weights=["1", "2"] (a CSV column read as str) was parsed by NumPy as numbers and fused without a word."""
+    a, b = _smooth(0), _smooth(1)
+    with pytest.raises(InvalidInputError, match="got text") as ei:
+        medfuse.fuse(a, b, method="mean", weights=weights)
+    assert "float(x)" in ei.value.fix
+
 def test_a_modality_named_for_a_volume_normalised_already_is_reported_not_dropped():
     """A Volume normalised by medfuse is fused as it is; a modality or unit named for it in ``normalise``
     was dropped without a word (the user believed it was read as CT)."""
