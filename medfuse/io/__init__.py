@@ -225,6 +225,11 @@ def _stat_or_refuse(path: Path) -> os.stat_result:
 def _check_exists(path: Path) -> None:
     _stat_or_refuse(path)
     check_readable(path)
+    if path.name.lower().endswith((".hdr.gz", ".img.gz")) and path.is_file():
+        # Without this, a gzipped Analyze/NIfTI pair was called "not a medical image: neither DICOM nor NIfTI".
+        raise UnreadableFileError("a gzipped Analyze/NIfTI pair (.hdr.gz/.img.gz) is not read by medfuse",
+                                  fix="decompress both files (gunzip NAME.hdr.gz NAME.img.gz) and load the .hdr, "
+                                      "or convert the pair to one .nii.gz", path=path)
 
 
 def _absolute_source(vol: Volume) -> Volume:

@@ -40,7 +40,7 @@ PathLike = Union[str, os.PathLike]
 FORMATS = ("nifti", "nifti2", "metaimage", "nrrd", "dicom")
 _BY_SUFFIX = ((".nii.gz", "nifti"), (".nii", "nifti"), (".mha", "metaimage"), (".mhd", "metaimage"),
               (".nrrd", "nrrd"), (".nhdr", "nrrd"))
-#: Endings the reader knows but no writer makes (a NIfTI/Analyze .hdr/.img pair).
+#: Analyze/NIfTI pair endings: no writer makes them (the reader takes .hdr/.img, not gzipped ones).
 _READ_ONLY_SUFFIXES = (".img", ".hdr", ".img.gz", ".hdr.gz")
 #: Endings surely not meant as a DICOM series folder's name (2-D pictures, sidecars, transforms, tables).
 _NOT_VOLUME_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".json", ".tfm", ".txt", ".h5",
@@ -91,7 +91,10 @@ def _format_of(path: Path, fmt: Optional[str]) -> str:
             return f
     if name.endswith(_READ_ONLY_SUFFIXES):
         # Without this, "scan.img" would silently become a DICOM series folder of that name.
-        raise InvalidInputError(f"medfuse reads Analyze/NIfTI pairs ({path.suffix}) but does not write them",
+        gz = name.endswith(".gz")  # gzipped pairs are not read either (io.load says so)
+        raise InvalidInputError(f"medfuse {'neither reads nor writes gzipped' if gz else 'reads'} Analyze/NIfTI "
+                                f"pairs ({name[name.rfind('.', 0, -3 if gz else None):]})"
+                                + ("" if gz else " but does not write them"),
                                 fix="name the output .nii.gz or .nii (or give no suffix for a DICOM series)",
                                 path=path)
     ending = name[name.rfind("."):] if "." in name.lstrip(".") else ""

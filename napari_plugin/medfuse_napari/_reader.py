@@ -12,9 +12,11 @@ from typing import List, Tuple
 
 import numpy as np
 
+from medfuse.io import IMAGE_SUFFIXES
+
 from ._layers import FUNCTIONAL, display_grid, volume_digest, volume_to_layer
 
-_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
+_SUFFIXES = IMAGE_SUFFIXES + (".dcm",)  # medfuse.load's endings: .hdr/.img pairs opened in Python open here too
 _PEEK_FILES = 20  # files inspected per folder to decide whether a folder is DICOM
 _PEEK_DEPTH = 2  # sub-folder levels looked into (study/series/files)
 _PEEK_DIRS = 20  # folders looked into at most

@@ -56,6 +56,22 @@ def test_reader_reorders_flipped_axes_to_s_p_l(tmp_path):
     np.testing.assert_allclose(back.affine, volume.affine)
 
 
+
+@pytest.mark.parametrize("opened", ["pair.hdr", "pair.img"])
+def test_reader_opens_an_analyze_nifti_pair_as_medfuse_load_does(tmp_path, opened):
+    """medfuse.load reads .hdr/.img pairs (docs/io.md), but the plugin declined them: napari's own reader took
+    them without the geometry."""
+    import nibabel as nib
+
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = [5.0, -6.0, 7.0]
+    nib.save(nib.Nifti1Pair(np.arange(60, dtype=np.float32).reshape(3, 4, 5), affine), str(tmp_path / "pair.hdr"))
+    data, kwargs, kind = napari_get_reader(str(tmp_path / opened))(str(tmp_path / opened))[0]
+    volume = medfuse.load(tmp_path / "pair.hdr")
+    assert kind == "image" and kwargs["name"] == "pair"
+    np.testing.assert_allclose(kwargs["metadata"]["medfuse"]["affine"], volume.affine)
+    assert sorted(np.asarray(data).ravel().tolist()) == list(range(60))
+
 def test_reader_resamples_oblique_and_keeps_true_affine(tmp_path):
     import nibabel as nib
 
@@ -297,7 +313,7 @@ def test_manifest_claims_dicom_file_names_without_taking_napari_builtin_formats(
     ours = PluginManifest.from_file(Path(medfuse_napari.__file__).parent / "napari.yaml").contributions.readers[0]
     builtin = PluginManifest.from_file(Path(napari_builtins.__file__).parent / "builtins.yaml")
     extra = [p for p in ours.filename_patterns if p not in {"*.nii", "*.nii.gz", "*.mha", "*.mhd", "*.nrrd",
-                                                          "*.nhdr", "*.dcm"}]
+                                                          "*.nhdr", "*.img", "*.hdr", "*.dcm"}]
     theirs = [p for r in builtin.contributions.readers for p in r.filename_patterns]
     assert len(theirs) > 100
     for pat in theirs:
