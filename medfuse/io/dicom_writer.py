@@ -633,8 +633,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
     exact_int = np.issubdtype(arr.dtype, np.integer) or (
-        np.issubdtype(arr.dtype, np.floating) and volume.unit in ("HU", "counts")
-        and np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr)))
+        np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))
+        and (volume.unit in ("HU", "counts") or (arr.size > 0 and -32768 <= arr.min() and arr.max() <= 65535)))
+    # Whole numbers in float of any unit (a label map or mask written as float by nnU-Net or nibabel) are stored
+    # exactly when they fit 16 bits: quantised, label 2 read back as 1.99997 on some slices and 2 on others.
     if exact_int:
         arr = np.rint(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):

@@ -732,3 +732,19 @@ def test_a_pet_written_on_a_cts_grid_keeps_its_own_tracer_weight_and_times(sampl
     back = medfuse.load(out)
     assert back.unit == "SUVbw"
     np.testing.assert_allclose(back.array, on_ct.array, atol=float(np.abs(on_ct.array).max()) / 30000)
+
+
+@pytest.mark.parametrize("unit,modality", [("arbitrary", "unknown"), ("arbitrary", "MR"), ("SUVbw", "PT")])
+def test_whole_numbers_in_float_are_stored_exactly_whatever_the_unit(tmp_path, unit, modality):
+    """A label map saved as float (nnU-Net, nibabel) came back as 0.99998/1.99997 on some slices and 1/2 on
+    others: only HU and counts were stored as exact integers. Through SimpleITK/GDCM as well as medfuse."""
+    a = np.zeros((12, 10, 5), np.float32)
+    a[2:6, 3:7, :] = 1
+    a[6:10, 2:5, 1:] = 2
+    a[1:3, 6:9, 2:4] = 4
+    save(Volume(a, np.eye(4), modality=modality, unit=unit), tmp_path / "labels")
+    for back in (medfuse.load(tmp_path / "labels").array, _gdcm_series(tmp_path / "labels").array):
+        np.testing.assert_array_equal(back, a)
+    # Fractions stay quantised, as before (a slope per slice).
+    save(Volume(a / 3, np.eye(4), modality=modality, unit=unit), tmp_path / "thirds")
+    assert not np.array_equal(medfuse.load(tmp_path / "thirds").array, a / 3)
