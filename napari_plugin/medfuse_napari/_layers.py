@@ -64,8 +64,18 @@ def display_grid(volume: Volume) -> Tuple[np.ndarray, Tuple[float, ...], Tuple[f
 
 
 def _axis_aligned(volume: Volume) -> Volume:
-    """Resample an oblique volume onto an axis-aligned LPS grid with the same box and similar spacing."""
+    """Resample an oblique volume onto an axis-aligned LPS grid with the same box and similar spacing.
+
+    A label map or mask (what :func:`medfuse.resample` itself warns about: a boolean volume, or an integer one of
+    unknown modality with few distinct values) is resampled with nearest neighbour and keeps its integer dtype;
+    images stay linearly interpolated.
+
+    Why: linear interpolation blended an oblique label map's labels (a uint8 ``{0, 1, 2, 4}`` file opened as a
+    float32 layer with tens of thousands of values, ~3.0 between 2 and 4, saved back as label 3), and the
+    warning ``resample`` gives about it did not reach the napari user.
+    """
     from medfuse.registration import resample
+    from medfuse.registration.resample import _is_label_map, _label_like_note
 
     lo, hi = volume.bounds()
     d = np.abs(volume.direction)
@@ -76,7 +86,8 @@ def _axis_aligned(volume: Volume) -> Volume:
     aff[:3, :3] = np.diag(spacing)
     aff[:3, 3] = lo
     ref = Volume(np.zeros(shape, dtype=np.uint8), aff)
-    return resample(volume, ref)
+    labels = _is_label_map(volume) or _label_like_note(volume) is not None
+    return resample(volume, ref, interpolation="nearest" if labels else "linear")
 
 
 #: The fix for a layer whose napari ``units`` are not lengths, when medfuse computes on it.
