@@ -41,11 +41,13 @@ import numpy as np
 from ._checks import as_list, choice, did_you_mean, label
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
                      OutputExistsError, OutputWriteError, UnreadableFileError, WeightsError)
+from .fusion.classical import METHODS as CLASSICAL_METHODS
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
 __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("mean", "max", "laplacian", "wavelet", "gff")
+#: Every classical rule (a rule added to ``classical.METHODS`` is evaluated by default too).
+DEFAULT_METHODS = CLASSICAL_METHODS
 #: Columns of the printed summary (all metrics go into the files).
 SUMMARY_METRICS = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "SSIM_r2", "CC", "PSNR")
 
@@ -56,7 +58,9 @@ class EvaluationResult:
 
     Attributes:
         out_dir: the folder written.
-        rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output`` and the metrics;
+        rows: one dict per scored image: ``method``, ``pair_type``, ``name``, ``output``, ``output_sha256``
+            (the fused image's SHA-256; None with ``save_outputs=False``), ``inputs`` (per image of the pair, and
+            its mask file: ``role``, ``path`` as given, patient identifiers blanked, ``sha256``) and the metrics;
             slice-wise volumes also ``axes``, ``n_slices`` (slices with content) and ``n_slices_used``
             (per metric, the slices its mean is over: NaN slices are left out); ``undefined`` (only where some
             metric had no finite value): per metric, why.
@@ -99,13 +103,14 @@ class _Item:
     path: Optional[str] = None  # shown when it fails
     inputs: Tuple[str, ...] = ()  # the input files (or folders), never to be written over
     mask: Any = None  # volume pairs: this pair's own mask (a path or a Volume), instead of evaluate's mask
+    sources: Tuple[Optional[str], ...] = ()  # the pair's images in order (None: a Volume), for the provenance
 
 
 def _harvard_items(pairs) -> List[_Item]:
     from .harvard import load_pair
 
     return [_Item(p.key, p.pair_type, (lambda p=p: load_pair(p)), str(p.other.parent.parent),
-                  (str(p.mri), str(p.other))) for p in pairs]
+                  (str(p.mri), str(p.other)), sources=(str(p.mri), str(p.other))) for p in pairs]
 
 
 def _is_png(x) -> bool:
@@ -163,7 +168,8 @@ def _image_items(pairs: Sequence) -> List[_Item]:
         # Three sources form their own group: MI, SCD, VIF and the SSIMs sum over the sources, and a mean over 2-
         # and 3-source rows mixed two scales (SSIM 1.51 and 1.87 averaged to 1.69).
         kind = "images" if len(paths) == 2 else "images (3 sources)"
-        items.append(_Item(str(name), kind, (lambda ps=tuple(paths): _load_pngs(ps)), paths[-1], tuple(paths)))
+        items.append(_Item(str(name), kind, (lambda ps=tuple(paths): _load_pngs(ps)), paths[-1], tuple(paths),
+                           sources=tuple(paths)))
     return items
 
 
@@ -205,7 +211,8 @@ def _volume_items(pairs: Sequence) -> List[_Item]:
         mask_path = [str(mask)] if isinstance(mask, (str, os.PathLike)) and mask != "auto" else []
         kind = "volumes" if len(entry) == 2 else "volumes (3 sources)"  # as 2-D pairs: summed metrics
         items.append(_Item(str(name), kind, (lambda e=tuple(entry): _load_volumes(e)),
-                           paths[-1] if paths else None, tuple(paths + mask_path), mask))
+                           paths[-1] if paths else None, tuple(paths + mask_path), mask,
+                           sources=tuple(str(x) if isinstance(x, (str, os.PathLike)) else None for x in entry)))
     return items
 
 
@@ -360,6 +367,30 @@ def _check_pair_paths(items: Sequence[_Item], is_2d: bool) -> None:
 
 def _target(out: Path, method: str, item: _Item, is_2d: bool) -> Path:
     return out / method / f"{item.name}{'.png' if is_2d else '.nii.gz'}"
+
+
+def _input_records(item: _Item, ids: Sequence[str], hashes: Dict[str, str]) -> List[Dict[str, Any]]:
+    """The pair's inputs as metrics.json records them, as the provenance sidecars do: ``role`` (``fixed``,
+    ``moving``; ``mask`` for a mask file), ``path`` as given, with the patient identifiers ``ids`` blanked, and
+    ``sha256`` (:func:`medfuse.provenance.hash_path`; a folder's files together); path and hash None for a Volume.
+
+    ``hashes`` caches the hashes by path: each file is read once per run, whatever the methods and pairs.
+
+    Raises:
+        UnreadableFileError: an input cannot be read to hash it.
+    """
+    from .provenance import hash_path
+
+    def one(role: str, path: Optional[str]) -> Dict[str, Any]:
+        if path is None:
+            return {"role": role, "path": None, "sha256": None}
+        if path not in hashes:
+            hashes[path] = hash_path(path)
+        return {"role": role, "path": _blanked(path, ids), "sha256": hashes[path]}
+
+    recs = [one("fixed" if i == 0 else "moving", p) for i, p in enumerate(item.sources)]
+    masks = item.inputs[sum(p is not None for p in item.sources):]  # the pair's inputs after its images
+    return recs + [one("mask", p) for p in masks]
 
 
 def _file_id(p: Path) -> Optional[Tuple[int, int]]:
@@ -695,6 +726,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     done = 0
     cache: Dict[int, Any] = {}  # by item index: loaded sources, reused by every method (or the exception)
     masks: Dict[int, Any] = {}  # by item index: the pair's own mask, loaded (or the exception)
+    hashes: Dict[str, str] = {}  # by input path: its SHA-256, for metrics.json (each input read once)
     try:
         for method in methods:
             dead: Optional[str] = None  # set when the method itself cannot run here
@@ -747,6 +779,13 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                             new_outputs += [] if target.exists() else [target]
                             save(fused, target, overwrite=overwrite)
                     row["output"] = target.relative_to(out).as_posix() if save_outputs else None
+                    if save_outputs:  # what was written, as a sidecar records its output
+                        from .provenance import hash_path
+
+                        row["output_sha256"] = hash_path(target)
+                    else:
+                        row["output_sha256"] = None
+                    row["inputs"] = _input_records(item, ids, hashes)
                     if m is not None:  # what was scored: the region and its share of the image
                         row["mask"] = _mask_record(item.mask if item.mask is not None else mask, ids)
                         row["mask_fraction"] = float(m.mean())
@@ -1032,7 +1071,10 @@ def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Se
           selection=None, pair_types=None) -> Dict[str, Any]:
     from .metrics import METRICS
 
+    from .provenance import build
+
     chosen = _selection_record(source, selection, pair_types, ids)
+    stamp = build(inputs=[])  # the time and versions, as the sidecars write them
     return {
         # The folder scored (a split or --limit of it scored only some of its pairs: "selection" says which).
         "source": (chosen["folder"] if chosen and isinstance(chosen.get("folder"), str)
@@ -1045,6 +1087,10 @@ def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Se
         "mask": _mask_record(mask, ids),
         "options": {k: _json_option(v) for k, v in options.items()},
         "metric_definitions": "docs/fusion.md (as ../shared/README.md, reference section)",
+        # When and with what software, as every provenance sidecar records them (each image row holds its inputs'
+        # paths and SHA-256, and its fused output's).
+        "created_utc": stamp["created_utc"],
+        "versions": stamp["versions"],
         # Every metric here scores a better fusion higher (none is an error to minimise); said, not assumed.
         "higher_is_better": [m for m in METRICS if any(m in r for r in result.rows)],
         "ok": result.ok,
