@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -85,6 +87,10 @@ class RegistrationReport:
         fov_scale: the factor the preset's mm settings (pyramid, start search, steps, B-spline grid) were scaled by
             for a small field of view (the smaller image's largest extent / 80 mm), e.g. 0.29 for a 23 mm image;
             settings the caller gave are kept. None for images of 80 mm or more (the preset used as it is).
+        seed: the metric sampling's seed.
+        settings: every preset setting the run used, after the caller's overrides and the field-of-view scaling
+            (``levels_mm``, ``bspline_grid_mm``, ``samples``...): with ``kind``, ``metric``, ``seed`` and the
+            thread count, what a rerun needs.
     """
 
     kind: str
@@ -127,6 +133,12 @@ class RegistrationReport:
     bspline_kept: Optional[bool] = None
     #: the factor the preset's mm settings were scaled by for a small field of view (< 80 mm); None: not scaled.
     fov_scale: Optional[float] = None
+    #: the metric sampling's seed (equal seeds repeat bit for bit with one ITK thread).
+    seed: Optional[int] = None
+    #: every setting the run used (the preset's, the caller's overrides, the field-of-view scaling applied): the
+    #: B-spline grid, levels, samples, steps... A sidecar gave the preset's name alone, which overrides and the
+    #: scaling change.
+    settings: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict."""
@@ -135,6 +147,13 @@ class RegistrationReport:
             if isinstance(v, (np.floating, np.integer)):
                 d[k] = v.item()
         return d
+
+
+def _plain(value: Any) -> Any:
+    """A preset value as JSON takes it: tuples as lists, NumPy scalars as Python numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, (np.floating, np.integer)) else value
 
 
 @dataclass
@@ -403,6 +422,22 @@ def _coarsen(img, spacing_mm: float):
     return sitk.Resample(img, out, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
+def _domain_of(vol: Volume):
+    """An empty uint8 image on ``vol``'s grid: the B-spline's domain (its geometry is all the initialiser reads).
+
+    Why not the working copy: BinShrink drops the last voxel of an odd size, so a warp built on it ended before the
+    fixed image's last slice (1 mm BraTS, 155 slices: no displacement at all on slice 154, and that seam was never
+    checked). uint8, so that it costs a quarter of the float32 copies registration makes anyway.
+    """
+    import SimpleITK as sitk
+
+    img = sitk.Image([int(x) for x in vol.shape], sitk.sitkUInt8)
+    img.SetSpacing([float(x) for x in vol.spacing])
+    img.SetDirection([float(x) for x in (vol.affine[:3, :3] / np.asarray(vol.spacing)).ravel()])
+    img.SetOrigin([float(x) for x in vol.affine[:3, 3]])
+    return img
+
+
 def _working_mask(mask: Optional[Volume], ref_img):
     import SimpleITK as sitk
 
@@ -419,22 +454,45 @@ class _Abort(Exception):
     """Raised inside a SimpleITK iteration command to abort ``Execute`` on cancel (private; never escapes)."""
 
 
-def _quiet_aborts() -> None:
-    """Keep SimpleITK from printing a traceback for :class:`_Abort`: it reports an exception from a Python command
-    through ``sys.excepthook`` before failing ``Execute``. Installed once; every other exception goes to the hook
-    that was there before."""
-    import sys
+def _is_interrupt(value: Any) -> bool:
+    """True for KeyboardInterrupt and the other BaseExceptions that are no Exception (SystemExit, GeneratorExit)."""
+    return isinstance(value, BaseException) and not isinstance(value, Exception)
 
+
+#: Per thread, the list in which the running :func:`_commands` block records an interrupt raised in one of its
+#: SimpleITK callbacks (absent or None outside a block).
+_CAUGHT = threading.local()
+
+
+def _forget_last_exception() -> None:
+    """Drop the ``sys.last_*`` that ``PyErr_Print`` set for an exception medfuse handles (a debugger's
+    ``pm()`` would otherwise open on it)."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            with contextlib.suppress(AttributeError):
+                delattr(sys, name)
+
+
+def _quiet_aborts() -> None:
+    """Keep SimpleITK from printing a traceback for :class:`_Abort`, and for an interrupt raised in a callback of a
+    :func:`_commands` block: it reports an exception from a Python command through ``sys.excepthook`` (via
+    ``PyErr_Print``) before failing ``Execute``. Such an interrupt is recorded for the block to re-raise. Installed
+    once (again if the hook was replaced since); every other exception goes to the hook that was there before."""
     hook = sys.excepthook
     if getattr(hook, "_medfuse_quiet_aborts", False):
         return
 
     def quiet(kind, value, tb, _previous=hook):
+        caught = getattr(_CAUGHT, "box", None)
+        if caught is not None and _is_interrupt(value):
+            # Why: Ctrl-C (or a notebook's "Interrupt kernel") usually lands at the first line of a callback,
+            # before any try block of its own, so only this hook sees it.
+            if not caught:
+                caught.append(value)
+            _forget_last_exception()
+            return
         if isinstance(value, _Abort):
-            for name in ("last_type", "last_value", "last_traceback", "last_exc"):
-                if hasattr(sys, name):
-                    with contextlib.suppress(AttributeError):
-                        delattr(sys, name)
+            _forget_last_exception()
             return
         _previous(kind, value, tb)
 
@@ -642,13 +700,53 @@ def _commands(reg, *commands) -> Iterator[None]:
     Why removed: a callback that refers to ``reg`` (to read the metric or stop it) closes a cycle through
     SimpleITK's command object that Python's collector cannot see, so every ImageRegistrationMethod of every
     call (13 a registration) lived until the process ended.
+
+    A KeyboardInterrupt (Ctrl-C, a notebook's "Interrupt kernel", the CLI's second Ctrl-C) or another exception
+    that is no Exception, raised in a callback, leaves the block as itself. Why: SimpleITK prints any exception of
+    a Python command as a traceback and turns it into a RuntimeError ("There was an error executing the Python
+    Callable"), which the callers read as a failed step: an interrupt in the coarse polish was swallowed (the
+    registration ran on and returned), one in the optimisation became a misleading RegistrationError. Each
+    callback is wrapped: an interrupt is recorded and ``Execute`` aborted at once with a quiet :class:`_Abort`; one
+    that lands before the wrapper's ``try`` is recorded by the hook of :func:`_quiet_aborts`, or read back from
+    ``sys.last_value`` where something replaced that hook in the meantime.
+
+    Raises:
+        KeyboardInterrupt: (or the other interrupt) raised in a callback; the RuntimeError of ``Execute`` is dropped.
     """
-    for event, callback in commands:
-        reg.AddCommand(event, callback)
+    _quiet_aborts()
+    caught: List[BaseException] = []
+    outer = getattr(_CAUGHT, "box", None)
+    last = getattr(sys, "last_value", None)
+
+    def guarded(callback):
+        def run():
+            try:
+                callback()
+            except Exception:
+                raise  # _Abort (a cancel) and failures keep their meaning for the callers
+            except BaseException as e:  # noqa: B902 - KeyboardInterrupt above all; SystemExit would end the process
+                caught.append(e)
+                raise _Abort() from None
+        return run
+
+    _CAUGHT.box = caught
     try:
+        for event, callback in commands:
+            reg.AddCommand(event, guarded(callback))
         yield
+    except RuntimeError:
+        if not caught:
+            value = getattr(sys, "last_value", None)
+            if value is not last and _is_interrupt(value):
+                caught.append(value)
+                _forget_last_exception()
+        if not caught:
+            raise
     finally:
         reg.RemoveAllCommands()
+        _CAUGHT.box = outer
+    if caught:
+        raise caught[0] from None
 
 
 #: Mattes mutual information closer to 0 than this after registration: the images share no structure (random
@@ -914,6 +1012,26 @@ def _turned_candidates(fixed, moving, *, preset, metric, seed, fmask, mmask, can
         if len(tried) >= int(preset["wide_keep"]):
             break
     return out
+
+
+#: Fewest fixed-mask voxels on the 8 mm copies (``multistart_mm``) for a turned orientation's win to be trusted.
+#: Why: the orientation scan and the multi-start score every start on those copies, and a small fixed mask leaves
+#: only a handful of samples there, where mutual information matches a turned image by chance. Measured on a BraTS
+#: t1c crop (80x90x50 mm) registered onto itself rotated 8.7 degrees, and onto that copy turned 180 degrees too:
+#: turned wins 100-103 mm off with masks of 16, 91 and 201 voxels there (3-24 % of the image), right ones (0.1 mm)
+#: with 439 (a head mask) and 660 (no mask). A brain mask of a whole BraTS volume keeps ~2700.
+_FEW_MASK_SAMPLES = 300
+
+
+def _coarse_mask_voxels(mask, ref_img, preset) -> Optional[int]:
+    """Voxels of the working ``mask`` (on ``ref_img``) left on the ``multistart_mm`` copy the start search scores
+    on; None without a mask."""
+    import SimpleITK as sitk
+
+    if mask is None:
+        return None
+    coarse = _working_mask_img(mask, _working_from_sitk(ref_img, float(preset["multistart_mm"])))
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(coarse)))
 
 
 def _initialise_wide(fixed, moving, *, preset, metric, seed, fmask, mmask, cancel, undo=None):
@@ -1189,7 +1307,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             presets as they are.
 
     Returns:
-        :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted.
+        :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted;
+        among others when a turned orientation wins with a small ``fixed_mask`` (under 300 of its voxels on the
+        8 mm copies the start search scores on).
 
     Raises:
         InvalidInputError: wrong types (``progress`` not callable, ``cancel`` not a CancelToken among them), 2-D
@@ -1199,6 +1319,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             position whose metric can be measured, optimiser failure.
         GeometryError: a voxel spacing outside 1e-6..1e6 mm.
         CancelledError: the cancel token was set.
+        KeyboardInterrupt: Ctrl-C (a notebook's "Interrupt kernel") at any stage, promptly, also inside
+            SimpleITK's optimisers (which would turn it into an error of their own).
     """
     import SimpleITK as sitk
 
@@ -1431,7 +1553,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         grid_mm = float(p["bspline_grid_mm"])
         phys = np.asarray(fimg.GetSize()) * np.asarray(fimg.GetSpacing())
         mesh = [max(1, int(round(x / grid_mm))) for x in phys]
-        bs = sitk.BSplineTransformInitializer(fimg, mesh, order=3)
+        bs = sitk.BSplineTransformInitializer(_domain_of(fixed), mesh, order=3)
         stop3, per3, its3 = _optimise(fimg, mimg, bs, preset=p, metric=metric, seed=seed, fmask=fmask, mmask=mmask,
                                       monitor_args=(progress, cancel, lin_hi, 0.95, "deformable"), bspline=True,
                                       moving_initial=linear)
@@ -1575,6 +1697,18 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                            f"metric {better[1]:.4f} there, {better[2]:.4f} here; lower is better): the result is "
                            "probably far from the right alignment; use initialise='auto' (it searches the 24 "
                            "orientations), or check the image's orientation header")
+    if init_label.startswith("turned") and fmask is not None:
+        # A turned orientation won (and kept winning through the final stages) while the fixed mask left few
+        # samples for the search to judge it on: see _FEW_MASK_SAMPLES (a small label as fixed_mask ended turned
+        # 172 degrees, 103 mm off, unflagged). The moving mask plays no part in the coarse search.
+        n_coarse = _coarse_mask_voxels(fmask, fimg, p)
+        if n_coarse is not None and n_coarse < _FEW_MASK_SAMPLES:
+            turn = init_label.split("+", 1)[0]
+            share = float(np.count_nonzero(fmask_v.array)) / max(1, fmask_v.array.size)
+            reasons.append(f"a {turn} orientation won the start search, judged within the fixed mask on only "
+                           f"{n_coarse} voxels of the {float(p['multistart_mm']):g} mm copies (the mask covers "
+                           f"{share:.1%} of the fixed image): with so few samples a turned image can match by "
+                           "chance; check the result, or register with a larger fixed_mask (or none) and compare")
     if jac_min is not None and jac_min <= 0:
         reasons.append(f"the deformation folds: min Jacobian determinant {jac_min:.3f}, "
                        f"{jac_frac:.2%} of voxels <= 0; use a coarser bspline_grid_mm")
@@ -1588,7 +1722,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         bspline_displacement_max_mm=disp_max, bspline_metric_gain=gain, bspline_kept=None if kind != "deformable"
         else bspline_dropped is None,
         # A run on a 20 mm image used scales 0.25x the preset's: without it the settings actually used were untold.
-        fov_scale=None if p.get("fov_scale") is None else float(p["fov_scale"]))
+        fov_scale=None if p.get("fov_scale") is None else float(p["fov_scale"]), seed=int(seed),
+        settings={k: _plain(v) for k, v in sorted(p.items()) if k not in ("name", "fov_scale")})
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
 
