@@ -3,7 +3,8 @@
 Dictionary transforms (for ``monai.data.Dataset`` items such as ``{"mr": path, "pet": path, "label": 1}``):
 
 * :class:`LoadVolumed`: paths -> :class:`medfuse.Volume` (DICOM folders, SUV for PET, exact geometry);
-* :class:`RegisterToReferenced`: register images onto a reference image and resample them onto its grid;
+* :class:`RegisterToReferenced`: register images onto a reference image and resample them onto its grid (and
+  move label maps drawn on them with the same transform: ``label_keys=``);
 * :class:`FuseModalitiesd`: fuse the aligned images into one channel-first ``MetaTensor`` for a network.
 
 Array twins: :class:`LoadVolume`, :class:`RegisterToReference`, :class:`FuseModalities`.
@@ -451,7 +452,7 @@ class RegisterToReference(Transform, ThreadUnsafe):
         self.last_report: Optional[Dict[str, Any]] = None
 
     def __call__(self, moving: Any, reference: Any) -> Any:
-        out, self.last_report = self._register(moving, reference)
+        out, self.last_report, _ = self._register(moving, reference)
         return out
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -459,32 +460,57 @@ class RegisterToReference(Transform, ThreadUnsafe):
         # cache on, and the key changed after each call (with whichever subject ran last).
         return {**self.__dict__, "last_report": None}
 
-    def _register(self, moving: Any, reference: Any, names: Sequence[str] = ("the moving image", "the reference")):
-        """``(registered image, report)``, without touching ``self`` (the dictionary version runs it in threads).
+    def _register(self, moving: Any, reference: Any, names: Sequence[str] = ("the moving image", "the reference"),
+                  labels: Sequence[Any] = (), label_names: Sequence[str] = ()):
+        """``(registered image, report, moved labels)``, without touching ``self`` (the dictionary version runs it in
+        threads).
 
-        ``names``: the two images in messages (the dictionary version's keys)."""
+        ``names``: the two images in messages (the dictionary version's keys). ``labels``: label maps in the moving
+        image's space (named ``label_names`` in messages), each put on the reference grid through the same
+        transform with nearest neighbour (``kind=None``: resampled as placed, as the image is)."""
         from .pipeline import _itk_threads
         from .registration import register, resample
 
         mv, ref = as_volume(moving, name="moving"), as_volume(reference, name="reference")
         threads = _threads(self.threads)
+        report, transform = None, None
         if self.kind is None:
             if mv.same_grid(ref):  # nothing moves: MONAI's meta and transform history stay
-                return _like(mv, moving, same_grid=True), None
-            _warn_coverage(mv, ref, names, tail="elsewhere it holds only the background value",
-                           fix="check that the images belong together; if they show the same anatomy in unrelated "
-                               "scanner coordinates, register instead of only resampling: RegisterToReference(d) "
-                               "with kind='rigid', initialise='geometry'")
+                out = _like(mv, moving, same_grid=True)
+            else:
+                _warn_coverage(mv, ref, names, tail="elsewhere it holds only the background value",
+                               fix="check that the images belong together; if they show the same anatomy in "
+                                   "unrelated scanner coordinates, register instead of only resampling: "
+                                   "RegisterToReference(d) with kind='rigid', initialise='geometry'")
+                with _itk_threads(threads):
+                    out = _like(resample(mv, ref, **self.options), moving)
+        else:
             with _itk_threads(threads):
-                return _like(resample(mv, ref, **self.options), moving), None
-        with _itk_threads(threads):
-            res = register(ref, mv, kind=self.kind, **self.options)
-        report = res.report.to_dict()
-        report["itk_threads"] = threads  # None: SimpleITK's default (results may vary with the core count)
-        if report.get("suspect"):
-            warnings.warn(f"registration looks suspect: {'; '.join(report.get('suspect_reasons') or [])}",
-                          MedfuseWarning, stacklevel=3)
-        return _like(res.resampled, moving), report
+                res = register(ref, mv, kind=self.kind, **self.options)
+            report = res.report.to_dict()
+            report["itk_threads"] = threads  # None: SimpleITK's default (results may vary with the core count)
+            if report.get("suspect"):
+                warnings.warn(f"registration looks suspect: {'; '.join(report.get('suspect_reasons') or [])}",
+                              MedfuseWarning, stacklevel=3)
+            out = _like(res.resampled, moving)
+            transform = res.transform if labels else None
+        moved = []
+        for lab, name in zip(labels, label_names):
+            try:
+                vol = as_volume(lab, name=name)
+                if self.kind is None and vol.same_grid(ref):  # nothing moves, as for the image
+                    moved.append(_like(vol, lab, same_grid=True))
+                    continue
+                with _itk_threads(threads):
+                    # Nearest neighbour: the labels and their integer dtype kept; 0 (background) outside.
+                    r = resample(vol, ref, transform=transform, interpolation="nearest", default=0)
+            except MedfuseError as e:
+                _name_file(e, lab)
+                raise
+            r.add_history("follow_registration", image=names[0].strip("'"), reference=names[1].strip("'"),
+                          kind=self.kind)
+            moved.append(_like(r, lab))
+        return out, report, moved
 
     def __repr__(self) -> str:
         return _repr(self, kind=self.kind, threads=self.threads, **self.options)
@@ -529,8 +555,13 @@ def _checked_register_options(kind: Optional[str], options: Dict[str, Any]) -> D
     if unknown:
         if kind is not None and "interpolation" in unknown:
             fix = ("interpolation= applies with kind=None (resampling only); to move a label map with a "
-                   "registration, register its image and then medfuse.resample(labels, reference, "
-                   "transform=result.transform, interpolation='nearest')")
+                   "registration, register its image and name the label map in label_keys: "
+                   "RegisterToReferenced(keys=['image'], reference_key=..., kind=..., label_keys={'image': ['label']}) "
+                   "(nearest neighbour), or medfuse.resample(labels, reference, transform=result.transform, "
+                   "interpolation='nearest')")
+        elif "label_keys" in unknown:
+            fix = ("label_keys= belongs to the dictionary version: RegisterToReferenced(keys=['image'], "
+                   "reference_key=..., label_keys={'image': ['label']})")
         else:
             fix = f"kind={kind!r} takes {', '.join(sorted(allowed))}; check the spelling"
         raise InvalidInputError(f"option(s) {', '.join(unknown)} not understood by RegisterToReference(kind={kind!r})",
@@ -552,16 +583,31 @@ class RegisterToReferenced(MapTransform):
         reference_key: the fixed image.
         kind, threads, **options: see :class:`RegisterToReference`.
         report_postfix: suffix of the report's key (default ``"_registration"``).
-        allow_missing_keys: skip absent keys instead of failing.
+        label_keys: label maps (segmentations, masks) that move with a moving image: ``{moving key: label key or
+            [label keys]}``, or, with one moving key, a label key or a list of them. Each is put on the reference
+            grid through its image's registration transform with nearest neighbour interpolation (labels and
+            their integer dtype kept, 0 outside), in the type and layout it came in (a Volume records it in its
+            provenance history: ``resample`` and ``follow_registration``). A label map must lie in its image's
+            world frame (it may be on another grid, e.g. the image's own). With ``kind=None`` it is resampled
+            as placed, as the image is. Default None: no label moves; the item holds no transform object either,
+            so torch's collate is unaffected.
+        allow_missing_keys: skip absent keys (moving images, and label maps) instead of failing.
 
     Raises:
-        InvalidInputError: when built, a ``reference_key`` that is no key (a list, None) or an empty
-            ``report_postfix``; when called, ``reference_key`` is not in the data; or as :class:`RegisterToReference`.
+        InvalidInputError: when built, a ``reference_key`` that is no key (a list, None), an empty
+            ``report_postfix``, or ``label_keys`` that name a key not in ``keys``, a label key that is not a
+            non-empty str, or one that is a moving image, the reference, a report's key or listed twice; when
+            called, ``reference_key`` or a label map is not in the data; or as :class:`RegisterToReference`.
         RegistrationError: as :class:`RegisterToReference`; the message names the moving image's file.
+
+    Example (a segmentation drawn on the moving image, onto the fixed grid)::
+
+        RegisterToReferenced(keys=["mov"], reference_key="img", kind="rigid", label_keys={"mov": ["mov_lab"]})
     """
 
     def __init__(self, keys: KeysCollection, reference_key: str, *, kind: Optional[str] = "rigid",
                  threads: Optional[int] = None, report_postfix: Optional[str] = "_registration",
+                 label_keys: Union[None, str, Sequence[str], Mapping[Hashable, Union[str, Sequence[str]]]] = None,
                  allow_missing_keys: bool = False, **options: Any):
         super().__init__(keys, allow_missing_keys)
         self.reference_key = _checked_key(reference_key, "reference_key")
@@ -570,6 +616,8 @@ class RegisterToReferenced(MapTransform):
             raise InvalidInputError(f"report_postfix must be a non-empty str or None, got {label(report_postfix)}",
                                     fix="leave it out ('_registration'), or pass None to keep no report")
         self.report_postfix = report_postfix
+        # Checked here: a wrong key would fail only at the first item, inside a DataLoader worker.
+        self.label_keys = _checked_label_keys(label_keys, self.keys, self.reference_key, report_postfix)
         self.register = RegisterToReference(kind=kind, threads=threads, **options)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
@@ -582,20 +630,93 @@ class RegisterToReferenced(MapTransform):
         for key in self.key_iterator(d):
             if key == self.reference_key:
                 continue
+            # Looked for before the registration runs: a missing label map fails at once, not after it.
+            labels = [k for k in self.label_keys.get(key, ()) if k in d or not self.allow_missing_keys]
+            missing = [k for k in labels if k not in d]
+            if missing:
+                raise InvalidInputError(
+                    f"label map key(s) {', '.join(map(repr, missing))} that follow {key!r} are not in the data "
+                    f"(keys: {', '.join(map(str, d))})",
+                    fix="load the label maps first (e.g. LoadVolumed(keys=[..., 'label key'])), or pass "
+                        "allow_missing_keys=True to skip absent ones")
             try:
-                d[key], report = self.register._register(d[key], d[self.reference_key],
-                                                         (f"'{key}'", f"'{self.reference_key}'"))
+                d[key], report, moved = self.register._register(
+                    d[key], d[self.reference_key], (f"'{key}'", f"'{self.reference_key}'"),
+                    labels=[d[k] for k in labels], label_names=[f"'{k}'" for k in labels])
             except MedfuseError as e:
                 _name_file(e, d[key])
                 raise
+            d.update(zip(labels, moved))
             if self.report_postfix is not None:
                 d[f"{key}{self.report_postfix}"] = report
         return d
 
     def __repr__(self) -> str:
         r = self.register
+        extra = {"label_keys": {k: list(v) for k, v in self.label_keys.items()}} if self.label_keys else {}
         return _repr(self, keys=self.keys, reference_key=self.reference_key, kind=r.kind, threads=r.threads,
-                     **r.options)
+                     **extra, **r.options)
+
+
+def _checked_label_keys(label_keys: Any, keys: Sequence[Hashable], reference_key: Hashable,
+                        report_postfix: Optional[str]) -> Dict[Hashable, tuple]:
+    """``label_keys`` of :class:`RegisterToReferenced` as ``{moving key: (label key, ...)}`` (``{}`` for None).
+
+    Raises:
+        InvalidInputError: a mapping key not in ``keys``, a list form with several moving keys, a label key that
+            is not a non-empty str, or one that is a moving key, the reference key, a report's key or listed twice.
+    """
+    if label_keys is None:
+        return {}
+    example = (f"label_keys={{{keys[0]!r}: [{str(keys[0]) + '_label'!r}]}}" if keys
+               else "label_keys={'mov': ['mov_lab']}")
+    if isinstance(label_keys, Mapping):
+        if reference_key in label_keys:
+            raise InvalidInputError(
+                f"label_keys names the reference key {reference_key!r}: its label maps are on the reference already",
+                fix="leave them out of label_keys; to put one on the reference grid use "
+                    "RegisterToReferenced(keys=['label'], reference_key=..., kind=None, interpolation='nearest')")
+        stray = [k for k in label_keys if k not in keys]
+        if stray:
+            raise InvalidInputError(
+                f"label_keys names moving key(s) {', '.join(map(repr, stray))} that RegisterToReferenced does not "
+                f"register (its keys: {', '.join(map(repr, keys))})",
+                fix=f"map each label map to the key of the image it was drawn on, listed in keys=, e.g. {example}")
+        pairs = list(label_keys.items())
+    elif len(keys) != 1:
+        raise InvalidInputError(
+            f"label_keys={label_keys!r} does not say which of the {len(keys)} moving images each label map follows",
+            fix=f"pass a mapping {{moving key: [label keys]}}, e.g. {example}")
+    else:
+        pairs = [(keys[0], label_keys)]
+    out: Dict[Hashable, tuple] = {}
+    seen: Dict[str, Hashable] = {}
+    reports = {f"{k}{report_postfix}" for k in keys} if report_postfix is not None else set()
+    for image, labs in pairs:
+        labs = [labs] if isinstance(labs, str) else labs
+        if not isinstance(labs, (list, tuple)):
+            raise InvalidInputError(f"the label keys that follow {image!r} must be a str or a list of str, got "
+                                    f"{describe(labs)}", fix=f"pass e.g. {example}")
+        for lab in labs:
+            if not isinstance(lab, str) or not lab:
+                raise InvalidInputError(f"a label key must be a non-empty str (a key of the data dict), got "
+                                        f"{describe(lab)}", fix=f"pass e.g. {example}")
+            if lab in keys or lab == reference_key:
+                what = "the reference key" if lab == reference_key else "a moving image key"
+                raise InvalidInputError(
+                    f"label_keys lists {lab!r}, which is {what}: a label map follows its image's registration "
+                    "and is not registered itself",
+                    fix=f"list the label map only in label_keys (not in keys= nor as reference_key), e.g. {example}; "
+                        "a label map drawn on the reference needs no moving")
+            if lab in reports:
+                raise InvalidInputError(f"label_keys lists {lab!r}, the key a registration report is stored under",
+                                        fix="rename the label map's key, or pass report_postfix=None")
+            if lab in seen:
+                raise InvalidInputError(f"label_keys lists {lab!r} twice (after {seen[lab]!r} and {image!r})",
+                                        fix="list each label map once, under the image it was drawn on")
+            seen[lab] = image
+        out[image] = tuple(labs)
+    return out
 
 
 # ----------------------------------------------------------------------------- fuse
