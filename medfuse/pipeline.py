@@ -630,6 +630,7 @@ class FuseStep:
             # Which 3-D path ran: the coarse pixel rule serves functional (PET/SPECT) or unknown inputs.
             state.notes["network_functional"] = (getattr(fused, "provenance", None) or {}).get("network_functional")
             state.notes["network_path"] = (getattr(fused, "provenance", None) or {}).get("network_path")
+            state.notes["network_threads"] = (getattr(fused, "provenance", None) or {}).get("network_threads")
         # The fusion's own warnings (anisotropic voxels, two patients) reach the sidecar as the steps' do: they
         # went to stderr only, so a batch report or a sidecar read later did not show them.
         said = [w for w in (getattr(fused, "provenance", None) or {}).get("warnings", [])
@@ -1095,7 +1096,7 @@ def _provenance(state: PipelineState, *, extra_step: Optional[Dict[str, Any]] = 
     regs = state.registrations if any(r is not None for r in state.registrations) else None
     extra = {k: v for k, v in state.notes.items() if k in ("warnings", "fallback", "method_used", "device_used",
                                                              "network_functional", "network_path",
-                                                             "normalisation")}
+                                                             "network_threads", "normalisation")}
     return build(
         inputs=_input_facts(state), output=state.output, output_sha256=state.output_sha256, steps=steps,
         parameters=state.notes.get("parameters"), registration=regs, weights_sha256=state.weights_sha256,

@@ -605,7 +605,7 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
         input: RGB on that image's scale and of its dtype (``uint8`` stays ``uint8``).
         Volumes in: a float32 Volume in 0..1 on the first input's grid, modality ``unknown``, unit
         ``arbitrary``, provenance with ``method``, ``normalisation`` and (network) ``weights_sha256``,
-        ``network_functional`` and ``network_path``. The network fuses Volumes (and 3-D arrays) thinner than
+        ``network_functional``, ``network_path`` and ``network_threads``. The network fuses Volumes (and 3-D arrays) thinner than
         8 voxels along one axis (a single slice, or a few thick slices) slice by slice with the 2-D path
         (``network_path`` says so); thin along two axes is an error (a classical rule handles it). A 3-D
         array whose first or last axis is 3 or 4 long may be colour (HWC, CHW), and is refused.
@@ -790,6 +790,27 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
     return [msg]
 
 
+def _warn_label_maps(vols: Sequence[Volume]) -> List[str]:
+    """Warn of (and return, for provenance) each volume that looks like a label map or mask.
+
+    Why: a segmentation given where an image belongs (the mask beside its MR in a classifier's folder) was fused
+    without a word, its labels painted into the image; only its resampling was warned of.
+    """
+    from ..registration.resample import label_map_description
+
+    notes = []
+    for i, v in enumerate(vols, start=1):
+        looks = "bool" if v.array.dtype == bool else label_map_description(v)
+        if looks is None:
+            continue
+        msg = (f"volume {i} looks like a label map or mask ({looks}), not an image: the fusion paints its labels "
+               "into the other inputs. Check that the intended image was given (a mask is shown over an image, "
+               "e.g. as a napari Labels layer, rather than fused with it)")
+        warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
+        notes.append(msg)
+    return notes
+
+
 def _warn_constant(arrays: Sequence[np.ndarray], what: str, *,
                    units: Optional[Sequence[str]] = None, zero: bool = False) -> List[str]:
     """Warn of (and return, for provenance) each input that holds one value other than 0 everywhere, and with
@@ -869,6 +890,7 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     # All-0 warned of for volumes proper; a one-slice Volume (a 2-D file) is an image, quiet as 2-D arrays are.
     notes += _warn_constant([v.array for v in vols], "volume", units=[v.unit for v in vols],
                             zero=1 not in ref.shape)
+    notes += _warn_label_maps(vols)
     # The network computes in float32: its inputs are normalised straight into float32 (the values a float64
     # normalisation cast to float32 gives; no float64 copy of a volume), and those already in 0..1 as float32
     # are not copied at all.
@@ -901,11 +923,26 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
         # The 2-D path on a thin volume gives another result than the tri-plane one would (up to 0.9 on BraTS
         # slabs): the sidecar must say which ran.
         prov["network_path"] = "tri-plane 3-D" if axis is None else f"2-D, slice by slice along axis {axis}"
+        # On the CPU the last bits (up to 2.4e-7 on the samples) depend on torch's thread count: a rerun to
+        # check a result bit for bit needs the same (torch.set_num_threads, or OMP_NUM_THREADS on the CLI).
+        prov["network_threads"] = _torch_threads()
     # No copy of a float32 result that is one block already (the network's, unless its padding was cut off).
     out = Volume(np.ascontiguousarray(fused, dtype=np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary",
                  provenance=prov)
-    out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")})
+    # Each input's own history too (its registration and resampling): the fused Volume's record began at "fuse".
+    out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")},
+                    input_histories=[list(v.provenance.get("history", [])) for v in vols])
     return out
+
+
+def _torch_threads() -> Optional[int]:
+    """torch's intra-op thread count (None where torch cannot say)."""
+    try:
+        import torch
+
+        return int(torch.get_num_threads())
+    except Exception:  # noqa: BLE001 - a record, never a reason to lose a result
+        return None
 
 
 #: The tri-plane path's smallest extent along an axis (:data:`medfuse.fusion.infer.MIN_SIZE_3D`; kept here so

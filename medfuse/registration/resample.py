@@ -73,10 +73,23 @@ LABELS_AFTER_REGISTER_FIX = ("register the image the labels were drawn on, then 
 
 
 def _label_like_note(volume: Volume, fix: str = _LABELS_FIX) -> Optional[str]:
-    """A warning when ``volume`` looks like a label map that linear interpolation would blend, else None.
+    """A warning when ``volume`` looks like a label map that linear interpolation would blend, else None
+    (see :func:`label_map_description`).
+
+    ``fix``: what the caller can do about it (register() takes no interpolation=, which the default names).
+    """
+    looks = label_map_description(volume)
+    if looks is None:
+        return None
+    return (f"the volume looks like a label map or mask ({looks}), and linear interpolation gives values between "
+            f"its labels at every edge. Fix: {fix}")
+
+
+def label_map_description(volume: Volume) -> Optional[str]:
+    """``"uint8, 3 distinct values: 0, 1, 2; modality unknown"`` when ``volume`` looks like a label map or mask
+    (an integer volume of unknown modality with at most :data:`_LABEL_LIKE_VALUES` values), else None.
 
     Only integer volumes of unknown modality are looked at: an MR, CT, PET or SPECT image is an image.
-    ``fix``: what the caller can do about it (register() takes no interpolation=, which the default names).
     """
     arr = volume.array
     if arr.dtype.kind not in "iu" or volume.modality != "unknown" or arr.size == 0:
@@ -89,8 +102,7 @@ def _label_like_note(volume: Volume, fix: str = _LABELS_FIX) -> Optional[str]:
     if values.size > _LABEL_LIKE_VALUES:
         return None
     shown = ", ".join(str(int(x)) for x in values[:6]) + (", ..." if values.size > 6 else "")
-    return (f"the volume looks like a label map or mask ({arr.dtype}, {values.size} distinct values: {shown}; "
-            f"modality unknown), and linear interpolation gives values between its labels at every edge. Fix: {fix}")
+    return f"{arr.dtype}, {values.size} distinct values: {shown}; modality unknown"
 
 
 def _source_image(volume: Volume, interpolation: str, default: float):
@@ -417,8 +429,15 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
         prov["warnings"] = [*prov.get("warnings", []), patients]  # the result's sidecar keeps it
     res = Volume(arr, reference.affine.copy(), modality=volume.modality, unit=volume.unit, provenance=prov)
     res.provenance["history"] = list(volume.provenance.get("history", []))
+    # Everything that sets the voxels, so that the history alone reproduces them: the fill value, the whole
+    # reference grid (origin and directions too: a 7 mm shift changed the voxels but not the record) and a linear
+    # transform's matrix (its class name alone said nothing of where it moved the image).
+    extra = {} if transform is None or not transform.is_linear else {
+        "transform_matrix": [[round(float(x), 9) for x in row] for row in transform.matrix]}
     res.add_history("resample", interpolation=interpolation, transform=None if transform is None else transform.sitk.GetName(),
-                    shape=list(reference.shape), spacing=[round(s, 6) for s in reference.spacing])
+                    shape=list(reference.shape), spacing=[round(s, 6) for s in reference.spacing],
+                    reference_affine=[[round(float(x), 6) for x in row] for row in reference.affine],
+                    fill=float(default), **extra)
     res.provenance["resampled"] = True
     if volume.array.dtype != bool:  # a mask's own field of view is of no use (and FieldOfView resamples masks)
         object.__setattr__(res, "_field_of_view", FieldOfView(volume.shape, volume.affine, reference, transform))

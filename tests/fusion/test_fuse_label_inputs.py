@@ -1,0 +1,39 @@
+"""A label map or mask given to medfuse.fuse where an image belongs is warned of (it was fused without a word)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import medfuse
+from medfuse.errors import MedfuseWarning
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 3, 24)
+    return (np.sin(x)[:, None, None] * np.cos(x)[None, :, None] * np.ones(20)[None, None, :] * 500 + 600
+            + rng.normal(0, 5, (24, 24, 20))).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, bool])
+def test_a_label_map_beside_an_image_is_warned_of_and_recorded(dtype):
+    mr = medfuse.Volume(_image(), np.eye(4), modality="MR")
+    labels = np.zeros(mr.shape, dtype)
+    labels[5:15, 5:15, 5:15] = 1
+    if dtype is not bool:
+        labels[8:12, 8:12, 8:12] = 4
+    with pytest.warns(MedfuseWarning, match="volume 2 looks like a label map or mask") as rec:
+        fused = medfuse.fuse(mr, medfuse.Volume(labels, np.eye(4)), method="max")
+    assert "intended image" in str(rec[0].message)
+    assert any("label map" in w for w in fused.provenance["warnings"])
+
+
+def test_integer_images_are_not_taken_for_label_maps():
+    """An integer MR (a modality is named), and an integer image of unknown modality with hundreds of values."""
+    mr = medfuse.Volume(_image().astype(np.int16), np.eye(4), modality="MR")
+    plain = medfuse.Volume(_image(1).astype(np.uint16), np.eye(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        fused = medfuse.fuse(mr, plain, method="mean")
+    assert not fused.provenance.get("warnings")
