@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def _reference_scores(f: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("MEDFUSE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data")
     p.add_argument("--types", nargs="+", default=["CT-MRI", "PET-MRI", "SPECT-MRI"])
     p.add_argument("--every", type=int, default=3, help="take every k-th validation pair")
     p.add_argument("--iters", type=int, default=400)

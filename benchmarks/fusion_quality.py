@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ SHOW = ("Qabf", "VIF", "SSIM", "SSIM_r2", "MI", "EN", "SD", "SF", "AG", "SCD", "
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("MEDFUSE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data")
     p.add_argument("--limit", type=int, default=None, help="at most this many validation pairs per type")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", type=Path, default=None, help="score these weights instead of the shipped ones")

@@ -21,6 +21,7 @@ The figures in docs/network.md ("Ninth round", "Sixteenth round") come from this
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def phantom_pet():
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("MEDFUSE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data",
                    help="folder holding brats-gli-00001/ and spm12-templates/ (default ../shared/data)")
     p.add_argument("--weights", type=Path, default=None, help="score these weights instead of the shipped ones")
     p.add_argument("--step", type=int, default=8, help="score every STEP-th slice along each axis")

@@ -111,7 +111,9 @@ def __dir__():
     # The public names only (tab completion): not the helpers this module imports, nor private ones. An optional
     # module only where its packages are installed: help(medfuse) reads every name dir() gives, and failed on it.
     usable = {name for name, needs in _OPTIONAL.items() if all(_installed(pkg) for pkg in needs)}
-    return sorted(set(__all__) | usable | {"errors", "volume"})
+    # The sub-packages too, which are not in __all__ (``from medfuse import *`` leaves them out) but which the
+    # docs use (medfuse.batch.write_phantom_subjects, medfuse.progress.CancelToken): tab completion missed them.
+    return sorted(set(__all__) | usable | _SUBPACKAGES | {"errors", "volume"})
 
 
 def _installed(package: str) -> bool:

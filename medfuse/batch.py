@@ -1796,12 +1796,14 @@ def _client(scheduler: str, workers: int, threads: int):
                                        dashboard_address=None, silence_logs=logging.CRITICAL, env=env)
         except RuntimeError as e:
             fix = ("in a script, call run_batch under 'if __name__ == \"__main__\":' (workers are spawned processes "
-                   "that re-import the script); or use scheduler='synchronous'")
+                   "that re-import the script); or use scheduler='synchronous' (--scheduler synchronous); from the "
+                   "command line, --debug shows the workers' own error")
             if cwd_gone():  # the workers start in the current folder: the advice above did not apply
                 fix = ("the current folder no longer exists (deleted or moved while the shell was in it): cd to an "
                        "existing folder and run again")
+            # Chained (not "from None"): --debug then shows the cause, which "Nanny failed to start" hides.
             raise MedfuseError(f"the local Dask cluster did not start ({' '.join(str(e).split())[:200]})",
-                               fix=fix) from None
+                               fix=fix) from e
         client = Client(cluster)
         try:
             _ignore_sigint_in_every_worker(client)
@@ -1902,9 +1904,14 @@ def _subjects_and_report(manifest: Union[PathLike, Sequence[Subject]], report: O
     return subjects, Path(report) if report else _report_beside_outputs(subjects)
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _warn_oversubscribed(scheduler: str, workers: int, threads: int) -> None:
     """Warn when local workers x threads exceed the cores: they would slow each other down."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _usable_cores()
     if scheduler == "local" and workers * threads > cores:
         import warnings
 
@@ -1915,7 +1922,7 @@ def _warn_oversubscribed(scheduler: str, workers: int, threads: int) -> None:
                       stacklevel=3)
 
 
-def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2, scheduler: str = "local",
+def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional[int] = None, scheduler: str = "local",
               threads_per_worker: int = 1, register: Optional[str] = None, method: str = "network",
               device: str = "cpu", fallback: Optional[str] = None, overwrite: bool = False,
               report: Optional[PathLike] = None, progress: bool = False,
@@ -1925,7 +1932,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     Args:
         manifest: CSV/YAML path, a dataset folder holding one folder per subject (see :func:`discover`),
             or a list of :class:`Subject`.
-        workers: local worker processes (``scheduler="local"``).
+        workers: local worker processes (``scheduler="local"``); default 2, or 1 where this process may use one
+            core only (its CPU affinity: ``taskset``, a cluster job's allocation).
         scheduler: ``"local"``, ``"synchronous"`` (this process, no Dask) or a scheduler address.
         threads_per_worker: threads each worker's ITK/torch/BLAS may use.
         register, method, device, fallback: defaults for rows that do not set them.
@@ -1939,7 +1947,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
             folder). Never the working folder just because it is one. Written before any work (a report that
             cannot be written stops the run at once), then after every subject; rows of subjects not in this
             run are kept. One run per report at a time: a second is refused while the first goes on.
-        progress: show a tqdm bar of finished subjects.
+        progress: show a tqdm bar of finished subjects (on a terminal, or in a Jupyter notebook).
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
 
@@ -1974,6 +1982,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
     _check_report_path(report_path, subjects)
     if report is not None and not (isinstance(report, str) and report == ""):  # a default's folder is made, as always
         _check_report_folder(report_path, subjects)
+    if workers is None:
+        # Not 2 on a one-core allocation (taskset, a SLURM job with one CPU): the run warned of oversubscription,
+        # although the default was ours.
+        workers = min(2, _usable_cores())
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     absent = {s.subject: _absent_folders(s.output) for s in subjects}
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
@@ -2003,7 +2015,11 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: int = 2,
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr, disable=None)
+            # disable=None hides the bar where stderr is no terminal (a cron log); a notebook's stderr is none
+            # either, yet shows it: asked for there, it showed nothing at all.
+            notebook = type(sys.stderr).__module__.startswith("ipykernel")
+            bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr,
+                       disable=False if notebook else None)
 
         def rows(unfinished: str, why: Optional[str]) -> List[SubjectResult]:
             return [_shown(results.get(s.subject) or SubjectResult(
@@ -2170,7 +2186,14 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
     """Run the subjects on a Dask cluster, calling ``finished(result_dict)`` as each ends; returns
     (number of workers, cancelled). ``cancel`` is polled while waiting, so Ctrl-C is answered at once
     rather than when the next subject ends; unfinished subjects are dropped with the local cluster."""
-    client, cluster = _client(scheduler, workers, options["threads"])
+    try:
+        client, cluster = _client(scheduler, workers, options["threads"])
+    except MedfuseError:
+        if cancel is not None and cancel.cancelled:
+            # A SIGTERM (a scheduler's time limit, sent to the whole process group) while the workers started
+            # killed them, and the run ended as "the cluster did not start" with exit 2 and the __main__ advice.
+            return 1, True
+        raise
     cancelled = interrupted = False
     try:
         from dask.distributed import as_completed

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ._checks import MAX_THREADS, did_you_mean, label
 from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
+from .fusion.classical import METHODS as _CLASSICAL_METHODS
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURES", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_CANCELLED"]
 
@@ -32,7 +33,7 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_CANCELLED = 130
 
-_METHODS = ("network", "mean", "max", "laplacian", "wavelet", "gff")
+_METHODS = ("network", *_CLASSICAL_METHODS)  # one list: a rule added to classical.METHODS is offered here too
 _KINDS = ("none", "rigid", "affine", "deformable")
 
 _DESCRIPTION = """\
@@ -290,6 +291,24 @@ class _Bar:
         self.close()
 
 
+def _warning_signals() -> tuple:
+    """SIGUSR1/SIGUSR2 where their action is still the default one (which ends the process on the spot).
+
+    Why: SLURM (its signal option, USR1@60) and other schedulers send one as a notice before the time limit;
+    it killed a batch with no summary and its report rows ``pending`` for good. A program that set its own
+    action for them (or ignores them: nohup-like wrappers) keeps it.
+    """
+    found = []
+    for name in ("SIGUSR1", "SIGUSR2"):
+        s = getattr(signal, name, None)
+        try:
+            if s is not None and signal.getsignal(s) == signal.SIG_DFL:
+                found.append(s)
+        except ValueError:  # pragma: no cover - not a signal here
+            pass
+    return tuple(found)
+
+
 class _CancelOnSigint:
     """First Ctrl-C (SIGINT) or SIGTERM sets a CancelToken (the operation stops cleanly at its next check); a
     second one raises KeyboardInterrupt at once.
@@ -319,11 +338,14 @@ class _CancelOnSigint:
         if signum == getattr(signal, "SIGTERM", None):
             print("\nmedfuse: cancelling on SIGTERM (a time limit or kill)... (a second one stops at once)",
                   file=sys.stderr)
+        elif signal.Signals(signum).name in ("SIGUSR1", "SIGUSR2"):
+            print(f"\nmedfuse: cancelling on {signal.Signals(signum).name} (a scheduler's warning before its time "
+                  "limit)... (a second one stops at once)", file=sys.stderr)
         else:
             print("\nmedfuse: cancelling... (press Ctrl-C again to stop at once)", file=sys.stderr)
 
     def __enter__(self):
-        for s in self._SIGNALS:
+        for s in self._SIGNALS + _warning_signals():
             try:
                 self._old[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread (e.g. called from a test runner thread)
@@ -870,6 +892,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
         rec.update(_volume_facts(vol))
     # None: SimpleITK's default (re-runs may differ, see --threads)
     params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise, "threads": args.threads}
+    if args.modalities:  # they pick the preset, and so change the result (fuse records them under load)
+        params["modalities"] = list(args.modalities)
     if args.series:
         from .io import series_choice_record
 
@@ -1106,19 +1130,19 @@ class _WarningsAsLines:
 
 
 class _TermAsInterrupt:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, around every command (inside their cancel blocks
+    """SIGTERM (and SIGUSR1/2, see :func:`_warning_signals`) raises KeyboardInterrupt, as Ctrl-C does, around every command (inside their cancel blocks
     :class:`_CancelOnSigint` takes over) and around the commands that take no cancel token (train, evaluate):
     they then exit 130 and say so, as the help promises. SIGTERM ended them with -15 and no word (a scheduler's
     time limit looked like a crash). The earlier handler comes back on exit."""
 
     def __enter__(self):
-        self._old = None
+        self._old = {}
         sigterm = getattr(signal, "SIGTERM", None)
-        if sigterm is not None:
+        for s in ((sigterm,) if sigterm is not None else ()) + _warning_signals():
             try:
-                self._old = signal.signal(sigterm, self._handler)
+                self._old[s] = signal.signal(s, self._handler)
             except ValueError:  # not the main thread
-                self._old = None
+                break
         return self
 
     @staticmethod
@@ -1126,8 +1150,9 @@ class _TermAsInterrupt:
         raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+        self._old = {}
         return False
 
 
@@ -1522,8 +1547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-manifest", metavar="PATH", nargs="?", const="", default=None,
                    help="dataset folder only: write the manifest discovery makes (default PATH: "
                         "DIR/manifest.csv, DIR from --out) and exit without fusing")
-    p.add_argument("--workers", type=_bounded_count(MAX_THREADS), default=2, metavar="N",
-                   help="local worker processes (default 2; ignored with --scheduler)")
+    p.add_argument("--workers", type=_bounded_count(MAX_THREADS), default=None, metavar="N",
+                   help="local worker processes (default 2, or 1 where this process may use one core only; ignored "
+                        "with --scheduler)")
     p.add_argument("--scheduler", default="local", metavar="ADDR",
                    help="'local' (default), 'tcp://host:port' of a running Dask scheduler, or 'synchronous' "
                         "(in this process, no Dask; for debugging)")

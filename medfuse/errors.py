@@ -189,10 +189,29 @@ class MissingDependencyError(MedfuseError, ImportError):
 
     @classmethod
     def for_package(cls, package: str, feature: str, extra: str) -> "MissingDependencyError":
-        return cls(
-            f"{feature} needs the optional package '{package}', which is not installed",
-            fix=f"pip install 'medfuse[{extra}]'",
-        )
+        """The error for ``package`` failing to import: not installed, or installed but unloadable.
+
+        Why the second: under a memory limit (``ulimit -v``, a cluster job's) torch's libraries fail to map
+        ("failed to map segment from shared object"), and "not installed, pip install" sent users to reinstall
+        a package they had. Called while handling the ImportError, whose text it quotes.
+        """
+        import importlib.util
+        import sys
+
+        try:
+            installed = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            return cls(f"{feature} needs the optional package '{package}', which is not installed",
+                       fix=f"pip install 'medfuse[{extra}]'")
+        why = sys.exc_info()[1]
+        said = f" ({' '.join(str(why).split())[:300]})" if why is not None else ""
+        return cls(f"{feature} needs the optional package '{package}', which is installed but could not be "
+                   f"imported{said}",
+                   fix=f"run python -c 'import {package}' to see why; a memory limit (ulimit -v, a job's memory "
+                       f"request) too small for its libraries gives 'failed to map segment': raise it. Else "
+                       f"reinstall it: pip install --force-reinstall 'medfuse[{extra}]'")
 
 
 class MedfuseWarning(UserWarning):

@@ -732,3 +732,21 @@ def test_running_out_of_memory_is_said_as_such_not_as_a_bug(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "error: not enough memory for this command (MemoryError)" in err and "internal error" not in err
     assert "mean and max least" in err and not out.exists()
+
+
+def test_every_fusion_method_is_offered_by_the_commands_that_fuse():
+    """The command line kept its own list of methods: a rule added to classical.METHODS reached the API, napari,
+    MONAI and a manifest's method column, but `--method` refused it."""
+    from medfuse.fusion import CLASSICAL_METHODS, available_methods
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "fuse" in a.choices).choices
+    checked = []
+    for command in ("fuse", "batch", "demo"):
+        actions = {a.dest: a for a in subparsers[command]._actions}
+        if "method" in actions:
+            assert list(actions["method"].choices) == available_methods(), command
+            checked.append(command)
+        if "fallback" in actions:
+            assert list(actions["fallback"].choices) == list(CLASSICAL_METHODS), command
+    assert {"fuse", "batch"} <= set(checked)

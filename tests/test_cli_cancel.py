@@ -154,6 +154,38 @@ def test_the_handler_takes_sigterm_as_a_cancel(capsys):
         signal.signal(signal.SIGTERM, before)
 
 
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this system")
+def test_sigusr1_a_schedulers_warning_is_a_cancel_and_an_ignored_one_stays_ignored():
+    """SLURM's --signal=USR1@60 killed a batch on the spot (exit 138, report rows 'pending' for good). Run in a
+    child process: where the handler is missing, the signal's default action ends that process, not pytest."""
+    import subprocess
+    import sys
+
+    code = """
+import signal, sys
+from medfuse import cli
+from medfuse.errors import CancelledError
+try:
+    with cli._CancelOnSigint() as token:
+        signal.raise_signal(signal.SIGUSR1)
+except CancelledError:
+    print("cancel", token.cancelled, signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)
+try:
+    with cli._TermAsInterrupt():
+        signal.raise_signal(signal.SIGUSR2)
+except KeyboardInterrupt:
+    print("interrupt", signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL)
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a wrapper that ignores it: kept, not taken over
+with cli._CancelOnSigint(raise_on_exit=False) as token:
+    signal.raise_signal(signal.SIGUSR1)
+print("ignored", token.cancelled, signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert run.stdout.split("\n")[:3] == ["cancel True True", "interrupt True", "ignored False True"]
+    assert "cancelling on SIGUSR1 (a scheduler's warning" in run.stderr
+
 @pytest.mark.parametrize("scheduler,group", [("synchronous", False), ("local", False), ("local", True)])
 def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, scheduler, group):
     """SLURM sends SIGTERM at a job's time limit. Before, the batch died there: exit -15, every subject not yet

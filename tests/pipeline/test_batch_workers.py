@@ -237,3 +237,51 @@ def test_a_second_ctrl_c_while_closing_stops_the_workers_before_the_report(tmp_p
     run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert run.stdout.split() == ["interrupted", "True", "False"], (run.stdout, run.stderr[-3000:])
+
+
+# ----------------------------------------------------------------------------- a cancel while workers start
+def test_a_cancel_while_the_workers_start_is_a_cancel_not_a_cluster_error(tmp_path, monkeypatch):
+    """A SIGTERM to the job's process group while LocalCluster started its workers killed them too: the run ended
+    as "the local Dask cluster did not start" (exit 2, the __main__ advice), every subject 'stopped on an error'."""
+    import medfuse.batch as batch
+    from medfuse.errors import MedfuseError
+    from medfuse.progress import CancelToken
+
+    manifest = batch.write_phantom_subjects(tmp_path / "ds", 2)
+    token = CancelToken()
+
+    def killed(*args, **kwargs):
+        token.cancel()  # what the CLI's SIGTERM handler does, while the nannies die of the same signal
+        raise MedfuseError("the local Dask cluster did not start (Nanny failed to start.)", fix="...")
+
+    monkeypatch.setattr(batch, "_client", killed)
+    summary = run_batch(manifest, scheduler="local", workers=2, method="max", register=None, cancel=token)
+    assert summary.cancelled
+    assert [r.status for r in summary.results] == ["cancelled", "cancelled"]
+    assert all("not run: the batch was cancelled" in (r.error or "") for r in summary.results)
+    # Without a cancel, the same failure is still the cluster's error.
+    with pytest.raises(MedfuseError, match="did not start"):
+        run_batch(manifest, scheduler="local", workers=2, method="max", register=None, cancel=CancelToken())
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (8, 2)])
+def test_the_default_worker_count_follows_the_cores_this_process_may_use(tmp_path, monkeypatch, cores, expected):
+    """Under ``taskset -c 0`` or a one-CPU cluster job, the default of 2 workers was kept and then warned of as
+    oversubscribing the one core."""
+    import medfuse.batch as batch
+
+    manifest = batch.write_phantom_subjects(tmp_path / "ds", 3)
+    seen = []
+
+    def run_on_dask(subjects, options, scheduler, workers, finished, cancel):
+        seen.append(workers)
+        return workers, True  # nothing run: only the count matters here
+
+    monkeypatch.setattr(batch, "_usable_cores", lambda: cores)
+    monkeypatch.setattr(batch, "_run_on_dask", run_on_dask)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no oversubscription warning either
+        run_batch(manifest, method="max", register=None)
+    assert seen == [expected]
