@@ -298,15 +298,31 @@ def _warning_signals() -> tuple:
     it killed a batch with no summary and its report rows ``pending`` for good. A program that set its own
     action for them (or ignores them: nohup-like wrappers) keeps it.
     """
+    if not _CONSOLE[0]:
+        # A program calling main([...]) keeps its own: getsignal() says SIG_DFL for a handler set from C too
+        # (faulthandler.register(SIGUSR1), to dump a hung job's stacks), which restoring SIG_DFL would wipe out.
+        return ()
     found = []
     for name in ("SIGUSR1", "SIGUSR2"):
         s = getattr(signal, name, None)
         try:
-            if s is not None and signal.getsignal(s) == signal.SIG_DFL:
+            # _TermAsInterrupt's own handler too: main() runs every command inside it, and _CancelOnSigint
+            # nested there must take the signal over (the first SIGUSR1 stopped the command at once).
+            if s is not None and signal.getsignal(s) in (signal.SIG_DFL, _raise_interrupt):
                 found.append(s)
         except ValueError:  # pragma: no cover - not a signal here
             pass
     return tuple(found)
+
+
+#: Whether this process is the ``medfuse`` console script (main() called without argv): only then does medfuse
+#: take SIGUSR1/SIGUSR2 (see :func:`_warning_signals`).
+_CONSOLE = [False]
+
+
+def _raise_interrupt(signum, frame):
+    """The handler :class:`_TermAsInterrupt` installs: the signal raises KeyboardInterrupt, as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 class _CancelOnSigint:
@@ -693,7 +709,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         print(f"  SUV factor   {facts['suv_factor_source']}")
     print(f"  shape        {' x '.join(str(s) for s in vol.shape)} voxels ({arr.dtype})")
     if len(vols) > 1:
-        print(f"  volumes      {len(vols)} (4-D: the geometry and values shown are of volume 1; "
+        # Counted from 0, as every volume_index= fix counts them ("volume 1" was volume_index=0).
+        print(f"  volumes      {len(vols)} (4-D: the geometry and values shown are of the first, volume_index=0; "
               "fuse and register read 3-D volumes)")
     print(f"  spacing      {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm   "
           f"extent {' x '.join(f'{e:.0f}' for e in extent)} mm")
@@ -901,6 +918,11 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     if getattr(args, "keep_identity", False):  # as fuse's save step records it: only when kept
         params["deidentify"] = False
     extra = {"transform": {"path": os.fspath(tfm), "sha256": prov.hash_path(tfm)}}
+    # How the moving image was put on the fixed grid (a fuse sidecar says it; this one did not): the interpolation
+    # and the fill value set the resampled voxels, and change a PET's SUVs (docs/registration.md).
+    done = [h for h in res.resampled.provenance.get("history", []) if h.get("step") == "resample"]
+    if done:
+        extra["resample"] = {k: done[-1][k] for k in ("interpolation", "fill") if k in done[-1]}
     if init_path:
         params["initial_transform"] = os.fspath(init_path)
         extra["initial_transform"] = {"path": os.fspath(init_path), "sha256": prov.hash_path(init_path)}
@@ -1145,9 +1167,7 @@ class _TermAsInterrupt:
                 break
         return self
 
-    @staticmethod
-    def _handler(signum, frame):
-        raise KeyboardInterrupt
+    _handler = staticmethod(_raise_interrupt)
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
@@ -1628,6 +1648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``medfuse`` command. Returns the exit code (see ``medfuse --help``)."""
     undo = _escape_unprintable_output()
     closed = _stand_in_for_closed_streams()
+    _CONSOLE[0] = argv is None
     real_stdout = sys.stdout
     sys.stdout = _WatchedStdout(real_stdout, console=argv is None)
     try:
@@ -1751,8 +1772,7 @@ def _exit_on_late_signals(code: int) -> None:
                     "wrote is complete\n".encode())
         os._exit(EXIT_CANCELLED)
 
-    for name in ("SIGINT", "SIGTERM"):
-        sig = getattr(signal, name, None)
+    for sig in [getattr(signal, n, None) for n in ("SIGINT", "SIGTERM")] + list(_warning_signals()):
         if sig is None:
             continue
         try:

@@ -196,10 +196,15 @@ class MissingDependencyError(MedfuseError, ImportError):
         a package they had. Called while handling the ImportError, whose text it quotes.
         """
         import importlib.util
+        import re
         import sys
 
+        # The top package: an ImportError's name is the submodule that failed (torch._C), whose spec cannot be
+        # found once its parent fails to import. A name with an extra ("dask[distributed]") is several packages:
+        # which one is missing is not told, so it keeps the plain advice.
+        package = package if "[" in package else package.split(".")[0]
         try:
-            installed = importlib.util.find_spec(package) is not None
+            installed = "[" not in package and importlib.util.find_spec(package) is not None
         except (ImportError, ValueError):
             installed = False
         if not installed:

@@ -163,11 +163,12 @@ def test_sigusr1_a_schedulers_warning_is_a_cancel_and_an_ignored_one_stays_ignor
     import sys
 
     code = """
-import signal, sys
+import faulthandler, signal, sys
 from medfuse import cli
 from medfuse.errors import CancelledError
+cli._CONSOLE[0] = True  # as main() sets it for the console script
 try:
-    with cli._CancelOnSigint() as token:
+    with cli._TermAsInterrupt(), cli._CancelOnSigint() as token:  # nested, as main() runs every command
         signal.raise_signal(signal.SIGUSR1)
 except CancelledError:
     print("cancel", token.cancelled, signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)
@@ -180,11 +181,56 @@ signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a wrapper that ignores it: kept
 with cli._CancelOnSigint(raise_on_exit=False) as token:
     signal.raise_signal(signal.SIGUSR1)
 print("ignored", token.cancelled, signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+cli._CONSOLE[0] = False  # a program calling main([...]): its own handlers (one set from C here) stay
+faulthandler.register(signal.SIGUSR1, chain=False)
+with cli._TermAsInterrupt():
+    pass
+print("kept", cli._warning_signals() == ())
+sys.stdout.flush()
+signal.raise_signal(signal.SIGUSR1)  # faulthandler dumps the stack and the process goes on
+print("alive")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
-    assert run.stdout.split("\n")[:3] == ["cancel True True", "interrupt True", "ignored False True"]
+    assert run.stdout.split("\n")[:5] == ["cancel True True", "interrupt True", "ignored False True", "kept True",
+                                         "alive"]
     assert "cancelling on SIGUSR1 (a scheduler's warning" in run.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this system")
+def test_a_batch_whose_job_gets_sigusr1_cancels_cleanly(tmp_path):
+    """The console script with local Dask workers, the signal sent to the whole process group as SLURM sends its
+    notice: exit 130 with the cancel said, no worker tracebacks (they died of it and printed a dozen)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from medfuse.batch import write_phantom_subjects
+
+    pytest.importorskip("distributed")
+    manifest = write_phantom_subjects(tmp_path, 4, first_seed=1, method="max", register=None, downsample=4)
+    cmd = [sys.executable, "-m", "medfuse", "batch", str(manifest), "--workers", "2", "--no-progress"]
+    outputs = lambda: sorted(p for p in (tmp_path / "out").glob("*.nii.gz") if not p.name.startswith("."))  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not outputs() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the batch ended before the signal: " + proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == EXIT_CANCELLED, err
+    assert "cancelling on SIGUSR1" in err and "Traceback" not in err, err
+    rows = {r["subject"]: r["status"] for r in csv.DictReader(open(tmp_path / "manifest-report.csv"))}
+    assert set(rows.values()) <= {"done", "skipped", "cancelled"} and "pending" not in rows.values(), rows
+
 
 @pytest.mark.parametrize("scheduler,group", [("synchronous", False), ("local", False), ("local", True)])
 def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, scheduler, group):

@@ -32,3 +32,12 @@ def test_a_package_that_is_absent_is_still_not_installed(monkeypatch, spec):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     e = _raised("torch", "No module named 'torch'")
     assert "which is not installed" in str(e) and e.fix == "pip install 'medfuse[ml]'"
+
+
+def test_the_failing_submodule_is_reported_as_its_package(monkeypatch):
+    """train passes the ImportError's name, the submodule that failed (torch._C): it was called not installed."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "torch" else None)
+    e = _raised("torch._C", "libtorch_cpu.so: failed to map segment from shared object")
+    assert "package 'torch', which is installed but could not be imported" in str(e)
+    e = _raised("dask[distributed]", "No module named 'distributed'")  # an extra: which part is missing is untold
+    assert "which is not installed" in str(e)

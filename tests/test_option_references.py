@@ -14,7 +14,8 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 #: Options of other programs that medfuse's messages name.
-OTHER_TOOLS = {"--raw": "gdcmconv --raw (decompress DICOM)", "--stack": "napari --stack (open paths as one stack)"}
+OTHER_TOOLS = {"--raw": "gdcmconv --raw (decompress DICOM)", "--stack": "napari --stack (open paths as one stack)",
+               "--force-reinstall": "pip install --force-reinstall (a package that is installed but broken)"}
 
 # An option as written in text; not a prefix an f-string or a shorthand completes ("--select-min-{name}",
 # "--select-min/max", "--select-min-*").

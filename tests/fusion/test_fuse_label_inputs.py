@@ -37,3 +37,17 @@ def test_integer_images_are_not_taken_for_label_maps():
         warnings.simplefilter("error", MedfuseWarning)
         fused = medfuse.fuse(mr, plain, method="mean")
     assert not fused.provenance.get("warnings")
+
+
+def test_low_count_images_and_2d_images_with_few_levels_are_not_taken_for_label_maps():
+    """Integer counts of a low-count SPECT in a NIfTI (modality unknown, a few dozen values, noisy neighbours),
+    and one-slice images with few grey levels, were warned of as label maps."""
+    rng = np.random.default_rng(2)
+    counts = medfuse.Volume(rng.poisson(np.full((24, 24, 20), 3.0)).astype(np.int16), np.eye(4))
+    mr = medfuse.Volume(_image(), np.eye(4), modality="MR")
+    flat = medfuse.Volume((rng.random((32, 32, 1)) * 40).astype(np.uint8), np.eye(4))
+    flat_mr = medfuse.Volume(rng.random((32, 32, 1)).astype(np.float32), np.eye(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        medfuse.fuse(mr, counts, method="max")
+        medfuse.fuse(flat_mr, flat, method="max")
