@@ -1132,6 +1132,10 @@ def _stale_reason(rec: Optional[Mapping[str, Any]], output: Path, inputs: Sequen
         changed = sorted(k for k in set(rec.get("parameters") or {}) | set(parameters)
                          if (rec.get("parameters") or {}).get(k) != _jsonable(dict(parameters)).get(k))
         return f"parameters changed ({', '.join(changed)})"
+    if "results_version" in expect and rec.get("results_version") != expect["results_version"]:
+        made = rec.get("results_version")
+        return (f"made by an earlier medfuse, whose results may differ (results version "
+                f"{'none recorded' if made is None else made}, now {expect['results_version']})")
     if rec.get("method_used") != expect.get("method_used"):
         return f"made by {rec.get('method_used')}, not {expect.get('method_used')} (a fallback)"
     if "weights_sha256" in expect and rec.get("weights_sha256") != expect["weights_sha256"]:
@@ -1344,7 +1348,11 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         kw = dict(register=register, method=method, device=options.get("device", "cpu"),
                   fallback=options.get("fallback"), threads=threads)
         # What the output must have been made with: a fallback's output, or other weights', is redone.
-        expect = {"method_used": method, **({"weights_sha256": _weights_sha256()} if method == "network" else {})}
+        from .provenance import RESULTS_VERSION
+
+        # ... and by this generation of medfuse's results (an output of an earlier one may differ).
+        expect = {"method_used": method, "results_version": RESULTS_VERSION,
+                  **({"weights_sha256": _weights_sha256()} if method == "network" else {})}
         # As fuse_files records them (pipeline_parameters takes no modalities).
         params = Pipeline(**kw, series=series, modalities=modalities).parameters()
         overwrite = bool(options.get("overwrite"))
@@ -1479,6 +1487,11 @@ def _row_error_text(e: MedfuseError, inputs: Sequence[str], *, dataset: bool = F
         fix = fix.replace(", an existing series folder, or pass format='dicom'", " or an existing series folder")
     if fix and any(k in fix for k in ("initialise=", "initial_transform=", "register='")):
         fix = _REGISTER_FIRST_FIX + (" (medfuse batch DATASET --write-manifest writes one to edit)" if dataset else "")
+    if fix and fix.startswith("pass volume_index=") and "4-D" in e.problem:
+        # A manifest has no volume_index: the Python advice could not be followed in a batch.
+        fix = ("save the volume you want as its own file (python -c \"import medfuse; medfuse.save(medfuse.load("
+               "'FILE', volume_index=0), 'vol0.nii.gz')\") and name that file in the manifest"
+               + (" (medfuse batch DATASET --write-manifest writes one to edit)" if dataset else ""))
     if path is None:
         n = re.match(r"input (\d+) ", e.problem)
         if n and 1 <= int(n.group(1)) <= len(inputs):
@@ -1740,12 +1753,17 @@ def _workers_ignore_sigint() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGUSR1/2 too: a scheduler's notice before its time limit goes to the whole job, and workers killed by it
+    # printed a dozen multiprocessing tracebacks; this process takes it as a cancel (medfuse.cli).
+    names = ("SIGINT",) + tuple(n for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+    old = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    for n in names:
+        signal.signal(getattr(signal, n), signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
+        for n in names:
+            signal.signal(getattr(signal, n), old[n] if old[n] is not None else signal.SIG_DFL)
 
 
 def _ignore_sigint_in_every_worker(client: Any) -> None:
@@ -1766,7 +1784,9 @@ def _ignore_sigint_in_every_worker(client: Any) -> None:
             import threading
 
             if threading.current_thread() is threading.main_thread():  # a worker's event loop runs there
-                sig.signal(sig.SIGINT, sig.SIG_IGN)
+                for name in ("SIGINT", "SIGUSR1", "SIGUSR2"):  # as _workers_ignore_sigint
+                    if hasattr(sig, name):
+                        sig.signal(getattr(sig, name), sig.SIG_IGN)
 
     client.register_plugin(IgnoreSigint(), name="medfuse-ignore-sigint")
 
@@ -1985,7 +2005,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
     if workers is None:
         # Not 2 on a one-core allocation (taskset, a SLURM job with one CPU): the run warned of oversubscription,
         # although the default was ours.
-        workers = min(2, _usable_cores())
+        workers = max(1, min(2, _usable_cores() // max(1, int(threads_per_worker))))
     _check_scheduler(scheduler, workers)  # a typo there must not rewrite the report with rows no run will finish
     absent = {s.subject: _absent_folders(s.output) for s in subjects}
     # One run per report at a time (two would run every subject twice and report each other's outputs as failed).
