@@ -1066,9 +1066,15 @@ def _input_facts(state: PipelineState) -> List[Dict[str, Any]]:
 
 
 def _volume_facts(v: Volume) -> Dict[str, Any]:
-    """What the provenance records about an input as loaded."""
-    return dict(modality=v.modality, unit=v.unit, shape=list(v.shape),
-                spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
+    """What the provenance records about an input as loaded: with the SUV kind and its rule for a PET, and the
+    volume of a 4-D file or series (which one was used was recorded nowhere)."""
+    facts = dict(modality=v.modality, unit=v.unit, shape=list(v.shape),
+                 spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
+    keys = ("suv", "suv_source") + (("volume_index", "n_volumes") if (v.provenance.get("n_volumes") or 1) > 1 else ())
+    for key in keys:
+        if v.provenance.get(key) is not None:
+            facts[key] = v.provenance[key]
+    return facts
 
 
 #: The built-in steps that never read ``state.originals`` (after the resample step, the inputs as loaded may go).

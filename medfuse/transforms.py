@@ -278,6 +278,8 @@ class LoadVolume(Transform):
         as_tensor: return a MONAI MetaTensor instead of a Volume.
         whole_series: a path that is one file of a DICOM series loads the whole series it belongs to, as
             :func:`medfuse.load` does (default False: that slice alone, a one-slice volume, with a warning).
+        volume_index: which volume of a 4-D file or series to load (0-based, negative from the end), as
+            :func:`medfuse.load` takes it; a 4-D input without it is refused, naming the count.
 
     A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume. ``suv`` is
     applied only when the file is read: the SUV factor needs the DICOM header (injected dose, body size, times),
@@ -295,14 +297,16 @@ class LoadVolume(Transform):
     """
 
     def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False,
-                 whole_series: bool = False):
-        from .io import _check_suv
+                 whole_series: bool = False, volume_index: Optional[int] = None):
+        from .io import _check_suv, _check_volume_index
 
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         # Checked here: a wrong value would fail only at the first load, inside a DataLoader worker.
         self.modality, self.suv = _checked_modality(modality), _check_suv(suv)
         self.as_tensor = flag(as_tensor, "as_tensor")
         self.whole_series = flag(whole_series, "whole_series")
+        # A 4-D input was refused with "pass volume_index=", which the transform did not take.
+        self.volume_index = _check_volume_index(volume_index)
 
     def __call__(self, path: Any) -> Any:
         from .io import load
@@ -318,7 +322,8 @@ class LoadVolume(Transform):
                 fix="put paths in the data (e.g. {'mr': 'mr.nii.gz'}); a bare array has no geometry: wrap it as "
                 "medfuse.Volume(array, affine)")
         else:
-            vol = load(path, modality=self.modality, suv=self.suv, whole_series=self.whole_series)
+            vol = load(path, modality=self.modality, suv=self.suv, whole_series=self.whole_series,
+                       volume_index=self.volume_index)
         if isinstance(path, Volume) or _is_metatensor(path):
             self._check_loaded_suv(vol, self.suv, recorded=isinstance(path, Volume))
         if self.as_tensor and _is_metatensor(path):  # passed through: its layout, header keys and history stay
@@ -360,8 +365,9 @@ class LoadVolume(Transform):
                 f"medfuse.load(path, suv={suv!r}); suv='auto' passes loaded images through as they are")
 
     def __repr__(self) -> str:
+        extra = {} if self.volume_index is None else {"volume_index": self.volume_index}
         return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor,
-                     whole_series=self.whole_series)
+                     whole_series=self.whole_series, **extra)
 
 
 class LoadVolumed(MapTransform):
@@ -371,31 +377,37 @@ class LoadVolumed(MapTransform):
         keys: items holding paths.
         modality: one modality for all keys, or a ``{key: modality}`` mapping.
         suv, as_tensor, whole_series: see :class:`LoadVolume`.
+        volume_index: for 4-D inputs, one index for all keys or a ``{key: index}`` mapping (see
+            :class:`LoadVolume`).
         allow_missing_keys: skip absent keys instead of failing.
 
     Raises:
         KeyError: a key is missing (unless ``allow_missing_keys``), as MONAI's dictionary transforms raise it.
-        InvalidInputError: as :class:`LoadVolume`; when built, a ``modality`` mapping with a key not in ``keys``.
+        InvalidInputError: as :class:`LoadVolume`; when built, a ``modality`` or ``volume_index`` mapping with a
+            key not in ``keys``.
     """
 
     def __init__(self, keys: KeysCollection, *, modality: Union[None, str, Mapping[str, str]] = None,
                  suv: str = "auto", as_tensor: bool = False, whole_series: bool = False,
-                 allow_missing_keys: bool = False):
+                 volume_index: Union[None, int, Mapping[str, int]] = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        from .io import _check_suv
+        from .io import _check_suv, _check_volume_index
 
-        if isinstance(modality, Mapping):
-            # A key of the mapping that is not loaded (wrong case, a typo) left that image's modality unset, unsaid:
+        for name, given in (("modality", modality), ("volume_index", volume_index)):
+            # A key of the mapping that is not loaded (wrong case, a typo) left that image's setting unset, unsaid:
             # a CT then loaded as "unknown" and skipped the HU window and air fill.
-            stray = [k for k in modality if k not in self.keys]
+            stray = [k for k in given if k not in self.keys] if isinstance(given, Mapping) else []
             if stray:
                 raise InvalidInputError(
-                    f"modality names key(s) {', '.join(map(repr, stray))} that LoadVolumed does not load "
+                    f"{name} names key(s) {', '.join(map(repr, stray))} that LoadVolumed does not load "
                     f"(its keys: {', '.join(map(repr, self.keys))})",
                     fix="use the keys exactly as listed in keys= (letter case included), or add the key to keys=")
+        if isinstance(modality, Mapping):
             modality = {k: _checked_modality(m, f"modality of {k!r}") for k, m in modality.items()}
         else:
             modality = _checked_modality(modality)
+        self.volume_index = ({k: _check_volume_index(i) for k, i in volume_index.items()}
+                             if isinstance(volume_index, Mapping) else _check_volume_index(volume_index))
         self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), flag(as_tensor, "as_tensor")
         self.whole_series = flag(whole_series, "whole_series")
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
@@ -404,13 +416,15 @@ class LoadVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             mod = self.modality.get(key) if isinstance(self.modality, Mapping) else self.modality
+            index = self.volume_index.get(key) if isinstance(self.volume_index, Mapping) else self.volume_index
             d[key] = LoadVolume(modality=mod, suv=self.suv, as_tensor=self.as_tensor,
-                                whole_series=self.whole_series)(d[key])
+                                whole_series=self.whole_series, volume_index=index)(d[key])
         return d
 
     def __repr__(self) -> str:
+        extra = {} if self.volume_index is None else {"volume_index": self.volume_index}
         return _repr(self, keys=self.keys, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor,
-                     whole_series=self.whole_series)
+                     whole_series=self.whole_series, **extra)
 
 
 # ----------------------------------------------------------------------------- register

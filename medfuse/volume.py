@@ -1166,9 +1166,12 @@ class Volume:
                                     fix="give the tensor its 4x4 voxel-to-world affine (MONAI's readers set one)")
         if arr.ndim == 4:
             if arr.shape[0] != 1:
-                channel_last = arr.shape[-1] == 1 or meta.get("original_channel_dim") in (-1, 3)
-                hint = (" It looks channel-last (MONAI's LoadImage without a channel-first step)"
-                        if channel_last else "")
+                # MONAI keeps original_channel_dim -1 after EnsureChannelFirst too: a (5, 32, 32, 20) tensor, channel
+                # first already, was told to add that step. Channels are the short axis.
+                channel_last = arr.shape[-1] == 1 or (meta.get("original_channel_dim") in (-1, 3)
+                                                      and arr.shape[-1] < arr.shape[0])
+                hint = (" It looks channel-last (MONAI's LoadImage without a channel-first step)" if channel_last
+                        else f" It holds {arr.shape[0]} channels (the volumes of a 4-D image, or several images)")
                 raise InvalidInputError(
                     f"expected one channel first, shape (1, I, J, K), got shape {arr.shape}.{hint}",
                     fix="add EnsureChannelFirst (or LoadImage(ensure_channel_first=True)) and select a single "

@@ -4,6 +4,7 @@ sidecars alone): register's --modalities, and the torch thread count a network f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +29,10 @@ def test_register_records_the_modalities_that_chose_its_preset(tmp_path):
     fixed, moving = _blob_pair(tmp_path)
     assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "r.nii.gz"), "--threads", "1",
                  "--modalities", "MR", "NM", "-q"]) == 0
-    params = json.loads((tmp_path / "r.json").read_text())["parameters"]
-    assert params["modalities"] == ["MR", "NM"]
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["parameters"]["modalities"] == ["MR", "NM"]
+    # ... and how the moving image was put on the fixed grid, which a fuse sidecar said and this one did not.
+    assert record["resample"] == {"interpolation": "linear", "fill": 0.0}
     assert main(["register", str(fixed), str(moving), "-o", str(tmp_path / "s.nii.gz"), "--threads", "1",
                  "-q"]) == 0
     assert "modalities" not in json.loads((tmp_path / "s.json").read_text())["parameters"]
@@ -50,3 +53,18 @@ def test_a_network_fusion_records_torchs_thread_count(tmp_path):
         assert "network_threads" not in medfuse.fuse(a, b, method="max").provenance
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pets_suv_kind_and_a_4d_inputs_volume_are_in_the_sidecar(tmp_path):
+    """The SUV kind and rule a PET was read in, and which volume of a 4-D file was fused, were recorded nowhere."""
+    import nibabel as nib
+
+    from medfuse.pipeline import _volume_facts
+
+    root = Path(__file__).resolve().parents[1] / "sample_volumes"
+    facts = _volume_facts(medfuse.load(root / "pet"))
+    assert facts["suv"] == "bw" and "body weight" in facts["suv_source"] and "volume_index" not in facts
+    four = tmp_path / "d4.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 6, 3)).astype(np.float32), np.eye(4)), str(four))
+    facts = _volume_facts(medfuse.load(four, volume_index=2))
+    assert facts["volume_index"] == 2 and facts["n_volumes"] == 3

@@ -110,6 +110,14 @@ def test_slider_range_covers_data_and_window():
     assert display.slider_range(np.full((2, 2), np.nan), (0, 6)) == (0.0, 6.0)
 
 
+def test_slider_range_reaches_a_single_hot_voxel_of_a_large_image():
+    """A strided sample missed a resampled PET lesion's peak: the slider stopped at 13.57 SUV below 14.02."""
+    a = np.zeros((160, 128, 128), np.float32)
+    a[81, 63, 47] = 14.02
+    a[80, 63, 47] = 13.57
+    assert display.slider_range(a, (0, 6), max_samples=2_000_000) == (0.0, pytest.approx(14.02))
+
+
 @pytest.mark.parametrize("value", [7.0, 0.0, -3.0, 1e20, -1e20, 3e38])
 def test_percentile_limits_of_constant_images_increase(value):
     # napari refuses contrast limits with high == low; 1e20 + 1 == 1e20 in floating point.

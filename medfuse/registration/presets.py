@@ -135,6 +135,11 @@ def get_preset(name: Optional[str], fixed_modality: str = "unknown", moving_moda
         raise InvalidInputError(f"unknown registration preset {label(name)}", fix=f"use one of {', '.join(PRESETS)}")
     p = dict(PRESETS[key])
     unknown = set(overrides) - set(p)
+    if unknown == {"threads"}:  # the command line's --threads; Python sets ITK's count for the process
+        raise InvalidInputError("register() takes no threads= (the command line's --threads sets ITK's thread "
+                                "count for the process)",
+                                fix="call SimpleITK.ProcessObject.SetGlobalDefaultNumberOfThreads(1) before it (one "
+                                    "thread repeats a registration bit for bit)")
     if unknown:
         raise InvalidInputError(f"unknown preset setting(s) {sorted(unknown)}", fix=f"use keys of {sorted(p)}")
     p.update(overrides)
