@@ -796,14 +796,14 @@ def _warn_label_maps(vols: Sequence[Volume]) -> List[str]:
     Why: a segmentation given where an image belongs (the mask beside its MR in a classifier's folder) was fused
     without a word, its labels painted into the image; only its resampling was warned of.
     """
-    from ..registration.resample import label_map_description
+    from ..registration.resample import label_map_description, piecewise_constant
 
     notes = []
     for i, v in enumerate(vols, start=1):
         if 1 in v.shape:  # a one-slice Volume is a 2-D image (posterised pictures have few grey levels too)
             continue
         looks = "bool" if v.array.dtype == bool else label_map_description(v)
-        if looks is None or (v.array.dtype != bool and not _piecewise_constant(v.array)):
+        if looks is None or (v.array.dtype != bool and not piecewise_constant(v.array)):
             continue
         msg = (f"volume {i} looks like a label map or mask ({looks}), not an image: the fusion paints its labels "
                "into the other inputs. Check that the intended image was given (a mask is shown over an image, "
@@ -811,21 +811,6 @@ def _warn_label_maps(vols: Sequence[Volume]) -> List[str]:
         warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
         notes.append(msg)
     return notes
-
-
-def _piecewise_constant(arr: np.ndarray, share: float = 0.5) -> bool:
-    """Whether neighbours along the last axis are equal for at least ``share`` of the pairs outside 0 background.
-
-    Why: few distinct integer values alone also describe a low-count SPECT or PET in counts (every NIfTI loads
-    as modality unknown), whose neighbours differ by noise (Poisson counts of mean 0.5 to 8: 0.10-0.20 of such
-    pairs equal); a label map's regions are flat (a BraTS t1c thresholded into 4 speckled labels: 0.66; drawn
-    segmentations more). Planes along the first axis are subsampled to about 64.
-    """
-    a = arr[:: max(1, arr.shape[0] // 64)]
-    x, y = a[..., 1:], a[..., :-1]
-    inside = (x != 0) | (y != 0)
-    n = int(np.count_nonzero(inside))
-    return n > 0 and np.count_nonzero((x == y) & inside) >= share * n
 
 
 def _warn_constant(arrays: Sequence[np.ndarray], what: str, *,

@@ -11,8 +11,8 @@ Choices (see docs/io.md and docs/dicom.md):
   I×1×K volume is written as one slice with its rows along k (ITK stacks one-row images wrongly).
 * Voxels are stored 16-bit, with one PixelRepresentation for the whole series (readers such as
   SimpleITK/GDCM decode every slice with the first one's type). Integer data whose whole range
-  fits int16 or uint16 (CT in HU, counts) is stored exactly with RescaleSlope 1, RescaleIntercept 0.
-  Anything else (SUV, float MR) is quantised per slice: RescaleSlope = max|slice| / 32767 (signed:
+  fits int16 or uint16 (CT in HU, counts; whole numbers in float too, a label map saved as float) is stored
+  exactly with RescaleSlope 1, RescaleIntercept 0. Anything else (SUV, float MR) is quantised per slice: RescaleSlope = max|slice| / 32767 (signed:
   the volume has a negative voxel) or / 65535 (non-negative volume), so the error is at most
   slope/2, i.e. ≤ 1/65534 (signed) or 1/131070 (non-negative) of the slice's largest absolute value
   (plus at most one part in 1e9: a quantised slice never has a whole-number slope, which would make
@@ -632,11 +632,15 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     arr = volume.array
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
-    exact_int = np.issubdtype(arr.dtype, np.integer) or (
-        np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))
-        and (volume.unit in ("HU", "counts") or (arr.size > 0 and -32768 <= arr.min() and arr.max() <= 65535)))
     # Whole numbers in float of any unit (a label map or mask written as float by nnU-Net or nibabel) are stored
-    # exactly when they fit 16 bits: quantised, label 2 read back as 1.99997 on some slices and 2 on others.
+    # exactly when they fit int16 or uint16: quantised, label 2 read back as 1.99997 on some slices and 2 on
+    # others. The range first (no copy): most float volumes stop there, before the whole-number test's copies.
+    exact_int = np.issubdtype(arr.dtype, np.integer)
+    if not exact_int and np.issubdtype(arr.dtype, np.floating) and arr.size:
+        lo, hi = float(arr.min()), float(arr.max())  # NaN: neither test below holds
+        fits = (-32768 <= lo and hi <= 32767) or (0 <= lo and hi <= 65535)
+        exact_int = bool((volume.unit in ("HU", "counts") or fits) and np.isfinite(lo) and np.isfinite(hi)
+                         and all(np.array_equal(arr[:, :, k], np.rint(arr[:, :, k])) for k in range(arr.shape[2])))
     if exact_int:
         arr = np.rint(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):

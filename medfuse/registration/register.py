@@ -1723,7 +1723,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         else bspline_dropped is None,
         # A run on a 20 mm image used scales 0.25x the preset's: without it the settings actually used were untold.
         fov_scale=None if p.get("fov_scale") is None else float(p["fov_scale"]), seed=int(seed),
-        settings={k: _plain(v) for k, v in sorted(p.items()) if k not in ("name", "fov_scale")})
+        # Not the preset's "metric": register() runs the metric= it was given (report.metric says which).
+        settings={k: _plain(v) for k, v in sorted(p.items()) if k not in ("name", "fov_scale", "metric")})
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
 

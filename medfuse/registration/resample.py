@@ -85,9 +85,9 @@ def _label_like_note(volume: Volume, fix: str = _LABELS_FIX) -> Optional[str]:
             f"its labels at every edge. Fix: {fix}")
 
 
-def label_map_description(volume: Volume) -> Optional[str]:
+def label_map_description(volume: Volume, *, max_values: int = _LABEL_LIKE_VALUES) -> Optional[str]:
     """``"uint8, 3 distinct values: 0, 1, 2; modality unknown"`` when ``volume`` looks like a label map or mask
-    (an integer volume of unknown modality with at most :data:`_LABEL_LIKE_VALUES` values), else None.
+    (an integer volume of unknown modality with at most ``max_values`` values), else None.
 
     Only integer volumes of unknown modality are looked at: an MR, CT, PET or SPECT image is an image.
     """
@@ -99,10 +99,25 @@ def label_map_description(volume: Volume) -> Optional[str]:
     while math.gcd(step, arr.shape[-1]) > 1:  # a step the last axis divides would see only a few planes
         step += 1
     values = np.unique(flat[::step])
-    if values.size > _LABEL_LIKE_VALUES:
+    if values.size > max_values:
         return None
     shown = ", ".join(str(int(x)) for x in values[:6]) + (", ..." if values.size > 6 else "")
     return f"{arr.dtype}, {values.size} distinct values: {shown}; modality unknown"
+
+
+def piecewise_constant(arr: np.ndarray, share: float = 0.5) -> bool:
+    """Whether neighbours along the last axis are equal for at least ``share`` of the pairs outside 0 background.
+
+    Why: few distinct integer values alone also describe a low-count SPECT or PET in counts (every NIfTI loads
+    as modality unknown), whose neighbours differ by noise (Poisson counts of mean 0.5 to 8: 0.10-0.20 of such
+    pairs equal); a label map's regions are flat (a BraTS t1c thresholded into 4 speckled labels: 0.66; drawn
+    segmentations more). Planes along the first axis are subsampled to about 64.
+    """
+    a = arr[:: max(1, arr.shape[0] // 64)]
+    x, y = a[..., 1:], a[..., :-1]
+    inside = (x != 0) | (y != 0)
+    n = int(np.count_nonzero(inside))
+    return n > 0 and np.count_nonzero((x == y) & inside) >= share * n
 
 
 def _source_image(volume: Volume, interpolation: str, default: float):
@@ -437,7 +452,7 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
     res.add_history("resample", interpolation=interpolation, transform=None if transform is None else transform.sitk.GetName(),
                     shape=list(reference.shape), spacing=[round(s, 6) for s in reference.spacing],
                     reference_affine=[[round(float(x), 6) for x in row] for row in reference.affine],
-                    fill=float(default), **extra)
+                    fill=float(default) if np.isfinite(default) else str(float(default)), **extra)  # JSON: "nan"
     res.provenance["resampled"] = True
     if volume.array.dtype != bool:  # a mask's own field of view is of no use (and FieldOfView resamples masks)
         object.__setattr__(res, "_field_of_view", FieldOfView(volume.shape, volume.affine, reference, transform))

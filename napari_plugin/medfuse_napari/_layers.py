@@ -66,16 +66,16 @@ def display_grid(volume: Volume) -> Tuple[np.ndarray, Tuple[float, ...], Tuple[f
 def _axis_aligned(volume: Volume) -> Volume:
     """Resample an oblique volume onto an axis-aligned LPS grid with the same box and similar spacing.
 
-    A label map or mask (what :func:`medfuse.resample` itself warns about: a boolean volume, or an integer one of
-    unknown modality with few distinct values) is resampled with nearest neighbour and keeps its integer dtype;
-    images stay linearly interpolated.
+    A label map or mask (a boolean volume, or an integer one of unknown modality with up to 4096 distinct values
+    in flat regions) is resampled with nearest neighbour and keeps its integer dtype; images stay linearly
+    interpolated.
 
     Why: linear interpolation blended an oblique label map's labels (a uint8 ``{0, 1, 2, 4}`` file opened as a
     float32 layer with tens of thousands of values, ~3.0 between 2 and 4, saved back as label 3), and the
     warning ``resample`` gives about it did not reach the napari user.
     """
     from medfuse.registration import resample
-    from medfuse.registration.resample import _is_label_map, _label_like_note
+    from medfuse.registration.resample import _is_label_map, label_map_description, piecewise_constant
 
     lo, hi = volume.bounds()
     d = np.abs(volume.direction)
@@ -86,7 +86,10 @@ def _axis_aligned(volume: Volume) -> Volume:
     aff[:3, :3] = np.diag(spacing)
     aff[:3, 3] = lo
     ref = Volume(np.zeros(shape, dtype=np.uint8), aff)
-    labels = _is_label_map(volume) or _label_like_note(volume) is not None
+    # Up to 4096 labels with flat regions (TotalSegmentator's 117 classes, FreeSurfer's aparc+aseg): a display
+    # may take nearest neighbour where resample() keeps warning at 64 values only.
+    labels = _is_label_map(volume) or (label_map_description(volume, max_values=4096) is not None
+                                       and piecewise_constant(volume.array))
     return resample(volume, ref, interpolation="nearest" if labels else "linear")
 
 

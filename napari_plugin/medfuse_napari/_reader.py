@@ -110,7 +110,10 @@ def layer_name(path) -> str:
 def _read_many(paths) -> List[tuple]:
     """Read several paths as one open: the files of a series already read are skipped (see :data:`_OPEN_CALL`)."""
     call = [os.fspath(p) for p in paths]
-    layers = [layer for p in call for layer in _read(p, call=call) if layer[0] is not None]
+    # The two files of an Analyze/NIfTI pair chosen together are one image: its .img is read through its .hdr.
+    lowered = {os.path.normcase(p).lower() for p in call}
+    reads = [p for p in call if not (p.lower().endswith(".img") and (p[:-4] + ".hdr").lower() in lowered)]
+    layers = [layer for p in reads for layer in _read(p, call=call) if layer[0] is not None]
     return layers or [(None,)]
 
 

@@ -748,3 +748,17 @@ def test_whole_numbers_in_float_are_stored_exactly_whatever_the_unit(tmp_path, u
     # Fractions stay quantised, as before (a slope per slice).
     save(Volume(a / 3, np.eye(4), modality=modality, unit=unit), tmp_path / "thirds")
     assert not np.array_equal(medfuse.load(tmp_path / "thirds").array, a / 3)
+
+
+def test_whole_numbers_that_fit_neither_16_bit_type_are_quantised_without_a_label_warning(tmp_path):
+    """-1..40000 lies within -32768..65535 but fits neither int16 nor uint16: it was taken as exact integers and
+    then warned of as labels that may merge."""
+    import warnings
+
+    a = np.zeros((8, 6, 3), np.float32)
+    a[0, 0, :], a[1, 1, :] = -1.0, 40000.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        save(Volume(a, np.eye(4), modality="MR"), tmp_path / "mixed")
+    back = medfuse.load(tmp_path / "mixed").array
+    assert np.max(np.abs(back - a)) <= 40000 / 32767  # quantised: within one step of the slope

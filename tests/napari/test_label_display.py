@@ -133,3 +133,19 @@ def test_oblique_integer_image_with_many_values_is_still_interpolated(tmp_path):
     data, _, _ = _read(path)
     assert data.dtype.kind == "f"
     assert not set(np.unique(data).tolist()) <= set(np.unique(src).tolist())
+
+
+def test_an_oblique_label_map_of_a_hundred_labels_keeps_them(tmp_path):
+    """TotalSegmentator's 117 classes and FreeSurfer's aparc+aseg exceed the 64 values resample() warns at: they
+    were still blended."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(3)
+    labels = np.kron(rng.integers(0, 100, (6, 6, 5)), np.ones((4, 4, 4))).astype(np.int32)  # 100 flat blocks
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    affine = np.array([[c, -s_, 0, 0], [s_, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    path = tmp_path / "many_labels.nii.gz"
+    nib.save(nib.Nifti1Image(labels, affine), str(path))
+    data, _, _ = napari_get_reader(str(path))(str(path))[0]
+    assert np.issubdtype(np.asarray(data).dtype, np.integer)
+    assert set(np.unique(data).tolist()) <= set(np.unique(labels).tolist())

@@ -71,6 +71,9 @@ def test_reader_opens_an_analyze_nifti_pair_as_medfuse_load_does(tmp_path, opene
     assert kind == "image" and kwargs["name"] == "pair"
     np.testing.assert_allclose(kwargs["metadata"]["medfuse"]["affine"], volume.affine)
     assert sorted(np.asarray(data).ravel().tolist()) == list(range(60))
+    # Both files of the pair chosen together: one layer, not two.
+    both = [str(tmp_path / "pair.hdr"), str(tmp_path / "pair.img")]
+    assert len(napari_get_reader(both)(both)) == 1
 
 def test_reader_resamples_oblique_and_keeps_true_affine(tmp_path):
     import nibabel as nib

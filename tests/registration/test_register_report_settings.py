@@ -22,6 +22,7 @@ def test_the_seed_overrides_and_scaled_settings_are_in_the_report_and_rerun_it()
     assert d["seed"] == 3 and d["settings"]["samples"] == 5000
     assert d["fov_scale"] is not None and d["settings"]["levels_mm"][-1] < 2.0  # a 41 mm image: scaled down
     # The record alone reruns it: the settings as overrides (already scaled: no second scaling), the same seed.
+    assert "metric" not in d["settings"]  # the run's metric is d["metric"]: a rerun passes both without a clash
     again = medfuse.register(fixed, moving, kind=d["kind"], metric=d["metric"], seed=d["seed"], preset=d["preset"],
-                             **{k: v for k, v in d["settings"].items() if k != "metric"})
+                             **d["settings"])
     np.testing.assert_array_equal(again.transform.matrix, r.transform.matrix)
