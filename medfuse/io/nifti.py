@@ -32,7 +32,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -136,12 +136,12 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
 
     Why: medfuse writes such names (through ASCII temporary names) and must read them back. ITK finds a
     header's separate data file (MetaImage ``ElementDataFile``, NRRD ``data file``) beside the header it was
-    given, so a relative one gets a link of its own name beside the header's link; an absolute one is opened as
-    the header names it (ITK passes its bytes through unchanged).
+    given, so it gets a link of its own name beside the header's link (one named outside the header's folder,
+    absolute or through ``..``, is refused by :func:`_itk_data_source`).
 
     Raises:
         UnreadableFileError: on Windows, as :func:`itk_path`; or the header names its data by a list or a
-            numbered pattern, or by a path that leaves the header's folder (``..``), which is not linked.
+            numbered pattern (not linked), or outside its folder.
     """
     import shutil
     import tempfile
@@ -165,7 +165,10 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
     rel = None
     if ending in ITK_SUFFIXES:
         try:
-            key, data, _ = _itk_data_source(p)
+            key, data, _ = _itk_data_source(p)  # refuses a data file named outside the header's folder
+        except UnreadableFileError as e:  # e.g. a data file named through '..': not linked either; say both
+            raise UnreadableFileError(f"{refuse.problem}; and {e.problem}", fix=f"{refuse.fix}; and {e.fix}",
+                                      path=shown) from None
         except OSError:
             key, data = "", None  # ITK's own reading says why
         if key is None:
@@ -173,7 +176,7 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
         if data is not None:
             try:
                 rel = data.relative_to(p.parent)
-            except ValueError:  # named by an absolute path elsewhere: ITK opens it as named
+            except ValueError:  # not below the header's folder: refused by _itk_data_source already
                 rel = None
             if rel is not None and (".." in rel.parts or not rel.parts):
                 raise refuse
@@ -1084,14 +1087,29 @@ def _nrrd_mm_per_unit(p: Path) -> float:
     return scale
 
 
+#: A MetaImage header line as MetaIO reads it: the name runs to the first ``=`` or ``:`` (both separate), and the
+#: value starts after every ``=``, ``:`` and blank that follow ("ElementDataFile : x.raw", "ElementDataFile =
+#: :/x" naming "/x" are read so).
+_METAIMAGE_LINE = re.compile(r"\s*([^=:\r\n]*?)[ \t]*[=:][=:\s]*(.*?)\s*$")
+
+
+def _metaimage_line(line: str) -> Optional[Tuple[str, str]]:
+    """(name, value) of one MetaImage header line, as MetaIO splits it; None for a line without a separator."""
+    m = _METAIMAGE_LINE.match(line)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def _metaimage_fields(text: str) -> dict:
-    """The ``key = value`` fields of a MetaImage header's text, up to ElementDataFile (always its last field)."""
+    """The ``key = value`` fields of a MetaImage header's text, up to ElementDataFile (always its last field).
+
+    MetaIO also takes ``:`` as the separator: ``ElementDataFile : /etc/passwd`` was not seen here (the data file
+    went unchecked) while ITK read it."""
     fields: dict = {}
     for line in text.splitlines():
-        m = re.match(r"\s*(\w+)\s*=\s*(.*?)\s*$", line)
-        if m:
-            fields.setdefault(m.group(1), m.group(2))
-            if m.group(1) == "ElementDataFile":
+        kv = _metaimage_line(line)
+        if kv:
+            fields.setdefault(*kv)
+            if kv[0] == "ElementDataFile":
                 break
     return fields
 
@@ -1131,20 +1149,130 @@ def _check_metaimage_geometry(p: Path) -> None:
                                 "elsewhere", fix=f"correct the {key} line of the header", path=p)
 
 
-def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[str]]:
-    """(the header's data-file field, the file it names or None when the data follow the header, the encoding:
-    ``raw``, ``deflate``, ``text`` or None when unknown) for a MetaImage/NRRD header; field None: nothing to check
-    (a list of files, a numbered pattern, bzip2).
+#: The most of a header read for its fields: a MetaImage's list of slice files (one line per slice), or a header
+#: whose end does not come within its first 64 kB.
+_MAX_LIST_HEADER = 1 << 22
 
-    ITK does not expose these; they are single ``key = value`` / ``key: value`` lines of the text header.
+#: What to do with a header whose data file lies outside its folder (or is named so).
+_OUTSIDE_FIX = ("copy the data file beside the header and name it without a folder in the header's {field} line "
+                "(a folder below the header's, e.g. data/image.raw, is also read)")
+
+
+def _header_ends(text: str, nrrd: bool) -> bool:
+    """Whether ``text`` (a header's first bytes) holds the header's end: an NRRD's first blank line, a MetaImage's
+    ElementDataFile line (its last field)."""
+    if nrrd:
+        return re.search(r"\r?\n\r?\n", text) is not None
+    return any((_metaimage_line(ln) or ("",))[0] == "ElementDataFile" for ln in text.splitlines())
+
+
+def _header_text(p: Path, nrrd: bool) -> str:
+    """The text of a MetaImage/NRRD header (its bytes decoded as latin-1): its first 64 kB, or up to 4 MB when its
+    end lies beyond them.
+
+    Why: the data-file field was looked for in the first 64 kB only, so a header padded past them with comments
+    named its data file unchecked (one outside its folder too), while ITK read the whole header.
+
+    Raises:
+        UnreadableFileError: the header does not end within its first 4 MB.
     """
     with open(p, "rb") as fh:
-        text = fh.read(65536).decode("latin-1")
-    if p.name.lower().endswith((".nrrd", ".nhdr")):
+        data = fh.read(65536)
+        if len(data) == 65536 and not _header_ends(data.decode("latin-1"), nrrd):
+            data += fh.read(_MAX_LIST_HEADER - len(data))
+            if len(data) == _MAX_LIST_HEADER and fh.read(1) and not _header_ends(data.decode("latin-1"), nrrd):
+                what = "blank line" if nrrd else "ElementDataFile line"
+                raise UnreadableFileError(f"its header's end (its {what}) is not within its first "
+                                          f"{_size_text(_MAX_LIST_HEADER)}: medfuse does not read a header that "
+                                          "long", fix="re-save the image (a header holds a few kB of text)", path=p)
+    return data.decode("latin-1")
+
+
+def _leaves_folder(name: str) -> Optional[str]:
+    """Why a data file name written in a header leads outside the header's folder ("an absolute path", "a path
+    through '..'"), judged on the text as written, or None when it names a file in that folder or below it.
+
+    The name is judged, not the file it resolves to: a link in the folder that points elsewhere (git-annex and
+    DataLad store data so) is read. Both separators and drive letters count on every system.
+    """
+    text = name.strip()
+    if text.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", text):
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", text):
+        return "a path through '..' (a folder above)"
+    return None
+
+
+def _refuse_outside(name: str, field: str, p: Path) -> None:
+    """Refuse a header that names a data file outside its own folder (``name`` as the header writes it).
+
+    Why: ITK opens what the header names, so a tampered header (``ElementDataFile = /etc/passwd``, ``data file:
+    ../../x``) turned any file the user can read into the voxels of an image, and of the outputs made from it.
+
+    Raises:
+        UnreadableFileError: ``name`` is an absolute path or goes through ``..``.
+    """
+    why = _leaves_folder(name)
+    if why:
+        raise UnreadableFileError(f"the data file name '{name.strip()}' in its header ({field}) is {why}: medfuse "
+                                  "reads a header's data files only from the header's folder or a folder below it",
+                                  fix=_OUTSIDE_FIX.format(field=field.split(" = ")[0]), path=p)
+
+
+def _nrrd_numbered(value: str) -> bool:
+    """Whether an NRRD ``data file`` value is a numbered pattern (``x%03d.raw <min> <max> <step>``), as NrrdIO
+    decides: its first ``%`` that is not ``%%`` is followed by digits and ``d``. Other ``%`` names are plain."""
+    at = 0
+    while True:
+        i = value.find("%", at)
+        if i < 0 or i + 1 >= len(value):
+            return False
+        if value[i + 1] != "%":
+            return re.match(r"\d*d", value[i + 1:]) is not None
+        at = i + 2
+
+
+def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[str]]:
+    """(the header's data-file field, the file it names or None when the data follow the header, the encoding:
+    ``raw``, ``deflate``, ``text`` or None when unknown) for a MetaImage/NRRD header; field None: a MetaImage whose
+    data are several files (a list, a numbered pattern: :func:`_check_itk_slices` checks them), or no data field.
+
+    ITK does not expose these; they are single ``key = value`` / ``key: value`` lines of the text header.
+
+    Raises:
+        UnreadableFileError: the header names its data file outside its folder (an absolute path, ``..``); an NRRD
+            whose data are bzip2-compressed or in several files; a header longer than 4 MB.
+    """
+    nrrd = p.name.lower().endswith((".nrrd", ".nhdr"))
+    text = _header_text(p, nrrd)
+    if nrrd:
         fields = _nrrd_fields(text)
-        key = "data file" if "data file" in fields else "datafile" if "datafile" in fields else None
-        name = fields.get(key) if key else None
-        enc = _NRRD_ENCODINGS.get(fields.get("encoding", "raw").strip().lower())
+        encoding = fields.get("encoding", "raw").strip().lower()
+        if encoding in ("bzip2", "bz2"):
+            # Why: ITK's NrrdIO has no bzip2 decoder, but says so only after allocating what the header claims
+            # (a 1 kB file took 1.5 GB; a larger claim, the process).
+            raise UnreadableFileError(
+                "its data are bzip2-compressed (NRRD 'encoding: bzip2'), which ITK's NRRD reader (medfuse's) "
+                "cannot decode", fix="re-save the image with raw or gzip encoding (e.g. 'unu save -e gzip', or "
+                "pynrrd's nrrd.write with header['encoding'] = 'gzip')", path=p)
+        enc = _NRRD_ENCODINGS.get(encoding)
+        key = None
+        for k in ("data file", "datafile"):  # NrrdIO reads both spellings
+            if k not in fields:
+                continue
+            key = key or k
+            value = fields[k].strip()
+            if value.startswith("LIST") or _nrrd_numbered(value):
+                # Why: ITK allocated what such a header claims before opening any file (a 100-byte data file
+                # took 1.7 GB; a larger claim, the process), and the list's names went unchecked.
+                raise UnreadableFileError(
+                    f"its header names its data as several files ({k}: {value.split()[0]}"
+                    f"{' ...' if ' ' in value else ''}), which medfuse does not read",
+                    fix="join the data into one file (for raw encoding, concatenate the files in order, e.g. "
+                        "'cat x1.raw x2.raw > x.raw', and write 'data file: x.raw' in the header), or re-save the "
+                        "image as a single .nrrd (e.g. with 3D Slicer or 'unu join')", path=p)
+            _refuse_outside(value, k, p)
+        name = fields[key].strip() if key else None
     else:
         fields = _metaimage_fields(text)
         key, name = "ElementDataFile", fields.get("ElementDataFile")
@@ -1154,20 +1282,18 @@ def _itk_data_source(p: Path) -> Tuple[Optional[str], Optional[Path], Optional[s
             return None, None, None
         if name.upper() == "LOCAL":
             return key, None, enc
+        # Several data files. ITK compares LIST's four letters, case and all: "list" names one file (was taken
+        # for a list, so its absence was not checked and ITK's "No such file or directory" named no file).
+        if name.startswith("LIST") or "%" in name or " " in name.strip():
+            if not name.startswith("LIST"):  # a pattern: judged whole here (a list's names by _check_itk_slices)
+                _refuse_outside(name, key, p)
+            return None, None, None
+        _refuse_outside(name, key, p)
     if name is None:  # the data follow the header
         return key or "", None, enc
-    # Several data files. ITK compares LIST's four letters, case and all: "list" names one file (was taken for a
-    # list, so its absence was not checked and ITK's "No such file or directory" named no file).
-    if name.startswith("LIST") or "%" in name or " " in name.strip():
-        return None, None, None
     # The header was decoded as latin-1 (any bytes): the name's bytes are the file name's, in the file system's
     # encoding ("é.raw" was looked for as "Ã©.raw" and reported missing).
-    data = Path(os.fsdecode(name.encode("latin-1")))
-    return key, (data if data.is_absolute() else p.parent / data), enc
-
-
-#: The most of a MetaImage header read for its list of slice files (one line per slice).
-_MAX_LIST_HEADER = 1 << 22
+    return key, p.parent / Path(os.fsdecode(name.encode("latin-1"))), enc
 
 
 def _leading_int(word: str) -> Optional[int]:
@@ -1176,122 +1302,172 @@ def _leading_int(word: str) -> Optional[int]:
     return int(m.group()) if m else None
 
 
-def _itk_slice_files(p: Path, size: Sequence[int]) -> Optional[Tuple[str, List[Path], int, Optional[str]]]:
-    """(the header's ElementDataFile value, the slice files it names, the voxels each holds, the encoding) of a
-    MetaImage whose data are several files, as ITK's MetaIO reads them: ``LIST [dims]`` followed by one file name
-    a line (each a ``dims``-D block, by default NDims - 1), or a numbered pattern ``name%03d.raw [min [max
-    [step]]]`` (each a slice). None for any other header (NRRD included), or a pattern ITK cannot step through.
-    ``size``: the image size ITK read from the header. Names are relative to the header's folder.
+#: The one number conversion a MetaImage slice-file pattern may hold (besides ``%%``): C's sprintf and Python's
+#: ``%`` write these alike, in digits, signs and hex letters only (no precision: "%.0d" writes 0 as nothing in C).
+_SLICE_NUMBER = re.compile(r"%[-+ 0#]*\d*[diouxX]")
+
+
+def _itk_slice_files(p: Path, size: Sequence[int]
+                     ) -> Optional[Tuple[str, Iterable[str], int, int, int, Optional[str]]]:
+    """(the header's ElementDataFile value, the slice file names as the header writes them, how many it names, how
+    many the image needs, the voxels each holds, the encoding) of a MetaImage whose data are several files, as
+    ITK's MetaIO reads them: ``LIST [dims]`` followed by one file name a line (each a ``dims``-D block, by default
+    NDims - 1), or a numbered pattern ``name%03d.raw [min [max [step]]]`` (each a slice). None for any other
+    header (NRRD included), or a pattern ITK cannot step through. ``size``: the image size ITK read from the
+    header. Names are relative to the header's folder.
+
+    The names are a list no longer than the lines the header holds, or (a pattern) made one at a time: a header
+    claiming 10^9 slices took 27 s and 3.5 GB (a list of 8 GB) before any file was looked at.
+
+    Raises:
+        UnreadableFileError: a pattern whose step comes out 0 or less, or that is not one number conversion.
     """
     if p.name.lower().endswith((".nrrd", ".nhdr")):
         return None
     with open(p, "rb") as fh:
         lines = fh.read(_MAX_LIST_HEADER).decode("latin-1").splitlines()
-    at = next((i for i, ln in enumerate(lines) if re.match(r"\s*ElementDataFile\s*=", ln)), None)
+    at = next((i for i, ln in enumerate(lines) if (_metaimage_line(ln) or ("",))[0] == "ElementDataFile"), None)
     if at is None or not size:
         return None
-    value = lines[at].split("=", 1)[1].strip()
+    value = _metaimage_line(lines[at])[1]
     words = value.split()
-    fields = dict(m.groups() for m in (re.match(r"\s*(\w+)\s*=\s*(.*?)\s*$", ln) for ln in lines[:at]) if m)
+    fields = dict(kv for kv in map(_metaimage_line, lines[:at]) if kv)
     enc = ("deflate" if fields.get("CompressedData", "").lower() == "true" else
            "text" if fields.get("BinaryData", "true").lower() == "false" else "raw")
     if value.startswith("LIST"):  # ITK compares the first four characters, case and all
         dim = _leading_int(words[1]) if len(words) > 1 else None
         dim = dim if dim is not None and 0 < dim <= len(size) else len(size) - 1
         count = int(np.prod(size[dim:], dtype=object))
-        names = [ln.rstrip() for ln in lines[at + 1:at + 1 + count]]
-        per = int(np.prod(size[:dim], dtype=object))
-    elif "%" in value:
-        nums = [_leading_int(w) for w in words[1:]]
-        if len(words) >= 5:  # a name with spaces: the last three words are the numbers
-            pattern, nums = " ".join(words[:-3]), nums[-3:]
-        else:
-            pattern = words[0]
-        if any(x is None for x in nums):
-            return None
-        lo = nums[0] if nums else 1
-        hi = nums[1] if len(nums) > 1 else lo + size[-1] - 1
-        step = nums[2] if len(nums) > 2 else (hi - lo) // size[-1] if len(nums) > 1 else 1
-        if step <= 0:
-            # ITK divides by this step: "t%d.raw 1 6" over 6 slices gives (6 - 1) // 6 = 0, and a floating-point
-            # exception killed the whole process (napari with it).
-            raise UnreadableFileError(
-                f"the MetaImage header's slice file pattern {value!r} gives a step of {step} between slice "
-                f"numbers for {size[-1]} slices; ITK cannot read it (it crashes)", path=p,
-                fix="write the pattern with its step, e.g. 'ElementDataFile = name%d.raw 1 N 1' (first, last, "
-                    "step), or list the slice files with 'ElementDataFile = LIST'")
-        hi = min(hi, (size[-1] - 1) * step + lo)  # ITK reads no more slices than the last size
-        try:
-            names = [pattern % i for i in range(lo, hi + 1, step)]
-        except (TypeError, ValueError):  # not a pattern Python can fill as C's sprintf does
-            return None
-        count, per = size[-1], int(np.prod(size[:-1], dtype=object))
-    else:
+        names = [ln.strip() for ln in lines[at + 1:at + 1 + count]]  # no more than the header holds
+        return value, names, len(names), count, int(np.prod(size[:dim], dtype=object)), enc
+    if "%" not in value:
         return None
-    files = [Path(os.fsdecode(n.strip().encode("latin-1"))) for n in names]
-    files = [f if f.is_absolute() or not f.name else p.parent / f for f in files]  # a blank line stays nameless
-    return value, files + [None] * (count - len(files)), per, enc
+    nums = [_leading_int(w) for w in words[1:]]
+    if len(words) >= 5:  # a name with spaces: the last three words are the numbers
+        pattern, nums = " ".join(words[:-3]), nums[-3:]
+    else:
+        pattern = words[0]
+    if any(x is None for x in nums):
+        return None
+    if len(_SLICE_NUMBER.findall(pattern.replace("%%", ""))) != 1 or pattern.replace("%%", "").count("%") != 1:
+        # Why: ITK fills the pattern with C's sprintf and one number; another conversion (%s, %n, two of them)
+        # reads memory it was not given.
+        raise UnreadableFileError(f"the MetaImage header's slice file pattern {value!r} does not hold exactly "
+                                  "one slice number such as %d or %03d", path=p,
+                                  fix="write the pattern with one number, e.g. 'ElementDataFile = name%03d.raw 1 "
+                                      "N 1' (first, last, step), or list the slice files with "
+                                      "'ElementDataFile = LIST'")
+    lo = nums[0] if nums else 1
+    hi = nums[1] if len(nums) > 1 else lo + size[-1] - 1
+    step = nums[2] if len(nums) > 2 else (hi - lo) // size[-1] if len(nums) > 1 else 1
+    if step <= 0:
+        # ITK divides by this step: "t%d.raw 1 6" over 6 slices gives (6 - 1) // 6 = 0, and a floating-point
+        # exception killed the whole process (napari with it).
+        raise UnreadableFileError(
+            f"the MetaImage header's slice file pattern {value!r} gives a step of {step} between slice "
+            f"numbers for {size[-1]} slices; ITK cannot read it (it crashes)", path=p,
+            fix="write the pattern with its step, e.g. 'ElementDataFile = name%d.raw 1 N 1' (first, last, "
+                "step), or list the slice files with 'ElementDataFile = LIST'")
+    hi = min(hi, (size[-1] - 1) * step + lo)  # ITK reads no more slices than the last size
+    listed = max(0, (hi - lo) // step + 1)
+    names = (pattern % i for i in range(lo, lo + listed * step, step))  # one at a time: 10^9 may be claimed
+    return value, names, listed, int(size[-1]), int(np.prod(size[:-1], dtype=object)), enc
 
 
 def _check_itk_slices(p: Path, size: Sequence[int], bytes_per_voxel: int) -> None:
-    """The slice files of a MetaImage whose data are several files must all be there, and hold their slice.
+    """The slice files of a MetaImage whose data are several files must all be there, in the header's folder (or
+    below it), and hold their slice.
 
     Why: a missing slice file gave "ITK says: Reason: No such file or directory" without its name (and ITK's
     "MetaImage: Read: cannot open slice" on stderr), a short one "corrupt or truncated" without its name, and a
-    list shorter than the image loaded without a word, the slices it lacks left as ITK's buffer held them.
+    list shorter than the image loaded without a word, the slices it lacks left as ITK's buffer held them. A
+    list naming ``/etc/passwd`` read it as slices.
+
+    The files are looked at in order and the check stops at the fourth missing one, so that a header claiming
+    10^9 slices costs no more than the files that are there.
 
     Raises:
-        UnreadableFileError: a slice file is missing, or holds less than its slice; the header lists too few.
+        UnreadableFileError: a slice file is named outside the header's folder, is missing, or holds less than
+            its slice; the header names too few.
     """
     found = _itk_slice_files(p, size)
     if found is None:
         return
-    value, files, per, enc = found
+    value, names, listed, count, per, enc = found
     field = f"ElementDataFile = {value}"
-    listed = [f for f in files if f is not None]
-    if len(listed) < len(files):
-        raise UnreadableFileError(f"its header ({field}) lists {len(listed)} data files, but its sizes "
-                                  f"({'x'.join(map(str, size))} voxels) need {len(files)}",
+    listing = isinstance(names, list)
+    if listing:  # every name as written, before any file is looked at
+        for name in names:
+            _refuse_outside(name, field, p)
+    if listed < count:
+        raise UnreadableFileError(f"its header ({field}) lists {listed} data files, but its sizes "
+                                  f"({'x'.join(map(str, size))} voxels) need {count}",
                                   fix="add the missing file names to the header's list, or correct its DimSize",
                                   path=p)
 
-    def shown(bad: List[Path]) -> str:
-        return ", ".join(f.name or "(a blank line)" for f in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    def shown(bad: List[str]) -> str:
+        return ", ".join(n or "(a blank line)" for n in bad[:3]) + (" and more" if len(bad) > 3 else "")
 
-    missing = [f for f in listed if not f.name or not f.is_file()]
+    need = per * bytes_per_voxel if enc == "raw" else per  # text: a character and a separator per value
+    sizes: dict = {}  # a list's names may repeat: each file is looked at once
+    missing: List[str] = []
+    short: List[str] = []
+    n_short = 0
+    for name in names:
+        if not listing:
+            _refuse_outside(name, field, p)
+        have = sizes.get(name)
+        if have is None:
+            f = p.parent / Path(os.fsdecode(name.encode("latin-1")))
+            try:
+                have = f.stat().st_size if name and f.is_file() else -1
+            except OSError:
+                have = -1
+            if listing:
+                sizes[name] = have
+        if have < 0:
+            missing.append(name)
+            if len(missing) > 3:
+                break
+        elif enc != "deflate" and (have if enc == "raw" else (have + 1) // 2) < need:
+            n_short += 1
+            if len(short) < 4:
+                short.append(name)
     if missing:
-        raise UnreadableFileError(f"{len(missing)} of the {len(files)} data files its header names ({field}) "
-                                  f"are missing: {shown(missing)}", path=p,
+        more = " or more" if len(missing) > 3 else ""
+        raise UnreadableFileError(f"{min(len(missing), 3) if more else len(missing)}{more} of the {count} data "
+                                  f"files its header names ({field}) are missing: {shown(missing)}", path=p,
                                   fix="keep the header and its data files together (copy them beside it), or "
                                       "correct the header's file names")
-    if enc == "deflate":  # compressed slices: their size says nothing certain
-        return
-    need = per * bytes_per_voxel if enc == "raw" else per  # text: a character and a separator per value
-    short = [f for f in listed if (f.stat().st_size if enc == "raw" else (f.stat().st_size + 1) // 2) < need]
-    if short:
-        raise UnreadableFileError(f"{len(short)} of the {len(files)} data files its header names ({field}) are "
+    if short:  # compressed slices: their size says nothing certain (enc "deflate" never gets here)
+        raise UnreadableFileError(f"{n_short} of the {count} data files its header names ({field}) are "
                                   f"too short for the {per} voxels each must hold: {shown(short)}; they are "
                                   "truncated, or the header's sizes are wrong", path=p,
                                   fix="copy or export the image again (header and all its data files)")
 
 
 def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[Tuple[int, ...]]:
-    """Before ITK reads the voxels: the data file a header names must exist, and hold as much data as the header
-    describes (ITK allocates the described size first: a 1 kB file claiming 10^9 voxels took 4 GB). Returns the
-    image size ITK reads from the header, or None when it cannot read the header (it then says why itself).
+    """Before ITK reads the voxels: the data file a header names must be in the header's folder (or below it),
+    exist, and hold as much data as the header describes (ITK allocates the described size first: a 1 kB file
+    claiming 10^9 voxels took 4 GB). Returns the image size ITK reads from the header, or None when it cannot read
+    the header (it then says why itself).
 
     Raises:
-        UnreadableFileError: the data file (or one of a MetaImage's slice files) is missing, or too small for the
-            header's sizes.
+        UnreadableFileError: the data file (or one of a MetaImage's slice files) is named outside the header's
+            folder, is missing, or is too small for the header's sizes; an NRRD in bzip2 or in several files.
     """
     import SimpleITK as sitk
 
     try:
         key, data, enc = _itk_data_source(p)
+    except UnreadableFileError:
+        raise
     except OSError:
         return None
+    written = None if data is None else os.fspath(data.relative_to(p.parent))  # the name as the header has it
     if data is not None and not data.is_file():
-        raise UnreadableFileError(f"the data file its header names ({key} '{data.name}') is missing: {data}",
+        # The path shown is the header's folder and the name it writes (names leading elsewhere were refused).
+        raise UnreadableFileError(f"the data file its header names ({key} '{written}') is missing: {data}",
                                   fix="keep the header and its data file together (copy the data file beside it), "
                                       f"or correct the header's {key} line", path=p)
     reader = sitk.ImageFileReader()
@@ -1312,7 +1488,7 @@ def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[T
         need, have = (n, (have + 1) // 2) if enc == "text" else (n * pixel.GetSizeOfPixelComponent(), have)
         _refuse_impossible_size(need, have, enc == "deflate", f"{'x'.join(map(str, size))} voxels",
                                 p, fix="copy or export the image again (header and data file)",
-                                where="the file" if data is None else f"its data file {data.name}")
+                                where="the file" if data is None else f"its data file {written}")
     return size
 
 
