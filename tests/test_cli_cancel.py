@@ -204,32 +204,42 @@ def test_a_batch_whose_job_gets_sigusr1_cancels_cleanly(tmp_path):
     notice: exit 130 with the cancel said, no worker tracebacks (they died of it and printed a dozen)."""
     import csv
     import os
-    import subprocess
     import sys
+
+    pytest.importorskip("distributed")
+    code, err, _ = _signalled_batch(tmp_path, [sys.executable, "-m", "medfuse", "batch"], ["--workers", "2"],
+                                    lambda proc: os.killpg(proc.pid, signal.SIGUSR1))
+    assert code == EXIT_CANCELLED, err
+    assert "cancelling on SIGUSR1" in err and "Traceback" not in err, err
+    rows = {r["subject"]: r["status"] for r in csv.DictReader(open(tmp_path / "manifest-report.csv"))}
+    assert set(rows.values()) <= {"done", "skipped", "cancelled"} and "pending" not in rows.values(), rows
+
+
+def _signalled_batch(tmp_path, command, options, send):
+    """Run ``command MANIFEST options --no-progress`` on 4 phantom subjects, ``send(proc)`` once the first output
+    exists; returns (exit code, stderr, manifest)."""
+    import os
+    import subprocess
     import time
 
     from medfuse.batch import write_phantom_subjects
 
-    pytest.importorskip("distributed")
     manifest = write_phantom_subjects(tmp_path, 4, first_seed=1, method="max", register=None, downsample=4)
-    cmd = [sys.executable, "-m", "medfuse", "batch", str(manifest), "--workers", "2", "--no-progress"]
     outputs = lambda: sorted(p for p in (tmp_path / "out").glob("*.nii.gz") if not p.name.startswith("."))  # noqa: E731
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([*command, str(manifest), *options, "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
         while not outputs() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the batch ended before the signal: " + proc.stderr.read()
-        os.killpg(proc.pid, signal.SIGUSR1)
+        send(proc)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    assert proc.returncode == EXIT_CANCELLED, err
-    assert "cancelling on SIGUSR1" in err and "Traceback" not in err, err
-    rows = {r["subject"]: r["status"] for r in csv.DictReader(open(tmp_path / "manifest-report.csv"))}
-    assert set(rows.values()) <= {"done", "skipped", "cancelled"} and "pending" not in rows.values(), rows
+    return proc.returncode, err, manifest
 
 
 @pytest.mark.parametrize("scheduler,group", [("synchronous", False), ("local", False), ("local", True)])
@@ -239,34 +249,23 @@ def test_batch_killed_by_sigterm_reports_done_and_cancelled_subjects(tmp_path, s
     others 'cancelled', and the outputs that exist are complete."""
     import csv
     import os
-    import subprocess
     import sys
-    import time
 
     from medfuse import provenance as prov
-    from medfuse.batch import read_manifest, write_phantom_subjects
+    from medfuse.batch import read_manifest
 
     pytest.importorskip("distributed")
-    manifest = write_phantom_subjects(tmp_path, 4, first_seed=1, method="max", register=None, downsample=4)
-    cmd = [sys.executable, "-c", "import sys; from medfuse.cli import main; sys.exit(main(sys.argv[1:]))",
-           "batch", str(manifest), "--scheduler", scheduler, "--workers", "2", "--no-progress"]
-    outputs = lambda: sorted(p for p in (tmp_path / "out").glob("*.nii.gz") if not p.name.startswith("."))  # noqa: E731
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not outputs() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the batch ended before the signal: " + proc.stderr.read()
+
+    def send(proc):
         if group:  # to the command and its Dask workers alike, as SLURM does at a time limit
             os.killpg(proc.pid, signal.SIGTERM)
         else:  # to the command itself, as `kill PID` does
             proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    assert proc.returncode == EXIT_CANCELLED, err
+
+    code, err, manifest = _signalled_batch(
+        tmp_path, [sys.executable, "-c", "import sys; from medfuse.cli import main; sys.exit(main(sys.argv[1:]))",
+                   "batch"], ["--scheduler", scheduler, "--workers", "2"], send)
+    assert code == EXIT_CANCELLED, err
     assert " - ERROR - " not in err, err  # Dask's "marked as failed because 1 workers died": a cancel is no error
     rows = {r["subject"]: r["status"] for r in csv.DictReader(open(tmp_path / "manifest-report.csv"))}
     # "skipped": with the workers signalled too, Dask may hand a killed worker's subject to another before the
