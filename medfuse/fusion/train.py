@@ -830,6 +830,7 @@ def load_checkpoint(path: Path, model, opt) -> dict:
         detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
                       lines[0])
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        detail = detail.rstrip(".")  # torch's own sentence ends in one: "...([12, 4, 3, 3]).)." read doubled
         raise InvalidInputError(f"the checkpoint does not fit this model ({detail})", path=path,
                                 fix="pass the architecture options (--width, --factor, --scan, --refine-head, "
                                     "--per-input-gain, --merge, --train-only-refine, ...) of the run that wrote it, "
@@ -1201,7 +1202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "under the current folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing weights in --out, and start a new run in a --run-dir that holds an "
-                             "earlier run's checkpoints (without --resume)")
+                             "earlier run's checkpoints (without --resume); with --resume it replaces the export "
+                             "only, and the run goes on from its checkpoints")
     # Defaults shown: with none given, a run of about an hour on 2 CPU cores starts (12 epochs of ~5 minutes).
     parser.add_argument("--epochs", type=int, default=12, help="2-D training epochs (default: %(default)s)")
     parser.add_argument("--steps-per-epoch", type=int, default=100, help="(default: %(default)s)")
@@ -1473,7 +1475,8 @@ def _load_init(model, path: Optional[Path], tensors: Optional[dict] = None, *, w
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # tensor shapes differ
-        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or ["tensor shapes differ"]
+        lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if "size mismatch" in ln] \
+            or ["tensor shapes differ"]
         n = len(lines) if lines[0] != "tensor shapes differ" else 0
         more = f"; {n - 1} more tensor(s) differ" if n > 1 else ""
         raise InvalidInputError(f"the --init weights do not fit this architecture ({lines[0]}{more})", path=path,

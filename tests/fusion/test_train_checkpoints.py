@@ -147,6 +147,7 @@ def test_a_checkpoint_of_another_architecture_is_a_typed_error_naming_the_file(t
     with pytest.raises(InvalidInputError, match="does not fit this model") as info:
         tr.load_checkpoint(path, other, torch.optim.Adam(other.parameters()))
     assert str(path) in str(info.value) and "--width" in str(info.value)
+    assert ".)." not in str(info.value) and ".)" not in info.value.problem  # torch's full stop, then ours
 
 
 def test_a_checkpoint_written_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
