@@ -1776,8 +1776,13 @@ def _workers_ignore_sigint() -> Iterator[None]:
         yield
         return
     # SIGUSR1/2 too: a scheduler's notice before its time limit goes to the whole job, and workers killed by it
-    # printed a dozen multiprocessing tracebacks; this process takes it as a cancel (medfuse.cli).
-    names = ("SIGINT",) + tuple(n for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+    # printed a dozen multiprocessing tracebacks; the medfuse command takes it as a cancel (medfuse.cli). Only
+    # there: in a program calling run_batch, getsignal() says SIG_DFL for a handler set from C (faulthandler), and
+    # restoring that wiped it out. Its workers still ignore them once they join (_ignore_sigint_in_every_worker).
+    from . import cli
+
+    usr = tuple(n for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)) if cli._CONSOLE[0] else ()
+    names = ("SIGINT",) + usr
     old = {n: signal.getsignal(getattr(signal, n)) for n in names}
     for n in names:
         signal.signal(getattr(signal, n), signal.SIG_IGN)

@@ -1034,11 +1034,28 @@ def _nrrd_fields(text: str) -> dict:
     its first bytes (the header ends at the first blank line); comments and ``key:=value`` pairs are skipped."""
     head = re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]
     fields = {}
-    for line in head.splitlines()[1:]:
+    for line in _header_lines(head)[1:]:
         m = re.match(r"\s*([^:#]+?)\s*:\s?(.*?)\s*$", line)
-        if m and not line.lstrip().startswith("#") and ":=" not in line:
+        # A key:=value pair is one only when ":=" comes before the first ": " (as NrrdIO reads it): a data file
+        # line holding ":=" in its name was skipped here and read by ITK unchecked.
+        kv = line.find(":=")
+        pair = kv >= 0 and (line.find(": ") < 0 or kv < line.find(": "))
+        if m and not line.lstrip().startswith("#") and not pair:
             fields.setdefault(m.group(1).lower(), m.group(2))
     return fields
+
+
+def _header_lines(text: str) -> List[str]:
+    """A MetaImage/NRRD header's lines as ITK's readers split them: at newlines only, a carriage return before one
+    dropped.
+
+    Why not ``str.splitlines``: it also breaks at \\x0b, \\x0c, \\x1c-\\x1e and \\x85, so a comment holding one
+    hid a harmless data-file line that only medfuse saw, while ITK read the next one (outside the folder).
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the newline that ends the last line starts none
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
 #: NRRD ``space units`` (free text in the format) -> mm per unit. An empty unit is unknown, read as mm (as ITK).
@@ -1105,7 +1122,7 @@ def _metaimage_fields(text: str) -> dict:
     MetaIO also takes ``:`` as the separator: ``ElementDataFile : /etc/passwd`` was not seen here (the data file
     went unchecked) while ITK read it."""
     fields: dict = {}
-    for line in text.splitlines():
+    for line in _header_lines(text):
         kv = _metaimage_line(line)
         if kv:
             fields.setdefault(*kv)
@@ -1163,7 +1180,7 @@ def _header_ends(text: str, nrrd: bool) -> bool:
     ElementDataFile line (its last field)."""
     if nrrd:
         return re.search(r"\r?\n\r?\n", text) is not None
-    return any((_metaimage_line(ln) or ("",))[0] == "ElementDataFile" for ln in text.splitlines())
+    return any((_metaimage_line(ln) or ("",))[0] == "ElementDataFile" for ln in _header_lines(text))
 
 
 def _header_text(p: Path, nrrd: bool) -> str:
@@ -1325,7 +1342,7 @@ def _itk_slice_files(p: Path, size: Sequence[int]
     if p.name.lower().endswith((".nrrd", ".nhdr")):
         return None
     with open(p, "rb") as fh:
-        lines = fh.read(_MAX_LIST_HEADER).decode("latin-1").splitlines()
+        lines = _header_lines(fh.read(_MAX_LIST_HEADER).decode("latin-1"))
     at = next((i for i, ln in enumerate(lines) if (_metaimage_line(ln) or ("",))[0] == "ElementDataFile"), None)
     if at is None or not size:
         return None

@@ -106,7 +106,8 @@ def label_map_description(volume: Volume, *, max_values: int = _LABEL_LIKE_VALUE
 
 
 def piecewise_constant(arr: np.ndarray, share: float = 0.5) -> bool:
-    """Whether neighbours along the last axis are equal for at least ``share`` of the pairs outside 0 background.
+    """Whether neighbours along the last axis are equal for at least ``share`` of the pairs outside the background
+    (the commonest value).
 
     Why: few distinct integer values alone also describe a low-count SPECT or PET in counts (every NIfTI loads
     as modality unknown), whose neighbours differ by noise (Poisson counts of mean 0.5 to 8: 0.10-0.20 of such
@@ -114,8 +115,14 @@ def piecewise_constant(arr: np.ndarray, share: float = 0.5) -> bool:
     segmentations more). Planes along the first axis are subsampled to about 64.
     """
     a = arr[:: max(1, arr.shape[0] // 64)]
+    if a.size == 0:
+        return False
+    # The background is the commonest value, not always 0: a CT masked to -1024 outside the body counted its
+    # air as flat regions (0.70 of pairs equal) and was shown as a label map (review).
+    values, counts = np.unique(a, return_counts=True)
+    background = values[int(np.argmax(counts))]
     x, y = a[..., 1:], a[..., :-1]
-    inside = (x != 0) | (y != 0)
+    inside = (x != background) | (y != background)
     n = int(np.count_nonzero(inside))
     return n > 0 and np.count_nonzero((x == y) & inside) >= share * n
 

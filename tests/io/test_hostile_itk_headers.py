@@ -95,6 +95,34 @@ def test_an_nrrd_data_file_outside_the_header_folder_is_refused(tmp_path, secret
     assert _FIX in e.value.fix
 
 
+
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x85"])
+@pytest.mark.parametrize("kind", ["mhd", "nhdr"])
+def test_a_data_file_line_hidden_in_a_comment_does_not_pass_the_check(tmp_path, secret, no_itk_read, kind,
+                                                                      separator):
+    """str.splitlines breaks at \\x0b, \\x0c, \\x1c-\\x1e and \\x85; ITK only at newlines. A comment holding one
+    showed medfuse a harmless data-file line, and ITK then read the real one outside the folder (review)."""
+    folder = tmp_path / "hdr"
+    (folder).mkdir()
+    (folder / "good.raw").write_bytes(_VOXELS)
+    if kind == "mhd":
+        p = _mhd(folder, "../secret.raw", extra=[f"Comment = c{separator}ElementDataFile = good.raw"])
+    else:
+        p = _nhdr(folder, "../secret.raw")
+        p.write_text(p.read_text().replace("encoding: raw\n", f"encoding: raw\n# c{separator}data file: good.raw\n"))
+    with pytest.raises(UnreadableFileError, match="'\\.\\.'"):
+        medfuse.load(p)
+
+
+def test_an_nrrd_data_file_named_through_a_colon_equals_folder_is_judged(tmp_path, secret, no_itk_read):
+    """A line with ':=' after its ': ' is a field to NrrdIO (a key:=value pair only has ':=' first); skipped here,
+    its data file ':=/../../secret.raw' went unchecked (review)."""
+    folder = tmp_path / "hdr"
+    (folder / ":=").mkdir(parents=True)
+    p = _nhdr(folder, ":=/../../secret.raw")
+    with pytest.raises(UnreadableFileError, match="'\\.\\.'"):
+        medfuse.load(p)
+
 def test_a_data_file_field_past_64_kb_of_comments_is_still_judged(tmp_path, secret, no_itk_read):
     """The header was read for its data file in its first 64 kB only: one padded past them went unchecked."""
     p = _nhdr(tmp_path / "hdr", str(secret), comments=1200)

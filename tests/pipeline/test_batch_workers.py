@@ -285,3 +285,21 @@ def test_the_default_worker_count_follows_the_cores_this_process_may_use(tmp_pat
         warnings.simplefilter("error")  # no oversubscription warning either
         run_batch(manifest, method="max", register=None)
     assert seen == [expected]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this system")
+def test_a_programs_own_sigusr1_handler_survives_the_cluster_start():
+    """run_batch from a program that dumps stacks on SIGUSR1 (faulthandler, a handler set from C, which getsignal
+    reports as SIG_DFL): the cluster start 'restored' SIG_DFL, and the next SIGUSR1 killed the program (review)."""
+    code = textwrap.dedent("""
+        import faulthandler, os, signal, sys, time
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr)
+        from medfuse.batch import _workers_ignore_sigint
+        with _workers_ignore_sigint():
+            pass
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        print("survived")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-1000:])
