@@ -31,6 +31,10 @@ def describe(value: Any) -> str:
     if isinstance(value, type):  # a class given for a value (medfuse.Volume itself): its .shape is a property
         return f"the class {value.__name__}"
     name = type(value).__name__
+    if name == "Volume" and type(value).__module__ == "medfuse.volume":
+        # A Volume made before importlib.reload(medfuse.volume) (a notebook): "expected a medfuse Volume, got
+        # Volume" contradicted itself.
+        return "a medfuse Volume made before medfuse was reloaded (load it again, or restart the kernel)"
     article = "an" if name[:1].lower() in "aeio" or name.startswith("nd") else "a"  # an int, an ndarray; a uint8
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return f"{article} {name} of shape {tuple(value.shape)}"

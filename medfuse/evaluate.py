@@ -1091,6 +1091,7 @@ def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Se
         # paths and SHA-256, and its fused output's).
         "created_utc": stamp["created_utc"],
         "versions": stamp["versions"],
+        "results_version": stamp["results_version"],  # the generation of medfuse's results (provenance.py)
         # Every metric here scores a better fusion higher (none is an error to minimise); said, not assumed.
         "higher_is_better": [m for m in METRICS if any(m in r for r in result.rows)],
         "ok": result.ok,

@@ -415,3 +415,19 @@ def test_a_method_name_passed_as_a_third_image_says_method_is_keyword_only():
     img = np.random.default_rng(0).random((16, 16))
     with pytest.raises(InvalidInputError, match=r"method name 'mean'.*method='mean'"):
         medfuse.fuse(img, img, "mean")
+
+
+def test_a_volume_made_before_a_reload_is_named_so():
+    """After importlib.reload(medfuse.volume) in a notebook, save() said "expected a medfuse Volume, got Volume"."""
+    code = """
+import importlib, json, numpy as np, medfuse, medfuse.volume
+v = medfuse.Volume(np.zeros((4, 4, 4), np.float32), np.eye(4))
+importlib.reload(medfuse.volume)
+importlib.reload(medfuse)
+try:
+    medfuse.save(v, "never-written.nii.gz")
+except medfuse.errors.MedfuseError as e:
+    print(json.dumps(str(e)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "made before medfuse was reloaded" in json.loads(out.splitlines()[-1])

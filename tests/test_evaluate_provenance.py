@@ -48,6 +48,9 @@ def test_pair_run_records_versions_time_input_and_output_hashes(tmp_path):
                                     "--mask", str(mask), "--no-progress", "-q", "--out", str(out)])) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["versions"]["medfuse"] == __version__
+    from medfuse.provenance import RESULTS_VERSION
+
+    assert doc["results_version"] == RESULTS_VERSION
     assert doc["versions"]["numpy"] == np.__version__ and "scipy" in doc["versions"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["created_utc"])
     # The keys other readers use keep their meaning.

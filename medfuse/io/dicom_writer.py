@@ -83,6 +83,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
+from .._checks import describe
 from ..errors import InvalidInputError, MedfuseError, MedfuseWarning, UnreadableFileError
 from ..volume import Volume
 from ._atomic import atomic_dir
@@ -606,7 +607,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     from .writers import _check_template, _refuse_all_nonfinite
 
     if not isinstance(volume, Volume):
-        raise InvalidInputError(f"expected a medfuse Volume, got {type(volume).__name__}",
+        raise InvalidInputError(f"expected a medfuse Volume, got {describe(volume)}",
                                 fix="load or build a Volume first (medfuse.load or medfuse.Volume)")
     folder = _as_path(folder, what="the output folder", fix="pass the new series folder's name as a str or Path")
     overwrite = _check_flag(overwrite, "overwrite")

@@ -25,6 +25,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
+from .._checks import describe
 from ..errors import GeometryError, InvalidInputError, MedfuseError, OutputExistsError
 from ..volume import Volume
 from ..provenance import _detached_data_file
@@ -468,7 +469,7 @@ def save(volume: Volume, path: PathLike, *, overwrite: bool = False, format: Opt
     """
     if not isinstance(volume, Volume):
         swapped = isinstance(volume, (str, os.PathLike)) and isinstance(path, Volume)
-        raise InvalidInputError(f"expected a medfuse Volume, got {type(volume).__name__}",
+        raise InvalidInputError(f"expected a medfuse Volume, got {describe(volume)}",
                                 fix="the volume comes first: save(volume, path)" if swapped else
                                 "load or build a Volume first (medfuse.load or medfuse.Volume)")
     p, overwrite = _check_args(path, overwrite=overwrite, format=format)
