@@ -1726,6 +1726,11 @@ def run(args: argparse.Namespace) -> int:
         # The command line's cancel message said "cancelled" alone: whether anything was kept, and how to go on.
         e.note = _cancel_note(args, kept)
         raise
+    finally:
+        # train.log was closed only at a run's end: a cancelled or failed run left it open (a ResourceWarning, at
+        # whatever later point the collector ran, which another test once caught as its own warning).
+        if kept.get("log") is not None:
+            kept["log"].close()
 
 
 def _cancel_note(args: argparse.Namespace, kept: dict) -> str:
@@ -1870,6 +1875,7 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     kept["folder"] = args.run_dir
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
+    kept["log"] = logf  # closed by run() whatever happens
 
     def log(msg: str, *, console: bool = True) -> None:
         if console and not quiet:
