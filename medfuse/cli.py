@@ -583,6 +583,44 @@ def _series_key(series: list, choice: Any, folder: Path) -> Optional[str]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    paths = list(args.path) if isinstance(args.path, (list, tuple)) else [args.path]
+    if len(paths) == 1:
+        args.path = paths[0]
+        return _info_one(args)
+    # Several (a shell glob: `medfuse info scans/*`): each in turn, an unreadable one said and skipped.
+    if args.series:
+        raise InvalidInputError(f"--series picks a series of one folder, and {len(paths)} paths were given",
+                                fix="give the one PATH whose series --series picks")
+    import contextlib
+    import io
+
+    _identifiers(args)  # every path's identifiers blank every path's lines (a copy of args below keeps them)
+    code, records = EXIT_OK, []
+    for i, path in enumerate(paths):
+        one = argparse.Namespace(**vars(args))
+        one.path = path
+        if i and not args.json:
+            print()
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buffer) if args.json else contextlib.nullcontext():
+                _info_one(one)
+            if args.json:
+                records.append(json.loads(buffer.getvalue()))
+        except MedfuseError as e:
+            code = EXIT_USAGE
+            text = _scrubbed(_cli_error(e).one_line(), args)
+            if args.json:
+                records.append({"path": _scrubbed(os.fspath(path), args), "error": text})
+            else:
+                sys.stdout.flush()
+                print(f"medfuse info: error: {text}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    return code
+
+
+def _info_one(args: argparse.Namespace) -> int:
     # A reader's MedfuseWarning (a missing slice, one file of a series) as fuse shows it: one "medfuse: warning:"
     # line, not Python's "file.py:81: MedfuseWarning ... return func(*args)" pair; one that info lists already
     # among the image's warnings is not said twice.
@@ -683,6 +721,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "modality": vol.modality,
         "unit": vol.unit,
         "suv_factor_source": vol.provenance.get("suv_source"),
+        "suv_factor": vol.provenance.get("suv_factor"),
         "shape": list(vol.shape),
         "n_volumes": len(vols),
         "spacing_mm": [round(s, 4) for s in vol.spacing],
@@ -706,7 +745,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     print(facts["path"])
     print(f"  modality     {vol.modality}   unit {vol.unit}")
     if facts["suv_factor_source"]:
-        print(f"  SUV factor   {facts['suv_factor_source']}")
+        print(f"  SUV factor   {_suv_factor_text(facts['suv_factor'])}{facts['suv_factor_source']}")
     print(f"  shape        {' x '.join(str(s) for s in vol.shape)} voxels ({arr.dtype})")
     if len(vols) > 1:
         # Counted from 0, as every volume_index= fix counts them ("volume 1" was volume_index=0).
@@ -726,6 +765,16 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     for w in facts["warnings"]:
         print(f"  warning      {_cli_words(str(w))}")
     return EXIT_OK
+
+
+def _suv_factor_text(factor: Any) -> str:
+    """The SUV multiplier as a console shows it (``"0.0003171 = "``), or a range where the slices' factors
+    differ; empty when unknown."""
+    if isinstance(factor, (int, float)):
+        return f"{factor:.7g} = "
+    if isinstance(factor, (list, tuple)) and len(factor) == 2:
+        return f"{factor[0]:.7g} .. {factor[1]:.7g} (by slice) = "
+    return ""
 
 
 def _blank_listing(record: Any, args: argparse.Namespace) -> Any:
@@ -1467,8 +1516,10 @@ def build_parser() -> argparse.ArgumentParser:
             "or DICOM folder (a 4-D series: its number of volumes; a PET: where its SUV factor came from).\n"
             "A folder holding several DICOM series or image files lists them, each series with its folder;\n"
             "pick a series with --series. Never shows patient identifiers.\n\n"
-            "examples:\n  medfuse info sample_volumes/pet\n  medfuse info sample_volumes")
-    p.add_argument("path", metavar="PATH", help="image file (.nii, .nii.gz, .mha, .nrrd) or DICOM file/folder")
+            "examples:\n  medfuse info sample_volumes/pet\n  medfuse info sample_volumes\n  medfuse info sample_volumes/*.nii.gz")
+    p.add_argument("path", metavar="PATH", nargs="+",
+                   help="image file (.nii, .nii.gz, .mha, .nrrd) or DICOM file/folder; several are shown in turn "
+                        "(with --json: a list)")
     p.add_argument("--series", metavar="S", help="the series to show when a folder holds several: its number as "
                                                  "listed (1, 2, ...), its modality (CT, MR, PT, NM) or its UID")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

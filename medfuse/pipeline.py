@@ -1070,7 +1070,7 @@ def _volume_facts(v: Volume) -> Dict[str, Any]:
     volume of a 4-D file or series (which one was used was recorded nowhere)."""
     facts = dict(modality=v.modality, unit=v.unit, shape=list(v.shape),
                  spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
-    keys = ("suv", "suv_source") + (("volume_index", "n_volumes") if (v.provenance.get("n_volumes") or 1) > 1 else ())
+    keys = ("suv", "suv_source", "suv_factor") + (("volume_index", "n_volumes") if (v.provenance.get("n_volumes") or 1) > 1 else ())
     for key in keys:
         if v.provenance.get(key) is not None:
             facts[key] = v.provenance[key]

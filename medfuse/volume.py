@@ -56,7 +56,7 @@ _PROVENANCE_KEYS = {
     "volume_index", "n_volumes", "warnings", "suv", "history", "transfer_syntax", "manufacturer",
     "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
     "registration", "scaling", "network_functional", "nifti_space", "sources", "suv_source", "labels_from",
-    "unit_stated", "patient_key", "series_number", "network_path", "network_threads",
+    "unit_stated", "patient_key", "series_number", "network_path", "network_threads", "suv_factor",
 }
 
 

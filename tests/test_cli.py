@@ -62,6 +62,24 @@ def test_info_on_a_dicom_pet_folder(capsys):
     assert facts["modality"] == "MR" and facts["shape"] == [160, 192, 160] and facts["spacing_mm"] == [1.0, 1.0, 1.0]
 
 
+def test_info_takes_several_paths_as_a_shell_glob_gives_them(tmp_path, capsys):
+    """`medfuse info scans/*` was "unrecognized arguments: (a str of 17 characters, not shown) ..."."""
+    one, two = SAMPLES / "mr_t1.nii.gz", SAMPLES / "spect.nii.gz"
+    missing = tmp_path / "gone.nii.gz"
+    assert main(["info", str(one), str(missing), str(two)]) == EXIT_USAGE  # the rest are still shown
+    got = capsys.readouterr()
+    assert got.out.count("modality") == 2 and "160 x 192 x 160" in got.out and "44 x 52 x 44" in got.out
+    assert got.err.strip() == f"medfuse info: error: {missing}: no such file or folder. Fix: check the path."
+    assert main(["info", "--json", str(one), str(two)]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [r["shape"] for r in listing] == [[160, 192, 160], [44, 52, 44]]
+    assert main(["info", "--json", str(one), str(missing)]) == EXIT_USAGE
+    listing = json.loads(capsys.readouterr().out)
+    assert listing[0]["modality"] == "MR" and "no such file" in listing[1]["error"]
+    assert main(["info", str(one), str(SAMPLES / "ct"), "--series", "1"]) == EXIT_USAGE
+    assert "--series picks a series of one folder, and 2 paths were given" in capsys.readouterr().err
+
+
 def test_errors_are_one_line_with_fix_and_no_traceback(tmp_path, capsys):
     missing = tmp_path / "nope.nii.gz"
     assert main(["info", str(missing)]) == EXIT_USAGE

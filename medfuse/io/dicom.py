@@ -2042,6 +2042,7 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         slices = [_slice(fr, pix) for fr in vframes]
         slopes = np.array([fr.slope for fr in vframes])
         inters = np.array([fr.intercept for fr in vframes])
+        fac = None
         if factors is not None:
             fac = np.array([factors[fr.file] for fr in vframes])
             slopes, inters = slopes * fac, inters * fac
@@ -2073,6 +2074,10 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         if factors is not None:
             prov["suv"] = suv_kind  # the kind applied ("auto" resolved)
             prov["suv_source"] = suv_source
+            # The multiplier itself, to check against the scanner console's: one number, or [min, max] where the
+            # slices' factors differ (each slice decayed to its own time).
+            lo, hi = float(fac.min()), float(fac.max())
+            prov["suv_factor"] = lo if hi - lo <= 1e-9 * hi else [lo, hi]
         elif suv_kind is not None:  # suv="none" on a stored SUVlbm: its formula, no factor applied
             prov["suv"] = suv_kind
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))

@@ -353,3 +353,35 @@ def test_a_series_whose_files_disagree_on_modality_is_refused(samples_dir, tmp_p
     with pytest.raises(UnreadableFileError, match="disagree on their modality"):
         medfuse.load(folder)
     assert medfuse.load(_pet_copy(samples_dir, tmp_path / "same")).modality == "PT"
+
+
+def test_the_suv_factor_applied_is_recorded_and_shown_by_info(samples_dir, tmp_path, capsys):
+    """`medfuse info` named the SUV rule but not the multiplier, so a user could not check it against the scanner
+    console's. The number recorded is the one applied: stored Bq/mL times it gives the SUVs loaded."""
+    from medfuse.cli import main
+    from medfuse.io.suv import header_from_dataset
+
+    pet = medfuse.load(samples_dir / "pet")
+    files = sorted((samples_dir / "pet").iterdir())
+    ds = pydicom.dcmread(files[0])
+    want = suv_factor(header_from_dataset(ds), kind="bw")
+    assert pet.provenance["suv_factor"] == pytest.approx(want, rel=1e-12)
+    stored = medfuse.load(samples_dir / "pet", suv="none")
+    assert stored.unit == "Bq/mL" and "suv_factor" not in stored.provenance
+    np.testing.assert_allclose(pet.array, stored.array * want, rtol=1e-5, atol=1e-6)
+    assert main(["info", str(samples_dir / "pet"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["suv_factor"] == pytest.approx(want, rel=1e-12)
+    assert main(["info", str(samples_dir / "pet")]) == 0
+    assert f"SUV factor   {want:.7g} = body weight" in capsys.readouterr().out
+    # Philips CNTS series carry a factor per slice ((7053,1009), counts to Bq/mL): the record is then the range.
+    for i, f in enumerate(files):
+        d = pydicom.dcmread(f)
+        d.Units = "CNTS"
+        d.add_new((0x7053, 0x0010), "LO", "Philips PET Private Group")
+        d.add_new((0x7053, 0x1009), "DS", f"{1.0 + 0.01 * i:.2f}")
+        d.save_as(tmp_path / f.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cnts = medfuse.load(tmp_path)
+    lo, hi = cnts.provenance["suv_factor"]
+    assert lo == pytest.approx(want) and hi == pytest.approx(want * (1.0 + 0.01 * (len(files) - 1)))
