@@ -1877,7 +1877,9 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     no_units = not headers or not str(headers[0].get("Units") or "").strip()
     assumed = " (assumed: the header has no Units)" if no_units else ""
     as_what = f"in {stored}" if stored != "arbitrary" else "as stored (unit 'arbitrary')"
-    msg = f"PET loaded {as_what}{assumed}, not SUV: {why}" + (f". Fix: {fix}" if fix else "")
+    # A stored SUV that could not be converted is still SUV: "not SUV" sent users to look for a missing header.
+    not_what = f"as stored, not converted to {_suv.KIND_UNITS[suv]}" if stored.startswith("SUV") else "not SUV"
+    msg = f"PET loaded {as_what}{assumed}, {not_what}: {why}" + (f". Fix: {fix}" if fix else "")
     _warn(path, msg)
     notes.append(msg)
     return stored, None, None

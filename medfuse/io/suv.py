@@ -31,6 +31,7 @@ provenance: errors name the *tag*, never its value (the injected dose, which ide
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -610,8 +611,17 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
             raise SUVError(_unknown_stored_kind(h, units), fix="load it with suv='none' to keep the stored values")
         if kind == stored:
             return 1.0
-        _weight(h, f"needed to turn {units} into SUV{kind}")
-        return _body_ratio(h, kind) / _body_ratio(h, stored, undo=True)
+        try:
+            _weight(h, f"needed to turn {units} into SUV{kind}")
+            return _body_ratio(h, kind) / _body_ratio(h, stored, undo=True)
+        except SUVError as e:  # said as a conversion: "needed for SUVlbm" read as if SUV could not be had at all
+            have, want = KIND_UNITS[stored], KIND_UNITS[kind]
+            problem = e.problem.replace(f"needed for SUV{stored}", f"needed to convert {have} to {want}")
+            problem = problem.replace(f"needed for SUV{kind}", f"needed to convert {have} to {want}")
+            fix = re.sub(r",? or (use SUVbw|load with suv='none')$", "", e.fix or "").rstrip(".")
+            raise SUVError(problem,
+                           fix=(fix + " to convert it, or " if fix else "") + f"keep the stored {have} "
+                               f"(suv='auto')") from None
     if units == "CNTS":
         sf = _philips(h, "SUVScaleFactor")
         if sf and sf > 0:

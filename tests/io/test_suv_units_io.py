@@ -167,6 +167,23 @@ def test_a_stored_suvlbm_loaded_as_stored_keeps_its_formula(samples_dir, tmp_pat
     assert rel < 1e-4, rel
 
 
+def test_a_stored_suvlbm_that_cannot_be_converted_is_said_to_be_kept_as_stored(samples_dir, tmp_path):
+    """A de-identified SUVlbm series (no PatientSex) fused by fuse_files, which asks SUVbw: the values are kept as
+    stored, and the warning said "PET loaded in SUVlbm, not SUV: PatientSex ... needed for SUVlbm. Fix: ... or
+    use SUVbw", as if the series were no SUV and SUVbw were what the user should pick."""
+    folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="M", PatientSize="1.75")
+    lbm = medfuse.load(folder, suv="lbm")
+    written = medfuse.save(lbm, tmp_path / "lbm")  # de-identified: PatientSex is not kept
+    assert not str(pydicom.dcmread(sorted(written.iterdir())[0]).get("PatientSex") or "")
+    with pytest.warns(MedfuseWarning) as caught:
+        got = medfuse.load(written, suv="bw")
+    text = " ".join(str(w.message) for w in caught if issubclass(w.category, MedfuseWarning))
+    assert "PET loaded in SUVlbm, as stored, not converted to SUVbw: PatientSex is missing" in text
+    assert "needed to convert SUVlbm to SUVbw" in text and "use SUVbw" not in text and "not SUV" not in text
+    assert got.unit == "SUVlbm"
+    np.testing.assert_allclose(got.array, lbm.array, rtol=1e-3, atol=1e-3 * float(lbm.array.max()))
+
+
 def test_an_overridden_unit_drops_the_stored_formula_and_an_unknown_formula_is_warned_of(samples_dir, tmp_path):
     folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="M", PatientSize="1.75", PatientWeight="110")
     path = medfuse.save(medfuse.load(folder, suv="lbm_janma"), tmp_path / "mid.nii.gz")
