@@ -1368,7 +1368,7 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         register = None if register == "none" else register
         method = s.method or options.get("method") or "network"
         kw = dict(register=register, method=method, device=options.get("device", "cpu"),
-                  fallback=options.get("fallback"), threads=threads)
+                  fallback=options.get("fallback"), threads=threads, suv=options.get("suv"))
         # What the output must have been made with: a fallback's output, or other weights', is redone.
         from .provenance import RESULTS_VERSION
 
@@ -1973,7 +1973,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
               threads_per_worker: int = 1, register: Optional[str] = None, method: str = "network",
               device: str = "cpu", fallback: Optional[str] = None, overwrite: bool = False,
               report: Optional[PathLike] = None, progress: bool = False,
-              cancel: Optional[CancelToken] = None, out_dir: Optional[PathLike] = None) -> BatchSummary:
+              cancel: Optional[CancelToken] = None, out_dir: Optional[PathLike] = None,
+              suv: Optional[str] = None) -> BatchSummary:
     """Fuse every subject of a manifest (or of a dataset folder) in parallel and write a report.
 
     Args:
@@ -1997,6 +1998,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
         progress: show a tqdm bar of finished subjects (on a terminal, or in a Jupyter notebook).
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
+        suv: how DICOM PET inputs are read, as :func:`medfuse.fuse_files` takes it (``None``: SUVbw).
 
     Returns:
         :class:`BatchSummary`. Failures are in it, not raised.
@@ -2007,7 +2009,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             given lies in a folder that does not exist (and is not the outputs'); checked before any work.
         InvalidInputError: ``manifest`` neither a path nor a list of subjects (each a :class:`Subject` or a dict of
             its fields), ``report`` or ``out_dir`` not a path, an unknown ``register``, ``method`` or
-            ``scheduler``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
+            ``scheduler`` or ``suv``, a ``fallback`` that is no classical method, ``workers`` or ``threads_per_worker`` not
             a whole number of 1 or more, ``cancel`` not a CancelToken, a list without ``report`` whose outputs
             share no folder but the filesystem root (or a different drive), an empty list without ``report``, a
             dataset folder without subject folders, an ``out_dir`` in a subject's folder, or a manifest
@@ -2025,6 +2027,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
         _fusion_method(fallback, what="fallback method", classical=True)
     whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)",
           minimum=1, maximum=MAX_THREADS)
+    if suv is not None:
+        from .io import _check_suv
+
+        _check_suv(suv)
     check_callbacks(cancel=cancel)
     _check_report_path(report_path, subjects)
     if report is not None and not (isinstance(report, str) and report == ""):  # a default's folder is made, as always
@@ -2052,7 +2058,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             workers = len(subjects)
         _warn_oversubscribed(scheduler, workers, threads)
         options = dict(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                       overwrite=overwrite)
+                       overwrite=overwrite, suv=suv)
         results: Dict[str, SubjectResult] = {}
         report_errors: List[BaseException] = []
         cancelled = False

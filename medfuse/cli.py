@@ -249,6 +249,7 @@ def _cli_words(text: str) -> str:
     text = re.sub(r"[,;]? or load(?: it)? with suv='none'(?: to keep (?:Bq/mL|the stored values))?", "", text)
     text = re.sub(r"load it with suv='none' to keep the stored values", "re-export the series with its full PET "
                   "header", text)
+    text = text.replace("(suv='auto')", "(--suv auto)")
     # evaluate's options under their Python names: val_fraction=0.2 is --val-fraction 0.2; min_content has none.
     text = text.replace("val_fraction=", "--val-fraction ").replace(", or lower min_content", "")
     return text.replace(" (or whole_series=True)", "")
@@ -706,7 +707,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
                 _print_blanked(args, f"for details: {', or '.join(hints)}")
                 return EXIT_OK
     try:
-        vols = load_volumes(p, series_uid=args.series)
+        vols = load_volumes(p, series_uid=args.series, suv=args.suv or "auto")
     except MultipleSeriesError as e:
         raise _cli_error(e) from None
     vol = vols[0]
@@ -873,7 +874,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         try:
-            fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m)
+            fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m,
+                                  suv=args.suv or "auto")
                              for p, pick, m in zip((args.fixed, args.moving), picks, args.modalities or [None, None]))
             if getattr(args, "keep_identity", False):  # refused before the registration, not after it
                 from .pipeline import _refuse_other_patients
@@ -1045,6 +1047,14 @@ def _add_series_option(p: argparse.ArgumentParser, example: str) -> None:
                         f"NM) or its UID; '-' for an input that needs none. e.g. {example}")
 
 
+def _add_suv_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--suv", choices=("auto", "bw", "lbm", "lbm_janma", "bsa", "none"), default=None,
+                   help="how a DICOM PET's values are read: auto = SUVbw, or the SUV kind a series stores; bw = body "
+                        "weight; lbm = lean body mass, James (SUL, as PERCIST uses it); lbm_janma = lean body mass, "
+                        "Janmahasatian; bsa = body surface area; none = as stored (Bq/mL). Other inputs ignore it. "
+                        f"Default: {default}")
+
+
 def _check_series_option(args: argparse.Namespace, n_inputs: int) -> None:
     if args.series is not None and len(args.series) != n_inputs:
         raise InvalidInputError(f"--series gives {len(args.series)} choices for {n_inputs} inputs",
@@ -1122,7 +1132,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                              method=args.method, device=args.device, overwrite=args.overwrite,
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
                              series=args.series, weights=args.weights, progress=bar, cancel=token,
-                             deidentify=not getattr(args, "keep_identity", False))
+                             deidentify=not getattr(args, "keep_identity", False), suv=args.suv)
         except MedfuseError as e:
             raise _cli_error(e, _series_by_input(args)) from None
     _show_warnings(caught, args)
@@ -1283,7 +1293,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             threads_per_worker=args.threads_per_worker, register=_kind(args.register),
                             method=args.method, device=args.device, fallback=args.fallback,
                             overwrite=args.overwrite, report=args.report, progress=not args.no_progress and not args.quiet,
-                            cancel=token, out_dir=args.out)
+                            cancel=token, out_dir=args.out, suv=args.suv)
     _show_warnings(caught, args)
     if not args.quiet:
         print(summary.table())
@@ -1523,6 +1533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", metavar="S", help="the series to show when a folder holds several: its number as "
                                                  "listed (1, 2, ...), its modality (CT, MR, PT, NM) or its UID")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_suv_option(p, "auto")
     p.set_defaults(func=_cmd_info)
 
     p = add("register", "align MOVING onto FIXED and write it on FIXED's grid",
@@ -1548,6 +1559,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_modalities_option(p, "it picks the registration preset, and a CT in HU is filled with air (-1024) "
                               "outside its field of view")
     _add_series_option(p, "medfuse register study/ study/ --series CT PT -o pet_on_ct.nii.gz")
+    _add_suv_option(p, "auto")
     _add_threads_option(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -1573,6 +1585,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_modalities_option(p, "it picks each input's normalisation and whether the network's 3-D path keeps "
                               "PET/SPECT uptake and CT bone bright")
     _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
+    _add_suv_option(p, "SUVbw (a stored SUV of another kind converted to it where the header allows)")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
     p.add_argument("--weights", metavar="FILE", default=None,
@@ -1630,6 +1643,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default registration for rows without a 'register' column (default: none for a "
                         "manifest; a dataset folder needs it said)")
     p.add_argument("--method", choices=_METHODS, default="network", help="default fusion method (default: network)")
+    _add_suv_option(p, "SUVbw, as fuse")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail the subject)")
     _add_device_option(p)

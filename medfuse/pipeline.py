@@ -203,6 +203,10 @@ class LoadStep:
         # None is "bw" asked by no one: a NIfTI PET (which holds no SUV header) is then loaded without the
         # "suv='bw' was not applied" warning, which batch printed for every such subject.
         self._suv_asked = suv is not None
+        if suv is not None:  # refused here, before any work (medfuse.load would refuse it only once loading)
+            from .io import _check_suv
+
+            _check_suv(suv)
         suv = "bw" if suv is None else suv
         self.params = {"modalities": self.modalities, "suv": suv}
         if self.series:
@@ -1126,6 +1130,9 @@ class Pipeline:
             as they are, so they must be in 0..1 already: values above 1 are refused by the fusion).
         modalities: modality override per input (NIfTI files carry none).
         series: series choice per input, for DICOM folders holding several series (see :class:`LoadStep`).
+        suv: how a DICOM PET is read, as :func:`medfuse.load` takes it (``"auto"``, ``"bw"``, ``"lbm"``,
+            ``"lbm_janma"``, ``"bsa"``, ``"none"``); ``None`` (default): SUVbw (a stored SUV of another kind is
+            converted to it where the header allows, else kept as stored).
         steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
             ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
         deidentify: ``False`` keeps the fixed DICOM series' patient and study in a DICOM output (names, IDs, the
@@ -1147,9 +1154,9 @@ class Pipeline:
                  fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
                  normalise: str = "auto", modalities: Optional[Sequence[Optional[str]]] = None,
                  series: Optional[Sequence[Optional[str]]] = None, steps: Optional[Dict[str, Step]] = None,
-                 deidentify: bool = True):
+                 deidentify: bool = True, suv: Optional[str] = None):
         self._steps: List[Tuple[str, Step]] = [
-            ("load", LoadStep(modalities=modalities, series=series)),
+            ("load", LoadStep(modalities=modalities, series=series, suv=suv)),
             ("register", RegisterStep(register, threads=threads)),
             ("resample", ResampleStep(grid=grid)),
             ("normalise", NormaliseStep(method=normalise)),
@@ -1458,11 +1465,12 @@ class _itk_threads:
 
 def pipeline_parameters(*, register: Optional[str] = None, method: str = "network", device: str = "cpu",
                         fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
-                        normalise: str = "auto", series: Optional[Sequence[Optional[str]]] = None) -> Dict[str, Any]:
+                        normalise: str = "auto", series: Optional[Sequence[Optional[str]]] = None,
+                        suv: Optional[str] = None) -> Dict[str, Any]:
     """The parameters :func:`fuse_files` records for these options (batch uses it to decide re-runs).
 
     Args:
-        register, method, device, fallback, threads, grid, normalise, series: as :func:`fuse_files`.
+        register, method, device, fallback, threads, grid, normalise, series, suv: as :func:`fuse_files`.
 
     Returns:
         ``{step name: its recorded parameters}`` for every step but save, as the sidecar's ``parameters``.
@@ -1472,7 +1480,7 @@ def pipeline_parameters(*, register: Optional[str] = None, method: str = "networ
             device, a fallback that is no classical method, or a series choice that is neither text nor a number).
     """
     return Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise, series=series).parameters()
+                    grid=grid, normalise=normalise, series=series, suv=suv).parameters()
 
 
 def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, Sequence[Union[PathLike, Volume]]],
@@ -1481,7 +1489,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                threads: Optional[int] = None, grid: str = "fixed", normalise: str = "auto",
                modalities: Optional[Sequence[Optional[str]]] = None, series: Optional[Sequence[Optional[str]]] = None,
                weights: Optional[PathLike] = None, progress: Optional[ProgressFn] = None,
-               cancel: Optional[CancelToken] = None, deidentify: bool = True) -> PipelineResult:
+               cancel: Optional[CancelToken] = None, deidentify: bool = True,
+               suv: Optional[str] = None) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
     Args:
@@ -1509,6 +1518,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         progress, cancel: progress callback and cancel token.
         deidentify: ``False`` keeps the fixed DICOM series' patient and study in a DICOM ``out`` (see
             :class:`Pipeline`); default ``True``, de-identified.
+        suv: how a DICOM PET input is read (see :class:`Pipeline`), e.g. ``"lbm"`` for SUL (PERCIST).
 
     Returns:
         :class:`PipelineResult` (fused Volume, output and sidecar paths, provenance, registration reports).
@@ -1536,7 +1546,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         raise InvalidInputError("moving is an empty list: there is nothing to fuse with the fixed image",
                                 fix="pass moving as one image (a path or Volume) or a list of at least one")
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise, modalities=modalities, series=series, deidentify=deidentify)
+                    grid=grid, normalise=normalise, modalities=modalities, series=series, deidentify=deidentify,
+                    suv=suv)
     if weights is not None:
         _network_weights(pipe.step("fuse"), weights)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

@@ -402,3 +402,36 @@ def test_the_suv_factor_applied_is_recorded_and_shown_by_info(samples_dir, tmp_p
         cnts = medfuse.load(tmp_path)
     lo, hi = cnts.provenance["suv_factor"]
     assert lo == pytest.approx(want) and hi == pytest.approx(want * (1.0 + 0.01 * (len(files) - 1)))
+
+
+def test_the_command_line_reads_a_pet_in_the_suv_kind_asked(samples_dir, tmp_path, capsys):
+    """--suv on info, register, fuse and batch: SUL (SUVlbm, as PERCIST reads it) had no command-line route."""
+    from medfuse.cli import main
+
+    folder = _pet_copy(samples_dir, tmp_path / "pet", PatientSex="F", PatientSize="1.62")
+    want = medfuse.load(folder, suv="lbm")
+    assert main(["info", str(folder), "--suv", "lbm", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["unit"] == "SUVlbm" and facts["suv_factor"] == pytest.approx(want.provenance["suv_factor"])
+    assert main(["info", str(folder), "--suv", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unit"] == "Bq/mL"
+    out = tmp_path / "on_itself.nii.gz"
+    assert main(["register", str(folder), str(folder), "-o", str(out), "--suv", "lbm", "-q",
+                 "--initialise", "none"]) == 0
+    got = medfuse.load(out)
+    assert float(np.abs(got.array - want.array).max()) < 0.02 * float(want.array.max())
+    rec = json.loads(out.with_name("on_itself.json").read_text())
+    assert rec["inputs"][1]["suv"] == "lbm" and rec["inputs"][1]["unit"] == "SUVlbm"
+    fused = tmp_path / "fused.nii.gz"
+    assert main(["fuse", str(folder), str(folder), "-o", str(fused), "--method", "max", "--suv", "bsa", "-q"]) == 0
+    sidecar = json.loads(fused.with_name("fused.json").read_text())
+    assert {i["unit"] for i in sidecar["inputs"]} == {"SUVbsa"}
+    assert sidecar["parameters"]["load"]["suv"] == "bsa"
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"subject,fixed,moving,output\ns1,{folder},{folder},{tmp_path / 'b.nii.gz'}\n")
+    assert main(["batch", str(manifest), "--method", "max", "--suv", "lbm_janma", "--scheduler", "synchronous",
+                 "-q"]) == 0
+    batch_rec = json.loads((tmp_path / "b.json").read_text())
+    assert {i["suv"] for i in batch_rec["inputs"]} == {"lbm_janma"}
+    assert main(["fuse", str(folder), str(folder), "-o", str(fused), "--suv", "sul"]) == 2
+    assert "invalid choice 'sul'" in capsys.readouterr().err
