@@ -41,6 +41,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ._checks import MAX_THREADS, as_path, choice, cwd_gone, describe, is_or_above, label, whole
 from ._runlock import run_lock
+from .io._atomic import case_key
 from .errors import (InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError, OutputExistsError,
                      OutputWriteError, UnreadableFileError)
 from .progress import CancelToken, check_callbacks
@@ -234,6 +235,19 @@ def _display_path(value: Any) -> str:
     return short if os.path.realpath(short) == real else real
 
 
+def _on_disk(text: str) -> str:
+    """A manifest's path (UTF-8 text) as this process names the file: the same in a UTF-8 locale; in a latin-1 or
+    an ASCII (C, without UTF-8 mode) one, the str whose bytes on disk are the UTF-8 the manifest spelt.
+
+    Why: under LC_ALL=de_DE.ISO-8859-1 a row's ``Sujet_é/mr.nii.gz`` was "no such file" beside the folder ``ls``
+    showed, and under LC_ALL=C (PYTHONUTF8=0) it stopped the run with an internal error (UnicodeEncodeError).
+    """
+    try:
+        return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+    except (UnicodeError, ValueError):  # lone surrogates of another origin: left as they are
+        return text
+
+
 def _row_error(path: Path, row: int, problem: str, fix: str) -> InvalidInputError:
     return InvalidInputError(f"manifest row {row}: {problem}", fix=fix, path=path)
 
@@ -300,7 +314,7 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
                   "or drop the row."
 
     def joined(p: str) -> str:
-        q = Path(os.path.expanduser(p))
+        q = Path(os.path.expanduser(_on_disk(p)))
         return os.fspath(q if q.is_absolute() else base / q)
 
     def absolute(p: str) -> str:
@@ -636,8 +650,8 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     sidecars: Dict[str, Tuple[int, str]] = {}
     for i, s in enumerate(subjects):
         key, full = shown(s.output), real(s.output)
-        if full.casefold() in outputs:
-            j, other = outputs[full.casefold()]
+        if case_key(full) in outputs:
+            j, other = outputs[case_key(full)]
             if text(subjects[j].output) == text(s.output):
                 refuse(i, j, f"output {key!r} appears twice in {where}", "give every subject its own output")
             if other == key:  # two spellings of one path (out/x.nii.gz, out/../out/x.nii.gz)
@@ -654,8 +668,8 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
                    "manifest (medfuse batch DATASET --write-manifest) and give them distinct outputs there"
                    if s.folder and subjects[j].folder else
                    "give every subject an output whose name differs in more than case")
-        outputs[full.casefold()] = (i, key)
-        side = os.fspath(sidecar_path(full)).casefold()
+        outputs[case_key(full)] = (i, key)
+        side = case_key(os.fspath(sidecar_path(full)))
         if side in sidecars:
             j, other = sidecars[side]
             refuse(i, j, f"outputs {other!r} and {key!r} share one provenance sidecar "
@@ -674,7 +688,7 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     for i, s in enumerate(subjects):
         for x in (s.fixed, *s.moving):
             if x:
-                inputs.setdefault(real(x).casefold(), []).append((i, shown(x)))
+                inputs.setdefault(case_key(real(x)), []).append((i, shown(x)))
     for what, taken in (("output", outputs), ("the sidecar of output", sidecars)):
         for key, (j, out) in taken.items():
             # The file itself, or a folder holding it (a DICOM input folder).
@@ -1579,9 +1593,9 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
 def _is_batch_report(path: Path) -> bool:
     """True when ``path`` holds a report an earlier run wrote (its header or keys are ours)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # only the header is ours: it is ASCII
             head = f.read(4096)
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return False
     if path.suffix.lower() == ".json":
         return head.lstrip().startswith("[") and ('"subject"' in head or head.strip() == "[]")
@@ -1602,13 +1616,13 @@ def _check_report_path(path: Path, subjects: Sequence[Subject] = ()) -> None:
         # Any other ending got CSV text: "report.xlsx" that Excel would not open.
         raise InvalidInputError(f"the report path ends in {path.suffix or 'no ending'!r}; a batch report is .csv or "
                                 ".json", fix="pass report= (--report) a path ending .csv or .json", path=path)
-    here = os.path.realpath(path).casefold()
+    here = case_key(os.path.realpath(path))
     for s in subjects:
         # The report written at an output's sidecar path took the place of that output's provenance.
         taken = [(s.output, "an output"), (sidecar_path(s.output), "an output's provenance sidecar")] + \
             [(x, "an input") for x in (s.fixed, *s.moving) if x]
         for target, what in taken:
-            t = os.path.realpath(os.fspath(target)).casefold()
+            t = case_key(os.path.realpath(os.fspath(target)))
             if here == t or here.startswith(t.rstrip(os.sep) + os.sep):
                 raise InvalidInputError(f"the report path is {what} of the batch (or inside one)",
                                         fix="pass report= (--report) a path of its own, e.g. beside the outputs' "
@@ -1647,12 +1661,25 @@ def _check_report_folder(path: Path, subjects: Sequence[Subject]) -> None:
 _COLUMNS = [f.name for f in fields(SubjectResult)]
 
 
+def _report_text(path: Path) -> str:
+    """A report's text: UTF-8 as medfuse writes it, or Windows-1252 as Excel's plain "CSV" saves it again.
+
+    Why: a report re-saved by Excel (not as "CSV UTF-8") with a subject "Sujet_é" was "not a medfuse batch
+    report", and the rerun refused to start.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
 def _read_report(path: Path) -> List[Dict[str, Any]]:
     """The rows of an earlier run's report at ``path`` (none when there is none or it is unreadable)."""
     if not path.is_file() or not _is_batch_report(path):
         return []
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = _report_text(path)
         first = text.split("\n", 1)[0]
         rows = json.loads(text) if path.suffix.lower() == ".json" else list(
             csv.DictReader(text.splitlines(), delimiter=";" if first.startswith("subject;") else ","))

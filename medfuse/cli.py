@@ -19,7 +19,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._checks import MAX_THREADS, did_you_mean, label
 from .errors import CancelledError, InvalidInputError, MedfuseError, MedfuseWarning
@@ -551,14 +551,22 @@ def _image_files(folder: Path) -> List[dict]:
             continue
         shape = None
         try:
-            import SimpleITK as sitk
+            if low.endswith((".nii", ".nii.gz", ".hdr")):
+                # nibabel reads the header whatever the name's case and bytes: ITK lower-cases the ending with
+                # the C library's locale (tr_TR keeps "I"), and its binding cannot take a name that is not UTF-8.
+                import nibabel as nib
 
-            from .io.nifti import itk_path
+                shape = [int(n) for n in nib.load(os.fspath(f)).shape]
+            else:
+                import SimpleITK as sitk
 
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(itk_path(f))
-            reader.ReadImageInformation()
-            shape = list(reader.GetSize())
+                from .io.nifti import _itk_readable
+
+                with _itk_readable(f) as name:
+                    reader = sitk.ImageFileReader()
+                    reader.SetFileName(name)
+                    reader.ReadImageInformation()
+                    shape = list(reader.GetSize())
         except Exception:  # noqa: BLE001 - listed without a size; 'medfuse info FILE' says what is wrong
             pass
         rows.append({"file": os.fspath(f), "shape": shape})
@@ -1682,6 +1690,27 @@ def _version() -> str:
     return __version__
 
 
+_ESCAPE_ERRORS = "medfuse.escape"
+
+
+def _escape_or_pass_through(err: UnicodeError) -> Tuple[str, int]:
+    """Codec error handler: a file name's undecodable bytes (surrogates) go out as those bytes, as ``ls`` shows
+    them; a character the output's encoding lacks goes out as a ``\\u0141``-style escape."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    bad = err.object[err.start:err.end]
+    if all("\udc80" <= c <= "\udcff" for c in bad):
+        return codecs_surrogateescape(err)
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                   else f"\\U{ord(c):08x}" for c in bad), err.end
+
+
+def codecs_surrogateescape(err: UnicodeEncodeError) -> Tuple[str, int]:
+    import codecs
+
+    return codecs.lookup_error("surrogateescape")(err)
+
+
 def _escape_unprintable_output() -> Callable[[], None]:
     """Make stdout and stderr write characters their encoding lacks as ``\\u0141``-style escapes; returns an undo.
 
@@ -1690,19 +1719,25 @@ def _escape_unprintable_output() -> Callable[[], None]:
     UnicodeEncodeError, so ``medfuse fuse`` wrote its output and then exited 3 as if it had a bug. A UTF-8 output
     (Linux, macOS) is unchanged.
     """
+    import codecs
+
+    codecs.register_error(_ESCAPE_ERRORS, _escape_or_pass_through)
     changed = []
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        # surrogateescape: Python's choice for a C/POSIX locale without UTF-8 mode (an 'é' in a summary table
+        # was an internal error there, after the whole batch had run).
+        before = getattr(stream, "errors", None)
+        if before in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
             try:
-                stream.reconfigure(errors="backslashreplace")
-                changed.append(stream)
-            except (OSError, ValueError):  # a closed or unusual stream: leave it as it is
+                stream.reconfigure(errors=_ESCAPE_ERRORS)
+                changed.append((stream, before))
+            except (OSError, ValueError, LookupError):  # a closed or unusual stream: leave it as it is
                 pass
 
     def undo() -> None:
-        for stream in changed:
+        for stream, before in changed:
             try:
-                stream.reconfigure(errors="strict")
+                stream.reconfigure(errors=before)
             except (OSError, ValueError):
                 pass
 

@@ -42,6 +42,7 @@ from ._checks import as_list, choice, did_you_mean, label
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
                      OutputExistsError, OutputWriteError, UnreadableFileError, WeightsError)
 from .fusion.classical import METHODS as CLASSICAL_METHODS
+from .io._atomic import case_key
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
 __all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
@@ -314,12 +315,12 @@ def _unique_names(items: List[_Item]) -> List[_Item]:
         InvalidInputError: a numbered name still collides (with a name given explicitly).
     """
     # Compared ignoring case: names that differ only in case are one output file on Windows and macOS.
-    counts = Counter(it.name.casefold() for it in items)
+    counts = Counter(case_key(it.name) for it in items)
     for i, it in enumerate(items):
-        if counts[it.name.casefold()] > 1:
+        if counts[case_key(it.name)] > 1:
             head, sep, tail = it.name.rpartition("/")  # keep a Harvard item's <PAIR>/ folder
             it.name = f"{head}{sep}{i + 1:03d}_{tail}"
-    dup = [n for n, c in Counter(it.name.casefold() for it in items).items() if c > 1]
+    dup = [n for n, c in Counter(case_key(it.name) for it in items).items() if c > 1]
     if dup:
         raise InvalidInputError(f"more than one pair is named {dup[0]!r}", fix="give each pair a unique name")
     return items

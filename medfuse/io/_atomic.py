@@ -277,14 +277,20 @@ def _special_kind(p: Path) -> Optional[str]:
     return next((name for test, name in _SPECIAL_KINDS if test(st.st_mode)), "a special file")
 
 
+def case_key(name: str) -> str:
+    """``name`` as a case-insensitive disk (NTFS, APFS) compares it: letter by letter in lower case, never one
+    letter for two (``str.casefold`` made ``Straße`` and ``Strasse`` one name, which those disks keep apart)."""
+    return "".join(low if len(low := c.lower()) == 1 else c for c in name)
+
+
 def _case_twin(p: Path) -> Optional[Path]:
     """Another entry beside ``p`` whose name differs from ``p``'s only in letter case (on a case-sensitive disk),
     else None."""
-    key = p.name.casefold()
+    key = case_key(p.name)
     try:
         with os.scandir(p.parent) as it:
             for e in it:
-                if e.name != p.name and e.name.casefold() == key:
+                if e.name != p.name and case_key(e.name) == key:
                     return Path(e.path)
     except (OSError, ValueError):
         pass
@@ -1081,5 +1087,9 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = False,
 
 def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = False,
                       inputs: Iterable[Optional[PathLike]] = ()) -> Path:
-    """Write UTF-8 text atomically; returns the Path."""
-    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite, inputs=inputs)
+    """Write UTF-8 text atomically; returns the Path.
+
+    A file name that is not UTF-8 (``sub_\\xff``: Python holds its bytes as surrogates) is written as its own
+    bytes: it stopped ``medfuse evaluate`` after all its scoring, and a dataset batch before any work (exit 3).
+    """
+    return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"), overwrite=overwrite, inputs=inputs)
