@@ -17,7 +17,10 @@
   and ``Offset``; ``AnatomicalOrientation`` is a label ITK ignores). An NRRD whose ``space`` names no patient
   orientation (``scanner-xyz``, ``3D-right-handed``, none) is read as LPS with a ``MedfuseWarning``. NRRD
   ``space units`` in metres, cm, microns or nm are converted to mm with a ``MedfuseWarning`` (ITK ignores them),
-  as a NIfTI's ``xyzt_units`` are.
+  as a NIfTI's ``xyzt_units`` are. SimpleITK reads with ``LC_NUMERIC`` set to "C" (:mod:`._c_locale`): under a
+  decimal-comma locale (napari's Qt sets one from LANG) ITK read an NRRD's 4.5 mm spacing as 4 mm.
+* Paths reach SimpleITK as UTF-8 text when their bytes (``os.fsencode``) are UTF-8, also under ``LC_ALL=C``
+  where Python holds such names with surrogate escapes; names whose bytes are not UTF-8 are read through a link.
 * Modality and unit: the ``modality``/``unit`` arguments win; otherwise what medfuse's writer
   stored is read back (NIfTI ``descrip`` ``"medfuse modality=PT unit=SUVbw"``; MetaImage/NRRD
   metadata keys ``medfuse_modality``/``medfuse_unit``); otherwise, for NIfTI, a BIDS JSON sidecar's
@@ -40,6 +43,7 @@ from .._checks import user_stacklevel
 from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MultipleSeriesError,
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, _check_affine, affine_from_geometry
+from ._c_locale import c_numeric_locale
 
 __all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "lbm_formula", "parse_lbm_formula",
            "nifti_space_code", "NIFTI_SPACES",
@@ -73,12 +77,34 @@ def _short_path(path: PathLike) -> Optional[str]:  # pragma: no cover - Windows 
     return buf.value if 0 < n < len(buf) else None
 
 
-def _utf8(text: str) -> bool:
+def _itk_text(path: PathLike) -> Optional[str]:
+    """The text to give SimpleITK for ``path``, or None when the file's name is not UTF-8.
+
+    SimpleITK's binding turns a str into UTF-8 bytes, and POSIX opens names by their bytes: so what counts is
+    whether the name's bytes (``os.fsencode``) are UTF-8. Under ``LC_ALL=C`` without UTF-8 mode Python holds a
+    name such as ``Données`` with surrogate escapes, whose ``str.encode("utf-8")`` fails although its bytes are
+    UTF-8 (such MetaImage/NRRD outputs were refused as "not UTF-8 text"); decoded, it names the same file.
+    """
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        raw: Optional[bytes] = text
+    elif os.name == "nt":  # names are Unicode there; itk_path finds an ASCII form
+        raw = None
+    else:
+        try:
+            raw = os.fsencode(text)
+        except UnicodeEncodeError:  # text the file system encoding cannot hold: Python cannot open it either
+            raw = None
+    if raw is not None:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return None
+    return text
 
 
 def itk_path(path: PathLike, *, writing: bool = False) -> str:
@@ -92,8 +118,8 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
         UnreadableFileError (reading) or OutputWriteError (writing): the path has no ASCII form (8.3 names are
             switched off on that disk, or the file's own name is not ASCII when writing).
     """
-    text = os.fspath(path)
-    if isinstance(text, str) and not _utf8(text):
+    text = _itk_text(path)
+    if text is None:
         # A name with bytes that are not UTF-8 (Python keeps them as surrogates): SimpleITK's binding cannot
         # convert it and aborts the whole process (std::logic_error), napari included.
         from ..errors import OutputWriteError
@@ -103,7 +129,7 @@ def itk_path(path: PathLike, *, writing: bool = False) -> str:
             "the path holds bytes that are not UTF-8 text, which SimpleITK (medfuse's MetaImage/NRRD/transform "
             "reader and writer) cannot open",
             fix="rename the file or folder to UTF-8 text, or use NIfTI (.nii.gz), which medfuse reads and writes "
-                "without SimpleITK", path=Path(os.fsencode(text).decode("utf-8", "backslashreplace")))
+                "without SimpleITK", path=Path(os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")))
     if not _ITK_NEEDS_ASCII or text.isascii():
         return text
     p = Path(text)
@@ -153,7 +179,7 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
     if gz is not None and ending in (".nii", ".nii.gz"):
         ending = ".nii.gz" if gz else ".nii"
         relink = not p.name.endswith(ending)  # another case, or another compression than the name says
-    if not relink and (_utf8(text) or os.name == "nt"):
+    if not relink and (_itk_text(text) is not None or os.name == "nt"):
         yield itk_path(p)
         return
     shown = Path(os.fsencode(text).decode("utf-8", "backslashreplace"))
@@ -184,7 +210,7 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
         raise refuse  # a NIfTI pair: ITK finds the other file by renaming; not linked
     folder = Path(tempfile.mkdtemp(prefix="medfuse-itk-"))  # private (mode 0700)
     try:
-        if not _utf8(os.fspath(folder)):  # TMPDIR itself not UTF-8: the link's path would abort SimpleITK too
+        if _itk_text(folder) is None:  # TMPDIR itself not UTF-8: the link's path would abort SimpleITK too
             raise refuse
         link = folder / ("image" + ending)
         if rel is not None and rel.parts[0] == link.name:
@@ -196,7 +222,7 @@ def _itk_readable(p: Path, *, gz: Optional[bool] = None) -> Iterator[str]:
                 os.symlink(os.path.abspath(p.parent / rel), folder / rel)
         except OSError:  # no symbolic links on this file system (or the temporary folder is full)
             raise refuse from None
-        yield os.fspath(link)
+        yield _itk_text(link)  # the folder's name as UTF-8 text (surrogate escapes under LC_ALL=C)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the links only: rmtree does not follow them
 
@@ -866,7 +892,8 @@ def _itk_nifti_affine(p: Path) -> Optional[np.ndarray]:
         with _itk_readable(p, gz=gz) as given:
             reader.SetFileName(given)
             sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's notes on stderr; medfuse warns in words
-            reader.ReadImageInformation()
+            with c_numeric_locale():  # every SimpleITK read: NRRD's numbers follow LC_NUMERIC (see _c_locale)
+                reader.ReadImageInformation()
     except MedfuseError:  # no ASCII form on Windows, or a pair whose name is not UTF-8: the cross-check is skipped
         return None
     except RuntimeError:
@@ -971,7 +998,8 @@ def _read_itk(p: Path) -> Tuple[np.ndarray, np.ndarray, Optional[str], Optional[
     io = "NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO"
     if io == "MetaImageIO":
         _check_metaimage_geometry(p)
-    with _itk_readable(p) as given:
+    # "C" numbers: under a decimal-comma LC_NUMERIC (napari's Qt sets one) ITK read an NRRD's 4.5 mm as 4 mm.
+    with _itk_readable(p) as given, c_numeric_locale():
         size = _check_itk_data(p, io, given)
         try:
             img = sitk.ReadImage(given, imageIO=io)
@@ -1491,7 +1519,8 @@ def _check_itk_data(p: Path, io: str, given: Optional[str] = None) -> Optional[T
     reader.SetImageIO(io)
     reader.SetFileName(itk_path(p) if given is None else given)  # given: the path SimpleITK reads p through
     try:
-        reader.ReadImageInformation()
+        with c_numeric_locale():  # NRRD's sizes and spacings are parsed with the C library's number locale
+            reader.ReadImageInformation()
         pixel = sitk.Image([1, 1], reader.GetPixelID())  # for the size of one component
     except RuntimeError:
         return None

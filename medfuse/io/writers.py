@@ -245,10 +245,12 @@ def _write_itk(img, file: Path, *, compress: bool) -> None:
     error that names the output (ITK's RuntimeError was an "internal error" naming the temporary file)."""
     import SimpleITK as sitk
 
+    from ._c_locale import c_numeric_locale
     from .nifti import itk_path
 
     try:
-        sitk.WriteImage(img, itk_path(file, writing=True), compress)
+        with c_numeric_locale():  # NRRD's writer prints numbers in LC_NUMERIC: "-96,75" under a decimal comma
+            sitk.WriteImage(img, itk_path(file, writing=True), compress)
     except RuntimeError as e:
         text = str(e)
         for reason, code in _ITK_WRITE_REASONS:
