@@ -46,7 +46,7 @@ Start here (the paths are the repository's bundled sample_volumes/):
   medfuse batch subjects.csv --workers 4         # your manifest: many subjects in parallel (Dask; medfuse batch --help)
 
 Inputs are NIfTI/MetaImage/NRRD files or DICOM folders. The first image (FIXED) is the
-reference: outputs are on its grid. Every output of fuse, register, batch and demo gets a
+reference: outputs are on its grid. Every output of fuse, register, resample, batch and demo gets a
 provenance sidecar (x.nii.gz -> x.json): versions, input and output SHA-256, registration report,
 steps and timings; never patient identifiers (evaluate records its run in metrics.json instead).
 Outputs are never written over an existing file unless --overwrite is given (medfuse demo
@@ -927,6 +927,97 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_resample(args: argparse.Namespace) -> int:
+    """``medfuse resample``: MOVING on REFERENCE's grid through saved transforms (a chain: each applied in turn)."""
+    import time
+
+    from . import provenance as prov
+    from .io import dicom_template, is_image_file, load, save
+    from .io.writers import check_save_target
+    from .registration import resample
+    from .registration.transforms import load_transform
+
+    out = Path(args.output)
+    chain_paths = list(args.transform or [])
+    args.outputs = _Outputs(out, prov.sidecar_path(out))
+    _check_readable(args.reference, args.moving, *chain_paths)
+    check_save_target(out, overwrite=args.overwrite, inputs=[args.reference, args.moving, *chain_paths])
+    prov.check_sidecar(out, overwrite=args.overwrite)
+    if getattr(args, "keep_identity", False):
+        from .pipeline import check_identity_kept
+
+        check_identity_kept(out, args.reference, option="--keep-identity")
+    _check_modalities_option(args, 2)
+    _check_series_option(args, 2)
+    # Read (and refused when missing or unreadable) before the images are loaded.
+    chain = None
+    for path in chain_paths:  # the first maps REFERENCE points on, the last lands in MOVING: compose applies its
+        t = load_transform(path)  # argument first
+        chain = t if chain is None else t.compose(chain)
+    picks = args.series or [None, None]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedfuseWarning)
+        try:
+            reference, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m,
+                                      suv=args.suv or "auto")
+                                 for p, pick, m in zip((args.reference, args.moving), picks,
+                                                       args.modalities or [None, None]))
+            if getattr(args, "keep_identity", False):
+                from .pipeline import _refuse_other_patients
+
+                _refuse_other_patients([reference, moving], warn_unknown=True)
+            moved = resample(moving, reference, transform=chain, interpolation=args.interpolation,
+                             default=args.fill)
+        finally:
+            for w in caught:  # the label-map warning's fix names resample()'s argument: say the option
+                w.message = MedfuseWarning(str(w.message).replace("interpolation='nearest'", "--interpolation nearest")
+                                           .replace("interpolation='linear'", "--interpolation linear"))
+            _show_warnings(caught, args)
+    try:
+        save(moved, out, overwrite=args.overwrite,
+             template=None if is_image_file(out) else dicom_template(args.reference),
+             deidentify=not getattr(args, "keep_identity", False))
+        args.outputs.mark(out)
+        inputs = [{"role": "reference", "path": args.reference, "sha256": prov.hash_path(args.reference)},
+                  {"role": "moving", "path": args.moving, "sha256": prov.hash_path(args.moving)}]
+        from .pipeline import _volume_facts
+
+        for rec, vol in zip(inputs, (reference, moving)):
+            rec.update(_volume_facts(vol))
+        done = [h for h in moved.provenance.get("history", []) if h.get("step") == "resample"]
+        params = {"transforms": [os.fspath(p) for p in chain_paths], "interpolation": args.interpolation,
+                  "fill": args.fill}
+        if args.modalities:
+            params["modalities"] = list(args.modalities)
+        if args.series:
+            from .io import series_choice_record
+
+            params["series"] = [series_choice_record(s) for s in args.series]
+        extra: Dict[str, Any] = {"transforms": [{"path": os.fspath(p), "sha256": prov.hash_path(p)}
+                                                for p in chain_paths]}
+        if done:  # what the resampling did (interpolation and fill chosen, the transform's matrix)
+            extra["resample"] = {k: done[-1][k] for k in ("interpolation", "fill", "transform_matrix")
+                                 if k in done[-1]}
+        record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
+                            steps=[{"name": "resample", "params": params,
+                                    "seconds": round(time.perf_counter() - t0, 3)}],
+                            parameters=params, extra=extra)
+        side = prov.write_sidecar(out, record, input_paths=[args.reference, args.moving, *chain_paths])
+        args.outputs.mark(side)
+    except BaseException as e:
+        removed = _remove_written(args.outputs)  # an image without its sidecar is not left as if complete
+        if removed and isinstance(e, MedfuseError):
+            e.problem = f"{e.problem} (the outputs this run had written are removed: " \
+                        f"{', '.join(p.name for p in removed)})"
+            e.args = (e._compose(),)
+        raise
+    how = done[-1].get("interpolation", args.interpolation or "linear") if done else "as it was"
+    _say(args, f"resampled onto the reference grid through {len(chain_paths)} transform(s) ({how})"
+               f"\nwrote {out}\nwrote {side} (provenance)")
+    return EXIT_OK
+
+
 def _remove_written(outputs: "_Outputs") -> List[Path]:
     """Delete the outputs this run wrote and marked (:meth:`_Outputs.own`); returns those removed."""
     removed = []
@@ -1544,6 +1635,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suv_option(p, "auto")
     p.set_defaults(func=_cmd_info)
 
+    p = add("resample", "put MOVING on REFERENCE's grid through saved transforms (no registration)",
+            "Resample MOVING onto REFERENCE's grid through one or more saved ITK transforms (.tfm, .h5, .mat; as\n"
+            "medfuse register, 3D Slicer or ANTs write them: each maps points of its fixed image to points of its\n"
+            "moving image), and write it with a provenance sidecar. Without --transform the images are put\n"
+            "together as the scanners placed them. Uses: move a label map or a second image of the moving\n"
+            "session with a transform made once; chain a follow-up onto a baseline.\n\n"
+            "A chain is given from REFERENCE on: the transform whose fixed image is REFERENCE first, then the\n"
+            "one that goes on from that transform's moving image, and so on to MOVING. e.g. follow-up PET onto\n"
+            "baseline CT through the follow-up CT:\n"
+            "  medfuse register bl_ct fu_ct -o fu_ct_on_bl.nii.gz --transform bl_to_fu.tfm\n"
+            "  medfuse register fu_ct fu_pet -o fu_pet_on_fu_ct.nii.gz --transform fuct_to_fupet.tfm\n"
+            "  medfuse resample bl_ct fu_pet --transform bl_to_fu.tfm fuct_to_fupet.tfm -o fu_pet_on_bl.nii.gz\n\n"
+            "example:\n  medfuse resample sample_volumes/mr_t1.nii.gz sample_volumes/pet --transform "
+            "sample_volumes/pet_to_mr.tfm -o pet_on_mr.nii.gz")
+    p.add_argument("reference", metavar="REFERENCE", help="the image whose grid the output takes (file or DICOM folder)")
+    p.add_argument("moving", metavar="MOVING", help="the image to resample (file or DICOM folder)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output image (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
+    p.add_argument("--transform", nargs="+", metavar="T", default=None,
+                   help="transform file(s), REFERENCE side first (default: none, the scanners' placement)")
+    p.add_argument("--interpolation", choices=("linear", "nearest", "bspline"), default=None,
+                   help="linear (default; a label map is warned about), nearest (label maps, masks: keeps the "
+                        "labels), or bspline (sharper, its overshoot clipped)")
+    p.add_argument("--fill", type=float, default=None, metavar="V",
+                   help="value outside MOVING (default: -1024 for a CT in HU, else 0)")
+    _add_modalities_option(p, "a CT in HU is filled with air (-1024) outside its field of view")
+    _add_series_option(p, "medfuse resample study/ study/ --series CT PT -o pet_on_ct.nii.gz")
+    _add_suv_option(p, "auto")
+    _add_keep_identity_option(p)
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    p.set_defaults(func=_cmd_resample)
+
     p = add("register", "align MOVING onto FIXED and write it on FIXED's grid",
             "Register MOVING onto FIXED and write the resampled MOVING (on FIXED's grid), the ITK transform\n"
             "(.tfm, maps FIXED points to MOVING points; readable by 3D Slicer, ANTs, SimpleITK) and a\n"
@@ -1983,7 +2106,7 @@ def _scrubbed(message: str, args: argparse.Namespace) -> str:
 
 # The arguments naming inputs, whose DICOM headers hold the identifiers to blank (``rest``: evaluate's and
 # train's own options, passed on to them).
-_INPUT_ARGS = frozenset({"fixed", "moving", "manifest", "path", "initial_transform", "samples", "rest"})
+_INPUT_ARGS = frozenset({"fixed", "moving", "reference", "manifest", "path", "initial_transform", "samples", "rest"})
 _OUTPUT_OPTIONS = frozenset({"-o", "--out", "--output", "--run-dir", "--report"})
 
 
