@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any, Mapping, Optional
 
 _SALT = os.urandom(16)
@@ -38,6 +39,9 @@ def patient_key(header: Any) -> Optional[str]:
         PatientBirthDate), or None when it holds none of them (an anonymised export).
     """
     get = header.get
+    if str(get("DeidentificationMethod", "") or "").startswith("medfuse:") and \
+            re.fullmatch(r"MF[0-9A-F]{16}", str(get("PatientID", "") or "").strip()):
+        return None  # medfuse's de-identified output: its ID and name are pseudonyms, not the patient's
     values = {"id": " ".join(str(get("PatientID", "") or "").split()).upper(),
               "name": _name(get("PatientName", "")),
               "born": str(get("PatientBirthDate", "") or "").strip()}

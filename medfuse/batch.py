@@ -1273,7 +1273,8 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
 
     Args:
         subject: a :class:`Subject` (or its dict).
-        options: ``register``, ``method``, ``device``, ``fallback``, ``threads``, ``overwrite`` defaults.
+        options: ``register``, ``method``, ``device``, ``fallback``, ``threads``, ``overwrite`` defaults;
+            ``pseudonym_key`` (:func:`medfuse.io.dicom_writer.current_key` of the run) for de-identified DICOM.
         cancel: stops the subject at the pipeline's next check (in-process runs).
 
     Returns:
@@ -1290,7 +1291,11 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     said: List[str] = []
     try:
         # medfuse's warnings go into the row, blanked (printed raw by a Dask worker, they named patient folders).
-        with _subject_warnings() as said:
+        from .io.dicom_writer import using_key
+
+        # The run's pseudonym key (a worker process has its own): its DICOM outputs on one fixed series share their
+        # pseudonymous study, frame of reference and patient.
+        with _subject_warnings() as said, using_key(options.get("pseudonym_key")):
             inputs = _fill_result(s, res, options, cancel, inputs)
     finally:
         res.warnings = "; ".join(dict.fromkeys(" ".join(m.split()) for m in said)) or None
@@ -2084,8 +2089,11 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             # (1 subject on --workers 6: 13 s against 4.5 s on one worker).
             workers = len(subjects)
         _warn_oversubscribed(scheduler, workers, threads)
+        from .io.dicom_writer import current_key
+
+        # pseudonym_key: one for the whole run, held in memory only (its repr hides it; see using_key).
         options = dict(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                       overwrite=overwrite, suv=suv)
+                       overwrite=overwrite, suv=suv, pseudonym_key=current_key())
         results: Dict[str, SubjectResult] = {}
         report_errors: List[BaseException] = []
         cancelled = False

@@ -20,7 +20,8 @@ Choices (see docs/io.md and docs/dicom.md):
   within dcm2niix's tolerance of each other gets the largest one on every slice (:func:`series_slopes`).
 * Equipment: Manufacturer empty (dcm2niix read "medfuse" as the vendor Mediso); ManufacturerModelName
   ``medfuse`` and SoftwareVersions name the software. PatientPosition and AnatomicalOrientationType come from
-  a template of any modality (they define its patient coordinates, in which the output is written).
+  a template of any modality (they define its patient coordinates, in which the output is written); a PET has no
+  PatientPosition (not allowed beside its PatientOrientationCodeSequence).
 * Text: SpecificCharacterSet ``ISO_IR 192`` (UTF-8) when any text is not ASCII; none otherwise.
 * PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
   and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
@@ -28,10 +29,12 @@ Choices (see docs/io.md and docs/dicom.md):
   standard's unit of SUVbsa) and SUVType ``BSA``. SUVType cannot say which lean-body-mass formula an SUVlbm
   used, so when the volume's provenance says (``suv`` ``lbm`` or ``lbm_janma``) DerivationDescription records it
   (``medfuse.io.suv.LBM_JANMA_NOTE``/``LBM_JAMES_NOTE``), and the reader converts the series with that formula.
-  PET in Bq/mL is written with Units ``BQML``; the radiopharmaceutical sequence,
-  weight and times are copied from the template when there is one, so SUV still comes out. An SUV
-  series keeps the template's radiopharmaceutical sequence (the tracer); without one it is empty. A PET whose
-  template is no PET (registered onto a CT) takes them from its own DICOM series instead. NM in Bq/mL
+  PET in Bq/mL is written with Units ``BQML``. The radiopharmaceutical sequence (tracer, dose, injection time),
+  PatientWeight/Size/Sex, DecayCorrection and the series/acquisition dates and times (which the decay correction
+  refers to) come from the PET's own DICOM series (its provenance ``source``, kept through resampling and
+  registration), whatever the template: a PET registered onto another PET keeps its own dose and weight, so the
+  SUV a PACS computes is its own. Without a readable own series, a PET template gives them when the volume names
+  no other series; else none are written (an empty sequence; a warning for Bq/mL). NM in Bq/mL
   (quantitative SPECT) is written with Units ``BQML`` too, so that it reads back in Bq/mL, not counts.
 * Whole numbers that fit neither int16 nor uint16 (int32 HU, label maps above 65535) are quantised like float
   data, with a ``MedfuseWarning`` giving the largest error. A slice spacing below the reader's position
@@ -46,9 +49,12 @@ Choices (see docs/io.md and docs/dicom.md):
   (dates and times, sex, age, size and weight are kept: SUV needs them): names, IDs, birth date, accession
   number, study ID, referring physician and study description are removed or emptied (at any depth), private
   elements are dropped, and every UID copied from the template (Study, FrameOfReference, any in a sequence) is
-  replaced by a pseudonym. The pseudonym is a hash of the original UID with a key made once per process: the
-  series written by one run from one template share their new study and frame of reference (so they still
-  overlay), and no one can recompute them from the original UIDs. PatientIdentityRemoved ``YES``,
+  replaced by a pseudonym. The pseudonym is a hash of the original UID with a key made once per process (a batch
+  run hands its key to its workers): the series written by one run from one template share their new study and
+  frame of reference (so they still overlay), and no one can recompute them from the original UIDs. PatientID is
+  ``MF`` + 16 hex digits, a keyed hash (same key) of the patient's ID and issuer (else name and birth date; else
+  the study UID) in the template, else in the volume's own series; PatientName ``<that>^PSEUDONYM``: one patient's
+  outputs of one run are filed under one pseudonymous patient, other patients' under others. PatientIdentityRemoved ``YES``,
   DeidentificationMethod and DeidentificationMethodCodeSequence (CID 7050) say so.
 * SeriesNumber: ``1HHMMSS`` from the clock, raised when needed so that every series this process writes gets a
   larger number than the one before, and never the template's own number. Processes on one machine (batch
@@ -58,7 +64,8 @@ Choices (see docs/io.md and docs/dicom.md):
   that folder cannot be used, the process's own numbering still holds.
 * IOD modules: CT Image (ImageType ``DERIVED\\SECONDARY\\AXIAL``, KVP and AcquisitionNumber), MR Image
   (ScanningSequence, SequenceVariant, ScanOptions, MRAcquisitionType, EchoTime, EchoTrainLength,
-  RepetitionTime/InversionTime when their condition holds) and PET Series/Image (DecayCorrection, DecayFactor,
+  RepetitionTime/InversionTime/TriggerTime when their condition holds: InversionTime only for IR, TriggerTime only
+  for CG/PPG gating) and PET Series/Image (DecayCorrection, DecayFactor,
   CorrectedImage, Units, ...) are complete: values are copied from a template of the same modality; without one
   Type 1 attributes get generic values for a derived image (ScanningSequence ``RM``, SequenceVariant ``NONE``,
   DecayCorrection ``NONE`` for counts, DecayFactor 1) and Type 2 ones are present but empty.
@@ -68,6 +75,7 @@ Choices (see docs/io.md and docs/dicom.md):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import os
@@ -102,7 +110,8 @@ PHI_KEYWORDS = (
     "InstitutionAddress", "InstitutionalDepartmentName", "PerformingPhysicianName", "OperatorsName",
     "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician", "AccessionNumber",
     "StationName", "DeviceSerialNumber", "MilitaryRank", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
-    "PatientBirthName", "CountryOfResidence", "RegionOfResidence", "StudyID",
+    "PatientBirthName", "CountryOfResidence", "RegionOfResidence", "StudyID", "IssuerOfPatientIDQualifiersSequence",
+    "IssuerOfAccessionNumberSequence",
 )
 #: Removed when de-identifying although not patient identifiers: the Basic Profile removes free-text
 #: descriptions (X) unless the Clean Descriptors option is applied, which medfuse does not do.
@@ -112,6 +121,7 @@ _STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescripti
 #: Acquisition attributes of the CT Image and MR Image modules copied from a template of the same modality.
 _MODALITY_KEYWORDS = {
     "CT": ("KVP", "AcquisitionNumber", "PatientPosition"),
+    # InversionTime and TriggerTime are 2C: copied only when their condition holds (see _modality_attributes).
     "MR": ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
            "EchoTime", "EchoTrainLength", "InversionTime", "TriggerTime", "PatientPosition"),
     "PT": ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"),
@@ -122,7 +132,8 @@ _DEID_CODES = (("113100", "Basic Application Confidentiality Profile"),
                ("113108", "Retain Patient Characteristics Option"))
 #: UIDs naming a coding scheme (e.g. SNOMED's OID) in a code item: not instances, so not replaced.
 _CODING_UIDS = ("CodingSchemeUID", "MappingResourceUID", "ContextGroupExtensionCreatorUID")
-#: Key of the UID pseudonyms, made once per process (see the module docstring).
+#: Key of the UID and patient pseudonyms, made once per process (see the module docstring); a batch run hands its
+#: own to its workers (:class:`PseudonymKey`, :func:`using_key`) so that all its outputs share one set of pseudonyms.
 _UID_KEY = secrets.token_hex(32)
 _SERIES_LOCK = threading.Lock()
 _last_series_number = 0
@@ -132,9 +143,11 @@ _last_series_number = 0
 #: PatientPosition (HFS...) is what dcm2niix and viewers report (dcm2niix warns when it is missing).
 _FRAME_KEYWORDS = ("PatientPosition", "AnatomicalOrientationType")
 _PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
-                     "PatientWeight")
+                     "PatientWeight", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+                     "OtherPatientIDsSequence", "IssuerOfAccessionNumberSequence")
+#: What the SUV of a PET's values depends on: always taken from the PET's own series (see :func:`_pet_context`).
 _PET_KEYWORDS = ("RadiopharmaceuticalInformationSequence", "DecayCorrection", "CorrectedImage", "Units",
-                 "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "PatientWeight")
+                 "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "PatientWeight", "PatientSize")
 _SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128"}
 _SC = "1.2.840.10008.5.1.4.1.1.7"
 _DICOM_MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "unknown": "OT"}
@@ -184,15 +197,9 @@ def _read_template(template: Any, series_uid: Optional[str] = None, frame_uid: O
                               fix="pass the DICOM file or folder the volume came from, or template=None", path=p)
 
 
-def _pet_context(volume: Volume, tpl) -> Tuple[Any, Any]:
-    """For a PET volume whose template is no PET (a PET registered onto a CT, written on the CT's grid): its own
-    series (path, header), whose tracer, dose, weight and scan times the output keeps; (None, None) otherwise.
-
-    Why: the output took the CT's header alone: no radiopharmaceutical, no weight, and the time of writing as its
-    acquisition time, so a PACS's SUV tools had nothing to work from (the values were right, in SUV).
-    """
-    if tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT":
-        return None, None
+def _own_series(volume: Volume):
+    """(path, header) of the DICOM series ``volume`` was loaded from, as its provenance names it (kept through
+    resampling and registration); (None, None) when it names none or it cannot be read now."""
     prov = volume.provenance
     source = prov.get("source")
     if prov.get("reader") != "medfuse.dicom" or not isinstance(source, str) or not Path(source).exists():
@@ -201,9 +208,30 @@ def _pet_context(volume: Volume, tpl) -> Tuple[Any, Any]:
         ds = _read_template(source, str(prov.get("series_uid") or "") or None)
     except MedfuseError:
         return None, None
-    if ds is None or str(ds.get("Modality", "")).strip().upper() != "PT":
-        return None, None
+    own_uid = str(prov.get("series_uid") or "")
+    if ds is None or (own_uid not in ("", "unknown") and str(ds.get("SeriesInstanceUID", "")) != own_uid):
+        return None, None  # the folder no longer holds that series: another series' dose would be wrong
     return source, ds
+
+
+def _pet_context(volume: Volume, template: Any, tpl) -> Tuple[Any, Any]:
+    """The (path or template, header) whose tracer, dose, weight and scan times a PET output carries: the PET's own
+    series when its provenance names one that can be read; else a PET template, unless the volume's provenance
+    names another series than the template's; else (None, None).
+
+    Why the own series first: a PET registered onto another PET (of another day) took the fixed PET's dose, weight
+    and times, which do not belong to its values, so the SUV a PACS (or medfuse.load) made of it was off (3 % to
+    24 %); a PET onto a CT took the CT's header alone (no tracer, no weight, the time of writing).
+    """
+    source, ds = _own_series(volume)
+    if ds is not None and str(ds.get("Modality", "")).strip().upper() == "PT":
+        return source, ds
+    if tpl is None or str(tpl.get("Modality", "")).strip().upper() != "PT":
+        return None, None
+    own_uid = str(volume.provenance.get("series_uid") or "")
+    if own_uid not in ("", "unknown") and own_uid != str(tpl.get("SeriesInstanceUID", "")):
+        return None, None
+    return template, tpl
 
 
 def _earliest_acquisition(template: Any, tpl) -> Optional[Tuple[str, str]]:
@@ -409,11 +437,84 @@ def _is_standard_uid(uid: str) -> bool:
 
 
 def pseudonym_uid(uid: str) -> str:
-    """The UID that de-identified output uses instead of ``uid``: the same one for the whole process, a
-    different one in another process, and not computable from ``uid`` without the process's key."""
+    """The UID that de-identified output uses instead of ``uid``: the same one for the whole process (or batch
+    run), a different one in another, and not computable from ``uid`` without the key."""
     from pydicom.uid import generate_uid
 
     return generate_uid(entropy_srcs=[_UID_KEY, str(uid)])
+
+
+class PseudonymKey:
+    """The pseudonym key in a form that never shows itself: its repr is a placeholder, so a Dask task's arguments
+    printed in a log (a failed task) do not carry it. Pickled to a batch's workers with their options."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = str(value)
+
+    def __repr__(self) -> str:
+        return "PseudonymKey(<hidden>)"
+
+    __str__ = __repr__
+
+    def __getstate__(self):
+        return self._value
+
+    def __setstate__(self, state) -> None:
+        self._value = state
+
+
+def current_key() -> PseudonymKey:
+    """This process's pseudonym key (for a batch run to hand to its workers, :func:`using_key`)."""
+    return PseudonymKey(_UID_KEY)
+
+
+@contextlib.contextmanager
+def using_key(key: Optional[PseudonymKey]):
+    """Make pseudonyms with ``key`` (a batch run's, :func:`current_key`) inside the block; None: this process's own.
+
+    Why: each Dask worker is its own process with its own key, so outputs of one batch run on one fixed series got
+    different pseudonymous study and frame of reference UIDs (and patients), and no longer overlaid in a PACS.
+    """
+    global _UID_KEY
+    if key is None:
+        yield
+        return
+    if not isinstance(key, PseudonymKey):
+        raise InvalidInputError("the pseudonym key must be a medfuse.io.dicom_writer.PseudonymKey",
+                                fix="pass medfuse.io.dicom_writer.current_key() from the process that runs the batch")
+    # Not held under a lock for the block (a subject's whole run): a worker's threads all serve one batch run.
+    before, _UID_KEY = _UID_KEY, key._value
+    try:
+        yield
+    finally:
+        _UID_KEY = before
+
+
+def _patient_pseudonym(hdr, fallback: str) -> str:
+    """PatientID/PatientName of a de-identified output: a keyed hash of the patient's identity in ``hdr`` (the
+    template, else the volume's own series): ID with its issuer, else name and birth date; ``fallback`` (the
+    study's UID) when it names no one. One patient's outputs of one run share it, other patients' differ, and
+    without the run's key it cannot be traced back (nor recomputed from the real ID).
+
+    Why: every de-identified output had an empty PatientID and PatientName, and a PACS filed the outputs of all
+    patients under one patient with no ID.
+    """
+    import hashlib
+    import hmac
+
+    from .._patient import _name
+
+    ident = ""
+    if hdr is not None:
+        pid = " ".join(str(hdr.get("PatientID", "") or "").split()).upper()
+        issuer = " ".join(str(hdr.get("IssuerOfPatientID", "") or "").split()).upper()
+        name, born = _name(hdr.get("PatientName", "")), str(hdr.get("PatientBirthDate", "") or "").strip()
+        ident = f"id={pid}\0issuer={issuer}" if pid else (f"name={name}\0born={born}" if name or born else "")
+    ident = ident or f"study={fallback}"
+    digest = hmac.new(_UID_KEY.encode(), b"medfuse-patient\0" + ident.encode("utf-8", "replace"), hashlib.sha256)
+    return "MF" + digest.hexdigest()[:16].upper()
 
 
 def _uid_values(el) -> list:
@@ -422,9 +523,9 @@ def _uid_values(el) -> list:
     return [str(v) for v in (el.value if el.VM > 1 else [el.value])]
 
 
-def _deidentify(base) -> None:
+def _deidentify(base, pseudonym: str) -> None:
     """Apply the Basic Profile to ``base``, which holds what was copied from the template (in place; see the
-    module docstring)."""
+    module docstring); ``pseudonym`` (:func:`_patient_pseudonym`) becomes its PatientID and PatientName."""
     base.remove_private_tags()  # recursive: private elements inside copied sequences too
     drop = set(PHI_KEYWORDS) | set(_DEID_REMOVE)
 
@@ -436,8 +537,9 @@ def _deidentify(base) -> None:
             el.value = new if el.VM > 1 else new[0]
 
     base.walk(clean)
-    base.PatientName = ""
-    base.PatientID = ""
+    # Family^given: a name of one component is the retired form (dciodvfy warns); lists sort by the pseudonym.
+    base.PatientName = f"{pseudonym}^PSEUDONYM"
+    base.PatientID = pseudonym
     base.PatientBirthDate = ""
     base.PatientIdentityRemoved = "YES"
     base.DeidentificationMethod = "medfuse: PS3.15 Basic Profile, full dates, characteristics kept"  # LO: 64
@@ -546,6 +648,11 @@ def _modality_attributes(base, tpl, modality: str) -> None:
             base.setdefault("RepetitionTime", None)
         if "IR" in seq:  # InversionTime: 2C, required for inversion recovery
             base.setdefault("InversionTime", None)
+        else:  # ... and not present otherwise (a Philips enhanced template's InversionTime 0 beside RM: dciodvfy)
+            base.pop("InversionTime", None)
+        options = {str(v).upper() for v in _as_list(base.get("ScanOptions"))}
+        if not options & {"CG", "PPG"}:  # TriggerTime: 2C, for cardiac or pulse gated images only
+            base.pop("TriggerTime", None)
     if modality in ("CT", "MR"):
         base.setdefault("PatientPosition", None)  # 2C: CT and MR images without PatientOrientationCodeSequence
     if modality == "PT":
@@ -553,6 +660,9 @@ def _modality_attributes(base, tpl, modality: str) -> None:
         for kw in ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"):
             if kw not in base:
                 setattr(base, kw, pydicom.Sequence())
+        # General Series: PatientPosition shall not be present with PatientOrientationCodeSequence (type 2 in the
+        # PET IOD, so always present): a CT template's HFS made every PET on it fail dciodvfy.
+        base.pop("PatientPosition", None)
 
 
 def _software_version() -> str:
@@ -687,29 +797,38 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
 
     base = pydicom.Dataset()
     if tpl is not None:
-        keep = _STUDY_KEYWORDS + (() if deidentify else _PATIENT_KEYWORDS) + (
-            _PET_KEYWORDS if modality == "PT" and volume.unit == "Bq/mL" else
-            ("RadiopharmaceuticalInformationSequence",) if modality == "PT" else ())
-        for kw in keep:
+        # Patient (with its issuers and other IDs), study and frame of reference: the template's.
+        for kw in _STUDY_KEYWORDS + (() if deidentify else _PATIENT_KEYWORDS):
             if kw in tpl:  # a copy: de-identification edits it, and the caller's template stays as it was
                 setattr(base, kw, copy.deepcopy(tpl.data_element(kw).value))
-        if modality == "PT" and volume.unit == "Bq/mL":
-            earliest = _earliest_acquisition(template, tpl)
-            if earliest is not None:
-                base.AcquisitionDate, base.AcquisitionTime = earliest
         if deidentify:
             for kw in ("PatientSex", "PatientAge", "PatientSize", "PatientWeight"):
                 if kw in tpl and kw not in base:
                     setattr(base, kw, tpl.data_element(kw).value)
-    pet_source, pet = _pet_context(volume, tpl) if modality == "PT" else (None, None)
+    # What the PET's values were measured with (dose, weight, scan times): its own series', never another PET's.
+    pet_source, pet = _pet_context(volume, template, tpl) if modality == "PT" else (None, None)
     if pet is not None:
-        for kw in _PET_KEYWORDS + ("PatientSize",):
+        for kw in _PET_KEYWORDS:
             if kw in pet:  # copies, de-identified below with the rest
                 setattr(base, kw, copy.deepcopy(pet.data_element(kw).value))
+            elif kw in ("PatientWeight", "PatientSize") and pet is not tpl and tpl is not None and \
+                    str(tpl.get("Modality", "")).strip().upper() == "PT":
+                base.pop(kw, None)  # another PET's weight, with this PET's dose, would make a wrong SUV
+        if str(pet.get("PatientSex", "") or "").strip():  # SUVlbm and SUVbsa depend on it
+            base.PatientSex = pet.PatientSex
         if volume.unit == "Bq/mL":
             earliest = _earliest_acquisition(pet_source, pet)
             if earliest is not None:
                 base.AcquisitionDate, base.AcquisitionTime = earliest
+    elif modality == "PT" and tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT":
+        for kw in ("PatientWeight", "PatientSize"):  # the template PET's, not this one's (see _pet_context)
+            base.pop(kw, None)
+    if modality == "PT" and pet is None and volume.unit == "Bq/mL" and tpl is not None and \
+            str(tpl.get("Modality", "")).strip().upper() == "PT":
+        warnings.warn(f"{folder.name}: the PET's own DICOM series (its dose, weight and scan times) could not be "
+                      "read, and the template is another PET series, whose values do not belong to these voxels: "
+                      "the output carries no dose, so no SUV can be computed from it (load the PET from its DICOM "
+                      "series, and keep that folder in place while saving)", MedfuseWarning, stacklevel=3)
     base.ImageType = ["DERIVED", "SECONDARY"]
     _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
     if tpl is not None:
@@ -717,7 +836,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.StudyInstanceUID = study_uid
     base.FrameOfReferenceUID = for_uid
     if deidentify:
-        _deidentify(base)
+        # The patient the output is filed under: the template's, else the one of the volume's own series.
+        who = tpl if tpl is not None else _own_series(volume)[1]
+        _deidentify(base, _patient_pseudonym(who, str(tpl.StudyInstanceUID) if tpl is not None and
+                                             "StudyInstanceUID" in tpl else study_uid))
     else:
         for kw in ("PatientName", "PatientID", "PatientBirthDate"):
             if kw not in base:
@@ -789,10 +911,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             base.DecayCorrection = base.get("DecayCorrection", "START")
         else:
             base.Units = "CNTS" if volume.unit == "counts" else "NONE"
-            # PET Series module: DecayCorrection is type 1, CorrectedImage type 2 (as the template says, if any).
+            # PET Series module: DecayCorrection is type 1, CorrectedImage type 2 (as the PET's series says, if any).
             for kw, default in (("DecayCorrection", "NONE"), ("CorrectedImage", None)):
-                if tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT" and kw in tpl:
-                    setattr(base, kw, copy.deepcopy(tpl.data_element(kw).value))
+                if pet is not None and kw in pet:
+                    setattr(base, kw, copy.deepcopy(pet.data_element(kw).value))
                 else:
                     base.setdefault(kw, default)
         if str(base.DecayCorrection).strip().upper() != "NONE":
@@ -801,6 +923,9 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             base.DecayFactor = "1"
         if "RadiopharmaceuticalInformationSequence" not in base:  # PET Isotope module, type 2: present, empty
             base.RadiopharmaceuticalInformationSequence = pydicom.Sequence()
+        for item in base.RadiopharmaceuticalInformationSequence:  # type 2 in each item (dciodvfy named it missing)
+            if "RadionuclideCodeSequence" not in item:
+                item.RadionuclideCodeSequence = pydicom.Sequence()
         base.SeriesType = ["STATIC", "IMAGE"]
         base.CountsSource = "EMISSION"
         base.CollimatorType = "NONE"
