@@ -1636,8 +1636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = add("resample", "put MOVING on REFERENCE's grid through saved transforms (no registration)",
-            "Resample MOVING onto REFERENCE's grid through one or more saved ITK transforms (.tfm, .h5, .mat; as\n"
-            "medfuse register, 3D Slicer or ANTs write them: each maps points of its fixed image to points of its\n"
+            "Resample MOVING onto REFERENCE's grid through one or more saved ITK transforms (.tfm, .h5, .mat,\n"
+            "as register, 3D Slicer or ANTs write them: each maps points of its fixed image to points of its\n"
             "moving image), and write it with a provenance sidecar. Without --transform the images are put\n"
             "together as the scanners placed them. Uses: move a label map or a second image of the moving\n"
             "session with a transform made once; chain a follow-up onto a baseline.\n\n"
