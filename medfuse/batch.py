@@ -1850,6 +1850,22 @@ def _ignore_sigint_in_every_worker(client: Any) -> None:
     client.register_plugin(IgnoreSigint(), name="medfuse-ignore-sigint")
 
 
+@contextmanager
+def _environ_kept() -> Iterator[None]:
+    """The caller's ``os.environ`` as it was on leaving: Dask's nanny sets its workers' variables in the parent
+    (OMP_NUM_THREADS=1, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_, PYTHONHASHSEED...), and a
+    service or notebook that ran a local batch kept them: its own NumPy and torch work ran on one thread after."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in [n for n in os.environ if n not in saved]:
+            os.environ.pop(name, None)
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
+
+
 def _client(scheduler: str, workers: int, threads: int):
     """Return (client, cluster_or_None)."""
     try:
@@ -1870,7 +1886,8 @@ def _client(scheduler: str, workers: int, threads: int):
             # Dask's own ERROR lines ("Task ... marked as failed because 1 workers died") are silenced: a dead
             # worker is reported per subject in medfuse's words, and a cancel (Ctrl-C, or SIGTERM sent to the
             # workers too, as SLURM does) printed them as if something had gone wrong.
-            with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _workers_ignore_sigint():
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _workers_ignore_sigint(), \
+                    _environ_kept():
                 cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=logging.CRITICAL, env=env)
         except RuntimeError as e:

@@ -32,6 +32,8 @@ PathLike = Union[str, os.PathLike]
 MIN_SIZE_3D = 8
 _LOCK = threading.Lock()
 _CACHE: dict = {}
+#: Network models kept loaded at once (one per weights file and device; the shipped weights are one).
+_MAX_MODELS = 4
 
 
 def default_weights_path() -> Path:
@@ -246,7 +248,10 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
                     raise WeightsError("the fusion network's weights file does not fit the model its settings "
                                        "describe (tensor names or shapes differ)", path=p, fix=_bad_file_fix(p))
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            model = FusionNet(**config)
+            # Its initial weights (overwritten next) drew from torch's global generator: a caller's seeded
+            # torch.rand after the first network fusion differed from one without it.
+            with torch.random.fork_rng(devices=[]):
+                model = FusionNet(**config)
             model.load_state_dict(tensors, strict=True)
         except WeightsError:
             raise
@@ -257,6 +262,14 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
                 raise WeightsError("the fusion network's weights contain NaN or infinite values", path=p,
                                    fix=_bad_file_fix(p))
         model = model.to(device).eval().channels_last_()
+        # A file replaced in place (another modification time or size) leaves its earlier model unusable, and a
+        # service loading many files kept every model: 200 hot-swaps held 200 models (150 kB each on the CPU,
+        # more on a GPU). The earlier ones of this file go, and the oldest beyond _MAX_MODELS.
+        for old in [k for k in _CACHE if k[0] == "model" and k[1] == key[1]]:
+            del _CACHE[old]
+        models = [k for k in _CACHE if k[0] == "model"]
+        for old in models[:max(0, len(models) + 1 - _MAX_MODELS)]:
+            del _CACHE[old]
         _CACHE[key] = model
         return model
 
