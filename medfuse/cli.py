@@ -761,8 +761,12 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         print(f"  volumes      {len(vols)} (4-D: the geometry and values shown are of the first, volume_index=0; "
               "fuse and register read 3-D volumes)")
     print(f"  spacing      {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm   "
-          f"extent {' x '.join(f'{e:.0f}' for e in extent)} mm")
-    print(f"  origin       ({', '.join(f'{o:.2f}' for o in vol.origin)}) mm LPS   orientation {vol.orientation}"
+          f"extent {' x '.join(f'{e:.4g}' for e in extent)} mm")
+    from .volume import mm_text
+
+    # Decimals by the voxel size: a mouse's 5 micrometre grid printed "extent 0 x 0 x 0" and "(0.00, -0.00, ...)".
+    print(f"  origin       ({', '.join(mm_text(o, vol.spacing, least=2) for o in vol.origin)}) mm LPS   "
+          f"orientation {vol.orientation}"
           f"{'  (oblique)' if vol.is_oblique else ''}")
     if facts["min"] is not None:
         print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}"

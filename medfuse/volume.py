@@ -60,6 +60,16 @@ _PROVENANCE_KEYS = {
 }
 
 
+def mm_text(value: float, spacing: Sequence[float], *, least: int = 1) -> str:
+    """``value`` (mm) with enough decimals to tell a tenth of the finest voxel side (at least ``least``), and no
+    negative zero: a mouse's 0.05 mm grid printed its origin at 0.1 mm, a 5 micrometre one as "-0.0"."""
+    import math
+
+    finest = min((abs(float(s)) for s in spacing if s), default=1.0)
+    decimals = max(least, math.ceil(-math.log10(finest / 10.0))) if finest > 0 else least
+    return f"{float(value) + 0.0:.{min(decimals, 9)}f}".replace("-0." + "0" * min(decimals, 9), "0." + "0" * min(decimals, 9))
+
+
 def normalise_modality(modality: Optional[str]) -> str:
     """Map a modality name (``"PET"``, ``"SPECT"``, ``"MRI"``, DICOM codes) to medfuse's code.
 
@@ -839,7 +849,7 @@ class Volume:
 
     def __repr__(self) -> str:
         sp = "x".join(f"{s:.3g}" for s in self.spacing)
-        org = ", ".join(f"{o:.1f}" for o in self.origin)
+        org = ", ".join(mm_text(o, self.spacing) for o in self.origin)
         return (
             f"Volume(shape={self.shape}, spacing={sp} mm, origin=({org}) LPS, orientation={self.orientation}, "
             f"modality={self.modality}, unit={self.unit}, dtype={self.array.dtype})"

@@ -420,10 +420,11 @@ def _philips(h: Dict[str, Any], name: str) -> Optional[float]:
     return v if v is not None and math.isfinite(v) else None
 
 
-#: Plausible PatientWeight (kg). Why these bounds: they hold every human weight on record (the lightest surviving
-#: newborns, about 0.25 kg; the heaviest adult, about 635 kg), so no real patient is refused, while the usual
-#: header mistakes fall outside: grams instead of kilograms (70000), a bool or placeholder such as 9999.
-WEIGHT_RANGE_KG = (0.25, 650.0)
+#: Plausible PatientWeight (kg). Why these bounds: they hold every human weight on record (the heaviest adult,
+#: about 635 kg) and the animals of preclinical PET (a mouse, 0.015-0.04 kg; 0.25 kg, the lightest newborn, refused
+#: every mouse, whose PET then loaded in Bq/mL), while the usual header mistakes fall outside: a human's grams
+#: entered as kilograms (70000), a bool or a placeholder such as 9999.
+WEIGHT_RANGE_KG = (0.01, 650.0)
 
 
 def _weight(h: Dict[str, Any], why: str) -> float:

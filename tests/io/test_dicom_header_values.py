@@ -161,7 +161,7 @@ def _pet_header(weight):
 
 
 def test_plausible_weights_give_the_factor():
-    for w in (WEIGHT_RANGE_KG[0], 3.2, 70, "70", 250.5, WEIGHT_RANGE_KG[1]):
+    for w in (WEIGHT_RANGE_KG[0], 0.025, 3.2, 70, "70", 250.5, WEIGHT_RANGE_KG[1]):  # 0.025: a mouse
         assert suv_factor(_pet_header(w)) == pytest.approx(float(w) * 1000 / 3.7e8)
 
 
@@ -169,7 +169,7 @@ def test_plausible_weights_give_the_factor():
     (None, "is missing"), ("", "is missing"), (0, "is zero"), (-70.0, "is negative"), ("-70", "is negative"),
     (True, "is not a number"), ("Smith^John", "is not a number"), (math.nan, "is not a number"),
     (math.inf, "is infinite"), (7000, "is outside the plausible"), (70000.0, "is outside the plausible"),
-    (0.01, "is outside the plausible"),
+    (0.005, "is outside the plausible"),
 ])
 @pytest.mark.parametrize("units", ["BQML", "GML"])
 def test_weight_that_cannot_be_right_is_named_accurately(weight, words, units):

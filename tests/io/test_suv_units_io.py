@@ -438,3 +438,22 @@ def test_the_command_line_reads_a_pet_in_the_suv_kind_asked(samples_dir, tmp_pat
     assert {i["suv"] for i in batch_rec["inputs"]} == {"lbm_janma"}
     assert main(["fuse", str(folder), str(folder), "-o", str(fused), "--suv", "sul"]) == 2
     assert "invalid choice 'sul'" in capsys.readouterr().err
+
+
+def test_a_mouse_pet_is_read_in_suv_and_its_micrometre_grid_is_printed_to_its_voxels(samples_dir, tmp_path, capsys):
+    """Preclinical PET: a 25 g mouse was refused (the weight floor was 0.25 kg, the lightest newborn) and its PET
+    loaded in Bq/mL; `medfuse info` printed a 5 micrometre grid's extent as "0 x 0 x 0 mm"."""
+    from medfuse.cli import main
+
+    folder = _pet_copy(samples_dir, tmp_path / "mouse", PatientWeight="0.025")
+    human = medfuse.load(_pet_copy(samples_dir, tmp_path / "human", PatientWeight="70"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfuseWarning)
+        mouse = medfuse.load(folder)
+    assert mouse.unit == "SUVbw"
+    np.testing.assert_allclose(mouse.array * (70 / 0.025), human.array, rtol=1e-5, atol=1e-6)
+    tiny = medfuse.save(medfuse.Volume(np.zeros((64, 64, 8), np.float32), np.diag([0.005, 0.005, 0.02, 1.0])),
+                        tmp_path / "tiny.nii.gz")
+    assert main(["info", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "extent 0.32 x 0.32 x 0.16 mm" in out and "(0.0000, 0.0000, 0.0000)" in out
