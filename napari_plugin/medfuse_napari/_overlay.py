@@ -14,8 +14,10 @@ from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, checker3d, coverage_onto, curtain3d, data_to_world, layer_array, layer_axis,
                       layer_geometry, meta, real_layer, resample_onto, voxel_spacing)
 
-COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "turbo", "red", "green", "blue", "cyan",
-             "magenta", "yellow", "gray_r")
+# cividis, viridis, inferno, magma and plasma stay readable under colour-vision deficiency (cividis was made for
+# it); red beside green, and turbo, are hard to tell apart under deuteranopia (kept: users rely on them).
+COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "cividis", "turbo", "red", "green", "blue",
+             "cyan", "magenta", "yellow", "gray_r")
 BLENDINGS = ("additive", "translucent", "opaque", "minimum")
 COMPARE = ("overlay", "checkerboard", "curtain")
 VIEWS = {"axial": ((0, 1, 2), ("down", "right")), "coronal": ((1, 0, 2), ("up", "right")),
@@ -133,6 +135,8 @@ def _spin(lo: float, hi: float, value: float, step: float = 1.0, decimals: int =
     s.setDecimals(decimals)
     s.setSingleStep(step)
     s.setValue(value)
+    # Applied on Enter or leaving the box, not per keystroke: typing 1500 set the window to 1, 15, 150, 1500.
+    s.setKeyboardTracking(False)
     return s
 
 
@@ -257,7 +261,8 @@ class OverlayPanel(QWidget):
                        "under the cursor act on it.",
             self.overlay: "Overlay layer of the pair (usually the PET or SPECT), drawn over the base.",
             self.base_cmap: "Colour map of the base layer.",
-            self.overlay_cmap: "Colour map of the overlay layer.",
+            self.overlay_cmap: "Colour map of the overlay layer (cividis, viridis, inferno, magma and plasma read "
+                               "well with colour-vision deficiency; red with green, and turbo, do not).",
             self.opacity: "Overlay opacity, 0-100 %.",
             self.blending: "How the overlay is drawn over the base: additive (PET on MR/CT), translucent, opaque "
                            "or minimum.",
@@ -280,6 +285,7 @@ class OverlayPanel(QWidget):
         }
         for control, text in tips.items():
             control.setToolTip(text)
+            control.setAccessibleDescription(text)
 
         pair = QFormLayout()
         pair.addRow("base", self.base)
@@ -794,6 +800,11 @@ class OverlayPanel(QWidget):
             show_info(f"The {mode} view ended: '{gone.name}', one of its two layers, was closed.")
         except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
             self.viewer.layers.events.removed.disconnect(self._layer_removed)
+
+    def stop_flicker(self) -> None:
+        """Stop the flicker and give the overlay back its visibility (the dock was hidden: its box out of sight)."""
+        self.flicker.setChecked(False)
+        self.set_flicker(False)  # also when it was started without the box (set_flicker(True) from a script)
 
     def set_flicker(self, on: bool) -> None:
         """Toggle the overlay (or the compare overlay) on and off twice a second."""

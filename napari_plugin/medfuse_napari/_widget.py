@@ -126,6 +126,9 @@ class MedfuseWidget(QWidget):
                              (self.overlay_panel, "Overlay")):
             tabs.addTab(_scrolling(panel), title)
         self.tabs = tabs
+        # Alt+R/U/O switch tabs; napari's menus hold Alt+F, V, L, P, W and H.
+        for n, title in enumerate(("&Register", "F&use", "&Overlay")):
+            tabs.setTabText(n, title)
         lay = QVBoxLayout(self)
         lay.addWidget(tabs)
         # Closing the widget or the viewer must not leave a registration/fusion running in the background.
@@ -133,6 +136,16 @@ class MedfuseWidget(QWidget):
         panels = (self.register_panel, self.fuse_panel)
         self._panels = panels
         self.destroyed.connect(lambda *_: _jobs.cancel_jobs([p.token for p in panels]))
+
+    def hideEvent(self, event: Any) -> None:
+        # The dock hidden (its hide button, View menu) or tabbed behind another: a flicker went on blinking the
+        # overlay twice a second with the box that stops it out of sight. Not a minimised window (spontaneous).
+        if not event.spontaneous():
+            try:
+                self.overlay_panel.stop_flicker()
+            except RuntimeError:  # the viewer is being closed: nothing left to restore
+                pass
+        super().hideEvent(event)
 
     def event(self, event: Any) -> bool:
         # The dock's close button (napari's remove_dock_widget) takes the widget out of the window without
@@ -151,15 +164,104 @@ class MedfuseWidget(QWidget):
         return super().event(event)
 
 
+class _PanelScroll(QScrollArea):
+    """A frameless vertical scroll area that never scrolls sideways (the dock stays narrow) and is as wide as its
+    panel needs, measured again whenever the panel's size hints change.
+
+    Why again: measured once when the panel was built, before napari's stylesheet (larger paddings) applied, the
+    Register panel needed 423 px in a 410 px area and its right edge (combo arrows, Cancel, the bars) was cut off.
+    """
+
+    _REMEASURE = (QEvent.LayoutRequest, QEvent.StyleChange, QEvent.Polish, QEvent.PolishRequest, QEvent.FontChange,
+                  QEvent.Show)
+
+    def __init__(self, panel: QWidget):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setWidget(panel)
+        panel.installEventFilter(self)
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        panel = self.widget()
+        if panel is None:
+            return
+        frame = 2 * self.frameWidth()
+        width = panel.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + frame
+        if width != self.minimumWidth():
+            self.setMinimumWidth(width)
+
+    def eventFilter(self, watched: Any, event: Any) -> bool:
+        if watched is self.widget() and event.type() in self._REMEASURE:
+            self._fit_width()
+        return super().eventFilter(watched, event)
+
+    def event(self, event: Any) -> bool:
+        if event.type() in (QEvent.StyleChange, QEvent.Polish, QEvent.Show):  # its scroll bar's width
+            self._fit_width()
+        return super().event(event)
+
+
 def _scrolling(panel: QWidget) -> QScrollArea:
-    """``panel`` in a frameless vertical scroll area that never scrolls sideways (the dock stays narrow)."""
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.NoFrame)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-    area.setWidget(panel)
-    area.setMinimumWidth(panel.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
-    return area
+    """``panel`` in a :class:`_PanelScroll`."""
+    return _PanelScroll(panel)
+
+
+def _focus_on_job_button(run_button: QPushButton, cancel_button: QPushButton, running: bool) -> None:
+    """Enable Cancel while a job runs and Run otherwise; keyboard focus on the one disabled goes to the other.
+
+    Why: Run was disabled before Cancel was enabled, so Qt gave the focus to the next enabled widget (for Fuse the
+    dock's hide button: a second Space hid the whole panel while the job ran).
+    """
+    on, off = (cancel_button, run_button) if running else (run_button, cancel_button)
+    on.setEnabled(True)
+    if off.window().focusWidget() is off:
+        on.setFocus(Qt.OtherFocusReason)
+    off.setEnabled(False)
+
+
+def _luminance(rgb) -> float:
+    """WCAG relative luminance of an sRGB colour with channels in 0..1."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast_ratio(first, second) -> float:
+    """WCAG contrast ratio of two sRGB colours (channels 0..1): 1 to 21."""
+    a, b = sorted((_luminance(first), _luminance(second)), reverse=True)
+    return (a + 0.05) / (b + 0.05)
+
+
+_SUSPECT_RED = (0xE0 / 255, 0x53 / 255, 0x3D / 255)
+
+
+def _theme_colours(viewer: Any) -> tuple:
+    """The napari theme's (background, text) colours as sRGB 0..1, for the viewer's theme (dark when unknown)."""
+    from napari.utils.theme import get_theme
+
+    try:
+        theme = get_theme(str(getattr(viewer, "theme", "dark")))
+    except (ValueError, KeyError, TypeError):
+        theme = get_theme("dark")
+    return tuple(tuple(c / 255 for c in colour.as_rgb_tuple()[:3]) for colour in (theme.background, theme.text))
+
+
+def suspect_colour(viewer: Any) -> str:
+    """A red for the "SUSPECT result" text that reads at WCAG AA (4.5:1) on the viewer's theme background.
+
+    Why: the fixed #e0533d had 4.03:1 on napari's dark background and 3.12:1 on the light one. It is mixed toward
+    the theme's text colour (lighter on dark, darker on light) until it reaches 4.6:1, keeping it red.
+    """
+    background, text = _theme_colours(viewer)
+    colour = _SUSPECT_RED
+    for step in range(21):
+        t = step / 20
+        colour = tuple((1 - t) * r + t * x for r, x in zip(_SUSPECT_RED, text))
+        if contrast_ratio(colour, background) >= 4.6:
+            break
+    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in colour)
 
 
 # ----------------------------------------------------------------------------------------------- register
@@ -176,9 +278,11 @@ class RegisterPanel(QWidget):
         self.kind.addItems(KINDS)
         self.pair = QComboBox()
         self.pair.addItems(PAIRS)
-        self.resample_box = QCheckBox("also resample onto the fixed grid (new layer)")
+        self.resample_box = QCheckBox("also resample onto the fixed grid")
         # A moving layer rotated/dragged by hand (or registered before) starts from where the viewer shows it.
-        self.start_box = QCheckBox("start from the moving layer's placement in the viewer")
+        # Short: the longest line sets the dock's minimum width (434 px made napari wider than a 1920x1080 @2x
+        # screen); the tooltip says the rest.
+        self.start_box = QCheckBox("start from its placement in the viewer")
         self.start_box.setChecked(True)
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
@@ -194,6 +298,7 @@ class RegisterPanel(QWidget):
         self.report_view.setReadOnly(True)
         self.report_view.setMaximumHeight(160)
         self.suspect_label = QLabel("")
+        self._suspect = False  # whether the suspect label shows a suspect result (coloured for the theme)
 
         _tips({
             self.fixed: "Fixed layer: the reference the moving layer is aligned to (usually the MR or CT); it is "
@@ -215,7 +320,15 @@ class RegisterPanel(QWidget):
                               ".txt, .h5, .mat) for other tools or the medfuse CLI.",
             self.progress: "Whole registration, in %.",
             self.level_progress: "Iterations done at the current resolution level.",
+            self.report_view: "Report of the last registration: its pair, metric before and after, iterations, "
+                              "rotation and translation, and why a result is suspect.",
         })
+        # What a screen reader says for controls with no text of their own (the "overall" label is not linked).
+        _names({self.progress: "overall registration progress",
+                self.level_progress: "iterations at the current resolution level",
+                self.report_view: "registration report",
+                self.suspect_label: "registration result check"})
+        _theme_follower(viewer, self._paint_suspect)
         form = QFormLayout()
         form.addRow("fixed", self.fixed)
         form.addRow("moving", self.moving)
@@ -268,8 +381,7 @@ class RegisterPanel(QWidget):
             self._name_pair(None)
             self.save_button.setEnabled(False)
             self.report_view.setPlainText("")
-            self.suspect_label.setText("")
-            self.suspect_label.setStyleSheet("")
+            self._show_suspect("", False)
             self.progress.setValue(0)
             self.level_progress.setValue(0)
             self.level_label.setText("the registered layers were closed")
@@ -351,12 +463,10 @@ class RegisterPanel(QWidget):
         self.level_progress.setValue(0)
         # The last result's report and suspect flag, shown again if this run fails or is cancelled: its transform
         # stays what *Save transform…* writes, and a suspect one must not be saved with the warning gone.
-        self._shown = (self.report_view.toPlainText(), self.suspect_label.text(), self.suspect_label.styleSheet())
+        self._shown = (self.report_view.toPlainText(), self.suspect_label.text(), self._suspect)
         self.report_view.setPlainText("")
-        self.suspect_label.setText("")
-        self.suspect_label.setStyleSheet("")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self._show_suspect("", False)
+        _focus_on_job_button(self.run_button, self.cancel_button, running=True)
         self.worker = _jobs.start(job, self._on_done, cancel=token)
 
     def cancel(self) -> None:
@@ -416,17 +526,25 @@ class RegisterPanel(QWidget):
         self.level_progress.setMaximum(int(its[min(level, len(its)) - 1]))
         self.level_progress.setValue(min(it, self.level_progress.maximum()))
 
+    def _show_suspect(self, text: str, suspect: bool) -> None:
+        self.suspect_label.setText(text)
+        self._suspect = suspect
+        self._paint_suspect()
+
+    def _paint_suspect(self, *_: Any) -> None:
+        """Colour a suspect result's text legibly on the theme now shown (called again when the theme changes)."""
+        colour = suspect_colour(self.viewer) if self._suspect else None
+        self.suspect_label.setStyleSheet(f"color: {colour}; font-weight: bold" if colour else "")
+
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
 
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        _focus_on_job_button(self.run_button, self.cancel_button, running=False)
         self.worker = None
         if _job_failed(outcome, self.level_label, "registration", self.token, words=self._layer_words):
             if self.result is not None:
-                report_text, suspect, style = self._shown
+                report_text, suspect_text, suspect = self._shown
                 self.report_view.setPlainText(report_text)
-                self.suspect_label.setText(suspect)
-                self.suspect_label.setStyleSheet(style)
+                self._show_suspect(suspect_text, suspect)
                 self.level_label.setText(f"{self.level_label.text()}; the previous result is still shown")
                 self._layers_removed()  # unless its layers were closed while this run went on
             return
@@ -494,8 +612,8 @@ class RegisterPanel(QWidget):
             lines.append(f"rotation {rep.rotation_deg:.2f}°, translation {rep.translation_mm:.2f} mm")
         lines += [f"suspect: {r}" for r in rep.suspect_reasons]
         self.report_view.setPlainText("\n".join(lines))
-        self.suspect_label.setText("⚠ SUSPECT result: check before use" if rep.suspect else "result not suspect")
-        self.suspect_label.setStyleSheet("color: #e0533d; font-weight: bold" if rep.suspect else "")
+        self._show_suspect("⚠ SUSPECT result: check before use" if rep.suspect else "result not suspect",
+                           bool(rep.suspect))
         if rep.suspect:
             from napari.utils.notifications import show_warning
 
@@ -598,8 +716,30 @@ def _warn_unconverted_units(*layers: Any) -> None:
 
 
 def _tips(tips: Dict[QWidget, str]) -> None:
+    """Tooltips, also given as accessible descriptions (what a screen reader reads after the name)."""
     for control, text in tips.items():
         control.setToolTip(text)
+        control.setAccessibleDescription(text)
+
+
+def _names(names: Dict[QWidget, str]) -> None:
+    for control, name in names.items():
+        control.setAccessibleName(name)
+
+
+def _theme_follower(viewer: Any, slot: Callable[..., None]) -> None:
+    """Call ``slot`` when the viewer's theme changes, until the widget is gone (napari still emits then)."""
+    emitter = getattr(getattr(viewer, "events", None), "theme", None)
+    if emitter is None:
+        return
+
+    def follow(*args: Any) -> None:
+        try:
+            slot(*args)
+        except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
+            emitter.disconnect(follow)
+
+    emitter.connect(follow)
 
 
 def _fmt(v) -> str:
@@ -671,6 +811,7 @@ class FusePanel(QWidget):
             self.cancel_button: "Stop the running fusion; no layer is added.",
             self.progress: "Fusion progress, in %.",
         })
+        _names({self.progress: "fusion progress", self.status: "fusion status"})
         if not self.method.toolTip():
             self.method.setToolTip("Fusion rule: network (trained model) or a classical rule (mean, max, laplacian "
                                    "pyramid, wavelet, guided filter).")
@@ -852,8 +993,7 @@ class FusePanel(QWidget):
             _prehash(fused)
             return fused, names, method
 
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        _focus_on_job_button(self.run_button, self.cancel_button, running=True)
         self.progress.setValue(0)
         self.status.setText(f"fusing {', '.join(names)} ({method})…")
         self.worker = _jobs.start(job, self._on_done, cancel=token)
@@ -905,8 +1045,7 @@ class FusePanel(QWidget):
 
         from ._layers import file_order
 
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        _focus_on_job_button(self.run_button, self.cancel_button, running=False)
         self.worker = None
         if _job_failed(outcome, self.status, "fusion", self.token):
             return
