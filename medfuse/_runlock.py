@@ -56,10 +56,19 @@ def _held(lock: Path, busy: Callable[[str], Exception]) -> Iterator[None]:
     """:func:`run_lock` in its existing folder."""
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            yield  # no lock where the outputs go (read-only): the run's own first write says so
-            return
+            # 0o666 less the umask: with 0o644 a group member could not open a colleague's lock file, and ran the
+            # same manifest beside it unlocked (every subject redone, the report overwritten).
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            fd = -1
+            if e.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(lock):
+                try:  # another user's lock file: a lock needs no write permission (flock on a read-only file)
+                    fd = os.open(lock, os.O_RDONLY)
+                except OSError:
+                    fd = -1
+            if fd < 0:
+                yield  # no lock where the outputs go (read-only): the run's own first write says so
+                return
         if _try_lock(fd):
             try:  # the file was replaced while we waited for it (its holder ended and removed it): lock the new one
                 same = os.path.samestat(os.fstat(fd), os.stat(lock))
