@@ -840,7 +840,10 @@ def _public_mode(path: PathLike, *, folder: bool = False, replacing: Optional[Pa
         if st is not None and stat.S_ISDIR(st.st_mode) == folder:
             os.chmod(path, stat.S_IMODE(st.st_mode) & narrow)
             return
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask() & narrow)
+    # A folder keeps the set-group-ID bit it got from a group project folder (chmod cleared it: files added to
+    # it later took their writer's own group).
+    keep = os.stat(path).st_mode & stat.S_ISGID if folder else 0
+    os.chmod(path, ((0o777 if folder else 0o666) & ~_umask() & narrow) | keep)
 
 
 def _umask() -> int:
@@ -1040,6 +1043,11 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
         tmp = _make_temp_dir(p)
         yield tmp
         _public_mode(tmp, folder=True, replacing=p, inputs=inputs)
+        narrow = _inputs_mask(inputs)
+        if narrow != 0o7777:  # the slices too: copied out of the folder (cp -a, rsync, tar) they kept 0644
+            for entry in os.scandir(tmp):
+                if entry.is_file(follow_symlinks=False):
+                    os.chmod(entry.path, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) & narrow)
         durable = _durable()
         if durable:
             for entry in os.scandir(tmp):

@@ -77,6 +77,8 @@ def test_dicom_and_header_data_outputs_and_api_saves_follow_the_inputs(tmp_path,
     dcm = tmp_path / "fused_dicom"
     assert main(["fuse", str(mr), str(spect), "-o", str(dcm), "--method", "mean", "-q"]) == 0
     assert _mode(dcm) == 0o700  # others cannot enter the series folder
+    # ... nor read its slices once they are copied out of it (cp -a, rsync, tar kept 0644)
+    assert {_mode(f) for f in dcm.iterdir()} == {0o600}
     vol = medfuse.load(spect)
     for name in ("copy.mhd", "copy.nrrd", "copy.nii"):
         medfuse.save(vol, tmp_path / name)
@@ -132,3 +134,13 @@ def test_the_umask_is_read_without_being_changed(tmp_path, monkeypatch):
         assert _mode(tmp_path / "o.nii.gz") == 0o640
     finally:
         os.umask(old)
+
+
+def test_a_dicom_output_folder_keeps_a_group_folders_set_group_id_bit(tmp_path, umask_022):
+    """A group project folder (chmod g+s): the series folder lost the bit, so files added to it later took their
+    writer's own group."""
+    project = tmp_path / "project"
+    project.mkdir()
+    project.chmod(0o2775)
+    out = medfuse.save(medfuse.load(SAMPLES / "spect.nii.gz"), project / "spect_dicom")
+    assert os.stat(out).st_mode & stat.S_ISGID and _mode(out) & 0o777 == 0o755
