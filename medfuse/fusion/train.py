@@ -1018,11 +1018,28 @@ EXPORT_FILES = ("medfuse_fusion.safetensors", "medfuse_fusion.json")
 
 
 def _check_export(out_dir: Path, *, overwrite: bool) -> None:
-    """Refuse to replace an existing export (the shipped weights, say) unless ``overwrite``."""
+    """Refuse to replace an existing export (the shipped weights, say) unless ``overwrite``, and an export folder
+    this user cannot write: found before the training, not after it (a root-owned install's weights folder was
+    refused after 13 minutes of training and the 3-D stage)."""
     for name in EXPORT_FILES:
         if (Path(out_dir) / name).exists() and not overwrite:
             raise OutputExistsError("the weights file exists", path=Path(out_dir) / name,
                                     fix="pass --overwrite to replace it, or another --out folder")
+    from ..errors import OutputWriteError
+    from ..io.writers import _probe_writable
+
+    folder = Path(out_dir)
+    if folder.is_dir():
+        _probe_writable(folder / EXPORT_FILES[0])
+        return
+    above = folder.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.is_dir() and not os.access(above, os.W_OK | os.X_OK):  # the folder could not be made at the end
+        import errno as _errno
+
+        raise OutputWriteError("the --out folder does not exist and cannot be made there (permission denied)",
+                               errno=_errno.EACCES, fix="pass an --out folder you can write to", path=folder)
 
 
 # ============================================================================ 3-D stage

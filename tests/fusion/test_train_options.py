@@ -196,3 +196,23 @@ def test_architecture_options_are_held_to_the_bounds_a_weights_file_is_held_to(t
     err = capsys.readouterr().err
     assert rc == 2 and says in err and "internal error" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_export_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """A root-owned install's weights folder (the --out help's own example) was refused only after the training
+    and the 3-D stage (13 minutes here). Root writes anywhere, so the write is made to fail as it does for a user."""
+    import errno
+
+    from medfuse.io import writers
+
+    out = tmp_path / "weights"
+    out.mkdir()
+
+    def denied(p, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(p))
+
+    monkeypatch.setattr(writers, "_make_temp_file", denied)
+    rc = tr.main(["--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "weights" in err and "permission" in err.lower() and "Fix:" in err, err
+    assert not (tmp_path / "r").exists()
