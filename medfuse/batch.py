@@ -235,6 +235,24 @@ def _display_path(value: Any) -> str:
     return short if os.path.realpath(short) == real else real
 
 
+def _manifest_text(path: Any) -> str:
+    """A path as a manifest (UTF-8 text) spells it: the UTF-8 its bytes on disk are, which :func:`_on_disk` maps
+    back in any locale (a latin-1 process's own spelling, 'Ã©', named another file when read again).
+
+    Raises:
+        InvalidInputError: the name's bytes are not UTF-8 text, which a manifest cannot hold (it was written, then
+            refused on reading as "not UTF-8").
+    """
+    text = os.fspath(path)
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise InvalidInputError(f"{shown}: the name holds bytes that are not UTF-8 text, which a manifest (UTF-8) "
+                                "cannot hold", fix="rename it, or run the dataset folder itself (medfuse batch "
+                                "DATASET), which takes such names") from None
+
+
 def _on_disk(text: str) -> str:
     """A manifest's path (UTF-8 text) as this process names the file: the same in a UTF-8 locale; in a latin-1 or
     an ASCII (C, without UTF-8 mode) one, the str whose bytes on disk are the UTF-8 the manifest spelt.
@@ -1069,7 +1087,8 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
         with warnings.catch_warnings():  # the run says them; here the files are only read for their modality
             warnings.simplefilter("ignore", MedfuseWarning)
             codes = _name_modalities([fixed, *moving]) if fixed else None
-        rows.append([s.subject, fixed, ";".join(moving), s.output, ";".join(series or []), " ".join(codes or [])])
+        rows.append([s.subject, _manifest_text(fixed), ";".join(_manifest_text(m) for m in moving),
+                     _manifest_text(s.output), ";".join(series or []), " ".join(codes or [])])
     # Each column only when some subject needs it: series for several series in a folder, modalities for files
     # that state none (what the run takes from their names; '-': a DICOM series' own Modality).
     cols = [c for c, k in (("series", 4), ("modalities", 5)) if any(r[k] for r in rows)]
@@ -1676,7 +1695,12 @@ def _report_text(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return raw.decode("cp1252", errors="replace")
+        pass
+    if b"\r\n" not in raw and raw.startswith(b"subject,status"):
+        # medfuse's own: a file name that is not UTF-8 is there as its bytes (read as cp1252, every UTF-8 row was
+        # mangled, matched no subject, and was kept again as another row on each rerun)
+        return raw.decode("utf-8", errors="surrogateescape")
+    return raw.decode("cp1252", errors="replace")
 
 
 def _read_report(path: Path) -> List[Dict[str, Any]]:
@@ -1850,20 +1874,35 @@ def _ignore_sigint_in_every_worker(client: Any) -> None:
     client.register_plugin(IgnoreSigint(), name="medfuse-ignore-sigint")
 
 
+#: The caller's values of the variables a local cluster's start changed (None: unset), put back when it closes.
+_ENV_BEFORE_CLUSTER: Dict[str, Optional[str]] = {}
+
+
 @contextmanager
 def _environ_kept() -> Iterator[None]:
-    """The caller's ``os.environ`` as it was on leaving: Dask's nanny sets its workers' variables in the parent
-    (OMP_NUM_THREADS=1, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_, PYTHONHASHSEED...), and a
-    service or notebook that ran a local batch kept them: its own NumPy and torch work ran on one thread after."""
+    """The variables the cluster's start changes in the caller's ``os.environ`` are put back on leaving, and again
+    when the cluster closes (:func:`_restore_environ`): Dask's nanny sets its workers' variables in the parent
+    before each spawn (OMP_NUM_THREADS=1, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_...),
+    also when it restarts a dead worker, and a service or notebook that ran a local batch kept them: its own
+    NumPy and torch work ran on one thread after. Only those variables: others the caller sets meanwhile stay."""
+    _ENV_BEFORE_CLUSTER.clear()  # this cluster's: an earlier batch's values are the caller's no longer
     saved = dict(os.environ)
     try:
         yield
     finally:
-        for name in [n for n in os.environ if n not in saved]:
+        changed = {n for n in set(os.environ) | set(saved) if os.environ.get(n) != saved.get(n)}
+        for name in changed:
+            _ENV_BEFORE_CLUSTER.setdefault(name, saved.get(name))
+        _restore_environ()
+
+
+def _restore_environ() -> None:
+    """Put back the caller's values of the variables the local cluster's start had changed."""
+    for name, value in _ENV_BEFORE_CLUSTER.items():
+        if value is None:
             os.environ.pop(name, None)
-        for name, value in saved.items():
-            if os.environ.get(name) != value:
-                os.environ[name] = value
+        else:
+            os.environ[name] = value
 
 
 def _client(scheduler: str, workers: int, threads: int):
@@ -2355,6 +2394,9 @@ def _close(client: Any, cluster: Any, *, kill: bool = False) -> None:
             with contextlib.suppress(BaseException):  # a third Ctrl-C, or a cluster upset by its dead workers
                 cluster.close(timeout=5)
         raise
+    finally:
+        if cluster is not None:  # a worker restarted meanwhile set them again
+            _restore_environ()
 
 
 def _kill_workers(cluster: Any) -> None:

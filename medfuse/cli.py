@@ -507,12 +507,15 @@ def _cli_advice(text: str, command: Optional[str]) -> str:
         # These runs search every orientation; the rest is `medfuse register`'s to change.
         text = re.sub(r"initialise='(\w+)'", r"medfuse register --initialise \1", text)
         text = re.sub(r"\bmetric='(\w+)'", r"medfuse register --metric \1", text)
+    elif command == "resample":
+        text = text.replace("register them first (medfuse.register, or --register rigid on the command line)",
+                            "register them first (medfuse register REFERENCE MOVING -o OUT --transform T.tfm) and "
+                            "pass --transform T.tfm")
     if command in ("register", "fuse", "batch", "demo"):
         text = text.replace(
             "medfuse.resample(labels, fixed, transform=result.transform, interpolation='nearest')",
-            "write its transform (--transform T.tfm) and resample the labels by nearest neighbour: python -c \"import "
-            "medfuse; f = medfuse.load('FIXED.nii.gz'); medfuse.save(medfuse.resample(medfuse.load('LABELS.nii.gz'), "
-            "f, transform=medfuse.load_transform('T.tfm'), interpolation='nearest'), 'LABELS_on_FIXED.nii.gz')\"")
+            "write its transform (--transform T.tfm) and move the labels by nearest neighbour: medfuse resample "
+            "FIXED LABELS --transform T.tfm --interpolation nearest -o LABELS_on_FIXED.nii.gz")
         text = text.replace("use a coarser bspline_grid_mm",
                             "use a coarser grid (the Python API's medfuse.register(..., bspline_grid_mm=))")
     return _cli_words(text)
@@ -992,6 +995,8 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         done = [h for h in moved.provenance.get("history", []) if h.get("step") == "resample"]
         params = {"transforms": [os.fspath(p) for p in chain_paths], "interpolation": args.interpolation,
                   "fill": args.fill}
+        if args.suv:  # asked: a PET that fell back to Bq/mL shows it beside the inputs' facts
+            params["suv"] = args.suv
         if args.modalities:
             params["modalities"] = list(args.modalities)
         if args.series:
@@ -1017,7 +1022,9 @@ def _cmd_resample(args: argparse.Namespace) -> int:
             e.args = (e._compose(),)
         raise
     how = done[-1].get("interpolation", args.interpolation or "linear") if done else "as it was"
-    _say(args, f"resampled onto the reference grid through {len(chain_paths)} transform(s) ({how})"
+    through = (f"through {len(chain_paths)} transform{'s' if len(chain_paths) > 1 else ''}" if chain_paths
+               else "as the scanners placed the two images")
+    _say(args, f"resampled onto the reference grid {through} ({how})"
                f"\nwrote {out}\nwrote {side} (provenance)")
     return EXIT_OK
 
@@ -1065,6 +1072,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     params = {"kind": args.kind, "metric": args.metric, "initialise": args.initialise, "threads": args.threads}
     if args.modalities:  # they pick the preset, and so change the result (fuse records them under load)
         params["modalities"] = list(args.modalities)
+    if getattr(args, "suv", None):
+        params["suv"] = args.suv
     if args.series:
         from .io import series_choice_record
 

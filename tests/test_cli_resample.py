@@ -36,7 +36,7 @@ def test_a_chain_of_transforms_is_applied_from_the_reference_on(chain, tmp_path,
     out = tmp_path / "spect_on_pet.nii.gz"
     assert main(["resample", str(SAMPLES / "pet"), str(SAMPLES / "spect.nii.gz"), "--transform", str(first),
                  str(second), "-o", str(out)]) == 0
-    assert "through 2 transform(s)" in capsys.readouterr().out
+    assert "through 2 transforms" in capsys.readouterr().out
     pet, spect = medfuse.load(SAMPLES / "pet"), medfuse.load(SAMPLES / "spect.nii.gz")
     want = medfuse.resample(spect, pet, transform=medfuse.Transform.from_matrix(composite))
     got = medfuse.load(out)

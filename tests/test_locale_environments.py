@@ -124,3 +124,26 @@ def test_a_dataset_with_a_subject_folder_that_is_not_utf8_runs_every_subject(tmp
         (folder / "pet.json").write_text('{"Modality": "PT"}')
     summary = run_batch(os.fsdecode(root), scheduler="synchronous", method="max")
     assert sorted(r.status for r in summary.results) == ["done", "done"], summary.table()
+
+
+def test_a_report_naming_a_file_that_is_not_utf8_reads_back_as_written(tmp_path):
+    """Its bytes made the UTF-8 decoding fail, the report was read as Windows-1252, every UTF-8 row was mangled
+    ('sub-é' as 'sub-Ã©'), matched no subject, and came back as another row on every rerun."""
+    report = tmp_path / "batch-report.csv"
+    report.write_bytes("subject,status,seconds\nsub-\u00e9,done,1.0\n".encode("utf-8") + b"sub-\xff,done,2.0\n")
+    rows = _read_report(report)
+    assert [r["subject"] for r in rows] == ["sub-\u00e9", os.fsdecode(b"sub-\xff")]
+
+
+def test_write_manifest_refuses_a_folder_name_that_is_not_utf8(tmp_path):
+    """It wrote the name's bytes into the manifest, which read_manifest then refused as "not UTF-8 text"."""
+    from medfuse.batch import write_manifest
+    from medfuse.errors import InvalidInputError
+
+    root = os.fsencode(tmp_path / "ds")
+    folder = Path(os.fsdecode(root + b"/sub-\xff"))
+    folder.mkdir(parents=True)
+    _nifti(folder / "mr.nii.gz", 0)
+    _nifti(folder / "pet.nii.gz", 1)
+    with pytest.raises(InvalidInputError, match=r"sub-\\xff.*not UTF-8 text.*medfuse batch DATASET"):
+        write_manifest(os.fsdecode(root))

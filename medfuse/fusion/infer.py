@@ -226,6 +226,7 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
     key = ("model", str(p), st.st_mtime_ns, st.st_size, str(device))
     with _LOCK:
         if key in _CACHE:
+            _CACHE[key] = _CACHE.pop(key)  # the newest again: the model in use is the last to go
             return _CACHE[key]
         keep_freed_memory()  # once per process: no page faults for every call's intermediates (see _allocator)
         _check_recorded_hash(p)
@@ -264,8 +265,9 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
         model = model.to(device).eval().channels_last_()
         # A file replaced in place (another modification time or size) leaves its earlier model unusable, and a
         # service loading many files kept every model: 200 hot-swaps held 200 models (150 kB each on the CPU,
-        # more on a GPU). The earlier ones of this file go, and the oldest beyond _MAX_MODELS.
-        for old in [k for k in _CACHE if k[0] == "model" and k[1] == key[1]]:
+        # more on a GPU). The earlier ones of this file on this device go, and the least recently used beyond
+        # _MAX_MODELS.
+        for old in [k for k in _CACHE if k[0] == "model" and k[1] == key[1] and k[4] == key[4]]:
             del _CACHE[old]
         models = [k for k in _CACHE if k[0] == "model"]
         for old in models[:max(0, len(models) + 1 - _MAX_MODELS)]:

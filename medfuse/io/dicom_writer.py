@@ -76,6 +76,7 @@ Choices (see docs/io.md and docs/dicom.md):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import datetime as _dt
 import os
@@ -135,6 +136,9 @@ _CODING_UIDS = ("CodingSchemeUID", "MappingResourceUID", "ContextGroupExtensionC
 #: Key of the UID and patient pseudonyms, made once per process (see the module docstring); a batch run hands its
 #: own to its workers (:class:`PseudonymKey`, :func:`using_key`) so that all its outputs share one set of pseudonyms.
 _UID_KEY = secrets.token_hex(32)
+#: A batch run's key while a subject of it is written (:func:`using_key`): per thread and task, not a module global
+#: swapped for the block (two runs on one multi-threaded worker put their keys back under each other).
+_RUN_KEY: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("medfuse_pseudonym_key", default=None)
 _SERIES_LOCK = threading.Lock()
 _last_series_number = 0
 #: General Series attributes that define the template's patient coordinates (PS3.3 C.7.3.1, C.7.6.2.1.1), in
@@ -441,7 +445,7 @@ def pseudonym_uid(uid: str) -> str:
     run), a different one in another, and not computable from ``uid`` without the key."""
     from pydicom.uid import generate_uid
 
-    return generate_uid(entropy_srcs=[_UID_KEY, str(uid)])
+    return generate_uid(entropy_srcs=[_key(), str(uid)])
 
 
 class PseudonymKey:
@@ -465,9 +469,13 @@ class PseudonymKey:
         self._value = state
 
 
+def _key() -> str:
+    return _RUN_KEY.get() or _UID_KEY
+
+
 def current_key() -> PseudonymKey:
-    """This process's pseudonym key (for a batch run to hand to its workers, :func:`using_key`)."""
-    return PseudonymKey(_UID_KEY)
+    """The pseudonym key in use here (for a batch run to hand to its workers, :func:`using_key`)."""
+    return PseudonymKey(_key())
 
 
 @contextlib.contextmanager
@@ -477,19 +485,17 @@ def using_key(key: Optional[PseudonymKey]):
     Why: each Dask worker is its own process with its own key, so outputs of one batch run on one fixed series got
     different pseudonymous study and frame of reference UIDs (and patients), and no longer overlaid in a PACS.
     """
-    global _UID_KEY
     if key is None:
         yield
         return
     if not isinstance(key, PseudonymKey):
         raise InvalidInputError("the pseudonym key must be a medfuse.io.dicom_writer.PseudonymKey",
                                 fix="pass medfuse.io.dicom_writer.current_key() from the process that runs the batch")
-    # Not held under a lock for the block (a subject's whole run): a worker's threads all serve one batch run.
-    before, _UID_KEY = _UID_KEY, key._value
+    token = _RUN_KEY.set(key._value)
     try:
         yield
     finally:
-        _UID_KEY = before
+        _RUN_KEY.reset(token)
 
 
 def _patient_pseudonym(hdr, fallback: str) -> str:
@@ -513,7 +519,7 @@ def _patient_pseudonym(hdr, fallback: str) -> str:
         name, born = _name(hdr.get("PatientName", "")), str(hdr.get("PatientBirthDate", "") or "").strip()
         ident = f"id={pid}\0issuer={issuer}" if pid else (f"name={name}\0born={born}" if name or born else "")
     ident = ident or f"study={fallback}"
-    digest = hmac.new(_UID_KEY.encode(), b"medfuse-patient\0" + ident.encode("utf-8", "replace"), hashlib.sha256)
+    digest = hmac.new(_key().encode(), b"medfuse-patient\0" + ident.encode("utf-8", "replace"), hashlib.sha256)
     return "MF" + digest.hexdigest()[:16].upper()
 
 

@@ -56,3 +56,25 @@ def test_a_replaced_file_and_many_files_do_not_pile_up_models(empty_cache, tmp_p
     assert len(kept) == infer._MAX_MODELS and kept[-1][1].endswith(os.path.join("w6", "medfuse_fusion.safetensors"))
     assert infer.load_model(tmp_path / "w6" / "medfuse_fusion.safetensors") is infer.load_model(
         tmp_path / "w6" / "medfuse_fusion.safetensors")  # the newest is still shared
+
+
+def test_a_model_on_another_device_and_the_model_in_use_are_kept(empty_cache, tmp_path):
+    """Loading the shipped weights on the CPU dropped the same file's GPU model, and a cache hit did not count as
+    use: the model a service kept using could be the one evicted."""
+    shipped = str(infer.default_weights_path())
+    st = infer.default_weights_path().stat()
+    gpu_key = ("model", shipped, st.st_mtime_ns, st.st_size, "cuda:0")
+    empty_cache[gpu_key] = object()  # stands for a model on a GPU this machine may not have
+    mine = infer.load_model()
+    assert gpu_key in empty_cache
+    for i in range(infer._MAX_MODELS - 2):
+        other = tmp_path / f"w{i}" / "medfuse_fusion.safetensors"
+        other.parent.mkdir()
+        shutil.copy(shipped, other)
+        infer.load_model(other)
+        assert infer.load_model() is mine  # used between the others
+    newest = tmp_path / "new" / "medfuse_fusion.safetensors"
+    newest.parent.mkdir()
+    shutil.copy(shipped, newest)
+    infer.load_model(newest)  # one too many: the least recently used goes, which is the GPU one, not mine
+    assert gpu_key not in empty_cache and infer.load_model() is mine

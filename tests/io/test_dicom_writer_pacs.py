@@ -227,3 +227,36 @@ def test_a_pseudonymous_output_is_not_taken_for_another_patient(tmp_path):
     src = _patient(tmp_path, "p", PatientID="PID555", PatientName="DOE^JANE")
     assert patient_key(_first(src)) is not None
     assert patient_key(_first(save(_load(src), tmp_path / "o", template=src))) is None
+
+
+def test_two_runs_keys_on_one_multi_threaded_worker_do_not_cross():
+    """A module global swapped for the block: thread 1 leaving put the worker's own key back while thread 2 (another
+    batch run on the same tcp:// worker) was still writing, and thread 2's outputs left its run's pseudonyms."""
+    import threading
+
+    from medfuse.io.dicom_writer import PseudonymKey, pseudonym_uid, using_key
+
+    keys = [PseudonymKey("a" * 64), PseudonymKey("b" * 64)]
+    want = []
+    for k in keys:
+        with using_key(k):
+            want.append(pseudonym_uid("1.2.3.4"))
+    assert want[0] != want[1]
+    inside, left = threading.Barrier(2), threading.Event()
+    got = [None, None]
+
+    def run(i):
+        with using_key(keys[i]):
+            inside.wait()
+            if i == 1:
+                left.wait(5)  # thread 0 has left its block
+            got[i] = pseudonym_uid("1.2.3.4")
+        if i == 0:
+            left.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got == want
