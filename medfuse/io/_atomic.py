@@ -257,10 +257,29 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
                                 fix="choose another output name, or move the file away", path=p)
     if exists and not overwrite:
         raise OutputExistsError("the output exists", fix="choose another path, or pass overwrite=True to replace it", path=p)
+    if exists and _sticky_other_owner(p):
+        # Found now, not after the work: replacing it needs a rename over it, which a sticky folder (/tmp, a
+        # 1777 or 3775 shared folder) allows only its owner; the late error also blamed the folder.
+        raise OutputWriteError("the output belongs to another user, in a folder where only a file's owner may "
+                               "replace it (the folder's sticky bit)", errno=errno.EPERM,
+                               fix="choose another output name, or ask its owner to remove it", path=p)
     if not p.parent.is_dir():
         raise OutputWriteError("the output's folder does not exist", errno=errno.ENOENT, fix="create the folder first",
                                path=p.parent)
     return p
+
+
+def _sticky_other_owner(p: Path) -> bool:
+    """Whether ``p``, in a folder with the sticky bit, belongs to another user than this process's, who owns
+    neither it nor the folder (root may replace anything)."""
+    if os.name == "nt" or not hasattr(os, "geteuid"):
+        return False
+    try:
+        me = os.geteuid()
+        folder, own = os.stat(p.parent), os.lstat(p)
+    except OSError:
+        return False
+    return bool(me != 0 and folder.st_mode & stat.S_ISVTX and own.st_uid != me and folder.st_uid != me)
 
 
 #: What each kind of special file is called in messages (by the test of ``os.lstat``'s mode that finds it).

@@ -144,3 +144,19 @@ def test_a_dicom_output_folder_keeps_a_group_folders_set_group_id_bit(tmp_path, 
     project.chmod(0o2775)
     out = medfuse.save(medfuse.load(SAMPLES / "spect.nii.gz"), project / "spect_dicom")
     assert os.stat(out).st_mode & stat.S_ISGID and _mode(out) & 0o777 == 0o755
+
+
+def test_another_users_output_in_a_sticky_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--overwrite onto a colleague's output in a shared 1777 folder failed after the registration and fusion, with
+    "permission denied ... choose a folder you can write to" (the folder was writable; the file is theirs)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    theirs = shared / "a.nii.gz"
+    shutil.copy(SAMPLES / "spect.nii.gz", theirs)
+    uid = os.stat(theirs).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 4242)  # this process as another user than the owner
+    with pytest.raises(medfuse.OutputWriteError, match="belongs to another user.*sticky"):
+        medfuse.save(medfuse.load(SAMPLES / "spect.nii.gz"), theirs, overwrite=True)
+    assert main(["fuse", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "spect.nii.gz"), "-o", str(theirs),
+                 "--overwrite", "--method", "mean", "-q"]) == 2
