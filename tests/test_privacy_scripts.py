@@ -200,3 +200,24 @@ def test_info_under_the_c_locale_blanks_a_non_ascii_folder(tmp_path):
     assert b"folder=[removed]_PET" in out and b"folder=[removed]_CT" in out, out
     for shown in ("Müller", "Jürgen", "MÃ¼ller"):
         assert shown.encode("utf-8") not in out, out
+
+
+def test_a_folder_named_in_latin1_bytes_is_blanked_as_read_and_as_shown():
+    """A folder named from an ISO_IR 100 PatientName by an old exporter: its bytes are not UTF-8, so a UTF-8
+    process holds them as surrogates (M\\udcfcller) and messages show them as \\xfc; neither was blanked."""
+    import os
+
+    from medfuse.provenance import _spellings, scrub
+
+    ids = _spellings("PatientName", "M\u00fcller^Hans")
+    assert scrub(os.fsdecode(b"/data/M\xfcller_Hans/ct"), ids) == "/data/[removed]/ct"
+    assert scrub("/data/M\\xfcller_Hans/ct", ids) == "/data/[removed]/ct"
+    assert scrub("/data/M\\x41ller/ct", ids) == "/data/M\\x41ller/ct"  # an ASCII escape is left as it is
+
+
+def test_a_cjk_name_is_not_looked_for_given_name_first():
+    from medfuse.provenance import _values, scrub
+
+    ids = _values({"PatientName": "\u5f20^\u4f1f"})  # 张^伟, as patient_identifiers reads a header
+    assert scrub("\u60a3\u8005\u5f20\u4f1f\u5168\u8eab", ids) == "\u60a3\u8005[removed]\u5168\u8eab"
+    assert scrub("\u4f1f\u5f20", ids) == "\u4f1f\u5f20"  # 伟张: not a way the name is written

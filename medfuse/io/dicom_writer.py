@@ -829,11 +829,13 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     elif modality == "PT" and tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT":
         for kw in ("PatientWeight", "PatientSize"):  # the template PET's, not this one's (see _pet_context)
             base.pop(kw, None)
-    if modality == "PT" and pet is None and volume.unit == "Bq/mL" and tpl is not None and \
-            str(tpl.get("Modality", "")).strip().upper() == "PT":
-        warnings.warn(f"{folder.name}: the PET's own DICOM series (its dose, weight and scan times) could not be "
-                      "read, and the template is another PET series, whose values do not belong to these voxels: "
-                      "the output carries no dose, so no SUV can be computed from it (load the PET from its DICOM "
+    if modality == "PT" and pet is None and volume.unit == "Bq/mL":
+        other_pet = tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT"
+        why = ("could not be read, and the template is another PET series, whose values do not belong to these "
+               "voxels" if other_pet else "is not known or could not be read")
+        # A CT template or none said nothing: the series went out without a dose, as if that were complete.
+        warnings.warn(f"{folder.name}: the PET's own DICOM series (its dose, weight and scan times) {why}: the "
+                      "output carries no dose, so no SUV can be computed from it (load the PET from its DICOM "
                       "series, and keep that folder in place while saving)", MedfuseWarning, stacklevel=3)
     base.ImageType = ["DERIVED", "SECONDARY"]
     _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
