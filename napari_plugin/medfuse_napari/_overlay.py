@@ -231,7 +231,9 @@ class OverlayPanel(QWidget):
         # Compare modes.
         self.compare = QComboBox()
         self.compare.addItems(COMPARE)
-        self.tile_mm = _spin(2, 200, 16, 2, 0)
+        # Down to 0.1 mm, with a decimal: a mouse brain (18 mm) had one tile boundary at the 16 mm default, and
+        # 0.5 mm was clamped to 2.
+        self.tile_mm = _spin(0.1, 200, 16, 1, 1)
         self.curtain = QSlider(Qt.Horizontal)
         self.curtain.setRange(0, 100)
         self.curtain.setValue(50)
