@@ -265,7 +265,8 @@ def test_bundled_ground_truth_and_tfm(samples_dir, ph):
 #: from it) or with every release (the version that wrote them).
 _PER_RUN = {"SoftwareVersions", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "StudyDate", "SeriesDate",
             "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
-            "SeriesNumber", "InstanceCreationDate", "InstanceCreationTime"}
+            "SeriesNumber", "InstanceCreationDate", "InstanceCreationTime",
+            "PatientID", "PatientName"}  # the pseudonymous patient: a keyed hash under the run's key
 
 
 def _stable_header(path):

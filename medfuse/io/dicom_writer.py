@@ -218,6 +218,15 @@ def _own_series(volume: Volume):
     return source, ds
 
 
+def _is_pet_header(hdr) -> bool:
+    """Whether a template header is a PET's: Modality PT, or no Modality and a radiopharmaceutical (a Dataset a
+    caller built with only the PET tags, as the writer's own tests and scripts do)."""
+    if hdr is None:
+        return False
+    modality = str(hdr.get("Modality", "") or "").strip().upper()
+    return modality == "PT" or (not modality and "RadiopharmaceuticalInformationSequence" in hdr)
+
+
 def _pet_context(volume: Volume, template: Any, tpl) -> Tuple[Any, Any]:
     """The (path or template, header) whose tracer, dose, weight and scan times a PET output carries: the PET's own
     series when its provenance names one that can be read; else a PET template, unless the volume's provenance
@@ -230,7 +239,7 @@ def _pet_context(volume: Volume, template: Any, tpl) -> Tuple[Any, Any]:
     source, ds = _own_series(volume)
     if ds is not None and str(ds.get("Modality", "")).strip().upper() == "PT":
         return source, ds
-    if tpl is None or str(tpl.get("Modality", "")).strip().upper() != "PT":
+    if not _is_pet_header(tpl):
         return None, None
     own_uid = str(volume.provenance.get("series_uid") or "")
     if own_uid not in ("", "unknown") and own_uid != str(tpl.get("SeriesInstanceUID", "")):
@@ -817,8 +826,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         for kw in _PET_KEYWORDS:
             if kw in pet:  # copies, de-identified below with the rest
                 setattr(base, kw, copy.deepcopy(pet.data_element(kw).value))
-            elif kw in ("PatientWeight", "PatientSize") and pet is not tpl and tpl is not None and \
-                    str(tpl.get("Modality", "")).strip().upper() == "PT":
+            elif kw in ("PatientWeight", "PatientSize") and pet is not tpl and _is_pet_header(tpl):
                 base.pop(kw, None)  # another PET's weight, with this PET's dose, would make a wrong SUV
         if str(pet.get("PatientSex", "") or "").strip():  # SUVlbm and SUVbsa depend on it
             base.PatientSex = pet.PatientSex
@@ -826,11 +834,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             earliest = _earliest_acquisition(pet_source, pet)
             if earliest is not None:
                 base.AcquisitionDate, base.AcquisitionTime = earliest
-    elif modality == "PT" and tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT":
+    elif modality == "PT" and _is_pet_header(tpl):
         for kw in ("PatientWeight", "PatientSize"):  # the template PET's, not this one's (see _pet_context)
             base.pop(kw, None)
     if modality == "PT" and pet is None and volume.unit == "Bq/mL":
-        other_pet = tpl is not None and str(tpl.get("Modality", "")).strip().upper() == "PT"
+        other_pet = _is_pet_header(tpl)
         why = ("could not be read, and the template is another PET series, whose values do not belong to these "
                "voxels" if other_pet else "is not known or could not be read")
         # A CT template or none said nothing: the series went out without a dose, as if that were complete.
