@@ -511,6 +511,7 @@ def _cli_advice(text: str, command: Optional[str]) -> str:
         text = text.replace("register them first (medfuse.register, or --register rigid on the command line)",
                             "register them first (medfuse register REFERENCE MOVING -o OUT --transform T.tfm) and "
                             "pass --transform T.tfm")
+        text = re.sub(r"\binterpolation='(\w+)'", r"--interpolation \1", text)  # the label-map warning's fix
     if command in ("register", "fuse", "batch", "demo"):
         text = text.replace(
             "medfuse.resample(labels, fixed, transform=result.transform, interpolation='nearest')",
@@ -977,9 +978,6 @@ def _cmd_resample(args: argparse.Namespace) -> int:
             moved = resample(moving, reference, transform=chain, interpolation=args.interpolation,
                              default=args.fill)
         finally:
-            for w in caught:  # the label-map warning's fix names resample()'s argument: say the option
-                w.message = MedfuseWarning(str(w.message).replace("interpolation='nearest'", "--interpolation nearest")
-                                           .replace("interpolation='linear'", "--interpolation linear"))
             _show_warnings(caught, args)
     try:
         save(moved, out, overwrite=args.overwrite,
@@ -1157,6 +1155,11 @@ def _add_series_option(p: argparse.ArgumentParser, example: str) -> None:
                    help="for DICOM folders holding several series side by side (a PACS export of a PET/CT): one "
                         "choice per input, FIXED first: the series' number as listed, its modality (CT, MR, PT, "
                         f"NM) or its UID; '-' for an input that needs none. e.g. {example}")
+
+
+def _add_image_output_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output image (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
 
 
 def _add_suv_option(p: argparse.ArgumentParser, default: str) -> None:
@@ -1664,8 +1667,7 @@ def build_parser() -> argparse.ArgumentParser:
             "sample_volumes/pet_to_mr.tfm -o pet_on_mr.nii.gz")
     p.add_argument("reference", metavar="REFERENCE", help="the image whose grid the output takes (file or DICOM folder)")
     p.add_argument("moving", metavar="MOVING", help="the image to resample (file or DICOM folder)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output image (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
+    _add_image_output_option(p)
     p.add_argument("--transform", nargs="+", metavar="T", default=None,
                    help="transform file(s), REFERENCE side first (default: none, the scanners' placement)")
     p.add_argument("--interpolation", choices=("linear", "nearest", "bspline"), default=None,
@@ -1687,8 +1689,7 @@ def build_parser() -> argparse.ArgumentParser:
             "example:\n  medfuse register sample_volumes/mr_t1.nii.gz sample_volumes/pet -o pet_on_mr.nii.gz")
     p.add_argument("fixed", metavar="FIXED", help="reference image (file or DICOM folder)")
     p.add_argument("moving", metavar="MOVING", help="image to align (file or DICOM folder)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output image (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
+    _add_image_output_option(p)
     p.add_argument("--kind", choices=_KINDS[1:], default="rigid", help="transform model (default: rigid)")
     p.add_argument("--metric", choices=("mattes", "correlation"), default="mattes",
                    help="mattes = mutual information, any modalities (default); correlation = same modality")
