@@ -181,7 +181,7 @@ def did_you_mean(word: Any, choices: Sequence[str]) -> str:
 
     if not isinstance(word, str) or label(word) != repr(word):
         return ""
-    lower = {c.lower(): c for c in choices}
+    lower = {c.lower(): c for c in choices if isinstance(c, str)}  # a None among the choices is no word
     near = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
     return f"; did you mean '{lower[near[0]]}'?" if near else ""
 
@@ -202,12 +202,25 @@ def choice(value: Any, name: str, choices: Any, *, fix: Optional[str] = None) ->
     Why: an array compared with ``in`` raised NumPy's bare "truth value is ambiguous", a list "unhashable".
 
     Raises:
-        InvalidInputError: anything else (the value shown by :func:`label`).
+        InvalidInputError: anything else (the value shown by :func:`label`, and the near choice of a typo by
+            :func:`did_you_mean`: ``unknown registration kind 'rigd'; did you mean 'rigid'?``).
     """
     if (value is None or isinstance(value, str)) and value in choices:
         return value
+    raise unknown_choice(value, name, choices, fix=fix)
+
+
+def unknown_choice(value: Any, name: str, choices: Any, *, fix: Optional[str] = None) -> InvalidInputError:
+    """The error for ``value`` that names none of ``choices``: ``unknown <name> <value>; did you mean 'x'?``, the
+    fix listing the choices (or ``fix``). For checks that match in their own way (any case, aliases) and then
+    raise it; :func:`choice` does both.
+
+    Returns:
+        The :class:`InvalidInputError`, to raise.
+    """
     words = ", ".join("None" if c is None else str(c) for c in choices)
-    raise InvalidInputError(f"unknown {name} {label(value)}", fix=fix or f"use one of {words}")
+    return InvalidInputError(f"unknown {name} {label(value)}{did_you_mean(value, list(choices))}",
+                             fix=fix or f"use one of {words}")
 
 
 def flag(value: Any, name: str) -> bool:

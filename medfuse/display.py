@@ -13,6 +13,12 @@ Orientation of the planes (radiological convention, whatever the volume's voxel 
 * coronal: superior up, patient left on the image's right (seen from the front);
 * sagittal: superior up, anterior on the image's left (seen from the patient's left).
 
+To show a slice in matplotlib, take it from :func:`orthogonal_slices`, not from the array: ``vol.array[:, :, k]``
+is indexed ``(i, j)``, so ``plt.imshow`` draws ``i`` (the patient's right-to-left for an LPS volume) down the
+screen and the head comes out rotated by 90 degrees and mirrored, with pixels stretched on anisotropic voxels. The
+panels are in the orientation above, on square millimetre pixels, with their side letters in ``labels``
+(docs/fusion.md, "Showing slices", has a runnable example).
+
 Colormap names are napari/matplotlib names (``gray``, ``inferno``, ``hot``...), so both faces can use them.
 """
 
@@ -31,7 +37,8 @@ from .volume import Volume, normalise_modality
 __all__ = [
     "CT_WINDOWS", "SUV_LIMITS", "DisplaySettings", "window_to_limits", "limits_to_window",
     "check_ct_window", "window_precision", "slider_range", "percentile_limits", "display_settings",
-    "checkerboard_mask", "curtain_mask", "PLANES", "SlicePanel", "orthogonal_slices", "orthogonal_snapshot",
+    "checkerboard_mask", "curtain_mask", "VOLUME_PLANE_AXES", "PLANES", "SlicePanel", "orthogonal_slices",
+    "orthogonal_snapshot",
 ]
 
 #: CT window presets, ``name -> (width, level)`` in HU.
@@ -358,45 +365,88 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
     return DisplaySettings("gray", percentile_limits(volume.array), **blend)
 
 
-def checkerboard_mask(shape: Tuple[int, ...], *, tile: int = 16) -> np.ndarray:
-    """Boolean mask of alternating ``tile``-voxel squares over the last two axes (compare mode).
+#: Which axes of a medfuse Volume's array ``(i, j, k)`` hold each plane of a volume stored in the usual axial
+#: order (LPS or RAS-like, ``vol.orientation`` such as ``"LPS"``): ``vol.array[:, :, k]`` is an axial slice.
+VOLUME_PLANE_AXES: Dict[str, Tuple[int, int]] = {"axial": (0, 1), "coronal": (0, 2), "sagittal": (1, 2)}
+
+
+def _axis(value: Any, ndim: int, name: str, example: str) -> int:
+    """``value`` as an axis of an ``ndim``-axis array (negative counts from the end), or a typed error."""
+    return whole(value, name, minimum=-ndim, maximum=ndim - 1, what=f"an axis of the {ndim}-axis shape",
+                 example=example) % ndim
+
+
+def checkerboard_mask(shape: Tuple[int, ...], *, tile: int = 16, axes: Tuple[int, int] = (-2, -1)) -> np.ndarray:
+    """Boolean mask of alternating ``tile``-voxel squares over two axes (compare mode), the same on every slice.
+
+    The default, the last two axes, is the plane napari shows of a ``(z, y, x)`` array (what the plugin uses). A
+    medfuse :class:`~medfuse.Volume`'s array is indexed ``(i, j, k)``: for a volume in the usual axial order its
+    axial slices are ``vol.array[:, :, k]``, so pass ``axes=(0, 1)`` (coronal ``(0, 2)``, sagittal ``(1, 2)``;
+    :data:`VOLUME_PLANE_AXES`). With the default, ``vol.array[:, :, k]`` would show stripes, not squares.
 
     Args:
         shape: the image's shape (two or more axes).
         tile: (keyword-only) the side of a square in voxels (1 or more).
+        axes: (keyword-only) the two axes the squares lie in (negative counts from the end).
 
     Returns:
         A boolean array of ``shape``, True on the squares of the first image.
 
     Raises:
-        InvalidInputError: a shape that is not two or more positive whole numbers, or ``tile`` not a whole number
-            of 1 or more.
+        InvalidInputError: a shape that is not two or more positive whole numbers, ``tile`` not a whole number
+            of 1 or more, or ``axes`` not two different axes of the shape.
+
+    Example:
+        >>> m = checkerboard_mask((4, 4, 3), tile=2, axes=(0, 1))   # squares on every vol.array[:, :, k]
+        >>> m[:, :, 0].astype(int).tolist()
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
     """
     shape = _grid_shape(shape, "checkerboard_mask", min_axes=2)
     tile = whole(tile, "the checkerboard tile", minimum=1, example="tile=16 (voxels)")
-    rows = (np.arange(shape[-2]) // tile)[:, None]
-    cols = (np.arange(shape[-1]) // tile)[None, :]
-    return np.broadcast_to((rows + cols) % 2 == 0, tuple(shape)).copy()
+    pair = tuple(axes) if isinstance(axes, (tuple, list)) and len(axes) == 2 else None
+    if pair is None:
+        raise InvalidInputError(f"axes must be two axes, got {describe(axes)}",
+                                fix="pass e.g. axes=(0, 1) (a Volume's axial slices) or leave it out (the last two)")
+    row_axis, col_axis = (_axis(a, len(shape), "a checkerboard axis", "axes=(0, 1)") for a in pair)
+    if row_axis == col_axis:
+        raise InvalidInputError(f"axes must be two different axes, got {tuple(pair)}",
+                                fix="pass e.g. axes=(0, 1) (a Volume's axial slices)")
+    index = [1] * len(shape)
+    rows, cols = np.arange(shape[row_axis]) // tile, np.arange(shape[col_axis]) // tile
+    index[row_axis] = shape[row_axis]
+    squares = rows.reshape(index)
+    index[row_axis], index[col_axis] = 1, shape[col_axis]
+    return np.broadcast_to((squares + cols.reshape(index)) % 2 == 0, tuple(shape)).copy()
 
 
-def curtain_mask(shape: Tuple[int, ...], *, position: float = 0.5) -> np.ndarray:
-    """Boolean mask that is True left of ``position`` (0-1 along the last axis), for swipe/curtain mode.
+def curtain_mask(shape: Tuple[int, ...], *, position: float = 0.5, axis: int = -1) -> np.ndarray:
+    """Boolean mask that is True before ``position`` (a fraction 0-1 along ``axis``), for swipe/curtain mode.
+
+    The default axis, the last, is the horizontal one of the plane napari shows of a ``(z, y, x)`` array. A
+    medfuse :class:`~medfuse.Volume`'s array is indexed ``(i, j, k)``: for a curtain across its axial slices
+    ``vol.array[:, :, k]`` pass ``axis=0`` or ``axis=1`` (:data:`VOLUME_PLANE_AXES`); with the default, each
+    axial slice would be all True or all False.
 
     Args:
         shape: the image's shape (one or more axes).
-        position: (keyword-only) where the curtain is, as a fraction (0..1) of the last axis.
+        position: (keyword-only) where the curtain is, as a fraction (0..1) of ``axis``.
+        axis: (keyword-only) the axis the curtain moves along (negative counts from the end).
 
     Returns:
         A boolean array of ``shape``, True before the curtain.
 
     Raises:
-        InvalidInputError: a shape that is not positive whole numbers, or a position outside 0..1.
+        InvalidInputError: a shape that is not positive whole numbers, a position outside 0..1, or ``axis`` not
+            an axis of the shape.
     """
     position = number(position, "the curtain position", low=0, high=1, what="a fraction",
-                      example="position=0.5 (halfway along the last axis)")
+                      example="position=0.5 (halfway along the axis)")
     shape = _grid_shape(shape, "curtain_mask", min_axes=1)
-    cols = np.arange(shape[-1]) < round(position * shape[-1])
-    return np.broadcast_to(cols, tuple(shape)).copy()
+    axis = _axis(axis, len(shape), "the curtain axis", "axis=0")
+    index = [1] * len(shape)
+    index[axis] = shape[axis]
+    before = np.arange(shape[axis]) < round(position * shape[axis])
+    return np.broadcast_to(before.reshape(index), tuple(shape)).copy()
 
 
 # ----------------------------------------------------------------------------- orthogonal slices
@@ -443,11 +493,15 @@ def _plane_axis(centre: float, lo: float, hi: float, sign: int, step: float) -> 
     """Start (the first pixel centre) and pixel count along one in-plane world axis.
 
     Pixel centres lie on ``centre + n * step`` so that the requested point falls on a pixel centre, and cover
-    the volume's extent ``[lo, hi]`` walked from the ``sign`` side.
+    the volume's extent ``(lo, hi)`` walked from the ``sign`` side: strictly inside it. Why: a pixel centred on
+    an outer voxel edge (a point halfway between voxels, 1 mm pixels) lies outside SimpleITK's image on one
+    side, and came out as a NaN row or column along the panel's edge (a white line in matplotlib).
     """
-    edge = lo if sign > 0 else hi
-    before = max(0, int(math.floor(sign * (centre - edge) / step)))  # whole pixels from the start edge to centre
-    after = max(0, int(math.floor(sign * ((hi if sign > 0 else lo) - centre) / step)))
+    def inside(distance: float) -> int:  # pixel centres strictly within ``distance`` (slack: 1e-6 of a pixel)
+        return max(0, int(math.ceil(distance / step - 1e-6)) - 1)
+
+    before = inside(sign * (centre - (lo if sign > 0 else hi)))  # from the start edge to the centre
+    after = inside(sign * ((hi if sign > 0 else lo) - centre))
     return centre - sign * before * step, before + after + 1
 
 
@@ -503,11 +557,23 @@ def orthogonal_slices(volume: Volume, center_world: Optional[Sequence[float]] = 
         interpolation: ``linear`` or ``nearest``.
 
     Returns:
-        ``{"axial": SlicePanel, "coronal": ..., "sagittal": ...}``, each covering the volume's extent.
+        ``{"axial": SlicePanel, "coronal": ..., "sagittal": ...}``, each covering the volume's extent (pixel
+        centres strictly inside it).
 
     Raises:
         InvalidInputError: a point outside the volume, a bad pixel size (one making panels over 16384 pixels a
             side among them) or interpolation, complex voxels.
+
+    Example (matplotlib; each panel is ready for ``imshow`` as it is, no transpose or flip)::
+
+        panels = orthogonal_slices(vol, point)
+        fig, axs = plt.subplots(1, 3)
+        for ax, (name, p) in zip(axs, panels.items()):
+            ax.imshow(p.image, cmap="gray")          # NaN (outside the volume) is left blank
+            ax.set_title(name)
+            ax.set_xlabel(f"{p.labels['left']} <-> {p.labels['right']}")
+            row, col = p.world_to_pixel(point)        # mark the point
+            ax.plot(col, row, "r+")
     """
     import SimpleITK as sitk
 

@@ -3,7 +3,9 @@
 Runs each method (classical or ``network``) on every pair, writes the fused
 outputs (PNG for 2-D pairs, NIfTI for volumes), ``metrics.csv`` and
 ``metrics.json`` (every metric per image, and means per method and pair type),
-and prints a summary table (the metrics asked for, or the summary ones). A pair image path that names nothing
+and prints a summary table (the metrics asked for, or the summary ones) with a line naming its columns and one
+naming the metrics it leaves out. The methods may include fusion rules of the caller's (functions, as
+:func:`medfuse.fuse` takes them). A pair image path that names nothing
 is bad input, refused before any work. A pair that cannot be read or fused is reported and
 skipped; the run goes on and its result says it failed (exit code 1); when no image at all was scored,
 no table is written either. Bad arguments, an unknown device or one this machine lacks and outputs that exist
@@ -38,14 +40,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import as_list, choice, did_you_mean, label
+from ._checks import as_list, choice, describe, label, unknown_choice
 from .errors import (CancelledError, GeometryError, InvalidInputError, MedfuseError, MissingDependencyError,
                      OutputExistsError, OutputWriteError, UnreadableFileError, WeightsError)
+from .fusion import _rule_name
 from .fusion.classical import METHODS as CLASSICAL_METHODS
 from .io._atomic import case_key
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
-__all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "DEFAULT_METHODS"]
+__all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "table_notes", "DEFAULT_METHODS"]
 
 #: Every classical rule (a rule added to ``classical.METHODS`` is evaluated by default too).
 DEFAULT_METHODS = CLASSICAL_METHODS
@@ -89,10 +92,16 @@ class EvaluationResult:
     def exit_code(self) -> int:
         return 0 if self.ok else 1
 
-    def table(self) -> str:
-        """The means as a Markdown table (:func:`format_table`): the metrics asked for, or the summary ones."""
+    def table(self, *, notes: bool = True) -> str:
+        """The means as a Markdown table (:func:`format_table`): the metrics asked for, or the summary ones.
+
+        Args:
+            notes: (keyword-only) add :func:`table_notes` below it: what each column is, that higher is better,
+                and the metrics scored that the table leaves out (they are in metrics.csv and metrics.json).
+        """
         # Why: the columns were always SUMMARY_METRICS, so --metrics AG,FMI printed a table with none of them.
-        return format_table(self.means, metrics=self.metrics)
+        text = format_table(self.means, metrics=self.metrics)
+        return f"{text}\n\n{table_notes(self.means, metrics=self.metrics)}" if notes else text
 
 
 # ---------------------------------------------------------------------- items
@@ -566,7 +575,7 @@ def _make_folder(folder: Path) -> None:
                 "write to)")
 
 
-def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union[str, os.PathLike],
+def evaluate(source, *, methods: Sequence[Any] = DEFAULT_METHODS, out_dir: Union[str, os.PathLike],
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              metrics: Optional[Sequence[str]] = None, pair_types: Optional[Sequence[str]] = None,
              mode: str = "slicewise", device: str = "cpu", overwrite: bool = False,
@@ -581,7 +590,11 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
             whose members are Volumes or image paths (on one grid); a dict may name the pair's own mask,
             ``{"name": ..., "inputs": (a, b), "mask": "brain.nii.gz"}``, which replaces ``mask`` for it; or a
             list of 2-D pairs of PNG paths ``[("mri.png", "pet.png")]``, read and scored as a folder's pairs.
-        methods: fusion methods (``medfuse.fusion.available_methods()``).
+        methods: fusion methods: names (``medfuse.fusion.available_methods()``) and functions of your own, as
+            :func:`medfuse.fuse` takes them (``method=``), so that a rule of yours is scored beside the built-in
+            ones: ``methods=["max", "gff", my_rule]``. A function is named by its ``__name__`` (a lambda:
+            ``lambda``) in the rows, the table and its output folder; metrics.json's ``custom_methods`` maps
+            each such name to the function's qualified name.
         out_dir: output folder (created); fused images go to ``<out_dir>/<method>/...``.
         progress, cancel: as everywhere in medfuse.
         metrics: metric names (default: all).
@@ -607,7 +620,8 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         skipped (``result.rows`` is empty) nothing is written: no tables, no folder.
 
     Raises:
-        InvalidInputError: unknown method/metric/mode/device, no metric named (an empty list), a metric
+        InvalidInputError: unknown method/metric/mode/device (a typo's message names the near one), a function among
+            the methods named as a built-in method or another function, no metric named (an empty list), a metric
             ``mode="native"`` lacks (volumes), nothing to evaluate, two pairs given the same explicit name,
             ``device`` is a GPU this machine lacks (with ``"network"``), ``source``, ``methods`` or ``out_dir``
             of the wrong type, ``out_dir`` is a file, or an output
@@ -628,28 +642,13 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     from .io._atomic import atomic_write_text
     from .metrics import METRICS, _collect_undefined, score
 
-    if not isinstance(methods, str) and not hasattr(methods, "__iter__"):
-        raise InvalidInputError(f"methods must be method names, got a {type(methods).__name__}",
-                                fix="pass e.g. methods=['max', 'gff'] or methods='network'")
-    methods = [m.lower() if isinstance(m, str) else m for m in ([methods] if isinstance(methods, str) else methods)]
-    # A method named twice ("max,,max") scored every image twice, as two rows of one name: once is enough.
-    methods = [m for i, m in enumerate(methods) if not isinstance(m, str) or m not in methods[:i]]
-    bad = [m for m in methods if not isinstance(m, str) or m not in available_methods()]
-    if not methods or bad:
-        shown = ", ".join(label(m) for m in bad) if bad else "(none given)"
-        near = did_you_mean(bad[0], available_methods()) if len(bad) == 1 else ""
-        raise InvalidInputError(f"unknown fusion method(s) {shown}{near}",
-                                fix=f"choose from {', '.join(available_methods())}")
+    rules = _method_rules(methods, available_methods())
+    methods = list(rules)  # their names: the rows' "method", the output folders, the table's rows
     choice(mode, "volume scoring mode", ("slicewise", "native"))
     check_callbacks(progress, cancel)
     if metrics is not None:
         from .metrics import _names
 
-        known = {m.upper() for m in METRICS}
-        for m in ([metrics] if isinstance(metrics, str) else metrics if isinstance(metrics, (list, tuple)) else []):
-            if str(m).upper() not in known:  # said here because _names repeats the value: a path is not shown
-                raise InvalidInputError(f"unknown metric {label(m)}{did_you_mean(m, METRICS)}",
-                                        fix=f"choose from {', '.join(METRICS)}")
         metrics = _names(metrics, METRICS)
     from .fusion.device import check_device_name
 
@@ -757,7 +756,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                     if isinstance(pair_mask, MedfuseError):
                         raise pair_mask
                     if is_2d:
-                        img, f, greys = _fuse_2d(srcs, method, device,
+                        img, f, greys = _fuse_2d(srcs, rules[method], device,
                                                  net_options if method == "network" else options)
                         m = _mask_array(mask, greys)
                         with _collect_undefined() as undefined:  # said once for the run, below, and in the row
@@ -769,7 +768,7 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
                             _save_png(img, target, overwrite, inputs=item.inputs)
                     else:
                         with _collect_undefined() as undefined:
-                            fused, scores, m = _score_volumes(srcs, method, device,
+                            fused, scores, m = _score_volumes(srcs, rules[method], device,
                                                               net_options if method == "network" else options,
                                                               mode, metrics, pair_mask)
                         target = _target(out, method, item, False)
@@ -829,6 +828,9 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
     # Both texts before either file: a table that cannot be written leaves neither, not a CSV without its JSON.
     csv_text = _csv(result, names)
     record = _json(result, source, methods, options, mask, ids, selection, pair_types)
+    custom = {name: _rule_name(rule) for name, rule in rules.items() if not isinstance(rule, str)}
+    if custom:  # which function each name stood for (its qualified name; its code is the caller's)
+        record["custom_methods"] = custom
     if network_weights is not None:
         record["network_weights"] = {**network_weights, "path": None if network_weights["path"] is None
                                      else _blanked(network_weights["path"], ids)}
@@ -840,6 +842,50 @@ def evaluate(source, *, methods: Sequence[str] = DEFAULT_METHODS, out_dir: Union
         _remove_earlier_outputs(out, [e for e in earlier if e[0] not in written], items)
     report(progress, 1.0, "evaluation done")
     return result
+
+
+def _method_rules(methods: Any, builtin: Sequence[str]) -> Dict[str, Any]:
+    """``{name: method}`` for :func:`evaluate`'s ``methods``: a built-in name lower-cased (to itself), a function of
+    the caller's (to the function, named by its ``__name__``; a lambda is ``lambda``), each once.
+
+    Raises:
+        InvalidInputError: not a name, a function or a list of them, an unknown name (a typo's message names the
+            near one), none at all, or a function whose name is a built-in method's, another's, or no plain word
+            (it names the output folder).
+    """
+    if isinstance(methods, str) or callable(methods):
+        methods = [methods]
+    elif not hasattr(methods, "__iter__"):
+        raise InvalidInputError(f"methods must be method names or functions, got {describe(methods)}",
+                                fix="pass e.g. methods=['max', 'gff'], methods='network' or methods=['max', my_rule]")
+    methods = list(methods)
+    fix = f"choose from {', '.join(builtin)}, or pass a function of your own (see help(medfuse.fuse), method=)"
+    bad = [m for m in methods if not (isinstance(m, str) and m.lower() in builtin)
+           and (not callable(m) or isinstance(m, (str, type)))]
+    if len(bad) > 1:  # all of them at once (--methods lapacian,wavlet): one typo at a time took as many runs
+        raise InvalidInputError(f"unknown fusion methods {', '.join(label(m) for m in bad)}", fix=fix)
+    if bad:
+        raise unknown_choice(bad[0], "fusion method", builtin, fix=fix)
+    rules: Dict[str, Any] = {}
+    for m in methods:
+        if isinstance(m, str):
+            rules[m.lower()] = m.lower()  # a method named twice ("max,,max") is scored once
+            continue
+        name = getattr(m, "__name__", None)
+        name = "lambda" if name == "<lambda>" else name
+        if not isinstance(name, str) or not name.replace("_", "a").replace("-", "a").isalnum() or not name.isascii():
+            raise InvalidInputError(f"the fusion rule {_rule_name(m)} has no name a table row and an output folder "
+                                    "can take", fix="define it with def and a plain name (def my_rule(a, b): return "
+                                    "...), or pass a lambda")
+        if name.lower() in builtin or name in rules and rules[name] is not m:
+            raise InvalidInputError(f"the fusion rule {_rule_name(m)} is named {name!r}, as "
+                                    f"{'a built-in method' if name.lower() in builtin else 'another rule'} is: the "
+                                    "two would share a table row and an output folder",
+                                    fix="give it a name of its own (def my_max(a, b): return numpy.maximum(a, b))")
+        rules[name] = m
+    if not rules:
+        raise InvalidInputError("no fusion method was given (an empty list)", fix=f"choose from {', '.join(builtin)}")
+    return rules
 
 
 def _stopped(e: MedfuseError, new_outputs: Sequence[Path], out: Path, made: Sequence[Path] = ()) -> MedfuseError:
@@ -1120,19 +1166,7 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
     Raises:
         InvalidInputError: ``means`` is not a mapping.
     """
-    if not isinstance(means, Mapping) or not all(isinstance(g, Mapping) and all(isinstance(v, Mapping)
-                                                                               for v in g.values())
-                                                 for g in means.values()):
-        # {"a": 1}: an AttributeError from deep inside, before
-        got = type(means).__name__ if not isinstance(means, Mapping) else "a mapping of another shape"
-        raise InvalidInputError("format_table takes the means of an evaluation ({method: {pair type: {metric: "
-                                f"value}}}}}}), got {got}", fix="pass result.means (or call result.table())")
-    from .metrics import METRICS
-
-    def held(names: Iterable[str]) -> List[str]:
-        return [m for m in names if any(m in v for g in means.values() for v in g.values())]
-
-    cols = held(metrics) if metrics is not None else held(SUMMARY_METRICS) or held(METRICS)
+    cols = _table_columns(means, metrics, "format_table")
 
     def line(cells: Sequence[str]) -> str:  # as many cells in every line (an empty join gave a header cell more)
         return "| " + " | ".join(cells) + " |"
@@ -1148,6 +1182,61 @@ def format_table(means: Dict[str, Dict[str, Dict[str, Any]]], *,
                     cell = f"{cell} (n={k})".strip()
                 cells.append(cell)
             lines.append(line([str(method), str(ptype), str(vals.get("n", "")), *cells]))
+    return "\n".join(lines)
+
+
+def _held(means: Mapping[str, Any], names: Iterable[str]) -> List[str]:
+    """The metrics of ``names`` that some row of ``means`` holds, in that order."""
+    return [m for m in names if any(m in v for g in means.values() for v in g.values())]
+
+
+def _table_columns(means: Any, metrics: Optional[Sequence[str]], caller: str) -> List[str]:
+    """:func:`format_table`'s metric columns: those asked for, else the summary ones held (else all held).
+
+    Raises:
+        InvalidInputError: ``means`` is not ``{method: {pair type: {metric: value}}}`` (``caller`` takes it).
+    """
+    from .metrics import METRICS
+
+    if not isinstance(means, Mapping) or not all(isinstance(g, Mapping) and all(isinstance(v, Mapping)
+                                                                               for v in g.values())
+                                                 for g in means.values()):
+        # {"a": 1}: an AttributeError from deep inside, before
+        got = type(means).__name__ if not isinstance(means, Mapping) else "a mapping of another shape"
+        raise InvalidInputError(f"{caller} takes the means of an evaluation ({{method: {{pair type: {{metric: "
+                                f"value}}}}}}), got {got}", fix="pass result.means (or call result.table())")
+    return _held(means, metrics) if metrics is not None else _held(means, SUMMARY_METRICS) or _held(means, METRICS)
+
+
+def table_notes(means: Dict[str, Dict[str, Dict[str, Any]]], *, metrics: Optional[Sequence[str]] = None) -> str:
+    """Plain sentences to print under :func:`format_table`'s table (same arguments): what its columns are, that
+    higher is better for every one, and which metrics scored it leaves out (they are in metrics.csv and
+    metrics.json).
+
+    Why: the table named its columns by abbreviation only, and left AG, FMI and MS-SSIM out without a word
+    although ``--metrics`` says "default: all". Sentences, not another table: a screen reader reads them as
+    they are.
+
+    Args:
+        means: :attr:`EvaluationResult.means`.
+        metrics: (keyword-only) the columns asked for, as :func:`format_table` takes them.
+
+    Returns:
+        One line per note, without a final newline.
+
+    Raises:
+        InvalidInputError: ``means`` is not a mapping.
+    """
+    from .metrics import METRICS, TITLES
+
+    cols = _table_columns(means, metrics, "table_notes")
+    legend = "; ".join(f"{c}: {TITLES[c]}" for c in cols if c in TITLES)
+    lines = [f"Columns: n: images scored; {legend}. Higher is better for every metric (definitions: "
+             "docs/fusion.md)."]
+    left = [m for m in _held(means, METRICS) if m not in cols]
+    if left:
+        lines.append(f"Not in this table: {', '.join(left)}; every metric scored is in metrics.csv and metrics.json "
+                     "(ask for the columns with --metrics, or metrics= in Python).")
     return "\n".join(lines)
 
 

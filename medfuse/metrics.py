@@ -26,6 +26,9 @@ evaluation code most fusion papers use (see ``../shared/README.md`` and
   SSIM (scikit-image 0.19 took ``data_range=2`` for float input). Lower than ``SSIM`` on
   the same images; use it only to compare with those tables.
 
+**Every metric scores a better fusion higher** (none is an error to minimise); EN, SD, SF and AG, which look at
+``F`` alone, rise with noise too, so read them beside the others. :data:`TITLES` names each in a few words.
+
 A value that is not a finite number (VIF with a constant source, Qabf without edges, PSNR's +-inf, ...) is
 returned as it is with an :class:`UndefinedMetricWarning` saying which and why (once per :func:`score` call);
 slice-wise means leave such slices out and count them.
@@ -83,18 +86,31 @@ from typing import Any, Dict, Iterable, Literal, Optional, Sequence, Tuple, over
 
 import numpy as np
 
-from ._checks import number, whole
+from ._checks import number, unknown_choice, whole
 from .errors import InvalidInputError, MedfuseWarning
 
 __all__ = [
     "UndefinedMetricWarning",
-    "METRICS", "NATIVE_3D_METRICS", "PIXEL_METRICS", "WINDOW_METRICS", "score", "anisotropy", "sampled_slice_scores",
+    "METRICS", "TITLES", "NATIVE_3D_METRICS", "PIXEL_METRICS", "WINDOW_METRICS", "score", "anisotropy",
+    "sampled_slice_scores",
     "en", "sd", "sf", "ag", "mi", "scd", "vif", "qabf", "ssim", "psnr", "cc", "fmi", "ms_ssim", "ssim_r2",
 ]
 
 #: Metric names, in the order of published tables (then the additions).
 METRICS: Tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "CC", "FMI", "MS-SSIM",
                             "SSIM_r2")
+
+#: Each metric in a few words, for a table's legend (the definitions: this module's docstring, docs/fusion.md).
+#: Every one scores a better fusion higher.
+TITLES: Dict[str, str] = {
+    "EN": "entropy (bits)", "SD": "standard deviation (contrast)", "SF": "spatial frequency (detail)",
+    "AG": "average gradient (sharpness)", "MI": "mutual information with the sources (nats)",
+    "SCD": "sum of the correlations of differences", "VIF": "visual information fidelity",
+    "Qabf": "edge preservation (Xydeas-Petrovic)", "SSIM": "structural similarity, summed over the sources",
+    "PSNR": "peak signal-to-noise ratio (dB)", "CC": "correlation coefficient with the sources",
+    "FMI": "feature mutual information", "MS-SSIM": "multi-scale SSIM, summed over the sources",
+    "SSIM_r2": "SSIM with data_range=2 (CDDFuse's convention)",
+}
 
 #: Metrics that ``mode="native"`` computes on a whole 3-D volume.
 NATIVE_3D_METRICS: Tuple[str, ...] = ("EN", "SD", "MI", "SSIM", "SCD", "PSNR", "CC", "SSIM_r2")
@@ -286,8 +302,8 @@ def _check(fused, sources: Sequence, *, ndim: Optional[int] = 2, min_side: int =
             fix=f"drop them first: np.squeeze(x) gives {squeezed}{then}; do the same to every image")
     if ndim is not None and f.ndim != ndim:
         if f.ndim == 3:
-            hint = ("convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with mode='native' "
-                    "or 'slicewise'")
+            hint = ("score volumes with mode='slicewise' (over the three planes) or mode='native' (whole-volume "
+                    "metrics); an (H, W, 3) RGB image: convert it to grey first (medfuse.fusion.color.rgb_to_gray)")
         elif f.ndim == 2 and ndim == 3:
             hint = "score 2-D images with mode='2d' (the default)"
         else:
@@ -581,8 +597,8 @@ def _as_image2d(fused) -> np.ndarray:
         raise InvalidInputError(f"SF and AG are defined on 2-D images, got shape {f.shape} (axes of length 1)",
                                 fix="drop the length-1 axes first: np.squeeze(x)")
     if f.ndim != 2:
-        hint = ("convert RGB to grey first (medfuse.fusion.color.rgb_to_gray), or score volumes with "
-                "score(..., mode='slicewise')" if f.ndim == 3 else "pass a 2-D image")
+        hint = ("score volumes with score(..., mode='slicewise'); an (H, W, 3) RGB image: convert it to grey first "
+                "(medfuse.fusion.color.rgb_to_gray)" if f.ndim == 3 else "pass a 2-D image")
         raise InvalidInputError(f"SF and AG are defined on 2-D images, got shape {f.shape}", fix=hint)
     if min(f.shape) < 2:
         raise InvalidInputError(f"the image is too small for SF and AG ({f.shape[0]}x{f.shape[1]}); they need "
@@ -601,7 +617,7 @@ def en(fused, *, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The entropy in bits, 0..8.
+        The entropy in bits, 0..8. Higher is better, as the published tables read it (noise raises it too).
 
     Raises:
         InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
@@ -625,7 +641,8 @@ def sd(fused, *, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The standard deviation, in ``F``'s units.
+        The standard deviation, in ``F``'s units: contrast.
+        Higher is better, as the published tables read it (noise raises it too).
 
     Raises:
         InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
@@ -649,7 +666,8 @@ def sf(fused, *, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The spatial frequency, in ``F``'s units per pixel.
+        The spatial frequency, in ``F``'s units per pixel: detail.
+        Higher is better, as the published tables read it (noise raises it too).
 
     Raises:
         InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
@@ -676,7 +694,8 @@ def ag(fused, *, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The average gradient, in ``F``'s units per pixel.
+        The average gradient, in ``F``'s units per pixel: sharpness.
+        Higher is better, as the published tables read it (noise raises it too).
 
     Raises:
         InvalidInputError: ``F`` is not a numeric array (a Volume: pass ``vol.array``), is a single number,
@@ -719,7 +738,7 @@ def mi(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The summed mutual information in nats (0 or more).
+        The summed mutual information in nats (0 or more). Higher is better: ``F`` carries more of the sources.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -743,7 +762,8 @@ def scd(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The summed correlations, -2..2 for two sources (-3..3 for three).
+        The summed correlations, -2..2 for two sources (-3..3 for three). Higher is better: ``F`` holds more
+        of what each source adds to the others.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -766,7 +786,7 @@ def cc(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The mean correlation coefficient, -1..1.
+        The mean correlation coefficient, -1..1. Higher is better: ``F`` follows the sources more closely.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -791,7 +811,7 @@ def psnr(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        PSNR in dB (inf or -inf in the cases above).
+        PSNR in dB (inf or -inf in the cases above). Higher is better: ``F`` is closer to the sources.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -837,7 +857,8 @@ def ssim(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The summed SSIM: up to 2 for two sources (3 for three).
+        The summed SSIM: up to 2 for two sources (3 for three). Higher is better: ``F`` keeps more of the
+        sources' structure.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -862,7 +883,8 @@ def ssim_r2(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The summed SSIM with ``data_range=2``: up to 2 for two sources (3 for three).
+        The summed SSIM with ``data_range=2``: up to 2 for two sources (3 for three). Higher is better, as
+        for :func:`ssim`.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -945,7 +967,8 @@ def vif(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The summed VIF (NaN in the cases above).
+        The summed VIF (NaN in the cases above). Higher is better: ``F`` keeps more of the sources' visual
+        information.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -1004,7 +1027,7 @@ def qabf(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        Qabf in 0..1 (NaN in the case above).
+        Qabf in 0..1 (NaN in the case above). Higher is better: more of the sources' edges kept (1: all).
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -1048,7 +1071,7 @@ def fmi(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        FMI in 0..1.
+        FMI in 0..1. Higher is better: more of the sources' gradient features kept.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -1122,7 +1145,8 @@ def ms_ssim(fused, *sources, mask=None) -> float:
             None (default) for the whole image.
 
     Returns:
-        The summed MS-SSIM: up to 2 for two sources (3 for three); NaN as above.
+        The summed MS-SSIM: up to 2 for two sources (3 for three); NaN as above. Higher is better, as for
+        :func:`ssim`.
 
     Raises:
         InvalidInputError: fewer than two sources, an input that is not a numeric array (a Volume: pass
@@ -1160,7 +1184,7 @@ def _names(metrics: Optional[Iterable[str]], allowed: Sequence[str]) -> list:
     for m in names:
         key = lookup.get(str(m).upper())
         if key is None:
-            raise InvalidInputError(f"unknown metric {m!r}", fix=f"choose from {', '.join(METRICS)}")
+            raise unknown_choice(m, "metric", METRICS, fix=f"choose from {', '.join(METRICS)}")
         if key not in allowed:
             raise InvalidInputError(
                 f"metric {key} is not defined for this mode", fix=f"choose from {', '.join(allowed)} or another mode"

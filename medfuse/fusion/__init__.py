@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
-from .._checks import label, user_stacklevel
+from .._checks import all_finite, describe, unknown_choice, user_stacklevel
 from ..errors import GeometryError, InvalidInputError, MedfuseError, MedfuseWarning, MissingDependencyError
 from ..progress import CancelToken, ProgressFn, check, check_callbacks, report
 from ..volume import Volume, require_finite
@@ -62,28 +62,97 @@ def _weights_hash(weights: Any = None) -> Any:
         return None
 
 
-def _run(method: str, arrays01: Sequence[np.ndarray], *, device: str, options: Dict[str, Any],
+def _run(method: Any, arrays01: Sequence[np.ndarray], *, device: str, options: Dict[str, Any],
          network_float32: bool = False) -> np.ndarray:
-    """``method``'s fusion of ``arrays01``: float64; the network's float32 result as it is with ``network_float32``."""
-    if method == "network":
+    """``method``'s fusion of ``arrays01`` (a name, or a rule of the caller's: :func:`_call_rule`): float64; the
+    network's float32 result as it is with ``network_float32``."""
+    if isinstance(method, str) and method == "network":
         return _network(arrays01, device=device, as_float64=not network_float32, **options)
     from .classical import fuse_arrays
 
     options = dict(options)
     progress, cancel = options.pop("progress", None), options.pop("cancel", None)
     check(cancel, "fusion")
-    report(progress, 0.0, f"fusing ({method})")
-    out = fuse_arrays(list(arrays01), method=method, cancel=cancel, **options)
+    report(progress, 0.0, f"fusing ({method if isinstance(method, str) else _rule_name(method)})")
+    if callable(method):
+        out = _call_rule(method, arrays01, options)
+    else:
+        out = fuse_arrays(list(arrays01), method=method, cancel=cancel, **options)
     report(progress, 1.0, "fused")
     return out
 
 
-def _check_method(method: str) -> str:
-    """``method`` lower-cased; a typo is shown as written, a path or an array only by its type."""
+#: What provenance records as the ``method`` of a fusion by a rule of the caller's (a callable ``method``); its
+#: name goes under ``custom_rule`` in the history's ``fuse`` step.
+CUSTOM_METHOD = "custom"
+
+
+def _rule_name(rule: Callable[..., Any]) -> str:
+    """A callable's qualified name, as provenance records it: ``"mymodule.my_rule"``, ``"__main__.<lambda>"``,
+    ``"numpy.maximum"`` (a ``functools.partial``: its function's). Never its code, never a pickle."""
+    func = getattr(rule, "func", rule) if type(rule).__name__ == "partial" else rule
+    module = getattr(func, "__module__", None) or type(func).__module__
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or type(func).__qualname__
+    return f"{module}.{name}" if module and module != "builtins" else str(name)
+
+
+def _check_method(method: Any) -> Any:
+    """``method`` lower-cased, or a callable as it is; a typo is shown as written (with the near name), a path or
+    an array only by its type."""
     if isinstance(method, str) and method.lower() in available_methods():
         return method.lower()
-    raise InvalidInputError(f"unknown fusion method {label(method)}",
-                            fix=f"use one of {', '.join(available_methods())}")
+    if callable(method) and not isinstance(method, (str, type)):
+        return method
+    raise unknown_choice(method, "fusion method", available_methods(),
+                         fix=f"use one of {', '.join(available_methods())}, or pass a function of your own: "
+                             "method=my_rule, with def my_rule(a, b): ... (see help(medfuse.fuse))")
+
+
+def _check_rule(rule: Callable[..., Any], n: int, options: Dict[str, Any]) -> None:
+    """Refuse, before any work, a rule that cannot be called with ``n`` images and the options given.
+
+    Why: Python's "takes 1 positional argument but 2 were given" came after the normalisation, from inside
+    medfuse, without saying how the rule is called.
+    """
+    import inspect
+
+    names = [k for k in options if k not in ("progress", "cancel")]
+    try:
+        signature = inspect.signature(rule)
+    except (TypeError, ValueError):  # a callable without a signature (some built-ins): called as it is
+        return
+    try:
+        signature.bind(*range(n), **{k: None for k in names})
+    except TypeError as e:
+        given = f"{n} images as positional arguments" + (f" and the options {', '.join(names)}" if names else "")
+        raise InvalidInputError(f"the fusion rule {_rule_name(rule)} cannot be called with the {given} ({e})",
+                                fix="define it as def my_rule(a, b): ... (def my_rule(*images) for 2 or 3 inputs), "
+                                    "with an option of its own as a keyword argument: def my_rule(a, b, alpha=0.5)"
+                                ) from None
+
+
+def _call_rule(rule: Callable[..., Any], arrays01: Sequence[np.ndarray], options: Dict[str, Any]) -> np.ndarray:
+    """``rule(*arrays01, **options)``, checked: one finite real array of the inputs' shape, as float64."""
+    shape = arrays01[0].shape
+    out = rule(*[np.asarray(a, dtype=np.float64) for a in arrays01], **options)
+    name = _rule_name(rule)
+    try:
+        y = np.asarray(out.detach().cpu() if hasattr(out, "detach") else out)  # a torch tensor, as inputs are taken
+    except (TypeError, ValueError, RuntimeError):
+        y = np.asarray(None)
+    if y.shape != shape or not (np.issubdtype(y.dtype, np.number) or y.dtype == bool) or np.iscomplexobj(y):
+        got = describe(out) if y.shape == shape or not hasattr(out, "shape") else f"an array of shape {y.shape}"
+        raise InvalidInputError(f"the fusion rule {name} returned {got}; it must return one real array of the "
+                                f"inputs' shape {shape}",
+                                fix="return an array like its inputs, e.g. numpy.maximum(a, b) or 0.5 * (a + b); a "
+                                    "reduction needs the inputs stacked first: numpy.stack([a, b]).max(axis=0)")
+    y = y.astype(np.float64)
+    if not all_finite(y, 1 << 22):
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        raise InvalidInputError(f"the fusion rule {name} returned {bad} NaN or infinite value(s) (of {y.size})",
+                                fix="guard its divisions and logarithms, e.g. numpy.divide(x, y, "
+                                    "out=numpy.zeros_like(x), where=y != 0)")
+    return y
 
 
 def _refuse_bool_weights(method: str, options: Dict[str, Any], n: int) -> None:
@@ -95,7 +164,7 @@ def _refuse_bool_weights(method: str, options: Dict[str, Any], n: int) -> None:
     from .classical import _OPTIONS
 
     w = options.get("weights")
-    if "weights" not in _OPTIONS.get(method, ()) or w is None:
+    if not isinstance(method, str) or "weights" not in _OPTIONS.get(method, ()) or w is None:
         return
     items = w.ravel().tolist() if isinstance(w, np.ndarray) else list(w) if isinstance(w, (list, tuple)) else [w]
     if any(isinstance(v, (bool, np.bool_)) for v in items):
@@ -127,12 +196,24 @@ _SHARED_SCALE_RATIO = 4.0
 _SHARED_SLACK = _NONE_SLACK
 
 
+def _check_normalise_name(name: str) -> None:
+    """Refuse a normalisation method that names none, with the near name of a typo (``'minmx'``: ``'minmax'``).
+
+    Why here: :func:`medfuse.fusion.normalise.normalise` said "the str given names none of them", without it.
+    """
+    from .normalise import _METHODS
+
+    if name not in ("auto", *_METHODS):
+        raise unknown_choice(name, "normalisation method", ("auto", *_METHODS))
+
+
 def _specs(normalise: Any, n: int) -> Optional[List[Dict[str, Any]]]:
     """One option dict per input from a list/tuple ``normalise``; None when it is a single setting."""
     if not isinstance(normalise, (list, tuple)):
         if not isinstance(normalise, str):
             raise InvalidInputError(f"normalise must be a method name or a list of per-input dicts, got "
                                     f"{type(normalise).__name__}", fix="pass e.g. 'auto', 'minmax' or [{...}, {...}]")
+        _check_normalise_name(normalise)
         return None
     if len(normalise) != n:
         raise InvalidInputError(f"normalise has {len(normalise)} entries for {n} inputs",
@@ -153,6 +234,7 @@ def _specs(normalise: Any, n: int) -> Optional[List[Dict[str, Any]]]:
 
         try:
             _check_labels(spec.get("method", "auto"), spec.get("modality"), spec.get("unit"))
+            _check_normalise_name(spec.get("method", "auto"))
         except InvalidInputError as e:
             raise InvalidInputError(f"normalise entry {i}: {e.problem}", fix=e.fix) from None
         out.append(dict(spec))
@@ -531,28 +613,32 @@ class _Required:
 
 _MISSING: Any = _Required()
 
+#: A fusion method: a name (``"network"``, a classical rule) or a rule of the caller's (see :func:`fuse`).
+_Method = Union[str, Callable[..., Any]]
+
 
 # For type checkers: Volumes in give a Volume, NumPy arrays an array; anything else (torch tensors, lists: an
 # array at run time; a mix of Volumes and arrays: InvalidInputError) either. Not Any -> array: a Volume typed as
 # Any would then be promised an array. ``b`` is required in each (fuse(a) alone is an error).
 @overload
-def fuse(a: Volume, b: Volume, *more: Volume, method: str = ..., device: str = ..., normalise: Any = ...,
+def fuse(a: Volume, b: Volume, *more: Volume, method: _Method = ..., device: str = ..., normalise: Any = ...,
          progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ..., **options: Any) -> Volume: ...
 
 
 @overload
-def fuse(a: np.ndarray, b: np.ndarray, *more: np.ndarray, method: str = ..., device: str = ..., normalise: Any = ...,
-         progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ..., **options: Any) -> np.ndarray: ...
+def fuse(a: np.ndarray, b: np.ndarray, *more: np.ndarray, method: _Method = ..., device: str = ...,
+         normalise: Any = ..., progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ...,
+         **options: Any) -> np.ndarray: ...
 
 
 @overload
-def fuse(a: Any, b: Any, *more: Any, method: str = ..., device: str = ..., normalise: Any = ...,
+def fuse(a: Any, b: Any, *more: Any, method: _Method = ..., device: str = ..., normalise: Any = ...,
          progress: Optional[ProgressFn] = ..., cancel: Optional[CancelToken] = ...,
          **options: Any) -> Union[Volume, np.ndarray]: ...
 
 
-def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device: str = "cpu", normalise: Any = "auto",
-         progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+def fuse(a: Any, b: Any = _MISSING, *more: Any, method: _Method = "network", device: str = "cpu",
+         normalise: Any = "auto", progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
          **options: Any) -> Union[Volume, np.ndarray]:
     """Fuse two or three co-registered images or volumes.
 
@@ -568,7 +654,16 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
             ambiguous (3 slices of a volume?), and negative ones
             make it slices (refused beside a 2-D image). A bool input (a mask) counts True as the full scale
             of the other inputs' shared range.
-        method: ``"network"`` or a classical rule (:data:`CLASSICAL_METHODS`).
+        method: ``"network"``, a classical rule (:data:`CLASSICAL_METHODS`), or a rule of your own: a function
+            called as ``method(a01, b01[, c01], **options)``. It receives the inputs after normalisation
+            (``normalise``), as float64 arrays of one shape on 0..1 (2-D images, 3-D volumes; for an RGB
+            input, the luma; with ``normalise="none"``, arrays on their own scale), in the order given, and
+            must return one real, finite array of that shape on the same scale: the fusion, which ``fuse``
+            maps back as for a built-in rule (Volumes: clipped to 0..1). ``**options`` are passed to it as
+            keyword arguments. A result of another shape, or holding NaN or infinity, is an
+            ``InvalidInputError``; an error the rule raises passes through. Provenance records
+            ``method: "custom"`` and, in the ``fuse`` history step, the function's qualified name
+            (``custom_rule``: ``"__main__.my_rule"``), never its code.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"auto"`` or a ``torch.device``
             (used by the network only, but checked for every method before any work:
             :func:`medfuse.fusion.device.resolve_device`).
@@ -612,16 +707,39 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
 
     Raises:
         InvalidInputError: wrong count, shapes, NaN, complex values, masked pixels, a MetaTensor, Volumes mixed
-            with arrays, unknown method, normalisation, option or device, a GPU this machine lacks, ``progress``
-            not callable or ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array above 1 beside a 2-D image
-            (colour or slices?), an int8 colour image or one of another integer dtype than uint16 above 255 (its
-            white is unknown), a ragged nested list, a torch dtype NumPy lacks (float8), a network ``batch_size``
-            that is not a whole number >= 1 (for 2-D images too), an unknown ``modality``/``unit`` in a
-            ``normalise`` dict, ``normalise="none"`` with values above 1 for Volumes or for the network, bool
-            ``weights`` for a weighted rule.
+            with arrays, unknown method (a typo's message names the near one), normalisation, option or device, a
+            rule of your own that cannot take the inputs and options or returns another shape or NaN, a GPU this
+            machine lacks, ``progress`` not callable or ``cancel`` not a CancelToken, a float ``(H, W, 3)`` array
+            above 1 beside a 2-D image (colour or slices?), an int8 colour image or one of another integer dtype
+            than uint16 above 255 (its white is unknown), a ragged nested list, a torch dtype NumPy lacks (float8),
+            a network ``batch_size`` that is not a whole number >= 1 (for 2-D images too), an unknown
+            ``modality``/``unit`` in a ``normalise`` dict, ``normalise="none"`` with values above 1 for Volumes or
+            for the network, bool ``weights`` for a weighted rule.
         GeometryError: Volumes on different grids.
         MissingDependencyError: the network cannot run here (torch or medfuse.fusion.infer missing);
             errors raised by the network itself (WeightsError, FusionError) pass through.
+
+    Examples:
+        Two 2-D images on 0..1 (an MR and a PET slice, say), fused with a classical rule:
+
+        >>> import numpy as np
+        >>> import medfuse
+        >>> mr = np.array([[0.0, 0.2], [0.8, 1.0]]).repeat(8, 0).repeat(8, 1)   # 16x16, on 0..1
+        >>> pet = np.eye(16)                                                      # a bright diagonal
+        >>> fused = medfuse.fuse(mr, pet, method="max")
+        >>> fused.shape, float(fused.max()), float(fused[0, 0])
+        ((16, 16), 1.0, 1.0)
+
+        A rule of your own (it gets the normalised inputs, float64 on 0..1, and returns their fusion):
+
+        >>> def brighter_mean(a, b, weight=0.75):
+        ...     return weight * np.maximum(a, b) + (1 - weight) * np.minimum(a, b)
+        >>> custom = medfuse.fuse(mr, pet, method=brighter_mean, weight=0.5)
+        >>> bool(np.allclose(custom, (mr + pet) / 2))
+        True
+
+        Volumes on one grid give a Volume: ``medfuse.fuse(ct_vol, pet_vol, method="laplacian")`` (see
+        docs/fusion.md; show its slices with :func:`medfuse.display.orthogonal_slices`).
     """
     check_callbacks(progress, cancel)
     if progress is not None:
@@ -641,6 +759,8 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: str = "network", device:
     if len(inputs) > 3:
         raise InvalidInputError(f"fusion takes two or three inputs, got {len(inputs)}", fix="fuse at most three images")
     method = _check_method(method)
+    if callable(method):
+        _check_rule(method, len(inputs), options)
     # Before any work, and for every method: a misspelt device is refused even where a rule ignores it.
     from .device import check_device_name, check_network_device
 
@@ -906,7 +1026,8 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     else:
         fused = np.clip(_run(method, scaled, device=device, options=options), 0.0, 1.0)
     del scaled
-    prov: Dict[str, Any] = {"method": method, "normalisation": recs}
+    custom = None if isinstance(method, str) else _rule_name(method)
+    prov: Dict[str, Any] = {"method": method if custom is None else CUSTOM_METHOD, "normalisation": recs}
     # What was said about the inputs (repairs at loading, a resampling across frames of reference) stays with
     # the result, so that its sidecar tells the reader who signs off.
     inherited = [f"input {i}: {w}" for i, v in enumerate(vols, start=1) for w in v.provenance.get("warnings", [])]
@@ -932,7 +1053,11 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
     out = Volume(np.ascontiguousarray(fused, dtype=np.float32), ref.affine.copy(), modality="unknown", unit="arbitrary",
                  provenance=prov)
     # Each input's own history too (its registration and resampling): the fused Volume's record began at "fuse".
-    out.add_history("fuse", method=method, n_inputs=len(vols), options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")},
+    # A rule of the caller's by its name only (the history's "custom_rule"): its code is theirs, and a pickle of it
+    # would run code on loading.
+    out.add_history("fuse", method=prov["method"], **({} if custom is None else {"custom_rule": custom}),
+                    n_inputs=len(vols),
+                    options={k: _jsonable(v) for k, v in options.items() if k not in ("progress", "cancel")},
                     input_histories=[list(v.provenance.get("history", [])) for v in vols])
     return out
 
