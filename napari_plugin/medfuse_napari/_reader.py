@@ -114,7 +114,7 @@ def _read_many(paths) -> List[tuple]:
     lowered = {os.path.normcase(p).lower() for p in call}
     reads = [p for p in call if not (p.lower().endswith(".img") and (p[:-4] + ".hdr").lower() in lowered)]
     layers = [layer for p in reads for layer in _read(p, call=call) if layer[0] is not None]
-    return layers or [(None,)]
+    return _stacked_for_reading(layers) or [(None,)]
 
 
 def _read(path, *, call=None):
@@ -141,7 +141,7 @@ def _read(path, *, call=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            layers, problems = _layers_for(path)
+            layers, problems = _layers_for(path, identifiers)
         except MedfuseError as exc:  # a notification, never a traceback dialog
             layers, problems, error = [(None,)], [], exc.one_line()  # napari's sentinel for "read, nothing to add"
     for w in caught:
@@ -299,11 +299,16 @@ def _blank_name(layer: tuple, identifiers: List[str]) -> None:
                                                                                           else "")
 
 
-def _layers_for(path) -> Tuple[List[tuple], List[str]]:
+def _layers_for(path, identifiers=()) -> Tuple[List[tuple], List[str]]:
     """Layer data for every series under ``path`` (each 4-D series as one layer), and the series' problems.
 
     Why not ``medfuse.load``: in napari a 4-D series or a study folder of several series is opened whole
     (the API asks the caller to choose with ``volume_index`` or ``series_uid``, which napari cannot pass).
+
+    Args:
+        path: a file or folder.
+        identifiers: the input's patient identifiers (:func:`_identifiers`): a folder name or series description
+            holding one is left out of a study folder's layer names.
     """
     import medfuse
     from medfuse.errors import MedfuseError, MultipleSeriesError
@@ -316,24 +321,80 @@ def _layers_for(path) -> Tuple[List[tuple], List[str]]:
     except MultipleSeriesError:
         if not Path(str(path)).is_dir():
             raise
-    layers: List[tuple] = []
     problems: List[str] = []
     series = medfuse.scan(path)
+    read = []  # (label, volumes, list number) of each series read
     for i, s in enumerate(series, start=1):
-        # Named by modality and sub-folder, not by SeriesDescription: free text, which may name the patient.
         rel = os.path.relpath(s.folder, path) if s.folder else "."
-        label = " ".join(part for part in (name, s.modality, rel if rel != "." else f"#{i}") if part)
         try:
             # A series alone in its sub-folder (study/series/files) is read from there: one header pass, not all.
-            layers.extend(_series_layers(medfuse.load_volumes(s.folder or path, series_uid=s.series_uid), label))
+            volumes = medfuse.load_volumes(s.folder or path, series_uid=s.series_uid)
         except MedfuseError as exc:
-            problems.append(f"{label}: {exc.one_line()}")
-    if not layers:
+            label = _series_label(name, s.modality, rel, "", s.description, identifiers)
+            listed = f" #{i}" if rel == "." else ""  # its number as `medfuse info` lists it
+            problems.append(f"{label}{listed}: {exc.one_line()}")
+            continue
+        prov = volumes[0].provenance
+        read.append((_series_label(name, s.modality, rel, prov.get("series_number", ""),
+                                   prov.get("series_description", s.description), identifiers), volumes, i))
+    if not read:
         from medfuse.errors import UnsupportedDataError
 
         raise UnsupportedDataError(f"none of the {len(series)} series could be read ({'; '.join(problems)})",
                                    fix="re-export the study, or open one series folder at a time", path=path)
-    return layers, problems
+    labels = [label for label, _, _ in read]
+    layers: List[tuple] = []
+    for label, volumes, i in read:
+        # Two series alike in all the name shows (one number and description, no sub-folders) get their number
+        # in the list, as `medfuse info` lists them.
+        layers.extend(_series_layers(volumes, label if labels.count(label) == 1 else f"{label} #{i}"))
+    return _stacked_for_reading(layers), problems
+
+
+def _series_label(folder: str, modality: str, rel: str, number, description, identifiers) -> str:
+    """A study folder's layer name for one series: ``folder modality [sub-folder] [series N] [description]``.
+
+    What tells series apart on a scanner console or PACS (SeriesNumber, SeriesDescription), so that six MR series
+    of one flat export are not ``MR #1`` to ``MR #6``. Free text holding a patient identifier (a folder named
+    after the patient, a description naming them) is left out, not blanked: the rest still names the series.
+    """
+    from medfuse.provenance import scrub
+
+    def safe(text) -> str:
+        text = " ".join("".join(c for c in str(text or "") if c.isprintable()).split())
+        return text if not identifiers or scrub(text, identifiers) == text else ""
+
+    number = str(number or "").strip()
+    parts = (safe(folder), modality, safe(rel) if rel != "." else "", f"series {number}" if number else "",
+             safe(description))
+    return " ".join(p for p in parts if p) or "series"
+
+
+def _stacked_for_reading(layers: List[tuple]) -> List[tuple]:
+    """Several series opened at once, ordered and shown as a fused reading starts: PET/SPECT over CT/MR.
+
+    napari adds a reader's layers bottom up and draws an image at full opacity over those below, so a PET/MR study
+    whose ``pet`` folder sorts before ``t1`` showed no PET at all, under two opaque MR layers. Anatomical layers
+    go first, functional ones last (on top, additive); only the first of each kind is shown, the others are in the
+    layer list hidden (an opaque second MR would hide the first, two additive PETs would add up). The order among
+    layers of one kind is kept.
+    """
+    def kind(layer: tuple):
+        """True for a functional image layer, False for another image layer, None for anything else."""
+        if len(layer) < 3 or layer[2] != "image" or not isinstance(layer[1], dict):
+            return None
+        return layer[1].get("metadata", {}).get("medfuse", {}).get("modality") in FUNCTIONAL
+
+    if sum(kind(l) is not None for l in layers) < 2:
+        return layers
+    ordered = sorted(layers, key=lambda l: kind(l) is True)  # stable: the order within each kind is kept
+    shown = set()
+    for layer in ordered:
+        if kind(layer) is not None:
+            if kind(layer) in shown:
+                layer[1]["visible"] = False
+            shown.add(kind(layer))
+    return ordered
 
 
 def _is_dicom_file(path) -> bool:
