@@ -9,6 +9,7 @@ were kept. Exit codes are listed in ``medfuse --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -264,26 +266,101 @@ def _fusion_options(text: str) -> str:
 
 
 class _Bar:
-    """A tqdm progress bar fed by medfuse's ``progress(fraction, message)`` callbacks."""
+    """A tqdm progress bar fed by medfuse's ``progress(fraction, message)`` callbacks.
+
+    Redrawn at most every :attr:`MIN_INTERVAL` seconds (it was redrawn on every callback, 15 to 38 times a
+    second: a screen reader or braille display read each one), fitted to the terminal's width (a narrow one, a
+    40-cell braille line, gets the percentage and the message without the bar drawing), ``#`` blocks where the
+    locale or stream cannot show the Unicode ones, and no bar under ``MEDFUSE_NO_PROGRESS``, ``TQDM_DISABLE`` or
+    ``TERM=dumb`` (:func:`medfuse.progress.text_bar_allowed`). A bar that cannot be built (a bad ``TQDM_*``
+    setting) is no bar: it never fails the command.
+    """
+
+    #: Seconds between two redraws at least.
+    MIN_INTERVAL = 0.5
+    #: Narrowest bar drawing, and the room a message keeps beside it; a terminal narrower than both gets none.
+    _MIN_BAR, _MIN_MESSAGE = 10, 30
+    _CLOCK = 7  # "1:02:03"
+    _now = staticmethod(time.monotonic)
 
     def __init__(self, desc: str, *, enabled: Optional[bool] = None):
-        from tqdm import tqdm
+        from .progress import text_bar_allowed, text_bar_ascii
 
-        from .progress import TEXT_BAR_FORMAT
+        self.bar: Any = None
+        self._desc, self._message, self._last = desc, "", None
+        if enabled is False or (enabled is None and not text_bar_allowed()):
+            return
+        try:
+            from tqdm import tqdm
 
-        # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI).
-        self.bar = tqdm(total=100, desc=desc, unit="%", file=sys.stderr, leave=False,
-                        disable=None if enabled is None else not enabled,
-                        bar_format=TEXT_BAR_FORMAT)
+            # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI).
+            shape, shown, _ = self._layout()
+            self.bar = tqdm(total=100, desc=shown, unit="%", file=sys.stderr, leave=False,
+                            disable=None if enabled is None else not enabled, ascii=text_bar_ascii(sys.stderr),
+                            bar_format=shape, ncols=self._columns() - 1, dynamic_ncols=False,
+                            mininterval=self.MIN_INTERVAL)
+        except Exception:  # noqa: BLE001 - a broken bar must not lose a result, nor stop the work starting
+            self._drop()
+
+    @staticmethod
+    def _columns() -> int:
+        """The terminal's width (stderr's), else ``COLUMNS``, else 80; a 0x0 terminal (``script -c``) is unknown."""
+        try:
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                columns = 0
+        return columns if columns > 0 else 80
+
+    def _layout(self) -> Tuple[str, str, int]:
+        """The ``bar_format``, the description and the message's room for the terminal's width: the bar drawing
+        when the message keeps :attr:`_MIN_MESSAGE` characters beside it, else the narrow layout."""
+        from .progress import TEXT_BAR_FORMAT, TEXT_BAR_FORMAT_NARROW
+
+        width = self._columns() - 1  # the last cell left free: some terminals wrap there
+        room = width - len(self._desc) - len(": 100%|| ") - self._CLOCK - len(", ") - self._MIN_BAR
+        if room >= self._MIN_MESSAGE:
+            return TEXT_BAR_FORMAT, self._desc, room
+        short = self._desc.split(" ")[0]  # "register (rigid)": the message names the kind ("rigid: level 2/3")
+        return TEXT_BAR_FORMAT_NARROW, short, width - len("100% ") - len(short) - len(", ")
+
+    def _fit(self) -> None:
+        """Lay the bar out for the terminal's width now (it may have changed) and cut the message to fit."""
+        from .progress import cut_at_word
+
+        self.bar.bar_format, self.bar.desc, room = self._layout()
+        self.bar.ncols = self._columns() - 1
+        self.bar.set_postfix_str(cut_at_word(self._message, max(room, 0)), refresh=False)
 
     def __call__(self, fraction: float, message: str = "") -> None:
-        self.bar.n = round(100 * float(fraction), 1)
-        if message:
-            self.bar.set_postfix_str(message[:48], refresh=False)
-        self.bar.refresh()
+        if self.bar is None:
+            return
+        try:
+            self.bar.n = round(100 * float(fraction), 1)
+            if message:
+                self._message = " ".join(message.split())
+            now = self._now()
+            if self._last is None or now - self._last >= self.MIN_INTERVAL or fraction >= 1.0:
+                self._fit()
+                self.bar.refresh()
+                self._last = now
+        except Exception:  # noqa: BLE001 - drawing failed once: no bar from now on, the work goes on
+            self._drop()
+
+    def _drop(self) -> None:
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            try:
+                bar.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def close(self) -> None:
-        self.bar.close()
+        self._drop()
 
     def __enter__(self) -> "_Bar":
         return self
@@ -507,6 +584,10 @@ def _cli_advice(text: str, command: Optional[str]) -> str:
         # These runs search every orientation; the rest is `medfuse register`'s to change.
         text = re.sub(r"initialise='(\w+)'", r"medfuse register --initialise \1", text)
         text = re.sub(r"\bmetric='(\w+)'", r"medfuse register --metric \1", text)
+        text = text.replace("register them first (medfuse.register, or --register rigid on the command line)",
+                            "register them first: " + ("add --register rigid" if command == "fuse" else
+                                                       "a register column or --register rigid" if command == "batch"
+                                                       else "medfuse fuse --register rigid"))
     elif command == "resample":
         text = text.replace("register them first (medfuse.register, or --register rigid on the command line)",
                             "register them first (medfuse register REFERENCE MOVING -o OUT --transform T.tfm) and "
@@ -595,16 +676,32 @@ def _series_key(series: list, choice: Any, folder: Path) -> Optional[str]:
     return resolve_series_choice(key, [(s.series_uid, s.modality, "") for s in series], folder) or key
 
 
+def _info_error(e: BaseException, args: argparse.Namespace) -> Optional[str]:
+    """The one-line text of an error ``info`` reports for one path (blanked), or None for an error it does not
+    report itself (a bug, or standard output failing: main() says those)."""
+    if isinstance(e, MedfuseError):
+        return _scrubbed(_cli_error(e).one_line(), args)
+    if isinstance(e, OSError) and not getattr(sys.stdout, "failed", False):
+        text = _os_error_message(e)
+        return _scrubbed(text, args) if text else None
+    return None
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     paths = list(args.path) if isinstance(args.path, (list, tuple)) else [args.path]
     if len(paths) == 1:
         args.path = paths[0]
-        return _info_one(args)
+        try:
+            return _info_one(args)
+        except (MedfuseError, OSError) as e:
+            text = _info_error(e, args) if args.json else None
+            if text is not None:  # --json: standard output is JSON whatever happens (main() says it on stderr)
+                print(json.dumps({"path": _scrubbed(os.fspath(paths[0]), args), "error": text}, indent=2))
+            raise
     # Several (a shell glob: `medfuse info scans/*`): each in turn, an unreadable one said and skipped.
     if args.series:
         raise InvalidInputError(f"--series picks a series of one folder, and {len(paths)} paths were given",
                                 fix="give the one PATH whose series --series picks")
-    import contextlib
     import io
 
     _identifiers(args)  # every path's identifiers blank every path's lines (a copy of args below keeps them)
@@ -620,14 +717,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 _info_one(one)
             if args.json:
                 records.append(json.loads(buffer.getvalue()))
-        except MedfuseError as e:
+        except (MedfuseError, OSError) as e:
+            text = _info_error(e, args)
+            if text is None:
+                raise
             code = EXIT_USAGE
-            text = _scrubbed(_cli_error(e).one_line(), args)
-            if args.json:
+            if args.json:  # in the list, and on stderr too: a reader of the terminal or log sees it there
                 records.append({"path": _scrubbed(os.fspath(path), args), "error": text})
-            else:
-                sys.stdout.flush()
-                print(f"medfuse info: error: {text}", file=sys.stderr)
+            sys.stdout.flush()
+            print(f"medfuse info: error: {text}", file=sys.stderr)
     if args.json:
         print(json.dumps(records, indent=2))
     return code
@@ -880,8 +978,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
     _check_modalities_option(args, 2)
     _check_series_option(args, 2)
     picks = args.series or [None, None]
-    import time
-
     from .pipeline import _itk_threads
     from .registration import register
 
@@ -918,10 +1014,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
         raise
     rep = res.report.to_dict()
     note = _initial_note(rep) if args.initial_transform else ""
-    _say(args, f"registered ({args.kind}): metric {_fmt_metric(rep['metric_before'])} -> "
-               f"{_fmt_metric(rep['metric_after'])}"
-               f" (lower is better{note}), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
-               f"translation {rep.get('translation_mm') or 0:.2f} mm, {seconds:.1f} s")
+    _say(args, f"registered ({args.kind}): {_registration_text(rep, note)}, {seconds:.1f} s")
+    _say_same_frame(args, rep, "FIXED and MOVING")
     if rep.get("suspect"):
         print(f"medfuse: warning: the registration looks suspect: "
               f"{_cli_advice('; '.join(rep['suspect_reasons']), 'register')}", file=sys.stderr)
@@ -937,8 +1031,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_resample(args: argparse.Namespace) -> int:
     """``medfuse resample``: MOVING on REFERENCE's grid through saved transforms (a chain: each applied in turn)."""
-    import time
-
     from . import provenance as prov
     from .io import dicom_template, is_image_file, load, save
     from .io.writers import check_save_target
@@ -1095,6 +1187,24 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
     return side
 
 
+def _registration_text(rep: Mapping[str, Any], note: str = "") -> str:
+    """What a registration did, as register and fuse say it: ``metric -0.3963 -> -0.6810 (lower is better),
+    rotation 9.50 deg, translation 14.00 mm`` (fuse gave the metric alone, without which way is better)."""
+    return (f"metric {_fmt_metric(rep.get('metric_before'))} -> {_fmt_metric(rep.get('metric_after'))} (lower is "
+            f"better{note}), rotation {rep.get('rotation_deg') or 0:.2f} deg, "
+            f"translation {rep.get('translation_mm') or 0:.2f} mm")
+
+
+def _say_same_frame(args: argparse.Namespace, rep: Mapping[str, Any], which: str) -> None:
+    """A note when the two registered images share one DICOM frame of reference (a hybrid PET/MR or PET/CT): the
+    scanner placed them already, and the registration could only correct patient motion between the series."""
+    if rep.get("same_frame_of_reference") is True:
+        how = ("fusing with 'medfuse fuse --register none' (or 'medfuse resample' without --transform)"
+               if args.command == "register" else "--register none")
+        _say(args, f"  note: {which} share one frame of reference: already aligned by the scanner; {how} "
+                   "suffices unless the patient moved between the series")
+
+
 def _initial_note(rep: dict) -> str:
     """The metric at --initial-transform and whether a start derived from it won (the report's initialisation)."""
     won = str(rep.get("initialisation", "")).startswith("initial")
@@ -1116,6 +1226,7 @@ def _add_threads_option(p: argparse.ArgumentParser) -> None:
 
 
 def _bar_enabled(args: argparse.Namespace) -> Optional[bool]:
+    """False under -q or --no-progress; None otherwise (the environment and the terminal decide, see :class:`_Bar`)."""
     return False if getattr(args, "quiet", False) or getattr(args, "no_progress", False) else None
 
 
@@ -1253,12 +1364,31 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     _show_warnings(caught, args)
     used = res.provenance.get("method_used", args.method)
     _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
+    if _kind(args.register) is None:
+        _say(args, _unregistered_note(args, caught))
     for i, rep in enumerate(res.registrations):
         if rep:
-            _say(args, f"  registration {i + 1}: metric {rep['metric_before']:.4f} -> {rep['metric_after']:.4f}, "
-                       f"{'SUSPECT: ' + _cli_advice('; '.join(rep['suspect_reasons']), 'fuse') if rep.get('suspect') else 'ok'}")
+            # Numbered as the suspect warning (on stderr, which -q keeps) numbers them, and said there alone.
+            _say(args, f"  registration of input {i + 2} onto input 1 ({rep.get('kind', args.register)}): "
+                       f"{_registration_text(rep)}{'; looks suspect (see the warning)' if rep.get('suspect') else ''}")
+            _say_same_frame(args, rep, f"input {i + 2} and input 1")
     _say(args, f"wrote {res.output}\nwrote {res.sidecar} (provenance)")
     return EXIT_OK
+
+
+def _unregistered_note(args: argparse.Namespace, caught: Sequence[warnings.WarningMessage]) -> str:
+    """What ``fuse --register none`` did with the inputs' placement, in one line: nothing said that they were not
+    registered (the bundled MR + PET, 9.5 degrees and 14 mm apart, fused without a word). Where their frames of
+    reference are unknown (a file that is not DICOM has none) nothing checked it either: said more strongly."""
+    from .pipeline import _is_plain_file
+
+    if any("different DICOM frames of reference" in str(w.message) for w in caught):
+        return "  not registered (--register none): see the warning about their frames of reference"
+    if any(_is_plain_file(p) for p in (args.fixed, *args.moving)):
+        return ("  not registered (--register none): the inputs were taken as aligned as their scanner coordinates "
+                "place them, and nothing checked it (a file that is not DICOM records no frame of reference); add "
+                "--register rigid if they come from different sessions or scanners")
+    return "  not registered (--register none): the inputs were taken as aligned as the scanners placed them"
 
 
 # ----------------------------------------------------------------------------- evaluate / train
@@ -1285,18 +1415,84 @@ def _delegate(module: str, what: str, prog: str) -> Callable[[argparse.Namespace
                          epilog=(examples + "\n" if examples else "") + _EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(parser)
+        _plain_help(parser)
+        no_bar = args.quiet
+        if "--no-progress" not in parser._option_string_actions:  # train: taken here, as every command takes it
+            end = rest.index("--") if "--" in rest else len(rest)
+            no_bar = no_bar or "--no-progress" in rest[:end]
+            rest = [a for a in rest[:end] if a != "--no-progress"] + rest[end:]
         try:
             sub = parser.parse_args(rest)
         except SystemExit as e:
             return EXIT_OK if e.code in (0, None) else EXIT_USAGE
         sub.debug, sub.quiet = args.debug, args.quiet
         sub.argv = rest  # the command's own options, e.g. for the ``trained_by`` record of ``medfuse train``
-        if args.quiet and hasattr(sub, "no_progress"):
-            sub.no_progress = True  # "print only errors": no progress bar either
-        with _TermAsInterrupt(), _WarningsAsLines(args):
+        from .progress import text_bar_allowed
+
+        no_bar = no_bar or not text_bar_allowed()
+        if no_bar and hasattr(sub, "no_progress"):
+            sub.no_progress = True  # "print only errors", or MEDFUSE_NO_PROGRESS: no progress bar either
+        with _TermAsInterrupt(), _WarningsAsLines(args), _not_a_terminal(no_bar and not hasattr(sub, "no_progress")):
             return int(mod.run(sub) or 0)
 
     return handler
+
+
+#: Characters of the delegated modules' docstrings and help texts, in plain ASCII (a braille display or a C
+#: locale showed ``K\u00d7K`` as garbage).
+_ASCII_WORDS = {"\u00d7": "x", "\u2013": "-", "\u2014": "-", "\u2026": "...", "\u00b1": "+-", "\u2192": "->",
+                "\u2264": "<=", "\u2265": ">=", "\u00b5": "u", "\u00b0": " deg", "\u2018": "'", "\u2019": "'",
+                "\u201c": '"', "\u201d": '"'}
+
+
+def _plain_text(text: Optional[str]) -> Optional[str]:
+    """``text`` as a help screen shows it: reStructuredText's double backquotes dropped (``medfuse train``
+    opened train's help) and other characters in ASCII."""
+    import unicodedata
+
+    if not text:
+        return text
+    text = text.replace("``", "")
+    text = "".join(_ASCII_WORDS.get(c, c) for c in text)
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Put a delegated command's description, epilog and option help in plain ASCII (:func:`_plain_text`)."""
+    parser.description, parser.epilog = _plain_text(parser.description), _plain_text(parser.epilog)
+    for action in parser._actions:
+        if isinstance(action.help, str) and action.help is not argparse.SUPPRESS:
+            action.help = _plain_text(action.help)
+
+
+class _NotATerminal:
+    """``sys.stderr`` as it is, except that it says it is no terminal."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _not_a_terminal(hide: bool):
+    """While the block runs, ``sys.stderr`` says it is no terminal when ``hide`` is true, so that a tqdm bar made
+    with ``disable=None`` (train's, which has no switch of its own) draws nothing: --no-progress and
+    MEDFUSE_NO_PROGRESS turn it off as they do every other command's bar."""
+    if not hide:
+        yield
+        return
+    saved = sys.stderr
+    sys.stderr = _NotATerminal(saved)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stderr, _NotATerminal):  # the command may have replaced it: left as it is then
+            sys.stderr = saved
 
 
 class _WarningsAsLines:
@@ -1367,6 +1563,7 @@ def _take_common_flags(args: argparse.Namespace) -> List[str]:
 # ----------------------------------------------------------------------------- batch
 def _cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch, write_manifest
+    from .progress import text_bar_allowed
 
     dataset = Path(args.manifest).is_dir()
     if not dataset and (args.out is not None or args.write_manifest is not None):
@@ -1407,7 +1604,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(args.manifest, workers=args.workers, scheduler=args.scheduler,
                             threads_per_worker=args.threads_per_worker, register=_kind(args.register),
                             method=args.method, device=args.device, fallback=args.fallback,
-                            overwrite=args.overwrite, report=args.report, progress=not args.no_progress and not args.quiet,
+                            overwrite=args.overwrite, report=args.report,
+                            progress=_bar_enabled(args) is None and text_bar_allowed(),
                             cancel=token, out_dir=args.out, suv=args.suv)
     _show_warnings(caught, args)
     if not args.quiet:
@@ -1601,6 +1799,7 @@ def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, a
         f"  registration (rigid, PET onto {anatomy.upper()}): metric {rep.get('metric_before', float('nan')):.3f} -> "
         f"{rep.get('metric_after', float('nan')):.3f}, rotation {rep.get('rotation_deg') or 0:.1f} deg, "
         f"translation {rep.get('translation_mm') or 0:.1f} mm{'  SUSPECT' if rep.get('suspect') else ''}",
+        *_demo_truth_error(res, gt, anatomy),
         f"  fusion method: {used}" + (f" (network unavailable, fell back; see {files['provenance'].name})"
                                       if used != method else ""),
         f"  total {res.seconds:.1f} s",
@@ -1613,9 +1812,46 @@ def _demo_work(out: Path, folder: Optional[Path], *, method: str, device: str, a
     return {"result": res, "files": files, "lesion_center": center, "lines": lines}
 
 
+def _demo_truth_error(res: Any, gt: Mapping[str, Any], anatomy: str) -> List[str]:
+    """How far the demo's registration is from the samples' known misalignment (ground_truth.json), in mm: at the
+    lesion and over the head (the fused volume's voxels above a tenth of its maximum); a line, or none where the
+    truth or the transform is missing.
+
+    Why: the demo printed a rotation and a translation that nobody could judge without reading the JSON.
+    """
+    import numpy as np
+
+    transform = res.transforms[0] if res.transforms else None
+    if transform is None or gt.get("mr_to_pet") is None or (anatomy == "ct" and gt.get("mr_to_ct") is None):
+        return []
+    mr_to_fixed = np.eye(4) if anatomy == "mr" else np.asarray(gt["mr_to_ct"], dtype=float)
+    truth = np.asarray(gt["mr_to_pet"], dtype=float) @ np.linalg.inv(mr_to_fixed)  # fixed point -> PET point
+    found = transform.matrix
+
+    def error(points: Any) -> Any:
+        moved = [points @ m[:3, :3].T + m[:3, 3] for m in (found, truth)]
+        return np.linalg.norm(moved[0] - moved[1], axis=-1)
+
+    arr = res.fused.array
+    step = max(1, min(arr.shape) // 32)  # about 32 points a side: enough for a mean, in milliseconds
+    sample = arr[::step, ::step, ::step]
+    head = error(res.fused.index_to_world(np.argwhere(sample > 0.1 * float(np.nanmax(sample))) * step))
+    parts = []
+    lesion = gt.get("lesion") or {}
+    if lesion.get("center_lps_mm") is not None:
+        centre = mr_to_fixed[:3, :3] @ np.asarray(lesion["center_lps_mm"], dtype=float) + mr_to_fixed[:3, 3]
+        parts.append(f"{float(error(centre)):.1f} mm at the lesion")
+    if head.size:
+        parts.append(f"{float(head.mean()):.1f} mm mean over the head (largest {float(head.max()):.1f} mm)")
+    if not parts:
+        return []
+    return [f"  error against the samples' known misalignment (ground_truth.json): {', '.join(parts)}"]
+
+
 # ----------------------------------------------------------------------------- parser
 # Warnings stay under -q: they are about the data (different frames of reference, PET left in Bq/mL).
 _QUIET_HELP = "print only warnings and errors (no progress, no lines about what was written)"
+_NO_PROGRESS_HELP = "no progress bar (MEDFUSE_NO_PROGRESS=1 in the environment turns it off for every command)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1624,6 +1860,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks on errors")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=_QUIET_HELP)
+    # Every command takes it, those without a bar too (info, resample): a wrapper passes it to any command.
+    common.add_argument("--no-progress", action="store_true", default=False, help=_NO_PROGRESS_HELP)
 
     parser = _Parser(prog="medfuse", description=_DESCRIPTION, epilog=_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1708,7 +1946,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_register)
 
     p = add("fuse", "fuse FIXED with one or more MOVING images",
@@ -1740,7 +1977,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fuse)
 
     for name, module, help_ in (("evaluate", "medfuse.evaluate", "score fusion methods (metrics, references)"),
@@ -1797,7 +2033,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "study.yaml -> study.yaml-report.csv; dataset folder: batch-report.csv in --out)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo subjects whose outputs exist but are not verified by their sidecar")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_batch)
 
     p = add("demo", "fuse the bundled sample MR + PET end to end",
@@ -1816,7 +2051,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the anatomical image to fuse the PET with: the MR T1 (default) or the CT DICOM series")
     p.add_argument("--samples", metavar="DIR", default=None,
                    help="sample volumes folder (default: the bundled sample_volumes, generated if absent)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -2039,7 +2273,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except SystemExit as e:  # argparse already printed usage and the error (or the help)
         return EXIT_OK if e.code in (0, None) else EXIT_USAGE
     if not getattr(args, "command", None):
-        parser.print_help()
+        # Short, on stderr: the whole help (47 lines) on stdout, for a mistake, scrolled the point away.
+        commands = ", ".join(next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)))
+        print(f"{parser.format_usage().rstrip()}\nmedfuse: error: no command given. Fix: give one of {commands} "
+              "(run 'medfuse --help' for what each does, 'medfuse demo' to try it on the bundled samples).",
+              file=sys.stderr)
         return EXIT_USAGE
     args.debug = bool(getattr(args, "debug", False))
     args.quiet = bool(getattr(args, "quiet", False))
