@@ -1078,7 +1078,28 @@ def _volume_facts(v: Volume) -> Dict[str, Any]:
     for key in keys:
         if v.provenance.get(key) is not None:
             facts[key] = v.provenance[key]
+    facts.update(_series_facts(v))
     return facts
+
+
+def _series_facts(v: Volume) -> Dict[str, Any]:
+    """Which DICOM series an input was: its SeriesNumber and the SHA-256 of its SeriesInstanceUID, for a reader of
+    the sidecar to tell which of a folder's series was fused (``"series": ["5", "PT"]`` names a position in a
+    listing, whose order changed with the files' names before medfuse listed series by SeriesNumber). Neither the
+    UID itself (UIDs trace back to the study) nor the description (free text that may name the patient or a
+    physician) is recorded."""
+    import hashlib
+
+    prov = v.provenance
+    if prov.get("reader") != "medfuse.dicom":
+        return {}
+    out: Dict[str, Any] = {}
+    if prov.get("series_number"):
+        out["series_number"] = str(prov["series_number"])
+    uid = str(prov.get("series_uid") or "")
+    if uid and uid != "unknown":
+        out["series_uid_sha256"] = hashlib.sha256(uid.encode()).hexdigest()  # whole: scrub leaves digests alone
+    return out
 
 
 #: The built-in steps that never read ``state.originals`` (after the resample step, the inputs as loaded may go).

@@ -59,6 +59,8 @@ class SeriesInfo:
         n_volumes: volumes in the series (more than 1: 4-D), 0 when it cannot be assembled.
         n_files: files of the series.
         folder: the folder its files are in (the folder scanned when they are in several).
+        series_number: its SeriesNumber as text ("" when absent). Series are listed by study, then by this number
+            (then first acquisition, then UID), as viewers list them, never by file names.
     """
 
     series_uid: str
@@ -68,6 +70,7 @@ class SeriesInfo:
     n_volumes: int
     n_files: int
     folder: str
+    series_number: str = ""
 
 
 @dataclass
@@ -88,6 +91,9 @@ class _Frame:
     # FrameType value 4 of an enhanced frame (M, P, FIELD_MAP, ...): a magnitude and a field map in one file are
     # not time points, and the warning about volumes without a time order says which is which.
     frame_type: str = ""
+    # ImageType (0008,0008) from value 3 of a single-frame image (IP\\DIXON, W\\DIXON, M\\ND...): a Philips mDIXON
+    # series holds in-phase, opposed-phase, water and fat images, which are no time points either.
+    image_kind: str = ""
 
 
 # ---------------------------------------------------------------------------- headers
@@ -343,7 +349,7 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
     if series:
-        series = _split_by_number(series)
+        series = _in_viewer_order(_split_by_number(series))
     if not series:
         hidden, hidden_fix = _hidden_note(path) if files is None else ("", "")
         if n_non_image:
@@ -393,6 +399,36 @@ def _split_by_number(series: Dict[str, List[Tuple[Path, Any]]]) -> Dict[str, Lis
         for number in sorted(by_number, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)):
             out[f"{uid}#{number}"] = by_number[number]
     return out
+
+
+def _number_of(files: Sequence[Tuple[Path, Any]]) -> str:
+    """The SeriesNumber of a series' files (the first one given; "" when none has one)."""
+    return next((n for n in (_series_number(ds) for _, ds in files) if n), "")
+
+
+def _number_key(number: str) -> Tuple[int, int, str]:
+    """Sort key of a SeriesNumber text: numbers in numeric order, then other text, then none."""
+    try:
+        return 0, int(number), ""
+    except ValueError:
+        return (1 if number else 2), 0, number
+
+
+def _in_viewer_order(series: Dict[str, List[Tuple[Path, Any]]]) -> Dict[str, List[Tuple[Path, Any]]]:
+    """The series ordered as viewers list them: by SeriesNumber (numeric; series without one last), then the
+    series' first acquisition, then its folder (copies of one series in two folders), then SeriesInstanceUID.
+
+    Why: they were listed in the order of their first file's name, so that ``--series 1`` (a number as listed)
+    was the T1 in a PACS export named IM00001... and a Dixon image in the same study exported with
+    SOPInstanceUID file names, and a series added later (SeriesNumber 1) came last.
+    """
+    def key(item: Tuple[str, List[Tuple[Path, Any]]]) -> Tuple:
+        uid, files = item
+        acquired = [a for a in (_acquired(ds) for _, ds in files) if a != (0, -1.0)]
+        folder = min(os.fspath(f.parent) for f, _ in files)
+        return _number_key(_number_of(files)), min(acquired, default=(0, -1.0)), folder, uid
+
+    return dict(sorted(series.items(), key=key))
 
 
 def _real_uid(key: str) -> str:
@@ -1169,6 +1205,10 @@ def _series_frames(files: Sequence[Tuple[Path, Any]], path: Path) -> List[_Frame
             raise GeometryError(f"the geometry tags are malformed ({type(e).__name__})",
                                 fix="check ImagePositionPatient, ImageOrientationPatient and PixelSpacing",
                                 path=f) from None
+    kinds = {f: _image_kind(ds) for f, ds in files}
+    for fr in frames:
+        if not fr.frame_type and fr.index is None:  # a single-frame image: its ImageType says its kind
+            fr.image_kind = kinds[fr.file]
     dims = {}
     for f, ds in files:
         dims.setdefault((int(ds.Rows), int(ds.Columns)), f)
@@ -1273,11 +1313,33 @@ def _split_volumes(frames: List[_Frame], path: Path,
     nvol = counts.pop()
     _unwrap_midnight(frames)
     for v in per_pos.values():
-        v.sort(key=lambda fr: fr.time_key)
+        # The kind breaks ties: images of one time and several kinds (mDIXON) were in the files' order, and a
+        # volume could mix them.
+        v.sort(key=lambda fr: (fr.time_key, fr.image_kind))
     vols = [[per_pos[float(k)][t] for k in uniq] for t in range(nvol)]
-    if notes is not None and nvol > 1:
+    if notes is not None and nvol > 1 and not _kinds_note(vols, path, notes):
         _untimed_note(vols, path, notes)
     return vols, normal
+
+
+def _kinds_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> bool:
+    """Warn when the volumes of a 4-D series are of different image types (ImageType value 3 on); True if so.
+
+    Why: a Philips mDIXON series (in-phase, opposed-phase, water and fat images, one acquisition time) loaded as
+    four "time points" without a word."""
+    kinds = []
+    for vol in vols:
+        these = {fr.image_kind for fr in vol}
+        kinds.append(these.pop() if len(these) == 1 else "mixed")
+    if len(set(kinds)) < 2:
+        return False
+    shown = ", ".join(f"{i} {k or '?'}" for i, k in enumerate(kinds[:12])) + (", ..." if len(kinds) > 12 else "")
+    msg = (f"the {len(vols)} volumes differ in image type (ImageType from value 3, by volume index: {shown}): images "
+           "of different kinds (e.g. Dixon in-phase, opposed-phase, water and fat), not time points; pick the "
+           "volume you need by its index")
+    _warn(path, msg)
+    notes.append(msg)
+    return True
 
 
 def _untimed_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> None:
@@ -1489,6 +1551,62 @@ def _assemble(slices: List[np.ndarray], slopes: np.ndarray, inters: np.ndarray, 
     return buf.transpose(2, 1, 0)
 
 
+def _padding_range(ds) -> Optional[Tuple[float, float]]:
+    """The stored values PixelPaddingValue (0028,0120) and PixelPaddingRangeLimit (0028,0121) mark as padding
+    (the pair's range, ends included; the value alone without a limit), None when the header has no padding value.
+    """
+    pad = _f(getattr(ds.get(0x00280120), "value", None))
+    if pad is None or not math.isfinite(pad):
+        return None
+    limit = _f(getattr(ds.get(0x00280121), "value", None))
+    if limit is None or not math.isfinite(limit):
+        return pad, pad
+    return min(pad, limit), max(pad, limit)
+
+
+def _padding_masks(slices: Sequence[np.ndarray], frames: Sequence[_Frame],
+                   headers: Dict[Path, Any]) -> Optional[List[np.ndarray]]:
+    """Per slice, where its stored values are pixel padding (see :func:`_padding_range`), or None when no
+    slice has any. Compared before rescaling: the standard gives padding in stored values."""
+    masks, found = [], False
+    for sl, fr in zip(slices, frames):
+        rng = _padding_range(headers[fr.file])
+        if rng is None:
+            masks.append(None)
+            continue
+        m = (sl == rng[0]) if rng[0] == rng[1] else ((sl >= rng[0]) & (sl <= rng[1]))
+        found = found or bool(m.any())
+        masks.append(m)
+    return masks if found else None
+
+
+def _fill_padding(arr: np.ndarray, masks: Sequence[Optional[np.ndarray]], modality: str, unit: str) -> str:
+    """Replace the padding voxels of ``arr`` (in place; slices along its last axis) by the lowest real value (a
+    CT's at most -1000 HU, air) and return the warning that says so.
+
+    Why: a CT padded with -2000 outside its round field of view loaded as -2000..8000 HU, a fifth of its voxels
+    "real" values 1000 HU below air that weighed in registration and were written out as measured.
+    """
+    by_slice = arr.transpose(2, 1, 0)  # (k, rows, columns): a view, as _assemble built it
+    real = [by_slice[k][~m] if m is not None else by_slice[k].ravel() for k, m in enumerate(masks)]
+    real = [r for r in real if r.size]
+    n_pad = int(sum(int(m.sum()) for m in masks if m is not None))
+    if not real:
+        return (f"every voxel ({n_pad}) is pixel padding (PixelPaddingValue): the image holds no measured value; "
+                "it was loaded as stored")
+    fill = min(float(r.min()) for r in real)
+    if unit == "HU" and arr.dtype.kind != "u":
+        fill = min(fill, -1000.0)
+    fill_value = arr.dtype.type(fill)
+    for k, m in enumerate(masks):
+        if m is not None:
+            by_slice[k][m] = fill_value
+    what = "air" if unit == "HU" else "the lowest measured value"
+    return (f"{n_pad} voxels ({100.0 * n_pad / arr.size:.1f} %) are pixel padding (PixelPaddingValue "
+            f"(0028,0120): no measurement, e.g. outside the field of view) and were set to {fill:g} {unit} "
+            f"({what}), not kept as measured values")
+
+
 def _slice(fr: _Frame, pix: Dict[Path, np.ndarray]) -> np.ndarray:
     a = pix[fr.file]
     if fr.index is not None:
@@ -1510,8 +1628,10 @@ def _interp_dtype(arr: np.ndarray) -> np.dtype:
 
 
 def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path: Path,
-                notes: List[str], prov: Dict[str, Any], broken: Sequence[Path] = ()) -> Tuple[np.ndarray, np.ndarray]:
-    """Return (array, affine) on a uniform orthogonal grid, correcting tilt and gaps.
+                notes: List[str], prov: Dict[str, Any], broken: Sequence[Path] = (),
+                unit: str = "") -> Tuple[np.ndarray, np.ndarray]:
+    """Return (array, affine) on a uniform orthogonal grid, correcting tilt, gaps and variable spacing (``unit``:
+    the values' unit, for the warnings).
 
     A gap is interpolated only when no damaged DICOM file lies beside the series: the missing slice is then most
     likely in that file, and an interpolated slice must never stand in for a real one that failed to read.
@@ -1533,19 +1653,32 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
     if tilt > _TILT_TOL_DEG:
         from scipy import ndimage
 
-        msg = (f"gantry tilt of {tilt:.2f} degrees detected; slices were shifted in-plane onto an orthogonal grid "
-               "(linear interpolation; the edge no slice covers is filled with the series' lowest value: in a CT, "
-               "air or the scanner's own padding value)")
-        _warn(path, msg)
-        notes.append(msg)
+        # Each slice's in-plane offset from the first (columns, rows). The grid is widened to hold every slice
+        # whole: on the first slice's grid, a 15-degree tilt cut 10 % of the measured pixels off the far slices
+        # (39 rows of the last) and filled the other edge with air.
+        shifts = np.array([(inplane[k] @ r / col_sp, inplane[k] @ c / row_sp) for k in range(n)])
+        lo = np.floor(np.minimum(shifts.min(axis=0), 0.0) + 1e-6).astype(int)
+        hi = np.ceil(np.maximum(shifts.max(axis=0), 0.0) - 1e-6).astype(int)
+        grown = hi - lo
         work = _interp_dtype(arr)
         # The lowest value, not 0: 0 is water in a CT, and a band of it along the edge was fake tissue.
         fill = float(np.min(arr))
-        shifted = np.empty(arr.shape, dtype=work)
+        shape = (arr.shape[0] + int(grown[0]), arr.shape[1] + int(grown[1]))
+        shifted = np.empty(shape + (n,), dtype=work)
+        plane = np.empty(shape, dtype=work)
         for k in range(n):
-            a, b = inplane[k] @ r / col_sp, inplane[k] @ c / row_sp
-            shifted[:, :, k] = ndimage.shift(arr[:, :, k].astype(work), (a, b), order=1, mode="constant", cval=fill)
+            plane.fill(fill)
+            plane[:arr.shape[0], :arr.shape[1]] = arr[:, :, k]
+            shifted[:, :, k] = ndimage.shift(plane, tuple(shifts[k] - lo), order=1, mode="constant", cval=fill)
         arr = shifted
+        aff[:3, 3] = fr0.pos + lo[0] * col_sp * r + lo[1] * row_sp * c
+        wider = (f"; the grid was widened by {int(grown[0])} columns and {int(grown[1])} rows so that every measured "
+                 "pixel is kept" if grown.any() else "")
+        msg = (f"gantry tilt of {tilt:.2f} degrees detected; slices were shifted in-plane onto an orthogonal grid "
+               f"(linear interpolation{wider}; the part of each slice no measured slice covers is filled with the "
+               "series' lowest value: in a CT, air or the scanner's own padding value)")
+        _warn(path, msg)
+        notes.append(msg)
         prov["gantry_tilt_deg"], prov["tilt_corrected"] = round(tilt, 3), True
     d = np.diff(proj)
     dz = float(np.median(d))
@@ -1553,7 +1686,8 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         raise GeometryError("two slices share one position", fix="remove duplicate files", path=path)
     if np.max(np.abs(d - dz)) > _SPACING_TOL * dz:
         dz = float(np.min(d))
-        if np.max(d) > _MAX_GAP * dz:
+        blocks = _spacing_blocks(d)
+        if np.max(d) > _MAX_GAP * dz and blocks is None:
             raise GeometryError(f"slice spacing is uneven with a gap of {np.max(d):.2f} mm "
                                 f"(> {_MAX_GAP:g} x {dz:.2f} mm): slices are missing",
                                 fix="re-export the complete series", path=path)
@@ -1591,12 +1725,16 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         n_gaps = int(np.sum(d > (1 + _SPACING_TOL) * dz))
         where = (f"a gap of {d[gap]:.2f} mm after slice {gap + 1} of {n}" if n_gaps <= 1 else
                  f"{n_gaps} gaps, the largest {d[gap]:.2f} mm after slice {gap + 1} of {n}")
-        if not np.any(d >= 1.5 * float(d.min())):
-            # No step is a slice or more beyond the smallest: two spacings (5 mm, then 4 mm), not missing slices,
-            # and most slices of the new grid are interpolated.
+        if blocks is not None or not np.any(d >= 1.5 * float(d.min())):
+            # Runs of regular steps (1 mm through the target, 5 mm outside), or no step a slice or more beyond the
+            # smallest (5 mm, then 4 mm): several spacings, not missing slices.
+            n_new = int(np.sum((w != 0) & (w != 1)))
+            runs = f": {_blocks_text(blocks)}, in runs with no gap" if blocks is not None else ""
             msg = (f"uneven slice spacing: slices {float(d.min()):.2f} to {float(d.max()):.2f} mm apart (more than one "
-                   f"spacing in one series: parts acquired or reconstructed differently?); {n} slices resampled "
-                   f"linearly onto {nk} slices of {dz:.3f} mm (most of them interpolated, not measured)")
+                   f"spacing in one series: parts acquired or reconstructed differently{runs}); {n} slices "
+                   f"resampled linearly onto {nk} slices of {dz:.3f} mm ({'most' if 2 * n_new > nk else 'some'} of "
+                   f"them interpolated, not measured: {n_new} of {nk}"
+                   f"{f', their {unit} interpolated between the measured slices' if unit == 'HU' else ''})")
         else:
             msg = (f"uneven slice spacing (missing slice{'s' if n_gaps > 1 else ''}?): {where}, where slices are "
                    f"{dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the slices in "
@@ -1606,6 +1744,52 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         prov["resampled"] = True
     aff[:3, 2] = normal * dz
     return arr, aff
+
+
+#: Steps (mm) within this much of each other (5 %, or 0.02 mm for positions rounded to 0.01 mm) are one spacing
+#: when telling runs of regular spacing apart.
+_RUN_TOL, _RUN_TOL_MM = 0.05, 0.02
+
+
+def _spacing_blocks(d: np.ndarray) -> Optional[List[Tuple[float, int]]]:
+    """The runs of one regular step each that the slice steps ``d`` form, as (step, count), when they are a
+    complete series with variable spacing; None when they look like missing slices.
+
+    Variable spacing (a planning CT with 1 mm slices through the target and 5 mm outside): every step wider than
+    the finest belongs to a run of at least two, or is a single step joining two runs of different steps and no
+    wider than the wider of them. A single wider step between runs of one step (or at an end) is a gap: lost
+    slices, as before.
+    """
+    runs: List[List[float]] = []
+    for x in map(float, d):
+        if runs and abs(x - runs[-1][0]) <= _RUN_TOL * min(x, runs[-1][0]) + _RUN_TOL_MM:
+            runs[-1][1] += 1
+            runs[-1][2] += x
+        else:
+            runs.append([x, 1, x])
+    if len(runs) < 2:
+        return None
+    finest = min(r[2] / r[1] for r in runs)
+    for i, (_, count, total) in enumerate(runs):
+        step = total / count
+        if count >= 2 or step <= finest * (1 + _RUN_TOL) + _RUN_TOL_MM:
+            continue
+        if 0 < i < len(runs) - 1:
+            before, after = runs[i - 1][2] / runs[i - 1][1], runs[i + 1][2] / runs[i + 1][1]
+            if abs(before - after) > _RUN_TOL * min(before, after) + _RUN_TOL_MM and step <= max(before, after) * (
+                    1 + _RUN_TOL) + _RUN_TOL_MM:
+                continue  # a junction between two spacings
+        return None
+    return [(r[2] / r[1], r[1]) for r in runs]
+
+
+def _blocks_text(blocks: Sequence[Tuple[float, int]]) -> str:
+    """Runs of regular spacing in words: "slices 1-12 5.00 mm apart, slices 12-52 1.00 mm apart, ..."."""
+    parts, first = [], 1
+    for step, count in blocks[:6]:
+        parts.append(f"slices {first}-{first + count} {step:.2f} mm apart")
+        first += count
+    return ", ".join(parts) + (f" and {len(blocks) - 6} more runs" if len(blocks) > 6 else "")
 
 
 #: Evenly spaced slices further apart than this many times the spacing the headers give are taken as a series that
@@ -1705,8 +1889,10 @@ def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, Any]], 
     if len(hits) == 1:
         return hits[0]
     raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed()})",
-                            fix="pick it by its number instead" if hits else "check the folder, or pick a series by "
-                            "its number", path=path)
+                            fix=("pick it by its number instead, as listed here" if hits else "check the folder, or "
+                                 "pick a series by its number") + "; medfuse.scan(folder) (command line: medfuse "
+                                 "info FOLDER) lists the series with their SeriesNumbers and descriptions",
+                            path=path)
 
 
 _LISTED_MAX = 12
@@ -1737,18 +1923,40 @@ def _patient_ids(series: Sequence[list]) -> List[str]:
     return sorted(out, key=len, reverse=True)
 
 
-def _series_line(fs: list, path: Path, ids: Sequence[str] = ()) -> str:
+def _series_line(fs: list, path: Path, ids: Sequence[str] = (), image_type: bool = False) -> str:
     """One series in messages: modality, size, volumes, file count and folder, as :func:`scan` gives them (the
-    raw Columns x Rows of a Siemens mosaic, 384x384, was not the 64x64x35 that scan and ``medfuse info`` give).
-    The folder's name is blanked of ``ids`` (:func:`_patient_ids`): PACS exports name folders after the patient."""
+    raw Columns x Rows of a Siemens mosaic, 384x384, was not the 64x64x35 that scan and ``medfuse info`` give),
+    then its SeriesNumber and, with ``image_type``, its ImageType. The folder's name is blanked of ``ids``
+    (:func:`_patient_ids`): PACS exports name folders after the patient. No description: free text that may name
+    the patient or a physician (``medfuse info`` shows them, blanked, when asked).
+
+    Why the number and type: six series of one PACS folder (a T1, four Dixon images and a mu-map) were listed as
+    six identical "MR 160x192x160, 160 files in ." lines, and nothing told which number to pick."""
     try:
         shape, nvol, files = _series_shape(fs, path)
     except Exception:  # noqa: BLE001 - a listing never fails: the header's own size
         shape, nvol, files = (fs[0][1].get("Columns", "?"), fs[0][1].get("Rows", "?"), 0), 0, fs
     size = "x".join(str(x) for x in (shape if shape[2] else shape[:2]))
     vols = f", {nvol} volumes" if nvol > 1 else ""
+    number = _number_of(fs)
+    kind = _image_type(fs[0][1]) if image_type else ""
     return (f"{str(fs[0][1].get('Modality', '?'))} {size}{vols}, "
-            f"{len(files)} files in {_blanked(_shown_folder(fs[0][0].parent, path), ids)}")
+            f"{len(files)} files in {_blanked(_shown_folder(fs[0][0].parent, path), ids)}"
+            + (f", SeriesNumber {number}" if number else "") + (f", ImageType {kind}" if kind else ""))
+
+
+def _image_kind(ds) -> str:
+    """ImageType from value 3 on (what kind of image: ``M\\ND``, ``W\\DIXON``...), upper case; "" when absent."""
+    return "\\".join(_image_type(ds).upper().split("\\")[2:])
+
+
+def _image_type(ds) -> str:
+    """ImageType (0008,0008) as stored, values joined by backslashes ("" when absent)."""
+    v = ds.get("ImageType")
+    if v is None:
+        return ""
+    items = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+    return "\\".join(str(x).strip() for x in items)
 
 
 def _blanked(text: str, ids: Sequence[str]) -> str:
@@ -1779,15 +1987,18 @@ def _series_shape(files: list, path: Path) -> Tuple[Tuple[int, int, int], int, l
 def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> Tuple[str, list]:
     # UIDs and descriptions stay out of these messages (they end up in logs and batch reports; UIDs trace back to
     # the study, and a description is free text that may name the patient or a physician): the series are named
-    # by modality, size, file count and folder, and error.choices holds the UIDs.
+    # by modality, size, file count, folder and SeriesNumber (ImageType where the series differ in it), and
+    # error.choices holds the UIDs.
     # Folder names in the listing are blanked of the patients' identifiers (a PACS export names series folders
     # "DOE^JANE_PID12345_ct"), found in the headers already read; spelled out only when a message is made.
     ids: List[List[str]] = []
+    types: List[bool] = []
 
     def line(fs: list) -> str:
         if not ids:
             ids.append(_patient_ids(list(series.values())))
-        return _series_line(fs, path, ids[0])
+            types.append(len({_image_type(f[0][1]) for f in series.values()}) > 1)
+        return _series_line(fs, path, ids[0], types[0])
 
     if series_uid is not None and series_uid not in series:
         # A number as listed, or a modality (medfuse fuse --series CT PT on a PACS export's one folder).
@@ -1823,8 +2034,9 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
         raise MultipleSeriesError(f"the folder holds {len(series)} series "
                                   f"({_listed([line(fs) for fs in series.values()])})",
                                   choices=list(series), path=path,
-                                  fix="load the folder of one series, or pass series_uid= (medfuse.scan(folder) "
-                                  "lists the UIDs and descriptions in this order; the error's .choices has the UIDs)")
+                                  fix="load the folder of one series, or pass series_uid= its number as listed, "
+                                  "its modality or its UID (medfuse.scan(folder) lists the UIDs, SeriesNumbers and "
+                                  "descriptions in this order; the error's .choices has the UIDs)")
     uid = next(iter(series))
     return uid, series[uid]
 
@@ -2048,10 +2260,15 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         if factors is not None:
             fac = np.array([factors[fr.file] for fr in vframes])
             slopes, inters = slopes * fac, inters * fac
+        padding = _padding_masks(slices, vframes, headers)
         arr = _assemble(slices, slopes, inters, bits_stored=int(ds0.get("BitsStored", 16) or 16))
         prov: Dict[str, Any] = {}
         vnotes = list(notes)
-        arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov, broken)
+        if padding is not None:
+            pad_note = _fill_padding(arr, padding, modality, unit)
+            _warn(path, pad_note)
+            vnotes.append(pad_note)
+        arr, aff = _regularise(arr, vframes, normal, path, vnotes, prov, broken, unit)
         # Slices evenly spaced but further apart than the headers say (lost files): uneven ones were resampled above.
         status, sparse = ("unknown", None) if prov.get("resampled") else _sparse_check(
             vframes, headers, float(np.linalg.norm(aff[:3, 2])))
@@ -2069,7 +2286,7 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         prov.update(series_uid=str(ds0.get("SeriesInstanceUID", "unknown")), source=os.path.abspath(path), reader="medfuse.dicom",
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=_transfer_syntax(vframes, headers),
-                    manufacturer=str(ds0.get("Manufacturer", "")), series_number=next((n for n in (_series_number(ds) for _, ds in files) if n), ""),
+                    manufacturer=str(ds0.get("Manufacturer", "")), series_number=_number_of(files),
                     warnings=vnotes, unit_stated=True)
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)
@@ -2162,8 +2379,11 @@ def _one_volume(vols: List[Volume], volume_index: Optional[int], path: Path) -> 
     if volume_index is None:
         if len(vols) > 1:
             # Volumes of one slice each: say why (a multi-frame file's frames at one position are time points).
-            why = next((w for w in vols[0].provenance.get("warnings", []) if "share one ImagePositionPatient" in w
+            said = vols[0].provenance.get("warnings", [])
+            why = next((w for w in said if "share one ImagePositionPatient" in w
                         and "time points" in w), None) if all(v.shape[2] == 1 for v in vols) else None
+            # Volumes of different image types (mDIXON): which index is which, for the volume_index to pass.
+            why = why or next((w for w in said if "differ in image type" in w), None)
             raise MultipleSeriesError(f"the series holds {len(vols)} volumes (4-D)" + (f": {why}" if why else ""),
                                       choices=list(range(len(vols))),
                                       fix=f"pass volume_index=0..{len(vols) - 1}, or use medfuse.load_volumes",
@@ -2207,5 +2427,6 @@ def _scan(folder: Path) -> List[SeriesInfo]:
         ds0 = files[0][1]
         dirs = {os.fspath(f.parent) for f, _ in files}
         out.append(SeriesInfo(uid, str(ds0.get("Modality", "")), str(ds0.get("SeriesDescription", "")), shape, nvol,
-                              len(files), dirs.pop() if len(dirs) == 1 else os.fspath(folder)))
+                              len(files), dirs.pop() if len(dirs) == 1 else os.fspath(folder),
+                              series_number=_number_of(files)))
     return out
