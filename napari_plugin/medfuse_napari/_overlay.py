@@ -216,6 +216,20 @@ def _set_readout(label: QLabel, text: str) -> None:
     label.setAccessibleName(f"{label.property('readout')}: {text or 'none'}")
 
 
+def _readouts(labels: Dict[QLabel, str]) -> None:
+    """Status labels a keyboard or screen-reader user can reach (Tab), select and copy, each named by what it
+    reads out followed by its text (``fusion status: added 'fused (mean)'``), as the Overlay tab's own readouts.
+
+    Why: they were labels with no name, reachable by mouse only, so a screen reader had nothing to announce when
+    a job ended. Their text is set through :func:`_set_readout` from then on, which keeps the name current.
+    """
+    for label, what in labels.items():
+        label.setProperty("readout", what)
+        label.setTextInteractionFlags(Qt.TextSelectableByMouse | Qt.TextSelectableByKeyboard)
+        label.setFocusPolicy(Qt.StrongFocus)
+        _set_readout(label, label.text())
+
+
 class OverlayPanel(QWidget):
     """Display controls; every control acts on napari layer properties only (no voxel changes)."""
 
@@ -270,11 +284,7 @@ class OverlayPanel(QWidget):
         self.mip = QCheckBox("3-D MIP")
         self.cursor_value = QLabel("")
         # Readouts a keyboard or screen-reader user can reach (Tab) and copy, not only a mouse user.
-        for readout, what in ((self.wwwl_readout, "window of the base"), (self.cursor_value, "value under cursor")):
-            readout.setProperty("readout", what)
-            readout.setTextInteractionFlags(Qt.TextSelectableByMouse | Qt.TextSelectableByKeyboard)
-            readout.setFocusPolicy(Qt.StrongFocus)
-            _set_readout(readout, "")
+        _readouts({self.wwwl_readout: "window of the base", self.cursor_value: "value under cursor"})
 
         tips = {
             self.base: "Base layer of the pair (usually the MR or CT): window/level, compare modes and the value "

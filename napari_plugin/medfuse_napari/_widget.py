@@ -17,7 +17,7 @@ from ._combo import LayerCombo
 from ._layers import (FUNCTIONAL, coverage_between, grid_record, layer_array, layer_geometry, layer_grid,
                       layer_matrix, layer_to_volume, lps_to_world, meta, mm_matrix, native_volume, read_once,
                       real_layer, resample_between, viewer_alignment, world_matrix)
-from ._overlay import OverlayPanel, _is_compare
+from ._overlay import OverlayPanel, _is_compare, _readouts, _set_readout
 
 KINDS = ("rigid", "affine", "deformable")
 PAIRS = ("auto", "MR-PT", "MR-CT", "MR-NM", "CT-PT", "CT-NM", "MR-MR", "default")
@@ -96,10 +96,10 @@ def _job_failed(outcome, label, what: str, token: Any = None, *,
     if error is None:
         return False
     if isinstance(error, CancelledError):
-        label.setText("cancelled")
+        _set_readout(label, "cancelled")
         _notify_info(f"{what.capitalize()} cancelled.")
     else:
-        label.setText("failed")
+        _set_readout(label, "failed")
         message = _jobs.error_message(error, what)
         _notify_error(words(message) if words is not None else message)
     return True
@@ -264,6 +264,36 @@ def suspect_colour(viewer: Any) -> str:
     return "#" + "".join(f"{int(round(c * 255)):02x}" for c in colour)
 
 
+class _ShownFirst(LayerCombo):
+    """A layer picker whose pre-selection, until the user picks, falls on a layer shown in the viewer when one fits.
+
+    Why: a study folder opens with only its first anatomical and first functional series shown. With no PET in
+    the viewer the second picker took the second layer in the list, a hidden series of that study (the CT bone
+    kernel), not the MR opened beside it and shown. Among the shown layers the picker keeps its own rule: its
+    preferred modalities first, otherwise the ``default_index``-th one; a preferred layer stays picked when no
+    shown layer has a preferred modality, and a hidden one when too few are shown (one shown layer is the
+    first picker's).
+    """
+
+    def refresh(self, *_: Any) -> None:
+        super().refresh()
+        try:
+            self._prefer_shown()
+        except RuntimeError:  # the widget was closed (the base class stopped listening)
+            pass
+
+    def _prefer_shown(self) -> None:
+        current = self.layer()
+        if self._chosen_once or current is None or current.visible:
+            return
+        shown = [n for n, l in enumerate(self._items) if l is not None and l.visible]
+        preferred = [n for n in shown if meta(self._items[n]).get("modality") in self._prefer]
+        if preferred:
+            self.setCurrentIndex(preferred[0])
+        elif meta(current).get("modality") not in self._prefer and len(shown) > self._default_index:
+            self.setCurrentIndex(shown[self._default_index])
+
+
 # ----------------------------------------------------------------------------------------------- register
 class RegisterPanel(QWidget):
     """Pick fixed/moving layers and a preset; run ``medfuse.register`` in a worker with progress and Cancel."""
@@ -272,8 +302,8 @@ class RegisterPanel(QWidget):
         super().__init__()
         self.viewer = viewer
         # Compare views (checkerboard, curtain) are displays of a pair, not images to register.
-        self.fixed = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
-        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare)
+        self.fixed = _ShownFirst(viewer, prefer=("MR", "CT"), skip=_is_compare)
+        self.moving = _ShownFirst(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare)
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
         self.pair = QComboBox()
@@ -322,12 +352,15 @@ class RegisterPanel(QWidget):
             self.level_progress: "Iterations done at the current resolution level.",
             self.report_view: "Report of the last registration: its pair, metric before and after, iterations, "
                               "rotation and translation, and why a result is suspect.",
+            self.level_label: "What the registration is doing (stage and resolution level), or how it ended.",
+            self.suspect_label: "Whether the last registration's result is suspect (check it before use); the "
+                                "report below says why.",
         })
         # What a screen reader says for controls with no text of their own (the "overall" label is not linked).
         _names({self.progress: "overall registration progress",
                 self.level_progress: "iterations at the current resolution level",
-                self.report_view: "registration report",
-                self.suspect_label: "registration result check"})
+                self.report_view: "registration report"})
+        _readouts({self.level_label: "registration status", self.suspect_label: "registration result check"})
         _theme_follower(viewer, self._paint_suspect)
         form = QFormLayout()
         form.addRow("fixed", self.fixed)
@@ -384,7 +417,7 @@ class RegisterPanel(QWidget):
             self._show_suspect("", False)
             self.progress.setValue(0)
             self.level_progress.setValue(0)
-            self.level_label.setText("the registered layers were closed")
+            _set_readout(self.level_label, "the registered layers were closed")
         except RuntimeError:  # the widget was closed but the viewer still emits: stop listening
             self.viewer.layers.events.removed.disconnect(self._layers_removed)
 
@@ -473,7 +506,7 @@ class RegisterPanel(QWidget):
         """Ask the running registration to stop (it raises CancelledError at its next check)."""
         if self.token is not None and self.worker is not None:  # a finished job has nothing to stop
             self.token.cancel()
-            self.level_label.setText("cancelling…")
+            _set_readout(self.level_label, "cancelling…")
 
     def save_transform(self, path: str) -> Optional[str]:
         """Save the last result's transform (ITK .tfm/.txt/.h5/.mat); returns the path or None after a notification.
@@ -518,16 +551,16 @@ class RegisterPanel(QWidget):
         self.progress.setValue(int(round(fraction * 1000)))
         m = _LEVEL.match(message)
         if not m:
-            self.level_label.setText(message)
+            _set_readout(self.level_label, message)
             return
         stage, level, n, it = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)
         its = self._iterations.get(stage, [100])
-        self.level_label.setText(f"{stage}: resolution level {level} of {n}")
+        _set_readout(self.level_label, f"{stage}: resolution level {level} of {n}")
         self.level_progress.setMaximum(int(its[min(level, len(its)) - 1]))
         self.level_progress.setValue(min(it, self.level_progress.maximum()))
 
     def _show_suspect(self, text: str, suspect: bool) -> None:
-        self.suspect_label.setText(text)
+        _set_readout(self.suspect_label, text)
         self._suspect = suspect
         self._paint_suspect()
 
@@ -545,17 +578,17 @@ class RegisterPanel(QWidget):
                 report_text, suspect_text, suspect = self._shown
                 self.report_view.setPlainText(report_text)
                 self._show_suspect(suspect_text, suspect)
-                self.level_label.setText(f"{self.level_label.text()}; the previous result is still shown")
+                _set_readout(self.level_label, f"{self.level_label.text()}; the previous result is still shown")
                 self._layers_removed()  # unless its layers were closed while this run went on
             return
         self.result, on_fixed = outcome.value
         self._name_pair(self._job_layers)
         try:
             self._apply(self.result, on_fixed)
-            self.level_label.setText("done")  # not the last step's message ("resampling…") left standing
+            _set_readout(self.level_label, "done")  # not the last step's message ("resampling…") left standing
         except Exception as exc:  # noqa: BLE001 - e.g. the layer was deleted meanwhile
             moved = isinstance(exc, _InputMoved)
-            self.level_label.setText("done; result not applied" + (": an input moved" if moved else ""))
+            _set_readout(self.level_label, "done; result not applied" + (": an input moved" if moved else ""))
             _notify_error(_jobs.error_message(exc, "applying the registration"))
         self.save_button.setEnabled(True)
 
@@ -785,8 +818,8 @@ class FusePanel(QWidget):
     def __init__(self, viewer: Any):
         super().__init__()
         self.viewer = viewer
-        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT"), allow_2d=True, skip=_is_compare),
-                       LayerCombo(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1, skip=_is_compare),
+        self.inputs = [_ShownFirst(viewer, prefer=("MR", "CT"), allow_2d=True, skip=_is_compare),
+                       _ShownFirst(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1, skip=_is_compare),
                        LayerCombo(viewer, allow_none=True, allow_2d=True, skip=_is_compare)]
         self.inputs[2].setCurrentText(LayerCombo.NONE)
         self.method = QComboBox()
@@ -810,8 +843,10 @@ class FusePanel(QWidget):
             self.run_button: "Fuse the chosen layers in the background; the result is added as a new layer.",
             self.cancel_button: "Stop the running fusion; no layer is added.",
             self.progress: "Fusion progress, in %.",
+            self.status: "What the fusion is doing, or how it ended (the layer added, or why not).",
         })
-        _names({self.progress: "fusion progress", self.status: "fusion status"})
+        _names({self.progress: "fusion progress"})
+        _readouts({self.status: "fusion status"})
         if not self.method.toolTip():
             self.method.setToolTip("Fusion rule: network (trained model) or a classical rule (mean, max, laplacian "
                                    "pyramid, wavelet, guided filter).")
@@ -877,7 +912,7 @@ class FusePanel(QWidget):
                 combo.setCurrentText(LayerCombo.NONE)
         chosen = [c.currentText() for c in self.inputs if c.currentText() not in ("", LayerCombo.NONE)]
         if len(set(chosen)) != len(chosen) and self.worker is None:
-            self.status.setText("pick 2 or 3 different layers to fuse (an input was closed)")
+            _set_readout(self.status, "pick 2 or 3 different layers to fuse (an input was closed)")
 
     def _stop_listening(self) -> None:
         for emitter, callback in ((self.viewer.layers.events.removing, self._before_removal),
@@ -898,7 +933,7 @@ class FusePanel(QWidget):
             return
         # A new attempt: the last run's "added 'fused (mean)'" at 100 % must not stand beside a refusal.
         self.progress.setValue(0)
-        self.status.setText("")
+        _set_readout(self.status, "")
         chosen = [c.layer() for c in self.inputs]
         chosen = [l for l in chosen if l is not None]
         if len(chosen) < 2 or len({id(l) for l in chosen}) != len(chosen):
@@ -995,7 +1030,7 @@ class FusePanel(QWidget):
 
         _focus_on_job_button(self.run_button, self.cancel_button, running=True)
         self.progress.setValue(0)
-        self.status.setText(f"fusing {', '.join(names)} ({method})…")
+        _set_readout(self.status, f"fusing {', '.join(names)} ({method})…")
         self.worker = _jobs.start(job, self._on_done, cancel=token)
 
     def _check_overlap(self, chosen, placed) -> bool:
@@ -1009,7 +1044,7 @@ class FusePanel(QWidget):
         for layer, (vol, world) in zip(chosen[1:], placed[1:]):
             share = coverage_between(vol, world, ref, ref_world)
             if share <= 0.0:
-                self.status.setText("not fused")
+                _set_readout(self.status, "not fused")
                 _notify_error(f"'{layer.name}' does not overlap the base '{base}' where napari shows them, so the "
                               f"fused image would be the base alone. Fix: align '{layer.name}' onto '{base}' in the "
                               f"Register tab first (or check that the right layers are picked).")
@@ -1024,7 +1059,7 @@ class FusePanel(QWidget):
         """Ask the running fusion to stop (it raises CancelledError at its next check)."""
         if self.token is not None and self.worker is not None:  # a finished job has nothing to stop
             self.token.cancel()
-            self.status.setText("cancelling…")
+            _set_readout(self.status, "cancelling…")
 
     def _on_progress(self, fraction: float, message: str) -> None:
         if _cancelling(self.token):
@@ -1036,7 +1071,7 @@ class FusePanel(QWidget):
         if not busy:
             self.progress.setValue(int(round(fraction * 1000)))
         if message:
-            self.status.setText(message)
+            _set_readout(self.status, message)
 
     def _on_done(self, outcome: "_jobs.Outcome") -> None:
         from medfuse.display import percentile_limits
@@ -1056,7 +1091,7 @@ class FusePanel(QWidget):
         if gone:
             # The user closed the study meanwhile (maybe opened the next patient): a fused image of layers no
             # longer open, on a grid no longer shown, must not appear among other layers.
-            self.status.setText("failed")
+            _set_readout(self.status, "failed")
             _notify_error(f"The fusion result was not added: the {gone[0][0]} layer, '{gone[0][1]}', was removed "
                           f"while fusing. Fix: keep the input layers open until the fusion ends and run it again.")
             return
@@ -1065,7 +1100,7 @@ class FusePanel(QWidget):
         moved = [layer for layer, key in zip(self._job_layers, getattr(self, "_job_placements", ()))
                  if _placement_key(layer) != key]
         if moved:
-            self.status.setText("not added: an input moved")
+            _set_readout(self.status, "not added: an input moved")
             _notify_error(f"The fusion result was not added: '{moved[0].name}' was moved or changed while fusing "
                           f"(a registration ending or a hand move), so the result shows the old alignment. Fix: "
                           f"run the fusion again now.")
@@ -1089,7 +1124,7 @@ class FusePanel(QWidget):
                                   # Saved in the base file's voxel order, as `medfuse fuse` writes it (not S, P, L).
                                   **(file_order(self._job_layers[0]) if "grid" in self._base else {})}})
         self.progress.setValue(1000)
-        self.status.setText(f"added '{added.name}'")  # napari makes a repeated name unique: 'fused (mean) [1]'
+        _set_readout(self.status, f"added '{added.name}'")  # napari makes a repeated name unique: 'fused (mean) [1]'
         # What medfuse said about the inputs or the fusion (a pair from two frames of reference fused without a
         # registration, anisotropic voxels): in the GUI, not only in a log the radiologist never sees.
         for note in prov.get("warnings", []) or []:
