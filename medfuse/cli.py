@@ -786,8 +786,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
             raise InvalidInputError("--series picks a DICOM series, and this folder holds none",
                                     fix="leave out --series", path=p)
         if len(series) + len(files) > 1 or (files and not series):
-            rows = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
-                     "shape": list(s.shape) if s.shape else None, "n_volumes": s.n_volumes, "n_files": s.n_files,
+            rows = [{"series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number or None,
+                     "description": s.description, "shape": list(s.shape) if s.shape else None, "n_volumes": s.n_volumes, "n_files": s.n_files,
                      "folder": os.fspath(s.folder)} for s in series]
             if len(files) == 1 and not series:  # one image file in the folder: describe it
                 p = Path(files[0]["file"])
@@ -805,7 +805,9 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
                     description = _blank_listing({"description": r["description"]}, args)["description"]
                     # The UID is added after the blanking: it is how the user picks the series (an ID's digits
                     # inside it must not break it).
-                    _print_blanked(args, f"  {i:>2}: {r['modality']:<4} {shape:<14} {r['n_volumes']} vol  "
+                    # The DICOM SeriesNumber beside the list number: viewers show it, and the list follows it.
+                    number = f"#{r['series_number']}" if r["series_number"] else "#-"
+                    _print_blanked(args, f"  {i:>2}: {r['modality']:<4} {number:<5} {shape:<14} {r['n_volumes']} vol  "
                                          f"{r['n_files']:>5} files  {description or '-'}  folder={folder}",
                                    f"  uid={r['series_uid']}")
                 for f in files:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import MAX_THREADS, as_list, choice, describe, label, number, user_stacklevel, whole
+from ._checks import MAX_THREADS, as_list, choice, describe, number, unknown_choice, user_stacklevel, whole
 from .errors import (CancelledError, FusionError, InvalidInputError, MedfuseError, MedfuseWarning,
                      MissingDependencyError)
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
@@ -60,7 +60,7 @@ def _fusion_method(value: Any, *, what: str = "fusion method", classical: bool =
     names = list(CLASSICAL_METHODS) if classical else available_methods()
     if isinstance(value, str) and value.lower() in names:
         return value.lower()
-    raise InvalidInputError(f"unknown {what} {label(value)}", fix=f"use one of {', '.join(names)}")
+    raise unknown_choice(value, what, names)
 
 
 def _per_input(value: Any, what: str, example: str) -> Optional[List[Any]]:

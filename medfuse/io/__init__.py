@@ -435,8 +435,8 @@ def select_series(path: PathLike, selector: Optional[str]) -> Optional[str]:
                                 fix="leave the series choice out for this input ('-')", path=p)
     with blanking_errors():  # the folder may be named after the patient, whose headers scan reads
         series = scan(p)
-        entries = [(s.series_uid, s.modality, f"{s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files")
-                   for s in series]
+        entries = [(s.series_uid, s.modality, f"{s.modality or '?'} {'x'.join(map(str, s.shape))}, {s.n_files} files"
+                    + (f", SeriesNumber {s.series_number}" if s.series_number else "")) for s in series]
         key = str(selector).strip()
         uid = resolve_series_choice(key, entries, p) or key
         if uid not in {s.series_uid for s in series}:

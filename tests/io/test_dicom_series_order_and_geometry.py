@@ -80,6 +80,24 @@ def test_series_are_listed_by_series_number_whatever_their_file_names(samples_di
     assert orders[0] == orders[1]
 
 
+def test_info_lists_the_series_number_beside_the_list_number(samples_dir, tmp_path, capsys):
+    """``medfuse info FOLDER`` shows each series' DICOM SeriesNumber (what viewers show) beside the number
+    ``--series`` takes, in text and in ``--json``; a choice that matches nothing lists them too."""
+    from medfuse.cli import main
+
+    folder = tmp_path / "study"
+    _copy_series(samples_dir, folder, prefix="B", edit=_numbered(12, "t1"))
+    _copy_series(samples_dir, folder, prefix="A", edit=_numbered(4, "t2"))
+    assert main(["info", str(folder)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " vol " in ln]
+    assert len(lines) == 2 and " 1: CT   #4 " in lines[0] and " 2: CT   #12 " in lines[1]
+    assert main(["info", str(folder), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["series"]
+    assert [r["series_number"] for r in rows] == ["4", "12"] and [r["description"] for r in rows] == ["t2", "t1"]
+    with pytest.raises(InvalidInputError, match="1: CT 160x192x40, 40 files, SeriesNumber 4; 2: CT .*SeriesNumber 12"):
+        medfuse.io.select_series(folder, "9")
+
+
 def test_series_without_a_number_come_last_and_one_number_is_ordered_by_acquisition(samples_dir, tmp_path):
     """Numbers compare as numbers (10 after 9), series without one come last, and two series of one number (two
     studies in one folder) are in the order they were acquired, whatever their files' names."""

@@ -89,7 +89,7 @@ def test_classifier_example_refuses_a_misspelt_method_before_any_work(tmp_path, 
     with pytest.raises(SystemExit) as e:
         mod.main(["--workdir", str(tmp_path / "work"), "--subjects", "2", "--method", "lapacian"])
     assert e.value.code == 2
-    assert "error: unknown fusion method 'lapacian'. Fix: use one of" in capsys.readouterr().err
+    assert "error: unknown fusion method 'lapacian'; did you mean 'laplacian'? Fix: use one of" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
 
 
