@@ -11,8 +11,9 @@
 * Re-runs are idempotent: a subject is skipped when its output's hash, its inputs' hashes and
   the pipeline parameters all match its provenance sidecar; a medfuse output the sidecar shows stale
   is redone, anything else at an output path is left alone unless ``overwrite``.
-* The report is written atomically before any work and after every subject; an earlier report's other rows are
-  kept. One run per report at a time (an OS lock on ``.<report>.lock``, released however the run ends).
+* The report is written atomically before any work, every few seconds while subjects end, and at the end; an
+  earlier report's other rows are kept. One run per report at a time (an OS lock on ``.<report>.lock``, released
+  however the run ends).
 * A failing subject is caught in its worker and reported; it never stops the others.
 * Outputs are written atomically (temporary file, sidecar, rename), so an interrupted run leaves
   no half-written output.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import functools
 import json
 import logging
 import os
@@ -132,9 +132,11 @@ class SubjectResult:
         method_used: the fusion method that made the output (a fallback's name when the network could not run).
         registration_suspect: True when a registration looked suspect (check that output), else None.
         worker: the process that ran the subject (``"pid N"``).
-        inputs: the images fused, fixed first, separated by ``;``.
-        finished_utc: when the output was made (for a skipped subject, by the earlier run).
-        medfuse_version: the medfuse version that made it.
+        inputs: the images fused, fixed first, separated by ``;`` (for a failed subject, those it was given, where
+            known).
+        finished_utc: when the output was made (for a skipped subject, by the earlier run); for a failed or
+            cancelled subject, when it ended.
+        medfuse_version: the medfuse version that made it (for a failed or cancelled subject, that ran it).
         note: why an existing output was redone (inputs, parameters, method or weights changed).
         warnings: medfuse's warnings while the subject ran, ``; ``-separated (patient identifiers blanked): on a
             Dask worker they were printed raw in the worker's log, naming patient folders, even with ``-q``.
@@ -189,17 +191,53 @@ class BatchSummary:
 
     @property
     def n_failed(self) -> int:
-        return self.count("failed") + self.count("cancelled")
+        """The subjects that failed (before 2026-12 the cancelled ones too: "1000 failed, 903 cancelled" for 97)."""
+        return self.count("failed")
+
+    @property
+    def n_cancelled(self) -> int:
+        return self.count("cancelled")
 
     @property
     def subjects_per_minute(self) -> float:
         return 60.0 * self.n_done / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
-    def table(self) -> str:
-        """A plain-text summary table, one row per subject, failures with their one-line reason."""
+    def reasons(self, status: str = "failed") -> List[Tuple[int, str]]:
+        """The reasons of the subjects with ``status``, grouped: ``(count, reason)``, the most frequent first.
+
+        A reason is a row's error without the file it names, its parenthesised details (the files found, say) and
+        its fix, so that 1,000 subjects missing their PET make one group: ``unpaired: no PET or SPECT found``.
+        """
+        import re
+
+        groups: Dict[str, int] = {}
+        for r in self.results:
+            if r.status == status:
+                why = (r.error or "no reason given").split(" Fix: ", 1)[0]
+                why = re.sub(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)[^:]*: ", "", why)  # the file concerned
+                why = re.sub(r"\s*\([^()]*\)", "", why).strip().rstrip(".") or "no reason given"
+                groups[why] = groups.get(why, 0) + 1
+        return sorted(((n, why) for why, n in groups.items()), key=lambda g: -g[0])
+
+    def table(self, max_rows: Optional[int] = 50) -> str:
+        """A plain-text summary table, one row per subject, failures with their one-line reason, then the counts
+        and the failures grouped by reason.
+
+        Args:
+            max_rows: at most this many subject rows (failed, cancelled and suspect ones first, else in order; a
+                line says how many more the report holds); ``None``: every subject. A run of 1,000 subjects printed
+                1,003 lines, where the counts by reason say what went wrong.
+        """
         w = max([7] + [len(r.subject) for r in self.results])
         lines = [f"{'subject':<{w}}  {'status':<9} {'seconds':>8}  output / error"]
-        for r in self.results:
+        shown = list(self.results)
+        if max_rows is not None and len(shown) > max_rows:
+            first = [id(r) for r in shown if r.status in ("failed", "cancelled") or r.registration_suspect]
+            top = set(first)
+            rest = [id(r) for r in shown if id(r) not in top]
+            picked = set((first + rest)[:max(0, max_rows)])
+            shown = [r for r in shown if id(r) in picked]
+        for r in shown:
             status = r.status.upper() if r.status in ("failed", "cancelled") else r.status
             detail = r.error if r.error else (r.output or "")
             if r.registration_suspect:
@@ -207,13 +245,19 @@ class BatchSummary:
             if r.note:  # why an existing output was redone
                 detail += f"  ({r.note})"
             lines.append(f"{r.subject:<{w}}  {status:<9} {r.seconds:>8.1f}  {detail}")
+        if len(shown) < len(self.results):
+            lines.append(f"... {len(self.results) - len(shown)} more subjects not shown"
+                         + (f": every subject is in the report, {self.report_path}" if self.report_path else ""))
         lines.append(f"{len(self.results)} subjects: {self.n_done} done, {self.n_skipped} skipped (up to date), "
-                     f"{self.count('failed')} failed" + (f", {self.count('cancelled')} cancelled"
-                                                          if self.count('cancelled') else "")
+                     f"{self.n_failed} failed" + (f", {self.n_cancelled} cancelled" if self.n_cancelled else "")
                      + f"; {self.wall_seconds:.1f} s on {self.workers} worker(s)"
                      # "--workers 2" and "on 1 worker(s)" read as a bug without the reason
                      + (f" ({self.workers_asked} asked; never more workers than subjects)"
                         if self.workers_asked and self.workers_asked > self.workers else ""))
+        groups = self.reasons()
+        if groups:
+            lines.append(f"{self.n_failed} failed: " + "; ".join(f"{n} x {why}" for n, why in groups[:10])
+                         + (f"; {len(groups) - 10} other reasons" if len(groups) > 10 else ""))
         return "\n".join(lines)
 
 
@@ -1293,7 +1337,8 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     Args:
         subject: a :class:`Subject` (or its dict).
         options: ``register``, ``method``, ``device``, ``fallback``, ``threads``, ``overwrite`` defaults;
-            ``pseudonym_key`` (:func:`medfuse.io.dicom_writer.current_key` of the run) for de-identified DICOM.
+            ``pseudonym_key`` (:func:`medfuse.io.dicom_writer.current_key` of the run) for de-identified DICOM;
+            ``stop_file``: a path whose existence means the batch was cancelled (the subject is then not run).
         cancel: stops the subject at the pipeline's next check (in-process runs).
 
     Returns:
@@ -1304,6 +1349,10 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
             error, raised before the subject runs; a subject that fails is returned).
     """
     s = _as_subject(subject)
+    stop = options.get("stop_file")
+    if stop and os.path.exists(stop):  # the batch was cancelled before this subject started (see _run_on_dask)
+        return asdict(SubjectResult(subject=s.subject, status="cancelled", output=s.output,
+                                    error="not run: the batch was cancelled", worker=f"pid {os.getpid()}"))
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
@@ -1318,6 +1367,14 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
             inputs = _fill_result(s, res, options, cancel, inputs)
     finally:
         res.warnings = "; ".join(dict.fromkeys(" ".join(m.split()) for m in said)) or None
+        if res.status in ("failed", "cancelled"):
+            # What is known of a subject that made no output (its row had these columns empty): when it ended, the
+            # medfuse that ran it, and the images it was given (none for a dataset subject discovery refused).
+            from . import __version__
+
+            res.finished_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            res.medfuse_version = __version__
+            res.inputs = res.inputs or ";".join(x for x in inputs if x) or None
         # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
         # the subject's folder too: discovery's messages quote paths in it. Every row, skipped and unpaired
         # ones included (their early exits once returned before this blanking).
@@ -1509,14 +1566,47 @@ def _name_modalities(inputs: Sequence[str]) -> Optional[List[str]]:
 def _states_no_modality(path: str) -> bool:
     """Whether the image file loads as ``unknown`` (its header, medfuse tag or BIDS sidecar names no modality).
 
-    Read by medfuse's own reader, so that every one of its rules holds (one more read of the file: 0.02 s for the
-    SPM12 PET); a file it cannot read counts as stating none (the subject's run then says why).
+    Read from the header alone, by the rules of medfuse's reader (NIfTI ``descrip`` tag, then the BIDS sidecar;
+    MetaImage/NRRD ``medfuse_modality``): loading every voxel for it took 31 s of the 34 s of ``--write-manifest``
+    over 1,000 small subjects (minutes at BraTS size). A file whose header cannot be read counts as stating none
+    (the subject's run then says why).
     """
-    from .io import load
+    from .io.nifti import ITK_SUFFIXES, _bids_sidecar, _itk_readable, _nib_load, _nibabel_notes, \
+        _refuse_other_format, parse_tag
+    from .io._c_locale import c_numeric_locale
+    from .volume import normalise_modality
 
+    p = Path(path)
     try:
-        return load(path).modality == "unknown"
-    except MedfuseError:
+        if p.stat().st_size == 0:
+            return True
+        gz = _refuse_other_format(p)
+        if p.name.lower().endswith(ITK_SUFFIXES):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetImageIO("NrrdImageIO" if p.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO")
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            try:
+                sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own lines on stderr for a broken header
+                with _itk_readable(p) as given, c_numeric_locale():
+                    reader.SetFileName(given)
+                    reader.ReadImageInformation()
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+            key = "medfuse_modality"
+            stated = reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else None
+            shape = tuple(reader.GetSize()) if reader.GetNumberOfComponents() == 1 else (1, 1, 1, 2)
+        else:
+            with _nibabel_notes():  # a header nibabel repairs: the subject's own load says so
+                hdr = _nib_load(p, gz).header  # the header only: nibabel reads the voxels when asked
+            descrip = hdr["descrip"].item().decode("latin-1", "ignore") if "descrip" in hdr else ""
+            stated = parse_tag(descrip)[0] or _bids_sidecar(p)[0]
+            shape = tuple(int(n) for n in hdr.get_data_shape())
+        if len(shape) > 3 and any(n != 1 for n in shape[3:]):
+            return True  # several volumes (or colour): medfuse.load refuses it, as the subject's run will
+        return normalise_modality(stated) == "unknown"
+    except Exception:  # noqa: BLE001 - unreadable (nibabel and ITK raise many types), or a modality it does not know
         return True
 
 
@@ -1578,7 +1668,6 @@ def _identifiers_by_subject(subjects: Sequence[Subject]) -> Dict[str, Tuple[int,
     return out
 
 
-@functools.lru_cache(maxsize=8192)  # the report is rewritten after every subject, every row each time
 def _normal_path(value: Optional[str]) -> Optional[str]:
     """An absolute path normalised as :func:`_display_path` quotes it; a relative one (a list's output, written
     relative to the working folder) or an empty one as it is."""
@@ -1717,25 +1806,65 @@ def _read_report(path: Path) -> List[Dict[str, Any]]:
     return [dict(r) for r in rows if isinstance(r, Mapping) and r.get("subject")]
 
 
-def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequence[Mapping[str, Any]] = ()) -> Path:
+def _row_text(row: Any, json_format: bool) -> str:
+    """One report row as the report's text holds it: a CSV line, or a JSON object indented as a list's item."""
+    values = {c: getattr(row, c) for c in _COLUMNS} if isinstance(row, SubjectResult) else \
+        {c: row.get(c) for c in _COLUMNS}
+    if json_format:
+        return "\n".join("  " + line for line in json.dumps(values, indent=2).split("\n"))
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([values[c] for c in _COLUMNS])
+    return buf.getvalue()
+
+
+def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequence[Mapping[str, Any]] = (),
+                  texts: Optional[Dict[Tuple[bool, Any], Tuple[Any, str]]] = None) -> Path:
     """Write the report atomically: this run's rows, then the earlier report's rows of subjects not in this
-    run (a run over some subjects keeps the others' rows). Columns in :class:`SubjectResult` order."""
+    run (a run over some subjects keeps the others' rows). Columns in :class:`SubjectResult` order.
+
+    Args:
+        texts: a run's cache of rendered rows, by row (a row object seen before is not rendered again): the report
+            is rewritten while the run goes on, and rendering every row each time (``asdict``, the CSV writer) made
+            one rewrite of 3,000 rows take 1.2 s.
+    """
     from .io._atomic import atomic_write_text
 
-    ours = {r.subject for r in results}
-    rows = [asdict(r) for r in results] + [{c: r.get(c) for c in _COLUMNS} for r in earlier
-                                           if r.get("subject") not in ours]
-    if path.suffix.lower() == ".json":
-        text = json.dumps(rows, indent=2) + "\n"
-    else:
-        import io
+    json_format = path.suffix.lower() == ".json"
+    texts = {} if texts is None else texts
 
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        text = buf.getvalue()
-    return atomic_write_text(path, text, overwrite=True)
+    def text(row: Any, key: Tuple[bool, Any]) -> str:
+        hit = texts.get(key)
+        if hit is None or hit[0] is not row:
+            hit = texts[key] = (row, _row_text(row, json_format))
+        return hit[1]
+
+    ours = {r.subject for r in results}
+    parts = [text(r, (False, r.subject)) for r in results] + [text(r, (True, i)) for i, r in enumerate(earlier)
+                                                              if r.get("subject") not in ours]
+    if json_format:  # as json.dumps(rows, indent=2) writes the list
+        body = "[\n" + ",\n".join(parts) + "\n]\n" if parts else "[]\n"
+    else:
+        body = ",".join(_COLUMNS) + "\n" + "".join(parts)
+    return atomic_write_text(path, body, overwrite=True)
+
+
+#: While a run goes on, its report is rewritten at most every this many seconds as subjects end (Dask runs; their
+#: driver writes the last ones out while it waits), and then only where the last rewrite took under 1/20 of the time
+#: since: a rewrite after every subject made a run of 3,000 subjects that fail at once spend 15 min on its report.
+_REPORT_EVERY = 2.0
+_REPORT_SHARE = 20
+
+
+def _report_due(since: float, cost: float, every: float) -> bool:
+    """Whether a run's report, last rewritten ``since`` seconds ago in ``cost`` seconds, is due to be rewritten.
+
+    ``every`` is 0 for a synchronous run: its subjects run in this process, which cannot write the report while one
+    runs, so the rows of those finished are written before the next starts (but where that would take over 1/20 of
+    the run's time: many subjects that end at once, such as skipped ones).
+    """
+    return since >= max(every, _REPORT_SHARE * cost)
 
 
 @contextmanager
@@ -1760,7 +1889,7 @@ def _report_lock(path: Path) -> Iterator[None]:
 
 def _first_report(path: Path, subjects: Sequence[Subject], earlier: Sequence[Mapping[str, Any]],
                   known: Optional[Mapping[str, Tuple[int, List[str]]]] = None) -> None:
-    """Write the report before any work, as after every subject: this run's subjects ``pending``, the earlier
+    """Write the report before any work, as while the run goes on: this run's subjects ``pending``, the earlier
     report's other rows kept. A report that cannot be written (a read-only manifest folder) was only warned about
     when the run ended, maybe days later, with no report written meanwhile; now the run is refused at once.
 
@@ -2081,8 +2210,9 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             ``batch-report.csv`` in ``out_dir``; for a list ``batch-report.csv`` in the folder holding the
             subjects' outputs (the common parent of their folders; relative outputs count from the working
             folder). Never the working folder just because it is one. Written before any work (a report that
-            cannot be written stops the run at once), then after every subject; rows of subjects not in this
-            run are kept. One run per report at a time: a second is refused while the first goes on.
+            cannot be written stops the run at once), then every few seconds while subjects end (between
+            subjects for ``scheduler="synchronous"``) and at the end; rows of subjects not in this run are kept.
+            One run per report at a time: a second is refused while the first goes on.
         progress: show a tqdm bar of finished subjects (on a terminal, or in a Jupyter notebook).
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
@@ -2165,26 +2295,54 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr,
                        disable=False if notebook else None)
 
+        waiting = {s.subject: SubjectResult(subject=s.subject, status="pending", output=s.output) for s in subjects}
+        shown: Dict[str, Tuple[SubjectResult, SubjectResult]] = {}  # {subject: (its result, as shown)}
+        texts: Dict[Tuple[bool, Any], Tuple[Any, str]] = {}  # the report's rendered rows (_write_report)
+        # Rewritten while the run goes on when due (_report_due): after every subject, every row rendered again, it
+        # cost the run time growing as the square of its subjects (1,000 failing at once: 60 s; 3,000: 15 min).
+        written_at = {"at": time.perf_counter(), "cost": 0.0, "dirty": False}
+        every = 0.0 if scheduler == "synchronous" else _REPORT_EVERY  # synchronous: see _report_due
+
+        def as_shown(raw: SubjectResult) -> SubjectResult:
+            hit = shown.get(raw.subject)
+            if hit is None or hit[0] is not raw:  # made once per result: _shown normalises every path
+                hit = shown[raw.subject] = (raw, _shown(raw, known))
+            return hit[1]
+
         def rows(unfinished: str, why: Optional[str]) -> List[SubjectResult]:
-            return [_shown(results.get(s.subject) or SubjectResult(
-                subject=s.subject, status=unfinished, output=s.output, error=why,
-                note=_left_in_place(s.output) if unfinished == "cancelled" else None), known) for s in subjects]
+            return [as_shown(results.get(s.subject) or (waiting[s.subject] if unfinished == "pending" else
+                                                        SubjectResult(subject=s.subject, status=unfinished,
+                                                                      output=s.output, error=why,
+                                                                      note=_left_in_place(s.output)
+                                                                      if unfinished == "cancelled" else None)))
+                    for s in subjects]
 
         def save_report(ordered: List[SubjectResult]) -> Optional[Path]:
+            t = time.perf_counter()
             try:
                 report_path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
-                return _write_report(report_path, ordered, earlier)
+                return _write_report(report_path, ordered, earlier, texts)
             except (OSError, MedfuseError) as e:  # the work goes on; the summary is not lost over the report file
                 report_errors.append(e)
                 return None
+            finally:
+                now = time.perf_counter()
+                written_at.update(at=now, cost=now - t, dirty=False)
+
+        def save_if_due() -> None:
+            if written_at["dirty"] and _report_due(time.perf_counter() - written_at["at"], written_at["cost"], every):
+                save_report(rows("pending", None))
 
         def finished(d: Dict[str, Any]) -> None:
             results[d["subject"]] = SubjectResult(**d)
-            # After every subject: a run killed overnight leaves a report of what it finished.
-            save_report(rows("pending", None))
+            written_at["dirty"] = True
+            # A run killed overnight leaves a report of what it finished (but for its last seconds' subjects).
+            save_if_due()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix_str(f"{_shown(results[d['subject']], known).subject}: {d['status']}", refresh=True)
+                bar.set_postfix_str(f"{as_shown(results[d['subject']]).subject}: {d['status']}", refresh=True)
+
+        finished.idle = save_if_due  # type: ignore[attr-defined]  # called by _run_on_dask while it waits
 
         n_workers = 1
         try:
@@ -2325,11 +2483,39 @@ def _worker_died(e: BaseException) -> str:
     return f"the worker running it failed ({_one_line(e)})"
 
 
+def _dask_result(value: Any, s: Subject, cancel: Optional[CancelToken]) -> Dict[str, Any]:
+    """The result dict of a subject's ended Dask task from what ``as_completed(with_results=True)`` gave: the
+    task's dict, or the error of a worker that died under it (a failed row, or a cancelled one while the run is
+    being cancelled).
+
+    Why cancelled: a SIGTERM to the whole process group (a job's time limit, ``timeout``) kills the workers too, and
+    their subjects read "the worker process running it died (most often out of memory ...)", which sent users to
+    ``--workers 1`` for nothing.
+    """
+    if isinstance(value, Mapping):
+        return dict(value)
+    e = value[1] if isinstance(value, tuple) and len(value) == 3 else value  # distributed's (type, error, traceback)
+    if cancel is not None and cancel.cancelled:
+        return asdict(SubjectResult(subject=s.subject, status="cancelled", output=s.output,
+                                    error="stopped while it ran: the batch was cancelled"))
+    return asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
+                                error=_worker_died(e if isinstance(e, BaseException) else Exception(str(e)))))
+
+
 def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], scheduler: str, workers: int,
                  finished, cancel: Optional[CancelToken], task=run_subject) -> Tuple[int, bool]:
     """Run the subjects on a Dask cluster, calling ``finished(result_dict)`` as each ends; returns
-    (number of workers, cancelled). ``cancel`` is polled while waiting, so Ctrl-C is answered at once
-    rather than when the next subject ends; unfinished subjects are dropped with the local cluster."""
+    (number of workers, cancelled). ``cancel`` is polled while waiting and between the results that came in
+    together, so Ctrl-C is answered at once rather than when the next subject ends; unfinished subjects are dropped
+    with the local cluster. ``finished.idle()``, where it has one, is called while waiting (the report's rewrite).
+
+    Why so: 3,000 subjects failing at once came back in batches of hundreds, each one's row written, and a SIGTERM
+    was acted on 10 minutes later. Results come with their futures (``with_results``): ``future.result()`` waits
+    for Dask's event loop, which a SIGTERM to the whole process group kept busy for seconds while the nannies
+    started new workers in place of the killed ones, and those ran hundreds of subjects meanwhile. Once cancelled,
+    a task that starts anyway (on such a new worker, before Dask has dropped it) finds the run's stop file and
+    returns at once (:func:`run_subject`).
+    """
     try:
         client, cluster = _client(scheduler, workers, options["threads"])
     except MedfuseError:
@@ -2338,35 +2524,57 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
             # killed them, and the run ended as "the cluster did not start" with exit 2 and the __main__ advice.
             return 1, True
         raise
+    import shutil
+    import tempfile
+
+    idle = getattr(finished, "idle", None)
     cancelled = interrupted = False
+    stop_dir = tempfile.mkdtemp(prefix="medfuse-batch-")
+    stop = os.path.join(stop_dir, "cancelled")
     try:
         from dask.distributed import as_completed
 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         tag = uuid.uuid4().hex[:8]
-        futures = {client.submit(task, asdict(s), options, key=f"medfuse-{tag}-{i}",
+        futures = {client.submit(task, asdict(s), {**options, "stop_file": stop}, key=f"medfuse-{tag}-{i}",
                                  pure=False): s for i, s in enumerate(subjects)}
-        pending = as_completed(list(futures))
+        pending = as_completed(list(futures), with_results=True, raise_errors=False)
+
+        def report(batch: List[Any]) -> bool:
+            """Record a batch of ended subjects; False once cancelled (the rest of it is still recorded)."""
+            for fut, value in batch:
+                if fut.status == "cancelled":  # dropped by the cancel before it ran: reported as not run
+                    continue
+                if cancel is not None and cancel.cancelled and not os.path.exists(stop):
+                    open(stop, "w").close()  # first thing: a task starting from now on does nothing
+                finished(_dask_result(value, futures[fut], cancel))
+            return not (cancel is not None and cancel.cancelled)
+
         while not pending.is_empty():
             if cancel is not None and cancel.cancelled:
                 cancelled = True
-                client.cancel([f for f in futures if not f.done()])
                 break
             if not pending.has_ready():
+                if idle is not None:
+                    idle()
                 time.sleep(0.2)
                 continue
-            for fut in pending.next_batch(block=False):
-                s = futures[fut]
-                try:
-                    finished(fut.result())
-                except Exception as e:  # noqa: BLE001 - a worker died (segfault, OOM): isolate it
-                    finished(asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
-                                                  error=_worker_died(e))))
+            if not report(pending.next_batch(block=False)):
+                cancelled = True
+                break
+        if cancelled:
+            with contextlib.suppress(OSError):
+                open(stop, "w").close()
+            client.cancel([f for f in futures if not f.done()])
+            report(pending.next_batch(block=False) if not pending.is_empty() else [])  # those ended meanwhile
     except KeyboardInterrupt:  # the second Ctrl-C (the CLI's first only cancels): stop now
         interrupted = True
         raise
     finally:
-        _close(client, cluster, kill=interrupted)
+        try:
+            _close(client, cluster, kill=interrupted)
+        finally:
+            shutil.rmtree(stop_dir, ignore_errors=True)
     return n_workers, cancelled
 
 

@@ -1624,16 +1624,20 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         complete = summary.count("done") + summary.count("skipped")
         print(f"medfuse batch: {failed} of {len(summary.results)} subject(s) failed, {complete} complete:",
               file=sys.stderr)
-        for r in summary.results:  # named here too: a job that keeps stderr alone never sees the table
-            if r.status == "failed":
-                print(f"  {r.subject}: {r.error}", file=sys.stderr)
+        if failed <= 20:
+            for r in summary.results:  # named here too: a job that keeps stderr alone never sees the table
+                if r.status == "failed":
+                    print(f"  {r.subject}: {r.error}", file=sys.stderr)
+        else:  # a thousand failures are a few reasons: the report names every subject
+            for n, why in summary.reasons():
+                print(f"  {n} x {why}", file=sys.stderr)
         if summary.report_path is not None:
             print(f"report: {summary.report_path}", file=sys.stderr)
     if summary.cancelled or token.cancelled:
         print("medfuse batch: cancelled; the subjects marked done or skipped are complete, the others were not "
               "written (rerun the same command to finish them)", file=sys.stderr)
         return EXIT_CANCELLED
-    return EXIT_FAILURES if summary.n_failed else EXIT_OK
+    return EXIT_FAILURES if summary.n_failed or summary.n_cancelled else EXIT_OK
 
 
 # ----------------------------------------------------------------------------- demo
