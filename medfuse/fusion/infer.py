@@ -238,6 +238,16 @@ def load_model(weights: Optional[PathLike] = None, *, device: str = "cpu"):
             with safe_open(str(p), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
                 shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                if "config" not in meta:
+                    # Said: a state dict saved with safetensors' save_file (a training loop of one's own) was
+                    # "corrupt or does not fit the model (KeyError)"; the settings that loading needs are missing.
+                    raise WeightsError("the fusion network's weights file records no architecture config (its "
+                                       "safetensors metadata has no 'config' entry), which loading needs: it was "
+                                       "not written by medfuse's export", path=p,
+                                       fix="save the model with medfuse.fusion.train.export_weights(model, OUT_DIR, "
+                                           "{}) (it writes OUT_DIR/medfuse_fusion.safetensors with its config), or "
+                                           "convert this file with 'medfuse train --data DATA --init FILE --width N "
+                                           "--epochs 0 --steps-3d 0 --out OUT_DIR' (N: the width it was built with)")
                 config = config_from_metadata(json.loads(meta["config"]))
                 try:
                     with torch.device("meta"):  # the model's shapes, with no memory: compared before it is built

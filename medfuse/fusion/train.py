@@ -24,12 +24,13 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from ..errors import (CancelledError, InvalidInputError, MedfuseError, MedfuseWa
 from ..harvard import case_of, _png_names, split_cases, spread  # the one split: medfuse evaluate --split uses it too
 
 __all__ = ["add_arguments", "run", "main", "harvard_pairs", "split_cases", "load_pair", "MetricLoss",
-           "torch_metrics", "PAIR_TYPES", "DEFAULT_SHARED"]
+           "torch_metrics", "export_weights", "data_fingerprint", "code_version", "PAIR_TYPES", "DEFAULT_SHARED"]
 
 PAIR_TYPES = {"CT-MRI": "CT", "PET-MRI": "PET", "SPECT-MRI": "SPECT"}
 FUNCTIONAL_TYPES = ("PET-MRI", "SPECT-MRI")  # pair types whose second image is functional (uptake)
@@ -74,6 +75,7 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
     Raises:
         UnreadableFileError: ``root`` is missing, holds none of the pair-type folders, or one of them lacks
             its ``MRI/`` or other sub-folder. The message gives the layout.
+        InvalidInputError: an MRI image's name is not CASE + a 3-digit slice (:func:`_check_slice_names`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -98,6 +100,7 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
                                               f"same names in {ptype}/{other}/, or remove {ptype}/ to train "
                                               "without that pair type")
         names = _png_names(d / "MRI")
+        _check_slice_names(names, d / "MRI")
         others = set(_png_names(d / other))
         lone = sorted(set(names) ^ others)
         if lone:
@@ -105,6 +108,31 @@ def harvard_pairs(root: Path) -> Dict[str, List[Tuple[Path, Path]]]:
                           f"were left out (e.g. {lone[0]})", MedfuseWarning, stacklevel=2)
         out[ptype] = [(d / "MRI" / n, d / other / n) for n in names if n in others]
     return out
+
+
+#: A training pair's file name without its .png: CASE (one character or more) then a 3-digit slice number.
+_SLICE_NAME = re.compile(r"(.+)(\d{3})")
+
+
+def _check_slice_names(names: Sequence[str], folder: Path) -> None:
+    """Refuse pair names that are not CASE + a 3-digit slice (as :func:`medfuse.harvard.case_id` refuses them).
+
+    Why: the split by case takes all but a name's last three characters as its case, so ``sub01_s0.png`` ..
+    ``sub01_s16.png`` became the cases ``sub01``, ``sub01_``, ``sub01_s`` and one subject's slices landed in
+    training and validation alike (the validation then scored images the network had trained on), silently.
+
+    Raises:
+        InvalidInputError: naming how many names do not fit, one of them, and how to rename them.
+    """
+    bad = [n for n in names if not _SLICE_NAME.fullmatch(Path(n).stem)]
+    if bad:
+        raise InvalidInputError(f"{len(bad)} of the {len(names)} pair names do not end in a 3-digit slice number "
+                                f"after their case (e.g. {bad[0]}): the split by case takes all but a name's last "
+                                "3 characters as its case, so one subject's slices would be split between "
+                                "training and validation", path=folder,
+                                fix="rename each pair (both images) CASE + zero-padded 3-digit slice, e.g. "
+                                    "sub01_s0.png -> sub01000.png, sub01_s16.png -> sub01016.png (28010.png: case "
+                                    "28, slice 010)")
 
 
 def _check_split(train_pairs: Dict[str, list], val_pairs: Dict[str, list], root: Path) -> None:
@@ -421,43 +449,62 @@ def _sobel(x):
 
 #: Sobel magnitude (0..255 scale, about one grey level's step) below which the orientation's gradient is damped.
 ANGLE_GRAD_SOFTNESS = 4.0
+#: The orientation where the horizontal Sobel response is exactly 0 (``--qabf-zero-angle``): "reference", +pi/2
+#: as medfuse.metrics.qabf takes it; "legacy", -pi/2 where the vertical response is negative and 0 on flat pixels,
+#: as the loss took it when every stage of the shipped weights was trained (before commit b5e1f16).
+ZERO_ANGLES = ("reference", "legacy")
 
 
-def _grad_angle(x, softness: float = ANGLE_GRAD_SOFTNESS):
+def _check_zero_angle(zero_angle: str) -> None:
+    """Raises InvalidInputError unless ``zero_angle`` is one of :data:`ZERO_ANGLES`."""
+    if zero_angle not in ZERO_ANGLES:
+        raise InvalidInputError(f"zero_angle must be one of {', '.join(ZERO_ANGLES)}, got {zero_angle!r}",
+                                fix="use 'reference' (medfuse.metrics' Qabf) or 'legacy' (the loss the shipped "
+                                    "weights were trained with)")
+
+
+def _grad_angle(x, softness: float = ANGLE_GRAD_SOFTNESS, *, zero_angle: str = "reference"):
     """Sobel magnitude and orientation atan(gy/gx) in (-pi/2, pi/2], as the reference Qabf defines them.
 
     The values are exact. The orientation's gradient is scaled by g²/(g² + δ²) (δ = ``softness``; 0 leaves it
     exact): the exact one grows as 1/g where the image is flat, and Qabf weights those pixels by the source's
     gradient, so a few near-flat fused pixels beside a source edge dominated every batch's gradient. Undamped,
     Adam on the metric loss lowered Qabf even on the batch it was fitted to (docs/network.md, "Tenth round").
+
+    ``zero_angle`` (:data:`ZERO_ANGLES`): the orientation where gx is exactly 0; "legacy" differs from the
+    reference only there.
     """
     import torch
 
+    _check_zero_angle(zero_angle)
     gx, gy = _sobel(x)
     g2 = gx * gx + gy * gy
     g = torch.sqrt(g2 + 1e-12)
     # Written with atan2 so its gradient stays finite at gx = 0. Where gx is exactly 0 the reference takes +pi/2
     # whatever gy's sign (and on flat pixels): atan2 gave -pi/2 or 0 there, and the logged Qabf was up to 2.5e-3
-    # off medfuse.metrics.qabf on a Harvard pair (CT-MRI 20018, max rule).
+    # off medfuse.metrics.qabf on a Harvard pair (CT-MRI 20018, max rule). "legacy" keeps atan2's value: the
+    # shipped weights' stages were trained on it, so their recipe reproduces with it only.
     a = torch.atan2(gy * torch.sign(gx + 1e-20), gx.abs() + 1e-12)
-    a = torch.where(gx == 0, torch.full_like(a, math.pi / 2), a)
+    if zero_angle == "reference":
+        a = torch.where(gx == 0, torch.full_like(a, math.pi / 2), a)
     if softness > 0 and a.requires_grad:
         damp = (g2 / (g2 + softness ** 2)).detach()
         a = a.detach() + damp * (a - a.detach())
     return g, a
 
 
-def _qabf(sources, fused, *, softness: float = ANGLE_GRAD_SOFTNESS):
+def _qabf(sources, fused, *, softness: float = ANGLE_GRAD_SOFTNESS, zero_angle: str = "reference"):
     """Xydeas-Petrović Qabf of (B, 1, H, W) tensors on 0..255 for any number of sources -> (B,).
 
-    ``softness``: see :func:`_grad_angle` (the gradient only; the value is exact).
+    ``softness``, ``zero_angle``: see :func:`_grad_angle` (``softness`` sets the gradient only; the value is
+    exact, and the reference one with the default ``zero_angle``).
     """
     import torch
 
-    gf, af = _grad_angle(fused, softness)
+    gf, af = _grad_angle(fused, softness, zero_angle=zero_angle)
     num, den = 0.0, 0.0
     for s in sources:
-        gs, as_ = _grad_angle(s, softness)
+        gs, as_ = _grad_angle(s, softness, zero_angle=zero_angle)
         ratio = torch.minimum(gs, gf) / torch.maximum(gs, gf).clamp_min(1e-6)
         aaf = 1 - (as_ - af).abs() / (math.pi / 2)
         q = 0.9994 / (1 + torch.exp(-15 * (ratio - 0.5))) * 0.9879 / (1 + torch.exp(-22 * (aaf - 0.8)))
@@ -493,12 +540,19 @@ def torch_metrics(fused, sources) -> Dict[str, "object"]:
 
 
 class MetricLoss:
-    """``-(qabf_weight·Qabf + vif_weight·VIF/n) + ssim_weight·(1 - SSIM/n)`` on the reference metric definitions."""
+    """``-(qabf_weight·Qabf + vif_weight·VIF/n) + ssim_weight·(1 - SSIM/n)`` on the reference metric definitions.
+
+    ``zero_angle="legacy"`` takes the Qabf orientation where the horizontal gradient is 0 as the loss did when the
+    shipped weights were trained (:data:`ZERO_ANGLES`); the Qabf it returns is then that loss's, not the reference
+    value (:func:`torch_metrics`, which the validation table uses, always gives the reference one).
+    """
 
     def __init__(self, *, vif_weight: float = 1.0, ssim_weight: float = 0.5, qabf_weight: float = 1.0,
-                 angle_grad_softness: float = ANGLE_GRAD_SOFTNESS):
+                 angle_grad_softness: float = ANGLE_GRAD_SOFTNESS, zero_angle: str = "reference"):
+        _check_zero_angle(zero_angle)
         self.vif_weight, self.ssim_weight, self.qabf_weight = vif_weight, ssim_weight, qabf_weight
         self.angle_grad_softness = angle_grad_softness
+        self.zero_angle = zero_angle
 
     def __call__(self, fused, x, *, qabf_weight: Optional[float] = None, vif_weight: Optional[float] = None,
                  ssim_weight: Optional[float] = None):
@@ -509,7 +563,7 @@ class MetricLoss:
         sw = self.ssim_weight if ssim_weight is None else ssim_weight
         f = fused.float().unsqueeze(1) * 255.0
         srcs = [x[:, i:i + 1].float() * 255.0 for i in range(n)]
-        q = _qabf(srcs, f, softness=self.angle_grad_softness)
+        q = _qabf(srcs, f, softness=self.angle_grad_softness, zero_angle=self.zero_angle)
         v = sum(_vifp(s, f) for s in srcs) / n
         s = sum(_ssim(f, s_) for s_ in srcs) / n
         loss = -(qw * q + vw * v) + sw * (1 - s)
@@ -842,7 +896,8 @@ def load_checkpoint(path: Path, model, opt) -> dict:
 #: which is warned about). Every other option changes what the run computes, and a changed one was ignored
 #: (``--lr``: the optimiser state brought the old one back) or silently mixed two recipes (``--seed``: another
 #: validation split).
-RESUME_FREE = frozenset({"data", "out", "overwrite", "resume", "run_dir", "max_minutes", "threads", "device", "epochs"})
+RESUME_FREE = frozenset({"data", "out", "overwrite", "resume", "run_dir", "max_minutes", "max_steps", "threads",
+                         "device", "epochs"})
 
 
 def run_options(args: argparse.Namespace) -> Dict[str, str]:
@@ -888,6 +943,32 @@ def split_of(train_pairs: Dict[str, list], val_pairs: Dict[str, list]) -> Dict[s
     return {"train": cases(train_pairs), "val": cases(val_pairs)}
 
 
+def data_fingerprint(pairs: Dict[str, list], root: Path) -> Dict[str, str]:
+    """{pair type: SHA-256 (hex) of its pairs' file names (relative to ``root/<type>``) and sizes}, sorted.
+
+    The identity of the data a run trained and validated on, without reading it: recorded in the checkpoints and
+    the export's card, so that a fine-tune can tell whether its ``--data`` is the data its ``--init`` weights saw
+    (:func:`init_val_overlap`), and a card says what its weights were trained on.
+    """
+    out = {}
+    for ptype, items in pairs.items():
+        base = Path(root) / ptype
+        lines = sorted(f"{Path(p).relative_to(base).as_posix()}\t{Path(p).stat().st_size}\n"
+                       for pair in items for p in pair)
+        out[ptype] = hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return out
+
+
+#: :func:`data_fingerprint` of the Harvard pairs in the team's ``shared/data/harvard-pairs`` (163 CT-MRI, 269
+#: PET-MRI, 288 SPECT-MRI pairs): the data every stage of the shipped weights was trained on. Cards and
+#: checkpoints written before the fingerprint was recorded are taken as trained on it.
+HARVARD_FINGERPRINT = {
+    "CT-MRI": "4c18246721d3a5e44ab98fc573202eb1f4a8ab3fc41e711176ff89668087887d",
+    "PET-MRI": "bca3a33e4923a816e70f308d72b6c8db05f1f147cf277aeb3fd810e7a304de7b",
+    "SPECT-MRI": "67c79dc71df159c535a7ba7c45bb7cba23d290ecd3160eb52fd6e9dfb1acf175",
+}
+
+
 def check_resume_split(path: Path, split: Dict[str, Dict[str, List[str]]]) -> List[str]:
     """Refuse ``--resume`` when the data's split by case differs from the one the run trained and validated on;
     returns warnings to log.
@@ -926,33 +1007,64 @@ def _case_key(case: str):
     return (0, int(case), "") if case.isascii() and case.isdigit() else (1, 0, case)
 
 
-def init_held_out(path: Optional[Path]) -> Optional[Dict[str, List[str]]]:
-    """The validation cases the ``--init`` weights were held out from: a safetensors export's card
-    (``<stem>.json``, ``val_cases``) or a training checkpoint's recorded split; None where neither records them."""
+def _init_record(path: Optional[Path]) -> Optional[dict]:
+    """What ``--init`` weights record of their training run: {"val": {pair type: [case, ...]}, "fingerprint":
+    {pair type: sha256} or None, "seed", "val_fraction"} from a safetensors export's card (``<stem>.json``) or a
+    training checkpoint's state; None where neither records the validation cases."""
     if path is None:
         return None
     path = Path(path)
     if str(path).endswith(".safetensors"):
         try:
-            held = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("val_cases")
+            card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            held, fp = card.get("val_cases"), card.get("data_fingerprint")
+            seed, frac = card.get("seed"), card.get("val_fraction")
         except (OSError, ValueError, AttributeError):
             return None  # no card, or an unreadable one: nothing to compare with
     else:
         try:
             import torch
 
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            held = ck["state"]["cases"]["val"]
+            state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+            held, fp = state["cases"]["val"], state.get("data_fingerprint")
+            options = state.get("options") or {}
+            seed, frac = options.get("seed"), options.get("val_fraction")
         except Exception:  # noqa: BLE001 - a bare state dict, an older checkpoint: nothing recorded
             return None
     if not isinstance(held, dict):
         return None
-    return {str(k): [str(c) for c in v] for k, v in held.items() if isinstance(v, (list, tuple))}
+    return {"val": {str(k): [str(c) for c in v] for k, v in held.items() if isinstance(v, (list, tuple))},
+            "fingerprint": {str(k): str(v) for k, v in fp.items()} if isinstance(fp, dict) else None,
+            "seed": seed, "val_fraction": frac}
 
 
-def init_val_overlap(path: Optional[Path], val_cases: Dict[str, List[str]]) -> Dict[str, List[str]]:
+def init_held_out(path: Optional[Path]) -> Optional[Dict[str, List[str]]]:
+    """The validation cases the ``--init`` weights were held out from: a safetensors export's card
+    (``<stem>.json``, ``val_cases``) or a training checkpoint's recorded split; None where neither records them."""
+    rec = _init_record(path)
+    return None if rec is None else rec["val"]
+
+
+def init_same_data(path: Optional[Path], fingerprint: Dict[str, str]) -> Dict[str, bool]:
+    """Per pair type of ``fingerprint`` (:func:`data_fingerprint` of this run's data) that the ``--init`` weights
+    record validation cases of: whether they were trained on the same files. Weights whose card or checkpoint
+    records no fingerprint (written before it was recorded, the shipped weights' included) are taken as trained
+    on the Harvard pairs (:data:`HARVARD_FINGERPRINT`). {} when the weights record no split."""
+    rec = _init_record(path)
+    if rec is None:
+        return {}
+    theirs = rec["fingerprint"] if rec["fingerprint"] is not None else HARVARD_FINGERPRINT
+    return {t: theirs.get(t) == fp for t, fp in fingerprint.items() if t in rec["val"]}
+
+
+def init_val_overlap(path: Optional[Path], val_cases: Dict[str, List[str]], *,
+                     fingerprint: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
     """Per pair type, this run's validation cases that the ``--init`` weights were *not* held out from (so trained
     on, if they were trained on this data): {} when there are none or the weights record no split.
+
+    ``fingerprint`` (:func:`data_fingerprint` of the data ``val_cases`` come from): only the pair types whose data
+    is the data the weights were trained on (:func:`init_same_data`) are compared; a case of the same name in
+    other data is another image. None compares every pair type by case names alone.
 
     Why: fine-tuning with another --seed or --val-fraction than the starting weights' validated on cases those
     weights had trained on, and the --init weights compete as epoch 0, so the export's validation and its choice
@@ -961,9 +1073,10 @@ def init_val_overlap(path: Optional[Path], val_cases: Dict[str, List[str]]) -> D
     held = init_held_out(path)
     if not held:
         return {}
+    same = None if fingerprint is None else init_same_data(path, fingerprint)
     out = {}
     for ptype, cases in val_cases.items():
-        if ptype in held:  # a pair type the weights' card does not list: nothing known about it
+        if ptype in held and (same is None or same.get(ptype)):  # a pair type the card does not list: unknown
             seen = sorted(set(cases) - set(held[ptype]), key=_case_key)
             if seen:
                 out[ptype] = seen
@@ -987,15 +1100,70 @@ def check_finite(tensors, what: str) -> None:
                                    "--qabf-weight, --plane-weight, --hot-spot-weight, ...)")
 
 
-def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) -> Path:
-    """Write ``medfuse_fusion.safetensors`` (+ ``medfuse_fusion.json``) atomically.
+def code_version() -> Dict[str, Any]:
+    """The versions a card records: medfuse, torch, MONAI and NumPy, and the git commit of the medfuse checkout
+    (``git_commit``, with ``git_dirty`` when its tracked files differ from it); the git entries are None when
+    medfuse is not a git checkout (an installed package) or git cannot tell."""
+    import subprocess
+    from importlib import metadata
 
-    ``overwrite=False`` refuses existing files (:class:`~medfuse.errors.OutputExistsError`).
+    from .. import __version__
+
+    def version(dist: str) -> Optional[str]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    out: Dict[str, Any] = {"medfuse": __version__, "torch": version("torch"), "monai": version("monai"),
+                           "numpy": np.__version__, "git_commit": None, "git_dirty": None}
+    root = Path(__file__).resolve().parents[2]
+    if (root / ".git").exists():
+        try:
+            def git(*argv):
+                return subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=10)
+
+            head = git("rev-parse", "HEAD")
+            if head.returncode == 0 and head.stdout.strip():
+                out["git_commit"] = head.stdout.strip()
+                changed = git("diff", "--quiet", "HEAD", "--", "medfuse").returncode  # 0 same, 1 differs
+                out["git_dirty"] = {0: False, 1: True}.get(changed)
+        except (OSError, subprocess.SubprocessError):  # no git, a timeout
+            out["git_commit"] = out["git_dirty"] = None
+    return out
+
+
+def export_weights(model, out_dir: Union[str, os.PathLike], meta: Optional[dict] = None, *,
+                   overwrite: bool = True) -> Path:
+    """Write ``medfuse_fusion.safetensors`` (+ its card ``medfuse_fusion.json``) atomically: the one way to save a
+    :class:`~medfuse.fusion.network.FusionNet` that ``medfuse.fuse(weights=)`` and ``medfuse train --init`` read.
+
+    The safetensors file holds the model's architecture config as metadata, which loading needs (a bare
+    ``save_file(model.state_dict(), ...)`` lacks it and is refused); the card records ``meta``, the config, the
+    file's SHA-256 and :func:`code_version`. From a training loop of your own::
+
+        from medfuse.fusion.train import export_weights
+        export_weights(model, "mine", {"note": "my loop"}, overwrite=False)   # mine/medfuse_fusion.safetensors
+
+    Args:
+        model: the FusionNet (any device; its tensors are written as float32 on the CPU).
+        out_dir: the folder (made when missing).
+        meta: entries for the card (``medfuse train`` records its command, split, validation...).
+        overwrite: ``False`` refuses existing files (:class:`~medfuse.errors.OutputExistsError`).
+
+    Returns:
+        The safetensors file's path.
+
+    Raises:
+        WeightsError: a tensor holds NaN or infinite values (nothing is written).
+        OutputExistsError: the files exist and ``overwrite`` is False.
     """
     from safetensors.torch import save_file
 
     from ..io._atomic import atomic_path
 
+    out_dir = Path(out_dir)
+    meta = dict(meta or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "medfuse_fusion.safetensors"
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -1008,7 +1176,8 @@ def export_weights(model, out_dir: Path, meta: dict, *, overwrite: bool = True) 
         # would give files with different SHA-256 sums from one export to the next.
         save_file(tensors, str(tmp), metadata={"config": json.dumps(config, sort_keys=True)})
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    meta = {"format": "medfuse-fusion-v1", **meta, "config": model.config(), "sha256": digest}
+    meta = {"format": "medfuse-fusion-v1", **meta, "config": model.config(), "sha256": digest,
+            "code": code_version()}
     with atomic_path(out_dir / "medfuse_fusion.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
     return target
@@ -1190,10 +1359,26 @@ def plane_probe(model, *, device="cpu", size: int = 96) -> float:
 
 
 # ============================================================================ CLI
+#: ``--init shipped``: the weights shipped inside the package (:func:`medfuse.fusion.infer.default_weights_path`).
+SHIPPED = "shipped"
+
+
+def _replaces_shipped(out: Path) -> bool:
+    """Whether an export into ``out`` would replace the shipped weights."""
+    from .infer import default_weights_path
+
+    target = Path(out) / EXPORT_FILES[0]
+    shipped = default_weights_path()
+    try:
+        return target.exists() and os.path.samefile(target, shipped)
+    except OSError:
+        return False
+
+
 #: The examples ``medfuse train --help`` shows.
 HELP_EXAMPLES = """\
 examples:
-  medfuse train --data mydata --init medfuse/fusion/weights/medfuse_fusion.safetensors --epochs 4 --lr 2e-4 \\
+  medfuse train --data mydata --init shipped --epochs 4 --lr 2e-4 \\
       --run-dir runs/mine          # fine-tune the shipped weights on your own pairs (mydata/harvard-pairs/...)
   medfuse train --data mydata --run-dir runs/mine --resume     # go on after a cancel or a crash
   medfuse train --data mydata --epochs 1 --steps-per-epoch 5 --steps-3d 0 --run-dir runs/try   # a quick trial
@@ -1212,7 +1397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(28010.png), at least two cases per pair type (split by case)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder the safetensors weights (+ JSON card) go to (default RUN_DIR/export); to "
-                             "replace the shipped weights pass --out medfuse/fusion/weights --overwrite")
+                             "replace the shipped weights pass --out medfuse/fusion/weights --overwrite (back them "
+                             "up first: the run warns, and only a reinstall or git restores them)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/fusion"),
                         help="checkpoints (last.ckpt, best.ckpt), train.log and metrics.csv (per-epoch validation "
                              "table, loss, learning rate of the epoch's last step, score); default: runs/fusion "
@@ -1230,13 +1416,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of each pair type's cases kept for validation (split by case and --seed; default 0.2, as 'medfuse evaluate --split' assumes: pass it the same value)")
-    parser.add_argument("--vif-weight", type=float, default=1.0)
-    parser.add_argument("--ssim-weight", type=float, default=0.5)
-    parser.add_argument("--qabf-weight", type=float, default=1.0, help="weight of the Qabf term of the loss")
+    # The loss: -(qabf_weight*Qabf + vif_weight*VIF/n) + ssim_weight*(1 - SSIM/n), n inputs.
+    parser.add_argument("--vif-weight", type=float, default=1.0,
+                        help="weight a of the VIF term of the loss -(Qabf + a*VIF/n) + b*(1 - SSIM/n), n inputs "
+                             "(default: %(default)s; the shipped weights' recipe: 0.8)")
+    parser.add_argument("--ssim-weight", type=float, default=0.5,
+                        help="weight b of the SSIM term of the loss (default: %(default)s; the shipped weights' "
+                             "recipe: 1.0)")
+    parser.add_argument("--qabf-weight", type=float, default=1.0,
+                        help="weight of the Qabf term of the loss (default: %(default)s)")
     parser.add_argument("--qabf-grad-softness", type=float, default=ANGLE_GRAD_SOFTNESS,
                         help="damp the gradient of the Qabf loss's orientation term where the fused image is flatter "
                              "than this Sobel magnitude (0..255 scale); 0 gives the exact gradient, with which "
-                             "stages 1-5 of the shipped weights were trained")
+                             "stages 1-5 of the shipped weights were trained (default: %(default)s)")
+    parser.add_argument("--qabf-zero-angle", choices=ZERO_ANGLES, default="reference",
+                        help="the Qabf loss's orientation where the horizontal gradient is exactly 0: reference "
+                             "(+pi/2, as medfuse.metrics and the validation table take it) or legacy (the loss "
+                             "every stage of the shipped weights was trained with: their recipe reproduces with "
+                             "legacy only). The logged validation Qabf is the reference one either way "
+                             "(default: %(default)s)")
     parser.add_argument("--ct-gff-weight", type=float, default=0.0,
                         help="weight of an L1 pull towards the guided-filter rule's output on CT-MRI batches")
     parser.add_argument("--ct-target-weight", type=float, default=0.0,
@@ -1272,8 +1470,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from these weights: a .safetensors export, a last.ckpt/best.ckpt of an earlier "
                              "run, or a FusionNet state_dict saved with torch.save (the architecture options must "
-                             "match; the error names those that differ)")
-    parser.add_argument("--width", type=int, default=16, help="channels of the low-resolution encoder")
+                             "match; the error names those that differ); 'shipped': the weights shipped with "
+                             "medfuse, from any folder")
+    parser.add_argument("--width", type=int, default=16,
+                        help="channels of the low-resolution encoder (default: %(default)s, the shipped weights'; "
+                             "must match --init weights)")
     parser.add_argument("--factor", type=int, default=None,
                         help="downsampling factor of the learned part (1, 2, 4 or 8); stored with the weights. Default: "
                              "the --init safetensors export's value, else 4")
@@ -1342,7 +1543,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--logit-penalty", type=float, default=1e-4, help="weight of the --logit-cap penalty")
     parser.add_argument("--val-limit", type=int, default=12,
                         help="validation pairs per type each epoch (the final validation: 3x as many)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop the 2-D stage after this long")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop the 2-D stage after this long (the 3-D stage and the export still run). The "
+                             "steps taken then depend on the machine's speed, so such a run is not reproducible "
+                             "elsewhere; its log and card give the steps taken, for --max-steps")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop the 2-D stage after this many optimiser steps in all (the learning-rate schedule "
+                             "stays that of --epochs x --steps-per-epoch): a reproducible --max-minutes")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                         help="where to train (default: auto, a CUDA GPU when there is one, else the CPU)")
@@ -1618,7 +1825,9 @@ def _check_ranges(args: argparse.Namespace) -> None:
             ("select_max_plane_gap", weight(args.select_max_plane_gap, none_ok=True), "a finite value >= 0",
              "use 0.068, or leave it out"),
             ("max_minutes", args.max_minutes is None or args.max_minutes > 0, "more than 0",
-             "leave it out for no time limit")):
+             "leave it out for no time limit"),
+            ("max_steps", args.max_steps is None or args.max_steps >= 1, "1 or more",
+             "leave it out for no step limit")):
         if not ok:  # comparisons with NaN are False, so NaN lands here too
             raise InvalidInputError(f"--{name.replace('_', '-')} must be {bound}, got {getattr(args, name)}", fix=fix)
     if args.crop < MIN_CROP or args.crop % args.factor:  # the network's learned part works on factor-sized blocks
@@ -1789,13 +1998,19 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
 
     trained_by = _command_of(args)  # before the defaults below are filled in from --init
     quiet = bool(getattr(args, "quiet", False))  # ``medfuse -q train``: the log file only
+    if args.init is not None and str(args.init) == SHIPPED and not Path(args.init).exists():
+        # Why: the README's "--init medfuse/fusion/weights/medfuse_fusion.safetensors" works from the repository
+        # root only; "shipped" names the installed package's file from anywhere.
+        from .infer import default_weights_path
+
+        args.init = default_weights_path()
     if args.out is None:  # never the shipped weights by default: the run's own folder
         args.out = args.run_dir / "export"
     if args.ct_target_weight and args.ct_target_kind == "mixing" and args.init is None:
         raise InvalidInputError("--ct-target-kind mixing looks for teachers among the outputs of the starting "
                                 "weights, and no --init was given",
-                                fix="pass --init WEIGHTS (for example the shipped "
-                                    "medfuse/fusion/weights/medfuse_fusion.safetensors) or use --ct-target-kind pixels")
+                                fix="pass --init WEIGHTS (for example --init shipped, the shipped weights) or "
+                                    "use --ct-target-kind pixels")
     init_cfg = _init_config(args.init)  # read once: a fine-tune keeps what it does not override
     if args.empty_guard is None:  # its starting weights' guard
         args.empty_guard = int(init_cfg.get("empty_guard", 0))
@@ -1870,7 +2085,9 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
     split = split_of(train_pairs, val_pairs)  # recorded in every checkpoint: a resume on another split is refused
     if args.resume:
         resume_notes += check_resume_split(args.run_dir / "last.ckpt", split)
-    overlap = init_val_overlap(args.init, split["val"])
+    fingerprint = data_fingerprint(pairs, hv)  # the data's identity: card, checkpoints, the --init check
+    overlap = init_val_overlap(args.init, split["val"], fingerprint=fingerprint)
+    same_data = init_same_data(args.init, fingerprint)
     if args.ct_target_weight and "CT-MRI" not in train_pairs:
         raise InvalidInputError("--ct-target-weight pulls CT-MRI batches towards teacher images, and the data has "
                                 "no CT-MRI pairs", path=hv, fix="drop --ct-target-weight, or add CT-MRI/ pairs")
@@ -1907,21 +2124,33 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
 
     for note in resume_notes:
         warn(note)
+    if _replaces_shipped(args.out):  # only with --overwrite: _check_run_folder refused it otherwise
+        warn(f"--out {args.out} --overwrite replaces the weights shipped with medfuse when the run ends; copy "
+             "medfuse_fusion.safetensors and medfuse_fusion.json from there first to keep them (in a git checkout, "
+             "'git checkout -- medfuse/fusion/weights' restores them; else reinstall medfuse)")
     absent = [t for t in PAIR_TYPES if t not in train_pairs]
     if absent:  # your own data may hold one pair type only; say what the run trains on
         log(f"pair types: {', '.join(train_pairs)} ({', '.join(absent)} absent from {hv})")
     log(f"train pairs {sum(map(len, train_pairs.values()))}, val pairs {sum(map(len, val_pairs.values()))}; "
         f"val cases " + json.dumps(split["val"]))
     if overlap:
-        note = ("the --init weights were not held out from these validation cases of this run (its card's val_cases "
-                "leave them out, so they trained on them if they were trained on this data): "
-                + "; ".join(f"{k} {', '.join(v)}" for k, v in overlap.items())
+        init_rec = _init_record(args.init) or {}
+        theirs = (f"--seed {init_rec.get('seed')} --val-fraction {init_rec.get('val_fraction')}"
+                  if init_rec.get("seed") is not None and init_rec.get("val_fraction") is not None
+                  else "their card's seed and val_fraction")
+        note = ("the --init weights were not held out from these validation cases of this run (its --data holds "
+                "the files they were trained on, and their card's val_cases leave these out, so they trained on "
+                "them): " + "; ".join(f"{k} {', '.join(v)}" for k, v in overlap.items())
                 + ". Validation and the choice of the exported epoch (the --init weights compete as epoch 0) are "
-                "optimistic there; the export's card records them as init_val_overlap. Pass the --seed and "
-                "--val-fraction the --init weights were trained with (their card records them; the shipped weights: "
-                "seed 0, val-fraction 0.2) to validate on "
-                "held-out cases only")
+                "optimistic there; the export's card records them as init_val_overlap. Pass the split the --init "
+                f"weights were trained with ({theirs}) to validate on held-out cases only")
         warn(note)
+    other_data = [t for t, same in same_data.items() if not same]
+    if other_data:
+        # Why not a warning: the case names of other data say nothing of what the weights saw.
+        log(f"note: --data's {', '.join(other_data)} pairs are not the files the --init weights were trained on "
+            "(their data fingerprints differ), so whether these validation cases were held out from those "
+            "weights cannot be told from the names; nothing is compared")
     found = [n for n in ("brats-gli-00001", "spm12-templates") if (Path(args.data) / n).is_dir()]
     log(f"3-D volume sets: {len(vols)} (from {', '.join(found) or 'no volume folder'} in {args.data}, "
         f"and the phantom)")
@@ -1955,9 +2184,10 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
     groups = [{"params": rest}] + ([{"params": scan_params, "lr": args.scan_lr or args.lr}] if scan_params else [])
     opt = torch.optim.Adam(groups, lr=args.lr)
     loss_fn = MetricLoss(vif_weight=args.vif_weight, ssim_weight=args.ssim_weight, qabf_weight=args.qabf_weight,
-                         angle_grad_softness=args.qabf_grad_softness)
+                         angle_grad_softness=args.qabf_grad_softness, zero_angle=args.qabf_zero_angle)
     options = run_options(args)  # in every checkpoint: a --resume with other options is refused
-    state = {"epoch": 0, "history": [], "elapsed_s": 0.0, "options": options, "epochs": args.epochs, "cases": split}
+    state = {"epoch": 0, "history": [], "elapsed_s": 0.0, "options": options, "epochs": args.epochs, "cases": split,
+             "data_fingerprint": fingerprint, "command": trained_by}
     if args.init is not None:
         _load_init(model, args.init, init_tensors)
         log(f"initialised from {args.init}")
@@ -1985,7 +2215,8 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
         kept["epoch"] = state["epoch"]
         short = state["epoch"] * args.steps_per_epoch - state.get("steps_done", state["epoch"] * args.steps_per_epoch)
         if short > 0:
-            log(f"note: the run stopped {short} step(s) short of its epoch {state['epoch']} (--max-minutes); it "
+            log(f"note: the run stopped {short} step(s) short of its epoch {state['epoch']} (--max-minutes or "
+                "--max-steps); it "
                 f"goes on with epoch {state['epoch'] + 1} and the learning rate of the steps it did take")
     scaler = torch.amp.GradScaler("cuda", enabled=scale_loss)
     total_steps = args.epochs * args.steps_per_epoch
@@ -2035,11 +2266,15 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
         log("epoch 0 (the --init weights)\n" + format_table(table) + f"\nscore {state['best_score']:.4f}")
     stop = False
     for epoch in range(state["epoch"], args.epochs):
+        if args.max_steps and state.get("steps_done", epoch * args.steps_per_epoch) >= args.max_steps:
+            log(f"stopping the 2-D stage: --max-steps {args.max_steps} reached")  # a resume past them
+            break
         # disable=None: no bar when stderr is not a terminal (a log file got hundreds of carriage-return
         # updates per epoch); the epoch lines and tables above go to stdout and train.log either way.
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=True if quiet else None)
         run_loss = []
+        steps_before = state.get("steps_done", epoch * args.steps_per_epoch)  # the run's steps before this epoch
         for step_i in bar:
             x = torch.from_numpy(sampler.batch(args.batch_size)).to(device)
             captured.clear()
@@ -2084,7 +2319,10 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
             run_loss.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(run_loss[-20:]):.4f}", q=f"{parts['Qabf']:.3f}", v=f"{parts['VIF']:.3f}")
             if args.max_minutes and (time.time() - t0) / 60 > args.max_minutes:
-                stop = True
+                stop = "--max-minutes"
+                break
+            if args.max_steps and steps_before + len(run_loss) >= args.max_steps:
+                stop = "--max-steps"
                 break
         # Why here: a diverged epoch ended in validate() as an internal error (sklearn's "Input contains NaN"),
         # and must never become best.ckpt (the export) or last.ckpt.
@@ -2103,6 +2341,8 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
         state = {"epoch": epoch + 1, "history": state["history"] + [entry],
                  "elapsed_s": elapsed, "best_score": state.get("best_score", -1e9), "best_epoch": state.get("best_epoch"),
                  "rng": streams, "options": options, "epochs": args.epochs, "cases": split,
+                 "data_fingerprint": fingerprint, "command": state.get("command"),
+                 "time_cut": bool(state.get("time_cut")) or stop == "--max-minutes",
                  "steps_done": state.get("steps_done", epoch * args.steps_per_epoch) + len(run_loss)}
         new_best = val_score > state["best_score"] or not (args.run_dir / "best.ckpt").exists()
         if new_best:
@@ -2116,8 +2356,14 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
         kept["epoch"] = epoch + 1
         if new_best:
             log(f"new best epoch {epoch + 1}: score {val_score:.4f}")
+        if stop == "--max-minutes":
+            log(f"stopping the 2-D stage: --max-minutes reached after {state['steps_done']} step(s). A run cut by "
+                "time is not reproducible across machines (a faster one takes more steps); the card records the "
+                "steps taken (steps_2d). To repeat it elsewhere pass --max-steps "
+                f"{state['steps_done']} instead of --max-minutes")
+            break
         if stop:
-            log("stopping the 2-D stage: --max-minutes reached")
+            log(f"stopping the 2-D stage: --max-steps {args.max_steps} reached")
             break
     best = load_checkpoint(args.run_dir / "best.ckpt", model, None)
     log(f"exporting the best epoch ({best.get('best_epoch')})")
@@ -2142,10 +2388,22 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
     final = validate(model, val_pairs, device=device, limit=final_limit, rules=("max", "mean"))
     log(f"final validation (up to 3 x --val-limit = {final_limit} pairs per type: "
         + ", ".join(f"{k} {n} of {len(val_pairs[k])}" for k, n in scored.items()) + "):\n" + format_table(final))
+    steps_2d = state.get("steps_done", state["epoch"] * args.steps_per_epoch)
     meta = {
         "trained_by": trained_by,
+        # A resumed run's command is its --resume; the command that started it reproduces it.
+        **({"started_by": state.get("command")} if args.resume and state.get("command") else {}),
         "seed": args.seed, "val_fraction": args.val_fraction, "epochs_done": state["epoch"], "best_epoch": best.get("best_epoch"), "wall_time_min": round((base_elapsed + time.time() - t0) / 60, 1),
+        # The optimiser steps taken (an epoch cut by --max-minutes or --max-steps takes fewer), and whether a
+        # time limit cut the run: then it is not reproducible on another machine.
+        "steps_2d": steps_2d, "steps_3d": steps_3d if vols else 0,
+        "cut_short": steps_2d < args.epochs * args.steps_per_epoch,
+        "stopped_by_max_minutes": bool(state.get("time_cut")),
+        **({"reproducible": "no: --max-minutes cut the 2-D stage, so the steps taken depend on the machine's speed; "
+                            f"--max-steps {steps_2d} repeats it"} if state.get("time_cut") else {}),
+        "threads": torch.get_num_threads(),
         "val_cases": split["val"],
+        "data_fingerprint": fingerprint,
         # Validation cases the --init weights were not held out from (init_val_overlap); absent when none.
         **({"init_val_overlap": overlap} if overlap else {}),
         "validation": final, "validation_pairs": scored, "device": device, "torch": torch.__version__,
