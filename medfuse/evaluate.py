@@ -1298,19 +1298,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _val_not_held_out(val: Sequence[Any], weights: Any) -> Optional[str]:
+def _val_not_held_out(val: Sequence[Any], weights: Any, root: Any = None) -> Optional[str]:
     """The warning when ``--split val`` scores cases the network's weights were not held out from, as their card
     (``val_cases``) records them (else None): a model trained with another ``--seed`` or ``--val-fraction`` was
-    scored on its own training cases, its scores optimistic, without a word."""
+    scored on its own training cases, its scores optimistic, without a word.
+
+    ``root`` (the folder scored): cases are compared only where its pairs are the data the weights were trained on
+    (their card's data fingerprint); the shipped weights warned on any folder whose case names met theirs.
+    """
     from .fusion.infer import default_weights_path
-    from .fusion.train import init_val_overlap
+    from .fusion.train import data_fingerprint, harvard_pairs, init_val_overlap
     from .harvard import case_of
+
+    fingerprint = None
+    if root is not None:
+        with warnings.catch_warnings():  # unpaired images: list_pairs has said so already
+            warnings.simplefilter("ignore")
+            fingerprint = data_fingerprint(harvard_pairs(Path(root)), Path(root))
 
     cases: Dict[str, List[str]] = {}
     for pair in val:
         cases.setdefault(pair.pair_type, []).append(case_of(pair.name))
     path = Path(weights) if weights is not None else default_weights_path()
-    seen = init_val_overlap(path, {t: sorted(set(c)) for t, c in cases.items()})
+    seen = init_val_overlap(path, {t: sorted(set(c)) for t, c in cases.items()}, fingerprint=fingerprint)
     if not seen:
         return None
     listed = "; ".join(f"{t} {', '.join(c)}" for t, c in seen.items())
@@ -1395,7 +1405,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
             # as `medfuse train --val-limit N` picks: the same pairs, so the two tables compare.
             source = spread(source, args.limit, per_type=True)
         if split == "val" and "network" in [m.lower() for m in _csv_list(args.methods) or []]:
-            early.append(_val_not_held_out(source, getattr(args, "weights", None)))  # the pairs scored
+            early.append(_val_not_held_out(source, getattr(args, "weights", None), args.source))  # the pairs scored
     else:
         source = [tuple(p) for p in args.pair]
     # Which images a folder run scored: the folder and every option that chose its pairs (metrics.json said

@@ -235,7 +235,11 @@ def test_evaluate_split_val_warns_when_the_weights_were_not_held_out_from_those_
     mine = tmp_path / "w" / "medfuse_fusion.safetensors"
     mine.parent.mkdir()
     shutil.copy(shipped, mine)
-    card = json.loads(shipped.with_suffix(".json").read_text())
+    # A card of weights trained on this folder (its data fingerprint): the shipped weights' card names the Harvard
+    # pairs, and on other data, whose case names are other images, evaluate says nothing.
+    root = data / "harvard-pairs"
+    card = {**json.loads(shipped.with_suffix(".json").read_text()),
+            "data_fingerprint": tr.data_fingerprint(tr.harvard_pairs(root), root)}
     val = _val_cases(data, 0)
     other = [c for c in ("1", "2", "3", "4", "5") if c not in val][:len(val)]
     argv = ["evaluate", str(data / "harvard-pairs"), "--split", "val", "--methods", "Network", "--weights", str(mine),
@@ -255,6 +259,11 @@ def test_evaluate_split_val_warns_when_the_weights_were_not_held_out_from_those_
     scored = json.loads((tmp_path / "limited" / "metrics.json").read_text())["images"][0]["name"]
     err = capsys.readouterr().err
     assert ("not held out from" in err) is (tr.case_of(scored) != val[0]), (scored, err)
+    # The shipped card (no fingerprint: trained on the Harvard pairs) on this synthetic folder: other images.
+    mine.with_suffix(".json").write_text(json.dumps({k: v for k, v in card.items() if k != "data_fingerprint"}
+                                                    | {"val_cases": {"CT-MRI": other}}))
+    assert main([*argv, "--out", str(tmp_path / "other-data")]) == 0
+    assert "not held out from" not in capsys.readouterr().err
 
 
 def test_a_state_dict_with_a_refinement_head_names_the_option_it_needs(tmp_path, no_volumes, harvard_folder, capsys):
