@@ -16,7 +16,6 @@ import pytest
 from medfuse import cli
 from medfuse.cli import EXIT_USAGE, build_parser, main
 from medfuse.progress import cut_at_word
-from tests.test_cli_option_names import _pair  # two NIfTI files on one grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_volumes"
@@ -245,6 +244,17 @@ def test_info_json_is_json_on_errors_and_says_them_on_stderr(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- what fuse says about registering
+def _pair(folder: Path):
+    import nibabel as nib
+
+    base = np.zeros((16, 16, 16), np.float32)
+    base[4:12, 4:12, 4:12] = 100.0
+    paths = [folder / "a.nii.gz", folder / "b.nii.gz"]
+    for p in paths:
+        nib.save(nib.Nifti1Image(base, np.eye(4)), str(p))
+    return paths
+
+
 def test_fuse_without_registering_says_so(tmp_path, capsys):
     """The sample MR + PET (9.5 degrees, 14 mm apart) fused with no word that they were not registered."""
     a, b = _pair(tmp_path)
