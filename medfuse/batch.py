@@ -2373,7 +2373,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             if bar is not None:
                 bar.close()
         for s in subjects:
-            if s.subject not in results:
+            # Also a subject whose worker was killed with the run (a group SIGTERM): it may have moved its output
+            # into place before it died, its result lost.
+            if s.subject not in results or (results[s.subject].status == "cancelled"
+                                            and results[s.subject].error == _KILLED_WITH_THE_RUN):
                 late = _finished_meanwhile(s, started) or _stopped_while_writing(s, started)
                 if late is not None:
                     results[s.subject] = late
@@ -2483,6 +2486,11 @@ def _worker_died(e: BaseException) -> str:
     return f"the worker running it failed ({_one_line(e)})"
 
 
+#: The error of a subject whose worker died while the run was being cancelled; the run's end still looks for the
+#: output it may have completed first (``_finished_meanwhile``).
+_KILLED_WITH_THE_RUN = "stopped while it ran: the batch was cancelled"
+
+
 def _dask_result(value: Any, s: Subject, cancel: Optional[CancelToken]) -> Dict[str, Any]:
     """The result dict of a subject's ended Dask task from what ``as_completed(with_results=True)`` gave: the
     task's dict, or the error of a worker that died under it (a failed row, or a cancelled one while the run is
@@ -2497,7 +2505,7 @@ def _dask_result(value: Any, s: Subject, cancel: Optional[CancelToken]) -> Dict[
     e = value[1] if isinstance(value, tuple) and len(value) == 3 else value  # distributed's (type, error, traceback)
     if cancel is not None and cancel.cancelled:
         return asdict(SubjectResult(subject=s.subject, status="cancelled", output=s.output,
-                                    error="stopped while it ran: the batch was cancelled"))
+                                    error=_KILLED_WITH_THE_RUN))
     return asdict(SubjectResult(subject=s.subject, status="failed", output=s.output,
                                 error=_worker_died(e if isinstance(e, BaseException) else Exception(str(e)))))
 
