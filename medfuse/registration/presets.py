@@ -44,6 +44,10 @@ _BASE: Dict[str, Any] = {
     "final_iterations": 40,
     "final_learning_rate_mm": 1.0,
     "final_samples": 30000,
+    # Rigid runs: the finest level of levels_mm again from the result, with a fresh step, up to this many times while
+    # each run improves the metric by more than the sampling noise (0: none). A step collapsed by noisy gradients
+    # stopped an 11 degree MR-CT rotation 3 degrees short (2.3 mm); with restarts 0.07-0.09 mm.
+    "restarts": 8,
     # Deformable (B-spline) stage.
     "bspline_grid_mm": 40.0,
     "bspline_levels_mm": (4.0, 2.0),
@@ -220,6 +224,7 @@ def _validate(p: Dict[str, Any]) -> None:
     number("multistart_deg", 0, lo_open=False, hi=90)
     for k in ("multistart_keep", "multistart_iterations", "final_iterations", "wide_keep"):
         number(k, 1, lo_open=False, integer=True)
+    number("restarts", 0, lo_open=False, hi=20, integer=True)
     if p["final_mm"] is not None:
         number("final_mm", 0)
     levels("bspline_levels_mm")
