@@ -11,7 +11,8 @@ Run ``python -m medfuse.fusion.train --help`` (or ``medfuse train``). The recipe
   sigma_n² = 2, skimage-default SSIM), on the 0..255 scale the published tables use.
 * Each epoch: a validation metric table per pair type beside the max rule (stdout, ``train.log`` and
   ``metrics.csv`` in the run folder), a checkpoint (resume with ``--resume``), and a tqdm progress bar on stderr
-  when it is a terminal. CUDA with mixed precision (bf16 autocast) when present, the CPU otherwise.
+  when it is a terminal and the environment allows the command line's bars (:func:`_epoch_bar`). CUDA with mixed
+  precision (bf16 autocast) when present, the CPU otherwise.
 * Your own pairs: ``--data`` pointing at a folder whose ``harvard-pairs/`` holds any of the three pair-type
   folders (:data:`LAYOUT`); 3-D volumes are not a training source of their own (slice them to PNG pairs).
 """
@@ -910,23 +911,50 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def _unknown_zero_angle(path: Path, now: str) -> str:
+    """The warning for a resumed checkpoint that does not record ``--qabf-zero-angle`` (written before the option).
+
+    Why a warning and not a guess: such a checkpoint may come from before commit b5e1f16 (the loss took the
+    ``legacy`` angle) or after it (``reference``), and it holds nothing that tells the two apart."""
+    other = " or ".join(z for z in ZERO_ANGLES if z != now)
+    return (f"{path} does not record --qabf-zero-angle (it was written before medfuse recorded it), so the Qabf "
+            f"loss its epochs were trained with is unknown: legacy (that of the shipped weights) for a run started "
+            f"with a medfuse before commit b5e1f16 (2026-12-06), reference for one started after it. The resumed "
+            f"epochs train with this command's --qabf-zero-angle {now}, and the checkpoints they write record it. "
+            f"If the run was trained with {other}, stop it (Ctrl-C) before its next epoch ends, while last.ckpt is "
+            f"as it was, and resume with --qabf-zero-angle {other}: else its epochs mix the two losses")
+
+
 def check_resume_options(args: argparse.Namespace, path: Path) -> List[str]:
     """Refuse ``--resume`` with options other than the checkpoint's run used; returns warnings to log.
 
+    A checkpoint that does not record ``--qabf-zero-angle`` (one written before the option) gets a warning that
+    its loss is unknown and how to choose it (:func:`_unknown_zero_angle`).
+
     Raises:
-        InvalidInputError: an option that :data:`RESUME_FREE` does not list differs (all of them are named).
+        InvalidInputError: an option that :data:`RESUME_FREE` does not list differs (all of them are named, and
+            the fix gives the checkpoint's values of those that take one).
     """
     state = _read_checkpoint(path)["state"]
     saved = state.get("options")
+    # A resume that trains nothing more (an export: no epoch left, no 3-D step) computes no loss to be unsure of.
+    trains = args.epochs > state["epoch"] or (args.steps_3d > 0 and not args.train_only_refine)
     if saved is None:  # written before the options were recorded
-        return [f"{path} does not record its run's options; they could not be checked against this command's"]
+        return [f"{path} does not record its run's options; they could not be checked against this command's"] + \
+            ([_unknown_zero_angle(path, args.qabf_zero_angle)] if trains else [])
     now = run_options(args)
-    diff = [f"{_flag(k)} {saved[k]} (this command: {now.get(k)})" for k in sorted(saved) if saved[k] != now.get(k)]
-    if diff:
+    changed = [k for k in sorted(saved) if saved[k] != now.get(k)]
+    if changed:
+        diff = [f"{_flag(k)} {saved[k]} (this command: {now.get(k)})" for k in changed]
+        # The checkpoint's own values, ready to paste, for the options that take one (a switch's "True" is no
+        # value to pass, and "None" was the default).
+        given = [f"{_flag(k)} {saved[k]}" for k in changed if saved[k] not in ("True", "False", "None")]
         raise InvalidInputError("--resume continues a run that used other options: " + "; ".join(diff), path=path,
-                                fix="resume with the options of the run that wrote the checkpoint (its train.log and "
-                                    "trained_by record them), or start a new run with --overwrite or another --run-dir")
-    notes = []
+                                fix="resume with the options of the run that wrote the checkpoint ("
+                                    + (" ".join(given) + "; " if given else "")
+                                    + "its train.log and trained_by record them), or start a new run with "
+                                      "--overwrite or another --run-dir")
+    notes = [_unknown_zero_angle(path, args.qabf_zero_angle)] if trains and "qabf_zero_angle" not in saved else []
     done, planned = state["epoch"], state.get("epochs")
     if planned is not None and args.epochs > done and args.epochs != planned:
         notes.append(f"--epochs {args.epochs} differs from the run's {planned}: the cosine learning-rate schedule is "
@@ -1911,6 +1939,54 @@ def _command_of(args: argparse.Namespace) -> str:
     return "medfuse train " + shlex.join(str(a) for a in argv)
 
 
+#: Seconds between two redraws of the epoch bar at least, as the command line's bars (``cli._Bar.MIN_INTERVAL``).
+BAR_MIN_INTERVAL = 0.5
+
+
+def _tqdm():
+    """tqdm's class, or None where a bad ``TQDM_*`` setting (``TQDM_NCOLS=abc``) makes tqdm's import itself fail
+    with a ValueError: the run then goes on without a bar instead of stopping on tqdm's traceback, as the command
+    line's bars do."""
+    try:
+        from tqdm import tqdm
+    except (ValueError, TypeError):
+        return None
+    return tqdm
+
+
+class _NoBar:
+    """An epoch's steps without a bar (:func:`_epoch_bar` where tqdm cannot be imported)."""
+
+    def __init__(self, steps: Sequence[int]):
+        self._steps = steps
+
+    def __iter__(self):
+        return iter(self._steps)
+
+    def set_postfix(self, **_: Any) -> None:
+        """Nothing to show it on."""
+
+
+def _epoch_bar(steps: Sequence[int], desc: str, *, quiet: bool = False, file: Any = None):
+    """The tqdm bar over an epoch's ``steps`` on ``file`` (stderr): drawn only where the command line's bars are.
+
+    No bar under ``quiet`` (``medfuse -q train``), when ``file`` is not a terminal (``disable=None``: a log file got
+    hundreds of carriage-return updates per epoch), or when the environment turns bars off (``MEDFUSE_NO_PROGRESS``,
+    ``TQDM_DISABLE``, ``TERM=dumb``: :func:`medfuse.progress.text_bar_allowed`, which ``python -m
+    medfuse.fusion.train`` ignored). Redrawn at most every :data:`BAR_MIN_INTERVAL` seconds (tqdm's 0.1 s read as
+    ten lines a second on a screen reader), ``#`` blocks where the locale cannot show the Unicode ones. The epoch
+    lines and tables go to stdout and ``train.log`` either way.
+    """
+    from ..progress import text_bar_allowed, text_bar_ascii
+
+    tqdm = _tqdm()
+    if tqdm is None:
+        return _NoBar(steps)
+    file = sys.stderr if file is None else file
+    return tqdm(steps, desc=desc, leave=False, file=file, disable=True if quiet or not text_bar_allowed() else None,
+                mininterval=BAR_MIN_INTERVAL, ascii=text_bar_ascii(file))
+
+
 def amp_settings(device: str):
     """(autocast on, its dtype, loss scaling on) for a resolved ``device``.
 
@@ -1988,7 +2064,6 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
     kept = {} if kept is None else kept
     try:
         import torch
-        from tqdm import tqdm
     except ImportError as exc:  # pragma: no cover
         from ..errors import MissingDependencyError
 
@@ -2111,9 +2186,11 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
     logf = open(args.run_dir / "train.log", "a", encoding="utf-8")
     kept["log"] = logf  # closed by run() whatever happens
 
+    tqdm = _tqdm()
+
     def log(msg: str, *, console: bool = True) -> None:
         if console and not quiet:
-            tqdm.write(msg)
+            (print if tqdm is None else tqdm.write)(msg)  # tqdm.write: not through an epoch bar being drawn
         logf.write(msg + "\n")
         logf.flush()
 
@@ -2269,10 +2346,7 @@ def _run(args: argparse.Namespace, kept: Optional[dict] = None) -> int:
         if args.max_steps and state.get("steps_done", epoch * args.steps_per_epoch) >= args.max_steps:
             log(f"stopping the 2-D stage: --max-steps {args.max_steps} reached")  # a resume past them
             break
-        # disable=None: no bar when stderr is not a terminal (a log file got hundreds of carriage-return
-        # updates per epoch); the epoch lines and tables above go to stdout and train.log either way.
-        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=True if quiet else None)
+        bar = _epoch_bar(range(args.steps_per_epoch), f"epoch {epoch + 1}/{args.epochs}", quiet=quiet)
         run_loss = []
         steps_before = state.get("steps_done", epoch * args.steps_per_epoch)  # the run's steps before this epoch
         for step_i in bar:
