@@ -56,7 +56,7 @@ DEFAULT_METHODS = CLASSICAL_METHODS
 SUMMARY_METRICS = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "SSIM_r2", "CC", "PSNR")
 
 
-@dataclass
+@dataclass(repr=False)
 class EvaluationResult:
     """What :func:`evaluate` returns.
 
@@ -102,6 +102,31 @@ class EvaluationResult:
         # Why: the columns were always SUMMARY_METRICS, so --metrics AG,FMI printed a table with none of them.
         text = format_table(self.means, metrics=self.metrics)
         return f"{text}\n\n{table_notes(self.means, metrics=self.metrics)}" if notes else text
+
+    #: How many of the table's columns the short repr quotes per method.
+    _REPR_METRICS = 3
+
+    def __repr__(self) -> str:
+        # Short, for a notebook cell: the dataclass repr printed every row (each input's path and hash, every
+        # metric) and every mean, thousands of characters for a handful of pairs; table() shows them all.
+        try:
+            cols = _table_columns(self.means, self.metrics, "EvaluationResult")[:self._REPR_METRICS]
+            groups = [(method, t, vals) for method, by_type in self.means.items() for t, vals in by_type.items()
+                      if "all" not in by_type or t == "all"]  # the overall mean where there is one
+        except (InvalidInputError, AttributeError):  # means edited into another shape: say so, do not fail
+            cols, groups = [], []
+        parts = []
+        for method, t, vals in groups:
+            figures = ", ".join(f"{c} {vals[c]:.3f}" for c in cols
+                                if isinstance(vals.get(c), (int, float)) and math.isfinite(vals[c]))
+            where = "" if t == "all" or len(self.means.get(method, ())) == 1 else f" {t}"
+            parts.append(f"{method}{where} (n={vals.get('n', '?')}): {figures or 'no finite figures'}")
+        # The folder by its name only (a folder above may be named after the patient: the CLI blanks such names).
+        out = repr(os.path.basename(os.fspath(self.out_dir))) if isinstance(self.out_dir, (str, os.PathLike)) \
+            else describe(self.out_dir)
+        return (f"EvaluationResult(mode={self.mode!r}, {len(self.rows or ())} images scored, "
+                f"{len(self.failures or ())} failed, "
+                f"out_dir={out}, means: {'; '.join(parts) or 'none'}; .table() for every column)")
 
 
 # ---------------------------------------------------------------------- items
@@ -1417,17 +1442,11 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     bar = None
     progress = None
     if not args.no_progress and not quiet:
-        from tqdm import tqdm
+        # The command line's own bar: none under MEDFUSE_NO_PROGRESS, TQDM_DISABLE or TERM=dumb, redrawn at most
+        # every half second (this one redrew on every callback, and ignored those switches), fitted to the width.
+        from .cli import _Bar
 
-        bar = tqdm(total=1000, desc="evaluate", file=sys.stderr, leave=False, disable=None,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
-
-        def _show(fraction: float, message: str = "") -> None:
-            bar.n = int(round(1000 * fraction))
-            bar.set_postfix_str(message[:40], refresh=False)
-            bar.refresh()
-
-        progress = _show
+        bar = progress = _Bar("evaluate")
 
     from .errors import MedfuseWarning
 

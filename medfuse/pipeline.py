@@ -78,7 +78,20 @@ def _per_input(value: Any, what: str, example: str) -> Optional[List[Any]]:
                    fix=f"pass e.g. {example}") or None
 
 
-@dataclass
+def _steps_text(steps: Sequence[Any]) -> str:
+    """``"load 0.02 s, fuse 1.3 s"``: the steps run and their times, for the short reprs."""
+    return ", ".join(f"{st.get('name', '?')} {float(st.get('seconds') or 0.0):.2g} s" if isinstance(st, Mapping)
+                     else "?" for st in steps) or "none"
+
+
+def _file_name(path: Any) -> str:
+    """An output path by its file name only, for the short reprs (its folders may be named after the patient)."""
+    if path is None:
+        return "None"
+    return repr(os.path.basename(os.fspath(path))) if isinstance(path, (str, os.PathLike)) else describe(path)
+
+
+@dataclass(repr=False)
 class PipelineState:
     """What flows from step to step. Index 0 is the fixed (reference) image; the rest are moving.
 
@@ -129,8 +142,16 @@ class PipelineState:
     steps: List[Dict[str, Any]] = field(default_factory=list)
     fields_of_view: List[Any] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # Short: the dataclass repr printed every registration report, note and step's parameters (a screenful).
+        vols = self.volumes or ()  # a replaced step may have set None
+        shapes = ", ".join(str(v.shape) if isinstance(v, Volume) else describe(v) for v in vols) or "none"
+        n = len(self.inputs) if hasattr(self.inputs, "__len__") else "?"
+        return (f"PipelineState({n} inputs, volumes: {shapes}, fused={self.fused!r}, "
+                f"output={_file_name(self.output)}, steps: {_steps_text(self.steps or ())})")
 
-@dataclass
+
+@dataclass(repr=False)
 class PipelineResult:
     """What :func:`fuse_files` and :meth:`Pipeline.run` return.
 
@@ -155,6 +176,17 @@ class PipelineResult:
     @property
     def seconds(self) -> float:
         return float(sum(s.get("seconds", 0.0) for s in self.steps))
+
+    def __repr__(self) -> str:
+        # Short, for a notebook cell: the dataclass repr printed the whole provenance record and every
+        # registration report (thousands of characters); they are the attributes, as before.
+        prov = self.provenance if isinstance(self.provenance, Mapping) else {}
+        regs, steps = list(self.registrations or ()), list(self.steps or ())  # a result built by hand, too
+        seconds = sum(float(st.get("seconds") or 0.0) for st in steps if isinstance(st, Mapping))
+        return (f"PipelineResult(fused={self.fused!r}, method={prov.get('method_used')!r}, "
+                f"device={prov.get('device_used')!r}, output={_file_name(self.output)}, "
+                f"registered={sum(r is not None for r in regs)} of {len(regs)} moving, steps: {_steps_text(steps)}; "
+                f"{seconds:.3g} s in all)")
 
 
 # ----------------------------------------------------------------------------- steps

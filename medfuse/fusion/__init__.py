@@ -900,12 +900,14 @@ def _anisotropy_notes(ref: Volume, method: str, axis: Optional[int]) -> List[str
         msg = (f"{_ANISOTROPY_NOTE} within the slices fused one at a time ({' x '.join(f'{s:g}' for s in sp)} mm "
                f"pixels, ratio {ratio:.1f}): the fusion network works in pixels, so along the coarse axis it mixes "
                f"detail over {ratio:.1f}x more millimetres; resample the volumes to near-square pixels first "
-               "(medfuse.resample onto a finer grid), or use a classical rule")
+               "(medfuse.resample_to_common_grid([a, b]) puts them on an isotropic grid at their finest "
+               "spacing), or use a classical rule")
     else:
         msg = (f"{_ANISOTROPY_NOTE} ({' x '.join(f'{s:g}' for s in sp)} mm, ratio {ratio:.1f}): the fusion "
                f"network works in voxels, so along the coarse axis it mixes detail over {ratio:.1f}x more "
                "millimetres than in-plane; for through-plane-consistent fusion resample the volumes to "
-               "near-isotropic spacing first (medfuse.resample onto a finer grid), or use a classical rule")
+               "near-isotropic spacing first (medfuse.resample_to_common_grid([a, b]) puts them on an isotropic "
+               "grid at their finest spacing), or use a classical rule")
     warnings.warn(msg, MedfuseWarning, stacklevel=4)
     return [msg]
 

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._checks import _shown, describe, number, refuse_volumes
+from .._checks import _shown, describe, did_you_mean, label, number, refuse_volumes, unknown_choice
 from ..errors import InvalidInputError
 from ..progress import check, check_callbacks
 
@@ -278,7 +278,8 @@ def _wavelet(xs, *, wavelet: str = "db2", levels: Optional[int] = None, weights=
         if continuous:  # 'mexh' or 'cmor1.5-1.0': "names no wavelet" sent users checking the spelling
             raise InvalidInputError(f"{wavelet!r} is a continuous wavelet; the wavelet rule needs a discrete one",
                                     fix=fix + " (pywt.wavelist(kind='discrete') lists them)") from None
-        raise InvalidInputError("unknown wavelet (the str given names no PyWavelets wavelet)", fix=fix) from None
+        raise InvalidInputError(f"unknown wavelet {label(wavelet)}: it names no PyWavelets wavelet"
+                                f"{did_you_mean(wavelet, pywt.wavelist(kind='discrete'))}", fix=fix) from None
     # wavedecn takes one level count for every axis, and dwtn_max_level that of the shortest axis: a volume of
     # 40 slices gets the levels 40 allows on its long axes too (docs/fusion.md). levels None: the default 3, cut
     # silently; a levels the caller chose is cut with a warning.
@@ -540,14 +541,10 @@ def fuse_arrays(arrays: Sequence, *, method: str = "mean", cancel=None, **option
     key = str(method).lower()
     rule = rules.get(key)
     if rule is None:
-        raise InvalidInputError("unknown classical fusion method (the str given names none of them)",
-                                fix=f"use one of {', '.join(METHODS)}")
+        raise unknown_choice(method, "classical fusion method", METHODS)
     unknown = sorted(set(options) - _OPTIONS[key])
     if unknown:
-        raise InvalidInputError(
-            f"option(s) {', '.join(unknown)} not understood by method {key!r}",
-            fix=f"{key} takes {', '.join(sorted(_OPTIONS[key])) or 'no options'}",
-        )
+        raise _unknown_options(key, unknown)
     _check_options(key, options)
     out = np.asarray(rule(**options), dtype=np.float64)
     if key in ("laplacian", "wavelet", "gff"):
@@ -564,6 +561,30 @@ _OPTIONS = {
     "wavelet": {"wavelet", "levels", "weights"},
     "gff": {"base_radius", "r1", "eps1", "r2", "eps2", "sigma"},
 }
+
+def _unknown_options(key: str, unknown: Sequence[str]) -> InvalidInputError:
+    """The error for keyword options that rule ``key`` does not take, each with its near name (``level``: did you
+    mean 'levels'?) or, failing one, the rules that take it (``levels`` given to ``mean``).
+
+    Why: the message listed the options taken, and a one-letter typo had to be spotted in that list.
+    """
+    takes = sorted(_OPTIONS[key])
+    hints = []
+    for name in unknown:
+        near = did_you_mean(name, takes)
+        elsewhere = [m for m in METHODS if name in _OPTIONS[m]]
+        if near:
+            hints.append(f"{name}: {near[2:]}")
+        elif elsewhere:
+            hints.append(f"{name} is an option of {', '.join(elsewhere)}")
+    said = f"option {unknown[0]}" if len(unknown) == 1 else f"options {', '.join(unknown)}"
+    problem = f"{said} not understood by method {key!r}"
+    if len(hints) == 1 and len(unknown) == 1 and hints[0].startswith(f"{unknown[0]}: "):
+        problem += f"; {hints[0][len(unknown[0]) + 2:]}"  # one typo: "...; did you mean 'levels'?"
+    elif hints:
+        problem += f" ({'; '.join(hints)})"
+    return InvalidInputError(problem, fix=f"{key} takes {', '.join(takes) or 'no options'}")
+
 
 #: Numeric options: (integer?, smallest allowed value, is that value allowed?).
 _NUMERIC = {"levels": (True, 1, True), "base_radius": (True, 1, True), "r1": (True, 1, True), "r2": (True, 1, True),

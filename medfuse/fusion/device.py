@@ -7,7 +7,7 @@ a laptop should instead learn that this machine has no usable GPU and what to pa
 
 from __future__ import annotations
 
-from .._checks import label
+from .._checks import did_you_mean, label
 from ..errors import InvalidInputError
 
 __all__ = ["resolve_device", "check_network_device", "check_device_name", "device_used"]
@@ -26,7 +26,25 @@ def check_device_name(device) -> str:
         return "cpu"
     if name in ("auto", "cpu", "mps") or (kind == "cuda" and (not sep or index.isdigit())):
         return name
-    raise InvalidInputError(f"unknown device {label(device)}", fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+    raise InvalidInputError(f"unknown device {label(device)}{_near_device(device, kind, sep, index)}",
+                            fix="use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+
+
+#: Everyday words for a GPU that name no torch device, and the device each means.
+_GPU_WORDS = {"gpu": "cuda", "nvidia": "cuda", "metal": "mps", "apple": "mps"}
+
+
+def _near_device(device, kind: str, sep: str, index: str) -> str:
+    """``"; did you mean 'cuda'?"`` for a ``device`` str: ``gpu`` (``gpu:1``: ``cuda:1``) and the like by
+    meaning, a typo of a plain word (``cdua``) by spelling; else ``""``.
+
+    Why by meaning first: spelling alone offered ``'cpu'`` for ``'gpu'``, the opposite of what was meant.
+    """
+    if not isinstance(device, str):
+        return ""
+    if kind in _GPU_WORDS and (not sep or index.isdigit()):  # 'gpu:1' too: a word and digits show no path
+        return f"; did you mean '{_GPU_WORDS[kind]}{sep + index if _GPU_WORDS[kind] == 'cuda' else ''}'?"
+    return did_you_mean(device.strip(), ("auto", "cpu", "cuda", "mps"))
 
 
 def resolve_device(device) -> str:

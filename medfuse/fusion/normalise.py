@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union, overload
 
 import numpy as np
 
-from .._checks import all_finite, describe, label, number, slab_slices, user_stacklevel
+from .._checks import all_finite, describe, label, number, slab_slices, unknown_choice, user_stacklevel
 from ..errors import InvalidInputError, MedfuseWarning
 
 if TYPE_CHECKING:  # imported where used at run time
@@ -323,8 +323,8 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
         raise InvalidInputError("the image contains NaN or infinite values", fix="replace them before fusing")
     chosen, why = _auto_choice(modality, unit) if method == "auto" else (method, "")
     if chosen not in _METHODS:
-        raise InvalidInputError("unknown normalisation method (the str given names none of them)",
-                                fix=f"use 'auto' or one of {', '.join(_METHODS)}")
+        # The wording medfuse.fuse gives (with the near name of a typo: 'minmx', did you mean 'minmax'?).
+        raise unknown_choice(method, "normalisation method", ("auto", *_METHODS))
     if method in ("window", "suv"):
         _warn_if_other_quantity(method, modality, unit)
     rec: Dict[str, Any] = {"method": chosen, "modality": modality or "unknown", "unit": unit or "arbitrary"}

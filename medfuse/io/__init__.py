@@ -355,19 +355,40 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
     return [_absolute_source(v) for v in vols]
 
 
+#: Endings of 2-D pictures, which :func:`load` (3-D volumes) does not read.
+_PICTURE_ENDINGS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+
+#: Where 2-D pictures are read instead: the Harvard atlas pairs are PNGs.
+_PICTURE_FIX = ("read 2-D PNG images (such as the Harvard atlas pairs) with medfuse.harvard: "
+                "medfuse.harvard.load_gray(path) gives an image as an array, medfuse.harvard.list_pairs(folder) "
+                "the pairs of a folder; fuse the arrays with medfuse.fuse(a, b, method=...)")
+
+
 def _image_files_instead(folder: Path, e: UnreadableFileError) -> UnreadableFileError:
-    """``e`` for a folder without DICOM images that holds NIfTI/MetaImage/NRRD files: its fix names them.
+    """``e`` for a folder without DICOM images that holds NIfTI/MetaImage/NRRD files: its fix names them; for
+    a 2-D picture (or a folder of them), an error whose fix names :mod:`medfuse.harvard`, which reads them.
+
+    Why the pictures: ``medfuse.load("28010.png")`` said "not a medical image: neither DICOM nor NIfTI...",
+    and a class with the Harvard pairs did not learn where those are read.
 
     Why: ``medfuse info`` lists such a folder's image files, but loading it said only "no readable DICOM image
     files were found; check the folder", though the file to pass was right there. A folder is read as DICOM
     (an image file is one volume, passed by its own name), so they are named, not loaded.
     """
+    if folder.is_file() and folder.name.lower().endswith(_PICTURE_ENDINGS) and e.problem.startswith("not a medical"):
+        return UnreadableFileError(f"not a medical image but a 2-D picture ({folder.suffix.lower()}): medfuse.load "
+                                   "reads 3-D volumes (NIfTI, MetaImage and NRRD files, DICOM)", fix=_PICTURE_FIX,
+                                   path=folder)
     if not folder.is_dir() or not e.problem.startswith("no readable DICOM image files"):
         return e
     try:
         found = sorted(f.name for f in folder.iterdir() if f.is_file() and is_image_file(f))
+        pictures = not found and any(f.name.lower().endswith(_PICTURE_ENDINGS) for f in folder.iterdir())
     except OSError:
         return e
+    if pictures:  # a Harvard pair type's MRI/ or CT/ folder
+        e.fix = f"the folder holds 2-D pictures, not DICOM: {_PICTURE_FIX}"
+        e.args = (e._compose(),)
     if found:
         from .._checks import label
 
