@@ -1335,11 +1335,19 @@ def _val_not_held_out(val: Sequence[Any], weights: Any, root: Any = None) -> Opt
     from .fusion.train import data_fingerprint, harvard_pairs, init_val_overlap
     from .harvard import case_of
 
+    from .errors import MedfuseError
+
     fingerprint = None
     if root is not None:
-        with warnings.catch_warnings():  # unpaired images: list_pairs has said so already
-            warnings.simplefilter("ignore")
-            fingerprint = data_fingerprint(harvard_pairs(Path(root)), Path(root))
+        try:
+            with warnings.catch_warnings():  # unpaired images: list_pairs has said so already
+                warnings.simplefilter("ignore")
+                fingerprint = data_fingerprint(harvard_pairs(Path(root)), Path(root))
+        except MedfuseError:
+            # A folder train refuses (pair names that are not CASE + a 3-digit slice, a half-copied pair type
+            # that --pair-types left out) is no data any weights were trained on: nothing to warn of. It failed
+            # the whole evaluate with train's message, where the other methods scored it.
+            return None
 
     cases: Dict[str, List[str]] = {}
     for pair in val:

@@ -171,3 +171,22 @@ def test_pairs_of_two_and_three_sources_are_averaged_apart(tmp_path):
     means = doc["means"]["mean"]
     assert set(means) == {"images", "images (3 sources)"}
     assert means["images"]["n"] == means["images (3 sources)"]["n"] == 1
+
+
+def test_split_val_with_the_network_scores_a_folder_train_would_refuse(tmp_path, capsys):
+    """The held-out check behind ``--split val --methods network`` listed the folder as ``medfuse train`` does, so
+    pair names that are not CASE + a 3-digit slice (``sub01_s1.png``) failed the whole run with train's message,
+    where ``--methods max`` scored them. No weights were trained on such a folder: nothing to warn of."""
+    rng = np.random.default_rng(0)
+    for case in ("sub01", "sub02", "sub03"):
+        for sl in ("s1", "s2"):
+            for sub in ("MRI", "CT"):
+                (tmp_path / "data" / "CT-MRI" / sub).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+                    tmp_path / "data" / "CT-MRI" / sub / f"{case}_{sl}.png")
+    code = main(["evaluate", str(tmp_path / "data"), "--split", "val", "--methods", "network,max", "--metrics",
+                 "EN", "--no-save", "--no-progress", "-q", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "3-digit" not in err and "not held out" not in err
+    assert {r["method"] for r in _rows(tmp_path / "o")} == {"network", "max"}
