@@ -45,6 +45,10 @@ _LAZY = {
     # Why: ``medfuse.transforms.LoadVolumed`` after a bare ``import medfuse`` raised AttributeError.
     "transforms": "medfuse.transforms",
     "evaluate": "medfuse.evaluate",
+    # The value at a point and statistics within a mask (medfuse measure on the command line).
+    "value_at": "medfuse.measure:value_at",
+    "mask_statistics": "medfuse.measure:mask_statistics",
+    "measure": "medfuse.measure",
     # The packages the docs name as medfuse.registration.PRESETS, medfuse.fusion.classical...: AttributeError after
     # a bare ``import medfuse`` until something imported them.
     "registration": "medfuse.registration",
@@ -58,7 +62,7 @@ _LAZY = {
     "provenance": "medfuse.provenance",
 }
 #: Sub-packages and modules reached as attributes, not names of the API: left out of ``from medfuse import *``.
-_SUBPACKAGES = {"registration", "fusion", "io", "batch", "progress", "pipeline", "provenance"}
+_SUBPACKAGES = {"registration", "fusion", "io", "batch", "progress", "pipeline", "provenance", "measure"}
 
 #: Reached as attributes but left out of ``from medfuse import *``: they need these optional packages (``[ml]``).
 _OPTIONAL = {"transforms": ("monai", "torch")}
@@ -73,6 +77,7 @@ if _TYPE_CHECKING:
     from . import evaluate as evaluate
     from . import fusion as fusion
     from . import io as io
+    from . import measure as measure
     from . import metrics as metrics
     from . import phantom as phantom
     from . import pipeline as pipeline
@@ -86,6 +91,8 @@ if _TYPE_CHECKING:
     from .io import save as save
     from .io import scan as scan
     from .io import select_series as select_series
+    from .measure import mask_statistics as mask_statistics
+    from .measure import value_at as value_at
     from .pipeline import Pipeline as Pipeline
     from .pipeline import fuse_files as fuse_files
     from .registration import Transform as Transform

@@ -1,4 +1,4 @@
-"""The ``medfuse`` command line: info, register, fuse, evaluate, train, batch, demo.
+"""The ``medfuse`` command line: info, register, resample, fuse, measure, evaluate, train, batch, demo.
 
 Every failure on bad input prints one line (file, problem, fix) and exits with 2, also a file-system error
 (permission denied, read-only, disk full, missing path) that a step did not type; ``--debug`` shows the
@@ -565,7 +565,15 @@ def _shell_quote(path: Any) -> str:
 
 def _say(args: argparse.Namespace, *parts: Any) -> None:
     if not getattr(args, "quiet", False):
-        print(*(_scrubbed(p, args) if isinstance(p, str) else p for p in parts))
+        # With --json standard output holds the one JSON object alone: the lines a person reads go to stderr.
+        print(*(_scrubbed(p, args) if isinstance(p, str) else p for p in parts),
+              file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def _print_json(args: argparse.Namespace, record: Mapping[str, Any]) -> None:
+    """``--json``: the command's one JSON object on stdout, the inputs' patient identifiers blanked as in every
+    message (series UIDs kept, as info keeps them)."""
+    print(json.dumps(_blank_listing(dict(record), args), indent=2, default=str))
 
 
 def _kind(value: Optional[str]) -> Optional[str]:
@@ -606,10 +614,19 @@ def _cli_advice(text: str, command: Optional[str]) -> str:
 def _show_warnings(caught: List[warnings.WarningMessage], args: Optional[argparse.Namespace] = None) -> None:
     """medfuse's warnings, one line each, with the inputs' patient identifiers blanked as in errors (a DICOM
     folder named after the patient was quoted in plain text by "1 file beside the series could not be read")."""
+    for text in _warning_texts(caught, args):
+        print(f"medfuse: warning: {text}", file=sys.stderr)
+
+
+def _warning_texts(caught: Sequence[warnings.WarningMessage], args: Optional[argparse.Namespace] = None) -> List[str]:
+    """medfuse's warnings among ``caught``, one line each, as :func:`_show_warnings` says them (``--json``
+    lists them too)."""
+    out = []
     for w in caught:
         if issubclass(w.category, MedfuseWarning):
             text = _cli_advice(" ".join(str(w.message).split()), getattr(args, "command", None))
-            print(f"medfuse: warning: {_scrubbed(text, args) if args is not None else text}", file=sys.stderr)
+            out.append(_scrubbed(text, args) if args is not None else text)
+    return out
 
 
 # ----------------------------------------------------------------------------- info
@@ -1017,7 +1034,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     rep = res.report.to_dict()
     note = _initial_note(rep) if args.initial_transform else ""
     _say(args, f"registered ({args.kind}): {_registration_text(rep, note)}, {seconds:.1f} s")
-    _say_same_frame(args, rep, "FIXED and MOVING")
+    _say_notes(args, rep, "FIXED and MOVING")
     if rep.get("suspect"):
         print(f"medfuse: warning: the registration looks suspect: "
               f"{_cli_advice('; '.join(rep['suspect_reasons']), 'register')}", file=sys.stderr)
@@ -1028,6 +1045,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
               f"{rep['fov_scale']:.2g}", file=sys.stderr)
     _say(args, f"wrote {out} (moving image on the fixed grid)\nwrote {tfm} (ITK transform, fixed -> moving points)"
                f"\nwrote {side} (provenance)")
+    if args.json:  # the report as the sidecar records it (its notes included)
+        _print_json(args, {"command": "register", "outputs": {"image": os.fspath(out), "transform": os.fspath(tfm),
+                                                              "sidecar": os.fspath(side)},
+                           "registration": rep, "seconds": round(seconds, 3), "warnings": _warning_texts(caught, args)})
     return EXIT_OK
 
 
@@ -1100,9 +1121,9 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         if done:  # what the resampling did (interpolation and fill chosen, the transform's matrix)
             extra["resample"] = {k: done[-1][k] for k in ("interpolation", "fill", "transform_matrix")
                                  if k in done[-1]}
+        seconds = round(time.perf_counter() - t0, 3)
         record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
-                            steps=[{"name": "resample", "params": params,
-                                    "seconds": round(time.perf_counter() - t0, 3)}],
+                            steps=[{"name": "resample", "params": params, "seconds": seconds}],
                             parameters=params, extra=extra)
         side = prov.write_sidecar(out, record, input_paths=[args.reference, args.moving, *chain_paths])
         args.outputs.mark(side)
@@ -1118,6 +1139,10 @@ def _cmd_resample(args: argparse.Namespace) -> int:
                else "as the scanners placed the two images")
     _say(args, f"resampled onto the reference grid {through} ({how})"
                f"\nwrote {out}\nwrote {side} (provenance)")
+    if args.json:
+        _print_json(args, {"command": "resample", "outputs": {"image": os.fspath(out), "sidecar": os.fspath(side)},
+                           "transforms": [os.fspath(p) for p in chain_paths], "interpolation": how,
+                           "seconds": seconds, "warnings": _warning_texts(caught, args)})
     return EXIT_OK
 
 
@@ -1197,14 +1222,23 @@ def _registration_text(rep: Mapping[str, Any], note: str = "") -> str:
             f"translation {rep.get('translation_mm') or 0:.2f} mm")
 
 
-def _say_same_frame(args: argparse.Namespace, rep: Mapping[str, Any], which: str) -> None:
-    """A note when the two registered images share one DICOM frame of reference (a hybrid PET/MR or PET/CT): the
-    scanner placed them already, and the registration could only correct patient motion between the series."""
-    if rep.get("same_frame_of_reference") is True:
-        how = ("fusing with 'medfuse fuse --register none' (or 'medfuse resample' without --transform)"
-               if args.command == "register" else "--register none")
-        _say(args, f"  note: {which} share one frame of reference: already aligned by the scanner; {how} "
-                   "suffices unless the patient moved between the series")
+def _say_notes(args: argparse.Namespace, rep: Mapping[str, Any], which: str) -> None:
+    """The registration report's notes, one line each (a body box registered within, one frame of reference kept).
+
+    Images in one DICOM frame of reference (a hybrid PET/MR or PET/CT) were placed by the scanner: the note says so,
+    and how to fuse them without registering, which could only correct patient motion between the series.
+    """
+    how = ("fusing with 'medfuse fuse --register none' (or 'medfuse resample' without --transform)"
+           if args.command == "register" else "--register none")
+    advice = f"; {how} suffices unless the patient moved between the series"
+    frame = "one frame of reference: "
+    notes = list(rep.get("notes") or [])
+    if rep.get("same_frame_of_reference") is True and not any(n.startswith(frame) for n in notes):
+        notes.append(frame + "already aligned by the scanner")  # a report from before the notes field
+    for n in notes:
+        if n.startswith(frame):
+            n = f"{which} share one frame of reference: {n[len(frame):]}{advice}"
+        _say(args, f"  note: {n}")
 
 
 def _initial_note(rep: dict) -> str:
@@ -1306,10 +1340,6 @@ def _check_modalities_option(args: argparse.Namespace, n_inputs: int) -> None:
             raise InvalidInputError(f"--modalities: unknown modality {label(m)} for input {i}", fix=e.fix) from None
 
 
-#: Endings of 2-D pictures, which ``medfuse fuse`` (3-D volumes) does not read.
-_PICTURE_ENDINGS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
-
-
 def _refuse_pictures(*paths: Any) -> None:
     """Refuse a 2-D picture given to ``medfuse fuse``, saying which commands fuse 2-D images.
 
@@ -1320,6 +1350,8 @@ def _refuse_pictures(*paths: Any) -> None:
     Raises:
         InvalidInputError: an input file whose name ends in a picture ending (.png, .jpg, ...).
     """
+    from .io import _PICTURE_ENDINGS  # those medfuse.load refuses too
+
     for p in paths:
         if p is None or not os.path.isfile(p):
             continue
@@ -1373,8 +1405,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             # Numbered as the suspect warning (on stderr, which -q keeps) numbers them, and said there alone.
             _say(args, f"  registration of input {i + 2} onto input 1 ({rep.get('kind', args.register)}): "
                        f"{_registration_text(rep)}{'; looks suspect (see the warning)' if rep.get('suspect') else ''}")
-            _say_same_frame(args, rep, f"input {i + 2} and input 1")
+            _say_notes(args, rep, f"input {i + 2} and input 1")
     _say(args, f"wrote {res.output}\nwrote {res.sidecar} (provenance)")
+    if args.json:  # each registration's report as the sidecar records it (null for an input not registered)
+        _print_json(args, {"command": "fuse", "outputs": {"image": os.fspath(res.output),
+                                                          "sidecar": os.fspath(res.sidecar)},
+                           "method_used": used, "registrations": list(res.registrations),
+                           "seconds": round(res.seconds, 3), "warnings": _warning_texts(caught, args)})
     return EXIT_OK
 
 
@@ -1391,6 +1428,101 @@ def _unregistered_note(args: argparse.Namespace, caught: Sequence[warnings.Warni
                 "place them, and nothing checked it (a file that is not DICOM records no frame of reference); add "
                 "--register rigid if they come from different sessions or scanners")
     return "  not registered (--register none): the inputs were taken as aligned as the scanners placed them"
+
+
+# ----------------------------------------------------------------------------- measure
+def _unit_words(unit: Optional[str]) -> str:
+    """A unit as it is read after a number (``arbitrary`` is no word to read after one)."""
+    return "arbitrary units" if unit in (None, "arbitrary") else unit
+
+
+def _number(x: float) -> Optional[float]:
+    """A figure for JSON: NaN and infinity (which JSON lacks) as null."""
+    import math
+
+    return float(x) if math.isfinite(x) else None
+
+
+def _coords(values: Sequence[float], unit: str = "") -> str:
+    """``x 10.5, y -20, z 30 mm``: each coordinate named, for a screen reader (a bare tuple reads as a list of
+    numbers without saying which is which)."""
+    names = "ijk" if not unit else "xyz"
+    return ", ".join(f"{n} {v:.6g}" for n, v in zip(names, values)) + (f" {unit}" if unit else "")
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    """``medfuse measure``: the value at points (--at) and statistics within a mask (--mask)."""
+    from .io import load
+    from .measure import _index, mask_statistics, value_at, voxel_index
+
+    if not args.at and args.mask is None:
+        raise InvalidInputError("nothing to measure: give a point, a mask or both",
+                                fix="add --at X Y Z (mm, LPS; --voxel for indices) or --mask MASK")
+    if args.label is not None and args.mask is None:
+        raise InvalidInputError("--label picks a label of the --mask, and no --mask was given",
+                                fix="add --mask LABELS, or leave out --label")
+    inputs = [args.image] + ([args.mask] if args.mask is not None else [])
+    _check_readable(*inputs)
+    _check_series_option(args, len(inputs))
+    _check_modalities_option(args, len(inputs))
+    picks = args.series or [None] * len(inputs)
+    space = "voxel" if args.voxel else "ras" if args.ras else "lps"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedfuseWarning)
+        try:
+            image, *mask = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m,
+                                 suv=args.suv or "auto")
+                            for p, pick, m in zip(inputs, picks, args.modalities or [None] * len(inputs)))
+            points = []
+            for at in args.at or []:
+                value = value_at(image, at, space=space, interpolation=args.interpolation)
+                # The voxel read (nearest), or where between the voxel centres the value was taken (linear).
+                ijk = list(voxel_index(image, at, space=space)) if args.interpolation == "nearest" else \
+                    [round(float(c), 3) for c in _index(image, at, space)]
+                lps = image.index_to_world(at) if args.voxel else [-at[0], -at[1], at[2]] if args.ras else at
+                points.append({"at": list(at), "space": space, "value": _number(value), "voxel": ijk,
+                               "lps_mm": [round(float(c), 3) for c in lps]})
+            stats = mask_statistics(image, mask[0], label=args.label) if mask else None
+        finally:
+            _show_warnings(caught, args)
+    unit = image.unit
+    if args.json:
+        record: Dict[str, Any] = {"command": "measure", "image": os.fspath(args.image), "modality": image.modality,
+                                  "unit": unit, "interpolation": args.interpolation, "points": points}
+        if stats is not None:
+            record["mask"] = {"path": os.fspath(args.mask), **stats}
+        record["warnings"] = _warning_texts(caught, args)
+        _print_json(args, record)
+        return EXIT_OK
+    # One fact per line, each saying what it is and its unit: read aloud, a line stands on its own. Printed under
+    # -q too: the figures are what the command is for.
+    _print_blanked(args, f"image {args.image}: modality {image.modality}, unit {unit}")
+    for pt in points:
+        value = "not a number" if pt["value"] is None else f"{pt['value']:.6g} {_unit_words(unit)}"
+        if space == "voxel":
+            where = f"voxel {_coords(pt['at'])} ({_coords(pt['lps_mm'], 'mm LPS')})"
+        else:
+            where = _coords(pt["at"], "mm " + space.upper())
+        if args.interpolation == "nearest":
+            read = f"; read from voxel {_coords(pt['voxel'])} (nearest voxel)"
+        else:
+            read = f"; at voxel {_coords(pt['voxel'])} (linear interpolation)" if space != "voxel" else \
+                " (linear interpolation)"
+        _print_blanked(args, f"value {value} at {where}{read}")
+    if stats is not None:
+        which = "non-zero voxels" if args.label is None else f"voxels of label {args.label}"
+        resampled = "; put on the image's grid by nearest neighbour" if stats["mask_resampled"] else ""
+        u = _unit_words(stats["unit"])
+        _print_blanked(args, f"mask {args.mask}: {which}{resampled}")
+        _print_blanked(args, f"  voxels {stats['count']}")
+        _print_blanked(args, f"  volume {stats['volume_ml']:.4g} mL")
+        for name in ("mean", "sd", "min"):
+            _print_blanked(args, f"  {name} {stats[name]:.6g} {u}")
+        _print_blanked(args, f"  max {stats['max']:.6g} {u}, at {_coords(stats['max_at_lps_mm'], 'mm LPS')}")
+        _print_blanked(args, f"  peak {stats['peak']:.6g} {u} (mean within 1 mL around the maximum)")
+        if stats["nonfinite"]:
+            _print_blanked(args, f"  left out: {stats['nonfinite']} voxels holding NaN or infinity")
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- evaluate / train
@@ -1857,6 +1989,26 @@ def _demo_truth_error(res: Any, gt: Mapping[str, Any], anatomy: str) -> List[str
 # ----------------------------------------------------------------------------- parser
 # Warnings stay under -q: they are about the data (different frames of reference, PET left in Bq/mL).
 _QUIET_HELP = "print only warnings and errors (no progress, no lines about what was written)"
+_JSON_HELP = ("print one JSON object on stdout (outputs written, registration figures as the sidecar records them, "
+              "seconds, warnings); the lines a person reads go to stderr")
+
+#: What each fusion method does, one line of at most 80 characters each in 'medfuse fuse --help' (a method without
+#: a line is listed bare). docs/fusion.md says more.
+_METHOD_LINES = {
+    "network": "the trained fusion network (needs torch; see --fallback)",
+    "mean": "voxel-wise average of the normalised inputs",
+    "max": "voxel-wise maximum: the brightest input wins (PET uptake, CT bone)",
+    "laplacian": "Laplacian pyramid: the stronger detail at each scale",
+    "wavelet": "wavelet transform: the stronger detail coefficient at each scale",
+    "gff": "guided-filter fusion: edge-aware weights (input order matters)",
+}
+
+
+def _methods_text() -> str:
+    """The fusion methods, one line each, for a command's description."""
+    width = max(len(m) for m in _METHODS)
+    return "methods (--method):\n" + "".join(f"  {m:<{width}}  {_METHOD_LINES.get(m, '')}".rstrip() + "\n"
+                                             for m in _METHODS)
 _NO_PROGRESS_HELP = "no progress bar (MEDFUSE_NO_PROGRESS=1 in the environment turns it off for every command)"
 
 
@@ -1924,6 +2076,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suv_option(p, "auto")
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_cmd_resample)
 
     p = add("register", "align MOVING onto FIXED and write it on FIXED's grid",
@@ -1952,6 +2105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_cmd_register)
 
     p = add("fuse", "fuse FIXED with one or more MOVING images",
@@ -1962,14 +2116,15 @@ def build_parser() -> argparse.ArgumentParser:
             "  medfuse fuse sample_volumes/ct sample_volumes/mr_t1.nii.gz -o ct_mr.nii.gz --method laplacian"
             "  # already aligned\n"
             "  medfuse fuse sample_volumes/mr_t1.nii.gz sample_volumes/pet -o fused_gpu.nii.gz --register rigid "
-            "--device cuda")
+            "--device cuda\n\n" + _methods_text())
     p.add_argument("fixed", metavar="FIXED", help="reference image; the output is on its grid")
     p.add_argument("moving", metavar="MOVING", nargs="+", help="image(s) to fuse with FIXED")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output (.nii.gz, .mha, .nrrd; a name without suffix writes a DICOM series folder)")
     p.add_argument("--register", choices=_KINDS, default="none",
                    help="register MOVING onto FIXED first (default: none = already aligned)")
-    p.add_argument("--method", choices=_METHODS, default="network", help="fusion method (default: network)")
+    p.add_argument("--method", choices=_METHODS, default="network",
+                   help="fusion method (default: network; what each does: 'methods' below)")
     _add_modalities_option(p, "it picks each input's normalisation and whether the network's 3-D path keeps "
                               "PET/SPECT uptake and CT bone bright")
     _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
@@ -1983,7 +2138,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_option(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_cmd_fuse)
+
+    p = add("measure", "the value at a point, or statistics within a mask, in the image's unit",
+            "Print the image's value at points (--at, repeatable) and statistics of the voxels a mask selects\n"
+            "(--mask): count, volume in mL, mean, SD, min, max and the peak (the mean within a 1 mL sphere\n"
+            "centred on the maximum: a simple SUVpeak), in the image's unit (HU, SUVbw, ...). One fact per\n"
+            "line, each naming what it is; --json prints one JSON object instead.\n\n"
+            "Points are in mm in LPS, as DICOM, ITK and 'medfuse info' give them (--ras: RAS, as 3D Slicer and\n"
+            "NIfTI tools; --voxel: voxel indices i j k from 0). The value is the nearest voxel's, as napari's\n"
+            "cursor readout shows it, or trilinear with --interpolation linear. A point outside the image is\n"
+            "refused with the image's extent. A mask on another grid is put on the image's by nearest\n"
+            "neighbour, as the scanners placed the two (register them first if they were not acquired together).\n\n"
+            "examples:\n"
+            "  medfuse measure sample_volumes/mr_t1.nii.gz --at 27 -14 24\n"
+            "  medfuse measure sample_volumes/pet --at 32 37 32 --voxel --interpolation linear --json\n"
+            "  medfuse measure sample_volumes/pet --mask lesion.nii.gz")
+    p.add_argument("image", metavar="IMAGE", help="the image measured (file or DICOM folder)")
+    p.add_argument("--at", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"), default=None,
+                   help="a point, in mm LPS unless --ras or --voxel; repeat for several points")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--voxel", action="store_true", help="--at gives voxel indices i j k (from 0)")
+    where.add_argument("--ras", action="store_true", help="--at gives mm in RAS (x and y negated from LPS)")
+    p.add_argument("--interpolation", choices=("nearest", "linear"), default="nearest",
+                   help="nearest voxel (default, as napari's readout) or linear (trilinear between voxel centres)")
+    p.add_argument("--mask", metavar="MASK", default=None,
+                   help="a mask or label map (file or DICOM folder): statistics of the image's voxels it selects")
+    p.add_argument("--label", type=int, default=None, metavar="N",
+                   help="the label of a label map --mask to measure (default: every non-zero voxel)")
+    p.add_argument("--series", nargs="+", metavar="S", default=None,
+                   help="for DICOM folders holding several series: one choice per input, IMAGE first then MASK: "
+                        "the series' number as listed, its modality or its UID; '-' for an input that needs none")
+    p.add_argument("--modalities", nargs="+", metavar="M", default=None,
+                   help="the modality of each input, IMAGE first: MR, CT, PT or NM, for a file that records none "
+                        "(a plain NIfTI); a CT NIfTI with values below -100 is then read in HU")
+    _add_suv_option(p, "auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of lines")
+    p.set_defaults(func=_cmd_measure)
 
     for name, module, help_ in (("evaluate", "medfuse.evaluate", "score fusion methods (metrics, references)"),
                                 ("train", "medfuse.fusion.train", "train the fusion network")):
@@ -2029,7 +2221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", choices=_KINDS, default=None,
                    help="default registration for rows without a 'register' column (default: none for a "
                         "manifest; a dataset folder needs it said)")
-    p.add_argument("--method", choices=_METHODS, default="network", help="default fusion method (default: network)")
+    p.add_argument("--method", choices=_METHODS, default="network",
+                   help="default fusion method (default: network; each described in 'medfuse fuse --help')")
     _add_suv_option(p, "SUVbw, as fuse")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail the subject)")
@@ -2301,6 +2494,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             _print_traceback(args)
         e = _cli_error(e, _series_by_input(args))  # every command's fixes in command-line words (register too)
         print(f"medfuse {args.command}: error: {_scrubbed(e.one_line(), args)}", file=sys.stderr)
+        _json_error(args, e.one_line())
         return EXIT_USAGE
     except BrokenPipeError:  # the reader left (medfuse info x | head -1): nothing more to say
         _stdout_to_devnull()
@@ -2318,6 +2512,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.debug:
             _print_traceback(args)
         print(f"medfuse {args.command}: error: {_scrubbed(message, args)}", file=sys.stderr)
+        _json_error(args, message)
         return EXIT_USAGE
     except ModuleNotFoundError as e:  # a required package gone (a broken install, or one without dependencies)
         if args.debug:
@@ -2328,6 +2523,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
         return _internal_error(args, e)
+
+
+def _json_error(args: argparse.Namespace, text: str) -> None:
+    """``--json`` (but info's, which says its errors itself): standard output holds one JSON object when the
+    command fails too, ``{"command": ..., "error": ...}``, as info's does; the error is said on stderr as well."""
+    if getattr(args, "json", False) and args.command != "info":
+        with contextlib.suppress(OSError):
+            print(json.dumps({"command": args.command, "error": _scrubbed(text, args)}, indent=2))
 
 
 #: Control characters (C0 but tab, newline and carriage return; DEL; C1) as visible escapes.
@@ -2364,7 +2567,8 @@ def _scrubbed(message: str, args: argparse.Namespace) -> str:
 
 # The arguments naming inputs, whose DICOM headers hold the identifiers to blank (``rest``: evaluate's and
 # train's own options, passed on to them).
-_INPUT_ARGS = frozenset({"fixed", "moving", "reference", "manifest", "path", "initial_transform", "samples", "rest"})
+_INPUT_ARGS = frozenset({"fixed", "moving", "reference", "manifest", "path", "initial_transform", "samples", "rest",
+                         "image", "mask"})
 _OUTPUT_OPTIONS = frozenset({"-o", "--out", "--output", "--run-dir", "--report"})
 
 

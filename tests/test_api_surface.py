@@ -1,7 +1,8 @@
 """The public Python API as a researcher meets it in a notebook: names, ``dir()``, ``help()`` and bad input.
 
 Checked for medfuse's own top-level names and for the ``__all__`` of ``medfuse.volume``, ``medfuse.metrics``,
-``medfuse.transforms``, ``medfuse.display``, ``medfuse.errors``, ``medfuse.evaluate`` and ``medfuse.provenance``,
+``medfuse.transforms``, ``medfuse.display``, ``medfuse.errors``, ``medfuse.evaluate``, ``medfuse.provenance`` and
+``medfuse.measure``,
 of the I/O face and the sample-data helpers (``medfuse.io`` and its readers and writers, ``medfuse.phantom``,
 ``medfuse.harvard``; their wrong-type tests are in ``tests/io/test_io_api.py``), and, for the docstrings and
 keyword-only options, of registration, fusion, the pipeline and batch processing (their bad-input tests are in
@@ -32,7 +33,7 @@ from medfuse import Volume
 from medfuse.errors import MedfuseError
 
 MODULES = ("medfuse.volume", "medfuse.metrics", "medfuse.transforms", "medfuse.display", "medfuse.errors",
-           "medfuse.evaluate", "medfuse.provenance")
+           "medfuse.evaluate", "medfuse.provenance", "medfuse.measure")
 
 #: The loaders and writers, and the sample-data helpers.
 IO_MODULES = ("medfuse.io", "medfuse.io.nifti", "medfuse.io.dicom", "medfuse.io.suv", "medfuse.io.writers",
@@ -233,11 +234,15 @@ def _bad_values():
 
 def _calls():
     import medfuse.display as D
+    import medfuse.measure as MS
     import medfuse.metrics as M
 
     v = _vol()
     img = v.array[:, :, 8]
     return {
+        "measure.value_at(x, point)": lambda x: MS.value_at(x, (0, 0, 0)),
+        "measure.value_at(vol, x)": lambda x: MS.value_at(v, x) if not isinstance(x, list) else MS.value_at(v, [1]),
+        "measure.mask_statistics(vol, x)": lambda x: MS.mask_statistics(v, x),
         "fuse(x, vol)": lambda x: medfuse.fuse(x, v, method="max"),
         "fuse(vol, x)": lambda x: medfuse.fuse(v, x, method="max"),
         "Volume(x, eye)": lambda x: Volume(x, np.eye(4)) if not hasattr(x, "detach") else Volume(x[None], np.eye(4)),

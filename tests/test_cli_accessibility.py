@@ -16,6 +16,7 @@ import pytest
 from medfuse import cli
 from medfuse.cli import EXIT_USAGE, build_parser, main
 from medfuse.progress import cut_at_word
+from tests.test_cli_option_names import _pair  # two NIfTI files on one grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_volumes"
@@ -244,17 +245,6 @@ def test_info_json_is_json_on_errors_and_says_them_on_stderr(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- what fuse says about registering
-def _pair(folder: Path):
-    import nibabel as nib
-
-    base = np.zeros((16, 16, 16), np.float32)
-    base[4:12, 4:12, 4:12] = 100.0
-    paths = [folder / "a.nii.gz", folder / "b.nii.gz"]
-    for p in paths:
-        nib.save(nib.Nifti1Image(base, np.eye(4)), str(p))
-    return paths
-
-
 def test_fuse_without_registering_says_so(tmp_path, capsys):
     """The sample MR + PET (9.5 degrees, 14 mm apart) fused with no word that they were not registered."""
     a, b = _pair(tmp_path)
@@ -301,15 +291,24 @@ def test_fuse_says_a_registration_as_register_does_and_a_suspect_one_once(tmp_pa
 
 
 def test_register_says_when_one_frame_of_reference_made_it_unneeded(capsys):
-    rep = {"same_frame_of_reference": True}
-    cli._say_same_frame(argparse.Namespace(command="register", quiet=False), rep, "FIXED and MOVING")
+    ns = argparse.Namespace(command="register", quiet=False)
+    cli._say_notes(ns, {"same_frame_of_reference": True}, "FIXED and MOVING")
     out = capsys.readouterr().out
     assert "FIXED and MOVING share one frame of reference: already aligned by the scanner" in out
     assert "--register none" in out
     for other in (False, None):
-        cli._say_same_frame(argparse.Namespace(command="register", quiet=False), {"same_frame_of_reference": other},
-                            "FIXED and MOVING")
+        cli._say_notes(ns, {"same_frame_of_reference": other}, "FIXED and MOVING")
     assert capsys.readouterr().out == ""
+    # The report's own notes, each said once: the frame note with the advice, the body box as it is.
+    notes = ["registered within the fixed image's body box (12 % of the field)",
+             "one frame of reference: already aligned by the scanner; registering found no better alignment, so "
+             "the scanner's placement is kept (identity)"]
+    cli._say_notes(ns, {"same_frame_of_reference": True, "notes": notes}, "FIXED and MOVING")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"  note: {notes[0]}"
+    assert lines[1].startswith("  note: FIXED and MOVING share one frame of reference: already aligned by the "
+                               "scanner; registering found no better alignment")
+    assert "--register none" in lines[1] and len(lines) == 2
 
 
 def test_the_frames_warning_gives_command_line_advice():
