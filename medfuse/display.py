@@ -332,7 +332,8 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
     """Default display for a volume by modality and unit.
 
     * CT in HU: ``gray`` with the ``window`` preset (default ``brain``); CT without HU: percentiles.
-    * PET in SUV: ``inferno`` with 0..6 SUV (SUV_LIMITS); in Bq/mL or counts: percentiles.
+    * PET in SUV: ``inferno`` with 0..6 SUV (SUV_LIMITS; SUVbsa, about a quarter of SUVbw, 0..1.5); in Bq/mL or
+      counts: percentiles.
     * NM/SPECT: ``hot`` with percentiles.
     * MR and unknown: ``gray`` with percentiles.
 
@@ -358,6 +359,11 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
         return DisplaySettings("gray", window_to_limits(*CT_WINDOWS[window or "brain"]), **blend)
     if modality == "PT":
         if volume.unit.startswith("SUV"):
+            if volume.unit == "SUVbsa":  # about a quarter of SUVbw (cm²/mL): scaled as fusion scales its window
+                from .fusion.normalise import DEFAULT_SUV_MAX, SUVBSA_MAX
+
+                return DisplaySettings("inferno", (SUV_LIMITS[0], SUV_LIMITS[1] * SUVBSA_MAX / DEFAULT_SUV_MAX),
+                                       **blend)
             return DisplaySettings("inferno", SUV_LIMITS, **blend)
         return DisplaySettings("inferno", percentile_limits(volume.array, low=0.0, high=99.9), **blend)
     if modality == "NM":

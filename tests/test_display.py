@@ -55,6 +55,9 @@ def test_display_settings_per_modality():
     assert bone.contrast_limits == (-700.0, 1300.0)
     pet = display.display_settings(Volume(arr, aff, modality="PT", unit="SUVbw"), overlay=True)
     assert pet.colormap == "inferno" and pet.contrast_limits == (0.0, 6.0) and pet.blending == "additive"
+    # SUVbsa (cm²/mL) is about a quarter of SUVbw: its window is scaled as the fusion's (10 -> 2.5), not 0..6.
+    bsa = display.display_settings(Volume(arr, aff, modality="PT", unit="SUVbsa"))
+    assert bsa.contrast_limits == pytest.approx((0.0, 1.5))
     spect = display.display_settings(Volume(arr, aff, modality="NM", unit="counts"))
     assert spect.colormap == "hot" and spect.contrast_limits[1] <= 63
     mr = display.display_settings(Volume(arr, aff, modality="MR"))
