@@ -20,15 +20,27 @@ class LayerCombo(QComboBox):
         allow_2d: also offer 2-D layers, grey or RGB (fusion of 2-D images); 3-D greyscale layers only otherwise.
         default_index: the image layer to pre-select when none has a preferred modality (1 for a second input,
             so that two layers of unknown modality do not both default to the first one).
+        shown: whether the user shows a layer (default: its ``visible`` flag); see :meth:`set_shown`.
+
+    Until the user picks an item, the pre-selection falls on a layer shown in the viewer when one fits: a study
+    folder opens with only its first anatomical and first functional series shown, and a picker took a hidden
+    series of it (the CT bone kernel) instead of the MR opened beside it and shown. Among the shown layers the
+    picker keeps its own rule: its preferred modalities first, otherwise the ``default_index``-th one; a preferred
+    layer stays picked when no shown layer has a preferred modality, and a hidden one when too few are shown (one
+    shown layer is the first picker's). Visibility is read when the layer list changes (a layer added, closed,
+    moved or renamed), not on every toggle of an eye: a compare view or the flicker hiding the pair must not move
+    the pickers, and a choice the user made is never changed.
     """
 
     NONE = "(none)"
 
     def __init__(self, viewer: Any, *, prefer: Sequence[str] = (), allow_none: bool = False,
-                 skip: Optional[Callable[[Any], bool]] = None, allow_2d: bool = False, default_index: int = 0):
+                 skip: Optional[Callable[[Any], bool]] = None, allow_2d: bool = False, default_index: int = 0,
+                 shown: Optional[Callable[[Any], bool]] = None):
         super().__init__()
         self._viewer, self._prefer, self._allow_none = viewer, tuple(prefer), allow_none
         self._skip = skip or (lambda layer: False)
+        self._shown = shown or (lambda layer: bool(layer.visible))
         self._allow_2d = allow_2d
         self._default_index = int(default_index)
         self._chosen_once = False  # True once the user (or set_layer) picked an item: the preference stops
@@ -44,6 +56,10 @@ class LayerCombo(QComboBox):
 
     def _on_activated(self, *_: Any) -> None:
         self._chosen_once = True
+
+    def set_shown(self, shown: Callable[[Any], bool]) -> None:
+        """Tell shown layers by ``shown(layer)`` from now on (e.g. the visibility a compare view set aside)."""
+        self._shown = shown
 
     def _accepts(self, layer: Any) -> bool:
         from napari.layers import Image
@@ -111,9 +127,24 @@ class LayerCombo(QComboBox):
             self.setCurrentIndex(kept[0])
         elif current in names:
             self.setCurrentText(current)
+        if not self._chosen_once:
+            self._prefer_shown()
         self.blockSignals(False)
         if current != self.currentText():
             self.currentTextChanged.emit(self.currentText())
+
+    def _prefer_shown(self) -> None:
+        """Move a pre-selection that fell on a hidden layer onto a shown one that fits (see the class docstring)."""
+        idx = self.currentIndex()
+        current = self._items[idx] if 0 <= idx < len(self._items) else None
+        if current is None or self._shown(current):
+            return
+        shown = [n for n, l in enumerate(self._items) if l is not None and self._shown(l)]
+        preferred = [n for n in shown if meta(self._items[n]).get("modality") in self._prefer]
+        if preferred:
+            self.setCurrentIndex(preferred[0])
+        elif meta(current).get("modality") not in self._prefer and len(shown) > self._default_index:
+            self.setCurrentIndex(shown[self._default_index])
 
     def layer(self):
         """The chosen layer itself (never napari's proxy of it), or None.

@@ -18,6 +18,12 @@ from ._layers import (FUNCTIONAL, checker3d, coverage_onto, curtain3d, data_to_w
 # it); red beside green, and turbo, are hard to tell apart under deuteranopia (kept: users rely on them).
 COLORMAPS = ("gray", "inferno", "hot", "magma", "plasma", "viridis", "cividis", "turbo", "red", "green", "blue",
              "cyan", "magenta", "yellow", "gray_r")
+#: Colour maps that stay readable under red-green colour-vision deficiency (monotonic lightness, no red against
+#: green), offered first in each box, above a separator; the others follow in COLORMAPS order. The overlay's list
+#: starts with ``inferno``, the PET default of ``medfuse.display``; the base's with the greys of anatomy.
+CVD_SAFE = ("inferno", "cividis", "viridis", "magma", "plasma")
+BASE_COLORMAPS = ("gray", "gray_r", *CVD_SAFE)
+OVERLAY_COLORMAPS = (*CVD_SAFE, "gray", "gray_r")
 BLENDINGS = ("additive", "translucent", "opaque", "minimum")
 COMPARE = ("overlay", "checkerboard", "curtain")
 VIEWS = {"axial": ((0, 1, 2), ("down", "right")), "coronal": ((1, 0, 2), ("up", "right")),
@@ -236,11 +242,14 @@ class OverlayPanel(QWidget):
     def __init__(self, viewer: Any):
         super().__init__()
         self.viewer = viewer
-        self.base = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
-        self.overlay = LayerCombo(viewer, prefer=FUNCTIONAL, skip=_is_compare, default_index=1)
+        self.base = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare, shown=self.shown_by_user)
+        self.overlay = LayerCombo(viewer, prefer=FUNCTIONAL, skip=_is_compare, default_index=1,
+                                  shown=self.shown_by_user)
         self.base_cmap, self.overlay_cmap = QComboBox(), QComboBox()
-        for c in (self.base_cmap, self.overlay_cmap):
-            c.addItems(COLORMAPS)
+        for box, first in ((self.base_cmap, BASE_COLORMAPS), (self.overlay_cmap, OVERLAY_COLORMAPS)):
+            box.addItems(first)
+            box.insertSeparator(box.count())  # the maps that read well under colour-vision deficiency above it
+            box.addItems([n for n in COLORMAPS if n not in first])
         self.opacity = QSlider(Qt.Horizontal)
         self.opacity.setRange(0, 100)
         self.blending = QComboBox()
@@ -398,6 +407,18 @@ class OverlayPanel(QWidget):
         for layer in self.viewer.layers:
             widen_contrast_range(layer)
         self._pair_changed()
+
+    def shown_by_user(self, layer: Any) -> bool:
+        """Whether the user shows ``layer``: the visibility a compare view or the flicker set aside, else its own.
+
+        Why: the layer pickers pre-select shown layers; a layer opened while a compare view hid the pair (or the
+        flicker hid the overlay) moved them off the pair the user was looking at.
+        """
+        for saved in (getattr(self, "_flickered", {}), getattr(self, "_hidden", {})):
+            kept = saved.get(id(layer))
+            if kept is not None and kept[0] is layer:
+                return bool(kept[1])
+        return bool(layer.visible)
 
     def _open(self) -> list:
         """The viewer's layers themselves (not napari's proxies of them), for identity checks and caches."""

@@ -335,24 +335,39 @@ def _layers_for(path, identifiers=()) -> Tuple[List[tuple], List[str]]:
             problems.append(f"{label}{listed}: {exc.one_line()}")
             continue
         prov = volumes[0].provenance
-        read.append((_series_label(name, s.modality, rel, prov.get("series_number", ""),
-                                   prov.get("series_description", s.description), identifiers), volumes, i))
+        description = prov.get("series_description", s.description)
+        read.append(([_series_label(name, s.modality, rel, number, description, identifiers)
+                      for number in ("", prov.get("series_number", ""))], volumes, i))
     if not read:
         from medfuse.errors import UnsupportedDataError
 
         raise UnsupportedDataError(f"none of the {len(series)} series could be read ({'; '.join(problems)})",
                                    fix="re-export the study, or open one series folder at a time", path=path)
-    labels = [label for label, _, _ in read]
+    labels = _distinct_labels([(short, numbered) for (short, numbered), _, _ in read])
     layers: List[tuple] = []
-    for label, volumes, i in read:
+    for label, (_, volumes, i) in zip(labels, read):
         # Two series alike in all the name shows (one number and description, no sub-folders) get their number
         # in the list, as `medfuse info` lists them.
         layers.extend(_series_layers(volumes, label if labels.count(label) == 1 else f"{label} #{i}"))
     return _stacked_for_reading(layers), problems
 
 
+def _distinct_labels(labels: List[Tuple[str, str]]) -> List[str]:
+    """Each series' name without its SeriesNumber where that alone names it in the folder, with it otherwise.
+
+    Why: scanners number series in the millions (``series 1093950``), which made every name long in a dock a few
+    hundred pixels wide, while the modality, sub-folder and description mostly tell the series apart already.
+
+    Args:
+        labels: ``(without number, with number)`` for each series read.
+    """
+    shorts = [short for short, _ in labels]
+    return [short if shorts.count(short) == 1 else numbered for short, numbered in labels]
+
+
 def _series_label(folder: str, modality: str, rel: str, number, description, identifiers) -> str:
-    """A study folder's layer name for one series: ``folder modality [sub-folder] [series N] [description]``.
+    """A study folder's layer name for one series: ``folder modality [sub-folder] [series N] [description]``
+    (``number`` empty for the name without ``series N``: see :func:`_distinct_labels`).
 
     What tells series apart on a scanner console or PACS (SeriesNumber, SeriesDescription), so that six MR series
     of one flat export are not ``MR #1`` to ``MR #6``. Free text holding a patient identifier (a folder named

@@ -119,6 +119,9 @@ class MedfuseWidget(QWidget):
         self.register_panel = RegisterPanel(napari_viewer)
         self.fuse_panel = FusePanel(napari_viewer)
         self.overlay_panel = OverlayPanel(napari_viewer)
+        # Every picker pre-selects a layer as the user shows it, not as a compare view or the flicker hid it.
+        for combo in (self.register_panel.fixed, self.register_panel.moving, *self.fuse_panel.inputs):
+            combo.set_shown(self.overlay_panel.shown_by_user)
         tabs = QTabWidget()
         # Each tab scrolls: napari gives a dock no scroll bar, and the Overlay tab needs ~900 px of height (a
         # 1366x768 laptop leaves ~600), so its lower controls could not be reached.
@@ -264,36 +267,6 @@ def suspect_colour(viewer: Any) -> str:
     return "#" + "".join(f"{int(round(c * 255)):02x}" for c in colour)
 
 
-class _ShownFirst(LayerCombo):
-    """A layer picker whose pre-selection, until the user picks, falls on a layer shown in the viewer when one fits.
-
-    Why: a study folder opens with only its first anatomical and first functional series shown. With no PET in
-    the viewer the second picker took the second layer in the list, a hidden series of that study (the CT bone
-    kernel), not the MR opened beside it and shown. Among the shown layers the picker keeps its own rule: its
-    preferred modalities first, otherwise the ``default_index``-th one; a preferred layer stays picked when no
-    shown layer has a preferred modality, and a hidden one when too few are shown (one shown layer is the
-    first picker's).
-    """
-
-    def refresh(self, *_: Any) -> None:
-        super().refresh()
-        try:
-            self._prefer_shown()
-        except RuntimeError:  # the widget was closed (the base class stopped listening)
-            pass
-
-    def _prefer_shown(self) -> None:
-        current = self.layer()
-        if self._chosen_once or current is None or current.visible:
-            return
-        shown = [n for n, l in enumerate(self._items) if l is not None and l.visible]
-        preferred = [n for n in shown if meta(self._items[n]).get("modality") in self._prefer]
-        if preferred:
-            self.setCurrentIndex(preferred[0])
-        elif meta(current).get("modality") not in self._prefer and len(shown) > self._default_index:
-            self.setCurrentIndex(shown[self._default_index])
-
-
 # ----------------------------------------------------------------------------------------------- register
 class RegisterPanel(QWidget):
     """Pick fixed/moving layers and a preset; run ``medfuse.register`` in a worker with progress and Cancel."""
@@ -302,8 +275,8 @@ class RegisterPanel(QWidget):
         super().__init__()
         self.viewer = viewer
         # Compare views (checkerboard, curtain) are displays of a pair, not images to register.
-        self.fixed = _ShownFirst(viewer, prefer=("MR", "CT"), skip=_is_compare)
-        self.moving = _ShownFirst(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare)
+        self.fixed = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
+        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare)
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
         self.pair = QComboBox()
@@ -314,8 +287,10 @@ class RegisterPanel(QWidget):
         # screen); the tooltip says the rest.
         self.start_box = QCheckBox("start from its placement in the viewer")
         self.start_box.setChecked(True)
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
+        # Alt+N runs, Alt+A cancels: letters of neither the tabs (R, U, O), nor napari's menus (F, V, L, P, W, H),
+        # nor its screenshot actions (Alt+C, Alt+S).
+        self.run_button = QPushButton("Ru&n")
+        self.cancel_button = QPushButton("C&ancel")
         self.cancel_button.setEnabled(False)
         self.save_button = QPushButton("Save transform…")
         self.save_button.setEnabled(False)
@@ -621,7 +596,8 @@ class RegisterPanel(QWidget):
                 self.save_button.setText("Save transform…")
                 return
             fixed, moving = self._named
-            self.save_button.setText(f"Save transform of {_short(moving.name)} onto {_short(fixed.name)}…")
+            self.save_button.setText(f"Save transform of {_short(moving.name)} onto {_short(fixed.name)}…"
+                                     .replace("&", "&&"))  # a name's "&" shown, not taken as a mnemonic
             shown = self.report_view.toPlainText()
             if shown and self.worker is None:  # the result's report (a new run cleared it), its first line renamed
                 self.report_view.setPlainText("\n".join([_pair_line(fixed, moving), *shown.split("\n")[1:]]))
@@ -818,8 +794,8 @@ class FusePanel(QWidget):
     def __init__(self, viewer: Any):
         super().__init__()
         self.viewer = viewer
-        self.inputs = [_ShownFirst(viewer, prefer=("MR", "CT"), allow_2d=True, skip=_is_compare),
-                       _ShownFirst(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1, skip=_is_compare),
+        self.inputs = [LayerCombo(viewer, prefer=("MR", "CT"), allow_2d=True, skip=_is_compare),
+                       LayerCombo(viewer, prefer=FUNCTIONAL, allow_2d=True, default_index=1, skip=_is_compare),
                        LayerCombo(viewer, allow_none=True, allow_2d=True, skip=_is_compare)]
         self.inputs[2].setCurrentText(LayerCombo.NONE)
         self.method = QComboBox()
@@ -828,8 +804,9 @@ class FusePanel(QWidget):
         if "network" not in methods:
             self.method.setToolTip("The fusion network is not available here (install medfuse[ml]); "
                                    "classical methods are offered.")
-        self.run_button = QPushButton("Fuse")
-        self.cancel_button = QPushButton("Cancel")
+        # Alt+E fuses, Alt+A cancels (F is napari's File menu, U the Fuse tab's own key, S a napari screenshot).
+        self.run_button = QPushButton("Fus&e")
+        self.cancel_button = QPushButton("C&ancel")
         self.cancel_button.setEnabled(False)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)

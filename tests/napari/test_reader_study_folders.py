@@ -77,14 +77,17 @@ def test_a_pet_mr_study_opens_with_the_pet_on_top_and_one_anatomical_layer_shown
 
 
 def test_series_of_a_flat_folder_are_named_by_number_and_description(tmp_path, samples_dir):
-    # A flat PACS export of several anatomical series and a PET opened as `flat MR #1` ... `flat MR #6`.
+    # A flat PACS export of several anatomical series and a PET opened as `flat MR #1` ... `flat MR #6`. The
+    # SeriesNumber is named only where the description alone does not tell two series apart.
     flat = tmp_path / "flat"
     flat.mkdir()
     uids = {
-        _copy_series(samples_dir / "ct", flat / "a", number=2, description="t1_in"): "flat CT series 2 t1_in",
-        _copy_series(samples_dir / "ct", flat / "b", number=3, description="t1_opp"): "flat CT series 3 t1_opp",
-        _copy_series(samples_dir / "ct", flat / "c", number=4, description="  t1   W\x1b "): "flat CT series 4 t1 W",
-        _copy_series(samples_dir / "pet", flat / "d", number=8, description="PET_AC"): "flat PT series 8 PET_AC",
+        _copy_series(samples_dir / "ct", flat / "a", number=2, description="t1_in"): "flat CT t1_in",
+        _copy_series(samples_dir / "ct", flat / "b", number=3, description="t1_opp"): "flat CT t1_opp",
+        _copy_series(samples_dir / "ct", flat / "c", number=4, description="  t1   W\x1b "): "flat CT t1 W",
+        _copy_series(samples_dir / "pet", flat / "d", number=8, description="PET_AC"): "flat PT PET_AC",
+        _copy_series(samples_dir / "ct", flat / "g", number=6, description="t2"): "flat CT series 6 t2",
+        _copy_series(samples_dir / "ct", flat / "h", number=7, description="t2"): "flat CT series 7 t2",
     }
     # Two series alike in number and description: told apart by their number as `medfuse info` lists them.
     twins = [_copy_series(samples_dir / "ct", flat / p, number=5, description="loc") for p in ("e", "f")]
@@ -97,7 +100,7 @@ def test_series_of_a_flat_folder_are_named_by_number_and_description(tmp_path, s
 
 def test_study_layer_names_leave_out_what_names_the_patient(tmp_path, samples_dir):
     # The folder is named after the patient and one description holds the patient ID: those parts are left out
-    # (the CT's own description and the series numbers still name each series).
+    # (the sub-folders and the CT's own description still name each series).
     pid = "PID77441"
     study = tmp_path / f"DOE_JANE_{pid}"
     for folder in ("ct", "pet"):
@@ -106,8 +109,7 @@ def test_study_layer_names_leave_out_what_names_the_patient(tmp_path, samples_di
     ct_uid = _copy_series(samples_dir / "ct", study / "ct", number=3, description="CT head", **header)
     pet_uid = _copy_series(samples_dir / "pet", study / "pet", number=2, description=f"PET {pid}", **header)
     layers = napari_get_reader(str(study))(str(study))
-    assert {uid: k["name"] for uid, k in _by_uid(layers).items()} == {ct_uid: "CT ct series 3 CT head",
-                                                                         pet_uid: "PT pet series 2"}
+    assert {uid: k["name"] for uid, k in _by_uid(layers).items()} == {ct_uid: "CT ct CT head", pet_uid: "PT pet"}
 
 
 def test_a_single_series_folder_keeps_its_name_and_stays_shown(samples_dir):
