@@ -130,7 +130,10 @@ class SubjectResult:
         output: the output's path.
         error: why the subject failed or was not run, on one line (patient identifiers blanked).
         method_used: the fusion method that made the output (a fallback's name when the network could not run).
-        registration_suspect: True when a registration looked suspect (check that output), else None.
+        registration_suspect: True when a registration looked suspect (check that output), False when the
+            subject was registered and no registration looked suspect, None when no registration ran (or the
+            subject ended before one; a report cell left empty). Before 2026-12 a registration that looked fine
+            was None too.
         worker: the process that ran the subject (``"pid N"``).
         inputs: the images fused, fixed first, separated by ``;`` (for a failed subject, those it was given, where
             known).
@@ -157,6 +160,10 @@ class SubjectResult:
     warnings: Optional[str] = None
 
 
+#: The statuses of subjects that ran in this run (their ``seconds`` are this run's work).
+_ENDED = ("done", "failed")
+
+
 @dataclass
 class BatchSummary:
     """All subjects' results plus where the report went.
@@ -169,6 +176,7 @@ class BatchSummary:
         cancelled: the run was cancelled (unfinished subjects are reported as ``cancelled``).
         workers_asked: the local workers asked for, when more than there were subjects (``workers`` is then the
             number of subjects); else None.
+        scheduler: the run's scheduler (``"local"``, ``"synchronous"`` or an address); None where not known.
     """
 
     results: List[SubjectResult]
@@ -177,6 +185,25 @@ class BatchSummary:
     workers: int
     cancelled: bool = False
     workers_asked: Optional[int] = None
+    scheduler: Optional[str] = None
+
+    @property
+    def one_process_seconds(self) -> Optional[float]:
+        """About how long a local cluster's run would have taken in one process (``scheduler="synchronous"``): its
+        subjects' median time times their number, where that is shorter than the run took; else None.
+
+        Why: cheap subjects on as many workers as cores ran twice as slowly as one after the other (the workers'
+        start and the scheduler cost more than the work). The median leaves out each worker's first subject, which
+        pays for the imports; the subjects' times come out larger as the workers and the driver share the cores,
+        so this errs on the side of silence.
+        """
+        import statistics
+
+        ended = [r.seconds for r in self.results if r.status in _ENDED]
+        if self.scheduler != "local" or self.workers < 2 or len(ended) < 2 or self.cancelled:
+            return None
+        estimate = statistics.median(ended) * len(ended)
+        return estimate if estimate < self.wall_seconds else None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -208,20 +235,51 @@ class BatchSummary:
         A reason is a row's error without the file it names, its parenthesised details (the files found, say) and
         its fix, so that 1,000 subjects missing their PET make one group: ``unpaired: no PET or SPECT found``.
         """
-        import re
-
         groups: Dict[str, int] = {}
         for r in self.results:
             if r.status == status:
-                why = (r.error or "no reason given").split(" Fix: ", 1)[0]
-                why = re.sub(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)[^:]*: ", "", why)  # the file concerned
-                why = re.sub(r"\s*\([^()]*\)", "", why).strip().rstrip(".") or "no reason given"
+                why = _gist(r.error or "") or "no reason given"
                 groups[why] = groups.get(why, 0) + 1
         return sorted(((n, why) for why, n in groups.items()), key=lambda g: -g[0])
 
+    def warning_groups(self, first: int = 3) -> List[Tuple[int, str, List[str]]]:
+        """The subjects' warnings grouped: ``(count, text, the first subjects)``, the most frequent first.
+
+        A subject's warnings are grouped with another's when they read the same once the subject's name is taken
+        out (``*`` in its place) and each is cut as :meth:`reasons` cuts an error; a group of one keeps its
+        subject's own text. Why: printed one line per subject, the same warning on 3,000 subjects flooded the
+        terminal (the report keeps each subject's own).
+
+        Args:
+            first: how many of each group's subjects to name (in the order given).
+        """
+        import re
+
+        groups: Dict[str, List[SubjectResult]] = {}
+        for r in self.results:
+            if r.warnings:
+                # sub-01 in /d/sub-01/pet.nii.gz or sub-01_fused.nii.gz, never in sub-010
+                own = re.sub(rf"(?<![^\W_]){re.escape(r.subject)}(?![^\W_])", "*", r.warnings) if r.subject \
+                    else r.warnings
+                key = "; ".join(_gist(part) or part for part in own.split("; "))
+                groups.setdefault(key, []).append(r)
+        ordered = sorted(groups.items(), key=lambda g: -len(g[1]))
+        return [(len(rows), key if len(rows) > 1 else rows[0].warnings or key, [r.subject for r in rows[:first]])
+                for key, rows in ordered]
+
+    def warning_lines(self, first: int = 3) -> List[str]:
+        """One line per group of :meth:`warning_groups`: ``sub-01: TEXT`` for a subject of its own, else
+        ``1200 subjects (sub-01, sub-02, sub-03, ...): TEXT``, the most frequent first."""
+        lines = []
+        for n, text, named in self.warning_groups(first):
+            who = named[0] if n == 1 else f"{n} subjects ({', '.join(named)}{', ...' if n > len(named) else ''})"
+            lines.append(f"{who}: {text}")
+        return lines
+
     def table(self, max_rows: Optional[int] = 50) -> str:
-        """A plain-text summary table, one row per subject, failures with their one-line reason, then the counts
-        and the failures grouped by reason.
+        """A plain-text summary table, one row per subject, failures with their one-line reason, then the counts,
+        a hint where one process would have been faster (:attr:`one_process_seconds`), and the failures grouped
+        by reason.
 
         Args:
             max_rows: at most this many subject rows (failed, cancelled and suspect ones first, else in order; a
@@ -254,11 +312,26 @@ class BatchSummary:
                      # "--workers 2" and "on 1 worker(s)" read as a bug without the reason
                      + (f" ({self.workers_asked} asked; never more workers than subjects)"
                         if self.workers_asked and self.workers_asked > self.workers else ""))
+        alone = self.one_process_seconds
+        if alone is not None:
+            lines.append(f"one process would have taken about {alone:.1f} s (the subjects' median time x their "
+                         "number): for subjects this quick, --scheduler synchronous (no cluster to start) is faster")
         groups = self.reasons()
         if groups:
             lines.append(f"{self.n_failed} failed: " + "; ".join(f"{n} x {why}" for n, why in groups[:10])
                          + (f"; {len(groups) - 10} other reasons" if len(groups) > 10 else ""))
         return "\n".join(lines)
+
+
+def _gist(text: str) -> str:
+    """An error or warning without the file it starts with, its parenthesised details and its fix: what a
+    summary groups subjects by (:meth:`BatchSummary.reasons`, :meth:`BatchSummary.warning_groups`); ``""`` for
+    nothing left."""
+    import re
+
+    gist = text.split(" Fix: ", 1)[0]
+    gist = re.sub(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)[^:]*: ", "", gist)  # the file concerned
+    return re.sub(r"\s*\([^()]*\)", "", gist).strip().rstrip(".")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -1266,7 +1339,9 @@ def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
         return
     res.method_used = rec.get("method_used")
     regs = rec.get("registration") or []
-    res.registration_suspect = any(bool(r and r.get("suspect")) for r in regs) or None
+    ran = [r for r in (regs if isinstance(regs, list) else []) if isinstance(r, Mapping)]  # None: not registered
+    # False, not empty, for a registration that looked fine: an empty cell read as "not registered".
+    res.registration_suspect = any(bool(r.get("suspect")) for r in ran) if ran else None
     res.finished_utc = rec.get("created_utc")
     res.medfuse_version = (rec.get("versions") or {}).get("medfuse")
 
@@ -1350,21 +1425,23 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     """
     s = _as_subject(subject)
     stop = options.get("stop_file")
-    if stop and os.path.exists(stop):  # the batch was cancelled before this subject started (see _run_on_dask)
-        return asdict(SubjectResult(subject=s.subject, status="cancelled", output=s.output,
-                                    error="not run: the batch was cancelled", worker=f"pid {os.getpid()}"))
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
     said: List[str] = []
     try:
-        # medfuse's warnings go into the row, blanked (printed raw by a Dask worker, they named patient folders).
-        from .io.dicom_writer import using_key
+        if stop and os.path.exists(stop):  # the batch was cancelled before this subject started (_run_on_dask)
+            # Its row gets the columns below as any cancelled row (it returned before them, without its inputs).
+            res.status, res.error = "cancelled", "not run: the batch was cancelled"
+        else:
+            # medfuse's warnings go into the row, blanked (printed raw by a Dask worker, they named patient
+            # folders).
+            from .io.dicom_writer import using_key
 
-        # The run's pseudonym key (a worker process has its own): its DICOM outputs on one fixed series share their
-        # pseudonymous study, frame of reference and patient.
-        with _subject_warnings() as said, using_key(options.get("pseudonym_key")):
-            inputs = _fill_result(s, res, options, cancel, inputs)
+            # The run's pseudonym key (a worker process has its own): its DICOM outputs on one fixed series share
+            # their pseudonymous study, frame of reference and patient.
+            with _subject_warnings() as said, using_key(options.get("pseudonym_key")):
+                inputs = _fill_result(s, res, options, cancel, inputs)
     finally:
         res.warnings = "; ".join(dict.fromkeys(" ".join(m.split()) for m in said)) or None
         if res.status in ("failed", "cancelled"):
@@ -1820,7 +1897,7 @@ def _row_text(row: Any, json_format: bool) -> str:
 
 
 def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequence[Mapping[str, Any]] = (),
-                  texts: Optional[Dict[Tuple[bool, Any], Tuple[Any, str]]] = None) -> Path:
+                  texts: Optional[Dict[Tuple[bool, Any], Tuple[Any, str]]] = None, recover: bool = True) -> Path:
     """Write the report atomically: this run's rows, then the earlier report's rows of subjects not in this
     run (a run over some subjects keeps the others' rows). Columns in :class:`SubjectResult` order.
 
@@ -1828,6 +1905,9 @@ def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequenc
         texts: a run's cache of rendered rows, by row (a row object seen before is not rendered again): the report
             is rewritten while the run goes on, and rendering every row each time (``asdict``, the CSV writer) made
             one rewrite of 3,000 rows take 1.2 s.
+        recover: look for what killed writes left beside the report (:func:`medfuse.io._atomic.atomic_path`);
+            ``False`` for a run's rewrites after its first report, under the report's run lock: each listed the
+            folder twice, and the default report lies among the outputs (a dataset's 3,000 outputs and sidecars).
     """
     from .io._atomic import atomic_write_text
 
@@ -1847,7 +1927,7 @@ def _write_report(path: Path, results: Sequence[SubjectResult], earlier: Sequenc
         body = "[\n" + ",\n".join(parts) + "\n]\n" if parts else "[]\n"
     else:
         body = ",".join(_COLUMNS) + "\n" + "".join(parts)
-    return atomic_write_text(path, body, overwrite=True)
+    return atomic_write_text(path, body, overwrite=True, recover=recover)
 
 
 #: While a run goes on, its report is rewritten at most every this many seconds as subjects end (Dask runs; their
@@ -2186,6 +2266,32 @@ def _warn_oversubscribed(scheduler: str, workers: int, threads: int) -> None:
                       stacklevel=3)
 
 
+#: Seconds between two redraws of the batch's bar at least (as the command line's bars, ``cli._Bar``).
+_BAR_INTERVAL = 0.5
+
+
+def _batch_bar(total: int) -> Any:
+    """The tqdm bar of a run's finished subjects on stderr, or None where the environment turns bars off
+    (``MEDFUSE_NO_PROGRESS``, ``TQDM_DISABLE``, ``TERM=dumb``: :func:`medfuse.progress.text_bar_allowed`) or the
+    bar cannot be built (a bad ``TQDM_*`` setting: no bar, never a failed run). Redrawn at most every
+    :data:`_BAR_INTERVAL` seconds, in ``#`` blocks where stderr cannot show the Unicode ones.
+    """
+    from .progress import text_bar_allowed, text_bar_ascii
+
+    if not text_bar_allowed():
+        return None
+    try:
+        from tqdm import tqdm
+
+        # disable=None hides the bar where stderr is no terminal (a cron log); a notebook's stderr is none
+        # either, yet shows it: asked for there, it showed nothing at all.
+        notebook = type(sys.stderr).__module__.startswith("ipykernel")
+        return tqdm(total=total, desc="batch", unit="subject", file=sys.stderr, disable=False if notebook else None,
+                    ascii=text_bar_ascii(sys.stderr), mininterval=_BAR_INTERVAL)
+    except Exception:  # noqa: BLE001 - a broken bar must not stop the run
+        return None
+
+
 def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional[int] = None, scheduler: str = "local",
               threads_per_worker: int = 1, register: Optional[str] = None, method: str = "network",
               device: str = "cpu", fallback: Optional[str] = None, overwrite: bool = False,
@@ -2213,7 +2319,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             cannot be written stops the run at once), then every few seconds while subjects end (between
             subjects for ``scheduler="synchronous"``) and at the end; rows of subjects not in this run are kept.
             One run per report at a time: a second is refused while the first goes on.
-        progress: show a tqdm bar of finished subjects (on a terminal, or in a Jupyter notebook).
+        progress: show a tqdm bar of finished subjects (on a terminal, or in a Jupyter notebook; none under
+            ``MEDFUSE_NO_PROGRESS``, ``TQDM_DISABLE`` or ``TERM=dumb``), redrawn at most twice a second.
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
         suv: how DICOM PET inputs are read, as :func:`medfuse.fuse_files` takes it (``None``: SUVbw).
@@ -2285,15 +2392,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
         cancelled = False
         t0 = time.perf_counter()
         started = time.time()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            # disable=None hides the bar where stderr is no terminal (a cron log); a notebook's stderr is none
-            # either, yet shows it: asked for there, it showed nothing at all.
-            notebook = type(sys.stderr).__module__.startswith("ipykernel")
-            bar = tqdm(total=len(subjects), desc="batch", unit="subject", file=sys.stderr,
-                       disable=False if notebook else None)
+        bar = _batch_bar(len(subjects)) if progress else None
 
         waiting = {s.subject: SubjectResult(subject=s.subject, status="pending", output=s.output) for s in subjects}
         shown: Dict[str, Tuple[SubjectResult, SubjectResult]] = {}  # {subject: (its result, as shown)}
@@ -2321,7 +2420,9 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             t = time.perf_counter()
             try:
                 report_path.parent.mkdir(parents=True, exist_ok=True)  # a list's outputs' folder, absent until now
-                return _write_report(report_path, ordered, earlier, texts)
+                # recover=False: _first_report cleaned up after any killed earlier run; under the lock no one else
+                # writes here (positional, as the report's writer is called everywhere)
+                return _write_report(report_path, ordered, earlier, texts, False)
             except (OSError, MedfuseError) as e:  # the work goes on; the summary is not lost over the report file
                 report_errors.append(e)
                 return None
@@ -2339,8 +2440,10 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             # A run killed overnight leaves a report of what it finished (but for its last seconds' subjects).
             save_if_due()
             if bar is not None:
+                # Not refreshed here: update() redraws at most every _BAR_INTERVAL s (a burst of 3,000 ending
+                # subjects redrew the line 3,000 times).
+                bar.set_postfix_str(f"{as_shown(results[d['subject']]).subject}: {d['status']}", refresh=False)
                 bar.update(1)
-                bar.set_postfix_str(f"{as_shown(results[d['subject']]).subject}: {d['status']}", refresh=True)
 
         finished.idle = save_if_due  # type: ignore[attr-defined]  # called by _run_on_dask while it waits
 
@@ -2396,7 +2499,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
                           f"pass report= (--report) to choose another place", MedfuseWarning, stacklevel=2)
         return BatchSummary(results=ordered, report_path=written, wall_seconds=wall,
                             workers=n_workers if scheduler != "synchronous" else 1, cancelled=cancelled,
-                            workers_asked=asked if scheduler == "local" and asked != workers else None)
+                            workers_asked=asked if scheduler == "local" and asked != workers else None,
+                            scheduler=scheduler)
 
 
 def _left_in_place(output: Any) -> Optional[str]:
@@ -2551,8 +2655,10 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
         def report(batch: List[Any]) -> bool:
             """Record a batch of ended subjects; False once cancelled (the rest of it is still recorded)."""
             for fut, value in batch:
-                if fut.status == "cancelled":  # dropped by the cancel before it ran: reported as not run
-                    continue
+                if fut.status == "cancelled" and cancel is not None and cancel.cancelled:
+                    continue  # dropped by our cancel before it ran: reported as not run at the run's end
+                # Cancelled by Dask itself (the scheduler's connection lost): a failed row, not "the batch was
+                # cancelled", which nobody did.
                 if cancel is not None and cancel.cancelled and not os.path.exists(stop):
                     open(stop, "w").close()  # first thing: a task starting from now on does nothing
                 finished(_dask_result(value, futures[fut], cancel))

@@ -932,14 +932,21 @@ def _temp_suffix(name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = ()) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Optional[PathLike]] = (),
+                recover: bool = True) -> Iterator[Path]:
     """Yield a temporary file path beside ``path`` (same suffix); on success it replaces ``path``.
 
     The temporary name keeps the full suffix (``.nii.gz``), in lower case, so that writers that choose
     a format from the name still work. An existing folder at ``path`` is never replaced.
+
+    Args:
+        recover: as :func:`check_output`'s: resolve first what killed writes to ``path`` left beside it, which
+            lists its folder (twice). ``False`` only for a file this process alone rewrites, and has written with
+            ``recover`` since it holds that right (a batch report under its run lock, rewritten every few
+            seconds in a folder of thousands of outputs): nobody else can have left anything since.
     """
     inputs = list(inputs or ())  # read again at the end (permissions): a generator would be spent
-    p = check_output(path, overwrite=overwrite, inputs=inputs, kind="file")
+    p = check_output(path, overwrite=overwrite, inputs=inputs, kind="file", recover=recover)
     tmp: Optional[str] = None
     try:
         tmp = _make_temp_file(p, _temp_suffix(p.name))
@@ -1105,18 +1112,19 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Opti
 
 
 def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = False,
-                       inputs: Iterable[Optional[PathLike]] = ()) -> Path:
-    """Write bytes atomically; returns the Path."""
-    with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
+                       inputs: Iterable[Optional[PathLike]] = (), recover: bool = True) -> Path:
+    """Write bytes atomically; returns the Path. ``recover``: as :func:`atomic_path`'s."""
+    with atomic_path(path, overwrite=overwrite, inputs=inputs, recover=recover) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
 def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = False,
-                      inputs: Iterable[Optional[PathLike]] = ()) -> Path:
-    """Write UTF-8 text atomically; returns the Path.
+                      inputs: Iterable[Optional[PathLike]] = (), recover: bool = True) -> Path:
+    """Write UTF-8 text atomically; returns the Path. ``recover``: as :func:`atomic_path`'s.
 
     A file name that is not UTF-8 (``sub_\\xff``: Python holds its bytes as surrogates) is written as its own
     bytes: it stopped ``medfuse evaluate`` after all its scoring, and a dataset batch before any work (exit 3).
     """
-    return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"), overwrite=overwrite, inputs=inputs)
+    return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"), overwrite=overwrite, inputs=inputs,
+                              recover=recover)
