@@ -1052,13 +1052,24 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _transform_chain(paths: Sequence[Any]):
+    """The transform files of ``--transform T [T ...]`` as one Transform (None for none): the first maps the
+    reference image's points on, the last lands in the moving image (``compose`` applies its argument first)."""
+    from .registration.transforms import load_transform
+
+    chain = None
+    for path in paths:
+        t = load_transform(path)
+        chain = t if chain is None else t.compose(chain)
+    return chain
+
+
 def _cmd_resample(args: argparse.Namespace) -> int:
     """``medfuse resample``: MOVING on REFERENCE's grid through saved transforms (a chain: each applied in turn)."""
     from . import provenance as prov
     from .io import dicom_template, is_image_file, load, save
     from .io.writers import check_save_target
     from .registration import resample
-    from .registration.transforms import load_transform
 
     out = Path(args.output)
     chain_paths = list(args.transform or [])
@@ -1072,11 +1083,7 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         check_identity_kept(out, args.reference, option="--keep-identity")
     _check_modalities_option(args, 2)
     _check_series_option(args, 2)
-    # Read (and refused when missing or unreadable) before the images are loaded.
-    chain = None
-    for path in chain_paths:  # the first maps REFERENCE points on, the last lands in MOVING: compose applies its
-        t = load_transform(path)  # argument first
-        chain = t if chain is None else t.compose(chain)
+    chain = _transform_chain(chain_paths)  # read (and refused) before the images are loaded
     picks = args.series or [None, None]
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -1313,8 +1320,10 @@ def _add_suv_option(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--suv", choices=("auto", "bw", "lbm", "lbm_janma", "bsa", "none"), default=None,
                    help="how a DICOM PET's values are read: auto = SUVbw, or the SUV kind a series stores; bw = body "
                         "weight; lbm = lean body mass, James (SUL, as PERCIST uses it); lbm_janma = lean body mass, "
-                        "Janmahasatian; bsa = body surface area; none = as stored (Bq/mL). Other inputs ignore it. "
-                        f"Default: {default}")
+                        "Janmahasatian; bsa = body surface area (lbm, lbm_janma and bsa need the patient's height "
+                        "and sex: without them, SUVbw, with a warning); none = no SUV: Bq/mL (Philips raw counts "
+                        "converted with their activity concentration factor; counts where it is missing). Other "
+                        f"inputs ignore it. Default: {default}")
 
 
 def _check_series_option(args: argparse.Namespace, n_inputs: int) -> None:
@@ -1461,8 +1470,12 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     if args.label is not None and args.mask is None:
         raise InvalidInputError("--label picks a label of the --mask, and no --mask was given",
                                 fix="add --mask LABELS, or leave out --label")
+    if args.transform and args.mask is None:
+        raise InvalidInputError("--transform carries the --mask onto the image, and no --mask was given",
+                                fix="add --mask MASK, or leave out --transform")
     inputs = [args.image] + ([args.mask] if args.mask is not None else [])
-    _check_readable(*inputs)
+    _check_readable(*inputs, *(args.transform or []))
+    chain = _transform_chain(args.transform or [])
     _check_series_option(args, len(inputs))
     _check_modalities_option(args, len(inputs))
     picks = args.series or [None] * len(inputs)
@@ -1482,7 +1495,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 lps = image.index_to_world(at) if args.voxel else [-at[0], -at[1], at[2]] if args.ras else at
                 points.append({"at": list(at), "space": space, "value": _number(value), "voxel": ijk,
                                "lps_mm": [round(float(c), 3) for c in lps]})
-            stats = mask_statistics(image, mask[0], label=args.label) if mask else None
+            stats = mask_statistics(image, mask[0], label=args.label, transform=chain) if mask else None
         finally:
             _show_warnings(caught, args)
     unit = image.unit
@@ -1511,7 +1524,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         _print_blanked(args, f"value {value} at {where}{read}")
     if stats is not None:
         which = "non-zero voxels" if args.label is None else f"voxels of label {args.label}"
-        resampled = "; put on the image's grid by nearest neighbour" if stats["mask_resampled"] else ""
+        how = "through --transform" if chain is not None else "as the scanners placed the two"
+        resampled = f"; put on the image's grid by nearest neighbour, {how}" if stats["mask_resampled"] else ""
         u = _unit_words(stats["unit"])
         _print_blanked(args, f"mask {args.mask}: {which}{resampled}")
         _print_blanked(args, f"  voxels {stats['count']}")
@@ -1744,9 +1758,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     _show_warnings(caught, args)
     if not args.quiet:
         print(summary.table())
-        for r in summary.results:  # collected per subject (blanked), on every worker
-            if r.warnings:
-                print(f"medfuse: warning: {r.subject}: {r.warnings}", file=sys.stderr)
+        # Collected per subject (blanked) on every worker; a warning repeated by many subjects is one line with
+        # their count (a 3,000-subject run printed one line each).
+        for line in summary.warning_lines():
+            print(f"medfuse: warning: {line}", file=sys.stderr)
         if summary.report_path is not None:
             print(f"report: {summary.report_path}")
     failed = summary.count("failed")
@@ -2167,6 +2182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mask or label map (file or DICOM folder): statistics of the image's voxels it selects")
     p.add_argument("--label", type=int, default=None, metavar="N",
                    help="the label of a label map --mask to measure (default: every non-zero voxel)")
+    p.add_argument("--transform", nargs="+", metavar="T", default=None,
+                   help="transform file(s) carrying --mask onto IMAGE: what 'medfuse register IMAGE MASK_IMAGE' "
+                        "wrote (IMAGE side first for a chain, as resample takes them); default: none, the "
+                        "scanners' placement (right within one session, wrong across sessions)")
     p.add_argument("--series", nargs="+", metavar="S", default=None,
                    help="for DICOM folders holding several series: one choice per input, IMAGE first then MASK: "
                         "the series' number as listed, its modality or its UID; '-' for an input that needs none")

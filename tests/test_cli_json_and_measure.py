@@ -221,3 +221,33 @@ def test_measure_modalities_give_a_plain_nifti_ct_its_hounsfield_units(tmp_path,
     assert "value 40 HU at voxel i 3, j 3, k 3" in capsys.readouterr().out
     assert main(["measure", str(path), "--at", "3", "3", "3", "--modalities", "CT", "PT"]) == EXIT_USAGE
     assert "--modalities names 2 modalities for 1 inputs" in capsys.readouterr().err
+
+
+def test_measure_carries_a_mask_of_another_session_through_its_transform(tmp_path, capsys):
+    """A baseline lesion mask measured on the follow-up: by the scanners' placement it reads other voxels (an
+    oncology probe's SUVmax 9.85 for a true 14.55); through the transform register writes, the lesion's own."""
+    rng = np.random.default_rng(3)
+    g = np.mgrid[:24, :26, :20].astype(np.float32)
+    lesion = 12 * np.exp(-((g[0] - 9) ** 2 + (g[1] - 15) ** 2 + (g[2] - 8) ** 2) / 6)
+    arr = (lesion + rng.random(g.shape[1:]) + 1).astype(np.float32)
+    base = Volume(arr, affine_from_geometry((2.0, 2.0, 3.0), (-20.0, -30.0, 10.0), np.eye(3)), modality="PT",
+                  unit="SUVbw")
+    # The follow-up: the same voxels, the patient turned 0.2 rad about z and moved (world = R @ baseline world).
+    c, s = math.cos(0.2), math.sin(0.2)
+    R = np.array([[c, -s, 0, 12.0], [s, c, 0, -7.0], [0, 0, 1, 9.0], [0, 0, 0, 1]])
+    follow = Volume(arr, R @ base.affine, modality="PT", unit="SUVbw")
+    mask = Volume((lesion > 6).astype(np.uint8), base.affine)
+    paths = [medfuse.save(v, tmp_path / n) for v, n in ((follow, "fu.nii.gz"), (mask, "mask.nii.gz"))]
+    # Follow-up points to baseline points, as `medfuse register FOLLOW-UP BASELINE` writes it.
+    tfm = medfuse.Transform.from_matrix(np.linalg.inv(R)).save(tmp_path / "fu_to_bl.tfm")
+    truth = medfuse.mask_statistics(base, mask)
+    assert main(["measure", str(paths[0]), "--mask", str(paths[1]), "--transform", str(tfm), "--json"]) == EXIT_OK
+    rec, _ = _json(capsys)
+    for key in ("count", "mean", "max", "peak"):
+        assert rec["mask"][key] == pytest.approx(truth[key], rel=1e-6), key
+    assert rec["mask"]["mask_resampled"] is True
+    assert main(["measure", str(paths[0]), "--mask", str(paths[1]), "--json"]) == EXIT_OK
+    placed, _ = _json(capsys)
+    assert placed["mask"]["max"] < 0.8 * truth["max"]  # the wrong voxels, as the probe found
+    assert main(["measure", str(paths[0]), "--at", "0", "0", "0", "--transform", str(tfm)]) == EXIT_USAGE
+    assert "--transform carries the --mask" in capsys.readouterr().err
