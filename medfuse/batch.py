@@ -330,8 +330,13 @@ def _gist(text: str) -> str:
     import re
 
     gist = text.split(" Fix: ", 1)[0]
-    gist = re.sub(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)[^:]*: ", "", gist)  # the file concerned
-    return re.sub(r"\s*\([^()]*\)", "", gist).strip().rstrip(".")
+    # The file concerned: absolute, or relative as a list manifest gives it (data/sub-04/pet.nii: ...).
+    gist = re.sub(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\|[^\s:/\\]+[/\\])[^:]*: ", "", gist)
+    while True:  # innermost parentheses first: "(most often out of memory (OOM))" goes whole
+        shorter = re.sub(r"\s*\([^()]*\)", "", gist)
+        if shorter == gist:
+            return gist.strip().rstrip(".")
+        gist = shorter
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -112,6 +112,18 @@ def test_failure_reasons_are_grouped_as_before():
     assert summary.reasons() == [(3, "unpaired: no PET found"), (1, "no reason given")]
 
 
+def test_reasons_group_relative_paths_and_nested_details():
+    """A list manifest's relative paths (``data/sub-04/pet.nii: ...``) made a group of their own beside the same
+    error on absolute paths, and "(most often out of memory (OOM))" left "(most often out of memory)" behind."""
+    errors = ["/d/sub-01/pet.nii: the file cannot be read (truncated at byte 1)",
+              "data/sub-04/pet.nii: the file cannot be read (truncated at byte 9)",
+              "the worker process running it died (most often out of memory (OOM)). Fix: --workers 1",
+              "the worker process running it died (most often out of memory (OOM)). Fix: --workers 1"]
+    rows = [SubjectResult(subject=f"s{i}", status="failed", error=e) for i, e in enumerate(errors)]
+    summary = BatchSummary(results=rows, report_path=None, wall_seconds=1.0, workers=1)
+    assert sorted(summary.reasons()) == [(2, "the file cannot be read"), (2, "the worker process running it died")]
+
+
 class _Terminal(io.StringIO):
     """stderr as a terminal (tqdm's disable=None draws the bar only on one)."""
 
