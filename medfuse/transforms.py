@@ -891,10 +891,12 @@ def _checked_fusion_options(method: str, options: Dict[str, Any]) -> Dict[str, A
             classical rule's option, or ``weights`` that is not a path.
         WeightsError: the network's ``weights=`` file is missing, unreadable or not a safetensors file.
     """
-    from .fusion.classical import _OPTIONS, _check_options
+    from .fusion.classical import _OPTIONS, _check_options, _unknown_options
 
     allowed = _network_option_names() if method == "network" else set(_OPTIONS[method])
     unknown = sorted(set(options) - allowed - {"progress", "cancel"})
+    if unknown and method != "network":
+        raise _unknown_options(method, unknown)  # with the near name of a typo, as medfuse.fuse says it
     if unknown:
         raise InvalidInputError(f"option(s) {', '.join(unknown)} not understood by method {method!r}",
                                 fix=f"{method} takes {', '.join(sorted(allowed)) or 'no options'}; check the spelling")

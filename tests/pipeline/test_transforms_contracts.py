@@ -77,6 +77,8 @@ def test_options_the_method_does_not_take_are_refused_when_built(method, options
     with pytest.raises(InvalidInputError) as e:
         FuseModalities(method=method, fallback="laplacian" if method == "network" else None, **options)
     assert next(iter(options)) in str(e.value)
+    if options == {"levles": 3}:  # a classical rule's typo gets medfuse.fuse's near name
+        assert "did you mean 'levels'?" in str(e.value)
     with pytest.raises(InvalidInputError):
         FuseModalitiesd(keys=["a", "b"], method=method, **options)
 
