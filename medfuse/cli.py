@@ -863,6 +863,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "max": float(finite.max()) if finite.size else None,
         "series_uid": _series_key(series, args.series, p) or vol.provenance.get("series_uid"),
         "series_description": vol.provenance.get("series_description"),
+        "image_type": vol.provenance.get("image_type") or None,
+        "patient_position": vol.provenance.get("patient_position") or None,
         "n_series_in_folder": len(series) or None,
         "warnings": vol.provenance.get("warnings") or [],
     }
@@ -896,9 +898,22 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         print("  values       none finite")
     if facts["series_description"]:
         print(f"  series       {facts['series_description']}")
+    if facts["image_type"]:
+        print(f"  image type   {facts['image_type']}")
+    if facts["patient_position"]:
+        said = _PATIENT_POSITIONS.get(facts["patient_position"].upper())
+        print(f"  position     {facts['patient_position']}{f' ({said})' if said else ''}; the geometry follows the "
+              "orientation tags, whatever the position")
     for w in facts["warnings"]:
         print(f"  warning      {_cli_words(str(w))}")
     return EXIT_OK
+
+
+#: PatientPosition (0018,5100) in words.
+_PATIENT_POSITIONS = {"HFS": "head first, supine", "HFP": "head first, prone", "FFS": "feet first, supine",
+                      "FFP": "feet first, prone", "HFDR": "head first, decubitus right",
+                      "HFDL": "head first, decubitus left", "FFDR": "feet first, decubitus right",
+                      "FFDL": "feet first, decubitus left"}
 
 
 def _suv_factor_text(factor: Any) -> str:

@@ -38,8 +38,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Modalities medfuse knows. DICOM's PT is PET, NM covers SPECT.
 MODALITIES = ("MR", "CT", "PT", "NM", "unknown")
 
-#: Physical units medfuse records. ``arbitrary`` for MR and anything unscaled.
-UNITS = ("HU", "SUVbw", "SUVlbm", "SUVbsa", "Bq/mL", "counts", "arbitrary")
+#: Physical units medfuse records. ``arbitrary`` for MR and anything unscaled; ``Gy`` for an RT dose grid.
+UNITS = ("HU", "SUVbw", "SUVlbm", "SUVbsa", "Bq/mL", "counts", "Gy", "arbitrary")
 
 _MODALITY_ALIASES = {
     "MRI": "MR", "MR": "MR", "T1": "MR", "T2": "MR", "FLAIR": "MR", "PD": "MR",
@@ -57,6 +57,7 @@ _PROVENANCE_KEYS = {
     "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
     "registration", "scaling", "network_functional", "nifti_space", "sources", "suv_source", "labels_from",
     "unit_stated", "patient_key", "series_number", "network_path", "network_threads", "suv_factor",
+    "image_type", "patient_position",
 }
 
 
@@ -347,7 +348,7 @@ def relabelled(vol: "Volume", modality: Optional[str]) -> "Volume":
 
 #: The modalities a physical unit belongs to (``arbitrary`` belongs to all; ``unknown`` takes every unit).
 _UNIT_MODALITIES = {"HU": ("CT",), "SUVbw": ("PT", "NM"), "SUVlbm": ("PT", "NM"), "SUVbsa": ("PT", "NM"),
-                    "Bq/mL": ("PT", "NM"), "counts": ("PT", "NM")}
+                    "Bq/mL": ("PT", "NM"), "counts": ("PT", "NM"), "Gy": ("unknown",)}
 
 
 def _check_pair(modality: Optional[str], unit: Optional[str]) -> None:
@@ -359,11 +360,12 @@ def _check_pair(modality: Optional[str], unit: Optional[str]) -> None:
     owners = _UNIT_MODALITIES.get(unit or "")
     if owners is None or modality in (None, "unknown") or modality in owners:
         return
+    owned = "RT dose grids, of modality 'unknown'" if unit == "Gy" else f"{' and '.join(owners)} images"
     raise InvalidInputError(
-        f"unit {unit!r} is not a unit of modality {modality!r} (it belongs to {' and '.join(owners)} images)",
+        f"unit {unit!r} is not a unit of modality {modality!r} (it belongs to {owned})",
         fix="give the image's modality and unit together (Volume(..., modality=M, unit=U), or "
             "vol.with_array(vol.array, modality=M, unit=U)): HU goes with CT; SUVbw, SUVlbm, SUVbsa, Bq/mL and counts "
-            "with PT or NM; 'arbitrary' with any modality")
+            "with PT or NM; Gy (an RT dose) with unknown; 'arbitrary' with any modality")
 
 
 #: Field name -> check run whenever the field is set (in the constructor and afterwards).

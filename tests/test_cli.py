@@ -353,7 +353,8 @@ def test_info_on_a_folder_lists_its_series_and_image_files(tmp_path, capsys):
 def test_info_series_errors_name_the_command_line_not_the_python_api(capsys):
     assert main(["info", str(SAMPLES), "--series", "1.2.3"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "no series in this folder matches" in err and "1: CT" in err and "medfuse.scan" not in err
+    # The sample PET's study is dated before the CT's: studies are listed in date order, the PET first.
+    assert "no series in this folder matches" in err and "2: CT" in err and "medfuse.scan" not in err
     assert main(["info", str(SAMPLES / "mr_t1.nii.gz"), "--series", "1.2.3"]) == EXIT_USAGE  # was ignored
     assert "--series" in capsys.readouterr().err
     uid = medfuse_scan_uid("PT")
@@ -613,13 +614,13 @@ def test_fuse_and_register_pick_series_of_one_folder(pacs_export, tmp_path, caps
     rec = json.loads((tmp_path / "fused.json").read_text())
     assert rec["parameters"]["load"]["series"] == ["CT", "PET"]
     # by number, as the error lists them, and for register; a UID is recorded as "uid", never as itself
-    uid = medfuse.scan(pacs_export)[1].series_uid
+    uid = medfuse.scan(pacs_export)[0].series_uid  # the PET: its study is dated before the CT's
     reg = tmp_path / "reg.nii.gz"
-    assert main(["register", str(pacs_export), str(pacs_export), "-o", str(reg), "--series", "1", uid,
+    assert main(["register", str(pacs_export), str(pacs_export), "-o", str(reg), "--series", "2", uid,
                  "--no-progress"]) == 0
     capsys.readouterr()
     rec = json.loads((tmp_path / "reg.json").read_text())
-    assert rec["parameters"]["series"] == ["1", "uid"] and uid not in (tmp_path / "reg.json").read_text()
+    assert rec["parameters"]["series"] == ["2", "uid"] and uid not in (tmp_path / "reg.json").read_text()
     assert medfuse.load(reg).same_grid(ct)
 
 

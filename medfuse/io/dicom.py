@@ -1,4 +1,4 @@
-"""DICOM reader: single files, folders (recursive), multi-frame, mosaics, 4-D series, PET SUV.
+"""DICOM reader: single files, folders (recursive), multi-frame, mosaics, 4-D series, PET SUV, RT dose grids.
 
 Geometry is taken from ImagePositionPatient / ImageOrientationPatient (or the enhanced
 functional groups), never from file names. The voxel array keeps the DICOM order
@@ -34,8 +34,11 @@ __all__ = ["SeriesInfo", "scan", "load_dicom", "load_dicom_volumes"]
 
 PathLike = Union[str, os.PathLike]
 
-#: Modalities that carry no image medfuse can use.
-_NON_IMAGE = {"RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SEG", "SR", "KO", "PR", "REG", "DOC", "RWV"}
+#: Modalities that carry no image medfuse can use (an RTDOSE's dose grid is one: see _rtdose_frames).
+_NON_IMAGE = {"RTSTRUCT", "RTPLAN", "RTRECORD", "SEG", "SR", "KO", "PR", "REG", "DOC", "RWV"}
+#: What the RT objects medfuse refuses hold, for the message.
+_NON_IMAGE_WHAT = {"RTSTRUCT": "an RT structure set (contours)", "RTPLAN": "an RT plan (beams, no image)",
+                   "RTRECORD": "an RT treatment record", "SEG": "a segmentation", "SR": "a structured report"}
 #: Relative deviation of slice spacing tolerated before resampling.
 _SPACING_TOL = 0.01
 #: Largest gap (in slice spacings) that is interpolated; larger gaps are refused.
@@ -342,9 +345,13 @@ def _headers(path: Path, broken: Optional[List[Path]] = None,
             continue
         if modality in _NON_IMAGE or "Rows" not in ds or "Columns" not in ds:
             if single:
+                what = ("an RT dose object without a dose grid (dose-volume histograms only)"
+                        if modality == "RTDOSE" else _NON_IMAGE_WHAT.get(modality, ""))
                 raise UnsupportedDataError(
-                    f"this DICOM object ({modality or 'no modality'}) holds no image medfuse can load",
-                    fix="load the image series it refers to instead", path=f)
+                    f"this DICOM object ({modality or 'no modality'}{': ' + what if what else ''}) holds no image "
+                    "medfuse can load (medfuse loads images and RT dose grids)",
+                    fix="load the image series it refers to instead" + (
+                        ", or an RTDOSE exported with its dose grid" if modality == "RTDOSE" else ""), path=f)
             n_non_image += 1
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
@@ -415,18 +422,35 @@ def _number_key(number: str) -> Tuple[int, int, str]:
 
 
 def _in_viewer_order(series: Dict[str, List[Tuple[Path, Any]]]) -> Dict[str, List[Tuple[Path, Any]]]:
-    """The series ordered as viewers list them: by SeriesNumber (numeric; series without one last), then the
-    series' first acquisition, then its folder (copies of one series in two folders), then SeriesInstanceUID.
+    """The series ordered as viewers list them: by study (its earliest acquisition, then StudyInstanceUID), then by
+    SeriesNumber (numeric; series without one last), then the series' first acquisition, then its folder (copies
+    of one series in two folders), then SeriesInstanceUID.
 
     Why: they were listed in the order of their first file's name, so that ``--series 1`` (a number as listed)
     was the T1 in a PACS export named IM00001... and a Dixon image in the same study exported with
-    SOPInstanceUID file names, and a series added later (SeriesNumber 1) came last.
+    SOPInstanceUID file names, and a series added later (SeriesNumber 1) came last. Without the study, a folder
+    holding a baseline and a follow-up listed their series interleaved by number.
     """
+    def first(files: List[Tuple[Path, Any]]) -> Tuple[int, float]:
+        return min((a for a in (_acquired(ds) for _, ds in files) if a != (0, -1.0)), default=(0, -1.0))
+
+    def study(files: List[Tuple[Path, Any]]) -> str:
+        return next((u for u in (_uid_text(ds.get("StudyInstanceUID") or "") for _, ds in files) if u), "")
+
+    # A study's time is its earliest series' (a study without a dated one sorts after those with one: a time of
+    # day alone does not order two studies).
+    began: Dict[str, Tuple[int, float]] = {}
+    for files in series.values():
+        t, uid = first(files), study(files)
+        if t[0]:
+            began[uid] = min(began.get(uid, t), t)
+
     def key(item: Tuple[str, List[Tuple[Path, Any]]]) -> Tuple:
         uid, files = item
-        acquired = [a for a in (_acquired(ds) for _, ds in files) if a != (0, -1.0)]
+        st = study(files)
         folder = min(os.fspath(f.parent) for f, _ in files)
-        return _number_key(_number_of(files)), min(acquired, default=(0, -1.0)), folder, uid
+        return (st not in began, began.get(st, (0, -1.0)), st, _number_key(_number_of(files)), first(files), folder,
+                uid)
 
     return dict(sorted(series.items(), key=key))
 
@@ -956,6 +980,8 @@ def _frames_of(f: Path, ds) -> List[_Frame]:
         return out
     if modality == "NM" and n > 1:
         return _nm_frames(f, ds, n)
+    if modality == "RTDOSE":
+        return _rtdose_frames(f, ds, n)
     iop, pos, ps = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"), ds.get("PixelSpacing")
     if iop is None or pos is None:
         raise GeometryError("the image has no ImagePositionPatient/ImageOrientationPatient",
@@ -1115,6 +1141,78 @@ def _nm_frames(f: Path, ds, n: int) -> List[_Frame]:
         out.append(_Frame(f, k, np.array(pos, float) + z * dz * normal, iop, (float(ps[0]), float(ps[1])), s, i,
                           others or (0.0,)))
     return out
+
+
+#: Fix for an RT dose grid whose geometry or scaling cannot be read.
+_FIX_DOSE = "export the dose again from the treatment planning system (with its dose grid, not only the DVHs)"
+
+
+def _rtdose_frames(f: Path, ds, n: int) -> List[_Frame]:
+    """Frames of an RT Dose grid (PS3.3 C.8.8.3): slices at ImagePositionPatient plus GridFrameOffsetVector
+    (3004,000C) along the normal (row x column), values stored x DoseGridScaling (after any rescale).
+
+    GridFrameOffsetVector comes in the standard's two forms (C.8.8.3.2): relative (first value 0, the frames'
+    distances from the first one) or, for an axial grid (ImageOrientationPatient 1\\0\\0\\0\\1\\0) only, absolute (each
+    frame's z, the first equal to ImagePositionPatient's). The offsets vary monotonically (increasing or
+    decreasing); uneven ones are regularised as uneven slice spacing is.
+
+    Raises:
+        GeometryError: no position, orientation or pixel spacing; no GridFrameOffsetVector for several frames, one
+            that lists another number of offsets than frames, that does not vary monotonically, or that starts
+            neither at 0 nor (axial grids) at the first frame's z.
+        UnreadableFileError: a DoseGridScaling that is missing, not a finite number, or not positive.
+    """
+    iop, pos, ps = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"), ds.get("PixelSpacing")
+    missing = [name for name, v in (("ImagePositionPatient", pos), ("ImageOrientationPatient", iop),
+                                    ("PixelSpacing", ps)) if not v]
+    if missing:
+        raise GeometryError(f"the RT dose grid lacks {' and '.join(missing)}, so where it lies in the patient is "
+                            "unknown", fix=_FIX_DOSE, path=f)
+    iop, sp = _checked_plane(iop, ps, f)
+    pos = np.array([float(x) for x in pos], float)
+    if pos.shape != (3,) or not np.all(np.isfinite(pos)):
+        raise GeometryError("ImagePositionPatient of the RT dose grid is not three finite numbers", fix=_FIX_DOSE,
+                            path=f)
+    scale = _f(ds.get("DoseGridScaling"))
+    if scale is None or not math.isfinite(scale) or scale <= 0:
+        what = "is missing" if ds.get("DoseGridScaling") in (None, "") else "is not a finite positive number"
+        # Why no default of 1: the stored integers are dose / DoseGridScaling (often 1e-5 Gy a step), and reading
+        # them as Gy would be wrong by that factor, without a word.
+        raise UnreadableFileError(f"DoseGridScaling (3004,000E) of the RT dose {what}, so the stored values cannot "
+                                  "be turned into dose", fix=_FIX_DOSE, path=f)
+    raw = ds.get("GridFrameOffsetVector")
+    offsets = [] if raw is None or raw == "" else [_f(v) for v in (raw if isinstance(raw, (list, tuple)) or
+                                                                 type(raw).__name__ == "MultiValue" else [raw])]
+    if not offsets and n > 1:
+        raise GeometryError(f"the RT dose grid has {n} frames but no GridFrameOffsetVector (3004,000C), so where "
+                            "its frames lie is unknown", fix=_FIX_DOSE, path=f)
+    off = np.array(offsets or [0.0], float) if all(v is not None for v in offsets) else np.array([np.nan])
+    if not np.all(np.isfinite(off)):
+        raise GeometryError("GridFrameOffsetVector (3004,000C) of the RT dose holds values that are not finite "
+                            "numbers", fix=_FIX_DOSE, path=f)
+    if len(off) != n:
+        raise GeometryError(f"GridFrameOffsetVector (3004,000C) lists {len(off)} offsets for the dose grid's {n} "
+                            "frames (NumberOfFrames), so its frames cannot be placed", fix=_FIX_DOSE, path=f)
+    steps = np.diff(off)
+    if n > 1 and not (np.all(steps > 0) or np.all(steps < 0)):
+        raise GeometryError("GridFrameOffsetVector (3004,000C) of the RT dose does not vary monotonically (an "
+                            "offset repeated, or the order reversed), so its frames do not form one grid",
+                            fix=_FIX_DOSE, path=f)
+    if abs(off[0]) > _POS_TOL:
+        axial = np.allclose(iop, [1, 0, 0, 0, 1, 0], atol=1e-3)
+        if not (axial and abs(off[0] - pos[2]) <= _POS_TOL):
+            raise GeometryError(
+                f"GridFrameOffsetVector (3004,000C) of the RT dose starts at {off[0]:g} mm: neither 0 (offsets from "
+                "the first frame) nor" + (f" the first frame's z ({pos[2]:g} mm; absolute offsets)" if axial else
+                                          " allowed as absolute offsets (only for an axial grid)")
+                + ", so where its frames lie is ambiguous", fix=_FIX_DOSE, path=f)
+        off = off - pos[2]  # absolute: each frame's z; the normal of an axial grid is +z
+    normal = np.cross(iop[:3], iop[3:])
+    s, i = _scaling(ds, path=f)
+    key = _time_key(ds)
+    thickness = float(np.min(np.abs(steps))) if n > 1 else abs(_f(ds.get("SliceThickness")) or 1.0)
+    return [_Frame(f, k if n > 1 else None, pos + off[k] * normal, iop, sp, s * scale, i * scale, key,
+                   thickness=thickness) for k in range(n)]
 
 
 def _mosaic_count(ds) -> Optional[int]:
@@ -1703,12 +1801,22 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
         # The regular step: the mean of the steps that are no gap (under 1.5 x the smallest; a lost slice makes
         # about 2 x). Positions rounded to 0.01 mm make 0.62 and 0.63 of a 0.625 mm step.
         regular = float(np.mean(d[d < 1.5 * dz]))
-        nk = int(round(proj[-1] / regular)) + 1
-        fitted = float(proj[-1]) / (nk - 1)
-        # Fitted to the first and last slice when that is the regular step (gaps of whole steps); otherwise (steps
-        # that are no multiples of each other) the regular step itself.
-        dz = fitted if abs(fitted - regular) <= _SPACING_TOL * regular else regular
-        target = np.arange(nk) * dz
+        if blocks is not None:
+            # Runs of spacings: the grid is the finest run's own, so that its slices (the target's, measured
+            # finest) are kept as measured; from the first slice, a 1 mm run 2.5 mm off the 5 mm slices was
+            # interpolated half-way between its own slices. The grid stays within the first and last slices.
+            dz, anchor = _finest_run(blocks, proj)
+            first = -int(math.floor((anchor - proj[0]) / dz + 0.05))
+            last = int(math.floor((proj[-1] - anchor) / dz + 0.05))
+            target = anchor + np.arange(first, last + 1) * dz
+            nk = len(target)
+        else:
+            nk = int(round(proj[-1] / regular)) + 1
+            fitted = float(proj[-1]) / (nk - 1)
+            # Fitted to the first and last slice when that is the regular step (gaps of whole steps); otherwise
+            # (steps that are no multiples of each other) the regular step itself.
+            dz = fitted if abs(fitted - regular) <= _SPACING_TOL * regular else regular
+            target = np.arange(nk) * dz
         hi = np.clip(np.searchsorted(proj, target, side="left"), 1, n - 1)
         lo = hi - 1
         work = _interp_dtype(arr)
@@ -1739,11 +1847,28 @@ def _regularise(arr: np.ndarray, frames: List[_Frame], normal: np.ndarray, path:
             msg = (f"uneven slice spacing (missing slice{'s' if n_gaps > 1 else ''}?): {where}, where slices are "
                    f"{dz:.2f} mm apart; {n} slices resampled linearly onto {nk} slices of {dz:.3f} mm (the slices in "
                    f"the gap{'s' if n_gaps > 1 else ''} are interpolated, not measured)")
+        if abs(float(target[0])) > 1e-6 * dz:
+            msg += (f"; the grid is the {dz:.3f} mm run's, so it starts {float(target[0]):.2f} mm from the first "
+                    "slice along the slice normal")
         _warn(path, msg)
         notes.append(msg)
         prov["resampled"] = True
+        aff[:3, 3] += normal * float(target[0])
     aff[:3, 2] = normal * dz
     return arr, aff
+
+
+def _finest_run(blocks: Sequence[Tuple[float, int]], proj: np.ndarray) -> Tuple[float, float]:
+    """(step, position of its first slice along the normal) of the finest run of ``blocks`` (the longest of the
+    finest when several have that step), the slices' positions being ``proj``."""
+    finest = min(step for step, _ in blocks)
+    starts = np.cumsum([0] + [count for _, count in blocks])[:-1]
+    runs = [(count, -start, step) for (step, count), start in zip(blocks, starts)
+            if step <= finest * (1 + _RUN_TOL) + _RUN_TOL_MM]
+    count, start, _ = max(runs)
+    first = -start
+    # The run's own mean step (positions rounded in the headers), from its first slice to its last.
+    return float(proj[first + count] - proj[first]) / count, float(proj[first])
 
 
 #: Steps (mm) within this much of each other (5 %, or 0.02 mm for positions rounded to 0.01 mm) are one spacing
@@ -1755,32 +1880,46 @@ def _spacing_blocks(d: np.ndarray) -> Optional[List[Tuple[float, int]]]:
     """The runs of one regular step each that the slice steps ``d`` form, as (step, count), when they are a
     complete series with variable spacing; None when they look like missing slices.
 
-    Variable spacing (a planning CT with 1 mm slices through the target and 5 mm outside): every step wider than
-    the finest belongs to a run of at least two, or is a single step joining two runs of different steps and no
-    wider than the wider of them. A single wider step between runs of one step (or at an end) is a gap: lost
-    slices, as before.
+    Variable spacing (a planning CT with 1 mm slices through the target and 5 mm outside): the wider runs lie at the
+    ends of the series. Every step wider than the finest belongs to a run of at least two, or is a single step
+    joining two runs of different steps and no wider than the wider of them. A single wider step at an end is a
+    gap, and so is a run wider than both its neighbours in the middle when they have one step (1 mm, 4 mm, 1 mm:
+    the slices between were lost) or when it is shorter than 3 steps.
     """
     runs: List[List[float]] = []
     for x in map(float, d):
-        if runs and abs(x - runs[-1][0]) <= _RUN_TOL * min(x, runs[-1][0]) + _RUN_TOL_MM:
+        if runs and _same_step(x, runs[-1][0]):
             runs[-1][1] += 1
             runs[-1][2] += x
         else:
             runs.append([x, 1, x])
     if len(runs) < 2:
         return None
-    finest = min(r[2] / r[1] for r in runs)
-    for i, (_, count, total) in enumerate(runs):
-        step = total / count
-        if count >= 2 or step <= finest * (1 + _RUN_TOL) + _RUN_TOL_MM:
+    steps = [total / count for _, count, total in runs]
+    finest = min(steps)
+    for i, (step, (_, count, _)) in enumerate(zip(steps, runs)):
+        if _same_step(step, finest) or step < finest:
             continue
-        if 0 < i < len(runs) - 1:
-            before, after = runs[i - 1][2] / runs[i - 1][1], runs[i + 1][2] / runs[i + 1][1]
-            if abs(before - after) > _RUN_TOL * min(before, after) + _RUN_TOL_MM and step <= max(before, after) * (
-                    1 + _RUN_TOL) + _RUN_TOL_MM:
-                continue  # a junction between two spacings
+        if not 0 < i < len(runs) - 1:
+            if count >= 2:
+                continue
+            return None
+        before, after = steps[i - 1], steps[i + 1]
+        wider = max(before, after)
+        if step > wider and not _same_step(step, wider):
+            # Wider than both neighbours, in the middle: variable spacing only when long and between two spacings.
+            if count < 3 or _same_step(before, after):
+                return None
+            continue
+        if count >= 2 or not _same_step(before, after):
+            continue  # a run, or a single step joining two spacings
         return None
     return [(r[2] / r[1], r[1]) for r in runs]
+
+
+def _same_step(a: float, b: float) -> bool:
+    """Whether slice steps ``a`` and ``b`` (mm) are one spacing (within ``_RUN_TOL`` or ``_RUN_TOL_MM``)."""
+    return abs(a - b) <= _RUN_TOL * min(a, b) + _RUN_TOL_MM
 
 
 def _blocks_text(blocks: Sequence[Tuple[float, int]]) -> str:
@@ -1860,10 +1999,14 @@ def _shown_folder(folder: Path, root: Path) -> str:
         return os.fspath(folder)
 
 
-def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, Any]], path: Path) -> Optional[str]:
+def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, Any]], path: Path,
+                          numbers: Optional[Sequence[str]] = None) -> Optional[str]:
     """The UID that ``choice`` names among ``entries`` ((uid, modality, description for messages, or a callable
     giving it only when a message needs it), in listing order): a 1-based number or a modality exactly one series
     has; None when it is neither (a UID, say).
+
+    ``numbers``: the entries' SeriesNumbers (as :func:`series_number_text` gives them), when known: a number
+    chosen that is another series' SeriesNumber is warned about (it is taken as the list position).
 
     Raises:
         InvalidInputError: a number out of range, or a modality no series (or several) has; the message lists the
@@ -1871,8 +2014,9 @@ def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, Any]], 
     """
     from ..volume import _MODALITY_ALIASES
 
+    aliases = {**_MODALITY_ALIASES, "RTDOSE": "RTDOSE"}  # a dose grid is picked by its DICOM modality
     key = str(choice).strip()
-    modality = None if key.isdigit() else _MODALITY_ALIASES.get(key.upper())
+    modality = None if key.isdigit() else aliases.get(key.upper())
     if not key.isdigit() and modality is None:
         return None
 
@@ -1884,8 +2028,12 @@ def resolve_series_choice(choice: str, entries: Sequence[Tuple[str, str, Any]], 
         if not 1 <= n <= len(entries):
             raise InvalidInputError(f"series {n} asked for, but the folder holds {len(entries)} ({listed()})",
                                     fix=f"give a number from 1 to {len(entries)}", path=path)
+        if numbers is not None and len(numbers) == len(entries) and numbers[n - 1] != str(n) and str(n) in numbers:
+            own = f" (SeriesNumber {numbers[n - 1]})" if numbers[n - 1] else ""
+            _warn(path, f"series {n} is taken as list position {n}{own}; the series with SeriesNumber {n} is list "
+                        f"position {list(numbers).index(str(n)) + 1}: choose that position for it")
         return entries[n - 1][0]
-    hits = [uid for uid, mod, _ in entries if _MODALITY_ALIASES.get(str(mod).strip().upper()) == modality]
+    hits = [uid for uid, mod, _ in entries if aliases.get(str(mod).strip().upper()) == modality]
     if len(hits) == 1:
         return hits[0]
     raise InvalidInputError(f"{'no' if not hits else len(hits)} {modality} series in this folder ({listed()})",
@@ -1942,7 +2090,18 @@ def _series_line(fs: list, path: Path, ids: Sequence[str] = (), image_type: bool
     kind = _image_type(fs[0][1]) if image_type else ""
     return (f"{str(fs[0][1].get('Modality', '?'))} {size}{vols}, "
             f"{len(files)} files in {_blanked(_shown_folder(fs[0][0].parent, path), ids)}"
-            + (f", SeriesNumber {number}" if number else "") + (f", ImageType {kind}" if kind else ""))
+            + (f", SeriesNumber {number}" if number else "") + (f", ImageType {kind}" if kind else "")
+            + _attenuation_text(fs[0][1]))
+
+
+def _attenuation_text(ds) -> str:
+    """", attenuation-corrected" or ", not attenuation-corrected" for a PET whose CorrectedImage (0028,0051) says
+    (ATTN or not); "" otherwise. Why: an AC and a NAC reconstruction of one scan share ImageType, size and
+    file count, and a listing of two PET series gave nothing to pick the one to quantify by."""
+    if str(ds.get("Modality", "")).strip().upper() != "PT" or ds.get("CorrectedImage") is None:
+        return ""
+    corrected = {x.upper() for x in _text_values(ds, "CorrectedImage")}
+    return ", attenuation-corrected" if "ATTN" in corrected else ", not attenuation-corrected"
 
 
 def _image_kind(ds) -> str:
@@ -1952,11 +2111,16 @@ def _image_kind(ds) -> str:
 
 def _image_type(ds) -> str:
     """ImageType (0008,0008) as stored, values joined by backslashes ("" when absent)."""
-    v = ds.get("ImageType")
+    return "\\".join(_text_values(ds, "ImageType"))
+
+
+def _text_values(ds, keyword: str) -> List[str]:
+    """The values of a multi-valued text element, stripped ([] when absent)."""
+    v = ds.get(keyword)
     if v is None:
-        return ""
+        return []
     items = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
-    return "\\".join(str(x).strip() for x in items)
+    return [str(x).strip() for x in items]
 
 
 def _blanked(text: str, ids: Sequence[str]) -> str:
@@ -2005,7 +2169,7 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
         # The lines only when a message needs them: a mosaic's size comes from its geometry.
         series_uid = resolve_series_choice(
             series_uid, [(u, str(fs[0][1].get("Modality", "")), functools.partial(line, fs))
-                         for u, fs in series.items()], path) or series_uid
+                         for u, fs in series.items()], path, [_number_of(fs) for fs in series.values()]) or series_uid
     if series_uid is not None and series_uid not in series and "#" in series_uid:
         # A "UID#N" key from a listing of a folder above, where the UID's files had several numbers: in this
         # folder the UID may hold number N alone, unsplit (a study folder with one such series per sub-folder
@@ -2030,6 +2194,15 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
                                     f"({listed})", fix="give the series' number as listed, its modality, or its "
                                     "SeriesInstanceUID", path=path)
         return series_uid, series[series_uid]
+    images = [u for u, fs in series.items() if str(fs[0][1].get("Modality", "")).strip().upper() != "RTDOSE"]
+    if len(images) == 1 and len(series) > 1:
+        # A planning export (CT, RTSTRUCT, RTPLAN, RTDOSE): its one image series loads, as before dose grids were
+        # read; the dose is there to be asked for.
+        n = len(series) - 1
+        _warn(path, f"the folder also holds {n} RT dose grid{'s' if n > 1 else ''} (RTDOSE), not loaded: its one "
+                    "image series was; to load a dose grid pass series_uid='RTDOSE' (or its number as "
+                    "medfuse.scan(folder) lists it)")
+        return images[0], series[images[0]]
     if len(series) > 1:
         raise MultipleSeriesError(f"the folder holds {len(series)} series "
                                   f"({_listed([line(fs) for fs in series.values()])})",
@@ -2039,6 +2212,10 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
                                   "descriptions in this order; the error's .choices has the UIDs)")
     uid = next(iter(series))
     return uid, series[uid]
+
+
+#: How Philips raw counts (Units CNTS) were made Bq/mL.
+_BQ_NOTE = "PET loaded in Bq/mL (Philips counts x the activity concentration scale factor (7053,1009))"
 
 
 def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
@@ -2072,10 +2249,18 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     # One unit for the series, or none: a CNTS instance among BQML ones was labelled Bq/mL, counts and all.
     units = {_suv.stored_unit(h) for h in headers}
     stored = units.pop() if len(units) == 1 else "arbitrary"
+    # Philips raw counts with their activity concentration factor: Bq/mL, the unit every other PET is loaded in
+    # when it gives no SUV (in counts, a follow-up could not be compared with a baseline in Bq/mL).
+    to_bq = [_suv.counts_to_bq_ml(h) for h in headers]
+    bq_factors = {f: fac for (f, _), fac in zip(files, to_bq)} if stored == "counts" and None not in to_bq else None
+    as_stored = ("Bq/mL", bq_factors, None) if bq_factors else (stored, None, None)
     if suv == "none":
         # Values as stored; a stored SUVlbm still names its formula (medfuse's DerivationDescription): saved again,
         # it was written as plain LBM and read back as James's.
         kind = _suv._stored_kind(headers[0]) if headers and stored == "SUVlbm" else None
+        if bq_factors:
+            notes.append(_BQ_NOTE)  # said in the provenance, not warned: suv='none' asked for no SUV
+            return as_stored
         return stored, None, kind if kind in ("lbm", "lbm_janma") else None
     if suv == "auto":  # keep an SUV series in the kind it was stored in (Janmahasatian's LBM too); otherwise SUVbw
         suv = (_suv._stored_kind(headers[0]) if headers else None) or "bw"
@@ -2085,16 +2270,47 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
         return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}, suv
     except SUVError as e:
         why, fix = e.problem, e.fix
+    if suv != "bw" and why.startswith(("PatientSize", "PatientSex")):
+        # SUVlbm or SUVbsa cannot be had for want of height or sex, but body-weight SUV can: SUVbw, said, rather
+        # than the stored unit (counts, for Philips raw data), which no SUV of a baseline could be compared with.
+        try:
+            factors = _suv.series_suv_factors(headers, kind="bw")
+        except SUVError:
+            pass
+        else:
+            msg = (f"PET loaded in SUVbw (body-weight SUV), not {_suv.KIND_UNITS[suv]} as asked: {why}; compare it "
+                   f"only with PETs in SUVbw" + (f". To get {_suv.KIND_UNITS[suv]}: {fix}" if fix else ""))
+            msg = msg.removesuffix(", or use SUVbw")  # the fix's other way is what was done
+            _warn(path, msg)
+            notes.append(msg)
+            return "SUVbw", {f: fac for (f, _), fac in zip(files, factors)}, "bw"
     # Without Units the stored unit is a guess (Bq/mL, what scanners store): say it is one.
     no_units = not headers or not str(headers[0].get("Units") or "").strip()
     assumed = " (assumed: the header has no Units)" if no_units else ""
-    as_what = f"in {stored}" if stored != "arbitrary" else "as stored (unit 'arbitrary')"
+    if bq_factors:
+        as_what = f"in {_BQ_NOTE[len('PET loaded in '):]}"
+    else:
+        as_what = f"in {stored}" if stored != "arbitrary" else "as stored (unit 'arbitrary')"
     # A stored SUV that could not be converted is still SUV: "not SUV" sent users to look for a missing header.
     not_what = f"as stored, not converted to {_suv.KIND_UNITS[suv]}" if stored.startswith("SUV") else "not SUV"
     msg = f"PET loaded {as_what}{assumed}, {not_what}: {why}" + (f". Fix: {fix}" if fix else "")
     _warn(path, msg)
     notes.append(msg)
-    return stored, None, None
+    return as_stored
+
+
+def _dose_unit(files, notes: List[str], path: Path) -> str:
+    """The unit of an RT dose grid: ``Gy`` for DoseUnits GY; otherwise (RELATIVE: relative to a reference dose the
+    file does not give; absent) ``arbitrary``, with a warning."""
+    units = {str(ds.get("DoseUnits", "") or "").strip().upper() for _, ds in files}
+    if units == {"GY"}:
+        return "Gy"
+    stated = "/".join(sorted(u for u in units if u)) or "absent"
+    msg = (f"the RT dose's DoseUnits is {stated}, not GY: its values are not absolute dose (RELATIVE: relative to a "
+           "reference dose the file does not give), and were loaded in unit 'arbitrary'")
+    _warn(path, msg)
+    notes.append(msg)
+    return "arbitrary"
 
 
 def _series_of_file(path: Path, broken: List[Path]) -> Tuple[Path, Dict[str, List[Tuple[Path, Any]]], str]:
@@ -2174,7 +2390,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         InvalidInputError: an argument of the wrong type or value (an unknown ``suv``).
         UnreadableFileError: missing, unreadable or damaged files, or a RescaleSlope/RescaleIntercept that is
             not a finite number (or a zero slope).
-        UnsupportedDataError: an object that holds no image (RT, SEG, SR...).
+        UnsupportedDataError: an object that holds no image (RTSTRUCT, RTPLAN, SEG, SR...; an RTDOSE loads).
         MultipleSeriesError: several series and no ``series_uid``.
         GeometryError: invalid geometry (missing slices, inconsistent orientation, a non-positive PixelSpacing,
             an ImageOrientationPatient that is not two perpendicular unit vectors).
@@ -2242,10 +2458,13 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
     if shared_note:
         _warn(path, shared_note)
         notes.append(shared_note)
-    unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path)
+    if stated == ["RTDOSE"]:  # a dose grid: modality unknown (no image modality of its own), unit Gy
+        unit, factors, suv_kind = _dose_unit(files, notes, path), None, None
+    else:
+        unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path)
     suv_source = None
-    if factors is not None:  # how the factor was made, in words (tags' names, never values), for `medfuse info`
-        from . import suv as _suv
+    if factors is not None and suv_kind is not None:  # how the SUV factor was made, in words (tags' names, never
+        from . import suv as _suv  # values), for `medfuse info`
 
         suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=suv_kind)
     headers = dict(files)
@@ -2287,10 +2506,13 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
                     series_description=str(ds0.get("SeriesDescription", "")), volume_index=vi,
                     n_volumes=len(vols), transfer_syntax=_transfer_syntax(vframes, headers),
                     manufacturer=str(ds0.get("Manufacturer", "")), series_number=_number_of(files),
-                    warnings=vnotes, unit_stated=True)
+                    warnings=vnotes, unit_stated=True,
+                    # What kind of image (ORIGINAL\PRIMARY\M\ND, a Dixon water image) and how the patient lay
+                    # (HFS, FFP...): a physicist checks both; the geometry itself follows the orientation tags.
+                    image_type=_image_type(ds0), patient_position=str(ds0.get("PatientPosition") or "").strip())
         prov.setdefault("gantry_tilt_deg", 0.0)
         prov.setdefault("tilt_corrected", False)
-        if factors is not None:
+        if factors is not None and suv_kind is not None:
             prov["suv"] = suv_kind  # the kind applied ("auto" resolved)
             prov["suv_source"] = suv_source
             # The multiplier itself, to check against the scanner console's: one number, or [min, max] where the
@@ -2409,7 +2631,8 @@ def scan(folder: PathLike) -> List[SeriesInfo]:
         InvalidInputError: ``folder`` is not a path.
         UnreadableFileError: it does not exist, or holds no readable DICOM image file (empty, other files only, or
             only damaged, truncated or empty DICOM files, which the message counts).
-        UnsupportedDataError: it holds DICOM objects but no image series (RT, SEG, SR, a DICOMDIR alone).
+        UnsupportedDataError: it holds DICOM objects but no image series (RTSTRUCT, RTPLAN, SEG, SR, a DICOMDIR
+            alone; an RTDOSE with a dose grid is listed).
     """
     folder = _io._as_path(folder, what="folder", fix="pass the folder as a str or pathlib.Path")
     if not folder.exists():

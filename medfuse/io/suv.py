@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from ..errors import InvalidInputError, SUVError
 
 __all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "factor_source",
-           "SUV_KINDS", "KIND_UNITS", "stored_unit", "DOSE_RANGE_BQ"]
+           "SUV_KINDS", "KIND_UNITS", "stored_unit", "counts_to_bq_ml", "DOSE_RANGE_BQ"]
 
 #: Accepted ``kind`` values and their medfuse unit.
 KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUVbsa"}
@@ -93,6 +93,26 @@ def stored_unit(header: Dict[str, Any]) -> str:
         return KIND_UNITS[kind] if kind else "arbitrary"
     # Units is mandatory for PET; when an export drops it, Bq/mL is what scanners store.
     return {"BQML": "Bq/mL", "": "Bq/mL", "CNTS": "counts"}.get(units, "arbitrary")
+
+
+def counts_to_bq_ml(header: Dict[str, Any]) -> Optional[float]:
+    """The factor that turns a Philips CNTS instance's stored (rescaled) counts into Bq/mL: its activity
+    concentration scale factor (7053,1009), the factor the SUV of such a series is made from.
+
+    Args:
+        header: one instance's header (:func:`header_from_dataset`).
+
+    Returns:
+        The factor, or None when Units is not CNTS or the factor is absent, not positive or not finite.
+
+    Raises:
+        InvalidInputError: ``header`` is not a dict.
+    """
+    _check_headers([header])
+    if str(header.get("Units") or "").strip().upper() != "CNTS":
+        return None
+    acf = _philips(header, "ActivityConcentrationScaleFactor")
+    return acf if acf is not None and acf > 0 else None
 
 _FIX_TAGS = "the scanner export is incomplete; re-export the PET series with its full header, or load it with suv='none' to keep Bq/mL"
 

@@ -207,3 +207,33 @@ def test_positions_rounded_to_a_hundredth_of_a_mm_keep_their_step_when_a_slice_i
                for t in said), said
     kept = [k for k in range(full.shape[2]) if k != 30]
     np.testing.assert_array_equal(vol.array[:, :, kept], full.array[:, :, kept])
+
+
+def test_variable_spacing_keeps_the_finest_run_as_measured_when_it_is_off_the_first_slices_grid(pet):
+    """5 mm slices, then 1 mm slices starting 2.5 mm after the last of them (off a 1 mm grid from the first slice
+    by 0.5 mm), then 5 mm again: the grid started at the first slice, so every 1 mm slice, the finest and the
+    target's, was interpolated half-way between two measured ones. The grid is the 1 mm run's own now."""
+    full, _ = _load(pet)
+    files = _files(pet)
+    z0 = float(pydicom.dcmread(files[0], stop_before_pixels=True).ImagePositionPatient[2])
+    offsets = [0.0, 5.0, 10.0, 15.0, 20.0] + [22.5 + m for m in range(9)] + [35.5, 40.5, 45.5]
+    for k, f in enumerate(files):
+        if k >= len(offsets):
+            f.unlink()
+            continue
+        ds = pydicom.dcmread(f)
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z0 + offsets[k]]
+        ds.save_as(f)
+    vol, said = _load(pet)
+    msg = next(t for t in said if "uneven slice spacing" in t)
+    assert "in runs with no gap" in msg and "starts 0.50 mm from the first slice" in msg, msg
+    # 46 slices 1 mm apart from 0.5 mm to 45.5 mm past the first slice: the 1 mm run's positions among them
+    assert vol.shape == full.shape[:2] + (46,)
+    np.testing.assert_allclose(vol.affine[:3, 2], [0, 0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(vol.affine[:3, 3], full.affine[:3, 3] + [0, 0, 0.5], atol=1e-9)
+    for m in range(9):  # file 5 + m (slice 5 + m of the sample) is at 22.5 + m mm: grid slice 22 + m
+        np.testing.assert_array_equal(vol.array[:, :, 22 + m], full.array[:, :, 5 + m])
+    # between measured slices, linear interpolation: 0.5 mm is a tenth of the way from the 1st 5 mm slice to the 2nd
+    np.testing.assert_allclose(vol.array[:, :, 0], 0.9 * full.array[:, :, 0] + 0.1 * full.array[:, :, 1],
+                               rtol=1e-5, atol=1e-4 * float(np.abs(full.array).max()))

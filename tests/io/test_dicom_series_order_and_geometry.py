@@ -297,3 +297,26 @@ def test_sidecar_records_which_series_was_fused(samples_dir, tmp_path):
     assert [i["series_uid_sha256"] for i in inputs] == [hashlib.sha256(u.encode()).hexdigest() for u in (u1, u2)]
     assert u1 not in text and u2 not in text and "head soft" not in text
     shutil.rmtree(folder)
+
+
+def test_info_shows_the_patient_position_and_image_type(samples_dir, tmp_path, capsys):
+    """A radiotherapy physicist checks how the patient lay (HFS, FFP ...) and what kind of image a series is; they
+    were shown nowhere (ImageType only inside warnings). The geometry does not depend on the position."""
+    from medfuse.cli import main
+
+    def feet_first(ds, k):
+        ds.PatientPosition = "FFS"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+
+    folder = tmp_path / "ct"
+    _copy_series(samples_dir, folder, edit=feet_first)
+    v = medfuse.load(folder)
+    assert v.provenance["patient_position"] == "FFS"
+    assert v.provenance["image_type"] == "ORIGINAL\\PRIMARY\\AXIAL"
+    np.testing.assert_array_equal(v.affine, medfuse.load(samples_dir / "ct").affine)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "position     FFS (feet first, supine)" in out and "image type   ORIGINAL\\PRIMARY\\AXIAL" in out
+    assert main(["info", str(folder), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["patient_position"] == "FFS" and rec["image_type"] == "ORIGINAL\\PRIMARY\\AXIAL"
