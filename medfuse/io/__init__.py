@@ -110,6 +110,25 @@ def _check_series(value: Any) -> Optional[str]:
                                 "or its SeriesInstanceUID")
 
 
+def _check_body(value: Any) -> None:
+    """``body`` (PET weight, height, sex) checked: :func:`medfuse.io.suv.check_body`.
+
+    Raises:
+        InvalidInputError: not a dict of plausible values.
+    """
+    from .suv import check_body
+
+    check_body(value)
+
+
+def _body_unused(body: Optional[dict]) -> None:
+    """Warn that ``body`` was given for an image file, whose SUV (a PET-BIDS sidecar's) does not use it."""
+    if body:
+        warnings.warn("body= was not used: it gives a DICOM PET's weight, height and sex for SUV, and a "
+                      "NIfTI/MetaImage/NRRD file takes them from its PET-BIDS sidecar (BodyWeight); correct that "
+                      "instead", MedfuseWarning, stacklevel=3)
+
+
 def _check_load_options(*, modality: Any = None, unit: Any = None) -> None:
     _check_text(modality, "modality", "pass e.g. modality='MR', 'CT', 'PT' or 'NM', or leave it out")
     _check_text(unit, "unit", "pass e.g. unit='HU', 'SUVbw' or 'arbitrary', or leave it out")
@@ -244,7 +263,7 @@ def _absolute_source(vol: Volume) -> Volume:
 # ------------------------------------------------------------------------------------------ the public faces
 def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
          modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto",
-         whole_series: bool = False) -> Volume:
+         whole_series: bool = False, body: Optional[dict] = None) -> Volume:
     """Load one 3-D volume from a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
 
     A DICOM file is read on its own (one slice of a classic series gives a one-slice volume) unless
@@ -260,7 +279,8 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
         unit: override the unit.
         suv: PET only: ``"auto"`` (default: SUVbw, or the SUV kind a GML series already holds),
             ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"``, or ``"none"`` for the stored unit (Bq/mL).
-            Checked for every input; a NIfTI/MetaImage/NRRD file carries no SUV header, so it is not applied there.
+            Checked for every input; a NIfTI PET gets SUVbw from a PET-BIDS sidecar beside it that gives what SUV
+            needs (docs/io.md); a MetaImage/NRRD file carries no SUV header, so it is not applied there.
             A DICOM series whose headers lack what the kind needs (a weight, a height for ``"lbm"``) loads in its
             stored unit with a :class:`~medfuse.errors.MedfuseWarning` saying why: check ``Volume.unit``.
         whole_series: DICOM only: when ``path`` is one file of a series, load the whole series it belongs to:
@@ -268,13 +288,19 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
             of a classic series; the other volumes of a multi-frame series stored one file per volume); other
             series there are ignored. Folders are whole already. The volume's recorded source is then the
             folder. Without it, a file that is one of several of its series loads alone, with a warning.
+        body: DICOM PET only: the patient's body in place of the header's, for SUV, when the header lacks it or
+            has it wrong: a dict with any of ``weight_kg`` (kg), ``height_m`` (m) and ``sex`` (``"M"``/``"F"``),
+            e.g. ``body={"weight_kg": 3.2, "height_m": 0.52, "sex": "M"}``. Checked as the header's are (docs/io.md);
+            ``provenance["suv_source"]`` records that it was given and which keys, never the values. Other inputs
+            do not use it (a warning says so).
 
     Returns:
         The :class:`~medfuse.volume.Volume`, its source recorded as an absolute path.
 
     Raises:
         InvalidInputError: an argument of the wrong type or value (a path that is not a str or Path, an unknown
-            ``suv``, a ``volume_index`` that is not a whole number or out of range), or zero-size/all-NaN data.
+            ``suv``, a ``volume_index`` that is not a whole number or out of range, a ``body`` that is not a dict
+            of plausible values), or zero-size/all-NaN data.
         UnreadableFileError: missing, unreadable, damaged or misnamed file.
         UnsupportedDataError: a DICOM object that holds no image (RT, SEG, SR...).
         MultipleSeriesError: several series in a folder, or several volumes, and none chosen.
@@ -286,25 +312,30 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
     _check_load_options(modality=modality, unit=unit)
     suv = _check_suv(suv)
     whole_series = _check_flag(whole_series, "whole_series")
+    _check_body(body)  # before the path: a wrong body= is said whatever the input
     _check_exists(p)
     if p.is_file() and is_image_file(p):
         from .nifti import load_image
 
+        _body_unused(body)
         if series_uid is not None:
             raise InvalidInputError("a series was chosen, but this file holds one image (series are picked in DICOM "
                                     "folders)", fix="leave the series choice out for this input ('-')", path=p)
 
-        vol = load_image(p, modality=modality, unit=unit, volume_index=volume_index)
-        if suv not in ("auto", "none") and vol.modality == "PT" and not vol.unit.startswith("SUV"):
+        vol = load_image(p, modality=modality, unit=unit, volume_index=volume_index, suv=suv)
+        said = any("BIDS sidecar" in w for w in vol.provenance.get("warnings", []))  # pet_bids said why already
+        if suv not in ("auto", "none") and vol.modality == "PT" and not vol.unit.startswith("SUV") and not said:
             # Asked for by name, and not given: say so (the PET's values are not SUV, whatever was asked).
             warnings.warn(f"suv={suv!r} was not applied: a NIfTI/MetaImage/NRRD file holds no SUV header (dose, "
-                          f"body size, times), so the PET stays in {vol.unit}; load the DICOM series for SUV",
+                          f"body size, times) and no PET-BIDS sidecar beside it gives them, so the PET stays in "
+                          f"{vol.unit}; add them to its BIDS sidecar (docs/io.md), or load the DICOM series for SUV",
                           MedfuseWarning, stacklevel=2)
         return _absolute_source(vol)
     from .dicom import load_dicom
 
     try:
-        vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series)
+        vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series,
+                         body=body)
     except UnreadableFileError as e:
         raise _image_files_instead(p, e) from None
     if modality is not None or unit is not None:
@@ -313,7 +344,7 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
 
 
 def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto",
-                 whole_series: bool = False) -> List[Volume]:
+                 whole_series: bool = False, body: Optional[dict] = None) -> List[Volume]:
     """Load every volume of a (possibly 4-D) series or file as a list of 3-D volumes.
 
     Args:
@@ -321,6 +352,7 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
         series_uid: which DICOM series when a folder holds several (as :func:`load` takes it).
         suv: PET only, as :func:`load` takes it.
         whole_series: DICOM only: one file of a series loads the whole series (see :func:`load`).
+        body: DICOM PET only: weight, height and sex in place of the header's (see :func:`load`).
 
     Returns:
         The volumes in their stored order (a 3-D input gives a list of one).
@@ -337,19 +369,21 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
     series_uid = _check_series(series_uid)
     suv = _check_suv(suv)
     whole_series = _check_flag(whole_series, "whole_series")
+    _check_body(body)  # before the path: a wrong body= is said whatever the input
     _check_exists(p)
     if p.is_file() and is_image_file(p):
         from .nifti import load_image_volumes
 
+        _body_unused(body)
         if series_uid is not None:  # it was ignored; load() refuses it
             raise InvalidInputError("a series was chosen, but this file holds one image (series are picked in DICOM "
                                     "folders)", fix="leave series_uid out for this input", path=p)
 
-        return [_absolute_source(v) for v in load_image_volumes(p)]
+        return [_absolute_source(v) for v in load_image_volumes(p, suv=suv)]
     from .dicom import load_dicom_volumes
 
     try:
-        vols = load_dicom_volumes(p, series_uid=series_uid, suv=suv, whole_series=whole_series)
+        vols = load_dicom_volumes(p, series_uid=series_uid, suv=suv, whole_series=whole_series, body=body)
     except UnreadableFileError as e:
         raise _image_files_instead(p, e) from None
     return [_absolute_source(v) for v in vols]

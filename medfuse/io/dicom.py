@@ -2218,8 +2218,21 @@ def _choose(series: Dict[str, list], series_uid: Optional[str], path: Path) -> T
 _BQ_NOTE = "PET loaded in Bq/mL (Philips counts x the activity concentration scale factor (7053,1009))"
 
 
-def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
-    """(unit, SUV factor per file or None, the SUV kind applied or None)."""
+def _pet_acquisition(modality: str, files) -> Optional[Dict[str, Any]]:
+    """The tracer, dose and uptake time of a PET, or of an NM (SPECT) series whose header has a
+    RadiopharmaceuticalInformationSequence (:func:`medfuse.io.suv.acquisition_facts`); None for other series."""
+    if modality != "PT" and not (modality == "NM" and any(
+            ds.get("RadiopharmaceuticalInformationSequence") for _, ds in files)):
+        return None
+    from . import suv as _suv
+
+    return _suv.acquisition_facts([_suv.header_from_dataset(ds) for _, ds in files])
+
+
+def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path,
+                  body: Optional[Dict[str, Any]] = None):
+    """(unit, SUV factor per file or None, the SUV kind applied or None); ``body``: the header tags
+    :func:`medfuse.io.suv.check_body` made of ``body=``, in place of the header's."""
     if modality == "CT":
         # RescaleType is required only when the rescaled values are not HU (PS3.3 C.8.2.1): absent means HU.
         kinds = {str(ds.get("RescaleType", "HU") or "HU").strip().upper() for _, ds in files}
@@ -2245,7 +2258,7 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     if suv not in (*_suv.SUV_KINDS, "none", "auto"):
         raise InvalidInputError(f"unknown suv kind {suv!r}",
                                 fix=f"use 'auto', one of {', '.join(_suv.SUV_KINDS)}, or 'none' (values as stored)")
-    headers = [_suv.header_from_dataset(ds) for _, ds in files]
+    headers = [_suv.with_body(_suv.header_from_dataset(ds), body) for _, ds in files]
     # One unit for the series, or none: a CNTS instance among BQML ones was labelled Bq/mL, counts and all.
     units = {_suv.stored_unit(h) for h in headers}
     stored = units.pop() if len(units) == 1 else "arbitrary"
@@ -2265,11 +2278,16 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path):
     if suv == "auto":  # keep an SUV series in the kind it was stored in (Janmahasatian's LBM too); otherwise SUVbw
         suv = (_suv._stored_kind(headers[0]) if headers else None) or "bw"
     try:
-        factors = _suv.series_suv_factors(headers, kind=suv)
-        # The kind itself is kept: the unit cannot tell James's lean body mass from Janmahasatian's.
-        return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}, suv
+        said: List[str] = []  # a height read as centimetres, a lean body mass capped: warned once for the series
+        factors = _suv.series_suv_factors(headers, kind=suv, notes=said)
     except SUVError as e:
         why, fix = e.problem, e.fix
+    else:
+        for msg in said:
+            _warn(path, msg)
+            notes.append(msg)
+        # The kind itself is kept: the unit cannot tell James's lean body mass from Janmahasatian's.
+        return _suv.KIND_UNITS[suv], {f: fac for (f, _), fac in zip(files, factors)}, suv
     if suv != "bw" and why.startswith(("PatientSize", "PatientSex")):
         # SUVlbm or SUVbsa cannot be had for want of height or sex, but body-weight SUV can: SUVbw, said, rather
         # than the stored unit (counts, for Philips raw data), which no SUV of a baseline could be compared with.
@@ -2369,7 +2387,7 @@ def _series_files_beside(path: Path, uid: str, number: Optional[str] = None) -> 
 
 @without_value_checks()
 def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str = "auto",
-                       whole_series: bool = False) -> List[Volume]:
+                       whole_series: bool = False, body: Optional[Dict[str, Any]] = None) -> List[Volume]:
     """Load every volume of one DICOM series (a 3-D series gives a list of one).
 
     Args:
@@ -2382,12 +2400,17 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
             its folder with the same SeriesInstanceUID; other series there are ignored) instead of that file. No
             effect on folders. Without it, a file that is one of several of its series loads alone, with a
             warning.
+        body: PET only: the patient's weight, height and sex in place of the header's, for SUV (a header that
+            lacks them or has them wrong): a dict with any of ``weight_kg``, ``height_m``, ``sex``
+            (:func:`medfuse.io.suv.check_body`). ``provenance["suv_source"]`` says which were given, never the
+            values.
 
     Returns:
         The volumes of the series in acquisition order (a 3-D series gives a list of one).
 
     Raises:
-        InvalidInputError: an argument of the wrong type or value (an unknown ``suv``).
+        InvalidInputError: an argument of the wrong type or value (an unknown ``suv``, a ``body`` that is not a
+            dict of plausible values).
         UnreadableFileError: missing, unreadable or damaged files, or a RescaleSlope/RescaleIntercept that is
             not a finite number (or a zero slope).
         UnsupportedDataError: an object that holds no image (RTSTRUCT, RTPLAN, SEG, SR...; an RTDOSE loads).
@@ -2399,10 +2422,13 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
     series_uid = _io._check_series(series_uid)
     suv = _io._check_suv(suv)
     whole_series = _io._check_flag(whole_series, "whole_series")
+    from .suv import check_body
+
+    body = check_body(body)
     if not path.exists():
         raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path", path=path)
     with blanking_errors():
-        return _load_volumes(path, series_uid, suv, whole_series)
+        return _load_volumes(path, series_uid, suv, whole_series, body)
 
 
 def _blank_error(e: MedfuseError, ids: Sequence[str]) -> None:
@@ -2415,7 +2441,8 @@ def _blank_error(e: MedfuseError, ids: Sequence[str]) -> None:
         e.args = (blanked,)
 
 
-def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series: bool) -> List[Volume]:
+def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series: bool,
+                  body: Optional[Dict[str, Any]] = None) -> List[Volume]:
     """:func:`load_dicom_volumes` once its arguments are checked; sets :data:`_PATIENT_IDS` once headers are read."""
     broken: List[Path] = []
     if whole_series and path.is_file():
@@ -2461,12 +2488,17 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
     if stated == ["RTDOSE"]:  # a dose grid: modality unknown (no image modality of its own), unit Gy
         unit, factors, suv_kind = _dose_unit(files, notes, path), None, None
     else:
-        unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path)
+        unit, factors, suv_kind = _unit_and_suv(modality, files, suv, notes, path, body)
+    if body and modality != "PT":  # an RT dose grid too (modality unknown)
+        msg = "body= was not used: it gives the weight, height and sex for a PET's SUV, and this series is no PET"
+        _warn(path, msg)
+        notes.append(msg)
     suv_source = None
     if factors is not None and suv_kind is not None:  # how the SUV factor was made, in words (tags' names, never
         from . import suv as _suv  # values), for `medfuse info`
 
-        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=suv_kind)
+        suv_source = _suv.factor_source(_suv.header_from_dataset(ds0), kind=suv_kind) + _suv.body_note(body)
+    pet_acquisition = _pet_acquisition(modality, files)
     headers = dict(files)
     pix = _pixels(vols, headers)
     out = []
@@ -2521,6 +2553,8 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
             prov["suv_factor"] = lo if hi - lo <= 1e-9 * hi else [lo, hi]
         elif suv_kind is not None:  # suv="none" on a stored SUVlbm: its formula, no factor applied
             prov["suv"] = suv_kind
+        if pet_acquisition is not None:
+            prov["pet_acquisition"] = pet_acquisition
         out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
     if broken:  # no uneven gap (that would have been refused above), but evenly spaced slices may still be lost
         names = ", ".join(b.name for b in broken[:3]) + (", ..." if len(broken) > 3 else "")
@@ -2568,7 +2602,7 @@ def _uid_of(ds, keyword: str) -> Optional[str]:
 
 
 def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
-               suv: str = "auto", whole_series: bool = False) -> Volume:
+               suv: str = "auto", whole_series: bool = False, body: Optional[Dict[str, Any]] = None) -> Volume:
     """Load one 3-D volume from a DICOM file or folder.
 
     Args:
@@ -2577,6 +2611,7 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
         volume_index: which volume of a 4-D series (0-based); required when there are several.
         suv: PET only: ``"auto"``, ``"bw"``, ``"lbm"``, ``"lbm_janma"``, ``"bsa"`` or ``"none"``.
         whole_series: a single-frame slice loads the whole series it belongs to (see :func:`load_dicom_volumes`).
+        body: PET only: weight, height and sex in place of the header's (see :func:`load_dicom_volumes`).
 
     Returns:
         The :class:`~medfuse.volume.Volume`.
@@ -2592,8 +2627,8 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
     path = _checked_path(path)
     volume_index = _io._check_volume_index(volume_index)
     with blanking_errors():  # the checks below quote the path too
-        return _one_volume(load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series),
-                           volume_index, path)
+        return _one_volume(load_dicom_volumes(path, series_uid=series_uid, suv=suv, whole_series=whole_series,
+                                              body=body), volume_index, path)
 
 
 def _one_volume(vols: List[Volume], volume_index: Optional[int], path: Path) -> Volume:

@@ -26,11 +26,14 @@
   metadata keys ``medfuse_modality``/``medfuse_unit``); otherwise, for NIfTI, a BIDS JSON sidecar's
   ``Modality`` (and a PET's ``Units``) as dcm2niix writes it (a CT is then HU); otherwise ``unknown``/``arbitrary``.
   A CT named by ``modality=`` with no stored unit is HU when it holds values below -100.
+* PET SUV: a NIfTI PET in Bq/mL whose PET-BIDS sidecar gives the injected activity, body weight, radionuclide and
+  times is scaled to SUVbw (:mod:`.pet_bids`, through :mod:`.suv`); ``suv="none"`` keeps Bq/mL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import warnings
@@ -44,6 +47,7 @@ from ..errors import (GeometryError, InvalidInputError, MedfuseError, MedfuseWar
                       UnreadableFileError)
 from ..volume import LPS_TO_RAS, Volume, _check_affine, affine_from_geometry
 from ._c_locale import c_numeric_locale
+from .suv import KIND_UNITS
 
 __all__ = ["load_image", "load_image_volumes", "format_tag", "parse_tag", "lbm_formula", "parse_lbm_formula",
            "nifti_space_code", "NIFTI_SPACES",
@@ -1641,7 +1645,9 @@ def _refuse_other_format(p: Path) -> Optional[bool]:
                               f"(what it holds), then load it again", path=p)
 
 
-def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path]:
+def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], Optional[str], dict, Path,
+                                   Optional[dict]]:
+    """(volumes, affine, modality, unit, provenance facts, path, the BIDS sidecar read for labels or None)."""
     from . import _stat_or_refuse
 
     p = Path(path)
@@ -1656,13 +1662,17 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
         facts = {"reader": "nibabel"}
         if space is not None:
             facts["nifti_space"] = space
+        bids = None
         if mod is None:  # no medfuse tag: a converter's BIDS sidecar may say what the image is
-            mod, unit = _bids_sidecar(p)
+            from .pet_bids import read_sidecar
+
+            bids = read_sidecar(p)  # a broken one is ignored, with a warning saying so
+            mod, unit = _bids_labels(bids)
             if mod is not None:
                 facts["labels_from"] = "BIDS sidecar"
     elif name.endswith(ITK_SUFFIXES):
         arr, aff, mod, unit, formula = _read_itk(p)
-        facts = {"reader": "SimpleITK"}
+        facts, bids = {"reader": "SimpleITK"}, None
     else:
         raise UnreadableFileError("unknown image file ending",
                                   fix=f"use one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}, or a DICOM file/folder", path=p)
@@ -1683,7 +1693,7 @@ def _read(path: PathLike) -> Tuple[List[np.ndarray], np.ndarray, Optional[str], 
     else:
         raise InvalidInputError(f"the image has {arr.ndim} dimensions (shape {arr.shape})",
                                 fix="medfuse reads 3-D images or 4-D series of them", path=p)
-    return vols, aff, mod, unit, facts, p
+    return vols, aff, mod, unit, facts, p, bids
 
 
 def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, index, n) -> Volume:
@@ -1695,10 +1705,11 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
     if np.issubdtype(arr.dtype, np.floating) and not finite.all():
         said = f"{int((~finite).sum())} voxel(s) were NaN or infinite when loaded; they were kept as they are"
         warnings.warn(f"{p}: {said}", MedfuseWarning, stacklevel=user_stacklevel())
-    prov = {"source": os.path.abspath(p), **facts}  # absolute: save() protects it after a chdir too
+    # Each volume its own lists and dicts (warnings, pet_acquisition): one volume's edits stay its own.
+    prov = {"source": os.path.abspath(p), **copy.deepcopy(facts)}  # absolute: save() protects it after a chdir too
     if said is not None:  # kept with the volume (medfuse info --json listed no warning, a sidecar none)
         prov["warnings"] = [*prov.get("warnings", []), said]
-    if unit != "SUVlbm":  # a unit= override: the stored SUVlbm's formula no longer describes the voxels
+    if unit != KIND_UNITS.get(prov.get("suv")):  # a unit= override: the SUV kind no longer describes the voxels
         prov.pop("suv", None)
     if n > 1:
         prov.update(volume_index=index, n_volumes=n)
@@ -1711,22 +1722,17 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
 #: BIDS sidecar ``Units`` of PET (the DICOM (0054,1001) codes dcm2niix copies) -> medfuse's unit.
 _BIDS_UNITS = {"BQML": "Bq/mL", "BQ/ML": "Bq/mL", "GML": "SUVbw", "CNTS": "counts"}
 
-#: A sidecar larger than this is not a BIDS sidecar (dcm2niix's are a few kB); it is not read.
-_BIDS_MAX_BYTES = 1 << 20
-
 
 def read_bids_sidecar(side: Path) -> Optional[dict]:
     """The JSON at ``side`` when it is a BIDS sidecar (a dict with a top-level ``Modality`` str, as dcm2niix
-    writes; medfuse's provenance sidecars have none), else None; unreadable or over 1 MB: None."""
-    import json
+    writes, or PET-BIDS fields such as ``TracerRadionuclide``; medfuse's provenance sidecars have neither), else
+    None; unreadable, not JSON or over 1 MB: None, without a word (the reader's :func:`.pet_bids.read_sidecar`
+    warns)."""
+    from .pet_bids import is_pet_sidecar, load_json
 
-    try:
-        if not side.is_file() or side.stat().st_size > _BIDS_MAX_BYTES:
-            return None
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and isinstance(meta.get("Modality"), str) else None
+    meta = load_json(side)[0]
+    return meta if isinstance(meta, dict) and (isinstance(meta.get("Modality"), str) or is_pet_sidecar(meta)) \
+        else None
 
 
 def _bids_sidecar(p: Path) -> Tuple[Optional[str], Optional[str]]:
@@ -1738,10 +1744,25 @@ def _bids_sidecar(p: Path) -> Tuple[Optional[str], Optional[str]]:
     it. Only a top-level ``Modality`` of MR, CT, PT or NM counts (medfuse's own provenance sidecars have none), and
     an unreadable sidecar is ignored: it is optional metadata, and the image itself is still read.
     """
-    stem = p.name[:-len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.stem
-    meta = read_bids_sidecar(p.with_name(stem + ".json"))
-    mod = meta.get("Modality") if meta is not None else None
-    if mod is None or mod.strip().upper() not in ("MR", "CT", "PT", "NM"):
+    from .pet_bids import sidecar_path
+
+    return _bids_labels(read_bids_sidecar(sidecar_path(p)))
+
+
+def _bids_labels(meta: Optional[dict]) -> Tuple[Optional[str], Optional[str]]:
+    """:func:`_bids_sidecar`'s modality and unit from a parsed sidecar (None: none was read).
+
+    A sidecar without ``Modality`` but with PET-BIDS fields (``TracerRadionuclide``...; the BIDS PET section does
+    not require ``Modality``) is a PET's.
+    """
+    from .pet_bids import is_pet_sidecar
+
+    if not isinstance(meta, dict):
+        return None, None
+    mod = meta.get("Modality")
+    if mod is None and is_pet_sidecar(meta):
+        mod = "PT"
+    if not isinstance(mod, str) or mod.strip().upper() not in ("MR", "CT", "PT", "NM"):
         return None, None
     mod = mod.strip().upper()
     if mod == "CT":
@@ -1773,6 +1794,27 @@ def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], un
     return m, "arbitrary"
 
 
+def _sidecar_suv(vols: List[np.ndarray], bids: Optional[dict], p: Path, facts: dict, *, modality: str, unit: str,
+                 unit_given: bool, suv: str) -> Tuple[List[np.ndarray], str, dict]:
+    """The volumes, unit and provenance facts after PET-BIDS SUV (:func:`.pet_bids.apply_suv`).
+
+    Only for a PET whose sidecar was read (no medfuse tag in the file: a tagged file states its own unit), and not
+    when ``unit=`` names the unit: the voxels are then what the caller says, and are not rescaled.
+    """
+    from ..volume import normalise_modality
+
+    try:
+        is_pet = normalise_modality(modality) == "PT"
+    except MedfuseError:  # an unknown name: Volume() refuses it, with its own message
+        is_pet = False
+    if bids is None or not is_pet or unit_given:
+        return vols, unit, facts
+    from .pet_bids import apply_suv
+
+    vols, unit, more = apply_suv(vols, bids, p, unit=unit, suv=suv)
+    return vols, unit, {**facts, **more}
+
+
 def _checked(path, *, modality, unit) -> Path:
     """The reader's arguments checked before any file is opened (raises InvalidInputError)."""
     from . import _as_path, _check_load_options
@@ -1782,7 +1824,7 @@ def _checked(path, *, modality, unit) -> Path:
 
 
 def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None,
-               volume_index: Optional[int] = None) -> Volume:
+               volume_index: Optional[int] = None, suv: str = "auto") -> Volume:
     """Load one 3-D volume from a NIfTI, MetaImage or NRRD file.
 
     Args:
@@ -1791,6 +1833,9 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
         unit: override the stored unit.
         volume_index: which volume of a 4-D file (0-based, negative from the end); required when there are
             several, as for a DICOM series.
+        suv: a NIfTI PET in Bq/mL with a PET-BIDS sidecar giving what SUV needs: ``"auto"`` (default) or
+            ``"bw"`` scale it to SUVbw, ``"none"`` keeps Bq/mL; ``"lbm"``, ``"lbm_janma"`` and ``"bsa"`` give
+            SUVbw with a warning (the sidecar holds no height or sex). Other images ignore it.
 
     Returns:
         The :class:`~medfuse.volume.Volume`.
@@ -1802,11 +1847,12 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
         InvalidInputError: an argument of the wrong type, zero size, all-NaN voxels, vector/colour data,
             ``volume_index`` out of range.
     """
-    from . import _check_volume_index
+    from . import _check_suv, _check_volume_index
 
     path = _checked(path, modality=modality, unit=unit)
     volume_index = _check_volume_index(volume_index)
-    vols, aff, mod, u, facts, p = _read(path)
+    suv = _check_suv(suv)
+    vols, aff, mod, u, facts, p, bids = _read(path)
     n = len(vols)
     if volume_index is None:
         if n > 1:
@@ -1821,16 +1867,21 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
                                     fix=f"pass volume_index=0..{n - 1}", path=p)
         index = volume_index % n
     m, un = _labels(mod, u, modality, unit, vols[index])
-    return _make(vols[index], aff, p, modality=m, unit=un, facts=facts, index=index, n=n)
+    (arr,), un, facts = _sidecar_suv([vols[index]], bids, p, facts, modality=m, unit=un, unit_given=unit is not None,
+                                     suv=suv)
+    return _make(arr, aff, p, modality=m, unit=un, facts=facts, index=index, n=n)
 
 
-def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None) -> List[Volume]:
+def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: Optional[str] = None,
+                       suv: str = "auto") -> List[Volume]:
     """Load every volume of a 3-D or 4-D NIfTI/MetaImage/NRRD file as a list of 3-D volumes.
 
     Args:
         path: the file.
         modality: override the stored modality.
         unit: override the stored unit.
+        suv: a PET's SUV from its PET-BIDS sidecar, as :func:`load_image` takes it (one factor for every volume:
+            they are decay-corrected to one time).
 
     Returns:
         The volumes in the file's order (a 3-D file gives a list of one).
@@ -1840,7 +1891,11 @@ def load_image_volumes(path: PathLike, *, modality: Optional[str] = None, unit: 
         GeometryError: sheared, singular or non-finite affine.
         InvalidInputError: an argument of the wrong type, zero size, all-NaN voxels, vector/colour data.
     """
+    from . import _check_suv
+
     path = _checked(path, modality=modality, unit=unit)
-    vols, aff, mod, u, facts, p = _read(path)
+    suv = _check_suv(suv)
+    vols, aff, mod, u, facts, p, bids = _read(path)
     m, un = _labels(mod, u, modality, unit, vols[0])
+    vols, un, facts = _sidecar_suv(vols, bids, p, facts, modality=m, unit=un, unit_given=unit is not None, suv=suv)
     return [_make(a, aff, p, modality=m, unit=un, facts=facts, index=i, n=len(vols)) for i, a in enumerate(vols)]

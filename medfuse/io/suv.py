@@ -23,6 +23,10 @@ The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
   date/time of the series; otherwise the GE private post-injection time when present (only under GE's
   private creator), else the earliest acquisition date/time.
 * RadionuclideTotalDose outside :data:`DOSE_RANGE_BQ` (MBq typed as Bq) is refused like an implausible weight.
+* PatientSize is metres (:data:`HEIGHT_RANGE_M`); a value that only makes sense in centimetres is read so, with a
+  warning; any other is refused for the kinds that need a height. A weight and height whose body-mass index is
+  outside :data:`BMI_RANGE` are refused (for SUVbw too when the index is too high: a weight in grams). A lean body
+  mass above the body weight (infants: the formulas were fitted in adults) is capped at it, with a warning.
 
 Weight, size and sex are needed for SUV but are never put in messages, logs or
 provenance: errors name the *tag*, never its value (the injected dose, which identifies no one, is shown).
@@ -31,15 +35,18 @@ provenance: errors name the *tag*, never its value (the injected dose, which ide
 from __future__ import annotations
 
 import math
+import numbers
 import re
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from ..errors import InvalidInputError, SUVError
+from ..errors import InvalidInputError, MedfuseWarning, SUVError
 
 __all__ = ["header_from_dataset", "suv_factor", "series_suv_factors", "check_header", "suv_problem", "factor_source",
-           "SUV_KINDS", "KIND_UNITS", "stored_unit", "counts_to_bq_ml", "DOSE_RANGE_BQ"]
+           "SUV_KINDS", "KIND_UNITS", "stored_unit", "counts_to_bq_ml", "DOSE_RANGE_BQ", "acquisition_facts",
+           "ACQUISITION_KEYS", "WEIGHT_RANGE_KG", "HEIGHT_RANGE_M", "BMI_RANGE", "BODY_KEYS", "check_body"]
 
 #: Accepted ``kind`` values and their medfuse unit.
 KIND_UNITS = {"bw": "SUVbw", "lbm": "SUVlbm", "lbm_janma": "SUVlbm", "bsa": "SUVbsa"}
@@ -166,11 +173,21 @@ def _as_float(v: Any) -> Optional[float]:
         return None
 
 
+def _code_meaning(seq: Any) -> Optional[str]:
+    """CodeMeaning of a code sequence's first item; None when absent, empty or malformed."""
+    try:
+        return (str(seq[0].CodeMeaning).strip() or None) if seq else None
+    except Exception:  # noqa: BLE001 - a malformed item: as absent, it only labels the tracer
+        return None
+
+
 def header_from_dataset(ds: Any) -> Dict[str, Any]:
     """Extract the SUV-relevant header values of one PET instance from a pydicom Dataset.
 
     Keys are named as in ``pet-suv-expected.json`` (``Units``, ``DecayCorrection``,
-    ``RadionuclideHalfLife``, ``PatientWeight``, ``PhilipsSUVScaleFactor``, ...).
+    ``RadionuclideHalfLife``, ``PatientWeight``, ``PhilipsSUVScaleFactor``, ...), plus the tracer's names for
+    :func:`acquisition_facts`: ``Radiopharmaceutical`` (0018,0031), ``RadiopharmaceuticalCodeMeaning`` and
+    ``RadionuclideCodeMeaning`` (the CodeMeaning of the RadiopharmaceuticalCodeSequence and RadionuclideCodeSequence).
     Absent values are left out.
 
     Args:
@@ -213,10 +230,15 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
             f = _as_float(_value(item, key))
             if f is not None:
                 h[key] = f
-        for key in ("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime"):
+        for key in ("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime", "Radiopharmaceutical"):
             v = _value(item, key)
             if v is not None:
                 h[key] = str(v).strip()
+        for seq_key, key in (("RadiopharmaceuticalCodeSequence", "RadiopharmaceuticalCodeMeaning"),
+                             ("RadionuclideCodeSequence", "RadionuclideCodeMeaning")):
+            meaning = _code_meaning(_value(item, seq_key))
+            if meaning:
+                h[key] = meaning
     sf = _as_float(_private(ds, 0x7053, "Philips PET Private Group", 0x00))
     if sf is not None:
         h["PhilipsSUVScaleFactor"] = sf
@@ -477,6 +499,158 @@ def _weight(h: Dict[str, Any], why: str) -> float:
     return w
 
 
+#: Plausible PatientSize (m; DICOM's unit). Why these bounds: 2.72 m is the tallest height on record (Robert
+#: Wadlow), and a live-born infant of 22 weeks' gestation, the youngest on growth charts (Fenton & Kim 2013, BMC
+#: Pediatr 13:59), is about 0.27 m long. A value that only makes sense in centimetres (20-275) is read as such, with a
+#: warning; anything else (520: a neonate's 52 cm in millimetres, read as 5.2 m before 2026-12; 5.2: a metres typo)
+#: is refused for the kinds that need a height.
+HEIGHT_RANGE_M = (0.2, 2.75)
+#: Plausible body-mass index PatientWeight / PatientSize² (kg/m²). Why these bounds: a term neonate's is about 12-14,
+#: a 24-week preterm infant's about 7 (0.65 kg, 0.31 m on Fenton & Kim 2013) and a growth-restricted one's down to
+#: about 4, the lowest in anorexia nervosa about 7; the heaviest patient on record (about 635 kg at 1.85 m) about
+#: 186, as :data:`WEIGHT_RANGE_KG` holds every weight on record. Outside fall a premature infant's weight in grams
+#: (600 g at 0.30 m reads as 6667) and a height the weight cannot belong to (an adult's 1.75 m with a 3.2 kg baby's
+#: weight: 1.0). Not a narrower 8-80: it refused premature infants (0.9 kg at 0.36 m: 6.9).
+BMI_RANGE = (3.0, 200.0)
+
+
+def _plausible_height(h: Dict[str, Any]) -> Optional[float]:
+    """PatientSize in metres when it is one (:data:`HEIGHT_RANGE_M`) or plausible read as centimetres; else None."""
+    size = _number(h, "PatientSize")
+    if size is None or not math.isfinite(size):
+        return None
+    lo, hi = HEIGHT_RANGE_M
+    if lo <= size <= hi:
+        return size
+    return size / 100.0 if lo * 100.0 <= size <= hi * 100.0 else None
+
+
+def _height(h: Dict[str, Any], kind: str, said: List[str]) -> float:
+    """PatientSize in metres, checked, for SUV``kind``; a value read as centimetres is said in ``said``.
+
+    Raises:
+        SUVError: missing, not positive, or neither a height in metres nor one in centimetres
+            (:data:`HEIGHT_RANGE_M`). The problem starts with "PatientSize": the DICOM loader then falls back to
+            SUVbw, as for a missing height.
+    """
+    size = _number(h, "PatientSize")
+    if size is None or not math.isfinite(size) or size <= 0:
+        raise SUVError(f"PatientSize is missing or zero, needed for SUV{kind}",
+                       fix="enter the patient's height (PatientSize, m), or use SUVbw")
+    m = _plausible_height(h)
+    lo, hi = HEIGHT_RANGE_M
+    if m is None:
+        raise SUVError(f"PatientSize is outside the plausible {lo:g}-{hi:g} m of a height in metres (DICOM's unit) "
+                       f"and the {lo * 100:g}-{hi * 100:g} read as centimetres (millimetres, or a typing slip?), "
+                       f"needed for SUV{kind}",
+                       fix="enter the patient's height in metres in PatientSize (52 cm is 0.52), or use SUVbw")
+    if m != size:
+        said.append(f"PatientSize is over {hi:g}, which no height in metres (DICOM's unit) is: it was read as "
+                    f"centimetres for SUV{kind}; enter it in metres (52 cm is 0.52) to be sure of it")
+    return m
+
+
+def _check_bmi(w: float, height_m: float, kind: str) -> None:
+    """Refuse a weight and height that give an implausible body-mass index (:data:`BMI_RANGE`).
+
+    The message names the tags, never their values (nor the BMI, which is made of them).
+
+    Raises:
+        SUVError: outside :data:`BMI_RANGE`. Its problem starts with "PatientWeight": a weight in grams would make
+            SUVbw as wrong as the SUV asked for, so the loader does not fall back to it.
+    """
+    lo, hi = BMI_RANGE
+    bmi = w / height_m ** 2
+    if lo <= bmi <= hi:
+        return
+    why = ("above any patient's on record: PatientWeight in grams instead of kilograms (a premature infant's "
+           "grams pass the weight's own 0.01-650 kg check), or PatientSize too small?" if bmi > hi else
+           "below any patient's: PatientSize in the wrong unit, or a weight and height of different patients?")
+    raise SUVError(f"PatientWeight and PatientSize give a body-mass index (weight / height²) {why} "
+                   f"(plausible: {lo:g}-{hi:g} kg/m²), needed for SUV{kind}",
+                   fix="correct PatientWeight (kg) and PatientSize (m) in the PET header, or give them with "
+                       "medfuse.load(path, body={'weight_kg': ..., 'height_m': ...}), or load with suv='none'")
+
+
+#: The keys of ``body=`` (:func:`check_body`) and the header tags they stand in for.
+BODY_KEYS = {"weight_kg": "PatientWeight", "height_m": "PatientSize", "sex": "PatientSex"}
+_BODY_FIX = ("pass body={'weight_kg': 3.2, 'height_m': 0.52, 'sex': 'M'} (any of the three; kilograms, metres, "
+             "'M' or 'F'), or leave body out to use the PET header's")
+
+
+def check_body(body: Any) -> Optional[Dict[str, Any]]:
+    """``body=`` of :func:`medfuse.load` checked: the patient's weight, height and sex given in place of the header's.
+
+    The values are never put in a message (they are the patient's).
+
+    Args:
+        body: None, or a dict with any of :data:`BODY_KEYS`: ``weight_kg`` (a number within
+            :data:`WEIGHT_RANGE_KG`), ``height_m`` (a number within :data:`HEIGHT_RANGE_M`: metres, not read as
+            centimetres as a header's may be), ``sex`` (``"M"`` or ``"F"``).
+
+    Returns:
+        None for None; otherwise the values as header tags (``PatientWeight``, ``PatientSize``, ``PatientSex``).
+
+    Raises:
+        InvalidInputError: not a dict, empty, an unknown key, or a value of the wrong type or out of range.
+    """
+    if body is None:
+        return None
+    if not isinstance(body, Mapping):
+        raise InvalidInputError(f"body must be a dict, got {type(body).__name__}", fix=_BODY_FIX)
+    unknown = sorted(str(k) for k in body if k not in BODY_KEYS)
+    if unknown or not body:
+        raise InvalidInputError(f"body has {'the unknown key(s) ' + ', '.join(map(repr, unknown)) if unknown else 'no key'}"
+                                f"; it takes {', '.join(map(repr, BODY_KEYS))}", fix=_BODY_FIX)
+    tags: Dict[str, Any] = {}
+    for key, (lo, hi, unit) in (("weight_kg", (*WEIGHT_RANGE_KG, "kg")), ("height_m", (*HEIGHT_RANGE_M, "m"))):
+        if key not in body:
+            continue
+        v = body[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise InvalidInputError(f"body['{key}'] must be a finite number, got {type(v).__name__}", fix=_BODY_FIX)
+        if not lo <= float(v) <= hi:
+            raise InvalidInputError(f"body['{key}'] is outside the plausible {lo:g}-{hi:g} {unit}"
+                                    + (" (centimetres? give metres: 0.52 for 52 cm)" if key == "height_m" else
+                                       " (grams? give kilograms: 0.6 for 600 g)"), fix=_BODY_FIX)
+        tags[BODY_KEYS[key]] = float(v)
+    if "sex" in body:
+        sex = body["sex"]
+        if not isinstance(sex, str) or sex.strip().upper() not in ("M", "F"):
+            raise InvalidInputError("body['sex'] must be 'M' or 'F'", fix=_BODY_FIX)
+        tags["PatientSex"] = sex.strip().upper()
+    return tags
+
+
+def with_body(header: Dict[str, Any], body: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``header`` with the tags of ``body`` in place of its own.
+
+    Args:
+        header: one instance's header (:func:`header_from_dataset`).
+        body: :func:`check_body`'s result, or None.
+
+    Returns:
+        A new dict; ``header`` itself when ``body`` is None or empty.
+    """
+    return header if not body else {**header, **body}
+
+
+def body_note(body: Optional[Dict[str, Any]]) -> str:
+    """What ``provenance["suv_source"]`` adds when ``body=`` was given: the tags replaced, never their values.
+
+    Args:
+        body: :func:`check_body`'s result, or None.
+
+    Returns:
+        ``"; body= gave weight_kg in place of the header's PatientWeight"`` and the like; ``""`` for None.
+    """
+    if not body:
+        return ""
+    given = [k for k, tag in BODY_KEYS.items() if tag in body]
+    return (f"; body= gave {', '.join(given)} in place of the header's "
+            f"{', '.join(BODY_KEYS[k] for k in given)}")
+
+
 def check_header(header: Dict[str, Any]) -> None:
     """Raise :class:`SUVError` naming the first missing or invalid tag; return None when SUV can be computed.
 
@@ -562,21 +736,22 @@ def _check_dose(dose: float) -> None:
 _JAMES = {"M": (1.10, 120.0), "F": (1.07, 148.0)}
 
 
-def _body_ratio(h: Dict[str, Any], kind: str, *, undo: bool = False) -> float:
-    """The SUV normaliser in grams (bw, lbm) or cm² (bsa) for this patient.
+def _body_ratio(h: Dict[str, Any], kind: str, said: List[str], *, undo: bool = False) -> float:
+    """The SUV normaliser in grams (bw, lbm) or cm² (bsa) for this patient; what is to be warned goes to ``said``.
 
     ``undo``: the normaliser a scanner already applied (a stored SUVlbm being converted): James's formula is then
     taken as the scanner took it, past its peak too (it is exact to invert), as long as it stays positive.
     """
     w = _weight(h, f"needed for SUV{kind}")
     if kind == "bw":
+        # A height is not needed, but when a plausible one is given, a weight in grams shows as a BMI no one has
+        # (600 g as 600 kg: SUVbw 1000 times too large). A low BMI is not refused here: the height would be wrong.
+        height = _plausible_height(h)
+        if height is not None and w / height ** 2 > BMI_RANGE[1]:
+            _check_bmi(w, height, kind)
         return w * 1000.0
-    size = _number(h, "PatientSize")
-    if size is None or not math.isfinite(size) or size <= 0:
-        raise SUVError(f"PatientSize is missing or zero, needed for SUV{kind}",
-                       fix="enter the patient's height (PatientSize, m), or use SUVbw")
-    if size > 3.0:  # some exports store centimetres
-        size /= 100.0
+    size = _height(h, kind, said)
+    _check_bmi(w, size, kind)  # before the formulas: James's "use lbm_janma" is no advice for a height in error
     if kind == "bsa":  # Du Bois, m² -> cm²
         return 0.007184 * w ** 0.425 * (size * 100.0) ** 0.725 * 1e4
     sex = str(h.get("PatientSex") or "").strip().upper()
@@ -597,9 +772,20 @@ def _body_ratio(h: Dict[str, Any], kind: str, *, undo: bool = False) -> float:
                 "and falls for heavier patients, to zero and below, and this patient's is above that; "
                 "Janmahasatian's (suv='lbm_janma') holds at any BMI",
                 fix="use suv='lbm_janma' (Janmahasatian's lean body mass, which holds at any BMI) or suv='bw'")
+        formula, below = "James's", (a - 1.0) / b * 1e4  # a·W − b·(W/H)² > W below this BMI
     else:  # lbm_janma: Janmahasatian
         bmi = w / size ** 2
         lbm = 9270.0 * w / (6680.0 + 216.0 * bmi) if sex == "M" else 9270.0 * w / (8780.0 + 244.0 * bmi)
+        formula = "Janmahasatian's"
+        below = (9270.0 - 6680.0) / 216.0 if sex == "M" else (9270.0 - 8780.0) / 244.0
+    if lbm > w:
+        # Lean mass cannot exceed body mass; both formulas were fitted in adults, and give more than the weight at
+        # an infant's BMI. Capped (undone the same way, so medfuse's SUVlbm converts back exactly).
+        said.append(f"{formula} lean body mass exceeds the body weight at a body-mass index under {below:.1f} "
+                    f"kg/m² (PatientSex {sex}), as this patient's is: it was capped at the body weight, so SUV{kind} "
+                    "equals SUVbw. The lean-body-mass formulas were derived in adults (James 1976; Janmahasatian "
+                    "et al. 2005: 373 adults aged 18-82, BMI 17-70) and do not hold for infants and small children")
+        lbm = w
     return lbm * 1000.0
 
 
@@ -620,7 +806,7 @@ def _unknown_stored_kind(h: Dict[str, Any], units: str) -> str:
             "cannot convert them to an SUV it knows (bw, lbm, bsa)")
 
 
-def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
+def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime], said: List[str]) -> float:
     if kind not in KIND_UNITS:
         raise SUVError(f"unknown SUV kind {kind!r}", fix=f"use one of {', '.join(SUV_KINDS)}")
     check_header(h)
@@ -634,7 +820,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
             return 1.0
         try:
             _weight(h, f"needed to turn {units} into SUV{kind}")
-            return _body_ratio(h, kind) / _body_ratio(h, stored, undo=True)
+            return _body_ratio(h, kind, said) / _body_ratio(h, stored, said, undo=True)
         except SUVError as e:  # said as a conversion: "needed for SUVlbm" read as if SUV could not be had at all
             have, want = KIND_UNITS[stored], KIND_UNITS[kind]
             problem = e.problem.replace(f"needed for SUV{stored}", f"needed to convert {have} to {want}")
@@ -646,7 +832,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
     if units == "CNTS":
         sf = _philips(h, "SUVScaleFactor")
         if sf and sf > 0:
-            return sf if kind == "bw" else sf * _body_ratio(h, kind) / _body_ratio(h, "bw")
+            return sf if kind == "bw" else sf * _body_ratio(h, kind, said) / _body_ratio(h, "bw", said)
         acf = _philips(h, "ActivityConcentrationScaleFactor")
     else:
         acf = 1.0
@@ -669,7 +855,7 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime]) -> float:
                            fix="check RadiopharmaceuticalStartDateTime (its date) and the series time in the header, "
                                "or load it with suv='none' to keep Bq/mL")
         dose = dose * math.exp(-math.log(2.0) * half_lives)
-    return float(acf) * _body_ratio(h, kind) / dose
+    return float(acf) * _body_ratio(h, kind, said) / dose
 
 
 #: More half-lives than this between injection and scan (decay to under 1/1000 of the dose) is a wrong date in
@@ -679,12 +865,23 @@ _MAX_HALF_LIVES = 10.0
 _DAY_S = 86400.0
 
 
-def suv_factor(header: Dict[str, Any], *, kind: str = "bw") -> float:
+def _said(said: List[str], notes: Optional[List[str]]) -> None:
+    """Each of ``said`` once: appended to ``notes`` when given, else warned (a :class:`MedfuseWarning`)."""
+    for msg in dict.fromkeys(said):
+        if notes is not None:
+            notes.append(msg)
+        else:
+            warnings.warn(msg, MedfuseWarning, stacklevel=3)
+
+
+def suv_factor(header: Dict[str, Any], *, kind: str = "bw", notes: Optional[List[str]] = None) -> float:
     """SUV scaling factor of one PET instance: stored (rescaled) pixel × factor = SUV.
 
     Args:
         header: values as returned by :func:`header_from_dataset` (weight kg, size m, dose Bq, half-life s).
         kind: ``"bw"`` (body weight), ``"lbm"`` (James), ``"lbm_janma"`` (Janmahasatian) or ``"bsa"`` (Du Bois).
+        notes: when given, what would be warned (a PatientSize read as centimetres, a lean body mass capped at the
+            body weight) is appended to it instead.
 
     Returns:
         The factor (g/Bq for SUVbw and SUVlbm, cm²/Bq for SUVbsa, times the stored unit's scale).
@@ -694,10 +891,14 @@ def suv_factor(header: Dict[str, Any], *, kind: str = "bw") -> float:
         InvalidInputError: ``header`` is not a dict.
     """
     _check_headers([header])
-    return _factor(header, kind, None)
+    said: List[str] = []
+    factor = _factor(header, kind, None, said)
+    _said(said, notes)
+    return factor
 
 
-def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw") -> List[float]:
+def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw",
+                       notes: Optional[List[str]] = None) -> List[float]:
     """SUV factors of every instance of one series, after checking series-level consistency.
 
     The scan time is one for the whole series (see the module docstring).
@@ -705,6 +906,7 @@ def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw") -
     Args:
         headers: one header per instance (:func:`header_from_dataset`).
         kind: as :func:`suv_factor` takes it.
+        notes: as :func:`suv_factor` takes it (each thing said once for the series).
 
     Returns:
         One factor per instance, in the order given.
@@ -738,7 +940,10 @@ def series_suv_factors(headers: Iterable[Dict[str, Any]], *, kind: str = "bw") -
     needs_time = units == "BQML" or (units == "CNTS" and not (_philips(hs[0], "SUVScaleFactor") or 0) > 0)
     if needs_time and str(hs[0].get("DecayCorrection", "")).strip().upper() == "START":
         scan = _scan_datetime(hs)
-    return [_factor(h, kind, scan) for h in hs]
+    said: List[str] = []
+    factors = [_factor(h, kind, scan, said) for h in hs]
+    _said(said, notes)
+    return factors
 
 
 def _check_headers(headers: Any) -> List[Dict[str, Any]]:
@@ -785,7 +990,7 @@ def suv_problem(headers: Any, *, kind: str = "bw") -> Optional[str]:
     """
     hs = _check_headers([headers] if isinstance(headers, Mapping) else headers)
     try:
-        series_suv_factors(hs, kind=kind)
+        series_suv_factors(hs, kind=kind, notes=[])  # the reason only: nothing warned
     except SUVError as e:
         return e.problem
     return None
@@ -825,3 +1030,84 @@ def factor_source(header: Dict[str, Any], *, kind: str = "bw") -> str:
     dose = ("injected dose (the pixels are decay-corrected to the injection)" if dc == "ADMIN"
             else "injected dose decayed to the scan start")
     return f"{body} / {dose} (Units {units or 'BQML'}, DecayCorrection {dc})"
+
+
+# --------------------------------------------------------------------------- acquisition facts
+#: The keys of :func:`acquisition_facts` (``provenance["pet_acquisition"]``), in order. NIfTI PET with a PET-BIDS
+#: sidecar fills the same keys.
+ACQUISITION_KEYS = ("tracer", "radionuclide", "half_life_s", "injected_mbq", "uptake_min", "decay_correction")
+#: A date written in free text (20201217, 2020-12-17, 17.12.2020, 12/17/20): the tracer's name is free text, and a
+#: date is an identifier (HIPAA) that this record never holds.
+_DATE_LIKE = re.compile(r"\d{8}|\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
+#: Keys the uptake time is computed from: instances that differ in them give no uptake time.
+_UPTAKE_KEYS = ("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime", "SeriesDate", "SeriesTime",
+                "TimezoneOffsetFromUTC", "GEPrivatePostInjectionDateTime", "RadionuclideHalfLife")
+
+
+def _agreed(hs: Sequence[Mapping[str, Any]], key: str) -> Any:
+    """``key``'s value when every instance gives the same one (absent counts as a value); None otherwise."""
+    values = {repr(_norm(h.get(key))) for h in hs}
+    return hs[0].get(key) if len(values) == 1 else None
+
+
+def _text_fact(v: Any) -> Optional[str]:
+    if not isinstance(v, str) or not v.strip() or _DATE_LIKE.search(v):
+        return None
+    return v.strip()
+
+
+def _positive(v: Any) -> Optional[float]:
+    f = None if isinstance(v, bool) else _as_float(v)
+    return f if f is not None and math.isfinite(f) and f > 0 else None
+
+
+def _uptake_min(hs: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Minutes from the injection to the scan start SUV is decayed to, as :func:`series_suv_factors` takes both;
+    None when the header does not give them, or gives a negative or implausible interval."""
+    if any(_agreed(hs, k) is None and any(h.get(k) is not None for h in hs) for k in _UPTAKE_KEYS):
+        return None
+    try:
+        scan = _scan_datetime(hs)
+        seconds = (scan - _injection_datetime(hs[0], scan)).total_seconds()
+    except (SUVError, ValueError, TypeError, IndexError, OverflowError, AttributeError):
+        return None
+    half_life = _positive(hs[0].get("RadionuclideHalfLife"))
+    if seconds < 0 or (half_life is not None and seconds / half_life > _MAX_HALF_LIVES):
+        return None  # a scan before the injection, or a wrong date (see _MAX_HALF_LIVES): not an uptake time
+    return seconds / 60.0
+
+
+def acquisition_facts(headers: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+    """The tracer, dose and timing of a PET (or SPECT/NM) series, for ``provenance["pet_acquisition"]``.
+
+    Each value is None when the header does not state it, states it damaged (not a number, not positive, a name
+    holding a date), or when the series' instances disagree on it. No date or time of day is kept: dates are
+    identifiers, the uptake interval is not.
+
+    Args:
+        headers: one header per instance (:func:`header_from_dataset`).
+
+    Returns:
+        A dict with exactly the keys of :data:`ACQUISITION_KEYS`: ``tracer`` (Radiopharmaceutical, else the
+        RadiopharmaceuticalCodeSequence's CodeMeaning), ``radionuclide`` (the RadionuclideCodeSequence's
+        CodeMeaning as stated, e.g. ``"^18^Fluorine"``), ``half_life_s`` (RadionuclideHalfLife), ``injected_mbq``
+        (RadionuclideTotalDose / 1e6), ``uptake_min`` (injection to the scan start the SUV decay correction uses,
+        in minutes) and ``decay_correction`` (DecayCorrection: ``START``, ``ADMIN``, ``NONE``).
+
+    Raises:
+        InvalidInputError: ``headers`` is not a list of dicts.
+    """
+    hs = _check_headers(headers)
+    if not hs:
+        return dict.fromkeys(ACQUISITION_KEYS)
+    tracer = _text_fact(_agreed(hs, "Radiopharmaceutical"))
+    if tracer is None and not any(_text_fact(h.get("Radiopharmaceutical")) for h in hs):
+        tracer = _text_fact(_agreed(hs, "RadiopharmaceuticalCodeMeaning"))
+    dose = _positive(_agreed(hs, "RadionuclideTotalDose"))
+    decay = _text_fact(_agreed(hs, "DecayCorrection"))
+    return {"tracer": tracer,
+            "radionuclide": _text_fact(_agreed(hs, "RadionuclideCodeMeaning")),
+            "half_life_s": _positive(_agreed(hs, "RadionuclideHalfLife")),
+            "injected_mbq": None if dose is None else dose / 1e6,
+            "uptake_min": _uptake_min(hs),
+            "decay_correction": None if decay is None else decay.upper()}
