@@ -312,3 +312,35 @@ def user_stacklevel() -> int:
             return level
         frame, level = frame.f_back, level + 1
     return level
+
+
+def refuse_dose_grid(volume: Any, *, role: str) -> None:
+    """Refuse an RT dose grid (unit ``Gy``) as an image to register.
+
+    Why: a dose grid holds no anatomy (smooth isodose shells, zero outside the beams), so a similarity metric finds
+    nothing to align in it and a registration "converges" to a meaningless transform. The dose lies in the patient
+    space of its planning CT (they share a FrameOfReferenceUID): register that CT, and move the dose with the CT's
+    transform.
+
+    Args:
+        volume: the image about to be registered (anything else than a Volume in Gy passes).
+        role: ``"fixed"`` or ``"moving"``: which side of the registration it was given as.
+
+    Raises:
+        RegistrationError: ``volume`` is a Volume in Gy.
+    """
+    from .errors import RegistrationError
+
+    if getattr(volume, "unit", None) != "Gy":
+        return
+    if role == "moving":
+        fix = ("register the planning CT of the dose's frame of reference instead (medfuse register FIXED "
+               "PLANNING_CT -o ct_on_fixed.nii.gz --transform ct.tfm), then apply that transform to the dose: "
+               "medfuse resample FIXED DOSE --transform ct.tfm -o dose_on_fixed.nii.gz")
+    else:
+        fix = ("register onto the planning CT of the dose's frame of reference instead (medfuse register "
+               "PLANNING_CT MOVING -o moving_on_ct.nii.gz): the dose lies in that CT's patient space, so the result "
+               "overlays it; to put the result on the dose's grid: medfuse resample DOSE moving_on_ct.nii.gz "
+               "-o moving_on_dose.nii.gz")
+    raise RegistrationError(f"the {role} image is an RT dose grid (unit Gy): it holds no anatomy to register",
+                            fix=fix)

@@ -35,7 +35,7 @@ from .errors import InvalidInputError
 from .volume import Volume, normalise_modality
 
 __all__ = [
-    "CT_WINDOWS", "SUV_LIMITS", "DisplaySettings", "window_to_limits", "limits_to_window",
+    "CT_WINDOWS", "SUV_LIMITS", "DOSE_COLORMAP", "DisplaySettings", "window_to_limits", "limits_to_window",
     "check_ct_window", "window_precision", "slider_range", "percentile_limits", "display_settings",
     "checkerboard_mask", "curtain_mask", "VOLUME_PLANE_AXES", "PLANES", "SlicePanel", "orthogonal_slices",
     "orthogonal_snapshot",
@@ -52,6 +52,13 @@ CT_WINDOWS: Dict[str, Tuple[float, float]] = {
 
 #: Default PET display range in SUV (a common reading range for FDG).
 SUV_LIMITS: Tuple[float, float] = (0.0, 6.0)
+
+#: Colour map of an RT dose (unit Gy) wash. Why magma: perceptually ordered and readable under colour-vision
+#: deficiency (the viridis family; the usual rainbow/jet and turbo are neither: their bright bands read as dose
+#: steps that are not there), its lowest colour is black (to 4/255), so 0 Gy adds nothing to the CT under
+#: additive blending (plasma's and viridis' blue would tint it all), and it is not the PET's inferno, so a dose
+#: beside a PET is told from it.
+DOSE_COLORMAP = "magma"
 
 
 @dataclass(frozen=True)
@@ -335,6 +342,8 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
     * PET in SUV: ``inferno`` with 0..6 SUV (SUV_LIMITS; SUVbsa, about a quarter of SUVbw, 0..1.5); in Bq/mL or
       counts: percentiles.
     * NM/SPECT: ``hot`` with percentiles.
+    * RT dose (unit Gy, whatever the modality): :data:`DOSE_COLORMAP` (``magma``) from 0 Gy to the largest dose,
+      the range fusion normalises a dose to (a percentile would clip the hot spot).
     * MR and unknown: ``gray`` with percentiles.
 
     Args:
@@ -355,6 +364,10 @@ def display_settings(volume: Volume, *, overlay: bool = False, window: Optional[
     # choice(): a list or an array failed in `in` with "unhashable type".
     choice(window, "CT window", (None, *CT_WINDOWS), fix=f"use one of {', '.join(CT_WINDOWS)} (or None: brain)")
     blend = {"blending": "additive", "opacity": 0.6} if overlay else {"blending": "translucent", "opacity": 1.0}
+    if volume.unit == "Gy":
+        a = volume.array
+        top = float(np.max(a, initial=0.0, where=np.isfinite(a)))  # NaN/inf (never a dose) left out
+        return DisplaySettings(DOSE_COLORMAP, (0.0, top if top > 0 else 1.0), **blend)
     if modality == "CT" and volume.unit == "HU":
         return DisplaySettings("gray", window_to_limits(*CT_WINDOWS[window or "brain"]), **blend)
     if modality == "PT":

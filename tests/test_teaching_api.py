@@ -39,7 +39,7 @@ def _raised(call) -> MedfuseError:
 def test_normalise_called_directly_names_the_near_method():
     e = _raised(lambda: normalise(A, method="percentil"))
     assert e.problem == "unknown normalisation method 'percentil'; did you mean 'percentile'?"
-    assert e.fix == "use one of auto, window, suv, percentile, minmax, range, none"
+    assert e.fix == "use one of auto, window, suv, dose, percentile, minmax, range, none"
     # The wording medfuse.fuse gives for the same typo.
     assert _raised(lambda: medfuse.fuse(A, B, normalise="percentil", method="mean")).problem == e.problem
     # A path given as the method is never echoed.

@@ -185,7 +185,8 @@ _NONE_SLACK = 0.01
 _ROUNDING = 1e-6
 
 #: Keys a per-input normalisation dict may hold (the keyword arguments of ``normalise.normalise``).
-_SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "percentiles", "low", "high")
+_SPEC_KEYS = ("method", "modality", "unit", "level", "width", "suv_max", "dose_max", "percentiles", "low",
+              "high")
 
 #: Float inputs share a 0..1 or 0..255 scale only when their maxima are within this factor of each other.
 _SHARED_SCALE_RATIO = 4.0
@@ -674,8 +675,9 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: _Method = "network", dev
             constant input counting by its level and an all-zero one not at all; values within 1 % of the
             scale outside it are clipped into it), else
             scales each by min/max, so that an MR in 0..150 beside a PET in SUV 0..8 both count;
-            for Volumes it picks by modality and unit (CT in HU: window; PET in SUV: SUV range; MR, CT not
-            in HU and the rest: percentiles; the record's ``auto`` says why) and leaves
+            for Volumes it picks by modality and unit (CT in HU: window; PET in SUV: SUV range; an RT dose
+            in Gy: 0 Gy to its largest dose, or to ``dose_max`` in its dict; MR, CT not in HU and the rest:
+            percentiles; the record's ``auto`` says why) and leaves
             volumes already normalised by medfuse (the pipeline's step, ``medfuse.normalise``: a
             ``normalisation`` record, unit "arbitrary", values in 0..1) as they are. A Volume that
             :func:`medfuse.resample` made onto a grid it covers only in part takes its percentiles over its own
@@ -686,11 +688,11 @@ def fuse(a: Any, b: Any = _MISSING, *more: Any, method: _Method = "network", dev
         **options: passed to the rule (see :func:`medfuse.fusion.classical.fuse_arrays`) or to
             :func:`medfuse.fusion.infer.fuse_arrays`. For the network on Volumes, ``functional`` (whether
             an input shows uptake, or bright structures that must stay bright) defaults to their
-            modalities: True with a PT, NM or CT input (uptake; CT bone), whatever the others are; False when
-            every input is MR; None otherwise (an ``unknown`` input beside MR). In 3-D, True and None both
-            keep the coarse pixel rule; True (with the shipped weights) makes it "the brighter input at that
-            scale wins", None the stronger detail. Arrays carry no modality: pass ``functional=True`` with a
-            PET/SPECT array so that a hot spot over a dark MR core stays visible (without it, 2-D images get
+            modalities: True with a PT, NM or CT input (uptake; CT bone) or an RT dose (unit Gy), whatever the
+            others are; False when every input is MR; None otherwise (an ``unknown`` input beside MR). In 3-D,
+            True and None both keep the coarse pixel rule; True (with the shipped weights) makes it "the
+            brighter input at that scale wins", None the stronger detail. Arrays carry no modality: pass
+            ``functional=True`` with a PET/SPECT array so that a hot spot over a dark MR core stays visible (without it, 2-D images get
             the learned choice, which can hide one).
 
     Returns:
@@ -997,8 +999,12 @@ def _fuse_volumes(vols: List[Volume], *, method: str, device: str, normalise: An
         # docs/network.md, "Thirty-first round"); it costs quality on MR-only pairs ("Ninth round").
         # A PET beside a T1 of unknown modality (a plain NIfTI) is still a PET: "unknown" won, and the hot-spot
         # rule was weakened to the stronger-detail one (up to 0.375 on an SPM12 T1 + PET), without a word.
+        # An RT dose (unit Gy, modality "unknown") is an overlay like uptake: its hot spot must stay bright.
+        from .normalise import FUNCTIONAL_UNITS
+
         modalities = {v.modality for v in vols}
-        options = {**options, "functional": True if modalities & {"PT", "NM", "CT"} else
+        dose = any(v.unit in FUNCTIONAL_UNITS for v in vols)
+        options = {**options, "functional": True if dose or modalities & {"PT", "NM", "CT"} else
                    None if "unknown" in modalities else False}
     # A single slice (2-D files load as (X, Y, 1)) takes the 2-D path; so, for the network, does each slice
     # of a volume too thin along one axis for the tri-plane path (a few thick CT or SPECT slices).

@@ -6,7 +6,11 @@ interval ``[low, high]`` onto 0..1 (values outside are clipped), with the interv
 chosen per modality:
 
 * CT in HU (or of unknown unit): a window (default level 40 HU, width 400 HU: soft tissue and bone edges);
-* PET in SUV: the range ``[0, suv_max]`` (default 10; 2.5 for SUVbsa, in cm²/mL);
+* PET in SUV: the range ``[0, suv_max]`` (default 10; 2.5 for SUVbsa, in cm²/mL): adult values, fixed so that fused
+  images of different patients compare; when the default clips more than 5 % of the uptake (a child's SUVbsa) a
+  ``MedfuseWarning`` says so and how to set the range, and the record keeps it (``warning``);
+* an RT dose in Gy: the range ``[0, dose_max]`` (default: its largest dose; pass the prescription to show every
+  dose as a fraction of it), a fixed dose scale rather than percentiles, which clipped the hot spot;
 * MR, SPECT, PET not in SUV, CT not in HU and anything else: percentiles (default 0.5 and 99.5);
 * ``"range"``: an explicit ``[low, high]``; ``"none"``: identity.
 
@@ -29,16 +33,27 @@ from ..errors import InvalidInputError, MedfuseWarning
 if TYPE_CHECKING:  # imported where used at run time
     from ..volume import Volume
 
-__all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES"]
+__all__ = ["normalise", "denormalise", "auto_method", "DEFAULT_CT_WINDOW", "DEFAULT_SUV_MAX", "DEFAULT_PERCENTILES",
+           "FUNCTIONAL_UNITS"]
 
 DEFAULT_CT_WINDOW = (40.0, 400.0)  # (level, width) in HU
 DEFAULT_SUV_MAX = 10.0
 #: SUVbsa (cm²/mL) is SUVbw times body surface over weight, about 0.25 cm²/g for an adult (1.9 m², 75 kg): its
 #: window is scaled so (the SUVbw window gave an SUVbsa PET peaking at 1.6 a quarter of the grey range).
 SUVBSA_MAX = 2.5
+#: Voxels above this fraction of the SUV range count as uptake (below: air, background, a resampled PET's fill).
+UPTAKE_FLOOR = 0.1
+#: Share of the uptake the default SUV range may clip before normalise warns. The bundled adult PET clips 0.03 %
+#: (SUVbw; 0.05 % read as an adult's SUVbsa); relabelled as a child's, its SUVbsa clips 1.2 % (12.5 kg), 28 %
+#: (a 3.2 kg neonate) and 46 % (a 0.9 kg premature).
+UPTAKE_CLIP_WARN = 0.05
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
-_METHODS = ("window", "suv", "percentile", "minmax", "range", "none")
+_METHODS = ("window", "suv", "dose", "percentile", "minmax", "range", "none")
+
+#: Units of a functional image whatever its modality: an RT dose grid (modality "unknown") is an overlay of dose on
+#: the anatomy, as a PET's uptake is (the fusion network's ``functional`` and the display follow it).
+FUNCTIONAL_UNITS = ("Gy",)
 
 
 def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
@@ -47,12 +62,13 @@ def auto_method(modality: Optional[str], unit: Optional[str] = None) -> str:
     Args:
         modality: a DICOM modality code (``CT``, ``PT``/``PET``, ``MR``, ``NM``, ...; case-insensitive), or None.
         unit: the physical unit, or None (not known): ``HU`` picks the CT window whatever the modality, and
-            ``SUV...`` the SUV range for PET. A CT with a unit other than HU (``arbitrary``: the loader's label
+            ``SUV...`` the SUV range for PET, ``Gy`` (an RT dose) the dose range. A CT with a unit other than HU
+            (``arbitrary``: the loader's label
             for a CT with no value below -100) gets percentiles, not the window.
 
     Returns:
-        ``"window"`` (unit HU, or CT of unknown unit), ``"suv"`` (PET in SUV) or ``"percentile"`` (anything
-        else, unknown and CT not in HU included).
+        ``"window"`` (unit HU, or CT of unknown unit), ``"suv"`` (PET in SUV), ``"dose"`` (unit Gy) or
+        ``"percentile"`` (anything else, unknown and CT not in HU included).
     """
     return _auto_choice(modality, unit)[0]
 
@@ -63,6 +79,8 @@ def _auto_choice(modality: Any, unit: Any) -> Tuple[str, str]:
     u = unit if isinstance(unit, str) else None  # an array's == would be elementwise
     if u is not None and u.upper() == "HU":
         return "window", "unit HU"
+    if u == "Gy":
+        return "dose", "unit Gy (an RT dose)"
     if m == "CT" and u is None:
         return "window", "CT, unit not given (taken as HU)"
     if m == "CT":
@@ -106,9 +124,45 @@ def _warn_if_not_hu(x: np.ndarray, width: float, stacklevel: int = 3) -> None:
                       "normalise='percentile'", MedfuseWarning, stacklevel=stacklevel)
 
 
+def _warn_if_uptake_clipped(x: np.ndarray, hi: float, unit: Optional[str], rec: Dict[str, Any]) -> None:
+    """Warn, and say so in ``rec``, when the default SUV range ``[0, hi]`` clips more than
+    :data:`UPTAKE_CLIP_WARN` of the uptake: the voxels above :data:`UPTAKE_FLOOR` of the range.
+
+    Why: the defaults are adult values (SUVbsa's assumes 0.25 cm² of body surface per g; a neonate has about 0.65,
+    a premature 1.03), and a child's SUVbsa PET came out mostly white (57 % of a neonate's uptake, 97 % of a
+    premature's, at 1.0) with only ``clipped_fraction`` in the record, a share of the whole grid (air included),
+    to tell. The range stays fixed (that is what makes fused images compare); the warning says how to set it.
+    """
+    floor = UPTAKE_FLOOR * hi
+    flat = np.atleast_1d(x)  # a view; slab by slab, as the float32 path works (no volume-sized temporary)
+    above = clipped = 0
+    for s in slab_slices(flat, SLAB_ELEMENTS):
+        above += int(np.count_nonzero(flat[s] > floor))
+        clipped += int(np.count_nonzero(flat[s] > hi))
+    if not above or clipped <= UPTAKE_CLIP_WARN * above:
+        return
+    share = clipped / above
+    # A range that keeps all but the hottest 0.5 % of the uptake, rounded up to two significant digits.
+    top = float(np.percentile(flat[flat > floor].astype(np.float64), 99.5))
+    step = 10.0 ** (np.floor(np.log10(top)) - 1)
+    suggest = float(f"{np.ceil(top / step - 1e-9) * step:.2g}")
+    why = (" (it assumes an adult's 0.25 cm² of body surface per g; a child has more, a neonate about 0.65, so its "
+           "SUVbsa is higher)" if unit == "SUVbsa" else "")
+    msg = (f"the default SUV range 0..{hi:g} clips {100.0 * share:.1f} % of this PET's uptake to white ({clipped} of "
+           f"the {above} voxels above {floor:g}, a tenth of the range): the range is an adult default{why}, kept "
+           f"fixed so that fused images of different patients compare. For this one, set it, e.g. to its uptake's "
+           f"99.5th percentile: normalise(..., suv_max={suggest:g}), medfuse.fuse(..., normalise=[..., "
+           f"{{'method': 'suv', 'suv_max': {suggest:g}}}]) (the PET's entry) or medfuse fuse --suv-range 0 "
+           f"{suggest:g}, and compare it only with images given the same range")
+    rec.update(uptake_clipped_fraction=share, warning=msg)
+    import warnings
+
+    warnings.warn(msg, MedfuseWarning, stacklevel=user_stacklevel())
+
+
 def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional[str]) -> None:
-    """Warn when ``method`` "window" (HU) or "suv" is named for an image whose unit or modality says it holds
-    another quantity.
+    """Warn when ``method`` "window" (HU), "suv" or "dose" (Gy) is named for an image whose unit or modality says it
+    holds another quantity.
 
     Why: ``normalise="window"`` for an MR + PET + CT fusion windowed the PET's SUV as HU (0.400..0.435: the lesion
     gone) and the MR too, and "suv" clipped 90 % of a SPECT in counts, without a word; "auto" picks per image.
@@ -122,6 +176,9 @@ def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional
     if method == "window":
         other = unit not in (None, "HU", "arbitrary") or mod not in ("CT", "unknown")
         wanted = "HU (a CT)"
+    elif method == "dose":
+        other = unit not in (None, "Gy", "arbitrary") or mod != "unknown"
+        wanted = "Gy (an RT dose)"
     else:
         other = (unit is not None and unit != "arbitrary" and not unit.startswith("SUV")) or mod not in ("PT",
                                                                                                           "unknown")
@@ -142,41 +199,45 @@ def _warn_if_other_quantity(method: str, modality: Optional[str], unit: Optional
 @overload
 def normalise(array: Volume, *, method: str = ..., modality: Optional[str] = ..., unit: Optional[str] = ...,
               level: Optional[float] = ..., width: Optional[float] = ..., suv_max: Optional[float] = ...,
-              percentiles: Optional[Tuple[float, float]] = ..., low: Optional[float] = ...,
-              high: Optional[float] = ..., dtype: Any = ...) -> Tuple[Volume, Dict[str, Any]]: ...
+              dose_max: Optional[float] = ..., percentiles: Optional[Tuple[float, float]] = ...,
+              low: Optional[float] = ..., high: Optional[float] = ..., dtype: Any = ...) -> Tuple[Volume, Dict[str, Any]]: ...
 
 
 @overload
 def normalise(array: np.ndarray, *, method: str = ..., modality: Optional[str] = ..., unit: Optional[str] = ...,
               level: Optional[float] = ..., width: Optional[float] = ..., suv_max: Optional[float] = ...,
-              percentiles: Optional[Tuple[float, float]] = ..., low: Optional[float] = ...,
-              high: Optional[float] = ..., dtype: Any = ...) -> Tuple[np.ndarray, Dict[str, Any]]: ...
+              dose_max: Optional[float] = ..., percentiles: Optional[Tuple[float, float]] = ...,
+              low: Optional[float] = ..., high: Optional[float] = ..., dtype: Any = ...) -> Tuple[np.ndarray, Dict[str, Any]]: ...
 
 
 @overload
 def normalise(array: Any, *, method: str = ..., modality: Optional[str] = ..., unit: Optional[str] = ...,
               level: Optional[float] = ..., width: Optional[float] = ..., suv_max: Optional[float] = ...,
-              percentiles: Optional[Tuple[float, float]] = ..., low: Optional[float] = ...,
-              high: Optional[float] = ..., dtype: Any = ...) -> Tuple[Union[np.ndarray, Volume], Dict[str, Any]]: ...
+              dose_max: Optional[float] = ..., percentiles: Optional[Tuple[float, float]] = ...,
+              low: Optional[float] = ..., high: Optional[float] = ..., dtype: Any = ...) -> Tuple[Union[np.ndarray, Volume], Dict[str, Any]]: ...
 
 
 def normalise(array: Any, *, method: str = "auto", modality: Optional[str] = None, unit: Optional[str] = None,
               level: Optional[float] = None, width: Optional[float] = None, suv_max: Optional[float] = None,
-              percentiles: Optional[Tuple[float, float]] = None, low: Optional[float] = None,
-              high: Optional[float] = None, dtype: Any = None) -> Tuple[Union[np.ndarray, Volume], Dict[str, Any]]:
+              dose_max: Optional[float] = None, percentiles: Optional[Tuple[float, float]] = None,
+              low: Optional[float] = None, high: Optional[float] = None, dtype: Any = None) -> Tuple[Union[np.ndarray, Volume], Dict[str, Any]]:
     """Scale an image or volume to 0..1 and say how.
 
     Args:
         array: the image (any numeric dtype; NaN refused), or a :class:`~medfuse.Volume`, whose modality and unit
             ``"auto"`` then uses (``modality=``/``unit=`` given here win).
-        method: ``"auto"`` (from ``modality``/``unit``), ``"window"``, ``"suv"``,
+        method: ``"auto"`` (from ``modality``/``unit``), ``"window"``, ``"suv"``, ``"dose"``,
             ``"percentile"``, ``"minmax"``, ``"range"`` or ``"none"``.
         modality: ``MR``, ``CT``, ``PT``, ``NM`` or ``unknown``, in any letter case, or an alias a Volume takes
             (``PET``, ``SPECT``, ``MRI``...); None: not known (used by ``auto``; recorded).
         unit: the physical unit, spelt as in :data:`medfuse.volume.UNITS` (``HU``, ``SUVbw``...); None: not
             known (used by ``auto``; recorded).
         level, width: CT window in HU (defaults 40, 400).
-        suv_max: upper end of the PET SUV range (default 10; 2.5 for SUVbsa).
+        suv_max: upper end of the PET SUV range (default 10; 2.5 for SUVbsa). The defaults are adult values, fixed
+            so that fused images of different patients compare; where the default clips more than 5 % of the voxels
+            above a tenth of the range (a child's SUVbsa) a :class:`~medfuse.errors.MedfuseWarning` says how
+            much and suggests a ``suv_max``, and the record keeps it (``warning``, ``uptake_clipped_fraction``).
+        dose_max: upper end of the dose range in Gy (default: the largest dose; e.g. the prescription).
         percentiles: (low, high) percentiles (default 0.5, 99.5).
         low, high: the interval for ``"range"``.
         dtype: ``None`` or ``numpy.float64`` (the default: a float64 result), or ``numpy.float32``: the same
@@ -202,7 +263,7 @@ def normalise(array: Any, *, method: str = "auto", modality: Optional[str] = Non
         # Why: NumPy reads a Volume as its voxels, so without this a CT in HU got the percentile rule, not its window.
         scaled, rec = normalise(array.array, method=method, modality=array.modality if modality is None else modality,
                                 unit=array.unit if unit is None else unit, level=level, width=width, suv_max=suv_max,
-                                percentiles=percentiles, low=low, high=high, dtype=dtype)
+                                dose_max=dose_max, percentiles=percentiles, low=low, high=high, dtype=dtype)
         out = array.with_array(scaled, unit="arbitrary")
         out.provenance["normalisation"] = rec
         return out, rec
@@ -212,13 +273,13 @@ def normalise(array: Any, *, method: str = "auto", modality: Optional[str] = Non
     dtype = _dtype(dtype)
     if dtype is not None and np.dtype(dtype) == np.float32 and x.size:
         return _normalise_float32(x, method=method, modality=modality, unit=unit, level=level, width=width,
-                                  suv_max=suv_max, percentiles=percentiles, low=low, high=high)
+                                  suv_max=suv_max, dose_max=dose_max, percentiles=percentiles, low=low, high=high)
     if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
         raise InvalidInputError(f"normalise returns float64 or float32, not {np.dtype(dtype)}",
                                 fix="pass dtype=numpy.float32, or leave dtype out for float64")
     x = x.astype(np.float64)
     y, rec = _scaled(x, _interval(x, method=method, modality=modality, unit=unit, level=level, width=width,
-                                  suv_max=suv_max, percentiles=percentiles, low=low, high=high))
+                                  suv_max=suv_max, dose_max=dose_max, percentiles=percentiles, low=low, high=high))
     return (y if dtype is None or np.dtype(dtype) == np.float64 else y.astype(dtype)), rec
 
 
@@ -310,7 +371,7 @@ def _dtype(dtype: Any) -> Any:
 
 
 def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, percentiles, low,
-              high, stacklevel: int = 4) -> Dict[str, Any]:
+              high, dose_max=None, stacklevel: int = 4) -> Dict[str, Any]:
     """The record of the mapping ``[low, high] -> 0..1`` for ``x`` (float64, or any dtype its float64 values
     are read from exactly: min, max and percentiles are taken on float64 values), ``clipped_fraction`` aside."""
     if x.size == 0:  # NumPy's percentile/min raised IndexError/ValueError; the fixed windows gave a NaN record
@@ -325,7 +386,7 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
     if chosen not in _METHODS:
         # The wording medfuse.fuse gives (with the near name of a typo: 'minmx', did you mean 'minmax'?).
         raise unknown_choice(method, "normalisation method", ("auto", *_METHODS))
-    if method in ("window", "suv"):
+    if method in ("window", "suv", "dose"):
         _warn_if_other_quantity(method, modality, unit)
     rec: Dict[str, Any] = {"method": chosen, "modality": modality or "unknown", "unit": unit or "arbitrary"}
     if method == "auto":
@@ -344,6 +405,17 @@ def _interval(x: np.ndarray, *, method, modality, unit, level, width, suv_max, p
         hi = default if suv_max is None else number(suv_max, "normalisation suv_max", example="suv_max=10")
         lo = 0.0
         rec.update(suv_max=hi)
+        if suv_max is None:  # a range the caller chose clips what they meant it to
+            _warn_if_uptake_clipped(x, hi, unit, rec)
+    elif chosen == "dose":
+        # A fixed dose scale, 0 Gy black: percentiles clipped the top 0.5 % of voxels, which in a dose grid are
+        # the hot spot (a boost flattened to the dose around it), and put the low end wherever the beams were.
+        hi = float(x.max()) if dose_max is None else number(dose_max, "normalisation dose_max",
+                                                             example="dose_max=60", low=0.0, open_low=True)
+        lo = 0.0
+        if hi <= lo:  # an all-zero dose: 0 maps to 0 rather than failing
+            hi = 1.0
+        rec.update(dose_max=hi)
     elif chosen == "percentile":
         pl, ph = DEFAULT_PERCENTILES if percentiles is None else _percentiles(percentiles)
         # On float64 values, as always: percentiles of float32 interpolate in float32 (other last digits).

@@ -71,6 +71,13 @@ Choices (see docs/io.md and docs/dicom.md):
   DecayCorrection ``NONE`` for counts, DecayFactor 1) and Type 2 ones are present but empty.
 * SOP classes: CT, MR and PET Image Storage; NM and unknown use Secondary Capture (the NM IOD
   is multi-frame only), still with the geometry attributes.
+* A dose in Gy (an RT dose grid, whatever its modality) is written as one RT Dose object (RT Dose Storage, Modality
+  ``RTDOSE``), which keeps the unit where an OT series would lose it: multi-frame, ImagePositionPatient of the first
+  frame and GridFrameOffsetVector (relative, increasing: a left-handed grid is written with its frames in reverse
+  order), DoseUnits ``GY``, unsigned 32-bit pixels times DoseGridScaling (max dose / (2³² - 1): error at most
+  DoseGridScaling / 2). DoseType, DoseSummationType and ReferencedRTPlanSequence come from the dose's own RTDOSE
+  (its provenance ``source``) when it can be read, else ``PHYSICAL`` and ``PLAN`` (without a plan reference, which
+  medfuse does not know). Negative doses (an interpolation's overshoot) are stored as 0 with a warning.
 """
 
 from __future__ import annotations
@@ -154,6 +161,9 @@ _PET_KEYWORDS = ("RadiopharmaceuticalInformationSequence", "DecayCorrection", "C
                  "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "PatientWeight", "PatientSize")
 _SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128"}
 _SC = "1.2.840.10008.5.1.4.1.1.7"
+_RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
+#: Largest stored value of the RT dose's unsigned 32-bit pixels.
+_DOSE_TOP = (1 << 32) - 1
 _DICOM_MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "unknown": "OT"}
 
 
@@ -773,9 +783,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         warnings.warn(f"{folder}: NaN/infinite voxels are stored as 0 (DICOM pixels are integers)",
                       MedfuseWarning, stacklevel=3)
     modality = volume.modality
-    sop_class = _SOP.get(modality, _SC)
-    if (modality not in _SOP and modality != "NM" and volume.unit != "arbitrary") or \
-            (modality == "NM" and volume.unit not in ("Bq/mL", "arbitrary", "counts")):
+    dose = volume.unit == "Gy"  # an RT dose grid: an RT Dose object, which keeps Gy (see _write_dose)
+    sop_class = _RT_DOSE if dose else _SOP.get(modality, _SC)
+    if not dose and ((modality not in _SOP and modality != "NM" and volume.unit != "arbitrary") or
+                     (modality == "NM" and volume.unit not in ("Bq/mL", "arbitrary", "counts"))):
         # An OT series holds no unit, an NM series only Bq/mL (Units BQML), counts or NONE: the unit is lost.
         held = "an NM series, which holds Bq/mL or counts" if modality == "NM" else \
             "an 'other' (OT) series, which holds no unit"
@@ -847,6 +858,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                       "series, and keep that folder in place while saving)", MedfuseWarning, stacklevel=3)
     base.ImageType = ["DERIVED", "SECONDARY"]
     _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
+    if dose:
+        _dose_attributes(base, volume)  # before de-identifying too: the plan reference holds UIDs
     if tpl is not None:
         _decode_text(base, tpl)
     base.StudyInstanceUID = study_uid
@@ -873,9 +886,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     fused = isinstance(prov.get("method"), str) and any(
         isinstance(h, dict) and h.get("step") == "fuse" for h in prov.get("history", []) or [])
     # A fusion said as one in a PACS list ("medfuse derived unknown (arbitrary)" told it from nothing).
-    default = f"medfuse fused ({prov['method']})" if fused else f"medfuse derived {modality} ({volume.unit})"
+    default = f"medfuse fused ({prov['method']})" if fused else "medfuse derived RT dose (Gy)" if dose else \
+        f"medfuse derived {modality} ({volume.unit})"
     base.SeriesDescription = _lo_text(series_description or default)
-    base.Modality = _DICOM_MODALITY.get(modality, "OT")
+    base.Modality = "RTDOSE" if dose else _DICOM_MODALITY.get(modality, "OT")
     base.PositionReferenceIndicator = base.get("PositionReferenceIndicator", "")
     # Manufacturer (General Equipment, type 2) is left empty: dcm2niix identifies a vendor by the first two letters
     # ("medfuse" read as Mediso, a scanner maker, in its BIDS sidecar and vendor-specific handling). The software
@@ -959,6 +973,12 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     # made a fused 0..1 series (width 1) a black-and-white mask: every voxel above 0 full white.
     base.WindowCenter = _fmt((lo + hi) / 2 + 0.5)
     base.WindowWidth = _fmt(max(hi - lo, 1e-6) + 1)
+    inputs = [prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike))
+                                                              else [])
+    if dose:
+        with atomic_dir(folder, overwrite=overwrite, inputs=inputs, own_series=True) as tmp:
+            _write_dose(base, volume, tmp / "RD00001.dcm", folder)
+        return folder
 
     # One PixelRepresentation for the whole series (see quantise_slice): exact integers keep the
     # type their whole range fits; quantised data is signed when any voxel is negative.
@@ -980,8 +1000,6 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                 break
 
     lost = 0.0  # largest error of whole numbers that had to be quantised (they fit no 16-bit type)
-    inputs = [prov.get("source"), *prov.get("sources", [])] + ([template] if isinstance(template, (str, os.PathLike))
-                                                              else [])
     # own_series: overwrite replaces only a series this writer made, never a scanner's original one.
     with atomic_dir(folder, overwrite=overwrite, inputs=inputs, own_series=True) as tmp:
         slopes = series_slopes(arr, signed=series_signed) if quantised else None
@@ -1019,6 +1037,66 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
                       f"were scaled (RescaleSlope) and are no longer exact: off by up to {lost:.4g} when read back "
                       f"(labels may merge); save as NIfTI or NRRD to keep them exact", MedfuseWarning, stacklevel=3)
     return folder
+
+
+def _dose_attributes(base, volume: Volume) -> None:
+    """DoseType, DoseSummationType and ReferencedRTPlanSequence of the RT Dose module: those of the dose's own
+    RTDOSE when it can be read (a resampled dose is still that plan's dose), else ``PHYSICAL`` and ``PLAN``."""
+    own = _own_series(volume)[1]
+    if own is not None and str(own.get("Modality", "")).strip().upper() != "RTDOSE":
+        own = None
+    kind = str(own.get("DoseType", "") or "").strip().upper() if own is not None else ""
+    base.DoseType = kind if kind in ("PHYSICAL", "EFFECTIVE") else "PHYSICAL"  # ERROR would need signed pixels
+    summed = str(own.get("DoseSummationType", "") or "").strip().upper() if own is not None else ""
+    base.DoseSummationType = summed or "PLAN"
+    if own is not None and "ReferencedRTPlanSequence" in own:
+        base.ReferencedRTPlanSequence = copy.deepcopy(own.ReferencedRTPlanSequence)
+
+
+def _write_dose(base, volume: Volume, path: Path, folder: Path) -> None:
+    """Write ``volume`` (in Gy) as one multi-frame RT Dose object at ``path`` (``base``: the series' attributes).
+
+    A Volume's grid is orthogonal (it refuses shear), so its slice axis lies along row x column, or against it.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.tag import Tag
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    d, sp = volume.direction, volume.spacing
+    along = float(np.dot(d[:, 2], np.cross(d[:, 0], d[:, 1])))
+    # Frames in increasing offset order along row x column: a left-handed grid's from its last slice.
+    order = list(range(volume.shape[2]))[::-1 if along < 0 else 1]
+    values = _float_plane(np.asarray(volume.array))
+    low = float(values.min()) if values.size else 0.0
+    if low < 0:
+        warnings.warn(f"{folder.name}: the dose has negative values (down to {low:.3g} Gy; an interpolation's "
+                      "overshoot?), which an RT dose (DoseType PHYSICAL) cannot hold: they are stored as 0 Gy",
+                      MedfuseWarning, stacklevel=4)
+        np.maximum(values, 0.0, out=values)
+    peak = float(values.max()) if values.size else 0.0
+    scaling = _slope_for(peak, _DOSE_TOP)  # a DS value that reaches the peak within 32 bits
+    stored = np.stack([np.clip(np.rint(values[:, :, k].T / scaling), 0, _DOSE_TOP).astype("<u4") for k in order])
+    for kw in ("SpacingBetweenSlices", "WindowCenter", "WindowWidth", "RescaleType"):  # not in the RT Dose IOD
+        base.pop(kw, None)
+    ds = base
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [_fmt(x) for x in volume.index_to_world([0.0, 0.0, float(order[0])])]
+    ds.NumberOfFrames = len(order)
+    ds.FrameIncrementPointer = Tag("GridFrameOffsetVector")
+    ds.GridFrameOffsetVector = [_fmt(m * sp[2]) for m in range(len(order))]
+    ds.DoseUnits = "GY"
+    ds.DoseGridScaling = _fmt(scaling)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _RT_DOSE
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    _save_slice(ds, path)
 
 
 def _save_slice(ds, path: Path) -> None:

@@ -6,7 +6,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from qtpy.QtWidgets import QComboBox
 
-from ._layers import meta, real_layer
+from ._layers import FUNCTIONAL, is_functional, meta, real_layer
 
 
 class LayerCombo(QComboBox):
@@ -14,13 +14,17 @@ class LayerCombo(QComboBox):
 
     Args:
         viewer: the napari viewer.
-        prefer: modality codes to pre-select (e.g. ``("PT", "NM")``) until the user picks an item.
+        prefer: modality codes to pre-select (e.g. ``("MR", "CT")``) until the user picks an item; with
+            :data:`FUNCTIONAL` among them an RT dose (unit Gy, modality ``unknown``) is preferred too
+            (:func:`is_functional`) unless ``prefer_dose`` is False.
         allow_none: add a "(none)" entry (optional third fusion input).
         skip: layers to leave out.
         allow_2d: also offer 2-D layers, grey or RGB (fusion of 2-D images); 3-D greyscale layers only otherwise.
         default_index: the image layer to pre-select when none has a preferred modality (1 for a second input,
             so that two layers of unknown modality do not both default to the first one).
         shown: whether the user shows a layer (default: its ``visible`` flag); see :meth:`set_shown`.
+        prefer_dose: False for a picker of functional layers that must not prefer a dose (registration refuses
+            one: a dose holds no anatomy).
 
     Until the user picks an item, the pre-selection falls on a layer shown in the viewer when one fits: a study
     folder opens with only its first anatomical and first functional series shown, and a picker took a hidden
@@ -36,13 +40,15 @@ class LayerCombo(QComboBox):
 
     def __init__(self, viewer: Any, *, prefer: Sequence[str] = (), allow_none: bool = False,
                  skip: Optional[Callable[[Any], bool]] = None, allow_2d: bool = False, default_index: int = 0,
-                 shown: Optional[Callable[[Any], bool]] = None):
+                 shown: Optional[Callable[[Any], bool]] = None, prefer_dose: bool = True):
         super().__init__()
         self._viewer, self._prefer, self._allow_none = viewer, tuple(prefer), allow_none
         self._skip = skip or (lambda layer: False)
         self._shown = shown or (lambda layer: bool(layer.visible))
         self._allow_2d = allow_2d
         self._default_index = int(default_index)
+        # The overlay's and the fusion's functional pickers prefer a dose too: it is drawn over the CT.
+        self._functional = prefer_dose and set(FUNCTIONAL) <= set(self._prefer)
         self._chosen_once = False  # True once the user (or set_layer) picked an item: the preference stops
         self._items: List[Any] = []  # the layer behind each item (None for "(none)"), to follow renames
         self._watched: List[Any] = []  # layers whose name events we listen to
@@ -69,6 +75,9 @@ class LayerCombo(QComboBox):
         if layer.ndim == 3 and not layer.rgb:
             return True
         return self._allow_2d and layer.ndim == 2  # 2-D grey or 2-D RGB(A)
+
+    def _preferred(self, layer: Any) -> bool:
+        return meta(layer).get("modality") in self._prefer or (self._functional and is_functional(layer))
 
     def _images(self):
         return [l for l in map(real_layer, self._viewer.layers) if self._accepts(l)]
@@ -118,7 +127,7 @@ class LayerCombo(QComboBox):
         kept = [n for n, l in enumerate(items) if l is not None and l is previous]
         if not self._chosen_once and self._prefer:
             # Until the user picks, re-apply the preference: the box may have been filled before that layer came.
-            preferred = [n for n, l in enumerate(items) if l is not None and meta(l).get("modality") in self._prefer]
+            preferred = [n for n, l in enumerate(items) if l is not None and self._preferred(l)]
             if preferred and not (kept and kept[0] in preferred):
                 kept = preferred[:1]
             elif not preferred and images:
@@ -140,10 +149,10 @@ class LayerCombo(QComboBox):
         if current is None or self._shown(current):
             return
         shown = [n for n, l in enumerate(self._items) if l is not None and self._shown(l)]
-        preferred = [n for n in shown if meta(self._items[n]).get("modality") in self._prefer]
+        preferred = [n for n in shown if self._preferred(self._items[n])]
         if preferred:
             self.setCurrentIndex(preferred[0])
-        elif meta(current).get("modality") not in self._prefer and len(shown) > self._default_index:
+        elif not self._preferred(current) and len(shown) > self._default_index:
             self.setCurrentIndex(shown[self._default_index])
 
     def layer(self):

@@ -28,7 +28,25 @@ from medfuse.volume import Volume
 #: Row permutation LPS <-> napari world (S, P, L); it is its own inverse.
 R4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
 
+#: Modalities of functional images (PET, SPECT); :func:`is_functional` also counts an RT dose as one.
 FUNCTIONAL = ("PT", "NM")
+
+
+def is_functional(item: Any) -> bool:
+    """Whether an image is shown over the anatomy: PET/SPECT (modality in :data:`FUNCTIONAL`) or an RT dose (unit Gy).
+
+    Why the unit: a dose grid's modality is ``unknown``, so a test on the modality alone stacked a dose under the
+    CT opened with it (opaque, hiding it) and never pre-selected it as the overlay.
+
+    Args:
+        item: a :class:`~medfuse.volume.Volume`, a napari layer (its medfuse metadata) or that metadata as a dict;
+            a layer from another plugin (no medfuse metadata) is not functional.
+    """
+    if isinstance(item, Volume):
+        md = {"modality": item.modality, "unit": item.unit}
+    else:
+        md = item if isinstance(item, dict) else meta(item)
+    return md.get("modality") in FUNCTIONAL or md.get("unit") == "Gy"
 
 
 def display_grid(volume: Volume) -> Tuple[np.ndarray, Tuple[float, ...], Tuple[float, ...], str]:
@@ -334,8 +352,12 @@ def lps_to_world(matrix: Any) -> np.ndarray:
 
 
 def volume_to_layer(volume: Volume, *, name: str, overlay: bool = False) -> Tuple[np.ndarray, dict, str]:
-    """Return napari ``(data, kwargs, "image")`` for a volume, with modality-aware display defaults."""
-    settings = display_settings(volume, overlay=overlay)
+    """Return napari ``(data, kwargs, "image")`` for a volume, with modality-aware display defaults.
+
+    An RT dose (unit Gy) is always an overlay (a dose wash over the anatomy), whatever ``overlay`` says: callers
+    that test modalities only (the sample data) do not say so.
+    """
+    settings = display_settings(volume, overlay=overlay or volume.unit == "Gy")
     data, scale, translate, how = display_grid(volume)
     kwargs: Dict[str, Any] = dict(settings.as_kwargs())
     kwargs.update(name=name, scale=scale, translate=translate,

@@ -11,8 +11,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QVBoxLayout, QWidget)
 
 from ._combo import LayerCombo
-from ._layers import (FUNCTIONAL, checker3d, coverage_onto, curtain3d, data_to_world, layer_array, layer_axis,
-                      layer_geometry, meta, real_layer, resample_onto, voxel_spacing)
+from ._layers import (FUNCTIONAL, checker3d, coverage_onto, curtain3d, data_to_world, is_functional, layer_array,
+                      layer_axis, layer_geometry, meta, real_layer, resample_onto, voxel_spacing)
 
 # cividis, viridis, inferno, magma and plasma stay readable under colour-vision deficiency (cividis was made for
 # it); red beside green, and turbo, are hard to tell apart under deuteranopia (kept: users rely on them).
@@ -159,8 +159,9 @@ def _grid(viewer: Any) -> Any:
 
 
 def _floor(layer: Any) -> float:
-    """Lowest overlay threshold: 0 for PET/SPECT (no negative uptake), none for others (a CT overlay in HU)."""
-    return 0.0 if meta(layer).get("modality") in FUNCTIONAL else -1e12
+    """Lowest overlay threshold: 0 for PET/SPECT and doses (no negative uptake or dose), none for others (a CT
+    overlay in HU)."""
+    return 0.0 if is_functional(layer) else -1e12
 
 
 def unit_label(unit: Optional[str]) -> str:

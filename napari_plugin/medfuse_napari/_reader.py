@@ -14,7 +14,7 @@ import numpy as np
 
 from medfuse.io import IMAGE_SUFFIXES
 
-from ._layers import FUNCTIONAL, display_grid, volume_digest, volume_to_layer
+from ._layers import display_grid, is_functional, volume_digest, volume_to_layer
 
 _SUFFIXES = IMAGE_SUFFIXES + (".dcm",)  # medfuse.load's endings: .hdr/.img pairs opened in Python open here too
 _PEEK_FILES = 20  # files inspected per folder to decide whether a folder is DICOM
@@ -386,7 +386,7 @@ def _series_label(folder: str, modality: str, rel: str, number, description, ide
 
 
 def _stacked_for_reading(layers: List[tuple]) -> List[tuple]:
-    """Several series opened at once, ordered and shown as a fused reading starts: PET/SPECT over CT/MR.
+    """Several series opened at once, ordered and shown as a fused reading starts: PET/SPECT or a dose over CT/MR.
 
     napari adds a reader's layers bottom up and draws an image at full opacity over those below, so a PET/MR study
     whose ``pet`` folder sorts before ``t1`` showed no PET at all, under two opaque MR layers. Anatomical layers
@@ -398,7 +398,7 @@ def _stacked_for_reading(layers: List[tuple]) -> List[tuple]:
         """True for a functional image layer, False for another image layer, None for anything else."""
         if len(layer) < 3 or layer[2] != "image" or not isinstance(layer[1], dict):
             return None
-        return layer[1].get("metadata", {}).get("medfuse", {}).get("modality") in FUNCTIONAL
+        return is_functional(layer[1].get("metadata", {}).get("medfuse", {}))
 
     if sum(kind(l) is not None for l in layers) < 2:
         return layers
@@ -449,7 +449,7 @@ def _series_layers(volumes, name: str) -> List[tuple]:
 
     A 4-D series whose volumes lie on different grids gives one 3-D layer per volume.
     """
-    overlay = volumes[0].modality in FUNCTIONAL
+    overlay = is_functional(volumes[0])
     first = volume_to_layer(volumes[0], name=name, overlay=overlay)
     if len(volumes) == 1:
         return [first]

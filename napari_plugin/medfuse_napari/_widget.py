@@ -276,7 +276,8 @@ class RegisterPanel(QWidget):
         self.viewer = viewer
         # Compare views (checkerboard, curtain) are displays of a pair, not images to register.
         self.fixed = LayerCombo(viewer, prefer=("MR", "CT"), skip=_is_compare)
-        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare)
+        # Not a dose: registration refuses one (no anatomy); its planning CT is registered instead.
+        self.moving = LayerCombo(viewer, prefer=FUNCTIONAL, default_index=1, skip=_is_compare, prefer_dose=False)
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
         self.pair = QComboBox()
