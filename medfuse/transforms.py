@@ -484,6 +484,7 @@ class RegisterToReference(Transform, ThreadUnsafe):
         transform with nearest neighbour (``kind=None``: resampled as placed, as the image is)."""
         from .pipeline import _itk_threads
         from .registration import register, resample
+        from .registration.resample import not_for_measuring
 
         mv, ref = as_volume(moving, name="moving"), as_volume(reference, name="reference")
         threads = _threads(self.threads)
@@ -496,10 +497,10 @@ class RegisterToReference(Transform, ThreadUnsafe):
                                fix="check that the images belong together; if they show the same anatomy in "
                                    "unrelated scanner coordinates, register instead of only resampling: "
                                    "RegisterToReference(d) with kind='rigid', initialise='geometry'")
-                with _itk_threads(threads):
+                with _itk_threads(threads), not_for_measuring():
                     out = _like(resample(mv, ref, **self.options), moving)
         else:
-            with _itk_threads(threads):
+            with _itk_threads(threads), not_for_measuring():
                 res = register(ref, mv, kind=self.kind, **self.options)
             report = res.report.to_dict()
             report["itk_threads"] = threads  # None: SimpleITK's default (results may vary with the core count)
@@ -814,6 +815,7 @@ class FuseModalities(Transform):
                 raise
         if self.resample:
             from .registration import resample
+            from .registration.resample import not_for_measuring
 
             shown = [f"'{n}'" for n in names] if keyed else names
             for v, n in zip(vols[1:], shown[1:]):
@@ -824,7 +826,7 @@ class FuseModalities(Transform):
                                        "unrelated scanner coordinates, register them before fusing: "
                                        "RegisterToReferenced(keys=..., reference_key=..., kind='rigid', "
                                        "initialise='geometry'), then FuseModalitiesd without resample")
-            with _itk_threads(_threads(None)):
+            with _itk_threads(_threads(None)), not_for_measuring():
                 vols = [vols[0]] + [v if v.same_grid(vols[0]) else resample(v, vols[0]) for v in vols[1:]]
         else:
             _check_grids(vols, names, dict_keys=keyed)

@@ -45,8 +45,9 @@ _BASE: Dict[str, Any] = {
     "final_learning_rate_mm": 1.0,
     "final_samples": 30000,
     # Rigid runs: the finest level of levels_mm again from the result, with a fresh step, up to this many times while
-    # each run improves the metric by more than the sampling noise (0: none). A step collapsed by noisy gradients
-    # stopped an 11 degree MR-CT rotation 3 degrees short (2.3 mm); with restarts 0.07-0.09 mm.
+    # each run improves the metric by more than the sampling noise and moves the result by half a voxel of that
+    # level or more (0: none). A step collapsed by noisy gradients stopped an 11 degree MR-CT rotation 3 degrees
+    # short (2.3 mm); with restarts 0.05-0.09 mm.
     "restarts": 8,
     # Deformable (B-spline) stage.
     "bspline_grid_mm": 40.0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import re
 import sys
 import threading
 import time
@@ -94,6 +95,12 @@ class RegistrationReport:
         notes: what a reader should know that is no reason for doubt, one sentence each, e.g. ``"one frame of
             reference: already aligned by the scanner; ..."`` or ``"registered within the fixed image's 190 x 216 x
             152 mm box around the body of its 320 x 320 x 154 mm field"``.
+        restarts_run: how many rigid restarts of the finest pyramid level ran (a last one that was dropped
+            included; 0 with ``restarts=0``); None where none can run (affine and deformable runs, a placement
+            kept as it is).
+        restarts_stop: why the restarts ended, e.g. ``"restart 2 did not improve the metric beyond the sampling
+            noise and was dropped"`` or ``"restart 1 moved the result by 0.62 mm at most (under 1 mm): settled"``;
+            None where none can run.
     """
 
     kind: str
@@ -145,6 +152,10 @@ class RegistrationReport:
     #: what a reader should know that is no reason for doubt (the scanner's placement kept in one frame of
     #: reference, registration within the body's box of a large field), one sentence each.
     notes: List[str] = field(default_factory=list)
+    #: rigid restarts of the finest level that ran (a dropped last one included); None where none can run.
+    restarts_run: Optional[int] = None
+    #: why the restarts ended (no metric gain, moved under half a voxel, the limit); None where none can run.
+    restarts_stop: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict."""
@@ -444,22 +455,35 @@ def _domain_of(vol: Volume):
     return img
 
 
-#: The body box (the largest bright component's bounding box, plus ``_BODY_MARGIN_MM`` each side) must hold at
-#: most this share of the field's voxels for registration to work within it. A head in a 320 x 320 mm planning CT
-#: field holds ~38 %, in a 500 mm field ~16 %; the bundled head MR/CT/PET/SPECT fields hold 61-100 %.
+#: The body box (the bounding box of the body's outline, plus ``_BODY_MARGIN_MM`` each side) must hold at most this
+#: share of the field's voxels for registration to work within it. A head in a 320 x 320 mm planning CT field holds
+#: ~38 %, in a 500 mm field ~16 %; the bundled head MR/CT/PET/SPECT fields hold 61-100 %.
 _BODY_SHARE = 0.4
 _BODY_MARGIN_MM = 10.0
+#: The box must hold at least this share of the body's voxels (the outline after its opening), else it is not used:
+#: a box that leaves out more is around a part of the image (a hot organ, an artefact), not around the patient.
+_BODY_CONTENT = 0.9
+#: More than this share of the field at the image's minimum makes the minimum the background (air stored as 0), not
+#: the padding outside a CT's scan circle (which fills 21 % of a square field).
+_AT_MINIMUM = 0.3
 
 
 def _body_box(vol: Volume):
     """(first, stop) voxel indices of ``vol``'s body box when the body fills at most ``_BODY_SHARE`` of the field,
     else None (also for a thin image: see :func:`_thin_axis`).
 
-    The body is the largest connected component above a quarter of the way from the background (the median of the
-    field's border that is not padding at the image's minimum) to the 99.5th percentile, on a ~4 mm subsample.
-    Why: a head in a large field of air (a planning CT, 320-500 mm, often with a couch) put most metric samples in
-    air, the geometry start at the field's centre and the moments on the couch: PET ended 19-36 mm off and a moved
-    MR turned 179 degrees, unflagged; the same head in a 160 x 192 mm field: 0.5-1.5 mm.
+    On a ~4 mm subsample: the background is the median of the field's border that is not padding at the image's
+    minimum; the image's content is what lies clearly above it; the body's outline is what lies above half the
+    content's median level (above background). The box bounds every sizeable region of that outline after an
+    opening (which drops thin shells such as a couch's, and specks of noise): regions at least 5 % the size of the
+    largest; it is not used when it leaves out over ``1 - _BODY_CONTENT`` of the opened outline.
+    Why the content's median and not a share of the brightest values: in a PET the brightest is the brain or the
+    bladder, in an MR a metal artefact's rim; a quarter of the 99.5th percentile boxed that alone (an infant
+    whole-body PET onto a torso of itself: 183 mm off, unflagged; an MR with braces: 23 mm). Tissue (PET
+    background uptake, MR soft tissue, CT soft tissue) is most of the content and well above half its median.
+    Why a box at all: a head in a large field of air (a planning CT, 320-500 mm, often with a couch) put most metric
+    samples in air, the geometry start at the field's centre and the moments on the couch: PET ended 19-36 mm off
+    and a moved MR turned 179 degrees, unflagged; the same head in a 160 x 192 mm field: 0.5-1.5 mm.
     """
     from scipy import ndimage
 
@@ -475,16 +499,30 @@ def _body_box(vol: Volume):
         return None
     border = np.concatenate([x.ravel() for x in (s[0], s[-1], s[:, 0], s[:, -1], s[:, :, 0], s[:, :, -1])])
     border = border[border > lo]  # padding outside a scan circle is no background level
-    bg = float(np.median(border)) if border.size else lo
-    body = s > bg + 0.25 * (float(np.percentile(above, 99.5)) - bg)
+    if np.mean(s == lo) > _AT_MINIMUM or not border.size:
+        bg, noise = lo, 0.0  # air stored as the minimum (a PET's or MR's zeros): a border of body is no background
+    else:
+        bg = float(np.median(border))
+        noise = 3.0 * 1.4826 * float(np.median(np.abs(border - bg)))
+    high = float(np.percentile(above, 99.5))
+    content = s > bg + max(noise, 0.02 * (high - bg))
+    if not content.any():
+        return None
+    level = bg + 0.5 * (float(np.median(s[content])) - bg)
+    outline = s > level
+    body = ndimage.binary_opening(outline)
     labels, n = ndimage.label(body)
     if n == 0:
         return None
-    biggest = 1 + int(np.argmax(ndimage.sum(body, labels, range(1, n + 1))))
-    idx = np.argwhere(labels == biggest)
+    sizes = np.asarray(ndimage.sum(body, labels, range(1, n + 1)))
+    keep = 1 + np.flatnonzero(sizes >= 0.05 * sizes.max())
+    idx = np.argwhere(np.isin(labels, keep))
+    lo_i, hi_i = idx.min(0), idx.max(0) + 1
+    if body[tuple(slice(int(f), int(t)) for f, t in zip(lo_i, hi_i))].sum() < _BODY_CONTENT * body.sum():
+        return None
     pad = np.ceil(_BODY_MARGIN_MM / sp).astype(int)
-    first = np.maximum(0, idx.min(0) * step - pad)
-    stop = np.minimum(vol.shape, (idx.max(0) + 1) * step + pad)
+    first = np.maximum(0, lo_i * step - pad)
+    stop = np.minimum(vol.shape, hi_i * step + pad)
     stop = np.maximum(stop, np.minimum(vol.shape, first + 4))  # registration needs 4 voxels along every axis
     if np.prod(stop - first) > _BODY_SHARE * np.prod(vol.shape):
         return None
@@ -946,13 +984,27 @@ def _initialise(fixed, moving, *, mode, preset, metric, seed, fmask, mmask, canc
             keep.append(item)
         if len(keep) >= int(preset["multistart_keep"]):
             break
-    best = None
+    # The best unrotated start is always polished too: the header's placement is the prior, which a rotated start
+    # must beat by ``_DECIDE_MARGIN`` (its polish, or the start itself when the polish walked it somewhere worse).
+    plain = next((item for item in scored if not item[1].endswith("+multistart")), None)
+    if plain is not None and not any(_same_mapping(plain[2], k[2], _same_tol(preset)) for k in keep):
+        keep.append(plain)
+    best = best_plain = None
     for v0, name, t in keep:
         tt = sitk.Euler3DTransform(t)
         v, its = _polish(fc, mc, tt, preset=preset, metric=metric, fmc=fmc, mmc=mmc,
                          iterations=preset["multistart_iterations"], cancel=cancel)
         if v is not None and (best is None or v < best[0]):
             best = (v, name, tt, its)
+        if name.endswith("+multistart"):
+            continue
+        if math.isfinite(v0) and (v is None or v0 < v):
+            v, tt, its = v0, sitk.Euler3DTransform(t), 0
+        if v is not None and (best_plain is None or v < best_plain[0]):
+            best_plain = (v, name, tt, its)
+    if (best is not None and best_plain is not None and best[1].endswith("+multistart")
+            and best[0] >= best_plain[0] - _DECIDE_MARGIN * abs(best_plain[0])):
+        best = best_plain
     if not scored:
         # Every start's metric failed (too few samples inside the moving image, or a working copy with one value).
         raise RegistrationError(
@@ -1070,10 +1122,21 @@ def _orientation_scan(fc, mc, starts, *, metric, bins, fmc, cancel, thin=(None, 
     return out
 
 
-#: how much better (share of |metric|, 8 mm copies) a turned orientation must score to win or to flag a result.
-#: The 120-180 degree failures measured scored 20-135 % worse than the turned candidate; a symmetric phantom's
-#: 180 degree turn scores the same within noise.
+#: how much better (share of |metric|, 8 mm copies) a turned orientation must score to be taken into the final
+#: stages. The 120-180 degree failures measured scored 20-135 % worse than the turned candidate; a symmetric
+#: phantom's 180 degree turn scores the same within noise. The decision comes after the final stages
+#: (``_DECIDE_MARGIN``).
 _TURN_MARGIN = 0.02
+#: How much better a turned start must score than the unturned one to be kept: a turned orientation after the final
+#: stages (against the unturned start run through them too), a rotated start of the multi-start (polished, 8 mm
+#: copies); and how much better a turned orientation must match to flag a result of a run without the search. The
+#: header's placement is the prior. An aligned cylinder phantom (MR/CT with inserts), whose metric barely changes
+#: with a turn about its axis, scores better turned (Mattes MI: 5-9 % on the 8 mm copies, 3 % at full resolution
+#: than the truth): with 2 % it ended 26.6 degrees turned (TRE 11-33 mm), a moved copy 32.7 degrees, both
+#: unflagged, and the right result with initialise="none" was flagged "clearly better turned ~180 degrees". The
+#: SPM12 PET tilted 30 degrees onto the T1 needs its rotated start: 27 % better; the 120-180 degree failures
+#: scored 20-135 % worse than the turned candidate.
+_DECIDE_MARGIN = 0.1
 
 
 def _turned_candidates(fixed, moving, *, preset, metric, seed, fmask, mmask, cancel):
@@ -1185,7 +1248,7 @@ def _unturned_rematch(linear, stop, per_level, its, label, unturned, *, Qw, P_gi
     m_turned, m_alt = score(linear), score(alt[0])
     # The header's orientation stays the prior, as in the initialisation: the turned result must still be clearly
     # better (rigid, that SPECT's turned result scored only 1.3 % better, 77 mm off).
-    if m_alt is not None and (m_turned is None or m_turned > m_alt - _TURN_MARGIN * abs(m_alt)):
+    if m_alt is not None and (m_turned is None or m_turned > m_alt - _DECIDE_MARGIN * abs(m_alt)):
         # Judged at the shown precision: "-1.0190 ... -1.0190: worse" read as a contradiction.
         verdict = "worse" if m_turned is None or round(m_turned, 4) > round(m_alt, 4) else "not clearly better"
         said = (f"the turned result, {label}, scored {_fmt(m_turned)} after the final stages, the unturned "
@@ -1207,8 +1270,9 @@ def _better_orientation(fixed, moving, linear, *, preset, metric, seed, fmask, c
 
     The same candidates as ``initialise="auto"``, compared with the result on the same full sample set of the
     8 mm copies. A candidate counts only when it lies far from the result (> 20 mm at 50 mm probes: starts polished
-    into one optimum differ by tenths of a millimetre) and beats it by more than 2 % of |metric| (measured: the
-    120-180 degree failures by 20-135 %).
+    into one optimum differ by tenths of a millimetre) and beats it by more than ``_DECIDE_MARGIN`` of |metric| (the
+    margin by which ``"auto"`` keeps a turned result over the unturned one; measured: the 120-180 degree failures
+    by 20-135 %).
     """
     coarse_mm = float(preset["multistart_mm"])
     fc, mc = _working_from_sitk(fixed, coarse_mm), _working_from_sitk(moving, coarse_mm)
@@ -1222,7 +1286,7 @@ def _better_orientation(fixed, moving, linear, *, preset, metric, seed, fmask, c
     if not cands:
         return None
     v, m, t2, _, _ = min(cands, key=lambda c: c[0])
-    if v >= v_res - _TURN_MARGIN * abs(v_res):
+    if v >= v_res - _DECIDE_MARGIN * abs(v_res):
         return None
     res, cand = Transform(linear).matrix, m @ Transform(t2).matrix
     if _max_probe_distance(cand, res, linear.GetCenter()) < 20.0:
@@ -1332,45 +1396,75 @@ def _optimise(fixed, moving, initial, *, preset, metric, seed, fmask, mmask, mon
     return stop, mon.per_level, its
 
 
+#: A kept restart that moved the result by less than this share of its level's voxel (levels_mm[-1]) at the
+#: corners of the registration region ends the restarts: see _restarts.
+_RESTART_SETTLED = 0.5
+
+
+def _max_corner_distance(img, a, b) -> float:
+    """The largest distance (mm) between where transforms ``a`` and ``b`` map the 8 corners of ``img``'s box."""
+    import itertools
+
+    size = img.GetSize()
+    corners = [img.TransformContinuousIndexToPhysicalPoint([-0.5 if hi == 0 else n - 0.5 for hi, n in zip(c, size)])
+               for c in itertools.product((0, 1), repeat=3)]
+    return max(float(np.linalg.norm(np.subtract(a.TransformPoint(p), b.TransformPoint(p)))) for p in corners)
+
+
 def _restarts(level, tx, stop, per_level, its, *, preset, metric, seed, evaluate, monitor_args):
     """The rigid run's last level again from ``tx`` with a fresh step, up to ``restarts`` times while each restart
-    improves the metric by more than the sampling noise; ``tx`` takes the best. Returns (stop, per_level, its) with
-    the kept restarts' levels added.
+    improves the metric by more than the sampling noise and moves the result by more than half a voxel of that
+    level; ``tx`` takes the best. Returns (stop, per_level, its, restarts run, why they ended) with the kept
+    restarts' levels added.
 
     ``level``: (fixed, moving, fixed mask, moving mask) working images of that level, whose spacing is
     ``preset["levels_mm"][-1]``; ``evaluate(transform)``: the metric on the report's fixed sample set.
 
     Why: the regular-step descent shrinks its step at every sign change of a noisy sampled gradient and can stop
     short of the optimum: the bundled MR turned (5, -8, 6) degrees onto the CT stopped 3 degrees short (2.3 mm mean,
-    "converged", metric -0.940 against -0.995 at the truth); with restarts 0.07-0.09 mm (seeds 0-2).
+    "converged", metric -0.940 against -0.995 at the truth); with restarts 0.05-0.09 mm (seeds 0-2).
+
+    Why the distance rule: a restart that escapes a collapsed step moves the corners of the registration region by
+    1.05-4.2 mm (that case, seeds 0-2); one from the optimum moves them 0.18-1.66 mm with its new sample set (the
+    restarts that were dropped, on it and on the SPM12 PET/SPECT and BraTS benchmark pairs). A kept restart that
+    moved less than half a voxel (1 mm at 2 mm) was such a jitter: the one after it, on BraTS and in that case, was
+    dropped. Stopping there skips that dropped run, with the same result.
     """
     import SimpleITK as sitk
 
     n = int(preset.get("restarts", 0))
     if n <= 0:
-        return stop, per_level, its
+        return stop, per_level, its, 0, "switched off (restarts=0)"
     last = {**preset, **{k: tuple(preset[k][-1:]) for k in ("levels_mm", "smoothing_vox", "iterations")}}
+    settled_mm = _RESTART_SETTLED * float(preset["levels_mm"][-1])
     f_img, m_img, f_mask, m_mask = level
     best = evaluate(tx)
+    if best is None:
+        return stop, per_level, its, 0, "none: too few samples to score the result"
     per_level, its = list(per_level), list(its)
-    for k in range(n):
-        if best is None:
-            break
+    why = f"all {n} ran (restarts={n}), each improving the metric"
+    for k in range(1, n + 1):
         trial = sitk.Euler3DTransform(tx)
         # Another sample set each time: the one the last run stopped on is what held it there.
         try:
-            stop_k, per_k, its_k = _optimise(f_img, m_img, trial, preset=last, metric=metric, seed=seed + 1 + k,
+            stop_k, per_k, its_k = _optimise(f_img, m_img, trial, preset=last, metric=metric, seed=seed + k,
                                              fmask=f_mask, mmask=m_mask, monitor_args=monitor_args)
         except RegistrationError:
-            break  # a restart that fails leaves the result as it was
+            # A restart that fails leaves the result as it was.
+            return stop, per_level, its, k, f"restart {k} failed (too few samples) and was dropped"
         v = evaluate(trial)
         if v is None or v >= best - _worse_tolerance(best):
-            break
+            return stop, per_level, its, k, (f"restart {k} did not improve the metric beyond the sampling noise "
+                                             "and was dropped")
+        moved = _max_corner_distance(f_img, tx, trial)
         # Only the runs that made the result are reported (a discarded run's iteration limit is no reason).
         tx.SetParameters(trial.GetParameters())
         best, stop = v, stop_k
         per_level, its = per_level + list(per_k), its + list(its_k)
-    return stop, per_level, its
+        if moved < settled_mm:
+            why = f"restart {k} moved the result by {moved:.2f} mm at most (under {settled_mm:.2g} mm): settled"
+            return stop, per_level, its, k, why
+    return stop, per_level, its, n, why
 
 
 # Whether register() makes ``resampled``. The pipeline turns it off (see _transform_only): it resamples each
@@ -1477,6 +1571,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     initial = _as_initial(initial_transform)
     fixed = _as_volume(fixed, "fixed")
     moving = _as_volume(moving, "moving")
+    _checks.refuse_dose_grid(fixed, role="fixed")
+    _checks.refuse_dose_grid(moving, role="moving")
     fmask_v = _as_mask(fixed_mask, fixed, "fixed_mask")
     mmask_v = _as_mask(moving_mask, moving, "moving_mask")
     if bspline_grid_mm is not None:
@@ -1710,13 +1806,14 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                 kept = (f"no optimisation: {where} is returned as it is; the optimised result (stopped with "
                         f"'{stop}') scored {_fmt(m_lin)} against {value:.4f} there and was discarded")
                 stop, per_level, its = kept, [], []
+    restarts_run = restarts_stop = None  # the report's: no restarts can run here
     if kind == "rigid" and kept is None and isinstance(linear, sitk.Euler3DTransform):
         # Restarts of the last level from the chosen result (after the choices above, which compare the stages'
-        # results as they end: restarting both sides of those choices tipped a stretched SPECT's 2 % margin).
+        # results as they end: restarting both sides of those choices tipped a stretched SPECT's turn margin).
         # At the pyramid's finest level (the native level's small steps did not get out: 2.0 mm left of 2.3); the
         # native level then runs again from a restarted result.
         n_before = len(per_level)
-        stop, per_level, its = _restarts(
+        stop, per_level, its, restarts_run, restarts_stop = _restarts(
             (fimg, mimg, fmask, mmask), linear, stop, per_level, its, preset=p, metric=metric, seed=seed,
             evaluate=lambda t: _evaluate(fimg, mimg, t, metric=metric, bins=p["histogram_bins"], seed=seed,
                                          fmask=fmask, mmask=mmask),
@@ -1905,17 +2002,20 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                            f"metric {better[1]:.4f} there, {better[2]:.4f} here; lower is better): the result is "
                            "probably far from the right alignment; use initialise='auto' (it searches the 24 "
                            "orientations), or check the image's orientation header")
-    if init_label.startswith("turned") and fmask is not None:
-        # A turned orientation won (and kept winning through the final stages) while the fixed mask left few
-        # samples for the search to judge it on: see _FEW_MASK_SAMPLES (a small label as fixed_mask ended turned
-        # 172 degrees, 103 mm off, unflagged). The moving mask plays no part in the coarse search.
+    rejected = re.search(r"\(the turned result, (turned [^+,]+)", init_label)
+    if (init_label.startswith("turned") or rejected) and fmask is not None:
+        # A turned orientation won the start search while the fixed mask left few samples to judge it on: see
+        # _FEW_MASK_SAMPLES (a small label as fixed_mask ended turned 172 degrees, 103 mm off, unflagged). Also
+        # when the final stages then kept the unturned start: that one ended 15-19 degrees off, unflagged (the
+        # search's win says the samples cannot tell). The moving mask plays no part in the coarse search.
         n_coarse = _coarse_mask_voxels(fmask, fimg, p)
         if n_coarse is not None and n_coarse < _FEW_MASK_SAMPLES:
-            turn = init_label.split("+", 1)[0]
+            turn = rejected.group(1) if rejected else init_label.split("+", 1)[0]
             share = float(np.count_nonzero(fmask_v.array)) / max(1, fmask_v.array.size)
+            after = (": the final stages kept the unturned start instead, but" if rejected else ":")
             reasons.append(f"a {turn} orientation won the start search, judged within the fixed mask on only "
                            f"{n_coarse} voxels of the {float(p['multistart_mm']):g} mm copies (the mask covers "
-                           f"{share:.1%} of the fixed image): with so few samples a turned image can match by "
+                           f"{share:.1%} of the fixed image){after} with so few samples a turned image can match by "
                            "chance; check the result, or register with a larger fixed_mask (or none) and compare")
     for which, vol in (("fixed", fixed), ("moving", original)):
         axis = _repeated_axis(vol.array)
@@ -1940,7 +2040,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         fov_scale=None if p.get("fov_scale") is None else float(p["fov_scale"]), seed=int(seed),
         # Not the preset's "metric": register() runs the metric= it was given (report.metric says which).
         settings={k: _plain(v) for k, v in sorted(p.items()) if k not in ("name", "fov_scale", "metric")},
-        notes=notes)
+        notes=notes, restarts_run=restarts_run, restarts_stop=restarts_stop)
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
 

@@ -1,4 +1,5 @@
-"""A turned orientation that wins the start search on the few samples a small fixed mask leaves is flagged.
+"""A turned orientation that wins the start search on the few samples a small fixed mask leaves is flagged (kept
+or not: since a turned result must win by 10 %, the unturned one may be kept, and is wrong there too).
 
 Measured on a BraTS t1c crop (80x90x50 mm) onto itself rotated 8.7 degrees: fixed_mask = the brightest 3 % of
 the crop (a scattered region, 16 voxels of the 8 mm copies the start search scores on) ended turned 172 degrees,
@@ -55,7 +56,10 @@ def test_a_turned_win_inside_a_small_fixed_mask_is_suspect(shared, tmp_path):
     a = fixed.array.astype(float)
     small = a > np.percentile(a[a > 0], 97)  # ~3 % of the crop, scattered
     rep = _register(fixed, moving, fixed_mask=small)
-    assert rep.initialisation.startswith("turned"), rep.initialisation  # the mechanism this test is about
+    # The mechanism this test is about: a turned orientation won the start search. Since 2026-12-07 a turned result
+    # must beat the unturned one by 10 % after the final stages; here it does not (-0.127 against -0.159), and the
+    # unturned result kept ended 24-27 degrees off (truth 8.7): flagged all the same.
+    assert "turned" in rep.initialisation, rep.initialisation
     assert rep.suspect
     assert any("won the start search, judged within the fixed mask" in r for r in rep.suspect_reasons), \
         rep.suspect_reasons
