@@ -1418,7 +1418,9 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
         subject: a :class:`Subject` (or its dict).
         options: ``register``, ``method``, ``device``, ``fallback``, ``threads``, ``overwrite`` defaults;
             ``pseudonym_key`` (:func:`medfuse.io.dicom_writer.current_key` of the run) for de-identified DICOM;
-            ``stop_file``: a path whose existence means the batch was cancelled (the subject is then not run).
+            ``stop_file``: a path whose existence means the batch was cancelled (the subject is then not run);
+            ``stop_event``: the name of a ``distributed.Event`` whose setting means the same, read while the
+            subject runs too (remote clusters; used when ``cancel`` is None).
         cancel: stops the subject at the pipeline's next check (in-process runs).
 
     Returns:
@@ -1430,12 +1432,15 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
     """
     s = _as_subject(subject)
     stop = options.get("stop_file")
+    if cancel is None and options.get("stop_event"):
+        cancel = _RunStop(options["stop_event"])  # a remote worker: the run's cancel reaches it mid-subject
     t0 = time.perf_counter()
     res = SubjectResult(subject=s.subject, status="failed", output=s.output, worker=f"pid {os.getpid()}")
     inputs = [s.fixed, *s.moving]
     said: List[str] = []
     try:
-        if stop and os.path.exists(stop):  # the batch was cancelled before this subject started (_run_on_dask)
+        if (stop and os.path.exists(stop)) or (isinstance(cancel, _RunStop) and cancel.cancelled):
+            # The batch was cancelled before this subject started (_run_on_dask).
             # Its row gets the columns below as any cancelled row (it returned before them, without its inputs).
             res.status, res.error = "cancelled", "not run: the batch was cancelled"
         else:
@@ -2600,6 +2605,60 @@ def _worker_died(e: BaseException) -> str:
 _KILLED_WITH_THE_RUN = "stopped while it ran: the batch was cancelled"
 
 
+class _RunStop(CancelToken):
+    """The cancel of a run on a remote Dask cluster, as a subject's :class:`CancelToken`: a ``distributed.Event``
+    named by the run, read on the scheduler at most once a second.
+
+    Why: the run's stop file lives on the driver's disk, which workers on other machines (``tcp://``) never see,
+    and closing the client does not stop a task already running there: a subject cancelled by Ctrl-C went on and
+    moved its output into place after the report said "stopped while it ran". Now it stops at the pipeline's next
+    check (its output is not written). A scheduler that cannot be asked counts as not cancelled.
+    """
+
+    _EVERY_S = 1.0
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._asked = -float("inf")
+        self._run_event: Any = None
+        try:
+            from distributed import Event, get_client
+
+            # Bound now, on the worker: once the run's client cancels the task, the thread running it can no
+            # longer find the worker's client by itself.
+            self._run_event = Event(name, client=get_client())
+        except Exception:  # noqa: BLE001 - not on a Dask worker: only cancel() stops it
+            pass
+
+    @property
+    def cancelled(self) -> bool:
+        if (self._run_event is not None and not self._event.is_set()
+                and time.monotonic() - self._asked >= self._EVERY_S):
+            self._asked = time.monotonic()
+            with contextlib.suppress(Exception):  # the scheduler is gone: go on
+                if self._run_event.is_set():
+                    self._event.set()
+        return self._event.is_set()
+
+    def raise_if_cancelled(self, what: str = "the operation") -> None:
+        if self.cancelled:
+            super().raise_if_cancelled(what)
+
+
+def _run_event(client: Any, scheduler: str, tag: str) -> Tuple[Optional[str], Any]:
+    """(name, Event) of a run's cancel on a remote cluster; (None, None) on the local one (its workers are stopped
+    with it) or where the cluster cannot hold one."""
+    if scheduler == "local":
+        return None, None
+    name = f"medfuse-stop-{tag}"
+    try:
+        from distributed import Event
+
+        return name, Event(name, client=client)
+    except Exception:  # noqa: BLE001 - an older or odd cluster: the stop file still stops subjects not started
+        return None, None
+
+
 def _dask_result(value: Any, s: Subject, cancel: Optional[CancelToken]) -> Dict[str, Any]:
     """The result dict of a subject's ended Dask task from what ``as_completed(with_results=True)`` gave: the
     task's dict, or the error of a worker that died under it (a failed row, or a cancelled one while the run is
@@ -2653,9 +2712,20 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         tag = uuid.uuid4().hex[:8]
-        futures = {client.submit(task, asdict(s), {**options, "stop_file": stop}, key=f"medfuse-{tag}-{i}",
+        event_name, event = _run_event(client, scheduler, tag)
+        task_options = {**options, "stop_file": stop, **({"stop_event": event_name} if event_name else {})}
+        futures = {client.submit(task, asdict(s), task_options, key=f"medfuse-{tag}-{i}",
                                  pure=False): s for i, s in enumerate(subjects)}
         pending = as_completed(list(futures), with_results=True, raise_errors=False)
+
+        def stop_all() -> None:
+            """Tell every task of the run to stop: those starting (the stop file) and, on a remote cluster, those
+            running (the event)."""
+            with contextlib.suppress(OSError):
+                open(stop, "w").close()
+            if event is not None:
+                with contextlib.suppress(Exception):
+                    event.set()
 
         def report(batch: List[Any]) -> bool:
             """Record a batch of ended subjects; False once cancelled (the rest of it is still recorded)."""
@@ -2665,7 +2735,7 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
                 # Cancelled by Dask itself (the scheduler's connection lost): a failed row, not "the batch was
                 # cancelled", which nobody did.
                 if cancel is not None and cancel.cancelled and not os.path.exists(stop):
-                    open(stop, "w").close()  # first thing: a task starting from now on does nothing
+                    stop_all()  # first thing: a task starting from now on does nothing
                 finished(_dask_result(value, futures[fut], cancel))
             return not (cancel is not None and cancel.cancelled)
 
@@ -2682,8 +2752,7 @@ def _run_on_dask(subjects: Sequence[Subject], options: Mapping[str, Any], schedu
                 cancelled = True
                 break
         if cancelled:
-            with contextlib.suppress(OSError):
-                open(stop, "w").close()
+            stop_all()
             client.cancel([f for f in futures if not f.done()])
             report(pending.next_batch(block=False) if not pending.is_empty() else [])  # those ended meanwhile
     except KeyboardInterrupt:  # the second Ctrl-C (the CLI's first only cancels): stop now

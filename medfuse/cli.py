@@ -852,12 +852,16 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "unit": vol.unit,
         "suv_factor_source": vol.provenance.get("suv_source"),
         "suv_factor": vol.provenance.get("suv_factor"),
+        "suv_factor_unit": _suv_factor_unit(vol) or None,
         "shape": list(vol.shape),
         "n_volumes": len(vols),
         "spacing_mm": [round(s, 4) for s in vol.spacing],
         "origin_lps_mm": [round(o, 3) for o in vol.origin],
         "orientation": vol.orientation,
         "oblique": vol.is_oblique,
+        # Columns: the unit LPS directions of i, j, k (DICOM's ImageOrientationPatient gives the first two).
+        "direction_lps": [[round(float(c), 6) for c in row] for row in vol.direction],
+        "oblique_deg": round(_oblique_angle(vol.direction)[1], 3),
         "dtype": str(arr.dtype),
         "min": float(finite.min()) if finite.size else None,
         "max": float(finite.max()) if finite.size else None,
@@ -866,6 +870,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "image_type": vol.provenance.get("image_type") or None,
         "patient_position": vol.provenance.get("patient_position") or None,
         "n_series_in_folder": len(series) or None,
+        "pet_acquisition": _pet_acquisition(vol),
         "warnings": vol.provenance.get("warnings") or [],
     }
     shown.extend(str(w) for w in facts["warnings"] if str(w).strip())
@@ -877,7 +882,15 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     print(facts["path"])
     print(f"  modality     {vol.modality}   unit {vol.unit}")
     if facts["suv_factor_source"]:
-        print(f"  SUV factor   {_suv_factor_text(facts['suv_factor'])}{facts['suv_factor_source']}")
+        factor_unit = (f"; unit {facts['suv_factor_unit']} (stored Bq/mL x factor = {vol.unit} in g/mL)"
+                       if facts["suv_factor_unit"] == "g/Bq" else
+                       f"; unit {facts['suv_factor_unit']}" if facts["suv_factor_unit"] else
+                       "; no unit (a ratio: the series stores SUV)" if facts["suv_factor"] is not None else "")
+        # The unit after the source: "SUV factor   0.000409 = body weight / ..." is how consoles start the line.
+        print(f"  SUV factor   {_suv_factor_text(facts['suv_factor'])}{facts['suv_factor_source']}{factor_unit}")
+    tracer = _tracer_text(facts["pet_acquisition"])
+    if tracer:
+        print(f"  tracer       {tracer}")
     print(f"  shape        {' x '.join(str(s) for s in vol.shape)} voxels ({arr.dtype})")
     if len(vols) > 1:
         # Counted from 0, as every volume_index= fix counts them ("volume 1" was volume_index=0).
@@ -891,6 +904,12 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     print(f"  origin       ({', '.join(mm_text(o, vol.spacing, least=2) for o in vol.origin)}) mm LPS   "
           f"orientation {vol.orientation}"
           f"{'  (oblique)' if vol.is_oblique else ''}")
+    if vol.is_oblique:  # what a physicist checks against the header's ImageOrientationPatient
+        nearest, angle = _oblique_angle(vol.direction)
+        cosines = ", ".join(f"{a} ({', '.join(f'{c:.4f}' for c in vol.direction[:, n])})"
+                            for n, a in enumerate("ijk"))
+        print(f"  direction    {angle:.2f} deg from {nearest}, the nearest axis-aligned orientation")
+        print(f"  cosines      {cosines} (LPS)")
     if facts["min"] is not None:
         print(f"  values       {facts['min']:.6g} .. {facts['max']:.6g} {vol.unit}"
               f"{' (magnitude of complex voxels)' if arr.dtype.kind == 'c' else ''}")
@@ -914,6 +933,99 @@ _PATIENT_POSITIONS = {"HFS": "head first, supine", "HFP": "head first, prone", "
                       "FFP": "feet first, prone", "HFDR": "head first, decubitus right",
                       "HFDL": "head first, decubitus left", "FFDR": "feet first, decubitus right",
                       "FFDL": "feet first, decubitus left"}
+
+
+#: Element names as DICOM's radionuclide code meanings spell them ("^18^Fluorine"), by symbol.
+_ELEMENTS = {"carbon": "C", "nitrogen": "N", "oxygen": "O", "fluorine": "F", "copper": "Cu", "gallium": "Ga",
+             "rubidium": "Rb", "zirconium": "Zr", "yttrium": "Y", "technetium": "Tc", "indium": "In",
+             "iodine": "I", "thallium": "Tl", "lutetium": "Lu", "scandium": "Sc", "bromine": "Br",
+             "xenon": "Xe", "krypton": "Kr", "cobalt": "Co", "chromium": "Cr", "samarium": "Sm",
+             "radium": "Ra", "actinium": "Ac", "terbium": "Tb", "lead": "Pb", "bismuth": "Bi"}
+
+
+def _pet_acquisition(vol: Any) -> Optional[Dict[str, Any]]:
+    """A PET/SPECT volume's acquisition facts (``provenance["pet_acquisition"]``), None for others or unknown."""
+    facts = vol.provenance.get("pet_acquisition") if vol.modality in ("PT", "NM") else None
+    return dict(facts) if isinstance(facts, Mapping) and any(v is not None for v in facts.values()) else None
+
+
+def _nuclide_text(name: Any) -> str:
+    """A radionuclide as it is read (``"^18^Fluorine"``: ``18F``, ``"^99m^Technetium"``: ``99mTc``); a name of
+    another form as it is, its carets dropped."""
+    text = str(name).strip()
+    m = (re.fullmatch(r"\^?(\d+m?)\^?\s*-?\s*([A-Za-z]+)", text)
+         or re.fullmatch(r"([A-Za-z]+)\s*-?\s*\^?(\d+m?)\^?", text))
+    if m:
+        mass, element = m.groups() if m.group(1)[0].isdigit() else m.groups()[::-1]
+        symbol = _ELEMENTS.get(element.lower(), element if len(element) <= 2 else None)
+        if symbol:
+            return f"{mass}{symbol}"
+    return text.replace("^", "")
+
+
+def _tracer_text(facts: Optional[Mapping[str, Any]]) -> str:
+    """``info``'s tracer line: ``FDG (18F, half-life 109.8 min), 370.0 MBq injected, uptake 62 min,
+    decay-corrected to START``; what is unknown is left out ("" when nothing is known). No dates: the injection
+    and scan times are the patient's."""
+    if not facts:
+        return ""
+    inner = [_nuclide_text(facts["radionuclide"])] if facts.get("radionuclide") else []
+    half = facts.get("half_life_s")
+    if isinstance(half, (int, float)) and half > 0:
+        inner.append(f"half-life {half / 60:.1f} min" if half < 3 * 3600 else f"half-life {half / 3600:.3g} h")
+    tracer = str(facts["tracer"]).strip() if facts.get("tracer") else ""
+    head = f"{tracer} ({', '.join(inner)})" if tracer and inner else tracer or ", ".join(inner)
+    parts = [head] if head else []
+    if isinstance(facts.get("injected_mbq"), (int, float)):
+        parts.append(f"{facts['injected_mbq']:.1f} MBq injected")
+    if isinstance(facts.get("uptake_min"), (int, float)):
+        parts.append(f"uptake {facts['uptake_min']:.0f} min")
+    corrected = str(facts.get("decay_correction") or "").strip().upper()
+    if corrected:
+        parts.append("not decay-corrected" if corrected == "NONE" else f"decay-corrected to {corrected}")
+    return ", ".join(parts)
+
+
+def _oblique_angle(direction: Any) -> Tuple[str, float]:
+    """The axis-aligned orientation nearest a grid's direction matrix (its code, e.g. ``"LPS"``) and the angle
+    in degrees of the rotation between the two (0 for an axis-aligned grid).
+
+    The nearest is the signed permutation of the world axes, of the same handedness, closest to the matrix (the
+    largest trace of ``P.T @ D``): ``D = P @ R`` with ``R`` a rotation by ``arccos((trace(R) - 1) / 2)``.
+    """
+    import itertools
+
+    import numpy as np
+
+    d = np.asarray(direction, dtype=float)
+    letters = (("L", "R"), ("P", "A"), ("S", "I"))
+    best, code = -np.inf, ""
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            p = np.zeros((3, 3))
+            p[list(perm), range(3)] = signs  # voxel axis n points along world axis perm[n]
+            if np.linalg.det(p) * np.linalg.det(d) < 0:
+                continue
+            trace = float(np.trace(p.T @ d))
+            if trace > best:
+                best = trace
+                code = "".join(letters[w][0 if sg > 0 else 1] for w, sg in zip(perm, signs))
+    return code, float(np.degrees(np.arccos(np.clip((best - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def _suv_factor_unit(vol: Any) -> str:
+    """The unit of a PET's SUV factor (``provenance["suv_factor"]``), from the stored unit its source names:
+    ``g/Bq`` (Bq/mL stored; SUVbw and SUVlbm in g/mL), ``cm²/Bq`` (SUVbsa), ``.../mL per count`` (counts
+    stored), ``""`` for a ratio (a series that stores SUV already); ``""`` where there is no factor."""
+    source = str(vol.provenance.get("suv_source") or "")
+    if vol.provenance.get("suv_factor") is None or not source:
+        return ""
+    stored = re.search(r"\bUnits (\w+)", source)
+    stored = stored.group(1).upper() if stored else "BQML"
+    if stored in ("GML", "CM2ML"):
+        return ""
+    per = "cm²" if vol.unit == "SUVbsa" else "g"
+    return f"{per}/mL per count" if stored == "CNTS" else f"{per}/Bq"
 
 
 def _suv_factor_text(factor: Any) -> str:
@@ -1050,6 +1162,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     note = _initial_note(rep) if args.initial_transform else ""
     _say(args, f"registered ({args.kind}): {_registration_text(rep, note)}, {seconds:.1f} s")
     _say_notes(args, rep, "FIXED and MOVING")
+    notes = _timepoint_notes(args, fixed, moving)
     if rep.get("suspect"):
         print(f"medfuse: warning: the registration looks suspect: "
               f"{_cli_advice('; '.join(rep['suspect_reasons']), 'register')}", file=sys.stderr)
@@ -1063,18 +1176,35 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.json:  # the report as the sidecar records it (its notes included)
         _print_json(args, {"command": "register", "outputs": {"image": os.fspath(out), "transform": os.fspath(tfm),
                                                               "sidecar": os.fspath(side)},
-                           "registration": rep, "seconds": round(seconds, 3), "warnings": _warning_texts(caught, args)})
+                           "registration": rep, "seconds": round(seconds, 3), "notes": notes,
+                           "warnings": _warning_texts(caught, args)})
     return EXIT_OK
 
 
-def _transform_chain(paths: Sequence[Any]):
+def _transform_chain(paths: Sequence[Any], *, inverse: bool = False):
     """The transform files of ``--transform T [T ...]`` as one Transform (None for none): the first maps the
-    reference image's points on, the last lands in the moving image (``compose`` applies its argument first)."""
+    reference image's points on, the last lands in the moving image (``compose`` applies its argument first).
+
+    ``inverse`` (``resample --inverse``): the inverse of that chain, ``T1^-1(...(Tn^-1(p)))``, for files written
+    the other way round (MOVING's points to REFERENCE's, e.g. the transform that put REFERENCE on MOVING's grid).
+
+    Raises:
+        InvalidInputError: with ``inverse``, a deformable transform, which has no closed-form inverse.
+    """
+    from .errors import RegistrationError
     from .registration.transforms import load_transform
 
     chain = None
-    for path in paths:
+    for path in (reversed(paths) if inverse else paths):
         t = load_transform(path)
+        if inverse:
+            try:
+                t = t.inverse()
+            except RegistrationError:  # its fix spoke of SimpleITK calls, not of the command's options
+                raise InvalidInputError("--inverse: this transform is deformable (a B-spline or displacement "
+                                        "field) and has no closed-form inverse", fix="register the other way "
+                                        "round (medfuse register with FIXED and MOVING swapped) and pass that "
+                                        "transform without --inverse", path=path) from None
         chain = t if chain is None else t.compose(chain)
     return chain
 
@@ -1098,7 +1228,11 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         check_identity_kept(out, args.reference, option="--keep-identity")
     _check_modalities_option(args, 2)
     _check_series_option(args, 2)
-    chain = _transform_chain(chain_paths)  # read (and refused) before the images are loaded
+    if args.inverse and not chain_paths:
+        raise InvalidInputError("--inverse inverts the --transform files, and none was given",
+                                fix="add --transform T.tfm, or leave out --inverse")
+    # Read (and refused) before the images are loaded.
+    chain = _transform_chain(chain_paths, inverse=args.inverse)
     picks = args.series or [None, None]
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -1130,6 +1264,8 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         done = [h for h in moved.provenance.get("history", []) if h.get("step") == "resample"]
         params = {"transforms": [os.fspath(p) for p in chain_paths], "interpolation": args.interpolation,
                   "fill": args.fill}
+        if args.inverse:  # the files' transforms were inverted: the same files, the other direction
+            params["inverse"] = True
         if args.suv:  # asked: a PET that fell back to Bq/mL shows it beside the inputs' facts
             params["suv"] = args.suv
         if args.modalities:
@@ -1157,14 +1293,17 @@ def _cmd_resample(args: argparse.Namespace) -> int:
             e.args = (e._compose(),)
         raise
     how = done[-1].get("interpolation", args.interpolation or "linear") if done else "as it was"
-    through = (f"through {len(chain_paths)} transform{'s' if len(chain_paths) > 1 else ''}" if chain_paths
+    through = (f"through {'the inverse of ' if args.inverse else ''}{len(chain_paths)} "
+               f"transform{'s' if len(chain_paths) > 1 else ''}" if chain_paths
                else "as the scanners placed the two images")
-    _say(args, f"resampled onto the reference grid {through} ({how})"
-               f"\nwrote {out}\nwrote {side} (provenance)")
+    _say(args, f"resampled onto the reference grid {through} ({how})")
+    notes = _timepoint_notes(args, reference, moving)
+    _say(args, f"wrote {out}\nwrote {side} (provenance)")
     if args.json:
         _print_json(args, {"command": "resample", "outputs": {"image": os.fspath(out), "sidecar": os.fspath(side)},
-                           "transforms": [os.fspath(p) for p in chain_paths], "interpolation": how,
-                           "seconds": seconds, "warnings": _warning_texts(caught, args)})
+                           "transforms": [os.fspath(p) for p in chain_paths], "inverse": args.inverse,
+                           "interpolation": how, "seconds": seconds, "notes": notes,
+                           "warnings": _warning_texts(caught, args)})
     return EXIT_OK
 
 
@@ -1263,6 +1402,16 @@ def _say_notes(args: argparse.Namespace, rep: Mapping[str, Any], which: str) -> 
         _say(args, f"  note: {n}")
 
 
+def _timepoint_notes(args: argparse.Namespace, baseline: Any, followup: Any) -> List[str]:
+    """Why two PETs' SUVs are not comparable (:func:`medfuse.timepoints.comparability`, the first input taken as
+    the baseline), each said as a ``note:`` line; returned for ``--json``'s ``notes``."""
+    from .timepoints import comparability
+
+    notes = comparability(baseline, followup)
+    _say_notes(args, {"notes": notes}, "")
+    return notes
+
+
 def _initial_note(rep: dict) -> str:
     """The metric at --initial-transform and whether a start derived from it won (the report's initialisation)."""
     won = str(rep.get("initialisation", "")).startswith("initial")
@@ -1355,13 +1504,47 @@ def _check_modalities_option(args: argparse.Namespace, n_inputs: int) -> None:
     if len(args.modalities) != n_inputs:
         raise InvalidInputError(f"--modalities names {len(args.modalities)} modalities for {n_inputs} inputs",
                                 fix="give one per input, FIXED first, e.g. --modalities MR PT")
+    _check_modality_names(args.modalities)
+
+
+def _check_modality_names(names: Sequence[str], *, unstated_ok: bool = False) -> None:
+    """Each ``--modalities`` entry a modality medfuse knows (``-`` too where ``unstated_ok``: not stated)."""
     from .volume import normalise_modality
 
-    for i, m in enumerate(args.modalities, start=1):
+    for i, m in enumerate(names, start=1):
+        if unstated_ok and m == "-":
+            continue
         try:
             normalise_modality(m)
         except InvalidInputError as e:  # the reader's message repeats the value: a pasted path is not shown
             raise InvalidInputError(f"--modalities: unknown modality {label(m)} for input {i}", fix=e.fix) from None
+
+
+def _measure_choices(args: argparse.Namespace, option: str, n_inputs: int, example: str) -> List[Optional[str]]:
+    """``measure --modalities`` or ``--series``: IMAGE's, then optionally MASK's (a mask needs neither); ``-`` for
+    one not stated. One entry per input, None where not stated.
+
+    Why not fuse's check: ``measure PET --modalities PT --mask m.nii.gz`` was refused with "names 1 modalities for
+    2 inputs ... FIXED first, e.g. --modalities MR PT" (fuse's words), and ``-`` for the mask as an unknown
+    modality.
+
+    Raises:
+        InvalidInputError: none, or more entries than inputs; an unknown modality.
+    """
+    given = getattr(args, option[2:])
+    if given is None:
+        return [None] * n_inputs
+    if not 1 <= len(given) <= n_inputs:
+        inputs = "IMAGE and MASK" if n_inputs == 2 else "IMAGE (no --mask was given)"
+        plural = "modalities" if option == "--modalities" else "choices"
+        raise InvalidInputError(f"{option} names {len(given)} {plural} for {n_inputs} input"
+                                f"{'s' if n_inputs > 1 else ''}: {inputs}",
+                                fix=f"give IMAGE's, e.g. {option} {example}" + (
+                                    f"; the mask needs none (or give both, IMAGE first, '-' for one not stated: "
+                                    f"{option} {example} -)" if n_inputs == 2 else ""))
+    if option == "--modalities":
+        _check_modality_names(given, unstated_ok=True)
+    return [None if c == "-" else c for c in given] + [None] * (n_inputs - len(given))
 
 
 def _refuse_pictures(*paths: Any) -> None:
@@ -1402,6 +1585,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     _check_readable(args.fixed, *args.moving)
     _refuse_pictures(args.fixed, *args.moving)
     n_inputs = 1 + len(args.moving)
+    display = _display_options(args)
     _check_modalities_option(args, n_inputs)
     _check_series_option(args, n_inputs)
     if getattr(args, "keep_identity", False):  # in the option's own words, before the inputs are loaded
@@ -1416,10 +1600,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                              method=args.method, device=args.device, overwrite=args.overwrite,
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
                              series=args.series, weights=args.weights, progress=bar, cancel=token,
-                             deidentify=not getattr(args, "keep_identity", False), suv=args.suv)
+                             deidentify=not getattr(args, "keep_identity", False), suv=args.suv, **display)
         except MedfuseError as e:
             raise _cli_error(e, _series_by_input(args)) from None
     _show_warnings(caught, args)
+    for option in res.provenance.get("normalisation_unused") or ():  # asked for and applying to no input
+        _say(args, f"  note: --{option.replace('_', '-')} was not used: no input is "
+                   f"{'a CT in HU' if option == 'ct_window' else 'a PET in SUV'}")
     used = res.provenance.get("method_used", args.method)
     _say(args, f"fused {1 + len(args.moving)} volumes (method {used}) in {res.seconds:.1f} s")
     if _kind(args.register) is None:
@@ -1430,13 +1617,42 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             _say(args, f"  registration of input {i + 2} onto input 1 ({rep.get('kind', args.register)}): "
                        f"{_registration_text(rep)}{'; looks suspect (see the warning)' if rep.get('suspect') else ''}")
             _say_notes(args, rep, f"input {i + 2} and input 1")
+    # Two PETs, the first taken as the baseline: why their SUVs do not compare, as register and resample say it.
+    notes = list(res.provenance.get("comparability") or [])
+    _say_notes(args, {"notes": notes}, "")
     _say(args, f"wrote {res.output}\nwrote {res.sidecar} (provenance)")
     if args.json:  # each registration's report as the sidecar records it (null for an input not registered)
         _print_json(args, {"command": "fuse", "outputs": {"image": os.fspath(res.output),
                                                           "sidecar": os.fspath(res.sidecar)},
-                           "method_used": used, "registrations": list(res.registrations),
+                           "method_used": used, "registrations": list(res.registrations), "notes": notes,
                            "seconds": round(res.seconds, 3), "warnings": _warning_texts(caught, args)})
     return EXIT_OK
+
+
+def _display_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``fuse --ct-window LEVEL WIDTH`` and ``--suv-range LOW HIGH`` as fuse_files' ``ct_window`` and
+    ``suv_range``, checked before any work in the options' own words (the pipeline's NormaliseStep speaks of its
+    keywords); {} when neither.
+
+    Raises:
+        InvalidInputError: a width that is not above 0, or a range whose LOW is not below HIGH.
+    """
+    import math
+
+    shown = {}
+    if args.ct_window is not None:
+        level, width = args.ct_window
+        if not (math.isfinite(level) and math.isfinite(width) and width > 0):
+            raise InvalidInputError(f"--ct-window: the width must be a number above 0 HU, got {width:g}",
+                                    fix="give LEVEL then WIDTH in HU, e.g. --ct-window 40 400 (soft tissue)")
+        shown["ct_window"] = (level, width)
+    if args.suv_range is not None:
+        low, high = args.suv_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise InvalidInputError(f"--suv-range: LOW must be below HIGH, got {low:g} and {high:g}",
+                                    fix="give LOW then HIGH in the PET's SUV unit, e.g. --suv-range 0 10")
+        shown["suv_range"] = (low, high)
+    return shown
 
 
 def _unregistered_note(args: argparse.Namespace, caught: Sequence[warnings.WarningMessage]) -> str:
@@ -1488,19 +1704,18 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     if args.transform and args.mask is None:
         raise InvalidInputError("--transform carries the --mask onto the image, and no --mask was given",
                                 fix="add --mask MASK, or leave out --transform")
+    _check_threshold(args)
     inputs = [args.image] + ([args.mask] if args.mask is not None else [])
     _check_readable(*inputs, *(args.transform or []))
     chain = _transform_chain(args.transform or [])
-    _check_series_option(args, len(inputs))
-    _check_modalities_option(args, len(inputs))
-    picks = args.series or [None] * len(inputs)
+    picks = _measure_choices(args, "--series", len(inputs), "PT")
+    modalities = _measure_choices(args, "--modalities", len(inputs), "PT")
     space = "voxel" if args.voxel else "ras" if args.ras else "lps"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         try:
-            image, *mask = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m,
-                                 suv=args.suv or "auto")
-                            for p, pick, m in zip(inputs, picks, args.modalities or [None] * len(inputs)))
+            image, *mask = (load(p, series_uid=pick, modality=m, suv=args.suv or "auto")
+                            for p, pick, m in zip(inputs, picks, modalities))
             points = []
             for at in args.at or []:
                 value = value_at(image, at, space=space, interpolation=args.interpolation)
@@ -1510,17 +1725,13 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 lps = image.index_to_world(at) if args.voxel else [-at[0], -at[1], at[2]] if args.ras else at
                 points.append({"at": list(at), "space": space, "value": _number(value), "voxel": ijk,
                                "lps_mm": [round(float(c), 3) for c in lps]})
-            stats = mask_statistics(image, mask[0], label=args.label, transform=chain) if mask else None
+            stats = mask_statistics(image, mask[0], label=args.label, threshold=args.threshold,
+                                    transform=chain) if mask else None
         finally:
             _show_warnings(caught, args)
     unit = image.unit
     if args.json:
-        record: Dict[str, Any] = {"command": "measure", "image": os.fspath(args.image), "modality": image.modality,
-                                  "unit": unit, "interpolation": args.interpolation, "points": points}
-        if stats is not None:
-            record["mask"] = {"path": os.fspath(args.mask), **stats}
-        record["warnings"] = _warning_texts(caught, args)
-        _print_json(args, record)
+        _print_json(args, _measure_record(args, image, points, stats, caught))
         return EXIT_OK
     # One fact per line, each saying what it is and its unit: read aloud, a line stands on its own. Printed under
     # -q too: the figures are what the command is for.
@@ -1538,20 +1749,75 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 " (linear interpolation)"
         _print_blanked(args, f"value {value} at {where}{read}")
     if stats is not None:
-        which = "non-zero voxels" if args.label is None else f"voxels of label {args.label}"
+        which = ("non-zero voxels" if args.label is None else f"voxels of label {args.label}") \
+            if args.threshold is None else f"voxels at or above {args.threshold:g}"
         how = "through --transform" if chain is not None else "as the scanners placed the two"
         resampled = f"; put on the image's grid by nearest neighbour, {how}" if stats["mask_resampled"] else ""
         u = _unit_words(stats["unit"])
         _print_blanked(args, f"mask {args.mask}: {which}{resampled}")
         _print_blanked(args, f"  voxels {stats['count']}")
-        _print_blanked(args, f"  volume {stats['volume_ml']:.4g} mL")
+        _print_blanked(args, f"  volume {stats['volume_ml']:.4g} mL{_own_volume_text(stats)}")
         for name in ("mean", "sd", "min"):
             _print_blanked(args, f"  {name} {stats[name]:.6g} {u}")
-        _print_blanked(args, f"  max {stats['max']:.6g} {u}, at {_coords(stats['max_at_lps_mm'], 'mm LPS')}")
-        _print_blanked(args, f"  peak {stats['peak']:.6g} {u} (mean within 1 mL around the maximum)")
+        tied = f" ({stats['max_voxels']} voxels share it; the first is shown)" if stats["max_voxels"] > 1 else ""
+        _print_blanked(args, f"  max {stats['max']:.6g} {u}, at {_coords(stats['max_at_lps_mm'], 'mm LPS')}{tied}")
+        _print_blanked(args, f"  peak {stats['peak']:.6g} {u} (hottest 1 mL sphere, {stats['peak_ml']:.3g} mL of "
+                             f"voxels on this grid, centred at {_coords(stats['peak_at_lps_mm'], 'mm LPS')})")
         if stats["nonfinite"]:
             _print_blanked(args, f"  left out: {stats['nonfinite']} voxels holding NaN or infinity")
     return EXIT_OK
+
+
+def _check_threshold(args: argparse.Namespace) -> None:
+    """``measure --threshold``: a finite number, with a --mask and without --label (checked before any work)."""
+    import math
+
+    if args.threshold is None:
+        return
+    if args.mask is None:
+        raise InvalidInputError("--threshold selects the --mask's voxels at or above it, and no --mask was given",
+                                fix="add --mask MASK, or leave out --threshold")
+    if args.label is not None:
+        raise InvalidInputError("give --label or --threshold, not both: --label picks one value of a label map, "
+                                "--threshold a probability map's voxels at or above it",
+                                fix="leave out one of them")
+    if not math.isfinite(args.threshold):
+        raise InvalidInputError(f"--threshold must be a finite number, got {args.threshold}",
+                                fix="e.g. --threshold 0.5 for a probability map (0..1)")
+
+
+def _own_volume_text(stats: Mapping[str, Any]) -> str:
+    """The mask's own volume beside the one measured, where they differ (the mask resampled onto the image's
+    grid, or partly outside the image); "" where they agree."""
+    import math
+
+    own, outside = stats["mask_ml"], stats["outside_fraction"]
+    if math.isclose(own, stats["volume_ml"], rel_tol=1e-6, abs_tol=1e-9) and not outside:
+        return ""
+    beyond = f", {100 * outside:.1f} % of it outside the image" if outside else ""
+    return f" measured (the mask's region: {own:.4g} mL on its own grid{beyond})"
+
+
+def _measure_record(args: argparse.Namespace, image: Any, points: List[Dict[str, Any]],
+                    stats: Optional[Mapping[str, Any]], caught: Sequence[warnings.WarningMessage]) -> Dict[str, Any]:
+    """``measure --json``: the figures and how they were made (the image's SHA-256, the SUV factor it was read
+    with, the mask's and transforms' SHA-256, the versions), as a sidecar records a command's inputs."""
+    from .provenance import hash_path, versions
+
+    record: Dict[str, Any] = {"command": "measure", "image": os.fspath(args.image),
+                              "image_sha256": hash_path(args.image), "modality": image.modality, "unit": image.unit}
+    if str(image.unit).startswith("SUV"):  # the multiplier of the stored values, to check against the console's
+        record.update(suv_factor=image.provenance.get("suv_factor"),
+                      suv_factor_unit=_suv_factor_unit(image) or None,
+                      suv_source=image.provenance.get("suv_source"))
+    record.update(interpolation=args.interpolation, points=points)
+    if stats is not None:
+        record["mask"] = {"path": os.fspath(args.mask), "sha256": hash_path(args.mask), **stats}
+        if args.transform:
+            record["transforms"] = [{"path": os.fspath(t), "sha256": hash_path(t)} for t in args.transform]
+    record["versions"] = versions()
+    record["warnings"] = _warning_texts(caught, args)
+    return record
 
 
 # ----------------------------------------------------------------------------- evaluate / train
@@ -2044,6 +2310,8 @@ _NO_PROGRESS_HELP = "no progress bar (MEDFUSE_NO_PROGRESS=1 in the environment t
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
+    from .fusion.normalise import DEFAULT_CT_WINDOW, DEFAULT_SUV_MAX, SUVBSA_MAX
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks on errors")
@@ -2096,6 +2364,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_output_option(p)
     p.add_argument("--transform", nargs="+", metavar="T", default=None,
                    help="transform file(s), REFERENCE side first (default: none, the scanners' placement)")
+    p.add_argument("--inverse", action="store_true",
+                   help="apply the inverse of the --transform chain: for transforms written the other way round "
+                        "(MOVING points to REFERENCE points, e.g. the one that put REFERENCE on MOVING's grid); "
+                        "rigid and affine only (a deformable transform has no closed-form inverse)")
     p.add_argument("--interpolation", choices=("linear", "nearest", "bspline"), default=None,
                    help="linear (default; a label map is warned about), nearest (label maps, masks: keeps the "
                         "labels), or bspline (sharper, its overshoot clipped)")
@@ -2161,6 +2433,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suv_option(p, "SUVbw (a stored SUV of another kind converted to it where the header allows)")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
+    p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=None,
+                   help="the CT window mapped onto the fusion's 0..1 scale, in HU (a CT in HU only; default: level "
+                        f"{DEFAULT_CT_WINDOW[0]:g}, width {DEFAULT_CT_WINDOW[1]:g}: soft tissue and bone edges; e.g. "
+                        "--ct-window 400 1800 for bone)")
+    p.add_argument("--suv-range", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+                   help="the PET SUV range mapped onto the fusion's 0..1 scale, values outside it clipped (a PET in "
+                        f"SUV only; default: 0 to {DEFAULT_SUV_MAX:g}, 0 to {SUVBSA_MAX:g} for SUVbsa)")
     p.add_argument("--weights", metavar="FILE", default=None,
                    help="network weights (.safetensors) to use instead of the shipped ones, e.g. what 'medfuse "
                         "train' exported (--method network only; its SHA-256 goes into the sidecar)")
@@ -2173,9 +2452,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("measure", "the value at a point, or statistics within a mask, in the image's unit",
             "Print the image's value at points (--at, repeatable) and statistics of the voxels a mask selects\n"
-            "(--mask): count, volume in mL, mean, SD, min, max and the peak (the mean within a 1 mL sphere\n"
-            "centred on the maximum: a simple SUVpeak), in the image's unit (HU, SUVbw, ...). One fact per\n"
-            "line, each naming what it is; --json prints one JSON object instead.\n\n"
+            "(--mask): count, volume in mL, mean, SD, min, max and the peak (the hottest 1 mL sphere centred\n"
+            "in the region: PERCIST's SUVpeak), in the image's unit (HU, SUVbw, ...). One fact per line, each\n"
+            "naming what it is; --json prints one JSON object instead, with the image's SHA-256, its SUV\n"
+            "factor and medfuse's version.\n\n"
             "Points are in mm in LPS, as DICOM, ITK and 'medfuse info' give them (--ras: RAS, as 3D Slicer and\n"
             "NIfTI tools; --voxel: voxel indices i j k from 0). The value is the nearest voxel's, as napari's\n"
             "cursor readout shows it, or trilinear with --interpolation linear. A point outside the image is\n"
@@ -2197,16 +2477,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mask or label map (file or DICOM folder): statistics of the image's voxels it selects")
     p.add_argument("--label", type=int, default=None, metavar="N",
                    help="the label of a label map --mask to measure (default: every non-zero voxel)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="measure the --mask's voxels at or above T: for a probability map (values 0..1, e.g. "
+                        "--threshold 0.5), which is refused without it; not with --label")
     p.add_argument("--transform", nargs="+", metavar="T", default=None,
                    help="transform file(s) carrying --mask onto IMAGE: what 'medfuse register IMAGE MASK_IMAGE' "
                         "wrote (IMAGE side first for a chain, as resample takes them); default: none, the "
                         "scanners' placement (right within one session, wrong across sessions)")
     p.add_argument("--series", nargs="+", metavar="S", default=None,
-                   help="for DICOM folders holding several series: one choice per input, IMAGE first then MASK: "
+                   help="for DICOM folders holding several series: IMAGE's choice, then MASK's if it needs one: "
                         "the series' number as listed, its modality or its UID; '-' for an input that needs none")
     p.add_argument("--modalities", nargs="+", metavar="M", default=None,
-                   help="the modality of each input, IMAGE first: MR, CT, PT or NM, for a file that records none "
-                        "(a plain NIfTI); a CT NIfTI with values below -100 is then read in HU")
+                   help="IMAGE's modality (MR, CT, PT or NM), for a file that records none (a plain NIfTI): e.g. "
+                        "--modalities PT; a CT NIfTI with values below -100 is then read in HU. A mask needs "
+                        "none ('-' for not stated, e.g. --modalities PT -)")
     _add_suv_option(p, "auto")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of lines")
     p.set_defaults(func=_cmd_measure)

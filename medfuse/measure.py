@@ -5,8 +5,8 @@ What napari's cursor readout shows, for scripts and the command line (``medfuse 
 * :func:`value_at`: the voxel value at a world point (LPS mm, :class:`~medfuse.volume.Volume`'s convention;
   ``space="ras"`` for RAS mm as 3D Slicer shows them, ``space="voxel"`` for indices ``(i, j, k)``), by nearest
   neighbour (the voxel whose cell holds the point, as napari's readout reads it) or trilinear interpolation.
-* :func:`mask_statistics`: count, volume, mean, SD, min, max and the peak (mean in a 1 mL sphere around the
-  maximum) of the voxels a mask selects, in the image's unit (HU, SUVbw, ...).
+* :func:`mask_statistics`: count, volume, mean, SD, min, max and the peak (the hottest 1 mL sphere centred in
+  the region, PERCIST's SUVpeak) of the voxels a mask selects, in the image's unit (HU, SUVbw, ...).
 
 World and voxel positions are converted by :meth:`Volume.world_to_index` and :meth:`Volume.index_to_world`
 alone: the geometry (spacing, origin, direction, a flipped or oblique axis) is never re-derived here.
@@ -15,12 +15,13 @@ alone: the geometry (spacing, origin, direction, a flipped or oblique axis) is n
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from ._checks import choice, describe, whole
-from .errors import InvalidInputError
+from .errors import InvalidInputError, MedfuseWarning
 from .volume import Volume
 
 __all__ = ["OutsideFieldError", "value_at", "voxel_index", "mask_statistics", "PEAK_ML", "SPACES", "INTERPOLATIONS"]
@@ -160,17 +161,158 @@ def _mask_on_grid(mask: Volume, volume: Volume, transform: Any = None) -> "tuple
     return np.asarray(resample(mask, volume, transform=transform, interpolation="nearest", default=0).array), True
 
 
-def _peak(volume: Volume, at: np.ndarray) -> float:
-    """Mean of the voxels whose centres lie within the 1 mL sphere centred on voxel ``at`` (the maximum's)."""
-    radius = (3.0 * PEAK_ML * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm
+def _mask_selects(values: np.ndarray, label: Optional[int], threshold: Optional[float]) -> np.ndarray:
+    """The voxels a mask's values select: non-zero, equal to ``label``, or at least ``threshold``."""
+    if threshold is not None:
+        return values >= threshold
+    return values != 0 if label is None else values == label
+
+
+def _check_mask_values(mask: Volume, label: Optional[int], threshold: Optional[float]) -> None:
+    """Refuse a mask whose values are not whole numbers when neither a label nor a threshold says what it selects.
+
+    Why: a probability map (a smoothed or a network's mask, 0..1) counted every voxel above 0, its faint tails
+    and rounding residues too: a 27 mL sphere measured 5,378 mL, its maximum in another lesion.
+    """
+    if label is not None and threshold is not None:
+        raise InvalidInputError("give label or threshold, not both",
+                                fix="label= picks one value of a label map; threshold= selects a probability "
+                                    "map's voxels at or above it")
+    if threshold is not None or mask.dtype.kind not in "fc":
+        return
+    arr = np.asarray(mask.array)
+    finite = arr[np.isfinite(arr)]
+    odd = finite[finite != np.round(finite)]
+    if odd.size:
+        raise InvalidInputError(
+            f"the mask holds values that are not whole numbers (e.g. {_listed(np.unique(odd), 3)}): it looks like "
+            "a probability map, and every voxel above 0 would count",
+            fix="say which voxels it selects: threshold=0.5 (medfuse measure --threshold 0.5), or threshold it "
+                "yourself (mask.with_array(mask.array >= 0.5))")
+
+
+def _outside_fraction(mask: Volume, volume: Volume, chosen: np.ndarray, transform: Any) -> Optional[float]:
+    """The fraction of the mask's selected voxels (on its own grid) whose centres lie outside the image's field;
+    None where it cannot be told (a deformable transform, which has no exact inverse here)."""
+    if transform is not None and not transform.is_linear:
+        return None
+    # mask index -> image index, one matrix (the transform maps the image's points to the mask's)
+    to_image = np.linalg.inv(np.asarray(volume.affine, dtype=float))
+    if transform is not None:
+        to_image = to_image @ np.linalg.inv(transform.matrix)
+    m = to_image @ np.asarray(mask.affine, dtype=float)
+    shape = np.asarray(volume.shape)
+
+    def outside(idx: np.ndarray) -> np.ndarray:
+        ijk = idx @ m[:3, :3].T + m[:3, 3]
+        return np.any((ijk < -0.5 - 1e-6) | (ijk > shape - 0.5 + 1e-6), axis=1)
+
+    corners = np.array([[a, b, c] for a in (0, mask.shape[0] - 1) for b in (0, mask.shape[1] - 1)
+                        for c in (0, mask.shape[2] - 1)], dtype=float)
+    if not outside(corners).any():  # the whole mask grid lies over the image (the usual case): no voxel to test
+        return 0.0
+    total = int(chosen.sum())
+    if total == 0:
+        return 0.0
+    n_out = 0
+    for k0 in range(0, chosen.shape[0], 16):  # a few slices at a time: a whole-body mask has tens of millions
+        idx = np.argwhere(chosen[k0:k0 + 16]).astype(float)
+        idx[:, 0] += k0
+        n_out += int(outside(idx).sum())
+    return n_out / total
+
+
+def _sphere(volume: Volume) -> np.ndarray:
+    """The 1 mL sphere as a boolean kernel of voxel offsets (centre in the middle): the offsets whose world
+    distance, through the affine (oblique and anisotropic grids too), is within its radius."""
+    radius = (3.0 * PEAK_ML * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm: 6.2
+    lin = np.asarray(volume.affine, dtype=float)[:3, :3]
     reach = np.ceil(radius / np.asarray(volume.spacing)).astype(int)
-    lo = np.maximum(at - reach, 0)
-    hi = np.minimum(at + reach, np.asarray(volume.shape) - 1)
-    box = np.stack(np.meshgrid(*(np.arange(a, b + 1) for a, b in zip(lo, hi)), indexing="ij"), axis=-1)
-    dist = np.linalg.norm(volume.index_to_world(box) - volume.index_to_world(at), axis=-1)
-    values = np.asarray(volume.array[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1], dtype=np.float64)
-    inside = values[(dist <= radius) & np.isfinite(values)]
-    return float(inside.mean())
+    offsets = np.stack(np.meshgrid(*(np.arange(-r, r + 1) for r in reach), indexing="ij"), axis=-1)
+    return np.linalg.norm(offsets @ lin.T, axis=-1) <= radius
+
+
+def _sphere_mean(volume: Volume, kernel: np.ndarray, at: np.ndarray) -> float:
+    """Mean of the finite voxels of the sphere ``kernel`` centred on voxel ``at`` (cut at the image's edges)."""
+    reach = np.asarray(kernel.shape) // 2
+    lo, hi = at - reach, at + reach + 1
+    cut_lo, cut_hi = np.maximum(lo, 0), np.minimum(hi, np.asarray(volume.shape))
+    k = kernel[tuple(slice(a - b, c - b) for a, b, c in zip(cut_lo, lo, cut_hi))]
+    values = np.asarray(volume.array[tuple(slice(a, c) for a, c in zip(cut_lo, cut_hi))], dtype=np.float64)[k]
+    return float(values[np.isfinite(values)].mean())
+
+
+def _convolved(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``a`` convolved with an odd-sized, point-symmetric ``kernel``, cropped to ``a``'s shape (zeros beyond its
+    edges), by FFT. Why not scipy.signal: importing it took 5 s on a busy machine, more than the measurement."""
+    from scipy import fft
+
+    full = [n + k - 1 for n, k in zip(a.shape, kernel.shape)]
+    size = [fft.next_fast_len(n, real=True) for n in full]
+    out = fft.irfftn(fft.rfftn(a, size) * fft.rfftn(kernel, size), size)
+    return out[tuple(slice(k // 2, k // 2 + n) for n, k in zip(a.shape, kernel.shape))]
+
+
+def _could_beat(volume: Volume, selected: np.ndarray, kernel: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """The selected voxels whose sphere could hold a higher mean than the one around the first maximum: those with
+    a value at least that mean within the box around them (a sphere's mean is at most its largest value). Why: the
+    search over a whole-body mask took minutes; the hot spots' neighbourhoods are what is left."""
+    from scipy.ndimage import maximum_filter
+
+    values = np.asarray(volume.array)
+    first = np.unravel_index(int(np.argmax(np.where(selected & np.isfinite(values), values, -np.inf))), values.shape)
+    floor = _sphere_mean(volume, kernel, np.asarray(first))
+    idx = np.argwhere(selected)
+    lo = np.maximum(idx.min(axis=0) - reach, 0)
+    hi = np.minimum(idx.max(axis=0) + reach + 1, np.asarray(values.shape))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    block = np.where(np.isfinite(values[box]), values[box], -np.inf)
+    near_max = maximum_filter(block, size=tuple(2 * reach + 1), mode="constant", cval=-np.inf)
+    keep = np.zeros_like(selected)
+    keep[box] = selected[box] & (near_max >= floor - 1e-9 * abs(floor))  # slack: the FFT's rounding
+    keep[tuple(first)] = True
+    return keep
+
+
+def _peak_search(volume: Volume, selected: np.ndarray) -> Tuple[float, np.ndarray, float]:
+    """The hottest 1 mL sphere centred on a selected voxel: (its mean, its centre's index, its volume in mL).
+
+    Every selected voxel is tried (PERCIST's SUVpeak, which places the sphere where its mean is highest): sums
+    and voxel counts of the sphere around every voxel come from one FFT convolution per slab of the mask's
+    bounding box (:func:`_convolved`). Why a search: centred on the first maximum, a uniform 37 mm hot sphere (every voxel tied) put
+    the sphere on its edge and read 38 % low. The winner's mean is then recomputed exactly.
+    """
+    kernel = _sphere(volume)
+    reach = np.asarray(kernel.shape) // 2
+    selected = _could_beat(volume, selected, kernel, reach)
+    idx = np.argwhere(selected)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    shape = np.asarray(volume.shape)
+    kf = kernel.astype(np.float64)
+    best, best_at = -np.inf, None
+    # Slabs along the first axis keep the float64 copies to ~16 M voxels whatever the mask's extent.
+    plane = int(np.prod(hi[1:] - lo[1:] + 2 * reach[1:]))
+    step = max(1, 16_000_000 // max(plane, 1) - 2 * int(reach[0]))
+    for z0 in range(int(lo[0]), int(hi[0]), step):
+        z1 = min(z0 + step, int(hi[0]))
+        blo = np.maximum([z0, *lo[1:]] - reach, 0)
+        bhi = np.minimum([z1, *hi[1:]] + reach, shape)
+        block = np.asarray(volume.array[tuple(slice(a, b) for a, b in zip(blo, bhi))], dtype=np.float64)
+        finite = np.isfinite(block)
+        sums = _convolved(np.where(finite, block, 0.0), kf)
+        counts = np.rint(_convolved(finite.astype(np.float64), kf))
+        inner = tuple(slice(a - b, c - b) for a, b, c in zip([z0, *lo[1:]], blo, [z1, *hi[1:]]))
+        chosen = selected[tuple(slice(a, c) for a, c in zip([z0, *lo[1:]], [z1, *hi[1:]]))] & (counts[inner] > 0)
+        if not chosen.any():
+            continue
+        means = np.where(chosen, sums[inner] / np.maximum(counts[inner], 1.0), -np.inf)
+        k = int(np.argmax(means))
+        if means.flat[k] > best:
+            best, best_at = means.flat[k], np.array(np.unravel_index(k, means.shape)) + [z0, *lo[1:]]
+    if best_at is None:  # every sphere holds only NaN: the caller has refused that already
+        best_at = idx[0]
+    ml = float(kernel.sum() * abs(np.linalg.det(np.asarray(volume.affine, dtype=float)[:3, :3])) / 1000.0)
+    return _sphere_mean(volume, kernel, best_at), best_at, ml
 
 
 def _listed(values: np.ndarray, most: int = 12) -> str:
@@ -179,7 +321,7 @@ def _listed(values: np.ndarray, most: int = 12) -> str:
     return shown + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
-def mask_statistics(volume: Volume, mask: Volume, *, label: Optional[int] = None,
+def mask_statistics(volume: Volume, mask: Volume, *, label: Optional[int] = None, threshold: Optional[float] = None,
                     transform: Any = None) -> Dict[str, Any]:
     """Statistics of the image's voxels that a mask selects, in the image's unit.
 
@@ -188,37 +330,52 @@ def mask_statistics(volume: Volume, mask: Volume, *, label: Optional[int] = None
     are placed as the scanners placed them, right for one session (a PET/CT); a mask drawn on another session's
     image (a baseline lesion measured on the follow-up) needs the transform between the two images, else the
     figures are of the wrong voxels (a lesion's SUVmax read 9.85 for a true 14.55). ``mask_resampled`` says that
-    the mask was resampled.
+    the mask was resampled. Where more than 1 % of the mask's selected voxels lie outside the image's field (a
+    lesion at the edge of the scanned range), a :class:`~medfuse.errors.MedfuseWarning` says so: the figures are
+    of the part inside.
 
     Args:
         volume: the image measured.
-        mask: the region: its non-zero voxels, or with ``label`` those equal to it (a label map).
+        mask: the region: its non-zero voxels, with ``label`` those equal to it (a label map), with ``threshold``
+            those at or above it (a probability map). A mask of values that are not whole numbers needs
+            ``threshold``.
         label: (keyword-only) the label to measure in a label map; None (default) takes every non-zero voxel.
+        threshold: (keyword-only) select the mask's voxels whose value is at least this (e.g. 0.5); not with
+            ``label``.
         transform: (keyword-only) a :class:`~medfuse.Transform` mapping ``volume``'s points to the mask's (what
             ``medfuse.register(volume, image_the_mask_was_drawn_on)`` returns as ``.transform``); None: the
             scanners' placement.
 
     Returns:
-        A dict: ``count`` (voxels selected), ``volume_ml``, ``mean``, ``sd`` (population standard deviation,
-        as ``numpy.std``), ``min``, ``max``, ``max_at_lps_mm`` (the first maximum's voxel centre), ``peak``
-        (mean of the voxels whose centres lie within a 1 mL sphere, radius 6.2 mm, centred on that maximum: a
-        simple SUVpeak, not PERCIST's search for the hottest sphere; the sphere may reach beyond the mask),
-        ``unit``, ``nonfinite`` (selected voxels holding NaN or infinity, left out of the figures),
-        ``mask_resampled`` and ``label``.
+        A dict: ``count`` (voxels selected), ``volume_ml``, ``mask_ml`` (the selected volume on the mask's own
+        grid, before resampling), ``outside_fraction`` (the part of it outside the image's field; None after a
+        deformable transform), ``mean``, ``sd`` (population standard deviation, as ``numpy.std``), ``min``,
+        ``max``, ``max_voxels`` (how many selected voxels hold the maximum), ``max_at_lps_mm`` (the first of
+        them), ``peak`` (the highest mean of the voxels whose centres lie within a 1 mL sphere, radius 6.2 mm,
+        centred on any selected voxel: PERCIST's SUVpeak search; the sphere may reach beyond the mask, not
+        beyond the image), ``peak_at_lps_mm`` (that sphere's centre), ``peak_ml`` (the volume of the voxels the
+        sphere holds on this grid: 0.93 mL on 2 x 2 x 3.27 mm voxels), ``unit``, ``nonfinite`` (selected voxels
+        holding NaN or infinity, left out of the figures), ``mask_resampled``, ``label`` and ``threshold``.
 
     Raises:
         InvalidInputError: ``volume`` or ``mask`` is not a real-valued Volume, ``label`` is not a whole number,
+            ``threshold`` not a finite number, both given, a mask of fractional values without ``threshold``,
             or the mask selects no voxel of the image (none of its selected voxels lies over the image, or
             every voxel it selects is NaN).
     """
     volume = _check_volume(volume, "volume")
     mask = _check_volume(mask, "mask")
     label = whole(label, "label", example="label=1", none_ok=True)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))
+                                  or not math.isfinite(float(threshold))):
+        raise InvalidInputError(f"threshold must be a finite number, got {describe(threshold)}",
+                                fix="e.g. threshold=0.5 for a probability map")
+    _check_mask_values(mask, label, threshold)
     on_grid, resampled = _mask_on_grid(mask, volume, transform)
-    selected = on_grid != 0 if label is None else on_grid == label
+    selected = _mask_selects(on_grid, label, threshold)
     values = np.asarray(volume.array[selected], dtype=np.float64)
     finite = np.isfinite(values)
-    which = "non-zero" if label is None else f"label {label}"
+    which = ("non-zero" if label is None else f"label {label}") if threshold is None else f"at or above {threshold:g}"
     if not finite.any():
         why = "holds only NaN or infinity there" if values.size else "has no such voxel over the image"
         raise InvalidInputError(f"the mask selects no voxel to measure: its {which} region {why}",
@@ -226,20 +383,35 @@ def mask_statistics(volume: Volume, mask: Volume, *, label: Optional[int] = None
                                     "the label"
                                     + (": its labels are " + _listed(np.unique(on_grid))
                                        if label is not None else ""))
+    own = _mask_selects(np.asarray(mask.array), label, threshold)
+    mask_ml = float(own.sum() * abs(np.linalg.det(np.asarray(mask.affine, dtype=float)[:3, :3])) / 1000.0)
+    outside = _outside_fraction(mask, volume, own, transform)
+    if outside is not None and outside > 0.01:
+        warnings.warn(f"{100 * outside:.1f} % of the mask's region ({mask_ml:.4g} mL on its own grid) lies outside "
+                      "the image's field of view: the figures are of the part inside (a lesion at the edge of the "
+                      "scanned range, or a mask placed wrongly)", MedfuseWarning, stacklevel=2)
     good = values[finite]
     flat = np.flatnonzero(selected.ravel())[finite]
+    top = float(good.max())
     at = np.array(np.unravel_index(flat[int(np.argmax(good))], volume.shape))
+    peak, peak_at, peak_ml = _peak_search(volume, selected)
     return {
         "count": int(selected.sum()),
         "volume_ml": float(selected.sum() * np.prod(volume.spacing) / 1000.0),
+        "mask_ml": mask_ml,
+        "outside_fraction": outside,
         "mean": float(good.mean()),
         "sd": float(good.std()),
         "min": float(good.min()),
-        "max": float(good.max()),
+        "max": top,
+        "max_voxels": int((good == top).sum()),
         "max_at_lps_mm": [float(c) for c in volume.index_to_world(at)],
-        "peak": _peak(volume, at),
+        "peak": peak,
+        "peak_at_lps_mm": [float(c) for c in volume.index_to_world(peak_at)],
+        "peak_ml": peak_ml,
         "unit": volume.unit,
         "nonfinite": int(values.size - good.size),
         "mask_resampled": resampled,
         "label": label,
+        "threshold": None if threshold is None else float(threshold),
     }

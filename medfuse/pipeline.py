@@ -216,6 +216,10 @@ class LoadStep:
             listed, a modality, or a UID, as :func:`medfuse.load`'s ``series_uid`` takes them); ``None`` or
             ``"-"``: no choice.
 
+    Two PET inputs (the first taken as the baseline): the reasons their SUVs do not compare
+    (:func:`medfuse.timepoints.comparability`: tracers, uptake times, units, scanners) go into the run's
+    ``notes["comparability"]`` and the sidecar's ``comparability``.
+
     Raises:
         InvalidInputError: when built, ``modalities`` or ``series`` not a list (one entry per input), or a
             ``series`` choice that is neither text, a number nor None; when called, an unknown modality override,
@@ -267,6 +271,12 @@ class LoadStep:
                 vols.append(load(item, modality=mod, suv=suv, series_uid=pick))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
         _warn_same_image(vols, state)
+        if len(vols) == 2:  # two PETs, baseline first: why their SUVs do not compare (empty for other images)
+            from .timepoints import comparability
+
+            reasons = comparability(vols[0], vols[1])
+            if reasons:
+                state.notes["comparability"] = reasons
         state.volumes = vols
         state.originals = list(vols)
         state.transforms = [None] * (len(vols) - 1)
@@ -384,6 +394,7 @@ class ResampleStep:
 
     def __call__(self, state: PipelineState) -> PipelineState:
         from .registration import common_grid, resample
+        from .registration.resample import not_for_measuring
 
         _as_loaded(state, self.name)
         vols = _resample_sources(state)
@@ -400,7 +411,8 @@ class ResampleStep:
                 continue
             if t is None and i > 0:
                 _check_coverage(v, ref, i + 1, state)
-            r = resample(v, ref, transform=t, interpolation=self.interpolation)
+            with not_for_measuring():  # the fused output holds no SUV to measure
+                r = resample(v, ref, transform=t, interpolation=self.interpolation)
             views.append(getattr(r, "_field_of_view", None))
             # What resampling warned about (a pair from two frames of reference, unregistered) goes into the
             # sidecar too, not only to the terminal.
@@ -499,6 +511,27 @@ def _check_coverage(v: Volume, ref: Volume, n: int, state: PipelineState) -> Non
         state.notes.setdefault("warnings", []).append(msg)
 
 
+def _number_pair(value: Any, name: str, example: str) -> Optional[Tuple[float, float]]:
+    """``value`` as a pair of finite floats, or None for None.
+
+    Raises:
+        InvalidInputError: not a pair of finite numbers.
+    """
+    if value is None:
+        return None
+    import math
+
+    try:
+        pair = tuple(value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+                                 and math.isfinite(float(x)) for x in pair):
+        raise InvalidInputError(f"{name} must be a pair of finite numbers, got {describe(value)}",
+                                fix=f"e.g. {name}={example}")
+    return float(pair[0]), float(pair[1])
+
+
 class NormaliseStep:
     """Scale each volume to 0..1 so that modalities in HU, SUV and arbitrary units mix fairly.
 
@@ -508,40 +541,90 @@ class NormaliseStep:
         method: ``"auto"`` (by modality: CT soft-tissue window, PET SUV 0..10, MR/SPECT percentiles),
             ``"percentile"``, ``"minmax"`` or ``"none"``.
         low, high: percentiles for ``"percentile"``.
+        ct_window: (keyword-only) ``(level, width)`` in HU: the window a CT in HU is mapped from (``"auto"``'s
+            window rule; default ``(40, 400)``, soft tissue), e.g. ``(400, 1800)`` for bone. Inputs that are not
+            a CT in HU are not affected. ``method="auto"`` only.
+        suv_range: (keyword-only) ``(low, high)`` in the PET's SUV unit: the interval a PET in SUV is mapped from
+            (default 0 to 10, 0 to 2.5 for SUVbsa), values outside it clipped; from 0 it is the SUV rule with
+            ``suv_max=high``, from another ``low`` the ``"range"`` rule. Inputs that are not a PET in SUV are not
+            affected. ``method="auto"`` only.
+
+    The run's ``notes["normalisation_unused"]`` (the sidecar's ``normalisation_unused``) names an option given
+    that applied to no input (``"ct_window"`` with no CT in HU among them).
 
     Raises:
-        InvalidInputError: when built, an unknown ``method``, or percentiles outside ``0 <= low < high <= 100``;
-            when called, a volume with NaN or infinite voxels.
+        InvalidInputError: when built, an unknown ``method``, percentiles outside ``0 <= low < high <= 100``, a
+            ``ct_window`` or ``suv_range`` that is not a pair of finite numbers, a width not above 0, a ``low``
+            not below ``high``, or either with a ``method`` other than ``"auto"``; when called, a volume with NaN
+            or infinite voxels.
         CancelledError: ``state.cancel`` was set.
     """
 
     name = "normalise"
 
-    def __init__(self, *, method: str = "auto", low: float = 0.5, high: float = 99.5):
+    def __init__(self, *, method: str = "auto", low: float = 0.5, high: float = 99.5,
+                 ct_window: Optional[Tuple[float, float]] = None,
+                 suv_range: Optional[Tuple[float, float]] = None):
         choice(method, "normalisation", _NORMALISE)
         low = number(low, "low percentile", example="low=0.5", low=0, high=100)
         high = number(high, "high percentile", example="high=99.5", low=0, high=100)
         if not low < high:
             raise InvalidInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}",
                                     fix="e.g. low=0.5, high=99.5")
+        self.ct_window = _number_pair(ct_window, "ct_window", "(40, 400) (level, width in HU)")
+        self.suv_range = _number_pair(suv_range, "suv_range", "(0, 10) (low, high in SUV)")
+        if self.ct_window is not None and not self.ct_window[1] > 0:
+            raise InvalidInputError(f"ct_window: the width must be above 0 HU, got {self.ct_window[1]:g}",
+                                    fix="give (level, width) in HU, e.g. ct_window=(40, 400) (soft tissue)")
+        if self.suv_range is not None and not self.suv_range[0] < self.suv_range[1]:
+            raise InvalidInputError(f"suv_range: low must be below high, got {self.suv_range[0]:g} and "
+                                    f"{self.suv_range[1]:g}", fix="give (low, high) in SUV, e.g. suv_range=(0, 10)")
+        if (self.ct_window or self.suv_range) and method != "auto":
+            raise InvalidInputError(f"ct_window and suv_range set the CT window and the PET's SUV range of the "
+                                    f"'auto' normalisation, and method is {method!r}",
+                                    fix="use method='auto' (normalise='auto'), or leave out ct_window and suv_range")
         self.method, self.low, self.high = method, float(low), float(high)
         self.params = {"method": method, "low": self.low, "high": self.high} if method == "percentile" else {"method": method}
+        # Recorded only when given: the parameters batch compares on re-runs stay as they were otherwise.
+        if self.ct_window is not None:
+            self.params["ct_window"] = list(self.ct_window)
+        if self.suv_range is not None:
+            self.params["suv_range"] = list(self.suv_range)
+
+    def _chosen(self, v: Volume) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """``(option, normalise() keywords)`` where ``ct_window`` or ``suv_range`` applies to ``v``, else None."""
+        from .fusion.normalise import auto_method
+
+        rule = auto_method(v.modality, v.unit)
+        if rule == "window" and self.ct_window is not None:
+            return "ct_window", {"method": "auto", "level": self.ct_window[0], "width": self.ct_window[1]}
+        if rule == "suv" and self.suv_range is not None:
+            low, high = self.suv_range
+            # From 0, the SUV rule itself (its record as the default's); from another low, that interval.
+            return "suv_range", ({"method": "auto", "suv_max": high} if low == 0 else
+                                 {"method": "range", "low": low, "high": high})
+        return None
 
     def __call__(self, state: PipelineState) -> PipelineState:
         if self.method == "none":
             return state
         from .fusion.normalise import _in_own_view, normalise
 
-        out, records = [], []
+        out, records, used = [], [], set()
         views = list(getattr(state, "fields_of_view", None) or [])
         for i, v in enumerate(state.volumes, start=1):
             check(state.cancel, "normalisation")
             require_finite(v.array, f"input {i}", before="fusing")
             kw: Dict[str, Any] = {"percentiles": (self.low, self.high)} if self.method == "percentile" else {}
             view = views[i - 1] if i - 1 < len(views) else None
-            within = None if view is None else _in_own_view(
-                v.array, view, method=self.method, modality=v.modality, unit=v.unit, dtype=np.float32,
-                percentiles=(self.low, self.high) if self.method == "percentile" else None)
+            chosen = self._chosen(v)
+            if chosen is not None:  # a fixed interval: no field of view needed (only percentiles use one)
+                used.add(chosen[0])
+                within = normalise(v.array, modality=v.modality, unit=v.unit, dtype=np.float32, **chosen[1])
+            else:
+                within = None if view is None else _in_own_view(
+                    v.array, view, method=self.method, modality=v.modality, unit=v.unit, dtype=np.float32,
+                    percentiles=(self.low, self.high) if self.method == "percentile" else None)
             if within is not None:
                 scaled, rec = within
             else:
@@ -556,6 +639,9 @@ class NormaliseStep:
             records.append(rec)
         state.volumes = out
         state.notes["normalisation"] = records
+        unused = [k for k in ("ct_window", "suv_range") if getattr(self, k) is not None and k not in used]
+        if unused:  # asked for and applying to no input: recorded, and said by the command line
+            state.notes["normalisation_unused"] = unused
         state.fields_of_view = []  # used: each holds a transform (a deformable one can be large)
         return state
 
@@ -1102,11 +1188,13 @@ def _input_facts(state: PipelineState) -> List[Dict[str, Any]]:
 
 
 def _volume_facts(v: Volume) -> Dict[str, Any]:
-    """What the provenance records about an input as loaded: with the SUV kind and its rule for a PET, and the
-    volume of a 4-D file or series (which one was used was recorded nowhere)."""
+    """What the provenance records about an input as loaded: with the SUV kind and its rule for a PET and its
+    tracer, dose and uptake time (no dates), and the volume of a 4-D file or series (which one was used was
+    recorded nowhere)."""
     facts = dict(modality=v.modality, unit=v.unit, shape=list(v.shape),
                  spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
-    keys = ("suv", "suv_source", "suv_factor") + (("volume_index", "n_volumes") if (v.provenance.get("n_volumes") or 1) > 1 else ())
+    keys = ("suv", "suv_source", "suv_factor", "pet_acquisition") + (
+        ("volume_index", "n_volumes") if (v.provenance.get("n_volumes") or 1) > 1 else ())
     for key in keys:
         if v.provenance.get(key) is not None:
             facts[key] = v.provenance[key]
@@ -1159,7 +1247,8 @@ def _provenance(state: PipelineState, *, extra_step: Optional[Dict[str, Any]] = 
     regs = state.registrations if any(r is not None for r in state.registrations) else None
     extra = {k: v for k, v in state.notes.items() if k in ("warnings", "fallback", "method_used", "device_used",
                                                              "network_functional", "network_path",
-                                                             "network_threads", "normalisation")}
+                                                             "network_threads", "normalisation",
+                                                             "normalisation_unused", "comparability")}
     return build(
         inputs=_input_facts(state), output=state.output, output_sha256=state.output_sha256, steps=steps,
         parameters=state.notes.get("parameters"), registration=regs, weights_sha256=state.weights_sha256,
@@ -1181,6 +1270,10 @@ class Pipeline:
         grid: ``"fixed"`` or ``"finest"`` (see :class:`ResampleStep`).
         normalise: ``"auto"`` (by modality), ``"percentile"``, ``"minmax"`` or ``"none"`` (the volumes are fused
             as they are, so they must be in 0..1 already: values above 1 are refused by the fusion).
+        ct_window: ``(level, width)`` in HU, the window a CT in HU is mapped from onto 0..1 (default (40, 400));
+            ``normalise="auto"`` only (see :class:`NormaliseStep`).
+        suv_range: ``(low, high)`` in SUV, the interval a PET in SUV is mapped from (default 0 to 10);
+            ``normalise="auto"`` only (see :class:`NormaliseStep`).
         modalities: modality override per input (NIfTI files carry none).
         series: series choice per input, for DICOM folders holding several series (see :class:`LoadStep`).
         suv: how a DICOM PET is read, as :func:`medfuse.load` takes it (``"auto"``, ``"bw"``, ``"lbm"``,
@@ -1197,7 +1290,8 @@ class Pipeline:
     Raises:
         InvalidInputError: an unknown ``register`` kind, fusion ``method``, ``grid``, ``normalise`` method or
             ``device`` (or a GPU this machine lacks, for every method), a ``fallback`` that is no classical method,
-            ``threads`` not a whole number of 1 or more, ``modalities`` or ``series`` not a list (one entry per
+            ``threads`` not a whole number of 1 or more, ``ct_window`` or ``suv_range`` as
+            :class:`NormaliseStep` refuses them, ``modalities`` or ``series`` not a list (one entry per
             input), a ``series`` choice that is neither text nor a number, ``steps`` not a dict, a ``steps``
             entry that names no step or is not callable, or ``deidentify`` not a bool. What running it raises:
             see :meth:`run`.
@@ -1207,12 +1301,13 @@ class Pipeline:
                  fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
                  normalise: str = "auto", modalities: Optional[Sequence[Optional[str]]] = None,
                  series: Optional[Sequence[Optional[str]]] = None, steps: Optional[Dict[str, Step]] = None,
-                 deidentify: bool = True, suv: Optional[str] = None):
+                 deidentify: bool = True, suv: Optional[str] = None,
+                 ct_window: Optional[Tuple[float, float]] = None, suv_range: Optional[Tuple[float, float]] = None):
         self._steps: List[Tuple[str, Step]] = [
             ("load", LoadStep(modalities=modalities, series=series, suv=suv)),
             ("register", RegisterStep(register, threads=threads)),
             ("resample", ResampleStep(grid=grid)),
-            ("normalise", NormaliseStep(method=normalise)),
+            ("normalise", NormaliseStep(method=normalise, ct_window=ct_window, suv_range=suv_range)),
             # "none" reaches the fusion too: it used to skip only this step, and medfuse.fuse then scaled by
             # modality anyway (a CT in HU scaled to 0..1 upstream got the soft-tissue window a second time).
             ("fuse", FuseStep(method, device=device, fallback=fallback,
@@ -1519,21 +1614,25 @@ class _itk_threads:
 def pipeline_parameters(*, register: Optional[str] = None, method: str = "network", device: str = "cpu",
                         fallback: Optional[str] = None, threads: Optional[int] = None, grid: str = "fixed",
                         normalise: str = "auto", series: Optional[Sequence[Optional[str]]] = None,
-                        suv: Optional[str] = None) -> Dict[str, Any]:
+                        suv: Optional[str] = None, ct_window: Optional[Tuple[float, float]] = None,
+                        suv_range: Optional[Tuple[float, float]] = None) -> Dict[str, Any]:
     """The parameters :func:`fuse_files` records for these options (batch uses it to decide re-runs).
 
     Args:
-        register, method, device, fallback, threads, grid, normalise, series, suv: as :func:`fuse_files`.
+        register, method, device, fallback, threads, grid, normalise, series, suv, ct_window, suv_range: as
+            :func:`fuse_files`.
 
     Returns:
         ``{step name: its recorded parameters}`` for every step but save, as the sidecar's ``parameters``.
 
     Raises:
         InvalidInputError: as :class:`Pipeline` (an unknown register kind, fusion method, grid, normalisation or
-            device, a fallback that is no classical method, or a series choice that is neither text nor a number).
+            device, a fallback that is no classical method, a series choice that is neither text nor a number, or
+            a ct_window or suv_range :class:`NormaliseStep` refuses).
     """
     return Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                    grid=grid, normalise=normalise, series=series, suv=suv).parameters()
+                    grid=grid, normalise=normalise, series=series, suv=suv, ct_window=ct_window,
+                    suv_range=suv_range).parameters()
 
 
 def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, Sequence[Union[PathLike, Volume]]],
@@ -1543,7 +1642,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                modalities: Optional[Sequence[Optional[str]]] = None, series: Optional[Sequence[Optional[str]]] = None,
                weights: Optional[PathLike] = None, progress: Optional[ProgressFn] = None,
                cancel: Optional[CancelToken] = None, deidentify: bool = True,
-               suv: Optional[str] = None) -> PipelineResult:
+               suv: Optional[str] = None, ct_window: Optional[Tuple[float, float]] = None,
+               suv_range: Optional[Tuple[float, float]] = None) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
     Args:
@@ -1572,6 +1672,11 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         deidentify: ``False`` keeps the fixed DICOM series' patient and study in a DICOM ``out`` (see
             :class:`Pipeline`); default ``True``, de-identified.
         suv: how a DICOM PET input is read (see :class:`Pipeline`), e.g. ``"lbm"`` for SUL (PERCIST).
+        ct_window: ``(level, width)`` in HU mapped onto the fusion's 0..1 scale for a CT in HU, e.g.
+            ``(400, 1800)`` for bone (default ``(40, 400)``); recorded in the normalise step's parameters.
+        suv_range: ``(low, high)`` in the PET's SUV unit mapped onto 0..1 for a PET in SUV, e.g. ``(0, 5)`` to
+            brighten a faint uptake (default 0 to 10, 0 to 2.5 for SUVbsa). Either applies to no other input; one
+            that applies to none is named in the provenance's ``normalisation_unused``.
 
     Returns:
         :class:`PipelineResult` (fused Volume, output and sidecar paths, provenance, registration reports).
@@ -1600,7 +1705,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                                 fix="pass moving as one image (a path or Volume) or a list of at least one")
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
                     grid=grid, normalise=normalise, modalities=modalities, series=series, deidentify=deidentify,
-                    suv=suv)
+                    suv=suv, ct_window=ct_window, suv_range=suv_range)
     if weights is not None:
         _network_weights(pipe.step("fuse"), weights)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

@@ -89,7 +89,11 @@ def test_measure_mask_statistics_equal_numpy(tmp_path, capsys):
     assert main(["measure", str(path), "--mask", str(mask), "-q"]) == EXIT_OK  # the figures are the output
     out = capsys.readouterr().out
     assert f"  mean {sel.mean():.6g} SUVbw" in out and f"  voxels {sel.size}" in out and "  volume " in out
-    assert "  peak " in out and "mean within 1 mL around the maximum" in out
+    # The hottest 1 mL sphere, where it is and how much of a mL this grid's voxels make of it.
+    peak = next(ln for ln in out.splitlines() if ln.startswith("  peak "))
+    assert peak.startswith(f"  peak {st['peak']:.6g} SUVbw (hottest 1 mL sphere, {st['peak_ml']:.3g} mL of voxels")
+    assert peak.endswith(f"centred at x {st['peak_at_lps_mm'][0]:.6g}, y {st['peak_at_lps_mm'][1]:.6g}, "
+                         f"z {st['peak_at_lps_mm'][2]:.6g} mm LPS)")
 
 
 def test_measure_a_dicom_folder(capsys):
@@ -220,7 +224,7 @@ def test_measure_modalities_give_a_plain_nifti_ct_its_hounsfield_units(tmp_path,
     assert main(["measure", str(path), "--at", "3", "3", "3", "--voxel", "--modalities", "CT"]) == EXIT_OK
     assert "value 40 HU at voxel i 3, j 3, k 3" in capsys.readouterr().out
     assert main(["measure", str(path), "--at", "3", "3", "3", "--modalities", "CT", "PT"]) == EXIT_USAGE
-    assert "--modalities names 2 modalities for 1 inputs" in capsys.readouterr().err
+    assert "--modalities names 2 modalities for 1 input: IMAGE (no --mask was given)" in capsys.readouterr().err
 
 
 def test_measure_carries_a_mask_of_another_session_through_its_transform(tmp_path, capsys):
