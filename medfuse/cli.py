@@ -1279,6 +1279,9 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         if done:  # what the resampling did (interpolation and fill chosen, the transform's matrix)
             extra["resample"] = {k: done[-1][k] for k in ("interpolation", "fill", "transform_matrix")
                                  if k in done[-1]}
+        said = _warning_texts(caught, args)
+        if said:  # as fuse's sidecar keeps them (two frames of reference, a PET maximum lowered): not only shown
+            extra["warnings"] = said
         seconds = round(time.perf_counter() - t0, 3)
         record = prov.build(inputs=inputs, output=out, output_sha256=prov.hash_path(out),
                             steps=[{"name": "resample", "params": params, "seconds": seconds}],

@@ -371,6 +371,11 @@ def mask_statistics(volume: Volume, mask: Volume, *, label: Optional[int] = None
         raise InvalidInputError(f"threshold must be a finite number, got {describe(threshold)}",
                                 fix="e.g. threshold=0.5 for a probability map")
     _check_mask_values(mask, label, threshold)
+    if transform is not None:
+        from .registration.transforms import Transform
+
+        if not isinstance(transform, Transform):  # a SimpleITK transform, as resample() takes one
+            transform = Transform(transform)
     on_grid, resampled = _mask_on_grid(mask, volume, transform)
     selected = _mask_selects(on_grid, label, threshold)
     values = np.asarray(volume.array[selected], dtype=np.float64)

@@ -1189,8 +1189,8 @@ def _input_facts(state: PipelineState) -> List[Dict[str, Any]]:
 
 def _volume_facts(v: Volume) -> Dict[str, Any]:
     """What the provenance records about an input as loaded: with the SUV kind and its rule for a PET and its
-    tracer, dose and uptake time (no dates), and the volume of a 4-D file or series (which one was used was
-    recorded nowhere)."""
+    tracer and uptake time (no dates; no injected dose beside the SUV factor), and the volume of a 4-D file or
+    series (which one was used was recorded nowhere)."""
     facts = dict(modality=v.modality, unit=v.unit, shape=list(v.shape),
                  spacing_mm=[round(s, 6) for s in v.spacing], orientation=v.orientation)
     keys = ("suv", "suv_source", "suv_factor", "pet_acquisition") + (
@@ -1198,6 +1198,10 @@ def _volume_facts(v: Volume) -> Dict[str, Any]:
     for key in keys:
         if v.provenance.get(key) is not None:
             facts[key] = v.provenance[key]
+    if isinstance(facts.get("pet_acquisition"), dict) and facts.get("suv_factor") is not None:
+        # Without the dose: with the SUV factor (weight / decayed dose) and the uptake time it gives the patient's
+        # weight back exactly, in a sidecar that travels with de-identified outputs.
+        facts["pet_acquisition"] = {k: v for k, v in facts["pet_acquisition"].items() if k != "injected_mbq"}
     facts.update(_series_facts(v))
     return facts
 

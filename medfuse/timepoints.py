@@ -34,6 +34,48 @@ def _same_name(a: Any, b: Any) -> Optional[bool]:
     return key[0] == key[1]
 
 
+#: Element names and symbols of the PET radionuclides (the DICOM code meaning spells the element, "^18^Fluorine";
+#: PET-BIDS and free text the symbol, "F18", "18F").
+_ELEMENTS = {"fluorine": "f", "carbon": "c", "oxygen": "o", "nitrogen": "n", "gallium": "ga", "copper": "cu",
+             "zirconium": "zr", "rubidium": "rb", "iodine": "i", "technetium": "tc", "yttrium": "y", "scandium": "sc"}
+#: Names of one tracer, as scanners' free text spells it (each reduced to the key).
+_TRACER_NAMES = {"fluorodeoxyglucose": "fdg", "fludeoxyglucose": "fdg", "2deoxy2fluorodglucose": "fdg",
+                 "2deoxy2fluoroglucose": "fdg"}
+#: A radionuclide written into a tracer's name: "18F-", "[18F]", "^18^F", "F-18", "F^18^", "Fluorine-18", "99mTc".
+_NUCLIDE_WORD = "(?:" + "|".join(sorted({*_ELEMENTS, *_ELEMENTS.values()}, key=len, reverse=True)) + ")"
+_IN_NAME = re.compile(rf"\[?\^?\d{{1,3}}m?\^?\s*-?\s*{_NUCLIDE_WORD}\]?(?![a-z])"
+                      rf"|(?<![a-z]){_NUCLIDE_WORD}\s*-?\s*\^?\d{{1,3}}m?\^?(?![0-9])")
+
+
+def _nuclide_key(text: Any) -> str:
+    """``^18^Fluorine``, ``F18``, ``18F``, ``F-18`` -> ``f18``: element symbol then mass number."""
+    s = re.sub(r"[^0-9a-z]", "", str(text).lower())
+    for name, symbol in _ELEMENTS.items():
+        s = s.replace(name, symbol)
+    m = re.fullmatch(r"(\d+)([a-z]+)", s)
+    return m.group(2) + m.group(1) if m else s
+
+
+def _tracer_key(text: Any) -> frozenset:
+    """A tracer's name without its radionuclide and spelling, as a set of words: ``18F-FDG``, ``[18F]FDG``,
+    ``Fluorodeoxyglucose F^18^`` (the DICOM code meaning), ``FDG -- fluorodeoxyglucose`` (GE's free text) and
+    ``FDG`` -> {fdg}; ``PSMA-1007`` -> {psma, 1007}, not ``PSMA-11``'s."""
+    s = _IN_NAME.sub(" ", str(text).lower())
+    words = [w for w in re.split(r"[^0-9a-z]+", s) if w]
+    joined = "".join(words)
+    if joined in _TRACER_NAMES:  # "2-deoxy-2-fluoro-D-glucose" is one name in several words
+        return frozenset({_TRACER_NAMES[joined]})
+    return frozenset(_TRACER_NAMES.get(w, w) for w in words) or frozenset({joined})
+
+
+def _same_nuclide(a: Mapping[str, Any], b: Mapping[str, Any]) -> Optional[bool]:
+    """By name where both state one (:func:`_nuclide_key`), else by half-life (to 1 %); None when unknown."""
+    if a.get("radionuclide") and b.get("radionuclide"):
+        return _nuclide_key(a["radionuclide"]) == _nuclide_key(b["radionuclide"])
+    ha, hb = _number(a.get("half_life_s")), _number(b.get("half_life_s"))
+    return abs(ha - hb) <= 0.01 * max(ha, hb) if ha and hb else None
+
+
 def _number(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -76,11 +118,16 @@ def comparability(baseline: "Volume", followup: "Volume") -> List[str]:
         return []
     reasons: List[str] = []
     first, second = _acquisition(baseline), _acquisition(followup)
-    for key, what in (("tracer", "tracers"), ("radionuclide", "radionuclides")):
-        if _same_name(first.get(key), second.get(key)) is False:
-            reasons.append(f"different {what}: {first[key]} at baseline, {second[key]} at follow-up: their SUVs "
-                           "measure different uptake and are not compared")
-            break  # a different radionuclide is a different tracer: said once
+    # Free text: the DICOM reader's "Fluorodeoxyglucose" / "^18^Fluorine" and a PET-BIDS "FDG" / "F18" are one
+    # tracer (compared by name alike, a baseline from DICOM and a follow-up from BIDS read as different tracers).
+    tracers = first.get("tracer"), second.get("tracer")
+    if all(tracers) and _tracer_key(tracers[0]) != _tracer_key(tracers[1]):
+        reasons.append(f"different tracers: {tracers[0]} at baseline, {tracers[1]} at follow-up: their SUVs "
+                       "measure different uptake and are not compared")
+    elif _same_nuclide(first, second) is False:  # a different radionuclide is a different tracer: said once
+        shown = [f.get("radionuclide") or f"half-life {f.get('half_life_s'):g} s" for f in (first, second)]
+        reasons.append(f"different radionuclides: {shown[0]} at baseline, {shown[1]} at follow-up: their SUVs "
+                       "measure different uptake and are not compared")
     early, late = _number(first.get("uptake_min")), _number(second.get("uptake_min"))
     if early is not None and late is not None and abs(late - early) > MAX_UPTAKE_DIFFERENCE_MIN:
         reasons.append(f"uptake times differ by {abs(late - early):.0f} min ({early:.0f} min at baseline, "

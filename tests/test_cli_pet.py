@@ -280,3 +280,16 @@ def test_resample_inverse_refuses_a_deformable_transform_and_no_transform(tmp_pa
     assert main(["resample", str(PET), str(PET), "--inverse", "-o", str(out)]) == EXIT_USAGE
     assert "--inverse inverts the --transform files, and none was given" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_fuse_sidecar_keeps_the_tracer_and_uptake_but_not_the_dose(tmp_path):
+    """With the SUV factor (weight / decayed dose) and the uptake time, the injected dose gives the patient's weight
+    back exactly: the sidecar, which travels with de-identified outputs, keeps the rest of the facts only."""
+    out = tmp_path / "fused.nii.gz"
+    medfuse.fuse_files(str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), str(out), register=None,
+                       method="mean")
+    side = json.loads(out.with_name("fused.json").read_text())
+    pet = [i for i in side["inputs"] if i.get("modality") == "PT"][0]
+    facts = pet["pet_acquisition"]
+    assert pet["suv_factor"] > 0 and "injected_mbq" not in facts
+    assert facts["tracer"] == "Fluorodeoxyglucose" and facts["uptake_min"] == pytest.approx(60.0)

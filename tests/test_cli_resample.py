@@ -76,3 +76,17 @@ def test_a_missing_transform_is_refused_before_any_work(tmp_path, capsys):
                  str(tmp_path / "nope.tfm"), "-o", str(out)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "nope.tfm" in err and "Fix:" in err and not out.exists()
+
+
+def test_the_sidecar_keeps_what_resampling_warned(tmp_path, capsys):
+    """The PET put on the MR grid (linear) loses part of its maximum: said on the terminal and, as fuse's sidecar
+    keeps its warnings, in the output's sidecar (it was only shown)."""
+    out = tmp_path / "pet_on_mr.nii.gz"
+    assert main(["resample", str(SAMPLES / "mr_t1.nii.gz"), str(SAMPLES / "pet"), "--transform",
+                 str(SAMPLES / "pet_to_mr.tfm"), "-o", str(out)]) == 0
+    shown = capsys.readouterr().err
+    before = float(medfuse.load(SAMPLES / "pet").array.max())
+    after = float(medfuse.load(out).array.max())
+    side = json.loads(out.with_name("pet_on_mr.json").read_text())
+    kept = [w for w in side["warnings"] if "lowered the maximum" in w]
+    assert len(kept) == 1 and f"from {before:.2f} to {after:.2f} SUVbw" in kept[0] and kept[0][:60] in shown

@@ -40,6 +40,24 @@ def test_uptake_times_more_than_15_min_apart_are_a_reason():
     assert "15 min PERCIST 1.0" in reasons[0]
 
 
+def test_one_tracer_spelt_by_dicom_and_by_pet_bids_is_no_reason():
+    """The DICOM reader keeps the code meaning ("^18^Fluorine") and a scanner's free text ("Fluorodeoxyglucose");
+    a PET-BIDS sidecar gives "F18" and "FDG": one tracer, once reported as two."""
+    dicom = pet(tracer="Fluorodeoxyglucose", radionuclide="^18^Fluorine")
+    for tracer, nuclide in (("FDG", "F18"), ("18F-FDG", "18F"), ("F-18 FDG", "F-18"), ("[18F]FDG", None),
+                            ("FDG -- fluorodeoxyglucose", None), ("Fluorodeoxyglucose F^18^", None),
+                            ("2-deoxy-2-fluoro-D-glucose", "Fluorine-18")):
+        assert comparability(dicom, pet(tracer=tracer, radionuclide=nuclide)) == [], (tracer, nuclide)
+    # different tracers still differ, spelt either way
+    for a, b in (("18F-PSMA-1007", "68Ga-PSMA-11"), ("FDG", "FLT"), ("[18F]FDG", "[18F]fluciclovine")):
+        assert "different tracers" in comparability(pet(tracer=a, radionuclide=None),
+                                                    pet(tracer=b, radionuclide=None))[0], (a, b)
+    # the radionuclide by half-life when one of them names none: Ga-68's is not F-18's
+    reasons = comparability(pet(tracer=None, radionuclide=None), pet(tracer=None, radionuclide=None,
+                                                                      half_life_s=4062.6))
+    assert len(reasons) == 1 and "different radionuclides: half-life 6586.2 s at baseline" in reasons[0]
+
+
 @pytest.mark.parametrize("change, words", [
     ({"tracer": "PSMA-1007"}, "different tracers: FDG at baseline, PSMA-1007 at follow-up"),
     ({"tracer": None, "radionuclide": "^68^Gallium"}, "different radionuclides"),

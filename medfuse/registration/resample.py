@@ -269,9 +269,9 @@ def _max_drop_note(volume: Volume, out: np.ndarray, interpolation: str) -> Optio
     if before is None or after is None or before <= 0 or after >= before * (1.0 - _MAX_DROP):
         return None
     return (f"resampling ({interpolation} interpolation) lowered the maximum from {_level(before)} to "
-            f"{_level(after)} {volume.unit} ({(after - before) / before * 100:+.1f} %): a hot spot's SUVmax and "
-            "SUVpeak read on this grid are low; measure SUVmax on the PET's own grid (medfuse measure PET --mask "
-            "MASK --transform T)")
+            f"{_level(after)} {volume.unit} ({(after - before) / before * 100:+.1f} %): interpolation blends a hot "
+            "spot with its neighbours (or the new grid leaves the hottest part out), so SUVmax and SUVpeak read on "
+            "this grid are low; measure SUVmax on the PET's own grid (medfuse measure PET --mask MASK --transform T)")
 
 
 def _onto_grid(reference: Volume, transform, interpolator: int, fill: float):
