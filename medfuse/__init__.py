@@ -48,6 +48,7 @@ _LAZY = {
     # The value at a point and statistics within a mask (medfuse measure on the command line).
     "value_at": "medfuse.measure:value_at",
     "mask_statistics": "medfuse.measure:mask_statistics",
+    "region_statistics": "medfuse.measure:region_statistics",
     "measure": "medfuse.measure",
     # The packages the docs name as medfuse.registration.PRESETS, medfuse.fusion.classical...: AttributeError after
     # a bare ``import medfuse`` until something imported them.
@@ -92,6 +93,7 @@ if _TYPE_CHECKING:
     from .io import scan as scan
     from .io import select_series as select_series
     from .measure import mask_statistics as mask_statistics
+    from .measure import region_statistics as region_statistics
     from .measure import value_at as value_at
     from .pipeline import Pipeline as Pipeline
     from .pipeline import fuse_files as fuse_files

@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -143,6 +144,16 @@ class SubjectResult:
         note: why an existing output was redone (inputs, parameters, method or weights changed).
         warnings: medfuse's warnings while the subject ran, ``; ``-separated (patient identifiers blanked): on a
             Dask worker they were printed raw in the worker's log, naming patient folders, even with ``-q``.
+        registered_outputs: with ``keep_registered``, the moving images kept on the fixed grid and their
+            transforms (:func:`registered_paths`), ``;``-separated (a list in a JSON report).
+        rotation_deg: the registration's rotation in degrees (the largest of a subject's registrations); None when
+            none ran.
+        translation_mm: how far the registration moved the fixed image's centre, mm (the largest); None when none
+            ran.
+        turned_start: the turn of a turned start that won a registration (``"180y"``, ``;``-separated for
+            several): a half turn between a subject's images most often means a wrong header (a flipped slice
+            order gives a mirror image, which no rotation undoes); False when registered from an unturned start,
+            None when no registration ran.
     """
 
     subject: str
@@ -158,6 +169,10 @@ class SubjectResult:
     medfuse_version: Optional[str] = None
     note: Optional[str] = None
     warnings: Optional[str] = None
+    registered_outputs: Optional[str] = None
+    rotation_deg: Optional[float] = None
+    translation_mm: Optional[float] = None
+    turned_start: Union[str, bool, None] = None
 
 
 #: The statuses of subjects that ran in this run (their ``seconds`` are this run's work).
@@ -290,7 +305,8 @@ class BatchSummary:
         lines = [f"{'subject':<{w}}  {'status':<9} {'seconds':>8}  output / error"]
         shown = list(self.results)
         if max_rows is not None and len(shown) > max_rows:
-            first = [id(r) for r in shown if r.status in ("failed", "cancelled") or r.registration_suspect]
+            first = [id(r) for r in shown if r.status in ("failed", "cancelled") or r.registration_suspect
+                     or r.turned_start]
             top = set(first)
             rest = [id(r) for r in shown if id(r) not in top]
             picked = set((first + rest)[:max(0, max_rows)])
@@ -300,6 +316,9 @@ class BatchSummary:
             detail = r.error if r.error else (r.output or "")
             if r.registration_suspect:
                 detail += "  (registration suspect: check it)"
+            if r.turned_start:
+                detail += (f"  (registered from a start turned {r.turned_start}: check both images' headers; a "
+                           "flipped slice order gives a mirror image no rotation undoes)")
             if r.note:  # why an existing output was redone
                 detail += f"  ({r.note})"
             lines.append(f"{r.subject:<{w}}  {status:<9} {r.seconds:>8.1f}  {detail}")
@@ -341,7 +360,7 @@ def _gist(text: str) -> str:
 
 # ----------------------------------------------------------------------------- manifest
 #: What a manifest row (or a YAML manifest's ``defaults``) may hold besides its ``moving*`` columns.
-_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series", "modalities")
+_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series", "modalities", "note")
 
 
 def _display_path(value: Any) -> str:
@@ -446,11 +465,14 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
             moving += [x for x in str(v).split(";") if x.strip()]
     # An unpaired subject (no PET found, say) fails alone when the batch runs; the others go on.
     problem = None
+    # A note (write_manifest's: why discovery left the cells empty) is for the reader; the run only repeats it.
+    note = str(d.get("note") or "").strip()
+    why = f" ({note})" if note else ""
     if not d.get("fixed") or not str(d["fixed"]).strip():
-        problem = f"manifest row {row}: unpaired: 'fixed' is empty. Fix: name the subject's reference image, " \
+        problem = f"manifest row {row}: unpaired: 'fixed' is empty{why}. Fix: name the subject's reference image, " \
                   "or drop the row."
     elif not moving:
-        problem = f"manifest row {row}: unpaired: 'moving' is empty. Fix: name at least one moving image, " \
+        problem = f"manifest row {row}: unpaired: 'moving' is empty{why}. Fix: name at least one moving image, " \
                   "or drop the row."
 
     def joined(p: str) -> str:
@@ -766,6 +788,12 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
 
     shown = _display_path
 
+    def same_name(path: str) -> str:
+        # As macOS and Windows compare names: without letter case, and (macOS) without Unicode normalisation:
+        # "Café" typed (NFC, one code point for é) and "Café" as macOS's Finder stores it (NFD, e + accent) are
+        # one file there, two elsewhere.
+        return case_key(unicodedata.normalize("NFC", path))
+
     def refuse(i: int, j: Optional[int], problem: str, fix: str) -> None:
         """Refuse rows ``j`` and ``i`` (``j`` None: row ``i`` alone)."""
         from .provenance import patient_identifiers, scrub
@@ -790,8 +818,8 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     sidecars: Dict[str, Tuple[int, str]] = {}
     for i, s in enumerate(subjects):
         key, full = shown(s.output), real(s.output)
-        if case_key(full) in outputs:
-            j, other = outputs[case_key(full)]
+        if same_name(full) in outputs:
+            j, other = outputs[same_name(full)]
             if text(subjects[j].output) == text(s.output):
                 refuse(i, j, f"output {key!r} appears twice in {where}", "give every subject its own output")
             if other == key:  # two spellings of one path (out/x.nii.gz, out/../out/x.nii.gz)
@@ -800,16 +828,20 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
                 refuse(i, j, f"outputs {other!r} and {key!r} are one file ({full!r})",
                        "give every subject its own output")
             # Outputs differing only in case are one file on Windows and macOS (case-insensitive file systems):
-            # one subject's output would silently replace the other's, and the report call both done.
-            refuse(i, j, f"outputs {other!r} and {key!r} differ only in letter case: on Windows and macOS they "
-                         "are one file",
+            # one subject's output would silently replace the other's, and the report call both done. So are
+            # outputs differing only in Unicode normalisation on macOS.
+            case = unicodedata.normalize("NFC", other) != unicodedata.normalize("NFC", key)
+            how = "letter case" if case else "how their accented letters are stored (Unicode NFC or NFD: they look " \
+                                             "the same)"
+            refuse(i, j, f"outputs {other!r} and {key!r} differ only in {how}: on "
+                         f"{'Windows and macOS' if case else 'macOS'} they are one file",
                    # Found in a dataset folder, the outputs are named after the subject folders.
-                   "rename one of the two subject folders so that the names differ in more than case, or write a "
+                   "rename one of the two subject folders so that the names differ in more than that, or write a "
                    "manifest (medfuse batch DATASET --write-manifest) and give them distinct outputs there"
                    if s.folder and subjects[j].folder else
-                   "give every subject an output whose name differs in more than case")
-        outputs[case_key(full)] = (i, key)
-        side = case_key(os.fspath(sidecar_path(full)))
+                   "give every subject an output whose name differs in more than that")
+        outputs[same_name(full)] = (i, key)
+        side = same_name(os.fspath(sidecar_path(full)))
         if side in sidecars:
             j, other = sidecars[side]
             refuse(i, j, f"outputs {other!r} and {key!r} share one provenance sidecar "
@@ -828,7 +860,7 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
     for i, s in enumerate(subjects):
         for x in (s.fixed, *s.moving):
             if x:
-                inputs.setdefault(case_key(real(x)), []).append((i, shown(x)))
+                inputs.setdefault(same_name(real(x)), []).append((i, shown(x)))
     for what, taken in (("output", outputs), ("the sidecar of output", sidecars)):
         for key, (j, out) in taken.items():
             # The file itself, or a folder holding it (a DICOM input folder).
@@ -851,12 +883,15 @@ def _check_unique(subjects: Sequence["Subject"], path: Optional[Path] = None, fi
 _DISCOVER_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr")
 #: Files that are neither an image nor DICOM (notes, BIDS sidecars, snapshots, data halves).
 _NOT_DICOM = (".json", ".txt", ".csv", ".tsv", ".md", ".pdf", ".xml", ".log", ".png", ".jpg", ".jpeg", ".bval",
-              ".bvec", ".img", ".raw", ".zip", ".py", ".html", ".doc", ".docx", ".xls", ".xlsx", ".yaml", ".yml")
+              ".bvec", ".img", ".raw", ".zip", ".py", ".html", ".doc", ".docx", ".xls", ".xlsx", ".yaml", ".yml",
+              ".tfm")  # ITK transforms (keep_registered writes them among the outputs)
 _JUNK = ("__macosx", "thumbs.db", "desktop.ini")
 #: Folders of a dataset that hold no subject (BIDS: derivatives, sourcedata, code).
 _NOT_SUBJECTS = ("derivatives", "sourcedata", "code")
-#: Words in a file name that tell its modality (BIDS suffixes included: ``_T1w``, ``_pet``).
-_NAME_WORDS = {"MR": ("mr", "mri", "t1", "t1w", "t2", "t2w", "flair", "mprage"), "CT": ("ct",),
+#: Words in a file name that tell its modality (BIDS suffixes included: ``_T1w``, ``_pet``; BraTS 2021/2023's
+#: ``t1n``, ``t1c``, ``t2f`` and the older ``t1ce``/``t1gd``: ``BraTS-GLI-00001-000-t1n.nii.gz``).
+_NAME_WORDS = {"MR": ("mr", "mri", "t1", "t1w", "t2", "t2w", "flair", "mprage", "t1n", "t1c", "t1ce", "t1gd", "t2f"),
+               "CT": ("ct",),
                "PT": ("pet", "pt", "fdg"), "NM": ("spect", "nm")}
 _KIND_NAMES = {"MR": "MR", "CT": "CT", "PT": "PET", "NM": "SPECT"}
 
@@ -964,10 +999,19 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
     unreadable: List[str] = []
     images, maybe_dicom = _walk(root, unreadable)
     found: Dict[str, List[Path]] = {k: [] for k in _NAME_WORDS}
+    # How each candidate is named in messages, by kind as in found: its path, and for a DICOM series its
+    # SeriesNumber and image count too (:func:`_candidates`).
+    named: Dict[str, List[Tuple[str, str]]] = {k: [] for k in _NAME_WORDS}
     unknown: List[Path] = []
+
+    def rel(p: Path) -> str:
+        return os.fspath(p.relative_to(root)) if p != root and root in p.parents else (p.name or os.fspath(p))
+
     for f in images:
         kind = _modality_from_name(f.name)
         (found[kind] if kind else unknown).append(f)
+        if kind:
+            named[kind].append((rel(f), rel(f)))
     shared: Dict[str, List[str]] = {}
     if maybe_dicom:
         from .io import scan
@@ -982,12 +1026,11 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
             shared.setdefault(os.fspath(path), []).append(_KIND_NAMES.get(kind, kind or "?"))
             if kind in found:
                 found[kind].append(path)
-
-    def rel(p: Path) -> str:
-        return os.fspath(p.relative_to(root)) if p != root and root in p.parents else (p.name or os.fspath(p))
+                named[kind].append((rel(path), f"{rel(path)} series {info.series_number or '(no number)'} "
+                                                f"({info.n_files} image{'s' if info.n_files != 1 else ''})"))
 
     def listing() -> str:
-        parts = [f"{_KIND_NAMES[k]} {', '.join(rel(p) for p in v)}" for k, v in found.items() if v]
+        parts = [f"{_KIND_NAMES[k]} {_candidates(named[k])}" for k, v in found.items() if v]
         if unknown:
             parts.append(f"unknown modality {', '.join(rel(p) for p in unknown)}")
         if unreadable:
@@ -1007,7 +1050,7 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
     for kind in chosen:
         if len(found[kind]) > 1:
             raise _ambiguous(root, f"ambiguous: {len(found[kind])} {_KIND_NAMES[kind]} candidates "
-                                   f"({', '.join(rel(p) for p in found[kind])})",
+                                   f"({_candidates(named[kind])})",
                              f"move the ones not to fuse out of the subject's folder, or {_MANIFEST_FIX}")
     fixed, moving, series = os.fspath(found[anatomy][0]), [os.fspath(found[k][0]) for k in functional], None
     if any(len(shared.get(os.fspath(found[k][0]), [])) > 1 for k in chosen):
@@ -1021,6 +1064,14 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
         # (two of a kind were refused above as ambiguous).
         series = [k if len(shared.get(os.fspath(found[k][0]), [])) > 1 else "-" for k in chosen]
     return (fixed, moving, series) if with_series else (fixed, moving)
+
+
+def _candidates(named: Sequence[Tuple[str, str]]) -> str:
+    """Candidates of one kind as a message lists them: each by its path, or, where several share a path (DICOM series
+    side by side in one folder, which were listed as "export, export"), by its SeriesNumber and image count too
+    (never its SeriesDescription, which may hold patient data)."""
+    paths = [plain for plain, _ in named]
+    return ", ".join(plain if paths.count(plain) == 1 else detailed for plain, detailed in named)
 
 
 def _dataset_out_dir(dataset: Path, out_dir: Optional[PathLike]) -> Path:
@@ -1202,22 +1253,29 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     w = csv.writer(buf, lineterminator="\n")
     rows = []
     for s in discover(root, out_dir=out):
+        note = ""
         try:
             fixed, moving, series = discover_subject(s.folder, with_series=True)
-        except InvalidInputError:
-            fixed, moving, series = "", [], None
+        except InvalidInputError as e:
+            # Why the cells are empty (unpaired: what was found; ambiguous: the candidates), which the row
+            # otherwise did not say; paths inside the subject's folder, as the run's error gives them.
+            fixed, moving, series, note = "", [], None, _scrubbed(e.problem, [s.folder])
+            note = os.fsencode(note).decode("utf-8", "backslashreplace")  # a name that is not UTF-8, shown
         with warnings.catch_warnings():  # the run says them; here the files are only read for their modality
             warnings.simplefilter("ignore", MedfuseWarning)
             codes = _name_modalities([fixed, *moving]) if fixed else None
         rows.append([s.subject, _manifest_text(fixed), ";".join(_manifest_text(m) for m in moving),
-                     _manifest_text(s.output), ";".join(series or []), " ".join(codes or [])])
+                     _manifest_text(s.output), ";".join(series or []), " ".join(codes or []), note])
     # Each column only when some subject needs it: series for several series in a folder, modalities for files
-    # that state none (what the run takes from their names; '-': a DICOM series' own Modality).
+    # that state none (what the run takes from their names; '-': a DICOM series' own Modality), note for a subject
+    # discovery could not pair (the manifest reader ignores it, and repeats it in the row's error).
     cols = [c for c, k in (("series", 4), ("modalities", 5)) if any(r[k] for r in rows)]
     extra = {k: v for k, v in (("register", register), ("method", method)) if v}
-    w.writerow(["subject", "fixed", "moving", "output"] + cols + list(extra))
+    notes = ["note"] if any(r[6] for r in rows) else []
+    w.writerow(["subject", "fixed", "moving", "output"] + cols + list(extra) + notes)
     for r in rows:
-        w.writerow(r[:4] + [r[{"series": 4, "modalities": 5}[c]] for c in cols] + list(extra.values()))
+        w.writerow(r[:4] + [r[{"series": 4, "modalities": 5}[c]] for c in cols] + list(extra.values())
+                   + [r[6] for _ in notes])
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1338,6 +1396,53 @@ def _unregistered_as_recorded(params: Dict[str, Any], rec: Any) -> Dict[str, Any
     return params
 
 
+def _suv_as_recorded(params: Dict[str, Any], rec: Any, inputs: Sequence[str]) -> Dict[str, Any]:
+    """``params`` to compare with the sidecar ``rec``'s: when no input can be read otherwise for another ``suv``
+    (:func:`_suv_can_apply`), the load step's ``suv`` is taken as recorded.
+
+    Why: a ``--suv`` change redid every subject ("parameters changed (load)"), those of MR + NIfTI PET without a
+    PET-BIDS sidecar too, whose volumes ``suv`` does not change. Compared here, not left out of the record, as
+    :func:`_unregistered_as_recorded` does for threads; the record's inputs must be these very files (their hashes),
+    else the output is redone anyway.
+    """
+    recorded = rec.get("parameters") if isinstance(rec, Mapping) else None
+    ours = params.get("load")
+    theirs = recorded.get("load") if isinstance(recorded, Mapping) else None
+    if not (isinstance(ours, Mapping) and isinstance(theirs, Mapping) and "suv" in theirs
+            and ours.get("suv") != theirs.get("suv")):
+        return params
+    facts = rec.get("inputs")
+    if not isinstance(facts, list) or len(facts) != len(inputs) or any(_suv_can_apply(p, f)
+                                                                          for p, f in zip(inputs, facts)):
+        return params
+    return {**params, "load": {**ours, "suv": theirs["suv"]}}
+
+
+def _suv_can_apply(path: str, facts: Any) -> bool:
+    """Whether ``suv`` may change how the input ``path`` loads; True when unsure (a wrong "up to date" is worse than
+    a redo).
+
+    Args:
+        path: the input (a file or DICOM folder).
+        facts: what its output's sidecar recorded about it as loaded (modality, unit, SUV facts).
+
+    A NIfTI/MetaImage/NRRD file: only with a PET-BIDS sidecar beside it holding SUV fields (``pet_bids.SUV_FIELDS``;
+    one that cannot be read counts). A DICOM input: unless it loaded as an MR or CT with no SUV fact and a unit no
+    PET has.
+    """
+    from .io.pet_bids import SUV_FIELDS, load_json, sidecar_path
+    from .pipeline import _is_plain_file
+
+    if not isinstance(facts, Mapping):
+        return True
+    if _is_plain_file(path):  # as the load step tells a file from DICOM
+        meta, why = load_json(sidecar_path(Path(path)))
+        return why is not None or (isinstance(meta, dict) and any(k in meta for k in SUV_FIELDS))
+    unit = str(facts.get("unit") or "")
+    return (facts.get("modality") not in ("MR", "CT") or any(k.startswith("suv") for k in facts)
+            or unit.upper().startswith("SUV") or unit in ("Bq/mL", "counts", "CNTS"))
+
+
 def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
     """Fill a result's columns from the output's provenance (what the run that made it recorded)."""
     if not isinstance(rec, Mapping):
@@ -1347,8 +1452,22 @@ def _from_sidecar(res: SubjectResult, rec: Optional[Mapping[str, Any]]) -> None:
     ran = [r for r in (regs if isinstance(regs, list) else []) if isinstance(r, Mapping)]  # None: not registered
     # False, not empty, for a registration that looked fine: an empty cell read as "not registered".
     res.registration_suspect = any(bool(r.get("suspect")) for r in ran) if ran else None
+    # What the registration module returned, as it returned it (the largest of several registrations).
+    for attr in ("rotation_deg", "translation_mm"):
+        got = [float(r[attr]) for r in ran if isinstance(r.get(attr), (int, float))]
+        setattr(res, attr, round(max(got), 2) if got else None)
+    turns = [_turn(r.get("initialisation")) for r in ran]
+    res.turned_start = (";".join(t for t in turns if t) or False) if ran else None
     res.finished_utc = rec.get("created_utc")
     res.medfuse_version = (rec.get("versions") or {}).get("medfuse")
+
+
+def _turn(initialisation: Any) -> Optional[str]:
+    """The turn of a registration's winning start from its report's ``initialisation`` (``"turned 180y+world>world"``
+    gives ``"180y"``); None for an unturned start."""
+    if not isinstance(initialisation, str) or not initialisation.startswith("turned "):
+        return None
+    return initialisation[len("turned "):].split("+", 1)[0].strip() or "turned"
 
 
 def _folder_error(e: OSError, folder: Path, problem: str, *, fix: str) -> OutputWriteError:
@@ -1560,13 +1679,23 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         # As fuse_files records them (pipeline_parameters takes no modalities).
         params = Pipeline(**kw, series=series, modalities=modalities).parameters()
         overwrite = bool(options.get("overwrite"))
+        keep = bool(options.get("keep_registered"))
         out = Path(s.output)
         if out.exists():
             rec = read_sidecar(out)
-            params = _unregistered_as_recorded(params, rec)
+            params = _suv_as_recorded(_unregistered_as_recorded(params, rec), rec, inputs)
             if is_up_to_date(out, input_paths=inputs, parameters=params, expect=expect):
-                res.status = "skipped"
+                stale = _registered_stale(out, rec, inputs) if keep else None
                 _from_sidecar(res, rec)
+                if not stale:
+                    res.status = "skipped"
+                    res.registered_outputs = _registered_cell(out, rec) if keep else None
+                    return inputs
+                # The fused output is current and stays as it is; only the registered images are made again.
+                pipe = Pipeline(**kw, series=series, modalities=modalities)
+                made, kept = _run_keeping(pipe, inputs, None, overwrite=False, cancel=cancel)
+                res.registered_outputs = _write_registered(out, inputs, made, kept, overwrite=overwrite)
+                res.status, res.note = "done", f"registered images written ({stale}); the fused output was up to date"
                 return inputs
             if not overwrite:
                 # Our own stale output is redone; anything else only with overwrite.
@@ -1574,8 +1703,12 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
                 overwrite = True
         _make_output_folder(out)
         try:
-            made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series,
-                              modalities=modalities, **kw)
+            if keep:
+                made, kept = _run_keeping(Pipeline(**kw, series=series, modalities=modalities), inputs, out,
+                                          overwrite=overwrite, cancel=cancel)
+            else:
+                made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series,
+                                  modalities=modalities, **kw)
         except OutputExistsError:
             # Another batch (another manifest naming the same outputs) wrote it meanwhile: an output its sidecar
             # shows current is this subject done, not a failure telling the user to --overwrite a valid result.
@@ -1587,6 +1720,8 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
             res.note = "written meanwhile by another run; its sidecar shows it up to date"
             _from_sidecar(res, rec)
             return inputs
+        if keep:
+            res.registered_outputs = _write_registered(out, inputs, made, kept, overwrite=overwrite)
         res.status = "done"
         _from_sidecar(res, made.provenance)
     except MedfuseError as e:
@@ -1598,6 +1733,178 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
     if res.status != "done" and res.note and res.note.startswith("redone: "):
         res.note = _not_redone(res.note, Path(s.output))
     return inputs
+
+
+#: File-name words of the moving images kept on the fixed grid (``keep_registered``), by modality.
+_KEPT_WORDS = {"PT": "pet", "NM": "spect", "MR": "mr", "CT": "ct"}
+
+
+def registered_paths(output: PathLike, modalities: Sequence[Optional[str]]) -> List[Tuple[Path, Path]]:
+    """Where ``keep_registered`` (``--keep-registered``) writes a subject's moving images on the fixed grid and their
+    transforms: beside the fused output, named after it without its ending and a final ``_fused``
+    (``out/sub-01_fused.nii.gz`` gives ``out/sub-01_pet_registered.nii.gz`` and ``out/sub-01_pet.tfm``).
+
+    Args:
+        output: the subject's fused output.
+        modalities: each moving image's modality as loaded (``PT``, ``NM``, ``MR``, ``CT``; another or None:
+            ``moving``). Two moving images of one modality get their position among the moving images
+            (``sub-01_pet1_registered.nii.gz``, ``sub-01_pet2_registered.nii.gz``).
+
+    Returns:
+        ``(image, transform)`` per moving image; the transform file exists only where a registration ran.
+    """
+    out = Path(os.fspath(output))
+    base = out.name
+    for suf in _DISCOVER_SUFFIXES:
+        if base.lower().endswith(suf):
+            base = base[: -len(suf)]
+            break
+    base = base[: -len("_fused")] if base.endswith("_fused") and len(base) > len("_fused") else base
+    words = [_KEPT_WORDS.get(str(m).upper(), "moving") for m in modalities]
+    named = [w if words.count(w) == 1 else f"{w}{k + 1}" for k, w in enumerate(words)]
+    return [(out.with_name(f"{base}_{w}_registered.nii.gz"), out.with_name(f"{base}_{w}.tfm")) for w in named]
+
+
+def _check_kept_names(subjects: Sequence["Subject"]) -> None:
+    """``keep_registered``: no two subjects' kept images and transforms in one file, checked before any work.
+
+    The names come from the fused output without its ending and a final ``_fused`` (:func:`registered_paths`), so
+    ``out/a_fused.nii.gz`` and ``out/a.nii.gz`` would both keep ``out/a_pet_registered.nii.gz``: the second subject
+    then wrote over the first's (a medfuse file, so not refused), and each rerun found the other's stale.
+
+    Raises:
+        InvalidInputError: two subjects' outputs give one name, naming both subjects (identifiers blanked).
+    """
+    from .provenance import patient_identifiers, scrub
+
+    seen: Dict[str, "Subject"] = {}
+    for s in subjects:
+        kept = registered_paths(s.output, [None])[0][0]  # the modality word does not change a clash
+        stem = kept.name[: -len("_moving_registered.nii.gz")]
+        key = case_key(unicodedata.normalize("NFC", os.path.join(os.path.realpath(kept.parent), stem)))
+        if key in seen:
+            both = [seen[key], s]
+            ids = patient_identifiers([x for b in both for x in (b.fixed, *b.moving, b.folder)
+                                       if x and os.path.exists(x)])
+            raise InvalidInputError(scrub(f"subjects {both[0].subject!r} and {s.subject!r} would keep their "
+                                          f"registered images under one name ({stem}_<modality>_registered.nii.gz "
+                                          f"in {_display_path(kept.parent)}): their outputs differ only by a final "
+                                          "'_fused' or the ending", ids),
+                                    fix="give the two subjects' outputs names that differ in more than '_fused' or "
+                                        "the ending, or run without --keep-registered")
+        seen[key] = s
+
+
+class _KeepResampled:
+    """The pipeline's resample step, keeping the moving images it put on the fixed grid: in their own units (a PET
+    in SUV), before the normalise step scales them for the fusion. Its parameters are the step's own, so the
+    pipeline's recorded parameters (what reruns compare) are unchanged."""
+
+    def __init__(self, step: Any):
+        self.step, self.params, self.kept = step, getattr(step, "params", None), []
+
+    def __call__(self, state: Any) -> Any:
+        state = self.step(state)
+        self.kept = list(state.volumes[1:])
+        return state
+
+
+def _run_keeping(pipe: Any, inputs: Sequence[str], out: Optional[Path], *, overwrite: bool,
+                 cancel: Optional[CancelToken]) -> Tuple[Any, List[Any]]:
+    """Run ``pipe`` on ``inputs`` (writing ``out`` when given); returns its result and the moving images on the fixed
+    grid in their own units."""
+    keep = _KeepResampled(pipe.step("resample"))
+    made = pipe.replace("resample", keep).run(list(inputs), out, overwrite=overwrite, cancel=cancel)
+    return made, keep.kept
+
+
+def _registered_cell(out: Path, rec: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The report's ``registered_outputs`` cell from the fused output ``out``'s sidecar: the images and transforms
+    kept beside it."""
+    kept = rec.get("registered_outputs") if isinstance(rec, Mapping) else None
+    if not isinstance(kept, list):
+        return None
+    names = [k.get(key) for k in kept if isinstance(k, Mapping) for key in ("image", "transform")]
+    return ";".join(os.fspath(out.with_name(n)) for n in names if isinstance(n, str)) or None
+
+
+def _registered_stale(out: Path, rec: Optional[Mapping[str, Any]], inputs: Sequence[str]) -> Optional[str]:
+    """Why the moving images kept on the fixed grid (and their transforms) beside the current fused output ``out``
+    must be written again (``missing``, ``stale``); None when each is there and its sidecar verifies it as made with
+    this fused output, from these inputs, with its parameters."""
+    from .provenance import RESULTS_VERSION, hash_path, is_up_to_date, read_sidecar
+
+    recorded = rec.get("inputs") if isinstance(rec, Mapping) else None
+    if not isinstance(recorded, list) or len(recorded) != len(inputs) or not isinstance(rec.get("output"), Mapping):
+        return "missing"
+    modalities = [r.get("modality") if isinstance(r, Mapping) else None for r in recorded[1:]]
+    expect = {"fused_sha256": rec["output"].get("sha256"), "results_version": RESULTS_VERSION}
+    for i, (image, tfm) in enumerate(registered_paths(out, modalities)):
+        if not image.exists():
+            return "missing"
+        if not is_up_to_date(image, input_paths=[inputs[0], inputs[i + 1]], parameters=rec.get("parameters"),
+                             expect=expect):
+            return "stale"
+        made = read_sidecar(image) or {}
+        transform = made.get("transform")
+        if isinstance(transform, Mapping):
+            try:
+                if not tfm.is_file() or hash_path(tfm) != transform.get("sha256"):
+                    return "missing" if not tfm.exists() else "stale"
+            except MedfuseError:
+                return "stale"
+    return None
+
+
+def _write_registered(out: Path, inputs: Sequence[str], made: Any, kept: Sequence[Any], *,
+                      overwrite: bool) -> Optional[str]:
+    """Write the moving images ``kept`` on the fixed grid and their transforms beside the fused output ``out``, each
+    image with a sidecar tying it to that output, and list them in the output's sidecar.
+
+    Returns:
+        The report's ``registered_outputs`` cell.
+
+    Raises:
+        OutputExistsError: a file at one of their paths is not medfuse's (no medfuse sidecar), without
+            ``overwrite``; or one is an input.
+    """
+    from .io import save
+    from .io.writers import check_save_target
+    from .provenance import build, hash_path, is_medfuse_record, read_sidecar, write_sidecar
+
+    fused = read_sidecar(out) or {}
+    fused_sha = (fused.get("output") or {}).get("sha256")
+    listed = []
+    paths = registered_paths(out, [v.modality for v in kept])
+    for i, ((image, tfm), vol) in enumerate(zip(paths, kept)):
+        pair = [inputs[0], inputs[i + 1]]
+        transform = made.transforms[i] if i < len(made.transforms) else None
+        ours = is_medfuse_record(read_sidecar(image))
+        for target in (image, tfm if transform is not None else None):
+            if target is not None and (target.exists() or target.is_symlink()) and not ours and not overwrite:
+                raise OutputExistsError("a file is where a registered image or transform goes, and no medfuse "
+                                        "sidecar verifies it", fix="rerun with --overwrite (overwrite=True) to "
+                                        "replace it, or move it away", path=_display_path(target))
+        check_save_target(image, overwrite=True, inputs=pair)  # never onto an input
+        facts = [{"role": role, "path": p, "sha256": hash_path(p)} for role, p in zip(("fixed", "moving"), pair)]
+        reg = made.registrations[i] if i < len(made.registrations) else None
+        base = dict(inputs=facts, output=image, parameters=fused.get("parameters"),
+                    registration=[reg] if reg is not None else None)
+        extra: Dict[str, Any] = {"fused_sha256": fused_sha, "fused_output": out.name}
+        # The sidecar first: a run killed before the image is complete leaves medfuse's own, unverified file (made
+        # again on the next run), not one that only --overwrite may replace.
+        write_sidecar(image, build(**base, extra=extra), input_paths=pair)
+        save(vol, image, overwrite=True)
+        if transform is not None:  # as medfuse register writes it: fixed -> moving points, ITK
+            transform.save(tfm, overwrite=True, inputs=pair)
+            extra["transform"] = {"path": tfm.name, "sha256": hash_path(tfm)}
+        write_sidecar(image, build(**base, output_sha256=hash_path(image), extra=extra), input_paths=pair)
+        listed.append({"moving": pair[1], "image": image.name,
+                       "transform": tfm.name if transform is not None else None})
+    if fused:  # the fused output's sidecar names them (its own hash and parameters are unchanged)
+        write_sidecar(out, {**fused, "registered_outputs": listed}, input_paths=inputs)
+    return ";".join(os.fspath(p) for (image, tfm), k in zip(paths, listed)
+                    for p in (image, tfm if k["transform"] else None) if p is not None) or None
 
 
 def _not_redone(note: str, out: Path) -> str:
@@ -1777,7 +2084,8 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
 
     # Paths as messages quote them: the report showed a manifest's ../out/s.nii.gz as /d/ds/../out/s.nii.gz.
     res = replace(res, output=_normal_path(res.output),
-                  inputs=";".join(_normal_path(x) for x in res.inputs.split(";")) if res.inputs else res.inputs)
+                  **{a: ";".join(_normal_path(x) for x in getattr(res, a).split(";")) if getattr(res, a) else
+                     getattr(res, a) for a in ("inputs", "registered_outputs")})
     if res.warnings:  # with several threads a worker, a warning might land on another subject's row: every id
         res = replace(res, warnings=scrub(res.warnings, [i for _, found in known.values() for i in found]))
     row, ids = known.get(res.subject, (0, []))
@@ -1787,7 +2095,8 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
     if subject != res.subject:
         subject = f"{subject} #{row}"
     return replace(res, subject=subject, **{a: scrub(getattr(res, a), ids)
-                                            for a in ("output", "error", "inputs", "note") if getattr(res, a)})
+                                            for a in ("output", "error", "inputs", "note", "registered_outputs")
+                                            if getattr(res, a)})
 
 
 def _is_batch_report(path: Path) -> bool:
@@ -1859,6 +2168,8 @@ def _check_report_folder(path: Path, subjects: Sequence[Subject]) -> None:
 
 
 _COLUMNS = [f.name for f in fields(SubjectResult)]
+#: The columns that a JSON report holds as lists (a CSV report as ``;``-joined text).
+_LIST_COLUMNS = ("inputs", "registered_outputs")
 
 
 def _report_text(path: Path) -> str:
@@ -1898,6 +2209,9 @@ def _row_text(row: Any, json_format: bool) -> str:
     values = {c: getattr(row, c) for c in _COLUMNS} if isinstance(row, SubjectResult) else \
         {c: row.get(c) for c in _COLUMNS}
     if json_format:
+        for c in _LIST_COLUMNS:  # lists in JSON (a row an earlier medfuse wrote holds the ';'-joined text)
+            if isinstance(values[c], str):
+                values[c] = values[c].split(";") if values[c] else []
         return "\n".join("  " + line for line in json.dumps(values, indent=2).split("\n"))
     import io
 
@@ -2307,7 +2621,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
               device: str = "cpu", fallback: Optional[str] = None, overwrite: bool = False,
               report: Optional[PathLike] = None, progress: bool = False,
               cancel: Optional[CancelToken] = None, out_dir: Optional[PathLike] = None,
-              suv: Optional[str] = None) -> BatchSummary:
+              suv: Optional[str] = None, keep_registered: bool = False) -> BatchSummary:
     """Fuse every subject of a manifest (or of a dataset folder) in parallel and write a report.
 
     Args:
@@ -2334,6 +2648,9 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
         cancel: stop submitting/waiting; unfinished subjects are reported as cancelled.
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
         suv: how DICOM PET inputs are read, as :func:`medfuse.fuse_files` takes it (``None``: SUVbw).
+        keep_registered: also write, beside each fused output, every moving image on the fixed grid in its own
+            unit (a PET in SUV) and its transform (see :func:`registered_paths`); they take part in the up-to-date
+            checks and are listed in the report's ``registered_outputs`` and the fused output's sidecar.
 
     Returns:
         :class:`BatchSummary`. Failures are in it, not raised.
@@ -2367,6 +2684,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
 
         _check_suv(suv)
     check_callbacks(cancel=cancel)
+    if keep_registered:
+        _check_kept_names(subjects)
     _check_report_path(report_path, subjects)
     if report is not None and not (isinstance(report, str) and report == ""):  # a default's folder is made, as always
         _check_report_folder(report_path, subjects)
@@ -2396,7 +2715,8 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
 
         # pseudonym_key: one for the whole run, held in memory only (its repr hides it; see using_key).
         options = dict(register=register, method=method, device=device, fallback=fallback, threads=threads,
-                       overwrite=overwrite, suv=suv, pseudonym_key=current_key())
+                       overwrite=overwrite, suv=suv, pseudonym_key=current_key(),
+                       keep_registered=bool(keep_registered))
         results: Dict[str, SubjectResult] = {}
         report_errors: List[BaseException] = []
         cancelled = False

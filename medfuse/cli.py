@@ -235,6 +235,9 @@ _CLI_ADVICE = (
     # Advice written for both faces: the option alone.
     (" (CLI: --overwrite)", ""),
     ("report= (--report)", "--report"),
+    ("give body= for one PET only: load each PET with its own body= (medfuse.load(path, body=...)) and pass the "
+     "Volumes, or leave it out",
+     "leave them out with two DICOM PETs (each then uses its own header), or give them with one PET input only"),
     ("a moving -> fixed transform needs .inverse() first",
      "a moving -> fixed transform must be inverted first: python -c \"import medfuse; "
      "medfuse.load_transform('T.tfm').inverse().save('T_inverse.tfm')\""),
@@ -245,7 +248,7 @@ def _cli_words(text: str) -> str:
     """``text`` (a fix, or a whole one-line message) with Python advice put as the command line's."""
     from .errors import reworded
 
-    text = reworded(text, _CLI_ADVICE)
+    text = _body_words(reworded(text, _CLI_ADVICE))
     # Options the command line does not have: "load it with suv='none'" (it loads an SUV it cannot compute as
     # stored, Bq/mL, with a warning already) and whole_series=True (it reads a folder whole) are left out.
     text = re.sub(r"[,;]? or load(?: it)? with suv='none'(?: to keep (?:Bq/mL|the stored values))?", "", text)
@@ -255,6 +258,17 @@ def _cli_words(text: str) -> str:
     # evaluate's options under their Python names: val_fraction=0.2 is --val-fraction 0.2; min_content has none.
     text = text.replace("val_fraction=", "--val-fraction ").replace(", or lower min_content", "")
     return text.replace(" (or whole_series=True)", "")
+
+
+def _body_words(text: str) -> str:
+    """``body=`` (load's PET weight, height and sex) in ``text`` as the options that give it: "body= gave
+    weight_kg in place of ..." -> "--weight-kg given in place of ...", "body= was not used" -> "--weight-kg,
+    --height-m and --sex were not used"."""
+    text = re.sub(r"\bbody= gave ([a-z_, ]+?) in place",
+                  lambda m: ", ".join("--" + k.strip().replace("_", "-") for k in m.group(1).split(",")) +
+                  " given in place", text)
+    text = text.replace("body= was not used: it gives", "--weight-kg, --height-m and --sex were not used: they give")
+    return text.replace("body= was not used", "--weight-kg, --height-m and --sex were not used")
 
 
 def _fusion_options(text: str) -> str:
@@ -705,6 +719,7 @@ def _info_error(e: BaseException, args: argparse.Namespace) -> Optional[str]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    _body_option(args)  # a bad --weight-kg or --height-m refused before any path is read, a folder listing too
     paths = list(args.path) if isinstance(args.path, (list, tuple)) else [args.path]
     if len(paths) == 1:
         args.path = paths[0]
@@ -836,7 +851,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
                 _print_blanked(args, f"for details: {', or '.join(hints)}")
                 return EXIT_OK
     try:
-        vols = load_volumes(p, series_uid=args.series, suv=args.suv or "auto")
+        vols = load_volumes(p, series_uid=args.series, suv=args.suv or "auto", body=_body_option(args))
     except MultipleSeriesError as e:
         raise _cli_error(e) from None
     vol = vols[0]
@@ -873,6 +888,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "pet_acquisition": _pet_acquisition(vol),
         "warnings": vol.provenance.get("warnings") or [],
     }
+    if _body_given(args):
+        facts["body"] = _body_given(args)
     shown.extend(str(w) for w in facts["warnings"] if str(w).strip())
     facts = _blank_listing(facts, args)
     if args.json:
@@ -887,7 +904,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
                        f"; unit {facts['suv_factor_unit']}" if facts["suv_factor_unit"] else
                        "; no unit (a ratio: the series stores SUV)" if facts["suv_factor"] is not None else "")
         # The unit after the source: "SUV factor   0.000409 = body weight / ..." is how consoles start the line.
-        print(f"  SUV factor   {_suv_factor_text(facts['suv_factor'])}{facts['suv_factor_source']}{factor_unit}")
+        print(f"  SUV factor   {_suv_factor_text(facts['suv_factor'])}{_body_words(facts['suv_factor_source'])}"
+              f"{factor_unit}")
     tracer = _tracer_text(facts["pet_acquisition"])
     if tracer:
         print(f"  tracer       {tracer}")
@@ -965,8 +983,8 @@ def _nuclide_text(name: Any) -> str:
 
 def _tracer_text(facts: Optional[Mapping[str, Any]]) -> str:
     """``info``'s tracer line: ``FDG (18F, half-life 109.8 min), 370.0 MBq injected, uptake 62 min,
-    decay-corrected to START``; what is unknown is left out ("" when nothing is known). No dates: the injection
-    and scan times are the patient's."""
+    decay-corrected to START, attenuation-corrected``; what is unknown is left out ("" when nothing is known).
+    No dates: the injection and scan times are the patient's."""
     if not facts:
         return ""
     inner = [_nuclide_text(facts["radionuclide"])] if facts.get("radionuclide") else []
@@ -983,6 +1001,11 @@ def _tracer_text(facts: Optional[Mapping[str, Any]]) -> str:
     corrected = str(facts.get("decay_correction") or "").strip().upper()
     if corrected:
         parts.append("not decay-corrected" if corrected == "NONE" else f"decay-corrected to {corrected}")
+    method = f" ({str(facts['attenuation_method']).strip()})" if facts.get("attenuation_method") else ""
+    if facts.get("attenuation_corrected") is True:
+        parts.append(f"attenuation-corrected{method}")
+    elif facts.get("attenuation_corrected") is False:
+        parts.append("NOT attenuation-corrected (its values are not quantitative)")
     return ", ".join(parts)
 
 
@@ -1076,7 +1099,6 @@ def _fmt_metric(value: Optional[float]) -> str:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from . import provenance as prov
-    from .io import load
     from .io._atomic import check_output
     from .io.writers import check_save_target
     from .registration.transforms import TRANSFORM_SUFFIXES
@@ -1123,8 +1145,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
     initial = _as_initial(init_path) if init_path else None
     _check_modalities_option(args, 2)
     _check_series_option(args, 2)
+    body = _body_option(args)
     picks = args.series or [None, None]
-    from .pipeline import _itk_threads
+    from .pipeline import _itk_threads, _load_with_body, _warn_body_unused
     from .registration import register
 
     # The readers' and the registration's MedfuseWarnings as every command shows them ("medfuse: warning: ..."),
@@ -1132,9 +1155,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         try:
-            fixed, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m,
-                                  suv=args.suv or "auto")
+            fixed, moving = (_load_with_body(p, body, series_uid=None if pick in (None, "-") else pick, modality=m,
+                                             suv=args.suv or "auto")
                              for p, pick, m in zip((args.fixed, args.moving), picks, args.modalities or [None, None]))
+            _warn_body_unused([fixed, moving], body)
             if getattr(args, "keep_identity", False):  # refused before the registration, not after it
                 from .pipeline import _refuse_other_patients
 
@@ -1143,7 +1167,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
             with _CancelOnSigint() as token, _Bar(f"register ({args.kind})", enabled=_bar_enabled(args)) as bar, \
                     _itk_threads(args.threads):
                 res = register(fixed, moving, kind=args.kind, metric=args.metric, progress=bar, cancel=token,
-                               initialise=args.initialise, initial_transform=initial)
+                               initialise=args.initialise, initial_transform=initial, fill=args.fill)
         finally:
             _show_warnings(caught, args)
     seconds = time.perf_counter() - t0
@@ -1212,7 +1236,7 @@ def _transform_chain(paths: Sequence[Any], *, inverse: bool = False):
 def _cmd_resample(args: argparse.Namespace) -> int:
     """``medfuse resample``: MOVING on REFERENCE's grid through saved transforms (a chain: each applied in turn)."""
     from . import provenance as prov
-    from .io import dicom_template, is_image_file, load, save
+    from .io import dicom_template, is_image_file, save
     from .io.writers import check_save_target
     from .registration import resample
 
@@ -1233,21 +1257,31 @@ def _cmd_resample(args: argparse.Namespace) -> int:
                                 fix="add --transform T.tfm, or leave out --inverse")
     # Read (and refused) before the images are loaded.
     chain = _transform_chain(chain_paths, inverse=args.inverse)
+    _check_transform_direction(args, args.reference, side="REFERENCE", onto="MOVING's")
+    grid_options = _grid_options(args)
+    body = _body_option(args)
     picks = args.series or [None, None]
+    from .pipeline import _load_with_body, _warn_body_unused
+
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         try:
-            reference, moving = (load(p, series_uid=None if pick in (None, "-") else pick, modality=m,
-                                      suv=args.suv or "auto")
+            reference, moving = (_load_with_body(p, body, series_uid=None if pick in (None, "-") else pick,
+                                                 modality=m, suv=args.suv or "auto")
                                  for p, pick, m in zip((args.reference, args.moving), picks,
                                                        args.modalities or [None, None]))
+            _warn_body_unused([reference, moving], body)
             if getattr(args, "keep_identity", False):
                 from .pipeline import _refuse_other_patients
 
                 _refuse_other_patients([reference, moving], warn_unknown=True)
-            moved = resample(moving, reference, transform=chain, interpolation=args.interpolation,
-                             default=args.fill)
+            grid = reference
+            if grid_options:
+                from .registration import common_grid
+
+                grid = common_grid([reference], **grid_options)
+            moved = resample(moving, grid, transform=chain, interpolation=args.interpolation, default=args.fill)
         finally:
             _show_warnings(caught, args)
     try:
@@ -1266,8 +1300,11 @@ def _cmd_resample(args: argparse.Namespace) -> int:
                   "fill": args.fill}
         if args.inverse:  # the files' transforms were inverted: the same files, the other direction
             params["inverse"] = True
+        params.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in grid_options.items()})
         if args.suv:  # asked: a PET that fell back to Bq/mL shows it beside the inputs' facts
             params["suv"] = args.suv
+        if _body_given(args):
+            params["body"] = _body_given(args)
         if args.modalities:
             params["modalities"] = list(args.modalities)
         if args.series:
@@ -1299,7 +1336,10 @@ def _cmd_resample(args: argparse.Namespace) -> int:
     through = (f"through {'the inverse of ' if args.inverse else ''}{len(chain_paths)} "
                f"transform{'s' if len(chain_paths) > 1 else ''}" if chain_paths
                else "as the scanners placed the two images")
-    _say(args, f"resampled onto the reference grid {through} ({how})")
+    onto = "the reference grid" if not grid_options else (
+        f"the reference's field of view on a {_coords(moved.spacing, 'mm')} {moved.orientation} grid "
+        f"({' x '.join(str(n) for n in moved.shape)} voxels)")
+    _say(args, f"resampled onto {onto} {through} ({how})")
     notes = _timepoint_notes(args, reference, moving)
     _say(args, f"wrote {out}\nwrote {side} (provenance)")
     if args.json:
@@ -1308,6 +1348,30 @@ def _cmd_resample(args: argparse.Namespace) -> int:
                            "interpolation": how, "seconds": seconds, "notes": notes,
                            "warnings": _warning_texts(caught, args)})
     return EXIT_OK
+
+
+def _grid_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``resample --spacing/--orientation`` as :func:`medfuse.registration.common_grid` takes them ({} when neither
+    was given), checked before any image is loaded."""
+    from .registration.resample import _grid_spacing, _orientation_direction
+
+    options: Dict[str, Any] = {}
+    if args.spacing is not None:
+        spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+        try:
+            _grid_spacing(spacing)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"--spacing: {e.problem}",
+                                    fix="give one voxel size in mm (isotropic, e.g. --spacing 1) or three "
+                                        "(e.g. --spacing 1 1 2)") from None
+        options["spacing"] = spacing
+    if args.orientation is not None:
+        try:
+            _orientation_direction(args.orientation)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"--orientation: {e.problem}", fix=e.fix) from None
+        options["orientation"] = args.orientation.strip().upper()
+    return options
 
 
 def _remove_written(outputs: "_Outputs") -> List[Path]:
@@ -1355,6 +1419,8 @@ def _write_registration(args: argparse.Namespace, res: Any, out: Path, tfm: Path
         params["modalities"] = list(args.modalities)
     if getattr(args, "suv", None):
         params["suv"] = args.suv
+    if _body_given(args):
+        params["body"] = _body_given(args)
     if args.series:
         from .io import series_choice_record
 
@@ -1493,6 +1559,54 @@ def _add_suv_option(p: argparse.ArgumentParser, default: str) -> None:
                         f"inputs ignore it. Default: {default}")
 
 
+def _add_body_options(p: argparse.ArgumentParser) -> None:
+    """``--weight-kg``, ``--height-m``, ``--sex``: a DICOM PET's body in place of its header's (load's ``body=``).
+    Not for batch: one body for a whole cohort would be wrong (batch reads each subject's from its headers)."""
+    from .io.suv import HEIGHT_RANGE_M, WEIGHT_RANGE_KG
+
+    other = "Other inputs ignore it; not recorded, only that it was given"
+    p.add_argument("--weight-kg", type=float, default=None, metavar="KG",
+                   help=f"DICOM PET only: the patient's weight in kg (e.g. 3.2; 0.6 for 600 g), replacing the "
+                        f"header's PatientWeight for SUV (a header without it, a weight entered wrongly, a child); "
+                        f"checked as the header's is: {WEIGHT_RANGE_KG[0]:g} to {WEIGHT_RANGE_KG[1]:g} kg. {other}")
+    p.add_argument("--height-m", type=float, default=None, metavar="M",
+                   help=f"DICOM PET only: the patient's height in metres (e.g. 0.52 for 52 cm), replacing the "
+                        f"header's PatientSize for SUV (--suv lbm, lbm_janma and bsa use it); checked as the "
+                        f"header's is: {HEIGHT_RANGE_M[0]:g} to {HEIGHT_RANGE_M[1]:g} m. {other}")
+    p.add_argument("--sex", type=str.upper, choices=("M", "F"), default=None,
+                   help=f"DICOM PET only: the patient's sex, replacing the header's PatientSex for SUV (--suv lbm "
+                        f"and lbm_janma use it). {other}")
+
+
+def _body_option(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The body ``--weight-kg``, ``--height-m`` and ``--sex`` give, as load's ``body=`` (only those given); None
+    when none is.
+
+    Raises:
+        InvalidInputError: a weight or height that is not a finite number within the plausible range, named by
+            its option (load's check names the dict key).
+    """
+    from .io.suv import check_body
+
+    body = {k: getattr(args, k) for k in ("weight_kg", "height_m", "sex") if getattr(args, k, None) is not None}
+    if not body:
+        return None
+    try:
+        check_body(body)
+    except InvalidInputError as e:
+        problem = re.sub(r"body\['(\w+)'\]", lambda m: "--" + m.group(1).replace("_", "-"), e.problem)
+        raise InvalidInputError(problem, fix="give --weight-kg in kilograms and --height-m in metres (e.g. "
+                                             "--weight-kg 3.2 --height-m 0.52), or leave them out to use the PET "
+                                             "header's") from None
+    return body
+
+
+def _body_given(args: argparse.Namespace) -> List[str]:
+    """Which of the body options were given, as the records keep them (``["weight_kg"]``): never their values,
+    which are the patient's (as fuse's sidecar drops the injected dose)."""
+    return [k for k in ("weight_kg", "height_m", "sex") if getattr(args, k, None) is not None]
+
+
 def _check_series_option(args: argparse.Namespace, n_inputs: int) -> None:
     if args.series is not None and len(args.series) != n_inputs:
         raise InvalidInputError(f"--series gives {len(args.series)} choices for {n_inputs} inputs",
@@ -1591,6 +1705,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     display = _display_options(args)
     _check_modalities_option(args, n_inputs)
     _check_series_option(args, n_inputs)
+    body = _body_option(args)
     if getattr(args, "keep_identity", False):  # in the option's own words, before the inputs are loaded
         from .pipeline import check_identity_kept
 
@@ -1603,7 +1718,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
                              method=args.method, device=args.device, overwrite=args.overwrite,
                              fallback=args.fallback, threads=args.threads, modalities=args.modalities,
                              series=args.series, weights=args.weights, progress=bar, cancel=token,
-                             deidentify=not getattr(args, "keep_identity", False), suv=args.suv, **display)
+                             deidentify=not getattr(args, "keep_identity", False), suv=args.suv, body=body,
+                             **display)
         except MedfuseError as e:
             raise _cli_error(e, _series_by_input(args)) from None
     _show_warnings(caught, args)
@@ -1695,8 +1811,7 @@ def _coords(values: Sequence[float], unit: str = "") -> str:
 
 def _cmd_measure(args: argparse.Namespace) -> int:
     """``medfuse measure``: the value at points (--at) and statistics within a mask (--mask)."""
-    from .io import load
-    from .measure import _index, mask_statistics, value_at, voxel_index
+    from .measure import _index, mask_statistics, region_statistics, value_at, voxel_index
 
     if not args.at and args.mask is None:
         raise InvalidInputError("nothing to measure: give a point, a mask or both",
@@ -1704,21 +1819,36 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     if args.label is not None and args.mask is None:
         raise InvalidInputError("--label picks a label of the --mask, and no --mask was given",
                                 fix="add --mask LABELS, or leave out --label")
+    if args.reference is not None and args.mask is None:
+        raise InvalidInputError("--reference picks a label of the --mask, and no --mask was given",
+                                fix="add --mask LABELS, or leave out --reference")
     if args.transform and args.mask is None:
         raise InvalidInputError("--transform carries the --mask onto the image, and no --mask was given",
                                 fix="add --mask MASK, or leave out --transform")
+    if args.inverse and not args.transform:
+        raise InvalidInputError("--inverse inverts the --transform files, and none was given",
+                                fix="add --transform T.tfm, or leave out --inverse")
     _check_threshold(args)
     inputs = [args.image] + ([args.mask] if args.mask is not None else [])
     _check_readable(*inputs, *(args.transform or []))
-    chain = _transform_chain(args.transform or [])
+    chain = _transform_chain(args.transform or [], inverse=args.inverse)
+    _check_transform_direction(args)
+    # One label and no reference: the single block (and JSON shape) measure has always given.
+    several = args.reference is not None or len(args.label or []) > 1
     picks = _measure_choices(args, "--series", len(inputs), "PT")
     modalities = _measure_choices(args, "--modalities", len(inputs), "PT")
     space = "voxel" if args.voxel else "ras" if args.ras else "lps"
+    body = _body_option(args)
+    from .pipeline import _load_with_body, _warn_body_unused
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MedfuseWarning)
         try:
-            image, *mask = (load(p, series_uid=pick, modality=m, suv=args.suv or "auto")
-                            for p, pick, m in zip(inputs, picks, modalities))
+            # The body is the measured PET's: the mask is loaded without it.
+            image, *mask = (_load_with_body(p, body if i == 0 else None, series_uid=pick, modality=m,
+                                            suv=args.suv or "auto")
+                            for i, (p, pick, m) in enumerate(zip(inputs, picks, modalities)))
+            _warn_body_unused([image], body)
             points = []
             for at in args.at or []:
                 value = value_at(image, at, space=space, interpolation=args.interpolation)
@@ -1728,13 +1858,15 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 lps = image.index_to_world(at) if args.voxel else [-at[0], -at[1], at[2]] if args.ras else at
                 points.append({"at": list(at), "space": space, "value": _number(value), "voxel": ijk,
                                "lps_mm": [round(float(c), 3) for c in lps]})
-            stats = mask_statistics(image, mask[0], label=args.label, threshold=args.threshold,
-                                    transform=chain) if mask else None
+            regions = region_statistics(image, mask[0], labels=args.label, reference=args.reference,
+                                        transform=chain) if mask and several else None
+            stats = mask_statistics(image, mask[0], label=args.label[0] if args.label else None,
+                                    threshold=args.threshold, transform=chain) if mask and not several else None
         finally:
             _show_warnings(caught, args)
     unit = image.unit
     if args.json:
-        _print_json(args, _measure_record(args, image, points, stats, caught))
+        _print_json(args, _measure_record(args, image, points, stats, caught, regions=regions))
         return EXIT_OK
     # One fact per line, each saying what it is and its unit: read aloud, a line stands on its own. Printed under
     # -q too: the figures are what the command is for.
@@ -1751,24 +1883,105 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             read = f"; at voxel {_coords(pt['voxel'])} (linear interpolation)" if space != "voxel" else \
                 " (linear interpolation)"
         _print_blanked(args, f"value {value} at {where}{read}")
+    how = "through the inverse of --transform" if args.inverse else "through --transform" if chain is not None \
+        else "as the scanners placed the two"
     if stats is not None:
-        which = ("non-zero voxels" if args.label is None else f"voxels of label {args.label}") \
+        which = ("non-zero voxels" if args.label is None else f"voxels of label {args.label[0]}") \
             if args.threshold is None else f"voxels at or above {args.threshold:g}"
-        how = "through --transform" if chain is not None else "as the scanners placed the two"
-        resampled = f"; put on the image's grid by nearest neighbour, {how}" if stats["mask_resampled"] else ""
-        u = _unit_words(stats["unit"])
-        _print_blanked(args, f"mask {args.mask}: {which}{resampled}")
-        _print_blanked(args, f"  voxels {stats['count']}")
-        _print_blanked(args, f"  volume {stats['volume_ml']:.4g} mL{_own_volume_text(stats)}")
-        for name in ("mean", "sd", "min"):
-            _print_blanked(args, f"  {name} {stats[name]:.6g} {u}")
-        tied = f" ({stats['max_voxels']} voxels share it; the first is shown)" if stats["max_voxels"] > 1 else ""
-        _print_blanked(args, f"  max {stats['max']:.6g} {u}, at {_coords(stats['max_at_lps_mm'], 'mm LPS')}{tied}")
-        _print_blanked(args, f"  peak {stats['peak']:.6g} {u} (hottest 1 mL sphere, {stats['peak_ml']:.3g} mL of "
-                             f"voxels on this grid, centred at {_coords(stats['peak_at_lps_mm'], 'mm LPS')})")
-        if stats["nonfinite"]:
-            _print_blanked(args, f"  left out: {stats['nonfinite']} voxels holding NaN or infinity")
+        _print_mask_figures(args, stats, which, how)
+    for lab, figs in (regions or {}).items():
+        role = " (the reference)" if lab == args.reference else ""
+        _print_mask_figures(args, figs, f"voxels of label {lab}{role}", how)
+        if args.reference is not None and lab != args.reference:
+            _print_blanked(args, f"  ratio to label {args.reference} {figs['ratio_to_reference']:.6g} (mean over "
+                                 "the reference's mean; SUVR when the image is a PET)")
     return EXIT_OK
+
+
+def _print_mask_figures(args: argparse.Namespace, stats: Mapping[str, Any], which: str, how: str) -> None:
+    """One region's figures, one fact per line (``how``: how the mask was put on the image's grid)."""
+    resampled = f"; put on the image's grid by nearest neighbour, {how}" if stats["mask_resampled"] else ""
+    u = _unit_words(stats["unit"])
+    _print_blanked(args, f"mask {args.mask}: {which}{resampled}")
+    _print_blanked(args, f"  voxels {stats['count']}")
+    _print_blanked(args, f"  volume {stats['volume_ml']:.4g} mL{_own_volume_text(stats)}")
+    for name in ("mean", "sd", "min"):
+        _print_blanked(args, f"  {name} {stats[name]:.6g} {u}")
+    tied = f" ({stats['max_voxels']} voxels share it; the first is shown)" if stats["max_voxels"] > 1 else ""
+    _print_blanked(args, f"  max {stats['max']:.6g} {u}, at {_coords(stats['max_at_lps_mm'], 'mm LPS')}{tied}")
+    _print_blanked(args, f"  peak {stats['peak']:.6g} {u} (hottest 1 mL sphere, {stats['peak_ml']:.3g} mL of "
+                         f"voxels on this grid, centred at {_coords(stats['peak_at_lps_mm'], 'mm LPS')})")
+    if stats["nonfinite"]:
+        _print_blanked(args, f"  left out: {stats['nonfinite']} voxels holding NaN or infinity")
+
+
+def _registration_inputs(tfm: Any) -> Optional[Dict[str, Any]]:
+    """The SHA-256 of the fixed and moving images (``{"fixed": ..., "moving": ...}``) that ``medfuse register``
+    recorded in the sidecar it wrote with the transform file ``tfm``; None where no such sidecar is found.
+
+    Looked for: the sidecar named after the transform (register's default ``OUT.tfm`` beside ``OUT.json``), then
+    the other JSON files of its folder (``--transform`` named apart from the output). A sidecar counts only where
+    the SHA-256 it records for the transform is the file's: a transform written since is not judged by it.
+    """
+    import json
+
+    from . import provenance as prov
+
+    tfm = Path(tfm)
+    try:
+        sha = prov.hash_path(tfm)
+        folder = sorted(tfm.parent.glob("*.json"))[:256]  # a batch folder: a bounded look, not a scan
+    except (MedfuseError, OSError):
+        return None
+    # register's OUT.json beside OUT.tfm, and batch --keep-registered's <name>_registered.json beside <name>.tfm.
+    named = [prov.sidecar_path(tfm), tfm.with_name(tfm.name[: -len(tfm.suffix)] + "_registered.json")]
+    for side in dict.fromkeys([*named, *folder]):
+        try:
+            if not side.is_file() or side.stat().st_size > (4 << 20):
+                continue
+            rec = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not prov.is_medfuse_record(rec) or not isinstance(rec.get("transform"), Mapping) \
+                or rec["transform"].get("sha256") != sha:
+            continue
+        roles = {i.get("role"): i.get("sha256") for i in rec.get("inputs") or [] if isinstance(i, Mapping)}
+        if roles.get("fixed") and roles.get("moving"):
+            return roles
+    return None
+
+
+def _check_transform_direction(args: argparse.Namespace, image: Any = None, *, side: str = "IMAGE",
+                               onto: str = "the mask's") -> None:
+    """Refuse ``measure --transform`` (``resample --transform``) in the direction that takes the wrong voxels,
+    where register's sidecar tells: the chain must take IMAGE's (REFERENCE's) points first, so that image is the
+    first file's FIXED image (with --inverse, the last file's MOVING image).
+
+    Why: ``register T1 PET --transform t.tfm`` then ``measure PET --mask labels_on_t1 --transform t.tfm`` (the
+    neuro-standard run) gave a region's mean 867.4 for a true 1057.3, an SUVR 0.84 for 1.014, without a word.
+
+    Raises:
+        InvalidInputError: that image is the registration's image on the other side.
+    """
+    if not args.transform:
+        return
+    tfm = args.transform[-1] if args.inverse else args.transform[0]
+    roles = _registration_inputs(tfm)
+    if roles is None:  # not written by medfuse register (or its sidecar is elsewhere): nothing to tell by
+        return
+    from .provenance import hash_path
+
+    digest = hash_path(args.image if image is None else image)
+    wrong, right = ("fixed", "moving") if args.inverse else ("moving", "fixed")
+    if digest == roles[wrong] and digest != roles[right]:
+        said = f"medfuse register wrote the transform with {side} as its {wrong.upper()} image (its sidecar says so)"
+        if args.inverse:
+            raise InvalidInputError(f"--inverse turns the transform the wrong way: {said}, so as written it already "
+                                    f"takes {side}'s points to {onto}", fix="leave out --inverse", path=tfm)
+        raise InvalidInputError(f"the transform maps the other way: {said}, and {args.command} needs one that "
+                                f"takes {side}'s points to {onto}",
+                                fix="add --inverse (as after 'medfuse register T1 PET' with the labels on the T1 "
+                                    "and the PET measured)" if side == "IMAGE" else "add --inverse", path=tfm)
 
 
 def _check_threshold(args: argparse.Namespace) -> None:
@@ -1780,8 +1993,9 @@ def _check_threshold(args: argparse.Namespace) -> None:
     if args.mask is None:
         raise InvalidInputError("--threshold selects the --mask's voxels at or above it, and no --mask was given",
                                 fix="add --mask MASK, or leave out --threshold")
-    if args.label is not None:
-        raise InvalidInputError("give --label or --threshold, not both: --label picks one value of a label map, "
+    if args.label is not None or args.reference is not None:
+        option = "--label" if args.label is not None else "--reference"
+        raise InvalidInputError(f"give {option} or --threshold, not both: {option} picks a value of a label map, "
                                 "--threshold a probability map's voxels at or above it",
                                 fix="leave out one of them")
     if not math.isfinite(args.threshold):
@@ -1802,9 +2016,13 @@ def _own_volume_text(stats: Mapping[str, Any]) -> str:
 
 
 def _measure_record(args: argparse.Namespace, image: Any, points: List[Dict[str, Any]],
-                    stats: Optional[Mapping[str, Any]], caught: Sequence[warnings.WarningMessage]) -> Dict[str, Any]:
+                    stats: Optional[Mapping[str, Any]], caught: Sequence[warnings.WarningMessage], *,
+                    regions: Optional[Mapping[int, Mapping[str, Any]]] = None) -> Dict[str, Any]:
     """``measure --json``: the figures and how they were made (the image's SHA-256, the SUV factor it was read
-    with, the mask's and transforms' SHA-256, the versions), as a sidecar records a command's inputs."""
+    with, the mask's and transforms' SHA-256, the versions), as a sidecar records a command's inputs.
+
+    ``regions`` (several --label, or --reference): ``mask`` holds ``regions``, one dict per label with its
+    ``ratio_to_reference``, and ``reference``, in place of one region's figures."""
     from .provenance import hash_path, versions
 
     record: Dict[str, Any] = {"command": "measure", "image": os.fspath(args.image),
@@ -1813,11 +2031,18 @@ def _measure_record(args: argparse.Namespace, image: Any, points: List[Dict[str,
         record.update(suv_factor=image.provenance.get("suv_factor"),
                       suv_factor_unit=_suv_factor_unit(image) or None,
                       suv_source=image.provenance.get("suv_source"))
+    if _body_given(args):
+        record["body"] = _body_given(args)
     record.update(interpolation=args.interpolation, points=points)
     if stats is not None:
         record["mask"] = {"path": os.fspath(args.mask), "sha256": hash_path(args.mask), **stats}
-        if args.transform:
-            record["transforms"] = [{"path": os.fspath(t), "sha256": hash_path(t)} for t in args.transform]
+    if regions is not None:
+        record["mask"] = {"path": os.fspath(args.mask), "sha256": hash_path(args.mask),
+                          "regions": list(regions.values()), "reference": args.reference}
+    if args.transform:
+        record["transforms"] = [{"path": os.fspath(t), "sha256": hash_path(t)} for t in args.transform]
+        if args.inverse:  # as resample's sidecar records it: only when the files were inverted
+            record["inverse"] = True
     record["versions"] = versions()
     record["warnings"] = _warning_texts(caught, args)
     return record
@@ -2038,7 +2263,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                             method=args.method, device=args.device, fallback=args.fallback,
                             overwrite=args.overwrite, report=args.report,
                             progress=_bar_enabled(args) is None and text_bar_allowed(),
-                            cancel=token, out_dir=args.out, suv=args.suv)
+                            cancel=token, out_dir=args.out, suv=args.suv,
+                            keep_registered=args.keep_registered)
     _show_warnings(caught, args)
     if not args.quiet:
         print(summary.table())
@@ -2346,6 +2572,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "listed (1, 2, ...), its modality (CT, MR, PT, NM) or its UID")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_suv_option(p, "auto")
+    _add_body_options(p)
     p.set_defaults(func=_cmd_info)
 
     p = add("resample", "put MOVING on REFERENCE's grid through saved transforms (no registration)",
@@ -2376,9 +2603,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels), or bspline (sharper, its overshoot clipped)")
     p.add_argument("--fill", type=float, default=None, metavar="V",
                    help="value outside MOVING (default: -1024 for a CT in HU, else 0)")
+    p.add_argument("--spacing", nargs="+", type=float, metavar="MM", default=None,
+                   help="put MOVING on REFERENCE's field of view at this voxel size instead of on REFERENCE's grid: "
+                        "one number (isotropic, e.g. --spacing 1) or three (mm along the output's i, j, k), as "
+                        "challenge datasets ask")
+    p.add_argument("--orientation", metavar="CODE", default=None,
+                   help="the axes of that grid: three letters naming where i, j and k point to (nibabel's "
+                        "convention), e.g. RAS (NIfTI tools, nnU-Net) or LPS (DICOM); an oblique REFERENCE is then "
+                        "covered by an axis-aligned box. Alone, the spacing is REFERENCE's finest, isotropic")
     _add_modalities_option(p, "a CT in HU is filled with air (-1024) outside its field of view")
     _add_series_option(p, "medfuse resample study/ study/ --series CT PT -o pet_on_ct.nii.gz")
     _add_suv_option(p, "auto")
+    _add_body_options(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
@@ -2403,10 +2639,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-transform", metavar="FILE", default=None,
                    help="start from this rigid/affine ITK transform (.tfm/.txt/.h5/.mat, FIXED -> MOVING points, as "
                         "medfuse, Slicer, ANTs write them); the written transform includes it")
+    p.add_argument("--fill", type=float, default=None, metavar="V",
+                   help="value outside MOVING's field of view in the output (default: -1024 for a CT in HU, else "
+                        "0); nan marks it as no data, which measure leaves out (a PET that covers only part of "
+                        "FIXED: a 0 there lowers regional means); a DICOM output cannot hold NaN and stores 0")
     _add_modalities_option(p, "it picks the registration preset, and a CT in HU is filled with air (-1024) "
                               "outside its field of view")
     _add_series_option(p, "medfuse register study/ study/ --series CT PT -o pet_on_ct.nii.gz")
     _add_suv_option(p, "auto")
+    _add_body_options(p)
     _add_threads_option(p)
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -2434,6 +2675,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "PET/SPECT uptake and CT bone bright")
     _add_series_option(p, "medfuse fuse study/ study/ --series CT PT -o fused.nii.gz")
     _add_suv_option(p, "SUVbw (a stored SUV of another kind converted to it where the header allows)")
+    _add_body_options(p)
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail)")
     p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=None,
@@ -2463,11 +2705,19 @@ def build_parser() -> argparse.ArgumentParser:
             "NIfTI tools; --voxel: voxel indices i j k from 0). The value is the nearest voxel's, as napari's\n"
             "cursor readout shows it, or trilinear with --interpolation linear. A point outside the image is\n"
             "refused with the image's extent. A mask on another grid is put on the image's by nearest\n"
-            "neighbour, as the scanners placed the two (register them first if they were not acquired together).\n\n"
+            "neighbour, as the scanners placed the two (register them first if they were not acquired together).\n"
+            "Several labels (--label 1 2 3) give one block each; --reference N adds each one's mean over label\n"
+            "N's (SUVR for a PET: e.g. cortex over cerebellum).\n\n"
+            "Labels on a T1 and the PET in its own space: 'medfuse register T1 PET -o pet_on_t1.nii.gz\n"
+            "--transform t.tfm' maps the T1's points to the PET's, the other way from what measure takes, so\n"
+            "give --inverse. Where register's sidecar lies beside the transform file, a wrong direction is\n"
+            "refused; without one, nothing can check it.\n\n"
             "examples:\n"
             "  medfuse measure sample_volumes/mr_t1.nii.gz --at 27 -14 24\n"
             "  medfuse measure sample_volumes/pet --at 32 37 32 --voxel --interpolation linear --json\n"
-            "  medfuse measure sample_volumes/pet --mask lesion.nii.gz")
+            "  medfuse measure sample_volumes/pet --mask lesion.nii.gz\n"
+            "  medfuse measure pet.nii.gz --mask labels_on_t1.nii.gz --label 1 2 --reference 3 --transform t.tfm "
+            "--inverse")
     p.add_argument("image", metavar="IMAGE", help="the image measured (file or DICOM folder)")
     p.add_argument("--at", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"), default=None,
                    help="a point, in mm LPS unless --ras or --voxel; repeat for several points")
@@ -2478,8 +2728,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest voxel (default, as napari's readout) or linear (trilinear between voxel centres)")
     p.add_argument("--mask", metavar="MASK", default=None,
                    help="a mask or label map (file or DICOM folder): statistics of the image's voxels it selects")
-    p.add_argument("--label", type=int, default=None, metavar="N",
-                   help="the label of a label map --mask to measure (default: every non-zero voxel)")
+    p.add_argument("--label", type=int, nargs="+", action="extend", default=None, metavar="N",
+                   help="the label(s) of a label map --mask to measure, one block of figures each (default: every "
+                        "non-zero voxel as one region; with --reference, every label)")
+    p.add_argument("--reference", type=int, default=None, metavar="N",
+                   help="a label of the --mask whose mean each --label's is divided by: the ratio to label N "
+                        "(SUVR when the image is a PET, e.g. N the cerebellum's or pons' label); its own figures "
+                        "are printed too")
     p.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="measure the --mask's voxels at or above T: for a probability map (values 0..1, e.g. "
                         "--threshold 0.5), which is refused without it; not with --label")
@@ -2487,6 +2742,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transform file(s) carrying --mask onto IMAGE: what 'medfuse register IMAGE MASK_IMAGE' "
                         "wrote (IMAGE side first for a chain, as resample takes them); default: none, the "
                         "scanners' placement (right within one session, wrong across sessions)")
+    p.add_argument("--inverse", action="store_true",
+                   help="apply the inverse of the --transform chain, as resample --inverse does: for 'medfuse "
+                        "register MASK_IMAGE IMAGE' (e.g. register T1 PET, labels on the T1, PET measured); "
+                        "refused where register's sidecar beside the transform shows the other direction (no "
+                        "sidecar found: not checked); rigid and affine only")
     p.add_argument("--series", nargs="+", metavar="S", default=None,
                    help="for DICOM folders holding several series: IMAGE's choice, then MASK's if it needs one: "
                         "the series' number as listed, its modality or its UID; '-' for an input that needs none")
@@ -2495,6 +2755,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--modalities PT; a CT NIfTI with values below -100 is then read in HU. A mask needs "
                         "none ('-' for not stated, e.g. --modalities PT -)")
     _add_suv_option(p, "auto")
+    _add_body_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of lines")
     p.set_defaults(func=_cmd_measure)
 
@@ -2512,8 +2773,9 @@ def build_parser() -> argparse.ArgumentParser:
             "weights; a failing subject is reported and never stops the others. Ends with a summary table and\n"
             "a report file; exit code 1 when any subject failed.\n\n"
             "A dataset folder (one folder per subject) is read without a manifest: each subject's MR (else CT)\n"
-            "is the fixed image and its PET/SPECT the moving ones, found by file names (mr, t1, T1w, ct, pet,\n"
-            "fdg, spect) and DICOM Modality; an unpaired or ambiguous subject fails alone. It needs an explicit\n"
+            "is the fixed image and its PET/SPECT the moving ones, found by file names (mr, t1, T1w, BraTS's\n"
+            "t1n/t1c/t2f, ct, pet, fdg, spect) and DICOM Modality; an unpaired or ambiguous subject fails alone.\n"
+            "It needs an explicit\n"
             "--register (rigid for images from different sessions, none when they are already aligned).\n"
             "--write-manifest writes what discovery found as a manifest to review and edit.\n\n"
             "manifest (CSV with a header, or YAML list / {defaults:, subjects:}):\n"
@@ -2553,6 +2815,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "study.yaml -> study.yaml-report.csv; dataset folder: batch-report.csv in --out)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo subjects whose outputs exist but are not verified by their sidecar")
+    p.add_argument("--keep-registered", action="store_true",
+                   help="also write each moving image on the fixed grid in its own unit (a PET in SUV) as "
+                        "SUBJECT_pet_registered.nii.gz and its transform as SUBJECT_pet.tfm (ITK, as medfuse "
+                        "register writes it; none without registration), beside the fused output")
     p.set_defaults(func=_cmd_batch)
 
     p = add("demo", "fuse the bundled sample MR + PET end to end",

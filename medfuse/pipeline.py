@@ -15,6 +15,7 @@ chain is a :class:`Pipeline` of named steps; any step can be replaced by any cal
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import warnings
@@ -201,6 +202,57 @@ def _is_plain_file(item: Any) -> bool:
         return False
 
 
+#: The start of :func:`medfuse.load`'s warning (and provenance note) that ``body=`` went unused by one input.
+_BODY_UNUSED = "body= was not used"
+
+
+def _load_with_body(item: Any, body: Optional[Mapping[str, Any]], **kw: Any) -> Volume:
+    """:func:`medfuse.load` of one input, with ``body`` given to it when it is a DICOM PET.
+
+    Several inputs share one body (the PET's), so the loader's own "body= was not used" for an MR or CT beside the
+    PET is left unsaid, and out of that input's provenance; :func:`_warn_body_unused` says it once when no input
+    used the body. A NIfTI/MetaImage/NRRD file is loaded without it (its SUV comes from its PET-BIDS sidecar).
+    """
+    from .io import load
+
+    if not body or _is_plain_file(item):
+        return load(item, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*" + re.escape(_BODY_UNUSED), category=MedfuseWarning)
+        vol = load(item, body=dict(body), **kw)
+    said = vol.provenance.get("warnings")
+    if said and not _body_used(vol):
+        vol.provenance["warnings"] = [w for w in said if _BODY_UNUSED not in str(w)]
+    return vol
+
+
+def _body_used(vol: Volume) -> bool:
+    """True when ``vol`` is a PET whose SUV factor was made with ``body=`` (its ``suv_source`` says so)."""
+    return "body= gave" in str(vol.provenance.get("suv_source") or "")
+
+
+def _warn_body_unused(vols: Sequence[Volume], body: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """Warn once, and return the message, when ``body`` was given and no volume's SUV used it (None otherwise).
+
+    Raises:
+        InvalidInputError: more than one input used it: a body is one patient's at one time, and a baseline and a
+            follow-up PET (or two studies) each have their own weight in their headers.
+    """
+    used = sum(_body_used(v) for v in vols)
+    if used > 1:
+        raise InvalidInputError(f"one body (weight, height, sex) was given for {used} DICOM PETs: it is one "
+                                "patient's at one scan, and would replace each PET's own header values (a "
+                                "follow-up's weight is not the baseline's)",
+                                fix="give body= for one PET only: load each PET with its own body= "
+                                    "(medfuse.load(path, body=...)) and pass the Volumes, or leave it out")
+    if not body or used:
+        return None
+    msg = (f"{_BODY_UNUSED}: it gives a DICOM PET's weight, height and sex for SUV, and no input is a DICOM PET "
+           "in SUV (a NIfTI/MetaImage/NRRD PET takes them from its PET-BIDS sidecar)")
+    warnings.warn(msg, MedfuseWarning, stacklevel=3)
+    return msg
+
+
 class LoadStep:
     """Load every input with :func:`medfuse.load` (Volumes given in memory pass through).
 
@@ -215,6 +267,10 @@ class LoadStep:
         series: optional series choice per input, for DICOM folders that hold several series (a number as
             listed, a modality, or a UID, as :func:`medfuse.load`'s ``series_uid`` takes them); ``None`` or
             ``"-"``: no choice.
+        body: a DICOM PET's weight, height and sex in place of its header's, for SUV, as :func:`medfuse.load`
+            takes it (e.g. ``{"weight_kg": 3.2}``); given to the inputs that are DICOM PETs only (an MR or CT
+            beside them is loaded as without it), and warned about once when no input is one. The parameters
+            record which of the three were given (``"body": ["weight_kg"]``), never their values.
 
     Two PET inputs (the first taken as the baseline): the reasons their SUVs do not compare
     (:func:`medfuse.timepoints.comparability`: tracers, uptake times, units, scanners) go into the run's
@@ -223,7 +279,8 @@ class LoadStep:
     Raises:
         InvalidInputError: when built, ``modalities`` or ``series`` not a list (one entry per input), or a
             ``series`` choice that is neither text, a number nor None; when called, an unknown modality override,
-            or as :func:`medfuse.load` (an unknown ``suv``, empty or all-NaN data).
+            or as :func:`medfuse.load` (an unknown ``suv``, a ``body`` :func:`medfuse.load` refuses, empty or
+            all-NaN data).
         UnreadableFileError, UnsupportedDataError, MultipleSeriesError, GeometryError: when called, an input that
             :func:`medfuse.load` cannot read (missing or damaged, no image, several series and none chosen, bad
             geometry).
@@ -233,7 +290,7 @@ class LoadStep:
     name = "load"
 
     def __init__(self, *, modalities: Optional[Sequence[Optional[str]]] = None, suv: Optional[str] = None,
-                 series: Optional[Sequence[Optional[str]]] = None):
+                 series: Optional[Sequence[Optional[str]]] = None, body: Optional[Mapping[str, Any]] = None):
         self.modalities = _per_input(modalities, "modalities", "modalities=['MR', 'PT'] (None keeps an input's own)")
         self.series = _per_input(series, "series", "series=['CT', 'PT'] ('-' or None where no choice is needed)")
         # None is "bw" asked by no one: a NIfTI PET (which holds no SUV header) is then loaded without the
@@ -250,10 +307,16 @@ class LoadStep:
 
             self.params["series"] = [series_choice_record(s) for s in self.series]
         self.suv = suv
+        self.body = None
+        if body is not None:  # refused here, before any work, as suv is
+            from .io.suv import BODY_KEYS, check_body
+
+            check_body(body)
+            self.body = dict(body)
+            # Which were given, not their values: they are the patient's (as the sidecar drops the injected dose).
+            self.params["body"] = [k for k in BODY_KEYS if k in self.body]
 
     def __call__(self, state: PipelineState) -> PipelineState:
-        from .io import load
-
         vols = []
         n = len(state.inputs)
         for i, item in enumerate(state.inputs):
@@ -268,8 +331,11 @@ class LoadStep:
                 suv = self.suv
                 if not self._suv_asked and _is_plain_file(item):
                     suv = "auto"  # the same volume: a file has no SUV header to convert
-                vols.append(load(item, modality=mod, suv=suv, series_uid=pick))
+                vols.append(_load_with_body(item, self.body, modality=mod, suv=suv, series_uid=pick))
             report(state.progress, (i + 1) / n, f"loaded {i + 1}/{n}")
+        unused = _warn_body_unused(vols, self.body)
+        if unused:
+            state.notes.setdefault("warnings", []).append(unused)
         _warn_same_image(vols, state)
         if len(vols) == 2:  # two PETs, baseline first: why their SUVs do not compare (empty for other images)
             from .timepoints import comparability
@@ -1198,10 +1264,9 @@ def _volume_facts(v: Volume) -> Dict[str, Any]:
     for key in keys:
         if v.provenance.get(key) is not None:
             facts[key] = v.provenance[key]
-    if isinstance(facts.get("pet_acquisition"), dict) and facts.get("suv_factor") is not None:
-        # Without the dose: with the SUV factor (weight / decayed dose) and the uptake time it gives the patient's
-        # weight back exactly, in a sidecar that travels with de-identified outputs.
-        facts["pet_acquisition"] = {k: v for k, v in facts["pet_acquisition"].items() if k != "injected_mbq"}
+    from .provenance import for_sidecar
+
+    facts = for_sidecar(facts)  # no injected dose beside the SUV factor (the two give the weight back)
     facts.update(_series_facts(v))
     return facts
 
@@ -1283,6 +1348,7 @@ class Pipeline:
         suv: how a DICOM PET is read, as :func:`medfuse.load` takes it (``"auto"``, ``"bw"``, ``"lbm"``,
             ``"lbm_janma"``, ``"bsa"``, ``"none"``); ``None`` (default): SUVbw (a stored SUV of another kind is
             converted to it where the header allows, else kept as stored).
+        body: a DICOM PET's weight, height and sex in place of its header's, for SUV (see :class:`LoadStep`).
         steps: replace default steps by name: ``{"normalise": my_step}``; a step is any callable
             ``step(state) -> state`` (a ``params`` attribute, if present, is recorded).
         deidentify: ``False`` keeps the fixed DICOM series' patient and study in a DICOM output (names, IDs, the
@@ -1297,7 +1363,8 @@ class Pipeline:
             ``threads`` not a whole number of 1 or more, ``ct_window`` or ``suv_range`` as
             :class:`NormaliseStep` refuses them, ``modalities`` or ``series`` not a list (one entry per
             input), a ``series`` choice that is neither text nor a number, ``steps`` not a dict, a ``steps``
-            entry that names no step or is not callable, or ``deidentify`` not a bool. What running it raises:
+            entry that names no step or is not callable, ``deidentify`` not a bool, or a ``body`` that
+            :func:`medfuse.load` refuses. What running it raises:
             see :meth:`run`.
     """
 
@@ -1306,9 +1373,10 @@ class Pipeline:
                  normalise: str = "auto", modalities: Optional[Sequence[Optional[str]]] = None,
                  series: Optional[Sequence[Optional[str]]] = None, steps: Optional[Dict[str, Step]] = None,
                  deidentify: bool = True, suv: Optional[str] = None,
-                 ct_window: Optional[Tuple[float, float]] = None, suv_range: Optional[Tuple[float, float]] = None):
+                 ct_window: Optional[Tuple[float, float]] = None, suv_range: Optional[Tuple[float, float]] = None,
+                 body: Optional[Mapping[str, Any]] = None):
         self._steps: List[Tuple[str, Step]] = [
-            ("load", LoadStep(modalities=modalities, series=series, suv=suv)),
+            ("load", LoadStep(modalities=modalities, series=series, suv=suv, body=body)),
             ("register", RegisterStep(register, threads=threads)),
             ("resample", ResampleStep(grid=grid)),
             ("normalise", NormaliseStep(method=normalise, ct_window=ct_window, suv_range=suv_range)),
@@ -1647,7 +1715,8 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                weights: Optional[PathLike] = None, progress: Optional[ProgressFn] = None,
                cancel: Optional[CancelToken] = None, deidentify: bool = True,
                suv: Optional[str] = None, ct_window: Optional[Tuple[float, float]] = None,
-               suv_range: Optional[Tuple[float, float]] = None) -> PipelineResult:
+               suv_range: Optional[Tuple[float, float]] = None,
+               body: Optional[Mapping[str, Any]] = None) -> PipelineResult:
     """Load, (register,) resample, normalise, fuse and save in one call, with a provenance sidecar.
 
     Args:
@@ -1681,12 +1750,18 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
         suv_range: ``(low, high)`` in the PET's SUV unit mapped onto 0..1 for a PET in SUV, e.g. ``(0, 5)`` to
             brighten a faint uptake (default 0 to 10, 0 to 2.5 for SUVbsa). Either applies to no other input; one
             that applies to none is named in the provenance's ``normalisation_unused``.
+        body: the PET's weight, height and sex in place of its DICOM header's, for SUV (a header missing the
+            weight, a weight entered wrongly, a child), as :func:`medfuse.load` takes it, e.g.
+            ``{"weight_kg": 3.2, "height_m": 0.52, "sex": "M"}`` or any of the three. Given to the inputs that are
+            DICOM PETs only (a warning when none is); the load step's parameters record which were given
+            (``"body": ["weight_kg"]``), never the values.
 
     Returns:
         :class:`PipelineResult` (fused Volume, output and sidecar paths, provenance, registration reports).
 
     Raises:
-        InvalidInputError: an option value :class:`Pipeline` refuses, an empty ``moving`` list, an input that is
+        InvalidInputError: an option value :class:`Pipeline` refuses (a ``body`` as :func:`medfuse.load` refuses
+            it: not a dict, an unknown key, an implausible weight or height), an empty ``moving`` list, an input that is
             not a path, Volume or MetaTensor, one :func:`medfuse.load` refuses (empty or all-NaN data), NaN
             voxels, an ``out`` that is not a path, or an output name or format the writer cannot take;
             ``weights`` not a path, or given with a classical ``method``; ``deidentify=False`` with an output
@@ -1709,7 +1784,7 @@ def fuse_files(fixed: Union[PathLike, Volume], moving: Union[PathLike, Volume, S
                                 fix="pass moving as one image (a path or Volume) or a list of at least one")
     pipe = Pipeline(register=register, method=method, device=device, fallback=fallback, threads=threads,
                     grid=grid, normalise=normalise, modalities=modalities, series=series, deidentify=deidentify,
-                    suv=suv, ct_window=ct_window, suv_range=suv_range)
+                    suv=suv, ct_window=ct_window, suv_range=suv_range, body=body)
     if weights is not None:
         _network_weights(pipe.step("fuse"), weights)
     return pipe.run([fixed, *movings], out, overwrite=overwrite, progress=progress, cancel=cancel)

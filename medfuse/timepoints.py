@@ -80,6 +80,23 @@ def _number(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _attenuation_reasons(first: Mapping[str, Any], second: Mapping[str, Any]) -> List[str]:
+    """An AC against a NAC image, or (softer) two attenuation correction methods; [] where either is unknown."""
+    corrected = first.get("attenuation_corrected"), second.get("attenuation_corrected")
+    if all(isinstance(c, bool) for c in corrected) and corrected[0] != corrected[1]:
+        said = ["attenuation-corrected" if c else "not attenuation-corrected (NAC)" for c in corrected]
+        return [f"one image is attenuation-corrected and the other is not: {said[0]} at baseline, {said[1]} at "
+                "follow-up: the values of a NAC image are not quantitative (its SUV is meaningless), and the two "
+                "are not compared; load the attenuation-corrected series of both studies"]
+    if False in corrected:  # two NAC images: their methods are none
+        return []
+    methods = first.get("attenuation_method"), second.get("attenuation_method")
+    if _same_name(*methods) is False:
+        return [f"attenuation corrected by different methods ({methods[0]} at baseline, {methods[1]} at "
+                "follow-up): the same uptake may give different SUVs"]
+    return []
+
+
 def comparability(baseline: "Volume", followup: "Volume") -> List[str]:
     """Why the SUVs of two PET volumes are not comparable for response assessment (PERCIST-style).
 
@@ -93,11 +110,12 @@ def comparability(baseline: "Volume", followup: "Volume") -> List[str]:
       an FDG SUV keeps changing with time after injection;
     * different units: SUV kinds (``SUVbw`` against ``SUVlbm``, the SUL PERCIST uses) or one not in SUV at all
       (``Bq/mL``, ``counts``);
+    * one attenuation-corrected and the other not (``attenuation_corrected`` True against False): the values of a
+      non-attenuation-corrected (NAC) image are not quantitative, and a study folder often holds both series;
+    * attenuation corrected by different methods (a softer note: ``attenuation_method`` compared as text by its
+      letters and digits, so one method spelt two ways, "CTAC" and "CT-based", is noted too);
     * different scanner manufacturers (a softer note: reconstructions differ; PERCIST asks for the same scanner
       or one harmonised with it).
-
-    Attenuation correction is not compared: the reader does not record it in the provenance (it shows only in a
-    DICOM folder's series listing).
 
     Args:
         baseline: the earlier PET (the reference of the comparison).
@@ -133,6 +151,7 @@ def comparability(baseline: "Volume", followup: "Volume") -> List[str]:
         reasons.append(f"uptake times differ by {abs(late - early):.0f} min ({early:.0f} min at baseline, "
                        f"{late:.0f} min at follow-up), more than the {MAX_UPTAKE_DIFFERENCE_MIN:.0f} min PERCIST 1.0 "
                        "allows: an SUV changes with time after injection")
+    reasons.extend(_attenuation_reasons(first, second))
     if baseline.unit != followup.unit:
         suv = [u for u in (baseline.unit, followup.unit) if str(u).startswith("SUV")]
         why = ("SUVs of different kinds" if len(suv) == 2 else "one image is in SUV and the other is not")

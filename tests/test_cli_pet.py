@@ -36,10 +36,12 @@ def test_info_shows_the_tracer_dose_and_uptake_the_header_states(capsys):
     assert line.split(None, 1)[1] == (
         f"{drug.Radiopharmaceutical} (half-life {float(drug.RadionuclideHalfLife) / 60:.1f} min), "
         f"{float(drug.RadionuclideTotalDose) / 1e6:.1f} MBq injected, uptake {uptake} min, "
-        f"decay-corrected to {ds.DecayCorrection}")
+        f"decay-corrected to {ds.DecayCorrection}, attenuation-corrected")
+    assert "ATTN" in ds.CorrectedImage  # what the last part reads
     assert main(["info", str(PET), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)["pet_acquisition"]
-    assert set(facts) == {"tracer", "radionuclide", "half_life_s", "injected_mbq", "uptake_min", "decay_correction"}
+    assert set(facts) == {"tracer", "radionuclide", "half_life_s", "injected_mbq", "uptake_min", "decay_correction",
+                          "attenuation_corrected", "attenuation_method"}
     assert facts["injected_mbq"] == pytest.approx(float(drug.RadionuclideTotalDose) / 1e6)
     assert facts["uptake_min"] == pytest.approx(uptake)
 
@@ -57,6 +59,10 @@ def test_the_tracer_line_reads_dicoms_radionuclide_and_leaves_out_the_unknown():
     assert _tracer_text({**dict.fromkeys(full), "radionuclide": "^99m^Technetium", "half_life_s": 21624.0,
                          "decay_correction": "NONE"}) == "99mTc, half-life 6.01 h, not decay-corrected"
     assert _tracer_text({**dict.fromkeys(full), "injected_mbq": 200.0}) == "200.0 MBq injected"
+    assert _tracer_text({**full, "attenuation_corrected": True, "attenuation_method": "CT-based"}).endswith(
+        "decay-corrected to START, attenuation-corrected (CT-based)")
+    assert _tracer_text({**dict.fromkeys(full), "attenuation_corrected": False}) == \
+        "NOT attenuation-corrected (its values are not quantitative)"
     assert _tracer_text(None) == ""
 
 

@@ -98,3 +98,30 @@ def test_the_sample_pet_against_itself():
     vol = medfuse.load(SAMPLES / "pet")
     assert vol.provenance["pet_acquisition"]["uptake_min"] == pytest.approx(60.0)
     assert comparability(vol, vol) == []
+
+
+def test_an_attenuation_corrected_pet_against_a_nac_one_is_a_reason():
+    ac, nac = pet(attenuation_corrected=True, attenuation_method="CTAC"), pet(attenuation_corrected=False)
+    for first, second, said in ((ac, nac, "attenuation-corrected at baseline, not attenuation-corrected (NAC) at "
+                                          "follow-up"),
+                                (nac, ac, "not attenuation-corrected (NAC) at baseline, attenuation-corrected at "
+                                          "follow-up")):
+        reasons = comparability(first, second)
+        assert len(reasons) == 1 and said in reasons[0], reasons  # the AC/NAC note only, not the methods' too
+        assert "not quantitative" in reasons[0]
+    # Two NAC images, or either side unknown: nothing said.
+    assert comparability(nac, pet(attenuation_corrected=False, attenuation_method="none")) == []
+    assert comparability(ac, pet(attenuation_corrected=None)) == comparability(pet(), nac) == []
+
+
+def test_attenuation_correction_methods_that_differ_are_a_softer_note():
+    reasons = comparability(pet(attenuation_corrected=True, attenuation_method="CT-based"),
+                            pet(attenuation_corrected=True, attenuation_method="[137Cs]transmission scan-based"))
+    assert len(reasons) == 1
+    assert reasons[0].startswith("attenuation corrected by different methods (CT-based at baseline, "
+                                 "[137Cs]transmission scan-based at follow-up)") and "may" in reasons[0]
+    # Spelt differently, one method; one method unknown: no note.
+    assert comparability(pet(attenuation_corrected=True, attenuation_method="CT-based"),
+                         pet(attenuation_corrected=True, attenuation_method="ct based")) == []
+    assert comparability(pet(attenuation_corrected=True, attenuation_method="CT-based"),
+                         pet(attenuation_corrected=True)) == []

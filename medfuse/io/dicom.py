@@ -2220,13 +2220,41 @@ _BQ_NOTE = "PET loaded in Bq/mL (Philips counts x the activity concentration sca
 
 def _pet_acquisition(modality: str, files) -> Optional[Dict[str, Any]]:
     """The tracer, dose and uptake time of a PET, or of an NM (SPECT) series whose header has a
-    RadiopharmaceuticalInformationSequence (:func:`medfuse.io.suv.acquisition_facts`); None for other series."""
+    RadiopharmaceuticalInformationSequence (:func:`medfuse.io.suv.acquisition_facts`), and its attenuation
+    correction (:func:`_attenuation_facts`); None for other series."""
     if modality != "PT" and not (modality == "NM" and any(
             ds.get("RadiopharmaceuticalInformationSequence") for _, ds in files)):
         return None
     from . import suv as _suv
 
-    return _suv.acquisition_facts([_suv.header_from_dataset(ds) for _, ds in files])
+    facts = _suv.acquisition_facts([_suv.header_from_dataset(ds) for _, ds in files])
+    facts.update(_attenuation_facts(modality, files))
+    return facts
+
+
+def _attenuation_corrected(modality: str, files) -> Optional[bool]:
+    """Whether the series is attenuation-corrected, by its coded CorrectedImage (0028,0051) alone: ATTN in every
+    instance's, True; a PET's that holds other flags without ATTN in every instance, False; None when absent or
+    empty in any instance, or when the instances disagree. An NM series without ATTN is None, not False: SPECT
+    exports often leave their attenuation correction out of the (type 3) CorrectedImage. SeriesDescription and
+    ImageType ("NAC", "AC") are never read: free text, unreliable, and it may hold identifiers."""
+    said = set()
+    for _, ds in files:
+        flags = {f.upper() for f in _text_values(ds, "CorrectedImage") if f}
+        said.add("ATTN" in flags if flags else None)
+    corrected = said.pop() if len(said) == 1 else None
+    return None if corrected is False and modality != "PT" else corrected
+
+
+def _attenuation_facts(modality: str, files) -> Dict[str, Any]:
+    """``attenuation_corrected`` (:func:`_attenuation_corrected`) and ``attenuation_method``: the
+    AttenuationCorrectionMethod (0054,1101) text all instances state (e.g. ``measured,AC CT``), None when absent,
+    disagreeing, or holding a date (free text: never an identifier in the provenance)."""
+    from . import suv as _suv
+
+    methods = {"\\".join(_text_values(ds, "AttenuationCorrectionMethod")) for _, ds in files}
+    return {"attenuation_corrected": _attenuation_corrected(modality, files),
+            "attenuation_method": _suv._text_fact(methods.pop()) if len(methods) == 1 else None}
 
 
 def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path,
@@ -2302,6 +2330,13 @@ def _unit_and_suv(modality: str, files, suv: str, notes: List[str], path: Path,
             _warn(path, msg)
             notes.append(msg)
             return "SUVbw", {f: fac for (f, _), fac in zip(files, factors)}, "bw"
+    if _attenuation_corrected(modality, files) is False:
+        # Not converted (medfuse.io.suv refuses it; an SUVbw label would pass as quantitative everywhere after), and
+        # said as the reason in its own right: "CorrectedImage lacks ATTN" alone sent users to look for a bad tag.
+        why = ("the series is not attenuation-corrected (its CorrectedImage lacks ATTN), so its values are not "
+               "quantitative and an SUV of it would be meaningless")
+        fix = ("load the study's attenuation-corrected PET series for SUV, or load it with suv='none' to keep "
+               + ("Bq/mL" if as_stored[0] == "Bq/mL" else "the stored values"))
     # Without Units the stored unit is a guess (Bq/mL, what scanners store): say it is one.
     no_units = not headers or not str(headers[0].get("Units") or "").strip()
     assumed = " (assumed: the header has no Units)" if no_units else ""
@@ -2403,7 +2438,7 @@ def load_dicom_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv:
         body: PET only: the patient's weight, height and sex in place of the header's, for SUV (a header that
             lacks them or has them wrong): a dict with any of ``weight_kg``, ``height_m``, ``sex``
             (:func:`medfuse.io.suv.check_body`). ``provenance["suv_source"]`` says which were given, never the
-            values.
+            values; the history's ``suv`` step holds them (as header tags), for the DICOM writer.
 
     Returns:
         The volumes of the series in acquisition order (a 3-D series gives a list of one).
@@ -2554,8 +2589,13 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         elif suv_kind is not None:  # suv="none" on a stored SUVlbm: its formula, no factor applied
             prov["suv"] = suv_kind
         if pet_acquisition is not None:
-            prov["pet_acquisition"] = pet_acquisition
-        out.append(Volume(arr, aff, modality=modality, unit=unit, provenance=prov))
+            prov["pet_acquisition"] = dict(pet_acquisition)  # each volume its own record, as the NIfTI reader's
+        vol = Volume(arr, aff, modality=modality, unit=unit, provenance=prov)
+        if body and factors is not None and suv_kind is not None:
+            # The values themselves, for the DICOM writer (a saved series must carry the weight its SUV was made
+            # with): in the history, which stays with resampled and fused results and is in no CLI sidecar.
+            vol.add_history("suv", kind=suv_kind, body=dict(body))
+        out.append(vol)
     if broken:  # no uneven gap (that would have been refused above), but evenly spaced slices may still be lost
         names = ", ".join(b.name for b in broken[:3]) + (", ..." if len(broken) > 3 else "")
         if "sparse" in statuses:

@@ -34,7 +34,9 @@ Choices (see docs/io.md and docs/dicom.md):
   refers to) come from the PET's own DICOM series (its provenance ``source``, kept through resampling and
   registration), whatever the template: a PET registered onto another PET keeps its own dose and weight, so the
   SUV a PACS computes is its own. Without a readable own series, a PET template gives them when the volume names
-  no other series; else none are written (an empty sequence; a warning for Bq/mL). NM in Bq/mL
+  no other series; else none are written (an empty sequence; a warning for Bq/mL). A weight, height or sex given
+  at loading (``medfuse.load(..., body=)``, kept in the history's ``suv`` step, also through resampling and
+  fusion) is written in place of any header's: the SUV was made with it. NM in Bq/mL
   (quantitative SPECT) is written with Units ``BQML`` too, so that it reads back in Bq/mL, not counts.
 * Whole numbers that fit neither int16 nor uint16 (int32 HU, label maps above 65535) are quantised like float
   data, with a ``MedfuseWarning`` giving the largest error. A slice spacing below the reader's position
@@ -226,6 +228,31 @@ def _own_series(volume: Volume):
     if ds is None or (own_uid not in ("", "unknown") and str(ds.get("SeriesInstanceUID", "")) != own_uid):
         return None, None  # the folder no longer holds that series: another series' dose would be wrong
     return source, ds
+
+
+def _suv_body(volume: Volume) -> dict:
+    """The header tags (PatientWeight, PatientSize, PatientSex) that ``body=`` gave at loading in place of the PET
+    header's, as the loader recorded them (the history's ``suv`` step), also within a fusion's input histories; a
+    tag given two values (two PETs fused) is left out, and ``{}`` when none was given."""
+    from .suv import BODY_KEYS
+
+    found: dict = {}
+
+    def walk(history) -> None:
+        for step in history if isinstance(history, list) else []:
+            if not isinstance(step, dict):
+                continue
+            if step.get("step") == "suv" and isinstance(step.get("body"), dict):
+                for kw, value in step["body"].items():
+                    # Only values check_body makes: a provenance edited by hand must not break the write.
+                    number = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
+                    if (value in ("M", "F")) if kw == "PatientSex" else number:
+                        found.setdefault(kw, set()).add(value)
+            for inner in step.get("input_histories") or []:
+                walk(inner)
+
+    walk(volume.provenance.get("history"))
+    return {kw: next(iter(v)) for kw, v in found.items() if kw in BODY_KEYS.values() and len(v) == 1}
 
 
 def _is_pet_header(hdr) -> bool:
@@ -735,8 +762,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         UnreadableFileError: the template holds no readable DICOM file.
     """
     import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import generate_uid
 
     from . import _as_path, _check_flag, _check_text
     from .writers import _check_template, _refuse_all_nonfinite
@@ -856,6 +882,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         warnings.warn(f"{folder.name}: the PET's own DICOM series (its dose, weight and scan times) {why}: the "
                       "output carries no dose, so no SUV can be computed from it (load the PET from its DICOM "
                       "series, and keep that folder in place while saving)", MedfuseWarning, stacklevel=3)
+    for kw, value in (_suv_body(volume) if modality == "PT" else {}).items():
+        # The weight, height and sex the SUV was made with (load(..., body=)), not the header's: SUV computed
+        # from this series' header (a PACS's, a later conversion to another SUV kind) must be these voxels' own.
+        setattr(base, kw, value if kw == "PatientSex" else _fmt(value))
     base.ImageType = ["DERIVED", "SECONDARY"]
     _modality_attributes(base, tpl, modality)  # before de-identifying: what it copies is cleaned too
     if dose:
@@ -1024,12 +1054,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             if modality == "PT":
                 ds.ImageIndex = k + 1
             ds.PixelData = np.ascontiguousarray(stored).tobytes()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = sop_class
-            meta.MediaStorageSOPInstanceUID = uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds.file_meta = meta
+            ds.file_meta = _file_meta(sop_class, uid)
             _save_slice(ds, tmp / f"IM{k + 1:05d}.dcm")
     if exact_int and quantised:
         # Whole numbers beyond int16/uint16 (int32 HU, a label map above 65535) were scaled into 16 bits.
@@ -1058,9 +1083,8 @@ def _write_dose(base, volume: Volume, path: Path, folder: Path) -> None:
 
     A Volume's grid is orthogonal (it refuses shear), so its slice axis lies along row x column, or against it.
     """
-    from pydicom.dataset import FileMetaDataset
     from pydicom.tag import Tag
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import generate_uid
 
     d, sp = volume.direction, volume.spacing
     along = float(np.dot(d[:, 2], np.cross(d[:, 0], d[:, 1])))
@@ -1090,13 +1114,21 @@ def _write_dose(base, volume: Volume, path: Path, folder: Path) -> None:
     ds.DoseGridScaling = _fmt(scaling)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds.file_meta = _file_meta(_RT_DOSE, uid)
+    _save_slice(ds, path)
+
+
+def _file_meta(sop_class_uid: str, sop_instance_uid: str):
+    """The file meta information of one written object: explicit VR little endian, pydicom's implementation UID."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = _RT_DOSE
-    meta.MediaStorageSOPInstanceUID = uid
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    _save_slice(ds, path)
+    return meta
 
 
 def _save_slice(ds, path: Path) -> None:

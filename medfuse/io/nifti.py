@@ -1720,7 +1720,17 @@ def _make(arr: np.ndarray, aff: np.ndarray, p: Path, *, modality, unit, facts, i
 
 
 #: BIDS sidecar ``Units`` of PET (the DICOM (0054,1001) codes dcm2niix copies) -> medfuse's unit.
-_BIDS_UNITS = {"BQML": "Bq/mL", "BQ/ML": "Bq/mL", "GML": "SUVbw", "CNTS": "counts"}
+_BIDS_UNITS = {"BQML": "Bq/mL", "BQ/ML": "Bq/mL", "BQ/CC": "Bq/mL", "KBQ/ML": "Bq/mL", "KBQ/CC": "Bq/mL",
+               "MBQ/ML": "Bq/mL", "GML": "SUVbw", "G/ML": "SUVbw", "CNTS": "counts"}
+#: Bq/mL per unit of a PET-BIDS ``Units`` written with a prefix (OpenNeuro PETs use kBq/mL): the voxels are scaled
+#: to Bq/mL on reading, so that SUV and every other Bq/mL figure use one unit.
+_BIDS_PER_BQML = {"KBQ/ML": 1e3, "KBQ/CC": 1e3, "MBQ/ML": 1e6}
+
+
+def _bids_units(meta: dict) -> Optional[str]:
+    """A sidecar's ``Units`` as a key of :data:`_BIDS_UNITS` (upper case, micro and spaces folded), None if absent."""
+    units = meta.get("Units")
+    return units.strip().upper().replace(" ", "") if isinstance(units, str) else None
 
 
 def read_bids_sidecar(side: Path) -> Optional[dict]:
@@ -1767,8 +1777,7 @@ def _bids_labels(meta: Optional[dict]) -> Tuple[Optional[str], Optional[str]]:
     mod = mod.strip().upper()
     if mod == "CT":
         return mod, "HU"  # dcm2niix applies RescaleSlope/Intercept (scl_slope/scl_inter): the voxels are HU
-    units = meta.get("Units")
-    return mod, _BIDS_UNITS.get(units.strip().upper()) if mod == "PT" and isinstance(units, str) else None
+    return mod, _BIDS_UNITS.get(_bids_units(meta) or "") if mod == "PT" else None
 
 
 def _labels(mod: Optional[str], unit: Optional[str], modality: Optional[str], unit_override: Optional[str],
@@ -1809,6 +1818,16 @@ def _sidecar_suv(vols: List[np.ndarray], bids: Optional[dict], p: Path, facts: d
         is_pet = False
     if bids is None or not is_pet or unit_given:
         return vols, unit, facts
+    units = _bids_units(bids)
+    if units is not None and units not in _BIDS_UNITS:
+        # Said, not guessed: an activity read as arbitrary numbers is fused and measured without a word otherwise.
+        warnings.warn(f"{p}: its sidecar's Units {bids['Units'].strip()[:20]!r} is not one medfuse reads (Bq/mL, "
+                      "kBq/mL, MBq/mL, g/mL, BQML, GML, CNTS), so the PET loaded in arbitrary units, without SUV; "
+                      "write the unit as one of those in the sidecar, or load with unit='Bq/mL' if that is what the "
+                      "voxels hold", MedfuseWarning, stacklevel=user_stacklevel())
+    scale = _BIDS_PER_BQML.get(units or "")
+    if scale is not None:
+        vols = [np.asarray(v, dtype=np.float64 if v.dtype == np.float64 else np.float32) * scale for v in vols]
     from .pet_bids import apply_suv
 
     vols, unit, more = apply_suv(vols, bids, p, unit=unit, suv=suv)

@@ -196,10 +196,40 @@ def _decay_code(meta: dict) -> Optional[str]:
     return None
 
 
+#: ``AttenuationCorrection`` texts that say none was applied, as :func:`_attenuation` reduces them (lower case,
+#: runs of spaces, hyphens, underscores and stops made one space): "none", "No AC", "NAC", "non-attenuation-corrected",
+#: "without attenuation correction", and "n/a" (a BIDS writer's word where there is no method to describe).
+_NO_ATTENUATION = re.compile(r"none|no|n/?a|off|false|nac|uncorrected|not applied"
+                             r"|(?:no|not|non|without) (?:attenuation )?(?:corrected|correction|applied|ac)")
+#: A negation anywhere else ("CT-based, no scatter correction"): what the text says of attenuation is not guessed.
+_NEGATION = re.compile(r"\b(?:no|not|non|none|without|nac|uncorrected)\b")
+
+
+def _attenuation(meta: dict) -> Tuple[Optional[bool], Optional[str]]:
+    """``(attenuation_corrected, attenuation_method)`` from the sidecar's ``AttenuationCorrection``.
+
+    BIDS makes it a required short description of the method used, so a method described (``"CT-based"``) is
+    True with its text; one of :data:`_NO_ATTENUATION` is False (no method); any other text with a negation in it
+    is None (unknown) with its text, as it cannot be read for certain; absent, empty, not text, or holding a date
+    (:func:`_text`), None and None. JSON true/false, though not BIDS, are taken as they say."""
+    v = meta.get("AttenuationCorrection")
+    if isinstance(v, bool):
+        return v, None
+    text = _text(v)
+    if text is None:
+        return None, None
+    words = re.sub(r"[\s_.,;:-]+", " ", text.lower()).strip()
+    if _NO_ATTENUATION.fullmatch(words):
+        return False, None
+    return (None if _NEGATION.search(words) else True), text
+
+
 def pet_acquisition(meta: dict) -> Dict[str, Any]:
     """``provenance["pet_acquisition"]``: tracer, radionuclide, half-life (s), injected activity (MBq), uptake
-    time (min, ScanStart - InjectionStart) and decay correction (``ADMIN``/``START``/``NONE``), each None when
-    the sidecar does not state it (or states it in a form medfuse does not read). No dates, no body size."""
+    time (min, ScanStart - InjectionStart), decay correction (``ADMIN``/``START``/``NONE``) and attenuation
+    correction (``attenuation_corrected`` True/False and ``attenuation_method``, :func:`_attenuation`), each None
+    when the sidecar does not state it (or states it in a form medfuse does not read). No dates, no body size."""
+    corrected, method = _attenuation(meta)
     act, units = _num(meta, "InjectedRadioactivity"), meta.get("InjectedRadioactivityUnits")
     scale = _activity_scale(units)
     inj, scan, half = _num(meta, "InjectionStart"), _num(meta, "ScanStart"), half_life_s(meta)
@@ -210,7 +240,7 @@ def pet_acquisition(meta: dict) -> Dict[str, Any]:
             "half_life_s": half,
             "injected_mbq": act * scale / 1e6 if act is not None and act > 0 and scale is not None else None,
             "uptake_min": None if uptake is None else uptake / 60.0,
-            "decay_correction": _decay_code(meta)}
+            "decay_correction": _decay_code(meta), "attenuation_corrected": corrected, "attenuation_method": method}
 
 
 def _text(v: Any) -> Optional[str]:
@@ -282,11 +312,10 @@ def suv_header(meta: dict, side_name: str) -> Dict[str, Any]:
         raise _Refused(f"ScanStart is {(scan - inj) / half:.0f} half-lives ({(scan - inj) / 3600:.1f} h) after "
                        "InjectionStart: under 1/1000 of the dose would be left, which no PET scan images",
                        f"check ScanStart and InjectionStart {fix_in} (seconds relative to TimeZero)")
-    ac = meta.get("AttenuationCorrection")
-    if isinstance(ac, str) and ac.strip().lower() in ("none", "no", "n/a", "not applied", "uncorrected"):
-        raise _Refused("AttenuationCorrection says the image is not attenuation-corrected, so SUV would be "
-                       "meaningless", "use an attenuation-corrected reconstruction, or load with suv='none' to keep "
-                                      "Bq/mL")
+    if _attenuation(meta)[0] is False:
+        raise _Refused("AttenuationCorrection says the image is not attenuation-corrected, so its values are not "
+                       "quantitative and SUV would be meaningless",
+                       "use an attenuation-corrected reconstruction, or load with suv='none' to keep Bq/mL")
     # A quantitative Bq/mL image is attenuation-corrected unless the sidecar says not (the field is free text).
     flags = ["DECY", "ATTN"]
     scan_t, inj_t = _DAY + timedelta(seconds=scan), _DAY + timedelta(seconds=inj)

@@ -261,6 +261,7 @@ def _as_volume(v: Any, name: str) -> Volume:
     return vol
 
 
+
 def _as_mask(mask: Any, vol: Volume, name: str):
     if mask is None:
         return None
@@ -1411,14 +1412,15 @@ def _max_corner_distance(img, a, b) -> float:
     return max(float(np.linalg.norm(np.subtract(a.TransformPoint(p), b.TransformPoint(p)))) for p in corners)
 
 
-def _restarts(level, tx, stop, per_level, its, *, preset, metric, seed, evaluate, monitor_args):
+def _restarts(level, tx, stop, per_level, its, *, preset, metric, seed, evaluate, monitor_args, measured=None):
     """The rigid run's last level again from ``tx`` with a fresh step, up to ``restarts`` times while each restart
     improves the metric by more than the sampling noise and moves the result by more than half a voxel of that
     level; ``tx`` takes the best. Returns (stop, per_level, its, restarts run, why they ended) with the kept
     restarts' levels added.
 
     ``level``: (fixed, moving, fixed mask, moving mask) working images of that level, whose spacing is
-    ``preset["levels_mm"][-1]``; ``evaluate(transform)``: the metric on the report's fixed sample set.
+    ``preset["levels_mm"][-1]``; ``evaluate(transform)``: the metric on the report's fixed sample set;
+    ``measured``: ``evaluate(tx)`` where the caller has it already (None: measured here).
 
     Why: the regular-step descent shrinks its step at every sign change of a noisy sampled gradient and can stop
     short of the optimum: the bundled MR turned (5, -8, 6) degrees onto the CT stopped 3 degrees short (2.3 mm mean,
@@ -1438,7 +1440,7 @@ def _restarts(level, tx, stop, per_level, its, *, preset, metric, seed, evaluate
     last = {**preset, **{k: tuple(preset[k][-1:]) for k in ("levels_mm", "smoothing_vox", "iterations")}}
     settled_mm = _RESTART_SETTLED * float(preset["levels_mm"][-1])
     f_img, m_img, f_mask, m_mask = level
-    best = evaluate(tx)
+    best = evaluate(tx) if measured is None else measured
     if best is None:
         return stop, per_level, its, 0, "none: too few samples to score the result"
     per_level, its = list(per_level), list(its)
@@ -1489,7 +1491,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
              preset: Optional[str] = None, fixed_mask: Any = None, moving_mask: Any = None,
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None, seed: int = 0,
              initialise: str = "auto", bspline_grid_mm: Optional[float] = None, initial_transform: Any = None,
-             **preset_overrides: Any) -> RegistrationResult:
+             fill: Optional[float] = None, **preset_overrides: Any) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``.
 
     Args:
@@ -1534,6 +1536,12 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             ``report.metric_initial`` is the metric there (``metric_before`` stays the scanners' placement). The
             returned transform is the whole fixed -> moving mapping, the initial transform included. A
             deformable initial transform is refused.
+        fill: the value outside the moving image in the returned ``resampled`` image (recorded in its
+            ``resample`` history entry); None: -1024 for a CT in HU, else 0. NaN marks "no data" there: measuring
+            (:func:`medfuse.measure`) leaves NaN voxels out, where a 0 would lower a regional mean. A quantitative
+            PET/SPECT (SUV, Bq/mL) that covers less than 95 % of the fixed image (``report.overlap_fraction``)
+            with a finite fill gets a ``MedfuseWarning`` saying so (not inside
+            :func:`~medfuse.registration.resample.not_for_measuring`, as fusion resamples).
         **preset_overrides: any preset key (see :mod:`medfuse.registration.presets`). For images under 80 mm
             across (the smaller one's largest extent), every mm setting not given here is scaled by
             ``extent / 80`` (pyramid, start search, steps, B-spline grid and bounds); larger images use the
@@ -1542,11 +1550,14 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     Returns:
         :class:`RegistrationResult`. ``report.suspect`` is True (with reasons) when the result should not be trusted;
         among others when a turned orientation wins with a small ``fixed_mask`` (under 300 of its voxels on the
-        8 mm copies the start search scores on).
+        8 mm copies the start search scores on), and whenever a turned orientation is kept: the headers disagreed
+        by that turn, which is right for a wrong header, but an image with a flipped axis (a reversed slice order)
+        wins turned too and its result is mirrored; the images cannot tell which, the header can.
 
     Raises:
         InvalidInputError: wrong types (``progress`` not callable, ``cancel`` not a CancelToken among them), 2-D
-            inputs, NaN voxels, unknown options, a deformable or singular initial transform.
+            inputs, NaN voxels, unknown options, a deformable or singular initial transform, a ``fill`` that is
+            not a number.
         UnreadableFileError: an ``initial_transform`` path that is missing or not a transform file.
         RegistrationError: constant image (at float32 precision too), empty mask, no overlap, no starting
             position whose metric can be measured, optimiser failure.
@@ -1569,6 +1580,8 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     _checks.whole(seed, "seed", minimum=0, maximum=2 ** 32 - 2, example="seed=0")
     check_callbacks(progress, cancel)
     initial = _as_initial(initial_transform)
+    if fill is not None:  # checked now, not after minutes of work (and named as given, not as resample's default)
+        fill = _checks.number(fill, "fill", finite=False, example="fill=float('nan') (the value outside the image)")
     fixed = _as_volume(fixed, "fixed")
     moving = _as_volume(moving, "moving")
     _checks.refuse_dose_grid(fixed, role="fixed")
@@ -1741,6 +1754,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # Optimise from that placement as well and keep the better result on the same fine sample set. Not for "none":
     # it is the way to insist on the start.
     kept = None  # set when a placement is returned as it is: the optimisation was discarded (see below)
+    m_lin = None  # the metric of ``linear`` on the fixed sample set, once measured (the restarts start from it)
     if initialise != "none":
         # (where, its label when its result wins, placement: fixed point -> original moving point, the matrix that
         # is returned if it is kept as it is, that matrix's metric). Like with like: a rigid run keeps only the
@@ -1817,7 +1831,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             (fimg, mimg, fmask, mmask), linear, stop, per_level, its, preset=p, metric=metric, seed=seed,
             evaluate=lambda t: _evaluate(fimg, mimg, t, metric=metric, bins=p["histogram_bins"], seed=seed,
                                          fmask=fmask, mmask=mmask),
-            monitor_args=(progress, cancel, lin_hi, lin_hi, "rigid restart"))
+            monitor_args=(progress, cancel, lin_hi, lin_hi, "rigid restart"), measured=m_lin)
         if run_native and len(per_level) > n_before:
             f_hi, m_hi, fm_hi, mm_hi = native_images()
             stop, per4, its4 = _optimise(f_hi, m_hi, linear, preset=fin, metric=metric, seed=seed, fmask=fm_hi,
@@ -1905,7 +1919,7 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
             if note is not None:
                 note = note.replace("the volume looks", "the moving image looks", 1)
                 warnings.warn(note, MedfuseWarning, stacklevel=_checks.user_stacklevel())
-            resampled = resample(original, fixed, transform=transform, interpolation="linear")
+            resampled = resample(original, fixed, transform=transform, interpolation="linear", default=fill)
             if note is not None:  # the result's sidecar keeps it too, as resample() keeps its own
                 resampled.provenance["warnings"] = [*resampled.provenance.get("warnings", []), note]
         finally:
@@ -1950,6 +1964,11 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
     # The other way round too (the linear part's inverse): a small moving field of view (a slab, a head SPECT on a
     # whole-body CT) covers little of the fixed image even when it is placed exactly right, and was flagged for it.
     overlap_m = _overlap_fraction(mimg, fimg, Transform(linear).inverse().sitk, mmask)
+    if resampled is not None:
+        field_note = _partial_field_note(original, overlap, resampled)
+        if field_note is not None:
+            warnings.warn(field_note, MedfuseWarning, stacklevel=_checks.user_stacklevel())
+            resampled.provenance["warnings"] = [*resampled.provenance.get("warnings", []), field_note]
     if max(overlap, overlap_m) < 0.25:
         reasons.append(f"only {overlap:.0%} of the fixed image maps inside the moving image, and only "
                        f"{overlap_m:.0%} of the moving image inside the fixed one")
@@ -2017,6 +2036,12 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
                            f"{n_coarse} voxels of the {float(p['multistart_mm']):g} mm copies (the mask covers "
                            f"{share:.1%} of the fixed image){after} with so few samples a turned image can match by "
                            "chance; check the result, or register with a larger fixed_mask (or none) and compare")
+    if init_label.startswith("turned"):
+        # A turned orientation was kept: the headers disagreed by that turn. Right for a wrong header, but a flipped
+        # axis (a PET with its slice order reversed, header unchanged) also wins turned (180 degrees about y,
+        # -1.002 against -1.019 unmirrored), and its result is mirrored: no rotation undoes a reflection, and a
+        # nearly symmetric head cannot tell the two apart. Only the header can.
+        reasons.append(_turn_kept_reason(init_label))
     for which, vol in (("fixed", fixed), ("moving", original)):
         axis = _repeated_axis(vol.array)
         if axis is not None:
@@ -2043,6 +2068,42 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         notes=notes, restarts_run=restarts_run, restarts_stop=restarts_stop)
     report(progress, 1.0, "done")
     return RegistrationResult(transform=transform, resampled=resampled, report=rep, linear_transform=lin_total)
+
+
+#: Below this share of the fixed image inside a quantitative PET/SPECT's field, the fill in the resampled image is
+#: warned about: a PET cut 16 slices short (cerebellum truncated) covered 79.8 % of the SPM12 T1, and the
+#: cerebellum's mean on the T1's grid read 0.524 for a true 0.821 (fill 0 inside the brain).
+_FIELD_SHARE = 0.95
+
+
+def _partial_field_note(moving: Volume, overlap: float, resampled: Volume) -> Optional[str]:
+    """The warning when the resampled quantitative PET/SPECT ``moving`` holds a finite fill over more than
+    ``1 - _FIELD_SHARE`` of the fixed image (``overlap``: the share inside the moving image), else None."""
+    from .resample import _QUANTITATIVE_PET, _not_measured
+
+    hist = resampled.provenance.get("history") or [{}]
+    value = hist[-1].get("fill", 0.0)
+    if (_not_measured.get() or moving.modality not in _EMISSION or moving.unit not in _QUANTITATIVE_PET
+            or overlap >= _FIELD_SHARE or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        return None
+    what = "PET" if moving.modality == "PT" else "SPECT"
+    return (f"only {overlap:.0%} of the fixed image maps inside the moving {what}'s field of view: the other "
+            f"{1 - overlap:.0%} of the resampled image holds the fill value {value:g}, not {moving.unit}, so "
+            f"regional means there would be biased low; measure the {what} in its own space (medfuse measure "
+            f"{what} --mask LABELS --transform T --inverse), or register with fill=float('nan') (medfuse register "
+            "--fill nan), which measuring leaves out")
+
+
+def _turn_kept_reason(label: str) -> str:
+    """The suspect reason for a result whose ``report.initialisation`` ``label`` kept a turned orientation."""
+    m = re.match(r"turned (\d+)(\S*?)\+", label)
+    turn = label.split("+", 1)[0] if m is None else (
+        f"{m.group(1)} degrees about {m.group(2) if m.group(2)[-1:] in 'xyz' else 'the ' + m.group(2) + ' axis'}")
+    return (f"the images' orientation headers disagreed by a turn of {turn}, which registration undid: right when "
+            "a header misstated the position by that turn (prone/supine, head-first/feet-first), but where the "
+            "cause is a flipped axis (a reversed slice order, a converter's sign error) the result is mirrored, "
+            "which no rotation can undo and the images cannot tell (a head is nearly left-right symmetric); check "
+            "the moving image's orientation header (e.g. `medfuse info` of both images) before use")
 
 
 #: How far from 1 the affine stage may scale an image of the fixed image's frame of reference (one session).

@@ -604,15 +604,94 @@ def coverage(volume: Volume, reference: Volume, *, transform=None) -> float:
     return float(np.prod(overlap) / np.prod(np.maximum(a1 - a0, 1e-12)))
 
 
-def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volume:
-    """An empty grid covering ``volumes[reference_index]``'s field of view at the finest spacing of all volumes.
+#: Orientation letters: the LPS world axis each names and the sign of the direction it points to.
+_AXIS_LETTERS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+_ORIENTATION_FIX = ("give three letters, one of L/R, one of A/P and one of S/I, naming where the voxel axes i, j and k "
+                    "point to (nibabel's aff2axcodes convention): e.g. 'RAS' (NIfTI, MNI, nnU-Net), 'LPS' (DICOM, "
+                    "ITK), 'LAS' (the SPM templates) or 'RPI'")
+#: A common grid of more voxels than this is refused: 8.6 G voxels are 34 GB per float32 volume, and a spacing typed
+#: in the wrong unit (0.001 for 1 mm) asked for 10**15.
+_MAX_GRID_VOXELS = 2 ** 33
 
-    The orientation (direction) of the reference is kept.
+
+def _orientation_direction(orientation: Any) -> np.ndarray:
+    """The axis-aligned 3x3 LPS direction matrix (columns along i, j, k) of a code such as ``"RAS"``.
+
+    Raises:
+        InvalidInputError: not a str of three letters, one of each pair L/R, A/P, S/I.
+    """
+    if not isinstance(orientation, str):
+        raise InvalidInputError(f"orientation must be a 3-letter code, got {_checks.describe(orientation)}",
+                                fix=_ORIENTATION_FIX)
+    code = orientation.strip().upper()
+    unknown = sorted({c for c in code if c not in _AXIS_LETTERS})
+    worlds = [_AXIS_LETTERS[c][0] for c in code if c in _AXIS_LETTERS]
+    pairs = ("L/R", "A/P", "S/I")
+    if unknown:
+        verb = "is not an axis letter" if len(unknown) == 1 else "are not axis letters"
+        why = f"{', '.join(repr(c) for c in unknown)} {verb}"
+    elif len(code) != 3:
+        why = f"it has {len(code)} letters, not 3"
+    elif sorted(worlds) != [0, 1, 2]:
+        twice = sorted({pairs[w] for w in worlds if worlds.count(w) > 1})
+        missing = [pairs[w] for w in range(3) if w not in worlds]
+        why = f"it names the {' and '.join(twice)} axis twice and no {' or '.join(missing)} letter"
+    else:
+        d = np.zeros((3, 3))
+        for axis, c in enumerate(code):
+            world, sign = _AXIS_LETTERS[c]
+            d[world, axis] = sign
+        return d
+    raise InvalidInputError(f"orientation {_checks.label(orientation)} is not an orientation code: {why}",
+                            fix=_ORIENTATION_FIX)
+
+
+def _grid_spacing(spacing: Any) -> np.ndarray:
+    """``spacing`` (one number, or three along the output's i, j, k) as 3 positive finite mm, or a typed error."""
+    example = "spacing=1.0 (1 mm isotropic) or spacing=(1.0, 1.0, 2.0) (mm along the output's i, j, k)"
+    try:
+        ndim = np.ndim(spacing)  # 0 for a number, and for a str or any other object (refused as a number)
+    except (TypeError, ValueError):  # a ragged list
+        ndim = -1
+    if ndim == 0 or isinstance(spacing, (str, bytes)):
+        items = [spacing]
+    else:
+        items = list(np.asarray(spacing, dtype=object)) if ndim == 1 else None
+        if items is None or len(items) != 3:
+            got = f"{len(items)} number{'' if len(items) == 1 else 's'}" if items is not None \
+                else _checks.describe(spacing)
+            raise InvalidInputError(f"spacing must be one number (isotropic) or 3 numbers (mm along the output's i, "
+                                    f"j, k), got {got}", fix=f"pass e.g. {example}")
+    mm = [_checks.number(x, "spacing", low=0, open_low=True, what="a finite voxel size in mm", example=example)
+          for x in items]
+    return np.array(mm * 3 if len(mm) == 1 else mm, dtype=float)
+
+
+def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0, spacing: Any = None,
+                orientation: Optional[str] = None) -> Volume:
+    """An empty grid covering ``volumes[reference_index]``'s field of view, by default at the finest spacing of all
+    volumes and in the reference's orientation (direction).
+
+    ``spacing`` and ``orientation`` fix the grid instead, as challenge datasets (BraTS, nnU-Net) require every
+    subject's images on one spacing and axis order, e.g. ``common_grid([t1, flair], spacing=1, orientation="RAS")``
+    for 1 mm isotropic RAS.
 
     Args:
-        volumes: the volumes to cover; their finest voxel spacing becomes the grid's (isotropic) spacing.
+        volumes: the volumes to cover; their finest voxel spacing becomes the grid's (isotropic) spacing unless
+            ``spacing`` is given.
         reference_index: which of ``volumes`` sets the field of view, orientation and world (NIfTI space, DICOM
             frame of reference); negative indices count from the end.
+        spacing: (keyword-only) the grid's voxel size in mm: one number (isotropic) or three, along the output's
+            i, j, k (x, y, z of its voxel axes). The grid keeps the reference's outer edges, the far edge within
+            half a voxel (the voxel count is rounded). None: the finest spacing of ``volumes``.
+        orientation: (keyword-only) a 3-letter code naming the world direction each voxel axis i, j, k points
+            *to*, as nibabel's ``aff2axcodes`` and :attr:`Volume.orientation` name it: ``"RAS"`` means i increases
+            toward the patient's Right, j toward Anterior, k toward Superior (the NIfTI/MNI/nnU-Net layout);
+            ``"LPS"`` is DICOM's and ITK's image layout. (ITK's ``SpatialOrientation`` names such as
+            ``ITK_COORDINATE_ORIENTATION_RAI`` say where each axis comes *from*: its RAI is ``"LPS"`` here.) The
+            grid is then axis-aligned in that orientation; an oblique reference gets the box around its 8 corners
+            (every voxel of it covered, the box's spare part shared between both ends). None: the reference's
+            direction.
 
     Returns:
         A uint8 Volume of zeros: only its geometry (shape and affine) and space labels are meant to be used, e.g. as
@@ -620,7 +699,9 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
 
     Raises:
         InvalidInputError: ``volumes`` not a list (or other sequence) of Volumes, no volumes, an item that is not
-            a Volume, a ``reference_index`` that is not a whole number or is out of range.
+            a Volume, a ``reference_index`` that is not a whole number or is out of range, a ``spacing`` that is
+            not one or three positive finite numbers, an ``orientation`` that is not a code of one letter of each
+            pair L/R, A/P, S/I, or a grid of more than 2**33 voxels (a spacing far too fine for the field of view).
     """
     vols = _volume_list(volumes)
     _checks.whole(reference_index, "reference_index", example="reference_index=0")
@@ -628,15 +709,35 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
         raise InvalidInputError(f"reference_index {reference_index} is out of range for {len(vols)} volumes",
                                 fix="pass the index of the fixed volume")
     ref = vols[reference_index]
-    finest = min(min(v.spacing) for v in vols)
-    extent = (np.asarray(ref.shape) - 1) * np.asarray(ref.spacing)  # centre-to-centre field of view
-    # Same outer edges: first and last voxel half a voxel inside the reference's edges.
-    fov = extent + np.asarray(ref.spacing)
-    shape = np.maximum(1, np.round(fov / finest).astype(int))
-    spacing = np.full(3, finest)
-    start_edge = ref.index_to_world([-0.5, -0.5, -0.5])
-    origin = start_edge + ref.direction @ (spacing / 2.0)
-    aff = affine_from_geometry(spacing, origin, ref.direction)
+    chosen = spacing is not None
+    spacing = _grid_spacing(spacing) if chosen else np.full(3, min(min(v.spacing) for v in vols))
+    if orientation is None:
+        direction = ref.direction
+        extent = (np.asarray(ref.shape) - 1) * np.asarray(ref.spacing)  # centre-to-centre field of view
+        # Same outer edges: first and last voxel half a voxel inside the reference's edges.
+        fov = extent + np.asarray(ref.spacing)
+        counts = np.maximum(1, np.round(fov / spacing))
+        start = ref.index_to_world([-0.5, -0.5, -0.5])
+    else:
+        direction = _orientation_direction(orientation)
+        # The reference's corners along the new axes: its own edges when it is axis-aligned (a permutation or
+        # flip of them), the box around it when it is oblique.
+        along = _grid_corners(ref) @ direction
+        low, fov = along.min(axis=0), np.ptp(along, axis=0)
+        if ref.is_oblique:  # whole voxels over the whole box (rounding would cut corners), spare shared by both ends
+            counts = np.maximum(1, np.ceil(fov / spacing - 1e-6))
+            low = low - (counts * spacing - fov) / 2.0
+        else:
+            counts = np.maximum(1, np.round(fov / spacing))
+        start = direction @ low
+    if chosen and not float(np.prod(counts)) <= _MAX_GRID_VOXELS:
+        raise InvalidInputError(f"spacing {' x '.join(f'{x:g}' for x in spacing)} mm over the reference's "
+                                f"{' x '.join(f'{x:.0f}' for x in fov)} mm field of view gives "
+                                f"{float(np.prod(counts)):.3g} voxels, more than {_MAX_GRID_VOXELS:.3g}",
+                                fix="pass the spacing in mm, e.g. spacing=1 for 1 mm isotropic")
+    shape = counts.astype(int)
+    origin = start + direction @ (spacing / 2.0)
+    aff = affine_from_geometry(spacing, origin, direction)
     # The grid lies in the reference's world, so it carries the reference's NIfTI space (resample passes it on).
     # ... and in its frame of reference: volumes from another frame are warned about when resampled onto it.
     space = {k: ref.provenance[k] for k in ("nifti_space", "frame_of_reference_uid") if ref.provenance.get(k)}
@@ -644,8 +745,11 @@ def common_grid(volumes: Sequence[Volume], *, reference_index: int = 0) -> Volum
 
 
 def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int = 0,
-                            interpolation: Optional[str] = None) -> List[Volume]:
-    """Resample every volume onto one grid: the finest spacing among them, covering the reference's field of view.
+                            interpolation: Optional[str] = None, spacing: Any = None,
+                            orientation: Optional[str] = None) -> List[Volume]:
+    """Resample every volume onto one grid covering the reference's field of view: by default at the finest spacing
+    among them, in the reference's orientation; ``spacing`` and ``orientation`` fix it instead (e.g. ``spacing=1,
+    orientation="RAS"`` for the 1 mm isotropic RAS grid of a BraTS/nnU-Net-style dataset).
 
     No registration is done: volumes are assumed to share a world frame (register first otherwise).
     Boolean volumes (masks, label maps) use nearest neighbour.
@@ -655,17 +759,22 @@ def resample_to_common_grid(volumes: Sequence[Volume], *, reference_index: int =
         reference_index: which of ``volumes`` sets the field of view and orientation (see :func:`common_grid`).
         interpolation: ``"linear"`` (the default, None), ``"nearest"`` or ``"bspline"``, for the non-boolean
             volumes; left out, a volume that looks like an integer label map warns as in :func:`resample`.
+        spacing: (keyword-only) the grid's voxel size in mm, one number (isotropic) or three along the output's
+            i, j, k; None: the finest spacing of ``volumes`` (see :func:`common_grid`).
+        orientation: (keyword-only) a 3-letter code (``"RAS"``, ``"LPS"``, ...) naming where i, j, k point *to*
+            (nibabel's convention); None: the reference's direction (see :func:`common_grid`).
 
     Returns:
         One Volume per input, in order, all on the common grid; a volume already on it comes back as a copy.
 
     Raises:
         InvalidInputError: ``volumes`` not a list (or other sequence) of Volumes, no volumes, an item that is not
-            a Volume, a ``reference_index`` that is not a whole number or is out of range, an unknown
-            ``interpolation`` (noticed only when a non-boolean volume needs resampling).
+            a Volume, a ``reference_index`` that is not a whole number or is out of range, a ``spacing`` or
+            ``orientation`` that :func:`common_grid` refuses, an unknown ``interpolation`` (noticed only when a
+            non-boolean volume needs resampling).
     """
     volumes = _volume_list(volumes)  # once: a generator would be used up by common_grid
-    grid = common_grid(volumes, reference_index=reference_index)
+    grid = common_grid(volumes, reference_index=reference_index, spacing=spacing, orientation=orientation)
     out = []
     for v in volumes:
         if v.same_grid(grid):

@@ -93,7 +93,6 @@ def _axis_aligned(volume: Volume) -> Volume:
     warning ``resample`` gives about it did not reach the napari user.
     """
     from medfuse.registration import resample
-    from medfuse.registration.resample import _is_label_map, label_map_description, piecewise_constant
 
     lo, hi = volume.bounds()
     d = np.abs(volume.direction)
@@ -104,11 +103,58 @@ def _axis_aligned(volume: Volume) -> Volume:
     aff[:3, :3] = np.diag(spacing)
     aff[:3, 3] = lo
     ref = Volume(np.zeros(shape, dtype=np.uint8), aff)
-    # Up to 4096 labels with flat regions (TotalSegmentator's 117 classes, FreeSurfer's aparc+aseg): a display
-    # may take nearest neighbour where resample() keeps warning at 64 values only.
-    labels = _is_label_map(volume) or (label_map_description(volume, max_values=4096) is not None
-                                       and piecewise_constant(volume.array))
-    return resample(volume, ref, interpolation="nearest" if labels else "linear")
+    return resample(volume, ref, interpolation="nearest" if _label_like(volume) else "linear")
+
+
+#: Distinct values a label map may have to be shown as one (see :func:`_label_like`).
+LABEL_VALUES = 4096
+
+
+def _label_like(volume: Volume) -> bool:
+    """Whether ``volume`` looks like a label map or mask: boolean, or integer of unknown modality with up to
+    :data:`LABEL_VALUES` distinct values in flat regions (medfuse's own tests, :mod:`medfuse.registration.resample`).
+
+    Why 4096 and flat regions: TotalSegmentator's 117 classes and FreeSurfer's aparc+aseg (labels up to 2035) exceed
+    the 64 values ``resample()`` warns at; an MR stored as int16 with fewer than 4096 values (BraTS t1n: about 2000)
+    has neighbours that differ by noise (about 0.02 of its pairs equal, a label map's over 0.5).
+    """
+    from medfuse.registration.resample import _is_label_map, label_map_description, piecewise_constant
+
+    return _is_label_map(volume) or (label_map_description(volume, max_values=LABEL_VALUES) is not None
+                                     and piecewise_constant(volume.array))
+
+
+def is_label_map(volume: Volume) -> bool:
+    """Whether the reader opens ``volume`` as a napari Labels layer (coloured, semi-transparent over the anatomy).
+
+    A label map or mask (:func:`_label_like`) with no negative value and no physical unit: a volume whose modality
+    (MR, CT, PET, SPECT) or unit (HU, SUV, Bq/mL, counts, Gy) is known is an image, whatever its values. A float
+    volume of unknown modality holding whole numbers only (a 0/1 mask stored as float32) counts when the display's
+    own test takes it for a mask (:func:`medfuse.display._is_label_map`) and its regions are flat.
+    """
+    arr = volume.array
+    if volume.unit != "arbitrary" or arr.size == 0:
+        return False
+    if arr.dtype.kind == "f":
+        from medfuse.display import _is_label_map as whole_labels
+        from medfuse.registration.resample import piecewise_constant
+
+        return volume.modality == "unknown" and whole_labels(arr[arr != 0]) and piecewise_constant(arr)
+    return _label_like(volume) and (arr.dtype == bool or int(arr.min()) >= 0)
+
+
+def _integer_labels(volume: Volume) -> Volume:
+    """A label map as napari's Labels take it: integers (booleans and whole floats converted), geometry kept.
+
+    Why before :func:`display_grid`: an oblique float mask is then resampled with nearest neighbour, as an
+    integer one is, not blended.
+    """
+    arr = volume.array
+    if arr.dtype.kind in "iu":
+        return volume
+    top = int(arr.max()) if arr.size else 0  # non-negative (is_label_map): the smallest unsigned type holding it
+    return Volume(arr.astype(np.min_scalar_type(top)), volume.affine, modality=volume.modality, unit=volume.unit,
+                  provenance=volume.provenance)
 
 
 #: The fix for a layer whose napari ``units`` are not lengths, when medfuse computes on it.
@@ -351,20 +397,31 @@ def lps_to_world(matrix: Any) -> np.ndarray:
     return R4 @ np.asarray(matrix, dtype=float) @ R4
 
 
+#: Opacity of a label map's layer: the anatomy under it stays visible, as in 3D Slicer.
+LABELS_OPACITY = 0.5
+
+
 def volume_to_layer(volume: Volume, *, name: str, overlay: bool = False) -> Tuple[np.ndarray, dict, str]:
-    """Return napari ``(data, kwargs, "image")`` for a volume, with modality-aware display defaults.
+    """Return napari ``(data, kwargs, kind)`` for a volume, with modality-aware display defaults.
+
+    ``kind`` is ``"labels"`` for a label map or mask (:func:`is_label_map`: a FreeSurfer aseg, a lesion mask),
+    shown coloured and semi-transparent over the image it was drawn on; ``"image"`` otherwise. Both get the same
+    placement (``scale``, ``translate``) and ``metadata["medfuse"]``.
 
     An RT dose (unit Gy) is always an overlay (a dose wash over the anatomy), whatever ``overlay`` says: callers
     that test modalities only (the sample data) do not say so.
     """
-    settings = display_settings(volume, overlay=overlay or volume.unit == "Gy")
-    data, scale, translate, how = display_grid(volume)
-    kwargs: Dict[str, Any] = dict(settings.as_kwargs())
+    labels = is_label_map(volume)
+    data, scale, translate, how = display_grid(_integer_labels(volume) if labels else volume)
+    if labels:
+        kwargs: Dict[str, Any] = dict(opacity=LABELS_OPACITY, blending="translucent")
+    else:
+        kwargs = dict(display_settings(volume, overlay=overlay or volume.unit == "Gy").as_kwargs())
     kwargs.update(name=name, scale=scale, translate=translate,
                   metadata={"medfuse": {"affine": np.asarray(volume.affine).tolist(), "display_grid": how,
                                         "modality": volume.modality, "unit": volume.unit,
                                         "provenance": dict(volume.provenance or {})}})
-    return data, kwargs, "image"
+    return data, kwargs, "labels" if labels else "image"
 
 
 def volume_digest(array: Any) -> str:

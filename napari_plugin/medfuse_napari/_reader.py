@@ -392,7 +392,8 @@ def _stacked_for_reading(layers: List[tuple]) -> List[tuple]:
     whose ``pet`` folder sorts before ``t1`` showed no PET at all, under two opaque MR layers. Anatomical layers
     go first, functional ones last (on top, additive); only the first of each kind is shown, the others are in the
     layer list hidden (an opaque second MR would hide the first, two additive PETs would add up). The order among
-    layers of one kind is kept.
+    layers of one kind is kept. Label maps go on top of all (semi-transparent: a segmentation opened with its T1
+    sorted first, under the opaque T1, and was hidden).
     """
     def kind(layer: tuple):
         """True for a functional image layer, False for another image layer, None for anything else."""
@@ -400,9 +401,12 @@ def _stacked_for_reading(layers: List[tuple]) -> List[tuple]:
             return None
         return is_functional(layer[1].get("metadata", {}).get("medfuse", {}))
 
+    def rank(layer: tuple) -> int:
+        return 2 if len(layer) > 2 and layer[2] == "labels" else int(kind(layer) is True)
+
+    ordered = sorted(layers, key=rank)  # stable: the order within each kind is kept
     if sum(kind(l) is not None for l in layers) < 2:
-        return layers
-    ordered = sorted(layers, key=lambda l: kind(l) is True)  # stable: the order within each kind is kept
+        return ordered
     shown = set()
     for layer in ordered:
         if kind(layer) is not None:
@@ -472,7 +476,9 @@ def _series_layers(volumes, name: str) -> List[tuple]:
     md["volume_digests"] = [volume_digest(a) for a in arrays]
     kwargs["metadata"] = {"medfuse": md}
     _warn_unlike_ranges(arrays, name)
-    return [(np.stack(arrays), kwargs, "image")]
+    stacked = np.stack(arrays)
+    # Labels only while every volume holds integers (napari's Labels refuse floats).
+    return [(stacked, kwargs, first[2] if stacked.dtype.kind in "iu" else "image")]
 
 
 #: Volumes of one 4-D layer whose largest magnitudes differ by this factor or more cannot share contrast limits.

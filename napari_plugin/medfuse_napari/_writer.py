@@ -477,7 +477,7 @@ def _sidecar_record(target: Path, vol: Any, md: Dict[str, Any], name: str, place
     # UIDs stay out: they tie the record to a study (names and IDs are blanked by write_sidecar); so does a series
     # description, free text that may name the patient or a physician (the README: never in sidecars).
     # patient_key: salted in this session only (medfuse._patient), never written.
-    layer_prov = {k: v for k, v in dict(md.get("provenance") or {}).items()
+    layer_prov = {k: v for k, v in prov.for_sidecar(md.get("provenance") or {}).items()
                   if "uid" not in k.lower() and "description" not in k.lower() and k != "patient_key"}
     # Layer names are recorded (the fusion's inputs and grid, the registration's fixed layer, this layer), but the
     # reader names a DICOM layer by modality + series description when its folder name holds an identifier

@@ -20,6 +20,9 @@ from medfuse.io.suv import ACQUISITION_KEYS, acquisition_facts, header_from_data
 
 SCHEMA = {"tracer": str, "radionuclide": str, "half_life_s": float, "injected_mbq": float, "uptake_min": float,
           "decay_correction": str}
+#: provenance["pet_acquisition"] of a loaded series: acquisition_facts' keys, then the DICOM reader's attenuation
+#: correction (medfuse.io.dicom._attenuation_facts).
+PROVENANCE_SCHEMA = {**SCHEMA, "attenuation_corrected": bool, "attenuation_method": str}
 #: Any date or time of day as text: 8 digits (DA), a DT/TM's 6 digits, 2020-12-17, 17.12.2020, 10:45.
 _DATE_OR_TIME = re.compile(r"\d{6}|\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|\d{1,2}:\d{2}")
 REAL = ("BQML_AC_DT_lessThan_S_DT_SIEMENS", "CPS_AND_BQML_AC_DT_-_S_DT", "GE_MEDICAL_AND_BQML", "PHILIPS_BQML",
@@ -27,10 +30,13 @@ REAL = ("BQML_AC_DT_lessThan_S_DT_SIEMENS", "CPS_AND_BQML_AC_DT_-_S_DT", "GE_MED
 
 
 def _check_schema(facts):
-    """Exactly the schema's keys, each None or of its type, and no date or time of day in any value."""
-    assert list(facts) == list(SCHEMA) == list(ACQUISITION_KEYS)
+    """Exactly the schema's keys (acquisition_facts', or a loaded volume's with its attenuation correction), each
+    None or of its type, and no date or time of day in any value."""
+    assert list(SCHEMA) == list(ACQUISITION_KEYS)
+    schema = PROVENANCE_SCHEMA if len(facts) > len(SCHEMA) else SCHEMA
+    assert list(facts) == list(schema)
     for key, value in facts.items():
-        assert value is None or type(value) is SCHEMA[key], (key, value)  # numbers are floats, never a datetime
+        assert value is None or type(value) is schema[key], (key, value)  # numbers are floats, never a datetime
         if isinstance(value, str):
             assert not _DATE_OR_TIME.search(value), (key, value)
 
@@ -101,7 +107,10 @@ def test_sample_pet_provenance(samples_dir):
                      "injected_mbq": pytest.approx(float(item.RadionuclideTotalDose) / 1e6),
                      "uptake_min": pytest.approx((scan - _dt(item.RadiopharmaceuticalStartDateTime)).total_seconds()
                                                  / 60),
-                     "decay_correction": str(ds.DecayCorrection)}
+                     "decay_correction": str(ds.DecayCorrection),
+                     "attenuation_corrected": "ATTN" in ds.CorrectedImage,  # it holds ATTN and DECY
+                     "attenuation_method": None}  # no AttenuationCorrectionMethod
+    assert facts["attenuation_corrected"] is True and "AttenuationCorrectionMethod" not in ds
     assert facts["tracer"] == "Fluorodeoxyglucose" and facts["injected_mbq"] == pytest.approx(250.0)
     # A copy of the Volume keeps it; a CT has none.
     assert vol.copy().provenance["pet_acquisition"] == facts

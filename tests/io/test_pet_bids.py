@@ -74,7 +74,8 @@ def test_suv_factor_matches_a_hand_computation(tmp_path, inj, scan, corrected_at
     assert v.provenance["suv"] == "bw" and "BIDS sidecar sub-01_pet.json" in v.provenance["suv_source"]
     assert v.provenance["pet_acquisition"] == {
         "tracer": "FDG", "radionuclide": "F18", "half_life_s": F18_S, "injected_mbq": 370.0,
-        "uptake_min": pytest.approx((scan - inj) / 60.0), "decay_correction": "START" if uptake_s else "ADMIN"}
+        "uptake_min": pytest.approx((scan - inj) / 60.0), "decay_correction": "START" if uptake_s else "ADMIN",
+        "attenuation_corrected": True, "attenuation_method": "CT-based"}
     # Geometry as without SUV (the voxels alone are scaled).
     plain = _quiet(load_image, nii, suv="none")
     assert plain.unit == "Bq/mL" and "suv_factor" not in plain.provenance
@@ -217,7 +218,8 @@ def test_a_sidecar_without_suv_fields_loads_in_bq_ml_silently(tmp_path):
     v = _quiet(medfuse.load, nii)
     assert (v.modality, v.unit) == ("PT", "Bq/mL")
     assert v.provenance["pet_acquisition"] == dict.fromkeys(
-        ("tracer", "radionuclide", "half_life_s", "injected_mbq", "uptake_min", "decay_correction"))
+        ("tracer", "radionuclide", "half_life_s", "injected_mbq", "uptake_min", "decay_correction",
+         "attenuation_corrected", "attenuation_method"))
 
 
 def test_a_pet_bids_sidecar_without_modality_is_a_pet(tmp_path):

@@ -262,3 +262,22 @@ def test_a_name_typed_without_its_ending_does_not_replace_that_file_and_says_how
     # Typed whole, the dialog has asked: replaced.
     _write(tmp_path / "mine.nii.gz", _volume(), {"name": "mine"})
     assert medfuse.load(tmp_path / "mine.nii.gz").shape == (6, 7, 8)
+
+
+# ------------------------------------------------------------------------------ 5. nothing that gives the weight back
+def test_a_pet_layers_sidecar_holds_neither_its_dose_beside_the_factor_nor_the_body_given(tmp_path, samples_dir):
+    """The writer's ``layer_provenance`` kept the whole provenance: the injected dose beside the SUV factor gives
+    the patient's weight back exactly, and a ``body=`` at loading is in the history as the values themselves."""
+    pet = medfuse.load(samples_dir / "pet", body={"weight_kg": 82.5, "height_m": 1.81, "sex": "F"})
+    moved = medfuse.resample(pet, medfuse.Volume(np.zeros((20, 20, 10), np.uint8), pet.affine))  # a step on
+    given = [h for h in moved.provenance["history"] if h.get("step") == "suv"]
+    assert given and given[0]["body"]["PatientWeight"] == 82.5  # there to be left out
+    assert moved.provenance["pet_acquisition"]["injected_mbq"] > 0
+    record = {**moved.provenance, "sources": [str(samples_dir / "pet")], "fusion": {"method": "mean"}}
+    attrs = {"name": "PT", "metadata": {"medfuse": {"provenance": record}}}
+    _write(tmp_path / "pet.nii.gz", moved.array, attrs)
+    text = (tmp_path / "pet.json").read_text()
+    layer = json.loads(text)["layer_provenance"]
+    assert "injected_mbq" not in layer["pet_acquisition"] and layer["suv_factor"] == pet.provenance["suv_factor"]
+    assert [h for h in layer["history"] if h.get("step") == "suv"] == [{"step": "suv", "kind": given[0]["kind"]}]
+    assert "82.5" not in text and "1.81" not in text

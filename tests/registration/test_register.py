@@ -667,7 +667,9 @@ def test_auto_initialisation_recovers_gross_misorientation(spm, rot, tr):
     # the +-30 degree multi-start alone ends 114-126 mm off here.
     assert _tre(r.transform, t1, head, M) <= 3.3, r.report.to_dict()
     assert r.report.initialisation.startswith("turned 180"), r.report.initialisation
-    assert not r.report.suspect, r.report.suspect_reasons
+    # Right, but a flipped axis wins turned the same way: the one reason asks to check the header.
+    assert len(r.report.suspect_reasons) == 1, r.report.suspect_reasons
+    assert "orientation headers disagreed by a turn of 180 degrees" in r.report.suspect_reasons[0]
     assert abs(r.report.rotation_deg - abs(max(rot, key=abs))) < 2.0, r.report.rotation_deg
     assert np.linalg.det(r.transform.matrix[:3, :3]) > 0  # turned, never mirrored
 
