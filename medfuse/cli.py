@@ -1213,11 +1213,14 @@ def _transform_chain(paths: Sequence[Any], *, inverse: bool = False):
     the other way round (MOVING's points to REFERENCE's, e.g. the transform that put REFERENCE on MOVING's grid).
 
     Raises:
-        InvalidInputError: with ``inverse``, a deformable transform, which has no closed-form inverse.
+        InvalidInputError: with ``inverse``, no files, or a deformable transform, which has no closed-form inverse.
     """
     from .errors import RegistrationError
     from .registration.transforms import load_transform
 
+    if inverse and not paths:
+        raise InvalidInputError("--inverse inverts the --transform files, and none was given",
+                                fix="add --transform T.tfm, or leave out --inverse")
     chain = None
     for path in (reversed(paths) if inverse else paths):
         t = load_transform(path)
@@ -1252,9 +1255,6 @@ def _cmd_resample(args: argparse.Namespace) -> int:
         check_identity_kept(out, args.reference, option="--keep-identity")
     _check_modalities_option(args, 2)
     _check_series_option(args, 2)
-    if args.inverse and not chain_paths:
-        raise InvalidInputError("--inverse inverts the --transform files, and none was given",
-                                fix="add --transform T.tfm, or leave out --inverse")
     # Read (and refused) before the images are loaded.
     chain = _transform_chain(chain_paths, inverse=args.inverse)
     _check_transform_direction(args, args.reference, side="REFERENCE", onto="MOVING's")
@@ -1825,9 +1825,6 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     if args.transform and args.mask is None:
         raise InvalidInputError("--transform carries the --mask onto the image, and no --mask was given",
                                 fix="add --mask MASK, or leave out --transform")
-    if args.inverse and not args.transform:
-        raise InvalidInputError("--inverse inverts the --transform files, and none was given",
-                                fix="add --transform T.tfm, or leave out --inverse")
     _check_threshold(args)
     inputs = [args.image] + ([args.mask] if args.mask is not None else [])
     _check_readable(*inputs, *(args.transform or []))

@@ -547,25 +547,26 @@ def region_statistics(volume: Volume, mask: Volume, *, labels: Any = None, refer
     order = asked + ([reference] if reference is not None and reference not in asked else [])
     transform = _as_transform(transform)
     on_grid, resampled = _mask_on_grid(mask, volume, transform)
-    if labels is None:
-        # An atlas over the whole head on a PET of limited axial range: the labels wholly outside its field are
-        # left out, said, rather than refusing every label (the reference still must be there).
-        arr = np.asarray(volume.array)
-        outside = [lab for lab in asked if lab != reference
-                   and not np.isfinite(arr[_mask_selects(on_grid, lab, None)]).any()]
-        if outside:
-            order = [lab for lab in order if lab not in outside]
-            warnings.warn(f"{len(outside)} of the mask's {len(asked)} labels select no voxel of the image (wholly "
-                          "outside its field of view, or over NaN only), and are left out: "
-                          f"{_listed(np.array(outside))}", MedfuseWarning, stacklevel=2)
-            if not order:
-                raise InvalidInputError("none of the mask's labels selects a voxel of the image",
-                                        fix="check that the mask belongs to this image (same patient and placement), "
-                                            "and the transform")
-    figures, regions = {}, []
+    figures, regions, outside = {}, [], []
     for lab in order:
-        figures[lab], region = _region_figures(volume, mask, on_grid, resampled, lab, None, transform)
+        try:
+            figures[lab], region = _region_figures(volume, mask, on_grid, resampled, lab, None, transform)
+        except InvalidInputError:
+            if labels is not None or lab == reference:  # asked for by name: refused, as mask_statistics does
+                raise
+            # An atlas over the whole head on a PET of limited axial range: a label wholly outside its field is
+            # left out, said, rather than refusing every label.
+            outside.append(lab)
+            continue
         regions.append(region)
+    if outside:
+        warnings.warn(f"{len(outside)} of the mask's {len(asked)} labels select no voxel of the image (wholly "
+                      "outside its field of view, or over NaN only), and are left out: "
+                      f"{_listed(np.array(outside))}", MedfuseWarning, stacklevel=2)
+        if not figures:
+            raise InvalidInputError("none of the mask's labels selects a voxel of the image",
+                                    fix="check that the mask belongs to this image (same patient and placement), "
+                                        "and the transform")
     _add_peaks(volume, list(figures.values()), regions)
     ref_mean = figures[reference]["mean"] if reference is not None else None
     if ref_mean is not None and (ref_mean == 0 or not math.isfinite(ref_mean)):
