@@ -105,6 +105,10 @@ class Subject:
             as its header gives it), as ``fuse_files(modalities=...)`` takes them; ``None``: a manifest row's inputs
             keep their own (a NIfTI file has none: ``unknown``), a dataset's files get the modality their names
             tell (see :func:`_name_modalities`).
+        labels: segmentations or label maps on one of the subject's image grids (a manifest's ``labels`` column,
+            ``;``-separated; a dataset's files named ``seg``, ``dseg``, ``mask``, ``label(s)`` or ``roi``), never
+            fused; with ``keep_registered`` a label on a moving image's grid is moved onto the fixed grid by
+            nearest neighbour (:func:`registered_paths`).
     """
 
     subject: str
@@ -117,6 +121,7 @@ class Subject:
     problem: Optional[str] = None
     series: Optional[List[str]] = None
     modalities: Optional[List[str]] = None
+    labels: Optional[List[str]] = None
 
 
 @dataclass
@@ -154,6 +159,12 @@ class SubjectResult:
             several): a half turn between a subject's images most often means a wrong header (a flipped slice
             order gives a mirror image, which no rotation undoes); False when registered from an unturned start,
             None when no registration ran.
+        outputs: the subject's files by role, for a training pipeline to take without parsing names (paths as
+            lists and mappings, never ``;``-joined): ``inputs`` (fixed first), ``fused`` (None with method
+            ``none``), and with ``keep_registered``: ``fixed`` (the fixed image re-saved on its own grid),
+            ``registered`` and ``transforms`` (by the word in their names: ``{"pet": ...}``, ``{"t1c": ...}``) and
+            ``labels`` (by their label word, ``{"seg": ...}``, numbered where it repeats: its path on the fixed
+            grid, the original where it lies there already). A CSV report holds it as JSON text. None where nothing is known.
     """
 
     subject: str
@@ -173,6 +184,7 @@ class SubjectResult:
     rotation_deg: Optional[float] = None
     translation_mm: Optional[float] = None
     turned_start: Union[str, bool, None] = None
+    outputs: Optional[Dict[str, Any]] = None
 
 
 #: The statuses of subjects that ran in this run (their ``seconds`` are this run's work).
@@ -360,7 +372,7 @@ def _gist(text: str) -> str:
 
 # ----------------------------------------------------------------------------- manifest
 #: What a manifest row (or a YAML manifest's ``defaults``) may hold besides its ``moving*`` columns.
-_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series", "modalities", "note")
+_MANIFEST_KEYS = ("subject", "fixed", "output", "register", "method", "series", "modalities", "labels", "note")
 
 
 def _display_path(value: Any) -> str:
@@ -424,19 +436,36 @@ def _formula_like(text: str) -> bool:
     return bool(t) and (t[0] in "=+@\t\r" or (t[0] == "-" and not re.fullmatch(r"-\d+(\.\d+)?", t.strip())))
 
 
-def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
-                  defaults: Mapping[str, Any]) -> Subject:
-    d = {**defaults, **{str(k).strip().lower(): v for k, v in raw.items() if k is not None}}
-    # A misspelt column ("methd", "regster") was ignored, so the subject ran with the defaults unsaid.
-    unknown = sorted(k for k in d if k not in _MANIFEST_KEYS and not k.startswith("moving"))
+def _check_columns(keys: Sequence[str], where: str, path: Path) -> None:
+    """Refuse column names a manifest does not know.
+
+    Why: a misspelt column ("methd", "regster") was ignored, so the subject ran with the defaults unsaid.
+
+    Args:
+        keys: the column names (lower case).
+        where: what holds them, as the message names it (``the header (row 1)``, ``manifest row 3``).
+        path: the manifest.
+
+    Raises:
+        InvalidInputError: a name that is no column.
+    """
+    unknown = sorted(k for k in keys if k not in _MANIFEST_KEYS and not k.startswith("moving"))
     if unknown:
         import difflib
 
         hints = [f"{label(k)} (did you mean '{close[0]}'?)" if close else label(k)
                  for k in unknown for close in [difflib.get_close_matches(k, _MANIFEST_KEYS, n=1, cutoff=0.6)]]
-        raise _row_error(path, row, f"unknown column(s) {', '.join(hints)}",
-                         f"rename or remove them; a manifest's columns are {', '.join(_MANIFEST_KEYS[:3])}, "
-                         f"moving (moving2, ...), {', '.join(_MANIFEST_KEYS[3:])}")
+        has = "has" if where.startswith("the header") else "holds"
+        raise InvalidInputError(f"{where} {has} unknown column(s) {', '.join(hints)}",
+                                fix=f"rename or remove them; a manifest's columns are "
+                                    f"{', '.join(_MANIFEST_KEYS[:3])}, moving (moving2, ...), "
+                                    f"{', '.join(_MANIFEST_KEYS[3:])}", path=path)
+
+
+def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
+                  defaults: Mapping[str, Any]) -> Subject:
+    d = {**defaults, **{str(k).strip().lower(): v for k, v in raw.items() if k is not None}}
+    _check_columns(list(d), f"manifest row {row}", path)
     for key in ("subject", "output", "fixed"):
         if isinstance(d.get(key), (list, tuple, Mapping)):  # str() of a YAML list made "['a', 'b']" the value
             raise _row_error(path, row, f"'{key}' holds a {'list' if isinstance(d[key], (list, tuple)) else 'mapping'}",
@@ -462,7 +491,7 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
         if isinstance(v, (list, tuple)):
             moving += [str(x) for x in v if str(x).strip()]
         else:
-            moving += [x for x in str(v).split(";") if x.strip()]
+            moving += _cell_paths(str(v), base)
     # An unpaired subject (no PET found, say) fails alone when the batch runs; the others go on.
     problem = None
     # A note (write_manifest's: why discovery left the cells empty) is for the reader; the run only repeats it.
@@ -502,9 +531,10 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
     if method is not None:
         from .fusion import available_methods
 
-        if method not in available_methods():  # a typo failed on the worker, after registration, without a row
+        if method not in (*available_methods(), "none"):  # a typo failed on the worker, after registration
             raise _row_error(path, row, f"unknown method {label(method)}",
-                             f"use one of {', '.join(available_methods())}, or leave the cell empty for --method")
+                             f"use one of {', '.join(available_methods())} (none: registration only), or leave the "
+                             "cell empty for --method")
     fixed = absolute(d["fixed"]) if d.get("fixed") and str(d["fixed"]).strip() else ""
     series = d.get("series")
     if isinstance(series, (list, tuple)):
@@ -518,9 +548,27 @@ def _subject_from(raw: Mapping[str, Any], *, base: Path, path: Path, row: int,
                          "give one per image, fixed first, separated by ';' ('-' for an image that needs none), "
                          "e.g. CT;PT")
     modalities = _row_modalities(d.get("modalities"), None if problem else 1 + len(moving), path, row)
+    labels = d.get("labels")
+    labels = ([str(x) for x in labels if str(x).strip()] if isinstance(labels, (list, tuple)) else
+              _cell_paths(str(labels), base) if labels is not None else [])
     return Subject(subject=str(d["subject"]).strip(), fixed=fixed, moving=[absolute(m) for m in moving],
                    output=absolute(d["output"]), register=reg, method=method, problem=problem, series=series,
-                   modalities=modalities)
+                   modalities=modalities, labels=[absolute(x) for x in labels] or None)
+
+
+def _cell_paths(cell: str, base: Path) -> List[str]:
+    """A manifest cell's paths, separated by ``;``, where pieces joined again with ``;`` that name an existing
+    file or folder are that one path (``spect;1.nii.gz`` was split, and the error named ``spect``)."""
+    def exists(text: str) -> bool:
+        q = Path(os.path.expanduser(_on_disk(text.strip())))
+        return bool(text.strip()) and os.path.lexists(q if q.is_absolute() else base / q)
+
+    pieces, paths, i = cell.split(";"), [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i + 1, -1) if exists(";".join(pieces[i:j]))), i + 1)
+        paths.append(";".join(pieces[i:j]))
+        i = j
+    return [x for x in paths if x.strip()]
 
 
 def _row_modalities(value: Any, n_images: Optional[int], path: Path, row: int) -> Optional[List[str]]:
@@ -693,6 +741,7 @@ def _read_csv_rows(text: str, p: Path) -> Tuple[List[Dict[Any, Any]], List[int]]
     sep = {"\t": "a tab", ";": "';'"}.get(delimiter, "','")
     reader = csv.reader(lines, delimiter=delimiter)
     header: Optional[List[str]] = None
+    header_line = 1
     cells_of: List[List[str]] = []
     numbers: List[int] = []
     try:
@@ -705,7 +754,7 @@ def _read_csv_rows(text: str, p: Path) -> Tuple[List[Dict[Any, Any]], List[int]]
             if _blank(cells):  # Excel's empty rows, rows of spaces and blank lines: no subject, no error
                 continue
             if header is None:
-                header = cells
+                header, header_line = cells, line
                 continue
             if len(cells) > len(header) and not _blank(cells[len(header):]):
                 # More cells than the header: DictReader put them under None and they were dropped without a word
@@ -736,8 +785,10 @@ def _read_csv_rows(text: str, p: Path) -> Tuple[List[Dict[Any, Any]], List[int]]
         if used is not None:
             raise InvalidInputError(f"column {i + 1} of the header has no name, but row {used} has a value in it",
                                     fix="name the column (subject, fixed, moving, moving2, ..., output, register, "
-                                        "method, series, modalities), or delete it", path=p)
+                                        "method, series, modalities, labels), or delete it", path=p)
     named = [(i, h) for i, h in enumerate(header) if h.strip()]
+    # Named once, as the header: each row's error named row 2 for a column of the header's row 1.
+    _check_columns([h.strip().lower() for _, h in named], f"the header (row {header_line})", p)
     seen: Dict[str, int] = {}
     for i, h in named:
         key = h.strip().lower()
@@ -885,7 +936,10 @@ _DISCOVER_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr
 _NOT_DICOM = (".json", ".txt", ".csv", ".tsv", ".md", ".pdf", ".xml", ".log", ".png", ".jpg", ".jpeg", ".bval",
               ".bvec", ".img", ".raw", ".zip", ".py", ".html", ".doc", ".docx", ".xls", ".xlsx", ".yaml", ".yml",
               ".tfm")  # ITK transforms (keep_registered writes them among the outputs)
-_JUNK = ("__macosx", "thumbs.db", "desktop.ini")
+#: Folders and files that file systems, NAS boxes and operating systems make (a Synology's ``@eaDir``, a USB stick's
+#: ``$RECYCLE.BIN``): they were refused as subjects named like formulas, or failed as unpaired subjects.
+_JUNK = ("__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "#snapshot", "$recycle.bin",
+         "system volume information", "lost+found", ".trashes", ".spotlight-v100", ".fseventsd")
 #: Folders of a dataset that hold no subject (BIDS: derivatives, sourcedata, code).
 _NOT_SUBJECTS = ("derivatives", "sourcedata", "code")
 #: Words in a file name that tell its modality (BIDS suffixes included: ``_T1w``, ``_pet``; BraTS 2021/2023's
@@ -894,21 +948,47 @@ _NAME_WORDS = {"MR": ("mr", "mri", "t1", "t1w", "t2", "t2w", "flair", "mprage", 
                "CT": ("ct",),
                "PT": ("pet", "pt", "fdg"), "NM": ("spect", "nm")}
 _KIND_NAMES = {"MR": "MR", "CT": "CT", "PT": "PET", "NM": "SPECT"}
+#: Whole words of a file name that make it a segmentation or label map (``ct_seg``, ``sub-02_dseg``, ``pet_mask``,
+#: ``t1_label``, BraTS's ``...-seg``): never an image to fuse.
+_LABEL_WORDS = ("seg", "dseg", "mask", "label", "labels", "roi")
 
 
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in _JUNK
 
 
+def _stem(name: str) -> str:
+    """A file name without the image ending discovery knows (``seg.nii.gz`` gives ``seg``)."""
+    for suf in _DISCOVER_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _is_label_name(name: str) -> bool:
+    """Whether a file's name marks a segmentation or label map (a whole word of :data:`_LABEL_WORDS`).
+
+    Why: ``ct_seg.nii.gz`` beside ``ct.nii.gz`` made the subject "ambiguous: 2 CT candidates", and ``seg.nii.gz``
+    or ``sub-02_dseg.nii.gz`` were passed over without a word.
+    """
+    return bool(set(_plain_words(name)) & set(_LABEL_WORDS))
+
+
+def _plain_words(name: str) -> List[str]:
+    """The whole words of a file's name without its ending, leaving out BIDS entities (``key-value`` pairs before
+    the final ``_`` suffix): ``acq-roi`` or ``label-GM`` of ``sub-01_acq-roi_T1w.nii.gz`` name no label map."""
+    import re
+
+    parts = _stem(name).lower().split("_")
+    kept = [p for p in parts[:-1] if not re.fullmatch(r"[a-z]+-[a-z0-9]+", p)] + parts[-1:]
+    return [w for p in kept for w in re.split(r"[^a-z0-9]+", p) if w]
+
+
 def _modality_from_name(name: str) -> Optional[str]:
     """``MR``, ``CT``, ``PT`` or ``NM`` from the words of a file name; None when none or several match."""
     import re
 
-    low = name.lower()
-    for suf in _DISCOVER_SUFFIXES:
-        if low.endswith(suf):
-            low = low[: -len(suf)]
-            break
+    low = _stem(name).lower()
     parts = low.split("_")
     if len(parts) > 1 and all(re.fullmatch(r"[a-z]+-[a-z0-9]+", p) for p in parts[:-1]):
         words = {parts[-1]}  # BIDS: only the suffix tells the modality (ses-t1 is a time point, not a T1)
@@ -923,6 +1003,12 @@ def _is_medfuse_output(image: Path) -> bool:
     from .provenance import is_medfuse_record, read_sidecar
 
     return is_medfuse_record(read_sidecar(image))
+
+
+def _holds_inputs(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file or a file that might be DICOM."""
+    images, maybe_dicom = _walk(folder)
+    return bool(images) or maybe_dicom
 
 
 def _walk(folder: Path, unreadable: Optional[List[str]] = None, *,
@@ -968,7 +1054,7 @@ _MANIFEST_FIX = ("list this subject in a manifest that names its fixed and movin
                  "to edit)")
 
 
-def discover_subject(folder: PathLike, *, with_series: bool = False):
+def discover_subject(folder: PathLike, *, with_series: bool = False, with_labels: bool = False):
     """Find a subject's reference (fixed) and moving images in its folder.
 
     A subject whose chosen series share one folder is refused here (a path cannot say which series is meant);
@@ -978,16 +1064,18 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
     ``pet``, ``fdg``, ``spect``, any case); DICOM series, in any nested folder, by their Modality. Hidden
     files (``.DS_Store``), notes and BIDS ``.json`` sidecars are ignored; symlinks are followed. The fixed image
     is the MR (else the CT); the moving images are the PET and/or SPECT. A CT beside an MR (the CT of a
-    PET/CT) is not used.
+    PET/CT) is not used. Files whose names mark a segmentation or label map (the whole words ``seg``, ``dseg``,
+    ``mask``, ``label``, ``labels``, ``roi``: ``ct_seg.nii.gz``, ``sub-01_dseg.nii.gz``) are never images to fuse.
 
     Args:
         folder: the subject's folder.
         with_series: also return the series choices (one per image, fixed first, ``"-"`` for none; ``None``
             when every image has a folder or file of its own), and accept series that share a folder.
+        with_labels: also return the label maps found (absolute paths, sorted; last in the tuple).
 
     Returns:
         ``(fixed, [moving, ...])`` as absolute paths (files, or DICOM series folders); with ``with_series``,
-        ``(fixed, [moving, ...], series)``.
+        ``(fixed, [moving, ...], series)``; with ``with_labels``, the list of label maps after those.
 
     Raises:
         InvalidInputError: ``folder`` is not a str or pathlib.Path; unpaired (no MR/CT, or no PET/SPECT), or
@@ -1003,11 +1091,14 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
     # SeriesNumber and image count too (:func:`_candidates`).
     named: Dict[str, List[Tuple[str, str]]] = {k: [] for k in _NAME_WORDS}
     unknown: List[Path] = []
+    labels = [f for f in images if _is_label_name(f.name)]
 
     def rel(p: Path) -> str:
         return os.fspath(p.relative_to(root)) if p != root and root in p.parents else (p.name or os.fspath(p))
 
     for f in images:
+        if f in labels:
+            continue
         kind = _modality_from_name(f.name)
         (found[kind] if kind else unknown).append(f)
         if kind:
@@ -1033,6 +1124,8 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
         parts = [f"{_KIND_NAMES[k]} {_candidates(named[k])}" for k, v in found.items() if v]
         if unknown:
             parts.append(f"unknown modality {', '.join(rel(p) for p in unknown)}")
+        if labels:
+            parts.append(f"label maps (not fused) {', '.join(rel(p) for p in labels)}")
         if unreadable:
             shown = ", ".join(rel(Path(u)) for u in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
             parts.append(f"{len(unreadable)} folder(s) that may not be read (permission denied): {shown}")
@@ -1063,7 +1156,8 @@ def discover_subject(folder: PathLike, *, with_series: bool = False):
         # Several series side by side (a PACS export): each picked by its modality, which is unique here
         # (two of a kind were refused above as ambiguous).
         series = [k if len(shared.get(os.fspath(found[k][0]), [])) > 1 else "-" for k in chosen]
-    return (fixed, moving, series) if with_series else (fixed, moving)
+    found_labels = [os.fspath(f) for f in labels]
+    return (fixed, moving, *([series] if with_series else []), *([found_labels] if with_labels else []))
 
 
 def _candidates(named: Sequence[Tuple[str, str]]) -> str:
@@ -1171,6 +1265,8 @@ def discover(dataset: PathLike, *, out_dir: Optional[PathLike] = None) -> List[S
         if _only_outputs(path):  # an earlier run's outputs (a manifest's out/ folder) are no subject either
             continue
         if _formula_like(entry.name):
+            if not _holds_inputs(path):  # no subject (a NAS's "@eaDir" spelt otherwise): not quoted in the report
+                continue
             raise InvalidInputError(f"the subject folder {entry.name!r} is named like a spreadsheet formula "
                                     "(it starts with =, +, - or @)",
                                     fix="rename the folder: the report repeats it as the subject id, and a "
@@ -1247,7 +1343,7 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     if method is not None:
         from .pipeline import _fusion_method
 
-        method = _fusion_method(method)
+        method = "none" if isinstance(method, str) and method.strip().lower() == "none" else _fusion_method(method)
     target = given if given else _dataset_out_dir(root, out) / "manifest.csv"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -1255,26 +1351,28 @@ def write_manifest(dataset: PathLike, path: Optional[PathLike] = None, *, out_di
     for s in discover(root, out_dir=out):
         note = ""
         try:
-            fixed, moving, series = discover_subject(s.folder, with_series=True)
+            fixed, moving, series, labels = discover_subject(s.folder, with_series=True, with_labels=True)
         except InvalidInputError as e:
             # Why the cells are empty (unpaired: what was found; ambiguous: the candidates), which the row
             # otherwise did not say; paths inside the subject's folder, as the run's error gives them.
-            fixed, moving, series, note = "", [], None, _scrubbed(e.problem, [s.folder])
+            fixed, moving, series, labels, note = "", [], None, [], _scrubbed(e.problem, [s.folder])
             note = os.fsencode(note).decode("utf-8", "backslashreplace")  # a name that is not UTF-8, shown
         with warnings.catch_warnings():  # the run says them; here the files are only read for their modality
             warnings.simplefilter("ignore", MedfuseWarning)
             codes = _name_modalities([fixed, *moving]) if fixed else None
         rows.append([s.subject, _manifest_text(fixed), ";".join(_manifest_text(m) for m in moving),
-                     _manifest_text(s.output), ";".join(series or []), " ".join(codes or []), note])
+                     _manifest_text(s.output), ";".join(series or []), " ".join(codes or []), note,
+                     ";".join(_manifest_text(x) for x in labels)])
     # Each column only when some subject needs it: series for several series in a folder, modalities for files
-    # that state none (what the run takes from their names; '-': a DICOM series' own Modality), note for a subject
-    # discovery could not pair (the manifest reader ignores it, and repeats it in the row's error).
-    cols = [c for c, k in (("series", 4), ("modalities", 5)) if any(r[k] for r in rows)]
+    # that state none (what the run takes from their names; '-': a DICOM series' own Modality), labels for label
+    # maps found (never fused; carried onto the fixed grid by --keep-registered), note for a subject discovery could
+    # not pair (the manifest reader ignores it, and repeats it in the row's error).
+    cols = [c for c, k in (("series", 4), ("modalities", 5), ("labels", 7)) if any(r[k] for r in rows)]
     extra = {k: v for k, v in (("register", register), ("method", method)) if v}
     notes = ["note"] if any(r[6] for r in rows) else []
     w.writerow(["subject", "fixed", "moving", "output"] + cols + list(extra) + notes)
     for r in rows:
-        w.writerow(r[:4] + [r[{"series": 4, "modalities": 5}[c]] for c in cols] + list(extra.values())
+        w.writerow(r[:4] + [r[{"series": 4, "modalities": 5, "labels": 7}[c]] for c in cols] + list(extra.values())
                    + [r[6] for _ in notes])
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -1581,6 +1679,8 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
             res.finished_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             res.medfuse_version = __version__
             res.inputs = res.inputs or ";".join(x for x in inputs if x) or None
+            if res.outputs is None and any(inputs):
+                res.outputs = {"inputs": [x for x in inputs if x]}
         # Header values (a DICOM folder named after the patient) are blanked from what the report quotes;
         # the subject's folder too: discovery's messages quote paths in it. Every row, skipped and unpaired
         # ones included (their early exits once returned before this blanking).
@@ -1588,6 +1688,8 @@ def run_subject(subject: Union[Subject, Mapping[str, Any]], options: Mapping[str
         for attr in ("error", "inputs", "warnings"):
             if getattr(res, attr):
                 setattr(res, attr, _scrubbed(getattr(res, attr), known))
+        if res.outputs:
+            res.outputs = _paths_mapped(res.outputs, lambda x: _scrubbed(x, known), keys=True)
         res.seconds = round(time.perf_counter() - t0, 3)
     return asdict(res)
 
@@ -1640,25 +1742,50 @@ def _route_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def _known_inputs(inputs: Sequence[str], res: SubjectResult) -> List[str]:
-    """The subject's inputs as far as they are known: discovery's, once it ran (``res.inputs``), and the row's."""
-    return list(dict.fromkeys([*(res.inputs.split(";") if res.inputs else []), *(x for x in inputs if x)]))
+    """The subject's inputs as far as they are known: discovery's, once it ran (``res.outputs``), and the row's."""
+    found = (res.outputs or {}).get("inputs") or []
+    return list(dict.fromkeys([*found, *(x for x in inputs if x)]))
+
+
+def _paths_mapped(value: Any, fn: Any, *, keys: bool = False) -> Any:
+    """``value`` (a row's ``outputs``: mappings and lists of paths) with ``fn`` applied to every text in it, and with
+    ``keys`` to its mappings' keys too (a scrub: no key may carry a patient identifier either)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {(fn(k) if keys and isinstance(k, str) else k): _paths_mapped(v, fn, keys=keys)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_paths_mapped(v, fn, keys=keys) for v in value]
+    return value
 
 
 def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], cancel: Optional[CancelToken],
                  inputs: List[str]) -> List[str]:
     """Run one subject, filling ``res`` (never raising a subject's failure); returns the inputs used."""
+    labels: List[str] = list(s.labels or [])
+    keep = False
     try:
         if s.problem:
             res.error = s.problem
             return inputs
         series, codes = s.series, s.modalities
         if s.folder and not s.fixed:
-            fixed, moving, series = discover_subject(s.folder, with_series=True)
+            fixed, moving, series, found = discover_subject(s.folder, with_series=True, with_labels=True)
             inputs = [fixed, *moving]
+            labels = labels or found
             codes = _name_modalities(inputs)
         modalities = [None if c == "-" else c for c in codes] if codes else None
         res.inputs = ";".join(inputs)
+        res.outputs = {"inputs": list(inputs)}
         _refuse_own_input(s.output, inputs)
+        method = s.method or options.get("method") or "network"
+        if method != "none" and len(inputs) > 3:
+            # Refused before any work: it failed after loading and registering all of them, writing nothing.
+            raise InvalidInputError(f"fusion takes two or three images; this subject has {len(inputs)}",
+                                    fix="run it with --method none (method none in its manifest row): every moving "
+                                        "image registered onto the fixed grid and written, no fusion; or give it at "
+                                        "most two moving images")
         threads = int(options.get("threads") or 1)
         if options.get("cap_process_threads", True):
             cap_threads(threads)  # a worker process: bound every pool, not just registration's
@@ -1667,9 +1794,12 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
 
         register = s.register if s.register is not None else options.get("register")
         register = None if register == "none" else register
-        method = s.method or options.get("method") or "network"
+        keep = bool(options.get("keep_registered")) or method == "none"
         kw = dict(register=register, method=method, device=options.get("device", "cpu"),
                   fallback=options.get("fallback"), threads=threads, suv=options.get("suv"))
+        if method == "none":
+            _register_only(s, res, inputs, labels, kw, series, modalities, options, cancel)
+            return inputs
         # What the output must have been made with: a fallback's output, or other weights', is redone.
         from .provenance import RESULTS_VERSION
 
@@ -1679,23 +1809,40 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         # As fuse_files records them (pipeline_parameters takes no modalities).
         params = Pipeline(**kw, series=series, modalities=modalities).parameters()
         overwrite = bool(options.get("overwrite"))
-        keep = bool(options.get("keep_registered"))
         out = Path(s.output)
+        res.outputs["fused"] = os.fspath(out)
         if out.exists():
             rec = read_sidecar(out)
             params = _suv_as_recorded(_unregistered_as_recorded(params, rec), rec, inputs)
             if is_up_to_date(out, input_paths=inputs, parameters=params, expect=expect):
-                stale = _registered_stale(out, rec, inputs) if keep else None
+                stale = _registered_stale(out, rec, inputs, labels) if keep else None
                 _from_sidecar(res, rec)
                 if not stale:
                     res.status = "skipped"
-                    res.registered_outputs = _registered_cell(out, rec) if keep else None
+                    if keep:
+                        cell, res.outputs = _kept_outputs(out, out, rec, inputs, labels, fused=True)
+                        res.registered_outputs = ";".join(cell) or None
+                        res.note = "; ".join(_label_notes(rec)) or None
+                    return inputs
+                if stale == _FIXED_ONLY:  # an earlier medfuse's kept files, all current: only the new fixed copy
+                    pipe = Pipeline(**{**kw, "register": None, "method": "mean", "fallback": None}, series=series,
+                                    modalities=modalities)
+                    cell, res.outputs = _write_fixed_only(out, rec, inputs, _registration_only(pipe),
+                                                          overwrite=overwrite, labels=labels, cancel=cancel)
+                    res.registered_outputs = ";".join(cell) or None
+                    res.status = "done"
+                    res.note = "; ".join(["fixed image re-saved; the fused output and registered images were up to "
+                                          "date", *_label_notes(rec)])
                     return inputs
                 # The fused output is current and stays as it is; only the registered images are made again.
                 pipe = Pipeline(**kw, series=series, modalities=modalities)
                 made, kept = _run_keeping(pipe, inputs, None, overwrite=False, cancel=cancel)
-                res.registered_outputs = _write_registered(out, inputs, made, kept, overwrite=overwrite)
-                res.status, res.note = "done", f"registered images written ({stale}); the fused output was up to date"
+                cell, res.outputs, notes = _write_registered(out, inputs, made, kept, overwrite=overwrite,
+                                                             labels=labels)
+                res.registered_outputs = ";".join(cell) or None
+                res.status = "done"
+                res.note = "; ".join([f"registered images written ({stale}); the fused output was up to date",
+                                      *notes])
                 return inputs
             if not overwrite:
                 # Our own stale output is redone; anything else only with overwrite.
@@ -1721,7 +1868,10 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
             _from_sidecar(res, rec)
             return inputs
         if keep:
-            res.registered_outputs = _write_registered(out, inputs, made, kept, overwrite=overwrite)
+            cell, res.outputs, notes = _write_registered(out, inputs, made, kept, overwrite=overwrite, labels=labels)
+            res.registered_outputs = ";".join(cell) or None
+            if notes:
+                res.note = "; ".join([*([res.note] if res.note else []), *notes])
         res.status = "done"
         _from_sidecar(res, made.provenance)
     except MedfuseError as e:
@@ -1730,16 +1880,107 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
             res.status = "cancelled"
     except Exception as e:  # noqa: BLE001 - isolate the subject; the batch goes on
         res.error = _one_line(e)
-    if res.status != "done" and res.note and res.note.startswith("redone: "):
-        res.note = _not_redone(res.note, Path(s.output))
+    finally:  # also after the early returns (a skipped subject)
+        if res.status != "done" and res.note and res.note.startswith("redone: "):
+            res.note = _not_redone(res.note, Path(s.output))
+        if labels and not keep and res.status in ("done", "skipped"):
+            # Found beside the images (or listed in the manifest), never fused: said, not passed over.
+            said = (f"label maps not fused: {', '.join(Path(x).name for x in labels)} (--keep-registered carries "
+                    "them onto the fixed grid)")
+            res.note = f"{res.note}; {said}" if res.note else said
     return inputs
+
+
+def _register_only(s: Subject, res: SubjectResult, inputs: List[str], labels: Sequence[str], kw: Dict[str, Any],
+                   series: Optional[List[str]], modalities: Optional[List[Optional[str]]],
+                   options: Mapping[str, Any], cancel: Optional[CancelToken]) -> None:
+    """Method ``none``: register and resample each moving image onto the fixed grid and write the kept files
+    (:func:`_write_registered`), no fusion; any number of moving images.
+
+    The fixed image re-saved (``<base>_<word>_fixed.nii.gz``) stands where the fused output would: its sidecar
+    records the inputs and parameters (what makes a rerun skip the subject) and lists the other files. The row's
+    ``output`` is that file.
+    """
+    import glob
+
+    from .pipeline import Pipeline
+    from .provenance import RESULTS_VERSION, is_medfuse_record, is_up_to_date, read_sidecar
+
+    pipe = _registration_only(Pipeline(**{**kw, "method": "mean", "fallback": None}, series=series,
+                                       modalities=modalities))
+    params = pipe.parameters()
+    out, base = _kept_base(s.output)
+    overwrite = bool(options.get("overwrite"))
+    expect = {"method_used": "none", "results_version": RESULTS_VERSION}
+    # The fixed image's word comes from its modality as loaded: the earlier run's file is found by its sidecar.
+    pattern = os.path.join(glob.escape(os.fspath(out.parent)), f"{glob.escape(base)}_*_fixed.nii.gz")
+    # By hashes (is_up_to_date), never by the recorded paths: a sidecar's paths are scrubbed of patient identifiers.
+    for found in sorted(glob.glob(pattern)):
+        anchor = Path(found)
+        rec = read_sidecar(anchor)
+        if not is_medfuse_record(rec) or rec.get("method_used") != "none" \
+                or len(rec.get("inputs") or []) != len(inputs):
+            continue
+        params = _suv_as_recorded(_unregistered_as_recorded(params, rec), rec, inputs)
+        if is_up_to_date(anchor, input_paths=inputs, parameters=params, expect=expect) \
+                and not _registered_stale(out, rec, inputs, labels, fused=False):
+            _from_sidecar(res, rec)
+            cell, res.outputs = _kept_outputs(out, anchor, rec, inputs, labels, fused=False)
+            res.registered_outputs = ";".join(cell) or None
+            res.status, res.output, res.note = "skipped", os.fspath(anchor), "; ".join(_label_notes(rec)) or None
+            return
+        res.note = "redone: inputs, parameters or registered images changed"  # medfuse's own files: replaced
+    _make_output_folder(out)
+    made, kept = _run_keeping(pipe, inputs, None, overwrite=False, cancel=cancel)
+    cell, res.outputs, notes = _write_registered(out, inputs, made, kept, overwrite=overwrite, labels=labels,
+                                                 parameters=params, fused=False)
+    res.registered_outputs = ";".join(cell) or None
+    res.status, res.output = "done", res.outputs.get("fixed")
+    res.note = "; ".join([*([res.note] if res.note else []), *notes]) or None
+    _from_sidecar(res, read_sidecar(Path(res.output)) if res.output else None)
 
 
 #: File-name words of the moving images kept on the fixed grid (``keep_registered``), by modality.
 _KEPT_WORDS = {"PT": "pet", "NM": "spect", "MR": "mr", "CT": "ct"}
 
 
-def registered_paths(output: PathLike, modalities: Sequence[Optional[str]]) -> List[Tuple[Path, Path]]:
+def _kept_base(output: PathLike) -> Tuple[Path, str]:
+    """The fused output's path and its name without its ending and a final ``_fused``: what kept files start with."""
+    out = Path(os.fspath(output))
+    base = _stem(out.name)
+    return out, base[: -len("_fused")] if base.endswith("_fused") and len(base) > len("_fused") else base
+
+
+def _input_word(path: str) -> Optional[str]:
+    """The one modality word of :data:`_NAME_WORDS` that an input's file name holds as a whole word (``t1c`` of
+    ``BraTS-GLI-00001-000-t1c.nii.gz``); None when none or several.
+
+    Never the name itself: file and folder names hold patient names (``DOE_JANE_PET_1``), and kept names are
+    quoted in reports and listings that are not scrubbed.
+    """
+    told = {w for w in _plain_words(Path(os.fspath(path)).name) if any(w in ws for ws in _NAME_WORDS.values())}
+    return told.pop() if len(told) == 1 else None
+
+
+def _kept_words(modalities: Sequence[Optional[str]], inputs: Optional[Sequence[str]] = None,
+                fixed: Optional[str] = None) -> List[str]:
+    """The word in each moving image's kept names: its modality's (``pet``); where several share one, each file's
+    modality word (:func:`_input_word`: ``t1c``, ``t2w``) where that word is unique among the subject's inputs
+    (``fixed`` included when given); else its position among the moving images (``pet1``, ``pet2``: the names of
+    earlier versions, so their outputs keep their names)."""
+    words = [_KEPT_WORDS.get(str(m).upper(), "moving") for m in modalities]
+    by_position = [w if words.count(w) == 1 else f"{w}{k + 1}" for k, w in enumerate(words)]
+    if inputs is None or len(inputs) != len(words):
+        return by_position
+    told = [_input_word(p) for p in inputs]
+    every = told + ([_input_word(fixed)] if fixed is not None else [])
+    named = [w if words.count(w) == 1 else t if t and every.count(t) == 1 else by
+             for w, t, by in zip(words, told, by_position)]
+    return named if len(set(named)) == len(named) else by_position
+
+
+def registered_paths(output: PathLike, modalities: Sequence[Optional[str]],
+                     inputs: Optional[Sequence[str]] = None, fixed: Optional[str] = None) -> List[Tuple[Path, Path]]:
     """Where ``keep_registered`` (``--keep-registered``) writes a subject's moving images on the fixed grid and their
     transforms: beside the fused output, named after it without its ending and a final ``_fused``
     (``out/sub-01_fused.nii.gz`` gives ``out/sub-01_pet_registered.nii.gz`` and ``out/sub-01_pet.tfm``).
@@ -1747,22 +1988,71 @@ def registered_paths(output: PathLike, modalities: Sequence[Optional[str]]) -> L
     Args:
         output: the subject's fused output.
         modalities: each moving image's modality as loaded (``PT``, ``NM``, ``MR``, ``CT``; another or None:
-            ``moving``). Two moving images of one modality get their position among the moving images
-            (``sub-01_pet1_registered.nii.gz``, ``sub-01_pet2_registered.nii.gz``).
+            ``moving``).
+        inputs: the moving images' files; where several share a modality, each is named after the modality word
+            its file's name holds (``BraTS-...-t1c.nii.gz`` gives ``sub-01_t1c_registered.nii.gz``), where that word
+            is unique among the subject's inputs. Otherwise (and without ``inputs``) their position among the
+            moving images (``sub-01_pet1_registered.nii.gz``). Never other words of a file's name.
+        fixed: the fixed image's file, whose word the moving images' words must differ from.
 
     Returns:
         ``(image, transform)`` per moving image; the transform file exists only where a registration ran.
     """
-    out = Path(os.fspath(output))
-    base = out.name
-    for suf in _DISCOVER_SUFFIXES:
-        if base.lower().endswith(suf):
-            base = base[: -len(suf)]
-            break
-    base = base[: -len("_fused")] if base.endswith("_fused") and len(base) > len("_fused") else base
+    out, base = _kept_base(output)
+    return [(out.with_name(f"{base}_{w}_registered.nii.gz"), out.with_name(f"{base}_{w}.tfm"))
+            for w in _kept_words(modalities, inputs, fixed)]
+
+
+def _fixed_path(output: PathLike, modalities: Sequence[Optional[str]], inputs: Sequence[str]) -> Path:
+    """Where the fixed image re-saved on its own grid goes: ``<base>_<word>_fixed.nii.gz``, the word its modality's
+    (``mr``), or where another input shares that modality the modality word its file's name holds (``t1n``) if no
+    other input's name holds it. ``modalities`` and ``inputs``: every input's, fixed first."""
+    out, base = _kept_base(output)
     words = [_KEPT_WORDS.get(str(m).upper(), "moving") for m in modalities]
-    named = [w if words.count(w) == 1 else f"{w}{k + 1}" for k, w in enumerate(words)]
-    return [(out.with_name(f"{base}_{w}_registered.nii.gz"), out.with_name(f"{base}_{w}.tfm")) for w in named]
+    told = [_input_word(p) for p in inputs]
+    word = told[0] if words.count(words[0]) > 1 and told[0] and told.count(told[0]) == 1 else words[0]
+    return out.with_name(f"{base}_{word}_fixed.nii.gz")
+
+
+def _label_word(path: str) -> str:
+    """The label word a label map's file name holds (the last of :data:`_LABEL_WORDS` in it: ``seg``, ``mask``);
+    ``label`` for a manifest's label map whose name holds none. Never other words of the name (patient names)."""
+    found = [w for w in _plain_words(Path(os.fspath(path)).name) if w in _LABEL_WORDS]
+    return found[-1] if found else "label"
+
+
+def _label_words(labels: Sequence[str]) -> List[str]:
+    """Each label map's word in its kept name and in ``outputs["labels"]``: its label word (:func:`_label_word`),
+    with its position among the subject's label maps where that word repeats (``seg1``, ``seg2``)."""
+    words = [_label_word(x) for x in labels]
+    return [w if words.count(w) == 1 else f"{w}{k + 1}" for k, w in enumerate(words)]
+
+
+def _label_path(output: PathLike, word: str) -> Path:
+    """Where a label map moved onto the fixed grid goes: ``<base>_<word>_label.nii.gz`` (:func:`_label_words`); its
+    ending is no moving image's (``_registered.nii.gz``), so the two never share a name."""
+    out, base = _kept_base(output)
+    return out.with_name(f"{base}_{word}_label.nii.gz")
+
+
+def _check_own_names(out: Path, inputs: Sequence[str], modalities: Sequence[Optional[str]],
+                     labels: Sequence[str]) -> None:
+    """Refuse, before any work, a subject whose kept files (fixed copy, moving images, transforms, label maps) would
+    share a name, or land on its output or an input.
+
+    Raises:
+        InvalidInputError: two of them give one name.
+    """
+    paths = [out, _fixed_path(out, modalities, inputs)]
+    paths += [p for pair in registered_paths(out, modalities[1:], inputs[1:], inputs[0]) for p in pair]
+    paths += [_label_path(out, w) for w in _label_words(labels)]
+    keys = [case_key(unicodedata.normalize("NFC", os.path.abspath(p))) for p in paths]
+    given = {case_key(unicodedata.normalize("NFC", os.path.abspath(x))) for x in [*inputs, *labels]}
+    clash = [p.name for p, k in zip(paths, keys) if keys.count(k) > 1 or k in given]
+    if clash:
+        raise InvalidInputError(f"the subject's kept files would share a name or land on an input: "
+                                f"{', '.join(sorted(set(clash)))}",
+                                fix="give the subject's output another name (the kept files are named after it)")
 
 
 def _check_kept_names(subjects: Sequence["Subject"]) -> None:
@@ -1795,116 +2085,374 @@ def _check_kept_names(subjects: Sequence["Subject"]) -> None:
         seen[key] = s
 
 
+def _grid_only(v: Any) -> Any:
+    """A Volume with ``v``'s grid and no voxels of its own (a broadcast zero): to compare label maps' grids with."""
+    import numpy as np
+
+    from .volume import Volume
+
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), v.shape), v.affine)
+
+
 class _KeepResampled:
     """The pipeline's resample step, keeping the moving images it put on the fixed grid: in their own units (a PET
-    in SUV), before the normalise step scales them for the fusion. Its parameters are the step's own, so the
-    pipeline's recorded parameters (what reruns compare) are unchanged."""
+    in SUV), before the normalise step scales them for the fusion; the fixed image as loaded; and every input's grid
+    (for label maps). Its parameters are the step's own, so the pipeline's recorded parameters (what reruns compare)
+    are unchanged."""
 
     def __init__(self, step: Any):
-        self.step, self.params, self.kept = step, getattr(step, "params", None), []
+        self.step, self.params, self.kept, self.fixed, self.grids = step, getattr(step, "params", None), [], None, []
 
     def __call__(self, state: Any) -> Any:
         state = self.step(state)
         self.kept = list(state.volumes[1:])
+        self.fixed = state.volumes[0]
+        self.grids = [_grid_only(v) for v in state.originals]
         return state
 
 
+class _NoFusion:
+    """The fuse step of method ``none`` (registration only): the fixed image stands in for a fused one, which is
+    never written."""
+
+    params = {"method": "none"}
+
+    def __call__(self, state: Any) -> Any:
+        state.fused = state.volumes[0]
+        return state
+
+
+class _Unchanged:
+    """A step left out (method ``none`` neither normalises nor saves a fused image)."""
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.params = dict(params)
+
+    def __call__(self, state: Any) -> Any:
+        return state
+
+
+def _registration_only(pipe: Any) -> Any:
+    """``pipe`` (built with a classical method) as method ``none``: load, register and resample only."""
+    return pipe.replace("normalise", _Unchanged({"method": "none"})).replace("fuse", _NoFusion()) \
+        .replace("save", _Unchanged({}))
+
+
 def _run_keeping(pipe: Any, inputs: Sequence[str], out: Optional[Path], *, overwrite: bool,
-                 cancel: Optional[CancelToken]) -> Tuple[Any, List[Any]]:
-    """Run ``pipe`` on ``inputs`` (writing ``out`` when given); returns its result and the moving images on the fixed
-    grid in their own units."""
+                 cancel: Optional[CancelToken]) -> Tuple[Any, "_KeepResampled"]:
+    """Run ``pipe`` on ``inputs`` (writing ``out`` when given); returns its result and what it kept
+    (:class:`_KeepResampled`: the moving images on the fixed grid in their own units, the fixed image, the grids)."""
     keep = _KeepResampled(pipe.step("resample"))
     made = pipe.replace("resample", keep).run(list(inputs), out, overwrite=overwrite, cancel=cancel)
-    return made, keep.kept
+    return made, keep
 
 
-def _registered_cell(out: Path, rec: Optional[Mapping[str, Any]]) -> Optional[str]:
-    """The report's ``registered_outputs`` cell from the fused output ``out``'s sidecar: the images and transforms
-    kept beside it."""
-    kept = rec.get("registered_outputs") if isinstance(rec, Mapping) else None
-    if not isinstance(kept, list):
+#: The sidecar key of a kept file that ties it to what it was made with: the fused output, or with method ``none``
+#: the fixed image re-saved (which lists the kept files).
+_TIED = {True: "fused_sha256", False: "fixed_output_sha256"}
+
+
+def _listed(out: Path, entry: Any, key: str) -> Optional[Path]:
+    """The kept file a sidecar's ``entry`` names under ``key`` (a bare file name beside ``out``); None when none."""
+    name = entry.get(key) if isinstance(entry, Mapping) else None
+    if not isinstance(name, str) or name in ("", ".", "..") or name != Path(name).name or "\\" in name:
         return None
-    names = [k.get(key) for k in kept if isinstance(k, Mapping) for key in ("image", "transform")]
-    return ";".join(os.fspath(out.with_name(n)) for n in names if isinstance(n, str)) or None
+    return out.with_name(name)
 
 
-def _registered_stale(out: Path, rec: Optional[Mapping[str, Any]], inputs: Sequence[str]) -> Optional[str]:
-    """Why the moving images kept on the fixed grid (and their transforms) beside the current fused output ``out``
-    must be written again (``missing``, ``stale``); None when each is there and its sidecar verifies it as made with
-    this fused output, from these inputs, with its parameters."""
+def _kept_outputs(out: Path, anchor: Path, rec: Optional[Mapping[str, Any]], inputs: Sequence[str],
+                  labels: Sequence[str] = (), *, fused: bool) -> Tuple[List[str], Dict[str, Any]]:
+    """What the sidecar ``rec`` of ``anchor`` (the fused output, or with method ``none`` the fixed image re-saved)
+    lists as kept beside it: the report's ``registered_outputs`` (images and transforms, in order) and the
+    subject's ``outputs`` mapping (:class:`SubjectResult`). ``labels``: the subject's label maps, in the order the
+    sidecar lists them (a label map on the fixed grid is given by its own path, never the sidecar's scrubbed one)."""
+    _, base = _kept_base(out)
+    outputs: Dict[str, Any] = {"inputs": list(inputs), "fused": os.fspath(out) if fused else None}
+    rec = rec if isinstance(rec, Mapping) else {}
+    fixed = _listed(out, rec, "fixed_output") if fused else anchor
+    if fixed is not None:
+        outputs["fixed"] = os.fspath(fixed)
+    cell: List[str] = []
+    registered: Dict[str, str] = {}
+    transforms: Dict[str, str] = {}
+    kept = rec.get("registered_outputs")
+    for k in kept if isinstance(kept, list) else []:
+        image, tfm = _listed(out, k, "image"), _listed(out, k, "transform")
+        if image is None:
+            continue
+        # The word between the base and the ending: ours (pet, t1c, pet1), never a file's other words.
+        word = image.name[len(base) + 1: -len("_registered.nii.gz")] if image.name.startswith(f"{base}_") \
+            else image.name
+        registered[word] = os.fspath(image)
+        cell.append(registered[word])
+        if tfm is not None:
+            transforms[word] = os.fspath(tfm)
+            cell.append(transforms[word])
+    found: Dict[str, str] = {}
+    listed = rec.get("label_outputs")
+    for j, k in enumerate(listed if isinstance(listed, list) else []):
+        if not isinstance(k, Mapping) or k.get("on") not in ("fixed", "moving") or not isinstance(k.get("word"), str):
+            continue
+        image = _listed(out, k, "image")
+        if image is not None:
+            found[k["word"]] = os.fspath(image)
+        elif j < len(labels):
+            found[k["word"]] = labels[j]
+    if kept is not None or fixed is not None:
+        outputs.update(registered=registered, transforms=transforms, labels=found)
+    return cell, outputs
+
+
+def _label_notes(rec: Optional[Mapping[str, Any]]) -> List[str]:
+    """The notes of label maps that were not carried (no input's grid, unreadable), from an anchor's sidecar."""
+    listed = rec.get("label_outputs") if isinstance(rec, Mapping) else None
+    return [k["note"] for k in listed or [] if isinstance(k, Mapping) and isinstance(k.get("note"), str)]
+
+
+#: Why the kept files are written again when only the fixed image re-saved is missing (an earlier medfuse's
+#: ``--keep-registered`` outputs): it alone is written, the registered images stay as they are.
+_FIXED_ONLY = "fixed image re-saved missing"
+
+
+def _registered_stale(out: Path, rec: Optional[Mapping[str, Any]], inputs: Sequence[str],
+                      labels: Sequence[str] = (), *, fused: bool = True) -> Optional[str]:
+    """Why the files kept beside the current fused output ``out`` (moving images on the fixed grid, their
+    transforms, the fixed image re-saved, label maps moved) must be written again (``missing``, ``stale``,
+    ``labels changed``, or :data:`_FIXED_ONLY` when all but the fixed image re-saved verify); None when each is
+    there and its sidecar verifies it as made with this fused output, from these inputs, with its parameters. With
+    ``fused`` False (method ``none``), ``rec`` is the sidecar of the fixed image re-saved, which the caller found
+    current.
+
+    The files are those the sidecar lists under their recorded names (an earlier version's names stay valid), and
+    are checked by hashes, counts and order only: the paths a sidecar records are scrubbed of patient identifiers
+    (``/data/[removed]_PET_1``), so they never equal the paths given.
+    """
     from .provenance import RESULTS_VERSION, hash_path, is_up_to_date, read_sidecar
 
     recorded = rec.get("inputs") if isinstance(rec, Mapping) else None
     if not isinstance(recorded, list) or len(recorded) != len(inputs) or not isinstance(rec.get("output"), Mapping):
         return "missing"
-    modalities = [r.get("modality") if isinstance(r, Mapping) else None for r in recorded[1:]]
-    expect = {"fused_sha256": rec["output"].get("sha256"), "results_version": RESULTS_VERSION}
-    for i, (image, tfm) in enumerate(registered_paths(out, modalities)):
-        if not image.exists():
+    expect = {_TIED[fused]: rec["output"].get("sha256"), "results_version": RESULTS_VERSION}
+    params = rec.get("parameters")
+    kept = rec.get("registered_outputs")
+    if not isinstance(kept, list) or len(kept) != len(inputs) - 1:
+        return "missing"
+    for i, k in enumerate(kept):
+        image = _listed(out, k, "image")
+        if image is None or not image.exists():
             return "missing"
-        if not is_up_to_date(image, input_paths=[inputs[0], inputs[i + 1]], parameters=rec.get("parameters"),
-                             expect=expect):
+        if not is_up_to_date(image, input_paths=[inputs[0], inputs[i + 1]], parameters=params, expect=expect):
             return "stale"
-        made = read_sidecar(image) or {}
-        transform = made.get("transform")
+        transform = (read_sidecar(image) or {}).get("transform")
         if isinstance(transform, Mapping):
+            tfm = _listed(out, k, "transform")
             try:
-                if not tfm.is_file() or hash_path(tfm) != transform.get("sha256"):
-                    return "missing" if not tfm.exists() else "stale"
+                if tfm is None or not tfm.is_file() or hash_path(tfm) != transform.get("sha256"):
+                    return "missing" if tfm is None or not tfm.exists() else "stale"
             except MedfuseError:
                 return "stale"
+    listed = rec.get("label_outputs") or []
+    if not isinstance(listed, list) or len(listed) != len(labels):
+        return "labels changed"
+    for k, lab in zip(listed, labels):
+        try:
+            sha = hash_path(lab)
+        except MedfuseError:
+            sha = None  # unreadable then and now: its note stands
+        if not isinstance(k, Mapping) or sha != k.get("sha256"):
+            return "labels changed"
+        if k.get("image"):
+            image, i = _listed(out, k, "image"), k.get("moving_index")
+            if image is None or not image.exists():
+                return "missing"
+            if not isinstance(i, int) or not 0 <= i < len(inputs) - 1 or not is_up_to_date(
+                    image, input_paths=[inputs[0], inputs[i + 1], lab], parameters=params, expect=expect):
+                return "stale"
+    if fused:
+        fixed = _listed(out, rec, "fixed_output")
+        if fixed is None or not is_up_to_date(fixed, input_paths=[inputs[0]], parameters=params, expect=expect):
+            return _FIXED_ONLY
     return None
 
 
-def _write_registered(out: Path, inputs: Sequence[str], made: Any, kept: Sequence[Any], *,
-                      overwrite: bool) -> Optional[str]:
-    """Write the moving images ``kept`` on the fixed grid and their transforms beside the fused output ``out``, each
-    image with a sidecar tying it to that output, and list them in the output's sidecar.
+def _write_fixed_only(out: Path, rec: Mapping[str, Any], inputs: Sequence[str], pipe: Any, *, overwrite: bool,
+                      labels: Sequence[str], cancel: Optional[CancelToken]) -> Tuple[List[str], Dict[str, Any]]:
+    """Write only the fixed image re-saved beside a current fused output whose other kept files verify (an earlier
+    medfuse's ``--keep-registered`` outputs, which had none), and list it in the output's sidecar: loaded by
+    ``pipe`` (method ``none``, no registration: :func:`_registration_only`), so the registered images and their
+    names stay as they are.
 
     Returns:
-        The report's ``registered_outputs`` cell.
+        The report's ``registered_outputs`` and the subject's ``outputs`` mapping.
+    """
+    from .provenance import write_sidecar
+
+    _, keep = _run_keeping(pipe, inputs, None, overwrite=False, cancel=cancel)
+    fixed_copy = _fixed_path(out, [keep.fixed.modality, *(v.modality for v in keep.kept)], inputs)
+    _refuse_foreign([fixed_copy], overwrite)
+    tied = {"fused_sha256": rec["output"].get("sha256"), "fused_output": out.name}
+    _save_tied(_float32(keep.fixed), fixed_copy, [inputs[0]],
+               dict(parameters=rec.get("parameters"), inputs=[_facts("fixed", inputs[0])], output=fixed_copy), tied)
+    rec = {**rec, "fixed_output": fixed_copy.name}
+    write_sidecar(out, rec, input_paths=[*inputs, *labels])
+    return _kept_outputs(out, out, rec, inputs, labels, fused=True)
+
+
+def _refuse_foreign(targets: Sequence[Optional[Path]], overwrite: bool) -> None:
+    """Refuse to write a kept file where a file is that no medfuse sidecar verifies (unless ``overwrite``).
+
+    Raises:
+        OutputExistsError: such a file is at one of ``targets``.
+    """
+    from .provenance import is_medfuse_record, read_sidecar
+
+    if overwrite or is_medfuse_record(read_sidecar(targets[0])):
+        return
+    for target in targets:
+        if target is not None and (target.exists() or target.is_symlink()):
+            raise OutputExistsError("a file is where a registered image or transform goes, and no medfuse "
+                                    "sidecar verifies it", fix="rerun with --overwrite (overwrite=True) to "
+                                    "replace it, or move it away", path=_display_path(target))
+
+
+def _save_tied(vol: Any, image: Path, pair: Sequence[str], base: Dict[str, Any], extra: Dict[str, Any]) -> None:
+    """Save a kept image with a sidecar tying it to its inputs ``pair`` and ``extra`` (what it was made with).
+
+    The sidecar first: a run killed before the image is complete leaves medfuse's own, unverified file (made again on
+    the next run), not one that only --overwrite may replace.
+    """
+    from .io import save
+    from .io.writers import check_save_target
+    from .provenance import build, hash_path, write_sidecar
+
+    check_save_target(image, overwrite=True, inputs=pair)  # never onto an input
+    write_sidecar(image, build(**base, extra=extra), input_paths=pair)
+    save(vol, image, overwrite=True)
+    write_sidecar(image, build(**base, output_sha256=hash_path(image), extra=extra), input_paths=pair)
+
+
+def _float32(vol: Any) -> Any:
+    """A kept image as float32, whatever its type as loaded or resampled (an SPM uint8 PET loaded as float64 was
+    kept as float64, the others as float32): every channel of a subject in one type."""
+    import numpy as np
+
+    return vol if vol.array.dtype == np.float32 else vol.with_array(vol.array.astype(np.float32))
+
+
+def _facts(role: str, path: str, modality: Optional[str] = None) -> Dict[str, Any]:
+    from .provenance import hash_path
+
+    return {"role": role, "path": path, "sha256": hash_path(path), **({"modality": modality} if modality else {})}
+
+
+def _write_registered(out: Path, inputs: Sequence[str], made: Any, keep: "_KeepResampled", *, overwrite: bool,
+                      labels: Sequence[str] = (), parameters: Optional[Mapping[str, Any]] = None,
+                      fused: bool = True) -> Tuple[List[str], Dict[str, Any], List[str]]:
+    """Write, beside the fused output ``out``, the moving images on the fixed grid (float32, in their own units) and
+    their transforms, the fixed image re-saved on its own grid, and the label maps moved onto the fixed grid (nearest
+    neighbour, integer type kept); each with a sidecar tying it to that output; and list them in the output's
+    sidecar.
+
+    With ``fused`` False (method ``none``: no fused output), the fixed image re-saved is written first, its sidecar
+    records every input and ``parameters``, ties the others to it and lists them.
+
+    Returns:
+        The report's ``registered_outputs`` (images and transforms, in order), the subject's ``outputs`` mapping and
+        the notes of label maps that were not carried.
 
     Raises:
         OutputExistsError: a file at one of their paths is not medfuse's (no medfuse sidecar), without
             ``overwrite``; or one is an input.
     """
-    from .io import save
-    from .io.writers import check_save_target
-    from .provenance import build, hash_path, is_medfuse_record, read_sidecar, write_sidecar
+    from . import load
+    from .provenance import hash_path, read_sidecar, write_sidecar
+    from .registration import resample
 
-    fused = read_sidecar(out) or {}
-    fused_sha = (fused.get("output") or {}).get("sha256")
+    moving_mods = [v.modality for v in keep.kept]
+    modalities = [keep.fixed.modality, *moving_mods]
+    _check_own_names(out, inputs, modalities, labels)
+    fixed_copy = _fixed_path(out, modalities, inputs)
+    paths = registered_paths(out, moving_mods, inputs[1:], inputs[0])
+    words = _label_words(labels)
+    # Which label maps are carried, and onto which paths, before anything is written: a foreign file at a label
+    # map's path was refused only after the fixed copy and the registered images had been written.
+    carried: List[Dict[str, Any]] = []
+    moves: List[Tuple[Dict[str, Any], Any, int, Path]] = []
+    for lab, word in zip(labels, words):
+        entry: Dict[str, Any] = {"label": lab, "word": word, "sha256": None, "on": None, "moving_index": None,
+                                 "image": None}
+        carried.append(entry)
+        name = Path(lab).name
+        try:
+            entry["sha256"] = hash_path(lab)
+            vol = load(lab)
+        except MedfuseError as e:
+            entry["note"] = f"label map {name} not carried: {e.problem}"
+            continue
+        if vol.same_grid(keep.grids[0]):
+            entry["on"] = "fixed"  # left as it is: it lies on the fixed grid already (a BraTS seg on all four)
+            continue
+        on_moving = [i for i, g in enumerate(keep.grids[1:]) if vol.same_grid(g)]
+        if len(on_moving) != 1:
+            why = "no input's grid" if not on_moving else "the grids of several moving images"
+            entry["note"] = (f"label map {name} not carried: it lies on {why} (shape and affine), so which "
+                             "transform moves it cannot be told")
+            continue
+        moves.append((entry, vol, on_moving[0], _label_path(out, word)))
+    _refuse_foreign([fixed_copy], overwrite)
+    for i, (image, tfm) in enumerate(paths):
+        _refuse_foreign([image, tfm if i < len(made.transforms) and made.transforms[i] is not None else None],
+                        overwrite)
+    for _, _, _, image in moves:
+        _refuse_foreign([image], overwrite)
+    if fused:
+        anchor = out
+        rec = read_sidecar(out) or {}
+        parameters = rec.get("parameters")
+    else:
+        anchor = fixed_copy
+        facts = [_facts("fixed" if i == 0 else "moving", p, m) for i, (p, m) in enumerate(zip(inputs, modalities))]
+        regs = [r for r in made.registrations if r is not None]
+        _save_tied(_float32(keep.fixed), fixed_copy, list(inputs),
+                   dict(inputs=facts, output=fixed_copy, parameters=parameters, registration=regs or None),
+                   {"method_used": "none", "fused_output": None})
+        rec = read_sidecar(fixed_copy) or {}
+    tied = {_TIED[fused]: (rec.get("output") or {}).get("sha256"), "fused_output": out.name if fused else None}
+    base = dict(parameters=parameters)
+    if fused:
+        _save_tied(_float32(keep.fixed), fixed_copy, [inputs[0]],
+                   dict(base, inputs=[_facts("fixed", inputs[0])], output=fixed_copy), dict(tied))
     listed = []
-    paths = registered_paths(out, [v.modality for v in kept])
-    for i, ((image, tfm), vol) in enumerate(zip(paths, kept)):
+    for i, ((image, tfm), vol) in enumerate(zip(paths, keep.kept)):
         pair = [inputs[0], inputs[i + 1]]
         transform = made.transforms[i] if i < len(made.transforms) else None
-        ours = is_medfuse_record(read_sidecar(image))
-        for target in (image, tfm if transform is not None else None):
-            if target is not None and (target.exists() or target.is_symlink()) and not ours and not overwrite:
-                raise OutputExistsError("a file is where a registered image or transform goes, and no medfuse "
-                                        "sidecar verifies it", fix="rerun with --overwrite (overwrite=True) to "
-                                        "replace it, or move it away", path=_display_path(target))
-        check_save_target(image, overwrite=True, inputs=pair)  # never onto an input
-        facts = [{"role": role, "path": p, "sha256": hash_path(p)} for role, p in zip(("fixed", "moving"), pair)]
         reg = made.registrations[i] if i < len(made.registrations) else None
-        base = dict(inputs=facts, output=image, parameters=fused.get("parameters"),
-                    registration=[reg] if reg is not None else None)
-        extra: Dict[str, Any] = {"fused_sha256": fused_sha, "fused_output": out.name}
-        # The sidecar first: a run killed before the image is complete leaves medfuse's own, unverified file (made
-        # again on the next run), not one that only --overwrite may replace.
-        write_sidecar(image, build(**base, extra=extra), input_paths=pair)
-        save(vol, image, overwrite=True)
+        extra = dict(tied)
         if transform is not None:  # as medfuse register writes it: fixed -> moving points, ITK
+            from .io.writers import check_save_target
+
+            check_save_target(image, overwrite=True, inputs=pair)
             transform.save(tfm, overwrite=True, inputs=pair)
             extra["transform"] = {"path": tfm.name, "sha256": hash_path(tfm)}
-        write_sidecar(image, build(**base, output_sha256=hash_path(image), extra=extra), input_paths=pair)
+        facts = [_facts("fixed", pair[0]), _facts("moving", pair[1])]
+        _save_tied(_float32(vol), image, pair,
+                   dict(base, inputs=facts, output=image, registration=[reg] if reg is not None else None), extra)
         listed.append({"moving": pair[1], "image": image.name,
                        "transform": tfm.name if transform is not None else None})
-    if fused:  # the fused output's sidecar names them (its own hash and parameters are unchanged)
-        write_sidecar(out, {**fused, "registered_outputs": listed}, input_paths=inputs)
-    return ";".join(os.fspath(p) for (image, tfm), k in zip(paths, listed)
-                    for p in (image, tfm if k["transform"] else None) if p is not None) or None
+    for entry, vol, i, image in moves:
+        pair = [inputs[0], inputs[i + 1], entry["label"]]
+        moved = resample(vol, keep.fixed, transform=made.transforms[i], interpolation="nearest")
+        _save_tied(moved, image, pair, dict(base, inputs=[_facts("fixed", pair[0]), _facts("moving", pair[1]),
+                                                         _facts("label", pair[2])], output=image), dict(tied))
+        entry.update(on="moving", moving_index=i, image=image.name)
+    notes = [e["note"] for e in carried if e.get("note")]
+    kept = {"registered_outputs": listed, "label_outputs": carried}
+    if fused:
+        kept["fixed_output"] = fixed_copy.name
+    if rec:  # the anchor's sidecar names them (its own hash and parameters are unchanged)
+        write_sidecar(anchor, {**rec, **kept}, input_paths=[*inputs, *labels])
+    cell, outputs = _kept_outputs(out, anchor, {**rec, **kept}, inputs, labels, fused=fused)
+    return cell, outputs, notes
 
 
 def _not_redone(note: str, out: Path) -> str:
@@ -2085,7 +2633,8 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
     # Paths as messages quote them: the report showed a manifest's ../out/s.nii.gz as /d/ds/../out/s.nii.gz.
     res = replace(res, output=_normal_path(res.output),
                   **{a: ";".join(_normal_path(x) for x in getattr(res, a).split(";")) if getattr(res, a) else
-                     getattr(res, a) for a in ("inputs", "registered_outputs")})
+                     getattr(res, a) for a in ("inputs", "registered_outputs")},
+                  outputs=_paths_mapped(res.outputs, _normal_path))
     if res.warnings:  # with several threads a worker, a warning might land on another subject's row: every id
         res = replace(res, warnings=scrub(res.warnings, [i for _, found in known.values() for i in found]))
     row, ids = known.get(res.subject, (0, []))
@@ -2096,7 +2645,8 @@ def _shown(res: SubjectResult, known: Mapping[str, Tuple[int, List[str]]]) -> Su
         subject = f"{subject} #{row}"
     return replace(res, subject=subject, **{a: scrub(getattr(res, a), ids)
                                             for a in ("output", "error", "inputs", "note", "registered_outputs")
-                                            if getattr(res, a)})
+                                            if getattr(res, a)},
+                   outputs=_paths_mapped(res.outputs, lambda x: scrub(x, ids), keys=True))
 
 
 def _is_batch_report(path: Path) -> bool:
@@ -2204,17 +2754,38 @@ def _read_report(path: Path) -> List[Dict[str, Any]]:
     return [dict(r) for r in rows if isinstance(r, Mapping) and r.get("subject")]
 
 
+def _row_lists(outputs: Any) -> Dict[str, List[str]]:
+    """The ``inputs`` and ``registered_outputs`` lists of a row's ``outputs`` mapping (where it has them)."""
+    if not isinstance(outputs, Mapping):
+        return {}
+    lists: Dict[str, List[str]] = {}
+    if isinstance(outputs.get("inputs"), list):
+        lists["inputs"] = list(outputs["inputs"])
+    registered, transforms = outputs.get("registered"), outputs.get("transforms")
+    if isinstance(registered, Mapping):
+        tfms = transforms if isinstance(transforms, Mapping) else {}
+        lists["registered_outputs"] = [p for w, image in registered.items() for p in (image, tfms.get(w)) if p]
+    return lists
+
+
 def _row_text(row: Any, json_format: bool) -> str:
     """One report row as the report's text holds it: a CSV line, or a JSON object indented as a list's item."""
     values = {c: getattr(row, c) for c in _COLUMNS} if isinstance(row, SubjectResult) else \
         {c: row.get(c) for c in _COLUMNS}
     if json_format:
-        for c in _LIST_COLUMNS:  # lists in JSON (a row an earlier medfuse wrote holds the ';'-joined text)
-            if isinstance(values[c], str):
+        # Lists in JSON, from the row's own lists where it has them (split at ';', a path holding one was cut in
+        # two); a row an earlier medfuse wrote holds only the ';'-joined text.
+        lists = _row_lists(values.get("outputs"))
+        for c in _LIST_COLUMNS:
+            if c in lists and isinstance(values[c], str):
+                values[c] = lists[c]
+            elif isinstance(values[c], str):
                 values[c] = values[c].split(";") if values[c] else []
         return "\n".join("  " + line for line in json.dumps(values, indent=2).split("\n"))
     import io
 
+    if isinstance(values.get("outputs"), Mapping):  # a CSV cell holds the mapping as JSON text
+        values["outputs"] = json.dumps(values["outputs"])
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([values[c] for c in _COLUMNS])
     return buf.getvalue()
@@ -2631,7 +3202,11 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
             core only (its CPU affinity: ``taskset``, a cluster job's allocation).
         scheduler: ``"local"``, ``"synchronous"`` (this process, no Dask) or a scheduler address.
         threads_per_worker: threads each worker's ITK/torch/BLAS may use.
-        register, method, device, fallback: defaults for rows that do not set them.
+        register, method, device, fallback: defaults for rows that do not set them. ``register`` ``"none"`` is
+            ``None``. ``method="none"``: registration only, no fusion: each moving image (any number of them)
+            registered and resampled onto the fixed grid and written as ``keep_registered`` writes it, the fixed
+            image re-saved, no fused output (the nnU-Net/MONAI preprocessing recipe). With fusion, a subject of
+            more than three images fails before any work.
         overwrite: redo subjects whose output exists but is not verified by its sidecar (outputs that
             their sidecar shows stale are redone anyway).
         report: report path (``.csv`` or ``.json``); default beside the manifest: ``<stem>-report.csv`` for
@@ -2649,8 +3224,15 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
         out_dir: a dataset folder's outputs' folder (default ``DATASET/derivatives/medfuse``).
         suv: how DICOM PET inputs are read, as :func:`medfuse.fuse_files` takes it (``None``: SUVbw).
         keep_registered: also write, beside each fused output, every moving image on the fixed grid in its own
-            unit (a PET in SUV) and its transform (see :func:`registered_paths`); they take part in the up-to-date
-            checks and are listed in the report's ``registered_outputs`` and the fused output's sidecar.
+            unit (a PET in SUV, float32) and its transform (see :func:`registered_paths`), the fixed image re-saved
+            on its own grid (``<base>_<word>_fixed.nii.gz``, float32), and each subject's label maps on a moving
+            image's grid moved onto the fixed grid by nearest neighbour (``<base>_<label word>_label.nii.gz``:
+            ``seg``, ``mask``, numbered where it repeats, ``seg1``; integer type kept; one on the fixed grid is
+            listed as it is, one on no input's grid gets a note). Names hold only words medfuse knows, never the
+            rest of an input's file name (patient names). They all take part in the up-to-date checks and are
+            listed in the report's ``outputs`` and the fused output's sidecar; the report's
+            ``registered_outputs`` lists the moving images and transforms only. Outputs of an earlier version
+            (no fixed copy) keep their names: only the fixed copy is added.
 
     Returns:
         :class:`BatchSummary`. Failures are in it, not raised.
@@ -2673,8 +3255,13 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
     from .pipeline import _fusion_method
 
     # Defaults for every row that sets none: a typo must fail here, not once per subject.
-    choice(register, "registration kind", _KINDS, fix="use None, 'rigid', 'affine' or 'deformable'")
-    _fusion_method(method)
+    if isinstance(register, str) and register.strip().lower() == "none":
+        register = None  # as the command line and a manifest's register column say it
+    choice(register, "registration kind", _KINDS, fix="use None, 'none', 'rigid', 'affine' or 'deformable'")
+    if isinstance(method, str) and method.strip().lower() == "none":
+        method = "none"  # registration only: no fusion
+    else:
+        method = _fusion_method(method)
     if fallback is not None:
         _fusion_method(fallback, what="fallback method", classical=True)
     whole(threads_per_worker, "threads_per_worker", example="threads_per_worker=1 (--threads-per-worker 1)",
@@ -2684,7 +3271,7 @@ def run_batch(manifest: Union[PathLike, Sequence[Subject]], *, workers: Optional
 
         _check_suv(suv)
     check_callbacks(cancel=cancel)
-    if keep_registered:
+    if keep_registered or method == "none" or any(s.method == "none" for s in subjects):
         _check_kept_names(subjects)
     _check_report_path(report_path, subjects)
     if report is not None and not (isinstance(report, str) and report == ""):  # a default's folder is made, as always

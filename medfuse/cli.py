@@ -94,9 +94,33 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments: "):
             words = message[len("unrecognized arguments: "):].split(" ")
             message = "unrecognized arguments: " + " ".join(label(w) for w in words)
+        if self._dash_named_file():
+            fix = ("write a file name that starts with - as ./-NAME (e.g. ./-t1.nii.gz), or give the options first, "
+                   f"then --, then the file names; {fix}")
         # One line, as the command line's other errors (the usage block is in --help).
         end = "" if message.endswith(("?", ".")) else "."
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{end} Fix: {fix}.\n")
+
+    #: The command line being parsed (set by :func:`_main`): its words are looked at for a file named ``-…``.
+    given: Sequence[str] = ()
+
+    def _dash_named_file(self) -> bool:
+        """Whether a word of the command line that argparse took for an option names a file: one that exists, or
+        ends as an image does (``medfuse info -t1.nii.gz`` said only "the following arguments are required")."""
+        for word in self.given:
+            if word in ("-", "--") or not word.startswith("-") or word.startswith("--"):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                if os.path.lexists(word):
+                    return True
+            if word[:2] not in self._option_string_actions and word.lower().endswith(_NAMED_ENDINGS):
+                return True
+        return False
+
+
+#: Endings of the files the commands read and write (a word ending so is a file name, not an option).
+_NAMED_ENDINGS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".img", ".dcm", ".tfm", ".h5",
+                  ".json", ".csv", ".tsv", ".png", ".pt")
 
 
 def _argparse_value(quoted: str) -> Any:
@@ -140,14 +164,22 @@ def _cli_error(e: MedfuseError, series: Optional[Mapping[Any, Any]] = None) -> M
         if "4-D" in e.problem:
             where = repr(os.fspath(e.path)) if e.path else "'PATH'"
             pick = _series_picked(series, e.path)
-            fix = ("the command line reads one 3-D volume per input: save the one you want as its own file "
-                   f"first, e.g. python -c \"import medfuse; {_volume_loader(where, pick)}; "
-                   "medfuse.save(v, 'vol0.nii.gz')\"" + (", N being the series' number (as text, e.g. '2') as "
-                                                          "'medfuse info FOLDER' lists it" if pick == "N" else ""))
+            n = len(e.choices) if isinstance(getattr(e, "choices", None), list) and e.choices else 0
+            fix = (f"add --volume N to use volume N (0..{n - 1 if n else 'N'}; 'medfuse info' says what each is), "
+                   "or --volume sum (a gated SPECT's counts) or --volume mean (a gated PET, a dynamic series' "
+                   "frames) for all of them as one; or save the one you want as its own file first, e.g. python -c "
+                   f"\"import medfuse; {_volume_loader(where, pick)}; medfuse.save(v, 'vol0.nii.gz')\""
+                   + (", N being the series' number (as text, e.g. '2') as 'medfuse info FOLDER' lists it"
+                      if pick == "N" else ""))
         else:
             fix = ("pick one with --series: its number as listed or its modality (fuse and register: one per "
                    "input, FIXED first, '-' for an input that needs none, e.g. --series CT PT), or give the folder "
                    "of one series ('medfuse info FOLDER' lists the series and their folders)")
+    elif fix and ("volume_index=" in fix or "combine='" in fix):  # a volume choice: the command line's option
+        e.problem = re.sub(r"\bvolume_index (-?\d+)", r"--volume \1", e.problem)
+        fix = re.sub(r" ?\(command line: --volume \w+\)", "", fix)
+        fix = re.sub(r"pass volume_index=(\S+)", r"give --volume N (N from \1)", fix)
+        fix = re.sub(r"(?:pass )?combine='(\w+)'", r"--volume \1", fix)
     elif fix and "overwrite=True" in fix:
         fix = fix.replace("pass overwrite=True (--overwrite)", "add --overwrite")  # advice for both faces
         fix = fix.replace("pass overwrite=True", "add --overwrite").replace("overwrite=True", "--overwrite")
@@ -530,6 +562,27 @@ def _lexists(path: Any) -> bool:
     return True
 
 
+#: The arguments naming a file or folder to write (the inputs are :data:`_INPUT_ARGS`).
+_OUTPUT_ARGS = frozenset({"output", "out", "transform", "report", "write_manifest", "weights"})
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """Expand a leading ``~`` (the home folder) in the arguments naming files and folders, as the shell does
+    for a word it sees unquoted (the Python API does not: :func:`medfuse.io._atomic.missing_hint` says so).
+
+    Why: quoted (``-o '~/x/f.nii.gz'``) or after ``=`` (``--output=~/x``) the shell leaves it, and medfuse said
+    "the output's folder does not exist. Fix: create the folder first": following that made a folder named ``~``.
+    batch's manifest and folder paths were expanded already.
+    """
+    for name in (_INPUT_ARGS - {"rest"}) | _OUTPUT_ARGS:  # rest: evaluate's and train's own, which they parse
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                 for v in value])
+
+
 def _check_readable(*paths: Any) -> None:
     """Refuse, before any work, an input this user may not read (:func:`medfuse.io.check_readable`); missing
     paths are left to the readers, which say so with their own fix."""
@@ -570,11 +623,14 @@ def _os_error_message(e: OSError) -> Optional[str]:
 def _shell_quote(path: Any) -> str:
     """``path`` quoted for a command the user may copy: POSIX shell quoting, or on Windows double quotes
     (``'C:\\My Data\\x'`` in single quotes is not one argument in cmd.exe)."""
+    text = os.fspath(path)
+    if text.startswith("-"):  # "medfuse info -export --series N" would read it as an option (Path drops "./")
+        text = os.path.join(os.curdir, text)
     if os.name == "nt":
         import subprocess
 
-        return subprocess.list2cmdline([os.fspath(path)])
-    return shlex.quote(os.fspath(path))
+        return subprocess.list2cmdline([text])
+    return shlex.quote(text)
 
 
 def _say(args: argparse.Namespace, *parts: Any) -> None:
@@ -790,7 +846,9 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
             raise InvalidInputError(f"no such file or folder, but an interrupted medfuse overwrite left its previous "
                                     f"version in {kept[0].name}", fix="rerun the command that writes it (medfuse "
                                     "puts it back first), or move it back by hand", path=p)
-        raise InvalidInputError("no such file or folder", fix="check the path", path=p)
+        from .io._atomic import missing_hint
+
+        raise InvalidInputError(f"no such file or folder{missing_hint(p)}", fix="check the path", path=p)
     _check_readable(p)
     if args.series and p.is_file() and is_image_file(p):
         raise InvalidInputError("--series picks a series of a DICOM folder; this file holds one image",
@@ -820,7 +878,8 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         if len(series) + len(files) > 1 or (files and not series):
             rows = [{"series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number or None,
                      "description": s.description, "shape": list(s.shape) if s.shape else None, "n_volumes": s.n_volumes, "n_files": s.n_files,
-                     "folder": os.fspath(s.folder)} for s in series]
+                     "folder": os.fspath(s.folder), **({"not_volume": s.not_volume} if s.not_volume else {})}
+                    for s in series]
             if len(files) == 1 and not series:  # one image file in the folder: describe it
                 p = Path(files[0]["file"])
             elif not args.series:
@@ -839,7 +898,11 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
                     # inside it must not break it).
                     # The DICOM SeriesNumber beside the list number: viewers show it, and the list follows it.
                     number = f"#{r['series_number']}" if r["series_number"] else "#-"
-                    _print_blanked(args, f"  {i:>2}: {r['modality']:<4} {number:<5} {shape:<14} {r['n_volumes']} vol  "
+                    # NM projections or planar frames: what they are, not "32x32x0 0 vol".
+                    held = f"{r['n_volumes']} vol"
+                    if series[i - 1].not_volume:
+                        shape, held = "x".join(str(x) for x in r["shape"][:2]), series[i - 1].not_volume
+                    _print_blanked(args, f"  {i:>2}: {r['modality']:<4} {number:<5} {shape:<14} {held}  "
                                          f"{r['n_files']:>5} files  {description or '-'}  folder={folder}",
                                    f"  uid={r['series_uid']}")
                 for f in files:
@@ -855,6 +918,13 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     except MultipleSeriesError as e:
         raise _cli_error(e) from None
     vol = vols[0]
+    if args.volume is not None and len(vols) > 1:
+        from .io import _one_of
+
+        try:
+            vol = _one_of(vols, args.volume, p)
+        except (InvalidInputError, MultipleSeriesError) as e:
+            raise _cli_error(e) from None
     import numpy as np
 
     arr = vol.array
@@ -870,6 +940,7 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
         "suv_factor_unit": _suv_factor_unit(vol) or None,
         "shape": list(vol.shape),
         "n_volumes": len(vols),
+        **({"volumes": _volume_labels(vols), "volume_shown": _volume_shown(args.volume)} if len(vols) > 1 else {}),
         "spacing_mm": [round(s, 4) for s in vol.spacing],
         "origin_lps_mm": [round(o, 3) for o in vol.origin],
         "orientation": vol.orientation,
@@ -912,8 +983,11 @@ def _info(args: argparse.Namespace, shown: List[str]) -> int:
     print(f"  shape        {' x '.join(str(s) for s in vol.shape)} voxels ({arr.dtype})")
     if len(vols) > 1:
         # Counted from 0, as every volume_index= fix counts them ("volume 1" was volume_index=0).
-        print(f"  volumes      {len(vols)} (4-D: the geometry and values shown are of the first, volume_index=0; "
-              "fuse and register read 3-D volumes)")
+        labels = [t for t in facts["volumes"] if t]
+        what = "4-D" + (": " + (f"{labels[0]} .. {labels[-1]}" if len(labels) > 2 else ", ".join(labels))
+                        if len(labels) == len(vols) else "")
+        print(f"  volumes      {len(vols)} ({what}; the geometry and values shown are of {facts['volume_shown']}; "
+              "--volume N|sum|mean picks or combines them for info, register, resample, fuse and measure)")
     print(f"  spacing      {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm   "
           f"extent {' x '.join(f'{e:.4g}' for e in extent)} mm")
     from .volume import mm_text
@@ -961,6 +1035,18 @@ _ELEMENTS = {"carbon": "C", "nitrogen": "N", "oxygen": "O", "fluorine": "F", "co
              "radium": "Ra", "actinium": "Ac", "terbium": "Tb", "lead": "Pb", "bismuth": "Bi"}
 
 
+def _volume_labels(vols: Sequence[Any]) -> List[Optional[str]]:
+    """What each volume of a 4-D input is (its provenance's ``volume`` label: gate, frame, energy window)."""
+    return [(v.provenance.get("volume") or {}).get("label") or None for v in vols]
+
+
+def _volume_shown(choice: Any) -> str:
+    """Which volume ``info`` shows for a ``--volume`` choice, in words."""
+    if choice in ("sum", "mean"):
+        return f"their {choice}"
+    return f"volume {choice if choice is not None else 0}" + (" (the first)" if choice is None else "")
+
+
 def _pet_acquisition(vol: Any) -> Optional[Dict[str, Any]]:
     """A PET/SPECT volume's acquisition facts (``provenance["pet_acquisition"]``), None for others or unknown."""
     facts = vol.provenance.get("pet_acquisition") if vol.modality in ("PT", "NM") else None
@@ -997,7 +1083,9 @@ def _tracer_text(facts: Optional[Mapping[str, Any]]) -> str:
     if isinstance(facts.get("injected_mbq"), (int, float)):
         parts.append(f"{facts['injected_mbq']:.1f} MBq injected")
     if isinstance(facts.get("uptake_min"), (int, float)):
-        parts.append(f"uptake {facts['uptake_min']:.0f} min")
+        # Rb-82, O-15 and N-13 scans start a minute or two after the injection: "2 min" for 90 s was a third off.
+        up = facts["uptake_min"]
+        parts.append(f"uptake {up:.1f} min ({up * 60:.0f} s)" if up < 10 else f"uptake {up:.0f} min")
     corrected = str(facts.get("decay_correction") or "").strip().upper()
     if corrected:
         parts.append("not decay-corrected" if corrected == "NONE" else f"decay-corrected to {corrected}")
@@ -1542,6 +1630,26 @@ def _add_series_option(p: argparse.ArgumentParser, example: str) -> None:
                    help="for DICOM folders holding several series side by side (a PACS export of a PET/CT): one "
                         "choice per input, FIXED first: the series' number as listed, its modality (CT, MR, PT, "
                         f"NM) or its UID; '-' for an input that needs none. e.g. {example}")
+
+
+def _volume_choice(text: str) -> Any:
+    """An argparse type: ``--volume``'s volume index (a whole number) or ``sum``/``mean``."""
+    if text in ("sum", "mean"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a volume index (0, 1, ..., -1 for the last), sum or mean, got "
+                                         f"{label(text)}") from None
+
+
+def _add_volume_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--volume", type=_volume_choice, default=None, metavar="N|sum|mean",
+                   help="for every 4-D input (a gated or dynamic series, a 4-D NIfTI): the volume to use, counted "
+                        "from 0 ('medfuse info' lists what each is: gate, frame, energy window), or all of them as "
+                        "one: sum (a gated SPECT's counts: the ungated image) or mean (a gated PET, a dynamic PET's "
+                        "frames, weighted by their durations). Refused for volumes that are no repeats of one "
+                        "image (two isotopes' energy windows, Dixon images). 3-D inputs ignore it")
 
 
 def _add_image_output_option(p: argparse.ArgumentParser) -> None:
@@ -2570,6 +2678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_suv_option(p, "auto")
     _add_body_options(p)
+    _add_volume_option(p)
     p.set_defaults(func=_cmd_info)
 
     p = add("resample", "put MOVING on REFERENCE's grid through saved transforms (no registration)",
@@ -2615,6 +2724,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    _add_volume_option(p)
     p.set_defaults(func=_cmd_resample)
 
     p = add("register", "align MOVING onto FIXED and write it on FIXED's grid",
@@ -2649,6 +2759,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    _add_volume_option(p)
     p.set_defaults(func=_cmd_register)
 
     p = add("fuse", "fuse FIXED with one or more MOVING images",
@@ -2690,6 +2801,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keep_identity_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (never an input)")
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    _add_volume_option(p)
     p.set_defaults(func=_cmd_fuse)
 
     p = add("measure", "the value at a point, or statistics within a mask, in the image's unit",
@@ -2754,6 +2866,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suv_option(p, "auto")
     _add_body_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of lines")
+    _add_volume_option(p)
     p.set_defaults(func=_cmd_measure)
 
     for name, module, help_ in (("evaluate", "medfuse.evaluate", "score fusion methods (metrics, references)"),
@@ -2781,7 +2894,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  s02,s02/mr.nii.gz,s02/pet;s02/spect.nii.gz,out/s02_fused.nii.gz\n"
             "Optional columns: register, method, series (for DICOM folders holding several series: one choice\n"
             "per image, fixed first, e.g. CT;PT), modalities (one per image, fixed first, e.g. MR PT; '-' keeps\n"
-            "an image's own). Several moving images: separate with ';' (CSV) or a list\n"
+            "an image's own), labels (label maps, ';'-separated; never fused, moved with --keep-registered).\n"
+            "Files named seg, dseg, mask, label(s) or roi are label maps, never images to fuse.\n"
+            "Several moving images: separate with ';' (CSV) or a list\n"
             "(YAML). Relative paths are relative to the manifest's folder. See docs/pipeline.md.")
     p.add_argument("manifest", metavar="MANIFEST_OR_DATASET",
                    help="subjects.csv, subjects.yaml, or a dataset folder with one folder per subject")
@@ -2801,8 +2916,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", choices=_KINDS, default=None,
                    help="default registration for rows without a 'register' column (default: none for a "
                         "manifest; a dataset folder needs it said)")
-    p.add_argument("--method", choices=_METHODS, default="network",
-                   help="default fusion method (default: network; each described in 'medfuse fuse --help')")
+    p.add_argument("--method", choices=(*_METHODS, "none"), default="network",
+                   help="default fusion method (default: network; each described in 'medfuse fuse --help'); none: "
+                        "registration only, no fusion (any number of moving images; writes what --keep-registered "
+                        "writes: the nnU-Net/MONAI preprocessing recipe)")
     _add_suv_option(p, "SUVbw, as fuse")
     p.add_argument("--fallback", choices=_METHODS[1:], default=None,
                    help="classical method to use if the network cannot run (default: fail the subject)")
@@ -2813,9 +2930,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="redo subjects whose outputs exist but are not verified by their sidecar")
     p.add_argument("--keep-registered", action="store_true",
-                   help="also write each moving image on the fixed grid in its own unit (a PET in SUV) as "
-                        "SUBJECT_pet_registered.nii.gz and its transform as SUBJECT_pet.tfm (ITK, as medfuse "
-                        "register writes it; none without registration), beside the fused output")
+                   help="also write each moving image on the fixed grid in its own unit (a PET in SUV, float32) "
+                        "as SUBJECT_pet_registered.nii.gz and its transform as SUBJECT_pet.tfm (ITK, as medfuse "
+                        "register writes it; none without registration), the fixed image re-saved as "
+                        "SUBJECT_mr_fixed.nii.gz, and label maps (seg, mask, label, roi files; a manifest's labels "
+                        "column) on a moving image's grid moved by nearest neighbour as "
+                        "SUBJECT_<label>_registered.nii.gz, beside the fused output")
     p.set_defaults(func=_cmd_batch)
 
     p = add("demo", "fuse the bundled sample MR + PET end to end",
@@ -2855,8 +2975,22 @@ def _escape_or_pass_through(err: UnicodeError) -> Tuple[str, int]:
     bad = err.object[err.start:err.end]
     if all("\udc80" <= c <= "\udcff" for c in bad):
         return codecs_surrogateescape(err)
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000
-                   else f"\\U{ord(c):08x}" for c in bad), err.end
+    return _escape_all(err)
+
+
+_ESCAPE_ALL_ERRORS = "medfuse.escape-all"
+
+
+def _escape_all(err: UnicodeError) -> Tuple[str, int]:
+    """Codec error handler for messages (stderr): a file name's undecodable byte as ``\\xe9``, as errors quote it
+    everywhere (:func:`medfuse.io._atomic._shown`), not Python's ``\\udce9``; another character the encoding lacks
+    as a ``\\u0141``-style escape."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    bad = err.object[err.start:err.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else f"\\x{ord(c):02x}"
+                   if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in bad), err.end
 
 
 def codecs_surrogateescape(err: UnicodeEncodeError) -> Tuple[str, int]:
@@ -2876,14 +3010,17 @@ def _escape_unprintable_output() -> Callable[[], None]:
     import codecs
 
     codecs.register_error(_ESCAPE_ERRORS, _escape_or_pass_through)
+    codecs.register_error(_ESCAPE_ALL_ERRORS, _escape_all)
     changed = []
     for stream in (sys.stdout, sys.stderr):
         # surrogateescape: Python's choice for a C/POSIX locale without UTF-8 mode (an 'é' in a summary table
         # was an internal error there, after the whole batch had run).
         before = getattr(stream, "errors", None)
-        if before in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+        # stderr's backslashreplace showed a name's byte as \udce9, where messages quote it as \xe9.
+        handler = _ESCAPE_ALL_ERRORS if before == "backslashreplace" else _ESCAPE_ERRORS
+        if before in ("strict", "surrogateescape", "backslashreplace") and hasattr(stream, "reconfigure"):
             try:
-                stream.reconfigure(errors=_ESCAPE_ERRORS)
+                stream.reconfigure(errors=handler)
                 changed.append((stream, before))
             except (OSError, ValueError, LookupError):  # a closed or unusual stream: leave it as it is
                 pass
@@ -3044,6 +3181,7 @@ def _exit_on_late_signals(code: int) -> None:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.given = argv
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -3064,12 +3202,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return EXIT_USAGE
     args.debug = bool(getattr(args, "debug", False))
     args.quiet = bool(getattr(args, "quiet", False))
+    _expand_home(args)
     try:
         if getattr(args, "output", None) == "-":
             # The shell convention for standard output: it became a DICOM folder named "-" (no dot ending).
             raise InvalidInputError("'-o -' (standard output) is not supported: medfuse writes image files and "
                                     "their provenance sidecars", fix="give an output file name, e.g. -o fused.nii.gz")
-        return int(args.func(args))
+        from .io import four_d_choice
+
+        with four_d_choice(getattr(args, "volume", None)):  # --volume, for every input a command loads
+            return int(args.func(args))
     except (CancelledError, KeyboardInterrupt) as e:
         _print_cancelled(args, e)
         return EXIT_CANCELLED

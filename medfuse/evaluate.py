@@ -2,10 +2,11 @@
 
 Runs each method (classical or ``network``) on every pair, writes the fused
 outputs (PNG for 2-D pairs, NIfTI for volumes), ``metrics.csv`` and
-``metrics.json`` (every metric per image, and means per method and pair type),
-and prints a summary table (the metrics asked for, or the summary ones) with a line naming its columns and one
-naming the metrics it leaves out. The methods may include fusion rules of the caller's (functions, as
-:func:`medfuse.fuse` takes them). A pair image path that names nothing
+``metrics.json`` (every metric per image, and means per method and pair type with their median, 95 %
+interval over cases and number of cases), and prints a summary table (the metrics asked for, or the summary
+ones) with a line naming its columns, one naming the metrics it leaves out, and each row's spread. The methods
+may include fusion rules of the caller's (functions, as :func:`medfuse.fuse` takes them) and the identity
+baselines ``copy-a``/``copy-b`` (:data:`BASELINES`). A pair image path that names nothing
 is bad input, refused before any work. A pair that cannot be read or fused is reported and
 skipped; the run goes on and its result says it failed (exit code 1); when no image at all was scored,
 no table is written either. Bad arguments, an unknown device or one this machine lacks and outputs that exist
@@ -48,10 +49,20 @@ from .fusion.classical import METHODS as CLASSICAL_METHODS
 from .io._atomic import case_key
 from .progress import CancelToken, ProgressFn, check, check_callbacks, report
 
-__all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "table_notes", "DEFAULT_METHODS"]
+__all__ = ["evaluate", "EvaluationResult", "add_arguments", "run", "format_table", "table_notes", "DEFAULT_METHODS",
+           "BASELINES"]
 
 #: Every classical rule (a rule added to ``classical.METHODS`` is evaluated by default too).
 DEFAULT_METHODS = CLASSICAL_METHODS
+#: Identity baselines, chosen by name in ``methods`` (``--methods``), never run by default: the "fused" image is
+#: one source unchanged: ``copy-a`` the pair's first image (the MRI of a Harvard pair, the fixed volume of a
+#: ``--pair``), ``copy-b`` the second (CT/PET/SPECT), ``copy-c`` a third. Not fusions: the floor a fusion must
+#: clear, because VIF, SSIM and MI sum over the sources and so score F = A as about 1 + f(A, B), and Qabf rewards
+#: copying the edge-rich source (docs/fusion.md, "Identity baselines").
+BASELINES = {"copy-a": 0, "copy-b": 1, "copy-c": 2}
+#: The spread :func:`_means` adds per method and pair type: a 95 % interval of each mean by bootstrap over cases
+#: (resamples, seed), cases being the patients of a Harvard folder (each pair given one by one is its own case).
+BOOTSTRAP = {"unit": "case", "resamples": 2000, "seed": 0, "level": 0.95, "statistic": "mean"}
 #: Columns of the printed summary (all metrics go into the files).
 SUMMARY_METRICS = ("EN", "SD", "SF", "MI", "SCD", "VIF", "Qabf", "SSIM", "SSIM_r2", "CC", "PSNR")
 
@@ -68,8 +79,10 @@ class EvaluationResult:
             slice-wise volumes also ``axes``, ``n_slices`` (slices with content) and ``n_slices_used``
             (per metric, the slices its mean is over: NaN slices are left out); ``undefined`` (only where some
             metric had no finite value): per metric, why.
-        means: ``{method: {pair_type | "all": {metric: mean, "n": images, "counts": {metric: k}}}}``:
-            each mean is over the ``k`` images whose value is finite (see :func:`_means`).
+        means: ``{method: {pair_type | "all": {metric: mean, "n": images, "counts": {metric: k}, "medians":
+            {metric: median}, "ci95": {metric: [low, high] or None}, "n_cases": cases}}}``: each mean is over the
+            ``k`` images whose value is finite; ``ci95`` is its 95 % interval by bootstrap over cases (see
+            :func:`_means`, :data:`BOOTSTRAP`).
         failures: one dict per skipped item: ``method``, ``item``, ``path``, ``error``.
         mode: ``"2d"`` for images, ``"slicewise"``/``"native"`` for volumes.
         metrics: the metrics asked for (``evaluate``'s ``metrics``), or None for all: the columns of
@@ -139,13 +152,15 @@ class _Item:
     inputs: Tuple[str, ...] = ()  # the input files (or folders), never to be written over
     mask: Any = None  # volume pairs: this pair's own mask (a path or a Volume), instead of evaluate's mask
     sources: Tuple[Optional[str], ...] = ()  # the pair's images in order (None: a Volume), for the provenance
+    case: Optional[str] = None  # the patient (Harvard: the case number), the unit of the bootstrap; None: the pair
 
 
 def _harvard_items(pairs) -> List[_Item]:
-    from .harvard import load_pair
+    from .harvard import case_of, load_pair
 
     return [_Item(p.key, p.pair_type, (lambda p=p: load_pair(p)), str(p.other.parent.parent),
-                  (str(p.mri), str(p.other)), sources=(str(p.mri), str(p.other))) for p in pairs]
+                  (str(p.mri), str(p.other)), sources=(str(p.mri), str(p.other)), case=case_of(p.name))
+            for p in pairs]
 
 
 def _is_png(x) -> bool:
@@ -472,14 +487,47 @@ def _fuse_2d(sources, method: str, device: str, options: dict) -> Tuple[np.ndarr
     from .fusion import fuse
     from .fusion.color import is_rgb, rgb_to_gray
 
+    if isinstance(method, str) and method in BASELINES:
+        k = _copied(method, len(sources))
+        greys = _greys(sources)
+        # The source as read (grey or RGB uint8): its grey is greys[k] exactly, so F = that source.
+        return np.asarray(sources[k]), greys[k].copy(), greys
     fused = fuse(*sources, method=method, device=device, **options)
     # fuse() works on 0..1 (uint8 / 255, then * 255), so an exact .5 of the mean rule comes back as
     # 35.500000000000014 and np.round broke the tie by that noise (342-1671 pixels per Harvard pair off the
     # golden round((A + B) / 2)). Rounding to 1e-6 first drops the noise, so ties go half-to-even as documented.
     out = np.clip(np.round(np.round(np.asarray(fused, dtype=np.float64), 6)), 0, 255).astype(np.uint8)
-    greys = [rgb_to_gray(s) if is_rgb(s) else np.asarray(s, dtype=np.float64) for s in sources]
     grey_f = rgb_to_gray(out) if is_rgb(out) else out.astype(np.float64)
-    return out, grey_f, greys
+    return out, grey_f, _greys(sources)
+
+
+def _greys(sources) -> List[np.ndarray]:
+    """The 2-D sources as scored: grey float64 (an RGB image's luma)."""
+    from .fusion.color import is_rgb, rgb_to_gray
+
+    return [rgb_to_gray(s) if is_rgb(s) else np.asarray(s, dtype=np.float64) for s in sources]
+
+
+def _copied(method: str, n: int) -> int:
+    """The index of the source an identity baseline (:data:`BASELINES`) copies.
+
+    Raises:
+        InvalidInputError: the pair has no such source (``copy-c`` on a pair of two).
+    """
+    k = BASELINES[method]
+    if k >= n:
+        raise InvalidInputError(f"{method} copies source {k + 1}, but this pair has {n} sources",
+                                fix="use copy-a or copy-b for a pair of two images")
+    return k
+
+
+def _copy_rule(k: int):
+    """A fusion rule (as :func:`medfuse.fuse` takes one) that returns its ``k``-th input: the Volume path of an
+    identity baseline, so that grids are checked and the output written as any fused Volume is."""
+    def copy_source(*arrays, **_options):
+        return arrays[k]
+
+    return copy_source
 
 
 def _save_png(img: np.ndarray, path: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
@@ -503,10 +551,14 @@ def _score_volumes(vols, method: str, device: str, options: dict, mode: str, met
     # on raw floats it counts distinct values.
     if _is_volume(mask):  # a mask off the grid fails the pair before the fusion's work
         _check_mask_grid(mask, vols[0])
-    fused = fuse(*vols, method=method, device=device, **options)  # checks that the sources share a grid
+    copy = _copied(method, len(vols)) if isinstance(method, str) and method in BASELINES else None
+    rule = method if copy is None else _copy_rule(copy)
+    fused = fuse(*vols, method=rule, device=device, **options)  # checks that the sources share a grid
     scaled, _ = _normalise_volumes(vols, options.get("normalise", "auto"))
     srcs = [np.round(np.clip(s, 0.0, 1.0) * 255.0) for s in scaled]
-    f = np.round(np.clip(np.asarray(fused.array, dtype=np.float64), 0.0, 1.0) * 255.0)
+    # A baseline is scored as its source exactly (the float32 Volume could round a value the other way).
+    f = srcs[copy].copy() if copy is not None else \
+        np.round(np.clip(np.asarray(fused.array, dtype=np.float64), 0.0, 1.0) * 255.0)
     m = _mask_array(mask, srcs, vols[0])
     if sum(n > 1 for n in f.shape) == 2:
         # A single-slice volume (48x48x1) is a 2-D image: scored as one, in either mode (the 3-D modes refused it
@@ -619,7 +671,9 @@ def evaluate(source, *, methods: Sequence[Any] = DEFAULT_METHODS, out_dir: Union
             :func:`medfuse.fuse` takes them (``method=``), so that a rule of yours is scored beside the built-in
             ones: ``methods=["max", "gff", my_rule]``. A function is named by its ``__name__`` (a lambda:
             ``lambda``) in the rows, the table and its output folder; metrics.json's ``custom_methods`` maps
-            each such name to the function's qualified name.
+            each such name to the function's qualified name. The identity baselines :data:`BASELINES`
+            (``"copy-a"``, ``"copy-b"``, ``"copy-c"``: one source unchanged) are scored as fusions are, so that
+            a table shows what not fusing scores.
         out_dir: output folder (created); fused images go to ``<out_dir>/<method>/...``.
         progress, cancel: as everywhere in medfuse.
         metrics: metric names (default: all).
@@ -667,7 +721,7 @@ def evaluate(source, *, methods: Sequence[Any] = DEFAULT_METHODS, out_dir: Union
     from .io._atomic import atomic_write_text
     from .metrics import METRICS, _collect_undefined, score
 
-    rules = _method_rules(methods, available_methods())
+    rules = _method_rules(methods, [*available_methods(), *BASELINES])
     methods = list(rules)  # their names: the rows' "method", the output folders, the table's rows
     choice(mode, "volume scoring mode", ("slicewise", "native"))
     check_callbacks(progress, cancel)
@@ -772,6 +826,8 @@ def evaluate(source, *, methods: Sequence[Any] = DEFAULT_METHODS, out_dir: Union
                     if isinstance(srcs, MedfuseError):
                         raise srcs
                     row: Dict[str, Any] = {"method": method, "pair_type": item.pair_type, "name": item.name}
+                    if item.case is not None:  # the unit of the means' bootstrap (BOOTSTRAP)
+                        row["case"] = item.case
                     if item.mask is not None and index not in masks:
                         try:
                             masks[index] = _load_mask(item.mask)
@@ -856,6 +912,10 @@ def evaluate(source, *, methods: Sequence[Any] = DEFAULT_METHODS, out_dir: Union
     custom = {name: _rule_name(rule) for name, rule in rules.items() if not isinstance(rule, str)}
     if custom:  # which function each name stood for (its qualified name; its code is the caller's)
         record["custom_methods"] = custom
+    copies = {m: f"source {BASELINES[m] + 1} of each pair, unchanged (identity baseline)" for m in methods
+              if m in BASELINES}
+    if copies:
+        record["baselines"] = copies
     if network_weights is not None:
         record["network_weights"] = {**network_weights, "path": None if network_weights["path"] is None
                                      else _blanked(network_weights["path"], ids)}
@@ -1051,11 +1111,16 @@ def _metric_names(rows) -> List[str]:
 
 def _means(rows) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Per method and pair type (and "all"): each metric's mean over the images where it is finite,
-    ``n`` (images in the group) and ``counts`` (per metric, the images the mean is over).
+    ``n`` (images in the group) and ``counts`` (per metric, the images the mean is over), and its spread:
+    ``medians`` (per metric, the median image), ``ci95`` (per metric, ``[low, high]``: the 95 % interval of the
+    mean by bootstrap over cases, :data:`BOOTSTRAP`; None with fewer than 2 cases) and ``n_cases``.
 
     A non-finite value has no place in a mean a table can compare (PSNR is +inf for a fused image
     equal to every source, Qabf NaN for images without edges); leaving it out silently would label a
     mean over 2 images n=3, so ``counts`` says how many, and the table marks a mean over fewer than n.
+
+    Why cases: the slices of one patient are not independent samples; a bootstrap over the 36 CT–MRI validation
+    pairs gave an interval that ignored that they come from 2 patients.
     """
     names = _metric_names(rows)
     means: Dict[str, Dict[str, Dict[str, Any]]] = {}
@@ -1068,9 +1133,32 @@ def _means(rows) -> Dict[str, Dict[str, Dict[str, Any]]]:
         means[method] = {}
         for t, g in groups.items():
             finite = {m: _finite_values([r.get(m) for r in g]) for m in names}
+            cases = [f"{r['pair_type']}/{r.get('case', r['name'])}" for r in g]  # case 20 of two pair types: two
             means[method][t] = {**{m: float(np.mean(v)) if v else float("nan") for m, v in finite.items()},
-                                "n": len(g), "counts": {m: len(v) for m, v in finite.items()}}
+                                "n": len(g), "counts": {m: len(v) for m, v in finite.items()},
+                                "medians": {m: float(np.median(v)) if v else None for m, v in finite.items()},
+                                "ci95": {m: _bootstrap_ci([r.get(m) for r in g], cases) for m in names},
+                                "n_cases": len(set(cases))}
     return means
+
+
+def _bootstrap_ci(values: Sequence[Any], cases: Sequence[str]) -> Optional[List[float]]:
+    """The 95 % percentile interval of the mean of the finite ``values`` by bootstrap over their ``cases``
+    (:data:`BOOTSTRAP`): whole cases are drawn with replacement and the mean is over their images, as the table's
+    mean is. None with fewer than 2 cases (one patient gives no interval over patients)."""
+    by_case: Dict[str, List[float]] = {}
+    for v, c in zip(values, cases):
+        if v is not None and math.isfinite(float(v)):
+            by_case.setdefault(c, []).append(float(v))
+    if len(by_case) < 2:
+        return None
+    sums = np.array([sum(v) for v in by_case.values()])
+    counts = np.array([len(v) for v in by_case.values()], dtype=float)
+    rng = np.random.default_rng(BOOTSTRAP["seed"])
+    pick = rng.integers(0, len(sums), size=(BOOTSTRAP["resamples"], len(sums)))
+    boot = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    tail = 100 * (1 - BOOTSTRAP["level"]) / 2
+    return [float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))]
 
 
 def _finite_values(values) -> List[float]:
@@ -1104,6 +1192,13 @@ def _csv(result: EvaluationResult, names: Optional[List[str]] = None) -> str:
             # How many images each mean above is over (fewer than n where values were not finite).
             w.writerow(["count", method, ptype, f"n={vals['n']}", "",
                         *[str(vals["counts"][m]) if m in vals.get("counts", {}) else "" for m in names], *blank])
+            if "medians" in vals:  # the spread (_means): median image, and the mean's 95 % interval over cases
+                ci = vals.get("ci95", {})
+                w.writerow(["median", method, ptype, f"n={vals['n']}", "",
+                            *[_fmt(vals["medians"].get(m)) for m in names], *blank])
+                for side, kind in enumerate(("ci95_low", "ci95_high")):
+                    w.writerow([kind, method, ptype, f"cases={vals.get('n_cases', '')}", "",
+                                *[_fmt(ci[m][side]) if ci.get(m) else "" for m in names], *blank])
     for f in result.failures:
         w.writerow(["failed", f["method"], "", f["item"], "", *[""] * len(names), *blank])
     return buf.getvalue()
@@ -1169,6 +1264,9 @@ def _json(result: EvaluationResult, source, methods, options, mask=None, ids: Se
         "ok": result.ok,
         "images": [{k: _finite(v) for k, v in r.items()} for r in result.rows],
         "means": {m: {t: {k: _finite(v) for k, v in vals.items()} for t, vals in g.items()} for m, g in result.means.items()},
+        # How each mean's ci95 was drawn (medians and n_cases beside it in "means").
+        "spread": {**BOOTSTRAP, "cases": "Harvard folders: the case number of each pair type (28010.png: case 28); "
+                   "pairs given one by one: each pair its own case"},
         "failures": result.failures,
     }
 
@@ -1262,14 +1360,53 @@ def table_notes(means: Dict[str, Dict[str, Dict[str, Any]]], *, metrics: Optiona
     if left:
         lines.append(f"Not in this table: {', '.join(left)}; every metric scored is in metrics.csv and metrics.json "
                      "(ask for the columns with --metrics, or metrics= in Python).")
-    return "\n".join(lines)
+    return "\n".join(lines + _spread_notes(means, cols))
+
+
+def _spread_notes(means: Mapping[str, Any], cols: Sequence[str]) -> List[str]:
+    """The notes on what each mean is worth, for means :func:`_means` made (none for means without ``medians``):
+    per row, the median image and the mean's 95 % interval over cases; MI in bits; the identity baselines.
+
+    Why: "the network meets the 0.68 goal" was read off a mean of 0.683 whose median was 0.670 and whose
+    pairs came from 2 patients; and a copy of one source scores as well as the network on VIF, SSIM and Qabf.
+    """
+    groups = [(method, t, v) for method, g in means.items() for t, v in g.items() if isinstance(v.get("medians"), dict)]
+    if not groups:
+        return []
+    b = BOOTSTRAP
+    lines = [f"Spread, per row: each column's median image, and in brackets the {b['level']:.0%} interval of the mean "
+             f"by bootstrap over cases (patients; {b['resamples']} resamples, seed {b['seed']}; none with one case). "
+             "Pairs of one case are not independent: the number of cases is the sample size."]
+    for method, t, v in groups:
+        ci = v.get("ci95") or {}
+        cells = []
+        for c in cols:
+            med, iv = v["medians"].get(c), ci.get(c)
+            if med is None:
+                continue
+            cells.append(f"{c} {med:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""))
+        k = v.get("n_cases")
+        cases = "" if k is None else f", {k} case{'' if k == 1 else 's'}"
+        n = v.get("n", "?")
+        lines.append(f"  {method} {t} ({n} image{'' if n == 1 else 's'}{cases}): "
+                     f"{'; '.join(cells) or 'no finite values'}")
+    if "MI" in cols:
+        bits = [f"{method} {t} {v['MI'] / math.log(2):.3f}" for method, t, v in groups
+                if isinstance(v.get("MI"), (int, float)) and math.isfinite(v["MI"])]
+        if bits:
+            lines.append("MI is in nats (natural log), EN in bits; MI in bits (/ ln 2, as the VIFB and MATLAB "
+                         f"toolkits report it): {', '.join(bits)}.")
+    if not any(method in BASELINES for method, _, _ in groups):
+        lines.append("Baselines: --methods copy-a,copy-b scores each source unchanged; VIF, SSIM and MI sum over the "
+                     "sources and Qabf rewards the edge-rich source, so a copy scores high (docs/fusion.md).")
+    return lines
 
 
 # ---------------------------------------------------------------------- CLI
 #: The examples ``medfuse evaluate --help`` shows.
 HELP_EXAMPLES = """\
 examples:
-  medfuse evaluate ../shared/data/harvard-pairs --methods network,max,gff --split val -o eval/   # held-out cases
+  medfuse evaluate ../shared/data/harvard-pairs --methods network,copy-a,max --split val -o eval/  # validation cases
   medfuse evaluate --pair t1n.nii.gz t2f.nii.gz --methods mean,max --mask auto -o eval3d/      # a volume pair
   medfuse evaluate --pair MRI/25015.png PET/25015.png --methods mean,max -o eval1/             # one 2-D pair
 """
@@ -1290,13 +1427,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="a pair: 2 or 3 volumes on one grid (NIfTI/DICOM folder), or 2-D PNG images (read "
                              "as the folder mode reads them: colour through YCbCr luma); repeat for more pairs")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated fusion methods (default: %(default)s; 'network' for the model)")
+                        help="comma-separated fusion methods (default: %(default)s; 'network' for the model; "
+                             "copy-a, copy-b: identity baselines, the first or second image unchanged)")
     parser.add_argument("--out", "-o", required=True, help="output folder (fused images, metrics.csv, metrics.json)")
     parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     parser.add_argument("--pair-types", default=None, help="folder only: e.g. CT-MRI,PET-MRI (default: all)")
     parser.add_argument("--split", choices=("all", "train", "val"), default=None,
-                        help="folder only: score the network's training or held-out validation cases (the split "
-                             "'medfuse train' uses: by case, per pair type; default: all)")
+                        help="folder only: score the network's training cases or its validation cases (never "
+                             "trained on, but they chose its exported epoch: model selection, not a held-out "
+                             "test; the split 'medfuse train' uses: by case, per pair type; default: all)")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="folder only: validation fraction of the split (default 0.2)")
     parser.add_argument("--seed", type=int, default=None, help="folder only: seed of the split (default 0)")
@@ -1430,7 +1569,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     if args.source is not None:
         source: Any = list_pairs(args.source, pair_types=_csv_list(args.pair_types))
         if split != "all":
-            # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's held-out cases.
+            # The split `medfuse train` used (not harvard.split_by_case): "val" is the network's validation cases.
             train, val = training_split(source, val_fraction=val_fraction, seed=seed)
             source = val if split == "val" else train
         if args.limit is not None:

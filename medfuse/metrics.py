@@ -730,6 +730,9 @@ def mi(fused, *sources, mask=None) -> float:
     """Sum over sources of the mutual information (nats) between raw pixel values (inside ``mask``).
 
     Meant for whole-number images (8-bit, as saved); warns on continuous values, where MI counts distinct values.
+    In nats (natural log), while :func:`en` is in bits: divide by ``ln 2`` (0.693) for the bits the VIFB and
+    MATLAB toolkits report (2.661 nats is 3.839 bits). Summed over the sources, so ``F = A`` scores ``H(A)``
+    plus ``I(A; B)``: copying a source scores high (docs/fusion.md, "Identity baselines").
     
     Args:
         fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
@@ -803,6 +806,10 @@ def psnr(fused, *sources, mask=None) -> float:
 
     With ``mask``, ``max(F)`` and the MSEs are over the pixels inside it.
     Invariant to one scale factor on every image, not to an offset (``max(F)``).
+    The peak is ``max(F)`` (the reference code's convention), not 255, so one bright pixel raises it: on a
+    Harvard CT-MRI pair (2013, max rule, halved) setting a single pixel to 255 takes PSNR from 8.19 to 14.18 dB
+    (+20 log10(255 / max(F)) = +6 dB), above the undarkened max rule's 13.00 dB. Compare PSNR only between
+    fusions of like peak, and never as the only figure.
     
     Args:
         fused: the fused image ``F`` (2-D or 3-D) on the 0..255 scale (any real dtype; CPU torch tensors are taken).
@@ -950,11 +957,17 @@ def _vifp_pair(ref: np.ndarray, dist: np.ndarray, m: Optional[np.ndarray] = None
 def vif(fused, *sources, mask=None) -> float:
     """Pixel-domain VIF (4 scales, sigma_n^2 = 2) of ``F`` against each source, summed (2-D).
 
+    Summed over the sources, so ``F = A`` scores 1 (VIF of A against itself) plus VIF(B -> A): a copy of one
+    source scores above 1, above most fusions (docs/fusion.md, "Identity baselines").
+
     VIF is a ratio of sums over windows: with ``mask``, both sums run over the windows centred inside it (at
     each coarser scale, the mask is sampled at the filtered pixels' centres, as the image is).
     NaN for images under 17 pixels a side: VIF's finest window (17x17) does not fit, so there is nothing to
     measure (the reference code's featureless-image convention, 1 per source, would pass for a perfect score).
-    Images under 41 pixels a side are scored on the scales that fit. NaN too when a source is constant: it
+    Images under 41 pixels a side are scored on the scales that fit, which departs from the reference code: it
+    scores every scale, and a scale whose window does not fit gives it a meaningless term (a Harvard CT-MRI crop,
+    max rule: 20x23 pixels gives 1.049 here and 1.690 there; 41x37, 0.931 and 0.936). Values on such small
+    images compare with nothing published. NaN too when a source is constant: it
     has no information to preserve (0/0; the reference code's 1 would be a perfect term whatever ``F`` is).
     Every NaN comes with an :class:`UndefinedMetricWarning`; slice-wise means and ``medfuse evaluate`` leave it
     out and count it. Depends on the intensity scale

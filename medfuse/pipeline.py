@@ -1520,6 +1520,10 @@ class Pipeline:
             if name == "load" and keep_identity:
                 # Refused now, not after minutes of registration and fusion (the save step checks again).
                 _refuse_other_patients(state.volumes, warn_unknown=True)
+            if name == "resample" and keep_identity:
+                # Refused before the fusion (the writer checks again): an input from another frame of reference
+                # placed without a registration or transform would go out in the fixed series' frame.
+                _refuse_unregistered_frames(state.volumes)
             state.steps.append({"name": name, "params": _params_of(step),
                                 "seconds": round(time.perf_counter() - t0, 4)})
             done += w
@@ -1549,6 +1553,19 @@ def _dicom_series_of(item: Any) -> Optional[Path]:
         prov = item.provenance
         return dicom_template(prov.get("source")) if prov.get("reader") == "medfuse.dicom" else None
     return dicom_template(item)
+
+
+def _refuse_unregistered_frames(vols: Sequence[Volume]) -> None:
+    """With the identity kept, refuse moving images (already on the fixed grid) that lie in another DICOM frame of
+    reference than the fixed image and were placed without a registration or transform (see
+    :func:`medfuse.io.dicom_writer.refuse_unregistered_frame`); nothing when the fixed frame is not known."""
+    from .io.dicom_writer import refuse_unregistered_frame
+
+    frame = vols[0].provenance.get("frame_of_reference_uid") if vols else None
+    if not frame:
+        return
+    for i, v in enumerate(vols[1:], start=2):
+        refuse_unregistered_frame(v, frame, what=f"input {i}")
 
 
 def check_identity_kept(out: PathLike, fixed: Any, *, option: str = "deidentify=False") -> None:
@@ -1601,7 +1618,11 @@ def _refuse_network_without_torch(steps: Sequence[Tuple[str, Any]]) -> None:
 
 
 def _as_input(item: Any, index: int) -> Union[PathLike, Volume]:
-    """A path or Volume for the pipeline; a MONAI MetaTensor becomes a Volume (its geometry kept exactly)."""
+    """A path or Volume for the pipeline; a MONAI MetaTensor becomes a Volume (its geometry kept exactly). A path's
+    leading ``~`` is expanded here, once, as ``medfuse.load`` expands it: loading took ``~/t1.nii.gz`` and hashing
+    it for the sidecar then failed with "no such file"."""
+    if isinstance(item, (str, os.PathLike)) and os.fspath(item).startswith("~"):
+        return os.path.expanduser(os.fspath(item))
     if isinstance(item, (str, os.PathLike, Volume)):
         return item
     if hasattr(item, "affine") and hasattr(item, "meta"):

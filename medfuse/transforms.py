@@ -279,7 +279,9 @@ class LoadVolume(Transform):
         whole_series: a path that is one file of a DICOM series loads the whole series it belongs to, as
             :func:`medfuse.load` does (default False: that slice alone, a one-slice volume, with a warning).
         volume_index: which volume of a 4-D file or series to load (0-based, negative from the end), as
-            :func:`medfuse.load` takes it; a 4-D input without it is refused, naming the count.
+            :func:`medfuse.load` takes it; a 4-D input without it (or ``combine``) is refused, naming the count.
+        combine: ``"sum"`` or ``"mean"``: all volumes of a 4-D input as one, as :func:`medfuse.load` takes it
+            (not with ``volume_index``).
 
     A Volume or MetaTensor (already loaded) is passed through, a MetaTensor converted to a Volume. ``suv`` is
     applied only when the file is read: the SUV factor needs the DICOM header (injected dose, body size, times),
@@ -297,8 +299,8 @@ class LoadVolume(Transform):
     """
 
     def __init__(self, *, modality: Optional[str] = None, suv: str = "auto", as_tensor: bool = False,
-                 whole_series: bool = False, volume_index: Optional[int] = None):
-        from .io import _check_suv, _check_volume_index
+                 whole_series: bool = False, volume_index: Optional[int] = None, combine: Optional[str] = None):
+        from .io import _check_combine, _check_suv, _check_volume_index
 
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
         # Checked here: a wrong value would fail only at the first load, inside a DataLoader worker.
@@ -307,6 +309,7 @@ class LoadVolume(Transform):
         self.whole_series = flag(whole_series, "whole_series")
         # A 4-D input was refused with "pass volume_index=", which the transform did not take.
         self.volume_index = _check_volume_index(volume_index)
+        self.combine = _check_combine(combine, self.volume_index)
 
     def __call__(self, path: Any) -> Any:
         from .io import load
@@ -323,7 +326,7 @@ class LoadVolume(Transform):
                 "medfuse.Volume(array, affine)")
         else:
             vol = load(path, modality=self.modality, suv=self.suv, whole_series=self.whole_series,
-                       volume_index=self.volume_index)
+                       volume_index=self.volume_index, combine=self.combine)
         if isinstance(path, Volume) or _is_metatensor(path):
             self._check_loaded_suv(vol, self.suv, recorded=isinstance(path, Volume))
         if self.as_tensor and _is_metatensor(path):  # passed through: its layout, header keys and history stay
@@ -365,7 +368,7 @@ class LoadVolume(Transform):
                 f"medfuse.load(path, suv={suv!r}); suv='auto' passes loaded images through as they are")
 
     def __repr__(self) -> str:
-        extra = {} if self.volume_index is None else {"volume_index": self.volume_index}
+        extra = {k: v for k, v in (("volume_index", self.volume_index), ("combine", self.combine)) if v is not None}
         return _repr(self, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor,
                      whole_series=self.whole_series, **extra)
 
@@ -379,6 +382,8 @@ class LoadVolumed(MapTransform):
         suv, as_tensor, whole_series: see :class:`LoadVolume`.
         volume_index: for 4-D inputs, one index for all keys or a ``{key: index}`` mapping (see
             :class:`LoadVolume`).
+        combine: ``"sum"`` or ``"mean"`` for the 4-D inputs of the keys ``volume_index`` gives no index (see
+            :class:`LoadVolume`).
         allow_missing_keys: skip absent keys instead of failing.
 
     Raises:
@@ -389,9 +394,10 @@ class LoadVolumed(MapTransform):
 
     def __init__(self, keys: KeysCollection, *, modality: Union[None, str, Mapping[str, str]] = None,
                  suv: str = "auto", as_tensor: bool = False, whole_series: bool = False,
-                 volume_index: Union[None, int, Mapping[str, int]] = None, allow_missing_keys: bool = False):
+                 volume_index: Union[None, int, Mapping[str, int]] = None, allow_missing_keys: bool = False,
+                 combine: Optional[str] = None):
         super().__init__(keys, allow_missing_keys)
-        from .io import _check_suv, _check_volume_index
+        from .io import _check_combine, _check_suv, _check_volume_index
 
         for name, given in (("modality", modality), ("volume_index", volume_index)):
             # A key of the mapping that is not loaded (wrong case, a typo) left that image's setting unset, unsaid:
@@ -408,6 +414,7 @@ class LoadVolumed(MapTransform):
             modality = _checked_modality(modality)
         self.volume_index = ({k: _check_volume_index(i) for k, i in volume_index.items()}
                              if isinstance(volume_index, Mapping) else _check_volume_index(volume_index))
+        self.combine = _check_combine(combine, None if isinstance(self.volume_index, Mapping) else self.volume_index)
         self.modality, self.suv, self.as_tensor = modality, _check_suv(suv), flag(as_tensor, "as_tensor")
         self.whole_series = flag(whole_series, "whole_series")
         self.output_version = OUTPUT_VERSION  # part of a PersistentDataset cache key
@@ -418,11 +425,12 @@ class LoadVolumed(MapTransform):
             mod = self.modality.get(key) if isinstance(self.modality, Mapping) else self.modality
             index = self.volume_index.get(key) if isinstance(self.volume_index, Mapping) else self.volume_index
             d[key] = LoadVolume(modality=mod, suv=self.suv, as_tensor=self.as_tensor,
-                                whole_series=self.whole_series, volume_index=index)(d[key])
+                                whole_series=self.whole_series, volume_index=index,
+                                combine=None if index is not None else self.combine)(d[key])
         return d
 
     def __repr__(self) -> str:
-        extra = {} if self.volume_index is None else {"volume_index": self.volume_index}
+        extra = {k: v for k, v in (("volume_index", self.volume_index), ("combine", self.combine)) if v is not None}
         return _repr(self, keys=self.keys, modality=self.modality, suv=self.suv, as_tensor=self.as_tensor,
                      whole_series=self.whole_series, **extra)
 

@@ -57,7 +57,7 @@ _PROVENANCE_KEYS = {
     "gantry_tilt_deg", "tilt_corrected", "resampled", "normalisation", "method", "weights_sha256",
     "registration", "scaling", "network_functional", "nifti_space", "sources", "suv_source", "labels_from",
     "unit_stated", "patient_key", "series_number", "network_path", "network_threads", "suv_factor",
-    "image_type", "patient_position", "pet_acquisition",
+    "image_type", "patient_position", "pet_acquisition", "volume",
 }
 
 

@@ -41,7 +41,9 @@ def test_keep_identity_files_the_result_into_the_fixed_series_study(tmp_path, ca
     ct = _named_ct(tmp_path)
     src = _first(ct)
     fused, moved, anon = tmp_path / "fused", tmp_path / "moved", tmp_path / "anon"
-    assert main(["fuse", str(ct), str(SAMPLES / "pet"), "-o", str(fused), "--method", "mean", "--keep-identity",
+    # A PET/CT (one frame of reference): fused unregistered into the CT's frame (another frame would be refused).
+    petct = _named_pet(tmp_path / "petct", study=src.StudyInstanceUID, frame=src.FrameOfReferenceUID)
+    assert main(["fuse", str(ct), str(petct), "-o", str(fused), "--method", "mean", "--keep-identity",
                  "-q"]) == 0
     assert main(["register", str(ct), str(SAMPLES / "pet"), "-o", str(moved), "--keep-identity", "-q"]) == 0
     assert main(["fuse", str(ct), str(SAMPLES / "pet"), "-o", str(anon), "--method", "mean", "-q"]) == 0
@@ -114,8 +116,9 @@ def test_a_folder_of_several_series_gives_the_chosen_fixed_series_as_template(tm
     study = tmp_path / "study"
     ct = _named_ct(tmp_path)
     shutil.move(str(ct), str(study / "b_ct"))
-    _named_pet(study / "a_pet", study="1.2.3.555", frame="1.2.3.99")  # sorted first: another session's PET
     src = _first(study / "b_ct")
+    # Sorted first: another study's PET, in the CT's frame of reference (unregistered across frames is refused).
+    _named_pet(study / "a_pet", study="1.2.3.555", frame=src.FrameOfReferenceUID)
     out = tmp_path / "fused"
     assert main(["fuse", str(study), str(study), "--series", "CT", "PT", "-o", str(out), "--method", "mean",
                  "--keep-identity", "-q"]) == 0
@@ -159,7 +162,9 @@ def test_keep_identity_compares_every_identifier_and_refuses_before_the_work(tmp
     with pytest.warns(medfuse.MedfuseWarning, match="input 2 carries no patient identity"):
         fuse_files(ct, nifti, tmp_path / "out2", method="mean", deidentify=False)
     # A fixed Volume medfuse read from DICOM is a DICOM series too (its source is the template).
-    res = fuse_files(medfuse.load(ct), SAMPLES / "pet", tmp_path / "out3", method="mean", deidentify=False)
+    src = _first(ct)
+    petct = _named_pet(tmp_path / "petct", study=src.StudyInstanceUID, frame=src.FrameOfReferenceUID)
+    res = fuse_files(medfuse.load(ct), petct, tmp_path / "out3", method="mean", deidentify=False)
     ds = _first(res.output)
     assert (str(ds.PatientName), ds.PatientID) == (NAME, MRN)
     # A fixed path that does not exist: the loader's own words, not "not a DICOM series".
@@ -189,5 +194,7 @@ def test_a_fixed_volume_from_another_process_is_still_compared_and_a_fixed_witho
         for kw in ("PatientName", "PatientID", "PatientBirthDate"):
             ds.data_element(kw).value = ""
         ds.save_as(str(anon / f.name))
+    src = _first(ct)
+    petct = _named_pet(tmp_path / "petct", study=src.StudyInstanceUID, frame=src.FrameOfReferenceUID)
     with pytest.warns(medfuse.MedfuseWarning, match="the fixed image carries no patient identity"):
-        fuse_files(anon, SAMPLES / "pet", tmp_path / "out2", method="mean", deidentify=False)
+        fuse_files(anon, petct, tmp_path / "out2", method="mean", deidentify=False)

@@ -68,3 +68,22 @@ def test_a_pets_suv_kind_and_a_4d_inputs_volume_are_in_the_sidecar(tmp_path):
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 6, 3)).astype(np.float32), np.eye(4)), str(four))
     facts = _volume_facts(medfuse.load(four, volume_index=2))
     assert facts["volume_index"] == 2 and facts["n_volumes"] == 3
+
+
+def test_a_sidecar_of_relative_paths_records_the_folder_they_are_relative_to(tmp_path, monkeypatch):
+    """``cd /tmp; medfuse fuse base/a.nii.gz ... -o out/f.nii.gz`` recorded ``base/a.nii.gz``, relative to a
+    working folder nothing recorded: read later from elsewhere, the sidecar named no file."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "out").mkdir()
+    _blob_pair(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fuse", "base/a.nii.gz", "base/b.nii.gz", "--method", "max", "-o", "out/f.nii.gz", "-q"]) == 0
+    record = json.loads((tmp_path / "out" / "f.json").read_text())
+    assert Path(record["working_folder"]) == tmp_path
+    for entry in record["inputs"]:
+        assert (Path(record["working_folder"]) / entry["path"]).is_file()
+    # Absolute paths need no folder: none is recorded.
+    monkeypatch.chdir(tmp_path / "out")
+    assert main(["fuse", str(tmp_path / "base/a.nii.gz"), str(tmp_path / "base/b.nii.gz"), "--method", "max",
+                 "-o", str(tmp_path / "out/g.nii.gz"), "-q"]) == 0
+    assert "working_folder" not in json.loads((tmp_path / "out" / "g.json").read_text())

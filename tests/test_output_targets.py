@@ -265,3 +265,19 @@ def test_null_characters_in_input_paths_folders_and_manifests_are_typed_errors(t
     manifest.write_text(f"subject,fixed,moving,output\ns1,{a},{b}\0,out.nii.gz\n", encoding="utf-8")
     assert main(["batch", str(manifest), "-q"]) == EXIT_USAGE
     assert "null character" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- upper-case suffixes share a sidecar
+def test_upper_case_suffixes_do_not_take_over_another_outputs_sidecar(tmp_path, capsys):
+    """``OUT.NRRD`` then ``OUT.MHA``: both name the sidecar ``OUT.json``. The second run used to replace the first
+    one's provenance without a word (the sibling check built only lower-case names); lower case was refused."""
+    a, b = _pair(tmp_path)
+    first, second = tmp_path / "OUT.NRRD", tmp_path / "OUT.MHA"
+    assert main(["fuse", str(a), str(b), "--method", "max", "-o", str(first), "-q"]) == 0
+    before = (tmp_path / "OUT.json").read_bytes()
+    assert json.loads(before)["output"]["path"].endswith("OUT.NRRD")
+    capsys.readouterr()
+    assert main(["fuse", str(a), str(b), "--method", "max", "-o", str(second), "-q"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "OUT.json belongs to OUT.NRRD" in err and "another output name" in err
+    assert (tmp_path / "OUT.json").read_bytes() == before and not second.exists()

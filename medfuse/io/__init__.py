@@ -11,8 +11,10 @@ import errno as _errno
 import os
 import stat
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Union
 
 from .._checks import as_path as _checked_path
 from .._checks import describe as _kind
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # .dicom imports this package: imported where used at run tim
     from .dicom import SeriesInfo
 
 __all__ = ["load", "load_volumes", "scan", "select_series", "save", "is_image_file", "check_readable",
-           "series_choice_record", "IMAGE_SUFFIXES", "SUV_CHOICES"]
+           "series_choice_record", "IMAGE_SUFFIXES", "SUV_CHOICES", "COMBINE_CHOICES"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,6 +36,13 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", "
 
 #: What ``suv=`` accepts (PET only; other inputs ignore it).
 SUV_CHOICES = ("auto", "bw", "lbm", "lbm_janma", "bsa", "none")
+
+#: What ``combine=`` accepts: how :func:`load` makes one volume of all those of a 4-D series or file.
+COMBINE_CHOICES = ("sum", "mean")
+
+#: The command line's ``--volume`` (an index, ``"sum"`` or ``"mean"``), for every 4-D input loaded inside
+#: :func:`four_d_choice`; None outside it.
+_FOUR_D: ContextVar[Any] = ContextVar("medfuse_four_d_choice", default=None)
 
 
 # ------------------------------------------------------------------------------------------ argument checks
@@ -56,6 +65,13 @@ def _as_path(value: Any, *, what: str = "path", fix: Optional[str] = None, image
     return p
 
 
+def _home(p: Path) -> Path:
+    """An input path with a leading ``~`` expanded, as ``nibabel.load`` and the command line take it (a quoted
+    ``"~/t1.nii.gz"`` reached Python unexpanded and was "no such file")."""
+    text = os.fspath(p)
+    return Path(os.path.expanduser(text)) if text.startswith("~") else p
+
+
 def _check_volume_index(value: Any) -> Optional[int]:
     """``volume_index`` as an int (None stays None).
 
@@ -66,6 +82,124 @@ def _check_volume_index(value: Any) -> Optional[int]:
         return None
     return _whole(value, "volume_index", what="a whole number (0-based, negative from the end)",
                   example="volume_index=0, or leave it out for a 3-D image")
+
+
+def _check_combine(value: Any, volume_index: Optional[int]) -> Optional[str]:
+    """``combine`` checked against :data:`COMBINE_CHOICES` (None stays None), and against ``volume_index``.
+
+    Raises:
+        InvalidInputError: any other value, or both ``combine`` and ``volume_index`` given.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in COMBINE_CHOICES:
+        shown = repr(value) if isinstance(value, str) else _kind(value)
+        raise InvalidInputError(f"combine must be 'sum' or 'mean', got {shown}",
+                                fix="pass combine='sum' (a gated series' counts: the ungated image) or "
+                                    "combine='mean' (a dynamic series' frames), or leave it out")
+    if volume_index is not None:
+        raise InvalidInputError("volume_index and combine were both given: one picks a volume of a 4-D series, "
+                                "the other combines all of them", fix="pass only one of them")
+    return value
+
+
+@contextmanager
+def four_d_choice(choice: Any) -> Iterator[None]:
+    """Within the block, :func:`load` picks or combines the volumes of every 4-D input it reads without its own
+    ``volume_index`` or ``combine`` by ``choice`` (the command line's ``--volume``); 3-D inputs ignore it.
+
+    Args:
+        choice: a volume index (int), ``"sum"``, ``"mean"``, or None (no choice: a 4-D input is refused).
+
+    Raises:
+        InvalidInputError: ``choice`` is none of those.
+    """
+    if isinstance(choice, str):
+        _check_combine(choice, None)
+    elif choice is not None:
+        choice = _check_volume_index(choice)
+    token = _FOUR_D.set(choice)
+    try:
+        yield
+    finally:
+        _FOUR_D.reset(token)
+
+
+def _one_of(vols: List[Volume], choice: Any, path: Path) -> Volume:
+    """The volume ``choice`` (an index, ``"sum"``/``"mean"`` or None) makes of ``vols``: a 3-D input's one volume
+    whatever the choice; a 4-D one's by index (refused out of range, or without a choice), or combined
+    (:func:`_combined`)."""
+    from .dicom import _one_volume
+
+    if len(vols) == 1:
+        return vols[0]
+    if isinstance(choice, str):
+        return _combined(vols, choice, path)
+    return _one_volume(vols, choice, path)
+
+
+def _summable(unit: str) -> bool:
+    """False for a unit whose sum over the volumes of a 4-D series is no value of it (each volume is a
+    concentration or a density already: Bq/mL, SUV, HU, Gy); ``mean`` combines those."""
+    return not (unit.startswith("SUV") or "Bq" in unit or unit in ("HU", "Gy"))
+
+
+def _combined(vols: List[Volume], how: str, path: Path) -> Volume:
+    """One volume of the volumes of a 4-D series or file: their sum or mean (duration-weighted where each gives
+    its frame duration), recorded in the history as a ``combine`` step.
+
+    Raises:
+        InvalidInputError: volumes that are no repeats of one acquisition on one grid: different energy windows
+            (isotopes), image types (Dixon in-phase and opposed-phase) or units, other grids; or ``sum`` of a
+            concentration (Bq/mL, SUV), of HU or of Gy.
+    """
+    import numpy as np
+
+    first, n = vols[0], len(vols)
+    facts = [v.provenance.get("volume") or {} for v in vols]
+    pick = f"pass volume_index=0..{n - 1} for one of them (command line: --volume N)"
+
+    def refuse(what: str, fix: str = pick) -> None:
+        raise InvalidInputError(f"the {n} volumes cannot be combined ({how}): {what}", fix=fix, path=path)
+
+    windows = {(f.get("energy_window"), f.get("energy_window_name")) for f in facts}
+    if len(windows) > 1:
+        shown = ", ".join(f"{w}" + (f" {name}" if name else "") for w, name in sorted(windows, key=repr))
+        refuse(f"they are different energy windows ({shown}): images of different isotopes or photopeaks, not "
+               "repeats of one image")
+    kinds = {f.get("kind") for f in facts}
+    if len(kinds) > 1:
+        refuse(f"they are images of different types ({', '.join(sorted(str(k or '?') for k in kinds))}), such as "
+               "Dixon in-phase and opposed-phase images, not repeats of one image")
+    if len({v.unit for v in vols}) > 1:
+        refuse(f"their units differ ({', '.join(sorted({v.unit for v in vols}))})")
+    if any(v.shape != first.shape or not np.allclose(v.affine, first.affine, atol=1e-4) for v in vols):
+        refuse("they are not on one grid (shape, spacing, origin or orientation differ)")
+    if how == "sum" and not _summable(first.unit):
+        refuse(f"a sum of values in {first.unit} is no {first.unit} value (each volume is a concentration or "
+               "density already)", fix="pass combine='mean' (command line: --volume mean): for a gated PET the "
+                                       "ungated image, for a dynamic one the time-averaged image")
+    durations = [f.get("frame_duration_s") for f in facts]
+    weighted = how == "mean" and all(isinstance(d, (int, float)) and d > 0 for d in durations)
+    weights = np.asarray(durations if weighted else [1.0] * n, float)
+    total = np.zeros(first.shape, np.float64)
+    for w, v in zip(weights, vols):
+        total += w * np.asarray(v.array, np.float64)
+    if how == "mean":
+        total /= weights.sum()
+    out = first.with_array(total.astype(np.float32))
+    prov = out.provenance
+    prov["volume_index"] = None
+    factors = [v.provenance.get("suv_factor") for v in vols]
+    flat = [x for f in factors if f is not None for x in (f if isinstance(f, list) else [f])]
+    if flat and len(set(flat)) > 1:
+        prov["suv_factor"] = [min(flat), max(flat)]
+    labels = [f.get("label") for f in facts if f.get("label")]
+    out.add_history("combine", how=how, n_volumes=n,
+                    weighting="frame durations (ActualFrameDuration)" if weighted else
+                    "equal" + (" (frame durations unknown)" if how == "mean" else ""),
+                    **({"axis": facts[0].get("axis"), "volumes": labels} if labels else {}))
+    return out
 
 
 def _check_suv(value: Any) -> str:
@@ -230,8 +364,10 @@ def _stat_or_refuse(path: Path) -> os.stat_result:
             raise UnreadableFileError("permission denied: a folder on the path may not be entered",
                                       fix="change its permissions (chmod u+x) or run medfuse as a user who may "
                                           "read it", path=path) from None
-        raise UnreadableFileError("no such file or folder", errno=_errno.ENOENT, fix="check the path",
-                                  path=path) from None
+        from ._atomic import missing_hint  # an NFD twin, a Windows path, an unexpanded ~: said with the error
+
+        raise UnreadableFileError(f"no such file or folder{missing_hint(path)}", errno=_errno.ENOENT,
+                                  fix="check the path", path=path) from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         kind = next((name for test, name in _SPECIAL_KINDS if test(st.st_mode)), "a special file")
         raise UnreadableFileError(f"this is {kind}, not a regular file or folder, so medfuse cannot read an image "
@@ -263,7 +399,7 @@ def _absolute_source(vol: Volume) -> Volume:
 # ------------------------------------------------------------------------------------------ the public faces
 def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Optional[int] = None,
          modality: Optional[str] = None, unit: Optional[str] = None, suv: str = "auto",
-         whole_series: bool = False, body: Optional[dict] = None) -> Volume:
+         whole_series: bool = False, body: Optional[dict] = None, combine: Optional[str] = None) -> Volume:
     """Load one 3-D volume from a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder.
 
     A DICOM file is read on its own (one slice of a classic series gives a one-slice volume) unless
@@ -293,6 +429,12 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
             e.g. ``body={"weight_kg": 3.2, "height_m": 0.52, "sex": "M"}``. Checked as the header's are (docs/io.md);
             ``provenance["suv_source"]`` records that it was given and which keys, never the values. Other inputs
             do not use it (a warning says so).
+        combine: one volume made of all those of a 4-D series or file, instead of picking one with
+            ``volume_index`` (not both): ``"sum"`` (a gated NM series' counts: the ungated image) or ``"mean"``
+            (a gated PET, or a dynamic PET's frames: weighted by their durations where the headers give them).
+            Refused for volumes that are no repeats of one acquisition on one grid (energy windows of two isotopes,
+            Dixon images, other grids), and ``"sum"`` for a concentration (Bq/mL, SUV). The history's
+            ``combine`` step records it (docs/io.md); a 3-D input is returned as it is.
 
     Returns:
         The :class:`~medfuse.volume.Volume`, its source recorded as an absolute path.
@@ -300,29 +442,36 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
     Raises:
         InvalidInputError: an argument of the wrong type or value (a path that is not a str or Path, an unknown
             ``suv``, a ``volume_index`` that is not a whole number or out of range, a ``body`` that is not a dict
-            of plausible values), or zero-size/all-NaN data.
+            of plausible values, ``combine`` with ``volume_index`` or on volumes that cannot be combined), or
+            zero-size/all-NaN data.
         UnreadableFileError: missing, unreadable, damaged or misnamed file.
         UnsupportedDataError: a DICOM object that holds no image (RT, SEG, SR...).
         MultipleSeriesError: several series in a folder, or several volumes, and none chosen.
         GeometryError: invalid geometry (sheared or singular affine, missing slices).
     """
-    p = _as_path(path, fix="pass the path of a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder")
+    p = _home(_as_path(path, fix="pass the path of a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder"))
     series_uid = _check_series(series_uid)
     volume_index = _check_volume_index(volume_index)
+    combine = _check_combine(combine, volume_index)
+    # The command line's --volume, for an input given neither (3-D inputs ignore it).
+    choice = combine if combine is not None or volume_index is not None else _FOUR_D.get()
     _check_load_options(modality=modality, unit=unit)
     suv = _check_suv(suv)
     whole_series = _check_flag(whole_series, "whole_series")
     _check_body(body)  # before the path: a wrong body= is said whatever the input
     _check_exists(p)
     if p.is_file() and is_image_file(p):
-        from .nifti import load_image
+        from .nifti import load_image, load_image_volumes
 
         _body_unused(body)
         if series_uid is not None:
             raise InvalidInputError("a series was chosen, but this file holds one image (series are picked in DICOM "
                                     "folders)", fix="leave the series choice out for this input ('-')", path=p)
 
-        vol = load_image(p, modality=modality, unit=unit, volume_index=volume_index, suv=suv)
+        if choice is None:
+            vol = load_image(p, modality=modality, unit=unit, volume_index=volume_index, suv=suv)
+        else:
+            vol = _one_of(load_image_volumes(p, modality=modality, unit=unit, suv=suv), choice, p)
         said = any("BIDS sidecar" in w for w in vol.provenance.get("warnings", []))  # pet_bids said why already
         if suv not in ("auto", "none") and vol.modality == "PT" and not vol.unit.startswith("SUV") and not said:
             # Asked for by name, and not given: say so (the PET's values are not SUV, whatever was asked).
@@ -331,11 +480,16 @@ def load(path: PathLike, *, series_uid: Optional[str] = None, volume_index: Opti
                           f"{vol.unit}; add them to its BIDS sidecar (docs/io.md), or load the DICOM series for SUV",
                           MedfuseWarning, stacklevel=2)
         return _absolute_source(vol)
-    from .dicom import load_dicom
+    from .dicom import blanking_errors, load_dicom, load_dicom_volumes
 
     try:
-        vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv, whole_series=whole_series,
-                         body=body)
+        if choice is None:
+            vol = load_dicom(p, series_uid=series_uid, volume_index=volume_index, suv=suv,
+                             whole_series=whole_series, body=body)
+        else:
+            with blanking_errors():  # the refusals quote the path, which may name the patient
+                vol = _one_of(load_dicom_volumes(p, series_uid=series_uid, suv=suv, whole_series=whole_series,
+                                                 body=body), choice, p)
     except UnreadableFileError as e:
         raise _image_files_instead(p, e) from None
     if modality is not None or unit is not None:
@@ -365,7 +519,7 @@ def load_volumes(path: PathLike, *, series_uid: Optional[str] = None, suv: str =
         MultipleSeriesError: several series in a folder and none chosen.
         GeometryError: invalid geometry.
     """
-    p = _as_path(path, fix="pass the path of a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder")
+    p = _home(_as_path(path, fix="pass the path of a NIfTI/MetaImage/NRRD file, a DICOM file or a DICOM folder"))
     series_uid = _check_series(series_uid)
     suv = _check_suv(suv)
     whole_series = _check_flag(whole_series, "whole_series")

@@ -16,7 +16,9 @@ Temporary files and folders are named after their target and their writer,
 of the machine, its boot and the process namespace; ``<pid>``: the writing process). A kill leaves one behind; the
 next write to the same target removes it once it is provably stale: written on this machine since its last boot by
 a process that has ended, or, from another machine or boot (whose processes cannot be checked), untouched for a day.
-A live writer's temporary file (another process writing the same target right now) is never touched.
+A live writer's temporary file (another process writing the same target right now) is never touched. In a folder
+so deep that this name would make the temporary's path too long, the shorter ``.medfuse-tmp-<key>-<random><suffix>``
+is used; its writer cannot be checked, so it is removed as another machine's is, once untouched for a day.
 
 Data reaches the disk before its name does: each finished file (and a folder's files) is flushed with
 ``fsync`` before the move, and the folder after it, so that a power cut cannot leave an output empty under its
@@ -41,6 +43,7 @@ import socket
 import stat
 import tempfile
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Union
@@ -56,6 +59,9 @@ _TMP_PREFIX = ".medfuse-tmp-"
 _OLD_PREFIX = ".medfuse-old-"
 #: A temporary's name (see :func:`_temp_prefix`): target key, owner key, process id, mkstemp's random part, suffix.
 _TMP_NAME = re.compile(r"\.medfuse-tmp-([0-9a-f]{12})-([0-9a-f]{8})-([0-9]{1,10})-[a-z0-9_]{1,32}(\.[a-z0-9.]{1,16})?")
+#: The shorter name used where the usual one would make the temporary's path too long (a deep folder): target key
+#: and mkstemp's random part only. Its writer cannot be checked, so it is removed as another machine's is.
+_SHORT_TMP_NAME = re.compile(r"\.medfuse-tmp-([0-9a-f]{12})-[a-z0-9_]{1,32}(\.[a-z0-9.]{1,16})?")
 #: A temporary of another machine or boot is removed only after this long untouched (its writer cannot be checked).
 _FOREIGN_STALE_S = 24 * 3600
 #: What ``os.link`` says on a file system without hard links (FAT, exFAT, some network shares).
@@ -195,14 +201,21 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     on a case-sensitive disk) counts as that entry, as on Windows and macOS: refused, even with ``overwrite``
     (replacing it would leave two files that clash there).
 
+    So does a name that differs only in how its accents are stored (Unicode NFC or NFD: ``é`` as one character or
+    as ``e`` plus an accent), one name on macOS and on most network shares.
+
     A named pipe, socket or device node at ``path`` is refused even with ``overwrite`` (``os.replace`` would
-    swap the node itself for a regular file); a symbolic link there is replaced as a link, never its target.
+    swap the node itself for a regular file); a symbolic link there is replaced as a link, never its target. A link
+    that loops or points to nothing is refused without ``overwrite`` (in words: it is neither "a file in the way"
+    nor an earlier output), and for a folder output even with it.
 
     Raises:
         OutputExistsError: the target exists (and ``overwrite`` is False), is one of ``inputs`` (or the
-            data file of a ``.mhd``/``.nhdr`` input), is of the other kind, is a pipe, socket or device node, or
-            differs only in letter case from an existing entry.
-        InvalidInputError: the path holds a null character.
+            data file of a ``.mhd``/``.nhdr`` input), is of the other kind, is a pipe, socket or device node, is a
+            link to nothing, or differs only in letter case or Unicode normalisation from an existing entry.
+        OutputWriteError: its folder does not exist, is a file, or is a link to nothing.
+        InvalidInputError: the path holds a null character, or is a Windows path (``C:\\out\\f.nii.gz``,
+            ``sub\\f.nii.gz``) on a system whose folders are separated by ``/`` only.
     """
     p = Path(path)
     if "\0" in os.fspath(p):
@@ -210,11 +223,21 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
         raise InvalidInputError(f"the output path {_shown(os.fspath(p))!r} holds a null character (\\0), which no "
                                 "file name can contain", fix="check how the path was built (a C string, a fixed-width "
                                 "field or a file read in binary mode can leave a \\0 in it) and pass it without")
+    if not os.path.lexists(p) and (windows_style(p.name) or (windows_style(p) and not os.path.isdir(p.parent))):
+        # It was written as one file named "C:\out\f.nii.gz" (or "sub\f.nii.gz" beside the folder sub/).
+        raise InvalidInputError("the output path looks like a Windows path (a backslash, or a drive letter such as "
+                                "C:); on this system folders are separated by /, and a backslash is part of a name",
+                                fix="write the path with / (e.g. out/f.nii.gz)", path=p)
     try:
         os.lstat(p)
     except (OSError, ValueError) as e:  # absent is fine; a name too long would fail every check below untyped
         if _too_long(e, p) is not None:
             raise _too_long(e, p) from None
+    link = _broken_link(p.parent)
+    if link is not None:  # said as "the output's folder is a file" before
+        raise OutputWriteError(f"the output's folder is {link}", errno=errno.ELOOP if "loops" in link else
+                               errno.ENOENT, fix="point the link at an existing folder, or choose another output "
+                               "folder", path=p.parent)
     if os.path.lexists(p.parent) and not p.parent.is_dir():
         # A write error, not "exists": another name in the same folder would fail the same way.
         raise OutputWriteError("the output's folder is a file", errno=errno.ENOTDIR,
@@ -239,14 +262,25 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
     if twin is not None:
         # README: names that differ only in letter case count as one file on every system (they are one on
         # Windows and macOS): "MR.NII.GZ" beside "mr.nii.gz" is that file, so it is refused as that file would be.
+        # So do names that differ only in how their accents are stored (NFC/NFD): one file on macOS and SMB shares.
+        how = ("letter case" if case_key(twin.name) == case_key(p.name) else
+               "how accents are stored (Unicode normalisation; the names look the same)"
+               if _form_key(twin.name) == _form_key(p.name) else "letter case and how accents are stored")
         if any(same_file(twin, src) for src in input_files(inputs)):
-            raise OutputExistsError("refusing to write beside the volume's own source under a name that differs "
-                                    f"only in letter case ({twin.name}: one file on Windows and macOS; inputs are "
-                                    "never modified)", fix="choose another output path", path=p)
-        raise OutputExistsError(f"the output exists as {twin.name} (names that differ only in letter case are one "
+            raise OutputExistsError(f"refusing to write beside the volume's own source under a name that differs "
+                                    f"only in {how} ({_shown(twin.name)}: one file on macOS and Windows or network "
+                                    "shares; inputs are never modified)", fix="choose another output path", path=p)
+        raise OutputExistsError(f"the output exists as {_shown(twin.name)} (names that differ only in {how} are one "
                                 "file on Windows and macOS, so medfuse counts them as one everywhere)",
                                 fix="choose another name, or give the existing name exactly (with overwrite=True) "
                                     "to replace it", path=p)
+    link = _broken_link(p) if exists else None
+    if link is not None and (kind == "folder" or not overwrite):
+        # Said as "a file is in the way" or "the output exists" before. A link is never written through: with
+        # overwrite an output file replaces the link itself (its missing target is not created).
+        raise OutputExistsError(f"the output path is {link}", fix="remove the link (rm), or choose another output "
+                                "name" + ("" if kind == "folder" else "; overwrite=True replaces the link itself "
+                                          "with the output (nothing is written where it points)"), path=p)
     # The kind mismatches first: "the output exists ... pass overwrite=True" sent the user to an option that is
     # then refused for them.
     if exists and kind == "file" and p.is_dir() and not p.is_symlink():
@@ -264,9 +298,31 @@ def check_output(path: PathLike, *, overwrite: bool = False, inputs: Iterable[Op
                                "replace it (the folder's sticky bit)", errno=errno.EPERM,
                                fix="choose another output name, or ask its owner to remove it", path=p)
     if not p.parent.is_dir():
-        raise OutputWriteError("the output's folder does not exist", errno=errno.ENOENT, fix="create the folder first",
-                               path=p.parent)
+        hint = missing_hint(p.parent)
+        raise OutputWriteError(f"the output's folder does not exist{hint}", errno=errno.ENOENT,
+                               fix="correct the path as said, or create the folder" if hint else
+                               "create the folder first", path=p.parent)
     return p
+
+
+def _broken_link(p: Path) -> Optional[str]:
+    """What the symbolic link ``p`` is, in words, when it names nothing (it loops, or points to nothing), else
+    None (not a link, or a working one)."""
+    if not os.path.islink(p):
+        return None
+    try:
+        os.stat(p)
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link that loops (it leads back to itself), so it names no file or folder"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return None
+    try:
+        target = os.readlink(p)
+    except OSError:
+        return None
+    return f"a symbolic link to {_shown(target)!r}, which does not exist"
 
 
 def _sticky_other_owner(p: Path) -> bool:
@@ -302,18 +358,69 @@ def case_key(name: str) -> str:
     return "".join(low if len(low := c.lower()) == 1 else c for c in name)
 
 
+def _form_key(name: str) -> str:
+    """``name`` in Unicode normal form C: ``é`` typed as one character (NFC, most keyboards) or as ``e`` plus an
+    accent (NFD, names made on macOS) are one name on macOS and on normalisation-insensitive shares."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _case_twin(p: Path) -> Optional[Path]:
-    """Another entry beside ``p`` whose name differs from ``p``'s only in letter case (on a case-sensitive disk),
-    else None."""
-    key = case_key(p.name)
+    """Another entry beside ``p`` whose name differs from ``p``'s only in letter case or in Unicode normalisation
+    (on a disk that keeps them apart), else None."""
+    key = case_key(_form_key(p.name))
     try:
         with os.scandir(p.parent) as it:
             for e in it:
-                if e.name != p.name and case_key(e.name) == key:
+                if e.name != p.name and case_key(_form_key(e.name)) == key:
                     return Path(e.path)
     except (OSError, ValueError):
         pass
     return None
+
+
+#: A path written for Windows: a backslash, a drive (``C:``) or a share (``\\server``).
+_WINDOWS_STYLE = re.compile(r"\\|^[A-Za-z]:")
+
+
+def windows_style(path: PathLike) -> bool:
+    """Whether ``path`` is spelled as on Windows (``C:\\out\\f.nii.gz``, ``sub\\f.nii.gz``) on a system whose
+    folders are separated by ``/`` only, where it would name one file with backslashes and a colon in its name."""
+    return os.name != "nt" and bool(_WINDOWS_STYLE.search(os.fspath(path)))
+
+
+def missing_hint(path: PathLike) -> str:
+    """What may explain that ``path`` does not exist, as text to add to "no such file or folder" (or "")."""
+    text = os.fspath(path)
+    if windows_style(text):
+        return "; this looks like a Windows path: on this system folders are separated by /"
+    if text.startswith("~"):
+        return ("; '~' (the home folder) is expanded by the shell, not inside quotes or in Python: give the full "
+                "path, or os.path.expanduser(path)")
+    twin = _form_twin(Path(text))
+    if twin is not None:
+        return (f"; a file or folder named the same with its accents stored differently (another Unicode "
+                f"normalisation) exists: {_shown(os.fspath(twin))}; use that name")
+    return ""
+
+
+def _form_twin(p: Path) -> Optional[Path]:
+    """``p`` spelled as it exists on the disk when it does not exist as given only because a part of its name
+    stores its accents differently (NFC for NFD), else None."""
+    parts = p.parts
+    here = Path(parts[0]) if p.is_absolute() else Path(".")
+    found = False
+    for part in parts[1:] if p.is_absolute() else parts:
+        if not os.path.lexists(here / part):
+            key = _form_key(part)
+            try:
+                match = next((e.name for e in os.scandir(here) if _form_key(e.name) == key), None)
+            except (OSError, ValueError):
+                return None
+            if match is None:
+                return None
+            part, found = match, True
+        here = here / part
+    return here if found else None
 
 
 # ----------------------------------------------------------------------------- what a killed overwrite left
@@ -356,9 +463,44 @@ def _temp_prefix(target: Path, *, pid: Optional[int] = None) -> str:
     its own temporary for it) takes the key of the output it is for: a kill leaves it under a name the next write
     to that output removes (keyed to the first temporary's random name, no write would ever look for it).
     """
-    m = _TMP_NAME.fullmatch(Path(target).name)
-    key = m.group(1) if m is not None else _target_key(target)
-    return f"{_TMP_PREFIX}{key}-{_owner_key()}-{os.getpid() if pid is None else pid}-"
+    return f"{_TMP_PREFIX}{_temp_key(target)}-{_owner_key()}-{os.getpid() if pid is None else pid}-"
+
+
+def _temp_key(target: Path) -> str:
+    """The key in the names of ``target``'s temporaries: its own, or, for a temporary, that of its output."""
+    m = _TMP_NAME.fullmatch(Path(target).name) or _SHORT_TMP_NAME.fullmatch(Path(target).name)
+    return m.group(1) if m is not None else _target_key(target)
+
+
+#: mkstemp's random part (8 characters) plus a DICOM series folder's file names (``IM00001.dcm``), for the check.
+_TEMP_ROOM = 20
+
+
+def _fitting_prefix(target: Path, suffix: str) -> str:
+    """The temporary name prefix for ``target``: the usual one, or the shorter form (:data:`_SHORT_TMP_NAME`)
+    where the usual one would make a path longer than the system takes (mkstemp makes it absolute).
+
+    Why: in a folder 4,045 characters deep ``out.nii.gz`` itself fits, and ``-o out.nii.gz`` was refused as "too
+    long for the file system": its temporary's name, about 50 characters longer, did not fit.
+    """
+    prefix = _temp_prefix(target)
+    limit = _path_max(target.parent)
+    if limit and _abs_length(target.parent, prefix, suffix) >= limit:
+        return f"{_TMP_PREFIX}{_temp_key(target)}-"
+    return prefix
+
+
+def _abs_length(folder: Path, prefix: str, suffix: str) -> int:
+    """The length in bytes of the absolute path of a temporary named ``prefix``…``suffix`` in ``folder``."""
+    return len(os.fsencode(os.path.join(os.path.abspath(folder), prefix + suffix))) + _TEMP_ROOM
+
+
+def _path_max(folder: Path) -> int:
+    """The longest path the system takes in ``folder`` (bytes, with its final null), or 0 when it cannot tell."""
+    try:
+        return int(os.pathconf(folder, "PC_PATH_MAX"))
+    except (OSError, ValueError, AttributeError):  # Windows has no pathconf; a folder not there
+        return 0
 
 
 def _make_temp_file(target: Path, suffix: str = "") -> str:
@@ -368,7 +510,7 @@ def _make_temp_file(target: Path, suffix: str = "") -> str:
         OutputWriteError: the file cannot be created (:func:`_temp_error`); it names ``target``.
     """
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=suffix)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_fitting_prefix(target, suffix), suffix=suffix)
     except OSError as e:
         raise _temp_error(e, target) from None
     os.close(fd)
@@ -382,7 +524,7 @@ def _make_temp_dir(target: Path) -> Path:
         OutputWriteError: the folder cannot be created (:func:`_temp_error`); it names ``target``.
     """
     try:
-        return Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target)))
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=_fitting_prefix(target, "")))
     except OSError as e:
         raise _temp_error(e, target) from None
 
@@ -395,12 +537,21 @@ def _temp_error(e: OSError, target: Path) -> MedfuseError:
     """
     if isinstance(e, MedfuseError):
         return e
+    limit = _path_max(target.parent)
+    if e.errno == errno.ENAMETOOLONG and limit and len(os.fsencode(os.path.abspath(target))) < limit:
+        room = limit - 1 - len(os.fsencode(os.path.abspath(target.parent))) - 1
+        return OutputWriteError(f"the folder's path is too long for the temporary file medfuse writes first beside "
+                                f"the output (the output's own path would fit: {len(os.path.abspath(target))} "
+                                f"characters; the system takes {limit - 1}, and the temporary name needs "
+                                f"{len(_TMP_PREFIX) + 21 + len(_temp_suffix(target.name))} characters where "
+                                f"{max(room, 0)} are left); nothing was written", errno=e.errno,
+                                fix="write to a folder with a shorter path, then move the output", path=target)
     typed = _typed_os_error(e, target)
     if typed is not None:
         return typed
     if not os.path.isdir(target.parent):  # removed since it was checked
-        return OutputWriteError("the output's folder does not exist", errno=e.errno, fix="create the folder first",
-                                path=target)
+        return OutputWriteError(f"the output's folder does not exist{missing_hint(target.parent)}", errno=e.errno,
+                                fix="create the folder first", path=target)
     # ENOENT for an existing folder: the kernel's own folders (/proc) exist but take no new files.
     reason = "" if e.errno == errno.ENOENT else f" ({e.strerror or type(e).__name__})"
     return OutputWriteError(f"the output's folder cannot hold new files{reason}: creating a file in it fails (a "
@@ -473,11 +624,13 @@ def _stale(p: Path, entries: Iterable[os.DirEntry]) -> List[Path]:
         if not e.name.startswith(prefix):
             continue
         m = _TMP_NAME.fullmatch(e.name)
+        short = None if m is not None else _SHORT_TMP_NAME.fullmatch(e.name)
+        suffix = m.group(4) if m is not None else short.group(2) if short is not None else None
         try:
-            if (m is None or (m.group(4) or "") not in ("", _temp_suffix(p.name)) or e.is_symlink()
+            if ((m is None and short is None) or (suffix or "") not in ("", _temp_suffix(p.name)) or e.is_symlink()
                     or not (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False))):
                 continue
-            if m.group(2) == _owner_key():
+            if m is not None and m.group(2) == _owner_key():
                 stale = not _pid_alive(int(m.group(3)))
             else:
                 stale = time.time() - _last_touched(e) > _FOREIGN_STALE_S

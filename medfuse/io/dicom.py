@@ -64,6 +64,8 @@ class SeriesInfo:
         folder: the folder its files are in (the folder scanned when they are in several).
         series_number: its SeriesNumber as text ("" when absent). Series are listed by study, then by this number
             (then first acquisition, then UID), as viewers list them, never by file names.
+        not_volume: what an NM series that is no volume holds instead (``"gated projections (GATED TOMO, not
+            reconstructed)"``, ``"planar (STATIC)"``...), "" otherwise.
     """
 
     series_uid: str
@@ -74,6 +76,7 @@ class SeriesInfo:
     n_files: int
     folder: str
     series_number: str = ""
+    not_volume: str = ""
 
 
 @dataclass
@@ -97,6 +100,9 @@ class _Frame:
     # ImageType (0008,0008) from value 3 of a single-frame image (IP\\DIXON, W\\DIXON, M\\ND...): a Philips mDIXON
     # series holds in-phase, opposed-phase, water and fat images, which are no time points either.
     image_kind: str = ""
+    # An NM frame's frame-increment values other than its slice ((vector keyword, value), e.g. ("TimeSlotVector",
+    # 3)): what its volume is (a gate, an energy window), for the provenance.
+    vectors: Tuple[Tuple[str, float], ...] = ()
 
 
 # ---------------------------------------------------------------------------- headers
@@ -779,26 +785,93 @@ class _TimeKey(NamedTuple):
     """Sort key of an image (or enhanced frame) among the volumes of a 4-D series; absent values 0 (seconds -1).
     NM frames have keys of their own (their frame vectors), which are plain tuples."""
 
-    position: float  # TemporalPositionIndex/TemporalPositionIdentifier
+    position: float  # a PET's gate or frame (_pet_position), else TemporalPositionIndex/TemporalPositionIdentifier
     day: float  # acquisition day number
     seconds: float  # acquisition time, seconds after midnight
     instance: float  # InstanceNumber
+    source: str = ""  # the PET key that gave ``position`` (ImageIndex, TriggerTime...), "" for the others
+    # (position, source) without ImageIndex, when ``source`` is ImageIndex: the key if ImageIndex proves not to
+    # separate the volumes (_check_image_index).
+    fallback: Tuple = ()
+
+
+def _pet_series_type(ds) -> str:
+    """SeriesType value 1 of a PET image (``GATED``, ``DYNAMIC``, ``STATIC``, ``WHOLE BODY``...), "" otherwise."""
+    if str(ds.get("Modality", "")).strip().upper() != "PT":
+        return ""
+    kind = _text_values(ds, "SeriesType")
+    return kind[0].upper() if kind else ""
+
+
+def _pet_position(ds, image_index: bool = True) -> Optional[Tuple[float, str]]:
+    """(place, key) of a classic PET image among the volumes of a GATED or DYNAMIC series, by the standard's keys
+    (PS3.3 C.8.9.4.1.9); None for any other image (or one without those keys).
+
+    GATED: ImageIndex counts slices fastest, then time slots, then R-R intervals, so (ImageIndex - 1) //
+    NumberOfSlices is the gate (R-R windows included); TriggerTime when either is missing (or ``image_index`` is
+    False). DYNAMIC: FrameReferenceTime, else ImageIndex likewise (the acquisition time follows in the key).
+
+    Why: gates were ordered by InstanceNumber, and an export that numbered them backwards reversed them silently.
+    """
+    kind = _pet_series_type(ds)
+    if kind not in ("GATED", "DYNAMIC"):
+        return None
+    index, per = _f(ds.get("ImageIndex")), _f(ds.get("NumberOfSlices"))
+    by_index = (float((int(index) - 1) // int(per)) if image_index and index and per and index >= 1 and per >= 1
+                else None)
+    if kind == "GATED" and by_index is not None:
+        return by_index, "ImageIndex"
+    key = "TriggerTime" if kind == "GATED" else "FrameReferenceTime"
+    v = _f(ds.get(key))
+    if v is not None and math.isfinite(v):
+        return v, key
+    return (by_index, "ImageIndex") if by_index is not None else None
 
 
 def _time_key(ds, fg=None) -> _TimeKey:
     """The :class:`_TimeKey` of an image, or of its enhanced frame ``fg``."""
-    tp, stamp = None, None
+    tp, stamp, source = None, None, ""
     if fg is not None:
         fc = fg.get("FrameContentSequence")
         if fc:
             tp = _f(fc[0].get("TemporalPositionIndex"))
             if tp is None:
                 stamp = _dt_stamp(fc[0].get("FrameAcquisitionDateTime"))
+    elif (pet := _pet_position(ds)) is not None:
+        tp, source = pet
+    temporal = _f(ds.get("TemporalPositionIdentifier"))
     if tp is None and stamp is None:
-        tp = _f(ds.get("TemporalPositionIdentifier"))
+        tp = temporal
+    fallback: Tuple = ()
+    if source == "ImageIndex":
+        alt = _pet_position(ds, image_index=False)
+        fallback = alt if alt is not None else (temporal if temporal is not None else 0.0, "")
     # The date with the time: a dynamic series that runs past midnight restarts AcquisitionTime at 000000.
     day, secs = stamp if stamp is not None else _acquired(ds)
-    return _TimeKey(tp if tp is not None else 0.0, float(day), secs, _f(ds.get("InstanceNumber"), 0.0))
+    return _TimeKey(tp if tp is not None else 0.0, float(day), secs, _f(ds.get("InstanceNumber"), 0.0), source,
+                    fallback)
+
+
+def _check_image_index(per_pos: Dict[float, List[_Frame]], nvol: int) -> None:
+    """Key a PET series' images by TriggerTime (FrameReferenceTime; their :attr:`_TimeKey.fallback`) in place of
+    ImageIndex when ImageIndex does not separate its ``nvol`` volumes: two images at one slice position in one
+    place, or not ``nvol`` places in all (NumberOfSlices not the slices of one volume).
+
+    Why: an export whose ImageIndex restarted at 1 in each gate put every image in place 0, so the gates came in
+    their InstanceNumber order (reversed) and all were labelled gate 1.
+    """
+    keyed = [fr for v in per_pos.values() for fr in v
+             if isinstance(fr.time_key, _TimeKey) and fr.time_key.source == "ImageIndex"]
+    if not keyed:
+        return
+
+    def places(frs: Sequence[_Frame]) -> set:
+        return {fr.time_key.position for fr in frs if fr.time_key.source == "ImageIndex"}
+
+    if len(places(keyed)) == nvol and all(len(places(v)) == len(v) for v in per_pos.values()):
+        return
+    for fr in keyed:
+        fr.time_key = fr.time_key._replace(position=fr.time_key.fallback[0], source=fr.time_key.fallback[1])
 
 
 def _unwrap_midnight(frames: Sequence[_Frame]) -> None:
@@ -1087,6 +1160,25 @@ _NM_VECTORS = {0x00540010: "EnergyWindowVector", 0x00540020: "DetectorVector", 0
                0x00540080: "SliceVector", 0x00540090: "AngularViewVector", 0x00540100: "TimeSliceVector"}
 #: NM image types (ImageType value 3) whose frames are not reconstructed slices.
 _NM_PLANAR = {"STATIC", "DYNAMIC", "GATED", "WHOLE BODY", "TOMO", "GATED TOMO"}
+#: What those frames are, in words.
+_NM_NOT_SLICES = {"TOMO": "projection (TOMO, not reconstructed)", "GATED TOMO": "gated projection (GATED TOMO, not "
+                  "reconstructed)", "WHOLE BODY": "whole-body planar"}
+
+
+def _nm_kind(ds) -> str:
+    """ImageType value 3 of an NM image (``RECON TOMO``, ``GATED TOMO``...), upper case; "" when absent."""
+    itype = [str(x).strip().upper() for x in (ds.get("ImageType") or [])]
+    return itype[2] if len(itype) > 2 else ""
+
+
+def _nm_not_volume(ds) -> str:
+    """What a listing says an NM image whose frames are no slices holds (projections, planar frames); ""
+    for any other image."""
+    kind = _nm_kind(ds)
+    if str(ds.get("Modality", "")).strip().upper() != "NM" or kind not in _NM_PLANAR:
+        return ""
+    what = _NM_NOT_SLICES.get(kind, f"planar ({kind})")
+    return what.replace("projection (", "projections (")
 
 
 def _nm_frames(f: Path, ds, n: int) -> List[_Frame]:
@@ -1098,19 +1190,21 @@ def _nm_frames(f: Path, ds, n: int) -> List[_Frame]:
     """
     from pydicom.multival import MultiValue
 
-    itype = [str(x).strip().upper() for x in (ds.get("ImageType") or [])]
-    kind = itype[2] if len(itype) > 2 else ""
+    kind = _nm_kind(ds)
     fip = ds.get("FrameIncrementPointer")
     fip = [] if fip is None else [int(t) for t in (fip if isinstance(fip, (list, tuple, MultiValue)) else [fip])]
     has_slices = _NM_SLICE_VECTOR in fip
     if kind in _NM_PLANAR or (fip and not has_slices):
-        what = {"TOMO": "projection (TOMO, not reconstructed)", "GATED TOMO": "gated projection (not reconstructed)",
-                "WHOLE BODY": "whole-body planar"}.get(kind, kind.lower() if kind else "planar")
+        what = _NM_NOT_SLICES.get(kind, kind.lower() if kind else "planar")
         vecs = ", ".join(_NM_VECTORS.get(t, f"({t >> 16:04X},{t & 0xFFFF:04X})") for t in fip) or "none"
+        # A gated study's reconstruction is RECON GATED TOMO (its gates) beside RECON TOMO (the summed image).
+        gated = "GATED" in kind or any(t in fip for t in (0x00540060, 0x00540070))
         raise UnsupportedDataError(
             f"this NM image holds {n} {what} frames (frame increment: {vecs}), not reconstructed slices, "
             "so it is not a 3-D volume",
-            fix="load the reconstructed SPECT series (ImageType RECON TOMO) instead", path=f)
+            fix="load the reconstructed SPECT series instead: ImageType RECON GATED TOMO (the gates) or RECON TOMO "
+                "(the ungated image)" if gated else "load the reconstructed SPECT series (ImageType RECON TOMO) "
+                "instead", path=f)
     det = ds.get("DetectorInformationSequence")
     d0 = det[0] if det else None
     iop = (d0.get("ImageOrientationPatient") if d0 is not None else None) or ds.get("ImageOrientationPatient")
@@ -1137,9 +1231,10 @@ def _nm_frames(f: Path, ds, n: int) -> List[_Frame]:
     out = []
     for k in range(n):
         z = (int(slice_no[k]) - 1) if has_slices else k
-        others = tuple(float(v[k]) for t, v in vectors.items() if t != _NM_SLICE_VECTOR and v and len(v) == n)
+        named = tuple((_NM_VECTORS.get(t, str(t)), float(v[k])) for t, v in vectors.items()
+                      if t != _NM_SLICE_VECTOR and v and len(v) == n)
         out.append(_Frame(f, k, np.array(pos, float) + z * dz * normal, iop, (float(ps[0]), float(ps[1])), s, i,
-                          others or (0.0,)))
+                          tuple(x for _, x in named) or (0.0,), vectors=named))
     return out
 
 
@@ -1409,6 +1504,7 @@ def _split_volumes(frames: List[_Frame], path: Path,
                             fix=f"check the images at the odd position ({example}): remove a second copy, or "
                                 "re-export the complete series", path=path)
     nvol = counts.pop()
+    _check_image_index(per_pos, nvol)
     _unwrap_midnight(frames)
     for v in per_pos.values():
         # The kind breaks ties: images of one time and several kinds (mDIXON) were in the files' order, and a
@@ -1417,7 +1513,28 @@ def _split_volumes(frames: List[_Frame], path: Path,
     vols = [[per_pos[float(k)][t] for k in uniq] for t in range(nvol)]
     if notes is not None and nvol > 1 and not _kinds_note(vols, path, notes):
         _untimed_note(vols, path, notes)
+    if notes is not None and nvol > 1:
+        _instance_note(vols, path, notes)
     return vols, normal
+
+
+def _instance_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> None:
+    """Warn when a gated or dynamic PET's volumes, ordered by the standard's keys, are numbered in another order by
+    their InstanceNumbers (which order them nowhere now: an export that renumbered them, or a reader that trusted
+    InstanceNumber, got the gates reversed)."""
+    sources = {fr.time_key.source for vol in vols for fr in vol if isinstance(fr.time_key, _TimeKey)} - {""}
+    if not sources:
+        return
+    # Equal numbers say nothing (an export that numbers each volume's slices from 1): only a reversal counts.
+    at = sum(any(a.time_key.instance > b.time_key.instance for a, b in zip(pos, pos[1:]))
+             for pos in zip(*vols) if all(fr.time_key.instance for fr in pos))
+    if not at:
+        return
+    msg = (f"the {len(vols)} volumes were ordered by {', '.join(sorted(sources))} (the PET standard's key for "
+           f"their gates or frames), which InstanceNumber contradicts at {at} of {len(vols[0])} slice positions "
+           "(images renumbered by an export?): check the volume order against the scanner's")
+    _warn(path, msg)
+    notes.append(msg)
 
 
 def _kinds_note(vols: List[List[_Frame]], path: Path, notes: List[str]) -> bool:
@@ -2134,7 +2251,8 @@ def _blanked(text: str, ids: Sequence[str]) -> str:
 
 def _series_shape(files: list, path: Path) -> Tuple[Tuple[int, int, int], int, list]:
     """(shape of one volume (columns, rows, slices), number of volumes, files kept) of a series, from its headers
-    (no pixels). A series that does not form a volume gives (columns, rows, 0) and 0 volumes: load says why."""
+    (no pixels). A series that does not form a volume gives (columns, rows, 0) and 0 volumes: load says why (and
+    :func:`_nm_not_volume` what an NM one holds instead)."""
     unsaid = _Unsaid()
     files = _drop_localizers(_dedupe(files, path, unsaid, pixels=False), path, unsaid)
     ds0 = files[0][1]
@@ -2536,6 +2654,7 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
     pet_acquisition = _pet_acquisition(modality, files)
     headers = dict(files)
     pix = _pixels(vols, headers)
+    facts = _volume_facts(vols, headers) if len(vols) > 1 else None
     out = []
     statuses: set = set()  # of _sparse_check, over the volumes: what the warning about unreadable files may say
     for vi, vframes in enumerate(vols):
@@ -2591,6 +2710,8 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
         if pet_acquisition is not None:
             prov["pet_acquisition"] = dict(pet_acquisition)  # each volume its own record, as the NIfTI reader's
         vol = Volume(arr, aff, modality=modality, unit=unit, provenance=prov)
+        if facts is not None:
+            vol.provenance["volume"] = facts[vi]
         if body and factors is not None and suv_kind is not None:
             # The values themselves, for the DICOM writer (a saved series must carry the weight its SUV was made
             # with): in the history, which stays with resampled and fused results and is in no CLI sidecar.
@@ -2618,6 +2739,124 @@ def _load_volumes(path: Path, series_uid: Optional[str], suv: str, whole_series:
     ids = _PATIENT_IDS.get()
     for v in out:  # the notes as the warnings said them
         v.provenance["warnings"] = [_blanked(w, ids) for w in v.provenance["warnings"]]
+    return out
+
+
+#: NM frame vectors (other than the slice) by the key ``provenance["volume"]`` gives their value under.
+_NM_FACTS = {"EnergyWindowVector": "energy_window", "DetectorVector": "detector", "PhaseVector": "phase",
+             "RotationVector": "rotation", "RRIntervalVector": "rr_window", "TimeSlotVector": "gate",
+             "AngularViewVector": "view", "TimeSliceVector": "time_slice"}
+
+
+def _number(v: Optional[float]) -> Any:
+    """``v`` as an int when whole (a vector's 3.0 is window 3), else as it is."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _energy_window_name(ds, window: Any) -> Optional[str]:
+    """EnergyWindowName of window ``window`` (1-based) of an NM header's EnergyWindowInformationSequence."""
+    seq = ds.get("EnergyWindowInformationSequence") or []
+    if not isinstance(window, int) or not 1 <= window <= len(seq):
+        return None
+    name = str(seq[window - 1].get("EnergyWindowName") or "").strip()
+    return _blanked(name, _PATIENT_IDS.get()) or None
+
+
+def _series_start_s(ds, day: float, seconds: float) -> Optional[float]:
+    """Seconds from the series' start (SeriesDate/SeriesTime) to an acquisition at (``day``, ``seconds``)."""
+    start = _tm_seconds(ds.get("SeriesTime"))
+    if start is None or seconds < 0:
+        return None
+    start_day = _da_day(ds.get("SeriesDate"))
+    days = day - start_day if day and start_day else 0.0
+    return round(days * _DAY_S + seconds - start, 3)
+
+
+def _one_volume_facts(fr: _Frame, ds) -> Dict[str, Any]:
+    """What the volume whose first frame is ``fr`` is (see :func:`_volume_facts`), before the label."""
+    d: Dict[str, Any] = {}
+    for name, v in fr.vectors:  # NM: the frame vectors
+        d[_NM_FACTS.get(name, name)] = _number(v)
+    if "energy_window" in d and (name := _energy_window_name(ds, d["energy_window"])):
+        d["energy_window_name"] = name
+    key = fr.time_key if isinstance(fr.time_key, _TimeKey) else None
+    kind = _pet_series_type(ds) if key is not None and key.source else ""
+    gates = _number(_f(ds.get("NumberOfTimeSlots")))
+    if kind == "GATED" and key.source == "ImageIndex" and isinstance(gates, int) and gates >= 1:
+        # Every volume its R-R window (1 too), as an NM file's RRIntervalVector: window 1 was never named.
+        d["rr_window"] = int(key.position) // gates + 1
+        d["gate"] = int(key.position) % gates + 1
+    if kind == "GATED" and _f(ds.get("TriggerTime")) is not None:
+        d["trigger_time_ms"] = _f(ds.get("TriggerTime"))
+    if "gate" in d and isinstance(gates, int):
+        d["n_gates"] = gates
+    if kind == "DYNAMIC":
+        for k, v in (("frame_start_s", _series_start_s(ds, key.day, key.seconds)),
+                     ("frame_reference_s", _f(ds.get("FrameReferenceTime"))),
+                     ("frame_duration_s", _f(ds.get("ActualFrameDuration")))):
+            if v is not None and math.isfinite(v):
+                d[k] = v if k == "frame_start_s" else v / 1000.0  # the header's milliseconds
+    return d
+
+
+def _volume_label(d: Dict[str, Any], axis: Sequence[str]) -> str:
+    """A volume's ``label``: what ``axis`` (the facts that differ between the volumes) says it is."""
+    parts = []
+    for k in axis:
+        v = d.get(k)
+        if v is None:
+            continue
+        if k == "energy_window":
+            parts.append(f"energy window {v}" + (f" ({d['energy_window_name']})" if d.get("energy_window_name")
+                                                 else ""))
+        elif k == "rr_window":
+            parts.append(f"R-R window {v}")
+        elif k == "gate":
+            parts.append(f"gate {v}" + (f"/{d['n_gates']}" if d.get("n_gates") else "")
+                         + (f" (trigger {d['trigger_time_ms']:g} ms)" if "trigger_time_ms" in d else ""))
+        elif k == "trigger_time_ms":  # a gate known by its TriggerTime alone
+            parts.append(f"trigger {v:g} ms")
+        elif k == "frame_start_s":
+            parts.append(f"frame from {v:g} s" + (f", {d['frame_duration_s']:g} s long"
+                                                  if "frame_duration_s" in d else ""))
+        elif k == "frame_reference_s":
+            parts.append(f"frame at {v:g} s (FrameReferenceTime)")
+        elif k == "frame_duration_s":
+            parts.append(f"frame {v:g} s long")
+        elif k == "kind":
+            parts.append(f"image type {v or '?'}")
+        else:
+            parts.append(f"{k.replace('_', ' ')} {v}")
+    return ", ".join(parts)
+
+
+#: Facts that only qualify another (said in its label): left out of ``axis`` where that one is in it.
+_QUALIFIES = {"energy_window_name": "energy_window", "trigger_time_ms": "gate", "frame_duration_s": "frame_start_s",
+              "frame_reference_s": "frame_start_s"}
+
+
+def _volume_facts(vols: List[List[_Frame]], headers: Dict[Path, Any]) -> List[Dict[str, Any]]:
+    """What each volume of a 4-D series is, for ``provenance["volume"]`` (docs/io.md): an NM file's energy window,
+    R-R window and gate (time slot); a gated PET's gate and TriggerTime; a dynamic PET's frame start, reference
+    time and duration; ``kind`` (ImageType from value 3, or FrameType) where the volumes differ in it. ``axis``
+    lists the facts that differ between the volumes (less those that qualify another listed one, :data:`_QUALIFIES`:
+    a gate's TriggerTime is listed where no gate is known), ``label`` says them in words.
+
+    Why: a dual-isotope SPECT's two energy windows were "volumes" like time points, and nothing said which gate
+    or frame a volume was."""
+    out = []
+    for vol in vols:
+        d = _one_volume_facts(vol[0], headers[vol[0].file])
+        kinds = {fr.image_kind or fr.frame_type for fr in vol}
+        d["kind"] = kinds.pop() if len(kinds) == 1 else "mixed"
+        out.append(d)
+    keys = [k for k in dict.fromkeys(k for d in out for k in d)
+            if len({repr(d.get(k)) for d in out}) > 1]
+    for d in out:
+        if "kind" not in keys:
+            d.pop("kind")
+        d["axis"] = [k for k in keys if _QUALIFIES.get(k) not in keys]
+        d["label"] = _volume_label(d, d["axis"])
     return out
 
 
@@ -2671,6 +2910,19 @@ def load_dicom(path: PathLike, *, series_uid: Optional[str] = None, volume_index
                                               body=body), volume_index, path)
 
 
+def _combine_advice(unit: str) -> str:
+    """The ``combine=`` a 4-D series in ``unit`` takes, in words: ``'sum'`` only for counts.
+
+    Why: a gated PET in Bq/mL was told to pass combine='sum', which is refused (a sum of concentrations is none).
+    """
+    if not _io._summable(unit):
+        return "combine='mean' (a gated PET's ungated image, a dynamic PET's time average)"
+    if unit == "counts":
+        return ("combine='sum' (a gated series' counts: the ungated image) or combine='mean' (a dynamic series' "
+                "frames)")
+    return "combine='mean' (their average)"
+
+
 def _one_volume(vols: List[Volume], volume_index: Optional[int], path: Path) -> Volume:
     """The volume ``volume_index`` chooses of a series' ``vols`` (the only one when None), or the error."""
     if volume_index is None:
@@ -2681,10 +2933,19 @@ def _one_volume(vols: List[Volume], volume_index: Optional[int], path: Path) -> 
                         and "time points" in w), None) if all(v.shape[2] == 1 for v in vols) else None
             # Volumes of different image types (mDIXON): which index is which, for the volume_index to pass.
             why = why or next((w for w in said if "differ in image type" in w), None)
+            # What each volume is (gates, frames, energy windows: a dual-isotope SPECT's are no time points).
+            labels = [str((v.provenance.get("volume") or {}).get("label") or "") for v in vols]
+            if not why and all(labels):
+                why = "by volume index: " + ", ".join(f"{i} {t}" for i, t in enumerate(labels[:8])) + (
+                    f", ... {len(labels) - 1} {labels[-1]}" if len(labels) > 8 else "")
+            # Different isotopes or image types are not combined (load refuses it): no combine advice for them.
+            axis = (vols[0].provenance.get("volume") or {}).get("axis") or []
+            combine = "" if {"energy_window", "kind"} & set(axis) else \
+                f"{_combine_advice(vols[0].unit)} for all of them as one, "
             raise MultipleSeriesError(f"the series holds {len(vols)} volumes (4-D)" + (f": {why}" if why else ""),
                                       choices=list(range(len(vols))),
-                                      fix=f"pass volume_index=0..{len(vols) - 1}, or use medfuse.load_volumes",
-                                      path=path)
+                                      fix=f"pass volume_index=0..{len(vols) - 1} for one, {combine}or use "
+                                          "medfuse.load_volumes", path=path)
         return vols[0]
     if not -len(vols) <= volume_index < len(vols):
         raise InvalidInputError(f"volume_index {volume_index} is out of range (the series has {len(vols)})",
@@ -2726,5 +2987,5 @@ def _scan(folder: Path) -> List[SeriesInfo]:
         dirs = {os.fspath(f.parent) for f, _ in files}
         out.append(SeriesInfo(uid, str(ds0.get("Modality", "")), str(ds0.get("SeriesDescription", "")), shape, nvol,
                               len(files), dirs.pop() if len(dirs) == 1 else os.fspath(folder),
-                              series_number=_number_of(files)))
+                              series_number=_number_of(files), not_volume="" if nvol else _nm_not_volume(ds0)))
     return out

@@ -6,7 +6,8 @@ Choices (see docs/io.md and docs/dicom.md):
   ``DERIVED\\SECONDARY\\OTHER`` for MR, as their IODs require).
 * Geometry per slice: ImagePositionPatient = affine·(0, 0, k), ImageOrientationPatient from the
   i (row) and j (column) directions, PixelSpacing ``[Δj, Δi]``, SliceThickness and
-  SpacingBetweenSlices ``Δk``. Slices are written in k order; a DICOM reader sorts them along
+  SpacingBetweenSlices ``Δk`` to 7 significant digits, or the template's own values as written when the output lies
+  on the template's slices (:func:`_slice_spacing`). Slices are written in k order; a DICOM reader sorts them along
   row × column, so a left-handed volume comes back with k reversed (same world geometry). An
   I×1×K volume is written as one slice with its rows along k (ITK stacks one-row images wrongly).
 * Voxels are stored 16-bit, with one PixelRepresentation for the whole series (readers such as
@@ -21,7 +22,9 @@ Choices (see docs/io.md and docs/dicom.md):
 * Equipment: Manufacturer empty (dcm2niix read "medfuse" as the vendor Mediso); ManufacturerModelName
   ``medfuse`` and SoftwareVersions name the software. PatientPosition and AnatomicalOrientationType come from
   a template of any modality (they define its patient coordinates, in which the output is written); a PET has no
-  PatientPosition (not allowed beside its PatientOrientationCodeSequence).
+  PatientPosition (not allowed beside its PatientOrientationCodeSequence): it is coded in the PET's
+  PatientOrientationCodeSequence and PatientGantryRelationshipCodeSequence instead (PS3.16 CID 19, 20, 21), unless
+  a PET template has its own.
 * Text: SpecificCharacterSet ``ISO_IR 192`` (UTF-8) when any text is not ASCII; none otherwise.
 * PET in SUVbw is written with Units ``GML`` (g/mL is SUVbw by definition; factor 1 on reading,
   and what PACS show as SUV), SUVType ``BW``, CorrectedImage ``ATTN\\DECY``, DecayCorrection
@@ -45,7 +48,14 @@ Choices (see docs/io.md and docs/dicom.md):
   module unless de-identifying) is taken from ``template``. The FrameOfReferenceUID comes from the template
   only (the series whose patient space the voxels are in: the fixed image for a registered result), never
   from provenance; without one a new frame of reference is made. Without a template a new StudyInstanceUID
-  is made.
+  is made. With ``deidentify=False`` a volume from another DICOM frame of reference that no registration or
+  transform placed in the template's frame is refused (:func:`refuse_unregistered_frame`): the template's real frame
+  would tell a navigation system that it is aligned with the template series.
+* DerivationDescription says what medfuse did (from the history, no identifiers); with ``deidentify=False``
+  ReferencedSeriesSequence points at the template series, and SourceImageSequence (the template's voxels went into
+  the output) or ReferencedImageSequence (a related image) at the template instance: on the template's own slices
+  each slice at the instance at its position (:func:`_references`). De-identified
+  outputs carry no references (pseudonymous UIDs would name no series that exists).
 * ``deidentify=True`` (the default) follows the DICOM PS3.15 Basic Application Level Confidentiality Profile
   with the *Retain Longitudinal Temporal Information Full Dates* and *Retain Patient Characteristics* options
   (dates and times, sex, age, size and weight are kept: SUV needs them): names, IDs, birth date, accession
@@ -167,6 +177,20 @@ _RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 #: Largest stored value of the RT dose's unsigned 32-bit pixels.
 _DOSE_TOP = (1 << 32) - 1
 _DICOM_MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "unknown": "OT"}
+#: PatientPosition (PS3.3 C.7.3.1.1.2) as the PET IOD's NM/PET Patient Orientation module codes it: the patient
+#: recumbent (PS3.16 CID 19 Patient Orientation), the modifier (CID 20 Patient Orientation Modifier) and which end
+#: enters the gantry first (CID 21 Patient Equipment Relationship). Codes as the current PS3.16 gives them (SCT and
+#: DCM; the "99SDM" designator of older editions is retired).
+_RECUMBENT = ("102538003", "SCT", "recumbent")
+_POSITION_MODIFIERS = {"S": ("40199007", "SCT", "supine"), "P": ("1240000", "SCT", "prone"),
+                       "DR": ("102535000", "SCT", "right lateral decubitus"),
+                       "DL": ("102536004", "SCT", "left lateral decubitus")}
+_POSITION_FIRST = {"HF": ("102540008", "SCT", "headfirst"), "FF": ("102541007", "SCT", "feet-first"),
+                   "LF": ("126830", "DCM", "left first"), "RF": ("126831", "DCM", "right first"),
+                   "PF": ("126832", "DCM", "posterior first"), "AF": ("126833", "DCM", "anterior first")}
+#: PatientPosition's defined terms for a biped (PS3.3 C.7.3.1.1.2): the ones coded above.
+_PATIENT_POSITIONS = ("HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS", "LFP", "LFS", "RFP", "RFS",
+                      "AFDR", "AFDL", "PFDR", "PFDL")
 
 
 def _template_files(p: Path) -> list:
@@ -709,12 +733,277 @@ def _modality_attributes(base, tpl, modality: str) -> None:
         base.setdefault("PatientPosition", None)  # 2C: CT and MR images without PatientOrientationCodeSequence
     if modality == "PT":
         base.ImageType = ["DERIVED", "PRIMARY"]  # PET Image module: value 2 shall be PRIMARY
+        if not base.get("PatientOrientationCodeSequence") and not base.get("PatientGantryRelationshipCodeSequence"):
+            # The PET's only record of the patient's position (PatientPosition may not stand beside it): left
+            # empty, a planning system could not tell a feet-first PET from a head-first one.
+            _orientation_codes(base, str(base.get("PatientPosition", "") or ""),
+                               str(base.get("AnatomicalOrientationType", "") or ""))
         for kw in ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence"):
             if kw not in base:
                 setattr(base, kw, pydicom.Sequence())
         # General Series: PatientPosition shall not be present with PatientOrientationCodeSequence (type 2 in the
         # PET IOD, so always present): a CT template's HFS made every PET on it fail dciodvfy.
         base.pop("PatientPosition", None)
+
+
+def _code_item(code: Tuple[str, str, str]):
+    import pydicom
+
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    return item
+
+
+def _orientation_codes(base, position: str, anatomy: str) -> None:
+    """Fill the PET's PatientOrientationCodeSequence (recumbent, with its modifier) and
+    PatientGantryRelationshipCodeSequence from ``position`` (PatientPosition, e.g. ``FFS``); nothing for a
+    position that is not a biped's defined term (unknown, or a quadruped's: ``anatomy`` QUADRUPED)."""
+    import pydicom
+
+    position = position.strip().upper()
+    if position not in _PATIENT_POSITIONS or anatomy.strip().upper() == "QUADRUPED":
+        return
+    orientation = _code_item(_RECUMBENT)
+    orientation.PatientOrientationModifierCodeSequence = pydicom.Sequence(
+        [_code_item(_POSITION_MODIFIERS[position[2:]])])
+    base.PatientOrientationCodeSequence = pydicom.Sequence([orientation])
+    base.PatientGantryRelationshipCodeSequence = pydicom.Sequence([_code_item(_POSITION_FIRST[position[:2]])])
+
+
+def refuse_unregistered_frame(volume: Volume, frame_uid: Any, *, what: str = "the image") -> None:
+    """Refuse to write ``volume`` into the frame of reference ``frame_uid`` (a kept identity's: the fixed series')
+    when it lies in another DICOM frame of reference that no registration or transform placed it out of.
+
+    Why: written with the fixed series' FrameOfReferenceUID, a navigation or planning system takes such an image
+    as aligned with that series, which nothing says it is (another session's or scanner's coordinates). A
+    registration or a transform puts the image into the fixed frame (and its record says so); one frame of
+    reference (a PET/CT) needs neither.
+
+    Args:
+        volume: the image to write: its own frame of reference is compared; for a fused one (no frame of its own)
+            the warnings its inputs' resampling left (an input placed across frames without a transform).
+        frame_uid: the FrameOfReferenceUID it would be written with.
+        what: the image, in the caller's words.
+
+    Raises:
+        InvalidInputError: ``volume`` comes from another frame of reference, unregistered.
+    """
+    from ..registration.resample import OTHER_FRAME_MARK, _is_fusion
+
+    own = str(volume.provenance.get("frame_of_reference_uid") or "")
+    if own and own != str(frame_uid or ""):
+        whose = f"{what} comes"
+    elif _is_fusion(volume) and any(OTHER_FRAME_MARK in str(w) for w in volume.provenance.get("warnings") or []):
+        # Only a fusion's: resample() drops the note once a transform places the image itself.
+        whose = f"{what} is a fusion with an input that comes"
+    else:
+        return
+    raise InvalidInputError(
+        f"{whose} from another DICOM frame of reference than the fixed (reference) series (another session or "
+        "scanner), and no registration or transform placed it in that series' frame: written with that series' "
+        "frame of reference (the identity kept), a navigation or planning system would take it as aligned with "
+        "that series, which it likely is not",
+        fix="register it first (medfuse register, or --register rigid with fuse; medfuse.register in "
+            "Python), or pass the registration's transform (--transform T.tfm), or leave out "
+            "--keep-identity (deidentify=True in Python): the output then gets a pseudonymous study and frame")
+
+
+def _template_slices(template: Any, tpl) -> list:
+    """(ImagePositionPatient, SOPClassUID, SOPInstanceUID) of each instance of the template's series: every one in
+    the template folder, or, for one file (or a Dataset read from one), in the folder beside it (not below: a
+    study's whole tree); the template header's own when none can be read."""
+    import pydicom
+
+    from .dicom import _BROKEN, _read_header
+
+    if isinstance(template, pydicom.Dataset):
+        template = getattr(template, "filename", None)
+    files: list = []
+    if isinstance(template, (str, os.PathLike)):
+        where = Path(template)
+        if where.is_dir():
+            files = _template_files(where)
+        elif where.is_file():
+            files = sorted(f for f in where.parent.iterdir() if f.is_file() and not f.name.startswith("."))
+
+    def entry(ds):
+        try:
+            ipp = np.array([float(x) for x in ds.ImagePositionPatient], float)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+        if ipp.shape != (3,) or not np.all(np.isfinite(ipp)):
+            return None
+        return ipp, str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+
+    uid, iop = str(tpl.get("SeriesInstanceUID", "")), str(list(tpl.get("ImageOrientationPatient", []) or []))
+    out = []
+    for f in files:
+        ds = _read_header(f, strict=False)
+        if ds is None or ds is _BROKEN or str(ds.get("SeriesInstanceUID", "")) != uid or \
+                str(list(ds.get("ImageOrientationPatient", []) or [])) != iop:  # a localizer of the series
+            continue
+        e = entry(ds)
+        if e is not None:
+            out.append(e)
+    return out or [e for e in [entry(tpl)] if e is not None]
+
+
+def _on_template_grid(volume: Volume, template: Any, tpl) -> Optional[dict]:
+    """Output slice index -> (SOPClassUID, SOPInstanceUID) of the template instance at its position, when
+    ``volume``'s slices are the template series' own (its slice plane, pixel spacing, slice step, and its slices
+    (:func:`_template_slices`) on the volume's slices within the reader's position tolerance, at least one inside
+    the volume); None when they are not.
+
+    The slice step is SpacingBetweenSlices, else measured from the template's slice positions (SliceThickness is
+    not a step: an 8 mm slice every 4 mm), else (one file, no SpacingBetweenSlices) not compared.
+    """
+    try:
+        iop = np.array([float(x) for x in tpl.ImageOrientationPatient], float)
+        pixel = [float(x) for x in tpl.PixelSpacing]
+        sbs = tpl.get("SpacingBetweenSlices")
+        step = float(sbs) if sbs not in (None, "") else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    d, sp = volume.direction, np.asarray(volume.spacing, float)
+    if iop.shape != (6,) or len(pixel) != 2 or not np.all(np.isfinite(iop)):
+        return None
+    if not (np.allclose(iop[:3], d[:, 0], atol=1e-4) and np.allclose(iop[3:], d[:, 1], atol=1e-4)) or \
+            not np.allclose([pixel[1], pixel[0]], sp[:2], rtol=1e-5, atol=0):
+        return None
+    slices = _template_slices(template, tpl)  # the series' files read only for an output in its plane
+    if step is None and len(slices) > 1:
+        normal = np.cross(iop[:3], iop[3:])
+        offsets = np.unique(np.round([float(e[0] @ normal) for e in slices], 4))
+        step = float(np.median(np.diff(offsets))) if len(offsets) > 1 else None
+    if not slices or (step is not None and not np.isclose(step, sp[2], rtol=1e-5, atol=0)):
+        return None
+    found = {}
+    for ipp, sop_class, sop_uid in slices:
+        idx = volume.world_to_index(ipp)
+        k = round(float(idx[2]))
+        if not (abs(idx[0]) * sp[0] <= _POS_TOL and abs(idx[1]) * sp[1] <= _POS_TOL and
+                abs(idx[2] - k) * sp[2] <= _POS_TOL):
+            return None  # a template slice between the volume's: another grid
+        if 0 <= k < volume.shape[2]:
+            found.setdefault(k, (sop_class, sop_uid))
+    return found or None
+
+
+def _ds_as_written(tpl, keyword: str) -> Optional[str]:
+    """The template's DS value of ``keyword`` as its file wrote it ("8", not "8.0"); None when absent or empty."""
+    value = tpl.get(keyword)
+    if value is None or str(value).strip() == "":
+        return None
+    return str(getattr(value, "original_string", None) or _fmt(float(value))).strip()
+
+
+def _slice_spacing(volume: Volume, tpl, on_grid: Optional[dict]) -> Tuple[str, str]:
+    """(SliceThickness, SpacingBetweenSlices) to write: the template's as written when the output lies on its own
+    slices (``on_grid``, from :func:`_on_template_grid`), the slice spacing where it has none; else the slice
+    spacing, rounded to 7 significant digits.
+
+    Why: the spacing computed from normalised orientation vectors came out as 7.99999980880457 where the source said
+    8 (and its 6 mm thickness, with a 2 mm gap, was lost); 7 digits drop float32-level noise (1e-7) and keep
+    every spacing a DICOM reader can separate (> 0.01 mm) to 1 part in 1e6.
+    """
+    own = _fmt(float(f"{float(volume.spacing[2]):.7g}"))
+    if tpl is None or not on_grid:
+        return own, own
+    return _ds_as_written(tpl, "SliceThickness") or own, _ds_as_written(tpl, "SpacingBetweenSlices") or own
+
+
+#: ITK transform class names, as the kind of placement a DerivationDescription names.
+_TRANSFORM_KINDS = {"Euler3DTransform": "rigid", "VersorRigid3DTransform": "rigid", "TranslationTransform": "rigid",
+                    "Similarity3DTransform": "similarity", "ScaleVersor3DTransform": "affine",
+                    "AffineTransform": "affine", "BSplineTransform": "deformable",
+                    "DisplacementFieldTransform": "deformable"}
+
+
+def _placement(history, registration=None) -> Optional[str]:
+    """How the last resampling in ``history`` placed the image, in a few words; None when it was not resampled."""
+    steps = [h for h in history or [] if isinstance(h, dict) and h.get("step") == "resample"]
+    if not steps:
+        return None
+    if isinstance(registration, dict) and registration.get("kind"):
+        return f"registered ({registration['kind']}) onto the reference grid"
+    name = steps[-1].get("transform")
+    if not name:
+        return "resampled onto the reference grid without a transform"
+    kind = _TRANSFORM_KINDS.get(str(name))
+    return f"resampled onto the reference grid with transform {name}" + (f" ({kind})" if kind else "")
+
+
+def _derivation(volume: Volume) -> str:
+    """DerivationDescription: what medfuse did to make the voxels (registration, resampling, fusion), from the
+    volume's history; no names, IDs or paths (it is kept when de-identifying)."""
+    prov = volume.provenance
+    history = prov.get("history") or []
+    parts = []
+    fuse = next((h for h in reversed(history) if isinstance(h, dict) and h.get("step") == "fuse"), None)
+    if fuse is not None:
+        for i, inner in enumerate(fuse.get("input_histories") or [], start=1):
+            placed = _placement(inner)
+            if placed is not None:
+                parts.append(f"input {i} {placed}")
+        parts.append(f"fused ({fuse.get('method', 'unknown')}) from {fuse.get('n_inputs', '?')} inputs")
+    else:
+        placed = _placement(history, prov.get("registration"))
+        if placed is not None:
+            parts.append(placed)
+    # Nothing to tell (a phantom, a volume saved as loaded): no description rather than an empty "derived".
+    return f"{_software_version()}: " + "; ".join(parts) if parts else ""
+
+
+def _template_is_source(volume: Volume, tpl) -> bool:
+    """Whether the template's series holds voxels the output was made of: the volume's own series, or one of a
+    fusion's inputs (a template file inside a source folder)."""
+    prov = volume.provenance
+    if str(prov.get("series_uid") or "") == str(tpl.get("SeriesInstanceUID", "")):
+        return True
+    filename = getattr(tpl, "filename", None)
+    if not isinstance(filename, str) or not filename:
+        return False
+    here = Path(filename).resolve()
+    for source in [prov.get("source"), *(prov.get("sources") or [])]:
+        if isinstance(source, str) and source:
+            root = Path(source).resolve()
+            if here == root or root in here.parents:
+                return True
+    return False
+
+
+def _references(base, volume: Volume, tpl, on_grid: Optional[dict]) -> Optional[Tuple[str, dict]]:
+    """Point the output at the template series it was written into (identity kept only): ReferencedSeriesSequence
+    (Common Instance Reference module) with the template instance(s), and an instance as SourceImageSequence when
+    the template series holds voxels the output was made of (a fusion's fixed input), else as
+    ReferencedImageSequence (a related image: the series whose grid and frame the output is in).
+
+    Off the template's slices, every slice points at the template instance. On them (``on_grid``, from
+    :func:`_on_template_grid`) each slice points at the template instance at its own position, and a slice with
+    none there at nothing: returned as (keyword, slice index -> item) for the slice loop to set; None otherwise.
+    """
+    import pydicom
+
+    def item(sop_class: str, sop_uid: str):
+        ref = pydicom.Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
+        return ref
+
+    sop_class, sop_uid = str(tpl.get("SOPClassUID", "") or ""), str(tpl.get("SOPInstanceUID", "") or "")
+    series_uid = str(tpl.get("SeriesInstanceUID", "") or "")
+    if not (sop_class and sop_uid and series_uid):
+        return None  # a template Dataset made by hand: nothing that exists to point at
+    per_slice = {k: item(*ref) for k, ref in sorted((on_grid or {}).items()) if ref[0] and ref[1]}
+    series = pydicom.Dataset()
+    series.SeriesInstanceUID = series_uid
+    series.ReferencedInstanceSequence = pydicom.Sequence(
+        [copy.deepcopy(x) for x in per_slice.values()] or [item(sop_class, sop_uid)])
+    base.ReferencedSeriesSequence = pydicom.Sequence([series])
+    kw = "SourceImageSequence" if _template_is_source(volume, tpl) else "ReferencedImageSequence"
+    if per_slice:
+        return kw, per_slice
+    setattr(base, kw, pydicom.Sequence([item(sop_class, sop_uid)]))
+    return None
 
 
 def _software_version() -> str:
@@ -778,6 +1067,9 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     _refuse_all_nonfinite(volume.array, folder)
     tpl = _read_template(template, str(volume.provenance.get("series_uid") or "") or None,
                          str(volume.provenance.get("frame_of_reference_uid") or "") or None)
+    if not deidentify and tpl is not None and str(tpl.get("FrameOfReferenceUID", "") or ""):
+        # The identity kept: the template's real frame of reference is a claim of alignment with that series.
+        refuse_unregistered_frame(volume, tpl.FrameOfReferenceUID)
     if volume.shape[1] == 1 and volume.shape[2] > 1:
         # Images one row high are stacked along their row axis by ITK/GDCM (SimpleITK, Slicer...), which puts
         # every slice in the wrong place; the same voxels written as one slice whose rows run along k are read
@@ -941,8 +1233,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
     base.PhotometricInterpretation = "MONOCHROME2"
     base.Rows, base.Columns = int(arr.shape[1]), int(arr.shape[0])
     base.PixelSpacing = [_fmt(sp[1]), _fmt(sp[0])]
-    base.SliceThickness = _fmt(sp[2])
-    base.SpacingBetweenSlices = _fmt(sp[2])
+    on_grid = None if tpl is None else _on_template_grid(volume, template, tpl)
+    base.SliceThickness, base.SpacingBetweenSlices = _slice_spacing(volume, tpl, on_grid)
     base.ImageOrientationPatient = [_fmt(x) for x in iop]
     base.BitsAllocated, base.BitsStored, base.HighBit = 16, 16, 15
     base.BurnedInAnnotation = "NO"
@@ -992,6 +1284,15 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
         base.NumberOfSlices = int(arr.shape[2])
         base.FrameReferenceTime = "0"
         base.ActualFrameDuration = 0
+    # What was done (after the SUVlbm formula note, which the reader looks for anywhere in the text).
+    described = "; ".join(x for x in (_derivation(volume), str(base.get("DerivationDescription", "") or "")) if x)
+    if described:
+        base.DerivationDescription = described
+    slice_refs = None
+    if not deidentify and tpl is not None:
+        # Only with the identity kept: de-identified, the template's UIDs are pseudonyms of a series that does
+        # not exist under them, so no references are written.
+        slice_refs = _references(base, volume, tpl, on_grid)
     # Text outside ASCII (a template's names or descriptions, a SeriesDescription such as "Fusión") is written
     # in UTF-8 and declared so; all-ASCII series keep the default repertoire, which every PACS reads.
     if not _text_is_ascii(base):
@@ -1053,6 +1354,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, overwrite: bool = Fa
             ds.RescaleIntercept = _fmt(intercept)
             if modality == "PT":
                 ds.ImageIndex = k + 1
+            if slice_refs is not None and k in slice_refs[1]:
+                setattr(ds, slice_refs[0], pydicom.Sequence([copy.deepcopy(slice_refs[1][k])]))
             ds.PixelData = np.ascontiguousarray(stored).tobytes()
             ds.file_meta = _file_meta(sop_class, uid)
             _save_slice(ds, tmp / f"IM{k + 1:05d}.dcm")

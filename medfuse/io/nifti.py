@@ -1877,7 +1877,8 @@ def load_image(path: PathLike, *, modality: Optional[str] = None, unit: Optional
         if n > 1:
             raise MultipleSeriesError(
                 f"the file holds {n} volumes (4-D)", choices=list(range(n)),
-                fix=f"pass volume_index=0..{n - 1} for one, or use medfuse.load_volumes(path) to get all of them",
+                fix=f"pass volume_index=0..{n - 1} for one, combine='sum' or combine='mean' for all of them as one "
+                    "(docs/io.md, 4-D series), or use medfuse.load_volumes(path) to get all of them",
                 path=p)
         index = 0
     else:

@@ -22,6 +22,9 @@ The rules follow the QIBA / cornerstone ``calculate-suv`` reference calculator:
 * Scan time: the series date/time when it is not after the earliest acquisition
   date/time of the series; otherwise the GE private post-injection time when present (only under GE's
   private creator), else the earliest acquisition date/time.
+* A scan before the injection is refused (``START``); a DYNAMIC series starting at most
+  :data:`_FIRST_PASS_LEAD_S` before it is a first-pass protocol, and the reason says so instead of blaming the
+  header (SUV is not defined before the injection: the series stays in Bq/mL, what kinetic models read).
 * RadionuclideTotalDose outside :data:`DOSE_RANGE_BQ` (MBq typed as Bq) is refused like an implausible weight.
 * PatientSize is metres (:data:`HEIGHT_RANGE_M`); a value that only makes sense in centimetres is read so, with a
   warning; any other is refused for the kinds that need a height. A weight and height whose body-mass index is
@@ -216,6 +219,9 @@ def header_from_dataset(ds: Any) -> Dict[str, Any]:
     ci = _value(ds, "CorrectedImage")
     if ci is not None:
         h["CorrectedImage"] = [str(x).strip() for x in (ci if not isinstance(ci, str) else ci.split("\\"))]
+    st = _value(ds, "SeriesType")  # (0054,1000): STATIC, DYNAMIC, GATED, WHOLE BODY; then IMAGE/REPROJECTION
+    if st is not None:
+        h["SeriesType"] = str(st if isinstance(st, str) else st[0]).split("\\")[0].strip().upper()
     for key in ("PatientWeight", "PatientSize", "FrameReferenceTime", "ActualFrameDuration"):
         raw = _value(ds, key)
         f = _as_float(raw)
@@ -844,6 +850,16 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime], said: List[s
         if dt < 0:
             given = ("RadiopharmaceuticalStartDateTime" if str(h.get("RadiopharmaceuticalStartDateTime") or "").strip()
                      else "RadiopharmaceuticalStartTime")
+            if str(h.get("SeriesType") or "").strip().upper() == "DYNAMIC" and -dt <= _FIRST_PASS_LEAD_S:
+                # Why not SUV decayed to the injection: the header is right, and the early frames hold no tracer
+                # per injected dose yet; a first-pass study is quantified in Bq/mL (blood flow), not SUV.
+                raise SUVError(f"this dynamic series (SeriesType DYNAMIC) starts {round(-dt, 1):g} s before the "
+                               f"injection ({given}), as a first-pass protocol does (the acquisition is started "
+                               "before the bolus so that its arrival is recorded); SUV is not defined before the "
+                               "injection, so the series is kept in Bq/mL, which kinetic models read",
+                               fix="none needed for a first-pass study (load it with suv='none' to keep Bq/mL "
+                                   "without this warning); if the injection did not follow the scan start, check "
+                                   f"SeriesTime/AcquisitionTime and {given} in the header")
             raise SUVError("the scan time is before the injection time (negative decay time)",
                            fix=f"check SeriesTime/AcquisitionTime and {given} in the header, or load with "
                                "suv='none' to keep Bq/mL")
@@ -858,6 +874,12 @@ def _factor(h: Dict[str, Any], kind: str, scan: Optional[datetime], said: List[s
     return float(acf) * _body_ratio(h, kind, said) / dose
 
 
+#: Seconds a DYNAMIC series may start before the injection and be told apart as a first-pass protocol, not a
+#: header error: the list-mode acquisition is started before the bolus (Rb-82 infusion, N-13 ammonia, O-15 water,
+#: dynamic FDG) so that its arrival is recorded, the injection following within seconds to a minute; 2 min leaves
+#: room for a slow manual injection, while a header error is off by hours (a wrong hour or time zone) or days. A
+#: fixed limit, not a half-life: one of F-18's (110 min) would take any wrong hour for a protocol.
+_FIRST_PASS_LEAD_S = 120.0
 #: More half-lives than this between injection and scan (decay to under 1/1000 of the dose) is a wrong date in
 #: the header, not a scan: FDG is imaged at 0.5 to 2 half-lives, Zr-89 at up to about 2.
 _MAX_HALF_LIVES = 10.0

@@ -2040,8 +2040,9 @@ def register(fixed: Volume, moving: Volume, *, kind: str = "rigid", metric: str 
         # A turned orientation was kept: the headers disagreed by that turn. Right for a wrong header, but a flipped
         # axis (a PET with its slice order reversed, header unchanged) also wins turned (180 degrees about y,
         # -1.002 against -1.019 unmirrored), and its result is mirrored: no rotation undoes a reflection, and a
-        # nearly symmetric head cannot tell the two apart. Only the header can.
-        reasons.append(_turn_kept_reason(init_label))
+        # nearly symmetric head cannot tell the two apart. Only the header can. Headers that agree were said to
+        # disagree (a symmetric phantom kept a 120-degree turn): the reason then says the search kept it.
+        reasons.append(_turn_kept_reason(init_label, headers_agree=initial is None and _same_axes(fixed, original)))
     for which, vol in (("fixed", fixed), ("moving", original)):
         axis = _repeated_axis(vol.array)
         if axis is not None:
@@ -2094,11 +2095,31 @@ def _partial_field_note(moving: Volume, overlap: float, resampled: Volume) -> Op
             "--fill nan), which measuring leaves out")
 
 
-def _turn_kept_reason(label: str) -> str:
-    """The suspect reason for a result whose ``report.initialisation`` ``label`` kept a turned orientation."""
+def _same_axes(a: Volume, b: Volume, tol: float = 1e-3) -> bool:
+    """Whether two images' orientation headers give the same axis directions (both axial LPS, say)."""
+    return bool(np.allclose(a.direction, b.direction, atol=tol))
+
+
+def _turn_kept_reason(label: str, headers_agree: bool = False) -> str:
+    """The suspect reason for a result whose ``report.initialisation`` ``label`` kept a turned orientation;
+    ``headers_agree``: both images' headers give the same axis directions (:func:`_same_axes`) and no initial
+    transform was given, so the turn is the start search's, not one between the headers."""
     m = re.match(r"turned (\d+)(\S*?)\+", label)
     turn = label.split("+", 1)[0] if m is None else (
         f"{m.group(1)} degrees about {m.group(2) if m.group(2)[-1:] in 'xyz' else 'the ' + m.group(2) + ' axis'}")
+    if headers_agree:
+        # A nearly symmetric phantom (both headers axial LPS) kept a 120-degree turn, and the reason said the
+        # headers disagreed by it.
+        # The same axes are no proof of right headers: a prone scan recorded as supine has them too, and the
+        # turn is then right, so initialise='none' is offered only for headers known right.
+        return ("the images' orientation headers give the same axis directions, yet registration's start search "
+                "scored a start turned by " f"{turn} better than the headers' placement and kept it: right when a "
+                "header misstated the patient's position by that turn (a prone scan recorded as supine keeps the "
+                "same axes), misplaced for a nearly symmetric object (a phantom) that matches better turned, and "
+                "mirrored where the voxels are flipped against the header (a reversed slice order, a converter's "
+                "sign error), which no rotation can undo; check the result against the fixed image and check the "
+                "moving image's orientation header (e.g. `medfuse info` of both images) before use, and register with "
+                "initialise='none' when the recorded positions are known right")
     return (f"the images' orientation headers disagreed by a turn of {turn}, which registration undid: right when "
             "a header misstated the position by that turn (prone/supine, head-first/feet-first), but where the "
             "cause is a flipped axis (a reversed slice order, a converter's sign error) the result is mirrored, "

@@ -224,6 +224,15 @@ def same_frame_of_reference(a: Volume, b: Volume) -> Optional[bool]:
     return None if not all(frames) else frames[0] == frames[1]
 
 
+#: The words :func:`_other_frame_note` is known by (the DICOM writer looks for them in a fusion's inherited warnings).
+OTHER_FRAME_MARK = "different DICOM frames of reference"
+
+
+def _is_fusion(volume: Volume) -> bool:
+    """Whether ``volume`` was made by a fusion (its history holds a ``fuse`` step, kept through later resampling)."""
+    return any(isinstance(h, dict) and h.get("step") == "fuse" for h in volume.provenance.get("history") or [])
+
+
 def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
     """A warning when ``volume`` is put on ``reference``'s grid as it lies, yet the two DICOM series were
     acquired in different frames of reference (another session or scanner): their world coordinates are then
@@ -233,7 +242,7 @@ def _other_frame_note(volume: Volume, reference: Volume) -> Optional[str]:
     """
     if same_frame_of_reference(volume, reference) is not False:
         return None
-    return ("the two images come from different DICOM frames of reference (another session or scanner), and "
+    return (f"the two images come from {OTHER_FRAME_MARK} (another session or scanner), and "
             "were resampled without a transform: scanner coordinates do not match across frames, so they are "
             "likely misaligned; register them first (medfuse.register, or --register rigid on the command line)")
 
@@ -493,6 +502,13 @@ def resample(volume: Volume, reference: Volume, *, transform=None, interpolation
             prov.pop(key, None)
             if reference.provenance.get(key):
                 prov[key] = reference.provenance[key]
+        if not _is_fusion(volume):
+            # An earlier placement without a transform (warned about then) is replaced by this one: the note no
+            # longer holds, and kept it made the writer refuse a registered image. A fusion's inherited notes stay:
+            # one transform of the fused image does not align its inputs with one another.
+            kept = [w for w in prov.get("warnings") or [] if OTHER_FRAME_MARK not in str(w)]
+            if len(kept) != len(prov.get("warnings") or []):
+                prov["warnings"] = kept
     else:
         note = _other_frame_note(volume, reference)
         if note is not None:

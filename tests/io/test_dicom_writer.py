@@ -716,8 +716,10 @@ def test_a_pet_written_on_a_cts_grid_keeps_its_own_tracer_weight_and_times(sampl
 
     ct, pet = medfuse.load(samples_dir / "ct"), medfuse.load(samples_dir / "pet")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MedfuseWarning)  # two frames of reference, unregistered: not the point
-        on_ct = resample(pet, ct)
+        warnings.simplefilter("ignore", MedfuseWarning)  # the PET maximum lowered: not the point
+        # Through a transform (as a registration gives): an unregistered PET of another frame of reference is
+        # refused with the identity kept (tests/io/test_dicom_writer_navigation.py).
+        on_ct = resample(pet, ct, transform=medfuse.Transform(sitk.Euler3DTransform()))
     out = tmp_path / "pet_on_ct"
     save(on_ct, out, template=samples_dir / "ct", deidentify=deidentify)
     src = pydicom.dcmread(sorted((samples_dir / "pet").iterdir())[0], stop_before_pixels=True)

@@ -45,7 +45,10 @@ def test_kill_mid_run_then_resume_on_two_workers(six):
     cmd = [sys.executable, "-c", "import sys; from medfuse.cli import main; sys.exit(main(sys.argv[1:]))",
            "batch", str(six), "--workers", "2", "--no-progress"]
     # 1. start a run and kill it (SIGKILL, scheduler and workers alike) as soon as the first subject is out
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # Its own temporary folder: a SIGKILL leaves the run's stop-file folder behind, and each CI run left one in /tmp.
+    (root / "tmp").mkdir(exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(root / "tmp")})
     try:
         deadline = time.time() + 240
         while not _outputs(root) and proc.poll() is None and time.time() < deadline:

@@ -195,3 +195,18 @@ def test_a_column_named_twice_an_empty_yaml_entry_and_a_commas_row_in_a_semicolo
         read_manifest(y)
     s = _write(tmp_path, "\n,,,\nsubject;fixed;moving;output\na;f.nii;m.nii;o/a.nii.gz\n", "s.csv")
     assert [x.subject for x in read_manifest(s)] == ["a"]
+
+
+def test_a_cell_naming_one_file_whose_name_holds_a_semicolon_is_that_file(images, tmp_path):
+    """``"data/spect;1.nii.gz"`` (quoted or not) was split at the ``;`` and the error named ``data/spect``; a cell
+    of two existing files stays two moving images."""
+    import shutil
+
+    odd = tmp_path / "pet;1.nii.gz"
+    shutil.copy(images / "pet.nii.gz", odd)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f'{HEADER}\ns1,{images / "t1.nii.gz"},"{odd}",out/s1.nii.gz\n'
+                        f's2,{images / "t1.nii.gz"},{images / "pet.nii.gz"};{odd},out/s2.nii.gz\n')
+    one, two = read_manifest(manifest)
+    assert one.moving == [os.fspath(odd)]
+    assert two.moving == [os.fspath(images / "pet.nii.gz"), os.fspath(odd)]
