@@ -1809,6 +1809,9 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
         # As fuse_files records them (pipeline_parameters takes no modalities).
         params = Pipeline(**kw, series=series, modalities=modalities).parameters()
         overwrite = bool(options.get("overwrite"))
+        # The user's --overwrite (for files no medfuse sidecar verifies) apart from replacing our own stale fused
+        # output: one flag for both let a redone subject write over a user's file at a kept path without a word.
+        replace_out = overwrite
         out = Path(s.output)
         res.outputs["fused"] = os.fspath(out)
         if out.exists():
@@ -1847,19 +1850,19 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
             if not overwrite:
                 # Our own stale output is redone; anything else only with overwrite.
                 res.note = f"redone: {_stale_reason(rec, out, inputs, params, expect)}"
-                overwrite = True
+                replace_out = True
         _make_output_folder(out)
         try:
             if keep:
                 made, kept = _run_keeping(Pipeline(**kw, series=series, modalities=modalities), inputs, out,
-                                          overwrite=overwrite, cancel=cancel)
+                                          overwrite=replace_out, cancel=cancel)
             else:
-                made = fuse_files(inputs[0], inputs[1:], out, overwrite=overwrite, cancel=cancel, series=series,
+                made = fuse_files(inputs[0], inputs[1:], out, overwrite=replace_out, cancel=cancel, series=series,
                                   modalities=modalities, **kw)
         except OutputExistsError:
             # Another batch (another manifest naming the same outputs) wrote it meanwhile: an output its sidecar
             # shows current is this subject done, not a failure telling the user to --overwrite a valid result.
-            rec = read_sidecar(out) if not overwrite and out.exists() else None
+            rec = read_sidecar(out) if not replace_out and out.exists() else None
             if rec is None or not is_up_to_date(out, input_paths=inputs, expect=expect,
                                                 parameters=_unregistered_as_recorded(params, rec)):
                 raise
@@ -1868,7 +1871,15 @@ def _fill_result(s: Subject, res: SubjectResult, options: Mapping[str, Any], can
             _from_sidecar(res, rec)
             return inputs
         if keep:
-            cell, res.outputs, notes = _write_registered(out, inputs, made, kept, overwrite=overwrite, labels=labels)
+            try:
+                cell, res.outputs, notes = _write_registered(out, inputs, made, kept, overwrite=overwrite,
+                                                             labels=labels)
+            except OutputExistsError:
+                if res.note and res.note.startswith("redone: "):
+                    # The fused output is written and current: only the kept files were refused (the note said
+                    # "not redone: the old output is still there and stale").
+                    res.note = "fused output " + res.note
+                raise
             res.registered_outputs = ";".join(cell) or None
             if notes:
                 res.note = "; ".join([*([res.note] if res.note else []), *notes])

@@ -145,3 +145,33 @@ def test_bids_entity_values_make_no_label_map():
     assert _is_label_name("BraTS-GLI-00001-000-seg.nii.gz")
     assert not _is_label_name("segment_pet.nii.gz")
 
+
+
+def test_a_redone_subject_never_writes_over_a_users_file_at_a_kept_path(phantom, tmp_path):
+    """A stale fused output is medfuse's own and is redone; the same permission reached the kept files, and a user's
+    file at ``<subject>_pet_registered.nii.gz`` was replaced without --overwrite once an input had changed."""
+    import shutil
+
+    (tmp_path / "in").mkdir()
+    mr, pet = (shutil.copy(phantom / n, tmp_path / "in" / n) for n in ("mr_t1.nii.gz", "pet.nii.gz"))
+    out = tmp_path / "out"
+    s = Subject(subject="s1", fixed=os.fspath(mr), moving=[os.fspath(pet)], output=os.fspath(out / "s1_fused.nii.gz"))
+    assert _run([s], tmp_path, register="none", method="mean", keep_registered=True).results[0].status == "done"
+    user = out / "s1_pet_registered.nii.gz"
+    (out / "s1_pet_registered.json").unlink()
+    user.write_bytes(b"USER DATA")
+    import nibabel as nib
+
+    img = nib.load(pet)
+    arr = np.asarray(img.dataobj).copy()
+    arr[0, 0, 0] += 1
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), pet)  # an input changed: the subject is redone
+    (res,) = _run([s], tmp_path, register="none", method="mean", keep_registered=True).results
+    assert res.status == "failed" and "no medfuse sidecar verifies it" in res.error, res.error
+    assert user.read_bytes() == b"USER DATA"
+    # The fused output was redone (its sidecar holds the new input's hash): the note says so, not "not redone".
+    assert res.note.startswith("fused output redone: inputs changed"), res.note
+    assert read_sidecar(out / "s1_fused.nii.gz")["inputs"][1]["sha256"] == medfuse.provenance.hash_path(pet)
+    # With --overwrite the user's file goes, as asked.
+    (res,) = _run([s], tmp_path, register="none", method="mean", keep_registered=True, overwrite=True).results
+    assert res.status == "done" and user.read_bytes() != b"USER DATA"
